@@ -1,0 +1,65 @@
+# The source of truth for setting up, testing and running fulltune.
+#   make demo    create .venv, install fulltune, run the whole pipeline locally (kfp.local, tiny model)
+#   make test    install the dev extras, run the test suite (slow end-to-end tests included)
+#   make lint    ruff lint + format check
+#   make compile regenerate pipelines/*.yaml and components/*/ from the code
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned in constraints.txt to the CPU wheel development and CI machines carry;
+# /opt/wheels is where that wheel lies on them (ignored where it does not exist).
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+	$(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+PYTEST_ARGS ?=
+
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP_INSTALL) -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.runtime
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.runtime
+	$(BIN)/fulltune demo $(DEMO_ARGS)
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.dev
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+compile: $(VENV)/.runtime
+	$(BIN)/fulltune compile
+
+check-compiled: compile
+	git diff --exit-code -- pipelines components
+	@test -z "$$(git status --porcelain -- pipelines components)" || { echo "uncommitted compiled files"; exit 1; }
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .fulltune-demo
+
+# Re-pin constraints.txt to what the dev environment resolved (after changing dependencies).
+freeze: $(VENV)/.dev
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^fulltune' \
+		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt

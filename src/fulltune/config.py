@@ -1,0 +1,336 @@
+"""RunConfig: the one typed object that flows through every step of the pipeline.
+
+Every field has a default and a description (the description is what users read in
+`fulltune config --describe` and in the docs). Hyper-parameters use the names of Hugging Face
+`TrainingArguments` where one exists. A config is validated once, when it is loaded; errors name
+the dotted field and the problem.
+
+`plan` turns a user config into a *resolved* one: fields left as `None` (learning rate, epochs)
+are filled from well-known rules, and the resolved config is what `preprocess`, `train`,
+`evaluate` and `register` receive.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    base_model_uri: str = Field(
+        "",
+        description="Base model: a local directory or s3:// prefix in Hugging Face format (config.json + safetensors).",
+    )
+    tokenizer_uri: str | None = Field(None, description="Tokenizer location; defaults to the base model's.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code shipped with the checkpoint to run. Off unless you trust it."
+    )
+    name: str = Field(
+        "fulltune-model",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Name the tuned model is registered under.",
+    )
+
+
+class DataSection(_Section):
+    train_uri: str = Field(
+        "",
+        description="Domain training data: a JSONL (.jsonl, .jsonl.gz) or Parquet file, directory or glob; local or s3://.",
+    )
+    eval_uri: str | None = Field(
+        None, description="Domain evaluation data; when absent a stable hash split of train_uri is held out."
+    )
+    general_uri: str | None = Field(
+        None, description="General-domain text: mixed into training as replay and used to measure forgetting."
+    )
+    record_kind: Literal["auto", "text", "prompt_completion", "chat"] = Field(
+        "auto", description="Record kind; 'auto' detects it from the first record's fields."
+    )
+    text_field: str = Field("text", description="Column holding plain text records.")
+    prompt_field: str = Field("prompt", description="Column holding the prompt of prompt/completion records.")
+    completion_field: str = Field(
+        "completion", description="Column holding the completion of prompt/completion records."
+    )
+    messages_field: str = Field(
+        "messages", description="Column holding chat records: a list of {role, content}."
+    )
+    max_error_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of bad records tolerated before validate_data fails the run.",
+    )
+    max_examples: int = Field(
+        10, ge=1, description="How many example locations each problem lists in reports."
+    )
+
+
+class TokenizerSection(_Section):
+    domain_terms: list[str] = Field(
+        default_factory=list, description="Terms whose tokenization is always reported."
+    )
+    top_k_split_terms: int = Field(
+        20, ge=1, description="How many of the worst-split domain words the report shows."
+    )
+    max_truncation_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Fail when more than this fraction of records exceeds max_seq_len (chunking would drop context).",
+    )
+
+
+class PreprocessSection(_Section):
+    max_seq_len: int = Field(1024, ge=8, description="Tokens per training sequence.")
+    packing: bool = Field(
+        True, description="Pack several documents into each sequence (EOS-separated) instead of padding each."
+    )
+    num_shards: int = Field(
+        2, ge=1, le=1024, description="Shards processed in parallel, one pipeline task each."
+    )
+    replay_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of training tokens drawn from the general set (defence against forgetting).",
+    )
+    eval_fraction: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Share of train_uri held out for evaluation when eval_uri is not set.",
+    )
+    general_eval_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Share of general_uri held out to measure forgetting; the rest is the replay pool.",
+    )
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="Which tokens of prompt/completion and chat records carry loss: the answer only, or all.",
+    )
+    seed: int = Field(0, description="Seed for splitting and replay mixing.")
+
+
+class TrainingSection(_Section):
+    learning_rate: float | None = Field(
+        None, gt=0.0, description="Peak learning rate; None lets plan choose by model size."
+    )
+    num_train_epochs: float | None = Field(
+        None, gt=0.0, description="Epochs over the training data; None lets plan choose by data size."
+    )
+    max_steps: int = Field(-1, description="Optimizer steps; overrides num_train_epochs when > 0.")
+    per_device_train_batch_size: int = Field(1, ge=1, description="Sequences per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up the learning rate linearly."
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, gt=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, gt=0.0, lt=1.0, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    bf16: bool = Field(True, description="Train in bfloat16 (GPU only; ignored on CPU).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    seed: int = Field(42, description="Seed for model initialisation of new parameters and the data order.")
+    logging_steps: int = Field(
+        1, ge=1, description="Log loss, learning rate and throughput every this many steps."
+    )
+
+
+class ResourcesSection(_Section):
+    launcher: Literal["local"] = Field(
+        "local", description="Where training runs: 'local' runs torchrun on the step's own machine."
+    )
+    num_nodes: int = Field(1, ge=1, description="Training nodes (pods).")
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node.")
+    accelerator: Literal["gpu", "cpu"] = Field(
+        "gpu", description="Device kind the ranks run on; 'cpu' uses gloo (tests, demo)."
+    )
+    gpu_memory_gib: float = Field(80.0, gt=0.0, description="Memory of one GPU, for the memory plan.")
+    memory_headroom: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of GPU memory the plan may fill."
+    )
+
+
+class EvaluationSection(_Section):
+    max_general_ppl_increase: float = Field(
+        0.05,
+        ge=0.0,
+        description="Largest allowed relative rise of general-set perplexity (forgetting), e.g. 0.05 = 5%.",
+    )
+    min_domain_loss_improvement: float = Field(
+        0.0, description="Smallest required relative drop of domain eval loss, e.g. 0.02 = 2%."
+    )
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Sequences per evaluation batch.")
+    max_eval_sequences: int = Field(512, ge=1, description="Cap on sequences evaluated per set.")
+
+
+class RegistrySection(_Section):
+    uri: str = Field(
+        "", description="Registry root, local directory or s3:// prefix: models land in <uri>/<name>/v<N>/."
+    )
+
+
+class RunConfig(_Section):
+    """The whole run. Sections mirror the pipeline's steps."""
+
+    work_dir: str = Field(
+        "",
+        description="Run-scoped work directory (local path or s3://) for shards, checkpoints and the tuned model.",
+    )
+    model: ModelSection = Field(default_factory=ModelSection, description="Base model.")
+    data: DataSection = Field(default_factory=DataSection, description="Datasets.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer checks.")
+    preprocess: PreprocessSection = Field(
+        default_factory=PreprocessSection, description="Tokenizing and packing."
+    )
+    training: TrainingSection = Field(default_factory=TrainingSection, description="Hyper-parameters.")
+    resources: ResourcesSection = Field(default_factory=ResourcesSection, description="Compute.")
+    evaluation: EvaluationSection = Field(
+        default_factory=EvaluationSection, description="Evaluation and the gate."
+    )
+    registry: RegistrySection = Field(
+        default_factory=RegistrySection, description="Where passing models are registered."
+    )
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> RunConfig:
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+            )
+        return cls.from_dict(data, source=str(path))
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> RunConfig:
+        """A new config with `overrides` (nested dict, or dotted keys) merged over this one."""
+        merged = deep_merge(self.model_dump(), expand_dotted(overrides or {}))
+        return RunConfig.from_dict(merged, source="overrides")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; unset optional fields are left out (KFP parameters cannot carry nulls)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- derived values -----------------------------------------------------------------------
+
+    @property
+    def tokenizer_uri(self) -> str:
+        return self.model.tokenizer_uri or self.model.base_model_uri
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.num_nodes * self.resources.nproc_per_node
+
+    def require(self, *dotted: str) -> None:
+        """Fail with a ConfigError naming every listed field that is empty."""
+        missing = [name for name in dotted if not _get_dotted(self, name)]
+        if missing:
+            raise ConfigError("required but empty: " + ", ".join(missing))
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} invalid field(s)"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `fulltune config --describe` lists the fields)"
+        got = err.get("input")
+        shown = (
+            ""
+            if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
+        lines.append(f"  {field}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def expand_dotted(data: dict[str, Any]) -> dict[str, Any]:
+    """{'training.learning_rate': 1e-5} -> {'training': {'learning_rate': 1e-5}}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = expand_dotted(value)
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = deep_merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _get_dotted(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def describe() -> str:
+    """Every field with its default and description, as a YAML-like listing."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], indent: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                lines.append(f"{indent}{name}:  # {field.description}")
+                walk(ann, indent + "  ")
+            else:
+                default = field.get_default(call_default_factory=True)
+                lines.append(f"{indent}{name}: {default!r}  # {field.description}")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)

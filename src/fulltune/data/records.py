@@ -1,0 +1,321 @@
+"""Reading training records from JSONL and Parquet, with the exact location of every record.
+
+Three record kinds are understood:
+- `text`: one document, `{"text": "..."}`;
+- `prompt_completion`: `{"prompt": "...", "completion": "..."}`;
+- `chat`: `{"messages": [{"role": "user", "content": "..."}, ...]}`.
+Column names are mapped through `DataSection` (`text_field`, ...). Unless the config names the
+kind, it is detected from the first parseable record whose fields name one (`resolve_kind`).
+
+`iter_raw` yields every row with its location (file and 1-based line, or 0-based Parquet row),
+either parsed or with a coded error — it never raises for a bad record, so validation can count
+them all. `iter_records` yields only good, normalised records (what preprocessing consumes).
+Everything streams: JSONL line by line (gzip too), Parquet in batches; nothing is loaded whole.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from fulltune import storage
+from fulltune.config import DataSection
+
+DATA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet")
+PARQUET_BATCH_ROWS = 1024
+READ_BUFFER = 1 << 20
+KIND_SCAN_LIMIT = 1000  # parseable records `resolve_kind` looks at before giving up
+_BOM = b"\xef\xbb\xbf"
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read at all (missing, unknown format); names the URI."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record lives: `file:line` for JSONL (1-based, as editors count), `file row N` for
+    Parquet (0-based, as pyarrow and pandas index), or just the file."""
+
+    file: str
+    line: int | None = None  # JSONL: 1-based line
+    row_group: int | None = None  # Parquet
+    row: int | None = None  # Parquet: 0-based row within the file
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.file}:{self.line}"
+        if self.row is not None:
+            return f"{self.file} row {self.row}"
+        return self.file
+
+
+@dataclass
+class RawRecord:
+    loc: Location
+    value: dict[str, Any] | None = None
+    code: str | None = None  # set when the row could not be parsed
+    reason: str | None = None
+
+
+@dataclass
+class Record:
+    kind: str  # text | prompt_completion | chat
+    loc: Location
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def plain_text(self) -> str:
+        """All the record's text, for length and vocabulary statistics."""
+        if self.kind == "text":
+            return self.text or ""
+        if self.kind == "prompt_completion":
+            return f"{self.prompt}\n{self.completion}"
+        return "\n".join(m["content"] for m in self.messages)
+
+
+class RecordError(ValueError):
+    def __init__(self, code: str, reason: str, loc: Location):
+        super().__init__(f"{loc}: {code}: {reason}")
+        self.code, self.reason, self.loc = code, reason, loc
+
+
+def data_files(uri: str) -> list[str]:
+    """The data files named by a file, directory or glob URI; fails when there are none."""
+    try:
+        files = storage.expand(uri, DATA_PATTERNS)
+    except FileNotFoundError:
+        files = []
+    if not files:
+        raise DataError(f"{uri}: no data files found (expected {', '.join(DATA_PATTERNS)})")
+    return files
+
+
+def iter_raw(uri: str) -> Iterator[RawRecord]:
+    """Every row of every data file under `uri`, parsed or with a coded error."""
+    for path in data_files(uri):
+        yield from iter_raw_file(path)
+
+
+def iter_raw_file(path: str) -> Iterator[RawRecord]:
+    """Every row of one data file (JSONL, JSONL.gz or Parquet), parsed or with a coded error."""
+    if path.endswith(".parquet"):
+        yield from _iter_parquet(path)
+    else:
+        yield from _iter_jsonl(path)
+
+
+class _RawReader(io.RawIOBase):
+    """A file-like object with only `read(n)` (an S3 StreamingBody) as a raw stream, so that
+    io.BufferedReader can iterate it by lines (iterating a StreamingBody yields 1 KiB chunks)."""
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._fh.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _iter_jsonl(path: str) -> Iterator[RawRecord]:
+    with storage.open_read(path) as fh:
+        raw: IO[bytes] = fh if not storage.is_s3(path) else io.BufferedReader(_RawReader(fh), READ_BUFFER)
+        stream: Any = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+        lineno = 0
+        try:
+            for line in stream:
+                lineno += 1
+                loc = Location(path, line=lineno)
+                if lineno == 1 and line.startswith(_BOM):
+                    line = line[len(_BOM) :]
+                if not line.strip():
+                    continue
+                if lineno == 1 and path.endswith(".json") and line.lstrip().startswith(b"["):
+                    yield RawRecord(
+                        loc,
+                        code="unreadable_file",
+                        reason="a JSON array, not JSON Lines: write one object per line",
+                    )
+                    return
+                try:
+                    text = line.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    yield RawRecord(loc, code="invalid_utf8", reason=f"byte {exc.start}: {exc.reason}")
+                    continue
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield RawRecord(
+                        loc, code="invalid_json", reason=f"column {exc.colno}: {exc.msg.removesuffix(' at')}"
+                    )
+                    continue
+                if not isinstance(value, dict):
+                    yield RawRecord(
+                        loc,
+                        code="not_an_object",
+                        reason=f"expected a JSON object, got {type(value).__name__}",
+                    )
+                    continue
+                yield RawRecord(loc, value=value)
+        except (OSError, EOFError, zlib.error) as exc:  # truncated or corrupt gzip
+            yield RawRecord(
+                Location(path, line=lineno + 1), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
+            )
+
+
+def _iter_parquet(path: str) -> Iterator[RawRecord]:
+    if not storage.is_s3(path):
+        yield from _iter_parquet_local(path, path)
+        return
+    # Parquet needs random access (the schema is in the footer): spool the object to local
+    # disk, not to memory.
+    with tempfile.NamedTemporaryFile(prefix="fulltune-", suffix=".parquet") as tmp:
+        storage.download_file(path, tmp.name)
+        yield from _iter_parquet_local(tmp.name, path)
+
+
+def _iter_parquet_local(local: str, path: str) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(local)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+        yield RawRecord(Location(path), code="unreadable_file", reason=f"not a readable Parquet file: {exc}")
+        return
+    with pf:
+        row = 0
+        for rg in range(pf.num_row_groups):
+            try:
+                for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg]):
+                    for value in batch.to_pylist():
+                        yield RawRecord(Location(path, row_group=rg, row=row), value=value)
+                        row += 1
+            except Exception as exc:  # a corrupt page: the rest of the file cannot be trusted
+                reason = f"row group {rg} unreadable: {type(exc).__name__}: {exc}"
+                yield RawRecord(Location(path, row_group=rg, row=row), code="unreadable_file", reason=reason)
+                return
+
+
+def detect_kind(value: dict[str, Any], cfg: DataSection) -> str | None:
+    if cfg.messages_field in value:
+        return "chat"
+    if cfg.prompt_field in value and cfg.completion_field in value:
+        return "prompt_completion"
+    if cfg.text_field in value:
+        return "text"
+    return None
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def normalize(raw: RawRecord, kind: str, cfg: DataSection) -> Record:
+    """A parsed row as a Record of `kind`; raises RecordError with a stable code."""
+    if raw.code:
+        raise RecordError(raw.code, raw.reason or "", raw.loc)
+    value = raw.value or {}
+
+    def string_field(name: str) -> str:
+        if name not in value:
+            raise RecordError(
+                "missing_field", f"field {name!r} is missing (have: {sorted(value)[:8]})", raw.loc
+            )
+        got = value[name]
+        if not isinstance(got, str):
+            raise RecordError(
+                "wrong_type", f"field {name!r} must be a string, got {type(got).__name__}", raw.loc
+            )
+        if not got.strip():
+            raise RecordError("empty_text", f"field {name!r} is empty or whitespace", raw.loc)
+        return got
+
+    if kind == "text":
+        return Record(kind, raw.loc, text=string_field(cfg.text_field))
+    if kind == "prompt_completion":
+        return Record(
+            kind,
+            raw.loc,
+            prompt=string_field(cfg.prompt_field),
+            completion=string_field(cfg.completion_field),
+        )
+    if kind == "chat":
+        msgs = value.get(cfg.messages_field)
+        if not isinstance(msgs, list) or not msgs:
+            raise RecordError(
+                "bad_chat",
+                f"field {cfg.messages_field!r} must be a non-empty list of {{role, content}}",
+                raw.loc,
+            )
+        out = []
+        for i, m in enumerate(msgs):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
+                raise RecordError(
+                    "bad_chat", f"message {i} must be an object with string 'role' and 'content'", raw.loc
+                )
+            if m["role"] not in CHAT_ROLES:
+                raise RecordError("bad_chat", f"message {i} has unknown role {m['role']!r}", raw.loc)
+            if not m["content"].strip():
+                raise RecordError("empty_text", f"message {i} ({m['role']}) is empty", raw.loc)
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise RecordError("bad_chat", "no assistant turn: nothing to learn from", raw.loc)
+        return Record(kind, raw.loc, messages=out)
+    raise ValueError(f"unknown record kind {kind!r}")
+
+
+def resolve_kind(uri: str, cfg: DataSection) -> str:
+    """The configured kind, or the kind of the first parseable record whose fields name one.
+
+    A stray first record with other fields does not decide the kind (it is reported by
+    `normalize` as `missing_field`, within the error budget); when none of the first
+    `KIND_SCAN_LIMIT` parseable records names a kind, RecordError `unknown_kind` points at the
+    first of them.
+    """
+    if cfg.record_kind != "auto":
+        return cfg.record_kind
+    first: RawRecord | None = None
+    seen = 0
+    for raw in iter_raw(uri):
+        if raw.value is None:
+            continue
+        kind = detect_kind(raw.value, cfg)
+        if kind is not None:
+            return kind
+        first = first or raw
+        seen += 1
+        if seen >= KIND_SCAN_LIMIT:
+            break
+    if first is not None:
+        raise RecordError(
+            "unknown_kind",
+            f"cannot tell the record kind from fields {sorted(first.value or {})[:8]}; expected "
+            f"{cfg.text_field!r}, {cfg.prompt_field!r}+{cfg.completion_field!r} or {cfg.messages_field!r}",
+            first.loc,
+        )
+    raise DataError(f"{uri}: no parseable records")
+
+
+def iter_records(uri: str, cfg: DataSection, kind: str | None = None) -> Iterator[Record]:
+    """Good records only; bad ones are skipped (validate_data has already judged them)."""
+    kind = kind or resolve_kind(uri, cfg)
+    for raw in iter_raw(uri):
+        try:
+            yield normalize(raw, kind, cfg)
+        except RecordError:
+            continue

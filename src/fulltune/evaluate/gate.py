@@ -1,0 +1,138 @@
+"""The evaluation gate: does the tuned model earn registration?
+
+Two checks, both relative so they read the same for any model size:
+
+- **domain gain**: `domain_loss_improvement = 1 - tuned_loss / base_loss` on the domain eval set
+  must be at least `evaluation.min_domain_loss_improvement` (0.02 = the loss fell by 2%; a negative
+  value tolerates a small rise);
+- **forgetting**: `forgetting = tuned_ppl / base_ppl - 1` on the general eval set must be at most
+  `evaluation.max_general_ppl_increase` (0.05 = perplexity may rise by 5%). Without a general set
+  forgetting is not measured and the check passes, saying so.
+
+Everything here is pure arithmetic on numbers, so it is unit-tested without a model. Every check
+yields a plain-language reason whether it passes or fails; a failed gate is a verdict, not an error.
+A value that is not a finite number (a diverged model) fails its check.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+
+class Check(NamedTuple):
+    """One gate check: its name, whether it passed and a sentence a person can read."""
+
+    name: str
+    passed: bool
+    reason: str
+
+
+class Verdict(NamedTuple):
+    """The gate's decision and a check for every condition."""
+
+    passed: bool
+    checks: tuple[Check, ...]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [check.reason for check in self.checks]
+
+
+def domain_loss_improvement(base_loss: float, tuned_loss: float) -> float:
+    """Relative drop of the domain loss: 1 - tuned / base (NaN when the base loss is not positive)."""
+    if not base_loss > 0:
+        return math.nan
+    return 1.0 - tuned_loss / base_loss
+
+
+def forgetting(base_ppl: float, tuned_ppl: float) -> float:
+    """Relative rise of general-set perplexity: tuned / base - 1 (NaN when the base is not positive)."""
+    if not base_ppl > 0:
+        return math.nan
+    return tuned_ppl / base_ppl - 1.0
+
+
+def decide(
+    *,
+    base_domain_loss: float,
+    tuned_domain_loss: float,
+    base_general_ppl: float | None,
+    tuned_general_ppl: float | None,
+    min_domain_loss_improvement: float,
+    max_general_ppl_increase: float,
+) -> Verdict:
+    """Apply the gate. Pass `None` for both general perplexities when there is no general set.
+
+    Args:
+        base_domain_loss: Token-mean cross-entropy of the base model on the domain eval set.
+        tuned_domain_loss: The same for the tuned model.
+        base_general_ppl: Perplexity of the base model on the general eval set, or None.
+        tuned_general_ppl: The same for the tuned model, or None.
+        min_domain_loss_improvement: Smallest required relative drop of the domain loss.
+        max_general_ppl_increase: Largest allowed relative rise of the general perplexity.
+    """
+    if (base_general_ppl is None) != (tuned_general_ppl is None):
+        raise ValueError("give both general perplexities or neither")
+    checks = [_domain_check(base_domain_loss, tuned_domain_loss, min_domain_loss_improvement)]
+    if base_general_ppl is None or tuned_general_ppl is None:
+        checks.append(Check("forgetting", True, "no general eval set: forgetting was not measured"))
+    else:
+        checks.append(_forgetting_check(base_general_ppl, tuned_general_ppl, max_general_ppl_increase))
+    return Verdict(all(check.passed for check in checks), tuple(checks))
+
+
+def _domain_check(base: float, tuned: float, required: float) -> Check:
+    change = f"({base:.2f} → {tuned:.2f})"
+    improvement = domain_loss_improvement(base, tuned)
+    if not math.isfinite(improvement):
+        return Check(
+            "domain_gain", False, f"domain loss is not a finite number {change}: cannot judge the gain"
+        )
+    passed = improvement >= required
+    got, need = _percentages(improvement, required)
+    if required >= 0:
+        if improvement >= 0:
+            op = "≥" if passed else "<"
+            reason = f"domain loss fell {got} {change} {op} {need} required"
+        else:
+            reason = f"domain loss rose {_neg(got)} {change}; a fall of ≥ {need} is required"
+    else:  # a tolerated rise
+        if improvement >= 0:
+            reason = f"domain loss fell {got} {change}; a rise of up to {_neg(need)} is allowed"
+        else:
+            op = "≤" if passed else ">"
+            reason = f"domain loss rose {_neg(got)} {change} {op} {_neg(need)} rise allowed"
+    return Check("domain_gain", passed, reason)
+
+
+def _forgetting_check(base: float, tuned: float, allowed: float) -> Check:
+    change = f"({base:.2f} → {tuned:.2f})"
+    rise = forgetting(base, tuned)
+    if not math.isfinite(rise):
+        return Check(
+            "forgetting",
+            False,
+            f"general perplexity is not a finite number {change}: cannot judge forgetting",
+        )
+    passed = rise <= allowed
+    got, limit = _percentages(rise, allowed)
+    if rise > 0:
+        op = "≤" if passed else ">"
+        reason = f"general perplexity rose {got} {change} {op} {limit} allowed"
+    else:
+        reason = f"general perplexity fell {_neg(got)} {change}: no forgetting ({limit} rise allowed)"
+    return Check("forgetting", passed, reason)
+
+
+def _percentages(value: float, threshold: float) -> tuple[str, str]:
+    """Both as percentages, with enough decimals that unequal numbers never print the same."""
+    for digits in range(1, 5):
+        a, b = f"{value:.{digits}%}", f"{threshold:.{digits}%}"
+        if a != b or value == threshold:
+            break
+    return a, b
+
+
+def _neg(pct: str) -> str:
+    return pct[1:] if pct.startswith("-") else pct

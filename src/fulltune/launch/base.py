@@ -1,0 +1,55 @@
+"""One interface for every place training can run (local torchrun, Kubernetes PyTorchJob).
+
+A launcher gets a `TrainJob`: the same entry point and arguments whatever the backend, plus the
+topology. It starts the ranks, streams their output into this step's log, waits, and returns the
+result or raises `LaunchError` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+ENTRY_MODULE = "fulltune.train"
+
+
+class LaunchError(RuntimeError):
+    """Training did not succeed; the message carries the reason and the last log lines."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    name: str
+    config_uri: str
+    deepspeed_uri: str
+    dataset_uri: str
+    output_uri: str
+    metrics_uri: str
+    num_nodes: int = 1
+    nproc_per_node: int = 1
+    accelerator: str = "gpu"
+    env: dict[str, str] = field(default_factory=dict)
+
+    def entry_args(self) -> list[str]:
+        """Arguments of `python -m fulltune.train`, identical on every backend."""
+        return [
+            "--config",
+            self.config_uri,
+            "--deepspeed",
+            self.deepspeed_uri,
+            "--dataset",
+            self.dataset_uri,
+            "--output",
+            self.output_uri,
+            "--metrics",
+            self.metrics_uri,
+        ]
+
+
+class Launcher(Protocol):
+    def run(self, job: TrainJob) -> None:
+        """Run the job to completion; raise LaunchError if it fails."""

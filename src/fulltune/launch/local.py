@@ -1,0 +1,119 @@
+"""The local launcher: the operator's contract on one machine.
+
+M "nodes" x P processes: one `torchrun --nnodes M --node-rank i --nproc-per-node P` per node with
+a static rendezvous on 127.0.0.1 — the same environment variables (MASTER_ADDR, MASTER_PORT,
+RANK, WORLD_SIZE, LOCAL_RANK) and the same entry point that the PyTorchJob's pods get. On CPU,
+DeepSpeed runs with DS_ACCELERATOR=cpu over gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from typing import IO
+
+from fulltune.launch.base import ENTRY_MODULE, LaunchError, TrainJob
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_command(job: TrainJob, node_rank: int, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={job.num_nodes}",
+        f"--node-rank={node_rank}",
+        f"--nproc-per-node={job.nproc_per_node}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "-m",
+        ENTRY_MODULE,
+        *job.entry_args(),
+    ]
+
+
+def node_env(job: TrainJob) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(job.env)
+    if job.accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // (job.num_nodes * job.nproc_per_node))))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class LocalLauncher:
+    """Runs the job's nodes as local torchrun processes, streaming their output."""
+
+    def __init__(self, stream: IO[str] | None = None, tail_lines: int = 40):
+        self.stream = stream or sys.stdout
+        self.tail_lines = tail_lines
+
+    def run(self, job: TrainJob) -> None:
+        port = free_port()
+        env = node_env(job)
+        log_tail = _LogTail(self.tail_lines)
+        procs, threads = [], []
+        for node in range(job.num_nodes):
+            cmd = node_command(job, node, port)
+            log.info("node %d: %s", node, " ".join(cmd))
+            p = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            )
+            procs.append(p)
+            t = threading.Thread(target=self._pump, args=(p, node, log_tail), daemon=True)
+            t.start()
+            threads.append(t)
+        codes = [p.wait() for p in procs]
+        for t in threads:
+            t.join(timeout=10)
+        if any(codes):
+            bad = next(c for c in codes if c)
+            raise LaunchError(
+                f"training failed: node exit codes {codes}.\n{log_tail.summary()}", exit_code=bad
+            )
+
+    def _pump(self, proc: subprocess.Popen, node: int, log_tail: _LogTail) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            text = f"[node{node}] {line}"
+            log_tail.add(text)
+            with log_tail.lock:
+                self.stream.write(text)
+                self.stream.flush()
+
+
+class _LogTail:
+    """The last lines of the ranks' output, plus the error lines that torchrun's report would push out."""
+
+    ERROR_MARKS = (" ERROR ", "Error:", "Traceback")
+
+    def __init__(self, lines: int):
+        self.lock = threading.Lock()
+        self.tail: deque[str] = deque(maxlen=lines)
+        self.errors: deque[str] = deque(maxlen=10)
+
+    def add(self, text: str) -> None:
+        with self.lock:
+            self.tail.append(text)
+            if any(mark in text for mark in self.ERROR_MARKS):
+                self.errors.append(text)
+
+    def summary(self) -> str:
+        with self.lock:
+            errors = "".join(self.errors)
+            return (f"Errors reported:\n{errors}" if errors else "") + "Last lines:\n" + "".join(self.tail)

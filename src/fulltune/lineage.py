@@ -1,0 +1,68 @@
+"""Lineage: where a registered model came from — run, config, data digests, images, versions, commit."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+from importlib import metadata
+from typing import Any
+
+from fulltune import __version__, storage
+from fulltune._image import default_image
+from fulltune.config import RunConfig
+
+PACKAGES = ("torch", "transformers", "deepspeed", "accelerate", "datasets", "tokenizers", "kfp", "pyarrow")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"fulltune": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_commit() -> str | None:
+    """The source commit: baked into images as FULLTUNE_GIT_COMMIT, else asked of git when in a checkout."""
+    if os.environ.get("FULLTUNE_GIT_COMMIT"):
+        return os.environ["FULLTUNE_GIT_COMMIT"]
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def build_lineage(cfg: RunConfig, *, run_id: str, model_uri: str) -> dict[str, Any]:
+    from fulltune.preprocess.core import dataset_manifest_uri
+
+    data_uri = dataset_manifest_uri(cfg.work_dir)
+    data_digest = None
+    if storage.exists(data_uri):
+        data_digest = hashlib.sha256(storage.read_bytes(data_uri)).hexdigest()
+    return {
+        "pipeline_run_id": run_id,
+        "work_dir": cfg.work_dir,
+        "model_uri": model_uri,
+        "base_model_uri": cfg.model.base_model_uri,
+        "data": {
+            "train_uri": cfg.data.train_uri,
+            "eval_uri": cfg.data.eval_uri,
+            "general_uri": cfg.data.general_uri,
+            "dataset_manifest_uri": data_uri,
+            "dataset_manifest_sha256": data_digest,
+        },
+        "config": cfg.to_dict(),
+        "image": os.environ.get("FULLTUNE_IMAGE") or default_image(),
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+    }

@@ -1,0 +1,387 @@
+"""plan: size the run before any GPU is spent on it.
+
+- Parameter count from the model config, on the meta device (no weights are read).
+- Memory per GPU under ZeRO-3:
+    model states   16 bytes/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m, v 8)
+                   divided by the world size (optimizer offload moves the 12 fp32 bytes to CPU;
+                   parameter offload moves the rest),
+    + 4 x the largest layer (bytes) for gathered parameters and gradients in flight, as DeepSpeed's
+      own estimator assumes (`estimate_zero3_model_states_mem_needs`),
+    + activations per layer ~ 34*s*b*h bytes without recomputation (Korthikanti et al. 2022, with
+      fused attention), ~ 2*s*b*h bytes per layer with full recomputation plus one layer's 34*s*b*h,
+    + logits s*b*V*6 bytes (bf16 logits and the fp32 copy the loss takes),
+    + a fixed allowance for the CUDA context, NCCL buffers and fragmentation.
+- If the configured micro batch does not fit, plan tries in order: gradient checkpointing,
+  a smaller micro batch (keeping the global batch with more accumulation), optimizer offload,
+  parameter offload; if nothing fits it refuses, saying what would.
+- Hyper-parameter defaults from common practice, overridable in the config:
+    learning rate ~ 1e-5 * sqrt(7e9 / params), clipped to [5e-6, 1e-3]: 1e-5 for 7B full
+      fine-tuning, larger for smaller models;
+    epochs by training tokens: < 5M tokens -> 3, < 50M -> 2, else 1.
+The resolved config and the DeepSpeed JSON are written to the work directory for `train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fulltune import storage
+from fulltune.config import RunConfig
+
+GiB = 1024**3
+FIXED_OVERHEAD_BYTES = int(1.5 * GiB)
+
+
+class PlanError(ValueError):
+    """The run cannot fit or is misconfigured; the message says what would work."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    largest_layer_params: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    model_type: str
+
+
+@dataclass
+class MemoryEstimate:
+    model_states: float
+    gathered_layers: float
+    activations: float
+    logits: float
+    overhead: float
+    micro_batch: int
+    gradient_checkpointing: bool
+    offload_optimizer: bool
+    offload_params: bool
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.gathered_layers + self.activations + self.logits + self.overhead
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    memory: MemoryEstimate
+    budget_bytes: float
+    world_size: int
+    train_tokens_estimate: int
+    decisions: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved RunConfig, as RunConfig.to_dict()
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["memory"]["total"] = self.memory.total
+        return out
+
+
+# -- model shape ----------------------------------------------------------------------------------
+
+
+def load_model_config(cfg: RunConfig):
+    from transformers import AutoConfig
+
+    with storage.local_dir(cfg.model.base_model_uri) as path:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+
+
+def model_shape(model_config) -> ModelShape:
+    """Count parameters by building the model on the meta device: exact, and no weights are read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
+    layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
+    return ModelShape(
+        params, largest, int(hidden), int(layers), int(text_cfg.vocab_size), model_config.model_type
+    )
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def estimate_memory(
+    shape: ModelShape,
+    *,
+    world_size: int,
+    seq_len: int,
+    micro_batch: int,
+    gradient_checkpointing: bool,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> MemoryEstimate:
+    bytes_per_param = 16.0
+    if offload_optimizer:
+        bytes_per_param -= 12.0  # fp32 master weights and Adam moments live in CPU memory
+    if offload_params:
+        bytes_per_param -= 2.0  # bf16 partitions live in CPU memory too
+    model_states = shape.params * bytes_per_param / world_size
+    gathered = 4.0 * shape.largest_layer_params
+    sbh = seq_len * micro_batch * shape.hidden_size
+    if gradient_checkpointing:
+        activations = 2.0 * sbh * shape.num_layers + 34.0 * sbh
+    else:
+        activations = 34.0 * sbh * shape.num_layers
+    logits = 6.0 * seq_len * micro_batch * shape.vocab_size
+    return MemoryEstimate(
+        model_states,
+        gathered,
+        activations,
+        logits,
+        FIXED_OVERHEAD_BYTES,
+        micro_batch,
+        gradient_checkpointing,
+        offload_optimizer,
+        offload_params,
+    )
+
+
+def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEstimate, float, list[str]]:
+    """The first setting, in order of cost to throughput, that fits the GPU; or PlanError."""
+    res, tr = cfg.resources, cfg.training
+    budget = res.gpu_memory_gib * GiB * res.memory_headroom
+    seq = cfg.preprocess.max_seq_len
+    world = cfg.world_size
+
+    def est(b: int, gc: bool, off_opt: bool = False, off_par: bool = False) -> MemoryEstimate:
+        return estimate_memory(
+            shape,
+            world_size=world,
+            seq_len=seq,
+            micro_batch=b,
+            gradient_checkpointing=gc,
+            offload_optimizer=off_opt,
+            offload_params=off_par,
+        )
+
+    b0, gc0 = tr.per_device_train_batch_size, tr.gradient_checkpointing
+    first = est(b0, gc0)
+    if res.accelerator == "cpu":
+        return first, budget, ["accelerator is cpu: the GPU memory check does not apply"]
+    if first.total <= budget:
+        return first, budget, [f"fits as configured: {_gib(first.total)} of {_gib(budget)} per GPU"]
+    candidates = [(b0, True, False, False)]
+    b = b0
+    while b > 1:
+        b //= 2
+        candidates.append((b, True, False, False))
+    candidates += [(1, True, True, False), (1, True, True, True)]
+    for b, gc, off_opt, off_par in candidates:
+        e = est(b, gc, off_opt, off_par)
+        if e.total <= budget:
+            notes = [f"as configured it needs {_gib(first.total)} per GPU, over the {_gib(budget)} budget"]
+            if gc and not gc0:
+                notes.append("enabled gradient_checkpointing")
+            if b != b0:
+                notes.append(
+                    f"micro batch {b0} -> {b}, gradient accumulation x{b0 // b} keeps the global batch"
+                )
+            if off_opt:
+                notes.append("offloads optimizer states to CPU (slower steps)")
+            if off_par:
+                notes.append("offloads parameters to CPU (much slower steps)")
+            notes.append(f"fits: {_gib(e.total)} of {_gib(budget)} per GPU")
+            return e, budget, notes
+    # Nothing fits: say how many GPUs would.
+    per_gpu_fixed = est(1, True).total - est(1, True).model_states
+    need_world = (
+        math.ceil(shape.params * 16.0 / max(budget - per_gpu_fixed, 1.0)) if budget > per_gpu_fixed else None
+    )
+    hint = (
+        f"ZeRO-3 without offload would fit on about {need_world} GPUs of {res.gpu_memory_gib:g} GiB"
+        if need_world
+        else f"even one layer's activations and buffers exceed {_gib(budget)}: use GPUs with more memory or a shorter max_seq_len"
+    )
+    raise PlanError(
+        f"model with {shape.params / 1e9:.2f}B parameters does not fit on {world} GPU(s) of "
+        f"{res.gpu_memory_gib:g} GiB at max_seq_len {seq}: needs {_gib(first.total)} per GPU as configured and "
+        f"{_gib(est(1, True, True, True).total)} with micro batch 1, recomputation and full CPU offload. {hint}."
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+# -- hyper-parameter rules ------------------------------------------------------------------------
+
+
+def default_learning_rate(params: int) -> float:
+    lr = 1e-5 * math.sqrt(7e9 / max(params, 1))
+    return float(f"{min(max(lr, 5e-6), 1e-3):.3g}")
+
+
+def default_epochs(train_tokens: int) -> float:
+    if train_tokens < 5_000_000:
+        return 3.0
+    if train_tokens < 50_000_000:
+        return 2.0
+    return 1.0
+
+
+def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
+    """Training tokens ~ bytes of the data files / bytes per token measured on a sample."""
+    from transformers import AutoTokenizer
+
+    from fulltune.data.records import data_files, iter_records
+
+    files = data_files(cfg.data.train_uri)
+    total_bytes = sum(_size(f) for f in files)
+    with storage.local_dir(cfg.tokenizer_uri) as path:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    texts = []
+    for i, rec in enumerate(iter_records(cfg.data.train_uri, cfg.data)):
+        if i >= sample_records:
+            break
+        texts.append(rec.plain_text())
+    if not texts:
+        return 0
+    sample_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    sample_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    bytes_per_token = max(sample_bytes / max(sample_tokens, 1), 1.0)
+    return int(total_bytes / bytes_per_token)
+
+
+def _size(uri: str) -> int:
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        return int(storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    import os
+
+    return os.path.getsize(uri)
+
+
+# -- DeepSpeed --------------------------------------------------------------------------------------
+
+
+def deepspeed_config(cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate) -> dict[str, Any]:
+    tr = cfg.training
+    gpu = cfg.resources.accelerator == "gpu"
+    h = shape.hidden_size
+    zero: dict[str, Any] = {
+        "stage": 3,
+        "overlap_comm": gpu,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+        "stage3_max_live_parameters": 1_000_000_000,
+        "stage3_max_reuse_distance": 1_000_000_000,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+    if mem.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if mem.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": tr.per_device_train_batch_size,
+        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
+        "train_batch_size": tr.per_device_train_batch_size * tr.gradient_accumulation_steps * cfg.world_size,
+        "gradient_clipping": tr.max_grad_norm,
+        "bf16": {"enabled": bool(tr.bf16 and gpu)},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+# -- the step ----------------------------------------------------------------------------------------
+
+
+def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
+    cfg.require("model.base_model_uri", "data.train_uri")
+    shape = model_shape(load_model_config(cfg))
+    mem, budget, notes = choose_memory_settings(cfg, shape)
+    tokens = estimate_train_tokens(cfg) if train_tokens is None else train_tokens
+
+    over: dict[str, Any] = {
+        "training.per_device_train_batch_size": mem.micro_batch,
+        "training.gradient_checkpointing": mem.gradient_checkpointing,
+    }
+    if mem.micro_batch != cfg.training.per_device_train_batch_size:
+        factor = cfg.training.per_device_train_batch_size // mem.micro_batch
+        over["training.gradient_accumulation_steps"] = cfg.training.gradient_accumulation_steps * factor
+    if cfg.training.learning_rate is None:
+        over["training.learning_rate"] = default_learning_rate(shape.params)
+        notes.append(
+            f"learning_rate {over['training.learning_rate']:g} chosen for {shape.params / 1e6:.1f}M parameters"
+        )
+    if cfg.training.num_train_epochs is None:
+        over["training.num_train_epochs"] = default_epochs(tokens)
+        notes.append(
+            f"num_train_epochs {over['training.num_train_epochs']:g} chosen for ~{tokens:,} training tokens"
+        )
+    resolved = cfg.with_overrides(over)
+    ds = deepspeed_config(resolved, shape, mem)
+    return Plan(shape, mem, budget, cfg.world_size, tokens, notes, resolved.to_dict(), ds)
+
+
+def plan_markdown(plan: Plan) -> str:
+    m, s = plan.memory, plan.shape
+    tr = plan.config["training"]
+    rows = [
+        (
+            "model",
+            f"{s.model_type}, {s.params:,} parameters ({s.num_layers} layers, hidden {s.hidden_size}, vocab {s.vocab_size})",
+        ),
+        ("world size", str(plan.world_size)),
+        ("model states / GPU", _gib(m.model_states)),
+        ("gathered layers", _gib(m.gathered_layers)),
+        ("activations", _gib(m.activations)),
+        ("logits", _gib(m.logits)),
+        ("overhead", _gib(m.overhead)),
+        ("**total / GPU**", f"**{_gib(m.total)}** (budget {_gib(plan.budget_bytes)})"),
+        (
+            "micro batch x accumulation",
+            f"{tr['per_device_train_batch_size']} x {tr['gradient_accumulation_steps']}",
+        ),
+        ("gradient checkpointing", str(tr["gradient_checkpointing"])),
+        ("CPU offload", f"optimizer={m.offload_optimizer}, params={m.offload_params}"),
+        (
+            "learning rate",
+            f"{tr['learning_rate']:g} ({tr['lr_scheduler_type']}, warmup {tr['warmup_ratio']:g})",
+        ),
+        ("epochs", f"{tr['num_train_epochs']:g} (max_steps {tr['max_steps']})"),
+        ("training tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
+    ]
+    lines = ["# Training plan", "", "| item | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Decisions", ""] + [f"- {d}" for d in plan.decisions]
+    return "\n".join(lines) + "\n"
+
+
+def plan_uris(work_dir: str) -> dict[str, str]:
+    base = storage.join(work_dir, "plan")
+    return {
+        "plan": storage.join(base, "plan.json"),
+        "markdown": storage.join(base, "plan.md"),
+        "config": storage.join(base, "config.yaml"),
+        "deepspeed": storage.join(base, "ds_config.json"),
+    }
+
+
+def write_plan(plan: Plan, work_dir: str) -> dict[str, str]:
+    """Write plan.json, plan.md, the resolved config and the DeepSpeed JSON under <work_dir>/plan/."""
+    import yaml
+
+    uris = plan_uris(work_dir)
+    storage.write_json(uris["plan"], plan.to_json())
+    storage.write_text(uris["markdown"], plan_markdown(plan))
+    storage.write_text(uris["config"], yaml.safe_dump(plan.config, sort_keys=False))
+    storage.write_bytes(uris["deepspeed"], json.dumps(plan.deepspeed, indent=2).encode())
+    return uris

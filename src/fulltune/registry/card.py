@@ -1,0 +1,120 @@
+"""The model card of a registered version, in Hugging Face model-card format.
+
+YAML front matter (`base_model`, `library_name`, `tags`, `metrics` and a `model-index` holding the
+eval numbers, the fields the Hub reads) followed by a Markdown body: what the model is, how it was
+trained, base against tuned on every eval set, and the gate's verdict with its reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+
+import fulltune
+from fulltune.config import RunConfig
+
+TAGS = ["fulltune", "full-fine-tune"]
+
+
+def render_model_card(
+    cfg: RunConfig, *, version: int, eval_result: dict[str, Any], lineage: dict[str, Any], forced: bool
+) -> str:
+    """Markdown with YAML front matter for `cfg.model.name` v`version`."""
+    sets: dict[str, Any] = eval_result.get("sets") or {}
+    front: dict[str, Any] = {}
+    if cfg.model.base_model_uri:
+        front["base_model"] = cfg.model.base_model_uri
+    front["library_name"] = "transformers"
+    front["pipeline_tag"] = "text-generation"
+    front["tags"] = list(TAGS)
+    front["metrics"] = ["loss", "perplexity"]
+    results = [
+        {
+            "task": {"type": "text-generation"},
+            "dataset": {"name": name, "type": f"fulltune/{name}"},
+            "metrics": [
+                {"type": "loss", "name": f"{name} loss", "value": _yaml_number(entry["tuned"]["loss"])},
+                {
+                    "type": "perplexity",
+                    "name": f"{name} perplexity",
+                    "value": _yaml_number(entry["tuned"]["perplexity"]),
+                },
+            ],
+        }
+        for name, entry in sets.items()
+        if "tuned" in entry
+    ]
+    if results:
+        front["model-index"] = [{"name": cfg.model.name, "results": results}]
+
+    t, p, r = cfg.training, cfg.preprocess, cfg.resources
+    passed = bool(eval_result.get("verdict"))
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {cfg.model.name} v{version}",
+        "",
+        f"A full-parameter fine-tune of `{cfg.model.base_model_uri or 'the base model'}` on domain data, "
+        f"trained and registered by fulltune {fulltune.__version__}. Every weight was updated (no adapters); "
+        "load it like the base model with `AutoModelForCausalLM.from_pretrained`.",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| learning rate | {_or_auto(t.learning_rate)} |",
+        f"| epochs | {_or_auto(t.num_train_epochs)} |",
+        f"| max steps | {t.max_steps if t.max_steps > 0 else '—'} |",
+        f"| batch size per device × accumulation × devices | "
+        f"{t.per_device_train_batch_size} × {t.gradient_accumulation_steps} × {cfg.world_size} |",
+        f"| schedule | {t.lr_scheduler_type}, warm-up {t.warmup_ratio:g} |",
+        f"| weight decay | {t.weight_decay:g} |",
+        f"| precision | {'bf16' if t.bf16 else 'fp32'} |",
+        f"| sequence length | {p.max_seq_len} ({'packed' if p.packing else 'padded'}) |",
+        f"| general replay | {p.replay_fraction:.0%} of training tokens |",
+        f"| seed | {t.seed} |",
+        f"| compute | {r.num_nodes} node(s) × {r.nproc_per_node} {r.accelerator} process(es) |",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if sets:
+        lines += [
+            "| set | base loss | tuned loss | base perplexity | tuned perplexity |",
+            "|---|---|---|---|---|",
+        ]
+        for name, entry in sets.items():
+            base, tuned = entry.get("base", {}), entry.get("tuned", {})
+            lines.append(
+                f"| {name} | {_num(base.get('loss'))} | {_num(tuned.get('loss'))} | "
+                f"{_num(base.get('perplexity'))} | {_num(tuned.get('perplexity'))} |"
+            )
+    else:
+        lines.append("No evaluation numbers were recorded.")
+    lines += ["", "## Verdict", "", f"**{'Passed' if passed else 'Failed'}** the evaluation gate."]
+    lines += [f"- {reason}" for reason in eval_result.get("reasons", [])]
+    if forced:
+        lines += ["", "> **Registered by force** although the gate did not pass: review before use."]
+    provenance = {
+        k: v for k, v in lineage.items() if isinstance(v, (str, int, float, bool)) and k != "forced"
+    }
+    if provenance:
+        lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in sorted(provenance.items())]
+        lines += ["", "The full lineage (config, eval result) is in `lineage.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "—"
+
+
+def _or_auto(value: Any) -> str:
+    return "chosen by plan" if value is None else f"{value:g}"
+
+
+def _yaml_number(value: Any) -> Any:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else str(value)

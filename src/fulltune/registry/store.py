@@ -1,0 +1,289 @@
+"""The model registry on a local directory or S3: `<registry.uri>/<model.name>/v<N>/`.
+
+A version is written in this order, and nothing is ever overwritten:
+
+1. **claim**: `v<N>/.claim` is created with `storage.create_exclusive` (O_EXCL locally, a
+   conditional PUT on S3), N one above the highest version present, committed or merely claimed.
+   A writer that loses the race for N tries N+1, so concurrent registrations get distinct versions.
+2. **files**: every file of the model directory (weights, config, tokenizer), then `model_card.md`,
+   `lineage.json` and `eval.json`.
+3. **commit**: `manifest.json` — every file with its size and sha256, plus name, version and time.
+   It is written last; a version without it is invisible to `list_versions`. When anything fails
+   before the commit, what was written is removed (best effort) and `RegistryError` names the version.
+
+Files are hashed by streaming from the source and copied URI to URI (S3 to S3 server-side), so a
+registration never stages the model on the step's disk. `verify_version` rehashes a committed
+version against its manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import fulltune
+from fulltune import storage
+from fulltune.config import RunConfig
+from fulltune.registry.card import render_model_card
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "fulltune.registry/v1"
+MANIFEST = "manifest.json"
+CLAIM = ".claim"
+CARD = "model_card.md"
+LINEAGE = "lineage.json"
+EVAL = "eval.json"
+# Names the registry writes itself; a model file of the same name would be shadowed, so it is skipped.
+RESERVED = frozenset({MANIFEST, CLAIM, CARD, LINEAGE, EVAL})
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+_MAX_CLAIM_ATTEMPTS = 1000
+
+
+class RegistryError(RuntimeError):
+    """A model that cannot be registered, or a registry that cannot be read; names the version."""
+
+
+def model_root(registry_uri: str, name: str) -> str:
+    return storage.join(registry_uri, name)
+
+
+def version_uri(registry_uri: str, name: str, version: int) -> str:
+    return storage.join(registry_uri, name, f"v{version}")
+
+
+# -- registering --------------------------------------------------------------------------------
+
+
+def register_model(
+    cfg: RunConfig,
+    model_uri: str,
+    eval_result: dict[str, Any],
+    lineage: dict[str, Any],
+    *,
+    force: bool = False,
+) -> str:
+    """Publish the model at `model_uri` as the next version of `cfg.model.name`; returns its URI.
+
+    Args:
+        cfg: The resolved run config; `registry.uri` is the registry root and `model.name` the name.
+        model_uri: The tuned model: a local directory or s3:// prefix in Hugging Face format.
+        eval_result: What `evaluate_models` returned; its `verdict` must be true unless `force`.
+        lineage: Provenance to record (run id, dataset manifest, base model, ...); stored in
+            `lineage.json` with the eval result, the config and the fulltune version.
+        force: Register although the gate failed; recorded as `forced: true` in the lineage.
+
+    Raises:
+        RegistryError: the gate failed (and not `force`), the model directory is incomplete, or an
+            upload failed (the partial version is removed).
+        ConfigError: `registry.uri` is empty.
+    """
+    cfg.require("registry.uri")
+    name = cfg.model.name
+    if eval_result.get("verdict") is not True and not force:
+        reasons = "; ".join(eval_result.get("reasons") or ["no verdict in the eval result"])
+        raise RegistryError(
+            f"{name}: not registered, the evaluation gate did not pass ({reasons}); use force to override"
+        )
+
+    rels = _model_files(model_uri)
+    files = []
+    for rel in rels:
+        digest, size = _hash_and_size(storage.join(model_uri, rel))
+        files.append({"path": rel, "size": size, "sha256": digest})
+    version, uri = _claim_next_version(cfg.registry.uri, name)
+    log.info("registering %s as %s v%d at %s", model_uri, name, version, uri)
+    try:
+        for rel in rels:
+            _copy(storage.join(model_uri, rel), storage.join(uri, rel))
+        forced = force and eval_result.get("verdict") is not True
+        full_lineage = {
+            **lineage,
+            "forced": forced,
+            "source_model_uri": model_uri,
+            "eval": eval_result,
+            "fulltune_version": fulltune.__version__,
+        }
+        full_lineage.setdefault("config", cfg.to_dict())
+        card = render_model_card(
+            cfg, version=version, eval_result=eval_result, lineage=full_lineage, forced=forced
+        )
+        extras = {
+            CARD: card.encode("utf-8"),
+            LINEAGE: _json_bytes(full_lineage),
+            EVAL: _json_bytes(eval_result),
+        }
+        for rel, data in extras.items():
+            storage.write_bytes(storage.join(uri, rel), data)
+            files.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": name,
+            "version": version,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source_model_uri": model_uri,
+            "verdict": eval_result.get("verdict") is True,
+            "forced": forced,
+            "fulltune_version": fulltune.__version__,
+            "files": sorted(files, key=lambda f: f["path"]),
+        }
+        if not storage.create_exclusive(storage.join(uri, MANIFEST), _json_bytes(manifest)):
+            raise RegistryError(
+                f"{storage.join(uri, MANIFEST)} appeared while this version was being written"
+            )
+    except BaseException as exc:
+        _remove_partial(uri)
+        if isinstance(exc, Exception):
+            raise RegistryError(f"{name} v{version}: registration failed, {uri} removed: {exc}") from exc
+        raise
+    log.info("registered %s v%d (%d files)", name, version, len(files))
+    return uri
+
+
+def _model_files(model_uri: str) -> list[str]:
+    """The model directory's files, relative, minus names the registry writes itself."""
+    try:
+        rels = _relative_files(model_uri)
+    except FileNotFoundError as exc:
+        raise RegistryError(f"{model_uri}: no such model directory") from exc
+    if "config.json" not in rels:
+        raise RegistryError(f"{model_uri}: no config.json, not a Hugging Face model directory")
+    if not any(rel.endswith(".safetensors") for rel in rels):
+        raise RegistryError(f"{model_uri}: no .safetensors weights")
+    skipped = [rel for rel in rels if rel in RESERVED]
+    if skipped:
+        log.warning("%s: not copying %s (names the registry writes itself)", model_uri, ", ".join(skipped))
+    return [rel for rel in rels if rel not in RESERVED]
+
+
+def _relative_files(root: str) -> list[str]:
+    """Every file below `root` (local dir or s3:// prefix) as a sorted '/'-separated relative path."""
+    if storage.is_s3(root):
+        prefix = root.rstrip("/") + "/"
+        return sorted(f[len(prefix) :] for f in storage.list_files(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such directory")
+    return sorted(Path(f).relative_to(root).as_posix() for f in storage.list_files(root))
+
+
+def _copy(src: str, dst: str) -> None:
+    """One file between any two URIs; S3 to S3 is a server-side copy, nothing passes through here."""
+    if storage.is_s3(src) and storage.is_s3(dst):
+        src_bucket, src_key = storage.split_s3(src)
+        dst_bucket, dst_key = storage.split_s3(dst)
+        storage.s3_client().copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key)
+    elif storage.is_s3(src):
+        storage.download_file(src, dst)
+    else:
+        storage.upload_file(src, dst)
+
+
+def _claim_next_version(registry_uri: str, name: str) -> tuple[int, str]:
+    """Claim the lowest free version above every existing one; returns (version, its URI)."""
+    start = max(_version_numbers(model_root(registry_uri, name)), default=0) + 1
+    claim = _json_bytes(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "claimed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    for version in range(start, start + _MAX_CLAIM_ATTEMPTS):
+        uri = version_uri(registry_uri, name, version)
+        if storage.create_exclusive(storage.join(uri, CLAIM), claim):
+            return version, uri
+        log.info("%s v%d was claimed by another writer, trying the next", name, version)
+    raise RegistryError(f"{name}: no free version in v{start}..v{start + _MAX_CLAIM_ATTEMPTS - 1}")
+
+
+def _remove_partial(uri: str) -> None:
+    try:
+        storage.remove_tree(uri)
+    except Exception as exc:  # best effort: the version stays invisible without a manifest
+        log.warning("could not remove the partial version %s: %s", uri, exc)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _version_numbers(root: str) -> list[int]:
+    """Every N with a `v<N>/` directory (or S3 prefix) under `root`, committed or not, sorted."""
+    if storage.is_s3(root):
+        bucket, key = storage.split_s3(root)
+        prefix = key.rstrip("/") + "/"
+        names = []
+        paginator = storage.s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    else:
+        names = [e.name for e in os.scandir(root) if e.is_dir()] if os.path.isdir(root) else []
+    return sorted(int(m.group(1)) for n in names if (m := _VERSION_DIR.match(n)))
+
+
+def list_versions(registry_uri: str, name: str) -> list[dict[str, Any]]:
+    """The committed versions of `name` (those with a manifest), oldest first.
+
+    Each entry is the version's manifest (`name`, `version`, `created_at`, `files`, ...) plus `uri`.
+    """
+    out = []
+    for version in _version_numbers(model_root(registry_uri, name)):
+        uri = version_uri(registry_uri, name, version)
+        try:
+            manifest = storage.read_json(storage.join(uri, MANIFEST))
+        except FileNotFoundError:
+            continue  # claimed or being written: not a version yet
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"{uri}/{MANIFEST}: unreadable: {exc}") from exc
+        out.append({**manifest, "uri": uri})
+    return out
+
+
+def verify_version(version_uri: str) -> list[str]:
+    """Problems found by rehashing every file against the manifest; an empty list means intact.
+
+    Reports missing files, size and sha256 mismatches, and files present but not in the manifest.
+    """
+    try:
+        manifest = storage.read_json(storage.join(version_uri, MANIFEST))
+    except FileNotFoundError:
+        return [f"{MANIFEST}: missing, the version was never committed"]
+    except ValueError as exc:
+        return [f"{MANIFEST}: not valid JSON ({exc})"]
+    present = set(_relative_files(version_uri))
+    problems = []
+    listed = set()
+    for entry in manifest.get("files", []):
+        rel = entry["path"]
+        listed.add(rel)
+        if rel not in present:
+            problems.append(f"{rel}: missing")
+            continue
+        digest, size = _hash_and_size(storage.join(version_uri, rel))
+        if size != entry["size"]:
+            problems.append(f"{rel}: size {size} bytes, the manifest says {entry['size']}")
+        if digest != entry["sha256"]:
+            problems.append(f"{rel}: sha256 {digest[:12]}…, the manifest says {entry['sha256'][:12]}…")
+    for rel in sorted(present - listed - {MANIFEST, CLAIM}):
+        problems.append(f"{rel}: not in the manifest")
+    return problems
+
+
+def _hash_and_size(uri: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with storage.open_read(uri) as fh:
+        while chunk := fh.read(storage.CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size

@@ -1,0 +1,306 @@
+"""Storage by URI: local paths and s3://, with atomic publishing and checksums.
+
+Large data (shards, checkpoints, models) moves between steps as URIs inside a run-scoped work
+directory. Every write here is atomic for readers: locally a temp file in the same directory is
+renamed into place; on S3 a PUT is atomic by nature. Multi-file outputs are published by writing
+a manifest *last*; readers trust only what a manifest lists.
+
+S3 endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, ...) — never from pipeline parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+CHUNK = 8 * 1024 * 1024
+
+
+class StorageError(OSError):
+    """A URI that cannot be read or written; the message names it."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not is_s3(uri):
+        raise StorageError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in the URI")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        out = base.rstrip("/")
+        for part in parts:
+            out = f"{out}/{part.strip('/')}"
+        return out
+    return str(Path(base, *parts))
+
+
+def basename(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+@lru_cache(maxsize=1)
+def s3_client() -> Any:
+    """A boto3 S3 client configured from the standard AWS environment variables."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"{uri}: {exc}") from exc
+    return os.path.exists(uri)
+
+
+@contextlib.contextmanager
+def open_read(uri: str) -> Iterator[IO[bytes]]:
+    """A binary stream over the object; not loaded whole."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404", "NoSuchBucket"):
+                raise FileNotFoundError(f"{uri}: no such object ({code})") from None
+            raise StorageError(f"{uri}: {exc}") from exc
+        try:
+            yield body
+        finally:
+            body.close()
+    else:
+        with open(uri, "rb") as fh:
+            yield fh
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_read(uri) as fh:
+        return fh.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every file below `prefix` (recursive), sorted, as URIs of the same kind."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out = []
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+        return sorted(out)
+    root = Path(prefix)
+    if root.is_file():
+        return [str(root)]
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+def expand(uri: str, patterns: tuple[str, ...] = ("*",)) -> list[str]:
+    """A file, a directory (its files matching `patterns`) or a glob, as a sorted list of files."""
+    has_glob = any(ch in uri for ch in "*?[")
+    if has_glob:
+        base = uri
+        while any(ch in basename(base) for ch in "*?[") or any(ch in base for ch in "*?["):
+            base = base.rsplit("/", 1)[0]
+            if "/" not in base:
+                break
+        return sorted(f for f in list_files(base) if fnmatch.fnmatch(f, uri))
+    if not is_s3(uri) and os.path.isfile(uri):
+        return [uri]
+    if is_s3(uri) and exists(uri):
+        return [uri]
+    files = list_files(uri)
+    return [f for f in files if any(fnmatch.fnmatch(basename(f), p) for p in patterns)]
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: readers see the old object or the whole new one, never a part."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create the object only if it does not exist. True if this call created it.
+
+    Locally O_CREAT|O_EXCL; on S3 a conditional PUT (If-None-Match: *), so two writers racing
+    for the same key get exactly one winner.
+    """
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+                "412",
+            ):
+                return False
+            raise StorageError(f"{uri}: {exc}") from exc
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return True
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().upload_file(str(local_path), bucket, key)
+        return
+    dest = Path(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(local_path, tmp)
+    os.replace(tmp, dest)
+
+
+def download_file(uri: str, local_path: str | Path) -> None:
+    Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().download_file(bucket, key, str(local_path))
+    else:
+        shutil.copyfile(uri, local_path)
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> list[str]:
+    """Copy every file of `local_dir` under `uri`; returns the relative paths copied."""
+    local_dir = Path(local_dir)
+    rels = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file())
+    for rel in rels:
+        upload_file(local_dir / rel, join(uri, rel))
+    return rels
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[Path]:
+    """A local directory holding the tree at `uri`: the path itself, or a temporary download."""
+    if not is_s3(uri):
+        if not os.path.isdir(uri):
+            raise FileNotFoundError(f"{uri}: no such directory")
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="fulltune-") as tmp:
+        prefix = uri.rstrip("/") + "/"
+        files = list_files(uri)
+        if not files:
+            raise FileNotFoundError(f"{uri}: no objects under this prefix")
+        for f in files:
+            download_file(f, Path(tmp, f[len(prefix) :]))
+        yield Path(tmp)
+
+
+def remove_tree(uri: str) -> None:
+    if is_s3(uri):
+        bucket, _ = split_s3(uri)
+        for f in list_files(uri):
+            s3_client().delete_object(Bucket=bucket, Key=split_s3(f)[1])
+    else:
+        shutil.rmtree(uri, ignore_errors=True)
+
+
+# -- checksums ----------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_uri(uri: str) -> str:
+    h = hashlib.sha256()
+    with open_read(uri) as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(root: str | Path, rels: list[str] | None = None) -> list[dict[str, Any]]:
+    """[{path, size, sha256}] for the files of a local directory, sorted by path."""
+    root = Path(root)
+    if rels is None:
+        rels = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return [
+        {"path": rel, "size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        for rel in sorted(rels)
+    ]

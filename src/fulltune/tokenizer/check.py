@@ -1,0 +1,743 @@
+"""check_tokenizer: does the tokenizer fit the model and the domain data, before any GPU is spent?
+
+Checks, each with a status (ok, info, warning, error):
+
+- special tokens: eos must exist (error); bos and pad are reported; pad == eos is a warning,
+  because code that masks padding by token id also masks every EOS out of the loss;
+- embedding: `len(tokenizer)` must not exceed the model's embedding rows (`vocab_size` in the
+  model's config.json, read without loading weights); the model's eos ids should include the
+  tokenizer's eos, or the tuned model learns to end documents with a token generation ignores;
+- chat template (chat data only): it exists, renders the sampled conversations with all their
+  content, and (for `preprocess.loss_on: assistant`) renders prefixes stably, which is how
+  preprocessing finds the assistant turns;
+- lengths: p50/p95/max tokens per training record and the share longer than
+  `preprocess.max_seq_len` (error above `tokenizer.max_truncation_rate`);
+- fertility: tokens per whitespace word on the domain data, and on the general set when set;
+- split terms: the `tokenizer.top_k_split_terms` domain words split into the most pieces, with
+  the pieces, plus every word of `tokenizer.domain_terms`;
+- unk rate (when the tokenizer has an unk token) and decode(encode(x)) fidelity.
+
+Statistics come from a deterministic sample of at most `SAMPLE_RECORDS` records (reservoir
+sampling seeded with `preprocess.seed`). `report.json` and `report.html` are written to `out_dir`
+in every case — also when failing, before TokenizerCheckError is raised.
+"""
+
+from __future__ import annotations
+
+import html
+import random
+import re
+import string
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fulltune import storage
+from fulltune.config import RunConfig
+from fulltune.data.records import DataError, Record, RecordError, iter_records, resolve_kind
+
+REPORT_FORMAT = "fulltune.check_tokenizer/v1"
+SAMPLE_RECORDS = 2000  # records sampled per dataset for the statistics
+ROUNDTRIP_SAMPLE = 200  # of those, decoded again for the fidelity check
+PREFIX_CHECK_SAMPLE = 50  # conversations whose prefixes are rendered for the assistant-span check
+MAX_DISTINCT_WORDS = 50_000  # most frequent domain words whose pieces are counted
+MAX_WORD_CHARS = 40  # longer "words" are URLs, hashes, base64: not vocabulary
+FERTILITY_WARN_RATIO = 1.5  # domain tokens/word over general tokens/word worth a warning
+ENCODE_BATCH = 256
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+_PUNCT = string.punctuation + "«»“”‘’„…–—·"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+T = TypeVar("T")
+
+
+class TokenizerCheckError(ValueError):
+    """The tokenizer does not fit the model or the data; the message names each failed check."""
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | info | warning | error
+    message: str
+
+
+def check_tokenizer(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Check the tokenizer against the model and the data; write `report.json`/`report.html`.
+
+    Args:
+        cfg: the run config: `model` names the tokenizer and model, `data` the datasets,
+            `preprocess.max_seq_len` the sequence length, `tokenizer` the thresholds and terms.
+        out_dir: local directory for `report.json` and `report.html` (created if needed).
+
+    Returns:
+        The report, with a flat `metrics` dict of numbers for the KFP Metrics artifact.
+
+    Raises:
+        TokenizerCheckError: a check failed (no eos, more tokens than embedding rows, missing or
+            broken chat template, too many records over max_seq_len, unreadable tokenizer, model
+            config or data). The reports are written first.
+    """
+    out_dir = Path(out_dir)
+    checker = _Checker(cfg)
+    checker.run()
+    report = checker.report()
+    write_reports(report, out_dir)
+    errors = [c for c in checker.checks if c.status == "error"]
+    if errors:
+        lines = [f"check_tokenizer failed: {len(errors)} check(s): " + ", ".join(c.name for c in errors)]
+        lines += [f"  {c.name}: {c.message}" for c in errors]
+        lines.append(f"  report: {out_dir / 'report.html'}")
+        raise TokenizerCheckError("\n".join(lines))
+    return report
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def tokenizer_dir(uri: str) -> Iterator[Path]:
+    """A local directory with the tokenizer files at `uri`.
+
+    Local directories are used in place (`storage.local_dir`). From S3 only the top-level files
+    other than weights are fetched: the tokenizer usually lives beside a model of many GiB.
+    """
+    if not storage.is_s3(uri):
+        with storage.local_dir(uri) as path:
+            yield path
+        return
+    prefix = uri.rstrip("/") + "/"
+    files = [f for f in storage.list_files(uri) if "/" not in f[len(prefix) :]]
+    files = [f for f in files if not f.endswith(WEIGHT_SUFFIXES)]
+    if not files:
+        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+    with tempfile.TemporaryDirectory(prefix="fulltune-tokenizer-") as tmp:
+        for f in files:
+            storage.download_file(f, Path(tmp, storage.basename(f)))
+        yield Path(tmp)
+
+
+def load_tokenizer(uri: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer at `uri` (local directory or s3:// prefix), via AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    with tokenizer_dir(uri) as path:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def load_model_config(uri: str) -> dict[str, Any]:
+    """The model's config.json as a dict (no weights are read)."""
+    return storage.read_json(storage.join(uri, "config.json"))
+
+
+def embedding_rows(model_config: dict[str, Any]) -> int | None:
+    """`vocab_size` of the model config, or of its text model for multimodal configs."""
+    for section in (model_config, model_config.get("text_config") or {}):
+        if isinstance(section.get("vocab_size"), int):
+            return section["vocab_size"]
+    return None
+
+
+def _eos_ids(value: Any) -> set[int]:
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, int)}
+    return set()
+
+
+# -- the checks -----------------------------------------------------------------------------------
+
+
+class _Checker:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.checks: list[Check] = []
+        self.tok: Any = None
+        self.info: dict[str, Any] = {}
+        self.model: dict[str, Any] = {}
+        self.lengths: dict[str, Any] | None = None
+        self.fertility: dict[str, Any] = {}
+        self.split_terms: list[dict[str, Any]] = []
+        self.domain_terms: list[dict[str, Any]] = []
+        self.unk_words: list[str] = []
+        self.unk: dict[str, Any] | None = None
+        self.roundtrip: dict[str, Any] | None = None
+        self.chat: dict[str, Any] | None = None
+        self.kind: str | None = None
+
+    def add(self, name: str, status: str, message: str) -> None:
+        self.checks.append(Check(name, status, message))
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if not cfg.tokenizer_uri:
+            self.add("load", "error", "model.base_model_uri (or model.tokenizer_uri) is required")
+            return
+        try:
+            self.tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
+        except Exception as exc:  # transformers raises many kinds; all mean the same to the user
+            self.add("load", "error", f"cannot load the tokenizer from {cfg.tokenizer_uri}: {exc}")
+            return
+        self._special_tokens()
+        self._embedding()
+        domain = self._sample("train", cfg.data.train_uri)
+        if domain is None:
+            return
+        domain_texts = [r.plain_text() for r in domain]
+        domain_ids = _encode(self.tok, domain_texts, special=False)
+        if self.kind != "chat" or self._chat_template(domain):  # no lengths without a working template
+            self._lengths(domain, domain_ids)
+        self.fertility["domain"] = _fertility(domain_texts, domain_ids)
+        if cfg.data.general_uri:
+            general = self._sample("general", cfg.data.general_uri)
+            if general is not None:
+                texts = [r.plain_text() for r in general]
+                self.fertility["general"] = _fertility(texts, _encode(self.tok, texts, special=False))
+        self._fertility_check()
+        self._words(domain_texts)
+        self._unk(domain_ids)
+        self._roundtrip(domain_texts[:ROUNDTRIP_SAMPLE], domain_ids[:ROUNDTRIP_SAMPLE])
+
+    # special tokens and the embedding --------------------------------------------------------
+
+    def _special_tokens(self) -> None:
+        tok = self.tok
+        self.info = {
+            "class": type(tok).__name__,
+            "size": len(tok),
+            **{f"{name}_token": getattr(tok, f"{name}_token", None) for name in ("bos", "eos", "pad", "unk")},
+            **{
+                f"{name}_token_id": getattr(tok, f"{name}_token_id", None)
+                for name in ("bos", "eos", "pad", "unk")
+            },
+            "chat_template": bool(getattr(tok, "chat_template", None)),
+        }
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        if eos is None:
+            self.add(
+                "eos_token", "error", "the tokenizer has no eos token: documents cannot be ended or separated"
+            )
+        else:
+            self.add("eos_token", "ok", f"eos {tok.eos_token!r} (id {eos})")
+        if tok.bos_token_id is None:
+            self.add("bos_token", "info", "no bos token (normal for some model families, e.g. Qwen)")
+        else:
+            self.add("bos_token", "ok", f"bos {tok.bos_token!r} (id {tok.bos_token_id})")
+        if pad is None:
+            self.add(
+                "pad_token",
+                "warning",
+                "no pad token: padding must borrow another id, usually eos; then code that masks padding by "
+                "token id also masks every EOS out of the loss. Mask by attention_mask, or add a pad token.",
+            )
+        elif pad == eos:
+            self.add(
+                "pad_token",
+                "warning",
+                f"pad is the eos token (id {pad}): code that masks padding by token id "
+                "(labels[input_ids == pad_token_id] = -100) also masks every EOS out of the loss, so the model "
+                "never learns to stop. Mask padding by attention_mask, or give the tokenizer a distinct pad token.",
+            )
+        else:
+            self.add("pad_token", "ok", f"pad {tok.pad_token!r} (id {pad}), distinct from eos")
+
+    def _embedding(self) -> None:
+        uri = self.cfg.model.base_model_uri
+        if not uri:
+            self.add("embedding", "error", "model.base_model_uri is required to check the embedding size")
+            return
+        try:
+            model_config = load_model_config(uri)
+        except (OSError, ValueError) as exc:
+            self.add("embedding", "error", f"cannot read {storage.join(uri, 'config.json')}: {exc}")
+            return
+        rows = embedding_rows(model_config)
+        model_eos = _eos_ids(model_config.get("eos_token_id"))
+        try:
+            generation = storage.read_json(storage.join(uri, "generation_config.json"))
+            model_eos |= _eos_ids(generation.get("eos_token_id"))
+        except (OSError, ValueError):
+            pass
+        self.model = {
+            "model_type": model_config.get("model_type"),
+            "embedding_rows": rows,
+            "eos_token_ids": sorted(model_eos),
+        }
+        size = len(self.tok)
+        if rows is None:
+            self.add("embedding", "warning", "the model config has no vocab_size: embedding size not checked")
+        elif size > rows:
+            self.add(
+                "embedding",
+                "error",
+                f"the tokenizer has {size} tokens but the model's embedding has {rows} rows: ids {rows}..{size - 1} "
+                "would index past it. Use the model's own tokenizer, or resize the embeddings first.",
+            )
+        else:
+            self.add("embedding", "ok", f"{size} tokenizer ids fit the model's {rows} embedding rows")
+        eos = self.tok.eos_token_id
+        if eos is not None and model_eos and eos not in model_eos:
+            self.add(
+                "eos_matches_model",
+                "warning",
+                f"training ends documents with eos id {eos}, but the model config stops generation at "
+                f"{sorted(model_eos)}: the tuned model may not stop. Align config.json/generation_config.json.",
+            )
+
+    # data --------------------------------------------------------------------------------------
+
+    def _sample(self, name: str, uri: str) -> list[Record] | None:
+        """A deterministic sample of the dataset's good records, or None (and an error check)."""
+        try:
+            kind = resolve_kind(uri, self.cfg.data)
+            records = reservoir(
+                iter_records(uri, self.cfg.data, kind), SAMPLE_RECORDS, self.cfg.preprocess.seed
+            )
+        except (DataError, RecordError, OSError) as exc:
+            self.add(f"{name}_data", "error", f"cannot read {uri}: {exc}")
+            return None
+        if not records:
+            self.add(f"{name}_data", "error", f"{uri}: no usable records")
+            return None
+        if name == "train":
+            self.kind = kind
+        return records
+
+    def _chat_template(self, records: list[Record]) -> bool:
+        """Check the template renders the first sampled conversation; False when it cannot."""
+        template = getattr(self.tok, "chat_template", None)
+        if not template:
+            self.add(
+                "chat_template",
+                "error",
+                "the data is chat but the tokenizer has no chat template "
+                "(chat_template in tokenizer_config.json or chat_template.jinja)",
+            )
+            return False
+        sample = records[0]
+        try:
+            rendered = self.tok.apply_chat_template(sample.messages, tokenize=False)
+        except Exception as exc:  # jinja raises TemplateError and whatever the template raises
+            self.add("chat_template", "error", f"the template fails on {sample.loc}: {exc}")
+            return False
+        dropped = [m["role"] for m in sample.messages if m["content"].strip() not in rendered]
+        self.chat = {
+            "sample_location": str(sample.loc),
+            "rendered": rendered[:4000],
+            "marks_assistant_turns": bool(_GENERATION_TAG.search(str(template))),
+        }
+        if dropped:
+            self.add(
+                "chat_template",
+                "warning",
+                f"rendering {sample.loc} drops the content of turns: {dropped}",
+            )
+        else:
+            self.add("chat_template", "ok", f"renders {sample.loc} with all {len(sample.messages)} turns")
+        if self.cfg.preprocess.loss_on == "assistant":
+            return self._prefix_stable(records[:PREFIX_CHECK_SAMPLE])
+        return True
+
+    def _prefix_stable(self, records: list[Record]) -> bool:
+        """Preprocessing finds each assistant turn by rendering the conversation up to it; that
+        needs the rendering of a prefix to be a prefix of the whole rendering."""
+        tok = self.tok
+        for r in records:
+            try:
+                full = tok.apply_chat_template(r.messages, tokenize=False)
+                for i, m in enumerate(r.messages):
+                    if m["role"] != "assistant":
+                        continue
+                    if not full.startswith(tok.apply_chat_template(r.messages[: i + 1], tokenize=False)):
+                        self.add(
+                            "chat_template",
+                            "error",
+                            f"{r.loc}: the rendering of the conversation up to turn {i} is not a prefix of the "
+                            "whole rendering, so the assistant turns cannot be located for "
+                            "preprocess.loss_on='assistant'. Fix the template or set loss_on='all'.",
+                        )
+                        return False
+            except Exception:  # a failing render is reported with the lengths, which render every sample
+                continue
+        return True
+
+    def _record_lengths(self, records: list[Record], text_ids: list[list[int]]) -> list[int]:
+        """Tokens each record takes in training, counted as preprocessing builds it: the text (or
+        prompt + completion, or the rendered conversation) without added special tokens, plus the
+        EOS that ends it (unless a rendered conversation already ends with it). `text_ids` are
+        the records' plain texts encoded, which is all text records need."""
+        tok, eos = self.tok, self.tok.eos_token_id
+        if self.kind == "chat":
+            rendered: list[str] = []
+            failures: list[str] = []
+            for r in records:
+                try:
+                    rendered.append(tok.apply_chat_template(r.messages, tokenize=False))
+                except Exception as exc:  # a template may reject some conversations
+                    failures.append(f"{r.loc}: {exc}")
+            if failures:
+                self.add(
+                    "chat_template",
+                    "error",
+                    f"the template fails on {len(failures)} of {len(records)} sampled conversations, "
+                    f"first {failures[0]}",
+                )
+            return [len(x) + (0 if x and x[-1] == eos else 1) for x in _encode(tok, rendered, special=False)]
+        if self.kind == "prompt_completion":
+            prompts = _encode(tok, [r.prompt or "" for r in records], special=False)
+            completions = _encode(tok, [r.completion or "" for r in records], special=False)
+            return [len(p) + len(c) + 1 for p, c in zip(prompts, completions, strict=True)]
+        return [len(x) + 1 for x in text_ids]
+
+    def _lengths(self, records: list[Record], text_ids: list[list[int]]) -> None:
+        max_len = self.cfg.preprocess.max_seq_len
+        lengths = self._record_lengths(records, text_ids)
+        if not lengths:
+            return
+        over = sum(n > max_len for n in lengths)
+        rate = over / len(lengths)
+        ordered = sorted(lengths)
+        self.lengths = {
+            "records_sampled": len(lengths),
+            "max_seq_len": max_len,
+            "over_max_seq_len": over,
+            "truncation_rate": rate,
+            "p50": _percentile(ordered, 50),
+            "p95": _percentile(ordered, 95),
+            "max": ordered[-1],
+        }
+        allowed = self.cfg.tokenizer.max_truncation_rate
+        message = (
+            f"{over} of {len(lengths)} sampled records ({rate:.1%}) are longer than max_seq_len={max_len} tokens "
+            f"(allowed {allowed:.1%}); p50 {self.lengths['p50']}, p95 {self.lengths['p95']}, max {ordered[-1]}"
+        )
+        self.add("truncation", "error" if rate > allowed else "ok", message)
+
+    def _fertility_check(self) -> None:
+        domain, general = self.fertility.get("domain"), self.fertility.get("general")
+        if domain is None:
+            return
+        if general:
+            ratio = domain / general
+            self.fertility["ratio"] = ratio
+            message = (
+                f"{domain:.2f} tokens per word on domain data, {general:.2f} on general data ({ratio:.2f}x)"
+            )
+            if ratio > FERTILITY_WARN_RATIO:
+                self.add(
+                    "fertility",
+                    "warning",
+                    message + ": domain text is expensive for this tokenizer; see the split terms below",
+                )
+                return
+            self.add("fertility", "ok", message)
+        else:
+            self.add("fertility", "info", f"{domain:.2f} tokens per word on domain data")
+
+    def _words(self, texts: list[str]) -> None:
+        raw_counts: Counter[str] = Counter()
+        for text in texts:
+            raw_counts.update(text.split())
+        counts: Counter[str] = Counter()
+        for raw, n in raw_counts.items():
+            word = raw.strip(_PUNCT)
+            if word and len(word) <= MAX_WORD_CHARS and any(ch.isalpha() for ch in word):
+                counts[word] += n
+        words = [w for w, _ in counts.most_common(MAX_DISTINCT_WORDS)]
+        terms = list(dict.fromkeys(self.cfg.tokenizer.domain_terms))
+        pieces = word_pieces(self.tok, words + terms)
+        unk = self.tok.unk_token_id
+
+        def entry(word: str, ids: list[int]) -> dict[str, Any]:
+            return {
+                "word": word,
+                "pieces": _show_pieces(self.tok, ids),
+                "num_pieces": len(ids),
+                "count": counts.get(word, 0),
+                "has_unk": unk is not None and unk in ids,
+            }
+
+        ranked = sorted(
+            (i for i in range(len(words)) if len(pieces[i]) > 1),
+            key=lambda i: (-len(pieces[i]), -counts[words[i]], words[i]),
+        )
+        self.split_terms = [
+            entry(words[i], pieces[i]) for i in ranked[: self.cfg.tokenizer.top_k_split_terms]
+        ]
+        self.domain_terms = [entry(t, ids) for t, ids in zip(terms, pieces[len(words) :], strict=True)]
+        if unk is not None:
+            self.unk_words = [w for w, ids in zip(words, pieces[: len(words)], strict=True) if unk in ids][
+                :10
+            ]
+
+    def _unk(self, ids: list[list[int]]) -> None:
+        unk = self.tok.unk_token_id
+        if unk is None:
+            return
+        total = sum(len(x) for x in ids)
+        count = sum(x.count(unk) for x in ids)
+        rate = count / total if total else 0.0
+        self.unk = {"token": self.tok.unk_token, "count": count, "tokens": total, "rate": rate}
+        if count:
+            words = ", ".join(repr(w) for w in self.unk_words[:5])
+            self.add(
+                "unk",
+                "warning",
+                f"{count} of {total} tokens ({rate:.3%}) are {self.tok.unk_token!r}: that text is lost "
+                f"to the model" + (f"; e.g. in {words}" if words else ""),
+            )
+        else:
+            self.add("unk", "ok", f"no {self.tok.unk_token!r} tokens in {total} sampled tokens")
+
+    def _roundtrip(self, texts: list[str], ids: list[list[int]]) -> None:
+        exact = 0
+        examples: list[dict[str, str]] = []
+        for text, x in zip(texts, ids, strict=True):
+            back = self.tok.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if back == text:
+                exact += 1
+            elif len(examples) < 3:
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b),
+                    min(len(text), len(back)),
+                )
+                examples.append(
+                    {
+                        "at": str(at),
+                        "original": text[max(0, at - 20) : at + 20],
+                        "decoded": back[max(0, at - 20) : at + 20],
+                    }
+                )
+        rate = exact / len(texts) if texts else 1.0
+        self.roundtrip = {"checked": len(texts), "exact": exact, "rate": rate, "examples": examples}
+        if exact < len(texts):
+            self.add(
+                "roundtrip",
+                "warning",
+                f"decode(encode(x)) differs from x for {len(texts) - exact} of {len(texts)} sampled texts "
+                "(normalization or lossy tokens); generated text will differ the same way",
+            )
+        else:
+            self.add("roundtrip", "ok", f"decode(encode(x)) == x for all {len(texts)} sampled texts")
+
+    # the report --------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        statuses = Counter(c.status for c in self.checks)
+        metrics: dict[str, float] = {"errors": statuses["error"], "warnings": statuses["warning"]}
+        if self.tok is not None:
+            metrics["tokenizer_size"] = len(self.tok)
+        if self.model.get("embedding_rows") is not None:
+            metrics["embedding_rows"] = self.model["embedding_rows"]
+        if self.lengths:
+            metrics["sampled_records"] = self.lengths["records_sampled"]
+            metrics["truncation_rate"] = self.lengths["truncation_rate"]
+            for k in ("p50", "p95", "max"):
+                metrics[f"tokens_{k}"] = self.lengths[k]
+        for k, v in self.fertility.items():
+            metrics[f"{k}_fertility" if k != "ratio" else "fertility_ratio"] = v
+        if self.unk is not None:
+            metrics["unk_rate"] = self.unk["rate"]
+        if self.roundtrip is not None:
+            metrics["roundtrip_exact_rate"] = self.roundtrip["rate"]
+        return {
+            "format": REPORT_FORMAT,
+            "passed": statuses["error"] == 0,
+            "tokenizer_uri": self.cfg.tokenizer_uri,
+            "base_model_uri": self.cfg.model.base_model_uri,
+            "record_kind": self.kind,
+            "tokenizer": self.info,
+            "model": self.model,
+            "checks": [vars(c) for c in self.checks],
+            "lengths": self.lengths,
+            "fertility": self.fertility,
+            "split_terms": self.split_terms,
+            "domain_terms": self.domain_terms,
+            "unk": self.unk,
+            "roundtrip": self.roundtrip,
+            "chat": self.chat,
+            "metrics": metrics,
+        }
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def reservoir(items: Iterable[T], k: int, seed: int) -> list[T]:
+    """A uniform sample of at most `k` items, in stream order; the same for the same seed and data."""
+    rng = random.Random(seed)
+    kept: list[tuple[int, T]] = []
+    for i, item in enumerate(items):
+        if i < k:
+            kept.append((i, item))
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                kept[j] = (i, item)
+    return [item for _, item in sorted(kept, key=lambda pair: pair[0])]
+
+
+def _encode(tok: Any, texts: list[str], *, special: bool) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(texts), ENCODE_BATCH):
+        batch = texts[start : start + ENCODE_BATCH]
+        enc = tok(batch, add_special_tokens=special, return_attention_mask=False, verbose=False)
+        out.extend(list(ids) for ids in enc["input_ids"])
+    return out
+
+
+def _fertility(texts: list[str], ids: list[list[int]]) -> float | None:
+    words = sum(len(t.split()) for t in texts)
+    return sum(len(x) for x in ids) / words if words else None
+
+
+def word_pieces(tok: Any, words: list[str]) -> list[list[int]]:
+    """The token ids of each word as it appears inside running text (after a space).
+
+    Encoding the bare word would give its start-of-text form, which differs for byte-level BPE
+    ('Ġword' vs 'word'); so "a <word>" is encoded and the ids of "a" are removed when they are
+    its prefix (they are for whitespace-splitting tokenizers), else the bare word is encoded.
+    """
+    if not words:
+        return []
+    prefix = _encode(tok, ["a"], special=False)[0]
+    in_text = _encode(tok, ["a " + w for w in words], special=False)
+    bare: list[list[int]] | None = None
+    out = []
+    for i, ids in enumerate(in_text):
+        if ids[: len(prefix)] == prefix and len(ids) > len(prefix):
+            out.append(ids[len(prefix) :])
+        else:
+            bare = bare or _encode(tok, words, special=False)
+            out.append(bare[i])
+    return out
+
+
+def _show_pieces(tok: Any, ids: list[int]) -> list[str]:
+    """Readable pieces: each id decoded alone, the raw token where that is not a whole character.
+
+    A space the tokenizer spends a token of its own on is shown as ' '.
+    """
+    pieces = []
+    for n, i in enumerate(ids):
+        piece = tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if n == 0 and piece.strip():
+            piece = piece.lstrip()  # the word's leading space, unless it is a token of its own
+        if not piece or "\ufffd" in piece:
+            piece = _byte_token(tok.convert_ids_to_tokens(i))
+        pieces.append(piece)
+    return pieces
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-ins for bytes, mapped back to the bytes."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+def _byte_token(token: str) -> str:
+    """A token holding part of a character: its bytes as <0xNN> (byte-level BPE), else the raw token."""
+    decoder = _byte_level_decoder()
+    if token and all(ch in decoder for ch in token):
+        return "".join(f"<0x{decoder[ch]:02X}>" for ch in token)
+    return token
+
+
+def _percentile(ordered: list[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending, non-empty list."""
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_json(str(out_dir / "report.json"), report)
+    storage.write_text(str(out_dir / "report.html"), render_html(report))
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;
+vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#17692d;font-weight:600}.info{color:#555;font-weight:600}.error{color:#b00020;font-weight:600}
+.warning{color:#9a6700;font-weight:600}code,pre{font-size:.92em;word-break:break-all;white-space:pre-wrap}
+"""
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained page: the checks, the length and fertility numbers, the split terms."""
+    esc = html.escape
+    passed = report["passed"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>check_tokenizer</title><style>{_CSS}</style>"
+        "</head><body><h1>Tokenizer check: "
+        + ("<span class='ok'>passed</span>" if passed else "<span class='error'>failed</span>")
+        + f"</h1><p>Tokenizer <code>{esc(report['tokenizer_uri'])}</code>, model "
+        f"<code>{esc(report['base_model_uri'])}</code>"
+        + (f", {esc(report['record_kind'])} records" if report["record_kind"] else "")
+        + ".</p><h2>Checks</h2><table><tr><th>check</th><th>status</th><th>detail</th></tr>"
+    ]
+    for c in report["checks"]:
+        parts.append(
+            f"<tr><td>{esc(c['name'])}</td><td class='{esc(c['status'])}'>{esc(c['status'])}</td>"
+            f"<td>{esc(c['message'])}</td></tr>"
+        )
+    parts.append("</table>")
+    numbers = {k: v for k, v in report["metrics"].items() if k not in ("errors", "warnings")}
+    if numbers:
+        parts.append("<h2>Numbers</h2><table>")
+        for k, v in numbers.items():
+            shown = f"{v:.4g}" if isinstance(v, float) else f"{v:,}"
+            parts.append(f"<tr><td>{esc(k)}</td><td class='n'>{shown}</td></tr>")
+        parts.append("</table>")
+    for title, rows in (
+        ("Most-split domain words", report["split_terms"]),
+        ("Domain terms", report["domain_terms"]),
+    ):
+        if not rows:
+            continue
+        parts.append(
+            f"<h2>{title}</h2><table><tr><th>word</th><th>pieces</th><th>#</th><th>count in sample</th></tr>"
+        )
+        for r in rows:
+            pieces = esc(repr(r["pieces"]))
+            parts.append(
+                f"<tr><td><code>{esc(r['word'])}</code></td><td><code>{pieces}</code></td>"
+                f"<td class='n'>{r['num_pieces']}</td><td class='n'>{r['count']:,}</td></tr>"
+            )
+        parts.append("</table>")
+    roundtrip = report.get("roundtrip") or {}
+    if roundtrip.get("examples"):
+        parts.append("<h2>Round-trip differences</h2><table><tr><th>original</th><th>decoded</th></tr>")
+        for ex in roundtrip["examples"]:
+            parts.append(
+                f"<tr><td><pre>{esc(ex['original'])}</pre></td><td><pre>{esc(ex['decoded'])}</pre></td></tr>"
+            )
+        parts.append("</table>")
+    if report.get("chat"):
+        chat = report["chat"]
+        parts.append(
+            f"<h2>Chat template</h2><p>Rendering of <code>{esc(chat['sample_location'])}</code>; the template "
+            + ("marks" if chat["marks_assistant_turns"] else "does not mark")
+            + " assistant turns with <code>{% generation %}</code>.</p>"
+            f"<pre>{esc(chat['rendered'])}</pre>"
+        )
+    parts.append("</body></html>\n")
+    return "".join(parts)

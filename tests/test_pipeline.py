@@ -1,0 +1,135 @@
+"""The compiled pipeline: fresh, well-formed, fast to compile — and the whole DAG run through kfp.local."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fulltune import storage
+from fulltune.kfp.compile import PIPELINE_FILE, compile_all
+from fulltune.kfp.components import STEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_checked_in_yaml_is_what_fulltune_compile_writes(tmp_path):
+    written = compile_all(tmp_path)
+    for path in written:
+        rel = path.relative_to(tmp_path)
+        committed = ROOT / rel
+        assert committed.exists(), f"{rel} is missing: run `fulltune compile` and commit"
+        assert committed.read_text() == path.read_text(), f"{rel} is stale: run `fulltune compile` and commit"
+    steps = {p.name for p in (ROOT / "components").iterdir() if p.is_dir()}
+    assert steps == {f.__name__ for f in STEPS}, "components/ has a directory no step generates"
+
+
+def test_compiling_twice_gives_identical_bytes(tmp_path):
+    a = compile_all(tmp_path / "a", image="registry.example/fulltune:1.2.3")
+    b = compile_all(tmp_path / "b", image="registry.example/fulltune:1.2.3")
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert "registry.example/fulltune:1.2.3" in a[0].read_text()
+
+
+def test_pipeline_shape():
+    spec = yaml.safe_load((ROOT / PIPELINE_FILE).read_text())
+    root_tasks = spec["root"]["dag"]["tasks"]
+    assert {
+        "validate-data",
+        "check-tokenizer",
+        "plan",
+        "list-shards",
+        "gather-shards",
+        "train",
+        "evaluate",
+    } <= set(root_tasks)
+    loop = next(t for t in root_tasks.values() if "parameterIterator" in t)
+    assert loop["componentRef"]["name"].startswith("comp-for-loop")
+    cond = next(t for t in root_tasks.values() if "triggerPolicy" in t)
+    assert "evaluate" in json.dumps(cond["triggerPolicy"]["condition"])
+    assert root_tasks["train"]["cachingOptions"] == {}  # caching off: a rerun must train again
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert len(images) == 1 and not images.pop().endswith(":latest")
+    # nothing is pip-installed when a step starts: the image has fulltune and kfp
+    for e in spec["deploymentSpec"]["executors"].values():
+        assert "pip install" not in " ".join(e["container"]["command"])
+
+
+def test_compiling_imports_no_heavy_library():
+    code = (
+        "import sys, fulltune.kfp.pipeline, fulltune.kfp.compile\n"
+        "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'datasets', 'pyarrow') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fulltune.demo.run import run_demo, summary_text
+    from fulltune.registry.store import verify_version
+
+    result = run_demo(tmp_path, assets=demo_assets)
+    out = capsys.readouterr().out
+    print(summary_text(result))
+    m = result.eval_result["metrics"]
+    assert m["domain_eval_tuned_loss"] < m["domain_eval_base_loss"]
+    assert result.eval_result["verdict"] is True, result.eval_result["reasons"]
+    assert result.registered and verify_version(result.registered) == []
+    AutoModelForCausalLM.from_pretrained(result.registered)
+    tok = AutoTokenizer.from_pretrained(result.registered)
+    assert tok.pad_token != tok.eos_token
+    manifest = storage.read_json(storage.join(result.registered, "manifest.json"))
+    for f in manifest["files"]:
+        assert storage.sha256_file(f"{result.registered}/{f['path']}") == f["sha256"]
+    lineage = storage.read_json(storage.join(result.registered, "lineage.json"))
+    assert lineage["pipeline_run_id"] and lineage["data"]["dataset_manifest_sha256"]
+    # every step ran and reported through kfp.local
+    for task in (
+        "validate-data",
+        "check-tokenizer",
+        "plan",
+        "preprocess-shard",
+        "gather-shards",
+        "train",
+        "evaluate",
+        "register",
+    ):
+        assert f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in out, task
+
+
+@pytest.mark.slow
+def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, capfd):
+    from kfp import components, local
+
+    from fulltune.demo.run import demo_config
+
+    lines = Path(demo_assets.train_uri).read_text().splitlines()
+    lines[6] = lines[6][:-5]  # line 7: truncated JSON
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    cfg = demo_config(demo_assets, tmp_path / "work", tmp_path / "registry").with_overrides(
+        {"data.train_uri": str(bad)}
+    )
+
+    pipeline = components.load_component_from_file(str(compile_all(tmp_path / "compiled")[0]))
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "root"),
+        raise_on_error=True,
+    )
+    with pytest.raises(RuntimeError, match="validate-data"):
+        pipeline(config=cfg.to_dict())
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert f"{bad}:7: invalid_json" in text
+    for later in ("check-tokenizer", "plan", "train", "register"):
+        assert f"Executing task \x1b[96m'{later}'" not in text
+    assert not (tmp_path / "work").exists()  # nothing was written for the run
+    assert not (tmp_path / "registry").exists()

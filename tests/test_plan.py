@@ -1,0 +1,140 @@
+"""plan: exact parameter counts without weights, the memory model, fitting decisions, defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fulltune import plan as planmod
+from fulltune.config import RunConfig
+from fulltune.plan import ModelShape, PlanError
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A config-only Llama directory (no weights): plan must never need them."""
+    from transformers import LlamaConfig
+
+    d = tmp_path_factory.mktemp("llama-config")
+    LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ).save_pretrained(d)
+    return d
+
+
+def shape_8b() -> ModelShape:
+    # Llama-3.1-8B: 8.03e9 parameters, hidden 4096, 32 layers, vocab 128256; largest layer = embedding
+    return ModelShape(8_030_261_248, 128256 * 4096, 4096, 32, 128256, "llama")
+
+
+def test_parameter_count_is_exact_and_reads_no_weights(llama_dir):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = RunConfig.from_dict({"model": {"base_model_uri": str(llama_dir)}})
+    shape = planmod.model_shape(planmod.load_model_config(cfg))
+    real = AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(llama_dir))
+    assert shape.params == sum(p.numel() for p in real.parameters())
+    assert shape.largest_layer_params == 1000 * 64  # embedding (untied lm_head is the same size)
+    assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (64, 3, 1000)
+    assert not any(p.name.endswith(".safetensors") for p in llama_dir.iterdir())
+
+
+def test_memory_model_matches_the_formulas():
+    s = shape_8b()
+    e = planmod.estimate_memory(s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=False)
+    assert e.model_states == pytest.approx(s.params * 16 / 16)
+    assert e.gathered_layers == pytest.approx(4 * s.largest_layer_params)
+    assert e.activations == pytest.approx(34 * 4096 * 1 * 4096 * 32)
+    gc = planmod.estimate_memory(s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=True)
+    assert gc.activations == pytest.approx(2 * 4096 * 4096 * 32 + 34 * 4096 * 4096)
+    off = planmod.estimate_memory(
+        s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=True, offload_optimizer=True
+    )
+    assert off.model_states == pytest.approx(s.params * 4 / 16)
+
+
+def _cfg(**resources) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "preprocess": {"max_seq_len": 4096},
+            "training": {"per_device_train_batch_size": 8, "gradient_checkpointing": False},
+            "resources": {"gpu_memory_gib": 80, **resources},
+        }
+    )
+
+
+def test_fits_by_turning_on_recomputation_and_smaller_micro_batch():
+    mem, budget, notes = planmod.choose_memory_settings(_cfg(nproc_per_node=8), shape_8b())
+    assert mem.total <= budget
+    assert mem.gradient_checkpointing
+    assert "enabled gradient_checkpointing" in notes
+    assert not mem.offload_optimizer
+
+
+def test_refuses_with_what_would_fit():
+    with pytest.raises(PlanError) as exc:
+        planmod.choose_memory_settings(_cfg(nproc_per_node=1, gpu_memory_gib=24), shape_8b())
+    msg = str(exc.value)
+    assert "does not fit on 1 GPU(s) of 24 GiB" in msg
+    assert "would fit on about" in msg
+
+
+def test_offload_is_the_last_resort_before_refusing():
+    mem, _, notes = planmod.choose_memory_settings(_cfg(nproc_per_node=1, gpu_memory_gib=80), shape_8b())
+    assert mem.offload_optimizer
+    assert any("offloads optimizer" in n for n in notes)
+
+
+@pytest.mark.parametrize(("params", "lr"), [(7e9, 1e-5), (70e9, 5e-6), (1e9, 2.65e-5), (1e5, 1e-3)])
+def test_learning_rate_rule(params, lr):
+    assert planmod.default_learning_rate(int(params)) == pytest.approx(lr, rel=0.01)
+
+
+def test_epochs_rule():
+    assert planmod.default_epochs(100_000) == 3.0
+    assert planmod.default_epochs(10_000_000) == 2.0
+    assert planmod.default_epochs(500_000_000) == 1.0
+
+
+def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(llama_dir)},
+            "data": {"train_uri": str(data)},
+            "training": {
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 4,
+                "max_grad_norm": 0.5,
+            },
+            "resources": {"nproc_per_node": 4},
+        }
+    )
+    p = planmod.make_plan(cfg, train_tokens=1234)
+    resolved = RunConfig.from_dict(p.config)
+    assert resolved.training.learning_rate == planmod.default_learning_rate(p.shape.params)
+    assert resolved.training.num_train_epochs == 3.0
+    ds = p.deepspeed
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 2 * 4 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True
+    uris = planmod.write_plan(p, str(tmp_path / "work"))
+    assert json.loads(open(uris["deepspeed"]).read()) == ds
+    md = open(uris["markdown"]).read()
+    assert "| **total / GPU** |" in md and "learning_rate" in md
+
+
+def test_plan_requires_model_and_data():
+    from fulltune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.base_model_uri"):
+        planmod.make_plan(RunConfig())

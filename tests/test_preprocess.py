@@ -1,0 +1,181 @@
+"""Preprocessing: determinism, loss masks, resumable shards, replay mixing, the dataset manifest."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fulltune import storage
+from fulltune.config import RunConfig
+from fulltune.preprocess import core
+from fulltune.preprocess.dataset import IGNORE_INDEX, load_split
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(demo_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_assets.base_model_dir))
+
+
+def make_cfg(demo_assets, tmp_path, train_rows, general_rows=None, **pp) -> RunConfig:
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    general = write_jsonl(tmp_path / "general.jsonl", general_rows) if general_rows else None
+    data = {"train_uri": train}
+    if general:
+        data["general_uri"] = general
+    return RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(demo_assets.base_model_dir)},
+            "data": data,
+            "preprocess": {"max_seq_len": 64, "num_shards": 2, "replay_fraction": 0.0, **pp},
+        }
+    )
+
+
+TEXTS = [
+    {"text": f"Patient {i} has HbA1c {5 + i % 7}.{i % 10}% and eGFR {30 + i} on review."} for i in range(120)
+]
+
+
+def test_same_inputs_give_byte_identical_shards(demo_assets, tmp_path):
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    core.preprocess_all(cfg, a)
+    core.preprocess_all(cfg, b)
+    files_a = sorted(p.relative_to(a) for p in Path(a).rglob("*.parquet"))
+    assert files_a == sorted(p.relative_to(b) for p in Path(b).rglob("*.parquet"))
+    for rel in files_a:
+        assert (Path(a) / rel).read_bytes() == (Path(b) / rel).read_bytes(), rel
+
+
+def test_text_packing_keeps_every_token_once_with_eos_between_documents(demo_assets, tmp_path, tok):
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1, eval_fraction=0.01)
+    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    split = manifest["splits"]["train"]
+    data = load_split(manifest, "train")
+    mask = data["attention_mask"].bool()
+    tokens = data["input_ids"][mask].tolist()
+    eval_docs = manifest["splits"]["domain_eval"]["examples"]
+    assert split["examples"] + eval_docs == len(TEXTS)
+    assert tokens.count(tok.eos_token_id) == split["examples"]
+    # labels equal inputs wherever there is a token (all of a text document carries loss)
+    assert (data["labels"][mask] == data["input_ids"][mask]).all()
+    assert (data["labels"][~mask] == IGNORE_INDEX).all()
+    assert split["padding_fraction"] < 64 / (split["sequences"] * 64) + 1e-9  # only the last sequence pads
+
+
+def test_chat_labels_are_exactly_the_assistant_turns(demo_assets, tmp_path, tok):
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "You are a clinical assistant."},
+                {"role": "user", "content": f"What is the eGFR of patient {i}?"},
+                {"role": "assistant", "content": f"The eGFR is {40 + i} mL/min."},
+                {"role": "user", "content": "And the stage?"},
+                {"role": "assistant", "content": f"CKD stage {2 + i % 3}."},
+            ]
+        }
+        for i in range(12)
+    ]
+    cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=1, max_seq_len=256, eval_fraction=0.01)
+    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    data = load_split(manifest, "train")
+    decoded = []
+    for ids, labels in zip(data["input_ids"], data["labels"], strict=True):
+        keep = [t for t, lab in zip(ids.tolist(), labels.tolist(), strict=True) if lab != IGNORE_INDEX]
+        decoded.append(tok.decode(keep))
+    text = "".join(decoded)
+    assert "clinical assistant" not in text and "What is the eGFR" not in text and "And the stage" not in text
+    held_out = {i for i, r in enumerate(rows) if core.stable_fraction(_chat_text(r), "0") < 0.01}
+    for i, row in enumerate(rows):
+        for m in row["messages"]:
+            if m["role"] == "assistant":
+                assert (m["content"] in text) is (i not in held_out)
+
+
+def _chat_text(row: dict) -> str:
+    return "\n".join(m["content"] for m in row["messages"])
+
+
+def test_prompt_completion_masks_the_prompt_unless_loss_on_all(demo_assets, tmp_path, tok):
+    rows = [
+        {"prompt": f"Q{i}: dose of metformin?", "completion": f" {500 * (i % 3 + 1)} mg twice daily"}
+        for i in range(20)
+    ]
+    for loss_on, prompt_visible in (("assistant", False), ("all", True)):
+        cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=1, eval_fraction=0.01, loss_on=loss_on)
+        manifest = core.preprocess_all(cfg, str(tmp_path / f"w-{loss_on}"))
+        data = load_split(manifest, "train")
+        labels = data["labels"][data["labels"] != IGNORE_INDEX].tolist()
+        text = tok.decode(labels)
+        assert ("dose of metformin" in text) is prompt_visible
+        assert "mg twice daily" in text
+
+
+def test_complete_shards_are_skipped_and_corrupt_ones_redone(demo_assets, tmp_path):
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS)
+    work = str(tmp_path / "w")
+    first = core.preprocess_shard(cfg, work, 0)
+    again = core.preprocess_shard(cfg, work, 0)
+    assert again.get("skipped") is True
+    # Simulate a shard killed midway: data written, manifest missing -> redone, same bytes.
+    shard1 = core.preprocess_shard(cfg, work, 1)
+    f = Path(shard1["splits"]["train"]["files"][0]["uri"])
+    before = f.read_bytes()
+    Path(core.shard_manifest_uri(work, 1)).unlink()
+    f.write_bytes(before[: len(before) // 2])
+    redone = core.preprocess_shard(cfg, work, 1)
+    assert "skipped" not in redone and f.read_bytes() == before
+    # A corrupted file behind an existing manifest is detected by its checksum.
+    f.write_bytes(b"garbage")
+    assert not core.shard_is_complete(core.shard_manifest_uri(work, 1))
+    assert core.preprocess_shard(cfg, work, 1).get("skipped") is None
+    assert f.read_bytes() == before
+    assert first["splits"]["train"]["files"]
+
+
+def test_gather_refuses_a_missing_shard(demo_assets, tmp_path):
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS)
+    work = str(tmp_path / "w")
+    core.preprocess_shard(cfg, work, 0)
+    with pytest.raises(core.PreprocessError, match="shard-00001.json: shard missing"):
+        core.gather_shards(cfg, work)
+
+
+def test_replay_fraction_is_achieved_within_one_percent(demo_assets, tmp_path):
+    general = [
+        {"text": f"The {w} module provides functions for working with {w} objects."} for w in "abcdefghij" * 8
+    ]
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS, general, replay_fraction=0.2)
+    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    assert manifest["replay"]["achieved_fraction"] == pytest.approx(0.2, abs=0.01)
+    assert manifest["splits"]["general_eval"]["sequences"] > 0
+
+
+def test_split_assignment_is_stable_and_disjoint(demo_assets, tmp_path, tok):
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS, eval_fraction=0.2, num_shards=1)
+    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    expected_eval = sum(1 for r in TEXTS if core.stable_fraction(r["text"], "0") < 0.2)
+    assert manifest["splits"]["domain_eval"]["examples"] == expected_eval
+    assert manifest["splits"]["train"]["examples"] == len(TEXTS) - expected_eval
+
+
+def test_dataset_manifest_lists_checksummed_files(demo_assets, tmp_path):
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS)
+    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    on_disk = storage.read_json(core.dataset_manifest_uri(str(tmp_path / "w")))
+    assert on_disk == manifest
+    for split in manifest["splits"].values():
+        for f in split["files"]:
+            assert storage.sha256_uri(f["uri"]) == f["sha256"]
+    counts = Counter(len(r) for r in load_split(manifest, "train")["input_ids"].tolist())
+    assert set(counts) == {64}

@@ -1,0 +1,279 @@
+"""registry: versioned, atomic, verifiable model registration on a local directory and on S3."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fulltune import storage
+from fulltune.config import RunConfig
+from fulltune.registry import store
+from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
+
+NAME = "tiny"
+
+EVAL_PASS = {
+    "verdict": True,
+    "reasons": [
+        "domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required",
+        "no general eval set: forgetting was not measured",
+    ],
+    "sets": {
+        "domain_eval": {
+            "sequences": 13,
+            "loss_tokens": 90,
+            "base": {"loss": 3.91, "perplexity": 49.9},
+            "tuned": {"loss": 3.07, "perplexity": 21.5},
+        }
+    },
+    "metrics": {"domain_loss_improvement": 0.214},
+}
+EVAL_FAIL = {
+    **EVAL_PASS,
+    "verdict": False,
+    "reasons": ["general perplexity rose 7.3% (12.10 → 12.98) > 5.0% allowed"],
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama in HF format, with tokenizer files beside it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    path = tmp_path_factory.mktemp("model") / "tuned"
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return path
+
+
+def _cfg(registry_uri: str) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "model": {"name": NAME, "base_model_uri": "s3://models/base-llama"},
+            "registry": {"uri": registry_uri},
+        }
+    )
+
+
+LINEAGE = {"run_id": "run-123", "dataset_manifest": "s3://work/run-123/dataset/manifest.json"}
+
+
+# -- local --------------------------------------------------------------------------------------
+
+
+def test_register_locally_twice_gives_v1_then_v2(model_dir, tmp_path):
+    registry = str(tmp_path / "registry")
+    v1 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    v2 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    assert v1 == str(tmp_path / "registry" / NAME / "v1")
+    assert v2 == str(tmp_path / "registry" / NAME / "v2")
+
+    versions = list_versions(registry, NAME)
+    assert [v["version"] for v in versions] == [1, 2]
+    assert [v["uri"] for v in versions] == [v1, v2]
+    manifest = versions[0]
+    assert manifest["name"] == NAME and manifest["created_at"] and manifest["forced"] is False
+
+    # the manifest lists every model file plus card, lineage and eval, with matching hashes
+    on_disk = storage.file_manifest(v1)
+    assert manifest["files"] == [f for f in on_disk if f["path"] not in ("manifest.json", ".claim")]
+    listed = {f["path"] for f in manifest["files"]}
+    source = {f["path"]: f for f in storage.file_manifest(model_dir)}
+    assert set(source) | {"model_card.md", "lineage.json", "eval.json"} == listed
+    for f in manifest["files"]:
+        if f["path"] in source:
+            assert f == source[f["path"]]
+    assert verify_version(v1) == [] and verify_version(v2) == []
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(v1, use_safetensors=True)
+
+
+def test_card_lineage_and_eval(model_dir, tmp_path):
+    uri = register_model(_cfg(str(tmp_path / "r")), str(model_dir), EVAL_PASS, LINEAGE)
+    card = Path(uri, "model_card.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["base_model"] == "s3://models/base-llama"
+    assert meta["library_name"] == "transformers"
+    assert meta["tags"] == ["fulltune", "full-fine-tune"]
+    assert meta["metrics"] == ["loss", "perplexity"]
+    result = meta["model-index"][0]["results"][0]
+    assert result["dataset"]["name"] == "domain_eval"
+    assert {m["type"]: m["value"] for m in result["metrics"]} == {"loss": 3.07, "perplexity": 21.5}
+    assert f"# {NAME} v1" in body and "| domain_eval | 3.9100 | 3.0700 |" in body
+    assert "**Passed**" in body and EVAL_PASS["reasons"][0] in body and "run-123" in body
+
+    lineage = json.loads(Path(uri, "lineage.json").read_text())
+    assert lineage["run_id"] == "run-123" and lineage["dataset_manifest"] == LINEAGE["dataset_manifest"]
+    assert lineage["eval"] == EVAL_PASS and lineage["forced"] is False
+    assert lineage["fulltune_version"] and lineage["config"]["model"]["name"] == NAME
+    assert lineage["source_model_uri"] == str(model_dir)
+    assert json.loads(Path(uri, "eval.json").read_text()) == EVAL_PASS
+
+
+def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
+    registry = str(tmp_path / "registry")
+    with pytest.raises(RegistryError, match="gate did not pass.*12.10 → 12.98"):
+        register_model(_cfg(registry), str(model_dir), EVAL_FAIL, LINEAGE)
+    assert not (tmp_path / "registry").exists()
+    with pytest.raises(RegistryError, match="no verdict"):
+        register_model(_cfg(registry), str(model_dir), {}, LINEAGE)
+
+    uri = register_model(_cfg(registry), str(model_dir), EVAL_FAIL, LINEAGE, force=True)
+    assert uri.endswith("v1")
+    assert json.loads(Path(uri, "lineage.json").read_text())["forced"] is True
+    assert list_versions(registry, NAME)[0]["forced"] is True
+    assert "Registered by force" in Path(uri, "model_card.md").read_text()
+
+
+def test_verify_detects_tampering(model_dir, tmp_path):
+    uri = Path(register_model(_cfg(str(tmp_path / "r")), str(model_dir), EVAL_PASS, LINEAGE))
+    weights = uri / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    weights.write_bytes(bytes(data))
+    (uri / "config.json").write_text("{}")
+    (uri / "tokenizer_config.json").unlink()
+    (uri / "extra.py").write_text("import os")
+    problems = verify_version(str(uri))
+    assert any(p.startswith("model.safetensors: sha256") for p in problems)
+    assert not any(p.startswith("model.safetensors: size") for p in problems)
+    assert any(p.startswith("config.json: size") for p in problems)
+    assert "tokenizer_config.json: missing" in problems
+    assert "extra.py: not in the manifest" in problems
+    assert verify_version(str(tmp_path / "r" / NAME / "v9")) == [
+        "manifest.json: missing, the version was never committed"
+    ]
+
+
+def test_uncommitted_versions_are_invisible_and_never_reused(model_dir, tmp_path):
+    registry = tmp_path / "registry"
+    register_model(_cfg(str(registry)), str(model_dir), EVAL_PASS, LINEAGE)
+    partial = registry / NAME / "v2"  # a crashed writer: claim and some files, no manifest
+    partial.mkdir(parents=True)
+    (partial / ".claim").write_text("{}")
+    (partial / "config.json").write_text("{}")
+    (registry / NAME / "notes").mkdir()  # not a version directory
+    assert [v["version"] for v in list_versions(str(registry), NAME)] == [1]
+    uri = register_model(_cfg(str(registry)), str(model_dir), EVAL_PASS, LINEAGE)
+    assert uri.endswith("v3")
+    assert [v["version"] for v in list_versions(str(registry), NAME)] == [1, 3]
+    assert list_versions(str(registry), "other") == []
+
+
+def test_failure_before_the_manifest_removes_the_version(model_dir, tmp_path, monkeypatch):
+    registry = tmp_path / "registry"
+
+    def broken_card(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "render_model_card", broken_card)
+    with pytest.raises(RegistryError, match=r"tiny v1: registration failed.*disk full"):
+        register_model(_cfg(str(registry)), str(model_dir), EVAL_PASS, LINEAGE)
+    assert not (registry / NAME / "v1").exists()
+    assert list_versions(str(registry), NAME) == []
+
+
+def test_incomplete_model_directory_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(RegistryError, match="no .safetensors"):
+        register_model(_cfg(str(tmp_path / "r")), str(tmp_path / "model"), EVAL_PASS, LINEAGE)
+    with pytest.raises(RegistryError, match="no such model directory"):
+        register_model(_cfg(str(tmp_path / "r")), str(tmp_path / "missing"), EVAL_PASS, LINEAGE)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_lost_claim_moves_on_to_the_next_version(model_dir, tmp_path, monkeypatch):
+    registry = str(tmp_path / "registry")
+    assert storage.create_exclusive(store.version_uri(registry, NAME, 1) + "/.claim", b"other writer")
+    monkeypatch.setattr(store, "_version_numbers", lambda root: [])  # a scan that missed the claim
+    uri = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    assert uri.endswith("v2")
+    assert Path(registry, NAME, "v1", ".claim").read_bytes() == b"other writer"
+
+
+# -- S3 and concurrency -------------------------------------------------------------------------
+
+
+def test_register_on_s3_twice(model_dir, s3):
+    registry = f"{s3}/registry"
+    v1 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    v2 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    assert (v1, v2) == (f"{registry}/{NAME}/v1", f"{registry}/{NAME}/v2")
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1, 2]
+    assert verify_version(v1) == []
+
+    storage.write_text(f"{v2}/config.json", "{}")
+    assert any(p.startswith("config.json: size") for p in verify_version(v2))
+
+    # an S3 source is copied server-side, and the copy loads
+    storage.upload_dir(model_dir, f"{s3}/work/model")
+    v3 = register_model(_cfg(registry), f"{s3}/work/model", EVAL_PASS, LINEAGE)
+    assert v3.endswith("/v3") and verify_version(v3) == []
+    from transformers import AutoModelForCausalLM
+
+    with storage.local_dir(v3) as path:
+        AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+
+
+def test_s3_claim_refusal_is_skipped(model_dir, s3, monkeypatch):
+    registry = f"{s3}/registry"
+    assert storage.create_exclusive(f"{registry}/{NAME}/v1/.claim", b"other writer")
+    assert not storage.create_exclusive(f"{registry}/{NAME}/v1/.claim", b"me")
+    monkeypatch.setattr(store, "_version_numbers", lambda root: [])
+    assert register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE).endswith("/v2")
+    monkeypatch.undo()
+    assert [v["version"] for v in list_versions(registry, NAME)] == [2]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_registrations_get_distinct_versions(model_dir, tmp_path, request, monkeypatch, where):
+    registry = f"{request.getfixturevalue('s3')}/registry" if where == "s3" else str(tmp_path / "registry")
+    writers = 4
+    barrier = threading.Barrier(writers)
+    scan = store._version_numbers
+
+    def scan_then_wait(root: str) -> list[int]:
+        found = scan(root)
+        barrier.wait(timeout=30)  # every writer has seen the same highest version before claiming
+        return found
+
+    monkeypatch.setattr(store, "_version_numbers", scan_then_wait)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def register() -> None:
+        try:
+            results.append(register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert sorted(int(uri.rsplit("v", 1)[1]) for uri in results) == [1, 2, 3, 4]
+    monkeypatch.setattr(store, "_version_numbers", scan)
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1, 2, 3, 4]
+    assert all(verify_version(uri) == [] for uri in results)

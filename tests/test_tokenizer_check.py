@@ -1,0 +1,305 @@
+"""check_tokenizer on a tiny byte-level BPE tokenizer built here (no hub, no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fulltune.config import RunConfig
+from fulltune.tokenizer.check import TokenizerCheckError, check_tokenizer, reservoir, word_pieces
+
+CORPUS = [
+    "hello world the patient has diabetes and high glucose",
+    "the patient was treated for diabetes with insulin",
+    "hello hello world world the the patient patient",
+] * 40
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{% if m.role == 'assistant' %}</s>{% endif %}{% endfor %}"
+)
+
+
+def build_tokenizer(
+    path: Path,
+    *,
+    pad: str | None = "<pad>",
+    embedding_rows: int | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """A byte-level BPE tokenizer trained on CORPUS, with a tiny LlamaConfig beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=pad)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    LlamaConfig(
+        vocab_size=embedding_rows or len(fast),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    ).save_pretrained(path)
+    assert not list(path.glob("*.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_cfg(model: Path, train: Path, **sections: dict[str, Any]) -> RunConfig:
+    data = {"train_uri": str(train), **sections.pop("data", {})}
+    return RunConfig.from_dict({"model": {"base_model_uri": str(model)}, "data": data, **sections})
+
+
+def checks(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["name"]: (c["status"], c["message"]) for c in report["checks"]}
+
+
+def test_clean_tokenizer_passes_and_writes_reports(tokenizer_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in CORPUS[:3]])
+    report = check_tokenizer(make_cfg(tokenizer_dir, train), tmp_path / "out")
+
+    assert report["passed"] is True
+    got = checks(report)
+    assert got["eos_token"][0] == "ok" and got["pad_token"][0] == "ok" and got["embedding"][0] == "ok"
+    assert got["roundtrip"][0] == "ok" and report["roundtrip"]["rate"] == 1.0
+    assert report["unk"] is None  # byte-level: no unk token
+    assert report["model"]["embedding_rows"] == report["tokenizer"]["size"]
+    metrics = report["metrics"]
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["errors"] == 0 and metrics["truncation_rate"] == 0.0
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert "Tokenizer check: <span class='ok'>passed" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_vocab_larger_than_embedding_fails(tmp_path):
+    model = build_tokenizer(tmp_path / "tok", embedding_rows=100)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+
+    message = str(info.value)
+    assert message.splitlines()[0] == "check_tokenizer failed: 1 check(s): embedding"
+    assert "but the model's embedding has 100 rows" in message
+    report = json.loads((tmp_path / "out" / "report.json").read_text())  # written before raising
+    assert report["passed"] is False and checks(report)["embedding"][0] == "error"
+    assert (tmp_path / "out" / "report.html").exists()
+
+
+def test_pad_equal_to_eos_is_a_warning(tmp_path):
+    model = build_tokenizer(tmp_path / "tok", pad="</s>")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    report = check_tokenizer(make_cfg(model, train), tmp_path / "out")
+
+    status, message = checks(report)["pad_token"]
+    assert status == "warning"
+    assert "masks every EOS out of the loss" in message
+    assert report["passed"] is True and report["metrics"]["warnings"] >= 1
+
+
+def test_no_pad_is_a_warning(tmp_path):
+    model = build_tokenizer(tmp_path / "tok", pad=None)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    report = check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    assert checks(report)["pad_token"][0] == "warning"
+
+
+def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    # "hello" then n-1 times " hello": one token each (checked), plus the EOS preprocessing appends
+    assert len(tok.encode("hello" + " hello" * 9, add_special_tokens=False)) == 10
+    words = [2, 5, 10, 20]  # -> 3, 6, 11, 21 tokens
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(["hello"] * n)} for n in words])
+
+    report = check_tokenizer(make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 8}), tmp_path / "out")
+    assert report["lengths"] == {
+        "records_sampled": 4,
+        "max_seq_len": 8,
+        "over_max_seq_len": 2,
+        "truncation_rate": 0.5,
+        "p50": 6,
+        "p95": 21,
+        "max": 21,
+    }
+    assert checks(report)["truncation"][0] == "ok"  # default max_truncation_rate 0.5
+
+    with pytest.raises(TokenizerCheckError, match="truncation: 2 of 4 sampled records"):
+        check_tokenizer(
+            make_cfg(
+                tokenizer_dir, train, preprocess={"max_seq_len": 8}, tokenizer={"max_truncation_rate": 0.25}
+            ),
+            tmp_path / "out2",
+        )
+
+
+def test_worst_split_domain_terms_with_pieces(tokenizer_dir, tmp_path):
+    rows = [{"text": "the patient has HbA1c of 7 and dyslipidaemia"}, {"text": "HbA1c again, the patient"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = make_cfg(
+        tokenizer_dir, train, tokenizer={"top_k_split_terms": 2, "domain_terms": ["HbA1c", "patient"]}
+    )
+    report = check_tokenizer(cfg, tmp_path / "out")
+
+    top = report["split_terms"]
+    assert len(top) == 2
+    assert top[0]["word"] == "dyslipidaemia"  # the longest unseen word splits into the most pieces
+    assert top[0]["num_pieces"] >= top[1]["num_pieces"] > 1
+    assert "".join(top[0]["pieces"]).strip() == "dyslipidaemia"
+    terms = {t["word"]: t for t in report["domain_terms"]}
+    assert terms["HbA1c"]["count"] == 2
+    assert "".join(terms["HbA1c"]["pieces"]).strip() == "HbA1c" and terms["HbA1c"]["num_pieces"] > 1
+    assert terms["patient"]["pieces"] == ["patient"]  # a corpus word: one in-text piece
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "dyslipidaemia" in page and "HbA1c" in page
+
+
+def test_word_pieces_are_the_in_text_form(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    [ids] = word_pieces(tok, ["patient"])
+    assert ids == tok.encode(" patient", add_special_tokens=False)
+
+
+def test_fertility_domain_vs_general(tokenizer_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "zygomatic osteotomy xylophone quasar"}])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": "hello world the patient"}])
+    cfg = make_cfg(tokenizer_dir, train, data={"general_uri": str(general)})
+    report = check_tokenizer(cfg, tmp_path / "out")
+
+    assert report["fertility"]["general"] == pytest.approx(1.0)
+    assert report["fertility"]["domain"] > 2
+    assert checks(report)["fertility"][0] == "warning"
+    assert report["metrics"]["fertility_ratio"] == pytest.approx(report["fertility"]["domain"])
+
+
+def test_chat_data_needs_a_template(tokenizer_dir, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [chat])
+    with pytest.raises(
+        TokenizerCheckError, match="chat_template: the data is chat but the tokenizer has no chat"
+    ):
+        check_tokenizer(make_cfg(tokenizer_dir, train), tmp_path / "out")
+
+    model = build_tokenizer(tmp_path / "tok", chat_template=CHAT_TEMPLATE)
+    report = check_tokenizer(make_cfg(model, train), tmp_path / "out2")
+    assert checks(report)["chat_template"][0] == "ok"
+    assert report["chat"]["rendered"] == "<|user|>hello<|assistant|>world</s>"
+    assert report["record_kind"] == "chat" and report["lengths"]["records_sampled"] == 1
+
+
+def test_broken_chat_template_fails(tmp_path):
+    model = build_tokenizer(tmp_path / "tok", chat_template="{{ raise_exception('no system role') }}")
+    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [chat])
+    with pytest.raises(TokenizerCheckError, match="no system role"):
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+
+
+def test_chat_template_must_render_prefixes_stably_for_assistant_loss(tmp_path):
+    reverse = "{% for m in messages | reverse %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    model = build_tokenizer(tmp_path / "tok", chat_template=reverse)
+    turns = [("user", "hello"), ("assistant", "world"), ("user", "again"), ("assistant", "hello")]
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"messages": [{"role": r, "content": c} for r, c in turns]}]
+    )
+    with pytest.raises(TokenizerCheckError, match="up to turn 1 is not a prefix"):
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    report = check_tokenizer(make_cfg(model, train, preprocess={"loss_on": "all"}), tmp_path / "out2")
+    assert checks(report)["chat_template"][0] == "ok"
+
+
+def test_unloadable_tokenizer_fails_with_report(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello"}])
+    with pytest.raises(TokenizerCheckError, match="load: cannot load the tokenizer"):
+        check_tokenizer(make_cfg(tmp_path / "missing", train), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["passed"] is False
+
+
+def test_reservoir_is_deterministic_and_bounded():
+    a = reservoir(range(10_000), 100, seed=3)
+    assert a == reservoir(range(10_000), 100, seed=3)
+    assert len(a) == 100 and a == sorted(a) and a != list(range(100))
+    assert reservoir(range(5), 100, seed=0) == [0, 1, 2, 3, 4]
+
+
+def test_tokenizer_from_s3_skips_weights(tokenizer_dir, tmp_path, s3):
+    from fulltune import storage
+
+    storage.upload_dir(tokenizer_dir, f"{s3}/model")
+    storage.write_bytes(f"{s3}/model/model.safetensors", b"not really weights")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    cfg = RunConfig.from_dict({"model": {"base_model_uri": f"{s3}/model"}, "data": {"train_uri": str(train)}})
+    report = check_tokenizer(cfg, tmp_path / "out")
+    assert report["passed"] and report["model"]["embedding_rows"] == report["tokenizer"]["size"]
+
+
+def test_partial_character_pieces_show_as_bytes(tokenizer_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "the patient drank café"}])
+    cfg = make_cfg(tokenizer_dir, train, tokenizer={"domain_terms": ["café"]})
+    [term] = check_tokenizer(cfg, tmp_path / "out")["domain_terms"]
+    assert term["pieces"][-2:] == ["<0xC3>", "<0xA9>"]  # é is two bytes the tiny vocabulary never merged
+
+
+def test_unk_rate_and_roundtrip_on_a_lossy_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = tmp_path / "tok"
+    fast.save_pretrained(model)
+    LlamaConfig(
+        vocab_size=len(fast), hidden_size=16, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(model)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "the patient"}, {"text": "the Zürich patient"}])
+
+    report = check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    got = checks(report)
+    assert got["unk"][0] == "warning" and "'Zürich'" in got["unk"][1]
+    assert report["unk"]["count"] >= 1 and 0 < report["metrics"]["unk_rate"] < 1
+    assert got["roundtrip"][0] == "warning"
+    assert report["roundtrip"] == {
+        "checked": 2,
+        "exact": 1,
+        "rate": 0.5,
+        "examples": [
+            {
+                "at": "4",
+                "original": "the Zürich patient",
+                "decoded": report["roundtrip"]["examples"][0]["decoded"],
+            }
+        ],
+    }
+    assert "<unk>" in report["roundtrip"]["examples"][0]["decoded"]

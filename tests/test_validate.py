@@ -1,0 +1,288 @@
+"""validate_data: problem codes with file:line locations, the error budget, reports always written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fulltune.config import RunConfig
+from fulltune.data.records import iter_records, resolve_kind
+from fulltune.data.validate import DataValidationError, validate_data
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """Rows are dicts (dumped as JSON) or raw strings (written as they are)."""
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+def make_cfg(train: Path | str, **data: Any) -> RunConfig:
+    return RunConfig.from_dict({"data": {"train_uri": str(train), **data}})
+
+
+def problems(report: dict[str, Any], dataset: str = "train") -> dict[str, dict[str, Any]]:
+    return {p["code"]: p for p in report["datasets"][dataset]["problems"]}
+
+
+def failing_report(cfg: RunConfig, out: Path) -> tuple[str, dict[str, Any]]:
+    with pytest.raises(DataValidationError) as info:
+        validate_data(cfg, out)
+    return str(info.value), json.loads((out / "report.json").read_text())
+
+
+GOOD = [{"text": f"document number {i} about glucose"} for i in range(5)]
+
+
+def test_clean_data_passes_and_writes_reports(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    report = validate_data(make_cfg(train), tmp_path / "out")
+
+    assert report["passed"] is True
+    d = report["datasets"]["train"]
+    assert (d["kind"], d["records"], d["bad_records"], d["error_rate"], d["problems"]) == (
+        "text",
+        5,
+        0,
+        0.0,
+        [],
+    )
+    n = len(GOOD[0]["text"])
+    assert d["length_chars"] == {"min": n, "p50": n, "p95": n, "max": n}
+    assert report["metrics"] == {"train_records": 5, "train_bad_records": 0, "train_error_rate": 0.0}
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "passed" in page and "no problems found" in page
+
+
+def test_broken_json_line_names_file_line_and_code(tmp_path):
+    rows: list[Any] = [GOOD[0], GOOD[1], '{"text": "unfinished', GOOD[2]]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    message, report = failing_report(make_cfg(train), tmp_path / "out")
+
+    assert message.splitlines()[0].startswith("validate_data failed: train: 1 of 4 records bad")
+    assert f"{train}:3: invalid_json: column 10: Unterminated string" in message
+    assert report["passed"] is False
+    assert problems(report)["invalid_json"]["examples"] == [
+        {"location": f"{train}:3", "reason": "column 10: Unterminated string starting"}
+    ]
+    assert (tmp_path / "out" / "report.html").exists()
+    assert "invalid_json" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_error_budget_tolerates_a_rate_below_it(tmp_path):
+    rows: list[Any] = [*GOOD, "not json", {"text": ""}]  # 2 bad of 7
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    report = validate_data(make_cfg(train, max_error_rate=0.3), tmp_path / "ok")
+    assert report["passed"] is True
+    assert report["datasets"]["train"]["bad_records"] == 2
+    assert report["datasets"]["train"]["error_rate"] == pytest.approx(2 / 7)
+    assert set(problems(report)) == {"invalid_json", "empty_text"}
+
+    message, _ = failing_report(make_cfg(train, max_error_rate=0.25), tmp_path / "fail")
+    assert "2 of 7 records bad (28.57% > allowed 25.00%)" in message
+
+
+def test_problem_codes_and_example_cap(tmp_path):
+    rows: list[Any] = [
+        {"text": "fine"},
+        "[1, 2]",
+        {"text": 7},
+        {"body": "no text field"},
+        {"text": "   "},
+        {"text": "fine"},
+        {"text": "bell \u0007 here"},
+        {"text": "caf\u00c3\u00a9 and \ufffd"},
+    ] + ["{bad"] * 4
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    _, report = failing_report(make_cfg(train, max_examples=2), tmp_path / "out")
+    got = problems(report)
+
+    assert {code: (p["severity"], p["count"]) for code, p in got.items()} == {
+        "invalid_json": ("error", 4),
+        "not_an_object": ("error", 1),
+        "wrong_type": ("error", 1),
+        "missing_field": ("error", 1),
+        "empty_text": ("error", 1),
+        "duplicate": ("warning", 1),
+        "control_chars": ("warning", 1),
+        "mojibake": ("warning", 1),
+    }
+    assert [e["location"] for e in got["invalid_json"]["examples"]] == [f"{train}:9", f"{train}:10"]
+    assert got["duplicate"]["examples"] == [
+        {"location": f"{train}:6", "reason": f"same content as {train}:1"}
+    ]
+    assert got["control_chars"]["examples"][0]["reason"] == "U+0007 at character 5"
+    assert report["datasets"]["train"]["bad_records"] == 8
+    # errors before warnings, most frequent first
+    assert [p["code"] for p in report["datasets"]["train"]["problems"]][0] == "invalid_json"
+
+
+def test_invalid_utf8(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    _, report = failing_report(make_cfg(train), tmp_path / "out")
+    assert problems(report)["invalid_utf8"]["examples"][0]["location"] == f"{train}:2"
+
+
+def test_chat_structure_errors(tmp_path):
+    def chat(*turns: tuple[str, Any]) -> dict[str, Any]:
+        return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+    rows: list[Any] = [
+        chat(("user", "What is HbA1c?"), ("assistant", "Glycated haemoglobin.")),
+        chat(("user", "hi")),  # no assistant turn
+        chat(("user", "hi"), ("robot", "beep")),  # unknown role
+        chat(("user", "hi"), ("assistant", 5)),  # content not a string
+        {"messages": "user: hi"},  # not a list
+        {"messages": []},
+        chat(("user", "hi"), ("assistant", " ")),  # empty turn
+    ]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    message, report = failing_report(make_cfg(train), tmp_path / "out")
+
+    assert report["datasets"]["train"]["kind"] == "chat"
+    got = problems(report)
+    assert got["bad_chat"]["count"] == 5
+    assert got["empty_text"]["count"] == 1
+    reasons = {e["location"]: e["reason"] for e in got["bad_chat"]["examples"]}
+    assert reasons[f"{train}:2"] == "no assistant turn: nothing to learn from"
+    assert reasons[f"{train}:3"] == "message 1 has unknown role 'robot'"
+    assert f"{train}:4: bad_chat: message 1 must be an object with string 'role' and 'content'" in message
+
+
+def test_parquet_with_a_wrong_column(tmp_path):
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"body": ["one", "two", "three"]}), path)
+    message, report = failing_report(make_cfg(path), tmp_path / "out")
+
+    d = report["datasets"]["train"]
+    assert (d["records"], d["bad_records"], d["kind"]) == (3, 3, None)
+    unknown = problems(report)["unknown_kind"]
+    assert unknown["count"] == 3
+    assert unknown["examples"][0]["location"] == f"{path} row 0"
+    assert "fields ['body'] name no record kind" in unknown["examples"][0]["reason"]
+    assert message.startswith("validate_data failed: train: unknown_kind")
+    # unknown_kind is fatal: no error budget lets it through
+    with pytest.raises(DataValidationError):
+        validate_data(make_cfg(path, max_error_rate=1.0), tmp_path / "out2")
+
+
+def test_parquet_column_mapping_and_wrong_type(tmp_path):
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"body": ["one", None, "three"]}), path, row_group_size=2)
+    _, report = failing_report(make_cfg(path, text_field="body"), tmp_path / "out")
+    assert problems(report)["wrong_type"]["examples"] == [
+        {"location": f"{path} row 1", "reason": "field 'body' must be a string, got NoneType"}
+    ]
+    assert report["datasets"]["train"]["length_chars"]["max"] == 5
+
+
+def test_gzip_file_and_truncated_gzip(tmp_path):
+    good = tmp_path / "good" / "train.jsonl.gz"
+    good.parent.mkdir()
+    good.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in GOOD).encode()))
+    report = validate_data(make_cfg(good.parent), tmp_path / "out")
+    assert report["datasets"]["train"]["records"] == 5
+
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(good.read_bytes()[:-12])  # cut off the trailer
+    message, report = failing_report(make_cfg(bad, max_error_rate=1.0), tmp_path / "out2")
+    assert "unreadable_file" in problems(report)
+    assert "unreadable_file" in message
+
+
+def test_missing_file_names_the_uri(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    message, report = failing_report(make_cfg(missing), tmp_path / "out")
+    assert str(missing) in message.splitlines()[0] or str(missing) in message
+    assert message.startswith("validate_data failed: train: no_data")
+    assert problems(report)["no_data"]["examples"][0]["location"] == str(missing)
+
+
+def test_unset_train_uri(tmp_path):
+    message, _ = failing_report(RunConfig(), tmp_path / "out")
+    assert "data.train_uri is required" in message
+
+
+def test_empty_file(tmp_path):
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("\n\n")
+    message, report = failing_report(make_cfg(empty), tmp_path / "out")
+    assert set(problems(report)) == {"empty_file", "no_records"}
+    assert "no_records" in message
+
+    # one empty file beside a good one is only a warning
+    data = tmp_path / "dir"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", GOOD)
+    (data / "b.jsonl").write_text("")
+    report = validate_data(make_cfg(data), tmp_path / "out2")
+    assert report["passed"] and problems(report)["empty_file"]["severity"] == "warning"
+
+
+def test_eval_and_general_sets(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    evalset = write_jsonl(tmp_path / "eval.jsonl", [GOOD[3], {"text": "held out"}])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": "the weather is nice"}, "oops"])
+    cfg = make_cfg(train, eval_uri=str(evalset), general_uri=str(general))
+    message, report = failing_report(cfg, tmp_path / "out")
+
+    assert set(report["datasets"]) == {"train", "eval", "general"}
+    assert report["datasets"]["train"]["passed"] and report["datasets"]["eval"]["passed"]
+    assert problems(report, "eval")["train_overlap"]["examples"] == [
+        {"location": f"{evalset}:1", "reason": f"same content as train record {train}:4"}
+    ]
+    assert message.startswith("validate_data failed: general: 1 of 2 records bad")
+    assert report["metrics"]["general_error_rate"] == 0.5
+
+
+def test_first_record_of_another_shape_does_not_decide_the_kind(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"title": "x"}, *GOOD])
+    cfg = make_cfg(train, max_error_rate=0.2)
+    assert resolve_kind(str(train), cfg.data) == "text"
+    report = validate_data(cfg, tmp_path / "out")
+    assert problems(report)["missing_field"]["examples"][0]["location"] == f"{train}:1"
+    assert [r.loc.line for r in iter_records(str(train), cfg.data)] == [2, 3, 4, 5, 6]
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + b'{"text": "with a byte order mark"}\n')
+    assert validate_data(make_cfg(train), tmp_path / "out")["passed"]
+
+
+def test_streams_a_larger_file_quickly(tmp_path):
+    import time
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"record {i} " * 20} for i in range(20_000)])
+    start = time.perf_counter()
+    report = validate_data(make_cfg(train), tmp_path / "out")
+    assert report["datasets"]["train"]["records"] == 20_000
+    assert time.perf_counter() - start < 5
+
+
+def test_s3_jsonl_and_parquet(tmp_path, s3):
+    import io
+
+    from fulltune import storage
+
+    lines = [json.dumps({"text": f"line {i} " + "x" * (i * 97 % 3000)}) for i in range(300)]  # > 1 read chunk
+    storage.write_bytes(f"{s3}/data/a.jsonl", ("\n".join(lines) + "\n").encode())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["three", "four", ""]}), buf)
+    storage.write_bytes(f"{s3}/data/b.parquet", buf.getvalue())
+    storage.write_bytes(f"{s3}/data/c.jsonl.gz", gzip.compress(b'{"text": "zipped"}\n'))
+
+    message, report = failing_report(make_cfg(f"{s3}/data"), tmp_path / "out")
+    d = report["datasets"]["train"]
+    assert (d["files"], d["records"], d["bad_records"]) == (3, 304, 1)
+    assert f"{s3}/data/b.parquet row 2: empty_text: field 'text' is empty or whitespace" in message
