@@ -137,7 +137,8 @@ def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
     words = [2, 5, 10, 20]  # -> 3, 6, 11, 21 tokens
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(["hello"] * n)} for n in words])
 
-    report = check_tokenizer(make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 8}), tmp_path / "out")
+    unpacked = {"max_seq_len": 8, "packing": False}
+    report = check_tokenizer(make_cfg(tokenizer_dir, train, preprocess=unpacked), tmp_path / "out")
     assert report["lengths"] == {
         "records_sampled": 4,
         "max_seq_len": 8,
@@ -151,11 +152,17 @@ def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
 
     with pytest.raises(TokenizerCheckError, match="truncation: 2 of 4 sampled records"):
         check_tokenizer(
-            make_cfg(
-                tokenizer_dir, train, preprocess={"max_seq_len": 8}, tokenizer={"max_truncation_rate": 0.25}
-            ),
+            make_cfg(tokenizer_dir, train, preprocess=unpacked, tokenizer={"max_truncation_rate": 0.25}),
             tmp_path / "out2",
         )
+
+    # Packed text is split across sequences, not truncated: reported, never a failure.
+    packed = check_tokenizer(
+        make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 8}, tokenizer={"max_truncation_rate": 0.0}),
+        tmp_path / "out3",
+    )
+    status, message = checks(packed)["truncation"][:2]
+    assert status == "info" and "nothing is dropped" in message
 
 
 def test_worst_split_domain_terms_with_pieces(tokenizer_dir, tmp_path):

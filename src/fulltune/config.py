@@ -87,7 +87,7 @@ class TokenizerSection(_Section):
         0.5,
         ge=0.0,
         le=1.0,
-        description="Fail when more than this fraction of records exceeds max_seq_len (chunking would drop context).",
+        description="Fail when more than this fraction of records would be truncated at max_seq_len (unpacked text, prompt/completion, chat).",
     )
 
 

@@ -9,11 +9,13 @@ How each asset is made:
 
 - **General English text.** The docstrings of a fixed, sorted list of standard-library modules
   (`STDLIB_MODULES`): each module, its classes and functions, and the methods of those classes.
-  Docstrings are deduplicated and sorted, split into paragraphs, whitespace-collapsed, and kept if
-  they look like prose (`_is_prose`). A seeded shuffle holds out `GENERAL_RECORDS` paragraphs as
-  the *general* evaluation set; the rest is the *pre-training* text. The text depends only on the
-  Python version (and, for a few modules such as `os`, the platform), so the Python version is part
-  of the cache key.
+  Only public names that the standard library itself defines count, so the text does not depend on
+  what else the process imported (transformers patches `logging.Logger`, typing_extensions patches
+  `typing`). Docstrings are deduplicated and sorted, split into paragraphs, whitespace-collapsed,
+  and kept if they look like prose (`_is_prose`). A seeded shuffle holds out `GENERAL_RECORDS`
+  paragraphs as the *general* evaluation set; the rest is the *pre-training* text. The text depends
+  only on the Python version (and, for a few modules such as `os`, the platform), so the Python
+  version is part of the cache key.
 - **Tokenizer.** A byte-level BPE (`tokenizers`), vocabulary `VOCAB_SIZE`, trained on the
   pre-training text only. It has never seen a clinical note, so terms such as "HbA1c", "eGFR" and
   "NSTEMI" split into several pieces. Special tokens: `<|endoftext|>` (bos and eos), `<|pad|>`
@@ -45,7 +47,6 @@ import importlib
 import inspect
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -75,6 +76,9 @@ EVAL_NOTES = 150
 SEQ_LEN = 128
 PRETRAIN_STEPS = 250
 PRETRAIN_BATCH = 16
+#: Sequences per forward pass. Eight keep the logits (8 x 128 x 4096 floats) at 16 MiB, under glibc's
+#: mmap threshold, so their memory is reused rather than mapped and page-faulted anew every step.
+PRETRAIN_MICRO_BATCH = 8
 PRETRAIN_LR = 3e-3
 
 BOS_TOKEN = EOS_TOKEN = "<|endoftext|>"
@@ -159,32 +163,28 @@ def _from_stdlib(obj: Any) -> bool:
     return module.partition(".")[0] in sys.stdlib_module_names
 
 
+def _documented(name: str, obj: Any) -> bool:
+    """A public class, function or method that the standard library itself defines."""
+    api = (
+        inspect.isclass(obj)
+        or inspect.isroutine(obj)
+        or isinstance(obj, (property, classmethod, staticmethod))
+    )
+    return api and not name.startswith("_") and _from_stdlib(obj)
+
+
 def _docstring_objects(module: Any) -> Iterator[Any]:
     """The module, its public classes and functions, and their public methods.
 
-    Never submodules, plain values or private names (`_collect_parameters` and the like are what
-    other packages patch).
+    Never submodules, plain values or private names (private helpers are what other packages patch,
+    as typing_extensions does `typing._collect_parameters`).
     """
     yield module
-    for name in sorted(vars(module)):
-        obj = vars(module)[name]
-        if (
-            name.startswith("_")
-            or not (inspect.isclass(obj) or inspect.isroutine(obj))
-            or not _from_stdlib(obj)
-        ):
-            continue
-        yield obj
-        if inspect.isclass(obj):
-            for attr in sorted(vars(obj)):
-                member = vars(obj)[attr]
-                if attr.startswith("_"):
-                    continue
-                is_method = inspect.isroutine(member) or isinstance(
-                    member, (property, classmethod, staticmethod)
-                )
-                if is_method and _from_stdlib(member):
-                    yield member
+    for name, obj in sorted(vars(module).items()):
+        if _documented(name, obj):
+            yield obj
+            if inspect.isclass(obj):
+                yield from (m for attr, m in sorted(vars(obj).items()) if _documented(attr, m))
 
 
 def _is_prose(paragraph: str) -> bool:
@@ -488,16 +488,10 @@ def mean_loss(model: Any, sequences: Any, batch_size: int = 32) -> float:
     return sum(losses) / len(sequences)
 
 
-def _free_cpus() -> int:
-    """CPUs this process may use that are not already busy, 1 to 4.
-
-    The model is so small that a second thread gains under 2x, while an intra-op thread competing
-    for a busy core costs 10x (OpenMP threads spin at every barrier waiting for the descheduled one).
-    So a thread per idle CPU, judged by the load average.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(4, cpus, round(cpus - load)))
+#: Pre-training runs on one intra-op thread: the weights are then bit-identical on every machine
+#: (float reductions split over a different number of threads round differently), and on a busy
+#: 2-core machine a second OpenMP thread competing for a loaded core costs 10x, not a gain.
+PRETRAIN_THREADS = 1
 
 
 @contextlib.contextmanager
@@ -546,14 +540,17 @@ def pretrain_base_model(
             order, cursor = torch.randperm(len(train), generator=generator), 0
         batch = train[order[cursor : cursor + PRETRAIN_BATCH]]
         cursor += PRETRAIN_BATCH
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        loss = 0.0
+        for micro in batch.split(PRETRAIN_MICRO_BATCH):
+            micro_loss = model(input_ids=micro, labels=micro).loss * (len(micro) / len(batch))
+            micro_loss.backward()
+            loss += micro_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            _progress("pre-training step %d/%d: loss %.3f", step + 1, steps, loss.item())
+            _progress("pre-training step %d/%d: loss %.3f", step + 1, steps, loss)
 
     loss_after = mean_loss(model, general)
     model.generation_config = GenerationConfig(  # greedy; stops at the end of a document or a chat turn
@@ -605,12 +602,12 @@ def _build(out_dir: Path) -> dict[str, Any]:
         timings["tokenizer_and_data_s"],
     )
     start = time.perf_counter()
-    threads = _free_cpus()
+    threads = PRETRAIN_THREADS
     with _torch_threads(threads):
         stats = pretrain_base_model(tokenizer, corpora, out_dir / "base_model")
     timings["pretrain_s"] = round(time.perf_counter() - start, 2)
     _progress(
-        "demo assets: base model pre-trained in %.1fs (%d threads), general loss %.2f -> %.2f",
+        "demo assets: base model pre-trained in %.1fs (torch threads: %d), general loss %.2f -> %.2f",
         timings["pretrain_s"],
         threads,
         stats["general_loss_before"],
@@ -642,7 +639,7 @@ def build_demo_assets(root: Path, *, force: bool = False) -> DemoAssets:
 
     Args:
         root: Cache directory; the assets live in `root/<CACHE_KEY>/`.
-        force: Rebuild even if a complete cache exists (the old copy is replaced atomically).
+        force: Rebuild even if a complete cache exists; the new copy is renamed into its place.
 
     Returns:
         Paths to the assets. A complete cache is returned without rebuilding anything.

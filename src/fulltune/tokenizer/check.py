@@ -413,9 +413,19 @@ class _Checker:
             "max": ordered[-1],
         }
         allowed = self.cfg.tokenizer.max_truncation_rate
+        stats = f"p50 {self.lengths['p50']}, p95 {self.lengths['p95']}, max {ordered[-1]}"
+        if self.kind == "text" and self.cfg.preprocess.packing:
+            # Packed text is cut into max_seq_len pieces, not truncated: no token is dropped.
+            self.add(
+                "truncation",
+                "info" if over else "ok",
+                f"{over} of {len(lengths)} sampled records ({rate:.1%}) are longer than max_seq_len={max_len} tokens; "
+                f"packing splits them across sequences, nothing is dropped; {stats}",
+            )
+            return
         message = (
             f"{over} of {len(lengths)} sampled records ({rate:.1%}) are longer than max_seq_len={max_len} tokens "
-            f"(allowed {allowed:.1%}); p50 {self.lengths['p50']}, p95 {self.lengths['p95']}, max {ordered[-1]}"
+            f"(allowed {allowed:.1%}) and would be truncated; {stats}"
         )
         self.add("truncation", "error" if rate > allowed else "ok", message)
 
