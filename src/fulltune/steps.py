@@ -54,15 +54,17 @@ def load_config(config: dict[str, Any]) -> RunConfig:
 # -- validate_data / check_tokenizer --------------------------------------------------------------
 
 
-def validate_data(
-    config: dict[str, Any], report_path: str | None = None, log_metric: MetricSink | None = None
+def _report_step(
+    run: Callable[[RunConfig, Path], dict],
+    prefix: str,
+    config: dict[str, Any],
+    report_path: str | None,
+    log_metric: MetricSink | None,
 ) -> dict:
-    """Parse every record; fail the run when the error budget is exceeded (report written first)."""
-    from fulltune.data.validate import validate_data as run
-
+    """Run a checking step that writes report.json/html; the HTML reaches KFP even when the step fails."""
     _setup_logging()
     cfg = load_config(config)
-    with tempfile.TemporaryDirectory(prefix="fulltune-validate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         try:
             report = run(cfg, Path(tmp))
         finally:
@@ -70,6 +72,15 @@ def validate_data(
                 _copy_out(Path(tmp, "report.html"), report_path)
     _log_metrics(log_metric, report.get("metrics", {}))
     return report
+
+
+def validate_data(
+    config: dict[str, Any], report_path: str | None = None, log_metric: MetricSink | None = None
+) -> dict:
+    """Parse every record; fail the run when the error budget is exceeded (report written first)."""
+    from fulltune.data.validate import validate_data as run
+
+    return _report_step(run, "fulltune-validate-", config, report_path, log_metric)
 
 
 def check_tokenizer(
@@ -78,16 +89,7 @@ def check_tokenizer(
     """Special tokens, vocabulary vs embedding, truncation, how domain words split."""
     from fulltune.tokenizer.check import check_tokenizer as run
 
-    _setup_logging()
-    cfg = load_config(config)
-    with tempfile.TemporaryDirectory(prefix="fulltune-tokenizer-") as tmp:
-        try:
-            report = run(cfg, Path(tmp))
-        finally:
-            if Path(tmp, "report.html").exists():
-                _copy_out(Path(tmp, "report.html"), report_path)
-    _log_metrics(log_metric, report.get("metrics", {}))
-    return report
+    return _report_step(run, "fulltune-tokenizer-", config, report_path, log_metric)
 
 
 # -- plan ---------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fulltune import storage
 from fulltune.config import DataSection, RunConfig
 from fulltune.data.records import (
     DataError,
@@ -54,6 +53,7 @@ from fulltune.data.records import (
     normalize,
     resolve_kind,
 )
+from fulltune.reports import CSS, write_reports
 
 REPORT_FORMAT = "fulltune.validate_data/v1"
 
@@ -124,7 +124,7 @@ def validate_data(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         "datasets": datasets,
         "metrics": _metrics(datasets),
     }
-    write_reports(report, out_dir)
+    write_reports(report, out_dir, render_html)
     if not report["passed"]:
         raise DataValidationError(failure_message(report, out_dir / "report.html"))
     return report
@@ -354,22 +354,6 @@ def failure_message(report: dict[str, Any], html_path: Path | str) -> str:
     return "\n".join(lines)
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    storage.write_json(str(out_dir / "report.json"), report)
-    storage.write_text(str(out_dir / "report.html"), render_html(report))
-
-
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
-h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;
-vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.ok{color:#17692d;font-weight:600}.error{color:#b00020;font-weight:600}.warning{color:#9a6700;font-weight:600}
-code{font-size:.92em;word-break:break-all}ul{margin:0;padding-left:1.2em}
-"""
-
-
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page: the summary table, then each dataset's problems with examples."""
     esc = html.escape
@@ -377,7 +361,7 @@ def render_html(report: dict[str, Any]) -> str:
     passed = report["passed"]
     total = sum(d["records"] for d in datasets.values())
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>validate_data</title><style>{_CSS}</style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>validate_data</title><style>{CSS}</style>"
         "</head><body><h1>Data validation: "
         + ("<span class='ok'>passed</span>" if passed else "<span class='error'>failed</span>")
         + "</h1>"

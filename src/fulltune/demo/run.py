@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,9 @@ def run_demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    # kfp.local warns for every step that its image is not a plain Python one; here the steps run from
+    # this very environment, which is what the image holds, so the warning is noise.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
     compiled = compile_all(root / "compiled")
     pipeline = components.load_component_from_file(str(compiled[0]))
     local.init(

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.data.records import DataError, Record, RecordError, iter_records, resolve_kind
+from fulltune.reports import CSS, write_reports
 
 REPORT_FORMAT = "fulltune.check_tokenizer/v1"
 SAMPLE_RECORDS = 2000  # records sampled per dataset for the statistics
@@ -87,7 +88,7 @@ def check_tokenizer(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     checker = _Checker(cfg)
     checker.run()
     report = checker.report()
-    write_reports(report, out_dir)
+    write_reports(report, out_dir, render_html)
     errors = [c for c in checker.checks if c.status == "error"]
     if errors:
         lines = [f"check_tokenizer failed: {len(errors)} check(s): " + ", ".join(c.name for c in errors)]
@@ -675,28 +676,12 @@ def _percentile(ordered: list[int], q: float) -> int:
     return ordered[int(rank) - 1]
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    storage.write_json(str(out_dir / "report.json"), report)
-    storage.write_text(str(out_dir / "report.html"), render_html(report))
-
-
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
-h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;
-vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.ok{color:#17692d;font-weight:600}.info{color:#555;font-weight:600}.error{color:#b00020;font-weight:600}
-.warning{color:#9a6700;font-weight:600}code,pre{font-size:.92em;word-break:break-all;white-space:pre-wrap}
-"""
-
-
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page: the checks, the length and fertility numbers, the split terms."""
     esc = html.escape
     passed = report["passed"]
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>check_tokenizer</title><style>{_CSS}</style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>check_tokenizer</title><style>{CSS}</style>"
         "</head><body><h1>Tokenizer check: "
         + ("<span class='ok'>passed</span>" if passed else "<span class='error'>failed</span>")
         + f"</h1><p>Tokenizer <code>{esc(report['tokenizer_uri'])}</code>, model "
