@@ -6,10 +6,11 @@ installed fulltune, training runs real DeepSpeed ZeRO-3 over several local proce
 The tiny base model and the data are built on first use, offline (see assets.py).
 
 Two settings:
-- default: a moderate learning rate with general-data replay; the tuned model learns the clinical
-  notes without losing much general ability, the gate passes and the model is registered;
-- `forget=True`: a high learning rate, many steps and no replay; general perplexity rises past the
-  allowed 5%, the gate says no and nothing is registered (the run itself still succeeds).
+- default: a low learning rate with half the training tokens replayed from general text; the tuned
+  model learns the clinical notes while general perplexity rises only a little, within the demo's
+  10% allowance, so the gate passes and the model is registered;
+- `forget=True`: a thirty times higher learning rate and no replay; general perplexity more than
+  doubles, the gate says no and nothing is registered (the run itself still succeeds).
 """
 
 from __future__ import annotations
@@ -43,22 +44,26 @@ class DemoResult:
 def demo_config(
     assets: DemoAssets, work_root: Path, registry: Path, *, forget: bool = False, nproc: int = 2
 ) -> RunConfig:
+    # Measured on the demo assets (2 ranks, micro batch 8): lr 1e-4 with half the training tokens from
+    # general replay for one epoch cuts the domain loss ~19% for ~6% more general perplexity; with 25%
+    # replay forgetting is ~8%, at lr 3e-4 ~20%. A 350k-parameter model has little room to hold both
+    # domains, so the demo's gate allows 10% (the RunConfig default is 5%).
     training: dict[str, Any] = {
-        "learning_rate": 2e-3,
-        "num_train_epochs": 2,
+        "learning_rate": 1e-4,
+        "num_train_epochs": 1,
         "per_device_train_batch_size": 8,
         "gradient_accumulation_steps": 1,
         "warmup_ratio": 0.05,
         "lr_scheduler_type": "cosine",
         "bf16": False,
-        "logging_steps": 5,
+        "logging_steps": 25,
     }
-    replay = 0.25
-    if forget:
+    replay = 0.5
+    if forget:  # thirty times the learning rate, no replay: general perplexity more than doubles
         training.update(
             {
-                "learning_rate": 1e-2,
-                "num_train_epochs": 6,
+                "learning_rate": 3e-3,
+                "num_train_epochs": 2,
                 "warmup_ratio": 0.0,
                 "lr_scheduler_type": "constant",
             }
@@ -77,7 +82,7 @@ def demo_config(
             "preprocess": {"max_seq_len": 128, "num_shards": 2, "replay_fraction": replay},
             "training": training,
             "resources": {"nproc_per_node": nproc, "accelerator": "cpu"},
-            "evaluation": {"max_general_ppl_increase": 0.05, "min_domain_loss_improvement": 0.05},
+            "evaluation": {"max_general_ppl_increase": 0.10, "min_domain_loss_improvement": 0.05},
             "registry": {"uri": str(registry)},
         },
         source="demo config",
