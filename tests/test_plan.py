@@ -138,3 +138,18 @@ def test_plan_requires_model_and_data():
 
     with pytest.raises(ConfigError, match="model.base_model_uri"):
         planmod.make_plan(RunConfig())
+
+
+def test_plan_reads_a_model_config_on_s3_without_its_weights(llama_dir, s3, monkeypatch):
+    from fulltune import storage
+
+    uri = s3 + "/models/llama"
+    storage.upload_dir(llama_dir, uri)
+    storage.write_bytes(uri + "/model.safetensors", b"not weights: must never be fetched")
+    fetched = []
+    real = storage.download_file
+    monkeypatch.setattr(storage, "download_file", lambda u, p: (fetched.append(u), real(u, p)))
+    cfg = RunConfig.from_dict({"model": {"base_model_uri": uri}})
+    shape = planmod.model_shape(planmod.load_model_config(cfg))
+    assert (shape.hidden_size, shape.num_layers) == (64, 3)
+    assert fetched and not any(u.endswith(".safetensors") for u in fetched)

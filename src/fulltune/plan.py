@@ -87,10 +87,9 @@ class Plan:
 
 
 def load_model_config(cfg: RunConfig):
-    from transformers import AutoConfig
+    from fulltune.hf import load_config
 
-    with storage.local_dir(cfg.model.base_model_uri) as path:
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    return load_config(cfg.model.base_model_uri, cfg.model.trust_remote_code)
 
 
 def model_shape(model_config) -> ModelShape:
@@ -234,14 +233,12 @@ def default_epochs(train_tokens: int) -> float:
 
 def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
     """Training tokens ~ bytes of the data files / bytes per token measured on a sample."""
-    from transformers import AutoTokenizer
-
     from fulltune.data.records import data_files, iter_records
+    from fulltune.hf import load_tokenizer
 
     files = data_files(cfg.data.train_uri)
     total_bytes = sum(_size(f) for f in files)
-    with storage.local_dir(cfg.tokenizer_uri) as path:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
     texts = []
     for i, rec in enumerate(iter_records(cfg.data.train_uri, cfg.data)):
         if i >= sample_records:

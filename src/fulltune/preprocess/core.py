@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fulltune import storage
+from fulltune import hf, storage
 from fulltune.config import RunConfig
 from fulltune.data.records import Record, iter_records, resolve_kind
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
@@ -71,10 +71,7 @@ class Example:
 
 
 def load_tokenizer(cfg: RunConfig):
-    from transformers import AutoTokenizer
-
-    with storage.local_dir(cfg.tokenizer_uri) as path:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    tok = hf.load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
     if tok.eos_token_id is None:
         raise PreprocessError(
             f"{cfg.tokenizer_uri}: tokenizer has no eos token; check_tokenizer should have refused it"

@@ -28,10 +28,8 @@ import html
 import random
 import re
 import string
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Any, TypeVar
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.data.records import DataError, Record, RecordError, iter_records, resolve_kind
+from fulltune.hf import load_tokenizer, metadata_dir
 from fulltune.reports import CSS, write_reports
 
 REPORT_FORMAT = "fulltune.check_tokenizer/v1"
@@ -50,8 +49,6 @@ MAX_DISTINCT_WORDS = 50_000  # most frequent domain words whose pieces are count
 MAX_WORD_CHARS = 40  # longer "words" are URLs, hashes, base64: not vocabulary
 FERTILITY_WARN_RATIO = 1.5  # domain tokens/word over general tokens/word worth a warning
 ENCODE_BATCH = 256
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-
 _PUNCT = string.punctuation + "«»“”‘’„…–—·"
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 T = TypeVar("T")
@@ -101,34 +98,7 @@ def check_tokenizer(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
 # -- loading --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def tokenizer_dir(uri: str) -> Iterator[Path]:
-    """A local directory with the tokenizer files at `uri`.
-
-    Local directories are used in place (`storage.local_dir`). From S3 only the top-level files
-    other than weights are fetched: the tokenizer usually lives beside a model of many GiB.
-    """
-    if not storage.is_s3(uri):
-        with storage.local_dir(uri) as path:
-            yield path
-        return
-    prefix = uri.rstrip("/") + "/"
-    files = [f for f in storage.list_files(uri) if "/" not in f[len(prefix) :]]
-    files = [f for f in files if not f.endswith(WEIGHT_SUFFIXES)]
-    if not files:
-        raise FileNotFoundError(f"{uri}: no objects under this prefix")
-    with tempfile.TemporaryDirectory(prefix="fulltune-tokenizer-") as tmp:
-        for f in files:
-            storage.download_file(f, Path(tmp, storage.basename(f)))
-        yield Path(tmp)
-
-
-def load_tokenizer(uri: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer at `uri` (local directory or s3:// prefix), via AutoTokenizer."""
-    from transformers import AutoTokenizer
-
-    with tokenizer_dir(uri) as path:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+tokenizer_dir = metadata_dir  # the tokenizer's files, without the model's weights
 
 
 def load_model_config(uri: str) -> dict[str, Any]:

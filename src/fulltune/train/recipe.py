@@ -310,15 +310,12 @@ def save(
     state_dict = engine._zero3_consolidated_16bit_state_dict()
     if rank != 0:
         return
-    from transformers import AutoTokenizer
+    from fulltune.hf import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="fulltune-model-") as tmp:
         out = Path(tmp)
         engine.module.save_pretrained(out, state_dict=state_dict)
-        with storage.local_dir(cfg.tokenizer_uri) as tok_dir:
-            AutoTokenizer.from_pretrained(
-                str(tok_dir), trust_remote_code=cfg.model.trust_remote_code
-            ).save_pretrained(out)
+        load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code).save_pretrained(out)
         (out / "fulltune_config.yaml").write_text(cfg.to_yaml())
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
         files = storage.file_manifest(out)
