@@ -105,6 +105,22 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
 
 
 @pytest.mark.slow
+def test_forgetting_model_is_refused_and_not_registered(demo_assets, tmp_path, capsys):
+    from fulltune.demo.run import run_demo
+    from fulltune.registry.store import list_versions
+
+    result = run_demo(tmp_path, assets=demo_assets, forget=True)  # the pipeline run itself succeeds
+    out = capsys.readouterr().out
+    m = result.eval_result["metrics"]
+    assert result.eval_result["verdict"] is False
+    assert m["forgetting"] > 0.10
+    assert any("general perplexity rose" in r and "allowed" in r for r in result.eval_result["reasons"])
+    assert result.registered is None
+    assert list_versions(result.registry_uri, "demo-clinical-llama") == []
+    assert "Executing task \x1b[96m'register'" not in out
+
+
+@pytest.mark.slow
 def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, capfd):
     from kfp import components, local
 

@@ -36,7 +36,13 @@ def make_cfg(demo_assets, tmp_path, train_rows, general_rows=None, **pp) -> RunC
         {
             "model": {"base_model_uri": str(demo_assets.base_model_dir)},
             "data": data,
-            "preprocess": {"max_seq_len": 64, "num_shards": 2, "replay_fraction": 0.0, **pp},
+            "preprocess": {
+                "max_seq_len": 64,
+                "num_shards": 2,
+                "replay_fraction": 0.0,
+                "block_records": 16,
+                **pp,
+            },
         }
     )
 
@@ -70,7 +76,9 @@ def test_text_packing_keeps_every_token_once_with_eos_between_documents(demo_ass
     # labels equal inputs wherever there is a token (all of a text document carries loss)
     assert (data["labels"][mask] == data["input_ids"][mask]).all()
     assert (data["labels"][~mask] == IGNORE_INDEX).all()
-    assert split["padding_fraction"] < 64 / (split["sequences"] * 64) + 1e-9  # only the last sequence pads
+    blocks = -(-len(TEXTS) // cfg.preprocess.block_records)
+    padded = int((~mask).any(dim=1).sum())
+    assert padded <= blocks  # only each block's last sequence pads
 
 
 def test_chat_labels_are_exactly_the_assistant_turns(demo_assets, tmp_path, tok):
@@ -179,3 +187,20 @@ def test_dataset_manifest_lists_checksummed_files(demo_assets, tmp_path):
             assert storage.sha256_uri(f["uri"]) == f["sha256"]
     counts = Counter(len(r) for r in load_split(manifest, "train")["input_ids"].tolist())
     assert set(counts) == {64}
+
+
+def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_assets, tmp_path):
+    general = [
+        {"text": f"The {w} module provides functions for working with {w} objects."} for w in "abcdefghij" * 8
+    ]
+    common = {"block_records": 8, "replay_fraction": 0.2}
+    one = core.preprocess_all(
+        make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=1, **common), str(tmp_path / "n1")
+    )
+    four = core.preprocess_all(
+        make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=4, **common), str(tmp_path / "n4")
+    )
+    for split in ("train", "domain_eval", "general_eval"):
+        seqs = [Counter(map(tuple, load_split(m, split)["input_ids"].tolist())) for m in (one, four)]
+        assert seqs[0] == seqs[1], split
+        assert sum(seqs[0].values()) > 0

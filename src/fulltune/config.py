@@ -43,6 +43,22 @@ class ModelSection(_Section):
     )
 
 
+class CheckPolicy(_Section):
+    """What validate_data does about one problem code (see `fulltune.data.validate.CODES`)."""
+
+    action: Literal["fail", "warn", "ignore"] = Field(
+        "warn",
+        description="fail: fail the run when this code's rate is above max_rate; warn: report only; "
+        "ignore: neither report nor fail (unusable records are still skipped).",
+    )
+    max_rate: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="For action 'fail': fraction of records with this code tolerated; None means data.max_error_rate.",
+    )
+
+
 class DataSection(_Section):
     train_uri: str = Field(
         "",
@@ -74,6 +90,24 @@ class DataSection(_Section):
     max_examples: int = Field(
         10, ge=1, description="How many example locations each problem lists in reports."
     )
+    checks: dict[str, CheckPolicy] = Field(
+        default_factory=dict,
+        description="Per-code policy overriding the defaults, e.g. {pii_email: {action: fail, max_rate: 0}}. "
+        "Defaults: record errors (invalid_json, wrong_type, ...) fail above max_error_rate; secrets fail on any; "
+        "duplicates, PII, special tokens, lengths and chat-structure findings warn. Fatal codes cannot be changed.",
+    )
+    min_chars: int = Field(
+        1, ge=0, description="Records shorter than this many characters are reported as too_short."
+    )
+    max_chars: int | None = Field(
+        1_000_000,
+        ge=1,
+        description="Records longer than this many characters are reported as too_long; None: no limit.",
+    )
+    near_duplicates: bool = Field(
+        False,
+        description="Also report near-duplicates (MinHash over word 5-shingles, Jaccard >= 0.8); costs time and some memory.",
+    )
 
 
 class TokenizerSection(_Section):
@@ -98,6 +132,12 @@ class PreprocessSection(_Section):
     )
     num_shards: int = Field(
         2, ge=1, le=1024, description="Shards processed in parallel, one pipeline task each."
+    )
+    block_records: int = Field(
+        2048,
+        ge=1,
+        description="Records per block: splits, replay and packing are decided per block, so the output does not "
+        "depend on num_shards; each block leaves at most one partly filled sequence.",
     )
     replay_fraction: float = Field(
         0.1,

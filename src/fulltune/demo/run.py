@@ -79,7 +79,12 @@ def demo_config(
                 "general_uri": assets.general_uri,
             },
             "tokenizer": {"domain_terms": list(assets.domain_terms), "top_k_split_terms": 15},
-            "preprocess": {"max_seq_len": 128, "num_shards": 2, "replay_fraction": replay},
+            "preprocess": {
+                "max_seq_len": 128,
+                "num_shards": 2,
+                "block_records": 256,
+                "replay_fraction": replay,
+            },
             "training": training,
             "resources": {"nproc_per_node": nproc, "accelerator": "cpu"},
             "evaluation": {"max_general_ppl_increase": 0.10, "min_domain_loss_improvement": 0.05},

@@ -162,6 +162,13 @@ class Packed:
     attention_mask: list[list[int]] = field(default_factory=list)
     stats: PackStats = field(default_factory=PackStats)
 
+    def extend(self, other: Packed) -> None:
+        self.input_ids += other.input_ids
+        self.labels += other.labels
+        self.attention_mask += other.attention_mask
+        for key in ("sequences", "tokens", "loss_tokens", "truncated", "examples"):
+            setattr(self.stats, key, getattr(self.stats, key) + getattr(other.stats, key))
+
     def add(self, ids: list[int], labels: list[int], seq_len: int, pad_id: int) -> None:
         n = len(ids)
         pad = seq_len - n
@@ -237,47 +244,79 @@ def pack(examples: Iterable[Example], kind: str, cfg: RunConfig, pad_id: int) ->
 # -- the shard step ----------------------------------------------------------------------------------
 
 
-def _shard_records(uri: str, cfg: RunConfig, kind: str, index: int, num_shards: int) -> Iterator[Record]:
+def _shard_blocks(
+    uri: str, cfg: RunConfig, kind: str, index: int, num_shards: int
+) -> dict[int, list[Record]]:
+    """The blocks of `block_records` consecutive records that belong to this shard (block % N == index).
+
+    Blocks, not shards, are the unit every later decision is made in (split, replay, packing), so the
+    sequences produced do not depend on the number of shards: N=1 and N=4 give the same multiset.
+    """
+    size = cfg.preprocess.block_records
+    blocks: dict[int, list[Record]] = {}
     for ordinal, rec in enumerate(iter_records(uri, cfg.data, kind)):
-        if ordinal % num_shards == index:
-            yield rec
+        block = ordinal // size
+        if block % num_shards == index:
+            blocks.setdefault(block, []).append(rec)
+    return blocks
 
 
-def _split_records(cfg: RunConfig, index: int, n: int) -> dict[str, tuple[str, list[Record]]]:
-    """The shard's records by split: {split: (kind, records)}."""
+@dataclass
+class ShardInput:
+    """What one shard processes: per split, its records grouped by block; and the replay pool."""
+
+    kinds: dict[str, str] = field(default_factory=dict)
+    blocks: dict[str, dict[int, list[Record]]] = field(default_factory=dict)
+    replay_pool: list[Record] = field(default_factory=list)
+
+
+def _shard_input(cfg: RunConfig, index: int, n: int) -> ShardInput:
     pp, data = cfg.preprocess, cfg.data
     salt = str(pp.seed)
+    out = ShardInput()
     kind = resolve_kind(data.train_uri, data)
-    train, domain_eval = [], []
-    for rec in _shard_records(data.train_uri, cfg, kind, index, n):
-        if data.eval_uri is None and stable_fraction(rec.plain_text(), salt) < pp.eval_fraction:
-            domain_eval.append(rec)
-        else:
-            train.append(rec)
-    if data.eval_uri is not None:
-        eval_kind = resolve_kind(data.eval_uri, data)
-        domain_eval = list(_shard_records(data.eval_uri, cfg, eval_kind, index, n))
-    out = {"train": (kind, train), "domain_eval": (kind, domain_eval)}
+    out.kinds["train"] = out.kinds["domain_eval"] = kind
+    train_blocks = _shard_blocks(data.train_uri, cfg, kind, index, n)
+    if data.eval_uri is None:
+        out.blocks["train"], out.blocks["domain_eval"] = _hash_split(train_blocks, pp.eval_fraction, salt)
+    else:
+        out.blocks["train"] = train_blocks
+        out.kinds["domain_eval"] = resolve_kind(data.eval_uri, data)
+        out.blocks["domain_eval"] = _shard_blocks(data.eval_uri, cfg, out.kinds["domain_eval"], index, n)
     if data.general_uri is not None:
         gkind = resolve_kind(data.general_uri, data)
-        general_eval, replay = [], []
-        for rec in _shard_records(data.general_uri, cfg, gkind, index, n):
-            if stable_fraction(rec.plain_text(), salt + "/general") < pp.general_eval_fraction:
-                general_eval.append(rec)
-            else:
-                replay.append(rec)
-        out["general_eval"] = (gkind, general_eval)
-        out["replay"] = (gkind, replay)
+        out.kinds["general_eval"] = gkind
+        general = _shard_blocks(data.general_uri, cfg, gkind, index, n)
+        _, out.blocks["general_eval"] = _hash_split(general, pp.general_eval_fraction, salt + "/general")
+        if pp.replay_fraction > 0:
+            # Every shard sees the whole replay pool (the general set is small beside the domain data).
+            out.replay_pool = [
+                r
+                for r in iter_records(data.general_uri, data, gkind)
+                if stable_fraction(r.plain_text(), salt + "/general") >= pp.general_eval_fraction
+            ]
     return out
 
 
-def _replay_examples(pool: list[Example], target_tokens: int) -> list[Example]:
-    """Examples from the replay pool, in order and cycling if needed, until target_tokens."""
+def _hash_split(blocks: dict[int, list[Record]], fraction: float, salt: str):
+    """(kept, held_out) blocks: a record is held out when its stable hash falls below `fraction`."""
+    kept: dict[int, list[Record]] = {}
+    held: dict[int, list[Record]] = {}
+    for b, recs in blocks.items():
+        for rec in recs:
+            (held if stable_fraction(rec.plain_text(), salt) < fraction else kept).setdefault(b, []).append(
+                rec
+            )
+    return kept, held
+
+
+def _replay_examples(pool: list[Example], target_tokens: int, start: int = 0) -> list[Example]:
+    """Examples from the replay pool from `start` on, cycling if needed, until target_tokens."""
     out: list[Example] = []
     got = 0
     if not pool or target_tokens <= 0:
         return out
-    i = 0
+    i = start
     while got < target_tokens:
         ex = pool[i % len(pool)]
         remaining = target_tokens - got
@@ -338,49 +377,44 @@ def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any
 
     tok = load_tokenizer(cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    splits = _split_records(cfg, index, n)
+    inputs = _shard_input(cfg, index, n)
+    pool = list(tokenize_records(inputs.replay_pool, tok, cfg))
+    r = cfg.preprocess.replay_fraction if pool else 0.0
+    salt = str(cfg.preprocess.seed)
+    domain_tokens = replay_tokens = 0
     out_splits: dict[str, Any] = {}
-    replay_info: dict[str, Any] = {}
-
-    kind, train_recs = splits["train"]
-    train_examples = list(tokenize_records(train_recs, tok, cfg))
-    domain_tokens = sum(len(e.input_ids) for e in train_examples)
-    if "replay" in splits and cfg.preprocess.replay_fraction > 0:
-        gkind, replay_recs = splits.pop("replay")
-        r = cfg.preprocess.replay_fraction
-        target = int(round(domain_tokens * r / (1.0 - r)))
-        pool = list(tokenize_records(replay_recs, tok, cfg))
-        replay = _replay_examples(pool, target)
-        replay_tokens = sum(len(e.input_ids) for e in replay)
-        # Interleave deterministically so replay is spread over the epoch, not appended at the end.
-        train_examples = _interleave(train_examples, replay)
-        replay_info = {
-            "domain_tokens": domain_tokens,
-            "replay_tokens": replay_tokens,
-            "achieved_fraction": replay_tokens / max(domain_tokens + replay_tokens, 1),
-            "configured_fraction": r,
-        }
-    else:
-        splits.pop("replay", None)
-
-    work = {"train": (kind, train_examples)}
-    for name in ("domain_eval", "general_eval"):
-        if name in splits:
-            k, recs = splits[name]
-            work[name] = (k, list(tokenize_records(recs, tok, cfg)))
-
-    for name, (k, examples) in work.items():
-        packed = pack(examples, k, cfg, pad_id)
+    for name, blocks in inputs.blocks.items():
+        kind = inputs.kinds[name]
+        packed = Packed()
+        for b in sorted(blocks):
+            examples = list(tokenize_records(blocks[b], tok, cfg))
+            if name == "train" and r > 0:
+                tokens = sum(len(e.input_ids) for e in examples)
+                start = int(stable_fraction(f"block {b}", salt + "/replay") * len(pool))
+                replay = _replay_examples(pool, int(round(tokens * r / (1.0 - r))), start)
+                domain_tokens += tokens
+                replay_tokens += sum(len(e.input_ids) for e in replay)
+                # Interleaved, so replay is spread over the epoch rather than appended at the end.
+                examples = _interleave(examples, replay)
+            packed.extend(pack(examples, kind, cfg, pad_id))
         uri = storage.join(shard_dir(work_dir), f"{name}-{index:05d}.parquet")
         entry = _write_parquet(packed, uri)
         out_splits[name] = {
-            "kind": k,
+            "kind": kind,
             "examples": packed.stats.examples,
             "sequences": packed.stats.sequences,
             "tokens": packed.stats.tokens,
             "loss_tokens": packed.stats.loss_tokens,
             "truncated": packed.stats.truncated,
             "files": [entry] if packed.stats.sequences else [],
+        }
+    replay_info = {}
+    if r > 0:
+        replay_info = {
+            "domain_tokens": domain_tokens,
+            "replay_tokens": replay_tokens,
+            "achieved_fraction": replay_tokens / max(domain_tokens + replay_tokens, 1),
+            "configured_fraction": r,
         }
     manifest = {
         "format": SHARD_FORMAT,
