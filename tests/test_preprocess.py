@@ -204,3 +204,34 @@ def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_asse
         seqs = [Counter(map(tuple, load_split(m, split)["input_ids"].tolist())) for m in (one, four)]
         assert seqs[0] == seqs[1], split
         assert sum(seqs[0].values()) > 0
+
+
+def test_position_ids_restart_at_every_document(demo_assets, tmp_path, tok):
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1, eval_fraction=0.01)
+    data = load_split(core.preprocess_all(cfg, str(tmp_path / "w")), "train")
+    for ids, pos, mask in zip(data["input_ids"].tolist(), data["position_ids"].tolist(), data["attention_mask"].tolist()):
+        assert pos[0] == 0
+        for i in range(1, sum(mask)):
+            # a new document starts right after an EOS; inside a document positions count up
+            assert pos[i] == (0 if ids[i - 1] == tok.eos_token_id else pos[i - 1] + 1)
+
+
+def test_unpacked_text_becomes_overlapping_windows_with_each_token_learned_once(demo_assets, tmp_path, tok):
+    long_doc = " ".join(f"HbA1c {i}.{i % 10}% on day {i}." for i in range(60))
+    cfg = make_cfg(
+        demo_assets, tmp_path, [{"text": long_doc}], num_shards=1, eval_fraction=0.001, packing=False, chunk_stride=16
+    )
+    data = load_split(core.preprocess_all(cfg, str(tmp_path / "w")), "train")
+    doc = tok(long_doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    windows = data["input_ids"].tolist()
+    assert len(windows) == 1 + -(-(len(doc) - 64) // (64 - 16))
+    for w, ids in enumerate(windows):  # window w starts 48 tokens after the previous one
+        n = int(data["attention_mask"][w].sum())
+        assert ids[:n] == doc[w * 48 : w * 48 + n]
+    learned = [t for lab in data["labels"].tolist() for t in lab if t != IGNORE_INDEX]
+    assert learned == doc  # every token carries loss exactly once, in order
+
+
+def test_chunk_stride_must_leave_room():
+    with pytest.raises(core.PreprocessError, match="chunk_stride 64 must be"):
+        core.chunk_windows([core.Example([1] * 100, [1] * 100)], 64, 64, 0)

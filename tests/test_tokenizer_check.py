@@ -134,11 +134,11 @@ def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     # "hello" then n-1 times " hello": one token each (checked), plus the EOS preprocessing appends
     assert len(tok.encode("hello" + " hello" * 9, add_special_tokens=False)) == 10
-    words = [2, 5, 10, 20]  # -> 3, 6, 11, 21 tokens
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(["hello"] * n)} for n in words])
+    words = [1, 4, 9, 19]  # prompt n tokens + completion 1 + EOS -> 3, 6, 11, 21 tokens
+    rows = [{"prompt": " ".join(["hello"] * n), "completion": " hello"} for n in words]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
 
-    unpacked = {"max_seq_len": 8, "packing": False}
-    report = check_tokenizer(make_cfg(tokenizer_dir, train, preprocess=unpacked), tmp_path / "out")
+    report = check_tokenizer(make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 8}), tmp_path / "out")
     assert report["lengths"] == {
         "records_sampled": 4,
         "max_seq_len": 8,
@@ -152,17 +152,26 @@ def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
 
     with pytest.raises(TokenizerCheckError, match="truncation: 2 of 4 sampled records"):
         check_tokenizer(
-            make_cfg(tokenizer_dir, train, preprocess=unpacked, tokenizer={"max_truncation_rate": 0.25}),
+            make_cfg(
+                tokenizer_dir, train, preprocess={"max_seq_len": 8}, tokenizer={"max_truncation_rate": 0.25}
+            ),
             tmp_path / "out2",
         )
 
-    # Packed text is split across sequences, not truncated: reported, never a failure.
-    packed = check_tokenizer(
-        make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 8}, tokenizer={"max_truncation_rate": 0.0}),
-        tmp_path / "out3",
-    )
-    status, message = checks(packed)["truncation"][:2]
-    assert status == "info" and "nothing is dropped" in message
+    # Text is split across sequences (packing) or windows (no packing), not truncated: never a failure.
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(["hello"] * (n + 1))} for n in words])
+    for packing, how in ((True, "packing splits them"), (False, "they become windows")):
+        report = check_tokenizer(
+            make_cfg(
+                tokenizer_dir,
+                text,
+                preprocess={"max_seq_len": 8, "packing": packing},
+                tokenizer={"max_truncation_rate": 0.0},
+            ),
+            tmp_path / f"out-{packing}",
+        )
+        status, message = checks(report)["truncation"][:2]
+        assert status == "info" and how in message and "nothing is dropped" in message
 
 
 def test_worst_split_domain_terms_with_pieces(tokenizer_dir, tmp_path):

@@ -130,6 +130,12 @@ class PreprocessSection(_Section):
     packing: bool = Field(
         True, description="Pack several documents into each sequence (EOS-separated) instead of padding each."
     )
+    chunk_stride: int = Field(
+        0,
+        ge=0,
+        description="Text with packing off: long documents become max_seq_len windows overlapping by this many "
+        "tokens (context for the next window; overlapped tokens carry loss only once).",
+    )
     num_shards: int = Field(
         2, ge=1, le=1024, description="Shards processed in parallel, one pipeline task each."
     )

@@ -160,40 +160,87 @@ class Packed:
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
     attention_mask: list[list[int]] = field(default_factory=list)
+    position_ids: list[list[int]] = field(default_factory=list)
     stats: PackStats = field(default_factory=PackStats)
 
     def extend(self, other: Packed) -> None:
         self.input_ids += other.input_ids
         self.labels += other.labels
         self.attention_mask += other.attention_mask
+        self.position_ids += other.position_ids
         for key in ("sequences", "tokens", "loss_tokens", "truncated", "examples"):
             setattr(self.stats, key, getattr(self.stats, key) + getattr(other.stats, key))
 
-    def add(self, ids: list[int], labels: list[int], seq_len: int, pad_id: int) -> None:
+    def add(
+        self, ids: list[int], labels: list[int], seq_len: int, pad_id: int, starts: list[bool] | None = None
+    ) -> None:
+        """One sequence, padded to seq_len. `starts` marks the first token of each document in it:
+        position_ids restart there, so attention can be reset per document where the model supports it."""
         n = len(ids)
         pad = seq_len - n
         self.input_ids.append(ids + [pad_id] * pad)
         self.labels.append(labels + [IGNORE_INDEX] * pad)
         self.attention_mask.append([1] * n + [0] * pad)
+        self.position_ids.append(_positions(starts, n) + [0] * pad)
         self.stats.sequences += 1
         self.stats.tokens += n
         self.stats.loss_tokens += sum(1 for x in labels if x != IGNORE_INDEX)
 
 
+def _positions(starts: list[bool] | None, n: int) -> list[int]:
+    if starts is None:
+        return list(range(n))
+    out, p = [], 0
+    for i in range(n):
+        p = 0 if (i == 0 or starts[i]) else p + 1
+        out.append(p)
+    return out
+
+
 def pack_stream(examples: Iterable[Example], seq_len: int, pad_id: int) -> Packed:
-    """Concatenate documents (each already EOS-terminated) and cut into seq_len pieces."""
+    """Concatenate documents (each already EOS-terminated) and cut into seq_len pieces.
+
+    A document that spills over into the next sequence continues there from position 0.
+    """
     out = Packed()
     buf_ids: list[int] = []
     buf_labels: list[int] = []
+    buf_starts: list[bool] = []
     for ex in examples:
         out.stats.examples += 1
         buf_ids.extend(ex.input_ids)
         buf_labels.extend(ex.labels)
+        buf_starts.extend([True] + [False] * (len(ex.input_ids) - 1))
         while len(buf_ids) >= seq_len:
-            out.add(buf_ids[:seq_len], buf_labels[:seq_len], seq_len, pad_id)
-            del buf_ids[:seq_len], buf_labels[:seq_len]
+            out.add(buf_ids[:seq_len], buf_labels[:seq_len], seq_len, pad_id, buf_starts[:seq_len])
+            del buf_ids[:seq_len], buf_labels[:seq_len], buf_starts[:seq_len]
     if buf_ids:
-        out.add(buf_ids, buf_labels, seq_len, pad_id)
+        out.add(buf_ids, buf_labels, seq_len, pad_id, buf_starts)
+    return out
+
+
+def chunk_windows(examples: Iterable[Example], seq_len: int, stride: int, pad_id: int) -> Packed:
+    """Each document on its own, long ones cut into seq_len windows that overlap by `stride` tokens.
+
+    The overlap gives each window the preceding context; its tokens carry no loss in the later window,
+    so every token is learned from exactly once.
+    """
+    if not 0 <= stride < seq_len:
+        raise PreprocessError(f"chunk_stride {stride} must be at least 0 and below max_seq_len {seq_len}")
+    out = Packed()
+    step = seq_len - stride
+    for ex in examples:
+        out.stats.examples += 1
+        start = 0
+        while True:
+            ids = ex.input_ids[start : start + seq_len]
+            labels = ex.labels[start : start + seq_len]
+            if start:
+                labels = [IGNORE_INDEX] * stride + labels[stride:]
+            out.add(ids, labels, seq_len, pad_id)
+            if start + seq_len >= len(ex.input_ids):
+                break
+            start += step
     return out
 
 
@@ -230,7 +277,8 @@ def pack_whole(examples: Iterable[Example], seq_len: int, pad_id: int, *, packin
     for members in bins:
         ids = [t for i in members for t in items[i].input_ids]
         labels = [t for i in members for t in items[i].labels]
-        out.add(ids, labels, seq_len, pad_id)
+        starts = [j == 0 for i in members for j in range(len(items[i].input_ids))]
+        out.add(ids, labels, seq_len, pad_id, starts)
     return out
 
 
@@ -238,6 +286,8 @@ def pack(examples: Iterable[Example], kind: str, cfg: RunConfig, pad_id: int) ->
     seq_len = cfg.preprocess.max_seq_len
     if kind == "text" and cfg.preprocess.packing:
         return pack_stream(examples, seq_len, pad_id)
+    if kind == "text":
+        return chunk_windows(examples, seq_len, cfg.preprocess.chunk_stride, pad_id)
     return pack_whole(examples, seq_len, pad_id, packing=cfg.preprocess.packing)
 
 
@@ -337,6 +387,7 @@ def _write_parquet(packed: Packed, uri: str) -> dict[str, Any]:
             "input_ids": pa.array(packed.input_ids, type=pa.list_(pa.int32())),
             "labels": pa.array(packed.labels, type=pa.list_(pa.int32())),
             "attention_mask": pa.array(packed.attention_mask, type=pa.list_(pa.int8())),
+            "position_ids": pa.array(packed.position_ids, type=pa.list_(pa.int32())),
         }
     )
     with tempfile.TemporaryDirectory(prefix="fulltune-shard-") as tmp:

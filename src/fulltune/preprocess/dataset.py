@@ -1,7 +1,9 @@
 """The preprocessed dataset: Parquet shards of fixed-length sequences, and the manifest naming them.
 
 Each shard file has the columns `input_ids` and `labels` (list<int32>, all `max_seq_len` long;
-`labels` is -100 where no loss is taken: prompts, padding) and `attention_mask` (list<int8>).
+`labels` is -100 where no loss is taken: prompts, padding), `attention_mask` (list<int8>) and
+`position_ids` (list<int32>: restarting at 0 at each document start within a packed sequence, so
+attention can be reset per document where the model supports it).
 The dataset manifest (written by `gather_shards`) is what `train` and `evaluate` consume:
 
     {
@@ -49,7 +51,7 @@ def read_table(uri: str):
 
 
 def load_split(manifest: str | dict[str, Any], split: str, *, limit: int | None = None) -> dict[str, Any]:
-    """The split's sequences as int64 tensors: {'input_ids': [N, L], 'labels': [N, L], 'attention_mask': [N, L]}.
+    """The split's sequences as int64 tensors: input_ids, labels, attention_mask (and position_ids), each [N, L].
 
     Files are read in manifest order, so the result is the same on every rank and every run.
     """
@@ -65,6 +67,8 @@ def load_split(manifest: str | dict[str, Any], split: str, *, limit: int | None 
         if limit is not None and count >= limit:
             break
         table = read_table(entry["uri"])
+        if "position_ids" in table.column_names:
+            columns.setdefault("position_ids", [])
         for name in columns:
             col = table.column(name).combine_chunks()
             values = col.flatten().to_numpy(zero_copy_only=False)

@@ -385,13 +385,19 @@ class _Checker:
         }
         allowed = self.cfg.tokenizer.max_truncation_rate
         stats = f"p50 {self.lengths['p50']}, p95 {self.lengths['p95']}, max {ordered[-1]}"
-        if self.kind == "text" and self.cfg.preprocess.packing:
-            # Packed text is cut into max_seq_len pieces, not truncated: no token is dropped.
+        if self.kind == "text":
+            # Text is never truncated: packing splits documents across sequences, and without packing
+            # long documents become overlapping windows (chunk_stride). Reported, never a failure.
+            how = (
+                "packing splits them across sequences"
+                if self.cfg.preprocess.packing
+                else "they become windows"
+            )
             self.add(
                 "truncation",
                 "info" if over else "ok",
                 f"{over} of {len(lengths)} sampled records ({rate:.1%}) are longer than max_seq_len={max_len} tokens; "
-                f"packing splits them across sequences, nothing is dropped; {stats}",
+                f"{how}, nothing is dropped; {stats}",
             )
             return
         message = (
