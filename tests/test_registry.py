@@ -239,9 +239,10 @@ def test_s3_claim_refusal_is_skipped(model_dir, s3, monkeypatch):
     registry = f"{s3}/registry"
     assert storage.create_exclusive(f"{registry}/{NAME}/v1/.claim", b"other writer")
     assert not storage.create_exclusive(f"{registry}/{NAME}/v1/.claim", b"me")
+    scan = store._version_numbers
     monkeypatch.setattr(store, "_version_numbers", lambda root: [])
     assert register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE).endswith("/v2")
-    monkeypatch.undo()
+    monkeypatch.setattr(store, "_version_numbers", scan)  # (undo() would also drop the S3 endpoint)
     assert [v["version"] for v in list_versions(registry, NAME)] == [2]
 
 
@@ -277,3 +278,30 @@ def test_concurrent_registrations_get_distinct_versions(model_dir, tmp_path, req
     monkeypatch.setattr(store, "_version_numbers", scan)
     assert [v["version"] for v in list_versions(registry, NAME)] == [1, 2, 3, 4]
     assert all(verify_version(uri) == [] for uri in results)
+
+
+def test_s3_uploads_carry_a_verified_sha256_checksum(model_dir, s3):
+    """S3 checks every uploaded byte against the SHA-256 the client sends (x-amz-checksum-sha256)."""
+    import base64
+
+    registry = f"{s3}/registry"
+    uri = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    manifest = storage.read_json(f"{uri}/manifest.json")
+    client = storage.s3_client()
+    for f in manifest["files"]:
+        bucket, key = storage.split_s3(f"{uri}/{f['path']}")
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        assert base64.b64decode(head["ChecksumSHA256"]).hex() == f["sha256"], f["path"]
+
+
+def test_write_options_come_from_the_registry_config():
+    cfg = RunConfig.from_dict(
+        {"registry": {"uri": "s3://r", "sse_kms_key_id": "alias/models", "request_checksum_calculation": "when_required"}}
+    )
+    options = store.write_options(cfg)
+    assert options.extra_args() == {
+        "ChecksumAlgorithm": "SHA256",
+        "ServerSideEncryption": "aws:kms",
+        "SSEKMSKeyId": "alias/models",
+    }
+    assert options.request_checksum_calculation == "when_required"

@@ -233,6 +233,17 @@ class RegistrySection(_Section):
     uri: str = Field(
         "", description="Registry root, local directory or s3:// prefix: models land in <uri>/<name>/v<N>/."
     )
+    checksum_algorithm: Literal["SHA256", "SHA1", "CRC32", "CRC32C", "CRC64NVME"] | None = Field(
+        "SHA256",
+        description="S3: the checksum S3 computes and verifies on every upload (every part of a multipart "
+        "upload too); None leaves it to the client.",
+    )
+    sse_kms_key_id: str | None = Field(None, description="S3: encrypt registered objects with this KMS key (SSE-KMS).")
+    request_checksum_calculation: Literal["when_supported", "when_required"] | None = Field(
+        None,
+        description="S3 client setting; 'when_required' for S3-compatible stores that reject the checksums "
+        "newer clients send by default. None: the client's default.",
+    )
 
 
 class RunConfig(_Section):

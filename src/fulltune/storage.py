@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -56,16 +57,53 @@ def basename(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-@lru_cache(maxsize=1)
-def s3_client() -> Any:
-    """A boto3 S3 client configured from the standard AWS environment variables."""
+@dataclass(frozen=True)
+class S3WriteOptions:
+    """How objects are written to S3.
+
+    checksum_algorithm: the checksum S3 computes and verifies on upload (x-amz-checksum-*), also for
+        each part of a multipart upload; None leaves it to the client's default.
+    sse_kms_key_id: encrypt with this KMS key (SSE-KMS); None uses the bucket's default encryption.
+    request_checksum_calculation: the client setting (see `s3_client`).
+    """
+
+    checksum_algorithm: str | None = None
+    sse_kms_key_id: str | None = None
+    request_checksum_calculation: str | None = None
+
+    def client(self) -> Any:
+        if self.request_checksum_calculation:
+            return s3_client(self.request_checksum_calculation)
+        return s3_client()
+
+    def extra_args(self) -> dict[str, str]:
+        args = {}
+        if self.checksum_algorithm:
+            args["ChecksumAlgorithm"] = self.checksum_algorithm
+        if self.sse_kms_key_id:
+            args["ServerSideEncryption"] = "aws:kms"
+            args["SSEKMSKeyId"] = self.sse_kms_key_id
+        return args
+
+
+DEFAULT_WRITE = S3WriteOptions()
+
+
+@lru_cache(maxsize=4)
+def s3_client(request_checksum_calculation: str | None = None) -> Any:
+    """A boto3 S3 client configured from the standard AWS environment variables.
+
+    `request_checksum_calculation` ("when_supported" | "when_required") overrides the client's
+    default (and AWS_REQUEST_CHECKSUM_CALCULATION): some S3-compatible stores reject the checksums
+    newer clients send by default.
+    """
     import boto3
     from botocore.config import Config
 
-    return boto3.client(
-        "s3",
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
-    )
+    kwargs: dict[str, Any] = {"retries": {"max_attempts": 5, "mode": "standard"}}
+    if request_checksum_calculation:
+        kwargs["request_checksum_calculation"] = request_checksum_calculation
+    return boto3.client("s3", config=Config(**kwargs))
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -158,11 +196,11 @@ def expand(uri: str, patterns: tuple[str, ...] = ("*",)) -> list[str]:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WRITE) -> None:
     """Write atomically: readers see the old object or the whole new one, never a part."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        options.client().put_object(Bucket=bucket, Key=key, Body=data, **options.extra_args())
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +225,7 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def create_exclusive(uri: str, data: bytes) -> bool:
+def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WRITE) -> bool:
     """Create the object only if it does not exist. True if this call created it.
 
     Locally O_CREAT|O_EXCL; on S3 a conditional PUT (If-None-Match: *), so two writers racing
@@ -198,7 +236,9 @@ def create_exclusive(uri: str, data: bytes) -> bool:
 
         bucket, key = split_s3(uri)
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            options.client().put_object(
+                Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **options.extra_args()
+            )
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in (
@@ -219,16 +259,26 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     return True
 
 
-def upload_file(local_path: str | Path, uri: str) -> None:
+def upload_file(local_path: str | Path, uri: str, options: S3WriteOptions = DEFAULT_WRITE) -> None:
+    """Copy a local file to `uri`; large files go to S3 as a multipart upload."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().upload_file(str(local_path), bucket, key)
+        options.client().upload_file(str(local_path), bucket, key, ExtraArgs=options.extra_args() or None)
         return
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.copyfile(local_path, tmp)
     os.replace(tmp, dest)
+
+
+def copy_object(src: str, dst: str, options: S3WriteOptions = DEFAULT_WRITE) -> None:
+    """One S3 object to another, copied server-side (multipart for large objects)."""
+    src_bucket, src_key = split_s3(src)
+    dst_bucket, dst_key = split_s3(dst)
+    options.client().copy(
+        {"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key, ExtraArgs=options.extra_args() or None
+    )
 
 
 def download_file(uri: str, local_path: str | Path) -> None:

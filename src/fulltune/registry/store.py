@@ -98,11 +98,12 @@ def register_model(
     for rel in rels:
         digest, size = _hash_and_size(storage.join(model_uri, rel))
         files.append({"path": rel, "size": size, "sha256": digest})
-    version, uri = _claim_next_version(cfg.registry.uri, name)
+    options = write_options(cfg)
+    version, uri = _claim_next_version(cfg.registry.uri, name, options)
     log.info("registering %s as %s v%d at %s", model_uri, name, version, uri)
     try:
         for rel in rels:
-            _copy(storage.join(model_uri, rel), storage.join(uri, rel))
+            _copy(storage.join(model_uri, rel), storage.join(uri, rel), options)
         forced = force and eval_result.get("verdict") is not True
         full_lineage = {
             **lineage,
@@ -121,7 +122,7 @@ def register_model(
             EVAL: _json_bytes(eval_result),
         }
         for rel, data in extras.items():
-            storage.write_bytes(storage.join(uri, rel), data)
+            storage.write_bytes(storage.join(uri, rel), data, options)
             files.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -134,7 +135,7 @@ def register_model(
             "fulltune_version": fulltune.__version__,
             "files": sorted(files, key=lambda f: f["path"]),
         }
-        if not storage.create_exclusive(storage.join(uri, MANIFEST), _json_bytes(manifest)):
+        if not storage.create_exclusive(storage.join(uri, MANIFEST), _json_bytes(manifest), options):
             raise RegistryError(
                 f"{storage.join(uri, MANIFEST)} appeared while this version was being written"
             )
@@ -173,19 +174,25 @@ def _relative_files(root: str) -> list[str]:
     return sorted(Path(f).relative_to(root).as_posix() for f in storage.list_files(root))
 
 
-def _copy(src: str, dst: str) -> None:
+def write_options(cfg: RunConfig) -> storage.S3WriteOptions:
+    """S3 integrity and encryption settings for everything a registration writes."""
+    reg = cfg.registry
+    return storage.S3WriteOptions(
+        reg.checksum_algorithm, reg.sse_kms_key_id, reg.request_checksum_calculation
+    )
+
+
+def _copy(src: str, dst: str, options: storage.S3WriteOptions) -> None:
     """One file between any two URIs; S3 to S3 is a server-side copy, nothing passes through here."""
     if storage.is_s3(src) and storage.is_s3(dst):
-        src_bucket, src_key = storage.split_s3(src)
-        dst_bucket, dst_key = storage.split_s3(dst)
-        storage.s3_client().copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key)
+        storage.copy_object(src, dst, options)
     elif storage.is_s3(src):
         storage.download_file(src, dst)
     else:
-        storage.upload_file(src, dst)
+        storage.upload_file(src, dst, options)
 
 
-def _claim_next_version(registry_uri: str, name: str) -> tuple[int, str]:
+def _claim_next_version(registry_uri: str, name: str, options: storage.S3WriteOptions) -> tuple[int, str]:
     """Claim the lowest free version above every existing one; returns (version, its URI)."""
     start = max(_version_numbers(model_root(registry_uri, name)), default=0) + 1
     claim = _json_bytes(
@@ -197,7 +204,7 @@ def _claim_next_version(registry_uri: str, name: str) -> tuple[int, str]:
     )
     for version in range(start, start + _MAX_CLAIM_ATTEMPTS):
         uri = version_uri(registry_uri, name, version)
-        if storage.create_exclusive(storage.join(uri, CLAIM), claim):
+        if storage.create_exclusive(storage.join(uri, CLAIM), claim, options):
             return version, uri
         log.info("%s v%d was claimed by another writer, trying the next", name, version)
     raise RegistryError(f"{name}: no free version in v{start}..v{start + _MAX_CLAIM_ATTEMPTS - 1}")
