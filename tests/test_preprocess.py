@@ -209,7 +209,13 @@ def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_asse
 def test_position_ids_restart_at_every_document(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1, eval_fraction=0.01)
     data = load_split(core.preprocess_all(cfg, str(tmp_path / "w")), "train")
-    for ids, pos, mask in zip(data["input_ids"].tolist(), data["position_ids"].tolist(), data["attention_mask"].tolist()):
+    rows = zip(
+        data["input_ids"].tolist(),
+        data["position_ids"].tolist(),
+        data["attention_mask"].tolist(),
+        strict=True,
+    )
+    for ids, pos, mask in rows:
         assert pos[0] == 0
         for i in range(1, sum(mask)):
             # a new document starts right after an EOS; inside a document positions count up
@@ -219,7 +225,13 @@ def test_position_ids_restart_at_every_document(demo_assets, tmp_path, tok):
 def test_unpacked_text_becomes_overlapping_windows_with_each_token_learned_once(demo_assets, tmp_path, tok):
     long_doc = " ".join(f"HbA1c {i}.{i % 10}% on day {i}." for i in range(60))
     cfg = make_cfg(
-        demo_assets, tmp_path, [{"text": long_doc}], num_shards=1, eval_fraction=0.001, packing=False, chunk_stride=16
+        demo_assets,
+        tmp_path,
+        [{"text": long_doc}],
+        num_shards=1,
+        eval_fraction=0.001,
+        packing=False,
+        chunk_stride=16,
     )
     data = load_split(core.preprocess_all(cfg, str(tmp_path / "w")), "train")
     doc = tok(long_doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -296,7 +296,13 @@ def test_s3_uploads_carry_a_verified_sha256_checksum(model_dir, s3):
 
 def test_write_options_come_from_the_registry_config():
     cfg = RunConfig.from_dict(
-        {"registry": {"uri": "s3://r", "sse_kms_key_id": "alias/models", "request_checksum_calculation": "when_required"}}
+        {
+            "registry": {
+                "uri": "s3://r",
+                "sse_kms_key_id": "alias/models",
+                "request_checksum_calculation": "when_required",
+            }
+        }
     )
     options = store.write_options(cfg)
     assert options.extra_args() == {
