@@ -135,3 +135,81 @@ def test_schedule_and_data_order_depend_only_on_seed_and_step():
     assert len(set(epoch0.tolist())) == 96  # no sequence twice within an epoch
     with pytest.raises(TrainInputError, match="fewer than one global batch"):
         make_schedule(cfg, num_sequences=5, world=2)
+
+
+def _final_state(uri: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(uri).state_dict()
+
+
+@pytest.mark.slow
+def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_uninterrupted_run(
+    demo_assets, tmp_path, monkeypatch
+):
+    from fulltune.train import checkpoint
+
+    runs = {}
+    for name in ("straight", "killed"):
+        work = str(tmp_path / name)
+        dataset = tiny_dataset(demo_assets, work, n_seq=16)
+        cfg = plan_run(
+            demo_assets, work, per_device_train_batch_size=2, max_steps=6, save_steps=2, save_total_limit=2
+        )
+        runs[name] = (cfg, work, dataset, train_job(cfg, work, dataset))
+    cfg, work, dataset, job = runs["straight"]
+    LocalLauncher().run(job)
+
+    cfg, work, dataset, job = runs["killed"]
+    monkeypatch.setenv(
+        "FULLTUNE_FAULT_AFTER_STEP", "5"
+    )  # rank 1 dies after step 5: the step-4 checkpoint is newest
+    monkeypatch.setenv("FULLTUNE_FAULT_RANK", "1")
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(job)
+    assert checkpoint.list_tags(job.checkpoints_uri) == ["step-00000004", "step-00000002"]
+    monkeypatch.delenv("FULLTUNE_FAULT_AFTER_STEP")
+    out = []
+
+    class Sink:
+        def write(self, text):
+            out.append(text)
+
+        def flush(self):
+            pass
+
+    LocalLauncher(stream=Sink()).run(job)  # the restart: same job, same command
+    assert "resumed from" in "".join(out) and "step 4" in "".join(out)
+    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    assert [m["step"] for m in metrics] == list(range(6))  # one record per step, none lost or doubled
+    straight, resumed = _final_state(runs["straight"][3].output_uri), _final_state(job.output_uri)
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_assets, tmp_path, monkeypatch):
+    from fulltune.train import checkpoint
+
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16)
+    cfg = plan_run(
+        demo_assets, work, per_device_train_batch_size=2, max_steps=5, save_steps=2, save_total_limit=3
+    )
+    job = train_job(cfg, work, dataset)
+    monkeypatch.setenv("FULLTUNE_FAULT_AFTER_STEP", "4")
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(job)
+    root = job.checkpoints_uri
+    newest = sorted((tmp_path / "w" / "train" / "checkpoints" / "step-00000004").rglob("*.pt"))[0]
+    newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
+    assert checkpoint.verify(root, "step-00000004") and checkpoint.verify(root, "step-00000002") is None
+    assert checkpoint.find_resume(root) == "step-00000002"  # with a warning naming the corrupt file
+
+    # A half-written save (no manifest) next to the corrupt one: nothing usable, refuse to start over.
+    (tmp_path / "w" / "train" / "checkpoints" / "step-00000002" / checkpoint.MANIFEST).unlink()
+    monkeypatch.delenv("FULLTUNE_FAULT_AFTER_STEP")
+    with pytest.raises(LaunchError) as exc:
+        LocalLauncher().run(job)
+    assert exc.value.exit_code == 1
+    assert "none is complete and intact" in str(exc.value)

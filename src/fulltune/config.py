@@ -199,6 +199,12 @@ class TrainingSection(_Section):
     logging_steps: int = Field(
         1, ge=1, description="Log loss, learning rate and throughput every this many steps."
     )
+    save_steps: int = Field(
+        0,
+        ge=0,
+        description="Save a complete checkpoint every this many optimizer steps (0: only the final model).",
+    )
+    save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
 
 
 class ResourcesSection(_Section):
@@ -238,7 +244,9 @@ class RegistrySection(_Section):
         description="S3: the checksum S3 computes and verifies on every upload (every part of a multipart "
         "upload too); None leaves it to the client.",
     )
-    sse_kms_key_id: str | None = Field(None, description="S3: encrypt registered objects with this KMS key (SSE-KMS).")
+    sse_kms_key_id: str | None = Field(
+        None, description="S3: encrypt registered objects with this KMS key (SSE-KMS)."
+    )
     request_checksum_calculation: Literal["when_supported", "when_required"] | None = Field(
         None,
         description="S3 client setting; 'when_required' for S3-compatible stores that reject the checksums "

@@ -237,7 +237,7 @@ def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
     from fulltune.hf import load_tokenizer
 
     files = data_files(cfg.data.train_uri)
-    total_bytes = sum(_size(f) for f in files)
+    total_bytes = sum(storage.size(f) for f in files)
     tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
     texts = []
     for i, rec in enumerate(iter_records(cfg.data.train_uri, cfg.data)):
@@ -250,15 +250,6 @@ def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
     sample_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
     bytes_per_token = max(sample_bytes / max(sample_tokens, 1), 1.0)
     return int(total_bytes / bytes_per_token)
-
-
-def _size(uri: str) -> int:
-    if storage.is_s3(uri):
-        bucket, key = storage.split_s3(uri)
-        return int(storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-    import os
-
-    return os.path.getsize(uri)
 
 
 # -- DeepSpeed --------------------------------------------------------------------------------------

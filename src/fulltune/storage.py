@@ -326,6 +326,14 @@ def remove_tree(uri: str) -> None:
         shutil.rmtree(uri, ignore_errors=True)
 
 
+def size(uri: str) -> int:
+    """The object's size in bytes."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return os.path.getsize(uri)
+
+
 # -- checksums ----------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ class TrainJob:
     dataset_uri: str
     output_uri: str
     metrics_uri: str
+    checkpoints_uri: str = ""
     num_nodes: int = 1
     nproc_per_node: int = 1
     accelerator: str = "gpu"
@@ -47,6 +48,7 @@ class TrainJob:
             self.output_uri,
             "--metrics",
             self.metrics_uri,
+            *(["--checkpoints", self.checkpoints_uri] if self.checkpoints_uri else []),
         ]
 
 

@@ -11,6 +11,10 @@ every pod of the PyTorchJob on a cluster).
   mean of per-micro-batch means: each micro-step's summed loss is scaled by world*accumulation/N
   where N is the global count of loss tokens, so DeepSpeed's averaging yields exactly the gradient
   of sum(loss)/N.
+- Every `save_steps` steps a complete checkpoint (see checkpoint.py); a (re)started run resumes from
+  the newest complete one and refuses to start over when checkpoints exist but none is usable.
+  `FULLTUNE_FAULT_AFTER_STEP=N` (with `FULLTUNE_FAULT_RANK`) SIGKILLs a rank after step N: fault
+  injection for the resume tests.
 - At the end: one consolidated Hugging Face model (safetensors) + tokenizer + the resolved config,
   with `model_manifest.json` (files, sizes, SHA-256) written last as the completeness marker.
 
@@ -25,6 +29,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -35,6 +40,7 @@ from typing import Any
 
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
+from fulltune.train import checkpoint
 
 log = logging.getLogger("fulltune.train")
 
@@ -53,6 +59,7 @@ class Paths:
     dataset: str
     output: str  # where the final model goes
     metrics: str  # per-step metrics, JSON lines
+    checkpoints: str | None = None  # where complete checkpoints go and resume comes from
 
 
 def parse_args(argv: list[str] | None) -> Paths:
@@ -62,8 +69,13 @@ def parse_args(argv: list[str] | None) -> Paths:
     p.add_argument("--dataset", required=True, help="dataset manifest (URI), written by gather_shards")
     p.add_argument("--output", required=True, help="URI for the final Hugging Face model")
     p.add_argument("--metrics", required=True, help="URI for per-step metrics (JSON lines)")
+    p.add_argument(
+        "--checkpoints",
+        default=None,
+        help="URI for checkpoints; training resumes from the newest complete one",
+    )
     a = p.parse_args(argv)
-    return Paths(a.config, a.deepspeed, a.dataset, a.output, a.metrics)
+    return Paths(a.config, a.deepspeed, a.dataset, a.output, a.metrics, a.checkpoints)
 
 
 # -- setup ----------------------------------------------------------------------------------------
@@ -222,9 +234,11 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
         )
 
     b, gas = tr.per_device_train_batch_size, tr.gradient_accumulation_steps
-    records: list[dict[str, Any]] = []
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    first_step, records = resume(engine, paths, rank, local_rank)
+    fault_step = int(os.environ.get("FULLTUNE_FAULT_AFTER_STEP", "-1"))
     start = time.time()
-    for step in range(sched.total_steps):
+    for step in range(first_step, sched.total_steps):
         t0 = time.time()
         idx = batch_indices(step, sched, tr.seed, n_seq)
         # Rank r takes micro-batches r, r+world, ... of the global batch.
@@ -264,8 +278,22 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
             "step_time_s": step_time,
         }
         records.append(rec)
+        done = step + 1
+        if paths.checkpoints and tr.save_steps and done % tr.save_steps == 0 and done < sched.total_steps:
+            state = {"step": done, "records": records}
+            checkpoint.save(
+                engine,
+                paths.checkpoints,
+                done,
+                state,
+                rank=rank,
+                local_rank=local_rank,
+                keep=tr.save_total_limit,
+            )
+        if done == fault_step and rank == int(os.environ.get("FULLTUNE_FAULT_RANK", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
         if rank == 0 and (step % tr.logging_steps == 0 or step == sched.total_steps - 1):
-            eta = (time.time() - start) / (step + 1) * (sched.total_steps - step - 1)
+            eta = (time.time() - start) / (step + 1 - first_step) * (sched.total_steps - step - 1)
             log.info(
                 "step %d/%d loss %.4f lr %.3g grad_norm %s tok/s %.0f eta %.0fs",
                 step + 1,
@@ -298,6 +326,33 @@ def _float(x: Any) -> float | None:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def resume(engine, paths: Paths, rank: int, local_rank: int) -> tuple[int, list[dict[str, Any]]]:
+    """(first step, metrics so far): from the newest complete checkpoint, or (0, []) when there is none.
+
+    Rank 0 decides (verifying checksums once) and tells the others, so every rank loads the same tag.
+    """
+    import torch.distributed as dist
+
+    if not paths.checkpoints:
+        return 0, []
+    decision: list[Any] = [None, None]
+    if rank == 0:
+        try:
+            decision[0] = checkpoint.find_resume(paths.checkpoints)
+        except checkpoint.CheckpointError as exc:
+            decision[1] = str(exc)
+    dist.broadcast_object_list(decision, src=0)
+    tag, error = decision
+    if error:
+        raise checkpoint.CheckpointError(error)
+    if tag is None:
+        return 0, []
+    state = checkpoint.load(engine, paths.checkpoints, tag, local_rank=local_rank)
+    if rank == 0:
+        log.info("resumed from %s at step %d", storage.join(paths.checkpoints, tag), state["step"])
+    return int(state["step"]), list(state.get("records", []))
 
 
 # -- save -----------------------------------------------------------------------------------------
@@ -343,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RunConfig.from_dict(_load_yaml(paths.config), source=paths.config)
         train(cfg, paths)
-    except (ConfigError, TrainInputError, FileNotFoundError) as exc:
+    except (ConfigError, TrainInputError, FileNotFoundError, checkpoint.CheckpointError) as exc:
         log.error("cannot train: %s", exc)
         return EXIT_BAD_INPUT
     return 0

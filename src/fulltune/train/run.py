@@ -21,6 +21,7 @@ def train_job(cfg: RunConfig, work_dir: str, dataset_uri: str, name: str = "full
         dataset_uri=dataset_uri,
         output_uri=model_uri(work_dir),
         metrics_uri=storage.join(work_dir, "train", "metrics.jsonl"),
+        checkpoints_uri=storage.join(work_dir, "train", "checkpoints"),
         num_nodes=cfg.resources.num_nodes,
         nproc_per_node=cfg.resources.nproc_per_node,
         accelerator=cfg.resources.accelerator,

@@ -1,0 +1,166 @@
+"""Checkpoints that count only when complete, and resuming from the newest complete one.
+
+Layout: `<checkpoints>/step-00000040/` holds DeepSpeed's files (every rank's ZeRO-3 partition and
+optimizer state) and `checkpoint.json`, written by rank 0 *last*, after a barrier: the list of files
+with their sizes and SHA-256. A directory without it, or whose files do not match it, is not a
+checkpoint. (DeepSpeed's own `latest` file is not written: it would name a tag before that tag is
+complete, and `load_checkpoint` silently returns nothing when it is missing.)
+
+Resume picks the newest complete checkpoint; a corrupt newer one is skipped with a warning. When
+checkpoints exist but none is complete, training refuses to start rather than silently begin again
+from step 0. The last `save_total_limit` complete checkpoints are kept.
+
+Checkpoints live in the work directory: a shared filesystem path (RWX volume) is written in place;
+for s3:// each node stages its ranks' files locally and uploads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fulltune import storage
+
+log = logging.getLogger("fulltune.train")
+
+MANIFEST = "checkpoint.json"
+_TAG = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be used; training must not silently restart from step 0."""
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_tags(root: str) -> list[str]:
+    """Checkpoint directories under root, newest first (complete or not)."""
+    if storage.is_s3(root):
+        prefix = root.rstrip("/") + "/"
+        names = {f[len(prefix) :].split("/", 1)[0] for f in storage.list_files(root)}
+    else:
+        names = set(os.listdir(root)) if os.path.isdir(root) else set()
+    return sorted((n for n in names if _TAG.match(n)), reverse=True)
+
+
+def step_of(tag: str) -> int:
+    m = _TAG.match(tag)
+    if not m:
+        raise ValueError(f"not a checkpoint tag: {tag}")
+    return int(m.group(1))
+
+
+def verify(root: str, tag: str) -> str | None:
+    """None when the checkpoint is complete and intact, else the reason it is not."""
+    base = storage.join(root, tag)
+    manifest_uri = storage.join(base, MANIFEST)
+    if not storage.exists(manifest_uri):
+        return "no checkpoint.json: the save did not finish"
+    try:
+        manifest = storage.read_json(manifest_uri)
+        for f in manifest["files"]:
+            uri = storage.join(base, f["path"])
+            if not storage.exists(uri):
+                return f"{f['path']} is missing"
+            if storage.sha256_uri(uri) != f["sha256"]:
+                return f"{f['path']} does not match its SHA-256"
+    except (OSError, ValueError, KeyError) as exc:
+        return f"unreadable manifest: {exc}"
+    return None
+
+
+def find_resume(root: str) -> str | None:
+    """The newest complete checkpoint's tag; None when there is none at all; CheckpointError when
+    checkpoints exist but none is usable."""
+    tags = list_tags(root)
+    for tag in tags:
+        problem = verify(root, tag)
+        if problem is None:
+            return tag
+        log.warning("checkpoint %s is not usable (%s); trying an older one", storage.join(root, tag), problem)
+    if tags:
+        raise CheckpointError(
+            f"{root}: {len(tags)} checkpoint(s) ({', '.join(tags)}) but none is complete and intact; "
+            "refusing to start again from step 0. Remove the directory to start over deliberately."
+        )
+    return None
+
+
+def _staging(root: str) -> Path:
+    """A node-local directory for s3:// checkpoints, the same path for every rank of the node."""
+    digest = hashlib.sha256(root.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir(), f"fulltune-ckpt-{digest}")
+
+
+def save(
+    engine, root: str, step: int, client_state: dict[str, Any], *, rank: int, local_rank: int, keep: int
+) -> str:
+    """Every rank writes its part; after a barrier rank 0 writes the manifest (last) and rotates."""
+    import torch.distributed as dist
+
+    tag = tag_for(step)
+    remote = storage.is_s3(root)
+    target = _staging(root) if remote else Path(root)
+    engine.save_checkpoint(str(target), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if remote and local_rank == 0:
+        storage.upload_dir(target / tag, storage.join(root, tag))
+        shutil.rmtree(target / tag, ignore_errors=True)
+    dist.barrier()
+    if rank == 0:
+        base = storage.join(root, tag)
+        prefix = base.rstrip("/") + "/"
+        files = [f for f in storage.list_files(base) if not f.endswith("/" + MANIFEST)]
+        entries = [
+            {
+                "path": f[len(prefix) :] if remote else str(Path(f).relative_to(base)),
+                "size": storage.size(f),
+                "sha256": storage.sha256_uri(f),
+            }
+            for f in files
+        ]
+        storage.write_json(storage.join(base, MANIFEST), {"step": step, "files": entries})
+        rotate(root, keep)
+        log.info("checkpoint %s complete (%d files)", base, len(entries))
+    dist.barrier()
+    return tag
+
+
+def rotate(root: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones and stale incomplete ones."""
+    complete = [t for t in list_tags(root) if storage.exists(storage.join(root, t, MANIFEST))]
+    if not complete:
+        return
+    newest = step_of(complete[0])
+    for tag in list_tags(root):
+        stale_incomplete = tag not in complete and step_of(tag) < newest
+        if (tag in complete and complete.index(tag) >= keep) or stale_incomplete:
+            storage.remove_tree(storage.join(root, tag))
+
+
+def load(engine, root: str, tag: str, *, local_rank: int) -> dict[str, Any]:
+    """Load model, optimizer and scheduler state; returns the client state saved with it."""
+    import torch.distributed as dist
+
+    if storage.is_s3(root):
+        path = _staging(root)
+        if local_rank == 0:
+            with storage.local_dir(storage.join(root, tag)) as src:
+                shutil.copytree(src, path / tag, dirs_exist_ok=True)
+        dist.barrier()
+    else:
+        path = Path(root)
+    loaded, client_state = engine.load_checkpoint(
+        str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if loaded is None:
+        raise CheckpointError(f"{storage.join(root, tag)}: DeepSpeed could not load this checkpoint")
+    return client_state or {}
