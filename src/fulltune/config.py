@@ -62,7 +62,8 @@ class CheckPolicy(_Section):
 class DataSection(_Section):
     train_uri: str = Field(
         "",
-        description="Domain training data: a JSONL (.jsonl, .jsonl.gz) or Parquet file, directory or glob; local or s3://.",
+        description="Domain training data: a JSONL (.jsonl, .jsonl.gz), Parquet or CSV file (header row), a Hugging Face "
+        "save_to_disk directory (one split), or a directory or glob of them; local or s3://.",
     )
     eval_uri: str | None = Field(
         None, description="Domain evaluation data; when absent a stable hash split of train_uri is held out."

@@ -1,4 +1,5 @@
-"""Reading training records from JSONL and Parquet, with the exact location of every record.
+"""Reading training records from JSONL, Parquet, CSV and Hugging Face `save_to_disk` directories,
+with the exact location of every record.
 
 Three record kinds are understood:
 - `text`: one document, `{"text": "..."}`;
@@ -7,14 +8,18 @@ Three record kinds are understood:
 Column names are mapped through `DataSection` (`text_field`, ...). Unless the config names the
 kind, it is detected from the first parseable record whose fields name one (`resolve_kind`).
 
-`iter_raw` yields every row with its location (file and 1-based line, or 0-based Parquet row),
+`iter_raw` yields every row with its location (file and 1-based line for JSONL and CSV, or 0-based
+row for Parquet and Arrow),
 either parsed or with a coded error — it never raises for a bad record, so validation can count
 them all. `iter_records` yields only good, normalised records (what preprocessing consumes).
-Everything streams: JSONL line by line (gzip too), Parquet in batches; nothing is loaded whole.
+Everything streams: JSONL and CSV line by line (gzip too), Parquet and Arrow in batches; nothing is
+loaded whole. A CSV file's first row names the columns; a Hugging Face `save_to_disk` directory
+(`state.json`, `dataset_info.json`, `data-*.arrow`) is read through its Arrow files.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -27,7 +32,9 @@ from typing import IO, Any
 from fulltune import storage
 from fulltune.config import DataSection
 
-DATA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet")
+DATA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet", "*.csv", "*.arrow")
+# Metadata of a Hugging Face `save_to_disk` directory: not records.
+HF_METADATA = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
 PARQUET_BATCH_ROWS = 1024
 READ_BUFFER = 1 << 20
 KIND_SCAN_LIMIT = 1000  # parseable records `resolve_kind` looks at before giving up
@@ -91,9 +98,15 @@ class RecordError(ValueError):
 def data_files(uri: str) -> list[str]:
     """The data files named by a file, directory or glob URI; fails when there are none."""
     try:
-        files = storage.expand(uri, DATA_PATTERNS)
+        found = storage.expand(uri, DATA_PATTERNS)
     except FileNotFoundError:
-        files = []
+        found = []
+    if any(storage.basename(f) == "dataset_dict.json" for f in found):
+        # a DatasetDict holds several splits: reading them all would mix train and test
+        raise DataError(
+            f"{uri}: a Hugging Face DatasetDict; name one split's directory, e.g. {uri.rstrip('/')}/train"
+        )
+    files = [f for f in found if storage.basename(f) not in HF_METADATA]
     if not files:
         raise DataError(f"{uri}: no data files found (expected {', '.join(DATA_PATTERNS)})")
     return files
@@ -109,6 +122,10 @@ def iter_raw_file(path: str) -> Iterator[RawRecord]:
     """Every row of one data file (JSONL, JSONL.gz or Parquet), parsed or with a coded error."""
     if path.endswith(".parquet"):
         yield from _iter_parquet(path)
+    elif path.endswith(".arrow"):
+        yield from _iter_arrow(path)
+    elif path.endswith(".csv"):
+        yield from _iter_csv(path)
     else:
         yield from _iter_jsonl(path)
 
@@ -129,9 +146,13 @@ class _RawReader(io.RawIOBase):
         return len(data)
 
 
+def _line_stream(fh: IO[bytes], path: str) -> IO[bytes]:
+    return fh if not storage.is_s3(path) else io.BufferedReader(_RawReader(fh), READ_BUFFER)
+
+
 def _iter_jsonl(path: str) -> Iterator[RawRecord]:
     with storage.open_read(path) as fh:
-        raw: IO[bytes] = fh if not storage.is_s3(path) else io.BufferedReader(_RawReader(fh), READ_BUFFER)
+        raw = _line_stream(fh, path)
         stream: Any = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
         lineno = 0
         try:
@@ -161,6 +182,9 @@ def _iter_jsonl(path: str) -> Iterator[RawRecord]:
                         loc, code="invalid_json", reason=f"column {exc.colno}: {exc.msg.removesuffix(' at')}"
                     )
                     continue
+                except RecursionError:
+                    yield RawRecord(loc, code="too_deep", reason="JSON nested too deeply to parse")
+                    continue
                 if not isinstance(value, dict):
                     yield RawRecord(
                         loc,
@@ -172,6 +196,97 @@ def _iter_jsonl(path: str) -> Iterator[RawRecord]:
         except (OSError, EOFError, zlib.error) as exc:  # truncated or corrupt gzip
             yield RawRecord(
                 Location(path, line=lineno + 1), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
+            )
+
+
+def _iter_csv(path: str) -> Iterator[RawRecord]:
+    """CSV with a header row; each later row is a record of strings. Undecodable bytes are kept as
+    surrogates (so the reader never stops) and reported as invalid_utf8 for their row."""
+    with storage.open_read(path) as fh:
+        stream: Any = _line_stream(fh, path)
+        if path.endswith(".gz"):
+            stream = gzip.GzipFile(fileobj=stream)
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(text)
+        header: list[str] | None = None
+        lineno = 0  # physical lines consumed so far; a record starts on the next one
+        try:
+            while True:
+                start = lineno + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    lineno = reader.line_num
+                    yield RawRecord(Location(path, line=start), code="invalid_csv", reason=str(exc))
+                    continue
+                lineno = reader.line_num
+                loc = Location(path, line=start)
+                if header is None:
+                    header = row
+                    continue
+                if not row or not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    yield RawRecord(
+                        loc,
+                        code="csv_ragged_row",
+                        reason=f"{len(row)} fields, the header has {len(header)}",
+                    )
+                    continue
+                bad = next((i for i, cell in enumerate(row) if _has_surrogate(cell)), None)
+                if bad is not None:
+                    yield RawRecord(
+                        loc, code="invalid_utf8", reason=f"column {header[bad]!r} is not valid UTF-8"
+                    )
+                    continue
+                yield RawRecord(loc, value=dict(zip(header, row, strict=True)))
+        except (OSError, EOFError, zlib.error, UnicodeError) as exc:
+            yield RawRecord(
+                Location(path, line=lineno + 1), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
+            )
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _iter_arrow(path: str) -> Iterator[RawRecord]:
+    """An Arrow IPC file or stream (what Hugging Face `save_to_disk` writes), batch by batch."""
+    if not storage.is_s3(path):
+        yield from _iter_arrow_local(path, path)
+        return
+    with tempfile.NamedTemporaryFile(prefix="fulltune-", suffix=".arrow") as tmp:
+        storage.download_file(path, tmp.name)
+        yield from _iter_arrow_local(tmp.name, path)
+
+
+def _iter_arrow_local(local: str, path: str) -> Iterator[RawRecord]:
+    import pyarrow as pa
+
+    row = 0
+    with pa.memory_map(local) as source:
+        try:
+            reader: Any = pa.ipc.open_stream(source)
+        except Exception:
+            try:
+                source.seek(0)
+                file_reader = pa.ipc.open_file(source)
+                reader = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+            except Exception as exc:
+                yield RawRecord(
+                    Location(path), code="unreadable_file", reason=f"not a readable Arrow file: {exc}"
+                )
+                return
+        try:
+            for batch in reader:
+                for value in batch.to_pylist():
+                    yield RawRecord(Location(path, row=row), value=value)
+                    row += 1
+        except Exception as exc:  # a truncated stream: the rest cannot be read
+            yield RawRecord(
+                Location(path, row=row), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
             )
 
 

@@ -1,0 +1,423 @@
+"""A corpus of malformed inputs, generated here: each yields its exact problem code and location,
+never an uncaught exception, and validate_data writes nothing to the run's work_dir."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fulltune import storage
+from fulltune.config import RunConfig
+from fulltune.data.records import iter_raw
+from fulltune.data.validate import DataValidationError, validate_data
+
+
+@dataclass
+class Case:
+    uri: str
+    code: str
+    location: str  # of the first example of `code`
+    passes: bool = False  # validation passes (the code is a warning)
+    data: dict[str, Any] = field(default_factory=dict)  # extra data.* settings
+    secret: str | None = None  # must appear nowhere in the report or the message
+
+
+CASES: dict[str, Callable[[Path], Case]] = {}
+
+
+def case(fn: Callable[[Path], Case]) -> Callable[[Path], Case]:
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def lines(path: Path, *rows: Any, newline: str = "\n", prefix: bytes = b"") -> str:
+    body = newline.join(r if isinstance(r, str) else json.dumps(r) for r in rows) + newline
+    path.write_bytes(prefix + body.encode("utf-8"))
+    return str(path)
+
+
+def parquet(path: Path, table: pa.Table) -> str:
+    pq.write_table(table, path)
+    return str(path)
+
+
+OK = {"text": "a perfectly ordinary training document"}
+
+
+@case
+def truncated_gzip(tmp: Path) -> Case:
+    body = "".join(json.dumps({"text": f"record {i} " * 8}) + "\n" for i in range(2000)).encode()
+    p = tmp / "t.jsonl.gz"
+    data = gzip.compress(body)
+    p.write_bytes(data[: len(data) // 2])
+    return Case(str(p), "unreadable_file", "")  # location checked in the test: the line after the last read
+
+
+@case
+def not_gzip_at_all(tmp: Path) -> Case:
+    p = tmp / "t.jsonl.gz"
+    p.write_bytes(b'{"text": "plain, not gzip"}\n')
+    return Case(str(p), "unreadable_file", f"{p}:1")
+
+
+@case
+def parquet_wrong_schema(tmp: Path) -> Case:
+    p = parquet(tmp / "t.parquet", pa.table({"body": ["x", "y"], "n": [1, 2]}))
+    return Case(p, "unknown_kind", f"{p} row 0")
+
+
+@case
+def parquet_number_column(tmp: Path) -> Case:
+    p = parquet(tmp / "t.parquet", pa.table({"text": [1, 2, 3]}))
+    return Case(p, "wrong_type", f"{p} row 0")
+
+
+@case
+def parquet_garbage_bytes(tmp: Path) -> Case:
+    p = tmp / "t.parquet"
+    p.write_bytes(b"PAR1 this is not really parquet")
+    return Case(str(p), "unreadable_file", str(p))
+
+
+@case
+def csv_ragged_row(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_text('text,source\nhello there,web\n"two\nlines",web\none,two,three\n')
+    return Case(str(p), "csv_ragged_row", f"{p}:5")
+
+
+@case
+def csv_invalid_utf8(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_bytes(b"text\nfine row\nbad \xff\xfe row\n")
+    return Case(str(p), "invalid_utf8", f"{p}:3")
+
+
+@case
+def fifty_megabyte_line(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", {"text": "a" * 50_000_000})
+    return Case(p, "too_long", f"{p}:1", passes=True)
+
+
+@case
+def raw_nul_byte(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(json.dumps(OK).encode() + b'\n{"text": "a\x00b"}\n')
+    return Case(str(p), "invalid_json", f"{p}:2")
+
+
+@case
+def escaped_nul_character(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": "nul \u0000 inside"})
+    return Case(p, "control_chars", f"{p}:2", passes=True)
+
+
+@case
+def bom_then_invalid_json(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, "{oops", prefix=b"\xef\xbb\xbf")  # the BOM is accepted; line 2 is not
+    return Case(p, "invalid_json", f"{p}:2")
+
+
+@case
+def crlf_line_endings_accepted(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": "another line"}, {"text": "tiny"}, newline="\r\n")
+    return Case(p, "too_short", f"{p}:3", passes=True, data={"min_chars": 5})
+
+
+@case
+def json_array_in_json_file(tmp: Path) -> Case:
+    p = tmp / "t.json"
+    p.write_text(json.dumps([OK, OK]) + "\n")
+    return Case(str(p), "unreadable_file", f"{p}:1")
+
+
+@case
+def json_array_in_jsonl_file(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, json.dumps([OK, OK]))
+    return Case(p, "not_an_object", f"{p}:2")
+
+
+@case
+def number_where_string_belongs(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": 42})
+    return Case(p, "wrong_type", f"{p}:2")
+
+
+@case
+def prompt_completion_number(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", {"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": 1.5})
+    return Case(p, "wrong_type", f"{p}:2")
+
+
+@case
+def deeply_nested_json(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, '{"text": ' + "[" * 10_000 + "]" * 10_000 + "}")
+    return Case(p, "too_deep", f"{p}:2")
+
+
+@case
+def mixed_formats_directory(tmp: Path) -> Case:
+    d = tmp / "mixed"
+    d.mkdir()
+    lines(d / "a.jsonl", OK, {"text": "second"})
+    parquet(d / "b.parquet", pa.table({"prompt": ["q"], "completion": ["a"]}))
+    (d / "c.csv").write_text("text\nfrom csv\n")
+    (d / "notes.txt").write_text("ignored: not a data file\n")
+    return Case(str(d), "missing_field", f"{d / 'b.parquet'} row 0")
+
+
+@case
+def empty_file(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(b"")
+    return Case(str(p), "no_records", str(p))
+
+
+@case
+def blank_lines_only(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(b"\n\n   \n")
+    return Case(str(p), "no_records", str(p))
+
+
+@case
+def missing_file(tmp: Path) -> Case:
+    p = tmp / "absent.jsonl"
+    return Case(str(p), "no_data", str(p))
+
+
+@case
+def invalid_utf8(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(json.dumps(OK).encode() + b'\n{"text": "caf\xe9"}\n')
+    return Case(str(p), "invalid_utf8", f"{p}:2")
+
+
+@case
+def missing_field(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"body": "no text here"})
+    return Case(p, "missing_field", f"{p}:2")
+
+
+@case
+def whitespace_text(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": " \t\n "})
+    return Case(p, "empty_text", f"{p}:2")
+
+
+@case
+def chat_unknown_role(tmp: Path) -> Case:
+    p = lines(
+        tmp / "t.jsonl",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    )
+    return Case(p, "bad_chat", f"{p}:2")
+
+
+@case
+def chat_two_user_turns(tmp: Path) -> Case:
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ]
+    p = lines(tmp / "t.jsonl", {"messages": msgs})
+    return Case(p, "chat_order", f"{p}:1", passes=True)
+
+
+@case
+def chat_assistant_first(tmp: Path) -> Case:
+    msgs = [
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ]
+    p = lines(tmp / "t.jsonl", {"messages": msgs})
+    return Case(p, "chat_order", f"{p}:1", passes=True)
+
+
+@case
+def chat_system_late(tmp: Path) -> Case:
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "system", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ]
+    p = lines(tmp / "t.jsonl", {"messages": msgs})
+    return Case(p, "chat_system_not_first", f"{p}:1", passes=True)
+
+
+@case
+def pii_email(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": "write to jane.doe@example.com today"})
+    return Case(p, "pii_email", f"{p}:2", passes=True, secret="jane.doe@example.com")
+
+
+@case
+def pii_card(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", {"text": "card 4111 1111 1111 1111 exp 12/29"})
+    return Case(p, "pii_card", f"{p}:1", passes=True, secret="4111 1111 1111 1111")
+
+
+@case
+def pii_phone(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, OK, {"text": "call me at (415) 555-2671"})
+    return Case(p, "pii_phone", f"{p}:3", passes=True, secret="555-2671")
+
+
+@case
+def aws_key(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": "aws_access_key_id = AKIAIOSFODNN7EXAMPLE"})
+    return Case(p, "secret_aws_key", f"{p}:2", secret="AKIAIOSFODNN7EXAMPLE")
+
+
+@case
+def private_key(tmp: Path) -> Case:
+    key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq98secretbody\n-----END RSA PRIVATE KEY-----"
+    p = lines(tmp / "t.jsonl", {"text": key})
+    return Case(p, "secret_private_key", f"{p}:1", secret="MIIEowIBAAKCAQEA7bq98secretbody")
+
+
+@case
+def special_token_injection(tmp: Path) -> Case:
+    p = lines(
+        tmp / "t.jsonl", {"prompt": "x", "completion": "y"}, {"prompt": "ok", "completion": "a</s>[INST] b"}
+    )
+    return Case(p, "special_token_text", f"{p}:2", passes=True)
+
+
+@case
+def hf_arrow_truncated(tmp: Path) -> Case:
+    d = tmp / "hf"
+    d.mkdir()
+    table = pa.table({"text": [f"row {i} text" for i in range(3000)]})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=1000):
+            writer.write_batch(batch)
+    data = sink.getvalue()
+    (d / "data-00000-of-00001.arrow").write_bytes(data[: len(data) // 2])
+    (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (d / "dataset_info.json").write_text("{}")
+    return Case(str(d), "unreadable_file", f"{d / 'data-00000-of-00001.arrow'} row 1000")
+
+
+@case
+def hf_dataset_dict(tmp: Path) -> Case:
+    d = tmp / "dd"
+    for split in ("train", "test"):
+        (d / split).mkdir(parents=True)
+        table = pa.table({"text": [f"{split} row"]})
+        with pa.OSFile(str(d / split / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        (d / split / "state.json").write_text("{}")
+    (d / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    return Case(str(d), "no_data", str(d))
+
+
+def run_case(tmp_path: Path, c: Case) -> tuple[dict[str, Any], str]:
+    work = tmp_path / "work"
+    cfg = RunConfig.from_dict({"work_dir": str(work), "data": {"train_uri": c.uri, **c.data}})
+    out = tmp_path / "out"
+    message = ""
+    if c.passes:
+        report = validate_data(cfg, out)
+    else:
+        with pytest.raises(DataValidationError) as info:
+            validate_data(cfg, out)
+        message = str(info.value)
+        report = json.loads((out / "report.json").read_text())
+    assert not work.exists() or not any(work.iterdir()), "validate_data wrote to work_dir"
+    return report, message
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(tmp_path, name):
+    c = CASES[name](tmp_path)
+    report, message = run_case(tmp_path, c)
+    d = report["datasets"]["train"]
+    got = {p["code"]: p for p in d["problems"]}
+    assert c.code in got, f"{name}: {sorted(got)}"
+    location = got[c.code]["examples"][0]["location"]
+    if name == "truncated_gzip":
+        assert location == f"{c.uri}:{d['records'] + 1}" and 0 < d["records"] < 2000
+    else:
+        assert location == c.location
+    assert report["passed"] is c.passes
+    if not c.passes:
+        assert message.startswith("validate_data failed: train:")
+        assert f"{c.location or location}: {c.code}" in message or c.code in message.splitlines()[0]
+    if c.secret:
+        page = (tmp_path / "out" / "report.html").read_text()
+        assert c.secret not in json.dumps(report) and c.secret not in page and c.secret not in message
+
+
+def test_s3_missing_key(tmp_path, s3):
+    storage.write_bytes(f"{s3}/data/present.jsonl", b'{"text": "here"}\n')
+    c = Case(f"{s3}/data/absent.jsonl", "no_data", f"{s3}/data/absent.jsonl")
+    report, message = run_case(tmp_path, c)
+    assert report["datasets"]["train"]["problems"][0]["examples"][0]["location"] == c.location
+    assert "no_data" in message
+
+
+def test_s3_csv_and_arrow(tmp_path, s3):
+    storage.write_bytes(f"{s3}/d/a.csv", b"text\nfrom s3 csv\nsecond row\n")
+    sink = io.BytesIO()
+    table = pa.table({"text": ["arrow one", ""]})
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    storage.write_bytes(f"{s3}/d/b.arrow", sink.getvalue())
+    report, message = run_case(tmp_path, Case(f"{s3}/d", "empty_text", f"{s3}/d/b.arrow row 1"))
+    assert report["datasets"]["train"]["records"] == 4
+    assert f"{s3}/d/b.arrow row 1: empty_text" in message
+
+
+# -- property: arbitrary bytes never escape as an exception -----------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=400),
+        st.lists(
+            st.one_of(
+                st.sampled_from(
+                    [b'{"text": "x"}', b"{", b"[]", b'{"text": 1}', b"\xff", b'"s"', b"\x00", b"\r"]
+                ),
+                st.binary(max_size=30),
+            ),
+            max_size=12,
+        ).map(b"\n".join),
+    ),
+    st.sampled_from(["t.jsonl", "t.csv", "t.jsonl.gz"]),
+)
+def test_any_bytes_yield_records_or_coded_problems(tmp_path, data, name):
+    path = tmp_path / name
+    path.write_bytes(data)
+    for raw in iter_raw(str(path)):
+        assert (raw.value is None) != (raw.code is None)
+        assert raw.code is None or raw.code.isidentifier()
+    cfg = RunConfig.from_dict({"data": {"train_uri": str(path)}})
+    try:
+        report = validate_data(cfg, tmp_path / "out")
+    except DataValidationError:
+        report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for p in report["datasets"]["train"]["problems"]:
+        assert p["code"] and p["examples"]

@@ -1,0 +1,225 @@
+"""validate_data's per-code policies (data.checks), content checks, new inputs and the histogram."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from fulltune.config import ConfigError, RunConfig
+from fulltune.data.records import iter_records, resolve_kind
+from fulltune.data.validate import (
+    DataValidationError,
+    find_sensitive,
+    histogram_svg,
+    length_histogram,
+    validate_data,
+)
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg(train: str, **data: Any) -> RunConfig:
+    return RunConfig.from_dict({"data": {"train_uri": train, **data}})
+
+
+def problems(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["code"]: p for p in report["datasets"]["train"]["problems"]}
+
+
+GOOD = [{"text": f"document number {i} about glucose"} for i in range(8)]
+
+
+def test_default_policies_are_in_the_report(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", GOOD)
+    report = validate_data(cfg(train), tmp_path / "out")
+    checks = report["checks"]
+    assert checks["invalid_json"] == {"action": "fail", "max_rate": None}
+    assert checks["secret_aws_key"] == {"action": "fail", "max_rate": 0.0}
+    assert checks["duplicate"] == checks["pii_email"] == {"action": "warn", "max_rate": None}
+    assert "no_data" not in checks  # fatal codes have no policy
+
+
+def test_per_code_fail_policy_fails_only_above_its_rate(tmp_path):
+    rows = [*GOOD, {"text": "mail jane@example.org"}, {"text": "mail bob@example.org"}]  # 2 of 10
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    strict = {"pii_email": {"action": "fail", "max_rate": 0.1}}
+    with pytest.raises(DataValidationError) as info:
+        validate_data(cfg(train, checks=strict), tmp_path / "fail")
+    message = str(info.value)
+    assert message.splitlines()[0] == (
+        "validate_data failed: train: pii_email in 2 of 10 records (20.00% > allowed 10.00%)"
+    )
+    assert f"{train}:9: pii_email: j***@e***.org at character 5" in message
+    assert "jane@example.org" not in message
+    p = problems(json.loads((tmp_path / "fail" / "report.json").read_text()))["pii_email"]
+    assert (p["action"], p["count"], p["rate"], p["max_rate"], p["exceeded"]) == ("fail", 2, 0.2, 0.1, True)
+
+    report = validate_data(
+        cfg(train, checks={"pii_email": {"action": "fail", "max_rate": 0.2}}), tmp_path / "ok"
+    )
+    assert report["passed"] and problems(report)["pii_email"]["exceeded"] is False
+
+
+def test_warn_and_ignore_take_record_errors_out_of_the_budget(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [*GOOD, "{broken"])
+    with pytest.raises(DataValidationError):
+        validate_data(cfg(train), tmp_path / "a")
+    report = validate_data(cfg(train, checks={"invalid_json": {"action": "warn"}}), tmp_path / "b")
+    d = report["datasets"]["train"]
+    assert (d["passed"], d["bad_records"], d["budget_bad_records"]) == (True, 1, 0)
+    assert problems(report)["invalid_json"]["action"] == "warn"
+    report = validate_data(cfg(train, checks={"invalid_json": {"action": "ignore"}}), tmp_path / "c")
+    assert "invalid_json" not in problems(report) and report["datasets"]["train"]["bad_records"] == 1
+    # preprocessing skips the unusable record either way
+    assert len(list(iter_records(train, cfg(train).data))) == len(GOOD)
+
+
+def test_secrets_fail_by_default_and_can_be_downgraded(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [*GOOD, {"text": "key AKIAIOSFODNN7EXAMPLE here"}])
+    with pytest.raises(DataValidationError) as info:
+        validate_data(cfg(train), tmp_path / "a")
+    assert f"{train}:9: secret_aws_key: AKIA************MPLE at character 4" in str(info.value)
+    report = validate_data(cfg(train, checks={"secret_aws_key": {"action": "warn"}}), tmp_path / "b")
+    assert report["passed"]
+
+
+@pytest.mark.parametrize(
+    ("checks", "needle"),
+    [({"no_data": {"action": "warn"}}, "is fatal"), ({"nonsense": {"action": "warn"}}, "unknown code")],
+)
+def test_bad_check_names_are_config_errors(tmp_path, checks, needle):
+    train = write_jsonl(tmp_path / "t.jsonl", GOOD)
+    with pytest.raises(ConfigError, match=needle):
+        validate_data(cfg(train, checks=checks), tmp_path / "out")
+
+
+def test_policy_fields_are_validated():
+    with pytest.raises(ConfigError, match="data.checks"):
+        RunConfig.from_dict({"data": {"checks": {"pii_email": {"action": "explode"}}}})
+
+
+def test_length_limits(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "short"}, {"text": "x" * 50}, GOOD[0]])
+    report = validate_data(cfg(train, min_chars=10, max_chars=40), tmp_path / "out")
+    got = problems(report)
+    assert got["too_short"]["examples"] == [
+        {"location": f"{train}:1", "reason": "5 characters < data.min_chars 10"}
+    ]
+    assert got["too_long"]["examples"] == [
+        {"location": f"{train}:2", "reason": "50 characters > data.max_chars 40"}
+    ]
+
+
+def test_sensitive_data_is_masked():
+    text = (
+        "jane.doe@example.com, +1 415-555-2671, 4111-1111-1111-1111, AKIAIOSFODNN7EXAMPLE, "
+        "-----BEGIN OPENSSH PRIVATE KEY-----"
+    )
+    found = dict(find_sensitive(text))
+    assert found == {
+        "secret_aws_key": "AKIA************MPLE at character 60",
+        "secret_private_key": "-----BEGIN OPENSSH PRIVATE KEY----- block at character 82",
+        "pii_email": "j***@e***.com at character 0",
+        "pii_card": "************1111 at character 39",
+        "pii_phone": "*********71 at character 22",
+    }
+    # numbers that are not cards (Luhn fails) or phones
+    assert find_sensitive("order 4111 1111 1111 1112, version 1.2.3, year 2024") == []
+
+
+def test_tokenizer_special_tokens_are_checked_when_loadable(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="<|domain_eos|>")
+    tok.save_pretrained(tmp_path / "tok")
+    train = write_jsonl(tmp_path / "t.jsonl", [*GOOD, {"text": "ends here<|domain_eos|>"}])
+    base = {"data": {"train_uri": train}}
+
+    report = validate_data(
+        RunConfig.from_dict({**base, "model": {"tokenizer_uri": str(tmp_path / "tok")}}), tmp_path / "a"
+    )
+    assert report["tokenizer_special_tokens"] >= 2
+    assert problems(report)["special_token_text"]["examples"] == [
+        {"location": f"{train}:9", "reason": "'<|domain_eos|>' at character 9"}
+    ]
+    # no tokenizer there: the fixed list still applies, nothing fails
+    report = validate_data(
+        RunConfig.from_dict({**base, "model": {"tokenizer_uri": str(tmp_path / "none")}}), tmp_path / "b"
+    )
+    assert report["tokenizer_special_tokens"] == 0 and "special_token_text" not in problems(report)
+
+
+def test_near_duplicates_are_optional_and_deterministic(tmp_path):
+    words = [f"word{i}" for i in range(120)]
+    a = " ".join(words)
+    b = " ".join(words[:60] + ["changed"] + words[61:])
+    c = " ".join(reversed(words))
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": a}, {"text": c}, {"text": b}])
+    assert "near_duplicate" not in problems(validate_data(cfg(train), tmp_path / "off"))
+    runs = [problems(validate_data(cfg(train, near_duplicates=True), tmp_path / f"on{i}")) for i in range(2)]
+    assert runs[0]["near_duplicate"] == runs[1]["near_duplicate"]
+    assert runs[0]["near_duplicate"]["examples"] == [
+        {"location": f"{train}:3", "reason": f"nearly the same words as {train}:1"}
+    ]
+
+
+def test_csv_and_hf_save_to_disk_inputs(tmp_path):
+    (tmp_path / "t.csv").write_text('prompt,completion\n"What is 2+2?","4"\n"Say ""hi""",hi\n')
+    data = cfg(str(tmp_path / "t.csv")).data
+    assert resolve_kind(str(tmp_path / "t.csv"), data) == "prompt_completion"
+    got = [(str(r.loc), r.prompt, r.completion) for r in iter_records(str(tmp_path / "t.csv"), data)]
+    assert got == [
+        (f"{tmp_path / 't.csv'}:2", "What is 2+2?", "4"),
+        (f"{tmp_path / 't.csv'}:3", 'Say "hi"', "hi"),
+    ]
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    table = pa.table({"text": ["first", "second", "third"]})
+    with (
+        pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as w,
+    ):
+        w.write_table(table)
+    (d / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (d / "dataset_info.json").write_text("{}")
+    arrow = d / "data-00000-of-00001.arrow"
+    assert [(str(r.loc), r.text) for r in iter_records(str(d), data)] == [
+        (f"{arrow} row 0", "first"),
+        (f"{arrow} row 1", "second"),
+        (f"{arrow} row 2", "third"),
+    ]
+    table = pa.table({"text": ["first", "first"]})
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    report = validate_data(cfg(str(d)), tmp_path / "out")
+    assert problems(report)["duplicate"]["examples"] == [
+        {"location": f"{arrow} row 1", "reason": f"same content as {arrow} row 0"}
+    ]
+
+
+def test_length_histogram_in_report_and_html(tmp_path):
+    rows = [{"text": "x" * n} for n in (1, 3, 3, 40)]
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    report = validate_data(cfg(train), tmp_path / "out")
+    assert report["datasets"]["train"]["length_histogram"] == [
+        {"lo": 1, "hi": 1, "count": 1},
+        {"lo": 2, "hi": 3, "count": 2},
+        {"lo": 4, "hi": 7, "count": 0},
+        {"lo": 8, "hi": 15, "count": 0},
+        {"lo": 16, "hi": 31, "count": 0},
+        {"lo": 32, "hi": 63, "count": 1},
+    ]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<svg") == 1 and page.count("<rect") == 6 and "2–3 chars: 2 records" in page
+    assert length_histogram([]) == [] and histogram_svg([{"lo": 0, "hi": 0, "count": 0}]).startswith("<svg")
