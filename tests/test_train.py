@@ -44,7 +44,7 @@ def tiny_dataset(demo_assets, work: str, n_seq: int) -> str:
     return uri
 
 
-def plan_run(demo_assets, work: str, **training) -> RunConfig:
+def plan_run(demo_assets, work: str, nproc: int = 2, **training) -> RunConfig:
     cfg = RunConfig.from_dict(
         {
             "work_dir": work,
@@ -52,7 +52,7 @@ def plan_run(demo_assets, work: str, **training) -> RunConfig:
             "data": {"train_uri": demo_assets.train_uri},
             "preprocess": {"max_seq_len": SEQ},
             "training": {"learning_rate": 1e-3, "num_train_epochs": 1, "bf16": False, **training},
-            "resources": {"nproc_per_node": 2, "accelerator": "cpu"},
+            "resources": {"nproc_per_node": nproc, "accelerator": "cpu"},
         }
     )
     p = make_plan(cfg, train_tokens=10_000)
@@ -213,3 +213,19 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
         LocalLauncher().run(job)
     assert exc.value.exit_code == 1
     assert "none is complete and intact" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_path):
+    """2 ranks x micro batch 2 and 1 rank x micro batch 4 see the same global batches: same losses."""
+    losses = {}
+    for nproc, micro in ((2, 2), (1, 4)):
+        work = str(tmp_path / f"n{nproc}")
+        dataset = tiny_dataset(demo_assets, work, n_seq=24)
+        cfg = plan_run(demo_assets, work, nproc=nproc, per_device_train_batch_size=micro, max_steps=10)
+        job = train_job(cfg, work, dataset)
+        LocalLauncher().run(job)
+        losses[nproc] = [json.loads(line)["loss"] for line in storage.read_text(job.metrics_uri).splitlines()]
+    assert len(losses[1]) == 10
+    torch.testing.assert_close(losses[2], losses[1], rtol=1e-4, atol=1e-4)
+    assert losses[1][-1] < losses[1][0]
