@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_spli
 
 VOCAB = 64
 SEQ_LEN = 16
+WORDS = (
+    "the a patient doctor takes gives dose of metformin insulin daily twice kidney liver heart "
+    "is has low high normal blood sugar pressure what which answer yes no paris rome city capital"
+).split()
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -46,7 +51,22 @@ def _save_tiny_llama(path: Path, *, seed: int, perturb: float = 0.0) -> Path:
             for param in model.parameters():
                 param.add_(torch.randn(param.shape, generator=gen) * perturb)
     model.save_pretrained(path, safe_serialization=True)
+    _tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def _tiny_tokenizer():
+    """A word-level tokenizer whose ids fit the tiny model's vocabulary (pad 0, bos 1, eos 2, unk 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +343,238 @@ def test_models_and_dataset_on_s3(models, tmp_path, s3):
 def test_report_renders_from_eval_json_alone():
     html = render_report({"verdict": False, "reasons": ["domain loss rose <b>"], "sets": {}})
     assert "FAILED" in html and "&lt;b&gt;" in html
+
+
+# -- bootstrap intervals ------------------------------------------------------------------------
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate():
+    import numpy as np
+
+    from fulltune.evaluate.stats import bootstrap, ratio_of_sums
+
+    rng = np.random.default_rng(0)
+    sums, counts = rng.uniform(10, 20, 200), rng.integers(5, 10, 200)
+    stat = ratio_of_sums(sums, counts)
+    a = bootstrap(stat, 200, resamples=500, seed=3)
+    assert a == bootstrap(stat, 200, resamples=500, seed=3)
+    assert a.estimate == pytest.approx(sums.sum() / counts.sum())
+    assert a.low < a.estimate < a.high
+    assert bootstrap(stat, 200, resamples=500, seed=4) != a
+    wider = bootstrap(stat, 200, resamples=500, seed=3, level=0.99)
+    assert wider.low <= a.low and wider.high >= a.high
+    off = bootstrap(stat, 200, resamples=0, seed=3)
+    assert off.estimate == a.estimate and not off.known
+    # identical models: the paired interval of the difference collapses to zero
+    same = bootstrap(lambda i: stat(i) - stat(i), 200, resamples=100, seed=0)
+    assert (same.low, same.high) == (0.0, 0.0)
+
+
+def test_gate_reasons_quote_the_interval_but_decide_on_the_estimate():
+    verdict = decide(
+        base_domain_loss=3.91,
+        tuned_domain_loss=3.0732,
+        base_general_ppl=12.10,
+        tuned_general_ppl=12.98,
+        min_domain_loss_improvement=0.0,
+        max_general_ppl_increase=0.05,
+        domain_ci=(0.19, 0.235),
+        forgetting_ci=(0.051, 0.096),
+    )
+    assert verdict.reasons == [
+        "domain loss fell 21.4% (3.91 → 3.07, 95% CI of the improvement +19.0% to +23.5%) ≥ 0.0% required",
+        "general perplexity rose 7.3% (12.10 → 12.98, 95% CI of the rise +5.1% to +9.6%) > 5.0% allowed",
+    ]
+    # the interval reaches past the limit, the estimate does not: the estimate decides
+    noisy = decide(
+        base_domain_loss=3.91,
+        tuned_domain_loss=3.0732,
+        base_general_ppl=12.10,
+        tuned_general_ppl=12.30,
+        min_domain_loss_improvement=0.0,
+        max_general_ppl_increase=0.05,
+        forgetting_ci=(-0.02, 0.08),
+        ci_level=0.9,
+    )
+    assert noisy.passed
+    assert noisy.reasons[1] == (
+        "general perplexity rose 1.7% (12.10 → 12.30, 90% CI of the rise -2.0% to +8.0%) ≤ 5.0% allowed"
+    )
+
+
+def test_gate_multiple_choice_checks():
+    from fulltune.evaluate.gate import MCComparison
+
+    def run(*tasks, allowed=2.0):
+        return _decide_mc(list(tasks), allowed)
+
+    ok = run(MCComparison("arc", 0.61, 0.60, (-3.0, 1.0)))
+    assert ok.passed
+    assert ok.reasons[2] == (
+        "arc accuracy fell 1.0 points (61.0% → 60.0%, 95% CI of the change -3.0 to +1.0 points) ≤ 2.0 allowed"
+    )
+    bad = run(MCComparison("arc", 0.61, 0.60), MCComparison("mmlu", 0.50, 0.45), allowed=2.0)
+    assert not bad.passed and [c.passed for c in bad.checks] == [True, True, True, False]
+    assert bad.checks[3].name == "mc_mmlu"
+    assert bad.reasons[3] == "mmlu accuracy fell 5.0 points (50.0% → 45.0%) > 2.0 allowed"
+    assert run(MCComparison("arc", 0.5, 0.55)).reasons[2] == (
+        "arc accuracy rose 5.0 points (50.0% → 55.0%): no drop (2.0 allowed)"
+    )
+
+
+def _decide_mc(tasks, allowed):
+    return decide(
+        base_domain_loss=3.91,
+        tuned_domain_loss=3.0,
+        base_general_ppl=None,
+        tuned_general_ppl=None,
+        min_domain_loss_improvement=0.0,
+        max_general_ppl_increase=0.05,
+        mc=tasks,
+        max_mc_accuracy_drop=allowed,
+    )
+
+
+def test_per_sequence_losses_add_up_and_sorting_changes_nothing(models, dataset):
+    import numpy as np
+
+    data = load_split(dataset, "domain_eval")
+    device, dtype = pick_device()
+    with load_model(_cfg(), str(models["tuned"]), device, dtype) as model:
+        sorted_ = sequence_loss(model, data, batch_size=4)
+        plain = sequence_loss(model, data, batch_size=1, sort_by_length=False)
+    expected_tokens = (data["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).numpy()
+    assert np.array_equal(sorted_.sequence_tokens, expected_tokens)
+    assert sorted_.sequence_sums.sum() / sorted_.tokens == pytest.approx(sorted_.loss)
+    tol = 1e-5 if device.type == "cpu" else 2e-2
+    assert np.allclose(sorted_.sequence_sums, plain.sequence_sums, atol=tol * 10)
+    assert sorted_.loss == pytest.approx(plain.loss, abs=tol)
+
+
+# -- multiple choice ----------------------------------------------------------------------------
+
+MC_QUESTIONS = [
+    {"question": "what is the capital city", "choices": ["paris", "rome", "the city of rome"], "answer": 0},
+    {"question": "the patient takes metformin", "choices": ["daily", "twice daily"], "answer": 1},
+    {"question": "blood sugar is", "choices": ["low", "high", "normal", "a liver"], "answer": 2},
+    {"question": "which dose", "choices": ["a low dose of insulin", "no"], "answer": 0},
+]
+
+
+def _write_mc(path: Path, rows=MC_QUESTIONS) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _hand_loglikelihood(model, tok, question: str, choice: str) -> float:
+    """Sum of log-softmax over the choice's tokens, one unpadded sequence at a time."""
+    import torch
+
+    context = tok(question, add_special_tokens=False)["input_ids"]
+    cont = tok(choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[tok.bos_token_id, *context, *cont]])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    start = 1 + len(context)
+    return sum(float(logp[start - 1 + k, t]) for k, t in enumerate(cont))
+
+
+def test_mc_loglikelihoods_match_a_hand_computation(models, tmp_path):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fulltune.evaluate import mc
+
+    questions = mc.load_task(_write_mc(tmp_path / "task.jsonl"))
+    tok = AutoTokenizer.from_pretrained(models["tuned"])
+    model = AutoModelForCausalLM.from_pretrained(models["tuned"], dtype=torch.float32).eval()
+    expected = [[_hand_loglikelihood(model, tok, q.question, c) for c in q.choices] for q in questions]
+    requests = mc.encode(tok, questions)
+    for batch_size in (1, 3, 64):
+        got = mc.score(questions, requests, mc.loglikelihoods(model, requests, batch_size=batch_size))
+        for want, have in zip(expected, got.loglikelihoods, strict=True):
+            np.testing.assert_allclose(have, want, atol=1e-4, rtol=0)
+    acc = np.mean([int(np.argmax(e)) == q.answer for e, q in zip(expected, questions, strict=True)])
+    acc_norm = np.mean(
+        [
+            int(np.argmax(np.array(e) / [len(c) for c in q.choices])) == q.answer
+            for e, q in zip(expected, questions, strict=True)
+        ]
+    )
+    assert got.acc == pytest.approx(acc) and got.acc_norm == pytest.approx(acc_norm)
+    assert got.answer_loglikelihood[1] == pytest.approx(expected[1][1], abs=1e-4)
+
+
+def test_mc_task_errors_name_the_line(tmp_path):
+    from fulltune.evaluate.mc import MCTaskError, load_task
+
+    bad = _write_mc(
+        tmp_path / "bad.jsonl", [MC_QUESTIONS[0], {"question": "q", "choices": ["a", "b"], "answer": 2}]
+    )
+    with pytest.raises(MCTaskError, match="line 2: 'answer'"):
+        load_task(bad)
+    assert len(load_task(_write_mc(tmp_path / "ok.jsonl"), limit=2)) == 2
+
+
+def test_evaluate_models_with_mc_tasks_and_intervals(models, dataset, tmp_path):
+    task = _write_mc(tmp_path / "task.jsonl", MC_QUESTIONS * 3)
+    cfg = _cfg(mc_tasks=[{"name": "toy", "uri": task}], bootstrap_resamples=200)
+    out = tmp_path / "out"
+    result = evaluate_models(cfg, str(models["base"]), str(models["tuned"]), dataset, out)
+    m = result["metrics"]
+    assert all(isinstance(v, float) for v in m.values())
+    for key in ("mc_toy_base_acc", "mc_toy_tuned_acc", "mc_toy_base_acc_norm", "mc_toy_tuned_acc_norm"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["mc_toy_acc_change"] == pytest.approx((m["mc_toy_tuned_acc"] - m["mc_toy_base_acc"]) * 100)
+    for key in ("domain_loss_improvement", "forgetting", "domain_loss_change", "general_perplexity_change"):
+        assert m[f"{key}_ci_low"] <= m[key] + 1e-9 and m[key] - 1e-9 <= m[f"{key}_ci_high"], key
+    assert m["mc_toy_acc_change_ci_low"] <= m["mc_toy_acc_change"] <= m["mc_toy_acc_change_ci_high"]
+    assert m["general_perplexity_change"] == pytest.approx(
+        m["general_eval_tuned_perplexity"] - m["general_eval_base_perplexity"]
+    )
+    assert len(result["reasons"]) == 3 and result["checks"][2]["name"] == "mc_toy"
+    assert "95% CI of the rise" in result["reasons"][1]
+    assert result["mc"]["toy"]["questions"] == 12
+
+    worst = result["sets"]["domain_eval"]["worst_regressions"]
+    assert 0 < len(worst) <= 10
+    assert [w["change"] for w in worst] == sorted((w["change"] for w in worst), reverse=True)
+    assert all(w["tuned_loss"] - w["base_loss"] == pytest.approx(w["change"]) for w in worst)
+
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") == 4 + 2  # loss + perplexity per set, acc + acc_norm per task
+    assert "Multiple-choice tasks" in html and "toy" in html
+    for reason in result["reasons"]:
+        assert escape(reason) in html
+    if result["mc"]["toy"]["worst_regressions"]:
+        assert escape(result["mc"]["toy"]["worst_regressions"][0]["question"]) in html
+
+    again = evaluate_models(cfg, str(models["base"]), str(models["tuned"]), dataset, tmp_path / "again")
+    assert again["metrics"] == result["metrics"]  # seeded
+
+
+def test_mc_gate_fails_on_an_accuracy_drop(models, dataset, tmp_path):
+    task = _write_mc(tmp_path / "task.jsonl", MC_QUESTIONS * 3)
+    cfg = _cfg(mc_tasks=[{"name": "toy", "uri": task}], max_mc_accuracy_drop=0.0)
+    same = evaluate_models(cfg, str(models["base"]), str(models["same"]), dataset, tmp_path / "a")
+    assert same["verdict"] is True and same["metrics"]["mc_toy_acc_change"] == 0.0
+    assert "no drop" in same["reasons"][2]
+
+
+def test_mc_tokenizer_falls_back_to_the_runs_tokenizer(models, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(models["same"] / name, bare / name)
+    manifest = _manifest(tmp_path / "data", general=False)
+    task = _write_mc(tmp_path / "task.jsonl")
+    evaluation = {"per_device_eval_batch_size": 3, "mc_tasks": [{"name": "toy", "uri": task}]}
+    cfg = RunConfig.from_dict({"model": {"tokenizer_uri": str(models["base"])}, "evaluation": evaluation})
+    result = evaluate_models(cfg, str(models["base"]), str(bare), manifest, tmp_path / "out")
+    assert result["metrics"]["mc_toy_acc_change"] == 0.0
+    no_fallback = RunConfig.from_dict({"model": {"tokenizer_uri": str(bare)}, "evaluation": evaluation})
+    with pytest.raises(EvaluateError, match="no tokenizer"):
+        evaluate_models(no_fallback, str(models["base"]), str(bare), manifest, tmp_path / "out2")

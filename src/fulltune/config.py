@@ -223,6 +223,19 @@ class ResourcesSection(_Section):
     )
 
 
+class MultipleChoiceTask(_Section):
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="Task name; metrics are named mc_<name>_... .",
+    )
+    uri: str = Field(
+        ...,
+        min_length=1,
+        description='JSONL file (local or s3://), one {"question", "choices": [...], "answer": index} a line.',
+    )
+
+
 class EvaluationSection(_Section):
     max_general_ppl_increase: float = Field(
         0.05,
@@ -233,7 +246,25 @@ class EvaluationSection(_Section):
         0.0, description="Smallest required relative drop of domain eval loss, e.g. 0.02 = 2%."
     )
     per_device_eval_batch_size: int = Field(8, ge=1, description="Sequences per evaluation batch.")
-    max_eval_sequences: int = Field(512, ge=1, description="Cap on sequences evaluated per set.")
+    max_eval_sequences: int = Field(
+        512,
+        ge=1,
+        description="Cap on sequences evaluated per set (and on questions per multiple-choice task).",
+    )
+    mc_tasks: list[MultipleChoiceTask] = Field(
+        default_factory=list,
+        description="Multiple-choice tasks scored by log-likelihood (acc, acc_norm) on base and tuned model.",
+    )
+    max_mc_accuracy_drop: float = Field(
+        2.0,
+        ge=0.0,
+        description="Largest allowed drop of multiple-choice accuracy (acc), in percentage points.",
+    )
+    bootstrap_resamples: int = Field(
+        1000, ge=0, description="Bootstrap resamples for the confidence intervals; 0 turns them off."
+    )
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    confidence_level: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the intervals.")
 
 
 class RegistrySection(_Section):

@@ -7,7 +7,14 @@ Two checks, both relative so they read the same for any model size:
   value tolerates a small rise);
 - **forgetting**: `forgetting = tuned_ppl / base_ppl - 1` on the general eval set must be at most
   `evaluation.max_general_ppl_increase` (0.05 = perplexity may rise by 5%). Without a general set
-  forgetting is not measured and the check passes, saying so.
+  forgetting is not measured and the check passes, saying so;
+- **multiple choice** (one check per configured task): the accuracy (`acc`) may fall by at most
+  `evaluation.max_mc_accuracy_drop` percentage points (2.0 = from 61.0% to 59.0% still passes).
+
+The gate decides on the **point estimates**. Bootstrap confidence intervals, when given, are quoted
+in the reasons so a reader can tell a real regression from noise on a small eval set, but they do
+not change the decision: a gate on an interval bound would pass or fail more often just because a
+set is small, and the thresholds are meant to be read as plain changes.
 
 Everything here is pure arithmetic on numbers, so it is unit-tested without a model. Every check
 yields a plain-language reason whether it passes or fails; a failed gate is a verdict, not an error.
@@ -17,7 +24,10 @@ A value that is not a finite number (a diverged model) fails its check.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
+
+CI = tuple[float, float]  # (low, high) of a bootstrap interval, in the metric's own units
 
 
 class Check(NamedTuple):
@@ -53,6 +63,15 @@ def forgetting(base_ppl: float, tuned_ppl: float) -> float:
     return tuned_ppl / base_ppl - 1.0
 
 
+class MCComparison(NamedTuple):
+    """One multiple-choice task: base and tuned accuracy (fractions) and the CI of the change in points."""
+
+    name: str
+    base_acc: float
+    tuned_acc: float
+    change_ci: CI | None = None
+
+
 def decide(
     *,
     base_domain_loss: float,
@@ -61,6 +80,11 @@ def decide(
     tuned_general_ppl: float | None,
     min_domain_loss_improvement: float,
     max_general_ppl_increase: float,
+    domain_ci: CI | None = None,
+    forgetting_ci: CI | None = None,
+    mc: Sequence[MCComparison] = (),
+    max_mc_accuracy_drop: float = 2.0,
+    ci_level: float = 0.95,
 ) -> Verdict:
     """Apply the gate. Pass `None` for both general perplexities when there is no general set.
 
@@ -71,19 +95,33 @@ def decide(
         tuned_general_ppl: The same for the tuned model, or None.
         min_domain_loss_improvement: Smallest required relative drop of the domain loss.
         max_general_ppl_increase: Largest allowed relative rise of the general perplexity.
+        domain_ci: Bootstrap interval of `domain_loss_improvement`, quoted in the reason.
+        forgetting_ci: Bootstrap interval of `forgetting`, quoted in the reason.
+        mc: Multiple-choice results, one check each.
+        max_mc_accuracy_drop: Largest allowed accuracy drop, in percentage points.
+        ci_level: Confidence level of the intervals, for the wording.
     """
     if (base_general_ppl is None) != (tuned_general_ppl is None):
         raise ValueError("give both general perplexities or neither")
-    checks = [_domain_check(base_domain_loss, tuned_domain_loss, min_domain_loss_improvement)]
+    checks = [
+        _domain_check(base_domain_loss, tuned_domain_loss, min_domain_loss_improvement, domain_ci, ci_level)
+    ]
     if base_general_ppl is None or tuned_general_ppl is None:
         checks.append(Check("forgetting", True, "no general eval set: forgetting was not measured"))
     else:
-        checks.append(_forgetting_check(base_general_ppl, tuned_general_ppl, max_general_ppl_increase))
+        checks.append(
+            _forgetting_check(
+                base_general_ppl, tuned_general_ppl, max_general_ppl_increase, forgetting_ci, ci_level
+            )
+        )
+    checks.extend(_mc_check(task, max_mc_accuracy_drop, ci_level) for task in mc)
     return Verdict(all(check.passed for check in checks), tuple(checks))
 
 
-def _domain_check(base: float, tuned: float, required: float) -> Check:
-    change = f"({base:.2f} → {tuned:.2f})"
+def _domain_check(
+    base: float, tuned: float, required: float, ci: CI | None = None, level: float = 0.95
+) -> Check:
+    change = f"({base:.2f} → {tuned:.2f}{_ci_pct(ci, 'improvement', level)})"
     improvement = domain_loss_improvement(base, tuned)
     if not math.isfinite(improvement):
         return Check(
@@ -106,8 +144,10 @@ def _domain_check(base: float, tuned: float, required: float) -> Check:
     return Check("domain_gain", passed, reason)
 
 
-def _forgetting_check(base: float, tuned: float, allowed: float) -> Check:
-    change = f"({base:.2f} → {tuned:.2f})"
+def _forgetting_check(
+    base: float, tuned: float, allowed: float, ci: CI | None = None, level: float = 0.95
+) -> Check:
+    change = f"({base:.2f} → {tuned:.2f}{_ci_pct(ci, 'rise', level)})"
     rise = forgetting(base, tuned)
     if not math.isfinite(rise):
         return Check(
@@ -123,6 +163,36 @@ def _forgetting_check(base: float, tuned: float, allowed: float) -> Check:
     else:
         reason = f"general perplexity fell {_neg(got)} {change}: no forgetting ({limit} rise allowed)"
     return Check("forgetting", passed, reason)
+
+
+def _mc_check(task: MCComparison, allowed: float, level: float = 0.95) -> Check:
+    name = f"mc_{task.name}"
+    points = (task.tuned_acc - task.base_acc) * 100.0
+    ci = ""
+    if task.change_ci is not None and all(math.isfinite(x) for x in task.change_ci):
+        ci = f", {_level(level)} CI of the change {task.change_ci[0]:+.1f} to {task.change_ci[1]:+.1f} points"
+    change = f"({task.base_acc:.1%} → {task.tuned_acc:.1%}{ci})"
+    if not math.isfinite(points):
+        return Check(name, False, f"{task.name} accuracy is not a finite number {change}")
+    drop = -points
+    passed = drop <= allowed
+    if drop > 0:
+        op = "≤" if passed else ">"
+        reason = f"{task.name} accuracy fell {drop:.1f} points {change} {op} {allowed:.1f} allowed"
+    else:
+        reason = f"{task.name} accuracy rose {points:.1f} points {change}: no drop ({allowed:.1f} allowed)"
+    return Check(name, passed, reason)
+
+
+def _ci_pct(ci: CI | None, what: str, level: float = 0.95) -> str:
+    """', 95% CI of the rise +5.1% to +9.6%' or '' when there is no (finite) interval."""
+    if ci is None or not all(math.isfinite(x) for x in ci):
+        return ""
+    return f", {_level(level)} CI of the {what} {ci[0]:+.1%} to {ci[1]:+.1%}"
+
+
+def _level(level: float) -> str:
+    return f"{level:.0%}" if round(level * 100, 6).is_integer() else f"{level:.1%}"
 
 
 def _percentages(value: float, threshold: float) -> tuple[str, str]:

@@ -1,7 +1,9 @@
 """The evaluation report: one self-contained HTML page (no scripts, no external assets).
 
 It shows the verdict first, then each gate check with its reason, then base against tuned for every
-eval set. It is rendered from the `eval.json` dict alone, so a report can be rebuilt from any run.
+eval set and multiple-choice task: a table with the change and its bootstrap interval, an inline SVG
+bar chart per metric (no plotting library), and the examples whose loss rose most. It is rendered
+from the `eval.json` dict alone, so a report can be rebuilt from any run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ ul.checks { list-style: none; padding-left: 0; }
 ul.checks li { margin: .3rem 0; }
 .meta { color: #555; font-size: .9rem; }
 code { font-size: .9em; }
+.charts { display: flex; flex-wrap: wrap; gap: 1rem; }
+.charts svg { border: 1px solid #e4e4e8; border-radius: .3rem; }
+td.text { text-align: left; max-width: 32rem; }
 """
+_BASE_COLOUR, _TUNED_COLOUR = "#8e9aaf", "#3a6ea5"
 
 
 def render_report(result: dict[str, Any]) -> str:
@@ -62,6 +68,45 @@ def render_report(result: dict[str, Any]) -> str:
                 f"<tr><td>{metric}</td><td>{_num(b)}</td><td>{_num(t)}</td><td>{_change(b, t)}</td></tr>"
             )
         parts.append("</table>")
+        parts.append(_ci_line(result, _set_ci_keys(name)))
+        parts.append(
+            '<div class="charts">'
+            + "".join(_bar_chart(f"{name} {m}", base.get(m), tuned.get(m)) for m in ("loss", "perplexity"))
+            + "</div>"
+        )
+        parts.append(_worst_table(entry.get("worst_regressions") or [], "sequence"))
+
+    mc = result.get("mc") or {}
+    if mc:
+        parts.append("<h2>Multiple-choice tasks</h2>")
+        parts.append(
+            '<p class="meta">Scored by log-likelihood of each choice given the question; acc_norm divides by '
+            "the choice's length in characters. Changes in percentage points.</p>"
+        )
+    for name, entry in mc.items():
+        base, tuned = entry.get("base", {}), entry.get("tuned", {})
+        parts.append(
+            f"<h3>{escape(name)}</h3>"
+            f'<p class="meta">{entry.get("questions", "?")} questions</p>'
+            "<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"
+        )
+        for metric in ("acc", "acc_norm"):
+            b, t = base.get(metric), tuned.get(metric)
+            change = entry.get(f"{metric}_change_points")
+            parts.append(
+                f"<tr><td>{metric}</td><td>{_pct(b)}</td><td>{_pct(t)}</td><td>{_points(change)}</td></tr>"
+            )
+        parts.append("</table>")
+        parts.append(_ci_line(result, [f"mc_{name}_acc_change", f"mc_{name}_acc_norm_change"]))
+        parts.append(
+            '<div class="charts">'
+            + "".join(
+                _bar_chart(f"{name} {m}", base.get(m), tuned.get(m), percent=True)
+                for m in ("acc", "acc_norm")
+            )
+            + "</div>"
+        )
+        parts.append(_worst_table(entry.get("worst_regressions") or [], "question"))
 
     thresholds = result.get("thresholds", {})
     parts.append('<h2>Run</h2><table class="meta">')
@@ -71,6 +116,8 @@ def render_report(result: dict[str, Any]) -> str:
         ("dataset manifest", result.get("dataset_manifest") or "(passed inline)"),
         ("min domain loss improvement", _pct(thresholds.get("min_domain_loss_improvement"))),
         ("max general perplexity increase", _pct(thresholds.get("max_general_ppl_increase"))),
+        ("max multiple-choice accuracy drop", _points(thresholds.get("max_mc_accuracy_drop"))),
+        ("bootstrap", _bootstrap(result.get("bootstrap"))),
         ("device", result.get("device")),
         ("created", result.get("created_at")),
         ("fulltune", result.get("fulltune_version")),
@@ -96,3 +143,88 @@ def _change(base: Any, tuned: Any) -> str:
         return "—"
     rel = tuned / base - 1.0
     return f"{rel:+.1%}" if math.isfinite(rel) else "—"
+
+
+def _points(value: Any) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "—"
+    return f"{value:+.1f} pts" if value else "0.0 pts"
+
+
+def _bootstrap(boot: Any) -> str:
+    if not isinstance(boot, dict) or not boot.get("resamples"):
+        return "off"
+    return f"{boot['resamples']} paired resamples, seed {boot.get('seed')}, {boot.get('level', 0.95):.0%} percentile CI"
+
+
+def _set_ci_keys(name: str) -> list[str]:
+    if name == "domain_eval":
+        return ["domain_loss_change", "domain_loss_improvement"]
+    if name == "general_eval":
+        return ["general_perplexity_change", "forgetting"]
+    return []
+
+
+def _ci_line(result: dict[str, Any], keys: list[str]) -> str:
+    """'domain_loss_improvement: 0.2140 (95% CI 0.19 to 0.23)' for the intervals in the result."""
+    intervals = result.get("confidence_intervals") or {}
+    level = (result.get("bootstrap") or {}).get("level", 0.95)
+    items = []
+    for key in keys:
+        ci = intervals.get(key)
+        if not ci:
+            continue
+        items.append(
+            f"<code>{escape(key)}</code> {_num(ci.get('estimate'))} "
+            f"({level:.0%} CI {_num(ci.get('low'))} to {_num(ci.get('high'))})"
+        )
+    return f'<p class="meta">{"; ".join(items)}</p>' if items else ""
+
+
+def _bar_chart(title: str, base: Any, tuned: Any, *, percent: bool = False) -> str:
+    """Two horizontal bars, base and tuned, on a shared scale from zero, as inline SVG."""
+    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in (base, tuned)]
+    top = max([v for v in values if v is not None and v > 0], default=1.0)
+    if percent:
+        top = max(top, 1.0)
+    width, bar_x, bar_w, row_h = 320, 56, 180, 26
+    rows = []
+    for i, (label, value, colour) in enumerate(
+        (("base", values[0], _BASE_COLOUR), ("tuned", values[1], _TUNED_COLOUR))
+    ):
+        y = 28 + i * row_h
+        length = 0.0 if value is None else max(value, 0.0) / top * bar_w
+        text = "—" if value is None else (f"{value:.1%}" if percent else f"{value:.4g}")
+        rows.append(
+            f'<text x="8" y="{y + 13}" font-size="12">{label}</text>'
+            f'<rect x="{bar_x}" y="{y}" width="{length:.1f}" height="18" fill="{colour}"/>'
+            f'<text x="{bar_x + length + 6:.1f}" y="{y + 13}" font-size="12">{text}</text>'
+        )
+    height = 28 + 2 * row_h + 6
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(title)}: base vs tuned">'
+        f'<text x="8" y="17" font-size="13" font-weight="600">{escape(title)}</text>'
+        + "".join(rows)
+        + "</svg>"
+    )
+
+
+def _worst_table(rows: list[dict[str, Any]], kind: str) -> str:
+    if not rows:
+        return f'<p class="meta">No {kind} got worse.</p>'
+    header = f"<th>{kind}</th>" + ("<th>question</th>" if kind == "question" else "")
+    parts = [
+        f'<p class="meta">The {len(rows)} {kind}s whose loss rose most'
+        + (" (loss = minus the log-likelihood of the right choice)" if kind == "question" else "")
+        + ":</p>",
+        f"<table><tr>{header}<th>base loss</th><th>tuned loss</th><th>rise</th></tr>",
+    ]
+    for row in rows:
+        text = f'<td class="text">{escape(str(row.get("question", "")))}</td>' if kind == "question" else ""
+        parts.append(
+            f"<tr><td>{row.get('index')}</td>{text}<td>{_num(row.get('base_loss'))}</td>"
+            f"<td>{_num(row.get('tuned_loss'))}</td><td>{_num(row.get('change'))}</td></tr>"
+        )
+    parts.append("</table>")
+    return "".join(parts)

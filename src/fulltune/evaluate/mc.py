@@ -1,0 +1,175 @@
+"""Multiple-choice tasks scored by log-likelihood, the way lm-evaluation-harness scores them.
+
+A task is a JSONL file (local or s3://), one question a line:
+
+    {"question": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0}
+
+For every choice the model scores the continuation `" " + choice` given the question (the
+harness's default `target_delimiter`), as the summed log-probability of the continuation's tokens.
+Tokenization follows the harness's `_encode_pair`: the continuation tokens are those of
+`encode(question + continuation)` past `encode(question)`, so a merge across the boundary is
+scored the way the model would see it. The tokens are preceded by the tokenizer's BOS token when
+it has one (the harness leaves BOS out by default; Llama-family models expect it).
+
+- `acc`: the choice with the highest summed log-probability is the answer;
+- `acc_norm`: the same after dividing by the choice's length in **characters** (`len(choice)`, as
+  the harness's `acc_norm` does; its `acc_bytes` divides by UTF-8 bytes instead).
+
+Ties go to the first choice (numpy argmax, as in the harness). Requests are batched sorted by
+length, longest first, so a batch pads little; a request longer than the model's
+`max_position_embeddings` is truncated from the left.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fulltune import storage
+
+
+class MCTaskError(ValueError):
+    """A multiple-choice task file that cannot be used; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class MCScores:
+    """One model on one task: per-choice log-likelihoods and the per-question outcomes."""
+
+    loglikelihoods: list[np.ndarray]  # per question, one value per choice
+    correct: np.ndarray  # [Q] 1.0 where acc picks the answer
+    correct_norm: np.ndarray  # [Q] 1.0 where acc_norm picks the answer
+    answer_loglikelihood: np.ndarray  # [Q] log-likelihood of the right choice
+
+    @property
+    def acc(self) -> float:
+        return float(self.correct.mean())
+
+    @property
+    def acc_norm(self) -> float:
+        return float(self.correct_norm.mean())
+
+
+def load_task(uri: str, *, limit: int | None = None) -> list[Question]:
+    """The questions of a task file, in file order (at most `limit`)."""
+    questions: list[Question] = []
+    for number, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if limit is not None and len(questions) >= limit:
+            break
+        where = f"{uri} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MCTaskError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise MCTaskError(f"{where}: expected an object with question, choices and answer")
+        question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
+        if not isinstance(question, str):
+            raise MCTaskError(f"{where}: 'question' must be a string")
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise MCTaskError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise MCTaskError(f"{where}: 'answer' must be an index into choices (0..{len(choices) - 1})")
+        questions.append(Question(question, tuple(choices), answer))
+    if not questions:
+        raise MCTaskError(f"{uri}: no questions")
+    return questions
+
+
+@dataclass(frozen=True)
+class Request:
+    """One (question, choice) pair as token ids: the full sequence and how many tokens are scored."""
+
+    question: int
+    choice: int
+    tokens: tuple[int, ...]  # prefix + context + continuation
+    continuation: int  # number of trailing tokens scored
+
+
+def encode(tokenizer: Any, questions: list[Question]) -> list[Request]:
+    """Token ids for every (question, choice), harness-style (see the module docstring)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prefix = [bos] if bos is not None else []
+    requests = []
+    for qi, q in enumerate(questions):
+        context = tokenizer(q.question, add_special_tokens=False)["input_ids"]
+        for ci, choice in enumerate(q.choices):
+            whole = tokenizer(q.question + " " + choice, add_special_tokens=False)["input_ids"]
+            continuation = whole[len(context) :]
+            if not continuation:
+                raise MCTaskError(f"question {qi}, choice {ci}: the choice encodes to no tokens")
+            if not prefix and len(whole) == len(continuation):
+                raise MCTaskError(f"question {qi}: an empty question needs a tokenizer with a BOS token")
+            requests.append(Request(qi, ci, tuple(prefix + whole), len(continuation)))
+    return requests
+
+
+def loglikelihoods(model: Any, requests: list[Request], *, batch_size: int, pad_id: int = 0) -> np.ndarray:
+    """Summed log-probability of each request's continuation, in request order (float64)."""
+    import torch
+
+    device = next(model.parameters()).device
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    out = np.zeros(len(requests), dtype=np.float64)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [requests[i] for i in order[start : start + batch_size]]
+            inputs = [list(r.tokens[:-1]) for r in batch]
+            if max_len:
+                for r in batch:
+                    if r.continuation > max_len:
+                        raise MCTaskError(
+                            f"question {r.question}, choice {r.choice}: the choice is longer than the model's context"
+                        )
+                inputs = [seq[-max_len:] for seq in inputs]
+            width = max(len(seq) for seq in inputs)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(inputs):
+                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[row, : len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row, (r, seq) in enumerate(zip(batch, inputs, strict=True)):
+                k = r.continuation
+                scored = logits[row, len(seq) - k : len(seq)].float().log_softmax(dim=-1)
+                targets = torch.tensor(r.tokens[-k:], dtype=torch.long, device=scored.device)
+                out[order[start + row]] = float(scored.gather(1, targets[:, None]).sum().double())
+    return out
+
+
+def score(questions: list[Question], requests: list[Request], values: np.ndarray) -> MCScores:
+    """acc, acc_norm and the answer's log-likelihood per question from per-request log-likelihoods."""
+    per_question: list[np.ndarray] = [np.full(len(q.choices), np.nan) for q in questions]
+    for r, v in zip(requests, values, strict=True):
+        per_question[r.question][r.choice] = v
+    correct, correct_norm, answer_ll = [], [], []
+    for q, ll in zip(questions, per_question, strict=True):
+        lengths = np.array([float(len(c)) for c in q.choices])
+        correct.append(float(np.argmax(ll) == q.answer))
+        correct_norm.append(float(np.argmax(ll / lengths) == q.answer))
+        answer_ll.append(float(ll[q.answer]))
+    return MCScores(per_question, np.array(correct), np.array(correct_norm), np.array(answer_ll))
+
+
+def evaluate_task(model: Any, tokenizer: Any, questions: list[Question], *, batch_size: int) -> MCScores:
+    """Score every question of a task with one model."""
+    requests = encode(tokenizer, questions)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return score(questions, requests, loglikelihoods(model, requests, batch_size=batch_size, pad_id=pad_id))
