@@ -3,6 +3,7 @@
 #   make test    install the dev extras, run the test suite (slow end-to-end tests included)
 #   make lint    ruff lint + format check
 #   make compile regenerate pipelines/*.yaml and components/*/ from the code
+#   make bench   run the benchmarks (see docs/benchmarks.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze
+.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,12 +43,16 @@ test-fast: $(VENV)/.dev
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: $(VENV)/.dev
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+# Benchmarks print ratios against a baseline run side by side; figures go in docs/benchmarks.md.
+bench: $(VENV)/.dev
+	$(BIN)/python benchmarks/preprocess_throughput.py $(BENCH_ARGS)
 
 compile: $(VENV)/.runtime
 	$(BIN)/fulltune compile
