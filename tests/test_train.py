@@ -12,7 +12,7 @@ from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError
 from fulltune.launch.local import LocalLauncher
 from fulltune.plan import make_plan, write_plan
-from fulltune.preprocess.core import Packed, _write_parquet
+from fulltune.preprocess.core import Packed, ParquetSink
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
 from fulltune.train.recipe import MODEL_MANIFEST, TrainInputError, batch_indices, make_schedule
 from fulltune.train.run import train_job
@@ -32,7 +32,9 @@ def tiny_dataset(demo_assets, work: str, n_seq: int) -> str:
         chunk = ids[i * SEQ : (i + 1) * SEQ]
         labels = [IGNORE_INDEX] * 5 + chunk[5:]  # some positions carry no loss, as prompts do
         packed.add(chunk, labels, SEQ, tok.pad_token_id)
-    entry = _write_parquet(packed, storage.join(work, "data", "train-00000.parquet"))
+    sink = ParquetSink(storage.join(work, "data", "train-00000.parquet"))
+    sink.write(packed)
+    entry = sink.close()
     manifest = {
         "format": MANIFEST_FORMAT,
         "max_seq_len": SEQ,

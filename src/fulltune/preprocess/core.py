@@ -154,6 +154,10 @@ class PackStats:
     truncated: int = 0
     examples: int = 0
 
+    def add(self, other: PackStats) -> None:
+        for key in ("sequences", "tokens", "loss_tokens", "truncated", "examples"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
 
 @dataclass
 class Packed:
@@ -168,8 +172,7 @@ class Packed:
         self.labels += other.labels
         self.attention_mask += other.attention_mask
         self.position_ids += other.position_ids
-        for key in ("sequences", "tokens", "loss_tokens", "truncated", "examples"):
-            setattr(self.stats, key, getattr(self.stats, key) + getattr(other.stats, key))
+        self.stats.add(other.stats)
 
     def add(
         self, ids: list[int], labels: list[int], seq_len: int, pad_id: int, starts: list[bool] | None = None
@@ -378,11 +381,10 @@ def _replay_examples(pool: list[Example], target_tokens: int, start: int = 0) ->
     return out
 
 
-def _write_parquet(packed: Packed, uri: str) -> dict[str, Any]:
+def _table(packed: Packed):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.table(
+    return pa.table(
         {
             "input_ids": pa.array(packed.input_ids, type=pa.list_(pa.int32())),
             "labels": pa.array(packed.labels, type=pa.list_(pa.int32())),
@@ -390,13 +392,46 @@ def _write_parquet(packed: Packed, uri: str) -> dict[str, Any]:
             "position_ids": pa.array(packed.position_ids, type=pa.list_(pa.int32())),
         }
     )
-    with tempfile.TemporaryDirectory(prefix="fulltune-shard-") as tmp:
-        local = Path(tmp, "part.parquet")
-        # No statistics or timestamps in the file: the same inputs give the same bytes.
-        pq.write_table(table, local, compression="zstd", write_statistics=False, store_schema=False)
-        sha, size = storage.sha256_file(local), local.stat().st_size
-        storage.upload_file(local, uri)
-    return {"uri": uri, "sequences": packed.stats.sequences, "sha256": sha, "size": size}
+
+
+class ParquetSink:
+    """Writes packed sequences block by block, so a shard never holds all its tokens in memory.
+
+    Each `write` becomes row groups of a local Parquet file; `close` uploads it and returns its
+    manifest entry (None when nothing was written). No statistics or timestamps go into the file:
+    the same inputs give the same bytes.
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.stats = PackStats()
+        self._tmp = tempfile.TemporaryDirectory(prefix="fulltune-shard-")
+        self._path = Path(self._tmp.name, "part.parquet")
+        self._writer = None
+
+    def write(self, packed: Packed) -> None:
+        import pyarrow.parquet as pq
+
+        self.stats.add(packed.stats)
+        if not packed.stats.sequences:
+            return
+        table = _table(packed)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self._path, table.schema, compression="zstd", write_statistics=False, store_schema=False
+            )
+        self._writer.write_table(table)
+
+    def close(self) -> dict[str, Any] | None:
+        try:
+            if self._writer is None:
+                return None
+            self._writer.close()
+            sha, size = storage.sha256_file(self._path), self._path.stat().st_size
+            storage.upload_file(self._path, self.uri)
+            return {"uri": self.uri, "sequences": self.stats.sequences, "sha256": sha, "size": size}
+        finally:
+            self._tmp.cleanup()
 
 
 def shard_is_complete(manifest_uri: str) -> bool:
@@ -436,7 +471,7 @@ def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any
     out_splits: dict[str, Any] = {}
     for name, blocks in inputs.blocks.items():
         kind = inputs.kinds[name]
-        packed = Packed()
+        sink = ParquetSink(storage.join(shard_dir(work_dir), f"{name}-{index:05d}.parquet"))
         for b in sorted(blocks):
             examples = list(tokenize_records(blocks[b], tok, cfg))
             if name == "train" and r > 0:
@@ -447,17 +482,18 @@ def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any
                 replay_tokens += sum(len(e.input_ids) for e in replay)
                 # Interleaved, so replay is spread over the epoch rather than appended at the end.
                 examples = _interleave(examples, replay)
-            packed.extend(pack(examples, kind, cfg, pad_id))
-        uri = storage.join(shard_dir(work_dir), f"{name}-{index:05d}.parquet")
-        entry = _write_parquet(packed, uri)
+            sink.write(pack(examples, kind, cfg, pad_id))
+            del blocks[b]  # the block's records are done with
+        entry = sink.close()
+        stats = sink.stats
         out_splits[name] = {
             "kind": kind,
-            "examples": packed.stats.examples,
-            "sequences": packed.stats.sequences,
-            "tokens": packed.stats.tokens,
-            "loss_tokens": packed.stats.loss_tokens,
-            "truncated": packed.stats.truncated,
-            "files": [entry] if packed.stats.sequences else [],
+            "examples": stats.examples,
+            "sequences": stats.sequences,
+            "tokens": stats.tokens,
+            "loss_tokens": stats.loss_tokens,
+            "truncated": stats.truncated,
+            "files": [entry] if entry else [],
         }
     replay_info = {}
     if r > 0:
