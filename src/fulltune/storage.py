@@ -300,6 +300,18 @@ def upload_dir(local_dir: str | Path, uri: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def local_file(uri: str, suffix: str = "") -> Iterator[str]:
+    """A local path holding the object: the path itself, or a temporary download on disk (not in
+    memory), for readers that need random access (Parquet footers, Arrow files)."""
+    if not is_s3(uri):
+        yield uri
+        return
+    with tempfile.NamedTemporaryFile(prefix="fulltune-", suffix=suffix) as tmp:
+        download_file(uri, tmp.name)
+        yield tmp.name
+
+
+@contextlib.contextmanager
 def local_dir(uri: str) -> Iterator[Path]:
     """A local directory holding the tree at `uri`: the path itself, or a temporary download."""
     if not is_s3(uri):

@@ -23,7 +23,6 @@ import csv
 import gzip
 import io
 import json
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -254,12 +253,8 @@ def _has_surrogate(text: str) -> bool:
 
 def _iter_arrow(path: str) -> Iterator[RawRecord]:
     """An Arrow IPC file or stream (what Hugging Face `save_to_disk` writes), batch by batch."""
-    if not storage.is_s3(path):
-        yield from _iter_arrow_local(path, path)
-        return
-    with tempfile.NamedTemporaryFile(prefix="fulltune-", suffix=".arrow") as tmp:
-        storage.download_file(path, tmp.name)
-        yield from _iter_arrow_local(tmp.name, path)
+    with storage.local_file(path, ".arrow") as local:
+        yield from _iter_arrow_local(local, path)
 
 
 def _iter_arrow_local(local: str, path: str) -> Iterator[RawRecord]:
@@ -291,14 +286,9 @@ def _iter_arrow_local(local: str, path: str) -> Iterator[RawRecord]:
 
 
 def _iter_parquet(path: str) -> Iterator[RawRecord]:
-    if not storage.is_s3(path):
-        yield from _iter_parquet_local(path, path)
-        return
-    # Parquet needs random access (the schema is in the footer): spool the object to local
-    # disk, not to memory.
-    with tempfile.NamedTemporaryFile(prefix="fulltune-", suffix=".parquet") as tmp:
-        storage.download_file(path, tmp.name)
-        yield from _iter_parquet_local(tmp.name, path)
+    # Parquet needs random access (the schema is in the footer): an S3 object is spooled to disk.
+    with storage.local_file(path, ".parquet") as local:
+        yield from _iter_parquet_local(local, path)
 
 
 def _iter_parquet_local(local: str, path: str) -> Iterator[RawRecord]:
