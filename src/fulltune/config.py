@@ -168,6 +168,11 @@ class PreprocessSection(_Section):
         "assistant",
         description="Which tokens of prompt/completion and chat records carry loss: the answer only, or all.",
     )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Prompt/completion and chat examples longer than max_seq_len: 'truncate' keeps the first "
+        "max_seq_len tokens, 'drop' leaves the example out; either way the manifest counts them.",
+    )
     seed: int = Field(0, description="Seed for splitting and replay mixing.")
 
 
@@ -206,11 +211,107 @@ class TrainingSection(_Section):
         description="Save a complete checkpoint every this many optimizer steps (0: only the final model).",
     )
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    fp16: bool = Field(
+        False,
+        description="Train in float16 with dynamic loss scaling (GPUs without bf16); exclusive with bf16.",
+    )
+    optim: Literal["adamw_torch", "adafactor"] = Field(
+        "adamw_torch", description="Optimizer: AdamW, or Adafactor (factored second moments, less memory)."
+    )
+    offload_optimizer: bool | None = Field(
+        None, description="ZeRO-3: keep optimizer states in CPU memory; None lets plan decide."
+    )
+    offload_param: bool | None = Field(
+        None, description="ZeRO-3: keep parameters in CPU memory; None lets plan decide."
+    )
+    eval_steps: int = Field(
+        0,
+        ge=0,
+        description="Evaluate the loss on the domain eval set every this many optimizer steps (0: never).",
+    )
+    early_stopping_patience: int = Field(
+        0,
+        ge=0,
+        description="Stop after this many evaluations without an eval-loss improvement (0: no early stopping); "
+        "needs eval_steps.",
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0.0, description="Smallest eval-loss decrease that counts as an improvement."
+    )
+
+
+class Toleration(_Section):
+    key: str | None = Field(None, description="Taint key.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal or Exists.")
+    value: str | None = Field(None, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; None tolerates every effect."
+    )
+    toleration_seconds: int | None = Field(None, ge=0, description="NoExecute: how long the pod stays bound.")
+
+
+class VolumeMount(_Section):
+    claim_name: str = Field(..., min_length=1, description="PersistentVolumeClaim to mount (must exist).")
+    mount_path: str = Field(..., pattern=r"^/", description="Where it appears in the training containers.")
+    read_only: bool = Field(False, description="Mount read-only.")
+
+
+class KubernetesSection(_Section):
+    """How the `kubernetes` launcher builds the PyTorchJob (Kubeflow Training Operator, kubeflow.org/v1)."""
+
+    namespace: str | None = Field(
+        None, description="Namespace of the PyTorchJob; None: the launcher pod's own namespace."
+    )
+    image: str | None = Field(
+        None, description="Training image; None: the fulltune image the pipeline was compiled with."
+    )
+    service_account_name: str | None = Field(None, description="ServiceAccount of the training pods.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the training pods.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pods tolerate.")
+    affinity: dict[str, Any] = Field(
+        default_factory=dict, description="A Kubernetes affinity object, passed through as written."
+    )
+    volumes: list[VolumeMount] = Field(
+        default_factory=list, description="PVCs mounted into every training pod (e.g. an RWX work directory)."
+    )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="Names of Secrets whose keys become environment variables in the pods (S3 credentials); "
+        "credentials never travel as parameters.",
+    )
+    gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of one GPU.")
+    cpu: str | None = Field(None, description="CPU request and limit per pod, e.g. '16'; None: not set.")
+    memory: str | None = Field(
+        None, description="Memory request and limit per pod, e.g. '200Gi'; None: not set."
+    )
+    shm_size: str = Field(
+        "16Gi", description="Size of the memory-backed /dev/shm (NCCL needs more than 64Mi)."
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Group restarts after a lost or failed pod (elasticPolicy.maxRestarts); each resumes.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Kill the job after this many seconds (runPolicy.activeDeadlineSeconds)."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        86400, ge=0, description="Delete the finished job after this many seconds (runPolicy)."
+    )
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "Running", description="Which pods the operator deletes when the job ends (runPolicy.cleanPodPolicy)."
+    )
+    watch_timeout_seconds: int = Field(
+        300, ge=1, description="Server-side timeout of one watch request; the launcher reconnects after it."
+    )
 
 
 class ResourcesSection(_Section):
-    launcher: Literal["local"] = Field(
-        "local", description="Where training runs: 'local' runs torchrun on the step's own machine."
+    launcher: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="Where training runs: 'local' runs torchrun on the step's own machine; 'kubernetes' "
+        "creates a PyTorchJob (Kubeflow Training Operator) and waits for it.",
     )
     num_nodes: int = Field(1, ge=1, description="Training nodes (pods).")
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node.")
@@ -220,6 +321,9 @@ class ResourcesSection(_Section):
     gpu_memory_gib: float = Field(80.0, gt=0.0, description="Memory of one GPU, for the memory plan.")
     memory_headroom: float = Field(
         0.9, gt=0.0, le=1.0, description="Fraction of GPU memory the plan may fill."
+    )
+    kubernetes: KubernetesSection = Field(
+        default_factory=KubernetesSection, description="PyTorchJob settings (launcher: kubernetes)."
     )
 
 
@@ -233,6 +337,24 @@ class MultipleChoiceTask(_Section):
         ...,
         min_length=1,
         description='JSONL file (local or s3://), one {"question", "choices": [...], "answer": index} a line.',
+    )
+
+
+class GenerationTask(_Section):
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="Task name; metrics are named gen_<name>_... .",
+    )
+    uri: str = Field(
+        ...,
+        min_length=1,
+        description='JSONL file (local or s3://), one {"prompt", "answer"} a line ("answer" may be a list of '
+        "accepted answers); scored by exact match of the greedy continuation.",
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
+    stop: list[str] = Field(
+        default_factory=lambda: ["\n"], description="The continuation is cut at the first of these strings."
     )
 
 
@@ -265,6 +387,39 @@ class EvaluationSection(_Section):
     )
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling.")
     confidence_level: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the intervals.")
+    generation_tasks: list[GenerationTask] = Field(
+        default_factory=list,
+        description="Exact-match generation tasks (greedy decoding) scored on base and tuned model.",
+    )
+    max_exact_match_drop: float = Field(
+        2.0, ge=0.0, description="Largest allowed drop of exact-match accuracy, in percentage points."
+    )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness task names run through its API when lm-eval is installed; merged "
+        "into the same table (reported, not gated).",
+    )
+    device_map: Literal["single", "auto"] = Field(
+        "single",
+        description="'single': each model on one device; 'auto': spread a model too large for one GPU over "
+        "all GPUs of the node (accelerate device_map='auto').",
+    )
+
+
+class KubeflowRegistrySection(_Section):
+    """Kubeflow Model Registry: where registered versions are also recorded (REST API)."""
+
+    server_address: str = Field(
+        ...,
+        min_length=1,
+        description="Model Registry REST endpoint, e.g. https://model-registry-service.kubeflow.svc.cluster.local.",
+    )
+    port: int = Field(8080, ge=1, le=65535, description="Port of the REST endpoint.")
+    author: str = Field("fulltune", description="Author recorded on the registered model and version.")
+    is_secure: bool = Field(
+        True,
+        description="Verify TLS; the bearer token comes from MODEL_REGISTRY_TOKEN or the pod's SA token.",
+    )
 
 
 class RegistrySection(_Section):
@@ -283,6 +438,9 @@ class RegistrySection(_Section):
         None,
         description="S3 client setting; 'when_required' for S3-compatible stores that reject the checksums "
         "newer clients send by default. None: the client's default.",
+    )
+    kubeflow: KubeflowRegistrySection | None = Field(
+        None, description="Also register in the Kubeflow Model Registry; None: S3/local registry only."
     )
 
 
