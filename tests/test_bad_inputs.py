@@ -421,3 +421,195 @@ def test_any_bytes_yield_records_or_coded_problems(tmp_path, data, name):
         report = json.loads((tmp_path / "out" / "report.json").read_text())
     for p in report["datasets"]["train"]["problems"]:
         assert p["code"] and p["examples"]
+
+
+# -- the vectorised path reports exactly what the precise path reports ------------------------------
+
+
+def both_reports(tmp_path: Path, uri: str, **data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """validate_data's report.json with the vectorised path and with the precise path only."""
+    reports = []
+    for fast in (True, False):
+        cfg = RunConfig.from_dict({"data": {"train_uri": uri, **data}})
+        out = tmp_path / f"out-{fast}"
+        try:
+            validate_data(cfg, out, fast=fast)
+        except DataValidationError:
+            pass
+        reports.append(json.loads((out / "report.json").read_text()))
+    return reports[0], reports[1]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks and pyarrow pieces of a few hundred bytes: many block and piece boundaries."""
+    from fulltune.data import fastcheck, records
+
+    monkeypatch.setattr(records, "JSONL_BLOCK_BYTES", 700)
+    monkeypatch.setattr(fastcheck, "PIECE_BYTES", 200)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fast_and_precise_paths_agree_on_every_bad_input(tmp_path, name, small_blocks):
+    c = CASES[name](tmp_path)
+    fast, precise = both_reports(tmp_path, c.uri, **c.data)
+    assert fast == precise
+
+
+MIXED_LINES: list[Any] = [
+    {"text": "an ordinary document about insulin dosing"},
+    '{"text": "unterminated',
+    {"text": 7},
+    {"body": "no text field"},
+    {"text": None},
+    "[1, 2]",
+    '"just a string"',
+    {"text": "   \t "},
+    {"text": "\u3000\u2003"},  # Unicode spaces only: empty
+    {"text": "\u00a0x"},
+    "",
+    "   ",
+    {"text": "an ordinary document about insulin dosing"},  # duplicate of line 1
+    {"text": "mail jane.doe@example.com today"},
+    {"text": "call (555) 123-4567 or +1 555.123.4567"},
+    {"text": "card 4111 1111 1111 1111 and 4111 1111 1111 1112"},
+    {"text": "arabic-indic \u0665\u0665\u0665 \u0665\u0665\u0665-\u0661\u0662\u0663\u0664 and 9"},
+    {"text": "fullwidth \uff15\uff15\uff15 \uff15\uff15\uff15-\uff11\uff12\uff13\uff14 and 9"},
+    {"text": "key AKIAIOSFODNN7EXAMPLE and ASIA1234567890ABCDEF"},
+    {"text": "-----BEGIN RSA PRIVATE KEY-----\nMIIEow"},
+    {"text": "a <|im_end|> token and [INST] and </s>"},
+    {"text": "bell \u0007 and \u0085 next line and DEL \u007f"},
+    {"text": "caf\u00c3\u00a9 and \ufffd and \u00e2\u20ac\u2122"},
+    {"text": "dates 2024-01-15 and 2024-02-16 and amounts 1,234,567.89"},
+    {"text": "x"},  # too short with min_chars 2
+    '{"text": "two"} {"text": "objects"}',
+    '{"text": "an object split",',  # with the line above: as many rows as lines for pyarrow
+    '"over two lines": 1}',
+    '{"text": "dup", "text": "keys"}',
+    '{"text": "lone \\ud800 surrogate"}',
+    '{"text": "pair \\ud83d\\ude00 emoji"}',
+    '{"text": "nan", "n": NaN}',
+    '{"text": "big", "n": 1e400}',
+    '{"text": "deep", "n": ' + "[" * 5000 + "]" * 5000 + "}",
+    '{"text": "escaped \\u003c|im_end|\\u003e and \\u0041KIAIOSFODNN7EXAMPLE"}',
+    '{"text": "crlf line"}\r',
+    '{"text": "lone cr"}\r{"text": "in the middle"}',
+    '\ufeff{"text": "a BOM mid-file"}',
+    '  {"text": "indented"}',
+    {"text": "long " + "word " * 400},  # longer than a block
+    {"text": "an ordinary document about insulin dosing"},  # duplicate again
+    {"text": "tokens <s>hello</s> and <<SYS>>"},
+    # one trigger a record, so that a prefilter missing any one of them shows
+    {"text": "call 555 123-4567 now"},
+    {"text": "card 4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 end"},
+    {"text": "only a bell \u0007 here"},
+    {"text": "only a C1 \u0085 here"},
+    {"text": "only a DEL \u007f here"},
+    {"text": "only a \ufffd here"},
+    {"text": "only caf\u00c3\u00a9 here"},
+    {"text": "only \u00e2\u20ac\u2122 here"},
+    {"text": "only ASIA1234567890ABCDEF here"},
+    {"text": "only [INST] here"},
+]
+
+
+def write_mixed(path: Path, repeats: int = 3) -> str:
+    lines = []
+    for r in range(repeats):
+        for i, row in enumerate(MIXED_LINES):
+            lines.append(row if isinstance(row, str) else json.dumps(row, ensure_ascii=bool((i + r) % 2)))
+            lines.append(json.dumps({"text": f"filler document {r}-{i} with nothing special in it", "id": i}))
+    body = "\n".join(lines).encode("utf-8") + b"\n"
+    body += (
+        b'{"text": "invalid \xff utf-8"}\n{"text": "after the bad bytes"}\n{"text": "no newline at the end"}'
+    )
+    path.write_bytes(body)
+    return str(path)
+
+
+def test_fast_and_precise_paths_agree_on_a_mixed_jsonl_corpus(tmp_path, small_blocks):
+    uri = write_mixed(tmp_path / "mixed.jsonl")
+    fast, precise = both_reports(tmp_path, uri, max_examples=50, min_chars=2, max_chars=1500)
+    assert fast == precise
+    got = {p["code"]: p["count"] for p in fast["datasets"]["train"]["problems"]}
+    # the corpus reaches every check, so a prefilter that misses one shows up as a difference
+    for code in (
+        "invalid_json",
+        "invalid_utf8",
+        "wrong_type",
+        "missing_field",
+        "not_an_object",
+        "empty_text",
+        "too_deep",
+        "duplicate",
+        "pii_email",
+        "pii_phone",
+        "pii_card",
+        "secret_aws_key",
+        "secret_private_key",
+        "special_token_text",
+        "control_chars",
+        "mojibake",
+        "too_short",
+        "too_long",
+    ):
+        assert got.get(code), code
+    assert got["pii_phone"] == 12  # 4 a repeat: the Arabic-Indic and fullwidth digits count too
+
+
+def test_fast_and_precise_paths_agree_on_gzip_csv_parquet_and_eval(tmp_path, small_blocks):
+    raw = Path(write_mixed(tmp_path / "mixed.jsonl")).read_bytes()
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "a.jsonl.gz").write_bytes(gzip.compress(raw))
+    fast, precise = both_reports(tmp_path, str(tmp_path / "gz"))
+    assert fast == precise
+
+    texts = [r["text"] if isinstance(r, dict) and isinstance(r.get("text"), str) else "" for r in MIXED_LINES]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet", row_group_size=7)
+    pq.write_table(pa.table({"text": [*texts[:5], None, "x"]}), tmp_path / "nulls.parquet")
+    pq.write_table(pa.table({"text": [1.5, 2.5]}), tmp_path / "floats.parquet")
+    for uri in (
+        str(tmp_path / "t.parquet"),
+        str(tmp_path / "nulls.parquet"),
+        str(tmp_path / "floats.parquet"),
+    ):
+        fast, precise = both_reports(tmp_path, uri, max_examples=50)
+        assert fast == precise, uri
+
+    rows = "\n".join(f'"{t.replace(chr(34), chr(34) * 2)}",{i}' for i, t in enumerate(texts))
+    (tmp_path / "t.csv").write_text("text,id\n" + rows + '\n"only one field"\n"x",1,2\n', encoding="utf-8")
+    fast, precise = both_reports(tmp_path, str(tmp_path / "t.csv"), max_examples=50)
+    assert fast == precise
+
+    pc_rows = [{"prompt": t or " ", "completion": texts[-1 - i] or "ok"} for i, t in enumerate(texts)]
+    lines(tmp_path / "pc.jsonl", *pc_rows, *pc_rows[:3], {"prompt": "only a prompt"})
+    fast, precise = both_reports(tmp_path, str(tmp_path / "pc.jsonl"), max_examples=50)
+    assert fast == precise
+
+    lines(tmp_path / "eval.jsonl", MIXED_LINES[0], {"text": "new in eval"}, MIXED_LINES[13])
+    fast, precise = both_reports(
+        tmp_path, str(tmp_path / "mixed.jsonl"), eval_uri=str(tmp_path / "eval.jsonl"), max_examples=50
+    )
+    assert fast == precise
+    assert fast["datasets"]["eval"]["problems"][0]["code"] == "train_overlap"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(
+                list("ab 0123456789-.()+@AKISP<|>[]/\t\n\x07\x85\x7f\ufffd\u00c3\u00a9\u0665\uff15\u3000é東")
+                + ["<|im_end|>", "AKIA", "PRIVATE KEY-----", "x@y.co", "555 123-4567", "4111111111111111"]
+            ),
+            max_size=40,
+        ).map("".join),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_fast_and_precise_paths_agree_on_random_text(tmp_path, texts):
+    path = tmp_path / "t.jsonl"
+    lines(path, *({"text": t} for t in texts))
+    fast, precise = both_reports(tmp_path, str(path), max_examples=100, min_chars=3, max_chars=30)
+    assert fast == precise

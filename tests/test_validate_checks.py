@@ -223,3 +223,54 @@ def test_length_histogram_in_report_and_html(tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<svg") == 1 and page.count("<rect") == 6 and "2–3 chars: 2 records" in page
     assert length_histogram([]) == [] and histogram_svg([{"lo": 0, "hi": 0, "count": 0}]).startswith("<svg")
+
+
+def test_csv_chat_column_holds_the_conversation_as_json(tmp_path):
+    import csv
+
+    hba1c = [
+        {"role": "system", "content": "You are a clinician."},
+        {"role": "user", "content": "What is HbA1c?"},
+        {"role": "assistant", "content": "Glycated haemoglobin, a three-month glucose average."},
+    ]
+    rows = [
+        ["id", "conversation"],
+        ["1", json.dumps(hba1c)],
+        ["2", '[{"role": "user", "content": "unfinished'],  # not valid JSON
+        ["3", json.dumps({"role": "user", "content": "hi"})],  # JSON, but not a list of turns
+        ["4", json.dumps([{"role": "user", "content": "hi"}])],  # no assistant turn
+        [
+            "5",
+            json.dumps([{"role": "user", "content": "multi\nline"}, {"role": "assistant", "content": "ok"}]),
+        ],
+        ["6", json.dumps(hba1c)],
+    ]
+    path = tmp_path / "chat.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    c = cfg(str(path), messages_field="conversation", max_examples=5)
+
+    assert [(str(r.loc), r.messages) for r in iter_records(str(path), c.data)] == [
+        (f"{path}:2", hba1c),
+        (f"{path}:6", [{"role": "user", "content": "multi\nline"}, {"role": "assistant", "content": "ok"}]),
+        (f"{path}:7", hba1c),
+    ]
+    with pytest.raises(DataValidationError) as info:
+        validate_data(c, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    d = report["datasets"]["train"]
+    assert (d["kind"], d["records"], d["bad_records"]) == ("chat", 6, 3)
+    got = problems(report)
+    assert got["bad_chat"]["examples"] == [
+        {
+            "location": f"{path}:3",
+            "reason": "field 'conversation' is not valid JSON: column 30: Unterminated string starting",
+        },
+        {
+            "location": f"{path}:4",
+            "reason": "field 'conversation' must be a non-empty list of {role, content}",
+        },
+        {"location": f"{path}:5", "reason": "no assistant turn: nothing to learn from"},
+    ]
+    assert got["duplicate"]["examples"] == [{"location": f"{path}:7", "reason": f"same content as {path}:2"}]
+    assert f"{path}:3: bad_chat: field 'conversation' is not valid JSON" in str(info.value)

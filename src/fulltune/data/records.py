@@ -4,7 +4,8 @@ with the exact location of every record.
 Three record kinds are understood:
 - `text`: one document, `{"text": "..."}`;
 - `prompt_completion`: `{"prompt": "...", "completion": "..."}`;
-- `chat`: `{"messages": [{"role": "user", "content": "..."}, ...]}`.
+- `chat`: `{"messages": [{"role": "user", "content": "..."}, ...]}`; in CSV (or any string column)
+  the cell holds that list as JSON text, e.g. `"[{""role"": ""user"", ""content"": ""hi""}, ...]"`.
 Column names are mapped through `DataSection` (`text_field`, ...). Unless the config names the
 kind, it is detected from the first parseable record whose fields name one (`resolve_kind`).
 
@@ -12,8 +13,8 @@ kind, it is detected from the first parseable record whose fields name one (`res
 row for Parquet and Arrow),
 either parsed or with a coded error — it never raises for a bad record, so validation can count
 them all. `iter_records` yields only good, normalised records (what preprocessing consumes).
-Everything streams: JSONL and CSV line by line (gzip too), Parquet and Arrow in batches; nothing is
-loaded whole. A CSV file's first row names the columns; a Hugging Face `save_to_disk` directory
+Everything streams: JSONL in blocks of whole lines (`iter_jsonl_blocks`; gzip too), CSV row by
+row, Parquet and Arrow in batches (`iter_arrow_batches`); nothing is loaded whole. A CSV file's first row names the columns; a Hugging Face `save_to_disk` directory
 (`state.json`, `dataset_info.json`, `data-*.arrow`) is read through its Arrow files.
 """
 
@@ -34,7 +35,8 @@ from fulltune.config import DataSection
 DATA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet", "*.csv", "*.arrow")
 # Metadata of a Hugging Face `save_to_disk` directory: not records.
 HF_METADATA = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
-PARQUET_BATCH_ROWS = 1024
+PARQUET_BATCH_ROWS = 8192
+JSONL_BLOCK_BYTES = 4 << 20  # bytes of whole lines read (and checked) at a time
 READ_BUFFER = 1 << 20
 KIND_SCAN_LIMIT = 1000  # parseable records `resolve_kind` looks at before giving up
 _BOM = b"\xef\xbb\xbf"
@@ -150,52 +152,124 @@ def _line_stream(fh: IO[bytes], path: str) -> IO[bytes]:
 
 
 def _iter_jsonl(path: str) -> Iterator[RawRecord]:
+    for block in iter_jsonl_blocks(path):
+        if isinstance(block, RawRecord):  # the file broke off
+            yield block
+            return
+        yield from parse_jsonl_block(block)
+
+
+@dataclass
+class JsonlBlock:
+    """Whole lines of a JSONL file: `data` starts at 1-based line `first_line`; `first` when it
+    starts the file. The last block of a file may lack the final newline."""
+
+    path: str
+    first_line: int
+    data: bytes
+    first: bool
+
+    def line_count(self) -> int:
+        return self.data.count(b"\n") + (0 if self.data.endswith(b"\n") or not self.data else 1)
+
+
+def iter_jsonl_blocks(path: str, block_bytes: int | None = None) -> Iterator[JsonlBlock | RawRecord]:
+    """A JSONL file (or .jsonl.gz) as blocks of whole lines of about `block_bytes`; a line longer than
+    that is one block. A corrupt or truncated gzip ends the blocks with an `unreadable_file`
+    RawRecord naming the first line not read. Memory: one block (plus the longest line)."""
+    block_bytes = block_bytes or JSONL_BLOCK_BYTES
     with storage.open_read(path) as fh:
         raw = _line_stream(fh, path)
         stream: Any = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-        lineno = 0
+        if not hasattr(stream, "read1"):
+            stream = io.BufferedReader(_RawReader(stream), READ_BUFFER)
+        line = 1
+        first = True
+        parts: list[bytes] = []  # read, not yet yielded (a list: a long line is not re-copied)
+        size = 0
+        newline = False  # some part holds a newline
+
+        def cut() -> JsonlBlock | None:
+            """The whole lines read so far as a block; the rest stays in `parts`."""
+            nonlocal parts, size, newline
+            if not newline:
+                return None
+            k = len(parts) - 1
+            while parts[k].rfind(b"\n") < 0:
+                k -= 1
+            at = parts[k].rfind(b"\n") + 1
+            data = b"".join([*parts[:k], parts[k][:at]])
+            rest = b"".join([parts[k][at:], *parts[k + 1 :]])
+            parts, size, newline = ([rest] if rest else []), len(rest), b"\n" in rest
+            return JsonlBlock(path, line, data, first)
+
         try:
-            for line in stream:
-                lineno += 1
-                loc = Location(path, line=lineno)
-                if lineno == 1 and line.startswith(_BOM):
-                    line = line[len(_BOM) :]
-                if not line.strip():
-                    continue
-                if lineno == 1 and path.endswith(".json") and line.lstrip().startswith(b"["):
-                    yield RawRecord(
-                        loc,
-                        code="unreadable_file",
-                        reason="a JSON array, not JSON Lines: write one object per line",
-                    )
-                    return
-                try:
-                    text = line.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as exc:
-                    yield RawRecord(loc, code="invalid_utf8", reason=f"byte {exc.start}: {exc.reason}")
-                    continue
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    yield RawRecord(
-                        loc, code="invalid_json", reason=f"column {exc.colno}: {exc.msg.removesuffix(' at')}"
-                    )
-                    continue
-                except RecursionError:
-                    yield RawRecord(loc, code="too_deep", reason="JSON nested too deeply to parse")
-                    continue
-                if not isinstance(value, dict):
-                    yield RawRecord(
-                        loc,
-                        code="not_an_object",
-                        reason=f"expected a JSON object, got {type(value).__name__}",
-                    )
-                    continue
-                yield RawRecord(loc, value=value)
+            while True:
+                chunk = stream.read1(block_bytes)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                newline = newline or b"\n" in chunk
+                if size < block_bytes or (block := cut()) is None:
+                    continue  # a short read, or one long line: read on
+                yield block
+                line += block.line_count()
+                first = False
         except (OSError, EOFError, zlib.error) as exc:  # truncated or corrupt gzip
+            if (block := cut()) is not None:
+                yield block
+                line += block.line_count()
             yield RawRecord(
-                Location(path, line=lineno + 1), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
+                Location(path, line=line), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
             )
+            return
+        if parts:
+            yield JsonlBlock(path, line, b"".join(parts), first)
+
+
+def parse_jsonl_block(block: JsonlBlock) -> Iterator[RawRecord]:
+    """Every non-blank line of a block parsed with json.loads, or with a coded error."""
+    path = block.path
+    lines = block.data.split(b"\n")
+    if block.data.endswith(b"\n"):
+        lines.pop()
+    for i, line in enumerate(lines):
+        lineno = block.first_line + i
+        loc = Location(path, line=lineno)
+        if block.first and i == 0:
+            if line.startswith(_BOM):
+                line = line[len(_BOM) :]
+            if path.endswith(".json") and line.lstrip().startswith(b"["):
+                yield RawRecord(
+                    loc,
+                    code="unreadable_file",
+                    reason="a JSON array, not JSON Lines: write one object per line",
+                )
+                return
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            yield RawRecord(loc, code="invalid_utf8", reason=f"byte {exc.start}: {exc.reason}")
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(
+                loc, code="invalid_json", reason=f"column {exc.colno}: {exc.msg.removesuffix(' at')}"
+            )
+            continue
+        except RecursionError:
+            yield RawRecord(loc, code="too_deep", reason="JSON nested too deeply to parse")
+            continue
+        if not isinstance(value, dict):
+            yield RawRecord(
+                loc, code="not_an_object", reason=f"expected a JSON object, got {type(value).__name__}"
+            )
+            continue
+        yield RawRecord(loc, value=value)
 
 
 def _iter_csv(path: str) -> Iterator[RawRecord]:
@@ -251,13 +325,46 @@ def _has_surrogate(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+@dataclass
+class ArrowBatch:
+    """Rows `first_row`, `first_row + 1`, ... of a Parquet or Arrow file as one record batch."""
+
+    path: str
+    first_row: int
+    batch: Any  # pyarrow.RecordBatch
+    row_group: int | None = None
+
+
+def iter_arrow_batches(path: str) -> Iterator[ArrowBatch | RawRecord]:
+    """A Parquet or Arrow file batch by batch; an `unreadable_file` RawRecord ends a broken file."""
+    suffix = ".parquet" if path.endswith(".parquet") else ".arrow"
+    # Parquet needs random access (the schema is in the footer): an S3 object is spooled to disk.
+    with storage.local_file(path, suffix) as local:
+        if suffix == ".parquet":
+            yield from _parquet_batches(local, path)
+        else:
+            yield from _arrow_batches(local, path)
+
+
+def _rows(path: str) -> Iterator[RawRecord]:
+    for item in iter_arrow_batches(path):
+        if isinstance(item, RawRecord):
+            yield item
+            return
+        for i, value in enumerate(item.batch.to_pylist()):
+            yield RawRecord(Location(path, row_group=item.row_group, row=item.first_row + i), value=value)
+
+
 def _iter_arrow(path: str) -> Iterator[RawRecord]:
     """An Arrow IPC file or stream (what Hugging Face `save_to_disk` writes), batch by batch."""
-    with storage.local_file(path, ".arrow") as local:
-        yield from _iter_arrow_local(local, path)
+    yield from _rows(path)
 
 
-def _iter_arrow_local(local: str, path: str) -> Iterator[RawRecord]:
+def _iter_parquet(path: str) -> Iterator[RawRecord]:
+    yield from _rows(path)
+
+
+def _arrow_batches(local: str, path: str) -> Iterator[ArrowBatch | RawRecord]:
     import pyarrow as pa
 
     row = 0
@@ -276,22 +383,15 @@ def _iter_arrow_local(local: str, path: str) -> Iterator[RawRecord]:
                 return
         try:
             for batch in reader:
-                for value in batch.to_pylist():
-                    yield RawRecord(Location(path, row=row), value=value)
-                    row += 1
+                yield ArrowBatch(path, row, batch)
+                row += batch.num_rows
         except Exception as exc:  # a truncated stream: the rest cannot be read
             yield RawRecord(
                 Location(path, row=row), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
             )
 
 
-def _iter_parquet(path: str) -> Iterator[RawRecord]:
-    # Parquet needs random access (the schema is in the footer): an S3 object is spooled to disk.
-    with storage.local_file(path, ".parquet") as local:
-        yield from _iter_parquet_local(local, path)
-
-
-def _iter_parquet_local(local: str, path: str) -> Iterator[RawRecord]:
+def _parquet_batches(local: str, path: str) -> Iterator[ArrowBatch | RawRecord]:
     import pyarrow.parquet as pq
 
     try:
@@ -304,9 +404,8 @@ def _iter_parquet_local(local: str, path: str) -> Iterator[RawRecord]:
         for rg in range(pf.num_row_groups):
             try:
                 for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg]):
-                    for value in batch.to_pylist():
-                        yield RawRecord(Location(path, row_group=rg, row=row), value=value)
-                        row += 1
+                    yield ArrowBatch(path, row, batch, rg)
+                    row += batch.num_rows
             except Exception as exc:  # a corrupt page: the rest of the file cannot be trusted
                 reason = f"row group {rg} unreadable: {type(exc).__name__}: {exc}"
                 yield RawRecord(Location(path, row_group=rg, row=row), code="unreadable_file", reason=reason)
@@ -357,6 +456,21 @@ def normalize(raw: RawRecord, kind: str, cfg: DataSection) -> Record:
         )
     if kind == "chat":
         msgs = value.get(cfg.messages_field)
+        if isinstance(msgs, str):
+            # a CSV cell (or a string column) holding the conversation as JSON text
+            try:
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError as exc:
+                raise RecordError(
+                    "bad_chat",
+                    f"field {cfg.messages_field!r} is not valid JSON: column {exc.colno}: "
+                    f"{exc.msg.removesuffix(' at')}",
+                    raw.loc,
+                ) from None
+            except RecursionError:
+                raise RecordError(
+                    "bad_chat", f"field {cfg.messages_field!r}: JSON nested too deeply to parse", raw.loc
+                ) from None
         if not isinstance(msgs, list) or not msgs:
             raise RecordError(
                 "bad_chat",

@@ -49,10 +49,19 @@ report.json (format `fulltune.validate_data/v1`):
          "length_histogram": [{"lo", "hi", "count"}]}},   # power-of-two character bins
      "metrics": {"<dataset>_records", "<dataset>_bad_records", "<dataset>_error_rate"}}
 
-Everything streams: memory grows only by a few bytes per record (a 64-bit content hash for the
-duplicate check and the record's length), plus 512 bytes per indexed record with near_duplicates.
-The regex checks look at whole records only behind cheap substring tests, so a 50 MB line takes
-seconds, not minutes.
+Everything streams: JSONL in blocks of whole lines (JSONL_BLOCK_BYTES), Parquet and Arrow in
+record batches, CSV row by row. Memory grows only by a few bytes per record: the record's length
+(8 bytes) and, per distinct record, a 64-bit content digest plus its first location (16 bytes, in
+`fastcheck.ContentIndex`: ~24 MB per million records in all), plus 512 bytes per indexed record
+with near_duplicates. The regex checks look at whole records only behind cheap substring tests,
+so a 50 MB line takes seconds, not minutes.
+
+Two paths, one report (`validate_data(..., fast=False)` forces the second): text and
+prompt/completion records are checked column-wise with pyarrow and numpy (`fulltune.data.fastcheck`:
+pyarrow.json for JSONL blocks, byte-scan prefilters, the exact Python checks only on the rows a
+prefilter cannot clear); chat records, and every JSONL line pyarrow rejects or might read otherwise
+than json.loads, go through the precise path — json.loads line by line, each error with its
+file:line. Both give identical reports (tests/test_bad_inputs.py runs both on the same corpora).
 """
 
 from __future__ import annotations
@@ -66,15 +75,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fulltune.config import CheckPolicy, ConfigError, DataSection, RunConfig
+from fulltune.data.fastcheck import (
+    ContentIndex,
+    Prefilter,
+    content_hash,
+    content_hashes,
+    line_bounds,
+    maybe_blank,
+    parse_jsonl,
+    utf8_lengths,
+)
 from fulltune.data.records import (
     DataError,
+    JsonlBlock,
     Location,
+    RawRecord,
     Record,
     RecordError,
     data_files,
+    iter_arrow_batches,
+    iter_jsonl_blocks,
     iter_raw_file,
     normalize,
+    parse_jsonl_block,
     resolve_kind,
 )
 from fulltune.reports import CSS, write_reports
@@ -170,6 +196,7 @@ MESSAGE_LINES = 20  # problem lines in the DataValidationError message; the repo
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MOJIBAKE = re.compile("\ufffd|Ã[\u00a0-\u00bf]|Â[\u00a0-\u00bf]|â€")
 _POSITION_BITS = 40  # packed first-seen location: file index << 40 | line or row
+CSV_RUN_ROWS = 8192  # good CSV rows checked column-wise at a time
 
 # Strings of the common chat/prompt formats that tokenizers map to special tokens.
 SPECIAL_TOKEN_STRINGS = (
@@ -215,12 +242,14 @@ class DataValidationError(ValueError):
     problems as `location: code: reason`."""
 
 
-def validate_data(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def validate_data(cfg: RunConfig, out_dir: Path, *, fast: bool = True) -> dict[str, Any]:
     """Validate the configured datasets, write `report.json` and `report.html`, return the report.
 
     Args:
         cfg: the run config; `data` names the datasets, the columns, the error budget.
         out_dir: local directory for `report.json` and `report.html` (created if needed).
+        fast: check well-formed blocks column-wise with pyarrow (`fulltune.data.fastcheck`); False
+            reads every record with the precise line-by-line path. The reports are identical.
 
     Raises:
         DataValidationError: a dataset is missing, unreadable, or over its error budget. The
@@ -232,12 +261,12 @@ def validate_data(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     tokenizer_tokens = tokenizer_special_tokens(cfg)
     special = special_token_pattern(tokenizer_tokens)
     datasets: dict[str, dict[str, Any]] = {}
-    train_index: dict[int, int] | None = None
+    train_index: ContentIndex | None = None
     train_files: list[str] = []
     for name, uri in (("train", data.train_uri), ("eval", data.eval_uri), ("general", data.general_uri)):
         if name != "train" and not uri:
             continue
-        check = _DatasetCheck(name, uri, data, checks, special)
+        check = _DatasetCheck(name, uri, data, checks, special, fast=fast)
         if name == "eval" and train_index is not None:
             check.compare_with(train_index, train_files, datasets["train"]["kind"])
         datasets[name] = check.run()
@@ -327,7 +356,12 @@ def find_sensitive(text: str) -> list[tuple[str, str]]:
 def special_token_pattern(extra: list[str] | tuple[str, ...] = ()) -> re.Pattern[str]:
     """One regex over the fixed special-token strings plus `extra` (a tokenizer's own)."""
     tokens = {t for t in (*SPECIAL_TOKEN_STRINGS, *extra) if isinstance(t, str) and len(t.strip()) >= 3}
-    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
+    _PATTERN_TOKENS[pattern.pattern] = tuple(sorted(tokens))
+    return pattern
+
+
+_PATTERN_TOKENS: dict[str, tuple[str, ...]] = {}  # special_token_pattern's source -> its strings
 
 
 def tokenizer_special_tokens(cfg: RunConfig) -> list[str]:
@@ -447,6 +481,8 @@ class _DatasetCheck:
         cfg: DataSection,
         checks: dict[str, CheckPolicy] | None = None,
         special: re.Pattern[str] | None = None,
+        *,
+        fast: bool = True,
     ):
         self.name, self.uri, self.cfg = name, uri or "", cfg
         self.checks = checks if checks is not None else resolve_checks(cfg)
@@ -455,13 +491,15 @@ class _DatasetCheck:
         self.budget_bad = 0  # bad records whose code's action is 'fail': held to max_error_rate
         self.problems: dict[str, _Problem] = {}
         self.files: list[str] = []
-        self.index: dict[int, int] = {}  # content hash -> packed first location
+        self.index = ContentIndex()  # content hash -> packed first location
+        self.fast = fast
+        self.prefilter = Prefilter(_PATTERN_TOKENS.get(self.special.pattern))
         self.records = self.bad = 0
         self.lengths = array("q")
         self.kind: str | None = None
-        self._other: tuple[dict[int, int], list[str], str | None] | None = None
+        self._other: tuple[ContentIndex, list[str], str | None] | None = None
 
-    def compare_with(self, index: dict[int, int], files: list[str], kind: str | None) -> None:
+    def compare_with(self, index: ContentIndex, files: list[str], kind: str | None) -> None:
         """Report records that also occur in another dataset (eval vs train) as train_overlap."""
         self._other = (index, files, kind)
 
@@ -515,24 +553,200 @@ class _DatasetCheck:
 
     def _check_file(self, file_index: int, path: str) -> bool:
         """Check every row of one file; True when the file broke off (corrupt or truncated)."""
-        for raw in iter_raw_file(path):
+        fields = self._fast_fields()
+        if fields is None:
+            return self._check_rows(file_index, iter_raw_file(path))
+        if path.endswith((".parquet", ".arrow")):
+            return self._check_arrow_file(file_index, path, fields)
+        if path.endswith(".csv"):
+            return self._check_csv_file(file_index, path, fields)
+        return self._check_jsonl_file(file_index, path, fields)
+
+    def _fast_fields(self) -> list[str] | None:
+        """The columns the vectorised path reads, or None when it does not apply."""
+        if not self.fast or self.kind is None:
+            return None
+        if self.kind == "text":
+            return [self.cfg.text_field]
+        if self.kind == "prompt_completion":
+            return [self.cfg.prompt_field, self.cfg.completion_field]
+        return None  # chat records: the precise path
+
+    def _check_rows(self, file_index: int, raws: Any) -> bool:
+        """The precise path: row by row. True when the file broke off."""
+        for raw in raws:
             if raw.code == "unreadable_file":  # not a record: the file broke off here
                 self.add(raw.code, raw.reason or "", raw.loc)
                 return True
-            self.records += 1
-            if self.kind is None:
-                if raw.code:
-                    self.bad_record(raw.code, raw.reason or "", raw.loc)
-                else:
-                    self.bad_record("unknown_kind", _unknown_kind_reason(raw.value or {}, self.cfg), raw.loc)
-                continue
-            try:
-                record = normalize(raw, self.kind, self.cfg)
-            except RecordError as exc:
-                self.bad_record(exc.code, exc.reason, exc.loc)
-                continue
-            self._check_record(record, file_index)
+            self._check_raw(raw, file_index)
         return False
+
+    def _check_raw(self, raw: RawRecord, file_index: int) -> None:
+        self.records += 1
+        if self.kind is None:
+            if raw.code:
+                self.bad_record(raw.code, raw.reason or "", raw.loc)
+            else:
+                self.bad_record("unknown_kind", _unknown_kind_reason(raw.value or {}, self.cfg), raw.loc)
+            return
+        try:
+            record = normalize(raw, self.kind, self.cfg)
+        except RecordError as exc:
+            self.bad_record(exc.code, exc.reason, exc.loc)
+            return
+        self._check_record(record, file_index)
+
+    def _check_jsonl_file(self, file_index: int, path: str, fields: list[str]) -> bool:
+        for block in iter_jsonl_blocks(path):
+            if isinstance(block, RawRecord):  # the file broke off
+                self.add(block.code or "unreadable_file", block.reason or "", block.loc)
+                return True
+            bounds = line_bounds(block.data)
+            for a, b, cols in parse_jsonl(block.data, fields):
+                if cols is None:  # lines pyarrow did not take: json.loads, line by line
+                    part = JsonlBlock(
+                        path, block.first_line + a, block.data[bounds[a] : bounds[b]], block.first and a == 0
+                    )
+                    if self._check_rows(file_index, parse_jsonl_block(part)):
+                        return True
+                    continue
+                self.records += b - a
+                lines = np.arange(block.first_line + a, block.first_line + b, dtype=np.int64)
+                self._check_columns(file_index, cols, lines, lambda n: Location(path, line=n))
+        return False
+
+    def _check_csv_file(self, file_index: int, path: str, fields: list[str]) -> bool:
+        """The csv module parses (its exact semantics and line numbers); runs of good rows are
+        checked column-wise."""
+        import pyarrow as pa
+
+        run: list[RawRecord] = []
+
+        def flush() -> None:
+            if run:
+                self.records += len(run)
+                cols = {f: pa.array([r.value[f] for r in run], pa.string()) for f in fields}  # type: ignore[index]
+                lines = np.array([r.loc.line for r in run], dtype=np.int64)
+                self._check_columns(file_index, cols, lines, lambda n: Location(path, line=n))
+                run.clear()
+
+        for raw in iter_raw_file(path):
+            if raw.value is not None and all(isinstance(raw.value.get(f), str) for f in fields):
+                run.append(raw)
+                if len(run) >= CSV_RUN_ROWS:
+                    flush()
+                continue
+            flush()
+            if raw.code == "unreadable_file":
+                self.add(raw.code, raw.reason or "", raw.loc)
+                return True
+            self._check_raw(raw, file_index)
+        flush()
+        return False
+
+    def _check_arrow_file(self, file_index: int, path: str, fields: list[str]) -> bool:
+        import pyarrow as pa
+
+        for item in iter_arrow_batches(path):
+            if isinstance(item, RawRecord):
+                self.add(item.code or "unreadable_file", item.reason or "", item.loc)
+                return True
+            batch, rg = item.batch, item.row_group
+            names = batch.schema.names
+            cols = {f: batch.column(names.index(f)) for f in fields if f in names}
+            if len(cols) == len(fields) and all(
+                (pa.types.is_string(c.type) or pa.types.is_large_string(c.type)) and not c.null_count
+                for c in cols.values()
+            ):
+                self.records += batch.num_rows
+                rows = np.arange(item.first_row, item.first_row + batch.num_rows, dtype=np.int64)
+                self._check_columns(
+                    file_index, cols, rows, lambda n, rg=rg: Location(path, row_group=rg, row=n)
+                )
+                continue
+            for i, value in enumerate(batch.to_pylist()):
+                loc = Location(path, row_group=rg, row=item.first_row + i)
+                self._check_raw(RawRecord(loc, value=value), file_index)
+        return False
+
+    def _check_columns(self, file_index: int, cols: dict[str, Any], positions: np.ndarray, loc: Any) -> None:
+        """The vectorised path over rows whose `cols` (null-free strings) are already parsed:
+        the same findings, reasons and order as `_check_raw` row by row."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        fields = list(cols)
+        # empty or whitespace-only fields: the exact test on the rows that may be blank
+        maybe = np.zeros(len(positions), dtype=bool)
+        for col in cols.values():
+            maybe |= maybe_blank(col)
+        if maybe.any():
+            bad = np.zeros(len(positions), dtype=bool)
+            for i in np.flatnonzero(maybe).tolist():
+                value = {f: cols[f][i].as_py() for f in fields}
+                try:
+                    normalize(RawRecord(loc(int(positions[i])), value=value), self.kind or "", self.cfg)
+                except RecordError as exc:
+                    self.bad_record(exc.code, exc.reason, exc.loc)
+                    bad[i] = True
+            if bad.any():
+                keep = pa.array(~bad)
+                cols = {f: c.filter(keep) for f, c in cols.items()}
+                positions = positions[~bad]
+        m = len(positions)
+        if not m:
+            return
+        if self.kind == "text":
+            plain = content = cols[fields[0]]
+        else:
+            prompt, completion = cols[fields[0]], cols[fields[1]]
+            plain = pc.binary_join_element_wise(prompt, completion, "\n")
+            content = pc.binary_join_element_wise(prompt, completion, "\x1f")
+        lengths = utf8_lengths(plain)
+        self.lengths.frombytes(lengths.tobytes())
+
+        # exact duplicates, within the block and against everything before it
+        keys = content_hashes(content)
+        packed = (np.uint64(file_index) << np.uint64(_POSITION_BITS)) | positions.astype(np.uint64)
+        _, first_idx, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        first_row = first_idx[inverse.reshape(-1)]
+        found, earlier = self.index.lookup(keys)
+        is_first = first_row == np.arange(m)
+        new = ~found & is_first
+        self.index.add_many(keys[new], packed[new])
+        seen = np.where(found, earlier, packed[first_row])
+        for i in np.flatnonzero(~new).tolist():
+            self.add(
+                "duplicate", f"same content as {_unpack(int(seen[i]), self.files)}", loc(int(positions[i]))
+            )
+        if self._other is not None:
+            other_index, other_files, _ = self._other
+            in_other, where = other_index.lookup(keys)
+            for i in np.flatnonzero(in_other).tolist():
+                self.add(
+                    "train_overlap",
+                    f"same content as train record {_unpack(int(where[i]), other_files)}",
+                    loc(int(positions[i])),
+                )
+
+        # content checks: the exact (Python) checks on the rows the prefilter cannot clear
+        cand = self.prefilter.candidates(plain)
+        if self.cfg.min_chars > 0:
+            cand |= lengths < self.cfg.min_chars
+        if self.cfg.max_chars is not None:
+            cand |= lengths > self.cfg.max_chars
+        rows = np.flatnonzero(cand)
+        if len(rows):
+            texts = plain.take(pa.array(rows)).to_pylist()
+            for i, text in zip(rows.tolist(), texts, strict=True):
+                self._content_checks(text, loc(int(positions[i])), None)
+        if self.near is not None:
+            rows = np.flatnonzero(new)
+            texts = plain.take(pa.array(rows)).to_pylist()
+            for i, text in zip(rows.tolist(), texts, strict=True):
+                where_ = str(loc(int(positions[i])))
+                if (earlier_loc := self.near.check(text, where_)) is not None:
+                    self.add("near_duplicate", f"nearly the same words as {earlier_loc}", where_)
 
     def _check_record(self, record: Record, file_index: int) -> None:
         text = record.plain_text()
@@ -541,16 +755,24 @@ class _DatasetCheck:
         position = record.loc.line if record.loc.line is not None else (record.loc.row or 0)
         first = self.index.get(key)
         if first is None:
-            self.index[key] = (file_index << _POSITION_BITS) | position
+            self.index.add(key, (file_index << _POSITION_BITS) | position)
         else:
             self.add("duplicate", f"same content as {_unpack(first, self.files)}", record.loc)
         if self._other is not None:
             other_index, other_files, _ = self._other
-            if key in other_index:
-                where = _unpack(other_index[key], other_files)
-                self.add("train_overlap", f"same content as train record {where}", record.loc)
+            where = other_index.get(key)
+            if where is not None:
+                self.add(
+                    "train_overlap", f"same content as train record {_unpack(where, other_files)}", record.loc
+                )
+        self._content_checks(text, record.loc, record.messages if record.kind == "chat" else None)
+        if self.near is not None and first is None:
+            if (earlier := self.near.check(text, str(record.loc))) is not None:
+                self.add("near_duplicate", f"nearly the same words as {earlier}", record.loc)
+
+    def _content_checks(self, text: str, loc: Location, messages: list[dict[str, str]] | None) -> None:
         if match := _CONTROL.search(text):
-            self.add("control_chars", f"U+{ord(match.group()):04X} at character {match.start()}", record.loc)
+            self.add("control_chars", f"U+{ord(match.group()):04X} at character {match.start()}", loc)
         if match := _MOJIBAKE.search(text):
             if match.group() == "\ufffd":
                 reason = f"U+FFFD replacement character at character {match.start()} (bytes lost in an earlier decode)"
@@ -558,25 +780,18 @@ class _DatasetCheck:
                 reason = (
                     f"{match.group()!r} at character {match.start()} looks like UTF-8 read as Latin-1/cp1252"
                 )
-            self.add("mojibake", reason, record.loc)
+            self.add("mojibake", reason, loc)
         if len(text) < self.cfg.min_chars:
-            self.add(
-                "too_short", f"{len(text):,} characters < data.min_chars {self.cfg.min_chars:,}", record.loc
-            )
+            self.add("too_short", f"{len(text):,} characters < data.min_chars {self.cfg.min_chars:,}", loc)
         if self.cfg.max_chars is not None and len(text) > self.cfg.max_chars:
-            self.add(
-                "too_long", f"{len(text):,} characters > data.max_chars {self.cfg.max_chars:,}", record.loc
-            )
+            self.add("too_long", f"{len(text):,} characters > data.max_chars {self.cfg.max_chars:,}", loc)
         if match := self.special.search(text):
-            self.add("special_token_text", f"{match.group()!r} at character {match.start()}", record.loc)
+            self.add("special_token_text", f"{match.group()!r} at character {match.start()}", loc)
         for code, reason in find_sensitive(text):
-            self.add(code, reason, record.loc)
-        if record.kind == "chat":
-            for code, reason in chat_structure(record.messages):
-                self.add(code, reason, record.loc)
-        if self.near is not None and first is None:
-            if (earlier := self.near.check(text, str(record.loc))) is not None:
-                self.add("near_duplicate", f"nearly the same words as {earlier}", record.loc)
+            self.add(code, reason, loc)
+        if messages is not None:
+            for code, reason in chat_structure(messages):
+                self.add(code, reason, loc)
 
     def result(self) -> dict[str, Any]:
         problems = sorted(
@@ -640,8 +855,7 @@ def _content_hash(record: Record) -> int:
         content = f"{record.prompt}\x1f{record.completion}"
     else:
         content = json.dumps(record.messages, ensure_ascii=False, sort_keys=True)
-    digest = hashlib.blake2b(content.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return content_hash(content.encode("utf-8", "surrogatepass"))
 
 
 def _unpack(packed: int, files: list[str]) -> str:
@@ -652,27 +866,28 @@ def _unpack(packed: int, files: list[str]) -> str:
 
 def length_histogram(lengths: array) -> list[dict[str, int]]:
     """Record counts by length in characters, in power-of-two bins: [{"lo", "hi", "count"}]."""
-    counts: dict[int, int] = {}
-    for n in lengths:
-        b = int(n).bit_length()
-        counts[b] = counts.get(b, 0) + 1
-    if not counts:
+    if not len(lengths):
         return []
+    values = np.asarray(lengths, dtype=np.int64)
+    bits = np.searchsorted(
+        np.left_shift(1, np.arange(63, dtype=np.int64)), values, side="right"
+    )  # bit_length
+    counts = np.bincount(bits)
     return [
-        {"lo": 0 if b == 0 else 1 << (b - 1), "hi": (1 << b) - 1, "count": counts.get(b, 0)}
-        for b in range(min(counts), max(counts) + 1)
+        {"lo": 0 if b == 0 else 1 << (b - 1), "hi": (1 << b) - 1, "count": int(counts[b])}
+        for b in range(int(bits.min()), int(bits.max()) + 1)
     ]
 
 
 def _length_stats(lengths: array) -> dict[str, int] | None:
     if not lengths:
         return None
-    ordered = sorted(lengths)
+    ordered = np.sort(np.asarray(lengths, dtype=np.int64))
     return {
-        "min": ordered[0],
-        "p50": percentile(ordered, 50),
-        "p95": percentile(ordered, 95),
-        "max": ordered[-1],
+        "min": int(ordered[0]),
+        "p50": int(percentile(ordered, 50)),  # type: ignore[arg-type]
+        "p95": int(percentile(ordered, 95)),  # type: ignore[arg-type]
+        "max": int(ordered[-1]),
     }
 
 
