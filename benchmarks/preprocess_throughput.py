@@ -1,14 +1,23 @@
 """Preprocessing throughput: fulltune's sharded step against the usual `run_clm.py` recipe.
 
-In one run, on the same generated text and the same tokenizer (the demo's byte-level BPE):
+Text mode (default), in one run, on the same generated text and the same tokenizer (the demo's
+byte-level BPE):
   (a) baseline: `datasets.Dataset.from_json` -> `.map(tokenize, batched=True)` -> `.map(group_texts)`,
-      as Hugging Face's `run_clm.py` does;
+      as Hugging Face's `run_clm.py` does (`list(chain(*examples[k]))`, remainder dropped);
   (b) fulltune `preprocess_shard` with 1 shard, in one process;
   (c) fulltune with 2 shards, each in its own process (what ParallelFor does across pods).
-Each variant runs in a fresh subprocess, so its peak RSS is its own. Reported: tokens/s, tokens/s per
-core used, peak RSS, the share of non-pad tokens, and the ratios (b)/(a) per core and (c)/(b).
+SFT mode (`--sft prompt_completion|chat`): generated prompt/completion or chat records, fulltune with
+1 shard, packed (best-fit decreasing) against `packing: false` (one padded example per sequence):
+the share of non-pad tokens is the figure.
 
-    .venv/bin/python benchmarks/preprocess_throughput.py --mb 50 --repeats 3
+Each variant runs in a fresh subprocess, so its peak RSS and CPU time are its own. Reported: wall
+time, CPU time (user + system of the process(es)), tokens per CPU second, peak RSS, the share of
+non-pad tokens, and the ratios (b)/(a) per core and (c)/(b): measured on the wall clock, and from CPU
+time (the critical path, max over (c)'s processes, which is what the wall clock gives on otherwise
+idle cores; use it when the machine is shared and the wall clock is not to be trusted).
+
+    .venv/bin/python benchmarks/preprocess_throughput.py --mb 30 --repeats 3
+    .venv/bin/python benchmarks/preprocess_throughput.py --sft prompt_completion --mb 5 --repeats 1
 
 Figures and the command that produced them go in docs/benchmarks.md.
 """
@@ -48,7 +57,41 @@ def make_text(path: Path, megabytes: float, seed: int = 0) -> int:
     return records
 
 
+def make_sft(path: Path, megabytes: float, kind: str, seed: int = 0) -> int:
+    """Prompt/completion or chat records with varied lengths (a question, then 1-4 notes as the
+    answer; chat: 1-2 such turns of 1-2 notes after a system prompt); returns the record count."""
+    from fulltune.demo.assets import clinical_note
+
+    rng = random.Random(seed)
+    target = int(megabytes * 1024 * 1024)
+    written = records = 0
+
+    def answer(most: int) -> str:
+        return " ".join(clinical_note(rng) for _ in range(rng.choice((1, 1, 2, 3, 4)[: most + 1])))
+
+    with path.open("w") as fh:
+        while written < target:
+            question = f"Summarise the plan for patient {rng.randint(1, 99999)}, {rng.choice(('briefly', 'in full'))}."
+            if kind == "prompt_completion":
+                row = {"prompt": question, "completion": " " + answer(4)}
+            else:
+                msgs = [{"role": "system", "content": "You are a careful clinical assistant."}]
+                for _ in range(rng.choice((1, 1, 2))):
+                    msgs += [
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer(2)},
+                    ]
+                row = {"messages": msgs}
+            line = json.dumps(row) + "\n"
+            fh.write(line)
+            written += len(line.encode())
+            records += 1
+    return records
+
+
 def run_baseline(data: Path, tokenizer_dir: str, workdir: Path) -> dict:
+    from itertools import chain
+
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -59,7 +102,7 @@ def run_baseline(data: Path, tokenizer_dir: str, workdir: Path) -> dict:
         return tok(batch["text"])
 
     def group_texts(examples):  # as run_clm.py: concatenate, drop the remainder, cut into blocks
-        concatenated = {k: sum(examples[k], []) for k in examples}
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
         total = (len(concatenated["input_ids"]) // SEQ_LEN) * SEQ_LEN
         result = {k: [t[i : i + SEQ_LEN] for i in range(0, total, SEQ_LEN)] for k, t in concatenated.items()}
         result["labels"] = result["input_ids"].copy()
@@ -70,7 +113,7 @@ def run_baseline(data: Path, tokenizer_dir: str, workdir: Path) -> dict:
     return {"sequences": len(grouped), "tokens": len(grouped) * SEQ_LEN, "non_pad": 1.0}
 
 
-def _cfg(data: Path, tokenizer_dir: str, shards: int):
+def _cfg(data: Path, tokenizer_dir: str, shards: int, packing: bool = True):
     from fulltune.config import RunConfig
 
     return RunConfig.from_dict(
@@ -82,17 +125,26 @@ def _cfg(data: Path, tokenizer_dir: str, shards: int):
                 "num_shards": shards,
                 "eval_fraction": 0.001,
                 "replay_fraction": 0.0,
+                "packing": packing,
             },
         }
     )
 
 
-def run_shard(data: Path, tokenizer_dir: str, workdir: Path, shards: int, index: int) -> dict:
+def run_shard(
+    data: Path, tokenizer_dir: str, workdir: Path, shards: int, index: int, packing: bool = True
+) -> dict:
     from fulltune.preprocess.core import preprocess_shard
 
-    m = preprocess_shard(_cfg(data, tokenizer_dir, shards), str(workdir / "work"), index)
+    m = preprocess_shard(_cfg(data, tokenizer_dir, shards, packing), str(workdir / "work"), index)
     s = m["splits"]["train"]
-    return {"sequences": s["sequences"], "tokens": s["tokens"], "slots": s["sequences"] * SEQ_LEN}
+    return {
+        "sequences": s["sequences"],
+        "tokens": s["tokens"],
+        "slots": s["sequences"] * SEQ_LEN,
+        "truncated": s["truncated"],
+        "bytes_read": m["inputs"]["train"]["bytes_read"],
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -101,9 +153,13 @@ def child(args: argparse.Namespace) -> None:
     if args.variant == "baseline":
         out = run_baseline(Path(args.data), args.tokenizer, workdir)
     else:
-        out = run_shard(Path(args.data), args.tokenizer, workdir, args.shards, args.index)
+        out = run_shard(
+            Path(args.data), args.tokenizer, workdir, args.shards, args.index, args.variant != "unpacked"
+        )
     out["seconds"] = time.perf_counter() - start
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu"] = usage.ru_utime + usage.ru_stime
+    out["peak_rss_mb"] = usage.ru_maxrss / 1024
     print(json.dumps(out))
 
 
@@ -111,22 +167,8 @@ def spawn(
     variant: str, data: Path, tokenizer: str, workdir: Path, shards: int = 1, index: int = 0
 ) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1")
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        variant,
-        "--data",
-        str(data),
-        "--tokenizer",
-        tokenizer,
-        "--workdir",
-        str(workdir),
-        "--shards",
-        str(shards),
-        "--index",
-        str(index),
-    ]
+    cmd = [sys.executable, __file__, "--child", variant, "--data", str(data), "--tokenizer", tokenizer]
+    cmd += ["--workdir", str(workdir), "--shards", str(shards), "--index", str(index)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -144,6 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=50.0, help="size of the generated JSONL")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sft", choices=("prompt_completion", "chat"), help="SFT packing mode")
     ap.add_argument("--assets", default=".fulltune-demo/assets", help="demo assets cache (tokenizer)")
     ap.add_argument("--child", dest="variant", default=None, help=argparse.SUPPRESS)
     for name in ("--data", "--tokenizer", "--workdir"):
@@ -158,51 +201,71 @@ def main() -> None:
     from fulltune.demo.assets import build_demo_assets
 
     tokenizer = str(build_demo_assets(Path(args.assets)).base_model_dir)
-    results: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
+    if args.sft:
+        variants = {
+            "p": ("(p) fulltune packed, 1 shard", "fulltune", 1),
+            "u": ("(u) packing: false", "unpacked", 1),
+        }
+    else:
+        variants = {
+            "a": ("(a) run_clm baseline", "baseline", 1),
+            "b": ("(b) fulltune, 1 shard", "fulltune", 1),
+            "c": ("(c) fulltune, 2 shards x 2 processes", "fulltune", 2),
+        }
+    results: dict[str, list[dict]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-") as tmp:
-        data = Path(tmp, "text.jsonl")
-        records = make_text(data, args.mb)
+        data = Path(tmp, "data.jsonl")
+        records = make_sft(data, args.mb, args.sft) if args.sft else make_text(data, args.mb)
         print(
-            f"{records} records, {data.stat().st_size / 2**20:.1f} MiB, max_seq_len {SEQ_LEN}, {args.repeats} repeats"
+            f"{records} {args.sft or 'text'} records, {data.stat().st_size / 2**20:.1f} MiB, "
+            f"max_seq_len {SEQ_LEN}, {args.repeats} repeats, load average {os.getloadavg()[0]:.1f}"
         )
         for r in range(args.repeats):
-            for key, shards in (("a", 0), ("b", 1), ("c", 2)):
+            for key, (_, variant, shards) in variants.items():
                 work = Path(tmp, f"{key}-{r}")
                 start = time.perf_counter()
-                if key == "a":
-                    outs = collect([spawn("baseline", data, tokenizer, work)])
-                else:
-                    outs = collect(
-                        [spawn("fulltune", data, tokenizer, work, shards, i) for i in range(shards)]
-                    )
+                outs = collect([spawn(variant, data, tokenizer, work, shards, i) for i in range(shards)])
                 wall = time.perf_counter() - start
                 tokens = sum(o["tokens"] for o in outs)
-                slots = sum(o.get("slots", o["tokens"]) for o in outs)
                 results[key].append(
                     {
                         "wall": wall,
+                        "cpu": sum(o["cpu"] for o in outs),
+                        "cpu_max": max(o["cpu"] for o in outs),
                         "tokens": tokens,
-                        "non_pad": tokens / slots,
+                        "non_pad": tokens / sum(o.get("slots", o["tokens"]) for o in outs),
                         "rss": max(o["peak_rss_mb"] for o in outs),
+                        "truncated": sum(o.get("truncated", 0) for o in outs),
+                        "read": [o.get("bytes_read") for o in outs],
                     }
                 )
-    cores = {"a": 1, "b": 1, "c": 2}
-    summary = {}
-    for key, label in (
-        ("a", "(a) run_clm baseline"),
-        ("b", "(b) fulltune, 1 shard"),
-        ("c", "(c) fulltune, 2 shards x 2 processes"),
-    ):
-        wall = statistics.median(x["wall"] for x in results[key])
-        tokens = results[key][0]["tokens"]
-        summary[key] = tokens / wall / cores[key]
+        print(f"input {data.stat().st_size:,} bytes; load average after {os.getloadavg()[0]:.1f}")
+    med = {
+        k: {m: statistics.median(x[m] for x in v) for m in ("wall", "cpu", "cpu_max")}
+        for k, v in results.items()
+    }
+    for key, (label, _, _) in variants.items():
+        first = results[key][0]
+        tokens = first["tokens"]
         print(
-            f"{label:40s} median {wall:7.1f}s  {tokens / wall:12,.0f} tok/s  {summary[key]:12,.0f} tok/s/core  "
-            f"peak RSS {max(x['rss'] for x in results[key]):7.0f} MiB  non-pad {results[key][0]['non_pad']:.4f}"
+            f"{label:38s} wall {med[key]['wall']:6.1f}s  cpu {med[key]['cpu']:6.1f}s  "
+            f"{tokens / med[key]['wall']:10,.0f} tok/s  {tokens / med[key]['cpu']:10,.0f} tok/cpu-s  "
+            f"peak RSS {max(x['rss'] for x in results[key]):6.0f} MiB  non-pad {first['non_pad']:.4f}"
+            + (f"  truncated {first['truncated']}" if args.sft else "")
+            + (f"  bytes read per process {first['read']}" if first["read"][0] is not None else "")
         )
-    print(
-        f"(b)/(a) per core: {summary['b'] / summary['a']:.2f}x   (c)/(b) total: {2 * summary['c'] / summary['b']:.2f}x"
-    )
+    if not args.sft:
+        tok = {k: results[k][0]["tokens"] for k in variants}
+
+        def ratio(x: str, y: str, m: str, m2: str | None = None) -> float:
+            return (tok[x] / med[x][m]) / (tok[y] / med[y][m2 or m])
+
+        print(
+            f"wall clock: (b)/(a) per core {ratio('b', 'a', 'wall'):.2f}x   (c)/(b) {ratio('c', 'b', 'wall'):.2f}x\n"
+            f"CPU time:   (b)/(a) per core {ratio('b', 'a', 'cpu'):.2f}x   "
+            f"(c)/(b) critical path {ratio('c', 'b', 'cpu_max', 'cpu'):.2f}x "
+            f"(total CPU (c)/(b) {med['c']['cpu'] / med['b']['cpu']:.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -246,4 +246,162 @@ def test_unpacked_text_becomes_overlapping_windows_with_each_token_learned_once(
 
 def test_chunk_stride_must_leave_room():
     with pytest.raises(core.PreprocessError, match="chunk_stride 64 must be"):
-        core.chunk_windows([core.Example([1] * 100, [1] * 100)], 64, 64, 0)
+        core.chunk_windows(core.Docs.from_lists([[1] * 100]), 64, 64, 0)
+
+
+# -- splitting the input: each shard reads only its part ---------------------------------------------
+
+
+def _shard_blocks(uri: str, n: int, block_records: int = 64) -> list[dict]:
+    """Per shard: its blocks {key: [texts]} and the bytes it read."""
+    from fulltune.config import DataSection
+    from fulltune.preprocess import inputs
+
+    out = []
+    for i in range(n):
+        stats = inputs.ReadStats()
+        units = inputs.plan_shard(uri, block_records, i, n, stats)
+        blocks = {
+            key: [r.text for r in recs]
+            for key, recs in inputs.read_blocks(
+                units, DataSection(train_uri=uri), "text", block_records, stats
+            )
+        }
+        out.append({"blocks": blocks, "bytes_read": stats.bytes_read})
+    return out
+
+
+def _notes(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["HbA1c", "eGFR", "potassium", "creatinine", "review", "stable", "dose", "mg", "daily", "patient"]
+    return [{"text": f"note {i}: " + " ".join(rng.choices(words, k=rng.randint(4, 60)))} for i in range(n)]
+
+
+def test_each_shard_reads_only_its_byte_range_of_a_jsonl_file(tmp_path):
+    rows = _notes(24_000)
+    uri = write_jsonl(tmp_path / "big.jsonl", rows)
+    size = Path(uri).stat().st_size
+    one = _shard_blocks(uri, 1)[0]
+    four = _shard_blocks(uri, 4)
+    # every record is read exactly once, in the same blocks whatever the number of shards
+    merged = {k: v for s in four for k, v in s["blocks"].items()}
+    assert sum(len(s["blocks"]) for s in four) == len(merged)
+    assert merged == one["blocks"]
+    assert sorted(t for v in merged.values() for t in v) == sorted(r["text"] for r in rows)
+    # a shard's read cost falls to about 1/4: its quarter, the head sample and the read-ahead
+    assert one["bytes_read"] >= size
+    for s in four:
+        assert s["bytes_read"] < 0.35 * size, (s["bytes_read"], size)
+    assert sum(s["bytes_read"] for s in four) < 1.2 * size
+
+
+def test_files_row_groups_and_unsplittable_files_split_the_same_way_for_any_n(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _notes(3000, seed=1)
+    d = tmp_path / "mixed"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", rows[:1000])
+    (d / "b.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps(r) + "\n" for r in rows[1000:1500]).encode())
+    )
+    pq.write_table(pa.Table.from_pylist(rows[1500:2700]), d / "c.parquet", row_group_size=100)
+    write_jsonl(d / "d.jsonl", rows[2700:])
+    reference = _shard_blocks(str(d), 1, block_records=40)[0]["blocks"]
+    assert sorted(t for v in reference.values() for t in v) == sorted(r["text"] for r in rows)
+    for n in (2, 3, 7):
+        shards = _shard_blocks(str(d), n, block_records=40)
+        merged = {k: v for s in shards for k, v in s["blocks"].items()}
+        assert sum(len(s["blocks"]) for s in shards) == len(merged), n
+        assert merged == reference, n
+        assert all(s["blocks"] for s in shards), n  # every shard has work
+    # the Parquet file: a shard reads its own row groups, not the whole file
+    pq_only = tmp_path / "pq"
+    pq_only.mkdir()
+    many = _notes(12_000, seed=3)
+    pq.write_table(pa.Table.from_pylist(many), pq_only / "x.parquet", row_group_size=500)
+    size = (pq_only / "x.parquet").stat().st_size
+    for s in _shard_blocks(str(pq_only), 4, block_records=50):
+        assert s["bytes_read"] < 0.4 * size
+
+
+def test_shards_read_byte_ranges_and_row_groups_from_s3(tmp_path, s3):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _notes(4000, seed=2)
+    local = tmp_path / "in"
+    local.mkdir()
+    write_jsonl(local / "a.jsonl", rows[:2500])
+    pq.write_table(pa.Table.from_pylist(rows[2500:]), local / "b.parquet", row_group_size=100)
+    for name in ("a.jsonl", "b.parquet"):
+        storage.upload_file(local / name, f"{s3}/in/{name}")
+    expected = _shard_blocks(str(local), 1, block_records=50)[0]["blocks"]
+    shards = _shard_blocks(f"{s3}/in", 3, block_records=50)
+    merged = {k: v for s in shards for k, v in s["blocks"].items()}
+    assert merged == expected
+    total = sum(p.stat().st_size for p in local.iterdir())
+    assert all(s["bytes_read"] < 0.5 * total for s in shards)
+
+
+def test_shard_manifest_reports_what_the_shard_read(demo_assets, tmp_path):
+    one = core.preprocess_shard(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1), str(tmp_path / "n1"), 0)
+    size = (tmp_path / "train.jsonl").stat().st_size
+    assert one["inputs"]["train"]["bytes_read"] >= size
+    cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=3)
+    reads = [core.preprocess_shard(cfg, str(tmp_path / "n3"), i)["inputs"]["train"] for i in range(3)]
+    assert all(r["blocks"] > 0 and r["bytes_read"] > 0 for r in reads)
+    assert sum(r["blocks"] for r in reads) == one["inputs"]["train"]["blocks"]
+
+
+# -- over-long prompt/completion and chat examples ------------------------------------------------------
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_assets, tmp_path, tok):
+    long_answer = " ".join(f"step {i}: check the potassium level." for i in range(40))
+    rows = [{"prompt": f"Q{i}: next step?", "completion": f" Recheck in {i} days."} for i in range(30)]
+    rows += [{"prompt": f"L{i}: full protocol?", "completion": f" MARK{i} " + long_answer} for i in range(5)]
+    assert len(tok(rows[-1]["prompt"] + rows[-1]["completion"])["input_ids"]) > 64
+    results = {}
+    for policy in ("truncate", "drop"):
+        cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=2, eval_fraction=0.01, overlong=policy)
+        work = str(tmp_path / policy)
+        manifest = core.preprocess_all(cfg, work)
+        shard_counts = [storage.read_json(core.shard_manifest_uri(work, i))["splits"] for i in range(2)]
+        data = load_split(manifest, "train")
+        text = tok.decode(data["labels"][data["labels"] != IGNORE_INDEX].tolist())
+        results[policy] = (manifest, shard_counts, text)
+    manifest, shards, text = results["truncate"]
+    long_seen = sum(s[split]["truncated"] for s in shards for split in s)
+    assert long_seen == 5 and sum(m["truncated"] for m in manifest["splits"].values()) == 5
+    assert all(m["dropped"] == 0 for m in manifest["splits"].values())
+    assert "MARK" in text  # the start of a truncated answer is kept
+    manifest, shards, text = results["drop"]
+    assert sum(s[split]["dropped"] for s in shards for split in s) == 5
+    assert sum(m["dropped"] for m in manifest["splits"].values()) == 5
+    assert all(m["truncated"] == 0 for m in manifest["splits"].values())
+    assert "MARK" not in text and "Recheck in" in text
+    train = manifest["splits"]["train"]
+    assert train["examples"] - train["dropped"] > 0
+
+
+def test_best_fit_packs_sft_lengths_to_at_least_95_percent():
+    import random
+
+    rng = random.Random(0)
+    lengths = [int(rng.lognormvariate(5.0, 0.6)) + 8 for _ in range(2048)]
+    lengths = [min(n, 1024) for n in lengths]
+    bins = core.best_fit_decreasing(lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    assert sum(lengths) / (len(bins) * 1024) >= 0.95
+
+
+def test_encoder_gives_the_tokenizer_call_ids(tok):
+    texts = ["HbA1c 7.2% <|endoftext|> eGFR 45", "  leading spaces", "ünïcödé — dash", "a\nb\n\n"]
+    assert core.Encoder(tok)(texts) == [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]

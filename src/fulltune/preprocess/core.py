@@ -3,42 +3,52 @@
 One call of `preprocess_shard(cfg, work_dir, i)` produces shard i of N, independently of the
 others (one pipeline task each):
 
-- records are assigned to shards by their ordinal in the input (ordinal % N), so the split is
-  stable for the same inputs and N;
+- the input is split into N parts by file, Parquet row group or JSONL byte range, and shard i
+  reads only its part (`inputs.py` says how; stable for the same inputs and N);
+- the part is processed in *blocks* of about `block_records` records, keyed by their place in
+  their file. Blocks, not shards, are the unit every later decision is made in, so the sequences
+  produced do not depend on N (N=1 and N=4 give the same multiset);
 - domain records go to `train`, or to `domain_eval` when their stable hash falls in the held-out
   fraction (only when no eval_uri is configured);
 - general records go to `general_eval` (stable hash, `general_eval_fraction`) or to the replay
-  pool, from which the shard draws `replay_fraction` of its training tokens;
+  pool, from which each block draws `replay_fraction` of its training tokens;
 - `text` records are tokenized, EOS-terminated and packed into `max_seq_len` sequences (or one
   padded sequence per document with `packing: false`); prompt/completion and chat records are
   rendered (chat through the tokenizer's chat template), labelled only on the completion or
-  assistant tokens (`loss_on: assistant`), and packed whole with first-fit decreasing.
+  assistant tokens (`loss_on: assistant`), and packed whole (best-fit decreasing); one longer
+  than `max_seq_len` is truncated or dropped (`overlong`), and counted either way.
 
-Outputs go to <work_dir>/data/shards/: one Parquet file per split and the shard manifest, written
-*last*. A shard whose manifest exists and whose files match their checksums is skipped, so a
-retried pipeline redoes only what is missing. `gather_shards` merges the shard manifests into the
-dataset manifest (`dataset.py` describes it).
+Token work is done on flat numpy arrays (one per block, with document offsets), never token by
+token in Python. Outputs go to <work_dir>/data/shards/: one Parquet file per split and the shard
+manifest, written *last*. A shard whose manifest exists and whose files match their checksums is
+skipped, so a retried pipeline redoes only what is missing. `gather_shards` merges the shard
+manifests into the dataset manifest (`dataset.py` describes it).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fulltune import hf, storage
 from fulltune.config import RunConfig
-from fulltune.data.records import Record, iter_records, resolve_kind
+from fulltune.data.records import Record, resolve_kind
+from fulltune.preprocess import inputs
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
 
 log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "fulltune.shard/v1"
-TOKENIZE_BATCH = 512
+COUNTS = ("examples", "sequences", "tokens", "loss_tokens", "truncated", "dropped")
 
 
 class PreprocessError(ValueError):
@@ -59,15 +69,73 @@ def shard_manifest_uri(work_dir: str, index: int) -> str:
     return storage.join(shard_dir(work_dir), f"shard-{index:05d}.json")
 
 
-# -- tokenization -------------------------------------------------------------------------------
+# -- documents as flat arrays ----------------------------------------------------------------------
 
 
 @dataclass
-class Example:
-    """One tokenized training example: ids and the per-token loss mask (labels)."""
+class Docs:
+    """Tokenized documents, end to end: `ids` and `labels` (int32) and `offsets` (n + 1 boundaries)."""
 
-    input_ids: list[int]
-    labels: list[int]
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Docs:
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64))
+
+    @classmethod
+    def from_lists(cls, ids: Sequence[list[int]], labels: Sequence[list[int]] | None = None) -> Docs:
+        """From per-document lists; labels default to the ids (every token carries loss)."""
+        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        flat = np.fromiter(chain.from_iterable(ids), np.int32, count=total)
+        lab = flat if labels is None else np.fromiter(chain.from_iterable(labels), np.int32, count=total)
+        return cls(flat, lab, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, order: np.ndarray, lengths: np.ndarray | None = None) -> Docs:
+        """Documents `order` (repeats allowed), each cut to `lengths` when given."""
+        order = np.asarray(order, np.int64)
+        full = self.lengths[order]
+        lengths = full if lengths is None else np.minimum(full, lengths)
+        index = _segments(self.offsets[:-1][order], lengths)
+        offsets = np.zeros(len(order) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = self.ids[index]
+        labels = ids if self.labels is self.ids else self.labels[index]
+        return Docs(ids, labels, offsets)
+
+    @staticmethod
+    def concat(parts: list[Docs]) -> Docs:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Docs.empty()
+        if len(parts) == 1:
+            return parts[0]
+        starts = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)])
+        return Docs(
+            np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]), offsets
+        )
+
+
+def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat indices of the segments [starts[i], starts[i] + lengths[i]), end to end."""
+    total = int(lengths.sum())
+    out_starts = np.cumsum(lengths) - lengths
+    return np.repeat(starts - out_starts, lengths) + np.arange(total, dtype=np.int64)
+
+
+# -- tokenization -------------------------------------------------------------------------------
 
 
 def load_tokenizer(cfg: RunConfig):
@@ -79,41 +147,52 @@ def load_tokenizer(cfg: RunConfig):
     return tok
 
 
-def tokenize_records(records: Iterable[Record], tok, cfg: RunConfig) -> Iterator[Example]:
-    """Examples from records, tokenized in batches. Text: all tokens + EOS carry loss."""
-    loss_all = cfg.preprocess.loss_on == "all"
-    batch: list[Record] = []
+class Encoder:
+    """Batch tokenization without special tokens: the fast tokenizer's Rust backend when there is
+    one (`encode_batch_fast`: no offsets computed), else the tokenizer's own call. Either gives the
+    ids `tok(texts, add_special_tokens=False)` gives."""
 
-    def flush() -> Iterator[Example]:
-        kind = batch[0].kind
-        if kind == "text":
-            ids = tok([r.text for r in batch], add_special_tokens=False)["input_ids"]
-            for seq in ids:
-                seq = list(seq) + [tok.eos_token_id]
-                yield Example(seq, list(seq))
-        elif kind == "prompt_completion":
-            p_ids = tok([r.prompt for r in batch], add_special_tokens=False)["input_ids"]
-            c_ids = tok([r.completion for r in batch], add_special_tokens=False)["input_ids"]
-            for p, c in zip(p_ids, c_ids, strict=True):
-                c = list(c) + [tok.eos_token_id]
-                yield Example(list(p) + c, (list(p) if loss_all else [IGNORE_INDEX] * len(p)) + c)
-        else:
-            for r in batch:
-                yield chat_example(r.messages, tok, loss_all)
-        batch.clear()
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos = tok.eos_token_id
+        backend = getattr(tok, "backend_tokenizer", None)
+        self._encode = None
+        if backend is not None:
+            backend.no_truncation()  # as the tokenizer's own call does unless asked to truncate
+            backend.no_padding()
+            self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
-    for rec in records:
-        if batch and rec.kind != batch[0].kind:
-            yield from flush()
-        batch.append(rec)
-        if len(batch) >= TOKENIZE_BATCH:
-            yield from flush()
-    if batch:
-        yield from flush()
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self._encode is None:
+            return [list(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+        return [e.ids for e in self._encode(texts, add_special_tokens=False)]
 
 
-def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> Example:
-    """Render a conversation with the chat template; labels only on the assistant turns.
+def tokenize(records: list[Record], kind: str, enc: Encoder, loss_all: bool) -> Docs:
+    """One block's records as EOS-terminated documents. Text: every token carries loss;
+    prompt/completion and chat: only the completion / assistant turns unless `loss_all`."""
+    if not records:
+        return Docs.empty()
+    if kind == "text":
+        ids = enc([r.text for r in records])
+        for seq in ids:
+            seq.append(enc.eos)
+        return Docs.from_lists(ids)
+    if kind == "prompt_completion":
+        p_ids = enc([r.prompt for r in records])
+        c_ids = enc([r.completion for r in records])
+        ids, labels = [], []
+        for p, c in zip(p_ids, c_ids, strict=True):
+            c.append(enc.eos)
+            ids.append(p + c)
+            labels.append((p if loss_all else [IGNORE_INDEX] * len(p)) + c)
+        return Docs.from_lists(ids, labels)
+    pairs = [chat_example(r.messages, enc.tok, loss_all) for r in records]
+    return Docs.from_lists([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[list[int], list[int]]:
+    """Render a conversation with the chat template; (ids, labels) with loss only on assistant turns.
 
     The span of each assistant turn in the rendered text is found by rendering the prefix with a
     generation prompt and the prefix including the turn; tokens whose characters start inside a
@@ -140,7 +219,7 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> Example
     for tid, (a, _b) in zip(ids, offsets, strict=True):
         in_span = any(s <= a < e for s, e in spans) or (a == len(full) and spans)
         labels.append(tid if (loss_all or in_span) else IGNORE_INDEX)
-    return Example(ids, labels)
+    return ids, labels
 
 
 # -- packing -----------------------------------------------------------------------------------
@@ -148,81 +227,109 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> Example
 
 @dataclass
 class PackStats:
+    examples: int = 0  # documents in (before any was dropped)
     sequences: int = 0
     tokens: int = 0  # non-pad tokens
     loss_tokens: int = 0
-    truncated: int = 0
-    examples: int = 0
+    truncated: int = 0  # over-long examples cut to max_seq_len
+    dropped: int = 0  # over-long examples left out (overlong: drop)
 
     def add(self, other: PackStats) -> None:
-        for key in ("sequences", "tokens", "loss_tokens", "truncated", "examples"):
+        for key in COUNTS:
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
 @dataclass
 class Packed:
-    input_ids: list[list[int]] = field(default_factory=list)
-    labels: list[list[int]] = field(default_factory=list)
-    attention_mask: list[list[int]] = field(default_factory=list)
-    position_ids: list[list[int]] = field(default_factory=list)
+    """Fixed-length sequences, as [n, seq_len] arrays (several parts, concatenated on write)."""
+
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     stats: PackStats = field(default_factory=PackStats)
 
-    def extend(self, other: Packed) -> None:
-        self.input_ids += other.input_ids
-        self.labels += other.labels
-        self.attention_mask += other.attention_mask
-        self.position_ids += other.position_ids
-        self.stats.add(other.stats)
+    def add_rows(self, ids: np.ndarray, labels: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
+        """Whole rows: ids, labels, attention mask and position ids, each [n, seq_len]."""
+        if not len(ids):
+            return
+        self.parts.append((ids, labels, mask, positions))
+        self.stats.sequences += len(ids)
+        self.stats.tokens += int(mask.sum(dtype=np.int64))
+        self.stats.loss_tokens += int(np.count_nonzero((labels != IGNORE_INDEX) & (mask != 0)))
 
     def add(
         self, ids: list[int], labels: list[int], seq_len: int, pad_id: int, starts: list[bool] | None = None
     ) -> None:
         """One sequence, padded to seq_len. `starts` marks the first token of each document in it:
         position_ids restart there, so attention can be reset per document where the model supports it."""
-        n = len(ids)
-        pad = seq_len - n
-        self.input_ids.append(ids + [pad_id] * pad)
-        self.labels.append(labels + [IGNORE_INDEX] * pad)
-        self.attention_mask.append([1] * n + [0] * pad)
-        self.position_ids.append(_positions(starts, n) + [0] * pad)
-        self.stats.sequences += 1
-        self.stats.tokens += n
-        self.stats.loss_tokens += sum(1 for x in labels if x != IGNORE_INDEX)
+        doc_starts = [0] if starts is None else [i for i, s in enumerate(starts) if s or i == 0]
+        bins = [np.arange(len(doc_starts))]
+        docs = Docs(
+            np.asarray(ids, np.int32),
+            np.asarray(labels, np.int32),
+            np.asarray(doc_starts + [len(ids)], np.int64),
+        )
+        _fill(self, docs, bins, seq_len, pad_id)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.concatenate([p[i] for p in self.parts]) for i in range(4))  # type: ignore[return-value]
 
 
-def _positions(starts: list[bool] | None, n: int) -> list[int]:
-    if starts is None:
-        return list(range(n))
-    out, p = [], 0
-    for i in range(n):
-        p = 0 if (i == 0 or starts[i]) else p + 1
-        out.append(p)
-    return out
+def _fill(out: Packed, docs: Docs, bins: list[np.ndarray], seq_len: int, pad_id: int) -> None:
+    """Rows of `out` from bins of documents (each bin's documents end to end, then padding)."""
+    if not bins:
+        return
+    order = np.concatenate(bins)
+    docs = docs.take(order)
+    lengths = docs.lengths
+    bin_sizes = np.array([len(b) for b in bins])
+    bin_lengths = np.add.reduceat(lengths, np.cumsum(bin_sizes) - bin_sizes) if len(order) else bin_sizes * 0
+    total = int(lengths.sum())
+    rows = np.repeat(np.arange(len(bins)), bin_lengths)
+    cols = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(bin_lengths) - bin_lengths, bin_lengths)
+    pos = np.arange(total, dtype=np.int64) - np.repeat(docs.offsets[:-1], lengths)
+    shape = (len(bins), seq_len)
+    ids = np.full(shape, pad_id, np.int32)
+    labels = np.full(shape, IGNORE_INDEX, np.int32)
+    mask = np.zeros(shape, np.int8)
+    positions = np.zeros(shape, np.int32)
+    ids[rows, cols] = docs.ids
+    labels[rows, cols] = docs.labels
+    mask[rows, cols] = 1
+    positions[rows, cols] = pos
+    out.add_rows(ids, labels, mask, positions)
 
 
-def pack_stream(examples: Iterable[Example], seq_len: int, pad_id: int) -> Packed:
+def pack_stream(docs: Docs, seq_len: int, pad_id: int) -> Packed:
     """Concatenate documents (each already EOS-terminated) and cut into seq_len pieces.
 
     A document that spills over into the next sequence continues there from position 0.
     """
     out = Packed()
-    buf_ids: list[int] = []
-    buf_labels: list[int] = []
-    buf_starts: list[bool] = []
-    for ex in examples:
-        out.stats.examples += 1
-        buf_ids.extend(ex.input_ids)
-        buf_labels.extend(ex.labels)
-        buf_starts.extend([True] + [False] * (len(ex.input_ids) - 1))
-        while len(buf_ids) >= seq_len:
-            out.add(buf_ids[:seq_len], buf_labels[:seq_len], seq_len, pad_id, buf_starts[:seq_len])
-            del buf_ids[:seq_len], buf_labels[:seq_len], buf_starts[:seq_len]
-    if buf_ids:
-        out.add(buf_ids, buf_labels, seq_len, pad_id, buf_starts)
+    out.stats.examples = len(docs)
+    total = len(docs.ids)
+    if not total:
+        return out
+    n = -(-total // seq_len)
+    size = n * seq_len
+    ids = np.full(size, pad_id, np.int32)
+    ids[:total] = docs.ids
+    labels = np.full(size, IGNORE_INDEX, np.int32)
+    labels[:total] = docs.labels
+    mask = np.zeros(size, np.int8)
+    mask[:total] = 1
+    # position = distance from the latest document start or sequence start
+    start = np.zeros(size, np.int64)
+    doc_starts = docs.offsets[:-1]
+    start[doc_starts] = doc_starts
+    start[::seq_len] = np.arange(0, size, seq_len)
+    np.maximum.accumulate(start, out=start)
+    positions = (np.arange(size, dtype=np.int64) - start).astype(np.int32)
+    positions[total:] = 0
+    shape = (n, seq_len)
+    out.add_rows(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape), positions.reshape(shape))
     return out
 
 
-def chunk_windows(examples: Iterable[Example], seq_len: int, stride: int, pad_id: int) -> Packed:
+def chunk_windows(docs: Docs, seq_len: int, stride: int, pad_id: int) -> Packed:
     """Each document on its own, long ones cut into seq_len windows that overlap by `stride` tokens.
 
     The overlap gives each window the preceding context; its tokens carry no loss in the later window,
@@ -230,168 +337,147 @@ def chunk_windows(examples: Iterable[Example], seq_len: int, stride: int, pad_id
     """
     if not 0 <= stride < seq_len:
         raise PreprocessError(f"chunk_stride {stride} must be at least 0 and below max_seq_len {seq_len}")
-    out = Packed()
     step = seq_len - stride
-    for ex in examples:
-        out.stats.examples += 1
-        start = 0
+    starts, lengths, overlap = [], [], []
+    for a, b in zip(docs.offsets[:-1].tolist(), docs.offsets[1:].tolist(), strict=True):
+        s = a
         while True:
-            ids = ex.input_ids[start : start + seq_len]
-            labels = ex.labels[start : start + seq_len]
-            if start:
-                labels = [IGNORE_INDEX] * stride + labels[stride:]
-            out.add(ids, labels, seq_len, pad_id)
-            if start + seq_len >= len(ex.input_ids):
+            starts.append(s)
+            lengths.append(min(seq_len, b - s))
+            overlap.append(s > a)
+            if s + seq_len >= b:
                 break
-            start += step
+            s += step
+    index = _segments(np.asarray(starts, np.int64), np.asarray(lengths, np.int64))
+    offsets = np.zeros(len(starts) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    labels = docs.labels[index].copy()
+    for w in np.flatnonzero(overlap):  # the overlapped context was learned in the previous window
+        labels[offsets[w] : offsets[w] + stride] = IGNORE_INDEX
+    windows = Docs(docs.ids[index], labels, offsets)
+    out = Packed()
+    out.stats.examples = len(docs)
+    _fill(out, windows, [np.array([w]) for w in range(len(windows))], seq_len, pad_id)
     return out
 
 
-def pack_whole(examples: Iterable[Example], seq_len: int, pad_id: int, *, packing: bool) -> Packed:
-    """Examples kept whole: first-fit decreasing into seq_len bins, or one per sequence.
-
-    Over-long examples are truncated to seq_len and counted.
-    """
-    out = Packed()
-    items: list[Example] = []
-    for ex in examples:
-        out.stats.examples += 1
-        if len(ex.input_ids) > seq_len:
-            out.stats.truncated += 1
-            ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
-        items.append(ex)
-    if not packing:
-        for ex in items:
-            out.add(ex.input_ids, ex.labels, seq_len, pad_id)
-        return out
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i].input_ids), i))
-    bins: list[list[int]] = []  # example indices per bin
-    free: list[int] = []
-    for i in order:
-        n = len(items[i].input_ids)
-        for b, room in enumerate(free):
-            if n <= room:
-                bins[b].append(i)
-                free[b] -= n
-                break
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each summing to at most `capacity`: longest item first, into the bin it
+    fills most tightly (ties: the older bin). Deterministic; typically within a few percent of optimal."""
+    rooms: list[tuple[int, int]] = []  # (room left, bin), sorted
+    bins: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = lengths[i]
+        at = bisect.bisect_left(rooms, (n, -1))
+        if at < len(rooms):
+            room, b = rooms.pop(at)
+            bins[b].append(i)
+            bisect.insort(rooms, (room - n, b))
         else:
             bins.append([i])
-            free.append(seq_len - n)
-    for members in bins:
-        ids = [t for i in members for t in items[i].input_ids]
-        labels = [t for i in members for t in items[i].labels]
-        starts = [j == 0 for i in members for j in range(len(items[i].input_ids))]
-        out.add(ids, labels, seq_len, pad_id, starts)
+            bisect.insort(rooms, (capacity - n, len(bins) - 1))
+    return bins
+
+
+def pack_whole(docs: Docs, seq_len: int, pad_id: int, *, packing: bool, overlong: str = "truncate") -> Packed:
+    """Examples kept whole: best-fit decreasing into seq_len bins, or one per sequence.
+
+    Over-long examples are truncated to seq_len or dropped (`overlong`), and counted.
+    """
+    out = Packed()
+    out.stats.examples = len(docs)
+    lengths = docs.lengths
+    over = lengths > seq_len
+    if over.any():
+        if overlong == "drop":
+            out.stats.dropped = int(over.sum())
+            docs = docs.take(np.flatnonzero(~over))
+        else:
+            out.stats.truncated = int(over.sum())
+            docs = docs.take(np.arange(len(docs)), np.full(len(docs), seq_len))
+        lengths = docs.lengths
+    if packing:
+        bins = [np.asarray(b) for b in best_fit_decreasing(lengths.tolist(), seq_len)]
+    else:
+        bins = [np.array([i]) for i in range(len(docs))]
+    _fill(out, docs, bins, seq_len, pad_id)
     return out
 
 
-def pack(examples: Iterable[Example], kind: str, cfg: RunConfig, pad_id: int) -> Packed:
-    seq_len = cfg.preprocess.max_seq_len
-    if kind == "text" and cfg.preprocess.packing:
-        return pack_stream(examples, seq_len, pad_id)
+def pack(docs: Docs, kind: str, cfg: RunConfig, pad_id: int) -> Packed:
+    pp = cfg.preprocess
+    if kind == "text" and pp.packing:
+        return pack_stream(docs, pp.max_seq_len, pad_id)
     if kind == "text":
-        return chunk_windows(examples, seq_len, cfg.preprocess.chunk_stride, pad_id)
-    return pack_whole(examples, seq_len, pad_id, packing=cfg.preprocess.packing)
+        return chunk_windows(docs, pp.max_seq_len, pp.chunk_stride, pad_id)
+    return pack_whole(docs, pp.max_seq_len, pad_id, packing=pp.packing, overlong=pp.overlong)
+
+
+# -- replay ------------------------------------------------------------------------------------------
+
+
+def replay_docs(pool: Docs, target_tokens: int, start: int = 0) -> Docs:
+    """Documents from the replay pool from `start` on, cycling if needed, until target_tokens
+    (the last one cut to fit)."""
+    if not len(pool) or target_tokens <= 0:
+        return Docs.empty()
+    lengths = pool.lengths
+    order, cut, got, i = [], [], 0, start
+    while got < target_tokens:
+        j = i % len(pool)
+        n = min(int(lengths[j]), target_tokens - got)
+        order.append(j)
+        cut.append(n)
+        got += n
+        i += 1
+    return pool.take(np.asarray(order), np.asarray(cut))
+
+
+def interleave(a: Docs, b: Docs) -> Docs:
+    """Spread b's documents evenly through a's (deterministic)."""
+    if not len(b):
+        return a
+    na, nb = len(a), len(b)
+    order = []
+    step = (na + nb) / nb
+    next_b = step / 2
+    ia = ib = 0
+    for pos in range(na + nb):
+        if ib < nb and (pos >= next_b or ia >= na):
+            order.append(na + ib)
+            ib += 1
+            next_b += step
+        else:
+            order.append(ia)
+            ia += 1
+    return Docs.concat([a, b]).take(np.asarray(order))
 
 
 # -- the shard step ----------------------------------------------------------------------------------
 
 
-def _shard_blocks(
-    uri: str, cfg: RunConfig, kind: str, index: int, num_shards: int
-) -> dict[int, list[Record]]:
-    """The blocks of `block_records` consecutive records that belong to this shard (block % N == index).
+def _arrow(values: np.ndarray, type_):
+    """A flat Arrow array over the numpy buffer, no copy (and no pandas import, which
+    `pa.array(ndarray)` costs the first time: a second per process)."""
+    import pyarrow as pa
 
-    Blocks, not shards, are the unit every later decision is made in (split, replay, packing), so the
-    sequences produced do not depend on the number of shards: N=1 and N=4 give the same multiset.
-    """
-    size = cfg.preprocess.block_records
-    blocks: dict[int, list[Record]] = {}
-    for ordinal, rec in enumerate(iter_records(uri, cfg.data, kind)):
-        block = ordinal // size
-        if block % num_shards == index:
-            blocks.setdefault(block, []).append(rec)
-    return blocks
-
-
-@dataclass
-class ShardInput:
-    """What one shard processes: per split, its records grouped by block; and the replay pool."""
-
-    kinds: dict[str, str] = field(default_factory=dict)
-    blocks: dict[str, dict[int, list[Record]]] = field(default_factory=dict)
-    replay_pool: list[Record] = field(default_factory=list)
-
-
-def _shard_input(cfg: RunConfig, index: int, n: int) -> ShardInput:
-    pp, data = cfg.preprocess, cfg.data
-    salt = str(pp.seed)
-    out = ShardInput()
-    kind = resolve_kind(data.train_uri, data)
-    out.kinds["train"] = out.kinds["domain_eval"] = kind
-    train_blocks = _shard_blocks(data.train_uri, cfg, kind, index, n)
-    if data.eval_uri is None:
-        out.blocks["train"], out.blocks["domain_eval"] = _hash_split(train_blocks, pp.eval_fraction, salt)
-    else:
-        out.blocks["train"] = train_blocks
-        out.kinds["domain_eval"] = resolve_kind(data.eval_uri, data)
-        out.blocks["domain_eval"] = _shard_blocks(data.eval_uri, cfg, out.kinds["domain_eval"], index, n)
-    if data.general_uri is not None:
-        gkind = resolve_kind(data.general_uri, data)
-        out.kinds["general_eval"] = gkind
-        general = _shard_blocks(data.general_uri, cfg, gkind, index, n)
-        _, out.blocks["general_eval"] = _hash_split(general, pp.general_eval_fraction, salt + "/general")
-        if pp.replay_fraction > 0:
-            # Every shard sees the whole replay pool (the general set is small beside the domain data).
-            out.replay_pool = [
-                r
-                for r in iter_records(data.general_uri, data, gkind)
-                if stable_fraction(r.plain_text(), salt + "/general") >= pp.general_eval_fraction
-            ]
-    return out
-
-
-def _hash_split(blocks: dict[int, list[Record]], fraction: float, salt: str):
-    """(kept, held_out) blocks: a record is held out when its stable hash falls below `fraction`."""
-    kept: dict[int, list[Record]] = {}
-    held: dict[int, list[Record]] = {}
-    for b, recs in blocks.items():
-        for rec in recs:
-            (held if stable_fraction(rec.plain_text(), salt) < fraction else kept).setdefault(b, []).append(
-                rec
-            )
-    return kept, held
-
-
-def _replay_examples(pool: list[Example], target_tokens: int, start: int = 0) -> list[Example]:
-    """Examples from the replay pool from `start` on, cycling if needed, until target_tokens."""
-    out: list[Example] = []
-    got = 0
-    if not pool or target_tokens <= 0:
-        return out
-    i = start
-    while got < target_tokens:
-        ex = pool[i % len(pool)]
-        remaining = target_tokens - got
-        if len(ex.input_ids) > remaining:
-            ex = Example(ex.input_ids[:remaining], ex.labels[:remaining])
-        out.append(ex)
-        got += len(ex.input_ids)
-        i += 1
-    return out
+    values = np.ascontiguousarray(values).reshape(-1)
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
 
 
 def _table(packed: Packed):
     import pyarrow as pa
 
-    return pa.table(
-        {
-            "input_ids": pa.array(packed.input_ids, type=pa.list_(pa.int32())),
-            "labels": pa.array(packed.labels, type=pa.list_(pa.int32())),
-            "attention_mask": pa.array(packed.attention_mask, type=pa.list_(pa.int8())),
-            "position_ids": pa.array(packed.position_ids, type=pa.list_(pa.int32())),
-        }
-    )
+    ids, labels, mask, positions = packed.columns()
+    n, seq_len = ids.shape
+    offsets = _arrow(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32), pa.int32())
+    columns = [
+        pa.ListArray.from_arrays(offsets, _arrow(ids, pa.int32())),
+        pa.ListArray.from_arrays(offsets, _arrow(labels, pa.int32())),
+        pa.ListArray.from_arrays(offsets, _arrow(mask, pa.int8())),
+        pa.ListArray.from_arrays(offsets, _arrow(positions, pa.int32())),
+    ]
+    return pa.Table.from_arrays(columns, names=["input_ids", "labels", "attention_mask", "position_ids"])
 
 
 class ParquetSink:
@@ -449,9 +535,89 @@ def shard_is_complete(manifest_uri: str) -> bool:
         return False
 
 
+class _Shard:
+    """The state of one shard run: tokenizer, replay pool, one sink per split, what was read."""
+
+    def __init__(self, cfg: RunConfig, work_dir: str, index: int):
+        self.cfg, self.index = cfg, index
+        self.n = cfg.preprocess.num_shards
+        tok = load_tokenizer(cfg)
+        self.enc = Encoder(tok)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.loss_all = cfg.preprocess.loss_on == "all"
+        self.salt = str(cfg.preprocess.seed)
+        self.work_dir = work_dir
+        self.kinds: dict[str, str] = {}
+        self.sinks: dict[str, ParquetSink] = {}
+        self.read: dict[str, dict[str, Any]] = {}
+        self.pool = Docs.empty()
+        self.domain_tokens = self.replay_tokens = 0
+
+    def sink(self, split: str, kind: str) -> ParquetSink:
+        if split not in self.sinks:
+            self.kinds[split] = kind
+            self.sinks[split] = ParquetSink(
+                storage.join(shard_dir(self.work_dir), f"{split}-{self.index:05d}.parquet")
+            )
+        return self.sinks[split]
+
+    def blocks(self, role: str, uri: str, kind: str):
+        """This shard's blocks of `uri`; what was read is recorded under `role`."""
+        stats = inputs.ReadStats()
+        size = self.cfg.preprocess.block_records
+        units = inputs.plan_shard(uri, size, self.index, self.n, stats)
+        yield from inputs.read_blocks(units, self.cfg.data, kind, size, stats)
+        self.read[role] = {
+            "uri": uri,
+            "units": len(units),
+            "blocks": stats.blocks,
+            "bytes_read": stats.bytes_read,
+        }
+
+    def write(self, split: str, kind: str, records: list[Record], key: inputs.BlockKey | None = None) -> None:
+        docs = tokenize(records, kind, self.enc, self.loss_all)
+        r = self.cfg.preprocess.replay_fraction
+        if key is not None and len(self.pool) and r > 0:
+            tokens = len(docs.ids)
+            start = int(
+                stable_fraction(f"block {inputs.block_name(key)}", self.salt + "/replay") * len(self.pool)
+            )
+            replay = replay_docs(self.pool, int(round(tokens * r / (1.0 - r))), start)
+            self.domain_tokens += tokens
+            self.replay_tokens += len(replay.ids)
+            # Interleaved, so replay is spread over the epoch rather than appended at the end.
+            docs = interleave(docs, replay)
+        self.sink(split, kind).write(pack(docs, kind, self.cfg, self.pad_id))
+
+
+def _hash_split(records: list[Record], fraction: float, salt: str) -> tuple[list[Record], list[Record]]:
+    """(kept, held_out): a record is held out when its stable hash falls below `fraction`."""
+    kept: list[Record] = []
+    held: list[Record] = []
+    for rec in records:
+        (held if stable_fraction(rec.plain_text(), salt) < fraction else kept).append(rec)
+    return kept, held
+
+
+def _replay_pool(shard: _Shard, uri: str, kind: str) -> Docs:
+    """The general set's records not held out for general_eval, tokenized (every shard reads it whole:
+    the general set is small beside the domain data)."""
+    from fulltune.data.records import iter_records
+
+    pp = shard.cfg.preprocess
+    salt = shard.salt + "/general"
+    records = [
+        r
+        for r in iter_records(uri, shard.cfg.data, kind)
+        if stable_fraction(r.plain_text(), salt) >= pp.general_eval_fraction
+    ]
+    return tokenize(records, kind, shard.enc, shard.loss_all)
+
+
 def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any]:
     """Produce shard `index`; returns its manifest. Skips work already complete."""
-    n = cfg.preprocess.num_shards
+    pp, data = cfg.preprocess, cfg.data
+    n = pp.num_shards
     if not 0 <= index < n:
         raise PreprocessError(f"shard index {index} out of range for num_shards={n}")
     manifest_uri = shard_manifest_uri(work_dir, index)
@@ -461,79 +627,58 @@ def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any
         manifest["skipped"] = True
         return manifest
 
-    tok = load_tokenizer(cfg)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    inputs = _shard_input(cfg, index, n)
-    pool = list(tokenize_records(inputs.replay_pool, tok, cfg))
-    r = cfg.preprocess.replay_fraction if pool else 0.0
-    salt = str(cfg.preprocess.seed)
-    domain_tokens = replay_tokens = 0
+    shard = _Shard(cfg, work_dir, index)
+    kind = resolve_kind(data.train_uri, data)
+    eval_kind = resolve_kind(data.eval_uri, data) if data.eval_uri else kind
+    gkind = resolve_kind(data.general_uri, data) if data.general_uri else None
+    if gkind is not None and pp.replay_fraction > 0:
+        shard.pool = _replay_pool(shard, data.general_uri, gkind)
+    shard.sink("train", kind)
+    shard.sink("domain_eval", eval_kind)
+    for key, recs in shard.blocks("train", data.train_uri, kind):
+        if data.eval_uri is None:
+            recs, held = _hash_split(recs, pp.eval_fraction, shard.salt)
+            if held:
+                shard.write("domain_eval", kind, held)
+        if recs:
+            shard.write("train", kind, recs, key)
+    if data.eval_uri:
+        for _, recs in shard.blocks("domain_eval", data.eval_uri, eval_kind):
+            shard.write("domain_eval", eval_kind, recs)
+    if gkind is not None:
+        shard.sink("general_eval", gkind)
+        for _, recs in shard.blocks("general_eval", data.general_uri, gkind):
+            _, held = _hash_split(recs, pp.general_eval_fraction, shard.salt + "/general")
+            if held:
+                shard.write("general_eval", gkind, held)
+
     out_splits: dict[str, Any] = {}
-    for name, blocks in inputs.blocks.items():
-        kind = inputs.kinds[name]
-        sink = ParquetSink(storage.join(shard_dir(work_dir), f"{name}-{index:05d}.parquet"))
-        for b in sorted(blocks):
-            examples = list(tokenize_records(blocks[b], tok, cfg))
-            if name == "train" and r > 0:
-                tokens = sum(len(e.input_ids) for e in examples)
-                start = int(stable_fraction(f"block {b}", salt + "/replay") * len(pool))
-                replay = _replay_examples(pool, int(round(tokens * r / (1.0 - r))), start)
-                domain_tokens += tokens
-                replay_tokens += sum(len(e.input_ids) for e in replay)
-                # Interleaved, so replay is spread over the epoch rather than appended at the end.
-                examples = _interleave(examples, replay)
-            sink.write(pack(examples, kind, cfg, pad_id))
-            del blocks[b]  # the block's records are done with
+    for name, sink in shard.sinks.items():
         entry = sink.close()
-        stats = sink.stats
-        out_splits[name] = {
-            "kind": kind,
-            "examples": stats.examples,
-            "sequences": stats.sequences,
-            "tokens": stats.tokens,
-            "loss_tokens": stats.loss_tokens,
-            "truncated": stats.truncated,
-            "files": [entry] if entry else [],
-        }
+        out_splits[name] = {"kind": shard.kinds[name], **vars(sink.stats), "files": [entry] if entry else []}
+    r = pp.replay_fraction if len(shard.pool) else 0.0
     replay_info = {}
     if r > 0:
+        d, g = shard.domain_tokens, shard.replay_tokens
         replay_info = {
-            "domain_tokens": domain_tokens,
-            "replay_tokens": replay_tokens,
-            "achieved_fraction": replay_tokens / max(domain_tokens + replay_tokens, 1),
+            "domain_tokens": d,
+            "replay_tokens": g,
+            "achieved_fraction": g / max(d + g, 1),
             "configured_fraction": r,
         }
     manifest = {
         "format": SHARD_FORMAT,
         "shard": index,
         "num_shards": n,
-        "max_seq_len": cfg.preprocess.max_seq_len,
-        "pad_token_id": pad_id,
+        "max_seq_len": pp.max_seq_len,
+        "pad_token_id": shard.pad_id,
         "splits": out_splits,
         "replay": replay_info,
+        "inputs": shard.read,
     }
     storage.write_json(manifest_uri, manifest)  # last: the shard is visible only now
     log.info("shard %d: %s", index, {k: v["sequences"] for k, v in out_splits.items()})
     return manifest
-
-
-def _interleave(a: list[Example], b: list[Example]) -> list[Example]:
-    """Spread b evenly through a (deterministic)."""
-    if not b:
-        return a
-    out: list[Example] = []
-    step = (len(a) + len(b)) / len(b)
-    next_b = step / 2
-    ia = ib = 0
-    for pos in range(len(a) + len(b)):
-        if ib < len(b) and (pos >= next_b or ia >= len(a)):
-            out.append(b[ib])
-            ib += 1
-            next_b += step
-        else:
-            out.append(a[ia])
-            ia += 1
-    return out
 
 
 def gather_shards(cfg: RunConfig, work_dir: str, shard_manifests: list[str] | None = None) -> dict[str, Any]:
@@ -553,18 +698,10 @@ def gather_shards(cfg: RunConfig, work_dir: str, shard_manifests: list[str] | No
         for name, s in m["splits"].items():
             agg = splits.setdefault(
                 name,
-                {
-                    "kind": s["kind"],
-                    "examples": 0,
-                    "sequences": 0,
-                    "tokens": 0,
-                    "loss_tokens": 0,
-                    "truncated": 0,
-                    "files": [],
-                },
+                {"kind": s["kind"], **dict.fromkeys(COUNTS, 0), "files": []},
             )
-            for key in ("examples", "sequences", "tokens", "loss_tokens", "truncated"):
-                agg[key] += s[key]
+            for key in COUNTS:
+                agg[key] += s.get(key, 0)
             agg["files"].extend(s["files"])
     seq_len = cfg.preprocess.max_seq_len
     for s in splits.values():

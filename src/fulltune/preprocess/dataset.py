@@ -11,12 +11,18 @@ The dataset manifest (written by `gather_shards`) is what `train` and `evaluate`
       "max_seq_len": 1024,
       "pad_token_id": 0,
       "splits": {
-        "train":        {"sequences": N, "tokens": T, "loss_tokens": L, "files": [{"uri", "sequences", "sha256", "size"}]},
+        "train":        {"kind": "text", "examples": E, "sequences": N, "tokens": T, "loss_tokens": L,
+                         "truncated": 0, "dropped": 0, "padding_fraction": 0.001,
+                         "files": [{"uri", "sequences", "sha256", "size"}]},
         "domain_eval":  {...},
         "general_eval": {...}     # present when a general set is configured
       },
-      ...statistics
+      "replay": {"domain_tokens", "replay_tokens", "achieved_fraction", "configured_fraction"},
+      ...
     }
+
+`examples` counts the documents read; `truncated` and `dropped` count the prompt/completion and
+chat examples longer than `max_seq_len` that were cut or left out (`preprocess.overlong`).
 """
 
 from __future__ import annotations
