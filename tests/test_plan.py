@@ -153,3 +153,85 @@ def test_plan_reads_a_model_config_on_s3_without_its_weights(llama_dir, s3, monk
     shape = planmod.model_shape(planmod.load_model_config(cfg))
     assert (shape.hidden_size, shape.num_layers) == (64, 3)
     assert fetched and not any(u.endswith(".safetensors") for u in fetched)
+
+
+def _gpu_cfg(training: dict, **resources) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "preprocess": {"max_seq_len": 4096},
+            "training": {"per_device_train_batch_size": 1, "gradient_checkpointing": True, **training},
+            "resources": {"gpu_memory_gib": 80, "nproc_per_node": 8, **resources},
+        }
+    )
+
+
+def test_forced_offload_is_honoured_in_the_estimate_and_the_deepspeed_json():
+    s = shape_8b()
+    # Fits without offload; forcing both on moves the model states to CPU anyway.
+    cfg = _gpu_cfg({"offload_optimizer": True, "offload_param": True})
+    mem, _, notes = planmod.choose_memory_settings(cfg, s)
+    assert mem.offload_optimizer and mem.offload_params
+    assert mem.model_states == pytest.approx(s.params * 2 / 8)  # only the bf16 grads stay on the GPU
+    assert "training.offload_optimizer forced to True" in notes
+    zero = planmod.deepspeed_config(cfg, s, mem)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    # Left to plan, the same run needs no offload.
+    mem, _, _ = planmod.choose_memory_settings(_gpu_cfg({}), s)
+    assert (
+        not mem.offload_optimizer
+        and "offload_optimizer" not in planmod.deepspeed_config(_gpu_cfg({}), s, mem)["zero_optimization"]
+    )
+
+
+def test_offload_forced_off_refuses_where_plan_would_have_offloaded():
+    s = shape_8b()
+    mem, _, _ = planmod.choose_memory_settings(_gpu_cfg({}, nproc_per_node=1), s)
+    assert mem.offload_optimizer  # plan's own choice on one 80 GiB GPU
+    with pytest.raises(PlanError, match="forced offload settings"):
+        planmod.choose_memory_settings(_gpu_cfg({"offload_optimizer": False}, nproc_per_node=1), s)
+
+
+def test_adafactor_needs_12_bytes_per_parameter_and_no_optimizer_block():
+    s = shape_8b()
+    kw = dict(world_size=8, seq_len=4096, micro_batch=1, gradient_checkpointing=True)
+    ada = planmod.estimate_memory(s, optim="adafactor", **kw)
+    adam = planmod.estimate_memory(s, **kw)
+    assert ada.model_states == pytest.approx(s.params * 12 / 8)
+    assert adam.model_states - ada.model_states == pytest.approx(s.params * 4 / 8)
+    off = planmod.estimate_memory(s, optim="adafactor", offload_optimizer=True, **kw)
+    assert off.model_states == pytest.approx(s.params * 4 / 8)
+    # The trainer builds the optimizer and schedule itself: DeepSpeed must not build another.
+    cfg = _gpu_cfg({"optim": "adafactor"})
+    mem, _, _ = planmod.choose_memory_settings(cfg, s)
+    assert mem.model_states == pytest.approx(ada.model_states)
+    ds = planmod.deepspeed_config(cfg, s, mem)
+    assert "optimizer" not in ds and "scheduler" not in ds
+    assert ds["zero_allow_untested_optimizer"] is True
+
+
+def test_fp16_gets_dynamic_loss_scaling_on_gpu_only_and_is_exclusive_with_bf16():
+    from fulltune.config import ConfigError
+
+    s = shape_8b()
+    cfg = _gpu_cfg({"bf16": False, "fp16": True})
+    mem, _, _ = planmod.choose_memory_settings(cfg, s)
+    ds = planmod.deepspeed_config(cfg, s, mem)
+    assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0  # 0 = dynamic
+    assert ds["bf16"]["enabled"] is False
+    cpu = _gpu_cfg({"bf16": False, "fp16": True}, accelerator="cpu")
+    assert planmod.deepspeed_config(cpu, s, mem)["fp16"]["enabled"] is False
+    assert planmod.deepspeed_config(_gpu_cfg({}), s, mem)["fp16"]["enabled"] is False
+    with pytest.raises(ConfigError, match=r"training\.bf16 and training\.fp16"):
+        planmod.deepspeed_config(_gpu_cfg({"fp16": True}), s, mem)  # bf16 defaults to true
+
+
+def test_make_plan_refuses_contradictory_training_settings(llama_dir, tmp_path):
+    from fulltune.config import ConfigError
+
+    base = {"model": {"base_model_uri": str(llama_dir)}, "data": {"train_uri": str(tmp_path / "x.jsonl")}}
+    with pytest.raises(ConfigError, match=r"training\.bf16 and training\.fp16"):
+        planmod.make_plan(RunConfig.from_dict({**base, "training": {"fp16": True}}), train_tokens=1)
+    with pytest.raises(ConfigError, match=r"early_stopping_patience.*eval_steps"):
+        planmod.make_plan(
+            RunConfig.from_dict({**base, "training": {"early_stopping_patience": 2}}), train_tokens=1
+        )

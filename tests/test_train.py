@@ -14,32 +14,38 @@ from fulltune.launch.local import LocalLauncher
 from fulltune.plan import make_plan, write_plan
 from fulltune.preprocess.core import Packed, ParquetSink
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
+from fulltune.train import recipe
 from fulltune.train.recipe import MODEL_MANIFEST, TrainInputError, batch_indices, make_schedule
 from fulltune.train.run import train_job
 
 SEQ = 64
 
 
-def tiny_dataset(demo_assets, work: str, n_seq: int) -> str:
-    """n_seq packed sequences of clinical notes, with a masked prompt-like prefix in each."""
+def tiny_dataset(demo_assets, work: str, n_seq: int, n_eval: int = 0) -> str:
+    """n_seq packed sequences of clinical notes, with a masked prompt-like prefix in each; n_eval
+    more (other notes, a shorter loss span) as the domain_eval split."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(demo_assets.base_model_dir))
-    notes = [json.loads(line)["text"] for line in open(demo_assets.train_uri)][: n_seq * 4]
+    notes = [json.loads(line)["text"] for line in open(demo_assets.train_uri)][: (n_seq + n_eval) * 4]
     ids = [t for note in notes for t in tok(note)["input_ids"] + [tok.eos_token_id]]
-    packed = Packed()
-    for i in range(n_seq):
-        chunk = ids[i * SEQ : (i + 1) * SEQ]
-        labels = [IGNORE_INDEX] * 5 + chunk[5:]  # some positions carry no loss, as prompts do
-        packed.add(chunk, labels, SEQ, tok.pad_token_id)
-    sink = ParquetSink(storage.join(work, "data", "train-00000.parquet"))
-    sink.write(packed)
-    entry = sink.close()
+    splits = {}
+    for split, lo, n, masked in (("train", 0, n_seq, 5), ("domain_eval", n_seq, n_eval, 9)):
+        if not n:
+            continue
+        packed = Packed()
+        for i in range(lo, lo + n):
+            chunk = ids[i * SEQ : (i + 1) * SEQ]
+            labels = [IGNORE_INDEX] * masked + chunk[masked:]  # some positions carry no loss, as prompts do
+            packed.add(chunk, labels, SEQ, tok.pad_token_id)
+        sink = ParquetSink(storage.join(work, "data", f"{split}-00000.parquet"))
+        sink.write(packed)
+        splits[split] = {"sequences": n, "files": [sink.close()]}
     manifest = {
         "format": MANIFEST_FORMAT,
         "max_seq_len": SEQ,
         "pad_token_id": tok.pad_token_id,
-        "splits": {"train": {"sequences": n_seq, "files": [entry]}},
+        "splits": splits,
     }
     uri = storage.join(work, "data", "dataset.json")
     storage.write_json(uri, manifest)
@@ -62,11 +68,11 @@ def plan_run(demo_assets, work: str, nproc: int = 2, **training) -> RunConfig:
     return RunConfig.from_dict(p.config)
 
 
-def plain_loss(model_dir, dataset_uri) -> float:
+def plain_loss(model_dir, dataset_uri, split: str = "train") -> float:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    data = load_split(dataset_uri, "train")
+    data = load_split(dataset_uri, split)
     with torch.no_grad():
         logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
     return torch.nn.functional.cross_entropy(
@@ -231,3 +237,184 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_pa
     assert len(losses[1]) == 10
     torch.testing.assert_close(losses[2], losses[1], rtol=1e-4, atol=1e-4)
     assert losses[1][-1] < losses[1][0]
+
+
+@pytest.mark.slow
+def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_last_model(
+    demo_assets, tmp_path
+):
+    """2 ranks, Adafactor with the optimizer offloaded to CPU, eval every step on 5 sequences (an odd
+    count: one rank runs a discarded forward), patience 2 with a threshold no drop can beat."""
+    from fulltune.train.report import training_report_html
+
+    work = str(tmp_path / "work")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16, n_eval=5)
+    cfg = plan_run(
+        demo_assets,
+        work,
+        per_device_train_batch_size=2,
+        max_steps=8,
+        optim="adafactor",
+        offload_optimizer=True,
+        eval_steps=1,
+        early_stopping_patience=2,
+        early_stopping_threshold=10.0,
+    )
+    assert json.loads(open(f"{work}/plan/ds_config.json").read())["zero_optimization"]["offload_optimizer"]
+    job = train_job(cfg, work, dataset)
+    LocalLauncher().run(job)
+
+    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    # The first eval sets the best; the next two cannot improve on it by 10: stop after step 3 of 8.
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert all("eval_loss" in m and "mfu" not in m for m in metrics)  # no MFU on CPU
+    assert metrics[-1]["loss"] < metrics[0]["loss"]  # Adafactor learns
+    # The saved model is the one of the last step, and eval_loss is the token mean over every
+    # domain_eval sequence across both ranks: the plain loss of the saved model on that split.
+    assert abs(metrics[-1]["eval_loss"] - plain_loss(job.output_uri, dataset, "domain_eval")) < 1e-4
+    summary = storage.read_json(storage.join(job.output_uri, MODEL_MANIFEST))["summary"]
+    assert summary["stopped_early"] is True and summary["steps"] == 3 and summary["planned_steps"] == 8
+    assert summary["best_eval_step"] == 1 and summary["best_eval_loss"] == metrics[0]["eval_loss"]
+    page = training_report_html(metrics, summary)
+    assert f"{metrics[1]['eval_loss']:.4f}" in page and 'class="eval"' in page
+
+
+def test_early_stopping_counts_evaluations_without_a_large_enough_drop():
+    recs = [{"step": s, "loss": 1.0} for s in range(8)]
+    for s, v in ((1, 2.0), (3, 1.95), (5, 1.5), (7, 1.49)):
+        recs[s]["eval_loss"] = v
+    st = recipe.early_stopping_state(recs, threshold=0.1)
+    # 1.95 is not 0.1 below 2.0; 1.5 is; 1.49 is not below 1.5 by 0.1
+    assert (st.best_loss, st.best_step, st.evals, st.since_best) == (1.5, 5, 4, 1)
+    assert st.should_stop(1) and not st.should_stop(2) and not st.should_stop(0)
+    assert recipe.early_stopping_state(recs, threshold=0.0).since_best == 0  # every eval improved
+
+
+def test_mfu_formula_on_known_numbers():
+    # Llama-3.1-8B: 7.50e9 matmul parameters (8.03e9 less the 128256 x 4096 input embedding),
+    # 32 layers, hidden 4096, sequences of 4096 tokens.
+    n = 8_030_261_248 - 128256 * 4096
+    fpt = recipe.flops_per_token(n, 32, 4096, 4096)
+    assert fpt == pytest.approx(6 * n + 12 * 32 * 4096 * 4096)
+    assert fpt == pytest.approx(5.145e10, rel=1e-3)
+    # 8 H100s at 3,000 tokens/s each: 24,000 * 5.145e10 / (8 * 989e12) = 15.6%
+    assert recipe.mfu(24_000, fpt, recipe.peak_flops("NVIDIA H100 80GB HBM3"), 8) == pytest.approx(
+        0.156, abs=0.001
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA A10", 125e12),
+        ("NVIDIA A10G", None),  # not A10, not A100: unknown, so no MFU rather than a wrong one
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_flops_by_device_name(name, peak):
+    assert recipe.peak_flops(name) == peak
+
+
+def test_matmul_params_leave_out_an_untied_input_embedding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    untied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=False))
+    tied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=True))
+    assert recipe.matmul_params(untied) == untied.num_parameters() - 100 * 16
+    assert recipe.matmul_params(tied) == tied.num_parameters()  # the shared matrix is the output matmul
+    assert recipe.model_flops_per_token(untied, 8) == 6 * (untied.num_parameters() - 1600) + 12 * 2 * 16 * 8
+
+
+def test_exit_codes_separate_permanent_from_retryable_failures():
+    import torch.distributed as dist
+
+    from fulltune.config import ConfigError
+    from fulltune.storage import StorageError
+    from fulltune.train.checkpoint import CheckpointError
+
+    permanent = [ConfigError("x"), TrainInputError("x"), CheckpointError("x"), FileNotFoundError("x")]
+    retryable = [
+        dist.DistNetworkError("Connection reset by peer"),
+        RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error"),
+        RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"),
+        StorageError("s3://b/k: An error occurred (SlowDown)"),
+        ConnectionResetError(),
+    ]
+    assert {recipe.exit_code_for(e) for e in permanent} == {recipe.EXIT_BAD_INPUT}
+    assert {recipe.exit_code_for(e) for e in retryable} == {recipe.EXIT_RETRYABLE}
+    assert recipe.EXIT_RETRYABLE >= 128  # the ExitCode restart policy retries 128-255 only
+    assert recipe.exit_code_for(KeyError("bug")) == recipe.EXIT_UNEXPECTED
+    try:  # a wrapped cause still counts
+        try:
+            raise TimeoutError("store get timed out")
+        except TimeoutError as inner:
+            raise ValueError("DeepSpeed gave up") from inner
+    except ValueError as outer:
+        assert recipe.exit_code_for(outer) == recipe.EXIT_RETRYABLE
+
+
+def _run_trainer(tmp_path, config_arg: str, env: dict[str, str]) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    args = ["--deepspeed", "d.json", "--dataset", "x.json", "--output", "o", "--metrics", "m.jsonl"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fulltune.train", "--config", config_arg, *args],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return proc.returncode, proc.stderr
+
+
+def test_trainer_process_exits_1_on_a_bad_config(tmp_path):
+    (tmp_path / "bad.yaml").write_text("training:\n  learning_rate: -1\n")
+    code, err = _run_trainer(tmp_path, "bad.yaml", {})
+    assert code == 1, err
+    assert "learning_rate" in err and "retrying cannot help" in err
+
+
+def test_trainer_process_exits_retryable_when_storage_is_unreachable(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    code, err = _run_trainer(tmp_path, "s3://bucket/plan/config.yaml", env)
+    assert code == recipe.EXIT_RETRYABLE, err
+    assert "retryable failure" in err
+
+
+def test_trainer_process_exits_1_when_eval_is_asked_for_but_the_dataset_has_no_eval_split(tmp_path):
+    (tmp_path / "config.yaml").write_text("training:\n  eval_steps: 10\n  max_steps: 100\n")
+    (tmp_path / "x.json").write_text(
+        json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "max_seq_len": SEQ,
+                "splits": {"train": {"sequences": 8, "files": []}},
+            }
+        )
+    )
+    code, err = _run_trainer(tmp_path, "config.yaml", {})
+    assert code == 1, err
+    assert "no domain_eval sequences" in err and "training.eval_steps" in err

@@ -2,9 +2,13 @@
 
 - Parameter count from the model config, on the meta device (no weights are read).
 - Memory per GPU under ZeRO-3:
-    model states   16 bytes/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m, v 8)
-                   divided by the world size (optimizer offload moves the 12 fp32 bytes to CPU;
-                   parameter offload moves the rest),
+    model states   AdamW: 16 bytes/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m, v 8);
+                   Adafactor: 12 bytes/param (2 + 2 + fp32 master 4 + second moment 4, no first
+                   moment). Adafactor factors the second moment of a matrix into a row and a column
+                   vector, but under ZeRO-3 the optimizer only ever sees DeepSpeed's flat 1-D fp32
+                   partitions, so the moment is stored whole: 4 bytes, not ~0. All divided by the
+                   world size (optimizer offload moves the fp32 bytes to CPU; parameter offload
+                   moves the 16-bit weights too),
     + 4 x the largest layer (bytes) for gathered parameters and gradients in flight, as DeepSpeed's
       own estimator assumes (`estimate_zero3_model_states_mem_needs`),
     + activations per layer ~ 34*s*b*h bytes without recomputation (Korthikanti et al. 2022, with
@@ -13,7 +17,13 @@
     + a fixed allowance for the CUDA context, NCCL buffers and fragmentation.
 - If the configured micro batch does not fit, plan tries in order: gradient checkpointing,
   a smaller micro batch (keeping the global batch with more accumulation), optimizer offload,
-  parameter offload; if nothing fits it refuses, saying what would.
+  parameter offload; if nothing fits it refuses, saying what would. `training.offload_optimizer`
+  and `training.offload_param` set to true or false force that choice (in the estimate and the
+  DeepSpeed JSON); None lets plan decide.
+- Precision: bf16, or fp16 with DeepSpeed's dynamic loss scaling (both 2 bytes, same estimate);
+  asking for both is refused. On CPU neither applies and the JSON enables neither.
+- The DeepSpeed JSON has no "optimizer" or "scheduler" block: the trainer builds AdamW or
+  Adafactor and the schedule itself and hands them to `deepspeed.initialize`.
 - Hyper-parameter defaults from common practice, overridable in the config:
     learning rate ~ 1e-5 * sqrt(7e9 / params), clipped to [5e-6, 1e-3]: 1e-5 for 7B full
       fine-tuning, larger for smaller models;
@@ -29,10 +39,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fulltune import storage
-from fulltune.config import RunConfig
+from fulltune.config import ConfigError, RunConfig
 
 GiB = 1024**3
 FIXED_OVERHEAD_BYTES = int(1.5 * GiB)
+# Model-state bytes per parameter under ZeRO-3, and how many of them are fp32 optimizer-side bytes
+# (master weights + moments) that optimizer offload moves to CPU. See the module docstring.
+STATE_BYTES = {"adamw_torch": (16.0, 12.0), "adafactor": (12.0, 8.0)}
 
 
 class PlanError(ValueError):
@@ -121,10 +134,11 @@ def estimate_memory(
     gradient_checkpointing: bool,
     offload_optimizer: bool = False,
     offload_params: bool = False,
+    optim: str = "adamw_torch",
 ) -> MemoryEstimate:
-    bytes_per_param = 16.0
+    bytes_per_param, optimizer_bytes = STATE_BYTES[optim]
     if offload_optimizer:
-        bytes_per_param -= 12.0  # fp32 master weights and Adam moments live in CPU memory
+        bytes_per_param -= optimizer_bytes  # fp32 master weights and moments live in CPU memory
     if offload_params:
         bytes_per_param -= 2.0  # bf16 partitions live in CPU memory too
     model_states = shape.params * bytes_per_param / world_size
@@ -155,23 +169,32 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     seq = cfg.preprocess.max_seq_len
     world = cfg.world_size
 
+    forced_opt, forced_par = tr.offload_optimizer, tr.offload_param
+
     def est(b: int, gc: bool, off_opt: bool = False, off_par: bool = False) -> MemoryEstimate:
+        # A forced setting (true or false) wins over whatever plan would try.
         return estimate_memory(
             shape,
             world_size=world,
             seq_len=seq,
             micro_batch=b,
             gradient_checkpointing=gc,
-            offload_optimizer=off_opt,
-            offload_params=off_par,
+            offload_optimizer=off_opt if forced_opt is None else forced_opt,
+            offload_params=off_par if forced_par is None else forced_par,
+            optim=tr.optim,
         )
 
     b0, gc0 = tr.per_device_train_batch_size, tr.gradient_checkpointing
     first = est(b0, gc0)
+    forced = [
+        f"training.{name} forced to {value}"
+        for name, value in (("offload_optimizer", forced_opt), ("offload_param", forced_par))
+        if value is not None
+    ]
     if res.accelerator == "cpu":
-        return first, budget, ["accelerator is cpu: the GPU memory check does not apply"]
+        return first, budget, ["accelerator is cpu: the GPU memory check does not apply", *forced]
     if first.total <= budget:
-        return first, budget, [f"fits as configured: {_gib(first.total)} of {_gib(budget)} per GPU"]
+        return first, budget, [f"fits as configured: {_gib(first.total)} of {_gib(budget)} per GPU", *forced]
     candidates = [(b0, True, False, False)]
     b = b0
     while b > 1:
@@ -188,16 +211,19 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
                 notes.append(
                     f"micro batch {b0} -> {b}, gradient accumulation x{b0 // b} keeps the global batch"
                 )
-            if off_opt:
+            if e.offload_optimizer and forced_opt is None:
                 notes.append("offloads optimizer states to CPU (slower steps)")
-            if off_par:
+            if e.offload_params and forced_par is None:
                 notes.append("offloads parameters to CPU (much slower steps)")
+            notes += forced
             notes.append(f"fits: {_gib(e.total)} of {_gib(budget)} per GPU")
             return e, budget, notes
     # Nothing fits: say how many GPUs would.
     per_gpu_fixed = est(1, True).total - est(1, True).model_states
     need_world = (
-        math.ceil(shape.params * 16.0 / max(budget - per_gpu_fixed, 1.0)) if budget > per_gpu_fixed else None
+        math.ceil(shape.params * STATE_BYTES[tr.optim][0] / max(budget - per_gpu_fixed, 1.0))
+        if budget > per_gpu_fixed
+        else None
     )
     hint = (
         f"ZeRO-3 without offload would fit on about {need_world} GPUs of {res.gpu_memory_gib:g} GiB"
@@ -207,7 +233,8 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     raise PlanError(
         f"model with {shape.params / 1e9:.2f}B parameters does not fit on {world} GPU(s) of "
         f"{res.gpu_memory_gib:g} GiB at max_seq_len {seq}: needs {_gib(first.total)} per GPU as configured and "
-        f"{_gib(est(1, True, True, True).total)} with micro batch 1, recomputation and full CPU offload. {hint}."
+        f"{_gib(est(1, True, True, True).total)} with micro batch 1, recomputation and "
+        f"{'the forced offload settings' if forced else 'full CPU offload'}. {hint}."
     )
 
 
@@ -271,15 +298,26 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate) -> 
         "stage3_gather_16bit_weights_on_model_save": True,
     }
     if mem.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if mem.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    check_precision(cfg)
     return {
         "train_micro_batch_size_per_gpu": tr.per_device_train_batch_size,
         "gradient_accumulation_steps": tr.gradient_accumulation_steps,
         "train_batch_size": tr.per_device_train_batch_size * tr.gradient_accumulation_steps * cfg.world_size,
         "gradient_clipping": tr.max_grad_norm,
         "bf16": {"enabled": bool(tr.bf16 and gpu)},
+        # Dynamic loss scaling (loss_scale 0): start at 2**16, halve on overflow (the step is skipped),
+        # double after 1000 clean steps.
+        "fp16": {
+            "enabled": bool(tr.fp16 and gpu),
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -288,11 +326,32 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate) -> 
     }
 
 
+def check_precision(cfg: RunConfig) -> None:
+    tr = cfg.training
+    if tr.bf16 and tr.fp16:
+        raise ConfigError(
+            "training.bf16 and training.fp16 are both true: choose one "
+            "(set training.bf16: false to train in float16 with loss scaling)"
+        )
+
+
+def check_training(cfg: RunConfig) -> None:
+    """Combinations of training fields that cannot work, refused before any GPU is spent."""
+    tr = cfg.training
+    check_precision(cfg)
+    if tr.early_stopping_patience and not tr.eval_steps:
+        raise ConfigError(
+            "training.early_stopping_patience is set but training.eval_steps is 0: "
+            "early stopping needs periodic evaluation"
+        )
+
+
 # -- the step ----------------------------------------------------------------------------------------
 
 
 def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     cfg.require("model.base_model_uri", "data.train_uri")
+    check_training(cfg)
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)
     tokens = estimate_train_tokens(cfg) if train_tokens is None else train_tokens
@@ -339,6 +398,8 @@ def plan_markdown(plan: Plan) -> str:
             f"{tr['per_device_train_batch_size']} x {tr['gradient_accumulation_steps']}",
         ),
         ("gradient checkpointing", str(tr["gradient_checkpointing"])),
+        ("optimizer", tr.get("optim", "adamw_torch")),
+        ("precision", "bf16" if tr["bf16"] else "fp16" if tr.get("fp16") else "fp32"),
         ("CPU offload", f"optimizer={m.offload_optimizer}, params={m.offload_params}"),
         (
             "learning rate",

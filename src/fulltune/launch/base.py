@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 ENTRY_MODULE = "fulltune.train"
+# torchrun for one node, passing on the ranks' exit codes (see launch/node.py).
+NODE_MODULE = "fulltune.launch.node"
+
+# Exit codes of `python -m fulltune.train` (and of a node): 1-127 permanent, 128+ retryable, the
+# split the PyTorchJob's `restartPolicy: ExitCode` makes.
+EXIT_BAD_INPUT = 1
+EXIT_UNEXPECTED = 2
+EXIT_RETRYABLE = 138
 
 
 class LaunchError(RuntimeError):

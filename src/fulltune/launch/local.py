@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from typing import IO
 
-from fulltune.launch.base import ENTRY_MODULE, LaunchError, TrainJob
+from fulltune.launch.base import ENTRY_MODULE, NODE_MODULE, LaunchError, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def node_command(job: TrainJob, node_rank: int, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        NODE_MODULE,
         f"--nnodes={job.num_nodes}",
         f"--node-rank={node_rank}",
         f"--nproc-per-node={job.nproc_per_node}",

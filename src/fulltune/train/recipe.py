@@ -15,11 +15,34 @@ every pod of the PyTorchJob on a cluster).
   the newest complete one and refuses to start over when checkpoints exist but none is usable.
   `FULLTUNE_FAULT_AFTER_STEP=N` (with `FULLTUNE_FAULT_RANK`) SIGKILLs a rank after step N: fault
   injection for the resume tests.
+- Optimizer: `training.optim` "adamw_torch" (no weight decay on 1-D parameters) or "adafactor"
+  (transformers' Adafactor at the fixed scheduled learning rate: relative_step, scale_parameter and
+  warmup_init off, no first moment). Under ZeRO-3 the optimizer steps DeepSpeed's flat fp32
+  partitions, so Adafactor's second moment is not factored and its update clipping (RMS, threshold
+  1) is taken per partition rather than per tensor: results depend slightly on the world size.
+- Precision: bf16, or fp16 with DeepSpeed's dynamic loss scaling, on GPU; on CPU both are ignored
+  (with a log line) and training is float32.
+- Evaluation: every `eval_steps` optimizer steps the token-mean loss on the dataset's `domain_eval`
+  split (every sequence, spread over the ranks, summed across them) goes into that step's metrics
+  record as `eval_loss`. Early stopping: when `early_stopping_patience` evaluations in a row have
+  not lowered the best eval loss by more than `early_stopping_threshold`, training stops and the
+  model *as of that last step* is saved (not the best one: keeping the best would cost a full
+  checkpoint per improvement; with patience P it is at most P evaluations past the best, and the
+  summary names the best step and loss). The early-stopping state is recomputed from the metrics
+  records, so a resumed run stops where an uninterrupted one would.
+- Per-step log: loss, learning rate, grad norm, tokens/s (loss tokens), ETA and, on a GPU whose
+  peak 16-bit FLOP/s is known (`PEAK_FLOPS`), the model FLOPs utilisation (see `mfu`).
 - At the end: one consolidated Hugging Face model (safetensors) + tokenizer + the resolved config,
   with `model_manifest.json` (files, sizes, SHA-256) written last as the completeness marker.
 
-Exit codes: 1 for a bad config or data (retrying cannot help); anything else propagates as a crash
-so the launcher or the operator can retry.
+Exit codes (the Training Operator's ExitCode restart policy retries 128-255 and treats 1-127 as
+permanent; the kernel's SIGKILL/SIGTERM give 137/143):
+    0    trained and saved
+    1    bad config, bad data, or checkpoints exist but none is loadable, or CUDA out of memory
+         (retrying cannot help: fix the input or the plan)
+    2    unexpected error (a bug: retrying would repeat it), or bad command-line arguments
+    138  retryable: a torch.distributed / NCCL / gloo failure or timeout, a storage or network
+         error (OSError, botocore); the restarted job resumes from the newest complete checkpoint
 """
 
 from __future__ import annotations
@@ -29,6 +52,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -40,11 +64,10 @@ from typing import Any
 
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
+from fulltune.launch.base import EXIT_BAD_INPUT, EXIT_RETRYABLE, EXIT_UNEXPECTED
 from fulltune.train import checkpoint
 
 log = logging.getLogger("fulltune.train")
-
-EXIT_BAD_INPUT = 1
 MODEL_MANIFEST = "model_manifest.json"
 
 
@@ -106,7 +129,12 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):
     from transformers.integrations import HfDeepSpeedConfig
 
     ds_marker = HfDeepSpeedConfig(ds_config)  # must stay referenced while the model is built
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    if ds_config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif ds_config.get("fp16", {}).get("enabled"):
+        dtype = torch.float16
+    else:
+        dtype = torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
     )
@@ -117,7 +145,7 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):
 
 
 def build_optimizer(model, cfg: RunConfig):
-    """AdamW with no weight decay on biases and norms (1-D parameters)."""
+    """AdamW or Adafactor, with no weight decay on biases and norms (1-D parameters)."""
     import torch
 
     tr = cfg.training
@@ -128,6 +156,12 @@ def build_optimizer(model, cfg: RunConfig):
         shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions are flat; ds_shape is the real one
         (no_decay if len(shape) < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tr.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            groups, lr=tr.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False
+        )
     return torch.optim.AdamW(
         groups, lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon, foreach=False
     )
@@ -189,6 +223,150 @@ def batch_indices(step: int, sched: Schedule, seed: int, num_sequences: int):
     return perm[within * sched.global_batch : (within + 1) * sched.global_batch]
 
 
+# -- throughput -----------------------------------------------------------------------------------
+
+# Dense (no sparsity) 16-bit tensor-core peak FLOP/s per device, from the vendors' data sheets
+# (SXM/OAM parts unless the name says otherwise). Matched against torch.cuda.get_device_name(),
+# first match wins, so more specific names come first. Unknown devices: no MFU.
+PEAK_FLOPS: list[tuple[str, float]] = [
+    (r"\bGB200\b|\bB200\b", 2250e12),
+    (r"\bH200\b|\bGH200\b", 989e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b|\bH800\b", 989e12),
+    (r"\bA100\b|\bA800\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10\b", 125e12),
+    (r"\bV100\b", 125e12),  # fp16 (V100 has no bf16)
+    (r"\bT4\b", 65e12),  # fp16
+    (r"\bMI300X\b", 1307e12),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense 16-bit FLOP/s of one device, or None when the device is not in PEAK_FLOPS."""
+    for pattern, flops in PEAK_FLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return flops
+    return None
+
+
+def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus 12*L*h*s for
+    the attention scores and the weighted sum (PaLM, Chowdhery et al. 2022, appendix B; torchtitan
+    counts the same way). Recomputation is not counted: this is model FLOPs, not hardware FLOPs."""
+    return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, world: int) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all `world` devices."""
+    return tokens_per_s * flops_per_tok / (peak_per_device * world)
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: all of them, less an untied input embedding (a lookup)."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        params -= getattr(emb.weight, "ds_numel", emb.weight.numel())
+    return params
+
+
+def model_flops_per_token(model, seq_len: int) -> float:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    return flops_per_token(matmul_params(model), int(layers), int(hidden), seq_len)
+
+
+# -- evaluation and early stopping -----------------------------------------------------------------
+
+EVAL_SPLIT = "domain_eval"
+
+
+def check_eval_split(dataset_uri: str) -> None:
+    """TrainInputError unless the dataset has a non-empty eval split (checked before any rendezvous)."""
+    from fulltune.preprocess.dataset import load_manifest
+
+    splits = load_manifest(dataset_uri)["splits"]
+    if not splits.get(EVAL_SPLIT, {}).get("sequences"):
+        raise TrainInputError(
+            f"training.eval_steps is set but the dataset {dataset_uri} has no {EVAL_SPLIT} sequences: "
+            "set data.eval_uri or preprocess.eval_fraction, or set training.eval_steps to 0"
+        )
+
+
+def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any]:
+    """(summed next-token cross-entropy over the loss positions of sequences `idx`, their count), both
+    tensors on the device (no host sync here: the training loop counts tokens before the forward)."""
+    import torch.nn.functional as F
+
+    from fulltune.preprocess.dataset import IGNORE_INDEX
+
+    out = engine(
+        input_ids=batch["input_ids"][idx].to(device), attention_mask=batch["attention_mask"][idx].to(device)
+    )
+    logits = out.logits[:, :-1].float()
+    target = batch["labels"][idx][:, 1:].to(device)
+    summed = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return summed, (target != IGNORE_INDEX).sum()
+
+
+def eval_loss(engine, data: dict[str, Any], *, rank: int, world: int, micro_batch: int, device) -> float:
+    """Token-mean loss over every sequence of `data`, the ranks sharing the work.
+
+    Under ZeRO-3 each forward gathers parameters collectively, so every rank runs the same number of
+    forwards: a rank with nothing left scores sequence 0 and discards the result.
+    """
+    import torch
+    import torch.distributed as dist
+
+    n = data["input_ids"].shape[0]
+    per_round = micro_batch * world
+    totals = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for r in range(math.ceil(n / per_round)):
+            lo = r * per_round + rank * micro_batch
+            idx = torch.arange(min(lo, n), min(lo + micro_batch, n))
+            real = len(idx) > 0
+            summed, count = token_loss_sum(engine, data, idx if real else torch.arange(1), device)
+            if real:
+                totals += torch.tensor([summed.item(), float(count.item())], dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(totals)
+    return totals[0].item() / max(totals[1].item(), 1.0)
+
+
+@dataclass
+class EarlyStopping:
+    best_loss: float | None = None
+    best_step: int | None = None
+    evals: int = 0
+    since_best: int = 0  # evaluations since the last improvement
+
+    def should_stop(self, patience: int) -> bool:
+        return patience > 0 and self.since_best >= patience
+
+
+def early_stopping_state(records: list[dict[str, Any]], threshold: float) -> EarlyStopping:
+    """Replay the eval losses in the metrics records: an improvement is a drop of more than threshold."""
+    st = EarlyStopping()
+    for r in records:
+        if r.get("eval_loss") is None:
+            continue
+        st.evals += 1
+        if st.best_loss is None or st.best_loss - r["eval_loss"] > threshold:
+            st.best_loss, st.best_step, st.since_best = r["eval_loss"], r["step"], 0
+        else:
+            st.since_best += 1
+    return st
+
+
 # -- train ----------------------------------------------------------------------------------------
 
 
@@ -196,21 +374,29 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
     import deepspeed
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
+    from fulltune.plan import check_training
     from fulltune.preprocess.dataset import IGNORE_INDEX, load_split
 
     tr = cfg.training
+    check_training(cfg)
+    if tr.eval_steps:
+        check_eval_split(paths.dataset)
     torch.manual_seed(tr.seed)
     rank, world, device = init_distributed(cfg)
     if rank == 0:
         log.info("process group ready: %d ranks (%s)", world, "gloo" if device.type == "cpu" else "nccl")
+        if device.type == "cpu" and (tr.bf16 or tr.fp16):
+            log.info(
+                "accelerator is cpu: training.%s ignored, training in float32", "bf16" if tr.bf16 else "fp16"
+            )
     ds_config = json.loads(storage.read_bytes(paths.deepspeed))
     ds_config["train_batch_size"] = tr.per_device_train_batch_size * tr.gradient_accumulation_steps * world
 
     data = load_split(paths.dataset, "train")
-    n_seq = data["input_ids"].shape[0]
+    n_seq, seq_len = data["input_ids"].shape
     sched = make_schedule(cfg, n_seq, world)
+    eval_data = load_split(paths.dataset, EVAL_SPLIT) if tr.eval_steps else None
 
     if rank == 0:
         log.info("loaded %d training sequences; loading the model under ZeRO-3", n_seq)
@@ -223,52 +409,53 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    sixteen_bit = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and sixteen_bit else None
+    flops_tok = model_flops_per_token(engine.module, seq_len)
     if rank == 0:
         log.info(
-            "training %d steps (%d per epoch, global batch %d sequences of %d tokens, %d ranks)",
+            "training %d steps (%d per epoch, global batch %d sequences of %d tokens, %d ranks, %s)%s",
             sched.total_steps,
             sched.steps_per_epoch,
             sched.global_batch,
-            data["input_ids"].shape[1],
+            seq_len,
             world,
+            tr.optim,
+            f"; evaluating on {eval_data['input_ids'].shape[0]} {EVAL_SPLIT} sequences every {tr.eval_steps} steps"
+            if eval_data is not None
+            else "",
         )
 
     b, gas = tr.per_device_train_batch_size, tr.gradient_accumulation_steps
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     first_step, records = resume(engine, paths, rank, local_rank)
     fault_step = int(os.environ.get("FULLTUNE_FAULT_AFTER_STEP", "-1"))
+    stopper = early_stopping_state(records, tr.early_stopping_threshold)
     start = time.time()
+    done = first_step
     for step in range(first_step, sched.total_steps):
+        if stopper.should_stop(tr.early_stopping_patience):
+            break
         t0 = time.time()
         idx = batch_indices(step, sched, tr.seed, n_seq)
         # Rank r takes micro-batches r, r+world, ... of the global batch.
         micro = [idx[(k * world + rank) * b : (k * world + rank + 1) * b] for k in range(gas)]
-        labels = [data["labels"][m] for m in micro]
         counts = torch.tensor(
-            [float(sum((lab[:, 1:] != IGNORE_INDEX).sum().item() for lab in labels))], dtype=torch.float64
+            [float(sum((data["labels"][m][:, 1:] != IGNORE_INDEX).sum().item() for m in micro))],
+            dtype=torch.float64,
         )
         dist.all_reduce(counts)
         n_tokens = max(counts.item(), 1.0)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-        for m, lab in zip(micro, labels, strict=True):
-            out = engine(
-                input_ids=data["input_ids"][m].to(device), attention_mask=data["attention_mask"][m].to(device)
-            )
-            logits = out.logits[:, :-1].float()
-            target = lab[:, 1:].to(device)
-            summed = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)),
-                target.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+        for m in micro:
+            summed, _ = token_loss_sum(engine, data, m, device)
             engine.backward(summed * (world * gas / n_tokens))
             engine.step()
             loss_sum += summed.detach().double().cpu()
         dist.all_reduce(loss_sum)
         step_time = time.time() - t0
-        rec = {
+        rec: dict[str, Any] = {
             "step": step,
             "loss": loss_sum.item() / n_tokens,
             "lr": lr,
@@ -277,9 +464,24 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
             "tokens_per_s": n_tokens / max(step_time, 1e-9),
             "step_time_s": step_time,
         }
-        records.append(rec)
+        if peak:
+            # every position of the global batch is computed (packing leaves little padding)
+            rec["mfu"] = mfu(sched.global_batch * seq_len / max(step_time, 1e-9), flops_tok, peak, world)
         done = step + 1
-        if paths.checkpoints and tr.save_steps and done % tr.save_steps == 0 and done < sched.total_steps:
+        if eval_data is not None and done % tr.eval_steps == 0:
+            rec["eval_loss"] = eval_loss(
+                engine, eval_data, rank=rank, world=world, micro_batch=b, device=device
+            )
+        records.append(rec)
+        stopper = early_stopping_state(records, tr.early_stopping_threshold)
+        stopping = stopper.should_stop(tr.early_stopping_patience)
+        if (
+            paths.checkpoints
+            and tr.save_steps
+            and done % tr.save_steps == 0
+            and done < sched.total_steps
+            and not stopping
+        ):
             state = {"step": done, "records": records}
             checkpoint.save(
                 engine,
@@ -292,10 +494,12 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
             )
         if done == fault_step and rank == int(os.environ.get("FULLTUNE_FAULT_RANK", "0")):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
-        if rank == 0 and (step % tr.logging_steps == 0 or step == sched.total_steps - 1):
+        if rank == 0 and (
+            step % tr.logging_steps == 0 or step == sched.total_steps - 1 or "eval_loss" in rec
+        ):
             eta = (time.time() - start) / (step + 1 - first_step) * (sched.total_steps - step - 1)
             log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %s tok/s %.0f eta %.0fs",
+                "step %d/%d loss %.4f lr %.3g grad_norm %s tok/s %.0f eta %.0fs%s%s",
                 step + 1,
                 sched.total_steps,
                 rec["loss"],
@@ -303,15 +507,36 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
                 _fmt(rec["grad_norm"]),
                 rec["tokens_per_s"],
                 eta,
+                f" mfu {rec['mfu']:.1%}" if "mfu" in rec else "",
+                f" eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else "",
             )
-    summary = {
-        "steps": sched.total_steps,
+        if stopping:
+            if rank == 0:
+                log.info(
+                    "early stopping after step %d: %d evaluations without an eval-loss drop of more than %g "
+                    "(best %.4f at step %d); saving the model as of step %d",
+                    done,
+                    stopper.since_best,
+                    tr.early_stopping_threshold,
+                    stopper.best_loss,
+                    stopper.best_step + 1,
+                    done,
+                )
+            break
+    summary: dict[str, Any] = {
+        "steps": records[-1]["step"] + 1 if records else done,
+        "planned_steps": sched.total_steps,
+        "stopped_early": stopper.should_stop(tr.early_stopping_patience),
         "global_batch": sched.global_batch,
         "world_size": world,
         "first_loss": records[0]["loss"],
         "final_loss": records[-1]["loss"],
         "train_seconds": time.time() - start,
     }
+    if stopper.evals:
+        summary["final_eval_loss"] = next(r["eval_loss"] for r in reversed(records) if "eval_loss" in r)
+        summary["best_eval_loss"] = stopper.best_loss
+        summary["best_eval_step"] = stopper.best_step + 1
     save(engine, cfg, paths, rank, records, summary)
     del ds_marker
     dist.barrier()
@@ -398,10 +623,61 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RunConfig.from_dict(_load_yaml(paths.config), source=paths.config)
         train(cfg, paths)
-    except (ConfigError, TrainInputError, FileNotFoundError, checkpoint.CheckpointError) as exc:
-        log.error("cannot train: %s", exc)
-        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - every failure leaves with the exit code that says what to do
+        code = exit_code_for(exc)
+        if code == EXIT_BAD_INPUT:
+            log.error("cannot train (exit %d, retrying cannot help): %s", code, exc)
+        elif code == EXIT_RETRYABLE:
+            log.exception("retryable failure (exit %d; a restart resumes from the newest checkpoint)", code)
+        else:
+            log.exception("unexpected error (exit %d)", code)
+        return code
     return 0
+
+
+_RETRYABLE_TEXT = re.compile(
+    r"nccl|gloo|timed ?out|timeout|connection (?:reset|refused|closed)|broken pipe|socket|rendezvous",
+    re.IGNORECASE,
+)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code for a failure (see the module docstring); causes are followed when the
+    exception itself says nothing."""
+    from fulltune.preprocess.dataset import DatasetError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        module = type(e).__module__ or ""
+        if isinstance(
+            e,
+            (
+                ConfigError,
+                TrainInputError,
+                DatasetError,
+                checkpoint.CheckpointError,
+                FileNotFoundError,
+                PermissionError,
+            ),
+        ):
+            return EXIT_BAD_INPUT
+        if isinstance(e, json.JSONDecodeError) or module.startswith("yaml"):
+            return EXIT_BAD_INPUT  # an unreadable config or DeepSpeed JSON
+        if name == "OutOfMemoryError" and module.startswith("torch"):
+            return EXIT_BAD_INPUT  # deterministic for a given plan: lower the micro batch
+        if module.startswith("torch.distributed") or (name.startswith("Dist") and module.startswith("torch")):
+            return EXIT_RETRYABLE  # DistBackendError, DistNetworkError, DistStoreError
+        if module.startswith(("botocore", "urllib3", "requests")):
+            return EXIT_RETRYABLE
+        if isinstance(e, OSError):  # storage.StorageError, ConnectionError, TimeoutError, ...
+            return EXIT_RETRYABLE
+        if isinstance(e, RuntimeError) and _RETRYABLE_TEXT.search(str(e)):
+            return EXIT_RETRYABLE
+        e = e.__cause__ or e.__context__
+    return EXIT_UNEXPECTED
 
 
 def _load_yaml(uri: str) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""`python -m fulltune.launch.node [torchrun options] -m fulltune.train ...`: torchrun for one node
+that passes on *why* its ranks failed.
+
+torchrun exits 1 whatever its workers' exit codes were, but the PyTorchJob's `restartPolicy:
+ExitCode` reads the pod's code to decide whether to restart: 1-127 permanent, 128+ retryable. This
+wrapper runs torchrun's own `run()` and turns the root-cause failure (the first rank that failed)
+into the pod's exit code:
+
+    rank exited 1 or 2 (bad config/data, unexpected error)  -> the same code: not retried
+    rank killed by a signal (OOM killer, eviction) or 128+  -> 138: the group restarts and resumes
+    rendezvous failure (a peer never came up)                -> 138
+    any other code 3-127                                      -> that code
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fulltune.launch.base import EXIT_RETRYABLE
+
+
+def node_exit_code(worker_exit_code: int) -> int:
+    """The node's exit code for the exit code of the rank that failed first."""
+    if worker_exit_code < 0 or worker_exit_code >= 128:
+        return EXIT_RETRYABLE
+    return worker_exit_code or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = node_exit_code(failure.exitcode)
+        print(
+            f"fulltune.launch.node: rank {rank} failed first with exit code {failure.exitcode}; "
+            f"node exits {code} ({'retryable' if code >= 128 else 'permanent'})\n{exc.format_msg()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return code
+    except RendezvousError as exc:
+        print(
+            f"fulltune.launch.node: rendezvous failed ({exc}); node exits {EXIT_RETRYABLE}", file=sys.stderr
+        )
+        return EXIT_RETRYABLE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

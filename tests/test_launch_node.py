@@ -1,0 +1,65 @@
+"""The node wrapper turns the ranks' failures into exit codes the PyTorchJob's ExitCode policy reads.
+
+torchrun itself exits 1 for any worker failure, which `restartPolicy: ExitCode` treats as permanent,
+so an OOM-killed rank would never be restarted. These run real torchrun with two local processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fulltune.launch.base import EXIT_RETRYABLE
+from fulltune.launch.node import node_exit_code
+
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    if os.environ["RANK"] == "1":
+        how = os.environ["HOW"]
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(int(how))
+    time.sleep(0.5 if os.environ["HOW"] == "0" else 60)  # rank 0 is stopped by torchrun when rank 1 fails
+    """
+)
+
+
+def run_node(tmp_path, how: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "HOW": how, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fulltune.launch.node", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
+    return subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [("0", 0), ("1", 1), ("2", 2), (str(EXIT_RETRYABLE), EXIT_RETRYABLE), ("kill", EXIT_RETRYABLE)],
+)
+def test_node_exit_code_follows_the_rank_that_failed(tmp_path, how, expected):
+    result = run_node(tmp_path, how)
+    assert result.returncode == expected, result.stderr[-2000:]
+    if expected:
+        assert "rank 1 failed first" in result.stderr
+
+
+def test_plain_torchrun_would_have_hidden_the_retryable_code(tmp_path):
+    """Why the wrapper exists: torchrun reports 1 for a rank that exited 138."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "HOW": str(EXIT_RETRYABLE), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
+    result = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+
+
+def test_exit_code_mapping():
+    assert node_exit_code(1) == 1 and node_exit_code(2) == 2 and node_exit_code(7) == 7
+    assert node_exit_code(-9) == EXIT_RETRYABLE  # SIGKILL (OOM killer)
+    assert node_exit_code(-15) == EXIT_RETRYABLE  # SIGTERM (eviction)
+    assert node_exit_code(137) == EXIT_RETRYABLE and node_exit_code(138) == EXIT_RETRYABLE
