@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from typing import IO, Any
 
 from fulltune import storage
 from fulltune.config import RunConfig
-from fulltune.launch.base import LaunchError, TrainJob
+from fulltune.launch.base import Launcher, LaunchError, TrainJob
 from fulltune.plan import plan_uris
 from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model
+
+log = logging.getLogger(__name__)
 
 
 def train_job(cfg: RunConfig, work_dir: str, dataset_uri: str, name: str = "fulltune-train") -> TrainJob:
@@ -33,13 +37,33 @@ def model_uri(work_dir: str) -> str:
 
 
 def run_training(
-    cfg: RunConfig, work_dir: str, dataset_uri: str, *, stream: IO[str] | None = None
+    cfg: RunConfig,
+    work_dir: str,
+    dataset_uri: str,
+    *,
+    stream: IO[str] | None = None,
+    run_id: str = "",
+    task_name: str = "train",
+    image: str | None = None,
+    optional_secrets: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Run training with the configured launcher; returns the model URI, summary and step metrics."""
-    from fulltune.launch.local import LocalLauncher
+    """Run training with the configured launcher; returns the model URI, summary and step metrics.
 
-    job = train_job(cfg, work_dir, dataset_uri)
-    LocalLauncher(stream=stream).run(job)
+    `run_id` and `task_name` name the Kubernetes job: the same pipeline run and task always give the
+    same name, so a restarted step follows the job it already started. Without a run id (outside a
+    pipeline) a fresh one is made, so an old job of the same name is never mistaken for this run's.
+    `optional_secrets` reach the training pods like `resources.kubernetes.secret_env`, but may be absent.
+    """
+    name = "fulltune-train"
+    if cfg.resources.launcher == "kubernetes":
+        from fulltune.launch.pytorchjob import job_name
+
+        if not run_id:
+            run_id = uuid.uuid4().hex
+            log.info("no pipeline run id: this training run is %s", run_id)
+        name = job_name(run_id, task_name or "train")
+    job = train_job(cfg, work_dir, dataset_uri, name=name)
+    make_launcher(cfg, stream=stream, run_id=run_id, image=image, optional_secrets=optional_secrets).run(job)
     if not is_complete_model(job.output_uri):
         raise LaunchError(
             f"training exited 0 but {job.output_uri} has no {MODEL_MANIFEST}: the model is incomplete"
@@ -47,3 +71,23 @@ def run_training(
     summary = storage.read_json(storage.join(job.output_uri, MODEL_MANIFEST))["summary"]
     metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines() if line]
     return {"model_uri": job.output_uri, "summary": summary, "metrics": metrics}
+
+
+def make_launcher(
+    cfg: RunConfig,
+    *,
+    stream: IO[str] | None = None,
+    run_id: str = "",
+    image: str | None = None,
+    optional_secrets: tuple[str, ...] = (),
+) -> Launcher:
+    """`resources.launcher`: 'local' runs torchrun here; 'kubernetes' creates a PyTorchJob."""
+    if cfg.resources.launcher == "kubernetes":
+        from fulltune.launch.kubernetes import KubernetesLauncher
+
+        return KubernetesLauncher(
+            cfg, run_id=run_id, image=image, stream=stream, optional_secrets=optional_secrets
+        )
+    from fulltune.launch.local import LocalLauncher
+
+    return LocalLauncher(stream=stream)

@@ -1,0 +1,594 @@
+"""The Kubernetes launcher: run a `TrainJob` as a PyTorchJob and follow it to the end.
+
+What it does, in order (docs/kubernetes.md has the operator's view and the RBAC it needs):
+
+1. Build the PyTorchJob (`pytorchjob.build_pytorchjob`), owned by the run's Argo Workflow when the
+   step knows it (env FULLTUNE_WORKFLOW_NAME) and may read it.
+2. Create it. If a job of the same name exists (409), an earlier attempt of this same task made it:
+   follow that one instead of starting a second, unless it already failed, in which case it is
+   deleted and created again (a retry that resumes from the newest complete checkpoint).
+3. Watch it (one object, by field selector) with a server-side timeout, reconnecting from the last
+   resourceVersion; on 410 Gone list it again and watch from the list's resourceVersion. Each new
+   condition becomes a log line.
+4. While it runs, copy the master pod's log into this step's log. The stream is followed with
+   timestamps; after a dropped connection it is read again from a little before the last timestamp
+   seen (`since_seconds`), and lines up to and including that timestamp that were already copied
+   are skipped, so nothing is copied twice. A recreated master pod (new uid) starts a new copy.
+5. Succeeded: return. Failed: raise LaunchError with the condition's reason and message, the recent
+   events of the job and its pods, and the last log lines; the finished job is left in place for
+   inspection (its pods hold no GPU; ttlSecondsAfterFinished removes it).
+6. SIGTERM/SIGINT (a cancelled KFP run terminates this pod), a set `stop` event, or any error of the
+   launcher itself after the job exists: delete the job (propagationPolicy Foreground) so no GPU job
+   is orphaned, then raise. A plain success deletes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from calendar import timegm
+from collections import deque
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from fulltune.config import RunConfig
+from fulltune.launch.base import LaunchError, TrainJob
+from fulltune.launch.pytorchjob import (
+    CONTAINER,
+    GROUP,
+    PLURAL,
+    VERSION,
+    build_pytorchjob,
+    workflow_owner,
+)
+
+log = logging.getLogger(__name__)
+
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+WORKFLOW_ENV = "FULLTUNE_WORKFLOW_NAME"
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+SINCE_MARGIN_S = 30  # re-read this much more than strictly needed: clocks of this pod and the node differ
+_TRANSIENT_LIMIT = 5  # consecutive failed watch requests before giving up
+
+
+class LaunchCancelled(LaunchError):
+    """The launcher was told to stop (signal or stop event); the PyTorchJob was deleted."""
+
+
+@dataclass
+class _State:
+    """What the watch thread has learnt, shared with the main thread and the log thread."""
+
+    done: threading.Event = field(default_factory=threading.Event)  # watch thread ended
+    finished: threading.Event = field(default_factory=threading.Event)  # job reached Succeeded/Failed
+    running: threading.Event = field(default_factory=threading.Event)  # pods have started
+    outcome: str = ""
+    final: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+    seen: set = field(default_factory=set)
+
+
+class KubernetesLauncher:
+    """Runs the job as a PyTorchJob through the Kubernetes API (in-cluster, kubeconfig or explicit)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        run_id: str = "",
+        image: str | None = None,
+        optional_secrets: tuple[str, ...] = (),
+        configuration: Any = None,
+        stream: IO[str] | None = None,
+        stop: threading.Event | None = None,
+        handle_signals: bool = True,
+        poll_seconds: float = 2.0,
+        drain_seconds: float = 10.0,
+        tail_lines: int = 40,
+        namespace_file: str = SA_NAMESPACE_FILE,
+    ):
+        from kubernetes import client
+
+        from fulltune._image import default_trainer_image
+
+        self.cfg = cfg
+        self.k8s = cfg.resources.kubernetes
+        self.run_id = run_id
+        self.image = self.k8s.image or image or default_trainer_image()
+        self.optional_secrets = tuple(optional_secrets)
+        self.stream = stream or sys.stdout
+        self.stop = stop or threading.Event()
+        self.handle_signals = handle_signals
+        self.poll_seconds = poll_seconds
+        self.drain_seconds = drain_seconds
+        self.own_namespace = _read_namespace(namespace_file)
+        self.namespace = self.k8s.namespace or self.own_namespace or "default"
+        self.api = client.ApiClient(configuration or _load_configuration())
+        self.custom = client.CustomObjectsApi(self.api)
+        self.core = client.CoreV1Api(self.api)
+        self._tail: deque[str] = deque(maxlen=tail_lines)
+        self._out_lock = threading.Lock()
+
+    # -- the Launcher interface -----------------------------------------------------------------
+
+    def run(self, job: TrainJob) -> None:
+        ns, name = self.namespace, job.name
+        manifest = build_pytorchjob(
+            self.cfg,
+            job,
+            name=name,
+            namespace=ns,
+            image=self.image,
+            run_id=self.run_id,
+            owner=self._workflow_owner(),
+            optional_secrets=self.optional_secrets,
+        )
+        previous = self._install_signal_handlers()
+        try:
+            self._create_or_adopt(manifest)
+            try:
+                if self.stop.is_set():
+                    raise LaunchCancelled(f"cancelled: PyTorchJob {ns}/{name} deleted")
+                state = self._follow(ns, name)
+            except BaseException:
+                log.warning("stopping: deleting PyTorchJob %s/%s so that no training pod is left", ns, name)
+                self._delete(ns, name)
+                raise
+            if state.outcome == "Failed":
+                raise LaunchError(self._failure_report(ns, name, state.final), exit_code=1)
+            log.info("PyTorchJob %s/%s succeeded", ns, name)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # -- create / adopt / delete ----------------------------------------------------------------
+
+    def _create_or_adopt(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes.client.rest import ApiException
+
+        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            created = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+            log.info(
+                "created PyTorchJob %s/%s: %d node(s) x %d process(es), image %s",
+                ns,
+                name,
+                self.cfg.resources.num_nodes,
+                self.cfg.resources.nproc_per_node,
+                self.image,
+            )
+            return created
+        except ApiException as exc:
+            if exc.status != 409:
+                raise LaunchError(_api_error(f"cannot create PyTorchJob {ns}/{name}", exc)) from None
+        existing = self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        if _terminal(existing) == "Failed":
+            log.warning(
+                "PyTorchJob %s/%s exists from an earlier attempt of this task and has failed: deleting it "
+                "and creating it again (training resumes from the newest complete checkpoint)",
+                ns,
+                name,
+            )
+            self._delete(ns, name)
+            self._wait_deleted(ns, name)
+            return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+        log.info(
+            "PyTorchJob %s/%s already exists (created by an earlier attempt of this task, state %s): "
+            "following it instead of starting a second one",
+            ns,
+            name,
+            _terminal(existing) or _latest_condition(existing) or "new",
+        )
+        return existing
+
+    def _delete(self, ns: str, name: str) -> None:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground")
+            )
+            log.info("deleted PyTorchJob %s/%s (propagationPolicy Foreground)", ns, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.error(
+                    "%s", _api_error(f"could not delete PyTorchJob {ns}/{name}; delete it by hand", exc)
+                )
+        except Exception as exc:  # noqa: BLE001 — best effort while already failing
+            log.error("could not delete PyTorchJob %s/%s (%s); delete it by hand", ns, name, exc)
+
+    def _wait_deleted(self, ns: str, name: str, timeout: float = 600.0) -> None:
+        from kubernetes.client.rest import ApiException
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            try:
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                raise
+            time.sleep(self.poll_seconds)
+        raise LaunchError(f"PyTorchJob {ns}/{name} was not deleted within {timeout:.0f}s")
+
+    def _workflow_owner(self) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        workflow = os.environ.get(WORKFLOW_ENV, "").strip()
+        if not workflow:
+            return None
+        if self.own_namespace and self.own_namespace != self.namespace:
+            log.info(
+                "the PyTorchJob runs in %s, not in the run's namespace: no ownerReference", self.namespace
+            )
+            return None
+        try:
+            obj = self.custom.get_namespaced_custom_object(
+                "argoproj.io", "v1alpha1", self.namespace, "workflows", workflow
+            )
+        except ApiException as exc:
+            log.warning(
+                "cannot read Workflow %s/%s (%s %s): the PyTorchJob is not owned by the run and is not "
+                "deleted with it",
+                self.namespace,
+                workflow,
+                exc.status,
+                exc.reason,
+            )
+            return None
+        uid = (obj.get("metadata") or {}).get("uid")
+        return workflow_owner(workflow, uid) if uid else None
+
+    # -- following the job ----------------------------------------------------------------------
+
+    def _follow(self, ns: str, name: str) -> _State:
+        state = _State()
+        watcher = threading.Thread(target=self._watch, args=(ns, name, state), daemon=True, name="watch")
+        logs = threading.Thread(target=self._copy_logs, args=(ns, name, state), daemon=True, name="logs")
+        watcher.start()
+        logs.start()
+        try:
+            while not state.done.is_set():
+                if self.stop.is_set():
+                    raise LaunchCancelled(f"cancelled: PyTorchJob {ns}/{name} deleted")
+                state.done.wait(self.poll_seconds)
+            if state.error is not None:
+                raise state.error
+        finally:
+            state.finished.set()  # also tells the log thread to finish when this ends by an error
+        logs.join(self.drain_seconds)
+        return state
+
+    def _watch(self, ns: str, name: str, state: _State) -> None:
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        selector = f"metadata.name={name}"
+        failures = 0
+        try:
+            version = self._relist(ns, name, state)
+            while not state.finished.is_set():
+                try:
+                    for event in watch.Watch().stream(
+                        self.custom.list_namespaced_custom_object,
+                        GROUP,
+                        VERSION,
+                        ns,
+                        PLURAL,
+                        field_selector=selector,
+                        resource_version=version,
+                        timeout_seconds=self.k8s.watch_timeout_seconds,
+                        allow_watch_bookmarks=True,
+                    ):
+                        failures = 0
+                        obj = event["raw_object"]
+                        version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                        if event["type"] == "DELETED":
+                            raise LaunchError(f"PyTorchJob {ns}/{name} was deleted while training ran")
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            self._observe(obj, ns, name, state)
+                        if state.finished.is_set():
+                            return
+                    log.debug("watch of PyTorchJob %s/%s ended; reconnecting from %s", ns, name, version)
+                except ApiException as exc:
+                    if exc.status == 410:
+                        log.info("watch position %s expired (410 Gone): listing the job again", version)
+                        version = self._relist(ns, name, state)
+                        continue
+                    if exc.status not in (429, 500, 502, 503, 504) or failures >= _TRANSIENT_LIMIT:
+                        raise LaunchError(
+                            _api_error(f"watching PyTorchJob {ns}/{name} failed", exc)
+                        ) from None
+                    failures += 1
+                    time.sleep(min(30.0, self.poll_seconds * 2**failures))
+                except HTTPError as exc:
+                    if failures >= _TRANSIENT_LIMIT:
+                        raise LaunchError(f"watching PyTorchJob {ns}/{name} failed: {exc}") from None
+                    failures += 1
+                    time.sleep(min(30.0, self.poll_seconds * 2**failures))
+        except ApiException as exc:
+            state.error = LaunchError(_api_error(f"following PyTorchJob {ns}/{name} failed", exc))
+        except BaseException as exc:  # noqa: BLE001 — handed to the main thread
+            state.error = exc
+        finally:
+            state.done.set()
+
+    def _relist(self, ns: str, name: str, state: _State) -> str:
+        listing = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, field_selector=f"metadata.name={name}"
+        )
+        items = listing.get("items") or []
+        if not items:
+            raise LaunchError(f"PyTorchJob {ns}/{name} no longer exists (deleted outside fulltune?)")
+        self._observe(items[0], ns, name, state)
+        return (listing.get("metadata") or {}).get("resourceVersion") or ""
+
+    def _observe(self, obj: dict[str, Any], ns: str, name: str, state: _State) -> None:
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond.get("status") != "True":
+                continue
+            key = (cond.get("type"), cond.get("reason"), cond.get("lastTransitionTime"), cond.get("message"))
+            if key in state.seen:
+                continue
+            state.seen.add(key)
+            log.info("%s", _describe(cond, ns, name))
+            if cond.get("type") in ("Running", "Restarting"):
+                state.running.set()
+        outcome = _terminal(obj)
+        if outcome:
+            state.outcome, state.final = outcome, obj
+            state.finished.set()
+
+    # -- the master pod's log -------------------------------------------------------------------
+
+    def _copy_logs(self, ns: str, name: str, state: _State) -> None:
+        cursor = _LogCursor()
+        while True:
+            last_pass = state.finished.is_set()
+            if last_pass and not state.running.is_set():
+                return  # never ran while followed (an adopted finished job): nothing to copy
+            if state.running.is_set() or last_pass:
+                try:
+                    pod = self._master_pod(ns, name)
+                    if (
+                        pod is not None
+                        and pod.status
+                        and pod.status.phase not in (None, "Pending", "Unknown")
+                    ):
+                        self._copy_pod_log(ns, pod, cursor, follow=not last_pass)
+                except Exception as exc:  # noqa: BLE001 — the log copy never fails the step
+                    log.debug("log copy interrupted: %s", exc)
+            if last_pass or self.stop.is_set():
+                return
+            state.finished.wait(self.poll_seconds)
+
+    def _master_pod(self, ns: str, name: str):
+        pods = self.core.list_namespaced_pod(
+            ns, label_selector=f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}=master"
+        ).items
+        live = [p for p in pods if not p.metadata.deletion_timestamp] or pods
+        return max(live, key=_created_at, default=None)
+
+    def _copy_pod_log(self, ns: str, pod, cursor: _LogCursor, *, follow: bool) -> None:
+        from kubernetes.watch.watch import iter_resp_lines
+
+        uid, pod_name = pod.metadata.uid, pod.metadata.name
+        if uid != cursor.uid:
+            if cursor.uid is not None:
+                self._emit(f"--- master pod {pod_name} was recreated; its log follows ---")
+            cursor.attach(uid)
+        elif cursor.done:
+            return  # this pod's log was read to its end and the pod has finished
+        kwargs: dict[str, Any] = {"container": CONTAINER, "follow": follow, "timestamps": True}
+        if cursor.last_ns is not None:
+            cursor.rewind()
+            kwargs["since_seconds"] = max(1, int(time.time() - cursor.last_ns / 1e9) + SINCE_MARGIN_S)
+        resp = self.core.read_namespaced_pod_log(pod_name, ns, _preload_content=False, **kwargs)
+        try:
+            for line in iter_resp_lines(resp):
+                stamp, _, text = line.partition(" ")
+                if cursor.accept(_parse_timestamp(stamp)):
+                    self._emit(text)
+                if self.stop.is_set():
+                    return
+        finally:
+            resp.release_conn()
+        cursor.done = pod.status.phase in ("Succeeded", "Failed")
+
+    def _emit(self, text: str) -> None:
+        line = f"[master] {text.rstrip()}\n"
+        with self._out_lock:
+            self._tail.append(line)
+            self.stream.write(line)
+            self.stream.flush()
+
+    # -- failure report -------------------------------------------------------------------------
+
+    def _failure_report(self, ns: str, name: str, obj: dict[str, Any]) -> str:
+        failed = next(
+            (
+                c
+                for c in reversed((obj.get("status") or {}).get("conditions") or [])
+                if c.get("type") == "Failed"
+            ),
+            {},
+        )
+        parts = [
+            f"PyTorchJob {ns}/{name} failed: {failed.get('reason') or 'Failed'}: {failed.get('message') or ''}"
+        ]
+        events = self._recent_events(ns, name)
+        if events:
+            parts.append("Recent events:\n" + "\n".join(events))
+        tail = list(self._tail) or self._fetch_tail(ns, name)
+        if tail:
+            parts.append("Last log lines of the master pod:\n" + "".join(tail).rstrip())
+        return "\n".join(parts)
+
+    def _recent_events(self, ns: str, name: str, limit: int = 10) -> list[str]:
+        try:
+            pods = self.core.list_namespaced_pod(ns, label_selector=f"{JOB_NAME_LABEL}={name}").items
+            names = [name] + [p.metadata.name for p in pods]
+            events = []
+            for involved in names:
+                events += self.core.list_namespaced_event(
+                    ns, field_selector=f"involvedObject.name={involved}"
+                ).items
+        except Exception as exc:  # noqa: BLE001 — the report is best effort
+            return [f"  (events not readable: {exc})"]
+        events.sort(key=_event_time)
+        return [
+            f"  {e.type} {e.reason} {e.involved_object.kind}/{e.involved_object.name}: {(e.message or '').strip()}"
+            for e in events[-limit:]
+        ]
+
+    def _fetch_tail(self, ns: str, name: str) -> list[str]:
+        try:
+            pod = self._master_pod(ns, name)
+            if pod is None:
+                return []
+            text = self.core.read_namespaced_pod_log(
+                pod.metadata.name, ns, container=CONTAINER, tail_lines=self._tail.maxlen
+            )
+        except Exception as exc:  # noqa: BLE001
+            log.debug("no log tail: %s", exc)
+            return []
+        return [f"[master] {line}\n" for line in text.splitlines()]
+
+    # -- signals --------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, _frame):
+            log.warning("received %s: cancelling training", signal.Signals(signum).name)
+            self.stop.set()
+
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+class _LogCursor:
+    """Where the copy of one pod's log stands: the newest timestamp copied and how many lines had it."""
+
+    def __init__(self) -> None:
+        self.uid: str | None = None
+        self.last_ns: int | None = None
+        self.count = 0  # lines copied with timestamp == last_ns
+        self.skip = 0  # of those, how many a re-read has yet to replay
+        self.done = False
+
+    def attach(self, uid: str) -> None:
+        self.uid, self.last_ns, self.count, self.skip, self.done = uid, None, 0, 0, False
+
+    def rewind(self) -> None:
+        self.skip = self.count
+
+    def accept(self, ts: int | None) -> bool:
+        if ts is None:  # no timestamp: cannot be matched, copy it
+            return True
+        if self.last_ns is None or ts > self.last_ns:
+            self.last_ns, self.count, self.skip = ts, 1, 0
+            return True
+        if ts == self.last_ns:
+            if self.skip:
+                self.skip -= 1
+                return False
+            self.count += 1
+            return True
+        return False
+
+
+def _parse_timestamp(stamp: str) -> int | None:
+    """RFC 3339 (nano) UTC timestamp, as the kubelet writes it, to integer nanoseconds."""
+    if not stamp.endswith("Z") or "T" not in stamp:
+        return None
+    whole, _, frac = stamp[:-1].partition(".")
+    try:
+        seconds = timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
+        nanos = int((frac + "000000000")[:9]) if frac else 0
+    except ValueError:
+        return None
+    return seconds * 1_000_000_000 + nanos
+
+
+def _terminal(obj: dict[str, Any]) -> str:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") in ("Succeeded", "Failed") and cond.get("status") == "True":
+            return cond["type"]
+    return ""
+
+
+def _latest_condition(obj: dict[str, Any]) -> str:
+    conds = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+    return conds[-1].get("type", "") if conds else ""
+
+
+def _describe(cond: dict[str, Any], ns: str, name: str) -> str:
+    kind, reason, message = cond.get("type"), cond.get("reason") or "", cond.get("message") or ""
+    what = {
+        "Created": "created; waiting for its pods to be scheduled",
+        "Running": "running",
+        "Restarting": "restarting (a pod was lost or failed with a retryable exit code); the ranks "
+        "resume from the newest complete checkpoint",
+        "Succeeded": "succeeded",
+        "Failed": "failed",
+        "Suspended": "suspended",
+    }.get(kind, str(kind))
+    return f"PyTorchJob {ns}/{name} {what}" + (f" [{reason}] {message}" if reason or message else "")
+
+
+def _created_at(obj) -> float:
+    when = obj.metadata.creation_timestamp
+    return when.timestamp() if when else 0.0
+
+
+def _event_time(event) -> float:
+    when = (
+        event.last_timestamp or event.event_time or event.first_timestamp or event.metadata.creation_timestamp
+    )
+    return when.timestamp() if when else 0.0
+
+
+def _api_error(what: str, exc) -> str:
+    import json
+
+    message = exc.reason
+    try:
+        message = json.loads(exc.body).get("message") or message
+    except (TypeError, ValueError, AttributeError):
+        pass
+    hint = ""
+    if exc.status == 403:
+        hint = " (the step's service account needs the RBAC of docs/kubernetes.md)"
+    elif exc.status == 404 and "pytorchjob" in what.lower():
+        hint = " (is the Kubeflow Training Operator installed?)"
+    return f"{what}: {exc.status} {message}{hint}"
+
+
+def _read_namespace(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _load_configuration():
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        # KUBECONFIG read now, not when the kubernetes package was imported
+        config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+        )
+    return configuration

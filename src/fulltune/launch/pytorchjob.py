@@ -1,0 +1,251 @@
+"""The PyTorchJob (Kubeflow Training Operator, kubeflow.org/v1) that runs a `TrainJob` on Kubernetes.
+
+Pure functions from (RunConfig, TrainJob, name, namespace, image, owner) to a plain dict; nothing here
+talks to a cluster. Tests validate every variant against the CRD's schema.
+
+What the pods run is what the local launcher runs: torchrun starting `python -m fulltune.train` with
+`TrainJob.entry_args()`, P processes per pod. The operator supplies the rest of the distributed
+environment (PET_NODE_RANK, MASTER_ADDR/PORT, and for several nodes the elastic rendezvous
+PET_RDZV_ENDPOINT/PET_RDZV_BACKEND/PET_MAX_RESTARTS), so no address is written here.
+
+Restarts, as the operator (v1.8+) actually implements them:
+
+* `restartPolicy: ExitCode` on every replica. The operator recreates a pod whose container ended
+  with a retryable code (128+signal: OOM-kill 137, SIGTERM 143 on eviction or node loss, ...) and
+  fails the job on any other non-zero code, so exit 1 (bad config, bad data, a bug) is not retried.
+  (`OnFailure` would retry those forever; `Never` would not survive a lost node.)
+* `elasticPolicy` (c10d rendezvous, min = max = num_nodes, maxRestarts) only when there is more than
+  one node. The operator's validating webhook rejects an elasticPolicy without a Worker replica spec
+  ("must be configured if elastic policy is used"), and nothing in it conflicts with ExitCode: the
+  webhook checks neither restartPolicy nor its combination with elasticPolicy. With it, a recreated
+  pod rejoins the rendezvous and torchrun restarts the whole worker group (at most maxRestarts times);
+  the new ranks resume from the newest complete checkpoint. A single node needs no rendezvous: the
+  recreated pod simply starts again and resumes the same way.
+* `runPolicy.backoffLimit = max_restarts`. Operators up to at least v1.8 do not count ExitCode
+  recreations against it (kubeflow/trainer#2045), so `active_deadline_seconds` is the hard bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from fulltune.config import RunConfig, VolumeMount
+from fulltune.launch.base import ENTRY_MODULE, NODE_MODULE, TrainJob
+
+API_VERSION = "kubeflow.org/v1"
+KIND = "PyTorchJob"
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+CONTAINER = "pytorch"  # the operator injects its environment into the container with this name
+PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's defaults, written out
+RUN_ID_LABEL = "pipeline/runid"  # the label KFP puts on its own pods: one selector finds both
+MAX_NAME = 50  # pods and services are named <job>-worker-<i>; keep those within 63 characters
+_HASH_CHARS = 10
+
+
+def job_name(run_id: str, task_name: str) -> str:
+    """A stable DNS-1035 name for the (pipeline run, task) pair: `fulltune-<task>-<hash>`.
+
+    The same run and task always give the same name, so a retried or restarted launcher finds the job
+    its predecessor created instead of starting a second one.
+    """
+    digest = hashlib.sha256(f"{run_id}\x00{task_name}".encode()).hexdigest()[:_HASH_CHARS]
+    readable = re.sub(r"[^a-z0-9]+", "-", task_name.lower()).strip("-")
+    room = MAX_NAME - len("fulltune-") - len(digest) - 1
+    readable = readable[:room].strip("-")
+    return f"fulltune-{readable}-{digest}" if readable else f"fulltune-{digest}"
+
+
+def label_value(value: str) -> str:
+    """`value` made a valid label value (63 characters of [A-Za-z0-9._-], alphanumeric at both ends)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", value)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", cleaned)
+
+
+def workflow_owner(name: str, uid: str) -> dict[str, Any]:
+    """An ownerReference to the Argo Workflow of the pipeline run: deleting the run deletes the job.
+
+    Neither `controller` nor `blockOwnerDeletion` is set: the latter needs update rights on
+    workflows/finalizers, which the pipeline's service account does not usually have.
+    """
+    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": name, "uid": uid}
+
+
+def build_pytorchjob(
+    cfg: RunConfig,
+    job: TrainJob,
+    *,
+    name: str,
+    namespace: str,
+    image: str,
+    run_id: str = "",
+    owner: dict[str, Any] | None = None,
+    optional_secrets: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The PyTorchJob manifest: Master (1) + Worker (num_nodes - 1), P processes each."""
+    k8s = cfg.resources.kubernetes
+    labels = {
+        "app.kubernetes.io/name": "fulltune",
+        "app.kubernetes.io/component": "train",
+        "app.kubernetes.io/managed-by": "fulltune",
+    }
+    if run_id and label_value(run_id):
+        labels[RUN_ID_LABEL] = label_value(run_id)
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
+    if owner:
+        metadata["ownerReferences"] = [owner]
+
+    template = pod_template(cfg, job, image=image, labels=labels, optional_secrets=optional_secrets)
+    replicas = {"Master": replica_spec(1, template)}
+    if job.num_nodes > 1:
+        replicas["Worker"] = replica_spec(job.num_nodes - 1, template)
+
+    run_policy: dict[str, Any] = {"cleanPodPolicy": k8s.clean_pod_policy, "backoffLimit": k8s.max_restarts}
+    if k8s.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = k8s.active_deadline_seconds
+    if k8s.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = k8s.ttl_seconds_after_finished
+
+    spec: dict[str, Any] = {
+        "nprocPerNode": str(job.nproc_per_node),  # a string in the CRD ("auto", "gpu" or a number)
+        "pytorchReplicaSpecs": replicas,
+        "runPolicy": run_policy,
+    }
+    if job.num_nodes > 1:
+        spec["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "rdzvId": name,
+            "minReplicas": job.num_nodes,
+            "maxReplicas": job.num_nodes,
+            "maxRestarts": k8s.max_restarts,
+        }
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
+
+
+def replica_spec(replicas: int, template: dict[str, Any]) -> dict[str, Any]:
+    # ExitCode: see the module docstring.
+    return {"replicas": replicas, "restartPolicy": "ExitCode", "template": template}
+
+
+def pod_command(job: TrainJob) -> list[str]:
+    """torchrun (through launch/node.py, which keeps the ranks' exit codes) + the entry point. One node: a standalone rendezvous inside the pod. Several: the
+    operator's elastic c10d rendezvous (endpoint, backend, max restarts arrive as PET_* variables)."""
+    topology = (
+        ["--standalone", "--nnodes=1"]
+        if job.num_nodes == 1
+        else [f"--nnodes={job.num_nodes}:{job.num_nodes}"]
+    )
+    return [
+        "python",
+        "-m",
+        NODE_MODULE,
+        *topology,
+        f"--nproc-per-node={job.nproc_per_node}",
+        "-m",
+        ENTRY_MODULE,
+        *job.entry_args(),
+    ]
+
+
+def pod_template(
+    cfg: RunConfig,
+    job: TrainJob,
+    *,
+    image: str,
+    labels: dict[str, str],
+    optional_secrets: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    k8s = cfg.resources.kubernetes
+    # HOME on the /tmp emptyDir: the root filesystem is read-only, and caches (torch extensions,
+    # Triton kernels, Hugging Face) go under $HOME.
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": "/tmp", **job.env}
+    if job.accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+
+    resources: dict[str, str] = {}
+    if job.accelerator == "gpu":
+        resources[k8s.gpu_resource_name] = str(job.nproc_per_node)
+    if k8s.cpu:
+        resources["cpu"] = k8s.cpu
+    if k8s.memory:
+        resources["memory"] = k8s.memory
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": pod_command(job),
+        "env": [{"name": key, "value": value} for key, value in env.items()],
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
+        "securityContext": {
+            # Pod Security "restricted": the training image runs as a non-root user.
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+        + [
+            {"name": _volume_name(i), "mountPath": v.mount_path, "readOnly": v.read_only}
+            for i, v in enumerate(k8s.volumes)
+        ],
+    }
+    # Credentials stay in their Secrets: the pod reads them, the manifest only names them. The
+    # configured ones must exist; the optional ones (the pipeline's S3 Secret) may not.
+    env_from = [{"secretRef": {"name": secret}} for secret in k8s.secret_env]
+    env_from += [
+        {"secretRef": {"name": secret, "optional": True}}
+        for secret in dict.fromkeys(optional_secrets)
+        if secret and secret not in k8s.secret_env
+    ]
+    if env_from:
+        container["envFrom"] = env_from
+    if resources:
+        container["resources"] = {"requests": dict(resources), "limits": dict(resources)}
+
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
+            {"name": "tmp", "emptyDir": {}},
+        ]
+        + [_pvc_volume(i, v) for i, v in enumerate(k8s.volumes)],
+    }
+    if k8s.service_account_name:
+        pod["serviceAccountName"] = k8s.service_account_name
+    if k8s.priority_class_name:
+        pod["priorityClassName"] = k8s.priority_class_name
+    if k8s.node_selector:
+        pod["nodeSelector"] = dict(k8s.node_selector)
+    if k8s.tolerations:
+        pod["tolerations"] = [_toleration(t) for t in k8s.tolerations]
+    if k8s.affinity:
+        pod["affinity"] = k8s.affinity
+    return {"metadata": {"labels": dict(labels)}, "spec": pod}
+
+
+def _volume_name(index: int) -> str:
+    return f"pvc-{index}"
+
+
+def _pvc_volume(index: int, volume: VolumeMount) -> dict[str, Any]:
+    return {
+        "name": _volume_name(index),
+        "persistentVolumeClaim": {"claimName": volume.claim_name, "readOnly": volume.read_only},
+    }
+
+
+def _toleration(t) -> dict[str, Any]:
+    out: dict[str, Any] = {"operator": t.operator}
+    if t.key is not None:
+        out["key"] = t.key
+    if t.value is not None:
+        out["value"] = t.value
+    if t.effect is not None:
+        out["effect"] = t.effect
+    if t.toleration_seconds is not None:
+        out["tolerationSeconds"] = t.toleration_seconds
+    return out

@@ -1,0 +1,484 @@
+"""A small stateful stand-in for the Kubernetes API, over real HTTP on 127.0.0.1.
+
+It serves exactly what the Kubernetes launcher uses, the way the API server does it:
+
+* PyTorchJobs (kubeflow.org/v1): create (201, or 409 AlreadyExists), get, delete, list, and watch
+  with a field selector: JSON lines in a chunked response, from a resourceVersion, ended after
+  `timeoutSeconds`; a resourceVersion older than the compacted history answers an ERROR event with
+  code 410 (Expired), as the API server does.
+* Pods: list by label selector; a pod's log with `follow`, `timestamps` (RFC 3339 nano, trailing
+  zeros trimmed like Go's), `sinceSeconds`, `tailLines`.
+* Events: list by `involvedObject.name`. Argo Workflows: get.
+
+Every request is recorded (method, path, query, JSON body). The operator is played by a script: a
+function `script(kube, namespace, name)` run in a thread after each create, calling the helpers
+below (`set_condition`, `start_master`, `log`, `end_log`, `add_event`, `drop_streams`, `compact`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rfc3339nano(ts_ns: int) -> str:
+    seconds, nanos = divmod(ts_ns, 1_000_000_000)
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    frac = f"{nanos:09d}".rstrip("0")
+    return f"{base}.{frac}Z" if frac else f"{base}Z"
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _selected(labels: dict[str, str], selector: str) -> bool:
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
+class FakeKube:
+    def __init__(self, script: Callable[[FakeKube, str, str], None] | None = None):
+        self.cond = threading.Condition()
+        self.rv = 100
+        self.min_rv = 0  # watches from an older resourceVersion get 410 Gone
+        self.history: list[tuple[int, str, dict]] = []  # (rv, event type, job) for watches
+        self.jobs: dict[tuple[str, str], dict] = {}
+        self.pods: dict[tuple[str, str], dict] = {}
+        self.logs: dict[tuple[str, str], dict] = {}  # pod uid -> {"lines": [(ts, text)], "closed": bool}
+        self.events: list[dict] = []
+        self.workflows: dict[tuple[str, str], dict] = {}
+        self.requests: list[Request] = []
+        self.script = script
+        self.generation = 0  # bumped by drop_streams(): open watches and log follows end
+        self.script_errors: list[BaseException] = []
+        self.watch_error: int | None = None  # answer watches with this HTTP status (e.g. 403)
+        self.create_error: int | None = None  # answer creates with this HTTP status
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeKube:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- what tests look at ---------------------------------------------------------------------
+
+    def calls(self, method: str, suffix: str = "", **query: str) -> list[Request]:
+        with self.cond:
+            return [
+                r
+                for r in self.requests
+                if r.method == method
+                and r.path.endswith(suffix)
+                and all(r.query.get(k) == v for k, v in query.items())
+            ]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError("stand-in: condition not reached in time")
+
+    # -- the operator's side --------------------------------------------------------------------
+
+    def put_job(self, manifest: dict) -> dict:
+        """Store a job as if created earlier (for adoption tests)."""
+        with self.cond:
+            return self._create(manifest)
+
+    def set_condition(self, ns: str, name: str, kind: str, reason: str = "", message: str = "") -> None:
+        with self.cond:
+            job = self.jobs[(ns, name)]
+            conds = job.setdefault("status", {}).setdefault("conditions", [])
+            stamp = _now()
+            if kind in ("Succeeded", "Failed", "Restarting"):
+                for c in conds:
+                    if c["type"] == "Running":
+                        c["status"] = "False"
+            conds[:] = [c for c in conds if c["type"] != kind]
+            conds.append(
+                {
+                    "type": kind,
+                    "status": "True",
+                    "reason": reason or f"PyTorchJob{kind}",
+                    "message": message or f"PyTorchJob {name} is {kind.lower()}.",
+                    "lastUpdateTime": stamp,
+                    "lastTransitionTime": f"{stamp}#{self.rv}",  # distinct per transition
+                }
+            )
+            self._record("MODIFIED", job)
+
+    def start_master(self, ns: str, name: str, phase: str = "Running") -> str:
+        """(Re)create the master pod with a new uid; returns its name."""
+        pod = f"{name}-master-0"
+        with self.cond:
+            old = self.pods.get((ns, pod))
+            if old:
+                self.logs[old["metadata"]["uid"]]["closed"] = True
+            uid = str(uuid.uuid4())
+            self.pods[(ns, pod)] = {
+                "metadata": {
+                    "name": pod,
+                    "namespace": ns,
+                    "uid": uid,
+                    "creationTimestamp": _now(),
+                    "labels": {
+                        "training.kubeflow.org/job-name": name,
+                        "training.kubeflow.org/replica-type": "master",
+                        "training.kubeflow.org/replica-index": "0",
+                    },
+                },
+                "status": {"phase": phase},
+            }
+            self.logs[uid] = {"lines": [], "closed": False}
+            self.cond.notify_all()
+        return pod
+
+    def set_pod_phase(self, ns: str, pod: str, phase: str) -> None:
+        with self.cond:
+            self.pods[(ns, pod)]["status"]["phase"] = phase
+
+    def log(self, ns: str, pod: str, *lines: str) -> None:
+        with self.cond:
+            uid = self.pods[(ns, pod)]["metadata"]["uid"]
+            for text in lines:
+                self.logs[uid]["lines"].append((time.time_ns(), text))
+            self.cond.notify_all()
+
+    def end_log(self, ns: str, pod: str) -> None:
+        """The container exited: follows of its log end."""
+        with self.cond:
+            self.logs[self.pods[(ns, pod)]["metadata"]["uid"]]["closed"] = True
+            self.cond.notify_all()
+
+    def add_event(self, ns: str, kind: str, name: str, type_: str, reason: str, message: str) -> None:
+        with self.cond:
+            self.events.append(
+                {
+                    "metadata": {"name": f"{name}.{uuid.uuid4().hex[:8]}", "namespace": ns},
+                    "involvedObject": {"kind": kind, "name": name, "namespace": ns},
+                    "type": type_,
+                    "reason": reason,
+                    "message": message,
+                    "lastTimestamp": _now(),
+                }
+            )
+
+    def drop_streams(self) -> None:
+        """End every open watch and log stream, as a restarting API server or a proxy would."""
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget the watch history: watches from any earlier resourceVersion now get 410 Gone."""
+        with self.cond:
+            self.rv += 1
+            self.min_rv = self.rv
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _record(self, kind: str, job: dict) -> None:
+        self.rv += 1
+        job["metadata"]["resourceVersion"] = str(self.rv)
+        self.history.append((self.rv, kind, copy.deepcopy(job)))
+        self.cond.notify_all()
+
+    def _create(self, manifest: dict) -> dict:
+        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        job = copy.deepcopy(manifest)
+        job["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=_now())
+        job.setdefault("status", {})
+        self.jobs[(ns, name)] = job
+        self._record("ADDED", job)
+        return job
+
+    def _run_script(self, ns: str, name: str) -> None:
+        try:
+            self.script(self, ns, name)
+        except BaseException as exc:  # noqa: BLE001 — surfaced by the tests
+            self.script_errors.append(exc)
+
+
+def _handler(kube: FakeKube):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        # -- plumbing ---------------------------------------------------------------------------
+
+        def _send(self, code: int, obj: Any) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _start_chunked(self, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def _end_chunked(self) -> None:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+        def _parse(self) -> tuple[list[str], dict[str, str], Any]:
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            body = None
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                raw = self.rfile.read(length)
+                body = json.loads(raw) if raw else None
+            with kube.cond:
+                kube.requests.append(Request(self.command, url.path, query, body))
+            return url.path.strip("/").split("/"), query, body
+
+        def _route(self) -> None:
+            parts, query, body = self._parse()
+            try:
+                if parts[:2] == ["apis", "kubeflow.org"] and len(parts) >= 6 and parts[5] == "pytorchjobs":
+                    ns = parts[4]
+                    if len(parts) == 6:
+                        if self.command == "POST":
+                            return self._create_job(ns, body)
+                        if query.get("watch") in ("true", "1", "True"):
+                            return self._watch_jobs(ns, query)
+                        return self._list_jobs(ns, query)
+                    name = parts[6]
+                    if self.command == "DELETE":
+                        return self._delete_job(ns, name, query, body)
+                    return self._get(kube.jobs, ns, name, "pytorchjobs.kubeflow.org")
+                if parts[:2] == ["api", "v1"] and len(parts) >= 5 and parts[4] == "pods":
+                    ns = parts[3]
+                    if len(parts) == 7 and parts[6] == "log":
+                        return self._pod_log(ns, parts[5], query)
+                    return self._list_pods(ns, query)
+                if parts[:2] == ["api", "v1"] and len(parts) == 5 and parts[4] == "events":
+                    return self._list_events(parts[3], query)
+                if parts[:2] == ["apis", "argoproj.io"] and len(parts) == 7 and parts[5] == "workflows":
+                    return self._get(kube.workflows, parts[4], parts[6], "workflows.argoproj.io")
+                self._send(404, _status(404, "NotFound", f"stand-in does not serve {self.path}"))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        do_GET = do_POST = do_DELETE = _route
+
+        # -- endpoints --------------------------------------------------------------------------
+
+        def _get(self, store: dict, ns: str, name: str, what: str) -> None:
+            with kube.cond:
+                obj = copy.deepcopy(store.get((ns, name)))
+            if obj is None:
+                return self._send(404, _status(404, "NotFound", f'{what} "{name}" not found'))
+            self._send(200, obj)
+
+        def _create_job(self, ns: str, body: dict) -> None:
+            name = body["metadata"]["name"]
+            if kube.create_error:
+                return self._send(
+                    kube.create_error, _status(kube.create_error, "Forbidden", "create refused")
+                )
+            with kube.cond:
+                if (ns, name) in kube.jobs:
+                    return self._send(
+                        409,
+                        _status(409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{name}" already exists'),
+                    )
+                job = copy.deepcopy(kube._create(body))
+            if kube.script:
+                threading.Thread(target=kube._run_script, args=(ns, name), daemon=True).start()
+            self._send(201, job)
+
+        def _delete_job(self, ns: str, name: str, query: dict, body: Any) -> None:
+            with kube.cond:
+                job = kube.jobs.pop((ns, name), None)
+                if job is None:
+                    return self._send(
+                        404, _status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found')
+                    )
+                kube._record("DELETED", job)
+                for key in [
+                    k
+                    for k, p in kube.pods.items()
+                    if p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name
+                ]:
+                    kube.logs[kube.pods.pop(key)["metadata"]["uid"]]["closed"] = True
+            self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})
+
+        def _matches(self, job: dict, query: dict) -> bool:
+            selector = query.get("fieldSelector", "")
+            key, _, value = selector.partition("=")
+            return not selector or (key == "metadata.name" and job["metadata"]["name"] == value)
+
+        def _list_jobs(self, ns: str, query: dict) -> None:
+            with kube.cond:
+                items = [
+                    copy.deepcopy(j) for (n, _), j in kube.jobs.items() if n == ns and self._matches(j, query)
+                ]
+                rv = str(kube.rv)
+            self._send(
+                200,
+                {
+                    "apiVersion": "kubeflow.org/v1",
+                    "kind": "PyTorchJobList",
+                    "metadata": {"resourceVersion": rv},
+                    "items": items,
+                },
+            )
+
+        def _watch_jobs(self, ns: str, query: dict) -> None:
+            if kube.watch_error:
+                return self._send(kube.watch_error, _status(kube.watch_error, "Forbidden", "watch refused"))
+            since = int(query.get("resourceVersion") or 0)
+            deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+            self._start_chunked("application/json")
+            with kube.cond:
+                generation = kube.generation
+                if since < kube.min_rv:
+                    error = _status(410, "Expired", f"too old resource version: {since} ({kube.min_rv})")
+                    self._chunk(json.dumps({"type": "ERROR", "object": error}).encode() + b"\n")
+                    return self._end_chunked()
+                sent = since
+                while kube.generation == generation:
+                    for rv, kind, job in kube.history:
+                        if rv > sent and job["metadata"]["namespace"] == ns and self._matches(job, query):
+                            self._chunk(json.dumps({"type": kind, "object": job}).encode() + b"\n")
+                    sent = kube.rv
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    kube.cond.wait(min(remaining, 0.2))
+            self._end_chunked()
+
+        def _list_pods(self, ns: str, query: dict) -> None:
+            selector = query.get("labelSelector", "")
+            with kube.cond:
+                items = [
+                    copy.deepcopy(p)
+                    for (n, _), p in kube.pods.items()
+                    if n == ns and _selected(p["metadata"]["labels"], selector)
+                ]
+                rv = str(kube.rv)
+            self._send(
+                200,
+                {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": rv}, "items": items},
+            )
+
+        def _pod_log(self, ns: str, pod: str, query: dict) -> None:
+            with kube.cond:
+                obj = kube.pods.get((ns, pod))
+                if obj is None:
+                    return self._send(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+                entry = kube.logs[obj["metadata"]["uid"]]
+            follow = query.get("follow") in ("true", "True", "1")
+            stamps = query.get("timestamps") in ("true", "True", "1")
+            since = query.get("sinceSeconds")
+            floor = time.time_ns() - int(since) * 1_000_000_000 if since else 0
+
+            def render(lines):
+                return b"".join(
+                    ((f"{rfc3339nano(ts)} {text}" if stamps else text) + "\n").encode()
+                    for ts, text in lines
+                    if ts >= floor
+                )
+
+            if not follow:
+                with kube.cond:
+                    lines = list(entry["lines"])
+                if query.get("tailLines"):
+                    lines = lines[-int(query["tailLines"]) :]
+                data = render(lines)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            self._start_chunked("text/plain")
+            with kube.cond:
+                generation, sent = kube.generation, 0
+                while kube.generation == generation:  # a dropped stream delivers nothing more
+                    fresh = entry["lines"][sent:]
+                    sent = len(entry["lines"])
+                    if fresh:
+                        data = render(fresh)
+                        if data:
+                            self._chunk(data)
+                    if entry["closed"]:
+                        break
+                    kube.cond.wait(0.2)
+            self._end_chunked()
+
+        def _list_events(self, ns: str, query: dict) -> None:
+            key, _, value = query.get("fieldSelector", "").partition("=")
+            with kube.cond:
+                items = [
+                    copy.deepcopy(e)
+                    for e in kube.events
+                    if e["metadata"]["namespace"] == ns
+                    and (key != "involvedObject.name" or e["involvedObject"]["name"] == value)
+                ]
+            self._send(200, {"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items})
+
+    return Handler
