@@ -1,18 +1,30 @@
-"""Evaluation throughput: the batched, length-sorted scoring of `fulltune.evaluate` vs a naive loop.
+"""Evaluation throughput: fulltune's one-pass, batched, length-sorted scoring vs a naive loop.
 
-One run builds a small random Llama and two synthetic workloads, then times each way of scoring them
-(median of `--repeats`) and prints tokens/s and the ratio:
+One run builds a small random Llama as the "base" model and a noisy copy as the "tuned" model, and
+three synthetic workloads, then times each way of scoring them with **both** models (median of
+`--repeats`) and prints tokens/s and the ratios:
 
 - **loss**: `--sequences` right-padded sequences of `--seq-len` columns whose real lengths are
   spread between 1/8 and all of it (answers padded to `max_seq_len`, as preprocess writes them);
-  naive = one sequence at a time over the full padded row (what `evaluate` did before);
-  batched = `sequence_loss(batch_size=--batch-size)` (sorted by length, trailing padding cut);
+  naive = one sequence at a time over the full padded row, per model; two passes = what `evaluate`
+  did before the one-pass change, `sequence_loss(batch_size=--batch-size)` per model (each model
+  sorts, cuts and batches the data again); one pass = `loss_batches` once, then `score_loss` with
+  both models over each batch;
 - **mc**: `--questions` multiple-choice questions of 4 choices with questions and choices of
-  varied length; naive = one (question, choice) at a time in file order; batched =
-  `mc.loglikelihoods(batch_size=--batch-size)` (sorted by length).
+  varied length; naive = one (question, choice) at a time in file order, per model; two passes =
+  `mc.loglikelihoods` per model; one pass = `mc.prepare_batches` once, `mc.score_batches` with
+  both models;
+- **gen**: `--prompts` prompts of 8-64 tokens continued greedily for `--new-tokens` tokens;
+  naive = `model.generate` on one prompt at a time, per model; two passes = batched generation per
+  model, batches built each time; one pass = `generation.prompt_batches` once (left-padded,
+  longest first), `generation.generate` with both models.
 
-Tokens are real (attended) tokens, the same count for both ways. Both ways give the same numbers
-(checked). No network, no downloads:
+The ways take turns within each repeat (naive, two passes, one pass, naive, ...), so load from
+other processes lands on all of them alike; the figure is the median of `--repeats`.
+
+Tokens are real (attended or generated) tokens, the same count for every way, summed over both
+models. Every way gives the same numbers (checked; generation: the same continuations). No network,
+no downloads:
 
     .venv/bin/python benchmarks/eval_throughput.py
 """
@@ -28,12 +40,13 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fulltune.evaluate import generation as gen
 from fulltune.evaluate import mc
-from fulltune.evaluate.core import sequence_loss
+from fulltune.evaluate.core import loss_batches, score_loss, sequence_loss
 from fulltune.preprocess.dataset import IGNORE_INDEX
 
 
-def build_model(vocab: int, seq_len: int) -> LlamaForCausalLM:
+def build_model(vocab: int, seq_len: int, *, noise: float = 0.0) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -47,7 +60,28 @@ def build_model(vocab: int, seq_len: int) -> LlamaForCausalLM:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    if noise:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+    model.generation_config.eos_token_id = None  # random weights: always generate --new-tokens
+    return model
+
+
+def word_tokenizer(vocab: int):
+    """A whitespace word-level tokenizer over 'w3' .. 'w<vocab-1>' (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def loss_data(n: int, seq_len: int, vocab: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -90,13 +124,26 @@ def mc_requests(questions: int, vocab: int, rng: np.random.Generator) -> list[mc
     return out
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, value = [], None
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:
+    """Median seconds and last value of each way; the ways take turns, so a noisy neighbour hits all."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    values: dict[str, object] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), value
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            values[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), values[name]) for name in fns}
+
+
+def naive_generate(model, tok, prompts: list[list[int]], new_tokens: int) -> list[str]:
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            g = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            out.append(tok.decode(g[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,40 +151,106 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--questions", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    model = build_model(args.vocab, args.seq_len)
+    models = {
+        "base": build_model(args.vocab, args.seq_len),
+        "tuned": build_model(args.vocab, args.seq_len, noise=0.02),
+    }
     data = loss_data(args.sequences, args.seq_len, args.vocab, rng)
     requests = mc_requests(args.questions, args.vocab, rng)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats")
-
-    loss_tokens = int(data["attention_mask"].sum())
-    t_naive, naive = timed(lambda: naive_loss(model, data), args.repeats)
-    t_batched, batched = timed(
-        lambda: sequence_loss(model, data, batch_size=args.batch_size).loss, args.repeats
-    )
-    assert abs(naive - batched) < 1e-4, (naive, batched)
     print(
-        f"loss: {loss_tokens} tokens; naive {loss_tokens / t_naive:,.0f} tok/s, "
-        f"batched {loss_tokens / t_batched:,.0f} tok/s, ratio {t_naive / t_batched:.2f}x"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats, "
+        "base + tuned models"
     )
 
-    mc_tokens = sum(len(r.tokens) - 1 for r in requests)
-    t_naive_mc, naive_ll = timed(
-        lambda: [mc.loglikelihoods(model, [r], batch_size=1)[0] for r in requests], args.repeats
+    def report(name: str, tokens: int, naive: float, one_pass: float, two_pass: float | None = None) -> None:
+        extra = "" if two_pass is None else f"two passes {tokens / two_pass:,.0f} tok/s, "
+        ratio = "" if two_pass is None else f", one pass vs two passes {two_pass / one_pass:.2f}x"
+        print(
+            f"{name:5} {tokens} tokens; naive {tokens / naive:,.0f} tok/s, {extra}"
+            f"one pass {tokens / one_pass:,.0f} tok/s; batched vs naive {naive / one_pass:.2f}x{ratio}"
+        )
+
+    loss_tokens = int(data["attention_mask"].sum()) * len(models)
+    got = timed(
+        {
+            "naive": lambda: {r: naive_loss(m, data) for r, m in models.items()},
+            "two": lambda: {
+                r: sequence_loss(m, data, batch_size=args.batch_size).loss for r, m in models.items()
+            },
+            "one": lambda: {
+                r: x.loss
+                for r, x in score_loss(models, loss_batches(data, batch_size=args.batch_size)).items()
+            },
+        },
+        args.repeats,
     )
-    t_batched_mc, batched_ll = timed(
-        lambda: mc.loglikelihoods(model, requests, batch_size=args.batch_size), args.repeats
+    (t_naive, naive), (t_two, two), (t_one, one) = got["naive"], got["two"], got["one"]
+    for r in models:
+        assert abs(naive[r] - one[r]) < 1e-4 and two[r] == one[r], (naive, two, one)
+    report("loss:", loss_tokens, t_naive, t_one, t_two)
+
+    mc_tokens = sum(len(r.tokens) - 1 for r in requests) * len(models)
+    got = timed(
+        {
+            "naive": lambda: {
+                r: [mc.loglikelihoods(m, [q], batch_size=1)[0] for q in requests] for r, m in models.items()
+            },
+            "two": lambda: {
+                r: mc.loglikelihoods(m, requests, batch_size=args.batch_size) for r, m in models.items()
+            },
+            "one": lambda: mc.score_batches(
+                models, requests, mc.prepare_batches(requests, batch_size=args.batch_size, max_len=512)
+            ),
+        },
+        args.repeats,
     )
-    assert np.allclose(naive_ll, batched_ll, atol=1e-3)
-    print(
-        f"mc:   {mc_tokens} tokens; naive {mc_tokens / t_naive_mc:,.0f} tok/s, "
-        f"batched {mc_tokens / t_batched_mc:,.0f} tok/s, ratio {t_naive_mc / t_batched_mc:.2f}x"
+    (t_naive_mc, naive_ll), (t_two_mc, two_ll), (t_one_mc, one_ll) = got["naive"], got["two"], got["one"]
+    for r in models:
+        assert np.allclose(naive_ll[r], one_ll[r], atol=1e-3) and np.array_equal(two_ll[r], one_ll[r])
+    report("mc:", mc_tokens, t_naive_mc, t_one_mc, t_two_mc)
+
+    tok = word_tokenizer(args.vocab)
+    prompts = [
+        [1, *rng.integers(3, args.vocab, size=int(rng.integers(8, 65))).tolist()] for _ in range(args.prompts)
+    ]
+    gen_tokens = (sum(len(p) for p in prompts) + args.new_tokens * len(prompts)) * len(models)
+
+    def batched(which: dict) -> dict[str, list[str]]:
+        return gen.generate(
+            which,
+            tok,
+            gen.prompt_batches(prompts, batch_size=args.batch_size, pad_id=0),
+            examples=len(prompts),
+            max_new_tokens=args.new_tokens,
+            stop=[],
+            pad_token_id=0,
+        )
+
+    got = timed(
+        {
+            "naive": lambda: {r: naive_generate(m, tok, prompts, args.new_tokens) for r, m in models.items()},
+            "two": lambda: {r: batched({r: m})[r] for r, m in models.items()},
+            "one": lambda: batched(models),
+        },
+        args.repeats,
     )
+    (t_naive_gen, naive_out), (t_two_gen, two_out), (t_one_gen, one_out) = (
+        got["naive"],
+        got["two"],
+        got["one"],
+    )
+    assert two_out == one_out
+    same = sum(a == b for r in models for a, b in zip(naive_out[r], one_out[r], strict=True))
+    report("gen:", gen_tokens, t_naive_gen, t_one_gen, t_two_gen)
+    print(f"       identical greedy continuations: {same}/{len(prompts) * len(models)}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 from html import escape
 from pathlib import Path
 
@@ -543,7 +545,14 @@ def test_evaluate_models_with_mc_tasks_and_intervals(models, dataset, tmp_path):
     assert all(w["tuned_loss"] - w["base_loss"] == pytest.approx(w["change"]) for w in worst)
 
     html = (out / "report.html").read_text()
-    assert html.count("<svg") == 4 + 2  # loss + perplexity per set, acc + acc_norm per task
+    # one base-vs-tuned chart (a PNG) per eval set and per task
+    charts = re.findall(r'<img class="chart" alt="([^"]*)" src="data:image/png;base64,([^"]+)"', html)
+    assert [alt for alt, _ in charts] == [
+        "domain_eval: base vs tuned",
+        "general_eval: base vs tuned",
+        "toy: base vs tuned",
+    ]
+    assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for _, data in charts)
     assert "Multiple-choice tasks" in html and "toy" in html
     for reason in result["reasons"]:
         assert escape(reason) in html

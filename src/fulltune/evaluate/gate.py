@@ -9,7 +9,9 @@ Two checks, both relative so they read the same for any model size:
   `evaluation.max_general_ppl_increase` (0.05 = perplexity may rise by 5%). Without a general set
   forgetting is not measured and the check passes, saying so;
 - **multiple choice** (one check per configured task): the accuracy (`acc`) may fall by at most
-  `evaluation.max_mc_accuracy_drop` percentage points (2.0 = from 61.0% to 59.0% still passes).
+  `evaluation.max_mc_accuracy_drop` percentage points (2.0 = from 61.0% to 59.0% still passes);
+- **exact match** (one check per generation task): the exact-match rate may fall by at most
+  `evaluation.max_exact_match_drop` percentage points.
 
 The gate decides on the **point estimates**. Bootstrap confidence intervals, when given, are quoted
 in the reasons so a reader can tell a real regression from noise on a small eval set, but they do
@@ -72,6 +74,15 @@ class MCComparison(NamedTuple):
     change_ci: CI | None = None
 
 
+class EMComparison(NamedTuple):
+    """One generation task: base and tuned exact-match rate (fractions) and the CI of the change in points."""
+
+    name: str
+    base_em: float
+    tuned_em: float
+    change_ci: CI | None = None
+
+
 def decide(
     *,
     base_domain_loss: float,
@@ -84,6 +95,8 @@ def decide(
     forgetting_ci: CI | None = None,
     mc: Sequence[MCComparison] = (),
     max_mc_accuracy_drop: float = 2.0,
+    generation: Sequence[EMComparison] = (),
+    max_exact_match_drop: float = 2.0,
     ci_level: float = 0.95,
 ) -> Verdict:
     """Apply the gate. Pass `None` for both general perplexities when there is no general set.
@@ -99,6 +112,8 @@ def decide(
         forgetting_ci: Bootstrap interval of `forgetting`, quoted in the reason.
         mc: Multiple-choice results, one check each.
         max_mc_accuracy_drop: Largest allowed accuracy drop, in percentage points.
+        generation: Exact-match results of the generation tasks, one check each.
+        max_exact_match_drop: Largest allowed exact-match drop, in percentage points.
         ci_level: Confidence level of the intervals, for the wording.
     """
     if (base_general_ppl is None) != (tuned_general_ppl is None):
@@ -115,6 +130,7 @@ def decide(
             )
         )
     checks.extend(_mc_check(task, max_mc_accuracy_drop, ci_level) for task in mc)
+    checks.extend(_em_check(task, max_exact_match_drop, ci_level) for task in generation)
     return Verdict(all(check.passed for check in checks), tuple(checks))
 
 
@@ -166,21 +182,47 @@ def _forgetting_check(
 
 
 def _mc_check(task: MCComparison, allowed: float, level: float = 0.95) -> Check:
-    name = f"mc_{task.name}"
-    points = (task.tuned_acc - task.base_acc) * 100.0
-    ci = ""
-    if task.change_ci is not None and all(math.isfinite(x) for x in task.change_ci):
-        ci = f", {_level(level)} CI of the change {task.change_ci[0]:+.1f} to {task.change_ci[1]:+.1f} points"
-    change = f"({task.base_acc:.1%} → {task.tuned_acc:.1%}{ci})"
+    return _points_check(
+        f"mc_{task.name}",
+        f"{task.name} accuracy",
+        task.base_acc,
+        task.tuned_acc,
+        task.change_ci,
+        allowed,
+        level,
+    )
+
+
+def _em_check(task: EMComparison, allowed: float, level: float = 0.95) -> Check:
+    return _points_check(
+        f"gen_{task.name}",
+        f"{task.name} exact match",
+        task.base_em,
+        task.tuned_em,
+        task.change_ci,
+        allowed,
+        level,
+    )
+
+
+def _points_check(
+    name: str, what: str, base: float, tuned: float, ci: CI | None, allowed: float, level: float
+) -> Check:
+    """A rate (fraction) that may fall by at most `allowed` percentage points."""
+    points = (tuned - base) * 100.0
+    quoted = ""
+    if ci is not None and all(math.isfinite(x) for x in ci):
+        quoted = f", {_level(level)} CI of the change {ci[0]:+.1f} to {ci[1]:+.1f} points"
+    change = f"({base:.1%} → {tuned:.1%}{quoted})"
     if not math.isfinite(points):
-        return Check(name, False, f"{task.name} accuracy is not a finite number {change}")
+        return Check(name, False, f"{what} is not a finite number {change}")
     drop = -points
     passed = drop <= allowed
     if drop > 0:
         op = "≤" if passed else ">"
-        reason = f"{task.name} accuracy fell {drop:.1f} points {change} {op} {allowed:.1f} allowed"
+        reason = f"{what} fell {drop:.1f} points {change} {op} {allowed:.1f} allowed"
     else:
-        reason = f"{task.name} accuracy rose {points:.1f} points {change}: no drop ({allowed:.1f} allowed)"
+        reason = f"{what} rose {points:.1f} points {change}: no drop ({allowed:.1f} allowed)"
     return Check(name, passed, reason)
 
 

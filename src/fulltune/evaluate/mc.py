@@ -17,7 +17,9 @@ it has one (the harness leaves BOS out by default; Llama-family models expect it
 
 Ties go to the first choice (numpy argmax, as in the harness). Requests are batched sorted by
 length, longest first, so a batch pads little; a request longer than the model's
-`max_position_embeddings` is truncated from the left.
+`max_position_embeddings` is truncated from the left. The padded batches are built once
+(`prepare_batches`) and scored by the base and the tuned model alike (`score_batches`) when the two
+share a tokenizer.
 """
 
 from __future__ import annotations
@@ -120,38 +122,85 @@ def encode(tokenizer: Any, questions: list[Question]) -> list[Request]:
     return requests
 
 
-def loglikelihoods(model: Any, requests: list[Request], *, batch_size: int, pad_id: int = 0) -> np.ndarray:
-    """Summed log-probability of each request's continuation, in request order (float64)."""
+@dataclass(frozen=True)
+class MCBatch:
+    """Right-padded requests without their last token: `positions` index into the request list."""
+
+    positions: tuple[int, ...]
+    input_ids: Any  # torch.LongTensor [B, width]
+    attention_mask: Any  # torch.LongTensor [B, width]
+    lengths: tuple[int, ...]  # real length of each row's input
+
+
+def prepare_batches(
+    requests: list[Request], *, batch_size: int, pad_id: int = 0, max_len: int | None = None
+) -> list[MCBatch]:
+    """The padded input batches for `requests`, longest first; built once, scored by any model."""
     import torch
 
-    device = next(model.parameters()).device
-    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    out = np.zeros(len(requests), dtype=np.float64)
+    batches = []
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        batch = [requests[i] for i in positions]
+        inputs = [list(r.tokens[:-1]) for r in batch]
+        if max_len:
+            for r in batch:
+                if r.continuation > max_len:
+                    raise MCTaskError(
+                        f"question {r.question}, choice {r.choice}: the choice is longer than the model's context"
+                    )
+            inputs = [seq[-max_len:] for seq in inputs]
+        width = max(len(seq) for seq in inputs)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(inputs):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        batches.append(MCBatch(tuple(positions), ids, mask, tuple(len(seq) for seq in inputs)))
+    return batches
+
+
+def score_batches(
+    models: dict[str, Any], requests: list[Request], batches: list[MCBatch]
+) -> dict[str, np.ndarray]:
+    """Summed log-probability of each request's continuation under each model, in request order.
+
+    One pass over the batches: each is moved to a model's device once and scored by every model.
+    """
+    import torch
+
+    from fulltune.evaluate.generation import input_device
+
+    out = {role: np.zeros(len(requests), dtype=np.float64) for role in models}
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = [requests[i] for i in order[start : start + batch_size]]
-            inputs = [list(r.tokens[:-1]) for r in batch]
-            if max_len:
-                for r in batch:
-                    if r.continuation > max_len:
-                        raise MCTaskError(
-                            f"question {r.question}, choice {r.choice}: the choice is longer than the model's context"
-                        )
-                inputs = [seq[-max_len:] for seq in inputs]
-            width = max(len(seq) for seq in inputs)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(inputs):
-                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, : len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for row, (r, seq) in enumerate(zip(batch, inputs, strict=True)):
-                k = r.continuation
-                scored = logits[row, len(seq) - k : len(seq)].float().log_softmax(dim=-1)
-                targets = torch.tensor(r.tokens[-k:], dtype=torch.long, device=scored.device)
-                out[order[start + row]] = float(scored.gather(1, targets[:, None]).sum().double())
+        for batch in batches:
+            on_device: dict[Any, tuple[Any, Any]] = {}
+            for role, model in models.items():
+                device = input_device(model)
+                if device not in on_device:
+                    on_device[device] = (batch.input_ids.to(device), batch.attention_mask.to(device))
+                ids, mask = on_device[device]
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                for row, (i, length) in enumerate(zip(batch.positions, batch.lengths, strict=True)):
+                    r = requests[i]
+                    k = r.continuation
+                    scored = logits[row, length - k : length].float().log_softmax(dim=-1)
+                    targets = torch.tensor(r.tokens[-k:], dtype=torch.long, device=scored.device)
+                    out[role][i] = float(scored.gather(1, targets[:, None]).sum().double())
     return out
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The model's `max_position_embeddings` (None when its config does not say)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def loglikelihoods(model: Any, requests: list[Request], *, batch_size: int, pad_id: int = 0) -> np.ndarray:
+    """Summed log-probability of each request's continuation, in request order (float64)."""
+    batches = prepare_batches(requests, batch_size=batch_size, pad_id=pad_id, max_len=context_length(model))
+    return score_batches({"model": model}, requests, batches)["model"]
 
 
 def score(questions: list[Question], requests: list[Request], values: np.ndarray) -> MCScores:

@@ -1,13 +1,18 @@
 """The evaluation report: one self-contained HTML page (no scripts, no external assets).
 
 It shows the verdict first, then each gate check with its reason, then base against tuned for every
-eval set and multiple-choice task: a table with the change and its bootstrap interval, an inline SVG
-bar chart per metric (no plotting library), and the examples whose loss rose most. It is rendered
-from the `eval.json` dict alone, so a report can be rebuilt from any run.
+eval set, multiple-choice task, generation task and lm-eval task: a table with the change and its
+bootstrap interval, a bar chart of base vs tuned per metric (a matplotlib PNG, Agg backend, embedded
+as base64 so the page stays one file), and the examples that got worse (loss rose most; generation:
+answered right by the base model, wrong by the tuned one). It is rendered from the `eval.json` dict
+alone, so a report can be rebuilt from any run. matplotlib is imported only when a report is
+rendered; without it the page says so instead of showing charts.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from html import escape
 from typing import Any
@@ -26,8 +31,7 @@ ul.checks { list-style: none; padding-left: 0; }
 ul.checks li { margin: .3rem 0; }
 .meta { color: #555; font-size: .9rem; }
 code { font-size: .9em; }
-.charts { display: flex; flex-wrap: wrap; gap: 1rem; }
-.charts svg { border: 1px solid #e4e4e8; border-radius: .3rem; }
+img.chart { border: 1px solid #e4e4e8; border-radius: .3rem; max-width: 100%; }
 td.text { text-align: left; max-width: 32rem; }
 """
 _BASE_COLOUR, _TUNED_COLOUR = "#8e9aaf", "#3a6ea5"
@@ -69,11 +73,7 @@ def render_report(result: dict[str, Any]) -> str:
             )
         parts.append("</table>")
         parts.append(_ci_line(result, _set_ci_keys(name)))
-        parts.append(
-            '<div class="charts">'
-            + "".join(_bar_chart(f"{name} {m}", base.get(m), tuned.get(m)) for m in ("loss", "perplexity"))
-            + "</div>"
-        )
+        parts.append(_chart(name, [(m, base.get(m), tuned.get(m), False) for m in ("loss", "perplexity")]))
         parts.append(_worst_table(entry.get("worst_regressions") or [], "sequence"))
 
     mc = result.get("mc") or {}
@@ -98,15 +98,46 @@ def render_report(result: dict[str, Any]) -> str:
             )
         parts.append("</table>")
         parts.append(_ci_line(result, [f"mc_{name}_acc_change", f"mc_{name}_acc_norm_change"]))
-        parts.append(
-            '<div class="charts">'
-            + "".join(
-                _bar_chart(f"{name} {m}", base.get(m), tuned.get(m), percent=True)
-                for m in ("acc", "acc_norm")
-            )
-            + "</div>"
-        )
+        parts.append(_chart(name, [(m, base.get(m), tuned.get(m), True) for m in ("acc", "acc_norm")]))
         parts.append(_worst_table(entry.get("worst_regressions") or [], "question"))
+
+    generation = result.get("generation") or {}
+    if generation:
+        parts.append("<h2>Generation tasks (exact match)</h2>")
+        parts.append(
+            '<p class="meta">Greedy decoding, cut at the first stop string; the continuation and the '
+            "accepted answers are compared after stripping and collapsing whitespace. Changes in "
+            "percentage points.</p>"
+        )
+    for name, entry in generation.items():
+        b, t = (entry.get("base") or {}).get("em"), (entry.get("tuned") or {}).get("em")
+        parts.append(
+            f"<h3>{escape(name)}</h3>"
+            f'<p class="meta">{entry.get("examples", "?")} prompts, at most {entry.get("max_new_tokens", "?")} '
+            f"new tokens, stop at {escape(', '.join(repr(x) for x in entry.get('stop') or []) or 'EOS only')}</p>"
+            "<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"
+            f"<tr><td>exact match</td><td>{_pct(b)}</td><td>{_pct(t)}</td>"
+            f"<td>{_points(entry.get('em_change_points'))}</td></tr></table>"
+        )
+        parts.append(_ci_line(result, [f"gen_{name}_em_change"]))
+        parts.append(_chart(name, [("exact match", b, t, True)]))
+        parts.append(_generation_table(entry.get("worst_regressions") or []))
+
+    lm_eval = result.get("lm_eval") or {}
+    if lm_eval:
+        parts.append("<h2>lm-evaluation-harness tasks (reported, not gated)</h2>")
+    for task, rows in lm_eval.items():
+        parts.append(
+            f"<h3>{escape(task)}</h3>"
+            "<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"
+        )
+        for metric, row in rows.items():
+            parts.append(
+                f"<tr><td>{escape(metric)}</td><td>{_num(row.get('base'))}</td><td>{_num(row.get('tuned'))}</td>"
+                f"<td>{_num(row.get('change'))}</td></tr>"
+            )
+        parts.append("</table>")
+        parts.append(_chart(task, [(m, r.get("base"), r.get("tuned"), False) for m, r in rows.items()]))
 
     thresholds = result.get("thresholds", {})
     parts.append('<h2>Run</h2><table class="meta">')
@@ -117,8 +148,10 @@ def render_report(result: dict[str, Any]) -> str:
         ("min domain loss improvement", _pct(thresholds.get("min_domain_loss_improvement"))),
         ("max general perplexity increase", _pct(thresholds.get("max_general_ppl_increase"))),
         ("max multiple-choice accuracy drop", _points(thresholds.get("max_mc_accuracy_drop"))),
+        ("max exact-match drop", _points(thresholds.get("max_exact_match_drop"))),
         ("bootstrap", _bootstrap(result.get("bootstrap"))),
         ("device", result.get("device")),
+        ("scoring", _scoring(result.get("scoring"))),
         ("created", result.get("created_at")),
         ("fulltune", result.get("fulltune_version")),
     ]
@@ -181,33 +214,76 @@ def _ci_line(result: dict[str, Any], keys: list[str]) -> str:
     return f'<p class="meta">{"; ".join(items)}</p>' if items else ""
 
 
-def _bar_chart(title: str, base: Any, tuned: Any, *, percent: bool = False) -> str:
-    """Two horizontal bars, base and tuned, on a shared scale from zero, as inline SVG."""
-    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in (base, tuned)]
-    top = max([v for v in values if v is not None and v > 0], default=1.0)
-    if percent:
-        top = max(top, 1.0)
-    width, bar_x, bar_w, row_h = 320, 56, 180, 26
-    rows = []
-    for i, (label, value, colour) in enumerate(
-        (("base", values[0], _BASE_COLOUR), ("tuned", values[1], _TUNED_COLOUR))
-    ):
-        y = 28 + i * row_h
-        length = 0.0 if value is None else max(value, 0.0) / top * bar_w
-        text = "—" if value is None else (f"{value:.1%}" if percent else f"{value:.4g}")
-        rows.append(
-            f'<text x="8" y="{y + 13}" font-size="12">{label}</text>'
-            f'<rect x="{bar_x}" y="{y}" width="{length:.1f}" height="18" fill="{colour}"/>'
-            f'<text x="{bar_x + length + 6:.1f}" y="{y + 13}" font-size="12">{text}</text>'
+def _scoring(scoring: Any) -> str:
+    if not isinstance(scoring, dict):
+        return "—"
+    how = "both models at once" if scoring.get("models_together") else "one model at a time"
+    return f"device_map {scoring.get('device_map', 'single')}, {how} ({scoring.get('why', '')})"
+
+
+def _chart(title: str, metrics: list[tuple[str, Any, Any, bool]]) -> str:
+    """An <img> with a base64 PNG: one panel per metric, a base and a tuned bar from zero."""
+    png = bar_chart_png(title, metrics)
+    if png is None:
+        return '<p class="meta">(install matplotlib for the base vs tuned charts)</p>'
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img class="chart" alt="{escape(title)}: base vs tuned" src="data:image/png;base64,{data}">'
+
+
+def bar_chart_png(title: str, metrics: list[tuple[str, Any, Any, bool]]) -> bytes | None:
+    """PNG bytes of the chart (None without matplotlib); `metrics` rows: (label, base, tuned, percent)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import PercentFormatter
+    except ImportError:
+        return None
+    fig = Figure(figsize=(max(2.6 * len(metrics), 3.2), 2.4), dpi=100)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.78, wspace=0.35)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, (label, base, tuned, percent) in zip(axes, metrics, strict=True):
+        values = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in (base, tuned)]
+        heights = [(v or 0.0) * (100.0 if percent else 1.0) for v in values]
+        bars = ax.bar(["base", "tuned"], heights, color=[_BASE_COLOUR, _TUNED_COLOUR], width=0.6)
+        texts = ["—" if v is None else (f"{v:.1%}" if percent else f"{v:.4g}") for v in values]
+        ax.bar_label(bars, labels=texts, fontsize=8, padding=2)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, max([*heights, 100.0 if percent else 0.0, 1e-9]) * 1.18)
+        ax.tick_params(labelsize=8)
+        if percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(100.0, decimals=0))
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=10, fontweight="bold")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _generation_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return '<p class="meta">No prompt answered right by the base model was answered wrong by the tuned one.</p>'
+    parts = [
+        f'<p class="meta">{len(rows)} prompts answered right by the base model and wrong by the tuned one:</p>',
+        "<table><tr><th>prompt #</th><th>prompt</th><th>accepted</th><th>base said</th><th>tuned said</th></tr>",
+    ]
+    for row in rows:
+        answers = " | ".join(str(a) for a in row.get("answers") or [])
+        parts.append(
+            f"<tr><td>{row.get('index')}</td>"
+            + "".join(
+                f'<td class="text">{escape(str(x))}</td>'
+                for x in (
+                    row.get("prompt", ""),
+                    answers,
+                    row.get("base_output", ""),
+                    row.get("tuned_output", ""),
+                )
+            )
+            + "</tr>"
         )
-    height = 28 + 2 * row_h + 6
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="{escape(title)}: base vs tuned">'
-        f'<text x="8" y="17" font-size="13" font-weight="600">{escape(title)}</text>'
-        + "".join(rows)
-        + "</svg>"
-    )
+    parts.append("</table>")
+    return "".join(parts)
 
 
 def _worst_table(rows: list[dict[str, Any]], kind: str) -> str:

@@ -1,0 +1,458 @@
+"""evaluate: exact-match generation tasks, one pass over the data for both models, device_map
+fallback, the PNG charts of the report and the optional lm-eval backend.
+
+The generation tests run on the demo's tiny pre-trained model (`demo_assets`): its greedy
+continuations are real text, so batching, left padding, EOS and stop strings all matter.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fulltune import storage
+from fulltune.config import RunConfig
+from fulltune.evaluate import generation as gen
+from fulltune.evaluate.core import evaluate_models
+from fulltune.evaluate.gate import EMComparison, decide
+from fulltune.evaluate.report import bar_chart_png, render_report
+from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
+
+PROMPTS = [
+    "Return the",
+    "The patient",
+    "This function returns a list of",
+    "If the value is",
+    "Open the file and",
+    "Note:",
+    "Raise ValueError if",
+    "the",
+    "A",
+    "Return True if the object is an instance of",
+    "Create a new",
+    "The default is",
+]
+MAX_NEW = 10
+STOP = [",", "."]
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_models(demo_assets, tmp_path_factory) -> dict[str, Path]:
+    """The demo base model and a 'tuned' copy whose weights carry seeded noise."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("demo-models")
+    tuned = root / "tuned"
+    model = AutoModelForCausalLM.from_pretrained(demo_assets.base_model_dir, dtype=torch.float32)
+    gen_ = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen_) * param.std() * 0.35)
+    model.save_pretrained(tuned, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (demo_assets.base_model_dir / name).exists():
+            shutil.copy(demo_assets.base_model_dir / name, tuned / name)
+    return {"base": demo_assets.base_model_dir, "tuned": tuned}
+
+
+def _reference_outputs(model_dir: Path, prompts=PROMPTS, stop=STOP) -> list[str]:
+    """One prompt at a time, no padding: BOS + prompt, model.generate greedy, decode, cut at the stop."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            generated = model.generate(
+                ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        text = tok.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+        cuts = [text.find(s) for s in stop if s in text]
+        out.append(text[: min(cuts)] if cuts else text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(demo_models) -> dict[str, list[str]]:
+    return {role: _reference_outputs(path) for role, path in demo_models.items()}
+
+
+def _write_task(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _task_rows(base_refs: list[str]) -> tuple[list[dict], list[int]]:
+    """Even prompts accept the base model's own answer (with untidy whitespace), odd ones a wrong one."""
+    rows, right = [], []
+    for i, (prompt, ref) in enumerate(zip(PROMPTS, base_refs, strict=True)):
+        if i % 2 == 0 and ref.strip():
+            rows.append({"prompt": prompt, "answer": ["zzz", "  " + ref.strip().replace(" ", "  ") + "\n"]})
+            right.append(i)
+        else:
+            rows.append({"prompt": prompt, "answer": "no such answer"})
+    return rows, right
+
+
+def _manifest(root: Path, *, rows: int = 10, seq_len: int = 24) -> dict:
+    """A domain_eval and a general_eval split like preprocess writes: masked prompt, right padding."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split in ("domain_eval", "general_eval"):
+        ids_, labels_, masks_ = [], [], []
+        for _ in range(rows):
+            length = int(rng.integers(seq_len // 2, seq_len + 1))
+            ids = rng.integers(10, 4000, size=seq_len)
+            ids[length:] = 1
+            lab = ids.copy()
+            lab[: length // 3] = IGNORE_INDEX
+            lab[length:] = IGNORE_INDEX
+            mask = (np.arange(seq_len) < length).astype(np.int8)
+            ids_.append(ids.tolist())
+            labels_.append(lab.tolist())
+            masks_.append(mask.tolist())
+        path = root / split / "part-0.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            pa.table(
+                {
+                    "input_ids": pa.array(ids_, type=pa.list_(pa.int32())),
+                    "labels": pa.array(labels_, type=pa.list_(pa.int32())),
+                    "attention_mask": pa.array(masks_, type=pa.list_(pa.int8())),
+                }
+            ),
+            path,
+        )
+        entry = {
+            "uri": str(path),
+            "sequences": rows,
+            "sha256": storage.sha256_file(path),
+            "size": path.stat().st_size,
+        }
+        splits[split] = {
+            "sequences": rows,
+            "tokens": int(sum(map(sum, masks_))),
+            "loss_tokens": int(sum(sum(x != IGNORE_INDEX for x in lab) for lab in labels_)),
+            "files": [entry],
+        }
+    return {"format": MANIFEST_FORMAT, "max_seq_len": seq_len, "pad_token_id": 1, "splits": splits}
+
+
+def _cfg(task_uri: str, **evaluation) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "evaluation": {
+                "per_device_eval_batch_size": 3,
+                "bootstrap_resamples": 200,
+                "generation_tasks": [
+                    {"name": "qa", "uri": task_uri, "max_new_tokens": MAX_NEW, "stop": STOP}
+                ],
+                **evaluation,
+            }
+        }
+    )
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+def test_batched_greedy_generation_matches_one_prompt_at_a_time(demo_models, references, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_refs = references["base"]
+    assert len(set(base_refs)) > 3, base_refs  # the prompts give varied continuations
+    rows, right = _task_rows(base_refs)
+    assert len(right) >= 3
+    examples = gen.load_task(_write_task(tmp_path / "qa.jsonl", rows))
+    tok = AutoTokenizer.from_pretrained(demo_models["base"])
+    model = AutoModelForCausalLM.from_pretrained(demo_models["base"], dtype=torch.float32).eval()
+    for batch_size in (1, 5, 64):  # several batches with left padding, one batch
+        got = gen.evaluate_task(
+            model, tok, examples, batch_size=batch_size, max_new_tokens=MAX_NEW, stop=STOP
+        )
+        assert got.outputs == base_refs, batch_size
+        assert np.flatnonzero(got.correct).tolist() == right
+        assert got.em == pytest.approx(len(right) / len(PROMPTS))
+
+
+def test_normalisation_and_stop_strings():
+    assert gen.normalize("  Paris\t is \n nice ") == "Paris is nice"
+    assert gen.cut_at_stop("Paris. Rome,\nx", [",", "\n", "."]) == "Paris"
+    assert gen.cut_at_stop("Paris", ["", "\n"]) == "Paris"
+    assert gen.is_correct(" paris ", ["Paris"]) is False  # case counts
+    assert gen.is_correct("the  city of\nRome", ["Rome", "the city of Rome"]) is True
+
+
+def test_generation_task_errors_name_the_file_and_line(tmp_path):
+    good = {"prompt": "q", "answer": "a"}
+    cases = {
+        "not JSON": "{oops",
+        "'prompt' must be a string": json.dumps({"prompt": 3, "answer": "a"}),
+        "'answer' must be a string or a non-empty list": json.dumps({"prompt": "q", "answer": []}),
+        "empty after normalisation": json.dumps({"prompt": "q", "answer": "  \n"}),
+    }
+    for message, line in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good) + "\n\n" + line + "\n")
+        with pytest.raises(
+            gen.GenerationTaskError, match=re.escape(f"{path} line 3: ") + ".*" + re.escape(message)
+        ):
+            gen.load_task(str(path))
+    assert len(gen.load_task(_write_task(tmp_path / "ok.jsonl", [good] * 5), limit=2)) == 2
+
+
+def test_gate_exact_match_checks():
+    def run(*tasks, allowed=2.0):
+        return decide(
+            base_domain_loss=3.9,
+            tuned_domain_loss=3.0,
+            base_general_ppl=None,
+            tuned_general_ppl=None,
+            min_domain_loss_improvement=0.0,
+            max_general_ppl_increase=0.05,
+            generation=list(tasks),
+            max_exact_match_drop=allowed,
+        )
+
+    ok = run(EMComparison("qa", 0.50, 0.49, (-4.0, 2.0)))
+    assert ok.passed and ok.checks[2].name == "gen_qa"
+    assert ok.reasons[2] == (
+        "qa exact match fell 1.0 points (50.0% → 49.0%, 95% CI of the change -4.0 to +2.0 points) ≤ 2.0 allowed"
+    )
+    bad = run(EMComparison("qa", 0.50, 0.49), EMComparison("math", 0.30, 0.20, (-15.0, -5.0)), allowed=2.0)
+    assert not bad.passed and [c.passed for c in bad.checks] == [True, True, True, False]
+    assert bad.reasons[3] == (
+        "math exact match fell 10.0 points (30.0% → 20.0%, 95% CI of the change -15.0 to -5.0 points) > 2.0 allowed"
+    )
+    assert run(EMComparison("qa", 0.2, 0.3)).reasons[2] == (
+        "qa exact match rose 10.0 points (20.0% → 30.0%): no drop (2.0 allowed)"
+    )
+    assert not run(EMComparison("qa", 0.2, float("nan"))).passed
+
+
+# -- evaluate_models ----------------------------------------------------------------------------
+
+
+def test_evaluate_models_scores_exact_match_and_gates_on_it(demo_models, references, tmp_path):
+    rows, right = _task_rows(references["base"])
+    task = _write_task(tmp_path / "qa.jsonl", rows)
+    manifest = _manifest(tmp_path / "data")
+    cfg = _cfg(
+        task, max_exact_match_drop=0.0, max_general_ppl_increase=100.0, min_domain_loss_improvement=-100.0
+    )
+    out = tmp_path / "out"
+    result = evaluate_models(cfg, str(demo_models["base"]), str(demo_models["tuned"]), manifest, out)
+
+    tuned_right = [
+        i for i in right if gen.normalize(references["tuned"][i]) == gen.normalize(references["base"][i])
+    ]
+    assert len(tuned_right) < len(right), "the noisy copy should lose some answers"
+    m = result["metrics"]
+    assert m["gen_qa_base_em"] == pytest.approx(len(right) / len(PROMPTS))
+    assert m["gen_qa_tuned_em"] == pytest.approx(len(tuned_right) / len(PROMPTS))
+    change = (len(tuned_right) - len(right)) / len(PROMPTS) * 100
+    assert m["gen_qa_em_change"] == pytest.approx(change)
+    assert m["gen_qa_em_change_ci_low"] <= change <= m["gen_qa_em_change_ci_high"]
+
+    check = result["checks"][2]
+    assert check["name"] == "gen_qa" and check["passed"] is False and result["verdict"] is False
+    assert check["reason"].startswith(f"qa exact match fell {-change:.1f} points (")
+    assert "95% CI of the change" in check["reason"] and check["reason"].endswith("> 0.0 allowed")
+
+    entry = result["generation"]["qa"]
+    lost = [i for i in right if i not in tuned_right]
+    assert [w["index"] for w in entry["worst_regressions"]] == lost
+    first = entry["worst_regressions"][0]
+    assert first["base_output"] == references["base"][lost[0]]
+    assert first["tuned_output"] == references["tuned"][lost[0]]
+
+    html = (out / "report.html").read_text()
+    assert "Generation tasks (exact match)" in html and escape(check["reason"]) in html
+    assert escape(PROMPTS[lost[0]]) in html
+    assert 'alt="qa: base vs tuned"' in html
+    assert json.loads((out / "eval.json").read_text())["generation"]["qa"][
+        "em_change_points"
+    ] == pytest.approx(change)
+
+
+def test_one_pass_gives_the_same_numbers_with_both_models_loaded_or_one_at_a_time(
+    demo_models, references, tmp_path, caplog
+):
+    rows, _ = _task_rows(references["base"])
+    task = _write_task(tmp_path / "qa.jsonl", rows)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": ["the file", "a list", "None"], "answer": i % 3}) + "\n"
+            for i, q in enumerate(PROMPTS)
+        )
+    )
+    manifest = _manifest(tmp_path / "data")
+    cfg = _cfg(task, mc_tasks=[{"name": "toy", "uri": str(mc)}])
+    base, tuned = str(demo_models["base"]), str(demo_models["tuned"])
+    with caplog.at_level(logging.INFO, logger="fulltune.evaluate.core"):
+        together = evaluate_models(cfg, base, tuned, manifest, tmp_path / "a", models_together=True)
+        apart = evaluate_models(cfg, base, tuned, manifest, tmp_path / "b", models_together=False)
+    assert together["metrics"] == apart["metrics"]  # exactly: same operations, same order
+    assert together["generation"] == apart["generation"] and together["sets"] == apart["sets"]
+    assert together["scoring"]["models_together"] is True and apart["scoring"]["models_together"] is False
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("scoring base and tuned together, one pass") for m in messages)
+    assert any(m.startswith("scoring one model at a time over batches prepared once") for m in messages)
+    # left to itself, two tiny models fit together
+    auto = evaluate_models(cfg, base, tuned, manifest, tmp_path / "c")
+    assert auto["scoring"]["models_together"] is True and auto["metrics"] == together["metrics"]
+
+
+def test_device_map_auto_falls_back_to_single_on_cpu(demo_models, references, tmp_path, caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    rows, _ = _task_rows(references["base"])
+    task = _write_task(tmp_path / "qa.jsonl", rows)
+    manifest = _manifest(tmp_path / "data")
+    base, tuned = str(demo_models["base"]), str(demo_models["tuned"])
+    single = evaluate_models(_cfg(task), base, tuned, manifest, tmp_path / "a")
+    with caplog.at_level(logging.INFO, logger="fulltune.evaluate.core"):
+        auto = evaluate_models(_cfg(task, device_map="auto"), base, tuned, manifest, tmp_path / "b")
+    assert any(
+        "device_map is 'auto' but no CUDA GPU is visible: falling back to 'single'" in r.getMessage()
+        for r in caplog.records
+    )
+    assert auto["scoring"]["device_map"] == "single"
+    assert auto["metrics"] == single["metrics"]
+
+
+def test_a_bad_task_file_fails_before_any_model_is_loaded(tmp_path):
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "q"}\n')
+    manifest = _manifest(tmp_path / "data")
+    with pytest.raises(gen.GenerationTaskError, match=re.escape(f"{bad} line 2: 'answer'")):
+        evaluate_models(_cfg(str(bad)), "/nonexistent/base", "/nonexistent/tuned", manifest, tmp_path / "out")
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return (imread(io.BytesIO(png), format="png")[..., :3] * 255).round().astype(int)
+
+
+def _has_colour(pixels: np.ndarray, hex_colour: str) -> bool:
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return bool((np.abs(pixels - rgb).max(axis=-1) <= 2).sum() > 50)
+
+
+def test_report_embeds_a_png_bar_chart_per_section():
+    result = {
+        "verdict": True,
+        "reasons": ["ok"],
+        "sets": {
+            "domain_eval": {
+                "base": {"loss": 3.2, "perplexity": 24.5},
+                "tuned": {"loss": 2.9, "perplexity": 18.2},
+            }
+        },
+        "generation": {
+            "qa": {
+                "examples": 4,
+                "base": {"em": 0.5},
+                "tuned": {"em": 0.25},
+                "em_change_points": -25.0,
+                "stop": ["\n"],
+                "worst_regressions": [
+                    {"index": 2, "prompt": "<q>", "answers": ["a"], "base_output": "a", "tuned_output": "b"}
+                ],
+            }
+        },
+        "lm_eval": {"arc_easy": {"acc": {"base": 0.41, "tuned": 0.43, "change": 0.02}}},
+    }
+    html = render_report(result)
+    charts = re.findall(r'<img class="chart" alt="([^"]*)" src="data:image/png;base64,([^"]+)"', html)
+    assert [alt for alt, _ in charts] == [
+        "domain_eval: base vs tuned",
+        "qa: base vs tuned",
+        "arc_easy: base vs tuned",
+    ]
+    pngs = [base64.b64decode(data) for _, data in charts]
+    assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    domain = _pixels(pngs[0])
+    assert domain.shape[1] > domain.shape[0] > 100  # two panels side by side
+    assert _has_colour(domain, "#8e9aaf") and _has_colour(domain, "#3a6ea5")  # base and tuned bars
+    assert "&lt;q&gt;" in html and "reported, not gated" in html
+    # a tuned value that is missing draws no tuned bar
+    missing = _pixels(bar_chart_png("x", [("em", 0.5, None, True)]))
+    assert _has_colour(missing, "#8e9aaf") and not _has_colour(missing, "#3a6ea5")
+
+
+# -- lm-eval ------------------------------------------------------------------------------------
+
+
+def test_configured_lm_eval_without_the_package_fails_fast_with_the_fix(tmp_path):
+    from fulltune.evaluate.lm_eval_backend import LMEvalMissingError, available
+
+    if available():
+        pytest.skip("lm-eval is installed here")
+    cfg = RunConfig.from_dict({"evaluation": {"lm_eval_tasks": ["hellaswag"]}})
+    with pytest.raises(
+        LMEvalMissingError,
+        match=r"lm_eval_tasks is set \(\['hellaswag'\]\).*pip install 'fulltune\[lm-eval\]' or lm-eval",
+    ):
+        # nothing is read or loaded first: the URIs and the manifest do not exist
+        evaluate_models(
+            cfg, "/nonexistent/base", "/nonexistent/tuned", "/nonexistent/manifest.json", tmp_path
+        )
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_lm_eval_results_merge_into_reported_rows():
+    from fulltune.evaluate.lm_eval_backend import flat_metrics, merge
+
+    # the shape of simple_evaluate(...)["results"] (lm-eval 0.4)
+    base = {
+        "arc_easy": {"alias": "arc_easy", "acc,none": 0.40, "acc_stderr,none": 0.01, "acc_norm,none": 0.38},
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.10, "exact_match,flexible-extract": 0.12},
+        "other": {"acc,none": 0.9},
+    }
+    tuned = {
+        "arc_easy": {"alias": "arc_easy", "acc,none": 0.45, "acc_stderr,none": 0.01, "acc_norm,none": "N/A"},
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.05, "exact_match,flexible-extract": 0.08},
+        "other": {"acc,none": 0.8},
+    }
+    merged = merge({"base": base, "tuned": tuned}, ["arc_easy", "gsm8k"])
+    assert merged == {
+        "arc_easy": {"acc": {"base": 0.40, "tuned": 0.45, "change": pytest.approx(0.05)}},
+        "gsm8k": {
+            "exact_match_strict-match": {"base": 0.10, "tuned": 0.05, "change": pytest.approx(-0.05)},
+            "exact_match_flexible-extract": {"base": 0.12, "tuned": 0.08, "change": pytest.approx(-0.04)},
+        },
+    }
+    flat = flat_metrics(merged)
+    assert flat["lm_eval_arc_easy_acc_tuned"] == 0.45
+    assert flat["lm_eval_gsm8k_exact_match_strict_match_change"] == pytest.approx(-0.05)
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+", key) for key in flat)
+    assert merge({}) == {}
