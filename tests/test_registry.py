@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +126,7 @@ def test_card_lineage_and_eval(model_dir, tmp_path):
 
     lineage = json.loads(Path(uri, "lineage.json").read_text())
     assert lineage["run_id"] == "run-123" and lineage["dataset_manifest"] == LINEAGE["dataset_manifest"]
-    assert lineage["eval"] == EVAL_PASS and lineage["forced"] is False
+    assert lineage["eval"] == EVAL_PASS and lineage["forced"] is False and "forced_reasons" not in lineage
     assert lineage["fulltune_version"] and lineage["config"]["model"]["name"] == NAME
     assert lineage["source_model_uri"] == str(model_dir)
     assert json.loads(Path(uri, "eval.json").read_text()) == EVAL_PASS
@@ -139,7 +142,8 @@ def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
 
     uri = register_model(_cfg(registry), str(model_dir), EVAL_FAIL, LINEAGE, force=True)
     assert uri.endswith("v1")
-    assert json.loads(Path(uri, "lineage.json").read_text())["forced"] is True
+    lineage = json.loads(Path(uri, "lineage.json").read_text())
+    assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL["reasons"]
     assert list_versions(registry, NAME)[0]["forced"] is True
     assert "Registered by force" in Path(uri, "model_card.md").read_text()
 
@@ -311,3 +315,124 @@ def test_write_options_come_from_the_registry_config():
         "SSEKMSKeyId": "alias/models",
     }
     assert options.request_checksum_calculation == "when_required"
+
+
+# -- separate processes -------------------------------------------------------------------------
+
+# A registering process. "race": after scanning for the highest version it waits until the other
+# process has scanned too, so both try to claim the same version. "hang": after its second file
+# upload it signals the test and stalls, to be killed mid-upload.
+_WRITER = r"""
+import json, os, sys, time
+from pathlib import Path
+from fulltune import storage
+from fulltune.config import RunConfig
+from fulltune.registry import store
+
+registry, model, sync, mode, eval_json = sys.argv[1:6]
+sync = Path(sync)
+if mode == "race":
+    scan = store._version_numbers
+    def scan_then_wait(root):
+        found = scan(root)
+        (sync / f"scanned-{os.getpid()}").touch()
+        deadline = time.monotonic() + 60
+        while len(list(sync.glob("scanned-*"))) < 2:
+            if time.monotonic() > deadline:
+                sys.exit("the other writer never scanned")
+            time.sleep(0.01)
+        return found
+    store._version_numbers = scan_then_wait
+elif mode == "hang":
+    upload, uploaded = storage.upload_file, []
+    def upload_then_hang(*args, **kwargs):
+        upload(*args, **kwargs)
+        uploaded.append(args[1])
+        if len(uploaded) == 2:
+            (sync / "uploading").touch()
+            time.sleep(600)
+    storage.upload_file = upload_then_hang
+cfg = RunConfig.from_dict({"model": {"name": "tiny"}, "registry": {"uri": registry}})
+print(store.register_model(cfg, model, json.loads(eval_json), {"run_id": f"pid-{os.getpid()}"}))
+"""
+
+
+@pytest.fixture
+def small_model(tmp_path) -> Path:
+    """Config, weights and tokenizer files: what the registry copies, without building a model."""
+    path = tmp_path / "small"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (path / "model.safetensors").write_bytes(bytes(range(256)) * 256)
+    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    return path
+
+
+def _writer(registry: str, model: Path, sync: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WRITER, registry, str(model), str(sync), mode, json.dumps(EVAL_PASS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_processes_registering_at_once_get_v1_and_v2(small_model, s3, tmp_path):
+    registry = f"{s3}/registry"
+    writers = [_writer(registry, small_model, tmp_path, "race") for _ in range(2)]
+    outputs = [w.communicate(timeout=120) for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], [err for _, err in outputs]
+    assert len(list(tmp_path.glob("scanned-*"))) == 2  # both scanned before either claimed
+    uris = sorted(out.strip().splitlines()[-1] for out, _ in outputs)
+    assert uris == [f"{registry}/{NAME}/v1", f"{registry}/{NAME}/v2"]
+    versions = list_versions(registry, NAME)
+    assert [v["version"] for v in versions] == [1, 2]
+    assert all(verify_version(uri) == [] for uri in uris)
+    assert {f["path"] for f in versions[0]["files"]} == {f["path"] for f in versions[1]["files"]}
+    # each version holds the lineage of the process that wrote it
+    run_ids = {storage.read_json(f"{uri}/lineage.json")["run_id"] for uri in uris}
+    assert run_ids == {f"pid-{w.pid}" for w in writers}
+
+
+def test_a_writer_killed_mid_upload_leaves_no_visible_version(small_model, s3, tmp_path, capsys):
+    from fulltune.cli import main
+
+    registry = f"{s3}/registry"
+    writer = _writer(registry, small_model, tmp_path, "hang")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "uploading").exists():
+        assert writer.poll() is None, writer.communicate()
+        assert time.monotonic() < deadline, "the writer never started uploading"
+        time.sleep(0.05)
+    writer.kill()
+    writer.wait(timeout=30)
+
+    partial = f"{registry}/{NAME}/v1"
+    left = {f.rsplit("/", 1)[1] for f in storage.list_files(partial)}
+    assert {".claim", "config.json", "model.safetensors"} <= left and "manifest.json" not in left
+    assert list_versions(registry, NAME) == []
+    assert main(["registry", "list", "--uri", registry, "--name", NAME]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["registry", "show", "--uri", registry, "--name", NAME, "--version", "1"]) == 1
+    assert f"{partial}: no committed version" in capsys.readouterr().err
+    assert main(["registry", "verify", "--uri", registry, "--name", NAME, "--version", "1"]) == 1
+    assert "manifest.json: missing, the version was never committed" in capsys.readouterr().err
+
+    # the next registration does not reuse the half-written v1
+    uri = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE)
+    assert uri == f"{registry}/{NAME}/v2" and verify_version(uri) == []
+    assert main(["registry", "list", "--uri", registry, "--name", NAME]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == "v2"
+
+
+def test_a_retry_with_the_same_run_id_reuses_its_version(small_model, tmp_path):
+    registry = str(tmp_path / "registry")
+    first = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE, run_id="run-9")
+    again = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE, run_id="run-9")
+    other = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE, run_id="run-10")
+    assert (first, again, other) == (str(Path(registry, NAME, "v1")),) * 2 + (
+        str(Path(registry, NAME, "v2")),
+    )
+    assert [v["run_id"] for v in list_versions(registry, NAME)] == ["run-9", "run-10"]
+    assert json.loads(Path(first, "lineage.json").read_text())["run_id"] == "run-9"

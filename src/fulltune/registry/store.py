@@ -11,6 +11,11 @@ A version is written in this order, and nothing is ever overwritten:
    It is written last; a version without it is invisible to `list_versions`. When anything fails
    before the commit, what was written is removed (best effort) and `RegistryError` names the version.
 
+A registration names its pipeline run (`run_id`, kept in the manifest): a retried step finds the
+version its run already committed instead of claiming another. With `registry.kubeflow` set, the
+committed version is then recorded in the Kubeflow Model Registry (`registry/kubeflow.py`); when that
+fails the files stay committed, and the retry records it.
+
 Files are hashed by streaming from the source and copied URI to URI (S3 to S3 server-side), so a
 registration never stages the model on the step's disk. `verify_version` rehashes a committed
 version against its manifest.
@@ -69,8 +74,15 @@ def register_model(
     lineage: dict[str, Any],
     *,
     force: bool = False,
+    run_id: str = "",
 ) -> str:
     """Publish the model at `model_uri` as the next version of `cfg.model.name`; returns its URI.
+
+    With `run_id`, registering is idempotent per run: when a committed version of this name was
+    already registered by the same run (a retried step), that version is returned, no new one is
+    allocated. With `registry.kubeflow` set, the committed version is then also recorded in the
+    Kubeflow Model Registry (see `registry.kubeflow`); that half is idempotent too, so a retry
+    completes a recording that failed after the files were committed.
 
     Args:
         cfg: The resolved run config; `registry.uri` is the registry root and `model.name` the name.
@@ -78,11 +90,16 @@ def register_model(
         eval_result: What `evaluate_models` returned; its `verdict` must be true unless `force`.
         lineage: Provenance to record (run id, dataset manifest, base model, ...); stored in
             `lineage.json` with the eval result, the config and the fulltune version.
-        force: Register although the gate failed; recorded as `forced: true` in the lineage.
+        force: Register although the gate failed; recorded as `forced: true` in the lineage, with
+            the gate's reasons as `forced_reasons`.
+        run_id: The pipeline run registering the model; recorded in the manifest and used to find
+            this run's version again on a retry. Empty: every call allocates a new version.
 
     Raises:
         RegistryError: the gate failed (and not `force`), the model directory is incomplete, or an
             upload failed (the partial version is removed).
+        KubeflowRegistryError: the version is committed (and stays), but the Kubeflow Model Registry
+            refused it or could not be reached.
         ConfigError: `registry.uri` is empty.
     """
     cfg.require("registry.uri")
@@ -92,6 +109,22 @@ def register_model(
         raise RegistryError(
             f"{name}: not registered, the evaluation gate did not pass ({reasons}); use force to override"
         )
+
+    if run_id and (done := _version_of_run(cfg.registry.uri, name, run_id)) is not None:
+        if done.get("source_model_uri") != model_uri:
+            raise RegistryError(
+                f"{name}: run {run_id} already registered v{done['version']} from "
+                f"{done.get('source_model_uri')}, not {model_uri}"
+            )
+        log.info(
+            "run %s already registered %s v%d at %s: not registering again",
+            run_id,
+            name,
+            done["version"],
+            done["uri"],
+        )
+        _record_in_kubeflow(cfg, done["uri"])
+        return done["uri"]
 
     rels = _model_files(model_uri)
     files = []
@@ -112,6 +145,12 @@ def register_model(
             "eval": eval_result,
             "fulltune_version": fulltune.__version__,
         }
+        if run_id:
+            full_lineage["run_id"] = run_id
+        if forced:
+            full_lineage["forced_reasons"] = list(
+                eval_result.get("reasons") or ["no verdict in the eval result"]
+            )
         full_lineage.setdefault("config", cfg.to_dict())
         card = render_model_card(
             cfg, version=version, eval_result=eval_result, lineage=full_lineage, forced=forced
@@ -128,6 +167,7 @@ def register_model(
             "format": MANIFEST_FORMAT,
             "name": name,
             "version": version,
+            "run_id": run_id,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source_model_uri": model_uri,
             "verdict": eval_result.get("verdict") is True,
@@ -145,7 +185,21 @@ def register_model(
             raise RegistryError(f"{name} v{version}: registration failed, {uri} removed: {exc}") from exc
         raise
     log.info("registered %s v%d (%d files)", name, version, len(files))
+    _record_in_kubeflow(cfg, uri)
     return uri
+
+
+def _version_of_run(registry_uri: str, name: str, run_id: str) -> dict[str, Any] | None:
+    """The committed version of `name` that run `run_id` registered, if any."""
+    return next((v for v in list_versions(registry_uri, name) if v.get("run_id") == run_id), None)
+
+
+def _record_in_kubeflow(cfg: RunConfig, uri: str) -> None:
+    if cfg.registry.kubeflow is None:
+        return
+    from fulltune.registry.kubeflow import register_version
+
+    register_version(cfg.registry.kubeflow, uri)
 
 
 def _model_files(model_uri: str) -> list[str]:

@@ -1,0 +1,375 @@
+"""registry.kubeflow: a committed version is recorded in the Kubeflow Model Registry.
+
+The Model Registry is the stand-in in tests/mr_standin.py, a real HTTP server on localhost that
+serves the REST endpoints the `model-registry` client calls and records every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fulltune import steps, storage
+from fulltune.cli import main
+from fulltune.config import ConfigError, RunConfig
+from fulltune.registry import kubeflow
+from fulltune.registry.kubeflow import KubeflowRegistryError, register_version
+from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
+from mr_standin import ModelRegistryStandIn
+
+NAME = "tiny"
+TOKEN = "token-from-the-environment"
+EVAL_PASS = {
+    "verdict": True,
+    "reasons": ["domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required"],
+    "sets": {
+        "domain_eval": {
+            "base": {"loss": 3.91, "perplexity": 49.9},
+            "tuned": {"loss": 3.07, "perplexity": 21.5},
+        }
+    },
+    "metrics": {
+        "domain_eval_base_loss": 3.91,
+        "domain_eval_tuned_loss": 3.07,
+        "domain_eval_tuned_perplexity": 21.5,
+        "domain_loss_improvement": 0.214,
+        "domain_loss_improvement_ci_low": 0.1,
+        "forgetting": float("nan"),
+        "gate_passed": 1.0,
+    },
+}
+EVAL_FAIL = {**EVAL_PASS, "verdict": False, "reasons": ["general perplexity rose 7.3% > 5.0% allowed"]}
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A model directory as the registry sees it: config, weights, tokenizer files."""
+    path = tmp_path / "tuned"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (path / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    return path
+
+
+@pytest.fixture
+def mr(monkeypatch):
+    monkeypatch.setenv("MODEL_REGISTRY_TOKEN", TOKEN)
+    with ModelRegistryStandIn() as standin:
+        yield standin
+
+
+def _cfg(registry_uri: str, mr: ModelRegistryStandIn | None, **kubeflow: Any) -> RunConfig:
+    registry: dict[str, Any] = {"uri": registry_uri}
+    if mr is not None:
+        section = {"server_address": mr.address, "port": mr.port, "is_secure": False, "author": "ml-team"}
+        registry["kubeflow"] = {**section, **kubeflow}
+    return RunConfig.from_dict({"model": {"name": NAME}, "registry": registry})
+
+
+def _props(custom_properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The REST API's typed metadata values as plain Python values."""
+    out = {}
+    for key, meta in custom_properties.items():
+        kind = meta["metadataType"].removeprefix("Metadata").removesuffix("Value").lower()
+        out[key] = meta[f"{kind}_value"]
+    return out
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_committed_version_is_recorded_as_model_version_and_artifact(
+    model_dir, tmp_path, request, mr, where
+):
+    registry = f"{request.getfixturevalue('s3')}/registry" if where == "s3" else str(tmp_path / "registry")
+    uri = register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {}, run_id="run-42")
+    assert uri == f"{registry}/{NAME}/v1" if where == "s3" else str(Path(registry, NAME, "v1"))
+
+    writes = mr.writes()
+    assert [(w.method, w.path) for w in writes] == [
+        ("POST", "/registered_models"),
+        ("POST", "/model_versions"),
+        ("POST", f"/model_versions/{mr.version_named(NAME, 'v1')['id']}/artifacts"),
+    ]
+    model, version, artifact = (w.body for w in writes)
+    assert model["name"] == NAME and model["owner"] == "ml-team"
+    assert version["name"] == "v1" and version["author"] == "ml-team"
+    assert version["registeredModelId"] == next(iter(mr.models))
+    manifest_bytes = storage.read_bytes(f"{uri}/manifest.json")
+    props = _props(version["customProperties"])
+    assert props == {
+        "fulltune_run_id": "run-42",
+        "verdict": True,
+        "verdict_reasons": EVAL_PASS["reasons"][0],
+        "forced": False,
+        "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "fulltune_version": json.loads(manifest_bytes)["fulltune_version"],
+        "domain_eval_tuned_loss": 3.07,
+        "domain_eval_tuned_perplexity": 21.5,
+        "domain_loss_improvement": 0.214,
+        "forgetting": "nan",  # not a JSON number: recorded as text
+    }
+    assert artifact["artifactType"] == "model-artifact"
+    assert artifact["uri"] == uri and artifact["modelFormatName"] == "safetensors"
+    assert artifact["name"] == NAME
+    # every request carries the token from the environment as a bearer token
+    assert {r.headers.get("authorization") for r in mr.requests} == {f"Bearer {TOKEN}"}
+    assert json.loads(manifest_bytes)["run_id"] == "run-42" and verify_version(uri) == []
+
+
+def test_recording_again_is_idempotent_and_a_conflicting_version_is_refused(model_dir, s3, mr):
+    registry = f"{s3}/registry"
+    uri = register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {}, run_id="run-1")
+    first = register_version(_cfg(registry, mr).registry.kubeflow, uri)
+    writes = len(mr.writes())
+    assert register_version(_cfg(registry, mr).registry.kubeflow, uri) == first
+    assert len(mr.writes()) == writes == 3  # model, version, artifact: once
+    assert len(mr.versions) == 1 and len(mr.artifacts) == 1
+
+    # v1 of the same name registered elsewhere, pointing at other files: a clear error, no change
+    other = _cfg(f"{s3}/other-registry", mr)
+    other_uri = register_model(
+        other.with_overrides({"registry.kubeflow": None}), str(model_dir), EVAL_PASS, {}
+    )
+    mr.versions[first["model_version_id"]]["customProperties"] = {}  # recorded by hand: no manifest hash
+    with pytest.raises(
+        KubeflowRegistryError, match=rf"{NAME} v1: .*artifact URI {uri}, not {other_uri}"
+    ) as err:
+        register_version(other.registry.kubeflow, other_uri)
+    assert f"Model Registry at http://127.0.0.1:{mr.port}" in str(err.value)
+    assert f"the files at {other_uri} stay committed" in str(err.value)
+    assert len(mr.artifacts) == 1 and len(mr.writes()) == writes
+
+
+def test_a_version_recorded_for_another_manifest_is_refused(model_dir, tmp_path, mr):
+    uri = register_model(_cfg(str(tmp_path / "a"), mr), str(model_dir), EVAL_PASS, {})
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "changed": True}))
+    with pytest.raises(KubeflowRegistryError, match=r"tiny v1: .*different manifest") as err:
+        register_model(_cfg(str(tmp_path / "b"), mr), str(model_dir), EVAL_PASS, {})
+    assert str(tmp_path / "b" / NAME / "v1") in str(err.value)
+    assert verify_version(str(tmp_path / "b" / NAME / "v1")) == []  # the files stay committed
+    assert [a["uri"] for a in mr.artifacts.values()] == [uri]
+
+
+def test_failure_after_the_upload_keeps_the_version_and_a_retry_completes_it(model_dir, s3, tmp_path, mr):
+    registry = f"{s3}/registry"
+    config = _cfg(registry, mr).to_dict()
+    eval_path = tmp_path / "eval.json"
+    eval_path.write_text(json.dumps(EVAL_PASS))
+    mr.fail(1, method="POST", path="/model_versions/")  # the version is created, its artifact is not
+
+    with pytest.raises(KubeflowRegistryError) as err:
+        steps.register(config, str(model_dir), str(eval_path), run_id="run-7")
+    message = str(err.value)
+    uri = f"{registry}/{NAME}/v1"
+    assert f"{NAME} v1 is committed at {uri} (intact)" in message
+    assert f"Kubeflow Model Registry at http://127.0.0.1:{mr.port} failed: HTTP 503" in message
+    assert "run id" in message
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1] and verify_version(uri) == []
+    assert len(mr.versions) == 1 and mr.artifacts == {}
+
+    # the retry of the step (same run id) finds v1, allocates nothing and adds the missing artifact
+    assert steps.register(config, str(model_dir), str(eval_path), run_id="run-7") == uri
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1]
+    assert storage.list_files(f"{registry}/{NAME}/v2") == []
+    assert len(mr.versions) == 1
+    (artifact,) = mr.artifacts.values()
+    assert artifact["uri"] == uri and artifact["_versionId"] == mr.version_named(NAME, "v1")["id"]
+    assert [(w.method, w.path.split("/")[1]) for w in mr.writes()] == [
+        ("POST", "registered_models"),
+        ("POST", "model_versions"),
+        ("POST", "model_versions"),  # refused with 503
+        ("POST", "model_versions"),  # the retry's artifact
+    ]
+    # and a later run gets v2, as always
+    assert steps.register(config, str(model_dir), str(eval_path), run_id="run-8") == f"{registry}/{NAME}/v2"
+
+
+def test_an_unreachable_model_registry_names_the_endpoint(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_REGISTRY_TOKEN", TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name": NAME},
+            "registry": {
+                "uri": str(tmp_path / "r"),
+                "kubeflow": {"server_address": "127.0.0.1", "port": port, "is_secure": False},
+            },
+        }
+    )
+    with pytest.raises(
+        KubeflowRegistryError, match=rf"tiny v1 is committed .* at http://127.0.0.1:{port} failed"
+    ):
+        register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="r")
+    assert [v["version"] for v in list_versions(str(tmp_path / "r"), NAME)] == [1]
+
+
+def test_without_kubeflow_settings_nothing_is_sent(model_dir, tmp_path, mr):
+    register_model(_cfg(str(tmp_path / "r"), None), str(model_dir), EVAL_PASS, {})
+    assert mr.requests == []
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+def test_the_token_comes_from_the_environment_or_the_service_account_file(
+    model_dir, tmp_path, mr, monkeypatch
+):
+    sa_token = tmp_path / "token"
+    sa_token.write_text("service-account-token\n")
+    monkeypatch.setattr(kubeflow, "SA_TOKEN_PATH", str(sa_token))
+    monkeypatch.delenv("MODEL_REGISTRY_TOKEN")
+    register_model(_cfg(str(tmp_path / "a"), mr), str(model_dir), EVAL_PASS, {})
+    assert {r.headers.get("authorization") for r in mr.requests} == {"Bearer service-account-token"}
+
+    mr.requests.clear()
+    sa_token.unlink()
+    register_model(
+        _cfg(str(tmp_path / "b"), mr).with_overrides({"model.name": "other"}), str(model_dir), EVAL_PASS, {}
+    )
+    assert len(mr.versions) == 2
+    assert mr.requests and all("authorization" not in r.headers for r in mr.requests)
+
+
+def test_a_token_cannot_travel_as_config_or_argument(model_dir, tmp_path, mr):
+    with pytest.raises(ConfigError, match="registry.kubeflow.token: unknown field"):
+        RunConfig.from_dict({"registry": {"kubeflow": {"server_address": "http://mr", "token": "x"}}})
+    config = tmp_path / "config.yaml"
+    config.write_text(_cfg(str(tmp_path / "r"), mr).to_yaml())
+    eval_path = tmp_path / "eval.json"
+    eval_path.write_text(json.dumps(EVAL_PASS))
+    args = [
+        "registry",
+        "register",
+        "--config",
+        str(config),
+        "--model",
+        str(model_dir),
+        "--eval",
+        str(eval_path),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--token", "x"])
+    assert exit_.value.code == 2
+    assert TOKEN not in config.read_text()
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def test_cli_register_records_in_kubeflow_and_repeats_idempotently(model_dir, s3, tmp_path, mr, capsys):
+    registry = f"{s3}/registry"
+    config = tmp_path / "config.yaml"
+    config.write_text(_cfg(registry, mr).to_yaml())
+    eval_path = tmp_path / "eval.json"
+    eval_path.write_text(json.dumps(EVAL_PASS))
+    storage.upload_file(str(eval_path), f"{s3}/work/eval.json")
+    args = ["registry", "register", "--config", str(config), "--model", str(model_dir)]
+    assert main([*args, "--eval", f"{s3}/work/eval.json", "--run-id", "cli-1"]) == 0
+    assert capsys.readouterr().out.strip() == f"{registry}/{NAME}/v1"
+    assert main([*args, "--eval", str(eval_path), "--run-id", "cli-1"]) == 0
+    assert capsys.readouterr().out.strip() == f"{registry}/{NAME}/v1"
+    assert len(mr.versions) == 1 and len(mr.artifacts) == 1
+    assert {r.headers.get("authorization") for r in mr.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys):
+    registry = tmp_path / "registry"
+    config = tmp_path / "config.yaml"
+    config.write_text(_cfg(str(registry), mr).to_yaml())
+    eval_path = tmp_path / "eval.json"
+    eval_path.write_text(json.dumps(EVAL_FAIL))
+    args = [
+        "registry",
+        "register",
+        "--config",
+        str(config),
+        "--model",
+        str(model_dir),
+        "--eval",
+        str(eval_path),
+    ]
+
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "not registered, the evaluation gate did not pass" in err and EVAL_FAIL["reasons"][0] in err
+    assert not registry.exists() and mr.requests == []
+
+    assert main([*args, "--force"]) == 0
+    uri = capsys.readouterr().out.strip()
+    assert uri == str(registry / NAME / "v1")
+    lineage = json.loads(Path(uri, "lineage.json").read_text())
+    assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL["reasons"]
+    assert list_versions(str(registry), NAME)[0]["forced"] is True
+    props = _props(mr.writes()[1].body["customProperties"])
+    assert props["forced"] is True and props["verdict"] is False
+    assert props["verdict_reasons"] == EVAL_FAIL["reasons"][0]
+
+
+def test_cli_names_a_missing_eval_file(model_dir, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(_cfg(str(tmp_path / "r"), None).to_yaml())
+    missing = tmp_path / "nope.json"
+    rc = main(
+        ["registry", "register", "--config", str(config), "--model", str(model_dir), "--eval", str(missing)]
+    )
+    assert rc == 1 and f"{missing}: not found" in capsys.readouterr().err
+
+
+def test_same_run_id_with_another_model_is_an_error(model_dir, tmp_path):
+    cfg = _cfg(str(tmp_path / "r"), None)
+    register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="run-1")
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in model_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RegistryError, match=f"run run-1 already registered v1 from {model_dir}, not {other}"):
+        register_model(cfg, str(other), EVAL_PASS, {}, run_id="run-1")
+
+
+def test_a_model_created_concurrently_by_another_writer_is_reused(model_dir, tmp_path, mr):
+    """The registered model appeared between this writer's lookup and its create: the 409 is not an error."""
+    registry = str(tmp_path / "registry")
+    register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {})
+    mr.fail(
+        1, status=404, method="GET", path="/registered_model"
+    )  # looked before the other writer created it
+    uri = register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {})
+    assert uri.endswith("v2")
+    assert mr.calls()[-7:-4] == [
+        ("GET", "/registered_model"),  # 404
+        ("POST", "/registered_models"),  # 409: it exists
+        ("GET", "/registered_model"),  # found
+    ]
+    (model_id,) = mr.models
+    assert sorted(v["name"] for v in mr.versions.values() if v["registeredModelId"] == model_id) == [
+        "v1",
+        "v2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "secure", "url"),
+    [
+        (
+            "model-registry-service.kubeflow.svc.cluster.local",
+            8080,
+            False,
+            "http://model-registry-service.kubeflow.svc.cluster.local:8080",
+        ),
+        ("model-registry.example.com", 443, True, "https://model-registry.example.com:443"),
+        ("https://model-registry.example.com/", 443, True, "https://model-registry.example.com:443"),
+        ("http://10.0.0.5:9090", 8080, False, "http://10.0.0.5:9090"),
+    ],
+)
+def test_endpoint(address, port, secure, url):
+    section = RunConfig.from_dict(
+        {"registry": {"kubeflow": {"server_address": address, "port": port, "is_secure": secure}}}
+    ).registry.kubeflow
+    assert kubeflow.endpoint(section) == url
