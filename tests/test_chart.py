@@ -1,0 +1,787 @@
+"""The Helm chart (charts/fulltune), rendered and linted by the real Helm engine (helm-python).
+
+Every values file in charts/fulltune/ci/ is rendered, linted and each object validated against the
+Kubernetes schemas (strict: unknown fields are errors). On top of that: the Role grants exactly what
+the train launcher needs, nothing is cluster-wide, every pod is Pod Security "restricted",
+credentials come only from Secrets, the values schema refuses typos and wrong types, the default
+RunConfig is a valid RunConfig, and the pipeline the upload hook ships is the compiled one.
+
+`python tests/test_chart.py --write-schema` regenerates the RunConfig part of values.schema.json
+after a change to fulltune.config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "fulltune"
+VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+PIPELINE = ROOT / "pipelines" / "full_finetune.yaml"
+NAMESPACE = "team-a"
+RELEASE = "ft"
+FULLNAME = "ft-fulltune"
+# The newest Kubernetes release kubernetes-validate bundles schemas for, and the oldest the chart
+# supports (Chart.yaml kubeVersion).
+KUBE_VERSION = kubernetes_validate.utils.latest_version()
+OLDEST_KUBE_VERSION = "1.27.0"
+
+LAUNCHER_RULES = {
+    ("kubeflow.org", "pytorchjobs", verb) for verb in ("create", "get", "list", "watch", "delete")
+} | {
+    ("", "pods", "get"),
+    ("", "pods", "list"),
+    ("", "pods/log", "get"),
+    ("", "events", "list"),
+    ("argoproj.io", "workflows", "get"),
+}
+KFP = "pipelines.kubeflow.org"
+UPLOADER_COMMON_RULES = {
+    (KFP, resource, verb)
+    for resource in ("pipelines", "pipelines/versions", "experiments")
+    for verb in ("create", "get", "list")
+}
+UPLOADER_SCHEDULE_RULES = UPLOADER_COMMON_RULES | {
+    (KFP, "jobs", verb) for verb in ("create", "get", "list", "delete", "enable", "disable")
+}
+UPLOADER_SUBMIT_RULES = UPLOADER_COMMON_RULES | {(KFP, "runs", "create"), (KFP, "runs", "get")}
+
+CLUSTER_SCOPED_KINDS = {
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Namespace",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+}
+# Environment variable names that carry credentials: their value may only come from a Secret.
+CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+
+
+# -- rendering ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def load_values(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def render(chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every object the chart renders (hooks included), as dicts."""
+    manifests = chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for template, text in sorted(manifests.items()):
+        if not template.endswith((".yaml", ".yml")):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault("metadata", {}).setdefault("annotations", {})
+                objects.append(doc)
+    return objects
+
+
+def only(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def pod_specs(objects: list[dict]) -> Iterator[tuple[str, dict]]:
+    """(object name, pod spec) of everything that creates pods."""
+    for obj in objects:
+        spec = obj.get("spec", {})
+        if obj["kind"] == "Pod":
+            yield obj["metadata"]["name"], spec
+        elif obj["kind"] == "CronJob":
+            yield obj["metadata"]["name"], spec["jobTemplate"]["spec"]["template"]["spec"]
+        elif "template" in spec and "spec" in spec["template"]:
+            yield obj["metadata"]["name"], spec["template"]["spec"]
+
+
+def rules_of(role: dict) -> set[tuple[str, str, str]]:
+    out = set()
+    for rule in role["rules"]:
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    out.add((group, resource, verb))
+    return out
+
+
+def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module", params=VALUES_FILES, ids=lambda p: p.name.removesuffix("-values.yaml"))
+def rendered(request, chart) -> tuple[dict, list[dict]]:
+    values = load_values(request.param)
+    return values, render(chart, values)
+
+
+@pytest.fixture(scope="module")
+def full(chart) -> list[dict]:
+    return render(chart, load_values(CHART / "ci" / "full-values.yaml"))
+
+
+def test_ci_values_files_cover_defaults_everything_and_minimal():
+    assert {p.name for p in VALUES_FILES} >= {
+        "default-values.yaml",
+        "full-values.yaml",
+        "minimal-values.yaml",
+    }
+
+
+# -- lint and Kubernetes schemas ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.name.removesuffix("-values.yaml"))
+def test_helm_lint_strict_has_no_warnings(values_file):
+    report = helm.lint(CHART, load_values(values_file), strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+def test_helm_lint_reports_a_schema_violation():
+    report = helm.lint(CHART, {"networkPolicy": {"enabled": "yes"}}, strict=True)
+    assert report["errors"], report
+
+
+def _validate(obj: dict, version: str = KUBE_VERSION) -> None:
+    if obj["kind"] == "PodDefault":
+        _validate_pod_default(obj)
+    else:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _validate_pod_default(obj: dict) -> None:
+    """kubernetes-validate has no PodDefault (a Kubeflow CRD): check its shape, and its env entries as
+    core/v1 EnvVars by validating them inside a Pod."""
+    assert obj["apiVersion"] == "kubeflow.org/v1alpha1"
+    spec = obj["spec"]
+    assert set(spec) <= {
+        "desc",
+        "selector",
+        "env",
+        "envFrom",
+        "volumes",
+        "volumeMounts",
+        "serviceAccountName",
+    }
+    assert isinstance(spec["selector"]["matchLabels"], dict) and spec["selector"]["matchLabels"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "check"},
+        "spec": {
+            "containers": [
+                {"name": "c", "image": "x", "env": spec.get("env", []), "envFrom": spec.get("envFrom", [])}
+            ]
+        },
+    }
+    kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("version", [KUBE_VERSION, OLDEST_KUBE_VERSION])
+def test_every_object_is_valid_for_kubernetes(rendered, version):
+    _, objects = rendered
+    assert objects
+    for obj in objects:
+        _validate(obj, version)
+
+
+def test_oldest_supported_kubernetes_is_the_charts():
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["kubeVersion"] == f">={OLDEST_KUBE_VERSION}-0"
+
+
+def test_kubernetes_validation_catches_a_misspelt_field(full):
+    job = copy.deepcopy(only(full, "Job"))
+    job["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(job)
+
+
+# -- RBAC: least privilege, nothing cluster-wide -----------------------------------------------------
+
+
+def test_nothing_cluster_wide_and_everything_in_the_release_namespace(rendered):
+    _, objects = rendered
+    for obj in objects:
+        assert obj["kind"] not in CLUSTER_SCOPED_KINDS, obj["kind"]
+        assert obj["metadata"].get("namespace") == NAMESPACE, (obj["kind"], obj["metadata"]["name"])
+
+
+def test_launcher_role_grants_exactly_what_the_launcher_needs(rendered):
+    values, objects = rendered
+    role = only(objects, "Role", f"{FULLNAME}-launcher")
+    assert rules_of(role) == LAUNCHER_RULES
+    binding = only(objects, "RoleBinding", f"{FULLNAME}-launcher")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    sa = values.get("serviceAccount", {})
+    expected = [sa["name"]] if sa.get("create") is False else [FULLNAME]
+    expected += values.get("rbac", {}).get("extraServiceAccounts", [])
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE} for name in expected
+    ]
+    if sa.get("create", True):
+        assert only(objects, "ServiceAccount", FULLNAME)
+    else:
+        assert not [
+            o for o in objects if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == sa["name"]
+        ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("schedule", UPLOADER_SCHEDULE_RULES), ("submit", UPLOADER_SUBMIT_RULES)]
+)
+def test_upload_hook_may_only_call_the_kfp_api_it_uses(chart, mode, expected):
+    objects = render(chart, {"pipelineUpload": {"enabled": True, "mode": mode}})
+    role = only(objects, "Role", f"{FULLNAME}-uploader")
+    assert rules_of(role) == expected
+    binding = only(objects, "RoleBinding", f"{FULLNAME}-uploader")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{FULLNAME}-uploader", "namespace": NAMESPACE}
+    ]
+    # The hook has no Kubernetes API token at all.
+    assert only(objects, "ServiceAccount", f"{FULLNAME}-uploader")["automountServiceAccountToken"] is False
+    _, spec = next(pod_specs([only(objects, "Job")]))
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_rbac_can_be_left_to_the_platform(chart):
+    objects = render(chart, {"rbac": {"create": False}, "pipelineUpload": {"enabled": True}})
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
+
+
+# -- pods: Pod Security "restricted" ------------------------------------------------------------------
+
+
+def test_every_pod_is_restricted_with_a_read_only_root_and_a_writable_tmp(rendered):
+    values, objects = rendered
+    specs = list(pod_specs(objects))
+    if values.get("pipelineUpload", {}).get("enabled"):
+        assert specs, "the upload hook's pod is missing"
+    for name, spec in specs:
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True, name
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod_sc.get("runAsUser", 1) != 0, name
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), name
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), (
+                name,
+                c["name"],
+            )
+            assert sc["readOnlyRootFilesystem"] is True, (name, c["name"])
+            assert not sc.get("privileged"), (name, c["name"])
+            assert sc.get("seccompProfile", pod_sc["seccompProfile"]) == {"type": "RuntimeDefault"}
+            assert sc.get("runAsNonRoot", True) is True
+            tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            assert len(tmp) == 1 and "emptyDir" in volumes[tmp[0]["name"]], (name, c["name"])
+            for m in c.get("volumeMounts", []):
+                assert "hostPath" not in volumes[m["name"]]
+
+
+def test_openshift_can_assign_the_user(chart):
+    objects = render(
+        chart,
+        {
+            "pipelineUpload": {"enabled": True},
+            "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+        },
+    )
+    _, spec = next(pod_specs(objects))
+    assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+def credential_problems(obj: dict) -> list[str]:
+    """Environment variables with credential names that do not come from a Secret."""
+    problems = []
+    for path, node in walk(obj):
+        if not isinstance(node, dict):
+            continue
+        for i, var in enumerate(node.get("env") or []):
+            if not isinstance(var, dict) or not CREDENTIAL_NAME.search(var.get("name", "")):
+                continue
+            if var["name"].endswith("_PATH"):  # where a token file is, not the token
+                continue
+            if "value" in var or set(var.get("valueFrom", {})) != {"secretKeyRef"}:
+                problems.append(f"{obj['kind']} {path}.env[{i}] {var['name']}: not from a Secret")
+        for ref in node.get("envFrom") or []:
+            if isinstance(ref, dict) and not set(ref) <= {"secretRef", "configMapRef", "prefix"}:
+                problems.append(f"{obj['kind']} {path}.envFrom: {ref}")
+    return problems
+
+
+def test_credentials_come_only_from_existing_secrets(rendered):
+    _, objects = rendered
+    assert not [o for o in objects if o["kind"] == "Secret"], "the chart must not create Secrets"
+    for obj in objects:
+        assert not credential_problems(obj)
+    # The run configuration names Secrets (secret_env), never holds what is in them.
+    config = yaml.safe_load(only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    for path, node in walk(config):
+        if isinstance(node, dict):
+            assert not [k for k in node if CREDENTIAL_NAME.search(k) and k != "secret_env"], path
+
+
+def test_credential_check_flags_a_key_in_clear():
+    pod = {
+        "kind": "Pod",
+        "spec": {"containers": [{"name": "c", "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]}]},
+    }
+    assert credential_problems(pod)
+
+
+def test_s3_secret_is_referenced_not_copied(full):
+    pod_default = only(full, "PodDefault")
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod_default["spec"]["env"]}
+    assert set(env) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    assert {ref["name"] for ref in env.values()} == {"team-s3"}
+    assert all(ref["key"] == name for name, ref in env.items())
+    assert not env["AWS_ACCESS_KEY_ID"].get("optional") and not env["AWS_SECRET_ACCESS_KEY"].get("optional")
+    assert pod_default["spec"]["selector"] == {"matchLabels": {f"{FULLNAME}-s3": "true"}}
+    config = yaml.safe_load(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert config["resources"]["kubernetes"]["secret_env"] == ["team-s3"]
+
+
+def test_pod_default_needs_the_secret_name(chart):
+    with pytest.raises(helm.HelmError, match="s3.existingSecret"):
+        chart.render(values={"podDefault": {"enabled": True}, "s3": {"existingSecret": ""}}, name=RELEASE)
+
+
+# -- the values schema ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"bogus": 1}, "'bogus'"),
+        ({"networkPolicy": {"enabeld": True}}, "'enabeld'"),
+        ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
+        ({"pipelineUpload": {"mode": "daily"}}, "/pipelineUpload/mode"),
+        ({"pipelineUpload": {"cron": "every sunday"}}, "/pipelineUpload/cron"),
+        ({"workDir": {"pvc": {"size": "lots"}}}, "/workDir/pvc/size"),
+        ({"images": {"trainer": {"repository": "x/trainer", "tag": "latest"}}}, "/images/trainer/tag"),
+        ({"s3": {"existingSecret": "Not_A_Name"}}, "/s3/existingSecret"),
+        ({"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
+        ({"runConfig": {"training": {"learning_rte": 1e-5}}}, "'learning_rte'"),
+        ({"runConfig": {"resources": {"num_nodes": "two"}}}, "/runConfig/resources/num_nodes"),
+        ({"runConfig": {"resources": {"launcher": "slurm"}}}, "/runConfig/resources/launcher"),
+    ],
+)
+def test_schema_refuses_unknown_values_and_wrong_types(chart, values, where):
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    assert where in str(err.value)
+
+
+def test_schema_is_strict_at_the_top():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(defaults) <= set(schema["properties"])
+
+
+def _runconfig_defs() -> dict[str, Any]:
+    from fulltune.config import RunConfig
+
+    generated = RunConfig.model_json_schema()
+    defs = generated.pop("$defs")
+    defs["RunConfig"] = generated
+    return defs
+
+
+def test_schema_runconfig_matches_fulltune_config():
+    """values.schema.json checks runConfig with the RunConfig schema of this source's fulltune."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    stale = {k: v for k, v in _runconfig_defs().items() if schema["$defs"].get(k) != v}
+    assert not stale, (
+        f"stale RunConfig schema ({sorted(stale)}): run `.venv/bin/python tests/test_chart.py --write-schema`"
+    )
+
+
+def write_schema() -> None:
+    """Replace the RunConfig part of values.schema.json's $defs with the current one."""
+    path = CHART / "values.schema.json"
+    schema = json.loads(path.read_text())
+    previous = _previous_generated_names(schema)
+    chart_defs = {k: v for k, v in schema["$defs"].items() if k not in previous}
+    generated = _runconfig_defs()
+    clash = set(chart_defs) & set(generated)
+    if clash:
+        raise SystemExit(f"chart $defs clash with RunConfig models: {sorted(clash)}")
+    schema["$defs"] = {**chart_defs, **dict(sorted(generated.items()))}
+    path.write_text(json.dumps(schema, indent=2) + "\n")
+
+
+def _previous_generated_names(schema: dict) -> set[str]:
+    """$defs names that came from RunConfig: those reachable from $defs/RunConfig."""
+    defs, seen, todo = schema["$defs"], set(), ["RunConfig"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defs:
+            continue
+        seen.add(name)
+        todo += re.findall(r'"#/\$defs/([^"]+)"', json.dumps(defs[name]))
+    return seen
+
+
+# -- the default RunConfig ----------------------------------------------------------------------------
+
+
+def test_configmap_holds_a_valid_runconfig_for_the_kubernetes_launcher(rendered):
+    from fulltune.config import RunConfig
+
+    values, objects = rendered
+    text = only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"]
+    config = RunConfig.from_dict(yaml.safe_load(text))
+    k8s = config.resources.kubernetes
+    assert config.resources.launcher == "kubernetes"
+    trainer = values.get("images", {}).get("trainer", {})
+    assert k8s.image.startswith(trainer.get("repository", "ghcr.io/fulltune/fulltune-trainer"))
+    secret = values.get("s3", {}).get("existingSecret", "fulltune-s3")
+    assert k8s.secret_env == ([secret] if secret else [])
+
+
+def test_runconfig_values_are_kept_and_win_over_the_chart(full, chart):
+    from fulltune.config import RunConfig
+
+    config = RunConfig.from_dict(
+        yaml.safe_load(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    )
+    assert config.training.learning_rate == pytest.approx(1e-5)
+    assert config.resources.num_nodes == 2 and config.resources.nproc_per_node == 8
+    assert config.resources.kubernetes.image == "registry.example.com/mirror/fulltune-trainer:0.1.0-cu128"
+    assert [(v.claim_name, v.mount_path) for v in config.resources.kubernetes.volumes] == [
+        (f"{FULLNAME}-work", "/mnt/fulltune")
+    ]
+    assert config.resources.kubernetes.tolerations[0].key == "nvidia.com/gpu"
+
+    objects = render(
+        chart, {"runConfig": {"resources": {"launcher": "local", "kubernetes": {"image": "my/trainer:1"}}}}
+    )
+    config = RunConfig.from_dict(
+        yaml.safe_load(only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    )
+    assert config.resources.launcher == "local"
+    assert config.resources.kubernetes.image == "my/trainer:1"
+
+
+def test_default_images_are_the_package_version():
+    """The chart's appVersion is the fulltune version: the images it names are the ones
+    `make images` builds and the compiled pipeline references."""
+    from fulltune import __version__
+    from fulltune._image import DEFAULT_REPOSITORY
+
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert meta["appVersion"] == __version__
+    assert values["images"]["runtime"]["repository"] == DEFAULT_REPOSITORY
+    assert values["images"]["trainer"]["repository"] == f"{DEFAULT_REPOSITORY}-trainer"
+
+
+# -- work directory ---------------------------------------------------------------------------------
+
+
+def test_work_directory_claim_is_rwx_and_kept(full):
+    pvc = only(full, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == f"{FULLNAME}-work"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Ti"
+    assert pvc["spec"]["storageClassName"] == "efs-sc"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_existing_claim_is_mounted_not_created(chart):
+    from fulltune.config import RunConfig
+
+    objects = render(
+        chart, {"workDir": {"pvc": {"enabled": True, "existingClaim": "shared-nfs", "mountPath": "/work"}}}
+    )
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    config = RunConfig.from_dict(
+        yaml.safe_load(only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    )
+    assert [(v.claim_name, v.mount_path) for v in config.resources.kubernetes.volumes] == [
+        ("shared-nfs", "/work")
+    ]
+
+
+# -- network policy ---------------------------------------------------------------------------------
+
+
+def test_network_policy_isolates_training_pods(full):
+    policy = only(full, "NetworkPolicy")["spec"]
+    selector = policy["podSelector"]
+    # The labels the launcher gives its PyTorchJob's pods (fulltune.launch.pytorchjob), and one the
+    # Training Operator adds: other teams' jobs and the chart's own pods are not selected.
+    assert selector["matchLabels"] == {
+        "app.kubernetes.io/name": "fulltune",
+        "app.kubernetes.io/component": "train",
+    }
+    assert selector["matchExpressions"] == [{"key": "training.kubeflow.org/job-name", "operator": "Exists"}]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    # Ingress: only from the other training pods (rendezvous 23456/29500 and NCCL's ephemeral ports).
+    assert policy["ingress"] == [{"from": [{"podSelector": selector}]}]
+    egress = policy["egress"]
+    assert {"to": [{"podSelector": selector}]} in egress
+    dns = [r for r in egress if any("namespaceSelector" in p and "podSelector" in p for p in r.get("to", []))]
+    assert len(dns) == 1 and sorted((p["port"], p["protocol"]) for p in dns[0]["ports"]) == [
+        (53, "TCP"),
+        (53, "UDP"),
+    ]
+    store = [r for r in egress if r not in dns and r != {"to": [{"podSelector": selector}]}]
+    assert store == [
+        {
+            "ports": [{"port": 9000, "protocol": "TCP"}],
+            "to": [
+                {"ipBlock": {"cidr": "10.20.0.0/16"}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}},
+            ],
+        }
+    ]
+    for rule in egress:  # no rule that opens everything
+        assert rule.get("to") or rule.get("ports")
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        present = expr["key"] in labels
+        ok = {
+            "Exists": present,
+            "DoesNotExist": not present,
+            "In": present and labels[expr["key"]] in expr.get("values", []),
+            "NotIn": not present or labels[expr["key"]] not in expr.get("values", []),
+        }[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def test_network_policy_selects_the_pods_the_launcher_builds(full):
+    """From the chart's own default RunConfig, the launcher's PyTorchJob pods (plus the label the
+    Training Operator adds) are selected; the chart's upload hook pod is not."""
+    from fulltune.config import RunConfig
+    from fulltune.launch.base import TrainJob
+    from fulltune.launch.pytorchjob import build_pytorchjob
+
+    cfg = RunConfig.from_dict(
+        yaml.safe_load(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    )
+    job = TrainJob(
+        "train",
+        "s3://w/c.json",
+        "s3://w/ds.json",
+        "s3://w/data",
+        "s3://w/model",
+        "s3://w/m.json",
+        num_nodes=cfg.resources.num_nodes,
+        nproc_per_node=cfg.resources.nproc_per_node,
+    )
+    manifest = build_pytorchjob(
+        cfg,
+        job,
+        name="fulltune-train-0123456789",
+        namespace=NAMESPACE,
+        image=cfg.resources.kubernetes.image,
+        run_id="run-1",
+    )
+    selector = only(full, "NetworkPolicy")["spec"]["podSelector"]
+    for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
+        labels = dict(replica["template"]["metadata"]["labels"])
+        assert not _selects(selector, labels), "selected before the operator made it a pod of a job"
+        labels["training.kubeflow.org/job-name"] = manifest["metadata"]["name"]
+        assert _selects(selector, labels)
+    hook_labels = only(full, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(selector, hook_labels)
+
+
+def test_network_policy_can_be_turned_off(chart):
+    assert not [
+        o for o in render(chart, {"networkPolicy": {"enabled": False}}) if o["kind"] == "NetworkPolicy"
+    ]
+
+
+# -- the pipeline upload hook -------------------------------------------------------------------------
+
+
+def test_chart_ships_the_compiled_pipeline():
+    with helm.Chart.load(CHART) as loaded:
+        shipped = {f["name"]: f["data"] for f in loaded.files}
+    assert "files/full_finetune.yaml" in shipped, "the chart lost files/full_finetune.yaml"
+    assert shipped["files/full_finetune.yaml"] == PIPELINE.read_text(), "stale pipeline in the chart"
+
+
+def test_packaged_chart_carries_the_pipeline_itself(tmp_path):
+    """`helm package` resolves the link: the archive holds the file's content, not a link."""
+    import tarfile
+
+    archive = helm.package(CHART, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("fulltune/files/full_finetune.yaml")
+        assert member.isfile()
+        assert tar.extractfile(member).read() == PIPELINE.read_bytes()
+        assert not [m for m in tar.getnames() if m.startswith("fulltune/ci/")]
+    with helm.Chart.load(archive) as packaged:
+        objects = render(packaged, {"pipelineUpload": {"enabled": True}})
+    assert (
+        only(objects, "ConfigMap", f"{FULLNAME}-pipeline")["data"]["full_finetune.yaml"]
+        == PIPELINE.read_text()
+    )
+
+
+def test_upload_configmap_carries_the_pipeline_byte_for_byte(full, tmp_path):
+    """Same bytes, same pipeline version name: the hook and `fulltune submit` agree on the version."""
+    from fulltune.submit import read_package
+
+    data = only(full, "ConfigMap", f"{FULLNAME}-pipeline")["data"]["full_finetune.yaml"]
+    assert data == PIPELINE.read_text()
+    copy_path = tmp_path / "full_finetune.yaml"
+    copy_path.write_text(data)
+    assert read_package(copy_path).version_name == read_package(PIPELINE).version_name
+
+
+def _job_container(objects):
+    job = only(objects, "Job")
+    _, spec = next(pod_specs([job]))
+    return job, spec, spec["containers"][0]
+
+
+def test_upload_hook_runs_fulltune_schedule_with_the_shipped_files(full):
+    from fulltune.cli import build_parser
+
+    job, spec, container = _job_container(full)
+    hooks = set(job["metadata"]["annotations"]["helm.sh/hook"].split(","))
+    assert hooks == {"post-install", "post-upgrade"}
+    assert "before-hook-creation" in job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    assert container["image"] == (
+        "registry.example.com/mirror/fulltune@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )
+    assert container["imagePullPolicy"] == "Always"
+    args = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert args.command == "schedule"
+    assert (args.name, args.cron, args.experiment) == ("clinical-weekly", "0 3 * * 0", "clinical")
+    assert args.host == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    assert not args.paused
+    # The files it reads are the ConfigMaps' keys, mounted where the arguments say.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert mounts[str(Path(args.params).parent)]["configMap"]["name"] == f"{FULLNAME}-config"
+    assert Path(args.params).name == "config.yaml"
+    assert mounts[str(Path(args.package).parent)]["configMap"]["name"] == f"{FULLNAME}-pipeline"
+    assert Path(args.package).name == "full_finetune.yaml"
+    # Auth: a projected token for the KFP audience, where kfp looks for it.
+    env = {e["name"]: e for e in container["env"]}
+    token_dir = env["KF_PIPELINES_SA_TOKEN_PATH"]["value"].rsplit("/", 1)[0]
+    projected = mounts[token_dir]["projected"]["sources"][0]["serviceAccountToken"]
+    assert projected["audience"] == "pipelines.kubeflow.org"
+    assert env["KFP_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_upload_hook_can_submit_a_run_instead(chart):
+    from fulltune.cli import build_parser
+
+    objects = render(chart, load_values(CHART / "ci" / "submit-values.yaml"))
+    _, spec, container = _job_container(objects)
+    args = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert args.command == "submit" and args.host is None and not args.wait
+    assert spec["serviceAccountName"] == "pipeline-runner"
+    assert not [
+        o for o in objects if o["kind"] == "ServiceAccount" and o["metadata"]["name"].endswith("uploader")
+    ]
+
+
+def test_upload_hook_params_pass_fulltune_validation(full, tmp_path):
+    from fulltune.submit import load_params
+
+    path = tmp_path / "config.yaml"
+    path.write_text(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert load_params(path)["model"]["name"] == "llama-3.1-8b-clinical"
+
+
+def test_no_upload_hook_by_default(chart):
+    objects = render(chart)
+    assert not [o for o in objects if o["kind"] in ("Job", "PodDefault", "PersistentVolumeClaim")]
+    assert not [o for o in objects if o["metadata"]["name"] == f"{FULLNAME}-pipeline"]
+
+
+# -- the chart README -----------------------------------------------------------------------------
+
+
+def _value_paths(node: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted paths of values.yaml; free-form maps (labels, selectors, runConfig...) are one value."""
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        yield path
+        if isinstance(value, dict) and value and not _free_form(path):
+            yield from _value_paths(value, path + ".")
+
+
+def _free_form(path: str) -> bool:
+    last = path.rsplit(".", 1)[-1]
+    return last in {
+        "annotations",
+        "podAnnotations",
+        "commonLabels",
+        "nodeSelector",
+        "resources",
+        "runConfig",
+    } or (last.endswith("Selector"))
+
+
+def test_readme_lists_every_value():
+    readme = (CHART / "README.md").read_text().split("\n## Values\n", 1)[1]
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [p for p in _value_paths(values) if p not in documented]
+    assert not missing, f"charts/fulltune/README.md does not list: {missing}"
+    unknown = [p for p in documented if p not in set(_value_paths(values))]
+    assert not unknown, f"README lists values that do not exist: {unknown}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-schema"]:
+        write_schema()
+    else:
+        raise SystemExit(__doc__)
