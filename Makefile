@@ -17,7 +17,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze bench
+.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze bench images
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,11 @@ format: $(VENV)/.dev
 	$(BIN)/ruff format src tests benchmarks
 
 # Benchmarks print ratios against a baseline run side by side; figures go in docs/benchmarks.md.
+# Each prints its figures and the ratio against its baseline; docs/benchmarks.md has the commands
+# and the recorded results. `make bench BENCH=validate_throughput` runs one.
+BENCH ?= validate_throughput preprocess_throughput train_step eval_throughput
 bench: $(VENV)/.dev
-	$(BIN)/python benchmarks/preprocess_throughput.py $(BENCH_ARGS)
+	@for b in $(BENCH); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
 
 compile: $(VENV)/.runtime
 	$(BIN)/fulltune compile
@@ -60,6 +63,23 @@ compile: $(VENV)/.runtime
 check-compiled: compile
 	git diff --exit-code -- pipelines components
 	@test -z "$$(git status --porcelain -- pipelines components)" || { echo "uncommitted compiled files"; exit 1; }
+
+# Container images (docs/deploy.md): the runtime image every pipeline step runs in, tagged with the
+# package version as src/fulltune/_image.py expects, and the trainer image (CUDA, DeepSpeed) for the
+# PyTorchJob's pods. Needs docker or podman; the tests do not. Extra flags: IMAGE_BUILD_ARGS=...
+IMAGE_REPOSITORY ?= ghcr.io/fulltune/fulltune
+CONTAINER_ENGINE ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+FULLTUNE_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_LABEL_ARGS = --build-arg VERSION=$(FULLTUNE_VERSION) \
+	--build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) \
+	--build-arg CREATED=$(shell date -u +%Y-%m-%dT%H:%M:%SZ)
+
+images:
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make images: no docker or podman found (set CONTAINER_ENGINE)"; exit 1; }
+	$(CONTAINER_ENGINE) build -f images/runtime/Dockerfile $(IMAGE_LABEL_ARGS) $(IMAGE_BUILD_ARGS) \
+		-t $(IMAGE_REPOSITORY):$(FULLTUNE_VERSION) .
+	$(CONTAINER_ENGINE) build -f images/trainer/Dockerfile $(IMAGE_LABEL_ARGS) $(IMAGE_BUILD_ARGS) \
+		-t $(IMAGE_REPOSITORY)-trainer:$(FULLTUNE_VERSION) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .fulltune-demo

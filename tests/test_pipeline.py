@@ -36,7 +36,8 @@ def test_compiling_twice_gives_identical_bytes(tmp_path):
 
 
 def test_pipeline_shape():
-    spec = yaml.safe_load((ROOT / PIPELINE_FILE).read_text())
+    # document 1: the pipeline spec; document 2: its Kubernetes platform settings
+    spec = next(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))
     root_tasks = spec["root"]["dag"]["tasks"]
     assert {
         "validate-data",

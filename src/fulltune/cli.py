@@ -1,9 +1,12 @@
 """The `fulltune` command.
 
 fulltune compile [--image REF] [--root DIR]   regenerate pipelines/ and components/ YAML
+                 [--s3-secret NAME] [--eval-gpus N]
+fulltune submit --params FILE [--wait] ...    run the pipeline on a Kubeflow Pipelines cluster
+fulltune schedule --cron EXPR --name NAME ... create or update a recurring run
 fulltune demo [--dir DIR] [--forget]          run the whole pipeline locally (kfp.local) on a tiny model
 fulltune config --describe | --check FILE     list every config field / validate a config file
-fulltune registry list|show|verify ...        read the model registry
+fulltune registry list|show|verify|register ... read the model registry, register a model
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+S3_SECRET = "fulltune-s3"  # fulltune.kfp.pipeline.S3_SECRET; repeated so the parser needs no kfp import
 
 
 def _compile(args: argparse.Namespace) -> int:
     from fulltune.kfp.compile import compile_all
 
-    for path in compile_all(args.root, image=args.image):
+    for path in compile_all(
+        args.root,
+        image=args.image,
+        trainer_image=args.trainer_image,
+        s3_secret=args.s3_secret,
+        eval_gpus=args.eval_gpus,
+    ):
         print(path)
     return 0
 
@@ -50,15 +60,25 @@ def _config(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> int:
     from fulltune import storage
-    from fulltune.registry.store import list_versions, verify_version
+    from fulltune.registry.store import RegistryError, list_versions, verify_version
 
+    if args.action == "register":
+        return _registry_register(args)
     if args.action == "list":
         for v in list_versions(args.uri, args.name):
             print(f"v{v['version']}\t{v.get('created_at', '')}\t{v['uri']}")
         return 0
     uri = storage.join(args.uri, args.name, f"v{args.version}")
     if args.action == "show":
-        print(json.dumps(storage.read_json(storage.join(uri, "manifest.json")), indent=2))
+        try:
+            manifest = storage.read_json(storage.join(uri, "manifest.json"))
+        except FileNotFoundError:
+            print(f"error: {uri}: no committed version (no manifest.json)", file=sys.stderr)
+            return 1
+        except (OSError, ValueError, RegistryError) as exc:
+            print(f"error: {uri}: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(manifest, indent=2))
         return 0
     problems = verify_version(uri)
     for p in problems:
@@ -66,6 +86,25 @@ def _registry(args: argparse.Namespace) -> int:
     if not problems:
         print(f"{uri}: ok")
     return 1 if problems else 0
+
+
+def _registry_register(args: argparse.Namespace) -> int:
+    """Register a model the way the pipeline's `register` step does (Kubeflow Model Registry too)."""
+    from fulltune import steps
+    from fulltune.config import ConfigError, RunConfig
+    from fulltune.registry.store import RegistryError
+
+    try:
+        cfg = RunConfig.from_yaml(args.config)
+        uri = steps.register(cfg.to_dict(), args.model, args.eval, run_id=args.run_id, force=args.force)
+    except FileNotFoundError as exc:
+        print(f"error: {exc.filename or exc}: not found", file=sys.stderr)
+        return 1
+    except (ConfigError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(uri)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="regenerate the pipeline and component YAML")
     c.add_argument(
-        "--image", default=None, help="container image for every step (default: tag = package version)"
+        "--image", default=None, help="container image of the CPU steps (default: tag = package version)"
+    )
+    c.add_argument(
+        "--trainer-image",
+        default=None,
+        help="image of the training pods and the GPU evaluate step (default: the -trainer image, same tag)",
     )
     c.add_argument("--root", default=".", help="repository root to write pipelines/ and components/ under")
+    c.add_argument(
+        "--s3-secret",
+        default=S3_SECRET,
+        metavar="NAME",
+        help="Kubernetes Secret whose AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and "
+        f"AWS_DEFAULT_REGION keys become the step pods' environment (default: {S3_SECRET}; '' for none)",
+    )
+    c.add_argument(
+        "--eval-gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs for the evaluate step (default: 1; 0: CPU)",
+    )
     c.set_defaults(func=_compile)
 
     d = sub.add_parser("demo", help="run the whole pipeline locally through kfp.local on a tiny model")
@@ -101,11 +159,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.set_defaults(func=_config)
 
-    r = sub.add_parser("registry", help="read the model registry")
-    r.add_argument("action", choices=["list", "show", "verify"])
-    r.add_argument("--uri", required=True, help="registry root (local directory or s3://)")
-    r.add_argument("--name", required=True, help="model name")
-    r.add_argument("--version", type=int, help="version number (show, verify)")
+    from fulltune.submit import add_arguments, cli_schedule, cli_submit
+
+    s = sub.add_parser(
+        "submit", help="upload the pipeline (a new version only when it changed) and start a run on KFP"
+    )
+    sch = sub.add_parser("schedule", help="create or update a recurring run on KFP, one per name")
+    add_arguments(s, sch)
+    s.set_defaults(func=cli_submit)
+    sch.set_defaults(func=cli_schedule)
+
+    r = sub.add_parser("registry", help="read the model registry, or register a model")
+    rs = r.add_subparsers(dest="action", required=True)
+    for action, help_text in (
+        ("list", "list the committed versions of a model"),
+        ("show", "print a version's manifest"),
+        ("verify", "rehash a version's files against its manifest"),
+    ):
+        a = rs.add_parser(action, help=help_text)
+        a.add_argument("--uri", required=True, help="registry root (local directory or s3://)")
+        a.add_argument("--name", required=True, help="model name")
+        if action != "list":
+            a.add_argument("--version", type=int, required=True, help="version number")
+    a = rs.add_parser(
+        "register",
+        help="register a model as the pipeline's register step does (S3/local, then the Kubeflow "
+        "Model Registry when registry.kubeflow is set; its token from $MODEL_REGISTRY_TOKEN)",
+    )
+    a.add_argument(
+        "--config", required=True, help="RunConfig YAML: registry.uri, model.name, registry.kubeflow"
+    )
+    a.add_argument("--model", required=True, help="the tuned model: local directory or s3:// prefix")
+    a.add_argument("--eval", required=True, help="eval.json written by the evaluate step (local or s3://)")
+    a.add_argument(
+        "--run-id", default="", help="the pipeline run: a repeat with the same id reuses its version"
+    )
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="register although the evaluation gate failed (recorded as forced in lineage.json)",
+    )
     r.set_defaults(func=_registry)
     return p
 

@@ -143,8 +143,10 @@ class PreprocessSection(_Section):
     block_records: int = Field(
         2048,
         ge=1,
-        description="Records per block: splits, replay and packing are decided per block, so the output does not "
-        "depend on num_shards; each block leaves at most one partly filled sequence.",
+        description="About this many records per block (JSONL: a byte range sized from the file's mean line "
+        "length; Parquet: rows of a row group). Splits, replay and packing are decided per block and blocks "
+        "are keyed by their place in their file, so the output does not depend on num_shards; each block "
+        "leaves at most one partly filled sequence.",
     )
     replay_fraction: float = Field(
         0.1,
@@ -197,7 +199,9 @@ class TrainingSection(_Section):
     adam_beta2: float = Field(0.95, gt=0.0, lt=1.0, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
-    bf16: bool = Field(True, description="Train in bfloat16 (GPU only; ignored on CPU).")
+    bf16: bool = Field(
+        True, description="Train in bfloat16 (GPU only; ignored on CPU). Set it false to use fp16."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
     )
@@ -227,13 +231,14 @@ class TrainingSection(_Section):
     eval_steps: int = Field(
         0,
         ge=0,
-        description="Evaluate the loss on the domain eval set every this many optimizer steps (0: never).",
+        description="Evaluate the loss on the domain_eval split of the preprocessed dataset every this many "
+        "optimizer steps (0: never).",
     )
     early_stopping_patience: int = Field(
         0,
         ge=0,
         description="Stop after this many evaluations without an eval-loss improvement (0: no early stopping); "
-        "needs eval_steps.",
+        "needs eval_steps. The model saved is the one at the step training stopped, not the best one.",
     )
     early_stopping_threshold: float = Field(
         0.0, ge=0.0, description="Smallest eval-loss decrease that counts as an improvement."

@@ -169,15 +169,23 @@ def gather_shards(
     manifest = run(cfg, cfg.work_dir, sorted(shard_manifests))
     for split, s in manifest["splits"].items():
         log.info(
-            "%s: %d sequences, %d tokens, %.1f%% padding",
+            "%s: %d sequences, %d tokens, %.1f%% padding, %d over-long examples truncated, %d dropped",
             split,
             s["sequences"],
             s["tokens"],
             100 * s["padding_fraction"],
+            s.get("truncated", 0),
+            s.get("dropped", 0),
         )
         _log_metrics(
             log_metric,
-            {"sequences": s["sequences"], "tokens": s["tokens"], "padding_fraction": s["padding_fraction"]},
+            {
+                "sequences": s["sequences"],
+                "tokens": s["tokens"],
+                "padding_fraction": s["padding_fraction"],
+                "truncated": s.get("truncated", 0),
+                "dropped": s.get("dropped", 0),
+            },
             f"{split}_",
         )
     if manifest.get("replay"):
@@ -189,15 +197,36 @@ def gather_shards(
 
 
 def train(
-    config: dict[str, Any], dataset: str, report_path: str | None = None, log_metric: MetricSink | None = None
+    config: dict[str, Any],
+    dataset: str,
+    report_path: str | None = None,
+    log_metric: MetricSink | None = None,
+    *,
+    run_id: str = "",
+    task_name: str = "train",
+    image: str | None = None,
+    s3_secret: str = "",
 ) -> str:
-    """Launch the ranks, stream their log, return the tuned model's URI."""
+    """Launch the ranks, stream their log, return the tuned model's URI.
+
+    `run_id` and `task_name` (the pipeline run and this task) give the Kubernetes job its stable name;
+    `image` is the training image when `resources.kubernetes.image` is not set; `s3_secret` names the
+    Secret the pipeline's own pods read S3 credentials from, which the training pods read too.
+    """
     from fulltune.train.report import training_report_html
     from fulltune.train.run import run_training
 
     _setup_logging()
     cfg = load_config(config)
-    result = run_training(cfg, cfg.work_dir, dataset)
+    result = run_training(
+        cfg,
+        cfg.work_dir,
+        dataset,
+        run_id=run_id,
+        task_name=task_name,
+        image=image or None,
+        optional_secrets=(s3_secret,) if s3_secret else (),
+    )
     summary = result["summary"]
     _log_metrics(log_metric, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if report_path:
@@ -221,7 +250,8 @@ def evaluate(
     eval_path: str | None = None,
     log_metric: MetricSink | None = None,
 ) -> bool:
-    """Base vs tuned on the domain and general sets; returns the verdict (reasons are logged)."""
+    """Base vs tuned on the domain and general sets and the configured multiple-choice, exact-match
+    generation and lm-eval tasks; returns the verdict (reasons are logged)."""
     from fulltune.evaluate.core import evaluate_models
 
     _setup_logging()
@@ -244,7 +274,13 @@ def evaluate(
 def register(
     config: dict[str, Any], model_uri: str, eval_path: str, run_id: str = "", force: bool = False
 ) -> str:
-    """Publish an immutable, checksummed version; returns its URI."""
+    """Publish an immutable, checksummed version; returns its URI.
+
+    A retry with the same `run_id` returns the version that run already committed. With
+    `registry.kubeflow` set, the version is also recorded in the Kubeflow Model Registry (token from
+    $MODEL_REGISTRY_TOKEN or the pod's service-account token). `force` registers a model whose gate
+    failed, recorded as forced in the lineage.
+    """
     from fulltune.lineage import build_lineage
     from fulltune.registry.store import register_model
 
@@ -252,6 +288,6 @@ def register(
     cfg = load_config(config)
     eval_result = storage.read_json(eval_path)
     lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
-    uri = register_model(cfg, model_uri, eval_result, lineage, force=force)
+    uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)
     log.info("registered %s", uri)
     return uri

@@ -13,23 +13,55 @@ from pathlib import Path
 from kfp import compiler
 from kfp.dsl.types import type_annotations
 
-from fulltune._image import default_image
+from fulltune._image import default_image, default_trainer_image
 from fulltune.kfp.components import STEPS, build_components
-from fulltune.kfp.pipeline import build_pipeline
+from fulltune.kfp.pipeline import S3_SECRET, build_pipeline
 
 PIPELINE_FILE = "pipelines/full_finetune.yaml"
 
 
-def compile_all(root: str | Path = ".", image: str | None = None) -> list[Path]:
-    """Write pipelines/full_finetune.yaml and components/<step>/{component.yaml,README.md} under root."""
+def compile_pipeline(
+    path: str | Path,
+    image: str | None = None,
+    *,
+    trainer_image: str | None = None,
+    s3_secret: str | None = S3_SECRET,
+    eval_gpus: int = 1,
+) -> Path:
+    """Compile the pipeline to `path` (KFP v2 IR YAML, with the Kubernetes platform settings)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pipeline = build_pipeline(
+        image or default_image(), trainer_image=trainer_image, s3_secret=s3_secret, eval_gpus=eval_gpus
+    )
+    compiler.Compiler().compile(pipeline, str(path))
+    return path
+
+
+def compile_all(
+    root: str | Path = ".",
+    image: str | None = None,
+    *,
+    trainer_image: str | None = None,
+    s3_secret: str | None = S3_SECRET,
+    eval_gpus: int = 1,
+) -> list[Path]:
+    """Write pipelines/full_finetune.yaml and components/<step>/{component.yaml,README.md} under root.
+
+    `s3_secret` and `eval_gpus` are cluster settings of the pipeline (see `build_pipeline`); the
+    component YAML carries none, so whoever reuses a component adds their own.
+    """
     root = Path(root)
     image = image or default_image()
-    written = []
-    pipeline_path = root / PIPELINE_FILE
-    pipeline_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(image), str(pipeline_path))
-    written.append(pipeline_path)
+    trainer_image = trainer_image or default_trainer_image()
+    written = [
+        compile_pipeline(
+            root / PIPELINE_FILE, image, trainer_image=trainer_image, s3_secret=s3_secret, eval_gpus=eval_gpus
+        )
+    ]
     components = build_components(image)
+    if eval_gpus:
+        components["evaluate"] = build_components(trainer_image)["evaluate"]
     for func in STEPS:
         out = root / "components" / func.__name__
         out.mkdir(parents=True, exist_ok=True)

@@ -109,22 +109,47 @@ def gather_shards(config: dict, shard_manifests: list, metrics: Output[Metrics])
     return steps.gather_shards(config, shard_manifests, metrics.log_metric)
 
 
-def train(config: dict, dataset: str, report: Output[HTML], metrics: Output[Metrics]) -> str:
-    """Full fine-tuning with DeepSpeed ZeRO-3: launch the ranks, stream their logs, wait, and check the
-    saved model is complete.
+def train(
+    config: dict,
+    dataset: str,
+    report: Output[HTML],
+    metrics: Output[Metrics],
+    run_id: str = "",
+    task_name: str = "train",
+    image: str = "",
+    s3_secret: str = "",
+) -> str:
+    """Full fine-tuning with DeepSpeed ZeRO-3: launch the ranks (torchrun in this pod, or a PyTorchJob
+    with `resources.launcher: kubernetes`), stream their logs, wait, and check the saved model is complete.
 
     Args:
         config: The resolved run configuration from plan.
         dataset: URI of the dataset manifest from gather_shards.
         report: HTML report with the loss curve.
         metrics: Steps, first and final loss, training time.
+        run_id: The pipeline run's id; with task_name it names the PyTorchJob, so a retried step follows
+            the job it already started instead of starting another.
+        task_name: This task's name in the pipeline.
+        image: Image of the training pods when `resources.kubernetes.image` is not set; the pipeline
+            passes the trainer image it was compiled with.
+        s3_secret: Kubernetes Secret with the S3 credentials (AWS_* keys) that the training pods read
+            too (optional: absent with workload identity); the pipeline passes its own. The name only.
 
     Returns:
         The URI of the tuned model (Hugging Face format, safetensors).
     """
     from fulltune import steps
 
-    return steps.train(config, dataset, report.path, metrics.log_metric)
+    return steps.train(
+        config,
+        dataset,
+        report.path,
+        metrics.log_metric,
+        run_id=run_id,
+        task_name=task_name,
+        image=image,
+        s3_secret=s3_secret,
+    )
 
 
 def evaluate(

@@ -1,0 +1,648 @@
+"""`fulltune submit` and `fulltune schedule`: put the pipeline on a Kubeflow Pipelines cluster.
+
+Both talk to the KFP v2beta1 REST API through `kfp.Client`:
+
+- the pipeline package is uploaded as a *version* of the `full-finetune` pipeline (the pipeline is
+  created on first use). The version is named `<fulltune version>-<first 12 hex of the package's
+  SHA-256>`, so submitting the same package again reuses that version and a changed package adds a
+  new one; the UI's version list then says which code every run used.
+- the run configuration (a RunConfig file, YAML or JSON) is validated here before anything is
+  created on the cluster, and becomes the pipeline's `config` parameter as written (defaults are
+  filled in by the pipeline's own `plan` step, from the image's fulltune).
+- `submit` creates a run in an experiment (created when missing) and can wait for it to finish.
+- `schedule` keeps one recurring run per name. The v2beta1 API has no update for recurring runs
+  (create, get, list, enable, disable, delete only), so a changed schedule is created anew and the
+  old one deleted afterwards (if the create fails, the old schedule stays); an identical one is
+  left alone, and when only paused/active differs it is disabled or enabled in place.
+
+KFP's cron has six fields, seconds first (robfig/cron); a standard five-field expression such as
+"0 3 * * 0" would be misread (as second 0, minute 3, any hour, ...), so it is given a leading "0".
+
+Credentials never come from the command line: a bearer token from the environment variable
+KFP_BEARER_TOKEN, else the Kubeflow Pipelines service-account token that kfp reads in a pod
+(KF_PIPELINES_SA_TOKEN_PATH, default /var/run/secrets/kubeflow/pipelines/token), else none (a
+port-forward or an unauthenticated endpoint). The host comes from --host or KFP_HOST, else (in a
+pod) the API service of a standard Kubeflow install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fulltune import __version__
+from fulltune.config import ConfigError, RunConfig
+
+log = logging.getLogger("fulltune.submit")
+
+ENV_HOST = "KFP_HOST"
+ENV_TOKEN = "KFP_BEARER_TOKEN"
+ENV_NAMESPACE = "KFP_NAMESPACE"
+IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+ENV_UI = "KF_PIPELINES_UI_ENDPOINT"  # kfp's own variable for a UI that is not at the API's address
+DEFAULT_EXPERIMENT = "fulltune"
+CONFIG_PARAMETER = "config"
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the run failed or was canceled, or the KFP API refused a request
+EXIT_USAGE = 2  # bad arguments or parameters file; nothing was created
+EXIT_TIMEOUT = 3  # --wait gave up while the run was still going
+
+TERMINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"}
+
+
+class SubmitError(Exception):
+    """Something the user can fix; the message says what. `exit_code` is what the CLI returns."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    """The run configuration in `path` (YAML, or JSON by its .json suffix), validated as a RunConfig.
+
+    Returns the mapping as written (not the defaults-filled one): the pipeline fills the defaults with
+    the fulltune in its image, which may be newer than this client's.
+
+    Raises:
+        ConfigError: naming the file (and line) or the dotted field and the problem.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: params file not found") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+            )
+        RunConfig.from_dict(data, source=str(path))
+        return data
+    RunConfig.from_yaml(path)  # the checks and messages of `fulltune config --check`
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def to_kfp_cron(expression: str) -> str:
+    """A cron expression as KFP's scheduler reads it: six fields, seconds first.
+
+    Five fields (standard cron: minute hour day-of-month month day-of-week) get "0" seconds; six are
+    taken as KFP's own format.
+    """
+    fields = expression.split()
+    if len(fields) == 5:
+        return " ".join(["0", *fields])
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise SubmitError(
+        f"--cron {expression!r}: expected 5 fields (minute hour day-of-month month day-of-week) "
+        f"or KFP's 6 (seconds first), got {len(fields)}",
+        EXIT_USAGE,
+    )
+
+
+@dataclass(frozen=True)
+class Package:
+    """A compiled pipeline file and what identifies it."""
+
+    path: Path
+    pipeline_name: str
+    description: str
+    sha256: str
+
+    @property
+    def version_name(self) -> str:
+        return f"{__version__}-{self.sha256[:12]}"
+
+
+def read_package(path: str | Path) -> Package:
+    """A compiled pipeline YAML (KFP v2 IR) with a `config` parameter; refuses anything else."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SubmitError(f"{path}: pipeline package not found", EXIT_USAGE) from None
+    try:
+        spec = next(yaml.safe_load_all(raw), None)
+    except yaml.YAMLError as exc:
+        raise SubmitError(f"{path}: not a compiled pipeline (YAML error: {exc})", EXIT_USAGE) from None
+    info = spec.get("pipelineInfo") if isinstance(spec, dict) else None
+    if not isinstance(info, dict) or not info.get("name"):
+        raise SubmitError(f"{path}: not a compiled pipeline (no pipelineInfo.name)", EXIT_USAGE)
+    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    if CONFIG_PARAMETER not in params:
+        raise SubmitError(f"{path}: pipeline has no `{CONFIG_PARAMETER}` parameter", EXIT_USAGE)
+    return Package(path, info["name"], info.get("description", ""), hashlib.sha256(raw).hexdigest())
+
+
+@contextlib.contextmanager
+def package_file(path: str | Path | None) -> Iterator[Package]:
+    """The package at `path`, or the pipeline compiled from this fulltune into a temporary file.
+
+    The compiled bytes equal the checked-in pipelines/full_finetune.yaml for the same source, image
+    (FULLTUNE_IMAGE or the package version) and kfp, so both give the same pipeline version.
+    """
+    if path is not None:
+        yield read_package(path)
+        return
+    from fulltune.kfp.compile import compile_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="fulltune-package-") as tmp:
+        yield read_package(compile_pipeline(Path(tmp) / "full_finetune.yaml"))
+
+
+# -- the client -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """kfp.Client prints links on stdout and warns on every construction; keep our output ours."""
+    out = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+    if out.getvalue().strip():
+        log.debug("kfp: %s", out.getvalue().strip())
+
+
+def resolve_host(host: str | None) -> str:
+    """--host, else KFP_HOST, else inside a pod the KFP API service of a standard install.
+
+    (kfp.Client finds the in-cluster address itself only when given neither host nor token, so it
+    is named here.)
+    """
+    host = host or os.environ.get(ENV_HOST)
+    if host:
+        return host.rstrip("/")
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return IN_CLUSTER_HOST
+    raise SubmitError(f"no Kubeflow Pipelines address: pass --host URL or set {ENV_HOST}", EXIT_USAGE)
+
+
+def _auth() -> dict[str, Any]:
+    """kfp.Client keyword arguments for the credentials found in the environment (never argv)."""
+    from kfp import client as kfp_client
+
+    token = os.environ.get(ENV_TOKEN)
+    if token:
+        return {"existing_token": token.strip()}
+    sa_path = os.environ.get(kfp_client.KF_PIPELINES_SA_TOKEN_ENV) or kfp_client.KF_PIPELINES_SA_TOKEN_PATH
+    if os.path.isfile(sa_path):
+        # kfp reads this token itself only when no host is given; with a host it must be asked to.
+        return {"credentials": kfp_client.ServiceAccountTokenVolumeCredentials(sa_path)}
+    return {}
+
+
+def connect(host: str, namespace: str | None = None):
+    """A kfp.Client for `host` (see resolve_host) with the environment's credentials."""
+    import kfp
+
+    kwargs: dict[str, Any] = {"host": resolve_host(host), **_auth()}
+    namespace = namespace or os.environ.get(ENV_NAMESPACE)
+    if namespace:
+        kwargs["namespace"] = namespace
+    with _quiet(), _api_errors(kwargs["host"]):
+        return kfp.Client(**kwargs)
+
+
+@contextlib.contextmanager
+def _api_errors(what: str) -> Iterator[None]:
+    """API and connection failures as one readable line (no headers, so no credentials)."""
+    import kfp_server_api
+    import urllib3
+
+    try:
+        yield
+    except kfp_server_api.ApiException as exc:
+        detail = exc.body
+        try:
+            body = json.loads(exc.body or "")
+            detail = body.get("message") or body.get("error") or exc.body
+        except (ValueError, AttributeError):
+            pass
+        raise SubmitError(f"{what}: KFP API answered {exc.status} {exc.reason}: {detail}") from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise SubmitError(f"{what}: cannot reach the KFP API: {exc}") from None
+
+
+def ui_url(host: str, kind: str, ident: str) -> str:
+    """Where the UI shows a run or recurring run (KF_PIPELINES_UI_ENDPOINT overrides the host)."""
+    base = os.environ.get(ENV_UI) or host
+    return f"{base.rstrip('/')}/#/{kind}/details/{ident}"
+
+
+# -- pipeline and version ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineVersion:
+    pipeline_id: str
+    version_id: str
+    name: str
+    uploaded: bool  # False: this content was already there
+
+
+def _equals(key: str, value: str) -> str:
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": key, "stringValue": value}]})
+
+
+def _find_version(client, pipeline_id: str, name: str) -> str | None:
+    resp = client.list_pipeline_versions(pipeline_id, page_size=100, filter=_equals("display_name", name))
+    for v in resp.pipeline_versions or []:
+        if name in (v.display_name, v.name):
+            return v.pipeline_version_id
+    return None
+
+
+def ensure_pipeline_version(client, package: Package) -> PipelineVersion:
+    """The pipeline (created when new) and the version holding exactly this package's content."""
+    import kfp_server_api
+
+    with _quiet(), _api_errors(f"pipeline {package.pipeline_name!r}"):
+        pipeline_id = client.get_pipeline_id(package.pipeline_name)
+        if pipeline_id is None:
+            try:
+                created = client.pipelines.pipeline_service_create_pipeline(
+                    pipeline=kfp_server_api.V2beta1Pipeline(
+                        display_name=package.pipeline_name, description=package.description
+                    )
+                )
+                pipeline_id = created.pipeline_id
+            except kfp_server_api.ApiException as exc:  # created meanwhile by a concurrent submit
+                if exc.status != 409:
+                    raise
+                pipeline_id = client.get_pipeline_id(package.pipeline_name)
+        version_id = _find_version(client, pipeline_id, package.version_name)
+        if version_id is not None:
+            return PipelineVersion(pipeline_id, version_id, package.version_name, uploaded=False)
+        try:
+            version = client.upload_pipeline_version(
+                str(package.path),
+                package.version_name,
+                pipeline_id=pipeline_id,
+                description=f"fulltune {__version__}, package sha256 {package.sha256}",
+            )
+        except kfp_server_api.ApiException as exc:  # uploaded meanwhile by a concurrent submit
+            version_id = (
+                _find_version(client, pipeline_id, package.version_name) if exc.status == 409 else None
+            )
+            if version_id is None:
+                raise
+            return PipelineVersion(pipeline_id, version_id, package.version_name, uploaded=False)
+    return PipelineVersion(pipeline_id, version.pipeline_version_id, package.version_name, uploaded=True)
+
+
+def ensure_experiment(client, name: str) -> str:
+    with _quiet(), _api_errors(f"experiment {name!r}"):
+        return client.create_experiment(name).experiment_id  # kfp: get by name, else create
+
+
+# -- submit -----------------------------------------------------------------------------------------
+
+
+def create_run(client, version: PipelineVersion, experiment_id: str, params: dict, run_name: str):
+    with _quiet(), _api_errors(f"run {run_name!r}"):
+        return client.run_pipeline(
+            experiment_id,
+            run_name,
+            params={CONFIG_PARAMETER: params},
+            pipeline_id=version.pipeline_id,
+            version_id=version.version_id,
+        )
+
+
+def _state(run) -> str:
+    return str(run.state or "RUNTIME_STATE_UNSPECIFIED").upper()
+
+
+def wait_for_run(client, run_id: str, timeout: float | None, poll_interval: float = 15.0):
+    """Poll until the run reaches a terminal state (SUCCEEDED, FAILED, SKIPPED, CANCELED).
+
+    kfp's own wait_for_run_completion does not count CANCELED as finished and would wait out its
+    timeout on a canceled run, hence this loop.
+
+    Raises:
+        SubmitError(EXIT_TIMEOUT): still not finished after `timeout` seconds.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = None
+    while True:
+        with _quiet(), _api_errors(f"run {run_id}"):
+            run = client.get_run(run_id)
+        state = _state(run)
+        if state != last:
+            log.info("run %s: %s", run_id, state)
+            last = state
+        if state in TERMINAL_STATES:
+            return run
+        if deadline is not None and time.monotonic() >= deadline:
+            raise SubmitError(f"run {run_id}: still {state} after {timeout:g}s", EXIT_TIMEOUT)
+        time.sleep(poll_interval)
+
+
+def run_failure(run) -> list[str]:
+    """The run's error and each failed task's, as lines for the terminal."""
+    lines = []
+    if run.error is not None and (run.error.message or run.error.code):
+        lines.append(f"error: {run.error.message or f'code {run.error.code}'}")
+    details = run.run_details.task_details if run.run_details is not None else None
+    for task in details or []:
+        if str(task.state or "").upper() == "FAILED":
+            msg = task.error.message if task.error is not None and task.error.message else "failed"
+            lines.append(f"task {task.display_name}: {msg}")
+    return lines
+
+
+@dataclass
+class SubmitResult:
+    run_id: str
+    url: str
+    version: PipelineVersion
+    state: str | None = None
+
+
+def submit(
+    *,
+    host: str | None,
+    params_file: str | Path,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    package: str | Path | None = None,
+    namespace: str | None = None,
+    wait: bool = False,
+    timeout: float | None = None,
+    poll_interval: float = 15.0,
+    out=None,
+) -> SubmitResult:
+    """Validate the config, upload the pipeline version if new, create the run; optionally wait.
+
+    Prints what it did to `out` (stdout): pipeline version, run id and UI address, final state.
+    Raises SubmitError or ConfigError before creating anything when an input is wrong.
+    """
+    out = out or sys.stdout
+    params = load_params(params_file)
+    name = run_name or default_run_name(params)
+    host = resolve_host(host)
+    with package_file(package) as pkg:
+        client = connect(host, namespace)
+        version = ensure_pipeline_version(client, pkg)
+        _say(out, f"pipeline {pkg.pipeline_name} version {version.name} ({_fresh(version)})")
+        experiment_id = ensure_experiment(client, experiment)
+        run = create_run(client, version, experiment_id, params, name)
+    result = SubmitResult(run.run_id, ui_url(host, "runs", run.run_id), version)
+    _say(out, f"run id: {result.run_id}")
+    _say(out, f"run url: {result.url}")
+    if wait:
+        finished = wait_for_run(client, run.run_id, timeout, poll_interval)
+        result.state = _state(finished)
+        _say(out, f"run {result.run_id}: {result.state}")
+        if result.state != "SUCCEEDED":
+            raise SubmitError("\n".join([f"run {result.run_id} {result.state}", *run_failure(finished)]))
+    return result
+
+
+def default_run_name(params: dict) -> str:
+    model = (params.get("model") or {}).get("name") or "fulltune"
+    return f"{model} {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
+
+
+# -- schedule ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScheduleResult:
+    recurring_run_id: str
+    url: str
+    action: str  # created | replaced | unchanged | paused | resumed
+    cron: str
+    version: PipelineVersion
+
+
+def _list_recurring(client, experiment_id: str, name: str) -> list:
+    found, token = [], ""
+    while True:
+        resp = client.list_recurring_runs(
+            experiment_id=experiment_id, page_token=token, page_size=100, filter=_equals("display_name", name)
+        )
+        found += [r for r in resp.recurring_runs or [] if r.display_name == name]
+        token = resp.next_page_token
+        if not token:
+            return found
+
+
+def _enabled(rr) -> bool:
+    status = str(rr.status or "").upper()
+    if status in ("ENABLED", "DISABLED"):
+        return status == "ENABLED"
+    return str(rr.mode or "").upper() == "ENABLE"
+
+
+def _same_definition(rr, cron: str, version: PipelineVersion, params: dict) -> bool:
+    rr_cron = rr.trigger.cron_schedule.cron if rr.trigger and rr.trigger.cron_schedule else None
+    ref = rr.pipeline_version_reference
+    rr_version = (ref.pipeline_version_id if ref else None) or rr.pipeline_version_id
+    rr_params = (rr.runtime_config.parameters or {}) if rr.runtime_config else {}
+    return (
+        rr_cron == cron
+        and rr_version == version.version_id
+        and rr_params.get(CONFIG_PARAMETER) == params
+        and bool(rr.no_catchup)
+        and str(rr.max_concurrency) == "1"
+    )
+
+
+def schedule(
+    *,
+    host: str | None,
+    name: str,
+    cron: str,
+    params_file: str | Path,
+    experiment: str = DEFAULT_EXPERIMENT,
+    paused: bool = False,
+    package: str | Path | None = None,
+    namespace: str | None = None,
+    out=None,
+) -> ScheduleResult:
+    """Create or update the recurring run called `name` in `experiment`; one per name afterwards.
+
+    Runs start at most one at a time (max_concurrency 1) and missed slots are not back-filled
+    (no_catchup): a fine-tune that overran its week is not followed by a burst of catch-up runs.
+    """
+    out = out or sys.stdout
+    params = load_params(params_file)
+    kfp_cron = to_kfp_cron(cron)
+    if not name.strip():
+        raise SubmitError("--name must not be empty", EXIT_USAGE)
+    host = resolve_host(host)
+    with package_file(package) as pkg:
+        client = connect(host, namespace)
+        version = ensure_pipeline_version(client, pkg)
+        _say(out, f"pipeline {pkg.pipeline_name} version {version.name} ({_fresh(version)})")
+        experiment_id = ensure_experiment(client, experiment)
+        with _quiet(), _api_errors(f"recurring run {name!r}"):
+            existing = _list_recurring(client, experiment_id, name)
+            if len(existing) == 1 and _same_definition(existing[0], kfp_cron, version, params):
+                rr = existing[0]
+                action = "unchanged"
+                if _enabled(rr) == paused:
+                    if paused:
+                        client.disable_recurring_run(rr.recurring_run_id)
+                        action = "paused"
+                    else:
+                        client.enable_recurring_run(rr.recurring_run_id)
+                        action = "resumed"
+            else:
+                rr = client.create_recurring_run(
+                    experiment_id,
+                    name,
+                    description=f"fulltune schedule {name!r}, created by `fulltune schedule`",
+                    cron_expression=kfp_cron,
+                    max_concurrency=1,
+                    no_catchup=True,
+                    params={CONFIG_PARAMETER: params},
+                    pipeline_id=version.pipeline_id,
+                    version_id=version.version_id,
+                    enabled=not paused,
+                )
+                for old in existing:  # only once the new one exists
+                    client.delete_recurring_run(old.recurring_run_id)
+                action = "replaced" if existing else "created"
+    result = ScheduleResult(
+        rr.recurring_run_id, ui_url(host, "recurringruns", rr.recurring_run_id), action, kfp_cron, version
+    )
+    state = "paused" if paused else "active"
+    _say(out, f"recurring run {name!r}: {action} ({state}), cron {kfp_cron!r} (KFP: seconds first)")
+    _say(out, f"recurring run id: {result.recurring_run_id}")
+    _say(out, f"recurring run url: {result.url}")
+    return result
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def _say(out, line: str) -> None:
+    print(line, file=out, flush=True)
+
+
+def _fresh(version: PipelineVersion) -> str:
+    return "uploaded" if version.uploaded else "already there"
+
+
+def cli_submit(args) -> int:
+    """`fulltune submit`; returns the exit code (EXIT_*)."""
+    return _run_cli(
+        lambda: submit(
+            host=args.host,
+            params_file=args.params,
+            experiment=args.experiment,
+            run_name=args.run_name,
+            package=args.package,
+            namespace=args.namespace,
+            wait=args.wait,
+            timeout=args.timeout,
+            poll_interval=args.poll_interval,
+        )
+    )
+
+
+def cli_schedule(args) -> int:
+    """`fulltune schedule`; returns the exit code (EXIT_*)."""
+    return _run_cli(
+        lambda: schedule(
+            host=args.host,
+            name=args.name,
+            cron=args.cron,
+            params_file=args.params,
+            experiment=args.experiment,
+            paused=args.paused,
+            package=args.package,
+            namespace=args.namespace,
+        )
+    )
+
+
+def _run_cli(action) -> int:
+    try:
+        action()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print("nothing was submitted", file=sys.stderr)
+        return EXIT_USAGE
+    except SubmitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return EXIT_OK
+
+
+def add_arguments(submit_parser, schedule_parser) -> None:
+    """The options of both sub-commands (cli.py owns the sub-command list)."""
+    for p in (submit_parser, schedule_parser):
+        p.add_argument(
+            "--host",
+            default=None,
+            help=f"KFP API address, e.g. https://kubeflow.example.com/pipeline (default: ${ENV_HOST}; "
+            "in a pod: the in-cluster service). The token comes from "
+            f"${ENV_TOKEN} or the pod's KFP service-account token, never from an option.",
+        )
+        p.add_argument("--params", required=True, metavar="FILE", help="RunConfig file (YAML or JSON)")
+        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment (created when missing)")
+        p.add_argument(
+            "--package",
+            default=None,
+            metavar="FILE",
+            help="compiled pipeline YAML (default: compile this fulltune's pipeline, the same bytes "
+            "as pipelines/full_finetune.yaml)",
+        )
+        p.add_argument(
+            "--namespace",
+            default=None,
+            help=f"multi-user KFP: the profile namespace (default: ${ENV_NAMESPACE})",
+        )
+    submit_parser.add_argument("--run-name", default=None, help="default: '<model.name> <UTC time>'")
+    submit_parser.add_argument(
+        "--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded"
+    )
+    submit_parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --wait: give up after S seconds (exit 3)",
+    )
+    submit_parser.add_argument(
+        "--poll-interval", type=float, default=15.0, metavar="S", help="with --wait: seconds between checks"
+    )
+    schedule_parser.add_argument(
+        "--cron",
+        required=True,
+        help='when to run: standard 5-field cron ("0 3 * * 0": Sundays 03:00) or KFP\'s 6 fields, seconds first',
+    )
+    schedule_parser.add_argument(
+        "--name", required=True, help="recurring run name; the same name updates that schedule"
+    )
+    schedule_parser.add_argument(
+        "--paused", action="store_true", help="create or leave the schedule disabled"
+    )

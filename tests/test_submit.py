@@ -1,0 +1,432 @@
+"""`fulltune submit` / `fulltune schedule` against a stand-in of the KFP v2beta1 REST API on localhost,
+and the cluster settings of the compiled pipeline (S3 Secret, evaluate's GPU, caching policy).
+
+The real kfp.Client does the HTTP; tests/kfp_standin.py answers like the KFP API server and records
+every request, so these tests see what a cluster would receive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fulltune import __version__
+from fulltune.cli import S3_SECRET as CLI_S3_SECRET
+from fulltune.cli import main
+from fulltune.kfp.compile import PIPELINE_FILE, compile_all
+from fulltune.kfp.pipeline import S3_SECRET, S3_SECRET_KEYS
+from kfp_standin import KFPStandIn
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / PIPELINE_FILE
+EXAMPLE = ROOT / "pipelines" / "examples" / "llama-8b-clinical.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_kfp_settings(monkeypatch, tmp_path):
+    for name in (
+        "KFP_HOST",
+        "KFP_BEARER_TOKEN",
+        "KFP_NAMESPACE",
+        "KF_PIPELINES_UI_ENDPOINT",
+        "KUBERNETES_SERVICE_HOST",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    # never pick up a real pod's service-account token
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-token-here"))
+
+
+@pytest.fixture
+def kfp():
+    with KFPStandIn() as server:
+        yield server
+
+
+@pytest.fixture
+def params(tmp_path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(EXAMPLE.read_text())
+    return path
+
+
+def submit(kfp, params, *extra, package=PACKAGE) -> int:
+    args = ["submit", "--host", kfp.url, "--params", str(params), "--poll-interval", "0.01"]
+    if package is not None:
+        args += ["--package", str(package)]
+    return main([*args, *extra])
+
+
+def schedule(kfp, params, *extra) -> int:
+    return main(["schedule", "--host", kfp.url, "--params", str(params), "--package", str(PACKAGE), *extra])
+
+
+def changed_package(tmp_path) -> Path:
+    """The same pipeline with one executor's image changed: different content, same name."""
+    docs = list(yaml.safe_load_all(PACKAGE.read_text()))
+    for executor in docs[0]["deploymentSpec"]["executors"].values():
+        executor["container"]["image"] = "registry.example/fulltune:9.9.9"
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return path
+
+
+# -- submit -----------------------------------------------------------------------------------------
+
+
+def test_submit_uploads_the_pipeline_and_starts_a_run_with_the_config(kfp, params, capsys):
+    assert submit(kfp, params) == 0
+    out = capsys.readouterr().out
+
+    [pipeline] = kfp.pipelines.values()
+    assert pipeline["display_name"] == "full-finetune"
+    [version] = kfp.versions_of("full-finetune")
+    sha = hashlib.sha256(PACKAGE.read_bytes()).hexdigest()
+    assert version["display_name"] == f"{__version__}-{sha[:12]}"
+    assert kfp.packages[version["pipeline_version_id"]] == PACKAGE.read_bytes()
+    [experiment] = kfp.experiments.values()
+    assert experiment["display_name"] == "fulltune"
+
+    [run] = kfp.runs.values()
+    assert run["experiment_id"] == experiment["experiment_id"]
+    assert run["pipeline_version_reference"] == {
+        "pipeline_id": pipeline["pipeline_id"],
+        "pipeline_version_id": version["pipeline_version_id"],
+    }
+    assert run["runtime_config"]["parameters"] == {"config": yaml.safe_load(EXAMPLE.read_text())}
+    assert run["display_name"].startswith("llama-3.1-8b-clinical ")
+    assert f"run id: {run['run_id']}" in out
+    assert f"run url: {kfp.url}/#/runs/details/{run['run_id']}" in out
+
+
+def test_a_json_params_file_and_a_named_experiment(kfp, tmp_path):
+    path = tmp_path / "run.json"
+    config = yaml.safe_load(EXAMPLE.read_text())
+    path.write_text(json.dumps(config))
+    assert submit(kfp, path, "--experiment", "clinical", "--run-name", "nightly") == 0
+    [run] = kfp.runs.values()
+    assert run["display_name"] == "nightly"
+    assert run["runtime_config"]["parameters"]["config"] == config
+    assert [e["display_name"] for e in kfp.experiments.values()] == ["clinical"]
+
+
+def test_resubmitting_the_same_package_reuses_its_version(kfp, params, capsys):
+    assert submit(kfp, params) == 0
+    assert submit(kfp, params) == 0
+    assert "already there" in capsys.readouterr().out
+    assert len(kfp.versions_of("full-finetune")) == 1
+    assert len(kfp.calls("POST", r"/apis/v2beta1/pipelines/upload_version")) == 1
+    assert len(kfp.pipelines) == 1 and len(kfp.experiments) == 1
+    first, second = kfp.runs.values()
+    assert first["pipeline_version_reference"] == second["pipeline_version_reference"]
+
+
+def test_a_changed_package_becomes_a_new_version_of_the_same_pipeline(kfp, params, tmp_path):
+    changed = changed_package(tmp_path)
+    assert submit(kfp, params) == 0
+    assert submit(kfp, params, package=changed) == 0
+    assert len(kfp.pipelines) == 1
+    versions = kfp.versions_of("full-finetune")
+    assert len(versions) == 2
+    by_id = {v["pipeline_version_id"]: v for v in versions}
+    first, second = (by_id[r["pipeline_version_reference"]["pipeline_version_id"]] for r in kfp.runs.values())
+    assert first["display_name"].endswith(hashlib.sha256(PACKAGE.read_bytes()).hexdigest()[:12])
+    assert second["display_name"].endswith(hashlib.sha256(changed.read_bytes()).hexdigest()[:12])
+    assert "registry.example/fulltune:9.9.9" in json.dumps(second["pipeline_spec"])
+
+
+def test_without_package_the_pipeline_is_compiled_and_matches_the_checked_in_yaml(kfp, params):
+    assert submit(kfp, params, package=None) == 0
+    [version_id] = kfp.packages
+    assert kfp.packages[version_id] == PACKAGE.read_bytes()
+
+
+def test_wait_returns_0_when_the_run_succeeds(kfp, params, capsys):
+    kfp.script_runs(["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"])
+    assert submit(kfp, params, "--wait") == 0
+    [run] = kfp.runs.values()
+    assert f"run {run['run_id']}: SUCCEEDED" in capsys.readouterr().out
+    assert len(kfp.calls("GET", rf"/apis/v2beta1/runs/{run['run_id']}")) == 4
+
+
+def test_wait_fails_with_the_state_and_the_error_when_the_run_fails(kfp, params, capsys):
+    kfp.script_runs(["RUNNING", "FAILED"], error="train: exit code 1 (out of memory)", failed_task="train")
+    assert submit(kfp, params, "--wait") == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out
+    assert "FAILED" in captured.err
+    assert "error: train: exit code 1 (out of memory)" in captured.err
+    assert "task train: train: exit code 1 (out of memory)" in captured.err
+
+
+def test_wait_treats_a_canceled_run_as_finished_and_failed(kfp, params, capsys):
+    kfp.script_runs(["RUNNING", "CANCELED"])
+    assert submit(kfp, params, "--wait", "--timeout", "30") == 1
+    assert "CANCELED" in capsys.readouterr().err
+
+
+def test_wait_gives_up_after_the_timeout(kfp, params, capsys):
+    kfp.script_runs(["RUNNING"])
+    assert submit(kfp, params, "--wait", "--timeout", "0.2") == 3
+    assert "still RUNNING after 0.2s" in capsys.readouterr().err
+
+
+# -- schedule ---------------------------------------------------------------------------------------
+
+
+def test_scheduling_twice_under_one_name_keeps_one_recurring_run_with_the_new_cron(kfp, params, capsys):
+    assert schedule(kfp, params, "--name", "weekly-clinical", "--cron", "0 3 * * 0") == 0
+    [first] = kfp.recurring_runs.values()
+    assert first["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"  # KFP's cron: seconds first
+    assert schedule(kfp, params, "--name", "weekly-clinical", "--cron", "30 4 * * 1") == 0
+    [rr] = kfp.recurring_runs.values()
+    assert rr["recurring_run_id"] != first["recurring_run_id"]
+    assert rr["display_name"] == "weekly-clinical"
+    assert rr["trigger"]["cron_schedule"]["cron"] == "0 30 4 * * 1"
+    assert rr["status"] == "ENABLED"
+    assert rr["runtime_config"]["parameters"] == {"config": yaml.safe_load(EXAMPLE.read_text())}
+    assert rr["no_catchup"] is True and rr["max_concurrency"] == "1"
+    [version] = kfp.versions_of("full-finetune")
+    assert rr["pipeline_version_reference"]["pipeline_version_id"] == version["pipeline_version_id"]
+    assert "replaced" in capsys.readouterr().out
+
+
+def test_scheduling_the_same_thing_again_changes_nothing(kfp, params, capsys):
+    for _ in range(2):
+        assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    assert len(kfp.recurring_runs) == 1
+    assert len(kfp.calls("POST", r"/apis/v2beta1/recurringruns")) == 1
+    assert not kfp.calls("DELETE", r"/apis/v2beta1/recurringruns/.*")
+    assert "unchanged" in capsys.readouterr().out
+
+
+def test_paused_then_resumed_in_place(kfp, params):
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    [rr_id] = kfp.recurring_runs
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0", "--paused") == 0
+    assert list(kfp.recurring_runs) == [rr_id]
+    assert kfp.recurring_runs[rr_id]["status"] == "DISABLED"
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    assert kfp.recurring_runs[rr_id]["status"] == "ENABLED"
+    assert kfp.calls("POST", rf"/apis/v2beta1/recurringruns/{rr_id}:disable")
+    assert kfp.calls("POST", rf"/apis/v2beta1/recurringruns/{rr_id}:enable")
+
+
+def test_a_new_schedule_can_start_paused_and_other_names_are_left_alone(kfp, params):
+    assert schedule(kfp, params, "--name", "daily", "--cron", "0 0 1 * * *") == 0  # six fields: as given
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0", "--paused") == 0
+    by_name = {rr["display_name"]: rr for rr in kfp.recurring_runs.values()}
+    assert by_name["daily"]["trigger"]["cron_schedule"]["cron"] == "0 0 1 * * *"
+    assert by_name["daily"]["status"] == "ENABLED"
+    assert by_name["weekly"]["status"] == "DISABLED"
+
+
+def test_a_cron_with_the_wrong_number_of_fields_is_refused_before_any_request(kfp, params, capsys):
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * *") == 2
+    assert "expected 5 fields" in capsys.readouterr().err
+    assert kfp.requests == []
+
+
+# -- credentials ------------------------------------------------------------------------------------
+
+
+def test_the_bearer_token_comes_from_the_environment_and_is_sent_as_a_header(
+    kfp, params, monkeypatch, capsys
+):
+    token = "s3cr3t-token-from-ci"
+    monkeypatch.setenv("KFP_BEARER_TOKEN", token)
+    assert submit(kfp, params) == 0
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    assert kfp.requests
+    assert {r.headers.get("authorization") for r in kfp.requests} == {f"Bearer {token}"}
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err
+    # and there is no option to put it on the command line, where `ps` would show it
+    for flag in ("--token", "--bearer-token", "--existing-token"):
+        with pytest.raises(SystemExit):
+            main(["submit", "--params", str(params), flag, token])
+
+
+def test_the_kubeflow_service_account_token_file_is_used_in_a_pod(kfp, params, monkeypatch, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("projected-sa-token\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    assert submit(kfp, params) == 0
+    assert {r.headers.get("authorization") for r in kfp.requests} == {"Bearer projected-sa-token"}
+
+
+def test_no_credentials_no_authorization_header(kfp, params):
+    assert submit(kfp, params) == 0
+    assert all("authorization" not in r.headers for r in kfp.requests)
+
+
+def test_the_host_can_come_from_kfp_host(kfp, params, monkeypatch):
+    monkeypatch.setenv("KFP_HOST", kfp.url)
+    assert main(["submit", "--params", str(params), "--package", str(PACKAGE)]) == 0
+    assert len(kfp.runs) == 1
+
+
+def test_in_a_pod_without_a_host_the_standard_in_cluster_service_is_used(monkeypatch):
+    from fulltune.submit import resolve_host
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert resolve_host(None) == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    assert resolve_host("https://kfp.example.com/pipeline/") == "https://kfp.example.com/pipeline"
+
+
+def test_no_host_is_a_usage_error(params, capsys):
+    assert main(["submit", "--params", str(params), "--package", str(PACKAGE)]) == 2
+    assert "--host" in capsys.readouterr().err
+
+
+def test_an_unreachable_host_is_one_line_not_a_traceback(params, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    assert (
+        main(
+            [
+                "submit",
+                "--host",
+                f"http://127.0.0.1:{port}",
+                "--params",
+                str(params),
+                "--package",
+                str(PACKAGE),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "cannot reach the KFP API" in err and "Traceback" not in err
+
+
+# -- refusing bad input before anything is created --------------------------------------------------
+
+
+def test_a_bad_params_file_names_file_and_field_and_creates_nothing(kfp, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config["training"]["learning_rate"] = "fast"
+    config["evaluation"]["max_general_ppl_increse"] = 0.1  # misspelt
+    bad.write_text(yaml.safe_dump(config))
+    assert submit(kfp, bad, "--wait") == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err
+    assert "training.learning_rate" in err
+    assert "evaluation.max_general_ppl_increse" in err and "unknown field" in err
+    assert "nothing was submitted" in err
+    assert kfp.requests == []
+
+
+def test_a_broken_json_params_file_names_the_line(kfp, tmp_path, capsys):
+    bad = tmp_path / "run.json"
+    bad.write_text('{"model": {"name": "x"},\n "training": {"learning_rate": }\n}')
+    assert submit(kfp, bad) == 2
+    assert f"{bad}:2:" in capsys.readouterr().err
+    assert kfp.requests == []
+
+
+def test_a_bad_schedule_params_file_creates_nothing(kfp, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: 'has spaces'\n")
+    assert schedule(kfp, bad, "--name", "weekly", "--cron", "0 3 * * 0") == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "model.name" in err
+    assert kfp.requests == [] and kfp.recurring_runs == {}
+
+
+def test_a_package_that_is_not_the_pipeline_is_refused(kfp, params, tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"pipelineInfo": {"name": "x"}, "root": {"dag": {}}}))
+    assert submit(kfp, params, package=other) == 2
+    assert "no `config` parameter" in capsys.readouterr().err
+    assert kfp.requests == []
+
+
+# -- cluster settings of the compiled pipeline ------------------------------------------------------
+
+
+def _platform(spec_docs) -> dict:
+    return (
+        spec_docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(spec_docs) > 1 else {}
+    )
+
+
+def test_the_ui_shows_a_description_of_the_config_parameter():
+    spec = next(yaml.safe_load_all(PACKAGE.read_text()))
+    description = spec["root"]["inputDefinitions"]["parameters"]["config"]["description"]
+    assert "RunConfig" in description and "fulltune config --describe" in description
+    assert "\n" not in description
+
+
+def test_step_pods_get_s3_credentials_from_the_secret_and_evaluate_a_gpu():
+    docs = list(yaml.safe_load_all(PACKAGE.read_text()))
+    executors = _platform(docs)
+    steps = {
+        "validate-data",
+        "check-tokenizer",
+        "plan",
+        "preprocess-shard",
+        "gather-shards",
+        "train",
+        "evaluate",
+        "register",
+    }
+    assert {f"exec-{s}" for s in steps} <= set(executors)
+    assert "exec-list-shards" not in executors  # reads only its input
+    for name in steps:
+        [secret] = executors[f"exec-{name}"]["secretAsEnv"]
+        assert secret["secretName"] == S3_SECRET == "fulltune-s3"
+        assert secret["optional"] is True
+        assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {(k, k) for k in S3_SECRET_KEYS}
+    accelerators = {
+        name: e["container"]["resources"]["accelerator"]
+        for name, e in docs[0]["deploymentSpec"]["executors"].items()
+        if "accelerator" in e["container"].get("resources", {})
+    }
+    assert accelerators == {
+        "exec-evaluate": {
+            "count": "1",
+            "resourceCount": "1",
+            "resourceType": "nvidia.com/gpu",
+            "type": "nvidia.com/gpu",
+        }
+    }
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in executors[
+        "exec-evaluate"
+    ]["tolerations"]
+
+
+def test_caching_is_off_for_steps_that_read_outside_data_or_must_rerun():
+    spec = next(yaml.safe_load_all(PACKAGE.read_text()))
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"list-shards", "preprocess-shard", "gather-shards"}
+    for name in ("validate-data", "check-tokenizer", "plan", "train", "evaluate", "register"):
+        assert tasks[name]["cachingOptions"] == {}, name
+
+
+def test_compile_options_name_the_secret_or_drop_it_and_the_gpu(tmp_path):
+    assert main(["compile", "--root", str(tmp_path / "a"), "--s3-secret", "team-s3", "--eval-gpus", "0"]) == 0
+    docs = list(yaml.safe_load_all((tmp_path / "a" / PIPELINE_FILE).read_text()))
+    executors = _platform(docs)
+    assert {e["secretAsEnv"][0]["secretName"] for e in executors.values()} == {"team-s3"}
+    assert "tolerations" not in executors["exec-evaluate"]
+    assert "resources" not in docs[0]["deploymentSpec"]["executors"]["exec-evaluate"]["container"]
+
+    bare = list(yaml.safe_load_all(compile_all(tmp_path / "b", s3_secret="", eval_gpus=2)[0].read_text()))
+    assert all("secretAsEnv" not in e for e in _platform(bare).values())
+    assert (
+        bare[0]["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]["accelerator"][
+            "count"
+        ]
+        == "2"
+    )
+    assert CLI_S3_SECRET == S3_SECRET  # the CLI default repeats the pipeline's without importing kfp
