@@ -53,8 +53,11 @@ def test_pipeline_shape():
     cond = next(t for t in root_tasks.values() if "triggerPolicy" in t)
     assert "evaluate" in json.dumps(cond["triggerPolicy"]["condition"])
     assert root_tasks["train"]["cachingOptions"] == {}  # caching off: a rerun must train again
-    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert len(images) == 1 and not images.pop().endswith(":latest")
+    images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
+    # CPU steps run the runtime image; the GPU evaluate step the trainer image; never a floating tag
+    assert images.pop("exec-evaluate").startswith("ghcr.io/fulltune/fulltune-trainer:")
+    assert len(set(images.values())) == 1
+    assert not any(image.endswith(":latest") for image in images.values())
     # nothing is pip-installed when a step starts: the image has fulltune and kfp
     for e in spec["deploymentSpec"]["executors"].values():
         assert "pip install" not in " ".join(e["container"]["command"])

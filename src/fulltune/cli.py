@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
+
+from fulltune import _logging
 
 EXIT_USAGE = 2
 S3_SECRET = "fulltune-s3"  # fulltune.kfp.pipeline.S3_SECRET; repeated so the parser needs no kfp import
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _logging.setup("stderr")
     args = build_parser().parse_args(argv)
     if getattr(args, "action", None) in ("show", "verify") and args.version is None:
         print("error: --version is required for show and verify", file=sys.stderr)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +24,9 @@ MetricSink = Callable[[str, float], None]
 
 
 def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout
-        )
+    from fulltune import _logging
+
+    _logging.setup("stdout")
 
 
 def _log_metrics(log_metric: MetricSink | None, metrics: dict[str, Any], prefix: str = "") -> None:
