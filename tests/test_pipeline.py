@@ -128,7 +128,7 @@ def test_forgetting_model_is_refused_and_not_registered(demo_assets, tmp_path, c
 def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, capfd):
     from kfp import components, local
 
-    from fulltune.demo.run import demo_config
+    from fulltune.demo.run import demo_config, kfp_local_guard
 
     lines = Path(demo_assets.train_uri).read_text().splitlines()
     lines[6] = lines[6][:-5]  # line 7: truncated JSON
@@ -144,7 +144,7 @@ def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, c
         pipeline_root=str(tmp_path / "root"),
         raise_on_error=True,
     )
-    with pytest.raises(RuntimeError, match="validate-data"):
+    with kfp_local_guard(), pytest.raises(RuntimeError, match="validate-data"):
         pipeline(config=cfg.to_dict())
     out = capfd.readouterr()
     text = out.out + out.err
@@ -153,3 +153,33 @@ def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, c
         assert f"Executing task \x1b[96m'{later}'" not in text
     assert not (tmp_path / "work").exists()  # nothing was written for the run
     assert not (tmp_path / "registry").exists()
+
+
+def test_a_work_directory_on_a_pvc_is_mounted_into_every_step(tmp_path):
+    from fulltune.kfp.compile import compile_pipeline
+
+    path = compile_pipeline(tmp_path / "p.yaml", work_pvc="fulltune-work:/work")
+    spec, platform = yaml.safe_load_all(path.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(spec["deploymentSpec"]["executors"]) <= set(executors)
+    for name in spec["deploymentSpec"]["executors"]:
+        mounts = executors[name]["pvcMount"]
+        assert [(m["constant"], m["mountPath"]) for m in mounts] == [("fulltune-work", "/work")], name
+    with pytest.raises(ValueError, match="CLAIM:/mount/path"):
+        compile_pipeline(tmp_path / "q.yaml", work_pvc="fulltune-work")
+
+
+def test_a_kfp_local_run_leaves_print_and_logging_as_they_were():
+    """kfp.local's own print/log swapping can leak out of concurrent tasks; the guard undoes it."""
+    import builtins
+    import logging
+
+    from fulltune.demo.run import kfp_local_guard
+
+    root = logging.getLogger()
+    before = (builtins.print, root.handlers[:], root.level)
+    with kfp_local_guard():
+        builtins.print = lambda *a, **k: None  # what a leaked indented_print looks like
+        root.handlers[:] = [logging.StreamHandler()]
+        root.setLevel(logging.DEBUG)
+    assert (builtins.print, root.handlers[:], root.level) == before

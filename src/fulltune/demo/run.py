@@ -15,11 +15,14 @@ Two settings:
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import datetime as dt
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,25 @@ def demo_config(
     )
 
 
+@contextlib.contextmanager
+def kfp_local_guard() -> Iterator[None]:
+    """Undo what a kfp.local run leaves behind in this process.
+
+    kfp.local swaps `builtins.print` for an indenting one and the root logger's handlers for one
+    bound to the sys.stdout of the moment, restoring both on exit; with the tasks of a ParallelFor
+    running in threads the saves and restores interleave, and the process can be left printing
+    with a growing indent and logging into a stream that has since been closed.
+    """
+    root = logging.getLogger()
+    saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        builtins.print = saved_print
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
 def run_demo(
     root: Path, *, forget: bool = False, nproc: int = 2, assets: DemoAssets | None = None
 ) -> DemoResult:
@@ -126,7 +148,8 @@ def run_demo(
         raise_on_error=True,
     )
     log.info("running the compiled pipeline %s through kfp.local", compiled[0])
-    pipeline(config=cfg.to_dict())
+    with kfp_local_guard():
+        pipeline(config=cfg.to_dict())
 
     run_dirs = sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.exists() else []
     if len(run_dirs) != 1:
