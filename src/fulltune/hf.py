@@ -6,6 +6,7 @@ that are not weights are fetched; local directories are used in place.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,12 +36,30 @@ def metadata_dir(uri: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def load_tokenizer(uri: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer at `uri` (local directory or s3:// prefix), via AutoTokenizer."""
-    from transformers import AutoTokenizer
+# tokenizer_config.json classes that mean "the generic tokenizers-library tokenizer": AutoTokenizer
+# would resolve them to PreTrainedTokenizerFast anyway, but only after importing torch (seconds per
+# process, paid by every preprocess shard); loading the class directly skips that.
+GENERIC_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
 
+
+def load_tokenizer(uri: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer at `uri` (local directory or s3:// prefix): the generic fast tokenizer when its
+    config names it (no torch import), else AutoTokenizer."""
     with metadata_dir(uri) as path:
+        if _tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_config(uri: str, trust_remote_code: bool = False) -> Any:
