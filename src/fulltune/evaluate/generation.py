@@ -29,14 +29,13 @@ cases resolve differently in a padded batch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fulltune import storage
+from fulltune.evaluate.taskfile import task_records
 
 
 class GenerationTaskError(ValueError):
@@ -64,18 +63,9 @@ class GenScores:
 def load_task(uri: str, *, limit: int | None = None) -> list[Example]:
     """The examples of a task file, in file order (at most `limit`)."""
     examples: list[Example] = []
-    for number, line in enumerate(storage.read_text(uri).splitlines(), start=1):
-        if not line.strip():
-            continue
-        if limit is not None and len(examples) >= limit:
-            break
-        where = f"{uri} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GenerationTaskError(f"{where}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise GenerationTaskError(f"{where}: expected an object with prompt and answer")
+    for where, record in task_records(
+        uri, limit=limit, error=GenerationTaskError, expected="prompt and answer"
+    ):
         prompt, answer = record.get("prompt"), record.get("answer")
         if not isinstance(prompt, str):
             raise GenerationTaskError(f"{where}: 'prompt' must be a string")

@@ -24,13 +24,12 @@ share a tokenizer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fulltune import storage
+from fulltune.evaluate.taskfile import task_records
 
 
 class MCTaskError(ValueError):
@@ -65,18 +64,9 @@ class MCScores:
 def load_task(uri: str, *, limit: int | None = None) -> list[Question]:
     """The questions of a task file, in file order (at most `limit`)."""
     questions: list[Question] = []
-    for number, line in enumerate(storage.read_text(uri).splitlines(), start=1):
-        if not line.strip():
-            continue
-        if limit is not None and len(questions) >= limit:
-            break
-        where = f"{uri} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MCTaskError(f"{where}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise MCTaskError(f"{where}: expected an object with question, choices and answer")
+    for where, record in task_records(
+        uri, limit=limit, error=MCTaskError, expected="question, choices and answer"
+    ):
         question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
         if not isinstance(question, str):
             raise MCTaskError(f"{where}: 'question' must be a string")
