@@ -31,6 +31,7 @@ def _compile(args: argparse.Namespace) -> int:
         trainer_image=args.trainer_image,
         s3_secret=args.s3_secret,
         eval_gpus=args.eval_gpus,
+        work_pvc=args.work_pvc,
     ):
         print(path)
     return 0
@@ -137,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="GPUs for the evaluate step (default: 1; 0: CPU)",
+    )
+    c.add_argument(
+        "--work-pvc",
+        default=None,
+        metavar="CLAIM:/PATH",
+        help="mount this RWX PersistentVolumeClaim into every step pod (a work_dir on a volume instead of S3)",
     )
     c.set_defaults(func=_compile)
 

@@ -27,12 +27,17 @@ def compile_pipeline(
     trainer_image: str | None = None,
     s3_secret: str | None = S3_SECRET,
     eval_gpus: int = 1,
+    work_pvc: str | None = None,
 ) -> Path:
     """Compile the pipeline to `path` (KFP v2 IR YAML, with the Kubernetes platform settings)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(
-        image or default_image(), trainer_image=trainer_image, s3_secret=s3_secret, eval_gpus=eval_gpus
+        image or default_image(),
+        trainer_image=trainer_image,
+        s3_secret=s3_secret,
+        eval_gpus=eval_gpus,
+        work_pvc=work_pvc,
     )
     compiler.Compiler().compile(pipeline, str(path))
     return path
@@ -45,6 +50,7 @@ def compile_all(
     trainer_image: str | None = None,
     s3_secret: str | None = S3_SECRET,
     eval_gpus: int = 1,
+    work_pvc: str | None = None,
 ) -> list[Path]:
     """Write pipelines/full_finetune.yaml and components/<step>/{component.yaml,README.md} under root.
 
@@ -56,7 +62,12 @@ def compile_all(
     trainer_image = trainer_image or default_trainer_image()
     written = [
         compile_pipeline(
-            root / PIPELINE_FILE, image, trainer_image=trainer_image, s3_secret=s3_secret, eval_gpus=eval_gpus
+            root / PIPELINE_FILE,
+            image,
+            trainer_image=trainer_image,
+            s3_secret=s3_secret,
+            eval_gpus=eval_gpus,
+            work_pvc=work_pvc,
         )
     ]
     components = build_components(image)

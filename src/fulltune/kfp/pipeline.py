@@ -37,6 +37,7 @@ def build_pipeline(
     trainer_image: str | None = None,
     s3_secret: str | None = S3_SECRET,
     eval_gpus: int = 1,
+    work_pvc: str | None = None,
 ):
     """The pipeline function, ready to compile.
 
@@ -48,7 +49,11 @@ def build_pipeline(
             variables (marked optional, so a cluster using workload identity needs no Secret);
             None or "" adds none.
         eval_gpus: GPUs the evaluate step requests (`nvidia.com/gpu`); 0 runs it on CPU.
+        work_pvc: "CLAIM:/mount/path" mounts an RWX PersistentVolumeClaim into every step pod, for a
+            `work_dir` on a shared volume instead of S3 (the training pods mount it through
+            `resources.kubernetes.volumes`, at the same path).
     """
+    pvc = _parse_pvc(work_pvc) if work_pvc else None
     image = image or default_image()
     trainer_image = trainer_image or default_trainer_image()
     c = build_components(image)
@@ -100,8 +105,28 @@ def build_pipeline(
         for task in (validated, checked, planned, shard_task, gathered, trained, evaluated, registered):
             _s3_credentials(task, s3_secret)
         _gpus(evaluated, eval_gpus)
+        if pvc:
+            for task in (
+                validated,
+                checked,
+                planned,
+                shards,
+                shard_task,
+                gathered,
+                trained,
+                evaluated,
+                registered,
+            ):
+                kubernetes.mount_pvc(task, pvc_name=pvc[0], mount_path=pvc[1])
 
     return full_finetune
+
+
+def _parse_pvc(spec: str) -> tuple[str, str]:
+    claim, sep, path = spec.partition(":")
+    if not (claim and sep and path.startswith("/")):
+        raise ValueError(f"work_pvc {spec!r}: expected CLAIM:/mount/path, e.g. fulltune-work:/work")
+    return claim, path
 
 
 def _s3_credentials(task: dsl.PipelineTask, secret: str | None) -> None:

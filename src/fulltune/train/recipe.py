@@ -594,7 +594,7 @@ def save(
 
     with tempfile.TemporaryDirectory(prefix="fulltune-model-") as tmp:
         out = Path(tmp)
-        engine.module.save_pretrained(out, state_dict=state_dict)
+        engine.module.save_pretrained(out, state_dict=state_dict, max_shard_size="5GB")
         load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code).save_pretrained(out)
         (out / "fulltune_config.yaml").write_text(cfg.to_yaml())
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
