@@ -15,7 +15,8 @@ every pod of the PyTorchJob on a cluster).
   the newest complete one and refuses to start over when checkpoints exist but none is usable.
   `FULLTUNE_FAULT_AFTER_STEP=N` (with `FULLTUNE_FAULT_RANK`) SIGKILLs a rank after step N: fault
   injection for the resume tests.
-- Optimizer: `training.optim` "adamw_torch" (no weight decay on 1-D parameters) or "adafactor"
+- Optimizer: `training.optim` "adamw_torch" (no weight decay on 1-D parameters; torch's fused CUDA
+  kernel on GPU, the single-tensor version on CPU) or "adafactor"
   (transformers' Adafactor at the fixed scheduled learning rate: relative_step, scale_parameter and
   warmup_init off, no first moment). Under ZeRO-3 the optimizer steps DeepSpeed's flat fp32
   partitions, so Adafactor's second moment is not factored and its update clipping (RMS, threshold
@@ -31,7 +32,9 @@ every pod of the PyTorchJob on a cluster).
   summary names the best step and loss). The early-stopping state is recomputed from the metrics
   records, so a resumed run stops where an uninterrupted one would.
 - Per-step log: loss, learning rate, grad norm, tokens/s (loss tokens), ETA and, on a GPU whose
-  peak 16-bit FLOP/s is known (`PEAK_FLOPS`), the model FLOPs utilisation (see `mfu`).
+  peak 16-bit FLOP/s is known (`PEAK_FLOPS`), the model FLOPs utilisation (see `mfu`); on a GPU the
+  metrics records also carry the peak memory allocated and reserved by PyTorch so far, to hold
+  against the plan's per-GPU estimate.
 - At the end: one consolidated Hugging Face model (safetensors) + tokenizer + the resolved config,
   with `model_manifest.json` (files, sizes, SHA-256) written last as the completeness marker.
 
@@ -162,8 +165,17 @@ def build_optimizer(model, cfg: RunConfig):
         return Adafactor(
             groups, lr=tr.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False
         )
+    # On GPU the fused kernel: no full-size fp32 temporaries during the step (the single-tensor
+    # version makes two of the sub-group being stepped) and fewer kernel launches. On CPU the
+    # single-tensor version, whose results do not depend on the thread count.
+    fused = cfg.resources.accelerator == "gpu"
     return torch.optim.AdamW(
-        groups, lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon, foreach=False
+        groups,
+        lr=tr.learning_rate,
+        betas=(tr.adam_beta1, tr.adam_beta2),
+        eps=tr.adam_epsilon,
+        foreach=False if not fused else None,
+        fused=fused,
     )
 
 
@@ -327,7 +339,8 @@ def eval_loss(engine, data: dict[str, Any], *, rank: int, world: int, micro_batc
 
     n = data["input_ids"].shape[0]
     per_round = micro_batch * world
-    totals = torch.zeros(2, dtype=torch.float64)
+    # On the device: NCCL reduces only device tensors, and no host sync per micro-batch.
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
         for r in range(math.ceil(n / per_round)):
@@ -336,7 +349,7 @@ def eval_loss(engine, data: dict[str, Any], *, rank: int, world: int, micro_batc
             real = len(idx) > 0
             summed, count = token_loss_sum(engine, data, idx if real else torch.arange(1), device)
             if real:
-                totals += torch.tensor([summed.item(), float(count.item())], dtype=torch.float64)
+                totals += torch.stack([summed.double(), count.double()])
     engine.train()
     dist.all_reduce(totals)
     return totals[0].item() / max(totals[1].item(), 1.0)
@@ -440,30 +453,37 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
         idx = batch_indices(step, sched, tr.seed, n_seq)
         # Rank r takes micro-batches r, r+world, ... of the global batch.
         micro = [idx[(k * world + rank) * b : (k * world + rank + 1) * b] for k in range(gas)]
+        # The reduced tensors live on the training device: NCCL (GPU) reduces device tensors only.
         counts = torch.tensor(
             [float(sum((data["labels"][m][:, 1:] != IGNORE_INDEX).sum().item() for m in micro))],
             dtype=torch.float64,
+            device=device,
         )
         dist.all_reduce(counts)
         n_tokens = max(counts.item(), 1.0)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         for m in micro:
             summed, _ = token_loss_sum(engine, data, m, device)
             engine.backward(summed * (world * gas / n_tokens))
             engine.step()
-            loss_sum += summed.detach().double().cpu()
+            loss_sum += summed.detach().double()
         dist.all_reduce(loss_sum)
+        loss = loss_sum.item() / n_tokens  # waits for the step's device work: step_time includes it
         step_time = time.time() - t0
         rec: dict[str, Any] = {
             "step": step,
-            "loss": loss_sum.item() / n_tokens,
+            "loss": loss,
             "lr": lr,
             "grad_norm": _float(engine.get_global_grad_norm()),
             "tokens": int(n_tokens),
             "tokens_per_s": n_tokens / max(step_time, 1e-9),
             "step_time_s": step_time,
         }
+        if device.type == "cuda":
+            # peak since the process started: compare with the plan's per-GPU estimate
+            rec["gpu_mem_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rec["gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         if peak:
             # every position of the global batch is computed (packing leaves little padding)
             rec["mfu"] = mfu(sched.global_batch * seq_len / max(step_time, 1e-9), flops_tok, peak, world)
@@ -499,7 +519,7 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
         ):
             eta = (time.time() - start) / (step + 1 - first_step) * (sched.total_steps - step - 1)
             log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %s tok/s %.0f eta %.0fs%s%s",
+                "step %d/%d loss %.4f lr %.3g grad_norm %s tok/s %.0f eta %.0fs%s%s%s",
                 step + 1,
                 sched.total_steps,
                 rec["loss"],
@@ -508,6 +528,7 @@ def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
                 rec["tokens_per_s"],
                 eta,
                 f" mfu {rec['mfu']:.1%}" if "mfu" in rec else "",
+                f" peak mem {rec['gpu_mem_reserved_gib']:.1f} GiB" if "gpu_mem_reserved_gib" in rec else "",
                 f" eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else "",
             )
         if stopping:
@@ -620,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
         format=f"[rank{os.environ.get('RANK', '0')}] %(asctime)s %(name)s %(levelname)s %(message)s",
     )
     paths = parse_args(argv)
+    # Before the first CUDA allocation: the caching allocator with expandable segments left at most
+    # ~20% of the allocated peak unused where the default left up to 45% (benchmarks/plan_memory.py);
+    # plan's estimate assumes it. A value the user set wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         cfg = RunConfig.from_dict(_load_yaml(paths.config), source=paths.config)
         train(cfg, paths)
