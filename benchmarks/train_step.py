@@ -15,6 +15,16 @@ The first `--warmup` steps of each are dropped; the script prints both medians a
 fulltune / hf_trainer (the goal is <= 1.05). No network, no downloads:
 
     .venv/bin/python benchmarks/train_step.py
+
+On a GPU host (`--device cuda`: NCCL, bf16) it also prints fulltune's model FLOPs utilisation, the
+peak GPU memory of both against the plan's per-GPU estimate, and with `--numerics` a float32 run of
+fulltune on the same initial weights and batches, to hold the bf16 loss curve against:
+
+    python benchmarks/train_step.py --device cuda --hidden 2048 --layers 16 --head-dim 128 \
+        --vocab 32000 --seq 2048 --micro 4 --gas 2 --numerics
+
+The training data is a seeded Markov chain over the vocabulary (each token's successor is drawn
+from 4 choices), so the loss falls within a few steps and the two precisions have a curve to agree on.
 """
 
 from __future__ import annotations
@@ -32,8 +42,21 @@ from pathlib import Path
 import numpy as np
 
 
-def build_inputs(root: Path, a: argparse.Namespace) -> dict[str, str]:
-    """Model (random Llama + the demo tokenizer), dataset manifest, resolved config and DeepSpeed JSON."""
+def markov_tokens(n_seq: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """Seeded sequences where each token is followed by one of 4 fixed successors: learnable quickly."""
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(3, vocab, size=(vocab, 4))
+    out = np.empty((n_seq, seq), dtype=np.int64)
+    out[:, 0] = rng.integers(3, vocab, size=n_seq)
+    choice = rng.integers(0, 4, size=(n_seq, seq))
+    for t in range(1, seq):
+        out[:, t] = successors[out[:, t - 1], choice[:, t]]
+    return out
+
+
+def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str = "") -> dict[str, str]:
+    """Model (random Llama + the demo tokenizer), dataset manifest, resolved config and DeepSpeed JSON.
+    A second call with another `tag` reuses the model and data and writes another plan."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -45,47 +68,57 @@ def build_inputs(root: Path, a: argparse.Namespace) -> dict[str, str]:
     from fulltune.preprocess.dataset import MANIFEST_FORMAT
 
     assets = build_demo_assets(Path(a.assets))
-    tok = AutoTokenizer.from_pretrained(str(assets.base_model_dir))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=a.hidden,
-            intermediate_size=a.hidden * 8 // 3,
-            num_hidden_layers=a.layers,
-            num_attention_heads=a.hidden // 32,
-            num_key_value_heads=a.hidden // 64,
-            max_position_embeddings=a.seq,
-            tie_word_embeddings=False,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
     model_dir = root / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-
-    global_batch = a.micro * a.gas * a.nproc
-    n_seq = global_batch * (a.steps + 1)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, len(tok), size=(n_seq, a.seq)).tolist()
-    packed = Packed()
-    for row in ids:
-        packed.add(row, row, a.seq, tok.pad_token_id)
-    sink = ParquetSink(str(root / "data" / "train-00000.parquet"))
-    sink.write(packed)
     dataset = str(root / "data" / "dataset.json")
-    storage.write_json(
-        dataset,
-        {
-            "format": MANIFEST_FORMAT,
-            "max_seq_len": a.seq,
-            "pad_token_id": tok.pad_token_id,
-            "splits": {"train": {"sequences": n_seq, "files": [sink.close()]}},
-        },
-    )
+    vocab = a.vocab or 0
+    if not (model_dir / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(assets.base_model_dir))
+        vocab = max(vocab, len(tok))  # the embedding may have more rows than the tokenizer has tokens
+        torch.manual_seed(0)
+        with torch.device("cuda" if a.device == "cuda" else "cpu"):
+            model = LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=vocab,
+                    hidden_size=a.hidden,
+                    intermediate_size=a.hidden * 8 // 3,
+                    num_hidden_layers=a.layers,
+                    num_attention_heads=a.hidden // a.head_dim,
+                    num_key_value_heads=max(1, a.hidden // a.head_dim // 2),
+                    max_position_embeddings=a.seq,
+                    tie_word_embeddings=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+            )
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        del model
+        if a.device == "cuda":
+            torch.cuda.empty_cache()  # the training runs are other processes: leave them the memory
+
+        global_batch = a.micro * a.gas * a.nproc
+        n_seq = global_batch * (a.steps + 1)
+        packed = Packed()
+        for row in markov_tokens(n_seq, a.seq, vocab).tolist():
+            packed.add(row, row, a.seq, tok.pad_token_id)
+        sink = ParquetSink(str(root / "data" / "train-00000.parquet"))
+        sink.write(packed)
+        storage.write_json(
+            dataset,
+            {
+                "format": MANIFEST_FORMAT,
+                "max_seq_len": a.seq,
+                "pad_token_id": tok.pad_token_id,
+                "splits": {"train": {"sequences": n_seq, "files": [sink.close()]}},
+            },
+        )
+    n_seq = json.loads(Path(dataset).read_text())["splits"]["train"]["sequences"]
+    gpu_gib = 80.0
+    if a.device == "cuda":
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    work = root / f"work{tag}"
     cfg = RunConfig.from_dict(
         {
-            "work_dir": str(root / "work"),
+            "work_dir": str(work),
             "model": {"base_model_uri": str(model_dir)},
             "data": {"train_uri": str(assets.train_uri)},
             "preprocess": {"max_seq_len": a.seq},
@@ -95,17 +128,25 @@ def build_inputs(root: Path, a: argparse.Namespace) -> dict[str, str]:
                 "per_device_train_batch_size": a.micro,
                 "gradient_accumulation_steps": a.gas,
                 "warmup_ratio": 0.1,
-                "bf16": False,
+                "bf16": bf16,
             },
-            "resources": {"nproc_per_node": a.nproc, "accelerator": "cpu"},
+            "resources": {
+                "nproc_per_node": a.nproc,
+                "accelerator": "gpu" if a.device == "cuda" else "cpu",
+                "gpu_memory_gib": gpu_gib,
+            },
         }
     )
-    uris = write_plan(make_plan(cfg, train_tokens=n_seq * a.seq), str(root / "work"))
+    plan = make_plan(cfg, train_tokens=n_seq * a.seq)
+    uris = write_plan(plan, str(work))
+    mem = plan.to_json()["memory"]
     return {
         "dataset": dataset,
         "config": uris["config"],
         "deepspeed": uris["deepspeed"],
         "model": str(model_dir),
+        "plan_memory": json.dumps(mem),
+        "params": str(plan.shape.params),
     }
 
 
@@ -130,9 +171,11 @@ def torchrun(nproc: int, args: list[str], env: dict[str, str]) -> None:
 
 
 def run_fulltune(
-    root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str]
-) -> list[float]:
-    metrics = root / "fulltune-metrics.jsonl"
+    root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str], tag: str = ""
+) -> list[dict]:
+    """One `python -m fulltune.train` run; its per-step metrics records."""
+    metrics = root / f"fulltune{tag}-metrics.jsonl"
+    metrics.unlink(missing_ok=True)
     torchrun(
         a.nproc,
         [
@@ -145,27 +188,25 @@ def run_fulltune(
             "--dataset",
             inputs["dataset"],
             "--output",
-            str(root / "fulltune-model"),
+            str(root / f"fulltune{tag}-model"),
             "--metrics",
             str(metrics),
         ],
         env,
     )
-    return [json.loads(line)["step_time_s"] for line in metrics.read_text().splitlines()]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-def run_hf_trainer(
-    root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str]
-) -> list[float]:
+def run_hf_trainer(root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str]) -> dict:
+    """One Trainer run: {"times": per-step seconds, "gpu_mem_reserved_gib": peak or None, ...}."""
     out = root / "hf-step-times.json"
-    torchrun(
-        a.nproc, [__file__, "--hf-worker", json.dumps({**inputs, "out": str(out), "root": str(root)})], env
-    )
+    spec = {**inputs, "out": str(out), "root": str(root), "device": a.device}
+    torchrun(a.nproc, [__file__, "--hf-worker", json.dumps(spec)], env)
     info = json.loads(out.read_text())
     if info["zero_stage"] != 3:
         sys.exit(f"the HF Trainer did not run DeepSpeed ZeRO-3 (stage {info['zero_stage']}): not comparable")
     print(f"hf_trainer: DeepSpeed ZeRO-3, {info['threads']} torch threads per rank")
-    return info["times"]
+    return info
 
 
 def hf_worker(spec: dict[str, str]) -> None:
@@ -177,6 +218,7 @@ def hf_worker(spec: dict[str, str]) -> None:
     from fulltune.preprocess.dataset import load_split
 
     tr = yaml.safe_load(open(spec["config"]))["training"]
+    cuda = spec["device"] == "cuda"
     args = TrainingArguments(
         output_dir=str(Path(spec["root"]) / "hf-out"),
         deepspeed=spec["deepspeed"],  # before from_pretrained: ZeRO-3 partitions at load time
@@ -193,16 +235,18 @@ def hf_worker(spec: dict[str, str]) -> None:
         max_grad_norm=tr["max_grad_norm"],
         optim="adamw_torch",
         seed=tr["seed"],
-        bf16=False,
+        bf16=cuda,  # must match the DeepSpeed JSON's bf16.enabled (plan enables it on GPU)
         fp16=False,
-        use_cpu=True,
+        use_cpu=not cuda,
         save_strategy="no",
         report_to=[],
         logging_steps=1_000_000,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=torch.bfloat16 if cuda else torch.float32
+    )
     model.config.use_cache = False
     data = load_split(spec["dataset"], "train")
 
@@ -220,6 +264,8 @@ def hf_worker(spec: dict[str, str]) -> None:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()  # fulltune's step time includes the device work too
             self.times.append(time.perf_counter() - self.t0)
 
     timer = StepTimer()
@@ -228,21 +274,45 @@ def hf_worker(spec: dict[str, str]) -> None:
     # The comparison is only fair if the Trainer really ran DeepSpeed ZeRO-3.
     stage = trainer.model_wrapped.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
     if int(os.environ.get("RANK", "0")) == 0:
-        info = {"times": timer.times, "zero_stage": stage, "threads": torch.get_num_threads()}
+        info = {
+            "times": timer.times,
+            "zero_stage": stage,
+            "threads": torch.get_num_threads(),
+            "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+            "gpu_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        }
         Path(spec["out"]).write_text(json.dumps(info))
+
+
+def _attempt(what: str, fn):
+    """fn(), or None after printing why it failed: one failed comparison run keeps the others' figures."""
+    try:
+        return fn()
+    except SystemExit as exc:
+        print(f"{what} failed: {exc}", file=sys.stderr)
+        return None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cpu: gloo, float32; cuda: NCCL, bf16"
+    )
     p.add_argument("--nproc", type=int, default=1, help="processes (ranks) per run")
     p.add_argument("--steps", type=int, default=14, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--repeats", type=int, default=1, help="runs of each trainer, interleaved")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=32, help="attention head size (heads = hidden / head_dim)")
+    p.add_argument("--vocab", type=int, default=0, help="embedding rows (default: the demo tokenizer's size)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--micro", type=int, default=4, help="per-device micro batch")
     p.add_argument("--gas", type=int, default=2, help="gradient accumulation steps")
+    p.add_argument(
+        "--numerics", action="store_true", help="(cuda) also a float32 fulltune run: bf16 vs fp32 loss"
+    )
+    p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -250,26 +320,124 @@ def main() -> None:
         hf_worker(json.loads(a.hf_worker))
         return
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cuda = a.device == "cuda"
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": a.device,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cores = len(os.sched_getaffinity(0))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // a.nproc)))
+    result: dict = {"args": {k: v for k, v in vars(a).items() if k != "hf_worker"}}
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-train-") as tmp:
         root = Path(tmp)
-        inputs = build_inputs(root, a)
-        times: dict[str, list[float]] = {"fulltune": [], "hf_trainer": []}
+        inputs = build_inputs(root, a, bf16=cuda)
+        records: list[dict] = []
+        hf: list[dict] = []
+        first: list[dict] = []  # every step of the first run, for the precision comparison
         for _ in range(a.repeats):
-            times["fulltune"] += run_fulltune(root, inputs, a, env)[a.warmup :]
-            times["hf_trainer"] += run_hf_trainer(root, inputs, a, env)[a.warmup :]
-    med = {k: statistics.median(v) for k, v in times.items()}
+            run = run_fulltune(root, inputs, a, env)
+            first = first or run
+            records += run[a.warmup :]
+            info = _attempt("the Trainer run", lambda: run_hf_trainer(root, inputs, a, env))
+            if info:
+                hf.append(info)
+        fp32: list[dict] = []
+        if cuda and a.numerics:
+            fp32 = _attempt(
+                "the float32 run",
+                lambda: run_fulltune(
+                    root, build_inputs(root, a, bf16=False, tag="-fp32"), a, env, tag="-fp32"
+                ),
+            )
+    times = {
+        "fulltune": [r["step_time_s"] for r in records],
+        "hf_trainer": [t for h in hf for t in h["times"][a.warmup :]],
+    }
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
+    precision = "bf16, NCCL" if cuda else "float32, CPU (gloo)"
     print(
-        f"model: Llama hidden {a.hidden}, {a.layers} layers, seq {a.seq}; {a.nproc} rank(s) x micro batch "
-        f"{a.micro} x accumulation {a.gas}; ZeRO-3 on CPU (gloo), float32, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+        f"model: Llama {int(inputs['params']) / 1e6:.1f}M parameters, hidden {a.hidden}, {a.layers} layers, "
+        f"seq {a.seq}; {a.nproc} rank(s) x micro batch {a.micro} x accumulation {a.gas}; ZeRO-3, {precision}, "
+        f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
     )
     for k, v in times.items():
         print(
             f"{k:11s} median step {med[k] * 1000:8.1f} ms  (n={len(v)}, min {min(v) * 1000:.1f}, max {max(v) * 1000:.1f})"
         )
-    print(f"ratio fulltune / hf_trainer: {med['fulltune'] / med['hf_trainer']:.3f}  (goal <= 1.05)")
+    ratio = med["fulltune"] / med["hf_trainer"]
+    print(f"ratio fulltune / hf_trainer: {ratio:.3f}  (goal <= 1.05)")
+    result.update({"params": int(inputs["params"]), "median_step_s": med, "ratio": ratio})
+    if cuda:
+        import torch
+
+        result["device_name"] = torch.cuda.get_device_name(0)
+        tokens = a.micro * a.gas * a.nproc * a.seq
+        mfus = [r["mfu"] for r in records if "mfu" in r]
+        plan = json.loads(inputs["plan_memory"])
+        gib = 2**30
+        ours = max(r.get("gpu_mem_reserved_gib", 0.0) for r in records)
+        ours_alloc = max(r.get("gpu_mem_allocated_gib", 0.0) for r in records)
+        theirs = max((h["gpu_mem_reserved_gib"] for h in hf), default=float("nan"))
+        print(
+            f"device: {result['device_name']}; {tokens:,} tokens per step: fulltune "
+            f"{tokens / med['fulltune']:,.0f} tok/s, Trainer {tokens / med['hf_trainer']:,.0f} tok/s"
+        )
+        if mfus:
+            print(
+                f"fulltune MFU: median {statistics.median(mfus):.1%} (min {min(mfus):.1%}, max {max(mfus):.1%})"
+            )
+        print(
+            "plan per GPU: "
+            + ", ".join(
+                f"{k} {plan[k] / gib:.2f}"
+                for k in (
+                    "model_states",
+                    "gathered_layers",
+                    "activations",
+                    "logits",
+                    "optimizer_step",
+                    "fragmentation",
+                    "overhead",
+                )
+            )
+            + f" -> total {plan['total'] / gib:.2f} GiB (micro batch {plan['micro_batch']}, "
+            f"recomputation {plan['gradient_checkpointing']})"
+        )
+        print(
+            f"measured peak: fulltune reserved {ours:.2f} GiB (allocated {ours_alloc:.2f}), Trainer reserved "
+            f"{theirs:.2f} GiB; plan total / fulltune reserved {plan['total'] / gib / ours:.2f}, plan without "
+            f"the fixed overhead / allocated {(plan['total'] - plan['overhead']) / gib / ours_alloc:.2f}"
+        )
+        result.update(
+            {
+                "mfu": mfus,
+                "plan_memory": plan,
+                "fulltune_mem_reserved_gib": ours,
+                "fulltune_mem_allocated_gib": ours_alloc,
+                "hf_mem_reserved_gib": theirs,
+                "losses_bf16": {r["step"]: r["loss"] for r in first},
+            }
+        )
+        if fp32:
+            bf = {r["step"]: r["loss"] for r in first}
+            diffs = [abs(bf[r["step"]] - r["loss"]) / r["loss"] for r in fp32 if r["step"] in bf]
+            print("step  loss bf16  loss fp32")
+            for r in fp32:
+                if r["step"] in bf:
+                    print(f"{r['step']:4d}  {bf[r['step']]:9.4f}  {r['loss']:9.4f}")
+            print(
+                f"bf16 vs fp32 loss: max relative difference {max(diffs):.2%}, mean {statistics.mean(diffs):.2%}"
+            )
+            result.update(
+                {
+                    "losses_fp32": {r["step"]: r["loss"] for r in fp32},
+                    "fp32_step_s": statistics.median([r["step_time_s"] for r in fp32[a.warmup :]]),
+                }
+            )
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
