@@ -30,8 +30,9 @@ def llama_dir(tmp_path_factory):
 
 
 def shape_8b() -> ModelShape:
-    # Llama-3.1-8B: 8.03e9 parameters, hidden 4096, 32 layers, vocab 128256; largest layer = embedding
-    return ModelShape(8_030_261_248, 128256 * 4096, 4096, 32, 128256, "llama")
+    # Llama-3.1-8B: 8.03e9 parameters, hidden 4096, 32 layers, vocab 128256, SwiGLU MLP of 14336;
+    # largest layer = embedding
+    return ModelShape(8_030_261_248, 128256 * 4096, 4096, 32, 128256, "llama", 14336, True)
 
 
 def test_parameter_count_is_exact_and_reads_no_weights(llama_dir):
@@ -43,6 +44,7 @@ def test_parameter_count_is_exact_and_reads_no_weights(llama_dir):
     assert shape.params == sum(p.numel() for p in real.parameters())
     assert shape.largest_layer_params == 1000 * 64  # embedding (untied lm_head is the same size)
     assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (64, 3, 1000)
+    assert (shape.intermediate_size, shape.gated_mlp) == (128, True)  # Llama's SwiGLU MLP
     assert not any(p.name.endswith(".safetensors") for p in llama_dir.iterdir())
 
 
@@ -51,13 +53,30 @@ def test_memory_model_matches_the_formulas():
     e = planmod.estimate_memory(s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=False)
     assert e.model_states == pytest.approx(s.params * 16 / 16)
     assert e.gathered_layers == pytest.approx(4 * s.largest_layer_params)
-    assert e.activations == pytest.approx(34 * 4096 * 1 * 4096 * 32)
+    per_layer = 4096 * (24 * 4096 + 8 * 14336)  # attention and norms + SwiGLU MLP, per token
+    assert e.activations == pytest.approx(per_layer * 32)
+    assert e.logits == pytest.approx(12 * 4096 * 128256)
+    assert e.optimizer_step == pytest.approx(6 * s.params / 16)  # one fp32 sub-group (< 1e9 elements)
+    allocated = e.model_states + e.gathered_layers + e.activations + e.logits  # the step is smaller here
+    assert e.fragmentation == pytest.approx(0.2 * allocated)
+    assert e.total == pytest.approx(1.2 * allocated + 1.5 * 2**30)
     gc = planmod.estimate_memory(s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=True)
-    assert gc.activations == pytest.approx(2 * 4096 * 4096 * 32 + 34 * 4096 * 4096)
+    assert gc.activations == pytest.approx(2 * 4096 * 4096 * 32 + per_layer)
     off = planmod.estimate_memory(
         s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=True, offload_optimizer=True
     )
     assert off.model_states == pytest.approx(s.params * 4 / 16)
+    assert off.optimizer_step == 0.0  # the step runs on the CPU
+
+
+def test_optimizer_step_transient_is_one_sub_group_and_can_dominate():
+    """On few GPUs the fp32 sub-group being stepped outweighs short-sequence activations, but never
+    more than DeepSpeed's 1e9-element sub-group: measured on an H200 (docs/benchmarks.md)."""
+    s = shape_8b()
+    one = planmod.estimate_memory(s, world_size=1, seq_len=256, micro_batch=1, gradient_checkpointing=True)
+    assert one.optimizer_step == pytest.approx(6 * 1e9)  # 8e9 params, stepped 1e9 at a time
+    assert one.optimizer_step > one.activations + one.logits
+    assert one.total == pytest.approx(1.2 * (one.model_states + one.gathered_layers + 6e9) + 1.5 * 2**30)
 
 
 def _cfg(**resources) -> RunConfig:

@@ -1,7 +1,8 @@
 """plan: size the run before any GPU is spent on it.
 
 - Parameter count from the model config, on the meta device (no weights are read).
-- Memory per GPU under ZeRO-3:
+- Memory per GPU under ZeRO-3 (the coefficients were measured: `benchmarks/plan_memory.py`, on an
+  H200, two Llama shapes, micro batch 1-8, with and without recomputation; docs/benchmarks.md):
     model states   AdamW: 16 bytes/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m, v 8);
                    Adafactor: 12 bytes/param (2 + 2 + fp32 master 4 + second moment 4, no first
                    moment). Adafactor factors the second moment of a matrix into a row and a column
@@ -11,10 +12,19 @@
                    moves the 16-bit weights too),
     + 4 x the largest layer (bytes) for gathered parameters and gradients in flight, as DeepSpeed's
       own estimator assumes (`estimate_zero3_model_states_mem_needs`),
-    + activations per layer ~ 34*s*b*h bytes without recomputation (Korthikanti et al. 2022, with
-      fused attention), ~ 2*s*b*h bytes per layer with full recomputation plus one layer's 34*s*b*h,
-    + logits s*b*V*6 bytes (bf16 logits and the fp32 copy the loss takes),
-    + a fixed allowance for the CUDA context, NCCL buffers and fragmentation.
+    + the larger of two transients that never coexist:
+      - forward/backward: activations per layer and token ~ 24*h bytes for attention and norms plus
+        8*I for a gated MLP (SwiGLU: gate, up, activation, product; 4*I ungated), I the MLP width;
+        with full recomputation 2*h per layer plus one layer's worth; and the logits at 12 bytes
+        each (bf16 logits, the fp32 copy the loss takes, its log-probabilities, their gradient);
+      - the optimizer step: DeepSpeed steps the fp32 partition in sub-groups of at most
+        `sub_group_size` (1e9) elements, making an fp32 gradient for the one being stepped: 6 bytes
+        per element measured with the fused CUDA AdamW that `train` uses (12 with torch's
+        single-tensor AdamW, whose two full-size temporaries the fused kernel avoids); Adafactor
+        (not measured) ~16; nothing on the GPU when the optimizer is offloaded,
+    + fragmentation: 20% of all the above (the most measured was 16%, with the expandable-segments
+      allocator that `train` turns on; the default allocator left up to 45% unused),
+    + a fixed 1.5 GiB for the CUDA context, NCCL and cuBLAS workspaces (1.3 GiB measured on one GPU).
 - If the configured micro batch does not fit, plan tries in order: gradient checkpointing,
   a smaller micro batch (keeping the global batch with more accumulation), optimizer offload,
   parameter offload; if nothing fits it refuses, saying what would. `training.offload_optimizer`
@@ -43,9 +53,17 @@ from fulltune.config import ConfigError, RunConfig
 
 GiB = 1024**3
 FIXED_OVERHEAD_BYTES = int(1.5 * GiB)
+FRAGMENTATION = 0.2  # of the allocated peak, with expandable segments (see the module docstring)
 # Model-state bytes per parameter under ZeRO-3, and how many of them are fp32 optimizer-side bytes
 # (master weights + moments) that optimizer offload moves to CPU. See the module docstring.
 STATE_BYTES = {"adamw_torch": (16.0, 12.0), "adafactor": (12.0, 8.0)}
+# Bytes per element of the fp32 sub-group being stepped: measured 6 with the fused AdamW `train` uses
+# on GPU (its fp32 gradient and DeepSpeed's bookkeeping; 12 with the single-tensor AdamW); Adafactor,
+# not measured, is given its gradient and ~3 full-size fp32 temporaries.
+STEP_BYTES = {"adamw_torch": 6.0, "adafactor": 16.0}
+SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size, written into the JSON
+ATTENTION_BYTES_PER_H = 24.0  # activation bytes per token and layer, per unit of hidden size
+LOGIT_BYTES = 12.0
 
 
 class PlanError(ValueError):
@@ -60,6 +78,8 @@ class ModelShape:
     num_layers: int
     vocab_size: int
     model_type: str
+    intermediate_size: int = 0  # MLP width; 0: 4 x hidden_size
+    gated_mlp: bool = False  # SwiGLU-style (gate and up projections)
 
 
 @dataclass
@@ -73,10 +93,18 @@ class MemoryEstimate:
     gradient_checkpointing: bool
     offload_optimizer: bool
     offload_params: bool
+    optimizer_step: float = 0.0  # transient, never at the same time as activations and logits
+    fragmentation: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.model_states + self.gathered_layers + self.activations + self.logits + self.overhead
+        return (
+            self.model_states
+            + self.gathered_layers
+            + max(self.activations + self.logits, self.optimizer_step)
+            + self.fragmentation
+            + self.overhead
+        )
 
 
 @dataclass
@@ -117,8 +145,18 @@ def model_shape(model_config) -> ModelShape:
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
     layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
+    inter = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
+    names = [n for n, _ in model.named_modules()]
+    gated = any(n.endswith(("gate_proj", "gate_up_proj", "w1", "w3")) for n in names)
     return ModelShape(
-        params, largest, int(hidden), int(layers), int(text_cfg.vocab_size), model_config.model_type
+        params,
+        largest,
+        int(hidden),
+        int(layers),
+        int(text_cfg.vocab_size),
+        model_config.model_type,
+        int(inter),
+        gated,
     )
 
 
@@ -143,12 +181,18 @@ def estimate_memory(
         bytes_per_param -= 2.0  # bf16 partitions live in CPU memory too
     model_states = shape.params * bytes_per_param / world_size
     gathered = 4.0 * shape.largest_layer_params
-    sbh = seq_len * micro_batch * shape.hidden_size
+    tokens = seq_len * micro_batch
+    inter = shape.intermediate_size or 4 * shape.hidden_size
+    per_layer = tokens * (
+        ATTENTION_BYTES_PER_H * shape.hidden_size + (8.0 if shape.gated_mlp else 4.0) * inter
+    )
     if gradient_checkpointing:
-        activations = 2.0 * sbh * shape.num_layers + 34.0 * sbh
+        activations = 2.0 * tokens * shape.hidden_size * shape.num_layers + per_layer
     else:
-        activations = 34.0 * sbh * shape.num_layers
-    logits = 6.0 * seq_len * micro_batch * shape.vocab_size
+        activations = per_layer * shape.num_layers
+    logits = LOGIT_BYTES * tokens * shape.vocab_size
+    step = 0.0 if offload_optimizer else STEP_BYTES[optim] * min(shape.params / world_size, SUB_GROUP_SIZE)
+    allocated = model_states + gathered + max(activations + logits, step)
     return MemoryEstimate(
         model_states,
         gathered,
@@ -159,6 +203,8 @@ def estimate_memory(
         gradient_checkpointing,
         offload_optimizer,
         offload_params,
+        step,
+        FRAGMENTATION * allocated,
     )
 
 
@@ -219,9 +265,13 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
             notes.append(f"fits: {_gib(e.total)} of {_gib(budget)} per GPU")
             return e, budget, notes
     # Nothing fits: say how many GPUs would.
-    per_gpu_fixed = est(1, True).total - est(1, True).model_states
+    # per GPU: what does not shrink with more GPUs, and the model states (+ fragmentation) that do
+    smallest = est(1, True)
+    per_gpu_fixed = smallest.total - (1 + FRAGMENTATION) * smallest.model_states
     need_world = (
-        math.ceil(shape.params * STATE_BYTES[tr.optim][0] / max(budget - per_gpu_fixed, 1.0))
+        math.ceil(
+            shape.params * STATE_BYTES[tr.optim][0] * (1 + FRAGMENTATION) / max(budget - per_gpu_fixed, 1.0)
+        )
         if budget > per_gpu_fixed
         else None
     )
@@ -296,6 +346,7 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate) -> 
         "stage3_max_live_parameters": 1_000_000_000,
         "stage3_max_reuse_distance": 1_000_000_000,
         "stage3_gather_16bit_weights_on_model_save": True,
+        "sub_group_size": SUB_GROUP_SIZE,  # the optimizer-step transient in the estimate depends on it
     }
     if mem.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
@@ -391,7 +442,9 @@ def plan_markdown(plan: Plan) -> str:
         ("gathered layers", _gib(m.gathered_layers)),
         ("activations", _gib(m.activations)),
         ("logits", _gib(m.logits)),
-        ("overhead", _gib(m.overhead)),
+        ("optimizer step (transient)", _gib(m.optimizer_step)),
+        ("fragmentation", _gib(m.fragmentation)),
+        ("CUDA context, NCCL", _gib(m.overhead)),
         ("**total / GPU**", f"**{_gib(m.total)}** (budget {_gib(plan.budget_bytes)})"),
         (
             "micro batch x accumulation",
