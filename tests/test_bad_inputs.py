@@ -613,3 +613,71 @@ def test_fast_and_precise_paths_agree_on_random_text(tmp_path, texts):
     lines(path, *({"text": t} for t in texts))
     fast, precise = both_reports(tmp_path, str(path), max_examples=100, min_chars=3, max_chars=30)
     assert fast == precise
+
+
+def test_a_file_checked_in_parallel_spans_gives_the_one_process_report(tmp_path, monkeypatch):
+    """Large local JSONL files are cut into byte spans checked by worker processes; duplicates and
+    train/eval overlap across spans, line numbers and example order must come out as one process
+    reports them."""
+    from fulltune.data import validate as validate_mod
+
+    train = write_mixed(tmp_path / "train.jsonl", repeats=4)
+    ev = tmp_path / "eval.jsonl"
+    ev.write_bytes(
+        Path(write_mixed(tmp_path / "e.jsonl", repeats=2)).read_bytes().replace(b"filler", b"other")
+    )
+    size = Path(train).stat().st_size
+    monkeypatch.setattr(validate_mod, "PARALLEL_MIN_BYTES", size // 8)  # up to 8 workers' worth
+    monkeypatch.setattr(validate_mod, "PARALLEL_SPAN_BYTES", size // 11)  # 11+ spans: more than workers
+    reports = []
+    for workers in (1, 3):
+        cfg = RunConfig.from_dict(
+            {
+                "data": {
+                    "train_uri": train,
+                    "eval_uri": str(ev),
+                    "validate_workers": workers,
+                    "max_examples": 1000,
+                    "min_chars": 2,
+                    "max_chars": 1500,
+                }
+            }
+        )
+        out = tmp_path / f"out-{workers}"
+        with pytest.raises(DataValidationError):
+            validate_data(cfg, out)
+        reports.append(json.loads((out / "report.json").read_text()))
+    one, spans = reports
+    assert spans == one
+    problems = {p["code"]: p for p in one["datasets"]["train"]["problems"]}
+    # the spans really split the file: duplicates of line 1 are found in later spans
+    dup_lines = [int(e["location"].rsplit(":", 1)[1]) for e in problems["duplicate"]["examples"]]
+    assert max(dup_lines) > len(Path(train).read_bytes().splitlines()) * 3 // 4
+    assert {p["code"] for p in one["datasets"]["eval"]["problems"]} >= {"train_overlap", "duplicate"}
+    assert validate_mod.jsonl_spans(train, 11) == validate_mod.jsonl_spans(train, 11)  # deterministic
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=40),
+    st.booleans(),
+    st.integers(min_value=1, max_value=12),
+)
+def test_spans_cover_the_file_in_whole_lines(tmp_path, lines_, trailing_newline, parts):
+    from fulltune.data.records import iter_jsonl_blocks, jsonl_spans
+
+    body = b"\n".join(lines_) + (b"\n" if trailing_newline else b"")
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(body)
+    spans = jsonl_spans(str(path), parts)
+    assert len(spans) <= parts
+    if not body:
+        assert spans == []
+        return
+    assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]]  # contiguous, in order
+    assert spans[-1][1] == len(body)
+    for a, _ in spans[1:]:
+        assert body[a - 1 : a] == b"\n"  # every span starts a line
+    # reading the spans gives the file's lines, numbered from 1 in each span
+    got = b"".join(block.data for span in spans for block in iter_jsonl_blocks(str(path), 64, span=span))
+    assert got == body

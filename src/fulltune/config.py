@@ -109,6 +109,13 @@ class DataSection(_Section):
         False,
         description="Also report near-duplicates (MinHash over word 5-shingles, Jaccard >= 0.8); costs time and some memory.",
     )
+    validate_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Processes validate_data uses on one large local JSONL file (one per 64 MB at most; "
+        "byte ranges of whole lines, merged in order: the same report). None: the CPUs the step may use "
+        "(affinity, cgroup quota); 1: one process. S3, gzip and near_duplicates are read by one process.",
+    )
 
 
 class TokenizerSection(_Section):

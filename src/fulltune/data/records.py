@@ -24,6 +24,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -173,18 +174,68 @@ class JsonlBlock:
         return self.data.count(b"\n") + (0 if self.data.endswith(b"\n") or not self.data else 1)
 
 
-def iter_jsonl_blocks(path: str, block_bytes: int | None = None) -> Iterator[JsonlBlock | RawRecord]:
+class _Span(io.RawIOBase):
+    """At most `length` bytes of a seekable file from its current position."""
+
+    def __init__(self, fh: IO[bytes], length: int):
+        self._fh, self._left = fh, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._fh.read(min(len(buffer), self._left))
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+
+def jsonl_spans(path: str, parts: int) -> list[tuple[int, int]]:
+    """A local, uncompressed JSONL file cut into up to `parts` byte ranges [start, end) of whole
+    lines, about equal in size; deterministic for a given file and `parts`."""
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as fh:
+        for k in range(1, parts):
+            at = max(k * size // parts, cuts[-1])
+            fh.seek(at)
+            while True:  # the end of the line holding byte `at`
+                chunk = fh.read(1 << 16)
+                if not chunk:
+                    at = size
+                    break
+                nl = chunk.find(b"\n")
+                if nl >= 0:
+                    at += nl + 1
+                    break
+                at += len(chunk)
+            if at > cuts[-1] and at < size:
+                cuts.append(at)
+    cuts.append(size)
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def iter_jsonl_blocks(
+    path: str, block_bytes: int | None = None, *, span: tuple[int, int] | None = None
+) -> Iterator[JsonlBlock | RawRecord]:
     """A JSONL file (or .jsonl.gz) as blocks of whole lines of about `block_bytes`; a line longer than
     that is one block. A corrupt or truncated gzip ends the blocks with an `unreadable_file`
-    RawRecord naming the first line not read. Memory: one block (plus the longest line)."""
+    RawRecord naming the first line not read. Memory: one block (plus the longest line).
+
+    `span` (a local uncompressed file only, see `jsonl_spans`): only the lines in that byte range,
+    numbered from 1 at its start."""
     block_bytes = block_bytes or JSONL_BLOCK_BYTES
     with storage.open_read(path) as fh:
-        raw = _line_stream(fh, path)
-        stream: Any = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+        if span is not None:
+            fh.seek(span[0])
+            stream: Any = io.BufferedReader(_Span(fh, span[1] - span[0]), READ_BUFFER)
+        else:
+            raw = _line_stream(fh, path)
+            stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
         if not hasattr(stream, "read1"):
             stream = io.BufferedReader(_RawReader(stream), READ_BUFFER)
         line = 1
-        first = True
+        first = span is None or span[0] == 0
         parts: list[bytes] = []  # read, not yet yielded (a list: a long line is not re-copied)
         size = 0
         newline = False  # some part holds a newline

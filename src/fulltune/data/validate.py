@@ -56,6 +56,14 @@ record batches, CSV row by row. Memory grows only by a few bytes per record: the
 with near_duplicates. The regex checks look at whole records only behind cheap substring tests,
 so a 50 MB line takes seconds, not minutes.
 
+A large local JSONL file (plain, not gzip; without near_duplicates) is checked by several worker
+processes, one per PARALLEL_MIN_BYTES up to `data.validate_workers` (default: the CPUs the step
+may use): `jsonl_spans` cuts it into byte ranges of whole lines (at most PARALLEL_SPAN_BYTES each),
+each worker checks its range with lines numbered from its start and returns its problems (count
+and first examples per code), lengths and content digests; the parent folds them in file order,
+shifting line numbers, and judges duplicates and train/eval overlap over the whole dataset itself,
+so the report is byte for byte the one a single process writes (tests/test_bad_inputs.py).
+
 Two paths, one report (`validate_data(..., fast=False)` forces the second): text and
 prompt/completion records are checked column-wise with pyarrow and numpy (`fulltune.data.fastcheck`:
 pyarrow.json for JSONL blocks, byte-scan prefilters, the exact Python checks only on the rows a
@@ -69,14 +77,17 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import logging
+import os
 import re
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fulltune import storage
 from fulltune.config import CheckPolicy, ConfigError, DataSection, RunConfig
 from fulltune.data.fastcheck import (
     ContentIndex,
@@ -99,11 +110,14 @@ from fulltune.data.records import (
     iter_arrow_batches,
     iter_jsonl_blocks,
     iter_raw_file,
+    jsonl_spans,
     normalize,
     parse_jsonl_block,
     resolve_kind,
 )
 from fulltune.reports import CSS, write_reports
+
+log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "fulltune.validate_data/v1"
 
@@ -498,6 +512,10 @@ class _DatasetCheck:
         self.lengths = array("q")
         self.kind: str | None = None
         self._other: tuple[ContentIndex, list[str], str | None] | None = None
+        # In a worker checking one span of a file (`_check_span`): content digests and line
+        # numbers in order, for the parent to judge duplicates and overlap over the whole dataset.
+        self._deferred: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+        self.lines_read = 0  # lines of the current JSONL file (or span) read so far
 
     def compare_with(self, index: ContentIndex, files: list[str], kind: str | None) -> None:
         """Report records that also occur in another dataset (eval vs train) as train_overlap."""
@@ -518,7 +536,9 @@ class _DatasetCheck:
         problem = self.problems.setdefault(code, _Problem(code, severity))
         problem.count += 1
         if len(problem.examples) < self.cfg.max_examples:
-            problem.examples.append({"location": str(location), "reason": reason})
+            # a worker keeps the Location: the parent shifts its span-relative line number
+            where: Any = location if self._deferred is not None else str(location)
+            problem.examples.append({"location": where, "reason": reason})
 
     def run(self) -> dict[str, Any]:
         if not self.uri:
@@ -560,7 +580,80 @@ class _DatasetCheck:
             return self._check_arrow_file(file_index, path, fields)
         if path.endswith(".csv"):
             return self._check_csv_file(file_index, path, fields)
+        workers = self._span_workers(path)
+        if workers > 1:
+            return self._check_jsonl_parallel(file_index, path, fields, workers)
         return self._check_jsonl_file(file_index, path, fields)
+
+    def _span_workers(self, path: str) -> int:
+        """Processes for one JSONL file: >1 only for a large, local, uncompressed file on the
+        vectorised path without near-duplicate detection (whose index is inherently sequential)."""
+        if self.near is not None or storage.is_s3(path) or path.endswith(".gz"):
+            return 1
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return 1
+        workers = self.cfg.validate_workers or usable_cpus()
+        return max(1, min(workers, size // PARALLEL_MIN_BYTES))
+
+    def _check_jsonl_parallel(self, file_index: int, path: str, fields: list[str], workers: int) -> bool:
+        """One file in byte spans of whole lines, each checked in a worker process; the results are
+        merged in file order, so the report is the one a single process would write."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        size = os.path.getsize(path)
+        parts = max(workers, -(-size // PARALLEL_SPAN_BYTES))
+        jobs = [
+            (
+                self.name,
+                self.cfg,
+                self.checks,
+                self.special,
+                self.prefilter.tokens,
+                self.kind,
+                path,
+                fields,
+                span,
+            )
+            for span in jsonl_spans(path, parts)
+        ]
+        base = 1  # the file's line number of the current span's first line
+        merged = 0
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        try:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+                for res in pool.map(_check_span, jobs):
+                    self._merge_span(file_index, path, res, base)
+                    base += res["line_count"]
+                    merged += 1
+        except BrokenProcessPool:
+            if merged:
+                raise
+            # no worker started (e.g. a script without `if __name__ == "__main__":`, which spawned
+            # processes re-import): one process does the work instead
+            log.warning("validate_data: worker processes failed to start; checking %s in one process", path)
+            return self._check_jsonl_file(file_index, path, fields)
+        return False
+
+    def _merge_span(self, file_index: int, path: str, res: dict[str, Any], base: int) -> None:
+        """Fold one span's results into this dataset's, its lines shifted to start at `base`."""
+        self.records += res["records"]
+        self.bad += res["bad"]
+        self.budget_bad += res["budget_bad"]
+        for code, (severity, count, examples) in res["problems"].items():
+            problem = self.problems.setdefault(code, _Problem(code, severity))
+            problem.count += count
+            for ex in examples[: max(0, self.cfg.max_examples - len(problem.examples))]:
+                where = ex["location"]
+                if isinstance(where, Location) and where.line is not None:
+                    where = replace(where, line=where.line + base - 1)
+                problem.examples.append({"location": str(where), "reason": ex["reason"]})
+        self.lengths.frombytes(res["lengths"])
+        lines = res["lines"] + (base - 1)
+        self._duplicates(file_index, res["keys"], lines, lambda n: Location(path, line=n))
 
     def _fast_fields(self) -> list[str] | None:
         """The columns the vectorised path reads, or None when it does not apply."""
@@ -596,11 +689,14 @@ class _DatasetCheck:
             return
         self._check_record(record, file_index)
 
-    def _check_jsonl_file(self, file_index: int, path: str, fields: list[str]) -> bool:
-        for block in iter_jsonl_blocks(path):
+    def _check_jsonl_file(
+        self, file_index: int, path: str, fields: list[str], span: tuple[int, int] | None = None
+    ) -> bool:
+        for block in iter_jsonl_blocks(path, span=span):
             if isinstance(block, RawRecord):  # the file broke off
                 self.add(block.code or "unreadable_file", block.reason or "", block.loc)
                 return True
+            self.lines_read = block.first_line - 1 + block.line_count()
             bounds = line_bounds(block.data)
             for a, b, cols in parse_jsonl(block.data, fields):
                 if cols is None:  # lines pyarrow did not take: json.loads, line by line
@@ -707,6 +803,38 @@ class _DatasetCheck:
 
         # exact duplicates, within the block and against everything before it
         keys = content_hashes(content)
+        new = self._duplicates(file_index, keys, positions, loc)
+
+        # content checks: the exact (Python) checks on the rows the prefilter cannot clear
+        cand = self.prefilter.candidates(plain)
+        if self.cfg.min_chars > 0:
+            cand |= lengths < self.cfg.min_chars
+        if self.cfg.max_chars is not None:
+            cand |= lengths > self.cfg.max_chars
+        rows = np.flatnonzero(cand)
+        if len(rows):
+            texts = plain.take(pa.array(rows)).to_pylist()
+            for i, text in zip(rows.tolist(), texts, strict=True):
+                self._content_checks(text, loc(int(positions[i])), None)
+        if self.near is not None and new is not None:
+            rows = np.flatnonzero(new)
+            texts = plain.take(pa.array(rows)).to_pylist()
+            for i, text in zip(rows.tolist(), texts, strict=True):
+                where_ = str(loc(int(positions[i])))
+                if (earlier_loc := self.near.check(text, where_)) is not None:
+                    self.add("near_duplicate", f"nearly the same words as {earlier_loc}", where_)
+
+    def _duplicates(
+        self, file_index: int, keys: np.ndarray, positions: np.ndarray, loc: Any
+    ) -> np.ndarray | None:
+        """Report `duplicate` and `train_overlap` for records with content digests `keys` at
+        `positions` (in file order) and index the new ones; returns the mask of first occurrences.
+        A span worker only collects them (None)."""
+        if self._deferred is not None:
+            self._deferred[0].append(keys)
+            self._deferred[1].append(np.asarray(positions, dtype=np.int64))
+            return None
+        m = len(keys)
         packed = (np.uint64(file_index) << np.uint64(_POSITION_BITS)) | positions.astype(np.uint64)
         _, first_idx, inverse = np.unique(keys, return_index=True, return_inverse=True)
         first_row = first_idx[inverse.reshape(-1)]
@@ -728,31 +856,17 @@ class _DatasetCheck:
                     f"same content as train record {_unpack(int(where[i]), other_files)}",
                     loc(int(positions[i])),
                 )
-
-        # content checks: the exact (Python) checks on the rows the prefilter cannot clear
-        cand = self.prefilter.candidates(plain)
-        if self.cfg.min_chars > 0:
-            cand |= lengths < self.cfg.min_chars
-        if self.cfg.max_chars is not None:
-            cand |= lengths > self.cfg.max_chars
-        rows = np.flatnonzero(cand)
-        if len(rows):
-            texts = plain.take(pa.array(rows)).to_pylist()
-            for i, text in zip(rows.tolist(), texts, strict=True):
-                self._content_checks(text, loc(int(positions[i])), None)
-        if self.near is not None:
-            rows = np.flatnonzero(new)
-            texts = plain.take(pa.array(rows)).to_pylist()
-            for i, text in zip(rows.tolist(), texts, strict=True):
-                where_ = str(loc(int(positions[i])))
-                if (earlier_loc := self.near.check(text, where_)) is not None:
-                    self.add("near_duplicate", f"nearly the same words as {earlier_loc}", where_)
+        return new
 
     def _check_record(self, record: Record, file_index: int) -> None:
         text = record.plain_text()
         self.lengths.append(len(text))
         key = _content_hash(record)
         position = record.loc.line if record.loc.line is not None else (record.loc.row or 0)
+        if self._deferred is not None:  # a span worker: the parent judges duplicates
+            self._duplicates(file_index, np.array([key], dtype=np.uint64), np.array([position]), None)
+            self._content_checks(text, record.loc, record.messages if record.kind == "chat" else None)
+            return
         first = self.index.get(key)
         if first is None:
             self.index.add(key, (file_index << _POSITION_BITS) | position)
@@ -839,6 +953,45 @@ class _DatasetCheck:
             "length_chars": _length_stats(self.lengths),
             "length_histogram": length_histogram(self.lengths),
         }
+
+
+PARALLEL_MIN_BYTES = 64 << 20  # a JSONL file gets one more worker per this many bytes
+PARALLEL_SPAN_BYTES = 256 << 20  # at most this much per span (spans are merged in order)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a pod's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def _check_span(job: tuple[Any, ...]) -> dict[str, Any]:
+    """Worker: check the lines of one byte span of a JSONL file (numbered from 1 at its start);
+    duplicates are left to the parent, which sees the whole dataset."""
+    name, cfg, checks, special, tokens, kind, path, fields, span = job
+    if tokens is not None:
+        _PATTERN_TOKENS[special.pattern] = tokens  # a fresh process: the prefilter needs the strings
+    check = _DatasetCheck(name, path, cfg, checks, special, fast=True)
+    check.kind, check.files = kind, [path]
+    check._deferred = ([], [])
+    check._check_jsonl_file(0, path, fields, span)
+    keys, lines = check._deferred
+    return {
+        "records": check.records,
+        "bad": check.bad,
+        "budget_bad": check.budget_bad,
+        "problems": {c: (p.severity, p.count, p.examples) for c, p in check.problems.items()},
+        "lengths": check.lengths.tobytes(),
+        "keys": np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64),
+        "lines": np.concatenate(lines) if lines else np.empty(0, dtype=np.int64),
+        "line_count": check.lines_read,
+    }
 
 
 def _unknown_kind_reason(value: dict[str, Any], cfg: DataSection) -> str:
