@@ -7,17 +7,18 @@ In one run, on the same generated JSONL (deterministic, ~1 KB a record: text of 
       (type/empty checks, lengths, a dict of content hashes for duplicates, the control, mojibake
       and special-token regexes and fulltune's `find_sensitive` PII/secret scan on every record);
   (b) fulltune `validate_data` with the precise path only (every line through json.loads);
-  (c) fulltune `validate_data` as shipped (the vectorised pyarrow path; the lines pyarrow does not
-      take go through the precise path).
-Each runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own. Reported: records/s, MB/s,
-peak RSS, and the speed ratios against (a). The script checks that (a), (b) and (c) find the same
-problem counts.
+  (c) fulltune `validate_data`'s vectorised pyarrow path in one process (`data.validate_workers:
+      1`; the lines pyarrow does not take go through the precise path);
+  (d) fulltune `validate_data` as shipped: (c) in byte spans of the file on worker processes, one
+      per usable CPU (the parent merges them in order and judges duplicates).
+Each runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own (for (d) also the largest
+worker's). CPU seconds are user + sys of the variant's process and its workers. Reported:
+records/s, MB/s, peak RSS, and the speed ratios against (a), by wall clock and by CPU time. The
+script checks that every variant finds the same problem counts.
 
     .venv/bin/python benchmarks/validate_throughput.py --records 1000000
 
-`--records 100000` for a quick run; `--variants naive,fast` skips the slow precise path. CPU
-seconds (user + sys of each child) are printed beside wall time: on a shared machine they are the
-steadier figure.
+`--records 100000` for a quick run; `--variants naive,fast1,fast` skips the slow precise path.
 
 Figures and the command that produced them go in docs/benchmarks.md.
 """
@@ -150,11 +151,13 @@ def run_naive(data: Path) -> dict:
     return {"records": records, "counts": counts}
 
 
-def run_fulltune(data: Path, workdir: Path, fast: bool) -> dict:
+def run_fulltune(data: Path, workdir: Path, fast: bool, workers: int | None = None) -> dict:
     from fulltune.config import RunConfig
     from fulltune.data.validate import DataValidationError, validate_data
 
-    cfg = RunConfig.from_dict({"data": {"train_uri": str(data), "max_error_rate": 0.01}})
+    cfg = RunConfig.from_dict(
+        {"data": {"train_uri": str(data), "max_error_rate": 0.01, "validate_workers": workers}}
+    )
     try:
         report = validate_data(cfg, workdir, fast=fast)
     except DataValidationError:
@@ -168,12 +171,16 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if args.variant == "naive":
         out = run_naive(data)
+    elif args.variant == "precise":
+        out = run_fulltune(data, workdir, fast=False)
     else:
-        out = run_fulltune(data, workdir, fast=args.variant == "fast")
+        out = run_fulltune(data, workdir, fast=True, workers=1 if args.variant == "fast1" else None)
     out["seconds"] = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    out["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)  # validate_data's worker processes
+    out["cpu_seconds"] = usage.ru_utime + usage.ru_stime + workers.ru_utime + workers.ru_stime
     out["peak_rss_mb"] = usage.ru_maxrss / 1024
+    out["worker_peak_rss_mb"] = workers.ru_maxrss / 1024
     print(json.dumps(out))
 
 
@@ -185,6 +192,12 @@ def spawn(variant: str, data: Path, workdir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def usable_cpus() -> int:
+    from fulltune.data.validate import usable_cpus as cpus
+
+    return cpus()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=1_000_000, help="records in the generated JSONL")
@@ -194,7 +207,9 @@ def main() -> None:
         default=str(Path.home() / ".cache" / "fulltune-bench"),
         help="directory keeping the generated file between runs (outside the repository: ~1 GB)",
     )
-    ap.add_argument("--variants", default="naive,precise,fast", help="which of naive,precise,fast to run")
+    ap.add_argument(
+        "--variants", default="naive,precise,fast1,fast", help="which of naive,precise,fast1,fast to run"
+    )
     ap.add_argument("--child", dest="variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -227,7 +242,8 @@ def main() -> None:
     labels = {
         "naive": "(a) naive json.loads loop",
         "precise": "(b) fulltune, precise path",
-        "fast": "(c) fulltune, vectorised",
+        "fast1": "(c) fulltune, 1 process",
+        "fast": f"(d) fulltune, {usable_cpus()} processes",
     }
     for v in variants:
         secs = statistics.median(x["seconds"] for x in results[v])
@@ -237,9 +253,11 @@ def main() -> None:
             base = (secs, cpu)
         ratio = f"  {base[0] / secs:5.2f}x (wall)  {base[1] / cpu:5.2f}x (CPU)" if base else ""
         rss = max(x["peak_rss_mb"] for x in results[v])
+        worker_rss = max(x["worker_peak_rss_mb"] for x in results[v])
+        workers = f" + workers {worker_rss:4.0f} MiB each" if worker_rss > 0 else ""
         print(
             f"{labels[v]:28s} wall {secs:7.1f}s  CPU {cpu:7.1f}s  {records / secs:9,.0f} records/s  "
-            f"{size_mb / secs:6.1f} MiB/s  peak RSS {rss:6.0f} MiB{ratio}"
+            f"{size_mb / secs:6.1f} MiB/s  peak RSS {rss:6.0f} MiB{workers}{ratio}"
         )
     print("problem counts:", json.dumps(counts, sort_keys=True))
     codes = {c for v in counts.values() for c in v}
