@@ -74,7 +74,7 @@ def main() -> None:
 
     from fulltune.config import RunConfig
     from fulltune.demo.assets import build_demo_assets
-    from fulltune.plan import estimate_memory, make_plan
+    from fulltune.plan import MEMORY_PARTS, estimate_memory, make_plan
     from fulltune.train.recipe import build_optimizer, init_distributed, token_loss_sum
 
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[a.shape]
@@ -166,18 +166,7 @@ def main() -> None:
                 "micro_batch": b,
                 "recompute": gc,
                 "plan": est.total,
-                "plan_parts": {
-                    k: getattr(est, k)
-                    for k in (
-                        "model_states",
-                        "gathered_layers",
-                        "activations",
-                        "logits",
-                        "optimizer_step",
-                        "fragmentation",
-                        "overhead",
-                    )
-                },
+                "plan_parts": {k: getattr(est, k) for k in MEMORY_PARTS},
                 "oom": oom,
                 "seconds": time.perf_counter() - t0,
             }

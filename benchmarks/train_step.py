@@ -372,6 +372,8 @@ def main() -> None:
     if cuda:
         import torch
 
+        from fulltune.plan import MEMORY_PARTS
+
         result["device_name"] = torch.cuda.get_device_name(0)
         tokens = a.micro * a.gas * a.nproc * a.seq
         mfus = [r["mfu"] for r in records if "mfu" in r]
@@ -390,18 +392,7 @@ def main() -> None:
             )
         print(
             "plan per GPU: "
-            + ", ".join(
-                f"{k} {plan[k] / gib:.2f}"
-                for k in (
-                    "model_states",
-                    "gathered_layers",
-                    "activations",
-                    "logits",
-                    "optimizer_step",
-                    "fragmentation",
-                    "overhead",
-                )
-            )
+            + ", ".join(f"{k} {plan[k] / gib:.2f}" for k in MEMORY_PARTS)
             + f" -> total {plan['total'] / gib:.2f} GiB (micro batch {plan['micro_batch']}, "
             f"recomputation {plan['gradient_checkpointing']})"
         )

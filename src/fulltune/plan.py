@@ -82,6 +82,18 @@ class ModelShape:
     gated_mlp: bool = False  # SwiGLU-style (gate and up projections)
 
 
+# The components of MemoryEstimate.total, in the order reports list them (bytes per GPU).
+MEMORY_PARTS = (
+    "model_states",
+    "gathered_layers",
+    "activations",
+    "logits",
+    "optimizer_step",
+    "fragmentation",
+    "overhead",
+)
+
+
 @dataclass
 class MemoryEstimate:
     model_states: float
