@@ -48,6 +48,21 @@ def test_parameter_count_is_exact_and_reads_no_weights(llama_dir):
     assert not any(p.name.endswith(".safetensors") for p in llama_dir.iterdir())
 
 
+def test_mlp_width_and_gating_come_from_the_architecture():
+    """SwiGLU blocks keep four I-wide tensors per token, GPT-2's GELU MLP two: the activation term
+    follows the architecture, read from the config on the meta device."""
+    from transformers import GPT2Config
+
+    gpt2 = planmod.model_shape(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500))
+    assert (gpt2.intermediate_size, gpt2.gated_mlp) == (256, False)  # n_inner unset: 4 x hidden
+    kw = dict(world_size=1, seq_len=128, micro_batch=2, gradient_checkpointing=False)
+    ungated = planmod.estimate_memory(gpt2, **kw)
+    gated = planmod.estimate_memory(
+        ModelShape(gpt2.params, gpt2.largest_layer_params, 64, 2, 500, "llama", 256, True), **kw
+    )
+    assert gated.activations - ungated.activations == pytest.approx(4 * 256 * 128 * 2 * 2)
+
+
 def test_memory_model_matches_the_formulas():
     s = shape_8b()
     e = planmod.estimate_memory(s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=False)
