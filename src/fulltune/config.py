@@ -113,8 +113,9 @@ class DataSection(_Section):
         None,
         ge=1,
         description="Processes validate_data uses on one large local JSONL file (one per 64 MB at most; "
-        "byte ranges of whole lines, merged in order: the same report). None: the CPUs the step may use "
-        "(affinity, cgroup quota); 1: one process. S3, gzip and near_duplicates are read by one process.",
+        "byte ranges of whole lines, merged in order: the same report; ~250 MB of memory each). None: the "
+        "CPUs the step may use (affinity, cgroup quota), at most 8; 1: one process. S3, gzip and "
+        "near_duplicates are read by one process.",
     )
 
 

@@ -58,11 +58,12 @@ so a 50 MB line takes seconds, not minutes.
 
 A large local JSONL file (plain, not gzip; without near_duplicates) is checked by several worker
 processes, one per PARALLEL_MIN_BYTES up to `data.validate_workers` (default: the CPUs the step
-may use): `jsonl_spans` cuts it into byte ranges of whole lines (at most PARALLEL_SPAN_BYTES each),
-each worker checks its range with lines numbered from its start and returns its problems (count
-and first examples per code), lengths and content digests; the parent folds them in file order,
-shifting line numbers, and judges duplicates and train/eval overlap over the whole dataset itself,
-so the report is byte for byte the one a single process writes (tests/test_bad_inputs.py).
+may use, at most DEFAULT_MAX_WORKERS): `jsonl_spans` cuts it into byte ranges of whole lines (at
+most PARALLEL_SPAN_BYTES each), each worker checks its range with lines numbered from its start
+and returns its problems (count and first examples per code), lengths and content digests; the
+parent folds them in file order, shifting line numbers, and judges duplicates and train/eval
+overlap over the whole dataset itself, so the report is byte for byte the one a single process
+writes (tests/test_bad_inputs.py).
 
 Two paths, one report (`validate_data(..., fast=False)` forces the second): text and
 prompt/completion records are checked column-wise with pyarrow and numpy (`fulltune.data.fastcheck`:
@@ -594,7 +595,7 @@ class _DatasetCheck:
             size = os.path.getsize(path)
         except OSError:
             return 1
-        workers = self.cfg.validate_workers or usable_cpus()
+        workers = self.cfg.validate_workers or min(usable_cpus(), DEFAULT_MAX_WORKERS)
         return max(1, min(workers, size // PARALLEL_MIN_BYTES))
 
     def _check_jsonl_parallel(self, file_index: int, path: str, fields: list[str], workers: int) -> bool:
@@ -957,6 +958,9 @@ class _DatasetCheck:
 
 PARALLEL_MIN_BYTES = 64 << 20  # a JSONL file gets one more worker per this many bytes
 PARALLEL_SPAN_BYTES = 256 << 20  # at most this much per span (spans are merged in order)
+# Without data.validate_workers: at most this many (~250 MB each), so that a step without a CPU
+# limit on a large node does not start one per core.
+DEFAULT_MAX_WORKERS = 8
 
 
 def usable_cpus() -> int:
