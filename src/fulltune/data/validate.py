@@ -697,8 +697,8 @@ class _DatasetCheck:
             if isinstance(block, RawRecord):  # the file broke off
                 self.add(block.code or "unreadable_file", block.reason or "", block.loc)
                 return True
-            self.lines_read = block.first_line - 1 + block.line_count()
             bounds = line_bounds(block.data)
+            self.lines_read = block.first_line - 1 + len(bounds) - 1
             for a, b, cols in parse_jsonl(block.data, fields):
                 if cols is None:  # lines pyarrow did not take: json.loads, line by line
                     part = JsonlBlock(
