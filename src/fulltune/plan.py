@@ -158,8 +158,7 @@ def model_shape(model_config) -> ModelShape:
     hidden = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
     layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
     inter = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
-    names = [n for n, _ in model.named_modules()]
-    gated = any(n.endswith(("gate_proj", "gate_up_proj", "w1", "w3")) for n in names)
+    gated = any(n.endswith(("gate_proj", "gate_up_proj", "w1", "w3")) for n, _ in model.named_modules())
     return ModelShape(
         params,
         largest,

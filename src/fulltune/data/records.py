@@ -134,17 +134,21 @@ def iter_raw_file(path: str) -> Iterator[RawRecord]:
 
 class _RawReader(io.RawIOBase):
     """A file-like object with only `read(n)` (an S3 StreamingBody) as a raw stream, so that
-    io.BufferedReader can iterate it by lines (iterating a StreamingBody yields 1 KiB chunks)."""
+    io.BufferedReader can iterate it by lines (iterating a StreamingBody yields 1 KiB chunks);
+    with `limit`, at most that many bytes from the current position (a span of a local file)."""
 
-    def __init__(self, fh: IO[bytes]):
-        self._fh = fh
+    def __init__(self, fh: IO[bytes], limit: int | None = None):
+        self._fh, self._left = fh, limit
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._fh.read(len(buffer))
+        n = len(buffer) if self._left is None else min(len(buffer), self._left)
+        data = self._fh.read(n)
         buffer[: len(data)] = data
+        if self._left is not None:
+            self._left -= len(data)
         return len(data)
 
 
@@ -172,22 +176,6 @@ class JsonlBlock:
 
     def line_count(self) -> int:
         return self.data.count(b"\n") + (0 if self.data.endswith(b"\n") or not self.data else 1)
-
-
-class _Span(io.RawIOBase):
-    """At most `length` bytes of a seekable file from its current position."""
-
-    def __init__(self, fh: IO[bytes], length: int):
-        self._fh, self._left = fh, length
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._fh.read(min(len(buffer), self._left))
-        buffer[: len(data)] = data
-        self._left -= len(data)
-        return len(data)
 
 
 def jsonl_spans(path: str, parts: int) -> list[tuple[int, int]]:
@@ -228,7 +216,7 @@ def iter_jsonl_blocks(
     with storage.open_read(path) as fh:
         if span is not None:
             fh.seek(span[0])
-            stream: Any = io.BufferedReader(_Span(fh, span[1] - span[0]), READ_BUFFER)
+            stream: Any = io.BufferedReader(_RawReader(fh, span[1] - span[0]), READ_BUFFER)
         else:
             raw = _line_stream(fh, path)
             stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
