@@ -357,6 +357,7 @@ def test_shard_manifest_reports_what_the_shard_read(demo_assets, tmp_path):
     reads = [core.preprocess_shard(cfg, str(tmp_path / "n3"), i)["inputs"]["train"] for i in range(3)]
     assert all(r["blocks"] > 0 and r["bytes_read"] > 0 for r in reads)
     assert sum(r["blocks"] for r in reads) == one["inputs"]["train"]["blocks"]
+    assert one["tokenization"]["memoised"] and one["tokenization"]["pieces"] > 0
 
 
 # -- over-long prompt/completion and chat examples ------------------------------------------------------
@@ -405,3 +406,17 @@ def test_best_fit_packs_sft_lengths_to_at_least_95_percent():
 def test_encoder_gives_the_tokenizer_call_ids(tok):
     texts = ["HbA1c 7.2% <|endoftext|> eGFR 45", "  leading spaces", "ünïcödé — dash", "a\nb\n\n"]
     assert core.Encoder(tok)(texts) == [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def test_memoised_tokenization_gives_the_tokenizers_documents(tok):
+    from fulltune.demo.assets import clinical_notes, stdlib_paragraphs
+
+    texts = clinical_notes(300, 7) + stdlib_paragraphs()[:200] + ["a\n\n  b <|endoftext|> c", " x  y "]
+    fast = core.Encoder(tok)
+    assert fast.memo is not None  # the demo's byte-level BPE qualifies
+    docs = fast.documents(texts)
+    want = core.Encoder(tok, memoise=False).documents(texts)
+    assert docs.ids.tolist() == want.ids.tolist() and docs.offsets.tolist() == want.offsets.tolist()
+    assert docs.ids.flags.writeable
+    stats = fast.stats()
+    assert stats["memoised"] and stats["pieces_encoded"] < stats["pieces"]

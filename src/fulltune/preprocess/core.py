@@ -18,6 +18,9 @@ others (one pipeline task each):
   assistant tokens (`loss_on: assistant`), and packed whole (best-fit decreasing); one longer
   than `max_seq_len` is truncated or dropped (`overlong`), and counted either way.
 
+Text is tokenized through `tokenizer.memo` when the tokenizer allows it (byte-level BPE with a
+known pre-tokenizer): each distinct space-delimited piece is encoded once per shard and its ids
+reused, which gives exactly the tokenizer's ids several times faster on repetitive domain text.
 Token work is done on flat numpy arrays (one per block, with document offsets), never token by
 token in Python. Outputs go to <work_dir>/data/shards/: one Parquet file per split and the shard
 manifest, written *last*. A shard whose manifest exists and whose files match their checksums is
@@ -44,6 +47,7 @@ from fulltune.config import RunConfig
 from fulltune.data.records import Record, resolve_kind
 from fulltune.preprocess import inputs
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
+from fulltune.tokenizer import memo
 
 log = logging.getLogger(__name__)
 
@@ -148,24 +152,64 @@ def load_tokenizer(cfg: RunConfig):
 
 
 class Encoder:
-    """Batch tokenization without special tokens: the fast tokenizer's Rust backend when there is
-    one (`encode_batch_fast`: no offsets computed), else the tokenizer's own call. Either gives the
-    ids `tok(texts, add_special_tokens=False)` gives."""
+    """Batch tokenization without special tokens, giving the ids `tok(texts,
+    add_special_tokens=False)` gives: through `memo.MemoEncoder` when the tokenizer qualifies, else
+    the fast tokenizer's Rust backend (`encode_batch_fast`: no offsets computed), else the
+    tokenizer's own call."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, memoise: bool = True):
         self.tok = tok
         self.eos = tok.eos_token_id
         backend = getattr(tok, "backend_tokenizer", None)
         self._encode = None
+        self.memo: memo.MemoEncoder | None = None
+        self.why_not: str | None = "not a fast tokenizer"
         if backend is not None:
             backend.no_truncation()  # as the tokenizer's own call does unless asked to truncate
             backend.no_padding()
             self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            reason = self.why_not = memo.unsupported(backend) if memoise else "switched off"
+            if reason is None:
+                self.memo = memo.MemoEncoder(backend)
+            else:
+                log.info("tokenizing every text whole (memoised encoding: %s)", reason)
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.memo is not None:
+            flat, lengths = self.memo.encode(texts)
+            bounds = np.cumsum(lengths).tolist()
+            ids = flat.tolist()
+            return [ids[a:b] for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
         if self._encode is None:
             return [list(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
         return [e.ids for e in self._encode(texts, add_special_tokens=False)]
+
+    def stats(self) -> dict[str, Any]:
+        """How texts were tokenized, for the shard manifest: memoised or not (and why not), the
+        pieces looked up and those the tokenizer encoded."""
+        m = self.memo
+        if m is None:
+            return {"memoised": False, "reason": self.why_not}
+        return {
+            "memoised": not m.disabled,
+            "reason": "the guard found a difference; see the log" if m.disabled else None,
+            "pieces": m.pieces_seen,
+            "pieces_encoded": m.pieces_encoded,
+            "batches_whole": m.batches_whole,
+        }
+
+    def documents(self, texts: list[str]) -> Docs:
+        """`texts` as EOS-terminated documents, every token carrying loss."""
+        if self.memo is None:
+            ids = self(texts)
+            for seq in ids:
+                seq.append(self.eos)
+            return Docs.from_lists(ids)
+        flat, lengths = self.memo.encode(texts, end=(self.eos,))
+        offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = flat.copy()  # writable, like every other Docs array
+        return Docs(flat, flat, offsets)
 
 
 def tokenize(records: list[Record], kind: str, enc: Encoder, loss_all: bool) -> Docs:
@@ -174,10 +218,7 @@ def tokenize(records: list[Record], kind: str, enc: Encoder, loss_all: bool) -> 
     if not records:
         return Docs.empty()
     if kind == "text":
-        ids = enc([r.text for r in records])
-        for seq in ids:
-            seq.append(enc.eos)
-        return Docs.from_lists(ids)
+        return enc.documents([r.text for r in records])
     if kind == "prompt_completion":
         p_ids = enc([r.prompt for r in records])
         c_ids = enc([r.completion for r in records])
@@ -675,6 +716,7 @@ def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any
         "splits": out_splits,
         "replay": replay_info,
         "inputs": shard.read,
+        "tokenization": shard.enc.stats(),
     }
     storage.write_json(manifest_uri, manifest)  # last: the shard is visible only now
     log.info("shard %d: %s", index, {k: v["sequences"] for k, v in out_splits.items()})
