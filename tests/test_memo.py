@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -39,31 +40,37 @@ def train(pre, normalizer=None, vocab: int = 400) -> Tokenizer:
     return tk
 
 
+def gpt2_pre():
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def split_pre(pattern: str):
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def llama3_pre():
+    return split_pre(memo.LLAMA3_PATTERN)
+
+
+def qwen2_pre():
+    return split_pre(memo.QWEN2_PATTERN)
+
+
 def gpt2() -> Tokenizer:
-    return train(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    return train(gpt2_pre())
 
 
 def llama3() -> Tokenizer:
-    return train(
-        pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(memo.LLAMA3_PATTERN), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    )
+    return train(llama3_pre())
 
 
 def qwen2() -> Tokenizer:
-    return train(
-        pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(memo.QWEN2_PATTERN), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        ),
-        normalizers.NFC(),
-    )
+    return train(qwen2_pre(), normalizers.NFC())
 
 
 FLAVOURS = {"gpt2": gpt2, "llama3": llama3, "qwen2": qwen2}
@@ -102,7 +109,11 @@ text_strategy = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("MEMO_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.lists(text_strategy, min_size=1, max_size=12))
 def test_memoised_ids_equal_the_tokenizers_on_any_text(backend, texts):
     m = memo.MemoEncoder(backend, capacity=64, verify_docs=0, join_chars=32)
@@ -110,6 +121,26 @@ def test_memoised_ids_equal_the_tokenizers_on_any_text(backend, texts):
         flat, lengths = m.encode(texts, end=(0,))
         assert split(flat, lengths) == plain(backend, texts, (0,))
     assert not m.disabled
+
+
+@settings(max_examples=int(os.environ.get("MEMO_EXAMPLES", "150")), deadline=None)
+@given(text_strategy)
+@example("end.\n\n    Next, 'tis 12345 x  y\t z \u3000w")
+@example(" lead  and trail ")
+def test_every_cut_is_where_the_pre_tokenizer_starts_a_piece(text):
+    """The cut rule on its own: each cut (a space the next piece starts with) is the start of a
+    pre-token for every accepted pattern, whatever the vocabulary."""
+    cuts, at = [], 0
+    for i, piece in enumerate(memo.pieces(text)):
+        if i:
+            assert text[at] == " "  # the only character a cut removes
+            cuts.append(at)
+            at += 1
+        at += len(piece)
+    assert at == len(text)
+    for make in (gpt2_pre, llama3_pre, qwen2_pre):
+        starts = {start for _, (start, _) in make().pre_tokenize_str(text)}
+        assert set(cuts) <= starts
 
 
 def test_memo_is_reused_and_exact_on_repetitive_text(backend):

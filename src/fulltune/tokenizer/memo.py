@@ -1,4 +1,4 @@
-"""Exact, memoised encoding for byte-level BPE tokenizers (GPT-2, GPT-NeoX, Llama 3, Qwen 2, ...).
+r"""Exact, memoised encoding for byte-level BPE tokenizers (GPT-2, GPT-NeoX, Llama 3, Qwen 2, ...).
 
 A fast tokenizer spends most of its time per *occurrence* of a word: it splits the text with its
 pre-tokenizer regex, tracks alignments and runs BPE per piece (its own BPE cache only saves the
@@ -6,17 +6,20 @@ last step). Domain text repeats the same space-delimited words over and over, so
 distinct piece once and reusing its ids is several times faster — and, for the tokenizers this
 module accepts, gives exactly the ids the tokenizer gives for the whole text.
 
-Why it is exact. The text is cut only at a single space ``' '`` whose neighbours are both
-non-whitespace (``x|_y``); the right part keeps the space. For the pre-tokenizer patterns below
-(GPT-2's, cl100k/Llama 3's, Qwen 2's) a pre-token always starts at such a space: no alternative
-can put a space after the first character of a match except a whitespace run, and a whitespace run
-cannot start at a non-whitespace character before the space nor end before a non-whitespace
-character after it without being cut there. The patterns look back at nothing and look ahead only
-after whitespace, so each piece splits on its own exactly as it does in context, and BPE never
-merges across pre-tokens. Normalization must be local to a piece as well: none, or NFC (a space
-is a starter that composes with nothing). Added tokens (specials such as ``<|endoftext|>``) are
-matched on the whole text, with options that can swallow neighbouring spaces, so a document that
-contains any added token's content is encoded whole by the tokenizer instead.
+Why it is exact. The text is cut only before a space ``' '`` that is not inside a run of
+whitespace: one with non-whitespace before it (``x|_``) or after it (``|_y``); the right part keeps
+the space. For the pre-tokenizer patterns below (GPT-2's, cl100k/Llama 3's, Qwen 2's) a pre-token
+always starts at such a space. Before it: no alternative puts a space after the first character
+of a match except the whitespace ones, and a whitespace match cannot begin at the non-whitespace
+character before the space. After a run of whitespace that ends in ``_y``: ``\s+(?!\S)`` stops one
+short of the run's end, ``\s*[\r\n]+`` ends at a line break, so the last space is left to start the
+next match. The patterns look back at nothing and look ahead only after whitespace, so each piece
+splits on its own exactly as it does in context, and BPE never merges across pre-tokens.
+(`tests/test_memo.py` checks every cut against the pre-tokenizers themselves.) Normalization must
+be local to a piece as well: none, or NFC (a space is a starter that composes with nothing). Added
+tokens (specials such as ``<|endoftext|>``) are matched on the whole text, with options that can
+swallow neighbouring spaces, so a document that contains any added token's content is encoded
+whole by the tokenizer instead.
 
 `unsupported(backend)` says why a tokenizer is outside these rules (then use the tokenizer itself).
 As a guard, `MemoEncoder` compares itself with the tokenizer on the first documents it encodes; on
@@ -51,15 +54,16 @@ QWEN2_PATTERN = (
 SPLIT_PATTERNS = frozenset({GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN})
 NORMALIZERS = {None: None, "NFC": "NFC"}
 
-# A single space between two characters that are not whitespace. Python's \s is str.isspace(),
-# a superset of the Unicode White_Space set the tokenizer's regex engine uses, so this never cuts
-# where the tokenizer would not.
-_CUT = re.compile(r"(?<=\S) (?=\S)")
+# A space with non-whitespace before or after it. Python's \s is str.isspace(), a superset of the
+# Unicode White_Space set the tokenizer's regex engine uses, so this never cuts where the
+# tokenizer would not.
+_CUT = re.compile(r"(?<=\S) | (?=\S)")
 
 DEFAULT_CAPACITY = 1 << 18  # distinct pieces kept (~40 MB); the memo starts over when it is full
 MAX_PIECE = 64  # longer pieces (a paragraph without spaces, CJK text) are encoded but not kept
 MAX_NEW_SHARE = 0.5  # a batch whose distinct new pieces hold more of its text goes to the tokenizer
 MAX_BACKOFF = 16  # batches
+BACKOFF_CHARS = 1 << 16  # smaller batches (a few held-out records) do not start a backoff
 JOIN_CHARS = 1 << 16  # new pieces are encoded together in texts of about this many characters
 VERIFY_DOCS = 64
 
@@ -123,8 +127,8 @@ def _sentinel(spec: dict) -> tuple[str, int] | None:
 
 
 def pieces(text: str) -> list[str]:
-    """`text` cut at single spaces between non-whitespace; every piece after the first lost its
-    leading space (the encoder puts it back)."""
+    """`text` cut before every space not inside a run of whitespace; every piece after the first
+    lost that space (the encoder puts it back)."""
     if text.isprintable():  # the only whitespace is ' ' (every other kind is unprintable)
         parts = text.split(" ")
         if "" not in parts:  # no leading, trailing or repeated spaces: every space is a cut
@@ -231,11 +235,13 @@ class MemoEncoder:
             set(chain.from_iterable(islice(c, 1, None) for c in cut if c is not None)).difference(rest)
         )
         new_chars = sum(map(len, new_first)) + sum(map(len, new_rest))
-        if new_chars > MAX_NEW_SHARE * sum(map(len, texts)):
-            # Few repeats (random strings, a new domain): the tokenizer alone is cheaper. Try the
-            # memo again after 1, 2, 4 ... MAX_BACKOFF batches.
-            self._backoff = min(2 * self._backoff or 1, MAX_BACKOFF)
-            self._skip = self._backoff
+        chars = sum(map(len, texts))
+        if new_chars > MAX_NEW_SHARE * chars:
+            # Few repeats (random strings, a new domain): the tokenizer alone is cheaper. After a
+            # batch of some size, try the memo again only after 1, 2, 4 ... MAX_BACKOFF batches.
+            if chars >= BACKOFF_CHARS:
+                self._backoff = min(2 * self._backoff or 1, MAX_BACKOFF)
+                self._skip = self._backoff
             self.batches_whole += 1
             return self._plain(texts, tail)
         self._backoff = 0
