@@ -5,7 +5,10 @@ byte-level BPE):
   (a) baseline: `datasets.Dataset.from_json` -> `.map(tokenize, batched=True)` -> `.map(group_texts)`,
       as Hugging Face's `run_clm.py` does (`list(chain(*examples[k]))`, remainder dropped);
   (b) fulltune `preprocess_shard` with 1 shard, in one process;
-  (c) fulltune with 2 shards, each in its own process (what ParallelFor does across pods).
+  (c) fulltune with 2 shards, each in its own process (what ParallelFor does across pods);
+  (w) fulltune with 1 shard and `memoize_tokens: false` (every text encoded whole, as before the
+      memo), and (t) the tokenizer's batched encode alone: the floor for any pipeline that
+      encodes every text whole.
 SFT mode (`--sft prompt_completion|chat`): generated prompt/completion or chat records, fulltune with
 1 shard, packed (best-fit decreasing) against `packing: false` (one padded example per sequence):
 the share of non-pad tokens is the figure.
@@ -132,7 +135,7 @@ def run_tokenizer_only(data: Path, tokenizer_dir: str) -> dict:
     return {"tokens": tokens, "encode_cpu": time.process_time() - start}
 
 
-def _cfg(data: Path, tokenizer_dir: str, shards: int, packing: bool = True):
+def _cfg(data: Path, tokenizer_dir: str, shards: int, packing: bool = True, memoize: bool = True):
     from fulltune.config import RunConfig
 
     return RunConfig.from_dict(
@@ -145,17 +148,24 @@ def _cfg(data: Path, tokenizer_dir: str, shards: int, packing: bool = True):
                 "eval_fraction": 0.001,
                 "replay_fraction": 0.0,
                 "packing": packing,
+                "memoize_tokens": memoize,
             },
         }
     )
 
 
 def run_shard(
-    data: Path, tokenizer_dir: str, workdir: Path, shards: int, index: int, packing: bool = True
+    data: Path,
+    tokenizer_dir: str,
+    workdir: Path,
+    shards: int,
+    index: int,
+    packing: bool = True,
+    memoize: bool = True,
 ) -> dict:
     from fulltune.preprocess.core import preprocess_shard
 
-    m = preprocess_shard(_cfg(data, tokenizer_dir, shards, packing), str(workdir / "work"), index)
+    m = preprocess_shard(_cfg(data, tokenizer_dir, shards, packing, memoize), str(workdir / "work"), index)
     s = m["splits"]["train"]
     return {
         "sequences": s["sequences"],
@@ -163,6 +173,7 @@ def run_shard(
         "slots": s["sequences"] * SEQ_LEN,
         "truncated": s["truncated"],
         "bytes_read": m["inputs"]["train"]["bytes_read"],
+        "tokenization": m["tokenization"],
     }
 
 
@@ -175,7 +186,13 @@ def child(args: argparse.Namespace) -> None:
         out = run_tokenizer_only(Path(args.data), args.tokenizer)
     else:
         out = run_shard(
-            Path(args.data), args.tokenizer, workdir, args.shards, args.index, args.variant != "unpacked"
+            Path(args.data),
+            args.tokenizer,
+            workdir,
+            args.shards,
+            args.index,
+            packing=args.variant != "unpacked",
+            memoize=args.variant != "wholetext",
         )
     out["seconds"] = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -207,6 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=50.0, help="size of the generated JSONL")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default=None, help="comma-separated subset of a,b,c,w,t (default: all)")
     ap.add_argument("--sft", choices=("prompt_completion", "chat"), help="SFT packing mode")
     ap.add_argument("--assets", default=".fulltune-demo/assets", help="demo assets cache (tokenizer)")
     ap.add_argument("--child", dest="variant", default=None, help=argparse.SUPPRESS)
@@ -232,8 +250,11 @@ def main() -> None:
             "a": ("(a) run_clm baseline", "baseline", 1),
             "b": ("(b) fulltune, 1 shard", "fulltune", 1),
             "c": ("(c) fulltune, 2 shards x 2 processes", "fulltune", 2),
+            "w": ("(w) fulltune, 1 shard, texts whole", "wholetext", 1),
             "t": ("(t) the tokenizer's encode alone", "tokenizer", 1),
         }
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     results: dict[str, list[dict]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-") as tmp:
         data = Path(tmp, "data.jsonl")
@@ -259,6 +280,7 @@ def main() -> None:
                         "rss": max(o["peak_rss_mb"] for o in outs),
                         "truncated": sum(o.get("truncated", 0) for o in outs),
                         "read": [o.get("bytes_read") for o in outs],
+                        "tokenization": outs[0].get("tokenization"),
                     }
                 )
         print(f"input {data.stat().st_size:,} bytes; load average after {os.getloadavg()[0]:.1f}")
@@ -282,14 +304,26 @@ def main() -> None:
         def ratio(x: str, y: str, m: str, m2: str | None = None) -> float:
             return (tok[x] / med[x][m]) / (tok[y] / med[y][m2 or m])
 
-        print(
-            f"wall clock: (b)/(a) per core {ratio('b', 'a', 'wall'):.2f}x   (c)/(b) {ratio('c', 'b', 'wall'):.2f}x\n"
-            f"CPU time:   (b)/(a) per core {ratio('b', 'a', 'cpu'):.2f}x   "
-            f"(c)/(b) critical path {ratio('c', 'b', 'cpu_max', 'cpu'):.2f}x "
-            f"(total CPU (c)/(b) {med['c']['cpu'] / med['b']['cpu']:.2f})\n"
-            f"ceiling:    (t)/(a) per core {ratio('t', 'a', 'cpu'):.2f}x: what (b)/(a) would be if reading, "
-            f"packing and writing cost nothing; (b) reaches {ratio('b', 't', 'cpu'):.0%} of the encode-only speed"
-        )
+        lines = []
+        if {"a", "b"} <= set(variants):
+            lines.append(
+                f"(b)/(a) per core: wall clock {ratio('b', 'a', 'wall'):.2f}x, CPU time {ratio('b', 'a', 'cpu'):.2f}x"
+            )
+        if {"b", "c"} <= set(variants):
+            lines.append(
+                f"(c)/(b): wall clock {ratio('c', 'b', 'wall'):.2f}x, CPU critical path "
+                f"{ratio('c', 'b', 'cpu_max', 'cpu'):.2f}x (total CPU (c)/(b) {med['c']['cpu'] / med['b']['cpu']:.2f})"
+            )
+        if {"a", "w", "t"} <= set(variants):
+            lines.append(
+                f"whole texts: (w)/(a) per core {ratio('w', 'a', 'cpu'):.2f}x, (t)/(a) {ratio('t', 'a', 'cpu'):.2f}x "
+                "(the ceiling when every text is encoded whole)"
+            )
+        if {"b", "w"} <= set(variants):
+            lines.append(f"memo gain (b)/(w) per core {ratio('b', 'w', 'cpu'):.2f}x")
+        if "b" in variants:
+            lines.append(f"(b) tokenization: {results['b'][0]['tokenization']}")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

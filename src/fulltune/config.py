@@ -156,6 +156,13 @@ class PreprocessSection(_Section):
         "are keyed by their place in their file, so the output does not depend on num_shards; each block "
         "leaves at most one partly filled sequence.",
     )
+    memoize_tokens: bool = Field(
+        True,
+        description="Encode each distinct space-delimited piece of text once per shard and reuse its ids: "
+        "the tokenizer's exact ids, several times faster on repetitive domain text. Only for byte-level BPE "
+        "tokenizers with a known pre-tokenizer (GPT-2, Llama 3, Qwen 2 style; others are tokenized whole); "
+        "text with few repeats goes to the tokenizer whole by itself.",
+    )
     replay_fraction: float = Field(
         0.1,
         ge=0.0,

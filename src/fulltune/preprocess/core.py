@@ -544,8 +544,16 @@ class ParquetSink:
             return
         table = _table(packed)
         if self._writer is None:
+            # zstd level 1 without dictionary pages: half the CPU of the defaults (dictionary
+            # encoding of token ids) for 3% larger files; token ids compress well either way.
             self._writer = pq.ParquetWriter(
-                self._path, table.schema, compression="zstd", write_statistics=False, store_schema=False
+                self._path,
+                table.schema,
+                compression="zstd",
+                compression_level=1,
+                use_dictionary=False,
+                write_statistics=False,
+                store_schema=False,
             )
         self._writer.write_table(table)
 
@@ -583,7 +591,7 @@ class _Shard:
         self.cfg, self.index = cfg, index
         self.n = cfg.preprocess.num_shards
         tok = load_tokenizer(cfg)
-        self.enc = Encoder(tok)
+        self.enc = Encoder(tok, memoise=cfg.preprocess.memoize_tokens)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.loss_all = cfg.preprocess.loss_on == "all"
         self.salt = str(cfg.preprocess.seed)
