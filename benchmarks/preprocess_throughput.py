@@ -1,6 +1,7 @@
 """Preprocessing throughput: fulltune's sharded step against the usual `run_clm.py` recipe.
 
-Text mode (default), in one run, on the same generated text and the same tokenizer (the demo's
+Text mode (default), in one run, on the same generated text (or, `--text docstrings`, the installed
+packages' docstrings) and the same tokenizer (the demo's
 byte-level BPE):
   (a) baseline: `datasets.Dataset.from_json` -> `.map(tokenize, batched=True)` -> `.map(group_texts)`,
       as Hugging Face's `run_clm.py` does (`list(chain(*examples[k]))`, remainder dropped);
@@ -57,6 +58,25 @@ def make_text(path: Path, megabytes: float, seed: int = 0) -> int:
             fh.write(line)
             written += len(line.encode())
             records += 1
+    return records
+
+
+def make_docstrings(path: Path, megabytes: float) -> int:
+    """JSONL of the installed packages' distinct docstrings (real technical prose, no document
+    repeated: where memoised tokenization gains least) until `megabytes` or they run out."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from memo_encode import docstrings
+
+    texts = docstrings(megabytes)
+    written = records = 0
+    with path.open("w") as fh:
+        for text in texts:
+            line = json.dumps({"text": text}) + "\n"
+            fh.write(line)
+            written += len(line.encode())
+            records += 1
+            if written >= megabytes * 1024 * 1024:
+                break
     return records
 
 
@@ -225,6 +245,12 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=50.0, help="size of the generated JSONL")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=None, help="comma-separated subset of a,b,c,w,t (default: all)")
+    ap.add_argument(
+        "--text",
+        choices=("notes", "docstrings"),
+        default="notes",
+        help="text mode's data: generated notes and prose (default), or real docstrings (few repeats)",
+    )
     ap.add_argument("--sft", choices=("prompt_completion", "chat"), help="SFT packing mode")
     ap.add_argument("--assets", default=".fulltune-demo/assets", help="demo assets cache (tokenizer)")
     ap.add_argument("--child", dest="variant", default=None, help=argparse.SUPPRESS)
@@ -258,7 +284,12 @@ def main() -> None:
     results: dict[str, list[dict]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-") as tmp:
         data = Path(tmp, "data.jsonl")
-        records = make_sft(data, args.mb, args.sft) if args.sft else make_text(data, args.mb)
+        if args.sft:
+            records = make_sft(data, args.mb, args.sft)
+        elif args.text == "docstrings":
+            records = make_docstrings(data, args.mb)
+        else:
+            records = make_text(data, args.mb)
         print(
             f"{records} {args.sft or 'text'} records, {data.stat().st_size / 2**20:.1f} MiB, "
             f"max_seq_len {SEQ_LEN}, {args.repeats} repeats, load average {os.getloadavg()[0]:.1f}"

@@ -357,7 +357,7 @@ def test_shard_manifest_reports_what_the_shard_read(demo_assets, tmp_path):
     reads = [core.preprocess_shard(cfg, str(tmp_path / "n3"), i)["inputs"]["train"] for i in range(3)]
     assert all(r["blocks"] > 0 and r["bytes_read"] > 0 for r in reads)
     assert sum(r["blocks"] for r in reads) == one["inputs"]["train"]["blocks"]
-    assert one["tokenization"]["memoised"] and one["tokenization"]["pieces"] > 0
+    assert one["tokenization"]["memoized"] and one["tokenization"]["pieces"] > 0
 
 
 # -- over-long prompt/completion and chat examples ------------------------------------------------------
@@ -415,8 +415,8 @@ def test_memoised_tokenization_gives_the_tokenizers_documents(tok):
     fast = core.Encoder(tok)
     assert fast.memo is not None  # the demo's byte-level BPE qualifies
     docs = fast.documents(texts)
-    want = core.Encoder(tok, memoise=False).documents(texts)
+    want = core.Encoder(tok, memoize=False).documents(texts)
     assert docs.ids.tolist() == want.ids.tolist() and docs.offsets.tolist() == want.offsets.tolist()
     assert docs.ids.flags.writeable
     stats = fast.stats()
-    assert stats["memoised"] and stats["pieces_encoded"] < stats["pieces"]
+    assert stats["memoized"] and stats["pieces_encoded"] < stats["pieces"]

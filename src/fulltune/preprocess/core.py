@@ -157,7 +157,7 @@ class Encoder:
     the fast tokenizer's Rust backend (`encode_batch_fast`: no offsets computed), else the
     tokenizer's own call."""
 
-    def __init__(self, tok, memoise: bool = True):
+    def __init__(self, tok, memoize: bool = True):
         self.tok = tok
         self.eos = tok.eos_token_id
         backend = getattr(tok, "backend_tokenizer", None)
@@ -168,7 +168,7 @@ class Encoder:
             backend.no_truncation()  # as the tokenizer's own call does unless asked to truncate
             backend.no_padding()
             self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            reason = self.why_not = memo.unsupported(backend) if memoise else "switched off"
+            reason = self.why_not = memo.unsupported(backend) if memoize else "switched off"
             if reason is None:
                 self.memo = memo.MemoEncoder(backend)
             else:
@@ -189,9 +189,9 @@ class Encoder:
         pieces looked up and those the tokenizer encoded."""
         m = self.memo
         if m is None:
-            return {"memoised": False, "reason": self.why_not}
+            return {"memoized": False, "reason": self.why_not}
         return {
-            "memoised": not m.disabled,
+            "memoized": not m.disabled,
             "reason": "the guard found a difference; see the log" if m.disabled else None,
             "pieces": m.pieces_seen,
             "pieces_encoded": m.pieces_encoded,
@@ -591,7 +591,7 @@ class _Shard:
         self.cfg, self.index = cfg, index
         self.n = cfg.preprocess.num_shards
         tok = load_tokenizer(cfg)
-        self.enc = Encoder(tok, memoise=cfg.preprocess.memoize_tokens)
+        self.enc = Encoder(tok, memoize=cfg.preprocess.memoize_tokens)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.loss_all = cfg.preprocess.loss_on == "all"
         self.salt = str(cfg.preprocess.seed)
