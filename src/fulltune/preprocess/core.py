@@ -168,11 +168,14 @@ class Encoder:
             backend.no_truncation()  # as the tokenizer's own call does unless asked to truncate
             backend.no_padding()
             self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            reason = self.why_not = memo.unsupported(backend) if memoize else "switched off"
-            if reason is None:
-                self.memo = memo.MemoEncoder(backend)
-            else:
-                log.info("tokenizing every text whole (memoised encoding: %s)", reason)
+            self.why_not = "switched off"
+            if memoize:
+                try:
+                    self.memo, self.why_not = memo.MemoEncoder(backend), None
+                except memo.NotExact as exc:
+                    self.why_not = exc.reason
+            if self.why_not:
+                log.info("tokenizing every text whole (memoised encoding: %s)", self.why_not)
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if self.memo is not None:

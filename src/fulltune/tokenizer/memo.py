@@ -68,12 +68,24 @@ JOIN_CHARS = 1 << 16  # new pieces are encoded together in texts of about this m
 VERIFY_DOCS = 64
 
 
+class NotExact(ValueError):
+    """Memoised encoding would not give this tokenizer's ids exactly; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"memoised encoding is not exact for this tokenizer: {reason}")
+        self.reason = reason
+
+
 def unsupported(backend: Any) -> str | None:
     """Why memoised encoding would not give this tokenizer's ids exactly; None when it would."""
     try:
         spec = json.loads(backend.to_str())
     except (AttributeError, ValueError) as exc:
         return f"tokenizer cannot be serialised ({exc})"
+    return _unsupported(spec)
+
+
+def _unsupported(spec: dict) -> str | None:
     normalizer = spec.get("normalizer")
     ntype = None if normalizer is None else normalizer.get("type")
     if ntype not in NORMALIZERS:
@@ -151,11 +163,14 @@ class MemoEncoder:
         verify_docs: int = VERIFY_DOCS,
         join_chars: int = JOIN_CHARS,
     ):
-        reason = unsupported(backend)
+        try:
+            spec = json.loads(backend.to_str())  # once: it is the whole vocabulary
+        except (AttributeError, ValueError) as exc:
+            raise NotExact(f"tokenizer cannot be serialised ({exc})") from exc
+        reason = _unsupported(spec)
         if reason:
-            raise ValueError(f"memoised encoding is not exact for this tokenizer: {reason}")
+            raise NotExact(reason)
         self._batch = backend.encode_batch_fast
-        spec = json.loads(backend.to_str())
         self._normal = NORMALIZERS[(spec.get("normalizer") or {}).get("type")]
         contents = sorted({t["content"] for t in spec.get("added_tokens", []) if t["content"]}, key=len)
         self._added = re.compile("|".join(map(re.escape, reversed(contents)))) if contents else None
@@ -229,11 +244,10 @@ class MemoEncoder:
             self._skip -= 1
             return self._plain(texts, tail)
         cut = [None if self._has_added(t) else pieces(t) for t in texts]
+        kept = [c for c in cut if c is not None]
         first, rest = self._first, self._rest
-        new_first = list({c[0] for c in cut if c is not None}.difference(first))
-        new_rest = list(
-            set(chain.from_iterable(islice(c, 1, None) for c in cut if c is not None)).difference(rest)
-        )
+        new_first = list({c[0] for c in kept}.difference(first))
+        new_rest = list(set(chain.from_iterable(islice(c, 1, None) for c in kept)).difference(rest))
         new_chars = sum(map(len, new_first)) + sum(map(len, new_rest))
         chars = sum(map(len, texts))
         if new_chars > MAX_NEW_SHARE * chars:
@@ -248,7 +262,7 @@ class MemoEncoder:
         first.update(zip(new_first, self._many(new_first, ""), strict=True))
         rest.update(zip(new_rest, self._many(new_rest, " "), strict=True))
         self.pieces_encoded += len(new_first) + len(new_rest)
-        self.pieces_seen += sum(len(c) for c in cut if c is not None)
+        self.pieces_seen += sum(map(len, kept))
         whole = [i for i, c in enumerate(cut) if c is None]
         direct = dict(zip(whole, self._ids([texts[i] for i in whole]), strict=True))
         get = rest.__getitem__
