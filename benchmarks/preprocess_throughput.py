@@ -185,7 +185,10 @@ def run_shard(
 ) -> dict:
     from fulltune.preprocess.core import preprocess_shard
 
-    m = preprocess_shard(_cfg(data, tokenizer_dir, shards, packing, memoize), str(workdir / "work"), index)
+    cfg = _cfg(data, tokenizer_dir, shards, packing, memoize).with_overrides(
+        {"work_dir": str(workdir / "work")}
+    )
+    m = preprocess_shard(cfg, index)
     s = m["splits"]["train"]
     return {
         "sequences": s["sequences"],

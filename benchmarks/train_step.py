@@ -138,12 +138,12 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
         }
     )
     plan = make_plan(cfg, train_tokens=n_seq * a.seq)
-    uris = write_plan(plan, str(work))
+    layout = write_plan(plan)
     mem = plan.to_json()["memory"]
     return {
         "dataset": dataset,
-        "config": uris["config"],
-        "deepspeed": uris["deepspeed"],
+        "config": layout.resolved_config,
+        "deepspeed": layout.deepspeed_config,
         "model": str(model_dir),
         "plan_memory": json.dumps(mem),
         "params": str(plan.shape.params),

@@ -814,9 +814,7 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
         k.set_condition(ns, name, "Succeeded")
 
     kube.script = operator
-    result = run_training(
-        cfg, str(work), "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9"
-    )
+    result = run_training(cfg, "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
     assert result["summary"] == {"steps": 2, "final_loss": 1.25} and len(result["metrics"]) == 2
     (post,) = kube.calls("POST")
     assert post.body["metadata"]["name"] == job_name("run-7", "train")
@@ -829,7 +827,7 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     for path in sorted((work / "train").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     with pytest.raises(LaunchError, match="model is incomplete"):
-        run_training(cfg, str(work), "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
+        run_training(cfg, "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
     assert len(kube.calls("POST")) == 2 and not kube.calls("DELETE")
 
 

@@ -152,8 +152,8 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
             "resources": {"nproc_per_node": 4},
         }
     )
-    p = planmod.make_plan(cfg, train_tokens=1234)
-    resolved = RunConfig.from_dict(p.config)
+    p = planmod.make_plan(cfg.with_overrides({"work_dir": str(tmp_path / "work")}), train_tokens=1234)
+    resolved = p.config
     assert resolved.training.learning_rate == planmod.default_learning_rate(p.shape.params)
     assert resolved.training.num_train_epochs == 3.0
     ds = p.deepspeed
@@ -161,10 +161,13 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
     assert ds["train_batch_size"] == 2 * 4 * 4
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
-    uris = planmod.write_plan(p, str(tmp_path / "work"))
-    assert json.loads(open(uris["deepspeed"]).read()) == ds
-    md = open(uris["markdown"]).read()
-    assert "| **total / GPU** |" in md and "learning_rate" in md
+    assert resolved.training.offload_optimizer is False  # plan's decision is in the resolved config
+    layout = planmod.write_plan(p)
+    assert layout.root == str(tmp_path / "work")
+    assert json.loads(open(layout.deepspeed_config).read()) == ds
+    assert RunConfig.from_yaml(layout.resolved_config) == resolved
+    md = open(layout.plan_markdown).read()
+    assert "| **total / GPU** |" in md and "learning_rate" in md and "| precision | bf16 |" in md
 
 
 def test_plan_requires_model_and_data():
@@ -207,13 +210,13 @@ def test_forced_offload_is_honoured_in_the_estimate_and_the_deepspeed_json():
     assert mem.offload_optimizer and mem.offload_params
     assert mem.model_states == pytest.approx(s.params * 2 / 8)  # only the bf16 grads stay on the GPU
     assert "training.offload_optimizer forced to True" in notes
-    zero = planmod.deepspeed_config(cfg, s, mem)["zero_optimization"]
+    zero = planmod.deepspeed_config(cfg, s)["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     # Left to plan, the same run needs no offload.
     mem, _, _ = planmod.choose_memory_settings(_gpu_cfg({}), s)
     assert (
         not mem.offload_optimizer
-        and "offload_optimizer" not in planmod.deepspeed_config(_gpu_cfg({}), s, mem)["zero_optimization"]
+        and "offload_optimizer" not in planmod.deepspeed_config(_gpu_cfg({}), s)["zero_optimization"]
     )
 
 
@@ -238,7 +241,7 @@ def test_adafactor_needs_12_bytes_per_parameter_and_no_optimizer_block():
     cfg = _gpu_cfg({"optim": "adafactor"})
     mem, _, _ = planmod.choose_memory_settings(cfg, s)
     assert mem.model_states == pytest.approx(ada.model_states)
-    ds = planmod.deepspeed_config(cfg, s, mem)
+    ds = planmod.deepspeed_config(cfg, s)
     assert "optimizer" not in ds and "scheduler" not in ds
     assert ds["zero_allow_untested_optimizer"] is True
 
@@ -249,14 +252,14 @@ def test_fp16_gets_dynamic_loss_scaling_on_gpu_only_and_is_exclusive_with_bf16()
     s = shape_8b()
     cfg = _gpu_cfg({"bf16": False, "fp16": True})
     mem, _, _ = planmod.choose_memory_settings(cfg, s)
-    ds = planmod.deepspeed_config(cfg, s, mem)
+    ds = planmod.deepspeed_config(cfg, s)
     assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0  # 0 = dynamic
     assert ds["bf16"]["enabled"] is False
     cpu = _gpu_cfg({"bf16": False, "fp16": True}, accelerator="cpu")
-    assert planmod.deepspeed_config(cpu, s, mem)["fp16"]["enabled"] is False
-    assert planmod.deepspeed_config(_gpu_cfg({}), s, mem)["fp16"]["enabled"] is False
+    assert planmod.deepspeed_config(cpu, s)["fp16"]["enabled"] is False
+    assert planmod.deepspeed_config(_gpu_cfg({}), s)["fp16"]["enabled"] is False
     with pytest.raises(ConfigError, match=r"training\.bf16 and training\.fp16"):
-        planmod.deepspeed_config(_gpu_cfg({"fp16": True}), s, mem)  # bf16 defaults to true
+        planmod.deepspeed_config(_gpu_cfg({"fp16": True}), s)  # bf16 defaults to true
 
 
 def test_make_plan_refuses_contradictory_training_settings(llama_dir, tmp_path):

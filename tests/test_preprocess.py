@@ -10,6 +10,7 @@ import pytest
 
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.layout import RunLayout
 from fulltune.preprocess import core
 from fulltune.preprocess.dataset import IGNORE_INDEX, load_split
 
@@ -47,6 +48,11 @@ def make_cfg(demo_assets, tmp_path, train_rows, general_rows=None, **pp) -> RunC
     )
 
 
+def at(cfg: RunConfig, work_dir: str) -> RunConfig:
+    """The same config with its work directory at `work_dir` (where the shards go)."""
+    return cfg.with_overrides({"work_dir": work_dir})
+
+
 TEXTS = [
     {"text": f"Patient {i} has HbA1c {5 + i % 7}.{i % 10}% and eGFR {30 + i} on review."} for i in range(120)
 ]
@@ -55,8 +61,8 @@ TEXTS = [
 def test_same_inputs_give_byte_identical_shards(demo_assets, tmp_path):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    core.preprocess_all(cfg, a)
-    core.preprocess_all(cfg, b)
+    core.preprocess_all(at(cfg, a))
+    core.preprocess_all(at(cfg, b))
     files_a = sorted(p.relative_to(a) for p in Path(a).rglob("*.parquet"))
     assert files_a == sorted(p.relative_to(b) for p in Path(b).rglob("*.parquet"))
     for rel in files_a:
@@ -65,7 +71,7 @@ def test_same_inputs_give_byte_identical_shards(demo_assets, tmp_path):
 
 def test_text_packing_keeps_every_token_once_with_eos_between_documents(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1, eval_fraction=0.01)
-    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
     split = manifest["splits"]["train"]
     data = load_split(manifest, "train")
     mask = data["attention_mask"].bool()
@@ -95,7 +101,7 @@ def test_chat_labels_are_exactly_the_assistant_turns(demo_assets, tmp_path, tok)
         for i in range(12)
     ]
     cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=1, max_seq_len=256, eval_fraction=0.01)
-    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
     data = load_split(manifest, "train")
     decoded = []
     for ids, labels in zip(data["input_ids"], data["labels"], strict=True):
@@ -121,7 +127,7 @@ def test_prompt_completion_masks_the_prompt_unless_loss_on_all(demo_assets, tmp_
     ]
     for loss_on, prompt_visible in (("assistant", False), ("all", True)):
         cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=1, eval_fraction=0.01, loss_on=loss_on)
-        manifest = core.preprocess_all(cfg, str(tmp_path / f"w-{loss_on}"))
+        manifest = core.preprocess_all(at(cfg, str(tmp_path / f"w-{loss_on}")))
         data = load_split(manifest, "train")
         labels = data["labels"][data["labels"] != IGNORE_INDEX].tolist()
         text = tok.decode(labels)
@@ -132,21 +138,21 @@ def test_prompt_completion_masks_the_prompt_unless_loss_on_all(demo_assets, tmp_
 def test_complete_shards_are_skipped_and_corrupt_ones_redone(demo_assets, tmp_path):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS)
     work = str(tmp_path / "w")
-    first = core.preprocess_shard(cfg, work, 0)
-    again = core.preprocess_shard(cfg, work, 0)
+    first = core.preprocess_shard(at(cfg, work), 0)
+    again = core.preprocess_shard(at(cfg, work), 0)
     assert again.get("skipped") is True
     # Simulate a shard killed midway: data written, manifest missing -> redone, same bytes.
-    shard1 = core.preprocess_shard(cfg, work, 1)
+    shard1 = core.preprocess_shard(at(cfg, work), 1)
     f = Path(shard1["splits"]["train"]["files"][0]["uri"])
     before = f.read_bytes()
-    Path(core.shard_manifest_uri(work, 1)).unlink()
+    Path(RunLayout(work).shard_manifest(1)).unlink()
     f.write_bytes(before[: len(before) // 2])
-    redone = core.preprocess_shard(cfg, work, 1)
+    redone = core.preprocess_shard(at(cfg, work), 1)
     assert "skipped" not in redone and f.read_bytes() == before
     # A corrupted file behind an existing manifest is detected by its checksum.
     f.write_bytes(b"garbage")
-    assert not core.shard_is_complete(core.shard_manifest_uri(work, 1))
-    assert core.preprocess_shard(cfg, work, 1).get("skipped") is None
+    assert not core.shard_is_complete(RunLayout(work).shard_manifest(1))
+    assert core.preprocess_shard(at(cfg, work), 1).get("skipped") is None
     assert f.read_bytes() == before
     assert first["splits"]["train"]["files"]
 
@@ -154,9 +160,9 @@ def test_complete_shards_are_skipped_and_corrupt_ones_redone(demo_assets, tmp_pa
 def test_gather_refuses_a_missing_shard(demo_assets, tmp_path):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS)
     work = str(tmp_path / "w")
-    core.preprocess_shard(cfg, work, 0)
+    core.preprocess_shard(at(cfg, work), 0)
     with pytest.raises(core.PreprocessError, match="shard-00001.json: shard missing"):
-        core.gather_shards(cfg, work)
+        core.gather_shards(at(cfg, work))
 
 
 def test_replay_fraction_is_achieved_within_one_percent(demo_assets, tmp_path):
@@ -164,14 +170,14 @@ def test_replay_fraction_is_achieved_within_one_percent(demo_assets, tmp_path):
         {"text": f"The {w} module provides functions for working with {w} objects."} for w in "abcdefghij" * 8
     ]
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, general, replay_fraction=0.2)
-    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
     assert manifest["replay"]["achieved_fraction"] == pytest.approx(0.2, abs=0.01)
     assert manifest["splits"]["general_eval"]["sequences"] > 0
 
 
 def test_split_assignment_is_stable_and_disjoint(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, eval_fraction=0.2, num_shards=1)
-    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
+    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
     expected_eval = sum(1 for r in TEXTS if core.stable_fraction(r["text"], "0") < 0.2)
     assert manifest["splits"]["domain_eval"]["examples"] == expected_eval
     assert manifest["splits"]["train"]["examples"] == len(TEXTS) - expected_eval
@@ -179,8 +185,8 @@ def test_split_assignment_is_stable_and_disjoint(demo_assets, tmp_path, tok):
 
 def test_dataset_manifest_lists_checksummed_files(demo_assets, tmp_path):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS)
-    manifest = core.preprocess_all(cfg, str(tmp_path / "w"))
-    on_disk = storage.read_json(core.dataset_manifest_uri(str(tmp_path / "w")))
+    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
+    on_disk = storage.read_json(RunLayout(str(tmp_path / "w")).dataset_manifest)
     assert on_disk == manifest
     for split in manifest["splits"].values():
         for f in split["files"]:
@@ -195,10 +201,10 @@ def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_asse
     ]
     common = {"block_records": 8, "replay_fraction": 0.2}
     one = core.preprocess_all(
-        make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=1, **common), str(tmp_path / "n1")
+        at(make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=1, **common), str(tmp_path / "n1"))
     )
     four = core.preprocess_all(
-        make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=4, **common), str(tmp_path / "n4")
+        at(make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=4, **common), str(tmp_path / "n4"))
     )
     for split in ("train", "domain_eval", "general_eval"):
         seqs = [Counter(map(tuple, load_split(m, split)["input_ids"].tolist())) for m in (one, four)]
@@ -208,7 +214,7 @@ def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_asse
 
 def test_position_ids_restart_at_every_document(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1, eval_fraction=0.01)
-    data = load_split(core.preprocess_all(cfg, str(tmp_path / "w")), "train")
+    data = load_split(core.preprocess_all(at(cfg, str(tmp_path / "w"))), "train")
     rows = zip(
         data["input_ids"].tolist(),
         data["position_ids"].tolist(),
@@ -233,7 +239,7 @@ def test_unpacked_text_becomes_overlapping_windows_with_each_token_learned_once(
         packing=False,
         chunk_stride=16,
     )
-    data = load_split(core.preprocess_all(cfg, str(tmp_path / "w")), "train")
+    data = load_split(core.preprocess_all(at(cfg, str(tmp_path / "w"))), "train")
     doc = tok(long_doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     windows = data["input_ids"].tolist()
     assert len(windows) == 1 + -(-(len(doc) - 64) // (64 - 16))
@@ -350,11 +356,13 @@ def test_shards_read_byte_ranges_and_row_groups_from_s3(tmp_path, s3):
 
 
 def test_shard_manifest_reports_what_the_shard_read(demo_assets, tmp_path):
-    one = core.preprocess_shard(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1), str(tmp_path / "n1"), 0)
+    one = core.preprocess_shard(
+        at(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1), str(tmp_path / "n1")), 0
+    )
     size = (tmp_path / "train.jsonl").stat().st_size
     assert one["inputs"]["train"]["bytes_read"] >= size
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=3)
-    reads = [core.preprocess_shard(cfg, str(tmp_path / "n3"), i)["inputs"]["train"] for i in range(3)]
+    reads = [core.preprocess_shard(at(cfg, str(tmp_path / "n3")), i)["inputs"]["train"] for i in range(3)]
     assert all(r["blocks"] > 0 and r["bytes_read"] > 0 for r in reads)
     assert sum(r["blocks"] for r in reads) == one["inputs"]["train"]["blocks"]
     assert one["tokenization"]["memoized"] and one["tokenization"]["pieces"] > 0
@@ -372,8 +380,8 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_assets, tmp
     for policy in ("truncate", "drop"):
         cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=2, eval_fraction=0.01, overlong=policy)
         work = str(tmp_path / policy)
-        manifest = core.preprocess_all(cfg, work)
-        shard_counts = [storage.read_json(core.shard_manifest_uri(work, i))["splits"] for i in range(2)]
+        manifest = core.preprocess_all(at(cfg, work))
+        shard_counts = [storage.read_json(RunLayout(work).shard_manifest(i))["splits"] for i in range(2)]
         data = load_split(manifest, "train")
         text = tok.decode(data["labels"][data["labels"] != IGNORE_INDEX].tolist())
         results[policy] = (manifest, shard_counts, text)

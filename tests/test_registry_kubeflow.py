@@ -157,7 +157,7 @@ def test_a_version_recorded_for_another_manifest_is_refused(model_dir, tmp_path,
 
 def test_failure_after_the_upload_keeps_the_version_and_a_retry_completes_it(model_dir, s3, tmp_path, mr):
     registry = f"{s3}/registry"
-    config = _cfg(registry, mr).to_dict()
+    config = _cfg(registry, mr)
     eval_path = tmp_path / "eval.json"
     eval_path.write_text(json.dumps(EVAL_PASS))
     mr.fail(1, method="POST", path="/model_versions/")  # the version is created, its artifact is not

@@ -64,8 +64,8 @@ def plan_run(demo_assets, work: str, nproc: int = 2, **training) -> RunConfig:
         }
     )
     p = make_plan(cfg, train_tokens=10_000)
-    write_plan(p, work)
-    return RunConfig.from_dict(p.config)
+    write_plan(p)
+    return p.config
 
 
 def plain_loss(model_dir, dataset_uri, split: str = "train") -> float:
@@ -92,7 +92,7 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
     cfg = plan_run(
         demo_assets, work, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3
     )
-    job = train_job(cfg, work, dataset)
+    job = train_job(cfg, dataset)
     LocalLauncher().run(job)
 
     metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
@@ -119,7 +119,7 @@ def test_too_little_data_exits_1_without_retrying(demo_assets, tmp_path):
     dataset = tiny_dataset(demo_assets, work, n_seq=2)
     cfg = plan_run(demo_assets, work, per_device_train_batch_size=4, max_steps=1)
     with pytest.raises(LaunchError) as exc:
-        LocalLauncher().run(train_job(cfg, work, dataset))
+        LocalLauncher().run(train_job(cfg, dataset))
     assert exc.value.exit_code == 1
     assert "fewer than one global batch" in str(exc.value)
 
@@ -164,7 +164,7 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
         cfg = plan_run(
             demo_assets, work, per_device_train_batch_size=2, max_steps=6, save_steps=2, save_total_limit=2
         )
-        runs[name] = (cfg, work, dataset, train_job(cfg, work, dataset))
+        runs[name] = (cfg, work, dataset, train_job(cfg, dataset))
     cfg, work, dataset, job = runs["straight"]
     LocalLauncher().run(job)
 
@@ -204,7 +204,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
     cfg = plan_run(
         demo_assets, work, per_device_train_batch_size=2, max_steps=5, save_steps=2, save_total_limit=3
     )
-    job = train_job(cfg, work, dataset)
+    job = train_job(cfg, dataset)
     monkeypatch.setenv("FULLTUNE_FAULT_AFTER_STEP", "4")
     with pytest.raises(LaunchError):
         LocalLauncher().run(job)
@@ -231,7 +231,7 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_pa
         work = str(tmp_path / f"n{nproc}")
         dataset = tiny_dataset(demo_assets, work, n_seq=24)
         cfg = plan_run(demo_assets, work, nproc=nproc, per_device_train_batch_size=micro, max_steps=10)
-        job = train_job(cfg, work, dataset)
+        job = train_job(cfg, dataset)
         LocalLauncher().run(job)
         losses[nproc] = [json.loads(line)["loss"] for line in storage.read_text(job.metrics_uri).splitlines()]
     assert len(losses[1]) == 10
@@ -261,7 +261,7 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
         early_stopping_threshold=10.0,
     )
     assert json.loads(open(f"{work}/plan/ds_config.json").read())["zero_optimization"]["offload_optimizer"]
-    job = train_job(cfg, work, dataset)
+    job = train_job(cfg, dataset)
     LocalLauncher().run(job)
 
     metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]

@@ -98,7 +98,7 @@ def _registry_register(args: argparse.Namespace) -> int:
 
     try:
         cfg = RunConfig.from_yaml(args.config)
-        uri = steps.register(cfg.to_dict(), args.model, args.eval, run_id=args.run_id, force=args.force)
+        uri = steps.register(cfg, args.model, args.eval, run_id=args.run_id, force=args.force)
     except FileNotFoundError as exc:
         print(f"error: {exc.filename or exc}: not found", file=sys.stderr)
         return 1

@@ -13,10 +13,15 @@ are filled from well-known rules, and the resolved config is what `preprocess`, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    from fulltune.layout import RunLayout
+
+Precision = Literal["bf16", "fp16", "fp32"]
 
 
 class ConfigError(ValueError):
@@ -261,6 +266,10 @@ class TrainingSection(_Section):
         0.0, ge=0.0, description="Smallest eval-loss decrease that counts as an improvement."
     )
 
+    def global_batch_size(self, world_size: int) -> int:
+        """Sequences per optimizer step: micro batch x accumulation x ranks (the one place it is computed)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
 
 class Toleration(_Section):
     key: str | None = Field(None, description="Taint key.")
@@ -498,6 +507,11 @@ class RunConfig(_Section):
             raise ConfigError(format_validation_error(exc, source)) from None
 
     @classmethod
+    def from_pipeline(cls, config: dict[str, Any] | None) -> RunConfig:
+        """The `config` parameter a pipeline step receives (the only place a run is a dict)."""
+        return cls.from_dict(config, source="pipeline parameter 'config'")
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         try:
@@ -537,6 +551,36 @@ class RunConfig(_Section):
     @property
     def world_size(self) -> int:
         return self.resources.num_nodes * self.resources.nproc_per_node
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over the configured world size."""
+        return self.training.global_batch_size(self.world_size)
+
+    @property
+    def precision(self) -> Precision:
+        """What training computes in: bf16 or fp16 on a GPU as configured, float32 on the CPU (where
+        both flags are ignored). The DeepSpeed JSON, the trainer's load dtype and every report read it."""
+        tr = self.training
+        if tr.bf16 and tr.fp16:
+            raise ConfigError(
+                "training.bf16 and training.fp16 are both true: choose one "
+                "(set training.bf16: false to train in float16 with loss scaling)"
+            )
+        if self.resources.accelerator == "cpu":
+            return "fp32"
+        return "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
+
+    @property
+    def layout(self) -> RunLayout:
+        """Where this run's files live under `work_dir` (plan, shards, model, checkpoints, eval)."""
+        from fulltune.layout import RunLayout
+
+        if not self.work_dir:
+            raise ConfigError(
+                "work_dir: required (a local directory or s3:// prefix for this run's data and model)"
+            )
+        return RunLayout(self.work_dir)
 
     def require(self, *dotted: str) -> None:
         """Fail with a ConfigError naming every listed field that is empty."""

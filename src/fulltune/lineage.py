@@ -43,10 +43,8 @@ def git_commit() -> str | None:
 
 
 def build_lineage(cfg: RunConfig, *, run_id: str, model_uri: str) -> dict[str, Any]:
-    from fulltune.preprocess.core import dataset_manifest_uri
-
     # no work directory (a registration from the command line): no dataset manifest to point at
-    data_uri = dataset_manifest_uri(cfg.work_dir) if cfg.work_dir else None
+    data_uri = cfg.layout.dataset_manifest if cfg.work_dir else None
     data_digest = None
     if data_uri and storage.exists(data_uri):
         data_digest = hashlib.sha256(storage.read_bytes(data_uri)).hexdigest()

@@ -46,10 +46,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from fulltune.layout import RunLayout
 
 GiB = 1024**3
 FIXED_OVERHEAD_BYTES = int(1.5 * GiB)
@@ -82,16 +85,18 @@ class ModelShape:
     gated_mlp: bool = False  # SwiGLU-style (gate and up projections)
 
 
-# The components of MemoryEstimate.total, in the order reports list them (bytes per GPU).
-MEMORY_PARTS = (
-    "model_states",
-    "gathered_layers",
-    "activations",
-    "logits",
-    "optimizer_step",
-    "fragmentation",
-    "overhead",
-)
+# The components of MemoryEstimate.total, in the order reports list them (bytes per GPU), with the
+# plan report's label for each.
+MEMORY_LABELS = {
+    "model_states": "model states / GPU",
+    "gathered_layers": "gathered layers",
+    "activations": "activations",
+    "logits": "logits",
+    "optimizer_step": "optimizer step (transient)",
+    "fragmentation": "fragmentation",
+    "overhead": "CUDA context, NCCL",
+}
+MEMORY_PARTS = tuple(MEMORY_LABELS)
 
 
 @dataclass
@@ -127,13 +132,13 @@ class Plan:
     world_size: int
     train_tokens_estimate: int
     decisions: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)  # the resolved RunConfig, as RunConfig.to_dict()
+    config: RunConfig = field(default_factory=RunConfig)  # the resolved config
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {k: v for k, v in asdict(self).items() if k != "config"}  # asdict would not dump pydantic
         out["memory"]["total"] = self.memory.total
-        return out
+        return {**out, "config": self.config.to_dict()}
 
 
 # -- model shape ----------------------------------------------------------------------------------
@@ -343,9 +348,15 @@ def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
 # -- DeepSpeed --------------------------------------------------------------------------------------
 
 
-def deepspeed_config(cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, shape: ModelShape) -> dict[str, Any]:
+    """The DeepSpeed JSON, derived from the resolved config alone (and the model's hidden size).
+
+    Precision, batch sizes and offload come from the config's one source for each: `cfg.precision`,
+    `cfg.training.global_batch_size`, and the offload settings plan wrote into the resolved config.
+    """
     tr = cfg.training
     gpu = cfg.resources.accelerator == "gpu"
+    precision = cfg.precision
     h = shape.hidden_size
     zero: dict[str, Any] = {
         "stage": 3,
@@ -359,21 +370,20 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate) -> 
         "stage3_gather_16bit_weights_on_model_save": True,
         "sub_group_size": SUB_GROUP_SIZE,  # the optimizer-step transient in the estimate depends on it
     }
-    if mem.offload_optimizer:
+    if tr.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
-    if mem.offload_params:
+    if tr.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
-    check_precision(cfg)
     return {
         "train_micro_batch_size_per_gpu": tr.per_device_train_batch_size,
         "gradient_accumulation_steps": tr.gradient_accumulation_steps,
-        "train_batch_size": tr.per_device_train_batch_size * tr.gradient_accumulation_steps * cfg.world_size,
+        "train_batch_size": cfg.global_batch_size,
         "gradient_clipping": tr.max_grad_norm,
-        "bf16": {"enabled": bool(tr.bf16 and gpu)},
+        "bf16": {"enabled": precision == "bf16"},
         # Dynamic loss scaling (loss_scale 0): start at 2**16, halve on overflow (the step is skipped),
         # double after 1000 clean steps.
         "fp16": {
-            "enabled": bool(tr.fp16 and gpu),
+            "enabled": precision == "fp16",
             "loss_scale": 0,
             "initial_scale_power": 16,
             "loss_scale_window": 1000,
@@ -388,19 +398,10 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate) -> 
     }
 
 
-def check_precision(cfg: RunConfig) -> None:
-    tr = cfg.training
-    if tr.bf16 and tr.fp16:
-        raise ConfigError(
-            "training.bf16 and training.fp16 are both true: choose one "
-            "(set training.bf16: false to train in float16 with loss scaling)"
-        )
-
-
 def check_training(cfg: RunConfig) -> None:
     """Combinations of training fields that cannot work, refused before any GPU is spent."""
     tr = cfg.training
-    check_precision(cfg)
+    cfg.precision  # noqa: B018 — refuses bf16 and fp16 together
     if tr.early_stopping_patience and not tr.eval_steps:
         raise ConfigError(
             "training.early_stopping_patience is set but training.eval_steps is 0: "
@@ -412,64 +413,74 @@ def check_training(cfg: RunConfig) -> None:
 
 
 def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
+    """Size the run and resolve its config: every field plan decides is set in `Plan.config`."""
     cfg.require("model.base_model_uri", "data.train_uri")
     check_training(cfg)
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)
     tokens = estimate_train_tokens(cfg) if train_tokens is None else train_tokens
+    over, rule_notes = resolved_fields(cfg, shape, mem, tokens)
+    resolved = cfg.with_overrides(over)
+    return Plan(
+        shape,
+        mem,
+        budget,
+        cfg.world_size,
+        tokens,
+        notes + rule_notes,
+        resolved,
+        deepspeed_config(resolved, shape),
+    )
 
+
+def resolved_fields(
+    cfg: RunConfig, shape: ModelShape, mem: MemoryEstimate, tokens: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The fields plan decides (dotted names), and a note for each rule-chosen hyper-parameter."""
+    tr = cfg.training
     over: dict[str, Any] = {
         "training.per_device_train_batch_size": mem.micro_batch,
         "training.gradient_checkpointing": mem.gradient_checkpointing,
+        "training.offload_optimizer": mem.offload_optimizer,
+        "training.offload_param": mem.offload_params,
     }
-    if mem.micro_batch != cfg.training.per_device_train_batch_size:
-        factor = cfg.training.per_device_train_batch_size // mem.micro_batch
-        over["training.gradient_accumulation_steps"] = cfg.training.gradient_accumulation_steps * factor
-    if cfg.training.learning_rate is None:
+    notes = []
+    if mem.micro_batch != tr.per_device_train_batch_size:
+        factor = tr.per_device_train_batch_size // mem.micro_batch
+        over["training.gradient_accumulation_steps"] = tr.gradient_accumulation_steps * factor
+    if tr.learning_rate is None:
         over["training.learning_rate"] = default_learning_rate(shape.params)
         notes.append(
             f"learning_rate {over['training.learning_rate']:g} chosen for {shape.params / 1e6:.1f}M parameters"
         )
-    if cfg.training.num_train_epochs is None:
+    if tr.num_train_epochs is None:
         over["training.num_train_epochs"] = default_epochs(tokens)
         notes.append(
             f"num_train_epochs {over['training.num_train_epochs']:g} chosen for ~{tokens:,} training tokens"
         )
-    resolved = cfg.with_overrides(over)
-    ds = deepspeed_config(resolved, shape, mem)
-    return Plan(shape, mem, budget, cfg.world_size, tokens, notes, resolved.to_dict(), ds)
+    return over, notes
 
 
 def plan_markdown(plan: Plan) -> str:
-    m, s = plan.memory, plan.shape
-    tr = plan.config["training"]
+    m, s, tr = plan.memory, plan.shape, plan.config.training
     rows = [
         (
             "model",
             f"{s.model_type}, {s.params:,} parameters ({s.num_layers} layers, hidden {s.hidden_size}, vocab {s.vocab_size})",
         ),
         ("world size", str(plan.world_size)),
-        ("model states / GPU", _gib(m.model_states)),
-        ("gathered layers", _gib(m.gathered_layers)),
-        ("activations", _gib(m.activations)),
-        ("logits", _gib(m.logits)),
-        ("optimizer step (transient)", _gib(m.optimizer_step)),
-        ("fragmentation", _gib(m.fragmentation)),
-        ("CUDA context, NCCL", _gib(m.overhead)),
+        *((label, _gib(getattr(m, part))) for part, label in MEMORY_LABELS.items()),
         ("**total / GPU**", f"**{_gib(m.total)}** (budget {_gib(plan.budget_bytes)})"),
         (
             "micro batch x accumulation",
-            f"{tr['per_device_train_batch_size']} x {tr['gradient_accumulation_steps']}",
+            f"{tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}",
         ),
-        ("gradient checkpointing", str(tr["gradient_checkpointing"])),
-        ("optimizer", tr.get("optim", "adamw_torch")),
-        ("precision", "bf16" if tr["bf16"] else "fp16" if tr.get("fp16") else "fp32"),
+        ("gradient checkpointing", str(tr.gradient_checkpointing)),
+        ("optimizer", tr.optim),
+        ("precision", plan.config.precision),
         ("CPU offload", f"optimizer={m.offload_optimizer}, params={m.offload_params}"),
-        (
-            "learning rate",
-            f"{tr['learning_rate']:g} ({tr['lr_scheduler_type']}, warmup {tr['warmup_ratio']:g})",
-        ),
-        ("epochs", f"{tr['num_train_epochs']:g} (max_steps {tr['max_steps']})"),
+        ("learning rate", f"{tr.learning_rate:g} ({tr.lr_scheduler_type}, warmup {tr.warmup_ratio:g})"),
+        ("epochs", f"{tr.num_train_epochs:g} (max_steps {tr.max_steps})"),
         ("training tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
     ]
     lines = ["# Training plan", "", "| item | value |", "|---|---|"]
@@ -478,23 +489,12 @@ def plan_markdown(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan_uris(work_dir: str) -> dict[str, str]:
-    base = storage.join(work_dir, "plan")
-    return {
-        "plan": storage.join(base, "plan.json"),
-        "markdown": storage.join(base, "plan.md"),
-        "config": storage.join(base, "config.yaml"),
-        "deepspeed": storage.join(base, "ds_config.json"),
-    }
-
-
-def write_plan(plan: Plan, work_dir: str) -> dict[str, str]:
-    """Write plan.json, plan.md, the resolved config and the DeepSpeed JSON under <work_dir>/plan/."""
-    import yaml
-
-    uris = plan_uris(work_dir)
-    storage.write_json(uris["plan"], plan.to_json())
-    storage.write_text(uris["markdown"], plan_markdown(plan))
-    storage.write_text(uris["config"], yaml.safe_dump(plan.config, sort_keys=False))
-    storage.write_bytes(uris["deepspeed"], json.dumps(plan.deepspeed, indent=2).encode())
-    return uris
+def write_plan(plan: Plan) -> RunLayout:
+    """plan.json, plan.md, the resolved config and the DeepSpeed JSON, in the resolved config's work
+    directory (see `fulltune.layout`); returns that layout."""
+    layout = plan.config.layout
+    storage.write_json(layout.plan_json, plan.to_json())
+    storage.write_text(layout.plan_markdown, plan_markdown(plan))
+    storage.write_text(layout.resolved_config, plan.config.to_yaml())
+    storage.write_bytes(layout.deepspeed_config, json.dumps(plan.deepspeed, indent=2).encode())
+    return layout

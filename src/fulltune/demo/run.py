@@ -30,6 +30,7 @@ from typing import Any
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.demo.assets import DemoAssets, build_demo_assets
+from fulltune.layout import RunLayout
 
 log = logging.getLogger("fulltune.demo")
 
@@ -155,7 +156,7 @@ def run_demo(
     if len(run_dirs) != 1:
         raise RuntimeError(f"expected one run directory under {work_root}, found {len(run_dirs)}")
     work_dir = str(run_dirs[0])
-    eval_result = storage.read_json(storage.join(work_dir, "eval", "eval.json"))
+    eval_result = storage.read_json(RunLayout(work_dir).eval_result)
     registered = None
     if eval_result["verdict"]:
         from fulltune.registry.store import list_versions

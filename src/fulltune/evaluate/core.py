@@ -68,6 +68,7 @@ from fulltune.evaluate.gate import (
 from fulltune.evaluate.generation import input_device
 from fulltune.evaluate.report import render_report
 from fulltune.evaluate.stats import Interval, bootstrap, ratio_of_sums
+from fulltune.layout import EVAL_FILE, EVAL_REPORT_FILE
 from fulltune.preprocess.dataset import IGNORE_INDEX, load_manifest, load_split
 
 if TYPE_CHECKING:
@@ -76,8 +77,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVAL_FORMAT = "fulltune.eval/v1"
-EVAL_FILE = "eval.json"
-REPORT_FILE = "report.html"
 DOMAIN, GENERAL = "domain_eval", "general_eval"
 ROLES = ("base", "tuned")
 # Cross-entropy is computed in float32 over at most this many positions at once, so the upcast
@@ -692,7 +691,7 @@ def evaluate_models(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage.write_json(str(out_dir / EVAL_FILE), result)
-    storage.write_text(str(out_dir / REPORT_FILE), render_report(result))
+    storage.write_text(str(out_dir / EVAL_REPORT_FILE), render_report(result))
     log.info("gate %s: %s", "passed" if verdict.passed else "failed", "; ".join(verdict.reasons))
     return result
 

@@ -6,6 +6,7 @@ Output is deterministic for the same source, kfp version and image, so CI can co
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from pathlib import Path
@@ -72,11 +73,11 @@ def compile_all(
     ]
     components = build_components(image)
     if eval_gpus:
-        components["evaluate"] = build_components(trainer_image)["evaluate"]
+        components = dataclasses.replace(components, evaluate=build_components(trainer_image).evaluate)
     for func in STEPS:
         out = root / "components" / func.__name__
         out.mkdir(parents=True, exist_ok=True)
-        compiler.Compiler().compile(components[func.__name__], str(out / "component.yaml"))
+        compiler.Compiler().compile(getattr(components, func.__name__), str(out / "component.yaml"))
         (out / "README.md").write_text(component_readme(func))
         written += [out / "component.yaml", out / "README.md"]
     return written

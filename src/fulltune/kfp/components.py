@@ -5,11 +5,18 @@ has fulltune (and kfp) installed, so nothing is pip-installed when a step runs
 (`install_kfp_package=False`). Bodies import inside the function because KFP ships only the
 function's source to the container. Docstring `Args:` become the descriptions the Kubeflow UI shows.
 
-Only the standard library and kfp are imported here, so compiling stays fast.
+This is the boundary where the run is a dict: each body turns the `config` parameter into a
+`RunConfig` (`RunConfig.from_pipeline`) before the call, and `plan` hands the resolved one back as a
+dict. Outputs are named (`NamedTuple`), so the pipeline wires `outputs["dataset"]`, not a bare
+"Output" — except where kfp.local needs one (see `list_shards` and `evaluate`). Only the standard library and kfp are imported here, so compiling stays fast.
 """
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Output
+from kfp.dsl.base_component import BaseComponent
 
 
 def validate_data(config: dict, report: Output[HTML], metrics: Output[Metrics]):
@@ -23,8 +30,9 @@ def validate_data(config: dict, report: Output[HTML], metrics: Output[Metrics]):
         metrics: Record counts and error rates per dataset.
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    steps.validate_data(config, report.path, metrics.log_metric)
+    steps.validate_data(RunConfig.from_pipeline(config), report.path, metrics.log_metric)
 
 
 def check_tokenizer(config: dict, report: Output[HTML], metrics: Output[Metrics]):
@@ -38,11 +46,14 @@ def check_tokenizer(config: dict, report: Output[HTML], metrics: Output[Metrics]
         metrics: Truncation rate, fertility and related figures.
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    steps.check_tokenizer(config, report.path, metrics.log_metric)
+    steps.check_tokenizer(RunConfig.from_pipeline(config), report.path, metrics.log_metric)
 
 
-def plan(config: dict, run_id: str, report: Output[Markdown], metrics: Output[Metrics]) -> dict:
+def plan(config: dict, run_id: str, report: Output[Markdown], metrics: Output[Metrics]) -> NamedTuple(
+    "PlanOutputs", [("config", dict)]
+):
     """Count parameters (meta device, no weights read), estimate memory per GPU under ZeRO-3, choose
     defaults for unset hyper-parameters, and refuse a run that cannot fit. Writes the resolved config and
     the DeepSpeed JSON to the run's work directory.
@@ -54,17 +65,21 @@ def plan(config: dict, run_id: str, report: Output[Markdown], metrics: Output[Me
         metrics: Parameters, memory per GPU, learning rate, epochs.
 
     Returns:
-        The resolved config that every later step receives (work_dir scoped to this run).
+        config: The resolved config that every later step receives (work_dir scoped to this run).
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    return steps.plan(config, run_id, report.path, metrics.log_metric)
+    resolved = steps.plan(RunConfig.from_pipeline(config), run_id, report.path, metrics.log_metric)
+    return (resolved.to_dict(),)
 
 
 def list_shards(config: dict) -> list:
     """The work items preprocessing fans out over, one per shard: {"shard": i, "config": config}.
 
-    Each item carries the config so a loop iteration needs nothing but its item.
+    Each item carries the config, and this is a step of its own rather than an output of plan,
+    because kfp.local (2.17) takes a ParallelFor's items only from a task's single unnamed output
+    and hands an iteration nothing from outside its item.
 
     Args:
         config: The resolved run configuration from plan.
@@ -73,11 +88,12 @@ def list_shards(config: dict) -> list:
         One {"shard", "config"} item per shard, 0 .. preprocess.num_shards - 1.
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    return steps.list_shards(config)
+    return [{"shard": i, "config": config} for i in steps.shard_indices(RunConfig.from_pipeline(config))]
 
 
-def preprocess_shard(config: dict, shard: int) -> str:
+def preprocess_shard(config: dict, shard: int) -> NamedTuple("ShardOutputs", [("shard_manifest", str)]):
     """Tokenize, pack and mask one shard of the data and mix in general replay data; skips a shard that is
     already complete (manifest present, checksums match), so a retry redoes only what is missing.
 
@@ -86,14 +102,17 @@ def preprocess_shard(config: dict, shard: int) -> str:
         shard: Which shard (0-based) of `preprocess.num_shards` to produce.
 
     Returns:
-        The URI of the shard's manifest.
+        shard_manifest: The URI of the shard's manifest.
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    return steps.preprocess_shard(config, shard)
+    return (steps.preprocess_shard(RunConfig.from_pipeline(config), shard),)
 
 
-def gather_shards(config: dict, shard_manifests: list, metrics: Output[Metrics]) -> str:
+def gather_shards(config: dict, shard_manifests: list, metrics: Output[Metrics]) -> NamedTuple(
+    "GatherOutputs", [("dataset", str)]
+):
     """Check every shard's checksums and merge the shard manifests into the dataset manifest.
 
     Args:
@@ -102,11 +121,12 @@ def gather_shards(config: dict, shard_manifests: list, metrics: Output[Metrics])
         metrics: Sequences, tokens, padding fraction per split; achieved replay fraction.
 
     Returns:
-        The URI of the dataset manifest that train and evaluate read.
+        dataset: The URI of the dataset manifest that train and evaluate read.
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    return steps.gather_shards(config, shard_manifests, metrics.log_metric)
+    return (steps.gather_shards(RunConfig.from_pipeline(config), shard_manifests, metrics.log_metric),)
 
 
 def train(
@@ -118,7 +138,7 @@ def train(
     task_name: str = "train",
     image: str = "",
     s3_secret: str = "",
-) -> str:
+) -> NamedTuple("TrainOutputs", [("model_uri", str)]):
     """Full fine-tuning with DeepSpeed ZeRO-3: launch the ranks (torchrun in this pod, or a PyTorchJob
     with `resources.launcher: kubernetes`), stream their logs, wait, and check the saved model is complete.
 
@@ -136,12 +156,13 @@ def train(
             too (optional: absent with workload identity); the pipeline passes its own. The name only.
 
     Returns:
-        The URI of the tuned model (Hugging Face format, safetensors).
+        model_uri: The URI of the tuned model (Hugging Face format, safetensors).
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    return steps.train(
-        config,
+    model_uri = steps.train(
+        RunConfig.from_pipeline(config),
         dataset,
         report.path,
         metrics.log_metric,
@@ -150,6 +171,7 @@ def train(
         image=image,
         s3_secret=s3_secret,
     )
+    return (model_uri,)
 
 
 def evaluate(
@@ -173,14 +195,19 @@ def evaluate(
         metrics: Losses, perplexities, improvement and forgetting.
 
     Returns:
-        The verdict: True when the tuned model may be registered.
+        The verdict: True when the tuned model may be registered. (Unnamed, unlike the other steps'
+        outputs: kfp.local (2.17) resolves a dsl.If condition only on a task's "Output".)
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    return steps.evaluate(config, model_uri, dataset, report.path, eval_result.path, metrics.log_metric)
+    cfg = RunConfig.from_pipeline(config)
+    return steps.evaluate(cfg, model_uri, dataset, report.path, eval_result.path, metrics.log_metric)
 
 
-def register(config: dict, model_uri: str, eval_result: Input[Artifact], run_id: str) -> str:
+def register(config: dict, model_uri: str, eval_result: Input[Artifact], run_id: str) -> NamedTuple(
+    "RegisterOutputs", [("version_uri", str)]
+):
     """Publish the tuned model as a new immutable version: weights, tokenizer, model card, lineage and a
     manifest with the SHA-256 of every file, written last.
 
@@ -191,11 +218,12 @@ def register(config: dict, model_uri: str, eval_result: Input[Artifact], run_id:
         run_id: The pipeline run's id, recorded in the lineage.
 
     Returns:
-        The URI of the registered version.
+        version_uri: The URI of the registered version.
     """
     from fulltune import steps
+    from fulltune.config import RunConfig
 
-    return steps.register(config, model_uri, eval_result.path, run_id)
+    return (steps.register(RunConfig.from_pipeline(config), model_uri, eval_result.path, run_id),)
 
 
 STEPS = (
@@ -211,6 +239,21 @@ STEPS = (
 )
 
 
-def build_components(image: str) -> dict[str, dsl.base_component.BaseComponent]:
-    """Every step as a KFP component running in `image`, keyed by step name."""
-    return {f.__name__: dsl.component(f, base_image=image, install_kfp_package=False) for f in STEPS}
+@dataclass(frozen=True)
+class Components:
+    """Every step as a KFP component, one attribute per step."""
+
+    validate_data: BaseComponent
+    check_tokenizer: BaseComponent
+    plan: BaseComponent
+    list_shards: BaseComponent
+    preprocess_shard: BaseComponent
+    gather_shards: BaseComponent
+    train: BaseComponent
+    evaluate: BaseComponent
+    register: BaseComponent
+
+
+def build_components(image: str) -> Components:
+    """Every step as a KFP component running in `image`."""
+    return Components(*(dsl.component(f, base_image=image, install_kfp_package=False) for f in STEPS))

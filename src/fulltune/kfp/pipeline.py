@@ -5,11 +5,14 @@
 
 Only kfp is imported here; `fulltune compile` turns this into pipelines/full_finetune.yaml.
 
-Cluster settings (ignored by kfp.local, so `fulltune demo` runs the same DAG): every step pod gets the
-S3 credentials from a Kubernetes Secret as the standard AWS environment variables, and `evaluate`
-asks for a GPU. Caching is off for the steps that read outside data or must run again; the policy
-and its reasons are in pipelines/README.md.
+Cluster settings (ignored by kfp.local, so `fulltune demo` runs the same DAG) are applied to every
+task in one place, `ClusterSettings.apply`: the S3 credentials from a Kubernetes Secret as the
+standard AWS environment variables and the work-directory PVC; `evaluate` also asks for a GPU.
+Caching is off for the steps that read outside data or must run again; the policy and its reasons
+are in pipelines/README.md.
 """
+
+from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 
@@ -31,6 +34,27 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_UR
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
+@dataclass(frozen=True)
+class ClusterSettings:
+    """What every step pod gets on a cluster (kfp.local ignores all of it).
+
+    s3_secret: Kubernetes Secret whose S3_SECRET_KEYS reach every step pod as environment variables
+        (marked optional, so a cluster using workload identity needs no Secret); "" adds none.
+    work_pvc: (claim, mount path) of an RWX PersistentVolumeClaim mounted into every step pod, for a
+        `work_dir` on a shared volume instead of S3; None mounts nothing.
+    """
+
+    s3_secret: str = ""
+    work_pvc: tuple[str, str] | None = None
+
+    def apply(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
+        if self.s3_secret:
+            kubernetes.use_secret_as_env(task, self.s3_secret, {k: k for k in S3_SECRET_KEYS}, optional=True)
+        if self.work_pvc:
+            kubernetes.mount_pvc(task, pvc_name=self.work_pvc[0], mount_path=self.work_pvc[1])
+        return task
+
+
 def build_pipeline(
     image: str | None = None,
     *,
@@ -45,20 +69,19 @@ def build_pipeline(
         image: Container image of the CPU steps; default from `fulltune._image`.
         trainer_image: Image (CUDA, DeepSpeed) of the PyTorchJob's pods and, when it has GPUs, of
             `evaluate`; default from `fulltune._image`.
-        s3_secret: Kubernetes Secret whose S3_SECRET_KEYS reach every step pod as environment
-            variables (marked optional, so a cluster using workload identity needs no Secret);
-            None or "" adds none.
+        s3_secret: Kubernetes Secret with the S3 credentials for every step pod (see
+            `ClusterSettings`); None or "" adds none.
         eval_gpus: GPUs the evaluate step requests (`nvidia.com/gpu`); 0 runs it on CPU.
         work_pvc: "CLAIM:/mount/path" mounts an RWX PersistentVolumeClaim into every step pod, for a
             `work_dir` on a shared volume instead of S3 (the training pods mount it through
             `resources.kubernetes.volumes`, at the same path).
     """
-    pvc = _parse_pvc(work_pvc) if work_pvc else None
-    image = image or default_image()
+    cluster = ClusterSettings(s3_secret or "", _parse_pvc(work_pvc) if work_pvc else None)
     trainer_image = trainer_image or default_trainer_image()
-    c = build_components(image)
+    steps = build_components(image or default_image())
     # A GPU evaluate step needs CUDA torch: the trainer image; on CPU the runtime image does.
-    evaluate_component = build_components(trainer_image)["evaluate"] if eval_gpus else c["evaluate"]
+    evaluate = build_components(trainer_image).evaluate if eval_gpus else steps.evaluate
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
     @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def full_finetune(config: dict = {}):  # noqa: B006 — KFP reads the default as the UI's default
@@ -67,57 +90,47 @@ def build_pipeline(
         Args:
             config: The run configuration (RunConfig) as a JSON mapping: model, data, tokenizer, preprocess, training, resources, evaluation and registry sections. Unset fields take their documented defaults; `fulltune config --describe` lists every field and pipelines/examples/ has complete configs.
         """
-        validated = c["validate_data"](config=config).set_caching_options(False)
-        checked = c["check_tokenizer"](config=config).after(validated).set_caching_options(False)
-        planned = c["plan"](config=config, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).after(checked)
-        planned.set_caching_options(False)
-        resolved = planned.outputs["Output"]
-        shards = c["list_shards"](config=resolved)
+        validated = cluster.apply(steps.validate_data(config=config))
+        checked = cluster.apply(steps.check_tokenizer(config=config).after(validated))
+        planned = cluster.apply(steps.plan(config=config, run_id=run_id).after(checked))
+        resolved = planned.outputs["config"]
+        shards = cluster.apply(steps.list_shards(config=resolved))
         with dsl.ParallelFor(shards.output, name="shards") as item:
-            shard_task = c["preprocess_shard"](config=item.config, shard=item.shard)
-        gathered = c["gather_shards"](config=resolved, shard_manifests=dsl.Collected(shard_task.output))
-        trained = c["train"](
-            config=resolved,
-            dataset=gathered.outputs["Output"],
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-            image=trainer_image,
-            s3_secret=s3_secret or "",
-        ).set_caching_options(False)
+            shard_task = cluster.apply(steps.preprocess_shard(config=item.config, shard=item.shard))
+        manifests = dsl.Collected(shard_task.outputs["shard_manifest"])
+        gathered = cluster.apply(steps.gather_shards(config=resolved, shard_manifests=manifests))
+        dataset = gathered.outputs["dataset"]
+        trained = cluster.apply(
+            steps.train(
+                config=resolved,
+                dataset=dataset,
+                run_id=run_id,
+                task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+                image=trainer_image,
+                s3_secret=cluster.s3_secret,
+            )
+        )
         # launcher: kubernetes makes the run's Argo Workflow own the PyTorchJob (deleted with the run).
         kubernetes.use_field_path_as_env(
             trained,
             env_name="FULLTUNE_WORKFLOW_NAME",
             field_path="metadata.labels['workflows.argoproj.io/workflow']",
         )
-        evaluated = evaluate_component(
-            config=resolved, model_uri=trained.outputs["Output"], dataset=gathered.outputs["Output"]
-        ).set_caching_options(False)
-        with dsl.If(evaluated.outputs["Output"] == True, name="verdict-passed"):  # noqa: E712 — a KFP condition
-            registered = c["register"](
-                config=resolved,
-                model_uri=trained.outputs["Output"],
-                eval_result=evaluated.outputs["eval_result"],
-                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            ).set_caching_options(False)
-
-        # list_shards only reads its input; every other step may touch S3.
-        for task in (validated, checked, planned, shard_task, gathered, trained, evaluated, registered):
-            _s3_credentials(task, s3_secret)
+        model_uri = trained.outputs["model_uri"]
+        evaluated = cluster.apply(evaluate(config=resolved, model_uri=model_uri, dataset=dataset))
         _gpus(evaluated, eval_gpus)
-        if pvc:
-            for task in (
-                validated,
-                checked,
-                planned,
-                shards,
-                shard_task,
-                gathered,
-                trained,
-                evaluated,
-                registered,
-            ):
-                kubernetes.mount_pvc(task, pvc_name=pvc[0], mount_path=pvc[1])
+        verdict = evaluated.outputs["Output"]  # unnamed: see components.evaluate
+        with dsl.If(verdict == True, name="verdict-passed"):  # noqa: E712 — a KFP condition
+            registered = steps.register(
+                config=resolved,
+                model_uri=model_uri,
+                eval_result=evaluated.outputs["eval_result"],
+                run_id=run_id,
+            )
+            cluster.apply(registered)
+        # Every step but gather_shards and preprocess_shard reads outside data or must run again.
+        for task in (validated, checked, planned, trained, evaluated, registered):
+            task.set_caching_options(False)
 
     return full_finetune
 
@@ -127,11 +140,6 @@ def _parse_pvc(spec: str) -> tuple[str, str]:
     if not (claim and sep and path.startswith("/")):
         raise ValueError(f"work_pvc {spec!r}: expected CLAIM:/mount/path, e.g. fulltune-work:/work")
     return claim, path
-
-
-def _s3_credentials(task: dsl.PipelineTask, secret: str | None) -> None:
-    if secret:
-        kubernetes.use_secret_as_env(task, secret, {k: k for k in S3_SECRET_KEYS}, optional=True)
 
 
 def _gpus(task: dsl.PipelineTask, count: int) -> None:

@@ -1,6 +1,6 @@
 """Sharded preprocessing: tokenize, pack, mask the loss, mix in replay data.
 
-One call of `preprocess_shard(cfg, work_dir, i)` produces shard i of N, independently of the
+One call of `preprocess_shard(cfg, i)` produces shard i of N, independently of the
 others (one pipeline task each):
 
 - the input is split into N parts by file, Parquet row group or JSONL byte range, and shard i
@@ -63,14 +63,6 @@ def stable_fraction(text: str, salt: str) -> float:
     """A number in [0, 1) fixed by the text: the same record lands in the same split on every run."""
     digest = hashlib.blake2b(f"{salt}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
-
-
-def shard_dir(work_dir: str) -> str:
-    return storage.join(work_dir, "data", "shards")
-
-
-def shard_manifest_uri(work_dir: str, index: int) -> str:
-    return storage.join(shard_dir(work_dir), f"shard-{index:05d}.json")
 
 
 # -- documents as flat arrays ----------------------------------------------------------------------
@@ -590,7 +582,7 @@ def shard_is_complete(manifest_uri: str) -> bool:
 class _Shard:
     """The state of one shard run: tokenizer, replay pool, one sink per split, what was read."""
 
-    def __init__(self, cfg: RunConfig, work_dir: str, index: int):
+    def __init__(self, cfg: RunConfig, index: int):
         self.cfg, self.index = cfg, index
         self.n = cfg.preprocess.num_shards
         tok = load_tokenizer(cfg)
@@ -598,7 +590,7 @@ class _Shard:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.loss_all = cfg.preprocess.loss_on == "all"
         self.salt = str(cfg.preprocess.seed)
-        self.work_dir = work_dir
+        self.layout = cfg.layout
         self.kinds: dict[str, str] = {}
         self.sinks: dict[str, ParquetSink] = {}
         self.read: dict[str, dict[str, Any]] = {}
@@ -608,9 +600,7 @@ class _Shard:
     def sink(self, split: str, kind: str) -> ParquetSink:
         if split not in self.sinks:
             self.kinds[split] = kind
-            self.sinks[split] = ParquetSink(
-                storage.join(shard_dir(self.work_dir), f"{split}-{self.index:05d}.parquet")
-            )
+            self.sinks[split] = ParquetSink(self.layout.shard_file(split, self.index))
         return self.sinks[split]
 
     def blocks(self, role: str, uri: str, kind: str):
@@ -666,20 +656,20 @@ def _replay_pool(shard: _Shard, uri: str, kind: str) -> Docs:
     return tokenize(records, kind, shard.enc, shard.loss_all)
 
 
-def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any]:
+def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     """Produce shard `index`; returns its manifest. Skips work already complete."""
     pp, data = cfg.preprocess, cfg.data
     n = pp.num_shards
     if not 0 <= index < n:
         raise PreprocessError(f"shard index {index} out of range for num_shards={n}")
-    manifest_uri = shard_manifest_uri(work_dir, index)
+    manifest_uri = cfg.layout.shard_manifest(index)
     if shard_is_complete(manifest_uri):
         log.info("shard %d already complete at %s: skipped", index, manifest_uri)
         manifest = storage.read_json(manifest_uri)
         manifest["skipped"] = True
         return manifest
 
-    shard = _Shard(cfg, work_dir, index)
+    shard = _Shard(cfg, index)
     kind = resolve_kind(data.train_uri, data)
     eval_kind = resolve_kind(data.eval_uri, data) if data.eval_uri else kind
     gkind = resolve_kind(data.general_uri, data) if data.general_uri else None
@@ -734,10 +724,10 @@ def preprocess_shard(cfg: RunConfig, work_dir: str, index: int) -> dict[str, Any
     return manifest
 
 
-def gather_shards(cfg: RunConfig, work_dir: str, shard_manifests: list[str] | None = None) -> dict[str, Any]:
-    """Merge the shard manifests into the dataset manifest; writes <work_dir>/data/dataset.json."""
+def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> dict[str, Any]:
+    """Merge the shard manifests into the dataset manifest (`cfg.layout.dataset_manifest`)."""
     n = cfg.preprocess.num_shards
-    uris = shard_manifests or [shard_manifest_uri(work_dir, i) for i in range(n)]
+    uris = shard_manifests or [cfg.layout.shard_manifest(i) for i in range(n)]
     shards = []
     for uri in uris:
         if not shard_is_complete(uri):
@@ -782,16 +772,12 @@ def gather_shards(cfg: RunConfig, work_dir: str, shard_manifests: list[str] | No
         "splits": splits,
         "replay": replay_summary,
     }
-    storage.write_json(dataset_manifest_uri(work_dir), manifest)
+    storage.write_json(cfg.layout.dataset_manifest, manifest)
     return manifest
 
 
-def dataset_manifest_uri(work_dir: str) -> str:
-    return storage.join(work_dir, "data", "dataset.json")
-
-
-def preprocess_all(cfg: RunConfig, work_dir: str) -> dict[str, Any]:
+def preprocess_all(cfg: RunConfig) -> dict[str, Any]:
     """Every shard in this process, then gather (the library equivalent of the ParallelFor)."""
     for i in range(cfg.preprocess.num_shards):
-        preprocess_shard(cfg, work_dir, i)
-    return gather_shards(cfg, work_dir)
+        preprocess_shard(cfg, i)
+    return gather_shards(cfg)

@@ -10,35 +10,30 @@ from typing import IO, Any
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.launch.base import Launcher, LaunchError, TrainJob
-from fulltune.plan import plan_uris
 from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model
 
 log = logging.getLogger(__name__)
 
 
-def train_job(cfg: RunConfig, work_dir: str, dataset_uri: str, name: str = "fulltune-train") -> TrainJob:
-    uris = plan_uris(work_dir)
+def train_job(cfg: RunConfig, dataset_uri: str, name: str = "fulltune-train") -> TrainJob:
+    """The trainer's inputs and outputs in the run's work directory, and the topology."""
+    layout = cfg.layout
     return TrainJob(
         name=name,
-        config_uri=uris["config"],
-        deepspeed_uri=uris["deepspeed"],
+        config_uri=layout.resolved_config,
+        deepspeed_uri=layout.deepspeed_config,
         dataset_uri=dataset_uri,
-        output_uri=model_uri(work_dir),
-        metrics_uri=storage.join(work_dir, "train", "metrics.jsonl"),
-        checkpoints_uri=storage.join(work_dir, "train", "checkpoints"),
+        output_uri=layout.model,
+        metrics_uri=layout.train_metrics,
+        checkpoints_uri=layout.checkpoints,
         num_nodes=cfg.resources.num_nodes,
         nproc_per_node=cfg.resources.nproc_per_node,
         accelerator=cfg.resources.accelerator,
     )
 
 
-def model_uri(work_dir: str) -> str:
-    return storage.join(work_dir, "train", "model")
-
-
 def run_training(
     cfg: RunConfig,
-    work_dir: str,
     dataset_uri: str,
     *,
     stream: IO[str] | None = None,
@@ -62,7 +57,7 @@ def run_training(
             run_id = uuid.uuid4().hex
             log.info("no pipeline run id: this training run is %s", run_id)
         name = job_name(run_id, task_name or "train")
-    job = train_job(cfg, work_dir, dataset_uri, name=name)
+    job = train_job(cfg, dataset_uri, name=name)
     make_launcher(cfg, stream=stream, run_id=run_id, image=image, optional_secrets=optional_secrets).run(job)
     if not is_complete_model(job.output_uri):
         raise LaunchError(
