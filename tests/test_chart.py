@@ -673,7 +673,7 @@ def test_packaged_chart_carries_the_pipeline_itself(tmp_path):
 
 def test_upload_configmap_carries_the_pipeline_byte_for_byte(full, tmp_path):
     """Same bytes, same pipeline version name: the hook and `fulltune submit` agree on the version."""
-    from fulltune.submit import read_package
+    from fulltune.kfp.submit import read_package
 
     data = only(full, "ConfigMap", f"{FULLNAME}-pipeline")["data"]["full_finetune.yaml"]
     assert data == PIPELINE.read_text()
@@ -733,7 +733,7 @@ def test_upload_hook_can_submit_a_run_instead(chart):
 
 
 def test_upload_hook_params_pass_fulltune_validation(full, tmp_path):
-    from fulltune.submit import load_params
+    from fulltune.kfp.submit import load_params
 
     path = tmp_path / "config.yaml"
     path.write_text(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])

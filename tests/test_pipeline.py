@@ -126,9 +126,10 @@ def test_forgetting_model_is_refused_and_not_registered(demo_assets, tmp_path, c
 
 @pytest.mark.slow
 def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, capfd):
-    from kfp import components, local
+    from kfp import components
 
-    from fulltune.demo.run import demo_config, kfp_local_guard
+    from fulltune.demo.run import demo_config
+    from fulltune.kfp.local_run import init_local, kfp_local_guard
 
     lines = Path(demo_assets.train_uri).read_text().splitlines()
     lines[6] = lines[6][:-5]  # line 7: truncated JSON
@@ -139,11 +140,7 @@ def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, c
     )
 
     pipeline = components.load_component_from_file(str(compile_all(tmp_path / "compiled")[0]))
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(tmp_path / "root"),
-        raise_on_error=True,
-    )
+    init_local(tmp_path / "root")
     with kfp_local_guard(), pytest.raises(RuntimeError, match="validate-data"):
         pipeline(config=cfg.to_dict())
     out = capfd.readouterr()
@@ -174,7 +171,7 @@ def test_a_kfp_local_run_leaves_print_and_logging_as_they_were():
     import builtins
     import logging
 
-    from fulltune.demo.run import kfp_local_guard
+    from fulltune.kfp.local_run import kfp_local_guard
 
     root = logging.getLogger()
     before = (builtins.print, root.handlers[:], root.level)

@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from fulltune import __version__
-from fulltune.cli import S3_SECRET as CLI_S3_SECRET
 from fulltune.cli import main
 from fulltune.kfp.compile import PIPELINE_FILE, compile_all
 from fulltune.kfp.pipeline import S3_SECRET, S3_SECRET_KEYS
@@ -271,7 +270,7 @@ def test_the_host_can_come_from_kfp_host(kfp, params, monkeypatch):
 
 
 def test_in_a_pod_without_a_host_the_standard_in_cluster_service_is_used(monkeypatch):
-    from fulltune.submit import resolve_host
+    from fulltune.kfp.submit import resolve_host
 
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert resolve_host(None) == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
@@ -429,4 +428,13 @@ def test_compile_options_name_the_secret_or_drop_it_and_the_gpu(tmp_path):
         ]
         == "2"
     )
-    assert CLI_S3_SECRET == S3_SECRET  # the CLI default repeats the pipeline's without importing kfp
+
+
+def test_the_command_line_is_built_without_importing_kfp():
+    """`fulltune --help` and the parser's defaults (the S3 Secret's name) must not pay for kfp."""
+    import subprocess
+    import sys
+
+    code = "import sys; from fulltune.cli import build_parser; build_parser(); print('kfp' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from fulltune import _logging
+from fulltune.kfp.cluster import S3_SECRET
 
 EXIT_USAGE = 2
-S3_SECRET = "fulltune-s3"  # fulltune.kfp.pipeline.S3_SECRET; repeated so the parser needs no kfp import
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -110,105 +110,126 @@ def _registry_register(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="fulltune", description="Full fine-tuning of causal LMs on Kubeflow Pipelines."
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_compile(commands)
+    _add_demo(commands)
+    _add_config(commands)
+    _add_submit_and_schedule(commands)
+    _add_registry(commands)
+    return parser
 
-    c = sub.add_parser("compile", help="regenerate the pipeline and component YAML")
-    c.add_argument(
+
+def _add_compile(commands) -> None:
+    compile_cmd = commands.add_parser("compile", help="regenerate the pipeline and component YAML")
+    compile_cmd.add_argument(
         "--image", default=None, help="container image of the CPU steps (default: tag = package version)"
     )
-    c.add_argument(
+    compile_cmd.add_argument(
         "--trainer-image",
         default=None,
         help="image of the training pods and the GPU evaluate step (default: the -trainer image, same tag)",
     )
-    c.add_argument("--root", default=".", help="repository root to write pipelines/ and components/ under")
-    c.add_argument(
+    compile_cmd.add_argument(
+        "--root", default=".", help="repository root to write pipelines/ and components/ under"
+    )
+    compile_cmd.add_argument(
         "--s3-secret",
         default=S3_SECRET,
         metavar="NAME",
         help="Kubernetes Secret whose AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and "
         f"AWS_DEFAULT_REGION keys become the step pods' environment (default: {S3_SECRET}; '' for none)",
     )
-    c.add_argument(
+    compile_cmd.add_argument(
         "--eval-gpus",
         type=int,
         default=1,
         metavar="N",
         help="GPUs for the evaluate step (default: 1; 0: CPU)",
     )
-    c.add_argument(
+    compile_cmd.add_argument(
         "--work-pvc",
         default=None,
         metavar="CLAIM:/PATH",
         help="mount this RWX PersistentVolumeClaim into every step pod (a work_dir on a volume instead of S3)",
     )
-    c.set_defaults(func=_compile)
+    compile_cmd.set_defaults(func=_compile)
 
-    d = sub.add_parser("demo", help="run the whole pipeline locally through kfp.local on a tiny model")
-    d.add_argument(
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser(
+        "demo", help="run the whole pipeline locally through kfp.local on a tiny model"
+    )
+    demo.add_argument(
         "--dir", default=".fulltune-demo", help="where the demo keeps its assets, runs and registry"
     )
-    d.add_argument(
+    demo.add_argument(
         "--forget", action="store_true", help="high learning rate, no replay: watch the gate refuse the model"
     )
-    d.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 ranks)")
-    d.set_defaults(func=_demo)
+    demo.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 ranks)")
+    demo.set_defaults(func=_demo)
 
-    g = sub.add_parser("config", help="describe or check a RunConfig")
-    g.add_argument(
+
+def _add_config(commands) -> None:
+    config = commands.add_parser("config", help="describe or check a RunConfig")
+    config.add_argument(
         "--describe", action="store_true", help="list every field with its default and description"
     )
-    g.add_argument("--check", metavar="FILE", help="validate a YAML config file")
-    g.add_argument(
+    config.add_argument("--check", metavar="FILE", help="validate a YAML config file")
+    config.add_argument(
         "--resolved", action="store_true", help="with --check: print the config with defaults filled in"
     )
-    g.set_defaults(func=_config)
+    config.set_defaults(func=_config)
 
-    from fulltune.submit import add_arguments, cli_schedule, cli_submit
 
-    s = sub.add_parser(
+def _add_submit_and_schedule(commands) -> None:
+    from fulltune.kfp.submit import add_arguments, cli_schedule, cli_submit
+
+    submit = commands.add_parser(
         "submit", help="upload the pipeline (a new version only when it changed) and start a run on KFP"
     )
-    sch = sub.add_parser("schedule", help="create or update a recurring run on KFP, one per name")
-    add_arguments(s, sch)
-    s.set_defaults(func=cli_submit)
-    sch.set_defaults(func=cli_schedule)
+    schedule = commands.add_parser("schedule", help="create or update a recurring run on KFP, one per name")
+    add_arguments(submit, schedule)
+    submit.set_defaults(func=cli_submit)
+    schedule.set_defaults(func=cli_schedule)
 
-    r = sub.add_parser("registry", help="read the model registry, or register a model")
-    rs = r.add_subparsers(dest="action", required=True)
+
+def _add_registry(commands) -> None:
+    registry = commands.add_parser("registry", help="read the model registry, or register a model")
+    actions = registry.add_subparsers(dest="action", required=True)
     for action, help_text in (
         ("list", "list the committed versions of a model"),
         ("show", "print a version's manifest"),
         ("verify", "rehash a version's files against its manifest"),
     ):
-        a = rs.add_parser(action, help=help_text)
-        a.add_argument("--uri", required=True, help="registry root (local directory or s3://)")
-        a.add_argument("--name", required=True, help="model name")
+        reader = actions.add_parser(action, help=help_text)
+        reader.add_argument("--uri", required=True, help="registry root (local directory or s3://)")
+        reader.add_argument("--name", required=True, help="model name")
         if action != "list":
-            a.add_argument("--version", type=int, required=True, help="version number")
-    a = rs.add_parser(
+            reader.add_argument("--version", type=int, required=True, help="version number")
+    register = actions.add_parser(
         "register",
         help="register a model as the pipeline's register step does (S3/local, then the Kubeflow "
         "Model Registry when registry.kubeflow is set; its token from $MODEL_REGISTRY_TOKEN)",
     )
-    a.add_argument(
+    register.add_argument(
         "--config", required=True, help="RunConfig YAML: registry.uri, model.name, registry.kubeflow"
     )
-    a.add_argument("--model", required=True, help="the tuned model: local directory or s3:// prefix")
-    a.add_argument("--eval", required=True, help="eval.json written by the evaluate step (local or s3://)")
-    a.add_argument(
+    register.add_argument("--model", required=True, help="the tuned model: local directory or s3:// prefix")
+    register.add_argument(
+        "--eval", required=True, help="eval.json written by the evaluate step (local or s3://)"
+    )
+    register.add_argument(
         "--run-id", default="", help="the pipeline run: a repeat with the same id reuses its version"
     )
-    a.add_argument(
+    register.add_argument(
         "--force",
         action="store_true",
         help="register although the evaluation gate failed (recorded as forced in lineage.json)",
     )
-    r.set_defaults(func=_registry)
-    return p
+    registry.set_defaults(func=_registry)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,14 +15,7 @@ Two settings:
 
 from __future__ import annotations
 
-import builtins
-import contextlib
 import datetime as dt
-import logging
-import os
-import sys
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +24,6 @@ from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.demo.assets import DemoAssets, build_demo_assets
 from fulltune.layout import RunLayout
-
-log = logging.getLogger("fulltune.demo")
 
 MODEL_NAME = "demo-clinical-llama"
 
@@ -98,32 +89,11 @@ def demo_config(
     )
 
 
-@contextlib.contextmanager
-def kfp_local_guard() -> Iterator[None]:
-    """Undo what a kfp.local run leaves behind in this process.
-
-    kfp.local swaps `builtins.print` for an indenting one and the root logger's handlers for one
-    bound to the sys.stdout of the moment, restoring both on exit; with the tasks of a ParallelFor
-    running in threads the saves and restores interleave, and the process can be left printing
-    with a growing indent and logging into a stream that has since been closed.
-    """
-    root = logging.getLogger()
-    saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        builtins.print = saved_print
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-
-
 def run_demo(
     root: Path, *, forget: bool = False, nproc: int = 2, assets: DemoAssets | None = None
 ) -> DemoResult:
     """Build (or reuse) the assets, compile the pipeline, run it through kfp.local; returns the outcome."""
-    from kfp import components, local
-
-    from fulltune.kfp.compile import compile_all
+    from fulltune.kfp.local_run import run_locally
 
     root = root.resolve()
     assets = assets or build_demo_assets(root / "assets")
@@ -131,26 +101,7 @@ def run_demo(
     work_root = root / "runs" / stamp
     registry = root / "registry"
     cfg = demo_config(assets, work_root, registry, forget=forget, nproc=nproc)
-
-    # The steps run as subprocesses of this interpreter; make sure they find its tools (torchrun).
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    # kfp.local warns for every step that its image is not a plain Python one; here the steps run from
-    # this very environment, which is what the image holds, so the warning is noise.
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
-    compiled = compile_all(root / "compiled")
-    pipeline = components.load_component_from_file(str(compiled[0]))
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(root / "kfp-local"),
-        raise_on_error=True,
-    )
-    log.info("running the compiled pipeline %s through kfp.local", compiled[0])
-    with kfp_local_guard():
-        pipeline(config=cfg.to_dict())
+    run_locally(cfg, compiled_dir=root / "compiled", pipeline_root=root / "kfp-local")
 
     run_dirs = sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.exists() else []
     if len(run_dirs) != 1:

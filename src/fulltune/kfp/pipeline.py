@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from kfp import dsl, kubernetes
 
 from fulltune._image import default_image, default_trainer_image
+from fulltune.kfp.cluster import GPU_RESOURCE, S3_SECRET, S3_SECRET_KEYS
 from fulltune.kfp.components import build_components
 
 PIPELINE_NAME = "full-finetune"
@@ -25,13 +26,6 @@ DESCRIPTION = (
     "check the tokenizer, plan memory, preprocess in shards, train, evaluate gain and forgetting against the "
     "base model, and register the model only when the verdict passes."
 )
-
-
-# The Secret's keys are the environment variable names boto3 reads; a key missing from the Secret
-# leaves its variable unset (region and endpoint are often absent on AWS proper).
-S3_SECRET = "fulltune-s3"
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True)

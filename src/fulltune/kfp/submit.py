@@ -406,11 +406,7 @@ def submit(
     params = load_params(params_file)
     name = run_name or default_run_name(params)
     host = resolve_host(host)
-    with package_file(package) as pkg:
-        client = connect(host, namespace)
-        version = ensure_pipeline_version(client, pkg)
-        _say(out, f"pipeline {pkg.pipeline_name} version {version.name} ({_fresh(version)})")
-        experiment_id = ensure_experiment(client, experiment)
+    with _on_cluster(host, namespace, package, experiment, out) as (client, version, experiment_id):
         run = create_run(client, version, experiment_id, params, name)
     result = SubmitResult(run.run_id, ui_url(host, "runs", run.run_id), version)
     _say(out, f"run id: {result.run_id}")
@@ -427,6 +423,16 @@ def submit(
 def default_run_name(params: dict) -> str:
     model = (params.get("model") or {}).get("name") or "fulltune"
     return f"{model} {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
+
+
+@contextlib.contextmanager
+def _on_cluster(host: str, namespace: str | None, package: str | Path | None, experiment: str, out):
+    """(client, pipeline version, experiment id): what a run and a recurring run both start from."""
+    with package_file(package) as pkg:
+        client = connect(host, namespace)
+        version = ensure_pipeline_version(client, pkg)
+        _say(out, f"pipeline {pkg.pipeline_name} version {version.name} ({_fresh(version)})")
+        yield client, version, ensure_experiment(client, experiment)
 
 
 # -- schedule ---------------------------------------------------------------------------------------
@@ -458,6 +464,17 @@ def _enabled(rr) -> bool:
     if status in ("ENABLED", "DISABLED"):
         return status == "ENABLED"
     return str(rr.mode or "").upper() == "ENABLE"
+
+
+def _set_paused(client, rr, paused: bool) -> str:
+    """Pause or resume an otherwise unchanged recurring run; returns the action taken."""
+    if _enabled(rr) != paused:
+        return "unchanged"
+    if paused:
+        client.disable_recurring_run(rr.recurring_run_id)
+        return "paused"
+    client.enable_recurring_run(rr.recurring_run_id)
+    return "resumed"
 
 
 def _same_definition(rr, cron: str, version: PipelineVersion, params: dict) -> bool:
@@ -497,23 +514,11 @@ def schedule(
     if not name.strip():
         raise SubmitError("--name must not be empty", EXIT_USAGE)
     host = resolve_host(host)
-    with package_file(package) as pkg:
-        client = connect(host, namespace)
-        version = ensure_pipeline_version(client, pkg)
-        _say(out, f"pipeline {pkg.pipeline_name} version {version.name} ({_fresh(version)})")
-        experiment_id = ensure_experiment(client, experiment)
+    with _on_cluster(host, namespace, package, experiment, out) as (client, version, experiment_id):
         with _quiet(), _api_errors(f"recurring run {name!r}"):
             existing = _list_recurring(client, experiment_id, name)
             if len(existing) == 1 and _same_definition(existing[0], kfp_cron, version, params):
-                rr = existing[0]
-                action = "unchanged"
-                if _enabled(rr) == paused:
-                    if paused:
-                        client.disable_recurring_run(rr.recurring_run_id)
-                        action = "paused"
-                    else:
-                        client.enable_recurring_run(rr.recurring_run_id)
-                        action = "resumed"
+                rr, action = existing[0], _set_paused(client, existing[0], paused)
             else:
                 rr = client.create_recurring_run(
                     experiment_id,
@@ -553,35 +558,25 @@ def _fresh(version: PipelineVersion) -> str:
 
 def cli_submit(args) -> int:
     """`fulltune submit`; returns the exit code (EXIT_*)."""
-    return _run_cli(
-        lambda: submit(
-            host=args.host,
-            params_file=args.params,
-            experiment=args.experiment,
-            run_name=args.run_name,
-            package=args.package,
-            namespace=args.namespace,
-            wait=args.wait,
-            timeout=args.timeout,
-            poll_interval=args.poll_interval,
-        )
-    )
+    options = {"run_name": args.run_name, "wait": args.wait, "timeout": args.timeout}
+    return _run_cli(lambda: submit(**_shared_options(args), **options, poll_interval=args.poll_interval))
 
 
 def cli_schedule(args) -> int:
     """`fulltune schedule`; returns the exit code (EXIT_*)."""
-    return _run_cli(
-        lambda: schedule(
-            host=args.host,
-            name=args.name,
-            cron=args.cron,
-            params_file=args.params,
-            experiment=args.experiment,
-            paused=args.paused,
-            package=args.package,
-            namespace=args.namespace,
-        )
-    )
+    options = {"name": args.name, "cron": args.cron, "paused": args.paused}
+    return _run_cli(lambda: schedule(**_shared_options(args), **options))
+
+
+def _shared_options(args) -> dict[str, Any]:
+    """The options `add_arguments` gives both sub-commands."""
+    return {
+        "host": args.host,
+        "params_file": args.params,
+        "experiment": args.experiment,
+        "package": args.package,
+        "namespace": args.namespace,
+    }
 
 
 def _run_cli(action) -> int:

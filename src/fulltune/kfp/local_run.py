@@ -1,0 +1,74 @@
+"""Run the compiled pipeline on this machine through kfp.local (what `fulltune demo` does).
+
+The compiled YAML is loaded back, so the local run executes the same definition the Kubeflow UI
+runs; kfp.local's SubprocessRunner runs every step in its own process from this environment (which
+is what the image holds), with the cluster settings of the compiled pipeline ignored.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from fulltune.config import RunConfig
+
+log = logging.getLogger("fulltune.demo")
+
+
+@contextlib.contextmanager
+def kfp_local_guard() -> Iterator[None]:
+    """Undo what a kfp.local run leaves behind in this process.
+
+    kfp.local swaps `builtins.print` for an indenting one and the root logger's handlers for one
+    bound to the sys.stdout of the moment, restoring both on exit; with the tasks of a ParallelFor
+    running in threads the saves and restores interleave, and the process can be left printing
+    with a growing indent and logging into a stream that has since been closed.
+    """
+    root = logging.getLogger()
+    saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        builtins.print = saved_print
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+def init_local(pipeline_root: Path) -> None:
+    """kfp.local with subprocesses from this interpreter, failing on the first failed step."""
+    from kfp import local
+
+    # The steps run as subprocesses of this interpreter; make sure they find its tools (torchrun).
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    for name, value in (
+        ("DS_ACCELERATOR", "cpu"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(name, value)
+    # kfp.local warns for every step that its image is not a plain Python one; here the steps run from
+    # this very environment, which is what the image holds, so the warning is noise.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
+    )
+
+
+def run_locally(cfg: RunConfig, *, compiled_dir: Path, pipeline_root: Path) -> None:
+    """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config."""
+    from kfp import components
+
+    from fulltune.kfp.compile import compile_all
+
+    compiled = compile_all(compiled_dir)
+    pipeline = components.load_component_from_file(str(compiled[0]))
+    init_local(pipeline_root)
+    log.info("running the compiled pipeline %s through kfp.local", compiled[0])
+    with kfp_local_guard():
+        pipeline(config=cfg.to_dict())
