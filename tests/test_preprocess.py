@@ -53,6 +53,13 @@ def at(cfg: RunConfig, work_dir: str) -> RunConfig:
     return cfg.with_overrides({"work_dir": work_dir})
 
 
+def preprocess_all(cfg: RunConfig) -> dict:
+    """Every shard in this process, then gather: what the pipeline's ParallelFor does."""
+    for i in range(cfg.preprocess.num_shards):
+        core.preprocess_shard(cfg, i)
+    return core.gather_shards(cfg)
+
+
 TEXTS = [
     {"text": f"Patient {i} has HbA1c {5 + i % 7}.{i % 10}% and eGFR {30 + i} on review."} for i in range(120)
 ]
@@ -61,8 +68,8 @@ TEXTS = [
 def test_same_inputs_give_byte_identical_shards(demo_assets, tmp_path):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    core.preprocess_all(at(cfg, a))
-    core.preprocess_all(at(cfg, b))
+    preprocess_all(at(cfg, a))
+    preprocess_all(at(cfg, b))
     files_a = sorted(p.relative_to(a) for p in Path(a).rglob("*.parquet"))
     assert files_a == sorted(p.relative_to(b) for p in Path(b).rglob("*.parquet"))
     for rel in files_a:
@@ -71,7 +78,7 @@ def test_same_inputs_give_byte_identical_shards(demo_assets, tmp_path):
 
 def test_text_packing_keeps_every_token_once_with_eos_between_documents(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1, eval_fraction=0.01)
-    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
+    manifest = preprocess_all(at(cfg, str(tmp_path / "w")))
     split = manifest["splits"]["train"]
     data = load_split(manifest, "train")
     mask = data["attention_mask"].bool()
@@ -101,7 +108,7 @@ def test_chat_labels_are_exactly_the_assistant_turns(demo_assets, tmp_path, tok)
         for i in range(12)
     ]
     cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=1, max_seq_len=256, eval_fraction=0.01)
-    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
+    manifest = preprocess_all(at(cfg, str(tmp_path / "w")))
     data = load_split(manifest, "train")
     decoded = []
     for ids, labels in zip(data["input_ids"], data["labels"], strict=True):
@@ -127,7 +134,7 @@ def test_prompt_completion_masks_the_prompt_unless_loss_on_all(demo_assets, tmp_
     ]
     for loss_on, prompt_visible in (("assistant", False), ("all", True)):
         cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=1, eval_fraction=0.01, loss_on=loss_on)
-        manifest = core.preprocess_all(at(cfg, str(tmp_path / f"w-{loss_on}")))
+        manifest = preprocess_all(at(cfg, str(tmp_path / f"w-{loss_on}")))
         data = load_split(manifest, "train")
         labels = data["labels"][data["labels"] != IGNORE_INDEX].tolist()
         text = tok.decode(labels)
@@ -170,14 +177,14 @@ def test_replay_fraction_is_achieved_within_one_percent(demo_assets, tmp_path):
         {"text": f"The {w} module provides functions for working with {w} objects."} for w in "abcdefghij" * 8
     ]
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, general, replay_fraction=0.2)
-    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
+    manifest = preprocess_all(at(cfg, str(tmp_path / "w")))
     assert manifest["replay"]["achieved_fraction"] == pytest.approx(0.2, abs=0.01)
     assert manifest["splits"]["general_eval"]["sequences"] > 0
 
 
 def test_split_assignment_is_stable_and_disjoint(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, eval_fraction=0.2, num_shards=1)
-    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
+    manifest = preprocess_all(at(cfg, str(tmp_path / "w")))
     expected_eval = sum(1 for r in TEXTS if core.stable_fraction(r["text"], "0") < 0.2)
     assert manifest["splits"]["domain_eval"]["examples"] == expected_eval
     assert manifest["splits"]["train"]["examples"] == len(TEXTS) - expected_eval
@@ -185,7 +192,7 @@ def test_split_assignment_is_stable_and_disjoint(demo_assets, tmp_path, tok):
 
 def test_dataset_manifest_lists_checksummed_files(demo_assets, tmp_path):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS)
-    manifest = core.preprocess_all(at(cfg, str(tmp_path / "w")))
+    manifest = preprocess_all(at(cfg, str(tmp_path / "w")))
     on_disk = storage.read_json(RunLayout(str(tmp_path / "w")).dataset_manifest)
     assert on_disk == manifest
     for split in manifest["splits"].values():
@@ -200,10 +207,10 @@ def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_asse
         {"text": f"The {w} module provides functions for working with {w} objects."} for w in "abcdefghij" * 8
     ]
     common = {"block_records": 8, "replay_fraction": 0.2}
-    one = core.preprocess_all(
+    one = preprocess_all(
         at(make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=1, **common), str(tmp_path / "n1"))
     )
-    four = core.preprocess_all(
+    four = preprocess_all(
         at(make_cfg(demo_assets, tmp_path, TEXTS, general, num_shards=4, **common), str(tmp_path / "n4"))
     )
     for split in ("train", "domain_eval", "general_eval"):
@@ -214,7 +221,7 @@ def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_asse
 
 def test_position_ids_restart_at_every_document(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1, eval_fraction=0.01)
-    data = load_split(core.preprocess_all(at(cfg, str(tmp_path / "w"))), "train")
+    data = load_split(preprocess_all(at(cfg, str(tmp_path / "w"))), "train")
     rows = zip(
         data["input_ids"].tolist(),
         data["position_ids"].tolist(),
@@ -239,7 +246,7 @@ def test_unpacked_text_becomes_overlapping_windows_with_each_token_learned_once(
         packing=False,
         chunk_stride=16,
     )
-    data = load_split(core.preprocess_all(at(cfg, str(tmp_path / "w"))), "train")
+    data = load_split(preprocess_all(at(cfg, str(tmp_path / "w"))), "train")
     doc = tok(long_doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     windows = data["input_ids"].tolist()
     assert len(windows) == 1 + -(-(len(doc) - 64) // (64 - 16))
@@ -380,7 +387,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_assets, tmp
     for policy in ("truncate", "drop"):
         cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=2, eval_fraction=0.01, overlong=policy)
         work = str(tmp_path / policy)
-        manifest = core.preprocess_all(at(cfg, work))
+        manifest = preprocess_all(at(cfg, work))
         shard_counts = [storage.read_json(RunLayout(work).shard_manifest(i))["splits"] for i in range(2)]
         data = load_split(manifest, "train")
         text = tok.decode(data["labels"][data["labels"] != IGNORE_INDEX].tolist())

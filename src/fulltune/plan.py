@@ -228,17 +228,14 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     """The first setting, in order of cost to throughput, that fits the GPU; or PlanError."""
     res, tr = cfg.resources, cfg.training
     budget = res.gpu_memory_gib * GiB * res.memory_headroom
-    seq = cfg.preprocess.max_seq_len
-    world = cfg.world_size
-
     forced_opt, forced_par = tr.offload_optimizer, tr.offload_param
 
     def est(b: int, gc: bool, off_opt: bool = False, off_par: bool = False) -> MemoryEstimate:
         # A forced setting (true or false) wins over whatever plan would try.
         return estimate_memory(
             shape,
-            world_size=world,
-            seq_len=seq,
+            world_size=cfg.world_size,
+            seq_len=cfg.preprocess.max_seq_len,
             micro_batch=b,
             gradient_checkpointing=gc,
             offload_optimizer=off_opt if forced_opt is None else forced_opt,
@@ -257,32 +254,56 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
         return first, budget, ["accelerator is cpu: the GPU memory check does not apply", *forced]
     if first.total <= budget:
         return first, budget, [f"fits as configured: {_gib(first.total)} of {_gib(budget)} per GPU", *forced]
-    candidates = [(b0, True, False, False)]
-    b = b0
+    for candidate in _fallbacks(b0):
+        e = est(*candidate)
+        if e.total <= budget:
+            notes = [f"as configured it needs {_gib(first.total)} per GPU, over the {_gib(budget)} budget"]
+            notes += _fallback_notes(e, b0, gc0, forced_opt, forced_par)
+            notes += [*forced, f"fits: {_gib(e.total)} of {_gib(budget)} per GPU"]
+            return e, budget, notes
+    raise _does_not_fit(cfg, shape, budget, first, smallest=est(1, True), offloaded=est(1, True, True, True))
+
+
+def _fallbacks(micro_batch: int) -> list[tuple[int, bool, bool, bool]]:
+    """(micro batch, recomputation, offload optimizer, offload params), cheapest first: recomputation,
+    then halving the micro batch, then optimizer offload, then parameter offload."""
+    candidates = [(micro_batch, True, False, False)]
+    b = micro_batch
     while b > 1:
         b //= 2
         candidates.append((b, True, False, False))
-    candidates += [(1, True, True, False), (1, True, True, True)]
-    for b, gc, off_opt, off_par in candidates:
-        e = est(b, gc, off_opt, off_par)
-        if e.total <= budget:
-            notes = [f"as configured it needs {_gib(first.total)} per GPU, over the {_gib(budget)} budget"]
-            if gc and not gc0:
-                notes.append("enabled gradient_checkpointing")
-            if b != b0:
-                notes.append(
-                    f"micro batch {b0} -> {b}, gradient accumulation x{b0 // b} keeps the global batch"
-                )
-            if e.offload_optimizer and forced_opt is None:
-                notes.append("offloads optimizer states to CPU (slower steps)")
-            if e.offload_params and forced_par is None:
-                notes.append("offloads parameters to CPU (much slower steps)")
-            notes += forced
-            notes.append(f"fits: {_gib(e.total)} of {_gib(budget)} per GPU")
-            return e, budget, notes
-    # Nothing fits: say how many GPUs would.
+    return candidates + [(1, True, True, False), (1, True, True, True)]
+
+
+def _fallback_notes(
+    e: MemoryEstimate, b0: int, gc0: bool, forced_opt: bool | None, forced_par: bool | None
+) -> list[str]:
+    notes = []
+    if e.gradient_checkpointing and not gc0:
+        notes.append("enabled gradient_checkpointing")
+    if e.micro_batch != b0:
+        notes.append(
+            f"micro batch {b0} -> {e.micro_batch}, gradient accumulation x{b0 // e.micro_batch} keeps the global batch"
+        )
+    if e.offload_optimizer and forced_opt is None:
+        notes.append("offloads optimizer states to CPU (slower steps)")
+    if e.offload_params and forced_par is None:
+        notes.append("offloads parameters to CPU (much slower steps)")
+    return notes
+
+
+def _does_not_fit(
+    cfg: RunConfig,
+    shape: ModelShape,
+    budget: float,
+    first: MemoryEstimate,
+    *,
+    smallest: MemoryEstimate,
+    offloaded: MemoryEstimate,
+) -> PlanError:
+    """The refusal, saying how many GPUs would fit the model without offload."""
+    res, tr = cfg.resources, cfg.training
     # per GPU: what does not shrink with more GPUs, and the model states (+ fragmentation) that do
-    smallest = est(1, True)
     per_gpu_fixed = smallest.total - (1 + FRAGMENTATION) * smallest.model_states
     need_world = (
         math.ceil(
@@ -296,10 +317,11 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
         if need_world
         else f"even one layer's activations and buffers exceed {_gib(budget)}: use GPUs with more memory or a shorter max_seq_len"
     )
-    raise PlanError(
-        f"model with {shape.params / 1e9:.2f}B parameters does not fit on {world} GPU(s) of "
-        f"{res.gpu_memory_gib:g} GiB at max_seq_len {seq}: needs {_gib(first.total)} per GPU as configured and "
-        f"{_gib(est(1, True, True, True).total)} with micro batch 1, recomputation and "
+    forced = tr.offload_optimizer is not None or tr.offload_param is not None
+    return PlanError(
+        f"model with {shape.params / 1e9:.2f}B parameters does not fit on {cfg.world_size} GPU(s) of "
+        f"{res.gpu_memory_gib:g} GiB at max_seq_len {cfg.preprocess.max_seq_len}: needs {_gib(first.total)} "
+        f"per GPU as configured and {_gib(offloaded.total)} with micro batch 1, recomputation and "
         f"{'the forced offload settings' if forced else 'full CPU offload'}. {hint}."
     )
 

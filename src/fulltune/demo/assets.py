@@ -268,15 +268,37 @@ def _heart_failure(lvef: int) -> str:
     return f"TTE shows preserved LVEF {lvef}%."
 
 
-def clinical_note(rng: random.Random) -> str:
-    """One synthetic clinical note: a few sentences dense with abbreviations and lab values."""
+@dataclass(frozen=True)
+class _Patient:
+    """One synthetic patient: the values a note quotes and the sentences every kind of note reuses."""
+
+    age: int
+    sex: str
+    pronoun: str
+    egfr: int
+    stage: str
+    hba1c: float
+    bnp: int
+    lvef: int
+    creat: float
+    intro: str
+    labs: str
+    cardiac: str
+    acs: str
+    acs_plan: str
+    hf_plan: str
+    sglt2: str
+    k_note: str
+
+
+def _patient(rng: random.Random) -> _Patient:
+    # The draws happen in a fixed order: the demo's data (and its cached assets) depend on it.
     age = rng.randint(38, 89)
     sex, pronoun = rng.choice(_SEX)
     egfr = rng.randint(12, 105)
     stage = _ckd_stage(egfr)
     hba1c = round(rng.uniform(5.6, 11.8), 1)
     troponin = round(rng.choice([rng.uniform(0.01, 0.04), rng.uniform(0.08, 4.5)]), 2)
-    raised_trop = troponin >= 0.04
     bnp = rng.randint(40, 2400)
     lvef = rng.choice([rng.randint(20, 39), rng.randint(40, 49), rng.randint(50, 68)])
     creat = round(75 / egfr * rng.uniform(0.85, 1.15), 2)
@@ -288,77 +310,112 @@ def clinical_note(rng: random.Random) -> str:
         f"Labs: HbA1c {hba1c:.1f}%, eGFR {egfr} mL/min/1.73m2 (CKD stage {stage}), "
         f"Cr {creat:.2f} mg/dL, K+ {potassium:.1f} mmol/L, LDL {ldl:.1f} mmol/L."
     )
-    cardiac = f"Troponin I {troponin:.2f} ng/mL, BNP {bnp} pg/mL."
-    if raised_trop:
-        ecg = rng.choice(
-            ["ECG shows ST depression in V4-V6", "ECG shows T-wave inversion in the lateral leads"]
-        )
-        acs = f"{ecg}, no ST elevation. Impression: NSTEMI."
-        acs_plan = (
-            f"Load aspirin 300 mg and clopidogrel 300 mg, start atorvastatin 80 mg nightly, "
-            f"{'fondaparinux 2.5 mg SC daily' if egfr >= 20 else 'UFH infusion given eGFR below 20'}, "
-            f"refer for coronary angiography."
-        )
-    else:
-        acs = "ECG in sinus rhythm without acute ST changes; serial troponin negative, NSTEMI ruled out."
-        acs_plan = "No ACS; continue aspirin 81 mg daily and atorvastatin 40 mg nightly."
-    hf_plan = (
-        f"Start furosemide {rng.choice([20, 40, 80])} mg IV BID for fluid overload (BNP {bnp})."
-        if bnp > 400
-        else f"BNP {bnp} pg/mL does not suggest decompensated HF."
-    )
-    sglt2 = (
-        f"Start empagliflozin 10 mg daily for T2DM with CKD stage {stage}."
-        if egfr >= 20
-        else "SGLT2 inhibitor not started as eGFR is below 20."
-    )
-    k_note = (
-        f"K+ {potassium:.1f}, hold ACEi and repeat U&E in 24 h."
-        if potassium > 5.3
-        else f"K+ {potassium:.1f} acceptable on ramipril {rng.choice([2.5, 5, 10])} mg daily."
+    acs, acs_plan = _coronary(troponin, egfr, rng)
+    return _Patient(
+        age,
+        sex,
+        pronoun,
+        egfr,
+        stage,
+        hba1c,
+        bnp,
+        lvef,
+        creat,
+        intro,
+        labs,
+        cardiac=f"Troponin I {troponin:.2f} ng/mL, BNP {bnp} pg/mL.",
+        acs=acs,
+        acs_plan=acs_plan,
+        hf_plan=(
+            f"Start furosemide {rng.choice([20, 40, 80])} mg IV BID for fluid overload (BNP {bnp})."
+            if bnp > 400
+            else f"BNP {bnp} pg/mL does not suggest decompensated HF."
+        ),
+        sglt2=(
+            f"Start empagliflozin 10 mg daily for T2DM with CKD stage {stage}."
+            if egfr >= 20
+            else "SGLT2 inhibitor not started as eGFR is below 20."
+        ),
+        k_note=(
+            f"K+ {potassium:.1f}, hold ACEi and repeat U&E in 24 h."
+            if potassium > 5.3
+            else f"K+ {potassium:.1f} acceptable on ramipril {rng.choice([2.5, 5, 10])} mg daily."
+        ),
     )
 
-    kind = rng.randrange(5)
-    if kind == 0:  # admission note
-        parts = [intro, cardiac, acs, labs, _heart_failure(lvef), "Plan: " + acs_plan, hf_plan]
-    elif kind == 1:  # diabetes / renal clinic follow-up
-        parts = [
-            f"Clinic review: {age}{sex}, T2DM and CKD stage {stage}.",
-            labs,
-            _glycemic_control(hba1c),
-            _metformin_plan(egfr, rng),
-            sglt2,
-            k_note,
-        ]
-    elif kind == 2:  # discharge summary
-        parts = [
-            f"Discharge summary. {intro}",
-            acs,
-            _heart_failure(lvef),
-            f"Discharge labs: eGFR {egfr}, HbA1c {hba1c:.1f}%, BNP {bnp} pg/mL.",
-            "Discharge meds: " + acs_plan,
-            _metformin_plan(egfr, rng),
-        ]
-    elif kind == 3:  # cardiology consult
-        parts = [
-            f"Cardiology consult for {rng.choice(['raised troponin', 'chest pain', 'dyspnea'])}.",
-            intro,
-            cardiac,
-            acs,
-            _heart_failure(lvef),
-            hf_plan,
-            "Recommend " + acs_plan[0].lower() + acs_plan[1:],
-        ]
-    else:  # nephrology note
-        parts = [
-            f"Nephrology: {age}{sex} with CKD stage {stage}, eGFR {egfr} mL/min/1.73m2, Cr {creat:.2f} mg/dL.",
-            k_note,
-            _metformin_plan(egfr, rng),
-            sglt2,
-            _glycemic_control(hba1c),
-            f"{pronoun} will be reviewed in {rng.choice([4, 6, 8, 12])} weeks with repeat eGFR and HbA1c.",
-        ]
-    return " ".join(parts)
+
+def _coronary(troponin: float, egfr: int, rng: random.Random) -> tuple[str, str]:
+    """(impression, plan): NSTEMI when troponin is raised, else ruled out."""
+    if troponin < 0.04:
+        return (
+            "ECG in sinus rhythm without acute ST changes; serial troponin negative, NSTEMI ruled out.",
+            "No ACS; continue aspirin 81 mg daily and atorvastatin 40 mg nightly.",
+        )
+    ecg = rng.choice(["ECG shows ST depression in V4-V6", "ECG shows T-wave inversion in the lateral leads"])
+    anticoagulant = "fondaparinux 2.5 mg SC daily" if egfr >= 20 else "UFH infusion given eGFR below 20"
+    return (
+        f"{ecg}, no ST elevation. Impression: NSTEMI.",
+        f"Load aspirin 300 mg and clopidogrel 300 mg, start atorvastatin 80 mg nightly, {anticoagulant}, "
+        "refer for coronary angiography.",
+    )
+
+
+def _admission(p: _Patient, rng: random.Random) -> list[str]:
+    return [p.intro, p.cardiac, p.acs, p.labs, _heart_failure(p.lvef), "Plan: " + p.acs_plan, p.hf_plan]
+
+
+def _diabetes_clinic(p: _Patient, rng: random.Random) -> list[str]:
+    return [
+        f"Clinic review: {p.age}{p.sex}, T2DM and CKD stage {p.stage}.",
+        p.labs,
+        _glycemic_control(p.hba1c),
+        _metformin_plan(p.egfr, rng),
+        p.sglt2,
+        p.k_note,
+    ]
+
+
+def _discharge(p: _Patient, rng: random.Random) -> list[str]:
+    return [
+        f"Discharge summary. {p.intro}",
+        p.acs,
+        _heart_failure(p.lvef),
+        f"Discharge labs: eGFR {p.egfr}, HbA1c {p.hba1c:.1f}%, BNP {p.bnp} pg/mL.",
+        "Discharge meds: " + p.acs_plan,
+        _metformin_plan(p.egfr, rng),
+    ]
+
+
+def _cardiology_consult(p: _Patient, rng: random.Random) -> list[str]:
+    return [
+        f"Cardiology consult for {rng.choice(['raised troponin', 'chest pain', 'dyspnea'])}.",
+        p.intro,
+        p.cardiac,
+        p.acs,
+        _heart_failure(p.lvef),
+        p.hf_plan,
+        "Recommend " + p.acs_plan[0].lower() + p.acs_plan[1:],
+    ]
+
+
+def _nephrology(p: _Patient, rng: random.Random) -> list[str]:
+    return [
+        f"Nephrology: {p.age}{p.sex} with CKD stage {p.stage}, eGFR {p.egfr} mL/min/1.73m2, Cr {p.creat:.2f} mg/dL.",
+        p.k_note,
+        _metformin_plan(p.egfr, rng),
+        p.sglt2,
+        _glycemic_control(p.hba1c),
+        f"{p.pronoun} will be reviewed in {rng.choice([4, 6, 8, 12])} weeks with repeat eGFR and HbA1c.",
+    ]
+
+
+_NOTE_KINDS = (_admission, _diabetes_clinic, _discharge, _cardiology_consult, _nephrology)
+
+
+def clinical_note(rng: random.Random) -> str:
+    """One synthetic clinical note: a few sentences dense with abbreviations and lab values."""
+    patient = _patient(rng)
+    return " ".join(_NOTE_KINDS[rng.randrange(len(_NOTE_KINDS))](patient, rng))
 
 
 def clinical_notes(count: int, seed: int, *, exclude: frozenset[str] = frozenset()) -> list[str]:

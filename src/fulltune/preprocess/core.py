@@ -46,7 +46,7 @@ from fulltune import hf, storage
 from fulltune.config import RunConfig
 from fulltune.data.records import Record, resolve_kind
 from fulltune.preprocess import inputs
-from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
+from fulltune.preprocess.dataset import DOMAIN_EVAL, GENERAL_EVAL, IGNORE_INDEX, MANIFEST_FORMAT, TRAIN
 from fulltune.tokenizer import memo
 
 log = logging.getLogger(__name__)
@@ -675,24 +675,24 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     gkind = resolve_kind(data.general_uri, data) if data.general_uri else None
     if gkind is not None and pp.replay_fraction > 0:
         shard.pool = _replay_pool(shard, data.general_uri, gkind)
-    shard.sink("train", kind)
-    shard.sink("domain_eval", eval_kind)
-    for key, recs in shard.blocks("train", data.train_uri, kind):
+    shard.sink(TRAIN, kind)
+    shard.sink(DOMAIN_EVAL, eval_kind)
+    for key, recs in shard.blocks(TRAIN, data.train_uri, kind):
         if data.eval_uri is None:
             recs, held = _hash_split(recs, pp.eval_fraction, shard.salt)
             if held:
-                shard.write("domain_eval", kind, held)
+                shard.write(DOMAIN_EVAL, kind, held)
         if recs:
-            shard.write("train", kind, recs, key)
+            shard.write(TRAIN, kind, recs, key)
     if data.eval_uri:
-        for _, recs in shard.blocks("domain_eval", data.eval_uri, eval_kind):
-            shard.write("domain_eval", eval_kind, recs)
+        for _, recs in shard.blocks(DOMAIN_EVAL, data.eval_uri, eval_kind):
+            shard.write(DOMAIN_EVAL, eval_kind, recs)
     if gkind is not None:
-        shard.sink("general_eval", gkind)
-        for _, recs in shard.blocks("general_eval", data.general_uri, gkind):
+        shard.sink(GENERAL_EVAL, gkind)
+        for _, recs in shard.blocks(GENERAL_EVAL, data.general_uri, gkind):
             _, held = _hash_split(recs, pp.general_eval_fraction, shard.salt + "/general")
             if held:
-                shard.write("general_eval", gkind, held)
+                shard.write(GENERAL_EVAL, gkind, held)
 
     out_splits: dict[str, Any] = {}
     for name, sink in shard.sinks.items():
@@ -749,7 +749,7 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> d
     seq_len = cfg.preprocess.max_seq_len
     for s in splits.values():
         s["padding_fraction"] = 1.0 - s["tokens"] / max(s["sequences"] * seq_len, 1)
-    if not splits.get("train", {}).get("sequences"):
+    if not splits.get(TRAIN, {}).get("sequences"):
         raise PreprocessError(
             "no training sequences were produced: is the training data empty after the eval split?"
         )
@@ -774,10 +774,3 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> d
     }
     storage.write_json(cfg.layout.dataset_manifest, manifest)
     return manifest
-
-
-def preprocess_all(cfg: RunConfig) -> dict[str, Any]:
-    """Every shard in this process, then gather (the library equivalent of the ParallelFor)."""
-    for i in range(cfg.preprocess.num_shards):
-        preprocess_shard(cfg, i)
-    return gather_shards(cfg)

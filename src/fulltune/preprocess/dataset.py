@@ -33,7 +33,8 @@ from typing import Any
 from fulltune import storage
 
 MANIFEST_FORMAT = "fulltune.dataset/v1"
-SPLITS = ("train", "domain_eval", "general_eval")
+# The dataset's splits, by the names the manifest and the shard files use.
+TRAIN, DOMAIN_EVAL, GENERAL_EVAL = "train", "domain_eval", "general_eval"
 IGNORE_INDEX = -100
 
 
