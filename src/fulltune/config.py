@@ -12,6 +12,7 @@ are filled from well-known rules, and the resolved config is what `preprocess`, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -513,22 +514,8 @@ class RunConfig(_Section):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
-            )
-        return cls.from_dict(data, source=str(path))
+        """A config file: YAML, or JSON by its .json suffix (errors name the file, line and field)."""
+        return cls.from_dict(read_config_file(path), source=str(path))
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> RunConfig:
         """A new config with `overrides` (nested dict, or dotted keys) merged over this one."""
@@ -587,6 +574,34 @@ class RunConfig(_Section):
         missing = [name for name in dotted if not _get_dotted(self, name)]
         if missing:
             raise ConfigError("required but empty: " + ", ".join(missing))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a config file as written (YAML, or JSON by its .json suffix), not yet validated.
+
+    Raises:
+        ConfigError: the file is missing, does not parse (with line and column), or is not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data or {}
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from fulltune import __version__
-from fulltune.config import ConfigError, RunConfig
+from fulltune.config import ConfigError, RunConfig, read_config_file
 
 log = logging.getLogger("fulltune.submit")
 
@@ -86,24 +86,9 @@ def load_params(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: naming the file (and line) or the dotted field and the problem.
     """
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: params file not found") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
-            )
-        RunConfig.from_dict(data, source=str(path))
-        return data
-    RunConfig.from_yaml(path)  # the checks and messages of `fulltune config --check`
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_config_file(path)
+    RunConfig.from_dict(data, source=str(path))  # the checks and messages of `fulltune config --check`
+    return data
 
 
 def to_kfp_cron(expression: str) -> str:
