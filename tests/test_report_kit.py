@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
 
 from fulltune import report_kit as kit
+from fulltune.evaluate.eval_page import render_report
+from fulltune.tokenizer.check import render_html as tokenizer_page
+from fulltune.train.train_page import training_report_html
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -26,6 +30,10 @@ def number(label: str) -> float:
     """A tick label back to its value: '1,500' -> 1500, '40%' -> 0.4."""
     value = float(label.replace(",", "").rstrip("%"))
     return value / 100 if label.endswith("%") else value
+
+
+def svgs(page: str) -> list[str]:
+    return re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
 
 
 # -- ticks ---------------------------------------------------------------------------------------------
@@ -197,6 +205,69 @@ def test_percent_formatting():
         kit.tick_label(0.4, 0.2, percent=True) == "40%"
         and kit.tick_label(0.025, 0.005, percent=True) == "2.5%"
     )
+
+
+# -- the pages -----------------------------------------------------------------------------------------
+
+
+def _pages() -> dict[str, str]:
+    metrics = [
+        {"step": s, "loss": 3.0 - s / 20, **({"eval_loss": 2.9 - s / 25} if s % 5 == 4 else {})}
+        for s in range(20)
+    ]
+    evaluation = {
+        "verdict": True,
+        "checks": [{"passed": True, "reason": "domain loss improved"}],
+        "sets": {
+            "domain_eval": {
+                "base": {"loss": 3.2, "perplexity": 24.5},
+                "tuned": {"loss": 2.9, "perplexity": 18.2},
+            }
+        },
+        "mc": {"arc": {"base": {"acc": 0.61, "acc_norm": 0.59}, "tuned": {"acc": 0.58, "acc_norm": 0.57}}},
+    }
+    tokenizer = {
+        "passed": True,
+        "tokenizer_uri": "tok",
+        "base_model_uri": "model",
+        "record_kind": "text",
+        "checks": [{"name": "eos_token", "status": "ok", "message": "eos is '</s>'"}],
+        "metrics": {"errors": 0, "warnings": 0, "tokenizer_size": 32000},
+        "split_terms": [],
+        "domain_terms": [],
+        "roundtrip": None,
+        "chat": None,
+    }
+    return {
+        "train": training_report_html(metrics, {"steps": 20}),
+        "evaluate": render_report(evaluation),
+        "tokenizer": tokenizer_page(tokenizer),
+    }
+
+
+def test_every_page_carries_the_one_stylesheet_and_nothing_external():
+    from fulltune import reports
+
+    assert reports.CSS is kit.CSS  # the validate page's shim hands out the same stylesheet
+    for name, page in _pages().items():
+        assert re.findall(r"<style>(.*?)</style>", page, flags=re.S) == [kit.CSS], name
+        assert "<script" not in page and not re.search(r'(src|href)="', page), name
+        assert page.count("style=") == 0, name  # no inline styles: the stylesheet is the one place
+        for svg in svgs(page):
+            parse(svg)
+
+
+def test_pages_draw_their_charts_with_the_kit():
+    pages = _pages()
+    train = parse(svgs(pages["train"])[0])
+    assert texts(train, "legend") == ["train loss", "eval loss"]
+    evaluation = [parse(s) for s in svgs(pages["evaluate"])]
+    assert [s.find(f"{SVG}title").text for s in evaluation] == [
+        "domain_eval: base vs tuned",
+        "arc: base vs tuned",
+    ]
+    assert texts(evaluation[1], "value") == ["61.0%", "58.0%", "59.0%", "57.0%"]
+    assert "&lt;/s&gt;" in pages["tokenizer"] and 'class="banner pass"' in pages["tokenizer"]
 
 
 def test_numbers_read_without_exponents():
