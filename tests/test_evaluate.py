@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import re
@@ -14,8 +13,8 @@ import pytest
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.evaluate.core import EvaluateError, evaluate_models, load_model, pick_device, sequence_loss
+from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import decide
-from fulltune.evaluate.report import render_report
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
 
 VOCAB = 64
@@ -545,14 +544,13 @@ def test_evaluate_models_with_mc_tasks_and_intervals(models, dataset, tmp_path):
     assert all(w["tuned_loss"] - w["base_loss"] == pytest.approx(w["change"]) for w in worst)
 
     html = (out / "report.html").read_text()
-    # one base-vs-tuned chart (a PNG) per eval set and per task
-    charts = re.findall(r'<img class="chart" alt="([^"]*)" src="data:image/png;base64,([^"]+)"', html)
-    assert [alt for alt, _ in charts] == [
+    # one base-vs-tuned chart (inline SVG) per eval set and per task
+    charts = re.findall(r'<svg class="chart"[^>]* role="img"[^>]*><title>([^<]*)</title>', html)
+    assert charts == [
         "domain_eval: base vs tuned",
         "general_eval: base vs tuned",
         "toy: base vs tuned",
     ]
-    assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for _, data in charts)
     assert "Multiple-choice tasks" in html and "toy" in html
     for reason in result["reasons"]:
         assert escape(reason) in html

@@ -1,5 +1,5 @@
 """evaluate: exact-match generation tasks, one pass over the data for both models, device_map
-fallback, the PNG charts of the report and the optional lm-eval backend.
+fallback, the SVG charts of the report and the optional lm-eval backend.
 
 The generation tests run on the demo's tiny pre-trained model (`demo_assets`): its greedy
 continuations are real text, so batching, left padding, EOS and stop strings all matter.
@@ -7,11 +7,10 @@ continuations are real text, so batching, left padding, EOS and stop strings all
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import re
+import xml.etree.ElementTree as ET
 from html import escape
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.evaluate import generation as gen
 from fulltune.evaluate.core import evaluate_models
+from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import EMComparison, decide
-from fulltune.evaluate.report import bar_chart_png, render_report
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
 
 PROMPTS = [
@@ -290,7 +289,7 @@ def test_evaluate_models_scores_exact_match_and_gates_on_it(demo_models, referen
     html = (out / "report.html").read_text()
     assert "Generation tasks (exact match)" in html and escape(check["reason"]) in html
     assert escape(PROMPTS[lost[0]]) in html
-    assert 'alt="qa: base vs tuned"' in html
+    assert "<title>qa: base vs tuned</title>" in html  # the task's chart
     assert json.loads((out / "eval.json").read_text())["generation"]["qa"][
         "em_change_points"
     ] == pytest.approx(change)
@@ -356,18 +355,21 @@ def test_a_bad_task_file_fails_before_any_model_is_loaded(tmp_path):
 # -- report -------------------------------------------------------------------------------------
 
 
-def _pixels(png: bytes) -> np.ndarray:
-    from matplotlib.image import imread
-
-    return (imread(io.BytesIO(png), format="png")[..., :3] * 255).round().astype(int)
+def _charts(html: str) -> list[ET.Element]:
+    return [ET.fromstring(svg) for svg in re.findall(r"<svg\b.*?</svg>", html, flags=re.S)]
 
 
-def _has_colour(pixels: np.ndarray, hex_colour: str) -> bool:
-    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
-    return bool((np.abs(pixels - rgb).max(axis=-1) <= 2).sum() > 50)
+def _bars(chart: ET.Element) -> list[tuple[str, str]]:
+    """(series, tooltip) of each bar drawn."""
+    ns = "{http://www.w3.org/2000/svg}"
+    return [
+        (r.get("data-series"), r.find(f"{ns}title").text)
+        for r in chart.iter(f"{ns}rect")
+        if r.get("class") == "bar"
+    ]
 
 
-def test_report_embeds_a_png_bar_chart_per_section():
+def test_report_draws_an_svg_bar_chart_per_section():
     result = {
         "verdict": True,
         "reasons": ["ok"],
@@ -389,24 +391,30 @@ def test_report_embeds_a_png_bar_chart_per_section():
                 ],
             }
         },
-        "lm_eval": {"arc_easy": {"acc": {"base": 0.41, "tuned": 0.43, "change": 0.02}}},
+        "lm_eval": {"arc_easy": {"acc": {"base": 0.41, "tuned": None, "change": None}}},
     }
     html = render_report(result)
-    charts = re.findall(r'<img class="chart" alt="([^"]*)" src="data:image/png;base64,([^"]+)"', html)
-    assert [alt for alt, _ in charts] == [
+    assert "<img" not in html  # no embedded pictures: the charts are inline SVG
+    charts = _charts(html)
+    assert [c.find("{http://www.w3.org/2000/svg}title").text for c in charts] == [
         "domain_eval: base vs tuned",
         "qa: base vs tuned",
         "arc_easy: base vs tuned",
     ]
-    pngs = [base64.b64decode(data) for _, data in charts]
-    assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
-    domain = _pixels(pngs[0])
-    assert domain.shape[1] > domain.shape[0] > 100  # two panels side by side
-    assert _has_colour(domain, "#8e9aaf") and _has_colour(domain, "#3a6ea5")  # base and tuned bars
-    assert "&lt;q&gt;" in html and "reported, not gated" in html
+    assert all(c.get("role") == "img" for c in charts)
+    # one panel per metric, a base and a tuned bar in each, labelled with their values
+    assert _bars(charts[0]) == [
+        ("base", "base loss: 3.2"),
+        ("tuned", "tuned loss: 2.9"),
+        ("base", "base perplexity: 24.5"),
+        ("tuned", "tuned perplexity: 18.2"),
+    ]
+    # exact match is a rate: shown as a percentage
+    assert _bars(charts[1]) == [("base", "base exact match: 50.0%"), ("tuned", "tuned exact match: 25.0%")]
+    assert "exact match: base 50.0%, tuned 25.0%" in charts[1].get("aria-label")
     # a tuned value that is missing draws no tuned bar
-    missing = _pixels(bar_chart_png("x", [("em", 0.5, None, True)]))
-    assert _has_colour(missing, "#8e9aaf") and not _has_colour(missing, "#3a6ea5")
+    assert _bars(charts[2]) == [("base", "base acc: 0.41")]
+    assert "&lt;q&gt;" in html and "reported, not gated" in html
 
 
 # -- lm-eval ------------------------------------------------------------------------------------

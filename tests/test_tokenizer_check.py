@@ -93,7 +93,7 @@ def test_clean_tokenizer_passes_and_writes_reports(tokenizer_dir, tmp_path):
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     assert metrics["errors"] == 0 and metrics["truncation_rate"] == 0.0
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
-    assert "Tokenizer check: <span class='ok'>passed" in (tmp_path / "out" / "report.html").read_text()
+    assert '<p class="banner pass" role="status">PASSED' in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_vocab_larger_than_embedding_fails(tmp_path):
@@ -107,7 +107,8 @@ def test_vocab_larger_than_embedding_fails(tmp_path):
     assert "but the model's embedding has 100 rows" in message
     report = json.loads((tmp_path / "out" / "report.json").read_text())  # written before raising
     assert report["passed"] is False and checks(report)["embedding"][0] == "error"
-    assert (tmp_path / "out" / "report.html").exists()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<p class="banner fail" role="status">FAILED — 1 check(s): embedding</p>' in page
 
 
 def test_pad_equal_to_eos_is_a_warning(tmp_path):

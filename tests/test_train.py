@@ -245,7 +245,7 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
 ):
     """2 ranks, Adafactor with the optimizer offloaded to CPU, eval every step on 5 sequences (an odd
     count: one rank runs a discarded forward), patience 2 with a threshold no drop can beat."""
-    from fulltune.train.report import training_report_html
+    from fulltune.train.train_page import training_report_html
 
     work = str(tmp_path / "work")
     dataset = tiny_dataset(demo_assets, work, n_seq=16, n_eval=5)
@@ -276,7 +276,10 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
     assert summary["stopped_early"] is True and summary["steps"] == 3 and summary["planned_steps"] == 8
     assert summary["best_eval_step"] == 1 and summary["best_eval_loss"] == metrics[0]["eval_loss"]
     page = training_report_html(metrics, summary)
-    assert f"{metrics[1]['eval_loss']:.4f}" in page and 'class="eval"' in page
+    # the eval loss is in the table and drawn as its own series, a marker per evaluation
+    assert f"{metrics[1]['eval_loss']:.4f}" in page
+    eval_series = page.split('<g class="series" data-name="eval loss">', 1)[1].split("</g>", 1)[0]
+    assert eval_series.count("<circle") == 3
 
 
 def test_early_stopping_counts_evaluations_without_a_large_enough_drop():

@@ -194,8 +194,8 @@ def train(
     `image` is the training image when `resources.kubernetes.image` is not set; `s3_secret` names the
     Secret the pipeline's own pods read S3 credentials from, which the training pods read too.
     """
-    from fulltune.train.report import training_report_html
     from fulltune.train.run import run_training
+    from fulltune.train.train_page import training_report_html
 
     _setup_logging()
     result = run_training(

@@ -58,6 +58,7 @@ from fulltune.config import RunConfig
 from fulltune.evaluate import generation as gen_tasks
 from fulltune.evaluate import lm_eval_backend
 from fulltune.evaluate import mc as mc_tasks
+from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import (
     EMComparison,
     MCComparison,
@@ -66,7 +67,6 @@ from fulltune.evaluate.gate import (
     forgetting,
 )
 from fulltune.evaluate.generation import input_device
-from fulltune.evaluate.report import render_report
 from fulltune.evaluate.stats import Interval, bootstrap, ratio_of_sums
 from fulltune.layout import EVAL_FILE, EVAL_REPORT_FILE
 from fulltune.preprocess.dataset import IGNORE_INDEX, load_manifest, load_split

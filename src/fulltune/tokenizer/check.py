@@ -35,11 +35,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fulltune import report_kit as kit
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.data.records import DataError, Record, RecordError, iter_records, resolve_kind
 from fulltune.hf import load_tokenizer, metadata_dir
-from fulltune.reports import CSS, write_reports
+from fulltune.report_kit import Html, write_reports
 
 REPORT_FORMAT = "fulltune.check_tokenizer/v1"
 SAMPLE_RECORDS = 2000  # records sampled per dataset for the statistics
@@ -654,61 +655,68 @@ def _percentile(ordered: list[int], q: float) -> int:
 
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page: the checks, the length and fertility numbers, the split terms."""
-    esc = html.escape
     passed = report["passed"]
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>check_tokenizer</title><style>{CSS}</style>"
-        "</head><body><h1>Tokenizer check: "
-        + ("<span class='ok'>passed</span>" if passed else "<span class='error'>failed</span>")
-        + f"</h1><p>Tokenizer <code>{esc(report['tokenizer_uri'])}</code>, model "
-        f"<code>{esc(report['base_model_uri'])}</code>"
-        + (f", {esc(report['record_kind'])} records" if report["record_kind"] else "")
-        + ".</p><h2>Checks</h2><table><tr><th>check</th><th>status</th><th>detail</th></tr>"
-    ]
-    for c in report["checks"]:
-        parts.append(
-            f"<tr><td>{esc(c['name'])}</td><td class='{esc(c['status'])}'>{esc(c['status'])}</td>"
-            f"<td>{esc(c['message'])}</td></tr>"
-        )
-    parts.append("</table>")
-    numbers = {k: v for k, v in report["metrics"].items() if k not in ("errors", "warnings")}
-    if numbers:
-        parts.append("<h2>Numbers</h2><table>")
-        for k, v in numbers.items():
-            shown = f"{v:.4g}" if isinstance(v, float) else f"{v:,}"
-            parts.append(f"<tr><td>{esc(k)}</td><td class='n'>{shown}</td></tr>")
-        parts.append("</table>")
-    for title, rows in (
-        ("Most-split domain words", report["split_terms"]),
-        ("Domain terms", report["domain_terms"]),
-    ):
-        if not rows:
-            continue
-        parts.append(
-            f"<h2>{title}</h2><table><tr><th>word</th><th>pieces</th><th>#</th><th>count in sample</th></tr>"
-        )
-        for r in rows:
-            pieces = esc(repr(r["pieces"]))
-            parts.append(
-                f"<tr><td><code>{esc(r['word'])}</code></td><td><code>{pieces}</code></td>"
-                f"<td class='n'>{r['num_pieces']}</td><td class='n'>{r['count']:,}</td></tr>"
-            )
-        parts.append("</table>")
-    roundtrip = report.get("roundtrip") or {}
-    if roundtrip.get("examples"):
-        parts.append("<h2>Round-trip differences</h2><table><tr><th>original</th><th>decoded</th></tr>")
-        for ex in roundtrip["examples"]:
-            parts.append(
-                f"<tr><td><pre>{esc(ex['original'])}</pre></td><td><pre>{esc(ex['decoded'])}</pre></td></tr>"
-            )
-        parts.append("</table>")
-    if report.get("chat"):
-        chat = report["chat"]
-        parts.append(
-            f"<h2>Chat template</h2><p>Rendering of <code>{esc(chat['sample_location'])}</code>; the template "
-            + ("marks" if chat["marks_assistant_turns"] else "does not mark")
-            + " assistant turns with <code>{% generation %}</code>.</p>"
-            f"<pre>{esc(chat['rendered'])}</pre>"
-        )
-    parts.append("</body></html>\n")
-    return "".join(parts)
+    failed = [c["name"] for c in report["checks"] if c["status"] == "error"]
+    verdict = (
+        "PASSED — no check failed" if passed else f"FAILED — {len(failed)} check(s): " + ", ".join(failed)
+    )
+    return kit.page(
+        "check_tokenizer",
+        "Tokenizer check",
+        kit.banner("pass" if passed else "fail", verdict),
+        _subject(report),
+        kit.heading("Checks"),
+        kit.table(
+            ["check", "status", "detail"],
+            [(c["name"], kit.badge(c["status"], c["status"]), c["message"]) for c in report["checks"]],
+        ),
+        _numbers(report["metrics"]),
+        _term_table("Most-split domain words", report["split_terms"]),
+        _term_table("Domain terms", report["domain_terms"]),
+        _roundtrip_table(report.get("roundtrip") or {}),
+        _chat_section(report.get("chat")),
+    )
+
+
+def _subject(report: dict[str, Any]) -> str:
+    kind = f", {html.escape(report['record_kind'])} records" if report["record_kind"] else ""
+    tokenizer, model = kit.code(report["tokenizer_uri"]), kit.code(report["base_model_uri"])
+    return f"<p>Tokenizer {tokenizer}, model {model}{kind}.</p>"
+
+
+def _numbers(metrics: dict[str, Any]) -> str:
+    numbers = [(k, v) for k, v in metrics.items() if k not in ("errors", "warnings")]
+    return kit.heading("Numbers") + kit.key_value_table(numbers) if numbers else ""
+
+
+def _term_table(title: str, rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    return kit.heading(title) + kit.table(
+        ["word", "pieces", "#", "count in sample"],
+        [(kit.code(r["word"]), kit.code(repr(r["pieces"])), r["num_pieces"], r["count"]) for r in rows],
+    )
+
+
+def _roundtrip_table(roundtrip: dict[str, Any]) -> str:
+    if not roundtrip.get("examples"):
+        return ""
+    pre = "<pre>{}</pre>".format
+    return kit.heading("Round-trip differences") + kit.table(
+        ["original", "decoded"],
+        [
+            (Html(pre(html.escape(ex["original"]))), Html(pre(html.escape(ex["decoded"]))))
+            for ex in roundtrip["examples"]
+        ],
+    )
+
+
+def _chat_section(chat: dict[str, Any] | None) -> str:
+    if not chat:
+        return ""
+    marks = "marks" if chat["marks_assistant_turns"] else "does not mark"
+    return (
+        kit.heading("Chat template")
+        + f"<p>Rendering of {kit.code(chat['sample_location'])}; the template {marks} assistant turns with "
+        f"{kit.code('{% generation %}')}.</p><pre>{html.escape(chat['rendered'])}</pre>"
+    )
