@@ -25,9 +25,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from standin_http import LoopbackServer, send_bytes, send_json
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 
@@ -88,26 +90,23 @@ class FakeKube:
         self.script_errors: list[BaseException] = []
         self.watch_error: int | None = None  # answer watches with this HTTP status (e.g. 403)
         self.create_error: int | None = None  # answer creates with this HTTP status
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self._http = LoopbackServer(_handler(self), poll_interval=0.05)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def host(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self._http.url
 
     def __enter__(self) -> FakeKube:
-        self._thread.start()
+        self._http.start()
         return self
 
     def __exit__(self, *exc) -> None:
         with self.cond:
             self.generation += 1
             self.cond.notify_all()
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.stop()
 
     # -- what tests look at ---------------------------------------------------------------------
 
@@ -261,12 +260,7 @@ def _handler(kube: FakeKube):
         # -- plumbing ---------------------------------------------------------------------------
 
         def _send(self, code: int, obj: Any) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, code, obj)
 
         def _start_chunked(self, content_type: str) -> None:
             self.send_response(200)
@@ -448,12 +442,7 @@ def _handler(kube: FakeKube):
                     lines = list(entry["lines"])
                 if query.get("tailLines"):
                     lines = lines[-int(query["tailLines"]) :]
-                data = render(lines)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_bytes(self, 200, render(lines), "text/plain")
                 return
             self._start_chunked("text/plain")
             with kube.cond:

@@ -22,11 +22,13 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
+
+from standin_http import LoopbackServer, send_json
 
 API = "/apis/v2beta1"
 
@@ -84,8 +86,7 @@ class KFPStandIn:
         self._scripts: dict[str, list[tuple[str, dict | None]]] = {}
         self._next_script: list[tuple[str, dict | None]] | None = None
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: LoopbackServer | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -108,21 +109,18 @@ class KFPStandIn:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = LoopbackServer(Handler)
+        self._http.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        assert self._http is not None
+        self._http.stop()
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        assert self._http is not None
+        return self._http.url
 
     # -- test controls ----------------------------------------------------------------------------
 
@@ -181,12 +179,7 @@ class KFPStandIn:
         except ApiError as exc:
             status = exc.status
             payload = {"error": exc.message, "message": exc.message, "code": _GRPC_CODES.get(status, 2)}
-        data = json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        send_json(h, status, payload)
 
     _ROUTES = [
         ("GET", r"/healthz", "healthz"),
