@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 INDEX_FLUSH = 1 << 16  # recent digests kept in a dict before they are merged into the sorted array
+SMALL_RUN = 64  # at most this many digests added at once go to the dict rather than a sorted run
 
 
 class ContentIndex:
@@ -76,7 +77,11 @@ class ContentIndex:
 
     def add_many(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Record distinct `keys` not yet present."""
-        if not len(keys):
+        if len(keys) <= SMALL_RUN:
+            # a few keys (a short range of rows between lines pyarrow rejected) go to the dict: a
+            # sorted run of their own would bring the next merge of the whole index closer
+            for key, value in zip(keys.tolist(), values.tolist(), strict=True):
+                self.add(key, value)
             return
         order = np.argsort(keys)
         self._runs.append((keys[order], values[order].astype(np.uint64, copy=False)))
