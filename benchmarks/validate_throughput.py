@@ -93,7 +93,7 @@ def run_naive(data: Path) -> dict:
     """The same checks as validate_data's text records, in a plain Python loop."""
     import hashlib
 
-    from fulltune.data.validate import _CONTROL, _MOJIBAKE, find_sensitive, special_token_pattern
+    from fulltune.data.validate.content import CONTROL_CHARS, MOJIBAKE, find_sensitive, special_token_pattern
 
     special = special_token_pattern()
     counts: dict[str, int] = {}
@@ -138,9 +138,9 @@ def run_naive(data: Path) -> dict:
                 add("duplicate")
             else:
                 seen[key] = lineno
-            if _CONTROL.search(text):
+            if CONTROL_CHARS.search(text):
                 add("control_chars")
-            if _MOJIBAKE.search(text):
+            if MOJIBAKE.search(text):
                 add("mojibake")
             if len(text) > 1_000_000:
                 add("too_long")

@@ -619,7 +619,7 @@ def test_a_file_checked_in_parallel_spans_gives_the_one_process_report(tmp_path,
     """Large local JSONL files are cut into byte spans checked by worker processes; duplicates and
     train/eval overlap across spans, line numbers and example order must come out as one process
     reports them."""
-    from fulltune.data import validate as validate_mod
+    from fulltune.data.validate import parallel as validate_mod
 
     train = write_mixed(tmp_path / "train.jsonl", repeats=4)
     ev = tmp_path / "eval.jsonl"

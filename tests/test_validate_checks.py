@@ -8,6 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fulltune.config import ConfigError, RunConfig
 from fulltune.data.records import iter_records, resolve_kind
@@ -274,3 +276,94 @@ def test_csv_chat_column_holds_the_conversation_as_json(tmp_path):
     ]
     assert got["duplicate"]["examples"] == [{"location": f"{path}:7", "reason": f"same content as {path}:2"}]
     assert f"{path}:3: bad_chat: field 'conversation' is not valid JSON" in str(info.value)
+
+
+# -- each content check defined once (fulltune.data.validate.content) --------------------------------
+
+TRIGGERS = {
+    "control_chars": "a bell \x07 here",
+    "mojibake": "caf\u00c3\u00a9 garbled",
+    "too_short": "ab",
+    "too_long": "a very long document " * 4,
+    "special_token_text": "stray <|im_end|> token",
+    "secret_aws_key": "key AKIAIOSFODNN7EXAMPLE leaked",
+    "secret_private_key": "-----BEGIN RSA PRIVATE KEY-----",
+    "pii_email": "write to jane.doe@example.com",
+    "pii_card": "card 4111 1111 1111 1111 on file",
+    "pii_phone": "call (415) 555-2671 now",
+}
+
+
+def content_checks(**data: Any) -> tuple[Any, ...]:
+    from fulltune.data.validate.content import special_token_strings, text_checks
+
+    return text_checks(cfg("unused", **data).data, special_token_strings())
+
+
+def test_every_content_check_reports_its_trigger_and_its_prefilter_clears_plain_text():
+    from fulltune.data.fastcheck import Utf8Column
+
+    plain = "An ordinary sentence about glucose, version 1.2.3, measured at 120 mg."
+    checks = content_checks(min_chars=3, max_chars=70)
+    assert {code for check in checks for code in check.codes} == set(TRIGGERS)
+    for check in checks:
+        triggers = [TRIGGERS[code] for code in check.codes]
+        assert check.find(plain) == []
+        assert check.rows(Utf8Column(pa.array([plain]))).tolist() == [False], check.codes
+        assert check.rows(Utf8Column(pa.array(triggers))).all(), check.codes
+        for code, text in zip(check.codes, triggers, strict=True):
+            assert code in {c for c, _ in check.find(text)}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(
+                list("ab 0123456789-.()+@AKISP<|>[]/\t\n\x07\x85\x7f\ufffd\u00c3\u00a9\u0665\uff15\u3000é東")
+                + ["<|im_end|>", "[INST]", "AKIAIOSFODNN7EXAMPLE", "-----BEGIN PRIVATE KEY-----", "x@y.co"]
+                + [
+                    "555 123-4567",
+                    "4111111111111111",
+                    "\u00c3\u00a9",
+                    "\u00e2\u20ac\u2122",
+                    "\u0665\u0665\u0665 \u0661\u0662\u0663-4567",
+                ]
+            ),
+            max_size=40,
+        ).map("".join),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_each_prefilter_keeps_every_row_its_exact_check_reports_on(texts):
+    """The column-wise path runs a check's exact test only on the rows its prefilter keeps."""
+    from fulltune.data.fastcheck import Utf8Column
+
+    col = Utf8Column(pa.array(texts))
+    for check in content_checks(min_chars=3, max_chars=30):
+        kept = check.rows(col)
+        for i, text in enumerate(texts):
+            found = check.find(text)
+            assert {code for code, _ in found} <= set(check.codes)
+            assert kept[i] or not found, (check.codes, text)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_both_paths_run_the_content_checks_of_the_registry(tmp_path, monkeypatch, fast):
+    """A check added to `text_checks` is run by the column-wise and the record-by-record path."""
+    from fulltune.data.validate import content, rows
+
+    def find_forbidden(text: str) -> list[tuple[str, str]]:
+        at = text.find("forbidden")
+        return [("control_chars", f"the word at character {at}")] if at >= 0 else []
+
+    forbidden = content.TextCheck(
+        ("control_chars",), find_forbidden, lambda col: col.literal_rows((b"forbidden",))
+    )
+    monkeypatch.setattr(rows, "text_checks", lambda c, special: (forbidden,))
+    train = write_jsonl(tmp_path / "t.jsonl", [*GOOD[:3], {"text": "a forbidden word"}, GOOD[3]])
+    report = validate_data(cfg(train), tmp_path / "out", fast=fast)
+    assert problems(report)["control_chars"]["examples"] == [
+        {"location": f"{train}:4", "reason": "the word at character 2"}
+    ]

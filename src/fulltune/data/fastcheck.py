@@ -10,17 +10,17 @@ column at a time:
   than json.loads can follow, as many rows as lines and no nulls. Anything else — a syntax error,
   a number where text belongs, a missing field — makes `parse_jsonl` return None and the caller
   checks that block line by line with the precise path, so every error keeps its file:line.
-- Every content check has a cheap vectorised prefilter that is a superset of what the exact
-  Python check can find (`candidate_rows`): byte scans of the column's UTF-8 buffer for control
-  characters, mojibake and U+FFFD lead bytes, '@', 'AKIA'/'ASIA', 'PRIVATE KEY-----', the first
-  byte of every special-token string, and ASCII digit runs dense enough to hold a phone (7 digits
-  in 8 bytes) or card number (13 digits in 25 bytes); plus the length limits. Only candidate rows
-  are turned into Python strings and run through the exact checks (regexes, Luhn), so reasons and
-  locations are the precise path's own.
-- Exact duplicates: a 64-bit BLAKE2b digest of each record's content (the same digest the precise
-  path computes) looked up in `ContentIndex`: one sorted numpy array of (digest, first location)
-  pairs plus a small dict of recent ones — 16 bytes per distinct record, the only state that grows
-  with the dataset (16 MB for a million records).
+- Every content check (`fulltune.data.validate.content.TextCheck`) pairs its exact Python test
+  with a cheap vectorised prefilter that keeps every row the test could report on, built from the
+  byte scans of `Utf8Column` (control and mojibake lead bytes, literals such as '@', 'AKIA' or a
+  special-token string found from their first byte, ASCII digit runs dense enough to hold a phone
+  or card number) and the column's lengths. Only the rows some prefilter keeps are turned into
+  Python strings and run through the exact tests, so reasons and locations are the precise path's
+  own.
+- Exact duplicates: a 64-bit digest (`content_hash`) of each record's content (the same digest the
+  precise path computes) looked up in `ContentIndex`: one sorted numpy array of (digest, first
+  location) pairs plus a small dict of recent ones — 16 bytes per distinct record, the only state
+  that grows with the dataset (16 MB for a million records).
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ import hashlib
 import os
 import re
 import sys
+from collections.abc import Iterable
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 INDEX_FLUSH = 1 << 16  # recent digests kept in a dict before they are merged into the sorted array
+SMALL_RUN = 64  # at most this many digests added at once go to the dict rather than a sorted run
 
 
 class ContentIndex:
@@ -76,7 +79,12 @@ class ContentIndex:
 
     def add_many(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Record distinct `keys` not yet present."""
-        if not len(keys):
+        if len(keys) <= SMALL_RUN:
+            # a few keys (a short range of rows between lines pyarrow rejected, a short run of the
+            # precise path) go to the dict: a sorted run of their own would bring the next merge of
+            # the whole index closer
+            for key, value in zip(keys.tolist(), values.tolist(), strict=True):
+                self.add(key, value)
             return
         order = np.argsort(keys)
         self._runs.append((keys[order], values[order].astype(np.uint64, copy=False)))
@@ -214,89 +222,61 @@ def _wide_digits(data: np.ndarray, lead: np.ndarray) -> np.ndarray:
     return lead[np.isin(cp, _ND)]
 
 
-class Prefilter:
-    """Which rows of a string column might hold anything the exact content checks report."""
+class Utf8Column:
+    """A null-free string column as UTF-8 bytes, with the byte scans that the content checks'
+    prefilters (`fulltune.data.validate.content`) share, each made once, on first use.
 
-    def __init__(self, special_tokens: list[str] | tuple[str, ...] | None):
-        # special_tokens None: unknown pattern, every row is a candidate for that check
-        self.tokens = special_tokens
-        self.literals: dict[int, list[bytes]] = {}
-        for literal in (
-            b"AKIA",
-            b"ASIA",
-            b"PRIVATE KEY-----",
-            *(t.encode("utf-8", "surrogatepass") for t in special_tokens or ()),
-        ):
-            self.literals.setdefault(literal[0], []).append(literal)
-        self.first_bytes = [0x40, *sorted(self.literals)]
+    Masks have one entry per row, True where the row holds a match; they never drop a row for
+    being long or odd."""
 
-    def candidates(self, col: Any) -> np.ndarray:
-        """Boolean mask: rows that must go through the exact checks (a superset of those with a
-        finding). Rows are never dropped for being long or odd: only the byte scans decide."""
-        data, offsets, _ = utf8_view(col)
-        n = len(offsets) - 1
-        cand = np.zeros(n, dtype=bool)
-        if not len(data):
-            return cand
-        if self.tokens is None:
-            cand[:] = True
-            return cand
-        last = len(data) - 1
+    def __init__(self, col: Any):
+        self.column = col
+        self.data, self.offsets, _ = utf8_view(col)
+        self.size = len(self.offsets) - 1
+        self._positions_of: dict[int, np.ndarray] = {}
 
-        def mark(pos: np.ndarray) -> None:
-            if len(pos):
-                cand[_rows_of(offsets, pos)] = True
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Characters (code points) of each row, as Python's len() counts them."""
+        return utf8_lengths(self.column)
 
-        # C0 controls other than \t \n \r (control_chars)
-        low = np.flatnonzero(data < 0x20)
-        if len(low):
-            v = data[low]
-            mark(low[(v != 0x09) & (v != 0x0A) & (v != 0x0D)])
-        # DEL, C1 controls (C2 80-9F), U+FFFD (EF BF BD), mojibake leads Â Ã â (C3 82/83/A2)
-        high = np.flatnonzero(data >= 0x7F)
-        high_digit_rows = None
-        if len(high):
-            v = data[high]
-            nxt = data[np.minimum(high + 1, last)]
-            hit = (
-                (v == 0x7F)
-                | ((v == 0xC2) & (nxt >= 0x80) & (nxt <= 0x9F))
-                | ((v == 0xEF) & (nxt == 0xBF))
-                | ((v == 0xC3) & ((nxt == 0x82) | (nxt == 0x83) | (nxt == 0xA2)))
-            )
-            mark(high[hit])
-            # non-ASCII decimal digits (what Python's \d also matches): decode the lead bytes
-            # from U+0660 up (D9..F4) to code points and look them up
-            wide = _wide_digits(data, high[v >= 0xD9])
-            if len(wide):
-                high_digit_rows = np.zeros(n, dtype=bool)
-                high_digit_rows[_rows_of(offsets, wide)] = True
-        # literals, found from their first byte in one scan: '@' (e-mail), AKIA/ASIA (AWS key
-        # ids), PRIVATE KEY----- (PEM blocks) and the special-token strings
-        hit = data == self.first_bytes[0]
-        for byte in self.first_bytes[1:]:
-            hit |= data == byte
-        pos = np.flatnonzero(hit)
-        if len(pos):
-            at = data[pos]
-            mark(pos[at == 0x40])
-            for first, literals in self.literals.items():
-                here = pos[at == first]
-                if len(here):
-                    for literal in literals:
-                        mark(_literal_positions(data, here, literal))
-        # phone (\d{3}[ .-]\d{4}: 7 digits within 8 bytes) and card (13 digits within 25 bytes)
-        digits = np.flatnonzero((data - np.uint8(0x30)) < 10)
-        if len(digits):
-            if len(digits) >= 7:
-                mark(digits[:-6][digits[6:] - digits[:-6] <= 7])
-            if len(digits) >= 13:
-                mark(digits[:-12][digits[12:] - digits[:-12] <= 24])
-            if high_digit_rows is not None:  # ASCII digits plus possibly non-ASCII ones
-                with_digit = np.zeros(n, dtype=bool)
-                with_digit[_rows_of(offsets, digits)] = True
-                cand |= with_digit & high_digit_rows
-        return cand
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """Mask of the rows holding any of these byte positions."""
+        mask = np.zeros(self.size, dtype=bool)
+        if len(positions):
+            mask[_rows_of(self.offsets, positions)] = True
+        return mask
+
+    def positions_of(self, byte: int) -> np.ndarray:
+        """Positions of one byte value."""
+        if byte not in self._positions_of:
+            self._positions_of[byte] = np.flatnonzero(self.data == byte)
+        return self._positions_of[byte]
+
+    def literal_rows(self, literals: Iterable[bytes]) -> np.ndarray:
+        """Mask of the rows holding any of `literals`, each found from its first byte's positions."""
+        found = [_literal_positions(self.data, self.positions_of(lit[0]), lit) for lit in literals]
+        return self.rows(np.concatenate(found)) if found else np.zeros(self.size, dtype=bool)
+
+    @cached_property
+    def high(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions, values, the byte after each) of the bytes from 0x7F up: DEL and every byte
+        of the non-ASCII characters."""
+        pos = np.flatnonzero(self.data >= 0x7F)
+        after = self.data[np.minimum(pos + 1, len(self.data) - 1)]
+        return pos, self.data[pos], after
+
+    @cached_property
+    def ascii_digits(self) -> np.ndarray:
+        """Positions of the bytes '0' to '9'."""
+        return np.flatnonzero((self.data - np.uint8(0x30)) < 10)
+
+    @cached_property
+    def other_digits(self) -> np.ndarray:
+        """Positions of the non-ASCII decimal digits, which Python's \\d also matches: their lead
+        bytes from U+0660 up (D9..F4) decoded to code points and looked up."""
+        pos, values, _ = self.high
+        return _wide_digits(self.data, pos[values >= 0xD9])
 
 
 def maybe_blank(col: Any) -> np.ndarray:

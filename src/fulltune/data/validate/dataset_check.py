@@ -1,0 +1,110 @@
+"""One streaming pass over one dataset: open it, read each file its format's way, sum up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fulltune.config import CheckPolicy, DataSection
+from fulltune.data.records import DataError, RecordError, data_files, resolve_kind
+from fulltune.data.validate.duplicates import Duplicates
+from fulltune.data.validate.formats import (
+    check_arrow_file,
+    check_csv_file,
+    check_file_precisely,
+    check_jsonl_file,
+)
+from fulltune.data.validate.parallel import check_jsonl_parallel, span_workers
+from fulltune.data.validate.report import dataset_report
+from fulltune.data.validate.rows import RowCheck
+from fulltune.data.validate.tally import Tally
+
+
+class DatasetCheck:
+    """Problems, lengths and content digests of one dataset. With `train` (the eval dataset's
+    check), records also in train are reported as train_overlap, another record kind as
+    kind_mismatch."""
+
+    def __init__(
+        self,
+        name: str,
+        uri: str | None,
+        cfg: DataSection,
+        checks: dict[str, CheckPolicy],
+        special: tuple[str, ...],
+        *,
+        fast: bool = True,
+        train: DatasetCheck | None = None,
+    ):
+        self.name, self.uri, self.cfg, self.special = name, uri or "", cfg, special
+        self.fast, self.train = fast, train
+        self.tally = Tally(checks, cfg.max_examples)
+        self.files: list[str] = []
+        self.kind: str | None = None
+        self.duplicates: Duplicates | None = None  # once open
+
+    def run(self) -> dict[str, Any]:
+        """The dataset's section of the report."""
+        rows = self._open()
+        if rows is not None:
+            for file_index, path in enumerate(self.files):
+                self._check_file(rows, file_index, path)
+            if self.tally.records == 0 and not self.tally.has_fatal():
+                self.tally.add("no_records", "the data files hold no records", self.uri)
+        return dataset_report(self.uri, self.kind, len(self.files), self.tally, self.cfg)
+
+    def _open(self) -> RowCheck | None:
+        """Find the files and the record kind; None when there is nothing to read (no_data)."""
+        if not self.uri:
+            self.tally.add("no_data", f"data.{self.name}_uri is required", f"data.{self.name}_uri")
+            return None
+        try:
+            self.files = data_files(self.uri)
+        except (DataError, OSError) as exc:
+            self.tally.add("no_data", str(exc).removeprefix(f"{self.uri}: "), self.uri)
+            return None
+        try:
+            self.kind = resolve_kind(self.uri, self.cfg)
+        except (RecordError, DataError, OSError):
+            pass  # no record names a kind, none parses, or a file breaks: the pass reports it
+        train_kind = self.train.kind if self.train else None
+        if train_kind and self.kind and self.kind != train_kind:
+            self.tally.add(
+                "kind_mismatch", f"records are {self.kind!r}, train records are {train_kind!r}", self.uri
+            )
+        self.duplicates = Duplicates(self.tally, self.files, self.train.duplicates if self.train else None)
+        return RowCheck(self.cfg, self.kind, self.tally, self.special, self.duplicates)
+
+    def _check_file(self, rows: RowCheck, file_index: int, path: str) -> None:
+        before = self.tally.records
+        try:
+            broken = self._read(rows, file_index, path)
+        except OSError as exc:  # vanished or unreadable mid-run
+            self.tally.add("unreadable_file", f"{type(exc).__name__}: {exc}", path)
+            broken = True
+        if self.tally.records == before and not broken:
+            self.tally.add("empty_file", "no records in this file", path)
+
+    def _read(self, rows: RowCheck, file_index: int, path: str) -> bool:
+        """Check every row of one file with the reader its format and the path allow; True when the
+        file broke off (corrupt or truncated)."""
+        fields = self._fast_fields()
+        if fields is None:
+            return check_file_precisely(rows, file_index, path)
+        if path.endswith((".parquet", ".arrow")):
+            return check_arrow_file(rows, file_index, path, fields)
+        if path.endswith(".csv"):
+            return check_csv_file(rows, file_index, path, fields)
+        workers = span_workers(self.cfg, path)
+        if workers > 1:
+            return check_jsonl_parallel(rows, file_index, path, fields, workers)
+        return check_jsonl_file(rows, file_index, path, fields).broken
+
+    def _fast_fields(self) -> list[str] | None:
+        """The columns the fast path reads, or None when it does not apply."""
+        if not self.fast or self.kind is None:
+            return None
+        if self.kind == "text":
+            return [self.cfg.text_field]
+        if self.kind == "prompt_completion":
+            return [self.cfg.prompt_field, self.cfg.completion_field]
+        return None  # chat records: the precise path
