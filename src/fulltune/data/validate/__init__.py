@@ -77,7 +77,7 @@ runs both on the same corpora).
 The modules: `codes` (codes, severities, policies), `content` (the content checks), `duplicates`
 and `near_duplicates`, `tally` (the counts of a pass), `rows` (the checks of a file's rows, fast or
 precise), `formats` (each file format's reader), `parallel` (spans of a file on worker processes),
-`dataset_check` (one dataset), `stats`, `report` (judgement, report.json, the error message) and
+`dataset_check` (one dataset), `stats`, `verdict` (judgement, report.json, the error message) and
 `page` (report.html).
 """
 
@@ -108,8 +108,8 @@ from fulltune.data.validate.dataset_check import DatasetCheck
 from fulltune.data.validate.near_duplicates import NearDuplicates
 from fulltune.data.validate.page import histogram_svg, render_html, write_pages
 from fulltune.data.validate.parallel import usable_cpus
-from fulltune.data.validate.report import REPORT_FORMAT, DataValidationError, failure_message, full_report
 from fulltune.data.validate.stats import length_histogram, percentile
+from fulltune.data.validate.verdict import REPORT_FORMAT, DataValidationError, failure_message, full_report
 
 __all__ = [
     "CODES",

@@ -14,9 +14,9 @@ from fulltune.data.validate.formats import (
     check_jsonl_file,
 )
 from fulltune.data.validate.parallel import check_jsonl_parallel, span_workers
-from fulltune.data.validate.report import dataset_report
 from fulltune.data.validate.rows import RowCheck
 from fulltune.data.validate.tally import Tally
+from fulltune.data.validate.verdict import dataset_report
 
 
 class DatasetCheck:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.data.validate.codes import CODES
-from fulltune.data.validate.report import _verdict
+from fulltune.data.validate.verdict import _verdict
 from fulltune.reports import CSS, write_reports
 
 

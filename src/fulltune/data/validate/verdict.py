@@ -1,4 +1,4 @@
-"""The report: each dataset judged against its policies, the whole assembled, and the message of
+"""The verdict: each dataset judged against its policies, the whole assembled, and the message of
 the DataValidationError when it fails."""
 
 from __future__ import annotations
