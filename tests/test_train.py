@@ -14,8 +14,9 @@ from fulltune.launch.local import LocalLauncher
 from fulltune.plan import make_plan, write_plan
 from fulltune.preprocess.core import Packed, ParquetSink
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
-from fulltune.train import recipe
-from fulltune.train.recipe import MODEL_MANIFEST, TrainInputError, batch_indices, make_schedule
+from fulltune.train import exit_codes, recipe, throughput
+from fulltune.train.exit_codes import TrainInputError
+from fulltune.train.recipe import MODEL_MANIFEST, batch_indices, make_schedule
 from fulltune.train.run import train_job
 
 SEQ = 64
@@ -294,11 +295,11 @@ def test_mfu_formula_on_known_numbers():
     # Llama-3.1-8B: 7.50e9 matmul parameters (8.03e9 less the 128256 x 4096 input embedding),
     # 32 layers, hidden 4096, sequences of 4096 tokens.
     n = 8_030_261_248 - 128256 * 4096
-    fpt = recipe.flops_per_token(n, 32, 4096, 4096)
+    fpt = throughput.flops_per_token(n, 32, 4096, 4096)
     assert fpt == pytest.approx(6 * n + 12 * 32 * 4096 * 4096)
     assert fpt == pytest.approx(5.145e10, rel=1e-3)
     # 8 H100s at 3,000 tokens/s each: 24,000 * 5.145e10 / (8 * 989e12) = 15.6%
-    assert recipe.mfu(24_000, fpt, recipe.peak_flops("NVIDIA H100 80GB HBM3"), 8) == pytest.approx(
+    assert throughput.mfu(24_000, fpt, throughput.peak_flops("NVIDIA H100 80GB HBM3"), 8) == pytest.approx(
         0.156, abs=0.001
     )
 
@@ -318,7 +319,7 @@ def test_mfu_formula_on_known_numbers():
     ],
 )
 def test_peak_flops_by_device_name(name, peak):
-    assert recipe.peak_flops(name) == peak
+    assert throughput.peak_flops(name) == peak
 
 
 def test_matmul_params_leave_out_an_untied_input_embedding():
@@ -329,9 +330,11 @@ def test_matmul_params_leave_out_an_untied_input_embedding():
     )
     untied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=False))
     tied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=True))
-    assert recipe.matmul_params(untied) == untied.num_parameters() - 100 * 16
-    assert recipe.matmul_params(tied) == tied.num_parameters()  # the shared matrix is the output matmul
-    assert recipe.model_flops_per_token(untied, 8) == 6 * (untied.num_parameters() - 1600) + 12 * 2 * 16 * 8
+    assert throughput.matmul_params(untied) == untied.num_parameters() - 100 * 16
+    assert throughput.matmul_params(tied) == tied.num_parameters()  # the shared matrix is the output matmul
+    assert (
+        throughput.model_flops_per_token(untied, 8) == 6 * (untied.num_parameters() - 1600) + 12 * 2 * 16 * 8
+    )
 
 
 def test_exit_codes_separate_permanent_from_retryable_failures():
@@ -349,17 +352,17 @@ def test_exit_codes_separate_permanent_from_retryable_failures():
         StorageError("s3://b/k: An error occurred (SlowDown)"),
         ConnectionResetError(),
     ]
-    assert {recipe.exit_code_for(e) for e in permanent} == {recipe.EXIT_BAD_INPUT}
-    assert {recipe.exit_code_for(e) for e in retryable} == {recipe.EXIT_RETRYABLE}
-    assert recipe.EXIT_RETRYABLE >= 128  # the ExitCode restart policy retries 128-255 only
-    assert recipe.exit_code_for(KeyError("bug")) == recipe.EXIT_UNEXPECTED
+    assert {exit_codes.exit_code_for(e) for e in permanent} == {exit_codes.EXIT_BAD_INPUT}
+    assert {exit_codes.exit_code_for(e) for e in retryable} == {exit_codes.EXIT_RETRYABLE}
+    assert exit_codes.EXIT_RETRYABLE >= 128  # the ExitCode restart policy retries 128-255 only
+    assert exit_codes.exit_code_for(KeyError("bug")) == exit_codes.EXIT_UNEXPECTED
     try:  # a wrapped cause still counts
         try:
             raise TimeoutError("store get timed out")
         except TimeoutError as inner:
             raise ValueError("DeepSpeed gave up") from inner
     except ValueError as outer:
-        assert recipe.exit_code_for(outer) == recipe.EXIT_RETRYABLE
+        assert exit_codes.exit_code_for(outer) == exit_codes.EXIT_RETRYABLE
 
 
 def _run_trainer(tmp_path, config_arg: str, env: dict[str, str]) -> tuple[int, str]:
@@ -400,7 +403,7 @@ def test_trainer_process_exits_retryable_when_storage_is_unreachable(tmp_path):
         "AWS_MAX_ATTEMPTS": "1",
     }
     code, err = _run_trainer(tmp_path, "s3://bucket/plan/config.yaml", env)
-    assert code == recipe.EXIT_RETRYABLE, err
+    assert code == exit_codes.EXIT_RETRYABLE, err
     assert "retryable failure" in err
 
 

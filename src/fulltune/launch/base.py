@@ -2,7 +2,8 @@
 
 A launcher gets a `TrainJob`: the same entry point and arguments whatever the backend, plus the
 topology. It starts the ranks, streams their output into this step's log, waits, and returns the
-result or raises `LaunchError` with the reason.
+result or raises `LaunchError` with the reason. The ranks' exit codes are those of
+`fulltune.train.exit_codes`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,6 @@ from typing import Protocol
 ENTRY_MODULE = "fulltune.train"
 # torchrun for one node, passing on the ranks' exit codes (see launch/node.py).
 NODE_MODULE = "fulltune.launch.node"
-
-# Exit codes of `python -m fulltune.train` (and of a node): 1-127 permanent, 128+ retryable, the
-# split the PyTorchJob's `restartPolicy: ExitCode` makes.
-EXIT_BAD_INPUT = 1
-EXIT_UNEXPECTED = 2
-EXIT_RETRYABLE = 138
 
 
 class LaunchError(RuntimeError):

@@ -32,20 +32,14 @@ every pod of the PyTorchJob on a cluster).
   summary names the best step and loss). The early-stopping state is recomputed from the metrics
   records, so a resumed run stops where an uninterrupted one would.
 - Per-step log: loss, learning rate, grad norm, tokens/s (loss tokens), ETA and, on a GPU whose
-  peak 16-bit FLOP/s is known (`PEAK_FLOPS`), the model FLOPs utilisation (see `mfu`); on a GPU the
+  peak 16-bit FLOP/s is known, the model FLOPs utilisation (see throughput.py); on a GPU the
   metrics records also carry the peak memory allocated and reserved by PyTorch so far, to hold
   against the plan's per-GPU estimate.
 - At the end: one consolidated Hugging Face model (safetensors) + tokenizer + the resolved config,
   with `model_manifest.json` (files, sizes, SHA-256) written last as the completeness marker.
 
-Exit codes (the Training Operator's ExitCode restart policy retries 128-255 and treats 1-127 as
-permanent; the kernel's SIGKILL/SIGTERM give 137/143):
-    0    trained and saved
-    1    bad config, bad data, or checkpoints exist but none is loadable, or CUDA out of memory
-         (retrying cannot help: fix the input or the plan)
-    2    unexpected error (a bug: retrying would repeat it), or bad command-line arguments
-    138  retryable: a torch.distributed / NCCL / gloo failure or timeout, a storage or network
-         error (OSError, botocore); the restarted job resumes from the newest complete checkpoint
+Exit codes: 0 trained and saved; 1 bad input (permanent); 2 a bug (permanent); 138 retryable, the
+restarted job resumes. exit_codes.py has the table and the classifier.
 """
 
 from __future__ import annotations
@@ -55,7 +49,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -66,16 +59,13 @@ from pathlib import Path
 from typing import Any
 
 from fulltune import storage
-from fulltune.config import ConfigError, RunConfig
-from fulltune.launch.base import EXIT_BAD_INPUT, EXIT_RETRYABLE, EXIT_UNEXPECTED
+from fulltune.config import RunConfig
 from fulltune.train import checkpoint
+from fulltune.train.exit_codes import TrainInputError, log_failure
+from fulltune.train.throughput import mfu, model_flops_per_token, peak_flops
 
 log = logging.getLogger("fulltune.train")
 MODEL_MANIFEST = "model_manifest.json"
-
-
-class TrainInputError(ValueError):
-    """Config or data the trainer cannot use; exit code 1, no retry."""
 
 
 @dataclass
@@ -233,64 +223,6 @@ def batch_indices(step: int, sched: Schedule, seed: int, num_sequences: int):
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(num_sequences, generator=gen)
     return perm[within * sched.global_batch : (within + 1) * sched.global_batch]
-
-
-# -- throughput -----------------------------------------------------------------------------------
-
-# Dense (no sparsity) 16-bit tensor-core peak FLOP/s per device, from the vendors' data sheets
-# (SXM/OAM parts unless the name says otherwise). Matched against torch.cuda.get_device_name(),
-# first match wins, so more specific names come first. Unknown devices: no MFU.
-PEAK_FLOPS: list[tuple[str, float]] = [
-    (r"\bGB200\b|\bB200\b", 2250e12),
-    (r"\bH200\b|\bGH200\b", 989e12),
-    (r"\bH100\b.*\bPCIe\b", 756e12),
-    (r"\bH100\b.*\bNVL\b", 835e12),
-    (r"\bH100\b|\bH800\b", 989e12),
-    (r"\bA100\b|\bA800\b", 312e12),
-    (r"\bL40S\b", 362e12),
-    (r"\bL40\b", 181e12),
-    (r"\bL4\b", 121e12),
-    (r"\bA10\b", 125e12),
-    (r"\bV100\b", 125e12),  # fp16 (V100 has no bf16)
-    (r"\bT4\b", 65e12),  # fp16
-    (r"\bMI300X\b", 1307e12),
-]
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak dense 16-bit FLOP/s of one device, or None when the device is not in PEAK_FLOPS."""
-    for pattern, flops in PEAK_FLOPS:
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return flops
-    return None
-
-
-def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus 12*L*h*s for
-    the attention scores and the weighted sum (PaLM, Chowdhery et al. 2022, appendix B; torchtitan
-    counts the same way). Recomputation is not counted: this is model FLOPs, not hardware FLOPs."""
-    return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
-
-
-def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, world: int) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all `world` devices."""
-    return tokens_per_s * flops_per_tok / (peak_per_device * world)
-
-
-def matmul_params(model) -> int:
-    """Parameters that take part in matmuls: all of them, less an untied input embedding (a lookup)."""
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb is not None and (out is None or out.weight is not emb.weight):
-        params -= getattr(emb.weight, "ds_numel", emb.weight.numel())
-    return params
-
-
-def model_flops_per_token(model, seq_len: int) -> float:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    return flops_per_token(matmul_params(model), int(layers), int(hidden), seq_len)
 
 
 # -- evaluation and early stopping -----------------------------------------------------------------
@@ -649,60 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RunConfig.from_dict(_load_yaml(paths.config), source=paths.config)
         train(cfg, paths)
     except Exception as exc:  # noqa: BLE001 - every failure leaves with the exit code that says what to do
-        code = exit_code_for(exc)
-        if code == EXIT_BAD_INPUT:
-            log.error("cannot train (exit %d, retrying cannot help): %s", code, exc)
-        elif code == EXIT_RETRYABLE:
-            log.exception("retryable failure (exit %d; a restart resumes from the newest checkpoint)", code)
-        else:
-            log.exception("unexpected error (exit %d)", code)
-        return code
+        return log_failure(exc)
     return 0
-
-
-_RETRYABLE_TEXT = re.compile(
-    r"nccl|gloo|timed ?out|timeout|connection (?:reset|refused|closed)|broken pipe|socket|rendezvous",
-    re.IGNORECASE,
-)
-
-
-def exit_code_for(exc: BaseException) -> int:
-    """The exit code for a failure (see the module docstring); causes are followed when the
-    exception itself says nothing."""
-    from fulltune.preprocess.dataset import DatasetError
-
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        name = type(e).__name__
-        module = type(e).__module__ or ""
-        if isinstance(
-            e,
-            (
-                ConfigError,
-                TrainInputError,
-                DatasetError,
-                checkpoint.CheckpointError,
-                FileNotFoundError,
-                PermissionError,
-            ),
-        ):
-            return EXIT_BAD_INPUT
-        if isinstance(e, json.JSONDecodeError) or module.startswith("yaml"):
-            return EXIT_BAD_INPUT  # an unreadable config or DeepSpeed JSON
-        if name == "OutOfMemoryError" and module.startswith("torch"):
-            return EXIT_BAD_INPUT  # deterministic for a given plan: lower the micro batch
-        if module.startswith("torch.distributed") or (name.startswith("Dist") and module.startswith("torch")):
-            return EXIT_RETRYABLE  # DistBackendError, DistNetworkError, DistStoreError
-        if module.startswith(("botocore", "urllib3", "requests")):
-            return EXIT_RETRYABLE
-        if isinstance(e, OSError):  # storage.StorageError, ConnectionError, TimeoutError, ...
-            return EXIT_RETRYABLE
-        if isinstance(e, RuntimeError) and _RETRYABLE_TEXT.search(str(e)):
-            return EXIT_RETRYABLE
-        e = e.__cause__ or e.__context__
-    return EXIT_UNEXPECTED
 
 
 def _load_yaml(uri: str) -> dict[str, Any]:
