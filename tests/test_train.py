@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from fulltune.plan import make_plan, write_plan
 from fulltune.preprocess.core import Packed, ParquetSink
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
 from fulltune.train import exit_codes, recipe, throughput
+from fulltune.train.args import TrainerArgs
 from fulltune.train.exit_codes import TrainInputError
 from fulltune.train.recipe import MODEL_MANIFEST, batch_indices, make_schedule
 from fulltune.train.run import train_job
@@ -96,18 +98,18 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
 
-    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     expected = plain_loss(demo_assets.base_model_dir, dataset)
     assert abs(metrics[0]["loss"] - expected) < 1e-3, (metrics[0]["loss"], expected)
     assert metrics[-1]["loss"] < metrics[0]["loss"]  # it learns
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics)
 
-    manifest = storage.read_json(storage.join(job.output_uri, MODEL_MANIFEST))
+    manifest = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))
     for f in manifest["files"]:
-        assert storage.sha256_file(f"{job.output_uri}/{f['path']}") == f["sha256"]
-    tuned = AutoModelForCausalLM.from_pretrained(job.output_uri)
-    AutoTokenizer.from_pretrained(job.output_uri)
+        assert storage.sha256_file(f"{job.args.output}/{f['path']}") == f["sha256"]
+    tuned = AutoModelForCausalLM.from_pretrained(job.args.output)
+    AutoTokenizer.from_pretrained(job.args.output)
     base = AutoModelForCausalLM.from_pretrained(str(demo_assets.base_model_dir))
     changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert len(changed) == len(base.state_dict())  # full fine-tuning: every tensor moved
@@ -176,7 +178,7 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
     monkeypatch.setenv("FULLTUNE_FAULT_RANK", "1")
     with pytest.raises(LaunchError):
         LocalLauncher().run(job)
-    assert checkpoint.list_tags(job.checkpoints_uri) == ["step-00000004", "step-00000002"]
+    assert checkpoint.list_tags(job.args.checkpoints) == ["step-00000004", "step-00000002"]
     monkeypatch.delenv("FULLTUNE_FAULT_AFTER_STEP")
     out = []
 
@@ -189,9 +191,9 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
 
     LocalLauncher(stream=Sink()).run(job)  # the restart: same job, same command
     assert "resumed from" in "".join(out) and "step 4" in "".join(out)
-    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == list(range(6))  # one record per step, none lost or doubled
-    straight, resumed = _final_state(runs["straight"][3].output_uri), _final_state(job.output_uri)
+    straight, resumed = _final_state(runs["straight"][3].args.output), _final_state(job.args.output)
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
 
@@ -209,7 +211,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
     monkeypatch.setenv("FULLTUNE_FAULT_AFTER_STEP", "4")
     with pytest.raises(LaunchError):
         LocalLauncher().run(job)
-    root = job.checkpoints_uri
+    root = job.args.checkpoints
     newest = sorted((tmp_path / "w" / "train" / "checkpoints" / "step-00000004").rglob("*.pt"))[0]
     newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
     assert checkpoint.verify(root, "step-00000004") and checkpoint.verify(root, "step-00000002") is None
@@ -234,7 +236,9 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_pa
         cfg = plan_run(demo_assets, work, nproc=nproc, per_device_train_batch_size=micro, max_steps=10)
         job = train_job(cfg, dataset)
         LocalLauncher().run(job)
-        losses[nproc] = [json.loads(line)["loss"] for line in storage.read_text(job.metrics_uri).splitlines()]
+        losses[nproc] = [
+            json.loads(line)["loss"] for line in storage.read_text(job.args.metrics).splitlines()
+        ]
     assert len(losses[1]) == 10
     torch.testing.assert_close(losses[2], losses[1], rtol=1e-4, atol=1e-4)
     assert losses[1][-1] < losses[1][0]
@@ -265,15 +269,15 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
 
-    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     # The first eval sets the best; the next two cannot improve on it by 10: stop after step 3 of 8.
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all("eval_loss" in m and "mfu" not in m for m in metrics)  # no MFU on CPU
     assert metrics[-1]["loss"] < metrics[0]["loss"]  # Adafactor learns
     # The saved model is the one of the last step, and eval_loss is the token mean over every
     # domain_eval sequence across both ranks: the plain loss of the saved model on that split.
-    assert abs(metrics[-1]["eval_loss"] - plain_loss(job.output_uri, dataset, "domain_eval")) < 1e-4
-    summary = storage.read_json(storage.join(job.output_uri, MODEL_MANIFEST))["summary"]
+    assert abs(metrics[-1]["eval_loss"] - plain_loss(job.args.output, dataset, "domain_eval")) < 1e-4
+    summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
     assert summary["stopped_early"] is True and summary["steps"] == 3 and summary["planned_steps"] == 8
     assert summary["best_eval_step"] == 1 and summary["best_eval_loss"] == metrics[0]["eval_loss"]
     page = training_report_html(metrics, summary)
@@ -289,6 +293,19 @@ def test_early_stopping_counts_evaluations_without_a_large_enough_drop():
     assert (st.best_loss, st.best_step, st.evals, st.since_best) == (1.5, 5, 4, 1)
     assert st.should_stop(1) and not st.should_stop(2) and not st.should_stop(0)
     assert recipe.early_stopping_state(recs, threshold=0.0).since_best == 0  # every eval improved
+
+
+def test_trainer_arguments_round_trip_and_leave_out_unset_checkpoints():
+    args = TrainerArgs(config="c.yaml", deepspeed="d.json", dataset="x.json", output="o", metrics="m.jsonl")
+    argv = ["--config", "c.yaml", "--deepspeed", "d.json", "--dataset", "x.json", "--output", "o"]
+    assert args.to_argv() == [*argv, "--metrics", "m.jsonl"]
+    resumable = dataclasses.replace(args, checkpoints="s3://b/ckpt")
+    assert resumable.to_argv()[-2:] == ["--checkpoints", "s3://b/ckpt"]
+    assert TrainerArgs.from_argv(resumable.to_argv()) == resumable
+    assert TrainerArgs.from_argv(args.to_argv()) == args
+    with pytest.raises(SystemExit) as exc:
+        TrainerArgs.from_argv(argv)  # --metrics missing
+    assert exc.value.code == 2
 
 
 def test_mfu_formula_on_known_numbers():

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fulltune.train.args import TrainerArgs
+
 ENTRY_MODULE = "fulltune.train"
 # torchrun for one node, passing on the ranks' exit codes (see launch/node.py).
 NODE_MODULE = "fulltune.launch.node"
@@ -27,32 +29,15 @@ class LaunchError(RuntimeError):
 @dataclass(frozen=True)
 class TrainJob:
     name: str
-    config_uri: str
-    deepspeed_uri: str
-    dataset_uri: str
-    output_uri: str
-    metrics_uri: str
-    checkpoints_uri: str = ""
+    args: TrainerArgs  # the trainer's inputs and outputs
     num_nodes: int = 1
     nproc_per_node: int = 1
     accelerator: str = "gpu"
     env: dict[str, str] = field(default_factory=dict)
 
-    def entry_args(self) -> list[str]:
-        """Arguments of `python -m fulltune.train`, identical on every backend."""
-        return [
-            "--config",
-            self.config_uri,
-            "--deepspeed",
-            self.deepspeed_uri,
-            "--dataset",
-            self.dataset_uri,
-            "--output",
-            self.output_uri,
-            "--metrics",
-            self.metrics_uri,
-            *(["--checkpoints", self.checkpoints_uri] if self.checkpoints_uri else []),
-        ]
+    def entry_command(self) -> list[str]:
+        """`-m fulltune.train <trainer arguments>`: what torchrun starts on every rank, on every backend."""
+        return ["-m", ENTRY_MODULE, *self.args.to_argv()]
 
 
 class Launcher(Protocol):

@@ -44,7 +44,6 @@ restarted job resumes. exit_codes.py has the table and the classifier.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -61,37 +60,12 @@ from typing import Any
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.train import checkpoint
+from fulltune.train.args import TrainerArgs
 from fulltune.train.exit_codes import TrainInputError, log_failure
 from fulltune.train.throughput import mfu, model_flops_per_token, peak_flops
 
 log = logging.getLogger("fulltune.train")
 MODEL_MANIFEST = "model_manifest.json"
-
-
-@dataclass
-class Paths:
-    config: str
-    deepspeed: str
-    dataset: str
-    output: str  # where the final model goes
-    metrics: str  # per-step metrics, JSON lines
-    checkpoints: str | None = None  # where complete checkpoints go and resume comes from
-
-
-def parse_args(argv: list[str] | None) -> Paths:
-    p = argparse.ArgumentParser(prog="python -m fulltune.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="resolved RunConfig YAML (URI), written by plan")
-    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON (URI), written by plan")
-    p.add_argument("--dataset", required=True, help="dataset manifest (URI), written by gather_shards")
-    p.add_argument("--output", required=True, help="URI for the final Hugging Face model")
-    p.add_argument("--metrics", required=True, help="URI for per-step metrics (JSON lines)")
-    p.add_argument(
-        "--checkpoints",
-        default=None,
-        help="URI for checkpoints; training resumes from the newest complete one",
-    )
-    a = p.parse_args(argv)
-    return Paths(a.config, a.deepspeed, a.dataset, a.output, a.metrics, a.checkpoints)
 
 
 # -- setup ----------------------------------------------------------------------------------------
@@ -315,7 +289,7 @@ def early_stopping_state(records: list[dict[str, Any]], threshold: float) -> Ear
 # -- train ----------------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, paths: Paths) -> dict[str, Any]:
+def train(cfg: RunConfig, paths: TrainerArgs) -> dict[str, Any]:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -506,7 +480,7 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def resume(engine, paths: Paths, rank: int, local_rank: int) -> tuple[int, list[dict[str, Any]]]:
+def resume(engine, paths: TrainerArgs, rank: int, local_rank: int) -> tuple[int, list[dict[str, Any]]]:
     """(first step, metrics so far): from the newest complete checkpoint, or (0, []) when there is none.
 
     Rank 0 decides (verifying checksums once) and tells the others, so every rank loads the same tag.
@@ -537,7 +511,7 @@ def resume(engine, paths: Paths, rank: int, local_rank: int) -> tuple[int, list[
 
 
 def save(
-    engine, cfg: RunConfig, paths: Paths, rank: int, records: list[dict[str, Any]], summary: dict
+    engine, cfg: RunConfig, paths: TrainerArgs, rank: int, records: list[dict[str, Any]], summary: dict
 ) -> None:
     """Consolidate the ZeRO-3 partitions (every rank takes part); rank 0 writes the model."""
     state_dict = engine._zero3_consolidated_16bit_state_dict()
@@ -572,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         format=f"[rank{os.environ.get('RANK', '0')}] %(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    paths = parse_args(argv)
+    paths = TrainerArgs.from_argv(argv)
     # Before the first CUDA allocation: the caching allocator with expandable segments left at most
     # ~20% of the allocated peak unused where the default left up to 45% (benchmarks/plan_memory.py);
     # plan's estimate assumes it. A value the user set wins.
