@@ -15,11 +15,14 @@ from fulltune.launch.local import LocalLauncher
 from fulltune.plan import make_plan, write_plan
 from fulltune.preprocess.core import Packed, ParquetSink
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
-from fulltune.train import exit_codes, recipe, throughput
+from fulltune.train import exit_codes, throughput
 from fulltune.train.args import TrainerArgs
+from fulltune.train.cadence import Cadence
 from fulltune.train.exit_codes import TrainInputError
-from fulltune.train.recipe import MODEL_MANIFEST, batch_indices, make_schedule
+from fulltune.train.metrics import StepRecord, step_line
+from fulltune.train.recipe import MODEL_MANIFEST
 from fulltune.train.run import train_job
+from fulltune.train.schedule import batch_indices, make_schedule
 
 SEQ = 64
 
@@ -284,15 +287,66 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
     assert f"{metrics[1]['eval_loss']:.4f}" in page and 'class="eval"' in page
 
 
-def test_early_stopping_counts_evaluations_without_a_large_enough_drop():
-    recs = [{"step": s, "loss": 1.0} for s in range(8)]
-    for s, v in ((1, 2.0), (3, 1.95), (5, 1.5), (7, 1.49)):
-        recs[s]["eval_loss"] = v
-    st = recipe.early_stopping_state(recs, threshold=0.1)
+def _record(step: int, eval_loss: float | None = None) -> StepRecord:
+    return StepRecord(step, 1.0, 1e-3, 1.0, 100, 1000.0, 0.1, eval_loss=eval_loss)
+
+
+def test_early_stopping_replayed_from_the_records_counts_evaluations_without_a_large_enough_drop():
+    evals = {1: 2.0, 3: 1.95, 5: 1.5, 7: 1.49}
+    # the records as a checkpoint carries them: JSON objects
+    saved = [json.loads(json.dumps(_record(s, evals.get(s)).to_json())) for s in range(8)]
+
+    def resumed(patience: int, threshold: float) -> Cadence:
+        training = {"eval_steps": 2, "save_steps": 2}
+        training |= {"early_stopping_patience": patience, "early_stopping_threshold": threshold}
+        tr = RunConfig.from_dict({"training": training}).training
+        return Cadence.for_run(tr, 20, checkpoints=True, history=[StepRecord.from_json(r) for r in saved])
+
+    st = resumed(1, 0.1).early_stopping
     # 1.95 is not 0.1 below 2.0; 1.5 is; 1.49 is not below 1.5 by 0.1
     assert (st.best_loss, st.best_step, st.evals, st.since_best) == (1.5, 5, 4, 1)
-    assert st.should_stop(1) and not st.should_stop(2) and not st.should_stop(0)
-    assert recipe.early_stopping_state(recs, threshold=0.0).since_best == 0  # every eval improved
+    assert resumed(1, 0.1).should_stop() and not resumed(2, 0.1).should_stop()
+    assert not resumed(0, 0.1).should_stop()  # patience 0: never
+    assert resumed(1, 0.0).early_stopping.since_best == 0  # every eval improved
+    # a stopping run saves the final model, not a checkpoint
+    assert resumed(2, 0.1).checkpoint_after(8) and not resumed(1, 0.1).checkpoint_after(8)
+
+
+def test_cadence_checkpoints_between_steps_only_and_logs_every_evaluated_step():
+    tr = RunConfig.from_dict({"training": {"logging_steps": 5, "eval_steps": 3, "save_steps": 2}}).training
+    cadence = Cadence.for_run(tr, 6, checkpoints=True)
+    # not after step 6, the last: the final model is saved then
+    assert [done for done in range(1, 7) if cadence.checkpoint_after(done)] == [2, 4]
+    assert [done for done in range(1, 7) if cadence.evaluate_after(done)] == [3, 6]
+    evaluated = [_record(s, 1.0 if cadence.evaluate_after(s + 1) else None) for s in range(6)]
+    logged = [r.step for r in evaluated if cadence.log_after(r)]
+    assert logged == [0, 2, 5]  # every 5th step from the first, the evaluated ones, the last
+    assert not Cadence.for_run(tr, 6, checkpoints=False).checkpoint_after(2)  # nowhere to write them
+
+
+def test_step_record_and_log_line_carry_only_what_was_measured():
+    cpu = StepRecord(
+        step=4, loss=2.5, lr=3e-4, grad_norm=None, tokens=236, tokens_per_s=1234.4, step_time_s=0.19
+    )
+    assert list(cpu.to_json()) == ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s"]
+    assert (
+        step_line(cpu, 10, eta_s=12.4) == "step 5/10 loss 2.5000 lr 0.0003 grad_norm n/a tok/s 1234 eta 12s"
+    )
+    gpu = dataclasses.replace(
+        cpu,
+        grad_norm=1.23456,
+        gpu_mem_allocated_gib=30.0,
+        gpu_mem_reserved_gib=35.26,
+        mfu=0.4123,
+        eval_loss=2.25,
+    )
+    optional = ["gpu_mem_allocated_gib", "gpu_mem_reserved_gib", "mfu", "eval_loss"]
+    assert list(gpu.to_json()) == list(cpu.to_json()) + optional
+    assert StepRecord.from_json(json.loads(json.dumps(gpu.to_json()))) == gpu
+    assert step_line(gpu, 10, eta_s=12.4) == (
+        "step 5/10 loss 2.5000 lr 0.0003 grad_norm 1.235 tok/s 1234 eta 12s mfu 41.2% peak mem 35.3 GiB "
+        "eval_loss 2.2500"
+    )
 
 
 def test_trainer_arguments_round_trip_and_leave_out_unset_checkpoints():
@@ -352,6 +406,27 @@ def test_matmul_params_leave_out_an_untied_input_embedding():
     assert (
         throughput.model_flops_per_token(untied, 8) == 6 * (untied.num_parameters() - 1600) + 12 * 2 * 16 * 8
     )
+
+
+def test_mfu_only_on_a_known_gpu_training_in_16_bit(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fulltune.train.engine import Ranks
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    gpus = Ranks(rank=0, world=8, local_rank=0, device=torch.device("cuda", 0))
+    meter = throughput.MfuMeter.for_run(model, gpus, "bf16", global_batch=16, seq_len=8)
+    # 16 x 8 positions in 0.5 s on 8 H100s
+    expected = throughput.mfu(256, throughput.model_flops_per_token(model, 8), 989e12, 8)
+    assert meter(0.5) == pytest.approx(expected)
+    assert throughput.MfuMeter.for_run(model, gpus, "fp32", global_batch=16, seq_len=8)(0.5) is None
+    cpus = dataclasses.replace(gpus, device=torch.device("cpu"))
+    assert throughput.MfuMeter.for_run(model, cpus, "bf16", global_batch=16, seq_len=8)(0.5) is None
 
 
 def test_exit_codes_separate_permanent_from_retryable_failures():

@@ -9,6 +9,11 @@ spent recomputing activations lowers MFU.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fulltune.train.engine import Ranks
 
 # Dense (no sparsity) 16-bit tensor-core peak FLOP/s per device, from the vendors' data sheets
 # (SXM/OAM parts unless the name says otherwise). Matched against torch.cuda.get_device_name(),
@@ -65,3 +70,31 @@ def model_flops_per_token(model, seq_len: int) -> float:
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
     return flops_per_token(matmul_params(model), int(layers), int(hidden), seq_len)
+
+
+@dataclass(frozen=True)
+class MfuMeter:
+    """The MFU of one optimizer step from its wall time, for a run whose shape is fixed."""
+
+    tokens_per_step: int  # every position of the global batch is computed (packing leaves little padding)
+    flops_per_token: float
+    peak_per_device: float | None  # None: no MFU on this device or precision
+    world: int
+
+    @classmethod
+    def for_run(cls, model, ranks: Ranks, precision: str, global_batch: int, seq_len: int) -> MfuMeter:
+        """The meter for `model` trained in `precision` on global batches of `global_batch` sequences
+        of `seq_len` tokens."""
+        import torch
+
+        peak = None
+        if ranks.device.type == "cuda" and precision in ("bf16", "fp16"):
+            peak = peak_flops(torch.cuda.get_device_name(ranks.device))
+        flops = model_flops_per_token(model, seq_len)
+        return cls(global_batch * seq_len, flops, peak, ranks.world)
+
+    def __call__(self, step_time_s: float) -> float | None:
+        if not self.peak_per_device:
+            return None
+        tokens_per_s = self.tokens_per_step / max(step_time_s, 1e-9)
+        return mfu(tokens_per_s, self.flops_per_token, self.peak_per_device, self.world)
