@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from fulltune import storage
 from fulltune.config import RunConfig
-from fulltune.launch.base import LaunchError
+from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.local import LocalLauncher
 from fulltune.plan import make_plan, write_plan
 from fulltune.preprocess.core import Packed, ParquetSink
@@ -25,6 +27,7 @@ from fulltune.train.run import train_job
 from fulltune.train.schedule import batch_indices, make_schedule
 
 SEQ = 64
+SUPPORT = Path(__file__).parent / "support"
 
 
 def tiny_dataset(demo_assets, work: str, n_seq: int, n_eval: int = 0) -> str:
@@ -151,6 +154,19 @@ def test_schedule_and_data_order_depend_only_on_seed_and_step():
         make_schedule(cfg, num_sequences=5, world=2)
 
 
+def with_fault(job: TrainJob, *, after_step: int, rank: int = 0) -> TrainJob:
+    """The same job run by tests/support/faulty_trainer.py: the real trainer, with `rank` SIGKILLed
+    once `after_step` optimizer steps are done."""
+    pythonpath = os.pathsep.join(p for p in (str(SUPPORT), os.environ.get("PYTHONPATH")) if p)
+    env = {
+        **job.env,
+        "PYTHONPATH": pythonpath,
+        "FAULTY_TRAINER_KILL_AFTER_STEP": str(after_step),
+        "FAULTY_TRAINER_KILL_RANK": str(rank),
+    }
+    return dataclasses.replace(job, entry_module="faulty_trainer", env=env)
+
+
 def _final_state(uri: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
@@ -159,7 +175,7 @@ def _final_state(uri: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_uninterrupted_run(
-    demo_assets, tmp_path, monkeypatch
+    demo_assets, tmp_path
 ):
     from fulltune.train import checkpoint
 
@@ -175,14 +191,11 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
     LocalLauncher().run(job)
 
     cfg, work, dataset, job = runs["killed"]
-    monkeypatch.setenv(
-        "FULLTUNE_FAULT_AFTER_STEP", "5"
-    )  # rank 1 dies after step 5: the step-4 checkpoint is newest
-    monkeypatch.setenv("FULLTUNE_FAULT_RANK", "1")
-    with pytest.raises(LaunchError):
-        LocalLauncher().run(job)
+    # rank 1 dies after step 5: the step-4 checkpoint is newest
+    with pytest.raises(LaunchError) as exc:
+        LocalLauncher().run(with_fault(job, after_step=5, rank=1))
+    assert exc.value.exit_code == exit_codes.EXIT_RETRYABLE  # a killed rank is worth a restart
     assert checkpoint.list_tags(job.args.checkpoints) == ["step-00000004", "step-00000002"]
-    monkeypatch.delenv("FULLTUNE_FAULT_AFTER_STEP")
     out = []
 
     class Sink:
@@ -202,7 +215,7 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_assets, tmp_path, monkeypatch):
+def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_assets, tmp_path):
     from fulltune.train import checkpoint
 
     work = str(tmp_path / "w")
@@ -211,9 +224,8 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
         demo_assets, work, per_device_train_batch_size=2, max_steps=5, save_steps=2, save_total_limit=3
     )
     job = train_job(cfg, dataset)
-    monkeypatch.setenv("FULLTUNE_FAULT_AFTER_STEP", "4")
     with pytest.raises(LaunchError):
-        LocalLauncher().run(job)
+        LocalLauncher().run(with_fault(job, after_step=4))  # rank 0 dies right after the step-4 save
     root = job.args.checkpoints
     newest = sorted((tmp_path / "w" / "train" / "checkpoints" / "step-00000004").rglob("*.pt"))[0]
     newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
@@ -222,7 +234,6 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
     # A half-written save (no manifest) next to the corrupt one: nothing usable, refuse to start over.
     (tmp_path / "w" / "train" / "checkpoints" / "step-00000002" / checkpoint.MANIFEST).unlink()
-    monkeypatch.delenv("FULLTUNE_FAULT_AFTER_STEP")
     with pytest.raises(LaunchError) as exc:
         LocalLauncher().run(job)
     assert exc.value.exit_code == 1

@@ -34,10 +34,13 @@ class TrainJob:
     nproc_per_node: int = 1
     accelerator: str = "gpu"
     env: dict[str, str] = field(default_factory=dict)
+    # The module every rank runs with `args`. Tests run a wrapper that installs step-end callbacks
+    # and then calls the same `fulltune.train.recipe.main`.
+    entry_module: str = ENTRY_MODULE
 
     def entry_command(self) -> list[str]:
-        """`-m fulltune.train <trainer arguments>`: what torchrun starts on every rank, on every backend."""
-        return ["-m", ENTRY_MODULE, *self.args.to_argv()]
+        """`-m <entry module> <trainer arguments>`: what torchrun starts on every rank, on every backend."""
+        return ["-m", self.entry_module, *self.args.to_argv()]
 
 
 class Launcher(Protocol):

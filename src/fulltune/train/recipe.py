@@ -26,8 +26,9 @@ Where each part's design is written down:
 - exit codes (0 done; 1 bad input, permanent; 2 a bug, permanent; 138 retryable, the restarted job
   resumes): exit_codes.py
 
-`FULLTUNE_FAULT_AFTER_STEP=N` (with `FULLTUNE_FAULT_RANK`) SIGKILLs a rank after step N: fault
-injection for the resume tests.
+Step-end callbacks (`main(step_end=...)`) run on every rank after each step, once the step's
+checkpoint (if any) is complete and its line logged: the hook for experiment tracking, and how the
+resume tests kill a rank (tests/support/faulty_trainer.py). `python -m fulltune.train` installs none.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,11 @@ from fulltune.train.throughput import MfuMeter
 log = logging.getLogger("fulltune.train")
 MODEL_MANIFEST = "model_manifest.json"
 
+StepEnd = Callable[[int, int, StepRecord], None]
+"""A step-end callback: (optimizer steps done, this process's rank, the step's record)."""
 
-def main(argv: list[str] | None = None) -> int:
+
+def main(argv: list[str] | None = None, step_end: Sequence[StepEnd] = ()) -> int:
     """Train on this rank; returns the process exit code (see exit_codes.py)."""
     # torch.distributed deprecation notices fire on every collective DeepSpeed issues; they drown the log.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # plan's estimate assumes it. A value the user set wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        recipe = Recipe(load_config(args.config), args)
+        recipe = Recipe(load_config(args.config), args, step_end)
         recipe.setup()
         recipe.train()
         recipe.save()
@@ -91,8 +95,8 @@ def load_config(uri: str) -> RunConfig:
 class Recipe:
     """One rank's training run: `setup`, `train`, `save`, `cleanup`, each called once, in that order."""
 
-    def __init__(self, cfg: RunConfig, args: TrainerArgs):
-        self.cfg, self.args = cfg, args
+    def __init__(self, cfg: RunConfig, args: TrainerArgs, step_end: Sequence[StepEnd] = ()):
+        self.cfg, self.args, self.step_end = cfg, args, tuple(step_end)
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -206,9 +210,8 @@ class Recipe:
             if self.cadence.log_after(record):
                 eta = (time.time() - start) / (done - self.first_step) * (total - done)
                 self._log("%s", step_line(record, total, eta))
-            if done == int(os.environ.get("FULLTUNE_FAULT_AFTER_STEP", "-1")):
-                if self.ranks.rank == int(os.environ.get("FULLTUNE_FAULT_RANK", "0")):
-                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
+            for callback in self.step_end:
+                callback(done, self.ranks.rank, record)
             if self.cadence.should_stop():
                 self._log("%s", early_stop_line(self.cadence.early_stopping, done))
                 break
