@@ -75,7 +75,8 @@ def main() -> None:
     from fulltune.config import RunConfig
     from fulltune.demo.assets import build_demo_assets
     from fulltune.plan import MEMORY_PARTS, estimate_memory, make_plan
-    from fulltune.train.recipe import build_optimizer, init_distributed, token_loss_sum
+    from fulltune.train.engine import build_optimizer, init_distributed
+    from fulltune.train.loss import token_loss_sum
 
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[a.shape]
     micro_sizes = [int(x) for x in a.micro.split(",")]
@@ -115,7 +116,7 @@ def main() -> None:
             }
         )
         plan = make_plan(cfg, train_tokens=1_000_000)
-        _, _, device = init_distributed(cfg)
+        device = init_distributed(cfg).device
         ds_marker = HfDeepSpeedConfig(plan.deepspeed)  # ZeRO-3 partitioning while the model is built
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(

@@ -605,17 +605,14 @@ def test_network_policy_selects_the_pods_the_launcher_builds(full):
     from fulltune.config import RunConfig
     from fulltune.launch.base import TrainJob
     from fulltune.launch.pytorchjob import build_pytorchjob
+    from fulltune.train.args import TrainerArgs
 
     cfg = RunConfig.from_dict(
         yaml.safe_load(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
     )
     job = TrainJob(
         "train",
-        "s3://w/c.json",
-        "s3://w/ds.json",
-        "s3://w/data",
-        "s3://w/model",
-        "s3://w/m.json",
+        TrainerArgs("s3://w/c.json", "s3://w/ds.json", "s3://w/data", "s3://w/model", "s3://w/m.json"),
         num_nodes=cfg.resources.num_nodes,
         nproc_per_node=cfg.resources.nproc_per_node,
     )

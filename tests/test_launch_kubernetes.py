@@ -26,6 +26,7 @@ from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled
 from fulltune.launch.pytorchjob import build_pytorchjob, job_name, workflow_owner
+from fulltune.train.args import TrainerArgs
 from k8s_standin import FakeKube
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,14 @@ def make_job(cfg: RunConfig, name: str = "fulltune-train-0123456789") -> TrainJo
     r = cfg.resources
     return TrainJob(
         name=name,
-        config_uri="s3://bucket/runs/r1/plan/config.yaml",
-        deepspeed_uri="s3://bucket/runs/r1/plan/ds_config.json",
-        dataset_uri="s3://bucket/runs/r1/data/dataset.json",
-        output_uri="s3://bucket/runs/r1/train/model",
-        metrics_uri="s3://bucket/runs/r1/train/metrics.jsonl",
-        checkpoints_uri="s3://bucket/runs/r1/train/checkpoints",
+        args=TrainerArgs(
+            config="s3://bucket/runs/r1/plan/config.yaml",
+            deepspeed="s3://bucket/runs/r1/plan/ds_config.json",
+            dataset="s3://bucket/runs/r1/data/dataset.json",
+            output="s3://bucket/runs/r1/train/model",
+            metrics="s3://bucket/runs/r1/train/metrics.jsonl",
+            checkpoints="s3://bucket/runs/r1/train/checkpoints",
+        ),
         num_nodes=r.num_nodes,
         nproc_per_node=r.nproc_per_node,
         accelerator=r.accelerator,
@@ -223,7 +226,7 @@ def test_one_node_is_a_master_alone_without_elastic_policy():
     assert "--nproc-per-node=4" in cmd
     tail = cmd[cmd.index("fulltune.train") + 1 :]
     assert cmd[cmd.index("fulltune.train") - 1] == "-m"
-    assert tail == make_job(make_cfg(num_nodes=1, nproc_per_node=4)).entry_args()
+    assert tail == make_job(make_cfg(num_nodes=1, nproc_per_node=4)).args.to_argv()
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}}
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} not in container["env"]
     assert specs["Master"]["restartPolicy"] == "ExitCode"
@@ -705,9 +708,10 @@ def test_sigterm_deletes_the_job(kube, tmp_path):
         from fulltune.config import RunConfig
         from fulltune.launch.base import TrainJob
         from fulltune.launch.kubernetes import KubernetesLauncher
+        from fulltune.train.args import TrainerArgs
         cfg = RunConfig.from_dict({{"resources": {{"launcher": "kubernetes", "kubernetes": {{"namespace": "{NS}"}}}}}})
-        job = TrainJob(name="fulltune-train-sigterm", config_uri="c", deepspeed_uri="d", dataset_uri="x",
-                       output_uri="o", metrics_uri="m")
+        args = TrainerArgs(config="c", deepspeed="d", dataset="x", output="o", metrics="m")
+        job = TrainJob(name="fulltune-train-sigterm", args=args)
         KubernetesLauncher(cfg, run_id="run-1", poll_seconds=0.05, namespace_file="/nonexistent").run(job)
         """
     )

@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 
-from fulltune.launch.base import EXIT_RETRYABLE
 from fulltune.launch.node import node_exit_code
+from fulltune.train.exit_codes import EXIT_RETRYABLE
 
 WORKER = textwrap.dedent(
     """

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from fulltune import storage
 from fulltune.config import RunConfig
-from fulltune.launch.base import LaunchError
+from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.local import LocalLauncher
 from fulltune.plan import make_plan, write_plan
 from fulltune.preprocess.core import Packed, ParquetSink
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
-from fulltune.train import recipe
-from fulltune.train.recipe import MODEL_MANIFEST, TrainInputError, batch_indices, make_schedule
+from fulltune.train import exit_codes, throughput
+from fulltune.train.args import TrainerArgs
+from fulltune.train.cadence import Cadence
+from fulltune.train.exit_codes import TrainInputError
+from fulltune.train.metrics import StepRecord, step_line
+from fulltune.train.recipe import MODEL_MANIFEST
 from fulltune.train.run import train_job
+from fulltune.train.schedule import batch_indices, make_schedule
 
 SEQ = 64
+SUPPORT = Path(__file__).parent / "support"
 
 
 def tiny_dataset(demo_assets, work: str, n_seq: int, n_eval: int = 0) -> str:
@@ -95,18 +104,18 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
 
-    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     expected = plain_loss(demo_assets.base_model_dir, dataset)
     assert abs(metrics[0]["loss"] - expected) < 1e-3, (metrics[0]["loss"], expected)
     assert metrics[-1]["loss"] < metrics[0]["loss"]  # it learns
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics)
 
-    manifest = storage.read_json(storage.join(job.output_uri, MODEL_MANIFEST))
+    manifest = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))
     for f in manifest["files"]:
-        assert storage.sha256_file(f"{job.output_uri}/{f['path']}") == f["sha256"]
-    tuned = AutoModelForCausalLM.from_pretrained(job.output_uri)
-    AutoTokenizer.from_pretrained(job.output_uri)
+        assert storage.sha256_file(f"{job.args.output}/{f['path']}") == f["sha256"]
+    tuned = AutoModelForCausalLM.from_pretrained(job.args.output)
+    AutoTokenizer.from_pretrained(job.args.output)
     base = AutoModelForCausalLM.from_pretrained(str(demo_assets.base_model_dir))
     changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert len(changed) == len(base.state_dict())  # full fine-tuning: every tensor moved
@@ -145,6 +154,19 @@ def test_schedule_and_data_order_depend_only_on_seed_and_step():
         make_schedule(cfg, num_sequences=5, world=2)
 
 
+def with_fault(job: TrainJob, *, after_step: int, rank: int = 0) -> TrainJob:
+    """The same job run by tests/support/faulty_trainer.py: the real trainer, with `rank` SIGKILLed
+    once `after_step` optimizer steps are done."""
+    pythonpath = os.pathsep.join(p for p in (str(SUPPORT), os.environ.get("PYTHONPATH")) if p)
+    env = {
+        **job.env,
+        "PYTHONPATH": pythonpath,
+        "FAULTY_TRAINER_KILL_AFTER_STEP": str(after_step),
+        "FAULTY_TRAINER_KILL_RANK": str(rank),
+    }
+    return dataclasses.replace(job, entry_module="faulty_trainer", env=env)
+
+
 def _final_state(uri: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
@@ -153,7 +175,7 @@ def _final_state(uri: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_uninterrupted_run(
-    demo_assets, tmp_path, monkeypatch
+    demo_assets, tmp_path
 ):
     from fulltune.train import checkpoint
 
@@ -169,14 +191,11 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
     LocalLauncher().run(job)
 
     cfg, work, dataset, job = runs["killed"]
-    monkeypatch.setenv(
-        "FULLTUNE_FAULT_AFTER_STEP", "5"
-    )  # rank 1 dies after step 5: the step-4 checkpoint is newest
-    monkeypatch.setenv("FULLTUNE_FAULT_RANK", "1")
-    with pytest.raises(LaunchError):
-        LocalLauncher().run(job)
-    assert checkpoint.list_tags(job.checkpoints_uri) == ["step-00000004", "step-00000002"]
-    monkeypatch.delenv("FULLTUNE_FAULT_AFTER_STEP")
+    # rank 1 dies after step 5: the step-4 checkpoint is newest
+    with pytest.raises(LaunchError) as exc:
+        LocalLauncher().run(with_fault(job, after_step=5, rank=1))
+    assert exc.value.exit_code == exit_codes.EXIT_RETRYABLE  # a killed rank is worth a restart
+    assert checkpoint.list_tags(job.args.checkpoints) == ["step-00000004", "step-00000002"]
     out = []
 
     class Sink:
@@ -188,15 +207,15 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
 
     LocalLauncher(stream=Sink()).run(job)  # the restart: same job, same command
     assert "resumed from" in "".join(out) and "step 4" in "".join(out)
-    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == list(range(6))  # one record per step, none lost or doubled
-    straight, resumed = _final_state(runs["straight"][3].output_uri), _final_state(job.output_uri)
+    straight, resumed = _final_state(runs["straight"][3].args.output), _final_state(job.args.output)
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_assets, tmp_path, monkeypatch):
+def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_assets, tmp_path):
     from fulltune.train import checkpoint
 
     work = str(tmp_path / "w")
@@ -205,10 +224,9 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
         demo_assets, work, per_device_train_batch_size=2, max_steps=5, save_steps=2, save_total_limit=3
     )
     job = train_job(cfg, dataset)
-    monkeypatch.setenv("FULLTUNE_FAULT_AFTER_STEP", "4")
     with pytest.raises(LaunchError):
-        LocalLauncher().run(job)
-    root = job.checkpoints_uri
+        LocalLauncher().run(with_fault(job, after_step=4))  # rank 0 dies right after the step-4 save
+    root = job.args.checkpoints
     newest = sorted((tmp_path / "w" / "train" / "checkpoints" / "step-00000004").rglob("*.pt"))[0]
     newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
     assert checkpoint.verify(root, "step-00000004") and checkpoint.verify(root, "step-00000002") is None
@@ -216,7 +234,6 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
     # A half-written save (no manifest) next to the corrupt one: nothing usable, refuse to start over.
     (tmp_path / "w" / "train" / "checkpoints" / "step-00000002" / checkpoint.MANIFEST).unlink()
-    monkeypatch.delenv("FULLTUNE_FAULT_AFTER_STEP")
     with pytest.raises(LaunchError) as exc:
         LocalLauncher().run(job)
     assert exc.value.exit_code == 1
@@ -233,7 +250,9 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_pa
         cfg = plan_run(demo_assets, work, nproc=nproc, per_device_train_batch_size=micro, max_steps=10)
         job = train_job(cfg, dataset)
         LocalLauncher().run(job)
-        losses[nproc] = [json.loads(line)["loss"] for line in storage.read_text(job.metrics_uri).splitlines()]
+        losses[nproc] = [
+            json.loads(line)["loss"] for line in storage.read_text(job.args.metrics).splitlines()
+        ]
     assert len(losses[1]) == 10
     torch.testing.assert_close(losses[2], losses[1], rtol=1e-4, atol=1e-4)
     assert losses[1][-1] < losses[1][0]
@@ -264,15 +283,15 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
 
-    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines()]
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     # The first eval sets the best; the next two cannot improve on it by 10: stop after step 3 of 8.
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all("eval_loss" in m and "mfu" not in m for m in metrics)  # no MFU on CPU
     assert metrics[-1]["loss"] < metrics[0]["loss"]  # Adafactor learns
     # The saved model is the one of the last step, and eval_loss is the token mean over every
     # domain_eval sequence across both ranks: the plain loss of the saved model on that split.
-    assert abs(metrics[-1]["eval_loss"] - plain_loss(job.output_uri, dataset, "domain_eval")) < 1e-4
-    summary = storage.read_json(storage.join(job.output_uri, MODEL_MANIFEST))["summary"]
+    assert abs(metrics[-1]["eval_loss"] - plain_loss(job.args.output, dataset, "domain_eval")) < 1e-4
+    summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
     assert summary["stopped_early"] is True and summary["steps"] == 3 and summary["planned_steps"] == 8
     assert summary["best_eval_step"] == 1 and summary["best_eval_loss"] == metrics[0]["eval_loss"]
     page = training_report_html(metrics, summary)
@@ -282,26 +301,90 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
     assert eval_series.count("<circle") == 3
 
 
-def test_early_stopping_counts_evaluations_without_a_large_enough_drop():
-    recs = [{"step": s, "loss": 1.0} for s in range(8)]
-    for s, v in ((1, 2.0), (3, 1.95), (5, 1.5), (7, 1.49)):
-        recs[s]["eval_loss"] = v
-    st = recipe.early_stopping_state(recs, threshold=0.1)
+def _record(step: int, eval_loss: float | None = None) -> StepRecord:
+    return StepRecord(step, 1.0, 1e-3, 1.0, 100, 1000.0, 0.1, eval_loss=eval_loss)
+
+
+def test_early_stopping_replayed_from_the_records_counts_evaluations_without_a_large_enough_drop():
+    evals = {1: 2.0, 3: 1.95, 5: 1.5, 7: 1.49}
+    # the records as a checkpoint carries them: JSON objects
+    saved = [json.loads(json.dumps(_record(s, evals.get(s)).to_json())) for s in range(8)]
+
+    def resumed(patience: int, threshold: float) -> Cadence:
+        training = {"eval_steps": 2, "save_steps": 2}
+        training |= {"early_stopping_patience": patience, "early_stopping_threshold": threshold}
+        tr = RunConfig.from_dict({"training": training}).training
+        return Cadence.for_run(tr, 20, checkpoints=True, history=[StepRecord.from_json(r) for r in saved])
+
+    st = resumed(1, 0.1).early_stopping
     # 1.95 is not 0.1 below 2.0; 1.5 is; 1.49 is not below 1.5 by 0.1
     assert (st.best_loss, st.best_step, st.evals, st.since_best) == (1.5, 5, 4, 1)
-    assert st.should_stop(1) and not st.should_stop(2) and not st.should_stop(0)
-    assert recipe.early_stopping_state(recs, threshold=0.0).since_best == 0  # every eval improved
+    assert resumed(1, 0.1).should_stop() and not resumed(2, 0.1).should_stop()
+    assert not resumed(0, 0.1).should_stop()  # patience 0: never
+    assert resumed(1, 0.0).early_stopping.since_best == 0  # every eval improved
+    # a stopping run saves the final model, not a checkpoint
+    assert resumed(2, 0.1).checkpoint_after(8) and not resumed(1, 0.1).checkpoint_after(8)
+
+
+def test_cadence_checkpoints_between_steps_only_and_logs_every_evaluated_step():
+    tr = RunConfig.from_dict({"training": {"logging_steps": 5, "eval_steps": 3, "save_steps": 2}}).training
+    cadence = Cadence.for_run(tr, 6, checkpoints=True)
+    # not after step 6, the last: the final model is saved then
+    assert [done for done in range(1, 7) if cadence.checkpoint_after(done)] == [2, 4]
+    assert [done for done in range(1, 7) if cadence.evaluate_after(done)] == [3, 6]
+    evaluated = [_record(s, 1.0 if cadence.evaluate_after(s + 1) else None) for s in range(6)]
+    logged = [r.step for r in evaluated if cadence.log_after(r)]
+    assert logged == [0, 2, 5]  # every 5th step from the first, the evaluated ones, the last
+    assert not Cadence.for_run(tr, 6, checkpoints=False).checkpoint_after(2)  # nowhere to write them
+
+
+def test_step_record_and_log_line_carry_only_what_was_measured():
+    cpu = StepRecord(
+        step=4, loss=2.5, lr=3e-4, grad_norm=None, tokens=236, tokens_per_s=1234.4, step_time_s=0.19
+    )
+    assert list(cpu.to_json()) == ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s"]
+    assert (
+        step_line(cpu, 10, eta_s=12.4) == "step 5/10 loss 2.5000 lr 0.0003 grad_norm n/a tok/s 1234 eta 12s"
+    )
+    gpu = dataclasses.replace(
+        cpu,
+        grad_norm=1.23456,
+        gpu_mem_allocated_gib=30.0,
+        gpu_mem_reserved_gib=35.26,
+        mfu=0.4123,
+        eval_loss=2.25,
+    )
+    optional = ["gpu_mem_allocated_gib", "gpu_mem_reserved_gib", "mfu", "eval_loss"]
+    assert list(gpu.to_json()) == list(cpu.to_json()) + optional
+    assert StepRecord.from_json(json.loads(json.dumps(gpu.to_json()))) == gpu
+    assert step_line(gpu, 10, eta_s=12.4) == (
+        "step 5/10 loss 2.5000 lr 0.0003 grad_norm 1.235 tok/s 1234 eta 12s mfu 41.2% peak mem 35.3 GiB "
+        "eval_loss 2.2500"
+    )
+
+
+def test_trainer_arguments_round_trip_and_leave_out_unset_checkpoints():
+    args = TrainerArgs(config="c.yaml", deepspeed="d.json", dataset="x.json", output="o", metrics="m.jsonl")
+    argv = ["--config", "c.yaml", "--deepspeed", "d.json", "--dataset", "x.json", "--output", "o"]
+    assert args.to_argv() == [*argv, "--metrics", "m.jsonl"]
+    resumable = dataclasses.replace(args, checkpoints="s3://b/ckpt")
+    assert resumable.to_argv()[-2:] == ["--checkpoints", "s3://b/ckpt"]
+    assert TrainerArgs.from_argv(resumable.to_argv()) == resumable
+    assert TrainerArgs.from_argv(args.to_argv()) == args
+    with pytest.raises(SystemExit) as exc:
+        TrainerArgs.from_argv(argv)  # --metrics missing
+    assert exc.value.code == 2
 
 
 def test_mfu_formula_on_known_numbers():
     # Llama-3.1-8B: 7.50e9 matmul parameters (8.03e9 less the 128256 x 4096 input embedding),
     # 32 layers, hidden 4096, sequences of 4096 tokens.
     n = 8_030_261_248 - 128256 * 4096
-    fpt = recipe.flops_per_token(n, 32, 4096, 4096)
+    fpt = throughput.flops_per_token(n, 32, 4096, 4096)
     assert fpt == pytest.approx(6 * n + 12 * 32 * 4096 * 4096)
     assert fpt == pytest.approx(5.145e10, rel=1e-3)
     # 8 H100s at 3,000 tokens/s each: 24,000 * 5.145e10 / (8 * 989e12) = 15.6%
-    assert recipe.mfu(24_000, fpt, recipe.peak_flops("NVIDIA H100 80GB HBM3"), 8) == pytest.approx(
+    assert throughput.mfu(24_000, fpt, throughput.peak_flops("NVIDIA H100 80GB HBM3"), 8) == pytest.approx(
         0.156, abs=0.001
     )
 
@@ -321,7 +404,7 @@ def test_mfu_formula_on_known_numbers():
     ],
 )
 def test_peak_flops_by_device_name(name, peak):
-    assert recipe.peak_flops(name) == peak
+    assert throughput.peak_flops(name) == peak
 
 
 def test_matmul_params_leave_out_an_untied_input_embedding():
@@ -332,9 +415,32 @@ def test_matmul_params_leave_out_an_untied_input_embedding():
     )
     untied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=False))
     tied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=True))
-    assert recipe.matmul_params(untied) == untied.num_parameters() - 100 * 16
-    assert recipe.matmul_params(tied) == tied.num_parameters()  # the shared matrix is the output matmul
-    assert recipe.model_flops_per_token(untied, 8) == 6 * (untied.num_parameters() - 1600) + 12 * 2 * 16 * 8
+    assert throughput.matmul_params(untied) == untied.num_parameters() - 100 * 16
+    assert throughput.matmul_params(tied) == tied.num_parameters()  # the shared matrix is the output matmul
+    assert (
+        throughput.model_flops_per_token(untied, 8) == 6 * (untied.num_parameters() - 1600) + 12 * 2 * 16 * 8
+    )
+
+
+def test_mfu_only_on_a_known_gpu_training_in_16_bit(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fulltune.train.engine import Ranks
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    gpus = Ranks(rank=0, world=8, local_rank=0, device=torch.device("cuda", 0))
+    meter = throughput.MfuMeter.for_run(model, gpus, "bf16", global_batch=16, seq_len=8)
+    # 16 x 8 positions in 0.5 s on 8 H100s
+    expected = throughput.mfu(256, throughput.model_flops_per_token(model, 8), 989e12, 8)
+    assert meter(0.5) == pytest.approx(expected)
+    assert throughput.MfuMeter.for_run(model, gpus, "fp32", global_batch=16, seq_len=8)(0.5) is None
+    cpus = dataclasses.replace(gpus, device=torch.device("cpu"))
+    assert throughput.MfuMeter.for_run(model, cpus, "bf16", global_batch=16, seq_len=8)(0.5) is None
 
 
 def test_exit_codes_separate_permanent_from_retryable_failures():
@@ -352,17 +458,17 @@ def test_exit_codes_separate_permanent_from_retryable_failures():
         StorageError("s3://b/k: An error occurred (SlowDown)"),
         ConnectionResetError(),
     ]
-    assert {recipe.exit_code_for(e) for e in permanent} == {recipe.EXIT_BAD_INPUT}
-    assert {recipe.exit_code_for(e) for e in retryable} == {recipe.EXIT_RETRYABLE}
-    assert recipe.EXIT_RETRYABLE >= 128  # the ExitCode restart policy retries 128-255 only
-    assert recipe.exit_code_for(KeyError("bug")) == recipe.EXIT_UNEXPECTED
+    assert {exit_codes.exit_code_for(e) for e in permanent} == {exit_codes.EXIT_BAD_INPUT}
+    assert {exit_codes.exit_code_for(e) for e in retryable} == {exit_codes.EXIT_RETRYABLE}
+    assert exit_codes.EXIT_RETRYABLE >= 128  # the ExitCode restart policy retries 128-255 only
+    assert exit_codes.exit_code_for(KeyError("bug")) == exit_codes.EXIT_UNEXPECTED
     try:  # a wrapped cause still counts
         try:
             raise TimeoutError("store get timed out")
         except TimeoutError as inner:
             raise ValueError("DeepSpeed gave up") from inner
     except ValueError as outer:
-        assert recipe.exit_code_for(outer) == recipe.EXIT_RETRYABLE
+        assert exit_codes.exit_code_for(outer) == exit_codes.EXIT_RETRYABLE
 
 
 def _run_trainer(tmp_path, config_arg: str, env: dict[str, str]) -> tuple[int, str]:
@@ -403,7 +509,7 @@ def test_trainer_process_exits_retryable_when_storage_is_unreachable(tmp_path):
         "AWS_MAX_ATTEMPTS": "1",
     }
     code, err = _run_trainer(tmp_path, "s3://bucket/plan/config.yaml", env)
-    assert code == recipe.EXIT_RETRYABLE, err
+    assert code == exit_codes.EXIT_RETRYABLE, err
     assert "retryable failure" in err
 
 

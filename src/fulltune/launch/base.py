@@ -2,7 +2,8 @@
 
 A launcher gets a `TrainJob`: the same entry point and arguments whatever the backend, plus the
 topology. It starts the ranks, streams their output into this step's log, waits, and returns the
-result or raises `LaunchError` with the reason.
+result or raises `LaunchError` with the reason. The ranks' exit codes are those of
+`fulltune.train.exit_codes`.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fulltune.train.args import TrainerArgs
+
 ENTRY_MODULE = "fulltune.train"
 # torchrun for one node, passing on the ranks' exit codes (see launch/node.py).
 NODE_MODULE = "fulltune.launch.node"
-
-# Exit codes of `python -m fulltune.train` (and of a node): 1-127 permanent, 128+ retryable, the
-# split the PyTorchJob's `restartPolicy: ExitCode` makes.
-EXIT_BAD_INPUT = 1
-EXIT_UNEXPECTED = 2
-EXIT_RETRYABLE = 138
 
 
 class LaunchError(RuntimeError):
@@ -32,32 +29,18 @@ class LaunchError(RuntimeError):
 @dataclass(frozen=True)
 class TrainJob:
     name: str
-    config_uri: str
-    deepspeed_uri: str
-    dataset_uri: str
-    output_uri: str
-    metrics_uri: str
-    checkpoints_uri: str = ""
+    args: TrainerArgs  # the trainer's inputs and outputs
     num_nodes: int = 1
     nproc_per_node: int = 1
     accelerator: str = "gpu"
     env: dict[str, str] = field(default_factory=dict)
+    # The module every rank runs with `args`. Tests run a wrapper that installs step-end callbacks
+    # and then calls the same `fulltune.train.recipe.main`.
+    entry_module: str = ENTRY_MODULE
 
-    def entry_args(self) -> list[str]:
-        """Arguments of `python -m fulltune.train`, identical on every backend."""
-        return [
-            "--config",
-            self.config_uri,
-            "--deepspeed",
-            self.deepspeed_uri,
-            "--dataset",
-            self.dataset_uri,
-            "--output",
-            self.output_uri,
-            "--metrics",
-            self.metrics_uri,
-            *(["--checkpoints", self.checkpoints_uri] if self.checkpoints_uri else []),
-        ]
+    def entry_command(self) -> list[str]:
+        """`-m <entry module> <trainer arguments>`: what torchrun starts on every rank, on every backend."""
+        return ["-m", self.entry_module, *self.args.to_argv()]
 
 
 class Launcher(Protocol):

@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from typing import IO
 
-from fulltune.launch.base import ENTRY_MODULE, NODE_MODULE, LaunchError, TrainJob
+from fulltune.launch.base import NODE_MODULE, LaunchError, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,7 @@ def node_command(job: TrainJob, node_rank: int, port: int) -> list[str]:
         f"--nproc-per-node={job.nproc_per_node}",
         "--master-addr=127.0.0.1",
         f"--master-port={port}",
-        "-m",
-        ENTRY_MODULE,
-        *job.entry_args(),
+        *job.entry_command(),
     ]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from fulltune.launch.base import EXIT_RETRYABLE
+from fulltune.train.exit_codes import EXIT_RETRYABLE
 
 
 def node_exit_code(worker_exit_code: int) -> int:

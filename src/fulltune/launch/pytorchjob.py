@@ -3,8 +3,8 @@
 Pure functions from (RunConfig, TrainJob, name, namespace, image, owner) to a plain dict; nothing here
 talks to a cluster. Tests validate every variant against the CRD's schema.
 
-What the pods run is what the local launcher runs: torchrun starting `python -m fulltune.train` with
-`TrainJob.entry_args()`, P processes per pod. The operator supplies the rest of the distributed
+What the pods run is what the local launcher runs: torchrun starting `TrainJob.entry_command()`
+(`-m fulltune.train` and the trainer's arguments), P processes per pod. The operator supplies the rest of the distributed
 environment (PET_NODE_RANK, MASTER_ADDR/PORT, and for several nodes the elastic rendezvous
 PET_RDZV_ENDPOINT/PET_RDZV_BACKEND/PET_MAX_RESTARTS), so no address is written here.
 
@@ -32,7 +32,7 @@ import re
 from typing import Any
 
 from fulltune.config import RunConfig, VolumeMount
-from fulltune.launch.base import ENTRY_MODULE, NODE_MODULE, TrainJob
+from fulltune.launch.base import NODE_MODULE, TrainJob
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -142,9 +142,7 @@ def pod_command(job: TrainJob) -> list[str]:
         NODE_MODULE,
         *topology,
         f"--nproc-per-node={job.nproc_per_node}",
-        "-m",
-        ENTRY_MODULE,
-        *job.entry_args(),
+        *job.entry_command(),
     ]
 
 

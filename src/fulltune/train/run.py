@@ -10,6 +10,7 @@ from typing import IO, Any
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.launch.base import Launcher, LaunchError, TrainJob
+from fulltune.train.args import TrainerArgs
 from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model
 
 log = logging.getLogger(__name__)
@@ -20,12 +21,14 @@ def train_job(cfg: RunConfig, dataset_uri: str, name: str = "fulltune-train") ->
     layout = cfg.layout
     return TrainJob(
         name=name,
-        config_uri=layout.resolved_config,
-        deepspeed_uri=layout.deepspeed_config,
-        dataset_uri=dataset_uri,
-        output_uri=layout.model,
-        metrics_uri=layout.train_metrics,
-        checkpoints_uri=layout.checkpoints,
+        args=TrainerArgs(
+            config=layout.resolved_config,
+            deepspeed=layout.deepspeed_config,
+            dataset=dataset_uri,
+            output=layout.model,
+            metrics=layout.train_metrics,
+            checkpoints=layout.checkpoints,
+        ),
         num_nodes=cfg.resources.num_nodes,
         nproc_per_node=cfg.resources.nproc_per_node,
         accelerator=cfg.resources.accelerator,
@@ -59,13 +62,13 @@ def run_training(
         name = job_name(run_id, task_name or "train")
     job = train_job(cfg, dataset_uri, name=name)
     make_launcher(cfg, stream=stream, run_id=run_id, image=image, optional_secrets=optional_secrets).run(job)
-    if not is_complete_model(job.output_uri):
+    if not is_complete_model(job.args.output):
         raise LaunchError(
-            f"training exited 0 but {job.output_uri} has no {MODEL_MANIFEST}: the model is incomplete"
+            f"training exited 0 but {job.args.output} has no {MODEL_MANIFEST}: the model is incomplete"
         )
-    summary = storage.read_json(storage.join(job.output_uri, MODEL_MANIFEST))["summary"]
-    metrics = [json.loads(line) for line in storage.read_text(job.metrics_uri).splitlines() if line]
-    return {"model_uri": job.output_uri, "summary": summary, "metrics": metrics}
+    summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines() if line]
+    return {"model_uri": job.args.output, "summary": summary, "metrics": metrics}
 
 
 def make_launcher(

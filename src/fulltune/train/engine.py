@@ -1,0 +1,128 @@
+"""Setup of one rank: the process group, the model under ZeRO-3, the optimizer and the DeepSpeed engine.
+
+- The model is loaded with ZeRO-3 active at load time (`HfDeepSpeedConfig` is alive before
+  `from_pretrained`), so weights are partitioned, never materialised whole on each rank.
+- Precision is `cfg.precision`: bf16, or fp16 with DeepSpeed's dynamic loss scaling, on GPU; on CPU
+  both flags are ignored (the recipe logs it) and training is float32. The model is loaded in that
+  dtype; the DeepSpeed JSON that plan wrote from the same config agrees.
+- Optimizer: `training.optim` "adamw_torch" (no weight decay on 1-D parameters; torch's fused CUDA
+  kernel on GPU, the single-tensor version on CPU) or "adafactor" (transformers' Adafactor at the
+  fixed scheduled learning rate: relative_step, scale_parameter and warmup_init off, no first
+  moment). Under ZeRO-3 the optimizer steps DeepSpeed's flat fp32 partitions, so Adafactor's second
+  moment is not factored and its update clipping (RMS, threshold 1) is taken per partition rather
+  than per tensor: results depend slightly on the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fulltune import storage
+from fulltune.config import RunConfig
+
+log = logging.getLogger("fulltune.train")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: its global rank, the actual world size, its rank on the node, its device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: Any  # torch.device
+
+
+def init_distributed(cfg: RunConfig) -> Ranks:
+    """Join the process group (gloo on CPU, NCCL on GPU) and pick this rank's device."""
+    import deepspeed
+    import torch
+
+    cpu = cfg.resources.accelerator == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world != cfg.world_size:
+        log.warning("world size %d differs from the config's %d (nodes x processes)", world, cfg.world_size)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun
+    if cpu:
+        device = torch.device("cpu")
+    else:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    return Ranks(rank, world, local_rank, device)
+
+
+def read_deepspeed_config(uri: str, cfg: RunConfig, world: int) -> dict[str, Any]:
+    """plan's DeepSpeed JSON, its global batch taken over the actual world size (DeepSpeed checks it
+    against micro batch x accumulation x world, and the world may differ from the planned one)."""
+    ds_config = json.loads(storage.read_bytes(uri))
+    ds_config["train_batch_size"] = cfg.training.global_batch_size(world)
+    return ds_config
+
+
+def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):
+    """Load with ZeRO-3 partitioning at load time. Returns (model, the live HfDeepSpeedConfig)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_marker = HfDeepSpeedConfig(ds_config)  # must stay referenced while the model is built
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, ds_marker
+
+
+def build_optimizer(model, cfg: RunConfig):
+    """AdamW or Adafactor, with no weight decay on biases and norms (1-D parameters)."""
+    import torch
+
+    tr = cfg.training
+    decay, no_decay = [], []
+    for _name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions are flat; ds_shape is the real one
+        (no_decay if len(shape) < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tr.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            groups, lr=tr.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False
+        )
+    # On GPU the fused kernel: no full-size fp32 temporaries during the step (the single-tensor
+    # version makes two of the sub-group being stepped) and fewer kernel launches. On CPU the
+    # single-tensor version, whose results do not depend on the thread count.
+    fused = cfg.resources.accelerator == "gpu"
+    return torch.optim.AdamW(
+        groups,
+        lr=tr.learning_rate,
+        betas=(tr.adam_beta1, tr.adam_beta2),
+        eps=tr.adam_epsilon,
+        foreach=False if not fused else None,
+        fused=fused,
+    )
+
+
+def build_engine(model, cfg: RunConfig, ds_config: dict[str, Any], lr_factor):
+    """The DeepSpeed engine around the model, its optimizer and the LambdaLR schedule `lr_factor`.
+    Returns (engine, scheduler)."""
+    import deepspeed
+    import torch
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler

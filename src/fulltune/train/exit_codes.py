@@ -1,0 +1,87 @@
+"""What the trainer's exit code tells the operator, and the classifier that picks it for a failure.
+
+The Training Operator's `restartPolicy: ExitCode` retries 128-255 and treats 1-127 as permanent; the
+kernel's SIGKILL/SIGTERM give 137/143. `python -m fulltune.train` exits:
+
+    0    trained and saved
+    1    bad config, bad data, or checkpoints exist but none is loadable, or CUDA out of memory
+         (retrying cannot help: fix the input or the plan)
+    2    unexpected error (a bug: retrying would repeat it), or bad command-line arguments
+    138  retryable: a torch.distributed / NCCL / gloo failure or timeout, a storage or network
+         error (OSError, botocore); the restarted job resumes from the newest complete checkpoint
+
+A node (`fulltune.launch.node`) passes these on as its own exit code. Nothing heavy is imported at
+module level: the node wrapper imports this module before torchrun starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+log = logging.getLogger("fulltune.train")
+
+EXIT_BAD_INPUT = 1
+EXIT_UNEXPECTED = 2
+EXIT_RETRYABLE = 138
+
+_RETRYABLE_TEXT = re.compile(
+    r"nccl|gloo|timed ?out|timeout|connection (?:reset|refused|closed)|broken pipe|socket|rendezvous",
+    re.IGNORECASE,
+)
+
+
+class TrainInputError(ValueError):
+    """Config or data the trainer cannot use; exit code 1, no retry."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code for a failure (see the table above); causes are followed when the exception
+    itself says nothing."""
+    from fulltune.config import ConfigError
+    from fulltune.preprocess.dataset import DatasetError
+    from fulltune.train.checkpoint import CheckpointError
+
+    permanent = (
+        ConfigError,
+        TrainInputError,
+        DatasetError,
+        CheckpointError,
+        FileNotFoundError,
+        PermissionError,
+    )
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        module = type(e).__module__ or ""
+        if isinstance(e, permanent):
+            return EXIT_BAD_INPUT
+        if isinstance(e, json.JSONDecodeError) or module.startswith("yaml"):
+            return EXIT_BAD_INPUT  # an unreadable config or DeepSpeed JSON
+        if name == "OutOfMemoryError" and module.startswith("torch"):
+            return EXIT_BAD_INPUT  # deterministic for a given plan: lower the micro batch
+        if module.startswith("torch.distributed") or (name.startswith("Dist") and module.startswith("torch")):
+            return EXIT_RETRYABLE  # DistBackendError, DistNetworkError, DistStoreError
+        if module.startswith(("botocore", "urllib3", "requests")):
+            return EXIT_RETRYABLE
+        if isinstance(e, OSError):  # storage.StorageError, ConnectionError, TimeoutError, ...
+            return EXIT_RETRYABLE
+        if isinstance(e, RuntimeError) and _RETRYABLE_TEXT.search(str(e)):
+            return EXIT_RETRYABLE
+        e = e.__cause__ or e.__context__
+    return EXIT_UNEXPECTED
+
+
+def log_failure(exc: BaseException) -> int:
+    """Log a failure the way the operator needs to read it; returns its exit code."""
+    code = exit_code_for(exc)
+    if code == EXIT_BAD_INPUT:
+        log.error("cannot train (exit %d, retrying cannot help): %s", code, exc)
+    elif code == EXIT_RETRYABLE:
+        log.exception("retryable failure (exit %d; a restart resumes from the newest checkpoint)", code)
+    else:
+        log.exception("unexpected error (exit %d)", code)
+    return code

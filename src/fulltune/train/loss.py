@@ -1,0 +1,103 @@
+"""The token-mean loss: one optimizer step over the global batch, and the evaluation loss.
+
+- Training loss: the token-mean over the whole global batch (all ranks and accumulation
+  micro-steps), not a mean of per-micro-batch means: each micro-step's summed loss is scaled by
+  world*accumulation/N where N is the global count of loss tokens, so DeepSpeed's averaging yields
+  exactly the gradient of sum(loss)/N.
+- Evaluation: the token-mean loss over every sequence of the dataset's `domain_eval` split, spread
+  over the ranks and summed across them.
+
+Reduced tensors live on the training device: NCCL (GPU) reduces device tensors only, and keeping the
+sums there avoids a host sync per micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fulltune.train.exit_codes import TrainInputError
+
+EVAL_SPLIT = "domain_eval"
+
+
+def check_eval_split(dataset_uri: str) -> None:
+    """TrainInputError unless the dataset has a non-empty eval split (checked before any rendezvous)."""
+    from fulltune.preprocess.dataset import load_manifest
+
+    splits = load_manifest(dataset_uri)["splits"]
+    if not splits.get(EVAL_SPLIT, {}).get("sequences"):
+        raise TrainInputError(
+            f"training.eval_steps is set but the dataset {dataset_uri} has no {EVAL_SPLIT} sequences: "
+            "set data.eval_uri or preprocess.eval_fraction, or set training.eval_steps to 0"
+        )
+
+
+def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any]:
+    """(summed next-token cross-entropy over the loss positions of sequences `idx`, their count), both
+    tensors on the device (no host sync here: the training step counts tokens before the forward)."""
+    import torch.nn.functional as F
+
+    from fulltune.preprocess.dataset import IGNORE_INDEX
+
+    out = engine(
+        input_ids=batch["input_ids"][idx].to(device), attention_mask=batch["attention_mask"][idx].to(device)
+    )
+    logits = out.logits[:, :-1].float()
+    target = batch["labels"][idx][:, 1:].to(device)
+    summed = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return summed, (target != IGNORE_INDEX).sum()
+
+
+def train_step(engine, data: dict[str, Any], micro: list, *, world: int, device) -> tuple[float, float]:
+    """Forward, backward and DeepSpeed step for each of this rank's micro-batches `micro` (one
+    optimizer step over the global batch). Returns (token-mean loss over the global batch, N)."""
+    import torch
+    import torch.distributed as dist
+
+    from fulltune.preprocess.dataset import IGNORE_INDEX
+
+    accumulation = len(micro)
+    counts = torch.tensor(
+        [float(sum((data["labels"][m][:, 1:] != IGNORE_INDEX).sum().item() for m in micro))],
+        dtype=torch.float64,
+        device=device,
+    )
+    dist.all_reduce(counts)
+    n_tokens = max(counts.item(), 1.0)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    for m in micro:
+        summed, _ = token_loss_sum(engine, data, m, device)
+        engine.backward(summed * (world * accumulation / n_tokens))
+        engine.step()
+        loss_sum += summed.detach().double()
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / n_tokens, n_tokens  # .item() waits for the step's device work
+
+
+def eval_loss(engine, data: dict[str, Any], *, rank: int, world: int, micro_batch: int, device) -> float:
+    """Token-mean loss over every sequence of `data`, the ranks sharing the work.
+
+    Under ZeRO-3 each forward gathers parameters collectively, so every rank runs the same number of
+    forwards: a rank with nothing left scores sequence 0 and discards the result.
+    """
+    import torch
+    import torch.distributed as dist
+
+    n = data["input_ids"].shape[0]
+    per_round = micro_batch * world
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for r in range(math.ceil(n / per_round)):
+            lo = r * per_round + rank * micro_batch
+            idx = torch.arange(min(lo, n), min(lo + micro_batch, n))
+            real = len(idx) > 0
+            summed, count = token_loss_sum(engine, data, idx if real else torch.arange(1), device)
+            if real:
+                totals += torch.stack([summed.double(), count.double()])
+    engine.train()
+    dist.all_reduce(totals)
+    return totals[0].item() / max(totals[1].item(), 1.0)

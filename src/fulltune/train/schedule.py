@@ -1,0 +1,79 @@
+"""How many steps, which sequences each step trains on, and the learning rate of each step.
+
+Data order: a seeded permutation per epoch; global step s takes the s-th slice of it, and rank r
+takes micro-batches r, r+world, ... of that slice. The order depends only on (seed, step), so a
+resumed run sees the same data, and a run on another world size with the same global batch sees the
+same global batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fulltune.config import RunConfig
+from fulltune.train.exit_codes import TrainInputError
+
+
+@dataclass
+class Schedule:
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def make_schedule(cfg: RunConfig, num_sequences: int, world: int) -> Schedule:
+    """The run's length for `num_sequences` training sequences on `world` ranks (the actual world size)."""
+    tr = cfg.training
+    global_batch = tr.global_batch_size(world)
+    steps_per_epoch = num_sequences // global_batch
+    if steps_per_epoch == 0:
+        raise TrainInputError(
+            f"the training split has {num_sequences} sequences, fewer than one global batch of {global_batch} "
+            f"(per_device_train_batch_size x gradient_accumulation_steps x world size): lower them or add data"
+        )
+    if tr.max_steps > 0:
+        total = tr.max_steps
+    elif tr.num_train_epochs:
+        total = max(1, math.ceil(tr.num_train_epochs * steps_per_epoch))
+    else:
+        raise TrainInputError(
+            "neither training.max_steps nor training.num_train_epochs is set (plan resolves epochs)"
+        )
+    return Schedule(global_batch, steps_per_epoch, total, int(tr.warmup_ratio * total))
+
+
+def batch_indices(step: int, sched: Schedule, seed: int, num_sequences: int):
+    """The sequence indices of global step `step`: depends on (seed, step) only."""
+    import torch
+
+    epoch, within = divmod(step, sched.steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_sequences, generator=gen)
+    return perm[within * sched.global_batch : (within + 1) * sched.global_batch]
+
+
+def rank_micro_batches(indices, *, rank: int, world: int, micro_batch: int, accumulation: int) -> list:
+    """This rank's share of a global batch: micro-batches rank, rank+world, ... (one per micro-step)."""
+    return [
+        indices[(k * world + rank) * micro_batch : (k * world + rank + 1) * micro_batch]
+        for k in range(accumulation)
+    ]
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+    """The factor on the peak learning rate at each step: linear warm-up, then `kind`'s decay."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

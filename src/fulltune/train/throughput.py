@@ -1,0 +1,100 @@
+"""Model FLOPs utilisation (MFU): how much of the devices' peak the training steps achieve.
+
+MFU is reported only on a GPU whose peak dense 16-bit FLOP/s is known (`PEAK_FLOPS`) and only when
+training in bf16 or fp16: an fp32 step held against the 16-bit tensor-core peak would mislead.
+The model FLOPs are those of the model as written (`flops_per_token`), not of the hardware: time
+spent recomputing activations lowers MFU.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fulltune.train.engine import Ranks
+
+# Dense (no sparsity) 16-bit tensor-core peak FLOP/s per device, from the vendors' data sheets
+# (SXM/OAM parts unless the name says otherwise). Matched against torch.cuda.get_device_name(),
+# first match wins, so more specific names come first. Unknown devices: no MFU.
+PEAK_FLOPS: list[tuple[str, float]] = [
+    (r"\bGB200\b|\bB200\b", 2250e12),
+    (r"\bH200\b|\bGH200\b", 989e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b|\bH800\b", 989e12),
+    (r"\bA100\b|\bA800\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10\b", 125e12),
+    (r"\bV100\b", 125e12),  # fp16 (V100 has no bf16)
+    (r"\bT4\b", 65e12),  # fp16
+    (r"\bMI300X\b", 1307e12),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense 16-bit FLOP/s of one device, or None when the device is not in PEAK_FLOPS."""
+    for pattern, flops in PEAK_FLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return flops
+    return None
+
+
+def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus 12*L*h*s for
+    the attention scores and the weighted sum (PaLM, Chowdhery et al. 2022, appendix B; torchtitan
+    counts the same way). Recomputation is not counted: this is model FLOPs, not hardware FLOPs."""
+    return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, world: int) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all `world` devices."""
+    return tokens_per_s * flops_per_tok / (peak_per_device * world)
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: all of them, less an untied input embedding (a lookup)."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        params -= getattr(emb.weight, "ds_numel", emb.weight.numel())
+    return params
+
+
+def model_flops_per_token(model, seq_len: int) -> float:
+    """`flops_per_token` for a Hugging Face causal LM (its text config, under ZeRO-3 or not)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    return flops_per_token(matmul_params(model), int(layers), int(hidden), seq_len)
+
+
+@dataclass(frozen=True)
+class MfuMeter:
+    """The MFU of one optimizer step from its wall time, for a run whose shape is fixed."""
+
+    tokens_per_step: int  # every position of the global batch is computed (packing leaves little padding)
+    flops_per_token: float
+    peak_per_device: float | None  # None: no MFU on this device or precision
+    world: int
+
+    @classmethod
+    def for_run(cls, model, ranks: Ranks, precision: str, global_batch: int, seq_len: int) -> MfuMeter:
+        """The meter for `model` trained in `precision` on global batches of `global_batch` sequences
+        of `seq_len` tokens."""
+        import torch
+
+        peak = None
+        if ranks.device.type == "cuda" and precision in ("bf16", "fp16"):
+            peak = peak_flops(torch.cuda.get_device_name(ranks.device))
+        flops = model_flops_per_token(model, seq_len)
+        return cls(global_batch * seq_len, flops, peak, ranks.world)
+
+    def __call__(self, step_time_s: float) -> float | None:
+        if not self.peak_per_device:
+            return None
+        tokens_per_s = self.tokens_per_step / max(step_time_s, 1e-9)
+        return mfu(tokens_per_s, self.flops_per_token, self.peak_per_device, self.world)

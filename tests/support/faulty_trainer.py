@@ -1,0 +1,37 @@
+"""`python -m faulty_trainer <trainer arguments>`: the real trainer with one rank SIGKILLed after a step.
+
+The resume tests run this entry module instead of `fulltune.train` (`TrainJob.entry_module`, with
+this directory on the job's PYTHONPATH). It installs a step-end callback and calls the real
+`fulltune.train.recipe.main`, so everything up to the kill is the production code path. The test
+says where to strike through the job's environment:
+
+    FAULTY_TRAINER_KILL_AFTER_STEP  optimizer steps done when the rank dies (after that step's
+                                    checkpoint, if one is due, is complete)
+    FAULTY_TRAINER_KILL_RANK        which rank dies (default 0)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from fulltune.train.metrics import StepRecord
+from fulltune.train.recipe import main
+
+
+def kill_after(step: int, rank: int):
+    """A step-end callback that SIGKILLs `rank` once `step` optimizer steps are done: no cleanup,
+    no exit code of its own, as when the OOM killer or a lost node takes a rank."""
+
+    def callback(done: int, this_rank: int, record: StepRecord) -> None:
+        if done == step and this_rank == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return callback
+
+
+if __name__ == "__main__":
+    after = int(os.environ["FAULTY_TRAINER_KILL_AFTER_STEP"])
+    rank = int(os.environ.get("FAULTY_TRAINER_KILL_RANK", "0"))
+    sys.exit(main(step_end=[kill_after(after, rank)]))
