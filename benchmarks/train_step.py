@@ -174,26 +174,18 @@ def run_fulltune(
     root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str], tag: str = ""
 ) -> list[dict]:
     """One `python -m fulltune.train` run; its per-step metrics records."""
+    from fulltune.train.args import TrainerArgs
+
     metrics = root / f"fulltune{tag}-metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    torchrun(
-        a.nproc,
-        [
-            "-m",
-            "fulltune.train",
-            "--config",
-            inputs["config"],
-            "--deepspeed",
-            inputs["deepspeed"],
-            "--dataset",
-            inputs["dataset"],
-            "--output",
-            str(root / f"fulltune{tag}-model"),
-            "--metrics",
-            str(metrics),
-        ],
-        env,
+    args = TrainerArgs(
+        config=inputs["config"],
+        deepspeed=inputs["deepspeed"],
+        dataset=inputs["dataset"],
+        output=str(root / f"fulltune{tag}-model"),
+        metrics=str(metrics),
     )
+    torchrun(a.nproc, ["-m", "fulltune.train", *args.to_argv()], env)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
