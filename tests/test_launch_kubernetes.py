@@ -797,8 +797,11 @@ def write_kubeconfig(tmp_path: Path, host: str) -> Path:
 
 
 def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_path, monkeypatch):
+    from fulltune.train.metrics import StepRecord, TrainingSummary
     from fulltune.train.recipe import MODEL_MANIFEST
     from fulltune.train.run import run_training
+
+    SUMMARY = TrainingSummary(2, 2, False, 4, 2, 2.0, 1.25, 3.5)  # noqa: N806 — a constant of this test
 
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, kube.host)))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
@@ -813,13 +816,16 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     def operator(k: FakeKube, ns, name):  # the "training pods" write the model to the shared work dir
         model = work / "train" / "model"
         model.mkdir(parents=True)
-        (model / MODEL_MANIFEST).write_text(json.dumps({"summary": {"steps": 2, "final_loss": 1.25}}))
-        (work / "train" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.25}\n')
+        (model / MODEL_MANIFEST).write_text(json.dumps({"summary": SUMMARY.to_json()}))
+        records = [StepRecord(step, loss, 1e-4, 1.0, 100, 10.0, 1.0) for step, loss in ((0, 2.0), (1, 1.25))]
+        (work / "train" / "metrics.jsonl").write_text(
+            "".join(json.dumps(r.to_json()) + "\n" for r in records)
+        )
         k.set_condition(ns, name, "Succeeded")
 
     kube.script = operator
     result = run_training(cfg, "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
-    assert result["summary"] == {"steps": 2, "final_loss": 1.25} and len(result["metrics"]) == 2
+    assert result.summary == SUMMARY and [r.loss for r in result.records] == [2.0, 1.25]
     (post,) = kube.calls("POST")
     assert post.body["metadata"]["name"] == job_name("run-7", "train")
     container = post.body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]

@@ -11,6 +11,7 @@ import pytest
 from fulltune import report_kit as kit
 from fulltune.evaluate.eval_page import render_report
 from fulltune.tokenizer.check import render_html as tokenizer_page
+from fulltune.train.metrics import StepRecord, TrainingSummary
 from fulltune.train.train_page import training_report_html
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -239,7 +240,13 @@ def _pages() -> dict[str, str]:
         "chat": None,
     }
     return {
-        "train": training_report_html(metrics, {"steps": 20}),
+        "train": training_report_html(
+            [
+                StepRecord(m["step"], m["loss"], 1e-4, 1.0, 100, 10.0, 1.0, eval_loss=m.get("eval_loss"))
+                for m in metrics
+            ],
+            TrainingSummary(20, 20, False, 8, 2, 3.0, 2.05, 12.0),
+        ),
         "evaluate": render_report(evaluation),
         "tokenizer": tokenizer_page(tokenizer),
     }

@@ -21,7 +21,7 @@ from fulltune.train import exit_codes, throughput
 from fulltune.train.args import TrainerArgs
 from fulltune.train.cadence import Cadence
 from fulltune.train.exit_codes import TrainInputError
-from fulltune.train.metrics import StepRecord, step_line
+from fulltune.train.metrics import StepRecord, TrainingSummary, step_line
 from fulltune.train.recipe import MODEL_MANIFEST
 from fulltune.train.run import train_job
 from fulltune.train.schedule import batch_indices, make_schedule
@@ -294,7 +294,9 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
     summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
     assert summary["stopped_early"] is True and summary["steps"] == 3 and summary["planned_steps"] == 8
     assert summary["best_eval_step"] == 1 and summary["best_eval_loss"] == metrics[0]["eval_loss"]
-    page = training_report_html(metrics, summary)
+    page = training_report_html(
+        [StepRecord.from_json(m) for m in metrics], TrainingSummary.from_json(summary)
+    )
     # the eval loss is in the table and drawn as its own series, a marker per evaluation
     assert f"{metrics[1]['eval_loss']:.4f}" in page
     eval_series = page.split('<g class="series" data-name="eval loss">', 1)[1].split("</g>", 1)[0]

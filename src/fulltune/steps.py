@@ -198,7 +198,7 @@ def train(
     from fulltune.train.train_page import training_report_html
 
     _setup_logging()
-    result = run_training(
+    run = run_training(
         cfg,
         dataset,
         run_id=run_id,
@@ -206,10 +206,9 @@ def train(
         image=image or None,
         optional_secrets=(s3_secret,) if s3_secret else (),
     )
-    summary = result["summary"]
-    _log_metrics(log_metric, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    _write_out(training_report_html(result["metrics"], summary), report_path)
-    return result["model_uri"]
+    _log_metrics(log_metric, run.summary.to_json())
+    _write_out(training_report_html(run.records, run.summary), report_path)
+    return run.model_uri
 
 
 # -- evaluate -----------------------------------------------------------------------------------------

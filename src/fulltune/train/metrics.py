@@ -81,6 +81,31 @@ def early_stop_line(stopping: EarlyStopping, done: int) -> str:
     )
 
 
+@dataclass
+class TrainingSummary:
+    """The run in figures, saved with the model (training_summary.json and the model manifest)."""
+
+    steps: int  # optimizer steps taken
+    planned_steps: int
+    stopped_early: bool
+    global_batch: int
+    world_size: int
+    first_loss: float
+    final_loss: float
+    train_seconds: float
+    # Only when the run evaluated:
+    final_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None  # 1-based, as the log and the page count steps
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, summary: dict[str, Any]) -> TrainingSummary:
+        return cls(**summary)
+
+
 def training_summary(
     records: list[StepRecord],
     *,
@@ -89,20 +114,19 @@ def training_summary(
     world: int,
     stopping: EarlyStopping,
     seconds: float,
-) -> dict[str, Any]:
-    """The summary saved with the model (training_summary.json and the model manifest)."""
-    summary: dict[str, Any] = {
-        "steps": records[-1].step + 1,
-        "planned_steps": planned_steps,
-        "stopped_early": stopping.triggered,
-        "global_batch": global_batch,
-        "world_size": world,
-        "first_loss": records[0].loss,
-        "final_loss": records[-1].loss,
-        "train_seconds": seconds,
-    }
+) -> TrainingSummary:
+    summary = TrainingSummary(
+        steps=records[-1].step + 1,
+        planned_steps=planned_steps,
+        stopped_early=stopping.triggered,
+        global_batch=global_batch,
+        world_size=world,
+        first_loss=records[0].loss,
+        final_loss=records[-1].loss,
+        train_seconds=seconds,
+    )
     if stopping.evals:
-        summary["final_eval_loss"] = next(r.eval_loss for r in reversed(records) if r.eval_loss is not None)
-        summary["best_eval_loss"] = stopping.best_loss
-        summary["best_eval_step"] = stopping.best_step + 1
+        summary.final_eval_loss = next(r.eval_loss for r in reversed(records) if r.eval_loss is not None)
+        summary.best_eval_loss = stopping.best_loss
+        summary.best_eval_step = stopping.best_step + 1
     return summary

@@ -51,7 +51,14 @@ from fulltune.train.cadence import Cadence
 from fulltune.train.engine import build_engine, init_distributed, load_model, read_deepspeed_config
 from fulltune.train.exit_codes import log_failure
 from fulltune.train.loss import EVAL_SPLIT, check_eval_split, eval_loss, train_step
-from fulltune.train.metrics import StepRecord, early_stop_line, gpu_memory_gib, step_line, training_summary
+from fulltune.train.metrics import (
+    StepRecord,
+    TrainingSummary,
+    early_stop_line,
+    gpu_memory_gib,
+    step_line,
+    training_summary,
+)
 from fulltune.train.schedule import batch_indices, lr_lambda, make_schedule, rank_micro_batches
 from fulltune.train.throughput import MfuMeter
 
@@ -188,7 +195,7 @@ class Recipe:
             return 0, []
         state = checkpoint.load(self.engine, root, tag, local_rank=self.ranks.local_rank)
         self._log("resumed from %s at step %d", storage.join(root, tag), state["step"])
-        return int(state["step"]), [StepRecord.from_json(r) for r in state.get("records", [])]
+        return int(state["step"]), [StepRecord.from_json(r) for r in state["records"]]
 
     # -- train ------------------------------------------------------------------------------------
 
@@ -291,7 +298,7 @@ def _float(x: Any) -> float | None:
 
 
 def save_model(
-    engine, cfg: RunConfig, args: TrainerArgs, rank: int, records: list[StepRecord], summary: dict
+    engine, cfg: RunConfig, args: TrainerArgs, rank: int, records: list[StepRecord], summary: TrainingSummary
 ) -> None:
     """Consolidate the ZeRO-3 partitions (every rank takes part); rank 0 writes the model, its
     manifest last, then the metrics."""
@@ -305,10 +312,11 @@ def save_model(
         engine.module.save_pretrained(out, state_dict=state_dict, max_shard_size="5GB")
         load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code).save_pretrained(out)
         (out / "fulltune_config.yaml").write_text(cfg.to_yaml())
-        (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "training_summary.json").write_text(json.dumps(summary.to_json(), indent=2))
         files = storage.file_manifest(out)
         storage.upload_dir(out, args.output)
-        storage.write_json(storage.join(args.output, MODEL_MANIFEST), {"files": files, "summary": summary})
+        manifest = {"files": files, "summary": summary.to_json()}
+        storage.write_json(storage.join(args.output, MODEL_MANIFEST), manifest)
     storage.write_text(args.metrics, "".join(json.dumps(r.to_json()) + "\n" for r in records))
     log.info("saved the tuned model to %s", args.output)
 

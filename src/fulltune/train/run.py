@@ -5,15 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import IO
 
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.launch.base import Launcher, LaunchError, TrainJob
 from fulltune.train.args import TrainerArgs
+from fulltune.train.metrics import StepRecord, TrainingSummary
 from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a finished training run left: the complete model, its summary, one record per step."""
+
+    model_uri: str
+    summary: TrainingSummary
+    records: list[StepRecord]
 
 
 def train_job(cfg: RunConfig, dataset_uri: str, name: str = "fulltune-train") -> TrainJob:
@@ -44,8 +55,8 @@ def run_training(
     task_name: str = "train",
     image: str | None = None,
     optional_secrets: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """Run training with the configured launcher; returns the model URI, summary and step metrics.
+) -> TrainingRun:
+    """Run training with the configured launcher; returns the model URI, summary and step records.
 
     `run_id` and `task_name` name the Kubernetes job: the same pipeline run and task always give the
     same name, so a restarted step follows the job it already started. Without a run id (outside a
@@ -67,8 +78,12 @@ def run_training(
             f"training exited 0 but {job.args.output} has no {MODEL_MANIFEST}: the model is incomplete"
         )
     summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
-    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines() if line]
-    return {"model_uri": job.args.output, "summary": summary, "metrics": metrics}
+    lines = storage.read_text(job.args.metrics).splitlines()
+    return TrainingRun(
+        model_uri=job.args.output,
+        summary=TrainingSummary.from_json(summary),
+        records=[StepRecord.from_json(json.loads(line)) for line in lines if line],
+    )
 
 
 def make_launcher(

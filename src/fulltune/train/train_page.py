@@ -3,30 +3,28 @@ run evaluated) as a line chart, and a table of the eval losses."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fulltune import report_kit as kit
+from fulltune.train.metrics import StepRecord, TrainingSummary
 
 
-def training_report_html(metrics: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """The page for one training run: `metrics` are the per-step records (`step` counted from 0,
-    `loss`, and `eval_loss` on the steps that evaluated), `summary` the model manifest's summary."""
-    evals = [(m["step"] + 1, m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
+def training_report_html(records: list[StepRecord], summary: TrainingSummary) -> str:
+    """The page for one training run: its step records and its summary (steps counted from 1)."""
+    evals = [(r.step + 1, r.eval_loss) for r in records if r.eval_loss is not None]
     return kit.page(
         "fulltune training",
         "Training",
-        kit.key_value_table((str(k), v) for k, v in summary.items()),
+        kit.key_value_table(summary.to_json().items()),
         kit.heading("Loss per optimizer step"),
-        loss_chart(metrics, evals),
+        loss_chart(records, evals),
         _eval_table(evals),
     )
 
 
-def loss_chart(metrics: list[dict[str, Any]], evals: list[tuple[int, float]]) -> str:
+def loss_chart(records: list[StepRecord], evals: list[tuple[int, float]]) -> str:
     """Training loss at each step and, with markers, the eval loss at the steps that evaluated."""
-    if not metrics:
+    if not records:
         return kit.note("no steps recorded")
-    series = [kit.Series("train loss", [(m["step"] + 1, m["loss"]) for m in metrics])]
+    series = [kit.Series("train loss", [(r.step + 1, r.loss) for r in records])]
     if evals:
         series.append(kit.Series("eval loss", evals, markers=True))
     title = "Training and eval loss" if evals else "Training loss"
