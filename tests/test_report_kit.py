@@ -198,6 +198,19 @@ def test_banner_problem_list_and_key_value_table():
     assert "<td><code>s3://b/&lt;k&gt;</code></td>" in kv and '<td class="n">1,200</td>' in kv
 
 
+def test_markdown_table_escapes_what_would_break_a_cell_or_a_row():
+    md = kit.markdown_table(["item", "value"], [("model", "llama, 8,030,261,248 parameters"), ("n", 3)])
+    assert md == "| item | value |\n|---|---|\n| model | llama, 8,030,261,248 parameters |\n| n | 3 |"
+    escaped = kit.markdown_table(["a|b"], [["x | y"], ["line one\nline two"], ["crlf\r\nend"]])
+    assert escaped.splitlines() == [
+        "| a\\|b |",
+        "|---|",
+        "| x \\| y |",
+        "| line one<br>line two |",
+        "| crlf<br>end |",
+    ]
+
+
 def test_percent_formatting():
     assert kit.format_percent(0.2534) == "25.3%" and kit.format_percent(0.02, signed=True) == "+2.0%"
     assert kit.format_percent(None) == kit.format_percent(math.inf) == kit.MISSING

@@ -163,6 +163,22 @@ def problem_list(problems: Iterable[Problem]) -> str:
     return '<ul class="problems">' + "".join(items) + "</ul>"
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table, one line per row (no trailing newline). A `|` in a cell is
+    escaped and a line break becomes `<br>`: either would otherwise end the cell or the row."""
+    lines = [_markdown_row(header), "|" + "---|" * len(header)]
+    lines += [_markdown_row(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _markdown_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(_markdown_cell(c) for c in cells) + " |"
+
+
+def _markdown_cell(value: Any) -> str:
+    return "<br>".join(str(value).replace("|", "\\|").splitlines())
+
+
 def format_number(value: Any) -> str:
     """A float to four significant digits (whole from 10,000 up, where that would need an exponent), an
     int with thousands separators, anything else as text."""
