@@ -194,6 +194,10 @@ def test_banner_problem_list_and_key_value_table():
     )
     assert '<span class="badge error">error</span> bad JSON' in problems
     assert "<code>a&lt;b&gt;.jsonl:7</code>" in problems and "… and 40 more" in problems
+    located = kit.problem_list(
+        [kit.Problem("warning", "dup", [kit.Html("<code>t.jsonl:3</code>: same as <code>t.jsonl:1</code>")])]
+    )
+    assert "<li><code>t.jsonl:3</code>: same as <code>t.jsonl:1</code></li>" in located
     kv = kit.key_value_table([("uri", "s3://b/<k>"), ("steps", 1200)], as_code=True)
     assert "<td><code>s3://b/&lt;k&gt;</code></td>" in kv and '<td class="n">1,200</td>' in kv
 
