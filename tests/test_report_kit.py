@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from fulltune import report_kit as kit
+from fulltune.data.validate import render_html as validate_page
 from fulltune.evaluate.eval_page import render_report
 from fulltune.tokenizer.check import render_html as tokenizer_page
 from fulltune.train.train_page import training_report_html
@@ -255,7 +256,31 @@ def _pages() -> dict[str, str]:
         "roundtrip": None,
         "chat": None,
     }
+    validation = {
+        "passed": True,
+        "max_error_rate": 0.01,
+        "checks": {"duplicate": {"action": "warn", "max_rate": None}},
+        "tokenizer_special_tokens": 3,
+        "datasets": {
+            "train": {
+                "uri": "s3://b/train.jsonl",
+                "kind": "text",
+                "files": 1,
+                "records": 4,
+                "bad_records": 0,
+                "error_rate": 0.0,
+                "max_error_rate": 0.01,
+                "budget_bad_records": 0,
+                "over_budget": False,
+                "passed": True,
+                "problems": [],
+                "length_chars": {"min": 1, "p50": 3, "p95": 40, "max": 40},
+                "length_histogram": [{"lo": 1, "hi": 1, "count": 1}, {"lo": 2, "hi": 3, "count": 3}],
+            }
+        },
+    }
     return {
+        "validate": validate_page(validation),
         "train": training_report_html(metrics, {"steps": 20}),
         "evaluate": render_report(evaluation),
         "tokenizer": tokenizer_page(tokenizer),
@@ -263,9 +288,6 @@ def _pages() -> dict[str, str]:
 
 
 def test_every_page_carries_the_one_stylesheet_and_nothing_external():
-    from fulltune import reports
-
-    assert reports.CSS is kit.CSS  # the validate page's shim hands out the same stylesheet
     for name, page in _pages().items():
         assert re.findall(r"<style>(.*?)</style>", page, flags=re.S) == [kit.CSS], name
         assert "<script" not in page and not re.search(r'(src|href)="', page), name
@@ -285,6 +307,10 @@ def test_pages_draw_their_charts_with_the_kit():
     ]
     assert texts(evaluation[1], "value") == ["61.0%", "58.0%", "59.0%", "57.0%"]
     assert "&lt;/s&gt;" in pages["tokenizer"] and 'class="banner pass"' in pages["tokenizer"]
+    (lengths,) = [parse(s) for s in svgs(pages["validate"])]
+    assert texts(lengths, "tick x") == ["1", "2", "4"]  # bin edges: 1, 2–3, then one past 3
+    assert texts(lengths, "axis-title x") == ["characters per record"]
+    assert 'class="banner pass"' in pages["validate"]
 
 
 def test_numbers_read_without_exponents():
