@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from fulltune import report_kit as kit
+from fulltune.data.validate import render_html as validate_page
 from fulltune.evaluate.eval_page import render_report
 from fulltune.tokenizer.check import render_html as tokenizer_page
 from fulltune.train.metrics import StepRecord, TrainingSummary
@@ -195,8 +196,25 @@ def test_banner_problem_list_and_key_value_table():
     )
     assert '<span class="badge error">error</span> bad JSON' in problems
     assert "<code>a&lt;b&gt;.jsonl:7</code>" in problems and "… and 40 more" in problems
+    located = kit.problem_list(
+        [kit.Problem("warning", "dup", [kit.Html("<code>t.jsonl:3</code>: same as <code>t.jsonl:1</code>")])]
+    )
+    assert "<li><code>t.jsonl:3</code>: same as <code>t.jsonl:1</code></li>" in located
     kv = kit.key_value_table([("uri", "s3://b/<k>"), ("steps", 1200)], as_code=True)
     assert "<td><code>s3://b/&lt;k&gt;</code></td>" in kv and '<td class="n">1,200</td>' in kv
+
+
+def test_markdown_table_escapes_what_would_break_a_cell_or_a_row():
+    md = kit.markdown_table(["item", "value"], [("model", "llama, 8,030,261,248 parameters"), ("n", 3)])
+    assert md == "| item | value |\n|---|---|\n| model | llama, 8,030,261,248 parameters |\n| n | 3 |"
+    escaped = kit.markdown_table(["a|b"], [["x | y"], ["line one\nline two"], ["crlf\r\nend"]])
+    assert escaped.splitlines() == [
+        "| a\\|b |",
+        "|---|",
+        "| x \\| y |",
+        "| line one<br>line two |",
+        "| crlf<br>end |",
+    ]
 
 
 def test_percent_formatting():
@@ -239,7 +257,31 @@ def _pages() -> dict[str, str]:
         "roundtrip": None,
         "chat": None,
     }
+    validation = {
+        "passed": True,
+        "max_error_rate": 0.01,
+        "checks": {"duplicate": {"action": "warn", "max_rate": None}},
+        "tokenizer_special_tokens": 3,
+        "datasets": {
+            "train": {
+                "uri": "s3://b/train.jsonl",
+                "kind": "text",
+                "files": 1,
+                "records": 4,
+                "bad_records": 0,
+                "error_rate": 0.0,
+                "max_error_rate": 0.01,
+                "budget_bad_records": 0,
+                "over_budget": False,
+                "passed": True,
+                "problems": [],
+                "length_chars": {"min": 1, "p50": 3, "p95": 40, "max": 40},
+                "length_histogram": [{"lo": 1, "hi": 1, "count": 1}, {"lo": 2, "hi": 3, "count": 3}],
+            }
+        },
+    }
     return {
+        "validate": validate_page(validation),
         "train": training_report_html(
             [
                 StepRecord(m["step"], m["loss"], 1e-4, 1.0, 100, 10.0, 1.0, eval_loss=m.get("eval_loss"))
@@ -253,9 +295,6 @@ def _pages() -> dict[str, str]:
 
 
 def test_every_page_carries_the_one_stylesheet_and_nothing_external():
-    from fulltune import reports
-
-    assert reports.CSS is kit.CSS  # the validate page's shim hands out the same stylesheet
     for name, page in _pages().items():
         assert re.findall(r"<style>(.*?)</style>", page, flags=re.S) == [kit.CSS], name
         assert "<script" not in page and not re.search(r'(src|href)="', page), name
@@ -275,6 +314,10 @@ def test_pages_draw_their_charts_with_the_kit():
     ]
     assert texts(evaluation[1], "value") == ["61.0%", "58.0%", "59.0%", "57.0%"]
     assert "&lt;/s&gt;" in pages["tokenizer"] and 'class="banner pass"' in pages["tokenizer"]
+    (lengths,) = [parse(s) for s in svgs(pages["validate"])]
+    assert texts(lengths, "tick x") == ["1", "2", "4"]  # bin edges: 1, 2–3, then one past 3
+    assert texts(lengths, "axis-title x") == ["characters per record"]
+    assert 'class="banner pass"' in pages["validate"]
 
 
 def test_numbers_read_without_exponents():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,6 @@ from fulltune.data.records import iter_records, resolve_kind
 from fulltune.data.validate import (
     DataValidationError,
     find_sensitive,
-    histogram_svg,
     length_histogram,
     validate_data,
 )
@@ -36,6 +37,7 @@ def problems(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 GOOD = [{"text": f"document number {i} about glucose"} for i in range(8)]
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def test_default_policies_are_in_the_report(tmp_path):
@@ -223,8 +225,13 @@ def test_length_histogram_in_report_and_html(tmp_path):
         {"lo": 32, "hi": 63, "count": 1},
     ]
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("<svg") == 1 and page.count("<rect") == 6 and "2–3 chars: 2 records" in page
-    assert length_histogram([]) == [] and histogram_svg([{"lo": 0, "hi": 0, "count": 0}]).startswith("<svg")
+    (svg,) = re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
+    chart = ET.fromstring(svg)
+    bars = [r for r in chart.iter(f"{SVG}rect") if r.get("class") == "bar"]
+    assert [b.find(f"{SVG}title").text for b in bars][1] == "2–3 chars: 2 records" and len(bars) == 6
+    labels = {t.get("class"): t.text for t in chart.iter(f"{SVG}text")}  # the axes are labelled
+    assert labels["axis-title x"] == "characters per record" and labels["axis-title y"] == "records"
+    assert length_histogram([]) == []
 
 
 def test_csv_chat_column_holds_the_conversation_as_json(tmp_path):

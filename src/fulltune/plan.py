@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
+from fulltune.report_kit import markdown_table
 
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
@@ -505,8 +506,7 @@ def plan_markdown(plan: Plan) -> str:
         ("epochs", f"{tr.num_train_epochs:g} (max_steps {tr.max_steps})"),
         ("training tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
     ]
-    lines = ["# Training plan", "", "| item | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines = ["# Training plan", "", markdown_table(["item", "value"], rows)]
     lines += ["", "## Decisions", ""] + [f"- {d}" for d in plan.decisions]
     return "\n".join(lines) + "\n"
 

@@ -140,8 +140,9 @@ def key_value_table(rows: Iterable[tuple[str, Any]], *, as_code: bool = False) -
 @dataclass(frozen=True)
 class Problem:
     """One line of a problem list: a severity (ok, info, warning, error: its colour), what is wrong,
-    where (file:line locations), how many more places were not listed, and the word shown for the
-    severity when it should read differently (a gate check 'passed')."""
+    where (file:line locations, set as code; an `Html` location is set as it is, for a location that
+    carries its own markup such as the reason found there), how many more places were not listed,
+    and the word shown for the severity when it should read differently (a gate check 'passed')."""
 
     severity: str
     text: str | Html
@@ -153,7 +154,7 @@ class Problem:
 def problem_list(problems: Iterable[Problem]) -> str:
     items = []
     for p in problems:
-        where = "".join(f"<li>{code(loc)}</li>" for loc in p.locations)
+        where = "".join(f"<li>{loc if isinstance(loc, Html) else code(loc)}</li>" for loc in p.locations)
         if p.more > 0:
             where += f"<li>… and {p.more:,} more</li>"
         items.append(
@@ -161,6 +162,22 @@ def problem_list(problems: Iterable[Problem]) -> str:
             f"{html_text(p.text)}" + (f'<ul class="locations">{where}</ul>' if where else "") + "</li>"
         )
     return '<ul class="problems">' + "".join(items) + "</ul>"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table, one line per row (no trailing newline). A `|` in a cell is
+    escaped and a line break becomes `<br>`: either would otherwise end the cell or the row."""
+    lines = [_markdown_row(header), "|" + "---|" * len(header)]
+    lines += [_markdown_row(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _markdown_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(_markdown_cell(c) for c in cells) + " |"
+
+
+def _markdown_cell(value: Any) -> str:
+    return "<br>".join(str(value).replace("|", "\\|").splitlines())
 
 
 def format_number(value: Any) -> str:

@@ -39,6 +39,7 @@ from fulltune import report_kit as kit
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.data.records import DataError, Record, RecordError, iter_records, resolve_kind
+from fulltune.data.validate.stats import percentile
 from fulltune.hf import load_tokenizer, metadata_dir
 from fulltune.report_kit import Html, write_reports
 
@@ -380,8 +381,8 @@ class _Checker:
             "max_seq_len": max_len,
             "over_max_seq_len": over,
             "truncation_rate": rate,
-            "p50": _percentile(ordered, 50),
-            "p95": _percentile(ordered, 95),
+            "p50": percentile(ordered, 50),
+            "p95": percentile(ordered, 95),
             "max": ordered[-1],
         }
         allowed = self.cfg.tokenizer.max_truncation_rate
@@ -645,12 +646,6 @@ def _byte_token(token: str) -> str:
     if token and all(ch in decoder for ch in token):
         return "".join(f"<0x{decoder[ch]:02X}>" for ch in token)
     return token
-
-
-def _percentile(ordered: list[int], q: float) -> int:
-    """Nearest-rank percentile of an ascending, non-empty list."""
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
 
 
 def render_html(report: dict[str, Any]) -> str:

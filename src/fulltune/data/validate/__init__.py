@@ -106,7 +106,7 @@ from fulltune.data.validate.content import (
 )
 from fulltune.data.validate.dataset_check import DatasetCheck
 from fulltune.data.validate.near_duplicates import NearDuplicates
-from fulltune.data.validate.page import histogram_svg, render_html, write_pages
+from fulltune.data.validate.page import render_html, write_pages
 from fulltune.data.validate.parallel import usable_cpus
 from fulltune.data.validate.stats import length_histogram, percentile
 from fulltune.data.validate.verdict import REPORT_FORMAT, DataValidationError, failure_message, full_report
@@ -124,7 +124,6 @@ __all__ = [
     "default_checks",
     "failure_message",
     "find_sensitive",
-    "histogram_svg",
     "length_histogram",
     "mask_email",
     "percentile",

@@ -1,119 +1,175 @@
-"""report.html: the summary table, each dataset's length histogram and problems with examples."""
+"""report.html: the verdict, a summary row per dataset, then each dataset's length histogram and its
+problems with example locations, and the policies they were judged by. Rendered from report.json
+alone, with the report kit."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
-from fulltune.data.validate.codes import CODES
-from fulltune.data.validate.verdict import _verdict
-from fulltune.reports import CSS, write_reports
+from fulltune import report_kit as kit
+from fulltune.data.validate.codes import CODES, FATAL, RECORD_ERRORS
+from fulltune.data.validate.verdict import failure_reason
+from fulltune.report_kit import Html
+
+_SUMMARY = [
+    "dataset",
+    "kind",
+    "files",
+    "records",
+    "bad",
+    "error rate",
+    "allowed",
+    "chars min",
+    "p50",
+    "p95",
+    "max",
+    "status",
+]
+_RATES = (_SUMMARY.index("error rate"), _SUMMARY.index("allowed"))  # percentages, aligned as numbers
 
 
 def write_pages(report: dict[str, Any], out_dir: Path) -> None:
     """report.json and report.html in `out_dir`."""
-    write_reports(report, out_dir, render_html)
-
-
-def histogram_svg(bins: list[dict[str, int]], width: int = 480, height: int = 120) -> str:
-    """Inline SVG bars, one per power-of-two length bin; each bar's title gives range and count."""
-    esc = html.escape
-    top = max(b["count"] for b in bins) or 1
-    bar = width / len(bins)
-    shapes = []
-    for i, b in enumerate(bins):
-        h = round((height - 20) * b["count"] / top, 1)
-        x = round(i * bar, 1)
-        shapes.append(
-            f"<rect x='{x}' y='{height - 20 - h}' width='{max(1.0, round(bar - 2, 1))}' height='{h}' fill='#4a7bd0'>"
-            f"<title>{b['lo']:,}–{b['hi']:,} chars: {b['count']:,} records</title></rect>"
-        )
-        if len(bins) <= 16 or i % 2 == 0:
-            shapes.append(
-                f"<text x='{x + bar / 2:.1f}' y='{height - 6}' font-size='9' text-anchor='middle'>{esc(_short(b['lo']))}</text>"
-            )
-    return (
-        f"<svg class='histogram' role='img' width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
-        f"xmlns='http://www.w3.org/2000/svg'>{''.join(shapes)}</svg>"
-    )
-
-
-def _short(n: int) -> str:
-    for unit, size in (("M", 1 << 20), ("k", 1 << 10)):
-        if n >= size:
-            return f"{n // size}{unit}"
-    return str(n)
+    kit.write_reports(report, out_dir, render_html)
 
 
 def render_html(report: dict[str, Any]) -> str:
-    """A self-contained page: the summary table, then each dataset's problems with examples."""
-    esc = html.escape
+    """A self-contained page for a validate_data report.json."""
     datasets = report["datasets"]
-    passed = report["passed"]
-    total = sum(d["records"] for d in datasets.values())
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>validate_data</title><style>{CSS}</style>"
-        "</head><body><h1>Data validation: "
-        + ("<span class='ok'>passed</span>" if passed else "<span class='error'>failed</span>")
-        + "</h1>"
-    ]
-    if passed and not any(d["problems"] for d in datasets.values()):
-        parts.append(
-            f"<p>All {total:,} records in {len(datasets)} dataset(s) parsed cleanly; no problems found.</p>"
-        )
-    rows = []
-    for name, d in datasets.items():
-        stats = d["length_chars"] or {}
-        status = (
-            "<span class='ok'>passed</span>"
-            if d["passed"]
-            else f"<span class='error'>{esc(_verdict(d))}</span>"
-        )
-        numbers = [
-            d["files"],
-            d["records"],
-            d["bad_records"],
-            *(stats.get(k) for k in ("min", "p50", "p95", "max")),
-        ]
-        rows.append(
-            f"<tr><td>{esc(name)}</td><td><code>{esc(d['uri'])}</code></td><td>{esc(str(d['kind'] or '—'))}</td>"
-            + "".join(f"<td class='n'>{'—' if n is None else f'{n:,}'}</td>" for n in numbers[:3])
-            + f"<td class='n'>{d['error_rate']:.2%}</td>"
-            + "".join(f"<td class='n'>{'—' if n is None else f'{n:,}'}</td>" for n in numbers[3:])
-            + f"<td>{status}</td></tr>"
-        )
-    parts.append(
-        "<table><tr><th>dataset</th><th>uri</th><th>kind</th><th>files</th><th>records</th><th>bad</th>"
-        "<th>error rate</th><th>chars min</th><th>p50</th><th>p95</th><th>max</th><th>status</th></tr>"
-        + "".join(rows)
-        + "</table>"
-        + f"<p>Allowed error rate: {report['max_error_rate']:.2%} of records per dataset.</p>"
+    return kit.page(
+        "validate_data",
+        "Data validation",
+        _banner(report),
+        kit.heading("Datasets"),
+        kit.table(_SUMMARY, [_summary_row(name, d) for name, d in datasets.items()], numeric=_RATES),
+        kit.note(
+            f"Allowed error rate: {_rate(report['max_error_rate'])} of records per dataset, counting the "
+            "bad records whose code's action is fail."
+        ),
+        *(_dataset_section(name, d, report["checks"]) for name, d in datasets.items()),
+        _policies(report),
     )
-    for name, d in datasets.items():
-        if d.get("length_histogram"):
-            parts.append(
-                f"<h2>{esc(name)}: record length (characters)</h2>{histogram_svg(d['length_histogram'])}"
-            )
-        if not d["problems"]:
-            continue
-        parts.append(
-            f"<h2>{esc(name)}: problems</h2><table><tr><th>code</th><th>severity</th><th>action</th><th>count</th>"
-            "<th>meaning</th><th>examples</th></tr>"
+
+
+def _banner(report: dict[str, Any]) -> str:
+    datasets = report["datasets"]
+    if not report["passed"]:
+        failed = [f"{name}: {failure_reason(d)}" for name, d in datasets.items() if not d["passed"]]
+        return kit.banner("fail", "FAILED — " + "; ".join(failed))
+    total = sum(d["records"] for d in datasets.values())
+    codes = {p["code"] for d in datasets.values() for p in d["problems"]}
+    if not codes:
+        return kit.banner(
+            "pass",
+            f"PASSED — all {total:,} records in {len(datasets)} dataset(s) parsed cleanly; no problems found",
         )
-        for p in d["problems"]:
-            examples = "".join(
-                f"<li><code>{esc(ex['location'])}</code>: {esc(ex['reason'])}</li>" for ex in p["examples"]
+    return kit.banner(
+        "warn",
+        f"PASSED — {total:,} records in {len(datasets)} dataset(s); {len(codes)} kind(s) of problem within "
+        "their policies, listed below",
+    )
+
+
+def _summary_row(name: str, d: dict[str, Any]) -> list[Any]:
+    stats = d["length_chars"] or {}
+    status = kit.badge("passed", "ok") if d["passed"] else kit.badge(failure_reason(d), "error")
+    return [
+        name,
+        d["kind"],
+        d["files"],
+        d["records"],
+        d["bad_records"],
+        _rate(d["error_rate"]),
+        _rate(d["max_error_rate"]),
+        *(stats.get(k) for k in ("min", "p50", "p95", "max")),
+        status,
+    ]
+
+
+def _dataset_section(name: str, d: dict[str, Any], checks: dict[str, Any]) -> str:
+    files = f"{d['files']:,} file" + ("" if d["files"] == 1 else "s")
+    parts = [kit.heading(name), kit.note(Html(f"{kit.code(d['uri'])}: {files}, {d['records']:,} records"))]
+    if d.get("length_histogram"):
+        parts.append(
+            kit.histogram(
+                d["length_histogram"],
+                title=f"{name}: record length",
+                x_label="characters per record",
+                unit="chars",
             )
-            more = p["count"] - len(p["examples"])
-            if more > 0:
-                examples += f"<li>… and {more:,} more</li>"
-            parts.append(
-                f"<tr><td><code>{esc(p['code'])}</code></td><td class='{esc(p['severity'])}'>{esc(p['severity'])}</td>"
-                f"<td>{esc(p.get('action', ''))}{' (exceeded)' if p.get('exceeded') else ''}</td>"
-                f"<td class='n'>{p['count']:,}</td><td>{esc(CODES.get(p['code'], ('', ''))[1])}</td>"
-                f"<td><ul>{examples}</ul></td></tr>"
-            )
-        parts.append("</table>")
-    parts.append("</body></html>\n")
-    return "".join(parts)
+        )
+    if d["problems"]:
+        problems = [_problem(p, d["records"], checks.get(p["code"])) for p in d["problems"]]
+        parts += [kit.heading("Problems", 3), kit.problem_list(problems)]
+    else:
+        parts.append(kit.note("No problems found."))
+    return "\n".join(parts)
+
+
+def _problem(p: dict[str, Any], records: int, policy: dict[str, Any] | None) -> kit.Problem:
+    """One problem: its code and meaning, how many records have it, the policy it was judged by, and
+    its example locations with the reason at each."""
+    code = p["code"]
+    # A fatal code counts files or datasets, not records: no rate to give.
+    found = f"{p['count']:,} found" if code in FATAL else f"{p['count']:,} of {records:,} records"
+    rate = "" if code in FATAL else f" ({_rate(p['rate'])})"
+    text = Html(
+        f"{kit.code(code)} — {kit.html_text(f'{_meaning(code)}: {found}{rate}; {_judged_by(p, policy)}')}"
+        + (" " + kit.badge("exceeded", "error") if p["exceeded"] and code not in FATAL else "")
+    )
+    locations = [Html(f"{kit.code(ex['location'])}: {kit.html_text(ex['reason'])}") for ex in p["examples"]]
+    return kit.Problem(p["severity"], text, locations, more=p["count"] - len(p["examples"]))
+
+
+def _judged_by(p: dict[str, Any], policy: dict[str, Any] | None) -> str:
+    if p["code"] in FATAL:
+        return "fatal: fails the dataset whatever the policies"
+    if p["action"] != "fail":
+        return f"action {p['action']}: reported, never fails"
+    if p["code"] in RECORD_ERRORS and (policy is None or policy.get("max_rate") is None):
+        return f"action fail: counts toward the error budget of {_rate(p['max_rate'])}"
+    return f"action fail above {_rate(p['max_rate'])}"
+
+
+def _policies(report: dict[str, Any]) -> str:
+    rows = [
+        (
+            kit.code(code),
+            CODES.get(code, ("", ""))[0],
+            policy["action"],
+            _policy_limit(code, policy),
+            _meaning(code),
+        )
+        for code, policy in report["checks"].items()
+    ]
+    return (
+        kit.heading("Policies")
+        + kit.note(
+            f"data.checks over the defaults. Fatal codes ({', '.join(sorted(FATAL))}) fail a dataset "
+            "whatever the policies. " + _special_tokens(report.get("tokenizer_special_tokens", 0))
+        )
+        + kit.table(["code", "severity", "action", "max rate", "meaning"], rows, numeric=(3,))
+    )
+
+
+def _special_tokens(count: int) -> str:
+    if not count:
+        return "special_token_text looks for the fixed special-token strings only: no tokenizer was loaded."
+    return f"special_token_text also looks for the tokenizer's {count:,} special tokens."
+
+
+def _policy_limit(code: str, policy: dict[str, Any]) -> str:
+    if policy["action"] != "fail":
+        return kit.MISSING
+    if policy.get("max_rate") is None:
+        return "error budget" if code in RECORD_ERRORS else "data.max_error_rate"
+    return _rate(policy["max_rate"])
+
+
+def _meaning(code: str) -> str:
+    return CODES.get(code, ("", ""))[1]
+
+
+def _rate(value: Any) -> str:
+    return kit.format_percent(value, 2)

@@ -98,7 +98,7 @@ def _metrics(datasets: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _verdict(d: dict[str, Any]) -> str:
+def failure_reason(d: dict[str, Any]) -> str:
     """Why a dataset failed, in one line (also the status of a failed dataset in report.html)."""
     fatal = [p["code"] for p in d["problems"] if p["code"] in FATAL]
     if fatal:
@@ -120,7 +120,9 @@ def _verdict(d: dict[str, Any]) -> str:
 def failure_message(report: dict[str, Any], html_path: Path | str) -> str:
     """One summary line, then the top error locations as `location: code: reason`."""
     failed = {name: d for name, d in report["datasets"].items() if not d["passed"]}
-    lines = ["validate_data failed: " + "; ".join(f"{name}: {_verdict(d)}" for name, d in failed.items())]
+    lines = [
+        "validate_data failed: " + "; ".join(f"{name}: {failure_reason(d)}" for name, d in failed.items())
+    ]
     shown = total = 0
     for d in failed.values():
         for problem in d["problems"]:
