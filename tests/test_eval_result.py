@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from fulltune.config import RunConfig
+from fulltune.evaluate import lm_eval_backend
+from fulltune.evaluate.core import evaluate_models
 from fulltune.evaluate.result import EvalResult, EvalResultError
 
 SAMPLE = Path(__file__).parent / "data" / "eval_v1.json"
@@ -143,3 +146,55 @@ def test_a_file_that_is_not_an_eval_result_is_refused_naming_file_and_field(tmp_
     path.write_text(json.dumps(no_checks))
     with pytest.raises(EvalResultError, match="checks"):  # an empty gate passes nothing
         EvalResult.load(str(path))
+
+
+# -- a fixed run: evaluate writes the same keys as the sample --------------------------------------
+
+
+def _key_shape(value, path="") -> set[str]:
+    """Every key path of a JSON value; list items are described by their first element."""
+    if isinstance(value, dict):
+        return {f"{path}.{k}" for k in value} | {
+            p for k, v in value.items() for p in _key_shape(v, f"{path}.{k}")
+        }
+    if isinstance(value, list) and value:
+        return _key_shape(value[0], f"{path}[]")
+    return set()
+
+
+def test_a_fixed_run_writes_the_keys_of_the_sample(tmp_path, monkeypatch):
+    from test_evaluate import MC_QUESTIONS, _manifest, _save_tiny_llama, _write_mc
+
+    base = _save_tiny_llama(tmp_path / "base", seed=0)
+    tuned = _save_tiny_llama(tmp_path / "tuned", seed=1, perturb=0.05)
+    raw = _sample()
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "".join(
+            json.dumps({"prompt": w.prompt, "answer": w.answers}) + "\n"
+            for w in EvalResult.model_validate(raw).generation["qa"].worst_regressions
+        )
+    )
+    harness = {"arc_easy": {"acc,none": 0.4, "acc_stderr,none": 0.01, "acc_norm,none": 0.38}}
+    monkeypatch.setattr(lm_eval_backend, "available", lambda: True)
+    monkeypatch.setattr(lm_eval_backend, "run", lambda *a, **kw: {"base": harness, "tuned": harness})
+    cfg = RunConfig.from_dict(
+        {
+            "evaluation": {
+                "per_device_eval_batch_size": 3,
+                "bootstrap_resamples": 50,
+                "mc_tasks": [{"name": "toy", "uri": _write_mc(tmp_path / "mc.jsonl", MC_QUESTIONS * 3)}],
+                "generation_tasks": [{"name": "qa", "uri": str(qa), "max_new_tokens": 4}],
+                "lm_eval_tasks": ["arc_easy"],
+            }
+        }
+    )
+    result = evaluate_models(cfg, str(base), str(tuned), _manifest(tmp_path / "data"), tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert written == result.to_json()
+    expected = _key_shape(raw)
+    if not written["generation"]["qa"]["worst_regressions"]:  # greedy outputs can differ by platform
+        expected = {k for k in expected if not k.startswith(".generation.qa.worst_regressions[]")}
+    assert _key_shape(written) == expected
+    assert set(written["metrics"]) == SAMPLE_METRICS
+    assert EvalResult.load(str(tmp_path / "out" / "eval.json")).to_json() == written

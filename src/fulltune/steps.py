@@ -233,11 +233,11 @@ def evaluate(
         storage.upload_dir(tmp, cfg.layout.eval_dir)
         _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
         _copy_out(Path(tmp, EVAL_FILE), eval_path)
-    _log_metrics(log_metric, result["metrics"])
-    log.info("verdict: %s", "PASS" if result["verdict"] else "FAIL (the model will not be registered)")
-    for reason in result["reasons"]:
+    _log_metrics(log_metric, result.kfp_metrics())
+    log.info("verdict: %s", "PASS" if result.verdict else "FAIL (the model will not be registered)")
+    for reason in result.reasons:
         log.info("  - %s", reason)
-    return bool(result["verdict"])
+    return result.verdict
 
 
 # -- register -----------------------------------------------------------------------------------------
