@@ -46,7 +46,7 @@ from urllib.parse import urlparse
 
 from fulltune import storage
 from fulltune.config import KubeflowRegistrySection
-from fulltune.registry.store import EVAL, LINEAGE, MANIFEST, RegistryError
+from fulltune.registry.layout import EVAL, LINEAGE, MANIFEST, RegistryError
 
 log = logging.getLogger(__name__)
 

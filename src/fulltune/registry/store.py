@@ -18,7 +18,7 @@ fails the files stay committed, and the retry records it.
 
 Files are hashed by streaming from the source and copied URI to URI (S3 to S3 server-side), so a
 registration never stages the model on the step's disk. `verify_version` rehashes a committed
-version against its manifest.
+version against its manifest. The version's layout and file names are in `registry/layout.py`.
 """
 
 from __future__ import annotations
@@ -37,31 +37,23 @@ import fulltune
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.registry.card import render_model_card
+from fulltune.registry.layout import (
+    CARD,
+    CLAIM,
+    EVAL,
+    LINEAGE,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    RESERVED,
+    RegistryError,
+    model_root,
+    version_uri,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "fulltune.registry/v1"
-MANIFEST = "manifest.json"
-CLAIM = ".claim"
-CARD = "model_card.md"
-LINEAGE = "lineage.json"
-EVAL = "eval.json"
-# Names the registry writes itself; a model file of the same name would be shadowed, so it is skipped.
-RESERVED = frozenset({MANIFEST, CLAIM, CARD, LINEAGE, EVAL})
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _MAX_CLAIM_ATTEMPTS = 1000
-
-
-class RegistryError(RuntimeError):
-    """A model that cannot be registered, or a registry that cannot be read; names the version."""
-
-
-def model_root(registry_uri: str, name: str) -> str:
-    return storage.join(registry_uri, name)
-
-
-def version_uri(registry_uri: str, name: str, version: int) -> str:
-    return storage.join(registry_uri, name, f"v{version}")
 
 
 # -- registering --------------------------------------------------------------------------------
