@@ -95,6 +95,7 @@ def _registry_register(args: argparse.Namespace) -> int:
     """Register a model the way the pipeline's `register` step does (Kubeflow Model Registry too)."""
     from fulltune import steps
     from fulltune.config import ConfigError, RunConfig
+    from fulltune.evaluate.result import EvalResultError
     from fulltune.registry.layout import RegistryError
 
     try:
@@ -103,7 +104,7 @@ def _registry_register(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc.filename or exc}: not found", file=sys.stderr)
         return 1
-    except (ConfigError, RegistryError) as exc:
+    except (ConfigError, EvalResultError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(uri)

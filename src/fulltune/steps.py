@@ -251,11 +251,12 @@ def register(cfg: RunConfig, model_uri: str, eval_path: str, run_id: str = "", f
     $MODEL_REGISTRY_TOKEN or the pod's service-account token). `force` registers a model whose gate
     failed, recorded as forced in the lineage.
     """
+    from fulltune.evaluate.result import EvalResult
     from fulltune.lineage import build_lineage
     from fulltune.registry.store import register_model
 
     _setup_logging()
-    eval_result = storage.read_json(eval_path)
+    eval_result = EvalResult.load(eval_path)
     lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
     uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)
     log.info("registered %s", uri)

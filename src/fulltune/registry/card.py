@@ -14,15 +14,16 @@ import yaml
 
 import fulltune
 from fulltune.config import RunConfig
+from fulltune.evaluate.result import EvalResult
 
 TAGS = ["fulltune", "full-fine-tune"]
 
 
 def render_model_card(
-    cfg: RunConfig, *, version: int, eval_result: dict[str, Any], lineage: dict[str, Any], forced: bool
+    cfg: RunConfig, *, version: int, eval_result: EvalResult, lineage: dict[str, Any], forced: bool
 ) -> str:
     """Markdown with YAML front matter for `cfg.model.name` v`version`."""
-    sets: dict[str, Any] = eval_result.get("sets") or {}
+    sets = eval_result.sets
     front: dict[str, Any] = {}
     if cfg.model.base_model_uri:
         front["base_model"] = cfg.model.base_model_uri
@@ -35,22 +36,21 @@ def render_model_card(
             "task": {"type": "text-generation"},
             "dataset": {"name": name, "type": f"fulltune/{name}"},
             "metrics": [
-                {"type": "loss", "name": f"{name} loss", "value": _yaml_number(entry["tuned"]["loss"])},
+                {"type": "loss", "name": f"{name} loss", "value": _yaml_number(entry.tuned.loss)},
                 {
                     "type": "perplexity",
                     "name": f"{name} perplexity",
-                    "value": _yaml_number(entry["tuned"]["perplexity"]),
+                    "value": _yaml_number(entry.tuned.perplexity),
                 },
             ],
         }
         for name, entry in sets.items()
-        if "tuned" in entry
     ]
     if results:
         front["model-index"] = [{"name": cfg.model.name, "results": results}]
 
     t, p, r = cfg.training, cfg.preprocess, cfg.resources
-    passed = bool(eval_result.get("verdict"))
+    passed = eval_result.verdict
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
@@ -88,15 +88,14 @@ def render_model_card(
             "|---|---|---|---|---|",
         ]
         for name, entry in sets.items():
-            base, tuned = entry.get("base", {}), entry.get("tuned", {})
             lines.append(
-                f"| {name} | {_num(base.get('loss'))} | {_num(tuned.get('loss'))} | "
-                f"{_num(base.get('perplexity'))} | {_num(tuned.get('perplexity'))} |"
+                f"| {name} | {_num(entry.base.loss)} | {_num(entry.tuned.loss)} | "
+                f"{_num(entry.base.perplexity)} | {_num(entry.tuned.perplexity)} |"
             )
     else:
         lines.append("No evaluation numbers were recorded.")
     lines += ["", "## Verdict", "", f"**{'Passed' if passed else 'Failed'}** the evaluation gate."]
-    lines += [f"- {reason}" for reason in eval_result.get("reasons", [])]
+    lines += [f"- {reason}" for reason in eval_result.reasons]
     if forced:
         lines += ["", "> **Registered by force** although the gate did not pass: review before use."]
     provenance = {

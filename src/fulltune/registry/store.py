@@ -36,6 +36,7 @@ from typing import Any
 import fulltune
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.evaluate.result import EvalResult
 from fulltune.registry.card import render_model_card
 from fulltune.registry.layout import (
     CARD,
@@ -62,7 +63,7 @@ _MAX_CLAIM_ATTEMPTS = 1000
 def register_model(
     cfg: RunConfig,
     model_uri: str,
-    eval_result: dict[str, Any],
+    eval_result: EvalResult,
     lineage: dict[str, Any],
     *,
     force: bool = False,
@@ -96,10 +97,10 @@ def register_model(
     """
     cfg.require("registry.uri")
     name = cfg.model.name
-    if eval_result.get("verdict") is not True and not force:
-        reasons = "; ".join(eval_result.get("reasons") or ["no verdict in the eval result"])
+    if not eval_result.verdict and not force:
         raise RegistryError(
-            f"{name}: not registered, the evaluation gate did not pass ({reasons}); use force to override"
+            f"{name}: not registered, the evaluation gate did not pass "
+            f"({'; '.join(eval_result.reasons)}); use force to override"
         )
 
     if run_id and (done := _version_of_run(cfg.registry.uri, name, run_id)) is not None:
@@ -129,20 +130,18 @@ def register_model(
     try:
         for rel in rels:
             _copy(storage.join(model_uri, rel), storage.join(uri, rel), options)
-        forced = force and eval_result.get("verdict") is not True
+        forced = force and not eval_result.verdict
         full_lineage = {
             **lineage,
             "forced": forced,
             "source_model_uri": model_uri,
-            "eval": eval_result,
+            "eval": eval_result.to_json(),
             "fulltune_version": fulltune.__version__,
         }
         if run_id:
             full_lineage["run_id"] = run_id
         if forced:
-            full_lineage["forced_reasons"] = list(
-                eval_result.get("reasons") or ["no verdict in the eval result"]
-            )
+            full_lineage["forced_reasons"] = eval_result.reasons
         full_lineage.setdefault("config", cfg.to_dict())
         card = render_model_card(
             cfg, version=version, eval_result=eval_result, lineage=full_lineage, forced=forced
@@ -150,7 +149,7 @@ def register_model(
         extras = {
             CARD: card.encode("utf-8"),
             LINEAGE: _json_bytes(full_lineage),
-            EVAL: _json_bytes(eval_result),
+            EVAL: _json_bytes(eval_result.to_json()),
         }
         for rel, data in extras.items():
             storage.write_bytes(storage.join(uri, rel), data, options)
@@ -162,7 +161,7 @@ def register_model(
             "run_id": run_id,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source_model_uri": model_uri,
-            "verdict": eval_result.get("verdict") is True,
+            "verdict": eval_result.verdict,
             "forced": forced,
             "fulltune_version": fulltune.__version__,
             "files": sorted(files, key=lambda f: f["path"]),
