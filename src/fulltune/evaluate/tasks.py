@@ -60,7 +60,10 @@ class Pair(Generic[T]):
 class EvalTask(Protocol[S]):
     """A loss set or task, prepared before any model is loaded; `S` is one model's scores on it."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The set's or task's name, as in eval.json and the metric names."""
+        ...
 
     def score(self, models: Mapping[str, Any]) -> dict[str, S]:
         """The scores of each of `models` (role -> loaded model), in one pass over the prepared batches."""
