@@ -1,9 +1,9 @@
 """EvalResult: the typed eval.json loads what evaluate writes, writes it back key for key, and derives
 the KFP metrics (names dashboards and the Model Registry read) from its typed fields.
 
-`data/eval_v1.json` was written by `evaluate_models` (two loss sets, a multiple-choice task, a
-generation task with a regression, lm-eval rows, 50 bootstrap resamples) before eval.json had a typed
-model; only the two model URIs were replaced by readable ones.
+`data/eval_v1.json` was written by the `evaluate_models` of b8c58a0, which built eval.json as a dict
+(two loss sets, a multiple-choice task, a generation task with a regression, lm-eval rows, 50
+bootstrap resamples): what registered versions hold. Only the two model URIs were made readable.
 """
 
 from __future__ import annotations
