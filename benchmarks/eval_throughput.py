@@ -42,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fulltune.evaluate import generation as gen
 from fulltune.evaluate import mc
-from fulltune.evaluate.core import loss_batches, score_loss, sequence_loss
+from fulltune.evaluate.loss import loss_batches, score_loss, sequence_loss
 from fulltune.preprocess.dataset import IGNORE_INDEX
 
 

@@ -12,9 +12,10 @@ import pytest
 
 from fulltune import storage
 from fulltune.config import RunConfig
-from fulltune.evaluate.core import EvaluateError, evaluate_models, load_model, pick_device, sequence_loss
+from fulltune.evaluate.core import EvaluateError, evaluate_models, load_model, pick_device
 from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import decide
+from fulltune.evaluate.loss import sequence_loss
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
 
 VOCAB = 64
@@ -263,7 +264,7 @@ def test_gate_wording_edge_cases():
 
 def test_evaluate_models_writes_eval_json_and_report(models, dataset, tmp_path):
     out = tmp_path / "out"
-    result = evaluate_models(_cfg(), str(models["base"]), str(models["tuned"]), dataset, out)
+    result = evaluate_models(_cfg(), str(models["base"]), str(models["tuned"]), dataset, out).to_json()
 
     on_disk = json.loads((out / "eval.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
@@ -301,14 +302,14 @@ def test_evaluate_models_writes_eval_json_and_report(models, dataset, tmp_path):
 
 def test_identical_models_pass_and_a_failed_gate_is_not_an_exception(models, dataset, tmp_path):
     same = evaluate_models(_cfg(), str(models["base"]), str(models["same"]), dataset, tmp_path / "a")
-    assert same["verdict"] is True
-    assert same["metrics"]["domain_loss_improvement"] == pytest.approx(0.0, abs=1e-6)
-    assert same["metrics"]["forgetting"] == pytest.approx(0.0, abs=1e-6)
+    assert same.verdict is True
+    assert same.kfp_metrics()["domain_loss_improvement"] == pytest.approx(0.0, abs=1e-6)
+    assert same.kfp_metrics()["forgetting"] == pytest.approx(0.0, abs=1e-6)
 
     strict = _cfg(min_domain_loss_improvement=0.5)
     failed = evaluate_models(strict, str(models["base"]), str(models["tuned"]), dataset, tmp_path / "b")
-    assert failed["verdict"] is False
-    assert failed["checks"][0]["passed"] is False and "50.0%" in failed["reasons"][0]
+    assert failed.verdict is False
+    assert failed.checks[0].passed is False and "50.0%" in failed.reasons[0]
     assert json.loads((tmp_path / "b" / "eval.json").read_text())["verdict"] is False
 
 
@@ -317,11 +318,11 @@ def test_without_general_set_and_with_a_sequence_cap(models, tmp_path):
     result = evaluate_models(
         _cfg(max_eval_sequences=5), str(models["base"]), str(models["same"]), manifest, tmp_path / "out"
     )
-    assert set(result["sets"]) == {"domain_eval"}
-    assert result["sets"]["domain_eval"]["sequences"] == 5
-    assert "forgetting" not in result["metrics"]
-    assert result["reasons"][1] == "no general eval set: forgetting was not measured"
-    assert result["verdict"] is True
+    assert set(result.sets) == {"domain_eval"}
+    assert result.sets["domain_eval"].sequences == 5
+    assert "forgetting" not in result.kfp_metrics() and result.forgetting is None
+    assert result.reasons[1] == "no general eval set: forgetting was not measured"
+    assert result.verdict is True
 
 
 def test_models_and_dataset_on_s3(models, tmp_path, s3):
@@ -337,8 +338,8 @@ def test_models_and_dataset_on_s3(models, tmp_path, s3):
         _cfg(), f"{s3}/models/base", f"{s3}/models/tuned", f"{s3}/data/manifest.json", tmp_path / "s3out"
     )
     local = evaluate_models(_cfg(), str(models["base"]), str(models["tuned"]), manifest, tmp_path / "out")
-    assert remote["metrics"] == pytest.approx(local["metrics"])
-    assert remote["dataset_manifest"] == f"{s3}/data/manifest.json"
+    assert remote.kfp_metrics() == pytest.approx(local.kfp_metrics())
+    assert remote.dataset_manifest == f"{s3}/data/manifest.json"
 
 
 def test_report_renders_from_eval_json_alone():
@@ -522,7 +523,7 @@ def test_evaluate_models_with_mc_tasks_and_intervals(models, dataset, tmp_path):
     task = _write_mc(tmp_path / "task.jsonl", MC_QUESTIONS * 3)
     cfg = _cfg(mc_tasks=[{"name": "toy", "uri": task}], bootstrap_resamples=200)
     out = tmp_path / "out"
-    result = evaluate_models(cfg, str(models["base"]), str(models["tuned"]), dataset, out)
+    result = evaluate_models(cfg, str(models["base"]), str(models["tuned"]), dataset, out).to_json()
     m = result["metrics"]
     assert all(isinstance(v, float) for v in m.values())
     for key in ("mc_toy_base_acc", "mc_toy_tuned_acc", "mc_toy_base_acc_norm", "mc_toy_tuned_acc_norm"):
@@ -558,15 +559,15 @@ def test_evaluate_models_with_mc_tasks_and_intervals(models, dataset, tmp_path):
         assert escape(result["mc"]["toy"]["worst_regressions"][0]["question"]) in html
 
     again = evaluate_models(cfg, str(models["base"]), str(models["tuned"]), dataset, tmp_path / "again")
-    assert again["metrics"] == result["metrics"]  # seeded
+    assert again.kfp_metrics() == result["metrics"]  # seeded
 
 
 def test_mc_gate_fails_on_an_accuracy_drop(models, dataset, tmp_path):
     task = _write_mc(tmp_path / "task.jsonl", MC_QUESTIONS * 3)
     cfg = _cfg(mc_tasks=[{"name": "toy", "uri": task}], max_mc_accuracy_drop=0.0)
     same = evaluate_models(cfg, str(models["base"]), str(models["same"]), dataset, tmp_path / "a")
-    assert same["verdict"] is True and same["metrics"]["mc_toy_acc_change"] == 0.0
-    assert "no drop" in same["reasons"][2]
+    assert same.verdict is True and same.kfp_metrics()["mc_toy_acc_change"] == 0.0
+    assert "no drop" in same.reasons[2]
 
 
 def test_mc_tokenizer_falls_back_to_the_runs_tokenizer(models, tmp_path):
@@ -581,7 +582,7 @@ def test_mc_tokenizer_falls_back_to_the_runs_tokenizer(models, tmp_path):
     evaluation = {"per_device_eval_batch_size": 3, "mc_tasks": [{"name": "toy", "uri": task}]}
     cfg = RunConfig.from_dict({"model": {"tokenizer_uri": str(models["base"])}, "evaluation": evaluation})
     result = evaluate_models(cfg, str(models["base"]), str(bare), manifest, tmp_path / "out")
-    assert result["metrics"]["mc_toy_acc_change"] == 0.0
+    assert result.kfp_metrics()["mc_toy_acc_change"] == 0.0
     no_fallback = RunConfig.from_dict({"model": {"tokenizer_uri": str(bare)}, "evaluation": evaluation})
     with pytest.raises(EvaluateError, match="no tokenizer"):
         evaluate_models(no_fallback, str(models["base"]), str(bare), manifest, tmp_path / "out2")

@@ -261,7 +261,9 @@ def test_evaluate_models_scores_exact_match_and_gates_on_it(demo_models, referen
         task, max_exact_match_drop=0.0, max_general_ppl_increase=100.0, min_domain_loss_improvement=-100.0
     )
     out = tmp_path / "out"
-    result = evaluate_models(cfg, str(demo_models["base"]), str(demo_models["tuned"]), manifest, out)
+    result = evaluate_models(
+        cfg, str(demo_models["base"]), str(demo_models["tuned"]), manifest, out
+    ).to_json()
 
     tuned_right = [
         i for i in right if gen.normalize(references["tuned"][i]) == gen.normalize(references["base"][i])
@@ -313,15 +315,15 @@ def test_one_pass_gives_the_same_numbers_with_both_models_loaded_or_one_at_a_tim
     with caplog.at_level(logging.INFO, logger="fulltune.evaluate.core"):
         together = evaluate_models(cfg, base, tuned, manifest, tmp_path / "a", models_together=True)
         apart = evaluate_models(cfg, base, tuned, manifest, tmp_path / "b", models_together=False)
-    assert together["metrics"] == apart["metrics"]  # exactly: same operations, same order
-    assert together["generation"] == apart["generation"] and together["sets"] == apart["sets"]
-    assert together["scoring"]["models_together"] is True and apart["scoring"]["models_together"] is False
+    assert together.kfp_metrics() == apart.kfp_metrics()  # exactly: same operations, same order
+    assert together.generation == apart.generation and together.sets == apart.sets
+    assert together.scoring.models_together is True and apart.scoring.models_together is False
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("scoring base and tuned together, one pass") for m in messages)
     assert any(m.startswith("scoring one model at a time over batches prepared once") for m in messages)
     # left to itself, two tiny models fit together
     auto = evaluate_models(cfg, base, tuned, manifest, tmp_path / "c")
-    assert auto["scoring"]["models_together"] is True and auto["metrics"] == together["metrics"]
+    assert auto.scoring.models_together is True and auto.kfp_metrics() == together.kfp_metrics()
 
 
 def test_device_map_auto_falls_back_to_single_on_cpu(demo_models, references, tmp_path, caplog):
@@ -340,8 +342,8 @@ def test_device_map_auto_falls_back_to_single_on_cpu(demo_models, references, tm
         "device_map is 'auto' but no CUDA GPU is visible: falling back to 'single'" in r.getMessage()
         for r in caplog.records
     )
-    assert auto["scoring"]["device_map"] == "single"
-    assert auto["metrics"] == single["metrics"]
+    assert auto.scoring.device_map == "single"
+    assert auto.kfp_metrics() == single.kfp_metrics()
 
 
 def test_a_bad_task_file_fails_before_any_model_is_loaded(tmp_path):

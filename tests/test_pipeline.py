@@ -82,9 +82,9 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
     result = run_demo(tmp_path, assets=demo_assets)
     out = capsys.readouterr().out
     print(summary_text(result))
-    m = result.eval_result["metrics"]
+    m = result.eval_result.kfp_metrics()
     assert m["domain_eval_tuned_loss"] < m["domain_eval_base_loss"]
-    assert result.eval_result["verdict"] is True, result.eval_result["reasons"]
+    assert result.eval_result.verdict is True, result.eval_result.reasons
     assert result.registered and verify_version(result.registered) == []
     AutoModelForCausalLM.from_pretrained(result.registered)
     tok = AutoTokenizer.from_pretrained(result.registered)
@@ -115,10 +115,10 @@ def test_forgetting_model_is_refused_and_not_registered(demo_assets, tmp_path, c
 
     result = run_demo(tmp_path, assets=demo_assets, forget=True)  # the pipeline run itself succeeds
     out = capsys.readouterr().out
-    m = result.eval_result["metrics"]
-    assert result.eval_result["verdict"] is False
+    m = result.eval_result.kfp_metrics()
+    assert result.eval_result.verdict is False
     assert m["forgetting"] > 0.10
-    assert any("general perplexity rose" in r and "allowed" in r for r in result.eval_result["reasons"])
+    assert any("general perplexity rose" in r and "allowed" in r for r in result.eval_result.reasons)
     assert result.registered is None
     assert list_versions(result.registry_uri, "demo-clinical-llama") == []
     assert "Executing task \x1b[96m'register'" not in out

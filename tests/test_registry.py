@@ -14,32 +14,53 @@ import yaml
 
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.evaluate.result import EvalResult, GateCheck
 from fulltune.registry import store
 from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
 
 NAME = "tiny"
 
-EVAL_PASS = {
-    "verdict": True,
-    "reasons": [
-        "domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required",
-        "no general eval set: forgetting was not measured",
-    ],
-    "sets": {
-        "domain_eval": {
-            "sequences": 13,
-            "loss_tokens": 90,
-            "base": {"loss": 3.91, "perplexity": 49.9},
-            "tuned": {"loss": 3.07, "perplexity": 21.5},
-        }
-    },
-    "metrics": {"domain_loss_improvement": 0.214},
-}
-EVAL_FAIL = {
-    **EVAL_PASS,
-    "verdict": False,
-    "reasons": ["general perplexity rose 7.3% (12.10 → 12.98) > 5.0% allowed"],
-}
+EVAL_PASS = EvalResult.model_validate(
+    {
+        "base_model_uri": "s3://models/base-llama",
+        "tuned_model_uri": "s3://work/run-123/train/model",
+        "sets": {
+            "domain_eval": {
+                "sequences": 13,
+                "loss_tokens": 90,
+                "base": {"loss": 3.91, "perplexity": 49.9},
+                "tuned": {"loss": 3.07, "perplexity": 21.5},
+            }
+        },
+        "checks": [
+            {
+                "name": "domain_gain",
+                "passed": True,
+                "reason": "domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required",
+            },
+            {
+                "name": "forgetting",
+                "passed": True,
+                "reason": "no general eval set: forgetting was not measured",
+            },
+        ],
+        "thresholds": {"min_domain_loss_improvement": 0.0, "max_general_ppl_increase": 0.05},
+        "device": "cpu (float32)",
+        "created_at": "2025-01-01T00:00:00+00:00",
+        "fulltune_version": "0.1.0",
+    }
+)
+EVAL_FAIL = EVAL_PASS.model_copy(
+    update={
+        "checks": [
+            GateCheck(
+                name="forgetting",
+                passed=False,
+                reason="general perplexity rose 7.3% (12.10 → 12.98) > 5.0% allowed",
+            )
+        ]
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +143,16 @@ def test_card_lineage_and_eval(model_dir, tmp_path):
     assert result["dataset"]["name"] == "domain_eval"
     assert {m["type"]: m["value"] for m in result["metrics"]} == {"loss": 3.07, "perplexity": 21.5}
     assert f"# {NAME} v1" in body and "| domain_eval | 3.9100 | 3.0700 |" in body
-    assert "**Passed**" in body and EVAL_PASS["reasons"][0] in body and "run-123" in body
+    assert "**Passed**" in body and EVAL_PASS.reasons[0] in body and "run-123" in body
 
     lineage = json.loads(Path(uri, "lineage.json").read_text())
     assert lineage["run_id"] == "run-123" and lineage["dataset_manifest"] == LINEAGE["dataset_manifest"]
-    assert lineage["eval"] == EVAL_PASS and lineage["forced"] is False and "forced_reasons" not in lineage
+    assert lineage["eval"] == EVAL_PASS.to_json()
+    assert lineage["forced"] is False and "forced_reasons" not in lineage
     assert lineage["fulltune_version"] and lineage["config"]["model"]["name"] == NAME
     assert lineage["source_model_uri"] == str(model_dir)
-    assert json.loads(Path(uri, "eval.json").read_text()) == EVAL_PASS
+    assert json.loads(Path(uri, "eval.json").read_text()) == EVAL_PASS.to_json()
+    assert EvalResult.load(str(Path(uri, "eval.json"))) == EVAL_PASS
 
 
 def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
@@ -137,13 +160,10 @@ def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
     with pytest.raises(RegistryError, match="gate did not pass.*12.10 → 12.98"):
         register_model(_cfg(registry), str(model_dir), EVAL_FAIL, LINEAGE)
     assert not (tmp_path / "registry").exists()
-    with pytest.raises(RegistryError, match="no verdict"):
-        register_model(_cfg(registry), str(model_dir), {}, LINEAGE)
-
     uri = register_model(_cfg(registry), str(model_dir), EVAL_FAIL, LINEAGE, force=True)
     assert uri.endswith("v1")
     lineage = json.loads(Path(uri, "lineage.json").read_text())
-    assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL["reasons"]
+    assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL.reasons
     assert list_versions(registry, NAME)[0]["forced"] is True
     assert "Registered by force" in Path(uri, "model_card.md").read_text()
 
@@ -327,6 +347,7 @@ import json, os, sys, time
 from pathlib import Path
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.evaluate.result import EvalResult
 from fulltune.registry import store
 
 registry, model, sync, mode, eval_json = sys.argv[1:6]
@@ -353,7 +374,8 @@ elif mode == "hang":
             time.sleep(600)
     storage.upload_file = upload_then_hang
 cfg = RunConfig.from_dict({"model": {"name": "tiny"}, "registry": {"uri": registry}})
-print(store.register_model(cfg, model, json.loads(eval_json), {"run_id": f"pid-{os.getpid()}"}))
+eval_result = EvalResult.model_validate_json(eval_json)
+print(store.register_model(cfg, model, eval_result, {"run_id": f"pid-{os.getpid()}"}))
 """
 
 
@@ -371,7 +393,7 @@ def small_model(tmp_path) -> Path:
 
 def _writer(registry: str, model: Path, sync: Path, mode: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", _WRITER, registry, str(model), str(sync), mode, json.dumps(EVAL_PASS)],
+        [sys.executable, "-c", _WRITER, registry, str(model), str(sync), mode, EVAL_PASS.model_dump_json()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -17,6 +17,7 @@ import pytest
 from fulltune import steps, storage
 from fulltune.cli import main
 from fulltune.config import ConfigError, RunConfig
+from fulltune.evaluate.result import EvalResult, GateCheck
 from fulltune.registry import kubeflow
 from fulltune.registry.kubeflow import KubeflowRegistryError, register_version
 from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
@@ -24,26 +25,45 @@ from mr_standin import ModelRegistryStandIn
 
 NAME = "tiny"
 TOKEN = "token-from-the-environment"
-EVAL_PASS = {
-    "verdict": True,
-    "reasons": ["domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required"],
-    "sets": {
-        "domain_eval": {
-            "base": {"loss": 3.91, "perplexity": 49.9},
-            "tuned": {"loss": 3.07, "perplexity": 21.5},
-        }
-    },
-    "metrics": {
-        "domain_eval_base_loss": 3.91,
-        "domain_eval_tuned_loss": 3.07,
-        "domain_eval_tuned_perplexity": 21.5,
-        "domain_loss_improvement": 0.214,
-        "domain_loss_improvement_ci_low": 0.1,
-        "forgetting": float("nan"),
-        "gate_passed": 1.0,
-    },
-}
-EVAL_FAIL = {**EVAL_PASS, "verdict": False, "reasons": ["general perplexity rose 7.3% > 5.0% allowed"]}
+EVAL_PASS = EvalResult.model_validate(
+    {
+        "base_model_uri": "s3://models/base",
+        "tuned_model_uri": "s3://work/run-42/train/model",
+        "sets": {
+            "domain_eval": {
+                "sequences": 13,
+                "loss_tokens": 90,
+                "base": {"loss": 3.91, "perplexity": 49.9},
+                "tuned": {"loss": 3.07, "perplexity": 21.5},
+            },
+            "general_eval": {  # a base perplexity that is not a number: forgetting is NaN
+                "sequences": 9,
+                "loss_tokens": 70,
+                "base": {"loss": float("nan"), "perplexity": float("nan")},
+                "tuned": {"loss": 2.6, "perplexity": 13.46},
+            },
+        },
+        "confidence_intervals": {"domain_loss_improvement": {"estimate": 0.214, "low": 0.1, "high": 0.3}},
+        "checks": [
+            {
+                "name": "domain_gain",
+                "passed": True,
+                "reason": "domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required",
+            }
+        ],
+        "thresholds": {"min_domain_loss_improvement": 0.0, "max_general_ppl_increase": 0.05},
+        "device": "cpu (float32)",
+        "created_at": "2025-01-01T00:00:00+00:00",
+        "fulltune_version": "0.1.0",
+    }
+)
+EVAL_FAIL = EVAL_PASS.model_copy(
+    update={
+        "checks": [
+            GateCheck(name="forgetting", passed=False, reason="general perplexity rose 7.3% > 5.0% allowed")
+        ]
+    }
+)
 
 
 @pytest.fixture
@@ -104,13 +124,15 @@ def test_a_committed_version_is_recorded_as_model_version_and_artifact(
     assert props == {
         "fulltune_run_id": "run-42",
         "verdict": True,
-        "verdict_reasons": EVAL_PASS["reasons"][0],
+        "verdict_reasons": EVAL_PASS.reasons[0],
         "forced": False,
         "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
         "fulltune_version": json.loads(manifest_bytes)["fulltune_version"],
         "domain_eval_tuned_loss": 3.07,
         "domain_eval_tuned_perplexity": 21.5,
-        "domain_loss_improvement": 0.214,
+        "general_eval_tuned_loss": 2.6,
+        "general_eval_tuned_perplexity": 13.46,
+        "domain_loss_improvement": pytest.approx(1 - 3.07 / 3.91),
         "forgetting": "nan",  # not a JSON number: recorded as text
     }
     assert artifact["artifactType"] == "model-artifact"
@@ -159,7 +181,7 @@ def test_failure_after_the_upload_keeps_the_version_and_a_retry_completes_it(mod
     registry = f"{s3}/registry"
     config = _cfg(registry, mr)
     eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_PASS))
+    eval_path.write_text(json.dumps(EVAL_PASS.to_json()))
     mr.fail(1, method="POST", path="/model_versions/")  # the version is created, its artifact is not
 
     with pytest.raises(KubeflowRegistryError) as err:
@@ -243,7 +265,7 @@ def test_a_token_cannot_travel_as_config_or_argument(model_dir, tmp_path, mr):
     config = tmp_path / "config.yaml"
     config.write_text(_cfg(str(tmp_path / "r"), mr).to_yaml())
     eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_PASS))
+    eval_path.write_text(json.dumps(EVAL_PASS.to_json()))
     args = [
         "registry",
         "register",
@@ -268,7 +290,7 @@ def test_cli_register_records_in_kubeflow_and_repeats_idempotently(model_dir, s3
     config = tmp_path / "config.yaml"
     config.write_text(_cfg(registry, mr).to_yaml())
     eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_PASS))
+    eval_path.write_text(json.dumps(EVAL_PASS.to_json()))
     storage.upload_file(str(eval_path), f"{s3}/work/eval.json")
     args = ["registry", "register", "--config", str(config), "--model", str(model_dir)]
     assert main([*args, "--eval", f"{s3}/work/eval.json", "--run-id", "cli-1"]) == 0
@@ -284,7 +306,7 @@ def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys
     config = tmp_path / "config.yaml"
     config.write_text(_cfg(str(registry), mr).to_yaml())
     eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_FAIL))
+    eval_path.write_text(json.dumps(EVAL_FAIL.to_json()))
     args = [
         "registry",
         "register",
@@ -298,18 +320,18 @@ def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys
 
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "not registered, the evaluation gate did not pass" in err and EVAL_FAIL["reasons"][0] in err
+    assert "not registered, the evaluation gate did not pass" in err and EVAL_FAIL.reasons[0] in err
     assert not registry.exists() and mr.requests == []
 
     assert main([*args, "--force"]) == 0
     uri = capsys.readouterr().out.strip()
     assert uri == str(registry / NAME / "v1")
     lineage = json.loads(Path(uri, "lineage.json").read_text())
-    assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL["reasons"]
+    assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL.reasons
     assert list_versions(str(registry), NAME)[0]["forced"] is True
     props = _props(mr.writes()[1].body["customProperties"])
     assert props["forced"] is True and props["verdict"] is False
-    assert props["verdict_reasons"] == EVAL_FAIL["reasons"][0]
+    assert props["verdict_reasons"] == EVAL_FAIL.reasons[0]
 
 
 def test_cli_names_a_missing_eval_file(model_dir, tmp_path, capsys):
@@ -320,6 +342,19 @@ def test_cli_names_a_missing_eval_file(model_dir, tmp_path, capsys):
         ["registry", "register", "--config", str(config), "--model", str(model_dir), "--eval", str(missing)]
     )
     assert rc == 1 and f"{missing}: not found" in capsys.readouterr().err
+
+
+def test_cli_names_an_eval_file_that_is_not_an_eval_result(model_dir, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(_cfg(str(tmp_path / "r"), None).to_yaml())
+    bad = tmp_path / "eval.json"
+    bad.write_text(json.dumps({"verdict": True, "reasons": []}))  # no checks, no figures
+    rc = main(
+        ["registry", "register", "--config", str(config), "--model", str(model_dir), "--eval", str(bad)]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{bad}: not a fulltune eval result" in err and "checks" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_same_run_id_with_another_model_is_an_error(model_dir, tmp_path):

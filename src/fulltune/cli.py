@@ -62,7 +62,8 @@ def _config(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> int:
     from fulltune import storage
-    from fulltune.registry.store import RegistryError, list_versions, verify_version
+    from fulltune.registry.layout import MANIFEST, RegistryError, version_uri
+    from fulltune.registry.store import list_versions, verify_version
 
     if args.action == "register":
         return _registry_register(args)
@@ -70,12 +71,12 @@ def _registry(args: argparse.Namespace) -> int:
         for v in list_versions(args.uri, args.name):
             print(f"v{v['version']}\t{v.get('created_at', '')}\t{v['uri']}")
         return 0
-    uri = storage.join(args.uri, args.name, f"v{args.version}")
+    uri = version_uri(args.uri, args.name, args.version)
     if args.action == "show":
         try:
-            manifest = storage.read_json(storage.join(uri, "manifest.json"))
+            manifest = storage.read_json(storage.join(uri, MANIFEST))
         except FileNotFoundError:
-            print(f"error: {uri}: no committed version (no manifest.json)", file=sys.stderr)
+            print(f"error: {uri}: no committed version (no {MANIFEST})", file=sys.stderr)
             return 1
         except (OSError, ValueError, RegistryError) as exc:
             print(f"error: {uri}: {exc}", file=sys.stderr)
@@ -94,7 +95,8 @@ def _registry_register(args: argparse.Namespace) -> int:
     """Register a model the way the pipeline's `register` step does (Kubeflow Model Registry too)."""
     from fulltune import steps
     from fulltune.config import ConfigError, RunConfig
-    from fulltune.registry.store import RegistryError
+    from fulltune.evaluate.result import EvalResultError
+    from fulltune.registry.layout import RegistryError
 
     try:
         cfg = RunConfig.from_yaml(args.config)
@@ -102,7 +104,7 @@ def _registry_register(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc.filename or exc}: not found", file=sys.stderr)
         return 1
-    except (ConfigError, RegistryError) as exc:
+    except (ConfigError, EvalResultError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(uri)

@@ -232,11 +232,11 @@ def evaluate(
         storage.upload_dir(tmp, cfg.layout.eval_dir)
         _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
         _copy_out(Path(tmp, EVAL_FILE), eval_path)
-    _log_metrics(log_metric, result["metrics"])
-    log.info("verdict: %s", "PASS" if result["verdict"] else "FAIL (the model will not be registered)")
-    for reason in result["reasons"]:
+    _log_metrics(log_metric, result.kfp_metrics())
+    log.info("verdict: %s", "PASS" if result.verdict else "FAIL (the model will not be registered)")
+    for reason in result.reasons:
         log.info("  - %s", reason)
-    return bool(result["verdict"])
+    return result.verdict
 
 
 # -- register -----------------------------------------------------------------------------------------
@@ -250,11 +250,12 @@ def register(cfg: RunConfig, model_uri: str, eval_path: str, run_id: str = "", f
     $MODEL_REGISTRY_TOKEN or the pod's service-account token). `force` registers a model whose gate
     failed, recorded as forced in the lineage.
     """
+    from fulltune.evaluate.result import EvalResult
     from fulltune.lineage import build_lineage
     from fulltune.registry.store import register_model
 
     _setup_logging()
-    eval_result = storage.read_json(eval_path)
+    eval_result = EvalResult.load(eval_path)
     lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
     uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)
     log.info("registered %s", uri)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.demo.assets import DemoAssets, build_demo_assets
+from fulltune.evaluate.result import DOMAIN, GENERAL, EvalResult
 from fulltune.layout import RunLayout
 
 MODEL_NAME = "demo-clinical-llama"
@@ -33,7 +33,7 @@ class DemoResult:
     work_dir: str
     registry_uri: str
     registered: str | None
-    eval_result: dict[str, Any]
+    eval_result: EvalResult
 
 
 def demo_config(
@@ -107,9 +107,9 @@ def run_demo(
     if len(run_dirs) != 1:
         raise RuntimeError(f"expected one run directory under {work_root}, found {len(run_dirs)}")
     work_dir = str(run_dirs[0])
-    eval_result = storage.read_json(RunLayout(work_dir).eval_result)
+    eval_result = EvalResult.load(RunLayout(work_dir).eval_result)
     registered = None
-    if eval_result["verdict"]:
+    if eval_result.verdict:
         from fulltune.registry.store import list_versions
 
         versions = [
@@ -122,21 +122,22 @@ def run_demo(
 
 
 def summary_text(result: DemoResult) -> str:
-    m = result.eval_result["metrics"]
+    evaluated = result.eval_result
+    domain = evaluated.sets[DOMAIN]
     lines = [
         "",
         "== fulltune demo ==",
         f"work directory:     {result.work_dir}",
-        f"domain eval loss:   {m['domain_eval_base_loss']:.4f} -> {m['domain_eval_tuned_loss']:.4f} "
-        f"({100 * m['domain_loss_improvement']:.1f}% lower)",
+        f"domain eval loss:   {domain.base.loss:.4f} -> {domain.tuned.loss:.4f} "
+        f"({100 * evaluated.domain_loss_improvement:.1f}% lower)",
     ]
-    if "forgetting" in m:
+    if (general := evaluated.sets.get(GENERAL)) and evaluated.forgetting is not None:
         lines.append(
-            f"general perplexity: {m['general_eval_base_perplexity']:.2f} -> {m['general_eval_tuned_perplexity']:.2f} "
-            f"(forgetting {100 * m['forgetting']:+.1f}%)"
+            f"general perplexity: {general.base.perplexity:.2f} -> {general.tuned.perplexity:.2f} "
+            f"(forgetting {100 * evaluated.forgetting:+.1f}%)"
         )
-    lines.append("verdict:            " + ("PASS" if result.eval_result["verdict"] else "FAIL"))
-    lines += [f"  - {r}" for r in result.eval_result["reasons"]]
+    lines.append("verdict:            " + ("PASS" if evaluated.verdict else "FAIL"))
+    lines += [f"  - {r}" for r in evaluated.reasons]
     if result.registered:
         lines.append(f"registered model:   {result.registered}")
     else:

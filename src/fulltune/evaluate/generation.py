@@ -24,18 +24,33 @@ Batching: prompts are sorted by length, longest first, so a batch pads little, a
 starts at the same column. A row that has produced a stop string stops early; the batch ends when
 every row has stopped or hit EOS. Greedy decoding of a batch gives the same continuations as decoding
 each prompt alone (a test checks it); in bfloat16 on a GPU a near-tie between two tokens can in rare
-cases resolve differently in a padded batch.
+cases resolve differently in a padded batch. `ExactMatchTask` is a task file batched once per distinct
+tokenizer and continued by every model of a group batch by batch.
+
+The bootstrap interval `gen_<task>_em_change` resamples prompts, in percentage points.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fulltune.evaluate.result import BootstrapSettings, EMFigures, GenerationRegression, GenerationSection
+from fulltune.evaluate.stats import Interval
 from fulltune.evaluate.taskfile import task_records
+from fulltune.evaluate.tasks import OnDevices, Pair, Shared, Tokenizers, paired_interval
+
+if TYPE_CHECKING:
+    from fulltune.config import GenerationTask
+
+log = logging.getLogger(__name__)
+
+# Prompts listed as worst regressions in eval.json and the report.
+WORST = 10
 
 
 class GenerationTaskError(ValueError):
@@ -198,12 +213,9 @@ def generate(
     eos = {role: eos_ids(model, tokenizer) for role, model in models.items()}
     with torch.inference_mode():
         for batch in batches:
-            on_device: dict[Any, tuple[Any, Any]] = {}
+            moved = OnDevices(batch.input_ids, batch.attention_mask)
             for role, model in models.items():
-                device = input_device(model)
-                if device not in on_device:
-                    on_device[device] = (batch.input_ids.to(device), batch.attention_mask.to(device))
-                ids, mask = on_device[device]
+                ids, mask = moved.on(model)
                 generated = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -246,14 +258,6 @@ def _stop_criteria(tokenizer: Any, width: int, stop: Sequence[str], eos: Sequenc
     return StoppingCriteriaList([StopStrings()])
 
 
-def input_device(model: Any) -> Any:
-    """Where a model takes its inputs: its input embeddings' device (the first GPU under device_map)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
 def evaluate_task(
     model: Any,
     tokenizer: Any,
@@ -288,3 +292,99 @@ def max_prompt_len(model_or_config: Any, max_new_tokens: int) -> int | None:
     config = getattr(model_or_config, "config", model_or_config)
     context = getattr(config, "max_position_embeddings", None)
     return int(context) - max_new_tokens if context else None
+
+
+# -- the task file as an evaluation task --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptWork:
+    """A task's prompts for one tokenizer: the tokenizer (it decodes), the batches and the pad id."""
+
+    tokenizer: Any
+    batches: list[PromptBatch]
+    pad_id: int
+
+
+@dataclass(frozen=True, eq=False)
+class ExactMatchTask:
+    """An exact-match generation task file, encoded and batched once per distinct tokenizer."""
+
+    name: str
+    config: GenerationTask
+    examples: list[Example]
+    work: Shared[PromptWork]
+
+    @classmethod
+    def prepare(
+        cls, config: GenerationTask, examples: list[Example], tokenizers: Tokenizers, *, batch_size: int
+    ) -> ExactMatchTask:
+        def build(tok: Any, model_config: Any) -> PromptWork:
+            pad = pad_id(tok)
+            batches = prompt_batches(
+                encode_prompts(tok, examples),
+                batch_size=batch_size,
+                pad_id=pad,
+                max_prompt_len=max_prompt_len(model_config, config.max_new_tokens),
+            )
+            return PromptWork(tok, batches, pad)
+
+        try:
+            return cls(config.name, config, examples, tokenizers.prepare(build))
+        except GenerationTaskError as exc:
+            raise GenerationTaskError(f"{config.uri}: {exc}") from None
+
+    def score(self, models: Mapping[str, Any]) -> dict[str, GenScores]:
+        out = {}
+        for work, members in self.work.groups(models):
+            outputs = generate(
+                members,
+                work.tokenizer,
+                work.batches,
+                examples=len(self.examples),
+                max_new_tokens=self.config.max_new_tokens,
+                stop=self.config.stop,
+                pad_token_id=work.pad_id,
+            )
+            for role, texts in outputs.items():
+                out[role] = got = score(self.examples, texts)
+                log.info("%s model on %s: exact match %.4f", role, self.name, got.em)
+        return out
+
+    def intervals(self, scores: Pair[GenScores], boot: BootstrapSettings) -> dict[str, Interval]:
+        """Paired bootstrap over prompts of the exact-match change, in percentage points."""
+        diff = (scores.tuned.correct - scores.base.correct) * 100.0
+        key = GenerationSection.change_key(self.name)
+        return {key: paired_interval(lambda i: diff[i].mean(axis=-1), len(diff), boot)}
+
+    def section(self, scores: Pair[GenScores], intervals: Mapping[str, Interval]) -> GenerationSection:
+        return GenerationSection(
+            examples=len(self.examples),
+            max_new_tokens=self.config.max_new_tokens,
+            stop=list(self.config.stop),
+            base=EMFigures(em=scores.base.em),
+            tuned=EMFigures(em=scores.tuned.em),
+            em_change_points=intervals[GenerationSection.change_key(self.name)].estimate,
+            worst_regressions=self._worst(scores),
+        )
+
+    def _worst(self, scores: Pair[GenScores]) -> list[GenerationRegression]:
+        """Prompts the base model answered right and the tuned model wrong (first `WORST`, file order)."""
+        base, tuned = scores.base, scores.tuned
+        out = []
+        for i in np.flatnonzero((base.correct > 0) & (tuned.correct == 0))[:WORST]:
+            example = self.examples[i]
+            out.append(
+                GenerationRegression(
+                    index=int(i),
+                    prompt=_clip(example.prompt),
+                    answers=[_clip(a, 60) for a in example.answers[:5]],
+                    base_output=_clip(base.outputs[i]),
+                    tuned_output=_clip(tuned.outputs[i]),
+                )
+            )
+        return out
+
+
+def _clip(text: str, n: int = 120) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -19,17 +19,37 @@ Ties go to the first choice (numpy argmax, as in the harness). Requests are batc
 length, longest first, so a batch pads little; a request longer than the model's
 `max_position_embeddings` is truncated from the left. The padded batches are built once
 (`prepare_batches`) and scored by the base and the tuned model alike (`score_batches`) when the two
-share a tokenizer.
+share a tokenizer; `MCTask` is a task file prepared and scored that way.
+
+The bootstrap intervals resample questions: `mc_<task>_acc_change` and `mc_<task>_acc_norm_change`,
+in percentage points.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fulltune.evaluate.result import BootstrapSettings, MCFigures, MCSection, QuestionRegression
+from fulltune.evaluate.stats import Interval
 from fulltune.evaluate.taskfile import task_records
+from fulltune.evaluate.tasks import (
+    OnDevices,
+    Pair,
+    Shared,
+    Tokenizers,
+    context_length,
+    paired_interval,
+)
+
+log = logging.getLogger(__name__)
+
+# Questions listed as worst regressions in eval.json and the report.
+WORST = 10
 
 
 class MCTaskError(ValueError):
@@ -160,17 +180,12 @@ def score_batches(
     """
     import torch
 
-    from fulltune.evaluate.generation import input_device
-
     out = {role: np.zeros(len(requests), dtype=np.float64) for role in models}
     with torch.inference_mode():
         for batch in batches:
-            on_device: dict[Any, tuple[Any, Any]] = {}
+            moved = OnDevices(batch.input_ids, batch.attention_mask)
             for role, model in models.items():
-                device = input_device(model)
-                if device not in on_device:
-                    on_device[device] = (batch.input_ids.to(device), batch.attention_mask.to(device))
-                ids, mask = on_device[device]
+                ids, mask = moved.on(model)
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 for row, (i, length) in enumerate(zip(batch.positions, batch.lengths, strict=True)):
                     r = requests[i]
@@ -179,12 +194,6 @@ def score_batches(
                     targets = torch.tensor(r.tokens[-k:], dtype=torch.long, device=scored.device)
                     out[role][i] = float(scored.gather(1, targets[:, None]).sum().double())
     return out
-
-
-def context_length(model_or_config: Any) -> int | None:
-    """The model's `max_position_embeddings` (None when its config does not say)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "max_position_embeddings", None)
 
 
 def loglikelihoods(model: Any, requests: list[Request], *, batch_size: int, pad_id: int = 0) -> np.ndarray:
@@ -212,3 +221,89 @@ def evaluate_task(model: Any, tokenizer: Any, questions: list[Question], *, batc
     requests = encode(tokenizer, questions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return score(questions, requests, loglikelihoods(model, requests, batch_size=batch_size, pad_id=pad_id))
+
+
+# -- the task file as an evaluation task --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MCWork:
+    """A task's requests for one tokenizer, and their padded batches."""
+
+    requests: list[Request]
+    batches: list[MCBatch]
+
+
+@dataclass(frozen=True, eq=False)
+class MCTask:
+    """A multiple-choice task file, encoded and batched once per distinct tokenizer."""
+
+    name: str
+    questions: list[Question]
+    work: Shared[MCWork]
+
+    @classmethod
+    def prepare(
+        cls, name: str, questions: list[Question], tokenizers: Tokenizers, *, batch_size: int
+    ) -> MCTask:
+        def build(tok: Any, config: Any) -> MCWork:
+            requests = encode(tok, questions)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            batches = prepare_batches(
+                requests, batch_size=batch_size, pad_id=pad, max_len=context_length(config)
+            )
+            return MCWork(requests, batches)
+
+        return cls(name, questions, tokenizers.prepare(build))
+
+    def score(self, models: Mapping[str, Any]) -> dict[str, MCScores]:
+        out = {}
+        for work, members in self.work.groups(models):
+            for role, values in score_batches(members, work.requests, work.batches).items():
+                out[role] = got = score(self.questions, work.requests, values)
+                log.info("%s model on %s: acc %.4f, acc_norm %.4f", role, self.name, got.acc, got.acc_norm)
+        return out
+
+    def intervals(self, scores: Pair[MCScores], boot: BootstrapSettings) -> dict[str, Interval]:
+        """Paired bootstrap over questions of the accuracy change, in percentage points."""
+        diff = (scores.tuned.correct - scores.base.correct) * 100.0
+        diff_norm = (scores.tuned.correct_norm - scores.base.correct_norm) * 100.0
+        n = len(diff)
+        return {
+            MCSection.change_key(self.name): paired_interval(lambda i: diff[i].mean(axis=-1), n, boot),
+            MCSection.change_key(self.name, "acc_norm"): paired_interval(
+                lambda i: diff_norm[i].mean(axis=-1), n, boot
+            ),
+        }
+
+    def section(self, scores: Pair[MCScores], intervals: Mapping[str, Interval]) -> MCSection:
+        return MCSection(
+            questions=len(self.questions),
+            base=MCFigures(acc=scores.base.acc, acc_norm=scores.base.acc_norm),
+            tuned=MCFigures(acc=scores.tuned.acc, acc_norm=scores.tuned.acc_norm),
+            acc_change_points=intervals[MCSection.change_key(self.name)].estimate,
+            acc_norm_change_points=intervals[MCSection.change_key(self.name, "acc_norm")].estimate,
+            worst_regressions=self._worst(scores),
+        )
+
+    def _worst(self, scores: Pair[MCScores]) -> list[QuestionRegression]:
+        """The questions whose answer loss (minus the right choice's log-likelihood) rose most."""
+        base, tuned = scores.base, scores.tuned
+        rise = base.answer_loglikelihood - tuned.answer_loglikelihood
+        out = []
+        for i in np.argsort(-rise, kind="stable")[:WORST]:
+            if not rise[i] > 0:
+                break
+            text = self.questions[i].question
+            out.append(
+                QuestionRegression(
+                    index=int(i),
+                    question=text if len(text) <= 120 else text[:119] + "…",
+                    base_loss=float(-base.answer_loglikelihood[i]),
+                    tuned_loss=float(-tuned.answer_loglikelihood[i]),
+                    change=float(rise[i]),
+                    base_correct=bool(base.correct[i]),
+                    tuned_correct=bool(tuned.correct[i]),
+                )
+            )
+        return out

@@ -14,15 +14,38 @@ import yaml
 
 import fulltune
 from fulltune.config import RunConfig
+from fulltune.evaluate.result import EvalResult
 
 TAGS = ["fulltune", "full-fine-tune"]
 
 
 def render_model_card(
-    cfg: RunConfig, *, version: int, eval_result: dict[str, Any], lineage: dict[str, Any], forced: bool
+    cfg: RunConfig, *, version: int, eval_result: EvalResult, lineage: dict[str, Any], forced: bool
 ) -> str:
     """Markdown with YAML front matter for `cfg.model.name` v`version`."""
-    sets: dict[str, Any] = eval_result.get("sets") or {}
+    lines = [
+        "---",
+        yaml.safe_dump(_front_matter(cfg, eval_result), sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {cfg.model.name} v{version}",
+        "",
+        f"A full-parameter fine-tune of `{cfg.model.base_model_uri or 'the base model'}` on domain data, "
+        f"trained and registered by fulltune {fulltune.__version__}. Every weight was updated (no adapters); "
+        "load it like the base model with `AutoModelForCausalLM.from_pretrained`.",
+        "",
+        *_training(cfg),
+        "",
+        *_evaluation(eval_result),
+        "",
+        *_verdict(eval_result, forced),
+        *_provenance(lineage),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _front_matter(cfg: RunConfig, eval_result: EvalResult) -> dict[str, Any]:
+    """The fields the Hub reads; `model-index` holds the tuned model's loss and perplexity per set."""
     front: dict[str, Any] = {}
     if cfg.model.base_model_uri:
         front["base_model"] = cfg.model.base_model_uri
@@ -35,33 +58,24 @@ def render_model_card(
             "task": {"type": "text-generation"},
             "dataset": {"name": name, "type": f"fulltune/{name}"},
             "metrics": [
-                {"type": "loss", "name": f"{name} loss", "value": _yaml_number(entry["tuned"]["loss"])},
+                {"type": "loss", "name": f"{name} loss", "value": _yaml_number(entry.tuned.loss)},
                 {
                     "type": "perplexity",
                     "name": f"{name} perplexity",
-                    "value": _yaml_number(entry["tuned"]["perplexity"]),
+                    "value": _yaml_number(entry.tuned.perplexity),
                 },
             ],
         }
-        for name, entry in sets.items()
-        if "tuned" in entry
+        for name, entry in eval_result.sets.items()
     ]
     if results:
         front["model-index"] = [{"name": cfg.model.name, "results": results}]
+    return front
 
+
+def _training(cfg: RunConfig) -> list[str]:
     t, p, r = cfg.training, cfg.preprocess, cfg.resources
-    passed = bool(eval_result.get("verdict"))
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
-        f"# {cfg.model.name} v{version}",
-        "",
-        f"A full-parameter fine-tune of `{cfg.model.base_model_uri or 'the base model'}` on domain data, "
-        f"trained and registered by fulltune {fulltune.__version__}. Every weight was updated (no adapters); "
-        "load it like the base model with `AutoModelForCausalLM.from_pretrained`.",
-        "",
+    return [
         "## Training",
         "",
         "| setting | value |",
@@ -78,34 +92,42 @@ def render_model_card(
         f"| general replay | {p.replay_fraction:.0%} of training tokens |",
         f"| seed | {t.seed} |",
         f"| compute | {r.num_nodes} node(s) × {r.nproc_per_node} {r.accelerator} process(es) |",
-        "",
-        "## Evaluation",
-        "",
     ]
-    if sets:
-        lines += [
-            "| set | base loss | tuned loss | base perplexity | tuned perplexity |",
-            "|---|---|---|---|---|",
-        ]
-        for name, entry in sets.items():
-            base, tuned = entry.get("base", {}), entry.get("tuned", {})
-            lines.append(
-                f"| {name} | {_num(base.get('loss'))} | {_num(tuned.get('loss'))} | "
-                f"{_num(base.get('perplexity'))} | {_num(tuned.get('perplexity'))} |"
-            )
-    else:
-        lines.append("No evaluation numbers were recorded.")
-    lines += ["", "## Verdict", "", f"**{'Passed' if passed else 'Failed'}** the evaluation gate."]
-    lines += [f"- {reason}" for reason in eval_result.get("reasons", [])]
+
+
+def _evaluation(eval_result: EvalResult) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if not eval_result.sets:
+        return [*lines, "No evaluation numbers were recorded."]
+    lines += [
+        "| set | base loss | tuned loss | base perplexity | tuned perplexity |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in eval_result.sets.items():
+        lines.append(
+            f"| {name} | {_num(entry.base.loss)} | {_num(entry.tuned.loss)} | "
+            f"{_num(entry.base.perplexity)} | {_num(entry.tuned.perplexity)} |"
+        )
+    return lines
+
+
+def _verdict(eval_result: EvalResult, forced: bool) -> list[str]:
+    lines = ["## Verdict", "", f"**{'Passed' if eval_result.verdict else 'Failed'}** the evaluation gate."]
+    lines += [f"- {reason}" for reason in eval_result.reasons]
     if forced:
         lines += ["", "> **Registered by force** although the gate did not pass: review before use."]
+    return lines
+
+
+def _provenance(lineage: dict[str, Any]) -> list[str]:
+    """The lineage's plain values (run id, dataset manifest, ...); the rest stays in lineage.json."""
     provenance = {
         k: v for k, v in lineage.items() if isinstance(v, (str, int, float, bool)) and k != "forced"
     }
-    if provenance:
-        lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in sorted(provenance.items())]
-        lines += ["", "The full lineage (config, eval result) is in `lineage.json`."]
-    return "\n".join(lines) + "\n"
+    if not provenance:
+        return []
+    lines = ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in sorted(provenance.items())]
+    return [*lines, "", "The full lineage (config, eval result) is in `lineage.json`."]
 
 
 def _num(value: Any) -> str:

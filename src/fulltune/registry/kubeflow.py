@@ -39,22 +39,20 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from fulltune import storage
 from fulltune.config import KubeflowRegistrySection
-from fulltune.registry.store import EVAL, LINEAGE, MANIFEST, RegistryError
+from fulltune.evaluate.result import DOMAIN_LOSS_IMPROVEMENT, FORGETTING, EvalResult, MCSection
+from fulltune.registry.layout import EVAL, LINEAGE, MANIFEST, RegistryError
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "MODEL_REGISTRY_TOKEN"  # noqa: S105 - the variable's name, not a token
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
 MODEL_FORMAT = "safetensors"
-# The gate's headline numbers in eval.json `metrics`, recorded on the model version.
-_HEADLINE = re.compile(r"^(domain_loss_improvement|forgetting|mc_.+_acc_change|.+_tuned_(loss|perplexity))$")
 
 
 class KubeflowRegistryError(RegistryError):
@@ -81,22 +79,30 @@ def endpoint(section: KubeflowRegistrySection) -> str:
 
 
 def version_properties(
-    manifest: dict[str, Any], manifest_sha256: str, eval_result: dict[str, Any], run_id: str
+    manifest: dict[str, Any], manifest_sha256: str, eval_result: EvalResult, run_id: str
 ) -> dict[str, bool | int | float | str]:
     """Custom properties of the model version: provenance, verdict and the gate's headline numbers."""
     props: dict[str, bool | int | float | str] = {
         "fulltune_run_id": run_id,
-        "verdict": eval_result.get("verdict") is True,
-        "verdict_reasons": "; ".join(eval_result.get("reasons") or []),
+        "verdict": eval_result.verdict,
+        "verdict_reasons": "; ".join(eval_result.reasons),
         "forced": bool(manifest.get("forced")),
         "manifest_sha256": manifest_sha256,
         "fulltune_version": str(manifest.get("fulltune_version", "")),
     }
-    for key, value in sorted((eval_result.get("metrics") or {}).items()):
-        if _HEADLINE.match(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            # NaN/inf are not JSON numbers: record them as text rather than send an invalid body
-            props[key] = float(value) if math.isfinite(value) else str(value)
+    for key, value in sorted(headline_metrics(eval_result).items()):
+        # NaN/inf are not JSON numbers: record them as text rather than send an invalid body
+        props[key] = value if math.isfinite(value) else str(value)
     return {k: v for k, v in props.items() if v != ""}
+
+
+def headline_metrics(eval_result: EvalResult) -> dict[str, float]:
+    """The gate's headline numbers, named as in KFP Metrics: each set's tuned loss and perplexity,
+    `domain_loss_improvement`, `forgetting` and each multiple-choice task's accuracy change."""
+    metrics = eval_result.kfp_metrics()
+    names = [f"{name}_tuned_{what}" for name in eval_result.sets for what in ("loss", "perplexity")]
+    names += [DOMAIN_LOSS_IMPROVEMENT, FORGETTING, *map(MCSection.change_key, eval_result.mc)]
+    return {name: metrics[name] for name in names if name in metrics}
 
 
 def register_version(section: KubeflowRegistrySection, version_uri: str) -> dict[str, str]:
@@ -116,7 +122,7 @@ def register_version(section: KubeflowRegistrySection, version_uri: str) -> dict
             f"{version_uri}: not a committed version (no {MANIFEST}); nothing to record in the Model Registry"
         ) from None
     manifest = json.loads(manifest_bytes)
-    eval_result = storage.read_json(storage.join(version_uri, EVAL))
+    eval_result = EvalResult.load(storage.join(version_uri, EVAL))
     lineage = storage.read_json(storage.join(version_uri, LINEAGE))
     name, version = manifest["name"], f"v{manifest['version']}"
     run_id = str(manifest.get("run_id") or lineage.get("pipeline_run_id") or lineage.get("run_id") or "")

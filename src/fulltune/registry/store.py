@@ -18,7 +18,7 @@ fails the files stay committed, and the retry records it.
 
 Files are hashed by streaming from the source and copied URI to URI (S3 to S3 server-side), so a
 registration never stages the model on the step's disk. `verify_version` rehashes a committed
-version against its manifest.
+version against its manifest. The version's layout and file names are in `registry/layout.py`.
 """
 
 from __future__ import annotations
@@ -36,32 +36,25 @@ from typing import Any
 import fulltune
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.evaluate.result import EvalResult
 from fulltune.registry.card import render_model_card
+from fulltune.registry.layout import (
+    CARD,
+    CLAIM,
+    EVAL,
+    LINEAGE,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    RESERVED,
+    RegistryError,
+    model_root,
+    version_uri,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "fulltune.registry/v1"
-MANIFEST = "manifest.json"
-CLAIM = ".claim"
-CARD = "model_card.md"
-LINEAGE = "lineage.json"
-EVAL = "eval.json"
-# Names the registry writes itself; a model file of the same name would be shadowed, so it is skipped.
-RESERVED = frozenset({MANIFEST, CLAIM, CARD, LINEAGE, EVAL})
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _MAX_CLAIM_ATTEMPTS = 1000
-
-
-class RegistryError(RuntimeError):
-    """A model that cannot be registered, or a registry that cannot be read; names the version."""
-
-
-def model_root(registry_uri: str, name: str) -> str:
-    return storage.join(registry_uri, name)
-
-
-def version_uri(registry_uri: str, name: str, version: int) -> str:
-    return storage.join(registry_uri, name, f"v{version}")
 
 
 # -- registering --------------------------------------------------------------------------------
@@ -70,7 +63,7 @@ def version_uri(registry_uri: str, name: str, version: int) -> str:
 def register_model(
     cfg: RunConfig,
     model_uri: str,
-    eval_result: dict[str, Any],
+    eval_result: EvalResult,
     lineage: dict[str, Any],
     *,
     force: bool = False,
@@ -104,77 +97,71 @@ def register_model(
     """
     cfg.require("registry.uri")
     name = cfg.model.name
-    if eval_result.get("verdict") is not True and not force:
-        reasons = "; ".join(eval_result.get("reasons") or ["no verdict in the eval result"])
+    if not eval_result.verdict and not force:
         raise RegistryError(
-            f"{name}: not registered, the evaluation gate did not pass ({reasons}); use force to override"
+            f"{name}: not registered, the evaluation gate did not pass "
+            f"({'; '.join(eval_result.reasons)}); use force to override"
         )
-
     if run_id and (done := _version_of_run(cfg.registry.uri, name, run_id)) is not None:
-        if done.get("source_model_uri") != model_uri:
-            raise RegistryError(
-                f"{name}: run {run_id} already registered v{done['version']} from "
-                f"{done.get('source_model_uri')}, not {model_uri}"
-            )
-        log.info(
-            "run %s already registered %s v%d at %s: not registering again",
-            run_id,
-            name,
-            done["version"],
-            done["uri"],
-        )
-        _record_in_kubeflow(cfg, done["uri"])
-        return done["uri"]
+        uri = _retried(name, done, model_uri, run_id)
+    else:
+        forced = force and not eval_result.verdict
+        uri = _publish(cfg, model_uri, eval_result, lineage, run_id=run_id, forced=forced)
+    _record_in_kubeflow(cfg, uri)
+    return uri
 
+
+def _retried(name: str, done: dict[str, Any], model_uri: str, run_id: str) -> str:
+    """The version run `run_id` already committed, when it was registered from the same model."""
+    if done.get("source_model_uri") != model_uri:
+        raise RegistryError(
+            f"{name}: run {run_id} already registered v{done['version']} from "
+            f"{done.get('source_model_uri')}, not {model_uri}"
+        )
+    log.info(
+        "run %s already registered %s v%d at %s: not registering again",
+        run_id,
+        name,
+        done["version"],
+        done["uri"],
+    )
+    return done["uri"]
+
+
+def _publish(
+    cfg: RunConfig,
+    model_uri: str,
+    eval_result: EvalResult,
+    lineage: dict[str, Any],
+    *,
+    run_id: str,
+    forced: bool,
+) -> str:
+    """Claim the next version, write its files, commit its manifest; a failure removes what was written."""
+    name = cfg.model.name
     rels = _model_files(model_uri)
-    files = []
-    for rel in rels:
-        digest, size = _hash_and_size(storage.join(model_uri, rel))
-        files.append({"path": rel, "size": size, "sha256": digest})
+    files = [_file_entry(storage.join(model_uri, rel), rel) for rel in rels]
     options = write_options(cfg)
     version, uri = _claim_next_version(cfg.registry.uri, name, options)
     log.info("registering %s as %s v%d at %s", model_uri, name, version, uri)
     try:
         for rel in rels:
             _copy(storage.join(model_uri, rel), storage.join(uri, rel), options)
-        forced = force and eval_result.get("verdict") is not True
-        full_lineage = {
-            **lineage,
-            "forced": forced,
-            "source_model_uri": model_uri,
-            "eval": eval_result,
-            "fulltune_version": fulltune.__version__,
-        }
-        if run_id:
-            full_lineage["run_id"] = run_id
-        if forced:
-            full_lineage["forced_reasons"] = list(
-                eval_result.get("reasons") or ["no verdict in the eval result"]
-            )
-        full_lineage.setdefault("config", cfg.to_dict())
+        full_lineage = _lineage(cfg, lineage, model_uri, eval_result, run_id=run_id, forced=forced)
         card = render_model_card(
             cfg, version=version, eval_result=eval_result, lineage=full_lineage, forced=forced
         )
         extras = {
             CARD: card.encode("utf-8"),
             LINEAGE: _json_bytes(full_lineage),
-            EVAL: _json_bytes(eval_result),
+            EVAL: _json_bytes(eval_result.to_json()),
         }
         for rel, data in extras.items():
             storage.write_bytes(storage.join(uri, rel), data, options)
             files.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "name": name,
-            "version": version,
-            "run_id": run_id,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "source_model_uri": model_uri,
-            "verdict": eval_result.get("verdict") is True,
-            "forced": forced,
-            "fulltune_version": fulltune.__version__,
-            "files": sorted(files, key=lambda f: f["path"]),
-        }
+        manifest = _manifest(
+            name, version, model_uri, files, run_id=run_id, verdict=eval_result.verdict, forced=forced
+        )
         if not storage.create_exclusive(storage.join(uri, MANIFEST), _json_bytes(manifest), options):
             raise RegistryError(
                 f"{storage.join(uri, MANIFEST)} appeared while this version was being written"
@@ -185,8 +172,62 @@ def register_model(
             raise RegistryError(f"{name} v{version}: registration failed, {uri} removed: {exc}") from exc
         raise
     log.info("registered %s v%d (%d files)", name, version, len(files))
-    _record_in_kubeflow(cfg, uri)
     return uri
+
+
+def _lineage(
+    cfg: RunConfig,
+    lineage: dict[str, Any],
+    model_uri: str,
+    eval_result: EvalResult,
+    *,
+    run_id: str,
+    forced: bool,
+) -> dict[str, Any]:
+    """What `lineage.json` holds: the caller's provenance, the eval result, the config, the version."""
+    full = {
+        **lineage,
+        "forced": forced,
+        "source_model_uri": model_uri,
+        "eval": eval_result.to_json(),
+        "fulltune_version": fulltune.__version__,
+    }
+    if run_id:
+        full["run_id"] = run_id
+    if forced:
+        full["forced_reasons"] = eval_result.reasons
+    full.setdefault("config", cfg.to_dict())
+    return full
+
+
+def _manifest(
+    name: str,
+    version: int,
+    model_uri: str,
+    files: list[dict[str, Any]],
+    *,
+    run_id: str,
+    verdict: bool,
+    forced: bool,
+) -> dict[str, Any]:
+    """`manifest.json`: every file with its size and sha256, and what the version is."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": name,
+        "version": version,
+        "run_id": run_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_model_uri": model_uri,
+        "verdict": verdict,
+        "forced": forced,
+        "fulltune_version": fulltune.__version__,
+        "files": sorted(files, key=lambda f: f["path"]),
+    }
+
+
+def _file_entry(uri: str, rel: str) -> dict[str, Any]:
+    digest, size = _hash_and_size(uri)
+    return {"path": rel, "size": size, "sha256": digest}
 
 
 def _version_of_run(registry_uri: str, name: str, run_id: str) -> dict[str, Any] | None:
