@@ -54,10 +54,11 @@ def at(cfg: RunConfig, work_dir: str) -> RunConfig:
 
 
 def preprocess_all(cfg: RunConfig) -> dict:
-    """Every shard in this process, then gather: what the pipeline's ParallelFor does."""
+    """Every shard in this process, then gather (what the pipeline's ParallelFor does); the dataset
+    manifest as it is written."""
     for i in range(cfg.preprocess.num_shards):
         core.preprocess_shard(cfg, i)
-    return core.gather_shards(cfg)
+    return core.gather_shards(cfg).to_json()
 
 
 TEXTS = [

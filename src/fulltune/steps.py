@@ -70,7 +70,7 @@ def _report_step(
         finally:
             if Path(tmp, "report.html").exists():
                 _copy_out(Path(tmp, "report.html"), report_path)
-    _log_metrics(log_metric, report.get("metrics", {}))
+    _log_metrics(log_metric, report["metrics"])
     return report
 
 
@@ -148,29 +148,20 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str], log_metric: Metric
 
     _setup_logging()
     manifest = run(cfg, sorted(shard_manifests))
-    for split, counts in manifest["splits"].items():
+    for name, split in manifest.splits.items():
         log.info(
             "%s: %d sequences, %d tokens, %.1f%% padding, %d over-long examples truncated, %d dropped",
-            split,
-            counts["sequences"],
-            counts["tokens"],
-            100 * counts["padding_fraction"],
-            counts.get("truncated", 0),
-            counts.get("dropped", 0),
+            name,
+            split.sequences,
+            split.tokens,
+            100 * split.padding_fraction,
+            split.truncated,
+            split.dropped,
         )
-        _log_metrics(
-            log_metric,
-            {
-                "sequences": counts["sequences"],
-                "tokens": counts["tokens"],
-                "padding_fraction": counts["padding_fraction"],
-                "truncated": counts.get("truncated", 0),
-                "dropped": counts.get("dropped", 0),
-            },
-            f"{split}_",
-        )
-    if manifest.get("replay"):
-        _log_metrics(log_metric, {"replay_fraction_achieved": manifest["replay"]["achieved_fraction"]})
+        counts = split.model_dump(include={"sequences", "tokens", "padding_fraction", "truncated", "dropped"})
+        _log_metrics(log_metric, counts, f"{name}_")
+    if manifest.replay:
+        _log_metrics(log_metric, {"replay_fraction_achieved": manifest.replay.achieved_fraction})
     return cfg.layout.dataset_manifest
 
 

@@ -81,7 +81,7 @@ from fulltune.evaluate.result import (
 )
 from fulltune.evaluate.tasks import EvalTask, EvaluateError, Pair, Tokenizers
 from fulltune.layout import EVAL_FILE, EVAL_REPORT_FILE
-from fulltune.preprocess.dataset import load_manifest, load_split
+from fulltune.preprocess.dataset import DatasetManifest, load_manifest, load_split
 
 if TYPE_CHECKING:
     import torch
@@ -297,9 +297,9 @@ def prepare(cfg: RunConfig, uris: Pair[str], dataset_manifest: str | dict[str, A
     return Prepared(configs, tasks)
 
 
-def _read_splits(manifest: dict[str, Any], limit: int) -> dict[str, dict[str, torch.Tensor]]:
+def _read_splits(manifest: DatasetManifest, limit: int) -> dict[str, dict[str, torch.Tensor]]:
     """`domain_eval` and, when the dataset has one, `general_eval`: at most `limit` sequences each."""
-    names = [DOMAIN] + ([GENERAL] if GENERAL in manifest["splits"] else [])
+    names = [DOMAIN] + ([GENERAL] if GENERAL in manifest.splits else [])
     splits = {name: load_split(manifest, name, limit=limit) for name in names}
     for name, split in splits.items():
         if split["input_ids"].shape[0] == 0:

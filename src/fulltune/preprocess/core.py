@@ -46,7 +46,15 @@ from fulltune import hf, storage
 from fulltune.config import RunConfig
 from fulltune.data.records import Record, resolve_kind
 from fulltune.preprocess import inputs
-from fulltune.preprocess.dataset import DOMAIN_EVAL, GENERAL_EVAL, IGNORE_INDEX, MANIFEST_FORMAT, TRAIN
+from fulltune.preprocess.dataset import (
+    DOMAIN_EVAL,
+    GENERAL_EVAL,
+    IGNORE_INDEX,
+    TRAIN,
+    DatasetManifest,
+    ReplaySummary,
+    SplitSummary,
+)
 from fulltune.tokenizer import memo
 
 log = logging.getLogger(__name__)
@@ -724,7 +732,7 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     return manifest
 
 
-def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> dict[str, Any]:
+def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> DatasetManifest:
     """Merge the shard manifests into the dataset manifest (`cfg.layout.dataset_manifest`)."""
     n = cfg.preprocess.num_shards
     uris = shard_manifests or [cfg.layout.shard_manifest(i) for i in range(n)]
@@ -736,41 +744,44 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> d
     shards.sort(key=lambda m: m["shard"])
     if [m["shard"] for m in shards] != list(range(n)):
         raise PreprocessError(f"expected shards 0..{n - 1}, got {[m['shard'] for m in shards]}")
-    splits: dict[str, Any] = {}
-    for m in shards:
-        for name, s in m["splits"].items():
-            agg = splits.setdefault(
-                name,
-                {"kind": s["kind"], **dict.fromkeys(COUNTS, 0), "files": []},
-            )
-            for key in COUNTS:
-                agg[key] += s.get(key, 0)
-            agg["files"].extend(s["files"])
-    seq_len = cfg.preprocess.max_seq_len
-    for s in splits.values():
-        s["padding_fraction"] = 1.0 - s["tokens"] / max(s["sequences"] * seq_len, 1)
-    if not splits.get(TRAIN, {}).get("sequences"):
+    manifest = DatasetManifest(
+        max_seq_len=cfg.preprocess.max_seq_len,
+        pad_token_id=shards[0]["pad_token_id"],
+        num_shards=n,
+        splits=_merged_splits(shards, cfg.preprocess.max_seq_len),
+        replay=_replay_summary(shards, cfg.preprocess.replay_fraction),
+    )
+    if not manifest.sequences(TRAIN):
         raise PreprocessError(
             "no training sequences were produced: is the training data empty after the eval split?"
         )
-    replay = [m["replay"] for m in shards if m.get("replay")]
-    replay_summary = {}
-    if replay:
-        d = sum(r["domain_tokens"] for r in replay)
-        g = sum(r["replay_tokens"] for r in replay)
-        replay_summary = {
-            "domain_tokens": d,
-            "replay_tokens": g,
-            "achieved_fraction": g / max(d + g, 1),
-            "configured_fraction": cfg.preprocess.replay_fraction,
-        }
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "max_seq_len": seq_len,
-        "pad_token_id": shards[0]["pad_token_id"],
-        "num_shards": n,
-        "splits": splits,
-        "replay": replay_summary,
-    }
-    storage.write_json(cfg.layout.dataset_manifest, manifest)
+    storage.write_json(cfg.layout.dataset_manifest, manifest.to_json())
     return manifest
+
+
+def _merged_splits(shards: list[dict[str, Any]], seq_len: int) -> dict[str, SplitSummary]:
+    """Each split's counts summed and files listed over the shards, in shard order."""
+    splits: dict[str, dict[str, Any]] = {}
+    for m in shards:
+        for name, s in m["splits"].items():
+            agg = splits.setdefault(name, {"kind": s["kind"], **dict.fromkeys(COUNTS, 0), "files": []})
+            for key in COUNTS:
+                agg[key] += s.get(key, 0)
+            agg["files"].extend(s["files"])
+    for s in splits.values():
+        s["padding_fraction"] = 1.0 - s["tokens"] / max(s["sequences"] * seq_len, 1)
+    return {name: SplitSummary.model_validate(s) for name, s in splits.items()}
+
+
+def _replay_summary(shards: list[dict[str, Any]], configured: float) -> ReplaySummary | None:
+    replay = [m["replay"] for m in shards if m.get("replay")]
+    if not replay:
+        return None
+    domain = sum(r["domain_tokens"] for r in replay)
+    general = sum(r["replay_tokens"] for r in replay)
+    return ReplaySummary(
+        domain_tokens=domain,
+        replay_tokens=general,
+        achieved_fraction=general / max(domain + general, 1),
+        configured_fraction=configured,
+    )

@@ -28,7 +28,9 @@ chat examples longer than `max_seq_len` that were cut or left out (`preprocess.o
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fulltune import storage
 
@@ -42,11 +44,84 @@ class DatasetError(ValueError):
     pass
 
 
-def load_manifest(uri_or_manifest: str | dict[str, Any]) -> dict[str, Any]:
-    manifest = storage.read_json(uri_or_manifest) if isinstance(uri_or_manifest, str) else uri_or_manifest
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DatasetError(f"not a fulltune dataset manifest (format={manifest.get('format')!r})")
-    return manifest
+class _Record(BaseModel):
+    # A newer fulltune may add keys: readers ignore them rather than refuse the dataset.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ShardFile(_Record):
+    """One Parquet file of a split, with what verifies it."""
+
+    uri: str
+    sequences: int
+    sha256: str
+    size: int
+
+
+class SplitSummary(_Record):
+    """One split's files and counts. Counts an earlier fulltune did not write read as 0."""
+
+    kind: str = "text"
+    examples: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    truncated: int = 0  # over-long prompt/completion and chat examples cut to max_seq_len
+    dropped: int = 0  # ... and left out (`preprocess.overlong`)
+    padding_fraction: float = 0.0
+    files: list[ShardFile] = []
+
+
+class ReplaySummary(_Record):
+    domain_tokens: int
+    replay_tokens: int
+    achieved_fraction: float
+    configured_fraction: float
+
+
+class DatasetManifest(_Record):
+    """The dataset manifest (see the module docstring): what `train` and `evaluate` read."""
+
+    format: Literal["fulltune.dataset/v1"] = MANIFEST_FORMAT
+    max_seq_len: int
+    pad_token_id: int | None = None
+    num_shards: int | None = None
+    splits: dict[str, SplitSummary]
+    replay: ReplaySummary | None = None  # written as {} when nothing was replayed
+
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _no_replay(cls, value: Any) -> Any:
+        return value or None
+
+    def split(self, name: str) -> SplitSummary:
+        if name not in self.splits:
+            raise DatasetError(f"split {name!r} not in the dataset (have: {sorted(self.splits)})")
+        return self.splits[name]
+
+    def sequences(self, name: str) -> int:
+        """Sequences in split `name`; 0 when the dataset has no such split."""
+        return self.splits[name].sequences if name in self.splits else 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["replay"] = data["replay"] or {}
+        return data
+
+
+def load_manifest(manifest: str | dict[str, Any] | DatasetManifest) -> DatasetManifest:
+    """The manifest at a URI, or given as a mapping; DatasetError when it is not one."""
+    if isinstance(manifest, DatasetManifest):
+        return manifest
+    data = storage.read_json(manifest) if isinstance(manifest, str) else manifest
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise DatasetError(f"not a fulltune dataset manifest (format={found!r})")
+    try:
+        return DatasetManifest.model_validate(data)
+    except ValidationError as exc:
+        where = manifest if isinstance(manifest, str) else "dataset manifest"
+        raise DatasetError(f"{where}: {exc}") from None
 
 
 def read_table(uri: str):
@@ -57,7 +132,9 @@ def read_table(uri: str):
     return pq.read_table(uri)
 
 
-def load_split(manifest: str | dict[str, Any], split: str, *, limit: int | None = None) -> dict[str, Any]:
+def load_split(
+    manifest: str | dict[str, Any] | DatasetManifest, split: str, *, limit: int | None = None
+) -> dict[str, Any]:
     """The split's sequences as int64 tensors: input_ids, labels, attention_mask (and position_ids), each [N, L].
 
     Files are read in manifest order, so the result is the same on every rank and every run.
@@ -66,14 +143,12 @@ def load_split(manifest: str | dict[str, Any], split: str, *, limit: int | None 
     import torch
 
     manifest = load_manifest(manifest)
-    if split not in manifest["splits"]:
-        raise DatasetError(f"split {split!r} not in the dataset (have: {sorted(manifest['splits'])})")
     columns: dict[str, list[Any]] = {"input_ids": [], "labels": [], "attention_mask": []}
     count = 0
-    for entry in manifest["splits"][split]["files"]:
+    for entry in manifest.split(split).files:
         if limit is not None and count >= limit:
             break
-        table = read_table(entry["uri"])
+        table = read_table(entry.uri)
         if "position_ids" in table.column_names:
             columns.setdefault("position_ids", [])
         for name in columns:
@@ -81,7 +156,7 @@ def load_split(manifest: str | dict[str, Any], split: str, *, limit: int | None 
             values = col.flatten().to_numpy(zero_copy_only=False)
             columns[name].append(values.reshape(len(col), -1))
         count += table.num_rows
-    seq_len = manifest["max_seq_len"]
+    seq_len = manifest.max_seq_len
     out = {}
     for name, parts in columns.items():
         arr = np.concatenate(parts, axis=0) if parts else np.zeros((0, seq_len), dtype=np.int64)

@@ -16,17 +16,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fulltune.preprocess.dataset import DOMAIN_EVAL
 from fulltune.train.exit_codes import TrainInputError
 
-EVAL_SPLIT = "domain_eval"
+EVAL_SPLIT = DOMAIN_EVAL  # the split training evaluates on (`training.eval_steps`)
 
 
 def check_eval_split(dataset_uri: str) -> None:
     """TrainInputError unless the dataset has a non-empty eval split (checked before any rendezvous)."""
     from fulltune.preprocess.dataset import load_manifest
 
-    splits = load_manifest(dataset_uri)["splits"]
-    if not splits.get(EVAL_SPLIT, {}).get("sequences"):
+    if not load_manifest(dataset_uri).sequences(EVAL_SPLIT):
         raise TrainInputError(
             f"training.eval_steps is set but the dataset {dataset_uri} has no {EVAL_SPLIT} sequences: "
             "set data.eval_uri or preprocess.eval_fraction, or set training.eval_steps to 0"

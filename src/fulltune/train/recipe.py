@@ -112,7 +112,7 @@ class Recipe:
         import torch
 
         from fulltune.plan import check_training
-        from fulltune.preprocess.dataset import load_split
+        from fulltune.preprocess.dataset import TRAIN, load_split
 
         tr = self.cfg.training
         check_training(self.cfg)
@@ -122,7 +122,7 @@ class Recipe:
         self.ranks = init_distributed(self.cfg)
         self._log_process_group()
         ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks.world)
-        self.data = load_split(self.args.dataset, "train")
+        self.data = load_split(self.args.dataset, TRAIN)
         self.num_sequences, seq_len = self.data["input_ids"].shape
         self.sched = make_schedule(self.cfg, self.num_sequences, self.ranks.world)
         self.eval_data = load_split(self.args.dataset, EVAL_SPLIT) if tr.eval_steps else None
