@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from fulltune.config import RunConfig
 from fulltune.evaluate import lm_eval_backend
 from fulltune.evaluate.core import evaluate_models
+from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.result import EvalResult, EvalResultError
 
 SAMPLE = Path(__file__).parent / "data" / "eval_v1.json"
@@ -83,6 +85,21 @@ def test_an_eval_json_loads_and_writes_back_key_for_key(tmp_path):
     assert result.generation["qa"].worst_regressions[0].base_output == "capital"
     result.write(str(tmp_path / "eval.json"))
     assert EvalResult.load(str(tmp_path / "eval.json")) == result
+
+
+def test_the_evaluation_page_renders_from_the_sample_file():
+    """A registered version's page can be rebuilt from its eval.json: every check, section and interval."""
+    raw = _sample()
+    html = render_report(EvalResult.load(str(SAMPLE)))
+    assert 'class="banner fail"' in html
+    assert all(escape(check["reason"]) in html for check in raw["checks"])
+    for section in ("domain_eval", "general_eval", "toy", "qa", "arc_easy"):
+        assert f"<h3>{section}</h3>" in html
+    for key, ci in raw["confidence_intervals"].items():
+        assert f"<code>{key}</code> {ci['estimate']:.4f} (95% CI {ci['low']:.4f} to {ci['high']:.4f})" in html
+    assert "The 9 questions whose loss rose most" in html
+    assert "4 prompts answered right by the base model and wrong by the tuned one" in html
+    assert "50 paired resamples, seed 0, 95% percentile CI" in html
 
 
 def test_with_the_bootstrap_off_intervals_are_nan_and_no_ci_metric_is_reported(tmp_path):

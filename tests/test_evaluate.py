@@ -342,9 +342,33 @@ def test_models_and_dataset_on_s3(models, tmp_path, s3):
     assert remote.dataset_manifest == f"{s3}/data/manifest.json"
 
 
-def test_report_renders_from_eval_json_alone():
-    html = render_report({"verdict": False, "reasons": ["domain loss rose <b>"], "sets": {}})
-    assert "FAILED" in html and "&lt;b&gt;" in html
+def test_report_renders_from_an_eval_json_without_the_optional_sections(tmp_path):
+    """A version registered before tasks, intervals, bootstrap and scoring were written still renders."""
+    from fulltune.evaluate.result import EvalResult
+
+    old = {
+        "base_model_uri": "s3://models/base",
+        "tuned_model_uri": "s3://work/run/train/model",
+        "sets": {
+            "domain_eval": {
+                "sequences": 5,
+                "loss_tokens": 60,
+                "base": {"loss": 3.0, "perplexity": 20.09},
+                "tuned": {"loss": 3.3, "perplexity": 27.11},
+            }
+        },
+        "checks": [{"name": "domain_gain", "passed": False, "reason": "domain loss rose <b>"}],
+        "thresholds": {"min_domain_loss_improvement": 0.0, "max_general_ppl_increase": 0.05},
+        "device": "cpu (float32)",
+        "created_at": "2025-01-01T00:00:00+00:00",
+        "fulltune_version": "0.1.0",
+    }
+    (tmp_path / "eval.json").write_text(json.dumps(old))
+    html = render_report(EvalResult.load(str(tmp_path / "eval.json")))
+    assert 'class="banner fail"' in html and "FAILED" in html and "&lt;b&gt;" in html
+    assert '<td>loss</td><td class="n">3.0000</td><td class="n">3.3000</td><td class="n">+10.0%</td>' in html
+    assert "No sequence got worse." in html and "<code>off</code>" in html  # bootstrap
+    assert "Multiple-choice" not in html and "Generation tasks" not in html and "% CI " not in html
 
 
 # -- bootstrap intervals ------------------------------------------------------------------------

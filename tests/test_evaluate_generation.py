@@ -372,34 +372,60 @@ def _bars(chart: ET.Element) -> list[tuple[str, str]]:
 
 
 def test_report_draws_an_svg_bar_chart_per_section():
-    result = {
-        "verdict": True,
-        "reasons": ["ok"],
-        "sets": {
-            "domain_eval": {
-                "base": {"loss": 3.2, "perplexity": 24.5},
-                "tuned": {"loss": 2.9, "perplexity": 18.2},
-            }
-        },
-        "generation": {
-            "qa": {
-                "examples": 4,
-                "base": {"em": 0.5},
-                "tuned": {"em": 0.25},
-                "em_change_points": -25.0,
-                "stop": ["\n"],
-                "worst_regressions": [
-                    {"index": 2, "prompt": "<q>", "answers": ["a"], "base_output": "a", "tuned_output": "b"}
-                ],
-            }
-        },
-        "lm_eval": {"arc_easy": {"acc": {"base": 0.41, "tuned": None, "change": None}}},
-    }
+    from fulltune.evaluate.result import (
+        EMFigures,
+        EvalResult,
+        GenerationRegression,
+        GenerationSection,
+        LMEvalRow,
+        LossFigures,
+        LossSetSection,
+    )
+
+    sample = EvalResult.load(str(Path(__file__).parent / "data" / "eval_v1.json"))
+    result = sample.model_copy(
+        update={
+            "sets": {
+                "domain_eval": LossSetSection(
+                    sequences=5,
+                    loss_tokens=60,
+                    base=LossFigures(loss=3.2, perplexity=24.5),
+                    tuned=LossFigures(loss=2.9, perplexity=18.2),
+                ),
+                # a tuned model that diverged: no number to draw
+                "general_eval": LossSetSection(
+                    sequences=5,
+                    loss_tokens=60,
+                    base=LossFigures(loss=2.5, perplexity=12.18),
+                    tuned=LossFigures(loss=float("nan"), perplexity=float("nan")),
+                ),
+            },
+            "mc": {},
+            "confidence_intervals": {},  # the sample's would not match these numbers
+            "generation": {
+                "qa": GenerationSection(
+                    examples=4,
+                    max_new_tokens=8,
+                    stop=["\n"],
+                    base=EMFigures(em=0.5),
+                    tuned=EMFigures(em=0.25),
+                    em_change_points=-25.0,
+                    worst_regressions=[
+                        GenerationRegression(
+                            index=2, prompt="<q>", answers=["a"], base_output="a", tuned_output="b"
+                        )
+                    ],
+                )
+            },
+            "lm_eval": {"arc_easy": {"acc": LMEvalRow(base=0.41, tuned=0.45, change=0.04)}},
+        }
+    )
     html = render_report(result)
     assert "<img" not in html  # no embedded pictures: the charts are inline SVG
     charts = _charts(html)
     assert [c.find("{http://www.w3.org/2000/svg}title").text for c in charts] == [
         "domain_eval: base vs tuned",
+        "general_eval: base vs tuned",
         "qa: base vs tuned",
         "arc_easy: base vs tuned",
     ]
@@ -411,11 +437,12 @@ def test_report_draws_an_svg_bar_chart_per_section():
         ("base", "base perplexity: 24.5"),
         ("tuned", "tuned perplexity: 18.2"),
     ]
+    # a tuned value that is not a number draws no tuned bar
+    assert _bars(charts[1]) == [("base", "base loss: 2.5"), ("base", "base perplexity: 12.18")]
     # exact match is a rate: shown as a percentage
-    assert _bars(charts[1]) == [("base", "base exact match: 50.0%"), ("tuned", "tuned exact match: 25.0%")]
-    assert "exact match: base 50.0%, tuned 25.0%" in charts[1].get("aria-label")
-    # a tuned value that is missing draws no tuned bar
-    assert _bars(charts[2]) == [("base", "base acc: 0.41")]
+    assert _bars(charts[2]) == [("base", "base exact match: 50.0%"), ("tuned", "tuned exact match: 25.0%")]
+    assert "exact match: base 50.0%, tuned 25.0%" in charts[2].get("aria-label")
+    assert _bars(charts[3]) == [("base", "base acc: 0.41"), ("tuned", "tuned acc: 0.45")]
     assert "&lt;q&gt;" in html and "reported, not gated" in html
 
 

@@ -11,6 +11,15 @@ import pytest
 from fulltune import report_kit as kit
 from fulltune.data.validate import render_html as validate_page
 from fulltune.evaluate.eval_page import render_report
+from fulltune.evaluate.result import (
+    EvalResult,
+    GateCheck,
+    LossFigures,
+    LossSetSection,
+    MCFigures,
+    MCSection,
+    Thresholds,
+)
 from fulltune.tokenizer.check import render_html as tokenizer_page
 from fulltune.train.metrics import StepRecord, TrainingSummary
 from fulltune.train.train_page import training_report_html
@@ -229,22 +238,41 @@ def test_percent_formatting():
 # -- the pages -----------------------------------------------------------------------------------------
 
 
+def _evaluation() -> EvalResult:
+    """A passing result with a loss set and a multiple-choice task (no intervals: bootstrap off)."""
+    return EvalResult(
+        base_model_uri="s3://models/base",
+        tuned_model_uri="s3://work/run/train/model",
+        sets={
+            "domain_eval": LossSetSection(
+                sequences=40,
+                loss_tokens=900,
+                base=LossFigures(loss=3.2, perplexity=24.5),
+                tuned=LossFigures(loss=2.9, perplexity=18.2),
+            )
+        },
+        mc={
+            "arc": MCSection(
+                questions=100,
+                base=MCFigures(acc=0.61, acc_norm=0.59),
+                tuned=MCFigures(acc=0.58, acc_norm=0.57),
+                acc_change_points=-3.0,
+                acc_norm_change_points=-2.0,
+            )
+        },
+        checks=[GateCheck(name="domain_gain", passed=True, reason="domain loss improved")],
+        thresholds=Thresholds(min_domain_loss_improvement=0.0, max_general_ppl_increase=0.05),
+        device="cpu (float32)",
+        created_at="2025-01-01T00:00:00+00:00",
+        fulltune_version="0.1.0",
+    )
+
+
 def _pages() -> dict[str, str]:
     metrics = [
         {"step": s, "loss": 3.0 - s / 20, **({"eval_loss": 2.9 - s / 25} if s % 5 == 4 else {})}
         for s in range(20)
     ]
-    evaluation = {
-        "verdict": True,
-        "checks": [{"passed": True, "reason": "domain loss improved"}],
-        "sets": {
-            "domain_eval": {
-                "base": {"loss": 3.2, "perplexity": 24.5},
-                "tuned": {"loss": 2.9, "perplexity": 18.2},
-            }
-        },
-        "mc": {"arc": {"base": {"acc": 0.61, "acc_norm": 0.59}, "tuned": {"acc": 0.58, "acc_norm": 0.57}}},
-    }
     tokenizer = {
         "passed": True,
         "tokenizer_uri": "tok",
@@ -289,7 +317,7 @@ def _pages() -> dict[str, str]:
             ],
             TrainingSummary(20, 20, False, 8, 2, 3.0, 2.05, 12.0),
         ),
-        "evaluate": render_report(evaluation),
+        "evaluate": render_report(_evaluation()),
         "tokenizer": tokenizer_page(tokenizer),
     }
 

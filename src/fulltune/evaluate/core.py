@@ -474,5 +474,5 @@ def _verdict(
 def _write_outputs(result: EvalResult, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     result.write(str(out_dir / EVAL_FILE))
-    storage.write_text(str(out_dir / EVAL_REPORT_FILE), render_report(result.to_json()))
+    storage.write_text(str(out_dir / EVAL_REPORT_FILE), render_report(result))
     log.info("gate %s: %s", "passed" if result.verdict else "failed", "; ".join(result.reasons))

@@ -4,77 +4,91 @@ It shows the verdict first, then each gate check with its reason, then base agai
 eval set, multiple-choice task, generation task and lm-eval task: a table with the change and its
 bootstrap interval, a bar chart of base vs tuned per metric (inline SVG from the report kit), and the
 examples that got worse (loss rose most; generation: answered right by the base model, wrong by the
-tuned one). It is rendered from the `eval.json` dict alone, so a page can be rebuilt from any run.
+tuned one). It is rendered from the `EvalResult` alone, so a page can be rebuilt from any run's
+`eval.json` with `render_report(EvalResult.load(uri))`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from fulltune import report_kit as kit
+from fulltune.evaluate.result import (
+    BootstrapSettings,
+    EvalResult,
+    GateCheck,
+    GenerationRegression,
+    GenerationSection,
+    LMEvalRow,
+    LossSetSection,
+    MCSection,
+    QuestionRegression,
+    Scoring,
+    SequenceRegression,
+)
 from fulltune.report_kit import Html
 
 _COMPARISON = ["metric", "base", "tuned", "change"]
-_CHECK_MARKS = {True: ("ok", "passed"), False: ("error", "failed"), None: ("info", "note")}
+_CHECK_MARKS = {True: ("ok", "passed"), False: ("error", "failed")}
+# Without bootstrap settings (a file from before they were written) intervals read as 95% ones.
+_DEFAULT_LEVEL = 0.95
+
+# (label, base, tuned) of one metric: a row of a comparison table and a panel of its bar chart.
+Figure = tuple[str, float, float]
 
 
-def render_report(result: dict[str, Any]) -> str:
-    """HTML for an `eval.json` result (as returned by `evaluate_models`)."""
-    passed = bool(result.get("verdict"))
+def render_report(result: EvalResult) -> str:
+    """HTML for an evaluation result (as `evaluate_models` returns it or `EvalResult.load` reads it)."""
     verdict = (
         "PASSED — the tuned model may be registered"
-        if passed
+        if result.verdict
         else "FAILED — the tuned model is not registered"
     )
     return kit.page(
         "fulltune evaluation",
         "fulltune evaluation: base vs tuned",
-        kit.banner("pass" if passed else "fail", verdict),
-        _gate(result),
+        kit.banner("pass" if result.verdict else "fail", verdict),
+        _gate(result.checks),
         _eval_sets(result),
         _mc_tasks(result),
         _generation_tasks(result),
-        _lm_eval_tasks(result),
+        _lm_eval_tasks(result.lm_eval),
         _run(result),
     )
 
 
-def _gate(result: dict[str, Any]) -> str:
-    checks = result.get("checks") or [{"passed": None, "reason": r} for r in result.get("reasons", [])]
+def _gate(checks: list[GateCheck]) -> str:
     problems = []
     for check in checks:
-        severity, label = _CHECK_MARKS.get(check.get("passed"), _CHECK_MARKS[None])
-        problems.append(kit.Problem(severity, str(check["reason"]), label=label))
+        severity, label = _CHECK_MARKS[check.passed]
+        problems.append(kit.Problem(severity, check.reason, label=label))
     return kit.heading("Gate") + kit.problem_list(problems)
 
 
-def _eval_sets(result: dict[str, Any]) -> str:
+def _eval_sets(result: EvalResult) -> str:
     parts = [kit.heading("Eval sets")]
-    for name, entry in result.get("sets", {}).items():
-        base, tuned = entry.get("base", {}), entry.get("tuned", {})
-        metrics = ("loss", "perplexity")
+    for name, section in result.sets.items():
+        figures = _loss_figures(section)
         parts += [
             kit.heading(name, 3),
-            kit.note(f"{entry.get('sequences', '?')} sequences, {entry.get('loss_tokens', '?')} loss tokens"),
-            kit.table(
-                _COMPARISON,
-                [
-                    (m, _num(base.get(m)), _num(tuned.get(m)), _change(base.get(m), tuned.get(m)))
-                    for m in metrics
-                ],
-                numeric=(1, 2, 3),
-            ),
-            _ci_line(result, _set_ci_keys(name)),
-            _chart(name, [(m, base.get(m), tuned.get(m)) for m in metrics]),
-            _worst_table(entry.get("worst_regressions") or [], "sequence"),
+            kit.note(f"{section.sequences} sequences, {section.loss_tokens} loss tokens"),
+            _loss_table(figures),
+            _ci_line(result, LossSetSection.interval_keys(name)),
+            _chart(name, figures),
+            _worst_sequences(section.worst_regressions),
         ]
     return "\n".join(p for p in parts if p)
 
 
-def _mc_tasks(result: dict[str, Any]) -> str:
-    mc = result.get("mc") or {}
-    if not mc:
+def _loss_figures(section: LossSetSection) -> list[Figure]:
+    return [
+        ("loss", section.base.loss, section.tuned.loss),
+        ("perplexity", section.base.perplexity, section.tuned.perplexity),
+    ]
+
+
+def _mc_tasks(result: EvalResult) -> str:
+    if not result.mc:
         return ""
     parts = [
         kit.heading("Multiple-choice tasks"),
@@ -83,27 +97,28 @@ def _mc_tasks(result: dict[str, Any]) -> str:
             "the choice's length in characters. Changes in percentage points."
         ),
     ]
-    for name, entry in mc.items():
-        base, tuned = entry.get("base", {}), entry.get("tuned", {})
-        metrics = ("acc", "acc_norm")
-        rows = [
-            (m, _pct(base.get(m)), _pct(tuned.get(m)), _points(entry.get(f"{m}_change_points")))
-            for m in metrics
-        ]
+    for name, section in result.mc.items():
+        figures = _mc_figures(section)
         parts += [
             kit.heading(name, 3),
-            kit.note(f"{entry.get('questions', '?')} questions"),
-            kit.table(_COMPARISON, rows, numeric=(1, 2, 3)),
-            _ci_line(result, [f"mc_{name}_acc_change", f"mc_{name}_acc_norm_change"]),
-            _chart(name, [(m, base.get(m), tuned.get(m)) for m in metrics], percent=True),
-            _worst_table(entry.get("worst_regressions") or [], "question"),
+            kit.note(f"{section.questions} questions"),
+            _rate_table(figures, [section.acc_change_points, section.acc_norm_change_points]),
+            _ci_line(result, (MCSection.change_key(name), MCSection.change_key(name, "acc_norm"))),
+            _chart(name, figures, percent=True),
+            _worst_questions(section.worst_regressions),
         ]
     return "\n".join(p for p in parts if p)
 
 
-def _generation_tasks(result: dict[str, Any]) -> str:
-    generation = result.get("generation") or {}
-    if not generation:
+def _mc_figures(section: MCSection) -> list[Figure]:
+    return [
+        ("acc", section.base.acc, section.tuned.acc),
+        ("acc_norm", section.base.acc_norm, section.tuned.acc_norm),
+    ]
+
+
+def _generation_tasks(result: EvalResult) -> str:
+    if not result.generation:
         return ""
     parts = [
         kit.heading("Generation tasks (exact match)"),
@@ -113,29 +128,25 @@ def _generation_tasks(result: dict[str, Any]) -> str:
             "percentage points."
         ),
     ]
-    for name, entry in generation.items():
-        b, t = (entry.get("base") or {}).get("em"), (entry.get("tuned") or {}).get("em")
-        stop = ", ".join(repr(x) for x in entry.get("stop") or []) or "EOS only"
+    for name, section in result.generation.items():
+        figures: list[Figure] = [("exact match", section.base.em, section.tuned.em)]
         parts += [
             kit.heading(name, 3),
-            kit.note(
-                f"{entry.get('examples', '?')} prompts, at most {entry.get('max_new_tokens', '?')} "
-                f"new tokens, stop at {stop}"
-            ),
-            kit.table(
-                _COMPARISON,
-                [("exact match", _pct(b), _pct(t), _points(entry.get("em_change_points")))],
-                numeric=(1, 2, 3),
-            ),
-            _ci_line(result, [f"gen_{name}_em_change"]),
-            _chart(name, [("exact match", b, t)], percent=True),
-            _generation_table(entry.get("worst_regressions") or []),
+            kit.note(_generation_settings(section)),
+            _rate_table(figures, [section.em_change_points]),
+            _ci_line(result, (GenerationSection.change_key(name),)),
+            _chart(name, figures, percent=True),
+            _generation_table(section.worst_regressions),
         ]
     return "\n".join(p for p in parts if p)
 
 
-def _lm_eval_tasks(result: dict[str, Any]) -> str:
-    lm_eval = result.get("lm_eval") or {}
+def _generation_settings(section: GenerationSection) -> str:
+    stop = ", ".join(repr(x) for x in section.stop) or "EOS only"
+    return f"{section.examples} prompts, at most {section.max_new_tokens} new tokens, stop at {stop}"
+
+
+def _lm_eval_tasks(lm_eval: dict[str, dict[str, LMEvalRow]]) -> str:
     if not lm_eval:
         return ""
     parts = [kit.heading("lm-evaluation-harness tasks (reported, not gated)")]
@@ -144,137 +155,132 @@ def _lm_eval_tasks(result: dict[str, Any]) -> str:
             kit.heading(task, 3),
             kit.table(
                 _COMPARISON,
-                [
-                    (metric, _num(row.get("base")), _num(row.get("tuned")), _num(row.get("change")))
-                    for metric, row in rows.items()
-                ],
+                [(metric, _num(row.base), _num(row.tuned), _num(row.change)) for metric, row in rows.items()],
                 numeric=(1, 2, 3),
             ),
-            _chart(task, [(m, r.get("base"), r.get("tuned")) for m, r in rows.items()]),
+            _chart(task, [(metric, row.base, row.tuned) for metric, row in rows.items()]),
         ]
     return "\n".join(parts)
 
 
-def _run(result: dict[str, Any]) -> str:
-    thresholds = result.get("thresholds", {})
+def _run(result: EvalResult) -> str:
+    thresholds = result.thresholds
     rows = [
-        ("base model", result.get("base_model_uri")),
-        ("tuned model", result.get("tuned_model_uri")),
-        ("dataset manifest", result.get("dataset_manifest") or "(passed inline)"),
-        ("min domain loss improvement", _pct(thresholds.get("min_domain_loss_improvement"))),
-        ("max general perplexity increase", _pct(thresholds.get("max_general_ppl_increase"))),
-        ("max multiple-choice accuracy drop", _points(thresholds.get("max_mc_accuracy_drop"))),
-        ("max exact-match drop", _points(thresholds.get("max_exact_match_drop"))),
-        ("bootstrap", _bootstrap(result.get("bootstrap"))),
-        ("device", result.get("device")),
-        ("scoring", _scoring(result.get("scoring"))),
-        ("created", result.get("created_at")),
-        ("fulltune", result.get("fulltune_version")),
+        ("base model", result.base_model_uri),
+        ("tuned model", result.tuned_model_uri),
+        ("dataset manifest", result.dataset_manifest or "(passed inline)"),
+        ("min domain loss improvement", _pct(thresholds.min_domain_loss_improvement)),
+        ("max general perplexity increase", _pct(thresholds.max_general_ppl_increase)),
+        ("max multiple-choice accuracy drop", _points(thresholds.max_mc_accuracy_drop)),
+        ("max exact-match drop", _points(thresholds.max_exact_match_drop)),
+        ("bootstrap", _bootstrap(result.bootstrap)),
+        ("device", result.device),
+        ("scoring", _scoring(result.scoring)),
+        ("created", result.created_at),
+        ("fulltune", result.fulltune_version),
     ]
-    return kit.heading("Run") + kit.key_value_table(((k, str(v)) for k, v in rows), as_code=True)
+    return kit.heading("Run") + kit.key_value_table(rows, as_code=True)
 
 
-def _num(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "—"
+def _loss_table(figures: list[Figure]) -> str:
+    """Losses and perplexities, their change relative to the base model's."""
+    rows = [(label, _num(base), _num(tuned), _change(base, tuned)) for label, base, tuned in figures]
+    return kit.table(_COMPARISON, rows, numeric=(1, 2, 3))
+
+
+def _rate_table(figures: list[Figure], changes: list[float]) -> str:
+    """Rates as percentages, their change in percentage points (as the result holds it)."""
+    rows = [
+        (label, _pct(base), _pct(tuned), _points(change))
+        for (label, base, tuned), change in zip(figures, changes, strict=True)
+    ]
+    return kit.table(_COMPARISON, rows, numeric=(1, 2, 3))
+
+
+def _num(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
-def _pct(value: Any) -> str:
+def _pct(value: float | None) -> str:
     return kit.format_percent(value)
 
 
-def _change(base: Any, tuned: Any) -> str:
-    if not isinstance(base, (int, float)) or not isinstance(tuned, (int, float)) or not base:
-        return "—"
+def _change(base: float, tuned: float) -> str:
+    if not base:
+        return kit.MISSING
     return kit.format_percent(tuned / base - 1.0, signed=True)
 
 
-def _points(value: Any) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "—"
+def _points(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return kit.MISSING
     return f"{value:+.1f} pts" if value else "0.0 pts"
 
 
-def _bootstrap(boot: Any) -> str:
-    if not isinstance(boot, dict) or not boot.get("resamples"):
+def _bootstrap(boot: BootstrapSettings | None) -> str:
+    if boot is None or not boot.resamples:
         return "off"
-    return f"{boot['resamples']} paired resamples, seed {boot.get('seed')}, {boot.get('level', 0.95):.0%} percentile CI"
+    return f"{boot.resamples} paired resamples, seed {boot.seed}, {boot.level:.0%} percentile CI"
 
 
-def _set_ci_keys(name: str) -> list[str]:
-    if name == "domain_eval":
-        return ["domain_loss_change", "domain_loss_improvement"]
-    if name == "general_eval":
-        return ["general_perplexity_change", "forgetting"]
-    return []
-
-
-def _ci_line(result: dict[str, Any], keys: list[str]) -> str:
+def _ci_line(result: EvalResult, keys: tuple[str, ...]) -> str:
     """'domain_loss_improvement: 0.2140 (95% CI 0.19 to 0.23)' for the intervals in the result."""
-    intervals = result.get("confidence_intervals") or {}
-    level = (result.get("bootstrap") or {}).get("level", 0.95)
+    level = result.bootstrap.level if result.bootstrap else _DEFAULT_LEVEL
     items = [
-        f"{kit.code(key)} {_num(ci.get('estimate'))} "
-        f"({level:.0%} CI {_num(ci.get('low'))} to {_num(ci.get('high'))})"
+        f"{kit.code(key)} {_num(ci.estimate)} ({level:.0%} CI {_num(ci.low)} to {_num(ci.high)})"
         for key in keys
-        if (ci := intervals.get(key))
+        if (ci := result.confidence_intervals.get(key))
     ]
     return kit.note(Html("; ".join(items))) if items else ""
 
 
-def _scoring(scoring: Any) -> str:
-    if not isinstance(scoring, dict):
-        return "—"
-    how = "both models at once" if scoring.get("models_together") else "one model at a time"
-    return f"device_map {scoring.get('device_map', 'single')}, {how} ({scoring.get('why', '')})"
+def _scoring(scoring: Scoring | None) -> str:
+    if scoring is None:
+        return kit.MISSING
+    how = "both models at once" if scoring.models_together else "one model at a time"
+    return f"device_map {scoring.device_map}, {how} ({scoring.why})"
 
 
-def _chart(title: str, metrics: list[tuple[str, Any, Any]], *, percent: bool = False) -> str:
-    """Base vs tuned, one panel per metric; `metrics` rows are (label, base, tuned)."""
+def _chart(title: str, figures: list[Figure], *, percent: bool = False) -> str:
+    """Base vs tuned, one panel per metric."""
     return kit.bar_chart(
-        [(label, (base, tuned)) for label, base, tuned in metrics],
+        [(label, (base, tuned)) for label, base, tuned in figures],
         title=f"{title}: base vs tuned",
         percent=percent,
     )
 
 
-def _generation_table(rows: list[dict[str, Any]]) -> str:
+def _generation_table(rows: list[GenerationRegression]) -> str:
     if not rows:
         return kit.note("No prompt answered right by the base model was answered wrong by the tuned one.")
     return kit.note(
         f"{len(rows)} prompts answered right by the base model and wrong by the tuned one:"
     ) + kit.table(
         ["prompt #", "prompt", "accepted", "base said", "tuned said"],
-        [
-            (
-                row.get("index"),
-                str(row.get("prompt", "")),
-                " | ".join(str(a) for a in row.get("answers") or []),
-                str(row.get("base_output", "")),
-                str(row.get("tuned_output", "")),
-            )
-            for row in rows
-        ],
+        [(row.index, row.prompt, " | ".join(row.answers), row.base_output, row.tuned_output) for row in rows],
     )
 
 
-def _worst_table(rows: list[dict[str, Any]], kind: str) -> str:
-    if not rows:
-        return kit.note(f"No {kind} got worse.")
-    questions = kind == "question"
-    header = [kind, *(["question"] if questions else []), "base loss", "tuned loss", "rise"]
-    lead = f"The {len(rows)} {kind}s whose loss rose most" + (
-        " (loss = minus the log-likelihood of the right choice)" if questions else ""
-    )
+def _worst_sequences(rows: list[SequenceRegression]) -> str:
+    body = [(row.index, _num(row.base_loss), _num(row.tuned_loss), _num(row.change)) for row in rows]
+    return _loss_rise_table("sequence", [], body)
+
+
+def _worst_questions(rows: list[QuestionRegression]) -> str:
     body = [
-        (
-            row.get("index"),
-            *([str(row.get("question", ""))] if questions else []),
-            _num(row.get("base_loss")),
-            _num(row.get("tuned_loss")),
-            _num(row.get("change")),
-        )
-        for row in rows
+        (row.index, row.question, _num(row.base_loss), _num(row.tuned_loss), _num(row.change)) for row in rows
     ]
-    return kit.note(lead + ":") + kit.table(header, body, numeric=range(len(header) - 3, len(header)))
+    return _loss_rise_table(
+        "question", ["question"], body, why=" (loss = minus the log-likelihood of the right choice)"
+    )
+
+
+def _loss_rise_table(
+    kind: str, text_columns: list[str], body: list[tuple[object, ...]], why: str = ""
+) -> str:
+    """The examples whose loss rose most: index, `text_columns`, base loss, tuned loss, rise."""
+    if not body:
+        return kit.note(f"No {kind} got worse.")
+    header = [kind, *text_columns, "base loss", "tuned loss", "rise"]
+    lead = f"The {len(body)} {kind}s whose loss rose most{why}:"
+    return kit.note(lead) + kit.table(header, body, numeric=range(len(header) - 3, len(header)))

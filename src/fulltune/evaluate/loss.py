@@ -22,9 +22,6 @@ import numpy as np
 
 from fulltune.evaluate.result import (
     DOMAIN,
-    DOMAIN_LOSS_IMPROVEMENT,
-    FORGETTING,
-    GENERAL,
     LossFigures,
     LossSetSection,
     SequenceRegression,
@@ -211,26 +208,22 @@ class LossSet:
     def intervals(self, scores: Pair[LossResult], boot: BootstrapSettings) -> dict[str, Interval]:
         """Paired bootstrap over sequences of the absolute and relative change of loss / perplexity.
 
-        domain_eval: `domain_loss_change` (tuned - base loss) and `domain_loss_improvement`;
-        general_eval: `general_perplexity_change` (tuned - base perplexity) and `forgetting`.
+        Named by `LossSetSection.interval_keys`: on domain_eval the change of the loss (tuned - base)
+        and the improvement; on general_eval the change of the perplexity (tuned - base) and forgetting.
         """
         base = ratio_of_sums(scores.base.sequence_sums, scores.base.sequence_tokens)
         tuned = ratio_of_sums(scores.tuned.sequence_sums, scores.tuned.sequence_tokens)
         n = scores.base.sequences
+        change, relative = LossSetSection.interval_keys(self.name)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             if self.name == DOMAIN:
                 return {
-                    "domain_loss_change": paired_interval(lambda i: tuned(i) - base(i), n, boot),
-                    DOMAIN_LOSS_IMPROVEMENT: paired_interval(lambda i: 1.0 - tuned(i) / base(i), n, boot),
+                    change: paired_interval(lambda i: tuned(i) - base(i), n, boot),
+                    relative: paired_interval(lambda i: 1.0 - tuned(i) / base(i), n, boot),
                 }
-            stem = self.name.removesuffix("_eval")
             return {
-                f"{stem}_perplexity_change": paired_interval(
-                    lambda i: np.exp(tuned(i)) - np.exp(base(i)), n, boot
-                ),
-                FORGETTING if self.name == GENERAL else f"{self.name}_{FORGETTING}": paired_interval(
-                    lambda i: np.exp(tuned(i) - base(i)) - 1.0, n, boot
-                ),
+                change: paired_interval(lambda i: np.exp(tuned(i)) - np.exp(base(i)), n, boot),
+                relative: paired_interval(lambda i: np.exp(tuned(i) - base(i)) - 1.0, n, boot),
             }
 
     def section(self, scores: Pair[LossResult], intervals: Mapping[str, Interval]) -> LossSetSection:

@@ -125,6 +125,16 @@ class LossSetSection(_Record):
     tuned: LossFigures
     worst_regressions: list[SequenceRegression] = []
 
+    @staticmethod
+    def interval_keys(name: str) -> tuple[str, str]:
+        """The interval names of set `name`: its absolute change, then its relative one (what the gate
+        reads): `domain_loss_change` and `domain_loss_improvement` on domain_eval,
+        `general_perplexity_change` and `forgetting` on general_eval."""
+        if name == DOMAIN:
+            return "domain_loss_change", DOMAIN_LOSS_IMPROVEMENT
+        relative = FORGETTING if name == GENERAL else f"{name}_{FORGETTING}"
+        return f"{name.removesuffix('_eval')}_perplexity_change", relative
+
     def metrics(self, name: str) -> dict[str, float]:
         return {
             f"{name}_{role}_{what}": getattr(getattr(self, role), what)

@@ -15,6 +15,7 @@ import yaml
 import fulltune
 from fulltune.config import RunConfig
 from fulltune.evaluate.result import EvalResult
+from fulltune.report_kit import MISSING, markdown_table
 
 TAGS = ["fulltune", "full-fine-tune"]
 
@@ -75,40 +76,39 @@ def _front_matter(cfg: RunConfig, eval_result: EvalResult) -> dict[str, Any]:
 
 def _training(cfg: RunConfig) -> list[str]:
     t, p, r = cfg.training, cfg.preprocess, cfg.resources
-    return [
-        "## Training",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| learning rate | {_or_auto(t.learning_rate)} |",
-        f"| epochs | {_or_auto(t.num_train_epochs)} |",
-        f"| max steps | {t.max_steps if t.max_steps > 0 else '—'} |",
-        f"| batch size per device × accumulation × devices | "
-        f"{t.per_device_train_batch_size} × {t.gradient_accumulation_steps} × {cfg.world_size} |",
-        f"| schedule | {t.lr_scheduler_type}, warm-up {t.warmup_ratio:g} |",
-        f"| weight decay | {t.weight_decay:g} |",
-        f"| precision | {'bf16' if t.bf16 else 'fp32'} |",
-        f"| sequence length | {p.max_seq_len} ({'packed' if p.packing else 'padded'}) |",
-        f"| general replay | {p.replay_fraction:.0%} of training tokens |",
-        f"| seed | {t.seed} |",
-        f"| compute | {r.num_nodes} node(s) × {r.nproc_per_node} {r.accelerator} process(es) |",
+    rows = [
+        ("learning rate", _or_auto(t.learning_rate)),
+        ("epochs", _or_auto(t.num_train_epochs)),
+        ("max steps", t.max_steps if t.max_steps > 0 else MISSING),
+        (
+            "batch size per device × accumulation × devices",
+            f"{t.per_device_train_batch_size} × {t.gradient_accumulation_steps} × {cfg.world_size}",
+        ),
+        ("schedule", f"{t.lr_scheduler_type}, warm-up {t.warmup_ratio:g}"),
+        ("weight decay", f"{t.weight_decay:g}"),
+        ("precision", "bf16" if t.bf16 else "fp32"),
+        ("sequence length", f"{p.max_seq_len} ({'packed' if p.packing else 'padded'})"),
+        ("general replay", f"{p.replay_fraction:.0%} of training tokens"),
+        ("seed", t.seed),
+        ("compute", f"{r.num_nodes} node(s) × {r.nproc_per_node} {r.accelerator} process(es)"),
     ]
+    return ["## Training", "", markdown_table(["setting", "value"], rows)]
 
 
 def _evaluation(eval_result: EvalResult) -> list[str]:
-    lines = ["## Evaluation", ""]
-    if not eval_result.sets:
-        return [*lines, "No evaluation numbers were recorded."]
-    lines += [
-        "| set | base loss | tuned loss | base perplexity | tuned perplexity |",
-        "|---|---|---|---|---|",
-    ]
-    for name, entry in eval_result.sets.items():
-        lines.append(
-            f"| {name} | {_num(entry.base.loss)} | {_num(entry.tuned.loss)} | "
-            f"{_num(entry.base.perplexity)} | {_num(entry.tuned.perplexity)} |"
+    """Base against tuned on every loss set (an eval result always has the domain set)."""
+    header = ["set", "base loss", "tuned loss", "base perplexity", "tuned perplexity"]
+    rows = [
+        (
+            name,
+            _num(section.base.loss),
+            _num(section.tuned.loss),
+            _num(section.base.perplexity),
+            _num(section.tuned.perplexity),
         )
-    return lines
+        for name, section in eval_result.sets.items()
+    ]
+    return ["## Evaluation", "", markdown_table(header, rows)]
 
 
 def _verdict(eval_result: EvalResult, forced: bool) -> list[str]:
@@ -130,11 +130,11 @@ def _provenance(lineage: dict[str, Any]) -> list[str]:
     return [*lines, "", "The full lineage (config, eval result) is in `lineage.json`."]
 
 
-def _num(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "—"
+def _num(value: float) -> str:
+    return f"{value:.4f}"
 
 
-def _or_auto(value: Any) -> str:
+def _or_auto(value: float | None) -> str:
     return "chosen by plan" if value is None else f"{value:g}"
 
 
