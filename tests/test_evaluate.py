@@ -17,67 +17,23 @@ from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import decide
 from fulltune.evaluate.loss import sequence_loss
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
+from tiny_models import TINY_LLAMA, save_tiny_llama
 
-VOCAB = 64
+VOCAB = TINY_LLAMA["vocab_size"]
 SEQ_LEN = 16
-WORDS = (
-    "the a patient doctor takes gives dose of metformin insulin daily twice kidney liver heart "
-    "is has low high normal blood sugar pressure what which answer yes no paris rome city capital"
-).split()
 
 
 # -- fixtures -----------------------------------------------------------------------------------
 
 
-def _save_tiny_llama(path: Path, *, seed: int, perturb: float = 0.0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if perturb:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=gen) * perturb)
-    model.save_pretrained(path, safe_serialization=True)
-    _tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-def _tiny_tokenizer():
-    """A word-level tokenizer whose ids fit the tiny model's vocabulary (pad 0, bos 1, eos 2, unk 3)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    assert len(vocab) <= VOCAB
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    """'same' is 'base' again, file for file; 'tuned' is 'base' plus seeded noise."""
     root = tmp_path_factory.mktemp("models")
     return {
-        "base": _save_tiny_llama(root / "base", seed=0),
-        "tuned": _save_tiny_llama(root / "tuned", seed=1, perturb=0.05),
-        "same": _save_tiny_llama(root / "same", seed=0),
+        "base": save_tiny_llama(root / "base"),
+        "tuned": save_tiny_llama(root / "tuned", seed=1, perturb=0.05),
+        "same": save_tiny_llama(root / "same"),
     }
 
 

@@ -22,6 +22,7 @@ from fulltune.registry import kubeflow
 from fulltune.registry.kubeflow import KubeflowRegistryError, register_version
 from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
 from mr_standin import ModelRegistryStandIn
+from tiny_models import fake_model_dir
 
 NAME = "tiny"
 TOKEN = "token-from-the-environment"
@@ -68,13 +69,7 @@ EVAL_FAIL = EVAL_PASS.model_copy(
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
-    """A model directory as the registry sees it: config, weights, tokenizer files."""
-    path = tmp_path / "tuned"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (path / "model.safetensors").write_bytes(bytes(range(256)) * 64)
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    return path
+    return fake_model_dir(tmp_path / "tuned")
 
 
 @pytest.fixture
