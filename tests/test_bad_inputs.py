@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,12 @@ def lines(path: Path, *rows: Any, newline: str = "\n", prefix: bytes = b"") -> s
     body = newline.join(r if isinstance(r, str) else json.dumps(r) for r in rows) + newline
     path.write_bytes(prefix + body.encode("utf-8"))
     return str(path)
+
+
+def conversation(path: Path, *roles: str) -> str:
+    """One chat record whose turns come from `roles` in this order, with contents a, b, c, ..."""
+    turns = [{"role": role, "content": string.ascii_lowercase[i]} for i, role in enumerate(roles)]
+    return lines(path, {"messages": turns})
 
 
 def parquet(path: Path, table: pa.Table) -> str:
@@ -228,34 +235,19 @@ def chat_unknown_role(tmp: Path) -> Case:
 
 @case
 def chat_two_user_turns(tmp: Path) -> Case:
-    msgs = [
-        {"role": "user", "content": "a"},
-        {"role": "user", "content": "b"},
-        {"role": "assistant", "content": "c"},
-    ]
-    p = lines(tmp / "t.jsonl", {"messages": msgs})
+    p = conversation(tmp / "t.jsonl", "user", "user", "assistant")
     return Case(p, "chat_order", f"{p}:1", passes=True)
 
 
 @case
 def chat_assistant_first(tmp: Path) -> Case:
-    msgs = [
-        {"role": "assistant", "content": "a"},
-        {"role": "user", "content": "b"},
-        {"role": "assistant", "content": "c"},
-    ]
-    p = lines(tmp / "t.jsonl", {"messages": msgs})
+    p = conversation(tmp / "t.jsonl", "assistant", "user", "assistant")
     return Case(p, "chat_order", f"{p}:1", passes=True)
 
 
 @case
 def chat_system_late(tmp: Path) -> Case:
-    msgs = [
-        {"role": "user", "content": "a"},
-        {"role": "system", "content": "b"},
-        {"role": "assistant", "content": "c"},
-    ]
-    p = lines(tmp / "t.jsonl", {"messages": msgs})
+    p = conversation(tmp / "t.jsonl", "user", "system", "assistant")
     return Case(p, "chat_system_not_first", f"{p}:1", passes=True)
 
 

@@ -180,10 +180,11 @@ def _key_shape(value, path="") -> set[str]:
 
 
 def test_a_fixed_run_writes_the_keys_of_the_sample(tmp_path, monkeypatch):
-    from test_evaluate import MC_QUESTIONS, _manifest, _save_tiny_llama, _write_mc
+    from test_evaluate import MC_QUESTIONS, _manifest, _write_mc
+    from tiny_models import save_tiny_llama
 
-    base = _save_tiny_llama(tmp_path / "base", seed=0)
-    tuned = _save_tiny_llama(tmp_path / "tuned", seed=1, perturb=0.05)
+    base = save_tiny_llama(tmp_path / "base")
+    tuned = save_tiny_llama(tmp_path / "tuned", seed=1, perturb=0.05)
     raw = _sample()
     qa = tmp_path / "qa.jsonl"
     qa.write_text(

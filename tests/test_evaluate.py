@@ -17,67 +17,23 @@ from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import decide
 from fulltune.evaluate.loss import sequence_loss
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
+from tiny_models import TINY_LLAMA, save_tiny_llama
 
-VOCAB = 64
+VOCAB = TINY_LLAMA["vocab_size"]
 SEQ_LEN = 16
-WORDS = (
-    "the a patient doctor takes gives dose of metformin insulin daily twice kidney liver heart "
-    "is has low high normal blood sugar pressure what which answer yes no paris rome city capital"
-).split()
 
 
 # -- fixtures -----------------------------------------------------------------------------------
 
 
-def _save_tiny_llama(path: Path, *, seed: int, perturb: float = 0.0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if perturb:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=gen) * perturb)
-    model.save_pretrained(path, safe_serialization=True)
-    _tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-def _tiny_tokenizer():
-    """A word-level tokenizer whose ids fit the tiny model's vocabulary (pad 0, bos 1, eos 2, unk 3)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    assert len(vocab) <= VOCAB
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    """'same' is 'base' again, file for file; 'tuned' is 'base' plus seeded noise."""
     root = tmp_path_factory.mktemp("models")
     return {
-        "base": _save_tiny_llama(root / "base", seed=0),
-        "tuned": _save_tiny_llama(root / "tuned", seed=1, perturb=0.05),
-        "same": _save_tiny_llama(root / "same", seed=0),
+        "base": save_tiny_llama(root / "base"),
+        "tuned": save_tiny_llama(root / "tuned", seed=1, perturb=0.05),
+        "same": save_tiny_llama(root / "same"),
     }
 
 
@@ -192,7 +148,11 @@ def test_sequence_loss_without_loss_tokens_is_an_error(models, dataset):
 # -- gate ---------------------------------------------------------------------------------------
 
 
-def _decide(base_loss=3.91, tuned_loss=3.0732, base_ppl=12.10, tuned_ppl=12.30, min_gain=0.0, max_rise=0.05):
+def _decide(
+    base_loss=3.91, tuned_loss=3.0732, base_ppl=12.10, tuned_ppl=12.30, min_gain=0.0, max_rise=0.05, **more
+):
+    """The gate on a domain loss that fell 21.4% and a general perplexity that rose 1.7%, unless the
+    test says otherwise; `more` passes intervals and task comparisons through."""
     return decide(
         base_domain_loss=base_loss,
         tuned_domain_loss=tuned_loss,
@@ -200,6 +160,7 @@ def _decide(base_loss=3.91, tuned_loss=3.0732, base_ppl=12.10, tuned_ppl=12.30, 
         tuned_general_ppl=tuned_ppl,
         min_domain_loss_improvement=min_gain,
         max_general_ppl_increase=max_rise,
+        **more,
     )
 
 
@@ -397,31 +358,13 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
 
 
 def test_gate_reasons_quote_the_interval_but_decide_on_the_estimate():
-    verdict = decide(
-        base_domain_loss=3.91,
-        tuned_domain_loss=3.0732,
-        base_general_ppl=12.10,
-        tuned_general_ppl=12.98,
-        min_domain_loss_improvement=0.0,
-        max_general_ppl_increase=0.05,
-        domain_ci=(0.19, 0.235),
-        forgetting_ci=(0.051, 0.096),
-    )
+    verdict = _decide(tuned_ppl=12.98, domain_ci=(0.19, 0.235), forgetting_ci=(0.051, 0.096))
     assert verdict.reasons == [
         "domain loss fell 21.4% (3.91 → 3.07, 95% CI of the improvement +19.0% to +23.5%) ≥ 0.0% required",
         "general perplexity rose 7.3% (12.10 → 12.98, 95% CI of the rise +5.1% to +9.6%) > 5.0% allowed",
     ]
     # the interval reaches past the limit, the estimate does not: the estimate decides
-    noisy = decide(
-        base_domain_loss=3.91,
-        tuned_domain_loss=3.0732,
-        base_general_ppl=12.10,
-        tuned_general_ppl=12.30,
-        min_domain_loss_improvement=0.0,
-        max_general_ppl_increase=0.05,
-        forgetting_ci=(-0.02, 0.08),
-        ci_level=0.9,
-    )
+    noisy = _decide(forgetting_ci=(-0.02, 0.08), ci_level=0.9)
     assert noisy.passed
     assert noisy.reasons[1] == (
         "general perplexity rose 1.7% (12.10 → 12.30, 90% CI of the rise -2.0% to +8.0%) ≤ 5.0% allowed"
@@ -431,8 +374,10 @@ def test_gate_reasons_quote_the_interval_but_decide_on_the_estimate():
 def test_gate_multiple_choice_checks():
     from fulltune.evaluate.gate import MCComparison
 
-    def run(*tasks, allowed=2.0):
-        return _decide_mc(list(tasks), allowed)
+    def run(*tasks, allowed=2.0):  # no general set: checks 0 and 1 are the domain loss and forgetting
+        return _decide(
+            tuned_loss=3.0, base_ppl=None, tuned_ppl=None, mc=list(tasks), max_mc_accuracy_drop=allowed
+        )
 
     ok = run(MCComparison("arc", 0.61, 0.60, (-3.0, 1.0)))
     assert ok.passed
@@ -445,19 +390,6 @@ def test_gate_multiple_choice_checks():
     assert bad.reasons[3] == "mmlu accuracy fell 5.0 points (50.0% → 45.0%) > 2.0 allowed"
     assert run(MCComparison("arc", 0.5, 0.55)).reasons[2] == (
         "arc accuracy rose 5.0 points (50.0% → 55.0%): no drop (2.0 allowed)"
-    )
-
-
-def _decide_mc(tasks, allowed):
-    return decide(
-        base_domain_loss=3.91,
-        tuned_domain_loss=3.0,
-        base_general_ppl=None,
-        tuned_general_ppl=None,
-        min_domain_loss_improvement=0.0,
-        max_general_ppl_increase=0.05,
-        mc=tasks,
-        max_mc_accuracy_drop=allowed,
     )
 
 

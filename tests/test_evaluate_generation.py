@@ -24,6 +24,7 @@ from fulltune.evaluate.core import evaluate_models
 from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import EMComparison, decide
 from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
+from tiny_models import perturb_weights
 
 PROMPTS = [
     "Return the",
@@ -57,10 +58,7 @@ def demo_models(demo_assets, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo-models")
     tuned = root / "tuned"
     model = AutoModelForCausalLM.from_pretrained(demo_assets.base_model_dir, dtype=torch.float32)
-    gen_ = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=gen_) * param.std() * 0.35)
+    perturb_weights(model, seed=7, scale=0.35, relative=True)
     model.save_pretrained(tuned, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (demo_assets.base_model_dir / name).exists():

@@ -9,22 +9,15 @@ import pytest
 from fulltune import plan as planmod
 from fulltune.config import RunConfig
 from fulltune.plan import ModelShape, PlanError
+from tiny_models import tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A config-only Llama directory (no weights): plan must never need them."""
-    from transformers import LlamaConfig
-
     d = tmp_path_factory.mktemp("llama-config")
-    LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
+    tiny_llama_config(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, tie_word_embeddings=False
     ).save_pretrained(d)
     return d
 

@@ -17,6 +17,7 @@ from fulltune.config import RunConfig
 from fulltune.evaluate.result import EvalResult, GateCheck
 from fulltune.registry import store
 from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
+from tiny_models import fake_model_dir, save_tiny_llama
 
 NAME = "tiny"
 
@@ -66,24 +67,7 @@ EVAL_FAIL = EVAL_PASS.model_copy(
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama in HF format, with tokenizer files beside it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    path = tmp_path_factory.mktemp("model") / "tuned"
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("model") / "tuned")
 
 
 def _cfg(registry_uri: str) -> RunConfig:
@@ -381,14 +365,7 @@ print(store.register_model(cfg, model, eval_result, {"run_id": f"pid-{os.getpid(
 
 @pytest.fixture
 def small_model(tmp_path) -> Path:
-    """Config, weights and tokenizer files: what the registry copies, without building a model."""
-    path = tmp_path / "small"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (path / "model.safetensors").write_bytes(bytes(range(256)) * 256)
-    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    return path
+    return fake_model_dir(tmp_path / "small", weights_bytes=64 * 1024)
 
 
 def _writer(registry: str, model: Path, sync: Path, mode: str) -> subprocess.Popen:

@@ -22,6 +22,7 @@ from fulltune.registry import kubeflow
 from fulltune.registry.kubeflow import KubeflowRegistryError, register_version
 from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
 from mr_standin import ModelRegistryStandIn
+from tiny_models import fake_model_dir
 
 NAME = "tiny"
 TOKEN = "token-from-the-environment"
@@ -68,13 +69,7 @@ EVAL_FAIL = EVAL_PASS.model_copy(
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
-    """A model directory as the registry sees it: config, weights, tokenizer files."""
-    path = tmp_path / "tuned"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (path / "model.safetensors").write_bytes(bytes(range(256)) * 64)
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    return path
+    return fake_model_dir(tmp_path / "tuned")
 
 
 @pytest.fixture
@@ -99,6 +94,19 @@ def _props(custom_properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
         kind = meta["metadataType"].removeprefix("Metadata").removesuffix("Value").lower()
         out[key] = meta[f"{kind}_value"]
     return out
+
+
+def _eval_file(path: Path, result: EvalResult) -> Path:
+    """`result` as the eval.json the evaluate step leaves for the register step."""
+    path.write_text(json.dumps(result.to_json()))
+    return path
+
+
+def _register_args(config: Path, cfg: RunConfig, model_dir: Path) -> list[str]:
+    """`fulltune registry register` for `model_dir`, with `cfg` written to `config` as its YAML; the
+    test adds --eval and the rest."""
+    config.write_text(cfg.to_yaml())
+    return ["registry", "register", "--config", str(config), "--model", str(model_dir)]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -180,8 +188,7 @@ def test_a_version_recorded_for_another_manifest_is_refused(model_dir, tmp_path,
 def test_failure_after_the_upload_keeps_the_version_and_a_retry_completes_it(model_dir, s3, tmp_path, mr):
     registry = f"{s3}/registry"
     config = _cfg(registry, mr)
-    eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_PASS.to_json()))
+    eval_path = _eval_file(tmp_path / "eval.json", EVAL_PASS)
     mr.fail(1, method="POST", path="/model_versions/")  # the version is created, its artifact is not
 
     with pytest.raises(KubeflowRegistryError) as err:
@@ -263,21 +270,10 @@ def test_a_token_cannot_travel_as_config_or_argument(model_dir, tmp_path, mr):
     with pytest.raises(ConfigError, match="registry.kubeflow.token: unknown field"):
         RunConfig.from_dict({"registry": {"kubeflow": {"server_address": "http://mr", "token": "x"}}})
     config = tmp_path / "config.yaml"
-    config.write_text(_cfg(str(tmp_path / "r"), mr).to_yaml())
-    eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_PASS.to_json()))
-    args = [
-        "registry",
-        "register",
-        "--config",
-        str(config),
-        "--model",
-        str(model_dir),
-        "--eval",
-        str(eval_path),
-    ]
+    args = _register_args(config, _cfg(str(tmp_path / "r"), mr), model_dir)
+    eval_path = _eval_file(tmp_path / "eval.json", EVAL_PASS)
     with pytest.raises(SystemExit) as exit_:
-        main([*args, "--token", "x"])
+        main([*args, "--eval", str(eval_path), "--token", "x"])
     assert exit_.value.code == 2
     assert TOKEN not in config.read_text()
 
@@ -287,12 +283,9 @@ def test_a_token_cannot_travel_as_config_or_argument(model_dir, tmp_path, mr):
 
 def test_cli_register_records_in_kubeflow_and_repeats_idempotently(model_dir, s3, tmp_path, mr, capsys):
     registry = f"{s3}/registry"
-    config = tmp_path / "config.yaml"
-    config.write_text(_cfg(registry, mr).to_yaml())
-    eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_PASS.to_json()))
+    args = _register_args(tmp_path / "config.yaml", _cfg(registry, mr), model_dir)
+    eval_path = _eval_file(tmp_path / "eval.json", EVAL_PASS)
     storage.upload_file(str(eval_path), f"{s3}/work/eval.json")
-    args = ["registry", "register", "--config", str(config), "--model", str(model_dir)]
     assert main([*args, "--eval", f"{s3}/work/eval.json", "--run-id", "cli-1"]) == 0
     assert capsys.readouterr().out.strip() == f"{registry}/{NAME}/v1"
     assert main([*args, "--eval", str(eval_path), "--run-id", "cli-1"]) == 0
@@ -303,20 +296,8 @@ def test_cli_register_records_in_kubeflow_and_repeats_idempotently(model_dir, s3
 
 def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys):
     registry = tmp_path / "registry"
-    config = tmp_path / "config.yaml"
-    config.write_text(_cfg(str(registry), mr).to_yaml())
-    eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps(EVAL_FAIL.to_json()))
-    args = [
-        "registry",
-        "register",
-        "--config",
-        str(config),
-        "--model",
-        str(model_dir),
-        "--eval",
-        str(eval_path),
-    ]
+    args = _register_args(tmp_path / "config.yaml", _cfg(str(registry), mr), model_dir)
+    args += ["--eval", str(_eval_file(tmp_path / "eval.json", EVAL_FAIL))]
 
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -335,23 +316,17 @@ def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys
 
 
 def test_cli_names_a_missing_eval_file(model_dir, tmp_path, capsys):
-    config = tmp_path / "config.yaml"
-    config.write_text(_cfg(str(tmp_path / "r"), None).to_yaml())
+    args = _register_args(tmp_path / "config.yaml", _cfg(str(tmp_path / "r"), None), model_dir)
     missing = tmp_path / "nope.json"
-    rc = main(
-        ["registry", "register", "--config", str(config), "--model", str(model_dir), "--eval", str(missing)]
-    )
+    rc = main([*args, "--eval", str(missing)])
     assert rc == 1 and f"{missing}: not found" in capsys.readouterr().err
 
 
 def test_cli_names_an_eval_file_that_is_not_an_eval_result(model_dir, tmp_path, capsys):
-    config = tmp_path / "config.yaml"
-    config.write_text(_cfg(str(tmp_path / "r"), None).to_yaml())
+    args = _register_args(tmp_path / "config.yaml", _cfg(str(tmp_path / "r"), None), model_dir)
     bad = tmp_path / "eval.json"
     bad.write_text(json.dumps({"verdict": True, "reasons": []}))  # no checks, no figures
-    rc = main(
-        ["registry", "register", "--config", str(config), "--model", str(model_dir), "--eval", str(bad)]
-    )
+    rc = main([*args, "--eval", str(bad)])
     err = capsys.readouterr().err
     assert rc == 1 and f"{bad}: not a fulltune eval result" in err and "checks" in err
     assert not (tmp_path / "r").exists()

@@ -25,6 +25,7 @@ from fulltune.train.metrics import StepRecord, TrainingSummary, step_line
 from fulltune.train.recipe import MODEL_MANIFEST
 from fulltune.train.run import train_job
 from fulltune.train.schedule import batch_indices, make_schedule
+from tiny_models import tiny_llama_config
 
 SEQ = 64
 SUPPORT = Path(__file__).parent / "support"
@@ -409,14 +410,26 @@ def test_peak_flops_by_device_name(name, peak):
     assert throughput.peak_flops(name) == peak
 
 
-def test_matmul_params_leave_out_an_untied_input_embedding():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_100x16(tie_word_embeddings: bool = False):
+    """A random Llama with a vocabulary of 100, hidden size 16 and 2 layers: the FLOP sums below
+    are written in these numbers."""
+    from transformers import LlamaForCausalLM
 
-    kw = dict(
-        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    return LlamaForCausalLM(
+        tiny_llama_config(
+            vocab_size=100,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            tie_word_embeddings=tie_word_embeddings,
+        )
     )
-    untied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=False))
-    tied = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=True))
+
+
+def test_matmul_params_leave_out_an_untied_input_embedding():
+    untied = _llama_100x16(tie_word_embeddings=False)
+    tied = _llama_100x16(tie_word_embeddings=True)
     assert throughput.matmul_params(untied) == untied.num_parameters() - 100 * 16
     assert throughput.matmul_params(tied) == tied.num_parameters()  # the shared matrix is the output matmul
     assert (
@@ -425,15 +438,9 @@ def test_matmul_params_leave_out_an_untied_input_embedding():
 
 
 def test_mfu_only_on_a_known_gpu_training_in_16_bit(monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from fulltune.train.engine import Ranks
 
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
-        )
-    )
+    model = _llama_100x16()
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
     gpus = Ranks(rank=0, world=8, local_rank=0, device=torch.device("cuda", 0))
     meter = throughput.MfuMeter.for_run(model, gpus, "bf16", global_batch=16, seq_len=8)
