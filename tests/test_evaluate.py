@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from eval_samples import eval_record, loss_set
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.evaluate.core import EvaluateError, evaluate_models, load_model, pick_device
@@ -307,23 +308,10 @@ def test_report_renders_from_an_eval_json_without_the_optional_sections(tmp_path
     """A version registered before tasks, intervals, bootstrap and scoring were written still renders."""
     from fulltune.evaluate.result import EvalResult
 
-    old = {
-        "base_model_uri": "s3://models/base",
-        "tuned_model_uri": "s3://work/run/train/model",
-        "sets": {
-            "domain_eval": {
-                "sequences": 5,
-                "loss_tokens": 60,
-                "base": {"loss": 3.0, "perplexity": 20.09},
-                "tuned": {"loss": 3.3, "perplexity": 27.11},
-            }
-        },
-        "checks": [{"name": "domain_gain", "passed": False, "reason": "domain loss rose <b>"}],
-        "thresholds": {"min_domain_loss_improvement": 0.0, "max_general_ppl_increase": 0.05},
-        "device": "cpu (float32)",
-        "created_at": "2025-01-01T00:00:00+00:00",
-        "fulltune_version": "0.1.0",
-    }
+    old = eval_record(
+        sets={"domain_eval": loss_set((3.0, 20.09), (3.3, 27.11), sequences=5, loss_tokens=60)},
+        checks=[{"name": "domain_gain", "passed": False, "reason": "domain loss rose <b>"}],
+    )
     (tmp_path / "eval.json").write_text(json.dumps(old))
     html = render_report(EvalResult.load(str(tmp_path / "eval.json")))
     assert 'class="banner fail"' in html and "FAILED" in html and "&lt;b&gt;" in html

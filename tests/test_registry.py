@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eval_samples import DOMAIN_GAIN, eval_result
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.evaluate.result import EvalResult, GateCheck
@@ -21,35 +22,13 @@ from tiny_models import fake_model_dir, save_tiny_llama
 
 NAME = "tiny"
 
-EVAL_PASS = EvalResult.model_validate(
-    {
-        "base_model_uri": "s3://models/base-llama",
-        "tuned_model_uri": "s3://work/run-123/train/model",
-        "sets": {
-            "domain_eval": {
-                "sequences": 13,
-                "loss_tokens": 90,
-                "base": {"loss": 3.91, "perplexity": 49.9},
-                "tuned": {"loss": 3.07, "perplexity": 21.5},
-            }
-        },
-        "checks": [
-            {
-                "name": "domain_gain",
-                "passed": True,
-                "reason": "domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required",
-            },
-            {
-                "name": "forgetting",
-                "passed": True,
-                "reason": "no general eval set: forgetting was not measured",
-            },
-        ],
-        "thresholds": {"min_domain_loss_improvement": 0.0, "max_general_ppl_increase": 0.05},
-        "device": "cpu (float32)",
-        "created_at": "2025-01-01T00:00:00+00:00",
-        "fulltune_version": "0.1.0",
-    }
+EVAL_PASS = eval_result(
+    base_model_uri="s3://models/base-llama",
+    tuned_model_uri="s3://work/run-123/train/model",
+    checks=[
+        DOMAIN_GAIN,
+        {"name": "forgetting", "passed": True, "reason": "no general eval set: forgetting was not measured"},
+    ],
 )
 EVAL_FAIL = EVAL_PASS.model_copy(
     update={

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from eval_samples import eval_result, loss_set
 from fulltune import steps, storage
 from fulltune.cli import main
 from fulltune.config import ConfigError, RunConfig
@@ -26,37 +27,14 @@ from tiny_models import fake_model_dir
 
 NAME = "tiny"
 TOKEN = "token-from-the-environment"
-EVAL_PASS = EvalResult.model_validate(
-    {
-        "base_model_uri": "s3://models/base",
-        "tuned_model_uri": "s3://work/run-42/train/model",
-        "sets": {
-            "domain_eval": {
-                "sequences": 13,
-                "loss_tokens": 90,
-                "base": {"loss": 3.91, "perplexity": 49.9},
-                "tuned": {"loss": 3.07, "perplexity": 21.5},
-            },
-            "general_eval": {  # a base perplexity that is not a number: forgetting is NaN
-                "sequences": 9,
-                "loss_tokens": 70,
-                "base": {"loss": float("nan"), "perplexity": float("nan")},
-                "tuned": {"loss": 2.6, "perplexity": 13.46},
-            },
-        },
-        "confidence_intervals": {"domain_loss_improvement": {"estimate": 0.214, "low": 0.1, "high": 0.3}},
-        "checks": [
-            {
-                "name": "domain_gain",
-                "passed": True,
-                "reason": "domain loss fell 21.4% (3.91 → 3.07) ≥ 0.0% required",
-            }
-        ],
-        "thresholds": {"min_domain_loss_improvement": 0.0, "max_general_ppl_increase": 0.05},
-        "device": "cpu (float32)",
-        "created_at": "2025-01-01T00:00:00+00:00",
-        "fulltune_version": "0.1.0",
-    }
+EVAL_PASS = eval_result(
+    tuned_model_uri="s3://work/run-42/train/model",
+    sets={
+        "domain_eval": loss_set((3.91, 49.9), (3.07, 21.5)),
+        # a base perplexity that is not a number: forgetting is NaN
+        "general_eval": loss_set((float("nan"), float("nan")), (2.6, 13.46), sequences=9, loss_tokens=70),
+    },
+    confidence_intervals={"domain_loss_improvement": {"estimate": 0.214, "low": 0.1, "high": 0.3}},
 )
 EVAL_FAIL = EVAL_PASS.model_copy(
     update={
