@@ -256,12 +256,12 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     if first.total <= budget:
         return first, budget, [f"fits as configured: {_gib(first.total)} of {_gib(budget)} per GPU", *forced]
     for candidate in _fallbacks(b0):
-        e = est(*candidate)
-        if e.total <= budget:
+        estimate = est(*candidate)
+        if estimate.total <= budget:
             notes = [f"as configured it needs {_gib(first.total)} per GPU, over the {_gib(budget)} budget"]
-            notes += _fallback_notes(e, b0, gc0, forced_opt, forced_par)
-            notes += [*forced, f"fits: {_gib(e.total)} of {_gib(budget)} per GPU"]
-            return e, budget, notes
+            notes += _fallback_notes(estimate, b0, gc0, forced_opt, forced_par)
+            notes += [*forced, f"fits: {_gib(estimate.total)} of {_gib(budget)} per GPU"]
+            return estimate, budget, notes
     raise _does_not_fit(cfg, shape, budget, first, smallest=est(1, True), offloaded=est(1, True, True, True))
 
 
