@@ -250,8 +250,22 @@ class Utf8Column:
     def positions_of(self, byte: int) -> np.ndarray:
         """Positions of one byte value."""
         if byte not in self._positions_of:
-            self._positions_of[byte] = np.flatnonzero(self.data == byte)
+            self.find_bytes((byte,))
         return self._positions_of[byte]
+
+    def find_bytes(self, values: Iterable[int]) -> None:
+        """Find the positions of several byte values at once, for `positions_of`: one pass that
+        collects them all costs about what one byte value's own pass does."""
+        wanted = sorted(set(values) - self._positions_of.keys())
+        if not wanted:
+            return
+        hit = self.data == wanted[0]
+        for byte in wanted[1:]:
+            hit |= self.data == byte
+        pos = np.flatnonzero(hit)
+        found = self.data[pos]
+        for byte in wanted:
+            self._positions_of[byte] = pos[found == byte]
 
     def literal_rows(self, literals: Iterable[bytes]) -> np.ndarray:
         """Mask of the rows holding any of `literals`, each found from its first byte's positions."""

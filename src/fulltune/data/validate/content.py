@@ -36,6 +36,13 @@ class TextCheck:
     codes: tuple[str, ...]
     find: Callable[[str], list[Finding]]
     rows: Callable[[Utf8Column], np.ndarray] | None = None
+    literals: tuple[bytes, ...] = ()  # byte strings the prefilter looks for (`literal_check`)
+
+
+def literal_check(codes: tuple[str, ...], find: Callable[[str], list[Finding]], literals) -> TextCheck:
+    """A check whose prefilter keeps the rows holding any of `literals` (UTF-8 byte strings)."""
+    literals = tuple(literals)
+    return TextCheck(codes, find, lambda col: col.literal_rows(literals), literals)
 
 
 def text_checks(cfg: DataSection, special: tuple[str, ...]) -> tuple[TextCheck, ...]:
@@ -71,6 +78,7 @@ def find_all(checks: tuple[TextCheck, ...], text: str) -> list[Finding]:
 def candidate_rows(checks: tuple[TextCheck, ...], col: Utf8Column) -> np.ndarray:
     """Mask of the rows of `col` that some check's exact test must see."""
     mask = np.zeros(col.size, dtype=bool)
+    col.find_bytes(literal[0] for check in checks for literal in check.literals)
     for check in checks:
         if check.rows is None:
             return np.ones(col.size, dtype=bool)
@@ -185,11 +193,7 @@ def special_token_check(tokens: tuple[str, ...]) -> TextCheck:
     """special_token_text for these strings (`special_token_strings`)."""
     pattern = special_token_pattern(tokens)
     literals = [t.encode("utf-8", "surrogatepass") for t in tokens]
-    return TextCheck(
-        ("special_token_text",),
-        partial(_find_special_token, pattern),
-        lambda col: col.literal_rows(literals),
-    )
+    return literal_check(("special_token_text",), partial(_find_special_token, pattern), literals)
 
 
 def _find_special_token(pattern: re.Pattern[str], text: str) -> list[Finding]:
@@ -316,11 +320,9 @@ def number_rows(col: Utf8Column) -> np.ndarray:
 
 
 SENSITIVE_CHECKS = (
-    TextCheck(("secret_aws_key",), find_aws_key, lambda col: col.literal_rows((b"AKIA", b"ASIA"))),
-    TextCheck(
-        ("secret_private_key",), find_private_key, lambda col: col.literal_rows((b"PRIVATE KEY-----",))
-    ),
-    TextCheck(("pii_email",), find_email, lambda col: col.literal_rows((b"@",))),
+    literal_check(("secret_aws_key",), find_aws_key, (b"AKIA", b"ASIA")),
+    literal_check(("secret_private_key",), find_private_key, (b"PRIVATE KEY-----",)),
+    literal_check(("pii_email",), find_email, (b"@",)),
     TextCheck(("pii_card", "pii_phone"), find_card_and_phone, number_rows),
 )
 
