@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -65,7 +66,10 @@ def test_memory_model_matches_the_formulas():
     assert e.activations == pytest.approx(per_layer * 32)
     assert e.logits == pytest.approx(12 * 4096 * 128256)
     assert e.optimizer_step == pytest.approx(6 * s.params / 16)  # one fp32 sub-group (< 1e9 elements)
-    allocated = e.model_states + e.gathered_layers + e.activations + e.logits  # the step is smaller here
+    z = planmod.zero3_settings(s, gpu=True)
+    assert e.buckets == pytest.approx(4 * z.reduce_bucket_size + 2 * z.prefetch_bucket_size)
+    # the step is smaller than activations and logits here
+    allocated = e.model_states + e.gathered_layers + e.buckets + e.activations + e.logits
     assert e.fragmentation == pytest.approx(0.2 * allocated)
     assert e.total == pytest.approx(1.2 * allocated + 1.5 * 2**30)
     gc = planmod.estimate_memory(s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=True)
@@ -84,7 +88,8 @@ def test_optimizer_step_transient_is_one_sub_group_and_can_dominate():
     one = planmod.estimate_memory(s, world_size=1, seq_len=256, micro_batch=1, gradient_checkpointing=True)
     assert one.optimizer_step == pytest.approx(6 * 1e9)  # 8e9 params, stepped 1e9 at a time
     assert one.optimizer_step > one.activations + one.logits
-    assert one.total == pytest.approx(1.2 * (one.model_states + one.gathered_layers + 6e9) + 1.5 * 2**30)
+    fixed = one.model_states + one.gathered_layers + one.buckets
+    assert one.total == pytest.approx(1.2 * (fixed + 6e9) + 1.5 * 2**30)
 
 
 def _cfg(**resources) -> RunConfig:
@@ -265,3 +270,78 @@ def test_make_plan_refuses_contradictory_training_settings(llama_dir, tmp_path):
         planmod.make_plan(
             RunConfig.from_dict({**base, "training": {"early_stopping_patience": 2}}), train_tokens=1
         )
+
+
+def shape_869m() -> ModelShape:
+    # the GPU benchmark's Llama: hidden 2048, 16 layers, SwiGLU 5461, vocab 32000, untied
+    return ModelShape(869_423_104, 32000 * 2048, 2048, 16, 32000, "llama", 5461, True)
+
+
+def test_zero3_buckets_are_sized_from_the_model_not_from_h_squared():
+    """A 1B model's gradients go out in ~16 reduce-scatters (not ~200 of h^2), the next two blocks
+    are prefetched, norms stay gathered; 8B hits DeepSpeed's own 5e8 cap; the DeepSpeed JSON and the
+    plan's decisions say so."""
+    s = shape_869m()
+    z = planmod.zero3_settings(s, gpu=True)
+    block = (s.params - 2 * 32000 * 2048) // 16
+    assert planmod.layer_params(s) == block
+    assert z.reduce_bucket_size == s.params // 16  # > one block, < 5e8
+    assert z.prefetch_bucket_size == 2 * block
+    assert z.persistence_threshold == 100_000 > 2048  # the norms (h elements) stay gathered
+    assert math.ceil(s.params / z.reduce_bucket_size) <= 17
+    big = planmod.zero3_settings(shape_8b(), gpu=True)
+    assert big.reduce_bucket_size == 500_000_000  # DeepSpeed's default is the cap
+    assert planmod.zero3_settings(s, gpu=False).overlap_comm is False
+
+    cfg = RunConfig.from_dict({"resources": {"accelerator": "gpu"}})
+    zero = planmod.deepspeed_config(cfg, s)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == z.reduce_bucket_size
+    assert zero["stage3_prefetch_bucket_size"] == z.prefetch_bucket_size
+    assert zero["stage3_param_persistence_threshold"] == z.persistence_threshold
+    assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+    notes = planmod.resolved_fields(cfg, s, planmod.estimate_memory(s, **_ONE_GPU), 10**6)[1]
+    assert any("reduce-scatters per backward" in n for n in notes)
+
+
+_ONE_GPU = dict(world_size=1, seq_len=2048, micro_batch=4, gradient_checkpointing=False)
+
+
+def test_plan_chunks_the_loss_when_the_logits_of_a_micro_batch_would_be_large():
+    """128k vocabulary at 4096 tokens: the plain logits would be ~6 GiB, so plan chunks the loss and
+    the estimate counts one chunk; a 32k vocabulary at 2048 x 1 stays on the plain path; a forced 0 wins."""
+    s8 = shape_8b()
+    assert planmod.auto_loss_chunk_tokens(s8, 4096, 1) == planmod.LOSS_CHUNK_TOKENS == 1024
+    assert planmod.auto_loss_chunk_tokens(shape_869m(), 2048, 1) == 0
+    plain = planmod.estimate_memory(
+        s8, world_size=8, seq_len=4096, micro_batch=1, gradient_checkpointing=True
+    )
+    chunked = planmod.estimate_memory(
+        s8, world_size=8, seq_len=4096, micro_batch=1, gradient_checkpointing=True, loss_chunk_tokens=1024
+    )
+    assert plain.logits == pytest.approx(12 * 4096 * 128256)
+    # one chunk of fp32 logits + its 16-bit gradient, the 16-bit gradients of the head and hidden states
+    assert chunked.logits == pytest.approx(6 * 1024 * 128256 + 2 * 128256 * 4096 + 2 * 4096 * 4096)
+    assert chunked.logits < plain.logits / 3
+
+    def resolved(**training):
+        cfg = RunConfig.from_dict(
+            {
+                "preprocess": {"max_seq_len": 4096},
+                "training": {"per_device_train_batch_size": 1, **training},
+                "resources": {"gpu_memory_gib": 80, "nproc_per_node": 8},
+            }
+        )
+        mem = planmod.choose_memory_settings(cfg, s8)[0]
+        return planmod.resolved_fields(cfg, s8, mem, 10**6)
+
+    over, notes = resolved()
+    assert over["training.loss_chunk_tokens"] == 1024
+    assert any("loss computed 1024 tokens at a time" in n for n in notes)
+    assert resolved(loss_chunk_tokens=0)[0]["training.loss_chunk_tokens"] == 0
+
+
+def test_training_defaults_follow_common_practice():
+    tr = RunConfig().training
+    assert tr.weight_decay == 0.01
+    assert tr.attn_implementation == "sdpa" and tr.torch_compile is False and tr.loss_chunk_tokens is None
+    assert "0.01" in type(tr).model_fields["weight_decay"].description

@@ -68,6 +68,14 @@ STEP_BYTES = {"adamw_torch": 6.0, "adafactor": 16.0}
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size, written into the JSON
 ATTENTION_BYTES_PER_H = 24.0  # activation bytes per token and layer, per unit of hidden size
 LOGIT_BYTES = 12.0
+# The chunked loss (train/chunked_loss.py): plan turns it on when the plain logits of one micro batch
+# would take more than this, and computes it this many tokens at a time.
+LOSS_CHUNK_ABOVE_BYTES = 2 * GiB
+LOSS_CHUNK_TOKENS = 1024
+# Bytes per element of the ZeRO-3 buckets in flight: two 16-bit reduce buckets (one filling while
+# the other is reduced, with overlap_comm) and the 16-bit parameters prefetched ahead of the compute.
+REDUCE_BUCKET_BYTES = 4.0
+PREFETCH_BUCKET_BYTES = 2.0
 
 
 class PlanError(ValueError):
@@ -91,6 +99,7 @@ class ModelShape:
 MEMORY_LABELS = {
     "model_states": "model states / GPU",
     "gathered_layers": "gathered layers",
+    "buckets": "ZeRO-3 buckets",
     "activations": "activations",
     "logits": "logits",
     "optimizer_step": "optimizer step (transient)",
@@ -113,12 +122,15 @@ class MemoryEstimate:
     offload_params: bool
     optimizer_step: float = 0.0  # transient, never at the same time as activations and logits
     fragmentation: float = 0.0
+    buckets: float = 0.0
+    loss_chunk_tokens: int = 0  # 0: plain logits
 
     @property
     def total(self) -> float:
         return (
             self.model_states
             + self.gathered_layers
+            + self.buckets
             + max(self.activations + self.logits, self.optimizer_step)
             + self.fragmentation
             + self.overhead
@@ -177,6 +189,66 @@ def model_shape(model_config) -> ModelShape:
     )
 
 
+# -- ZeRO-3 settings ------------------------------------------------------------------------------
+
+# DeepSpeed's own defaults, the upper bounds below (elements).
+DS_REDUCE_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 50_000_000
+DS_PERSISTENCE = 100_000
+REDUCES_PER_BACKWARD = 16  # the gradient of the whole partition in about this many reduce-scatters
+
+
+@dataclass(frozen=True)
+class Zero3Settings:
+    """The ZeRO-3 communication settings plan chooses from the model's shape, with the reason for each."""
+
+    reduce_bucket_size: int
+    prefetch_bucket_size: int
+    persistence_threshold: int
+    max_live_parameters: int
+    overlap_comm: bool
+    reasons: tuple[str, ...]
+
+
+def layer_params(shape: ModelShape) -> int:
+    """Parameters of one transformer block: all but the embedding and the output head (counted as two
+    vocabulary x hidden matrices, so tied models get a slight underestimate, which only errs small)."""
+    body = shape.params - 2 * shape.vocab_size * shape.hidden_size
+    return max(body // max(shape.num_layers, 1), shape.hidden_size)
+
+
+def zero3_settings(shape: ModelShape, *, gpu: bool) -> Zero3Settings:
+    """Bucket sizes that make each collective large enough to run at bandwidth rather than latency,
+    and prefetching that keeps the next block's gather ahead of the compute.
+
+    Hugging Face's "auto" values (reduce h^2, prefetch 0.9 h^2, persistence 10 h) are a few million
+    elements: a 1B model's backward becomes ~200 reduce-scatters and its forward gathers each block
+    in pieces, each paying launch and NCCL latency. Here:
+    - reduce bucket: the model in ~16 buckets, at least one block, at most DeepSpeed's 5e8;
+    - prefetch bucket: two blocks (the next one's gather overlaps this one's compute), at most 5e8;
+    - persistence: parameters under max(1e5, 10 h) elements (norms, biases) stay gathered: gathering
+      them costs a collective each and keeping them costs almost no memory;
+    - max live parameters: room for the prefetch and the block being computed, at least 1e9.
+    """
+    block = layer_params(shape)
+    reduce_bucket = int(min(DS_REDUCE_BUCKET, max(block, shape.params // REDUCES_PER_BACKWARD)))
+    prefetch = int(min(DS_REDUCE_BUCKET, 2 * block))
+    persistence = int(max(DS_PERSISTENCE, 10 * shape.hidden_size))
+    live = int(max(1_000_000_000, 3 * prefetch))
+    reasons = (
+        f"ZeRO-3 reduce bucket {reduce_bucket:,} elements: the gradients in ~"
+        f"{math.ceil(shape.params / reduce_bucket)} reduce-scatters per backward, not "
+        f"~{math.ceil(shape.params / shape.hidden_size**2)} with h^2 buckets",
+        f"ZeRO-3 prefetch bucket {prefetch:,} elements: the next two blocks ({block:,} parameters each) "
+        "gathered while this one computes",
+        f"ZeRO-3 persistence threshold {persistence:,} elements: norms and biases stay gathered",
+        "overlap_comm on: collectives run on their own stream beside the compute"
+        if gpu
+        else "overlap_comm off: on CPU (gloo) there is no separate stream to overlap on",
+    )
+    return Zero3Settings(reduce_bucket, prefetch, persistence, live, gpu, reasons)
+
+
 # -- memory -----------------------------------------------------------------------------------
 
 
@@ -190,6 +262,7 @@ def estimate_memory(
     offload_optimizer: bool = False,
     offload_params: bool = False,
     optim: str = "adamw_torch",
+    loss_chunk_tokens: int = 0,
 ) -> MemoryEstimate:
     bytes_per_param, optimizer_bytes = STATE_BYTES[optim]
     if offload_optimizer:
@@ -207,9 +280,13 @@ def estimate_memory(
         activations = 2.0 * tokens * shape.hidden_size * shape.num_layers + per_layer
     else:
         activations = per_layer * shape.num_layers
-    logits = LOGIT_BYTES * tokens * shape.vocab_size
+    logits = logits_bytes(shape, tokens, loss_chunk_tokens)
     step = 0.0 if offload_optimizer else STEP_BYTES[optim] * min(shape.params / world_size, SUB_GROUP_SIZE)
-    allocated = model_states + gathered + max(activations + logits, step)
+    zero = zero3_settings(shape, gpu=True)
+    buckets = (
+        REDUCE_BUCKET_BYTES * zero.reduce_bucket_size + PREFETCH_BUCKET_BYTES * zero.prefetch_bucket_size
+    )
+    allocated = model_states + gathered + buckets + max(activations + logits, step)
     return MemoryEstimate(
         model_states,
         gathered,
@@ -222,7 +299,29 @@ def estimate_memory(
         offload_params,
         step,
         FRAGMENTATION * allocated,
+        buckets,
+        loss_chunk_tokens,
     )
+
+
+def logits_bytes(shape: ModelShape, tokens: int, loss_chunk_tokens: int) -> float:
+    """The loss's memory for one micro batch of `tokens`: the plain path's 12 bytes per logit, or the
+    chunked loss's one chunk of fp32 logits (reused for their gradient) and its 16-bit gradient, and
+    the 16-bit gradients of the head and of the hidden states."""
+    if not loss_chunk_tokens:
+        return LOGIT_BYTES * tokens * shape.vocab_size
+    chunk = min(loss_chunk_tokens, tokens)
+    return (
+        6.0 * chunk * shape.vocab_size
+        + 2.0 * shape.vocab_size * shape.hidden_size
+        + 2.0 * tokens * shape.hidden_size
+    )
+
+
+def auto_loss_chunk_tokens(shape: ModelShape, seq_len: int, micro_batch: int) -> int:
+    """The chunk plan picks when training.loss_chunk_tokens is None: chunked once the plain logits of a
+    micro batch pass LOSS_CHUNK_ABOVE_BYTES (large vocabularies, long sequences), else the plain path."""
+    return LOSS_CHUNK_TOKENS if logits_bytes(shape, seq_len * micro_batch, 0) > LOSS_CHUNK_ABOVE_BYTES else 0
 
 
 def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEstimate, float, list[str]]:
@@ -242,6 +341,11 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
             offload_optimizer=off_opt if forced_opt is None else forced_opt,
             offload_params=off_par if forced_par is None else forced_par,
             optim=tr.optim,
+            loss_chunk_tokens=(
+                auto_loss_chunk_tokens(shape, cfg.preprocess.max_seq_len, b)
+                if tr.loss_chunk_tokens is None
+                else tr.loss_chunk_tokens
+            ),
         )
 
     b0, gc0 = tr.per_device_train_batch_size, tr.gradient_checkpointing
@@ -372,7 +476,7 @@ def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
 
 
 def deepspeed_config(cfg: RunConfig, shape: ModelShape) -> dict[str, Any]:
-    """The DeepSpeed JSON, derived from the resolved config alone (and the model's hidden size).
+    """The DeepSpeed JSON, derived from the resolved config alone (and the model's shape: `zero3_settings`).
 
     Precision, batch sizes and offload come from the config's one source for each: `cfg.precision`,
     `cfg.training.global_batch_size`, and the offload settings plan wrote into the resolved config.
@@ -380,16 +484,16 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape) -> dict[str, Any]:
     tr = cfg.training
     gpu = cfg.resources.accelerator == "gpu"
     precision = cfg.precision
-    h = shape.hidden_size
+    z = zero3_settings(shape, gpu=gpu)
     zero: dict[str, Any] = {
         "stage": 3,
-        "overlap_comm": gpu,
+        "overlap_comm": z.overlap_comm,
         "contiguous_gradients": True,
-        "reduce_bucket_size": h * h,
-        "stage3_prefetch_bucket_size": int(0.9 * h * h),
-        "stage3_param_persistence_threshold": 10 * h,
-        "stage3_max_live_parameters": 1_000_000_000,
-        "stage3_max_reuse_distance": 1_000_000_000,
+        "reduce_bucket_size": z.reduce_bucket_size,
+        "stage3_prefetch_bucket_size": z.prefetch_bucket_size,
+        "stage3_param_persistence_threshold": z.persistence_threshold,
+        "stage3_max_live_parameters": z.max_live_parameters,
+        "stage3_max_reuse_distance": z.max_live_parameters,
         "stage3_gather_16bit_weights_on_model_save": True,
         "sub_group_size": SUB_GROUP_SIZE,  # the optimizer-step transient in the estimate depends on it
     }
@@ -466,8 +570,15 @@ def resolved_fields(
         "training.gradient_checkpointing": mem.gradient_checkpointing,
         "training.offload_optimizer": mem.offload_optimizer,
         "training.offload_param": mem.offload_params,
+        "training.loss_chunk_tokens": mem.loss_chunk_tokens,
     }
-    notes = []
+    notes = list(zero3_settings(shape, gpu=cfg.resources.accelerator == "gpu").reasons)
+    if tr.loss_chunk_tokens is None and mem.loss_chunk_tokens:
+        plain = logits_bytes(shape, cfg.preprocess.max_seq_len * mem.micro_batch, 0)
+        notes.append(
+            f"loss computed {mem.loss_chunk_tokens} tokens at a time: the full logits of a micro batch "
+            f"would take {_gib(plain)}"
+        )
     if mem.micro_batch != tr.per_device_train_batch_size:
         factor = tr.per_device_train_batch_size // mem.micro_batch
         over["training.gradient_accumulation_steps"] = tr.gradient_accumulation_steps * factor
@@ -499,6 +610,12 @@ def plan_markdown(plan: Plan) -> str:
             f"{tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}",
         ),
         ("gradient checkpointing", str(tr.gradient_checkpointing)),
+        ("attention", tr.attn_implementation),
+        (
+            "loss",
+            f"chunked, {tr.loss_chunk_tokens} tokens at a time" if tr.loss_chunk_tokens else "plain logits",
+        ),
+        ("torch.compile", str(tr.torch_compile)),
         ("optimizer", tr.optim),
         ("precision", plan.config.precision),
         ("CPU offload", f"optimizer={m.offload_optimizer}, params={m.offload_params}"),

@@ -24,6 +24,7 @@ from typing import Any
 
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.train.exit_codes import TrainInputError
 
 log = logging.getLogger("fulltune.train")
 
@@ -73,12 +74,24 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):
 
     ds_marker = HfDeepSpeedConfig(ds_config)  # must stay referenced while the model is built
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    tr = cfg.training
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
+        str(model_dir),
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=tr.attn_implementation,
     )
-    if cfg.training.gradient_checkpointing:
+    if tr.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if tr.loss_chunk_tokens:
+        from fulltune.train import chunked_loss
+
+        try:
+            chunked_loss.install(model, tr.loss_chunk_tokens)
+        except ValueError as exc:
+            raise TrainInputError(str(exc)) from exc
     return model, ds_marker
 
 
@@ -125,4 +138,6 @@ def build_engine(model, cfg: RunConfig, ds_config: dict[str, Any], lr_factor):
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if cfg.training.torch_compile:
+        engine.compile()  # DeepSpeed's: compiles the module with ZeRO-3's hooks kept outside the graphs
     return engine, scheduler

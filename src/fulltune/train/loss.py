@@ -40,11 +40,14 @@ def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any
 
     from fulltune.preprocess.dataset import IGNORE_INDEX
 
-    out = engine(
-        input_ids=batch["input_ids"][idx].to(device), attention_mask=batch["attention_mask"][idx].to(device)
-    )
-    logits = out.logits[:, :-1].float()
-    target = batch["labels"][idx][:, 1:].to(device)
+    input_ids = batch["input_ids"][idx].to(device)
+    attention_mask = batch["attention_mask"][idx].to(device)
+    labels = batch["labels"][idx].to(device)
+    target = labels[:, 1:]
+    if getattr(engine.module, "loss_chunk_tokens", 0):  # chunked_loss.install: the model returns the sum
+        summed = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        return summed, (target != IGNORE_INDEX).sum()
+    logits = engine(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     summed = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
