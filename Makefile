@@ -17,7 +17,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze bench images
+.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze bench images gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ format: $(VENV)/.dev
 BENCH ?= validate_throughput preprocess_throughput train_step eval_throughput
 bench: $(VENV)/.dev
 	@for b in $(BENCH); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
+
+# Every GPU measurement in one short run (docs/benchmarks.md): make gpu-check OUT=dir [ARGS=--dry-run].
+# On the GPU machine it runs on the image's python3; here, on this checkout's virtualenv.
+OUT ?= gpu-check-out
+gpu-check:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) bash benchmarks/gpu_check.sh $(OUT) $(ARGS)
 
 compile: $(VENV)/.runtime
 	$(BIN)/fulltune compile

@@ -75,28 +75,30 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
         tok = AutoTokenizer.from_pretrained(str(assets.base_model_dir))
         vocab = max(vocab, len(tok))  # the embedding may have more rows than the tokenizer has tokens
         torch.manual_seed(0)
+        heads = a.hidden // a.head_dim
         with torch.device("cuda" if a.device == "cuda" else "cpu"):
             model = LlamaForCausalLM(
                 LlamaConfig(
                     vocab_size=vocab,
                     hidden_size=a.hidden,
-                    intermediate_size=a.hidden * 8 // 3,
+                    intermediate_size=getattr(a, "intermediate", None) or a.hidden * 8 // 3,
                     num_hidden_layers=a.layers,
-                    num_attention_heads=a.hidden // a.head_dim,
-                    num_key_value_heads=max(1, a.hidden // a.head_dim // 2),
+                    num_attention_heads=heads,
+                    num_key_value_heads=getattr(a, "kv_heads", None) or max(1, heads // 2),
                     max_position_embeddings=a.seq,
-                    tie_word_embeddings=False,
+                    tie_word_embeddings=getattr(a, "tied", False),
                     pad_token_id=tok.pad_token_id,
                 )
             )
+        if a.device == "cuda":
+            model.to(torch.bfloat16)  # what training loads; half the bytes to write and read
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         del model
         if a.device == "cuda":
             torch.cuda.empty_cache()  # the training runs are other processes: leave them the memory
 
-        global_batch = a.micro * a.gas * a.nproc
-        n_seq = global_batch * (a.steps + 1)
+        n_seq = getattr(a, "sequences", None) or a.micro * a.gas * a.nproc * (a.steps + 1)
         packed = Packed()
         for row in markov_tokens(n_seq, a.seq, vocab).tolist():
             packed.add(row, row, a.seq, tok.pad_token_id)
@@ -129,6 +131,7 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
                 "gradient_accumulation_steps": a.gas,
                 "warmup_ratio": 0.1,
                 "bf16": bf16,
+                **getattr(a, "training", {}),
             },
             "resources": {
                 "nproc_per_node": a.nproc,
@@ -150,7 +153,7 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
     }
 
 
-def torchrun(nproc: int, args: list[str], env: dict[str, str]) -> None:
+def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: float | None = None) -> None:
     import socket
 
     with socket.socket() as s:
@@ -165,15 +168,27 @@ def torchrun(nproc: int, args: list[str], env: dict[str, str]) -> None:
         f"--master-port={port}",
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        sys.exit(
+            f"{' '.join(cmd)} ran past {timeout:.0f} s:\n{str(exc.stdout)[-2000:]}\n{str(exc.stderr)[-4000:]}"
+        )
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
 def run_fulltune(
-    root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str], tag: str = ""
+    root: Path,
+    inputs: dict[str, str],
+    a: argparse.Namespace,
+    env: dict[str, str],
+    tag: str = "",
+    entry: list[str] = ("-m", "fulltune.train"),
+    timeout: float | None = None,
 ) -> list[dict]:
-    """One `python -m fulltune.train` run; its per-step metrics records."""
+    """One `python -m fulltune.train` run (or another `entry` that takes the trainer's arguments);
+    its per-step metrics records."""
     from fulltune.train.args import TrainerArgs
 
     metrics = root / f"fulltune{tag}-metrics.jsonl"
@@ -185,15 +200,21 @@ def run_fulltune(
         output=str(root / f"fulltune{tag}-model"),
         metrics=str(metrics),
     )
-    torchrun(a.nproc, ["-m", "fulltune.train", *args.to_argv()], env)
+    torchrun(a.nproc, [*entry, *args.to_argv()], env, timeout)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-def run_hf_trainer(root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str]) -> dict:
-    """One Trainer run: {"times": per-step seconds, "gpu_mem_reserved_gib": peak or None, ...}."""
+def run_hf_trainer(
+    root: Path,
+    inputs: dict[str, str],
+    a: argparse.Namespace,
+    env: dict[str, str],
+    timeout: float | None = None,
+) -> dict:
+    """One Trainer run: {"times": per-step seconds, "losses", "gpu_mem_reserved_gib": peak or None, ...}."""
     out = root / "hf-step-times.json"
     spec = {**inputs, "out": str(out), "root": str(root), "device": a.device}
-    torchrun(a.nproc, [__file__, "--hf-worker", json.dumps(spec)], env)
+    torchrun(a.nproc, [__file__, "--hf-worker", json.dumps(spec)], env, timeout)
     info = json.loads(out.read_text())
     if info["zero_stage"] != 3:
         sys.exit(f"the HF Trainer did not run DeepSpeed ZeRO-3 (stage {info['zero_stage']}): not comparable")
@@ -232,12 +253,14 @@ def hf_worker(spec: dict[str, str]) -> None:
         use_cpu=not cuda,
         save_strategy="no",
         report_to=[],
-        logging_steps=1_000_000,
+        logging_steps=1,  # the loss of every step, as fulltune records it (one host sync each, as there)
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype=torch.bfloat16 if cuda else torch.float32
+        spec["model"],
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        attn_implementation=tr.get("attn_implementation", "sdpa"),
     )
     model.config.use_cache = False
     data = load_split(spec["dataset"], "train")
@@ -260,6 +283,12 @@ def hf_worker(spec: dict[str, str]) -> None:
                 torch.cuda.synchronize()  # fulltune's step time includes the device work too
             self.times.append(time.perf_counter() - self.t0)
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    losses: list[float] = []
+
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[timer])
     trainer.train()
@@ -268,6 +297,7 @@ def hf_worker(spec: dict[str, str]) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         info = {
             "times": timer.times,
+            "losses": losses,
             "zero_stage": stage,
             "threads": torch.get_num_threads(),
             "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,

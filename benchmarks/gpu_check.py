@@ -1,0 +1,412 @@
+"""The GPU check: every GPU measurement the speed work needs, in one short prepared run.
+
+GPU time comes in short slots (about 15 minutes, machine start included), so one entry point runs
+all of it within a time budget and writes what it measured to `--out` as it goes (JSON, Markdown,
+profiler tables): a run cut short still returns every figure taken before the cut.
+
+    make gpu-check OUT=gpu-out                # on the GPU machine (benchmarks/gpu_check.sh)
+    make gpu-check OUT=gpu-out ARGS=--dry-run # the same code paths, tiny shapes, on CPU
+
+Runs, in order (each its own `torchrun`, one GPU, bf16, seq 2048, Markov-chain data, constant
+learning rate so every trainer's first losses can be set side by side):
+
+- `0.9b/hf-rule`: fulltune with the ZeRO-3 buckets of Hugging Face's "auto" rule (reduce h^2,
+  prefetch 0.9 h^2, persistence 10 h): the configuration of the 14% MFU measured before; profiled;
+- `0.9b/plan`: fulltune as `plan` configures it (buckets from the model's size, the loss chunked
+  where plan chooses it); profiled;
+- `0.9b/plan-plain-loss`, `0.9b/plan-micro8`: one setting changed each (the plain logits path;
+  micro batch 8 x accumulation 1, the same tokens per step);
+- `0.9b/hf-trainer`: the HF Trainer with plan's DeepSpeed JSON;
+- `0.9b/fsdp2`: a plain FSDP2 loop (`benchmarks/fsdp2_step.py`) on the same model and data;
+- `1b/plan`, `3b/plan`: Llama-3.2-1B and -3B shapes (128k vocabulary, tied), as plan configures them;
+- `0.9b/compile`: `training.torch_compile`, last, since compiling takes minutes.
+
+Per run: median step (the first `warmup` steps and any profiled steps left out), tokens/s, MFU
+(6N + attention FLOPs per token over the device's dense bf16 peak, the trainer's own formula), peak
+memory against the plan's estimate, and the losses of every step. Models are random, built from a
+config (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_step as ts  # noqa: E402  (benchmarks/ is not a package)
+
+BENCH = Path(__file__).parent
+GiB = 2**30
+
+# name: hidden, layers, head_dim, kv heads, MLP width, vocabulary, tied embeddings
+SHAPES = {
+    "0.9b": dict(
+        hidden=2048, layers=16, head_dim=128, kv_heads=8, intermediate=5461, vocab=32000, tied=False
+    ),
+    "1b": dict(hidden=2048, layers=16, head_dim=64, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
+    "3b": dict(hidden=3072, layers=28, head_dim=128, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
+    "tiny": dict(hidden=64, layers=2, head_dim=16, kv_heads=2, intermediate=160, vocab=0, tied=False),
+}
+HF_RULE = "hf-rule"
+
+
+@dataclass
+class Run:
+    name: str
+    shape: str
+    kind: str = "fulltune"  # fulltune | hf-trainer | fsdp2
+    micro: int = 4
+    gas: int = 2
+    steps: int = 14
+    training: dict = field(default_factory=dict)
+    buckets: str = "plan"  # plan | hf-rule
+    profile: bool = False
+    expect_s: float = 45.0  # start-up, steps and save on an H200, to keep within the budget
+
+
+def gpu_runs() -> list[Run]:
+    return [
+        Run("0.9b/hf-rule", "0.9b", buckets=HF_RULE, profile=True, steps=16),
+        Run("0.9b/plan", "0.9b", profile=True, steps=23),
+        Run("0.9b/plan-plain-loss", "0.9b", training={"loss_chunk_tokens": 0}),
+        Run("0.9b/plan-micro8", "0.9b", micro=8, gas=1),
+        Run("0.9b/hf-trainer", "0.9b", kind="hf-trainer", steps=20),
+        Run("0.9b/fsdp2", "0.9b", kind="fsdp2", steps=20),
+        Run("1b/plan", "1b", steps=12, expect_s=60),
+        Run("3b/plan", "3b", micro=2, gas=4, steps=8, expect_s=120),
+        Run("0.9b/compile", "0.9b", training={"torch_compile": True}, steps=16, expect_s=150),
+    ]
+
+
+def dry_runs() -> list[Run]:
+    """The same runs on the tiny shape: every code path, a few steps each, on CPU."""
+    runs = []
+    for r in gpu_runs():
+        if r.shape != "0.9b":
+            continue
+        training = r.training
+        if r.name.endswith(("/plan", "/plan-micro8", "/compile")):  # plan chunks the loss at 0.9b, not tiny
+            training = {"loss_chunk_tokens": 48, **training}
+        runs.append(
+            Run(
+                r.name.replace("0.9b", "tiny"),
+                "tiny",
+                r.kind,
+                r.micro // 2 or 1,
+                r.gas,
+                5,
+                training,
+                r.buckets,
+                r.profile,
+                20,
+            )
+        )
+    return runs
+
+
+def namespace(run: Run, device: str, seq: int, assets: str, sequences: int) -> argparse.Namespace:
+    """The arguments train_step.build_inputs takes, for this run."""
+    shape = SHAPES[run.shape]
+    training = {"lr_scheduler_type": "constant", "warmup_ratio": 0.0, **run.training}
+    return argparse.Namespace(
+        device=device,
+        nproc=1,
+        steps=run.steps,
+        micro=run.micro,
+        gas=run.gas,
+        seq=seq,
+        assets=assets,
+        sequences=sequences,
+        training=training,
+        **shape,
+    )
+
+
+def use_hf_rule(deepspeed_json: str, hidden: int) -> None:
+    """Rewrite plan's ZeRO-3 buckets with Hugging Face's "auto" values: the configuration measured before."""
+    ds = json.loads(Path(deepspeed_json).read_text())
+    ds["zero_optimization"].update(
+        reduce_bucket_size=hidden * hidden,
+        stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+        stage3_param_persistence_threshold=10 * hidden,
+    )
+    Path(deepspeed_json).write_text(json.dumps(ds, indent=2))
+
+
+def matmul_params(params: int, shape: dict, vocab: int) -> int:
+    """Parameters that do matrix work per token: an untied input embedding is a lookup, not a matmul
+    (the trainer's MFU leaves it out the same way)."""
+    return params - (0 if shape["tied"] else vocab * shape["hidden"])
+
+
+class Check:
+    """Runs the runs in order within the budget, writing results to `out` after each."""
+
+    def __init__(self, a: argparse.Namespace):
+        self.a, self.out = a, Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cuda = not a.dry_run
+        self.device = "cuda" if self.cuda else "cpu"
+        self.seq = 64 if a.dry_run else 2048
+        self.start = time.monotonic()
+        self.results: list[dict] = []
+        self.env = {
+            **os.environ,
+            "DS_ACCELERATOR": self.device,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4" if self.cuda else "1"),
+        }
+        self.info = device_info(self.cuda)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def run_all(self, runs: list[Run], work: Path) -> None:
+        for run in runs:
+            if self.a.only and run.name not in self.a.only:
+                continue
+            if self.elapsed() + run.expect_s > self.a.budget_s:
+                self.record(
+                    run,
+                    {"status": f"skipped: {self.elapsed():.0f} s of the {self.a.budget_s:.0f} s budget used"},
+                )
+                continue
+            t0 = time.monotonic()
+            try:
+                result = self.one(run, work)
+                result["status"] = "ok"
+            except SystemExit as exc:  # train_step.torchrun exits with the failed command's output
+                result = {"status": "failed", "error": str(exc)[-3000:]}
+            except Exception as exc:  # noqa: BLE001 — one failed run keeps the others' figures
+                result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            result["wall_s"] = round(time.monotonic() - t0, 1)
+            self.record(run, result)
+
+    def one(self, run: Run, work: Path) -> dict:
+        root = work / run.shape
+        tag = "-" + run.name.replace("/", "-")
+        steps_max = max(r.steps for r in (gpu_runs() if self.cuda else dry_runs()) if r.shape == run.shape)
+        a = namespace(run, self.device, self.seq, self.a.assets, sequences=8 * (steps_max + 1))
+        inputs = ts.build_inputs(root, a, bf16=self.cuda, tag=tag)
+        if run.buckets == HF_RULE:
+            use_hf_rule(inputs["deepspeed"], a.hidden)
+        timeout = max(60.0, self.a.budget_s - self.elapsed())
+        if run.kind == "hf-trainer":
+            info = ts.run_hf_trainer(root, inputs, a, self.env, timeout)
+            times, losses, mem = info["times"], info["losses"], info["gpu_mem_reserved_gib"]
+        elif run.kind == "fsdp2":
+            times, losses, mem = self.fsdp2(root, inputs, a, timeout)
+        else:
+            times, losses, mem = self.fulltune(root, inputs, a, run, tag, timeout)
+        return self.summarise(run, a, inputs, times[self.a.warmup :], losses, mem)
+
+    def fulltune(self, root: Path, inputs: dict, a, run: Run, tag: str, timeout: float):
+        """(step times, losses, peak reserved GiB) of `python -m fulltune.train`; with `run.profile`
+        the last steps but one run under the profiler and are left out of the times."""
+        entry, env, timed = ["-m", "fulltune.train"], self.env, run.steps
+        if run.profile:
+            timed = run.steps - 3
+            entry = [str(BENCH / "profiled_trainer.py")]
+            env = {
+                **self.env,
+                "PROFILE_OUT": str(self.out / f"profile{tag}.txt"),
+                "PROFILE_AFTER_STEP": str(timed),
+                "PROFILE_STEPS": "2",
+            }
+        records = ts.run_fulltune(root, inputs, a, env, tag, entry=entry, timeout=timeout)
+        mem = max((r.get("gpu_mem_reserved_gib") or 0.0 for r in records), default=None)
+        return [r["step_time_s"] for r in records[:timed]], [r["loss"] for r in records], mem
+
+    def fsdp2(self, root: Path, inputs: dict, a, timeout: float):
+        out = root / "fsdp2.json"
+        spec = {
+            "model_dir": inputs["model"],
+            "dataset": inputs["dataset"],
+            "micro": a.micro,
+            "gas": a.gas,
+            "steps": a.steps,
+            "device": self.device,
+            "lr": 1e-4,
+            "weight_decay": 0.01,
+            "max_grad_norm": 1.0,
+            "seed": 42,  # fulltune's training.seed: the same batches in the same order
+            "attn_implementation": "sdpa",
+            "out": str(out),
+        }
+        spec_file = root / "fsdp2-spec.json"
+        spec_file.write_text(json.dumps(spec))
+        ts.torchrun(1, [str(BENCH / "fsdp2_step.py"), "--spec-file", str(spec_file)], self.env, timeout)
+        info = json.loads(out.read_text())
+        return info["times"], info["losses"], info["gpu_mem_reserved_gib"]
+
+    def summarise(self, run: Run, a, inputs: dict, times: list[float], losses: list[float], mem) -> dict:
+        from fulltune.train import throughput
+
+        params = int(inputs["params"])
+        vocab = json.loads((Path(inputs["model"]) / "config.json").read_text())["vocab_size"]
+        tokens = a.micro * a.gas * a.nproc * a.seq
+        step = statistics.median(times)
+        per_token = throughput.flops_per_token(
+            matmul_params(params, SHAPES[run.shape], vocab), a.layers, a.hidden, a.seq
+        )
+        peak = throughput.peak_flops(self.info.get("device", ""))
+        plan = json.loads(inputs["plan_memory"])
+        resolved = yaml_training(inputs["config"])
+        return {
+            "params": params,
+            "tokens_per_step": tokens,
+            "median_step_s": step,
+            "min_step_s": min(times),
+            "max_step_s": max(times),
+            "timed_steps": len(times),
+            "tokens_per_s": tokens / step,
+            "mfu": (tokens / step) * per_token / peak if peak else None,
+            "peak_reserved_gib": mem,
+            "plan_total_gib": plan["total"] / GiB,
+            "plan_micro_batch": plan["micro_batch"],
+            "loss_chunk_tokens": resolved.get("loss_chunk_tokens"),
+            "gradient_checkpointing": resolved.get("gradient_checkpointing"),
+            "losses": losses,
+        }
+
+    def record(self, run: Run, result: dict) -> None:
+        self.results.append(
+            {"name": run.name, "kind": run.kind, "micro": run.micro, "gas": run.gas, **result}
+        )
+        line = f"[{self.elapsed():6.0f} s] {run.name}: {result.get('status')}"
+        if result.get("median_step_s"):
+            mfu = result["mfu"]
+            line += f", step {result['median_step_s'] * 1000:.0f} ms, {result['tokens_per_s']:,.0f} tok/s"
+            line += f", MFU {mfu:.1%}" if mfu is not None else ""
+        print(line, flush=True)
+        self.write()
+
+    def write(self) -> None:
+        doc = {
+            "device": self.info,
+            "dry_run": self.a.dry_run,
+            "elapsed_s": round(self.elapsed(), 1),
+            "runs": self.results,
+        }
+        (self.out / "gpu_check.json").write_text(json.dumps(doc, indent=1))
+        (self.out / "gpu_check.md").write_text(markdown(doc))
+
+
+def yaml_training(config_path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(config_path).read_text())["training"]
+
+
+def device_info(cuda: bool) -> dict:
+    """The device, the software, and the bf16 matmul rate measured here (the ceiling MFU is read against)."""
+    import torch
+
+    info = {"torch": torch.__version__, "device": "cpu"}
+    try:
+        import deepspeed
+        import transformers
+
+        info.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__)
+    except ImportError as exc:
+        info["import_error"] = str(exc)
+    if not cuda:
+        return info
+    info["device"] = torch.cuda.get_device_name(0)
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    )
+    info["nvidia_smi"] = smi.stdout.strip()
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        x @ x
+    end.record()
+    torch.cuda.synchronize()
+    info["bf16_matmul_tflops"] = round(10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12, 1)
+    del x
+    torch.cuda.empty_cache()
+    return info
+
+
+def markdown(doc: dict) -> str:
+    """The results as the tables docs/benchmarks.md takes."""
+    dev = doc["device"]
+    lines = [
+        f"# GPU check ({'dry run, CPU' if doc['dry_run'] else dev['device']})",
+        "",
+        ", ".join(f"{k} {v}" for k, v in dev.items()),
+        "",
+        "| run | params | micro x acc | median step | tok/s | MFU | peak reserved | plan total | loss chunk | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in doc["runs"]:
+        if "median_step_s" not in r:
+            lines.append(f"| {r['name']} | | {r['micro']} x {r['gas']} | | | | | | | {r['status']} |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_reserved_gib']:.1f}" if r["peak_reserved_gib"] else "-"
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:,.0f}M | {r['micro']} x {r['gas']} | {r['median_step_s'] * 1000:,.0f} ms "
+            f"| {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {r['plan_total_gib']:.1f} | {r['loss_chunk_tokens']} | {r['status']} |"
+        )
+    lines += ["", *loss_table(doc["runs"])]
+    for r in doc["runs"]:
+        if r.get("error"):
+            lines += ["", f"## {r['name']} failed", "", "```", r["error"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def loss_table(runs: list[dict]) -> list[str]:
+    """The losses of the first 20 steps of the runs that train the same model on the same batches."""
+    same = [r for r in runs if r.get("losses") and r["name"].split("/")[1] in ("plan", "hf-trainer", "fsdp2")]
+    if not same:
+        return []
+    n = min(20, *(len(r["losses"]) for r in same))
+    lines = ["| step | " + " | ".join(r["name"] for r in same) + " |", "|---:|" + "---:|" * len(same)]
+    for i in range(n):
+        lines.append(f"| {i} | " + " | ".join(f"{r['losses'][i]:.4f}" for r in same) + " |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the profiles")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU: the same code paths, no GPU")
+    p.add_argument("--budget-s", type=float, default=420.0, help="runs that would end past this are skipped")
+    p.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the median")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma-separated run names")
+    p.add_argument(
+        "--work", default=None, help="scratch folder for models and runs (default: a temporary one)"
+    )
+    p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
+    a = p.parse_args()
+    if a.dry_run:
+        a.warmup = min(a.warmup, 1)
+    check = Check(a)
+    print(f"device: {check.info}", flush=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fulltune-gpu-check-", dir=a.work) as tmp:
+        check.run_all(dry_runs() if a.dry_run else gpu_runs(), Path(tmp))
+    failed = [r["name"] for r in check.results if r["status"] == "failed"]
+    print((check.out / "gpu_check.md").read_text())
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
