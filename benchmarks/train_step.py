@@ -153,7 +153,8 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
     }
 
 
-def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: float | None = None) -> None:
+def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: float | None = None) -> str:
+    """Run `args` under torchrun; its stdout and stderr, or exit with them if it fails."""
     import socket
 
     with socket.socket() as s:
@@ -176,6 +177,7 @@ def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: float | 
         )
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
 
 
 def run_fulltune(
@@ -186,6 +188,7 @@ def run_fulltune(
     tag: str = "",
     entry: list[str] = ("-m", "fulltune.train"),
     timeout: float | None = None,
+    log: Path | None = None,
 ) -> list[dict]:
     """One `python -m fulltune.train` run (or another `entry` that takes the trainer's arguments);
     its per-step metrics records."""
@@ -200,7 +203,9 @@ def run_fulltune(
         output=str(root / f"fulltune{tag}-model"),
         metrics=str(metrics),
     )
-    torchrun(a.nproc, [*entry, *args.to_argv()], env, timeout)
+    output = torchrun(a.nproc, [*entry, *args.to_argv()], env, timeout)
+    if log:
+        log.write_text(output)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 

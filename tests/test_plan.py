@@ -306,12 +306,25 @@ def test_zero3_buckets_are_sized_from_the_model_not_from_h_squared():
 _ONE_GPU = dict(world_size=1, seq_len=2048, micro_batch=4, gradient_checkpointing=False)
 
 
-def test_plan_chunks_the_loss_when_the_logits_of_a_micro_batch_would_be_large():
-    """128k vocabulary at 4096 tokens: the plain logits would be ~6 GiB, so plan chunks the loss and
-    the estimate counts one chunk; a 32k vocabulary at 2048 x 1 stays on the plain path; a forced 0 wins."""
+def shape_llama3_1b() -> ModelShape:
+    # Llama-3.2-1B: hidden 2048, 16 layers, SwiGLU 8192, a 128k vocabulary, tied embeddings
+    return ModelShape(1_235_814_400, 128256 * 2048, 2048, 16, 128256, "llama", 8192, True)
+
+
+def _sized_gpu(gib: float, seq: int, **training) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "preprocess": {"max_seq_len": seq},
+            "training": training,
+            "resources": {"gpu_memory_gib": gib, "accelerator": "gpu"},
+        }
+    )
+
+
+def test_chunk_size_keeps_about_a_gib_of_logits():
+    assert planmod.loss_chunk_size(shape_llama3_1b()) == 2048  # 1 GiB / (4 bytes x 128k) ~ 2093
+    assert planmod.loss_chunk_size(shape_869m()) == 8192  # 32k vocabulary: capped
     s8 = shape_8b()
-    assert planmod.auto_loss_chunk_tokens(s8, 4096, 1) == planmod.LOSS_CHUNK_TOKENS == 1024
-    assert planmod.auto_loss_chunk_tokens(shape_869m(), 2048, 1) == 0
     plain = planmod.estimate_memory(
         s8, world_size=8, seq_len=4096, micro_batch=1, gradient_checkpointing=True
     )
@@ -323,21 +336,59 @@ def test_plan_chunks_the_loss_when_the_logits_of_a_micro_batch_would_be_large():
     assert chunked.logits == pytest.approx(6 * 1024 * 128256 + 2 * 128256 * 4096 + 2 * 4096 * 4096)
     assert chunked.logits < plain.logits / 3
 
-    def resolved(**training):
-        cfg = RunConfig.from_dict(
-            {
-                "preprocess": {"max_seq_len": 4096},
-                "training": {"per_device_train_batch_size": 1, **training},
-                "resources": {"gpu_memory_gib": 80, "nproc_per_node": 8},
-            }
-        )
-        mem = planmod.choose_memory_settings(cfg, s8)[0]
-        return planmod.resolved_fields(cfg, s8, mem, 10**6)
 
-    over, notes = resolved()
-    assert over["training.loss_chunk_tokens"] == 1024
-    assert any("loss computed 1024 tokens at a time" in n for n in notes)
-    assert resolved(loss_chunk_tokens=0)[0]["training.loss_chunk_tokens"] == 0
+def test_plan_chunks_the_loss_only_where_the_plain_logits_do_not_fit():
+    """The chunked loss is a little slower: a 128k vocabulary at 4096 x 2 tokens gets it on a GPU
+    where the plain logits would not fit, before recomputation is turned on; not where they fit;
+    a forced 0 is kept (and recomputation pays instead)."""
+    s = shape_llama3_1b()
+    kw = dict(world_size=1, seq_len=4096, micro_batch=2, gradient_checkpointing=False)
+    plain = planmod.estimate_memory(s, **kw).total
+    chunked = planmod.estimate_memory(s, **kw, loss_chunk_tokens=2048).total
+    gib = (plain + chunked) / 2 / 0.9 / 2**30  # a GPU between the two
+    cfg = _sized_gpu(gib, 4096, per_device_train_batch_size=2)
+    mem, _, notes = planmod.choose_memory_settings(cfg, s)
+    assert (mem.loss_chunk_tokens, mem.gradient_checkpointing, mem.micro_batch) == (2048, False, 2)
+    assert any("loss computed 2048 tokens at a time" in n for n in notes)
+    assert planmod.resolved_fields(cfg, s, mem, 10**6)[0]["training.loss_chunk_tokens"] == 2048
+
+    roomy = planmod.choose_memory_settings(
+        _sized_gpu(plain / 0.9 / 2**30 + 1, 4096, per_device_train_batch_size=2), s
+    )
+    assert roomy[0].loss_chunk_tokens == 0
+    forced = planmod.choose_memory_settings(
+        _sized_gpu(gib, 4096, per_device_train_batch_size=2, loss_chunk_tokens=0), s
+    )
+    assert (forced[0].loss_chunk_tokens, forced[0].gradient_checkpointing) == (0, True)
+
+
+def test_plan_trades_accumulation_for_a_larger_micro_batch_where_it_fits():
+    """4 x 2 on a GPU with room becomes 8 x 1 (the same global batch, half the micro-steps); without
+    the room it stays 4 x 2; on CPU nothing is changed."""
+    s = shape_869m()
+    big = _sized_gpu(141, 2048, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    mem, _, notes = planmod.choose_memory_settings(big, s)
+    assert (mem.micro_batch, mem.gradient_checkpointing, mem.loss_chunk_tokens) == (8, False, 0)
+    assert any("micro batch 4 -> 8" in n for n in notes)
+    over = planmod.resolved_fields(big, s, mem, 10**6)[0]
+    assert (over["training.per_device_train_batch_size"], over["training.gradient_accumulation_steps"]) == (
+        8,
+        1,
+    )
+
+    eight = planmod.estimate_memory(
+        s, world_size=1, seq_len=2048, micro_batch=8, gradient_checkpointing=False
+    )
+    four = planmod.estimate_memory(s, world_size=1, seq_len=2048, micro_batch=4, gradient_checkpointing=False)
+    tight = _sized_gpu(
+        (eight.total + four.total) / 2 / 0.9 / 2**30,
+        2048,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )
+    assert planmod.choose_memory_settings(tight, s)[0].micro_batch == 4
+    cpu = big.with_overrides({"resources.accelerator": "cpu"})
+    assert planmod.choose_memory_settings(cpu, s)[0].micro_batch == 4
 
 
 def test_training_defaults_follow_common_practice():
@@ -345,3 +396,11 @@ def test_training_defaults_follow_common_practice():
     assert tr.weight_decay == 0.01
     assert tr.attn_implementation == "sdpa" and tr.torch_compile is False and tr.loss_chunk_tokens is None
     assert "0.01" in type(tr).model_fields["weight_decay"].description
+
+
+def test_plan_warns_of_matrix_dimensions_the_fast_gpu_kernels_cannot_take():
+    odd = ModelShape(869_000_000, 32000 * 2048, 2048, 16, 32001, "llama", 5461, True)
+    notes = planmod.alignment_notes(odd)
+    assert len(notes) == 2
+    assert "intermediate_size 5461 is not a multiple of 8" in notes[0] and "vocab_size 32001" in notes[1]
+    assert planmod.alignment_notes(shape_869m().__class__(1, 1, 2048, 16, 32000, "llama", 5632, True)) == []

@@ -68,10 +68,10 @@ STEP_BYTES = {"adamw_torch": 6.0, "adafactor": 16.0}
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size, written into the JSON
 ATTENTION_BYTES_PER_H = 24.0  # activation bytes per token and layer, per unit of hidden size
 LOGIT_BYTES = 12.0
-# The chunked loss (train/chunked_loss.py): plan turns it on when the plain logits of one micro batch
-# would take more than this, and computes it this many tokens at a time.
-LOSS_CHUNK_ABOVE_BYTES = 2 * GiB
-LOSS_CHUNK_TOKENS = 1024
+# The chunked loss (train/chunked_loss.py) is a little slower than the plain logits (more, smaller
+# kernels; measured on an H200, docs/benchmarks.md), so plan uses it only where the plain logits do
+# not fit, with chunks of about this many bytes of fp32 logits.
+LOSS_CHUNK_BYTES = 1 * GiB
 # Bytes per element of the ZeRO-3 buckets in flight: two 16-bit reduce buckets (one filling while
 # the other is reduced, with overlap_comm) and the 16-bit parameters prefetched ahead of the compute.
 REDUCE_BUCKET_BYTES = 4.0
@@ -318,38 +318,72 @@ def logits_bytes(shape: ModelShape, tokens: int, loss_chunk_tokens: int) -> floa
     )
 
 
-def auto_loss_chunk_tokens(shape: ModelShape, seq_len: int, micro_batch: int) -> int:
-    """The chunk plan picks when training.loss_chunk_tokens is None: chunked once the plain logits of a
-    micro batch pass LOSS_CHUNK_ABOVE_BYTES (large vocabularies, long sequences), else the plain path."""
-    return LOSS_CHUNK_TOKENS if logits_bytes(shape, seq_len * micro_batch, 0) > LOSS_CHUNK_ABOVE_BYTES else 0
+def loss_chunk_size(shape: ModelShape) -> int:
+    """Tokens per chunk of the chunked loss: about LOSS_CHUNK_BYTES of fp32 logits, a power of two in
+    [256, 8192] (4096 for a 32k vocabulary, 1024 for 128k): few chunks, each a large matrix product."""
+    tokens = LOSS_CHUNK_BYTES / (4.0 * shape.vocab_size)
+    return int(min(8192, max(256, 2 ** math.floor(math.log2(max(tokens, 1.0))))))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run a micro-step: what plan weighs against the GPU's memory."""
+
+    micro_batch: int
+    recompute: bool
+    loss_chunk_tokens: int = 0  # 0: plain logits
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+def candidate_settings(
+    b0: int, accumulation: int, gc0: bool, chunk: int, forced_chunk: int | None
+) -> list[Setting]:
+    """Settings fastest first, the global batch kept: larger micro batches in place of accumulation
+    (fewer micro-steps: ZeRO-3 gathers every layer once per micro-step, and a larger matrix product
+    runs nearer the device's peak), the configured micro batch, then the memory savers in order of
+    what they cost: the chunked loss, recomputation, halving the micro batch, optimizer offload,
+    parameter offload. A forced training.loss_chunk_tokens is used throughout."""
+    losses = [forced_chunk] if forced_chunk is not None else [0, chunk]
+    larger, b = [], b0
+    while accumulation % 2 == 0:
+        b, accumulation = b * 2, accumulation // 2
+        larger.insert(0, b)
+    out = [Setting(b, gc0, losses[0]) for b in larger]
+    out += [Setting(b0, gc0, c) for c in losses]
+    b = b0
+    while True:
+        out += [Setting(b, True, c) for c in losses]
+        if b == 1:
+            break
+        b //= 2
+    last = losses[-1]
+    return out + [Setting(1, True, last, True, False), Setting(1, True, last, True, True)]
 
 
 def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEstimate, float, list[str]]:
-    """The first setting, in order of cost to throughput, that fits the GPU; or PlanError."""
+    """The fastest setting (`candidate_settings`) that fits the GPU; or PlanError."""
     res, tr = cfg.resources, cfg.training
     budget = res.gpu_memory_gib * GiB * res.memory_headroom
     forced_opt, forced_par = tr.offload_optimizer, tr.offload_param
 
-    def est(b: int, gc: bool, off_opt: bool = False, off_par: bool = False) -> MemoryEstimate:
-        # A forced setting (true or false) wins over whatever plan would try.
+    def est(s: Setting) -> MemoryEstimate:
+        # A forced offload setting (true or false) wins over whatever plan would try.
         return estimate_memory(
             shape,
             world_size=cfg.world_size,
             seq_len=cfg.preprocess.max_seq_len,
-            micro_batch=b,
-            gradient_checkpointing=gc,
-            offload_optimizer=off_opt if forced_opt is None else forced_opt,
-            offload_params=off_par if forced_par is None else forced_par,
+            micro_batch=s.micro_batch,
+            gradient_checkpointing=s.recompute,
+            offload_optimizer=s.offload_optimizer if forced_opt is None else forced_opt,
+            offload_params=s.offload_params if forced_par is None else forced_par,
             optim=tr.optim,
-            loss_chunk_tokens=(
-                auto_loss_chunk_tokens(shape, cfg.preprocess.max_seq_len, b)
-                if tr.loss_chunk_tokens is None
-                else tr.loss_chunk_tokens
-            ),
+            loss_chunk_tokens=s.loss_chunk_tokens,
         )
 
     b0, gc0 = tr.per_device_train_batch_size, tr.gradient_checkpointing
-    first = est(b0, gc0)
+    configured = Setting(b0, gc0, tr.loss_chunk_tokens or 0)
+    first = est(configured)
     forced = [
         f"training.{name} forced to {value}"
         for name, value in (("offload_optimizer", forced_opt), ("offload_param", forced_par))
@@ -357,36 +391,36 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     ]
     if res.accelerator == "cpu":
         return first, budget, ["accelerator is cpu: the GPU memory check does not apply", *forced]
-    if first.total <= budget:
-        return first, budget, [f"fits as configured: {_gib(first.total)} of {_gib(budget)} per GPU", *forced]
-    for candidate in _fallbacks(b0):
-        estimate = est(*candidate)
+    candidates = candidate_settings(
+        b0, tr.gradient_accumulation_steps, gc0, loss_chunk_size(shape), tr.loss_chunk_tokens
+    )
+    for candidate in candidates:
+        estimate = est(candidate)
         if estimate.total <= budget:
-            notes = [f"as configured it needs {_gib(first.total)} per GPU, over the {_gib(budget)} budget"]
-            notes += _fallback_notes(estimate, b0, gc0, forced_opt, forced_par)
+            notes = [f"as configured it needs {_gib(first.total)} per GPU"]
+            notes += _setting_notes(estimate, configured, forced_opt, forced_par)
             notes += [*forced, f"fits: {_gib(estimate.total)} of {_gib(budget)} per GPU"]
             return estimate, budget, notes
-    raise _does_not_fit(cfg, shape, budget, first, smallest=est(1, True), offloaded=est(1, True, True, True))
+    smallest = est(Setting(1, True, candidates[-1].loss_chunk_tokens))
+    offloaded = est(candidates[-1])
+    raise _does_not_fit(cfg, shape, budget, first, smallest=smallest, offloaded=offloaded)
 
 
-def _fallbacks(micro_batch: int) -> list[tuple[int, bool, bool, bool]]:
-    """(micro batch, recomputation, offload optimizer, offload params), cheapest first: recomputation,
-    then halving the micro batch, then optimizer offload, then parameter offload."""
-    candidates = [(micro_batch, True, False, False)]
-    b = micro_batch
-    while b > 1:
-        b //= 2
-        candidates.append((b, True, False, False))
-    return candidates + [(1, True, True, False), (1, True, True, True)]
-
-
-def _fallback_notes(
-    e: MemoryEstimate, b0: int, gc0: bool, forced_opt: bool | None, forced_par: bool | None
+def _setting_notes(
+    e: MemoryEstimate, configured: Setting, forced_opt: bool | None, forced_par: bool | None
 ) -> list[str]:
+    b0 = configured.micro_batch
     notes = []
-    if e.gradient_checkpointing and not gc0:
+    if e.micro_batch > b0:
+        notes.append(
+            f"micro batch {b0} -> {e.micro_batch} with gradient accumulation /{e.micro_batch // b0}, the "
+            "same global batch: fewer, larger micro-steps run faster"
+        )
+    if e.loss_chunk_tokens and not configured.loss_chunk_tokens:
+        notes.append(f"loss computed {e.loss_chunk_tokens} tokens at a time (the full logits do not fit)")
+    if e.gradient_checkpointing and not configured.recompute:
         notes.append("enabled gradient_checkpointing")
-    if e.micro_batch != b0:
+    if e.micro_batch < b0:
         notes.append(
             f"micro batch {b0} -> {e.micro_batch}, gradient accumulation x{b0 // e.micro_batch} keeps the global batch"
         )
@@ -572,16 +606,12 @@ def resolved_fields(
         "training.offload_param": mem.offload_params,
         "training.loss_chunk_tokens": mem.loss_chunk_tokens,
     }
-    notes = list(zero3_settings(shape, gpu=cfg.resources.accelerator == "gpu").reasons)
-    if tr.loss_chunk_tokens is None and mem.loss_chunk_tokens:
-        plain = logits_bytes(shape, cfg.preprocess.max_seq_len * mem.micro_batch, 0)
-        notes.append(
-            f"loss computed {mem.loss_chunk_tokens} tokens at a time: the full logits of a micro batch "
-            f"would take {_gib(plain)}"
-        )
-    if mem.micro_batch != tr.per_device_train_batch_size:
-        factor = tr.per_device_train_batch_size // mem.micro_batch
-        over["training.gradient_accumulation_steps"] = tr.gradient_accumulation_steps * factor
+    notes = list(zero3_settings(shape, gpu=cfg.resources.accelerator == "gpu").reasons) + alignment_notes(
+        shape
+    )
+    if mem.micro_batch != tr.per_device_train_batch_size:  # the global batch stays as configured
+        per_rank = tr.per_device_train_batch_size * tr.gradient_accumulation_steps
+        over["training.gradient_accumulation_steps"] = per_rank // mem.micro_batch
     if tr.learning_rate is None:
         over["training.learning_rate"] = default_learning_rate(shape.params)
         notes.append(
@@ -593,6 +623,23 @@ def resolved_fields(
             f"num_train_epochs {over['training.num_train_epochs']:g} chosen for ~{tokens:,} training tokens"
         )
     return over, notes
+
+
+def alignment_notes(shape: ModelShape) -> list[str]:
+    """A warning for each matrix dimension that is not a multiple of 8: 16-bit rows then miss the
+    16-byte alignment the Hopper/Ampere GEMM kernels need, and cuBLAS falls back to older, slower ones
+    (measured on an H200: an MLP width of 5461 put 63% of a 0.9B model's GPU time in such kernels)."""
+    dims = {
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "vocab_size": shape.vocab_size,
+    }
+    return [
+        f"warning: the model's {name} {value} is not a multiple of 8: its matrix products run on slower "
+        "GPU kernels"
+        for name, value in dims.items()
+        if value and value % 8
+    ]
 
 
 def plan_markdown(plan: Plan) -> str:

@@ -5,6 +5,10 @@
 - Precision is `cfg.precision`: bf16, or fp16 with DeepSpeed's dynamic loss scaling, on GPU; on CPU
   both flags are ignored (the recipe logs it) and training is float32. The model is loaded in that
   dtype; the DeepSpeed JSON that plan wrote from the same config agrees.
+- Kernels: attention through `training.attn_implementation` (sdpa by default: FlashAttention-2 or
+  memory-efficient kernels on GPU); with `training.loss_chunk_tokens` the model returns its summed
+  loss computed from the hidden states in chunks (`chunked_loss`), never the full logits; with
+  `training.torch_compile` DeepSpeed's `engine.compile()` compiles the model after initialisation.
 - Optimizer: `training.optim` "adamw_torch" (no weight decay on 1-D parameters; torch's fused CUDA
   kernel on GPU, the single-tensor version on CPU) or "adafactor" (transformers' Adafactor at the
   fixed scheduled learning rate: relative_step, scale_parameter and warmup_init off, no first
