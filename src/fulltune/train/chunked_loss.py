@@ -110,9 +110,11 @@ def install(model, chunk_tokens: int) -> None:
 
 
 def _loss_forward(self, input_ids, attention_mask=None, labels=None, **_ignored: Any):
+    from fulltune.train.loss import next_token_targets
+
     hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
-    target = labels[:, 1:].reshape(-1)
+    hidden = hidden.reshape(-1, hidden.size(-1))  # a view: the labels are shifted, not the states
+    target = next_token_targets(labels).reshape(-1)
     return linear_cross_entropy_sum(
         hidden, self.get_output_embeddings().weight, target, self.loss_chunk_tokens
     )

@@ -43,15 +43,28 @@ def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any
     input_ids = batch["input_ids"][idx].to(device)
     attention_mask = batch["attention_mask"][idx].to(device)
     labels = batch["labels"][idx].to(device)
-    target = labels[:, 1:]
+    count = (labels[:, 1:] != IGNORE_INDEX).sum()
     if getattr(engine.module, "loss_chunk_tokens", 0):  # chunked_loss.install: the model returns the sum
-        summed = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        return summed, (target != IGNORE_INDEX).sum()
-    logits = engine(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        return engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels), count
+    logits = engine(input_ids=input_ids, attention_mask=attention_mask).logits
+    # The labels are shifted, not the logits: the logits stay one contiguous view (slicing off the last
+    # position would copy them, and the backward would copy their gradient back).
     summed = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.size(-1)).float(),
+        next_token_targets(labels).reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
-    return summed, (target != IGNORE_INDEX).sum()
+    return summed, count
+
+
+def next_token_targets(labels):
+    """The target of each position: the next position's label, IGNORE_INDEX after the last one."""
+    import torch
+
+    from fulltune.preprocess.dataset import IGNORE_INDEX
+
+    return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
 
 
 def train_step(engine, data: dict[str, Any], micro: list, *, world: int, device) -> tuple[float, float]:
