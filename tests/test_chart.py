@@ -582,6 +582,42 @@ def test_network_policy_isolates_training_pods(full):
         assert rule.get("to") or rule.get("ports")
 
 
+def test_network_policy_lets_sidecars_reach_istiod_only_when_the_mesh_is_on(chart):
+    """Training pods opt out of the sidecar by default, so istiod is not reachable; with the mesh on
+    (pods with sidecars) their proxies may reach istiod's xDS port, and nothing more opens."""
+    default = only(render(chart), "NetworkPolicy")["spec"]["egress"]
+    assert not any(p.get("port") == 15012 for rule in default for p in rule.get("ports", []))
+    objects = render(chart, {"networkPolicy": {"mesh": {"enabled": True}}})
+    policy = only(objects, "NetworkPolicy")
+    _validate(policy)
+    istiod = [r for r in policy["spec"]["egress"] if {"port": 15012, "protocol": "TCP"} in r.get("ports", [])]
+    assert istiod == [
+        {
+            "to": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}},
+                    "podSelector": {"matchLabels": {"app": "istiod"}},
+                }
+            ],
+            "ports": [{"port": 15012, "protocol": "TCP"}],
+        }
+    ]
+    assert len(policy["spec"]["egress"]) == len(default) + 1
+
+
+def test_every_pod_the_chart_creates_fits_a_profile_quota(full):
+    """A Kubeflow profile's ResourceQuota counts requests and, with limits.* set, needs limits: every
+    container of the chart's pods has CPU and memory in both."""
+    for where, pod in pod_specs(full):
+        for c in pod["containers"]:
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), (
+                    where,
+                    c["name"],
+                    kind,
+                )
+
+
 def _selects(selector: dict, labels: dict[str, str]) -> bool:
     for key, value in selector.get("matchLabels", {}).items():
         if labels.get(key) != value:

@@ -118,6 +118,7 @@ VARIANTS = {
     "1-node-cpu": {"num_nodes": 1, "nproc_per_node": 2, "accelerator": "cpu"},
     "2-nodes-cpu": {"num_nodes": 2, "nproc_per_node": 1, "accelerator": "cpu"},
     "all-options": ALL_OPTIONS,
+    "istio-sidecar": {"num_nodes": 2, "nproc_per_node": 8, "kubernetes": {"istio_sidecar": True}},
 }
 
 
@@ -322,6 +323,28 @@ def test_training_pods_meet_pod_security_restricted():
             tmp = next(v for v in container["volumeMounts"] if v["mountPath"] == "/tmp")
             assert {"name": tmp["name"], "emptyDir": {}} in pod["volumes"]
             assert {"name": "HOME", "value": "/tmp"} in container["env"]
+
+
+def test_training_pods_in_a_profile_namespace_opt_out_of_the_istio_sidecar():
+    """Kubeflow profile namespaces inject Istio sidecars; a sidecar breaks the rendezvous and keeps
+    finished pods running, so every replica opts out (label and annotation) unless the config asks
+    for the mesh, and then it waits for the proxy and keeps the rendezvous ports off it."""
+    for spec in manifest_for({"num_nodes": 3, "nproc_per_node": 8})["spec"]["pytorchReplicaSpecs"].values():
+        meta = spec["template"]["metadata"]
+        assert meta["labels"]["sidecar.istio.io/inject"] == "false"
+        assert meta["annotations"]["sidecar.istio.io/inject"] == "false"
+        assert meta["labels"]["app.kubernetes.io/component"] == "train"  # the NetworkPolicy's selector
+    meshed = manifest_for(VARIANTS["istio-sidecar"])
+    for spec in meshed["spec"]["pytorchReplicaSpecs"].values():
+        meta = spec["template"]["metadata"]
+        assert "sidecar.istio.io/inject" not in meta["labels"]
+        assert "sidecar.istio.io/inject" not in meta["annotations"]
+        assert json.loads(meta["annotations"]["proxy.istio.io/config"]) == {
+            "holdApplicationUntilProxyStarts": True
+        }
+        for direction in ("Inbound", "Outbound"):
+            ports = meta["annotations"][f"traffic.sidecar.istio.io/exclude{direction}Ports"].split(",")
+            assert "23456" in ports and "29500" in ports
 
 
 def test_the_pipelines_s3_secret_reaches_the_pods_as_an_optional_reference(crd_validator):

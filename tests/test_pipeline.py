@@ -180,3 +180,53 @@ def test_a_kfp_local_run_leaves_print_and_logging_as_they_were():
         root.handlers[:] = [logging.StreamHandler()]
         root.setLevel(logging.DEBUG)
     assert (builtins.print, root.handlers[:], root.level) == before
+
+
+def test_every_step_pod_has_cpu_and_memory_requests_and_limits():
+    """A Kubeflow profile's ResourceQuota rejects pods without requests (and, with limits.* in the
+    quota, without limits): every executor of the checked-in pipeline carries both, as configured."""
+    from fulltune.kfp.cluster import STEP_RESOURCES
+
+    spec = next(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))
+    executors = spec["deploymentSpec"]["executors"]
+    for name, executor in executors.items():
+        step = name.removeprefix("exec-").replace("-", "_")
+        want = STEP_RESOURCES[step]
+        got = executor["container"]["resources"]
+        assert (
+            got["resourceCpuRequest"],
+            got["resourceCpuLimit"],
+            got["resourceMemoryRequest"],
+            got["resourceMemoryLimit"],
+        ) == (want.cpu, want.cpu_limit, want.memory, want.memory_limit), name
+    assert len(executors) == len(STEP_RESOURCES)
+
+
+def test_step_resources_are_overridden_from_a_file_and_a_wrong_step_is_named(tmp_path):
+    overrides = tmp_path / "resources.yaml"
+    overrides.write_text("evaluate: {cpu: '16', memory: 200Gi, memory_limit: 300Gi}\n")
+    root = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fulltune.cli",
+        "compile",
+        "--root",
+        str(root),
+        "--step-resources",
+        str(overrides),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    spec = next(yaml.safe_load_all((root / PIPELINE_FILE).read_text()))
+    got = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    assert (got["resourceCpuRequest"], got["resourceMemoryRequest"], got["resourceMemoryLimit"]) == (
+        "16",
+        "200Gi",
+        "300Gi",
+    )
+    assert got["resourceCpuLimit"] == "8"  # not overridden: the default stays
+
+    overrides.write_text("evaluation: {cpu: '16'}\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "unknown step 'evaluation'" in bad.stderr and str(overrides) in bad.stderr

@@ -23,8 +23,19 @@ EXIT_USAGE = 2
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from fulltune.kfp.cluster import step_resources
     from fulltune.kfp.compile import compile_all
 
+    overrides = None
+    if args.step_resources:
+        import yaml
+
+        overrides = yaml.safe_load(Path(args.step_resources).read_text()) or {}
+    try:
+        resources = step_resources(overrides, args.step_resources or "")
+    except ValueError as exc:
+        print(f"fulltune compile: {exc}", file=sys.stderr)
+        return 2
     for path in compile_all(
         args.root,
         image=args.image,
@@ -32,6 +43,7 @@ def _compile(args: argparse.Namespace) -> int:
         s3_secret=args.s3_secret,
         eval_gpus=args.eval_gpus,
         work_pvc=args.work_pvc,
+        step_resources=resources,
     ):
         print(path)
     return 0
@@ -156,6 +168,13 @@ def _add_compile(commands) -> None:
         default=None,
         metavar="CLAIM:/PATH",
         help="mount this RWX PersistentVolumeClaim into every step pod (a work_dir on a volume instead of S3)",
+    )
+    compile_cmd.add_argument(
+        "--step-resources",
+        default=None,
+        metavar="FILE",
+        help="YAML mapping step -> {cpu, memory, cpu_limit, memory_limit} overriding the step pods' "
+        "requests and limits (defaults: fulltune.kfp.cluster.STEP_RESOURCES)",
     )
     compile_cmd.set_defaults(func=_compile)
 

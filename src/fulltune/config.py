@@ -344,6 +344,14 @@ class KubernetesSection(_Section):
     shm_size: str = Field(
         "16Gi", description="Size of the memory-backed /dev/shm (NCCL needs more than 64Mi)."
     )
+    istio_sidecar: bool = Field(
+        False,
+        description="Let Istio inject its sidecar into the training pods. Off: the pods carry "
+        "sidecar.istio.io/inject=false, since a sidecar in a Kubeflow profile namespace makes torchrun's "
+        "rendezvous fail until the proxy is up and keeps finished pods running. On (meshes that require "
+        "mTLS between pods): the pods wait for the proxy and the rendezvous port bypasses it; see "
+        "docs/deploy.md.",
+    )
     max_restarts: int = Field(
         3,
         ge=0,

@@ -1,9 +1,61 @@
 """Names the compiled pipeline shares with the cluster, in one place and without importing kfp, so the
 command line can offer them as defaults without paying for the kfp import."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
 # The Kubernetes Secret whose keys reach every step pod as environment variables. The keys are the
 # variable names boto3 reads; a key missing from the Secret leaves its variable unset (region and
 # endpoint are often absent on AWS proper).
 S3_SECRET = "fulltune-s3"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class StepResources:
+    """CPU and memory of one step's pod: requests (what a profile's ResourceQuota counts and the
+    scheduler reserves) and limits (a quota with limits.* rejects pods without them)."""
+
+    cpu: str
+    memory: str
+    cpu_limit: str
+    memory_limit: str
+
+
+# Per step, sized for a 7-8B model and a few GB of data; `fulltune compile --step-resources FILE`
+# overrides any of them. The training pods of the kubernetes launcher are sized by
+# resources.kubernetes.cpu/memory instead: the `train` step pod only launches and watches them.
+STEP_RESOURCES: dict[str, StepResources] = {
+    "validate_data": StepResources("2", "4Gi", "4", "8Gi"),  # streams the data; worker processes
+    "check_tokenizer": StepResources("1", "2Gi", "2", "4Gi"),
+    "plan": StepResources("1", "2Gi", "2", "4Gi"),  # the model on the meta device, a token sample
+    "list_shards": StepResources("250m", "512Mi", "1", "1Gi"),
+    "preprocess_shard": StepResources("2", "4Gi", "4", "8Gi"),  # tokenizes one shard
+    "gather_shards": StepResources("250m", "512Mi", "1", "1Gi"),
+    "train": StepResources("500m", "1Gi", "2", "4Gi"),  # launches and watches the PyTorchJob
+    "evaluate": StepResources("4", "32Gi", "8", "64Gi"),  # base and tuned model in host memory while loading
+    "register": StepResources("1", "2Gi", "2", "8Gi"),  # checksums and uploads the model files
+}
+
+
+def step_resources(
+    overrides: Mapping[str, Mapping[str, str]] | None, source: str = ""
+) -> dict[str, StepResources]:
+    """STEP_RESOURCES with `overrides` ({step: {cpu, memory, cpu_limit, memory_limit}}) applied; a
+    ValueError names an unknown step or field and `source`."""
+    out = dict(STEP_RESOURCES)
+    where = f" in {source}" if source else ""
+    for step, fields in (overrides or {}).items():
+        if step not in out:
+            raise ValueError(f"step resources{where}: unknown step {step!r}; steps: {', '.join(out)}")
+        unknown = set(fields) - set(StepResources.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"step resources{where}: {step}: unknown field(s) {sorted(unknown)}; "
+                "fields: cpu, memory, cpu_limit, memory_limit"
+            )
+        out[step] = replace(out[step], **{k: str(v) for k, v in fields.items()})
+    return out

@@ -15,6 +15,7 @@ from kfp import compiler
 from kfp.dsl.types import type_annotations
 
 from fulltune._image import default_image, default_trainer_image
+from fulltune.kfp.cluster import StepResources
 from fulltune.kfp.components import STEPS, build_components
 from fulltune.kfp.pipeline import S3_SECRET, build_pipeline
 
@@ -29,6 +30,7 @@ def compile_pipeline(
     s3_secret: str | None = S3_SECRET,
     eval_gpus: int = 1,
     work_pvc: str | None = None,
+    step_resources: dict[str, StepResources] | None = None,
 ) -> Path:
     """Compile the pipeline to `path` (KFP v2 IR YAML, with the Kubernetes platform settings)."""
     path = Path(path)
@@ -39,6 +41,7 @@ def compile_pipeline(
         s3_secret=s3_secret,
         eval_gpus=eval_gpus,
         work_pvc=work_pvc,
+        step_resources=step_resources,
     )
     compiler.Compiler().compile(pipeline, str(path))
     return path
@@ -52,11 +55,12 @@ def compile_all(
     s3_secret: str | None = S3_SECRET,
     eval_gpus: int = 1,
     work_pvc: str | None = None,
+    step_resources: dict[str, StepResources] | None = None,
 ) -> list[Path]:
     """Write pipelines/full_finetune.yaml and components/<step>/{component.yaml,README.md} under root.
 
-    `s3_secret` and `eval_gpus` are cluster settings of the pipeline (see `build_pipeline`); the
-    component YAML carries none, so whoever reuses a component adds their own.
+    `s3_secret`, `eval_gpus`, `work_pvc` and `step_resources` are cluster settings of the pipeline
+    (see `build_pipeline`); the component YAML carries none, so whoever reuses a component adds their own.
     """
     root = Path(root)
     image = image or default_image()
@@ -69,6 +73,7 @@ def compile_all(
             s3_secret=s3_secret,
             eval_gpus=eval_gpus,
             work_pvc=work_pvc,
+            step_resources=step_resources,
         )
     ]
     components = build_components(image)

@@ -6,18 +6,20 @@
 Only kfp is imported here; `fulltune compile` turns this into pipelines/full_finetune.yaml.
 
 Cluster settings (ignored by kfp.local, so `fulltune demo` runs the same DAG) are applied to every
-task in one place, `ClusterSettings.apply`: the S3 credentials from a Kubernetes Secret as the
-standard AWS environment variables and the work-directory PVC; `evaluate` also asks for a GPU.
+task in one place, `ClusterSettings.apply`: CPU and memory requests and limits (a profile's
+ResourceQuota rejects pods without them), the S3 credentials from a Kubernetes Secret as the standard
+AWS environment variables and the work-directory PVC; `evaluate` also asks for a GPU.
 Caching is off for the steps that read outside data or must run again; the policy and its reasons
 are in pipelines/README.md.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
 from fulltune._image import default_image, default_trainer_image
-from fulltune.kfp.cluster import GPU_RESOURCE, S3_SECRET, S3_SECRET_KEYS
+from fulltune.kfp.cluster import GPU_RESOURCE, S3_SECRET, S3_SECRET_KEYS, STEP_RESOURCES, StepResources
 from fulltune.kfp.components import build_components
 
 PIPELINE_NAME = "full-finetune"
@@ -36,12 +38,17 @@ class ClusterSettings:
         (marked optional, so a cluster using workload identity needs no Secret); "" adds none.
     work_pvc: (claim, mount path) of an RWX PersistentVolumeClaim mounted into every step pod, for a
         `work_dir` on a shared volume instead of S3; None mounts nothing.
+    resources: CPU and memory requests and limits of each step's pod, by step name.
     """
 
     s3_secret: str = ""
     work_pvc: tuple[str, str] | None = None
+    resources: Mapping[str, StepResources] = field(default_factory=lambda: dict(STEP_RESOURCES))
 
     def apply(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
+        r = self.resources[task.component_spec.name.replace("-", "_")]
+        task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu_limit)
+        task.set_memory_request(r.memory).set_memory_limit(r.memory_limit)
         if self.s3_secret:
             kubernetes.use_secret_as_env(task, self.s3_secret, {k: k for k in S3_SECRET_KEYS}, optional=True)
         if self.work_pvc:
@@ -56,6 +63,7 @@ def build_pipeline(
     s3_secret: str | None = S3_SECRET,
     eval_gpus: int = 1,
     work_pvc: str | None = None,
+    step_resources: Mapping[str, StepResources] | None = None,
 ):
     """The pipeline function, ready to compile.
 
@@ -69,8 +77,11 @@ def build_pipeline(
         work_pvc: "CLAIM:/mount/path" mounts an RWX PersistentVolumeClaim into every step pod, for a
             `work_dir` on a shared volume instead of S3 (the training pods mount it through
             `resources.kubernetes.volumes`, at the same path).
+        step_resources: CPU and memory of each step's pod; default `cluster.STEP_RESOURCES`.
     """
-    cluster = ClusterSettings(s3_secret or "", _parse_pvc(work_pvc) if work_pvc else None)
+    cluster = ClusterSettings(
+        s3_secret or "", _parse_pvc(work_pvc) if work_pvc else None, dict(step_resources or STEP_RESOURCES)
+    )
     trainer_image = trainer_image or default_trainer_image()
     steps = build_components(image or default_image())
     # A GPU evaluate step needs CUDA torch: the trainer image; on CPU the runtime image does.

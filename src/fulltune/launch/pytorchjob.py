@@ -222,7 +222,30 @@ def pod_template(
         pod["tolerations"] = [_toleration(t) for t in k8s.tolerations]
     if k8s.affinity:
         pod["affinity"] = k8s.affinity
-    return {"metadata": {"labels": dict(labels)}, "spec": pod}
+    pod_labels, annotations = istio_metadata(k8s.istio_sidecar)
+    return {"metadata": {"labels": {**labels, **pod_labels}, "annotations": annotations}, "spec": pod}
+
+
+ISTIO_INJECT = "sidecar.istio.io/inject"
+RENDEZVOUS_PORTS = f"{PORT},29500"  # the operator's master port and torchrun's default
+
+
+def istio_metadata(sidecar: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """(labels, annotations) of a training pod for Istio.
+
+    Without a sidecar (the default): the opt-out, as a label (what current Istio reads first) and as
+    the annotation older versions read. With one: the application starts once the proxy is ready
+    (else the first rendezvous connections fail), and the rendezvous ports bypass the proxy in both
+    directions so that torchrun's c10d store is reached directly; NCCL's own connections still go
+    through it.
+    """
+    if not sidecar:
+        return {ISTIO_INJECT: "false"}, {ISTIO_INJECT: "false"}
+    return {}, {
+        "proxy.istio.io/config": '{"holdApplicationUntilProxyStarts": true}',
+        "traffic.sidecar.istio.io/excludeInboundPorts": RENDEZVOUS_PORTS,
+        "traffic.sidecar.istio.io/excludeOutboundPorts": RENDEZVOUS_PORTS,
+    }
 
 
 def _volume_name(index: int) -> str:
