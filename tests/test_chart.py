@@ -31,6 +31,12 @@ CHART = ROOT / "charts" / "fulltune"
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 PIPELINE = ROOT / "pipelines" / "full_finetune.yaml"
 NAMESPACE = "team-a"
+# The least a run configuration needs for the upload hook to start runs (the schema requires it).
+RUNNABLE = {
+    "work_dir": "s3://ml-work/fulltune",
+    "model": {"base_model_uri": "s3://ml-models/llama"},
+    "data": {"train_uri": "s3://ml-data/notes.jsonl"},
+}
 RELEASE = "ft"
 FULLNAME = "ft-fulltune"
 # The newest Kubernetes release kubernetes-validate bundles schemas for, and the oldest the chart
@@ -266,7 +272,7 @@ def test_launcher_role_grants_exactly_what_the_launcher_needs(rendered):
     ("mode", "expected"), [("schedule", UPLOADER_SCHEDULE_RULES), ("submit", UPLOADER_SUBMIT_RULES)]
 )
 def test_upload_hook_may_only_call_the_kfp_api_it_uses(chart, mode, expected):
-    objects = render(chart, {"pipelineUpload": {"enabled": True, "mode": mode}})
+    objects = render(chart, {"pipelineUpload": {"enabled": True, "mode": mode}, "runConfig": RUNNABLE})
     role = only(objects, "Role", f"{FULLNAME}-uploader")
     assert rules_of(role) == expected
     binding = only(objects, "RoleBinding", f"{FULLNAME}-uploader")
@@ -280,7 +286,9 @@ def test_upload_hook_may_only_call_the_kfp_api_it_uses(chart, mode, expected):
 
 
 def test_rbac_can_be_left_to_the_platform(chart):
-    objects = render(chart, {"rbac": {"create": False}, "pipelineUpload": {"enabled": True}})
+    objects = render(
+        chart, {"rbac": {"create": False}, "pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE}
+    )
     assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
 
 
@@ -321,6 +329,7 @@ def test_openshift_can_assign_the_user(chart):
         chart,
         {
             "pipelineUpload": {"enabled": True},
+            "runConfig": RUNNABLE,
             "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
         },
     )
@@ -411,6 +420,16 @@ def test_schema_refuses_unknown_values_and_wrong_types(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as err:
         chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
     assert where in str(err.value)
+
+
+@pytest.mark.parametrize("run_config", [{}, {"model": {"base_model_uri": "s3://m/llama"}}])
+def test_a_hook_that_starts_runs_needs_a_model_and_data(chart, run_config):
+    """The chart's default runConfig is {}: with the upload hook on, the install would schedule runs
+    with no model and no data every week. The schema refuses it at `helm install`."""
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.render(values={"pipelineUpload": {"enabled": True}, "runConfig": run_config}, name=RELEASE)
+    assert "runConfig" in str(err.value)
+    render(chart, {"runConfig": run_config})  # without the hook, nothing runs: accepted
 
 
 def test_schema_is_strict_at_the_top():
@@ -697,7 +716,7 @@ def test_packaged_chart_carries_the_pipeline_itself(tmp_path):
         assert tar.extractfile(member).read() == PIPELINE.read_bytes()
         assert not [m for m in tar.getnames() if m.startswith("fulltune/ci/")]
     with helm.Chart.load(archive) as packaged:
-        objects = render(packaged, {"pipelineUpload": {"enabled": True}})
+        objects = render(packaged, {"pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE})
     assert (
         only(objects, "ConfigMap", f"{FULLNAME}-pipeline")["data"]["full_finetune.yaml"]
         == PIPELINE.read_text()

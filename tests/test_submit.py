@@ -322,6 +322,29 @@ def test_a_bad_params_file_names_file_and_field_and_creates_nothing(kfp, tmp_pat
     assert kfp.requests == []
 
 
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_a_config_that_only_runs_on_a_laptop_is_refused_before_any_request(kfp, tmp_path, capsys, command):
+    """The local launcher with GPUs would train in the CPU step image; a local path is invisible to
+    the step pods: both named, nothing sent to KFP."""
+    laptop = tmp_path / "laptop.yaml"
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config["resources"]["launcher"] = "local"
+    config["data"]["train_uri"] = "/home/me/notes.jsonl"
+    laptop.write_text(yaml.safe_dump(config))
+    code = (
+        submit(kfp, laptop)
+        if command == "submit"
+        else schedule(kfp, laptop, "--name", "w", "--cron", "0 3 * * 1")
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{laptop}: cannot run on a cluster" in err
+    assert "set resources.launcher: kubernetes" in err
+    assert "data.train_uri: '/home/me/notes.jsonl' is a path on this machine" in err
+    assert "nothing was submitted" in err
+    assert kfp.requests == []
+
+
 def test_a_broken_json_params_file_names_the_line(kfp, tmp_path, capsys):
     bad = tmp_path / "run.json"
     bad.write_text('{"model": {"name": "x"},\n "training": {"learning_rate": }\n}')
@@ -418,7 +441,10 @@ def test_compile_options_name_the_secret_or_drop_it_and_the_gpu(tmp_path):
     executors = _platform(docs)
     assert {e["secretAsEnv"][0]["secretName"] for e in executors.values()} == {"team-s3"}
     assert "tolerations" not in executors["exec-evaluate"]
-    assert "resources" not in docs[0]["deploymentSpec"]["executors"]["exec-evaluate"]["container"]
+    # no GPU asked for (CPU and memory, as every step has, stay)
+    assert (
+        "accelerator" not in docs[0]["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    )
 
     bare = list(yaml.safe_load_all(compile_all(tmp_path / "b", s3_secret="", eval_gpus=2)[0].read_text()))
     assert all("secretAsEnv" not in e for e in _platform(bare).values())

@@ -63,10 +63,15 @@ def _config(args: argparse.Namespace) -> int:
     if args.check:
         try:
             cfg = RunConfig.from_yaml(args.check)
+            if args.for_cluster:
+                from fulltune.cluster_config import check_for_cluster
+
+                check_for_cluster(cfg, args.check)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(cfg.to_yaml() if args.resolved else f"{args.check}: ok")
+        where = " (ready for a cluster)" if args.for_cluster else ""
+        print(cfg.to_yaml() if args.resolved else f"{args.check}: ok{where}")
         return 0
     print(describe())
     return 0
@@ -201,6 +206,12 @@ def _add_config(commands) -> None:
     config.add_argument("--check", metavar="FILE", help="validate a YAML config file")
     config.add_argument(
         "--resolved", action="store_true", help="with --check: print the config with defaults filled in"
+    )
+    config.add_argument(
+        "--for-cluster",
+        action="store_true",
+        help="with --check: also refuse what only runs on one machine (no model or data, the local launcher "
+        "with GPUs, paths the step pods cannot see); submit and schedule always check this",
     )
     config.set_defaults(func=_config)
 

@@ -78,7 +78,8 @@ class SubmitError(Exception):
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
-    """The run configuration in `path` (YAML, or JSON by its .json suffix), validated as a RunConfig.
+    """The run configuration in `path` (YAML, or JSON by its .json suffix), validated as a RunConfig
+    that can run on a cluster (`fulltune.cluster_config`).
 
     Returns the mapping as written (not the defaults-filled one): the pipeline fills the defaults with
     the fulltune in its image, which may be newer than this client's.
@@ -86,8 +87,11 @@ def load_params(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: naming the file (and line) or the dotted field and the problem.
     """
+    from fulltune.cluster_config import check_for_cluster
+
     data = read_config_file(path)
-    RunConfig.from_dict(data, source=str(path))  # the checks and messages of `fulltune config --check`
+    # the checks and messages of `fulltune config --check --for-cluster`
+    check_for_cluster(RunConfig.from_dict(data, source=str(path)), str(path))
     return data
 
 
