@@ -222,24 +222,29 @@ class KFPStandIn:
     # -- pipelines and versions -------------------------------------------------------------------
 
     def _list_pipelines(self, req):
-        items = _filtered(self.pipelines.values(), req)
-        return _page(items, req, "pipelines")
+        # As KFP: a namespace lists that namespace's pipelines; none lists the shared ones.
+        namespace = _q(req, "namespace") or ""
+        in_scope = [p for p in self.pipelines.values() if p.get("namespace", "") == namespace]
+        return _page(_filtered(in_scope, req), req, "pipelines")
 
     def _create_pipeline(self, req):
         body = req.json or {}
         name = body.get("display_name") or body.get("name")
         if not name:
             raise ApiError(400, "pipeline name is empty")
-        return self._new_pipeline(name, body.get("description", ""))
+        return self._new_pipeline(name, body.get("description", ""), body.get("namespace") or "")
 
-    def _new_pipeline(self, name: str, description: str) -> dict:
-        if any(p["display_name"] == name for p in self.pipelines.values()):
+    def _new_pipeline(self, name: str, description: str, namespace: str = "") -> dict:
+        if any(
+            p["display_name"] == name and p.get("namespace", "") == namespace for p in self.pipelines.values()
+        ):
             raise ApiError(409, f"pipeline {name!r} already exists")
         p = {
             "pipeline_id": _new_id(),
             "display_name": name,
             "name": name,
             "description": description,
+            "namespace": namespace,
             "created_at": _now(),
         }
         self.pipelines[p["pipeline_id"]] = p
@@ -302,6 +307,8 @@ class KFPStandIn:
         name = body.get("display_name")
         if not name:
             raise ApiError(400, "experiment name is empty")
+        if self.multi_user and not body.get("namespace"):
+            raise ApiError(400, "multi-user mode: an experiment needs a namespace")
         if any(e["display_name"] == name for e in self.experiments.values()):
             raise ApiError(409, f"experiment {name!r} already exists")
         e = {
@@ -350,6 +357,7 @@ class KFPStandIn:
         run = {
             **{k: body.get(k) for k in ("experiment_id", "display_name", "description", "runtime_config")},
             "pipeline_version_reference": body.get("pipeline_version_reference"),
+            "service_account": body.get("service_account") or "",
             "run_id": rid,
             "created_at": _now(),
             "scheduled_at": _now(),

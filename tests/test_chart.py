@@ -285,6 +285,15 @@ def test_upload_hook_may_only_call_the_kfp_api_it_uses(chart, mode, expected):
     assert spec["automountServiceAccountToken"] is False
 
 
+def test_the_hooks_runs_use_the_service_account_the_launcher_role_is_bound_to(chart):
+    objects = render(chart, {"pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE})
+    job = only(objects, "Job")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    binding = only(objects, "RoleBinding", f"{FULLNAME}-launcher")
+    assert env["FULLTUNE_SERVICE_ACCOUNT"] == binding["subjects"][0]["name"] == FULLNAME
+    assert "KFP_NAMESPACE" in env  # from the pod: the profile namespace the runs go to
+
+
 def test_rbac_can_be_left_to_the_platform(chart):
     objects = render(
         chart, {"rbac": {"create": False}, "pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE}

@@ -230,3 +230,26 @@ def test_step_resources_are_overridden_from_a_file_and_a_wrong_step_is_named(tmp
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "unknown step 'evaluation'" in bad.stderr and str(overrides) in bad.stderr
+
+
+def test_optional_secrets_reach_the_steps_that_need_them(tmp_path):
+    """Temporary S3 credentials (AWS_SESSION_TOKEN) reach every step with the other S3 keys; the
+    Model Registry token only the register step; both optional, so a cluster without them runs."""
+    spec = list(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))
+    executors = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, executor in executors.items():
+        secrets = {s["secretName"]: s for s in executor.get("secretAsEnv", [])}
+        s3 = secrets["fulltune-s3"]
+        assert s3["optional"] is True
+        assert "AWS_SESSION_TOKEN" in {k["secretKey"] for k in s3["keyToEnv"]}, name
+        registry = secrets.get("fulltune-model-registry")
+        if name == "exec-register":
+            assert registry["optional"] is True
+            assert [k["envVar"] for k in registry["keyToEnv"]] == ["MODEL_REGISTRY_TOKEN"]
+        else:
+            assert registry is None, name
+
+    from fulltune.kfp.compile import compile_pipeline
+
+    none = compile_pipeline(tmp_path / "p.yaml", registry_secret="")
+    assert "fulltune-model-registry" not in none.read_text()

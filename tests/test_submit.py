@@ -36,8 +36,11 @@ def _no_ambient_kfp_settings(monkeypatch, tmp_path):
         "KUBERNETES_SERVICE_HOST",
     ):
         monkeypatch.delenv(name, raising=False)
-    # never pick up a real pod's service-account token
+    # never pick up a real pod's service-account token, namespace, kube context or account
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    monkeypatch.setattr("fulltune.kfp.submit.POD_NAMESPACE_FILE", str(tmp_path / "no-namespace-here"))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig-here"))
+    monkeypatch.delenv("FULLTUNE_SERVICE_ACCOUNT", raising=False)
 
 
 @pytest.fixture
@@ -464,3 +467,91 @@ def test_the_command_line_is_built_without_importing_kfp():
     code = "import sys; from fulltune.cli import build_parser; build_parser(); print('kfp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- identities: namespace and service account --------------------------------------------------------
+
+
+@pytest.fixture
+def multi_user_kfp():
+    with KFPStandIn(multi_user=True) as server:
+        yield server
+
+
+def test_on_multi_user_kfp_the_pipeline_lives_in_the_namespace_and_runs_use_the_account(
+    multi_user_kfp, params, capsys
+):
+    kfp = multi_user_kfp
+    assert submit(kfp, params, "--namespace", "team-a", "--service-account", "fulltune") == 0
+    [pipeline] = kfp.pipelines.values()
+    assert pipeline["namespace"] == "team-a"  # not shared with every profile
+    [experiment] = kfp.experiments.values()
+    assert experiment["namespace"] == "team-a"
+    [run] = kfp.runs.values()
+    assert run["service_account"] == "fulltune"  # the account the chart's Role binds
+    out = capsys.readouterr().out
+    assert "namespace: team-a (from --namespace)" in out and "runs' service account: fulltune" in out
+    assert "full-finetune in namespace team-a" in out
+    assert submit(kfp, params, "--namespace", "team-a", "--service-account", "fulltune") == 0
+    assert len(kfp.pipelines) == 1 and len(kfp.versions) == 1  # found again in its namespace
+
+
+def test_multi_user_kfp_without_a_namespace_is_refused_before_anything_is_created(
+    multi_user_kfp, params, capsys
+):
+    assert submit(multi_user_kfp, params) == 2
+    err = capsys.readouterr().err
+    assert "multi-user" in err and "--namespace" in err and "nothing was submitted" in err
+    assert {r.method for r in multi_user_kfp.requests} == {"GET"}
+    assert not multi_user_kfp.pipelines and not multi_user_kfp.runs
+
+
+def test_the_namespace_comes_from_the_pod_or_the_kube_context(multi_user_kfp, params, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [
+                    {"name": "team-b-ctx", "context": {"cluster": "c", "user": "u", "namespace": "team-b"}}
+                ],
+                "current-context": "team-b-ctx",
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    assert schedule(multi_user_kfp, params, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    assert [p["namespace"] for p in multi_user_kfp.pipelines.values()] == ["team-b"]
+    pod_file = tmp_path / "namespace"
+    pod_file.write_text("team-c\n")
+    monkeypatch.setattr("fulltune.kfp.submit.POD_NAMESPACE_FILE", str(pod_file))  # a pod wins over a context
+    assert submit(multi_user_kfp, params) == 0
+    assert sorted(p["namespace"] for p in multi_user_kfp.pipelines.values()) == ["team-b", "team-c"]
+
+
+def test_a_changed_service_account_replaces_the_schedule(kfp, params, monkeypatch):
+    monkeypatch.setenv("FULLTUNE_SERVICE_ACCOUNT", "fulltune")  # as the chart's hook sets it
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    [first] = kfp.recurring_runs.values()
+    assert first["service_account"] == "fulltune"
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0", "--service-account", "other") == 0
+    [rr] = kfp.recurring_runs.values()
+    assert rr["service_account"] == "other" and rr["recurring_run_id"] != first["recurring_run_id"]
+
+
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_dry_run_prints_where_and_as_whom_and_sends_nothing(kfp, params, capsys, command):
+    extra = ["--dry-run", "--namespace", "team-a", "--service-account", "fulltune"]
+    if command == "schedule":
+        extra += ["--name", "weekly", "--cron", "0 3 * * 0"]
+        assert schedule(kfp, params, *extra) == 0
+    else:
+        assert submit(kfp, params, *extra) == 0
+    out = capsys.readouterr().out
+    assert f"KFP API: {kfp.url}" in out
+    assert "namespace: team-a (from --namespace)" in out and "runs' service account: fulltune" in out
+    assert "pipeline full-finetune version " in out and "dry run: nothing was sent" in out
+    assert kfp.requests == []

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fulltune import _logging
-from fulltune.kfp.cluster import S3_SECRET
+from fulltune.kfp.cluster import REGISTRY_SECRET, S3_SECRET
 
 EXIT_USAGE = 2
 
@@ -44,6 +44,7 @@ def _compile(args: argparse.Namespace) -> int:
         eval_gpus=args.eval_gpus,
         work_pvc=args.work_pvc,
         step_resources=resources,
+        registry_secret=args.registry_secret,
     ):
         print(path)
     return 0
@@ -158,8 +159,16 @@ def _add_compile(commands) -> None:
         "--s3-secret",
         default=S3_SECRET,
         metavar="NAME",
-        help="Kubernetes Secret whose AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and "
-        f"AWS_DEFAULT_REGION keys become the step pods' environment (default: {S3_SECRET}; '' for none)",
+        help="Kubernetes Secret whose AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+        "AWS_ENDPOINT_URL and AWS_DEFAULT_REGION keys (each optional) become the step pods' environment "
+        f"(default: {S3_SECRET}; '' for none)",
+    )
+    compile_cmd.add_argument(
+        "--registry-secret",
+        default=REGISTRY_SECRET,
+        metavar="NAME",
+        help=f"Kubernetes Secret whose MODEL_REGISTRY_TOKEN key reaches the register step, optionally "
+        f"(default: {REGISTRY_SECRET}; '' for none)",
     )
     compile_cmd.add_argument(
         "--eval-gpus",

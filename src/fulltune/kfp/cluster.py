@@ -10,7 +10,17 @@ from dataclasses import dataclass, replace
 # variable names boto3 reads; a key missing from the Secret leaves its variable unset (region and
 # endpoint are often absent on AWS proper).
 S3_SECRET = "fulltune-s3"
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+S3_SECRET_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",  # temporary credentials (STS)
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+)
+# The Secret whose MODEL_REGISTRY_TOKEN reaches the register step (Kubeflow Model Registry behind an
+# authenticating proxy); optional, like the S3 one: without it the pod's service-account token is used.
+REGISTRY_SECRET = "fulltune-model-registry"
+REGISTRY_SECRET_KEYS = ("MODEL_REGISTRY_TOKEN",)
 GPU_RESOURCE = "nvidia.com/gpu"
 
 

@@ -15,7 +15,7 @@ from kfp import compiler
 from kfp.dsl.types import type_annotations
 
 from fulltune._image import default_image, default_trainer_image
-from fulltune.kfp.cluster import StepResources
+from fulltune.kfp.cluster import REGISTRY_SECRET, StepResources
 from fulltune.kfp.components import STEPS, build_components
 from fulltune.kfp.pipeline import S3_SECRET, build_pipeline
 
@@ -31,6 +31,7 @@ def compile_pipeline(
     eval_gpus: int = 1,
     work_pvc: str | None = None,
     step_resources: dict[str, StepResources] | None = None,
+    registry_secret: str | None = REGISTRY_SECRET,
 ) -> Path:
     """Compile the pipeline to `path` (KFP v2 IR YAML, with the Kubernetes platform settings)."""
     path = Path(path)
@@ -42,6 +43,7 @@ def compile_pipeline(
         eval_gpus=eval_gpus,
         work_pvc=work_pvc,
         step_resources=step_resources,
+        registry_secret=registry_secret,
     )
     compiler.Compiler().compile(pipeline, str(path))
     return path
@@ -56,10 +58,11 @@ def compile_all(
     eval_gpus: int = 1,
     work_pvc: str | None = None,
     step_resources: dict[str, StepResources] | None = None,
+    registry_secret: str | None = REGISTRY_SECRET,
 ) -> list[Path]:
     """Write pipelines/full_finetune.yaml and components/<step>/{component.yaml,README.md} under root.
 
-    `s3_secret`, `eval_gpus`, `work_pvc` and `step_resources` are cluster settings of the pipeline
+    `s3_secret`, `registry_secret`, `eval_gpus`, `work_pvc` and `step_resources` are cluster settings of the pipeline
     (see `build_pipeline`); the component YAML carries none, so whoever reuses a component adds their own.
     """
     root = Path(root)
@@ -74,6 +77,7 @@ def compile_all(
             eval_gpus=eval_gpus,
             work_pvc=work_pvc,
             step_resources=step_resources,
+            registry_secret=registry_secret,
         )
     ]
     components = build_components(image)

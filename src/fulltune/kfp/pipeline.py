@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from kfp import dsl, kubernetes
 
 from fulltune._image import default_image, default_trainer_image
-from fulltune.kfp.cluster import GPU_RESOURCE, S3_SECRET, S3_SECRET_KEYS, STEP_RESOURCES, StepResources
+from fulltune.kfp.cluster import (
+    GPU_RESOURCE,
+    REGISTRY_SECRET,
+    REGISTRY_SECRET_KEYS,
+    S3_SECRET,
+    S3_SECRET_KEYS,
+    STEP_RESOURCES,
+    StepResources,
+)
 from fulltune.kfp.components import build_components
 
 PIPELINE_NAME = "full-finetune"
@@ -64,6 +72,7 @@ def build_pipeline(
     eval_gpus: int = 1,
     work_pvc: str | None = None,
     step_resources: Mapping[str, StepResources] | None = None,
+    registry_secret: str | None = REGISTRY_SECRET,
 ):
     """The pipeline function, ready to compile.
 
@@ -78,6 +87,8 @@ def build_pipeline(
             `work_dir` on a shared volume instead of S3 (the training pods mount it through
             `resources.kubernetes.volumes`, at the same path).
         step_resources: CPU and memory of each step's pod; default `cluster.STEP_RESOURCES`.
+        registry_secret: Kubernetes Secret whose MODEL_REGISTRY_TOKEN reaches the register step
+            (optional); None or "" adds none.
     """
     cluster = ClusterSettings(
         s3_secret or "", _parse_pvc(work_pvc) if work_pvc else None, dict(step_resources or STEP_RESOURCES)
@@ -133,6 +144,9 @@ def build_pipeline(
                 run_id=run_id,
             )
             cluster.apply(registered)
+            if registry_secret:
+                keys = {k: k for k in REGISTRY_SECRET_KEYS}
+                kubernetes.use_secret_as_env(registered, registry_secret, keys, optional=True)
         # Every step but gather_shards and preprocess_shard reads outside data or must run again.
         for task in (validated, checked, planned, trained, evaluated, registered):
             task.set_caching_options(False)

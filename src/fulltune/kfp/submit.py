@@ -53,6 +53,8 @@ log = logging.getLogger("fulltune.submit")
 ENV_HOST = "KFP_HOST"
 ENV_TOKEN = "KFP_BEARER_TOKEN"
 ENV_NAMESPACE = "KFP_NAMESPACE"
+ENV_SERVICE_ACCOUNT = "FULLTUNE_SERVICE_ACCOUNT"  # the chart's upload hook sets it to the chart's account
+POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 ENV_UI = "KF_PIPELINES_UI_ENDPOINT"  # kfp's own variable for a UI that is not at the API's address
 DEFAULT_EXPERIMENT = "fulltune"
@@ -205,16 +207,56 @@ def _auth() -> dict[str, Any]:
     return {}
 
 
+def resolve_namespace(namespace: str | None) -> tuple[str | None, str]:
+    """(namespace, where it came from): --namespace, else KFP_NAMESPACE, else the namespace of the pod
+    this runs in, else the current kube context's; (None, "none") when there is none."""
+    if namespace:
+        return namespace, "--namespace"
+    if os.environ.get(ENV_NAMESPACE):
+        return os.environ[ENV_NAMESPACE], ENV_NAMESPACE
+    with contextlib.suppress(OSError):
+        pod_namespace = Path(POD_NAMESPACE_FILE).read_text().strip()
+        if pod_namespace:
+            return pod_namespace, "this pod's namespace"
+    try:
+        from kubernetes import config as kube_config
+
+        # KUBECONFIG read now: the kubernetes package reads it once, when it is first imported
+        _, active = kube_config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG") or None)
+        context_namespace = (active or {}).get("context", {}).get("namespace")
+        if context_namespace:
+            return context_namespace, f"kube context {active['name']!r}"
+    except Exception:  # noqa: BLE001 — no kubeconfig, or an unreadable one: no namespace from it
+        pass
+    return None, "none"
+
+
 def connect(host: str, namespace: str | None = None):
     """A kfp.Client for `host` (see resolve_host) with the environment's credentials."""
     import kfp
 
     kwargs: dict[str, Any] = {"host": resolve_host(host), **_auth()}
-    namespace = namespace or os.environ.get(ENV_NAMESPACE)
     if namespace:
         kwargs["namespace"] = namespace
     with _quiet(), _api_errors(kwargs["host"]):
         return kfp.Client(**kwargs)
+
+
+def pipeline_namespace(client, namespace: str | None) -> str | None:
+    """The namespace the pipeline lives in: the profile's on multi-user KFP (so that one team's
+    upload is not every team's pipeline), none on a standalone install. Refuses multi-user KFP
+    without a namespace, before anything is created."""
+    with _quiet(), _api_errors("KFP healthz"):
+        multi_user = bool(client.get_kfp_healthz().multi_user)
+    if not multi_user:
+        return None
+    if not namespace:
+        raise SubmitError(
+            "this KFP is multi-user: runs belong to a profile namespace; pass --namespace, set "
+            f"{ENV_NAMESPACE}, or run in a pod or kube context of that namespace; nothing was submitted",
+            EXIT_USAGE,
+        )
+    return namespace
 
 
 @contextlib.contextmanager
@@ -266,24 +308,35 @@ def _find_version(client, pipeline_id: str, name: str) -> str | None:
     return None
 
 
-def ensure_pipeline_version(client, package: Package) -> PipelineVersion:
-    """The pipeline (created when new) and the version holding exactly this package's content."""
+def _find_pipeline(client, name: str, namespace: str | None) -> str | None:
+    resp = client.list_pipelines(page_size=100, filter=_equals("display_name", name), namespace=namespace)
+    for p in resp.pipelines or []:
+        if name in (p.display_name, p.name):
+            return p.pipeline_id
+    return None
+
+
+def ensure_pipeline_version(client, package: Package, namespace: str | None = None) -> PipelineVersion:
+    """The pipeline (created when new, in `namespace` when given) and the version holding exactly
+    this package's content."""
     import kfp_server_api
 
     with _quiet(), _api_errors(f"pipeline {package.pipeline_name!r}"):
-        pipeline_id = client.get_pipeline_id(package.pipeline_name)
+        pipeline_id = _find_pipeline(client, package.pipeline_name, namespace)
         if pipeline_id is None:
             try:
                 created = client.pipelines.pipeline_service_create_pipeline(
                     pipeline=kfp_server_api.V2beta1Pipeline(
-                        display_name=package.pipeline_name, description=package.description
+                        display_name=package.pipeline_name,
+                        description=package.description,
+                        namespace=namespace,
                     )
                 )
                 pipeline_id = created.pipeline_id
             except kfp_server_api.ApiException as exc:  # created meanwhile by a concurrent submit
                 if exc.status != 409:
                     raise
-                pipeline_id = client.get_pipeline_id(package.pipeline_name)
+                pipeline_id = _find_pipeline(client, package.pipeline_name, namespace)
         version_id = _find_version(client, pipeline_id, package.version_name)
         if version_id is not None:
             return PipelineVersion(pipeline_id, version_id, package.version_name, uploaded=False)
@@ -312,7 +365,14 @@ def ensure_experiment(client, name: str) -> str:
 # -- submit -----------------------------------------------------------------------------------------
 
 
-def create_run(client, version: PipelineVersion, experiment_id: str, params: dict, run_name: str):
+def create_run(
+    client,
+    version: PipelineVersion,
+    experiment_id: str,
+    params: dict,
+    run_name: str,
+    service_account: str | None,
+):
     with _quiet(), _api_errors(f"run {run_name!r}"):
         return client.run_pipeline(
             experiment_id,
@@ -320,6 +380,7 @@ def create_run(client, version: PipelineVersion, experiment_id: str, params: dic
             params={CONFIG_PARAMETER: params},
             pipeline_id=version.pipeline_id,
             version_id=version.version_id,
+            service_account=service_account,
         )
 
 
@@ -373,6 +434,31 @@ class SubmitResult:
     state: str | None = None
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where runs go and as whom: the KFP API, the profile namespace, the runs' ServiceAccount."""
+
+    host: str
+    namespace: str | None
+    namespace_source: str
+    service_account: str | None
+
+    def describe(self) -> list[str]:
+        sa = (
+            self.service_account
+            or "KFP's default (default-editor in a Kubeflow profile, pipeline-runner standalone)"
+        )
+        ns = f"{self.namespace} (from {self.namespace_source})" if self.namespace else "none (standalone KFP)"
+        return [f"KFP API: {self.host}", f"namespace: {ns}", f"runs' service account: {sa}"]
+
+
+def resolve_target(host: str | None, namespace: str | None, service_account: str | None) -> Target:
+    ns, source = resolve_namespace(namespace)
+    return Target(
+        resolve_host(host), ns, source, service_account or os.environ.get(ENV_SERVICE_ACCOUNT) or None
+    )
+
+
 def submit(
     *,
     host: str | None,
@@ -381,23 +467,29 @@ def submit(
     run_name: str | None = None,
     package: str | Path | None = None,
     namespace: str | None = None,
+    service_account: str | None = None,
     wait: bool = False,
     timeout: float | None = None,
     poll_interval: float = 15.0,
+    dry_run: bool = False,
     out=None,
-) -> SubmitResult:
+) -> SubmitResult | None:
     """Validate the config, upload the pipeline version if new, create the run; optionally wait.
 
-    Prints what it did to `out` (stdout): pipeline version, run id and UI address, final state.
+    Prints what it did to `out` (stdout): where and as whom, pipeline version, run id and UI address,
+    final state. With `dry_run` it prints what it would send and sends nothing (returns None).
     Raises SubmitError or ConfigError before creating anything when an input is wrong.
     """
     out = out or sys.stdout
     params = load_params(params_file)
     name = run_name or default_run_name(params)
-    host = resolve_host(host)
-    with _on_cluster(host, namespace, package, experiment, out) as (client, version, experiment_id):
-        run = create_run(client, version, experiment_id, params, name)
-    result = SubmitResult(run.run_id, ui_url(host, "runs", run.run_id), version)
+    target = resolve_target(host, namespace, service_account)
+    if dry_run:
+        _dry_run(target, package, experiment, f"run {name!r}", out)
+        return None
+    with _on_cluster(target, package, experiment, out) as (client, version, experiment_id):
+        run = create_run(client, version, experiment_id, params, name, target.service_account)
+    result = SubmitResult(run.run_id, ui_url(target.host, "runs", run.run_id), version)
     _say(out, f"run id: {result.run_id}")
     _say(out, f"run url: {result.url}")
     if wait:
@@ -415,13 +507,28 @@ def default_run_name(params: dict) -> str:
 
 
 @contextlib.contextmanager
-def _on_cluster(host: str, namespace: str | None, package: str | Path | None, experiment: str, out):
+def _on_cluster(target: Target, package: str | Path | None, experiment: str, out):
     """(client, pipeline version, experiment id): what a run and a recurring run both start from."""
     with package_file(package) as pkg:
-        client = connect(host, namespace)
-        version = ensure_pipeline_version(client, pkg)
-        _say(out, f"pipeline {pkg.pipeline_name} version {version.name} ({_fresh(version)})")
+        client = connect(target.host, target.namespace)
+        namespace = pipeline_namespace(client, target.namespace)
+        for line in target.describe():
+            _say(out, line)
+        version = ensure_pipeline_version(client, pkg, namespace)
+        where = f" in namespace {namespace}" if namespace else " (shared)"
+        _say(out, f"pipeline {pkg.pipeline_name}{where} version {version.name} ({_fresh(version)})")
         yield client, version, ensure_experiment(client, experiment)
+
+
+def _dry_run(target: Target, package: str | Path | None, experiment: str, what: str, out) -> None:
+    """What submit or schedule would send, and nothing sent."""
+    with package_file(package) as pkg:
+        for line in target.describe():
+            _say(out, line)
+        _say(
+            out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}, experiment {experiment!r}, {what}"
+        )
+    _say(out, "dry run: nothing was sent")
 
 
 # -- schedule ---------------------------------------------------------------------------------------
@@ -466,7 +573,9 @@ def _set_paused(client, rr, paused: bool) -> str:
     return "resumed"
 
 
-def _same_definition(rr, cron: str, version: PipelineVersion, params: dict) -> bool:
+def _same_definition(
+    rr, cron: str, version: PipelineVersion, params: dict, service_account: str | None
+) -> bool:
     rr_cron = rr.trigger.cron_schedule.cron if rr.trigger and rr.trigger.cron_schedule else None
     ref = rr.pipeline_version_reference
     rr_version = (ref.pipeline_version_id if ref else None) or rr.pipeline_version_id
@@ -477,6 +586,7 @@ def _same_definition(rr, cron: str, version: PipelineVersion, params: dict) -> b
         and rr_params.get(CONFIG_PARAMETER) == params
         and bool(rr.no_catchup)
         and str(rr.max_concurrency) == "1"
+        and (rr.service_account or None) == service_account
     )
 
 
@@ -490,8 +600,10 @@ def schedule(
     paused: bool = False,
     package: str | Path | None = None,
     namespace: str | None = None,
+    service_account: str | None = None,
+    dry_run: bool = False,
     out=None,
-) -> ScheduleResult:
+) -> ScheduleResult | None:
     """Create or update the recurring run called `name` in `experiment`; one per name afterwards.
 
     Runs start at most one at a time (max_concurrency 1) and missed slots are not back-filled
@@ -502,11 +614,15 @@ def schedule(
     kfp_cron = to_kfp_cron(cron)
     if not name.strip():
         raise SubmitError("--name must not be empty", EXIT_USAGE)
-    host = resolve_host(host)
-    with _on_cluster(host, namespace, package, experiment, out) as (client, version, experiment_id):
+    target = resolve_target(host, namespace, service_account)
+    if dry_run:
+        _dry_run(target, package, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", out)
+        return None
+    sa = target.service_account
+    with _on_cluster(target, package, experiment, out) as (client, version, experiment_id):
         with _quiet(), _api_errors(f"recurring run {name!r}"):
             existing = _list_recurring(client, experiment_id, name)
-            if len(existing) == 1 and _same_definition(existing[0], kfp_cron, version, params):
+            if len(existing) == 1 and _same_definition(existing[0], kfp_cron, version, params, sa):
                 rr, action = existing[0], _set_paused(client, existing[0], paused)
             else:
                 rr = client.create_recurring_run(
@@ -520,12 +636,17 @@ def schedule(
                     pipeline_id=version.pipeline_id,
                     version_id=version.version_id,
                     enabled=not paused,
+                    service_account=sa,
                 )
                 for old in existing:  # only once the new one exists
                     client.delete_recurring_run(old.recurring_run_id)
                 action = "replaced" if existing else "created"
     result = ScheduleResult(
-        rr.recurring_run_id, ui_url(host, "recurringruns", rr.recurring_run_id), action, kfp_cron, version
+        rr.recurring_run_id,
+        ui_url(target.host, "recurringruns", rr.recurring_run_id),
+        action,
+        kfp_cron,
+        version,
     )
     state = "paused" if paused else "active"
     _say(out, f"recurring run {name!r}: {action} ({state}), cron {kfp_cron!r} (KFP: seconds first)")
@@ -565,6 +686,8 @@ def _shared_options(args) -> dict[str, Any]:
         "experiment": args.experiment,
         "package": args.package,
         "namespace": args.namespace,
+        "service_account": args.service_account,
+        "dry_run": args.dry_run,
     }
 
 
@@ -603,7 +726,18 @@ def add_arguments(submit_parser, schedule_parser) -> None:
         p.add_argument(
             "--namespace",
             default=None,
-            help=f"multi-user KFP: the profile namespace (default: ${ENV_NAMESPACE})",
+            help=f"multi-user KFP: the profile namespace the pipeline, experiment and runs go to (default: "
+            f"${ENV_NAMESPACE}, else this pod's namespace, else the kube context's)",
+        )
+        p.add_argument(
+            "--service-account",
+            default=None,
+            metavar="NAME",
+            help=f"ServiceAccount the runs' pods use: the one the chart's Role lets launch PyTorchJobs "
+            f"(default: ${ENV_SERVICE_ACCOUNT}, else KFP's default)",
+        )
+        p.add_argument(
+            "--dry-run", action="store_true", help="validate and print where, as whom and what; send nothing"
         )
     submit_parser.add_argument("--run-name", default=None, help="default: '<model.name> <UTC time>'")
     submit_parser.add_argument(
