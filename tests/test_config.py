@@ -101,3 +101,32 @@ def test_example_configs_load(path):
 
 def test_there_are_example_configs():
     assert len(list((ROOT / "pipelines" / "examples").glob("*.yaml"))) >= 2
+
+
+def test_describe_lists_every_field_of_every_section_optional_and_repeated_ones_too():
+    """The Model Registry settings (an optional section), the evaluation tasks and the pods'
+    tolerations and volumes (lists of sections) are documented by `config --describe` like the rest:
+    every field of every model reachable from RunConfig appears, each with its description."""
+    from pydantic import BaseModel
+
+    from fulltune.config import _section_of
+
+    text = describe()
+    seen: set[type] = set()
+
+    def fields(model: type[BaseModel]):
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            yield model, name, field
+            section, _ = _section_of(field.annotation)
+            if section is not None:
+                yield from fields(section)
+
+    every = list(fields(RunConfig))
+    assert len(seen) >= 15  # all the sections, the registry's Kubeflow one and the list items included
+    for model, name, field in every:
+        assert field.description, f"{model.__name__}.{name} has no description"
+        assert f"{name}: " in text and field.description in text, f"{model.__name__}.{name} is not described"
+    assert "kubeflow: None" in text and "server_address: <required>" in text

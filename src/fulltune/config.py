@@ -687,18 +687,44 @@ def _get_dotted(obj: Any, dotted: str) -> Any:
 
 
 def describe() -> str:
-    """Every field with its default and description, as a YAML-like listing."""
+    """Every field with its default and description, as a YAML-like listing; optional sections
+    (None unless set) and lists of sections (evaluation tasks, tolerations, volumes) included, with
+    the fields of one item."""
     lines: list[str] = []
 
     def walk(model: type[BaseModel], indent: str) -> None:
         for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
+            section, kind = _section_of(field.annotation)
+            default = "<required>" if field.is_required() else field.get_default(call_default_factory=True)
+            if section is None:
+                shown = default if default == "<required>" else repr(default)
+                lines.append(f"{indent}{name}: {shown}  # {field.description}")
+            elif kind == "section":
                 lines.append(f"{indent}{name}:  # {field.description}")
-                walk(ann, indent + "  ")
+                walk(section, indent + "  ")
+            elif kind == "optional":
+                lines.append(f"{indent}{name}: None  # {field.description} (optional section; its fields:)")
+                walk(section, indent + "  ")
             else:
-                default = field.get_default(call_default_factory=True)
-                lines.append(f"{indent}{name}: {default!r}  # {field.description}")
+                lines.append(f"{indent}{name}: {default!r}  # {field.description} (a list; each item has:)")
+                walk(section, indent + "    ")
 
     walk(RunConfig, "")
     return "\n".join(lines)
+
+
+def _section_of(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """(the section model, "section" | "optional" | "list") of a field's type, or (None, "")."""
+    import typing
+
+    def model_in(args) -> type[BaseModel] | None:
+        return next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, "section"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and model_in(args):
+        return model_in(args), "list"
+    if type(None) in args and model_in(args):
+        return model_in(args), "optional"
+    return None, ""
