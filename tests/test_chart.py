@@ -228,7 +228,7 @@ def test_oldest_supported_kubernetes_is_the_charts():
 
 
 def test_kubernetes_validation_catches_a_misspelt_field(full):
-    job = copy.deepcopy(only(full, "Job"))
+    job = copy.deepcopy(only(full, "Job", f"{FULLNAME}-upload"))
     job["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(job)
@@ -281,17 +281,48 @@ def test_upload_hook_may_only_call_the_kfp_api_it_uses(chart, mode, expected):
     ]
     # The hook has no Kubernetes API token at all.
     assert only(objects, "ServiceAccount", f"{FULLNAME}-uploader")["automountServiceAccountToken"] is False
-    _, spec = next(pod_specs([only(objects, "Job")]))
+    _, spec = next(pod_specs([only(objects, "Job", f"{FULLNAME}-upload")]))
     assert spec["automountServiceAccountToken"] is False
 
 
 def test_the_hooks_runs_use_the_service_account_the_launcher_role_is_bound_to(chart):
     objects = render(chart, {"pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE})
-    job = only(objects, "Job")
+    job = only(objects, "Job", f"{FULLNAME}-upload")
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     binding = only(objects, "RoleBinding", f"{FULLNAME}-launcher")
     assert env["FULLTUNE_SERVICE_ACCOUNT"] == binding["subjects"][0]["name"] == FULLNAME
     assert "KFP_NAMESPACE" in env  # from the pod: the profile namespace the runs go to
+
+
+def test_lifecycle_hooks_keep_the_kfp_side_consistent(chart):
+    """Install, upgrade and rollback re-apply the schedule (a rollback restores the old one); the
+    schedule carries the release as its owner, so a rename deletes the old name; uninstall deletes
+    every schedule of the release first. Both Jobs fit within Helm's default 5m hook timeout."""
+    objects = render(chart, {"pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE})
+    for obj in objects:
+        _validate(obj)
+    upload = only(objects, "Job", f"{FULLNAME}-upload")
+    assert upload["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade,post-rollback"
+    args = upload["spec"]["template"]["spec"]["containers"][0]["args"]
+    owner = f"--owner={NAMESPACE}/{RELEASE}"
+    assert owner in args and "--name=fulltune-weekly" in args
+    delete = only(objects, "Job", f"{FULLNAME}-unschedule")
+    assert delete["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    container = delete["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["fulltune", "unschedule"]
+    assert owner in container["args"] and "--experiment=fulltune" in container["args"]
+    # the same identity as the upload (the KFP-audience token only), without the config files
+    assert delete["spec"]["template"]["spec"]["serviceAccountName"] == f"{FULLNAME}-uploader"
+    assert {m["name"] for m in container["volumeMounts"]} == {"tmp", "kfp-token"}
+    role = only(objects, "Role", f"{FULLNAME}-uploader")
+    assert ("pipelines.kubeflow.org", "jobs", "delete") in rules_of(role)
+    for job in (upload, delete):
+        assert job["spec"]["activeDeadlineSeconds"] < 300  # Helm's default --timeout
+
+    submit_mode = render(
+        chart, {"pipelineUpload": {"enabled": True, "mode": "submit"}, "runConfig": RUNNABLE}
+    )
+    assert not [o for o in submit_mode if o["metadata"]["name"] == f"{FULLNAME}-unschedule"]
 
 
 def test_rbac_can_be_left_to_the_platform(chart):
@@ -694,7 +725,7 @@ def test_network_policy_selects_the_pods_the_launcher_builds(full):
         assert not _selects(selector, labels), "selected before the operator made it a pod of a job"
         labels["training.kubeflow.org/job-name"] = manifest["metadata"]["name"]
         assert _selects(selector, labels)
-    hook_labels = only(full, "Job")["spec"]["template"]["metadata"]["labels"]
+    hook_labels = only(full, "Job", f"{FULLNAME}-upload")["spec"]["template"]["metadata"]["labels"]
     assert not _selects(selector, hook_labels)
 
 
@@ -744,7 +775,7 @@ def test_upload_configmap_carries_the_pipeline_byte_for_byte(full, tmp_path):
 
 
 def _job_container(objects):
-    job = only(objects, "Job")
+    job = only(objects, "Job", f"{FULLNAME}-upload")
     _, spec = next(pod_specs([job]))
     return job, spec, spec["containers"][0]
 
@@ -754,7 +785,7 @@ def test_upload_hook_runs_fulltune_schedule_with_the_shipped_files(full):
 
     job, spec, container = _job_container(full)
     hooks = set(job["metadata"]["annotations"]["helm.sh/hook"].split(","))
-    assert hooks == {"post-install", "post-upgrade"}
+    assert hooks == {"post-install", "post-upgrade", "post-rollback"}  # a rollback restores the schedule
     assert "before-hook-creation" in job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
     assert container["image"] == (
         "registry.example.com/mirror/fulltune@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -765,6 +796,7 @@ def test_upload_hook_runs_fulltune_schedule_with_the_shipped_files(full):
     assert (args.name, args.cron, args.experiment) == ("clinical-weekly", "0 3 * * 0", "clinical")
     assert args.host == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
     assert not args.paused
+    assert args.owner == f"{NAMESPACE}/{RELEASE}"  # its other schedules go when it is renamed
     # The files it reads are the ConfigMaps' keys, mounted where the arguments say.
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}

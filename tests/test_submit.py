@@ -405,7 +405,8 @@ def test_step_pods_get_s3_credentials_from_the_secret_and_evaluate_a_gpu():
     }
     assert {f"exec-{s}" for s in steps} == set(executors)  # every step, from one place
     for name in steps:
-        [secret] = executors[f"exec-{name}"]["secretAsEnv"]
+        secrets = executors[f"exec-{name}"]["secretAsEnv"]
+        [secret] = [s for s in secrets if s["secretName"] != "fulltune-model-registry"]  # register: both
         assert secret["secretName"] == S3_SECRET == "fulltune-s3"
         assert secret["optional"] is True
         assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {(k, k) for k in S3_SECRET_KEYS}
@@ -449,7 +450,11 @@ def test_compile_options_name_the_secret_or_drop_it_and_the_gpu(tmp_path):
         "accelerator" not in docs[0]["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
     )
 
-    bare = list(yaml.safe_load_all(compile_all(tmp_path / "b", s3_secret="", eval_gpus=2)[0].read_text()))
+    bare = list(
+        yaml.safe_load_all(
+            compile_all(tmp_path / "b", s3_secret="", registry_secret="", eval_gpus=2)[0].read_text()
+        )
+    )
     assert all("secretAsEnv" not in e for e in _platform(bare).values())
     assert (
         bare[0]["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]["accelerator"][
@@ -555,3 +560,39 @@ def test_dry_run_prints_where_and_as_whom_and_sends_nothing(kfp, params, capsys,
     assert "namespace: team-a (from --namespace)" in out and "runs' service account: fulltune" in out
     assert "pipeline full-finetune version " in out and "dry run: nothing was sent" in out
     assert kfp.requests == []
+
+
+# -- lifecycle: renames and uninstalls leave no schedule firing ---------------------------------------
+
+
+def test_a_renamed_schedule_replaces_the_old_one_of_the_same_owner(kfp, params, capsys):
+    """The chart passes --owner <namespace>/<release>: renaming its schedule deletes the old one once
+    the new one exists; another owner's schedule and an unowned one are left alone."""
+    assert schedule(kfp, params, "--name", "theirs", "--cron", "0 1 * * 0", "--owner", "team-b/other") == 0
+    assert schedule(kfp, params, "--name", "by-hand", "--cron", "0 2 * * 0") == 0
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0", "--owner", "team-a/ft") == 0
+    assert schedule(kfp, params, "--name", "weekly-v2", "--cron", "0 3 * * 0", "--owner", "team-a/ft") == 0
+    assert sorted(r["display_name"] for r in kfp.recurring_runs.values()) == [
+        "by-hand",
+        "theirs",
+        "weekly-v2",
+    ]
+    assert "'weekly' of team-a/ft: deleted (renamed to 'weekly-v2')" in capsys.readouterr().out
+
+
+def test_unschedule_by_owner_deletes_only_what_that_owner_made(kfp, params, capsys):
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0", "--owner", "team-a/ft") == 0
+    assert schedule(kfp, params, "--name", "by-hand", "--cron", "0 2 * * 0") == 0
+    assert main(["unschedule", "--host", kfp.url, "--owner", "team-a/ft"]) == 0
+    assert [r["display_name"] for r in kfp.recurring_runs.values()] == ["by-hand"]
+    assert main(["unschedule", "--host", kfp.url, "--name", "by-hand"]) == 0
+    assert not kfp.recurring_runs
+    assert main(["unschedule", "--host", kfp.url, "--owner", "team-a/ft"]) == 0  # again: nothing left, fine
+    out = capsys.readouterr().out
+    assert "'weekly': deleted" in out and "no recurring run of team-a/ft" in out
+
+
+def test_unschedule_in_an_experiment_that_never_existed_deletes_nothing(kfp, capsys):
+    assert main(["unschedule", "--host", kfp.url, "--owner", "team-a/ft", "--experiment", "never"]) == 0
+    assert "does not exist: nothing to delete" in capsys.readouterr().out
+    assert all(r.method == "GET" for r in kfp.requests)

@@ -226,7 +226,13 @@ def _add_config(commands) -> None:
 
 
 def _add_submit_and_schedule(commands) -> None:
-    from fulltune.kfp.submit import add_arguments, cli_schedule, cli_submit
+    from fulltune.kfp.submit import (
+        add_arguments,
+        add_unschedule_arguments,
+        cli_schedule,
+        cli_submit,
+        cli_unschedule,
+    )
 
     submit = commands.add_parser(
         "submit", help="upload the pipeline (a new version only when it changed) and start a run on KFP"
@@ -235,6 +241,9 @@ def _add_submit_and_schedule(commands) -> None:
     add_arguments(submit, schedule)
     submit.set_defaults(func=cli_submit)
     schedule.set_defaults(func=cli_schedule)
+    unschedule = commands.add_parser("unschedule", help="delete recurring runs by name or by owner")
+    add_unschedule_arguments(unschedule)
+    unschedule.set_defaults(func=cli_unschedule)
 
 
 def _add_registry(commands) -> None:

@@ -53,6 +53,7 @@ log = logging.getLogger("fulltune.submit")
 ENV_HOST = "KFP_HOST"
 ENV_TOKEN = "KFP_BEARER_TOKEN"
 ENV_NAMESPACE = "KFP_NAMESPACE"
+OWNER_MARK = "owner: "  # in a recurring run's description: who manages it (see schedule_description)
 ENV_SERVICE_ACCOUNT = "FULLTUNE_SERVICE_ACCOUNT"  # the chart's upload hook sets it to the chart's account
 POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
@@ -573,6 +574,25 @@ def _set_paused(client, rr, paused: bool) -> str:
     return "resumed"
 
 
+def schedule_description(name: str, owner: str | None) -> str:
+    """The recurring run's description; with an owner (the chart: "<namespace>/<release>") it marks
+    the schedules that owner manages, so a renamed or uninstalled release removes its old ones."""
+    text = f"fulltune schedule {name!r}, created by `fulltune schedule`"
+    return f"{text}; {OWNER_MARK}{owner}" if owner else text
+
+
+def _owned_by(client, experiment_id: str, owner: str) -> list:
+    found, token = [], ""
+    while True:
+        resp = client.list_recurring_runs(experiment_id=experiment_id, page_token=token, page_size=100)
+        found += [
+            r for r in resp.recurring_runs or [] if (r.description or "").endswith(f"; {OWNER_MARK}{owner}")
+        ]
+        token = resp.next_page_token
+        if not token:
+            return found
+
+
 def _same_definition(
     rr, cron: str, version: PipelineVersion, params: dict, service_account: str | None
 ) -> bool:
@@ -601,6 +621,7 @@ def schedule(
     package: str | Path | None = None,
     namespace: str | None = None,
     service_account: str | None = None,
+    owner: str | None = None,
     dry_run: bool = False,
     out=None,
 ) -> ScheduleResult | None:
@@ -608,6 +629,8 @@ def schedule(
 
     Runs start at most one at a time (max_concurrency 1) and missed slots are not back-filled
     (no_catchup): a fine-tune that overran its week is not followed by a burst of catch-up runs.
+    With `owner`, the other schedules of that owner in the experiment are deleted once this one
+    exists: renaming a release's schedule leaves nothing firing under the old name.
     """
     out = out or sys.stdout
     params = load_params(params_file)
@@ -622,13 +645,15 @@ def schedule(
     with _on_cluster(target, package, experiment, out) as (client, version, experiment_id):
         with _quiet(), _api_errors(f"recurring run {name!r}"):
             existing = _list_recurring(client, experiment_id, name)
-            if len(existing) == 1 and _same_definition(existing[0], kfp_cron, version, params, sa):
+            description = schedule_description(name, owner)
+            same = len(existing) == 1 and existing[0].description == description
+            if same and _same_definition(existing[0], kfp_cron, version, params, sa):
                 rr, action = existing[0], _set_paused(client, existing[0], paused)
             else:
                 rr = client.create_recurring_run(
                     experiment_id,
                     name,
-                    description=f"fulltune schedule {name!r}, created by `fulltune schedule`",
+                    description=description,
                     cron_expression=kfp_cron,
                     max_concurrency=1,
                     no_catchup=True,
@@ -641,6 +666,14 @@ def schedule(
                 for old in existing:  # only once the new one exists
                     client.delete_recurring_run(old.recurring_run_id)
                 action = "replaced" if existing else "created"
+            stale = (
+                [r for r in _owned_by(client, experiment_id, owner) if r.display_name != name]
+                if owner
+                else []
+            )
+            for old in stale:
+                client.delete_recurring_run(old.recurring_run_id)
+                _say(out, f"recurring run {old.display_name!r} of {owner}: deleted (renamed to {name!r})")
     result = ScheduleResult(
         rr.recurring_run_id,
         ui_url(target.host, "recurringruns", rr.recurring_run_id),
@@ -653,6 +686,39 @@ def schedule(
     _say(out, f"recurring run id: {result.recurring_run_id}")
     _say(out, f"recurring run url: {result.url}")
     return result
+
+
+def unschedule(
+    *,
+    host: str | None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    name: str | None = None,
+    owner: str | None = None,
+    namespace: str | None = None,
+    out=None,
+) -> list[str]:
+    """Delete the recurring runs called `name`, or all those `owner` manages, in `experiment`;
+    returns the names deleted. Runs already started are left to finish (or to be cancelled)."""
+    out = out or sys.stdout
+    if bool(name) == bool(owner):
+        raise SubmitError("unschedule: give exactly one of --name and --owner", EXIT_USAGE)
+    target = resolve_target(host, namespace, None)
+    client = connect(target.host, target.namespace)
+    pipeline_namespace(client, target.namespace)
+    with _quiet(), _api_errors(f"experiment {experiment!r}"):
+        try:
+            found_experiment = client.get_experiment(experiment_name=experiment, namespace=target.namespace)
+        except ValueError:  # kfp: no experiment of that name, so no schedule in it either
+            _say(out, f"experiment {experiment!r} does not exist: nothing to delete")
+            return []
+        eid = found_experiment.experiment_id
+        found = _list_recurring(client, eid, name) if name else _owned_by(client, eid, owner)
+        for rr in found:
+            client.delete_recurring_run(rr.recurring_run_id)
+            _say(out, f"recurring run {rr.display_name!r}: deleted")
+    if not found:
+        _say(out, f"no recurring run {'called ' + repr(name) if name else 'of ' + owner} in {experiment!r}")
+    return [rr.display_name for rr in found]
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -674,8 +740,34 @@ def cli_submit(args) -> int:
 
 def cli_schedule(args) -> int:
     """`fulltune schedule`; returns the exit code (EXIT_*)."""
-    options = {"name": args.name, "cron": args.cron, "paused": args.paused}
+    options = {"name": args.name, "cron": args.cron, "paused": args.paused, "owner": args.owner}
     return _run_cli(lambda: schedule(**_shared_options(args), **options))
+
+
+def cli_unschedule(args) -> int:
+    """`fulltune unschedule`; returns the exit code (EXIT_*)."""
+    options = {
+        "name": args.name,
+        "owner": args.owner,
+        "experiment": args.experiment,
+        "namespace": args.namespace,
+    }
+    return _run_cli(lambda: unschedule(host=args.host, **options))
+
+
+def add_unschedule_arguments(p) -> None:
+    p.add_argument(
+        "--host", default=None, help=f"KFP API address (default: ${ENV_HOST}; in a pod: in-cluster)"
+    )
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment the schedules are in")
+    p.add_argument(
+        "--namespace", default=None, help="multi-user KFP: the profile namespace (as for schedule)"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", default=None, help="delete the recurring run of this name")
+    which.add_argument(
+        "--owner", default=None, help="delete every recurring run `schedule --owner` made for it"
+    )
 
 
 def _shared_options(args) -> dict[str, Any]:
@@ -763,4 +855,10 @@ def add_arguments(submit_parser, schedule_parser) -> None:
     )
     schedule_parser.add_argument(
         "--paused", action="store_true", help="create or leave the schedule disabled"
+    )
+    schedule_parser.add_argument(
+        "--owner",
+        default=None,
+        help="who manages this schedule (the chart: <namespace>/<release>); its other schedules in the "
+        "experiment are deleted, so a rename leaves nothing behind",
     )
