@@ -90,6 +90,15 @@ class FakeKube:
         self.script_errors: list[BaseException] = []
         self.watch_error: int | None = None  # answer watches with this HTTP status (e.g. 403)
         self.create_error: int | None = None  # answer creates with this HTTP status
+        # What `fulltune doctor` inspects: served API groups/versions and their resources (discovery),
+        # what the caller may do (SelfSubjectAccessReview: (group, resource, verb); None allows all),
+        # Secrets, namespaces (their labels) and ResourceQuotas.
+        self.api_resources: dict[str, list[str]] = {"kubeflow.org/v1": ["pytorchjobs", "pytorchjobs/status"]}
+        self.allowed: set[tuple[str, str, str]] | None = None
+        self.secrets: dict[tuple[str, str], dict] = {}
+        self.namespaces: dict[str, dict] = {}
+        self.quotas: dict[str, list[dict]] = {}
+        self.forbidden: set[str] = set()  # resource kinds whose reads answer 403 ("secrets", "namespaces")
         self._http = LoopbackServer(_handler(self), poll_interval=0.05)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -312,6 +321,8 @@ def _handler(kube: FakeKube):
                     return self._list_events(parts[3], query)
                 if parts[:2] == ["apis", "argoproj.io"] and len(parts) == 7 and parts[5] == "workflows":
                     return self._get(kube.workflows, parts[4], parts[6], "workflows.argoproj.io")
+                if self._cluster_inspection(parts, body):
+                    return None
                 self._send(404, _status(404, "NotFound", f"stand-in does not serve {self.path}"))
             except (BrokenPipeError, ConnectionResetError):
                 pass
@@ -319,6 +330,50 @@ def _handler(kube: FakeKube):
         do_GET = do_POST = do_DELETE = _route
 
         # -- endpoints --------------------------------------------------------------------------
+
+        def _cluster_inspection(self, parts: list[str], body: Any) -> bool:
+            """Discovery, access reviews, Secrets, namespaces and quotas; False if not one of them."""
+            if parts[0] == "apis" and len(parts) == 3 and self.command == "GET":
+                group_version = f"{parts[1]}/{parts[2]}"
+                if group_version not in kube.api_resources:
+                    self._send(
+                        404, _status(404, "NotFound", "the server could not find the requested resource")
+                    )
+                else:
+                    names = kube.api_resources[group_version]
+                    resources = [{"name": n, "namespaced": True, "kind": n, "verbs": []} for n in names]
+                    self._send(
+                        200,
+                        {"kind": "APIResourceList", "groupVersion": group_version, "resources": resources},
+                    )
+                return True
+            if parts[:3] == ["apis", "authorization.k8s.io", "v1"] and parts[3:] == [
+                "selfsubjectaccessreviews"
+            ]:
+                attrs = body["spec"]["resourceAttributes"]
+                resource = attrs["resource"] + (
+                    f"/{attrs['subresource']}" if attrs.get("subresource") else ""
+                )
+                key = (attrs.get("group") or "", resource, attrs["verb"])
+                allowed = kube.allowed is None or key in kube.allowed
+                self._send(201, {**body, "status": {"allowed": allowed}})
+                return True
+            if parts[:2] != ["api", "v1"] or len(parts) < 3 or parts[2] != "namespaces":
+                return False
+            kind = parts[4] if len(parts) >= 5 else "namespaces"
+            if kind in kube.forbidden:
+                self._send(403, _status(403, "Forbidden", f"{kind} is forbidden"))
+            elif len(parts) == 4:
+                ns = kube.namespaces.get(parts[3])
+                found = {"metadata": {"name": parts[3], **ns}} if ns is not None else None
+                self._send(200, found) if found else self._send(404, _status(404, "NotFound", "no namespace"))
+            elif kind == "secrets" and len(parts) == 6:
+                self._get(kube.secrets, parts[3], parts[5], "secrets")
+            elif kind == "resourcequotas" and len(parts) == 5:
+                self._send(200, {"kind": "ResourceQuotaList", "items": kube.quotas.get(parts[3], [])})
+            else:
+                return False
+            return True
 
         def _get(self, store: dict, ns: str, name: str, what: str) -> None:
             with kube.cond:

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from fulltune.launch.kubernetes import LAUNCHER_ACCESS
+
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -44,15 +46,7 @@ FULLNAME = "ft-fulltune"
 KUBE_VERSION = kubernetes_validate.utils.latest_version()
 OLDEST_KUBE_VERSION = "1.27.0"
 
-LAUNCHER_RULES = {
-    ("kubeflow.org", "pytorchjobs", verb) for verb in ("create", "get", "list", "watch", "delete")
-} | {
-    ("", "pods", "get"),
-    ("", "pods", "list"),
-    ("", "pods/log", "get"),
-    ("", "events", "list"),
-    ("argoproj.io", "workflows", "get"),
-}
+LAUNCHER_RULES = set(LAUNCHER_ACCESS)  # what the launcher asks of the API, from its one definition
 KFP = "pipelines.kubeflow.org"
 UPLOADER_COMMON_RULES = {
     (KFP, resource, verb)
@@ -323,6 +317,26 @@ def test_lifecycle_hooks_keep_the_kfp_side_consistent(chart):
         chart, {"pipelineUpload": {"enabled": True, "mode": "submit"}, "runConfig": RUNNABLE}
     )
     assert not [o for o in submit_mode if o["metadata"]["name"] == f"{FULLNAME}-unschedule"]
+
+
+def test_helm_test_runs_fulltune_doctor_as_the_runs_account_with_the_release_config(chart):
+    from fulltune.cli import build_parser
+
+    objects = render(chart, {"runConfig": RUNNABLE})
+    pod = only(objects, "Pod", f"{FULLNAME}-doctor")
+    _validate(pod)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"  # or it never ends
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == FULLNAME  # the account the launcher Role is bound to
+    container = spec["containers"][0]
+    args = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert args.command == "doctor" and args.s3_secret == "fulltune-s3"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    config_volume = next(v for v in spec["volumes"] if v["name"] == mounts["/etc/fulltune/config"])
+    assert config_volume["configMap"]["name"] == f"{FULLNAME}-config"
+    assert args.config == "/etc/fulltune/config/config.yaml"
+    assert container["envFrom"] == [{"secretRef": {"name": "fulltune-s3", "optional": True}}]
 
 
 def test_rbac_can_be_left_to_the_platform(chart):

@@ -244,6 +244,17 @@ def _add_submit_and_schedule(commands) -> None:
     unschedule = commands.add_parser("unschedule", help="delete recurring runs by name or by owner")
     add_unschedule_arguments(unschedule)
     unschedule.set_defaults(func=cli_unschedule)
+    doctor = commands.add_parser(
+        "doctor", help="check that this cluster and namespace can run a config (helm test runs it)"
+    )
+    _add_doctor(doctor)
+
+
+def _add_doctor(doctor) -> None:
+    from fulltune.doctor import add_arguments, cli_doctor
+
+    add_arguments(doctor)
+    doctor.set_defaults(func=cli_doctor)
 
 
 def _add_registry(commands) -> None:

@@ -55,6 +55,17 @@ REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 SINCE_MARGIN_S = 30  # re-read this much more than strictly needed: clocks of this pod and the node differ
 _TRANSIENT_LIMIT = 5  # consecutive failed watch requests before giving up
 
+# (API group, resource, verb): everything this launcher asks of the Kubernetes API in its namespace.
+# The chart's launcher Role grants exactly these (a test compares), and `fulltune doctor` checks them.
+LAUNCHER_ACCESS: tuple[tuple[str, str, str], ...] = (
+    *((GROUP, PLURAL, verb) for verb in ("create", "get", "list", "watch", "delete")),
+    ("", "pods", "get"),
+    ("", "pods", "list"),
+    ("", "pods/log", "get"),
+    ("", "events", "list"),
+    ("argoproj.io", "workflows", "get"),
+)
+
 
 class LaunchCancelled(LaunchError):
     """The launcher was told to stop (signal or stop event); the PyTorchJob was deleted."""
@@ -108,7 +119,7 @@ class KubernetesLauncher:
         self.drain_seconds = drain_seconds
         self.own_namespace = _read_namespace(namespace_file)
         self.namespace = self.k8s.namespace or self.own_namespace or "default"
-        self.api = client.ApiClient(configuration or _load_configuration())
+        self.api = client.ApiClient(configuration or load_configuration())
         self.custom = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)
         self._tail: deque[str] = deque(maxlen=tail_lines)
@@ -580,7 +591,7 @@ def _read_namespace(path: str) -> str | None:
         return None
 
 
-def _load_configuration():
+def load_configuration():
     from kubernetes import client, config
 
     configuration = client.Configuration()

@@ -1,0 +1,349 @@
+"""`fulltune doctor`: check, from a pod or a kube context, that a cluster can run this config.
+
+A first install trips on things no config check sees: the Training Operator missing, a Role not
+bound to the account the runs use, the S3 Secret in another namespace, Istio injecting sidecars,
+a quota too small for the training pods. Each check here says what it found and, when it fails,
+what to do; the command exits 1 if any check failed (warnings and checks it could not make do not
+fail it). `helm test` runs it in the release's namespace as the runs' ServiceAccount.
+
+Checks (in the namespace the runs go to):
+- KFP: the API answers, with its version and whether it is multi-user;
+- the PyTorchJob API (`kubeflow.org/v1`) is served, when the config trains on Kubernetes;
+- every verb the launcher needs (`launch.kubernetes.LAUNCHER_ACCESS`), by SelfSubjectAccessReview;
+- the S3 Secret exists (or the pod already has S3 credentials), and the work directory's bucket
+  answers with them;
+- Istio injection on the namespace, and what that means for the training pods;
+- room in the namespace's ResourceQuotas for the training pods' GPUs, CPU and memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fulltune.config import RunConfig
+from fulltune.kfp.cluster import S3_SECRET
+
+OK, WARN, FAIL, UNKNOWN = "ok", "warn", "FAIL", "unknown"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: str  # OK | WARN | FAIL | UNKNOWN
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = f"\n        fix: {self.fix}" if self.fix and self.status != OK else ""
+        return f"[{self.status:>7}] {self.check}: {self.detail}{fix}"
+
+
+@dataclass
+class Cluster:
+    """What the checks talk to: a kubernetes ApiClient, the namespace, and the KFP host (or None)."""
+
+    api: Any
+    namespace: str
+    kfp_host: str | None = None
+    s3_secret: str = S3_SECRET
+
+
+def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    checks: list[Callable[[RunConfig, Cluster], list[Finding]]] = [
+        check_kfp,
+        check_training_api,
+        check_access,
+        check_s3,
+        check_istio,
+        check_quota,
+    ]
+    findings: list[Finding] = []
+    for check in checks:
+        findings += check(cfg, cluster)
+    return findings
+
+
+# -- the checks ------------------------------------------------------------------------------------
+
+
+def check_kfp(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    from fulltune.kfp.submit import SubmitError, connect
+
+    if not cluster.kfp_host:
+        return [Finding("KFP API", UNKNOWN, "no address", "pass --host or set KFP_HOST")]
+    try:
+        client = connect(cluster.kfp_host, cluster.namespace)
+        health = client.get_kfp_healthz()
+    except (SubmitError, Exception) as exc:  # noqa: BLE001 — any failure to reach it is the finding
+        return [Finding("KFP API", FAIL, f"{cluster.kfp_host}: {exc}", _KFP_FIX)]
+    version = (
+        getattr(health, "tag_name", None) or getattr(health, "commit_sha", None) or "version not reported"
+    )
+    mode = "multi-user" if health.multi_user else "standalone"
+    return [Finding("KFP API", OK, f"{cluster.kfp_host} answers ({version}, {mode})")]
+
+
+_KFP_FIX = (
+    "check the address (--host, KFP_HOST; in a pod the ml-pipeline service of the kubeflow namespace) "
+    "and the token (KFP_BEARER_TOKEN or the pod's pipelines.kubeflow.org token)"
+)
+
+
+def check_training_api(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    if cfg.resources.launcher != "kubernetes":
+        return [Finding("PyTorchJob API", OK, "not needed: resources.launcher is local")]
+    from fulltune.launch.pytorchjob import GROUP, PLURAL, VERSION
+
+    try:
+        served = _discover(cluster.api, f"/apis/{GROUP}/{VERSION}")
+    except _ApiError as exc:
+        if exc.status == 404:
+            return [Finding("PyTorchJob API", FAIL, f"{GROUP}/{VERSION} is not served", _OPERATOR_FIX)]
+        return [Finding("PyTorchJob API", UNKNOWN, f"discovery answered {exc.status}", "")]
+    if PLURAL not in served:
+        return [Finding("PyTorchJob API", FAIL, f"{GROUP}/{VERSION} has no {PLURAL}", _OPERATOR_FIX)]
+    return [Finding("PyTorchJob API", OK, f"{PLURAL}.{GROUP}/{VERSION} is served")]
+
+
+_OPERATOR_FIX = (
+    "install the Kubeflow Training Operator (v1.8 or later), which serves PyTorchJob; "
+    "Trainer v2 (TrainJob) alone is not enough for this version"
+)
+
+
+def check_access(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    if cfg.resources.launcher != "kubernetes":
+        return []
+    from fulltune.launch.kubernetes import LAUNCHER_ACCESS
+
+    missing = [a for a in LAUNCHER_ACCESS if not _allowed(cluster.api, cluster.namespace, *a)]
+    if not missing:
+        return [
+            Finding("launcher RBAC", OK, f"all {len(LAUNCHER_ACCESS)} verbs the launcher needs are allowed")
+        ]
+    names = ", ".join(
+        f"{verb} {resource}" + (f".{group}" if group else "") for group, resource, verb in missing
+    )
+    fix = (
+        "run the pipeline as the chart's ServiceAccount (fulltune submit/schedule --service-account), or "
+        "bind the chart's launcher Role to this one (rbac.extraServiceAccounts)"
+    )
+    return [Finding("launcher RBAC", FAIL, f"not allowed in {cluster.namespace}: {names}", fix)]
+
+
+def check_s3(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    from fulltune.storage import is_s3
+
+    if not is_s3(cfg.work_dir):
+        return [Finding("S3", OK, f"not needed: work_dir is {cfg.work_dir or 'unset'}")]
+    findings = [_secret_finding(cluster)]
+    findings.append(_bucket_finding(cfg.work_dir))
+    return findings
+
+
+def _secret_finding(cluster: Cluster) -> Finding:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    name = cluster.s3_secret
+    try:
+        CoreV1Api(cluster.api).read_namespaced_secret(name, cluster.namespace)
+        return Finding("S3 Secret", OK, f"{name} exists in {cluster.namespace}")
+    except ApiException as exc:
+        if exc.status == 404:
+            fix = (
+                f"kubectl -n {cluster.namespace} create secret generic {name} "
+                "--from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=... "
+                "(or use workload identity and compile with --s3-secret '')"
+            )
+            return Finding("S3 Secret", FAIL, f"{name} is not in {cluster.namespace}", fix)
+        held = "AWS_ACCESS_KEY_ID" in os.environ
+        detail = f"cannot read Secrets ({exc.status}); this pod {'has' if held else 'has no'} S3 keys"
+        return Finding("S3 Secret", OK if held else UNKNOWN, detail, "")
+
+
+def _bucket_finding(work_dir: str) -> Finding:
+    from fulltune import storage
+
+    bucket = work_dir[len("s3://") :].split("/", 1)[0]
+    try:
+        storage.s3_client().head_bucket(Bucket=bucket)
+    except Exception as exc:  # noqa: BLE001 — any failure to reach it is the finding
+        fix = "check the Secret's keys and endpoint (AWS_ENDPOINT_URL), the bucket's name and its policy"
+        return Finding("work_dir bucket", FAIL, f"s3://{bucket}: {exc}", fix)
+    return Finding("work_dir bucket", OK, f"s3://{bucket} answers")
+
+
+def check_istio(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        labels = CoreV1Api(cluster.api).read_namespace(cluster.namespace).metadata.labels or {}
+    except ApiException as exc:
+        return [Finding("Istio", UNKNOWN, f"cannot read namespace {cluster.namespace} ({exc.status})")]
+    injected = labels.get("istio-injection") == "enabled" or "istio.io/rev" in labels
+    if not injected:
+        return [Finding("Istio", OK, f"no sidecar injection in {cluster.namespace}")]
+    if cfg.resources.kubernetes.istio_sidecar:
+        fix = (
+            "sidecars in training pods need Istio's native sidecars (ENABLE_NATIVE_SIDECARS) and the chart's "
+            "networkPolicy.mesh.enabled; or set resources.kubernetes.istio_sidecar: false"
+        )
+        return [
+            Finding("Istio", WARN, f"injection on in {cluster.namespace}; training pods keep sidecars", fix)
+        ]
+    fix = (
+        "nothing for the training pods (they opt out); pods you add to the runs (e.g. via PodDefaults) "
+        "need sidecar.istio.io/inject: 'false' too"
+    )
+    return [Finding("Istio", WARN, f"injection on in {cluster.namespace}; training pods opt out", fix)]
+
+
+def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        quotas = CoreV1Api(cluster.api).list_namespaced_resource_quota(cluster.namespace).items
+    except ApiException as exc:
+        return [Finding("quota", UNKNOWN, f"cannot list ResourceQuotas ({exc.status})")]
+    need = training_pod_needs(cfg)
+    short = []
+    for quota in quotas:
+        hard, used = quota.status.hard or {}, quota.status.used or {}
+        for key, amount in need.items():
+            if key in hard and parse_quantity(hard[key]) - parse_quantity(used.get(key, "0")) < amount:
+                short.append(
+                    f"{quota.metadata.name}: {key} needs {amount:g}, {hard[key]} hard, {used.get(key, '0')} used"
+                )
+    if short:
+        fix = "ask the platform team to raise the profile's quota, or ask for fewer nodes/GPUs per node"
+        return [Finding("quota", FAIL, "; ".join(short), fix)]
+    return [
+        Finding("quota", OK, f"room for the training pods ({_needs_text(need)}) in {len(quotas)} quota(s)")
+    ]
+
+
+def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
+    """What the PyTorchJob's pods request together, in quota keys."""
+    res, k8s = cfg.resources, cfg.resources.kubernetes
+    if res.launcher != "kubernetes":
+        return {}
+    need: dict[str, float] = {"pods": float(res.num_nodes)}
+    if res.accelerator == "gpu":
+        need[f"requests.{k8s.gpu_resource_name}"] = float(res.num_nodes * res.nproc_per_node)
+    for key, value in (("cpu", k8s.cpu), ("memory", k8s.memory)):
+        if value:
+            need[f"requests.{key}"] = res.num_nodes * parse_quantity(value)
+            need[f"limits.{key}"] = res.num_nodes * parse_quantity(value)
+    return need
+
+
+def _needs_text(need: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in need.items()) or "none"
+
+
+_SUFFIXES = {
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def parse_quantity(text: str) -> float:
+    """A Kubernetes quantity ("500m", "16", "200Gi") as a number."""
+    text = str(text)
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(text)
+
+
+# -- the Kubernetes API ----------------------------------------------------------------------------
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def _discover(api, path: str) -> set[str]:
+    """The resource names an API group version serves (discovery, allowed for any authenticated user)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        body = api.call_api(
+            path, "GET", response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True
+        )
+    except ApiException as exc:
+        raise _ApiError(exc.status) from None
+    return {r["name"] for r in body.get("resources", [])}
+
+
+def _allowed(api, namespace: str, group: str, resource: str, verb: str) -> bool:
+    from kubernetes.client import (
+        AuthorizationV1Api,
+        V1ResourceAttributes,
+        V1SelfSubjectAccessReview,
+        V1SelfSubjectAccessReviewSpec,
+    )
+
+    main, _, sub = resource.partition("/")
+    attrs = V1ResourceAttributes(
+        namespace=namespace, group=group, resource=main, verb=verb, subresource=sub or None
+    )
+    review = V1SelfSubjectAccessReview(spec=V1SelfSubjectAccessReviewSpec(resource_attributes=attrs))
+    return bool(AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def cli_doctor(args) -> int:
+    """`fulltune doctor`: 0 when nothing failed, 1 when a check failed, 2 for a bad config file."""
+    import sys
+
+    from fulltune.config import ConfigError
+    from fulltune.kfp.submit import SubmitError, resolve_host, resolve_namespace
+    from fulltune.launch.kubernetes import load_configuration
+
+    try:
+        cfg = RunConfig.from_yaml(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    namespace = resolve_namespace(args.namespace)[0] or cfg.resources.kubernetes.namespace or "default"
+    try:
+        host = resolve_host(args.host)
+    except SubmitError:
+        host = None
+    from kubernetes import client
+
+    cluster = Cluster(client.ApiClient(load_configuration()), namespace, host, args.s3_secret)
+    findings = run_checks(cfg, cluster)
+    print(f"fulltune doctor: {args.config} in namespace {namespace}")
+    for finding in findings:
+        print(finding.line())
+    failed = [f for f in findings if f.status == FAIL]
+    print(f"{len(failed)} failed, {sum(f.status == WARN for f in findings)} warnings")
+    return 1 if failed else 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="the run configuration to check for")
+    p.add_argument("--namespace", default=None, help="default: KFP_NAMESPACE, this pod's, the kube context's")
+    p.add_argument("--host", default=None, help="KFP API address (default: KFP_HOST; in a pod: in-cluster)")
+    p.add_argument(
+        "--s3-secret", default=S3_SECRET, metavar="NAME", help=f"the S3 Secret (default: {S3_SECRET})"
+    )

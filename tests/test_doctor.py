@@ -1,0 +1,164 @@
+"""`fulltune doctor` against the Kubernetes stand-in, the KFP stand-in and a moto S3 server, through
+the real clients: each broken thing a first install meets is reported with its fix; a cluster with
+everything in place passes."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fulltune.cli import main
+from fulltune.launch.kubernetes import LAUNCHER_ACCESS
+from k8s_standin import FakeKube
+from kfp_standin import KFPStandIn
+
+NS = "team-a"
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch, s3):
+    """A namespace with everything a run needs: the operator's API, the launcher's verbs, the S3
+    Secret, a bucket, no injection, a roomy quota. Tests break one thing each."""
+    with FakeKube() as kube, KFPStandIn(multi_user=True) as kfp:
+        kube.allowed = set(LAUNCHER_ACCESS)
+        kube.secrets[(NS, "fulltune-s3")] = {"metadata": {"name": "fulltune-s3", "namespace": NS}}
+        kube.namespaces[NS] = {"labels": {}}
+        kube.quotas[NS] = [
+            {
+                "metadata": {"name": "kf-resource-quota"},
+                "status": {
+                    "hard": {
+                        "requests.nvidia.com/gpu": "16",
+                        "requests.cpu": "200",
+                        "requests.memory": "2Ti",
+                    },
+                    "used": {
+                        "requests.nvidia.com/gpu": "4",
+                        "requests.cpu": "10",
+                        "requests.memory": "100Gi",
+                    },
+                },
+            }
+        ]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": kube.host}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": NS}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.delenv("KFP_NAMESPACE", raising=False)
+        monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-token"))
+        monkeypatch.setattr("fulltune.kfp.submit.POD_NAMESPACE_FILE", str(tmp_path / "no-namespace"))
+        config = tmp_path / "run.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "work_dir": f"{s3}/runs",
+                    "model": {"base_model_uri": f"{s3}/models/llama"},
+                    "data": {"train_uri": f"{s3}/data/train.jsonl"},
+                    "resources": {
+                        "launcher": "kubernetes",
+                        "num_nodes": 2,
+                        "nproc_per_node": 4,
+                        "kubernetes": {"cpu": "32", "memory": "256Gi"},
+                    },
+                }
+            )
+        )
+        yield kube, kfp, str(config)
+
+
+def doctor(kfp, config, capsys) -> tuple[int, str]:
+    code = main(["doctor", "--config", config, "--host", kfp.url])
+    return code, capsys.readouterr().out
+
+
+def test_a_cluster_with_everything_in_place_passes(cluster, capsys):
+    kube, kfp, config = cluster
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0, out
+    assert f"in namespace {NS}" in out  # from the kube context
+    assert "FAIL" not in out
+    for check in (
+        "KFP API",
+        "PyTorchJob API",
+        "launcher RBAC",
+        "S3 Secret",
+        "work_dir bucket",
+        "Istio",
+        "quota",
+    ):
+        assert f"] {check}:" in out
+    assert "multi-user" in out
+    assert "requests.nvidia.com/gpu 8" in out  # 2 nodes x 4 GPUs
+
+
+def test_a_missing_training_operator_is_reported_with_its_fix(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.api_resources.clear()
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "[   FAIL] PyTorchJob API: kubeflow.org/v1 is not served" in out
+    assert "install the Kubeflow Training Operator" in out
+
+
+def test_a_missing_verb_is_named_with_its_fix(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.allowed = set(LAUNCHER_ACCESS) - {("", "pods/log", "get"), ("kubeflow.org", "pytorchjobs", "delete")}
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "launcher RBAC: not allowed in team-a: delete pytorchjobs.kubeflow.org, get pods/log" in out
+    assert "--service-account" in out and "rbac.extraServiceAccounts" in out
+
+
+def test_a_missing_s3_secret_is_reported_with_the_command_that_creates_it(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.secrets.clear()
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "S3 Secret: fulltune-s3 is not in team-a" in out
+    assert "kubectl -n team-a create secret generic fulltune-s3" in out
+
+
+def test_istio_injection_on_is_reported_with_what_it_means(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.namespaces[NS] = {"labels": {"istio-injection": "enabled"}}
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0  # the training pods opt out: a warning, not a failure
+    assert "[   warn] Istio: injection on in team-a; training pods opt out" in out
+    assert "sidecar.istio.io/inject" in out
+
+
+def test_a_quota_without_room_for_the_gpus_fails(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.quotas[NS][0]["status"]["used"]["requests.nvidia.com/gpu"] = "12"
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "kf-resource-quota: requests.nvidia.com/gpu needs 8, 16 hard, 12 used" in out
+
+
+def test_what_it_may_not_read_is_unknown_not_failed(cluster, capsys):
+    """A profile's account often may not read Secrets or its Namespace: said, and not a failure."""
+    kube, kfp, config = cluster
+    kube.forbidden = {"secrets", "namespaces"}
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0
+    assert "S3 Secret: cannot read Secrets (403)" in out
+    assert "[unknown] Istio: cannot read namespace team-a (403)" in out
+
+
+def test_an_unreachable_kfp_fails_with_its_fix(cluster, capsys):
+    kube, kfp, config = cluster
+    code = main(["doctor", "--config", config, "--host", "http://127.0.0.1:9"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[   FAIL] KFP API: http://127.0.0.1:9" in out and "KFP_HOST" in out
