@@ -228,7 +228,9 @@ def test_one_node_is_a_master_alone_without_elastic_policy():
     tail = cmd[cmd.index("fulltune.train") + 1 :]
     assert cmd[cmd.index("fulltune.train") - 1] == "-m"
     assert tail == make_job(make_cfg(num_nodes=1, nproc_per_node=4)).args.to_argv()
-    assert container["resources"] == {"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}}
+    # a GPU per process, and CPU and memory per process when the config sets none (quota-ready)
+    want = {"nvidia.com/gpu": "4", "cpu": "16", "memory": "128Gi"}
+    assert container["resources"] == {"requests": want, "limits": want}
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} not in container["env"]
     assert specs["Master"]["restartPolicy"] == "ExitCode"
 
@@ -254,7 +256,10 @@ def test_cpu_training_sets_ds_accelerator_and_requests_no_gpu():
     m = manifest_for({"num_nodes": 2, "nproc_per_node": 2, "accelerator": "cpu", "kubernetes": {"cpu": "4"}})
     container = m["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in container["env"]
-    assert container["resources"] == {"requests": {"cpu": "4"}, "limits": {"cpu": "4"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "memory": "64Gi"},
+        "limits": {"cpu": "4", "memory": "64Gi"},
+    }
 
 
 def test_every_option_reaches_the_pods():

@@ -337,9 +337,16 @@ class KubernetesSection(_Section):
         "credentials never travel as parameters.",
     )
     gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of one GPU.")
-    cpu: str | None = Field(None, description="CPU request and limit per pod, e.g. '16'; None: not set.")
+    cpu: str | None = Field(
+        None,
+        description="CPU request and limit per pod, e.g. '16'; None: 4 per process (nproc_per_node), so that "
+        "a profile's ResourceQuota admits the pods.",
+    )
     memory: str | None = Field(
-        None, description="Memory request and limit per pod, e.g. '200Gi'; None: not set."
+        None,
+        description="Memory request and limit per pod, e.g. '200Gi'; None: 32Gi per process. Loading a "
+        "checkpoint and the data loader's copies need host memory beside the GPUs': raise it for models "
+        "over ~8B parameters per node.",
     )
     shm_size: str = Field(
         "16Gi", description="Size of the memory-backed /dev/shm (NCCL needs more than 64Mi)."

@@ -229,17 +229,18 @@ def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
 
 def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
-    """What the PyTorchJob's pods request together, in quota keys."""
-    res, k8s = cfg.resources, cfg.resources.kubernetes
+    """What the PyTorchJob's pods request together, in quota keys (the manifest's own numbers)."""
+    from fulltune.launch.pytorchjob import pod_resources
+
+    res = cfg.resources
     if res.launcher != "kubernetes":
         return {}
     need: dict[str, float] = {"pods": float(res.num_nodes)}
-    if res.accelerator == "gpu":
-        need[f"requests.{k8s.gpu_resource_name}"] = float(res.num_nodes * res.nproc_per_node)
-    for key, value in (("cpu", k8s.cpu), ("memory", k8s.memory)):
-        if value:
-            need[f"requests.{key}"] = res.num_nodes * parse_quantity(value)
-            need[f"limits.{key}"] = res.num_nodes * parse_quantity(value)
+    for key, value in pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu").items():
+        total = res.num_nodes * parse_quantity(value)
+        need[f"requests.{key}"] = total
+        if key in ("cpu", "memory"):
+            need[f"limits.{key}"] = total
     return need
 
 

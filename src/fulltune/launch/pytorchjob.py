@@ -161,13 +161,7 @@ def pod_template(
     if job.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
 
-    resources: dict[str, str] = {}
-    if job.accelerator == "gpu":
-        resources[k8s.gpu_resource_name] = str(job.nproc_per_node)
-    if k8s.cpu:
-        resources["cpu"] = k8s.cpu
-    if k8s.memory:
-        resources["memory"] = k8s.memory
+    resources = pod_resources(cfg, job.nproc_per_node, gpu=job.accelerator == "gpu")
 
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -246,6 +240,22 @@ def istio_metadata(sidecar: bool) -> tuple[dict[str, str], dict[str, str]]:
         "traffic.sidecar.istio.io/excludeInboundPorts": RENDEZVOUS_PORTS,
         "traffic.sidecar.istio.io/excludeOutboundPorts": RENDEZVOUS_PORTS,
     }
+
+
+CPU_PER_PROCESS = 4
+MEMORY_GIB_PER_PROCESS = 32
+
+
+def pod_resources(cfg: RunConfig, nproc_per_node: int, *, gpu: bool) -> dict[str, str]:
+    """Requests (= limits) of one training pod: one GPU per process, and CPU and memory from the
+    config or, unset, per process (a profile's ResourceQuota rejects pods without them)."""
+    k8s = cfg.resources.kubernetes
+    out: dict[str, str] = {}
+    if gpu:
+        out[k8s.gpu_resource_name] = str(nproc_per_node)
+    out["cpu"] = k8s.cpu or str(CPU_PER_PROCESS * nproc_per_node)
+    out["memory"] = k8s.memory or f"{MEMORY_GIB_PER_PROCESS * nproc_per_node}Gi"
+    return out
 
 
 def _volume_name(index: int) -> str:
