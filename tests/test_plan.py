@@ -166,6 +166,11 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
     assert RunConfig.from_yaml(layout.resolved_config) == resolved
     md = open(layout.plan_markdown).read()
     assert "| **total / GPU** |" in md and "learning_rate" in md and "| precision | bf16 |" in md
+    # the kernels are chosen explicitly and shown: attention, the loss path, compilation
+    assert (
+        "| attention | sdpa |" in md and "| loss | plain logits |" in md and "| torch.compile | False |" in md
+    )
+    assert "| ZeRO-3 buckets |" in md
 
 
 def test_plan_requires_model_and_data():
