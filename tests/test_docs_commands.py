@@ -102,3 +102,18 @@ def test_every_sub_command_has_help(capsys):
 def test_compile_as_the_readme_shows_it_writes_the_pipeline(tmp_path):
     assert main(["compile", "--root", str(tmp_path), "--eval-gpus", "1"]) == 0
     assert (tmp_path / "pipelines" / "full_finetune.yaml").exists()
+
+
+def test_the_version_matrix_states_the_kfp_backend_the_compiled_yaml_needs():
+    """The compiled pipeline marks its Secrets optional, which KFP drivers before 2.15 reject: the
+    matrix in docs/deploy.md must say 2.15 as long as the YAML does that."""
+    import yaml
+
+    from fulltune.kfp.compile import PIPELINE_FILE
+
+    platform = list(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))[1]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+    uses_optional = any("optional" in s for e in executors for s in e.get("secretAsEnv", []))
+    matrix = (ROOT / "docs" / "deploy.md").read_text()
+    row = next(line for line in matrix.splitlines() if line.startswith("| Kubeflow Pipelines backend |"))
+    assert uses_optional and "2.15 or later" in row
