@@ -557,3 +557,69 @@ def test_torch_compile_trains_the_same_as_eager(demo_assets, tmp_path):
         torch.testing.assert_close(
             [r[key] for r in runs[True]], [r[key] for r in runs[False]], rtol=1e-4, atol=1e-5, msg=key
         )
+
+
+class _Payload:
+    """What an attacker with write access to the work directory would plant: unpickling it runs code
+    (here: creating the file `marker`)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(demo_assets, tmp_path):
+    """A shard replaced by a code-running pickle, its manifest entry rewritten to match (whoever can
+    write the files can write the manifest): resuming refuses it by name, exit 1, and the code never
+    runs."""
+    import hashlib
+    import pickle
+
+    from fulltune.train import checkpoint
+
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=8)
+    # checkpoints are taken between steps: 2 steps leave the one after step 1
+    cfg = plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=2, save_steps=1)
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    ckpt = tmp_path / "w" / "train" / "checkpoints" / "step-00000001"
+    target = sorted(ckpt.glob("*optim_states.pt"))[0]
+    marker = tmp_path / "pwned"
+    target.write_bytes(pickle.dumps({"optimizer_state_dict": _Payload(str(marker))}))
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == target.name:
+            entry.update(size=target.stat().st_size, sha256=hashlib.sha256(target.read_bytes()).hexdigest())
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.verify(job.args.checkpoints, "step-00000001") is None  # the manifest is no defence
+
+    longer = plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=3, save_steps=1)
+    with pytest.raises(LaunchError) as exc:
+        LocalLauncher().run(train_job(longer, dataset))
+    assert exc.value.exit_code == 1
+    assert f"refused to load {target.name}" in str(exc.value)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_resuming_from_s3_leaves_no_staged_checkpoint_on_the_node(demo_assets, s3, capfd):
+    """Checkpoints on S3 are staged on the node's disk to be loaded; the staged copy holds the full
+    optimizer state (~16 bytes per parameter), so it is removed once the ranks have read it."""
+    from fulltune.train import checkpoint
+
+    work = f"{s3}/run"
+    dataset = tiny_dataset(demo_assets, work, n_seq=8)
+    cfg = plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=2, save_steps=1)
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    assert checkpoint.find_resume(job.args.checkpoints) == "step-00000001"
+    capfd.readouterr()
+    longer = train_job(plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=3), dataset)
+    LocalLauncher().run(longer)
+    assert f"resumed from {job.args.checkpoints}/step-00000001 at step 1" in capfd.readouterr().out
+    staged = checkpoint._staging(job.args.checkpoints)
+    assert not (staged / "step-00000001").exists()

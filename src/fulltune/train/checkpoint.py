@@ -147,20 +147,66 @@ def rotate(root: str, keep: int) -> None:
 
 
 def load(engine, root: str, tag: str, *, local_rank: int) -> dict[str, Any]:
-    """Load model, optimizer and scheduler state; returns the client state saved with it."""
+    """Load model, optimizer and scheduler state; returns the client state saved with it.
+
+    The files are read without unpickling anything but tensors, plain containers and the few
+    DeepSpeed types its checkpoints hold (`weights_only_checkpoint_engine`): whoever can write the work
+    directory must not be able to run code in the training pods. Staged s3:// copies are removed
+    once loaded (they hold the full optimizer state).
+    """
     import torch.distributed as dist
 
-    if storage.is_s3(root):
-        path = _staging(root)
+    remote = storage.is_s3(root)
+    path = _staging(root) if remote else Path(root)
+    if remote:
         if local_rank == 0:
             with storage.local_dir(storage.join(root, tag)) as src:
                 shutil.copytree(src, path / tag, dirs_exist_ok=True)
         dist.barrier()
-    else:
-        path = Path(root)
-    loaded, client_state = engine.load_checkpoint(
-        str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    engine.checkpoint_engine = weights_only_checkpoint_engine(storage.join(root, tag))
+    try:
+        loaded, client_state = engine.load_checkpoint(
+            str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    finally:
+        if remote:
+            dist.barrier()  # every rank of the node has read its files
+            if local_rank == 0:
+                shutil.rmtree(path / tag, ignore_errors=True)
     if loaded is None:
         raise CheckpointError(f"{storage.join(root, tag)}: DeepSpeed could not load this checkpoint")
     return client_state or {}
+
+
+def _safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles into its ZeRO checkpoints besides tensors and containers
+    (seen in 0.19: the ZeRO stage enum and the loss scaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def weights_only_checkpoint_engine(where: str):
+    """(A factory, so that deepspeed is imported only by the trainer.) DeepSpeed's torch checkpoint
+    engine, loading with `torch.load(weights_only=True)` and only
+    `_safe_globals()` allowed; anything else in a file is a CheckpointError naming it."""
+    import pickle
+
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class _Engine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_safe_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                reason = str(exc).split("\n")[0].split(". ")[-1] if str(exc) else type(exc).__name__
+                raise CheckpointError(
+                    f"{where}: refused to load {Path(path).name}: it holds more than tensors and DeepSpeed's "
+                    f"own state ({reason}). Someone may have written into the work directory; check it, "
+                    "and remove the checkpoint to resume from an older one."
+                ) from None
+
+    return _Engine()
