@@ -390,8 +390,8 @@ def test_a_writer_killed_mid_upload_leaves_no_visible_version(small_model, s3, t
     left = {f.rsplit("/", 1)[1] for f in storage.list_files(partial)}
     assert {".claim", "config.json", "model.safetensors"} <= left and "manifest.json" not in left
     assert list_versions(registry, NAME) == []
-    assert main(["registry", "list", "--uri", registry, "--name", NAME]) == 0
-    assert capsys.readouterr().out.strip() == ""  # no version listed
+    assert main(["registry", "list", "--uri", registry, "--name", NAME]) == 1  # nothing committed: says so
+    assert f"no committed version of {NAME!r} under {registry}" in capsys.readouterr().err
     assert main(["registry", "show", "--uri", registry, "--name", NAME, "--version", "1"]) == 1
     assert f"{partial}: no committed version" in capsys.readouterr().err
     assert main(["registry", "verify", "--uri", registry, "--name", NAME, "--version", "1"]) == 1
@@ -414,3 +414,24 @@ def test_a_retry_with_the_same_run_id_reuses_its_version(small_model, tmp_path):
     )
     assert [v["run_id"] for v in list_versions(registry, NAME)] == ["run-9", "run-10"]
     assert json.loads(Path(first, "lineage.json").read_text())["run_id"] == "run-9"
+
+
+def test_the_registry_cli_on_misconfigured_storage_names_the_cause(s3, capsys, monkeypatch):
+    """A misspelt bucket is not "never committed", an unknown name is not an empty success, an
+    unreachable endpoint is not a traceback: each exits 1 with what to check."""
+    from fulltune.cli import main
+
+    missing = "s3://no-such-registry-bucket/models"
+    for action in (["list"], ["show", "--version", "1"], ["verify", "--version", "1"]):
+        assert main(["registry", *action, "--uri", missing, "--name", NAME]) == 1
+        err = capsys.readouterr().err
+        assert "the bucket 'no-such-registry-bucket' does not exist" in err, action
+        assert "never committed" not in err and "Traceback" not in err
+    assert main(["registry", "list", "--uri", f"{s3}/models", "--name", "nobody"]) == 1
+    assert "no committed version of 'nobody'" in capsys.readouterr().err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.s3_client.cache_clear()
+    assert main(["registry", "list", "--uri", f"{s3}/models", "--name", NAME]) == 1
+    assert "cannot reach the S3 endpoint" in capsys.readouterr().err
+    storage.s3_client.cache_clear()

@@ -93,3 +93,65 @@ def test_s3_credentials_come_from_environment(s3, monkeypatch):
     with pytest.raises(Exception):  # noqa: B017 — connection refused surfaces as a botocore error
         storage.read_bytes(s3 + "/k")
     storage.s3_client.cache_clear()
+
+
+# -- misconfigured storage: one clear error per cause, naming the URI ----------------------------------
+
+
+def test_a_missing_bucket_is_a_configuration_error_not_a_missing_file(s3):
+    """A misspelt bucket is not 'no such object': every operation says the bucket does not exist,
+    and it is permanent (StorageConfigError), so nothing retries it."""
+    uri = "s3://no-such-bucket-anywhere/runs/x.json"
+    for call in (
+        lambda: storage.exists(uri),
+        lambda: storage.read_bytes(uri),
+        lambda: storage.list_files("s3://no-such-bucket-anywhere/runs"),
+        lambda: storage.size(uri),
+        lambda: storage.write_bytes(uri, b"{}"),
+    ):
+        with pytest.raises(
+            storage.StorageConfigError, match="the bucket 'no-such-bucket-anywhere' does not exist"
+        ):
+            call()
+    assert not storage.exists(f"{s3}/really/missing.json")  # a missing key in a real bucket stays a miss
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{s3}/really/missing.json")
+
+
+def test_an_unreachable_endpoint_and_missing_credentials_are_named(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.s3_client.cache_clear()
+    with pytest.raises(storage.StorageError, match=rf"{s3}/x: cannot reach the S3 endpoint") as exc:
+        storage.read_bytes(f"{s3}/x")
+    assert not isinstance(exc.value, storage.StorageConfigError)  # maybe transient: retryable
+    storage.s3_client.cache_clear()
+
+
+def test_refused_credentials_are_a_configuration_error():
+    """What botocore raises for refused keys, as the helper maps it (moto accepts any key)."""
+    from botocore.exceptions import ClientError
+
+    refused = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no"}}, "GetObject")
+    with pytest.raises(
+        storage.StorageConfigError, match="access refused .InvalidAccessKeyId.: check the credentials"
+    ):
+        with storage.s3_errors("s3://b/k"):
+            raise refused
+
+
+def test_validate_data_on_a_misspelt_bucket_names_the_bucket(s3, tmp_path):
+    """The first step that touches the data says what is wrong, not a botocore traceback."""
+    from fulltune import steps
+    from fulltune.config import RunConfig
+
+    cfg = RunConfig.from_dict(
+        {"work_dir": str(tmp_path / "w"), "data": {"train_uri": "s3://no-such-data-bucket/notes.jsonl"}}
+    )
+    from fulltune.data.validate.verdict import DataValidationError
+
+    with pytest.raises(DataValidationError) as exc:
+        steps.validate_data(cfg, str(tmp_path / "report"))
+    message = str(exc.value)
+    assert "s3://no-such-data-bucket/notes.jsonl" in message
+    assert "the bucket 'no-such-data-bucket' does not exist" in message and "botocore" not in message

@@ -80,13 +80,29 @@ def _config(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> int:
     from fulltune import storage
-    from fulltune.registry.layout import MANIFEST, RegistryError, version_uri
-    from fulltune.registry.store import list_versions, verify_version
+    from fulltune.registry.layout import RegistryError
 
     if args.action == "register":
         return _registry_register(args)
+    try:
+        return _registry_read(args)
+    except (storage.StorageError, RegistryError) as exc:  # a missing bucket, refused keys, no endpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _registry_read(args: argparse.Namespace) -> int:
+    """registry list, show and verify."""
+    from fulltune import storage
+    from fulltune.registry.layout import MANIFEST, RegistryError, version_uri
+    from fulltune.registry.store import list_versions, verify_version
+
     if args.action == "list":
-        for v in list_versions(args.uri, args.name):
+        versions = list_versions(args.uri, args.name)
+        if not versions:
+            print(f"error: no committed version of {args.name!r} under {args.uri}", file=sys.stderr)
+            return 1
+        for v in versions:
             print(f"v{v['version']}\t{v.get('created_at', '')}\t{v['uri']}")
         return 0
     uri = version_uri(args.uri, args.name, args.version)
@@ -96,7 +112,7 @@ def _registry(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             print(f"error: {uri}: no committed version (no {MANIFEST})", file=sys.stderr)
             return 1
-        except (OSError, ValueError, RegistryError) as exc:
+        except (storage.StorageError, ValueError, RegistryError) as exc:
             print(f"error: {uri}: {exc}", file=sys.stderr)
             return 1
         print(json.dumps(manifest, indent=2))

@@ -31,6 +31,87 @@ class StorageError(OSError):
     """A URI that cannot be read or written; the message names it."""
 
 
+class StorageConfigError(StorageError):
+    """Storage that is misconfigured rather than briefly unavailable (a bucket that does not exist,
+    credentials refused or missing, the wrong region): retrying cannot help; the message says what
+    to check."""
+
+
+_MISSING_BUCKET = ("NoSuchBucket",)
+_REFUSED = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "403",
+)
+_WRONG_REGION = (
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "IllegalLocationConstraintException",
+    "301",
+)
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str) -> Iterator[None]:
+    """botocore's failures as one clear error naming `uri`, one kind per cause: a missing bucket,
+    refused or missing credentials, the wrong region (StorageConfigError), an unreachable endpoint
+    (StorageError). A missing object is left to the caller (botocore's ClientError)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code"))
+        if code in _MISSING_BUCKET:
+            raise _missing_bucket(uri) from None
+        if code in _REFUSED:
+            raise StorageConfigError(
+                f"{uri}: access refused ({code}): check the credentials (the S3 Secret's keys, or the pod's "
+                "cloud identity) and the bucket's policy"
+            ) from None
+        if code in _WRONG_REGION:
+            raise StorageConfigError(
+                f"{uri}: the bucket {bucket!r} is in another region ({code}): set AWS_DEFAULT_REGION to it"
+            ) from None
+        raise
+    except NoCredentialsError:
+        raise StorageConfigError(
+            f"{uri}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the S3 Secret) or "
+            "give the pod a cloud identity"
+        ) from None
+    except EndpointConnectionError as exc:
+        raise StorageError(f"{uri}: cannot reach the S3 endpoint ({exc})") from None
+
+
+def _missing_bucket(uri: str) -> StorageConfigError:
+    bucket = split_s3(uri)[0]
+    return StorageConfigError(
+        f"{uri}: the bucket {bucket!r} does not exist (check its name, and AWS_ENDPOINT_URL for an "
+        "S3-compatible store)"
+    )
+
+
+def _object_missing(uri: str, code: str) -> bool:
+    """A 404 on an object: the object is missing, unless its bucket is. HEAD answers carry no error
+    code, so the bucket is asked once more; StorageConfigError when it is the bucket that is missing."""
+    from botocore.exceptions import ClientError
+
+    if code not in ("NoSuchKey", "NotFound", "404"):
+        return False
+    try:
+        with s3_errors(uri):
+            s3_client().head_bucket(Bucket=split_s3(uri)[0])
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NotFound", "NoSuchBucket"):
+            raise _missing_bucket(uri) from None
+        raise StorageError(f"{uri}: {exc}") from exc
+    return True
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -115,10 +196,11 @@ def exists(uri: str) -> bool:
 
         bucket, key = split_s3(uri)
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            with s3_errors(uri):
+                s3_client().head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _object_missing(uri, str(exc.response.get("Error", {}).get("Code"))):
                 return False
             raise StorageError(f"{uri}: {exc}") from exc
     return os.path.exists(uri)
@@ -132,10 +214,11 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
 
         bucket, key = split_s3(uri)
         try:
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            with s3_errors(uri):
+                body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in ("NoSuchKey", "404", "NoSuchBucket"):
+            code = str(exc.response.get("Error", {}).get("Code"))
+            if _object_missing(uri, code):
                 raise FileNotFoundError(f"{uri}: no such object ({code})") from None
             raise StorageError(f"{uri}: {exc}") from exc
         try:
@@ -166,8 +249,9 @@ def list_files(prefix: str) -> list[str]:
         bucket, key = split_s3(prefix)
         key = key.rstrip("/") + "/" if key else ""
         out = []
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+        with s3_errors(prefix):
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
         return sorted(out)
     root = Path(prefix)
     if root.is_file():
@@ -200,7 +284,8 @@ def write_bytes(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WRITE) 
     """Write atomically: readers see the old object or the whole new one, never a part."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        options.client().put_object(Bucket=bucket, Key=key, Body=data, **options.extra_args())
+        with s3_errors(uri):
+            options.client().put_object(Bucket=bucket, Key=key, Body=data, **options.extra_args())
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,9 +321,10 @@ def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WR
 
         bucket, key = split_s3(uri)
         try:
-            options.client().put_object(
-                Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **options.extra_args()
-            )
+            with s3_errors(uri):
+                options.client().put_object(
+                    Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **options.extra_args()
+                )
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in (
@@ -263,7 +349,8 @@ def upload_file(local_path: str | Path, uri: str, options: S3WriteOptions = DEFA
     """Copy a local file to `uri`; large files go to S3 as a multipart upload."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        options.client().upload_file(str(local_path), bucket, key, ExtraArgs=options.extra_args() or None)
+        with s3_errors(uri):
+            options.client().upload_file(str(local_path), bucket, key, ExtraArgs=options.extra_args() or None)
         return
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -276,16 +363,21 @@ def copy_object(src: str, dst: str, options: S3WriteOptions = DEFAULT_WRITE) -> 
     """One S3 object to another, copied server-side (multipart for large objects)."""
     src_bucket, src_key = split_s3(src)
     dst_bucket, dst_key = split_s3(dst)
-    options.client().copy(
-        {"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key, ExtraArgs=options.extra_args() or None
-    )
+    with s3_errors(dst):
+        options.client().copy(
+            {"Bucket": src_bucket, "Key": src_key},
+            dst_bucket,
+            dst_key,
+            ExtraArgs=options.extra_args() or None,
+        )
 
 
 def download_file(uri: str, local_path: str | Path) -> None:
     Path(local_path).parent.mkdir(parents=True, exist_ok=True)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().download_file(bucket, key, str(local_path))
+        with s3_errors(uri):
+            s3_client().download_file(bucket, key, str(local_path))
     else:
         shutil.copyfile(uri, local_path)
 
@@ -341,8 +433,16 @@ def remove_tree(uri: str) -> None:
 def size(uri: str) -> int:
     """The object's size in bytes."""
     if is_s3(uri):
+        from botocore.exceptions import ClientError
+
         bucket, key = split_s3(uri)
-        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        try:
+            with s3_errors(uri):
+                return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as exc:
+            if _object_missing(uri, str(exc.response.get("Error", {}).get("Code"))):
+                raise FileNotFoundError(f"{uri}: no such object") from None
+            raise StorageError(f"{uri}: {exc}") from exc
     return os.path.getsize(uri)
 
 

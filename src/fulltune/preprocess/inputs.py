@@ -121,9 +121,10 @@ class _CountingRaw(io.RawIOBase):
                 if self._pos >= self._length():
                     return 0
                 bucket, key = storage.split_s3(self.uri)
-                self._body = storage.s3_client().get_object(
-                    Bucket=bucket, Key=key, Range=f"bytes={self._pos}-"
-                )["Body"]
+                with storage.s3_errors(self.uri):
+                    self._body = storage.s3_client().get_object(
+                        Bucket=bucket, Key=key, Range=f"bytes={self._pos}-"
+                    )["Body"]
             data = self._body.read(len(buffer))
             n = len(data)
             buffer[:n] = data

@@ -326,8 +326,9 @@ def _version_numbers(root: str) -> list[int]:
         prefix = key.rstrip("/") + "/"
         names = []
         paginator = storage.s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        with storage.s3_errors(root):
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
     else:
         names = [e.name for e in os.scandir(root) if e.is_dir()] if os.path.isdir(root) else []
     return sorted(int(m.group(1)) for n in names if (m := _VERSION_DIR.match(n)))

@@ -41,6 +41,7 @@ def exit_code_for(exc: BaseException) -> int:
     itself says nothing."""
     from fulltune.config import ConfigError
     from fulltune.preprocess.dataset import DatasetError
+    from fulltune.storage import StorageConfigError
     from fulltune.train.checkpoint import CheckpointError
 
     permanent = (
@@ -48,6 +49,7 @@ def exit_code_for(exc: BaseException) -> int:
         TrainInputError,
         DatasetError,
         CheckpointError,
+        StorageConfigError,  # a missing bucket, refused credentials: retrying cannot help
         FileNotFoundError,
         PermissionError,
     )
