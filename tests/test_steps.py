@@ -20,9 +20,27 @@ def test_failed_validation_still_delivers_its_html_report(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text('{"text": "ok"}\n{"text": broken\n')
     report = tmp_path / "artifacts" / "report.html"
-    with pytest.raises(DataValidationError, match=rf"{train}:2: invalid_json"):
+    with pytest.raises(DataValidationError, match=rf"{train}:2: invalid_json") as exc:
         steps.validate_data(_cfg(train), str(report), lambda k, v: None)
     assert "invalid_json" in report.read_text()
+    # the message sends the reader to the report where it stays, not to the deleted temporary copy
+    assert f"report: {report} (this step's `report` artifact)" in str(exc.value)
+    assert "/fulltune-validate-" not in str(exc.value)
+
+
+def test_a_failed_tokenizer_check_points_to_its_report_artifact(tmp_path):
+    from fulltune.tokenizer.check import TokenizerCheckError
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "ok"}\n')
+    cfg = RunConfig.from_dict(
+        {"model": {"base_model_uri": str(tmp_path / "no-model")}, "data": {"train_uri": str(train)}}
+    )
+    report = tmp_path / "artifacts" / "tokenizer.html"
+    with pytest.raises(TokenizerCheckError) as exc:
+        steps.check_tokenizer(cfg, str(report), lambda k, v: None)
+    assert report.exists()
+    assert f"report: {report} (this step's `report` artifact)" in str(exc.value)
 
 
 def test_passing_validation_logs_numeric_metrics(tmp_path):

@@ -155,3 +155,7 @@ def test_validate_data_on_a_misspelt_bucket_names_the_bucket(s3, tmp_path):
     message = str(exc.value)
     assert "s3://no-such-data-bucket/notes.jsonl" in message
     assert "the bucket 'no-such-data-bucket' does not exist" in message and "botocore" not in message
+    # the message points to the report where it still is: the step's artifact, not a deleted /tmp
+    report = tmp_path / "report"
+    assert f"report: {report} (this step's `report` artifact)" in message
+    assert "no_data" in report.read_text()

@@ -62,11 +62,14 @@ def _report_step(
     report_path: str | None,
     log_metric: MetricSink | None,
 ) -> dict:
-    """Run a checking step that writes report.json/html; the HTML reaches KFP even when the step fails."""
+    """Run a checking step that writes report.json/html; the HTML reaches KFP even when the step fails,
+    and a failure's message points to it there (the temporary directory is gone by the time anyone
+    reads the message)."""
     _setup_logging()
+    where = f"{report_path} (this step's `report` artifact)" if report_path else "not kept (no report_path)"
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         try:
-            report = run(cfg, Path(tmp))
+            report = run(cfg, Path(tmp), report_location=where)
         finally:
             if Path(tmp, "report.html").exists():
                 _copy_out(Path(tmp, "report.html"), report_path)

@@ -67,13 +67,15 @@ class Check:
     message: str
 
 
-def check_tokenizer(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def check_tokenizer(cfg: RunConfig, out_dir: Path, *, report_location: str | None = None) -> dict[str, Any]:
     """Check the tokenizer against the model and the data; write `report.json`/`report.html`.
 
     Args:
         cfg: the run config: `model` names the tokenizer and model, `data` the datasets,
             `preprocess.max_seq_len` the sequence length, `tokenizer` the thresholds and terms.
         out_dir: local directory for `report.json` and `report.html` (created if needed).
+        report_location: where the reader of a failure finds the HTML report (the step's artifact);
+            default `out_dir/report.html`.
 
     Returns:
         The report, with a flat `metrics` dict of numbers for the KFP Metrics artifact.
@@ -92,7 +94,7 @@ def check_tokenizer(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     if errors:
         lines = [f"check_tokenizer failed: {len(errors)} check(s): " + ", ".join(c.name for c in errors)]
         lines += [f"  {c.name}: {c.message}" for c in errors]
-        lines.append(f"  report: {out_dir / 'report.html'}")
+        lines.append(f"  report: {report_location or out_dir / 'report.html'}")
         raise TokenizerCheckError("\n".join(lines))
     return report
 

@@ -136,7 +136,9 @@ __all__ = [
 ]
 
 
-def validate_data(cfg: RunConfig, out_dir: Path, *, fast: bool = True) -> dict[str, Any]:
+def validate_data(
+    cfg: RunConfig, out_dir: Path, *, fast: bool = True, report_location: str | None = None
+) -> dict[str, Any]:
     """Validate the configured datasets, write `report.json` and `report.html`, return the report.
 
     Args:
@@ -144,6 +146,8 @@ def validate_data(cfg: RunConfig, out_dir: Path, *, fast: bool = True) -> dict[s
         out_dir: local directory for `report.json` and `report.html` (created if needed).
         fast: check well-formed blocks column-wise with pyarrow (`fulltune.data.fastcheck`); False
             reads every record with the precise line-by-line path. The reports are identical.
+        report_location: where the reader of a failure finds the HTML report (the step's artifact);
+            default `out_dir/report.html`.
 
     Raises:
         DataValidationError: a dataset is missing, unreadable, or over its error budget. The
@@ -168,5 +172,5 @@ def validate_data(cfg: RunConfig, out_dir: Path, *, fast: bool = True) -> dict[s
     report = full_report(datasets, data, checks, len(tokenizer_tokens))
     write_pages(report, out_dir)
     if not report["passed"]:
-        raise DataValidationError(failure_message(report, out_dir / "report.html"))
+        raise DataValidationError(failure_message(report, report_location or out_dir / "report.html"))
     return report
