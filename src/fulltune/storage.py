@@ -65,7 +65,7 @@ def s3_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code"))
+        code = _code(exc)
         if code in _MISSING_BUCKET:
             raise _missing_bucket(uri) from None
         if code in _REFUSED:
@@ -95,21 +95,33 @@ def _missing_bucket(uri: str) -> StorageConfigError:
     )
 
 
-def _object_missing(uri: str, code: str) -> bool:
-    """A 404 on an object: the object is missing, unless its bucket is. HEAD answers carry no error
-    code, so the bucket is asked once more; StorageConfigError when it is the bucket that is missing."""
+def _code(exc) -> str:
+    """The error code of a botocore ClientError ("NoSuchKey", "404", ...)."""
+    return str(exc.response.get("Error", {}).get("Code"))
+
+
+@contextlib.contextmanager
+def s3_object(uri: str) -> Iterator[None]:
+    """`s3_errors` for a call on one object: a missing object is FileNotFoundError, any other
+    refusal StorageError. A 404 is the object's only if its bucket exists: HEAD answers carry no
+    error code, so the bucket is asked once more (StorageConfigError when it is the one missing)."""
     from botocore.exceptions import ClientError
 
-    if code not in ("NoSuchKey", "NotFound", "404"):
-        return False
     try:
         with s3_errors(uri):
-            s3_client().head_bucket(Bucket=split_s3(uri)[0])
+            yield
     except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NotFound", "NoSuchBucket"):
-            raise _missing_bucket(uri) from None
-        raise StorageError(f"{uri}: {exc}") from exc
-    return True
+        code = _code(exc)
+        if code not in ("NoSuchKey", "NotFound", "404"):
+            raise StorageError(f"{uri}: {exc}") from exc
+        try:
+            with s3_errors(uri):
+                s3_client().head_bucket(Bucket=split_s3(uri)[0])
+        except ClientError as bucket_exc:
+            if _code(bucket_exc) in ("404", "NotFound", "NoSuchBucket"):
+                raise _missing_bucket(uri) from None
+            raise StorageError(f"{uri}: {bucket_exc}") from bucket_exc
+        raise FileNotFoundError(f"{uri}: no such object ({code})") from None
 
 
 def is_s3(uri: str) -> bool:
@@ -192,17 +204,13 @@ def s3_client(request_checksum_calculation: str | None = None) -> Any:
 
 def exists(uri: str) -> bool:
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
         try:
-            with s3_errors(uri):
+            with s3_object(uri):
                 s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except ClientError as exc:
-            if _object_missing(uri, str(exc.response.get("Error", {}).get("Code"))):
-                return False
-            raise StorageError(f"{uri}: {exc}") from exc
+        except FileNotFoundError:
+            return False
     return os.path.exists(uri)
 
 
@@ -210,17 +218,9 @@ def exists(uri: str) -> bool:
 def open_read(uri: str) -> Iterator[IO[bytes]]:
     """A binary stream over the object; not loaded whole."""
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
-        try:
-            with s3_errors(uri):
-                body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code"))
-            if _object_missing(uri, code):
-                raise FileNotFoundError(f"{uri}: no such object ({code})") from None
-            raise StorageError(f"{uri}: {exc}") from exc
+        with s3_object(uri):
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
         try:
             yield body
         finally:
@@ -327,7 +327,7 @@ def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WR
                 )
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in (
+            if _code(exc) in (
                 "PreconditionFailed",
                 "ConditionalRequestConflict",
                 "412",
@@ -433,16 +433,9 @@ def remove_tree(uri: str) -> None:
 def size(uri: str) -> int:
     """The object's size in bytes."""
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
-        try:
-            with s3_errors(uri):
-                return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except ClientError as exc:
-            if _object_missing(uri, str(exc.response.get("Error", {}).get("Code"))):
-                raise FileNotFoundError(f"{uri}: no such object") from None
-            raise StorageError(f"{uri}: {exc}") from exc
+        with s3_object(uri):
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
     return os.path.getsize(uri)
 
 
