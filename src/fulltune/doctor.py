@@ -70,14 +70,14 @@ def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
 
 def check_kfp(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    from fulltune.kfp.submit import SubmitError, connect
+    from fulltune.kfp.submit import connect
 
     if not cluster.kfp_host:
         return [Finding("KFP API", UNKNOWN, "no address", "pass --host or set KFP_HOST")]
     try:
         client = connect(cluster.kfp_host, cluster.namespace)
         health = client.get_kfp_healthz()
-    except (SubmitError, Exception) as exc:  # noqa: BLE001 — any failure to reach it is the finding
+    except Exception as exc:  # noqa: BLE001 — any failure to reach it (SubmitError included) is the finding
         return [Finding("KFP API", FAIL, f"{cluster.kfp_host}: {exc}", _KFP_FIX)]
     version = (
         getattr(health, "tag_name", None) or getattr(health, "commit_sha", None) or "version not reported"

@@ -544,16 +544,22 @@ class ScheduleResult:
     version: PipelineVersion
 
 
-def _list_recurring(client, experiment_id: str, name: str) -> list:
-    found, token = [], ""
+def _recurring_runs(client, experiment_id: str, filter: str | None = None) -> Iterator:  # noqa: A002
+    """Every recurring run of the experiment (matching the v2beta1 `filter`), page after page."""
+    token = ""
     while True:
         resp = client.list_recurring_runs(
-            experiment_id=experiment_id, page_token=token, page_size=100, filter=_equals("display_name", name)
+            experiment_id=experiment_id, page_token=token, page_size=100, filter=filter
         )
-        found += [r for r in resp.recurring_runs or [] if r.display_name == name]
+        yield from resp.recurring_runs or []
         token = resp.next_page_token
         if not token:
-            return found
+            return
+
+
+def _list_recurring(client, experiment_id: str, name: str) -> list:
+    runs = _recurring_runs(client, experiment_id, _equals("display_name", name))
+    return [r for r in runs if r.display_name == name]
 
 
 def _enabled(rr) -> bool:
@@ -582,15 +588,8 @@ def schedule_description(name: str, owner: str | None) -> str:
 
 
 def _owned_by(client, experiment_id: str, owner: str) -> list:
-    found, token = [], ""
-    while True:
-        resp = client.list_recurring_runs(experiment_id=experiment_id, page_token=token, page_size=100)
-        found += [
-            r for r in resp.recurring_runs or [] if (r.description or "").endswith(f"; {OWNER_MARK}{owner}")
-        ]
-        token = resp.next_page_token
-        if not token:
-            return found
+    mark = f"; {OWNER_MARK}{owner}"
+    return [r for r in _recurring_runs(client, experiment_id) if (r.description or "").endswith(mark)]
 
 
 def _same_definition(
