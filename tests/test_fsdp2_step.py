@@ -3,13 +3,11 @@ a tiny random Llama and a tiny fulltune dataset, under torchrun with 1 and 2 pro
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +19,13 @@ SCRIPT = ROOT / "benchmarks" / "fsdp2_step.py"
 SEQ, VOCAB = 32, 128
 
 
-def _markov_tokens():
-    """benchmarks/train_step.py's learnable token chains (that file is a script, not a package)."""
+@functools.cache
+def _bench():
+    """benchmarks/train_step.py (a script, not a package): its learnable token chains and its torchrun."""
     spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "benchmarks" / "train_step.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.markov_tokens
+    return module
 
 
 def _dataset(root: Path, n_seq: int) -> str:
@@ -37,7 +36,7 @@ def _dataset(root: Path, n_seq: int) -> str:
     from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT
 
     packed = Packed()
-    for i, row in enumerate(_markov_tokens()(n_seq, SEQ, VOCAB).tolist()):
+    for i, row in enumerate(_bench().markov_tokens(n_seq, SEQ, VOCAB).tolist()):
         labels = [IGNORE_INDEX] * 8 + row[8:] if i % 3 == 0 else row
         packed.add(row, labels, SEQ, 0)
     sink = ParquetSink(str(root / "data" / "train-00000.parquet"))
@@ -72,9 +71,6 @@ def inputs(tmp_path_factory) -> dict:
 
 
 def _run(inputs: dict, nproc: int, micro: int, name: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = inputs["root"] / f"{name}.json"
     spec = {
         "model_dir": inputs["model_dir"],
@@ -88,20 +84,9 @@ def _run(inputs: dict, nproc: int, micro: int, name: str) -> dict:
         "max_grad_norm": 1.0,
         "out": str(out),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={port}",
-        str(SCRIPT),
-        "--spec",
-        json.dumps(spec),
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # the benchmark's own torchrun (a free port; it exits with the ranks' output if they fail)
+    _bench().torchrun(nproc, [str(SCRIPT), "--spec", json.dumps(spec)], env, timeout=300)
     return json.loads(out.read_text())
 
 
