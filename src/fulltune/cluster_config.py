@@ -40,9 +40,7 @@ def locations(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def cluster_problems(cfg: RunConfig) -> list[str]:
     """Every reason `cfg` cannot run on a cluster, each naming the field and what to set instead."""
-    problems = [
-        f"{name}: required" for name in ("model.base_model_uri", "data.train_uri") if not _get(cfg, name)
-    ]
+    problems = [f"{name}: required" for name in cfg.missing("model.base_model_uri", "data.train_uri")]
     res = cfg.resources
     if res.launcher == "local" and res.accelerator == "gpu":
         problems.append(
@@ -71,8 +69,3 @@ def check_for_cluster(cfg: RunConfig, source: str = "") -> None:
     if problems:
         where = f"{source}: " if source else ""
         raise ConfigError(f"{where}cannot run on a cluster:\n  - " + "\n  - ".join(problems))
-
-
-def _get(cfg: RunConfig, dotted: str) -> str:
-    section, field = dotted.split(".")
-    return getattr(getattr(cfg, section), field)

@@ -608,9 +608,13 @@ class RunConfig(_Section):
             )
         return RunLayout(self.work_dir)
 
+    def missing(self, *dotted: str) -> list[str]:
+        """The listed fields (dotted names) that are empty."""
+        return [name for name in dotted if not _get_dotted(self, name)]
+
     def require(self, *dotted: str) -> None:
         """Fail with a ConfigError naming every listed field that is empty."""
-        missing = [name for name in dotted if not _get_dotted(self, name)]
+        missing = self.missing(*dotted)
         if missing:
             raise ConfigError("required but empty: " + ", ".join(missing))
 
