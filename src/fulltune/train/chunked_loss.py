@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fulltune.preprocess.dataset import IGNORE_INDEX
+from fulltune.train.loss import next_token_targets
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -110,8 +111,6 @@ def install(model, chunk_tokens: int) -> None:
 
 
 def _loss_forward(self, input_ids, attention_mask=None, labels=None, **_ignored: Any):
-    from fulltune.train.loss import next_token_targets
-
     hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     hidden = hidden.reshape(-1, hidden.size(-1))  # a view: the labels are shifted, not the states
     target = next_token_targets(labels).reshape(-1)
