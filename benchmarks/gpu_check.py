@@ -202,19 +202,19 @@ class Check:
         if run.buckets == HF_RULE:
             use_hf_rule(inputs["deepspeed"], a.hidden)
         timeout = max(60.0, self.a.budget_s - self.elapsed())
-        self.warnings: list[str] = []
+        warnings: list[str] = []  # only fulltune's own log is read for them
         if run.kind == "hf-trainer":
             info = ts.run_hf_trainer(root, inputs, a, self.env, timeout)
             times, losses, mem = info["times"], info["losses"], info["gpu_mem_reserved_gib"]
         elif run.kind == "fsdp2":
             times, losses, mem = self.fsdp2(root, inputs, a, timeout)
         else:
-            times, losses, mem = self.fulltune(root, inputs, a, run, tag, timeout)
+            times, losses, mem, warnings = self.fulltune(root, inputs, a, run, tag, timeout)
         result = self.summarise(run, a, inputs, times[self.a.warmup :], losses, mem)
-        return {**result, "trainer_warnings": self.warnings}
+        return {**result, "trainer_warnings": warnings}
 
     def fulltune(self, root: Path, inputs: dict, a, run: Run, tag: str, timeout: float):
-        """(step times, losses, peak reserved GiB) of `python -m fulltune.train`; with `run.profile`
+        """(step times, losses, peak reserved GiB, warnings) of `python -m fulltune.train`; with `run.profile`
         the last steps but one run under the profiler and are left out of the times."""
         entry, env, timed = ["-m", "fulltune.train"], self.env, run.steps
         if run.profile:
@@ -228,9 +228,9 @@ class Check:
             }
         log = root / f"trainer{tag}.log"
         records = ts.run_fulltune(root, inputs, a, env, tag, entry=entry, timeout=timeout, log=log)
-        self.warnings = warning_lines(log.read_text())
         mem = max((r.get("gpu_mem_reserved_gib") or 0.0 for r in records), default=None)
-        return [r["step_time_s"] for r in records[:timed]], [r["loss"] for r in records], mem
+        times, losses = [r["step_time_s"] for r in records[:timed]], [r["loss"] for r in records]
+        return times, losses, mem, warning_lines(log.read_text())
 
     def fsdp2(self, root: Path, inputs: dict, a, timeout: float):
         out = root / "fsdp2.json"
