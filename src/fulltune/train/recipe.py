@@ -289,6 +289,10 @@ class Recipe:
 
         self._ds_marker = None  # ZeRO-3's load-time config: no model is built after this
         dist.barrier()
+        # Leaving the process group to interpreter exit let a gloo rank abort in its thread
+        # destructors ("terminate called without an active exception") after the model was saved,
+        # turning a finished run into exit 138 (seen once in CI); torchtune's recipes end the same way.
+        dist.destroy_process_group()
 
 
 def _float(x: Any) -> float | None:
