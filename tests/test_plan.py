@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -306,6 +307,48 @@ def test_zero3_buckets_are_sized_from_the_model_not_from_h_squared():
     assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
     notes = planmod.resolved_fields(cfg, s, planmod.estimate_memory(s, **_ONE_GPU), 10**6)[1]
     assert any("reduce-scatters per backward" in n for n in notes)
+
+
+def test_each_transformer_block_becomes_one_zero3_leaf_and_the_plan_says_so(llama_dir):
+    """The threshold plan writes is the block's DeepSpeed granularity (its parameters over its 12
+    modules with parameters: itself, attention, MLP, 7 linears, 2 norms), the gathered-layer memory
+    covers a whole block, and a model where the threshold would also take in a larger module gets no
+    threshold."""
+    from transformers import Qwen2Config
+
+    cfg = RunConfig.from_dict(
+        {"model": {"base_model_uri": str(llama_dir)}, "resources": {"accelerator": "gpu"}}
+    )
+    s = planmod.model_shape(planmod.load_model_config(cfg))
+    block = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64  # q, o; k, v (2 of 4 heads); MLP; norms
+    assert (s.block_class, s.block_params, s.block_leaf_threshold) == (
+        "LlamaDecoderLayer",
+        block,
+        block // 12,
+    )
+    zero = planmod.deepspeed_config(cfg, s)["zero_optimization"]
+    assert zero["stage3_module_granularity_threshold"] == block // 12
+    notes = planmod.resolved_fields(cfg, s, planmod.estimate_memory(s, **_ONE_GPU), 10**6)[1]
+    assert any("each LlamaDecoderLayer" in n and "one unit" in n for n in notes)
+
+    # A 64-token vocabulary: the whole model's granularity falls under a block's, so a threshold
+    # that reaches the blocks would gather the whole model as one unit.
+    small = planmod.model_shape(
+        Qwen2Config(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=160,
+            vocab_size=64,
+        )
+    )
+    assert small.block_class == "Qwen2DecoderLayer" and small.block_leaf_threshold == 0
+    assert planmod.zero3_settings(small, gpu=True).leaf_threshold == 0
+    assert "hooks on every module" in planmod.leaf_reason(small)
+
+    wide = dataclasses.replace(shape_869m(), block_class="B", block_params=10**9, block_leaf_threshold=1)
+    assert planmod.estimate_memory(wide, **_ONE_GPU).gathered_layers == 4 * 10**9
 
 
 _ONE_GPU = dict(world_size=1, seq_len=2048, micro_batch=4, gradient_checkpointing=False)

@@ -93,7 +93,7 @@ def plain_loss(model_dir, dataset_uri, split: str = "train") -> float:
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_assets, tmp_path):
+def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_assets, tmp_path, capfd):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = str(tmp_path / "work")
@@ -105,6 +105,8 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
 
+    # plan's granularity threshold reached DeepSpeed: each decoder layer is gathered as one unit
+    assert "ZeRO-3 gathers 2 x LlamaDecoderLayer as one unit each" in capfd.readouterr().out
     metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     expected = plain_loss(demo_assets.base_model_dir, dataset)
@@ -243,12 +245,22 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_path):
-    """2 ranks x micro batch 2 and 1 rank x micro batch 4 see the same global batches: same losses."""
+    """2 ranks x micro batch 2 and 1 rank x micro batch 4 see the same global batches: same losses.
+    The one rank also recomputes its activations (each decoder layer a ZeRO-3 leaf, gathered again
+    for the recomputation): that changes memory, not the numbers."""
     losses = {}
-    for nproc, micro in ((2, 2), (1, 4)):
+    for nproc, micro, recompute in ((2, 2, False), (1, 4, True)):
         work = str(tmp_path / f"n{nproc}")
         dataset = tiny_dataset(demo_assets, work, n_seq=24)
-        cfg = plan_run(demo_assets, work, nproc=nproc, per_device_train_batch_size=micro, max_steps=10)
+        cfg = plan_run(
+            demo_assets,
+            work,
+            nproc=nproc,
+            per_device_train_batch_size=micro,
+            max_steps=10,
+            gradient_checkpointing=recompute,
+        )
+        assert cfg.training.gradient_checkpointing is recompute
         job = train_job(cfg, dataset)
         LocalLauncher().run(job)
         losses[nproc] = [

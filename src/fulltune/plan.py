@@ -92,6 +92,11 @@ class ModelShape:
     model_type: str
     intermediate_size: int = 0  # MLP width; 0: 4 x hidden_size
     gated_mlp: bool = False  # SwiGLU-style (gate and up projections)
+    # The transformer block (the model's `_no_split_modules` class), its parameters, and DeepSpeed's
+    # module granularity threshold that makes each block one ZeRO-3 leaf; 0 where none does that alone.
+    block_class: str = ""
+    block_params: int = 0
+    block_leaf_threshold: int = 0
 
 
 # The components of MemoryEstimate.total, in the order reports list them (bytes per GPU), with the
@@ -177,6 +182,7 @@ def model_shape(model_config) -> ModelShape:
     layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
     inter = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
     gated = any(n.endswith(("gate_proj", "gate_up_proj", "w1", "w3")) for n, _ in model.named_modules())
+    block = block_leaf(model)
     return ModelShape(
         params,
         largest,
@@ -186,7 +192,76 @@ def model_shape(model_config) -> ModelShape:
         model_config.model_type,
         int(inter),
         gated,
+        *block,
     )
+
+
+# DeepSpeed never makes a module with more parameters than this a leaf (parameter_offload.py).
+Z3_MAX_LEAF_PARAMS = 1_000_000_000
+
+
+def block_leaf(model) -> tuple[str, int, int]:
+    """(the transformer block's class, its parameters, the granularity threshold that makes each block
+    one ZeRO-3 leaf). The threshold is ("", 0, 0) where the model names no block, and 0 where any
+    threshold that reaches the blocks would also make a larger module a leaf.
+
+    DeepSpeed walks the model top-down and makes the first module whose granularity (its parameters
+    over its modules with parameters, `_granularity`) is at most the threshold a leaf: it gathers all
+    of a leaf's parameters with one hook instead of one hook per linear and norm."""
+    import sys
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        return "", 0, 0
+    granularity: dict[Any, int] = {}
+    _granularity(model, granularity)
+    threshold = max(granularity[b] for b in blocks)
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    leaves: list[Any] = []
+    _leaves(model, threshold, granularity, leaves)
+    if threshold == sys.maxsize or any(sum(p.numel() for p in m.parameters()) > block_params for m in leaves):
+        threshold = 0
+    return type(blocks[0]).__name__, block_params, threshold
+
+
+def _granularity(module, out: dict) -> tuple[int, int]:
+    """DeepSpeed's module granularity of `module` and of every module below it, into `out`; returns
+    (modules with parameters, parameters) of the subtree, counted as DeepSpeed counts them (a tied
+    weight once per module holding it; containers such as ModuleList not counted)."""
+    import sys
+
+    import torch
+
+    if next(module.parameters(), None) is None:
+        out[module] = sys.maxsize
+        return 0, 0
+    params = sum(p.numel() for p in module.parameters(recurse=False))
+    children = list(module.children())
+    if not children:
+        out[module] = sys.maxsize  # a torch leaf is never made a ZeRO-3 leaf: it already is one
+        return 1, params
+    layers = 0
+    for child in children:
+        child_layers, child_params = _granularity(child, out)
+        layers, params = layers + child_layers, params + child_params
+    if type(module).__name__ in torch.nn.modules.container.__all__:
+        out[module] = sys.maxsize
+        return layers, params
+    layers += 1
+    out[module] = params // layers if params <= Z3_MAX_LEAF_PARAMS else sys.maxsize
+    return layers, params
+
+
+def _leaves(module, threshold: int, granularity: dict, out: list) -> None:
+    """The modules DeepSpeed makes leaves at `threshold`, in its top-down order."""
+    if next(module.parameters(), None) is None:
+        return
+    if granularity[module] <= threshold:
+        out.append(module)
+        return
+    for child in module.children():
+        _leaves(child, threshold, granularity, out)
 
 
 # -- ZeRO-3 settings ------------------------------------------------------------------------------
@@ -208,6 +283,7 @@ class Zero3Settings:
     max_live_parameters: int
     overlap_comm: bool
     reasons: tuple[str, ...]
+    leaf_threshold: int = 0  # DeepSpeed's stage3_module_granularity_threshold; 0: a hook per module
 
 
 def layer_params(shape: ModelShape) -> int:
@@ -228,7 +304,10 @@ def zero3_settings(shape: ModelShape, *, gpu: bool) -> Zero3Settings:
     - prefetch bucket: two blocks (the next one's gather overlaps this one's compute), at most 5e8;
     - persistence: parameters under max(1e5, 10 h) elements (norms, biases) stay gathered: gathering
       them costs a collective each and keeping them costs almost no memory;
-    - max live parameters: room for the prefetch and the block being computed, at least 1e9.
+    - max live parameters: room for the prefetch and the block being computed, at least 1e9;
+    - leaf modules: each transformer block gathered and released as one unit. ZeRO-3's hooks on every
+      linear and norm keep the host busy enough to leave the GPU idle: on one H200 a 0.9B Llama step
+      took 471 ms with them and 261 ms with one hook per block (docs/benchmarks.md, GPU check run 2).
     """
     block = layer_params(shape)
     reduce_bucket = int(min(DS_REDUCE_BUCKET, max(block, shape.params // REDUCES_PER_BACKWARD)))
@@ -245,8 +324,24 @@ def zero3_settings(shape: ModelShape, *, gpu: bool) -> Zero3Settings:
         "overlap_comm on: collectives run on their own stream beside the compute"
         if gpu
         else "overlap_comm off: on CPU (gloo) there is no separate stream to overlap on",
+        leaf_reason(shape),
     )
-    return Zero3Settings(reduce_bucket, prefetch, persistence, live, gpu, reasons)
+    return Zero3Settings(reduce_bucket, prefetch, persistence, live, gpu, reasons, shape.block_leaf_threshold)
+
+
+def leaf_reason(shape: ModelShape) -> str:
+    if shape.block_leaf_threshold:
+        return (
+            f"ZeRO-3 leaf modules: each {shape.block_class} ({shape.block_params:,} parameters) gathered "
+            f"and released as one unit (module granularity threshold {shape.block_leaf_threshold:,}): "
+            "one hook per block instead of one per linear and norm"
+        )
+    if shape.block_class:
+        return (
+            f"ZeRO-3 hooks on every module: no granularity threshold makes {shape.block_class} a leaf "
+            "without also making a larger module one"
+        )
+    return "ZeRO-3 hooks on every module: the model names no transformer block (_no_split_modules)"
 
 
 # -- memory -----------------------------------------------------------------------------------
@@ -270,7 +365,7 @@ def estimate_memory(
     if offload_params:
         bytes_per_param -= 2.0  # bf16 partitions live in CPU memory too
     model_states = shape.params * bytes_per_param / world_size
-    gathered = 4.0 * shape.largest_layer_params
+    gathered = 4.0 * max(shape.largest_layer_params, shape.block_params if shape.block_leaf_threshold else 0)
     tokens = seq_len * micro_batch
     inter = shape.intermediate_size or 4 * shape.hidden_size
     per_layer = tokens * (
@@ -528,6 +623,7 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape) -> dict[str, Any]:
         "stage3_param_persistence_threshold": z.persistence_threshold,
         "stage3_max_live_parameters": z.max_live_parameters,
         "stage3_max_reuse_distance": z.max_live_parameters,
+        "stage3_module_granularity_threshold": z.leaf_threshold,
         "stage3_gather_16bit_weights_on_model_save": True,
         "sub_group_size": SUB_GROUP_SIZE,  # the optimizer-step transient in the estimate depends on it
     }

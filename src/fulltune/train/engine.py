@@ -145,3 +145,13 @@ def build_engine(model, cfg: RunConfig, ds_config: dict[str, Any], lr_factor):
     if cfg.training.torch_compile:
         engine.compile()  # DeepSpeed's: compiles the module with ZeRO-3's hooks kept outside the graphs
     return engine, scheduler
+
+
+def leaf_modules(module) -> dict[str, int]:
+    """The modules ZeRO-3 gathers as one unit (`stage3_module_granularity_threshold`), by class: the
+    setup log shows them, since a threshold that missed the transformer blocks costs speed silently."""
+    from collections import Counter
+
+    from deepspeed.utils import z3_leaf_module
+
+    return dict(Counter(type(m).__name__ for m in module.modules() if z3_leaf_module(m)))

@@ -48,7 +48,13 @@ from fulltune.config import RunConfig
 from fulltune.train import checkpoint
 from fulltune.train.args import TrainerArgs
 from fulltune.train.cadence import Cadence
-from fulltune.train.engine import build_engine, init_distributed, load_model, read_deepspeed_config
+from fulltune.train.engine import (
+    build_engine,
+    init_distributed,
+    leaf_modules,
+    load_model,
+    read_deepspeed_config,
+)
 from fulltune.train.exit_codes import log_failure
 from fulltune.train.loss import EVAL_SPLIT, check_eval_split, eval_loss, train_step
 from fulltune.train.metrics import (
@@ -155,6 +161,13 @@ class Recipe:
 
     def _log_plan(self, seq_len: int) -> None:
         tr, sched = self.cfg.training, self.sched
+        leaves = leaf_modules(self.engine.module)
+        self._log(
+            "ZeRO-3 gathers %s",
+            ", ".join(f"{n} x {name}" for name, n in leaves.items()) + " as one unit each"
+            if leaves
+            else "parameters module by module (no leaf modules)",
+        )
         evaluating = (
             f"; evaluating on {self.eval_data['input_ids'].shape[0]} {EVAL_SPLIT} sequences every "
             f"{tr.eval_steps} steps"
