@@ -10,19 +10,23 @@ profiler tables): a run cut short still returns every figure taken before the cu
 Runs, in order (each its own `torchrun`, one GPU, bf16, seq 2048, Markov-chain data, constant
 learning rate so every trainer's first losses can be set side by side):
 
-- `0.9b/plan`: fulltune as `plan` configures it (ZeRO-3 buckets from the model's size, the micro
-  batch and loss path plan picks); profiled;
-- `0.9b/hf-trainer`: the HF Trainer with plan's DeepSpeed JSON and batch sizes;
+- `0.9b/plan`: fulltune as `plan` configures it (ZeRO-3 buckets from the model's size, each decoder
+  layer one ZeRO-3 leaf, the micro batch and loss path plan picks); profiled;
 - `0.9b/fsdp2`: a plain FSDP2 loop (`benchmarks/fsdp2_step.py`) on the same model and batches;
-- `0.9b/plan-chunked-loss`: the chunked loss forced (what it costs where it is not needed); profiled;
-- `1b/plan`, `3b/plan`: Llama-3.2-1B and -3B shapes (128k vocabulary, tied), as plan configures them;
+- `1b/plan`, `1b/fsdp2`: the Llama-3.2-1B shape (128k vocabulary, tied), the issue's goal;
+- `1b/compile`: `training.torch_compile` at 1B (compiling takes a minute or two);
+- `3b/plan`: the Llama-3.2-3B shape;
+- `0.9b/hf-trainer`: the HF Trainer with plan's DeepSpeed JSON and batch sizes;
+- `0.9b/no-leaf`: ZeRO-3 hooks on every linear and norm (no granularity threshold), what the leaf
+  modules save;
+- `0.9b/plan-chunked-loss`: the chunked loss forced (what it costs where it is not needed);
 - `0.9b/hf-rule`: ZeRO-3 buckets of Hugging Face's "auto" rule (reduce h^2, prefetch 0.9 h^2,
-  persistence 10 h), the configuration of the earlier 14% MFU;
-- `0.9b/compile`: `training.torch_compile`, last, since compiling takes minutes.
+  persistence 10 h), the configuration of the earlier 14% MFU.
 
 Per run: median step (the first `warmup` steps and any profiled steps left out), tokens/s, MFU
 (6N + attention FLOPs per token over the device's dense bf16 peak, the trainer's own formula), peak
-memory against the plan's estimate, and the losses of every step. Models are random, built from a
+memory (reserved against the plan's total, allocated against its estimate of the allocated part),
+and the losses of every step. Models are random, built from a
 config (no download).
 """
 
@@ -55,7 +59,7 @@ SHAPES = {
     "3b": dict(hidden=3072, layers=28, head_dim=128, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     "tiny": dict(hidden=64, layers=2, head_dim=16, kv_heads=2, intermediate=160, vocab=0, tied=False),
 }
-HF_RULE = "hf-rule"
+HF_RULE, NO_LEAF = "hf-rule", "no-leaf"  # ZeRO-3 variants on top of plan's JSON
 
 
 @dataclass
@@ -67,7 +71,7 @@ class Run:
     gas: int = 2
     steps: int = 14
     training: dict = field(default_factory=dict)
-    buckets: str = "plan"  # plan | hf-rule
+    zero: tuple[str, ...] = ()  # ZeRO-3 variants applied to plan's JSON: HF_RULE, NO_LEAF
     profile: bool = False
     expect_s: float = 50.0  # start-up, steps and save on an H200 (seen: 40-66 s), to keep within the budget
 
@@ -76,41 +80,29 @@ def gpu_runs() -> list[Run]:
     """Each configured as 4 x 2 (or 2 x 4); plan may trade accumulation for a larger micro batch, and
     the HF Trainer and FSDP2 runs take whatever plan resolved."""
     return [
-        Run("0.9b/plan", "0.9b", profile=True, steps=23, expect_s=65),
-        Run("0.9b/hf-trainer", "0.9b", kind="hf-trainer", steps=20),
-        Run("0.9b/fsdp2", "0.9b", kind="fsdp2", steps=20),
-        Run("0.9b/plan-chunked-loss", "0.9b", training={"loss_chunk_tokens": 8192}, profile=True, steps=16),
-        Run("1b/plan", "1b", steps=12, expect_s=70),
-        Run("3b/plan", "3b", micro=2, gas=4, steps=8, expect_s=120),
-        Run("0.9b/hf-rule", "0.9b", buckets=HF_RULE, steps=12),
-        Run("0.9b/compile", "0.9b", training={"torch_compile": True}, steps=16, expect_s=150),
+        Run("0.9b/plan", "0.9b", profile=True, steps=23, expect_s=85),
+        Run("0.9b/fsdp2", "0.9b", kind="fsdp2", steps=20, expect_s=35),
+        Run("1b/plan", "1b", steps=14, expect_s=60),
+        Run("1b/fsdp2", "1b", kind="fsdp2", steps=14, expect_s=45),
+        Run("1b/compile", "1b", training={"torch_compile": True}, steps=16, expect_s=150),
+        Run("3b/plan", "3b", micro=2, gas=4, steps=8, expect_s=75),
+        Run("0.9b/hf-trainer", "0.9b", kind="hf-trainer", steps=20, expect_s=45),
+        Run("0.9b/no-leaf", "0.9b", zero=(NO_LEAF,), steps=12, expect_s=40),
+        Run("0.9b/plan-chunked-loss", "0.9b", training={"loss_chunk_tokens": 8192}, steps=16),
+        Run("0.9b/hf-rule", "0.9b", zero=(HF_RULE, NO_LEAF), steps=12, expect_s=35),
     ]
 
 
 def dry_runs() -> list[Run]:
-    """The same runs on the tiny shape: every code path, a few steps each, on CPU."""
-    runs = []
+    """The same runs on the tiny shape: every code path (each variant once), a few steps each, on CPU."""
+    runs: dict[str, Run] = {}
     for r in gpu_runs():
-        if r.shape != "0.9b":
-            continue
+        name = "tiny/" + r.name.split("/", 1)[1]
         training = r.training
         if "loss_chunk_tokens" in training:  # a chunk smaller than the tiny micro batch: several chunks
             training = {**training, "loss_chunk_tokens": 48}
-        runs.append(
-            Run(
-                r.name.replace("0.9b", "tiny"),
-                "tiny",
-                r.kind,
-                r.micro // 2 or 1,
-                r.gas,
-                5,
-                training,
-                r.buckets,
-                r.profile,
-                20,
-            )
-        )
-    return runs
+        runs.setdefault(name, Run(name, "tiny", r.kind, 2, 2, 5, training, r.zero, r.profile, 20))
+    return list(runs.values())
 
 
 def namespace(run: Run, device: str, seq: int, assets: str, sequences: int) -> argparse.Namespace:
@@ -131,14 +123,21 @@ def namespace(run: Run, device: str, seq: int, assets: str, sequences: int) -> a
     )
 
 
-def use_hf_rule(deepspeed_json: str, hidden: int) -> None:
-    """Rewrite plan's ZeRO-3 buckets with Hugging Face's "auto" values: the configuration measured before."""
+def apply_zero_variants(deepspeed_json: str, variants: tuple[str, ...], shape: dict) -> None:
+    """Rewrite plan's ZeRO-3 section with the run's variants:
+    - HF_RULE: Hugging Face's "auto" buckets, the configuration measured before;
+    - NO_LEAF: no module granularity threshold: ZeRO-3 fetches and releases every linear and norm
+      with its own hooks, as before plan made each decoder layer one leaf."""
     ds = json.loads(Path(deepspeed_json).read_text())
-    ds["zero_optimization"].update(
-        reduce_bucket_size=hidden * hidden,
-        stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-        stage3_param_persistence_threshold=10 * hidden,
-    )
+    zero, h = ds["zero_optimization"], shape["hidden"]
+    if HF_RULE in variants:
+        zero.update(
+            reduce_bucket_size=h * h,
+            stage3_prefetch_bucket_size=int(0.9 * h * h),
+            stage3_param_persistence_threshold=10 * h,
+        )
+    if NO_LEAF in variants:
+        zero["stage3_module_granularity_threshold"] = 0
     Path(deepspeed_json).write_text(json.dumps(ds, indent=2))
 
 
@@ -199,13 +198,13 @@ class Check:
         steps_max = max(r.steps for r in (gpu_runs() if self.cuda else dry_runs()) if r.shape == run.shape)
         a = namespace(run, self.device, self.seq, self.a.assets, sequences=8 * (steps_max + 1))
         inputs = ts.build_inputs(root, a, bf16=self.cuda, tag=tag)
-        if run.buckets == HF_RULE:
-            use_hf_rule(inputs["deepspeed"], a.hidden)
+        if run.zero:
+            apply_zero_variants(inputs["deepspeed"], run.zero, SHAPES[run.shape])
         timeout = max(60.0, self.a.budget_s - self.elapsed())
         warnings: list[str] = []  # only fulltune's own log is read for them
         if run.kind == "hf-trainer":
             info = ts.run_hf_trainer(root, inputs, a, self.env, timeout)
-            times, losses, mem = info["times"], info["losses"], info["gpu_mem_reserved_gib"]
+            times, losses, mem = info["times"], info["losses"], peak_memory([info])
         elif run.kind == "fsdp2":
             times, losses, mem = self.fsdp2(root, inputs, a, timeout)
         else:
@@ -214,7 +213,7 @@ class Check:
         return {**result, "trainer_warnings": warnings}
 
     def fulltune(self, root: Path, inputs: dict, a, run: Run, tag: str, timeout: float):
-        """(step times, losses, peak reserved GiB, warnings) of `python -m fulltune.train`; with `run.profile`
+        """(step times, losses, peak memory, warnings) of `python -m fulltune.train`; with `run.profile`
         the last steps but one run under the profiler and are left out of the times."""
         entry, env, timed = ["-m", "fulltune.train"], self.env, run.steps
         if run.profile:
@@ -228,7 +227,7 @@ class Check:
             }
         log = root / f"trainer{tag}.log"
         records = ts.run_fulltune(root, inputs, a, env, tag, entry=entry, timeout=timeout, log=log)
-        mem = max((r.get("gpu_mem_reserved_gib") or 0.0 for r in records), default=None)
+        mem = peak_memory(records)
         times, losses = [r["step_time_s"] for r in records[:timed]], [r["loss"] for r in records]
         return times, losses, mem, warning_lines(log.read_text())
 
@@ -253,7 +252,7 @@ class Check:
         spec_file.write_text(json.dumps(spec))
         ts.torchrun(1, [str(BENCH / "fsdp2_step.py"), "--spec-file", str(spec_file)], self.env, timeout)
         info = json.loads(out.read_text())
-        return info["times"], info["losses"], info["gpu_mem_reserved_gib"]
+        return info["times"], info["losses"], peak_memory([info])
 
     def summarise(self, run: Run, a, inputs: dict, times: list[float], losses: list[float], mem) -> dict:
         from fulltune.train import throughput
@@ -279,7 +278,10 @@ class Check:
             "timed_steps": len(times),
             "tokens_per_s": tokens / step,
             "mfu": (tokens / step) * per_token / peak if peak else None,
-            "peak_reserved_gib": mem,
+            "peak_reserved_gib": mem[0],
+            "peak_allocated_gib": mem[1],
+            # the estimate of what PyTorch allocates: the total less fragmentation and the CUDA context
+            "plan_allocated_gib": (plan["total"] - plan["fragmentation"] - plan["overhead"]) / GiB,
             "plan_total_gib": plan["total"] / GiB,
             "plan_micro_batch": plan["micro_batch"],
             "loss_chunk_tokens": resolved.get("loss_chunk_tokens"),
@@ -310,12 +312,22 @@ class Check:
         (self.out / "gpu_check.md").write_text(markdown(doc))
 
 
+def peak_memory(records: list[dict]) -> tuple[float | None, float | None]:
+    """(peak reserved, peak allocated) GiB over a run's records; None off a GPU."""
+    peaks = []
+    for key in ("gpu_mem_reserved_gib", "gpu_mem_allocated_gib"):
+        values = [r[key] for r in records if r.get(key)]
+        peaks.append(max(values) if values else None)
+    return peaks[0], peaks[1]
+
+
 def warning_lines(output: str, keep: int = 15) -> list[str]:
-    """The trainer's warnings (DeepSpeed's trace invalidations, fallbacks), distinct, the first `keep`."""
+    """The trainer's warnings (DeepSpeed's trace invalidations, fallbacks) and ZeRO-3's leaf-module
+    confirmation, distinct, the first `keep`."""
     seen: list[str] = []
     for line in output.splitlines():
         text = line.split("]", 3)[-1].strip()[:300]  # without DeepSpeed's timestamp prefix
-        if ("warn" in line.lower() or "invalidat" in line.lower()) and text not in seen:
+        if any(w in line.lower() for w in ("warn", "invalidat", "z3_leaf")) and text not in seen:
             seen.append(text)
     return seen[:keep]
 
@@ -370,7 +382,7 @@ def markdown(doc: dict) -> str:
         "",
         ", ".join(f"{k} {v}" for k, v in dev.items()),
         "",
-        "| run | params | micro x acc | median step | tok/s | MFU | peak reserved | plan total | loss chunk | status |",
+        "| run | params | micro x acc | median step | tok/s | MFU | peak reserved / plan total | peak allocated / plan | loss chunk | status |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in doc["runs"]:
@@ -378,10 +390,12 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {r['name']} | | {r['micro']} x {r['gas']} | | | | | | | {r['status']} |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        mem = f"{r['peak_reserved_gib']:.1f}" if r["peak_reserved_gib"] else "-"
+        reserved = f"{r['peak_reserved_gib']:.1f}" if r["peak_reserved_gib"] else "-"
+        allocated = f"{r['peak_allocated_gib']:.1f}" if r["peak_allocated_gib"] else "-"
         lines.append(
             f"| {r['name']} | {r['params'] / 1e6:,.0f}M | {r['micro']} x {r['gas']} | {r['median_step_s'] * 1000:,.0f} ms "
-            f"| {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {r['plan_total_gib']:.1f} | {r['loss_chunk_tokens']} | {r['status']} |"
+            f"| {r['tokens_per_s']:,.0f} | {mfu} | {reserved} / {r['plan_total_gib']:.1f} "
+            f"| {allocated} / {r['plan_allocated_gib']:.1f} | {r['loss_chunk_tokens']} | {r['status']} |"
         )
     lines += ["", *loss_table(doc["runs"])]
     for r in doc["runs"]:
