@@ -320,6 +320,228 @@ def hf_dataset_dict(tmp: Path) -> Case:
     return Case(str(d), "no_data", str(d))
 
 
+# -- found by the input contract (tests/test_input_contract.py) and by trying each reader -----------
+
+
+@case
+def lone_surrogate_escape(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(json.dumps(OK).encode() + b'\n{"text": "half an emoji \\ud83d here"}\n')
+    return Case(str(p), "invalid_utf8", f"{p}:2")
+
+
+@case
+def lone_low_surrogate_in_prompt(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(b'{"prompt": "q", "completion": "a"}\n{"prompt": "\\udc00", "completion": "a"}\n')
+    return Case(str(p), "invalid_utf8", f"{p}:2")
+
+
+@case
+def surrogate_pair_escape_accepted(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(b'{"text": "an emoji \\ud83d\\ude00 escaped"}\n' * 2)  # one code point: a good record
+    return Case(str(p), "duplicate", f"{p}:2", passes=True)
+
+
+@case
+def csv_quote_never_closes(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_text('text\nfirst row\n"second row opens a quote\nthird row\nfourth row\n')
+    return Case(str(p), "unreadable_file", f"{p}:3")
+
+
+@case
+def csv_text_after_closing_quote(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_text('text\nfine row\n"quoted" then more\nlast row\n')
+    return Case(str(p), "invalid_csv", f"{p}:3")
+
+
+@case
+def csv_semicolon_delimiter(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_text("text;source\nhello;web\nthere;web\n")
+    return Case(str(p), "unknown_kind", f"{p}:2")
+
+
+@case
+def csv_header_only(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_text("text,source\n")
+    return Case(str(p), "no_records", str(p))
+
+
+@case
+def csv_bom_and_crlf_accepted(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_bytes(b"\xef\xbb\xbftext,source\r\nfirst,web\r\nfirst,web\r\n")
+    return Case(str(p), "duplicate", f"{p}:3", passes=True)
+
+
+@case
+def csv_empty_cell(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_text('text,source\nfine,web\n"",web\n')
+    return Case(str(p), "empty_text", f"{p}:3")
+
+
+@case
+def csv_chat_cell_not_json(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    good = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    rows = [["messages"], [good], ["[{'role': 'user'}]"]]
+    buf = io.StringIO()
+    __import__("csv").writer(buf).writerows(rows)
+    p.write_text(buf.getvalue())
+    return Case(str(p), "bad_chat", f"{p}:3")
+
+
+@case
+def gzip_concatenated_members_accepted(tmp: Path) -> Case:
+    p = tmp / "t.jsonl.gz"
+    p.write_bytes(
+        gzip.compress(json.dumps(OK).encode() + b"\n") + gzip.compress(json.dumps(OK).encode() + b"\n")
+    )
+    return Case(str(p), "duplicate", f"{p}:2", passes=True)
+
+
+@case
+def gzip_trailing_garbage(tmp: Path) -> Case:
+    p = tmp / "t.jsonl.gz"
+    p.write_bytes(gzip.compress(json.dumps(OK).encode() + b"\n") + b"not gzip at all")
+    return Case(str(p), "unreadable_file", f"{p}:2")
+
+
+@case
+def gzip_empty_member(tmp: Path) -> Case:
+    p = tmp / "t.jsonl.gz"
+    p.write_bytes(gzip.compress(b""))
+    return Case(str(p), "no_records", str(p))
+
+
+@case
+def every_record_empty(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", {"text": ""}, {"text": "   "}, {"text": "\n\t"})
+    return Case(p, "no_records", p, data={"max_error_rate": 1.0})
+
+
+@case
+def every_record_unparseable_within_budget(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", "{", "[1]", '"s"')
+    return Case(p, "no_records", p, data={"max_error_rate": 1.0, "record_kind": "text"})
+
+
+@case
+def null_text(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": None})
+    return Case(p, "wrong_type", f"{p}:2")
+
+
+@case
+def list_text(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": ["a", "list"]})
+    return Case(p, "wrong_type", f"{p}:2")
+
+
+@case
+def prompt_without_completion(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", {"prompt": "q", "completion": "a"}, {"prompt": "q only"})
+    return Case(p, "missing_field", f"{p}:2")
+
+
+@case
+def chat_content_not_a_string(tmp: Path) -> Case:
+    p = lines(
+        tmp / "t.jsonl",
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]},
+    )
+    return Case(p, "bad_chat", f"{p}:2")
+
+
+@case
+def chat_without_assistant(tmp: Path) -> Case:
+    p = lines(
+        tmp / "t.jsonl",
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+    )
+    return Case(p, "bad_chat", f"{p}:2")
+
+
+@case
+def chat_empty_turn(tmp: Path) -> Case:
+    p = lines(
+        tmp / "t.jsonl",
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+    )
+    return Case(p, "empty_text", f"{p}:2")
+
+
+@case
+def replacement_characters(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": "caf\ufffd au lait, d\ufffdj\ufffd vu"})
+    return Case(p, "mojibake", f"{p}:2", passes=True)
+
+
+@case
+def two_objects_on_one_line(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(json.dumps(OK).encode() + b'\n{"text": "one"} {"text": "two"}\n')
+    return Case(str(p), "invalid_json", f"{p}:2")
+
+
+@case
+def lone_carriage_returns(tmp: Path) -> Case:
+    p = tmp / "t.jsonl"
+    p.write_bytes(json.dumps(OK).encode() + b'\r{"text": "old mac line ending"}\n')
+    return Case(str(p), "invalid_json", f"{p}:1")
+
+
+@case
+def parquet_null_text(tmp: Path) -> Case:
+    p = parquet(tmp / "t.parquet", pa.table({"text": ["fine", None, "also fine"]}))
+    return Case(p, "wrong_type", f"{p} row 1")
+
+
+@case
+def parquet_nested_text(tmp: Path) -> Case:
+    p = parquet(tmp / "t.parquet", pa.table({"text": pa.array([["a"], ["b"]], pa.list_(pa.string()))}))
+    return Case(p, "wrong_type", f"{p} row 0")
+
+
+@case
+def parquet_no_rows(tmp: Path) -> Case:
+    p = parquet(tmp / "t.parquet", pa.table({"text": pa.array([], pa.string())}))
+    return Case(p, "no_records", p)
+
+
+@case
+def parquet_truncated_footer(tmp: Path) -> Case:
+    p = tmp / "t.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(100)]}), p)
+    p.write_bytes(p.read_bytes()[:-20])
+    return Case(str(p), "unreadable_file", str(p))
+
+
+@case
+def parquet_large_string_many_row_groups_accepted(tmp: Path) -> Case:
+    p = tmp / "t.parquet"
+    table = pa.table({"text": pa.array(["same text"] * 3 + ["other"], pa.large_string())})
+    pq.write_table(table, p, row_group_size=1)
+    return Case(str(p), "duplicate", f"{p} row 1", passes=True)
+
+
+@case
+def arrow_garbage(tmp: Path) -> Case:
+    d = tmp / "hf"
+    d.mkdir()
+    (d / "data-00000-of-00001.arrow").write_bytes(b"ARROW1 but nothing after")
+    return Case(str(d), "unreadable_file", str(d / "data-00000-of-00001.arrow"))
+
+
 def run_case(tmp_path: Path, c: Case) -> tuple[dict[str, Any], str]:
     work = tmp_path / "work"
     cfg = RunConfig.from_dict({"work_dir": str(work), "data": {"train_uri": c.uri, **c.data}})
@@ -337,7 +559,7 @@ def run_case(tmp_path: Path, c: Case) -> tuple[dict[str, Any], str]:
 
 
 def test_corpus_is_large_enough():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 60
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

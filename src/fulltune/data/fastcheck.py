@@ -325,6 +325,9 @@ def max_depth() -> int:
 
 
 _TWO_OBJECTS = re.compile(rb"}[ \t]*{")  # two JSON values on one line: pyarrow reads two rows
+# A JSON escape of a UTF-16 surrogate: json.loads keeps a lone one (the precise path refuses the
+# record), pyarrow does not, so such lines go through the precise path.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 PIECE_BYTES = 1 << 20  # JSONL parsed per pyarrow call; a bad line costs re-reading part of one
 
 
@@ -357,6 +360,8 @@ def _suspicious_lines(data: bytes, arr: np.ndarray, starts: np.ndarray) -> set[i
                 out.add(line_of(pos))
             pos = data.find(pattern, pos + 1)
     for m in _TWO_OBJECTS.finditer(data):
+        out.add(line_of(m.start()))
+    for m in _SURROGATE_ESCAPE.finditer(data):  # pyarrow would not refuse a lone surrogate
         out.add(line_of(m.start()))
     if not data.isascii() and not _valid_utf8(data):
         pos = 0

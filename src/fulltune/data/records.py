@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ JSONL_BLOCK_BYTES = 4 << 20  # bytes of whole lines read (and checked) at a time
 READ_BUFFER = 1 << 20
 KIND_SCAN_LIMIT = 1000  # parseable records `resolve_kind` looks at before giving up
 _BOM = b"\xef\xbb\xbf"
+# A lone UTF-16 surrogate in a str: what a JSON escape such as \ud800 without its pair decodes to.
+# No UTF-8 encoder (the tokenizer, the Parquet writer) accepts it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -319,7 +323,9 @@ def _iter_csv(path: str) -> Iterator[RawRecord]:
         if path.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=stream)
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        reader = csv.reader(text)
+        # strict: a quote that never closes (or text after a closing quote) is an error at the row
+        # where it starts, instead of the rest of the file read as one field of one record
+        reader = csv.reader(text, strict=True)
         header: list[str] | None = None
         lineno = 0  # physical lines consumed so far; a record starts on the next one
         try:
@@ -330,6 +336,13 @@ def _iter_csv(path: str) -> Iterator[RawRecord]:
                 except StopIteration:
                     return
                 except csv.Error as exc:
+                    if "unexpected end of data" in str(exc):  # every line after `start` is in one field
+                        reason = (
+                            f"a quote opened in the record at line {start} never closes: lines {start}-"
+                            f"{reader.line_num} would be read as one field (an unknown number of records)"
+                        )
+                        yield RawRecord(Location(path, line=start), code="unreadable_file", reason=reason)
+                        return
                     lineno = reader.line_num
                     yield RawRecord(Location(path, line=start), code="invalid_csv", reason=str(exc))
                     continue
@@ -482,6 +495,7 @@ def normalize(raw: RawRecord, kind: str, cfg: DataSection) -> Record:
             )
         if not got.strip():
             raise RecordError("empty_text", f"field {name!r} is empty or whitespace", raw.loc)
+        _refuse_surrogates(got, f"field {name!r}", raw.loc)
         return got
 
     if kind == "text":
@@ -530,11 +544,22 @@ def normalize(raw: RawRecord, kind: str, cfg: DataSection) -> Record:
                 raise RecordError("bad_chat", f"message {i} has unknown role {m['role']!r}", raw.loc)
             if not m["content"].strip():
                 raise RecordError("empty_text", f"message {i} ({m['role']}) is empty", raw.loc)
+            _refuse_surrogates(m["content"], f"message {i} ({m['role']})", raw.loc)
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise RecordError("bad_chat", "no assistant turn: nothing to learn from", raw.loc)
         return Record(kind, raw.loc, messages=out)
     raise ValueError(f"unknown record kind {kind!r}")
+
+
+def _refuse_surrogates(text: str, what: str, loc: Location) -> None:
+    if found := _SURROGATE.search(text):
+        raise RecordError(
+            "invalid_utf8",
+            f"{what} holds \\u{ord(found.group()):04x} at character {found.start()}, a lone UTF-16 "
+            "surrogate (a JSON escape without its pair, or bytes that are not UTF-8): not text",
+            loc,
+        )
 
 
 def resolve_kind(uri: str, cfg: DataSection) -> str:

@@ -9,7 +9,7 @@ CODES: dict[str, tuple[str, str]] = {
     "no_data": ("fatal", "nothing to read at the URI"),
     "unreadable_file": ("fatal", "a corrupt or truncated file: an unknown number of records is lost"),
     "unknown_kind": ("fatal", "the fields name no record kind (see data.text_field and friends)"),
-    "no_records": ("fatal", "the data files hold no records"),
+    "no_records": ("fatal", "the data files hold no usable records"),
     "invalid_json": ("error", "the line is not valid JSON"),
     "invalid_utf8": ("error", "the line is not valid UTF-8"),
     "not_an_object": ("error", "the line is JSON but not an object"),

@@ -48,8 +48,14 @@ class DatasetCheck:
         if rows is not None:
             for file_index, path in enumerate(self.files):
                 self._check_file(rows, file_index, path)
-            if self.tally.records == 0 and not self.tally.has_fatal():
-                self.tally.add("no_records", "the data files hold no records", self.uri)
+            if self.tally.records == self.tally.bad and not self.tally.has_fatal():
+                # however wide the error budget, a dataset needs one record preprocessing can use
+                reason = (
+                    f"none of the {self.tally.records} records is usable"
+                    if self.tally.records
+                    else "the data files hold no records"
+                )
+                self.tally.add("no_records", reason, self.uri)
         return dataset_report(self.uri, self.kind, len(self.files), self.tally, self.cfg)
 
     def _open(self) -> RowCheck | None:
