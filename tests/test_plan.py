@@ -452,3 +452,10 @@ def test_plan_warns_of_matrix_dimensions_the_fast_gpu_kernels_cannot_take():
     assert len(notes) == 2
     assert "intermediate_size 5461 is not a multiple of 8" in notes[0] and "vocab_size 32001" in notes[1]
     assert planmod.alignment_notes(shape_869m().__class__(1, 1, 2048, 16, 32000, "llama", 5632, True)) == []
+
+
+def test_a_config_transformers_cannot_read_is_a_plan_error_naming_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama-next-2031", "hidden_size": 8}))
+    cfg = RunConfig.from_dict({"model": {"base_model_uri": str(tmp_path)}})
+    with pytest.raises(PlanError, match=f"{tmp_path}/config.json: cannot read the model's configuration"):
+        planmod.load_model_config(cfg)

@@ -29,7 +29,7 @@ def build_tokenizer(
     embedding_rows: int | None = None,
     chat_template: str | None = None,
 ) -> Path:
-    """A byte-level BPE tokenizer trained on CORPUS, with a tiny LlamaConfig beside it."""
+    """A byte-level BPE tokenizer trained on CORPUS, with a tiny Llama (config and weights) beside it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -46,18 +46,27 @@ def build_tokenizer(
     if chat_template:
         fast.chat_template = chat_template
     fast.save_pretrained(path)
-    LlamaConfig(
-        vocab_size=embedding_rows or len(fast),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    ).save_pretrained(path)
-    assert not list(path.glob("*.safetensors"))
+    save_model(
+        path,
+        LlamaConfig(
+            vocab_size=embedding_rows or len(fast),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+        ),
+    )
     return path
+
+
+def save_model(path: Path, config) -> None:
+    """The model's config and (random) weights: check_tokenizer checks the model files too."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +278,7 @@ def test_reservoir_is_deterministic_and_bounded():
 def test_tokenizer_from_s3_skips_weights(tokenizer_dir, tmp_path, s3):
     from fulltune import storage
 
-    storage.upload_dir(tokenizer_dir, f"{s3}/model")
-    storage.write_bytes(f"{s3}/model/model.safetensors", b"not really weights")
+    storage.upload_dir(tokenizer_dir, f"{s3}/model")  # the weights' headers are read, never the weights
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
     cfg = RunConfig.from_dict({"model": {"base_model_uri": f"{s3}/model"}, "data": {"train_uri": str(train)}})
     report = check_tokenizer(cfg, tmp_path / "out")
@@ -297,9 +305,9 @@ def test_unk_rate_and_roundtrip_on_a_lossy_tokenizer(tmp_path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     model = tmp_path / "tok"
     fast.save_pretrained(model)
-    LlamaConfig(
-        vocab_size=len(fast), hidden_size=16, num_hidden_layers=1, num_attention_heads=2
-    ).save_pretrained(model)
+    save_model(
+        model, LlamaConfig(vocab_size=len(fast), hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    )
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "the patient"}, {"text": "the Zürich patient"}])
 
     report = check_tokenizer(make_cfg(model, train), tmp_path / "out")

@@ -163,9 +163,17 @@ class Plan:
 
 
 def load_model_config(cfg: RunConfig):
+    """The base model's config; PlanError naming the file when transformers cannot read it."""
     from fulltune.hf import load_config
 
-    return load_config(cfg.model.base_model_uri, cfg.model.trust_remote_code)
+    uri = cfg.model.base_model_uri
+    try:
+        return load_config(uri, cfg.model.trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:  # transformers' ways of saying "cannot read this"
+        raise PlanError(
+            f"{storage.join(uri, 'config.json')}: cannot read the model's configuration ({type(exc).__name__}: "
+            f"{exc}); the check_tokenizer step checks the model's files and says what to do"
+        ) from None
 
 
 def model_shape(model_config) -> ModelShape:

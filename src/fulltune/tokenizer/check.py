@@ -1,7 +1,11 @@
-"""check_tokenizer: does the tokenizer fit the model and the domain data, before any GPU is spent?
+"""check_tokenizer: do the base model's files, its tokenizer and the domain data fit, before any GPU
+is spent?
 
 Checks, each with a status (ok, info, warning, error):
 
+- model files: the base model loads as it is (`fulltune.model_check`, headers only: config and
+  architecture, safetensors only, every shard complete, every tensor the config implies with its
+  shape); each problem is in the report's `model_files` with its code and file;
 - special tokens: eos must exist (error); bos and pad are reported; pad == eos is a warning,
   because code that masks padding by token id also masks every EOS out of the loss;
 - embedding: `len(tokenizer)` must not exceed the model's embedding rows (`vocab_size` in the
@@ -145,12 +149,15 @@ class _Checker:
         self.roundtrip: dict[str, Any] | None = None
         self.chat: dict[str, Any] | None = None
         self.kind: str | None = None
+        self.model_files: list[dict[str, str]] = []
 
     def add(self, name: str, status: str, message: str) -> None:
         self.checks.append(Check(name, status, message))
 
     def run(self) -> None:
         cfg = self.cfg
+        if cfg.model.base_model_uri:
+            self._model_files(cfg.model.base_model_uri)
         if not cfg.tokenizer_uri:
             self.add("load", "error", "model.base_model_uri (or model.tokenizer_uri) is required")
             return
@@ -179,7 +186,17 @@ class _Checker:
         self._unk(domain_ids)
         self._roundtrip(domain_texts[:ROUNDTRIP_SAMPLE], domain_ids[:ROUNDTRIP_SAMPLE])
 
-    # special tokens and the embedding --------------------------------------------------------
+    # the model's files, special tokens and the embedding ---------------------------------------
+
+    def _model_files(self, uri: str) -> None:
+        from fulltune.model_check import check_model_files
+
+        problems = check_model_files(uri, self.cfg.model.trust_remote_code)
+        self.model_files = [vars(p) for p in problems]
+        if problems:
+            self.add("model_files", "error", "; ".join(map(str, problems)))
+        else:
+            self.add("model_files", "ok", f"{uri}: every tensor the config implies is there, complete")
 
     def _special_tokens(self) -> None:
         tok = self.tok
@@ -229,6 +246,8 @@ class _Checker:
             return
         try:
             model_config = load_model_config(uri)
+            if not isinstance(model_config, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             self.add("embedding", "error", f"cannot read {storage.join(uri, 'config.json')}: {exc}")
             return
@@ -546,6 +565,7 @@ class _Checker:
             "tokenizer": self.info,
             "model": self.model,
             "checks": [vars(c) for c in self.checks],
+            "model_files": self.model_files,
             "lengths": self.lengths,
             "fertility": self.fertility,
             "split_terms": self.split_terms,
