@@ -542,6 +542,19 @@ def arrow_garbage(tmp: Path) -> Case:
     return Case(str(d), "unreadable_file", str(d / "data-00000-of-00001.arrow"))
 
 
+@case
+def mostly_duplicates(tmp: Path) -> Case:
+    p = lines(tmp / "t.jsonl", OK, {"text": "another document"}, OK, OK, OK)
+    return Case(p, "duplicate", f"{p}:3")
+
+
+@case
+def a_warning_set_to_fail_without_a_rate(tmp: Path) -> Case:
+    rows = [{"text": f"document {i}"} for i in range(200)] + [{"text": "write to ann@example.org"}]
+    p = lines(tmp / "t.jsonl", *rows)
+    return Case(p, "pii_email", f"{p}:201", data={"checks": {"pii_email": {"action": "fail"}}})
+
+
 def run_case(tmp_path: Path, c: Case) -> tuple[dict[str, Any], str]:
     work = tmp_path / "work"
     cfg = RunConfig.from_dict({"work_dir": str(work), "data": {"train_uri": c.uri, **c.data}})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fulltune.config import ConfigError, RunConfig, describe
 
@@ -130,3 +132,66 @@ def test_describe_lists_every_field_of_every_section_optional_and_repeated_ones_
         assert field.description, f"{model.__name__}.{name} has no description"
         assert f"{name}: " in text and field.description in text, f"{model.__name__}.{name} is not described"
     assert "kubeflow: None" in text and "server_address: <required>" in text
+
+
+# -- property: any mapping either validates or names the field ---------------------------------------
+
+
+def _field_names(model) -> dict[str, object]:
+    """{field name: its nested section model, or None} of a pydantic section."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        out[name] = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return out
+
+
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=3),
+)
+
+
+@st.composite
+def _mapping(draw, model=None, depth: int = 0) -> dict:
+    """A mapping whose keys are mostly the section's real field names (a few misspelt), with values
+    of any JSON type, nested sections recursing."""
+    fields = _field_names(model) if model is not None else {}
+    keys = (
+        draw(
+            st.lists(
+                st.sampled_from(sorted(fields)) | st.text(min_size=1, max_size=8), max_size=5, unique=True
+            )
+        )
+        if fields
+        else []
+    )
+    out = {}
+    for key in keys:
+        section = fields.get(key)
+        if section is not None and depth < 3 and draw(st.booleans()):
+            out[key] = draw(_mapping(section, depth + 1))
+        else:
+            out[key] = draw(_SCALARS)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(_mapping(RunConfig))
+def test_any_mapping_validates_or_names_the_field(data):
+    """Never a traceback: a ConfigError with one line per invalid field, `<dotted path>: <what is
+    wrong>`, the path printable (odd keys quoted) and the offending value shown."""
+    try:
+        RunConfig.from_dict(data)
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        assert lines[0].startswith("config: ") and len(lines) > 1
+        for line in lines[1:]:
+            path, sep, what = line.strip().partition(": ")
+            assert sep and what and path and path.isprintable(), line

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled
@@ -892,3 +893,18 @@ def test_the_compiled_train_task_gets_its_run_task_image_secret_and_workflow_nam
         "fieldPath": "metadata.labels['workflows.argoproj.io/workflow']",
     }
     assert workflow in train["fieldPathAsEnv"]
+
+
+@pytest.mark.parametrize("delete", [False, True])
+def test_a_finished_run_keeps_or_deletes_its_checkpoints_and_says_so(tmp_path, s3, caplog, delete):
+    from fulltune.train.run import _checkpoints_after_success
+
+    root = f"{s3}/work/train/checkpoints"
+    storage.write_bytes(f"{root}/step-00000002/mp_rank_00_model_states.pt", b"x" * 2048)
+    storage.write_bytes(f"{root}/step-00000002/checkpoint_manifest.json", b"{}")
+    cfg = RunConfig.from_dict({"training": {"delete_checkpoints_after_success": delete}})
+    with caplog.at_level("INFO", logger="fulltune.train.run"):
+        _checkpoints_after_success(cfg, root)
+    assert (storage.list_files(root) == []) is delete
+    said = "deleted the run's checkpoints" if delete else "kept the run's checkpoints"
+    assert f"{said} at {root}" in caplog.text

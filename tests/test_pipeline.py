@@ -53,6 +53,12 @@ def test_pipeline_shape():
     cond = next(t for t in root_tasks.values() if "triggerPolicy" in t)
     assert "evaluate" in json.dumps(cond["triggerPolicy"]["condition"])
     assert root_tasks["train"]["cachingOptions"] == {}  # caching off: a rerun must train again
+    # storage steps are retried with backoff; train is not (its launcher restarts retryable exits only)
+    retried = {name for name, t in root_tasks.items() if t.get("retryPolicy", {}).get("maxRetryCount")}
+    assert {"validate-data", "check-tokenizer", "plan", "list-shards", "gather-shards", "evaluate"} <= retried
+    assert "train" not in retried
+    loop_tasks = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert loop_tasks["preprocess-shard"]["retryPolicy"]["backoffDuration"] == "30s"
     images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
     # CPU steps run the runtime image; the GPU evaluate step the trainer image; never a floating tag
     assert images.pop("exec-evaluate").startswith("ghcr.io/fulltune/fulltune-trainer:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -157,17 +158,20 @@ def test_schedule_and_data_order_depend_only_on_seed_and_step():
         make_schedule(cfg, num_sequences=5, world=2)
 
 
-def with_fault(job: TrainJob, *, after_step: int, rank: int = 0) -> TrainJob:
+def with_fault(
+    job: TrainJob, *, after_step: int, rank: int = 0, once: Path | None = None, max_restarts: int = 0
+) -> TrainJob:
     """The same job run by tests/support/faulty_trainer.py: the real trainer, with `rank` SIGKILLed
-    once `after_step` optimizer steps are done."""
+    once `after_step` optimizer steps are done (with `once`, only on the first attempt)."""
     pythonpath = os.pathsep.join(p for p in (str(SUPPORT), os.environ.get("PYTHONPATH")) if p)
     env = {
         **job.env,
         "PYTHONPATH": pythonpath,
         "FAULTY_TRAINER_KILL_AFTER_STEP": str(after_step),
         "FAULTY_TRAINER_KILL_RANK": str(rank),
+        **({"FAULTY_TRAINER_ONCE": str(once)} if once else {}),
     }
-    return dataclasses.replace(job, entry_module="faulty_trainer", env=env)
+    return dataclasses.replace(job, entry_module="faulty_trainer", env=env, max_restarts=max_restarts)
 
 
 def _final_state(uri: str) -> dict[str, torch.Tensor]:
@@ -194,11 +198,6 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
     LocalLauncher().run(job)
 
     cfg, work, dataset, job = runs["killed"]
-    # rank 1 dies after step 5: the step-4 checkpoint is newest
-    with pytest.raises(LaunchError) as exc:
-        LocalLauncher().run(with_fault(job, after_step=5, rank=1))
-    assert exc.value.exit_code == exit_codes.EXIT_RETRYABLE  # a killed rank is worth a restart
-    assert checkpoint.list_tags(job.args.checkpoints) == ["step-00000004", "step-00000002"]
     out = []
 
     class Sink:
@@ -208,10 +207,21 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
         def flush(self):
             pass
 
-    LocalLauncher(stream=Sink()).run(job)  # the restart: same job, same command
-    assert "resumed from" in "".join(out) and "step 4" in "".join(out)
+    # rank 1 dies after step 5 on the first attempt (the step-4 checkpoint is newest); the launcher
+    # sees a retryable exit and restarts the group, which resumes
+    faulty = with_fault(job, after_step=5, rank=1, once=tmp_path / "killed-once", max_restarts=1)
+    LocalLauncher(stream=Sink()).run(faulty)
+    log = "".join(out)
+    assert f"node exit codes [{exit_codes.EXIT_RETRYABLE}]: retryable; restarting the group (1 of 1)" in log
+    resumed = re.search(r"resumed from \S+ at step 4 \(([\d.]+) s of training before\)", log)
+    assert resumed and float(resumed.group(1)) > 0
     metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == list(range(6))  # one record per step, none lost or doubled
+    assert checkpoint.list_tags(job.args.checkpoints) == ["step-00000004", "step-00000002"]
+    # the summary counts the first attempt's training up to its last checkpoint too
+    summary = storage.read_json(storage.join(job.args.output, "training_summary.json"))
+    last_attempt_steps = sum(m["step_time_s"] for m in metrics[4:])
+    assert summary["train_seconds"] >= float(resumed.group(1)) + last_attempt_steps - 1e-3
     straight, resumed = _final_state(runs["straight"][3].args.output), _final_state(job.args.output)
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)

@@ -46,7 +46,8 @@ def test_default_policies_are_in_the_report(tmp_path):
     checks = report["checks"]
     assert checks["invalid_json"] == {"action": "fail", "max_rate": None}
     assert checks["secret_aws_key"] == {"action": "fail", "max_rate": 0.0}
-    assert checks["duplicate"] == checks["pii_email"] == {"action": "warn", "max_rate": None}
+    assert checks["duplicate"] == {"action": "fail", "max_rate": 0.5}  # more than half repeats: refused
+    assert checks["pii_email"] == {"action": "warn", "max_rate": None}
     assert "no_data" not in checks  # fatal codes have no policy
 
 

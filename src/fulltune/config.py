@@ -101,7 +101,9 @@ class DataSection(_Section):
         default_factory=dict,
         description="Per-code policy overriding the defaults, e.g. {pii_email: {action: fail, max_rate: 0}}. "
         "Defaults: record errors (invalid_json, wrong_type, ...) fail above max_error_rate; secrets fail on any; "
-        "duplicates, PII, special tokens, lengths and chat-structure findings warn. Fatal codes cannot be changed.",
+        "exact duplicates fail above half the records (an export or join gone wrong, more often than real data); "
+        "PII, special tokens, lengths and chat-structure findings warn. A code set to fail without max_rate fails "
+        "on any occurrence (record errors: above max_error_rate). Fatal codes cannot be changed.",
     )
     min_chars: int = Field(
         1, ge=0, description="Records shorter than this many characters are reported as too_short."
@@ -260,6 +262,12 @@ class TrainingSection(_Section):
         description="Save a complete checkpoint every this many optimizer steps (0: only the final model).",
     )
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    delete_checkpoints_after_success: bool = Field(
+        False,
+        description="Delete the run's checkpoints once the final model's manifest is written. They hold the "
+        "full optimizer state (~16 bytes per parameter: ~110 GB for 7B) and are only needed to resume or "
+        "continue this run; kept by default, and the train step says how much they take.",
+    )
     fp16: bool = Field(
         False,
         description="Train in float16 with dynamic loss scaling (GPUs without bf16); exclusive with bf16.",
@@ -362,7 +370,9 @@ class KubernetesSection(_Section):
     max_restarts: int = Field(
         3,
         ge=0,
-        description="Group restarts after a lost or failed pod (elasticPolicy.maxRestarts); each resumes.",
+        description="Group restarts after a retryable failure (a lost or killed pod or rank, exit 138): the "
+        "PyTorchJob's elasticPolicy.maxRestarts, and the local launcher's relaunches; each resumes from the "
+        "newest complete checkpoint. Permanent failures (exit 1, 2) are never retried.",
     )
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Kill the job after this many seconds (runPolicy.activeDeadlineSeconds)."
@@ -650,7 +660,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: {exc.error_count()} invalid field(s)"]
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        field = ".".join(_loc_part(p) for p in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `fulltune config --describe` lists the fields)"
@@ -662,6 +672,13 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         )
         lines.append(f"  {field}: {msg}{shown}")
     return "\n".join(lines)
+
+
+def _loc_part(part: Any) -> str:
+    """A key of the error's path as written: quoted where it is empty, has spaces, dots, colons or
+    characters that do not print (a stray '\\r' key would otherwise break the message's lines)."""
+    text = str(part)
+    return text if text and text.isprintable() and not any(c in text for c in " .:") else repr(text)
 
 
 def expand_dotted(data: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ says where to strike through the job's environment:
     FAULTY_TRAINER_KILL_AFTER_STEP  optimizer steps done when the rank dies (after that step's
                                     checkpoint, if one is due, is complete)
     FAULTY_TRAINER_KILL_RANK        which rank dies (default 0)
+    FAULTY_TRAINER_ONCE             a file: the rank dies only while it does not exist (it is created
+                                    just before the kill), so a restarted group runs through
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from fulltune.train.metrics import StepRecord
 from fulltune.train.recipe import main
 
 
-def kill_after(step: int, rank: int):
+def kill_after(step: int, rank: int, once: str | None):
     """A step-end callback that SIGKILLs `rank` once `step` optimizer steps are done: no cleanup,
     no exit code of its own, as when the OOM killer or a lost node takes a rank."""
 
     def callback(done: int, this_rank: int, record: StepRecord) -> None:
         if done == step and this_rank == rank:
+            if once:
+                if os.path.exists(once):
+                    return
+                open(once, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
 
     return callback
@@ -34,4 +40,4 @@ def kill_after(step: int, rank: int):
 if __name__ == "__main__":
     after = int(os.environ["FAULTY_TRAINER_KILL_AFTER_STEP"])
     rank = int(os.environ.get("FAULTY_TRAINER_KILL_RANK", "0"))
-    sys.exit(main(step_end=[kill_after(after, rank)]))
+    sys.exit(main(step_end=[kill_after(after, rank, os.environ.get("FAULTY_TRAINER_ONCE"))]))

@@ -34,6 +34,10 @@ class TrainJob:
     nproc_per_node: int = 1
     accelerator: str = "gpu"
     env: dict[str, str] = field(default_factory=dict)
+    # Group restarts after a retryable failure (exit 138: a killed rank, a lost peer); each resumes
+    # from the newest complete checkpoint. The PyTorchJob's elasticPolicy.maxRestarts, the local
+    # launcher's relaunches.
+    max_restarts: int = 0
     # The module every rank runs with `args`. Tests run a wrapper that installs step-end callbacks
     # and then calls the same `fulltune.train.recipe.main`.
     entry_module: str = ENTRY_MODULE

@@ -62,6 +62,28 @@ class LocalLauncher:
         self.tail_lines = tail_lines
 
     def run(self, job: TrainJob) -> None:
+        """Run the job; a retryable failure (every failed node exited 128+) restarts the whole group,
+        at most `job.max_restarts` times, as the PyTorchJob's operator does: it resumes from the
+        newest complete checkpoint. A permanent failure (bad input, a bug) is never retried."""
+        for attempt in range(job.max_restarts + 1):
+            codes, log_tail = self._run_once(job)
+            if not any(codes):
+                return
+            bad = next(c for c in codes if c)
+            retryable = all(c == 0 or c >= 128 for c in codes)
+            if not retryable or attempt == job.max_restarts:
+                raise LaunchError(
+                    f"training failed: node exit codes {codes}.\n{log_tail.summary()}", exit_code=bad
+                )
+            line = (
+                f"fulltune: node exit codes {codes}: retryable; restarting the group "
+                f"({attempt + 1} of {job.max_restarts}), resuming from the newest complete checkpoint\n"
+            )
+            log.warning("%s", line.strip())
+            self.stream.write(line)
+            self.stream.flush()
+
+    def _run_once(self, job: TrainJob) -> tuple[list[int], _LogTail]:
         port = free_port()
         env = node_env(job)
         log_tail = _LogTail(self.tail_lines)
@@ -79,11 +101,7 @@ class LocalLauncher:
         codes = [p.wait() for p in procs]
         for t in threads:
             t.join(timeout=10)
-        if any(codes):
-            bad = next(c for c in codes if c)
-            raise LaunchError(
-                f"training failed: node exit codes {codes}.\n{log_tail.summary()}", exit_code=bad
-            )
+        return codes, log_tail
 
     def _pump(self, proc: subprocess.Popen, node: int, log_tail: _LogTail) -> None:
         assert proc.stdout is not None

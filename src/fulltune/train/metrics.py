@@ -92,7 +92,7 @@ class TrainingSummary:
     world_size: int
     first_loss: float
     final_loss: float
-    train_seconds: float
+    train_seconds: float  # every attempt's, each up to the checkpoint the next one resumed from
     # Only when the run evaluated:
     final_eval_loss: float | None = None
     best_eval_loss: float | None = None

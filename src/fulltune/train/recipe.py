@@ -141,7 +141,7 @@ class Recipe:
             self.engine.module, self.ranks, self.cfg.precision, self.sched.global_batch, seq_len
         )
         self._log_plan(seq_len)
-        self.first_step, self.records = self._resume()
+        self.first_step, self.records, self.seconds_before = self._resume()
         self.cadence = Cadence.for_run(
             tr, self.sched.total_steps, checkpoints=bool(self.args.checkpoints), history=self.records
         )
@@ -185,15 +185,15 @@ class Recipe:
             evaluating,
         )
 
-    def _resume(self) -> tuple[int, list[StepRecord]]:
-        """(first step, records so far): from the newest complete checkpoint, or (0, []) when there is
-        none. Rank 0 decides (verifying checksums once) and tells the others, so every rank loads the
-        same tag."""
+    def _resume(self) -> tuple[int, list[StepRecord], float]:
+        """(first step, records so far, training seconds so far): from the newest complete checkpoint,
+        or (0, [], 0.0) when there is none. Rank 0 decides (verifying checksums once) and tells the
+        others, so every rank loads the same tag."""
         import torch.distributed as dist
 
         root = self.args.checkpoints
         if not root:
-            return 0, []
+            return 0, [], 0.0
         decision: list[Any] = [None, None]
         if self.ranks.rank == 0:
             try:
@@ -205,16 +205,23 @@ class Recipe:
         if error:
             raise checkpoint.CheckpointError(error)
         if tag is None:
-            return 0, []
+            return 0, [], 0.0
         state = checkpoint.load(self.engine, root, tag, local_rank=self.ranks.local_rank)
-        self._log("resumed from %s at step %d", storage.join(root, tag), state["step"])
-        return int(state["step"]), [StepRecord.from_json(r) for r in state["records"]]
+        seconds = float(state.get("train_seconds", 0.0))
+        self._log(
+            "resumed from %s at step %d (%.3f s of training before)",
+            storage.join(root, tag),
+            state["step"],
+            seconds,
+        )
+        records = [StepRecord.from_json(r) for r in state["records"]]
+        return int(state["step"]), records, seconds
 
     # -- train ------------------------------------------------------------------------------------
 
     def train(self) -> None:
         """The loop: one optimizer step per iteration; the cadence decides what else each step does."""
-        start = time.time()
+        start = self._start = time.time()
         total = self.sched.total_steps
         for step in range(self.first_step, total):
             if self.cadence.should_stop():
@@ -235,7 +242,12 @@ class Recipe:
             if self.cadence.should_stop():
                 self._log("%s", early_stop_line(self.cadence.early_stopping, done))
                 break
-        self.train_seconds = time.time() - start
+        self.train_seconds = self._seconds_so_far()
+
+    def _seconds_so_far(self) -> float:
+        """Training time of this attempt and of the earlier ones up to the checkpoint it resumed from
+        (what a failed attempt did after its last checkpoint was lost with it, and is not counted)."""
+        return self.seconds_before + time.time() - self._start
 
     def _optimizer_step(self, step: int) -> StepRecord:
         """Train on global step `step`'s batch; the step's record, without an eval loss."""
@@ -272,7 +284,11 @@ class Recipe:
         )
 
     def _save_checkpoint(self, done: int) -> None:
-        state = {"step": done, "records": [r.to_json() for r in self.records]}
+        state = {
+            "step": done,
+            "records": [r.to_json() for r in self.records],
+            "train_seconds": self._seconds_so_far(),
+        }
         checkpoint.save(
             self.engine,
             self.args.checkpoints,

@@ -43,6 +43,7 @@ def train_job(cfg: RunConfig, dataset_uri: str, name: str = "fulltune-train") ->
         num_nodes=cfg.resources.num_nodes,
         nproc_per_node=cfg.resources.nproc_per_node,
         accelerator=cfg.resources.accelerator,
+        max_restarts=cfg.resources.kubernetes.max_restarts,
     )
 
 
@@ -77,6 +78,7 @@ def run_training(
         raise LaunchError(
             f"training exited 0 but {job.args.output} has no {MODEL_MANIFEST}: the model is incomplete"
         )
+    _checkpoints_after_success(cfg, job.args.checkpoints)
     summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
     lines = storage.read_text(job.args.metrics).splitlines()
     return TrainingRun(
@@ -84,6 +86,28 @@ def run_training(
         summary=TrainingSummary.from_json(summary),
         records=[StepRecord.from_json(json.loads(line)) for line in lines if line],
     )
+
+
+def _checkpoints_after_success(cfg: RunConfig, root: str) -> None:
+    """Delete the checkpoints of a finished run (`training.delete_checkpoints_after_success`), or say
+    what they keep: the final model is complete here, so they are only needed to continue the run."""
+    try:
+        files = storage.list_files(root) if root else []
+    except FileNotFoundError:
+        files = []
+    if not files:
+        return
+    gib = sum(storage.size(f) for f in files) / 2**30
+    if cfg.training.delete_checkpoints_after_success:
+        storage.remove_tree(root)
+        log.info("deleted the run's checkpoints at %s (%.2f GiB): the final model is complete", root, gib)
+    else:
+        log.info(
+            "kept the run's checkpoints at %s: %.2f GiB of model and optimizer state, needed only to continue "
+            "this run (training.delete_checkpoints_after_success: true deletes them after a run like this)",
+            root,
+            gib,
+        )
 
 
 def make_launcher(

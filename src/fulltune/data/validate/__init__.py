@@ -31,7 +31,9 @@ Policies (`data.checks`, merged over `default_checks`): each configurable code h
 `fail` (fail when the code's rate, records with it / records, is above its `max_rate`), `warn`
 (report only) or `ignore` (not reported; an unusable record is still skipped). Record errors
 default to `fail` with no own `max_rate`: together they are held to `data.max_error_rate` (the
-error budget: bad records whose code's action is `fail` / records). A dataset fails on a fatal
+error budget: bad records whose code's action is `fail` / records). Any other code set to `fail`
+without a `max_rate` fails on its first occurrence. Defaults beyond record errors: secrets fail on
+any occurrence, exact duplicates above half the records (`codes.DUPLICATE_MAX_RATE`). A dataset fails on a fatal
 error, an exceeded budget or an exceeded per-code `max_rate`; the DataValidationError message
 lists the locations of the `fail` problems first. `report.json` and `report.html` are written to
 `out_dir` in every case — also when failing, before DataValidationError is raised.

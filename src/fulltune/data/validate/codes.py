@@ -66,15 +66,25 @@ def reported_severity(code: str) -> str:
     return "warning" if code in WARNINGS else "error"
 
 
+# A dataset where more than half the records repeat an earlier one is an export or join gone wrong
+# far more often than real data: each repeat is trained on again, so the model memorises them and
+# the effective dataset is less than half its size. Templated data that really is this repetitive
+# sets data.checks.duplicate (e.g. {action: warn}).
+DUPLICATE_MAX_RATE = 0.5
+
+
 def default_checks(max_error_rate: float) -> dict[str, CheckPolicy]:
     """The policy of every configurable code: record errors fail above data.max_error_rate (their
-    sum is also held to it); secrets fail on any occurrence; everything else warns."""
+    sum is also held to it); secrets fail on any occurrence; exact duplicates fail above
+    DUPLICATE_MAX_RATE; everything else warns."""
     out: dict[str, CheckPolicy] = {}
     for code in CODES:
         if code in FATAL:
             continue
         if code.startswith("secret_"):
             out[code] = CheckPolicy(action="fail", max_rate=0.0)
+        elif code == "duplicate":
+            out[code] = CheckPolicy(action="fail", max_rate=DUPLICATE_MAX_RATE)
         elif code in RECORD_ERRORS:
             out[code] = CheckPolicy(action="fail", max_rate=None)
         else:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.config import CheckPolicy, DataSection
-from fulltune.data.validate.codes import FATAL
+from fulltune.data.validate.codes import FATAL, RECORD_ERRORS
 from fulltune.data.validate.stats import length_histogram, length_stats
 from fulltune.data.validate.tally import Tally
 
@@ -36,6 +36,8 @@ def dataset_report(uri: str, kind: str | None, files: int, tally: Tally, cfg: Da
         policy = tally.checks.get(p.code)
         action = "fail" if policy is None else policy.action
         limit = None if policy is None else policy.max_rate
+        if action == "fail" and limit is None and p.code not in RECORD_ERRORS:
+            limit = 0.0  # a finding that is not a bad record, set to fail without a rate: any occurrence
         p_rate = p.count / records if records else 0.0
         # record errors without their own max_rate are held to max_error_rate as a sum (below)
         exceeded = p.code in FATAL or (action == "fail" and limit is not None and p_rate > limit)
