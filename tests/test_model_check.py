@@ -296,3 +296,13 @@ def test_on_s3_headers_are_read_and_a_truncated_shard_is_refused(good_models, s3
     storage.write_bytes(f"{prefix}/{shard.name}", shard.read_bytes()[:-10])
     problems = check_model_files(prefix)
     assert [(p.code, p.location) for p in problems] == [("truncated_shard", f"{prefix}/{shard.name}")]
+
+
+def test_a_missing_bucket_is_named_in_the_report_not_a_traceback(s3, tmp_path, demo_assets):
+    model = "s3://no-such-model-bucket/m"
+    cfg = RunConfig.from_dict(
+        {"model": {"base_model_uri": model}, "data": {"train_uri": demo_assets.train_uri}}
+    )
+    with pytest.raises(TokenizerCheckError) as refused:
+        check_tokenizer(cfg, tmp_path / "out")
+    assert f"{model}: storage: the bucket 'no-such-model-bucket' does not exist" in str(refused.value)

@@ -22,6 +22,8 @@ nothing allocated). Each problem has a code, the file (and tensor) it is about, 
                            from random values)
     shape_mismatch         a tensor whose shape is not the one the config implies
     dtype_mismatch         a tensor that is not floating point where the model has a float weight
+    storage                the bucket does not exist or the credentials are refused (an unreachable
+                           endpoint is not a verdict on the model: it raises, and the step is retried)
 
 The tokenizer files and the vocabulary against the embedding rows are check_tokenizer's own checks.
 """
@@ -70,6 +72,8 @@ def check_model_files(uri: str, trust_remote_code: bool = False) -> list[ModelPr
         headers, problems = _weight_headers(uri, files)
     except _Refused as refused:
         return [refused.problem]
+    except storage.StorageConfigError as exc:  # a missing bucket, refused credentials: permanent
+        return [ModelProblem("storage", uri, str(exc).removeprefix(f"{uri}: "))]
     if problems:
         return problems
     return _compare(uri, headers, _expected_tensors(model_config, trust_remote_code))
