@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -128,16 +129,32 @@ def test_an_unreachable_endpoint_and_missing_credentials_are_named(s3, monkeypat
     storage.s3_client.cache_clear()
 
 
-def test_refused_credentials_are_a_configuration_error():
-    """What botocore raises for refused keys, as the helper maps it (moto accepts any key)."""
-    from botocore.exceptions import ClientError
+def test_refused_credentials_are_a_configuration_error_everywhere(s3, tmp_path, capsys):
+    """The moto server checking keys (its IAM authentication on: the test's keys are unknown to it):
+    storage, the first checking step and the registry CLI each name the URI and what to check, as a
+    permanent error."""
+    from moto.core import set_initial_no_auth_action_count
 
-    refused = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no"}}, "GetObject")
-    with pytest.raises(
-        storage.StorageConfigError, match="access refused .InvalidAccessKeyId.: check the credentials"
-    ):
-        with storage.s3_errors("s3://b/k"):
-            raise refused
+    from fulltune import steps
+    from fulltune.cli import main
+    from fulltune.config import RunConfig
+    from fulltune.data.validate.verdict import DataValidationError
+
+    refused = r"access refused \((InvalidAccessKeyId|403)\): check the credentials"  # HEAD has no error body
+
+    @set_initial_no_auth_action_count(0)
+    def with_keys_checked() -> None:
+        with pytest.raises(storage.StorageConfigError, match=rf"{s3}/x: {refused}"):
+            storage.read_bytes(f"{s3}/x")
+        cfg = RunConfig.from_dict(
+            {"work_dir": str(tmp_path / "w"), "data": {"train_uri": f"{s3}/notes.jsonl"}}
+        )
+        with pytest.raises(DataValidationError, match=rf"{s3}/notes.jsonl: no_data: {refused}"):
+            steps.validate_data(cfg, str(tmp_path / "report"))
+        assert main(["registry", "list", "--uri", f"{s3}/models", "--name", "m"]) == 1
+        assert re.search(refused, capsys.readouterr().err)
+
+    with_keys_checked()
 
 
 def test_validate_data_on_a_misspelt_bucket_names_the_bucket(s3, tmp_path):
