@@ -459,3 +459,59 @@ def test_a_config_transformers_cannot_read_is_a_plan_error_naming_the_file(tmp_p
     cfg = RunConfig.from_dict({"model": {"base_model_uri": str(tmp_path)}})
     with pytest.raises(PlanError, match=f"{tmp_path}/config.json: cannot read the model's configuration"):
         planmod.load_model_config(cfg)
+
+
+def test_cost_estimate_against_a_hand_computed_run():
+    """1B parameters doing matrix work, 16 layers, hidden 2048, seq 2048, 2 epochs of 500M tokens on
+    8 H100s: FLOPs = 1e9 tokens x (6e9 + 12 x 16 x 2048 x 2048); wall = FLOPs / (8 x 989e12 x 0.35)."""
+    from fulltune.cost import estimate_cost
+
+    cfg = RunConfig.from_dict(
+        {
+            "preprocess": {"max_seq_len": 2048},
+            "training": {"num_train_epochs": 2},
+            "resources": {"accelerator": "gpu", "gpu_type": "H100", "num_nodes": 2, "nproc_per_node": 4},
+        }
+    )
+    cost = estimate_cost(
+        cfg, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=500_000_000
+    )
+    flops = 1e9 * (6e9 + 12 * 16 * 2048 * 2048)  # 6.805e18
+    wall_h = flops / (8 * 989e12 * 0.35) / 3600  # 0.683 h
+    assert cost.tokens == 10**9 and cost.flops == pytest.approx(flops)
+    assert cost.wall_hours == pytest.approx(wall_h) and cost.gpu_hours == pytest.approx(8 * wall_h)
+    assert "~5.5 GPU-hours (0.7 h on 8 x H100)" in cost.summary()
+
+    # recomputing activations costs a third more; max_steps counts steps x global batch x seq
+    recompute = cfg.with_overrides({"training.gradient_checkpointing": True})
+    cost_gc = estimate_cost(
+        recompute, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
+    )
+    assert cost_gc.gpu_hours == pytest.approx(cost.gpu_hours * 4 / 3)
+    steps = cfg.with_overrides({"training.max_steps": 100})
+    assert estimate_cost(steps, matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=0).tokens == (
+        100 * 8 * 2048
+    )
+    assert (
+        estimate_cost(RunConfig(), matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=1) is not None
+    )
+    cpu = cfg.with_overrides({"resources.accelerator": "cpu"})
+    assert estimate_cost(cpu, matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=1) is None
+
+
+def test_a_run_over_its_gpu_hour_budget_is_refused_saying_what_fits(llama_dir):
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(llama_dir)},
+            "data": {"train_uri": "unused.jsonl"},
+            "training": {"num_train_epochs": 4, "learning_rate": 1e-5},
+            "resources": {"accelerator": "gpu", "gpu_type": "A100", "max_gpu_hours": 1.0},
+        }
+    )
+    ok = planmod.make_plan(cfg, train_tokens=10**6)
+    assert ok.cost.gpu_hours < 1.0 and "GPU-hours" in planmod.plan_markdown(ok)
+    with pytest.raises(PlanError) as refused:
+        planmod.make_plan(cfg, train_tokens=10**12)
+    message = str(refused.value)
+    assert "above resources.max_gpu_hours 1" in message and "training.num_train_epochs" in message
+    assert "more GPUs shorten the wall time, not the GPU-hours" in message

@@ -400,6 +400,17 @@ class ResourcesSection(_Section):
         "gpu", description="Device kind the ranks run on; 'cpu' uses gloo (tests, demo)."
     )
     gpu_memory_gib: float = Field(80.0, gt=0.0, description="Memory of one GPU, for the memory plan.")
+    gpu_type: str = Field(
+        "H100",
+        min_length=1,
+        description="The GPU model (H100, H200, A100, L40S, B200, MI300X, ...), for plan's cost estimate: its "
+        "dense 16-bit peak.",
+    )
+    max_gpu_hours: float | None = Field(
+        None,
+        gt=0.0,
+        description="Refuse a run whose estimated cost (plan's report: GPU-hours at an assumed MFU) is above this.",
+    )
     memory_headroom: float = Field(
         0.9, gt=0.0, le=1.0, description="Fraction of GPU memory the plan may fill."
     )

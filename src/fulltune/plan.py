@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
+from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost
 from fulltune.report_kit import markdown_table
 
 if TYPE_CHECKING:
@@ -97,6 +98,9 @@ class ModelShape:
     block_class: str = ""
     block_params: int = 0
     block_leaf_threshold: int = 0
+    matmul_params: int = (
+        0  # parameters that do matrix work (an untied input embedding is a lookup); 0: params
+    )
 
 
 # The components of MemoryEstimate.total, in the order reports list them (bytes per GPU), with the
@@ -152,6 +156,7 @@ class Plan:
     decisions: list[str] = field(default_factory=list)
     config: RunConfig = field(default_factory=RunConfig)  # the resolved config
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    cost: CostEstimate | None = None  # None off a GPU
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "config"}  # asdict would not dump pydantic
@@ -191,6 +196,8 @@ def model_shape(model_config) -> ModelShape:
     inter = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
     gated = any(n.endswith(("gate_proj", "gate_up_proj", "w1", "w3")) for n, _ in model.named_modules())
     block = block_leaf(model)
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = emb is not None and (out is None or out.weight is not emb.weight)
     return ModelShape(
         params,
         largest,
@@ -201,6 +208,7 @@ def model_shape(model_config) -> ModelShape:
         int(inter),
         gated,
         *block,
+        params - (emb.weight.numel() if untied else 0),
     )
 
 
@@ -686,6 +694,17 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     tokens = estimate_train_tokens(cfg) if train_tokens is None else train_tokens
     over, rule_notes = resolved_fields(cfg, shape, mem, tokens)
     resolved = cfg.with_overrides(over)
+    cost = estimate_cost(
+        resolved,
+        matmul_params=shape.matmul_params or shape.params,
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        dataset_tokens=tokens,
+    )
+    try:
+        check_budget(resolved, cost)
+    except CostError as exc:
+        raise PlanError(str(exc)) from None
     return Plan(
         shape,
         mem,
@@ -695,6 +714,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         notes + rule_notes,
         resolved,
         deepspeed_config(resolved, shape),
+        cost,
     )
 
 
@@ -773,6 +793,12 @@ def plan_markdown(plan: Plan) -> str:
         ("learning rate", f"{tr.learning_rate:g} ({tr.lr_scheduler_type}, warmup {tr.warmup_ratio:g})"),
         ("epochs", f"{tr.num_train_epochs:g} (max_steps {tr.max_steps})"),
         ("training tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
+        (
+            "cost (estimate)",
+            plan.cost.summary()
+            if plan.cost
+            else "not estimated (no GPU, or a GPU type without a known peak)",
+        ),
     ]
     lines = ["# Training plan", "", markdown_table(["item", "value"], rows)]
     lines += ["", "## Decisions", ""] + [f"- {d}" for d in plan.decisions]

@@ -123,6 +123,11 @@ def plan(
             "learning_rate": training.learning_rate,
             "num_train_epochs": training.num_train_epochs,
             "train_tokens_estimate": resolved_plan.train_tokens_estimate,
+            **(
+                {"estimated_gpu_hours": cost.gpu_hours, "estimated_wall_hours": cost.wall_hours}
+                if (cost := resolved_plan.cost)
+                else {}
+            ),
         },
     )
     return resolved_plan.config

@@ -1,0 +1,84 @@
+"""What a run will cost before it is booked: wall time and GPU-hours, estimated by `plan`.
+
+    tokens     trained: epochs x the dataset's tokens (packed sequences are nearly full), or
+               training.max_steps x global batch x max_seq_len when max_steps is set
+    FLOPs      tokens x (6 N + 12 L h s): the model FLOPs of `train.throughput.flops_per_token`,
+               N the parameters that do matrix work; recomputing activations (gradient
+               checkpointing) adds one forward, a third more
+    wall time  FLOPs / (GPUs x the GPU's dense 16-bit peak x ASSUMED_MFU)
+    GPU-hours  wall time x GPUs
+
+The MFU is an assumption, stated in the report: the GPU check measured 36-38% for 0.9-3B Llama
+shapes on one H200 with the settings plan chooses (docs/benchmarks.md, runs 3-4); across nodes the
+interconnect lowers it (the same page's projection), and optimizer or parameter offload much more:
+the estimate does not model offload. Start-up, evaluation and checkpointing are not counted.
+`resources.max_gpu_hours` makes plan refuse a run estimated above it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fulltune.config import RunConfig
+from fulltune.train.throughput import flops_per_token, peak_flops
+
+ASSUMED_MFU = 0.35
+RECOMPUTE_FACTOR = 4.0 / 3.0  # forward 2N + backward 4N, plus the forward again: 8N over 6N
+
+
+class CostError(ValueError):
+    """The run's estimate is above resources.max_gpu_hours; the message says what would fit."""
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    gpu_type: str
+    gpus: int
+    tokens: int
+    flops: float
+    assumed_mfu: float
+    wall_hours: float
+    gpu_hours: float
+
+    def summary(self) -> str:
+        return (
+            f"~{self.gpu_hours:,.1f} GPU-hours ({self.wall_hours:,.1f} h on {self.gpus} x {self.gpu_type}) for "
+            f"{self.tokens:,} tokens at an assumed {self.assumed_mfu:.0%} MFU"
+        )
+
+
+def estimate_cost(
+    cfg: RunConfig, *, matmul_params: int, num_layers: int, hidden_size: int, dataset_tokens: int
+) -> CostEstimate | None:
+    """The estimate for the resolved config; None off a GPU or for a GPU type without a known peak."""
+    res, tr = cfg.resources, cfg.training
+    peak = peak_flops(res.gpu_type)
+    if res.accelerator != "gpu" or peak is None:
+        return None
+    seq = cfg.preprocess.max_seq_len
+    if tr.max_steps > 0:
+        tokens = tr.max_steps * cfg.global_batch_size * seq
+    else:
+        tokens = int(round((tr.num_train_epochs or 1.0) * dataset_tokens))
+    flops = tokens * flops_per_token(matmul_params, num_layers, hidden_size, seq)
+    hardware = flops * (RECOMPUTE_FACTOR if tr.gradient_checkpointing else 1.0)
+    gpus = cfg.world_size
+    wall_hours = hardware / (gpus * peak * ASSUMED_MFU) / 3600.0
+    return CostEstimate(res.gpu_type, gpus, tokens, flops, ASSUMED_MFU, wall_hours, wall_hours * gpus)
+
+
+def check_budget(cfg: RunConfig, estimate: CostEstimate | None) -> None:
+    """CostError when the estimate is above `resources.max_gpu_hours`, saying what would fit."""
+    budget = cfg.resources.max_gpu_hours
+    if budget is None or estimate is None or estimate.gpu_hours <= budget:
+        return
+    fits = budget / estimate.gpu_hours  # the share of the planned tokens the budget pays for
+    tr = cfg.training
+    if tr.max_steps > 0:
+        smaller = f"training.max_steps {int(tr.max_steps * fits)}"
+    else:
+        smaller = f"training.num_train_epochs {(tr.num_train_epochs or 1.0) * fits:.2g}"
+    raise CostError(
+        f"the run is estimated at {estimate.summary()}, above resources.max_gpu_hours {budget:g}: "
+        f"{fits:.0%} of it would fit ({smaller}, or less data); more GPUs shorten the wall time, not the GPU-hours"
+    )
