@@ -53,10 +53,11 @@ def test_pipeline_shape():
     cond = next(t for t in root_tasks.values() if "triggerPolicy" in t)
     assert "evaluate" in json.dumps(cond["triggerPolicy"]["condition"])
     assert root_tasks["train"]["cachingOptions"] == {}  # caching off: a rerun must train again
-    # storage steps are retried with backoff; train is not (its launcher restarts retryable exits only)
+    # the long steps after plan are retried when their pod fails; a checking step's refusal reaches the
+    # user at once, and train's launcher restarts retryable exits only
     retried = {name for name, t in root_tasks.items() if t.get("retryPolicy", {}).get("maxRetryCount")}
-    assert {"validate-data", "check-tokenizer", "plan", "list-shards", "gather-shards", "evaluate"} <= retried
-    assert "train" not in retried
+    assert {"gather-shards", "evaluate"} <= retried
+    assert not retried & {"validate-data", "check-tokenizer", "plan", "train"}
     loop_tasks = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert loop_tasks["preprocess-shard"]["retryPolicy"]["backoffDuration"] == "30s"
     images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
@@ -116,18 +117,27 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
 
 @pytest.mark.slow
 def test_forgetting_model_is_refused_and_not_registered(demo_assets, tmp_path, capsys):
-    from fulltune.demo.run import run_demo
+    """Through `fulltune run` with the demo's forgetting settings written as a user's config file: the
+    pipeline run itself succeeds, the gate refuses the model and nothing is registered."""
+    from fulltune.cli import main
+    from fulltune.demo.run import demo_config
+    from fulltune.evaluate.result import EvalResult
+    from fulltune.layout import RunLayout
     from fulltune.registry.store import list_versions
 
-    result = run_demo(tmp_path, assets=demo_assets, forget=True)  # the pipeline run itself succeeds
+    registry = tmp_path / "registry"
+    cfg = demo_config(demo_assets, tmp_path / "runs", registry, forget=True)
+    config = tmp_path / "my.yaml"
+    config.write_text(cfg.to_yaml())
+    assert main(["run", str(config), "--dir", str(tmp_path / "local")]) == 0
     out = capsys.readouterr().out
-    m = result.eval_result.kfp_metrics()
-    assert result.eval_result.verdict is False
-    assert m["forgetting"] > 0.10
-    assert any("general perplexity rose" in r and "allowed" in r for r in result.eval_result.reasons)
-    assert result.registered is None
-    assert list_versions(result.registry_uri, "demo-clinical-llama") == []
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    result = EvalResult.load(RunLayout(str(run_dir)).eval_result)
+    assert result.verdict is False and result.kfp_metrics()["forgetting"] > 0.10
+    assert any("general perplexity rose" in r and "allowed" in r for r in result.reasons)
+    assert list_versions(str(registry), "demo-clinical-llama") == []
     assert "Executing task \x1b[96m'register'" not in out
+    assert (tmp_path / "local" / "compiled").is_dir()  # the compiled DAG it ran
 
 
 @pytest.mark.slow

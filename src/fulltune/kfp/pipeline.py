@@ -150,18 +150,19 @@ def build_pipeline(
         # Every step but gather_shards and preprocess_shard reads outside data or must run again.
         for task in (validated, checked, planned, trained, evaluated, registered):
             task.set_caching_options(False)
-        for task in (validated, checked, planned, shards, shard_task, gathered, evaluated, registered):
-            task.set_retry(**STORAGE_RETRY)
+        for task in (shard_task, gathered, evaluated, registered):
+            task.set_retry(**POD_RETRY)
 
     return full_finetune
 
 
-# The steps that read and write storage are retried after a failure, as a throttled or briefly
-# unreachable S3 endpoint or a pod evicted from its node fails them: each is idempotent (a retried
-# shard finds its completed files, `register` finds the version its run committed). A permanent
-# failure (bad input) fails again within seconds. Not `train`: its launcher restarts the training
+# The long steps after plan are retried when their pod fails (evicted, its node lost, the S3 endpoint
+# down for longer than the client's own retries, 5 attempts with backoff, cover): each is idempotent
+# (a retried shard finds its completed files, `register` finds the version its run committed).
+# Not the checking steps: their failure is nearly always a refusal of bad input, which must reach
+# the user at once, not after minutes of backoff. Not `train`: its launcher restarts the training
 # group on retryable exits only, and a KFP retry would start a permanent failure over.
-STORAGE_RETRY = {
+POD_RETRY = {
     "num_retries": 2,
     "backoff_duration": "30s",
     "backoff_factor": 2.0,
