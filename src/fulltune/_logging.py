@@ -27,8 +27,15 @@ class ConsoleHandler(logging.StreamHandler):
         pass
 
 
+# Libraries whose INFO lines are chatter on a user's console ("Found credentials in environment
+# variables." from botocore on every client); their warnings still show.
+QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "kfp_server_api")
+
+
 def setup(which: str = "stderr", level: int = logging.INFO) -> None:
     """Log INFO and up to the console, once (a no-op when the root logger has handlers already)."""
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     root = logging.getLogger()
     if root.handlers:
         return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,21 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(Path(args.dir), forget=args.forget, nproc=args.nproc)
     print(summary_text(result), flush=True)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fulltune.config import ConfigError, RunConfig
+    from fulltune.user_run import dry_run, full_run
+
+    try:
+        cfg = RunConfig.from_yaml(args.config)
+        if args.until:
+            return dry_run(cfg, Path(args.dir), args.until, sys.stdout)
+        full_run(cfg, Path(args.dir))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -152,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_compile(commands)
     _add_demo(commands)
+    _add_run(commands)
     _add_config(commands)
     _add_submit_and_schedule(commands)
     _add_registry(commands)
@@ -221,6 +238,31 @@ def _add_demo(commands) -> None:
     )
     demo.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 ranks)")
     demo.set_defaults(func=_demo)
+
+
+def _add_run(commands) -> None:
+    from fulltune.user_run import CHECKING_STEPS
+
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline here on your own model and data (kfp.local); --until plan is the dry run",
+        description="Run the compiled pipeline on this machine through kfp.local with the local launcher, on "
+        "the model and data CONFIG names (local paths or s3://). --until STEP stops after a checking step: "
+        "--until plan validates the data, checks the model and tokenizer and plans, without training. "
+        "Exit codes: 0 passed, 1 refused (the message names the problem and where), 2 usage.",
+    )
+    check = commands.add_parser(
+        "check",
+        help="the dry run: validate the data, check the model and tokenizer, plan (= run --until plan)",
+        description="Validate the data, check the base model's files and the tokenizer, and plan the run, "
+        "printing one line per step and a verdict; nothing is trained. Exit codes: 0 passed, 1 refused.",
+    )
+    for parser in (run, check):
+        parser.add_argument("config", help="the RunConfig (YAML or JSON)")
+        parser.add_argument("--dir", default=".fulltune-run", help="where the reports and the local run go")
+        parser.set_defaults(func=_run)
+    run.add_argument("--until", choices=CHECKING_STEPS, help="stop after this step (plan: the dry run)")
+    check.set_defaults(until="plan")
 
 
 def _add_config(commands) -> None:
@@ -315,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "action", None) in ("show", "verify") and args.version is None:
         print("error: --version is required for show and verify", file=sys.stderr)
         return EXIT_USAGE
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `fulltune registry show ... | head`: the reader has what it wanted
+        # Python flushes stdout again at exit and would report the closed pipe there: point it at devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from fulltune.config import ConfigError, RunConfig, read_config_file
 log = logging.getLogger("fulltune.submit")
 
 ENV_HOST = "KFP_HOST"
+KFP_ENV_HOST = "KF_PIPELINES_ENDPOINT"  # the kfp SDK's own variable, honoured after ours
 ENV_TOKEN = "KFP_BEARER_TOKEN"
 ENV_NAMESPACE = "KFP_NAMESPACE"
 OWNER_MARK = "owner: "  # in a recurring run's description: who manages it (see schedule_description)
@@ -181,17 +182,20 @@ def _quiet() -> Iterator[None]:
 
 
 def resolve_host(host: str | None) -> str:
-    """--host, else KFP_HOST, else inside a pod the KFP API service of a standard install.
+    """--host, else KFP_HOST, else KF_PIPELINES_ENDPOINT (the kfp SDK's), else inside a pod the KFP
+    API service of a standard install.
 
     (kfp.Client finds the in-cluster address itself only when given neither host nor token, so it
     is named here.)
     """
-    host = host or os.environ.get(ENV_HOST)
+    host = host or os.environ.get(ENV_HOST) or os.environ.get(KFP_ENV_HOST)
     if host:
         return host.rstrip("/")
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         return IN_CLUSTER_HOST
-    raise SubmitError(f"no Kubeflow Pipelines address: pass --host URL or set {ENV_HOST}", EXIT_USAGE)
+    raise SubmitError(
+        f"no Kubeflow Pipelines address: pass --host URL or set {ENV_HOST} (or {KFP_ENV_HOST})", EXIT_USAGE
+    )
 
 
 def _auth() -> dict[str, Any]:

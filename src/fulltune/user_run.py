@@ -1,0 +1,120 @@
+"""`fulltune run CONFIG`: the pipeline on this machine, on the user's own model and data.
+
+    fulltune run my.yaml --until plan    # the dry run (also `fulltune check my.yaml`): validate the
+                                         # data, check the model and tokenizer, plan; a verdict
+    fulltune run my.yaml                 # the whole compiled DAG through kfp.local, training with
+                                         # the local launcher (CPU, or this machine's GPUs)
+
+The dry run calls the checking steps' own functions (`fulltune.steps`, what the pipeline's
+components wrap) in the DAG's order and prints one line per step: its duration, the figures that
+matter and where its report is; on a refusal, the step's message (every problem with its file and
+line) and exit code 1. Nothing is trained and no GPU is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from fulltune.config import ConfigError, RunConfig
+
+CHECKING_STEPS = ("validate_data", "check_tokenizer", "plan")
+
+
+@dataclass
+class StepLine:
+    summary: str  # the figures that matter
+    report: Path | None = None
+
+
+def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
+    """The checking steps up to and including `until`, one line each; 0 when every one passed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, Callable[[], StepLine]] = {
+        "validate_data": lambda: _validate(cfg, out_dir),
+        "check_tokenizer": lambda: _check_tokenizer(cfg, out_dir),
+        "plan": lambda: _plan(cfg, out_dir),
+    }
+    for name in CHECKING_STEPS[: CHECKING_STEPS.index(until) + 1]:
+        start = time.monotonic()
+        try:
+            line = steps[name]()
+        except (ValueError, OSError) as exc:  # every step's refusal is a ValueError naming the problem
+            out.write(f"FAILED {name} ({time.monotonic() - start:.1f} s)\n{exc}\n")
+            out.write(f"verdict: refused at {name}; nothing was trained\n")
+            return 1
+        report = f"; report: {line.report}" if line.report else ""
+        out.write(f"ok     {name} ({time.monotonic() - start:.1f} s): {line.summary}{report}\n")
+    nxt = (
+        "`fulltune run CONFIG` here, or `fulltune submit` to a cluster"
+        if until == "plan"
+        else "the next steps"
+    )
+    out.write(f"verdict: passed {until} and every step before it; next: {nxt}\n")
+    return 0
+
+
+def _validate(cfg: RunConfig, out_dir: Path) -> StepLine:
+    from fulltune import steps
+
+    report_path = out_dir / "validate_data.html"
+    report = steps.validate_data(cfg, str(report_path))
+    parts = []
+    for name, d in report["datasets"].items():
+        warnings = sum(p["count"] for p in d["problems"] if p["severity"] == "warning")
+        parts.append(f"{name} {d['records']:,} records, {d['bad_records']:,} bad, {warnings:,} warnings")
+    return StepLine("; ".join(parts), report_path)
+
+
+def _check_tokenizer(cfg: RunConfig, out_dir: Path) -> StepLine:
+    from fulltune import steps
+
+    report_path = out_dir / "check_tokenizer.html"
+    report = steps.check_tokenizer(cfg, str(report_path))
+    lengths = report.get("lengths") or {}
+    warnings = sum(c["status"] == "warning" for c in report["checks"])
+    figures = [f"model files complete, {report['tokenizer']['size']:,} tokens"]
+    if lengths:
+        figures.append(
+            f"p95 {lengths['p95']:,} tokens a record, {lengths['truncation_rate']:.1%} over max_seq_len"
+        )
+    figures.append(f"{warnings} warning{'' if warnings == 1 else 's'}")
+    return StepLine(", ".join(figures), report_path)
+
+
+def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
+    from fulltune.plan import make_plan, plan_markdown
+
+    plan = make_plan(cfg)
+    report_path = out_dir / "plan.md"
+    report_path.write_text(plan_markdown(plan))
+    tr = plan.config.training
+    figures = [
+        f"{plan.shape.params / 1e6:,.1f}M parameters",
+        f"{plan.memory.total / 2**30:.1f} GiB per GPU of {plan.budget_bytes / 2**30:.1f}",
+        f"micro batch {tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}",
+        f"lr {tr.learning_rate:g}, {tr.num_train_epochs:g} epochs",
+    ]
+    if plan.cost:
+        figures.append(plan.cost.summary())
+    return StepLine(", ".join(figures), report_path)
+
+
+def full_run(cfg: RunConfig, out_dir: Path) -> None:
+    """The whole compiled DAG through kfp.local with the local launcher."""
+    from fulltune.kfp.local_run import run_locally
+
+    if cfg.resources.launcher != "local":
+        cfg = cfg.with_overrides({"resources.launcher": "local"})
+    if cfg.resources.accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "resources.accelerator is gpu but this machine has no GPU: set resources.accelerator: cpu "
+                "to train here on the CPU, or `fulltune submit` to a cluster"
+            )
+    run_locally(cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp")

@@ -1,0 +1,121 @@
+"""`fulltune run CONFIG --until STEP` and `fulltune check CONFIG`: the dry run on the user's own model
+and data, as a user runs it from a shell."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from fulltune.cli import main
+
+
+def user_config(tmp_path: Path, demo_assets, **data) -> Path:
+    """The demo's model and notes given as a user's own config file."""
+    cfg = {
+        "work_dir": str(tmp_path / "work"),
+        "model": {"base_model_uri": str(demo_assets.base_model_dir), "name": "my-notes-model"},
+        "data": {"train_uri": demo_assets.train_uri, "general_uri": demo_assets.general_uri, **data},
+        "preprocess": {"max_seq_len": 128},
+        "training": {"learning_rate": 1e-4, "num_train_epochs": 1},
+        "resources": {"accelerator": "cpu", "nproc_per_node": 2},
+    }
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_dry_run_passes_a_good_config_with_one_line_per_step(tmp_path, demo_assets, capsys):
+    config = user_config(tmp_path, demo_assets)
+    assert main(["check", str(config), "--dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out[:3]] == [
+        ["ok", "validate_data"],
+        ["ok", "check_tokenizer"],
+        ["ok", "plan"],
+    ]
+    assert (
+        "train " in out[0]
+        and "records" in out[0]
+        and f"report: {tmp_path / 'out' / 'validate_data.html'}" in out[0]
+    )
+    assert "model files complete" in out[1] and "GiB per GPU" in out[2]
+    assert out[3].startswith("verdict: passed plan") and len(out) == 4
+    assert (tmp_path / "out" / "plan.md").read_text().startswith("# Training plan")
+    assert not (tmp_path / "work").exists()  # nothing trained, nothing written to the work directory
+
+
+def test_the_dry_run_stops_at_the_step_that_refuses_and_names_the_place(tmp_path, demo_assets, capsys):
+    notes = tmp_path / "notes.jsonl"
+    shutil.copyfile(demo_assets.train_uri, notes)
+    with open(notes, "a") as f:
+        f.write('{"text": "a broken record\n')
+    config = user_config(tmp_path, demo_assets, train_uri=str(notes))
+    assert main(["run", str(config), "--until", "plan", "--dir", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    lines = sum(1 for _ in open(notes))
+    assert out.startswith("FAILED validate_data")
+    assert f"{notes}:{lines}: invalid_json" in out and "verdict: refused at validate_data" in out
+    assert "check_tokenizer" not in out
+
+
+def test_until_check_tokenizer_refuses_a_broken_model(tmp_path, demo_assets, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(demo_assets.base_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    config = user_config(tmp_path, demo_assets)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["base_model_uri"] = str(model)
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(config), "--until", "check_tokenizer", "--dir", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("ok     validate_data") and "FAILED check_tokenizer" in out
+    assert f"{weights}: truncated_shard" in out
+    assert "truncated_shard" in (tmp_path / "out" / "check_tokenizer.html").read_text()
+
+
+def test_a_config_that_does_not_validate_is_named_not_a_traceback(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("training:\n  learning_rate: fast\n")
+    assert main(["check", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "training.learning_rate" in err and "Traceback" not in err
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`fulltune config --describe | head -1`: the reader stops early; fulltune exits quietly."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fulltune.cli", "config", "--describe"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.read(40)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_no_library_chatter_on_the_console(s3):
+    """botocore's "Found credentials in environment variables." (INFO) does not reach the user."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fulltune.cli", "registry", "list", "--uri", f"{s3}/models", "--name", "m"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 1 and "no committed version of 'm'" in done.stderr
+    assert "Found credentials" not in done.stderr, done.stderr
+
+
+def test_the_kfp_sdks_endpoint_variable_is_honoured_after_ours(monkeypatch):
+    from fulltune.kfp.submit import resolve_host
+
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    monkeypatch.setenv("KF_PIPELINES_ENDPOINT", "http://kfp.example:8888/")
+    assert resolve_host(None) == "http://kfp.example:8888"
+    monkeypatch.setenv("KFP_HOST", "http://ours:80")
+    assert resolve_host(None) == "http://ours:80" and resolve_host("http://flag") == "http://flag"
