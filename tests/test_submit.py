@@ -165,6 +165,26 @@ def test_wait_fails_with_the_state_and_the_error_when_the_run_fails(kfp, params,
     assert "task train: train: exit code 1 (out of memory)" in captured.err
 
 
+def test_output_json_gives_ci_one_object_on_stdout_also_for_a_failed_run(kfp, params, capsys):
+    kfp.script_runs(["RUNNING", "SUCCEEDED"])
+    assert submit(kfp, params, "--wait", "--output", "json") == 0
+    captured = capsys.readouterr()
+    [run] = kfp.runs.values()
+    got = json.loads(captured.out)  # stdout is exactly one JSON object; the progress went to stderr
+    assert got["run_id"] == run["run_id"] and got["state"] == "SUCCEEDED"
+    assert got["url"].endswith(f"/#/runs/details/{run['run_id']}") and got["pipeline_version"]["version_id"]
+    assert f"run id: {run['run_id']}" in captured.err
+
+    kfp.script_runs(["FAILED"], error="train: exit code 1", failed_task="train")
+    assert submit(kfp, params, "--wait", "--output", "json") == 1
+    failed = json.loads(capsys.readouterr().out)
+    assert failed["state"] == "FAILED" and failed["run_id"] != run["run_id"]
+
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0", "--output", "json") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["action"] == "created" and got["recurring_run_id"] and got["cron"]
+
+
 def test_wait_treats_a_canceled_run_as_finished_and_failed(kfp, params, capsys):
     kfp.script_runs(["RUNNING", "CANCELED"])
     assert submit(kfp, params, "--wait", "--timeout", "30") == 1

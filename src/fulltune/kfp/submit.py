@@ -71,11 +71,13 @@ TERMINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"}
 
 
 class SubmitError(Exception):
-    """Something the user can fix; the message says what. `exit_code` is what the CLI returns."""
+    """Something the user can fix; the message says what. `exit_code` is what the CLI returns;
+    `result`, when a run was created before the failure (a run that failed under --wait)."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, result: Any = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.result = result
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -502,7 +504,8 @@ def submit(
         result.state = _state(finished)
         _say(out, f"run {result.run_id}: {result.state}")
         if result.state != "SUCCEEDED":
-            raise SubmitError("\n".join([f"run {result.run_id} {result.state}", *run_failure(finished)]))
+            lines = [f"run {result.run_id} {result.state}", *run_failure(finished)]
+            raise SubmitError("\n".join(lines), result=result)
     return result
 
 
@@ -738,13 +741,36 @@ def _fresh(version: PipelineVersion) -> str:
 def cli_submit(args) -> int:
     """`fulltune submit`; returns the exit code (EXIT_*)."""
     options = {"run_name": args.run_name, "wait": args.wait, "timeout": args.timeout}
-    return _run_cli(lambda: submit(**_shared_options(args), **options, poll_interval=args.poll_interval))
+    return _run_cli(
+        lambda out: submit(**_shared_options(args), **options, poll_interval=args.poll_interval, out=out),
+        args.output,
+    )
 
 
 def cli_schedule(args) -> int:
     """`fulltune schedule`; returns the exit code (EXIT_*)."""
     options = {"name": args.name, "cron": args.cron, "paused": args.paused, "owner": args.owner}
-    return _run_cli(lambda: schedule(**_shared_options(args), **options))
+    return _run_cli(lambda out: schedule(**_shared_options(args), **options, out=out), args.output)
+
+
+def result_json(result: SubmitResult | ScheduleResult) -> dict[str, Any]:
+    """What `--output json` prints: the run's (or recurring run's) id, UI address, state, and the
+    pipeline version it runs."""
+    version = {"pipeline_id": result.version.pipeline_id, "version_id": result.version.version_id}
+    if isinstance(result, SubmitResult):
+        return {
+            "run_id": result.run_id,
+            "url": result.url,
+            "state": result.state,
+            "pipeline_version": version,
+        }
+    return {
+        "recurring_run_id": result.recurring_run_id,
+        "url": result.url,
+        "action": result.action,
+        "cron": result.cron,
+        "pipeline_version": version,
+    }
 
 
 def cli_unschedule(args) -> int:
@@ -786,16 +812,24 @@ def _shared_options(args) -> dict[str, Any]:
     }
 
 
-def _run_cli(action) -> int:
+def _run_cli(action, output: str = "text") -> int:
+    """Run `action(out)`; with output json the progress lines go to stderr and stdout gets one JSON
+    object (also for a run that failed under --wait), for a CI job to read."""
+    as_json = output == "json"
+    result = None
     try:
-        action()
+        result = action(sys.stderr if as_json else sys.stdout)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing was submitted", file=sys.stderr)
         return EXIT_USAGE
     except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if as_json and exc.result is not None:
+            print(json.dumps(result_json(exc.result)), flush=True)
         return exc.exit_code
+    if as_json and result is not None:
+        print(json.dumps(result_json(result)), flush=True)
     return EXIT_OK
 
 
@@ -810,6 +844,13 @@ def add_arguments(submit_parser, schedule_parser) -> None:
             f"${ENV_TOKEN} or the pod's KFP service-account token, never from an option.",
         )
         p.add_argument("--params", required=True, metavar="FILE", help="RunConfig file (YAML or JSON)")
+        p.add_argument(
+            "--output",
+            choices=("text", "json"),
+            default="text",
+            help="json: one JSON object on stdout (run or recurring-run id, UI address, state, pipeline "
+            "version) and the progress lines on stderr, for CI",
+        )
         p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment (created when missing)")
         p.add_argument(
             "--package",
