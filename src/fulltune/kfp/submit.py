@@ -781,7 +781,7 @@ def cli_unschedule(args) -> int:
         "experiment": args.experiment,
         "namespace": args.namespace,
     }
-    return _run_cli(lambda: unschedule(host=args.host, **options))
+    return _run_cli(lambda out: unschedule(host=args.host, **options, out=out))
 
 
 def add_unschedule_arguments(p) -> None:
@@ -828,7 +828,7 @@ def _run_cli(action, output: str = "text") -> int:
         if as_json and exc.result is not None:
             print(json.dumps(result_json(exc.result)), flush=True)
         return exc.exit_code
-    if as_json and result is not None:
+    if as_json and isinstance(result, SubmitResult | ScheduleResult):
         print(json.dumps(result_json(result)), flush=True)
     return EXIT_OK
 
