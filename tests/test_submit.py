@@ -247,6 +247,42 @@ def test_a_new_schedule_can_start_paused_and_other_names_are_left_alone(kfp, par
     assert by_name["weekly"]["status"] == "DISABLED"
 
 
+def test_concurrency_catchup_and_a_time_window_reach_the_schedule_and_a_change_replaces_it(
+    kfp, params, capsys
+):
+    window = ["--start-time", "2026-12-01T03:00", "--end-time", "2030-06-01T00:00+02:00"]
+    args = ["--name", "weekly", "--cron", "0 3 * * 0", "--max-concurrency", "2", "--catchup", *window]
+    assert schedule(kfp, params, *args) == 0
+    [rr] = kfp.recurring_runs.values()
+    assert rr["max_concurrency"] == "2" and rr["no_catchup"] is False
+    cron = rr["trigger"]["cron_schedule"]
+    assert (cron["start_time"], cron["end_time"]) == ("2026-12-01T03:00:00Z", "2030-05-31T22:00:00Z")
+    assert schedule(kfp, params, *args) == 0
+    assert "'weekly': unchanged" in capsys.readouterr().out and len(kfp.recurring_runs) == 1
+    assert schedule(kfp, params, *args[:-1], "2031-01-01") == 0  # another end: replaced
+    assert "'weekly': replaced" in capsys.readouterr().out
+    [rr] = kfp.recurring_runs.values()
+    assert rr["trigger"]["cron_schedule"]["end_time"] == "2031-01-01T00:00:00Z"
+    # the defaults: one at a time, no catch-up, no window
+    assert schedule(kfp, params, "--name", "daily", "--cron", "0 1 * * *") == 0
+    daily = next(r for r in kfp.recurring_runs.values() if r["display_name"] == "daily")
+    assert daily["max_concurrency"] == "1" and daily["no_catchup"] is True
+    assert not daily["trigger"]["cron_schedule"].get("end_time")
+
+
+def test_a_bad_window_or_concurrency_is_refused_before_any_request(kfp, params, capsys):
+    base = ["--name", "weekly", "--cron", "0 3 * * 0"]
+    for extra, said in (
+        (["--end-time", "2001-01-01"], "is in the past"),
+        (["--start-time", "2030-02-01", "--end-time", "2030-01-01"], "is not after --start-time"),
+        (["--start-time", "next tuesday"], "expected an ISO 8601 time"),
+        (["--max-concurrency", "0"], "at least 1"),
+    ):
+        assert schedule(kfp, params, *base, *extra) == 2
+        assert said in capsys.readouterr().err
+    assert kfp.requests == []
+
+
 def test_a_cron_with_the_wrong_number_of_fields_is_refused_before_any_request(kfp, params, capsys):
     assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * *") == 2
     assert "expected 5 fields" in capsys.readouterr().err

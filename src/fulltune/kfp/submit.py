@@ -27,6 +27,7 @@ pod) the API service of a standard Kubeflow install.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import hashlib
@@ -99,6 +100,49 @@ def load_params(path: str | Path) -> dict[str, Any]:
     # the checks and messages of `fulltune config --check --for-cluster`
     check_for_cluster(RunConfig.from_dict(data, source=str(path)), str(path))
     return data
+
+
+@dataclass(frozen=True)
+class Recurrence:
+    """When and how a recurring run fires, besides its cron: at most `max_concurrency` runs at once,
+    missed slots back-filled only with `catchup`, and only between `start_time` and `end_time`
+    (RFC 3339, UTC) when they are set."""
+
+    max_concurrency: int = 1
+    catchup: bool = False
+    start_time: str | None = None
+    end_time: str | None = None
+
+
+def recurrence(
+    max_concurrency: int = 1, catchup: bool = False, start: str | None = None, end: str | None = None
+) -> Recurrence:
+    """A Recurrence from the command line's values; SubmitError (usage) naming the bad one."""
+    if max_concurrency < 1:
+        raise SubmitError(f"--max-concurrency {max_concurrency}: at least 1", EXIT_USAGE)
+    start_at, end_at = _utc(start, "--start-time"), _utc(end, "--end-time")
+    if start_at and end_at and end_at <= start_at:
+        raise SubmitError(f"--end-time {end} is not after --start-time {start}", EXIT_USAGE)
+    if end_at and end_at <= dt.datetime.now(dt.timezone.utc):
+        raise SubmitError(f"--end-time {end} is in the past: the schedule would never fire", EXIT_USAGE)
+
+    def rfc3339(t: dt.datetime | None) -> str | None:
+        return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
+
+    return Recurrence(max_concurrency, catchup, rfc3339(start_at), rfc3339(end_at))
+
+
+def _utc(text: str | None, flag: str) -> dt.datetime | None:
+    """An ISO 8601 date or time (no zone: UTC) as an aware UTC datetime."""
+    if not text:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SubmitError(
+            f"{flag} {text!r}: expected an ISO 8601 time, e.g. 2026-12-01T03:00Z", EXIT_USAGE
+        ) from None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
 
 
 def to_kfp_cron(expression: str) -> str:
@@ -600,9 +644,10 @@ def _owned_by(client, experiment_id: str, owner: str) -> list:
 
 
 def _same_definition(
-    rr, cron: str, version: PipelineVersion, params: dict, service_account: str | None
+    rr, cron: str, version: PipelineVersion, params: dict, service_account: str | None, when: Recurrence
 ) -> bool:
-    rr_cron = rr.trigger.cron_schedule.cron if rr.trigger and rr.trigger.cron_schedule else None
+    trigger = rr.trigger.cron_schedule if rr.trigger and rr.trigger.cron_schedule else None
+    rr_cron = trigger.cron if trigger else None
     ref = rr.pipeline_version_reference
     rr_version = (ref.pipeline_version_id if ref else None) or rr.pipeline_version_id
     rr_params = (rr.runtime_config.parameters or {}) if rr.runtime_config else {}
@@ -610,10 +655,21 @@ def _same_definition(
         rr_cron == cron
         and rr_version == version.version_id
         and rr_params.get(CONFIG_PARAMETER) == params
-        and bool(rr.no_catchup)
-        and str(rr.max_concurrency) == "1"
+        and bool(rr.no_catchup) != when.catchup
+        and str(rr.max_concurrency) == str(when.max_concurrency)
+        and _time_text(trigger.start_time if trigger else None) == when.start_time
+        and _time_text(trigger.end_time if trigger else None) == when.end_time
         and (rr.service_account or None) == service_account
     )
+
+
+def _time_text(value: Any) -> str | None:
+    """A trigger time as the API returns it (datetime or text) in Recurrence's form."""
+    if not value:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def schedule(
@@ -628,13 +684,15 @@ def schedule(
     namespace: str | None = None,
     service_account: str | None = None,
     owner: str | None = None,
+    when: Recurrence = Recurrence(),
     dry_run: bool = False,
     out=None,
 ) -> ScheduleResult | None:
     """Create or update the recurring run called `name` in `experiment`; one per name afterwards.
 
-    Runs start at most one at a time (max_concurrency 1) and missed slots are not back-filled
-    (no_catchup): a fine-tune that overran its week is not followed by a burst of catch-up runs.
+    By default runs start at most one at a time (max_concurrency 1) and missed slots are not
+    back-filled (no catchup): a fine-tune that overran its week is not followed by a burst of
+    catch-up runs; `when` changes both and bounds the schedule in time.
     With `owner`, the other schedules of that owner in the experiment are deleted once this one
     exists: renaming a release's schedule leaves nothing firing under the old name.
     """
@@ -653,7 +711,7 @@ def schedule(
             existing = _list_recurring(client, experiment_id, name)
             description = schedule_description(name, owner)
             same = len(existing) == 1 and existing[0].description == description
-            if same and _same_definition(existing[0], kfp_cron, version, params, sa):
+            if same and _same_definition(existing[0], kfp_cron, version, params, sa, when):
                 rr, action = existing[0], _set_paused(client, existing[0], paused)
             else:
                 rr = client.create_recurring_run(
@@ -661,8 +719,10 @@ def schedule(
                     name,
                     description=description,
                     cron_expression=kfp_cron,
-                    max_concurrency=1,
-                    no_catchup=True,
+                    max_concurrency=when.max_concurrency,
+                    no_catchup=not when.catchup,
+                    start_time=when.start_time,
+                    end_time=when.end_time,
                     params={CONFIG_PARAMETER: params},
                     pipeline_id=version.pipeline_id,
                     version_id=version.version_id,
@@ -750,7 +810,12 @@ def cli_submit(args) -> int:
 def cli_schedule(args) -> int:
     """`fulltune schedule`; returns the exit code (EXIT_*)."""
     options = {"name": args.name, "cron": args.cron, "paused": args.paused, "owner": args.owner}
-    return _run_cli(lambda out: schedule(**_shared_options(args), **options, out=out), args.output)
+
+    def action(out):
+        when = recurrence(args.max_concurrency, args.catchup, args.start_time, args.end_time)
+        return schedule(**_shared_options(args), **options, when=when, out=out)
+
+    return _run_cli(action, args.output)
 
 
 def result_json(result: SubmitResult | ScheduleResult) -> dict[str, Any]:
@@ -898,7 +963,29 @@ def add_arguments(submit_parser, schedule_parser) -> None:
         "--name", required=True, help="recurring run name; the same name updates that schedule"
     )
     schedule_parser.add_argument(
-        "--paused", action="store_true", help="create or leave the schedule disabled"
+        "--paused",
+        action="store_true",
+        help="create the schedule disabled, or pause an existing one (run again without it to resume; "
+        "`fulltune unschedule` deletes it)",
+    )
+    schedule_parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs of this schedule at once (default 1)",
+    )
+    schedule_parser.add_argument(
+        "--catchup",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="back-fill the slots missed while paused or down (default --no-catchup: only the next one runs)",
+    )
+    schedule_parser.add_argument(
+        "--start-time", default=None, metavar="ISO", help="fire no earlier (UTC unless given)"
+    )
+    schedule_parser.add_argument(
+        "--end-time", default=None, metavar="ISO", help="fire no later (UTC unless given)"
     )
     schedule_parser.add_argument(
         "--owner",
