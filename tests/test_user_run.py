@@ -119,3 +119,23 @@ def test_the_kfp_sdks_endpoint_variable_is_honoured_after_ours(monkeypatch):
     assert resolve_host(None) == "http://kfp.example:8888"
     monkeypatch.setenv("KFP_HOST", "http://ours:80")
     assert resolve_host(None) == "http://ours:80" and resolve_host("http://flag") == "http://flag"
+
+
+COMMANDS = [
+    ["compile"], ["demo"], ["run"], ["check"], ["config"], ["submit"], ["schedule"], ["unschedule"],
+    ["doctor"], ["registry"], ["registry", "list"], ["registry", "show"], ["registry", "verify"],
+    ["registry", "register"],
+]  # fmt: skip
+
+
+def test_every_command_says_what_it_does_and_its_exit_codes(capsys):
+    import pytest
+
+    for command in [[], *COMMANDS]:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        description = text.split("\n\n")[1]  # after the usage block
+        assert description.strip() and not description.startswith(("options:", "positional")), command
+        assert "exit codes:" in text and "  3  submit --wait" in text, command

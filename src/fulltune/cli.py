@@ -5,6 +5,7 @@ fulltune compile [--image REF] [--root DIR]   regenerate pipelines/ and componen
 fulltune submit --params FILE [--wait] ...    run the pipeline on a Kubeflow Pipelines cluster
 fulltune schedule --cron EXPR --name NAME ... create or update a recurring run
 fulltune demo [--dir DIR] [--forget]          run the whole pipeline locally (kfp.local) on a tiny model
+fulltune check CONFIG / run CONFIG [--until]  the dry run / the pipeline here on your own model and data
 fulltune config --describe | --check FILE     list every config field / validate a config file
 fulltune registry list|show|verify|register ... read the model registry, register a model
 """
@@ -21,6 +22,30 @@ from fulltune import _logging
 from fulltune.kfp.cluster import REGISTRY_SECRET, S3_SECRET
 
 EXIT_USAGE = 2
+# Every sub-command's --help ends with these (argparse exits 2 on bad arguments by itself).
+EXIT_CODES = """exit codes:
+  0  done: every check passed, the run succeeded, the command did what it says
+  1  refused or failed: the message names the problem and where it is (the data, the model, a
+     config that does not validate or cannot run on the cluster, a failed run, an API or storage
+     error); nothing half-written is left
+  2  usage: bad arguments; for submit, schedule and doctor also a config file that does not validate
+     (nothing was created)
+  3  submit --wait: gave up at --timeout while the run was still going"""
+
+
+def _command(commands, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose own --help says what it does (`description`, else its one-line help) and
+    ends with the exit codes."""
+    import textwrap
+
+    text = description or help[:1].upper() + help[1:] + "."
+    return commands.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(text, 88),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -163,7 +188,10 @@ def _registry_register(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fulltune", description="Full fine-tuning of causal LMs on Kubeflow Pipelines."
+        prog="fulltune",
+        description="Full fine-tuning of causal LMs on Kubeflow Pipelines.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_compile(commands)
@@ -176,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compile(commands) -> None:
-    compile_cmd = commands.add_parser("compile", help="regenerate the pipeline and component YAML")
+    compile_cmd = _command(commands, "compile", "regenerate the pipeline and component YAML")
     compile_cmd.add_argument(
         "--image", default=None, help="container image of the CPU steps (default: tag = package version)"
     )
@@ -227,9 +255,7 @@ def _add_compile(commands) -> None:
 
 
 def _add_demo(commands) -> None:
-    demo = commands.add_parser(
-        "demo", help="run the whole pipeline locally through kfp.local on a tiny model"
-    )
+    demo = _command(commands, "demo", "run the whole pipeline locally through kfp.local on a tiny model")
     demo.add_argument(
         "--dir", default=".fulltune-demo", help="where the demo keeps its assets, runs and registry"
     )
@@ -243,19 +269,20 @@ def _add_demo(commands) -> None:
 def _add_run(commands) -> None:
     from fulltune.user_run import CHECKING_STEPS
 
-    run = commands.add_parser(
+    run = _command(
+        commands,
         "run",
-        help="run the pipeline here on your own model and data (kfp.local); --until plan is the dry run",
-        description="Run the compiled pipeline on this machine through kfp.local with the local launcher, on "
-        "the model and data CONFIG names (local paths or s3://). --until STEP stops after a checking step: "
-        "--until plan validates the data, checks the model and tokenizer and plans, without training. "
-        "Exit codes: 0 passed, 1 refused (the message names the problem and where), 2 usage.",
+        "run the pipeline here on your own model and data (kfp.local); --until plan is the dry run",
+        "Run the compiled pipeline on this machine through kfp.local with the local launcher, on the model "
+        "and data CONFIG names (local paths or s3://). --until STEP stops after a checking step: --until "
+        "plan validates the data, checks the model and tokenizer and plans, without training.",
     )
-    check = commands.add_parser(
+    check = _command(
+        commands,
         "check",
-        help="the dry run: validate the data, check the model and tokenizer, plan (= run --until plan)",
-        description="Validate the data, check the base model's files and the tokenizer, and plan the run, "
-        "printing one line per step and a verdict; nothing is trained. Exit codes: 0 passed, 1 refused.",
+        "the dry run: validate the data, check the model and tokenizer, plan (= run --until plan)",
+        "Validate the data, check the base model's files and the tokenizer, and plan the run, printing one "
+        "line per step and a verdict; nothing is trained.",
     )
     for parser in (run, check):
         parser.add_argument("config", help="the RunConfig (YAML or JSON)")
@@ -266,7 +293,7 @@ def _add_run(commands) -> None:
 
 
 def _add_config(commands) -> None:
-    config = commands.add_parser("config", help="describe or check a RunConfig")
+    config = _command(commands, "config", "describe or check a RunConfig")
     config.add_argument(
         "--describe", action="store_true", help="list every field with its default and description"
     )
@@ -292,18 +319,18 @@ def _add_submit_and_schedule(commands) -> None:
         cli_unschedule,
     )
 
-    submit = commands.add_parser(
-        "submit", help="upload the pipeline (a new version only when it changed) and start a run on KFP"
+    submit = _command(
+        commands, "submit", "upload the pipeline (a new version only when it changed) and start a run on KFP"
     )
-    schedule = commands.add_parser("schedule", help="create or update a recurring run on KFP, one per name")
+    schedule = _command(commands, "schedule", "create or update a recurring run on KFP, one per name")
     add_arguments(submit, schedule)
     submit.set_defaults(func=cli_submit)
     schedule.set_defaults(func=cli_schedule)
-    unschedule = commands.add_parser("unschedule", help="delete recurring runs by name or by owner")
+    unschedule = _command(commands, "unschedule", "delete recurring runs by name or by owner")
     add_unschedule_arguments(unschedule)
     unschedule.set_defaults(func=cli_unschedule)
-    doctor = commands.add_parser(
-        "doctor", help="check that this cluster and namespace can run a config (helm test runs it)"
+    doctor = _command(
+        commands, "doctor", "check that this cluster and namespace can run a config (helm test runs it)"
     )
     _add_doctor(doctor)
 
@@ -316,21 +343,22 @@ def _add_doctor(doctor) -> None:
 
 
 def _add_registry(commands) -> None:
-    registry = commands.add_parser("registry", help="read the model registry, or register a model")
+    registry = _command(commands, "registry", "read the model registry, or register a model")
     actions = registry.add_subparsers(dest="action", required=True)
     for action, help_text in (
         ("list", "list the committed versions of a model"),
         ("show", "print a version's manifest"),
         ("verify", "rehash a version's files against its manifest"),
     ):
-        reader = actions.add_parser(action, help=help_text)
+        reader = _command(actions, action, help_text)
         reader.add_argument("--uri", required=True, help="registry root (local directory or s3://)")
         reader.add_argument("--name", required=True, help="model name")
         if action != "list":
             reader.add_argument("--version", type=int, required=True, help="version number")
-    register = actions.add_parser(
+    register = _command(
+        actions,
         "register",
-        help="register a model as the pipeline's register step does (S3/local, then the Kubeflow "
+        "register a model as the pipeline's register step does (S3/local, then the Kubeflow "
         "Model Registry when registry.kubeflow is set; its token from $MODEL_REGISTRY_TOKEN)",
     )
     register.add_argument(
