@@ -101,7 +101,8 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
         assert storage.sha256_file(f"{result.registered}/{f['path']}") == f["sha256"]
     lineage = storage.read_json(storage.join(result.registered, "lineage.json"))
     assert lineage["pipeline_run_id"] and lineage["data"]["dataset_manifest_sha256"]
-    # every step ran and reported through kfp.local
+    # every step ran through kfp.local: one line each on the console, kfp.local's own output in the log
+    lines = out.splitlines()
     for task in (
         "validate-data",
         "check-tokenizer",
@@ -112,7 +113,13 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
         "evaluate",
         "register",
     ):
-        assert f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in out, task
+        assert any(line.startswith(f"ok     {task} (") for line in lines), (task, out)
+    validated = next(line for line in lines if line.startswith("ok     validate-data"))
+    assert "1,500 train records, 0 bad" in validated and "report: " in validated
+    assert any(line.startswith("  train: step ") for line in lines)  # progress (no terminal: plain lines)
+    log = Path(lines[-1].removeprefix("full log: "))
+    assert "finished with status" in log.read_text() and "finished with status" not in out
+    assert len(lines) < 80, out  # one screen, the training progress included
 
 
 @pytest.mark.slow
@@ -136,7 +143,8 @@ def test_forgetting_model_is_refused_and_not_registered(demo_assets, tmp_path, c
     assert result.verdict is False and result.kfp_metrics()["forgetting"] > 0.10
     assert any("general perplexity rose" in r and "allowed" in r for r in result.reasons)
     assert list_versions(str(registry), "demo-clinical-llama") == []
-    assert "Executing task \x1b[96m'register'" not in out
+    assert not any(line.startswith("ok     register") for line in out.splitlines())
+    assert any(line.startswith("ok     evaluate") for line in out.splitlines())
     assert (tmp_path / "local" / "compiled").is_dir()  # the compiled DAG it ran
 
 

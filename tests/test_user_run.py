@@ -60,6 +60,21 @@ def test_the_dry_run_stops_at_the_step_that_refuses_and_names_the_place(tmp_path
     assert "check_tokenizer" not in out
 
 
+def test_a_full_run_that_fails_prints_the_step_its_message_and_the_log(tmp_path, demo_assets, capsys):
+    notes = tmp_path / "notes.jsonl"
+    shutil.copyfile(demo_assets.train_uri, notes)
+    with open(notes, "a") as f:
+        f.write('{"text": "a broken record\n')
+    config = user_config(tmp_path, demo_assets, train_uri=str(notes))
+    assert main(["run", str(config), "--dir", str(tmp_path / "out")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    failed = next(i for i, line in enumerate(lines) if line.startswith("FAILED validate-data"))
+    message = "\n".join(lines[failed + 1 :])
+    assert f"{notes}:{sum(1 for _ in open(notes))}: invalid_json" in message
+    assert lines[-1].startswith("full log: ") and "Traceback" not in message
+    assert Path(lines[-1].removeprefix("full log: ")).read_text()  # kfp.local's own output is kept there
+
+
 def test_until_check_tokenizer_refuses_a_broken_model(tmp_path, demo_assets, capsys):
     model = tmp_path / "model"
     shutil.copytree(demo_assets.base_model_dir, model)

@@ -96,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError:  # kfp.local: a step failed; the step, its message and the log were printed
+        return 1
     return 0
 
 

@@ -104,7 +104,8 @@ def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
 
 
 def full_run(cfg: RunConfig, out_dir: Path) -> None:
-    """The whole compiled DAG through kfp.local with the local launcher."""
+    """The whole compiled DAG through kfp.local with the local launcher; RuntimeError (from kfp.local)
+    when a step fails, after the step, its error message and the log's path are printed."""
     from fulltune.kfp.local_run import run_locally
 
     if cfg.resources.launcher != "local":

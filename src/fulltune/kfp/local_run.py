@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import datetime as dt
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from fulltune.config import RunConfig
-
-log = logging.getLogger("fulltune.demo")
 
 
 @contextlib.contextmanager
@@ -60,15 +60,25 @@ def init_local(pipeline_root: Path) -> None:
     )
 
 
-def run_locally(cfg: RunConfig, *, compiled_dir: Path, pipeline_root: Path) -> None:
-    """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config."""
+def run_locally(
+    cfg: RunConfig, *, compiled_dir: Path, pipeline_root: Path, out: IO[str] | None = None
+) -> Path:
+    """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config.
+
+    `out` (default: this process's stdout) gets one line per step and the training progress; the
+    whole kfp.local output goes to a log file under `pipeline_root`, whose path is returned (and
+    printed last, also when a step fails: then after the step's error message)."""
     from kfp import components
 
     from fulltune.kfp.compile import compile_all
+    from fulltune.kfp.console import StepConsole, console_stream
 
     compiled = compile_all(compiled_dir)
     pipeline = components.load_component_from_file(str(compiled[0]))
     init_local(pipeline_root)
-    log.info("running the compiled pipeline %s through kfp.local", compiled[0])
-    with kfp_local_guard():
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
+    console.say(f"running the compiled pipeline {compiled[0]} through kfp.local")
+    with kfp_local_guard(), console.active():
         pipeline(config=cfg.to_dict())
+    return console.log_path

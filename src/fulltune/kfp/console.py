@@ -1,0 +1,194 @@
+"""What `fulltune run` and `fulltune demo` print while kfp.local runs the DAG.
+
+kfp.local writes every step's executor input, output and log to the console: thousands of lines,
+the useful ones at the very end. `StepConsole` sends all of that to a log file instead (the process's
+stdout and stderr, its file descriptors included, so the steps' subprocesses write there too) and
+prints, by following that file:
+
+    ok     validate-data (2.1 s): 1,500 train records, 0 bad; report: <path>
+    ok     plan (1.0 s): 1.6 GiB per GPU
+      train: step 120/311 loss 5.9120 tok/s 2,310 eta 31s      (one line, rewritten, on a terminal)
+    FAILED train (12.0 s)
+      <the step's error message>
+    full log: <path>
+
+In a pod or a CI job (no terminal) the training progress lines are printed one per logged step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_START = re.compile(r"Executing task '([^']+)'")
+_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_STEP = re.compile(r"step (\d+)/(\d+) loss (\S+) .*?tok/s (\S+).*? eta (\S+)")
+_ERROR = re.compile(r"^[\w.]*(Error|Exception)\b.*?: ")
+
+# The figures each step's line shows: (metric the step logs, label, format).
+FIGURES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "validate-data": (("train_records", "train records", "{:,.0f}"), ("train_bad_records", "bad", "{:,.0f}")),
+    "check-tokenizer": (("tokenizer_size", "tokens", "{:,.0f}"), ("warnings", "warning(s)", "{:.0f}")),
+    "plan": (
+        ("memory_per_gpu_gib", "GiB per GPU", "{:.1f}"),
+        ("estimated_gpu_hours", "GPU-hours (estimate)", "{:,.1f}"),
+    ),
+    "train": (
+        ("steps", "steps", "{:,.0f}"),
+        ("final_loss", "final loss", "{:.4f}"),
+        ("train_seconds", "s of training", "{:,.0f}"),
+    ),
+}
+
+
+class StepConsole:
+    """While active: the process's output goes to `log_path`; `out` gets one line per step."""
+
+    def __init__(self, log_path: Path, pipeline_root: Path, out: IO[str]):
+        self.log_path, self.root, self.out = log_path, pipeline_root, out
+        self.started: dict[str, float] = {}
+        self.done = threading.Event()
+        self.progress_open = False  # a live progress line is on the terminal, without its newline
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w", buffering=1) as log, _redirected(log):
+            follower = threading.Thread(target=self._follow, daemon=True)
+            follower.start()
+            try:
+                yield
+            except Exception:
+                self.done.set()
+                follower.join(timeout=10)
+                self._failure()
+                raise
+            self.done.set()
+            follower.join(timeout=10)
+        self.say(f"full log: {self.log_path}")
+
+    def _follow(self) -> None:
+        with open(self.log_path, errors="replace") as log:
+            pending = ""
+            while True:
+                chunk = log.read()
+                if chunk:
+                    pending += chunk
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        self._line(_ANSI.sub("", line))
+                elif self.done.is_set():
+                    return
+                else:
+                    time.sleep(0.2)
+
+    def _line(self, line: str) -> None:
+        if m := _START.search(line):
+            self.started[m.group(1)] = time.monotonic()
+        elif m := _END.search(line):
+            name, status = m.groups()
+            took = time.monotonic() - self.started.get(name, time.monotonic())
+            if status == "SUCCESS":
+                self.say(f"ok     {name} ({took:.1f} s){self._figures(name)}")
+            else:
+                self.say(f"FAILED {name} ({took:.1f} s)")
+        elif m := _STEP.search(line):
+            step, total, loss, tokens, eta = m.groups()
+            text = f"  train: step {step}/{total} loss {loss} tok/s {tokens} eta {eta}"
+            if self.out.isatty():
+                self.out.write("\r" + text.ljust(72))
+                self.out.flush()
+                self.progress_open = True
+            else:
+                self.say(text)
+
+    def _figures(self, task: str) -> str:
+        """': <figures>; report: <path>' from the task's newest executor output, as far as there are any."""
+        outputs = sorted(self.root.glob(f"*/**/{task}/executor_output.json"), key=lambda p: p.stat().st_mtime)
+        if not outputs:
+            return ""
+        try:
+            artifacts = json.loads(outputs[-1].read_text()).get("artifacts", {})
+        except (OSError, ValueError):
+            return ""
+        metrics = _metadata(artifacts, "metrics")
+        parts = [
+            fmt.format(metrics[key]) + f" {label}"
+            for key, label, fmt in FIGURES.get(task, ())
+            if key in metrics
+        ]
+        report = outputs[-1].parent / "report"
+        if report.exists():
+            parts.append(f"report: {report}")
+        return ": " + ", ".join(parts) if parts else ""
+
+    def _failure(self) -> None:
+        """The failed step's own error message, from the last traceback in the log."""
+        lines = [
+            _ANSI.sub("", line).strip() for line in self.log_path.read_text(errors="replace").splitlines()
+        ]
+        last = max((i for i, line in enumerate(lines) if line.startswith("Traceback")), default=None)
+        if last is not None:
+            start = next((i for i in range(last, len(lines)) if _ERROR.match(lines[i])), None)
+            if start is not None:
+                end = next(
+                    (i for i in range(start + 1, len(lines)) if not lines[i] or _START.search(lines[i])),
+                    len(lines),
+                )
+                for line in lines[start : min(end, start + 20)]:
+                    self.say(f"  {line}")
+        self.say(f"full log: {self.log_path}")
+
+    def say(self, text: str) -> None:
+        if self.progress_open:
+            self.out.write("\n")
+            self.progress_open = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def _metadata(artifacts: dict, name: str) -> dict:
+    try:
+        return artifacts[name]["artifacts"][0].get("metadata") or {}
+    except (KeyError, IndexError, TypeError):
+        return {}
+
+
+@contextlib.contextmanager
+def _redirected(log: IO[str]) -> Iterator[None]:
+    """stdout and stderr, the Python objects and the file descriptors, into `log`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = os.dup(1), os.dup(2)
+    saved_streams = sys.stdout, sys.stderr
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    try:
+        yield
+    finally:
+        log.flush()
+        sys.stdout, sys.stderr = saved_streams
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        os.close(saved_fds[0])
+        os.close(saved_fds[1])
+
+
+def console_stream() -> IO[str]:
+    """Where the step lines go: the terminal (or pipe) stdout is now, unaffected by the redirection.
+    A stdout without a file descriptor (a test's capture) is not redirected, so it is used as it is."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and ValueError
+        return sys.stdout
+    return os.fdopen(os.dup(fd), "w", buffering=1)
