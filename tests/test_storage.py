@@ -129,6 +129,21 @@ def test_an_unreachable_endpoint_and_missing_credentials_are_named(s3, monkeypat
     storage.s3_client.cache_clear()
 
 
+def test_an_unreachable_endpoint_fails_validate_data_as_storage_not_as_bad_data(s3, tmp_path, monkeypatch):
+    """The data may be fine: the step fails naming the endpoint, with no verdict on the dataset."""
+    from fulltune import steps
+    from fulltune.config import RunConfig
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.s3_client.cache_clear()
+    cfg = RunConfig.from_dict({"work_dir": str(tmp_path / "w"), "data": {"train_uri": f"{s3}/notes.jsonl"}})
+    with pytest.raises(storage.StorageError, match=f"{s3}/notes.jsonl: cannot reach the S3 endpoint") as exc:
+        steps.validate_data(cfg, str(tmp_path / "report"))
+    assert not isinstance(exc.value, storage.StorageConfigError)
+    storage.s3_client.cache_clear()
+
+
 def test_refused_credentials_are_a_configuration_error_everywhere(s3, tmp_path, capsys):
     """The moto server checking keys (its IAM authentication on: the test's keys are unknown to it):
     storage, the first checking step and the registry CLI each name the URI and what to check, as a

@@ -23,7 +23,8 @@ nothing allocated). Each problem has a code, the file (and tensor) it is about, 
     shape_mismatch         a tensor whose shape is not the one the config implies
     dtype_mismatch         a tensor that is not floating point where the model has a float weight
     storage                the bucket does not exist or the credentials are refused (an unreachable
-                           endpoint is not a verdict on the model: it raises, and the step is retried)
+                           endpoint is not a verdict on the model: it raises, and the step fails
+                           naming the endpoint)
 
 The tokenizer files and the vocabulary against the embedding rows are check_tokenizer's own checks.
 """

@@ -66,6 +66,7 @@ class DatasetCheck:
         try:
             self.files = data_files(self.uri)
         except (DataError, OSError) as exc:
+            _raise_if_transient(exc)
             self.tally.add("no_data", str(exc).removeprefix(f"{self.uri}: "), self.uri)
             return None
         try:
@@ -85,6 +86,7 @@ class DatasetCheck:
         try:
             broken = self._read(rows, file_index, path)
         except OSError as exc:  # vanished or unreadable mid-run
+            _raise_if_transient(exc)
             self.tally.add("unreadable_file", f"{type(exc).__name__}: {exc}", path)
             broken = True
         if self.tally.records == before and not broken:
@@ -114,3 +116,13 @@ class DatasetCheck:
         if self.kind == "prompt_completion":
             return [self.cfg.prompt_field, self.cfg.completion_field]
         return None  # chat records: the precise path
+
+
+def _raise_if_transient(exc: Exception) -> None:
+    """An S3 endpoint that cannot be reached says nothing about the data: the step fails with that
+    error (naming the endpoint) instead of a verdict on the dataset; a missing bucket or refused
+    credentials (StorageConfigError) are the config's problem and stay in the report."""
+    from fulltune.storage import StorageConfigError, StorageError
+
+    if isinstance(exc, StorageError) and not isinstance(exc, StorageConfigError):
+        raise exc
