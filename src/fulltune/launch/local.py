@@ -18,6 +18,7 @@ from collections import deque
 from typing import IO
 
 from fulltune.launch.base import NODE_MODULE, LaunchError, TrainJob
+from fulltune.train.exit_codes import is_retryable
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,16 @@ class LocalLauncher:
         self.tail_lines = tail_lines
 
     def run(self, job: TrainJob) -> None:
-        """Run the job; a retryable failure (every failed node exited 128+) restarts the whole group,
-        at most `job.max_restarts` times, as the PyTorchJob's operator does: it resumes from the
-        newest complete checkpoint. A permanent failure (bad input, a bug) is never retried."""
+        """Run the job; a retryable failure (every failed node exited 128+ or was killed by a signal:
+        `is_retryable`) restarts the whole group, at most `job.max_restarts` times, as the
+        PyTorchJob's operator does: it resumes from the newest complete checkpoint. A permanent
+        failure (bad input, a bug) is never retried."""
         for attempt in range(job.max_restarts + 1):
             codes, log_tail = self._run_once(job)
             if not any(codes):
                 return
             bad = next(c for c in codes if c)
-            retryable = all(c == 0 or c >= 128 for c in codes)
+            retryable = all(c == 0 or is_retryable(c) for c in codes)
             if not retryable or attempt == job.max_restarts:
                 raise LaunchError(
                     f"training failed: node exit codes {codes}.\n{log_tail.summary()}", exit_code=bad

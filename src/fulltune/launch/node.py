@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import sys
 
-from fulltune.train.exit_codes import EXIT_RETRYABLE
+from fulltune.train.exit_codes import EXIT_RETRYABLE, is_retryable
 
 
 def node_exit_code(worker_exit_code: int) -> int:
     """The node's exit code for the exit code of the rank that failed first."""
-    if worker_exit_code < 0 or worker_exit_code >= 128:
+    if is_retryable(worker_exit_code):
         return EXIT_RETRYABLE
     return worker_exit_code or 1
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         code = node_exit_code(failure.exitcode)
         print(
             f"fulltune.launch.node: rank {rank} failed first with exit code {failure.exitcode}; "
-            f"node exits {code} ({'retryable' if code >= 128 else 'permanent'})\n{exc.format_msg()}",
+            f"node exits {code} ({'retryable' if is_retryable(code) else 'permanent'})\n{exc.format_msg()}",
             file=sys.stderr,
             flush=True,
         )

@@ -32,6 +32,13 @@ _RETRYABLE_TEXT = re.compile(
 )
 
 
+def is_retryable(code: int) -> bool:
+    """Whether a process's exit status is worth a restart, as the Training Operator's ExitCode policy
+    reads it: killed by a signal (negative from subprocess, 128+n from a shell or a container) or
+    exiting 128+ itself; 1-127 are permanent."""
+    return code < 0 or code >= 128
+
+
 class TrainInputError(ValueError):
     """Config or data the trainer cannot use; exit code 1, no retry."""
 
