@@ -257,37 +257,35 @@ def _read_header(uri: str) -> tuple[dict[str, tuple[str, tuple[int, ...]]], Mode
 # -- against the config -----------------------------------------------------------------------------
 
 
-def _expected_tensors(
-    model_config: Any, trust_remote_code: bool
-) -> tuple[list[list[str]], dict[str, tuple], str, bool]:
-    """(groups of names that are one tensor (tied weights), {name: shape}, the base model prefix,
-    whether the class renames checkpoint keys when loading) for the model built on the meta device."""
+@dataclass
+class _Expected:
+    """The tensors the config implies, from the model built on the meta device."""
+
+    # One entry per tensor: its names (a tied weight has several), shape, and whether it is floating point.
+    tensors: dict[int, tuple[list[str], tuple[int, ...], bool]]
+    prefix: str  # the base model's attribute, which checkpoints may or may not put before the names
+    renames: bool  # the class renames checkpoint keys when loading: names are not checked
+
+
+def _expected_tensors(model_config: Any, trust_remote_code: bool) -> _Expected:
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    groups: dict[int, list[str]] = {}
-    shapes: dict[str, tuple] = {}
-    floats: dict[str, bool] = {}
+    tensors: dict[int, tuple[list[str], tuple[int, ...], bool]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-        shapes[name] = tuple(tensor.shape)
-        floats[name] = tensor.is_floating_point()
+        entry = tensors.setdefault(id(tensor), ([], tuple(tensor.shape), tensor.is_floating_point()))
+        entry[0].append(name)
     renames = bool(getattr(model, "_checkpoint_conversion_mapping", None))
-    return (
-        list(groups.values()),
-        {k: (v, floats[k]) for k, v in shapes.items()},
-        model.base_model_prefix,
-        renames,
-    )
+    return _Expected(tensors, model.base_model_prefix, renames)
 
 
 MAX_LISTED = 8  # problems of one code listed one by one; the rest are counted
 
 
-def _compare(uri: str, tensors: dict[str, _Tensor], expected: tuple) -> list[ModelProblem]:
-    groups, shapes, prefix, renames = expected
+def _compare(uri: str, tensors: dict[str, _Tensor], expected: _Expected) -> list[ModelProblem]:
+    prefix = expected.prefix
 
     def find(name: str) -> _Tensor | None:
         for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
@@ -296,12 +294,11 @@ def _compare(uri: str, tensors: dict[str, _Tensor], expected: tuple) -> list[Mod
         return None
 
     problems: list[ModelProblem] = []
-    for names in groups:
+    for names, shape, is_float in expected.tensors.values():
         found = next((t for t in map(find, names) if t is not None), None)
         name = names[0]
-        shape, is_float = shapes[name]
         if found is None:
-            if not renames:  # a class that renames keys on load is not checked by name
+            if not expected.renames:  # a class that renames keys on load is not checked by name
                 problems.append(
                     ModelProblem(
                         "missing_tensor",

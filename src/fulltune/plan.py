@@ -98,9 +98,8 @@ class ModelShape:
     block_class: str = ""
     block_params: int = 0
     block_leaf_threshold: int = 0
-    matmul_params: int = (
-        0  # parameters that do matrix work (an untied input embedding is a lookup); 0: params
-    )
+    # Parameters that do matrix work (`throughput.matmul_params`); 0: all of them.
+    matmul_params: int = 0
 
 
 # The components of MemoryEstimate.total, in the order reports list them (bytes per GPU), with the
@@ -195,9 +194,8 @@ def model_shape(model_config) -> ModelShape:
     layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
     inter = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
     gated = any(n.endswith(("gate_proj", "gate_up_proj", "w1", "w3")) for n, _ in model.named_modules())
-    block = block_leaf(model)
-    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    untied = emb is not None and (out is None or out.weight is not emb.weight)
+    from fulltune.train.throughput import matmul_params
+
     return ModelShape(
         params,
         largest,
@@ -207,8 +205,8 @@ def model_shape(model_config) -> ModelShape:
         model_config.model_type,
         int(inter),
         gated,
-        *block,
-        params - (emb.weight.numel() if untied else 0),
+        *block_leaf(model),
+        matmul_params(model),
     )
 
 
