@@ -125,11 +125,12 @@ def recurrence(
         raise SubmitError(f"--end-time {end} is not after --start-time {start}", EXIT_USAGE)
     if end_at and end_at <= dt.datetime.now(dt.timezone.utc):
         raise SubmitError(f"--end-time {end} is in the past: the schedule would never fire", EXIT_USAGE)
+    return Recurrence(max_concurrency, catchup, _rfc3339(start_at), _rfc3339(end_at))
 
-    def rfc3339(t: dt.datetime | None) -> str | None:
-        return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
 
-    return Recurrence(max_concurrency, catchup, rfc3339(start_at), rfc3339(end_at))
+def _rfc3339(t: dt.datetime | None) -> str | None:
+    """A time as Recurrence holds it (and compares it with the recurring run's): UTC, seconds, Z."""
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
 
 
 def _utc(text: str | None, flag: str) -> dt.datetime | None:
@@ -665,11 +666,7 @@ def _same_definition(
 
 def _time_text(value: Any) -> str | None:
     """A trigger time as the API returns it (datetime or text) in Recurrence's form."""
-    if not value:
-        return None
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _rfc3339(_utc(value, "the recurring run's trigger time") if isinstance(value, str) else value)
 
 
 def schedule(
