@@ -3,6 +3,7 @@ never an uncaught exception, and validate_data writes nothing to the run's work_
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -392,7 +393,7 @@ def csv_chat_cell_not_json(tmp: Path) -> Case:
     good = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     rows = [["messages"], [good], ["[{'role': 'user'}]"]]
     buf = io.StringIO()
-    __import__("csv").writer(buf).writerows(rows)
+    csv.writer(buf).writerows(rows)
     p.write_text(buf.getvalue())
     return Case(str(p), "bad_chat", f"{p}:3")
 

@@ -45,6 +45,12 @@ def copy(good: Path, tmp: Path) -> Path:
     return d
 
 
+def rewrite_config(d: Path, **fields) -> None:
+    """config.json with `fields` changed."""
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, **fields}))
+
+
 def shards(d: Path) -> list[Path]:
     return sorted(d.glob("model-*.safetensors"))
 
@@ -110,17 +116,14 @@ def config_a_list(good, tmp):
 @case
 def unknown_model_type(good, tmp):
     d = copy(good["whole"], tmp)
-    config = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**config, "model_type": "llama-next-2031"}))
+    rewrite_config(d, model_type="llama-next-2031")
     return "unknown_architecture", str(d / "config.json")
 
 
 @case
 def custom_code_not_trusted(good, tmp):
     d = copy(good["whole"], tmp)
-    config = json.loads((d / "config.json").read_text())
-    auto_map = {"AutoModelForCausalLM": "modeling_mine.MyModel"}
-    (d / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    rewrite_config(d, auto_map={"AutoModelForCausalLM": "modeling_mine.MyModel"})
     return "unknown_architecture", str(d / "config.json")
 
 
@@ -231,10 +234,8 @@ def a_layer_missing(good, tmp):
 @case
 def weights_of_another_size(good, tmp):
     d = copy(good["whole"], tmp)
-    config = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(
-        json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2})
-    )
+    width = json.loads((d / "config.json").read_text())["intermediate_size"]
+    rewrite_config(d, intermediate_size=2 * width)
     return "shape_mismatch", f"{d / WEIGHTS} (model.layers.0.mlp.gate_proj.weight)"
 
 

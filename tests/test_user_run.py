@@ -46,31 +46,32 @@ def test_the_dry_run_passes_a_good_config_with_one_line_per_step(tmp_path, demo_
     assert not (tmp_path / "work").exists()  # nothing trained, nothing written to the work directory
 
 
-def test_the_dry_run_stops_at_the_step_that_refuses_and_names_the_place(tmp_path, demo_assets, capsys):
+def broken_notes(tmp_path: Path, demo_assets) -> tuple[Path, str]:
+    """(a user config whose notes end in a truncated record, where validate_data must point)."""
     notes = tmp_path / "notes.jsonl"
     shutil.copyfile(demo_assets.train_uri, notes)
     with open(notes, "a") as f:
         f.write('{"text": "a broken record\n')
     config = user_config(tmp_path, demo_assets, train_uri=str(notes))
+    return config, f"{notes}:{sum(1 for _ in open(notes))}: invalid_json"
+
+
+def test_the_dry_run_stops_at_the_step_that_refuses_and_names_the_place(tmp_path, demo_assets, capsys):
+    config, problem = broken_notes(tmp_path, demo_assets)
     assert main(["run", str(config), "--until", "plan", "--dir", str(tmp_path / "out")]) == 1
     out = capsys.readouterr().out
-    lines = sum(1 for _ in open(notes))
     assert out.startswith("FAILED validate_data")
-    assert f"{notes}:{lines}: invalid_json" in out and "verdict: refused at validate_data" in out
+    assert problem in out and "verdict: refused at validate_data" in out
     assert "check_tokenizer" not in out
 
 
 def test_a_full_run_that_fails_prints_the_step_its_message_and_the_log(tmp_path, demo_assets, capsys):
-    notes = tmp_path / "notes.jsonl"
-    shutil.copyfile(demo_assets.train_uri, notes)
-    with open(notes, "a") as f:
-        f.write('{"text": "a broken record\n')
-    config = user_config(tmp_path, demo_assets, train_uri=str(notes))
+    config, problem = broken_notes(tmp_path, demo_assets)
     assert main(["run", str(config), "--dir", str(tmp_path / "out")]) == 1
     lines = capsys.readouterr().out.splitlines()
     failed = next(i for i, line in enumerate(lines) if line.startswith("FAILED validate-data"))
     message = "\n".join(lines[failed + 1 :])
-    assert f"{notes}:{sum(1 for _ in open(notes))}: invalid_json" in message
+    assert problem in message
     assert lines[-1].startswith("full log: ") and "Traceback" not in message
     assert Path(lines[-1].removeprefix("full log: ")).read_text()  # kfp.local's own output is kept there
 
