@@ -48,10 +48,13 @@ OLDEST_KUBE_VERSION = "1.27.0"
 
 LAUNCHER_RULES = set(LAUNCHER_ACCESS)  # what the launcher asks of the API, from its one definition
 KFP = "pipelines.kubeflow.org"
-UPLOADER_COMMON_RULES = {
+UPLOADER_UPLOAD_RULES = {
     (KFP, resource, verb)
-    for resource in ("pipelines", "pipelines/versions", "experiments")
+    for resource in ("pipelines", "pipelines/versions")
     for verb in ("create", "get", "list")
+}
+UPLOADER_COMMON_RULES = UPLOADER_UPLOAD_RULES | {
+    (KFP, "experiments", verb) for verb in ("create", "get", "list")
 }
 UPLOADER_SCHEDULE_RULES = UPLOADER_COMMON_RULES | {
     (KFP, "jobs", verb) for verb in ("create", "get", "list", "delete", "enable", "disable")
@@ -263,7 +266,12 @@ def test_launcher_role_grants_exactly_what_the_launcher_needs(rendered):
 
 
 @pytest.mark.parametrize(
-    ("mode", "expected"), [("schedule", UPLOADER_SCHEDULE_RULES), ("submit", UPLOADER_SUBMIT_RULES)]
+    ("mode", "expected"),
+    [
+        ("schedule", UPLOADER_SCHEDULE_RULES),
+        ("submit", UPLOADER_SUBMIT_RULES),
+        ("upload", UPLOADER_UPLOAD_RULES),
+    ],
 )
 def test_upload_hook_may_only_call_the_kfp_api_it_uses(chart, mode, expected):
     objects = render(chart, {"pipelineUpload": {"enabled": True, "mode": mode}, "runConfig": RUNNABLE})
@@ -484,6 +492,8 @@ def test_a_hook_that_starts_runs_needs_a_model_and_data(chart, run_config):
         chart.render(values={"pipelineUpload": {"enabled": True}, "runConfig": run_config}, name=RELEASE)
     assert "runConfig" in str(err.value)
     render(chart, {"runConfig": run_config})  # without the hook, nothing runs: accepted
+    # only uploading the pipeline starts nothing either: the UI's form asks for the model and data
+    render(chart, {"pipelineUpload": {"enabled": True, "mode": "upload"}, "runConfig": run_config})
 
 
 def test_schema_is_strict_at_the_top():
@@ -818,6 +828,7 @@ def test_upload_hook_runs_fulltune_schedule_with_the_shipped_files(full):
     assert Path(args.params).name == "config.yaml"
     assert mounts[str(Path(args.package).parent)]["configMap"]["name"] == f"{FULLNAME}-pipeline"
     assert Path(args.package).name == "full_finetune.yaml"
+    assert args.defaults == args.params  # the uploaded version's form starts from the same settings
     # Auth: a projected token for the KFP audience, where kfp looks for it.
     env = {e["name"]: e for e in container["env"]}
     token_dir = env["KF_PIPELINES_SA_TOKEN_PATH"]["value"].rsplit("/", 1)[0]
@@ -840,11 +851,36 @@ def test_upload_hook_can_submit_a_run_instead(chart):
 
 
 def test_upload_hook_params_pass_fulltune_validation(full, tmp_path):
-    from fulltune.kfp.submit import load_params
+    from fulltune.kfp.submit import build_run_request, package_file
 
     path = tmp_path / "config.yaml"
     path.write_text(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
-    assert load_params(path)["model"]["name"] == "llama-3.1-8b-clinical"
+    with package_file(PIPELINE, defaults=path) as package:
+        request = build_run_request(package, path, [])
+    assert request.config.model.name == "llama-3.1-8b-clinical"
+    assert request.parameters["model_name"] == "llama-3.1-8b-clinical"  # what the UI shows for the run
+
+
+def test_upload_mode_only_uploads_the_pipeline_with_the_clusters_settings_as_its_defaults(chart, tmp_path):
+    from fulltune.cli import build_parser
+    from fulltune.kfp.submit import package_file
+
+    values = {
+        "pipelineUpload": {"enabled": True, "mode": "upload"},
+        "runConfig": {"work_dir": "s3://team/work"},
+    }
+    objects = render(chart, values)
+    _, _, container = _job_container(objects)
+    args = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert args.command == "upload" and args.defaults == "/etc/fulltune/config/config.yaml"
+    assert not [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"].endswith("-unschedule")]
+    config = tmp_path / "config.yaml"
+    config.write_text(only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    with package_file(PIPELINE, defaults=config) as package:
+        defaults = package.parameters["config"]["defaultValue"]
+    assert defaults["work_dir"] == "s3://team/work"
+    assert defaults["resources"]["launcher"] == "kubernetes"  # the chart's own additions too
+    assert defaults["resources"]["kubernetes"]["secret_env"] == ["fulltune-s3"]
 
 
 def test_no_upload_hook_by_default(chart):

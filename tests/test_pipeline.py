@@ -40,6 +40,7 @@ def test_pipeline_shape():
     spec = next(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))
     root_tasks = spec["root"]["dag"]["tasks"]
     assert {
+        "configure",
         "validate-data",
         "check-tokenizer",
         "plan",
@@ -104,6 +105,7 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
     # every step ran through kfp.local: one line each on the console, kfp.local's own output in the log
     lines = out.splitlines()
     for task in (
+        "configure",
         "validate-data",
         "check-tokenizer",
         "plan",
@@ -159,14 +161,13 @@ def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, c
     lines[6] = lines[6][:-5]  # line 7: truncated JSON
     bad = tmp_path / "train.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    cfg = demo_config(demo_assets, tmp_path / "work", tmp_path / "registry").with_overrides(
-        {"data.train_uri": str(bad)}
-    )
+    config = demo_config(demo_assets, tmp_path / "work", tmp_path / "registry").to_dict()
+    del config["data"]["train_uri"]  # given as the typed parameter, as in the Kubeflow UI's form
 
     pipeline = components.load_component_from_file(str(compile_all(tmp_path / "compiled")[0]))
     init_local(tmp_path / "root")
     with kfp_local_guard(), pytest.raises(RuntimeError, match="validate-data"):
-        pipeline(config=cfg.to_dict())
+        pipeline(config=config, train_uri=str(bad))
     out = capfd.readouterr()
     text = out.out + out.err
     assert f"{bad}:7: invalid_json" in text
@@ -174,6 +175,30 @@ def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, c
         assert f"Executing task \x1b[96m'{later}'" not in text
     assert not (tmp_path / "work").exists()  # nothing was written for the run
     assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.slow
+def test_a_field_set_by_a_typed_parameter_and_differently_in_config_stops_the_run_at_configure(
+    demo_assets, tmp_path, capfd
+):
+    from kfp import components
+
+    from fulltune.demo.run import demo_config
+    from fulltune.kfp.local_run import init_local, kfp_local_guard
+
+    config = demo_config(demo_assets, tmp_path / "work", tmp_path / "registry").to_dict()
+    pipeline = components.load_component_from_file(str(compile_all(tmp_path / "compiled")[0]))
+    init_local(tmp_path / "root")
+    with kfp_local_guard(), pytest.raises(RuntimeError, match="configure"):
+        pipeline(config=config, train_uri="s3://elsewhere/train.jsonl", learning_rate=3e-4)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert (
+        "pipeline parameter train_uri='s3://elsewhere/train.jsonl' and pipeline parameter 'config' " in text
+    )
+    assert f"data.train_uri={demo_assets.train_uri!r}" in text
+    assert "Executing task \x1b[96m'validate-data'" not in text
+    assert not (tmp_path / "work").exists()
 
 
 def test_a_work_directory_on_a_pvc_is_mounted_into_every_step(tmp_path):

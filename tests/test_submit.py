@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fulltune import __version__
+from fulltune import __version__, parameters
 from fulltune.cli import main
+from fulltune.config import RunConfig
 from fulltune.kfp.compile import PIPELINE_FILE, compile_all
 from fulltune.kfp.pipeline import S3_SECRET, S3_SECRET_KEYS
 from kfp_standin import KFPStandIn
@@ -57,7 +58,9 @@ def params(tmp_path) -> Path:
 
 
 def submit(kfp, params, *extra, package=PACKAGE) -> int:
-    args = ["submit", "--host", kfp.url, "--params", str(params), "--poll-interval", "0.01"]
+    args = ["submit", "--host", kfp.url, "--poll-interval", "0.01"]
+    if params is not None:
+        args += ["--params", str(params)]
     if package is not None:
         args += ["--package", str(package)]
     return main([*args, *extra])
@@ -65,6 +68,22 @@ def submit(kfp, params, *extra, package=PACKAGE) -> int:
 
 def schedule(kfp, params, *extra) -> int:
     return main(["schedule", "--host", kfp.url, "--params", str(params), "--package", str(PACKAGE), *extra])
+
+
+def sent_config(sent: dict) -> dict:
+    """The config a run gets from the parameters sent (what the pipeline's configure step computes),
+    with fulltune's defaults filled in."""
+    typed = {k: v for k, v in sent.items() if k != "config"}
+    assert set(typed) == set(parameters.NAMES)  # every typed parameter explicit, whatever the defaults
+    return RunConfig.from_dict(parameters.resolve(sent["config"], typed)).to_dict()
+
+
+def config_of(path_or_mapping) -> dict:
+    """A RunConfig file or mapping with fulltune's defaults filled in."""
+    data = (
+        path_or_mapping if isinstance(path_or_mapping, dict) else yaml.safe_load(path_or_mapping.read_text())
+    )
+    return RunConfig.from_dict(data).to_dict()
 
 
 def changed_package(tmp_path) -> Path:
@@ -99,7 +118,11 @@ def test_submit_uploads_the_pipeline_and_starts_a_run_with_the_config(kfp, param
         "pipeline_id": pipeline["pipeline_id"],
         "pipeline_version_id": version["pipeline_version_id"],
     }
-    assert run["runtime_config"]["parameters"] == {"config": yaml.safe_load(EXAMPLE.read_text())}
+    sent = run["runtime_config"]["parameters"]
+    assert (
+        sent["base_model_uri"] == "s3://ml-models/meta-llama/Llama-3.1-8B"
+    )  # a typed parameter: the UI shows it
+    assert sent_config(sent) == config_of(EXAMPLE)
     assert run["display_name"].startswith("llama-3.1-8b-clinical ")
     assert f"run id: {run['run_id']}" in out
     assert f"run url: {kfp.url}/#/runs/details/{run['run_id']}" in out
@@ -112,8 +135,137 @@ def test_a_json_params_file_and_a_named_experiment(kfp, tmp_path):
     assert submit(kfp, path, "--experiment", "clinical", "--run-name", "nightly") == 0
     [run] = kfp.runs.values()
     assert run["display_name"] == "nightly"
-    assert run["runtime_config"]["parameters"]["config"] == config
+    assert sent_config(run["runtime_config"]["parameters"]) == config_of(config)
     assert [e["display_name"] for e in kfp.experiments.values()] == ["clinical"]
+
+
+def test_a_param_fills_a_field_the_file_leaves_out_and_a_field_set_twice_differently_is_refused(
+    kfp, params, capsys
+):
+    assert submit(kfp, params, "--param", "learning_rate=2e-5", "--param", "max_seq_len=4096") == 0
+    [run] = kfp.runs.values()
+    sent = run["runtime_config"]["parameters"]
+    assert sent["learning_rate"] == 2e-5 and sent_config(sent)["training"]["learning_rate"] == 2e-5
+    # the example sets preprocess.max_seq_len: 4096; --param max_seq_len=2048 says otherwise
+    assert submit(kfp, params, "--param", "max_seq_len=2048") == 2
+    err = capsys.readouterr().err
+    assert f"--param max_seq_len=2048 and {params} preprocess.max_seq_len=4096" in err
+    assert "nothing was submitted" in err and len(kfp.runs) == 1
+
+
+def test_a_parameters_file_gives_typed_values_and_config_and_a_param_overrides_its_values(kfp, tmp_path):
+    example = yaml.safe_load(EXAMPLE.read_text())
+    rest = {k: v for k, v in example.items() if k not in ("model", "data")}
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model_uri": "s3://ml-models/qwen",
+                "train_uri": "s3://ml-data/train.jsonl",
+                "model_name": "from-file",
+                "config": rest,
+            }
+        )
+    )
+    assert submit(kfp, path, "--param", "model_name=from-command-line") == 0
+    [run] = kfp.runs.values()
+    cfg = sent_config(run["runtime_config"]["parameters"])
+    assert cfg["model"] == {
+        **cfg["model"],
+        "base_model_uri": "s3://ml-models/qwen",
+        "name": "from-command-line",
+    }
+    assert cfg["data"]["train_uri"] == "s3://ml-data/train.jsonl"
+    assert cfg["resources"]["launcher"] == "kubernetes"  # from its config
+    assert run["display_name"].startswith("from-command-line ")
+
+
+def test_a_file_mixing_parameters_and_config_sections_is_refused_naming_both(kfp, tmp_path, capsys):
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump({"learning_rate": 1e-5, "training": {"max_steps": 10}}))
+    assert submit(kfp, path) == 2
+    err = capsys.readouterr().err
+    assert "mixes pipeline parameters (learning_rate) and RunConfig fields (training)" in err
+    assert kfp.requests == []
+
+
+@pytest.fixture
+def cluster_defaults(tmp_path) -> Path:
+    """What the Helm chart knows about its cluster: where to work and register, how to train."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "work_dir": "s3://team/work",
+                "registry": {"uri": "s3://team/registry"},
+                "resources": {
+                    "launcher": "kubernetes",
+                    "kubernetes": {
+                        "image": "ghcr.io/fulltune/fulltune-trainer:1",
+                        "secret_env": ["fulltune-s3"],
+                    },
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_defaults_make_the_uploaded_pipeline_a_form_needing_only_model_data_and_name(kfp, cluster_defaults):
+    form = ["--param", "base_model_uri=s3://m/qwen", "--param", "train_uri=s3://d/t.jsonl"]
+    assert submit(kfp, None, "--defaults", str(cluster_defaults), *form, "--param", "model_name=support") == 0
+    # the uploaded version: the cluster's settings are the defaults of the form and of `config`
+    [version] = kfp.versions_of("full-finetune")
+    uploaded = next(yaml.safe_load_all(kfp.packages[version["pipeline_version_id"]]))
+    inputs = uploaded["root"]["inputDefinitions"]["parameters"]
+    assert inputs["registry_uri"]["defaultValue"] == "s3://team/registry"
+    assert inputs["config"]["defaultValue"]["resources"]["launcher"] == "kubernetes"
+    assert "registry" not in inputs["config"]["defaultValue"]  # a typed field lives in its own parameter
+    assert uploaded["deploymentSpec"] == next(yaml.safe_load_all(PACKAGE.read_text()))["deploymentSpec"]
+    # the run gave only the model, the data and a name, and runs with the cluster's settings
+    [run] = kfp.runs.values()
+    cfg = sent_config(run["runtime_config"]["parameters"])
+    assert cfg["registry"]["uri"] == "s3://team/registry" and cfg["work_dir"] == "s3://team/work"
+    assert cfg["resources"]["kubernetes"]["image"] == "ghcr.io/fulltune/fulltune-trainer:1"
+    assert cfg["model"]["name"] == "support" and cfg["data"]["train_uri"] == "s3://d/t.jsonl"
+    # the same defaults again: the same bytes, the same version
+    assert submit(kfp, None, "--defaults", str(cluster_defaults), *form) == 0
+    assert len(kfp.versions_of("full-finetune")) == 1
+
+
+def test_upload_puts_the_pipeline_with_its_defaults_on_kfp_and_starts_nothing(kfp, cluster_defaults, capsys):
+    command = ["upload", "--host", kfp.url, "--package", str(PACKAGE), "--defaults", str(cluster_defaults)]
+    assert main([*command, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(
+        next(line for line in out.splitlines() if line.startswith("parameter defaults: "))[20:]
+    )
+    assert shown["registry_uri"] == "s3://team/registry" and "dry run: nothing was sent" in out
+    assert kfp.requests == []
+
+    assert main([*command, "--output", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    [version] = kfp.versions_of("full-finetune")
+    assert result["pipeline_version"]["version_id"] == version["pipeline_version_id"] and result["uploaded"]
+    assert result["url"].endswith(
+        f"/#/pipelines/details/{version['pipeline_id']}/version/{version['pipeline_version_id']}"
+    )
+    uploaded = next(yaml.safe_load_all(kfp.packages[version["pipeline_version_id"]]))
+    assert (
+        uploaded["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]["work_dir"]
+        == "s3://team/work"
+    )
+    assert kfp.runs == {} and kfp.experiments == {}  # nothing started, no experiment made
+    assert main(command) == 0 and "already there" in capsys.readouterr().out
+
+
+def test_upload_refuses_defaults_that_are_not_a_valid_config(kfp, tmp_path, capsys):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("resources:\n  launcher: slurm\n")
+    assert main(["upload", "--host", kfp.url, "--package", str(PACKAGE), "--defaults", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: 1 invalid field(s)" in err and "resources.launcher" in err
+    assert kfp.requests == []
 
 
 def test_resubmitting_the_same_package_reuses_its_version(kfp, params, capsys):
@@ -210,7 +362,7 @@ def test_scheduling_twice_under_one_name_keeps_one_recurring_run_with_the_new_cr
     assert rr["display_name"] == "weekly-clinical"
     assert rr["trigger"]["cron_schedule"]["cron"] == "0 30 4 * * 1"
     assert rr["status"] == "ENABLED"
-    assert rr["runtime_config"]["parameters"] == {"config": yaml.safe_load(EXAMPLE.read_text())}
+    assert sent_config(rr["runtime_config"]["parameters"]) == config_of(EXAMPLE)
     assert rr["no_catchup"] is True and rr["max_concurrency"] == "1"
     [version] = kfp.versions_of("full-finetune")
     assert rr["pipeline_version_reference"]["pipeline_version_id"] == version["pipeline_version_id"]
@@ -449,6 +601,7 @@ def test_step_pods_get_s3_credentials_from_the_secret_and_evaluate_a_gpu():
     docs = list(yaml.safe_load_all(PACKAGE.read_text()))
     executors = _platform(docs)
     steps = {
+        "configure",
         "validate-data",
         "check-tokenizer",
         "plan",
@@ -490,7 +643,7 @@ def test_caching_is_off_for_steps_that_read_outside_data_or_must_rerun():
     for comp in spec["components"].values():
         tasks.update(comp.get("dag", {}).get("tasks", {}))
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    assert cached == {"list-shards", "preprocess-shard", "gather-shards"}
+    assert cached == {"configure", "list-shards", "preprocess-shard", "gather-shards"}
     for name in ("validate-data", "check-tokenizer", "plan", "train", "evaluate", "register"):
         assert tasks[name]["cachingOptions"] == {}, name
 
@@ -615,6 +768,8 @@ def test_dry_run_prints_where_and_as_whom_and_sends_nothing(kfp, params, capsys,
     assert f"KFP API: {kfp.url}" in out
     assert "namespace: team-a (from --namespace)" in out and "runs' service account: fulltune" in out
     assert "pipeline full-finetune version " in out and "dry run: nothing was sent" in out
+    sent = json.loads(next(line for line in out.splitlines() if line.startswith("parameters: "))[12:])
+    assert sent_config(sent) == config_of(EXAMPLE)  # the request, printed as it would be sent
     assert kfp.requests == []
 
 

@@ -2,8 +2,9 @@
 
 fulltune compile [--image REF] [--root DIR]   regenerate pipelines/ and components/ YAML
                  [--s3-secret NAME] [--eval-gpus N]
-fulltune submit --params FILE [--wait] ...    run the pipeline on a Kubeflow Pipelines cluster
+fulltune submit [--params FILE] [--param N=V]  run the pipeline on a Kubeflow Pipelines cluster
 fulltune schedule --cron EXPR --name NAME ... create or update a recurring run
+fulltune upload [--defaults FILE]             put the pipeline on KFP for runs started from its UI
 fulltune demo [--dir DIR] [--forget]          run the whole pipeline locally (kfp.local) on a tiny model
 fulltune check CONFIG / run CONFIG [--until]  the dry run / the pipeline here on your own model and data
 fulltune config --describe | --check FILE     list every config field / validate a config file
@@ -28,8 +29,8 @@ EXIT_CODES = """exit codes:
   1  refused or failed: the message names the problem and where it is (the data, the model, a
      config that does not validate or cannot run on the cluster, a failed run, an API or storage
      error); nothing half-written is left
-  2  usage: bad arguments; for submit, schedule and doctor also a config file that does not validate
-     (nothing was created)
+  2  usage: bad arguments; for submit, schedule, upload and doctor also a config or parameters
+     file that does not validate (nothing was created)
   3  submit --wait: gave up at --timeout while the run was still going"""
 
 
@@ -316,9 +317,11 @@ def _add_submit_and_schedule(commands) -> None:
     from fulltune.kfp.submit import (
         add_arguments,
         add_unschedule_arguments,
+        add_upload_arguments,
         cli_schedule,
         cli_submit,
         cli_unschedule,
+        cli_upload,
     )
 
     submit = _command(
@@ -328,6 +331,13 @@ def _add_submit_and_schedule(commands) -> None:
     add_arguments(submit, schedule)
     submit.set_defaults(func=cli_submit)
     schedule.set_defaults(func=cli_schedule)
+    upload = _command(
+        commands,
+        "upload",
+        "put the pipeline on KFP as a version, its form pre-filled with --defaults; start nothing",
+    )
+    add_upload_arguments(upload)
+    upload.set_defaults(func=cli_upload)
     unschedule = _command(commands, "unschedule", "delete recurring runs by name or by owner")
     add_unschedule_arguments(unschedule)
     unschedule.set_defaults(func=cli_unschedule)

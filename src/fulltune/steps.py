@@ -52,6 +52,22 @@ def _write_out(text: str, dest: str | None) -> None:
         Path(dest).write_text(text)
 
 
+# -- configure -----------------------------------------------------------------------------------------
+
+
+def configure(config: dict[str, Any] | None, values: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's typed parameters merged into `config` (`fulltune.parameters.resolve`): the
+    mapping validate_data, check_tokenizer and plan receive. A conflict or an invalid field fails
+    here, before any data is read."""
+    from fulltune.parameters import BY_NAME, resolve
+
+    _setup_logging()
+    merged = resolve(config, values)
+    set_here = [f"{n}={v!r}" for n, v in values.items() if BY_NAME[n].is_set(v)]
+    log.info("typed parameters set: %s", ", ".join(set_here) if set_here else "none (config only)")
+    return merged
+
+
 # -- validate_data / check_tokenizer --------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ class StepResources:
 # overrides any of them. The training pods of the kubernetes launcher are sized by
 # resources.kubernetes.cpu/memory instead: the `train` step pod only launches and watches them.
 STEP_RESOURCES: dict[str, StepResources] = {
+    "configure": StepResources("250m", "512Mi", "1", "1Gi"),  # merges the parameters into the config
     "validate_data": StepResources("2", "4Gi", "4", "8Gi"),  # streams the data; worker processes
     "check_tokenizer": StepResources("1", "2Gi", "2", "4Gi"),
     "plan": StepResources("1", "2Gi", "2", "4Gi"),  # the model on the meta device, a token sample

@@ -5,10 +5,11 @@ has fulltune (and kfp) installed, so nothing is pip-installed when a step runs
 (`install_kfp_package=False`). Bodies import inside the function because KFP ships only the
 function's source to the container. Docstring `Args:` become the descriptions the Kubeflow UI shows.
 
-This is the boundary where the run is a dict: each body turns the `config` parameter into a
+This is the boundary where the run is a dict: `configure` merges the pipeline's typed parameters
+into the `config` mapping (`fulltune.parameters`), each later body turns that mapping into a
 `RunConfig` (`RunConfig.from_pipeline`) before the call, and `plan` hands the resolved one back as a
 dict. Outputs are named (`NamedTuple`), so the pipeline wires `outputs["dataset"]`, not a bare
-"Output" — except where kfp.local needs one (see `list_shards` and `evaluate`). Only the standard library and kfp are imported here, so compiling stays fast.
+"Output" — except where kfp.local needs one (see `list_shards` and `evaluate`). Only the standard library, kfp and the config are imported here, so compiling stays fast.
 """
 
 from dataclasses import dataclass
@@ -17,6 +18,41 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Output
 from kfp.dsl.base_component import BaseComponent
+
+from fulltune import parameters
+
+
+def configure(
+    config: dict,
+    base_model_uri: str,
+    train_uri: str,
+    eval_uri: str,
+    general_uri: str,
+    model_name: str,
+    registry_uri: str,
+    learning_rate: float,
+    num_train_epochs: float,
+    max_steps: int,
+    max_seq_len: int,
+    replay_fraction: float,
+    num_nodes: int,
+    nproc_per_node: int,
+    max_general_ppl_increase: float,
+    min_domain_loss_improvement: float,
+) -> NamedTuple("ConfigureOutputs", [("config", dict)]):
+    """Merge the pipeline's typed parameters into `config` and validate the result; refuse a field that a
+    typed parameter and `config` set to two different values, naming both. (The Args are generated from
+    fulltune.parameters below.)"""
+    values = dict(locals())  # the first statement: exactly this step's inputs
+    from fulltune import steps
+
+    return (steps.configure(values.pop("config"), values),)
+
+
+configure.__doc__ = parameters.docstring(
+    (configure.__doc__ or "").split(" (The Args")[0],
+    returns="config: The run configuration (RunConfig) every later step receives.",
+)
 
 
 def validate_data(config: dict, report: Output[HTML], metrics: Output[Metrics]):
@@ -227,6 +263,7 @@ def register(config: dict, model_uri: str, eval_result: Input[Artifact], run_id:
 
 
 STEPS = (
+    configure,
     validate_data,
     check_tokenizer,
     plan,
@@ -243,6 +280,7 @@ STEPS = (
 class Components:
     """Every step as a KFP component, one attribute per step."""
 
+    configure: BaseComponent
     validate_data: BaseComponent
     check_tokenizer: BaseComponent
     plan: BaseComponent

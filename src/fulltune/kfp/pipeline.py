@@ -1,9 +1,14 @@
 """The `full_finetune` pipeline: the whole DAG on one screen.
 
-    validate_data -> check_tokenizer -> plan -> list_shards -> ParallelFor: preprocess_shard
+    configure -> validate_data -> check_tokenizer -> plan -> list_shards -> ParallelFor: preprocess_shard
         -> gather_shards -> train -> evaluate -> If(verdict): register
 
-Only kfp is imported here; `fulltune compile` turns this into pipelines/full_finetune.yaml.
+Its parameters are the form the Kubeflow UI shows: the fields set on every run as typed parameters,
+and `config` for the rest (`fulltune.parameters` has the table and the precedence); the first step,
+`configure`, merges them into the one config the later steps read.
+
+Only kfp and the config are imported here; `fulltune compile` turns this into
+pipelines/full_finetune.yaml.
 
 Cluster settings (ignored by kfp.local, so `fulltune demo` runs the same DAG) are applied to every
 task in one place, `ClusterSettings.apply`: CPU and memory requests and limits (a profile's
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from fulltune import parameters
 from fulltune._image import default_image, default_trainer_image
 from fulltune.kfp.cluster import (
     GPU_RESOURCE,
@@ -99,13 +105,10 @@ def build_pipeline(
     evaluate = build_components(trainer_image).evaluate if eval_gpus else steps.evaluate
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-    def full_finetune(config: dict = {}):  # noqa: B006 — KFP reads the default as the UI's default
-        """Full fine-tuning with a forgetting gate.
-
-        Args:
-            config: The run configuration (RunConfig) as a JSON mapping: model, data, tokenizer, preprocess, training, resources, evaluation and registry sections. Unset fields take their documented defaults; `fulltune config --describe` lists every field and pipelines/examples/ has complete configs.
-        """
+    def full_finetune(*values):
+        params = dict(zip(parameters.signature().parameters, values, strict=True))
+        configured = cluster.apply(steps.configure(**params))
+        config = configured.outputs["config"]
         validated = cluster.apply(steps.validate_data(config=config))
         checked = cluster.apply(steps.check_tokenizer(config=config).after(validated))
         planned = cluster.apply(steps.plan(config=config, run_id=run_id).after(checked))
@@ -153,7 +156,10 @@ def build_pipeline(
         for task in (shard_task, gathered, evaluated, registered):
             task.set_retry(**POD_RETRY)
 
-    return full_finetune
+    # The form the Kubeflow UI shows: the typed parameters and their descriptions, from one table.
+    full_finetune.__signature__ = parameters.signature()
+    full_finetune.__doc__ = parameters.docstring("Full fine-tuning with a forgetting gate.")
+    return dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(full_finetune)
 
 
 # The long steps after plan are retried when their pod fails (evicted, its node lost, the S3 endpoint

@@ -6,9 +6,10 @@ Both talk to the KFP v2beta1 REST API through `kfp.Client`:
   created on first use). The version is named `<fulltune version>-<first 12 hex of the package's
   SHA-256>`, so submitting the same package again reuses that version and a changed package adds a
   new one; the UI's version list then says which code every run used.
-- the run configuration (a RunConfig file, YAML or JSON) is validated here before anything is
-  created on the cluster, and becomes the pipeline's `config` parameter as written (defaults are
-  filled in by the pipeline's own `plan` step, from the image's fulltune).
+- the run's parameters (a RunConfig or parameters file, `--param NAME=VALUE`, the package's own
+  defaults; `fulltune.kfp.run_parameters`) are resolved and validated here before anything is
+  created on the cluster, and sent as the pipeline's typed parameters plus `config` (hyper-parameter
+  defaults are filled in by the pipeline's own `plan` step, from the image's fulltune).
 - `submit` creates a run in an experiment (created when missing) and can wait for it to finish.
 - `schedule` keeps one recurring run per name. The v2beta1 API has no update for recurring runs
   (create, get, list, enable, disable, delete only), so a changed schedule is created anew and the
@@ -46,8 +47,9 @@ from typing import Any
 
 import yaml
 
-from fulltune import __version__
-from fulltune.config import ConfigError, RunConfig, read_config_file
+from fulltune import __version__, parameters
+from fulltune.config import ConfigError
+from fulltune.kfp.run_parameters import RunRequest, build_request, stamp_defaults
 
 log = logging.getLogger("fulltune.submit")
 
@@ -61,7 +63,7 @@ POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 ENV_UI = "KF_PIPELINES_UI_ENDPOINT"  # kfp's own variable for a UI that is not at the API's address
 DEFAULT_EXPERIMENT = "fulltune"
-CONFIG_PARAMETER = "config"
+CONFIG_PARAMETER = parameters.CONFIG
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed or was canceled, or the KFP API refused a request
@@ -84,22 +86,19 @@ class SubmitError(Exception):
 # -- inputs -----------------------------------------------------------------------------------------
 
 
-def load_params(path: str | Path) -> dict[str, Any]:
-    """The run configuration in `path` (YAML, or JSON by its .json suffix), validated as a RunConfig
-    that can run on a cluster (`fulltune.cluster_config`).
-
-    Returns the mapping as written (not the defaults-filled one): the pipeline fills the defaults with
-    the fulltune in its image, which may be newer than this client's.
+def build_run_request(package: Package, params_file: str | Path | None, assignments: list[str]) -> RunRequest:
+    """The parameters a run of `package` is created with, validated as a RunConfig that can run on a
+    cluster (`fulltune.cluster_config`); see `fulltune.kfp.run_parameters` for the layers.
 
     Raises:
-        ConfigError: naming the file (and line) or the dotted field and the problem.
+        ConfigError: naming the file (and line), the `--param` or the dotted field and the problem.
     """
     from fulltune.cluster_config import check_for_cluster
 
-    data = read_config_file(path)
+    request = build_request(package.parameters, params_file, assignments)
     # the checks and messages of `fulltune config --check --for-cluster`
-    check_for_cluster(RunConfig.from_dict(data, source=str(path)), str(path))
-    return data
+    check_for_cluster(request.config, str(params_file or "the run's parameters"))
+    return request
 
 
 @dataclass(frozen=True)
@@ -172,6 +171,7 @@ class Package:
     pipeline_name: str
     description: str
     sha256: str
+    parameters: dict[str, Any]  # the root input definitions: name -> {parameterType, defaultValue, ...}
 
     @property
     def version_name(self) -> str:
@@ -195,23 +195,28 @@ def read_package(path: str | Path) -> Package:
     params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     if CONFIG_PARAMETER not in params:
         raise SubmitError(f"{path}: pipeline has no `{CONFIG_PARAMETER}` parameter", EXIT_USAGE)
-    return Package(path, info["name"], info.get("description", ""), hashlib.sha256(raw).hexdigest())
+    sha = hashlib.sha256(raw).hexdigest()
+    return Package(path, info["name"], info.get("description", ""), sha, params)
 
 
 @contextlib.contextmanager
-def package_file(path: str | Path | None) -> Iterator[Package]:
-    """The package at `path`, or the pipeline compiled from this fulltune into a temporary file.
+def package_file(path: str | Path | None, defaults: str | Path | None = None) -> Iterator[Package]:
+    """The package at `path`, or the pipeline compiled from this fulltune into a temporary file;
+    with `defaults` (a RunConfig file), a copy whose parameters default to it (`stamp_defaults`).
 
     The compiled bytes equal the checked-in pipelines/full_finetune.yaml for the same source, image
-    (FULLTUNE_IMAGE or the package version) and kfp, so both give the same pipeline version.
+    (FULLTUNE_IMAGE or the package version) and kfp, so both give the same pipeline version; a
+    stamped copy is a version of its own, named by its own bytes.
     """
-    if path is not None:
-        yield read_package(path)
-        return
-    from fulltune.kfp.compile import compile_pipeline
-
     with tempfile.TemporaryDirectory(prefix="fulltune-package-") as tmp:
-        yield read_package(compile_pipeline(Path(tmp) / "full_finetune.yaml"))
+        if path is None:
+            from fulltune.kfp.compile import compile_pipeline
+
+            path = compile_pipeline(Path(tmp) / "full_finetune.yaml")
+        package = read_package(path)
+        if defaults is not None:
+            package = read_package(stamp_defaults(package.path, defaults, Path(tmp) / "with_defaults.yaml"))
+        yield package
 
 
 # -- the client -------------------------------------------------------------------------------------
@@ -429,7 +434,7 @@ def create_run(
         return client.run_pipeline(
             experiment_id,
             run_name,
-            params={CONFIG_PARAMETER: params},
+            params=params,
             pipeline_id=version.pipeline_id,
             version_id=version.version_id,
             service_account=service_account,
@@ -514,7 +519,9 @@ def resolve_target(host: str | None, namespace: str | None, service_account: str
 def submit(
     *,
     host: str | None,
-    params_file: str | Path,
+    params_file: str | Path | None = None,
+    param: list[str] | tuple[str, ...] = (),
+    defaults: str | Path | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     package: str | Path | None = None,
@@ -526,21 +533,22 @@ def submit(
     dry_run: bool = False,
     out=None,
 ) -> SubmitResult | None:
-    """Validate the config, upload the pipeline version if new, create the run; optionally wait.
+    """Validate the parameters, upload the pipeline version if new, create the run; optionally wait.
 
     Prints what it did to `out` (stdout): where and as whom, pipeline version, run id and UI address,
     final state. With `dry_run` it prints what it would send and sends nothing (returns None).
     Raises SubmitError or ConfigError before creating anything when an input is wrong.
     """
     out = out or sys.stdout
-    params = load_params(params_file)
-    name = run_name or default_run_name(params)
     target = resolve_target(host, namespace, service_account)
-    if dry_run:
-        _dry_run(target, package, experiment, f"run {name!r}", out)
-        return None
-    with _on_cluster(target, package, experiment, out) as (client, version, experiment_id):
-        run = create_run(client, version, experiment_id, params, name, target.service_account)
+    with package_file(package, defaults) as pkg:
+        request = build_run_request(pkg, params_file, list(param))
+        name = run_name or default_run_name(request)
+        if dry_run:
+            _dry_run(target, pkg, experiment, f"run {name!r}", request, out)
+            return None
+        with _on_cluster(target, pkg, experiment, out) as (client, version, experiment_id):
+            run = create_run(client, version, experiment_id, request.parameters, name, target.service_account)
     result = SubmitResult(run.run_id, ui_url(target.host, "runs", run.run_id), version)
     _say(out, f"run id: {result.run_id}")
     _say(out, f"run url: {result.url}")
@@ -554,34 +562,78 @@ def submit(
     return result
 
 
-def default_run_name(params: dict) -> str:
-    model = (params.get("model") or {}).get("name") or "fulltune"
-    return f"{model} {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
+def default_run_name(request: RunRequest) -> str:
+    return f"{request.config.model.name} {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
 
 
 @contextlib.contextmanager
-def _on_cluster(target: Target, package: str | Path | None, experiment: str, out):
+def _on_cluster(target: Target, pkg: Package, experiment: str, out):
     """(client, pipeline version, experiment id): what a run and a recurring run both start from."""
-    with package_file(package) as pkg:
+    client = connect(target.host, target.namespace)
+    namespace = pipeline_namespace(client, target.namespace)
+    for line in target.describe():
+        _say(out, line)
+    version = ensure_pipeline_version(client, pkg, namespace)
+    where = f" in namespace {namespace}" if namespace else " (shared)"
+    _say(out, f"pipeline {pkg.pipeline_name}{where} version {version.name} ({_fresh(version)})")
+    yield client, version, ensure_experiment(client, experiment)
+
+
+def _dry_run(target: Target, pkg: Package, experiment: str, what: str, request: RunRequest, out) -> None:
+    """What submit or schedule would send, and nothing sent."""
+    for line in target.describe():
+        _say(out, line)
+    _say(out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}, experiment {experiment!r}, {what}")
+    _say(out, "parameters: " + json.dumps(request.parameters, sort_keys=True))
+    _say(out, "dry run: nothing was sent")
+
+
+# -- upload -----------------------------------------------------------------------------------------
+
+
+def upload(
+    *,
+    host: str | None,
+    package: str | Path | None = None,
+    defaults: str | Path | None = None,
+    namespace: str | None = None,
+    dry_run: bool = False,
+    out=None,
+) -> UploadResult | None:
+    """Put the pipeline on KFP as a version (with `defaults` as its parameters' defaults) and start
+    nothing: for teams that start runs from the Kubeflow UI. Returns None on a dry run."""
+    out = out or sys.stdout
+    target = resolve_target(host, namespace, None)
+    with package_file(package, defaults) as pkg:
+        if dry_run:
+            for line in target.describe():
+                _say(out, line)
+            _say(out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}")
+            _say(out, "parameter defaults: " + json.dumps(_defaults_of(pkg), sort_keys=True))
+            _say(out, "dry run: nothing was sent")
+            return None
         client = connect(target.host, target.namespace)
         namespace = pipeline_namespace(client, target.namespace)
         for line in target.describe():
             _say(out, line)
         version = ensure_pipeline_version(client, pkg, namespace)
-        where = f" in namespace {namespace}" if namespace else " (shared)"
-        _say(out, f"pipeline {pkg.pipeline_name}{where} version {version.name} ({_fresh(version)})")
-        yield client, version, ensure_experiment(client, experiment)
+    where = f" in namespace {namespace}" if namespace else " (shared)"
+    _say(out, f"pipeline {pkg.pipeline_name}{where} version {version.name} ({_fresh(version)})")
+    result = UploadResult(
+        ui_url(target.host, "pipelines", f"{version.pipeline_id}/version/{version.version_id}"), version
+    )
+    _say(out, f"pipeline url: {result.url}")
+    return result
 
 
-def _dry_run(target: Target, package: str | Path | None, experiment: str, what: str, out) -> None:
-    """What submit or schedule would send, and nothing sent."""
-    with package_file(package) as pkg:
-        for line in target.describe():
-            _say(out, line)
-        _say(
-            out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}, experiment {experiment!r}, {what}"
-        )
-    _say(out, "dry run: nothing was sent")
+@dataclass
+class UploadResult:
+    url: str
+    version: PipelineVersion
+
+
+def _defaults_of(pkg: Package) -> dict[str, Any]:
+    return {name: spec.get("defaultValue") for name, spec in pkg.parameters.items()}
 
 
 # -- schedule ---------------------------------------------------------------------------------------
@@ -644,24 +696,32 @@ def _owned_by(client, experiment_id: str, owner: str) -> list:
     return [r for r in _recurring_runs(client, experiment_id) if (r.description or "").endswith(mark)]
 
 
-def _same_definition(
-    rr, cron: str, version: PipelineVersion, params: dict, service_account: str | None, when: Recurrence
-) -> bool:
+def _same_definition(rr, version: PipelineVersion, spec: ScheduleSpec) -> bool:
     trigger = rr.trigger.cron_schedule if rr.trigger and rr.trigger.cron_schedule else None
     rr_cron = trigger.cron if trigger else None
     ref = rr.pipeline_version_reference
     rr_version = (ref.pipeline_version_id if ref else None) or rr.pipeline_version_id
     rr_params = (rr.runtime_config.parameters or {}) if rr.runtime_config else {}
+    when = spec.when
     return (
-        rr_cron == cron
+        rr_cron == spec.cron
         and rr_version == version.version_id
-        and rr_params.get(CONFIG_PARAMETER) == params
+        and _numbers_as_floats(rr_params) == _numbers_as_floats(spec.params)
         and bool(rr.no_catchup) != when.catchup
         and str(rr.max_concurrency) == str(when.max_concurrency)
         and _time_text(trigger.start_time if trigger else None) == when.start_time
         and _time_text(trigger.end_time if trigger else None) == when.end_time
-        and (rr.service_account or None) == service_account
+        and (rr.service_account or None) == spec.service_account
     )
+
+
+def _numbers_as_floats(value: Any) -> Any:
+    """Parameters as the API may return them: JSON has one number type, so 1024 may come back 1024.0."""
+    if isinstance(value, dict):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_as_floats(v) for v in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _time_text(value: Any) -> str | None:
@@ -674,7 +734,9 @@ def schedule(
     host: str | None,
     name: str,
     cron: str,
-    params_file: str | Path,
+    params_file: str | Path | None = None,
+    param: list[str] | tuple[str, ...] = (),
+    defaults: str | Path | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     paused: bool = False,
     package: str | Path | None = None,
@@ -694,49 +756,18 @@ def schedule(
     exists: renaming a release's schedule leaves nothing firing under the old name.
     """
     out = out or sys.stdout
-    params = load_params(params_file)
     kfp_cron = to_kfp_cron(cron)
     if not name.strip():
         raise SubmitError("--name must not be empty", EXIT_USAGE)
     target = resolve_target(host, namespace, service_account)
-    if dry_run:
-        _dry_run(target, package, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", out)
-        return None
-    sa = target.service_account
-    with _on_cluster(target, package, experiment, out) as (client, version, experiment_id):
-        with _quiet(), _api_errors(f"recurring run {name!r}"):
-            existing = _list_recurring(client, experiment_id, name)
-            description = schedule_description(name, owner)
-            same = len(existing) == 1 and existing[0].description == description
-            if same and _same_definition(existing[0], kfp_cron, version, params, sa, when):
-                rr, action = existing[0], _set_paused(client, existing[0], paused)
-            else:
-                rr = client.create_recurring_run(
-                    experiment_id,
-                    name,
-                    description=description,
-                    cron_expression=kfp_cron,
-                    max_concurrency=when.max_concurrency,
-                    no_catchup=not when.catchup,
-                    start_time=when.start_time,
-                    end_time=when.end_time,
-                    params={CONFIG_PARAMETER: params},
-                    pipeline_id=version.pipeline_id,
-                    version_id=version.version_id,
-                    enabled=not paused,
-                    service_account=sa,
-                )
-                for old in existing:  # only once the new one exists
-                    client.delete_recurring_run(old.recurring_run_id)
-                action = "replaced" if existing else "created"
-            stale = (
-                [r for r in _owned_by(client, experiment_id, owner) if r.display_name != name]
-                if owner
-                else []
-            )
-            for old in stale:
-                client.delete_recurring_run(old.recurring_run_id)
-                _say(out, f"recurring run {old.display_name!r} of {owner}: deleted (renamed to {name!r})")
+    with package_file(package, defaults) as pkg:
+        request = build_run_request(pkg, params_file, list(param))
+        if dry_run:
+            _dry_run(target, pkg, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", request, out)
+            return None
+        spec = ScheduleSpec(name, kfp_cron, request.parameters, paused, target.service_account, owner, when)
+        with _on_cluster(target, pkg, experiment, out) as (client, version, experiment_id):
+            rr, action = _put_schedule(client, experiment_id, version, spec, out)
     result = ScheduleResult(
         rr.recurring_run_id,
         ui_url(target.host, "recurringruns", rr.recurring_run_id),
@@ -749,6 +780,57 @@ def schedule(
     _say(out, f"recurring run id: {result.recurring_run_id}")
     _say(out, f"recurring run url: {result.url}")
     return result
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Everything that defines one recurring run besides its pipeline version."""
+
+    name: str
+    cron: str  # KFP's six fields
+    params: dict[str, Any]
+    paused: bool
+    service_account: str | None
+    owner: str | None
+    when: Recurrence
+
+
+def _put_schedule(client, experiment_id: str, version: PipelineVersion, spec: ScheduleSpec, out):
+    """(the recurring run, what was done to it): created, replaced, unchanged, paused or resumed;
+    the owner's schedules under other names are deleted afterwards."""
+    name, owner, when = spec.name, spec.owner, spec.when
+    with _quiet(), _api_errors(f"recurring run {name!r}"):
+        existing = _list_recurring(client, experiment_id, name)
+        description = schedule_description(name, owner)
+        same = len(existing) == 1 and existing[0].description == description
+        if same and _same_definition(existing[0], version, spec):
+            rr, action = existing[0], _set_paused(client, existing[0], spec.paused)
+        else:
+            rr = client.create_recurring_run(
+                experiment_id,
+                name,
+                description=description,
+                cron_expression=spec.cron,
+                max_concurrency=when.max_concurrency,
+                no_catchup=not when.catchup,
+                start_time=when.start_time,
+                end_time=when.end_time,
+                params=spec.params,
+                pipeline_id=version.pipeline_id,
+                version_id=version.version_id,
+                enabled=not spec.paused,
+                service_account=spec.service_account,
+            )
+            for old in existing:  # only once the new one exists
+                client.delete_recurring_run(old.recurring_run_id)
+            action = "replaced" if existing else "created"
+        stale = (
+            [r for r in _owned_by(client, experiment_id, owner) if r.display_name != name] if owner else []
+        )
+        for old in stale:
+            client.delete_recurring_run(old.recurring_run_id)
+            _say(out, f"recurring run {old.display_name!r} of {owner}: deleted (renamed to {name!r})")
+    return rr, action
 
 
 def unschedule(
@@ -815,10 +897,12 @@ def cli_schedule(args) -> int:
     return _run_cli(action, args.output)
 
 
-def result_json(result: SubmitResult | ScheduleResult) -> dict[str, Any]:
+def result_json(result: SubmitResult | ScheduleResult | UploadResult) -> dict[str, Any]:
     """What `--output json` prints: the run's (or recurring run's) id, UI address, state, and the
     pipeline version it runs."""
     version = {"pipeline_id": result.version.pipeline_id, "version_id": result.version.version_id}
+    if isinstance(result, UploadResult):
+        return {"url": result.url, "uploaded": result.version.uploaded, "pipeline_version": version}
     if isinstance(result, SubmitResult):
         return {
             "run_id": result.run_id,
@@ -835,6 +919,12 @@ def result_json(result: SubmitResult | ScheduleResult) -> dict[str, Any]:
     }
 
 
+def cli_upload(args) -> int:
+    """`fulltune upload`; returns the exit code (EXIT_*)."""
+    options = {"package": args.package, "defaults": args.defaults, "namespace": args.namespace}
+    return _run_cli(lambda out: upload(host=args.host, **options, dry_run=args.dry_run, out=out), args.output)
+
+
 def cli_unschedule(args) -> int:
     """`fulltune unschedule`; returns the exit code (EXIT_*)."""
     options = {
@@ -844,6 +934,30 @@ def cli_unschedule(args) -> int:
         "namespace": args.namespace,
     }
     return _run_cli(lambda out: unschedule(host=args.host, **options, out=out))
+
+
+def add_upload_arguments(p) -> None:
+    p.add_argument(
+        "--host", default=None, help=f"KFP API address (default: ${ENV_HOST}; in a pod: in-cluster)"
+    )
+    p.add_argument(
+        "--package",
+        default=None,
+        metavar="FILE",
+        help="compiled pipeline YAML (default: compile this fulltune's pipeline)",
+    )
+    p.add_argument(
+        "--defaults",
+        default=None,
+        metavar="FILE",
+        help="a RunConfig whose values become the parameters' defaults (the cluster's work directory, "
+        "registry, launcher, trainer image, S3 Secret): the Kubeflow UI's form starts from them",
+    )
+    p.add_argument("--namespace", default=None, help="multi-user KFP: the profile namespace (as for submit)")
+    p.add_argument(
+        "--output", choices=("text", "json"), default="text", help="json: one JSON object on stdout"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the version and its defaults; send nothing")
 
 
 def add_unschedule_arguments(p) -> None:
@@ -866,6 +980,8 @@ def _shared_options(args) -> dict[str, Any]:
     return {
         "host": args.host,
         "params_file": args.params,
+        "param": args.param or [],
+        "defaults": args.defaults,
         "experiment": args.experiment,
         "package": args.package,
         "namespace": args.namespace,
@@ -890,7 +1006,7 @@ def _run_cli(action, output: str = "text") -> int:
         if as_json and exc.result is not None:
             print(json.dumps(result_json(exc.result)), flush=True)
         return exc.exit_code
-    if as_json and isinstance(result, SubmitResult | ScheduleResult):
+    if as_json and isinstance(result, SubmitResult | ScheduleResult | UploadResult):
         print(json.dumps(result_json(result)), flush=True)
     return EXIT_OK
 
@@ -905,7 +1021,29 @@ def add_arguments(submit_parser, schedule_parser) -> None:
             "in a pod: the in-cluster service). The token comes from "
             f"${ENV_TOKEN} or the pod's KFP service-account token, never from an option.",
         )
-        p.add_argument("--params", required=True, metavar="FILE", help="RunConfig file (YAML or JSON)")
+        p.add_argument(
+            "--params",
+            default=None,
+            metavar="FILE",
+            help="the run's parameters (YAML or JSON): a RunConfig (its sections: the pipeline's `config`), "
+            "or {typed parameter: value, config: {...}}; merged over the package's defaults",
+        )
+        p.add_argument(
+            "--param",
+            action="append",
+            metavar="NAME=VALUE",
+            help="a typed pipeline parameter, repeatable (e.g. learning_rate=2e-5, train_uri=s3://...); wins "
+            "over the same parameter in --params, and is an error where the RunConfig sets its field "
+            f"differently. Names: {', '.join(parameters.NAMES)}",
+        )
+        p.add_argument(
+            "--defaults",
+            default=None,
+            metavar="FILE",
+            help="upload the package with this RunConfig as its parameters' defaults (the chart: the "
+            "cluster's settings), so a run started from the Kubeflow UI needs only the model, the data "
+            "and a name",
+        )
         p.add_argument(
             "--output",
             choices=("text", "json"),

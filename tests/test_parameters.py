@@ -1,0 +1,213 @@
+"""The pipeline's typed parameters: the form the Kubeflow UI shows, and how they meet `config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fulltune import parameters
+from fulltune.config import ConfigError, RunConfig
+from fulltune.kfp.compile import PIPELINE_FILE
+from fulltune.parameters import parse_assignment, resolve, split
+
+ROOT = Path(__file__).resolve().parents[1]
+KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE"}
+
+
+def root_inputs(path: Path) -> dict:
+    return next(yaml.safe_load_all(path.read_text()))["root"]["inputDefinitions"]["parameters"]
+
+
+# -- the compiled form -------------------------------------------------------------------------------
+
+
+def test_the_compiled_pipeline_takes_the_fields_set_on_every_run_as_typed_parameters():
+    inputs = root_inputs(ROOT / PIPELINE_FILE)
+    assert set(inputs) == {
+        "base_model_uri",
+        "train_uri",
+        "eval_uri",
+        "general_uri",
+        "model_name",
+        "registry_uri",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "max_seq_len",
+        "replay_fraction",
+        "num_nodes",
+        "nproc_per_node",
+        "max_general_ppl_increase",
+        "min_domain_loss_improvement",
+        "config",
+    }
+    for name, spec in inputs.items():
+        assert spec["description"].strip() and "\n" not in spec["description"], name
+        assert spec["isOptional"] is True, name  # every one has a default: the UI can start a run as is
+    assert inputs["config"]["parameterType"] == "STRUCT" and inputs["config"]["defaultValue"] == {}
+
+
+@pytest.mark.parametrize("param", parameters.PARAMETERS, ids=lambda p: p.name)
+def test_each_typed_parameter_has_the_type_default_and_description_of_its_config_field(param):
+    spec = root_inputs(ROOT / PIPELINE_FILE)[param.name]
+    assert spec["parameterType"] == KFP_TYPES[param.type]
+    field = RunConfig().model_dump()
+    for part in param.field.split("."):
+        field = field[part]
+    # fulltune's own default; where that is "unset" (None), the type's zero, and the text says what it means
+    assert spec["defaultValue"] == (param.type() if field is None else field)
+    assert f"(RunConfig {param.field})" in spec["description"]
+    if field is None:
+        assert "None" not in spec["description"] and (
+            "0" in spec["description"] or "empty" in spec["description"]
+        )
+
+
+def test_the_configure_step_takes_exactly_the_typed_parameters():
+    inputs = root_inputs(ROOT / "components" / "configure" / "component.yaml")
+    assert set(inputs) == set(parameters.NAMES) | {"config"}
+    for param in parameters.PARAMETERS:
+        assert inputs[param.name]["parameterType"] == KFP_TYPES[param.type]
+
+
+# -- precedence ------------------------------------------------------------------------------------
+
+
+def test_a_typed_parameter_that_is_set_fills_a_field_the_config_leaves_out():
+    merged = resolve({"model": {"name": "clinical"}}, {"learning_rate": 2e-5, "max_seq_len": 2048})
+    cfg = RunConfig.from_dict(merged)
+    assert cfg.training.learning_rate == 2e-5 and cfg.preprocess.max_seq_len == 2048
+    assert cfg.model.name == "clinical"
+
+
+def test_a_typed_parameter_at_its_default_leaves_the_field_to_the_config():
+    config = {"preprocess": {"max_seq_len": 4096}, "training": {"learning_rate": 1e-5}}
+    merged = resolve(config, {"max_seq_len": 1024, "learning_rate": 0.0, "model_name": "fulltune-model"})
+    assert merged == config
+
+
+def test_the_same_value_set_both_ways_is_not_a_conflict():
+    config = {"training": {"learning_rate": 2e-5}, "preprocess": {"max_seq_len": 2048}}
+    assert resolve(config, {"learning_rate": 2e-5, "max_seq_len": 2048.0}) == config
+
+
+def test_a_field_set_two_different_ways_is_an_error_naming_both_and_every_such_field():
+    config = {"training": {"learning_rate": 1e-5}, "data": {"train_uri": "s3://a/train.jsonl"}}
+    with pytest.raises(ConfigError) as err:
+        resolve(config, {"learning_rate": 2e-5, "train_uri": "s3://b/train.jsonl", "max_seq_len": 2048})
+    text = str(err.value)
+    assert (
+        "pipeline parameter learning_rate=2e-05 and pipeline parameter 'config' training.learning_rate=1e-05"
+        in text
+    )
+    assert "train_uri='s3://b/train.jsonl'" in text and "data.train_uri='s3://a/train.jsonl'" in text
+    assert "max_seq_len" not in text  # no conflict there
+
+
+def test_a_config_value_equal_to_the_default_sets_nothing_so_the_parameter_wins():
+    """A config dumped with every default (RunConfig.to_yaml) does not block the form's fields."""
+    dumped = RunConfig().to_dict()
+    # replay_fraction 0.0 is not the default 0.1, so it is set: the form may ask for no replay at all
+    merged = resolve(dumped, {"max_seq_len": 2048, "replay_fraction": 0.0})
+    cfg = RunConfig.from_dict(merged)
+    assert cfg.preprocess.max_seq_len == 2048 and cfg.preprocess.replay_fraction == 0.0
+
+
+def test_an_invalid_typed_value_names_the_parameter_and_its_field():
+    with pytest.raises(ConfigError) as err:
+        resolve({}, {"model_name": "has spaces", "num_nodes": -1})
+    text = str(err.value)
+    assert "model.name" in text and "[pipeline parameter model_name]" in text
+    assert "resources.num_nodes" in text and "[pipeline parameter num_nodes]" in text
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": "fast"}, "pipeline parameter learning_rate: expected float (got 'fast')"),
+        ({"max_seq_len": 1024.5}, "pipeline parameter max_seq_len: expected int (got 1024.5)"),
+        ({"train_uri": 3}, "pipeline parameter train_uri: expected str"),
+        ({"num_nodes": True}, "pipeline parameter num_nodes: expected int"),
+        ({"learning_rate": float("nan")}, "learning_rate: must be a finite number"),
+        ({"lr": 1e-5}, "unknown pipeline parameter(s) lr; known: base_model_uri"),
+    ],
+)
+def test_a_value_of_the_wrong_type_or_an_unknown_name_is_refused(values, message):
+    with pytest.raises(ConfigError) as err:
+        resolve({}, values)
+    assert message in str(err.value)
+
+
+def test_whole_numbers_kfp_sends_as_floats_and_numbers_yaml_reads_as_text_are_accepted():
+    # KFP's JSON has one number type; PyYAML reads 2e-5 (no dot) as the string "2e-5"
+    merged = resolve(
+        {}, {"max_seq_len": 2048.0, "num_nodes": 2.0, "learning_rate": 1, "num_train_epochs": "2e0"}
+    )
+    assert merged["training"]["num_train_epochs"] == 2.0
+    assert merged["preprocess"]["max_seq_len"] == 2048 and isinstance(
+        merged["preprocess"]["max_seq_len"], int
+    )
+    assert merged["training"]["learning_rate"] == 1.0
+
+
+# -- splitting a config into the form and the rest ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "example", sorted((ROOT / "pipelines" / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_a_config_split_into_typed_parameters_and_config_resolves_back_to_itself(example):
+    config = yaml.safe_load(example.read_text())
+    values, rest = split(config)
+    assert values and all(name in parameters.BY_NAME for name in values)
+    for param in parameters.PARAMETERS:  # no typed field stays behind in config
+        section, leaf = param.field.split(".")
+        assert leaf not in rest.get(section, {}), param.field
+    assert RunConfig.from_dict(resolve(rest, values)) == RunConfig.from_dict(config)
+
+
+def test_split_turns_an_explicit_none_into_the_form_default_and_drops_emptied_sections():
+    values, rest = split(
+        {"training": {"learning_rate": None}, "data": {"train_uri": "t", "max_error_rate": 0.01}}
+    )
+    assert values == {"learning_rate": 0.0, "train_uri": "t"}
+    assert rest == {"data": {"max_error_rate": 0.01}}  # training held only the typed field
+
+
+# -- --param NAME=VALUE ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("learning_rate=2e-5", ("learning_rate", 2e-5)),
+        ("max_seq_len=4096", ("max_seq_len", 4096)),
+        ("train_uri=s3://b/k=v/train.jsonl", ("train_uri", "s3://b/k=v/train.jsonl")),
+        ("eval_uri=", ("eval_uri", "")),
+    ],
+)
+def test_a_command_line_assignment_is_parsed_as_the_parameters_type(text, expected):
+    assert parse_assignment(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("learning_rate", "expected NAME=VALUE"),
+        ("lr=1e-5", "--param lr: not a pipeline parameter; known: base_model_uri"),
+        ("max_seq_len=4k", "--param max_seq_len: expected int (got '4k')"),
+        ("learning_rate=inf", "learning_rate: must be a finite number"),
+    ],
+)
+def test_a_bad_command_line_assignment_names_the_parameter(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_assignment(text)
+    assert message in str(err.value)
+
+
+def test_the_pipelines_readme_lists_every_typed_parameter_with_its_field():
+    text = (ROOT / "pipelines" / "README.md").read_text()
+    for param in parameters.PARAMETERS:
+        assert f"| `{param.name}` | `{param.field}` |" in text, param.name
