@@ -829,6 +829,9 @@ def test_upload_hook_runs_fulltune_schedule_with_the_shipped_files(full):
     assert mounts[str(Path(args.package).parent)]["configMap"]["name"] == f"{FULLNAME}-pipeline"
     assert Path(args.package).name == "full_finetune.yaml"
     assert args.defaults == args.params  # the uploaded version's form starts from the same settings
+    # the uploaded version pulls the chart's images and reads the chart's Secret
+    assert args.image == container["image"] and args.trainer_image.startswith("registry.example.com/")
+    assert args.s3_secret == load_values(CHART / "ci" / "full-values.yaml")["s3"]["existingSecret"]
     # Auth: a projected token for the KFP audience, where kfp looks for it.
     env = {e["name"]: e for e in container["env"]}
     token_dir = env["KF_PIPELINES_SA_TOKEN_PATH"]["value"].rsplit("/", 1)[0]
@@ -851,11 +854,12 @@ def test_upload_hook_can_submit_a_run_instead(chart):
 
 
 def test_upload_hook_params_pass_fulltune_validation(full, tmp_path):
+    from fulltune.kfp.run_parameters import ClusterPackage
     from fulltune.kfp.submit import build_run_request, package_file
 
     path = tmp_path / "config.yaml"
     path.write_text(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
-    with package_file(PIPELINE, defaults=path) as package:
+    with package_file(PIPELINE, ClusterPackage(defaults=path)) as package:
         request = build_run_request(package, path, [])
     assert request.config.model.name == "llama-3.1-8b-clinical"
     assert request.parameters["model_name"] == "llama-3.1-8b-clinical"  # what the UI shows for the run
@@ -863,6 +867,7 @@ def test_upload_hook_params_pass_fulltune_validation(full, tmp_path):
 
 def test_upload_mode_only_uploads_the_pipeline_with_the_clusters_settings_as_its_defaults(chart, tmp_path):
     from fulltune.cli import build_parser
+    from fulltune.kfp.run_parameters import ClusterPackage
     from fulltune.kfp.submit import package_file
 
     values = {
@@ -876,7 +881,7 @@ def test_upload_mode_only_uploads_the_pipeline_with_the_clusters_settings_as_its
     assert not [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"].endswith("-unschedule")]
     config = tmp_path / "config.yaml"
     config.write_text(only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
-    with package_file(PIPELINE, defaults=config) as package:
+    with package_file(PIPELINE, ClusterPackage(defaults=config)) as package:
         defaults = package.parameters["config"]["defaultValue"]
     assert defaults["work_dir"] == "s3://team/work"
     assert defaults["resources"]["launcher"] == "kubernetes"  # the chart's own additions too

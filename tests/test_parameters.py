@@ -211,3 +211,25 @@ def test_the_pipelines_readme_lists_every_typed_parameter_with_its_field():
     text = (ROOT / "pipelines" / "README.md").read_text()
     for param in parameters.PARAMETERS:
         assert f"| `{param.name}` | `{param.field}` |" in text, param.name
+
+
+# -- a package carrying a cluster's settings ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", ["team-s3", ""])
+def test_a_package_retargeted_to_a_clusters_images_and_secret_is_the_pipeline_compiled_for_them(
+    tmp_path, secret
+):
+    """The chart's hook rewrites the shipped package instead of compiling: the result must be exactly
+    what `fulltune compile --image --trainer-image --s3-secret` would have written."""
+    from fulltune.kfp.compile import compile_pipeline
+    from fulltune.kfp.run_parameters import ClusterPackage, write_cluster_package
+
+    image, trainer = "mirror.example/ft@sha256:" + "a" * 64, "mirror.example/ft-trainer:1.2"
+    written = write_cluster_package(
+        ROOT / PIPELINE_FILE,
+        ClusterPackage(image=image, trainer_image=trainer, s3_secret=secret),
+        tmp_path / "x.yaml",
+    )
+    compiled = compile_pipeline(tmp_path / "c.yaml", image, trainer_image=trainer, s3_secret=secret)
+    assert list(yaml.safe_load_all(written.read_text())) == list(yaml.safe_load_all(compiled.read_text()))

@@ -3,7 +3,7 @@
 What a user gives, lowest layer first:
 
 1. the package's own parameter defaults (for the chart's pipeline, the cluster's settings:
-   `stamp_defaults`);
+   `ClusterPackage`, which also puts the cluster's images and S3 Secret into the package);
 2. `--params FILE`: a RunConfig (sections; it is the run's `config`) or a parameters file
    ({typed parameter: value, config: {...}});
 3. `--param NAME=VALUE`, repeatable: a typed parameter; it wins over the same parameter in a
@@ -86,23 +86,97 @@ def _package_config(declared: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return parameters.resolve(default_config, defaults, config_source="the package's default config")
 
 
-# -- the defaults of an uploaded pipeline ------------------------------------------------------------
+# -- the cluster's settings in an uploaded pipeline -----------------------------------------------------
 
 
-def stamp_defaults(package: Path, defaults_file: str | Path, dest: Path) -> Path:
-    """Write `package` to `dest` with the RunConfig in `defaults_file` as its parameters' defaults.
+@dataclass(frozen=True)
+class ClusterPackage:
+    """What a cluster changes in the compiled pipeline before uploading it (the Helm chart: its
+    images, its S3 Secret, its run configuration); None keeps the package's own.
 
-    The Kubeflow UI's form then starts from those values (the chart's cluster settings: work
-    directory, registry, launcher, trainer image, S3 Secret), so a user starting a run there fills
-    in the model, the data and a name. Only `defaultValue`s change; the DAG is the same.
+    defaults: a RunConfig file whose values become the parameters' defaults, so the Kubeflow UI's
+        form starts from the cluster's settings and a run started there needs only the model, the
+        data and a name.
+    image: the CPU steps' image (a mirror, a digest).
+    trainer_image: the image of the GPU evaluate step and of the training pods.
+    s3_secret: the Secret every step pod reads its S3 credentials from; "" reads none.
     """
-    config = read_config_file(defaults_file)
-    RunConfig.from_dict(config, source=str(defaults_file))
+
+    defaults: str | Path | None = None
+    image: str | None = None
+    trainer_image: str | None = None
+    s3_secret: str | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.defaults, self.image, self.trainer_image, self.s3_secret))
+
+
+AS_COMPILED = ClusterPackage()  # nothing changed: the package as it is
+
+
+def write_cluster_package(package: Path, settings: ClusterPackage, dest: Path) -> Path:
+    """`package` with `settings` applied, written to `dest`; only images, the Secret's name and
+    parameter defaults change, never the DAG."""
     docs = list(yaml.safe_load_all(package.read_text()))
     declared = docs[0].get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     if parameters.CONFIG not in declared:
         raise ConfigError(f"{package}: has no `{parameters.CONFIG}` parameter")
-    for name, value in parameters.package_defaults(config, declared).items():
-        declared[name]["defaultValue"] = value
+    _retarget(docs, settings, package)
+    if settings.defaults is not None:
+        config = read_config_file(settings.defaults)
+        RunConfig.from_dict(config, source=str(settings.defaults))
+        for name, value in parameters.package_defaults(config, declared).items():
+            declared[name]["defaultValue"] = value
     dest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return dest
+
+
+def _retarget(docs: list[dict], settings: ClusterPackage, package: Path) -> None:
+    """Replace the compiled images and S3 Secret name wherever they occur as a whole value (executor
+    images, the train step's constants, the platform spec's secretAsEnv)."""
+    executors = docs[0].get("deploymentSpec", {}).get("executors", {})
+    train_inputs = docs[0].get("root", {}).get("dag", {}).get("tasks", {}).get("train", {})
+    constants = {
+        name: spec.get("runtimeValue", {}).get("constant")
+        for name, spec in train_inputs.get("inputs", {}).get("parameters", {}).items()
+    }
+    images = [e.get("container", {}).get("image") for e in executors.values()]
+    compiled = {
+        "image": max(set(images), key=images.count) if images else None,
+        "trainer_image": constants.get("image"),
+        "s3_secret": constants.get("s3_secret"),
+    }
+    for field, old in compiled.items():
+        new = getattr(settings, field)
+        if new is None or new == old:
+            continue
+        if old is None:
+            raise ConfigError(f"{package}: cannot tell which {field.replace('_', ' ')} it was compiled with")
+        for doc in docs:
+            _replace_values(doc, old, new)
+        if field == "s3_secret" and not new:  # no Secret at all: drop it from every step pod
+            _drop_unnamed_secrets(docs)
+
+
+def _drop_unnamed_secrets(docs: list[dict]) -> None:
+    """Remove secretAsEnv entries left without a name from the platform settings (the compiled
+    file's second document), and executors left with no settings, as compiling without does."""
+    if len(docs) < 2:
+        return
+    platform = docs[1].get("platforms", {}).get("kubernetes", {})
+    executors = platform.get("deploymentSpec", {}).get("executors", {})
+    for name, executor in list(executors.items()):
+        kept = [e for e in executor.pop("secretAsEnv", []) if e.get("secretName")]
+        if kept:
+            executor["secretAsEnv"] = kept
+        if not executor:
+            del executors[name]
+
+
+def _replace_values(node: Any, old: str, new: str) -> None:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        if value == old:
+            node[key] = new
+        else:
+            _replace_values(value, old, new)

@@ -49,7 +49,13 @@ import yaml
 
 from fulltune import __version__, parameters
 from fulltune.config import ConfigError
-from fulltune.kfp.run_parameters import RunRequest, build_request, stamp_defaults
+from fulltune.kfp.run_parameters import (
+    AS_COMPILED,
+    ClusterPackage,
+    RunRequest,
+    build_request,
+    write_cluster_package,
+)
 
 log = logging.getLogger("fulltune.submit")
 
@@ -200,9 +206,9 @@ def read_package(path: str | Path) -> Package:
 
 
 @contextlib.contextmanager
-def package_file(path: str | Path | None, defaults: str | Path | None = None) -> Iterator[Package]:
+def package_file(path: str | Path | None, cluster: ClusterPackage = AS_COMPILED) -> Iterator[Package]:
     """The package at `path`, or the pipeline compiled from this fulltune into a temporary file;
-    with `defaults` (a RunConfig file), a copy whose parameters default to it (`stamp_defaults`).
+    with `cluster` settings, a copy carrying them (`write_cluster_package`).
 
     The compiled bytes equal the checked-in pipelines/full_finetune.yaml for the same source, image
     (FULLTUNE_IMAGE or the package version) and kfp, so both give the same pipeline version; a
@@ -214,8 +220,10 @@ def package_file(path: str | Path | None, defaults: str | Path | None = None) ->
 
             path = compile_pipeline(Path(tmp) / "full_finetune.yaml")
         package = read_package(path)
-        if defaults is not None:
-            package = read_package(stamp_defaults(package.path, defaults, Path(tmp) / "with_defaults.yaml"))
+        if cluster:
+            package = read_package(
+                write_cluster_package(package.path, cluster, Path(tmp) / "for_cluster.yaml")
+            )
         yield package
 
 
@@ -521,7 +529,7 @@ def submit(
     host: str | None,
     params_file: str | Path | None = None,
     param: list[str] | tuple[str, ...] = (),
-    defaults: str | Path | None = None,
+    cluster: ClusterPackage = AS_COMPILED,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     package: str | Path | None = None,
@@ -541,7 +549,7 @@ def submit(
     """
     out = out or sys.stdout
     target = resolve_target(host, namespace, service_account)
-    with package_file(package, defaults) as pkg:
+    with package_file(package, cluster) as pkg:
         request = build_run_request(pkg, params_file, list(param))
         name = run_name or default_run_name(request)
         if dry_run:
@@ -595,16 +603,16 @@ def upload(
     *,
     host: str | None,
     package: str | Path | None = None,
-    defaults: str | Path | None = None,
+    cluster: ClusterPackage = AS_COMPILED,
     namespace: str | None = None,
     dry_run: bool = False,
     out=None,
 ) -> UploadResult | None:
-    """Put the pipeline on KFP as a version (with `defaults` as its parameters' defaults) and start
+    """Put the pipeline on KFP as a version (with the `cluster`'s images, S3 Secret and defaults) and start
     nothing: for teams that start runs from the Kubeflow UI. Returns None on a dry run."""
     out = out or sys.stdout
     target = resolve_target(host, namespace, None)
-    with package_file(package, defaults) as pkg:
+    with package_file(package, cluster) as pkg:
         if dry_run:
             for line in target.describe():
                 _say(out, line)
@@ -736,7 +744,7 @@ def schedule(
     cron: str,
     params_file: str | Path | None = None,
     param: list[str] | tuple[str, ...] = (),
-    defaults: str | Path | None = None,
+    cluster: ClusterPackage = AS_COMPILED,
     experiment: str = DEFAULT_EXPERIMENT,
     paused: bool = False,
     package: str | Path | None = None,
@@ -760,7 +768,7 @@ def schedule(
     if not name.strip():
         raise SubmitError("--name must not be empty", EXIT_USAGE)
     target = resolve_target(host, namespace, service_account)
-    with package_file(package, defaults) as pkg:
+    with package_file(package, cluster) as pkg:
         request = build_run_request(pkg, params_file, list(param))
         if dry_run:
             _dry_run(target, pkg, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", request, out)
@@ -921,7 +929,7 @@ def result_json(result: SubmitResult | ScheduleResult | UploadResult) -> dict[st
 
 def cli_upload(args) -> int:
     """`fulltune upload`; returns the exit code (EXIT_*)."""
-    options = {"package": args.package, "defaults": args.defaults, "namespace": args.namespace}
+    options = {"package": args.package, "cluster": cluster_package(args), "namespace": args.namespace}
     return _run_cli(lambda out: upload(host=args.host, **options, dry_run=args.dry_run, out=out), args.output)
 
 
@@ -936,6 +944,38 @@ def cli_unschedule(args) -> int:
     return _run_cli(lambda out: unschedule(host=args.host, **options, out=out))
 
 
+def add_cluster_package_arguments(p) -> None:
+    """What a cluster changes in the package before it is uploaded (`ClusterPackage`)."""
+    p.add_argument(
+        "--defaults",
+        default=None,
+        metavar="FILE",
+        help="a RunConfig whose values become the uploaded version's parameter defaults (the cluster's "
+        "work directory, registry, launcher, trainer image, S3 Secret): the Kubeflow UI's form starts "
+        "from them, so a run started there needs only the model, the data and a name",
+    )
+    p.add_argument(
+        "--image", default=None, metavar="REF", help="the CPU steps' image (default: the package's)"
+    )
+    p.add_argument(
+        "--trainer-image",
+        default=None,
+        metavar="REF",
+        help="the image of the GPU evaluate step and of the training pods (default: the package's)",
+    )
+    p.add_argument(
+        "--s3-secret",
+        default=None,
+        metavar="NAME",
+        help="the Secret every step pod reads S3 credentials from (default: the package's); '' for none",
+    )
+
+
+def cluster_package(args) -> ClusterPackage:
+    """The `ClusterPackage` the command line asks for (all None: the package as it is)."""
+    return ClusterPackage(args.defaults, args.image, args.trainer_image, args.s3_secret)
+
+
 def add_upload_arguments(p) -> None:
     p.add_argument(
         "--host", default=None, help=f"KFP API address (default: ${ENV_HOST}; in a pod: in-cluster)"
@@ -946,13 +986,7 @@ def add_upload_arguments(p) -> None:
         metavar="FILE",
         help="compiled pipeline YAML (default: compile this fulltune's pipeline)",
     )
-    p.add_argument(
-        "--defaults",
-        default=None,
-        metavar="FILE",
-        help="a RunConfig whose values become the parameters' defaults (the cluster's work directory, "
-        "registry, launcher, trainer image, S3 Secret): the Kubeflow UI's form starts from them",
-    )
+    add_cluster_package_arguments(p)
     p.add_argument("--namespace", default=None, help="multi-user KFP: the profile namespace (as for submit)")
     p.add_argument(
         "--output", choices=("text", "json"), default="text", help="json: one JSON object on stdout"
@@ -981,7 +1015,7 @@ def _shared_options(args) -> dict[str, Any]:
         "host": args.host,
         "params_file": args.params,
         "param": args.param or [],
-        "defaults": args.defaults,
+        "cluster": cluster_package(args),
         "experiment": args.experiment,
         "package": args.package,
         "namespace": args.namespace,
@@ -1036,14 +1070,7 @@ def add_arguments(submit_parser, schedule_parser) -> None:
             "over the same parameter in --params, and is an error where the RunConfig sets its field "
             f"differently. Names: {', '.join(parameters.NAMES)}",
         )
-        p.add_argument(
-            "--defaults",
-            default=None,
-            metavar="FILE",
-            help="upload the package with this RunConfig as its parameters' defaults (the chart: the "
-            "cluster's settings), so a run started from the Kubeflow UI needs only the model, the data "
-            "and a name",
-        )
+        add_cluster_package_arguments(p)
         p.add_argument(
             "--output",
             choices=("text", "json"),
