@@ -8,7 +8,7 @@ fulltune upload [--defaults FILE]             put the pipeline on KFP for runs s
 fulltune demo [--dir DIR] [--forget]          run the whole pipeline locally (kfp.local) on a tiny model
 fulltune check CONFIG / run CONFIG [--until]  the dry run / the pipeline here on your own model and data
 fulltune config --describe | --check FILE     list every config field / validate a config file
-fulltune registry list|show|verify|register ... read the model registry, register a model
+fulltune registry list|show|verify|history|promote|rollback|register ...  the model registry
 """
 
 from __future__ import annotations
@@ -129,6 +129,8 @@ def _registry(args: argparse.Namespace) -> int:
     if args.action == "register":
         return _registry_register(args)
     try:
+        if args.action in ("promote", "rollback"):
+            return _registry_move(args)
         return _registry_read(args)
     except (storage.StorageError, RegistryError) as exc:  # a missing bucket, refused keys, no endpoint
         print(f"error: {exc}", file=sys.stderr)
@@ -138,6 +140,7 @@ def _registry(args: argparse.Namespace) -> int:
 def _registry_read(args: argparse.Namespace) -> int:
     """registry list, show and verify."""
     from fulltune import storage
+    from fulltune.registry import pointers
     from fulltune.registry.layout import MANIFEST, RegistryError, version_uri
     from fulltune.registry.store import list_versions, verify_version
 
@@ -146,8 +149,15 @@ def _registry_read(args: argparse.Namespace) -> int:
         if not versions:
             print(f"error: no committed version of {args.name!r} under {args.uri}", file=sys.stderr)
             return 1
+        named = pointers.pointers_by_version(args.uri, args.name)
         for v in versions:
-            print(f"v{v['version']}\t{v.get('created_at', '')}\t{v['uri']}")
+            marks = ",".join(named.get(v["version"], [])) or "-"
+            print(f"v{v['version']}\t{marks}\t{v.get('created_at', '')}\t{v['uri']}")
+        return 0
+    if args.action == "history":
+        for r in pointers.history(args.uri, args.name, args.pointer):
+            was = f"v{r.previous}" if r.previous is not None else "unset"
+            print(f"{r.at}\t{r.action}\t{was} -> v{r.version}\t{r.by}\t{r.reason}")
         return 0
     uri = version_uri(args.uri, args.name, args.version)
     if args.action == "show":
@@ -167,6 +177,21 @@ def _registry_read(args: argparse.Namespace) -> int:
     if not problems:
         print(f"{uri}: ok")
     return 1 if problems else 0
+
+
+def _registry_move(args: argparse.Namespace) -> int:
+    """registry promote and rollback: move `production`, recorded with who, when and why."""
+    from fulltune.registry import pointers
+
+    if args.action == "promote":
+        record = pointers.promote(args.uri, args.name, args.version, reason=args.reason)
+    else:
+        record = pointers.rollback(args.uri, args.name, reason=args.reason, version=args.version)
+    was = f"v{record.previous}" if record.previous is not None else "unset"
+    print(
+        f"{args.name}: production {was} -> v{record.version} ({record.action} by {record.by}: {record.reason})"
+    )
+    return 0
 
 
 def _registry_register(args: argparse.Namespace) -> int:
@@ -358,15 +383,24 @@ def _add_registry(commands) -> None:
     registry = _command(commands, "registry", "read the model registry, or register a model")
     actions = registry.add_subparsers(dest="action", required=True)
     for action, help_text in (
-        ("list", "list the committed versions of a model"),
+        ("list", "list the committed versions of a model and the pointers (production, latest) naming them"),
         ("show", "print a version's manifest"),
         ("verify", "rehash a version's files against its manifest"),
+        ("history", "every move of a pointer: when, what, from which version, by whom and why"),
+        ("promote", "point production at a committed version (refused if it moved meanwhile)"),
+        ("rollback", "point production back at the version before (or --version), saying why"),
     ):
         reader = _command(actions, action, help_text)
         reader.add_argument("--uri", required=True, help="registry root (local directory or s3://)")
         reader.add_argument("--name", required=True, help="model name")
-        if action != "list":
+        if action in ("show", "verify", "promote"):
             reader.add_argument("--version", type=int, required=True, help="version number")
+        if action == "rollback":
+            reader.add_argument("--version", type=int, default=None, help="default: the version before")
+        if action in ("promote", "rollback"):
+            reader.add_argument("--reason", required=True, help="why: recorded with who and when")
+        if action == "history":
+            reader.add_argument("--pointer", default="production", choices=("production", "latest"))
     register = _command(
         actions,
         "register",

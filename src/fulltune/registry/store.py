@@ -14,7 +14,8 @@ A version is written in this order, and nothing is ever overwritten:
 A registration names its pipeline run (`run_id`, kept in the manifest): a retried step finds the
 version its run already committed instead of claiming another. With `registry.kubeflow` set, the
 committed version is then recorded in the Kubeflow Model Registry (`registry/kubeflow.py`); when that
-fails the files stay committed, and the retry records it.
+fails the files stay committed, and the retry records it. Once committed, the model's `latest`
+pointer moves to it, and `production` when it was never set (`registry/pointers.py`).
 
 Files are hashed by streaming from the source and copied URI to URI (S3 to S3 server-side), so a
 registration never stages the model on the step's disk. `verify_version` rehashes a committed
@@ -37,6 +38,7 @@ import fulltune
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.evaluate.result import EvalResult
+from fulltune.registry import pointers
 from fulltune.registry.card import render_model_card
 from fulltune.registry.layout import (
     CARD,
@@ -107,6 +109,8 @@ def register_model(
     else:
         forced = force and not eval_result.verdict
         uri = _publish(cfg, model_uri, eval_result, lineage, run_id=run_id, forced=forced)
+    version = int(_VERSION_DIR.match(storage.basename(uri)).group(1))
+    pointers.on_register(cfg.registry.uri, name, version, run_id=run_id, options=write_options(cfg))
     _record_in_kubeflow(cfg, uri)
     return uri
 

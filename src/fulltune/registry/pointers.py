@@ -1,0 +1,271 @@
+"""Named pointers of a registered model: `production` (what serves) and `latest` (newest committed).
+
+A pointer is a log of small immutable records, one per move, under
+
+    <registry.uri>/<model name>/pointers/<pointer>/<sequence, 8 digits>.json
+
+each naming a committed version, the version it replaced, who moved it, when and why. The record with
+the highest sequence is the pointer's value. Moving a pointer is a compare-and-swap on that value:
+read the newest record (sequence S, version V), check V is what the caller expects, then create
+record S+1 with `storage.create_exclusive` (O_EXCL locally, a conditional PUT `If-None-Match: *` on
+S3). Of two writers racing from the same S, exactly one creates S+1; the other re-reads, finds the
+pointer no longer at V and gets `PointerConflict` instead of overwriting the winner. Nothing is ever
+rewritten, so the log is also the audit trail (`history`), and a rollback is one more move.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import logging
+import re
+import socket
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fulltune import storage
+from fulltune.registry.layout import MANIFEST, RegistryError, model_root, version_uri
+
+log = logging.getLogger(__name__)
+
+PRODUCTION = "production"
+LATEST = "latest"
+POINTERS = (PRODUCTION, LATEST)
+POINTER_DIR = "pointers"
+_RECORD = re.compile(r"^([0-9]{8})\.json$")
+_UNSET = object()
+
+
+class PointerConflict(RegistryError):
+    """The pointer moved since it was read: another cycle or person promoted first."""
+
+
+@dataclass(frozen=True)
+class PointerRecord:
+    """One move of a pointer. `previous` is the version it named before (None: it was unset)."""
+
+    pointer: str
+    version: int
+    sequence: int
+    previous: int | None
+    action: str  # promote | rollback | register
+    reason: str
+    by: str
+    at: str
+    run_id: str = ""
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+
+def pointer_root(registry_uri: str, name: str, pointer: str) -> str:
+    return storage.join(model_root(registry_uri, name), POINTER_DIR, pointer)
+
+
+def history(registry_uri: str, name: str, pointer: str) -> list[PointerRecord]:
+    """Every move of `pointer`, oldest first."""
+    _check_pointer(pointer)
+    root = pointer_root(registry_uri, name, pointer)
+    records = []
+    for uri in storage.list_files(root):
+        if not _RECORD.match(storage.basename(uri)):
+            continue
+        try:
+            records.append(PointerRecord(**storage.read_json(uri)))
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"{uri}: not a pointer record ({exc})") from exc
+    return records
+
+
+def current(registry_uri: str, name: str, pointer: str) -> PointerRecord | None:
+    """The pointer's newest record, or None when it was never set."""
+    records = history(registry_uri, name, pointer)
+    return records[-1] if records else None
+
+
+def move(
+    registry_uri: str,
+    name: str,
+    pointer: str,
+    version: int,
+    *,
+    expected: Any = _UNSET,
+    action: str,
+    reason: str,
+    by: str = "",
+    run_id: str = "",
+    options: storage.S3WriteOptions = storage.DEFAULT_WRITE,
+) -> PointerRecord:
+    """Point `pointer` at committed `version`, only if it still names `expected` (a version, or None
+    for unset; left out: whatever it names now, read here).
+
+    Raises:
+        PointerConflict: the pointer names another version than `expected`, or moved between the
+            read and the write (another writer won the race).
+        RegistryError: `version` is not a committed version of `name`.
+    """
+    _check_pointer(pointer)
+    _require_committed(registry_uri, name, version)
+    now = current(registry_uri, name, pointer)
+    now_version = now.version if now else None
+    if expected is not _UNSET and now_version != expected:
+        raise PointerConflict(
+            f"{name}: {pointer} names {_v(now_version)}, not {_v(expected)} as expected: moved meanwhile "
+            f"({_describe(now)}); nothing changed"
+        )
+    record = PointerRecord(
+        pointer=pointer,
+        version=version,
+        sequence=(now.sequence + 1) if now else 1,
+        previous=now_version,
+        action=action,
+        reason=reason,
+        by=by or default_actor(),
+        at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        run_id=run_id,
+    )
+    uri = storage.join(pointer_root(registry_uri, name, pointer), f"{record.sequence:08d}.json")
+    if not storage.create_exclusive(uri, record.to_json(), options):
+        winner = current(registry_uri, name, pointer)
+        raise PointerConflict(
+            f"{name}: {pointer} was moved by another writer while moving it to v{version} "
+            f"({_describe(winner)}); nothing changed"
+        )
+    return record
+
+
+def promote(
+    registry_uri: str,
+    name: str,
+    version: int,
+    *,
+    reason: str,
+    by: str = "",
+    run_id: str = "",
+    expected: Any = _UNSET,
+) -> PointerRecord:
+    """Make `version` what `production` names (from `expected`, when given)."""
+    return move(
+        registry_uri,
+        name,
+        PRODUCTION,
+        version,
+        expected=expected,
+        action="promote",
+        reason=reason,
+        by=by,
+        run_id=run_id,
+    )
+
+
+def rollback(
+    registry_uri: str, name: str, *, reason: str, version: int | None = None, by: str = ""
+) -> PointerRecord:
+    """Point `production` back at `version`, by default at the version it named before the current one."""
+    if not reason.strip():
+        raise RegistryError("a rollback needs a reason: it is recorded with who and when")
+    now = current(registry_uri, name, PRODUCTION)
+    if now is None:
+        raise RegistryError(f"{name}: production was never set; nothing to roll back")
+    target = version if version is not None else now.previous
+    if target is None:
+        raise RegistryError(f"{name}: production (v{now.version}) names no earlier version; give --version")
+    if target == now.version:
+        raise RegistryError(f"{name}: production already names v{target}")
+    return move(
+        registry_uri, name, PRODUCTION, target, expected=now.version, action="rollback", reason=reason, by=by
+    )
+
+
+def pointers_by_version(registry_uri: str, name: str) -> dict[int, list[str]]:
+    """{version: [pointers naming it]} for `registry list`."""
+    out: dict[int, list[str]] = {}
+    for pointer in POINTERS:
+        if (record := current(registry_uri, name, pointer)) is not None:
+            out.setdefault(record.version, []).append(pointer)
+    return out
+
+
+def default_actor() -> str:
+    """Who moves a pointer by hand: user@host (a pipeline run passes its run id instead)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _require_committed(registry_uri: str, name: str, version: int) -> None:
+    uri = version_uri(registry_uri, name, version)
+    if not storage.exists(storage.join(uri, MANIFEST)):
+        raise RegistryError(f"{name}: v{version} is not a committed version ({uri} has no {MANIFEST})")
+
+
+def _check_pointer(pointer: str) -> None:
+    if pointer not in POINTERS:
+        raise RegistryError(f"unknown pointer {pointer!r}; pointers: {', '.join(POINTERS)}")
+
+
+def _v(version: Any) -> str:
+    return "nothing" if version is None else f"v{version}"
+
+
+def _describe(record: PointerRecord | None) -> str:
+    if record is None:
+        return "never set"
+    return f"{record.action} to v{record.version} by {record.by} at {record.at}: {record.reason}"
+
+
+def on_register(
+    registry_uri: str,
+    name: str,
+    version: int,
+    *,
+    run_id: str = "",
+    promote_reason: str | None = None,
+    options: storage.S3WriteOptions = storage.DEFAULT_WRITE,
+) -> list[PointerRecord]:
+    """What a registration does to the pointers once `version` is committed; safe to repeat.
+
+    `latest` moves to `version` unless it already names a newer one. `production` moves when
+    `promote_reason` is given (the gate passed against the version it names) or when it was never
+    set (the first version of a model serves until something beats it). A concurrent writer that
+    moved a pointer first is not an error here: its move stands, and this registration's version
+    stays committed, unpointed.
+    """
+    by = f"pipeline run {run_id}" if run_id else default_actor()
+    moved = []
+    for pointer in (LATEST, PRODUCTION):
+        now = current(registry_uri, name, pointer)
+        if pointer == LATEST:
+            if now is not None and now.version >= version:
+                continue
+            reason = "newest committed version"
+        elif now is not None and now.version == version:
+            continue  # a retried registration already promoted it
+        elif promote_reason is not None:
+            reason = promote_reason
+        elif now is None:
+            reason = "first registered version of the model"
+        else:
+            continue
+        action = "register" if pointer == LATEST else "promote"
+        try:
+            moved.append(
+                move(
+                    registry_uri,
+                    name,
+                    pointer,
+                    version,
+                    expected=now.version if now else None,
+                    action=action,
+                    reason=reason,
+                    by=by,
+                    run_id=run_id,
+                    options=options,
+                )
+            )
+        except PointerConflict as exc:
+            log.warning("%s: left as the other writer set it (%s)", pointer, exc)
+    return moved
