@@ -65,9 +65,13 @@ def test_each_typed_parameter_has_the_type_default_and_description_of_its_config
         )
 
 
-def test_the_configure_step_takes_exactly_the_typed_parameters():
+def test_the_configure_step_takes_exactly_the_typed_parameters_and_the_runs_times():
     inputs = root_inputs(ROOT / "components" / "configure" / "component.yaml")
-    assert set(inputs) == set(parameters.NAMES) | {"config"}
+    assert set(inputs) == set(parameters.NAMES) | {"config", "scheduled_time", "created_time"}
+    tasks = next(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))["root"]["dag"]["tasks"]
+    given = tasks["configure"]["inputs"]["parameters"]
+    assert given["scheduled_time"]["runtimeValue"]["constant"] == "{{$.pipeline_job_schedule_time_utc}}"
+    assert given["created_time"]["runtimeValue"]["constant"] == "{{$.pipeline_job_create_time_utc}}"
     for param in parameters.PARAMETERS:
         assert inputs[param.name]["parameterType"] == KFP_TYPES[param.type]
 

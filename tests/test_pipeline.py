@@ -201,6 +201,33 @@ def test_a_field_set_by_a_typed_parameter_and_differently_in_config_stops_the_ru
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
+def test_a_cycle_with_no_data_in_its_window_stops_at_validate_data_naming_the_partitions(
+    demo_assets, tmp_path, capfd
+):
+    """configure fixes the run's date (kfp.local: the run's start, as a manual run on a cluster) and
+    the window's partitions; validate_data refuses the window, naming them."""
+    import datetime as dt
+
+    from kfp import components
+
+    from fulltune.demo.run import demo_config
+    from fulltune.kfp.local_run import init_local, kfp_local_guard
+
+    config = demo_config(demo_assets, tmp_path / "work", tmp_path / "registry").to_dict()
+    config["data"].update(train_uri=str(tmp_path / "notes" / "dt={date}"), window_days=2)
+    pipeline = components.load_component_from_file(str(compile_all(tmp_path / "compiled")[0]))
+    init_local(tmp_path / "root")
+    with kfp_local_guard(), pytest.raises(RuntimeError, match="validate-data"):
+        pipeline(config=config)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    today = dt.datetime.now(dt.timezone.utc).date()
+    days = [(today - dt.timedelta(days=1)).isoformat(), today.isoformat()]
+    assert f"no data files found in any of 2 locations: {tmp_path}/notes/dt={days[0]}, " in text
+    assert f"data window: 2 day(s) to {days[1]}" in text
+
+
 def test_a_work_directory_on_a_pvc_is_mounted_into_every_step(tmp_path):
     from fulltune.kfp.compile import compile_pipeline
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
@@ -117,6 +117,19 @@ class DataSection(_Section):
         False,
         description="Also report near-duplicates (MinHash over word 5-shingles, Jaccard >= 0.8); costs time and some memory.",
     )
+    window_days: int = Field(
+        1,
+        ge=1,
+        le=366,
+        description="With a {date} placeholder in a data URI (e.g. s3://data/notes/dt={date}/, or "
+        "{date:%Y/%m/%d}): read the partitions of this many days ending at the run's date.",
+    )
+    as_of: str | None = Field(
+        None,
+        description="The run's date for {date} placeholders (ISO 8601: 2026-11-27), e.g. to backfill a missed "
+        "cycle. None: the time a recurring run was scheduled for, else the run's start; the pipeline's first "
+        "step writes the date it used here.",
+    )
     validate_workers: int | None = Field(
         None,
         ge=1,
@@ -125,6 +138,24 @@ class DataSection(_Section):
         "CPUs the step may use (affinity, cgroup quota), at most 8; 1: one process. S3, gzip and "
         "near_duplicates are read by one process.",
     )
+
+    @field_validator("train_uri", "eval_uri", "general_uri")
+    @classmethod
+    def _usable_location(cls, uri: str | None) -> str | None:
+        from fulltune.data.window import template_problem
+
+        if uri and (problem := template_problem(uri)):
+            raise ValueError(problem)
+        return uri
+
+    @field_validator("as_of")
+    @classmethod
+    def _a_date(cls, text: str | None) -> str | None:
+        from fulltune.data.window import parse_time
+
+        if text is not None and parse_time(text) is None:
+            raise ValueError("not an ISO 8601 date or time, e.g. 2026-11-27 or 2026-11-27T03:00:00Z")
+        return text
 
 
 class TokenizerSection(_Section):

@@ -57,6 +57,9 @@ def build_lineage(cfg: RunConfig, *, run_id: str, model_uri: str) -> dict[str, A
             "train_uri": cfg.data.train_uri,
             "eval_uri": cfg.data.eval_uri,
             "general_uri": cfg.data.general_uri,
+            # a cycle's own data: the date its {date} URIs were resolved for and the window
+            "as_of": cfg.data.as_of,
+            "window_days": cfg.data.window_days,
             "dataset_manifest_uri": data_uri,
             "dataset_manifest_sha256": data_digest,
         },

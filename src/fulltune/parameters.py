@@ -111,9 +111,15 @@ def signature() -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def docstring(summary: str, returns: str = "") -> str:
-    """A Google-style docstring whose Args are the descriptions the Kubeflow UI shows in the form."""
+def docstring(summary: str, returns: str = "", times: bool = False) -> str:
+    """A Google-style docstring whose Args are the descriptions the Kubeflow UI shows in the form
+    (with `times`, also the run-time inputs of the configure step)."""
     lines = [summary, "", "Args:"]
+    if times:
+        lines += [
+            "    scheduled_time: The time a recurring run was scheduled for (KFP fills it in); fixes {date} data URIs.",
+            "    created_time: The run's creation time (KFP fills it in); fixes {date} data URIs of a manual run.",
+        ]
     lines += [f"    {p.name}: {p.description}" for p in PARAMETERS]
     lines.append(f"    {CONFIG}: {CONFIG_DESCRIPTION}")
     if returns:

@@ -55,17 +55,31 @@ def _write_out(text: str, dest: str | None) -> None:
 # -- configure -----------------------------------------------------------------------------------------
 
 
-def configure(config: dict[str, Any] | None, values: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline's typed parameters merged into `config` (`fulltune.parameters.resolve`): the
-    mapping validate_data, check_tokenizer and plan receive. A conflict or an invalid field fails
-    here, before any data is read."""
+def configure(
+    config: dict[str, Any] | None, values: dict[str, Any], scheduled_time: str = "", created_time: str = ""
+) -> dict[str, Any]:
+    """The pipeline's typed parameters merged into `config` (`fulltune.parameters.resolve`), with
+    the run's date fixed for `{date}` data URIs (`fulltune.data.window`: `data.as_of`, else the
+    scheduled time, else the run's creation time, else now): the mapping every later step receives.
+    A conflict or an invalid field fails here, before any data is read."""
+    from fulltune.config import RunConfig, deep_merge
+    from fulltune.data.window import fix_window
     from fulltune.parameters import BY_NAME, resolve
 
     _setup_logging()
     merged = resolve(config, values)
     set_here = [f"{n}={v!r}" for n, v in values.items() if BY_NAME[n].is_set(v)]
     log.info("typed parameters set: %s", ", ".join(set_here) if set_here else "none (config only)")
-    return merged
+    window = fix_window(RunConfig.from_pipeline(merged), scheduled_time, created_time)
+    if window:
+        data = window["data"]
+        log.info(
+            "data window: %d day(s) to %s: %s",
+            RunConfig.from_pipeline(merged).data.window_days,
+            data["as_of"],
+            ", ".join(f"{k}={v}" for k, v in data.items() if k != "as_of"),
+        )
+    return deep_merge(merged, window)
 
 
 # -- validate_data / check_tokenizer --------------------------------------------------------------

@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -275,8 +276,34 @@ def list_files(prefix: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
 
+_ALTERNATION = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+def alternatives(uri: str) -> list[str]:
+    """The URIs a brace alternation names, as in Hadoop and Spark paths:
+    `s3://b/dt={2026-11-21,2026-11-22}/` is two prefixes; several groups give every combination."""
+    m = _ALTERNATION.search(uri)
+    if m is None:
+        return [uri]
+    return [
+        alt
+        for part in m.group(1).split(",")
+        for alt in alternatives(uri[: m.start()] + part + uri[m.end() :])
+    ]
+
+
 def expand(uri: str, patterns: tuple[str, ...] = ("*",)) -> list[str]:
-    """A file, a directory (its files matching `patterns`) or a glob, as a sorted list of files."""
+    """A file, a directory (its files matching `patterns`) or a glob, as a sorted list of files; a
+    brace alternation (`{a,b}`) names several of them, whose files are listed in its order, each
+    missing one contributing nothing."""
+    if _ALTERNATION.search(uri):
+        out: dict[str, None] = {}  # ordered, without repeats
+        for alt in alternatives(uri):
+            try:
+                out.update(dict.fromkeys(expand(alt, patterns)))
+            except FileNotFoundError:
+                continue
+        return list(out)
     has_glob = any(ch in uri for ch in "*?[")
     if has_glob:
         base = uri

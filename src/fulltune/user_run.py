@@ -32,7 +32,12 @@ class StepLine:
 
 def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
     """The checking steps up to and including `until`, one line each; 0 when every one passed."""
+    from fulltune.data.window import fix_window
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    if window := fix_window(cfg):  # {date} URIs: today's window, as the pipeline's configure step would
+        cfg = cfg.with_overrides(window)
+        out.write(f"data window: {cfg.data.window_days} day(s) to {cfg.data.as_of}\n")
     steps: dict[str, Callable[[], StepLine]] = {
         "validate_data": lambda: _validate(cfg, out_dir),
         "check_tokenizer": lambda: _check_tokenizer(cfg, out_dir),

@@ -110,7 +110,9 @@ def data_files(uri: str) -> list[str]:
         )
     files = [f for f in found if storage.basename(f) not in HF_METADATA]
     if not files:
-        raise DataError(f"{uri}: no data files found (expected {', '.join(DATA_PATTERNS)})")
+        places = storage.alternatives(uri)
+        where = f" in any of {len(places)} locations: {', '.join(places)}" if len(places) > 1 else ""
+        raise DataError(f"{uri}: no data files found{where} (expected {', '.join(DATA_PATTERNS)})")
     return files
 
 

@@ -24,6 +24,8 @@ from fulltune import parameters
 
 def configure(
     config: dict,
+    scheduled_time: str,
+    created_time: str,
     base_model_uri: str,
     train_uri: str,
     eval_uri: str,
@@ -46,12 +48,14 @@ def configure(
     values = dict(locals())  # the first statement: exactly this step's inputs
     from fulltune import steps
 
-    return (steps.configure(values.pop("config"), values),)
+    config, times = values.pop("config"), (values.pop("scheduled_time"), values.pop("created_time"))
+    return (steps.configure(config, values, *times),)
 
 
 configure.__doc__ = parameters.docstring(
     (configure.__doc__ or "").split(" (The Args")[0],
     returns="config: The run configuration (RunConfig) every later step receives.",
+    times=True,
 )
 
 

@@ -40,9 +40,32 @@ def kfp_local_guard() -> Iterator[None]:
         root.setLevel(saved_level)
 
 
+def _fill_run_times() -> None:
+    """Give kfp.local the run-time placeholders KFP's backend fills and kfp.local (2.17) fails on:
+    the creation time is now (the run is starting) and the scheduled time empty (a manual run), as
+    for a run started by hand on a cluster."""
+    from kfp import dsl
+    from kfp.local import placeholder_utils
+
+    original = placeholder_utils.resolve_individual_placeholder
+    if getattr(original, "fills_run_times", False):
+        return
+
+    def resolve(element: str, *args, **kwargs):
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        element = element.replace(dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER, now)
+        element = element.replace(dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER, "")
+        return original(element, *args, **kwargs)
+
+    resolve.fills_run_times = True  # type: ignore[attr-defined]
+    placeholder_utils.resolve_individual_placeholder = resolve
+
+
 def init_local(pipeline_root: Path) -> None:
     """kfp.local with subprocesses from this interpreter, failing on the first failed step."""
     from kfp import local
+
+    _fill_run_times()
 
     # The steps run as subprocesses of this interpreter; make sure they find its tools (torchrun).
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")

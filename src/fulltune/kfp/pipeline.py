@@ -107,7 +107,11 @@ def build_pipeline(
 
     def full_finetune(*values):
         params = dict(zip(parameters.signature().parameters, values, strict=True))
-        configured = cluster.apply(steps.configure(**params))
+        times = {
+            "scheduled_time": dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,
+            "created_time": dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER,
+        }
+        configured = cluster.apply(steps.configure(**params, **times))
         config = configured.outputs["config"]
         validated = cluster.apply(steps.validate_data(config=config))
         checked = cluster.apply(steps.check_tokenizer(config=config).after(validated))
