@@ -517,6 +517,20 @@ class EvaluationSection(_Section):
     max_exact_match_drop: float = Field(
         2.0, ge=0.0, description="Largest allowed drop of exact-match accuracy, in percentage points."
     )
+    compare_to: Literal["base", "registered"] = Field(
+        "base",
+        description="'registered': also score the version the registry's production pointer names (the "
+        "champion) in the same pass; the candidate must not be worse on the domain set (within "
+        "max_domain_loss_regression), forgetting is still measured against the base, and a pass promotes it. "
+        "'base': the base model only; a model's first version is promoted, later ones by hand. Scheduled "
+        "runs (`fulltune schedule`) default to 'registered'.",
+    )
+    max_domain_loss_regression: float = Field(
+        0.0,
+        ge=0.0,
+        description="compare_to registered: largest allowed relative rise of domain eval loss against the "
+        "champion, e.g. 0.01 = 1% worse still passes.",
+    )
     lm_eval_tasks: list[str] = Field(
         default_factory=list,
         description="lm-evaluation-harness task names run through its API when lm-eval is installed; merged "

@@ -256,8 +256,11 @@ def evaluate(
     from fulltune.evaluate.core import evaluate_models
 
     _setup_logging()
+    champion = resolve_champion(cfg)
     with tempfile.TemporaryDirectory(prefix="fulltune-eval-") as tmp:
-        result = evaluate_models(cfg, cfg.model.base_model_uri, model_uri, dataset, Path(tmp))
+        result = evaluate_models(
+            cfg, cfg.model.base_model_uri, model_uri, dataset, Path(tmp), champion=champion
+        )
         storage.upload_dir(tmp, cfg.layout.eval_dir)
         _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
         _copy_out(Path(tmp, EVAL_FILE), eval_path)
@@ -266,6 +269,30 @@ def evaluate(
     for reason in result.reasons:
         log.info("  - %s", reason)
     return result.verdict
+
+
+def resolve_champion(cfg: RunConfig):
+    """`evaluation.compare_to: registered`: the version the registry's production pointer names now
+    (read once, at the start of evaluate: a promotion meanwhile makes register's compare-and-swap
+    refuse), or a note that nothing is promoted yet; None with compare_to base."""
+    from fulltune.config import ConfigError
+    from fulltune.evaluate.core import ChampionRef
+    from fulltune.registry import pointers
+    from fulltune.registry.layout import version_uri
+
+    ev = cfg.evaluation
+    if ev.compare_to != "registered":
+        return None
+    if not cfg.registry.uri:
+        raise ConfigError("evaluation.compare_to: registered needs registry.uri (where the champion is)")
+    name = cfg.model.name
+    record = pointers.current(cfg.registry.uri, name, pointers.PRODUCTION)
+    if record is None:
+        note = f"no promoted version of {name} yet: compared with the base model only"
+        return ChampionRef("registered", note=note)
+    uri = version_uri(cfg.registry.uri, name, record.version)
+    log.info("champion: %s v%d (production since %s, %s)", name, record.version, record.at, record.reason)
+    return ChampionRef("registered", record.version, uri, f"production since {record.at}")
 
 
 # -- register -----------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -60,22 +61,27 @@ from fulltune.evaluate import generation as gen_tasks
 from fulltune.evaluate import lm_eval_backend
 from fulltune.evaluate import mc as mc_tasks
 from fulltune.evaluate.eval_page import render_report
-from fulltune.evaluate.gate import Verdict, decide
+from fulltune.evaluate.gate import Check, Verdict, champion_check, decide
 from fulltune.evaluate.loss import LossSet
 from fulltune.evaluate.result import (
+    CHAMPION,
+    CHAMPION_IMPROVEMENT,
     DOMAIN,
     DOMAIN_LOSS_IMPROVEMENT,
     FORGETTING,
     GENERAL,
     ROLES,
     BootstrapSettings,
+    Champion,
     ConfidenceInterval,
     EvalResult,
     GateCheck,
     GenerationSection,
+    LossFigures,
     LossSetSection,
     MCSection,
     Scoring,
+    ScoringPass,
     Section,
     Thresholds,
 )
@@ -236,8 +242,10 @@ def evaluate_models(
     out_dir: Path,
     *,
     models_together: bool | None = None,
+    champion: ChampionRef | None = None,
 ) -> EvalResult:
-    """Score the base and the tuned model, apply the gate, write `eval.json` and `report.html`.
+    """Score the base and the tuned model (and the champion), apply the gate, write `eval.json` and
+    `report.html`.
 
     Args:
         cfg: The resolved run config; `evaluation` sets batch size, the cap on sequences per set,
@@ -249,6 +257,9 @@ def evaluate_models(
         out_dir: Local directory receiving `eval.json` and `report.html`.
         models_together: Hold both models at once (True) or one at a time (False); None decides
             from their size and the free memory. The numbers are the same either way.
+        champion: What `evaluation.compare_to` resolved to (`steps.evaluate`): with a promoted
+            version, it scores the loss sets over the same batches, in the same pass when the models
+            fit together, and the gate adds the champion check.
 
     Returns:
         What was written to `eval.json`: the verdict and its checks, each set's and task's figures,
@@ -257,10 +268,21 @@ def evaluate_models(
     lm_eval_backend.require(cfg.evaluation.lm_eval_tasks)  # a configured backend that is missing fails first
     uris = Pair(base_model_uri, tuned_model_uri)
     prepared = prepare(cfg, uris, dataset_manifest)
-    scored = score(cfg, uris, prepared, models_together=models_together)
-    result = summarise(cfg, uris, dataset_manifest, scored)
+    champion_uri = champion.uri if champion else None
+    scored = score(cfg, uris, prepared, models_together=models_together, champion_uri=champion_uri)
+    result = summarise(cfg, uris, dataset_manifest, scored, champion)
     _write_outputs(result, Path(out_dir))
     return result
+
+
+@dataclass(frozen=True)
+class ChampionRef:
+    """What `evaluation.compare_to` resolved to: the promoted version to compare with, or why none."""
+
+    compare_to: str
+    version: int | None = None
+    uri: str | None = None
+    note: str = ""
 
 
 # -- 1. prepare -----------------------------------------------------------------------------------------
@@ -328,24 +350,25 @@ class Placement:
     together: bool
     why: str
 
-    @property
-    def groups(self) -> list[tuple[str, ...]]:
+    def groups(self, roles: tuple[str, ...]) -> list[tuple[str, ...]]:
         """The roles loaded at the same time, in scoring order."""
-        return [ROLES] if self.together else [(role,) for role in ROLES]
+        return [roles] if self.together else [(role,) for role in roles]
 
     @property
     def device_label(self) -> str:
         return f"{self.device.type} ({str(self.dtype).removeprefix('torch.')})"
 
-    @property
-    def scoring(self) -> Scoring:
-        return Scoring(device_map=self.device_map or "single", models_together=self.together, why=self.why)
+    def scoring(self, passes: list[ScoringPass]) -> Scoring:
+        return Scoring(
+            device_map=self.device_map or "single", models_together=self.together, why=self.why, passes=passes
+        )
 
 
 @dataclass(frozen=True)
 class ScoredTask:
     task: EvalTask[Any]
     scores: Pair[Any]
+    champion: Any = None  # the champion's scores (loss sets only)
 
 
 @dataclass(frozen=True)
@@ -355,32 +378,54 @@ class Scored:
     placement: Placement
     tasks: list[ScoredTask]
     lm_eval: dict[str, dict[str, Any]]  # role -> the harness's `results` (empty without lm_eval_tasks)
+    passes: list[ScoringPass]
 
 
 def score(
-    cfg: RunConfig, uris: Pair[str], prepared: Prepared, *, models_together: bool | None = None
+    cfg: RunConfig,
+    uris: Pair[str],
+    prepared: Prepared,
+    *,
+    models_together: bool | None = None,
+    champion_uri: str | None = None,
 ) -> Scored:
-    """Load the models, both together or one at a time, and score every prepared task in one pass."""
-    where = _place(cfg, prepared.configs, models_together)
+    """Load the models, all together or one at a time, and score every prepared task in one pass.
+    A champion (`champion_uri`) scores the loss sets only: the check it feeds is on the domain loss."""
+    by_role = dict(uris.items())
+    configs = dict(prepared.configs.items())
+    if champion_uri:
+        by_role[CHAMPION] = champion_uri
+        configs[CHAMPION] = _load_config(cfg, champion_uri)
+    where = _place(cfg, configs, models_together)
     per_task: list[dict[str, Any]] = [{} for _ in prepared.tasks]  # role -> scores, filled group by group
-    for group in where.groups:
-        with _loaded(cfg, uris, group, where) as models:
+    passes = []
+    for group in where.groups(tuple(by_role)):
+        started = time.monotonic()
+        with _loaded(cfg, by_role, group, where) as models:
             for task, scores in zip(prepared.tasks, per_task, strict=True):
-                scores.update(task.score(models))
+                usable = (
+                    models if isinstance(task, LossSet) else {r: m for r, m in models.items() if r in ROLES}
+                )
+                if usable:
+                    scores.update(task.score(usable))
+        passes.append(ScoringPass(roles=list(group), seconds=round(time.monotonic() - started, 3)))
     lm_eval = lm_eval_backend.run(
         cfg, dict(uris.items()), device=where.device, dtype=where.dtype, device_map=where.device_map
     )
-    tasks = [ScoredTask(task, Pair.of(scores)) for task, scores in zip(prepared.tasks, per_task, strict=True)]
-    return Scored(where, tasks, lm_eval)
+    tasks = [
+        ScoredTask(task, Pair.of(scores), scores.get(CHAMPION))
+        for task, scores in zip(prepared.tasks, per_task, strict=True)
+    ]
+    return Scored(where, tasks, lm_eval, passes)
 
 
-def _place(cfg: RunConfig, configs: Pair[Any], models_together: bool | None) -> Placement:
+def _place(cfg: RunConfig, configs: dict[str, Any], models_together: bool | None) -> Placement:
     device, dtype, device_map = placement(cfg)
-    together, why = _fit_together(dict(configs.items()), device, dtype, device_map)
+    together, why = _fit_together(configs, device, dtype, device_map)
     if models_together is not None:
         together, why = models_together, "as asked by the caller"
     if together:
-        log.info("scoring base and tuned together, one pass over the batches (%s)", why)
+        log.info("scoring %s together, one pass over the batches (%s)", " and ".join(configs), why)
     else:
         log.info("scoring one model at a time over batches prepared once (%s)", why)
     return Placement(device, dtype, device_map, together, why)
@@ -388,7 +433,7 @@ def _place(cfg: RunConfig, configs: Pair[Any], models_together: bool | None) -> 
 
 @contextmanager
 def _loaded(
-    cfg: RunConfig, uris: Pair[str], roles: tuple[str, ...], where: Placement
+    cfg: RunConfig, uris: Mapping[str, str], roles: tuple[str, ...], where: Placement
 ) -> Iterator[dict[str, Any]]:
     """The models of `roles`, loaded together and released together."""
     with ExitStack() as stack:
@@ -404,7 +449,11 @@ def _loaded(
 
 
 def summarise(
-    cfg: RunConfig, uris: Pair[str], dataset_manifest: str | dict[str, Any], scored: Scored
+    cfg: RunConfig,
+    uris: Pair[str],
+    dataset_manifest: str | dict[str, Any],
+    scored: Scored,
+    champion: ChampionRef | None = None,
 ) -> EvalResult:
     """Each task's bootstrap intervals and section of the result, and the gate's verdict on them."""
     ev = cfg.evaluation
@@ -421,6 +470,10 @@ def summarise(
     mc = {name: s for name, s in sections if isinstance(s, MCSection)}
     generation = {name: s for name, s in sections if isinstance(s, GenerationSection)}
     verdict = _verdict(sets, mc, generation, intervals, ev)
+    against = _against_champion(champion, scored, boot, ev.max_domain_loss_regression)
+    if against is not None:
+        intervals.update(against.intervals)
+        verdict = Verdict(verdict.passed and against.check.passed, (*verdict.checks, against.check))
     return EvalResult(
         base_model_uri=uris.base,
         tuned_model_uri=uris.tuned,
@@ -439,10 +492,47 @@ def summarise(
             max_exact_match_drop=ev.max_exact_match_drop,
         ),
         device=scored.placement.device_label,
-        scoring=scored.placement.scoring,
+        scoring=scored.placement.scoring(scored.passes),
+        champion=against.section if against else None,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         fulltune_version=fulltune.__version__,
     )
+
+
+@dataclass(frozen=True)
+class AgainstChampion:
+    section: Champion
+    check: Check
+    intervals: dict[str, ConfidenceInterval]
+
+
+def _against_champion(
+    champion: ChampionRef | None, scored: Scored, boot: BootstrapSettings, allowed_regression: float
+) -> AgainstChampion | None:
+    """The champion's figures, the interval of the candidate's domain improvement over it, and the
+    gate's check; with compare_to registered and nothing promoted yet, a passing check saying so."""
+    if champion is None:
+        return None
+    section = Champion(
+        compare_to=champion.compare_to, version=champion.version, model_uri=champion.uri, note=champion.note
+    )
+    if champion.version is None:
+        return AgainstChampion(section, Check("champion", True, champion.note), {})
+    intervals: dict[str, ConfidenceInterval] = {}
+    for item in scored.tasks:
+        if item.champion is None:
+            continue
+        section.sets[item.task.name] = LossFigures(
+            loss=item.champion.loss, perplexity=item.champion.perplexity
+        )
+        if item.task.name == DOMAIN:
+            got = item.task.intervals(Pair(item.champion, item.scores.tuned), boot)
+            intervals[CHAMPION_IMPROVEMENT] = ConfidenceInterval(**got[DOMAIN_LOSS_IMPROVEMENT]._asdict())
+    domain = section.sets[DOMAIN]
+    tuned = next(i.scores.tuned.loss for i in scored.tasks if i.task.name == DOMAIN)
+    ci = intervals[CHAMPION_IMPROVEMENT].bounds
+    check = champion_check(domain.loss, tuned, allowed_regression, champion.version, ci, boot.level)
+    return AgainstChampion(section, check, intervals)
 
 
 def _verdict(

@@ -49,6 +49,7 @@ def render_report(result: EvalResult) -> str:
         "fulltune evaluation: base vs tuned",
         kit.banner("pass" if result.verdict else "fail", verdict),
         _gate(result.checks),
+        _champion(result),
         _eval_sets(result),
         _mc_tasks(result),
         _generation_tasks(result),
@@ -63,6 +64,36 @@ def _gate(checks: list[GateCheck]) -> str:
         severity, label = _CHECK_MARKS[check.passed]
         problems.append(kit.Problem(severity, check.reason, label=label))
     return kit.heading("Gate") + kit.problem_list(problems)
+
+
+def _champion(result: EvalResult) -> str:
+    """Base, champion (the version production named) and candidate side by side on the loss sets."""
+    champion = result.champion
+    if champion is None or champion.compare_to != "registered":
+        return ""
+    head = kit.heading("Against the champion")
+    if champion.version is None:
+        return head + kit.note(champion.note)
+    rows = []
+    for name, figures in champion.sets.items():
+        own = result.sets[name]
+        rows.append(
+            (
+                f"{name} loss",
+                _num(own.base.loss),
+                _num(figures.loss),
+                _num(own.tuned.loss),
+                _change(figures.loss, own.tuned.loss),
+            )
+        )
+    columns = ["metric", "base", f"champion v{champion.version}", "candidate", "candidate vs champion"]
+    where = kit.note(f"champion: {champion.model_uri} ({champion.note})")
+    return (
+        head
+        + where
+        + kit.table(columns, rows, numeric=(1, 2, 3, 4))
+        + _ci_line(result, ("champion_domain_loss_improvement",))
+    )
 
 
 def _eval_sets(result: EvalResult) -> str:
@@ -237,8 +268,11 @@ def _ci_line(result: EvalResult, keys: tuple[str, ...]) -> str:
 def _scoring(scoring: Scoring | None) -> str:
     if scoring is None:
         return kit.MISSING
-    how = "both models at once" if scoring.models_together else "one model at a time"
-    return f"device_map {scoring.device_map}, {how} ({scoring.why})"
+    how = "all models at once" if scoring.models_together else "one model at a time"
+    passes = "; ".join(f"{'+'.join(p.roles)} {p.seconds:.1f} s" for p in scoring.passes)
+    return f"device_map {scoring.device_map}, {how} ({scoring.why})" + (
+        f"; passes: {passes}" if passes else ""
+    )
 
 
 def _chart(title: str, figures: list[Figure], *, percent: bool = False) -> str:

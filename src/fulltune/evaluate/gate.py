@@ -160,6 +160,25 @@ def _domain_check(
     return Check("domain_gain", passed, reason)
 
 
+def champion_check(
+    champion: float, tuned: float, allowed: float, version: int, ci: CI | None = None, level: float = 0.95
+) -> Check:
+    """The candidate against the promoted version on the domain set: its loss may rise at most
+    `allowed` (relative) above the champion's."""
+    change = f"({champion:.2f} → {tuned:.2f}{_ci_pct(ci, 'improvement', level)})"
+    improvement = domain_loss_improvement(champion, tuned)
+    if not math.isfinite(improvement):
+        return Check("champion", False, f"domain loss against v{version} is not a finite number {change}")
+    passed = improvement >= -allowed
+    got, limit = _percentages(abs(improvement), allowed)
+    if improvement >= 0:
+        reason = f"domain loss {got} below the promoted v{version} {change}: the candidate is better"
+    else:
+        op = "≤" if passed else ">"
+        reason = f"domain loss {got} above the promoted v{version} {change} {op} {limit} allowed"
+    return Check("champion", passed, reason)
+
+
 def _forgetting_check(
     base: float, tuned: float, allowed: float, ci: CI | None = None, level: float = 0.95
 ) -> Check:

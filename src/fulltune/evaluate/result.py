@@ -41,8 +41,11 @@ from fulltune.evaluate.lm_eval_backend import flat_metrics
 EVAL_FORMAT = "fulltune.eval/v1"
 DOMAIN, GENERAL = "domain_eval", "general_eval"
 ROLES = ("base", "tuned")
+CHAMPION = "champion"  # the promoted version, scored beside them with evaluation.compare_to: registered
 # Metric (and interval) names of what the gate's two loss checks read.
 DOMAIN_LOSS_IMPROVEMENT, FORGETTING = "domain_loss_improvement", "forgetting"
+# tuned vs the promoted version (evaluation.compare_to: registered): 1 - tuned / champion domain loss
+CHAMPION_IMPROVEMENT = "champion_domain_loss_improvement"
 
 
 class EvalResultError(ValueError):
@@ -91,12 +94,20 @@ class Thresholds(_Record):
     max_exact_match_drop: float | None = None
 
 
+class ScoringPass(_Record):
+    """One pass over the prepared batches: the models loaded for it and how long it took."""
+
+    roles: list[str]
+    seconds: float
+
+
 class Scoring(_Record):
     """How the models were placed and scored (see `evaluate.core`)."""
 
     device_map: str
     models_together: bool
     why: str
+    passes: list[ScoringPass] = []
 
 
 # -- sections: one per loss set, multiple-choice task and generation task --------------------------
@@ -141,6 +152,26 @@ class LossSetSection(_Record):
             for role in ROLES
             for what in ("loss", "perplexity")
         }
+
+
+class Champion(_Record):
+    """The version the candidate was compared with (`evaluation.compare_to`), and its figures on the
+    loss sets, scored over the same batches as base and candidate."""
+
+    compare_to: Literal["base", "registered"]
+    version: int | None = None  # None: nothing promoted yet, compared to the base only
+    model_uri: str | None = None
+    note: str = ""
+    sets: dict[str, LossFigures] = {}
+
+    def metrics(self) -> dict[str, float]:
+        out = {"compared_to_champion": 1.0 if self.version is not None else 0.0}
+        for name, figures in self.sets.items():
+            out[f"{name}_champion_loss"] = figures.loss
+            out[f"{name}_champion_perplexity"] = figures.perplexity
+        if self.version is not None:
+            out["champion_version"] = float(self.version)
+        return out
 
 
 class MCFigures(_Record):
@@ -261,6 +292,7 @@ class EvalResult(_Record):
     thresholds: Thresholds
     device: str
     scoring: Scoring | None = None
+    champion: Champion | None = None
     created_at: str
     fulltune_version: str
 
@@ -312,6 +344,8 @@ class EvalResult(_Record):
             metrics.setdefault(key, interval.estimate)
             if interval.bounds:  # no NaN placeholders in KFP Metrics when the bootstrap is off
                 metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = interval.bounds
+        if self.champion is not None:
+            metrics.update(self.champion.metrics())
         metrics["gate_passed"] = 1.0 if self.verdict else 0.0
         return {key: float(value) for key, value in metrics.items()}
 

@@ -217,40 +217,48 @@ def _describe(record: PointerRecord | None) -> str:
     return f"{record.action} to v{record.version} by {record.by} at {record.at}: {record.reason}"
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """Move production to the registered version, only from `expected` (the champion it beat)."""
+
+    expected: int | None
+    reason: str
+
+
 def on_register(
     registry_uri: str,
     name: str,
     version: int,
     *,
     run_id: str = "",
-    promote_reason: str | None = None,
+    promote: Promotion | None = None,
     options: storage.S3WriteOptions = storage.DEFAULT_WRITE,
 ) -> list[PointerRecord]:
     """What a registration does to the pointers once `version` is committed; safe to repeat.
 
-    `latest` moves to `version` unless it already names a newer one. `production` moves when
-    `promote_reason` is given (the gate passed against the version it names) or when it was never
-    set (the first version of a model serves until something beats it). A concurrent writer that
-    moved a pointer first is not an error here: its move stands, and this registration's version
-    stays committed, unpointed.
+    `latest` moves to `version` unless it already names a newer one. `production` moves with
+    `promote` (the gate passed against the version production named, which it must still name) or
+    when it was never set (the first version of a model serves until something beats it). A writer
+    that moved a pointer first is not an error here: its move stands, this registration's version
+    stays committed, unpromoted, and the log says why.
     """
     by = f"pipeline run {run_id}" if run_id else default_actor()
     moved = []
     for pointer in (LATEST, PRODUCTION):
         now = current(registry_uri, name, pointer)
+        now_version = now.version if now else None
+        if now_version == version or (
+            pointer == LATEST and now_version is not None and now_version > version
+        ):
+            continue  # a retried registration already moved it, or a newer version is latest
         if pointer == LATEST:
-            if now is not None and now.version >= version:
-                continue
-            reason = "newest committed version"
-        elif now is not None and now.version == version:
-            continue  # a retried registration already promoted it
-        elif promote_reason is not None:
-            reason = promote_reason
+            expected, action, reason = now_version, "register", "newest committed version"
+        elif promote is not None:
+            expected, action, reason = promote.expected, "promote", promote.reason
         elif now is None:
-            reason = "first registered version of the model"
+            expected, action, reason = None, "promote", "first registered version of the model"
         else:
             continue
-        action = "register" if pointer == LATEST else "promote"
         try:
             moved.append(
                 move(
@@ -258,7 +266,7 @@ def on_register(
                     name,
                     pointer,
                     version,
-                    expected=now.version if now else None,
+                    expected=expected,
                     action=action,
                     reason=reason,
                     by=by,
@@ -267,5 +275,5 @@ def on_register(
                 )
             )
         except PointerConflict as exc:
-            log.warning("%s: left as the other writer set it (%s)", pointer, exc)
+            log.warning("%s: not moved to v%d: %s", pointer, version, exc)
     return moved

@@ -110,9 +110,27 @@ def register_model(
         forced = force and not eval_result.verdict
         uri = _publish(cfg, model_uri, eval_result, lineage, run_id=run_id, forced=forced)
     version = int(_VERSION_DIR.match(storage.basename(uri)).group(1))
-    pointers.on_register(cfg.registry.uri, name, version, run_id=run_id, options=write_options(cfg))
+    pointers.on_register(
+        cfg.registry.uri,
+        name,
+        version,
+        run_id=run_id,
+        promote=_promotion(eval_result),
+        options=write_options(cfg),
+    )
     _record_in_kubeflow(cfg, uri)
     return uri
+
+
+def _promotion(eval_result: EvalResult) -> pointers.Promotion | None:
+    """Promote when the gate passed against the version that was serving (the champion it was
+    scored with, which production must still name: a compare-and-swap)."""
+    champion = eval_result.champion
+    if not eval_result.verdict or champion is None or champion.compare_to != "registered":
+        return None
+    if champion.version is None:
+        return pointers.Promotion(None, "first version to pass the gate; nothing was promoted before")
+    return pointers.Promotion(champion.version, f"passed the gate against v{champion.version}")
 
 
 def _retried(name: str, done: dict[str, Any], model_uri: str, run_id: str) -> str:

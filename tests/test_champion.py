@@ -1,0 +1,123 @@
+"""Champion and challenger: the candidate is also scored against the version production names, in the
+same pass, and only a candidate not worse than it is promoted (a compare-and-swap on production)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fulltune import steps
+from fulltune.config import ConfigError, RunConfig
+from fulltune.evaluate.core import ChampionRef, evaluate_models
+from fulltune.registry import pointers
+from fulltune.registry.store import register_model
+from test_evaluate import _cfg, _manifest
+from test_registry import EVAL_PASS, LINEAGE
+from tiny_models import save_tiny_llama
+
+NAME = "clinical"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """'same' is 'base' again, file for file; 'tuned' is 'base' plus seeded noise (as in test_evaluate)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "base": save_tiny_llama(root / "base"),
+        "tuned": save_tiny_llama(root / "tuned", seed=1, perturb=0.05),
+        "same": save_tiny_llama(root / "same"),
+    }
+
+
+@pytest.fixture
+def dataset(tmp_path) -> dict:
+    return _manifest(tmp_path / "data")
+
+
+def champion(version: int, uri) -> ChampionRef:
+    return ChampionRef("registered", version, str(uri), "production since today")
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_the_champion_is_scored_over_the_same_batches_and_the_check_compares_the_candidate_with_it(
+    models, dataset, tmp_path, together
+):
+    # the candidate is `tuned` (noisier than base): against a champion that is `base` it is worse
+    result = evaluate_models(
+        _cfg(compare_to="registered"),
+        str(models["base"]),
+        str(models["tuned"]),
+        dataset,
+        tmp_path / "out",
+        models_together=together,
+        champion=champion(3, models["same"]),
+    )
+    domain = result.sets["domain_eval"]
+    figures = result.champion.sets["domain_eval"]
+    assert figures.loss == pytest.approx(domain.base.loss, abs=1e-6)  # `same` is `base`, file for file
+    assert set(result.champion.sets) == {"domain_eval", "general_eval"}
+    [check] = [c for c in result.checks if c.name == "champion"]
+    improvement = 1 - domain.tuned.loss / figures.loss
+    assert result.confidence_intervals["champion_domain_loss_improvement"].estimate == pytest.approx(
+        improvement
+    )
+    assert check.passed == (improvement >= 0) and "promoted v3" in check.reason
+    m = result.kfp_metrics()
+    assert m["domain_eval_champion_loss"] == figures.loss and m["champion_version"] == 3.0
+    assert m["compared_to_champion"] == 1.0
+    # one pass for all three when they fit together, else one per model over the same prepared batches
+    roles = [p.roles for p in result.scoring.passes]
+    assert roles == ([["base", "tuned", "champion"]] if together else [["base"], ["tuned"], ["champion"]])
+    assert all(p.seconds >= 0 for p in result.scoring.passes)
+    assert "champion" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_tolerance_lets_a_slightly_worse_candidate_pass(models, dataset, tmp_path):
+    args = (str(models["base"]), str(models["tuned"]), dataset)
+    strict = evaluate_models(
+        _cfg(compare_to="registered"), *args, tmp_path / "a", champion=champion(1, models["same"])
+    )
+    worse_by = -strict.confidence_intervals["champion_domain_loss_improvement"].estimate
+    assert worse_by > 0
+    cfg = _cfg(compare_to="registered", max_domain_loss_regression=worse_by * 1.5)
+    loose = evaluate_models(cfg, *args, tmp_path / "b", champion=champion(1, models["same"]))
+    assert [c.passed for c in loose.checks if c.name == "champion"] == [True]
+
+
+def test_without_a_promoted_version_the_report_says_it_compared_with_the_base_only(tmp_path):
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name": NAME},
+            "registry": {"uri": str(tmp_path)},
+            "evaluation": {"compare_to": "registered"},
+        }
+    )
+    ref = steps.resolve_champion(cfg)
+    assert ref.version is None and "no promoted version of clinical yet" in ref.note
+    with pytest.raises(ConfigError, match="needs registry.uri"):
+        steps.resolve_champion(cfg.with_overrides({"registry.uri": ""}))
+    assert steps.resolve_champion(cfg.with_overrides({"evaluation.compare_to": "base"})) is None
+
+
+def _registry_cfg(registry: str) -> RunConfig:
+    return RunConfig.from_dict({"model": {"name": NAME}, "registry": {"uri": registry}})
+
+
+def test_register_promotes_a_candidate_that_beat_the_champion_and_only_from_it(models, tmp_path):
+    from fulltune.evaluate.result import Champion
+
+    registry = str(tmp_path / "registry")
+    cfg = _registry_cfg(registry)
+    beat = lambda v: EVAL_PASS.model_copy(update={"champion": Champion(compare_to="registered", version=v)})  # noqa: E731
+    register_model(cfg, str(models["tuned"]), EVAL_PASS, LINEAGE)  # v1: the first version serves
+    register_model(cfg, str(models["tuned"]), beat(1), LINEAGE)  # v2 beat v1: promoted
+    assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
+    assert pointers.current(registry, NAME, pointers.PRODUCTION).reason == "passed the gate against v1"
+    # v3 was evaluated against v1, but v2 was promoted meanwhile: the compare-and-swap refuses it
+    register_model(cfg, str(models["tuned"]), beat(1), LINEAGE)
+    assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
+    assert pointers.current(registry, NAME, pointers.LATEST).version == 3
+    # compared with the base only (compare_to base): committed, never promoted
+    register_model(cfg, str(models["tuned"]), EVAL_PASS, LINEAGE)
+    assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
+    moves = [(r.action, r.previous, r.version) for r in pointers.history(registry, NAME, pointers.PRODUCTION)]
+    assert moves == [("promote", None, 1), ("promote", 1, 2)]
