@@ -125,29 +125,59 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_forgetting_model_is_refused_and_not_registered(demo_assets, tmp_path, capsys):
-    """Through `fulltune run` with the demo's forgetting settings written as a user's config file: the
-    pipeline run itself succeeds, the gate refuses the model and nothing is registered."""
+def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, tmp_path, capsys):
+    """Three cycles against one registry, each comparing with the version production names:
+    1. a short training run is the model's first version: promoted;
+    2. a forgetting one, run by a user through `fulltune run` on a config file: the gate refuses it,
+       nothing is registered and production still names v1;
+    3. a longer training run beats v1 on the domain set (forgetting still measured against the
+       base): registered as v2 and promoted, from v1."""
     from fulltune.cli import main
-    from fulltune.demo.run import demo_config
+    from fulltune.demo.run import MODEL_NAME, demo_config
     from fulltune.evaluate.result import EvalResult
+    from fulltune.kfp.local_run import run_locally
     from fulltune.layout import RunLayout
+    from fulltune.registry import pointers
     from fulltune.registry.store import list_versions
 
     registry = tmp_path / "registry"
-    cfg = demo_config(demo_assets, tmp_path / "runs", registry, forget=True)
-    config = tmp_path / "my.yaml"
-    config.write_text(cfg.to_yaml())
-    assert main(["run", str(config), "--dir", str(tmp_path / "local")]) == 0
+
+    def cycle(n: int, **overrides) -> EvalResult:
+        work = tmp_path / f"cycle-{n}"
+        cfg = demo_config(demo_assets, work, registry, forget=overrides.pop("forget", False))
+        cfg = cfg.with_overrides({"evaluation.compare_to": "registered", **overrides})
+        if n == 2:
+            config = tmp_path / "my.yaml"
+            config.write_text(cfg.to_yaml())
+            assert main(["run", str(config), "--dir", str(tmp_path / "local")]) == 0
+        else:
+            run_locally(cfg, compiled_dir=tmp_path / "compiled", pipeline_root=tmp_path / f"kfp-{n}")
+        (run_dir,) = [p for p in work.iterdir() if p.is_dir()]
+        return EvalResult.load(RunLayout(str(run_dir)).eval_result)
+
+    def production() -> int:
+        return pointers.current(str(registry), MODEL_NAME, pointers.PRODUCTION).version
+
+    first = cycle(1, **{"training.max_steps": 100})
+    assert first.verdict and first.champion.version is None and "no promoted version" in first.champion.note
+    assert production() == 1
+    capsys.readouterr()
+
+    forgot = cycle(2, forget=True, **{"training.max_steps": 120})
+    assert forgot.verdict is False and forgot.champion.version == 1
+    assert any("general perplexity rose" in r and "allowed" in r for r in forgot.reasons)
+    assert [v["version"] for v in list_versions(str(registry), MODEL_NAME)] == [1]
+    assert production() == 1
     out = capsys.readouterr().out
-    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    result = EvalResult.load(RunLayout(str(run_dir)).eval_result)
-    assert result.verdict is False and result.kfp_metrics()["forgetting"] > 0.10
-    assert any("general perplexity rose" in r and "allowed" in r for r in result.reasons)
-    assert list_versions(str(registry), "demo-clinical-llama") == []
     assert not any(line.startswith("ok     register") for line in out.splitlines())
-    assert any(line.startswith("ok     evaluate") for line in out.splitlines())
-    assert (tmp_path / "local" / "compiled").is_dir()  # the compiled DAG it ran
+
+    better = cycle(3, **{"training.max_steps": 200})
+    [check] = [c for c in better.checks if c.name == "champion"]
+    assert check.passed and "below the promoted v1" in check.reason, better.reasons
+    assert better.scoring.passes[0].roles == ["base", "tuned", "champion"]  # one pass over the batches
+    assert production() == 2
+    last = pointers.current(str(registry), MODEL_NAME, pointers.PRODUCTION)
+    assert (last.previous, last.reason) == (1, "passed the gate against v1")
 
 
 @pytest.mark.slow

@@ -137,3 +137,52 @@ def test_rollback_of_a_pointer_never_set_or_unknown_pointer_is_refused(tmp_path)
         pointers.rollback(str(tmp_path), NAME, reason="why")
     with pytest.raises(RegistryError, match="unknown pointer 'staging'"):
         pointers.history(str(tmp_path), NAME, "staging")
+
+
+# -- registry:// base models ---------------------------------------------------------------------------
+
+
+def test_a_registry_reference_is_fixed_to_one_version_and_carries_the_original_base(model_dir, tmp_path):
+    from fulltune import steps
+    from fulltune.registry.layout import version_uri
+
+    registry = str(tmp_path / "registry")
+    cfg = RunConfig.from_dict({"model": {"name": NAME}, "registry": {"uri": registry}})
+    lineage = {**LINEAGE, "base_model_uri": "s3://models/llama-3.1-8b"}
+    register_model(cfg, str(model_dir), EVAL_PASS, lineage)
+    # v2 was tuned from v1: its lineage names the original base it descends from
+    register_model(
+        cfg, str(model_dir), EVAL_PASS, {**lineage, "original_base_model_uri": "s3://models/llama-3.1-8b"}
+    )
+    ref = pointers.resolve_ref(f"registry://{NAME}/production", registry)
+    assert (ref.version, ref.uri) == (1, version_uri(registry, NAME, 1))
+    assert pointers.resolve_ref(f"registry://{NAME}/latest", registry).version == 2
+    assert (
+        pointers.resolve_ref(f"registry://{NAME}/v2", registry).original_base_model_uri
+        == "s3://models/llama-3.1-8b"
+    )
+    # a run that starts from production: fixed by the first step, the original base beside it
+    run = cfg.with_overrides({"model.base_model_uri": f"registry://{NAME}/production"})
+    fixed = run.with_overrides(steps.run_inputs(run))
+    assert fixed.model.base_model_uri == version_uri(registry, NAME, 1)
+    assert fixed.model.original_base_model_uri == "s3://models/llama-3.1-8b"
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        (f"registry://{NAME}/staging", "expected registry://NAME/production"),
+        (f"registry://{NAME}/v0", "expected registry://NAME/production"),
+    ],
+)
+def test_a_malformed_registry_reference_is_refused_at_load(ref, message):
+    from fulltune.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"model": {"base_model_uri": ref}})
+    assert "model.base_model_uri" in str(err.value) and message in str(err.value)
+
+
+def test_a_reference_to_a_pointer_never_set_names_it(tmp_path):
+    with pytest.raises(RegistryError, match=f"{NAME} has no production version under"):
+        pointers.resolve_ref(f"registry://{NAME}/production", str(tmp_path))

@@ -18,6 +18,7 @@ them on every config they send.
 from __future__ import annotations
 
 from fulltune.config import ConfigError, RunConfig
+from fulltune.registry.pointers import is_ref
 from fulltune.storage import is_s3
 
 
@@ -54,6 +55,8 @@ def cluster_problems(cfg: RunConfig) -> list[str]:
         )
     mounts = [v.mount_path.rstrip("/") + "/" for v in res.kubernetes.volumes]
     for name, uri in locations(cfg):
+        if is_ref(uri):
+            continue  # a registered version: under registry.uri, checked as such
         if not is_s3(uri) and not any((uri.rstrip("/") + "/").startswith(m) for m in mounts):
             problems.append(
                 f"{name}: {uri!r} is a path on this machine, which the step pods cannot see; use an s3:// "

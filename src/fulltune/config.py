@@ -36,7 +36,10 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     base_model_uri: str = Field(
         "",
-        description="Base model: a local directory or s3:// prefix in Hugging Face format (config.json + safetensors).",
+        description="Base model: a local directory or s3:// prefix in Hugging Face format (config.json + "
+        "safetensors), or a registered version: registry://NAME/production (also latest, vN) under "
+        "registry.uri, fixed to one version when the run starts. Default practice: the original pre-trained "
+        "model (tuning a tuned model again compounds forgetting).",
     )
     tokenizer_uri: str | None = Field(None, description="Tokenizer location; defaults to the base model's.")
     trust_remote_code: bool = Field(
@@ -47,6 +50,21 @@ class ModelSection(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="Name the tuned model is registered under.",
     )
+    original_base_model_uri: str | None = Field(
+        None,
+        description="The pre-trained model a registered base descends from; forgetting is measured against "
+        "it. Set by the pipeline's first step when base_model_uri is a registry:// reference (from that "
+        "version's lineage); None: base_model_uri is the original.",
+    )
+
+    @field_validator("base_model_uri")
+    @classmethod
+    def _usable_reference(cls, uri: str) -> str:
+        from fulltune.registry.pointers import is_ref, ref_problem
+
+        if is_ref(uri) and (problem := ref_problem(uri)):
+            raise ValueError(problem)
+        return uri
 
 
 class CheckPolicy(_Section):

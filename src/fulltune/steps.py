@@ -59,27 +59,39 @@ def configure(
     config: dict[str, Any] | None, values: dict[str, Any], scheduled_time: str = "", created_time: str = ""
 ) -> dict[str, Any]:
     """The pipeline's typed parameters merged into `config` (`fulltune.parameters.resolve`), with
-    the run's date fixed for `{date}` data URIs (`fulltune.data.window`: `data.as_of`, else the
-    scheduled time, else the run's creation time, else now): the mapping every later step receives.
+    what must be fixed once per run fixed (`run_inputs`): the mapping every later step receives.
     A conflict or an invalid field fails here, before any data is read."""
     from fulltune.config import RunConfig, deep_merge
-    from fulltune.data.window import fix_window
     from fulltune.parameters import BY_NAME, resolve
 
     _setup_logging()
     merged = resolve(config, values)
     set_here = [f"{n}={v!r}" for n, v in values.items() if BY_NAME[n].is_set(v)]
     log.info("typed parameters set: %s", ", ".join(set_here) if set_here else "none (config only)")
-    window = fix_window(RunConfig.from_pipeline(merged), scheduled_time, created_time)
-    if window:
-        data = window["data"]
-        log.info(
-            "data window: %d day(s) to %s: %s",
-            RunConfig.from_pipeline(merged).data.window_days,
-            data["as_of"],
-            ", ".join(f"{k}={v}" for k, v in data.items() if k != "as_of"),
-        )
-    return deep_merge(merged, window)
+    return deep_merge(merged, run_inputs(RunConfig.from_pipeline(merged), scheduled_time, created_time))
+
+
+def run_inputs(cfg: RunConfig, scheduled_time: str = "", created_time: str = "") -> dict[str, Any]:
+    """The config changes that fix a run's inputs once, so every later step and the lineage see the
+    same ones: the run's date and the partitions of `{date}` data URIs (`fulltune.data.window`: the
+    scheduled time, else the creation time, else now), and a `registry://` base model resolved to
+    the committed version its pointer names now, with the original base it descends from."""
+    from fulltune.config import deep_merge
+    from fulltune.data.window import fix_window
+    from fulltune.registry import pointers
+
+    changes = fix_window(cfg, scheduled_time, created_time)
+    if changes:
+        data = changes["data"]
+        windows = ", ".join(f"{k}={v}" for k, v in data.items() if k != "as_of")
+        log.info("data window: %d day(s) to %s: %s", cfg.data.window_days, data["as_of"], windows)
+    if pointers.is_ref(cfg.model.base_model_uri):
+        cfg.require("registry.uri")
+        ref = pointers.resolve_ref(cfg.model.base_model_uri, cfg.registry.uri)
+        log.info("base model: %s is %s v%d (%s)", cfg.model.base_model_uri, ref.name, ref.version, ref.uri)
+        model = {"base_model_uri": ref.uri, "original_base_model_uri": ref.original_base_model_uri}
+        changes = deep_merge(changes, {"model": model})
+    return changes
 
 
 # -- validate_data / check_tokenizer --------------------------------------------------------------
@@ -258,9 +270,10 @@ def evaluate(
     _setup_logging()
     champion = resolve_champion(cfg)
     with tempfile.TemporaryDirectory(prefix="fulltune-eval-") as tmp:
-        result = evaluate_models(
-            cfg, cfg.model.base_model_uri, model_uri, dataset, Path(tmp), champion=champion
-        )
+        # forgetting (and the domain gain) are measured against the original pre-trained model, also
+        # when this run started from a registered version
+        base = cfg.model.original_base_model_uri or cfg.model.base_model_uri
+        result = evaluate_models(cfg, base, model_uri, dataset, Path(tmp), champion=champion)
         storage.upload_dir(tmp, cfg.layout.eval_dir)
         _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
         _copy_out(Path(tmp, EVAL_FILE), eval_path)

@@ -32,12 +32,22 @@ class StepLine:
 
 def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
     """The checking steps up to and including `until`, one line each; 0 when every one passed."""
-    from fulltune.data.window import fix_window
+    from fulltune.steps import run_inputs
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if window := fix_window(cfg):  # {date} URIs: today's window, as the pipeline's configure step would
-        cfg = cfg.with_overrides(window)
-        out.write(f"data window: {cfg.data.window_days} day(s) to {cfg.data.as_of}\n")
+    try:
+        fixed = run_inputs(cfg)  # as the pipeline's configure step would: today's window, the base's version
+    except (ValueError, OSError) as exc:
+        out.write(f"FAILED configure\n{exc}\nverdict: refused before any step; nothing was trained\n")
+        return 1
+    if fixed:
+        cfg = cfg.with_overrides(fixed)
+        if "data" in fixed:
+            out.write(f"data window: {cfg.data.window_days} day(s) to {cfg.data.as_of}\n")
+        if "model" in fixed:
+            out.write(
+                f"base model: {cfg.model.base_model_uri} (original: {cfg.model.original_base_model_uri})\n"
+            )
     steps: dict[str, Callable[[], StepLine]] = {
         "validate_data": lambda: _validate(cfg, out_dir),
         "check_tokenizer": lambda: _check_tokenizer(cfg, out_dir),

@@ -277,3 +277,63 @@ def on_register(
         except PointerConflict as exc:
             log.warning("%s: not moved to v%d: %s", pointer, version, exc)
     return moved
+
+
+# -- registry:// references --------------------------------------------------------------------------
+
+REF_SCHEME = "registry://"
+_REF = re.compile(r"^registry://([A-Za-z0-9][A-Za-z0-9._-]{0,127})/(production|latest|v[1-9][0-9]*)/?$")
+
+
+def is_ref(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith(REF_SCHEME)
+
+
+def ref_problem(uri: str) -> str | None:
+    """Why `uri` is not a usable `registry://NAME/{production,latest,vN}` reference, else None."""
+    if _REF.match(uri) is None:
+        return "expected registry://NAME/production, registry://NAME/latest or registry://NAME/vN"
+    return None
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    """A `registry://` reference fixed to one committed version, and the base that version started
+    from (what forgetting is measured against, carried from version to version)."""
+
+    uri: str
+    name: str
+    version: int
+    original_base_model_uri: str
+
+
+def resolve_ref(ref: str, registry_uri: str) -> ResolvedRef:
+    """The committed version `ref` names now under `registry_uri`.
+
+    Raises:
+        RegistryError: a malformed reference, a pointer never set, or a version not committed.
+    """
+    m = _REF.match(ref)
+    if m is None:
+        raise RegistryError(f"{ref}: {ref_problem(ref)}")
+    name, which = m.group(1), m.group(2)
+    if which.startswith("v"):
+        version = int(which[1:])
+    elif (record := current(registry_uri, name, which)) is not None:
+        version = record.version
+    else:
+        raise RegistryError(f"{ref}: {name} has no {which} version under {registry_uri}")
+    _require_committed(registry_uri, name, version)
+    uri = version_uri(registry_uri, name, version)
+    lineage = _read_lineage(uri)
+    original = lineage.get("original_base_model_uri") or lineage.get("base_model_uri") or uri
+    return ResolvedRef(uri, name, version, original)
+
+
+def _read_lineage(version: str) -> dict[str, Any]:
+    from fulltune.registry.layout import LINEAGE
+
+    try:
+        return storage.read_json(storage.join(version, LINEAGE))
+    except FileNotFoundError:
+        return {}
