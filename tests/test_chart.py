@@ -862,6 +862,11 @@ def test_upload_hook_params_pass_fulltune_validation(full, tmp_path):
     with package_file(PIPELINE, ClusterPackage(defaults=path)) as package:
         request = build_run_request(package, path, [])
     assert request.config.model.name == "llama-3.1-8b-clinical"
+    # the chart's schedule: each weekly cycle reads its own week, judged against production
+    with package_file(PIPELINE, ClusterPackage(defaults=path)) as package:
+        scheduled = build_run_request(package, path, [], scheduled=True)
+    assert scheduled.parameters["train_uri"] == "s3://ml-data/clinical-notes/dt={date}/*.jsonl.gz"
+    assert scheduled.config.data.window_days == 7 and scheduled.config.evaluation.compare_to == "registered"
     assert request.parameters["model_name"] == "llama-3.1-8b-clinical"  # what the UI shows for the run
 
 

@@ -362,11 +362,39 @@ def test_scheduling_twice_under_one_name_keeps_one_recurring_run_with_the_new_cr
     assert rr["display_name"] == "weekly-clinical"
     assert rr["trigger"]["cron_schedule"]["cron"] == "0 30 4 * * 1"
     assert rr["status"] == "ENABLED"
-    assert sent_config(rr["runtime_config"]["parameters"]) == config_of(EXAMPLE)
+    # a scheduled run is a cycle: judged against the version in production (SCHEDULED_DEFAULTS)
+    cycle = config_of(EXAMPLE)
+    cycle["evaluation"]["compare_to"] = "registered"
+    assert sent_config(rr["runtime_config"]["parameters"]) == cycle
     assert rr["no_catchup"] is True and rr["max_concurrency"] == "1"
     [version] = kfp.versions_of("full-finetune")
     assert rr["pipeline_version_reference"]["pipeline_version_id"] == version["pipeline_version_id"]
     assert "replaced" in capsys.readouterr().out
+
+
+def test_a_scheduled_run_is_a_cycle_judged_against_production_unless_the_config_says_base(
+    kfp, params, tmp_path, capsys
+):
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    [rr] = kfp.recurring_runs.values()
+    assert sent_config(rr["runtime_config"]["parameters"])["evaluation"]["compare_to"] == "registered"
+    assert "judged against the version in production" in capsys.readouterr().out
+    # a run submitted by hand is compared with the base, as configured
+    assert submit(kfp, params) == 0
+    [run] = kfp.runs.values()
+    assert sent_config(run["runtime_config"]["parameters"])["evaluation"]["compare_to"] == "base"
+    # a schedule told otherwise keeps it, and a {date} template travels unresolved: each run fixes its own
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config["evaluation"]["compare_to"] = "base"
+    config["data"].update(train_uri="s3://ml-data/notes/dt={date}/", window_days=7)
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump(config))
+    assert schedule(kfp, own, "--name", "weekly", "--cron", "0 3 * * 0") == 0
+    [rr] = kfp.recurring_runs.values()
+    sent = rr["runtime_config"]["parameters"]
+    assert sent["train_uri"] == "s3://ml-data/notes/dt={date}/"
+    assert sent_config(sent)["evaluation"]["compare_to"] == "base"
+    assert "reads the 7 day(s) of train_uri ending at its scheduled date" in capsys.readouterr().out
 
 
 def test_scheduling_the_same_thing_again_changes_nothing(kfp, params, capsys):
@@ -769,7 +797,11 @@ def test_dry_run_prints_where_and_as_whom_and_sends_nothing(kfp, params, capsys,
     assert "namespace: team-a (from --namespace)" in out and "runs' service account: fulltune" in out
     assert "pipeline full-finetune version " in out and "dry run: nothing was sent" in out
     sent = json.loads(next(line for line in out.splitlines() if line.startswith("parameters: "))[12:])
-    assert sent_config(sent) == config_of(EXAMPLE)  # the request, printed as it would be sent
+    # the request, printed as it would be sent (a schedule's runs are cycles: compared with production)
+    assert sent_config(sent)["model"] == config_of(EXAMPLE)["model"]
+    assert sent_config(sent)["evaluation"]["compare_to"] == (
+        "registered" if command == "schedule" else "base"
+    )
     assert kfp.requests == []
 
 

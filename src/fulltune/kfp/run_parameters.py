@@ -36,10 +36,20 @@ class RunRequest:
     config: RunConfig
 
 
+# A recurring run is a retraining cycle: unless told otherwise it is judged against the version in
+# production and promoted only when it is not worse (evaluation.compare_to).
+SCHEDULED_DEFAULTS = {"evaluation": {"compare_to": "registered"}}
+
+
 def build_request(
-    declared: dict[str, dict[str, Any]], params_file: str | Path | None, assignments: list[str]
+    declared: dict[str, dict[str, Any]],
+    params_file: str | Path | None,
+    assignments: list[str],
+    *,
+    scheduled: bool = False,
 ) -> RunRequest:
-    """The request parameters for a package whose root input definitions are `declared`.
+    """The request parameters for a package whose root input definitions are `declared`; with
+    `scheduled`, `SCHEDULED_DEFAULTS` fill what neither the package nor the user set.
 
     Raises:
         ConfigError: naming the file, the `--param` or the field, and nothing is sent.
@@ -47,6 +57,8 @@ def build_request(
     config, values, config_source = _user_layers(params_file, assignments)
     user = parameters.resolve(config, values, config_source=config_source, value_source="--param")
     merged = deep_merge(_package_config(declared), user)
+    if scheduled:
+        merged = deep_merge(SCHEDULED_DEFAULTS, merged)
     cfg = RunConfig.from_dict(merged, source="the package's defaults with the given parameters")
     # Typed parameters the package lacks (one compiled before them) travel in config.
     typed = [n for n in parameters.NAMES if n in declared]

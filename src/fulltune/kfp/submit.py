@@ -92,7 +92,9 @@ class SubmitError(Exception):
 # -- inputs -----------------------------------------------------------------------------------------
 
 
-def build_run_request(package: Package, params_file: str | Path | None, assignments: list[str]) -> RunRequest:
+def build_run_request(
+    package: Package, params_file: str | Path | None, assignments: list[str], *, scheduled: bool = False
+) -> RunRequest:
     """The parameters a run of `package` is created with, validated as a RunConfig that can run on a
     cluster (`fulltune.cluster_config`); see `fulltune.kfp.run_parameters` for the layers.
 
@@ -101,7 +103,7 @@ def build_run_request(package: Package, params_file: str | Path | None, assignme
     """
     from fulltune.cluster_config import check_for_cluster
 
-    request = build_request(package.parameters, params_file, assignments)
+    request = build_request(package.parameters, params_file, assignments, scheduled=scheduled)
     # the checks and messages of `fulltune config --check --for-cluster`
     check_for_cluster(request.config, str(params_file or "the run's parameters"))
     return request
@@ -769,7 +771,7 @@ def schedule(
         raise SubmitError("--name must not be empty", EXIT_USAGE)
     target = resolve_target(host, namespace, service_account)
     with package_file(package, cluster) as pkg:
-        request = build_run_request(pkg, params_file, list(param))
+        request = build_run_request(pkg, params_file, list(param), scheduled=True)
         if dry_run:
             _dry_run(target, pkg, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", request, out)
             return None
@@ -785,9 +787,28 @@ def schedule(
     )
     state = "paused" if paused else "active"
     _say(out, f"recurring run {name!r}: {action} ({state}), cron {kfp_cron!r} (KFP: seconds first)")
+    _say(out, _cycle_summary(request.config))
     _say(out, f"recurring run id: {result.recurring_run_id}")
     _say(out, f"recurring run url: {result.url}")
     return result
+
+
+def _cycle_summary(cfg) -> str:
+    """What each run of a schedule does about its data and the model in production."""
+    from fulltune.data.window import FIELDS, has_placeholder
+
+    windowed = [f for f in FIELDS if has_placeholder(getattr(cfg.data, f))]
+    data = (
+        f"reads the {cfg.data.window_days} day(s) of {', '.join(windowed)} ending at its scheduled date"
+        if windowed
+        else "reads the same data URIs every time (no {date} placeholder)"
+    )
+    judged = (
+        "is judged against the version in production and promoted only when not worse"
+        if cfg.evaluation.compare_to == "registered"
+        else "is judged against the base model only and never promoted (evaluation.compare_to: base)"
+    )
+    return f"each run {data}, and {judged}"
 
 
 @dataclass(frozen=True)
