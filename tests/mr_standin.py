@@ -2,7 +2,8 @@
 
 It serves the endpoints of `/api/model_registry/v1` that fulltune's client calls (the ones the
 `model-registry` package's generated client `mr_openapi` sends): find and create a registered model,
-find and create a model version, list and add a version's artifacts, and list registered models.
+find and create a model version, list and add a version's artifacts, list registered models, and
+update (PATCH) a registered model or a model version, merging the fields sent.
 State lives in memory with server-assigned string ids, as the real server does; a duplicate name is
 refused with 409. Every request is recorded (method, path, query, headers, JSON body), and
 `fail(n)` makes the next n requests (optionally only those matching a method and path prefix)
@@ -146,6 +147,13 @@ class ModelRegistryStandIn:
             ):
                 return 409, _error(409, f"model version {body['name']!r} already exists")
             return 201, self._store(self.versions, {"state": "LIVE", **body})
+        if method == "PATCH" and len(parts) == 2 and parts[0] in ("registered_models", "model_versions"):
+            table = self.models if parts[0] == "registered_models" else self.versions
+            if parts[1] not in table:
+                return 404, _error(404, f"{parts[0]} {parts[1]}: not found")
+            now = str(int(time.time() * 1000))
+            table[parts[1]] = {**table[parts[1]], **body, "lastUpdateTimeSinceEpoch": now}
+            return 200, _public(table[parts[1]])
         if len(parts) == 3 and parts[0] == "model_versions" and parts[2] == "artifacts":
             version_id = parts[1]
             if version_id not in self.versions:

@@ -96,12 +96,16 @@ def test_a_committed_version_is_recorded_as_model_version_and_artifact(
     assert uri == f"{registry}/{NAME}/v1" if where == "s3" else str(Path(registry, NAME, "v1"))
 
     writes = mr.writes()
+    v1 = mr.version_named(NAME, "v1")["id"]
     assert [(w.method, w.path) for w in writes] == [
         ("POST", "/registered_models"),
         ("POST", "/model_versions"),
-        ("POST", f"/model_versions/{mr.version_named(NAME, 'v1')['id']}/artifacts"),
+        ("POST", f"/model_versions/{v1}/artifacts"),
+        # the first version becomes production and latest: mirrored on the model and the version
+        ("PATCH", f"/registered_models/{next(iter(mr.models))}"),
+        ("PATCH", f"/model_versions/{v1}"),
     ]
-    model, version, artifact = (w.body for w in writes)
+    model, version, artifact = (w.body for w in writes[:3])
     assert model["name"] == NAME and model["owner"] == "ml-team"
     assert version["name"] == "v1" and version["author"] == "ml-team"
     assert version["registeredModelId"] == next(iter(mr.models))
@@ -135,7 +139,7 @@ def test_recording_again_is_idempotent_and_a_conflicting_version_is_refused(mode
     first = register_version(_cfg(registry, mr).registry.kubeflow, uri)
     writes = len(mr.writes())
     assert register_version(_cfg(registry, mr).registry.kubeflow, uri) == first
-    assert len(mr.writes()) == writes == 3  # model, version, artifact: once
+    assert len(mr.writes()) == writes == 5  # model, version, artifact, then the pointers: once
     assert len(mr.versions) == 1 and len(mr.artifacts) == 1
 
     # v1 of the same name registered elsewhere, pointing at other files: a clear error, no change
@@ -330,11 +334,13 @@ def test_a_model_created_concurrently_by_another_writer_is_reused(model_dir, tmp
     )  # looked before the other writer created it
     uri = register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {})
     assert uri.endswith("v2")
-    assert mr.calls()[-7:-4] == [
+    lookups = [
         ("GET", "/registered_model"),  # 404
         ("POST", "/registered_models"),  # 409: it exists
         ("GET", "/registered_model"),  # found
     ]
+    calls = mr.calls()
+    assert any(calls[i : i + 3] == lookups for i in range(len(calls)))
     (model_id,) = mr.models
     assert sorted(v["name"] for v in mr.versions.values() if v["registeredModelId"] == model_id) == [
         "v1",
@@ -361,3 +367,37 @@ def test_endpoint(address, port, secure, url):
         {"registry": {"kubeflow": {"server_address": address, "port": port, "is_secure": secure}}}
     ).registry.kubeflow
     assert kubeflow.endpoint(section) == url
+
+
+def test_pointer_moves_are_mirrored_on_the_registered_model_and_its_versions(model_dir, tmp_path, mr, capsys):
+    registry = str(tmp_path / "registry")
+    cfg = _cfg(registry, mr)
+    register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="run-1")
+    register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="run-2")
+    model = _props(next(iter(mr.models.values()))["customProperties"])
+    assert (model["production_version"], model["latest_version"]) == ("v1", "v2")
+    assert model["production_changed_by"] == "pipeline run run-1"
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.to_yaml())
+    promote = [
+        "registry",
+        "promote",
+        "--uri",
+        registry,
+        "--name",
+        NAME,
+        "--version",
+        "2",
+        "--config",
+        str(config),
+    ]
+    assert main([*promote, "--reason", "audited by the clinical team"]) == 0
+    assert "recorded in the Kubeflow Model Registry" in capsys.readouterr().out
+    model = _props(next(iter(mr.models.values()))["customProperties"])
+    assert (
+        model["production_version"] == "v2" and model["production_reason"] == "audited by the clinical team"
+    )
+    serving = {
+        v: _props(mr.version_named(NAME, v)["customProperties"]).get("production") for v in ("v1", "v2")
+    }
+    assert serving == {"v1": False, "v2": True}

@@ -191,6 +191,16 @@ def _registry_move(args: argparse.Namespace) -> int:
     print(
         f"{args.name}: production {was} -> v{record.version} ({record.action} by {record.by}: {record.reason})"
     )
+    if args.config:  # mirror the move in the Kubeflow Model Registry its registry.kubeflow names
+        from fulltune.config import RunConfig
+        from fulltune.registry.kubeflow import record_pointers
+
+        section = RunConfig.from_yaml(args.config).registry.kubeflow
+        if section is None:
+            print(f"error: {args.config}: no registry.kubeflow to mirror the move in", file=sys.stderr)
+            return 1
+        record_pointers(section, args.name, {record.pointer: record})
+        print(f"{args.name}: recorded in the Kubeflow Model Registry ({section.server_address})")
     return 0
 
 
@@ -399,6 +409,11 @@ def _add_registry(commands) -> None:
             reader.add_argument("--version", type=int, default=None, help="default: the version before")
         if action in ("promote", "rollback"):
             reader.add_argument("--reason", required=True, help="why: recorded with who and when")
+            reader.add_argument(
+                "--config",
+                default=None,
+                help="RunConfig YAML whose registry.kubeflow also gets the move (token: $MODEL_REGISTRY_TOKEN)",
+            )
         if action == "history":
             reader.add_argument("--pointer", default="production", choices=("production", "latest"))
     register = _command(

@@ -47,6 +47,7 @@ from fulltune import storage
 from fulltune.config import KubeflowRegistrySection
 from fulltune.evaluate.result import DOMAIN_LOSS_IMPROVEMENT, FORGETTING, EvalResult, MCSection
 from fulltune.registry.layout import EVAL, LINEAGE, MANIFEST, RegistryError
+from fulltune.registry.pointers import PointerRecord
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,54 @@ def register_version(section: KubeflowRegistrySection, version_uri: str) -> dict
         ) from exc
     log.info("Model Registry: %s %s -> %s", name, version, ids)
     return ids
+
+
+def record_pointers(section: KubeflowRegistrySection, name: str, named: dict[str, PointerRecord]) -> None:
+    """Mirror the registry's pointers in the Model Registry: on the registered model the custom
+    properties `production_version` and `latest_version` (with when, by whom and why production last
+    moved), on each version `production` true for the one it names and false for the others that
+    carried it. The versions must be recorded already (`register_version`).
+
+    Raises:
+        KubeflowRegistryError: the model is not recorded, or a request failed; the pointers in the
+            S3/local registry stay as they are (they are the source of truth).
+    """
+    url = endpoint(section)
+    try:
+        _run(_mirror(_client(section, url), name, named))
+    except KubeflowRegistryError:
+        raise
+    except Exception as exc:
+        raise KubeflowRegistryError(
+            f"{name}: the pointers moved in the registry, but mirroring them in the Kubeflow Model Registry at "
+            f"{url} failed: {_describe(exc)}; `fulltune registry promote` with the same version repeats it"
+        ) from exc
+
+
+async def _mirror(api: Any, name: str, named: dict[str, PointerRecord]) -> None:
+    rm = await api.get_registered_model_by_params(name)
+    if rm is None:
+        raise KubeflowRegistryError(f"{name}: not in the Model Registry yet; nothing to mark")
+    props = dict(rm.custom_properties or {})
+    for pointer, record in named.items():
+        props[f"{pointer}_version"] = f"v{record.version}"
+    if (production := named.get("production")) is not None:
+        props.update(
+            production_changed_at=production.at,
+            production_changed_by=production.by,
+            production_reason=production.reason,
+        )
+    rm.custom_properties = props
+    await api.upsert_registered_model(rm)
+    if production is None:
+        return
+    stale = {production.previous} - {None, production.version}
+    for number, serving in [(production.version, True), *((n, False) for n in stale)]:
+        mv = await api.get_model_version_by_params(rm.id, f"v{number}")
+        if mv is None:
+            continue  # recorded before the Model Registry was configured
+        mv.custom_properties = {**(mv.custom_properties or {}), "production": serving}
+        await api.upsert_model_version(mv)
 
 
 def _client(section: KubeflowRegistrySection, url: str) -> Any:

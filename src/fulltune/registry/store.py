@@ -110,7 +110,7 @@ def register_model(
         forced = force and not eval_result.verdict
         uri = _publish(cfg, model_uri, eval_result, lineage, run_id=run_id, forced=forced)
     version = int(_VERSION_DIR.match(storage.basename(uri)).group(1))
-    pointers.on_register(
+    moved = pointers.on_register(
         cfg.registry.uri,
         name,
         version,
@@ -119,6 +119,10 @@ def register_model(
         options=write_options(cfg),
     )
     _record_in_kubeflow(cfg, uri)
+    if cfg.registry.kubeflow is not None and moved:
+        from fulltune.registry.kubeflow import record_pointers
+
+        record_pointers(cfg.registry.kubeflow, name, {r.pointer: r for r in moved})
     return uri
 
 
