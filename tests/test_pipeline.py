@@ -119,6 +119,11 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
     validated = next(line for line in lines if line.startswith("ok     validate-data"))
     assert "1,500 train records, 0 bad" in validated and "report: " in validated
     assert any(line.startswith("  train: step ") for line in lines)  # progress (no terminal: plain lines)
+    # training wrote TensorBoard event files where the summary says
+    from fulltune.layout import RunLayout
+
+    assert list(Path(RunLayout(result.work_dir).tensorboard).glob("events.out.tfevents.*"))
+    assert f"tensorboard --logdir {RunLayout(result.work_dir).tensorboard}" in summary_text(result)
     log = Path(lines[-1].removeprefix("full log: "))
     assert "finished with status" in log.read_text() and "finished with status" not in out
     assert len(lines) < 80, out  # one screen, the training progress included

@@ -79,6 +79,15 @@ def plan_run(demo_assets, work: str, nproc: int = 2, **training) -> RunConfig:
     return p.config
 
 
+def tensorboard_scalars(logdir: str) -> dict[str, list]:
+    """Every scalar series in the event files under `logdir`, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
 def plain_loss(model_dir, dataset_uri, split: str = "train") -> float:
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +110,12 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
     dataset = tiny_dataset(demo_assets, work, n_seq=8)
     # 2 ranks x micro batch 2 x accumulation 2 = 8: step 0 sees exactly every sequence once
     cfg = plan_run(
-        demo_assets, work, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3
+        demo_assets,
+        work,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        report_to="tensorboard",
     )
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
@@ -114,6 +128,12 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
     assert abs(metrics[0]["loss"] - expected) < 1e-3, (metrics[0]["loss"], expected)
     assert metrics[-1]["loss"] < metrics[0]["loss"]  # it learns
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics)
+    # rank 0's TensorBoard event files, read back with TensorBoard's own reader
+    scalars = tensorboard_scalars(cfg.layout.tensorboard)
+    assert [(s.step, round(s.value, 5)) for s in scalars["train/loss"]] == [
+        (i + 1, round(m["loss"], 5)) for i, m in enumerate(metrics)
+    ]
+    assert {"train/learning_rate", "train/grad_norm", "train/tokens_per_second"} <= set(scalars)
 
     manifest = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))
     for f in manifest["files"]:
@@ -628,17 +648,23 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(demo_asset
 
 
 @pytest.mark.slow
-def test_resuming_from_s3_leaves_no_staged_checkpoint_on_the_node(demo_assets, s3, capfd):
+def test_resuming_from_s3_leaves_no_staged_checkpoint_on_the_node(demo_assets, s3, capfd, tmp_path):
     """Checkpoints on S3 are staged on the node's disk to be loaded; the staged copy holds the full
     optimizer state (~16 bytes per parameter), so it is removed once the ranks have read it."""
     from fulltune.train import checkpoint
 
     work = f"{s3}/run"
     dataset = tiny_dataset(demo_assets, work, n_seq=8)
-    cfg = plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=2, save_steps=1)
+    cfg = plan_run(
+        demo_assets, work, per_device_train_batch_size=2, max_steps=2, save_steps=1, report_to=["tensorboard"]
+    )
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
     assert checkpoint.find_resume(job.args.checkpoints) == "step-00000001"
+    # TensorBoard on S3: written on the node, uploaded to the run's prefix as it trains
+    [events] = storage.list_files(cfg.layout.tensorboard)
+    storage.download_file(events, tmp_path / "tb" / storage.basename(events))
+    assert [s.step for s in tensorboard_scalars(str(tmp_path / "tb"))["train/loss"]] == [1, 2]
     capfd.readouterr()
     longer = train_job(plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=3), dataset)
     LocalLauncher().run(longer)

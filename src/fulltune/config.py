@@ -305,6 +305,24 @@ class TrainingSection(_Section):
     logging_steps: int = Field(
         1, ge=1, description="Log loss, learning rate and throughput every this many steps."
     )
+    report_to: list[Literal["none", "tensorboard"]] = Field(
+        default_factory=lambda: ["none"],
+        description="Where rank 0 also reports each step (Hugging Face TrainingArguments' name): 'tensorboard' "
+        "writes event files (loss, learning rate, grad norm, tokens/s, MFU, eval loss; the config as text) "
+        "to logging_dir, on S3 uploaded at every logging step so a TensorBoard on the prefix sees the run "
+        "live; 'none' nothing. A single name or a list. Reporting never fails a run: a write that fails "
+        "is a warning.",
+    )
+    logging_dir: str | None = Field(
+        None,
+        description="Where TensorBoard event files go (local, PVC or s3://); None: <work_dir>/train/tensorboard.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     save_steps: int = Field(
         0,
         ge=0,

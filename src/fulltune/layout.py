@@ -86,6 +86,11 @@ class RunLayout:
         return self._at("train", "model")
 
     @property
+    def tensorboard(self) -> str:
+        """TensorBoard event files of rank 0 (training.report_to: tensorboard; training.logging_dir overrides)."""
+        return self._at("train", "tensorboard")
+
+    @property
     def checkpoints(self) -> str:
         return self._at("train", "checkpoints")
 

@@ -52,6 +52,7 @@ def demo_config(
         "lr_scheduler_type": "cosine",
         "bf16": False,
         "logging_steps": 25,
+        "report_to": ["tensorboard"],  # event files under the run's work directory, printed at the end
     }
     replay = 0.5
     if forget:  # thirty times the learning rate, no replay: general perplexity more than doubles
@@ -128,6 +129,7 @@ def summary_text(result: DemoResult) -> str:
         "",
         "== fulltune demo ==",
         f"work directory:     {result.work_dir}",
+        f"tensorboard:        tensorboard --logdir {RunLayout(result.work_dir).tensorboard}",
         f"domain eval loss:   {domain.base.loss:.4f} -> {domain.tuned.loss:.4f} "
         f"({100 * evaluated.domain_loss_improvement:.1f}% lower)",
     ]

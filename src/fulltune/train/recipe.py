@@ -27,8 +27,8 @@ Where each part's design is written down:
   resumes): exit_codes.py
 
 Step-end callbacks (`main(step_end=...)`) run on every rank after each step, once the step's
-checkpoint (if any) is complete and its line logged: the hook for experiment tracking, and how the
-resume tests kill a rank (tests/support/faulty_trainer.py). `python -m fulltune.train` installs none.
+checkpoint (if any) is complete and its line logged: where `training.report_to`'s trackers
+(tracking.py) write, and how the resume tests kill a rank (tests/support/faulty_trainer.py).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from fulltune.train.metrics import (
 )
 from fulltune.train.schedule import batch_indices, lr_lambda, make_schedule, rank_micro_batches
 from fulltune.train.throughput import MfuMeter
+from fulltune.train.tracking import build_trackers
 
 log = logging.getLogger("fulltune.train")
 MODEL_MANIFEST = "model_manifest.json"
@@ -145,6 +146,8 @@ class Recipe:
         self.cadence = Cadence.for_run(
             tr, self.sched.total_steps, checkpoints=bool(self.args.checkpoints), history=self.records
         )
+        self.trackers = build_trackers(self.cfg, self.ranks.rank, self.sched.total_steps)
+        self.step_end = (*self.step_end, *self.trackers)  # training.report_to: rank 0's trackers
 
     def _log(self, msg: str, *args: Any) -> None:
         """Log once for the whole group (on rank 0)."""
@@ -317,6 +320,8 @@ class Recipe:
         import torch.distributed as dist
 
         self._ds_marker = None  # ZeRO-3's load-time config: no model is built after this
+        for tracker in self.trackers:
+            tracker.close()
         dist.barrier()
         # Leaving the process group to interpreter exit let a gloo rank abort in its thread
         # destructors ("terminate called without an active exception") after the model was saved,
