@@ -311,6 +311,29 @@ def hf_worker(spec: dict[str, str]) -> None:
         Path(spec["out"]).write_text(json.dumps(info))
 
 
+def report_to_overhead(a: argparse.Namespace, env: dict[str, str], result: dict) -> None:
+    """Step time of fulltune writing TensorBoard event files every step against not reporting."""
+    times: dict[str, list[float]] = {"none": [], "tensorboard": []}
+    with tempfile.TemporaryDirectory(prefix="fulltune-bench-report-") as tmp:
+        root = Path(tmp)
+        inputs = {}
+        for variant in times:
+            a.training = {"report_to": [variant], "logging_steps": 1}
+            inputs[variant] = build_inputs(root, a, tag=f"-{variant}")
+        for _ in range(a.repeats):
+            for variant in times:
+                run = run_fulltune(root, inputs[variant], a, env, tag=f"-{variant}")
+                times[variant] += [r["step_time_s"] for r in run[a.warmup :]]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:11s} median step {med[k] * 1000:8.1f} ms  (n={len(v)})")
+    ratio = med["tensorboard"] / med["none"]
+    print(f"ratio tensorboard / none: {ratio:.3f}  (goal <= 1.03)")
+    result.update({"median_step_s": med, "ratio": ratio})
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(result, indent=2))
+
+
 def _attempt(what: str, fn):
     """fn(), or None after printing why it failed: one failed comparison run keeps the others' figures."""
     try:
@@ -339,6 +362,12 @@ def main() -> None:
     p.add_argument(
         "--numerics", action="store_true", help="(cuda) also a float32 fulltune run: bf16 vs fp32 loss"
     )
+    p.add_argument(
+        "--report-to-overhead",
+        action="store_true",
+        help="instead of the Trainer: fulltune with training.report_to tensorboard (logging every step) vs "
+        "none, interleaved; prints tensorboard / none (the goal is <= 1.03)",
+    )
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
@@ -357,6 +386,9 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // a.nproc)))
     result: dict = {"args": {k: v for k, v in vars(a).items() if k != "hf_worker"}}
+    if a.report_to_overhead:
+        report_to_overhead(a, env, result)
+        return
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-train-") as tmp:
         root = Path(tmp)
         inputs = build_inputs(root, a, bf16=cuda)
