@@ -17,6 +17,7 @@ Only the standard library and the config are imported: the command line builds i
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import typing
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fulltune.config import ConfigError, RunConfig, deep_merge
+from fulltune.config import ConfigError, RunConfig, deep_merge, expand_dotted
 
 CONFIG = "config"  # the pipeline parameter that carries the rest of the RunConfig
 
@@ -160,7 +161,7 @@ def resolve(
             conflicts.append(
                 f"  {value_source} {name}={value!r} and {config_source} {param.field}={written!r}"
             )
-        overlay = deep_merge(overlay, _nested(param.field, value))
+        overlay = deep_merge(overlay, expand_dotted({param.field: value}))
     if conflicts:
         raise ConfigError(
             "one field set two different ways (set it in one place; a typed parameter at its default "
@@ -218,7 +219,7 @@ def split(config: dict[str, Any], names: Iterable[str] = NAMES) -> tuple[dict[st
     among `names` moves into the values (None as the parameter's default); a section that held only
     such fields is dropped."""
     values: dict[str, Any] = {}
-    rest = _copy(config)
+    rest = copy.deepcopy(config)
     for param in (BY_NAME[n] for n in names if n in BY_NAME):
         *sections, leaf = param.field.split(".")
         path = [rest]
@@ -290,18 +291,6 @@ def _get(data: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
-
-
-def _nested(dotted: str, value: Any) -> dict[str, Any]:
-    *sections, leaf = dotted.split(".")
-    out: dict[str, Any] = {leaf: value}
-    for section in reversed(sections):
-        out = {section: out}
-    return out
-
-
-def _copy(data: Any) -> Any:
-    return {k: _copy(v) for k, v in data.items()} if isinstance(data, dict) else data
 
 
 def _name_parameters(message: str, by_field: dict[str, str]) -> str:

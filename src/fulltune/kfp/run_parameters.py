@@ -76,10 +76,8 @@ def _user_layers(
         config = data.get(parameters.CONFIG) or {}
         if not isinstance(config, dict):
             raise ConfigError(f"{params_file}: `{parameters.CONFIG}` must be a mapping of RunConfig sections")
+        # is_parameters_file admitted only parameter names besides `config`
         values = {k: v for k, v in data.items() if k != parameters.CONFIG}
-        unknown = sorted(set(values) - set(parameters.BY_NAME))
-        if unknown:
-            raise ConfigError(f"{params_file}: unknown parameter(s) {', '.join(unknown)}")
         values = {k: parameters.coerce(parameters.BY_NAME[k], v, str(params_file)) for k, v in values.items()}
     for text in assignments:
         name, value = parameters.parse_assignment(text)

@@ -576,9 +576,8 @@ def default_run_name(request: RunRequest) -> str:
     return f"{request.config.model.name} {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
 
 
-@contextlib.contextmanager
-def _on_cluster(target: Target, pkg: Package, experiment: str, out):
-    """(client, pipeline version, experiment id): what a run and a recurring run both start from."""
+def _put_version(target: Target, pkg: Package, out) -> tuple[Any, PipelineVersion]:
+    """(client, pipeline version): connect, say where and as whom, and upload `pkg` when it is new."""
     client = connect(target.host, target.namespace)
     namespace = pipeline_namespace(client, target.namespace)
     for line in target.describe():
@@ -586,6 +585,13 @@ def _on_cluster(target: Target, pkg: Package, experiment: str, out):
     version = ensure_pipeline_version(client, pkg, namespace)
     where = f" in namespace {namespace}" if namespace else " (shared)"
     _say(out, f"pipeline {pkg.pipeline_name}{where} version {version.name} ({_fresh(version)})")
+    return client, version
+
+
+@contextlib.contextmanager
+def _on_cluster(target: Target, pkg: Package, experiment: str, out):
+    """(client, pipeline version, experiment id): what a run and a recurring run both start from."""
+    client, version = _put_version(target, pkg, out)
     yield client, version, ensure_experiment(client, experiment)
 
 
@@ -622,13 +628,7 @@ def upload(
             _say(out, "parameter defaults: " + json.dumps(_defaults_of(pkg), sort_keys=True))
             _say(out, "dry run: nothing was sent")
             return None
-        client = connect(target.host, target.namespace)
-        namespace = pipeline_namespace(client, target.namespace)
-        for line in target.describe():
-            _say(out, line)
-        version = ensure_pipeline_version(client, pkg, namespace)
-    where = f" in namespace {namespace}" if namespace else " (shared)"
-    _say(out, f"pipeline {pkg.pipeline_name}{where} version {version.name} ({_fresh(version)})")
+        _, version = _put_version(target, pkg, out)
     result = UploadResult(
         ui_url(target.host, "pipelines", f"{version.pipeline_id}/version/{version.version_id}"), version
     )

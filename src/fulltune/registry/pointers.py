@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fulltune import storage
-from fulltune.registry.layout import MANIFEST, RegistryError, model_root, version_uri
+from fulltune.registry.layout import LINEAGE, MANIFEST, RegistryError, model_root, version_uri
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +331,6 @@ def resolve_ref(ref: str, registry_uri: str) -> ResolvedRef:
 
 
 def _read_lineage(version: str) -> dict[str, Any]:
-    from fulltune.registry.layout import LINEAGE
-
     try:
         return storage.read_json(storage.join(version, LINEAGE))
     except FileNotFoundError:
