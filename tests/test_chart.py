@@ -472,6 +472,9 @@ def test_pod_default_needs_the_secret_name(chart):
         ({"workDir": {"pvc": {"size": "lots"}}}, "/workDir/pvc/size"),
         ({"images": {"trainer": {"repository": "x/trainer", "tag": "latest"}}}, "/images/trainer/tag"),
         ({"s3": {"existingSecret": "Not_A_Name"}}, "/s3/existingSecret"),
+        ({"mlflow": {"existingSecret": "Not_A_Name"}}, "/mlflow/existingSecret"),
+        ({"mlflow": {"trackingUri": "https://mlflow"}}, "'trackingUri'"),  # a Secret, never the values
+        ({"networkPolicy": {"mlflow": {"ports": [{"port": "https"}]}}}, "/networkPolicy/mlflow/ports/0/port"),
         ({"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
         ({"runConfig": {"training": {"learning_rte": 1e-5}}}, "'learning_rte'"),
         ({"runConfig": {"resources": {"num_nodes": "two"}}}, "/runConfig/resources/num_nodes"),
@@ -753,6 +756,24 @@ def test_network_policy_selects_the_pods_the_launcher_builds(full):
     assert not _selects(selector, hook_labels)
 
 
+def test_network_policy_lets_training_pods_reach_mlflow_only_when_told(chart):
+    """Training pods report to MLflow from inside the NetworkPolicy: networkPolicy.mlflow opens
+    egress to its server (peers, ports or both), and nothing opens without it."""
+    default = only(render(chart), "NetworkPolicy")["spec"]["egress"]
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mlflow"}}}
+    port = {"port": 5000, "protocol": "TCP"}
+    for setting, rule in [
+        ({"to": [peer], "ports": [port]}, {"ports": [port], "to": [peer]}),
+        ({"ports": [port]}, {"ports": [port]}),
+        ({"to": [peer]}, {"to": [peer]}),
+    ]:
+        policy = only(render(chart, {"networkPolicy": {"mlflow": setting}}), "NetworkPolicy")
+        _validate(policy)
+        egress = policy["spec"]["egress"]
+        assert [r for r in egress if r not in default] == [rule], setting
+        assert len(egress) == len(default) + 1
+
+
 def test_network_policy_can_be_turned_off(chart):
     assert not [
         o for o in render(chart, {"networkPolicy": {"enabled": False}}) if o["kind"] == "NetworkPolicy"
@@ -832,12 +853,58 @@ def test_upload_hook_runs_fulltune_schedule_with_the_shipped_files(full):
     # the uploaded version pulls the chart's images and reads the chart's Secret
     assert args.image == container["image"] and args.trainer_image.startswith("registry.example.com/")
     assert args.s3_secret == load_values(CHART / "ci" / "full-values.yaml")["s3"]["existingSecret"]
+    assert args.mlflow_secret == load_values(CHART / "ci" / "full-values.yaml")["mlflow"]["existingSecret"]
     # Auth: a projected token for the KFP audience, where kfp looks for it.
     env = {e["name"]: e for e in container["env"]}
     token_dir = env["KF_PIPELINES_SA_TOKEN_PATH"]["value"].rsplit("/", 1)[0]
     projected = mounts[token_dir]["projected"]["sources"][0]["serviceAccountToken"]
     assert projected["audience"] == "pipelines.kubeflow.org"
     assert env["KFP_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_the_mlflow_secret_reaches_the_uploaded_pipeline_and_helm_test_only_when_set(chart, tmp_path):
+    """mlflow.existingSecret: the hook uploads the pipeline with it on the steps that report to
+    MLflow and the training pods (`--mlflow-secret`, as `fulltune compile --mlflow-secret` would have
+    compiled it), and `helm test` checks it; unset, neither mentions MLflow."""
+    from fulltune.cli import build_parser
+    from fulltune.kfp.cluster import MLFLOW_STEPS
+    from fulltune.kfp.compile import compile_pipeline
+    from fulltune.kfp.run_parameters import ClusterPackage
+    from fulltune.kfp.submit import package_file
+
+    def hook_and_doctor(values: dict):
+        objects = render(chart, {"pipelineUpload": {"enabled": True, "mode": "upload"}, **values})
+        _, _, container = _job_container(objects)
+        doctor = only(objects, "Pod", f"{FULLNAME}-doctor")["spec"]["containers"][0]
+        parse = build_parser().parse_args
+        return (
+            container["args"],
+            parse(container["command"][1:] + container["args"]),
+            parse(doctor["command"][1:] + doctor["args"]),
+        )
+
+    raw, upload, doctor = hook_and_doctor({"mlflow": {"existingSecret": "team-mlflow"}})
+    assert "--mlflow-secret=team-mlflow" in raw
+    assert (upload.mlflow_secret, doctor.mlflow_secret) == ("team-mlflow", "team-mlflow")
+    settings = ClusterPackage(s3_secret=upload.s3_secret, mlflow_secret=upload.mlflow_secret)
+    with package_file(PIPELINE, settings) as package:
+        uploaded = list(yaml.safe_load_all(package.path.read_text()))
+    assert uploaded == list(
+        yaml.safe_load_all(compile_pipeline(tmp_path / "c.yaml", mlflow_secret="team-mlflow").read_text())
+    )
+    executors = uploaded[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    reading = {
+        name
+        for name, e in executors.items()
+        if "team-mlflow" in [s["secretName"] for s in e.get("secretAsEnv", [])]
+    }
+    assert reading == {f"exec-{step}" for step in MLFLOW_STEPS}
+    train = uploaded[0]["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["mlflow_secret"]["runtimeValue"]["constant"] == "team-mlflow"  # the training pods'
+
+    raw, upload, doctor = hook_and_doctor({})
+    assert not [a for a in raw if a.startswith("--mlflow-secret")]
+    assert (upload.mlflow_secret, doctor.mlflow_secret) == (None, "")  # the package's own: none
 
 
 def test_upload_hook_can_submit_a_run_instead(chart):

@@ -162,3 +162,47 @@ def test_an_unreachable_kfp_fails_with_its_fix(cluster, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "[   FAIL] KFP API: http://127.0.0.1:9" in out and "KFP_HOST" in out
+
+
+def test_the_mlflow_secret_is_checked_only_when_named_and_must_name_the_server(cluster, capsys, monkeypatch):
+    import base64
+
+    kube, kfp, config = cluster
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def with_mlflow(name: str = "team-mlflow") -> tuple[int, str]:
+        code = main(["doctor", "--config", config, "--host", kfp.url, "--mlflow-secret", name])
+        return code, capsys.readouterr().out
+
+    _, out = doctor(kfp, config, capsys)
+    assert "MLflow Secret" not in out  # MLflow is optional: no Secret named, nothing checked
+
+    code, out = with_mlflow()
+    assert code == 1
+    assert "[   FAIL] MLflow Secret: team-mlflow is not in team-a" in out
+    assert "kubectl -n team-a create secret generic team-mlflow --from-literal=MLFLOW_TRACKING_URI=" in out
+
+    # a Secret with credentials but no server: the client would log to a local ./mlruns
+    token = base64.b64encode(b"t0ken").decode()
+    kube.secrets[(NS, "team-mlflow")] = {
+        "metadata": {"name": "team-mlflow", "namespace": NS},
+        "data": {"MLFLOW_TRACKING_TOKEN": token},
+    }
+    code, out = with_mlflow()
+    assert code == 1
+    assert (
+        "MLflow Secret: team-mlflow has no MLFLOW_TRACKING_URI key (its keys: MLFLOW_TRACKING_TOKEN)" in out
+    )
+    assert "kubectl -n team-a patch secret team-mlflow" in out
+    assert "t0ken" not in out and token not in out  # names keys, never values
+
+    uri = base64.b64encode(b"https://mlflow.example.com").decode()
+    kube.secrets[(NS, "team-mlflow")]["data"]["MLFLOW_TRACKING_URI"] = uri
+    code, out = with_mlflow()
+    assert code == 0, out
+    assert "[     ok] MLflow Secret: team-mlflow exists in team-a" in out
+
+    kube.forbidden = {"secrets"}
+    code, out = with_mlflow()
+    assert code == 0
+    assert "[unknown] MLflow Secret: cannot read Secrets (403); this pod has no MLFLOW_TRACKING_URI" in out

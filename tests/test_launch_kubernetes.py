@@ -825,13 +825,30 @@ def write_kubeconfig(tmp_path: Path, host: str) -> Path:
     return path
 
 
-def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_path, monkeypatch):
+def succeeding_operator(work: Path):
+    """What the Training Operator and the training pods do in the stand-in: write a two-step model
+    and its metrics to the shared work directory, then mark the job Succeeded. Returns the summary."""
     from fulltune.train.metrics import StepRecord, TrainingSummary
     from fulltune.train.recipe import MODEL_MANIFEST
-    from fulltune.train.run import run_training
 
-    SUMMARY = TrainingSummary(2, 2, False, 4, 2, 2.0, 1.25, 3.5)  # noqa: N806 — a constant of this test
+    summary = TrainingSummary(2, 2, False, 4, 2, 2.0, 1.25, 3.5)
 
+    def operator(k: FakeKube, ns, name):
+        model = work / "train" / "model"
+        model.mkdir(parents=True)
+        (model / MODEL_MANIFEST).write_text(json.dumps({"summary": summary.to_json()}))
+        records = [StepRecord(step, loss, 1e-4, 1.0, 100, 10.0, 1.0) for step, loss in ((0, 2.0), (1, 1.25))]
+        (work / "train" / "metrics.jsonl").write_text(
+            "".join(json.dumps(r.to_json()) + "\n" for r in records)
+        )
+        k.set_condition(ns, name, "Succeeded")
+
+    return operator, summary
+
+
+def kubernetes_cfg(kube, tmp_path: Path, monkeypatch) -> tuple[RunConfig, Path]:
+    """A launcher: kubernetes config whose work directory is tmp_path/work, with the kube context
+    pointing at the stand-in."""
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, kube.host)))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     work = tmp_path / "work"
@@ -841,18 +858,14 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
             "resources": {"launcher": "kubernetes", "nproc_per_node": 2, "kubernetes": {"namespace": NS}},
         }
     )
+    return cfg, work
 
-    def operator(k: FakeKube, ns, name):  # the "training pods" write the model to the shared work dir
-        model = work / "train" / "model"
-        model.mkdir(parents=True)
-        (model / MODEL_MANIFEST).write_text(json.dumps({"summary": SUMMARY.to_json()}))
-        records = [StepRecord(step, loss, 1e-4, 1.0, 100, 10.0, 1.0) for step, loss in ((0, 2.0), (1, 1.25))]
-        (work / "train" / "metrics.jsonl").write_text(
-            "".join(json.dumps(r.to_json()) + "\n" for r in records)
-        )
-        k.set_condition(ns, name, "Succeeded")
 
-    kube.script = operator
+def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_path, monkeypatch):
+    from fulltune.train.run import run_training
+
+    cfg, work = kubernetes_cfg(kube, tmp_path, monkeypatch)
+    kube.script, SUMMARY = succeeding_operator(work)  # noqa: N806 — a constant of this test
     result = run_training(cfg, "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
     assert result.summary == SUMMARY and [r.loss for r in result.records] == [2.0, 1.25]
     (post,) = kube.calls("POST")
@@ -868,6 +881,55 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     with pytest.raises(LaunchError, match="model is incomplete"):
         run_training(cfg, "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
     assert len(kube.calls("POST")) == 2 and not kube.calls("DELETE")
+
+
+def test_the_train_step_hands_the_pipelines_s3_and_mlflow_secrets_to_the_training_pods(
+    kube, tmp_path, monkeypatch, crd_validator
+):
+    """The train component's s3_secret and mlflow_secret (names only) become optional envFrom
+    references of every training pod, so the mlflow client there finds MLFLOW_TRACKING_* too."""
+    from fulltune import steps
+
+    cfg, work = kubernetes_cfg(kube, tmp_path, monkeypatch)
+    kube.script, _ = succeeding_operator(work)
+    model_uri = steps.train(
+        cfg,
+        "s3://b/dataset.json",
+        run_id="run-8",
+        task_name="train",
+        image="img:9",
+        s3_secret="fulltune-s3",
+        mlflow_secret="team-mlflow",
+    )
+    assert model_uri == str(work / "train" / "model")
+    (post,) = kube.calls("POST")
+    validate_manifest(crd_validator, post.body)
+    container = post.body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "fulltune-s3", "optional": True}},
+        {"secretRef": {"name": "team-mlflow", "optional": True}},
+    ]
+    assert not [e for e in container["env"] if e["name"].startswith("MLFLOW_")]  # never as values
+
+
+def test_the_mlflow_secret_reaches_every_training_pod_as_an_optional_reference(crd_validator):
+    cfg = make_cfg(num_nodes=3, kubernetes={"secret_env": ["hf-token"]})
+    m = build_pytorchjob(
+        cfg,
+        make_job(cfg),
+        name="fulltune-train-0123456789",
+        namespace=NS,
+        image="img:1",
+        optional_secrets=("fulltune-s3", "team-mlflow"),
+    )
+    validate_manifest(crd_validator, m)
+    for role in ("Master", "Worker"):
+        container = m["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"][0]
+        assert container["envFrom"] == [
+            {"secretRef": {"name": "hf-token"}},
+            {"secretRef": {"name": "fulltune-s3", "optional": True}},
+            {"secretRef": {"name": "team-mlflow", "optional": True}},
+        ], role
 
 
 def test_the_compiled_train_task_gets_its_run_task_image_secret_and_workflow_name(monkeypatch):

@@ -237,3 +237,59 @@ def test_a_package_retargeted_to_a_clusters_images_and_secret_is_the_pipeline_co
     )
     compiled = compile_pipeline(tmp_path / "c.yaml", image, trainer_image=trainer, s3_secret=secret)
     assert list(yaml.safe_load_all(written.read_text())) == list(yaml.safe_load_all(compiled.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("compiled_with", "settings"),
+    [
+        ({}, {"mlflow_secret": "team-mlflow"}),  # the shipped package has none: added
+        ({"mlflow_secret": "team-mlflow"}, {"mlflow_secret": ""}),  # dropped
+        ({"mlflow_secret": "team-mlflow"}, {"mlflow_secret": "other-mlflow"}),  # renamed
+        # one Secret for both: renaming the S3 one leaves the MLflow one as it was
+        ({"mlflow_secret": "fulltune-s3"}, {"s3_secret": "team-s3"}),
+        ({"mlflow_secret": "fulltune-s3"}, {"s3_secret": ""}),
+        ({}, {"s3_secret": "", "mlflow_secret": "team-mlflow"}),
+    ],
+)
+def test_a_package_retargeted_to_a_clusters_mlflow_secret_is_the_pipeline_compiled_with_it(
+    tmp_path, compiled_with, settings
+):
+    """`fulltune upload/submit --mlflow-secret` (the chart's mlflow.existingSecret) on an already
+    compiled package: exactly what `fulltune compile --mlflow-secret` would have written."""
+    from fulltune.kfp.compile import compile_pipeline
+    from fulltune.kfp.run_parameters import ClusterPackage, write_cluster_package
+
+    package = (
+        compile_pipeline(tmp_path / "package.yaml", **compiled_with)
+        if compiled_with
+        else ROOT / PIPELINE_FILE
+    )
+    written = write_cluster_package(package, ClusterPackage(**settings), tmp_path / "x.yaml")
+    compiled = compile_pipeline(tmp_path / "c.yaml", **{**compiled_with, **settings})
+    assert list(yaml.safe_load_all(written.read_text())) == list(yaml.safe_load_all(compiled.read_text()))
+
+
+def test_a_package_compiled_before_mlflow_cannot_take_an_mlflow_secret(tmp_path):
+    from fulltune.kfp.run_parameters import ClusterPackage, write_cluster_package
+
+    docs = list(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))
+    del docs[0]["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["mlflow_secret"]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    with pytest.raises(ConfigError, match="train step takes no mlflow_secret.*--mlflow-secret"):
+        write_cluster_package(old, ClusterPackage(mlflow_secret="team-mlflow"), tmp_path / "x.yaml")
+    # without the option it is uploaded as before
+    write_cluster_package(old, ClusterPackage(s3_secret="team-s3"), tmp_path / "y.yaml")
+
+
+def test_upload_and_submit_take_the_mlflow_secret_for_the_package():
+    from fulltune.cli import build_parser
+    from fulltune.kfp.run_parameters import AS_COMPILED
+    from fulltune.kfp.submit import cluster_package
+
+    for command in ("upload", "submit", "schedule"):
+        extra = ["--name", "n", "--cron", "0 3 * * 0"] if command == "schedule" else []
+        args = build_parser().parse_args([command, "--mlflow-secret", "team-mlflow", *extra])
+        assert cluster_package(args).mlflow_secret == "team-mlflow", command
+        args = build_parser().parse_args([command, *extra])
+        assert cluster_package(args) == AS_COMPILED and not cluster_package(args), command

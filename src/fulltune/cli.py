@@ -1,7 +1,7 @@
 """The `fulltune` command.
 
 fulltune compile [--image REF] [--root DIR]   regenerate pipelines/ and components/ YAML
-                 [--s3-secret NAME] [--eval-gpus N]
+                 [--s3-secret NAME] [--mlflow-secret NAME] [--eval-gpus N]
 fulltune submit [--params FILE] [--param N=V]  run the pipeline on a Kubeflow Pipelines cluster
 fulltune schedule --cron EXPR --name NAME ... create or update a recurring run
 fulltune upload [--defaults FILE]             put the pipeline on KFP for runs started from its UI
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from fulltune import _logging
-from fulltune.kfp.cluster import REGISTRY_SECRET, S3_SECRET
+from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, REGISTRY_SECRET, S3_SECRET
 
 EXIT_USAGE = 2
 # Every sub-command's --help ends with these (argparse exits 2 on bad arguments by itself).
@@ -72,6 +72,7 @@ def _compile(args: argparse.Namespace) -> int:
         work_pvc=args.work_pvc,
         step_resources=resources,
         registry_secret=args.registry_secret,
+        mlflow_secret=args.mlflow_secret,
     ):
         print(path)
     return 0
@@ -268,6 +269,14 @@ def _add_compile(commands) -> None:
         metavar="NAME",
         help=f"Kubernetes Secret whose MODEL_REGISTRY_TOKEN key reaches the register step, optionally "
         f"(default: {REGISTRY_SECRET}; '' for none)",
+    )
+    compile_cmd.add_argument(
+        "--mlflow-secret",
+        default="",
+        metavar="NAME",
+        help=f"Kubernetes Secret whose {', '.join(MLFLOW_SECRET_KEYS)} keys (each optional) reach the "
+        "train, evaluate and register steps and the training pods, for training.report_to: mlflow "
+        "(default: none)",
     )
     compile_cmd.add_argument(
         "--eval-gpus",

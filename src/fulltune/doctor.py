@@ -12,12 +12,14 @@ Checks (in the namespace the runs go to):
 - every verb the launcher needs (`launch.kubernetes.LAUNCHER_ACCESS`), by SelfSubjectAccessReview;
 - the S3 Secret exists (or the pod already has S3 credentials), and the work directory's bucket
   answers with them;
+- the MLflow Secret, when one is named (`--mlflow-secret`), exists and holds MLFLOW_TRACKING_URI;
 - Istio injection on the namespace, and what that means for the training pods;
 - room in the namespace's ResourceQuotas for the training pods' GPUs, CPU and memory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ class Cluster:
     namespace: str
     kfp_host: str | None = None
     s3_secret: str = S3_SECRET
+    mlflow_secret: str = ""  # none: MLflow is optional, and so is its check
 
 
 def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
@@ -57,6 +60,7 @@ def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
         check_training_api,
         check_access,
         check_s3,
+        check_mlflow,
         check_istio,
         check_quota,
     ]
@@ -163,6 +167,36 @@ def _secret_finding(cluster: Cluster) -> Finding:
         held = "AWS_ACCESS_KEY_ID" in os.environ
         detail = f"cannot read Secrets ({exc.status}); this pod {'has' if held else 'has no'} S3 keys"
         return Finding("S3 Secret", OK if held else UNKNOWN, detail, "")
+
+
+def check_mlflow(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    """The named MLflow Secret exists and names the server: without MLFLOW_TRACKING_URI the mlflow
+    client in the steps and the training pods would log to a local ./mlruns that nobody sees."""
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    name, namespace = cluster.mlflow_secret, cluster.namespace
+    if not name:
+        return []
+    uri = "MLFLOW_TRACKING_URI"  # the one key of kfp.cluster.MLFLOW_SECRET_KEYS it cannot do without
+    create = (
+        f"kubectl -n {namespace} create secret generic {name} --from-literal={uri}=https://mlflow.example.com "
+        "--from-literal=MLFLOW_TRACKING_TOKEN=... (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+    )
+    try:
+        secret = CoreV1Api(cluster.api).read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return [Finding("MLflow Secret", FAIL, f"{name} is not in {namespace}", create)]
+        held = uri in os.environ
+        detail = f"cannot read Secrets ({exc.status}); this pod {'has' if held else 'has no'} {uri}"
+        return [Finding("MLflow Secret", OK if held else UNKNOWN, detail)]
+    if uri not in (secret.data or {}):
+        keys = ", ".join(sorted(secret.data or {})) or "none"
+        patch = json.dumps({"stringData": {uri: "https://mlflow.example.com"}})
+        fix = f"kubectl -n {namespace} patch secret {name} --type merge -p '{patch}'"
+        return [Finding("MLflow Secret", FAIL, f"{name} has no {uri} key (its keys: {keys})", fix)]
+    return [Finding("MLflow Secret", OK, f"{name} exists in {namespace} and names the server ({uri})")]
 
 
 def _bucket_finding(work_dir: str) -> Finding:
@@ -331,7 +365,9 @@ def cli_doctor(args) -> int:
         host = None
     from kubernetes import client
 
-    cluster = Cluster(client.ApiClient(load_configuration()), namespace, host, args.s3_secret)
+    cluster = Cluster(
+        client.ApiClient(load_configuration()), namespace, host, args.s3_secret, args.mlflow_secret
+    )
     findings = run_checks(cfg, cluster)
     print(f"fulltune doctor: {args.config} in namespace {namespace}")
     for finding in findings:
@@ -347,4 +383,10 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default=None, help="KFP API address (default: KFP_HOST; in a pod: in-cluster)")
     p.add_argument(
         "--s3-secret", default=S3_SECRET, metavar="NAME", help=f"the S3 Secret (default: {S3_SECRET})"
+    )
+    p.add_argument(
+        "--mlflow-secret",
+        default="",
+        metavar="NAME",
+        help="the MLflow Secret, checked for MLFLOW_TRACKING_URI (default: none, not checked)",
     )

@@ -21,6 +21,19 @@ S3_SECRET_KEYS = (
 # authenticating proxy); optional, like the S3 one: without it the pod's service-account token is used.
 REGISTRY_SECRET = "fulltune-model-registry"
 REGISTRY_SECRET_KEYS = ("MODEL_REGISTRY_TOKEN",)
+# The Secret whose keys reach the steps that report to MLflow (training.report_to: mlflow) and the
+# training pods: the variables the mlflow client reads its server and credentials from, so nothing
+# about them travels as a parameter or an argument. None by default (`--mlflow-secret NAME`);
+# optional like the others: a key missing from it leaves its variable unset.
+MLFLOW_SECRET_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+)
+MLFLOW_STEPS = ("train", "evaluate", "register")  # the steps whose pods get it
 GPU_RESOURCE = "nvidia.com/gpu"
 
 

@@ -32,6 +32,7 @@ def compile_pipeline(
     work_pvc: str | None = None,
     step_resources: dict[str, StepResources] | None = None,
     registry_secret: str | None = REGISTRY_SECRET,
+    mlflow_secret: str | None = None,
 ) -> Path:
     """Compile the pipeline to `path` (KFP v2 IR YAML, with the Kubernetes platform settings)."""
     path = Path(path)
@@ -44,6 +45,7 @@ def compile_pipeline(
         work_pvc=work_pvc,
         step_resources=step_resources,
         registry_secret=registry_secret,
+        mlflow_secret=mlflow_secret,
     )
     compiler.Compiler().compile(pipeline, str(path))
     return path
@@ -59,11 +61,13 @@ def compile_all(
     work_pvc: str | None = None,
     step_resources: dict[str, StepResources] | None = None,
     registry_secret: str | None = REGISTRY_SECRET,
+    mlflow_secret: str | None = None,
 ) -> list[Path]:
     """Write pipelines/full_finetune.yaml and components/<step>/{component.yaml,README.md} under root.
 
-    `s3_secret`, `registry_secret`, `eval_gpus`, `work_pvc` and `step_resources` are cluster settings of the pipeline
-    (see `build_pipeline`); the component YAML carries none, so whoever reuses a component adds their own.
+    `s3_secret`, `registry_secret`, `mlflow_secret`, `eval_gpus`, `work_pvc` and `step_resources` are
+    cluster settings of the pipeline (see `build_pipeline`); the component YAML carries none, so
+    whoever reuses a component adds their own.
     """
     root = Path(root)
     image = image or default_image()
@@ -78,6 +82,7 @@ def compile_all(
             work_pvc=work_pvc,
             step_resources=step_resources,
             registry_secret=registry_secret,
+            mlflow_secret=mlflow_secret,
         )
     ]
     components = build_components(image)

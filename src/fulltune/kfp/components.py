@@ -178,6 +178,7 @@ def train(
     task_name: str = "train",
     image: str = "",
     s3_secret: str = "",
+    mlflow_secret: str = "",
 ) -> NamedTuple("TrainOutputs", [("model_uri", str)]):
     """Full fine-tuning with DeepSpeed ZeRO-3: launch the ranks (torchrun in this pod, or a PyTorchJob
     with `resources.launcher: kubernetes`), stream their logs, wait, and check the saved model is complete.
@@ -194,6 +195,9 @@ def train(
             passes the trainer image it was compiled with.
         s3_secret: Kubernetes Secret with the S3 credentials (AWS_* keys) that the training pods read
             too (optional: absent with workload identity); the pipeline passes its own. The name only.
+        mlflow_secret: Kubernetes Secret with the MLflow server and credentials (MLFLOW_TRACKING_* keys)
+            that the training pods read too (optional); the pipeline passes its own, "" for none.
+            The name only.
 
     Returns:
         model_uri: The URI of the tuned model (Hugging Face format, safetensors).
@@ -210,6 +214,7 @@ def train(
         task_name=task_name,
         image=image,
         s3_secret=s3_secret,
+        mlflow_secret=mlflow_secret,
     )
     return (model_uri,)
 

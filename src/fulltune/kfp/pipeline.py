@@ -13,7 +13,8 @@ pipelines/full_finetune.yaml.
 Cluster settings (ignored by kfp.local, so `fulltune demo` runs the same DAG) are applied to every
 task in one place, `ClusterSettings.apply`: CPU and memory requests and limits (a profile's
 ResourceQuota rejects pods without them), the S3 credentials from a Kubernetes Secret as the standard
-AWS environment variables and the work-directory PVC; `evaluate` also asks for a GPU.
+AWS environment variables, the work-directory PVC and, on the steps that report to MLflow, the
+optional MLflow Secret as the MLFLOW_TRACKING_* variables; `evaluate` also asks for a GPU.
 Caching is off for the steps that read outside data or must run again; the policy and its reasons
 are in pipelines/README.md.
 """
@@ -27,6 +28,8 @@ from fulltune import parameters
 from fulltune._image import default_image, default_trainer_image
 from fulltune.kfp.cluster import (
     GPU_RESOURCE,
+    MLFLOW_SECRET_KEYS,
+    MLFLOW_STEPS,
     REGISTRY_SECRET,
     REGISTRY_SECRET_KEYS,
     S3_SECRET,
@@ -53,20 +56,34 @@ class ClusterSettings:
     work_pvc: (claim, mount path) of an RWX PersistentVolumeClaim mounted into every step pod, for a
         `work_dir` on a shared volume instead of S3; None mounts nothing.
     resources: CPU and memory requests and limits of each step's pod, by step name.
+    registry_secret: Kubernetes Secret whose REGISTRY_SECRET_KEYS reach the register step's pod
+        (optional); "" adds none.
+    mlflow_secret: Kubernetes Secret whose MLFLOW_SECRET_KEYS reach the MLFLOW_STEPS' pods (optional,
+        like the S3 one); "" adds none.
     """
 
     s3_secret: str = ""
     work_pvc: tuple[str, str] | None = None
     resources: Mapping[str, StepResources] = field(default_factory=lambda: dict(STEP_RESOURCES))
+    registry_secret: str = ""
+    mlflow_secret: str = ""
 
     def apply(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
-        r = self.resources[task.component_spec.name.replace("-", "_")]
+        step = task.component_spec.name.replace("-", "_")
+        r = self.resources[step]
         task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu_limit)
         task.set_memory_request(r.memory).set_memory_limit(r.memory_limit)
         if self.s3_secret:
             kubernetes.use_secret_as_env(task, self.s3_secret, {k: k for k in S3_SECRET_KEYS}, optional=True)
+        if self.registry_secret and step == "register":
+            keys = {k: k for k in REGISTRY_SECRET_KEYS}
+            kubernetes.use_secret_as_env(task, self.registry_secret, keys, optional=True)
         if self.work_pvc:
             kubernetes.mount_pvc(task, pvc_name=self.work_pvc[0], mount_path=self.work_pvc[1])
+        # Last of the task's Secrets: run_parameters.write_cluster_package appends it there too.
+        if self.mlflow_secret and step in MLFLOW_STEPS:
+            keys = {k: k for k in MLFLOW_SECRET_KEYS}
+            kubernetes.use_secret_as_env(task, self.mlflow_secret, keys, optional=True)
         return task
 
 
@@ -79,6 +96,7 @@ def build_pipeline(
     work_pvc: str | None = None,
     step_resources: Mapping[str, StepResources] | None = None,
     registry_secret: str | None = REGISTRY_SECRET,
+    mlflow_secret: str | None = None,
 ):
     """The pipeline function, ready to compile.
 
@@ -95,9 +113,16 @@ def build_pipeline(
         step_resources: CPU and memory of each step's pod; default `cluster.STEP_RESOURCES`.
         registry_secret: Kubernetes Secret whose MODEL_REGISTRY_TOKEN reaches the register step
             (optional); None or "" adds none.
+        mlflow_secret: Kubernetes Secret with the MLflow server and credentials (MLFLOW_SECRET_KEYS)
+            for the train, evaluate and register steps and the training pods (optional); None or ""
+            adds none.
     """
     cluster = ClusterSettings(
-        s3_secret or "", _parse_pvc(work_pvc) if work_pvc else None, dict(step_resources or STEP_RESOURCES)
+        s3_secret=s3_secret or "",
+        work_pvc=_parse_pvc(work_pvc) if work_pvc else None,
+        resources=dict(step_resources or STEP_RESOURCES),
+        registry_secret=registry_secret or "",
+        mlflow_secret=mlflow_secret or "",
     )
     trainer_image = trainer_image or default_trainer_image()
     steps = build_components(image or default_image())
@@ -131,6 +156,7 @@ def build_pipeline(
                 task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
                 image=trainer_image,
                 s3_secret=cluster.s3_secret,
+                mlflow_secret=cluster.mlflow_secret,
             )
         )
         # launcher: kubernetes makes the run's Argo Workflow own the PyTorchJob (deleted with the run).
@@ -144,16 +170,14 @@ def build_pipeline(
         _gpus(evaluated, eval_gpus)
         verdict = evaluated.outputs["Output"]  # unnamed: see components.evaluate
         with dsl.If(verdict == True, name="verdict-passed"):  # noqa: E712 — a KFP condition
-            registered = steps.register(
-                config=resolved,
-                model_uri=model_uri,
-                eval_result=evaluated.outputs["eval_result"],
-                run_id=run_id,
+            registered = cluster.apply(
+                steps.register(
+                    config=resolved,
+                    model_uri=model_uri,
+                    eval_result=evaluated.outputs["eval_result"],
+                    run_id=run_id,
+                )
             )
-            cluster.apply(registered)
-            if registry_secret:
-                keys = {k: k for k in REGISTRY_SECRET_KEYS}
-                kubernetes.use_secret_as_env(registered, registry_secret, keys, optional=True)
         # Every step but gather_shards and preprocess_shard reads outside data or must run again.
         for task in (validated, checked, planned, trained, evaluated, registered):
             task.set_caching_options(False)

@@ -3,7 +3,8 @@
 What a user gives, lowest layer first:
 
 1. the package's own parameter defaults (for the chart's pipeline, the cluster's settings:
-   `ClusterPackage`, which also puts the cluster's images and S3 Secret into the package);
+   `ClusterPackage`, which also puts the cluster's images, S3 Secret and MLflow Secret into the
+   package);
 2. `--params FILE`: a RunConfig (sections; it is the run's `config`) or a parameters file
    ({typed parameter: value, config: {...}});
 3. `--param NAME=VALUE`, repeatable: a typed parameter; it wins over the same parameter in a
@@ -26,6 +27,7 @@ import yaml
 
 from fulltune import parameters
 from fulltune.config import ConfigError, RunConfig, deep_merge, read_config_file
+from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, MLFLOW_STEPS
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def _package_config(declared: dict[str, dict[str, Any]]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ClusterPackage:
     """What a cluster changes in the compiled pipeline before uploading it (the Helm chart: its
-    images, its S3 Secret, its run configuration); None keeps the package's own.
+    images, its S3 and MLflow Secrets, its run configuration); None keeps the package's own.
 
     defaults: a RunConfig file whose values become the parameters' defaults, so the Kubeflow UI's
         form starts from the cluster's settings and a run started there needs only the model, the
@@ -110,22 +112,25 @@ class ClusterPackage:
     image: the CPU steps' image (a mirror, a digest).
     trainer_image: the image of the GPU evaluate step and of the training pods.
     s3_secret: the Secret every step pod reads its S3 credentials from; "" reads none.
+    mlflow_secret: the Secret the train, evaluate and register steps and the training pods read the
+        MLflow server and credentials from; "" reads none.
     """
 
     defaults: str | Path | None = None
     image: str | None = None
     trainer_image: str | None = None
     s3_secret: str | None = None
+    mlflow_secret: str | None = None
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.defaults, self.image, self.trainer_image, self.s3_secret))
+        return any(v is not None for v in vars(self).values())
 
 
 AS_COMPILED = ClusterPackage()  # nothing changed: the package as it is
 
 
 def write_cluster_package(package: Path, settings: ClusterPackage, dest: Path) -> Path:
-    """`package` with `settings` applied, written to `dest`; only images, the Secret's name and
+    """`package` with `settings` applied, written to `dest`; only images, the Secrets' names and
     parameter defaults change, never the DAG."""
     docs = list(yaml.safe_load_all(package.read_text()))
     declared = docs[0].get("root", {}).get("inputDefinitions", {}).get("parameters", {})
@@ -143,7 +148,8 @@ def write_cluster_package(package: Path, settings: ClusterPackage, dest: Path) -
 
 def _retarget(docs: list[dict], settings: ClusterPackage, package: Path) -> None:
     """Replace the compiled images and S3 Secret name wherever they occur as a whole value (executor
-    images, the train step's constants, the platform spec's secretAsEnv)."""
+    images, the train step's constants, the platform spec's secretAsEnv), then set the MLflow Secret
+    (`_set_mlflow_secret`)."""
     executors = docs[0].get("deploymentSpec", {}).get("executors", {})
     train_inputs = docs[0].get("root", {}).get("dag", {}).get("tasks", {}).get("train", {})
     constants = {
@@ -166,6 +172,48 @@ def _retarget(docs: list[dict], settings: ClusterPackage, package: Path) -> None
             _replace_values(doc, old, new)
         if field == "s3_secret" and not new:  # no Secret at all: drop it from every step pod
             _drop_unnamed_secrets(docs)
+    # Set after the replacements, and even when unchanged: an MLflow Secret that shares its name
+    # with the S3 one was just replaced (or dropped) with it.
+    mlflow = settings.mlflow_secret if settings.mlflow_secret is not None else constants.get("mlflow_secret")
+    if mlflow is not None:
+        _set_mlflow_secret(docs, train_inputs, mlflow, package)
+
+
+def _set_mlflow_secret(docs: list[dict], train_task: dict, name: str, package: Path) -> None:
+    """Make `name` ("" for none) the MLflow Secret of the package, as compiling with it does: the
+    train step's `mlflow_secret` constant, and the last secretAsEnv entry of the MLFLOW_STEPS'
+    executors. Not a value replacement: a package compiled without one has "" to replace."""
+    params = train_task.get("inputs", {}).get("parameters", {})
+    if "mlflow_secret" not in params:
+        raise ConfigError(
+            f"{package}: its train step takes no mlflow_secret (compiled before MLflow tracking); "
+            "compile it again with `fulltune compile --mlflow-secret`"
+        )
+    params["mlflow_secret"] = {"runtimeValue": {"constant": name}}
+    if len(docs) < 2:  # no platform settings at all
+        docs.append({})
+    platform = docs[1].setdefault("platforms", {}).setdefault("kubernetes", {})
+    executors = platform.setdefault("deploymentSpec", {}).setdefault("executors", {})
+    entry = {  # as kfp-kubernetes writes use_secret_as_env(..., optional=True)
+        "keyToEnv": [{"envVar": k, "secretKey": k} for k in MLFLOW_SECRET_KEYS],
+        "optional": True,
+        "secretName": name,
+        "secretNameParameter": {"runtimeValue": {"constant": name}},
+    }
+    for step in MLFLOW_STEPS:
+        executor = executors.setdefault(f"exec-{step}", {})
+        entries = executor.get("secretAsEnv", [])
+        kept = [e for e in entries if not _is_mlflow_entry(e)] + ([entry] if name else [])
+        if kept != entries:  # else untouched: the same package stays the same bytes
+            executor["secretAsEnv"] = kept
+        if not executor.get("secretAsEnv"):
+            executor.pop("secretAsEnv", None)
+        if not executor:
+            del executors[f"exec-{step}"]
+
+
+def _is_mlflow_entry(entry: dict) -> bool:
+    return {k.get("secretKey") for k in entry.get("keyToEnv", [])} == set(MLFLOW_SECRET_KEYS)
 
 
 def _drop_unnamed_secrets(docs: list[dict]) -> None:

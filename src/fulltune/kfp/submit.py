@@ -990,11 +990,18 @@ def add_cluster_package_arguments(p) -> None:
         metavar="NAME",
         help="the Secret every step pod reads S3 credentials from (default: the package's); '' for none",
     )
+    p.add_argument(
+        "--mlflow-secret",
+        default=None,
+        metavar="NAME",
+        help="the Secret the train, evaluate and register steps and the training pods read the MLflow "
+        "server and credentials (MLFLOW_TRACKING_*) from (default: the package's); '' for none",
+    )
 
 
 def cluster_package(args) -> ClusterPackage:
     """The `ClusterPackage` the command line asks for (all None: the package as it is)."""
-    return ClusterPackage(args.defaults, args.image, args.trainer_image, args.s3_secret)
+    return ClusterPackage(args.defaults, args.image, args.trainer_image, args.s3_secret, args.mlflow_secret)
 
 
 def add_upload_arguments(p) -> None:

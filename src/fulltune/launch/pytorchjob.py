@@ -185,7 +185,7 @@ def pod_template(
         ],
     }
     # Credentials stay in their Secrets: the pod reads them, the manifest only names them. The
-    # configured ones must exist; the optional ones (the pipeline's S3 Secret) may not.
+    # configured ones must exist; the optional ones (the pipeline's S3 and MLflow Secrets) may not.
     env_from = [{"secretRef": {"name": secret}} for secret in k8s.secret_env]
     env_from += [
         {"secretRef": {"name": secret, "optional": True}}
