@@ -119,6 +119,8 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
     validated = next(line for line in lines if line.startswith("ok     validate-data"))
     assert "1,500 train records, 0 bad" in validated and "report: " in validated
     assert any(line.startswith("  train: step ") for line in lines)  # progress (no terminal: plain lines)
+    # forgetting measured as it trains (the demo's eval_steps), on the progress line
+    assert any(line.startswith("  train: step ") and " forgetting " in line for line in lines), out
     # training wrote TensorBoard event files where the summary says
     from fulltune.layout import RunLayout
 
@@ -130,13 +132,16 @@ def test_demo_pipeline_trains_evaluates_and_registers(demo_assets, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, tmp_path, capsys):
+def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, tmp_path, capsys, mlflow_env):
     """Three cycles against one registry, each comparing with the version production names:
     1. a short training run is the model's first version: promoted;
-    2. a forgetting one, run by a user through `fulltune run` on a config file: the gate refuses it,
-       nothing is registered and production still names v1;
+    2. a forgetting one, run by a user through `fulltune run` on a config file: training stops at
+       its first evaluation past the forgetting budget, the gate refuses it, nothing is registered
+       and production still names v1;
     3. a longer training run beats v1 on the domain set (forgetting still measured against the
-       base): registered as v2 and promoted, from v1."""
+       base): registered as v2 and promoted, from v1.
+    Each cycle reports to the MLflow server: one run per cycle, with evaluate's verdict and
+    register's version."""
     from fulltune.cli import main
     from fulltune.demo.run import MODEL_NAME, demo_config
     from fulltune.evaluate.result import EvalResult
@@ -150,7 +155,8 @@ def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, 
     def cycle(n: int, **overrides) -> EvalResult:
         work = tmp_path / f"cycle-{n}"
         cfg = demo_config(demo_assets, work, registry, forget=overrides.pop("forget", False))
-        cfg = cfg.with_overrides({"evaluation.compare_to": "registered", **overrides})
+        reporting = {"training.report_to": ["mlflow"], "training.mlflow_experiment": str(tmp_path)}
+        cfg = cfg.with_overrides({"evaluation.compare_to": "registered", **reporting, **overrides})
         if n == 2:
             config = tmp_path / "my.yaml"
             config.write_text(cfg.to_yaml())
@@ -163,10 +169,19 @@ def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, 
     def production() -> int:
         return pointers.current(str(registry), MODEL_NAME, pointers.PRODUCTION).version
 
+    def mlflow_run(n: int):
+        (run_dir,) = [p for p in (tmp_path / f"cycle-{n}").iterdir() if p.is_dir()]
+        experiment = mlflow_env.get_experiment_by_name(str(tmp_path))
+        [run] = mlflow_env.search_runs([experiment.experiment_id], f"tags.`fulltune.work_dir` = '{run_dir}'")
+        return run
+
     first = cycle(1, **{"training.max_steps": 100})
     assert first.verdict and first.champion.version is None and "no promoted version" in first.champion.note
     assert production() == 1
     capsys.readouterr()
+    run = mlflow_run(1)
+    assert run.data.tags["fulltune.verdict"] == "pass" and run.data.tags["fulltune.registered_version"] == "1"
+    assert run.data.metrics["train_summary/steps"] == 100 and "evaluate/forgetting" in run.data.metrics
 
     forgot = cycle(2, forget=True, **{"training.max_steps": 120})
     assert forgot.verdict is False and forgot.champion.version == 1
@@ -175,6 +190,15 @@ def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, 
     assert production() == 1
     out = capsys.readouterr().out
     assert not any(line.startswith("ok     register") for line in out.splitlines())
+    run = mlflow_run(2)
+    assert (
+        run.data.metrics["train_summary/stopped_early"] == 1 and run.data.metrics["train_summary/steps"] == 25
+    )
+    assert (
+        run.data.tags["fulltune.verdict"] == "fail"
+        and "general perplexity rose" in run.data.tags["fulltune.verdict_reasons"]
+    )
+    assert "fulltune.registered_uri" not in run.data.tags
 
     better = cycle(3, **{"training.max_steps": 200})
     [check] = [c for c in better.checks if c.name == "champion"]
@@ -364,3 +388,47 @@ def test_optional_secrets_reach_the_steps_that_need_them(tmp_path):
 
     none = compile_pipeline(tmp_path / "p.yaml", registry_secret="")
     assert "fulltune-model-registry" not in none.read_text()
+
+
+def test_the_mlflow_secret_reaches_train_evaluate_and_register_only_when_named(tmp_path):
+    """`--mlflow-secret` gives the steps that report to MLflow (and, through the train step's
+    parameter, the training pods) the MLFLOW_TRACKING_* variables, optionally; by default nothing."""
+    from fulltune.cli import main
+    from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, MLFLOW_STEPS
+
+    def mlflow_of(path: Path) -> tuple[dict, str]:
+        spec, platform = yaml.safe_load_all(path.read_text())
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        got = {
+            name: entry
+            for name, executor in executors.items()
+            for entry in executor.get("secretAsEnv", [])
+            if "MLFLOW_TRACKING_URI" in {k["secretKey"] for k in entry["keyToEnv"]}
+        }
+        train = spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+        return got, train["mlflow_secret"]["runtimeValue"]["constant"]
+
+    assert mlflow_of(ROOT / PIPELINE_FILE) == ({}, "")  # the shipped pipeline reads none
+
+    assert main(["compile", "--root", str(tmp_path), "--mlflow-secret", "team-mlflow"]) == 0
+    got, constant = mlflow_of(tmp_path / PIPELINE_FILE)
+    assert (
+        set(got)
+        == {f"exec-{step}" for step in MLFLOW_STEPS}
+        == {"exec-train", "exec-evaluate", "exec-register"}
+    )
+    assert constant == "team-mlflow"  # the train step hands it to the training pods
+    for entry in got.values():
+        assert entry["secretName"] == "team-mlflow" and entry["optional"] is True
+        assert [(k["secretKey"], k["envVar"]) for k in entry["keyToEnv"]] == [
+            (k, k) for k in MLFLOW_SECRET_KEYS
+        ]
+    _, platform = yaml.safe_load_all((tmp_path / PIPELINE_FILE).read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    # the S3 Secret (and the register step's registry token) stay as they were, the MLflow one last
+    assert [s["secretName"] for s in executors["exec-register"]["secretAsEnv"]] == [
+        "fulltune-s3",
+        "fulltune-model-registry",
+        "team-mlflow",
+    ]
+    assert [s["secretName"] for s in executors["exec-plan"]["secretAsEnv"]] == ["fulltune-s3"]

@@ -276,6 +276,13 @@ def test_make_plan_refuses_contradictory_training_settings(llama_dir, tmp_path):
         planmod.make_plan(
             RunConfig.from_dict({**base, "training": {"early_stopping_patience": 2}}), train_tokens=1
         )
+    with pytest.raises(ConfigError, match=r"stop_on_forgetting.*eval_steps is 0"):
+        planmod.make_plan(
+            RunConfig.from_dict({**base, "training": {"stop_on_forgetting": True}}), train_tokens=1
+        )
+    watching = {"stop_on_forgetting": True, "eval_steps": 10}
+    with pytest.raises(ConfigError, match=r"stop_on_forgetting.*data\.general_uri is empty"):
+        planmod.make_plan(RunConfig.from_dict({**base, "training": watching}), train_tokens=1)
 
 
 def shape_869m() -> ModelShape:

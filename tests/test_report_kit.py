@@ -334,7 +334,7 @@ def test_every_page_carries_the_one_stylesheet_and_nothing_external():
 def test_pages_draw_their_charts_with_the_kit():
     pages = _pages()
     train = parse(svgs(pages["train"])[0])
-    assert texts(train, "legend") == ["train loss", "eval loss"]
+    assert texts(train, "legend") == ["train loss", "smoothed", "eval loss"]
     evaluation = [parse(s) for s in svgs(pages["evaluate"])]
     assert [s.find(f"{SVG}title").text for s in evaluation] == [
         "domain_eval: base vs tuned",

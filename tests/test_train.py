@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -32,16 +33,26 @@ SEQ = 64
 SUPPORT = Path(__file__).parent / "support"
 
 
-def tiny_dataset(demo_assets, work: str, n_seq: int, n_eval: int = 0) -> str:
+def tiny_dataset(demo_assets, work: str, n_seq: int, n_eval: int = 0, n_general: int = 0) -> str:
     """n_seq packed sequences of clinical notes, with a masked prompt-like prefix in each; n_eval
-    more (other notes, a shorter loss span) as the domain_eval split."""
+    more (other notes, a shorter loss span) as the domain_eval split; n_general of general English
+    (the text the base model knows) as the general_eval split."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(demo_assets.base_model_dir))
-    notes = [json.loads(line)["text"] for line in open(demo_assets.train_uri)][: (n_seq + n_eval) * 4]
-    ids = [t for note in notes for t in tok(note)["input_ids"] + [tok.eos_token_id]]
+
+    def token_stream(uri: str, n: int) -> list[int]:
+        texts = [json.loads(line)["text"] for line in open(uri)][: n * 4]
+        return [t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]]
+
+    notes = token_stream(demo_assets.train_uri, n_seq + n_eval)
+    general = token_stream(demo_assets.general_uri, n_general) if n_general else []
     splits = {}
-    for split, lo, n, masked in (("train", 0, n_seq, 5), ("domain_eval", n_seq, n_eval, 9)):
+    for split, ids, lo, n, masked in (
+        ("train", notes, 0, n_seq, 5),
+        ("domain_eval", notes, n_seq, n_eval, 9),
+        ("general_eval", general, 0, n_general, 0),
+    ):
         if not n:
             continue
         packed = Packed()
@@ -63,15 +74,16 @@ def tiny_dataset(demo_assets, work: str, n_seq: int, n_eval: int = 0) -> str:
     return uri
 
 
-def plan_run(demo_assets, work: str, nproc: int = 2, **training) -> RunConfig:
+def plan_run(demo_assets, work: str, nproc: int = 2, evaluation: dict | None = None, **training) -> RunConfig:
     cfg = RunConfig.from_dict(
         {
             "work_dir": work,
             "model": {"base_model_uri": str(demo_assets.base_model_dir)},
-            "data": {"train_uri": demo_assets.train_uri},
+            "data": {"train_uri": demo_assets.train_uri, "general_uri": demo_assets.general_uri},
             "preprocess": {"max_seq_len": SEQ},
             "training": {"learning_rate": 1e-3, "num_train_epochs": 1, "bf16": False, **training},
             "resources": {"nproc_per_node": nproc, "accelerator": "cpu"},
+            "evaluation": evaluation or {},
         }
     )
     p = make_plan(cfg, train_tokens=10_000)
@@ -346,6 +358,96 @@ def test_adafactor_with_offload_evaluates_each_step_and_stops_early_saving_the_l
     assert eval_series.count("<circle") == 3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [True, False], ids=["stop_on_forgetting", "measured_only"])
+def test_forgetting_is_measured_while_training_and_stops_the_run_when_asked(
+    demo_assets, tmp_path, capfd, request, monkeypatch, stop
+):
+    """A learning rate far too high for clinical notes wrecks the general English the base model
+    knows: its general loss rises at every evaluation (forgetting about +40%, +53%, +65%, ...). With
+    stop_on_forgetting and a 60% budget the run stops at step 3, the first evaluation past it, and
+    saves the checkpoint of step 2, the newest within it; without, it runs to the end.
+
+    Both report to MLflow: the stopping run to the real server, where TensorBoard's reader and the
+    MLflow client read the same figures back; the other to a server that is down, which only warns."""
+    if stop:
+        client = request.getfixturevalue("mlflow_env")
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    work = str(tmp_path / "work")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16, n_eval=4, n_general=6)
+    cfg = plan_run(
+        demo_assets,
+        work,
+        evaluation={"max_general_ppl_increase": 0.6},
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        per_device_train_batch_size=2,
+        max_steps=5,
+        eval_steps=1,
+        save_steps=1 if stop else 0,
+        save_total_limit=5,
+        stop_on_forgetting=stop,
+        report_to=["tensorboard", "mlflow"] if stop else "mlflow",
+    )
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    log = capfd.readouterr().out
+
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
+    forgetting = [m["forgetting"] for m in metrics]
+    assert forgetting == sorted(forgetting) and forgetting[0] > 0.2  # measured at every evaluation, rising
+    # against the base model's general loss at step 0: a token mean over both ranks' sequences
+    base = plain_loss(demo_assets.base_model_dir, dataset, "general_eval")
+    m = metrics[0]
+    assert abs(m["forgetting"] - (math.exp(m["general_eval_loss"] - base) - 1)) < 1e-3
+    summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
+    assert summary["max_forgetting"] == 0.6 and abs(summary["base_general_loss"] - base) < 1e-4
+    if not stop:
+        assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4] and forgetting[-1] > 0.6
+        assert not summary["stopped_early"] and "stop_reason" not in summary and "saved_step" not in summary
+        assert "MLflow: cannot reach the run at http://127.0.0.1:" in log  # and the run finished
+        return
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert forgetting[1] <= 0.6 < forgetting[2]
+    reason = f"at step 3 general perplexity rose {forgetting[2]:.1%} over the base model's, past the 60.0%"
+    assert f"stopping after step 3: forgetting: {reason}" in log
+    assert "rolled back to the checkpoint at step 2, the newest within the forgetting budget" in log
+    assert summary["stopped_early"] and reason in summary["stop_reason"]
+    assert summary["saved_step"] == 2 and summary["final_forgetting"] == forgetting[1]
+    # the saved model is step 2's: its general loss is the one measured then
+    assert abs(plain_loss(job.args.output, dataset, "general_eval") - metrics[1]["general_eval_loss"]) < 1e-4
+
+    steps = [1, 2, 3]  # optimizer steps done, as the log counts them
+    scalars = tensorboard_scalars(cfg.layout.tensorboard)
+    assert [e.step for e in scalars["eval/forgetting"]] == steps
+    assert [e.value for e in scalars["eval/forgetting"]] == pytest.approx(forgetting, rel=1e-6)  # float32
+    assert [e.step for e in scalars["eval/general_loss"]] == steps
+    experiment = client.get_experiment_by_name(cfg.model.name)
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`fulltune.work_dir` = '{work}'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.stop_on_forgetting"] == "true"
+    assert run.data.params["evaluation.max_general_ppl_increase"] == "0.6"
+    history = client.get_metric_history(run.info.run_id, "eval/forgetting")
+    assert [(h.step, h.value) for h in history] == list(zip(steps, forgetting, strict=True))
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "train/loss")] == steps
+    assert (
+        run.data.metrics["train_summary/steps"] == 3 and run.data.metrics["train_summary/stopped_early"] == 1
+    )
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "mlflow"))
+    assert "stop_on_forgetting: true" in open(config).read()
+
+
+def closed_port() -> int:
+    """A localhost port nothing listens on: a tracking server that is down."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _record(step: int, eval_loss: float | None = None) -> StepRecord:
     return StepRecord(step, 1.0, 1e-3, 1.0, 100, 1000.0, 0.1, eval_loss=eval_loss)
 
@@ -359,7 +461,8 @@ def test_early_stopping_replayed_from_the_records_counts_evaluations_without_a_l
         training = {"eval_steps": 2, "save_steps": 2}
         training |= {"early_stopping_patience": patience, "early_stopping_threshold": threshold}
         tr = RunConfig.from_dict({"training": training}).training
-        return Cadence.for_run(tr, 20, checkpoints=True, history=[StepRecord.from_json(r) for r in saved])
+        history = [StepRecord.from_json(r) for r in saved]
+        return Cadence.for_run(tr, 20, checkpoints=True, max_forgetting=0.05, history=history)
 
     st = resumed(1, 0.1).early_stopping
     # 1.95 is not 0.1 below 2.0; 1.5 is; 1.49 is not below 1.5 by 0.1
@@ -373,14 +476,16 @@ def test_early_stopping_replayed_from_the_records_counts_evaluations_without_a_l
 
 def test_cadence_checkpoints_between_steps_only_and_logs_every_evaluated_step():
     tr = RunConfig.from_dict({"training": {"logging_steps": 5, "eval_steps": 3, "save_steps": 2}}).training
-    cadence = Cadence.for_run(tr, 6, checkpoints=True)
+    cadence = Cadence.for_run(tr, 6, checkpoints=True, max_forgetting=0.05)
     # not after step 6, the last: the final model is saved then
     assert [done for done in range(1, 7) if cadence.checkpoint_after(done)] == [2, 4]
     assert [done for done in range(1, 7) if cadence.evaluate_after(done)] == [3, 6]
     evaluated = [_record(s, 1.0 if cadence.evaluate_after(s + 1) else None) for s in range(6)]
     logged = [r.step for r in evaluated if cadence.log_after(r)]
-    assert logged == [0, 2, 5]  # every 5th step from the first, the evaluated ones, the last
-    assert not Cadence.for_run(tr, 6, checkpoints=False).checkpoint_after(2)  # nowhere to write them
+    assert logged == [0, 2, 4, 5]  # the first, every 5th (step 5), the evaluated ones, the last
+    assert not Cadence.for_run(tr, 6, checkpoints=False, max_forgetting=0.05).checkpoint_after(
+        2
+    )  # nowhere to write them
 
 
 def test_step_record_and_log_line_carry_only_what_was_measured():
@@ -398,13 +503,16 @@ def test_step_record_and_log_line_carry_only_what_was_measured():
         gpu_mem_reserved_gib=35.26,
         mfu=0.4123,
         eval_loss=2.25,
+        general_eval_loss=3.1,
+        forgetting=0.0412,
     )
     optional = ["gpu_mem_allocated_gib", "gpu_mem_reserved_gib", "mfu", "eval_loss"]
+    optional += ["general_eval_loss", "forgetting"]
     assert list(gpu.to_json()) == list(cpu.to_json()) + optional
     assert StepRecord.from_json(json.loads(json.dumps(gpu.to_json()))) == gpu
     assert step_line(gpu, 10, eta_s=12.4) == (
         "step 5/10 loss 2.5000 lr 0.0003 grad_norm 1.235 tok/s 1234 eta 12s mfu 41.2% peak mem 35.3 GiB "
-        "eval_loss 2.2500"
+        "eval_loss 2.2500 general_loss 3.1000 forgetting +4.1%"
     )
 
 

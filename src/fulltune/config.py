@@ -305,17 +305,28 @@ class TrainingSection(_Section):
     logging_steps: int = Field(
         1, ge=1, description="Log loss, learning rate and throughput every this many steps."
     )
-    report_to: list[Literal["none", "tensorboard"]] = Field(
+    report_to: list[Literal["none", "tensorboard", "mlflow"]] = Field(
         default_factory=lambda: ["none"],
-        description="Where rank 0 also reports each step (Hugging Face TrainingArguments' name): 'tensorboard' "
-        "writes event files (loss, learning rate, grad norm, tokens/s, MFU, eval loss; the config as text) "
-        "to logging_dir, on S3 uploaded at every logging step so a TensorBoard on the prefix sees the run "
-        "live; 'none' nothing. A single name or a list. Reporting never fails a run: a write that fails "
-        "is a warning.",
+        description="Where the run is also reported (Hugging Face TrainingArguments' name and values), a name "
+        "or a list: 'tensorboard' writes rank 0's event files (loss, learning rate, grad norm, tokens/s, "
+        "MFU, eval and general loss, forgetting; the config as text) to logging_dir, on S3 uploaded at every "
+        "logging step so a TensorBoard on the prefix sees the run live; 'mlflow' logs one MLflow run per "
+        "pipeline run (the config as params, every step's metrics, the evaluation, the verdict and the "
+        "registered version) to the server $MLFLOW_TRACKING_URI names, credentials from the MLFLOW_* "
+        "environment (a Secret on the cluster); 'none' nothing. Reporting never fails a run: a write that "
+        "fails is a warning.",
     )
     logging_dir: str | None = Field(
         None,
         description="Where TensorBoard event files go (local, PVC or s3://); None: <work_dir>/train/tensorboard.",
+    )
+    run_name: str | None = Field(
+        None,
+        description="report_to mlflow: the MLflow run's name; None: the pipeline run's id (the last part of "
+        "the run's work_dir).",
+    )
+    mlflow_experiment: str | None = Field(
+        None, description="report_to mlflow: the MLflow experiment (created when missing); None: model.name."
     )
 
     @field_validator("report_to", mode="before")
@@ -364,6 +375,14 @@ class TrainingSection(_Section):
     )
     early_stopping_threshold: float = Field(
         0.0, ge=0.0, description="Smallest eval-loss decrease that counts as an improvement."
+    )
+    stop_on_forgetting: bool = Field(
+        False,
+        description="Stop early when an evaluation (eval_steps) finds the general perplexity risen past the "
+        "budget the gate applies (evaluation.max_general_ppl_increase) over the base model's, measured at "
+        "step 0 on the general_eval split. The model saved is the newest checkpoint still within the "
+        "budget when one exists (checkpoints on evaluation steps: save_steps a multiple of eval_steps), "
+        "else the model as of the step that stopped. Needs eval_steps and a general eval set.",
     )
 
     def global_batch_size(self, world_size: int) -> int:

@@ -678,6 +678,16 @@ def check_training(cfg: RunConfig) -> None:
             "training.early_stopping_patience is set but training.eval_steps is 0: "
             "early stopping needs periodic evaluation"
         )
+    if tr.stop_on_forgetting and not tr.eval_steps:
+        raise ConfigError(
+            "training.stop_on_forgetting is set but training.eval_steps is 0: forgetting is measured at "
+            "each evaluation"
+        )
+    if tr.stop_on_forgetting and not cfg.data.general_uri:
+        raise ConfigError(
+            "training.stop_on_forgetting is set but data.general_uri is empty: forgetting is measured on "
+            "the general eval set held out from it"
+        )
 
 
 # -- the step ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ _FONT = "system-ui, sans-serif"
 _FONT_SIZE = 11
 _CHAR_WIDTH = 0.6 * _FONT_SIZE  # average glyph width: enough to keep tick labels clear of the axis
 _INK, _GRID, _AXIS = "#333", "#e6e6e6", "#888"
+_DASH = ' stroke-dasharray="6 4"'
 #: Series colours in order: the first two are base and tuned on the evaluation page.
 PALETTE = ("#8e9aaf", "#3a6ea5", "#d62728", "#2ca02c", "#9467bd", "#8c564b")
 HIST_COLOUR = "#4a7bd0"
@@ -89,6 +90,11 @@ def heading(text: str | Html, level: int = 2) -> str:
 def note(text: str | Html) -> str:
     """A paragraph of secondary text (counts, methods, what a table means)."""
     return f'<p class="meta">{html_text(text)}</p>'
+
+
+def bullet_list(items: Iterable[str | Html]) -> str:
+    """A plain list of sentences (a run's summary); each item is escaped unless it is `Html`."""
+    return "<ul>" + "".join(f"<li>{html_text(item)}</li>" for item in items) + "</ul>"
 
 
 def code(text: Any) -> Html:
@@ -254,9 +260,11 @@ def _text(x: float, y: float, text: str, *, cls: str, anchor: str = "middle", ex
     return f'<text class="{cls}" x="{_f(x)}" y="{_f(y)}" text-anchor="{anchor}"{extra}>{escape(text)}</text>'
 
 
-def _line(x1: float, y1: float, x2: float, y2: float, stroke: str, *, width: float = 1) -> str:
+def _line(
+    x1: float, y1: float, x2: float, y2: float, stroke: str, *, width: float = 1, dashed: bool = False
+) -> str:
     ends = f'x1="{_f(x1)}" y1="{_f(y1)}" x2="{_f(x2)}" y2="{_f(y2)}"'
-    return f'<line {ends} stroke="{stroke}" stroke-width="{width}"/>'
+    return f'<line {ends} stroke="{stroke}" stroke-width="{width}"{_DASH if dashed else ""}/>'
 
 
 def _chart_title(width: float, title: str) -> str:
@@ -334,11 +342,15 @@ def _y_labels_width(ticks: list[float], percent: bool = False) -> float:
 @dataclass(frozen=True)
 class Series:
     """One line: (x, y) points in x order; `markers` draws a dot at each point (a line through a few
-    sparse points, such as periodic evaluations, is hard to read without them)."""
+    sparse points, such as periodic evaluations, is hard to read without them); `dashed` draws a
+    reference line (a limit, a budget) apart from the measured ones; `colour` overrides the palette's
+    turn (a faint raw line under its smoothed one)."""
 
     name: str
     points: Sequence[tuple[float, float]]
     markers: bool = False
+    dashed: bool = False
+    colour: str | None = None
 
 
 def line_chart(
@@ -350,10 +362,12 @@ def line_chart(
     width: int = 680,
     height: int = 300,
     integer_x: bool = False,
+    percent: bool = False,
 ) -> str:
-    """Lines on shared axes, x and y ticks around the data, a legend row above the plot."""
+    """Lines on shared axes, x and y ticks around the data, a legend row above the plot. `percent`
+    reads the y values as fractions and labels them as percentages."""
     # A diverged run logs nan or inf losses: they have no place on an axis, the rest of the line does.
-    finite = [Series(s.name, [(x, y) for x, y in s.points if math.isfinite(y)], s.markers) for s in series]
+    finite = [replace(s, points=[(x, y) for x, y in s.points if math.isfinite(y)]) for s in series]
     drawn = [s for s in finite if s.points]
     if not drawn:
         return note(f"{title}: no data")
@@ -361,23 +375,23 @@ def line_chart(
     ys = [y for s in drawn for _, y in s.points]
     x_ticks = nice_ticks(min(xs), max(xs), 6, integer=integer_x)
     y_ticks = nice_ticks(min(ys), max(ys), 5)
-    left = 28 + _y_labels_width(y_ticks)
+    left = 28 + _y_labels_width(y_ticks, percent)
     frame = _Frame(
         left, 52, width - left - 16, height - 52 - 44, (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
     )
     body = [_chart_title(width, title)]
     body += _legend(drawn, frame.left, 38)
-    body += _y_axis(frame, y_ticks)
+    body += _y_axis(frame, y_ticks, percent=percent)
     body += _x_ticks(frame, x_ticks)
     body += _axis_titles(frame, x_label, y_label)
-    for colour, s in zip(_colours(len(drawn)), drawn, strict=True):
+    for colour, s in zip(_colours(drawn), drawn, strict=True):
         body.append(_series_marks(frame, s, colour))
-    return _svg(width, height, title, _describe_lines(title, x_label, drawn), body)
+    return _svg(width, height, title, _describe_lines(title, x_label, drawn, percent), body)
 
 
-def _colours(n: int) -> list[str]:
+def _colours(series: Sequence[Series]) -> list[str]:
     # Grey first is for the base model in bar charts; lines start at the strong blue.
-    return [PALETTE[(i + 1) % len(PALETTE)] for i in range(n)]
+    return [s.colour or PALETTE[(i + 1) % len(PALETTE)] for i, s in enumerate(series)]
 
 
 def _x_ticks(frame: _Frame, ticks: list[float]) -> list[str]:
@@ -392,8 +406,8 @@ def _x_ticks(frame: _Frame, ticks: list[float]) -> list[str]:
 
 def _legend(series: Sequence[Series], left: float, y: float) -> list[str]:
     parts, x = [], left
-    for colour, s in zip(_colours(len(series)), series, strict=True):
-        parts.append(_line(x, y - 4, x + 18, y - 4, colour, width=2))
+    for colour, s in zip(_colours(series), series, strict=True):
+        parts.append(_line(x, y - 4, x + 18, y - 4, colour, width=2, dashed=s.dashed))
         if s.markers:
             parts.append(f'<circle cx="{_f(x + 9)}" cy="{_f(y - 4)}" r="3" fill="{colour}"/>')
         parts.append(_text(x + 24, y, s.name, cls="legend", anchor="start"))
@@ -406,22 +420,23 @@ def _series_marks(frame: _Frame, s: Series, colour: str) -> str:
     parts = [f'<g class="series" data-name="{escape(s.name)}">']
     if len(points) > 1:
         coords = " ".join(f"{_f(x)},{_f(y)}" for x, y in points)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
+        dash = _DASH if s.dashed else ""
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{coords}"/>')
     if s.markers or len(points) == 1:
         parts += [f'<circle cx="{_f(x)}" cy="{_f(y)}" r="3" fill="{colour}"/>' for x, y in points]
     parts.append("</g>")
     return "".join(parts)
 
 
-def _describe_lines(title: str, x_label: str, series: Sequence[Series]) -> str:
+def _describe_lines(title: str, x_label: str, series: Sequence[Series], percent: bool = False) -> str:
+    shown = format_percent if percent else format_number
     parts = []
     for s in series:
         (x0, y0), (x1, y1) = s.points[0], s.points[-1]
         ys = [y for _, y in s.points]
         parts.append(
             f"{s.name}: {len(s.points)} points, {x_label} {format_number(x0)} to {format_number(x1)}, "
-            f"from {format_number(y0)} to {format_number(y1)} (min {format_number(min(ys))}, "
-            f"max {format_number(max(ys))})"
+            f"from {shown(y0)} to {shown(y1)} (min {shown(min(ys))}, max {shown(max(ys))})"
         )
     return f"Line chart, {title}. " + "; ".join(parts)
 

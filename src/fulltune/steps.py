@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fulltune import storage
+from fulltune import mlflow_run, storage
 from fulltune.config import RunConfig
 from fulltune.layout import EVAL_FILE, EVAL_REPORT_FILE, RunLayout
 
@@ -228,15 +228,17 @@ def train(
     task_name: str = "train",
     image: str | None = None,
     s3_secret: str = "",
+    mlflow_secret: str = "",
 ) -> str:
     """Launch the ranks, stream their log, return the tuned model's URI.
 
     `run_id` and `task_name` (the pipeline run and this task) give the Kubernetes job its stable name;
     `image` is the training image when `resources.kubernetes.image` is not set; `s3_secret` names the
-    Secret the pipeline's own pods read S3 credentials from, which the training pods read too.
+    Secret the pipeline's own pods read S3 credentials from, which the training pods read too, and
+    `mlflow_secret` the one with the MLflow server and credentials (both optional there, names only).
     """
     from fulltune.train.run import run_training
-    from fulltune.train.train_page import training_report_html
+    from fulltune.train.train_page import training_metrics, training_report_html
 
     _setup_logging()
     run = run_training(
@@ -245,9 +247,9 @@ def train(
         run_id=run_id,
         task_name=task_name,
         image=image or None,
-        optional_secrets=(s3_secret,) if s3_secret else (),
+        optional_secrets=tuple(s for s in (s3_secret, mlflow_secret) if s),
     )
-    _log_metrics(log_metric, run.summary.to_json())
+    _log_metrics(log_metric, training_metrics(run.records, run.summary))
     _write_out(training_report_html(run.records, run.summary), report_path)
     return run.model_uri
 
@@ -277,6 +279,8 @@ def evaluate(
         storage.upload_dir(tmp, cfg.layout.eval_dir)
         _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
         _copy_out(Path(tmp, EVAL_FILE), eval_path)
+        files = {name: str(Path(tmp, name)) for name in (EVAL_FILE, EVAL_REPORT_FILE)}
+        mlflow_run.record_evaluation(cfg, result.kfp_metrics(), result.verdict, result.reasons, files)
     _log_metrics(log_metric, result.kfp_metrics())
     log.info("verdict: %s", "PASS" if result.verdict else "FAIL (the model will not be registered)")
     for reason in result.reasons:
@@ -328,4 +332,5 @@ def register(cfg: RunConfig, model_uri: str, eval_path: str, run_id: str = "", f
     lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
     uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)
     log.info("registered %s", uri)
+    mlflow_run.record_registration(cfg, uri)
     return uri

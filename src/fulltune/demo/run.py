@@ -53,6 +53,9 @@ def demo_config(
         "bf16": False,
         "logging_steps": 25,
         "report_to": ["tensorboard"],  # event files under the run's work directory, printed at the end
+        # forgetting measured as it trains, stopping a run the gate would refuse (the forget demo)
+        "eval_steps": 25,
+        "stop_on_forgetting": True,
     }
     replay = 0.5
     if forget:  # thirty times the learning rate, no replay: general perplexity more than doubles

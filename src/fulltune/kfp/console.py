@@ -31,7 +31,7 @@ from typing import IO
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_STEP = re.compile(r"step (\d+)/(\d+) loss (\S+) .*?tok/s (\S+).*? eta (\S+)")
+_STEP = re.compile(r"step (\d+)/(\d+) loss (\S+) .*?tok/s (\S+).*? eta (\S+)(?:.* forgetting (\S+))?")
 _ERROR = re.compile(r"^[\w.]*(Error|Exception)\b.*?: ")
 
 # The figures each step's line shows: (metric the step logs, label, format).
@@ -46,6 +46,7 @@ FIGURES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("steps", "steps", "{:,.0f}"),
         ("final_loss", "final loss", "{:.4f}"),
         ("train_seconds", "s of training", "{:,.0f}"),
+        ("final_forgetting", "forgetting", "{:+.1%}"),
     ),
 }
 
@@ -102,8 +103,9 @@ class StepConsole:
             else:
                 self.say(f"FAILED {name} ({took:.1f} s)")
         elif m := _STEP.search(line):
-            step, total, loss, tokens, eta = m.groups()
+            step, total, loss, tokens, eta, forgetting = m.groups()
             text = f"  train: step {step}/{total} loss {loss} tok/s {tokens} eta {eta}"
+            text += f" forgetting {forgetting}" if forgetting else ""
             if self.out.isatty():
                 self.out.write("\r" + text.ljust(72))
                 self.out.flush()

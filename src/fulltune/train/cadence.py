@@ -3,19 +3,22 @@
 The training loop asks a `Cadence` and nothing else for these decisions. Every count is of optimizer
 steps done (`done` = the 0-based step + 1), as the log line and the checkpoint tags count them.
 
-Evaluation runs every `eval_steps` steps; its loss goes into that step's metrics record. Early
-stopping: when `early_stopping_patience` evaluations in a row have not lowered the best eval loss by
-more than `early_stopping_threshold`, training stops and the model *as of that last step* is saved
-(not the best one: keeping the best would cost a full checkpoint per improvement; with patience P it
-is at most P evaluations past the best, and the summary names the best step and loss). The
-early-stopping state is replayed from the metrics records a checkpoint carries, so a resumed run
-stops where an uninterrupted one would.
+Evaluation runs every `eval_steps` steps; its losses go into that step's metrics record. Two reasons
+to stop early, both replayed from the metrics records a checkpoint carries, so a resumed run stops
+where an uninterrupted one would:
+- early stopping: when `early_stopping_patience` evaluations in a row have not lowered the best eval
+  loss by more than `early_stopping_threshold`, training stops and the model *as of that last step*
+  is saved (not the best one: keeping the best would cost a full checkpoint per improvement; with
+  patience P it is at most P evaluations past the best, and the summary names the best step and loss);
+- forgetting (`stop_on_forgetting`): the first evaluation whose forgetting (general perplexity over
+  the base model's, - 1) exceeds the gate's budget stops training; the recipe then goes back to the
+  newest checkpoint taken on an evaluation within the budget, when one is left.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fulltune.config import TrainingSection
 from fulltune.train.metrics import StepRecord
@@ -45,24 +48,54 @@ class EarlyStopping:
 
 
 @dataclass
+class ForgettingWatch:
+    """Forgetting at each evaluation against the gate's budget; stops training when `stop` is set."""
+
+    budget: float  # evaluation.max_general_ppl_increase
+    stop: bool  # training.stop_on_forgetting
+    within: list[int] = field(default_factory=list)  # 0-based steps whose evaluation was within budget
+    exceeded_step: int | None = None  # 0-based step of the first evaluation over it
+    exceeded_by: float | None = None  # the forgetting measured then
+
+    def observe(self, step: int, forgetting: float) -> None:
+        if forgetting <= self.budget:  # NaN (a diverged loss) is over the budget
+            self.within.append(step)
+        elif self.exceeded_step is None:
+            self.exceeded_step, self.exceeded_by = step, forgetting
+
+    @property
+    def triggered(self) -> bool:
+        return self.stop and self.exceeded_step is not None
+
+
+@dataclass
 class Cadence:
     total_steps: int
     logging_steps: int
     eval_steps: int  # 0: never evaluate
     save_steps: int  # 0: no checkpoints (none configured, or nowhere to write them)
     early_stopping: EarlyStopping
+    forgetting: ForgettingWatch
 
     @classmethod
     def for_run(
-        cls, tr: TrainingSection, total_steps: int, *, checkpoints: bool, history: Iterable[StepRecord] = ()
+        cls,
+        tr: TrainingSection,
+        total_steps: int,
+        *,
+        checkpoints: bool,
+        max_forgetting: float,
+        history: Iterable[StepRecord] = (),
     ) -> Cadence:
-        """The cadence of a run of `total_steps`, its early-stopping state replayed from `history`."""
+        """The cadence of a run of `total_steps`, its stopping state replayed from `history`;
+        `max_forgetting` is the gate's budget (evaluation.max_general_ppl_increase)."""
         cadence = cls(
             total_steps,
             tr.logging_steps,
             tr.eval_steps,
             tr.save_steps if checkpoints else 0,
             EarlyStopping(tr.early_stopping_patience, tr.early_stopping_threshold),
+            ForgettingWatch(max_forgetting, tr.stop_on_forgetting),
         )
         for record in history:
             cadence.observe(record)
@@ -72,9 +105,29 @@ class Cadence:
         """Take in a finished step's record (its eval loss, when it has one)."""
         if record.eval_loss is not None:
             self.early_stopping.observe(record.step, record.eval_loss)
+        if record.forgetting is not None:
+            self.forgetting.observe(record.step, record.forgetting)
 
     def should_stop(self) -> bool:
-        return self.early_stopping.triggered
+        return self.early_stopping.triggered or self.forgetting.triggered
+
+    def stop_reason(self) -> str | None:
+        """Why training stops before its last step, in the words the log and the report use."""
+        watch, stopping = self.forgetting, self.early_stopping
+        if watch.triggered:
+            assert watch.exceeded_step is not None and watch.exceeded_by is not None
+            return (
+                f"forgetting: at step {watch.exceeded_step + 1} general perplexity rose "
+                f"{watch.exceeded_by:.1%} over the base model's, past the {watch.budget:.1%} the gate allows "
+                "(training.stop_on_forgetting)"
+            )
+        if stopping.triggered:
+            assert stopping.best_loss is not None and stopping.best_step is not None
+            return (
+                f"early stopping: {stopping.since_best} evaluations without an eval-loss drop of more than "
+                f"{stopping.threshold:g} (best {stopping.best_loss:.4f} at step {stopping.best_step + 1})"
+            )
+        return None
 
     def evaluate_after(self, done: int) -> bool:
         return bool(self.eval_steps) and done % self.eval_steps == 0
@@ -90,6 +143,12 @@ class Cadence:
         )
 
     def log_after(self, record: StepRecord) -> bool:
-        """Log this step? Every `logging_steps`, the last step, and every step that was evaluated."""
-        step = record.step
-        return step % self.logging_steps == 0 or step == self.total_steps - 1 or record.eval_loss is not None
+        """Log this step? The first, every `logging_steps`-th (counted as the log counts them, as
+        Hugging Face's Trainer does), the last, and every step that was evaluated."""
+        done = record.step + 1
+        return (
+            done == 1
+            or done % self.logging_steps == 0
+            or done == self.total_steps
+            or record.eval_loss is not None
+        )

@@ -94,6 +94,17 @@ def find_resume(root: str) -> str | None:
     return None
 
 
+def newest_complete(root: str, steps: set[int]) -> str | None:
+    """The newest complete checkpoint among those of `steps` (steps done); None when none is left."""
+    for tag in list_tags(root):
+        if step_of(tag) in steps:
+            problem = verify(root, tag)
+            if problem is None:
+                return tag
+            log.warning("checkpoint %s is not usable (%s)", storage.join(root, tag), problem)
+    return None
+
+
 def _staging(root: str) -> Path:
     """A node-local directory for s3:// checkpoints, the same path for every rank of the node."""
     digest = hashlib.sha256(root.encode()).hexdigest()[:16]

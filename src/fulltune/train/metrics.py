@@ -16,8 +16,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fulltune.train.cadence import EarlyStopping
 
-# Written only when measured: on a GPU (memory), with a known peak (mfu), on evaluation steps.
-_OPTIONAL = ("gpu_mem_allocated_gib", "gpu_mem_reserved_gib", "mfu", "eval_loss")
+# Written only when measured: on a GPU (memory), with a known peak (mfu), on evaluation steps (the
+# general loss and forgetting only when the dataset has a general_eval split).
+_OPTIONAL = (
+    "gpu_mem_allocated_gib",
+    "gpu_mem_reserved_gib",
+    "mfu",
+    "eval_loss",
+    "general_eval_loss",
+    "forgetting",
+)
 
 
 @dataclass
@@ -32,7 +40,9 @@ class StepRecord:
     gpu_mem_allocated_gib: float | None = None  # peak since the process started
     gpu_mem_reserved_gib: float | None = None
     mfu: float | None = None
-    eval_loss: float | None = None
+    eval_loss: float | None = None  # token-mean loss on the domain_eval split
+    general_eval_loss: float | None = None  # the same on the general_eval split
+    forgetting: float | None = None  # general perplexity / the base model's - 1, as the gate measures it
 
     def to_json(self) -> dict[str, Any]:
         """The metrics record: every field, less the optional ones that were not measured."""
@@ -69,16 +79,25 @@ def step_line(record: StepRecord, total_steps: int, eta_s: float) -> str:
         line += f" peak mem {record.gpu_mem_reserved_gib:.1f} GiB"
     if record.eval_loss is not None:
         line += f" eval_loss {record.eval_loss:.4f}"
+    if record.general_eval_loss is not None and record.forgetting is not None:
+        line += f" general_loss {record.general_eval_loss:.4f} forgetting {record.forgetting:+.1%}"
     return line
 
 
-def early_stop_line(stopping: EarlyStopping, done: int) -> str:
-    assert stopping.best_loss is not None and stopping.best_step is not None
-    return (
-        f"early stopping after step {done}: {stopping.since_best} evaluations without an eval-loss drop "
-        f"of more than {stopping.threshold:g} (best {stopping.best_loss:.4f} at step "
-        f"{stopping.best_step + 1}); saving the model as of step {done}"
-    )
+def step_scalars(record: StepRecord) -> dict[str, float]:
+    """The step's figures under the names every tracker reports them by (TensorBoard tags, MLflow
+    metric keys), less those the step did not measure."""
+    values = {
+        "train/loss": record.loss,
+        "train/learning_rate": record.lr,
+        "train/grad_norm": record.grad_norm,
+        "train/tokens_per_second": record.tokens_per_s,
+        "train/mfu": record.mfu,
+        "eval/loss": record.eval_loss,
+        "eval/general_loss": record.general_eval_loss,
+        "eval/forgetting": record.forgetting,
+    }
+    return {name: float(value) for name, value in values.items() if value is not None}
 
 
 @dataclass
@@ -93,10 +112,25 @@ class TrainingSummary:
     first_loss: float
     final_loss: float
     train_seconds: float  # every attempt's, each up to the checkpoint the next one resumed from
+    tokens: int = 0  # loss tokens trained on, over every step taken
+    device: str = "cpu"  # what the ranks trained on: "cuda" or "cpu" (device-hours are GPU-hours on cuda)
+    stop_reason: str | None = None  # why training stopped before planned_steps, in plain words
+    saved_step: int | None = None  # 1-based step of the saved model when it is not the last step taken
+    resumed_from: str | None = None  # the checkpoint the last attempt resumed from
+    resumed_at_step: int | None = None  # and the steps done by then
     # Only when the run evaluated:
     final_eval_loss: float | None = None
     best_eval_loss: float | None = None
     best_eval_step: int | None = None  # 1-based, as the log and the page count steps
+    # Only when it also measured forgetting (a general_eval split):
+    base_general_loss: float | None = None  # the base model's, at step 0
+    final_forgetting: float | None = None  # at the newest evaluation up to the saved model's step
+    max_forgetting: float | None = None  # the gate's budget (evaluation.max_general_ppl_increase)
+
+    @property
+    def device_hours(self) -> float:
+        """Training time times ranks: GPU-hours when device is cuda."""
+        return self.train_seconds * self.world_size / 3600.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -114,19 +148,28 @@ def training_summary(
     world: int,
     stopping: EarlyStopping,
     seconds: float,
+    **measured: Any,
 ) -> TrainingSummary:
+    """The summary of `records`; `measured` sets the fields the records do not tell (device,
+    stop_reason, saved_step, resumed_from, resumed_at_step, base_general_loss, max_forgetting)."""
     summary = TrainingSummary(
         steps=records[-1].step + 1,
         planned_steps=planned_steps,
-        stopped_early=stopping.triggered,
+        stopped_early=measured.get("stop_reason") is not None,
         global_batch=global_batch,
         world_size=world,
         first_loss=records[0].loss,
         final_loss=records[-1].loss,
         train_seconds=seconds,
+        tokens=sum(r.tokens for r in records),
+        **measured,
     )
     if stopping.evals:
         summary.final_eval_loss = next(r.eval_loss for r in reversed(records) if r.eval_loss is not None)
         summary.best_eval_loss = stopping.best_loss
         summary.best_eval_step = stopping.best_step + 1
+    saved = summary.saved_step or summary.steps
+    summary.final_forgetting = next(
+        (r.forgetting for r in reversed(records[:saved]) if r.forgetting is not None), None
+    )
     return summary

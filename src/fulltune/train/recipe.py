@@ -60,7 +60,6 @@ from fulltune.train.loss import EVAL_SPLIT, check_eval_split, eval_loss, train_s
 from fulltune.train.metrics import (
     StepRecord,
     TrainingSummary,
-    early_stop_line,
     gpu_memory_gib,
     step_line,
     training_summary,
@@ -89,6 +88,7 @@ def main(argv: list[str] | None = None, step_end: Sequence[StepEnd] = ()) -> int
     # ~20% of the allocated peak unused where the default left up to 45% (benchmarks/plan_memory.py);
     # plan's estimate assumes it. A value the user set wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    recipe = None
     try:
         recipe = Recipe(load_config(args.config), args, step_end)
         recipe.setup()
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None, step_end: Sequence[StepEnd] = ()) -> int
         recipe.save()
         recipe.cleanup()
     except Exception as exc:  # noqa: BLE001 - every failure leaves with the exit code that says what to do
+        if recipe is not None:
+            recipe.close_trackers(failed=True)
         return log_failure(exc)
     return 0
 
@@ -111,6 +113,8 @@ class Recipe:
 
     def __init__(self, cfg: RunConfig, args: TrainerArgs, step_end: Sequence[StepEnd] = ()):
         self.cfg, self.args, self.step_end = cfg, args, tuple(step_end)
+        self.trackers: list = []
+        self.summary: TrainingSummary | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -133,6 +137,7 @@ class Recipe:
         self.num_sequences, seq_len = self.data["input_ids"].shape
         self.sched = make_schedule(self.cfg, self.num_sequences, self.ranks.world)
         self.eval_data = load_split(self.args.dataset, EVAL_SPLIT) if tr.eval_steps else None
+        self.general_data = self._general_split() if tr.eval_steps else None
         self._log("loaded %d training sequences; loading the model under ZeRO-3", self.num_sequences)
         with storage.local_dir(self.cfg.model.base_model_uri) as model_dir:
             model, self._ds_marker = load_model(self.cfg, ds_config, model_dir)
@@ -142,9 +147,17 @@ class Recipe:
             self.engine.module, self.ranks, self.cfg.precision, self.sched.global_batch, seq_len
         )
         self._log_plan(seq_len)
-        self.first_step, self.records, self.seconds_before = self._resume()
+        state = self._resume()
+        self.first_step = int(state.get("step", 0))
+        self.records = [StepRecord.from_json(r) for r in state.get("records", [])]
+        self.seconds_before = float(state.get("train_seconds", 0.0))
+        self.base_general_loss = self._base_general_loss(state)
         self.cadence = Cadence.for_run(
-            tr, self.sched.total_steps, checkpoints=bool(self.args.checkpoints), history=self.records
+            tr,
+            self.sched.total_steps,
+            checkpoints=bool(self.args.checkpoints),
+            max_forgetting=self.cfg.evaluation.max_general_ppl_increase,
+            history=self.records,
         )
         self.trackers = build_trackers(self.cfg, self.ranks.rank, self.sched.total_steps)
         self.step_end = (*self.step_end, *self.trackers)  # training.report_to: rank 0's trackers
@@ -188,37 +201,76 @@ class Recipe:
             evaluating,
         )
 
-    def _resume(self) -> tuple[int, list[StepRecord], float]:
-        """(first step, records so far, training seconds so far): from the newest complete checkpoint,
-        or (0, [], 0.0) when there is none. Rank 0 decides (verifying checksums once) and tells the
-        others, so every rank loads the same tag."""
-        import torch.distributed as dist
+    def _general_split(self) -> dict[str, Any] | None:
+        """The sequences of the general_eval split `evaluate` measures forgetting on (the same first
+        `evaluation.max_eval_sequences`); None when the dataset has none."""
+        from fulltune.preprocess.dataset import GENERAL_EVAL, load_manifest, load_split
 
+        manifest = load_manifest(self.args.dataset)
+        if not manifest.sequences(GENERAL_EVAL):
+            return None
+        return load_split(manifest, GENERAL_EVAL, limit=self.cfg.evaluation.max_eval_sequences)
+
+    def _resume(self) -> dict[str, Any]:
+        """The state saved with the newest complete checkpoint, once loaded into the engine ({} when
+        there is none: step 0). Rank 0 decides (verifying checksums once) and tells the others, so
+        every rank loads the same tag."""
+        self.resumed_from: str | None = None
         root = self.args.checkpoints
         if not root:
-            return 0, [], 0.0
+            return {}
+        tag = self._agree_on_checkpoint(lambda: checkpoint.find_resume(root))
+        if tag is None:
+            return {}
+        state = checkpoint.load(self.engine, root, tag, local_rank=self.ranks.local_rank)
+        self.resumed_from = storage.join(root, tag)
+        self._log(
+            "resumed from %s at step %d (%.3f s of training before)",
+            self.resumed_from,
+            state["step"],
+            float(state.get("train_seconds", 0.0)),
+        )
+        return state
+
+    def _agree_on_checkpoint(self, choose: Callable[[], str | None]) -> str | None:
+        """The checkpoint tag `choose` picks on rank 0, broadcast to every rank (its CheckpointError
+        raised on every rank)."""
+        import torch.distributed as dist
+
         decision: list[Any] = [None, None]
         if self.ranks.rank == 0:
             try:
-                decision[0] = checkpoint.find_resume(root)
+                decision[0] = choose()
             except checkpoint.CheckpointError as exc:
                 decision[1] = str(exc)
         dist.broadcast_object_list(decision, src=0)
         tag, error = decision
         if error:
             raise checkpoint.CheckpointError(error)
-        if tag is None:
-            return 0, [], 0.0
-        state = checkpoint.load(self.engine, root, tag, local_rank=self.ranks.local_rank)
-        seconds = float(state.get("train_seconds", 0.0))
-        self._log(
-            "resumed from %s at step %d (%.3f s of training before)",
-            storage.join(root, tag),
-            state["step"],
-            seconds,
-        )
-        records = [StepRecord.from_json(r) for r in state["records"]]
-        return int(state["step"]), records, seconds
+        return tag
+
+    def _base_general_loss(self, state: dict[str, Any]) -> float | None:
+        """The base model's loss on the general split, that forgetting during training is measured
+        against: computed before the first step, carried by every checkpoint after it."""
+        if self.general_data is None:
+            return None
+        if not self.first_step:
+            loss = self._loss_on(self.general_data)
+            n = self.general_data["input_ids"].shape[0]
+            self._log(
+                "general_eval: the base model's loss is %.4f over %d sequences (forgetting is "
+                "measured against it)",
+                loss,
+                n,
+            )
+            return loss
+        if "base_general_loss" not in state:
+            self._log(
+                "the checkpoint does not carry the base model's general loss: forgetting is not "
+                "measured during this attempt"
+            )
+            return None
+        return float(state["base_general_loss"])
 
     # -- train ------------------------------------------------------------------------------------
 
@@ -232,7 +284,7 @@ class Recipe:
             record = self._optimizer_step(step)
             done = step + 1
             if self.cadence.evaluate_after(done):
-                record.eval_loss = self._evaluate()
+                self._evaluate(record)
             self.records.append(record)
             self.cadence.observe(record)
             if self.cadence.checkpoint_after(done):
@@ -243,9 +295,10 @@ class Recipe:
             for callback in self.step_end:
                 callback(done, self.ranks.rank, record)
             if self.cadence.should_stop():
-                self._log("%s", early_stop_line(self.cadence.early_stopping, done))
+                self._log("stopping after step %d: %s", done, self.cadence.stop_reason())
                 break
         self.train_seconds = self._seconds_so_far()
+        self.saved_step = self._roll_back_past_forgetting()
 
     def _seconds_so_far(self) -> float:
         """Training time of this attempt and of the earlier ones up to the checkpoint it resumed from
@@ -279,18 +332,56 @@ class Recipe:
             mfu=self.mfu(step_time),
         )
 
-    def _evaluate(self) -> float:
+    def _evaluate(self, record: StepRecord) -> None:
+        """The step's eval loss and, when the base's is known, its general loss and forgetting."""
+        from fulltune.evaluate.gate import forgetting
+        from fulltune.evaluate.loss import perplexity
+
+        record.eval_loss = self._loss_on(self.eval_data)
+        if self.base_general_loss is not None:
+            record.general_eval_loss = self._loss_on(self.general_data)
+            record.forgetting = forgetting(
+                perplexity(self.base_general_loss), perplexity(record.general_eval_loss)
+            )
+
+    def _loss_on(self, data: dict[str, Any]) -> float:
         r = self.ranks
         micro_batch = self.cfg.training.per_device_train_batch_size
         return eval_loss(
-            self.engine, self.eval_data, rank=r.rank, world=r.world, micro_batch=micro_batch, device=r.device
+            self.engine, data, rank=r.rank, world=r.world, micro_batch=micro_batch, device=r.device
         )
+
+    def _roll_back_past_forgetting(self) -> int | None:
+        """After a stop on forgetting: load the newest checkpoint taken on an evaluation within the
+        budget and return its step; None (the model stays as of the last step) when none is left."""
+        watch = self.cadence.forgetting
+        if not watch.triggered:
+            return None
+        within = {step + 1 for step in watch.within}
+        root = self.args.checkpoints
+        tag = self._agree_on_checkpoint(lambda: checkpoint.newest_complete(root, within)) if root else None
+        if tag is None:
+            self._log(
+                "no checkpoint of a step within the forgetting budget: saving the model as of step %d",
+                self.records[-1].step + 1,
+            )
+            return None
+        checkpoint.load(self.engine, root, tag, local_rank=self.ranks.local_rank)
+        step = checkpoint.step_of(tag)
+        self._log(
+            "rolled back to the checkpoint at step %d, the newest within the forgetting budget "
+            "(forgetting %+.1f%%): saving that model",
+            step,
+            100 * self.records[step - 1].forgetting,
+        )
+        return step
 
     def _save_checkpoint(self, done: int) -> None:
         state = {
             "step": done,
             "records": [r.to_json() for r in self.records],
             "train_seconds": self._seconds_so_far(),
+            "base_general_loss": self.base_general_loss,
         }
         checkpoint.save(
             self.engine,
@@ -306,27 +397,43 @@ class Recipe:
 
     def save(self) -> None:
         """The final model and the metrics file (every rank takes part in consolidating the model)."""
-        summary = training_summary(
+        measured_forgetting = self.base_general_loss is not None
+        self.summary = training_summary(
             self.records,
             planned_steps=self.sched.total_steps,
             global_batch=self.sched.global_batch,
             world=self.ranks.world,
             stopping=self.cadence.early_stopping,
             seconds=self.train_seconds,
+            device=self.ranks.device.type,
+            stop_reason=self.cadence.stop_reason(),
+            saved_step=self.saved_step,
+            resumed_from=self.resumed_from,
+            resumed_at_step=self.first_step if self.resumed_from else None,
+            base_general_loss=self.base_general_loss,
+            max_forgetting=self.cfg.evaluation.max_general_ppl_increase if measured_forgetting else None,
         )
-        save_model(self.engine, self.cfg, self.args, self.ranks.rank, self.records, summary)
+        save_model(self.engine, self.cfg, self.args, self.ranks.rank, self.records, self.summary)
 
     def cleanup(self) -> None:
         import torch.distributed as dist
 
         self._ds_marker = None  # ZeRO-3's load-time config: no model is built after this
-        for tracker in self.trackers:
-            tracker.close()
+        self.close_trackers()
         dist.barrier()
         # Leaving the process group to interpreter exit let a gloo rank abort in its thread
         # destructors ("terminate called without an active exception") after the model was saved,
         # turning a finished run into exit 138 (seen once in CI); torchtune's recipes end the same way.
         dist.destroy_process_group()
+
+    def close_trackers(self, failed: bool = False) -> None:
+        """Hand the trackers the run's final figures (none when it failed) and close them, once."""
+        from fulltune.train.train_page import training_metrics
+
+        final = training_metrics(self.records, self.summary) if self.summary and not failed else None
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(final, failed=failed)
 
 
 def _float(x: Any) -> float | None:

@@ -12,33 +12,99 @@ TensorBoard pointed at the prefix follows the run. Scalars, by their TensorBoard
 train/learning_rate, train/grad_norm, train/tokens_per_second, train/mfu (when measured) and
 eval/loss (on evaluation steps), at the optimizer step (1-based) they belong to; the resolved
 config as text at the start.
+
+MLflow (`fulltune.mlflow_run`): the pipeline run's MLflow run gets the config as params and as
+`config.yaml` at the start, the same scalars as metrics, and the final figures (`train_page.
+training_metrics`) as `train_summary/*`; its status is RUNNING while training, then FINISHED or
+FAILED. The loop only appends to a list: a thread sends the steps at every logging step, so a slow or
+unreachable server never stalls training; at the end the tracker waits at most CLOSE_TIMEOUT_S for
+what is left, then leaves it unsent with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
+from fulltune.train.metrics import step_scalars
 
 if TYPE_CHECKING:
     from fulltune.config import RunConfig
+    from fulltune.mlflow_run import MlflowRun
     from fulltune.train.metrics import StepRecord
+
+CLOSE_TIMEOUT_S = 60.0
 
 log = logging.getLogger("fulltune.train")
 
 
-def build_trackers(cfg: RunConfig, rank: int, total_steps: int) -> list[TensorBoardTracker]:
+def build_trackers(cfg: RunConfig, rank: int, total_steps: int) -> list[TensorBoardTracker | MlflowTracker]:
     """The trackers `training.report_to` asks for, on rank 0; none elsewhere or for 'none'."""
-    if rank != 0 or "tensorboard" not in cfg.training.report_to:
+    from fulltune.mlflow_run import MlflowRun, config_params
+
+    if rank != 0:
         return []
-    destination = cfg.training.logging_dir or cfg.layout.tensorboard
-    tracker = TensorBoardTracker(destination, cfg.training.logging_steps, total_steps)
-    tracker.write_config(cfg.to_yaml())
-    log.info("TensorBoard: event files at %s (tensorboard --logdir %s)", destination, destination)
-    return [tracker]
+    trackers: list[TensorBoardTracker | MlflowTracker] = []
+    if "tensorboard" in cfg.training.report_to:
+        destination = cfg.training.logging_dir or cfg.layout.tensorboard
+        tensorboard = TensorBoardTracker(destination, cfg.training.logging_steps, total_steps)
+        tensorboard.write_config(cfg.to_yaml())
+        log.info("TensorBoard: event files at %s (tensorboard --logdir %s)", destination, destination)
+        trackers.append(tensorboard)
+    if (run := MlflowRun.open(cfg, keep_trying=True)) is not None:
+        run.set_status("RUNNING")
+        run.log_params(config_params(cfg))
+        run.log_text(cfg.to_yaml(), "config.yaml")
+        trackers.append(MlflowTracker(run, cfg.training.logging_steps, total_steps))
+    return trackers
+
+
+class MlflowTracker:
+    """Rank 0's MLflow reporting; see the module docstring."""
+
+    def __init__(
+        self, run: MlflowRun, logging_steps: int, total_steps: int, close_timeout_s: float = CLOSE_TIMEOUT_S
+    ):
+        self.run, self.logging_steps, self.total_steps = run, logging_steps, total_steps
+        self.close_timeout_s = close_timeout_s
+        self._steps: list[tuple[int, dict[str, float]]] = []
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send, name="fulltune-mlflow", daemon=True)
+        self._sender.start()
+
+    def __call__(self, done: int, rank: int, record: StepRecord) -> None:
+        self._steps.append((done, step_scalars(record)))
+        if done % self.logging_steps == 0 or done == self.total_steps:
+            self._outbox.put(("metrics", self._steps))
+            self._steps = []
+
+    def close(self, final: dict[str, float] | None = None, failed: bool = False) -> None:
+        """Send what is left, the final figures and the run's status; wait at most close_timeout_s."""
+        if self._steps:
+            self._outbox.put(("metrics", self._steps))
+        if final:
+            self._outbox.put(("metrics", [(0, {f"train_summary/{k}": v for k, v in final.items()})]))
+        self._outbox.put(("status", "FAILED" if failed else "FINISHED"))
+        self._outbox.put(None)
+        self._sender.join(self.close_timeout_s)
+        if self._sender.is_alive():
+            log.warning(
+                "MLflow: the server did not take the last metrics within %.0f s; left unsent",
+                self.close_timeout_s,
+            )
+
+    def _send(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            kind, payload = item
+            if kind == "metrics":
+                self.run.log_metrics(payload)
+            else:
+                self.run.set_status(payload)
 
 
 class TensorBoardTracker:
@@ -64,24 +130,15 @@ class TensorBoardTracker:
         if done % self.logging_steps == 0 or done == self.total_steps:
             self._guard("flush", self._publish)
 
-    def close(self) -> None:
+    def close(self, final: dict[str, float] | None = None, failed: bool = False) -> None:
         self._guard("flush", self._publish)
         self._guard("close", lambda: self.writer.close())
         if self._tmp:
             self._tmp.cleanup()
 
     def _scalars(self, done: int, record: StepRecord) -> None:
-        values = {
-            "train/loss": record.loss,
-            "train/learning_rate": record.lr,
-            "train/grad_norm": record.grad_norm,
-            "train/tokens_per_second": record.tokens_per_s,
-            "train/mfu": record.mfu,
-            "eval/loss": record.eval_loss,
-        }
-        for tag, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, done)
+        for tag, value in step_scalars(record).items():
+            self.writer.add_scalar(tag, value, done)
 
     def _publish(self) -> None:
         """Flush the event files and, for an S3 destination, upload them (whole: they are small)."""
