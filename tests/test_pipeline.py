@@ -190,6 +190,7 @@ def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, 
     assert production() == 1
     out = capsys.readouterr().out
     assert not any(line.startswith("ok     register") for line in out.splitlines())
+    assert "  train: stopping after step 25: forgetting: at step 25 general perplexity rose" in out
     run = mlflow_run(2)
     assert (
         run.data.metrics["train_summary/stopped_early"] == 1 and run.data.metrics["train_summary/steps"] == 25

@@ -32,6 +32,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _STEP = re.compile(r"step (\d+)/(\d+) loss (\S+) .*?tok/s (\S+).*? eta (\S+)(?:.* forgetting (\S+))?")
+_STOP = re.compile(r"(stopping after step \d+: .*|rolled back to the checkpoint at step \d+).*$")
 _ERROR = re.compile(r"^[\w.]*(Error|Exception)\b.*?: ")
 
 # The figures each step's line shows: (metric the step logs, label, format).
@@ -102,6 +103,8 @@ class StepConsole:
                 self.say(f"ok     {name} ({took:.1f} s){self._figures(name)}")
             else:
                 self.say(f"FAILED {name} ({took:.1f} s)")
+        elif m := _STOP.search(line):  # why training ended early, and which model it kept
+            self.say(f"  train: {m.group(1)}")
         elif m := _STEP.search(line):
             step, total, loss, tokens, eta, forgetting = m.groups()
             text = f"  train: step {step}/{total} loss {loss} tok/s {tokens} eta {eta}"
