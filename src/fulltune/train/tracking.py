@@ -16,13 +16,15 @@ config as text at the start.
 MLflow (`fulltune.mlflow_run`): the pipeline run's MLflow run gets the config as params and as
 `config.yaml` at the start, the same scalars as metrics, and the final figures (`train_page.
 training_metrics`) as `train_summary/*`; its status is RUNNING while training, then FINISHED or
-FAILED. The loop only appends to a list: a thread sends the steps at every logging step, so a slow or
-unreachable server never stalls training; at the end the tracker waits at most CLOSE_TIMEOUT_S for
-what is left, then leaves it unsent with a warning.
+FAILED. The loop only queues each logging step's figures: a thread sends what is queued in one
+request at most every SEND_INTERVAL_S, so a slow or unreachable server never stalls training and a
+short step never means a request per step; at the end the tracker waits at most CLOSE_TIMEOUT_S
+for what is left, then leaves it unsent with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import tempfile
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from fulltune.train.metrics import StepRecord
 
 CLOSE_TIMEOUT_S = 60.0
+SEND_INTERVAL_S = 5.0  # MLflow: at most one request per interval, whatever the step time
 
 log = logging.getLogger("fulltune.train")
 
@@ -68,12 +71,18 @@ class MlflowTracker:
     """Rank 0's MLflow reporting; see the module docstring."""
 
     def __init__(
-        self, run: MlflowRun, logging_steps: int, total_steps: int, close_timeout_s: float = CLOSE_TIMEOUT_S
+        self,
+        run: MlflowRun,
+        logging_steps: int,
+        total_steps: int,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+        send_interval_s: float = SEND_INTERVAL_S,
     ):
         self.run, self.logging_steps, self.total_steps = run, logging_steps, total_steps
-        self.close_timeout_s = close_timeout_s
+        self.close_timeout_s, self.send_interval_s = close_timeout_s, send_interval_s
         self._steps: list[tuple[int, dict[str, float]]] = []
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Event()
         self._sender = threading.Thread(target=self._send, name="fulltune-mlflow", daemon=True)
         self._sender.start()
 
@@ -91,6 +100,7 @@ class MlflowTracker:
             self._outbox.put(("metrics", [(0, {f"train_summary/{k}": v for k, v in final.items()})]))
         self._outbox.put(("status", "FAILED" if failed else "FINISHED"))
         self._outbox.put(None)
+        self._closing.set()
         self._sender.join(self.close_timeout_s)
         if self._sender.is_alive():
             log.warning(
@@ -99,12 +109,24 @@ class MlflowTracker:
             )
 
     def _send(self) -> None:
-        while (item := self._outbox.get()) is not None:
-            kind, payload = item
-            if kind == "metrics":
-                self.run.log_metrics(payload)
-            else:
-                self.run.set_status(payload)
+        """Everything queued since the last request in one request, then a pause of send_interval_s
+        (cut short by close): a short step time must not mean a request per step, each of which
+        costs the server (and, on a shared node, the training) CPU time."""
+        closing = False
+        while not closing:
+            items = [self._outbox.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self._outbox.get_nowait())
+            closing = None in items
+            items = [item for item in items if item is not None]
+            steps = [step for kind, payload in items if kind == "metrics" for step in payload]
+            if steps:
+                self.run.log_metrics(steps)
+            for status in [payload for kind, payload in items if kind == "status"]:
+                self.run.set_status(status)
+            if not closing:
+                self._closing.wait(self.send_interval_s)
 
 
 class TensorBoardTracker:
