@@ -2,10 +2,11 @@
 
 It serves exactly what the Kubernetes launcher uses, the way the API server does it:
 
-* PyTorchJobs (kubeflow.org/v1): create (201, or 409 AlreadyExists), get, delete, list, and watch
-  with a field selector: JSON lines in a chunked response, from a resourceVersion, ended after
-  `timeoutSeconds`; a resourceVersion older than the compacted history answers an ERROR event with
-  code 410 (Expired), as the API server does.
+* PyTorchJobs (kubeflow.org/v1) and TrainJobs (trainer.kubeflow.org/v1alpha1): create (201, or 409
+  AlreadyExists), get, delete, list, and watch with a field selector: JSON lines in a chunked
+  response, from a resourceVersion, ended after `timeoutSeconds`; a resourceVersion older than the
+  compacted history answers an ERROR event with code 410 (Expired), as the API server does.
+* Trainer v2 runtimes: get a ClusterTrainingRuntime (cluster-scoped) or a TrainingRuntime.
 * Pods: list by label selector; a pod's log with `follow`, `timestamps` (RFC 3339 nano, trailing
   zeros trimmed like Go's), `sinceSeconds`, `tailLines`.
 * Events: list by `involvedObject.name`. Argo Workflows: get.
@@ -13,6 +14,10 @@ It serves exactly what the Kubernetes launcher uses, the way the API server does
 Every request is recorded (method, path, query, JSON body). The operator is played by a script: a
 function `script(kube, namespace, name)` run in a thread after each create, calling the helpers
 below (`set_condition`, `start_master`, `log`, `end_log`, `add_event`, `drop_streams`, `compact`).
+For a TrainJob the Trainer and JobSet controllers are played the same way (`start_node`), and
+`node_exits` applies the failure policy of the runtime the TrainJob names, as Kubernetes and JobSet
+do: the Job's podFailurePolicy on the container's exit code, then the JobSet's failurePolicy rules
+and maxRestarts, restarting the group (new pods) or failing the TrainJob.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ from urllib.parse import parse_qs, urlsplit
 from standin_http import LoopbackServer, send_bytes, send_json
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+# The job kinds served: (group, version, plural) -> the label that names a pod's job.
+JOB_KINDS = {
+    ("kubeflow.org", "v1", "pytorchjobs"): "training.kubeflow.org/job-name",
+    ("trainer.kubeflow.org", "v1alpha1", "trainjobs"): "jobset.sigs.k8s.io/jobset-name",
+}
+TRAINER = "trainer.kubeflow.org"
 
 
 @dataclass
@@ -65,6 +76,31 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
+def _job_failure_reason(job_spec: dict, pod_template: dict, code: int) -> str:
+    """Why a Job fails when its container exits `code` (Kubernetes' Job controller): a podFailurePolicy
+    rule with action FailJob matching the code gives "PodFailurePolicy"; otherwise the failure counts
+    against backoffLimit, and the stand-in's Jobs have none left: "BackoffLimitExceeded"."""
+    containers = {c["name"] for c in pod_template["spec"]["containers"]}
+    for rule in (job_spec.get("podFailurePolicy") or {}).get("rules", []):
+        on = rule.get("onExitCodes")
+        if not on or (on.get("containerName") and on["containerName"] not in containers):
+            continue
+        hit = code in on["values"] if on["operator"] == "In" else code not in on["values"]
+        if hit:
+            return "PodFailurePolicy" if rule["action"] == "FailJob" else "BackoffLimitExceeded"
+    return "BackoffLimitExceeded"
+
+
+def _jobset_action(policy: dict, reason: str) -> str:
+    """The JobSet failurePolicy's action for a Job that failed with `reason`: the first rule whose
+    onJobFailureReasons holds it (an empty list matches any), else RestartJobSet."""
+    for rule in policy.get("rules") or []:
+        reasons = rule.get("onJobFailureReasons") or []
+        if not reasons or reason in reasons:
+            return rule["action"]
+    return "RestartJobSet"
+
+
 def _selected(labels: dict[str, str], selector: str) -> bool:
     for term in filter(None, selector.split(",")):
         key, _, value = term.partition("=")
@@ -84,6 +120,8 @@ class FakeKube:
         self.logs: dict[tuple[str, str], dict] = {}  # pod uid -> {"lines": [(ts, text)], "closed": bool}
         self.events: list[dict] = []
         self.workflows: dict[tuple[str, str], dict] = {}
+        self.runtimes: dict[tuple[str, str], dict] = {}  # ("", name): ClusterTrainingRuntime, (ns, name)
+        self.restarts: dict[tuple[str, str], int] = {}  # JobSet restarts of a TrainJob so far
         self.requests: list[Request] = []
         self.script = script
         self.generation = 0  # bumped by drop_streams(): open watches and log follows end
@@ -159,8 +197,8 @@ class FakeKube:
                 {
                     "type": kind,
                     "status": "True",
-                    "reason": reason or f"PyTorchJob{kind}",
-                    "message": message or f"PyTorchJob {name} is {kind.lower()}.",
+                    "reason": reason or f"{job.get('kind', 'PyTorchJob')}{kind}",
+                    "message": message or f"{job.get('kind', 'PyTorchJob')} {name} is {kind.lower()}.",
                     "lastUpdateTime": stamp,
                     "lastTransitionTime": f"{stamp}#{self.rv}",  # distinct per transition
                 }
@@ -192,6 +230,89 @@ class FakeKube:
             self.logs[uid] = {"lines": [], "closed": False}
             self.cond.notify_all()
         return pod
+
+    def put_runtime(self, runtime: dict) -> None:
+        """Install a ClusterTrainingRuntime or (with metadata.namespace) a TrainingRuntime."""
+        with self.cond:
+            meta = runtime["metadata"]
+            key = (meta.get("namespace", "") if runtime["kind"] == "TrainingRuntime" else "", meta["name"])
+            self.runtimes[key] = copy.deepcopy(runtime)
+
+    def start_node(self, ns: str, name: str, index: int = 0, phase: str = "Running") -> str:
+        """(Re)create a TrainJob's node pod `index` with a new uid, labelled as JobSet labels it;
+        returns its name."""
+        pod = f"{name}-node-0-{index}"
+        labels = {
+            "jobset.sigs.k8s.io/jobset-name": name,
+            "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            "jobset.sigs.k8s.io/job-index": "0",
+            "batch.kubernetes.io/job-completion-index": str(index),
+            "jobset.sigs.k8s.io/restart-attempt": str(self.restarts.get((ns, name), 0)),
+        }
+        with self.cond:
+            old = self.pods.get((ns, pod))
+            if old:
+                self.logs[old["metadata"]["uid"]]["closed"] = True
+            uid = str(uuid.uuid4())
+            self.pods[(ns, pod)] = {
+                "metadata": {
+                    "name": pod,
+                    "namespace": ns,
+                    "uid": uid,
+                    "creationTimestamp": _now(),
+                    "labels": labels,
+                },
+                "status": {"phase": phase},
+            }
+            self.logs[uid] = {"lines": [], "closed": False}
+            self.cond.notify_all()
+        return pod
+
+    def node_exits(self, ns: str, name: str, code: int, index: int = 0) -> str:
+        """Node `index`'s container exits with `code`: the outcome its runtime's failure policy gives,
+        "restarted" (the group's pods recreated), "failed" (the TrainJob Failed) or "succeeded"."""
+        pod = f"{name}-node-0-{index}"
+        self.set_pod_phase(ns, pod, "Succeeded" if code == 0 else "Failed")
+        self.end_log(ns, pod)
+        if code == 0:
+            self.set_condition(ns, name, "Complete", "JobSetCompleted", "jobset completed successfully")
+            return "succeeded"
+        template = self._runtime_of(ns, name)["spec"]["template"]["spec"]
+        (replicated,) = template["replicatedJobs"]
+        reason = _job_failure_reason(
+            replicated["template"]["spec"], replicated["template"]["spec"]["template"], code
+        )
+        policy = template.get("failurePolicy") or {}
+        action = _jobset_action(policy, reason)
+        restarts = self.restarts.get((ns, name), 0)
+        self.add_event(ns, "Pod", pod, "Warning", "Failed", f"container node exited with code {code}")
+        if action != "FailJobSet" and (
+            action == "RestartJobSetAndIgnoreMaxRestarts" or restarts < policy.get("maxRestarts", 0)
+        ):
+            with self.cond:
+                self.restarts[(ns, name)] = restarts + 1
+            self.add_event(
+                ns,
+                "JobSet",
+                name,
+                "Warning",
+                "Restarting",
+                f"restarting jobset ({reason}), attempt {restarts + 1}",
+            )
+            self.start_node(ns, name, index)
+            return "restarted"
+        why = "FailJobSet rule matched" if action == "FailJobSet" else f"reached max restarts ({restarts})"
+        self.add_event(ns, "JobSet", name, "Warning", "FailedJobs", f"jobset failed: {reason}: {why}")
+        self.set_condition(ns, name, "Failed", "FailedJobs", f"jobset failed: {reason}: {why}")
+        return "failed"
+
+    def _runtime_of(self, ns: str, name: str) -> dict:
+        ref = self.jobs[(ns, name)]["spec"]["runtimeRef"]
+        key = (
+            "" if ref.get("kind", "ClusterTrainingRuntime") == "ClusterTrainingRuntime" else ns,
+            ref["name"],
+        )
+        return self.runtimes[key]
 
     def set_pod_phase(self, ns: str, pod: str, phase: str) -> None:
         with self.cond:
@@ -300,18 +421,24 @@ def _handler(kube: FakeKube):
         def _route(self) -> None:
             parts, query, body = self._parse()
             try:
-                if parts[:2] == ["apis", "kubeflow.org"] and len(parts) >= 6 and parts[5] == "pytorchjobs":
-                    ns = parts[4]
+                if len(parts) >= 6 and parts[0] == "apis" and (parts[1], parts[2], parts[5]) in JOB_KINDS:
+                    ns, what = parts[4], f"{parts[5]}.{parts[1]}"  # one kind of job per stand-in
                     if len(parts) == 6:
                         if self.command == "POST":
-                            return self._create_job(ns, body)
+                            return self._create_job(ns, body, what)
                         if query.get("watch") in ("true", "1", "True"):
                             return self._watch_jobs(ns, query)
-                        return self._list_jobs(ns, query)
+                        return self._list_jobs(ns, query, f"{parts[1]}/{parts[2]}")
                     name = parts[6]
                     if self.command == "DELETE":
-                        return self._delete_job(ns, name, query, body)
-                    return self._get(kube.jobs, ns, name, "pytorchjobs.kubeflow.org")
+                        return self._delete_job(ns, name, what)
+                    return self._get(kube.jobs, ns, name, what)
+                if parts[:2] == ["apis", TRAINER] and parts[-2:-1] in (
+                    ["clustertrainingruntimes"],
+                    ["trainingruntimes"],
+                ):
+                    ns = parts[4] if parts[3] == "namespaces" else ""
+                    return self._get(kube.runtimes, ns, parts[-1], f"{parts[-2]}.{TRAINER}")
                 if parts[:2] == ["api", "v1"] and len(parts) >= 5 and parts[4] == "pods":
                     ns = parts[3]
                     if len(parts) == 7 and parts[6] == "log":
@@ -382,7 +509,7 @@ def _handler(kube: FakeKube):
                 return self._send(404, _status(404, "NotFound", f'{what} "{name}" not found'))
             self._send(200, obj)
 
-        def _create_job(self, ns: str, body: dict) -> None:
+        def _create_job(self, ns: str, body: dict, what: str) -> None:
             name = body["metadata"]["name"]
             if kube.create_error:
                 return self._send(
@@ -392,25 +519,23 @@ def _handler(kube: FakeKube):
                 if (ns, name) in kube.jobs:
                     return self._send(
                         409,
-                        _status(409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{name}" already exists'),
+                        _status(409, "AlreadyExists", f'{what} "{name}" already exists'),
                     )
                 job = copy.deepcopy(kube._create(body))
             if kube.script:
                 threading.Thread(target=kube._run_script, args=(ns, name), daemon=True).start()
             self._send(201, job)
 
-        def _delete_job(self, ns: str, name: str, query: dict, body: Any) -> None:
+        def _delete_job(self, ns: str, name: str, what: str) -> None:
             with kube.cond:
                 job = kube.jobs.pop((ns, name), None)
                 if job is None:
-                    return self._send(
-                        404, _status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found')
-                    )
+                    return self._send(404, _status(404, "NotFound", f'{what} "{name}" not found'))
                 kube._record("DELETED", job)
                 for key in [
                     k
                     for k, p in kube.pods.items()
-                    if p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name
+                    if name in (p["metadata"]["labels"].get(label) for label in JOB_KINDS.values())
                 ]:
                     kube.logs[kube.pods.pop(key)["metadata"]["uid"]]["closed"] = True
             self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})
@@ -420,7 +545,7 @@ def _handler(kube: FakeKube):
             key, _, value = selector.partition("=")
             return not selector or (key == "metadata.name" and job["metadata"]["name"] == value)
 
-        def _list_jobs(self, ns: str, query: dict) -> None:
+        def _list_jobs(self, ns: str, query: dict, api_version: str) -> None:
             with kube.cond:
                 items = [
                     copy.deepcopy(j) for (n, _), j in kube.jobs.items() if n == ns and self._matches(j, query)
@@ -429,8 +554,8 @@ def _handler(kube: FakeKube):
             self._send(
                 200,
                 {
-                    "apiVersion": "kubeflow.org/v1",
-                    "kind": "PyTorchJobList",
+                    "apiVersion": api_version,
+                    "kind": "List",
                     "metadata": {"resourceVersion": rv},
                     "items": items,
                 },

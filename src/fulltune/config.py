@@ -474,11 +474,27 @@ class KubernetesSection(_Section):
     )
 
 
+class TrainJobSection(_Section):
+    runtime: str = Field(
+        "fulltune-torch-distributed",
+        min_length=1,
+        description="launcher trainjob: the runtime the TrainJob references; default the ClusterTrainingRuntime "
+        "the Helm chart installs (torch-distributed, Pod Security 'restricted', exit codes mapped to the "
+        "JobSet's failure policy).",
+    )
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = Field(
+        "ClusterTrainingRuntime",
+        description="Kind of `runtime`: cluster-wide, or a TrainingRuntime in the TrainJob's namespace.",
+    )
+
+
 class ResourcesSection(_Section):
-    launcher: Literal["local", "kubernetes"] = Field(
+    launcher: Literal["local", "kubernetes", "trainjob"] = Field(
         "local",
         description="Where training runs: 'local' runs torchrun on the step's own machine; 'kubernetes' "
-        "creates a PyTorchJob (Kubeflow Training Operator) and waits for it.",
+        "creates a PyTorchJob (Kubeflow Training Operator, kubeflow.org/v1); 'trainjob' creates a TrainJob "
+        "(Kubeflow Trainer v2, trainer.kubeflow.org) on `trainjob.runtime`. Both cluster launchers take "
+        "their pod settings from `kubernetes`; `fulltune doctor` says which the cluster serves.",
     )
     num_nodes: int = Field(1, ge=1, description="Training nodes (pods).")
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node.")
@@ -500,8 +516,12 @@ class ResourcesSection(_Section):
     memory_headroom: float = Field(
         0.9, gt=0.0, le=1.0, description="Fraction of GPU memory the plan may fill."
     )
+    trainjob: TrainJobSection = Field(
+        default_factory=TrainJobSection, description="launcher trainjob: the runtime it uses."
+    )
     kubernetes: KubernetesSection = Field(
-        default_factory=KubernetesSection, description="PyTorchJob settings (launcher: kubernetes)."
+        default_factory=KubernetesSection,
+        description="Training pod settings of the cluster launchers (kubernetes: PyTorchJob, trainjob: TrainJob).",
     )
 
 

@@ -1,22 +1,25 @@
-"""The Kubernetes launcher: run a `TrainJob` as a PyTorchJob and follow it to the end.
+"""The Kubernetes launcher: run a `TrainJob` as a PyTorchJob (`resources.launcher: kubernetes`) or as
+a Kubeflow Trainer v2 TrainJob (`trainjob`) and follow it to the end. What differs between the two
+kinds (API, status, pod labels) is a `kinds.JobKind`; everything below is the same for both.
 
 What it does, in order (docs/kubernetes.md has the operator's view and the RBAC it needs):
 
-1. Build the PyTorchJob (`pytorchjob.build_pytorchjob`), owned by the run's Argo Workflow when the
-   step knows it (env FULLTUNE_WORKFLOW_NAME) and may read it.
+1. Build the job (`pytorchjob.build_pytorchjob`, `trainjob.build_trainjob`), owned by the run's Argo
+   Workflow when the step knows it (env FULLTUNE_WORKFLOW_NAME) and may read it. A TrainJob's
+   runtime is read first: a missing one is refused before anything is created.
 2. Create it. If a job of the same name exists (409), an earlier attempt of this same task made it:
    follow that one instead of starting a second, unless it already failed, in which case it is
    deleted and created again (a retry that resumes from the newest complete checkpoint).
 3. Watch it (one object, by field selector) with a server-side timeout, reconnecting from the last
    resourceVersion; on 410 Gone list it again and watch from the list's resourceVersion. Each new
    condition becomes a log line.
-4. While it runs, copy the master pod's log into this step's log. The stream is followed with
+4. While it runs, copy the rank-0 pod's log into this step's log. The stream is followed with
    timestamps; after a dropped connection it is read again from a little before the last timestamp
    seen (`since_seconds`), and lines up to and including that timestamp that were already copied
-   are skipped, so nothing is copied twice. A recreated master pod (new uid) starts a new copy.
+   are skipped, so nothing is copied twice. A recreated rank-0 pod (new uid) starts a new copy.
 5. Succeeded: return. Failed: raise LaunchError with the condition's reason and message, the recent
    events of the job and its pods, and the last log lines; the finished job is left in place for
-   inspection (its pods hold no GPU; ttlSecondsAfterFinished removes it).
+   inspection (its pods hold no GPU; the TTL after finishing removes it).
 6. SIGTERM/SIGINT (a cancelled KFP run terminates this pod), a set `stop` event, or any error of the
    launcher itself after the job exists: delete the job (propagationPolicy Foreground) so no GPU job
    is orphaned, then raise. A plain success deletes nothing.
@@ -37,38 +40,33 @@ from typing import IO, Any
 
 from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
-from fulltune.launch.pytorchjob import (
-    CONTAINER,
-    GROUP,
-    PLURAL,
-    VERSION,
-    build_pytorchjob,
-    workflow_owner,
-)
+from fulltune.launch.kinds import JobKind
+from fulltune.launch.pytorchjob import PYTORCHJOB, build_pytorchjob, workflow_owner
+from fulltune.launch.trainjob import TRAINJOB, build_trainjob
 
 log = logging.getLogger(__name__)
 
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 WORKFLOW_ENV = "FULLTUNE_WORKFLOW_NAME"
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 SINCE_MARGIN_S = 30  # re-read this much more than strictly needed: clocks of this pod and the node differ
 _TRANSIENT_LIMIT = 5  # consecutive failed watch requests before giving up
 
-# (API group, resource, verb): everything this launcher asks of the Kubernetes API in its namespace.
-# The chart's launcher Role grants exactly these (a test compares), and `fulltune doctor` checks them.
-LAUNCHER_ACCESS: tuple[tuple[str, str, str], ...] = (
-    *((GROUP, PLURAL, verb) for verb in ("create", "get", "list", "watch", "delete")),
-    ("", "pods", "get"),
-    ("", "pods", "list"),
-    ("", "pods/log", "get"),
-    ("", "events", "list"),
-    ("argoproj.io", "workflows", "get"),
-)
+# resources.launcher -> the kind of job it creates, and how it builds one.
+KINDS: dict[str, JobKind] = {"kubernetes": PYTORCHJOB, "trainjob": TRAINJOB}
+_BUILDERS = {"kubernetes": build_pytorchjob, "trainjob": build_trainjob}
+
+
+def launcher_access(launcher: str) -> tuple[tuple[str, str, str], ...]:
+    """(API group, resource, verb): everything the launcher asks of the Kubernetes API. The chart's
+    RBAC grants exactly these (a test compares), and `fulltune doctor` checks them."""
+    return KINDS[launcher].access
+
+
+LAUNCHER_ACCESS = launcher_access("kubernetes")  # the PyTorchJob launcher's, the chart's default
 
 
 class LaunchCancelled(LaunchError):
-    """The launcher was told to stop (signal or stop event); the PyTorchJob was deleted."""
+    """The launcher was told to stop (signal or stop event); the job was deleted."""
 
 
 @dataclass
@@ -85,7 +83,8 @@ class _State:
 
 
 class KubernetesLauncher:
-    """Runs the job as a PyTorchJob through the Kubernetes API (in-cluster, kubeconfig or explicit)."""
+    """Runs the job as a PyTorchJob or TrainJob (`resources.launcher`) through the Kubernetes API
+    (in-cluster, kubeconfig or explicit)."""
 
     def __init__(
         self,
@@ -109,6 +108,8 @@ class KubernetesLauncher:
 
         self.cfg = cfg
         self.k8s = cfg.resources.kubernetes
+        launcher = cfg.resources.launcher if cfg.resources.launcher in KINDS else "kubernetes"
+        self.kind, self._build = KINDS[launcher], _BUILDERS[launcher]
         self.run_id = run_id
         self.image = self.k8s.image or image or default_trainer_image()
         self.optional_secrets = tuple(optional_secrets)
@@ -129,7 +130,7 @@ class KubernetesLauncher:
 
     def run(self, job: TrainJob) -> None:
         ns, name = self.namespace, job.name
-        manifest = build_pytorchjob(
+        manifest = self._build(
             self.cfg,
             job,
             name=name,
@@ -139,34 +140,43 @@ class KubernetesLauncher:
             owner=self._workflow_owner(),
             optional_secrets=self.optional_secrets,
         )
+        if self.kind is TRAINJOB:
+            self._check_runtime()
         previous = self._install_signal_handlers()
         try:
             self._create_or_adopt(manifest)
             try:
                 if self.stop.is_set():
-                    raise LaunchCancelled(f"cancelled: PyTorchJob {ns}/{name} deleted")
+                    raise LaunchCancelled(f"cancelled: {self.kind.kind} {ns}/{name} deleted")
                 state = self._follow(ns, name)
             except BaseException:
-                log.warning("stopping: deleting PyTorchJob %s/%s so that no training pod is left", ns, name)
+                log.warning(
+                    "stopping: deleting %s %s/%s so that no training pod is left", self.kind.kind, ns, name
+                )
                 self._delete(ns, name)
                 raise
             if state.outcome == "Failed":
                 raise LaunchError(self._failure_report(ns, name, state.final), exit_code=1)
-            log.info("PyTorchJob %s/%s succeeded", ns, name)
+            log.info("%s %s/%s succeeded", self.kind.kind, ns, name)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     # -- create / adopt / delete ----------------------------------------------------------------
 
+    def _api(self, ns: str) -> tuple[str, str, str, str]:
+        """(group, version, namespace, plural) of this kind, as the custom-objects calls take them."""
+        return self.kind.group, self.kind.version, ns, self.kind.plural
+
     def _create_or_adopt(self, manifest: dict[str, Any]) -> dict[str, Any]:
         from kubernetes.client.rest import ApiException
 
         ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
-            created = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+            created = self.custom.create_namespaced_custom_object(*self._api(ns), manifest)
             log.info(
-                "created PyTorchJob %s/%s: %d node(s) x %d process(es), image %s",
+                "created %s %s/%s: %d node(s) x %d process(es), image %s",
+                self.kind.kind,
                 ns,
                 name,
                 self.cfg.resources.num_nodes,
@@ -176,26 +186,66 @@ class KubernetesLauncher:
             return created
         except ApiException as exc:
             if exc.status != 409:
-                raise LaunchError(_api_error(f"cannot create PyTorchJob {ns}/{name}", exc)) from None
-        existing = self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-        if _terminal(existing) == "Failed":
+                raise LaunchError(
+                    _api_error(f"cannot create {self.kind.kind} {ns}/{name}", exc, self.kind.missing_hint)
+                ) from None
+        existing = self.custom.get_namespaced_custom_object(*self._api(ns), name)
+        if self.kind.terminal(existing) == "Failed":
             log.warning(
-                "PyTorchJob %s/%s exists from an earlier attempt of this task and has failed: deleting it "
+                "%s %s/%s exists from an earlier attempt of this task and has failed: deleting it "
                 "and creating it again (training resumes from the newest complete checkpoint)",
+                self.kind.kind,
                 ns,
                 name,
             )
             self._delete(ns, name)
             self._wait_deleted(ns, name)
-            return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+            return self.custom.create_namespaced_custom_object(*self._api(ns), manifest)
         log.info(
-            "PyTorchJob %s/%s already exists (created by an earlier attempt of this task, state %s): "
+            "%s %s/%s already exists (created by an earlier attempt of this task, state %s): "
             "following it instead of starting a second one",
+            self.kind.kind,
             ns,
             name,
-            _terminal(existing) or _latest_condition(existing) or "new",
+            self.kind.terminal(existing) or self.kind.latest_condition(existing) or "new",
         )
         return existing
+
+    def _check_runtime(self) -> None:
+        """A TrainJob's runtime must exist before the TrainJob is created (the Trainer would only mark
+        it failed); say how often it restarts the group, which is the runtime's to decide."""
+        from kubernetes.client.rest import ApiException
+
+        runtime = self.cfg.resources.trainjob
+        group, version = TRAINJOB.group, TRAINJOB.version
+        what = f"{runtime.runtime_kind} {runtime.runtime}"
+        try:
+            if runtime.runtime_kind == "ClusterTrainingRuntime":
+                obj = self.custom.get_cluster_custom_object(
+                    group, version, "clustertrainingruntimes", runtime.runtime
+                )
+            else:
+                obj = self.custom.get_namespaced_custom_object(
+                    group, version, self.namespace, "trainingruntimes", runtime.runtime
+                )
+        except ApiException as exc:
+            if exc.status == 404:
+                raise LaunchError(
+                    f"{what} does not exist{'' if runtime.runtime_kind == 'ClusterTrainingRuntime' else ' in ' + self.namespace}: "
+                    "install the chart's runtime (trainJob.runtime.create) or set resources.trainjob.runtime to "
+                    "one that exists (kubectl get clustertrainingruntimes,trainingruntimes -A)",
+                    exit_code=1,
+                ) from None
+            log.warning("%s", _api_error(f"cannot read {what}; creating the TrainJob anyway", exc))
+            return
+        policy = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+            "failurePolicy"
+        ) or {}
+        log.info(
+            "%s: the training group restarts at most %d time(s) after a retryable failure (its failurePolicy)",
+            what,
+            policy.get("maxRestarts", 0),
+        )
 
     def _delete(self, ns: str, name: str) -> None:
         from kubernetes import client
@@ -203,16 +253,16 @@ class KubernetesLauncher:
 
         try:
             self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, ns, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground")
+                *self._api(ns), name, body=client.V1DeleteOptions(propagation_policy="Foreground")
             )
-            log.info("deleted PyTorchJob %s/%s (propagationPolicy Foreground)", ns, name)
+            log.info("deleted %s %s/%s (propagationPolicy Foreground)", self.kind.kind, ns, name)
         except ApiException as exc:
             if exc.status != 404:
                 log.error(
-                    "%s", _api_error(f"could not delete PyTorchJob {ns}/{name}; delete it by hand", exc)
+                    "%s", _api_error(f"could not delete {self.kind.kind} {ns}/{name}; delete it by hand", exc)
                 )
         except Exception as exc:  # noqa: BLE001 — best effort while already failing
-            log.error("could not delete PyTorchJob %s/%s (%s); delete it by hand", ns, name, exc)
+            log.error("could not delete %s %s/%s (%s); delete it by hand", self.kind.kind, ns, name, exc)
 
     def _wait_deleted(self, ns: str, name: str, timeout: float = 600.0) -> None:
         from kubernetes.client.rest import ApiException
@@ -220,13 +270,13 @@ class KubernetesLauncher:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop.is_set():
             try:
-                self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+                self.custom.get_namespaced_custom_object(*self._api(ns), name)
             except ApiException as exc:
                 if exc.status == 404:
                     return
                 raise
             time.sleep(self.poll_seconds)
-        raise LaunchError(f"PyTorchJob {ns}/{name} was not deleted within {timeout:.0f}s")
+        raise LaunchError(f"{self.kind.kind} {ns}/{name} was not deleted within {timeout:.0f}s")
 
     def _workflow_owner(self) -> dict[str, Any] | None:
         from kubernetes.client.rest import ApiException
@@ -236,7 +286,9 @@ class KubernetesLauncher:
             return None
         if self.own_namespace and self.own_namespace != self.namespace:
             log.info(
-                "the PyTorchJob runs in %s, not in the run's namespace: no ownerReference", self.namespace
+                "the %s runs in %s, not in the run's namespace: no ownerReference",
+                self.kind.kind,
+                self.namespace,
             )
             return None
         try:
@@ -245,12 +297,13 @@ class KubernetesLauncher:
             )
         except ApiException as exc:
             log.warning(
-                "cannot read Workflow %s/%s (%s %s): the PyTorchJob is not owned by the run and is not "
+                "cannot read Workflow %s/%s (%s %s): the %s is not owned by the run and is not "
                 "deleted with it",
                 self.namespace,
                 workflow,
                 exc.status,
                 exc.reason,
+                self.kind.kind,
             )
             return None
         uid = (obj.get("metadata") or {}).get("uid")
@@ -267,7 +320,7 @@ class KubernetesLauncher:
         try:
             while not state.done.is_set():
                 if self.stop.is_set():
-                    raise LaunchCancelled(f"cancelled: PyTorchJob {ns}/{name} deleted")
+                    raise LaunchCancelled(f"cancelled: {self.kind.kind} {ns}/{name} deleted")
                 state.done.wait(self.poll_seconds)
             if state.error is not None:
                 raise state.error
@@ -289,10 +342,7 @@ class KubernetesLauncher:
                 try:
                     for event in watch.Watch().stream(
                         self.custom.list_namespaced_custom_object,
-                        GROUP,
-                        VERSION,
-                        ns,
-                        PLURAL,
+                        *self._api(ns),
                         field_selector=selector,
                         resource_version=version,
                         timeout_seconds=self.k8s.watch_timeout_seconds,
@@ -302,12 +352,14 @@ class KubernetesLauncher:
                         obj = event["raw_object"]
                         version = (obj.get("metadata") or {}).get("resourceVersion") or version
                         if event["type"] == "DELETED":
-                            raise LaunchError(f"PyTorchJob {ns}/{name} was deleted while training ran")
+                            raise LaunchError(f"{self.kind.kind} {ns}/{name} was deleted while training ran")
                         if event["type"] in ("ADDED", "MODIFIED"):
                             self._observe(obj, ns, name, state)
                         if state.finished.is_set():
                             return
-                    log.debug("watch of PyTorchJob %s/%s ended; reconnecting from %s", ns, name, version)
+                    log.debug(
+                        "watch of %s %s/%s ended; reconnecting from %s", self.kind.kind, ns, name, version
+                    )
                 except ApiException as exc:
                     if exc.status == 410:
                         log.info("watch position %s expired (410 Gone): listing the job again", version)
@@ -315,17 +367,17 @@ class KubernetesLauncher:
                         continue
                     if exc.status not in (429, 500, 502, 503, 504) or failures >= _TRANSIENT_LIMIT:
                         raise LaunchError(
-                            _api_error(f"watching PyTorchJob {ns}/{name} failed", exc)
+                            _api_error(f"watching {self.kind.kind} {ns}/{name} failed", exc)
                         ) from None
                     failures += 1
                     time.sleep(min(30.0, self.poll_seconds * 2**failures))
                 except HTTPError as exc:
                     if failures >= _TRANSIENT_LIMIT:
-                        raise LaunchError(f"watching PyTorchJob {ns}/{name} failed: {exc}") from None
+                        raise LaunchError(f"watching {self.kind.kind} {ns}/{name} failed: {exc}") from None
                     failures += 1
                     time.sleep(min(30.0, self.poll_seconds * 2**failures))
         except ApiException as exc:
-            state.error = LaunchError(_api_error(f"following PyTorchJob {ns}/{name} failed", exc))
+            state.error = LaunchError(_api_error(f"following {self.kind.kind} {ns}/{name} failed", exc))
         except BaseException as exc:  # noqa: BLE001 — handed to the main thread
             state.error = exc
         finally:
@@ -333,11 +385,11 @@ class KubernetesLauncher:
 
     def _relist(self, ns: str, name: str, state: _State) -> str:
         listing = self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, field_selector=f"metadata.name={name}"
+            *self._api(ns), field_selector=f"metadata.name={name}"
         )
         items = listing.get("items") or []
         if not items:
-            raise LaunchError(f"PyTorchJob {ns}/{name} no longer exists (deleted outside fulltune?)")
+            raise LaunchError(f"{self.kind.kind} {ns}/{name} no longer exists (deleted outside fulltune?)")
         self._observe(items[0], ns, name, state)
         return (listing.get("metadata") or {}).get("resourceVersion") or ""
 
@@ -349,15 +401,15 @@ class KubernetesLauncher:
             if key in state.seen:
                 continue
             state.seen.add(key)
-            log.info("%s", _describe(cond, ns, name))
-            if cond.get("type") in ("Running", "Restarting"):
+            log.info("%s", self.kind.describe(cond, ns, name))
+            if self.kind.started(cond):
                 state.running.set()
-        outcome = _terminal(obj)
+        outcome = self.kind.terminal(obj)
         if outcome:
             state.outcome, state.final = outcome, obj
             state.finished.set()
 
-    # -- the master pod's log -------------------------------------------------------------------
+    # -- the rank-0 pod's log --------------------------------------------------------------------
 
     def _copy_logs(self, ns: str, name: str, state: _State) -> None:
         cursor = _LogCursor()
@@ -367,7 +419,7 @@ class KubernetesLauncher:
                 return  # never ran while followed (an adopted finished job): nothing to copy
             if state.running.is_set() or last_pass:
                 try:
-                    pod = self._master_pod(ns, name)
+                    pod = self._rank0_pod(ns, name)
                     if (
                         pod is not None
                         and pod.status
@@ -380,10 +432,8 @@ class KubernetesLauncher:
                 return
             state.finished.wait(self.poll_seconds)
 
-    def _master_pod(self, ns: str, name: str):
-        pods = self.core.list_namespaced_pod(
-            ns, label_selector=f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}=master"
-        ).items
+    def _rank0_pod(self, ns: str, name: str):
+        pods = self.core.list_namespaced_pod(ns, label_selector=self.kind.rank0_selector(name)).items
         live = [p for p in pods if not p.metadata.deletion_timestamp] or pods
         return max(live, key=_created_at, default=None)
 
@@ -393,11 +443,11 @@ class KubernetesLauncher:
         uid, pod_name = pod.metadata.uid, pod.metadata.name
         if uid != cursor.uid:
             if cursor.uid is not None:
-                self._emit(f"--- master pod {pod_name} was recreated; its log follows ---")
+                self._emit(f"--- {self.kind.rank0} pod {pod_name} was recreated; its log follows ---")
             cursor.attach(uid)
         elif cursor.done:
             return  # this pod's log was read to its end and the pod has finished
-        kwargs: dict[str, Any] = {"container": CONTAINER, "follow": follow, "timestamps": True}
+        kwargs: dict[str, Any] = {"container": self.kind.container, "follow": follow, "timestamps": True}
         if cursor.last_ns is not None:
             cursor.rewind()
             kwargs["since_seconds"] = max(1, int(time.time() - cursor.last_ns / 1e9) + SINCE_MARGIN_S)
@@ -414,7 +464,7 @@ class KubernetesLauncher:
         cursor.done = pod.status.phase in ("Succeeded", "Failed")
 
     def _emit(self, text: str) -> None:
-        line = f"[master] {text.rstrip()}\n"
+        line = f"[{self.kind.rank0}] {text.rstrip()}\n"
         with self._out_lock:
             self._tail.append(line)
             self.stream.write(line)
@@ -423,28 +473,21 @@ class KubernetesLauncher:
     # -- failure report -------------------------------------------------------------------------
 
     def _failure_report(self, ns: str, name: str, obj: dict[str, Any]) -> str:
-        failed = next(
-            (
-                c
-                for c in reversed((obj.get("status") or {}).get("conditions") or [])
-                if c.get("type") == "Failed"
-            ),
-            {},
-        )
+        failed = self.kind.failed_condition(obj)
         parts = [
-            f"PyTorchJob {ns}/{name} failed: {failed.get('reason') or 'Failed'}: {failed.get('message') or ''}"
+            f"{self.kind.kind} {ns}/{name} failed: {failed.get('reason') or 'Failed'}: {failed.get('message') or ''}"
         ]
         events = self._recent_events(ns, name)
         if events:
             parts.append("Recent events:\n" + "\n".join(events))
         tail = list(self._tail) or self._fetch_tail(ns, name)
         if tail:
-            parts.append("Last log lines of the master pod:\n" + "".join(tail).rstrip())
+            parts.append(f"Last log lines of the {self.kind.rank0} pod:\n" + "".join(tail).rstrip())
         return "\n".join(parts)
 
     def _recent_events(self, ns: str, name: str, limit: int = 10) -> list[str]:
         try:
-            pods = self.core.list_namespaced_pod(ns, label_selector=f"{JOB_NAME_LABEL}={name}").items
+            pods = self.core.list_namespaced_pod(ns, label_selector=self.kind.pods_selector(name)).items
             names = [name] + [p.metadata.name for p in pods]
             events = []
             for involved in names:
@@ -461,16 +504,16 @@ class KubernetesLauncher:
 
     def _fetch_tail(self, ns: str, name: str) -> list[str]:
         try:
-            pod = self._master_pod(ns, name)
+            pod = self._rank0_pod(ns, name)
             if pod is None:
                 return []
             text = self.core.read_namespaced_pod_log(
-                pod.metadata.name, ns, container=CONTAINER, tail_lines=self._tail.maxlen
+                pod.metadata.name, ns, container=self.kind.container, tail_lines=self._tail.maxlen
             )
         except Exception as exc:  # noqa: BLE001
             log.debug("no log tail: %s", exc)
             return []
-        return [f"[master] {line}\n" for line in text.splitlines()]
+        return [f"[{self.kind.rank0}] {line}\n" for line in text.splitlines()]
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -529,32 +572,6 @@ def _parse_timestamp(stamp: str) -> int | None:
     return seconds * 1_000_000_000 + nanos
 
 
-def _terminal(obj: dict[str, Any]) -> str:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") in ("Succeeded", "Failed") and cond.get("status") == "True":
-            return cond["type"]
-    return ""
-
-
-def _latest_condition(obj: dict[str, Any]) -> str:
-    conds = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
-    return conds[-1].get("type", "") if conds else ""
-
-
-def _describe(cond: dict[str, Any], ns: str, name: str) -> str:
-    kind, reason, message = cond.get("type"), cond.get("reason") or "", cond.get("message") or ""
-    what = {
-        "Created": "created; waiting for its pods to be scheduled",
-        "Running": "running",
-        "Restarting": "restarting (a pod was lost or failed with a retryable exit code); the ranks "
-        "resume from the newest complete checkpoint",
-        "Succeeded": "succeeded",
-        "Failed": "failed",
-        "Suspended": "suspended",
-    }.get(kind, str(kind))
-    return f"PyTorchJob {ns}/{name} {what}" + (f" [{reason}] {message}" if reason or message else "")
-
-
 def _created_at(obj) -> float:
     when = obj.metadata.creation_timestamp
     return when.timestamp() if when else 0.0
@@ -567,7 +584,7 @@ def _event_time(event) -> float:
     return when.timestamp() if when else 0.0
 
 
-def _api_error(what: str, exc) -> str:
+def _api_error(what: str, exc, missing_hint: str = "") -> str:
     import json
 
     message = exc.reason
@@ -578,8 +595,8 @@ def _api_error(what: str, exc) -> str:
     hint = ""
     if exc.status == 403:
         hint = " (the step's service account needs the RBAC of docs/kubernetes.md)"
-    elif exc.status == 404 and "pytorchjob" in what.lower():
-        hint = " (is the Kubeflow Training Operator installed?)"
+    elif exc.status == 404 and missing_hint:
+        hint = f" ({missing_hint})"
     return f"{what}: {exc.status} {message}{hint}"
 
 

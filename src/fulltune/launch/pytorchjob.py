@@ -33,6 +33,7 @@ from typing import Any
 
 from fulltune.config import RunConfig, VolumeMount
 from fulltune.launch.base import NODE_MODULE, TrainJob
+from fulltune.launch.kinds import JobKind
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -42,6 +43,32 @@ PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's defaults, written o
 RUN_ID_LABEL = "pipeline/runid"  # the label KFP puts on its own pods: one selector finds both
 MAX_NAME = 50  # pods and services are named <job>-worker-<i>; keep those within 63 characters
 _HASH_CHARS = 10
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+
+PYTORCHJOB = JobKind(
+    kind=KIND,
+    group=GROUP,
+    version=VERSION,
+    plural=PLURAL,
+    container=CONTAINER,
+    rank0_selector=lambda name: f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}=master",
+    pods_selector=lambda name: f"{JOB_NAME_LABEL}={name}",
+    conditions={
+        "Created": ("created; waiting for its pods to be scheduled", False),
+        "Running": ("running", True),
+        "Restarting": (
+            "restarting (a pod was lost or failed with a retryable exit code); the ranks resume from the "
+            "newest complete checkpoint",
+            True,
+        ),
+        "Succeeded": ("succeeded", False),
+        "Failed": ("failed", False),
+        "Suspended": ("suspended", False),
+    },
+    succeeded="Succeeded",
+    missing_hint="is the Kubeflow Training Operator installed?",
+)
 
 
 def job_name(run_id: str, task_name: str) -> str:
@@ -155,43 +182,19 @@ def pod_template(
     optional_secrets: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     k8s = cfg.resources.kubernetes
-    # HOME on the /tmp emptyDir: the root filesystem is read-only, and caches (torch extensions,
-    # Triton kernels, Hugging Face) go under $HOME.
-    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": "/tmp", **job.env}
-    if job.accelerator == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-
     resources = pod_resources(cfg, job.nproc_per_node, gpu=job.accelerator == "gpu")
-
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": pod_command(job),
-        "env": [{"name": key, "value": value} for key, value in env.items()],
+        "env": container_env(job),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
-        "securityContext": {
-            # Pod Security "restricted": the training image runs as a non-root user.
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": RESTRICTED_CONTAINER,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
-        + [
-            {"name": _volume_name(i), "mountPath": v.mount_path, "readOnly": v.read_only}
-            for i, v in enumerate(k8s.volumes)
-        ],
+        + volume_mounts(cfg),
     }
-    # Credentials stay in their Secrets: the pod reads them, the manifest only names them. The
-    # configured ones must exist; the optional ones (the pipeline's S3 and MLflow Secrets) may not.
-    env_from = [{"secretRef": {"name": secret}} for secret in k8s.secret_env]
-    env_from += [
-        {"secretRef": {"name": secret, "optional": True}}
-        for secret in dict.fromkeys(optional_secrets)
-        if secret and secret not in k8s.secret_env
-    ]
+    env_from = secret_env_from(cfg, optional_secrets)
     if env_from:
         container["envFrom"] = env_from
     if resources:
@@ -199,12 +202,8 @@ def pod_template(
 
     pod: dict[str, Any] = {
         "containers": [container],
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
-            {"name": "tmp", "emptyDir": {}},
-        ]
-        + [_pvc_volume(i, v) for i, v in enumerate(k8s.volumes)],
+        "securityContext": RESTRICTED_POD,
+        "volumes": [shm_volume("dshm", k8s.shm_size), {"name": "tmp", "emptyDir": {}}] + pvc_volumes(cfg),
     }
     if k8s.service_account_name:
         pod["serviceAccountName"] = k8s.service_account_name
@@ -213,11 +212,63 @@ def pod_template(
     if k8s.node_selector:
         pod["nodeSelector"] = dict(k8s.node_selector)
     if k8s.tolerations:
-        pod["tolerations"] = [_toleration(t) for t in k8s.tolerations]
+        pod["tolerations"] = [toleration(t) for t in k8s.tolerations]
     if k8s.affinity:
         pod["affinity"] = k8s.affinity
     pod_labels, annotations = istio_metadata(k8s.istio_sidecar)
     return {"metadata": {"labels": {**labels, **pod_labels}, "annotations": annotations}, "spec": pod}
+
+
+# Pod Security "restricted": the training image runs as a non-root user; the root filesystem is
+# read-only, so what is written goes to emptyDirs.
+RESTRICTED_CONTAINER: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_POD: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_env(job: TrainJob) -> list[dict[str, str]]:
+    """The training container's plain variables (never credentials: those come from Secrets)."""
+    # HOME on the /tmp emptyDir: the root filesystem is read-only, and caches (torch extensions,
+    # Triton kernels, Hugging Face) go under $HOME.
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": "/tmp", **job.env}
+    if job.accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return [{"name": key, "value": value} for key, value in env.items()]
+
+
+def secret_env_from(cfg: RunConfig, optional_secrets: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Credentials stay in their Secrets: the pod reads them, the manifest only names them. The
+    configured ones must exist; the optional ones (the pipeline's S3 and MLflow Secrets) may not."""
+    configured = cfg.resources.kubernetes.secret_env
+    env_from: list[dict[str, Any]] = [{"secretRef": {"name": secret}} for secret in configured]
+    env_from += [
+        {"secretRef": {"name": secret, "optional": True}}
+        for secret in dict.fromkeys(optional_secrets)
+        if secret and secret not in configured
+    ]
+    return env_from
+
+
+def shm_volume(name: str, size: str) -> dict[str, Any]:
+    """/dev/shm as a memory-backed emptyDir: the container runtime's 64 MiB default starves NCCL and
+    the data loader."""
+    return {"name": name, "emptyDir": {"medium": "Memory", "sizeLimit": size}}
+
+
+def volume_mounts(cfg: RunConfig) -> list[dict[str, Any]]:
+    return [
+        {"name": _volume_name(i), "mountPath": v.mount_path, "readOnly": v.read_only}
+        for i, v in enumerate(cfg.resources.kubernetes.volumes)
+    ]
+
+
+def pvc_volumes(cfg: RunConfig) -> list[dict[str, Any]]:
+    return [_pvc_volume(i, v) for i, v in enumerate(cfg.resources.kubernetes.volumes)]
 
 
 ISTIO_INJECT = "sidecar.istio.io/inject"
@@ -269,7 +320,7 @@ def _pvc_volume(index: int, volume: VolumeMount) -> dict[str, Any]:
     }
 
 
-def _toleration(t) -> dict[str, Any]:
+def toleration(t) -> dict[str, Any]:
     out: dict[str, Any] = {"operator": t.operator}
     if t.key is not None:
         out["key"] = t.key

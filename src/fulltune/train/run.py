@@ -16,6 +16,7 @@ from fulltune.train.metrics import StepRecord, TrainingSummary
 from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model
 
 log = logging.getLogger(__name__)
+CLUSTER_LAUNCHERS = ("kubernetes", "trainjob")  # the launchers that create a job on Kubernetes
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def run_training(
     `optional_secrets` reach the training pods like `resources.kubernetes.secret_env`, but may be absent.
     """
     name = "fulltune-train"
-    if cfg.resources.launcher == "kubernetes":
+    if cfg.resources.launcher in CLUSTER_LAUNCHERS:
         from fulltune.launch.pytorchjob import job_name
 
         if not run_id:
@@ -118,8 +119,9 @@ def make_launcher(
     image: str | None = None,
     optional_secrets: tuple[str, ...] = (),
 ) -> Launcher:
-    """`resources.launcher`: 'local' runs torchrun here; 'kubernetes' creates a PyTorchJob."""
-    if cfg.resources.launcher == "kubernetes":
+    """`resources.launcher`: 'local' runs torchrun here; 'kubernetes' creates a PyTorchJob, 'trainjob' a
+    Trainer v2 TrainJob."""
+    if cfg.resources.launcher in CLUSTER_LAUNCHERS:
         from fulltune.launch.kubernetes import KubernetesLauncher
 
         return KubernetesLauncher(

@@ -1,0 +1,484 @@
+"""The TrainJob launcher (Kubeflow Trainer v2): manifests checked against the TrainJob CRD made strict,
+the pod the Trainer builds from them checked against Kubernetes' schema, and the launcher driven through
+the real kubernetes client against the stateful stand-in API (tests/k8s_standin.py), whose JobSet
+applies the failure policy of the runtime the Helm chart installs."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import threading
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client
+
+from fulltune.config import ConfigError, RunConfig
+from fulltune.launch.base import LaunchError, TrainJob
+from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled, launcher_access
+from fulltune.launch.pytorchjob import RESTRICTED_CONTAINER, workflow_owner
+from fulltune.launch.trainjob import (
+    PERMANENT_EXIT_CODES,
+    SHM_VOLUME,
+    TRAINER_CONTAINER,
+    TRAINER_JOB,
+    build_trainjob,
+)
+from fulltune.train.args import TrainerArgs
+from k8s_standin import FakeKube
+from test_launch_kubernetes import _strict
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT / "tests" / "data" / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
+NS = "team-a"
+NAME = "fulltune-train-0123456789"
+
+
+def make_cfg(**resources) -> RunConfig:
+    base = {"work_dir": "s3://bucket/runs/r1", "resources": {"launcher": "trainjob", **resources}}
+    return RunConfig.from_dict(base)
+
+
+def make_job(cfg: RunConfig) -> TrainJob:
+    r = cfg.resources
+    return TrainJob(
+        name=NAME,
+        args=TrainerArgs(
+            config="s3://bucket/runs/r1/plan/config.yaml",
+            deepspeed="s3://bucket/runs/r1/plan/ds_config.json",
+            dataset="s3://bucket/runs/r1/data/dataset.json",
+            output="s3://bucket/runs/r1/train/model",
+            metrics="s3://bucket/runs/r1/train/metrics.jsonl",
+            checkpoints="s3://bucket/runs/r1/train/checkpoints",
+        ),
+        num_nodes=r.num_nodes,
+        nproc_per_node=r.nproc_per_node,
+        accelerator=r.accelerator,
+    )
+
+
+def manifest_for(resources: dict, **kwargs) -> dict:
+    cfg = make_cfg(**resources)
+    return build_trainjob(
+        cfg, make_job(cfg), name=NAME, namespace=NS, image="img:1", run_id="run-1", **kwargs
+    )
+
+
+EVERYTHING = {
+    "num_nodes": 4,
+    "nproc_per_node": 8,
+    "trainjob": {"runtime": "team-runtime", "runtime_kind": "TrainingRuntime"},
+    "kubernetes": {
+        "service_account_name": "trainer",
+        "node_selector": {"nvidia.com/gpu.product": "H100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "volumes": [
+            {"claim_name": "work", "mount_path": "/work"},
+            {"claim_name": "models", "mount_path": "/models", "read_only": True},
+        ],
+        "secret_env": ["hf-token"],
+        "cpu": "96",
+        "memory": "1000Gi",
+        "shm_size": "64Gi",
+    },
+}
+VARIANTS = {
+    "1-node-gpu": {"num_nodes": 1, "nproc_per_node": 4},
+    "2-nodes-cpu": {"num_nodes": 2, "nproc_per_node": 1, "accelerator": "cpu"},
+    "everything": EVERYTHING,
+}
+
+
+def chart_runtime() -> dict:
+    """The runtime fulltune's chart installs (see charts/fulltune; the chart's own tests check the
+    rendering): what the stand-in's JobSet applies and the effective pod is built from."""
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "ClusterTrainingRuntime",
+        "metadata": {"name": "fulltune-torch-distributed"},
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": "auto"}},
+            "template": {
+                "spec": {
+                    "failurePolicy": {
+                        "maxRestarts": 2,
+                        "rules": [
+                            {
+                                "name": "permanent",
+                                "action": "FailJobSet",
+                                "onJobFailureReasons": ["PodFailurePolicy"],
+                            },
+                            {"name": "retryable", "action": "RestartJobSet", "onJobFailureReasons": []},
+                        ],
+                    },
+                    "replicatedJobs": [
+                        {
+                            "name": TRAINER_JOB,
+                            "template": {
+                                "metadata": {
+                                    "labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+                                },
+                                "spec": {
+                                    "backoffLimit": 0,
+                                    "podFailurePolicy": {
+                                        "rules": [
+                                            {
+                                                "action": "FailJob",
+                                                "onExitCodes": {
+                                                    "containerName": TRAINER_CONTAINER,
+                                                    "operator": "In",
+                                                    "values": list(PERMANENT_EXIT_CODES),
+                                                },
+                                            }
+                                        ]
+                                    },
+                                    "template": {
+                                        "metadata": {"labels": {"sidecar.istio.io/inject": "false"}},
+                                        "spec": {
+                                            "securityContext": {
+                                                "runAsNonRoot": True,
+                                                "seccompProfile": {"type": "RuntimeDefault"},
+                                            },
+                                            "containers": [
+                                                {
+                                                    "name": TRAINER_CONTAINER,
+                                                    "image": "trainer:1",
+                                                    "securityContext": RESTRICTED_CONTAINER,
+                                                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                                                }
+                                            ],
+                                            "volumes": [{"name": "tmp", "emptyDir": {}}],
+                                        },
+                                    },
+                                },
+                            },
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+def effective_pod(runtime: dict, trainjob: dict, node_rank: int = 0) -> dict:
+    """The pod the Trainer and JobSet make for one node: the runtime's template, the TrainJob's
+    `trainer` on the trainer container, its podSpecOverrides, and the PET_* variables of torch."""
+    (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    pod = copy.deepcopy(replicated["template"]["spec"]["template"])
+    spec, trainer = pod["spec"], trainjob["spec"]["trainer"]
+    container = next(c for c in spec["containers"] if c["name"] == TRAINER_CONTAINER)
+    container.update(
+        image=trainer["image"], command=trainer["command"], resources=trainer["resourcesPerNode"]
+    )
+    pet = {
+        "PET_NNODES": str(trainer["numNodes"]),
+        "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+        "PET_NODE_RANK": str(node_rank),
+        "PET_MASTER_ADDR": f"{trainjob['metadata']['name']}-{TRAINER_JOB}-0-0.{trainjob['metadata']['name']}",
+        "PET_MASTER_PORT": "29400",
+    }
+    container["env"] = trainer["env"] + [{"name": k, "value": v} for k, v in pet.items()]
+    for override in trainjob["spec"]["podSpecOverrides"]:
+        if {"name": replicated["name"]} not in override["targetJobs"]:
+            continue
+        for key in ("serviceAccountName", "nodeSelector", "tolerations"):
+            if key in override:
+                spec[key] = override[key]
+        spec["volumes"] = spec.get("volumes", []) + override.get("volumes", [])
+        for patch in override.get("containers", []):
+            target = next(c for c in spec["containers"] if c["name"] == patch["name"])
+            target["volumeMounts"] = target.get("volumeMounts", []) + patch.get("volumeMounts", [])
+            target["envFrom"] = target.get("envFrom", []) + patch.get("envFrom", [])
+    return pod
+
+
+@pytest.fixture(scope="module")
+def crd_validator():
+    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def validate(validator, manifest: dict) -> None:
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    pod_template = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": f"{manifest['metadata']['name']}-node"},
+        "template": effective_pod(chart_runtime(), manifest),
+    }
+    kubernetes_validate.validate(pod_template, "1.30", strict=True)
+
+
+# -- manifests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_trainjob_validates_against_the_crd_and_makes_a_valid_pod(crd_validator, variant):
+    owner = workflow_owner("full-finetune-abc12", "6f0c1f5e-0000-4000-8000-000000000001")
+    validate(crd_validator, manifest_for(VARIANTS[variant], owner=owner, optional_secrets=("fulltune-s3",)))
+
+
+def test_a_trainjob_with_a_wrong_field_fails_validation(crd_validator):
+    manifest = manifest_for(VARIANTS["1-node-gpu"])
+    manifest["spec"]["trainer"]["numNode"] = 2
+    with pytest.raises(AssertionError, match="numNode"):
+        validate(crd_validator, manifest)
+
+
+def test_the_trainjob_carries_the_runs_topology_command_and_pod_settings():
+    m = manifest_for(EVERYTHING, optional_secrets=("fulltune-s3", "fulltune-mlflow"))
+    assert m["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "TrainingRuntime",
+        "name": "team-runtime",
+    }
+    trainer = m["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (4, 8, "img:1")
+    # torchrun through the node wrapper; nodes, rank and master address come from the Trainer's PET_*
+    cmd = trainer["command"]
+    assert cmd[:4] == ["python", "-m", "fulltune.launch.node", "--nproc-per-node=8"]
+    assert not any(a.startswith(("--nnodes", "--standalone", "--rdzv")) for a in cmd)
+    assert cmd[cmd.index("fulltune.train") + 1 :] == make_job(make_cfg(**EVERYTHING)).args.to_argv()
+    want = {"nvidia.com/gpu": "8", "cpu": "96", "memory": "1000Gi"}
+    assert trainer["resourcesPerNode"] == {"requests": want, "limits": want}
+    assert {"name": "HOME", "value": "/tmp"} in trainer["env"]
+    (override,) = m["spec"]["podSpecOverrides"]
+    assert override["targetJobs"] == [{"name": TRAINER_JOB}]
+    assert override["serviceAccountName"] == "trainer"
+    assert override["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+    assert override["tolerations"] == [
+        {"operator": "Exists", "key": "nvidia.com/gpu", "effect": "NoSchedule"}
+    ]
+    volumes = {v["name"]: v for v in override["volumes"]}
+    assert volumes[SHM_VOLUME] == {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}
+    (container,) = override["containers"]
+    assert container["name"] == TRAINER_CONTAINER
+    mounts = {v["mountPath"]: v for v in container["volumeMounts"]}
+    assert mounts["/dev/shm"]["name"] == SHM_VOLUME and mounts["/models"]["readOnly"]
+    # credentials only as Secret references: the configured one required, the pipeline's optional
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "hf-token"}},
+        {"secretRef": {"name": "fulltune-s3", "optional": True}},
+        {"secretRef": {"name": "fulltune-mlflow", "optional": True}},
+    ]
+    assert (
+        m["metadata"]["labels"]["pipeline/runid"] == "run-1"
+        and m["spec"]["labels"] == m["metadata"]["labels"]
+    )
+
+
+def test_the_effective_pod_meets_pod_security_restricted():
+    pod = effective_pod(chart_runtime(), manifest_for(EVERYTHING))["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    (container,) = pod["containers"]
+    assert container["securityContext"] == RESTRICTED_CONTAINER
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert {"/tmp", "/dev/shm"} <= writable  # what the read-only root leaves to write
+
+
+@pytest.mark.parametrize(
+    "kubernetes, field",
+    [
+        ({"affinity": {"nodeAffinity": {}}}, "affinity"),
+        ({"priority_class_name": "high"}, "priority_class_name"),
+        ({"istio_sidecar": True}, "istio_sidecar"),
+        ({"active_deadline_seconds": 3600}, "active_deadline_seconds"),
+    ],
+)
+def test_what_a_trainjob_cannot_carry_is_refused_naming_where_it_goes(kubernetes, field):
+    with pytest.raises(ConfigError, match=rf"resources\.kubernetes\.{field}: .*trainJob\.runtime\."):
+        manifest_for({"kubernetes": kubernetes})
+
+
+def test_the_launcher_asks_for_trainjobs_and_reads_only_its_runtime_beyond_them():
+    access = set(launcher_access("trainjob"))
+    assert {v for g, r, v in access if r == "trainjobs"} == {"create", "get", "list", "watch", "delete"}
+    assert {(r, v) for g, r, v in access if "runtimes" in r} == {
+        ("clustertrainingruntimes", "get"),
+        ("trainingruntimes", "get"),
+    }
+    assert not any(r == "pytorchjobs" for _, r, _ in access)
+
+
+# -- the launcher against the stand-in ----------------------------------------------------------
+
+
+@pytest.fixture
+def kube():
+    with FakeKube() as k:
+        k.put_runtime(chart_runtime())
+        yield k
+        assert not k.script_errors, k.script_errors
+
+
+def launcher(
+    kube: FakeKube, cfg: RunConfig | None = None, **kwargs
+) -> tuple[KubernetesLauncher, io.StringIO]:
+    cfg = cfg or make_cfg(
+        num_nodes=2, nproc_per_node=2, kubernetes={"namespace": NS, "watch_timeout_seconds": 30}
+    )
+    configuration = client.Configuration()
+    configuration.host = kube.host
+    out = io.StringIO()
+    kwargs.setdefault("poll_seconds", 0.05)
+    kwargs.setdefault("drain_seconds", 5)
+    kwargs.setdefault("namespace_file", "/nonexistent")
+    return KubernetesLauncher(cfg, run_id="run-1", configuration=configuration, stream=out, **kwargs), out
+
+
+def copied(out: io.StringIO) -> list[str]:
+    return [line.removeprefix("[node 0] ") for line in out.getvalue().splitlines()]
+
+
+def trainjob_watches(kube: FakeKube) -> list:
+    return [r for r in kube.calls("GET", "/trainjobs") if r.query.get("watch", "").lower() == "true"]
+
+
+def test_success_reads_the_runtime_creates_once_and_streams_node_0(kube, caplog):
+    def trainer(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created", "JobsCreationSucceeded", "Succeeded to create Jobs")
+        pod = k.start_node(ns, name)
+        k.start_node(ns, name, index=1)
+        k.log(ns, pod, "step 1 loss 2.30", "step 2 loss 2.10")
+        k.wait_for(lambda: "step 2" in out.getvalue())
+        k.log(ns, pod, "saved model")
+        assert k.node_exits(ns, name, 0) == "succeeded"
+
+    kube.script = trainer
+    launch, out = launcher(kube)
+    with caplog.at_level(logging.INFO, logger="fulltune.launch.kubernetes"):
+        launch.run(make_job(launch.cfg))
+    assert copied(out) == ["step 1 loss 2.30", "step 2 loss 2.10", "saved model"]
+    (runtime_read,) = kube.calls("GET", "/clustertrainingruntimes/fulltune-torch-distributed")
+    (post,) = kube.calls("POST", f"/namespaces/{NS}/trainjobs")
+    assert kube.requests.index(runtime_read) < kube.requests.index(post)
+    assert post.body["kind"] == "TrainJob" and post.body["metadata"]["name"] == NAME
+    assert "restarts at most 2 time(s)" in caplog.text and "TrainJob team-a/" in caplog.text
+    assert "complete" in caplog.text
+    assert not kube.calls("DELETE")
+
+
+@pytest.mark.parametrize("code", [1, 2])
+def test_a_permanent_exit_fails_the_trainjob_at_once_with_reason_events_and_log_tail(kube, code):
+    def trainer(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        pod = k.start_node(ns, name)
+        k.log(ns, pod, "loading config", "fulltune.train: data.train_uri: no data files found")
+        k.wait_for(lambda: "no data files" in out.getvalue())
+        assert k.node_exits(ns, name, code) == "failed"
+
+    kube.script = trainer
+    launch, out = launcher(kube)
+    with pytest.raises(LaunchError) as info:
+        launch.run(make_job(launch.cfg))
+    message = str(info.value)
+    assert "TrainJob team-a/" in message and "PodFailurePolicy" in message and "FailJobSet" in message
+    assert f"exited with code {code}" in message  # the pod's event
+    assert "no data files found" in message  # the log tail
+    assert kube.restarts.get((NS, NAME), 0) == 0  # never restarted
+    assert not kube.calls("DELETE")
+
+
+@pytest.mark.parametrize("code", [137, 138])
+def test_a_retryable_exit_restarts_the_group_which_then_succeeds(kube, caplog, code):
+    def trainer(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        pod = k.start_node(ns, name)
+        k.log(ns, pod, "step 10 loss 1.5")
+        k.wait_for(lambda: "step 10" in out.getvalue())
+        assert k.node_exits(ns, name, code) == "restarted"  # a new node-0 pod
+        k.log(ns, pod, "resumed from checkpoint step-10", "step 11 loss 1.4")
+        k.wait_for(lambda: "step 11" in out.getvalue())
+        assert k.node_exits(ns, name, 0) == "succeeded"
+
+    kube.script = trainer
+    launch, out = launcher(kube)
+    launch.run(make_job(launch.cfg))
+    lines = copied(out)
+    assert lines[0] == "step 10 loss 1.5" and lines[-2:] == [
+        "resumed from checkpoint step-10",
+        "step 11 loss 1.4",
+    ]
+    assert any("node 0 pod" in line and "was recreated" in line for line in lines)
+    assert kube.restarts[(NS, NAME)] == 1
+
+
+def test_restarts_are_bounded_by_the_runtimes_max_restarts(kube):
+    def trainer(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        k.start_node(ns, name)
+        assert [k.node_exits(ns, name, 138) for _ in range(3)] == ["restarted", "restarted", "failed"]
+
+    kube.script = trainer
+    launch, _ = launcher(kube)
+    with pytest.raises(LaunchError, match="reached max restarts"):
+        launch.run(make_job(launch.cfg))
+    assert kube.restarts[(NS, NAME)] == 2
+
+
+def test_a_missing_runtime_is_refused_before_anything_is_created(kube):
+    cfg = make_cfg(kubernetes={"namespace": NS}, trainjob={"runtime": "nope"})
+    launch, _ = launcher(kube, cfg)
+    with pytest.raises(LaunchError, match="ClusterTrainingRuntime nope does not exist: install the chart"):
+        launch.run(make_job(cfg))
+    assert not kube.calls("POST")
+
+
+def test_an_existing_trainjob_is_adopted_and_a_410_relists(kube, caplog):
+    launch, out = launcher(kube)
+    job = make_job(launch.cfg)
+    existing = kube.put_job(build_trainjob(launch.cfg, job, name=job.name, namespace=NS, image="img:0"))
+    kube.set_condition(NS, job.name, "Created")
+    pod = kube.start_node(NS, job.name)
+    kube.log(NS, pod, "step 41 loss 0.9")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(ok=launch.run(job) is None), daemon=True)
+    with caplog.at_level(logging.INFO, logger="fulltune.launch.kubernetes"):
+        thread.start()
+        kube.wait_for(lambda: "step 41" in out.getvalue() and trainjob_watches(kube))
+        kube.compact()  # the watch's history is gone and its connection drops: the reconnect gets 410
+        kube.drop_streams()
+        kube.wait_for(
+            lambda: len([r for r in kube.calls("GET", "/trainjobs") if "watch" not in r.query]) >= 2
+        )
+        kube.log(NS, pod, "step 42 loss 0.8")
+        kube.node_exits(NS, job.name, 0)
+        thread.join(10)
+    assert result == {"ok": True}
+    assert len(kube.calls("POST")) == 1  # the create that answered 409
+    assert kube.jobs[(NS, job.name)]["metadata"]["uid"] == existing["metadata"]["uid"]
+    assert "already exists" in caplog.text and "410 Gone" in caplog.text
+    assert copied(out)[-1] == "step 42 loss 0.8"
+
+
+def test_cancel_deletes_the_trainjob(kube):
+    def trainer(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        k.log(ns, k.start_node(ns, name), "step 1")
+
+    kube.script = trainer
+    stop = threading.Event()
+    launch, out = launcher(kube, stop=stop)
+    result: dict = {}
+
+    def target():
+        try:
+            launch.run(make_job(launch.cfg))
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    kube.wait_for(lambda: "step 1" in out.getvalue())
+    stop.set()
+    thread.join(10)
+    assert isinstance(result.get("error"), LaunchCancelled)
+    (delete,) = kube.calls("DELETE", f"/trainjobs/{NAME}")
+    assert delete.body["propagationPolicy"] == "Foreground"
+    assert not kube.pods  # nothing orphaned
