@@ -1,10 +1,13 @@
 """The Helm chart (charts/fulltune), rendered and linted by the real Helm engine (helm-python).
 
 Every values file in charts/fulltune/ci/ is rendered, linted and each object validated against the
-Kubernetes schemas (strict: unknown fields are errors). On top of that: the Role grants exactly what
-the train launcher needs, nothing is cluster-wide, every pod is Pod Security "restricted",
+Kubernetes schemas (strict: unknown fields are errors; the Trainer v2 runtime against its vendored CRD
+made strict). On top of that: the Role grants exactly what the train launcher needs, nothing is
+cluster-wide but the ClusterTrainingRuntime and the reading of it, every pod is Pod Security
+"restricted", the runtime maps exit codes to the JobSet's failure policy as the trainer reads them,
 credentials come only from Secrets, the values schema refuses typos and wrong types, the default
-RunConfig is a valid RunConfig, and the pipeline the upload hook ships is the compiled one.
+RunConfig is a valid RunConfig naming the chart's launcher and runtime, and the pipeline the upload
+hook ships is the compiled one.
 
 `python tests/test_chart.py --write-schema` regenerates the RunConfig part of values.schema.json
 after a change to fulltune.config.
@@ -13,6 +16,7 @@ after a change to fulltune.config.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import sys
@@ -23,13 +27,27 @@ from typing import Any
 import pytest
 import yaml
 
-from fulltune.launch.kubernetes import LAUNCHER_ACCESS
+from fulltune.launch.kubernetes import launcher_access
+from fulltune.launch.pytorchjob import RESTRICTED_CONTAINER, RESTRICTED_POD, istio_metadata
+from fulltune.launch.trainjob import (
+    ANCESTOR_LABEL,
+    ANCESTOR_TRAINER,
+    GROUP,
+    JOBSET_LABEL,
+    PERMANENT_EXIT_CODES,
+    SHM_VOLUME,
+    TRAINER_CONTAINER,
+    TRAINER_JOB,
+)
+from fulltune.train.exit_codes import is_retryable
+from support.crd_schema import CRDS, crd_validator
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "fulltune"
+CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 PIPELINE = ROOT / "pipelines" / "full_finetune.yaml"
 NAMESPACE = "team-a"
@@ -45,8 +63,16 @@ FULLNAME = "ft-fulltune"
 # supports (Chart.yaml kubeVersion).
 KUBE_VERSION = kubernetes_validate.utils.latest_version()
 OLDEST_KUBE_VERSION = "1.27.0"
+# Kubeflow Trainer v2.0 needs 1.29 (its chart's README); older schemas mark podFailurePolicy rules'
+# onPodConditions required, which the API server never asked for.
+TRAINER_OLDEST_KUBE_VERSION = "1.29.0"
 
-LAUNCHER_RULES = set(LAUNCHER_ACCESS)  # what the launcher asks of the API, from its one definition
+# Trainer v2's runtime kinds and their vendored CRDs (tests/data/crds/README.md).
+RUNTIME_CRDS = {
+    "ClusterTrainingRuntime": CRDS / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    "TrainingRuntime": CRDS / "trainer.kubeflow.org_trainingruntimes.yaml",
+}
+CLUSTER_RESOURCES = {"clustertrainingruntimes"}  # what the launcher reads outside its namespace
 KFP = "pipelines.kubeflow.org"
 UPLOADER_UPLOAD_RULES = {
     (KFP, resource, verb)
@@ -64,6 +90,7 @@ UPLOADER_SUBMIT_RULES = UPLOADER_COMMON_RULES | {(KFP, "runs", "create"), (KFP, 
 CLUSTER_SCOPED_KINDS = {
     "ClusterRole",
     "ClusterRoleBinding",
+    "ClusterTrainingRuntime",
     "Namespace",
     "CustomResourceDefinition",
     "PersistentVolume",
@@ -109,11 +136,37 @@ def only(objects: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
+def launcher_of(values: dict) -> str:
+    return values.get("training", {}).get("launcher", CHART_DEFAULTS["training"]["launcher"])
+
+
+def runtime_values(values: dict) -> dict:
+    """trainJob.runtime as the chart sees it: the values file over the chart's defaults."""
+    return {**CHART_DEFAULTS["trainJob"]["runtime"], **values.get("trainJob", {}).get("runtime", {})}
+
+
+def namespaced(access) -> set[tuple[str, str, str]]:
+    """The launcher's (group, resource, verb) a namespaced Role can grant."""
+    return {a for a in access if a[1] not in CLUSTER_RESOURCES}
+
+
+def runtimes(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["kind"] in RUNTIME_CRDS]
+
+
+def trainer_job(runtime: dict) -> dict:
+    """The runtime's one replicated job, the trainer's."""
+    (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    return replicated
+
+
 def pod_specs(objects: list[dict]) -> Iterator[tuple[str, dict]]:
     """(object name, pod spec) of everything that creates pods."""
     for obj in objects:
         spec = obj.get("spec", {})
-        if obj["kind"] == "Pod":
+        if obj["kind"] in RUNTIME_CRDS:
+            yield obj["metadata"]["name"], trainer_job(obj)["template"]["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
             yield obj["metadata"]["name"], spec
         elif obj["kind"] == "CronJob":
             yield obj["metadata"]["name"], spec["jobTemplate"]["spec"]["template"]["spec"]
@@ -153,11 +206,13 @@ def full(chart) -> list[dict]:
     return render(chart, load_values(CHART / "ci" / "full-values.yaml"))
 
 
-def test_ci_values_files_cover_defaults_everything_and_minimal():
+def test_ci_values_files_cover_defaults_everything_minimal_and_both_runtime_kinds():
     assert {p.name for p in VALUES_FILES} >= {
         "default-values.yaml",
         "full-values.yaml",
         "minimal-values.yaml",
+        "trainjob-values.yaml",  # ClusterTrainingRuntime, every runtime setting
+        "trainjob-namespaced-values.yaml",  # TrainingRuntime
     }
 
 
@@ -179,8 +234,35 @@ def test_helm_lint_reports_a_schema_violation():
 def _validate(obj: dict, version: str = KUBE_VERSION) -> None:
     if obj["kind"] == "PodDefault":
         _validate_pod_default(obj)
+    elif obj["kind"] in RUNTIME_CRDS:
+        _validate_runtime(obj, version)
     else:
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+@functools.cache
+def _runtime_validator(kind: str):
+    return crd_validator(RUNTIME_CRDS[kind], "v1alpha1")
+
+
+def _validate_runtime(obj: dict, version: str) -> None:
+    """A Trainer v2 runtime: against its CRD made strict (what kubernetes-validate cannot know), then
+    its trainer's Job and pod template against Kubernetes' own schemas, which the CRD leaves open."""
+    version = max(version, TRAINER_OLDEST_KUBE_VERSION, key=lambda v: tuple(map(int, v.split("."))))
+    errors = sorted(_runtime_validator(obj["kind"]).iter_errors(obj), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    job = trainer_job(obj)["template"]
+    name = {"name": f"{obj['metadata']['name']}-{TRAINER_JOB}"}
+    kubernetes_validate.validate(
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": name, "spec": job["spec"]}, version, strict=True
+    )
+    pod_template = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": name,
+        "template": job["spec"]["template"],
+    }
+    kubernetes_validate.validate(pod_template, version, strict=True)
 
 
 def _validate_pod_default(obj: dict) -> None:
@@ -231,20 +313,34 @@ def test_kubernetes_validation_catches_a_misspelt_field(full):
         _validate(job)
 
 
-# -- RBAC: least privilege, nothing cluster-wide -----------------------------------------------------
+# -- RBAC: least privilege, nothing cluster-wide but a ClusterTrainingRuntime and reading it ----------
 
 
-def test_nothing_cluster_wide_and_everything_in_the_release_namespace(rendered):
-    _, objects = rendered
+def test_nothing_cluster_wide_but_the_runtime_and_everything_in_the_release_namespace(rendered):
+    """Cluster-wide only with Trainer v2 on a ClusterTrainingRuntime: the runtime (when the chart
+    installs it) and the ClusterRole that reads it, with its binding."""
+    values, objects = rendered
+    runtime = runtime_values(values)
+    expected = set()
+    if launcher_of(values) == "trainjob" and runtime["kind"] == "ClusterTrainingRuntime":
+        expected |= {"ClusterTrainingRuntime"} if runtime["create"] else set()
+        expected |= (
+            {"ClusterRole", "ClusterRoleBinding"} if values.get("rbac", {}).get("create", True) else set()
+        )
+    assert {o["kind"] for o in objects if o["kind"] in CLUSTER_SCOPED_KINDS} == expected
     for obj in objects:
-        assert obj["kind"] not in CLUSTER_SCOPED_KINDS, obj["kind"]
-        assert obj["metadata"].get("namespace") == NAMESPACE, (obj["kind"], obj["metadata"]["name"])
+        where = (obj["kind"], obj["metadata"]["name"])
+        if obj["kind"] in CLUSTER_SCOPED_KINDS:
+            assert "namespace" not in obj["metadata"], where
+        else:
+            assert obj["metadata"].get("namespace") == NAMESPACE, where
 
 
 def test_launcher_role_grants_exactly_what_the_launcher_needs(rendered):
     values, objects = rendered
     role = only(objects, "Role", f"{FULLNAME}-launcher")
-    assert rules_of(role) == LAUNCHER_RULES
+    # what the chart's launcher asks of the API, from its one definition, less what is cluster-wide
+    assert rules_of(role) == namespaced(launcher_access(launcher_of(values)))
     binding = only(objects, "RoleBinding", f"{FULLNAME}-launcher")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -347,11 +443,46 @@ def test_helm_test_runs_fulltune_doctor_as_the_runs_account_with_the_release_con
     assert container["envFrom"] == [{"secretRef": {"name": "fulltune-s3", "optional": True}}]
 
 
+def test_cluster_role_reads_only_the_named_cluster_training_runtime(rendered):
+    """With a ClusterTrainingRuntime, the launcher's one cluster-wide need (get it, by name) and
+    nothing more; with the Role, exactly what the launcher asks of the API."""
+    values, objects = rendered
+    cluster_roles = [o for o in objects if o["kind"] == "ClusterRole"]
+    runtime = runtime_values(values)
+    if launcher_of(values) != "trainjob" or runtime["kind"] != "ClusterTrainingRuntime":
+        assert not cluster_roles and not [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+        return
+    (cluster_role,) = cluster_roles
+    assert cluster_role["rules"] == [
+        {
+            "apiGroups": [GROUP],
+            "resources": ["clustertrainingruntimes"],
+            "resourceNames": [runtime["name"]],
+            "verbs": ["get"],
+        }
+    ]
+    cluster_access = {(GROUP, "clustertrainingruntimes", "get")}
+    role = only(objects, "Role", f"{FULLNAME}-launcher")
+    assert rules_of(role) | cluster_access == set(launcher_access("trainjob"))
+    binding = only(objects, "ClusterRoleBinding")
+    assert binding["metadata"]["name"] == cluster_role["metadata"]["name"]
+    assert NAMESPACE in cluster_role["metadata"]["name"]  # one per release and namespace
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": cluster_role["metadata"]["name"],
+    }
+    assert binding["subjects"] == only(objects, "RoleBinding", f"{FULLNAME}-launcher")["subjects"]
+
+
 def test_rbac_can_be_left_to_the_platform(chart):
-    objects = render(
-        chart, {"rbac": {"create": False}, "pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE}
-    )
-    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
+    for values in (
+        {"pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE},
+        {"training": {"launcher": "trainjob"}},
+    ):
+        objects = render(chart, {"rbac": {"create": False}, **values})
+        kinds = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+        assert not [o for o in objects if o["kind"] in kinds]
 
 
 # -- pods: Pod Security "restricted" ------------------------------------------------------------------
@@ -397,6 +528,234 @@ def test_openshift_can_assign_the_user(chart):
     )
     _, spec = next(pod_specs(objects))
     assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+# -- Kubeflow Trainer v2: the runtime ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainjob_runtime(chart) -> tuple[dict, dict]:
+    """(values, runtime) of the values file that sets every runtime setting."""
+    values = load_values(CHART / "ci" / "trainjob-values.yaml")
+    return values, only(render(chart, values), "ClusterTrainingRuntime")
+
+
+def test_no_runtime_unless_trainer_v2_is_the_launcher(chart):
+    assert not runtimes(render(chart))
+    objects = render(
+        chart, {"training": {"launcher": "trainjob"}, "trainJob": {"runtime": {"create": False}}}
+    )
+    assert not runtimes(objects)
+    assert only(objects, "ClusterRole")  # the launcher still reads the runtime it was told to use
+
+
+def test_the_runtime_is_torch_distributed_with_one_trainer_job_of_trainer_v2s_names(rendered):
+    values, objects = rendered
+    found = runtimes(objects)
+    runtime = runtime_values(values)
+    if launcher_of(values) != "trainjob" or not runtime["create"]:
+        assert not found
+        return
+    (obj,) = found
+    assert (obj["kind"], obj["metadata"]["name"]) == (runtime["kind"], runtime["name"])
+    assert obj["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {"numProcPerNode": "auto"}}
+    assert set(obj["spec"]) == {"mlPolicy", "template"}  # no podGroupPolicy: no gang scheduler assumed
+    replicated = trainer_job(obj)
+    assert replicated["name"] == TRAINER_JOB
+    assert replicated["template"]["metadata"]["labels"] == {ANCESTOR_LABEL: ANCESTOR_TRAINER}
+    pod = replicated["template"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]  # no sshd, no MPI launcher, no initializers
+    assert container["name"] == TRAINER_CONTAINER and "initContainers" not in pod
+    trainer = values.get("images", {}).get("trainer", {})
+    assert container["image"].startswith(trainer.get("repository", "ghcr.io/fulltune/fulltune-trainer"))
+    # /dev/shm is the TrainJob's (its size is the run's): no volume of that name or mount here
+    assert SHM_VOLUME not in {v["name"] for v in pod["volumes"]}
+    assert "/dev/shm" not in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_the_runtime_is_pod_security_restricted_exactly_as_the_pytorchjob_pods(rendered):
+    _, objects = rendered
+    for obj in runtimes(objects):
+        pod = trainer_job(obj)["template"]["spec"]["template"]["spec"]
+        assert pod["securityContext"].items() >= RESTRICTED_POD.items()
+        for container in pod["containers"]:
+            assert container["securityContext"] == RESTRICTED_CONTAINER
+        tmp = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/tmp")
+        assert {"name": tmp["name"], "emptyDir": {}} in pod["volumes"]
+
+
+def _outcome(runtime: dict, reason: str) -> str:
+    """The JobSet failurePolicy's action for a Job that failed with `reason`: the first rule that
+    names it (an empty list names every reason), else RestartJobSet (JobSet's documented default)."""
+    for rule in runtime["spec"]["template"]["spec"]["failurePolicy"]["rules"]:
+        if not rule.get("onJobFailureReasons") or reason in rule["onJobFailureReasons"]:
+            return rule["action"]
+    return "RestartJobSet"
+
+
+def _job_failure_reason(runtime: dict, code: int) -> str:
+    """Why the trainer's Job fails when its container exits `code` (Kubernetes' Job controller): a
+    FailJob rule of its podFailurePolicy that matches, else its backoffLimit (0) is exceeded."""
+    job = trainer_job(runtime)["template"]["spec"]
+    assert job["backoffLimit"] == 0  # one failed pod fails the Job: its peers would hang
+    for rule in job["podFailurePolicy"]["rules"]:
+        on = rule["onExitCodes"]
+        if on["containerName"] == TRAINER_CONTAINER and (code in on["values"]) == (on["operator"] == "In"):
+            return {"FailJob": "PodFailurePolicy"}[rule["action"]]
+    return "BackoffLimitExceeded"
+
+
+def test_exit_codes_map_to_the_jobset_failure_policy_as_the_trainer_reads_them(trainjob_runtime):
+    """A permanent code (fulltune.train.exit_codes) fails the whole JobSet at once; any other failure
+    restarts the group, bounded by maxRestarts; a deadline ends it."""
+    values, runtime = trainjob_runtime
+    job = trainer_job(runtime)["template"]["spec"]
+    ((rule,),) = [job["podFailurePolicy"]["rules"]]
+    assert rule == {
+        "action": "FailJob",
+        "onExitCodes": {
+            "containerName": TRAINER_CONTAINER,
+            "operator": "In",
+            "values": list(PERMANENT_EXIT_CODES),
+        },
+    }
+    assert job["template"]["spec"]["restartPolicy"] == "Never"  # what a podFailurePolicy requires
+    for code in range(1, 256):
+        expected = "RestartJobSet" if is_retryable(code) else "FailJobSet"
+        assert _outcome(runtime, _job_failure_reason(runtime, code)) == expected, code
+    assert _outcome(runtime, "DeadlineExceeded") == "FailJobSet"
+    spec = runtime["spec"]["template"]["spec"]
+    assert spec["failurePolicy"]["maxRestarts"] == values["trainJob"]["runtime"]["maxRestarts"]
+    assert spec["ttlSecondsAfterFinished"] == values["trainJob"]["runtime"]["ttlSecondsAfterFinished"]
+    assert job["activeDeadlineSeconds"] == values["trainJob"]["runtime"]["activeDeadlineSeconds"]
+
+
+def test_the_runtimes_defaults(chart):
+    runtime = only(render(chart, {"training": {"launcher": "trainjob"}}), "ClusterTrainingRuntime")
+    spec = runtime["spec"]["template"]["spec"]
+    assert (spec["failurePolicy"]["maxRestarts"], spec["ttlSecondsAfterFinished"]) == (3, 86400)
+    pod = trainer_job(runtime)["template"]["spec"]["template"]
+    assert "activeDeadlineSeconds" not in trainer_job(runtime)["template"]["spec"]
+    assert not {"affinity", "priorityClassName", "nodeSelector", "tolerations"} & set(pod["spec"])
+    labels, annotations = istio_metadata(False)
+    assert (
+        pod["metadata"]["labels"].items() >= labels.items() and pod["metadata"]["annotations"] == annotations
+    )
+
+
+def test_the_runtime_carries_the_pod_settings_a_trainjob_cannot(trainjob_runtime):
+    """Affinity, priority class and the Istio sidecar (unsupported() in fulltune.launch.trainjob
+    sends them here) on the pod template, with the node selector, tolerations and pull Secrets; the
+    sidecar's annotations are those of the PyTorchJob's pods."""
+    values, runtime = trainjob_runtime
+    settings = values["trainJob"]["runtime"]
+    template = trainer_job(runtime)["template"]["spec"]["template"]
+    pod = template["spec"]
+    assert pod["affinity"] == settings["affinity"]
+    assert pod["priorityClassName"] == settings["priorityClassName"]
+    assert pod["nodeSelector"] == settings["nodeSelector"]
+    assert pod["tolerations"] == settings["tolerations"]
+    assert pod["imagePullSecrets"] == [{"name": n} for n in values["imagePullSecrets"]]
+    labels, annotations = istio_metadata(True)
+    istio_labels = {k: v for k, v in template["metadata"]["labels"].items() if "istio" in k}
+    assert (istio_labels, template["metadata"]["annotations"]) == (labels, annotations)
+
+
+def test_the_runtime_validation_catches_a_misspelt_field(trainjob_runtime):
+    runtime = copy.deepcopy(trainjob_runtime[1])
+    runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestart"] = 3
+    with pytest.raises(AssertionError, match="maxRestart"):
+        _validate(runtime)
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        {},
+        {"kind": "TrainingRuntime", "name": "team-torch"},
+        {"create": False, "name": "platform-torch"},
+    ],
+    ids=["default", "namespaced", "existing"],
+)
+def test_the_uploaded_defaults_name_the_runtime_the_chart_installs(chart, tmp_path, runtime):
+    """A run started from the Kubeflow UI (the uploaded version's defaults) creates a TrainJob that
+    references the chart's runtime, whatever its kind and name."""
+    from fulltune.config import RunConfig
+    from fulltune.kfp.run_parameters import ClusterPackage
+    from fulltune.kfp.submit import package_file
+    from fulltune.launch.trainjob import build_trainjob
+
+    values = {
+        "training": {"launcher": "trainjob"},
+        "trainJob": {"runtime": runtime},
+        "pipelineUpload": {"enabled": True, "mode": "upload"},
+    }
+    objects = render(chart, values)
+    config = tmp_path / "config.yaml"
+    config.write_text(only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    with package_file(PIPELINE, ClusterPackage(defaults=config)) as package:
+        defaults = package.parameters["config"]["defaultValue"]
+    ref = _launcher_manifest(RunConfig.from_dict(defaults), build_trainjob)["spec"]["runtimeRef"]
+    expected = runtime_values(values)
+    assert ref == {"apiGroup": GROUP, "kind": expected["kind"], "name": expected["name"]}
+    installed = [(o["kind"], o["metadata"]["name"]) for o in runtimes(objects)]
+    assert installed == ([(ref["kind"], ref["name"])] if expected["create"] else [])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"runConfig": {"resources": {"launcher": "trainjob"}}}, "set training.launcher: trainjob"),
+        (
+            {"training": {"launcher": "trainjob"}, "runConfig": {"resources": {"launcher": "kubernetes"}}},
+            "set training.launcher: kubernetes",
+        ),
+        (
+            {
+                "training": {"launcher": "trainjob"},
+                "runConfig": {"resources": {"trainjob": {"runtime": "x"}}},
+            },
+            "set trainJob.runtime.name and .kind",
+        ),
+        (
+            {
+                "training": {"launcher": "trainjob"},
+                "runConfig": {"resources": {"trainjob": {"runtime_kind": "TrainingRuntime"}}},
+            },
+            "set trainJob.runtime.name and .kind",
+        ),
+    ],
+)
+def test_the_run_configuration_cannot_leave_the_launcher_or_runtime_the_rbac_serves(chart, values, message):
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(chart, values)
+
+
+@pytest.mark.parametrize(
+    "kubernetes",
+    [
+        {"affinity": {"nodeAffinity": {}}},
+        {"priority_class_name": "high"},
+        {"istio_sidecar": True},
+        {"active_deadline_seconds": 3600},
+    ],
+    ids=lambda k: next(iter(k)),
+)
+def test_pod_settings_a_trainjob_cannot_carry_are_refused_at_install(chart, kubernetes):
+    """What the launcher would refuse at run time (fulltune.launch.trainjob.unsupported) the chart
+    refuses at install, naming the same trainJob.runtime value to set instead."""
+    from fulltune.config import RunConfig
+    from fulltune.launch.trainjob import unsupported
+
+    cfg = {"work_dir": "s3://w", "resources": {"launcher": "trainjob", "kubernetes": kubernetes}}
+    (problem,) = unsupported(RunConfig.from_dict(cfg))
+    field = re.match(r"(resources\.kubernetes\.\w+)", problem).group(1)
+    value = re.search(r"trainJob\.runtime\.\w+", problem).group()
+    run_config = {"resources": {"kubernetes": kubernetes}}
+    with pytest.raises(helm.HelmError) as err:
+        render(chart, {"training": {"launcher": "trainjob"}, "runConfig": run_config})
+    assert f"runConfig.{field}" in str(err.value) and f"set {value} instead" in str(err.value)
+    render(chart, {"runConfig": run_config})  # a PyTorchJob carries it
 
 
 # -- credentials ----------------------------------------------------------------------------------
@@ -479,6 +838,16 @@ def test_pod_default_needs_the_secret_name(chart):
         ({"runConfig": {"training": {"learning_rte": 1e-5}}}, "'learning_rte'"),
         ({"runConfig": {"resources": {"num_nodes": "two"}}}, "/runConfig/resources/num_nodes"),
         ({"runConfig": {"resources": {"launcher": "slurm"}}}, "/runConfig/resources/launcher"),
+        ({"training": {"launcher": "pytorchjob"}}, "/training/launcher"),
+        ({"trainJob": {"runtime": {"kind": "Runtime"}}}, "/trainJob/runtime/kind"),
+        ({"trainJob": {"runtime": {"name": "Fulltune_Torch"}}}, "/trainJob/runtime/name"),
+        ({"trainJob": {"runtime": {"maxRestarts": -1}}}, "/trainJob/runtime/maxRestarts"),
+        (
+            {"trainJob": {"runtime": {"activeDeadlineSeconds": "2d"}}},
+            "/trainJob/runtime/activeDeadlineSeconds",
+        ),
+        ({"trainJob": {"runtime": {"shmSize": "64Gi"}}}, "'shmSize'"),  # the run's, in the TrainJob
+        ({"trainJob": {"runtime": {"affinity": {"nodeAfinity": {}}}}}, "'nodeAfinity'"),
     ],
 )
 def test_schema_refuses_unknown_values_and_wrong_types(chart, values, where):
@@ -553,14 +922,20 @@ def _previous_generated_names(schema: dict) -> set[str]:
 # -- the default RunConfig ----------------------------------------------------------------------------
 
 
-def test_configmap_holds_a_valid_runconfig_for_the_kubernetes_launcher(rendered):
+def test_configmap_holds_a_valid_runconfig_for_the_charts_launcher(rendered):
     from fulltune.config import RunConfig
 
     values, objects = rendered
     text = only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"]
     config = RunConfig.from_dict(yaml.safe_load(text))
     k8s = config.resources.kubernetes
-    assert config.resources.launcher == "kubernetes"
+    assert config.resources.launcher == launcher_of(values)
+    if launcher_of(values) == "trainjob":
+        runtime = runtime_values(values)
+        assert (config.resources.trainjob.runtime, config.resources.trainjob.runtime_kind) == (
+            runtime["name"],
+            runtime["kind"],
+        )
     trainer = values.get("images", {}).get("trainer", {})
     assert k8s.image.startswith(trainer.get("repository", "ghcr.io/fulltune/fulltune-trainer"))
     secret = values.get("s3", {}).get("existingSecret", "fulltune-s3")
@@ -721,24 +1096,27 @@ def _selects(selector: dict, labels: dict[str, str]) -> bool:
     return True
 
 
-def test_network_policy_selects_the_pods_the_launcher_builds(full):
-    """From the chart's own default RunConfig, the launcher's PyTorchJob pods (plus the label the
-    Training Operator adds) are selected; the chart's upload hook pod is not."""
+def _chart_config(objects: list[dict]):
+    """The default RunConfig the chart rendered."""
     from fulltune.config import RunConfig
+
+    return RunConfig.from_dict(
+        yaml.safe_load(only(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    )
+
+
+def _launcher_manifest(cfg, build) -> dict:
+    """The job the launcher would create for `cfg` (build: build_pytorchjob or build_trainjob)."""
     from fulltune.launch.base import TrainJob
-    from fulltune.launch.pytorchjob import build_pytorchjob
     from fulltune.train.args import TrainerArgs
 
-    cfg = RunConfig.from_dict(
-        yaml.safe_load(only(full, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
-    )
     job = TrainJob(
         "train",
         TrainerArgs("s3://w/c.json", "s3://w/ds.json", "s3://w/data", "s3://w/model", "s3://w/m.json"),
         num_nodes=cfg.resources.num_nodes,
         nproc_per_node=cfg.resources.nproc_per_node,
     )
-    manifest = build_pytorchjob(
+    return build(
         cfg,
         job,
         name="fulltune-train-0123456789",
@@ -746,6 +1124,14 @@ def test_network_policy_selects_the_pods_the_launcher_builds(full):
         image=cfg.resources.kubernetes.image,
         run_id="run-1",
     )
+
+
+def test_network_policy_selects_the_pods_the_launcher_builds(full):
+    """From the chart's own default RunConfig, the launcher's PyTorchJob pods (plus the label the
+    Training Operator adds) are selected; the chart's upload hook pod is not."""
+    from fulltune.launch.pytorchjob import build_pytorchjob
+
+    manifest = _launcher_manifest(_chart_config(full), build_pytorchjob)
     selector = only(full, "NetworkPolicy")["spec"]["podSelector"]
     for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
         labels = dict(replica["template"]["metadata"]["labels"])
@@ -754,6 +1140,26 @@ def test_network_policy_selects_the_pods_the_launcher_builds(full):
         assert _selects(selector, labels)
     hook_labels = only(full, "Job", f"{FULLNAME}-upload")["spec"]["template"]["metadata"]["labels"]
     assert not _selects(selector, hook_labels)
+
+
+def test_network_policy_selects_the_pods_of_the_charts_trainjob_runtime(chart):
+    """With Trainer v2, the runtime's pods (plus the label JobSet adds to every pod it creates) are
+    selected, and the upload hook's pod is not; a selector in the values replaces the launcher's."""
+    objects = render(chart, load_values(CHART / "ci" / "trainjob-values.yaml"))
+    selector = only(objects, "NetworkPolicy")["spec"]["podSelector"]
+    labels = dict(
+        trainer_job(only(objects, "ClusterTrainingRuntime"))["template"]["spec"]["template"]["metadata"][
+            "labels"
+        ]
+    )
+    assert not _selects(selector, labels), "selected before JobSet made it a pod of a job"
+    labels[JOBSET_LABEL] = "fulltune-train-0123456789"
+    assert _selects(selector, labels)
+    hook_labels = only(objects, "Job", f"{FULLNAME}-upload")["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(selector, hook_labels)
+    own = {"matchLabels": {"team": "a", "role": "trainer"}}
+    policy = only(render(chart, {"networkPolicy": {"trainingPodSelector": own}}), "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == own == policy["spec"]["ingress"][0]["from"][0]["podSelector"]
 
 
 def test_network_policy_lets_training_pods_reach_mlflow_only_when_told(chart):

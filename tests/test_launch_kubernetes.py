@@ -29,6 +29,7 @@ from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled
 from fulltune.launch.pytorchjob import build_pytorchjob, job_name, workflow_owner
 from fulltune.train.args import TrainerArgs
 from k8s_standin import FakeKube
+from support.crd_schema import strict as _strict  # test_launch_trainjob imports it from here too
 
 ROOT = Path(__file__).resolve().parents[1]
 # The Training Operator's CRD, vendored so a bare clone tests against it; kept equal to the
@@ -134,22 +135,6 @@ def manifest_for(resources: dict, owner: dict | None = None) -> dict:
         run_id="run-1",
         owner=owner,
     )
-
-
-def _strict(schema):
-    """The CRD schema as the API server applies it with fieldValidation=Strict: unknown fields are errors."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items()}
-    if (
-        "properties" in out
-        and "additionalProperties" not in out
-        and not out.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    return out
 
 
 @pytest.fixture(scope="module")

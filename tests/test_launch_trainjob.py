@@ -22,7 +22,6 @@ from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled, launcher_access
 from fulltune.launch.pytorchjob import RESTRICTED_CONTAINER, workflow_owner
 from fulltune.launch.trainjob import (
-    PERMANENT_EXIT_CODES,
     SHM_VOLUME,
     TRAINER_CONTAINER,
     TRAINER_JOB,
@@ -93,75 +92,17 @@ VARIANTS = {
 }
 
 
-def chart_runtime() -> dict:
-    """The runtime fulltune's chart installs (see charts/fulltune; the chart's own tests check the
-    rendering): what the stand-in's JobSet applies and the effective pod is built from."""
-    return {
-        "apiVersion": "trainer.kubeflow.org/v1alpha1",
-        "kind": "ClusterTrainingRuntime",
-        "metadata": {"name": "fulltune-torch-distributed"},
-        "spec": {
-            "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": "auto"}},
-            "template": {
-                "spec": {
-                    "failurePolicy": {
-                        "maxRestarts": 2,
-                        "rules": [
-                            {
-                                "name": "permanent",
-                                "action": "FailJobSet",
-                                "onJobFailureReasons": ["PodFailurePolicy"],
-                            },
-                            {"name": "retryable", "action": "RestartJobSet", "onJobFailureReasons": []},
-                        ],
-                    },
-                    "replicatedJobs": [
-                        {
-                            "name": TRAINER_JOB,
-                            "template": {
-                                "metadata": {
-                                    "labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
-                                },
-                                "spec": {
-                                    "backoffLimit": 0,
-                                    "podFailurePolicy": {
-                                        "rules": [
-                                            {
-                                                "action": "FailJob",
-                                                "onExitCodes": {
-                                                    "containerName": TRAINER_CONTAINER,
-                                                    "operator": "In",
-                                                    "values": list(PERMANENT_EXIT_CODES),
-                                                },
-                                            }
-                                        ]
-                                    },
-                                    "template": {
-                                        "metadata": {"labels": {"sidecar.istio.io/inject": "false"}},
-                                        "spec": {
-                                            "securityContext": {
-                                                "runAsNonRoot": True,
-                                                "seccompProfile": {"type": "RuntimeDefault"},
-                                            },
-                                            "containers": [
-                                                {
-                                                    "name": TRAINER_CONTAINER,
-                                                    "image": "trainer:1",
-                                                    "securityContext": RESTRICTED_CONTAINER,
-                                                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-                                                }
-                                            ],
-                                            "volumes": [{"name": "tmp", "emptyDir": {}}],
-                                        },
-                                    },
-                                },
-                            },
-                        }
-                    ],
-                }
-            },
-        },
-    }
+@pytest.fixture(scope="module")
+def runtime() -> dict:
+    """The runtime fulltune's Helm chart installs, rendered by the real Helm engine with a restart
+    bound of 2 (the chart's own tests check the rendering itself): what the stand-in's JobSet applies
+    and the effective pod is built from."""
+    from test_chart import CHART, helm, render
+
+    values = {"training": {"launcher": "trainjob"}, "trainJob": {"runtime": {"maxRestarts": 2}}}
+    with helm.Chart.load(CHART) as chart:
+        objects = render(chart, values)
+    return next(o for o in objects if o["kind"] == "ClusterTrainingRuntime")
 
 
 def effective_pod(runtime: dict, trainjob: dict, node_rank: int = 0) -> dict:
@@ -179,7 +120,7 @@ def effective_pod(runtime: dict, trainjob: dict, node_rank: int = 0) -> dict:
         "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
         "PET_NODE_RANK": str(node_rank),
         "PET_MASTER_ADDR": f"{trainjob['metadata']['name']}-{TRAINER_JOB}-0-0.{trainjob['metadata']['name']}",
-        "PET_MASTER_PORT": "29400",
+        "PET_MASTER_PORT": "29500",
     }
     container["env"] = trainer["env"] + [{"name": k, "value": v} for k, v in pet.items()]
     for override in trainjob["spec"]["podSpecOverrides"]:
@@ -203,14 +144,14 @@ def crd_validator():
     return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
 
 
-def validate(validator, manifest: dict) -> None:
+def validate(validator, runtime: dict, manifest: dict) -> None:
     errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
     pod_template = {
         "apiVersion": "v1",
         "kind": "PodTemplate",
         "metadata": {"name": f"{manifest['metadata']['name']}-node"},
-        "template": effective_pod(chart_runtime(), manifest),
+        "template": effective_pod(runtime, manifest),
     }
     kubernetes_validate.validate(pod_template, "1.30", strict=True)
 
@@ -219,16 +160,17 @@ def validate(validator, manifest: dict) -> None:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_trainjob_validates_against_the_crd_and_makes_a_valid_pod(crd_validator, variant):
+def test_every_trainjob_validates_against_the_crd_and_makes_a_valid_pod(crd_validator, runtime, variant):
     owner = workflow_owner("full-finetune-abc12", "6f0c1f5e-0000-4000-8000-000000000001")
-    validate(crd_validator, manifest_for(VARIANTS[variant], owner=owner, optional_secrets=("fulltune-s3",)))
+    manifest = manifest_for(VARIANTS[variant], owner=owner, optional_secrets=("fulltune-s3",))
+    validate(crd_validator, runtime, manifest)
 
 
-def test_a_trainjob_with_a_wrong_field_fails_validation(crd_validator):
+def test_a_trainjob_with_a_wrong_field_fails_validation(crd_validator, runtime):
     manifest = manifest_for(VARIANTS["1-node-gpu"])
     manifest["spec"]["trainer"]["numNode"] = 2
     with pytest.raises(AssertionError, match="numNode"):
-        validate(crd_validator, manifest)
+        validate(crd_validator, runtime, manifest)
 
 
 def test_the_trainjob_carries_the_runs_topology_command_and_pod_settings():
@@ -273,9 +215,10 @@ def test_the_trainjob_carries_the_runs_topology_command_and_pod_settings():
     )
 
 
-def test_the_effective_pod_meets_pod_security_restricted():
-    pod = effective_pod(chart_runtime(), manifest_for(EVERYTHING))["spec"]
-    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+def test_the_effective_pod_meets_pod_security_restricted(runtime):
+    pod = effective_pod(runtime, manifest_for(EVERYTHING))["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (container,) = pod["containers"]
     assert container["securityContext"] == RESTRICTED_CONTAINER
     writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
@@ -310,9 +253,9 @@ def test_the_launcher_asks_for_trainjobs_and_reads_only_its_runtime_beyond_them(
 
 
 @pytest.fixture
-def kube():
+def kube(runtime):
     with FakeKube() as k:
-        k.put_runtime(chart_runtime())
+        k.put_runtime(runtime)
         yield k
         assert not k.script_errors, k.script_errors
 

@@ -70,8 +70,8 @@ app.kubernetes.io/part-of: fulltune
 {{- end -}}
 {{- end -}}
 
-{{/* The default RunConfig: what the chart knows (trainer image, S3 Secret, volume) under the
-     user's runConfig, which wins key by key. */}}
+{{/* The default RunConfig: what the chart knows (launcher, runtime, trainer image, S3 Secret, volume)
+     under the user's runConfig, which wins key by key; refused where it contradicts the chart. */}}
 {{- define "fulltune.runConfig" -}}
 {{- $k8s := dict "image" (include "fulltune.image" (list .Values.images.trainer .)) -}}
 {{- if .Values.s3.existingSecret -}}
@@ -80,8 +80,59 @@ app.kubernetes.io/part-of: fulltune
 {{- if .Values.workDir.pvc.enabled -}}
 {{- $_ := set $k8s "volumes" (list (dict "claim_name" (include "fulltune.claimName" .) "mount_path" .Values.workDir.pvc.mountPath)) -}}
 {{- end -}}
-{{- $chart := dict "resources" (dict "launcher" "kubernetes" "kubernetes" $k8s) -}}
-{{- toYaml (mustMergeOverwrite $chart (deepCopy .Values.runConfig)) -}}
+{{- $resources := dict "launcher" .Values.training.launcher "kubernetes" $k8s -}}
+{{- if eq .Values.training.launcher "trainjob" -}}
+{{- /* a run started from the UI uses the runtime this release installs (or names) */ -}}
+{{- $_ := set $resources "trainjob" (dict "runtime" .Values.trainJob.runtime.name "runtime_kind" .Values.trainJob.runtime.kind) -}}
+{{- end -}}
+{{- $config := mustMergeOverwrite (dict "resources" $resources) (deepCopy .Values.runConfig) -}}
+{{- include "fulltune.checkRunConfig" (list $config .) -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* What the merged RunConfig may not say: a cluster launcher other than the one the Role serves, a
+     runtime other than the one the Role may read, or (launcher trainjob) pod settings a TrainJob
+     cannot carry (fulltune.launch.trainjob.unsupported), which belong to trainJob.runtime. */}}
+{{- define "fulltune.checkRunConfig" -}}
+{{- $resources := (index . 0).resources -}}
+{{- $values := (index . 1).Values -}}
+{{- if and (has $resources.launcher (list "kubernetes" "trainjob")) (ne $resources.launcher $values.training.launcher) -}}
+{{- fail (printf "runConfig.resources.launcher is %s but training.launcher is %s (what the launcher Role serves): set training.launcher: %s instead" $resources.launcher $values.training.launcher $resources.launcher) -}}
+{{- end -}}
+{{- if eq $resources.launcher "trainjob" -}}
+{{- $runtime := $values.trainJob.runtime -}}
+{{- if or (ne $resources.trainjob.runtime $runtime.name) (ne $resources.trainjob.runtime_kind $runtime.kind) -}}
+{{- fail "runConfig.resources.trainjob names another runtime than trainJob.runtime, the one the launcher Role may read: set trainJob.runtime.name and .kind instead (create: false for a runtime the chart does not install)" -}}
+{{- end -}}
+{{- $k8s := $resources.kubernetes -}}
+{{- range $field, $value := dict "affinity" "affinity" "priority_class_name" "priorityClassName" "istio_sidecar" "istioSidecar" "active_deadline_seconds" "activeDeadlineSeconds" -}}
+{{- if index $k8s $field -}}
+{{- fail (printf "runConfig.resources.kubernetes.%s: a TrainJob (training.launcher: trainjob) has no place for it; set trainJob.runtime.%s instead" $field $value) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The training pods the NetworkPolicy isolates: networkPolicy.trainingPodSelector, or those of
+     training.launcher's jobs: fulltune's labels (the launcher puts them on a PyTorchJob's pods, the
+     chart's runtime on a TrainJob's) and the label the job's controller adds to every pod it makes,
+     so that a pod is selected only once it belongs to a job. */}}
+{{- define "fulltune.trainingPodSelector" -}}
+{{- if .Values.networkPolicy.trainingPodSelector -}}
+{{- toYaml .Values.networkPolicy.trainingPodSelector -}}
+{{- else -}}
+matchLabels:
+  {{- include "fulltune.trainingPodLabels" . | nindent 2 }}
+matchExpressions:
+  - key: {{ ternary "jobset.sigs.k8s.io/jobset-name" "training.kubeflow.org/job-name" (eq .Values.training.launcher "trainjob") }}
+    operator: Exists
+{{- end -}}
+{{- end -}}
+
+{{/* The labels of fulltune's training pods (fulltune.launch.pytorchjob and the chart's runtime). */}}
+{{- define "fulltune.trainingPodLabels" -}}
+app.kubernetes.io/name: fulltune
+app.kubernetes.io/component: train
 {{- end -}}
 
 {{/* Pod Security "restricted": pod level. */}}
@@ -112,4 +163,21 @@ capabilities:
     - ALL
 seccompProfile:
   type: RuntimeDefault
+{{- end -}}
+
+{{/* The accounts the launcher's permissions are bound to. */}}
+{{- define "fulltune.launcherSubjects" -}}
+- kind: ServiceAccount
+  name: {{ include "fulltune.serviceAccountName" . }}
+  namespace: {{ .Release.Namespace }}
+{{- range .Values.rbac.extraServiceAccounts }}
+- kind: ServiceAccount
+  name: {{ . }}
+  namespace: {{ $.Release.Namespace }}
+{{- end }}
+{{- end -}}
+
+{{/* The cluster-wide reader of the ClusterTrainingRuntime: one per release and namespace. */}}
+{{- define "fulltune.runtimeReaderName" -}}
+{{- printf "%s-%s-runtime-reader" .Release.Namespace (include "fulltune.fullname" .) | trunc 253 | trimSuffix "-" -}}
 {{- end -}}
