@@ -76,6 +76,14 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
+def _grants(allowed: set, attrs: dict, resource: str) -> bool:
+    """Whether `allowed` grants the reviewed access: a (group, resource, verb) entry on any object, a
+    (group, resource, verb, name) entry on that object only, as an RBAC rule with resourceNames (a
+    review that names no object is refused by it)."""
+    key = (attrs.get("group") or "", resource, attrs["verb"])
+    return key in allowed or (bool(attrs.get("name")) and (*key, attrs["name"]) in allowed)
+
+
 def _job_failure_reason(job_spec: dict, pod_template: dict, code: int) -> str:
     """Why a Job fails when its container exits `code` (Kubernetes' Job controller): a podFailurePolicy
     rule with action FailJob matching the code gives "PodFailurePolicy"; otherwise the failure counts
@@ -137,6 +145,9 @@ class FakeKube:
         self.namespaces: dict[str, dict] = {}
         self.quotas: dict[str, list[dict]] = {}
         self.forbidden: set[str] = set()  # resource kinds whose reads answer 403 ("secrets", "namespaces")
+        # SubjectAccessReview: what each user may do (the user's set of (group, resource, verb)); a
+        # "subjectaccessreviews" in `forbidden` refuses the review itself (403).
+        self.allowed_for: dict[str, set[tuple[str, str, str]]] = {}
         self._http = LoopbackServer(_handler(self), poll_interval=0.05)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -438,6 +449,8 @@ def _handler(kube: FakeKube):
                     ["trainingruntimes"],
                 ):
                     ns = parts[4] if parts[3] == "namespaces" else ""
+                    if parts[-2] in kube.forbidden:
+                        return self._send(403, _status(403, "Forbidden", f"{parts[-2]} is forbidden"))
                     return self._get(kube.runtimes, ns, parts[-1], f"{parts[-2]}.{TRAINER}")
                 if parts[:2] == ["api", "v1"] and len(parts) >= 5 and parts[4] == "pods":
                     ns = parts[3]
@@ -481,9 +494,11 @@ def _handler(kube: FakeKube):
                 resource = attrs["resource"] + (
                     f"/{attrs['subresource']}" if attrs.get("subresource") else ""
                 )
-                key = (attrs.get("group") or "", resource, attrs["verb"])
-                allowed = kube.allowed is None or key in kube.allowed
+                allowed = kube.allowed is None or _grants(kube.allowed, attrs, resource)
                 self._send(201, {**body, "status": {"allowed": allowed}})
+                return True
+            if parts == ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"]:
+                self._subject_access_review(body)
                 return True
             if parts[:2] != ["api", "v1"] or len(parts) < 3 or parts[2] != "namespaces":
                 return False
@@ -501,6 +516,15 @@ def _handler(kube: FakeKube):
             else:
                 return False
             return True
+
+        def _subject_access_review(self, body: dict) -> None:
+            """What `allowed_for[user]` lets that user do (none when absent)."""
+            if "subjectaccessreviews" in kube.forbidden:
+                return self._send(403, _status(403, "Forbidden", "subjectaccessreviews is forbidden"))
+            attrs = body["spec"]["resourceAttributes"]
+            resource = attrs["resource"] + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
+            allowed = _grants(kube.allowed_for.get(body["spec"]["user"], set()), attrs, resource)
+            self._send(201, {**body, "status": {"allowed": allowed}})
 
         def _get(self, store: dict, ns: str, name: str, what: str) -> None:
             with kube.cond:

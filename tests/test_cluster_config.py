@@ -44,7 +44,12 @@ def test_an_empty_config_is_valid_but_not_for_a_cluster(tmp_path, capsys):
         ({"resources": {"launcher": "local"}}, "resources.launcher: local with resources.accelerator: gpu"),
         (
             {"resources": {"launcher": "local", "accelerator": "cpu", "num_nodes": 2}},
-            "resources.num_nodes: 2 needs resources.launcher: kubernetes",
+            "resources.num_nodes: 2 needs resources.launcher: kubernetes or trainjob",
+        ),
+        (
+            {"resources": {"launcher": "trainjob", "kubernetes": {"affinity": {"nodeAffinity": {}}}}},
+            "resources.kubernetes.affinity: a TrainJob (resources.launcher: trainjob) has no place for it; "
+            "set it in the runtime (the chart: trainJob.runtime.affinity)",
         ),
         ({"work_dir": "/tmp/run"}, "work_dir: '/tmp/run' is a path on this machine"),
         ({"registry": {"uri": "./models"}}, "registry.uri: './models' is a path on this machine"),
@@ -79,3 +84,13 @@ def test_a_cpu_run_with_the_local_launcher_and_paths_on_a_shared_volume_are_fine
     assert cluster_problems(cfg) == []
     beside = cfg.with_overrides({"work_dir": "/workspace/r1"})  # a prefix of the path, not under it
     assert [p.split(":")[0] for p in cluster_problems(beside)] == ["work_dir"]
+
+
+def test_the_local_launcher_with_gpus_names_both_cluster_launchers():
+    cfg = RunConfig.from_dict({**READY, "resources": {"launcher": "local"}})
+    [problem] = cluster_problems(cfg)
+    assert "set resources.launcher: kubernetes or trainjob" in problem and "fulltune doctor" in problem
+
+
+def test_a_trainjob_config_without_runtime_only_settings_is_ready():
+    assert cluster_problems(RunConfig.from_dict({**READY, "resources": {"launcher": "trainjob"}})) == []

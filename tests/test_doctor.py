@@ -8,11 +8,18 @@ import pytest
 import yaml
 
 from fulltune.cli import main
-from fulltune.launch.kubernetes import LAUNCHER_ACCESS
+from fulltune.launch.kubernetes import LAUNCHER_ACCESS, launcher_access
 from k8s_standin import FakeKube
 from kfp_standin import KFPStandIn
 
 NS = "team-a"
+TRAINER_V2 = {"trainer.kubeflow.org/v1alpha1": ["trainjobs", "trainjobs/status"]}
+RUNTIME = {
+    "apiVersion": "trainer.kubeflow.org/v1alpha1",
+    "kind": "ClusterTrainingRuntime",
+    "metadata": {"name": "fulltune-torch-distributed"},
+    "spec": {"template": {"spec": {"replicatedJobs": []}}},
+}
 
 
 @pytest.fixture
@@ -107,8 +114,160 @@ def test_a_missing_training_operator_is_reported_with_its_fix(cluster, capsys):
     kube.api_resources.clear()
     code, out = doctor(kfp, config, capsys)
     assert code == 1
-    assert "[   FAIL] PyTorchJob API: kubeflow.org/v1 is not served" in out
+    assert (
+        "[   FAIL] PyTorchJob API: pytorchjobs.kubeflow.org/v1 is not served; "
+        "TrainJob is not served (trainjobs.trainer.kubeflow.org/v1alpha1)" in out
+    )
     assert "install the Kubeflow Training Operator" in out
+
+
+def with_launcher(config: str, launcher: str, **kubernetes) -> None:
+    data = yaml.safe_load(open(config))
+    data["resources"]["launcher"] = launcher
+    data["resources"]["kubernetes"].update(kubernetes)
+    with open(config, "w") as f:
+        yaml.safe_dump(data, f)
+
+
+def test_a_cluster_with_trainer_v2_only_says_to_set_the_trainjob_launcher(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.api_resources = dict(TRAINER_V2)
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert (
+        "[   FAIL] PyTorchJob API: pytorchjobs.kubeflow.org/v1 is not served; "
+        "TrainJob is served (trainjobs.trainer.kubeflow.org/v1alpha1)" in out
+    )
+    assert (
+        "fix: this cluster serves TrainJob (Kubeflow Trainer v2), not PyTorchJob: set resources.launcher: trainjob"
+        in out
+    )
+
+
+def test_a_cluster_with_the_training_operator_only_says_to_set_the_kubernetes_launcher(cluster, capsys):
+    kube, kfp, config = cluster
+    with_launcher(config, "trainjob")
+    kube.allowed = set(launcher_access("trainjob"))
+    kube.put_runtime(RUNTIME)
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "[   FAIL] TrainJob API: trainjobs.trainer.kubeflow.org/v1alpha1 is not served" in out
+    assert (
+        "fix: this cluster serves PyTorchJob (Kubeflow Training Operator), not TrainJob: "
+        "set resources.launcher: kubernetes" in out
+    )
+
+
+def test_a_trainjob_cluster_with_everything_in_place_passes(cluster, capsys):
+    kube, kfp, config = cluster
+    with_launcher(config, "trainjob")
+    kube.api_resources.update(TRAINER_V2)  # both served: either launcher would do
+    # what the chart grants: the namespaced verbs, and a read of the one runtime by name (resourceNames)
+    runtime_read = ("trainer.kubeflow.org", "clustertrainingruntimes", "get")
+    kube.allowed = {a for a in launcher_access("trainjob") if "runtimes" not in a[1]}
+    kube.allowed.add((*runtime_read, "fulltune-torch-distributed"))
+    kube.put_runtime(RUNTIME)
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0, out
+    assert (
+        "[     ok] TrainJob API: trainjobs.trainer.kubeflow.org/v1alpha1 is served; "
+        "PyTorchJob is served (pytorchjobs.kubeflow.org/v1)" in out
+    )
+    assert "[     ok] TrainJob runtime: ClusterTrainingRuntime fulltune-torch-distributed exists" in out
+    n = len(launcher_access("trainjob")) - 1  # one runtime kind is read, not both
+    assert (
+        f"[     ok] launcher RBAC: all {n} verbs the launcher needs are allowed (checked as the caller)"
+        in out
+    )
+    assert "requests.nvidia.com/gpu 8" in out  # the same pods, whichever kind makes them
+    # the runtime is read cluster-wide, and its access reviewed without a namespace, as the API
+    # server authorizes a cluster-scoped resource
+    assert kube.calls(
+        "GET", "/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes/fulltune-torch-distributed"
+    )
+    reviews = [r.body["spec"]["resourceAttributes"] for r in kube.calls("POST", "/selfsubjectaccessreviews")]
+    scope = {
+        (a["resource"], a.get("namespace"), a.get("name")) for a in reviews if "runtimes" in a["resource"]
+    }
+    assert scope == {("clustertrainingruntimes", None, "fulltune-torch-distributed")}
+
+
+def test_a_missing_runtime_is_named_with_its_fix_and_an_unreadable_one_is_unknown(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.api_resources = dict(TRAINER_V2)
+    kube.allowed = set(launcher_access("trainjob"))
+    with_launcher(config, "trainjob")
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert (
+        "[   FAIL] TrainJob runtime: ClusterTrainingRuntime fulltune-torch-distributed does not exist" in out
+    )
+    assert "install the chart's runtime" in out and "set resources.trainjob.runtime" in out
+
+    data = yaml.safe_load(open(config))
+    data["resources"]["trainjob"] = {"runtime": "team-torch", "runtime_kind": "TrainingRuntime"}
+    with open(config, "w") as f:
+        yaml.safe_dump(data, f)
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "TrainJob runtime: TrainingRuntime team-torch does not exist in team-a" in out
+    kube.put_runtime(
+        {**RUNTIME, "kind": "TrainingRuntime", "metadata": {"name": "team-torch", "namespace": NS}}
+    )
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0, out
+    assert "[     ok] TrainJob runtime: TrainingRuntime team-torch exists in team-a" in out
+
+    kube.forbidden = {"trainingruntimes"}
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0
+    assert "[unknown] TrainJob runtime: cannot read TrainingRuntime team-torch in team-a (403)" in out
+
+
+def test_settings_a_trainjob_cannot_carry_are_named_with_where_they_go(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.api_resources = dict(TRAINER_V2)
+    kube.allowed = set(launcher_access("trainjob"))
+    kube.put_runtime(RUNTIME)
+    with_launcher(config, "trainjob", priority_class_name="high")
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "[   FAIL] TrainJob settings: resources.kubernetes.priority_class_name: a TrainJob" in out
+    assert "fix: set it in the runtime (the chart: trainJob.runtime.priorityClassName)" in out
+
+
+def test_a_trainjob_launcher_missing_its_verbs_names_them(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.api_resources = dict(TRAINER_V2)
+    kube.put_runtime(RUNTIME)
+    with_launcher(config, "trainjob")  # the PyTorchJob launcher's verbs are not the TrainJob's
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "launcher RBAC: not allowed in team-a: create trainjobs.trainer.kubeflow.org" in out
+    assert "get clustertrainingruntimes.trainer.kubeflow.org" in out
+    assert "pytorchjobs" not in out.split("launcher RBAC")[1].splitlines()[0]
+
+
+def test_a_named_service_account_has_its_own_access_reviewed(cluster, capsys):
+    kube, kfp, config = cluster
+    user = f"system:serviceaccount:{NS}:fulltune"
+
+    def as_account() -> tuple[int, str]:
+        code = main(["doctor", "--config", config, "--host", kfp.url, "--service-account", "fulltune"])
+        return code, capsys.readouterr().out
+
+    code, out = as_account()
+    assert code == 1
+    assert "launcher RBAC: not allowed in team-a: create pytorchjobs.kubeflow.org" in out
+    assert f"(checked as {user})" in out
+    kube.allowed_for[user] = set(LAUNCHER_ACCESS)
+    code, out = as_account()
+    assert code == 0, out
+    assert f"verbs the launcher needs are allowed (checked as {user})" in out
+    kube.forbidden = {"subjectaccessreviews"}
+    code, out = as_account()
+    assert code == 0
+    assert f"[unknown] launcher RBAC: cannot review the access of {user} (403)" in out
 
 
 def test_a_missing_verb_is_named_with_its_fix(cluster, capsys):
@@ -117,6 +276,7 @@ def test_a_missing_verb_is_named_with_its_fix(cluster, capsys):
     code, out = doctor(kfp, config, capsys)
     assert code == 1
     assert "launcher RBAC: not allowed in team-a: delete pytorchjobs.kubeflow.org, get pods/log" in out
+    assert "(checked as the caller)" in out
     assert "--service-account" in out and "rbac.extraServiceAccounts" in out
 
 

@@ -172,6 +172,7 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
         "| attention | sdpa |" in md and "| loss | plain logits |" in md and "| torch.compile | False |" in md
     )
     assert "| ZeRO-3 buckets |" in md
+    assert "| launcher | local: torchrun in the train step's own pod" in md
 
 
 def test_plan_requires_model_and_data():
@@ -522,3 +523,21 @@ def test_a_run_over_its_gpu_hour_budget_is_refused_saying_what_fits(llama_dir):
     message = str(refused.value)
     assert "above resources.max_gpu_hours 1" in message and "training.num_train_epochs" in message
     assert "more GPUs shorten the wall time, not the GPU-hours" in message
+
+
+def test_the_plan_says_which_launcher_trains_what_it_creates_and_how_to_choose():
+    def line(**resources) -> str:
+        return planmod.launcher_summary(RunConfig.from_dict({"resources": resources}))
+
+    assert line(launcher="kubernetes") == (
+        "kubernetes: a PyTorchJob (kubeflow.org/v1); trainjob would create a TrainJob "
+        "(trainer.kubeflow.org/v1alpha1): `fulltune doctor` or `fulltune submit --check-cluster` says which "
+        "API the cluster serves"
+    )
+    assert line(
+        launcher="trainjob", trainjob={"runtime": "team-torch", "runtime_kind": "TrainingRuntime"}
+    ).startswith(
+        "trainjob: a TrainJob (trainer.kubeflow.org/v1alpha1) on TrainingRuntime team-torch; kubernetes would "
+        "create a PyTorchJob (kubeflow.org/v1)"
+    )
+    assert line(launcher="local").startswith("local: torchrun in the train step's own pod")

@@ -20,6 +20,8 @@ from fulltune.cli import main
 from fulltune.config import RunConfig
 from fulltune.kfp.compile import PIPELINE_FILE, compile_all
 from fulltune.kfp.pipeline import S3_SECRET, S3_SECRET_KEYS
+from fulltune.launch.kubernetes import launcher_access
+from k8s_standin import FakeKube
 from kfp_standin import KFPStandIn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -839,3 +841,128 @@ def test_unschedule_in_an_experiment_that_never_existed_deletes_nothing(kfp, cap
     assert main(["unschedule", "--host", kfp.url, "--owner", "team-a/ft", "--experiment", "never"]) == 0
     assert "does not exist: nothing to delete" in capsys.readouterr().out
     assert all(r.method == "GET" for r in kfp.requests)
+
+
+# -- --check-cluster: the launcher's doctor checks before a run is created ------------------------------
+
+TRAINER_V2 = {"trainer.kubeflow.org/v1alpha1": ["trainjobs"]}
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """A Kubernetes API stand-in that the kube context (namespace team-a) points at; it serves the
+    Training Operator's PyTorchJob and allows every verb."""
+    with FakeKube() as server:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": server.host}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [
+                        {"name": "x", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}
+                    ],
+                    "current-context": "x",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        yield server
+
+
+def trainjob_params(tmp_path) -> Path:
+    path = tmp_path / "trainjob.yaml"
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config["resources"]["launcher"] = "trainjob"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_check_cluster_refuses_a_launcher_the_cluster_does_not_serve_and_creates_nothing(
+    kfp, kube, params, capsys
+):
+    kube.api_resources = dict(TRAINER_V2)  # a current Kubeflow: Trainer v2, no Training Operator
+    assert submit(kfp, params, "--check-cluster") == 1
+    captured = capsys.readouterr()
+    assert "cluster checks for resources.launcher: kubernetes, namespace team-a" in captured.out
+    assert "[   FAIL] PyTorchJob API: pytorchjobs.kubeflow.org/v1 is not served" in captured.out
+    assert (
+        "this cluster serves TrainJob (Kubeflow Trainer v2), not PyTorchJob: set resources.launcher: trainjob"
+        in captured.out
+    )
+    assert "the cluster cannot run this config (PyTorchJob API" in captured.err
+    assert "nothing was submitted" in captured.err
+    assert kfp.requests == [] and not kfp.runs
+
+
+def test_check_cluster_submits_when_the_cluster_serves_the_launcher(kfp, kube, params, capsys):
+    assert submit(kfp, params, "--check-cluster") == 0
+    out = capsys.readouterr().out
+    assert "[     ok] PyTorchJob API: pytorchjobs.kubeflow.org/v1 is served" in out
+    assert "[     ok] launcher RBAC: all " in out and "(checked as the caller)" in out
+    assert len(kfp.runs) == 1
+    assert kube.calls("GET", "/apis/kubeflow.org/v1") and kube.calls(
+        "GET", "/apis/trainer.kubeflow.org/v1alpha1"
+    )
+
+
+def test_check_cluster_refuses_a_trainjob_whose_runtime_is_missing(kfp, kube, tmp_path, capsys):
+    kube.api_resources = dict(TRAINER_V2)
+    path = trainjob_params(tmp_path)
+    assert submit(kfp, path, "--check-cluster") == 1
+    out = capsys.readouterr().out
+    assert "[     ok] TrainJob API: trainjobs.trainer.kubeflow.org/v1alpha1 is served" in out
+    assert (
+        "[   FAIL] TrainJob runtime: ClusterTrainingRuntime fulltune-torch-distributed does not exist" in out
+    )
+    assert "install the chart's runtime" in out
+    assert kfp.requests == []
+    kube.put_runtime(
+        {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1",
+            "kind": "ClusterTrainingRuntime",
+            "metadata": {"name": "fulltune-torch-distributed"},
+            "spec": {},
+        }
+    )
+    assert submit(kfp, path, "--check-cluster") == 0
+    assert len(kfp.runs) == 1
+
+
+def test_check_cluster_reviews_the_access_of_the_runs_service_account(kfp, kube, params, capsys):
+    user = "system:serviceaccount:team-a:fulltune"
+    assert submit(kfp, params, "--check-cluster", "--service-account", "fulltune") == 1
+    assert f"(checked as {user})" in capsys.readouterr().out
+    kube.allowed_for[user] = set(launcher_access("kubernetes"))
+    assert submit(kfp, params, "--check-cluster", "--service-account", "fulltune") == 0
+    [run] = kfp.runs.values()
+    assert run["service_account"] == "fulltune"
+
+
+def test_dry_run_with_check_cluster_checks_and_sends_nothing(kfp, kube, params, capsys):
+    assert submit(kfp, params, "--dry-run", "--check-cluster") == 0
+    out = capsys.readouterr().out
+    assert "[     ok] PyTorchJob API" in out and "dry run: nothing was sent" in out
+    assert kfp.requests == []
+    assert all(r.method == "GET" or r.path.endswith("accessreviews") for r in kube.requests)
+    kube.api_resources = dict(TRAINER_V2)
+    assert submit(kfp, params, "--dry-run", "--check-cluster") == 1
+    assert "set resources.launcher: trainjob" in capsys.readouterr().out
+
+
+def test_check_cluster_refuses_a_schedule_too(kfp, kube, params, capsys):
+    kube.api_resources = dict(TRAINER_V2)
+    assert schedule(kfp, params, "--name", "weekly", "--cron", "0 3 * * 0", "--check-cluster") == 1
+    assert "set resources.launcher: trainjob" in capsys.readouterr().out
+    assert kfp.requests == [] and not kfp.recurring_runs
+
+
+def test_check_cluster_without_a_reachable_kubernetes_api_refuses_in_one_line(kfp, params, capsys):
+    """No kubeconfig here (the autouse fixture) and not in a pod."""
+    assert submit(kfp, params, "--check-cluster") == 1
+    err = capsys.readouterr().err
+    assert "--check-cluster: cannot reach the Kubernetes API" in err and "Traceback" not in err
+    assert "nothing was submitted" in err
+    assert kfp.requests == []

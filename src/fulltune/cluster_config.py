@@ -7,6 +7,7 @@ is submitted, what would fail there hours later or silently run somewhere else:
 - no model or no data (a scheduled run would start every week with nothing to train);
 - `resources.launcher: local` with GPUs or several nodes: `train` would run inside its step pod, in
   the CPU step image, without GPUs;
+- `resources.launcher: trainjob` with pod settings a TrainJob cannot carry (`launch.trainjob.unsupported`);
 - a location that is a path on this machine: step pods share no filesystem, so every location must
   be an s3:// URI or lie on a volume the training pods mount (`resources.kubernetes.volumes`; the
   step pods mount the same claim through `fulltune compile --work-pvc`).
@@ -46,13 +47,18 @@ def cluster_problems(cfg: RunConfig) -> list[str]:
     if res.launcher == "local" and res.accelerator == "gpu":
         problems.append(
             "resources.launcher: local with resources.accelerator: gpu would train inside the train step's "
-            "pod, in the CPU step image, without GPUs; set resources.launcher: kubernetes"
+            "pod, in the CPU step image, without GPUs; set resources.launcher: kubernetes or trainjob "
+            "(fulltune doctor says which the cluster serves)"
         )
     if res.launcher == "local" and res.num_nodes > 1:
         problems.append(
-            f"resources.num_nodes: {res.num_nodes} needs resources.launcher: kubernetes (the local launcher "
-            "runs one node)"
+            f"resources.num_nodes: {res.num_nodes} needs resources.launcher: kubernetes or trainjob (the "
+            "local launcher runs one node)"
         )
+    if res.launcher == "trainjob":
+        from fulltune.launch.trainjob import unsupported
+
+        problems += unsupported(cfg)
     mounts = [v.mount_path.rstrip("/") + "/" for v in res.kubernetes.volumes]
     for name, uri in locations(cfg):
         if is_ref(uri):

@@ -8,13 +8,21 @@ fail it). `helm test` runs it in the release's namespace as the runs' ServiceAcc
 
 Checks (in the namespace the runs go to):
 - KFP: the API answers, with its version and whether it is multi-user;
-- the PyTorchJob API (`kubeflow.org/v1`) is served, when the config trains on Kubernetes;
-- every verb the launcher needs (`launch.kubernetes.LAUNCHER_ACCESS`), by SelfSubjectAccessReview;
+- the training API of `resources.launcher` is served: discovery of both PyTorchJob
+  (`kubeflow.org/v1`, launcher kubernetes) and TrainJob (`trainer.kubeflow.org/v1alpha1`, launcher
+  trainjob), so that a cluster serving the other one is told which launcher to set;
+- for launcher trainjob, the runtime it names exists, and no config setting is one a TrainJob
+  cannot carry (`launch.trainjob.unsupported`);
+- every verb the launcher needs (`launch.kubernetes.launcher_access`), by SelfSubjectAccessReview
+  (or, with a ServiceAccount named, by SubjectAccessReview for that account);
 - the S3 Secret exists (or the pod already has S3 credentials), and the work directory's bucket
   answers with them;
 - the MLflow Secret, when one is named (`--mlflow-secret`), exists and holds MLFLOW_TRACKING_URI;
 - Istio injection on the namespace, and what that means for the training pods;
 - room in the namespace's ResourceQuotas for the training pods' GPUs, CPU and memory.
+
+The launcher's checks (`LAUNCHER_CHECKS`: its API, its runtime, its RBAC) need no KFP run;
+`fulltune submit --check-cluster` runs the same functions before it creates a run.
 """
 
 from __future__ import annotations
@@ -52,18 +60,22 @@ class Cluster:
     kfp_host: str | None = None
     s3_secret: str = S3_SECRET
     mlflow_secret: str = ""  # none: MLflow is optional, and so is its check
+    service_account: str = ""  # whose launcher RBAC is checked; none: the caller's
+
+
+Check = Callable[[RunConfig, Cluster], list[Finding]]
 
 
 def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    checks: list[Callable[[RunConfig, Cluster], list[Finding]]] = [
-        check_kfp,
-        check_training_api,
-        check_access,
-        check_s3,
-        check_mlflow,
-        check_istio,
-        check_quota,
-    ]
+    return _run([check_kfp, *LAUNCHER_CHECKS, check_s3, check_mlflow, check_istio, check_quota], cfg, cluster)
+
+
+def launcher_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    """The checks that need no KFP run: the launcher's API, its runtime, its RBAC."""
+    return _run(LAUNCHER_CHECKS, cfg, cluster)
+
+
+def _run(checks, cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     findings: list[Finding] = []
     for check in checks:
         findings += check(cfg, cluster)
@@ -97,45 +109,133 @@ _KFP_FIX = (
 
 
 def check_training_api(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    if cfg.resources.launcher != "kubernetes":
-        return [Finding("PyTorchJob API", OK, "not needed: resources.launcher is local")]
-    from fulltune.launch.pytorchjob import GROUP, PLURAL, VERSION
+    """Discovers both job kinds, so that a cluster serving the other one says which launcher to set."""
+    from fulltune.launch.kubernetes import KINDS
 
+    launcher = cfg.resources.launcher
+    if launcher not in KINDS:
+        return [Finding("training API", OK, f"not needed: resources.launcher is {launcher}")]
+    kind, check = KINDS[launcher], f"{KINDS[launcher].kind} API"
     try:
-        served = _discover(cluster.api, f"/apis/{GROUP}/{VERSION}")
+        served = {name: _serves(cluster.api, k) for name, k in KINDS.items()}
+    except _ApiError as exc:
+        return [Finding(check, UNKNOWN, f"discovery answered {exc.status}")]
+    detail = f"{_api_name(kind)} is{'' if served[launcher] else ' not'} served; " + "; ".join(
+        f"{k.kind} is{'' if served[name] else ' not'} served ({_api_name(k)})"
+        for name, k in KINDS.items()
+        if name != launcher
+    )
+    if served[launcher]:
+        return [Finding(check, OK, detail)]
+    other = next((name for name in KINDS if served[name]), None)
+    if other is None:
+        return [Finding(check, FAIL, detail, _INSTALL[launcher])]
+    fix = (
+        f"this cluster serves {KINDS[other].kind} ({_PROVIDER[other]}), not {kind.kind}: "
+        f"set resources.launcher: {other}"
+    )
+    return [Finding(check, FAIL, detail, fix)]
+
+
+def _serves(api, kind) -> bool:
+    """Whether discovery lists the kind's resource (404: its group version is not served)."""
+    try:
+        return kind.plural in _discover(api, f"/apis/{kind.group}/{kind.version}")
     except _ApiError as exc:
         if exc.status == 404:
-            return [Finding("PyTorchJob API", FAIL, f"{GROUP}/{VERSION} is not served", _OPERATOR_FIX)]
-        return [Finding("PyTorchJob API", UNKNOWN, f"discovery answered {exc.status}", "")]
-    if PLURAL not in served:
-        return [Finding("PyTorchJob API", FAIL, f"{GROUP}/{VERSION} has no {PLURAL}", _OPERATOR_FIX)]
-    return [Finding("PyTorchJob API", OK, f"{PLURAL}.{GROUP}/{VERSION} is served")]
+            return False
+        raise
 
 
-_OPERATOR_FIX = (
-    "install the Kubeflow Training Operator (v1.8 or later), which serves PyTorchJob; "
-    "Trainer v2 (TrainJob) alone is not enough for this version"
-)
+def _api_name(kind) -> str:
+    return f"{kind.plural}.{kind.group}/{kind.version}"
+
+
+_PROVIDER = {"kubernetes": "Kubeflow Training Operator", "trainjob": "Kubeflow Trainer v2"}
+_INSTALL = {
+    "kubernetes": "install the Kubeflow Training Operator (v1.8 or later), which serves PyTorchJob; or "
+    "install Kubeflow Trainer v2 and set resources.launcher: trainjob",
+    "trainjob": "install Kubeflow Trainer v2 (v2.0 or later), which serves TrainJob, and the chart's "
+    "runtime; or install the Kubeflow Training Operator and set resources.launcher: kubernetes",
+}
+
+
+def check_runtime(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    """launcher trainjob: the runtime the TrainJob names exists, and the config asks for nothing a
+    TrainJob cannot carry."""
+    from fulltune.launch.trainjob import unsupported
+
+    if cfg.resources.launcher != "trainjob":
+        return []
+    findings = [_runtime_finding(cfg, cluster)]
+    for problem in unsupported(cfg):
+        detail, _, fix = problem.partition("; ")
+        findings.append(Finding("TrainJob settings", FAIL, detail, fix))
+    return findings
+
+
+def _runtime_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+
+    from fulltune.launch.trainjob import GROUP, RUNTIME_PLURALS, VERSION, runtime_missing
+
+    runtime, custom = cfg.resources.trainjob, CustomObjectsApi(cluster.api)
+    cluster_wide = runtime.runtime_kind == "ClusterTrainingRuntime"
+    what = f"{runtime.runtime_kind} {runtime.runtime}"
+    where = "" if cluster_wide else f" in {cluster.namespace}"
+    try:
+        if cluster_wide:
+            custom.get_cluster_custom_object(
+                GROUP, VERSION, RUNTIME_PLURALS[runtime.runtime_kind], runtime.runtime
+            )
+        else:
+            custom.get_namespaced_custom_object(
+                GROUP, VERSION, cluster.namespace, RUNTIME_PLURALS[runtime.runtime_kind], runtime.runtime
+            )
+    except ApiException as exc:
+        if exc.status == 404:
+            missing, fix = runtime_missing(cfg, cluster.namespace)
+            return Finding("TrainJob runtime", FAIL, missing, fix)
+        return Finding("TrainJob runtime", UNKNOWN, f"cannot read {what}{where} ({exc.status})")
+    return Finding("TrainJob runtime", OK, f"{what} exists{where}")
 
 
 def check_access(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    if cfg.resources.launcher != "kubernetes":
-        return []
-    from fulltune.launch.kubernetes import LAUNCHER_ACCESS
+    from kubernetes.client.exceptions import ApiException
 
-    missing = [a for a in LAUNCHER_ACCESS if not _allowed(cluster.api, cluster.namespace, *a)]
+    from fulltune.launch.kubernetes import required_access
+
+    access = required_access(cfg)
+    if not access:
+        return []
+    who = _subject(cluster)
+    try:
+        missing = [a for a in access if not _allowed(cluster, *a)]
+    except ApiException as exc:
+        return [Finding("launcher RBAC", UNKNOWN, f"cannot review the access of {who} ({exc.status})")]
     if not missing:
         return [
-            Finding("launcher RBAC", OK, f"all {len(LAUNCHER_ACCESS)} verbs the launcher needs are allowed")
+            Finding(
+                "launcher RBAC",
+                OK,
+                f"all {len(access)} verbs the launcher needs are allowed (checked as {who})",
+            )
         ]
     names = ", ".join(
-        f"{verb} {resource}" + (f".{group}" if group else "") for group, resource, verb in missing
+        f"{verb} {resource}" + (f".{group}" if group else "") + (f" {name}" if name else "")
+        for group, resource, verb, name in missing
     )
     fix = (
         "run the pipeline as the chart's ServiceAccount (fulltune submit/schedule --service-account), or "
         "bind the chart's launcher Role to this one (rbac.extraServiceAccounts)"
     )
-    return [Finding("launcher RBAC", FAIL, f"not allowed in {cluster.namespace}: {names}", fix)]
+    return [
+        Finding("launcher RBAC", FAIL, f"not allowed in {cluster.namespace}: {names} (checked as {who})", fix)
+    ]
+
+
+LAUNCHER_CHECKS: tuple[Check, ...] = (check_training_api, check_runtime, check_access)
 
 
 def check_s3(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
@@ -263,11 +363,13 @@ def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
 
 def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
-    """What the PyTorchJob's pods request together, in quota keys (the manifest's own numbers)."""
+    """What the training pods request together, in quota keys (the manifest's own numbers: a
+    PyTorchJob's replicas and a TrainJob's resourcesPerNode are the same `pod_resources`)."""
+    from fulltune.launch.kubernetes import KINDS
     from fulltune.launch.pytorchjob import pod_resources
 
     res = cfg.resources
-    if res.launcher != "kubernetes":
+    if res.launcher not in KINDS:
         return {}
     need: dict[str, float] = {"pods": float(res.num_nodes)}
     for key, value in pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu").items():
@@ -326,20 +428,37 @@ def _discover(api, path: str) -> set[str]:
     return {r["name"] for r in body.get("resources", [])}
 
 
-def _allowed(api, namespace: str, group: str, resource: str, verb: str) -> bool:
-    from kubernetes.client import (
-        AuthorizationV1Api,
-        V1ResourceAttributes,
-        V1SelfSubjectAccessReview,
-        V1SelfSubjectAccessReviewSpec,
-    )
+# Resources of the launcher's access that are cluster-scoped: reviewed without a namespace, as the
+# API server authorizes them (only a ClusterRole bound cluster-wide grants them).
+_CLUSTER_SCOPED = {"clustertrainingruntimes"}
+
+
+def _subject(cluster: Cluster) -> str:
+    sa = cluster.service_account
+    return f"system:serviceaccount:{cluster.namespace}:{sa}" if sa else "the caller"
+
+
+def _allowed(cluster: Cluster, group: str, resource: str, verb: str, name: str = "") -> bool:
+    """SelfSubjectAccessReview, or SubjectAccessReview for `cluster.service_account` (which the caller
+    needs `create subjectaccessreviews` for: ApiException 403 otherwise); `name` for access that RBAC
+    grants on named objects only."""
+    from kubernetes import client
 
     main, _, sub = resource.partition("/")
-    attrs = V1ResourceAttributes(
-        namespace=namespace, group=group, resource=main, verb=verb, subresource=sub or None
+    namespace = None if main in _CLUSTER_SCOPED else cluster.namespace
+    attrs = client.V1ResourceAttributes(
+        namespace=namespace, group=group, resource=main, verb=verb, subresource=sub or None, name=name or None
     )
-    review = V1SelfSubjectAccessReview(spec=V1SelfSubjectAccessReviewSpec(resource_attributes=attrs))
-    return bool(AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed)
+    api = client.AuthorizationV1Api(cluster.api)
+    if not cluster.service_account:
+        review = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attrs)
+        )
+        return bool(api.create_self_subject_access_review(review).status.allowed)
+    user = f"system:serviceaccount:{cluster.namespace}:{cluster.service_account}"
+    groups = ["system:serviceaccounts", f"system:serviceaccounts:{cluster.namespace}", "system:authenticated"]
+    spec = client.V1SubjectAccessReviewSpec(user=user, groups=groups, resource_attributes=attrs)
+    return bool(api.create_subject_access_review(client.V1SubjectAccessReview(spec=spec)).status.allowed)
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -366,7 +485,12 @@ def cli_doctor(args) -> int:
     from kubernetes import client
 
     cluster = Cluster(
-        client.ApiClient(load_configuration()), namespace, host, args.s3_secret, args.mlflow_secret
+        client.ApiClient(load_configuration()),
+        namespace,
+        host,
+        args.s3_secret,
+        args.mlflow_secret,
+        args.service_account or "",
     )
     findings = run_checks(cfg, cluster)
     print(f"fulltune doctor: {args.config} in namespace {namespace}")
@@ -389,4 +513,11 @@ def add_arguments(p) -> None:
         default="",
         metavar="NAME",
         help="the MLflow Secret, checked for MLFLOW_TRACKING_URI (default: none, not checked)",
+    )
+    p.add_argument(
+        "--service-account",
+        default=None,
+        metavar="NAME",
+        help="check the launcher RBAC of this ServiceAccount of the namespace (needs create "
+        "subjectaccessreviews) instead of the caller's (default: the caller, as under helm test)",
     )

@@ -782,6 +782,7 @@ def plan_markdown(plan: Plan) -> str:
             f"{s.model_type}, {s.params:,} parameters ({s.num_layers} layers, hidden {s.hidden_size}, vocab {s.vocab_size})",
         ),
         ("world size", str(plan.world_size)),
+        ("launcher", launcher_summary(plan.config)),
         *((label, _gib(getattr(m, part))) for part, label in MEMORY_LABELS.items()),
         ("**total / GPU**", f"**{_gib(m.total)}** (budget {_gib(plan.budget_bytes)})"),
         (
@@ -811,6 +812,25 @@ def plan_markdown(plan: Plan) -> str:
     lines = ["# Training plan", "", markdown_table(["item", "value"], rows)]
     lines += ["", "## Decisions", ""] + [f"- {d}" for d in plan.decisions]
     return "\n".join(lines) + "\n"
+
+
+def launcher_summary(cfg: RunConfig) -> str:
+    """Which launcher trains, what it creates on the cluster, and how to choose between the two."""
+    from fulltune.launch.kubernetes import KINDS
+
+    res = cfg.resources
+    if res.launcher not in KINDS:
+        return (
+            f"{res.launcher}: torchrun in the train step's own pod (set kubernetes or trainjob for a cluster)"
+        )
+    kind = KINDS[res.launcher]
+    runtime = f" on {res.trainjob.runtime_kind} {res.trainjob.runtime}" if res.launcher == "trainjob" else ""
+    other, other_kind = next((name, k) for name, k in KINDS.items() if name != res.launcher)
+    return (
+        f"{res.launcher}: a {kind.kind} ({kind.group}/{kind.version}){runtime}; {other} would create a "
+        f"{other_kind.kind} ({other_kind.group}/{other_kind.version}): `fulltune doctor` or "
+        "`fulltune submit --check-cluster` says which API the cluster serves"
+    )
 
 
 def write_plan(plan: Plan) -> RunLayout:

@@ -11,6 +11,9 @@ Both talk to the KFP v2beta1 REST API through `kfp.Client`:
   created on the cluster, and sent as the pipeline's typed parameters plus `config` (hyper-parameter
   defaults are filled in by the pipeline's own `plan` step, from the image's fulltune).
 - `submit` creates a run in an experiment (created when missing) and can wait for it to finish.
+- with `--check-cluster`, before anything is created, the launcher's checks of `fulltune doctor`
+  (the training API of `resources.launcher`, a TrainJob's runtime, the launcher's RBAC) run against
+  the Kubernetes API (in-cluster or the kubeconfig), and a failed one refuses the run.
 - `schedule` keeps one recurring run per name. The v2beta1 API has no update for recurring runs
   (create, get, list, enable, disable, delete only), so a changed schedule is created anew and the
   old one deleted afterwards (if the create fails, the old schedule stays); an identical one is
@@ -48,7 +51,7 @@ from typing import Any
 import yaml
 
 from fulltune import __version__, parameters
-from fulltune.config import ConfigError
+from fulltune.config import ConfigError, RunConfig
 from fulltune.kfp.run_parameters import (
     AS_COMPILED,
     ClusterPackage,
@@ -541,12 +544,14 @@ def submit(
     timeout: float | None = None,
     poll_interval: float = 15.0,
     dry_run: bool = False,
+    check_cluster: bool = False,
     out=None,
 ) -> SubmitResult | None:
     """Validate the parameters, upload the pipeline version if new, create the run; optionally wait.
 
     Prints what it did to `out` (stdout): where and as whom, pipeline version, run id and UI address,
-    final state. With `dry_run` it prints what it would send and sends nothing (returns None).
+    final state. With `dry_run` it prints what it would send and sends nothing (returns None). With
+    `check_cluster` it first runs the launcher's cluster checks (`check_cluster_for`).
     Raises SubmitError or ConfigError before creating anything when an input is wrong.
     """
     out = out or sys.stdout
@@ -554,6 +559,8 @@ def submit(
     with package_file(package, cluster) as pkg:
         request = build_run_request(pkg, params_file, list(param))
         name = run_name or default_run_name(request)
+        if check_cluster:
+            check_cluster_for(request.config, target, out)
         if dry_run:
             _dry_run(target, pkg, experiment, f"run {name!r}", request, out)
             return None
@@ -593,6 +600,38 @@ def _on_cluster(target: Target, pkg: Package, experiment: str, out):
     """(client, pipeline version, experiment id): what a run and a recurring run both start from."""
     client, version = _put_version(target, pkg, out)
     yield client, version, ensure_experiment(client, experiment)
+
+
+def check_cluster_for(cfg: RunConfig, target: Target, out) -> None:
+    """The checks of `fulltune doctor` that need no KFP run (`doctor.launcher_checks`), against the
+    Kubernetes API this machine reaches (in-cluster, else the kubeconfig), in the namespace the
+    training job will go to, for the runs' ServiceAccount when one is named; each finding printed.
+    SubmitError, before anything is created, when one failed or the API cannot be reached."""
+    from kubernetes import client
+    from kubernetes.config import ConfigException
+    from urllib3.exceptions import HTTPError
+
+    from fulltune.doctor import FAIL, Cluster, launcher_checks
+    from fulltune.launch.kubernetes import load_configuration
+
+    namespace = cfg.resources.kubernetes.namespace or target.namespace or "default"
+    _say(out, f"cluster checks for resources.launcher: {cfg.resources.launcher}, namespace {namespace}")
+    try:
+        api = client.ApiClient(load_configuration())
+        cluster = Cluster(api, namespace, service_account=target.service_account or "")
+        findings = launcher_checks(cfg, cluster)
+    except (ConfigException, HTTPError, OSError) as exc:
+        raise SubmitError(
+            f"--check-cluster: cannot reach the Kubernetes API ({exc}); run where kubectl works (a "
+            "kubeconfig context, or a pod) or leave out --check-cluster; nothing was submitted"
+        ) from None
+    for finding in findings:
+        _say(out, finding.line())
+    failed = [f.check for f in findings if f.status == FAIL]
+    if failed:
+        raise SubmitError(
+            f"the cluster cannot run this config ({', '.join(failed)}: see the fixes above); nothing was submitted"
+        )
 
 
 def _dry_run(target: Target, pkg: Package, experiment: str, what: str, request: RunRequest, out) -> None:
@@ -755,6 +794,7 @@ def schedule(
     owner: str | None = None,
     when: Recurrence = Recurrence(),
     dry_run: bool = False,
+    check_cluster: bool = False,
     out=None,
 ) -> ScheduleResult | None:
     """Create or update the recurring run called `name` in `experiment`; one per name afterwards.
@@ -772,6 +812,8 @@ def schedule(
     target = resolve_target(host, namespace, service_account)
     with package_file(package, cluster) as pkg:
         request = build_run_request(pkg, params_file, list(param), scheduled=True)
+        if check_cluster:
+            check_cluster_for(request.config, target, out)
         if dry_run:
             _dry_run(target, pkg, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", request, out)
             return None
@@ -1049,6 +1091,7 @@ def _shared_options(args) -> dict[str, Any]:
         "namespace": args.namespace,
         "service_account": args.service_account,
         "dry_run": args.dry_run,
+        "check_cluster": args.check_cluster,
     }
 
 
@@ -1129,6 +1172,14 @@ def add_arguments(submit_parser, schedule_parser) -> None:
         )
         p.add_argument(
             "--dry-run", action="store_true", help="validate and print where, as whom and what; send nothing"
+        )
+        p.add_argument(
+            "--check-cluster",
+            action="store_true",
+            help="first check, through the Kubernetes API (kubeconfig or in-cluster), that the cluster serves "
+            "the job kind of resources.launcher (PyTorchJob or TrainJob), has a TrainJob's runtime and lets "
+            "the runs' account launch it (fulltune doctor's checks); refuse the run when one fails. With "
+            "--dry-run: check, and send nothing",
         )
     submit_parser.add_argument("--run-name", default=None, help="default: '<model.name> <UTC time>'")
     submit_parser.add_argument(

@@ -42,7 +42,7 @@ from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kinds import JobKind
 from fulltune.launch.pytorchjob import PYTORCHJOB, build_pytorchjob, workflow_owner
-from fulltune.launch.trainjob import TRAINJOB, build_trainjob
+from fulltune.launch.trainjob import RUNTIME_PLURALS, TRAINJOB, build_trainjob, runtime_missing
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,21 @@ def launcher_access(launcher: str) -> tuple[tuple[str, str, str], ...]:
 
 
 LAUNCHER_ACCESS = launcher_access("kubernetes")  # the PyTorchJob launcher's, the chart's default
+
+
+def required_access(cfg: RunConfig) -> list[tuple[str, str, str, str]]:
+    """(API group, resource, verb, resource name or "") that the launcher of `cfg` asks for: its
+    `launcher_access`, where a TrainJob's launcher reads only the one runtime its config names (the
+    chart grants no more)."""
+    if cfg.resources.launcher not in KINDS:
+        return []
+    runtime = cfg.resources.trainjob
+    wanted = RUNTIME_PLURALS[runtime.runtime_kind]
+    return [
+        (group, resource, verb, runtime.runtime if resource == wanted else "")
+        for group, resource, verb in launcher_access(cfg.resources.launcher)
+        if resource not in RUNTIME_PLURALS.values() or resource == wanted
+    ]
 
 
 class LaunchCancelled(LaunchError):
@@ -217,25 +232,19 @@ class KubernetesLauncher:
         from kubernetes.client.rest import ApiException
 
         runtime = self.cfg.resources.trainjob
-        group, version = TRAINJOB.group, TRAINJOB.version
+        group, version, plural = TRAINJOB.group, TRAINJOB.version, RUNTIME_PLURALS[runtime.runtime_kind]
         what = f"{runtime.runtime_kind} {runtime.runtime}"
         try:
             if runtime.runtime_kind == "ClusterTrainingRuntime":
-                obj = self.custom.get_cluster_custom_object(
-                    group, version, "clustertrainingruntimes", runtime.runtime
-                )
+                obj = self.custom.get_cluster_custom_object(group, version, plural, runtime.runtime)
             else:
                 obj = self.custom.get_namespaced_custom_object(
-                    group, version, self.namespace, "trainingruntimes", runtime.runtime
+                    group, version, self.namespace, plural, runtime.runtime
                 )
         except ApiException as exc:
             if exc.status == 404:
-                raise LaunchError(
-                    f"{what} does not exist{'' if runtime.runtime_kind == 'ClusterTrainingRuntime' else ' in ' + self.namespace}: "
-                    "install the chart's runtime (trainJob.runtime.create) or set resources.trainjob.runtime to "
-                    "one that exists (kubectl get clustertrainingruntimes,trainingruntimes -A)",
-                    exit_code=1,
-                ) from None
+                missing, fix = runtime_missing(self.cfg, self.namespace)
+                raise LaunchError(f"{missing}: {fix}", exit_code=1) from None
             log.warning("%s", _api_error(f"cannot read {what}; creating the TrainJob anyway", exc))
             return
         policy = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get(

@@ -64,6 +64,8 @@ SHM_VOLUME = "fulltune-dshm"  # prefixed: the runtime may bring volumes of its o
 # `exit_codes.is_retryable` reads them.
 PERMANENT_EXIT_CODES = tuple(code for code in range(1, 256) if not is_retryable(code))
 
+RUNTIME_PLURALS = {"ClusterTrainingRuntime": "clustertrainingruntimes", "TrainingRuntime": "trainingruntimes"}
+
 TRAINJOB = JobKind(
     kind=KIND,
     group=GROUP,
@@ -84,8 +86,19 @@ TRAINJOB = JobKind(
     missing_hint="is Kubeflow Trainer v2 installed?",
     rank0="node 0",
     # the runtime is read before the TrainJob is created (does it exist, how often does it restart)
-    extra_access=((GROUP, "clustertrainingruntimes", "get"), (GROUP, "trainingruntimes", "get")),
+    extra_access=tuple((GROUP, plural, "get") for plural in RUNTIME_PLURALS.values()),
 )
+
+
+def runtime_missing(cfg: RunConfig, namespace: str) -> tuple[str, str]:
+    """(what does not exist, what to do) when the runtime the config's TrainJob names is missing."""
+    runtime = cfg.resources.trainjob
+    where = "" if runtime.runtime_kind == "ClusterTrainingRuntime" else f" in {namespace}"
+    return (
+        f"{runtime.runtime_kind} {runtime.runtime} does not exist{where}",
+        "install the chart's runtime (trainJob.runtime.create) or set resources.trainjob.runtime (and "
+        "runtime_kind) to one that exists (kubectl get clustertrainingruntimes,trainingruntimes -A)",
+    )
 
 
 def unsupported(cfg: RunConfig) -> list[str]:
