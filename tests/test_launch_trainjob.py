@@ -425,3 +425,20 @@ def test_cancel_deletes_the_trainjob(kube):
     (delete,) = kube.calls("DELETE", f"/trainjobs/{NAME}")
     assert delete.body["propagationPolicy"] == "Foreground"
     assert not kube.pods  # nothing orphaned
+
+
+def test_watch_timeouts_reconnect_from_the_last_resource_version(kube):
+    cfg = make_cfg(kubernetes={"namespace": NS, "watch_timeout_seconds": 1})
+
+    def trainer(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        k.start_node(ns, name)
+        k.wait_for(lambda: len(trainjob_watches(k)) >= 3)  # two watches have timed out meanwhile
+        k.node_exits(ns, name, 0)
+
+    kube.script = trainer
+    launch, _ = launcher(kube, cfg)
+    launch.run(make_job(cfg))
+    versions = [int(w.query["resourceVersion"]) for w in trainjob_watches(kube)]
+    assert len(versions) >= 3 and versions == sorted(versions)
+    assert len([r for r in kube.calls("GET", "/trainjobs") if "watch" not in r.query]) == 1  # no re-list
