@@ -218,48 +218,15 @@ class FakeKube:
 
     def start_master(self, ns: str, name: str, phase: str = "Running") -> str:
         """(Re)create the master pod with a new uid; returns its name."""
-        pod = f"{name}-master-0"
-        with self.cond:
-            old = self.pods.get((ns, pod))
-            if old:
-                self.logs[old["metadata"]["uid"]]["closed"] = True
-            uid = str(uuid.uuid4())
-            self.pods[(ns, pod)] = {
-                "metadata": {
-                    "name": pod,
-                    "namespace": ns,
-                    "uid": uid,
-                    "creationTimestamp": _now(),
-                    "labels": {
-                        "training.kubeflow.org/job-name": name,
-                        "training.kubeflow.org/replica-type": "master",
-                        "training.kubeflow.org/replica-index": "0",
-                    },
-                },
-                "status": {"phase": phase},
-            }
-            self.logs[uid] = {"lines": [], "closed": False}
-            self.cond.notify_all()
-        return pod
-
-    def put_runtime(self, runtime: dict) -> None:
-        """Install a ClusterTrainingRuntime or (with metadata.namespace) a TrainingRuntime."""
-        with self.cond:
-            meta = runtime["metadata"]
-            key = (meta.get("namespace", "") if runtime["kind"] == "TrainingRuntime" else "", meta["name"])
-            self.runtimes[key] = copy.deepcopy(runtime)
-
-    def start_node(self, ns: str, name: str, index: int = 0, phase: str = "Running") -> str:
-        """(Re)create a TrainJob's node pod `index` with a new uid, labelled as JobSet labels it;
-        returns its name."""
-        pod = f"{name}-node-0-{index}"
         labels = {
-            "jobset.sigs.k8s.io/jobset-name": name,
-            "jobset.sigs.k8s.io/replicatedjob-name": "node",
-            "jobset.sigs.k8s.io/job-index": "0",
-            "batch.kubernetes.io/job-completion-index": str(index),
-            "jobset.sigs.k8s.io/restart-attempt": str(self.restarts.get((ns, name), 0)),
+            "training.kubeflow.org/job-name": name,
+            "training.kubeflow.org/replica-type": "master",
+            "training.kubeflow.org/replica-index": "0",
         }
+        return self._start_pod(ns, f"{name}-master-0", labels, phase)
+
+    def _start_pod(self, ns: str, pod: str, labels: dict[str, str], phase: str) -> str:
+        """(Re)create pod `pod` with a new uid and an empty log; the old one's log ends."""
         with self.cond:
             old = self.pods.get((ns, pod))
             if old:
@@ -278,6 +245,25 @@ class FakeKube:
             self.logs[uid] = {"lines": [], "closed": False}
             self.cond.notify_all()
         return pod
+
+    def put_runtime(self, runtime: dict) -> None:
+        """Install a ClusterTrainingRuntime or (with metadata.namespace) a TrainingRuntime."""
+        with self.cond:
+            meta = runtime["metadata"]
+            key = (meta.get("namespace", "") if runtime["kind"] == "TrainingRuntime" else "", meta["name"])
+            self.runtimes[key] = copy.deepcopy(runtime)
+
+    def start_node(self, ns: str, name: str, index: int = 0, phase: str = "Running") -> str:
+        """(Re)create a TrainJob's node pod `index` with a new uid, labelled as JobSet labels it;
+        returns its name."""
+        labels = {
+            "jobset.sigs.k8s.io/jobset-name": name,
+            "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            "jobset.sigs.k8s.io/job-index": "0",
+            "batch.kubernetes.io/job-completion-index": str(index),
+            "jobset.sigs.k8s.io/restart-attempt": str(self.restarts.get((ns, name), 0)),
+        }
+        return self._start_pod(ns, f"{name}-node-0-{index}", labels, phase)
 
     def node_exits(self, ns: str, name: str, code: int, index: int = 0) -> str:
         """Node `index`'s container exits with `code`: the outcome its runtime's failure policy gives,

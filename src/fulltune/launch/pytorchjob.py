@@ -99,6 +99,22 @@ def workflow_owner(name: str, uid: str) -> dict[str, Any]:
     return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": name, "uid": uid}
 
 
+def job_metadata(name: str, namespace: str, run_id: str, owner: dict[str, Any] | None) -> dict[str, Any]:
+    """A training job's metadata, whatever its kind: fulltune's labels (the NetworkPolicy selects the
+    pods by them), the pipeline run's id (the label KFP puts on its own pods) and the Workflow owner."""
+    labels = {
+        "app.kubernetes.io/name": "fulltune",
+        "app.kubernetes.io/component": "train",
+        "app.kubernetes.io/managed-by": "fulltune",
+    }
+    if run_id and label_value(run_id):
+        labels[RUN_ID_LABEL] = label_value(run_id)
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
+    if owner:
+        metadata["ownerReferences"] = [owner]
+    return metadata
+
+
 def build_pytorchjob(
     cfg: RunConfig,
     job: TrainJob,
@@ -112,16 +128,8 @@ def build_pytorchjob(
 ) -> dict[str, Any]:
     """The PyTorchJob manifest: Master (1) + Worker (num_nodes - 1), P processes each."""
     k8s = cfg.resources.kubernetes
-    labels = {
-        "app.kubernetes.io/name": "fulltune",
-        "app.kubernetes.io/component": "train",
-        "app.kubernetes.io/managed-by": "fulltune",
-    }
-    if run_id and label_value(run_id):
-        labels[RUN_ID_LABEL] = label_value(run_id)
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
-    if owner:
-        metadata["ownerReferences"] = [owner]
+    metadata = job_metadata(name, namespace, run_id, owner)
+    labels = metadata["labels"]
 
     template = pod_template(cfg, job, image=image, labels=labels, optional_secrets=optional_secrets)
     replicas = {"Master": replica_spec(1, template)}

@@ -35,9 +35,8 @@ from fulltune.config import ConfigError, RunConfig
 from fulltune.launch.base import NODE_MODULE, TrainJob
 from fulltune.launch.kinds import JobKind
 from fulltune.launch.pytorchjob import (
-    RUN_ID_LABEL,
     container_env,
-    label_value,
+    job_metadata,
     pod_resources,
     pvc_volumes,
     secret_env_from,
@@ -134,22 +133,13 @@ def build_trainjob(
     """The TrainJob manifest; ConfigError when the config asks for what it cannot carry."""
     if problems := unsupported(cfg):
         raise ConfigError("; ".join(problems))
-    labels = {
-        "app.kubernetes.io/name": "fulltune",
-        "app.kubernetes.io/component": "train",
-        "app.kubernetes.io/managed-by": "fulltune",
-    }
-    if run_id and label_value(run_id):
-        labels[RUN_ID_LABEL] = label_value(run_id)
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
-    if owner:
-        metadata["ownerReferences"] = [owner]
+    metadata = job_metadata(name, namespace, run_id, owner)
     runtime = cfg.resources.trainjob
     spec = {
         "runtimeRef": {"apiGroup": GROUP, "kind": runtime.runtime_kind, "name": runtime.runtime},
         "trainer": trainer_spec(cfg, job, image),
         "podSpecOverrides": [pod_overrides(cfg, optional_secrets)],
-        "labels": labels,  # on the JobSet and its Jobs
+        "labels": metadata["labels"],  # on the JobSet and its Jobs
     }
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
