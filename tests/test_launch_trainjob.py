@@ -15,7 +15,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes import client
 
 from fulltune.config import ConfigError, RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
@@ -30,6 +29,7 @@ from fulltune.launch.trainjob import (
 from fulltune.train.args import TrainerArgs
 from k8s_standin import FakeKube
 from test_launch_kubernetes import _strict
+from test_launch_kubernetes import launcher as pytorchjob_tests_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "tests" / "data" / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
@@ -263,16 +263,11 @@ def kube(runtime):
 def launcher(
     kube: FakeKube, cfg: RunConfig | None = None, **kwargs
 ) -> tuple[KubernetesLauncher, io.StringIO]:
+    """The launcher the PyTorchJob tests drive, for a two-node TrainJob config by default."""
     cfg = cfg or make_cfg(
         num_nodes=2, nproc_per_node=2, kubernetes={"namespace": NS, "watch_timeout_seconds": 30}
     )
-    configuration = client.Configuration()
-    configuration.host = kube.host
-    out = io.StringIO()
-    kwargs.setdefault("poll_seconds", 0.05)
-    kwargs.setdefault("drain_seconds", 5)
-    kwargs.setdefault("namespace_file", "/nonexistent")
-    return KubernetesLauncher(cfg, run_id="run-1", configuration=configuration, stream=out, **kwargs), out
+    return pytorchjob_tests_launcher(kube, cfg, **kwargs)
 
 
 def copied(out: io.StringIO) -> list[str]:

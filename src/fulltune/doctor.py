@@ -178,21 +178,14 @@ def _runtime_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
 
-    from fulltune.launch.trainjob import GROUP, RUNTIME_PLURALS, VERSION, runtime_missing
+    from fulltune.launch.kubernetes import read_runtime
+    from fulltune.launch.trainjob import runtime_missing
 
-    runtime, custom = cfg.resources.trainjob, CustomObjectsApi(cluster.api)
-    cluster_wide = runtime.runtime_kind == "ClusterTrainingRuntime"
+    runtime = cfg.resources.trainjob
     what = f"{runtime.runtime_kind} {runtime.runtime}"
-    where = "" if cluster_wide else f" in {cluster.namespace}"
+    where = "" if runtime.runtime_kind == "ClusterTrainingRuntime" else f" in {cluster.namespace}"
     try:
-        if cluster_wide:
-            custom.get_cluster_custom_object(
-                GROUP, VERSION, RUNTIME_PLURALS[runtime.runtime_kind], runtime.runtime
-            )
-        else:
-            custom.get_namespaced_custom_object(
-                GROUP, VERSION, cluster.namespace, RUNTIME_PLURALS[runtime.runtime_kind], runtime.runtime
-            )
+        read_runtime(CustomObjectsApi(cluster.api), cfg, cluster.namespace)
     except ApiException as exc:
         if exc.status == 404:
             missing, fix = runtime_missing(cfg, cluster.namespace)

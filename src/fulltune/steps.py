@@ -279,9 +279,10 @@ def evaluate(
         storage.upload_dir(tmp, cfg.layout.eval_dir)
         _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
         _copy_out(Path(tmp, EVAL_FILE), eval_path)
+        metrics = result.kfp_metrics()
         files = {name: str(Path(tmp, name)) for name in (EVAL_FILE, EVAL_REPORT_FILE)}
-        mlflow_run.record_evaluation(cfg, result.kfp_metrics(), result.verdict, result.reasons, files)
-    _log_metrics(log_metric, result.kfp_metrics())
+        mlflow_run.record_evaluation(cfg, metrics, result.verdict, result.reasons, files)
+    _log_metrics(log_metric, metrics)
     log.info("verdict: %s", "PASS" if result.verdict else "FAIL (the model will not be registered)")
     for reason in result.reasons:
         log.info("  - %s", reason)

@@ -56,6 +56,16 @@ KINDS: dict[str, JobKind] = {"kubernetes": PYTORCHJOB, "trainjob": TRAINJOB}
 _BUILDERS = {"kubernetes": build_pytorchjob, "trainjob": build_trainjob}
 
 
+def read_runtime(custom: Any, cfg: RunConfig, namespace: str) -> dict[str, Any]:
+    """The runtime `cfg`'s TrainJob names: a ClusterTrainingRuntime, or a TrainingRuntime in
+    `namespace` (the kubernetes client's ApiException when it cannot be read, 404 when missing)."""
+    runtime = cfg.resources.trainjob
+    group, version, plural = TRAINJOB.group, TRAINJOB.version, RUNTIME_PLURALS[runtime.runtime_kind]
+    if runtime.runtime_kind == "ClusterTrainingRuntime":
+        return custom.get_cluster_custom_object(group, version, plural, runtime.runtime)
+    return custom.get_namespaced_custom_object(group, version, namespace, plural, runtime.runtime)
+
+
 def launcher_access(launcher: str) -> tuple[tuple[str, str, str], ...]:
     """(API group, resource, verb): everything the launcher asks of the Kubernetes API. The chart's
     RBAC grants exactly these (a test compares), and `fulltune doctor` checks them."""
@@ -232,15 +242,9 @@ class KubernetesLauncher:
         from kubernetes.client.rest import ApiException
 
         runtime = self.cfg.resources.trainjob
-        group, version, plural = TRAINJOB.group, TRAINJOB.version, RUNTIME_PLURALS[runtime.runtime_kind]
         what = f"{runtime.runtime_kind} {runtime.runtime}"
         try:
-            if runtime.runtime_kind == "ClusterTrainingRuntime":
-                obj = self.custom.get_cluster_custom_object(group, version, plural, runtime.runtime)
-            else:
-                obj = self.custom.get_namespaced_custom_object(
-                    group, version, self.namespace, plural, runtime.runtime
-                )
+            obj = read_runtime(self.custom, self.cfg, self.namespace)
         except ApiException as exc:
             if exc.status == 404:
                 missing, fix = runtime_missing(self.cfg, self.namespace)
