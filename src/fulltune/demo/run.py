@@ -16,6 +16,7 @@ Two settings:
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,18 @@ def demo_config(
 
 
 def run_demo(
-    root: Path, *, forget: bool = False, nproc: int = 2, assets: DemoAssets | None = None
+    root: Path,
+    *,
+    forget: bool = False,
+    nproc: int = 2,
+    assets: DemoAssets | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> DemoResult:
-    """Build (or reuse) the assets, compile the pipeline, run it through kfp.local; returns the outcome."""
+    """Build (or reuse) the assets, compile the pipeline, run it through kfp.local; returns the outcome.
+
+    `overrides` (dotted config names, as `RunConfig.with_overrides` takes them) change the demo's
+    config, e.g. `{"evaluation.compare_to": "registered"}` to run it as a retraining cycle against
+    the version an earlier run registered under `root`."""
     from fulltune.kfp.local_run import run_locally
 
     root = root.resolve()
@@ -105,6 +115,8 @@ def run_demo(
     work_root = root / "runs" / stamp
     registry = root / "registry"
     cfg = demo_config(assets, work_root, registry, forget=forget, nproc=nproc)
+    if overrides:
+        cfg = cfg.with_overrides(dict(overrides))
     run_locally(cfg, compiled_dir=root / "compiled", pipeline_root=root / "kfp-local")
 
     run_dirs = sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.exists() else []
