@@ -86,6 +86,10 @@ def gpu_runs() -> list[Run]:
         Run("1b/fsdp2", "1b", kind="fsdp2", steps=14, expect_s=45),
         Run("1b/compile", "1b", training={"torch_compile": True}, steps=16, expect_s=150),
         Run("3b/plan", "3b", micro=2, gas=4, steps=8, expect_s=75),
+        # selective recomputation: step time and peak memory against plan's estimate for it
+        Run(
+            "1b/recompute-4-of-16", "1b", training={"gradient_checkpointing_layers": 4}, steps=12, expect_s=55
+        ),
         Run("0.9b/hf-trainer", "0.9b", kind="hf-trainer", steps=20, expect_s=45),
         Run("0.9b/no-leaf", "0.9b", zero=(NO_LEAF,), steps=12, expect_s=40),
         Run("0.9b/plan-chunked-loss", "0.9b", training={"loss_chunk_tokens": 8192}, steps=16),
@@ -101,6 +105,8 @@ def dry_runs() -> list[Run]:
         training = r.training
         if "loss_chunk_tokens" in training:  # a chunk smaller than the tiny micro batch: several chunks
             training = {**training, "loss_chunk_tokens": 48}
+        if "gradient_checkpointing_layers" in training:  # the tiny shape has two layers
+            training, name = {**training, "gradient_checkpointing_layers": 1}, "tiny/recompute-1-of-2"
         runs.setdefault(name, Run(name, "tiny", r.kind, 2, 2, 5, training, r.zero, r.profile, 20))
     return list(runs.values())
 
@@ -286,6 +292,7 @@ class Check:
             "plan_micro_batch": plan["micro_batch"],
             "loss_chunk_tokens": resolved.get("loss_chunk_tokens"),
             "gradient_checkpointing": resolved.get("gradient_checkpointing"),
+            "gradient_checkpointing_layers": resolved.get("gradient_checkpointing_layers"),
             "losses": losses,
         }
 
@@ -382,12 +389,12 @@ def markdown(doc: dict) -> str:
         "",
         ", ".join(f"{k} {v}" for k, v in dev.items()),
         "",
-        "| run | params | micro x acc | median step | tok/s | MFU | peak reserved / plan total | peak allocated / plan | loss chunk | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| run | params | micro x acc | median step | tok/s | MFU | peak reserved / plan total | peak allocated / plan | loss chunk | recomputed layers | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in doc["runs"]:
         if "median_step_s" not in r:
-            lines.append(f"| {r['name']} | | {r['micro']} x {r['gas']} | | | | | | | {r['status']} |")
+            lines.append(f"| {r['name']} | | {r['micro']} x {r['gas']} | | | | | | | | {r['status']} |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         reserved = f"{r['peak_reserved_gib']:.1f}" if r["peak_reserved_gib"] else "-"
@@ -395,7 +402,8 @@ def markdown(doc: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['params'] / 1e6:,.0f}M | {r['micro']} x {r['gas']} | {r['median_step_s'] * 1000:,.0f} ms "
             f"| {r['tokens_per_s']:,.0f} | {mfu} | {reserved} / {r['plan_total_gib']:.1f} "
-            f"| {allocated} / {r['plan_allocated_gib']:.1f} | {r['loss_chunk_tokens']} | {r['status']} |"
+            f"| {allocated} / {r['plan_allocated_gib']:.1f} | {r['loss_chunk_tokens']} "
+            f"| {r.get('gradient_checkpointing_layers') or 0} | {r['status']} |"
         )
     lines += ["", *loss_table(doc["runs"])]
     for r in doc["runs"]:

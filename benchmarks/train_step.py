@@ -23,6 +23,10 @@ fulltune on the same initial weights and batches, to hold the bf16 loss curve ag
     python benchmarks/train_step.py --device cuda --hidden 2048 --layers 16 --head-dim 128 \
         --vocab 32000 --seq 2048 --micro 4 --gas 2 --numerics
 
+Two other modes compare fulltune with itself, interleaved: `--report-to-overhead` (TensorBoard and
+MLflow against no reporting) and `--recompute-cost` (activations kept, half of the layers recomputed,
+all recomputed).
+
 The training data is a seeded Markov chain over the vocabulary (each token's successor is drawn
 from 4 choices), so the loss falls within a few steps and the two precisions have a curve to agree on.
 """
@@ -321,31 +325,61 @@ MLFLOW = Path(sys.executable).with_name("mlflow")  # the environment's own `mlfl
 def report_to_overhead(a: argparse.Namespace, env: dict[str, str], result: dict) -> None:
     """Step time of fulltune reporting every step, to TensorBoard and to an MLflow server on localhost
     (started here; skipped when mlflow is not installed), against not reporting; interleaved."""
-    variants = ["none", "tensorboard"] + (["mlflow"] if MLFLOW.exists() else [])
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    variants = {
+        v: {"report_to": [v], "logging_steps": 1}
+        for v in ["none", "tensorboard"] + (["mlflow"] if MLFLOW.exists() else [])
+    }
     with (
         tempfile.TemporaryDirectory(prefix="fulltune-bench-report-") as tmp,
         _mlflow_server(Path(tmp), "mlflow" in variants) as tracking_uri,
     ):
-        root = Path(tmp)
-        inputs = {}
-        for variant in times:
-            a.training = {"report_to": [variant], "logging_steps": 1}
-            inputs[variant] = build_inputs(root, a, tag=f"-{variant}")
         run_env = {**env, "MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else env
-        for _ in range(a.repeats):
-            for variant in times:
-                run = run_fulltune(root, inputs[variant], a, run_env, tag=f"-{variant}")
-                times[variant] += [r["step_time_s"] for r in run[a.warmup :]]
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in times.items():
-        print(f"{k:11s} median step {med[k] * 1000:8.1f} ms  (n={len(v)})")
-    ratios = {k: med[k] / med["none"] for k in times if k != "none"}
+        med = time_variants(a, run_env, Path(tmp), variants)
+    ratios = {k: med[k] / med["none"] for k in variants if k != "none"}
     for k, ratio in ratios.items():
         print(f"ratio {k} / none: {ratio:.3f}  (goal <= 1.03)")
     result.update({"median_step_s": med, "ratio": ratios})
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=2))
+
+
+def recompute_cost(a: argparse.Namespace, env: dict[str, str], result: dict) -> None:
+    """Step time of fulltune keeping every layer's activations, recomputing half of the layers
+    (selective) and recomputing all of them; interleaved. Each recomputed layer runs its forward
+    again, about a third of its forward-and-backward, so r of L layers should cost at most
+    1 + r / 3L."""
+    half = max(1, a.layers // 2)
+    variants = {
+        "none": {},
+        f"{half}-of-{a.layers}": {"gradient_checkpointing_layers": half},
+        "all": {"gradient_checkpointing": True},
+    }
+    with tempfile.TemporaryDirectory(prefix="fulltune-bench-recompute-") as tmp:
+        med = time_variants(a, env, Path(tmp), variants)
+    ratios = {k: med[k] / med["none"] for k in variants if k != "none"}
+    for (k, ratio), layers in zip(ratios.items(), (half, a.layers), strict=True):
+        print(f"ratio {k} / none: {ratio:.3f}  (at most {1 + layers / (3 * a.layers):.3f} expected)")
+    result.update({"median_step_s": med, "ratio": ratios})
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(result, indent=2))
+
+
+def time_variants(a: argparse.Namespace, env: dict[str, str], root: Path, variants: dict) -> dict[str, float]:
+    """Median step time of fulltune under each variant's training settings, the runs interleaved
+    (`--repeats` rounds) so that the machine's drift falls on all of them alike."""
+    inputs = {}
+    for name, training in variants.items():
+        a.training = training
+        inputs[name] = build_inputs(root, a, tag=f"-{name}")
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(a.repeats):
+        for name in variants:
+            run = run_fulltune(root, inputs[name], a, env, tag=f"-{name}")
+            times[name] += [r["step_time_s"] for r in run[a.warmup :]]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:11s} median step {med[k] * 1000:8.1f} ms  (n={len(v)})")
+    return med
 
 
 @contextlib.contextmanager
@@ -425,6 +459,12 @@ def main() -> None:
         help="instead of the Trainer: fulltune with training.report_to tensorboard, and mlflow to a local "
         "server, logging every step, vs none, interleaved; prints each / none (the goal is <= 1.03)",
     )
+    p.add_argument(
+        "--recompute-cost",
+        action="store_true",
+        help="instead of the Trainer: fulltune keeping all activations, recomputing half of the layers "
+        "(training.gradient_checkpointing_layers) and all of them, interleaved; prints each / none",
+    )
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
@@ -445,6 +485,9 @@ def main() -> None:
     result: dict = {"args": {k: v for k, v in vars(a).items() if k != "hf_worker"}}
     if a.report_to_overhead:
         report_to_overhead(a, env, result)
+        return
+    if a.recompute_cost:
+        recompute_cost(a, env, result)
         return
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-train-") as tmp:
         root = Path(tmp)

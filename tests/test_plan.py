@@ -107,7 +107,9 @@ def test_fits_by_turning_on_recomputation_and_smaller_micro_batch():
     mem, budget, notes = planmod.choose_memory_settings(_cfg(nproc_per_node=8), shape_8b())
     assert mem.total <= budget
     assert mem.gradient_checkpointing
-    assert "enabled gradient_checkpointing" in notes
+    assert any(
+        n.startswith(f"enabled gradient_checkpointing on {mem.recompute_layers} of 32 layers") for n in notes
+    )
     assert not mem.offload_optimizer
 
 
@@ -418,6 +420,71 @@ def test_plan_chunks_the_loss_only_where_the_plain_logits_do_not_fit():
     assert (forced[0].loss_chunk_tokens, forced[0].gradient_checkpointing) == (0, True)
 
 
+def test_each_recomputed_layer_trades_its_activations_for_its_input():
+    """Selective recomputation: r of L layers keep only their 2*h-byte input per token, one layer's
+    worth is live while one recomputes; r = L is full recomputation, r = 0 none."""
+    s = shape_869m()
+    kw = dict(world_size=1, seq_len=2048, micro_batch=4)
+    none = planmod.estimate_memory(s, gradient_checkpointing=False, **kw).activations
+    full = planmod.estimate_memory(s, gradient_checkpointing=True, **kw).activations
+    per_layer = none / 16
+    kept_input = 2.0 * 2048 * 4 * 2048
+    for r in (1, 4, 15):
+        e = planmod.estimate_memory(s, gradient_checkpointing=True, recompute_layers=r, **kw)
+        assert e.recompute_layers == r
+        assert e.activations == pytest.approx((16 - r) * per_layer + r * kept_input + per_layer)
+        assert full < e.activations < none + per_layer
+    assert (
+        planmod.estimate_memory(s, gradient_checkpointing=True, recompute_layers=16, **kw).activations == full
+    )
+    assert (
+        planmod.estimate_memory(s, gradient_checkpointing=False, recompute_layers=4, **kw).recompute_layers
+        == 0
+    )
+
+
+def test_plan_recomputes_the_fewest_layers_that_fit():
+    """Where the activations of all 16 layers do not fit but those of a few recomputed ones would,
+    plan recomputes exactly as many as needed (one fewer does not fit), says so and writes it into
+    the resolved config; the plan report shows it. A configured count is kept, gradient_checkpointing
+    alone means all layers, and a count above the model's layers is refused by its name."""
+    s = shape_869m()
+    kw = dict(world_size=1, seq_len=2048, micro_batch=8)
+
+    def gib(r: int) -> float:
+        e = planmod.estimate_memory(s, gradient_checkpointing=r > 0, recompute_layers=r or None, **kw)
+        return e.total / 0.9 / 2**30
+
+    cfg = _sized_gpu((gib(4) + gib(5)) / 2, 2048, per_device_train_batch_size=8, loss_chunk_tokens=0)
+    mem, budget, notes = planmod.choose_memory_settings(cfg, s)
+    assert (mem.micro_batch, mem.gradient_checkpointing, mem.recompute_layers) == (8, True, 5)
+    assert gib(4) * 0.9 * 2**30 > budget >= mem.total
+    assert any(n.startswith("enabled gradient_checkpointing on 5 of 16 layers") for n in notes), notes
+    over = planmod.resolved_fields(cfg, s, mem, 10**6)[0]
+    assert (over["training.gradient_checkpointing"], over["training.gradient_checkpointing_layers"]) == (
+        True,
+        5,
+    )
+    resolved = cfg.with_overrides(over)
+    report = planmod.plan_markdown(planmod.Plan(s, mem, budget, 1, 10**6, notes, resolved))
+    assert "| gradient checkpointing | 5 of 16 layers (selective) |" in report
+
+    # what the config says wins: a count, or every layer with gradient_checkpointing alone
+    kept = cfg.with_overrides({"training.gradient_checkpointing_layers": 8})
+    assert planmod.choose_memory_settings(kept, s)[0].recompute_layers == 8
+    full = cfg.with_overrides({"training.gradient_checkpointing": True})
+    assert planmod.choose_memory_settings(full, s)[0].recompute_layers == 16
+    roomy = _sized_gpu(gib(0) + 1, 2048, per_device_train_batch_size=8, loss_chunk_tokens=0)
+    assert (
+        planmod.resolved_fields(roomy, s, planmod.choose_memory_settings(roomy, s)[0], 10**6)[0][
+            "training.gradient_checkpointing_layers"
+        ]
+        is None
+    )
+    with pytest.raises(PlanError, match="training.gradient_checkpointing_layers is 17 but the model has 16"):
+        planmod.choose_memory_settings(cfg.with_overrides({"training.gradient_checkpointing_layers": 17}), s)
+
+
 def test_plan_trades_accumulation_for_a_larger_micro_batch_where_it_fits():
     """4 x 2 on a GPU with room becomes 8 x 1 (the same global batch, half the micro-steps); without
     the room it stays 4 x 2; on CPU nothing is changed."""
@@ -496,6 +563,12 @@ def test_cost_estimate_against_a_hand_computed_run():
         recompute, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
     )
     assert cost_gc.gpu_hours == pytest.approx(cost.gpu_hours * 4 / 3)
+    # selective: 4 of 16 layers recomputed pay a quarter of that third
+    quarter = recompute.with_overrides({"training.gradient_checkpointing_layers": 4})
+    cost_quarter = estimate_cost(
+        quarter, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
+    )
+    assert cost_quarter.gpu_hours == pytest.approx(cost.gpu_hours * (1 + 1 / 12))
     steps = cfg.with_overrides({"training.max_steps": 100})
     assert estimate_cost(steps, matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=0).tokens == (
         100 * 8 * 2048

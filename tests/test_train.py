@@ -286,12 +286,13 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_path):
+def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_path, capfd):
     """2 ranks x micro batch 2 and 1 rank x micro batch 4 see the same global batches: same losses.
-    The one rank also recomputes its activations (each decoder layer a ZeRO-3 leaf, gathered again
-    for the recomputation): that changes memory, not the numbers."""
+    Both recompute activations, each decoder layer a ZeRO-3 leaf gathered again for it: the two ranks
+    in every layer (full), the one rank in one of its two (selective, the last). That changes memory
+    and compute, not the numbers."""
     losses = {}
-    for nproc, micro, recompute in ((2, 2, False), (1, 4, True)):
+    for nproc, micro, layers in ((2, 2, None), (1, 4, 1)):
         work = str(tmp_path / f"n{nproc}")
         dataset = tiny_dataset(demo_assets, work, n_seq=24)
         cfg = plan_run(
@@ -300,14 +301,17 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_pa
             nproc=nproc,
             per_device_train_batch_size=micro,
             max_steps=10,
-            gradient_checkpointing=recompute,
+            gradient_checkpointing=True,
+            gradient_checkpointing_layers=layers,
         )
-        assert cfg.training.gradient_checkpointing is recompute
+        assert cfg.training.gradient_checkpointing_layers == (layers or 2)  # plan resolves "all" to 2
         job = train_job(cfg, dataset)
         LocalLauncher().run(job)
         losses[nproc] = [
             json.loads(line)["loss"] for line in storage.read_text(job.args.metrics).splitlines()
         ]
+        said = "all 2 x LlamaDecoderLayer" if layers is None else "1 of 2 x LlamaDecoderLayer (layers 1)"
+        assert f"recomputing the activations of {said}" in capfd.readouterr().out
     assert len(losses[1]) == 10
     torch.testing.assert_close(losses[2], losses[1], rtol=1e-4, atol=1e-4)
     assert losses[1][-1] < losses[1][0]

@@ -281,7 +281,20 @@ class TrainingSection(_Section):
         True, description="Train in bfloat16 (GPU only; ignored on CPU). Set it false to use fp16."
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass to save memory."
+        False,
+        description="Recompute activations in the backward pass to save memory: every decoder layer, "
+        "unless gradient_checkpointing_layers says how many. Off: plan turns it on only where the "
+        "activations do not fit otherwise.",
+    )
+    gradient_checkpointing_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Selective recomputation: how many decoder layers recompute their activations "
+        "(spread evenly over the stack); the others keep theirs. Each recomputed layer runs its forward "
+        "pass again in the backward, about a third more compute for that layer, so recomputing only as "
+        "many layers as memory requires is faster than recomputing all. Setting it turns "
+        "gradient_checkpointing on. None: all layers when gradient_checkpointing is set; when plan "
+        "turns it on, the fewest layers that fit the GPU.",
     )
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa",

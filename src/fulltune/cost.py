@@ -26,6 +26,15 @@ ASSUMED_MFU = 0.35
 RECOMPUTE_FACTOR = 4.0 / 3.0  # forward 2N + backward 4N, plus the forward again: 8N over 6N
 
 
+def recompute_factor(gradient_checkpointing: bool, layers: int | None, num_layers: int) -> float:
+    """Hardware over model FLOPs: each recomputed layer (all with gradient_checkpointing alone) runs
+    its forward pass again."""
+    if not gradient_checkpointing:
+        return 1.0
+    share = min(layers or num_layers, num_layers) / max(num_layers, 1)
+    return 1.0 + (RECOMPUTE_FACTOR - 1.0) * share
+
+
 class CostError(ValueError):
     """The run's estimate is above resources.max_gpu_hours; the message says what would fit."""
 
@@ -61,7 +70,9 @@ def estimate_cost(
     else:
         tokens = int(round((tr.num_train_epochs or 1.0) * dataset_tokens))
     flops = tokens * flops_per_token(matmul_params, num_layers, hidden_size, seq)
-    hardware = flops * (RECOMPUTE_FACTOR if tr.gradient_checkpointing else 1.0)
+    hardware = flops * recompute_factor(
+        tr.gradient_checkpointing, tr.gradient_checkpointing_layers, num_layers
+    )
     gpus = cfg.world_size
     wall_hours = hardware / (gpus * peak * ASSUMED_MFU) / 3600.0
     return CostEstimate(res.gpu_type, gpus, tokens, flops, ASSUMED_MFU, wall_hours, wall_hours * gpus)

@@ -15,7 +15,8 @@
     + the larger of two transients that never coexist:
       - forward/backward: activations per layer and token ~ 24*h bytes for attention and norms plus
         8*I for a gated MLP (SwiGLU: gate, up, activation, product; 4*I ungated), I the MLP width;
-        with full recomputation 2*h per layer plus one layer's worth; and the logits at 12 bytes
+        a recomputed layer keeps only its input, 2*h, and the layer being recomputed holds one
+        layer's worth; and the logits at 12 bytes
         each (bf16 logits, the fp32 copy the loss takes, its log-probabilities, their gradient);
       - the optimizer step: DeepSpeed steps the fp32 partition in sub-groups of at most
         `sub_group_size` (1e9) elements, making an fp32 gradient for the one being stepped: 6 bytes
@@ -25,8 +26,8 @@
     + fragmentation: 20% of all the above (the most measured was 16%, with the expandable-segments
       allocator that `train` turns on; the default allocator left up to 45% unused),
     + a fixed 1.5 GiB for the CUDA context, NCCL and cuBLAS workspaces (1.3 GiB measured on one GPU).
-- If the configured micro batch does not fit, plan tries in order: gradient checkpointing,
-  a smaller micro batch (keeping the global batch with more accumulation), optimizer offload,
+- If the configured micro batch does not fit, plan tries in order: the chunked loss, gradient
+  checkpointing of the fewest decoder layers that fit (selective recomputation), a smaller micro batch (keeping the global batch with more accumulation), optimizer offload,
   parameter offload; if nothing fits it refuses, saying what would. `training.offload_optimizer`
   and `training.offload_param` set to true or false force that choice (in the estimate and the
   DeepSpeed JSON); None lets plan decide.
@@ -132,6 +133,7 @@ class MemoryEstimate:
     fragmentation: float = 0.0
     buckets: float = 0.0
     loss_chunk_tokens: int = 0  # 0: plain logits
+    recompute_layers: int = 0  # decoder layers that recompute their activations
 
     @property
     def total(self) -> float:
@@ -372,7 +374,9 @@ def estimate_memory(
     offload_params: bool = False,
     optim: str = "adamw_torch",
     loss_chunk_tokens: int = 0,
+    recompute_layers: int | None = None,
 ) -> MemoryEstimate:
+    """`recompute_layers`: how many layers recompute with gradient_checkpointing; None: all of them."""
     bytes_per_param, optimizer_bytes = STATE_BYTES[optim]
     if offload_optimizer:
         bytes_per_param -= optimizer_bytes  # fp32 master weights and moments live in CPU memory
@@ -385,10 +389,10 @@ def estimate_memory(
     per_layer = tokens * (
         ATTENTION_BYTES_PER_H * shape.hidden_size + (8.0 if shape.gated_mlp else 4.0) * inter
     )
-    if gradient_checkpointing:
-        activations = 2.0 * tokens * shape.hidden_size * shape.num_layers + per_layer
-    else:
-        activations = per_layer * shape.num_layers
+    recomputed = min(recompute_layers or shape.num_layers, shape.num_layers) if gradient_checkpointing else 0
+    activations = per_layer * (shape.num_layers - recomputed)
+    if recomputed:  # their inputs, and the one being recomputed in the backward
+        activations += 2.0 * tokens * shape.hidden_size * recomputed + per_layer
     logits = logits_bytes(shape, tokens, loss_chunk_tokens)
     step = 0.0 if offload_optimizer else STEP_BYTES[optim] * min(shape.params / world_size, SUB_GROUP_SIZE)
     zero = zero3_settings(shape, gpu=True)
@@ -410,6 +414,7 @@ def estimate_memory(
         FRAGMENTATION * allocated,
         buckets,
         loss_chunk_tokens,
+        recomputed,
     )
 
 
@@ -476,7 +481,9 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     budget = res.gpu_memory_gib * GiB * res.memory_headroom
     forced_opt, forced_par = tr.offload_optimizer, tr.offload_param
 
-    def est(s: Setting) -> MemoryEstimate:
+    forced_layers = configured_recompute_layers(cfg, shape)
+
+    def est(s: Setting, layers: int | None = None) -> MemoryEstimate:
         # A forced offload setting (true or false) wins over whatever plan would try.
         return estimate_memory(
             shape,
@@ -488,9 +495,20 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
             offload_params=s.offload_params if forced_par is None else forced_par,
             optim=tr.optim,
             loss_chunk_tokens=s.loss_chunk_tokens,
+            recompute_layers=layers or forced_layers,
         )
 
-    b0, gc0 = tr.per_device_train_batch_size, tr.gradient_checkpointing
+    def fewest_layers(s: Setting) -> MemoryEstimate:
+        """Recompute only as many layers as the GPU needs (each costs about a third of its forward
+        again), unless the config says how many."""
+        if not s.recompute or forced_layers:
+            return est(s)
+        for layers in range(1, shape.num_layers + 1):
+            if (estimate := est(s, layers)).total <= budget:
+                return estimate
+        return estimate
+
+    b0, gc0 = tr.per_device_train_batch_size, forced_layers is not None
     configured = Setting(b0, gc0, tr.loss_chunk_tokens or 0)
     first = est(configured)
     forced = [
@@ -504,10 +522,10 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
         b0, tr.gradient_accumulation_steps, gc0, loss_chunk_size(shape), tr.loss_chunk_tokens
     )
     for candidate in candidates:
-        estimate = est(candidate)
+        estimate = fewest_layers(candidate)
         if estimate.total <= budget:
             notes = [f"as configured it needs {_gib(first.total)} per GPU"]
-            notes += _setting_notes(estimate, configured, forced_opt, forced_par)
+            notes += _setting_notes(estimate, configured, shape, forced_opt, forced_par)
             notes += [*forced, f"fits: {_gib(estimate.total)} of {_gib(budget)} per GPU"]
             return estimate, budget, notes
     smallest = est(Setting(1, True, candidates[-1].loss_chunk_tokens))
@@ -515,8 +533,25 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     raise _does_not_fit(cfg, shape, budget, first, smallest=smallest, offloaded=offloaded)
 
 
+def configured_recompute_layers(cfg: RunConfig, shape: ModelShape) -> int | None:
+    """The layers the config asks to recompute: training.gradient_checkpointing_layers, all of them
+    with gradient_checkpointing alone, or None (plan decides)."""
+    tr = cfg.training
+    layers = tr.gradient_checkpointing_layers
+    if layers is not None and layers > shape.num_layers:
+        raise PlanError(
+            f"training.gradient_checkpointing_layers is {layers} but the model has {shape.num_layers} "
+            "decoder layers"
+        )
+    return layers or (shape.num_layers if tr.gradient_checkpointing else None)
+
+
 def _setting_notes(
-    e: MemoryEstimate, configured: Setting, forced_opt: bool | None, forced_par: bool | None
+    e: MemoryEstimate,
+    configured: Setting,
+    shape: ModelShape,
+    forced_opt: bool | None,
+    forced_par: bool | None,
 ) -> list[str]:
     b0 = configured.micro_batch
     notes = []
@@ -528,7 +563,14 @@ def _setting_notes(
     if e.loss_chunk_tokens and not configured.loss_chunk_tokens:
         notes.append(f"loss computed {e.loss_chunk_tokens} tokens at a time (the full logits do not fit)")
     if e.gradient_checkpointing and not configured.recompute:
-        notes.append("enabled gradient_checkpointing")
+        notes.append(
+            f"enabled gradient_checkpointing on {e.recompute_layers} of {shape.num_layers} layers: "
+            + (
+                "each recomputed layer runs its forward again, so only as many as the GPU needs"
+                if e.recompute_layers < shape.num_layers
+                else "the activations fit only with every layer recomputed"
+            )
+        )
     if e.micro_batch < b0:
         notes.append(
             f"micro batch {b0} -> {e.micro_batch}, gradient accumulation x{b0 // e.micro_batch} keeps the global batch"
@@ -734,6 +776,7 @@ def resolved_fields(
     over: dict[str, Any] = {
         "training.per_device_train_batch_size": mem.micro_batch,
         "training.gradient_checkpointing": mem.gradient_checkpointing,
+        "training.gradient_checkpointing_layers": mem.recompute_layers or None,
         "training.offload_optimizer": mem.offload_optimizer,
         "training.offload_param": mem.offload_params,
         "training.loss_chunk_tokens": mem.loss_chunk_tokens,
@@ -789,7 +832,7 @@ def plan_markdown(plan: Plan) -> str:
             "micro batch x accumulation",
             f"{tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}",
         ),
-        ("gradient checkpointing", str(tr.gradient_checkpointing)),
+        ("gradient checkpointing", recompute_summary(plan.memory, s)),
         ("attention", tr.attn_implementation),
         (
             "loss",
@@ -812,6 +855,14 @@ def plan_markdown(plan: Plan) -> str:
     lines = ["# Training plan", "", markdown_table(["item", "value"], rows)]
     lines += ["", "## Decisions", ""] + [f"- {d}" for d in plan.decisions]
     return "\n".join(lines) + "\n"
+
+
+def recompute_summary(m: MemoryEstimate, shape: ModelShape) -> str:
+    if not m.recompute_layers:
+        return "off"
+    if m.recompute_layers >= shape.num_layers:
+        return f"all {shape.num_layers} layers"
+    return f"{m.recompute_layers} of {shape.num_layers} layers (selective)"
 
 
 def launcher_summary(cfg: RunConfig) -> str:

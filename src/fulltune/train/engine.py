@@ -5,6 +5,8 @@
 - Precision is `cfg.precision`: bf16, or fp16 with DeepSpeed's dynamic loss scaling, on GPU; on CPU
   both flags are ignored (the recipe logs it) and training is float32. The model is loaded in that
   dtype; the DeepSpeed JSON that plan wrote from the same config agrees.
+- Activations: recomputed in the backward pass for all decoder layers or, with
+  `training.gradient_checkpointing_layers`, for as many as plan found the GPU needs (`recompute`).
 - Kernels: attention through `training.attn_implementation` (sdpa by default: FlashAttention-2 or
   memory-efficient kernels on GPU); with `training.loss_chunk_tokens` the model returns its summed
   loss computed from the hidden states in chunks (`chunked_loss`), never the full logits; with
@@ -87,7 +89,12 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):
         attn_implementation=tr.attn_implementation,
     )
     if tr.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from fulltune.train import recompute
+
+        try:
+            recompute.enable(model, tr.gradient_checkpointing_layers)
+        except ValueError as exc:
+            raise TrainInputError(str(exc)) from exc
     model.config.use_cache = False
     if tr.loss_chunk_tokens:
         from fulltune.train import chunked_loss
