@@ -286,6 +286,32 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
 
 @pytest.mark.slow
+def test_training_runs_in_train_mode_from_the_first_step(demo_assets, tmp_path, capfd):
+    """from_pretrained hands the model over in eval mode, where dropout and activation recomputation
+    are off. A base model that asks for dropout gets it from step 0 on, with no evaluation before to
+    switch modes: the first step's loss is not the dropout-free loss of the same batch."""
+    import shutil
+
+    model_dir = tmp_path / "base-with-dropout"
+    shutil.copytree(demo_assets.base_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    assets = dataclasses.replace(demo_assets, base_model_dir=model_dir)
+    work = str(tmp_path / "work")
+    dataset = tiny_dataset(assets, work, n_seq=8)
+    cfg = plan_run(
+        assets, work, nproc=1, per_device_train_batch_size=8, max_steps=1, gradient_checkpointing=True
+    )
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    assert "recomputing the activations of all 2 x LlamaDecoderLayer" in capfd.readouterr().out
+    [first] = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
+    without_dropout = plain_loss(model_dir, dataset)  # the whole batch, in eval mode
+    assert math.isfinite(first["loss"]) and math.isfinite(first["grad_norm"])
+    assert abs(first["loss"] - without_dropout) > 0.01 * without_dropout, (first["loss"], without_dropout)
+
+
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_path, capfd):
     """2 ranks x micro batch 2 and 1 rank x micro batch 4 see the same global batches: same losses.
     Both recompute activations, each decoder layer a ZeRO-3 leaf gathered again for it: the two ranks

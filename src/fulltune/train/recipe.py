@@ -280,6 +280,9 @@ class Recipe:
         """The loop: one optimizer step per iteration; the cadence decides what else each step does."""
         start = self._start = time.time()
         total = self.sched.total_steps
+        # from_pretrained returns the model in eval mode, where dropout is off and transformers skips
+        # activation recomputation: the memory plan counted on it from the first step
+        self.engine.train()
         for step in range(self.first_step, total):
             if self.cadence.should_stop():
                 break
