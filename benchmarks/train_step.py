@@ -346,8 +346,8 @@ def report_to_overhead(a: argparse.Namespace, env: dict[str, str], result: dict)
 def recompute_cost(a: argparse.Namespace, env: dict[str, str], result: dict) -> None:
     """Step time of fulltune keeping every layer's activations, recomputing half of the layers
     (selective) and recomputing all of them; interleaved. Each recomputed layer runs its forward
-    again, about a third of its forward-and-backward, so r of L layers should cost at most
-    1 + r / 3L."""
+    again, about a third of its forward-and-backward, so r of L layers should cost about 1 + r / 3L
+    (less where the layers are not all of the step's compute)."""
     half = max(1, a.layers // 2)
     variants = {
         "none": {},
@@ -358,7 +358,7 @@ def recompute_cost(a: argparse.Namespace, env: dict[str, str], result: dict) -> 
         med = time_variants(a, env, Path(tmp), variants)
     ratios = {k: med[k] / med["none"] for k in variants if k != "none"}
     for (k, ratio), layers in zip(ratios.items(), (half, a.layers), strict=True):
-        print(f"ratio {k} / none: {ratio:.3f}  (at most {1 + layers / (3 * a.layers):.3f} expected)")
+        print(f"ratio {k} / none: {ratio:.3f}  (about {1 + layers / (3 * a.layers):.3f} expected)")
     result.update({"median_step_s": med, "ratio": ratios})
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=2))
