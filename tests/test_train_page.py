@@ -10,13 +10,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fulltune.train.metrics import StepRecord, TrainingSummary
+from fulltune.train.metrics import StepRecord, TrainingSummary, training_metrics
 from fulltune.train.train_page import (
     duration,
     short_count,
     smooth,
     smoothing_weight,
-    training_metrics,
     training_report_html,
 )
 

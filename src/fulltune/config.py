@@ -57,6 +57,11 @@ class ModelSection(_Section):
         "version's lineage); None: base_model_uri is the original.",
     )
 
+    @property
+    def original_model_uri(self) -> str:
+        """The pre-trained model that forgetting and the domain gain are measured against."""
+        return self.original_base_model_uri or self.base_model_uri
+
     @field_validator("base_model_uri")
     @classmethod
     def _usable_reference(cls, uri: str) -> str:

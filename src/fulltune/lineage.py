@@ -54,7 +54,7 @@ def build_lineage(cfg: RunConfig, *, run_id: str, model_uri: str) -> dict[str, A
         "model_uri": model_uri,
         "base_model_uri": cfg.model.base_model_uri,
         # what forgetting is measured against, carried from version to version of a model
-        "original_base_model_uri": cfg.model.original_base_model_uri or cfg.model.base_model_uri,
+        "original_base_model_uri": cfg.model.original_model_uri,
         "data": {
             "train_uri": cfg.data.train_uri,
             "eval_uri": cfg.data.eval_uri,

@@ -237,8 +237,9 @@ def train(
     Secret the pipeline's own pods read S3 credentials from, which the training pods read too, and
     `mlflow_secret` the one with the MLflow server and credentials (both optional there, names only).
     """
+    from fulltune.train.metrics import training_metrics
     from fulltune.train.run import run_training
-    from fulltune.train.train_page import training_metrics, training_report_html
+    from fulltune.train.train_page import training_report_html
 
     _setup_logging()
     run = run_training(
@@ -274,8 +275,9 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="fulltune-eval-") as tmp:
         # forgetting (and the domain gain) are measured against the original pre-trained model, also
         # when this run started from a registered version
-        base = cfg.model.original_base_model_uri or cfg.model.base_model_uri
-        result = evaluate_models(cfg, base, model_uri, dataset, Path(tmp), champion=champion)
+        result = evaluate_models(
+            cfg, cfg.model.original_model_uri, model_uri, dataset, Path(tmp), champion=champion
+        )
         storage.upload_dir(tmp, cfg.layout.eval_dir)
         _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
         _copy_out(Path(tmp, EVAL_FILE), eval_path)

@@ -125,7 +125,15 @@ def build_pipeline(
         mlflow_secret=mlflow_secret or "",
     )
     trainer_image = trainer_image or default_trainer_image()
-    steps = build_components(image or default_image())
+    full_finetune = _dag(build_components(image or default_image()), cluster, trainer_image, eval_gpus)
+    # The form the Kubeflow UI shows: the typed parameters and their descriptions, from one table.
+    full_finetune.__signature__ = parameters.signature()
+    full_finetune.__doc__ = parameters.docstring("Full fine-tuning with a forgetting gate.")
+    return dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(full_finetune)
+
+
+def _dag(steps, cluster: ClusterSettings, trainer_image: str, eval_gpus: int):
+    """The DAG itself: the function `dsl.pipeline` compiles, taking the typed parameters in order."""
     # A GPU evaluate step needs CUDA torch: the trainer image; on CPU the runtime image does.
     evaluate = build_components(trainer_image).evaluate if eval_gpus else steps.evaluate
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -184,10 +192,7 @@ def build_pipeline(
         for task in (shard_task, gathered, evaluated, registered):
             task.set_retry(**POD_RETRY)
 
-    # The form the Kubeflow UI shows: the typed parameters and their descriptions, from one table.
-    full_finetune.__signature__ = parameters.signature()
-    full_finetune.__doc__ = parameters.docstring("Full fine-tuning with a forgetting gate.")
-    return dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(full_finetune)
+    return full_finetune
 
 
 # The long steps after plan are retried when their pod fails (evicted, its node lost, the S3 endpoint

@@ -1119,68 +1119,78 @@ def _run_cli(action, output: str = "text") -> int:
 def add_arguments(submit_parser, schedule_parser) -> None:
     """The options of both sub-commands (cli.py owns the sub-command list)."""
     for p in (submit_parser, schedule_parser):
-        p.add_argument(
-            "--host",
-            default=None,
-            help=f"KFP API address, e.g. https://kubeflow.example.com/pipeline (default: ${ENV_HOST}; "
-            "in a pod: the in-cluster service). The token comes from "
-            f"${ENV_TOKEN} or the pod's KFP service-account token, never from an option.",
-        )
-        p.add_argument(
-            "--params",
-            default=None,
-            metavar="FILE",
-            help="the run's parameters (YAML or JSON): a RunConfig (its sections: the pipeline's `config`), "
-            "or {typed parameter: value, config: {...}}; merged over the package's defaults",
-        )
-        p.add_argument(
-            "--param",
-            action="append",
-            metavar="NAME=VALUE",
-            help="a typed pipeline parameter, repeatable (e.g. learning_rate=2e-5, train_uri=s3://...); wins "
-            "over the same parameter in --params, and is an error where the RunConfig sets its field "
-            f"differently. Names: {', '.join(parameters.NAMES)}",
-        )
-        add_cluster_package_arguments(p)
-        p.add_argument(
-            "--output",
-            choices=("text", "json"),
-            default="text",
-            help="json: one JSON object on stdout (run or recurring-run id, UI address, state, pipeline "
-            "version) and the progress lines on stderr, for CI",
-        )
-        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment (created when missing)")
-        p.add_argument(
-            "--package",
-            default=None,
-            metavar="FILE",
-            help="compiled pipeline YAML (default: compile this fulltune's pipeline, the same bytes "
-            "as pipelines/full_finetune.yaml)",
-        )
-        p.add_argument(
-            "--namespace",
-            default=None,
-            help=f"multi-user KFP: the profile namespace the pipeline, experiment and runs go to (default: "
-            f"${ENV_NAMESPACE}, else this pod's namespace, else the kube context's)",
-        )
-        p.add_argument(
-            "--service-account",
-            default=None,
-            metavar="NAME",
-            help=f"ServiceAccount the runs' pods use: the one the chart's Role lets launch PyTorchJobs "
-            f"(default: ${ENV_SERVICE_ACCOUNT}, else KFP's default)",
-        )
-        p.add_argument(
-            "--dry-run", action="store_true", help="validate and print where, as whom and what; send nothing"
-        )
-        p.add_argument(
-            "--check-cluster",
-            action="store_true",
-            help="first check, through the Kubernetes API (kubeconfig or in-cluster), that the cluster serves "
-            "the job kind of resources.launcher (PyTorchJob or TrainJob), has a TrainJob's runtime and lets "
-            "the runs' account launch it (fulltune doctor's checks); refuse the run when one fails. With "
-            "--dry-run: check, and send nothing",
-        )
+        _add_run_arguments(p)
+    _add_submit_arguments(submit_parser)
+    _add_schedule_arguments(schedule_parser)
+
+
+def _add_run_arguments(p) -> None:
+    """Where, as whom and with what a run goes: the options submit and schedule share."""
+    p.add_argument(
+        "--host",
+        default=None,
+        help=f"KFP API address, e.g. https://kubeflow.example.com/pipeline (default: ${ENV_HOST}; "
+        "in a pod: the in-cluster service). The token comes from "
+        f"${ENV_TOKEN} or the pod's KFP service-account token, never from an option.",
+    )
+    p.add_argument(
+        "--params",
+        default=None,
+        metavar="FILE",
+        help="the run's parameters (YAML or JSON): a RunConfig (its sections: the pipeline's `config`), "
+        "or {typed parameter: value, config: {...}}; merged over the package's defaults",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a typed pipeline parameter, repeatable (e.g. learning_rate=2e-5, train_uri=s3://...); wins "
+        "over the same parameter in --params, and is an error where the RunConfig sets its field "
+        f"differently. Names: {', '.join(parameters.NAMES)}",
+    )
+    add_cluster_package_arguments(p)
+    p.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object on stdout (run or recurring-run id, UI address, state, pipeline "
+        "version) and the progress lines on stderr, for CI",
+    )
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment (created when missing)")
+    p.add_argument(
+        "--package",
+        default=None,
+        metavar="FILE",
+        help="compiled pipeline YAML (default: compile this fulltune's pipeline, the same bytes "
+        "as pipelines/full_finetune.yaml)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=None,
+        help=f"multi-user KFP: the profile namespace the pipeline, experiment and runs go to (default: "
+        f"${ENV_NAMESPACE}, else this pod's namespace, else the kube context's)",
+    )
+    p.add_argument(
+        "--service-account",
+        default=None,
+        metavar="NAME",
+        help=f"ServiceAccount the runs' pods use: the one the chart's Role lets launch PyTorchJobs "
+        f"(default: ${ENV_SERVICE_ACCOUNT}, else KFP's default)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and print where, as whom and what; send nothing"
+    )
+    p.add_argument(
+        "--check-cluster",
+        action="store_true",
+        help="first check, through the Kubernetes API (kubeconfig or in-cluster), that the cluster serves "
+        "the job kind of resources.launcher (PyTorchJob or TrainJob), has a TrainJob's runtime and lets "
+        "the runs' account launch it (fulltune doctor's checks); refuse the run when one fails. With "
+        "--dry-run: check, and send nothing",
+    )
+
+
+def _add_submit_arguments(submit_parser) -> None:
     submit_parser.add_argument("--run-name", default=None, help="default: '<model.name> <UTC time>'")
     submit_parser.add_argument(
         "--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded"
@@ -1195,6 +1205,9 @@ def add_arguments(submit_parser, schedule_parser) -> None:
     submit_parser.add_argument(
         "--poll-interval", type=float, default=15.0, metavar="S", help="with --wait: seconds between checks"
     )
+
+
+def _add_schedule_arguments(schedule_parser) -> None:
     schedule_parser.add_argument(
         "--cron",
         required=True,

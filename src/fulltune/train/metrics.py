@@ -10,6 +10,8 @@ exactly one record per step.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -173,3 +175,43 @@ def training_summary(
         (r.forgetting for r in reversed(records[:saved]) if r.forgetting is not None), None
     )
     return summary
+
+
+def training_metrics(records: list[StepRecord], summary: TrainingSummary) -> dict[str, float]:
+    """The run's final figures for the step's KFP Metrics: only those measured and finite (a Metrics
+    artifact holds numbers; a diverged run's nan loss is on the page instead). Throughput and MFU are
+    averaged over the run's time, so each step weighs as long as it took (total tokens / total time)."""
+    figures = {
+        "steps": summary.steps,
+        "planned_steps": summary.planned_steps,
+        "tokens": run_tokens(records, summary) or None,
+        "train_seconds": summary.train_seconds,
+        "device_hours": summary.device_hours,
+        "first_loss": summary.first_loss,
+        "final_loss": summary.final_loss,
+        "final_eval_loss": summary.final_eval_loss,
+        "best_eval_loss": summary.best_eval_loss,
+        "best_eval_step": summary.best_eval_step,
+        "final_forgetting": summary.final_forgetting,
+        "stopped_early": int(summary.stopped_early),
+        "mean_tokens_per_s": time_mean(records, lambda r: r.tokens_per_s),
+        "mean_mfu": time_mean(records, lambda r: r.mfu),
+        "peak_gpu_mem_reserved_gib": max(
+            (r.gpu_mem_reserved_gib for r in records if r.gpu_mem_reserved_gib is not None), default=None
+        ),
+    }
+    return {k: float(v) for k, v in figures.items() if v is not None and math.isfinite(v)}
+
+
+def time_mean(records: list[StepRecord], value: Callable[[StepRecord], float | None]) -> float | None:
+    """The mean of a per-step rate weighted by each step's time; None when no step measured it."""
+    pairs = [(v, r.step_time_s) for r in records if (v := value(r)) is not None and math.isfinite(v)]
+    if not pairs:
+        return None
+    seconds = sum(t for _, t in pairs)
+    return sum(v * t for v, t in pairs) / seconds if seconds > 0 else sum(v for v, _ in pairs) / len(pairs)
+
+
+def run_tokens(records: list[StepRecord], summary: TrainingSummary) -> int:
+    # A summary written before it counted tokens says 0; the records (one per step) still know.
+    return summary.tokens or sum(r.tokens for r in records)

@@ -433,7 +433,7 @@ class Recipe:
 
     def close_trackers(self, failed: bool = False) -> None:
         """Hand the trackers the run's final figures (none when it failed) and close them, once."""
-        from fulltune.train.train_page import training_metrics
+        from fulltune.train.metrics import training_metrics
 
         final = training_metrics(self.records, self.summary) if self.summary and not failed else None
         trackers, self.trackers = self.trackers, []

@@ -14,7 +14,7 @@ eval/loss (on evaluation steps), at the optimizer step (1-based) they belong to;
 config as text at the start.
 
 MLflow (`fulltune.mlflow_run`): the pipeline run's MLflow run gets the config as params and as
-`config.yaml` at the start, the same scalars as metrics, and the final figures (`train_page.
+`config.yaml` at the start, the same scalars as metrics, and the final figures (`metrics.
 training_metrics`) as `train_summary/*`; its status is RUNNING while training, then FINISHED or
 FAILED. The loop only queues each logging step's figures: a thread sends what is queued in one
 request at most every SEND_INTERVAL_S, so a slow or unreachable server never stalls training and a

@@ -9,7 +9,7 @@ forgetting against its budget, learning rate, grad norm, throughput and MFU. A c
 run never measured (no evaluation, a CPU run without MFU) is left out rather than drawn empty. Then
 the evaluations as a table and the run's exact figures.
 
-`training_metrics` gives the same final figures as numbers, for the step's KFP Metrics.
+The same final figures as numbers, for the step's KFP Metrics, are `metrics.training_metrics`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from fulltune import report_kit as kit
 from fulltune.report_kit import Html, Series
-from fulltune.train.metrics import StepRecord, TrainingSummary
+from fulltune.train.metrics import StepRecord, TrainingSummary, run_tokens, time_mean
 
 SMOOTHING = 0.6  # TensorBoard's default smoothing weight
 # A long run's per-step noise needs a wider window than 0.6's (about 2.5 steps): about 1% of the run.
@@ -42,32 +42,6 @@ def training_report_html(records: list[StepRecord], summary: TrainingSummary) ->
         _throughput_section(records),
         kit.heading("Run") + kit.key_value_table(_run_rows(records, summary)),
     )
-
-
-def training_metrics(records: list[StepRecord], summary: TrainingSummary) -> dict[str, float]:
-    """The run's final figures for the step's KFP Metrics: only those measured and finite (a Metrics
-    artifact holds numbers; a diverged run's nan loss is on the page instead). Throughput and MFU are
-    averaged over the run's time, so each step weighs as long as it took (total tokens / total time)."""
-    figures = {
-        "steps": summary.steps,
-        "planned_steps": summary.planned_steps,
-        "tokens": _tokens(records, summary) or None,
-        "train_seconds": summary.train_seconds,
-        "device_hours": summary.device_hours,
-        "first_loss": summary.first_loss,
-        "final_loss": summary.final_loss,
-        "final_eval_loss": summary.final_eval_loss,
-        "best_eval_loss": summary.best_eval_loss,
-        "best_eval_step": summary.best_eval_step,
-        "final_forgetting": summary.final_forgetting,
-        "stopped_early": int(summary.stopped_early),
-        "mean_tokens_per_s": _time_mean(records, lambda r: r.tokens_per_s),
-        "mean_mfu": _time_mean(records, lambda r: r.mfu),
-        "peak_gpu_mem_reserved_gib": max(
-            (r.gpu_mem_reserved_gib for r in records if r.gpu_mem_reserved_gib is not None), default=None
-        ),
-    }
-    return {k: float(v) for k, v in figures.items() if v is not None and math.isfinite(v)}
 
 
 def smooth(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
@@ -142,7 +116,7 @@ def _steps_line(records: list[StepRecord], summary: TrainingSummary) -> str:
         done = f"Trained all {summary.steps:,} planned optimizer steps"
     else:
         done = f"Trained {summary.steps:,} of {summary.planned_steps:,} planned optimizer steps"
-    tokens = _tokens(records, summary)
+    tokens = run_tokens(records, summary)
     return done + (f" on {short_count(tokens)} loss tokens." if tokens else ".")
 
 
@@ -208,11 +182,11 @@ def _final_forgetting_at(records: list[StepRecord], summary: TrainingSummary) ->
 
 
 def _throughput_line(records: list[StepRecord]) -> str:
-    tokens_per_s = _time_mean(records, lambda r: r.tokens_per_s)
+    tokens_per_s = time_mean(records, lambda r: r.tokens_per_s)
     if tokens_per_s is None:
         return ""
     parts = [f"Throughput {kit.format_number(tokens_per_s)} loss tokens/s over the run"]
-    mfu = _time_mean(records, lambda r: r.mfu)
+    mfu = time_mean(records, lambda r: r.mfu)
     if mfu is not None:
         parts.append(f"MFU {kit.format_percent(mfu)}")
     peak = [r.gpu_mem_reserved_gib for r in records if r.gpu_mem_reserved_gib is not None]
@@ -357,7 +331,7 @@ def _run_rows(records: list[StepRecord], summary: TrainingSummary) -> list[tuple
         ("global batch (sequences)", summary.global_batch),
         ("ranks", summary.world_size),
         ("device", summary.device),
-        ("loss tokens", _tokens(records, summary) or None),
+        ("loss tokens", run_tokens(records, summary) or None),
         ("training time (s)", round(summary.train_seconds, 1)),
         ("GPU-hours" if summary.device == "cuda" else "CPU process-hours", summary.device_hours),
         ("first loss", _loss_or_none(summary.first_loss)),
@@ -380,20 +354,6 @@ def _points(
 ) -> list[tuple[int, float]]:
     """(1-based step, value) where the step measured it."""
     return [(r.step + 1, v) for r in records if (v := value(r)) is not None]
-
-
-def _time_mean(records: list[StepRecord], value: Callable[[StepRecord], float | None]) -> float | None:
-    """The mean of a per-step rate weighted by each step's time; None when no step measured it."""
-    pairs = [(v, r.step_time_s) for r in records if (v := value(r)) is not None and math.isfinite(v)]
-    if not pairs:
-        return None
-    seconds = sum(t for _, t in pairs)
-    return sum(v * t for v, t in pairs) / seconds if seconds > 0 else sum(v for v, _ in pairs) / len(pairs)
-
-
-def _tokens(records: list[StepRecord], summary: TrainingSummary) -> int:
-    # A summary written before it counted tokens says 0; the records (one per step) still know.
-    return summary.tokens or sum(r.tokens for r in records)
 
 
 def _over_budget(summary: TrainingSummary) -> bool:
