@@ -286,6 +286,11 @@ def test_make_plan_refuses_contradictory_training_settings(llama_dir, tmp_path):
     watching = {"stop_on_forgetting": True, "eval_steps": 10}
     with pytest.raises(ConfigError, match=r"stop_on_forgetting.*data\.general_uri is empty"):
         planmod.make_plan(RunConfig.from_dict({**base, "training": watching}), train_tokens=1)
+    liger_on_cpu = {**base, "training": {"use_liger_kernel": True}, "resources": {"accelerator": "cpu"}}
+    with pytest.raises(
+        ConfigError, match=r"use_liger_kernel.*accelerator is cpu: Liger's kernels are Triton"
+    ):
+        planmod.make_plan(RunConfig.from_dict(liger_on_cpu), train_tokens=1)
 
 
 def shape_869m() -> ModelShape:

@@ -319,6 +319,14 @@ class TrainingSection(_Section):
         description="Compile the model with torch.compile (DeepSpeed's engine.compile). Off unless "
         "measured faster for the model: compilation costs minutes at start-up.",
     )
+    use_liger_kernel: bool = Field(
+        False,
+        description="Liger's fused Triton kernels (HF's name) for RMSNorm, the SwiGLU/GeGLU MLP and "
+        "rotary embeddings: the elementwise work around the matrix products runs as one kernel each "
+        "instead of many small ones. GPU only; needs the liger-kernel package, which the trainer image "
+        "installs. The loss stays fulltune's own (plain, or chunked with loss_chunk_tokens). A model "
+        "type Liger has no kernels for is refused when training starts.",
+    )
     seed: int = Field(42, description="Seed for model initialisation of new parameters and the data order.")
     logging_steps: int = Field(
         1, ge=1, description="Log loss, learning rate and throughput every this many steps."

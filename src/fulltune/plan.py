@@ -725,6 +725,11 @@ def check_training(cfg: RunConfig) -> None:
             "training.stop_on_forgetting is set but training.eval_steps is 0: forgetting is measured at "
             "each evaluation"
         )
+    if tr.use_liger_kernel and cfg.resources.accelerator == "cpu":
+        raise ConfigError(
+            "training.use_liger_kernel is set but resources.accelerator is cpu: Liger's kernels are Triton "
+            "kernels for GPUs"
+        )
     if tr.stop_on_forgetting and not cfg.data.general_uri:
         raise ConfigError(
             "training.stop_on_forgetting is set but data.general_uri is empty: forgetting is measured on "

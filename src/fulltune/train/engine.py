@@ -7,7 +7,8 @@
   dtype; the DeepSpeed JSON that plan wrote from the same config agrees.
 - Activations: recomputed in the backward pass for all decoder layers or, with
   `training.gradient_checkpointing_layers`, for as many as plan found the GPU needs (`recompute`).
-- Kernels: attention through `training.attn_implementation` (sdpa by default: FlashAttention-2 or
+- Kernels: Liger's fused RMSNorm, MLP and rotary kernels with `training.use_liger_kernel` (`liger`);
+  attention through `training.attn_implementation` (sdpa by default: FlashAttention-2 or
   memory-efficient kernels on GPU); with `training.loss_chunk_tokens` the model returns its summed
   loss computed from the hidden states in chunks (`chunked_loss`), never the full logits; with
   `training.torch_compile` DeepSpeed's `engine.compile()` compiles the model after initialisation.
@@ -88,6 +89,13 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=tr.attn_implementation,
     )
+    if tr.use_liger_kernel:
+        from fulltune.train import liger
+
+        try:
+            liger.apply(model)
+        except ValueError as exc:
+            raise TrainInputError(str(exc)) from exc
     if tr.gradient_checkpointing:
         from fulltune.train import recompute
 

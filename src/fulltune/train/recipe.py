@@ -45,7 +45,7 @@ from typing import Any
 
 from fulltune import storage
 from fulltune.config import RunConfig
-from fulltune.train import checkpoint, recompute
+from fulltune.train import checkpoint, liger, recompute
 from fulltune.train.args import TrainerArgs
 from fulltune.train.cadence import Cadence
 from fulltune.train.engine import (
@@ -186,6 +186,8 @@ class Recipe:
         )
         if recomputation := recompute.current(self.engine.module):
             self._log("%s", recomputation.describe())
+        if tr.use_liger_kernel:
+            self._log("%s", liger.summary(self.engine.module.config.model_type))
         evaluating = (
             f"; evaluating on {self.eval_data['input_ids'].shape[0]} {EVAL_SPLIT} sequences every "
             f"{tr.eval_steps} steps"
