@@ -22,8 +22,13 @@ export TOKENIZERS_PARALLELISM ?= false
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# DeepSpeed builds its shared-memory collective op for CPU ranks on first use (~30 s on 2 cores, kept
+# in ~/.cache/torch_extensions); building it with the install keeps that out of the first training run.
+# With this environment's ninja first on the PATH, as the local launcher's ranks have it (launch/local.py).
 $(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e .
+	PATH="$(abspath $(BIN)):$$PATH" DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import \
+		get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime

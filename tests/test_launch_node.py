@@ -63,3 +63,21 @@ def test_exit_code_mapping():
     assert node_exit_code(-9) == EXIT_RETRYABLE  # SIGKILL (OOM killer)
     assert node_exit_code(-15) == EXIT_RETRYABLE  # SIGTERM (eviction)
     assert node_exit_code(137) == EXIT_RETRYABLE and node_exit_code(138) == EXIT_RETRYABLE
+
+
+def test_local_ranks_find_this_environments_tools_first(monkeypatch):
+    """DeepSpeed JIT-builds its CPU ops with whichever `ninja` the PATH gives; two different ninjas
+    rebuild the op (~30 s) each time the other ran. The local launcher's ranks get this Python
+    environment's bin directory first, once, as an activated environment has it."""
+    from fulltune.launch.base import TrainJob
+    from fulltune.launch.local import node_env
+    from fulltune.train.args import TrainerArgs
+
+    here = os.path.dirname(sys.executable)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/local/bin", here, "/usr/bin"]))
+    args = TrainerArgs(
+        config="c.yaml", deepspeed="ds.json", dataset="d.json", output="out", metrics="m.jsonl"
+    )
+    env = node_env(TrainJob(name="t", args=args, accelerator="cpu"))
+    assert env["PATH"].split(os.pathsep) == [here, "/usr/local/bin", "/usr/bin"]
+    assert env["DS_ACCELERATOR"] == "cpu"
