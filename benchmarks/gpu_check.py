@@ -45,6 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import train_step as ts  # noqa: E402  (benchmarks/ is not a package)
 
+from fulltune.launch.local import environment_path  # noqa: E402
+
 BENCH = Path(__file__).parent
 GiB = 2**30
 
@@ -171,6 +173,7 @@ class Check:
         self.results: list[dict] = []
         self.env = {
             **os.environ,
+            "PATH": environment_path(os.environ.get("PATH", "")),  # one ninja for DeepSpeed's JIT ops
             "DS_ACCELERATOR": self.device,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",

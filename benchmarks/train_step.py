@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fulltune.launch.local import environment_path
+
 
 def markov_tokens(n_seq: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:
     """Seeded sequences where each token is followed by one of 4 fixed successors: learnable quickly."""
@@ -476,6 +478,7 @@ def main() -> None:
     cuda = a.device == "cuda"
     env = {
         **os.environ,
+        "PATH": environment_path(os.environ.get("PATH", "")),  # the ranks build DeepSpeed's op as tests do
         "DS_ACCELERATOR": a.device,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

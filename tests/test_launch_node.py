@@ -67,8 +67,9 @@ def test_exit_code_mapping():
 
 def test_local_ranks_find_this_environments_tools_first(monkeypatch):
     """DeepSpeed JIT-builds its CPU ops with whichever `ninja` the PATH gives; two different ninjas
-    rebuild the op (~30 s) each time the other ran. The local launcher's ranks get this Python
-    environment's bin directory first, once, as an activated environment has it."""
+    rebuild the op (~30 s) each time the other ran. The local launcher's ranks (and the benchmarks'
+    torchrun, through the same `environment_path`) get this Python environment's bin directory
+    first, once, as an activated environment has it."""
     from fulltune.launch.base import TrainJob
     from fulltune.launch.local import node_env
     from fulltune.train.args import TrainerArgs

@@ -43,16 +43,18 @@ def node_command(job: TrainJob, node_rank: int, port: int) -> list[str]:
     ]
 
 
+def environment_path(path: str) -> str:
+    """`path` with this Python environment's bin directory first, once, as an activated environment has
+    it. DeepSpeed JIT-builds its CPU ops with whichever ninja the PATH gives, and a second ninja
+    hashes the same build command differently: the op (~30 s) was rebuilt each time the other ran."""
+    here = os.path.dirname(sys.executable)
+    return os.pathsep.join([here, *(p for p in path.split(os.pathsep) if p and p != here)])
+
+
 def node_env(job: TrainJob) -> dict[str, str]:
     env = dict(os.environ)
     env.update(job.env)
-    # The ranks run as if this Python environment were activated, so that DeepSpeed's JIT builds of
-    # its CPU ops find the environment's ninja, the same one each time: a second ninja on the PATH
-    # hashes the same build command differently and rebuilds the op (~30 s) whenever the other ran.
-    here = os.path.dirname(sys.executable)
-    env["PATH"] = os.pathsep.join(
-        [here, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != here)]
-    )
+    env["PATH"] = environment_path(env.get("PATH", ""))
     if job.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
