@@ -356,8 +356,10 @@ def write_json(uri: str, obj: Any) -> None:
 def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WRITE) -> bool:
     """Create the object only if it does not exist. True if this call created it.
 
-    Locally O_CREAT|O_EXCL; on S3 a conditional PUT (If-None-Match: *), so two writers racing
-    for the same key get exactly one winner.
+    On S3 a conditional PUT (If-None-Match: *); locally the data goes to a temporary file that is then
+    hard-linked to the name, which fails when the name exists. Either way two writers racing for the
+    same key get exactly one winner, and a reader never sees the object before all of its bytes (an
+    O_EXCL create followed by a write would show it empty in between).
     """
     if is_s3(uri):
         from botocore.exceptions import ClientError
@@ -379,12 +381,19 @@ def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WR
             raise StorageError(f"{uri}: {exc}") from exc
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return True
 
 
