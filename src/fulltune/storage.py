@@ -331,6 +331,14 @@ def write_bytes(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WRITE) 
             options.client().put_object(Bucket=bucket, Key=key, Body=data, **options.extra_args())
         return
     path = Path(uri)
+    with _written_beside(path, data) as tmp:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _written_beside(path: Path, data: bytes) -> Iterator[str]:
+    """A temporary file in `path`'s directory holding all of `data`, synced to disk, for the caller to
+    move or link to `path`; removed on the way out if it is still there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -338,11 +346,10 @@ def write_bytes(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WRITE) 
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def write_text(uri: str, text: str) -> None:
@@ -380,20 +387,12 @@ def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WR
                 return False
             raise StorageError(f"{uri}: {exc}") from exc
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.link(tmp, path)
+        with _written_beside(path, data) as tmp:
+            os.chmod(tmp, 0o644)
+            os.link(tmp, path)
     except FileExistsError:
         return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return True
 
 

@@ -8,9 +8,10 @@ each naming a committed version, the version it replaced, who moved it, when and
 the highest sequence is the pointer's value. Moving a pointer is a compare-and-swap on that value:
 read the newest record (sequence S, version V), check V is what the caller expects, then create
 record S+1 with `storage.create_exclusive` (locally a hard link of the fully written file, on S3 a
-conditional PUT `If-None-Match: *`). Of two writers racing from the same S, exactly one creates S+1; the other re-reads, finds the
-pointer no longer at V and gets `PointerConflict` instead of overwriting the winner. Nothing is ever
-rewritten, so the log is also the audit trail (`history`), and a rollback is one more move.
+conditional PUT `If-None-Match: *`). Of two writers racing from the same S, exactly one creates
+S+1; the other re-reads, finds the pointer no longer at V and gets `PointerConflict` instead of
+overwriting the winner. Nothing is ever rewritten, so the log is also the audit trail (`history`), and
+a rollback is one more move.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A version is written in this order, and nothing is ever overwritten:
 
 1. **claim**: `v<N>/.claim` is created with `storage.create_exclusive` (locally a hard link of the
-   written file, a conditional PUT on S3), N one above the highest version present, committed or merely claimed.
+   written file, a conditional PUT on S3), N one above the highest version present, committed or
+   merely claimed.
    A writer that loses the race for N tries N+1, so concurrent registrations get distinct versions.
 2. **files**: every file of the model directory (weights, config, tokenizer), then `model_card.md`,
    `lineage.json` and `eval.json`.

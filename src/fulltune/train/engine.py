@@ -107,28 +107,18 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=tr.attn_implementation,
     )
-    if tr.use_liger_kernel:
-        from fulltune.train import liger
-
-        try:
-            liger.apply(model)
-        except ValueError as exc:
-            raise TrainInputError(str(exc)) from exc
-    if tr.gradient_checkpointing:
-        from fulltune.train import recompute
-
-        try:
-            recompute.enable(model, tr.gradient_checkpointing_layers)
-        except ValueError as exc:
-            raise TrainInputError(str(exc)) from exc
     model.config.use_cache = False
-    if tr.loss_chunk_tokens:
-        from fulltune.train import chunked_loss
+    from fulltune.train import chunked_loss, liger, recompute
 
-        try:
+    try:  # each refuses, naming its config field, what it cannot do for this model: exit 1
+        if tr.use_liger_kernel:
+            liger.apply(model)
+        if tr.gradient_checkpointing:
+            recompute.enable(model, tr.gradient_checkpointing_layers)
+        if tr.loss_chunk_tokens:
             chunked_loss.install(model, tr.loss_chunk_tokens)
-        except ValueError as exc:
-            raise TrainInputError(str(exc)) from exc
+    except ValueError as exc:
+        raise TrainInputError(str(exc)) from exc
     return model, ds_marker
 
 
