@@ -82,3 +82,44 @@ def test_local_ranks_find_this_environments_tools_first(monkeypatch):
     env = node_env(TrainJob(name="t", args=args, accelerator="cpu"))
     assert env["PATH"].split(os.pathsep) == [here, "/usr/local/bin", "/usr/bin"]
     assert env["DS_ACCELERATOR"] == "cpu"
+
+
+FLAKY_ENTRY = textwrap.dedent(
+    """
+    import os, sys
+    marker = os.path.join(os.environ["FLAKY_DIR"], "failed-once")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        print("RuntimeError: gloo pair.cc: Connection reset by peer", flush=True)
+        sys.exit(138)
+    """
+)
+
+
+def test_a_restart_says_what_the_failed_attempt_reported(tmp_path, caplog):
+    """An operator reading the local launcher's restart line learns why the group failed, not only
+    that it did: the error lines of the attempt come with it."""
+    import io
+    import logging
+
+    from fulltune.launch.base import TrainJob
+    from fulltune.launch.local import LocalLauncher
+    from fulltune.train.args import TrainerArgs
+
+    (tmp_path / "flaky_entry.py").write_text(FLAKY_ENTRY)
+    args = TrainerArgs(config="c.yaml", deepspeed="ds.json", dataset="d.json", output="o", metrics="m.jsonl")
+    env = {"PYTHONPATH": str(tmp_path), "FLAKY_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    job = TrainJob(
+        name="t", args=args, accelerator="cpu", env=env, max_restarts=1, entry_module="flaky_entry"
+    )
+    stream = io.StringIO()
+    with caplog.at_level(logging.WARNING, logger="fulltune.launch.local"):
+        LocalLauncher(stream=stream).run(job)  # the second attempt succeeds
+    restart = stream.getvalue().split(f"node exit codes [{EXIT_RETRYABLE}]: retryable; restarting the group")[
+        1
+    ]
+    assert restart.splitlines()[1:3] == [
+        "Errors reported:",
+        "[node0] RuntimeError: gloo pair.cc: Connection reset by peer",
+    ]
+    assert "Connection reset by peer" in caplog.text

@@ -3,6 +3,7 @@ reporting that never fails a run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -36,6 +37,34 @@ def test_scalars_land_at_their_step_and_only_what_was_measured(tmp_path):
     assert [(s.step, round(s.value, 4)) for s in scalars["train/loss"]] == [(1, 3.0), (2, 2.9), (3, 2.8)]
     assert [(s.step, s.value) for s in scalars["eval/loss"]] == [(2, 2.5)]
     assert "train/mfu" not in scalars  # not measured on the CPU
+
+
+def test_a_resumed_attempt_hides_what_the_failed_one_wrote_after_its_checkpoint(tmp_path):
+    """The first attempt logs steps 1-5 and dies; the second resumes from the step-3 checkpoint and
+    runs steps 4-6 again: TensorBoard shows each step once, 4-6 with the second attempt's figures."""
+    failed = TensorBoardTracker(str(tmp_path / "tb"), logging_steps=1, total_steps=6)
+    for done in range(1, 6):
+        failed(done, 0, record(done - 1))
+    failed.writer.flush()  # what a killed attempt left on disk
+    # TensorBoard reads a directory's event files in name order, which starts with the second the
+    # writer opened; a real restart comes seconds later, this one may come within the same second
+    [events] = (tmp_path / "tb").iterdir()
+    parts = events.name.split(".")  # events.out.tfevents.<seconds>.<host>.<pid>.<n>
+    parts[3] = f"{int(parts[3]) - 60:010d}"
+    events.rename(events.with_name(".".join(parts)))
+    resumed = TensorBoardTracker(str(tmp_path / "tb"), logging_steps=1, total_steps=6, first_step=3)
+    for done in range(4, 7):
+        resumed(done, 0, dataclasses.replace(record(done - 1), loss=1.0))
+    resumed.close()
+    scalars = tensorboard_scalars(str(tmp_path / "tb"))
+    assert [(s.step, round(s.value, 4)) for s in scalars["train/loss"]] == [
+        (1, 3.0),
+        (2, 2.9),
+        (3, 2.8),
+        (4, 1.0),
+        (5, 1.0),
+        (6, 1.0),
+    ]
 
 
 def test_only_rank_0_reports_and_none_means_nothing(tmp_path):

@@ -214,16 +214,25 @@ def _final_state(uri: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_uninterrupted_run(
-    demo_assets, tmp_path
+    demo_assets, tmp_path, mlflow_env
 ):
+    """Also what the killed run reported: TensorBoard and MLflow end with the figures of the
+    timeline the model carries, TensorBoard with each step once."""
     from fulltune.train import checkpoint
 
     runs = {}
     for name in ("straight", "killed"):
         work = str(tmp_path / name)
         dataset = tiny_dataset(demo_assets, work, n_seq=16)
+        reporting = {"report_to": ["tensorboard", "mlflow"]} if name == "killed" else {}
         cfg = plan_run(
-            demo_assets, work, per_device_train_batch_size=2, max_steps=6, save_steps=2, save_total_limit=2
+            demo_assets,
+            work,
+            per_device_train_batch_size=2,
+            max_steps=6,
+            save_steps=2,
+            save_total_limit=2,
+            **reporting,
         )
         runs[name] = (cfg, work, dataset, train_job(cfg, dataset))
     cfg, work, dataset, job = runs["straight"]
@@ -257,6 +266,28 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
     straight, resumed = _final_state(runs["straight"][3].args.output), _final_state(job.args.output)
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+    losses = [m["loss"] for m in metrics]
+    tensorboard = tensorboard_scalars(cfg.layout.tensorboard)["train/loss"]
+    assert [e.step for e in tensorboard] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in tensorboard] == pytest.approx(losses, rel=1e-6)  # float32
+    [run] = mlflow_env.search_runs(
+        [mlflow_env.get_experiment_by_name(cfg.model.name).experiment_id],
+        f"tags.`fulltune.work_dir` = '{work}'",
+    )
+    assert run.info.status == "FINISHED"
+    assert newest_per_step(mlflow_env.get_metric_history(run.info.run_id, "train/loss")) == list(
+        zip(range(1, 7), losses, strict=True)
+    )
+
+
+def newest_per_step(history) -> list[tuple[int, float]]:
+    """An MLflow metric's history as the run's timeline: a step a restarted attempt ran again has two
+    values, and the one logged later is the run's."""
+    newest = {}
+    for h in sorted(history, key=lambda h: h.timestamp):
+        newest[h.step] = h.value
+    return sorted(newest.items())
 
 
 @pytest.mark.slow
@@ -460,8 +491,10 @@ def test_forgetting_is_measured_while_training_and_stops_the_run_when_asked(
     assert run.data.params["training.stop_on_forgetting"] == "true"
     assert run.data.params["evaluation.max_general_ppl_increase"] == "0.6"
     history = client.get_metric_history(run.info.run_id, "eval/forgetting")
-    assert [(h.step, h.value) for h in history] == list(zip(steps, forgetting, strict=True))
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "train/loss")] == steps
+    assert newest_per_step(history) == list(zip(steps, forgetting, strict=True))
+    assert [
+        step for step, _ in newest_per_step(client.get_metric_history(run.info.run_id, "train/loss"))
+    ] == steps
     assert (
         run.data.metrics["train_summary/steps"] == 3 and run.data.metrics["train_summary/stopped_early"] == 1
     )

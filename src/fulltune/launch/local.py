@@ -89,6 +89,7 @@ class LocalLauncher:
             line = (
                 f"fulltune: node exit codes {codes}: retryable; restarting the group "
                 f"({attempt + 1} of {job.max_restarts}), resuming from the newest complete checkpoint\n"
+                f"{log_tail.errors_reported()}"
             )
             log.warning("%s", line.strip())
             self.stream.write(line)
@@ -140,7 +141,13 @@ class _LogTail:
             if any(mark in text for mark in self.ERROR_MARKS):
                 self.errors.append(text)
 
-    def summary(self) -> str:
+    def errors_reported(self) -> str:
+        """The error lines seen, under a heading; '' when there were none (a rank killed outright)."""
         with self.lock:
             errors = "".join(self.errors)
-            return (f"Errors reported:\n{errors}" if errors else "") + "Last lines:\n" + "".join(self.tail)
+        return f"Errors reported:\n{errors}" if errors else ""
+
+    def summary(self) -> str:
+        with self.lock:
+            tail = "".join(self.tail)
+        return self.errors_reported() + "Last lines:\n" + tail

@@ -13,6 +13,12 @@ train/learning_rate, train/grad_norm, train/tokens_per_second, train/mfu (when m
 eval/loss (on evaluation steps), at the optimizer step (1-based) they belong to; the resolved
 config as text at the start.
 
+A restarted attempt resumes from its newest checkpoint and runs the steps after it again. Its
+TensorBoard writer starts with a purge at the first of those steps, so TensorBoard hides what the
+failed attempt wrote from there on and each step shows once, with the figures of the timeline the
+model carries. MLflow keeps every value it was sent: a re-run step has two, and the newer is the
+run's (`get_metric_history` lists them in the order they were logged).
+
 MLflow (`fulltune.mlflow_run`): the pipeline run's MLflow run gets the config as params and as
 `config.yaml` at the start, the same scalars as metrics, and the final figures (`metrics.
 training_metrics`) as `train_summary/*`; its status is RUNNING while training, then FINISHED or
@@ -46,8 +52,11 @@ SEND_INTERVAL_S = 5.0  # MLflow: at most one request per interval, whatever the 
 log = logging.getLogger("fulltune.train")
 
 
-def build_trackers(cfg: RunConfig, rank: int, total_steps: int) -> list[TensorBoardTracker | MlflowTracker]:
-    """The trackers `training.report_to` asks for, on rank 0; none elsewhere or for 'none'."""
+def build_trackers(
+    cfg: RunConfig, rank: int, total_steps: int, first_step: int = 0
+) -> list[TensorBoardTracker | MlflowTracker]:
+    """The trackers `training.report_to` asks for, on rank 0; none elsewhere or for 'none'.
+    `first_step`: the optimizer steps already done (by the checkpoint this attempt resumed from)."""
     from fulltune.mlflow_run import MlflowRun, config_params
 
     if rank != 0:
@@ -55,8 +64,9 @@ def build_trackers(cfg: RunConfig, rank: int, total_steps: int) -> list[TensorBo
     trackers: list[TensorBoardTracker | MlflowTracker] = []
     if "tensorboard" in cfg.training.report_to:
         destination = cfg.training.logging_dir or cfg.layout.tensorboard
-        tensorboard = TensorBoardTracker(destination, cfg.training.logging_steps, total_steps)
-        tensorboard.write_config(cfg.to_yaml())
+        tensorboard = TensorBoardTracker(destination, cfg.training.logging_steps, total_steps, first_step)
+        if not first_step:  # a resumed run's config is the one its first attempt wrote
+            tensorboard.write_config(cfg.to_yaml())
         log.info("TensorBoard: event files at %s (tensorboard --logdir %s)", destination, destination)
         trackers.append(tensorboard)
     if (run := MlflowRun.open(cfg, keep_trying=True)) is not None:
@@ -132,7 +142,7 @@ class MlflowTracker:
 class TensorBoardTracker:
     """Rank 0's TensorBoard writer; see the module docstring."""
 
-    def __init__(self, destination: str, logging_steps: int, total_steps: int):
+    def __init__(self, destination: str, logging_steps: int, total_steps: int, first_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.destination, self.logging_steps, self.total_steps = destination, logging_steps, total_steps
@@ -141,7 +151,10 @@ class TensorBoardTracker:
         local = Path(self._tmp.name) if self._tmp else Path(destination)
         self._local = local
         self._warned: set[str] = set()
-        self.writer = self._guard("open", lambda: SummaryWriter(log_dir=str(local)))
+        # The purge event hides every event at or after the first step this attempt runs, written by
+        # an attempt that failed after it (on a fresh directory there is nothing to hide).
+        purge_step = first_step + 1
+        self.writer = self._guard("open", lambda: SummaryWriter(log_dir=str(local), purge_step=purge_step))
 
     def write_config(self, text: str) -> None:
         # Markdown in TensorBoard's text tab: a code block keeps the YAML's indentation.
