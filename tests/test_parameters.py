@@ -220,6 +220,24 @@ def test_the_pipelines_readme_lists_every_typed_parameter_with_its_field():
 # -- a package carrying a cluster's settings ---------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def compiled_pipeline(tmp_path_factory):
+    """`fulltune compile` with the given settings; each set compiled once (a compile takes seconds)
+    and shared by the tests that start from it or compare with it."""
+    from fulltune.kfp.compile import compile_pipeline
+
+    out = tmp_path_factory.mktemp("compiled")
+    packages: dict[tuple, Path] = {}
+
+    def compiled(**settings) -> Path:
+        key = tuple(sorted(settings.items()))
+        if key not in packages:
+            packages[key] = compile_pipeline(out / f"{len(packages)}.yaml", **settings)
+        return packages[key]
+
+    return compiled
+
+
 @pytest.mark.parametrize("secret", ["team-s3", ""])
 def test_a_package_retargeted_to_a_clusters_images_and_secret_is_the_pipeline_compiled_for_them(
     tmp_path, secret
@@ -252,20 +270,15 @@ def test_a_package_retargeted_to_a_clusters_images_and_secret_is_the_pipeline_co
     ],
 )
 def test_a_package_retargeted_to_a_clusters_mlflow_secret_is_the_pipeline_compiled_with_it(
-    tmp_path, compiled_with, settings
+    tmp_path, compiled_pipeline, compiled_with, settings
 ):
     """`fulltune upload/submit --mlflow-secret` (the chart's mlflow.existingSecret) on an already
     compiled package: exactly what `fulltune compile --mlflow-secret` would have written."""
-    from fulltune.kfp.compile import compile_pipeline
     from fulltune.kfp.run_parameters import ClusterPackage, write_cluster_package
 
-    package = (
-        compile_pipeline(tmp_path / "package.yaml", **compiled_with)
-        if compiled_with
-        else ROOT / PIPELINE_FILE
-    )
+    package = compiled_pipeline(**compiled_with) if compiled_with else ROOT / PIPELINE_FILE
     written = write_cluster_package(package, ClusterPackage(**settings), tmp_path / "x.yaml")
-    compiled = compile_pipeline(tmp_path / "c.yaml", **{**compiled_with, **settings})
+    compiled = compiled_pipeline(**{**compiled_with, **settings})
     assert list(yaml.safe_load_all(written.read_text())) == list(yaml.safe_load_all(compiled.read_text()))
 
 
