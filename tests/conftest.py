@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range: the mlflow server binds it seconds later, and an
+    outgoing connection could take an ephemeral one in between (the launcher's rendezvous rule)."""
+    from fulltune.launch.local import free_port
+
+    return free_port()
 
 
 @pytest.fixture(scope="session")

@@ -123,3 +123,32 @@ def test_a_restart_says_what_the_failed_attempt_reported(tmp_path, caplog):
         "[node0] RuntimeError: gloo pair.cc: Connection reset by peer",
     ]
     assert "Connection reset by peer" in caplog.text
+
+
+def test_the_rendezvous_port_is_free_and_never_one_an_outgoing_connection_could_take():
+    """The local launcher picks the port torchrun binds a second or two later. A port below the
+    kernel's ephemeral range cannot be taken by an outgoing connection in between; one that a
+    listener holds is never picked."""
+    import socket
+
+    from fulltune.launch import local
+
+    for _ in range(20):
+        port = local.free_port((32768, 60999))
+        assert 32768 - local.RENDEZVOUS_PORTS <= port < 32768 and local._bindable(port)
+
+    # two candidate ports, one of them held by a listener: the other every time
+    held = socket.socket()
+    held.bind(("", 0))
+    held.listen()
+    try:
+        taken = held.getsockname()[1]
+        other = taken - 1 if local._bindable(taken - 1) else taken + 1
+        low = max(taken, other) + 1  # the candidates: the two ports just below `low`
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(local, "RENDEZVOUS_PORTS", 2)
+            assert {local.free_port((low, low + 1000)) for _ in range(20)} == {other}
+    finally:
+        held.close()
+    # an unknown range: the kernel's choice, still free
+    assert local._bindable(local.free_port((0, 0)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -23,10 +24,43 @@ from fulltune.train.exit_codes import is_retryable
 log = logging.getLogger(__name__)
 
 
-def free_port() -> int:
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+RENDEZVOUS_PORTS = 8192  # how many ports below the ephemeral range the rendezvous port is drawn from
+
+
+def free_port(ephemeral: tuple[int, int] | None = None) -> int:
+    """A port for the group's rendezvous: free now, and outside the kernel's ephemeral range.
+
+    torchrun binds it a second or two later (its start-up). A port the kernel handed out for a bind
+    to port 0 is an ephemeral one, which any process's outgoing connection may take in that window;
+    the rendezvous then fails and the whole group restarts. A port below the range is taken only by
+    another listener, so one is drawn at random there and checked free; without a usable range
+    (another OS, a range that starts too low) the kernel's choice stands."""
+    low, _ = ephemeral or _ephemeral_range()
+    candidates = range(max(1024, low - RENDEZVOUS_PORTS), low)
+    for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):
+        if _bindable(port):
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in open(EPHEMERAL_RANGE_FILE).read().split())
+    except (OSError, ValueError):
+        return 0, 0  # unknown: no range below it to draw from
+    return low, high
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))  # every address, as torchrun's store binds it
+        except OSError:
+            return False
+    return True
 
 
 def node_command(job: TrainJob, node_rank: int, port: int) -> list[str]:
