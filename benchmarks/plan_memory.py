@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -55,9 +54,9 @@ def main() -> None:
     a = p.parse_args()
     cuda = a.device == "cuda"
     os.environ["DS_ACCELERATOR"] = a.device
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from fulltune.launch.local import free_port
+
+    port = free_port()
     for key, value in (
         ("RANK", "0"),
         ("LOCAL_RANK", "0"),

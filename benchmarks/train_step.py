@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fulltune.launch.local import environment_path
+from fulltune.launch.local import environment_path, free_port
 
 
 def markov_tokens(n_seq: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -165,11 +164,7 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
 
 def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: float | None = None) -> str:
     """Run `args` under torchrun; its stdout and stderr, or exit with them if it fails."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # below the ephemeral range: a GPU slot must not lose a run to a taken port
     cmd = [
         sys.executable,
         "-m",
@@ -391,9 +386,7 @@ def _mlflow_server(root: Path, wanted: bool):
     if not wanted:
         yield None
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [
         str(MLFLOW),
         "server",
