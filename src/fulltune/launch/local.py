@@ -48,7 +48,8 @@ def free_port(ephemeral: tuple[int, int] | None = None) -> int:
 
 def _ephemeral_range() -> tuple[int, int]:
     try:
-        low, high = (int(part) for part in open(EPHEMERAL_RANGE_FILE).read().split())
+        with open(EPHEMERAL_RANGE_FILE) as f:
+            low, high = (int(part) for part in f.read().split())
     except (OSError, ValueError):
         return 0, 0  # unknown: no range below it to draw from
     return low, high
