@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fulltune.config import RunConfig
+from fulltune.train.recompute import layers_recomputed
 from fulltune.train.throughput import flops_per_token, peak_flops
 
 ASSUMED_MFU = 0.35
@@ -29,9 +30,7 @@ RECOMPUTE_FACTOR = 4.0 / 3.0  # forward 2N + backward 4N, plus the forward again
 def recompute_factor(gradient_checkpointing: bool, layers: int | None, num_layers: int) -> float:
     """Hardware over model FLOPs: each recomputed layer (all with gradient_checkpointing alone) runs
     its forward pass again."""
-    if not gradient_checkpointing:
-        return 1.0
-    share = min(layers or num_layers, num_layers) / max(num_layers, 1)
+    share = layers_recomputed(gradient_checkpointing, layers, num_layers) / max(num_layers, 1)
     return 1.0 + (RECOMPUTE_FACTOR - 1.0) * share
 
 

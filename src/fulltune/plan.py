@@ -53,6 +53,7 @@ from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
 from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost
 from fulltune.report_kit import markdown_table
+from fulltune.train.recompute import layers_recomputed
 
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
@@ -389,7 +390,7 @@ def estimate_memory(
     per_layer = tokens * (
         ATTENTION_BYTES_PER_H * shape.hidden_size + (8.0 if shape.gated_mlp else 4.0) * inter
     )
-    recomputed = min(recompute_layers or shape.num_layers, shape.num_layers) if gradient_checkpointing else 0
+    recomputed = layers_recomputed(gradient_checkpointing, recompute_layers, shape.num_layers)
     activations = per_layer * (shape.num_layers - recomputed)
     if recomputed:  # their inputs, and the one being recomputed in the backward
         activations += 2.0 * tokens * shape.hidden_size * recomputed + per_layer

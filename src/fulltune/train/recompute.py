@@ -40,6 +40,12 @@ class Recomputation:
         )
 
 
+def layers_recomputed(enabled: bool, layers: int | None, total: int) -> int:
+    """How many of `total` decoder layers recompute: none unless `enabled`, else `layers` (None: all),
+    at most `total`. The one rule for the memory plan, the cost estimate and the trainer."""
+    return min(layers or total, total) if enabled else 0
+
+
 def evenly_spread(count: int, total: int) -> tuple[int, ...]:
     """`count` of `total` indices spread evenly, the last layer always among them:
     4 of 16 -> 3, 7, 11, 15."""
@@ -61,7 +67,7 @@ def enable(model, layers: int | None = None) -> Recomputation:
                 "transformers recomputes one by one; leave it unset to recompute the whole model"
             )
         return Recomputation(type(model).__name__, (), 0)
-    chosen = evenly_spread(len(blocks) if layers is None else layers, len(blocks))
+    chosen = evenly_spread(layers_recomputed(True, layers, len(blocks)), len(blocks))
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i in chosen
     return current(model)
