@@ -235,6 +235,85 @@ def test_offload_forced_off_refuses_where_plan_would_have_offloaded():
         planmod.choose_memory_settings(_gpu_cfg({"offload_optimizer": False}, nproc_per_node=1), s)
 
 
+def test_across_nodes_plan_partitions_a_parameter_copy_within_each_node():
+    """Llama-3.1-8B on 2 nodes of 8 GPUs: ZeRO++'s hierarchical partitioning is on (each node's GPUs
+    share a 16-bit copy of the parameters, 2 bytes per parameter / 8 per GPU, counted in the total),
+    in the resolved config, the DeepSpeed JSON, the notes and the report. On one node there is no
+    network to save: nothing changes."""
+    s = shape_8b()
+    two_nodes = _gpu_cfg({}, num_nodes=2, launcher="kubernetes")
+    mem, budget, notes = planmod.choose_memory_settings(two_nodes, s)
+    assert (mem.hpz_partition_size, mem.secondary_params) == (8, pytest.approx(2 * s.params / 8))
+    without = planmod.estimate_memory(
+        s, world_size=16, seq_len=4096, micro_batch=1, gradient_checkpointing=True
+    )
+    assert mem.total == pytest.approx(without.total + 1.2 * mem.secondary_params)  # + its fragmentation
+    assert any(n.startswith("ZeRO++ hierarchical partitioning over each node's 8 GPUs") for n in notes)
+    over = planmod.resolved_fields(two_nodes, s, mem, 10**6)[0]
+    resolved = two_nodes.with_overrides(over)
+    assert resolved.training.hierarchical_partitioning is True
+    assert planmod.deepspeed_config(resolved, s)["zero_optimization"]["zero_hpz_partition_size"] == 8
+    report = planmod.plan_markdown(planmod.Plan(s, mem, budget, 16, 10**6, notes, resolved))
+    assert "| hpZ copy of the parameters | 1.9 GiB |" in report
+
+    one_node = _gpu_cfg({})
+    mem, budget, notes = planmod.choose_memory_settings(one_node, s)
+    assert (mem.hpz_partition_size, mem.secondary_params) == (1, 0)
+    assert not any("hierarchical" in n for n in notes)
+    resolved = one_node.with_overrides(planmod.resolved_fields(one_node, s, mem, 10**6)[0])
+    assert planmod.deepspeed_config(resolved, s)["zero_optimization"]["zero_hpz_partition_size"] == 1
+    report = planmod.plan_markdown(planmod.Plan(s, mem, budget, 8, 10**6, notes, resolved))
+    assert "hpZ" not in report
+
+
+def test_the_parameter_copy_gives_way_to_a_faster_setting_and_forcing_it_is_checked(llama_dir, tmp_path):
+    """Where the copy does not fit beside the fastest setting that fits without it, plan keeps that
+    setting and says why the copy is off; forced off, it is off; forced on where it cannot work, the
+    run is refused naming the field."""
+    from fulltune.config import ConfigError
+
+    s = shape_8b()
+
+    def gib(hpz: int) -> float:
+        e = planmod.estimate_memory(
+            s,
+            world_size=16,
+            seq_len=4096,
+            micro_batch=1,
+            gradient_checkpointing=False,
+            hpz_partition_size=hpz,
+        )
+        return e.total / 0.9 / 2**30
+
+    tight = _gpu_cfg(
+        {"gradient_checkpointing": False},
+        num_nodes=2,
+        launcher="kubernetes",
+        gpu_memory_gib=(gib(1) + gib(8)) / 2,
+    )
+    mem, _, notes = planmod.choose_memory_settings(tight, s)
+    assert (mem.hpz_partition_size, mem.gradient_checkpointing) == (1, False)
+    assert any(n.startswith("ZeRO++ hierarchical partitioning off: its copy") for n in notes), notes
+    forced_off = _gpu_cfg({"hierarchical_partitioning": False}, num_nodes=2, launcher="kubernetes")
+    assert planmod.choose_memory_settings(forced_off, s)[0].hpz_partition_size == 1
+
+    base = {"model": {"base_model_uri": str(llama_dir)}, "data": {"train_uri": str(tmp_path / "x.jsonl")}}
+    for resources, training, why in (
+        ({}, {}, "resources.num_nodes is 1"),
+        ({"num_nodes": 2, "nproc_per_node": 1}, {}, "resources.nproc_per_node is 1"),
+        ({"num_nodes": 2, "nproc_per_node": 2}, {"offload_param": True}, "training.offload_param is set"),
+    ):
+        cfg = RunConfig.from_dict(
+            {
+                **base,
+                "training": {"hierarchical_partitioning": True, **training},
+                "resources": {"launcher": "kubernetes", **resources},
+            }
+        )
+        with pytest.raises(ConfigError, match=f"training.hierarchical_partitioning is set but {why}"):
+            planmod.make_plan(cfg, train_tokens=1)
+
+
 def test_adafactor_needs_12_bytes_per_parameter_and_no_optimizer_block():
     s = shape_8b()
     kw = dict(world_size=8, seq_len=4096, micro_batch=1, gradient_checkpointing=True)

@@ -74,7 +74,14 @@ def tiny_dataset(demo_assets, work: str, n_seq: int, n_eval: int = 0, n_general:
     return uri
 
 
-def plan_run(demo_assets, work: str, nproc: int = 2, evaluation: dict | None = None, **training) -> RunConfig:
+def plan_run(
+    demo_assets,
+    work: str,
+    nproc: int = 2,
+    evaluation: dict | None = None,
+    resources: dict | None = None,
+    **training,
+) -> RunConfig:
     cfg = RunConfig.from_dict(
         {
             "work_dir": work,
@@ -82,7 +89,7 @@ def plan_run(demo_assets, work: str, nproc: int = 2, evaluation: dict | None = N
             "data": {"train_uri": demo_assets.train_uri, "general_uri": demo_assets.general_uri},
             "preprocess": {"max_seq_len": SEQ},
             "training": {"learning_rate": 1e-3, "num_train_epochs": 1, "bf16": False, **training},
-            "resources": {"nproc_per_node": nproc, "accelerator": "cpu"},
+            "resources": {"nproc_per_node": nproc, "accelerator": "cpu", **(resources or {})},
             "evaluation": evaluation or {},
         }
     )
@@ -344,34 +351,43 @@ def test_training_runs_in_train_mode_from_the_first_step(demo_assets, tmp_path, 
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_path, capfd):
-    """2 ranks x micro batch 2 and 1 rank x micro batch 4 see the same global batches: same losses.
-    Both recompute activations, each decoder layer a ZeRO-3 leaf gathered again for it: the two ranks
-    in every layer (full), the one rank in one of its two (selective, the last). That changes memory
-    and compute, not the numbers."""
+    """2 ranks x micro batch 2, 1 rank x micro batch 4 and 2 nodes x 2 ranks x micro batch 1 see the
+    same global batches: same losses. All recompute activations, each decoder layer a ZeRO-3 leaf
+    gathered again for it: the ranks in every layer (full), the one rank in one of its two (selective,
+    the last). The two nodes keep a copy of the parameters partitioned over each node's ranks (ZeRO++
+    hpZ), which the backward gathers from. That changes memory, compute and traffic, not the numbers."""
     losses = {}
-    for nproc, micro, layers in ((2, 2, None), (1, 4, 1)):
-        work = str(tmp_path / f"n{nproc}")
+    for name, nodes, nproc, micro, layers in (
+        ("2 ranks", 1, 2, 2, None),
+        ("1 rank", 1, 1, 4, 1),
+        ("2 nodes", 2, 2, 1, None),
+    ):
+        work = str(tmp_path / name.replace(" ", "-"))
         dataset = tiny_dataset(demo_assets, work, n_seq=24)
         cfg = plan_run(
             demo_assets,
             work,
             nproc=nproc,
+            resources={"num_nodes": nodes, "launcher": "kubernetes"} if nodes > 1 else None,
             per_device_train_batch_size=micro,
             max_steps=10,
             gradient_checkpointing=True,
             gradient_checkpointing_layers=layers,
+            hierarchical_partitioning=nodes > 1,
         )
         assert cfg.training.gradient_checkpointing_layers == (layers or 2)  # plan resolves "all" to 2
         job = train_job(cfg, dataset)
         LocalLauncher().run(job)
-        losses[nproc] = [
-            json.loads(line)["loss"] for line in storage.read_text(job.args.metrics).splitlines()
-        ]
+        losses[name] = [json.loads(line)["loss"] for line in storage.read_text(job.args.metrics).splitlines()]
         said = "all 2 x LlamaDecoderLayer" if layers is None else "1 of 2 x LlamaDecoderLayer (layers 1)"
-        assert f"recomputing the activations of {said}" in capfd.readouterr().out
-    assert len(losses[1]) == 10
-    torch.testing.assert_close(losses[2], losses[1], rtol=1e-4, atol=1e-4)
-    assert losses[1][-1] < losses[1][0]
+        out = capfd.readouterr().out
+        assert f"recomputing the activations of {said}" in out
+        copied = "ZeRO++ hierarchical partitioning: a copy of the parameters over each node's 2 ranks"
+        assert (copied in out) == (nodes > 1)
+    assert len(losses["1 rank"]) == 10
+    torch.testing.assert_close(losses["2 ranks"], losses["1 rank"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(losses["2 nodes"], losses["1 rank"], rtol=1e-4, atol=1e-4)
+    assert losses["1 rank"][-1] < losses["1 rank"][0]
 
 
 @pytest.mark.slow
@@ -663,6 +679,28 @@ def test_mfu_only_on_a_known_gpu_training_in_16_bit(monkeypatch):
     assert throughput.MfuMeter.for_run(model, gpus, "fp32", global_batch=16, seq_len=8)(0.5) is None
     cpus = dataclasses.replace(gpus, device=torch.device("cpu"))
     assert throughput.MfuMeter.for_run(model, cpus, "bf16", global_batch=16, seq_len=8)(0.5) is None
+
+
+def test_hpz_copy_follows_the_processes_each_node_actually_runs(tmp_path, caplog):
+    """plan writes the copy's partition for the planned nodes; the trainer partitions it over the
+    processes its node runs (torchrun's LOCAL_WORLD_SIZE), and turns it off, saying so, where a node
+    holds the whole world or a world that is no multiple of it."""
+    from fulltune.train.engine import Ranks, read_deepspeed_config
+
+    uri = tmp_path / "ds_config.json"
+    uri.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}))
+    cfg = RunConfig.from_dict({"resources": {"num_nodes": 2, "nproc_per_node": 8, "launcher": "kubernetes"}})
+
+    def partition(world: int, per_node: int) -> int:
+        ranks = Ranks(rank=0, world=world, local_rank=0, device=torch.device("cpu"), local_world=per_node)
+        return read_deepspeed_config(str(uri), cfg, ranks)["zero_optimization"]["zero_hpz_partition_size"]
+
+    assert partition(16, 8) == 8
+    assert partition(8, 4) == 4
+    with caplog.at_level("WARNING", logger="fulltune.train"):
+        assert partition(8, 8) == 1
+        assert partition(10, 4) == 1
+    assert "hierarchical partitioning off: 4 processes per node in a world of 10" in caplog.text
 
 
 def test_exit_codes_separate_permanent_from_retryable_failures():

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
@@ -108,6 +108,7 @@ class ModelShape:
 # plan report's label for each.
 MEMORY_LABELS = {
     "model_states": "model states / GPU",
+    "secondary_params": "hpZ copy of the parameters",
     "gathered_layers": "gathered layers",
     "buckets": "ZeRO-3 buckets",
     "activations": "activations",
@@ -135,11 +136,16 @@ class MemoryEstimate:
     buckets: float = 0.0
     loss_chunk_tokens: int = 0  # 0: plain logits
     recompute_layers: int = 0  # decoder layers that recompute their activations
+    # ZeRO++ hpZ: the GPUs (of one node) a second copy of the 16-bit parameters is partitioned over;
+    # 1: none. `secondary_params` is that copy's bytes per GPU.
+    hpz_partition_size: int = 1
+    secondary_params: float = 0.0
 
     @property
     def total(self) -> float:
         return (
             self.model_states
+            + self.secondary_params
             + self.gathered_layers
             + self.buckets
             + max(self.activations + self.logits, self.optimizer_step)
@@ -376,14 +382,18 @@ def estimate_memory(
     optim: str = "adamw_torch",
     loss_chunk_tokens: int = 0,
     recompute_layers: int | None = None,
+    hpz_partition_size: int = 1,
 ) -> MemoryEstimate:
-    """`recompute_layers`: how many layers recompute with gradient_checkpointing; None: all of them."""
+    """`recompute_layers`: how many layers recompute with gradient_checkpointing; None: all of them.
+    `hpz_partition_size`: the GPUs ZeRO++ hpZ partitions its 16-bit copy of the parameters over (1: no
+    copy)."""
     bytes_per_param, optimizer_bytes = STATE_BYTES[optim]
     if offload_optimizer:
         bytes_per_param -= optimizer_bytes  # fp32 master weights and moments live in CPU memory
     if offload_params:
         bytes_per_param -= 2.0  # bf16 partitions live in CPU memory too
     model_states = shape.params * bytes_per_param / world_size
+    secondary = 2.0 * shape.params / hpz_partition_size if hpz_partition_size > 1 else 0.0
     gathered = 4.0 * max(shape.largest_layer_params, shape.block_params if shape.block_leaf_threshold else 0)
     tokens = seq_len * micro_batch
     inter = shape.intermediate_size or 4 * shape.hidden_size
@@ -400,7 +410,7 @@ def estimate_memory(
     buckets = (
         REDUCE_BUCKET_BYTES * zero.reduce_bucket_size + PREFETCH_BUCKET_BYTES * zero.prefetch_bucket_size
     )
-    allocated = model_states + gathered + buckets + max(activations + logits, step)
+    allocated = model_states + secondary + gathered + buckets + max(activations + logits, step)
     return MemoryEstimate(
         model_states,
         gathered,
@@ -416,6 +426,8 @@ def estimate_memory(
         buckets,
         loss_chunk_tokens,
         recomputed,
+        hpz_partition_size,
+        secondary,
     )
 
 
@@ -449,6 +461,22 @@ class Setting:
     loss_chunk_tokens: int = 0  # 0: plain logits
     offload_optimizer: bool = False
     offload_params: bool = False
+    hpz_partition_size: int = 1  # ZeRO++ hpZ's partition of a second parameter copy; 1: none
+
+
+def hpz_partition_sizes(cfg: RunConfig) -> list[int]:
+    """The ZeRO++ hpZ partition sizes plan tries, fastest first. Across nodes, ZeRO-3 moves each
+    micro-step's parameters twice (gathered for the forward and again for the backward) and its
+    gradients once over the network; a copy of the parameters partitioned within each node keeps the
+    backward's gather on the node's own links, a third less traffic between nodes (docs/benchmarks.md,
+    "On paper"). One node has no network to save, and a node of one GPU no one to share the copy with."""
+    res, forced = cfg.resources, cfg.training.hierarchical_partitioning
+    per_node = res.nproc_per_node
+    if forced:
+        return [per_node]
+    if forced is False or res.accelerator == "cpu" or res.num_nodes == 1 or per_node == 1:
+        return [1]
+    return [per_node, 1]
 
 
 def candidate_settings(
@@ -483,6 +511,7 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     forced_opt, forced_par = tr.offload_optimizer, tr.offload_param
 
     forced_layers = configured_recompute_layers(cfg, shape)
+    hpz_sizes = hpz_partition_sizes(cfg)
 
     def est(s: Setting, layers: int | None = None) -> MemoryEstimate:
         # A forced offload setting (true or false) wins over whatever plan would try.
@@ -497,6 +526,7 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
             optim=tr.optim,
             loss_chunk_tokens=s.loss_chunk_tokens,
             recompute_layers=layers or forced_layers,
+            hpz_partition_size=s.hpz_partition_size,
         )
 
     def fewest_layers(s: Setting) -> MemoryEstimate:
@@ -510,7 +540,7 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
         return estimate
 
     b0, gc0 = tr.per_device_train_batch_size, forced_layers is not None
-    configured = Setting(b0, gc0, tr.loss_chunk_tokens or 0)
+    configured = Setting(b0, gc0, tr.loss_chunk_tokens or 0, hpz_partition_size=hpz_sizes[-1])
     first = est(configured)
     forced = [
         f"training.{name} forced to {value}"
@@ -519,14 +549,20 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     ]
     if res.accelerator == "cpu":
         return first, budget, ["accelerator is cpu: the GPU memory check does not apply", *forced]
-    candidates = candidate_settings(
-        b0, tr.gradient_accumulation_steps, gc0, loss_chunk_size(shape), tr.loss_chunk_tokens
-    )
+    candidates = [  # each setting with hpZ's copy first (never beside offloaded parameters)
+        replace(s, hpz_partition_size=size)
+        for s in candidate_settings(
+            b0, tr.gradient_accumulation_steps, gc0, loss_chunk_size(shape), tr.loss_chunk_tokens
+        )
+        for size in hpz_sizes
+        if size == 1 or not s.offload_params
+    ]
     for candidate in candidates:
         estimate = fewest_layers(candidate)
         if estimate.total <= budget:
             notes = [f"as configured it needs {_gib(first.total)} per GPU"]
             notes += _setting_notes(estimate, configured, shape, forced_opt, forced_par)
+            notes += _hpz_notes(estimate, hpz_sizes, shape)
             notes += [*forced, f"fits: {_gib(estimate.total)} of {_gib(budget)} per GPU"]
             return estimate, budget, notes
     smallest = est(Setting(1, True, candidates[-1].loss_chunk_tokens))
@@ -581,6 +617,21 @@ def _setting_notes(
     if e.offload_params and forced_par is None:
         notes.append("offloads parameters to CPU (much slower steps)")
     return notes
+
+
+def _hpz_notes(e: MemoryEstimate, tried: list[int], shape: ModelShape) -> list[str]:
+    if e.hpz_partition_size > 1:
+        return [
+            f"ZeRO++ hierarchical partitioning over each node's {e.hpz_partition_size} GPUs: the backward "
+            "gathers the parameters inside the node, a third less traffic between nodes per micro-step, "
+            f"for {_gib(e.secondary_params)} per GPU"
+        ]
+    if max(tried) > 1:
+        return [
+            f"ZeRO++ hierarchical partitioning off: its copy of the parameters ({_gib(2.0 * shape.params / max(tried))} "
+            "per GPU) does not fit beside the chosen setting"
+        ]
+    return []
 
 
 def _does_not_fit(
@@ -681,6 +732,7 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape) -> dict[str, Any]:
         "stage3_max_live_parameters": z.max_live_parameters,
         "stage3_max_reuse_distance": z.max_live_parameters,
         "stage3_module_granularity_threshold": z.leaf_threshold,
+        "zero_hpz_partition_size": cfg.resources.nproc_per_node if tr.hierarchical_partitioning else 1,
         "stage3_gather_16bit_weights_on_model_save": True,
         "sub_group_size": SUB_GROUP_SIZE,  # the optimizer-step transient in the estimate depends on it
     }
@@ -731,11 +783,26 @@ def check_training(cfg: RunConfig) -> None:
             "training.use_liger_kernel is set but resources.accelerator is cpu: Liger's kernels are Triton "
             "kernels for GPUs"
         )
+    if tr.hierarchical_partitioning:
+        check_hierarchical_partitioning(cfg)
     if tr.stop_on_forgetting and not cfg.data.general_uri:
         raise ConfigError(
             "training.stop_on_forgetting is set but data.general_uri is empty: forgetting is measured on "
             "the general eval set held out from it"
         )
+
+
+def check_hierarchical_partitioning(cfg: RunConfig) -> None:
+    res = cfg.resources
+    if res.num_nodes == 1:
+        why = "resources.num_nodes is 1: there is no traffic between nodes to save"
+    elif res.nproc_per_node == 1:
+        why = "resources.nproc_per_node is 1: a node of one GPU has no one to share the copy with"
+    elif cfg.training.offload_param:
+        why = "training.offload_param is set: the copy would bring the offloaded parameters back to the GPU"
+    else:
+        return
+    raise ConfigError(f"training.hierarchical_partitioning is set but {why}")
 
 
 # -- the step ----------------------------------------------------------------------------------------
@@ -786,6 +853,7 @@ def resolved_fields(
         "training.offload_optimizer": mem.offload_optimizer,
         "training.offload_param": mem.offload_params,
         "training.loss_chunk_tokens": mem.loss_chunk_tokens,
+        "training.hierarchical_partitioning": mem.hpz_partition_size > 1,
     }
     notes = list(zero3_settings(shape, gpu=cfg.resources.accelerator == "gpu").reasons) + alignment_notes(
         shape
@@ -832,7 +900,11 @@ def plan_markdown(plan: Plan) -> str:
         ),
         ("world size", str(plan.world_size)),
         ("launcher", launcher_summary(plan.config)),
-        *((label, _gib(getattr(m, part))) for part, label in MEMORY_LABELS.items()),
+        *(
+            (label, _gib(getattr(m, part)))
+            for part, label in MEMORY_LABELS.items()
+            if part != "secondary_params" or m.secondary_params
+        ),
         ("**total / GPU**", f"**{_gib(m.total)}** (budget {_gib(plan.budget_bytes)})"),
         (
             "micro batch x accumulation",

@@ -39,12 +39,14 @@ log = logging.getLogger("fulltune.train")
 
 @dataclass(frozen=True)
 class Ranks:
-    """Where this process sits: its global rank, the actual world size, its rank on the node, its device."""
+    """Where this process sits: its global rank, the actual world size, its rank on the node, its device,
+    and how many processes its node runs."""
 
     rank: int
     world: int
     local_rank: int
     device: Any  # torch.device
+    local_world: int = 1
 
 
 def import_deepspeed():
@@ -74,21 +76,49 @@ def init_distributed(cfg: RunConfig) -> Ranks:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world != cfg.world_size:
         log.warning("world size %d differs from the config's %d (nodes x processes)", world, cfg.world_size)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, as is LOCAL_WORLD_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if cpu:
         device = torch.device("cpu")
     else:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    return Ranks(rank, world, local_rank, device)
+    return Ranks(rank, world, local_rank, device, local_world)
 
 
-def read_deepspeed_config(uri: str, cfg: RunConfig, world: int) -> dict[str, Any]:
+def read_deepspeed_config(uri: str, cfg: RunConfig, ranks: Ranks) -> dict[str, Any]:
     """plan's DeepSpeed JSON, its global batch taken over the actual world size (DeepSpeed checks it
-    against micro batch x accumulation x world, and the world may differ from the planned one)."""
+    against micro batch x accumulation x world, and the world may differ from the planned one), and
+    hpZ's copy of the parameters partitioned over the processes of each actual node."""
     ds_config = json.loads(storage.read_bytes(uri))
-    ds_config["train_batch_size"] = cfg.training.global_batch_size(world)
+    ds_config["train_batch_size"] = cfg.training.global_batch_size(ranks.world)
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("zero_hpz_partition_size", 1) > 1:
+        zero["zero_hpz_partition_size"] = hpz_partition_size(ranks)
     return ds_config
+
+
+def hpz_partition_size(ranks: Ranks) -> int:
+    """The processes of one node, which torchrun numbers consecutively and DeepSpeed's hpZ groups
+    take as consecutive ranks; 1 (no copy) where the group would be the whole world or one process."""
+    per_node = ranks.local_world
+    if per_node in (1, ranks.world) or ranks.world % per_node:
+        log.warning(
+            "ZeRO++ hierarchical partitioning off: %d processes per node in a world of %d",
+            per_node,
+            ranks.world,
+        )
+        return 1
+    return per_node
+
+
+def hpz_groups(module) -> int:
+    """The GPUs ZeRO++ hpZ's copy of the parameters is partitioned over, as DeepSpeed set it up (0:
+    no copy): the setup log shows it, the copy costing memory on every GPU."""
+    for p in module.parameters():
+        if getattr(p, "ds_secondary_tensor", None) is not None:
+            return int(p.ds_secondary_tensor_group_size)
+    return 0
 
 
 def load_model(cfg: RunConfig, ds_config: dict[str, Any], model_dir: Path):

@@ -50,6 +50,7 @@ from fulltune.train.args import TrainerArgs
 from fulltune.train.cadence import Cadence
 from fulltune.train.engine import (
     build_engine,
+    hpz_groups,
     init_distributed,
     leaf_modules,
     load_model,
@@ -132,7 +133,7 @@ class Recipe:
         torch.manual_seed(tr.seed)
         self.ranks = init_distributed(self.cfg)
         self._log_process_group()
-        ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks.world)
+        ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks)
         self.data = load_split(self.args.dataset, TRAIN)
         self.num_sequences, seq_len = self.data["input_ids"].shape
         self.sched = make_schedule(self.cfg, self.num_sequences, self.ranks.world)
@@ -184,6 +185,11 @@ class Recipe:
             if leaves
             else "parameters module by module (no leaf modules)",
         )
+        if copy_over := hpz_groups(self.engine.module):
+            self._log(
+                "ZeRO++ hierarchical partitioning: a copy of the parameters over each node's %d ranks",
+                copy_over,
+            )
         if recomputation := recompute.current(self.engine.module):
             self._log("%s", recomputation.describe())
         if tr.use_liger_kernel:
