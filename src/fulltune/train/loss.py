@@ -40,9 +40,7 @@ def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any
 
     from fulltune.preprocess.dataset import IGNORE_INDEX
 
-    input_ids = batch["input_ids"][idx].to(device)
-    attention_mask = batch["attention_mask"][idx].to(device)
-    labels = batch["labels"][idx].to(device)
+    input_ids, attention_mask, labels = rows_on(device, batch, idx)
     count = (labels[:, 1:] != IGNORE_INDEX).sum()
     if getattr(engine.module, "loss_chunk_tokens", 0):  # chunked_loss.install: the model returns the sum
         return engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels), count
@@ -56,6 +54,18 @@ def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any
         reduction="sum",
     )
     return summed, count
+
+
+def rows_on(device, batch: dict[str, Any], idx) -> tuple[Any, Any, Any]:
+    """Rows `idx` of the batch's input_ids, attention_mask and labels, on `device`. To a GPU through
+    pinned memory, without waiting: a copy from pageable memory makes the host wait until the GPU
+    has run everything queued before it, once per micro-step, while ZeRO-3's step is bound by how
+    fast the host queues work (docs/benchmarks.md, GPU runs 2-4). PyTorch's pinned-memory allocator
+    keeps each buffer until its copy has run."""
+    rows = tuple(batch[k][idx] for k in ("input_ids", "attention_mask", "labels"))
+    if device.type != "cuda":
+        return rows
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in rows)
 
 
 def next_token_targets(labels):
