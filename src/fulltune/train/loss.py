@@ -77,22 +77,25 @@ def next_token_targets(labels):
     return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
 
 
-def train_step(engine, data: dict[str, Any], micro: list, *, world: int, device) -> tuple[float, float]:
+def loss_tokens_per_sequence(labels):
+    """How many positions of each sequence carry a loss (their next token is a label)."""
+    from fulltune.preprocess.dataset import IGNORE_INDEX
+
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def train_step(
+    engine, data: dict[str, Any], micro: list, *, n_tokens: int, world: int, device
+) -> tuple[float, float]:
     """Forward, backward and DeepSpeed step for each of this rank's micro-batches `micro` (one
-    optimizer step over the global batch). Returns (token-mean loss over the global batch, N)."""
+    optimizer step over the global batch of `n_tokens` loss positions, which every rank counts from
+    its own copy of the data: no collective, no host sync before the step). Returns (token-mean loss
+    over the global batch, N)."""
     import torch
     import torch.distributed as dist
 
-    from fulltune.preprocess.dataset import IGNORE_INDEX
-
     accumulation = len(micro)
-    counts = torch.tensor(
-        [float(sum((data["labels"][m][:, 1:] != IGNORE_INDEX).sum().item() for m in micro))],
-        dtype=torch.float64,
-        device=device,
-    )
-    dist.all_reduce(counts)
-    n_tokens = max(counts.item(), 1.0)
+    n_tokens = max(n_tokens, 1)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     for m in micro:
         summed, _ = token_loss_sum(engine, data, m, device)

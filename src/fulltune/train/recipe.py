@@ -57,7 +57,13 @@ from fulltune.train.engine import (
     read_deepspeed_config,
 )
 from fulltune.train.exit_codes import log_failure
-from fulltune.train.loss import EVAL_SPLIT, check_eval_split, eval_loss, train_step
+from fulltune.train.loss import (
+    EVAL_SPLIT,
+    check_eval_split,
+    eval_loss,
+    loss_tokens_per_sequence,
+    train_step,
+)
 from fulltune.train.metrics import (
     StepRecord,
     TrainingSummary,
@@ -136,6 +142,7 @@ class Recipe:
         ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks)
         self.data = load_split(self.args.dataset, TRAIN)
         self.num_sequences, seq_len = self.data["input_ids"].shape
+        self.loss_tokens = loss_tokens_per_sequence(self.data["labels"])
         self.sched = make_schedule(self.cfg, self.num_sequences, self.ranks.world)
         self.eval_data = load_split(self.args.dataset, EVAL_SPLIT) if tr.eval_steps else None
         self.general_data = self._general_split() if tr.eval_steps else None
@@ -331,7 +338,10 @@ class Recipe:
             accumulation=tr.gradient_accumulation_steps,
         )
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        loss, n_tokens = train_step(self.engine, self.data, micro, world=ranks.world, device=ranks.device)
+        n_tokens = int(self.loss_tokens[idx].sum())
+        loss, n_tokens = train_step(
+            self.engine, self.data, micro, n_tokens=n_tokens, world=ranks.world, device=ranks.device
+        )
         step_time = time.time() - t0  # train_step waited for the step's device work
         return StepRecord(
             step=step,
