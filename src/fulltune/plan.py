@@ -128,7 +128,6 @@ class MemoryEstimate:
     logits: float
     overhead: float
     micro_batch: int
-    gradient_checkpointing: bool
     offload_optimizer: bool
     offload_params: bool
     optimizer_step: float = 0.0  # transient, never at the same time as activations and logits
@@ -140,6 +139,10 @@ class MemoryEstimate:
     # 1: none. `secondary_params` is that copy's bytes per GPU.
     hpz_partition_size: int = 1
     secondary_params: float = 0.0
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.recompute_layers > 0
 
     @property
     def total(self) -> float:
@@ -169,6 +172,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "config"}  # asdict would not dump pydantic
         out["memory"]["total"] = self.memory.total
+        out["memory"]["gradient_checkpointing"] = self.memory.gradient_checkpointing
         return {**out, "config": self.config.to_dict()}
 
 
@@ -412,22 +416,21 @@ def estimate_memory(
     )
     allocated = model_states + secondary + gathered + buckets + max(activations + logits, step)
     return MemoryEstimate(
-        model_states,
-        gathered,
-        activations,
-        logits,
-        FIXED_OVERHEAD_BYTES,
-        micro_batch,
-        gradient_checkpointing,
-        offload_optimizer,
-        offload_params,
-        step,
-        FRAGMENTATION * allocated,
-        buckets,
-        loss_chunk_tokens,
-        recomputed,
-        hpz_partition_size,
-        secondary,
+        model_states=model_states,
+        gathered_layers=gathered,
+        activations=activations,
+        logits=logits,
+        overhead=FIXED_OVERHEAD_BYTES,
+        micro_batch=micro_batch,
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        optimizer_step=step,
+        fragmentation=FRAGMENTATION * allocated,
+        buckets=buckets,
+        loss_chunk_tokens=loss_chunk_tokens,
+        recompute_layers=recomputed,
+        hpz_partition_size=hpz_partition_size,
+        secondary_params=secondary,
     )
 
 
