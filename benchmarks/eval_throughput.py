@@ -146,7 +146,7 @@ def naive_generate(model, tok, prompts: list[list[int]], new_tokens: int) -> lis
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -156,28 +156,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    return parser
 
-    rng = np.random.default_rng(0)
-    models = {
-        "base": build_model(args.vocab, args.seq_len),
-        "tuned": build_model(args.vocab, args.seq_len, noise=0.02),
-    }
-    data = loss_data(args.sequences, args.seq_len, args.vocab, rng)
-    requests = mc_requests(args.questions, args.vocab, rng)
+
+def report(name: str, tokens: int, naive: float, one_pass: float, two_pass: float | None = None) -> None:
+    """One workload's line: tokens/s of each way (from its median seconds) and the ratios."""
+    extra = "" if two_pass is None else f"two passes {tokens / two_pass:,.0f} tok/s, "
+    ratio = "" if two_pass is None else f", one pass vs two passes {two_pass / one_pass:.2f}x"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats, "
-        "base + tuned models"
+        f"{name:5} {tokens} tokens; naive {tokens / naive:,.0f} tok/s, {extra}"
+        f"one pass {tokens / one_pass:,.0f} tok/s; batched vs naive {naive / one_pass:.2f}x{ratio}"
     )
 
-    def report(name: str, tokens: int, naive: float, one_pass: float, two_pass: float | None = None) -> None:
-        extra = "" if two_pass is None else f"two passes {tokens / two_pass:,.0f} tok/s, "
-        ratio = "" if two_pass is None else f", one pass vs two passes {two_pass / one_pass:.2f}x"
-        print(
-            f"{name:5} {tokens} tokens; naive {tokens / naive:,.0f} tok/s, {extra}"
-            f"one pass {tokens / one_pass:,.0f} tok/s; batched vs naive {naive / one_pass:.2f}x{ratio}"
-        )
 
+def compare_loss(models: dict, data: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+    """The loss workload: time the three ways, check they agree, print its line."""
     loss_tokens = int(data["attention_mask"].sum()) * len(models)
     got = timed(
         {
@@ -197,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         assert abs(naive[r] - one[r]) < 1e-4 and two[r] == one[r], (naive, two, one)
     report("loss:", loss_tokens, t_naive, t_one, t_two)
 
+
+def compare_mc(models: dict, requests: list[mc.Request], args: argparse.Namespace) -> None:
+    """The multiple-choice workload: time the three ways, check they agree, print its line."""
     mc_tokens = sum(len(r.tokens) - 1 for r in requests) * len(models)
     got = timed(
         {
@@ -217,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         assert np.allclose(naive_ll[r], one_ll[r], atol=1e-3) and np.array_equal(two_ll[r], one_ll[r])
     report("mc:", mc_tokens, t_naive_mc, t_one_mc, t_two_mc)
 
+
+def compare_gen(models: dict, args: argparse.Namespace, rng: np.random.Generator) -> None:
+    """The generation workload (prompts drawn from `rng`): time the three ways, check the batched
+    ones agree, print its line and how many naive continuations match."""
     tok = word_tokenizer(args.vocab)
     prompts = [
         [1, *rng.integers(3, args.vocab, size=int(rng.integers(8, 65))).tolist()] for _ in range(args.prompts)
@@ -251,6 +251,24 @@ def main(argv: list[str] | None = None) -> None:
     same = sum(a == b for r in models for a, b in zip(naive_out[r], one_out[r], strict=True))
     report("gen:", gen_tokens, t_naive_gen, t_one_gen, t_two_gen)
     print(f"       identical greedy continuations: {same}/{len(prompts) * len(models)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    rng = np.random.default_rng(0)  # drawn from in this order: loss data, mc requests, prompts
+    models = {
+        "base": build_model(args.vocab, args.seq_len),
+        "tuned": build_model(args.vocab, args.seq_len, noise=0.02),
+    }
+    data = loss_data(args.sequences, args.seq_len, args.vocab, rng)
+    requests = mc_requests(args.questions, args.vocab, rng)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats, "
+        "base + tuned models"
+    )
+    compare_loss(models, data, args)
+    compare_mc(models, requests, args)
+    compare_gen(models, args, rng)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ SHAPES = {
 }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-0.9b")
     p.add_argument("--seq", type=int, default=2048)
@@ -51,9 +51,13 @@ def main() -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
     p.add_argument("--json-out", default=None)
-    a = p.parse_args()
-    cuda = a.device == "cuda"
-    os.environ["DS_ACCELERATOR"] = a.device
+    return p
+
+
+def single_rank_environment(device: str) -> None:
+    """What `torchrun` would set for one rank, so that fulltune's `init_distributed` runs without it;
+    and DeepSpeed's accelerator, before deepspeed is imported."""
+    os.environ["DS_ACCELERATOR"] = device
     from fulltune.launch.local import free_port
 
     port = free_port()
@@ -66,20 +70,49 @@ def main() -> None:
     ):
         os.environ.setdefault(key, value)
 
+
+def run_config(a: argparse.Namespace, work: Path, model_dir: Path):
+    """fulltune's RunConfig for the shape's model in `model_dir`: every step an optimizer step."""
+    import torch
+
+    from fulltune.config import RunConfig
+    from fulltune.demo.assets import build_demo_assets
+
+    cuda = a.device == "cuda"
+    assets = build_demo_assets(Path(a.assets))
+    return RunConfig.from_dict(
+        {
+            "work_dir": str(work),
+            "model": {"base_model_uri": str(model_dir), "tokenizer_uri": str(assets.base_model_dir)},
+            "data": {"train_uri": str(assets.train_uri)},
+            "preprocess": {"max_seq_len": a.seq},
+            "training": {
+                "learning_rate": 1e-5,
+                "max_steps": 2,
+                "per_device_train_batch_size": 1,  # every step is an optimizer step
+                "gradient_accumulation_steps": 1,
+                "bf16": cuda,
+            },
+            "resources": {
+                "accelerator": "gpu" if cuda else "cpu",
+                "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / GiB if cuda else 80.0,
+            },
+        }
+    )
+
+
+def build_engine(a: argparse.Namespace):
+    """The shape's random model in fulltune's DeepSpeed engine, set up as `python -m fulltune.train`
+    does: (engine, plan, device, the HfDeepSpeedConfig that must stay alive while the engine runs)."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.integrations import HfDeepSpeedConfig
 
-    from fulltune.config import RunConfig
-    from fulltune.demo.assets import build_demo_assets
-    from fulltune.plan import MEMORY_PARTS, estimate_memory, make_plan
+    from fulltune.plan import make_plan
     from fulltune.train.engine import build_optimizer, init_distributed
-    from fulltune.train.loss import token_loss_sum
 
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[a.shape]
-    micro_sizes = [int(x) for x in a.micro.split(",")]
-    assets = build_demo_assets(Path(a.assets))
     with tempfile.TemporaryDirectory(prefix="fulltune-plan-memory-") as tmp:
         model_dir = Path(tmp) / "model"
         LlamaConfig(
@@ -93,49 +126,40 @@ def main() -> None:
             tie_word_embeddings=tied,
             pad_token_id=0,
         ).save_pretrained(model_dir)
-        cfg = RunConfig.from_dict(
-            {
-                "work_dir": str(Path(tmp) / "work"),
-                "model": {"base_model_uri": str(model_dir), "tokenizer_uri": str(assets.base_model_dir)},
-                "data": {"train_uri": str(assets.train_uri)},
-                "preprocess": {"max_seq_len": a.seq},
-                "training": {
-                    "learning_rate": 1e-5,
-                    "max_steps": 2,
-                    "per_device_train_batch_size": 1,  # every step is an optimizer step
-                    "gradient_accumulation_steps": 1,
-                    "bf16": cuda,
-                },
-                "resources": {
-                    "accelerator": "gpu" if cuda else "cpu",
-                    "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / GiB
-                    if cuda
-                    else 80.0,
-                },
-            }
-        )
+        cfg = run_config(a, Path(tmp) / "work", model_dir)
         plan = make_plan(cfg, train_tokens=1_000_000)
         device = init_distributed(cfg).device
         ds_marker = HfDeepSpeedConfig(plan.deepspeed)  # ZeRO-3 partitioning while the model is built
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(
-            LlamaConfig.from_pretrained(model_dir), dtype=torch.bfloat16 if cuda else torch.float32
+            LlamaConfig.from_pretrained(model_dir),
+            dtype=torch.bfloat16 if a.device == "cuda" else torch.float32,
         )
         model.config.use_cache = False
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg), config=plan.deepspeed
         )
+    return engine, plan, device, ds_marker
 
-    rows = []
-    gen = torch.Generator().manual_seed(0)
+
+def print_header(a: argparse.Namespace, params: int) -> None:
+    hidden, layers, _, _, inter, vocab, tied = SHAPES[a.shape]
     print(
-        f"shape {a.shape}: {plan.shape.params / 1e9:.3f}B parameters, hidden {hidden}, {layers} layers, "
+        f"shape {a.shape}: {params / 1e9:.3f}B parameters, hidden {hidden}, {layers} layers, "
         f"intermediate {inter}, vocabulary {vocab}{' (tied)' if tied else ''}; seq {a.seq}; "
         f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}"
     )
     print(
         f"{'micro':>5} {'recompute':>9} {'plan GiB':>9} {'allocated':>9} {'device':>8} {'plan/device':>11}  plan parts"
     )
+
+
+def measure_all(engine, plan, device, a: argparse.Namespace, micro_sizes: list[int]) -> list[dict]:
+    """Each micro batch size without, then with recomputation: one row each (measure), printed as it comes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
     for gc in (False, True):
         if gc:
             engine.module.gradient_checkpointing_enable(
@@ -144,62 +168,95 @@ def main() -> None:
         else:
             engine.module.gradient_checkpointing_disable()
         for b in micro_sizes:
-            est = estimate_memory(
-                plan.shape, world_size=1, seq_len=a.seq, micro_batch=b, gradient_checkpointing=gc
-            )
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            try:
-                for _ in range(2):
-                    ids = torch.randint(3, vocab, (b, a.seq), generator=gen)
-                    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-                    summed, _ = token_loss_sum(engine, batch, torch.arange(b), device)
-                    engine.backward(summed / (b * a.seq))
-                    engine.step()
-                oom = False
-            except torch.OutOfMemoryError:
-                oom = True
-            row = {
-                "micro_batch": b,
-                "recompute": gc,
-                "plan": est.total,
-                "plan_parts": {k: getattr(est, k) for k in MEMORY_PARTS},
-                "oom": oom,
-                "seconds": time.perf_counter() - t0,
-            }
-            if cuda:
-                torch.cuda.synchronize()
-                free, total = torch.cuda.mem_get_info(device)
-                other = (total - free) - torch.cuda.memory_reserved(device)  # context, NCCL, cuBLAS
-                row["allocated"] = torch.cuda.max_memory_allocated(device)
-                row["reserved"] = torch.cuda.max_memory_reserved(device)
-                row["device"] = row["reserved"] + other
+            row = measure(engine, plan, device, a, b, gc, gen)
             rows.append(row)
-            parts = " ".join(f"{k[:6]} {v / GiB:.2f}" for k, v in row["plan_parts"].items())
-            if cuda:
-                print(
-                    f"{b:5d} {str(gc):>9} {est.total / GiB:9.2f} {row['allocated'] / GiB:9.2f} "
-                    f"{row['device'] / GiB:8.2f} {est.total / row['device']:11.2f}  {parts}"
-                    + ("  OUT OF MEMORY" if oom else "")
-                )
-            else:
-                print(
-                    f"{b:5d} {str(gc):>9} {est.total / GiB:9.2f} {'n/a':>9} {'n/a':>8} {'n/a':>11}  {parts}"
-                )
+            print_row(row, cuda=a.device == "cuda")
+    return rows
+
+
+def measure(engine, plan, device, a: argparse.Namespace, micro_batch: int, recompute: bool, gen) -> dict:
+    """The plan's estimate for one configuration and (cuda) the peak memory of 2 optimizer steps on
+    random tokens, the allocator's peak statistics reset first."""
+    import torch
+
+    from fulltune.plan import MEMORY_PARTS, estimate_memory
+    from fulltune.train.loss import token_loss_sum
+
+    _, _, _, _, _, vocab, _ = SHAPES[a.shape]
+    cuda, b = a.device == "cuda", micro_batch
+    est = estimate_memory(
+        plan.shape, world_size=1, seq_len=a.seq, micro_batch=b, gradient_checkpointing=recompute
+    )
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        for _ in range(2):
+            ids = torch.randint(3, vocab, (b, a.seq), generator=gen)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            summed, _ = token_loss_sum(engine, batch, torch.arange(b), device)
+            engine.backward(summed / (b * a.seq))
+            engine.step()
+        oom = False
+    except torch.OutOfMemoryError:
+        oom = True
+    row = {
+        "micro_batch": b,
+        "recompute": recompute,
+        "plan": est.total,
+        "plan_parts": {k: getattr(est, k) for k in MEMORY_PARTS},
+        "oom": oom,
+        "seconds": time.perf_counter() - t0,
+    }
+    if cuda:
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info(device)
+        other = (total - free) - torch.cuda.memory_reserved(device)  # context, NCCL, cuBLAS
+        row["allocated"] = torch.cuda.max_memory_allocated(device)
+        row["reserved"] = torch.cuda.max_memory_reserved(device)
+        row["device"] = row["reserved"] + other
+    return row
+
+
+def print_row(row: dict, cuda: bool) -> None:
+    b, gc, plan = row["micro_batch"], row["recompute"], row["plan"]
+    parts = " ".join(f"{k[:6]} {v / GiB:.2f}" for k, v in row["plan_parts"].items())
+    if cuda:
+        print(
+            f"{b:5d} {str(gc):>9} {plan / GiB:9.2f} {row['allocated'] / GiB:9.2f} "
+            f"{row['device'] / GiB:8.2f} {plan / row['device']:11.2f}  {parts}"
+            + ("  OUT OF MEMORY" if row["oom"] else "")
+        )
+    else:
+        print(f"{b:5d} {str(gc):>9} {plan / GiB:9.2f} {'n/a':>9} {'n/a':>8} {'n/a':>11}  {parts}")
+
+
+def write_json(path: str, a: argparse.Namespace, params: int, device, rows: list[dict]) -> None:
+    import torch
+
+    out = {
+        "shape": a.shape,
+        "params": params,
+        "seq": a.seq,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "device_name": torch.cuda.get_device_name(device) if a.device == "cuda" else "cpu",
+        "rows": rows,
+    }
+    Path(path).write_text(json.dumps(out, indent=1))
+
+
+def main() -> None:
+    a = build_parser().parse_args()
+    single_rank_environment(a.device)
+    micro_sizes = [int(x) for x in a.micro.split(",")]
+    engine, plan, device, ds_marker = build_engine(a)
+    print_header(a, plan.shape.params)
+    rows = measure_all(engine, plan, device, a, micro_sizes)
     del ds_marker
     if a.json_out:
-        out = {
-            "shape": a.shape,
-            "params": plan.shape.params,
-            "seq": a.seq,
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "rows": rows,
-        }
-        Path(a.json_out).write_text(json.dumps(out, indent=1))
+        write_json(a.json_out, a, plan.shape.params, device, rows)
     sys.stdout.flush()
     os._exit(0)  # skip the process group teardown: one rank, nothing to flush
 

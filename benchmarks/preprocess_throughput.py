@@ -243,7 +243,7 @@ def collect(procs: list[subprocess.Popen]) -> list[dict]:
     return outs
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=50.0, help="size of the generated JSONL")
     ap.add_argument("--repeats", type=int, default=3)
@@ -256,19 +256,17 @@ def main() -> None:
     )
     ap.add_argument("--sft", choices=("prompt_completion", "chat"), help="SFT packing mode")
     ap.add_argument("--assets", default=".fulltune-demo/assets", help="demo assets cache (tokenizer)")
+    # The child process's arguments (spawn), not for the command line.
     ap.add_argument("--child", dest="variant", default=None, help=argparse.SUPPRESS)
     for name in ("--data", "--tokenizer", "--workdir"):
         ap.add_argument(name, help=argparse.SUPPRESS)
     ap.add_argument("--shards", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.variant:
-        child(args)
-        return
+    return ap
 
-    from fulltune.demo.assets import build_demo_assets
 
-    tokenizer = str(build_demo_assets(Path(args.assets)).base_model_dir)
+def selected_variants(args: argparse.Namespace) -> dict[str, tuple[str, str, int]]:
+    """The mode's variants, `--variants` of them where given: key -> (label, child variant, shards)."""
     if args.sft:
         variants = {
             "p": ("(p) fulltune packed, 1 shard", "fulltune", 1),
@@ -284,44 +282,57 @@ def main() -> None:
         }
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    return variants
+
+
+def write_data(data: Path, args: argparse.Namespace) -> int:
+    """The mode's input JSONL at `data`; its record count."""
+    if args.sft:
+        return make_sft(data, args.mb, args.sft)
+    if args.text == "docstrings":
+        return make_docstrings(data, args.mb)
+    return make_text(data, args.mb)
+
+
+def run_variants(args: argparse.Namespace, variants: dict, tokenizer: str) -> dict[str, list[dict]]:
+    """Each variant `--repeats` times, taking turns, on one input written here: per variant, a
+    `run_variant` record per repeat."""
     results: dict[str, list[dict]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-") as tmp:
         data = Path(tmp, "data.jsonl")
-        if args.sft:
-            records = make_sft(data, args.mb, args.sft)
-        elif args.text == "docstrings":
-            records = make_docstrings(data, args.mb)
-        else:
-            records = make_text(data, args.mb)
+        records = write_data(data, args)
         print(
             f"{records} {args.sft or 'text'} records, {data.stat().st_size / 2**20:.1f} MiB, "
             f"max_seq_len {SEQ_LEN}, {args.repeats} repeats, load average {os.getloadavg()[0]:.1f}"
         )
         for r in range(args.repeats):
             for key, (_, variant, shards) in variants.items():
-                work = Path(tmp, f"{key}-{r}")
-                start = time.perf_counter()
-                outs = collect([spawn(variant, data, tokenizer, work, shards, i) for i in range(shards)])
-                wall = time.perf_counter() - start
-                tokens = sum(o["tokens"] for o in outs)
-                results[key].append(
-                    {
-                        "wall": wall,
-                        "cpu": sum(o["cpu"] for o in outs),
-                        "cpu_max": max(o["cpu"] for o in outs),
-                        "tokens": tokens,
-                        "non_pad": tokens / sum(o.get("slots", o["tokens"]) for o in outs),
-                        "rss": max(o["peak_rss_mb"] for o in outs),
-                        "truncated": sum(o.get("truncated", 0) for o in outs),
-                        "read": [o.get("bytes_read") for o in outs],
-                        "tokenization": outs[0].get("tokenization"),
-                    }
-                )
+                results[key].append(run_variant(variant, data, tokenizer, Path(tmp, f"{key}-{r}"), shards))
         print(f"input {data.stat().st_size:,} bytes; load average after {os.getloadavg()[0]:.1f}")
-    med = {
-        k: {m: statistics.median(x[m] for x in v) for m in ("wall", "cpu", "cpu_max")}
-        for k, v in results.items()
+    return results
+
+
+def run_variant(variant: str, data: Path, tokenizer: str, work: Path, shards: int) -> dict:
+    """One run of a variant, each shard in its own child process at once; its figures summed over them."""
+    start = time.perf_counter()
+    outs = collect([spawn(variant, data, tokenizer, work, shards, i) for i in range(shards)])
+    wall = time.perf_counter() - start
+    tokens = sum(o["tokens"] for o in outs)
+    return {
+        "wall": wall,
+        "cpu": sum(o["cpu"] for o in outs),
+        "cpu_max": max(o["cpu"] for o in outs),
+        "tokens": tokens,
+        "non_pad": tokens / sum(o.get("slots", o["tokens"]) for o in outs),
+        "rss": max(o["peak_rss_mb"] for o in outs),
+        "truncated": sum(o.get("truncated", 0) for o in outs),
+        "read": [o.get("bytes_read") for o in outs],
+        "tokenization": outs[0].get("tokenization"),
     }
+
+
+def print_variants(args: argparse.Namespace, variants: dict, results: dict, med: dict) -> None:
+    """One line per variant: median wall and CPU time, throughput, peak RSS, share of non-pad tokens."""
     for key, (label, _, _) in variants.items():
         first = results[key][0]
         tokens = first["tokens"]
@@ -332,32 +343,55 @@ def main() -> None:
             + (f"  truncated {first['truncated']}" if args.sft else "")
             + (f"  bytes read per process {first['read']}" if first["read"][0] is not None else "")
         )
+
+
+def print_ratios(variants: dict, results: dict, med: dict) -> None:
+    """Text mode's ratios of the variants run, and (b)'s tokenization record."""
+    tok = {k: results[k][0]["tokens"] for k in variants}
+
+    def ratio(x: str, y: str, m: str, m2: str | None = None) -> float:
+        return (tok[x] / med[x][m]) / (tok[y] / med[y][m2 or m])
+
+    lines = []
+    if {"a", "b"} <= set(variants):
+        lines.append(
+            f"(b)/(a) per core: wall clock {ratio('b', 'a', 'wall'):.2f}x, CPU time {ratio('b', 'a', 'cpu'):.2f}x"
+        )
+    if {"b", "c"} <= set(variants):
+        lines.append(
+            f"(c)/(b): wall clock {ratio('c', 'b', 'wall'):.2f}x, CPU critical path "
+            f"{ratio('c', 'b', 'cpu_max', 'cpu'):.2f}x (total CPU (c)/(b) {med['c']['cpu'] / med['b']['cpu']:.2f})"
+        )
+    if {"a", "w", "t"} <= set(variants):
+        lines.append(
+            f"whole texts: (w)/(a) per core {ratio('w', 'a', 'cpu'):.2f}x, (t)/(a) {ratio('t', 'a', 'cpu'):.2f}x "
+            "(the ceiling when every text is encoded whole)"
+        )
+    if {"b", "w"} <= set(variants):
+        lines.append(f"memo gain (b)/(w) per core {ratio('b', 'w', 'cpu'):.2f}x")
+    if "b" in variants:
+        lines.append(f"(b) tokenization: {results['b'][0]['tokenization']}")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.variant:
+        child(args)
+        return
+
+    from fulltune.demo.assets import build_demo_assets
+
+    tokenizer = str(build_demo_assets(Path(args.assets)).base_model_dir)
+    variants = selected_variants(args)
+    results = run_variants(args, variants, tokenizer)
+    med = {
+        k: {m: statistics.median(x[m] for x in v) for m in ("wall", "cpu", "cpu_max")}
+        for k, v in results.items()
+    }
+    print_variants(args, variants, results, med)
     if not args.sft:
-        tok = {k: results[k][0]["tokens"] for k in variants}
-
-        def ratio(x: str, y: str, m: str, m2: str | None = None) -> float:
-            return (tok[x] / med[x][m]) / (tok[y] / med[y][m2 or m])
-
-        lines = []
-        if {"a", "b"} <= set(variants):
-            lines.append(
-                f"(b)/(a) per core: wall clock {ratio('b', 'a', 'wall'):.2f}x, CPU time {ratio('b', 'a', 'cpu'):.2f}x"
-            )
-        if {"b", "c"} <= set(variants):
-            lines.append(
-                f"(c)/(b): wall clock {ratio('c', 'b', 'wall'):.2f}x, CPU critical path "
-                f"{ratio('c', 'b', 'cpu_max', 'cpu'):.2f}x (total CPU (c)/(b) {med['c']['cpu'] / med['b']['cpu']:.2f})"
-            )
-        if {"a", "w", "t"} <= set(variants):
-            lines.append(
-                f"whole texts: (w)/(a) per core {ratio('w', 'a', 'cpu'):.2f}x, (t)/(a) {ratio('t', 'a', 'cpu'):.2f}x "
-                "(the ceiling when every text is encoded whole)"
-            )
-        if {"b", "w"} <= set(variants):
-            lines.append(f"memo gain (b)/(w) per core {ratio('b', 'w', 'cpu'):.2f}x")
-        if "b" in variants:
-            lines.append(f"(b) tokenization: {results['b'][0]['tokenization']}")
-        print("\n".join(lines))
+        print_ratios(variants, results, med)
 
 
 if __name__ == "__main__":

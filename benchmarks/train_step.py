@@ -45,6 +45,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,72 +67,104 @@ def markov_tokens(n_seq: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray
 def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str = "") -> dict[str, str]:
     """Model (random Llama + the demo tokenizer), dataset manifest, resolved config and DeepSpeed JSON.
     A second call with another `tag` reuses the model and data and writes another plan."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from fulltune import storage
-    from fulltune.config import RunConfig
     from fulltune.demo.assets import build_demo_assets
-    from fulltune.plan import make_plan, write_plan
-    from fulltune.preprocess.core import Packed, ParquetSink
-    from fulltune.preprocess.dataset import MANIFEST_FORMAT
 
     assets = build_demo_assets(Path(a.assets))
     model_dir = root / "model"
     dataset = str(root / "data" / "dataset.json")
-    vocab = a.vocab or 0
     if not (model_dir / "config.json").exists():
-        tok = AutoTokenizer.from_pretrained(str(assets.base_model_dir))
-        vocab = max(vocab, len(tok))  # the embedding may have more rows than the tokenizer has tokens
-        torch.manual_seed(0)
-        heads = a.hidden // a.head_dim
-        with torch.device("cuda" if a.device == "cuda" else "cpu"):
-            model = LlamaForCausalLM(
-                LlamaConfig(
-                    vocab_size=vocab,
-                    hidden_size=a.hidden,
-                    intermediate_size=getattr(a, "intermediate", None) or a.hidden * 8 // 3,
-                    num_hidden_layers=a.layers,
-                    num_attention_heads=heads,
-                    num_key_value_heads=getattr(a, "kv_heads", None) or max(1, heads // 2),
-                    max_position_embeddings=a.seq,
-                    tie_word_embeddings=getattr(a, "tied", False),
-                    pad_token_id=tok.pad_token_id,
-                )
-            )
-        if a.device == "cuda":
-            model.to(torch.bfloat16)  # what training loads; half the bytes to write and read
-        model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        del model
-        if a.device == "cuda":
-            torch.cuda.empty_cache()  # the training runs are other processes: leave them the memory
-
-        n_seq = getattr(a, "sequences", None) or a.micro * a.gas * a.nproc * (a.steps + 1)
-        packed = Packed()
-        for row in markov_tokens(n_seq, a.seq, vocab).tolist():
-            packed.add(row, row, a.seq, tok.pad_token_id)
-        sink = ParquetSink(str(root / "data" / "train-00000.parquet"))
-        sink.write(packed)
-        storage.write_json(
-            dataset,
-            {
-                "format": MANIFEST_FORMAT,
-                "max_seq_len": a.seq,
-                "pad_token_id": tok.pad_token_id,
-                "splits": {"train": {"sequences": n_seq, "files": [sink.close()]}},
-            },
-        )
+        pad_token_id, vocab = save_random_llama(model_dir, a, assets.base_model_dir)
+        write_markov_dataset(root / "data", a, pad_token_id, vocab)
     n_seq = json.loads(Path(dataset).read_text())["splits"]["train"]["sequences"]
+    plan, layout = write_run_plan(root / f"work{tag}", a, model_dir, assets.train_uri, n_seq, bf16)
+    return {
+        "dataset": dataset,
+        "config": layout.resolved_config,
+        "deepspeed": layout.deepspeed_config,
+        "model": str(model_dir),
+        "plan_memory": json.dumps(plan.to_json()["memory"]),
+        "params": str(plan.shape.params),
+    }
+
+
+def save_random_llama(model_dir: Path, a: argparse.Namespace, tokenizer_dir: Path) -> tuple[int, int]:
+    """A seeded random Llama of the run's shape, saved with the demo tokenizer in `model_dir`;
+    (the tokenizer's pad token id, the model's vocabulary size)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cuda = a.device == "cuda"
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = max(a.vocab or 0, len(tok))  # the embedding may have more rows than the tokenizer has tokens
+    torch.manual_seed(0)
+    heads = a.hidden // a.head_dim
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=a.hidden,
+                intermediate_size=getattr(a, "intermediate", None) or a.hidden * 8 // 3,
+                num_hidden_layers=a.layers,
+                num_attention_heads=heads,
+                num_key_value_heads=getattr(a, "kv_heads", None) or max(1, heads // 2),
+                max_position_embeddings=a.seq,
+                tie_word_embeddings=getattr(a, "tied", False),
+                pad_token_id=tok.pad_token_id,
+            )
+        )
+    if cuda:
+        model.to(torch.bfloat16)  # what training loads; half the bytes to write and read
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()  # the training runs are other processes: leave them the memory
+    return tok.pad_token_id, vocab
+
+
+def write_markov_dataset(data_dir: Path, a: argparse.Namespace, pad_token_id: int, vocab: int) -> None:
+    """The training sequences (`markov_tokens`) as a fulltune dataset: one Parquet file and the
+    manifest `dataset.json` in `data_dir`. `--sequences` of them where given, else enough for
+    `--steps` + 1 optimizer steps of every rank."""
+    from fulltune import storage
+    from fulltune.preprocess.core import Packed, ParquetSink
+    from fulltune.preprocess.dataset import MANIFEST_FORMAT
+
+    n_seq = getattr(a, "sequences", None) or a.micro * a.gas * a.nproc * (a.steps + 1)
+    packed = Packed()
+    for row in markov_tokens(n_seq, a.seq, vocab).tolist():
+        packed.add(row, row, a.seq, pad_token_id)
+    sink = ParquetSink(str(data_dir / "train-00000.parquet"))
+    sink.write(packed)
+    storage.write_json(
+        str(data_dir / "dataset.json"),
+        {
+            "format": MANIFEST_FORMAT,
+            "max_seq_len": a.seq,
+            "pad_token_id": pad_token_id,
+            "splits": {"train": {"sequences": n_seq, "files": [sink.close()]}},
+        },
+    )
+
+
+def write_run_plan(
+    work: Path, a: argparse.Namespace, model_dir: Path, train_uri: str, n_seq: int, bf16: bool
+):
+    """fulltune's `plan` for this run, written under `work`: (the plan, its files' layout)."""
+    from fulltune.config import RunConfig
+    from fulltune.plan import make_plan, write_plan
+
+    cuda = a.device == "cuda"
     gpu_gib = 80.0
-    if a.device == "cuda":
+    if cuda:
+        import torch
+
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    work = root / f"work{tag}"
     cfg = RunConfig.from_dict(
         {
             "work_dir": str(work),
             "model": {"base_model_uri": str(model_dir)},
-            "data": {"train_uri": str(assets.train_uri)},
+            "data": {"train_uri": str(train_uri)},
             "preprocess": {"max_seq_len": a.seq},
             "training": {
                 "learning_rate": 1e-4,
@@ -144,22 +177,13 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
             },
             "resources": {
                 "nproc_per_node": a.nproc,
-                "accelerator": "gpu" if a.device == "cuda" else "cpu",
+                "accelerator": "gpu" if cuda else "cpu",
                 "gpu_memory_gib": gpu_gib,
             },
         }
     )
     plan = make_plan(cfg, train_tokens=n_seq * a.seq)
-    layout = write_plan(plan)
-    mem = plan.to_json()["memory"]
-    return {
-        "dataset": dataset,
-        "config": layout.resolved_config,
-        "deepspeed": layout.deepspeed_config,
-        "model": str(model_dir),
-        "plan_memory": json.dumps(mem),
-        "params": str(plan.shape.params),
-    }
+    return plan, write_plan(plan)
 
 
 def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: float | None = None) -> str:
@@ -236,15 +260,45 @@ def hf_worker(spec: dict[str, str]) -> None:
     """One rank of the plain Trainer run (started by torchrun)."""
     import torch
     import yaml
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer
 
     from fulltune.preprocess.dataset import load_split
 
     tr = yaml.safe_load(open(spec["config"]))["training"]
     cuda = spec["device"] == "cuda"
-    args = TrainingArguments(
+    args = trainer_arguments(spec, tr)  # before from_pretrained: ZeRO-3 partitions at load time
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"],
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        attn_implementation=tr.get("attn_implementation", "sdpa"),
+    )
+    model.config.use_cache = False
+    rows = split_rows(load_split(spec["dataset"], "train"))
+    timer = step_timer(cuda)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer])
+    trainer.train()
+    # The comparison is only fair if the Trainer really ran DeepSpeed ZeRO-3.
+    stage = trainer.model_wrapped.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
+    if int(os.environ.get("RANK", "0")) == 0:
+        info = {
+            "times": timer.times,
+            "losses": timer.losses,
+            "zero_stage": stage,
+            "threads": torch.get_num_threads(),
+            "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+            "gpu_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        }
+        Path(spec["out"]).write_text(json.dumps(info))
+
+
+def trainer_arguments(spec: dict[str, str], tr: dict):
+    """The Trainer's `TrainingArguments`: fulltune's resolved training settings `tr` and its DeepSpeed JSON."""
+    from transformers import TrainingArguments
+
+    cuda = spec["device"] == "cuda"
+    return TrainingArguments(
         output_dir=str(Path(spec["root"]) / "hf-out"),
-        deepspeed=spec["deepspeed"],  # before from_pretrained: ZeRO-3 partitions at load time
+        deepspeed=spec["deepspeed"],
         per_device_train_batch_size=tr["per_device_train_batch_size"],
         gradient_accumulation_steps=tr["gradient_accumulation_steps"],
         max_steps=tr["max_steps"],
@@ -267,13 +321,11 @@ def hf_worker(spec: dict[str, str]) -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model"],
-        dtype=torch.bfloat16 if cuda else torch.float32,
-        attn_implementation=tr.get("attn_implementation", "sdpa"),
-    )
-    model.config.use_cache = False
-    data = load_split(spec["dataset"], "train")
+
+
+def split_rows(data: dict):
+    """A loaded split (`load_split`) as the torch Dataset of per-sequence rows the Trainer takes."""
+    import torch
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -282,8 +334,19 @@ def hf_worker(spec: dict[str, str]) -> None:
         def __getitem__(self, i):
             return {k: data[k][i] for k in ("input_ids", "attention_mask", "labels")}
 
+    return Rows()
+
+
+def step_timer(cuda: bool):
+    """A Trainer callback that keeps each step's seconds (`.times`, between `on_step_begin` and
+    `on_step_end`) and each logged loss (`.losses`)."""
+    import torch
+    from transformers import TrainerCallback
+
     class StepTimer(TrainerCallback):
-        times: list[float] = []
+        def __init__(self):
+            self.times: list[float] = []
+            self.losses: list[float] = []
 
         def on_step_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
@@ -295,25 +358,9 @@ def hf_worker(spec: dict[str, str]) -> None:
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                losses.append(logs["loss"])
+                self.losses.append(logs["loss"])
 
-    losses: list[float] = []
-
-    timer = StepTimer()
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[timer])
-    trainer.train()
-    # The comparison is only fair if the Trainer really ran DeepSpeed ZeRO-3.
-    stage = trainer.model_wrapped.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
-    if int(os.environ.get("RANK", "0")) == 0:
-        info = {
-            "times": timer.times,
-            "losses": losses,
-            "zero_stage": stage,
-            "threads": torch.get_num_threads(),
-            "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-            "gpu_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        }
-        Path(spec["out"]).write_text(json.dumps(info))
+    return StepTimer()
 
 
 MLFLOW = Path(sys.executable).with_name("mlflow")  # the environment's own `mlflow` command
@@ -429,7 +476,18 @@ def _attempt(what: str, fn):
         return None
 
 
-def main() -> None:
+class TrainerComparison(NamedTuple):
+    """What the fulltune and Trainer runs of the default mode leave to report. (Not a dataclass:
+    that fails where the script is loaded without a sys.modules entry, as tests/test_fsdp2_step.py does.)"""
+
+    inputs: dict[str, str]  # build_inputs' answer for the bf16 (GPU) or float32 (CPU) runs
+    records: list[dict]  # fulltune's step records past the warmup steps, every repeat
+    hf: list[dict]  # each Trainer run's info (run_hf_trainer); failed runs left out
+    first: list[dict]  # every step of the first fulltune run, for the precision comparison
+    fp32: list[dict] | None  # the float32 fulltune run (--numerics on cuda); empty or None if none
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="cpu: gloo, float32; cuda: NCCL, bf16"
@@ -463,12 +521,12 @@ def main() -> None:
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.hf_worker:
-        hf_worker(json.loads(a.hf_worker))
-        return
+    return p
 
-    cuda = a.device == "cuda"
+
+def rank_environment(a: argparse.Namespace) -> dict[str, str]:
+    """The environment of the torchrun ranks: offline, DeepSpeed on `--device`, the cores shared
+    out between the ranks unless OMP_NUM_THREADS is set."""
     env = {
         **os.environ,
         "PATH": environment_path(os.environ.get("PATH", "")),  # the ranks build DeepSpeed's op as tests do
@@ -478,19 +536,19 @@ def main() -> None:
     }
     cores = len(os.sched_getaffinity(0))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // a.nproc)))
-    result: dict = {"args": {k: v for k, v in vars(a).items() if k != "hf_worker"}}
-    if a.report_to_overhead:
-        report_to_overhead(a, env, result)
-        return
-    if a.recompute_cost:
-        recompute_cost(a, env, result)
-        return
+    return env
+
+
+def run_fulltune_and_trainer(a: argparse.Namespace, env: dict[str, str]) -> TrainerComparison:
+    """`--repeats` rounds of one fulltune run and one Trainer run, then (--numerics on cuda) fulltune
+    in float32 on the same initial weights and data."""
+    cuda = a.device == "cuda"
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-train-") as tmp:
         root = Path(tmp)
         inputs = build_inputs(root, a, bf16=cuda)
         records: list[dict] = []
         hf: list[dict] = []
-        first: list[dict] = []  # every step of the first run, for the precision comparison
+        first: list[dict] = []
         for _ in range(a.repeats):
             run = run_fulltune(root, inputs, a, env)
             first = first or run
@@ -498,7 +556,7 @@ def main() -> None:
             info = _attempt("the Trainer run", lambda: run_hf_trainer(root, inputs, a, env))
             if info:
                 hf.append(info)
-        fp32: list[dict] = []
+        fp32: list[dict] | None = []
         if cuda and a.numerics:
             fp32 = _attempt(
                 "the float32 run",
@@ -506,14 +564,22 @@ def main() -> None:
                     root, build_inputs(root, a, bf16=False, tag="-fp32"), a, env, tag="-fp32"
                 ),
             )
+    return TrainerComparison(inputs, records, hf, first, fp32)
+
+
+def report_step_times(
+    a: argparse.Namespace, env: dict[str, str], runs: TrainerComparison, result: dict
+) -> dict[str, float]:
+    """Print the model, both trainers' step times and their ratio, add them to `result`; the medians."""
     times = {
-        "fulltune": [r["step_time_s"] for r in records],
-        "hf_trainer": [t for h in hf for t in h["times"][a.warmup :]],
+        "fulltune": [r["step_time_s"] for r in runs.records],
+        "hf_trainer": [t for h in runs.hf for t in h["times"][a.warmup :]],
     }
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
-    precision = "bf16, NCCL" if cuda else "float32, CPU (gloo)"
+    precision = "bf16, NCCL" if a.device == "cuda" else "float32, CPU (gloo)"
+    params = int(runs.inputs["params"])
     print(
-        f"model: Llama {int(inputs['params']) / 1e6:.1f}M parameters, hidden {a.hidden}, {a.layers} layers, "
+        f"model: Llama {params / 1e6:.1f}M parameters, hidden {a.hidden}, {a.layers} layers, "
         f"seq {a.seq}; {a.nproc} rank(s) x micro batch {a.micro} x accumulation {a.gas}; ZeRO-3, {precision}, "
         f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
     )
@@ -523,65 +589,93 @@ def main() -> None:
         )
     ratio = med["fulltune"] / med["hf_trainer"]
     print(f"ratio fulltune / hf_trainer: {ratio:.3f}  (goal <= 1.05)")
-    result.update({"params": int(inputs["params"]), "median_step_s": med, "ratio": ratio})
-    if cuda:
-        import torch
+    result.update({"params": params, "median_step_s": med, "ratio": ratio})
+    return med
 
-        from fulltune.plan import MEMORY_PARTS
 
-        result["device_name"] = torch.cuda.get_device_name(0)
-        tokens = a.micro * a.gas * a.nproc * a.seq
-        mfus = [r["mfu"] for r in records if "mfu" in r]
-        plan = json.loads(inputs["plan_memory"])
-        gib = 2**30
-        ours = max(r.get("gpu_mem_reserved_gib", 0.0) for r in records)
-        ours_alloc = max(r.get("gpu_mem_allocated_gib", 0.0) for r in records)
-        theirs = max((h["gpu_mem_reserved_gib"] for h in hf), default=float("nan"))
+def report_gpu(a: argparse.Namespace, runs: TrainerComparison, med: dict[str, float], result: dict) -> None:
+    """Print (and add to `result`) the GPU figures: throughput, fulltune's MFU, the plan's per-GPU
+    memory estimate against both trainers' measured peaks."""
+    import torch
+
+    from fulltune.plan import MEMORY_PARTS
+
+    records, gib = runs.records, 2**30
+    result["device_name"] = torch.cuda.get_device_name(0)
+    tokens = a.micro * a.gas * a.nproc * a.seq
+    mfus = [r["mfu"] for r in records if "mfu" in r]
+    plan = json.loads(runs.inputs["plan_memory"])
+    ours = max(r.get("gpu_mem_reserved_gib", 0.0) for r in records)
+    ours_alloc = max(r.get("gpu_mem_allocated_gib", 0.0) for r in records)
+    theirs = max((h["gpu_mem_reserved_gib"] for h in runs.hf), default=float("nan"))
+    print(
+        f"device: {result['device_name']}; {tokens:,} tokens per step: fulltune "
+        f"{tokens / med['fulltune']:,.0f} tok/s, Trainer {tokens / med['hf_trainer']:,.0f} tok/s"
+    )
+    if mfus:
         print(
-            f"device: {result['device_name']}; {tokens:,} tokens per step: fulltune "
-            f"{tokens / med['fulltune']:,.0f} tok/s, Trainer {tokens / med['hf_trainer']:,.0f} tok/s"
+            f"fulltune MFU: median {statistics.median(mfus):.1%} (min {min(mfus):.1%}, max {max(mfus):.1%})"
         )
-        if mfus:
-            print(
-                f"fulltune MFU: median {statistics.median(mfus):.1%} (min {min(mfus):.1%}, max {max(mfus):.1%})"
-            )
-        print(
-            "plan per GPU: "
-            + ", ".join(f"{k} {plan[k] / gib:.2f}" for k in MEMORY_PARTS)
-            + f" -> total {plan['total'] / gib:.2f} GiB (micro batch {plan['micro_batch']}, "
-            f"recomputation {plan['gradient_checkpointing']})"
-        )
-        print(
-            f"measured peak: fulltune reserved {ours:.2f} GiB (allocated {ours_alloc:.2f}), Trainer reserved "
-            f"{theirs:.2f} GiB; plan total / fulltune reserved {plan['total'] / gib / ours:.2f}, plan without "
-            f"the fixed overhead / allocated {(plan['total'] - plan['overhead']) / gib / ours_alloc:.2f}"
-        )
-        result.update(
-            {
-                "mfu": mfus,
-                "plan_memory": plan,
-                "fulltune_mem_reserved_gib": ours,
-                "fulltune_mem_allocated_gib": ours_alloc,
-                "hf_mem_reserved_gib": theirs,
-                "losses_bf16": {r["step"]: r["loss"] for r in first},
-            }
-        )
-        if fp32:
-            bf = {r["step"]: r["loss"] for r in first}
-            diffs = [abs(bf[r["step"]] - r["loss"]) / r["loss"] for r in fp32 if r["step"] in bf]
-            print("step  loss bf16  loss fp32")
-            for r in fp32:
-                if r["step"] in bf:
-                    print(f"{r['step']:4d}  {bf[r['step']]:9.4f}  {r['loss']:9.4f}")
-            print(
-                f"bf16 vs fp32 loss: max relative difference {max(diffs):.2%}, mean {statistics.mean(diffs):.2%}"
-            )
-            result.update(
-                {
-                    "losses_fp32": {r["step"]: r["loss"] for r in fp32},
-                    "fp32_step_s": statistics.median([r["step_time_s"] for r in fp32[a.warmup :]]),
-                }
-            )
+    print(
+        "plan per GPU: "
+        + ", ".join(f"{k} {plan[k] / gib:.2f}" for k in MEMORY_PARTS)
+        + f" -> total {plan['total'] / gib:.2f} GiB (micro batch {plan['micro_batch']}, "
+        f"recomputation {plan['gradient_checkpointing']})"
+    )
+    print(
+        f"measured peak: fulltune reserved {ours:.2f} GiB (allocated {ours_alloc:.2f}), Trainer reserved "
+        f"{theirs:.2f} GiB; plan total / fulltune reserved {plan['total'] / gib / ours:.2f}, plan without "
+        f"the fixed overhead / allocated {(plan['total'] - plan['overhead']) / gib / ours_alloc:.2f}"
+    )
+    result.update(
+        {
+            "mfu": mfus,
+            "plan_memory": plan,
+            "fulltune_mem_reserved_gib": ours,
+            "fulltune_mem_allocated_gib": ours_alloc,
+            "hf_mem_reserved_gib": theirs,
+            "losses_bf16": {r["step"]: r["loss"] for r in runs.first},
+        }
+    )
+
+
+def report_numerics(a: argparse.Namespace, runs: TrainerComparison, result: dict) -> None:
+    """Print (and add to `result`) the bf16 loss curve against the float32 run's, step by step."""
+    bf = {r["step"]: r["loss"] for r in runs.first}
+    fp32 = runs.fp32
+    diffs = [abs(bf[r["step"]] - r["loss"]) / r["loss"] for r in fp32 if r["step"] in bf]
+    print("step  loss bf16  loss fp32")
+    for r in fp32:
+        if r["step"] in bf:
+            print(f"{r['step']:4d}  {bf[r['step']]:9.4f}  {r['loss']:9.4f}")
+    print(f"bf16 vs fp32 loss: max relative difference {max(diffs):.2%}, mean {statistics.mean(diffs):.2%}")
+    result.update(
+        {
+            "losses_fp32": {r["step"]: r["loss"] for r in fp32},
+            "fp32_step_s": statistics.median([r["step_time_s"] for r in fp32[a.warmup :]]),
+        }
+    )
+
+
+def main() -> None:
+    a = build_parser().parse_args()
+    if a.hf_worker:
+        hf_worker(json.loads(a.hf_worker))
+        return
+    env = rank_environment(a)
+    result: dict = {"args": {k: v for k, v in vars(a).items() if k != "hf_worker"}}
+    if a.report_to_overhead:
+        report_to_overhead(a, env, result)
+        return
+    if a.recompute_cost:
+        recompute_cost(a, env, result)
+        return
+    runs = run_fulltune_and_trainer(a, env)
+    med = report_step_times(a, env, runs, result)
+    if a.device == "cuda":
+        report_gpu(a, runs, med, result)
+        if runs.fp32:
+            report_numerics(a, runs, result)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=1))
 
