@@ -379,12 +379,8 @@ def report_to_overhead(a: argparse.Namespace, env: dict[str, str], result: dict)
     ):
         run_env = {**env, "MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else env
         med = time_variants(a, run_env, Path(tmp), variants)
-    ratios = {k: med[k] / med["none"] for k in variants if k != "none"}
-    for k, ratio in ratios.items():
+    for k, ratio in ratios_to_none(a, med, result).items():
         print(f"ratio {k} / none: {ratio:.3f}  (goal <= 1.03)")
-    result.update({"median_step_s": med, "ratio": ratios})
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(result, indent=2))
 
 
 def recompute_cost(a: argparse.Namespace, env: dict[str, str], result: dict) -> None:
@@ -400,10 +396,21 @@ def recompute_cost(a: argparse.Namespace, env: dict[str, str], result: dict) -> 
     }
     with tempfile.TemporaryDirectory(prefix="fulltune-bench-recompute-") as tmp:
         med = time_variants(a, env, Path(tmp), variants)
-    ratios = {k: med[k] / med["none"] for k in variants if k != "none"}
+    ratios = ratios_to_none(a, med, result)
     for (k, ratio), layers in zip(ratios.items(), (half, a.layers), strict=True):
         print(f"ratio {k} / none: {ratio:.3f}  (about {1 + layers / (3 * a.layers):.3f} expected)")
+
+
+def ratios_to_none(a: argparse.Namespace, med: dict[str, float], result: dict) -> dict[str, float]:
+    """Each variant's median step over the "none" variant's; with the medians, into `result` and
+    --json-out."""
+    ratios = {k: m / med["none"] for k, m in med.items() if k != "none"}
     result.update({"median_step_s": med, "ratio": ratios})
+    write_result(a, result)
+    return ratios
+
+
+def write_result(a: argparse.Namespace, result: dict) -> None:
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=2))
 
@@ -676,8 +683,7 @@ def main() -> None:
         report_gpu(a, runs, med, result)
         if runs.fp32:
             report_numerics(a, runs, result)
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(result, indent=1))
+    write_result(a, result)
 
 
 if __name__ == "__main__":
