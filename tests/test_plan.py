@@ -296,6 +296,8 @@ def test_the_parameter_copy_gives_way_to_a_faster_setting_and_forcing_it_is_chec
     assert any(n.startswith("ZeRO++ hierarchical partitioning off: its copy") for n in notes), notes
     forced_off = _gpu_cfg({"hierarchical_partitioning": False}, num_nodes=2, launcher="kubernetes")
     assert planmod.choose_memory_settings(forced_off, s)[0].hpz_partition_size == 1
+    offloaded = _gpu_cfg({"offload_param": True}, num_nodes=2, launcher="kubernetes")
+    assert planmod.choose_memory_settings(offloaded, s)[0].hpz_partition_size == 1
 
     base = {"model": {"base_model_uri": str(llama_dir)}, "data": {"train_uri": str(tmp_path / "x.jsonl")}}
     for resources, training, why in (

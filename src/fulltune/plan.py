@@ -472,12 +472,15 @@ def hpz_partition_sizes(cfg: RunConfig) -> list[int]:
     micro-step's parameters twice (gathered for the forward and again for the backward) and its
     gradients once over the network; a copy of the parameters partitioned within each node keeps the
     backward's gather on the node's own links, a third less traffic between nodes (docs/benchmarks.md,
-    "On paper"). One node has no network to save, and a node of one GPU no one to share the copy with."""
-    res, forced = cfg.resources, cfg.training.hierarchical_partitioning
+    "On paper"). One node has no network to save, a node of one GPU no one to share the copy with,
+    and parameters offloaded to CPU would be brought back to the GPU by it."""
+    res, tr = cfg.resources, cfg.training
     per_node = res.nproc_per_node
-    if forced:
+    if tr.hierarchical_partitioning:
         return [per_node]
-    if forced is False or res.accelerator == "cpu" or res.num_nodes == 1 or per_node == 1:
+    if tr.hierarchical_partitioning is False or tr.offload_param or res.accelerator == "cpu":
+        return [1]
+    if res.num_nodes == 1 or per_node == 1:
         return [1]
     return [per_node, 1]
 
