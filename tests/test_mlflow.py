@@ -139,3 +139,30 @@ def test_a_hung_server_neither_stalls_training_nor_fails_a_step(silent_server, t
         tracker.close({"steps": 50.0})
     assert "MLflow: cannot reach the run at" in caplog.text
     assert "did not take the last metrics within 2 s; left unsent" in caplog.text
+
+
+def test_a_resumed_attempt_sends_the_steps_a_killed_one_left_unsent(mlflow_env, tmp_path):
+    """The first attempt's sender got step 1 out, then the attempt was killed with steps 2-4 still
+    queued (its checkpoint at step 4 holds their records). The next attempt sends those three from
+    the checkpoint's records, not step 1 again, then its own: MLflow has steps 1-6 once each."""
+    cfg = run_config(tmp_path)
+    records = [StepRecord(step, 3.0 - step / 10, 1e-5, 1.0, 100, 1000.0, 0.1) for step in range(6)]
+    killed = MlflowRun.open(cfg, keep_trying=True)
+    killed.log_metrics([(1, {"train/loss": records[0].loss})])
+
+    resumed = MlflowRun.open(cfg, keep_trying=True)
+    assert resumed.run_id == killed.run_id
+    tracker = MlflowTracker(resumed, logging_steps=1, total_steps=6, send_interval_s=0.1)
+    tracker.backfill(records[:4])
+    for record in records[4:]:
+        tracker(record.step + 1, 0, record)
+    tracker.close()
+    history = mlflow_env.get_metric_history(resumed.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(r.step + 1, r.loss) for r in records]
+    assert sorted(m.step for m in mlflow_env.get_metric_history(resumed.run_id, "train/grad_norm")) == [
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]  # the killed attempt had sent step 1's loss alone

@@ -107,6 +107,14 @@ class MlflowRun:
                 lambda i=i: self.client.log_batch(self.run_id, metrics=items[i : i + MAX_BATCH_METRICS]),
             )
 
+    def logged_steps(self, metric: str) -> set[int] | None:
+        """The steps at which the run has `metric`; None when the server cannot say."""
+        try:
+            return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+        except Exception as exc:  # noqa: BLE001 - tracking never fails a run
+            log.warning("MLflow: cannot read %s of run %s: %s", metric, self.run_id, _short(exc))
+            return None
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 

@@ -167,7 +167,9 @@ class Recipe:
             max_forgetting=self.cfg.evaluation.max_general_ppl_increase,
             history=self.records,
         )
-        self.trackers = build_trackers(self.cfg, self.ranks.rank, self.sched.total_steps, self.first_step)
+        self.trackers = build_trackers(
+            self.cfg, self.ranks.rank, self.sched.total_steps, self.first_step, self.records
+        )
         self.step_end = (*self.step_end, *self.trackers)  # training.report_to: rank 0's trackers
 
     def _log(self, msg: str, *args: Any) -> None:

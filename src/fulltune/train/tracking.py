@@ -17,7 +17,9 @@ A restarted attempt resumes from its newest checkpoint and runs the steps after 
 TensorBoard writer starts with a purge at the first of those steps, so TensorBoard hides what the
 failed attempt wrote from there on and each step shows once, with the figures of the timeline the
 model carries. MLflow keeps every value it was sent: a re-run step has two, and the newer is the
-run's (`get_metric_history` lists them in the order they were logged).
+run's (`get_metric_history` lists them in the order they were logged). An attempt killed before its
+sender ran (below) leaves steps unsent; the next attempt sends those of them up to its checkpoint
+from the checkpoint's records, so MLflow has every step.
 
 MLflow (`fulltune.mlflow_run`): the pipeline run's MLflow run gets the config as params and as
 `config.yaml` at the start, the same scalars as metrics, and the final figures (`metrics.
@@ -35,6 +37,7 @@ import logging
 import queue
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +56,15 @@ log = logging.getLogger("fulltune.train")
 
 
 def build_trackers(
-    cfg: RunConfig, rank: int, total_steps: int, first_step: int = 0
+    cfg: RunConfig,
+    rank: int,
+    total_steps: int,
+    first_step: int = 0,
+    history: Sequence[StepRecord] = (),
 ) -> list[TensorBoardTracker | MlflowTracker]:
     """The trackers `training.report_to` asks for, on rank 0; none elsewhere or for 'none'.
-    `first_step`: the optimizer steps already done (by the checkpoint this attempt resumed from)."""
+    `first_step`: the optimizer steps already done (by the checkpoint this attempt resumed from);
+    `history`: their records, from that checkpoint."""
     from fulltune.mlflow_run import MlflowRun, config_params
 
     if rank != 0:
@@ -73,7 +81,9 @@ def build_trackers(
         run.set_status("RUNNING")
         run.log_params(config_params(cfg))
         run.log_text(cfg.to_yaml(), "config.yaml")
-        trackers.append(MlflowTracker(run, cfg.training.logging_steps, total_steps))
+        mlflow = MlflowTracker(run, cfg.training.logging_steps, total_steps)
+        mlflow.backfill(history)
+        trackers.append(mlflow)
     return trackers
 
 
@@ -101,6 +111,13 @@ class MlflowTracker:
         if done % self.logging_steps == 0 or done == self.total_steps:
             self._outbox.put(("metrics", self._steps))
             self._steps = []
+
+    def backfill(self, history: Sequence[StepRecord]) -> None:
+        """Send the records of the steps before this attempt's first that the run lacks: a failed
+        attempt's sender may not have sent its last ones. Which are missing is asked of the server
+        from the sender thread, as every request is."""
+        if history:
+            self._outbox.put(("backfill", [(r.step + 1, step_scalars(r)) for r in history]))
 
     def close(self, final: dict[str, float] | None = None, failed: bool = False) -> None:
         """Send what is left, the final figures and the run's status; wait at most close_timeout_s."""
@@ -130,13 +147,20 @@ class MlflowTracker:
                     items.append(self._outbox.get_nowait())
             closing = None in items
             items = [item for item in items if item is not None]
-            steps = [step for kind, payload in items if kind == "metrics" for step in payload]
+            steps = [step for kind, payload in items if kind == "backfill" for step in self._missing(payload)]
+            steps += [step for kind, payload in items if kind == "metrics" for step in payload]
             if steps:
                 self.run.log_metrics(steps)
             for status in [payload for kind, payload in items if kind == "status"]:
                 self.run.set_status(status)
             if not closing:
                 self._closing.wait(self.send_interval_s)
+
+    def _missing(self, steps: list[tuple[int, dict[str, float]]]) -> list[tuple[int, dict[str, float]]]:
+        """The `steps` the run has no train/loss for; all of them if the server cannot say (a step
+        sent twice keeps its value)."""
+        logged = self.run.logged_steps("train/loss") or set()
+        return [(step, values) for step, values in steps if step not in logged]
 
 
 class TensorBoardTracker:
