@@ -397,7 +397,7 @@ def estimate_memory(
     if offload_params:
         bytes_per_param -= 2.0  # bf16 partitions live in CPU memory too
     model_states = shape.params * bytes_per_param / world_size
-    secondary = 2.0 * shape.params / hpz_partition_size if hpz_partition_size > 1 else 0.0
+    secondary = hpz_copy_bytes(shape, hpz_partition_size)
     gathered = 4.0 * max(shape.largest_layer_params, shape.block_params if shape.block_leaf_threshold else 0)
     tokens = seq_len * micro_batch
     inter = shape.intermediate_size or 4 * shape.hidden_size
@@ -483,6 +483,12 @@ def hpz_partition_sizes(cfg: RunConfig) -> list[int]:
     if res.num_nodes == 1 or per_node == 1:
         return [1]
     return [per_node, 1]
+
+
+def hpz_copy_bytes(shape: ModelShape, partition_size: int) -> float:
+    """Bytes per GPU of hpZ's 16-bit copy of the parameters partitioned over `partition_size` GPUs
+    (1: no copy)."""
+    return 2.0 * shape.params / partition_size if partition_size > 1 else 0.0
 
 
 def candidate_settings(
@@ -634,7 +640,7 @@ def _hpz_notes(e: MemoryEstimate, tried: list[int], shape: ModelShape) -> list[s
         ]
     if max(tried) > 1:
         return [
-            f"ZeRO++ hierarchical partitioning off: its copy of the parameters ({_gib(2.0 * shape.params / max(tried))} "
+            f"ZeRO++ hierarchical partitioning off: its copy of the parameters ({_gib(hpz_copy_bytes(shape, max(tried)))} "
             "per GPU) does not fit beside the chosen setting"
         ]
     return []
