@@ -244,6 +244,7 @@ class Check:
                 "PROFILE_OUT": str(self.out / f"profile{tag}.txt"),
                 "PROFILE_AFTER_STEP": str(timed),
                 "PROFILE_STEPS": "2",
+                "PROFILE_STACK": "1",  # name the host code the device waited for (gpu_gaps)
             }
         log = root / f"trainer{tag}.log"
         records = ts.run_fulltune(root, inputs, a, env, tag, entry=entry, timeout=timeout, log=log)

@@ -3,11 +3,13 @@
 The GPU check runs this instead of `python -m fulltune.train` where it wants to know where a step's
 time goes. A step-end callback starts `torch.profiler` after step PROFILE_AFTER_STEP and stops it
 PROFILE_STEPS steps later; rank 0 writes the operator table (sorted by device time on a GPU, CPU
-time otherwise) and the summary line to PROFILE_OUT. Everything else is the production code path
+time otherwise), the summary line and, on a GPU, where the device waited (`gpu_gaps`: idle gaps and
+the host code that ran during them; with PROFILE_STACK=1 named by Python frame) to PROFILE_OUT. Everything else is the production code path
 (`fulltune.train.recipe.main`); the steps under the profiler are slower, so the caller leaves them
 out of its timings.
 
-    PROFILE_OUT=profile.txt PROFILE_AFTER_STEP=8 PROFILE_STEPS=2 torchrun ... profiled_trainer.py ...
+    PROFILE_OUT=profile.txt PROFILE_AFTER_STEP=8 PROFILE_STEPS=2 PROFILE_STACK=1 \
+        torchrun ... profiled_trainer.py ...
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 
 import torch
+from gpu_gaps import profile_gaps
 
 from fulltune.train.recipe import main
 
@@ -24,8 +27,8 @@ from fulltune.train.recipe import main
 class StepProfiler:
     """A step-end callback: profile steps (after, after + steps]; write the table once they are done."""
 
-    def __init__(self, out: str, after: int, steps: int):
-        self.out, self.after, self.steps = out, after, steps
+    def __init__(self, out: str, after: int, steps: int, with_stack: bool = False):
+        self.out, self.after, self.steps, self.with_stack = out, after, steps, with_stack
         self.prof = None
         self.t0 = 0.0
 
@@ -34,7 +37,7 @@ class StepProfiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=activities)
+            self.prof = torch.profiler.profile(activities=activities, with_stack=self.with_stack)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
         elif self.prof is not None and done == self.after + self.steps:
@@ -56,8 +59,11 @@ class StepProfiler:
             sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30
         )
         busy = f"device busy {device_us / 1e6 / wall_s:.1%} of the wall time" if cuda else "no device"
+        t0 = time.perf_counter()
+        gaps = profile_gaps(self.prof.events())
+        gaps += f"(read from the events in {time.perf_counter() - t0:.1f} s)\n"
         with open(self.out, "w") as f:
-            f.write(f"{self.steps} steps in {wall_s:.3f} s under the profiler; {busy}\n{table}\n")
+            f.write(f"{self.steps} steps in {wall_s:.3f} s under the profiler; {busy}\n{table}\n\n{gaps}")
 
 
 if __name__ == "__main__":
@@ -65,5 +71,6 @@ if __name__ == "__main__":
         os.environ["PROFILE_OUT"],
         int(os.environ["PROFILE_AFTER_STEP"]),
         int(os.environ.get("PROFILE_STEPS", "2")),
+        with_stack=os.environ.get("PROFILE_STACK") == "1",
     )
     sys.exit(main(step_end=[profiler]))

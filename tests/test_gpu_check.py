@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,58 @@ def test_dry_run_measures_each_trainer_on_the_same_batches_and_writes_its_report
     assert "steps in" in profile and "aten::mm" in profile
     md = (out / "gpu_check.md").read_text()
     assert "| tiny/fsdp2 |" in md and "| step | tiny/plan | tiny/fsdp2 |" in md
+
+
+def _gpu_gaps():
+    """benchmarks/gpu_gaps.py (a script beside the GPU check, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_gaps", ROOT / "benchmarks" / "gpu_gaps.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gap_report_adds_up_the_device_idle_time_per_host_frame():
+    """Kernels on two streams that overlap count once; the idle time is counted by gap size and given
+    to the innermost host frame at each gap's middle, the frame that kept the device waiting longest
+    first."""
+    gaps = _gpu_gaps()
+    kernels = [(0, 1000), (500, 1500), (1550, 2000), (5000, 6000), (6050, 9000), (11000, 12000)]
+    spans = [
+        gaps.HostSpan(0, 12000, "train_step"),
+        gaps.HostSpan(2000, 5000, "fetch_sub_module"),  # inside train_step: the gap at 3500 is its
+        gaps.HostSpan(9000, 11000, "engine.step"),
+    ]
+    report = gaps.summarise(kernels, spans, window=(0, 12000), min_gap_us=200)
+    # idle: 1500-1550 (50 us), 2000-5000 (3 ms), 6000-6050 (50 us), 9000-11000 (2 ms): 5.1 of 12 ms
+    assert "device busy 57.5% of 12.0 ms" in report
+    assert "0-0.1 ms: 2 gaps, 0.1 ms" in report and "over 1 ms: 2 gaps, 5.0 ms" in report
+    by_frame = report.split("by the host frame at each gap's middle:\n")[1].splitlines()
+    assert by_frame[0].split() == ["3.0", "ms", "1", "gaps", "fetch_sub_module"]
+    assert by_frame[1].split() == ["2.0", "ms", "1", "gaps", "engine.step"]
+    assert len(by_frame) == 2  # the 50 us gaps are launch overhead, not given to a frame
+    assert gaps.summarise([], spans, window=(0, 1)) == "no device kernels recorded\n"
+
+
+def test_gap_report_reads_the_profilers_events_and_names_the_caller_outside_torch():
+    """From `torch.profiler` events: device kernels against host frames, each frame named with the
+    nearest enclosing frame outside torch (the library whose hook it runs), runtime calls left out."""
+    from types import SimpleNamespace as Event
+
+    def event(name, start, end, device="DeviceType.CPU", parent=None):
+        return Event(name=name, time_range=Event(start=start, end=end), device_type=device, cpu_parent=parent)
+
+    hook = event("deepspeed/runtime/zero/parameter_offload.py(358): _pre_forward_module_hook", 0, 4000)
+    torch_frame = event("torch/nn/modules/module.py(2881): named_modules", 1000, 3000, parent=hook)
+    events = [
+        hook,
+        torch_frame,
+        event("cudaLaunchKernel", 1900, 2100, parent=torch_frame),
+        event("nvjet_sm90_gemm", 0, 1000, device="DeviceType.CUDA"),
+        event("nvjet_sm90_gemm", 3000, 4000, device="DeviceType.CUDA"),
+    ]
+    report = _gpu_gaps().profile_gaps(events)
+    assert "device busy 50.0% of 4.0 ms" in report
+    assert "2.0 ms      1 gaps  torch/nn/modules/module.py(2881): named_modules  <  deepspeed/" in report
