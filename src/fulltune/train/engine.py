@@ -72,12 +72,17 @@ def init_distributed(cfg: RunConfig) -> Ranks:
     deepspeed = import_deepspeed()
 
     cpu = cfg.resources.accelerator == "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, as is LOCAL_WORLD_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cpu:
+        # DeepSpeed's CPU accelerator counts a node's "devices" from LOCAL_SIZE, which its own launcher
+        # sets and torchrun does not; without it, it runs `numactl --hardware` in a subprocess on every
+        # gradient bucket ZeRO-3 reduces (a fork of this process, ~0.5 ms each, many per step).
+        os.environ.setdefault("LOCAL_SIZE", str(local_world))
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world != cfg.world_size:
         log.warning("world size %d differs from the config's %d (nodes x processes)", world, cfg.world_size)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, as is LOCAL_WORLD_SIZE
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if cpu:
         device = torch.device("cpu")
     else:
