@@ -9,9 +9,9 @@ this module reads the profiler's events for that:
   overlap count once);
 - the idle gaps, counted by size: many short ones are launch overhead spread over the step, a few
   long ones are the host doing something else (a hook, a sync, the loop between steps);
-- for each gap of at least `min_gap_us`, the innermost Python frame (with `with_stack=True`) or
-  operator that spanned its middle on the host: the idle time is added up per frame, so the
-  host code that kept the device waiting longest comes first.
+- for each gap of at least `min_gap_us`, the host frame that spanned its middle: the innermost
+  Python frame outside torch (with `with_stack=True`; without it, the innermost operator). The idle
+  time is added up per frame, so the host code that kept the device waiting longest comes first.
 
 Pure functions over (start, end) intervals in microseconds; `profile_gaps` adapts
 `torch.profiler`'s events to them.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 # Gap sizes to count: under 0.1 ms is the time between two launches; over 1 ms, the host was elsewhere.
 GAP_BINS_US = (100.0, 1000.0)
+TORCH_FRAMES = ("torch/", "aten::", "<built-in", "cuda", "autograd::", "nn.Module:")
 
 
 @dataclass(frozen=True)
@@ -117,19 +118,18 @@ def profile_gaps(events, min_gap_us: float = 200.0) -> str:
             continue
         host.append(interval)
         if not e.name.startswith(("cuda", "<built-in")):  # runtime calls: what was launched, not who
-            spans.append(HostSpan(*interval, with_caller(e)))
+            spans.append(HostSpan(*interval, outside_torch(e)))
     if not host:
         return "no events recorded\n"
     window = (min(s for s, _ in host), max(e for _, e in host))
     return summarise(kernels, spans, window, min_gap_us)
 
 
-def with_caller(event) -> str:
-    """The event's name, and the nearest enclosing frame outside torch: `torch/nn/modules/module.py:
-    _call_impl` says little until it is known which library's hook or loop called it."""
-    parent = event.cpu_parent
-    while parent is not None and parent.name.startswith(("torch/", "aten::", "<built-in", "cuda")):
-        parent = parent.cpu_parent
-    if parent is None or event.name == parent.name:
-        return event.name
-    return f"{event.name}  <  {parent.name}"
+def outside_torch(event) -> str:
+    """The nearest frame, this one or an enclosing one, outside torch and its runtime: a gap spent in
+    `torch/nn/modules/module.py: named_modules` is worth acting on once it is known which library's
+    hook called it, and keying by that library frame keeps one hook's gaps in one row."""
+    frame = event
+    while frame is not None and frame.name.startswith(TORCH_FRAMES):
+        frame = frame.cpu_parent
+    return frame.name if frame is not None else event.name
