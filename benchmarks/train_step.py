@@ -543,6 +543,10 @@ def rank_environment(a: argparse.Namespace) -> dict[str, str]:
     }
     cores = len(os.sched_getaffinity(0))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // a.nproc)))
+    if a.device == "cpu":
+        # as DeepSpeed's own launcher sets it, for the Trainer too (fulltune's trainer sets it itself):
+        # without it DeepSpeed's CPU accelerator forks `numactl` on every gradient bucket
+        env.setdefault("LOCAL_SIZE", str(a.nproc))
     return env
 
 
