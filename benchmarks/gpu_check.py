@@ -7,21 +7,14 @@ profiler tables): a run cut short still returns every figure taken before the cu
     make gpu-check OUT=gpu-out                # on the GPU machine (benchmarks/gpu_check.sh)
     make gpu-check OUT=gpu-out ARGS=--dry-run # the same code paths, tiny shapes, on CPU
 
-Runs, in order (each its own `torchrun`, one GPU, bf16, seq 2048, Markov-chain data, constant
-learning rate so every trainer's first losses can be set side by side):
-
-- `0.9b/plan`: fulltune as `plan` configures it (ZeRO-3 buckets from the model's size, each decoder
-  layer one ZeRO-3 leaf, the micro batch and loss path plan picks); profiled;
-- `0.9b/fsdp2`: a plain FSDP2 loop (`benchmarks/fsdp2_step.py`) on the same model and batches;
-- `1b/plan`, `1b/fsdp2`: the Llama-3.2-1B shape (128k vocabulary, tied), the issue's goal;
-- `1b/compile`: `training.torch_compile` at 1B (compiling takes a minute or two);
-- `3b/plan`: the Llama-3.2-3B shape;
-- `0.9b/hf-trainer`: the HF Trainer with plan's DeepSpeed JSON and batch sizes;
-- `0.9b/no-leaf`: ZeRO-3 hooks on every linear and norm (no granularity threshold), what the leaf
-  modules save;
-- `0.9b/plan-chunked-loss`: the chunked loss forced (what it costs where it is not needed);
-- `0.9b/hf-rule`: ZeRO-3 buckets of Hugging Face's "auto" rule (reduce h^2, prefetch 0.9 h^2,
-  persistence 10 h), the configuration of the earlier 14% MFU.
+Runs (each its own `torchrun`, one GPU, bf16, seq 2048, Markov-chain data, constant learning rate so
+every trainer's first losses can be set side by side), in the order `gpu_runs()` lists them, the
+issue's goals first: fulltune as `plan` configures it (`*/plan`; the 1B one profiled), the same with
+Liger's kernels, `torch.compile` or selective recomputation, the HF Trainer with plan's DeepSpeed JSON
+and batch sizes (`*/hf-trainer`), a plain FSDP2 loop on the same model and batches (`*/fsdp2`,
+`benchmarks/fsdp2_step.py`), and variants of plan's ZeRO-3 section (`apply_zero_variants`): DeepSpeed's
+linear function left out, hooks on every module, Hugging Face's bucket rule. Shapes: Llama-3.2-1B and
+3B (128k vocabulary, tied), and the 0.9B of the earlier measurements.
 
 Per run: median step (the first `warmup` steps and any profiled steps left out), tokens/s, MFU
 (6N + attention FLOPs per token over the device's dense bf16 peak, the trainer's own formula), peak
@@ -61,7 +54,7 @@ SHAPES = {
     "3b": dict(hidden=3072, layers=28, head_dim=128, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     "tiny": dict(hidden=64, layers=2, head_dim=16, kv_heads=2, intermediate=160, vocab=0, tied=False),
 }
-HF_RULE, NO_LEAF = "hf-rule", "no-leaf"  # ZeRO-3 variants on top of plan's JSON
+HF_RULE, NO_LEAF, PLAIN_LINEAR = "hf-rule", "no-leaf", "plain-linear"  # ZeRO-3 variants on plan's JSON
 
 
 @dataclass
@@ -73,7 +66,7 @@ class Run:
     gas: int = 2
     steps: int = 14
     training: dict = field(default_factory=dict)
-    zero: tuple[str, ...] = ()  # ZeRO-3 variants applied to plan's JSON: HF_RULE, NO_LEAF
+    zero: tuple[str, ...] = ()  # ZeRO-3 variants applied to plan's JSON: HF_RULE, NO_LEAF, PLAIN_LINEAR
     profile: bool = False
     expect_s: float = 50.0  # start-up, steps and save on an H200 (seen: 40-66 s), to keep within the budget
 
@@ -99,6 +92,9 @@ def gpu_runs() -> list[Run]:
         Run(
             "1b/recompute-4-of-16", "1b", training={"gradient_checkpointing_layers": 4}, steps=12, expect_s=55
         ),
+        # torch's own linear instead of DeepSpeed's autograd function around every matmul: host time
+        # against memory (apply_zero_variants)
+        Run("1b/plain-linear", "1b", zero=(PLAIN_LINEAR,), steps=14, expect_s=55),
         Run("0.9b/plan", "0.9b", steps=20, expect_s=50),
         Run("0.9b/fsdp2", "0.9b", kind="fsdp2", steps=20, expect_s=35),
         Run("0.9b/hf-trainer", "0.9b", kind="hf-trainer", steps=20, expect_s=45),
@@ -146,7 +142,14 @@ def apply_zero_variants(deepspeed_json: str, variants: tuple[str, ...], shape: d
     """Rewrite plan's ZeRO-3 section with the run's variants:
     - HF_RULE: Hugging Face's "auto" buckets, the configuration measured before;
     - NO_LEAF: no module granularity threshold: ZeRO-3 fetches and releases every linear and norm
-      with its own hooks, as before plan made each decoder layer one leaf."""
+      with its own hooks, as before plan made each decoder layer one leaf;
+    - PLAIN_LINEAR: `memory_efficient_linear` off: DeepSpeed leaves torch.nn.functional.linear as it
+      is, instead of an autograd function of its own (Python on the host at every matmul, forward and
+      backward) whose point is that the gathered weights are not kept alive from the forward to the
+      backward. Off, they are (DeepSpeed PR #8189: the materialised weights of the linears stay
+      between forward and backward): up to the whole 16-bit model per GPU, which plan does not
+      count. The run measures what the function costs in host time, and the peak memory what
+      leaving it out costs."""
     ds = json.loads(Path(deepspeed_json).read_text())
     zero, h = ds["zero_optimization"], shape["hidden"]
     if HF_RULE in variants:
@@ -157,6 +160,8 @@ def apply_zero_variants(deepspeed_json: str, variants: tuple[str, ...], shape: d
         )
     if NO_LEAF in variants:
         zero["stage3_module_granularity_threshold"] = 0
+    if PLAIN_LINEAR in variants:
+        zero["memory_efficient_linear"] = False
     Path(deepspeed_json).write_text(json.dumps(ds, indent=2))
 
 
@@ -431,7 +436,7 @@ def markdown(doc: dict) -> str:
 
 def loss_table(runs: list[dict]) -> list[str]:
     """The losses of the first 20 steps of the runs that train the same model on the same batches."""
-    kinds = ("plan", "liger", "compile", "hf-trainer", "fsdp2")
+    kinds = ("plan", "liger", "compile", "plain-linear", "hf-trainer", "fsdp2")
     same = [r for r in runs if r.get("losses") and r["name"].split("/")[1] in kinds]
     if not same:
         return []
