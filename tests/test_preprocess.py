@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -122,6 +123,65 @@ def test_chat_labels_are_exactly_the_assistant_turns(demo_assets, tmp_path, tok)
         for m in row["messages"]:
             if m["role"] == "assistant":
                 assert (m["content"] in text) is (i not in held_out)
+
+
+def _loss_text(tok, ids: list[int], labels: list[int]) -> str:
+    return tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_a_conversation_opening_with_the_assistant_trains_on_the_answers_only(tok):
+    """A canned greeting before the user speaks answers nothing: context, no loss; the answer after
+    the user's turn carries loss, and the conversation's final EOS with it."""
+    greeting = [
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "My eGFR is 41."},
+        {"role": "assistant", "content": "That is CKD stage 3b."},
+    ]
+    ids, labels = core.chat_example(greeting, tok, loss_all=False)
+    taught = _loss_text(tok, ids, labels)
+    assert "CKD stage 3b" in taught and "how can I help" not in taught and "eGFR is 41" not in taught
+    assert labels[-1] == ids[-1] == tok.eos_token_id
+
+
+def test_the_eos_after_a_users_last_turn_carries_no_loss(tok):
+    """A conversation that ends with the user: the model must not learn to stop where it should answer."""
+    ending_with_user = [
+        {"role": "user", "content": "My eGFR is 41."},
+        {"role": "assistant", "content": "That is CKD stage 3b."},
+        {"role": "user", "content": "Thanks."},
+    ]
+    ids, labels = core.chat_example(ending_with_user, tok, loss_all=False)
+    assert "CKD stage 3b" in _loss_text(tok, ids, labels)
+    assert ids[-1] == tok.eos_token_id and labels[-1] == IGNORE_INDEX
+
+
+def test_a_template_refusing_a_conversation_is_an_error_at_its_record(tok, tmp_path):
+    """Templates such as Mistral's refuse roles out of order; check_tokenizer renders a sample, so a
+    refusal further in the data surfaces in preprocessing: named with the file and line, no traceback
+    of jinja's."""
+    from fulltune.data.records import Location, Record
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['role'] + ':\\n' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
+    )
+    twice_user = [
+        {"role": "user", "content": "Hi."},
+        {"role": "user", "content": "My eGFR is 41."},
+        {"role": "assistant", "content": "CKD stage 3b."},
+    ]
+    record = Record(kind="chat", loc=Location(str(tmp_path / "train.jsonl"), line=4001), messages=twice_user)
+    with pytest.raises(
+        core.PreprocessError, match=r"train\.jsonl:4001: the chat template refuses .*alternate"
+    ):
+        core.located_chat_example(record, strict, loss_all=False)
+    ids, labels = core.located_chat_example(  # the same template accepts a conversation in order
+        Record(kind="chat", loc=record.loc, messages=[twice_user[0], twice_user[2]]), strict, loss_all=False
+    )
+    assert "CKD stage 3b" in _loss_text(strict, ids, labels)
 
 
 def _chat_text(row: dict) -> str:

@@ -231,8 +231,21 @@ def tokenize(records: list[Record], kind: str, enc: Encoder, loss_all: bool) -> 
             ids.append(p + c)
             labels.append((p if loss_all else [IGNORE_INDEX] * len(p)) + c)
         return Docs.from_lists(ids, labels)
-    pairs = [chat_example(r.messages, enc.tok, loss_all) for r in records]
+    pairs = [located_chat_example(r, enc.tok, loss_all) for r in records]
     return Docs.from_lists([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def located_chat_example(record: Record, tok, loss_all: bool) -> tuple[list[int], list[int]]:
+    """`chat_example`, a template's refusal of the conversation named with the record's place (a
+    template may refuse conversations check_tokenizer's sample did not hold: roles out of order)."""
+    try:
+        return chat_example(record.messages, tok, loss_all)
+    except PreprocessError as exc:
+        raise PreprocessError(f"{record.loc}: {exc}") from exc
+    except Exception as exc:  # jinja's TemplateError, or whatever the template raises
+        raise PreprocessError(
+            f"{record.loc}: the chat template refuses this conversation: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[list[int], list[int]]:
@@ -240,12 +253,14 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
 
     The span of each assistant turn in the rendered text is found by rendering the prefix with a
     generation prompt and the prefix including the turn; tokens whose characters start inside a
-    span carry loss. This works for any template that renders prefixes stably.
+    span carry loss. This works for any template that renders prefixes stably. An assistant turn
+    that opens the conversation (a canned greeting) answers nothing: it is context, without loss
+    (and there is no empty conversation to render a generation prompt from).
     """
     full = tok.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i == 0:
             continue
         start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
         end = len(tok.apply_chat_template(messages[: i + 1], tokenize=False))
@@ -260,8 +275,11 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
     else:
         offsets = list(enc["offset_mapping"])
     labels = []
+    # the EOS preprocessing appends ends the last turn: taught only where that turn is the assistant's
+    # (after a user's turn it would teach the model to stop where it should answer)
+    eos_loss = bool(spans) and messages[-1]["role"] == "assistant"
     for tid, (a, _b) in zip(ids, offsets, strict=True):
-        in_span = any(s <= a < e for s, e in spans) or (a == len(full) and spans)
+        in_span = any(s <= a < e for s, e in spans) or (a == len(full) and eos_loss)
         labels.append(tid if (loss_all or in_span) else IGNORE_INDEX)
     return ids, labels
 
