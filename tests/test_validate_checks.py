@@ -213,6 +213,29 @@ def test_csv_and_hf_save_to_disk_inputs(tmp_path):
     ]
 
 
+def test_a_csv_document_longer_than_the_csv_modules_field_limit_stays_one_record(tmp_path):
+    """Python's csv refuses fields over 128 KiB and reads on from inside them; a 211k-character
+    document with newlines must stay one record (its length is data.max_chars' to judge), also
+    gzipped, and a directory's .csv.gz files are data too."""
+    import gzip
+
+    long_doc = "\n".join(f"Line {i} of a long discharge summary, HbA1c 7.1%." for i in range(4200))
+    assert len(long_doc) > 211_000
+    rows = [f"document {i} about glucose" for i in range(5)]
+    body = "text\n" + "".join(f'"{t}"\n' for t in [*rows[:2], long_doc, *rows[2:]])
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "t.csv").write_text(body)
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "zipped" / "t.csv.gz").write_bytes(gzip.compress(body.encode()))
+    for folder in ("plain", "zipped"):
+        uri = str(tmp_path / folder)
+        texts = [r.text for r in iter_records(uri, cfg(uri).data)]
+        assert texts == [*rows[:2], long_doc, *rows[2:]], folder
+        report = validate_data(cfg(uri), tmp_path / f"out-{folder}")
+        train = report["datasets"]["train"]
+        assert (train["records"], train["bad_records"]) == (6, 0), folder
+
+
 def test_length_histogram_in_report_and_html(tmp_path):
     rows = [{"text": "x" * n} for n in (1, 3, 3, 40)]
     train = write_jsonl(tmp_path / "t.jsonl", rows)

@@ -91,7 +91,7 @@ class CheckPolicy(_Section):
 class DataSection(_Section):
     train_uri: str = Field(
         "",
-        description="Domain training data: a JSONL (.jsonl, .jsonl.gz), Parquet or CSV file (header row), a Hugging Face "
+        description="Domain training data: a JSONL (.jsonl, .jsonl.gz), Parquet or CSV (.csv, .csv.gz; header row) file, a Hugging Face "
         "save_to_disk directory (one split), or a directory or glob of them; local or s3://.",
     )
     eval_uri: str | None = Field(

@@ -33,7 +33,10 @@ from typing import IO, Any
 from fulltune import storage
 from fulltune.config import DataSection
 
-DATA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet", "*.csv", "*.arrow")
+DATA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet", "*.csv", "*.csv.gz", "*.arrow")
+# Python's csv module refuses a field over 128 KiB and then reads on from inside it, each later line of
+# that one document a record of its own. A record's length is data.max_chars' business (too_long).
+CSV_FIELD_LIMIT = 2**31 - 1  # the largest the module takes on every platform (a C long)
 # Metadata of a Hugging Face `save_to_disk` directory: not records.
 HF_METADATA = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
 PARQUET_BATCH_ROWS = 8192
@@ -123,12 +126,13 @@ def iter_raw(uri: str) -> Iterator[RawRecord]:
 
 
 def iter_raw_file(path: str) -> Iterator[RawRecord]:
-    """Every row of one data file (JSONL, JSONL.gz or Parquet), parsed or with a coded error."""
+    """Every row of one data file (JSONL, Parquet, Arrow or CSV; JSONL and CSV also gzipped), parsed or
+    with a coded error."""
     if path.endswith(".parquet"):
         yield from _iter_parquet(path)
     elif path.endswith(".arrow"):
         yield from _iter_arrow(path)
-    elif path.endswith(".csv"):
+    elif path.endswith((".csv", ".csv.gz")):
         yield from _iter_csv(path)
     else:
         yield from _iter_jsonl(path)
@@ -323,6 +327,7 @@ def _iter_csv(path: str) -> Iterator[RawRecord]:
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
         # strict: a quote that never closes (or text after a closing quote) is an error at the row
         # where it starts, instead of the rest of the file read as one field of one record
+        csv.field_size_limit(CSV_FIELD_LIMIT)
         reader = csv.reader(text, strict=True)
         header: list[str] | None = None
         lineno = 0  # physical lines consumed so far; a record starts on the next one

@@ -100,7 +100,7 @@ class DatasetCheck:
             return check_file_precisely(rows, file_index, path)
         if path.endswith((".parquet", ".arrow")):
             return check_arrow_file(rows, file_index, path, fields)
-        if path.endswith(".csv"):
+        if path.endswith((".csv", ".csv.gz")):
             return check_csv_file(rows, file_index, path, fields)
         workers = span_workers(self.cfg, path)
         if workers > 1:
