@@ -92,6 +92,16 @@ def parquet_number_column(tmp: Path) -> Case:
 
 
 @case
+def parquet_column_named_twice(tmp: Path) -> Case:
+    """Two `text` columns: validate_data read the first, check_tokenizer the second."""
+    table = pa.Table.from_arrays(
+        [pa.array(["a document", "another"]), pa.array([1, 2])], names=["text", "text"]
+    )
+    p = parquet(tmp / "t.parquet", table)
+    return Case(p, "unreadable_file", p)
+
+
+@case
 def parquet_garbage_bytes(tmp: Path) -> Case:
     p = tmp / "t.parquet"
     p.write_bytes(b"PAR1 this is not really parquet")

@@ -395,10 +395,23 @@ def iter_arrow_batches(path: str) -> Iterator[ArrowBatch | RawRecord]:
     suffix = ".parquet" if path.endswith(".parquet") else ".arrow"
     # Parquet needs random access (the schema is in the footer): an S3 object is spooled to disk.
     with storage.local_file(path, suffix) as local:
-        if suffix == ".parquet":
-            yield from _parquet_batches(local, path)
-        else:
-            yield from _arrow_batches(local, path)
+        batches = _parquet_batches(local, path) if suffix == ".parquet" else _arrow_batches(local, path)
+        for i, item in enumerate(batches):
+            if i == 0 and isinstance(item, ArrowBatch) and (twice := _repeated_name(item.batch.schema.names)):
+                # readers differ on which of the two they take: validated is not what would be trained
+                reason = f"column {twice!r} appears more than once: which one holds the records is ambiguous"
+                yield RawRecord(Location(path), code="unreadable_file", reason=reason)
+                return
+            yield item
+
+
+def _repeated_name(names: list[str]) -> str | None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 def _rows(path: str) -> Iterator[RawRecord]:
