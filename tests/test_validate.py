@@ -229,6 +229,23 @@ def test_empty_file(tmp_path):
     assert report["passed"] and problems(report)["empty_file"]["severity"] == "warning"
 
 
+def test_files_the_readers_skip_in_a_data_folder_are_named(tmp_path):
+    """A folder's .txt or upper-case .PARQUET is not read: a warning names each, so a user who
+    expected them in training finds out before it; Spark's bookkeeping files are not reported."""
+    data = tmp_path / "dir"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", GOOD)
+    for name in ("notes.txt", "B.PARQUET", "_SUCCESS", ".a.jsonl.crc"):
+        (data / name).write_text("x")
+    report = validate_data(make_cfg(data), tmp_path / "out")
+    skipped = problems(report)["skipped_file"]
+    assert report["passed"] and skipped["severity"] == "warning"
+    assert sorted(e["location"] for e in skipped["examples"]) == [
+        str(data / "B.PARQUET"),
+        str(data / "notes.txt"),
+    ]
+
+
 def test_eval_and_general_sets(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", GOOD)
     evalset = write_jsonl(tmp_path / "eval.jsonl", [GOOD[3], {"text": "held out"}])

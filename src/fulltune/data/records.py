@@ -119,6 +119,25 @@ def data_files(uri: str) -> list[str]:
     return files
 
 
+def skipped_files(uri: str) -> list[str]:
+    """Files in the data folder `uri` that no reader takes (a .txt, an upper-case .PARQUET), which
+    data_files leaves out; a glob or a single file names its files itself. Names starting with '.'
+    or '_' (Spark's _SUCCESS, checksum files) are bookkeeping, not data."""
+    if any(ch in uri for ch in "*?[{"):
+        return []
+    a_file = storage.exists(uri) if storage.is_s3(uri) else not os.path.isdir(uri)
+    if a_file:
+        return []
+    taken = set(storage.expand(uri, DATA_PATTERNS))
+    return [
+        f
+        for f in storage.list_files(uri)
+        if f not in taken
+        and not storage.basename(f).startswith((".", "_"))
+        and storage.basename(f) not in HF_METADATA
+    ]
+
+
 def iter_raw(uri: str) -> Iterator[RawRecord]:
     """Every row of every data file under `uri`, parsed or with a coded error."""
     for path in data_files(uri):

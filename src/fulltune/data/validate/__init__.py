@@ -17,7 +17,8 @@ secrets (the record is used; fail on any occurrence by default)
 warnings (the record is used; worth a look)
     duplicate (exact same content as an earlier record of the dataset), train_overlap (an eval
     record also in train: the eval loss would flatter the model), control_chars (C0/C1 control
-    characters), mojibake (U+FFFD or UTF-8 read as Latin-1, e.g. 'Ã©'), empty_file, kind_mismatch,
+    characters), mojibake (U+FFFD or UTF-8 read as Latin-1, e.g. 'Ã©'), empty_file, skipped_file (a
+    file in the data folder no reader takes, e.g. .txt), kind_mismatch,
     too_short / too_long (`data.min_chars`, `data.max_chars`), special_token_text (a special-token
     string such as '<|im_end|>' or '[INST]': the fixed SPECIAL_TOKEN_STRINGS plus the configured
     tokenizer's own special tokens when it loads), pii_email, pii_phone, pii_card (digits passing

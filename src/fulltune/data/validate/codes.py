@@ -27,6 +27,7 @@ CODES: dict[str, tuple[str, str]] = {
     "control_chars": ("warning", "control characters, usually extraction debris"),
     "mojibake": ("warning", "garbled characters from a wrong decode upstream"),
     "empty_file": ("warning", "a data file without records"),
+    "skipped_file": ("warning", "a file in the data folder of no format fulltune reads: not read"),
     "kind_mismatch": ("warning", "this dataset's record kind differs from train's"),
     "too_short": ("warning", "fewer characters than data.min_chars"),
     "too_long": ("warning", "more characters than data.max_chars"),

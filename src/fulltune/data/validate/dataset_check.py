@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fulltune.config import CheckPolicy, DataSection
-from fulltune.data.records import DataError, RecordError, data_files, resolve_kind
+from fulltune.data.records import (
+    DATA_PATTERNS,
+    DataError,
+    RecordError,
+    data_files,
+    resolve_kind,
+    skipped_files,
+)
 from fulltune.data.validate.duplicates import Duplicates
 from fulltune.data.validate.formats import (
     check_arrow_file,
@@ -69,6 +76,10 @@ class DatasetCheck:
             _raise_if_transient(exc)
             self.tally.add("no_data", str(exc).removeprefix(f"{self.uri}: "), self.uri)
             return None
+        for path in skipped_files(self.uri):
+            self.tally.add(
+                "skipped_file", f"not read: the folder's data files end in {', '.join(DATA_PATTERNS)}", path
+            )
         try:
             self.kind = resolve_kind(self.uri, self.cfg)
         except (RecordError, DataError, OSError):
