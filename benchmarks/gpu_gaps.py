@@ -67,10 +67,10 @@ def innermost(spans: list[HostSpan], starts: list[float], at: float, lookback: i
     starts). A thread's spans nest, so the innermost is the one that started last; across threads the
     latest is where the host was busiest (the autograd thread's hooks while the main thread waits in
     `backward`)."""
-    i = bisect.bisect_right(starts, at)
-    for span in reversed(spans[max(0, i - lookback) : i]):
-        if span.end >= at:
-            return span.name
+    last = bisect.bisect_right(starts, at) - 1
+    for i in range(last, max(-1, last - lookback), -1):
+        if spans[i].end >= at:
+            return spans[i].name
     return "(no frame or operator recorded)"
 
 

@@ -34,6 +34,7 @@ from fulltune import storage
 from fulltune.config import DataSection
 
 DATA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet", "*.csv", "*.csv.gz", "*.arrow")
+CSV_SUFFIXES = (".csv", ".csv.gz")  # read by _iter_csv; everything not Parquet, Arrow or CSV is JSONL
 # Python's csv module refuses a field over 128 KiB and then reads on from inside it, each later line of
 # that one document a record of its own. A record's length is data.max_chars' business (too_long).
 CSV_FIELD_LIMIT = 2**31 - 1  # the largest the module takes on every platform (a C long)
@@ -119,16 +120,13 @@ def data_files(uri: str) -> list[str]:
     return files
 
 
-def skipped_files(uri: str) -> list[str]:
-    """Files in the data folder `uri` that no reader takes (a .txt, an upper-case .PARQUET), which
-    data_files leaves out; a glob or a single file names its files itself. Names starting with '.'
-    or '_' (Spark's _SUCCESS, checksum files) are bookkeeping, not data."""
-    if any(ch in uri for ch in "*?[{"):
+def skipped_files(uri: str, data: list[str]) -> list[str]:
+    """Files in the data folder `uri` that no reader takes (a .txt, an upper-case .PARQUET): those
+    beside `data`, the files data_files found there. A glob or a single file names its files itself.
+    Names starting with '.' or '_' (Spark's _SUCCESS, checksum files) are bookkeeping, not data."""
+    if any(ch in uri for ch in "*?[{") or data == [uri]:
         return []
-    a_file = storage.exists(uri) if storage.is_s3(uri) else not os.path.isdir(uri)
-    if a_file:
-        return []
-    taken = set(storage.expand(uri, DATA_PATTERNS))
+    taken = set(data)
     return [
         f
         for f in storage.list_files(uri)
@@ -151,7 +149,7 @@ def iter_raw_file(path: str) -> Iterator[RawRecord]:
         yield from _iter_parquet(path)
     elif path.endswith(".arrow"):
         yield from _iter_arrow(path)
-    elif path.endswith((".csv", ".csv.gz")):
+    elif path.endswith(CSV_SUFFIXES):
         yield from _iter_csv(path)
     else:
         yield from _iter_jsonl(path)

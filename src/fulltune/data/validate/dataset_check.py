@@ -6,6 +6,7 @@ from typing import Any
 
 from fulltune.config import CheckPolicy, DataSection
 from fulltune.data.records import (
+    CSV_SUFFIXES,
     DATA_PATTERNS,
     DataError,
     RecordError,
@@ -76,7 +77,7 @@ class DatasetCheck:
             _raise_if_transient(exc)
             self.tally.add("no_data", str(exc).removeprefix(f"{self.uri}: "), self.uri)
             return None
-        for path in skipped_files(self.uri):
+        for path in skipped_files(self.uri, self.files):
             self.tally.add(
                 "skipped_file", f"not read: the folder's data files end in {', '.join(DATA_PATTERNS)}", path
             )
@@ -111,7 +112,7 @@ class DatasetCheck:
             return check_file_precisely(rows, file_index, path)
         if path.endswith((".parquet", ".arrow")):
             return check_arrow_file(rows, file_index, path, fields)
-        if path.endswith((".csv", ".csv.gz")):
+        if path.endswith(CSV_SUFFIXES):
             return check_csv_file(rows, file_index, path, fields)
         workers = span_workers(self.cfg, path)
         if workers > 1:
