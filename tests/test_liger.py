@@ -1,9 +1,10 @@
 """training.use_liger_kernel where the trainer cannot honour it: refused naming the field.
 
 Liger's kernels are Triton GPU kernels; CPU machines (and CI) have neither Triton nor the package, so
-what runs here is the refusal. The kernels themselves run in the GPU check (`1b/liger` beside
-`1b/plan`: step time and the first losses, docs/benchmarks.md); the patching was checked on CPU with
-liger-kernel 0.8.5 and triton 3.9.0 installed beside this environment (docs/benchmarks.md).
+what runs here is the refusal. The kernels themselves run in the GPU check (`1b/plan`, where plan
+turns them on, beside `1b/no-liger`: step time, memory and the first losses, docs/benchmarks.md);
+the patching was checked on CPU with liger-kernel 0.8.5 and triton 3.9.0 installed beside this
+environment (docs/benchmarks.md).
 """
 
 from __future__ import annotations

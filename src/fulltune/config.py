@@ -319,13 +319,15 @@ class TrainingSection(_Section):
         description="Compile the model with torch.compile (DeepSpeed's engine.compile). Off unless "
         "measured faster for the model: compilation costs minutes at start-up.",
     )
-    use_liger_kernel: bool = Field(
-        False,
+    use_liger_kernel: bool | None = Field(
+        None,
         description="Liger's fused Triton kernels (HF's name) for RMSNorm, the SwiGLU/GeGLU MLP and "
         "rotary embeddings: the elementwise work around the matrix products runs as one kernel each "
-        "instead of many small ones. GPU only; needs the liger-kernel package, which the trainer image "
-        "installs. The loss stays fulltune's own (plain, or chunked with loss_chunk_tokens). A model "
-        "type Liger has no kernels for is refused when training starts.",
+        "instead of many small ones, and keeps fewer activations. GPU only; needs the liger-kernel "
+        "package, which the trainer image installs. The loss stays fulltune's own (plain, or chunked "
+        "with loss_chunk_tokens). None lets plan decide: on for GPU runs of the dense model types it "
+        "has kernels for (a 1B Llama on an H200: 12-17% faster steps, 8 GiB less memory). true on a "
+        "model type Liger has no kernels for is refused when training starts.",
     )
     seed: int = Field(42, description="Seed for model initialisation of new parameters and the data order.")
     logging_steps: int = Field(

@@ -25,9 +25,32 @@ KERNELS = {
 }
 
 
-def apply(model) -> None:
-    """Patch `model` with Liger's kernels. ValueError (naming the field) when the package is missing
-    or has no kernels for the model's type."""
+# The dense text models plan turns the kernels on for (`training.use_liger_kernel` None): each has a
+# Liger entry point in liger-kernel 0.8.x (its MODEL_TYPE_TO_APPLY_LIGER_FN), and RMSNorm with a gated
+# MLP, the activations plan counts for Liger (`plan.layer_activation_bytes`). Multimodal and
+# mixture-of-experts types are left to an explicit `true`.
+PLAN_MODEL_TYPES = frozenset(
+    {
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "granite",
+        "llama",
+        "ministral",
+        "mistral",
+        "olmo2",
+        "olmo3",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "smollm3",
+    }
+)
+
+
+def entry_points():
+    """(Liger's patcher, its table of model types). ValueError naming the field when the package is
+    missing."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -36,14 +59,21 @@ def apply(model) -> None:
             f"training.use_liger_kernel: Liger's kernels cannot be imported ({exc}); the trainer image "
             "installs the liger-kernel package (pip install 'fulltune[liger]'), or set it false"
         ) from exc
+    return _apply_liger_kernel_to_instance, MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def apply(model) -> None:
+    """Patch `model` with Liger's kernels. ValueError (naming the field) when the package is missing
+    or has no kernels for the model's type."""
+    patch, model_types = entry_points()
     model_type = model.config.model_type
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+    if model_type not in model_types:
         raise ValueError(
             f"training.use_liger_kernel: Liger has no kernels for model type {model_type!r} (it has them "
-            f"for {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); set it false"
+            f"for {', '.join(sorted(model_types))}); set it false"
         )
     # Liger passes each architecture's patcher only the switches it takes
-    _apply_liger_kernel_to_instance(model=model, **KERNELS)
+    patch(model=model, **KERNELS)
 
 
 def summary(model_type: str) -> str:

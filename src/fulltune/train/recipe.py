@@ -56,7 +56,7 @@ from fulltune.train.engine import (
     load_model,
     read_deepspeed_config,
 )
-from fulltune.train.exit_codes import log_failure
+from fulltune.train.exit_codes import TrainInputError, log_failure
 from fulltune.train.loss import (
     EVAL_SPLIT,
     check_eval_split,
@@ -134,6 +134,11 @@ class Recipe:
 
         tr = self.cfg.training
         check_training(self.cfg)
+        if tr.use_liger_kernel:  # an image without the package fails here, not after loading the model
+            try:
+                liger.entry_points()
+            except ValueError as exc:
+                raise TrainInputError(str(exc)) from exc
         if tr.eval_steps:
             check_eval_split(self.args.dataset)  # before any rendezvous
         torch.manual_seed(tr.seed)
