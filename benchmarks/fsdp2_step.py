@@ -10,7 +10,8 @@ Spec keys: model_dir (Hugging Face model directory), dataset (fulltune dataset m
 split is read), micro (micro batch per rank), gas (accumulation steps), steps (optimizer steps),
 device ("cpu": gloo, float32; "cuda": NCCL, bf16 compute over float32 master weights), lr,
 weight_decay, max_grad_norm, out (the JSON file rank 0 writes); optional attn_implementation
-("sdpa"), activation_checkpointing (false), compile (false: torch.compile each decoder layer),
+("sdpa"), liger (false: fulltune's Liger kernels, `fulltune.train.liger.apply`), activation_checkpointing
+(false), compile (false: torch.compile each decoder layer),
 profile_steps (0: extra steps under torch.profiler after the timed ones) and seed (absent: the
 sequences in file order; an int: fulltune's own order for `training.seed` = seed, see `global_rows`).
 
@@ -78,6 +79,10 @@ def load_model(spec: dict[str, Any], device: torch.device, world: int):
     )
     model.config.use_cache = False  # no KV cache in training: it only costs memory
     model.train()
+    if spec.get("liger"):  # the same kernels as fulltune's run, patched as fulltune patches them
+        from fulltune.train import liger
+
+        liger.apply(model)
     if spec.get("activation_checkpointing"):
         # Non-reentrant checkpointing is the variant that composes with FSDP2's hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

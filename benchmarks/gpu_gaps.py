@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 # Gap sizes to count: under 0.1 ms is the time between two launches; over 1 ms, the host was elsewhere.
 GAP_BINS_US = (100.0, 1000.0)
+LONGEST = 8  # gaps listed one by one with their place in the window
 TORCH_FRAMES = ("torch/", "aten::", "<built-in", "cuda", "autograd::", "nn.Module:")
 
 
@@ -68,10 +69,15 @@ def innermost(spans: list[HostSpan], starts: list[float], at: float, lookback: i
     latest is where the host was busiest (the autograd thread's hooks while the main thread waits in
     `backward`)."""
     last = bisect.bisect_right(starts, at) - 1
+    before: HostSpan | None = None  # the span that ended last before `at`
     for i in range(last, max(-1, last - lookback), -1):
         if spans[i].end >= at:
             return spans[i].name
-    return "(no frame or operator recorded)"
+        if before is None or spans[i].end > before.end:
+            before = spans[i]
+    # The host was in no recorded frame (C++ without Python above it, or the profiler itself): what
+    # it finished last says where in the step that was.
+    return f"(no frame recorded; after {before.name})" if before else "(no frame or operator recorded)"
 
 
 def summarise(
@@ -104,6 +110,12 @@ def summarise(
         f"idle time in gaps of {min_gap_us / 1e3:g} ms or more, by the host frame at each gap's middle:"
     )
     lines += [f"  {sum(v) / 1e3:8.1f} ms  {len(v):5d} gaps  {name}" for name, v in ranked]
+    longest = sorted(gaps, key=lambda g: g[0] - g[1])[:LONGEST]
+    lines.append(f"the {len(longest)} longest gaps, by when they began in the window:")
+    lines += [
+        f"  at {(s - window[0]) / 1e3:8.1f} ms: {(e - s) / 1e3:6.1f} ms  {innermost(spans, starts, (s + e) / 2)}"
+        for s, e in sorted(longest)
+    ]
     return "\n".join(lines) + "\n"
 
 

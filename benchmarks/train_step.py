@@ -295,6 +295,8 @@ def trainer_arguments(spec: dict[str, str], tr: dict):
     """The Trainer's `TrainingArguments`: fulltune's resolved training settings `tr` and its DeepSpeed JSON."""
     from transformers import TrainingArguments
 
+    from fulltune.train import liger
+
     cuda = spec["device"] == "cuda"
     return TrainingArguments(
         output_dir=str(Path(spec["root"]) / "hf-out"),
@@ -311,6 +313,9 @@ def trainer_arguments(spec: dict[str, str], tr: dict):
         adam_epsilon=tr["adam_epsilon"],
         max_grad_norm=tr["max_grad_norm"],
         optim="adamw_torch",
+        # the kernels plan chose, with the switches fulltune sets (the loss stays the model's own)
+        use_liger_kernel=bool(tr.get("use_liger_kernel")),
+        liger_kernel_config=dict(liger.KERNELS),
         seed=tr["seed"],
         bf16=cuda,  # must match the DeepSpeed JSON's bf16.enabled (plan enables it on GPU)
         fp16=False,

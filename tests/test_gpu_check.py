@@ -82,11 +82,44 @@ def test_gap_report_adds_up_the_device_idle_time_per_host_frame():
     # idle: 1500-1550 (50 us), 2000-5000 (3 ms), 6000-6050 (50 us), 9000-11000 (2 ms): 5.1 of 12 ms
     assert "device busy 57.5% of 12.0 ms" in report
     assert "0-0.1 ms: 2 gaps, 0.1 ms" in report and "over 1 ms: 2 gaps, 5.0 ms" in report
-    by_frame = report.split("by the host frame at each gap's middle:\n")[1].splitlines()
+    by_frame = report.split("by the host frame at each gap's middle:\n")[1].split("\nthe ")[0].splitlines()
     assert by_frame[0].split() == ["3.0", "ms", "1", "gaps", "fetch_sub_module"]
     assert by_frame[1].split() == ["2.0", "ms", "1", "gaps", "engine.step"]
     assert len(by_frame) == 2  # the 50 us gaps are launch overhead, not given to a frame
     assert gaps.summarise([], spans, window=(0, 1)) == "no device kernels recorded\n"
+
+
+def test_a_gap_in_no_recorded_frame_is_named_after_what_the_host_finished_last():
+    """Idle time while the host was in no recorded frame (C++ below no Python, the profiler's own work)
+    is given to the span that ended last before it, and the longest gaps are listed with where in the
+    window they began."""
+    gaps = _gpu_gaps()
+    kernels = [(0, 1000), (3000, 4000), (4100, 5000)]
+    spans = [
+        gaps.HostSpan(0, 1200, "step"),
+        gaps.HostSpan(100, 900, "forward"),
+        gaps.HostSpan(900, 1500, "optimizer.step"),  # ended last before the gap at 1000-3000
+        gaps.HostSpan(2500, 5000, "next step"),
+    ]
+    report = gaps.summarise(kernels, spans, window=(0, 5000), min_gap_us=200)
+    by_frame = report.split("by the host frame at each gap's middle:\n")[1].splitlines()
+    assert by_frame[0].split() == [
+        "2.0",
+        "ms",
+        "1",
+        "gaps",
+        "(no",
+        "frame",
+        "recorded;",
+        "after",
+        "optimizer.step)",
+    ]
+    longest = report.split("longest gaps, by when they began in the window:\n")[1].splitlines()
+    assert [line.split()[:4] for line in longest] == [
+        ["at", "1.0", "ms:", "2.0"],
+        ["at", "4.0", "ms:", "0.1"],
+    ]
+    assert longest[1].endswith("next step")
 
 
 def test_gap_report_reads_the_profilers_events_and_names_the_caller_outside_torch():
