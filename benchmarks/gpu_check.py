@@ -359,16 +359,17 @@ def yaml_training(config_path: str) -> dict:
 def liger_table_check() -> str:
     """Whether Liger has an entry point for every model type plan turns its kernels on for (CPU
     machines cannot import it: Triton)."""
+    from importlib.metadata import version
+
     from fulltune.train import liger
 
     try:
-        import liger_kernel
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError as exc:
-        return f"not importable: {exc}"
-    missing = sorted(liger.PLAN_MODEL_TYPES - set(MODEL_TYPE_TO_APPLY_LIGER_FN))
-    version = getattr(liger_kernel, "__version__", "?")
-    return f"{version}, plan's model types " + (f"MISSING {missing}" if missing else "all covered")
+        _, model_types = liger.entry_points()
+    except ValueError as exc:
+        return str(exc)
+    missing = sorted(liger.PLAN_MODEL_TYPES - set(model_types))
+    covered = f"MISSING {missing}" if missing else "all covered"
+    return f"liger-kernel {version('liger-kernel')}, plan's model types {covered}"
 
 
 def device_info(cuda: bool) -> dict:

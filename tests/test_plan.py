@@ -652,7 +652,7 @@ def test_plan_turns_liger_on_for_the_models_it_knows_them_for_on_gpus():
     assert "training.use_liger_kernel true tries them on it" in notes[0]
     assert resolve(gpt2, use_liger_kernel=True) == (True, [])
     cpu = _sized_gpu(141, 2048).with_overrides({"resources.accelerator": "cpu"})
-    assert planmod.use_liger(cpu, s) is False and planmod.liger_notes(cpu, s) == []
+    assert planmod.use_liger(cpu, s) is False and planmod.liger_notes(cpu, s, False) == []
     # the memory plan counts what the kernels save: the same run fits where it would not without them
     fused = planmod.estimate_memory(
         s, world_size=1, seq_len=2048, micro_batch=8, gradient_checkpointing=False, liger=True

@@ -149,6 +149,7 @@ class MemoryEstimate:
     # 1: none. `secondary_params` is that copy's bytes per GPU.
     hpz_partition_size: int = 1
     secondary_params: float = 0.0
+    liger: bool = False  # Liger's fused kernels, counted in `activations`
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -439,6 +440,7 @@ def estimate_memory(
         recompute_layers=recomputed,
         hpz_partition_size=hpz_partition_size,
         secondary_params=secondary,
+        liger=liger,
     )
 
 
@@ -609,11 +611,12 @@ def use_liger(cfg: RunConfig, shape: ModelShape) -> bool:
     return cfg.resources.accelerator == "gpu" and shape.model_type in liger.PLAN_MODEL_TYPES
 
 
-def liger_notes(cfg: RunConfig, shape: ModelShape) -> list[str]:
-    """Why plan turned Liger's kernels on or left them off; nothing where the config decided."""
+def liger_notes(cfg: RunConfig, shape: ModelShape, on: bool) -> list[str]:
+    """Why plan turned Liger's kernels on (`on`, from `use_liger`) or left them off; nothing where the
+    config decided."""
     if cfg.training.use_liger_kernel is not None or cfg.resources.accelerator != "gpu":
         return []
-    if use_liger(cfg, shape):
+    if on:
         return [
             f"Liger's fused kernels on ({shape.model_type}: RMSNorm, SwiGLU and rotary embeddings as one "
             "kernel each): faster steps and fewer activations kept"
@@ -908,10 +911,10 @@ def resolved_fields(
         "training.offload_param": mem.offload_params,
         "training.loss_chunk_tokens": mem.loss_chunk_tokens,
         "training.hierarchical_partitioning": mem.hpz_partition_size > 1,
-        "training.use_liger_kernel": use_liger(cfg, shape),
+        "training.use_liger_kernel": mem.liger,
     }
     notes = list(zero3_settings(shape, gpu=cfg.resources.accelerator == "gpu").reasons)
-    notes += alignment_notes(shape) + liger_notes(cfg, shape)
+    notes += alignment_notes(shape) + liger_notes(cfg, shape, mem.liger)
     if mem.micro_batch != tr.per_device_train_batch_size:  # the global batch stays as configured
         per_rank = tr.per_device_train_batch_size * tr.gradient_accumulation_steps
         over["training.gradient_accumulation_steps"] = per_rank // mem.micro_batch
