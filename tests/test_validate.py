@@ -246,6 +246,20 @@ def test_files_the_readers_skip_in_a_data_folder_are_named(tmp_path):
     ]
 
 
+def test_files_skipped_in_each_folder_of_a_brace_alternation_are_named(tmp_path):
+    """`{day1,day2}` names two folders: a stray file in either is reported, the data in both read."""
+    for day, stray in (("day1", "README.md"), ("day2", "rows.JSONL")):
+        (tmp_path / day).mkdir()
+        write_jsonl(tmp_path / day / "a.jsonl", GOOD)
+        (tmp_path / day / stray).write_text("x")
+    report = validate_data(make_cfg(f"{tmp_path}/{{day1,day2}}"), tmp_path / "out")
+    assert report["passed"] and report["datasets"]["train"]["files"] == 2
+    assert sorted(e["location"] for e in problems(report)["skipped_file"]["examples"]) == [
+        str(tmp_path / "day1" / "README.md"),
+        str(tmp_path / "day2" / "rows.JSONL"),
+    ]
+
+
 def test_eval_and_general_sets(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", GOOD)
     evalset = write_jsonl(tmp_path / "eval.jsonl", [GOOD[3], {"text": "held out"}])

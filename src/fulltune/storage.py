@@ -292,18 +292,35 @@ def alternatives(uri: str) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Expansion:
+    """What a URI names: `files` matching the patterns, and `others`, the rest of a named folder's
+    listing (empty for a file or a glob, which name their files themselves)."""
+
+    files: list[str]
+    others: list[str]
+
+
 def expand(uri: str, patterns: tuple[str, ...] = ("*",)) -> list[str]:
     """A file, a directory (its files matching `patterns`) or a glob, as a sorted list of files; a
     brace alternation (`{a,b}`) names several of them, whose files are listed in its order, each
     missing one contributing nothing."""
+    return expand_all(uri, patterns).files
+
+
+def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
+    """expand(), keeping what a folder's one listing held beside the matching files."""
     if _ALTERNATION.search(uri):
-        out: dict[str, None] = {}  # ordered, without repeats
+        files: dict[str, None] = {}  # ordered, without repeats
+        others: dict[str, None] = {}
         for alt in alternatives(uri):
             try:
-                out.update(dict.fromkeys(expand(alt, patterns)))
+                found = expand_all(alt, patterns)
             except FileNotFoundError:
                 continue
-        return list(out)
+            files.update(dict.fromkeys(found.files))
+            others.update(dict.fromkeys(found.others))
+        return Expansion(list(files), [f for f in others if f not in files])
     has_glob = any(ch in uri for ch in "*?[")
     if has_glob:
         base = uri
@@ -311,13 +328,13 @@ def expand(uri: str, patterns: tuple[str, ...] = ("*",)) -> list[str]:
             base = base.rsplit("/", 1)[0]
             if "/" not in base:
                 break
-        return sorted(f for f in list_files(base) if fnmatch.fnmatch(f, uri))
-    if not is_s3(uri) and os.path.isfile(uri):
-        return [uri]
-    if is_s3(uri) and exists(uri):
-        return [uri]
-    files = list_files(uri)
-    return [f for f in files if any(fnmatch.fnmatch(basename(f), p) for p in patterns)]
+        return Expansion(sorted(f for f in list_files(base) if fnmatch.fnmatch(f, uri)), [])
+    if (not is_s3(uri) and os.path.isfile(uri)) or (is_s3(uri) and exists(uri)):
+        return Expansion([uri], [])
+    listing = list_files(uri)
+    matched = [f for f in listing if any(fnmatch.fnmatch(basename(f), p) for p in patterns)]
+    taken = set(matched)
+    return Expansion(matched, [f for f in listing if f not in taken])
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ CSV_SUFFIXES = (".csv", ".csv.gz")  # read by _iter_csv; everything not Parquet,
 # that one document a record of its own. A record's length is data.max_chars' business (too_long).
 CSV_FIELD_LIMIT = 2**31 - 1  # the largest the module takes on every platform (a C long)
 # Metadata of a Hugging Face `save_to_disk` directory: not records.
+# Codes of a RawRecord that is no record: the file ends there (nothing after it is read).
+FILE_ERRORS = frozenset({"unreadable_file", "wrong_encoding"})
 HF_METADATA = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
 PARQUET_BATCH_ROWS = 8192
 JSONL_BLOCK_BYTES = 4 << 20  # bytes of whole lines read (and checked) at a time
@@ -101,39 +103,43 @@ class RecordError(ValueError):
         self.code, self.reason, self.loc = code, reason, loc
 
 
-def data_files(uri: str) -> list[str]:
+@dataclass(frozen=True)
+class DataFiles:
+    """The files a data URI names that the readers take, and `skipped`: the other files of a named
+    folder (a .txt, an upper-case .PARQUET), found by the same listing. Names starting with '.' or '_'
+    (Spark's _SUCCESS, checksum files) and Hugging Face's metadata are bookkeeping, not data."""
+
+    files: list[str]
+    skipped: list[str]
+
+
+def find_data(uri: str) -> DataFiles:
     """The data files named by a file, directory or glob URI; fails when there are none."""
     try:
-        found = storage.expand(uri, DATA_PATTERNS)
+        found = storage.expand_all(uri, DATA_PATTERNS)
     except FileNotFoundError:
-        found = []
-    if any(storage.basename(f) == "dataset_dict.json" for f in found):
+        found = storage.Expansion([], [])
+    if any(storage.basename(f) == "dataset_dict.json" for f in found.files + found.others):
         # a DatasetDict holds several splits: reading them all would mix train and test
         raise DataError(
             f"{uri}: a Hugging Face DatasetDict; name one split's directory, e.g. {uri.rstrip('/')}/train"
         )
-    files = [f for f in found if storage.basename(f) not in HF_METADATA]
+    files = [f for f in found.files if storage.basename(f) not in HF_METADATA]
     if not files:
         places = storage.alternatives(uri)
         where = f" in any of {len(places)} locations: {', '.join(places)}" if len(places) > 1 else ""
         raise DataError(f"{uri}: no data files found{where} (expected {', '.join(DATA_PATTERNS)})")
-    return files
-
-
-def skipped_files(uri: str, data: list[str]) -> list[str]:
-    """Files in the data folder `uri` that no reader takes (a .txt, an upper-case .PARQUET): those
-    beside `data`, the files data_files found there. A glob or a single file names its files itself.
-    Names starting with '.' or '_' (Spark's _SUCCESS, checksum files) are bookkeeping, not data."""
-    if any(ch in uri for ch in "*?[{") or data == [uri]:
-        return []
-    taken = set(data)
-    return [
+    skipped = [
         f
-        for f in storage.list_files(uri)
-        if f not in taken
-        and not storage.basename(f).startswith((".", "_"))
-        and storage.basename(f) not in HF_METADATA
+        for f in found.others
+        if storage.basename(f) not in HF_METADATA and not storage.basename(f).startswith((".", "_"))
     ]
+    return DataFiles(files, skipped)
+
+
+def data_files(uri: str) -> list[str]:
+    """The data files named by a file, directory or glob URI; fails when there are none."""
+    return find_data(uri).files
 
 
 def iter_raw(uri: str) -> Iterator[RawRecord]:
@@ -177,6 +183,43 @@ class _RawReader(io.RawIOBase):
 
 def _line_stream(fh: IO[bytes], path: str) -> IO[bytes]:
     return fh if not storage.is_s3(path) else io.BufferedReader(_RawReader(fh), READ_BUFFER)
+
+
+# Longest first: UTF-32 LE's mark starts with UTF-16 LE's. A marked file is named without its byte
+# order, the name iconv takes to read the order from the mark and drop it.
+_BYTE_ORDER_MARKS = (
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\xfe\xff", "UTF-16"),
+    (b"\xff\xfe", "UTF-16"),
+)
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """The UTF-16 or UTF-32 encoding a text file's first four bytes show (a byte-order mark, or the
+    NUL bytes such an encoding puts beside an ASCII '{' or header letter), None for anything else."""
+    for mark, name in _BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return name
+    if len(head) < 4 or b"\x00" not in head:
+        return None
+    nul = tuple(b == 0 for b in head[:4])
+    return {
+        (False, True, True, True): "UTF-32LE",
+        (True, True, True, False): "UTF-32BE",
+        (False, True, False, True): "UTF-16LE",
+        (True, False, True, False): "UTF-16BE",
+    }.get(nul)
+
+
+def _wrong_encoding(path: str, stream: Any) -> RawRecord | None:
+    """A RawRecord naming a UTF-16/32 text file (read as UTF-8, every line of it would be an error
+    of its own), from the stream's first bytes without consuming them."""
+    name = wide_encoding(stream.peek(4)[:4])
+    if name is None:
+        return None
+    reason = f"the file is {name}, not UTF-8: re-encode it (e.g. iconv -f {name} -t UTF-8)"
+    return RawRecord(Location(path, line=1), code="wrong_encoding", reason=reason)
 
 
 def _iter_jsonl(path: str) -> Iterator[RawRecord]:
@@ -266,6 +309,9 @@ def iter_jsonl_blocks(
             return JsonlBlock(path, line, data, first)
 
         try:
+            if first and (wrong := _wrong_encoding(path, stream)) is not None:
+                yield wrong
+                return
             while True:
                 chunk = stream.read1(block_bytes)
                 if not chunk:
@@ -341,6 +387,16 @@ def _iter_csv(path: str) -> Iterator[RawRecord]:
         stream: Any = _line_stream(fh, path)
         if path.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=stream)
+        try:
+            wrong = _wrong_encoding(path, stream)
+        except (OSError, EOFError, zlib.error) as exc:
+            yield RawRecord(
+                Location(path, line=1), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
+            )
+            return
+        if wrong is not None:
+            yield wrong
+            return
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
         # strict: a quote that never closes (or text after a closing quote) is an error at the row
         # where it starts, instead of the rest of the file read as one field of one record

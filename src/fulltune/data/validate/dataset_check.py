@@ -10,9 +10,8 @@ from fulltune.data.records import (
     DATA_PATTERNS,
     DataError,
     RecordError,
-    data_files,
+    find_data,
     resolve_kind,
-    skipped_files,
 )
 from fulltune.data.validate.duplicates import Duplicates
 from fulltune.data.validate.formats import (
@@ -72,12 +71,13 @@ class DatasetCheck:
             self.tally.add("no_data", f"data.{self.name}_uri is required", f"data.{self.name}_uri")
             return None
         try:
-            self.files = data_files(self.uri)
+            found = find_data(self.uri)
         except (DataError, OSError) as exc:
             _raise_if_transient(exc)
             self.tally.add("no_data", str(exc).removeprefix(f"{self.uri}: "), self.uri)
             return None
-        for path in skipped_files(self.uri, self.files):
+        self.files = found.files
+        for path in found.skipped:
             self.tally.add(
                 "skipped_file", f"not read: the folder's data files end in {', '.join(DATA_PATTERNS)}", path
             )
