@@ -216,6 +216,28 @@ def missing_file(tmp: Path) -> Case:
 
 
 @case
+def utf16_jsonl_saved_by_a_windows_editor(tmp: Path) -> Case:
+    """Notepad's "Unicode": UTF-16 with a byte-order mark; one problem for the file, not one per line."""
+    p = tmp / "t.jsonl"
+    p.write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(50)) + "\n", encoding="utf-16")
+    return Case(str(p), "wrong_encoding", f"{p}:1")
+
+
+@case
+def utf16be_csv_without_a_byte_order_mark(tmp: Path) -> Case:
+    p = tmp / "t.csv"
+    p.write_bytes("text\nhello\nworld\n".encode("utf-16-be"))
+    return Case(str(p), "wrong_encoding", f"{p}:1")
+
+
+@case
+def utf32_gzipped_jsonl(tmp: Path) -> Case:
+    p = tmp / "t.jsonl.gz"
+    p.write_bytes(gzip.compress((json.dumps(OK) + "\n").encode("utf-32")))
+    return Case(str(p), "wrong_encoding", f"{p}:1")
+
+
+@case
 def invalid_utf8(tmp: Path) -> Case:
     p = tmp / "t.jsonl"
     p.write_bytes(json.dumps(OK).encode() + b'\n{"text": "caf\xe9"}\n')

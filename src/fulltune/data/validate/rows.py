@@ -18,7 +18,7 @@ import numpy as np
 
 from fulltune.config import DataSection
 from fulltune.data.fastcheck import Utf8Column, maybe_blank
-from fulltune.data.records import Location, RawRecord, Record, RecordError, normalize
+from fulltune.data.records import FILE_ERRORS, Location, RawRecord, Record, RecordError, normalize
 from fulltune.data.validate.content import candidate_rows, chat_structure, find_all, text_checks
 from fulltune.data.validate.duplicates import DeferredDuplicates, Duplicates, column_keys, record_key
 from fulltune.data.validate.near_duplicates import NearDuplicates
@@ -99,7 +99,7 @@ class RowCheck:
         pending = _PreciseRecords()
         broken = False
         for raw in raws:
-            if raw.code == "unreadable_file":  # not a record: the file broke off here
+            if raw.code in FILE_ERRORS:  # not a record: the file broke off or cannot be read
                 self.tally.add(raw.code, raw.reason or "", raw.loc)
                 broken = True
                 break
