@@ -725,6 +725,13 @@ def test_cost_estimate_against_a_hand_computed_run():
         quarter, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
     )
     assert cost_quarter.gpu_hours == pytest.approx(cost.gpu_hours * (1 + 1 / 12))
+    # Liger's kernels (as plan resolves them on GPUs): the step-time gain measured at 1B
+    liger = cfg.with_overrides({"training.use_liger_kernel": True})
+    cost_liger = estimate_cost(
+        liger, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
+    )
+    assert cost_liger.gpu_hours == pytest.approx(cost.gpu_hours / 1.13)
+    assert "at an assumed 40% MFU" in cost_liger.summary()
     steps = cfg.with_overrides({"training.max_steps": 100})
     assert estimate_cost(steps, matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=0).tokens == (
         100 * 8 * 2048
