@@ -121,6 +121,11 @@ def plain_loss(model_dir, dataset_uri, split: str = "train") -> float:
     ).item()
 
 
+def _shared_memory() -> set[str]:
+    """DeepSpeed's segments in /dev/shm (RAM until removed, whatever the process that made them)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed*")}
+
+
 @pytest.mark.slow
 def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_assets, tmp_path, capfd):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,7 +142,10 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
         report_to="tensorboard",
     )
     job = train_job(cfg, dataset)
+    shared_before = _shared_memory()
     LocalLauncher().run(job)
+    # nothing left in RAM after the run: DeepSpeed's shared-memory allreduce is never set up
+    assert _shared_memory() - shared_before == set()
 
     # plan's granularity threshold reached DeepSpeed: each decoder layer is gathered as one unit
     assert "ZeRO-3 gathers 2 x LlamaDecoderLayer as one unit each" in capfd.readouterr().out
@@ -352,18 +360,21 @@ def test_training_runs_in_train_mode_from_the_first_step(demo_assets, tmp_path, 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_path, capfd):
     """2 ranks x micro batch 2, 1 rank x micro batch 4 and 2 nodes x 2 ranks x micro batch 1 see the
-    same global batches: same losses. All recompute activations, each decoder layer a ZeRO-3 leaf
-    gathered again for it: the ranks in every layer (full), the one rank in one of its two (selective,
-    the last). The two nodes keep a copy of the parameters partitioned over each node's ranks (ZeRO++
-    hpZ), which the backward gathers from. That changes memory, compute and traffic, not the numbers."""
-    losses = {}
-    for name, nodes, nproc, micro, layers in (
-        ("2 ranks", 1, 2, 2, None),
-        ("1 rank", 1, 1, 4, 1),
-        ("2 nodes", 2, 2, 1, None),
+    same global batches: same losses, evaluation losses and gradient norms. All recompute
+    activations, each decoder layer a ZeRO-3 leaf gathered again for it: the ranks in every layer
+    (full), the one rank in one of its two (selective, the last). The two nodes keep a copy of the
+    parameters partitioned over each node's ranks (ZeRO++ hpZ), which the backward gathers from. The
+    2 ranks take the loss in chunks of 50 positions (3 per micro batch of 2 x 63), the tied head's
+    weight gathered for them and its gradient reduced like any other. That changes memory, compute
+    and traffic, not the numbers."""
+    metrics = {}
+    for name, nodes, nproc, micro, layers, chunk in (
+        ("2 ranks", 1, 2, 2, None, 50),
+        ("1 rank", 1, 1, 4, 1, 0),
+        ("2 nodes", 2, 2, 1, None, 0),
     ):
         work = str(tmp_path / name.replace(" ", "-"))
-        dataset = tiny_dataset(demo_assets, work, n_seq=24)
+        dataset = tiny_dataset(demo_assets, work, n_seq=24, n_eval=4)
         cfg = plan_run(
             demo_assets,
             work,
@@ -371,23 +382,32 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(demo_assets, tmp_pa
             resources={"num_nodes": nodes, "launcher": "kubernetes"} if nodes > 1 else None,
             per_device_train_batch_size=micro,
             max_steps=10,
+            eval_steps=5,
             gradient_checkpointing=True,
             gradient_checkpointing_layers=layers,
             hierarchical_partitioning=nodes > 1,
+            loss_chunk_tokens=chunk,
         )
         assert cfg.training.gradient_checkpointing_layers == (layers or 2)  # plan resolves "all" to 2
+        assert cfg.training.loss_chunk_tokens == chunk
         job = train_job(cfg, dataset)
         LocalLauncher().run(job)
-        losses[name] = [json.loads(line)["loss"] for line in storage.read_text(job.args.metrics).splitlines()]
+        rows = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
+        metrics[name] = {
+            key: [r[key] for r in rows if r.get(key) is not None]
+            for key in ("loss", "eval_loss", "grad_norm")
+        }
         said = "all 2 x LlamaDecoderLayer" if layers is None else "1 of 2 x LlamaDecoderLayer (layers 1)"
         out = capfd.readouterr().out
         assert f"recomputing the activations of {said}" in out
         copied = "ZeRO++ hierarchical partitioning: a copy of the parameters over each node's 2 ranks"
         assert (copied in out) == (nodes > 1)
-    assert len(losses["1 rank"]) == 10
-    torch.testing.assert_close(losses["2 ranks"], losses["1 rank"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(losses["2 nodes"], losses["1 rank"], rtol=1e-4, atol=1e-4)
-    assert losses["1 rank"][-1] < losses["1 rank"][0]
+    one = metrics["1 rank"]
+    assert len(one["loss"]) == 10 and len(one["eval_loss"]) == 2 and len(one["grad_norm"]) == 10
+    for key in ("loss", "eval_loss", "grad_norm"):
+        torch.testing.assert_close(metrics["2 ranks"][key], one[key], rtol=1e-4, atol=1e-4, msg=key)
+    torch.testing.assert_close(metrics["2 nodes"]["loss"], one["loss"], rtol=1e-4, atol=1e-4)
+    assert one["loss"][-1] < one["loss"][0]
 
 
 @pytest.mark.slow

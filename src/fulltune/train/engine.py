@@ -79,6 +79,7 @@ def init_distributed(cfg: RunConfig) -> Ranks:
         # sets and torchrun does not; without it, it runs `numactl --hardware` in a subprocess on every
         # gradient bucket ZeRO-3 reduces (a fork of this process, ~0.5 ms each, many per step).
         os.environ.setdefault("LOCAL_SIZE", str(local_world))
+        without_shared_memory_allreduce(deepspeed)
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world != cfg.world_size:
@@ -89,6 +90,18 @@ def init_distributed(cfg: RunConfig) -> Ranks:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     return Ranks(rank, world, local_rank, device, local_world)
+
+
+# DeepSpeed's CPU op for tensor-parallel inference (`inference_all_reduce`), which training never calls.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def without_shared_memory_allreduce(deepspeed: Any) -> None:
+    """Keep DeepSpeed's process group from setting up its shared-memory allreduce on CPU: it compiles a
+    C++ extension on a machine's first run (a minute on 2 cores) and leaves a 66 MB segment per rank
+    in /dev/shm that nothing removes (named after the rendezvous port, so one more every run): after
+    a few hundred runs, RAM is full. Marked incompatible, the op is neither built nor started."""
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def read_deepspeed_config(uri: str, cfg: RunConfig, ranks: Ranks) -> dict[str, Any]:
