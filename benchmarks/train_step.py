@@ -296,8 +296,11 @@ def trainer_arguments(spec: dict[str, str], tr: dict):
     from transformers import TrainingArguments
 
     from fulltune.train import liger
+    from fulltune.train.engine import import_deepspeed, without_shared_memory_allreduce
 
     cuda = spec["device"] == "cuda"
+    if not cuda:  # the process group fulltune's trainer starts on CPU (TrainingArguments starts it)
+        without_shared_memory_allreduce(import_deepspeed())
     return TrainingArguments(
         output_dir=str(Path(spec["root"]) / "hf-out"),
         deepspeed=spec["deepspeed"],
