@@ -20,6 +20,7 @@ row, Parquet and Arrow in batches (`iter_arrow_batches`); nothing is loaded whol
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -195,27 +196,39 @@ _BYTE_ORDER_MARKS = (
 )
 
 
+# A UTF-16/32 unit holding an ASCII character: (encoding, unit bytes, the byte that is not NUL).
+_WIDE_ASCII = (("UTF-32LE", 4, 0), ("UTF-32BE", 4, 3), ("UTF-16LE", 2, 0), ("UTF-16BE", 2, 1))
+WIDE_PEEK = 64  # bytes looked at
+
+
 def wide_encoding(head: bytes) -> str | None:
-    """The UTF-16 or UTF-32 encoding a text file's first four bytes show (a byte-order mark, or the
-    NUL bytes such an encoding puts beside an ASCII '{' or header letter), None for anything else."""
+    """The UTF-16 or UTF-32 encoding a text file's first bytes show: a byte-order mark not followed
+    by UTF-8, or units that nearly all hold an ASCII character beside NULs ('{', a CSV header); None
+    for anything else (a stray mark before UTF-8 lines is a broken line, not another encoding)."""
     for mark, name in _BYTE_ORDER_MARKS:
         if head.startswith(mark):
+            return None if _utf8_text(head[len(mark) :]) else name
+    for name, width, at in _WIDE_ASCII:
+        units = [head[i : i + width] for i in range(0, len(head) - width + 1, width)]
+        ascii_units = sum(1 for u in units if u[at] and u.count(0) == width - 1)
+        if len(units) >= 2 and ascii_units >= 0.9 * len(units):
             return name
-    if len(head) < 4 or b"\x00" not in head:
-        return None
-    nul = tuple(b == 0 for b in head[:4])
-    return {
-        (False, True, True, True): "UTF-32LE",
-        (True, True, True, False): "UTF-32BE",
-        (False, True, False, True): "UTF-16LE",
-        (True, False, True, False): "UTF-16BE",
-    }.get(nul)
+    return None
+
+
+def _utf8_text(data: bytes) -> bool:
+    """UTF-8 without NULs, a character cut off at the end allowed."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in data
 
 
 def _wrong_encoding(path: str, stream: Any) -> RawRecord | None:
     """A RawRecord naming a UTF-16/32 text file (read as UTF-8, every line of it would be an error
     of its own), from the stream's first bytes without consuming them."""
-    name = wide_encoding(stream.peek(4)[:4])
+    name = wide_encoding(stream.peek(WIDE_PEEK)[:WIDE_PEEK])
     if name is None:
         return None
     reason = f"the file is {name}, not UTF-8: re-encode it (e.g. iconv -f {name} -t UTF-8)"
