@@ -39,9 +39,9 @@ CSV_SUFFIXES = (".csv", ".csv.gz")  # read by _iter_csv; everything not Parquet,
 # Python's csv module refuses a field over 128 KiB and then reads on from inside it, each later line of
 # that one document a record of its own. A record's length is data.max_chars' business (too_long).
 CSV_FIELD_LIMIT = 2**31 - 1  # the largest the module takes on every platform (a C long)
-# Metadata of a Hugging Face `save_to_disk` directory: not records.
 # Codes of a RawRecord that is no record: the file ends there (nothing after it is read).
 FILE_ERRORS = frozenset({"unreadable_file", "wrong_encoding"})
+# Metadata of a Hugging Face `save_to_disk` directory: not records.
 HF_METADATA = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
 PARQUET_BATCH_ROWS = 8192
 JSONL_BLOCK_BYTES = 4 << 20  # bytes of whole lines read (and checked) at a time
@@ -400,16 +400,6 @@ def _iter_csv(path: str) -> Iterator[RawRecord]:
         stream: Any = _line_stream(fh, path)
         if path.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=stream)
-        try:
-            wrong = _wrong_encoding(path, stream)
-        except (OSError, EOFError, zlib.error) as exc:
-            yield RawRecord(
-                Location(path, line=1), code="unreadable_file", reason=f"{type(exc).__name__}: {exc}"
-            )
-            return
-        if wrong is not None:
-            yield wrong
-            return
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
         # strict: a quote that never closes (or text after a closing quote) is an error at the row
         # where it starts, instead of the rest of the file read as one field of one record
@@ -418,6 +408,9 @@ def _iter_csv(path: str) -> Iterator[RawRecord]:
         header: list[str] | None = None
         lineno = 0  # physical lines consumed so far; a record starts on the next one
         try:
+            if (wrong := _wrong_encoding(path, stream)) is not None:  # before the wrapper reads
+                yield wrong
+                return
             while True:
                 start = lineno + 1
                 try:
