@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from fulltune import _logging
+from fulltune import _logging, _process
 from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, REGISTRY_SECRET, S3_SECRET
 
 EXIT_USAGE = 2
@@ -451,6 +451,7 @@ def _add_registry(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _logging.setup("stderr")
+    _process.exit_without_final_collection()
     args = build_parser().parse_args(argv)
     if getattr(args, "action", None) in ("show", "verify") and args.version is None:
         print("error: --version is required for show and verify", file=sys.stderr)

@@ -24,10 +24,12 @@ log = logging.getLogger("fulltune")
 MetricSink = Callable[[str, float], None]
 
 
-def _setup_logging() -> None:
-    from fulltune import _logging
+def _setup_process() -> None:
+    """What each step does first: its log to stdout, and a quick exit once it returns."""
+    from fulltune import _logging, _process
 
     _logging.setup("stdout")
+    _process.exit_without_final_collection()
 
 
 def _log_metrics(log_metric: MetricSink | None, metrics: dict[str, Any], prefix: str = "") -> None:
@@ -64,7 +66,7 @@ def configure(
     from fulltune.config import RunConfig, deep_merge
     from fulltune.parameters import BY_NAME, resolve
 
-    _setup_logging()
+    _setup_process()
     merged = resolve(config, values)
     set_here = [f"{n}={v!r}" for n, v in values.items() if BY_NAME[n].is_set(v)]
     log.info("typed parameters set: %s", ", ".join(set_here) if set_here else "none (config only)")
@@ -107,7 +109,7 @@ def _report_step(
     """Run a checking step that writes report.json/html; the HTML reaches KFP even when the step fails,
     and a failure's message points to it there (the temporary directory is gone by the time anyone
     reads the message)."""
-    _setup_logging()
+    _setup_process()
     where = f"{report_path} (this step's `report` artifact)" if report_path else "not kept (no report_path)"
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         try:
@@ -149,7 +151,7 @@ def plan(
     """
     from fulltune.plan import make_plan, plan_markdown, write_plan
 
-    _setup_logging()
+    _setup_process()
     scoped = cfg.with_overrides({"work_dir": RunLayout.for_run(cfg.work_dir, run_id).root})
     resolved_plan = make_plan(scoped)
     write_plan(resolved_plan)
@@ -187,7 +189,7 @@ def preprocess_shard(cfg: RunConfig, shard: int) -> str:
     """Tokenize and pack one shard; returns the shard manifest URI (skips a complete shard)."""
     from fulltune.preprocess.core import preprocess_shard as run
 
-    _setup_logging()
+    _setup_process()
     run(cfg, shard)
     return cfg.layout.shard_manifest(shard)
 
@@ -196,7 +198,7 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str], log_metric: Metric
     """Merge shard manifests into the dataset manifest; returns its URI."""
     from fulltune.preprocess.core import gather_shards as run
 
-    _setup_logging()
+    _setup_process()
     manifest = run(cfg, sorted(shard_manifests))
     for name, split in manifest.splits.items():
         log.info(
@@ -241,7 +243,7 @@ def train(
     from fulltune.train.run import run_training
     from fulltune.train.train_page import training_report_html
 
-    _setup_logging()
+    _setup_process()
     run = run_training(
         cfg,
         dataset,
@@ -270,7 +272,7 @@ def evaluate(
     generation and lm-eval tasks; returns the verdict (reasons are logged)."""
     from fulltune.evaluate.core import evaluate_models
 
-    _setup_logging()
+    _setup_process()
     champion = resolve_champion(cfg)
     with tempfile.TemporaryDirectory(prefix="fulltune-eval-") as tmp:
         # forgetting (and the domain gain) are measured against the original pre-trained model, also
@@ -330,7 +332,7 @@ def register(cfg: RunConfig, model_uri: str, eval_path: str, run_id: str = "", f
     from fulltune.lineage import build_lineage
     from fulltune.registry.store import register_model
 
-    _setup_logging()
+    _setup_process()
     eval_result = EvalResult.load(eval_path)
     lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
     uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)

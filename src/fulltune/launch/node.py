@@ -53,4 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from fulltune._process import exit_without_final_collection
+
+    exit_without_final_collection()
     sys.exit(main())

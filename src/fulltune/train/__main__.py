@@ -7,6 +7,8 @@ config, data or checkpoints (permanent); 2 unexpected error (permanent); 138 ret
 
 import sys
 
+from fulltune._process import exit_without_final_collection
 from fulltune.train.recipe import main
 
+exit_without_final_collection()
 sys.exit(main())
