@@ -53,7 +53,7 @@ open(os.environ["EXIT_BENCH_MARKER"], "a").write(f"{time.time()}\\n")
 """
 
 RANK_PROCESS = """
-import atexit, gc, os, sys, time
+import os, sys, time
 from fulltune._process import exit_without_final_collection
 from fulltune.train.recipe import main
 variant = sys.argv.pop(1)
