@@ -238,6 +238,15 @@ def utf32_gzipped_jsonl(tmp: Path) -> Case:
 
 
 @case
+def stray_utf16_marks_on_lines_of_utf8(tmp: Path) -> Case:
+    """UTF-16's byte-order mark alone on the first lines, UTF-8 records after: a file with broken
+    lines, not a UTF-16 file; each bad line is reported where it is and the records are read."""
+    p = tmp / "t.jsonl"
+    p.write_bytes(b"\xff\xfe\n\xff\xfe\n" + json.dumps(OK).encode() + b"\n")
+    return Case(str(p), "invalid_utf8", f"{p}:1")
+
+
+@case
 def invalid_utf8(tmp: Path) -> Case:
     p = tmp / "t.jsonl"
     p.write_bytes(json.dumps(OK).encode() + b'\n{"text": "caf\xe9"}\n')

@@ -193,7 +193,9 @@ def test_jsonl_validated_is_jsonl_preprocessed(tmp_path_factory, demo_assets, da
 @SETTINGS
 @given(data=jsonl_file(), members=st.integers(1, 3), cut=st.none() | st.integers(1, 40))
 def test_gzip_members_and_truncation(tmp_path_factory, demo_assets, data, members, cut):
-    """Concatenated gzip members read as one stream; a truncated one is refused as unreadable."""
+    """Concatenated gzip members read as one stream; a truncated one is refused as unreadable, or as
+    UTF-16 where what it holds before the cut starts like UTF-16 (a whole-file refusal at its first
+    bytes, as for any UTF-16 file: the reader does not read on to where it breaks off)."""
     tmp = tmp_path_factory.mktemp("gz")
     step = max(1, len(data) // members)
     blob = b"".join(gzip.compress(data[i : i + step]) for i in range(0, len(data), step))
@@ -204,7 +206,8 @@ def test_gzip_members_and_truncation(tmp_path_factory, demo_assets, data, member
         strict = strict_jsonl(gzip.decompress(blob))
     except (EOFError, OSError):
         strict = None
-    check_contract(tmp, str(tmp / "d.jsonl.gz"), strict, str(demo_assets.base_model_dir))
+    refused = ("unreadable_file", "wrong_encoding")
+    check_contract(tmp, str(tmp / "d.jsonl.gz"), strict, str(demo_assets.base_model_dir), refused)
 
 
 # -- CSV --------------------------------------------------------------------------------------------

@@ -203,11 +203,11 @@ WIDE_PEEK = 64  # bytes looked at
 
 def wide_encoding(head: bytes) -> str | None:
     """The UTF-16 or UTF-32 encoding a text file's first bytes show: a byte-order mark not followed
-    by UTF-8, or units that nearly all hold an ASCII character beside NULs ('{', a CSV header); None
-    for anything else (a stray mark before UTF-8 lines is a broken line, not another encoding)."""
+    by UTF-8 lines, or units that nearly all hold an ASCII character beside NULs ('{', a CSV header);
+    None for anything else (a stray mark before UTF-8 lines is a broken line, not another encoding)."""
     for mark, name in _BYTE_ORDER_MARKS:
         if head.startswith(mark):
-            return None if _utf8_text(head[len(mark) :]) else name
+            return None if _utf8_lines(head[len(mark) :], mark) else name
     for name, width, at in _WIDE_ASCII:
         units = [head[i : i + width] for i in range(0, len(head) - width + 1, width)]
         ascii_units = sum(1 for u in units if u[at] and u.count(0) == width - 1)
@@ -216,13 +216,17 @@ def wide_encoding(head: bytes) -> str | None:
     return None
 
 
-def _utf8_text(data: bytes) -> bool:
-    """UTF-8 without NULs, a character cut off at the end allowed."""
+def _utf8_lines(data: bytes, mark: bytes) -> bool:
+    """Whether the bytes after a byte-order mark read as lines of UTF-8, a character cut off at the
+    end allowed: valid UTF-8 once the same mark starting a line is dropped (a stray mark each), with
+    few NULs (a broken line may hold one; UTF-16/32 text of ASCII characters is valid UTF-8 too, but
+    half or three quarters of its bytes are NULs)."""
+    data = data.replace(b"\n" + mark, b"\n")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
     except UnicodeDecodeError:
         return False
-    return b"\x00" not in data
+    return data.count(0) * 4 < len(data)
 
 
 def _wrong_encoding(path: str, stream: Any) -> RawRecord | None:
