@@ -12,6 +12,10 @@ BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
 	$(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 PYTEST_ARGS ?=
+# The suite runs in one worker process per logical CPU; each takes the next test as it finishes one
+# (tests/conftest.py puts the end-to-end tests first). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= logical
+PYTEST_WORKERS := -n $(TEST_WORKERS) $(if $(filter 0,$(TEST_WORKERS)),,--dist load --maxschedchunk 1)
 
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
@@ -42,10 +46,10 @@ demo: $(VENV)/.runtime
 	$(BIN)/fulltune demo $(DEMO_ARGS)
 
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks

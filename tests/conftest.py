@@ -17,6 +17,23 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in one worker process per core, which keeps every core busy already:
+    # one OpenMP thread per process (and per step or rank it starts), since a second one would spin
+    # waiting for a core another worker holds. torch reads it on import, after this file.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+#: Among the end-to-end tests, the files that hold the longest (three whole pipelines in one test;
+#: several trainings in each), in that order.
+SLOWEST_FIRST = {"test_pipeline.py": 0, "test_train.py": 1, "test_gpu_check.py": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The order in which the workers of `make test` take the tests, each the next one as it finishes
+    one: the end-to-end tests first, the files with the longest first among them, so that the
+    minutes-long ones start early and the many short ones fill the gaps at the end, instead of one
+    long test running alone there. The sort is stable: within a file the order stays."""
+    items.sort(key=lambda item: (not item.get_closest_marker("slow"), SLOWEST_FIRST.get(item.path.name, 9)))
 
 
 def _free_port() -> int:
@@ -118,9 +135,18 @@ def s3(s3_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-    """The demo's tiny tokenizer, base model and datasets, built once per test session."""
+    """The demo's tiny tokenizer, base model and datasets, built once per test run: the workers of
+    `make test` share one copy, the first to need it building it while the others wait."""
+    from filelock import FileLock
+
     from fulltune.demo.assets import build_demo_assets
 
     cache = os.environ.get("FULLTUNE_TEST_ASSETS")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("demo-assets")
-    return build_demo_assets(root)
+    # under xdist each worker has its own base temp directory, in the run's shared one
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = Path(cache) if cache else shared / "demo-assets"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".build.lock")):
+        return build_demo_assets(root)
