@@ -63,7 +63,7 @@ format: $(VENV)/.dev
 # Each prints its figures and the ratio against its baseline; docs/benchmarks.md has the commands
 # and the recorded results. `make bench BENCH=validate_throughput` runs one. plan_memory needs a
 # GPU and is not in the default list: `make bench BENCH=plan_memory` on a GPU host.
-BENCH ?= validate_throughput preprocess_throughput train_step eval_throughput process_exit
+BENCH ?= validate_throughput preprocess_throughput train_step eval_throughput process_exit compile_time
 bench: $(VENV)/.dev
 	@for b in $(BENCH); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
 
