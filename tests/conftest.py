@@ -61,7 +61,11 @@ def s3_server():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied to a local directory), started
-    once per session; yields its URI."""
+    once per session; yields its URI.
+
+    Without MLflow's job execution (its GenAI jobs, which fulltune never submits): with it the server
+    starts eight more processes, each importing MLflow and then polling a queue, ~60 CPU-s to start
+    and a fifth of a core for as long as the server runs, taken from the tests beside it."""
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     command = [
@@ -79,7 +83,10 @@ def mlflow_server(tmp_path_factory):
         "1",
     ]
     log = open(root / "server.log", "wb")  # noqa: SIM115 - open for the server's lifetime
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, server, root / "server.log")
