@@ -374,16 +374,15 @@ def liger_table_check() -> str:
 
 def device_info(cuda: bool) -> dict:
     """The device, the software, and the bf16 matmul rate measured here (the ceiling MFU is read against)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     info = {"torch": torch.__version__, "device": "cpu"}
-    try:
-        import deepspeed
-        import transformers
-
-        info.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__)
-    except ImportError as exc:
-        info["import_error"] = str(exc)
+    try:  # read from the installed metadata: importing them here would cost seconds of the budget
+        info.update(deepspeed=version("deepspeed"), transformers=version("transformers"))
+    except PackageNotFoundError as exc:
+        info["import_error"] = f"not installed: {exc}"
     if not cuda:
         return info
     info["device"] = torch.cuda.get_device_name(0)

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT [gpu_check.py options, e.g. --dry-run]}
 shift
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import deepspeed" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+# find_spec looks DeepSpeed up without importing it (an import is seconds of the device's time)
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" 2>/dev/null \
+    && compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
