@@ -177,7 +177,8 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
 def test_too_little_data_exits_1_without_retrying(demo_assets, tmp_path):
     work = str(tmp_path / "work")
     dataset = tiny_dataset(demo_assets, work, n_seq=2)
-    cfg = plan_run(demo_assets, work, per_device_train_batch_size=4, max_steps=1)
+    # one rank: the refusal does not depend on how many there are, and each rank costs its start-up
+    cfg = plan_run(demo_assets, work, nproc=1, per_device_train_batch_size=4, max_steps=1)
     with pytest.raises(LaunchError) as exc:
         LocalLauncher().run(train_job(cfg, dataset))
     assert exc.value.exit_code == 1
@@ -311,8 +312,14 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
     work = str(tmp_path / "w")
     dataset = tiny_dataset(demo_assets, work, n_seq=16)
-    cfg = plan_run(
-        demo_assets, work, per_device_train_batch_size=2, max_steps=5, save_steps=2, save_total_limit=3
+    cfg = plan_run(  # one rank: a checkpoint's checks are per file, whichever rank wrote it
+        demo_assets,
+        work,
+        nproc=1,
+        per_device_train_batch_size=2,
+        max_steps=5,
+        save_steps=2,
+        save_total_limit=3,
     )
     job = train_job(cfg, dataset)
     with pytest.raises(LaunchError):
@@ -853,8 +860,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(demo_asset
 
     work = str(tmp_path / "w")
     dataset = tiny_dataset(demo_assets, work, n_seq=8)
-    # checkpoints are taken between steps: 2 steps leave the one after step 1
-    cfg = plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=2, save_steps=1)
+    # checkpoints are taken between steps: 2 steps leave the one after step 1; one rank, as the
+    # refusal is per file whichever rank reads it
+    cfg = plan_run(demo_assets, work, nproc=1, per_device_train_batch_size=2, max_steps=2, save_steps=1)
     job = train_job(cfg, dataset)
     LocalLauncher().run(job)
     ckpt = tmp_path / "w" / "train" / "checkpoints" / "step-00000001"
@@ -868,7 +876,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(demo_asset
     (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     assert checkpoint.verify(job.args.checkpoints, "step-00000001") is None  # the manifest is no defence
 
-    longer = plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=3, save_steps=1)
+    longer = plan_run(demo_assets, work, nproc=1, per_device_train_batch_size=2, max_steps=3, save_steps=1)
     with pytest.raises(LaunchError) as exc:
         LocalLauncher().run(train_job(longer, dataset))
     assert exc.value.exit_code == 1
