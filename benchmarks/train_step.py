@@ -463,8 +463,11 @@ def _mlflow_server(root: Path, wanted: bool):
         "--workers",
         "1",
     ]
+    # without MLflow's job execution, as the tests' server (tests/conftest.py): its job runner and
+    # queue consumers would poll beside the training this measures
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
     )
     uri = f"http://127.0.0.1:{port}"
     try:
