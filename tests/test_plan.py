@@ -176,6 +176,25 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
     assert "| Liger kernels | True |" in md and resolved.training.use_liger_kernel is True  # a Llama on GPUs
     assert "| ZeRO-3 buckets |" in md
     assert "| launcher | local: torchrun in the train step's own pod" in md
+    assert "| length | 3 epochs |" in md and "num_train_epochs 3 chosen" in md
+
+
+def test_a_run_with_max_steps_is_shown_in_steps_not_in_the_epochs_it_does_not_use(llama_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"text": "record"}) + "\n")
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(llama_dir)},
+            "data": {"train_uri": str(data)},
+            "training": {"max_steps": 5, "per_device_train_batch_size": 2},
+            "preprocess": {"max_seq_len": 128},
+        }
+    )
+    p = planmod.make_plan(cfg, train_tokens=12_800)  # 5 steps x 2 sequences x 128 tokens: 0.1 epochs
+    assert p.length_summary() == "5 steps (training.max_steps; ~0.1 epochs)"
+    md = planmod.plan_markdown(p)
+    assert "| length | 5 steps (training.max_steps; ~0.1 epochs) |" in md
+    assert "num_train_epochs" not in md  # resolved for the config's sake, but it sets nothing
 
 
 def test_plan_requires_model_and_data():

@@ -180,6 +180,16 @@ class Plan:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     cost: CostEstimate | None = None  # None off a GPU
 
+    def length_summary(self) -> str:
+        """How long the run trains, as the config sets it: max_steps wins over num_train_epochs, so
+        a run with max_steps is shown in steps, with the epochs they come to over the data."""
+        tr = self.config.training
+        if tr.max_steps <= 0:
+            return f"{tr.num_train_epochs:g} epochs"
+        tokens = tr.max_steps * self.config.global_batch_size * self.config.preprocess.max_seq_len
+        epochs = tokens / max(1, self.train_tokens_estimate)
+        return f"{tr.max_steps:,} steps (training.max_steps; ~{epochs:.2g} epochs)"
+
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "config"}  # asdict would not dump pydantic
         out["memory"]["total"] = self.memory.total
@@ -925,9 +935,10 @@ def resolved_fields(
         )
     if tr.num_train_epochs is None:
         over["training.num_train_epochs"] = default_epochs(tokens)
-        notes.append(
-            f"num_train_epochs {over['training.num_train_epochs']:g} chosen for ~{tokens:,} training tokens"
-        )
+        if tr.max_steps <= 0:  # with max_steps the epochs are resolved but do not set the length
+            notes.append(
+                f"num_train_epochs {over['training.num_train_epochs']:g} chosen for ~{tokens:,} training tokens"
+            )
     return over, notes
 
 
@@ -979,8 +990,8 @@ def plan_markdown(plan: Plan) -> str:
         ("precision", plan.config.precision),
         ("CPU offload", f"optimizer={m.offload_optimizer}, params={m.offload_params}"),
         ("learning rate", f"{tr.learning_rate:g} ({tr.lr_scheduler_type}, warmup {tr.warmup_ratio:g})"),
-        ("epochs", f"{tr.num_train_epochs:g} (max_steps {tr.max_steps})"),
-        ("training tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
+        ("length", plan.length_summary()),
+        ("dataset tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
         (
             "cost (estimate)",
             plan.cost.summary()

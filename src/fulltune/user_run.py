@@ -111,7 +111,7 @@ def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
         f"{plan.shape.params / 1e6:,.1f}M parameters",
         f"{plan.memory.total / 2**30:.1f} GiB per GPU of {plan.budget_bytes / 2**30:.1f}",
         f"micro batch {tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}",
-        f"lr {tr.learning_rate:g}, {tr.num_train_epochs:g} epochs",
+        f"lr {tr.learning_rate:g}, {plan.length_summary()}",
     ]
     if plan.cost:
         figures.append(plan.cost.summary())
