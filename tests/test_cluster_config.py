@@ -17,6 +17,7 @@ READY = {
     "work_dir": "s3://work/runs",
     "model": {"base_model_uri": "s3://models/llama"},
     "data": {"train_uri": "s3://data/train.jsonl"},
+    "registry": {"uri": "s3://models/registry"},
     "resources": {"launcher": "kubernetes"},
 }
 
@@ -36,6 +37,11 @@ def test_an_empty_config_is_valid_but_not_for_a_cluster(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{empty}: cannot run on a cluster" in err
     assert "model.base_model_uri: required" in err and "data.train_uri: required" in err
+    # and the two a run would otherwise fail on only at plan, or at register after all the training
+    assert (
+        "work_dir: required (where the run's shards" in err
+        and "registry.uri: required (where register" in err
+    )
 
 
 @pytest.mark.parametrize(

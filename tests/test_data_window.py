@@ -83,8 +83,10 @@ def test_the_runs_date_is_as_of_else_the_scheduled_time_else_the_start():
 
 def test_configure_fixes_the_window_once_and_the_lineage_records_it(tmp_path):
     config = {
+        "model": {"base_model_uri": str(tmp_path / "base")},
         "data": {"train_uri": str(tmp_path / "dt={date}"), "window_days": 2},
         "work_dir": str(tmp_path / "w"),
+        "registry": {"uri": str(tmp_path / "registry")},
     }
     merged = steps.configure(config, {}, "2026-11-28T03:00:00Z", "2026-11-28T03:00:05Z")
     cfg = RunConfig.from_pipeline(merged)

@@ -91,11 +91,11 @@ def assert_demo_ran_every_step_and_registered(result, out: str) -> None:
     forgetting, TensorBoard events, and a registered version that loads and matches its checksums."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fulltune.demo.run import summary_text
     from fulltune.layout import RunLayout
     from fulltune.registry.store import verify_version
 
-    print(summary_text(result))
+    summary = result.summary("fulltune demo")
+    print(summary)
     m = result.eval_result.kfp_metrics()
     assert m["domain_eval_tuned_loss"] < m["domain_eval_base_loss"]
     assert result.eval_result.verdict is True, result.eval_result.reasons
@@ -129,7 +129,11 @@ def assert_demo_ran_every_step_and_registered(result, out: str) -> None:
     assert any(line.startswith("  train: step ") and " forgetting " in line for line in lines), out
     # training wrote TensorBoard event files where the summary says
     assert list(Path(RunLayout(result.work_dir).tensorboard).glob("events.out.tfevents.*"))
-    assert f"tensorboard --logdir {RunLayout(result.work_dir).tensorboard}" in summary_text(result)
+    assert f"tensorboard --logdir {RunLayout(result.work_dir).tensorboard}" in summary
+    assert summary.endswith(f"registered model:   {result.registered}")
+    # the gate's decision and the version made, on the steps' own lines
+    assert any(line.startswith("ok     evaluate (") and ": gate PASS, " in line for line in lines)
+    assert any(line.startswith("ok     register (") and line.endswith(result.registered) for line in lines)
     log = Path(lines[-1].removeprefix("full log: "))
     assert "finished with status" in log.read_text() and "finished with status" not in out
     assert len(lines) < 80, out  # one screen, the training progress included
@@ -198,6 +202,9 @@ def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, 
     assert production() == 1
     out = capsys.readouterr().out
     assert not any(line.startswith("ok     register") for line in out.splitlines())
+    # what `fulltune run` ends with: the refusal, its reasons, and that nothing was registered
+    assert "gate FAIL: not registered" in out and "\n== fulltune run ==\n" in out
+    assert "verdict:            FAIL\n" in out and "registered model:   none — the gate refused" in out
     assert "  train: stopping after step 25: forgetting: at step 25 general perplexity rose" in out
     run = mlflow_run(2)
     assert (

@@ -79,10 +79,10 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fulltune.demo.run import run_demo, summary_text
+    from fulltune.demo.run import run_demo
 
-    result = run_demo(Path(args.dir), forget=args.forget, nproc=args.nproc)
-    print(summary_text(result), flush=True)
+    outcome = run_demo(Path(args.dir), forget=args.forget, nproc=args.nproc)
+    print(outcome.summary("fulltune demo"), flush=True)
     return 0
 
 
@@ -94,12 +94,13 @@ def _run(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_yaml(args.config)
         if args.until:
             return dry_run(cfg, Path(args.dir), args.until, sys.stdout)
-        full_run(cfg, Path(args.dir))
+        outcome = full_run(cfg, Path(args.dir))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError:  # kfp.local: a step failed; the step, its message and the log were printed
         return 1
+    print(outcome.summary("fulltune run"), flush=True)
     return 0
 
 

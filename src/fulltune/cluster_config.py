@@ -42,7 +42,7 @@ def locations(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def cluster_problems(cfg: RunConfig) -> list[str]:
     """Every reason `cfg` cannot run on a cluster, each naming the field and what to set instead."""
-    problems = [f"{name}: required" for name in cfg.missing("model.base_model_uri", "data.train_uri")]
+    problems = cfg.missing_to_run()
     res = cfg.resources
     if res.launcher == "local" and res.accelerator == "gpu":
         problems.append(

@@ -693,6 +693,16 @@ class RegistrySection(_Section):
     )
 
 
+# The fields a whole run cannot go without, and the step that would otherwise fail on each: checked
+# by the pipeline's first step and before `fulltune submit` or `schedule` creates anything.
+RUN_REQUIRES = {
+    "model.base_model_uri": "the model to tune",
+    "data.train_uri": "the domain training data",
+    "work_dir": "where the run's shards, checkpoints and tuned model go; plan writes there first",
+    "registry.uri": "where register publishes a model that passes the gate, after training",
+}
+
+
 class RunConfig(_Section):
     """The whole run. Sections mirror the pipeline's steps."""
 
@@ -785,6 +795,20 @@ class RunConfig(_Section):
                 "work_dir: required (a local directory or s3:// prefix for this run's data and model)"
             )
         return RunLayout(self.work_dir)
+
+    @property
+    def tensorboard_dir(self) -> str | None:
+        """Where rank 0 writes TensorBoard's event files; None unless report_to has tensorboard."""
+        if "tensorboard" not in self.training.report_to:
+            return None
+        return self.training.logging_dir or self.layout.tensorboard
+
+    def missing_to_run(self) -> list[str]:
+        """ "FIELD: required (what it is for)" for each field a whole run needs that is empty: the
+        pipeline's first step refuses these, so a run never trains to fail at the step that needs it."""
+        return [
+            f"{name}: required ({why})" for name, why in RUN_REQUIRES.items() if not _get_dotted(self, name)
+        ]
 
     def missing(self, *dotted: str) -> list[str]:
         """The listed fields (dotted names) that are empty."""

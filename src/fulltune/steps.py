@@ -62,15 +62,19 @@ def configure(
 ) -> dict[str, Any]:
     """The pipeline's typed parameters merged into `config` (`fulltune.parameters.resolve`), with
     what must be fixed once per run fixed (`run_inputs`): the mapping every later step receives.
-    A conflict or an invalid field fails here, before any data is read."""
-    from fulltune.config import RunConfig, deep_merge
+    A conflict, an invalid field or a field the run needs left empty fails here, before any data is read."""
+    from fulltune.config import ConfigError, RunConfig, deep_merge
     from fulltune.parameters import BY_NAME, resolve
 
     _setup_process()
     merged = resolve(config, values)
     set_here = [f"{n}={v!r}" for n, v in values.items() if BY_NAME[n].is_set(v)]
     log.info("typed parameters set: %s", ", ".join(set_here) if set_here else "none (config only)")
-    return deep_merge(merged, run_inputs(RunConfig.from_pipeline(merged), scheduled_time, created_time))
+    cfg = RunConfig.from_pipeline(merged)
+    missing = cfg.missing_to_run()
+    if missing:
+        raise ConfigError("the run cannot start:\n  - " + "\n  - ".join(missing))
+    return deep_merge(merged, run_inputs(cfg, scheduled_time, created_time))
 
 
 def run_inputs(cfg: RunConfig, scheduled_time: str = "", created_time: str = "") -> dict[str, Any]:

@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from fulltune.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from fulltune.kfp.local_run import LocalOutcome
 
 CHECKING_STEPS = ("validate_data", "check_tokenizer", "plan")
 
@@ -118,13 +121,25 @@ def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
     return StepLine(", ".join(figures), report_path)
 
 
-def full_run(cfg: RunConfig, out_dir: Path) -> None:
+def with_local_locations(cfg: RunConfig, out_dir: Path) -> RunConfig:
+    """`cfg` with an unset work_dir and registry.uri under `out_dir`, as the demo keeps them: a local
+    run needs somewhere for its files and its registered model, and this machine has a place for both.
+    Each one filled in is said, so the user knows where to look."""
+    here = {"work_dir": out_dir / "runs", "registry.uri": out_dir / "registry"}
+    filled = {name: str(path.resolve()) for name, path in here.items() if cfg.missing(name)}
+    for name, path in filled.items():
+        print(f"{name} not set: {path}")
+    return cfg.with_overrides(filled) if filled else cfg
+
+
+def full_run(cfg: RunConfig, out_dir: Path) -> LocalOutcome:
     """The whole compiled DAG through kfp.local with the local launcher; RuntimeError (from kfp.local)
     when a step fails, after the step, its error message and the log's path are printed."""
     from fulltune.kfp.local_run import run_locally
 
     if cfg.resources.launcher != "local":
         cfg = cfg.with_overrides({"resources.launcher": "local"})
+    cfg = with_local_locations(cfg, out_dir)
     if cfg.resources.accelerator == "gpu":
         import torch
 
@@ -133,4 +148,4 @@ def full_run(cfg: RunConfig, out_dir: Path) -> None:
                 "resources.accelerator is gpu but this machine has no GPU: set resources.accelerator: cpu "
                 "to train here on the CPU, or `fulltune submit` to a cluster"
             )
-    run_locally(cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp")
+    return run_locally(cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp")

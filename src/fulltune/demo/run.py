@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fulltune.config import RunConfig
 from fulltune.demo.assets import DemoAssets, build_demo_assets
-from fulltune.evaluate.result import DOMAIN, GENERAL, EvalResult
-from fulltune.layout import RunLayout
+from fulltune.kfp.local_run import LocalOutcome, run_locally
 
 MODEL_NAME = "demo-clinical-llama"
-
-
-@dataclass
-class DemoResult:
-    work_dir: str
-    registry_uri: str
-    registered: str | None
-    eval_result: EvalResult
 
 
 def demo_config(
@@ -101,14 +91,12 @@ def run_demo(
     nproc: int = 2,
     assets: DemoAssets | None = None,
     overrides: Mapping[str, Any] | None = None,
-) -> DemoResult:
+) -> LocalOutcome:
     """Build (or reuse) the assets, compile the pipeline, run it through kfp.local; returns the outcome.
 
     `overrides` (dotted config names, as `RunConfig.with_overrides` takes them) change the demo's
     config, e.g. `{"evaluation.compare_to": "registered"}` to run it as a retraining cycle against
     the version an earlier run registered under `root`."""
-    from fulltune.kfp.local_run import run_locally
-
     root = root.resolve()
     assets = assets or build_demo_assets(root / "assets")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
@@ -117,48 +105,4 @@ def run_demo(
     cfg = demo_config(assets, work_root, registry, forget=forget, nproc=nproc)
     if overrides:
         cfg = cfg.with_overrides(dict(overrides))
-    run_locally(cfg, compiled_dir=root / "compiled", pipeline_root=root / "kfp-local")
-
-    run_dirs = sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.exists() else []
-    if len(run_dirs) != 1:
-        raise RuntimeError(f"expected one run directory under {work_root}, found {len(run_dirs)}")
-    work_dir = str(run_dirs[0])
-    eval_result = EvalResult.load(RunLayout(work_dir).eval_result)
-    registered = None
-    if eval_result.verdict:
-        from fulltune.registry.store import list_versions
-
-        versions = [
-            v
-            for v in list_versions(str(registry), MODEL_NAME)
-            if v.get("source_model_uri", "").startswith(work_dir)
-        ]
-        registered = versions[-1]["uri"] if versions else None
-    return DemoResult(work_dir, str(registry), registered, eval_result)
-
-
-def summary_text(result: DemoResult) -> str:
-    evaluated = result.eval_result
-    domain = evaluated.sets[DOMAIN]
-    lines = [
-        "",
-        "== fulltune demo ==",
-        f"work directory:     {result.work_dir}",
-        f"tensorboard:        tensorboard --logdir {RunLayout(result.work_dir).tensorboard}",
-        f"domain eval loss:   {domain.base.loss:.4f} -> {domain.tuned.loss:.4f} "
-        f"({100 * evaluated.domain_loss_improvement:.1f}% lower)",
-    ]
-    if (general := evaluated.sets.get(GENERAL)) and evaluated.forgetting is not None:
-        lines.append(
-            f"general perplexity: {general.base.perplexity:.2f} -> {general.tuned.perplexity:.2f} "
-            f"(forgetting {100 * evaluated.forgetting:+.1f}%)"
-        )
-    lines.append("verdict:            " + ("PASS" if evaluated.verdict else "FAIL"))
-    lines += [f"  - {r}" for r in evaluated.reasons]
-    if result.registered:
-        lines.append(f"registered model:   {result.registered}")
-    else:
-        lines.append(
-            "registered model:   none — the gate refused this model (the pipeline run itself succeeded)"
-        )
-    return "\n".join(lines)
+    return run_locally(cfg, compiled_dir=root / "compiled", pipeline_root=root / "kfp-local")

@@ -24,9 +24,9 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
@@ -49,6 +49,15 @@ FIGURES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("train_seconds", "s of training", "{:,.0f}"),
         ("final_forgetting", "forgetting", "{:+.1%}"),
     ),
+    "evaluate": (
+        ("domain_loss_improvement", "lower domain loss", "{:.1%}"),
+        ("forgetting", "forgetting", "{:+.1%}"),
+    ),
+}
+# The output parameter a step's line starts with, and how: what the step decided or made.
+SHOWN_OUTPUT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "evaluate": ("Output", lambda passed: "gate PASS" if passed else "gate FAIL: not registered"),
+    "register": ("version_uri", str),
 }
 
 
@@ -122,11 +131,16 @@ class StepConsole:
         if not outputs:
             return ""
         try:
-            artifacts = json.loads(outputs[-1].read_text()).get("artifacts", {})
+            executor_output = json.loads(outputs[-1].read_text())
         except (OSError, ValueError):
             return ""
-        metrics = _metadata(artifacts, "metrics")
-        parts = [
+        metrics = _metadata(executor_output.get("artifacts", {}), "metrics")
+        parts = []
+        if task in SHOWN_OUTPUT:
+            name, show = SHOWN_OUTPUT[task]
+            if (value := executor_output.get("parameterValues", {}).get(name)) is not None:
+                parts.append(show(value))
+        parts += [
             fmt.format(metrics[key]) + f" {label}"
             for key, label, fmt in FIGURES.get(task, ())
             if key in metrics

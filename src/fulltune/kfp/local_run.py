@@ -10,15 +10,20 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from fulltune.config import RunConfig
+
+if TYPE_CHECKING:
+    from fulltune.evaluate.result import EvalResult
 
 
 @contextlib.contextmanager
@@ -83,14 +88,74 @@ def init_local(pipeline_root: Path) -> None:
     )
 
 
+@dataclass(frozen=True)
+class LocalOutcome:
+    """What a local run of the pipeline came to, read from kfp.local's outputs of its steps."""
+
+    work_dir: str  # the run's own directory, as plan scoped work_dir to it
+    tensorboard: str | None  # where training wrote TensorBoard's event files (report_to tensorboard)
+    eval_result: EvalResult | None  # evaluate's eval.json; None if evaluate did not run
+    registered: str | None  # the registered version's URI; None when the gate refused the model
+    log_path: Path  # kfp.local's whole output
+
+    @classmethod
+    def read(cls, run_dir: Path, log_path: Path) -> LocalOutcome:
+        """From `run_dir`, kfp.local's directory of one pipeline run (a directory per task)."""
+        from fulltune.evaluate.result import EvalResult
+
+        def parameter(task: str, name: str):
+            out = run_dir / task / "executor_output.json"
+            return json.loads(out.read_text())["parameterValues"][name] if out.exists() else None
+
+        evaluated = run_dir / "evaluate" / "eval_result"  # the artifact is eval.json itself
+        cfg = RunConfig.from_pipeline(parameter("plan", "config"))  # resolved, work_dir this run's
+        return cls(
+            work_dir=cfg.work_dir,
+            tensorboard=cfg.tensorboard_dir,
+            eval_result=EvalResult.load(str(evaluated)) if evaluated.exists() else None,
+            registered=parameter("register", "version_uri"),
+            log_path=log_path,
+        )
+
+    def summary(self, title: str) -> str:
+        """The closing lines of `fulltune demo` and `fulltune run`: the gain, the forgetting, the
+        verdict with its reasons, and where the registered model is."""
+        from fulltune.evaluate.result import DOMAIN, GENERAL
+
+        lines = ["", f"== {title} ==", f"work directory:     {self.work_dir}"]
+        if self.tensorboard:
+            lines.append(f"tensorboard:        tensorboard --logdir {self.tensorboard}")
+        evaluated = self.eval_result
+        if evaluated is None:
+            return "\n".join([*lines, "verdict:            none (evaluate did not run)"])
+        domain = evaluated.sets[DOMAIN]
+        lines.append(
+            f"domain eval loss:   {domain.base.loss:.4f} -> {domain.tuned.loss:.4f} "
+            f"({100 * evaluated.domain_loss_improvement:.1f}% lower)"
+        )
+        if (general := evaluated.sets.get(GENERAL)) and evaluated.forgetting is not None:
+            lines.append(
+                f"general perplexity: {general.base.perplexity:.2f} -> {general.tuned.perplexity:.2f} "
+                f"(forgetting {100 * evaluated.forgetting:+.1f}%)"
+            )
+        lines.append("verdict:            " + ("PASS" if evaluated.verdict else "FAIL"))
+        lines += [f"  - {r}" for r in evaluated.reasons]
+        lines.append(
+            f"registered model:   {self.registered}"
+            if self.registered
+            else "registered model:   none — the gate refused this model (the pipeline run itself succeeded)"
+        )
+        return "\n".join(lines)
+
+
 def run_locally(
     cfg: RunConfig, *, compiled_dir: Path, pipeline_root: Path, out: IO[str] | None = None
-) -> Path:
+) -> LocalOutcome:
     """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config.
 
     `out` (default: this process's stdout) gets one line per step and the training progress; the
-    whole kfp.local output goes to a log file under `pipeline_root`, whose path is returned (and
-    printed last, also when a step fails: then after the step's error message)."""
+    whole kfp.local output goes to a log file under `pipeline_root`, whose path is printed last
+    (also when a step fails: then after the step's error message, and RuntimeError is raised)."""
     from kfp import components
 
     from fulltune.kfp.compile import compile_all
@@ -102,6 +167,8 @@ def run_locally(
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
     console.say(f"running the compiled pipeline {compiled[0]} through kfp.local")
+    earlier = set(pipeline_root.iterdir()) if pipeline_root.exists() else set()
     with kfp_local_guard(), console.active():
         pipeline(config=cfg.to_dict())
-    return console.log_path
+    (run_dir,) = [p for p in pipeline_root.iterdir() if p.is_dir() and p not in earlier]
+    return LocalOutcome.read(run_dir, console.log_path)

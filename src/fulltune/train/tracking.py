@@ -70,8 +70,7 @@ def build_trackers(
     if rank != 0:
         return []
     trackers: list[TensorBoardTracker | MlflowTracker] = []
-    if "tensorboard" in cfg.training.report_to:
-        destination = cfg.training.logging_dir or cfg.layout.tensorboard
+    if (destination := cfg.tensorboard_dir) is not None:
         tensorboard = TensorBoardTracker(destination, cfg.training.logging_steps, total_steps, first_step)
         if not first_step:  # a resumed run's config is the one its first attempt wrote
             tensorboard.write_config(cfg.to_yaml())

@@ -1,0 +1,115 @@
+"""What a local run (`fulltune run`, `fulltune demo`) tells its user beside the steps' own work:
+where it keeps what the config left unset, the gate's decision on the evaluate and register lines,
+and the closing summary read from kfp.local's outputs of the run."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from eval_samples import DOMAIN_GAIN, eval_record, loss_set
+from fulltune import steps
+from fulltune.config import ConfigError, RunConfig
+from fulltune.kfp.console import StepConsole
+from fulltune.kfp.local_run import LocalOutcome
+from fulltune.user_run import with_local_locations
+
+FORGOT = {
+    "name": "forgetting",
+    "passed": False,
+    "reason": "general perplexity rose 20.6% (304.32 → 366.87) > 5.0% allowed",
+}
+
+
+def test_the_first_step_refuses_a_run_missing_what_a_later_step_needs():
+    """A run with no work_dir would fail at plan, one with no registry.uri at register, after all
+    its training: configure names both before any data is read."""
+    config = {"model": {"base_model_uri": "s3://m/base"}, "data": {"train_uri": "s3://d/train.jsonl"}}
+    with pytest.raises(ConfigError) as refused:
+        steps.configure(config, {})
+    message = str(refused.value)
+    assert message.startswith("the run cannot start:")
+    assert "work_dir: required (where the run's shards, checkpoints and tuned model go" in message
+    assert "registry.uri: required (where register publishes a model that passes the gate" in message
+    assert "model.base_model_uri" not in message and "data.train_uri" not in message
+
+
+def test_a_local_run_keeps_what_the_config_leaves_unset_under_its_dir_and_says_so(tmp_path, capsys):
+    bare = RunConfig.from_dict({"data": {"train_uri": "notes.jsonl"}})
+    filled = with_local_locations(bare, tmp_path / "out")
+    assert filled.work_dir == str(tmp_path / "out" / "runs")
+    assert filled.registry.uri == str(tmp_path / "out" / "registry")
+    assert capsys.readouterr().out.splitlines() == [
+        f"work_dir not set: {tmp_path}/out/runs",
+        f"registry.uri not set: {tmp_path}/out/registry",
+    ]
+    own = bare.with_overrides({"work_dir": "s3://w/runs", "registry.uri": "s3://w/models"})
+    assert with_local_locations(own, tmp_path / "out") == own  # the user's own places win
+    assert capsys.readouterr().out == ""
+
+
+def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None) -> Path:
+    """A kfp.local run directory as a finished run leaves it: per task its executor_output.json,
+    evaluate's eval_result artifact (eval.json itself), register's output only when it ran."""
+    run_dir = tmp_path / "kfp" / "full-finetune-2026-11-29-11-00-00-000000"
+    cfg = RunConfig.from_dict(
+        {"work_dir": str(tmp_path / "runs" / "4711"), "training": {"report_to": ["tensorboard"]}}
+    )
+    outputs = {"plan": {"parameterValues": {"config": cfg.to_dict()}}}
+    metrics = {"domain_loss_improvement": 0.155, "forgetting": 0.206}
+    outputs["evaluate"] = {
+        "parameterValues": {"Output": all(c["passed"] for c in checks)},
+        "artifacts": {"metrics": {"artifacts": [{"name": "metrics", "metadata": metrics}]}},
+    }
+    if registered:
+        outputs["register"] = {"parameterValues": {"version_uri": registered}}
+    for task, output in outputs.items():
+        (run_dir / task).mkdir(parents=True)
+        (run_dir / task / "executor_output.json").write_text(json.dumps(output))
+    general = {"general_eval": loss_set((5.72, 304.32), (5.90, 366.87))}
+    record = eval_record(checks=checks, sets={**eval_record()["sets"], **general})
+    (run_dir / "evaluate" / "eval_result").write_text(json.dumps(record))
+    return run_dir
+
+
+def step_lines(run_dir: Path, *tasks: str) -> list[str]:
+    out = io.StringIO()
+    console = StepConsole(run_dir.parent / "run.log", run_dir.parent, out)
+    for task in tasks:
+        console._line(f"Executing task '{task}'")
+        console._line(f"Task '{task}' finished with status SUCCESS")
+    return out.getvalue().splitlines()
+
+
+def test_a_refused_model_is_said_on_the_evaluate_line_and_at_the_end(tmp_path):
+    run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN, FORGOT], registered=None)
+    [evaluate] = step_lines(run_dir, "evaluate")
+    assert evaluate.startswith("ok     evaluate (")
+    assert evaluate.endswith("gate FAIL: not registered, 15.5% lower domain loss, +20.6% forgetting")
+    summary = LocalOutcome.read(run_dir, tmp_path / "run.log").summary("fulltune run").splitlines()
+    assert summary[1:] == [
+        "== fulltune run ==",
+        f"work directory:     {tmp_path}/runs/4711",
+        f"tensorboard:        tensorboard --logdir {tmp_path}/runs/4711/train/tensorboard",
+        "domain eval loss:   3.9100 -> 3.0700 (21.5% lower)",
+        "general perplexity: 304.32 -> 366.87 (forgetting +20.6%)",
+        "verdict:            FAIL",
+        f"  - {DOMAIN_GAIN['reason']}",
+        f"  - {FORGOT['reason']}",
+        "registered model:   none — the gate refused this model (the pipeline run itself succeeded)",
+    ]
+
+
+def test_a_registered_model_is_named_on_the_register_line_and_at_the_end(tmp_path):
+    version = str(tmp_path / "registry" / "notes" / "v3")
+    run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN], registered=version)
+    evaluate, register = step_lines(run_dir, "evaluate", "register")
+    assert ": gate PASS, 15.5% lower domain loss" in evaluate
+    assert register.startswith("ok     register (") and register.endswith(f"s): {version}")
+    outcome = LocalOutcome.read(run_dir, tmp_path / "run.log")
+    assert outcome.eval_result.verdict and outcome.registered == version
+    summary = outcome.summary("fulltune demo")
+    assert "verdict:            PASS" in summary and summary.endswith(f"registered model:   {version}")
