@@ -120,6 +120,34 @@ def test_vocab_larger_than_embedding_fails(tmp_path):
     assert '<p class="banner fail" role="status">FAILED — 1 check(s): embedding</p>' in page
 
 
+def test_sequences_longer_than_the_models_context_are_refused_naming_both_lengths(tokenizer_dir, tmp_path):
+    """The tiny Llama was trained to 2048 positions (LlamaConfig's default max_position_embeddings)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    fits = check_tokenizer(make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 2048}), tmp_path / "ok")
+    assert checks(fits)["context_length"][0] == "ok" and fits["model"]["context_length"] == 2048
+    too_long = make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 4096})
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(too_long, tmp_path / "out")
+    message = str(info.value)
+    assert message.splitlines()[0] == "check_tokenizer failed: 1 check(s): context_length"
+    assert (
+        f"preprocess.max_seq_len 4096 is longer than the model's context, max_position_embeddings 2048 in "
+        f"{tokenizer_dir}/config.json" in message
+    )
+    assert "Set preprocess.max_seq_len to 2048 or less" in message
+
+
+def test_the_context_length_is_read_under_each_familys_name():
+    from fulltune.tokenizer.check import context_length
+
+    assert context_length({"n_positions": 1024, "model_type": "gpt2"}) == ("n_positions", 1024)
+    assert context_length({"text_config": {"max_position_embeddings": 8192}}) == (
+        "max_position_embeddings",
+        8192,
+    )
+    assert context_length({"model_type": "bloom"}) is None  # ALiBi: no table, nothing to check
+
+
 def test_pad_equal_to_eos_is_a_warning(tmp_path):
     model = build_tokenizer(tmp_path / "tok", pad="</s>")
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])

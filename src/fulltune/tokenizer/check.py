@@ -11,6 +11,8 @@ Checks, each with a status (ok, info, warning, error):
 - embedding: `len(tokenizer)` must not exceed the model's embedding rows (`vocab_size` in the
   model's config.json, read without loading weights); the model's eos ids should include the
   tokenizer's eos, or the tuned model learns to end documents with a token generation ignores;
+- context length: `preprocess.max_seq_len` must not exceed the model's context
+  (`max_position_embeddings` or its family's name for it in config.json);
 - chat template (chat data only): it exists, renders the sampled conversations with all their
   content, and (for `preprocess.loss_on: assistant`) renders prefixes stably, which is how
   preprocessing finds the assistant turns;
@@ -119,6 +121,20 @@ def embedding_rows(model_config: dict[str, Any]) -> int | None:
     for section in (model_config, model_config.get("text_config") or {}):
         if isinstance(section.get("vocab_size"), int):
             return section["vocab_size"]
+    return None
+
+
+# Where model configs give the longest sequence the model was trained on: HF's common name, GPT-2's,
+# and the names some remote-code families use.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model_config: dict[str, Any]) -> tuple[str, int] | None:
+    """(key, value) of the model's context length in its config (or its text model's), or None."""
+    for section in (model_config, model_config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return key, section[key]
     return None
 
 
@@ -258,11 +274,14 @@ class _Checker:
             model_eos |= _eos_ids(generation.get("eos_token_id"))
         except (OSError, ValueError):
             pass
+        context = context_length(model_config)
         self.model = {
             "model_type": model_config.get("model_type"),
             "embedding_rows": rows,
             "eos_token_ids": sorted(model_eos),
+            "context_length": context[1] if context else None,
         }
+        self._context(uri, context)
         size = len(self.tok)
         if rows is None:
             self.add("embedding", "warning", "the model config has no vocab_size: embedding size not checked")
@@ -282,6 +301,28 @@ class _Checker:
                 "warning",
                 f"training ends documents with eos id {eos}, but the model config stops generation at "
                 f"{sorted(model_eos)}: the tuned model may not stop. Align config.json/generation_config.json.",
+            )
+
+    def _context(self, uri: str, context: tuple[str, int] | None) -> None:
+        """Sequences longer than the model was trained on: a learned position table has no rows for
+        the positions past it (an index error in the first step), rotary embeddings turn through
+        angles the model never saw (a quietly worse model)."""
+        seq = self.cfg.preprocess.max_seq_len
+        if context is None:
+            self.add("context_length", "info", "the model config names no context length: not checked")
+        elif seq > context[1]:
+            key, length = context
+            self.add(
+                "context_length",
+                "error",
+                f"preprocess.max_seq_len {seq} is longer than the model's context, {key} {length} in "
+                f"{storage.join(uri, 'config.json')}: positions past {length} were never trained. Set "
+                f"preprocess.max_seq_len to {length} or less; to extend the context on purpose, give the model "
+                f"a rope scaling in config.json and raise {key} with it.",
+            )
+        else:
+            self.add(
+                "context_length", "ok", f"max_seq_len {seq} within the model's {context[0]} {context[1]}"
             )
 
     # data --------------------------------------------------------------------------------------
