@@ -58,7 +58,13 @@ def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None)
     cfg = RunConfig.from_dict(
         {"work_dir": str(tmp_path / "runs" / "4711"), "training": {"report_to": ["tensorboard"]}}
     )
-    outputs = {"plan": {"parameterValues": {"config": cfg.to_dict()}}}
+    dataset = {"train_sequences": 209.0, "train_tokens": 22869.0, "train_padding_fraction": 0.1073}
+    outputs = {
+        "plan": {"parameterValues": {"config": cfg.to_dict()}},
+        "gather-shards": {
+            "artifacts": {"metrics": {"artifacts": [{"name": "metrics", "metadata": dataset}]}}
+        },
+    }
     metrics = {"domain_loss_improvement": 0.155, "forgetting": 0.206}
     outputs["evaluate"] = {
         "parameterValues": {"Output": all(c["passed"] for c in checks)},
@@ -82,6 +88,12 @@ def step_lines(run_dir: Path, *tasks: str) -> list[str]:
         console._line(f"Executing task '{task}'")
         console._line(f"Task '{task}' finished with status SUCCESS")
     return out.getvalue().splitlines()
+
+
+def test_the_dataset_line_says_how_much_training_data_preprocessing_made(tmp_path):
+    run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN], registered=None)
+    [gathered] = step_lines(run_dir, "gather-shards")
+    assert gathered.endswith("s): 209 training sequences, 22,869 tokens, 10.7% padding")
 
 
 def test_a_refused_model_is_said_on_the_evaluate_line_and_at_the_end(tmp_path):

@@ -43,6 +43,11 @@ FIGURES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("memory_per_gpu_gib", "GiB per GPU", "{:.1f}"),
         ("estimated_gpu_hours", "GPU-hours (estimate)", "{:,.1f}"),
     ),
+    "gather-shards": (
+        ("train_sequences", "training sequences", "{:,.0f}"),
+        ("train_tokens", "tokens", "{:,.0f}"),
+        ("train_padding_fraction", "padding", "{:.1%}"),
+    ),
     "train": (
         ("steps", "steps", "{:,.0f}"),
         ("final_loss", "final loss", "{:.4f}"),
