@@ -185,6 +185,26 @@ def test_too_little_data_exits_1_without_retrying(demo_assets, tmp_path):
     assert "fewer than one global batch" in str(exc.value)
 
 
+def test_the_train_step_refuses_data_it_cannot_use_before_asking_for_a_single_rank(demo_assets, tmp_path):
+    """Too few sequences for one global batch, or eval_steps without an eval split: the step says so
+    from the dataset manifest, before the launcher starts (on a cluster: before any GPU pod)."""
+    from fulltune.train.run import run_training
+
+    work = str(tmp_path / "work")
+    dataset = tiny_dataset(demo_assets, work, n_seq=2)
+    cfg = plan_run(demo_assets, work, nproc=2, per_device_train_batch_size=4, max_steps=1)
+    with pytest.raises(TrainInputError, match="has 2 sequences, fewer than one global batch of 8"):
+        run_training(cfg, dataset)
+    evaluating = plan_run(
+        demo_assets, work, nproc=1, per_device_train_batch_size=1, max_steps=1, eval_steps=1
+    )
+    with pytest.raises(
+        TrainInputError, match="training.eval_steps is set but the dataset .* has no domain_eval"
+    ):
+        run_training(evaluating, dataset)
+    assert not storage.exists(evaluating.layout.model)  # nothing was launched, nothing written
+
+
 def test_schedule_and_data_order_depend_only_on_seed_and_step():
     cfg = RunConfig.from_dict(
         {

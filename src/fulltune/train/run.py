@@ -65,6 +65,7 @@ def run_training(
     pipeline) a fresh one is made, so an old job of the same name is never mistaken for this run's.
     `optional_secrets` reach the training pods like `resources.kubernetes.secret_env`, but may be absent.
     """
+    check_data_before_launch(cfg, dataset_uri)
     name = "fulltune-train"
     if cfg.resources.launcher in CLUSTER_LAUNCHERS:
         from fulltune.launch.pytorchjob import job_name
@@ -87,6 +88,19 @@ def run_training(
         summary=TrainingSummary.from_json(summary),
         records=[StepRecord.from_json(json.loads(line)) for line in lines if line],
     )
+
+
+def check_data_before_launch(cfg: RunConfig, dataset_uri: str) -> None:
+    """The trainer's refusals of the dataset that need only its manifest, made before any training pod
+    (and GPU) is asked for: fewer training sequences than one global batch, and no eval split for
+    `training.eval_steps`. TrainInputError, as the ranks would exit with (they check again)."""
+    from fulltune.preprocess.dataset import TRAIN, load_manifest
+    from fulltune.train.loss import check_eval_split
+    from fulltune.train.schedule import make_schedule
+
+    make_schedule(cfg, load_manifest(dataset_uri).sequences(TRAIN), cfg.world_size)
+    if cfg.training.eval_steps:
+        check_eval_split(dataset_uri)
 
 
 def _checkpoints_after_success(cfg: RunConfig, root: str) -> None:
