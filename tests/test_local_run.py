@@ -51,12 +51,17 @@ def test_a_local_run_keeps_what_the_config_leaves_unset_under_its_dir_and_says_s
     assert capsys.readouterr().out == ""
 
 
-def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None) -> Path:
+def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None, registry: str = "") -> Path:
     """A kfp.local run directory as a finished run leaves it: per task its executor_output.json,
     evaluate's eval_result artifact (eval.json itself), register's output only when it ran."""
     run_dir = tmp_path / "kfp" / "full-finetune-2026-11-29-11-00-00-000000"
     cfg = RunConfig.from_dict(
-        {"work_dir": str(tmp_path / "runs" / "4711"), "training": {"report_to": ["tensorboard"]}}
+        {
+            "work_dir": str(tmp_path / "runs" / "4711"),
+            "model": {"name": "notes"},
+            "training": {"report_to": ["tensorboard"]},
+            "registry": {"uri": registry},
+        }
     )
     dataset = {"train_sequences": 209.0, "train_tokens": 22869.0, "train_padding_fraction": 0.1073}
     outputs = {
@@ -125,3 +130,30 @@ def test_a_registered_model_is_named_on_the_register_line_and_at_the_end(tmp_pat
     assert outcome.eval_result.verdict and outcome.registered == version
     summary = outcome.summary("fulltune demo")
     assert "verdict:            PASS" in summary and summary.endswith(f"registered model:   {version}")
+
+
+def test_the_end_says_which_version_serves_and_how_to_promote_the_new_one(tmp_path):
+    """A later version that passed the gate against the base is latest, not production: the summary
+    names the served version and the command that would promote this one."""
+    from fulltune.registry import pointers
+
+    registry = tmp_path / "registry"
+    for version in (1, 2):  # committed versions: their manifests exist
+        (registry / "notes" / f"v{version}").mkdir(parents=True)
+        (registry / "notes" / f"v{version}" / "manifest.json").write_text("{}")
+    pointers.move(
+        str(registry), "notes", pointers.PRODUCTION, 1, expected=None, action="promote", reason="first"
+    )
+    v2 = str(registry / "notes" / "v2")
+    run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN], registered=v2, registry=str(registry))
+    summary = LocalOutcome.read(run_dir, tmp_path / "run.log").summary("fulltune run").splitlines()
+    assert summary[-3:] == [
+        f"registered model:   {v2}",
+        "production:         v1",
+        f'  to serve this version instead: fulltune registry promote --uri {registry} --name notes --version 2 --reason "..."',
+    ]
+    pointers.move(
+        str(registry), "notes", pointers.PRODUCTION, 2, expected=1, action="promote", reason="better"
+    )
+    summary = LocalOutcome.read(run_dir, tmp_path / "run.log").summary("fulltune run")
+    assert summary.endswith(f"registered model:   {v2}\nproduction:         v2 (this run's)")

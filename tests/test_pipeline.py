@@ -205,6 +205,7 @@ def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, 
     # what `fulltune run` ends with: the refusal, its reasons, and that nothing was registered
     assert "gate FAIL: not registered" in out and "\n== fulltune run ==\n" in out
     assert "verdict:            FAIL\n" in out and "registered model:   none — the gate refused" in out
+    assert "\nproduction:         v1\n" in out  # what still serves
     assert "  train: stopping after step 25: forgetting: at step 25 general perplexity rose" in out
     run = mlflow_run(2)
     assert (
@@ -224,6 +225,7 @@ def test_three_retraining_cycles_only_ever_move_production_forward(demo_assets, 
     assert check.passed and "below the promoted v1" in check.reason, better.reasons
     assert better.scoring.passes[0].roles == ["base", "tuned", "champion"]  # one pass over the batches
     assert production() == 2 and demo.registered.endswith("/v2")
+    assert demo.summary("fulltune demo").endswith("production:         v2 (this run's)")
     last = pointers.current(str(registry), MODEL_NAME, pointers.PRODUCTION)
     assert (last.previous, last.reason) == (1, "passed the gate against v1")
 

@@ -97,6 +97,8 @@ class LocalOutcome:
     eval_result: EvalResult | None  # evaluate's eval.json; None if evaluate did not run
     registered: str | None  # the registered version's URI; None when the gate refused the model
     log_path: Path  # kfp.local's whole output
+    production: str | None = None  # the version production names after the run ("v2"), if any
+    promote_command: str | None = None  # how to make the registered version production, when it is not
 
     @classmethod
     def read(cls, run_dir: Path, log_path: Path) -> LocalOutcome:
@@ -109,12 +111,14 @@ class LocalOutcome:
 
         evaluated = run_dir / "evaluate" / "eval_result"  # the artifact is eval.json itself
         cfg = RunConfig.from_pipeline(parameter("plan", "config"))  # resolved, work_dir this run's
+        registered = parameter("register", "version_uri")
         return cls(
             work_dir=cfg.work_dir,
             tensorboard=cfg.tensorboard_dir,
             eval_result=EvalResult.load(str(evaluated)) if evaluated.exists() else None,
-            registered=parameter("register", "version_uri"),
+            registered=registered,
             log_path=log_path,
+            **_production(cfg, registered),
         )
 
     def summary(self, title: str) -> str:
@@ -145,7 +149,34 @@ class LocalOutcome:
             if self.registered
             else "registered model:   none — the gate refused this model (the pipeline run itself succeeded)"
         )
+        if self.production:
+            lines.append(f"production:         {self.production}")
+        if self.promote_command:
+            lines.append(f"  to serve this version instead: {self.promote_command}")
         return "\n".join(lines)
+
+
+def _production(cfg: RunConfig, registered: str | None) -> dict[str, str | None]:
+    """Which version production names after the run, and the command that would promote the one
+    this run registered when production names another (a later version passes the gate without
+    replacing the served one unless evaluation.compare_to: registered beat it)."""
+    from fulltune import storage
+    from fulltune.registry import pointers
+
+    if not cfg.registry.uri:
+        return {}
+    now = pointers.current(cfg.registry.uri, cfg.model.name, pointers.PRODUCTION)
+    if now is None:
+        return {}
+    mine = storage.basename(registered.rstrip("/")) if registered else None
+    production = f"v{now.version}" + (" (this run's)" if mine == f"v{now.version}" else "")
+    if mine is None or mine == f"v{now.version}":
+        return {"production": production}
+    command = (
+        f"fulltune registry promote --uri {cfg.registry.uri} --name {cfg.model.name} "
+        f'--version {mine.removeprefix("v")} --reason "..."'
+    )
+    return {"production": production, "promote_command": command}
 
 
 def run_locally(
