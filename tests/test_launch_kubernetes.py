@@ -28,6 +28,7 @@ from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled
 from fulltune.launch.pytorchjob import build_pytorchjob, job_name, workflow_owner
 from fulltune.train.args import TrainerArgs
+from fulltune.train.exit_codes import TrainInputError
 from k8s_standin import FakeKube
 from support.crd_schema import strict as _strict  # test_launch_trainjob imports it from here too
 
@@ -831,6 +832,17 @@ def succeeding_operator(work: Path):
     return operator, summary
 
 
+def dataset_manifest(tmp_path: Path, sequences: int = 64) -> str:
+    """A dataset manifest with a training split of `sequences`: the train step reads it before it
+    launches anything (enough sequences for a global batch?)."""
+    from fulltune.preprocess.dataset import MANIFEST_FORMAT
+
+    path = tmp_path / "dataset.json"
+    splits = {"train": {"sequences": sequences, "tokens": sequences * 8}}
+    path.write_text(json.dumps({"format": MANIFEST_FORMAT, "max_seq_len": 8, "splits": splits}))
+    return str(path)
+
+
 def kubernetes_cfg(kube, tmp_path: Path, monkeypatch) -> tuple[RunConfig, Path]:
     """A launcher: kubernetes config whose work directory is tmp_path/work, with the kube context
     pointing at the stand-in."""
@@ -840,6 +852,7 @@ def kubernetes_cfg(kube, tmp_path: Path, monkeypatch) -> tuple[RunConfig, Path]:
     cfg = RunConfig.from_dict(
         {
             "work_dir": str(work),
+            "training": {"max_steps": 2},  # as plan resolves the length
             "resources": {"launcher": "kubernetes", "nproc_per_node": 2, "kubernetes": {"namespace": NS}},
         }
     )
@@ -851,7 +864,8 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
 
     cfg, work = kubernetes_cfg(kube, tmp_path, monkeypatch)
     kube.script, SUMMARY = succeeding_operator(work)  # noqa: N806 — a constant of this test
-    result = run_training(cfg, "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
+    dataset = dataset_manifest(tmp_path)
+    result = run_training(cfg, dataset, run_id="run-7", task_name="train", image="img:9")
     assert result.summary == SUMMARY and [r.loss for r in result.records] == [2.0, 1.25]
     (post,) = kube.calls("POST")
     assert post.body["metadata"]["name"] == job_name("run-7", "train")
@@ -864,8 +878,13 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     for path in sorted((work / "train").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     with pytest.raises(LaunchError, match="model is incomplete"):
-        run_training(cfg, "s3://b/dataset.json", run_id="run-7", task_name="train", image="img:9")
+        run_training(cfg, dataset, run_id="run-7", task_name="train", image="img:9")
     assert len(kube.calls("POST")) == 2 and not kube.calls("DELETE")
+
+    # a dataset smaller than one global batch (2 ranks x 1 sequence): refused, no job created
+    with pytest.raises(TrainInputError, match="fewer than one global batch of 2"):
+        run_training(cfg, dataset_manifest(tmp_path, sequences=1), run_id="run-9", task_name="train")
+    assert len(kube.calls("POST")) == 2
 
 
 def test_the_train_step_hands_the_pipelines_s3_and_mlflow_secrets_to_the_training_pods(
@@ -879,7 +898,7 @@ def test_the_train_step_hands_the_pipelines_s3_and_mlflow_secrets_to_the_trainin
     kube.script, _ = succeeding_operator(work)
     model_uri = steps.train(
         cfg,
-        "s3://b/dataset.json",
+        dataset_manifest(tmp_path),
         run_id="run-8",
         task_name="train",
         image="img:9",

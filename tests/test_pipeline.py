@@ -130,7 +130,7 @@ def assert_demo_ran_every_step_and_registered(result, out: str) -> None:
     # training wrote TensorBoard event files where the summary says
     assert list(Path(RunLayout(result.work_dir).tensorboard).glob("events.out.tfevents.*"))
     assert f"tensorboard --logdir {RunLayout(result.work_dir).tensorboard}" in summary
-    assert summary.endswith(f"registered model:   {result.registered}")
+    assert f"registered model:   {result.registered}\n" in summary
     # the gate's decision and the version made, on the steps' own lines
     assert any(line.startswith("ok     evaluate (") and ": gate PASS, " in line for line in lines)
     assert any(line.startswith("ok     register (") and line.endswith(result.registered) for line in lines)
