@@ -176,7 +176,14 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
     assert "| Liger kernels | True |" in md and resolved.training.use_liger_kernel is True  # a Llama on GPUs
     assert "| ZeRO-3 buckets |" in md
     assert "| launcher | local: torchrun in the train step's own pod" in md
-    assert "| length | 3 epochs |" in md and "num_train_epochs 3 chosen" in md
+    assert "num_train_epochs 3 chosen" in md
+    # 1,234 tokens (the estimate given) against 32 sequences x 1024 tokens a step: said in the report
+    assert (
+        "| length | 3 epochs, but the data (~1,234 tokens, an estimate) is less than one global batch "
+        "of 32 sequences x 1024 tokens |" in md
+    )
+    enough = planmod.make_plan(cfg.with_overrides({"work_dir": str(tmp_path / "w2")}), train_tokens=400_000)
+    assert enough.length_summary() == "3 epochs (~36 steps)"  # 12 steps of 32,768 tokens an epoch
 
 
 def test_a_run_with_max_steps_is_shown_in_steps_not_in_the_epochs_it_does_not_use(llama_dir, tmp_path):

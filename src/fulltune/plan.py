@@ -184,10 +184,17 @@ class Plan:
         """How long the run trains, as the config sets it: max_steps wins over num_train_epochs, so
         a run with max_steps is shown in steps, with the epochs they come to over the data."""
         tr = self.config.training
+        tokens_per_step = self.config.global_batch_size * self.config.preprocess.max_seq_len
         if tr.max_steps <= 0:
-            return f"{tr.num_train_epochs:g} epochs"
-        tokens = tr.max_steps * self.config.global_batch_size * self.config.preprocess.max_seq_len
-        epochs = tokens / max(1, self.train_tokens_estimate)
+            steps_per_epoch = self.train_tokens_estimate // tokens_per_step
+            if steps_per_epoch == 0:  # train refuses this; the estimate says so before any data is made
+                return (
+                    f"{tr.num_train_epochs:g} epochs, but the data (~{self.train_tokens_estimate:,} tokens, "
+                    f"an estimate) is less than one global batch of {self.config.global_batch_size} "
+                    f"sequences x {self.config.preprocess.max_seq_len} tokens"
+                )
+            return f"{tr.num_train_epochs:g} epochs (~{steps_per_epoch * tr.num_train_epochs:,.0f} steps)"
+        epochs = tr.max_steps * tokens_per_step / max(1, self.train_tokens_estimate)
         return f"{tr.max_steps:,} steps (training.max_steps; ~{epochs:.2g} epochs)"
 
     def to_json(self) -> dict[str, Any]:
