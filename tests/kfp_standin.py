@@ -20,6 +20,7 @@ import json
 import re
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler
@@ -85,6 +86,9 @@ class KFPStandIn:
         self.recurring_runs: dict[str, dict] = {}
         self._scripts: dict[str, list[tuple[str, dict | None]]] = {}
         self._next_script: list[tuple[str, dict | None]] | None = None
+        # what the pipeline's steps leave behind (outputs in the work directory, a registered
+        # version), done when a run is created: called with the run
+        self.on_run: Callable[[dict], None] | None = None
         self._lock = threading.Lock()
         self._http: LoopbackServer | None = None
 
@@ -365,6 +369,8 @@ class KFPStandIn:
             "state": "PENDING",
         }
         self.runs[rid] = run
+        if self.on_run is not None:
+            self.on_run(run)
         self._scripts[rid] = list(
             self._next_script or [("PENDING", None), ("RUNNING", None), ("SUCCEEDED", None)]
         )

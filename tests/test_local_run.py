@@ -14,7 +14,7 @@ from eval_samples import DOMAIN_GAIN, eval_record, loss_set
 from fulltune import steps
 from fulltune.config import ConfigError, RunConfig
 from fulltune.kfp.console import StepConsole
-from fulltune.kfp.local_run import LocalOutcome
+from fulltune.kfp.local_run import read_outcome
 from fulltune.user_run import with_local_locations
 
 FORGOT = {
@@ -106,7 +106,7 @@ def test_a_refused_model_is_said_on_the_evaluate_line_and_at_the_end(tmp_path):
     [evaluate] = step_lines(run_dir, "evaluate")
     assert evaluate.startswith("ok     evaluate (")
     assert evaluate.endswith("gate FAIL: not registered, 15.5% lower domain loss, +20.6% forgetting")
-    summary = LocalOutcome.read(run_dir, tmp_path / "run.log").summary("fulltune run").splitlines()
+    summary = read_outcome(run_dir).summary("fulltune run").splitlines()
     assert summary[1:] == [
         "== fulltune run ==",
         f"work directory:     {tmp_path}/runs/4711",
@@ -126,7 +126,7 @@ def test_a_registered_model_is_named_on_the_register_line_and_at_the_end(tmp_pat
     evaluate, register = step_lines(run_dir, "evaluate", "register")
     assert ": gate PASS, 15.5% lower domain loss" in evaluate
     assert register.startswith("ok     register (") and register.endswith(f"s): {version}")
-    outcome = LocalOutcome.read(run_dir, tmp_path / "run.log")
+    outcome = read_outcome(run_dir)
     assert outcome.eval_result.verdict and outcome.registered == version
     summary = outcome.summary("fulltune demo")
     assert "verdict:            PASS" in summary and summary.endswith(f"registered model:   {version}")
@@ -146,7 +146,7 @@ def test_the_end_says_which_version_serves_and_how_to_promote_the_new_one(tmp_pa
     )
     v2 = str(registry / "notes" / "v2")
     run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN], registered=v2, registry=str(registry))
-    summary = LocalOutcome.read(run_dir, tmp_path / "run.log").summary("fulltune run").splitlines()
+    summary = read_outcome(run_dir).summary("fulltune run").splitlines()
     assert summary[-3:] == [
         f"registered model:   {v2}",
         "production:         v1",
@@ -155,5 +155,5 @@ def test_the_end_says_which_version_serves_and_how_to_promote_the_new_one(tmp_pa
     pointers.move(
         str(registry), "notes", pointers.PRODUCTION, 2, expected=1, action="promote", reason="better"
     )
-    summary = LocalOutcome.read(run_dir, tmp_path / "run.log").summary("fulltune run")
+    summary = read_outcome(run_dir).summary("fulltune run")
     assert summary.endswith(f"registered model:   {v2}\nproduction:         v2 (this run's)")

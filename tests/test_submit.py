@@ -309,6 +309,64 @@ def test_wait_returns_0_when_the_run_succeeds(kfp, params, capsys):
     assert len(kfp.calls("GET", rf"/apis/v2beta1/runs/{run['run_id']}")) == 4
 
 
+def pipeline_outputs(bucket: str, *, passed: bool):
+    """What the pipeline's evaluate and register steps leave in S3 for a run (the stand-in calls it
+    as the run is created): eval.json under the run's work directory, and for a model that passed,
+    a committed version whose manifest names the run, which production then names."""
+    from eval_samples import DOMAIN_GAIN, eval_record
+    from fulltune import storage
+    from fulltune.layout import RunLayout
+    from fulltune.registry import pointers
+
+    def write(run: dict) -> None:
+        layout = RunLayout.for_run(f"{bucket}/work", run["run_id"])
+        check = {**DOMAIN_GAIN, "passed": passed}
+        storage.write_json(layout.eval_result, eval_record(checks=[check]))
+        if passed:
+            manifest = {"name": "clinic", "version": 1, "run_id": run["run_id"], "files": []}
+            storage.write_json(f"{bucket}/registry/clinic/v1/manifest.json", manifest)
+            pointers.move(
+                f"{bucket}/registry", "clinic", pointers.PRODUCTION, 1, action="promote", reason="first"
+            )
+
+    return write
+
+
+def test_wait_ends_with_the_verdict_and_the_version_the_run_registered(kfp, tmp_path, s3, capsys):
+    """CI waits on a run: a run whose gate refused the model succeeds too, so the end says which it
+    was, from the run's own outputs (read with this machine's S3 credentials)."""
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config.update(work_dir=f"{s3}/work", registry={"uri": f"{s3}/registry"})
+    config["model"]["name"] = "clinic"
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump(config))
+    kfp.on_run = pipeline_outputs(s3, passed=True)
+    assert submit(kfp, params, "--wait", "--output", "json") == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
+    assert (got["verdict"], got["registered"], got["production"]) == ("pass", f"{s3}/registry/clinic/v1", 1)
+    assert (
+        "verdict:            PASS\n" in captured.err and "production:         v1 (this run's)" in captured.err
+    )
+
+    kfp.on_run = pipeline_outputs(s3, passed=False)
+    assert submit(kfp, params, "--wait") == 0
+    out = capsys.readouterr().out
+    assert "verdict:            FAIL\n" in out and "registered model:   none — the gate refused" in out
+
+
+def test_wait_says_when_the_verdict_cannot_be_read_here_and_still_succeeds(kfp, tmp_path, s3, capsys):
+    """The work directory in a bucket this machine cannot see (another account, another endpoint)."""
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config.update(work_dir="s3://elsewhere-team-bucket/work")
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump(config))
+    assert submit(kfp, params, "--wait", "--output", "json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["verdict"] is None
+    assert "the run's verdict was not read here (" in captured.err and "elsewhere-team-bucket" in captured.err
+
+
 def test_wait_fails_with_the_state_and_the_error_when_the_run_fails(kfp, params, capsys):
     kfp.script_runs(["RUNNING", "FAILED"], error="train: exit code 1 (out of memory)", failed_task="train")
     assert submit(kfp, params, "--wait") == 1

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING
 from fulltune.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:
-    from fulltune.kfp.local_run import LocalOutcome
+    from fulltune.outcome import RunOutcome
 
 CHECKING_STEPS = ("validate_data", "check_tokenizer", "plan")
 
@@ -132,7 +132,7 @@ def with_local_locations(cfg: RunConfig, out_dir: Path) -> RunConfig:
     return cfg.with_overrides(filled) if filled else cfg
 
 
-def full_run(cfg: RunConfig, out_dir: Path) -> LocalOutcome:
+def full_run(cfg: RunConfig, out_dir: Path) -> RunOutcome:
     """The whole compiled DAG through kfp.local with the local launcher; RuntimeError (from kfp.local)
     when a step fails, after the step, its error message and the log's path are printed."""
     from fulltune.kfp.local_run import run_locally

@@ -22,7 +22,8 @@ from typing import Any
 
 from fulltune.config import RunConfig
 from fulltune.demo.assets import DemoAssets, build_demo_assets
-from fulltune.kfp.local_run import LocalOutcome, run_locally
+from fulltune.kfp.local_run import run_locally
+from fulltune.outcome import RunOutcome
 
 MODEL_NAME = "demo-clinical-llama"
 
@@ -91,7 +92,7 @@ def run_demo(
     nproc: int = 2,
     assets: DemoAssets | None = None,
     overrides: Mapping[str, Any] | None = None,
-) -> LocalOutcome:
+) -> RunOutcome:
     """Build (or reuse) the assets, compile the pipeline, run it through kfp.local; returns the outcome.
 
     `overrides` (dotted config names, as `RunConfig.with_overrides` takes them) change the demo's

@@ -16,14 +16,11 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from fulltune.config import RunConfig
-
-if TYPE_CHECKING:
-    from fulltune.evaluate.result import EvalResult
+from fulltune.outcome import RunOutcome
 
 
 @contextlib.contextmanager
@@ -88,100 +85,24 @@ def init_local(pipeline_root: Path) -> None:
     )
 
 
-@dataclass(frozen=True)
-class LocalOutcome:
-    """What a local run of the pipeline came to, read from kfp.local's outputs of its steps."""
+def read_outcome(run_dir: Path) -> RunOutcome:
+    """What the run came to, from `run_dir`, kfp.local's directory of one pipeline run (a directory
+    per task): plan's resolved config, evaluate's eval.json, register's version."""
+    from fulltune.evaluate.result import EvalResult
 
-    work_dir: str  # the run's own directory, as plan scoped work_dir to it
-    tensorboard: str | None  # where training wrote TensorBoard's event files (report_to tensorboard)
-    eval_result: EvalResult | None  # evaluate's eval.json; None if evaluate did not run
-    registered: str | None  # the registered version's URI; None when the gate refused the model
-    log_path: Path  # kfp.local's whole output
-    production: str | None = None  # the version production names after the run ("v2"), if any
-    promote_command: str | None = None  # how to make the registered version production, when it is not
+    def parameter(task: str, name: str):
+        out = run_dir / task / "executor_output.json"
+        return json.loads(out.read_text())["parameterValues"][name] if out.exists() else None
 
-    @classmethod
-    def read(cls, run_dir: Path, log_path: Path) -> LocalOutcome:
-        """From `run_dir`, kfp.local's directory of one pipeline run (a directory per task)."""
-        from fulltune.evaluate.result import EvalResult
-
-        def parameter(task: str, name: str):
-            out = run_dir / task / "executor_output.json"
-            return json.loads(out.read_text())["parameterValues"][name] if out.exists() else None
-
-        evaluated = run_dir / "evaluate" / "eval_result"  # the artifact is eval.json itself
-        cfg = RunConfig.from_pipeline(parameter("plan", "config"))  # resolved, work_dir this run's
-        registered = parameter("register", "version_uri")
-        return cls(
-            work_dir=cfg.work_dir,
-            tensorboard=cfg.tensorboard_dir,
-            eval_result=EvalResult.load(str(evaluated)) if evaluated.exists() else None,
-            registered=registered,
-            log_path=log_path,
-            **_production(cfg, registered),
-        )
-
-    def summary(self, title: str) -> str:
-        """The closing lines of `fulltune demo` and `fulltune run`: the gain, the forgetting, the
-        verdict with its reasons, and where the registered model is."""
-        from fulltune.evaluate.result import DOMAIN, GENERAL
-
-        lines = ["", f"== {title} ==", f"work directory:     {self.work_dir}"]
-        if self.tensorboard:
-            lines.append(f"tensorboard:        tensorboard --logdir {self.tensorboard}")
-        evaluated = self.eval_result
-        if evaluated is None:
-            return "\n".join([*lines, "verdict:            none (evaluate did not run)"])
-        domain = evaluated.sets[DOMAIN]
-        lines.append(
-            f"domain eval loss:   {domain.base.loss:.4f} -> {domain.tuned.loss:.4f} "
-            f"({100 * evaluated.domain_loss_improvement:.1f}% lower)"
-        )
-        if (general := evaluated.sets.get(GENERAL)) and evaluated.forgetting is not None:
-            lines.append(
-                f"general perplexity: {general.base.perplexity:.2f} -> {general.tuned.perplexity:.2f} "
-                f"(forgetting {100 * evaluated.forgetting:+.1f}%)"
-            )
-        lines.append("verdict:            " + ("PASS" if evaluated.verdict else "FAIL"))
-        lines += [f"  - {r}" for r in evaluated.reasons]
-        lines.append(
-            f"registered model:   {self.registered}"
-            if self.registered
-            else "registered model:   none — the gate refused this model (the pipeline run itself succeeded)"
-        )
-        if self.production:
-            lines.append(f"production:         {self.production}")
-        if self.promote_command:
-            lines.append(f"  to serve this version instead: {self.promote_command}")
-        return "\n".join(lines)
-
-
-def _production(cfg: RunConfig, registered: str | None) -> dict[str, str | None]:
-    """Which version production names after the run, and the command that would promote the one
-    this run registered when production names another (a later version passes the gate without
-    replacing the served one unless evaluation.compare_to: registered beat it)."""
-    from fulltune import storage
-    from fulltune.registry import pointers
-
-    if not cfg.registry.uri:
-        return {}
-    now = pointers.current(cfg.registry.uri, cfg.model.name, pointers.PRODUCTION)
-    if now is None:
-        return {}
-    mine = storage.basename(registered.rstrip("/")) if registered else None
-    production = f"v{now.version}" + (" (this run's)" if mine == f"v{now.version}" else "")
-    if mine is None or mine == f"v{now.version}":
-        return {"production": production}
-    command = (
-        f"fulltune registry promote --uri {cfg.registry.uri} --name {cfg.model.name} "
-        f'--version {mine.removeprefix("v")} --reason "..."'
-    )
-    return {"production": production, "promote_command": command}
+    evaluated = run_dir / "evaluate" / "eval_result"  # the artifact is eval.json itself
+    cfg = RunConfig.from_pipeline(parameter("plan", "config"))  # resolved, work_dir this run's
+    eval_result = EvalResult.load(str(evaluated)) if evaluated.exists() else None
+    return RunOutcome.of(cfg, eval_result, parameter("register", "version_uri"))
 
 
 def run_locally(
     cfg: RunConfig, *, compiled_dir: Path, pipeline_root: Path, out: IO[str] | None = None
-) -> LocalOutcome:
+) -> RunOutcome:
     """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config.
 
     `out` (default: this process's stdout) gets one line per step and the training progress; the
@@ -202,4 +123,4 @@ def run_locally(
     with kfp_local_guard(), console.active():
         pipeline(config=cfg.to_dict())
     (run_dir,) = [p for p in pipeline_root.iterdir() if p.is_dir() and p not in earlier]
-    return LocalOutcome.read(run_dir, console.log_path)
+    return read_outcome(run_dir)

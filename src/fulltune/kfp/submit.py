@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -59,6 +59,9 @@ from fulltune.kfp.run_parameters import (
     build_request,
     write_cluster_package,
 )
+
+if TYPE_CHECKING:
+    from fulltune.outcome import RunOutcome
 
 log = logging.getLogger("fulltune.submit")
 
@@ -73,6 +76,7 @@ IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 ENV_UI = "KF_PIPELINES_UI_ENDPOINT"  # kfp's own variable for a UI that is not at the API's address
 DEFAULT_EXPERIMENT = "fulltune"
 CONFIG_PARAMETER = parameters.CONFIG
+OUTCOME_KEYS = ("verdict", "registered", "production")  # RunOutcome.to_json's, null when not read
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed or was canceled, or the KFP API refused a request
@@ -502,6 +506,7 @@ class SubmitResult:
     url: str
     version: PipelineVersion
     state: str | None = None
+    outcome: RunOutcome | None = None  # with --wait, a run that succeeded: verdict, registered version
 
 
 @dataclass(frozen=True)
@@ -576,7 +581,24 @@ def submit(
         if result.state != "SUCCEEDED":
             lines = [f"run {result.run_id} {result.state}", *run_failure(finished)]
             raise SubmitError("\n".join(lines), result=result)
+        result.outcome = read_outcome(request.config, run.run_id, out)
     return result
+
+
+def read_outcome(cfg: RunConfig, run_id: str, out) -> RunOutcome | None:
+    """What the finished run came to (a run whose gate refused the model succeeds too), read from its
+    work directory and the registry with this machine's storage credentials, and printed; None, and
+    a line saying why, when they cannot be read here."""
+    from fulltune.outcome import RunOutcome
+
+    try:
+        outcome = RunOutcome.from_storage(cfg, run_id)
+    except (OSError, ValueError, RuntimeError) as exc:  # StorageError, EvalResultError, RegistryError
+        _say(out, f"the run's verdict was not read here ({exc}); its evaluate and register steps show it")
+        return None
+    for line in outcome.summary(f"run {run_id}").splitlines()[1:]:
+        _say(out, line)
+    return outcome
 
 
 def default_run_name(request: RunRequest) -> str:
@@ -975,10 +997,12 @@ def result_json(result: SubmitResult | ScheduleResult | UploadResult) -> dict[st
     if isinstance(result, UploadResult):
         return {"url": result.url, "uploaded": result.version.uploaded, "pipeline_version": version}
     if isinstance(result, SubmitResult):
+        outcome = result.outcome.to_json() if result.outcome else dict.fromkeys(OUTCOME_KEYS)
         return {
             "run_id": result.run_id,
             "url": result.url,
             "state": result.state,
+            **outcome,
             "pipeline_version": version,
         }
     return {

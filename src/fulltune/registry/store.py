@@ -105,7 +105,7 @@ def register_model(
             f"{name}: not registered, the evaluation gate did not pass "
             f"({'; '.join(eval_result.reasons)}); use force to override"
         )
-    if run_id and (done := _version_of_run(cfg.registry.uri, name, run_id)) is not None:
+    if run_id and (done := version_of_run(cfg.registry.uri, name, run_id)) is not None:
         uri = _retried(name, done, model_uri, run_id)
     else:
         forced = force and not eval_result.verdict
@@ -257,7 +257,7 @@ def _file_entry(uri: str, rel: str) -> dict[str, Any]:
     return {"path": rel, "size": size, "sha256": digest}
 
 
-def _version_of_run(registry_uri: str, name: str, run_id: str) -> dict[str, Any] | None:
+def version_of_run(registry_uri: str, name: str, run_id: str) -> dict[str, Any] | None:
     """The committed version of `name` that run `run_id` registered, if any."""
     return next((v for v in list_versions(registry_uri, name) if v.get("run_id") == run_id), None)
 
