@@ -804,7 +804,7 @@ class RunConfig(_Section):
         return self.training.logging_dir or self.layout.tensorboard
 
     def missing_to_run(self) -> list[str]:
-        """ "FIELD: required (what it is for)" for each field a whole run needs that is empty: the
+        """Each field a whole run needs that is empty, as 'FIELD: required (what it is for)': the
         pipeline's first step refuses these, so a run never trains to fail at the step that needs it."""
         return [
             f"{name}: required ({why})" for name, why in RUN_REQUIRES.items() if not _get_dotted(self, name)
