@@ -15,7 +15,7 @@ from fulltune import steps
 from fulltune.config import ConfigError, RunConfig
 from fulltune.kfp.console import StepConsole
 from fulltune.kfp.local_run import read_outcome
-from fulltune.user_run import with_local_locations
+from fulltune.user_run import local_gpu_problem, with_local_locations
 
 FORGOT = {
     "name": "forgetting",
@@ -49,6 +49,25 @@ def test_a_local_run_keeps_what_the_config_leaves_unset_under_its_dir_and_says_s
     own = bare.with_overrides({"work_dir": "s3://w/runs", "registry.uri": "s3://w/models"})
     assert with_local_locations(own, tmp_path / "out") == own  # the user's own places win
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("resources", "gpus", "problem"),
+    [
+        ({"nproc_per_node": 4}, 8, None),
+        ({"nproc_per_node": 8}, 8, None),
+        ({"nproc_per_node": 8}, 0, "resources.accelerator is gpu but this machine has no GPU"),
+        ({"nproc_per_node": 8}, 4, "resources.nproc_per_node is 8, one GPU each, but this machine has 4: set "
+         "resources.nproc_per_node: 4 or less to train here"),
+        ({"num_nodes": 2, "nproc_per_node": 2}, 8, "resources.num_nodes is 2: on this machine the nodes' "
+         "processes would share its 8 GPU(s); set resources.num_nodes: 1"),
+    ],
+)  # fmt: skip
+def test_a_gpu_run_here_is_refused_when_this_machine_cannot_hold_it(resources, gpus, problem):
+    """A cluster config tried on a workstation: refused before any step, naming the field to change."""
+    cfg = RunConfig.from_dict({"resources": {"accelerator": "gpu", **resources}})
+    found = local_gpu_problem(cfg, gpus)
+    assert found == problem if problem is None else found.startswith(problem)
 
 
 def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None, registry: str = "") -> Path:

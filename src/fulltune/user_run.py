@@ -132,6 +132,30 @@ def with_local_locations(cfg: RunConfig, out_dir: Path) -> RunConfig:
     return cfg.with_overrides(filled) if filled else cfg
 
 
+def local_gpu_problem(cfg: RunConfig, gpus: int) -> str | None:
+    """Why `cfg`'s training cannot run on this machine's `gpus` GPUs, or None. Each training process
+    takes the GPU of its local rank, so the local launcher's nodes (one torchrun each, on this one
+    machine) would put their ranks on the same GPUs: a GPU run here is one node of at most `gpus`."""
+    res = cfg.resources
+    elsewhere = "or `fulltune submit` to a cluster"
+    if gpus == 0:
+        return (
+            "resources.accelerator is gpu but this machine has no GPU: set resources.accelerator: cpu "
+            f"to train here on the CPU, {elsewhere}"
+        )
+    if res.num_nodes > 1:
+        return (
+            f"resources.num_nodes is {res.num_nodes}: on this machine the nodes' processes would share its "
+            f"{gpus} GPU(s); set resources.num_nodes: 1 to train here, {elsewhere}"
+        )
+    if res.nproc_per_node > gpus:
+        return (
+            f"resources.nproc_per_node is {res.nproc_per_node}, one GPU each, but this machine has {gpus}: "
+            f"set resources.nproc_per_node: {gpus} or less to train here, {elsewhere}"
+        )
+    return None
+
+
 def full_run(cfg: RunConfig, out_dir: Path) -> RunOutcome:
     """The whole compiled DAG through kfp.local with the local launcher; RuntimeError (from kfp.local)
     when a step fails, after the step, its error message and the log's path are printed."""
@@ -143,9 +167,7 @@ def full_run(cfg: RunConfig, out_dir: Path) -> RunOutcome:
     if cfg.resources.accelerator == "gpu":
         import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "resources.accelerator is gpu but this machine has no GPU: set resources.accelerator: cpu "
-                "to train here on the CPU, or `fulltune submit` to a cluster"
-            )
+        problem = local_gpu_problem(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if problem:
+            raise ConfigError(problem)
     return run_locally(cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp")
