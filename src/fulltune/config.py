@@ -772,6 +772,11 @@ class RunConfig(_Section):
         return self.training.global_batch_size(self.world_size)
 
     @property
+    def tokens_per_step(self) -> int:
+        """Token positions per optimizer step: the global batch of max_seq_len sequences."""
+        return self.global_batch_size * self.preprocess.max_seq_len
+
+    @property
     def precision(self) -> Precision:
         """What training computes in: bf16 or fp16 on a GPU as configured, float32 on the CPU (where
         both flags are ignored). The DeepSpeed JSON, the trainer's load dtype and every report read it."""

@@ -59,6 +59,15 @@ class CostEstimate:
         )
 
 
+def planned_tokens(cfg: RunConfig, dataset_tokens: int) -> int:
+    """The tokens the resolved config trains: max_steps full steps when set, else its epochs over
+    the data's `dataset_tokens`."""
+    tr = cfg.training
+    if tr.max_steps > 0:
+        return tr.max_steps * cfg.tokens_per_step
+    return int(round((tr.num_train_epochs or 1.0) * dataset_tokens))
+
+
 def estimate_cost(
     cfg: RunConfig, *, matmul_params: int, num_layers: int, hidden_size: int, dataset_tokens: int
 ) -> CostEstimate | None:
@@ -68,10 +77,7 @@ def estimate_cost(
     if res.accelerator != "gpu" or peak is None:
         return None
     seq = cfg.preprocess.max_seq_len
-    if tr.max_steps > 0:
-        tokens = tr.max_steps * cfg.global_batch_size * seq
-    else:
-        tokens = int(round((tr.num_train_epochs or 1.0) * dataset_tokens))
+    tokens = planned_tokens(cfg, dataset_tokens)
     flops = tokens * flops_per_token(matmul_params, num_layers, hidden_size, seq)
     hardware = flops * recompute_factor(
         tr.gradient_checkpointing, tr.gradient_checkpointing_layers, num_layers

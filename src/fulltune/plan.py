@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
-from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost
+from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost, planned_tokens
 from fulltune.report_kit import markdown_table
 from fulltune.train import liger
 from fulltune.train.recompute import layers_recomputed
@@ -183,18 +183,17 @@ class Plan:
     def length_summary(self) -> str:
         """How long the run trains, as the config sets it: max_steps wins over num_train_epochs, so
         a run with max_steps is shown in steps, with the epochs they come to over the data."""
-        tr = self.config.training
-        tokens_per_step = self.config.global_batch_size * self.config.preprocess.max_seq_len
+        cfg, tr = self.config, self.config.training
         if tr.max_steps <= 0:
-            steps_per_epoch = self.train_tokens_estimate // tokens_per_step
+            steps_per_epoch = self.train_tokens_estimate // cfg.tokens_per_step
             if steps_per_epoch == 0:  # train refuses this; the estimate says so before any data is made
                 return (
                     f"{tr.num_train_epochs:g} epochs, but the data (~{self.train_tokens_estimate:,} tokens, "
-                    f"an estimate) is less than one global batch of {self.config.global_batch_size} "
-                    f"sequences x {self.config.preprocess.max_seq_len} tokens"
+                    f"an estimate) is less than one global batch of {cfg.global_batch_size} "
+                    f"sequences x {cfg.preprocess.max_seq_len} tokens"
                 )
             return f"{tr.num_train_epochs:g} epochs (~{steps_per_epoch * tr.num_train_epochs:,.0f} steps)"
-        epochs = tr.max_steps * tokens_per_step / max(1, self.train_tokens_estimate)
+        epochs = planned_tokens(cfg, self.train_tokens_estimate) / max(1, self.train_tokens_estimate)
         return f"{tr.max_steps:,} steps (training.max_steps; ~{epochs:.2g} epochs)"
 
     def to_json(self) -> dict[str, Any]:
