@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from fulltune.evaluate.result import EvalResult
 
 
+JSON_KEYS = ("verdict", "registered", "production")  # RunOutcome.to_json's; null when not read
+
+
+def outcome_json(outcome: RunOutcome | None) -> dict[str, Any]:
+    """`outcome.to_json()`, or the same keys, null, for an outcome that could not be read."""
+    return outcome.to_json() if outcome else dict.fromkeys(JSON_KEYS)
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     work_dir: str  # the run's own directory, as plan scoped work_dir to it
@@ -54,7 +62,7 @@ class RunOutcome:
 
     def to_json(self) -> dict[str, Any]:
         """For `--output json`: what a CI job decides on (production: the served version's number)."""
-        return {"verdict": self.verdict, "registered": self.registered, "production": self.production}
+        return dict(zip(JSON_KEYS, (self.verdict, self.registered, self.production), strict=True))
 
     def summary(self, title: str) -> str:
         """The closing lines: the gain, the forgetting, the verdict with its reasons, and where the

@@ -76,7 +76,6 @@ IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 ENV_UI = "KF_PIPELINES_UI_ENDPOINT"  # kfp's own variable for a UI that is not at the API's address
 DEFAULT_EXPERIMENT = "fulltune"
 CONFIG_PARAMETER = parameters.CONFIG
-OUTCOME_KEYS = ("verdict", "registered", "production")  # RunOutcome.to_json's, null when not read
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed or was canceled, or the KFP API refused a request
@@ -581,11 +580,11 @@ def submit(
         if result.state != "SUCCEEDED":
             lines = [f"run {result.run_id} {result.state}", *run_failure(finished)]
             raise SubmitError("\n".join(lines), result=result)
-        result.outcome = read_outcome(request.config, run.run_id, out)
+        result.outcome = report_outcome(request.config, run.run_id, out)
     return result
 
 
-def read_outcome(cfg: RunConfig, run_id: str, out) -> RunOutcome | None:
+def report_outcome(cfg: RunConfig, run_id: str, out) -> RunOutcome | None:
     """What the finished run came to (a run whose gate refused the model succeeds too), read from its
     work directory and the registry with this machine's storage credentials, and printed; None, and
     a line saying why, when they cannot be read here."""
@@ -997,12 +996,13 @@ def result_json(result: SubmitResult | ScheduleResult | UploadResult) -> dict[st
     if isinstance(result, UploadResult):
         return {"url": result.url, "uploaded": result.version.uploaded, "pipeline_version": version}
     if isinstance(result, SubmitResult):
-        outcome = result.outcome.to_json() if result.outcome else dict.fromkeys(OUTCOME_KEYS)
+        from fulltune.outcome import outcome_json
+
         return {
             "run_id": result.run_id,
             "url": result.url,
             "state": result.state,
-            **outcome,
+            **outcome_json(result.outcome),
             "pipeline_version": version,
         }
     return {
