@@ -77,8 +77,8 @@ def gpu_runs() -> list[Run]:
     resolved. In the order the issue's goals need them, so that the budget cuts the least (a run that
     would end past it is skipped and the next tried): 1B as plan configures it (profiled); FSDP2 and
     the Trainer on the same batches with the same kernels; 1B without Liger; the same three stacks at
-    3B; compiled (on top of Liger); selective recomputation; the 0.9B runs. The three stacks run 20 steps at 1B and 3B: the issue compares
-    their first 20 losses.
+    3B; compiled (on top of Liger); selective recomputation; the 0.9B runs. The three stacks run 20
+    steps at 1B and 3B: the issue compares their first 20 losses.
     expect_s: wall times measured on an H200 (run 5: fulltune 1B 35-40 s, 3B 63 s, compiled 80 s; the
     Trainer and FSDP2 24-35 s; the first run of a machine ~25 s more), with a margin."""
     return [

@@ -310,8 +310,9 @@ class _Checker:
         seq = self.cfg.preprocess.max_seq_len
         if context is None:
             self.add("context_length", "info", "the model config names no context length: not checked")
-        elif seq > context[1]:
-            key, length = context
+            return
+        key, length = context
+        if seq > length:
             self.add(
                 "context_length",
                 "error",
@@ -321,9 +322,7 @@ class _Checker:
                 f"a rope scaling in config.json and raise {key} with it.",
             )
         else:
-            self.add(
-                "context_length", "ok", f"max_seq_len {seq} within the model's {context[0]} {context[1]}"
-            )
+            self.add("context_length", "ok", f"max_seq_len {seq} within the model's {key} {length}")
 
     # data --------------------------------------------------------------------------------------
 
