@@ -27,6 +27,8 @@ from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled
 from fulltune.launch.pytorchjob import build_pytorchjob, job_name, workflow_owner
+from fulltune.preprocess.dataset import load_manifest
+from fulltune.train import checkpoint
 from fulltune.train.args import TrainerArgs
 from fulltune.train.exit_codes import TrainInputError
 from k8s_standin import FakeKube
@@ -885,6 +887,26 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     with pytest.raises(TrainInputError, match="fewer than one global batch of 2"):
         run_training(cfg, dataset_manifest(tmp_path, sequences=1), run_id="run-9", task_name="train")
     assert len(kube.calls("POST")) == 2
+
+    # a checkpoint to resume that a run with another learning rate and batch wrote: refused, each
+    # field named; no job created. One that records no run is resumed as it is.
+    dataset = dataset_manifest(tmp_path)
+    tag = work / "train" / "checkpoints" / checkpoint.tag_for(1)
+    tag.mkdir(parents=True)
+    other = cfg.with_overrides({"training.learning_rate": 3e-4, "training.per_device_train_batch_size": 4})
+    identity = checkpoint.run_identity(other, load_manifest(dataset))
+    (tag / checkpoint.MANIFEST).write_text(json.dumps({"step": 1, "run": identity, "files": []}))
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        run_training(cfg, dataset, run_id="run-10", task_name="train")
+    assert str(refused.value).splitlines()[1:3] == [
+        "  - training.per_device_train_batch_size: 4 in the checkpoint, 1 in this run",
+        "  - training.learning_rate: 0.0003 in the checkpoint, None in this run",
+    ]
+    assert len(kube.calls("POST")) == 2
+    (tag / checkpoint.MANIFEST).write_text(json.dumps({"step": 1, "files": []}))
+    checkpoint.check_newest(
+        str(work / "train" / "checkpoints"), checkpoint.run_identity(cfg, load_manifest(dataset))
+    )
 
 
 def test_the_train_step_hands_the_pipelines_s3_and_mlflow_secrets_to_the_training_pods(

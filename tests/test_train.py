@@ -18,7 +18,7 @@ from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.local import LocalLauncher
 from fulltune.plan import make_plan, write_plan
 from fulltune.preprocess.core import Packed, ParquetSink
-from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_split
+from fulltune.preprocess.dataset import IGNORE_INDEX, MANIFEST_FORMAT, load_manifest, load_split
 from fulltune.train import exit_codes, throughput
 from fulltune.train.args import TrainerArgs
 from fulltune.train.cadence import Cadence
@@ -295,6 +295,9 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
     metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == list(range(6))  # one record per step, none lost or doubled
     assert checkpoint.list_tags(job.args.checkpoints) == ["step-00000004", "step-00000002"]
+    # each checkpoint records the run that wrote it, which a resume must match
+    saved = storage.read_json(storage.join(job.args.checkpoints, "step-00000004", checkpoint.MANIFEST))
+    assert saved["run"] == checkpoint.run_identity(cfg, load_manifest(dataset))
     # the summary counts the first attempt's training up to its last checkpoint too
     summary = storage.read_json(storage.join(job.args.output, "training_summary.json"))
     last_attempt_steps = sum(m["step_time_s"] for m in metrics[4:])
@@ -925,6 +928,9 @@ def test_resuming_from_s3_leaves_no_staged_checkpoint_on_the_node(demo_assets, s
     capfd.readouterr()
     longer = train_job(plan_run(demo_assets, work, per_device_train_batch_size=2, max_steps=3), dataset)
     LocalLauncher().run(longer)
-    assert f"resumed from {job.args.checkpoints}/step-00000001 at step 1" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert f"resumed from {job.args.checkpoints}/step-00000001 at step 1" in out
+    # a longer run may continue a shorter one's checkpoint; the log says the schedule changed
+    assert "resuming with another length (training.max_steps: 2 in the checkpoint, 3 in this run)" in out
     staged = checkpoint._staging(job.args.checkpoints)
     assert not (staged / "step-00000001").exists()

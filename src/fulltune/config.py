@@ -815,6 +815,10 @@ class RunConfig(_Section):
             f"{name}: required ({why})" for name, why in RUN_REQUIRES.items() if not _get_dotted(self, name)
         ]
 
+    def value(self, dotted: str) -> Any:
+        """The value of one field by its dotted name ("training.seed")."""
+        return _get_dotted(self, dotted)
+
     def missing(self, *dotted: str) -> list[str]:
         """The listed fields (dotted names) that are empty."""
         return [name for name in dotted if not _get_dotted(self, name)]

@@ -276,6 +276,15 @@ def list_files(prefix: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
 
+def children(prefix: str) -> list[str]:
+    """The names directly below `prefix` (files and directories; on S3 the first part of each key
+    below it), sorted; empty when nothing is there."""
+    if is_s3(prefix):
+        base = prefix.rstrip("/") + "/"
+        return sorted({f[len(base) :].split("/", 1)[0] for f in list_files(prefix)})
+    return sorted(os.listdir(prefix)) if os.path.isdir(prefix) else []
+
+
 _ALTERNATION = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 

@@ -10,6 +10,11 @@ Resume picks the newest complete checkpoint; a corrupt newer one is skipped with
 checkpoints exist but none is complete, training refuses to start rather than silently begin again
 from step 0. The last `save_total_limit` complete checkpoints are kept.
 
+`checkpoint.json` also records what the run that wrote it trained with (`run_identity`: the base
+model, the training data, the batch, the schedule, the world size); a run whose config differs in
+any of these is refused at its resume (`check_continues`), naming each field, instead of loading
+state that belongs to another run.
+
 Checkpoints live in the work directory: a shared filesystem path (RWX volume) is written in place;
 for s3:// each node stages its ranks' files locally and uploads them.
 """
@@ -18,14 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
+
+if TYPE_CHECKING:
+    from fulltune.config import RunConfig
+    from fulltune.preprocess.dataset import DatasetManifest
 
 log = logging.getLogger("fulltune.train")
 
@@ -33,8 +41,82 @@ MANIFEST = "checkpoint.json"
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
+# What training from a checkpoint depends on besides the checkpoint. With one of these changed a
+# resumed run would not continue the run that wrote it: another base model, other batches or another
+# order, another optimizer, precision or schedule; the learning rate and weight decay would silently
+# stay the checkpoint's (the optimizer and scheduler state it restores holds them), and a ZeRO-3
+# checkpoint only loads into the world size that wrote it. The training data is compared by its
+# shards' checksums.
+RESUME_FIELDS = (
+    "model.base_model_uri",
+    "resources.num_nodes",
+    "resources.nproc_per_node",
+    "training.per_device_train_batch_size",
+    "training.gradient_accumulation_steps",
+    "training.seed",
+    "training.learning_rate",
+    "training.lr_scheduler_type",
+    "training.warmup_ratio",
+    "training.optim",
+    "training.weight_decay",
+    "training.bf16",
+    "training.fp16",
+)
+# A run may be resumed to train longer (or shorter): the schedule is built from the config, so from
+# the checkpoint on it follows the new length, which the log says.
+LENGTH_FIELDS = ("training.max_steps", "training.num_train_epochs")
+TRAINING_DATA = "the training data (its shards' SHA-256)"
+
+
 class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be used; training must not silently restart from step 0."""
+
+
+def run_identity(cfg: RunConfig, dataset: DatasetManifest) -> dict[str, Any]:
+    """What a checkpoint records of the run writing it, for `check_continues` to compare."""
+    from fulltune.preprocess.dataset import TRAIN
+
+    identity = {name: cfg.value(name) for name in (*RESUME_FIELDS, *LENGTH_FIELDS)}
+    checksums = "".join(f.sha256 for f in dataset.split(TRAIN).files)
+    identity[TRAINING_DATA] = hashlib.sha256(checksums.encode()).hexdigest()[:16]
+    return identity
+
+
+def check_continues(root: str, tag: str, identity: dict[str, Any]) -> list[str]:
+    """CheckpointError naming every field in which this run (`identity`) differs from the run that
+    wrote checkpoint `tag`, but its length; returns the length's changes, as 'FIELD: OLD in the
+    checkpoint, NEW in this run'. Checkpoints that record no run are taken as they are."""
+    base = storage.join(root, tag)
+    recorded = storage.read_json(storage.join(base, MANIFEST)).get("run") or {}
+    changed = {
+        name: f"{name}: {recorded[name]!r} in the checkpoint, {identity.get(name)!r} in this run"
+        for name in recorded
+        if recorded[name] != identity.get(name)
+    }
+    refused = [f"  - {change}" for name, change in changed.items() if name not in LENGTH_FIELDS]
+    if refused:
+        raise CheckpointError(
+            f"{base} was written by a run that trained with other settings, so resuming it would not "
+            "continue that run:\n" + "\n".join(refused) + "\nSet them back to continue that run, or train "
+            "with them in a new run."
+        )
+    return [change for name, change in changed.items() if name in LENGTH_FIELDS]
+
+
+def newest_saved(root: str) -> str | None:
+    """The newest checkpoint whose save finished (its manifest written; its files not verified here)."""
+    for tag in list_tags(root) if root else []:
+        if storage.exists(storage.join(root, tag, MANIFEST)):
+            return tag
+    return None
+
+
+def check_newest(root: str, identity: dict[str, Any]) -> None:
+    """`check_continues` for the newest saved checkpoint, if any: what the ranks will resume from,
+    checked before any of them is started (they verify its files)."""
+    tag = newest_saved(root)
+    if tag is not None and (longer := check_continues(root, tag, identity)):
+        log.info("resuming %s with another length (%s)", storage.join(root, tag), "; ".join(longer))
 
 
 def tag_for(step: int) -> str:
@@ -43,12 +125,7 @@ def tag_for(step: int) -> str:
 
 def list_tags(root: str) -> list[str]:
     """Checkpoint directories under root, newest first (complete or not)."""
-    if storage.is_s3(root):
-        prefix = root.rstrip("/") + "/"
-        names = {f[len(prefix) :].split("/", 1)[0] for f in storage.list_files(root)}
-    else:
-        names = set(os.listdir(root)) if os.path.isdir(root) else set()
-    return sorted((n for n in names if _TAG.match(n)), reverse=True)
+    return sorted((n for n in storage.children(root) if _TAG.match(n)), reverse=True)
 
 
 def step_of(tag: str) -> int:
@@ -112,9 +189,18 @@ def _staging(root: str) -> Path:
 
 
 def save(
-    engine, root: str, step: int, client_state: dict[str, Any], *, rank: int, local_rank: int, keep: int
+    engine,
+    root: str,
+    step: int,
+    client_state: dict[str, Any],
+    *,
+    identity: dict[str, Any],
+    rank: int,
+    local_rank: int,
+    keep: int,
 ) -> str:
-    """Every rank writes its part; after a barrier rank 0 writes the manifest (last) and rotates."""
+    """Every rank writes its part; after a barrier rank 0 writes the manifest (last, with the run's
+    `identity`) and rotates."""
     import torch.distributed as dist
 
     tag = tag_for(step)
@@ -138,7 +224,7 @@ def save(
             }
             for f in files
         ]
-        storage.write_json(storage.join(base, MANIFEST), {"step": step, "files": entries})
+        storage.write_json(storage.join(base, MANIFEST), {"step": step, "run": identity, "files": entries})
         rotate(root, keep)
         log.info("checkpoint %s complete (%d files)", base, len(entries))
     dist.barrier()

@@ -130,7 +130,7 @@ class Recipe:
         import torch
 
         from fulltune.plan import check_training
-        from fulltune.preprocess.dataset import TRAIN, load_split
+        from fulltune.preprocess.dataset import TRAIN, load_manifest, load_split
 
         tr = self.cfg.training
         check_training(self.cfg)
@@ -145,6 +145,7 @@ class Recipe:
         self.ranks = init_distributed(self.cfg)
         self._log_process_group()
         ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks)
+        self.identity = checkpoint.run_identity(self.cfg, load_manifest(self.args.dataset))
         self.data = load_split(self.args.dataset, TRAIN)
         self.num_sequences, seq_len = self.data["input_ids"].shape
         self.loss_tokens = loss_tokens_per_sequence(self.data["labels"])
@@ -243,7 +244,7 @@ class Recipe:
         root = self.args.checkpoints
         if not root:
             return {}
-        tag = self._agree_on_checkpoint(lambda: checkpoint.find_resume(root))
+        tag = self._agree_on_checkpoint(lambda: self._resumable(root))
         if tag is None:
             return {}
         state = checkpoint.load(self.engine, root, tag, local_rank=self.ranks.local_rank)
@@ -255,6 +256,15 @@ class Recipe:
             float(state.get("train_seconds", 0.0)),
         )
         return state
+
+    def _resumable(self, root: str) -> str | None:
+        """The newest complete checkpoint, once it is known to come from a run like this one."""
+        tag = checkpoint.find_resume(root)
+        if tag is not None and (length := checkpoint.check_continues(root, tag, self.identity)):
+            self._log(
+                "resuming with another length (%s): the schedule follows it from here", "; ".join(length)
+            )
+        return tag
 
     def _agree_on_checkpoint(self, choose: Callable[[], str | None]) -> str | None:
         """The checkpoint tag `choose` picks on rank 0, broadcast to every rank (its CheckpointError
@@ -418,6 +428,7 @@ class Recipe:
             self.args.checkpoints,
             done,
             state,
+            identity=self.identity,
             rank=self.ranks.rank,
             local_rank=self.ranks.local_rank,
             keep=self.cfg.training.save_total_limit,

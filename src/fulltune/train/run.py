@@ -65,7 +65,7 @@ def run_training(
     pipeline) a fresh one is made, so an old job of the same name is never mistaken for this run's.
     `optional_secrets` reach the training pods like `resources.kubernetes.secret_env`, but may be absent.
     """
-    check_data_before_launch(cfg, dataset_uri)
+    check_before_launch(cfg, dataset_uri)
     name = "fulltune-train"
     if cfg.resources.launcher in CLUSTER_LAUNCHERS:
         from fulltune.launch.pytorchjob import job_name
@@ -90,17 +90,21 @@ def run_training(
     )
 
 
-def check_data_before_launch(cfg: RunConfig, dataset_uri: str) -> None:
-    """The trainer's refusals of the dataset that need only its manifest, made before any training pod
-    (and GPU) is asked for: fewer training sequences than one global batch, and no eval split for
-    `training.eval_steps`. TrainInputError, as the ranks would exit with (they check again)."""
+def check_before_launch(cfg: RunConfig, dataset_uri: str) -> None:
+    """The trainer's refusals that need only the dataset's manifest and the checkpoints' manifests,
+    made before any training pod (and GPU) is asked for: fewer training sequences than one global
+    batch, no eval split for `training.eval_steps`, a checkpoint to resume written by a run with other
+    settings. TrainInputError or CheckpointError, as the ranks would exit with (they check again)."""
     from fulltune.preprocess.dataset import TRAIN, load_manifest
+    from fulltune.train import checkpoint
     from fulltune.train.loss import check_eval_split
     from fulltune.train.schedule import make_schedule
 
-    make_schedule(cfg, load_manifest(dataset_uri).sequences(TRAIN), cfg.world_size)
+    manifest = load_manifest(dataset_uri)
+    make_schedule(cfg, manifest.sequences(TRAIN), cfg.world_size)
     if cfg.training.eval_steps:
         check_eval_split(dataset_uri)
+    checkpoint.check_newest(cfg.layout.checkpoints, checkpoint.run_identity(cfg, manifest))
 
 
 def _checkpoints_after_success(cfg: RunConfig, root: str) -> None:
