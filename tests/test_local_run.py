@@ -176,3 +176,120 @@ def test_the_end_says_which_version_serves_and_how_to_promote_the_new_one(tmp_pa
     )
     summary = read_outcome(run_dir).summary("fulltune run")
     assert summary.endswith(f"registered model:   {v2}\nproduction:         v2 (this run's)")
+
+
+# -- resuming a run whose training stopped ------------------------------------------------------------
+
+
+def test_a_resumed_local_run_has_the_id_of_the_run_it_continues(tmp_path):
+    """Under the same id the run's steps find its work directory, and train its checkpoints."""
+    from kfp import dsl
+
+    from fulltune.kfp.local_run import init_local, kfp_local_guard, resuming
+
+    def run_id_of(run_id: str) -> str:
+        return run_id
+
+    def one_step() -> str:
+        return step(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).output
+
+    # KFP reads the types from the annotations, which this module's `from __future__` makes strings
+    run_id_of.__annotations__ = {"run_id": str, "return": str}
+    one_step.__annotations__ = {"return": str}
+    step = dsl.component(run_id_of, base_image="python:3.11")
+    one_step = dsl.pipeline(one_step)
+
+    init_local(tmp_path)
+    with kfp_local_guard():
+        with resuming("6958269"):
+            assert one_step().output == "6958269"
+        assert one_step().output != "6958269"  # a new run gets an id of its own again
+
+
+def a_run(work: Path, run_id: str, *, checkpoint_steps=(), saved=True, finished=False, **config) -> RunConfig:
+    """A run's directory as training leaves it: plan's resolved config, checkpoints (the newest one's
+    save finished when `saved`), and the final model's manifest once `finished`."""
+    from fulltune.layout import RunLayout
+    from fulltune.train import checkpoint
+    from fulltune.train.recipe import MODEL_MANIFEST
+
+    layout = RunLayout.for_run(str(work), run_id)
+    cfg = RunConfig.from_dict({"work_dir": layout.root, **config})
+    Path(layout.resolved_config).parent.mkdir(parents=True, exist_ok=True)
+    Path(layout.resolved_config).write_text(cfg.to_yaml())
+    for i, step in enumerate(checkpoint_steps):
+        tag = Path(layout.checkpoints) / checkpoint.tag_for(step)
+        tag.mkdir(parents=True)
+        if saved or i < len(checkpoint_steps) - 1:
+            (tag / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "files": []}))
+    if finished:
+        Path(layout.model).mkdir(parents=True)
+        (Path(layout.model) / MODEL_MANIFEST).write_text("{}")
+    return cfg
+
+
+def test_resume_takes_the_run_that_stopped_after_a_complete_checkpoint(tmp_path):
+    from fulltune.user_run import run_to_resume
+
+    work = tmp_path / "runs"
+    cfg = RunConfig.from_dict({"work_dir": str(work), "training": {"save_steps": 50}})
+    with pytest.raises(ConfigError, match=f"nothing to resume under {work} \\(work_dir\\)") as nothing:
+        run_to_resume(cfg)
+    assert "Checkpoints are saved every 50 steps (training.save_steps)" in str(nothing.value)
+    a_run(work, "111", checkpoint_steps=(50, 100), finished=True)  # done: nothing left to train
+    a_run(work, "222", checkpoint_steps=(50,), saved=False)  # stopped while saving its first
+    a_run(work, "333")  # stopped before its first checkpoint
+    a_run(work, "444", checkpoint_steps=(50, 100), saved=False, training={"learning_rate": 3e-4})
+    run = run_to_resume(cfg)
+    assert (run.run_id, run.step, run.root) == ("444", 50, str(work / "444"))
+    assert run.config.training.learning_rate == 3e-4  # as its plan resolved it
+
+    a_run(work, "555", checkpoint_steps=(200,))
+    with pytest.raises(ConfigError, match="2 unfinished runs under .*: run 444 \\(checkpoint at step 50\\); "
+                       "run 555 \\(checkpoint at step 200\\); name one: --resume RUN_ID"):  # fmt: skip
+        run_to_resume(cfg)
+    assert run_to_resume(cfg, "555").step == 200
+    with pytest.raises(ConfigError, match="--resume 111: no unfinished run of that id"):
+        run_to_resume(cfg, "111")
+
+
+def test_unfinished_runs_are_found_in_an_s3_work_dir(s3, tmp_path):
+    from fulltune import storage
+    from fulltune.user_run import unfinished_runs
+
+    local = tmp_path / "runs"
+    a_run(local, "444", checkpoint_steps=(50,))
+    a_run(local, "555", checkpoint_steps=(50,), finished=True)
+    storage.upload_dir(local, f"{s3}/runs")
+    [run] = unfinished_runs(f"{s3}/runs")
+    assert (run.run_id, run.step, run.root) == ("444", 50, f"{s3}/runs/444")
+
+
+def test_a_resumed_run_keeps_the_data_window_and_base_model_its_run_started_with(tmp_path):
+    """Resumed on another day, a run whose data URIs name a {date} window still trains on the
+    partitions it started on (its checkpoint's batches come from them)."""
+    from fulltune.user_run import Unfinished, resumed_config
+
+    data = {"train_uri": str(tmp_path / "notes" / "dt={date}"), "window_days": 2}
+    cfg = RunConfig.from_dict({"work_dir": str(tmp_path / "runs"), "data": data})
+    started = steps.run_inputs(cfg, "2026-11-20T06:00:00+00:00")["data"]
+    assert started["as_of"] == "2026-11-20"
+    run = Unfinished("444", str(tmp_path / "runs" / "444"), 50, cfg.with_overrides({"data": started}))
+    resumed = resumed_config(cfg, run)
+    assert (resumed.data.as_of, resumed.data.train_uri) == ("2026-11-20", started["train_uri"])
+    assert resumed_config(cfg.with_overrides({"data.train_uri": "notes.jsonl"}), run).data.as_of is None
+
+
+def test_resume_from_the_command_line_says_what_it_needs(tmp_path, capsys):
+    from fulltune.cli import main
+
+    config = tmp_path / "my.yaml"
+    cpu = {"data": {"train_uri": "notes.jsonl"}, "resources": {"accelerator": "cpu"}}
+    config.write_text(RunConfig.from_dict(cpu).to_yaml())
+    assert main(["run", str(config), "--dir", str(tmp_path / "out"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: nothing to resume under {tmp_path}/out/runs (work_dir)" in err
+    assert "Checkpoints are saved only with training.save_steps set, which this config leaves at 0" in err
+    with pytest.raises(SystemExit) as usage:
+        main(["run", str(config), "--until", "plan", "--resume"])
+    assert usage.value.code == 2

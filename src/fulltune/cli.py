@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -88,17 +89,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fulltune.config import ConfigError, RunConfig
-    from fulltune.user_run import dry_run, full_run
+    from fulltune.user_run import RunStopped, dry_run, full_run
 
     try:
         cfg = RunConfig.from_yaml(args.config)
         if args.until:
             return dry_run(cfg, Path(args.dir), args.until, sys.stdout)
-        outcome = full_run(cfg, Path(args.dir))
+        outcome = full_run(cfg, Path(args.dir), resume=args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError:  # kfp.local: a step failed; the step, its message and the log were printed
+    except RunStopped as stopped:  # the step, its message and the log were printed
+        if run := stopped.resumable:
+            again = shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
+            print(
+                f"training saved a complete checkpoint at step {run.step} (run {run.run_id}); to go on from it: {again}"
+            )
         return 1
     print(outcome.summary("fulltune run"), flush=True)
     return 0
@@ -323,7 +329,9 @@ def _add_run(commands) -> None:
         "run the pipeline here on your own model and data (kfp.local); --until plan is the dry run",
         "Run the compiled pipeline on this machine through kfp.local with the local launcher, on the model "
         "and data CONFIG names (local paths or s3://). --until STEP stops after a checking step: --until "
-        "plan validates the data, checks the model and tokenizer and plans, without training.",
+        "plan validates the data, checks the model and tokenizer and plans, without training. --resume "
+        "runs a run whose training stopped (a crash, a reboot, Ctrl-C) again, from its newest complete "
+        "checkpoint (saved every training.save_steps).",
     )
     check = _command(
         commands,
@@ -336,8 +344,17 @@ def _add_run(commands) -> None:
         parser.add_argument("config", help="the RunConfig (YAML or JSON)")
         parser.add_argument("--dir", default=".fulltune-run", help="where the reports and the local run go")
         parser.set_defaults(func=_run)
-    run.add_argument("--until", choices=CHECKING_STEPS, help="stop after this step (plan: the dry run)")
-    check.set_defaults(until="plan")
+    how = run.add_mutually_exclusive_group()
+    how.add_argument("--until", choices=CHECKING_STEPS, help="stop after this step (plan: the dry run)")
+    how.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_ID",
+        help="run the unfinished run under work_dir again (or RUN_ID, when there are several), training "
+        "from its newest complete checkpoint; a config that changes what it trained with is refused",
+    )
+    check.set_defaults(until="plan", resume=None)
 
 
 def _add_config(commands) -> None:

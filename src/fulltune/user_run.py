@@ -4,6 +4,8 @@
                                          # data, check the model and tokenizer, plan; a verdict
     fulltune run my.yaml                 # the whole compiled DAG through kfp.local, training with
                                          # the local launcher (CPU, or this machine's GPUs)
+    fulltune run my.yaml --resume        # the same run again, training from its newest complete
+                                         # checkpoint (after a crash, a reboot, Ctrl-C)
 
 The dry run calls the checking steps' own functions (`fulltune.steps`, what the pipeline's
 components wrap) in the DAG's order and prints one line per step: its duration, the figures that
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:
@@ -156,9 +159,87 @@ def local_gpu_problem(cfg: RunConfig, gpus: int) -> str | None:
     return None
 
 
-def full_run(cfg: RunConfig, out_dir: Path) -> RunOutcome:
-    """The whole compiled DAG through kfp.local with the local launcher; RuntimeError (from kfp.local)
-    when a step fails, after the step, its error message and the log's path are printed."""
+@dataclass(frozen=True)
+class Unfinished:
+    """A run whose training stopped after a complete checkpoint and before its final model."""
+
+    run_id: str
+    root: str  # the run's directory under work_dir
+    step: int  # of its newest complete checkpoint
+    config: RunConfig  # as its plan step resolved it
+
+
+class RunStopped(RuntimeError):
+    """A local run failed at a step (printed already); `resumable` when training had saved a checkpoint."""
+
+    def __init__(self, resumable: Unfinished | None):
+        super().__init__("the run stopped")
+        self.resumable = resumable
+
+
+def unfinished_runs(work_dir: str) -> list[Unfinished]:
+    """The runs under `work_dir` that `fulltune run --resume` can continue."""
+    from fulltune.layout import RunLayout
+    from fulltune.train import checkpoint
+    from fulltune.train.recipe import is_complete_model, load_config
+
+    runs = []
+    for run_id in storage.children(work_dir):
+        layout = RunLayout.for_run(work_dir, run_id)
+        tag = checkpoint.newest_saved(layout.checkpoints)
+        if tag is None or is_complete_model(layout.model) or not storage.exists(layout.resolved_config):
+            continue
+        runs.append(
+            Unfinished(run_id, layout.root, checkpoint.step_of(tag), load_config(layout.resolved_config))
+        )
+    return runs
+
+
+def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
+    """The unfinished run under `cfg.work_dir` to continue: `run_id`'s, or the only one there."""
+    runs = unfinished_runs(cfg.work_dir)
+    listed = "; ".join(f"run {r.run_id} (checkpoint at step {r.step})" for r in runs)
+    if run_id:
+        chosen = [r for r in runs if r.run_id == run_id]
+        if not chosen:
+            raise ConfigError(
+                f"--resume {run_id}: no unfinished run of that id under {cfg.work_dir} "
+                f"({'unfinished: ' + listed if runs else 'none is unfinished'})"
+            )
+        return chosen[0]
+    if not runs:
+        saves = (
+            f"every {cfg.training.save_steps} steps (training.save_steps)"
+            if cfg.training.save_steps
+            else "only with training.save_steps set, which this config leaves at 0"
+        )
+        raise ConfigError(
+            f"nothing to resume under {cfg.work_dir} (work_dir): no run there stopped after a complete "
+            f"checkpoint and before its final model. Checkpoints are saved {saves}."
+        )
+    if len(runs) > 1:
+        raise ConfigError(
+            f"{len(runs)} unfinished runs under {cfg.work_dir}: {listed}; name one: --resume RUN_ID"
+        )
+    return runs[0]
+
+
+def resumed_config(cfg: RunConfig, run: Unfinished) -> RunConfig:
+    """`cfg` with the inputs `run` fixed when it started (`steps.run_inputs`: the data window's date
+    and partitions, the version a registry:// base model named), so the run continues on the same data
+    and model on another day, or after production has moved. Whatever else differs in a way training
+    depends on is refused at the train step, which names each field."""
+    from fulltune.steps import run_inputs
+
+    fixed = [f"{section}.{name}" for section, fields in run_inputs(cfg).items() for name in fields]
+    return cfg.with_overrides({name: run.config.value(name) for name in fixed}) if fixed else cfg
+
+
+def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOutcome:
+    """The whole compiled DAG through kfp.local with the local launcher. `resume` ("" for the only
+    unfinished run, or a run id) runs an unfinished run again under its id, so that training starts
+    from its newest complete checkpoint. RunStopped when a step fails, after the step, its error
+    message and the log's path are printed."""
     from fulltune.kfp.local_run import run_locally
 
     if cfg.resources.launcher != "local":
@@ -170,4 +251,17 @@ def full_run(cfg: RunConfig, out_dir: Path) -> RunOutcome:
         problem = local_gpu_problem(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         if problem:
             raise ConfigError(problem)
-    return run_locally(cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp")
+    run_id = None
+    if resume is not None:
+        run = run_to_resume(cfg, resume or None)
+        cfg, run_id = resumed_config(cfg, run), run.run_id
+        print(f"resuming run {run_id} ({run.root}) from its checkpoint at step {run.step}", flush=True)
+    before = {(r.run_id, r.step) for r in unfinished_runs(cfg.work_dir)}
+    try:
+        return run_locally(
+            cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp", run_id=run_id
+        )
+    except RuntimeError:
+        # this attempt's checkpoint: of a new run, or a newer one of the run it resumed
+        saved = [r for r in unfinished_runs(cfg.work_dir) if (r.run_id, r.step) not in before]
+        raise RunStopped(saved[0] if saved else None) from None

@@ -42,32 +42,50 @@ def kfp_local_guard() -> Iterator[None]:
         root.setLevel(saved_level)
 
 
-def _fill_run_times() -> None:
+# The run id a resumed local run takes again (`run_locally(run_id=...)`); None: kfp.local's own.
+_resumed_run_id: str | None = None
+
+
+def _fill_run_placeholders() -> None:
     """Give kfp.local the run-time placeholders KFP's backend fills and kfp.local (2.17) fails on:
     the creation time is now (the run is starting) and the scheduled time empty (a manual run), as
-    for a run started by hand on a cluster."""
+    for a run started by hand on a cluster. A resumed run keeps the id of the run it continues, as a
+    retried run does on a cluster: its steps find their work directory, and train its checkpoints."""
     from kfp import dsl
     from kfp.local import placeholder_utils
 
     original = placeholder_utils.resolve_individual_placeholder
-    if getattr(original, "fills_run_times", False):
+    if getattr(original, "fills_run_placeholders", False):
         return
 
     def resolve(element: str, *args, **kwargs):
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         element = element.replace(dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER, now)
         element = element.replace(dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER, "")
+        if _resumed_run_id is not None:
+            element = element.replace(dsl.PIPELINE_JOB_ID_PLACEHOLDER, _resumed_run_id)
         return original(element, *args, **kwargs)
 
-    resolve.fills_run_times = True  # type: ignore[attr-defined]
+    resolve.fills_run_placeholders = True  # type: ignore[attr-defined]
     placeholder_utils.resolve_individual_placeholder = resolve
+
+
+@contextlib.contextmanager
+def resuming(run_id: str | None) -> Iterator[None]:
+    """kfp.local runs started inside the block are run `run_id` again (None: each its own new id)."""
+    global _resumed_run_id
+    _resumed_run_id = run_id
+    try:
+        yield
+    finally:
+        _resumed_run_id = None
 
 
 def init_local(pipeline_root: Path) -> None:
     """kfp.local with subprocesses from this interpreter, failing on the first failed step."""
     from kfp import local
 
-    _fill_run_times()
+    _fill_run_placeholders()
 
     # The steps run as subprocesses of this interpreter; make sure they find its tools (torchrun).
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -101,9 +119,15 @@ def read_outcome(run_dir: Path) -> RunOutcome:
 
 
 def run_locally(
-    cfg: RunConfig, *, compiled_dir: Path, pipeline_root: Path, out: IO[str] | None = None
+    cfg: RunConfig,
+    *,
+    compiled_dir: Path,
+    pipeline_root: Path,
+    out: IO[str] | None = None,
+    run_id: str | None = None,
 ) -> RunOutcome:
-    """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config.
+    """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config;
+    with `run_id`, as that run again (a resumed run: the same work directory and checkpoints).
 
     `out` (default: this process's stdout) gets one line per step and the training progress; the
     whole kfp.local output goes to a log file under `pipeline_root`, whose path is printed last
@@ -120,7 +144,7 @@ def run_locally(
     console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
     console.say(f"running the compiled pipeline {compiled[0]} through kfp.local")
     earlier = set(pipeline_root.iterdir()) if pipeline_root.exists() else set()
-    with kfp_local_guard(), console.active():
+    with kfp_local_guard(), console.active(), resuming(run_id):
         pipeline(config=cfg.to_dict())
     (run_dir,) = [p for p in pipeline_root.iterdir() if p.is_dir() and p not in earlier]
     return read_outcome(run_dir)
