@@ -293,3 +293,69 @@ def test_resume_from_the_command_line_says_what_it_needs(tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["run", str(config), "--until", "plan", "--resume"])
     assert usage.value.code == 2
+
+
+def test_a_stopped_local_run_stops_the_processes_it_started(tmp_path):
+    """SIGTERM (a `kill`, a CI job's cancel) is taken as Ctrl-C, and the step and the training
+    processes under it are stopped with the run, not left training on the GPUs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from fulltune.kfp.local_run import stopping_steps_when_stopped
+
+    training = "import time; time.sleep(120)"
+    step = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {training!r}]); time.sleep(120)"
+    with pytest.raises(KeyboardInterrupt), stopping_steps_when_stopped():
+        subprocess.Popen([sys.executable, "-c", step])
+        deadline = time.monotonic() + 30
+        while len(psutil.Process().children(recursive=True)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = psutil.Process().children(recursive=True)
+        assert len(started) == 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal interrupts this
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was before the run
+
+
+def test_fulltune_run_stopped_by_sigterm_says_so_and_leaves_no_step_running(tmp_path, demo_assets):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    config = tmp_path / "my.yaml"
+    config.write_text(
+        RunConfig.from_dict(
+            {
+                "model": {"base_model_uri": str(demo_assets.base_model_dir)},
+                "data": {"train_uri": demo_assets.train_uri},
+                "preprocess": {"max_seq_len": 128},
+                "resources": {"accelerator": "cpu"},
+            }
+        ).to_yaml()
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "fulltune.cli", "run", str(config), "--dir", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in run.stdout:  # stop it while validate-data or a later step runs
+        lines.append(line)
+        if line.startswith("ok     configure"):
+            break
+    steps = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGTERM)
+    lines += run.stdout.readlines()
+    assert run.wait(timeout=60) == 130, lines
+    assert "interrupted: the run's steps were stopped\n" in lines
+    time.sleep(0.5)
+    assert not [p for p in steps if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

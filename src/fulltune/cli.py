@@ -24,6 +24,7 @@ from fulltune import _logging, _process
 from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, REGISTRY_SECRET, S3_SECRET
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # Every sub-command's --help ends with these (argparse exits 2 on bad arguments by itself).
 EXIT_CODES = """exit codes:
   0  done: every check passed, the run succeeded, the command did what it says
@@ -32,7 +33,9 @@ EXIT_CODES = """exit codes:
      error); nothing half-written is left
   2  usage: bad arguments; for submit, schedule, upload and doctor also a config or parameters
      file that does not validate (nothing was created)
-  3  submit --wait: gave up at --timeout while the run was still going"""
+  3  submit --wait: gave up at --timeout while the run was still going
+130  interrupted (Ctrl-C; for run and demo also SIGTERM): the processes a local run started are
+     stopped, and `run` says how to go on from the run's newest checkpoint"""
 
 
 def _command(commands, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -99,13 +102,15 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except RunStopped as stopped:  # the step, its message and the log were printed
+    except RunStopped as stopped:  # a failed step, its message and the log were printed
+        if stopped.interrupted:
+            print("interrupted: the run's steps were stopped", flush=True)
         if run := stopped.resumable:
             again = shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
             print(
                 f"training saved a complete checkpoint at step {run.step} (run {run.run_id}); to go on from it: {again}"
             )
-        return 1
+        return EXIT_INTERRUPTED if stopped.interrupted else 1
     print(outcome.summary("fulltune run"), flush=True)
     return 0
 
@@ -476,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `fulltune registry show ... | head`: the reader has what it wanted
         # Python flushes stdout again at exit and would report the closed pipe there: point it at devnull
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

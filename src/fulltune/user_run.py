@@ -170,11 +170,12 @@ class Unfinished:
 
 
 class RunStopped(RuntimeError):
-    """A local run failed at a step (printed already); `resumable` when training had saved a checkpoint."""
+    """A local run failed at a step (printed already), or was `interrupted`; `resumable` when its
+    training had saved a checkpoint."""
 
-    def __init__(self, resumable: Unfinished | None):
-        super().__init__("the run stopped")
-        self.resumable = resumable
+    def __init__(self, resumable: Unfinished | None, *, interrupted: bool = False):
+        super().__init__("the run was interrupted" if interrupted else "the run stopped at a failed step")
+        self.resumable, self.interrupted = resumable, interrupted
 
 
 def unfinished_runs(work_dir: str) -> list[Unfinished]:
@@ -239,7 +240,7 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
     """The whole compiled DAG through kfp.local with the local launcher. `resume` ("" for the only
     unfinished run, or a run id) runs an unfinished run again under its id, so that training starts
     from its newest complete checkpoint. RunStopped when a step fails, after the step, its error
-    message and the log's path are printed."""
+    message and the log's path are printed, or when the run is interrupted (its steps stopped)."""
     from fulltune.kfp.local_run import run_locally
 
     if cfg.resources.launcher != "local":
@@ -261,7 +262,8 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
         return run_locally(
             cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp", run_id=run_id
         )
-    except RuntimeError:
+    except (RuntimeError, KeyboardInterrupt) as stopped:
         # this attempt's checkpoint: of a new run, or a newer one of the run it resumed
         saved = [r for r in unfinished_runs(cfg.work_dir) if (r.run_id, r.step) not in before]
-        raise RunStopped(saved[0] if saved else None) from None
+        interrupted = isinstance(stopped, KeyboardInterrupt)
+        raise RunStopped(saved[0] if saved else None, interrupted=interrupted) from None

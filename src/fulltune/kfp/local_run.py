@@ -13,7 +13,9 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +120,42 @@ def read_outcome(run_dir: Path) -> RunOutcome:
     return RunOutcome.of(cfg, eval_result, parameter("register", "version_uri"))
 
 
+@contextlib.contextmanager
+def stopping_steps_when_stopped() -> Iterator[None]:
+    """A local run that is stopped (Ctrl-C, or SIGTERM from `kill` or a CI job's cancel, taken as
+    Ctrl-C) stops the processes under it before KeyboardInterrupt goes on: kfp.local runs each step
+    as a child process and the train step runs the training processes under that; left behind they
+    would train on, holding the GPUs, and write into the work directory a resumed run then uses."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _as_interrupt) if in_main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_descendants()
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_descendants(grace_s: float = 10.0) -> None:
+    """SIGTERM to every process under this one, SIGKILL to those still there after `grace_s`."""
+    import psutil
+
+    processes = psutil.Process().children(recursive=True)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 def run_locally(
     cfg: RunConfig,
     *,
@@ -144,7 +182,7 @@ def run_locally(
     console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
     console.say(f"running the compiled pipeline {compiled[0]} through kfp.local")
     earlier = set(pipeline_root.iterdir()) if pipeline_root.exists() else set()
-    with kfp_local_guard(), console.active(), resuming(run_id):
+    with kfp_local_guard(), console.active(), resuming(run_id), stopping_steps_when_stopped():
         pipeline(config=cfg.to_dict())
     (run_dir,) = [p for p in pipeline_root.iterdir() if p.is_dir() and p not in earlier]
     return read_outcome(run_dir)
