@@ -200,6 +200,7 @@ class KFPStandIn:
         ("POST", r"/runs", "create_run"),
         ("GET", r"/runs", "list_runs"),
         ("GET", r"/runs/(?P<rid>[^/:]+)", "get_run"),
+        ("POST", r"/runs/(?P<rid>[^/:]+):retry", "retry_run"),
         ("GET", r"/recurringruns", "list_recurring_runs"),
         ("POST", r"/recurringruns", "create_recurring_run"),
         ("GET", r"/recurringruns/(?P<rrid>[^/:]+)", "get_recurring_run"),
@@ -385,6 +386,20 @@ class KFPStandIn:
         if state in ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED"):
             run.setdefault("finished_at", _now())
         return run
+
+    def _retry_run(self, req, rid):
+        """KFP's Retry: a failed or canceled run runs its failed steps again, under the same id; from
+        then on it goes through the next script (`script_runs`), else it succeeds."""
+        run = _get(self.runs, rid, "run")
+        if run["state"] not in ("FAILED", "CANCELED"):
+            raise ApiError(400, f"run {rid} is {run['state']}: cannot retry a run that did not fail")
+        for key in ("error", "run_details", "finished_at"):
+            run.pop(key, None)
+        run["state"] = "RUNNING"
+        if self.on_run is not None:
+            self.on_run(run)
+        self._scripts[rid] = list(self._next_script or [("RUNNING", None), ("SUCCEEDED", None)])
+        return {}
 
     def _list_runs(self, req):
         items = self.runs.values()

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fulltune import __version__, parameters
+from fulltune import __version__, parameters, storage
 from fulltune.cli import main
 from fulltune.config import RunConfig
 from fulltune.kfp.compile import PIPELINE_FILE, compile_all
 from fulltune.kfp.pipeline import S3_SECRET, S3_SECRET_KEYS
 from fulltune.launch.kubernetes import launcher_access
+from fulltune.layout import RunLayout
 from k8s_standin import FakeKube
 from kfp_standin import KFPStandIn
 
@@ -353,6 +354,54 @@ def test_wait_ends_with_the_verdict_and_the_version_the_run_registered(kfp, tmp_
     assert submit(kfp, params, "--wait") == 0
     out = capsys.readouterr().out
     assert "verdict:            FAIL\n" in out and "registered model:   none — the gate refused" in out
+
+
+def test_retry_runs_a_failed_run_again_as_the_same_run_and_ends_with_its_verdict(kfp, tmp_path, s3, capsys):
+    """A run that failed in training (its node lost past the job's restarts) is retried from CI:
+    the same run id, so the same work directory, where train resumes from the run's checkpoints;
+    --wait ends as submit --wait does. A run that did not fail is not retried."""
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config.update(work_dir=f"{s3}/work", registry={"uri": f"{s3}/registry"})
+    config["model"]["name"] = "clinic"
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump(config))
+    outputs = pipeline_outputs(s3, passed=True)
+
+    def checkpointed(run: dict) -> None:  # training got to step 40 before it failed
+        outputs(run)
+        root = RunLayout.for_run(f"{s3}/work", run["run_id"]).checkpoints
+        storage.write_json(f"{root}/step-00000040/checkpoint.json", {"step": 40, "files": []})
+
+    kfp.on_run = checkpointed
+    kfp.script_runs(["RUNNING", "FAILED"], error="train: exit code 138", failed_task="train")
+    assert submit(kfp, params, "--wait") == 1
+    [failed] = kfp.runs.values()
+    run_id = failed["run_id"]
+    said = capsys.readouterr().err
+    assert (
+        f"training saved a complete checkpoint at step 40; to go on from it: fulltune retry {run_id} --wait"
+        in said
+    )
+
+    kfp.script_runs(["RUNNING", "SUCCEEDED"])
+    retry = ["retry", run_id, "--host", kfp.url, "--poll-interval", "0.01"]
+    assert main([*retry, "--wait", "--output", "json"]) == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
+    assert (got["run_id"], got["state"], got["verdict"], got["production"]) == (
+        run_id,
+        "SUCCEEDED",
+        "pass",
+        1,
+    )
+    assert f"retrying run {run_id} (FAILED): " in captured.err and "verdict:            PASS" in captured.err
+    assert len(kfp.runs) == 1 and len(kfp.calls("POST", rf"/apis/v2beta1/runs/{run_id}:retry")) == 1
+
+    assert main(retry) == 1
+    assert (
+        f"run {run_id} is SUCCEEDED: only a failed or canceled run can be retried" in capsys.readouterr().err
+    )
+    assert len(kfp.calls("POST", rf"/apis/v2beta1/runs/{run_id}:retry")) == 1
 
 
 def test_wait_says_when_the_verdict_cannot_be_read_here_and_still_succeeds(kfp, tmp_path, s3, capsys):

@@ -383,8 +383,10 @@ def _add_config(commands) -> None:
 def _add_submit_and_schedule(commands) -> None:
     from fulltune.kfp.submit import (
         add_arguments,
+        add_retry_arguments,
         add_unschedule_arguments,
         add_upload_arguments,
+        cli_retry,
         cli_schedule,
         cli_submit,
         cli_unschedule,
@@ -398,6 +400,17 @@ def _add_submit_and_schedule(commands) -> None:
     add_arguments(submit, schedule)
     submit.set_defaults(func=cli_submit)
     schedule.set_defaults(func=cli_schedule)
+    retry = _command(
+        commands,
+        "retry",
+        "run a failed or canceled run again as the same run; training resumes from its newest checkpoint",
+        "Retry a failed or canceled run on KFP (the UI's Retry): its failed steps run again under the same "
+        "run id, over the same work directory, so the train step resumes from the run's newest complete "
+        "checkpoint (a config that changed what it trained with is refused there). --wait ends as submit "
+        "--wait does.",
+    )
+    add_retry_arguments(retry)
+    retry.set_defaults(func=cli_retry)
     upload = _command(
         commands,
         "upload",

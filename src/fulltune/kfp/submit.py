@@ -574,13 +574,78 @@ def submit(
     _say(out, f"run id: {result.run_id}")
     _say(out, f"run url: {result.url}")
     if wait:
-        finished = wait_for_run(client, run.run_id, timeout, poll_interval)
-        result.state = _state(finished)
-        _say(out, f"run {result.run_id}: {result.state}")
-        if result.state != "SUCCEEDED":
-            lines = [f"run {result.run_id} {result.state}", *run_failure(finished)]
-            raise SubmitError("\n".join(lines), result=result)
-        result.outcome = report_outcome(request.config, run.run_id, out)
+        _follow(client, result, request.config, timeout, poll_interval, out)
+    return result
+
+
+def _follow(client, result: SubmitResult, cfg: RunConfig, timeout: float | None, poll_interval: float, out):
+    """Wait for the run, then report what it came to: SubmitError (with `result`) unless it succeeded."""
+    finished = wait_for_run(client, result.run_id, timeout, poll_interval)
+    result.state = _state(finished)
+    _say(out, f"run {result.run_id}: {result.state}")
+    if result.state != "SUCCEEDED":
+        lines = [
+            f"run {result.run_id} {result.state}",
+            *run_failure(finished),
+            *_retry_hint(cfg, result.run_id),
+        ]
+        raise SubmitError("\n".join(lines), result=result)
+    result.outcome = report_outcome(cfg, result.run_id, out)
+
+
+def _retry_hint(cfg: RunConfig, run_id: str) -> list[str]:
+    """How to go on from the failed run's newest checkpoint, when its training saved one (read with
+    this machine's storage credentials; nothing when they cannot read the work directory)."""
+    from fulltune.layout import RunLayout
+    from fulltune.train import checkpoint
+
+    try:
+        tag = checkpoint.newest_saved(RunLayout.for_run(cfg.work_dir, run_id).checkpoints)
+    except (OSError, ValueError):  # StorageError, an unset work_dir
+        return []
+    if tag is None:
+        return []
+    return [
+        f"training saved a complete checkpoint at step {checkpoint.step_of(tag)}; to go on from it: "
+        f"fulltune retry {run_id} --wait"
+    ]
+
+
+RETRYABLE_STATES = ("FAILED", "CANCELED")
+
+
+def retry(
+    *,
+    host: str | None,
+    run_id: str,
+    namespace: str | None = None,
+    wait: bool = False,
+    timeout: float | None = None,
+    poll_interval: float = 15.0,
+    out=None,
+) -> SubmitResult:
+    """Run a failed or canceled run again as the same run (KFP's Retry): its failed steps run again
+    under the same run id, so over the same work directory, and train resumes from the run's newest
+    complete checkpoint. With `wait`, as `submit --wait`: the final state, then the verdict and the
+    registered version. SubmitError when the run is not one KFP can retry."""
+    out = out or sys.stdout
+    target = resolve_target(host, namespace, None)
+    client = connect(target.host, target.namespace)
+    with _quiet(), _api_errors(f"run {run_id}"):
+        run = client.get_run(run_id)
+    state = _state(run)
+    if state not in RETRYABLE_STATES:
+        raise SubmitError(f"run {run_id} is {state}: only a failed or canceled run can be retried")
+    ref = run.pipeline_version_reference
+    version = PipelineVersion(ref.pipeline_id, ref.pipeline_version_id, "", uploaded=False)
+    with _quiet(), _api_errors(f"retrying run {run_id}"):
+        client._run_api.run_service_retry_run(run_id)  # kfp.Client has no method of its own for it
+    result = SubmitResult(run_id, ui_url(target.host, "runs", run_id), version)
+    _say(out, f"retrying run {run_id} ({state}): {result.url}")
+    if wait:
+        values = dict(run.runtime_config.parameters or {})
+        cfg = RunConfig.from_pipeline(parameters.resolve(values.pop(CONFIG_PARAMETER, None), values))
+        _follow(client, result, cfg, timeout, poll_interval, out)
     return result
 
 
@@ -978,6 +1043,14 @@ def cli_submit(args) -> int:
     )
 
 
+def cli_retry(args) -> int:
+    """`fulltune retry`; returns the exit code (EXIT_*)."""
+    options = {"run_id": args.run_id, "namespace": args.namespace, "wait": args.wait, "timeout": args.timeout}
+    return _run_cli(
+        lambda out: retry(host=args.host, **options, poll_interval=args.poll_interval, out=out), args.output
+    )
+
+
 def cli_schedule(args) -> int:
     """`fulltune schedule`; returns the exit code (EXIT_*)."""
     options = {"name": args.name, "cron": args.cron, "paused": args.paused, "owner": args.owner}
@@ -1216,18 +1289,37 @@ def _add_run_arguments(p) -> None:
 
 def _add_submit_arguments(submit_parser) -> None:
     submit_parser.add_argument("--run-name", default=None, help="default: '<model.name> <UTC time>'")
-    submit_parser.add_argument(
+    _add_wait_arguments(submit_parser)
+
+
+def _add_wait_arguments(p) -> None:
+    p.add_argument(
         "--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded"
     )
-    submit_parser.add_argument(
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
         metavar="S",
         help="with --wait: give up after S seconds (exit 3)",
     )
-    submit_parser.add_argument(
+    p.add_argument(
         "--poll-interval", type=float, default=15.0, metavar="S", help="with --wait: seconds between checks"
+    )
+
+
+def add_retry_arguments(p) -> None:
+    p.add_argument("run_id", metavar="RUN_ID", help="the failed or canceled run (submit prints its id)")
+    p.add_argument(
+        "--host", default=None, help=f"KFP API address (default: ${ENV_HOST}; in a pod: in-cluster)"
+    )
+    p.add_argument("--namespace", default=None, help="multi-user KFP: the profile namespace (as for submit)")
+    _add_wait_arguments(p)
+    p.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object on stdout (as submit's), the progress lines on stderr",
     )
 
 
