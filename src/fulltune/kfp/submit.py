@@ -636,17 +636,25 @@ def retry(
     state = _state(run)
     if state not in RETRYABLE_STATES:
         raise SubmitError(f"run {run_id} is {state}: only a failed or canceled run can be retried")
-    ref = run.pipeline_version_reference
-    version = PipelineVersion(ref.pipeline_id, ref.pipeline_version_id, "", uploaded=False)
+    ref = run.pipeline_version_reference  # None for a run made from a spec rather than a version
+    version = PipelineVersion(
+        ref.pipeline_id if ref else "", ref.pipeline_version_id if ref else "", "", uploaded=False
+    )
+    cfg = _config_of(run) if wait else None  # before the retry: a run it cannot follow is not retried
     with _quiet(), _api_errors(f"retrying run {run_id}"):
         client._run_api.run_service_retry_run(run_id)  # kfp.Client has no method of its own for it
     result = SubmitResult(run_id, ui_url(target.host, "runs", run_id), version)
     _say(out, f"retrying run {run_id} ({state}): {result.url}")
-    if wait:
-        values = dict(run.runtime_config.parameters or {})
-        cfg = RunConfig.from_pipeline(parameters.resolve(values.pop(CONFIG_PARAMETER, None), values))
+    if cfg is not None:
         _follow(client, result, cfg, timeout, poll_interval, out)
     return result
+
+
+def _config_of(run) -> RunConfig:
+    """The config a run's steps work with, from the parameters it was created with (as its configure
+    step merges them)."""
+    values = dict(run.runtime_config.parameters or {}) if run.runtime_config else {}
+    return RunConfig.from_pipeline(parameters.resolve(values.pop(CONFIG_PARAMETER, None), values))
 
 
 def report_outcome(cfg: RunConfig, run_id: str, out) -> RunOutcome | None:

@@ -11,9 +11,9 @@ checkpoints exist but none is complete, training refuses to start rather than si
 from step 0. The last `save_total_limit` complete checkpoints are kept.
 
 `checkpoint.json` also records what the run that wrote it trained with (`run_identity`: the base
-model, the training data, the batch, the schedule, the world size); a run whose config differs in
-any of these is refused at its resume (`check_continues`), naming each field, instead of loading
-state that belongs to another run.
+model, the training data, the batch, the optimizer and schedule, the world size); a run whose config
+differs in any of these is refused at its resume (`check_continues`), naming each field, instead of
+loading state that belongs to another run. Only the length may change: a run can train on longer.
 
 Checkpoints live in the work directory: a shared filesystem path (RWX volume) is written in place;
 for s3:// each node stages its ranks' files locally and uploads them.
