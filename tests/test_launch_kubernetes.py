@@ -813,9 +813,10 @@ def write_kubeconfig(tmp_path: Path, host: str) -> Path:
     return path
 
 
-def succeeding_operator(work: Path):
+def succeeding_operator(work: Path, identity: dict | None = None):
     """What the Training Operator and the training pods do in the stand-in: write a two-step model
-    and its metrics to the shared work directory, then mark the job Succeeded. Returns the summary."""
+    (recording the run's `identity`, as the ranks do) and its metrics to the shared work directory,
+    then mark the job Succeeded. Returns the summary."""
     from fulltune.train.metrics import StepRecord, TrainingSummary
     from fulltune.train.recipe import MODEL_MANIFEST
 
@@ -824,7 +825,8 @@ def succeeding_operator(work: Path):
     def operator(k: FakeKube, ns, name):
         model = work / "train" / "model"
         model.mkdir(parents=True)
-        (model / MODEL_MANIFEST).write_text(json.dumps({"summary": summary.to_json()}))
+        manifest = {"summary": summary.to_json(), **({"run": identity} if identity else {})}
+        (model / MODEL_MANIFEST).write_text(json.dumps(manifest))
         records = [StepRecord(step, loss, 1e-4, 1.0, 100, 10.0, 1.0) for step, loss in ((0, 2.0), (1, 1.25))]
         (work / "train" / "metrics.jsonl").write_text(
             "".join(json.dumps(r.to_json()) + "\n" for r in records)
@@ -865,8 +867,9 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     from fulltune.train.run import run_training
 
     cfg, work = kubernetes_cfg(kube, tmp_path, monkeypatch)
-    kube.script, SUMMARY = succeeding_operator(work)  # noqa: N806 — a constant of this test
     dataset = dataset_manifest(tmp_path)
+    identity = checkpoint.run_identity(cfg, load_manifest(dataset))
+    kube.script, SUMMARY = succeeding_operator(work, identity)  # noqa: N806 — a constant of this test
     result = run_training(cfg, dataset, run_id="run-7", task_name="train", image="img:9")
     assert result.summary == SUMMARY and [r.loss for r in result.records] == [2.0, 1.25]
     (post,) = kube.calls("POST")
@@ -874,6 +877,16 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     container = post.body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert container["image"] == "img:9"
     assert str(work / "train" / "model") in container["command"]
+
+    # the step again once the run's model is complete (its pod lost after the job finished, a resumed
+    # run whose evaluate failed): that model, not a second training; one of other settings refused
+    assert run_training(cfg, dataset, run_id="run-7", task_name="train") == result
+    other = cfg.with_overrides({"training.seed": 7})
+    with pytest.raises(
+        checkpoint.CheckpointError, match="training.seed: 42 when it was written, 7 in this run"
+    ):
+        run_training(other, dataset, run_id="run-7", task_name="train")
+    assert len(kube.calls("POST")) == 1
 
     # the same run and task again: the job is adopted, and a job without a model fails the step
     kube.script = None
@@ -899,8 +912,8 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     with pytest.raises(checkpoint.CheckpointError) as refused:
         run_training(cfg, dataset, run_id="run-10", task_name="train")
     assert str(refused.value).splitlines()[1:3] == [
-        "  - training.per_device_train_batch_size: 4 in the checkpoint, 1 in this run",
-        "  - training.learning_rate: 0.0003 in the checkpoint, None in this run",
+        "  - training.per_device_train_batch_size: 4 when it was written, 1 in this run",
+        "  - training.learning_rate: 0.0003 when it was written, None in this run",
     ]
     assert len(kube.calls("POST")) == 2
     (tag / checkpoint.MANIFEST).write_text(json.dumps({"step": 1, "files": []}))

@@ -206,9 +206,12 @@ def test_a_resumed_local_run_has_the_id_of_the_run_it_continues(tmp_path):
         assert one_step().output != "6958269"  # a new run gets an id of its own again
 
 
-def a_run(work: Path, run_id: str, *, checkpoint_steps=(), saved=True, finished=False, **config) -> RunConfig:
-    """A run's directory as training leaves it: plan's resolved config, checkpoints (the newest one's
-    save finished when `saved`), and the final model's manifest once `finished`."""
+def a_run(
+    work: Path, run_id: str, *, checkpoint_steps=(), saved=True, trained=False, evaluated=False, **config
+) -> RunConfig:
+    """A run's directory as its steps leave it: plan's resolved config, checkpoints (the newest one's
+    save finished when `saved`), the final model and metrics once `trained`, evaluate's result once
+    `evaluated`."""
     from fulltune.layout import RunLayout
     from fulltune.train import checkpoint
     from fulltune.train.recipe import MODEL_MANIFEST
@@ -222,9 +225,13 @@ def a_run(work: Path, run_id: str, *, checkpoint_steps=(), saved=True, finished=
         tag.mkdir(parents=True)
         if saved or i < len(checkpoint_steps) - 1:
             (tag / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "files": []}))
-    if finished:
+    if trained:
         Path(layout.model).mkdir(parents=True)
         (Path(layout.model) / MODEL_MANIFEST).write_text("{}")
+        Path(layout.train_metrics).write_text("")
+    if evaluated:
+        Path(layout.eval_result).parent.mkdir(parents=True)
+        Path(layout.eval_result).write_text("{}")
     return cfg
 
 
@@ -236,7 +243,9 @@ def test_resume_takes_the_run_that_stopped_after_a_complete_checkpoint(tmp_path)
     with pytest.raises(ConfigError, match=f"nothing to resume under {work} \\(work_dir\\)") as nothing:
         run_to_resume(cfg)
     assert "Checkpoints are saved every 50 steps (training.save_steps)" in str(nothing.value)
-    a_run(work, "111", checkpoint_steps=(50, 100), finished=True)  # done: nothing left to train
+    a_run(
+        work, "111", checkpoint_steps=(50, 100), trained=True, evaluated=True
+    )  # done, as far as resuming goes
     a_run(work, "222", checkpoint_steps=(50,), saved=False)  # stopped while saving its first
     a_run(work, "333")  # stopped before its first checkpoint
     a_run(work, "444", checkpoint_steps=(50, 100), saved=False, training={"learning_rate": 3e-4})
@@ -244,11 +253,11 @@ def test_resume_takes_the_run_that_stopped_after_a_complete_checkpoint(tmp_path)
     assert (run.run_id, run.step, run.root) == ("444", 50, str(work / "444"))
     assert run.config.training.learning_rate == 3e-4  # as its plan resolved it
 
-    a_run(work, "555", checkpoint_steps=(200,))
-    with pytest.raises(ConfigError, match="2 unfinished runs under .*: run 444 \\(checkpoint at step 50\\); "
-                       "run 555 \\(checkpoint at step 200\\); name one: --resume RUN_ID"):  # fmt: skip
+    a_run(work, "555", checkpoint_steps=(200,), trained=True)  # its evaluate failed
+    with pytest.raises(ConfigError, match="2 unfinished runs under .*: run 444 \\(from its checkpoint at step "
+                       "50\\); run 555 \\(from its finished training\\); name one: --resume RUN_ID"):  # fmt: skip
         run_to_resume(cfg)
-    assert run_to_resume(cfg, "555").step == 200
+    assert run_to_resume(cfg, "555").step is None
     with pytest.raises(ConfigError, match="--resume 111: no unfinished run of that id"):
         run_to_resume(cfg, "111")
 
@@ -259,7 +268,7 @@ def test_unfinished_runs_are_found_in_an_s3_work_dir(s3, tmp_path):
 
     local = tmp_path / "runs"
     a_run(local, "444", checkpoint_steps=(50,))
-    a_run(local, "555", checkpoint_steps=(50,), finished=True)
+    a_run(local, "555", checkpoint_steps=(50,), trained=True, evaluated=True)
     storage.upload_dir(local, f"{s3}/runs")
     [run] = unfinished_runs(f"{s3}/runs")
     assert (run.run_id, run.step, run.root) == ("444", 50, f"{s3}/runs/444")

@@ -107,9 +107,7 @@ def _run(args: argparse.Namespace) -> int:
             print("interrupted: the run's steps were stopped", flush=True)
         if run := stopped.resumable:
             again = shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
-            print(
-                f"training saved a complete checkpoint at step {run.step} (run {run.run_id}); to go on from it: {again}"
-            )
+            print(f"run {run.run_id} can go on from {run.where}: {again}")
         return EXIT_INTERRUPTED if stopped.interrupted else 1
     print(outcome.summary("fulltune run"), flush=True)
     return 0

@@ -161,12 +161,18 @@ def local_gpu_problem(cfg: RunConfig, gpus: int) -> str | None:
 
 @dataclass(frozen=True)
 class Unfinished:
-    """A run whose training stopped after a complete checkpoint and before its final model."""
+    """A run that stopped after its training saved a complete checkpoint, or after its training
+    finished, and before it was evaluated."""
 
     run_id: str
     root: str  # the run's directory under work_dir
-    step: int  # of its newest complete checkpoint
+    step: int | None  # of its newest complete checkpoint; None: its training finished
     config: RunConfig  # as its plan step resolved it
+
+    @property
+    def where(self) -> str:
+        """Where the run goes on from."""
+        return f"its checkpoint at step {self.step}" if self.step is not None else "its finished training"
 
 
 class RunStopped(RuntimeError):
@@ -187,19 +193,20 @@ def unfinished_runs(work_dir: str) -> list[Unfinished]:
     runs = []
     for run_id in storage.children(work_dir):
         layout = RunLayout.for_run(work_dir, run_id)
-        tag = checkpoint.newest_saved(layout.checkpoints)
-        if tag is None or is_complete_model(layout.model) or not storage.exists(layout.resolved_config):
-            continue
-        runs.append(
-            Unfinished(run_id, layout.root, checkpoint.step_of(tag), load_config(layout.resolved_config))
-        )
+        if storage.exists(layout.eval_result) or not storage.exists(layout.resolved_config):
+            continue  # evaluated (done, as far as a resume goes), or stopped before its plan
+        trained = is_complete_model(layout.model) and storage.exists(layout.train_metrics)
+        tag = None if trained else checkpoint.newest_saved(layout.checkpoints)
+        if trained or tag is not None:
+            step = checkpoint.step_of(tag) if tag else None
+            runs.append(Unfinished(run_id, layout.root, step, load_config(layout.resolved_config)))
     return runs
 
 
 def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
     """The unfinished run under `cfg.work_dir` to continue: `run_id`'s, or the only one there."""
     runs = unfinished_runs(cfg.work_dir)
-    listed = "; ".join(f"run {r.run_id} (checkpoint at step {r.step})" for r in runs)
+    listed = "; ".join(f"run {r.run_id} (from {r.where})" for r in runs)
     if run_id:
         chosen = [r for r in runs if r.run_id == run_id]
         if not chosen:
@@ -216,7 +223,7 @@ def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
         )
         raise ConfigError(
             f"nothing to resume under {cfg.work_dir} (work_dir): no run there stopped after a complete "
-            f"checkpoint and before its final model. Checkpoints are saved {saves}."
+            f"checkpoint or its finished training, and before its evaluation. Checkpoints are saved {saves}."
         )
     if len(runs) > 1:
         raise ConfigError(
@@ -256,7 +263,7 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
     if resume is not None:
         run = run_to_resume(cfg, resume or None)
         cfg, run_id = resumed_config(cfg, run), run.run_id
-        print(f"resuming run {run_id} ({run.root}) from its checkpoint at step {run.step}", flush=True)
+        print(f"resuming run {run_id} ({run.root}) from {run.where}", flush=True)
     before = {(r.run_id, r.step) for r in unfinished_runs(cfg.work_dir)}
     try:
         return run_locally(

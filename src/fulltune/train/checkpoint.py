@@ -83,20 +83,26 @@ def run_identity(cfg: RunConfig, dataset: DatasetManifest) -> dict[str, Any]:
 
 
 def check_continues(root: str, tag: str, identity: dict[str, Any]) -> list[str]:
-    """CheckpointError naming every field in which this run (`identity`) differs from the run that
-    wrote checkpoint `tag`, but its length; returns the length's changes, as 'FIELD: OLD in the
-    checkpoint, NEW in this run'. Checkpoints that record no run are taken as they are."""
+    """`check_recorded` for checkpoint `tag`."""
     base = storage.join(root, tag)
     recorded = storage.read_json(storage.join(base, MANIFEST)).get("run") or {}
+    return check_recorded(recorded, identity, base)
+
+
+def check_recorded(recorded: dict[str, Any], identity: dict[str, Any], where: str) -> list[str]:
+    """CheckpointError naming every field in which this run (`identity`) differs from the run that
+    wrote `where` (a checkpoint, a model; `recorded` its `run_identity`), but its length; returns the
+    length's changes, as 'FIELD: OLD when it was written, NEW in this run'. An empty record (written
+    before checkpoints recorded their run) is taken as it is."""
     changed = {
-        name: f"{name}: {recorded[name]!r} in the checkpoint, {identity.get(name)!r} in this run"
+        name: f"{name}: {recorded[name]!r} when it was written, {identity.get(name)!r} in this run"
         for name in recorded
         if recorded[name] != identity.get(name)
     }
     refused = [f"  - {change}" for name, change in changed.items() if name not in LENGTH_FIELDS]
     if refused:
         raise CheckpointError(
-            f"{base} was written by a run that trained with other settings, so resuming it would not "
+            f"{where} was written by a run that trained with other settings, so resuming it would not "
             "continue that run:\n" + "\n".join(refused) + "\nSet them back to continue that run, or train "
             "with them in a new run."
         )

@@ -454,7 +454,9 @@ class Recipe:
             base_general_loss=self.base_general_loss,
             max_forgetting=self.cfg.evaluation.max_general_ppl_increase if measured_forgetting else None,
         )
-        save_model(self.engine, self.cfg, self.args, self.ranks.rank, self.records, self.summary)
+        save_model(
+            self.engine, self.cfg, self.args, self.ranks.rank, self.records, self.summary, self.identity
+        )
 
     def cleanup(self) -> None:
         import torch.distributed as dist
@@ -484,10 +486,16 @@ def _float(x: Any) -> float | None:
 
 
 def save_model(
-    engine, cfg: RunConfig, args: TrainerArgs, rank: int, records: list[StepRecord], summary: TrainingSummary
+    engine,
+    cfg: RunConfig,
+    args: TrainerArgs,
+    rank: int,
+    records: list[StepRecord],
+    summary: TrainingSummary,
+    identity: dict[str, Any],
 ) -> None:
     """Consolidate the ZeRO-3 partitions (every rank takes part); rank 0 writes the model, its
-    manifest last, then the metrics."""
+    manifest last (with the run's `identity`, as checkpoints record it), then the metrics."""
     state_dict = engine._zero3_consolidated_16bit_state_dict()
     if rank != 0:
         return
@@ -501,7 +509,7 @@ def save_model(
         (out / "training_summary.json").write_text(json.dumps(summary.to_json(), indent=2))
         files = storage.file_manifest(out)
         storage.upload_dir(out, args.output)
-        manifest = {"files": files, "summary": summary.to_json()}
+        manifest = {"files": files, "summary": summary.to_json(), "run": identity}
         storage.write_json(storage.join(args.output, MODEL_MANIFEST), manifest)
     storage.write_text(args.metrics, "".join(json.dumps(r.to_json()) + "\n" for r in records))
     log.info("saved the tuned model to %s", args.output)

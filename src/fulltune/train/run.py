@@ -65,7 +65,6 @@ def run_training(
     pipeline) a fresh one is made, so an old job of the same name is never mistaken for this run's.
     `optional_secrets` reach the training pods like `resources.kubernetes.secret_env`, but may be absent.
     """
-    check_before_launch(cfg, dataset_uri)
     name = "fulltune-train"
     if cfg.resources.launcher in CLUSTER_LAUNCHERS:
         from fulltune.launch.pytorchjob import job_name
@@ -75,12 +74,17 @@ def run_training(
             log.info("no pipeline run id: this training run is %s", run_id)
         name = job_name(run_id, task_name or "train")
     job = train_job(cfg, dataset_uri, name=name)
-    make_launcher(cfg, stream=stream, run_id=run_id, image=image, optional_secrets=optional_secrets).run(job)
-    if not is_complete_model(job.args.output):
-        raise LaunchError(
-            f"training exited 0 but {job.args.output} has no {MODEL_MANIFEST}: the model is incomplete"
+    if not trained_before(cfg, job, dataset_uri):
+        check_before_launch(cfg, dataset_uri)
+        launcher = make_launcher(
+            cfg, stream=stream, run_id=run_id, image=image, optional_secrets=optional_secrets
         )
-    _checkpoints_after_success(cfg, job.args.checkpoints)
+        launcher.run(job)
+        if not is_complete_model(job.args.output):
+            raise LaunchError(
+                f"training exited 0 but {job.args.output} has no {MODEL_MANIFEST}: the model is incomplete"
+            )
+        _checkpoints_after_success(cfg, job.args.checkpoints)
     summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
     lines = storage.read_text(job.args.metrics).splitlines()
     return TrainingRun(
@@ -88,6 +92,28 @@ def run_training(
         summary=TrainingSummary.from_json(summary),
         records=[StepRecord.from_json(json.loads(line)) for line in lines if line],
     )
+
+
+def trained_before(cfg: RunConfig, job: TrainJob, dataset_uri: str) -> bool:
+    """True when this run's training finished in an earlier attempt of the step (a step retried after
+    the ranks were done, a resumed local run whose later step failed) with this config: its model and
+    metrics are complete, and are used as they are rather than trained again. A model of another
+    length is trained on (from the newest checkpoint); one of other settings is refused, as its
+    checkpoints would be (CheckpointError)."""
+    from fulltune.preprocess.dataset import load_manifest
+    from fulltune.train import checkpoint
+
+    model = job.args.output
+    if not (is_complete_model(model) and storage.exists(job.args.metrics)):
+        return False
+    recorded = storage.read_json(storage.join(model, MODEL_MANIFEST)).get("run")
+    if recorded is None:  # a model written before models recorded their run: trained again
+        return False
+    identity = checkpoint.run_identity(cfg, load_manifest(dataset_uri))
+    if checkpoint.check_recorded(recorded, identity, f"{model} (this run's model)"):
+        return False
+    log.info("%s is complete, trained by this run before: not training again", model)
+    return True
 
 
 def check_before_launch(cfg: RunConfig, dataset_uri: str) -> None:
