@@ -333,8 +333,8 @@ def _add_run(commands) -> None:
         "Run the compiled pipeline on this machine through kfp.local with the local launcher, on the model "
         "and data CONFIG names (local paths or s3://). --until STEP stops after a checking step: --until "
         "plan validates the data, checks the model and tokenizer and plans, without training. --resume "
-        "runs a run whose training stopped (a crash, a reboot, Ctrl-C) again, from its newest complete "
-        "checkpoint (saved every training.save_steps).",
+        "runs a stopped run (a crash, a reboot, Ctrl-C, a failed step) again, from its newest complete "
+        "checkpoint (saved every training.save_steps), or after its training when that had finished.",
     )
     check = _command(
         commands,
@@ -354,8 +354,9 @@ def _add_run(commands) -> None:
         nargs="?",
         const="",
         metavar="RUN_ID",
-        help="run the unfinished run under work_dir again (or RUN_ID, when there are several), training "
-        "from its newest complete checkpoint; a config that changes what it trained with is refused",
+        help="run the unfinished run under work_dir again (or RUN_ID, when there are several), from its "
+        "newest complete checkpoint or its finished training; a config that changes what it trained with "
+        "is refused",
     )
     check.set_defaults(until="plan", resume=None)
 
