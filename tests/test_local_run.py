@@ -298,7 +298,7 @@ def test_resume_from_the_command_line_says_what_it_needs(tmp_path, capsys):
     assert main(["run", str(config), "--dir", str(tmp_path / "out"), "--resume"]) == 1
     err = capsys.readouterr().err
     assert f"error: nothing to resume under {tmp_path}/out/runs (work_dir)" in err
-    assert "Checkpoints are saved only with training.save_steps set, which this config leaves at 0" in err
+    assert "Checkpoints are saved as plan chooses (training.save_steps unset): about every hour" in err
     with pytest.raises(SystemExit) as usage:
         main(["run", str(config), "--until", "plan", "--resume"])
     assert usage.value.code == 2

@@ -362,10 +362,13 @@ class TrainingSection(_Section):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    save_steps: int = Field(
-        0,
+    save_steps: int | None = Field(
+        None,
         ge=0,
-        description="Save a complete checkpoint every this many optimizer steps (0: only the final model).",
+        description="Save a complete checkpoint every this many optimizer steps; 0: only the final model. "
+        "Unset: plan saves one about every hour of the run's estimated training, on evaluation steps when "
+        "eval_steps is set (a failure then loses at most that, and a restarted or retried run resumes "
+        "there), and none for a run estimated under an hour or not estimated (CPU).",
     )
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     delete_checkpoints_after_success: bool = Field(

@@ -901,6 +901,10 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         check_budget(resolved, cost)
     except CostError as exc:
         raise PlanError(str(exc)) from None
+    if resolved.training.save_steps is None:
+        save_steps, note = default_save_steps(resolved, cost, shape.params)
+        resolved = resolved.with_overrides({"training.save_steps": save_steps})
+        rule_notes.append(note)
     return Plan(
         shape,
         mem,
@@ -911,6 +915,34 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         resolved,
         deepspeed_config(resolved, shape),
         cost,
+    )
+
+
+# How much estimated training a failure may cost at most when plan chooses the checkpoints: each
+# holds the whole optimizer state (~16 bytes per parameter: ~130 GB for 8B, minutes to write), so
+# saving much more often costs a noticeable share of the run; much less, and a lost node costs hours
+# of every GPU in the job.
+CHECKPOINT_EVERY_S = 3600.0
+
+
+def default_save_steps(cfg: RunConfig, cost: CostEstimate | None, params: int) -> tuple[int, str]:
+    """training.save_steps for a run that leaves it unset, and the plan's note saying why: about one
+    checkpoint every CHECKPOINT_EVERY_S of the estimated training, on an evaluation step when
+    eval_steps is set (the forgetting rollback saves the newest checkpoint within the budget)."""
+    if cost is None:
+        return 0, "save_steps 0 (only the final model): the run's length was not estimated (no GPU)"
+    seconds = cost.wall_hours * 3600.0
+    if seconds < CHECKPOINT_EVERY_S:
+        return 0, f"save_steps 0 (only the final model): the run is estimated at {seconds / 60:.0f} min"
+    steps = cost.tokens / cfg.tokens_per_step
+    every = max(1, round(steps * CHECKPOINT_EVERY_S / seconds))
+    if eval_steps := cfg.training.eval_steps:
+        every = max(1, round(every / eval_steps)) * eval_steps
+    size = _gib(16 * params)
+    return every, (
+        f"save_steps {every} chosen: a checkpoint about every {every * seconds / steps / 60:.0f} min of the "
+        f"~{cost.wall_hours:.1f} h estimated, so a failure loses at most that ({size} each, "
+        f"{cfg.training.save_total_limit} kept)"
     )
 
 
@@ -997,6 +1029,7 @@ def plan_markdown(plan: Plan) -> str:
         ("CPU offload", f"optimizer={m.offload_optimizer}, params={m.offload_params}"),
         ("learning rate", f"{tr.learning_rate:g} ({tr.lr_scheduler_type}, warmup {tr.warmup_ratio:g})"),
         ("length", plan.length_summary()),
+        ("checkpoints", checkpoint_summary(plan.config)),
         ("dataset tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
         (
             "cost (estimate)",
@@ -1008,6 +1041,13 @@ def plan_markdown(plan: Plan) -> str:
     lines = ["# Training plan", "", markdown_table(["item", "value"], rows)]
     lines += ["", "## Decisions", ""] + [f"- {d}" for d in plan.decisions]
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_summary(cfg: RunConfig) -> str:
+    tr = cfg.training
+    if not tr.save_steps:
+        return "the final model only (training.save_steps 0): a failure starts training again"
+    return f"every {tr.save_steps:,} steps, the newest {tr.save_total_limit} kept (training.save_steps)"
 
 
 def recompute_summary(m: MemoryEstimate, shape: ModelShape) -> str:

@@ -216,11 +216,16 @@ def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
             )
         return chosen[0]
     if not runs:
-        saves = (
-            f"every {cfg.training.save_steps} steps (training.save_steps)"
-            if cfg.training.save_steps
-            else "only with training.save_steps set, which this config leaves at 0"
-        )
+        save_steps = cfg.training.save_steps
+        if save_steps is None:
+            saves = (
+                "as plan chooses (training.save_steps unset): about every hour of a run estimated on a GPU, "
+                "none on the CPU; set training.save_steps to save them"
+            )
+        elif save_steps == 0:
+            saves = "only with training.save_steps set, which this config sets to 0"
+        else:
+            saves = f"every {save_steps} steps (training.save_steps)"
         raise ConfigError(
             f"nothing to resume under {cfg.work_dir} (work_dir): no run there stopped after a complete "
             f"checkpoint or its finished training, and before its evaluation. Checkpoints are saved {saves}."

@@ -93,7 +93,7 @@ class Cadence:
             total_steps,
             tr.logging_steps,
             tr.eval_steps,
-            tr.save_steps if checkpoints else 0,
+            (tr.save_steps or 0) if checkpoints else 0,
             EarlyStopping(tr.early_stopping_patience, tr.early_stopping_threshold),
             ForgettingWatch(max_forgetting, tr.stop_on_forgetting),
         )
