@@ -304,32 +304,41 @@ def test_resume_from_the_command_line_says_what_it_needs(tmp_path, capsys):
     assert usage.value.code == 2
 
 
-def test_a_stopped_local_run_stops_the_processes_it_started(tmp_path):
+def test_a_stopped_local_run_stops_the_processes_it_started():
     """SIGTERM (a `kill`, a CI job's cancel) is taken as Ctrl-C, and the step and the training
-    processes under it are stopped with the run, not left training on the GPUs."""
-    import os
+    processes under it are stopped with the run, not left training on the GPUs. The run is a process
+    of its own here, as the CLI is: it stops every process under it."""
     import signal
     import subprocess
     import sys
+    import textwrap
     import time
 
     import psutil
 
-    from fulltune.kfp.local_run import stopping_steps_when_stopped
-
-    training = "import time; time.sleep(120)"
-    step = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {training!r}]); time.sleep(120)"
-    with pytest.raises(KeyboardInterrupt), stopping_steps_when_stopped():
-        subprocess.Popen([sys.executable, "-c", step])
-        deadline = time.monotonic() + 30
-        while len(psutil.Process().children(recursive=True)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        started = psutil.Process().children(recursive=True)
-        assert len(started) == 2
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30)  # the signal interrupts this
+    run = textwrap.dedent(
+        """
+        import signal, subprocess, sys, time
+        from fulltune.kfp.local_run import stopping_steps_when_stopped
+        training = "import time; time.sleep(120)"
+        step = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {training!r}]); time.sleep(120)"
+        try:
+            with stopping_steps_when_stopped():
+                subprocess.Popen([sys.executable, "-c", step])
+                time.sleep(120)
+        except KeyboardInterrupt:
+            print("interrupted; SIGTERM handled as before:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+        """
+    )
+    stopped = subprocess.Popen([sys.executable, "-c", run], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(started := psutil.Process(stopped.pid).children(recursive=True)) < 2:
+        assert time.monotonic() < deadline, "the step and its training process did not start"
+        time.sleep(0.1)
+    stopped.send_signal(signal.SIGTERM)
+    out, _ = stopped.communicate(timeout=60)
+    assert out == "interrupted; SIGTERM handled as before: True\n"
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was before the run
 
 
 def test_fulltune_run_stopped_by_sigterm_says_so_and_leaves_no_step_running(tmp_path, demo_assets):
