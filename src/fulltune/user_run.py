@@ -188,14 +188,14 @@ def unfinished_runs(work_dir: str) -> list[Unfinished]:
     """The runs under `work_dir` that `fulltune run --resume` can continue."""
     from fulltune.layout import RunLayout
     from fulltune.train import checkpoint
-    from fulltune.train.recipe import is_complete_model, load_config
+    from fulltune.train.recipe import load_config, training_finished
 
     runs = []
     for run_id in storage.children(work_dir):
         layout = RunLayout.for_run(work_dir, run_id)
         if storage.exists(layout.eval_result) or not storage.exists(layout.resolved_config):
             continue  # evaluated (done, as far as a resume goes), or stopped before its plan
-        trained = is_complete_model(layout.model) and storage.exists(layout.train_metrics)
+        trained = training_finished(layout.model, layout.train_metrics)
         tag = None if trained else checkpoint.newest_saved(layout.checkpoints)
         if trained or tag is not None:
             step = checkpoint.step_of(tag) if tag else None

@@ -109,12 +109,14 @@ def check_recorded(recorded: dict[str, Any], identity: dict[str, Any], where: st
     return [change for name, change in changed.items() if name in LENGTH_FIELDS]
 
 
+def saved_tags(root: str) -> list[str]:
+    """The checkpoints whose save finished (their manifest written; files not verified), newest first."""
+    return [t for t in list_tags(root) if storage.exists(storage.join(root, t, MANIFEST))] if root else []
+
+
 def newest_saved(root: str) -> str | None:
-    """The newest checkpoint whose save finished (its manifest written; its files not verified here)."""
-    for tag in list_tags(root) if root else []:
-        if storage.exists(storage.join(root, tag, MANIFEST)):
-            return tag
-    return None
+    """The newest checkpoint whose save finished."""
+    return next(iter(saved_tags(root)), None)
 
 
 def check_newest(root: str, identity: dict[str, Any]) -> None:
@@ -239,7 +241,7 @@ def save(
 
 def rotate(root: str, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; remove older ones and stale incomplete ones."""
-    complete = [t for t in list_tags(root) if storage.exists(storage.join(root, t, MANIFEST))]
+    complete = saved_tags(root)
     if not complete:
         return
     newest = step_of(complete[0])

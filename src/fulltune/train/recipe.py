@@ -41,7 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
 from fulltune.config import RunConfig
@@ -74,6 +74,9 @@ from fulltune.train.metrics import (
 from fulltune.train.schedule import batch_indices, lr_lambda, make_schedule, rank_micro_batches
 from fulltune.train.throughput import MfuMeter
 from fulltune.train.tracking import build_trackers
+
+if TYPE_CHECKING:
+    from fulltune.preprocess.dataset import DatasetManifest
 
 log = logging.getLogger("fulltune.train")
 MODEL_MANIFEST = "model_manifest.json"
@@ -145,13 +148,14 @@ class Recipe:
         self.ranks = init_distributed(self.cfg)
         self._log_process_group()
         ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks)
-        self.identity = checkpoint.run_identity(self.cfg, load_manifest(self.args.dataset))
-        self.data = load_split(self.args.dataset, TRAIN)
+        dataset = load_manifest(self.args.dataset)
+        self.identity = checkpoint.run_identity(self.cfg, dataset)
+        self.data = load_split(dataset, TRAIN)
         self.num_sequences, seq_len = self.data["input_ids"].shape
         self.loss_tokens = loss_tokens_per_sequence(self.data["labels"])
         self.sched = make_schedule(self.cfg, self.num_sequences, self.ranks.world)
-        self.eval_data = load_split(self.args.dataset, EVAL_SPLIT) if tr.eval_steps else None
-        self.general_data = self._general_split() if tr.eval_steps else None
+        self.eval_data = load_split(dataset, EVAL_SPLIT) if tr.eval_steps else None
+        self.general_data = self._general_split(dataset) if tr.eval_steps else None
         self._log("loaded %d training sequences; loading the model under ZeRO-3", self.num_sequences)
         with storage.local_dir(self.cfg.model.base_model_uri) as model_dir:
             model, self._ds_marker = load_model(self.cfg, ds_config, model_dir)
@@ -226,12 +230,11 @@ class Recipe:
             evaluating,
         )
 
-    def _general_split(self) -> dict[str, Any] | None:
+    def _general_split(self, manifest: DatasetManifest) -> dict[str, Any] | None:
         """The sequences of the general_eval split `evaluate` measures forgetting on (the same first
         `evaluation.max_eval_sequences`); None when the dataset has none."""
-        from fulltune.preprocess.dataset import GENERAL_EVAL, load_manifest, load_split
+        from fulltune.preprocess.dataset import GENERAL_EVAL, load_split
 
-        manifest = load_manifest(self.args.dataset)
         if not manifest.sequences(GENERAL_EVAL):
             return None
         return load_split(manifest, GENERAL_EVAL, limit=self.cfg.evaluation.max_eval_sequences)
@@ -517,3 +520,8 @@ def save_model(
 
 def is_complete_model(uri: str) -> bool:
     return storage.exists(storage.join(uri, MODEL_MANIFEST))
+
+
+def training_finished(model_uri: str, metrics_uri: str) -> bool:
+    """The model is complete and its step metrics written: `save_model` writes the metrics last."""
+    return is_complete_model(model_uri) and storage.exists(metrics_uri)

@@ -13,7 +13,7 @@ from fulltune.config import RunConfig
 from fulltune.launch.base import Launcher, LaunchError, TrainJob
 from fulltune.train.args import TrainerArgs
 from fulltune.train.metrics import StepRecord, TrainingSummary
-from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model
+from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model, training_finished
 
 log = logging.getLogger(__name__)
 CLUSTER_LAUNCHERS = ("kubernetes", "trainjob")  # the launchers that create a job on Kubernetes
@@ -104,7 +104,7 @@ def trained_before(cfg: RunConfig, job: TrainJob, dataset_uri: str) -> bool:
     from fulltune.train import checkpoint
 
     model = job.args.output
-    if not (is_complete_model(model) and storage.exists(job.args.metrics)):
+    if not training_finished(model, job.args.metrics):
         return False
     recorded = storage.read_json(storage.join(model, MODEL_MANIFEST)).get("run")
     if recorded is None:  # a model written before models recorded their run: trained again
