@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -152,3 +153,45 @@ def test_the_rendezvous_port_is_free_and_never_one_an_outgoing_connection_could_
         held.close()
     # an unknown range: the kernel's choice, still free
     assert local._bindable(local.free_port((0, 0)))
+
+
+SLEEPER = textwrap.dedent(
+    """
+    import os, pathlib, sys, time
+    pathlib.Path(sys.argv[1], f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+    time.sleep(120)  # a rank that would train on, unless its node stops it
+    """
+)
+
+
+def test_a_node_stops_its_ranks_when_the_local_run_that_started_it_is_killed_outright(tmp_path):
+    """`kill -9` of `fulltune run` runs no handler: the node (under a step's `sh -c`, as kfp.local runs
+    it) sees its run's owner gone, and stops as on SIGTERM, torchrun stopping its ranks first."""
+    import psutil
+
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    node = " ".join(
+        [sys.executable, "-m", "fulltune.launch.node", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
+    )
+    owner = textwrap.dedent(
+        f"""
+        import os, subprocess, time
+        from fulltune import _process
+        os.environ[_process.RUN_OWNER_ENV] = _process.owner_token()
+        subprocess.Popen(["sh", "-ec", "{node} {script} {tmp_path}; echo the step goes on"])
+        time.sleep(120)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-c", owner], env=env)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"rank{r}.pid").exists() for r in (0, 1)):
+        assert run.poll() is None and time.monotonic() < deadline, "the node's ranks did not start"
+        time.sleep(0.1)
+    started = psutil.Process(run.pid).children(recursive=True)
+    assert len(started) >= 4, started  # sh, the node, its two ranks
+    run.kill()
+    run.wait()
+    _, alive = psutil.wait_procs(started, timeout=20)
+    assert not [p.cmdline() for p in alive if p.status() != psutil.STATUS_ZOMBIE]

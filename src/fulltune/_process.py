@@ -1,10 +1,15 @@
-"""What every fulltune process does on its way out: the CLI, each pipeline step, each training rank
-and its node's launcher."""
+"""What every fulltune process does on its way out (the CLI, each pipeline step, each training rank
+and its node's launcher), and how a local run's processes go with the run."""
 
 from __future__ import annotations
 
 import atexit
 import gc
+import os
+import signal
+import sys
+import threading
+import time
 
 _registered = False
 
@@ -22,3 +27,62 @@ def exit_without_final_collection() -> None:
     if not _registered:
         atexit.register(gc.freeze)
         _registered = True
+
+
+# Set by a local run (`fulltune run`, `fulltune demo`) for everything it starts: "pid:start time" of
+# the process that owns the run. Absent on a cluster, where a step's container goes with its pod.
+RUN_OWNER_ENV = "FULLTUNE_RUN_OWNER"
+OWNER_POLL_S = 1.0
+STOP_GRACE_S = 30.0  # for the process's own SIGTERM handling (torchrun stops its ranks) before it exits
+
+
+def owner_token(pid: int | None = None) -> str:
+    """The value of RUN_OWNER_ENV naming process `pid` (this one by default): its id and start time,
+    so that another process given the same id later is not taken for it."""
+    import psutil
+
+    process = psutil.Process(pid)
+    return f"{process.pid}:{process.create_time()}"
+
+
+def _owner_alive(token: str) -> bool:
+    import psutil
+
+    pid, created = token.split(":", 1)
+    try:
+        return f"{pid}:{psutil.Process(int(pid)).create_time()}" == f"{pid}:{created}"
+    except psutil.NoSuchProcess:
+        return False
+
+
+_watching = False
+
+
+def stop_with_run_owner(poll_s: float = OWNER_POLL_S) -> None:
+    """Stop this process when the local run that started it is gone.
+
+    kfp.local runs each step as `sh -c` around a Python process, and the train step runs a torchrun
+    per node and the ranks under those. A handler in the run (Ctrl-C, SIGTERM) stops them all, but a
+    run killed outright (`kill -9`, the OOM killer) runs no handler, and its steps and ranks went on
+    training, holding the GPUs and writing into the run's directory. Each of them watches the run's
+    owner instead and, once it is gone, stops itself as a SIGTERM would (torchrun's handler stops its
+    ranks), then exits if that has not ended it within STOP_GRACE_S."""
+    global _watching
+    token = os.environ.get(RUN_OWNER_ENV, "")
+    if _watching or not token or token.split(":", 1)[0] == str(os.getpid()):
+        return
+    _watching = True
+    threading.Thread(target=_watch_owner, args=(token, poll_s), name="run-owner-watch", daemon=True).start()
+
+
+def _watch_owner(token: str, poll_s: float) -> None:
+    while _owner_alive(token):
+        time.sleep(poll_s)
+    print(
+        f"fulltune: the local run that started this process (pid {token.split(':')[0]}) is gone: stopping",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_GRACE_S)
+    os._exit(128 + signal.SIGTERM)

@@ -25,11 +25,13 @@ MetricSink = Callable[[str, float], None]
 
 
 def _setup_process() -> None:
-    """What each step does first: its log to stdout, and a quick exit once it returns."""
+    """What each step does first: its log to stdout, a quick exit once it returns, and a stop of its
+    own if the local run that started it is killed."""
     from fulltune import _logging, _process
 
     _logging.setup("stdout")
     _process.exit_without_final_collection()
+    _process.stop_with_run_owner()
 
 
 def _log_metrics(log_metric: MetricSink | None, metrics: dict[str, Any], prefix: str = "") -> None:

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fulltune._process import exit_without_final_collection
+    from fulltune._process import exit_without_final_collection, stop_with_run_owner
 
     exit_without_final_collection()
+    stop_with_run_owner()
     sys.exit(main())

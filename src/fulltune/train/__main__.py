@@ -7,8 +7,9 @@ config, data or checkpoints (permanent); 2 unexpected error (permanent); 138 ret
 
 import sys
 
-from fulltune._process import exit_without_final_collection
+from fulltune._process import exit_without_final_collection, stop_with_run_owner
 from fulltune.train.recipe import main
 
 exit_without_final_collection()
+stop_with_run_owner()
 sys.exit(main())
