@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,7 @@ def test_a_resumed_local_run_has_the_id_of_the_run_it_continues(tmp_path):
     """Under the same id the run's steps find its work directory, and train its checkpoints."""
     from kfp import dsl
 
-    from fulltune.kfp.local_run import init_local, kfp_local_guard, resuming
+    from fulltune.kfp.local_run import as_run, init_local, kfp_local_guard
 
     def run_id_of(run_id: str) -> str:
         return run_id
@@ -201,7 +202,7 @@ def test_a_resumed_local_run_has_the_id_of_the_run_it_continues(tmp_path):
 
     init_local(tmp_path)
     with kfp_local_guard():
-        with resuming("6958269"):
+        with as_run("6958269"):
             assert one_step().output == "6958269"
         assert one_step().output != "6958269"  # a new run gets an id of its own again
 
@@ -260,6 +261,66 @@ def test_resume_takes_the_run_that_stopped_after_a_complete_checkpoint(tmp_path)
     assert run_to_resume(cfg, "555").step is None
     with pytest.raises(ConfigError, match="--resume 111: no unfinished run of that id"):
         run_to_resume(cfg, "111")
+
+
+def hold_run_lock(run_root: str):
+    """A process of its own holding the lock of the run in `run_root`, as a `fulltune run` of it does."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fulltune import run_lock\n"
+         "with run_lock.holding(sys.argv[1]): print('held', flush=True); time.sleep(120)", run_root],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_run_that_is_running_is_not_resumed_beside_itself(tmp_path, capsys):
+    """Two runs in one directory would write each other's checkpoints: a resume of a run that a process
+    on this machine runs now is refused, naming the process; once that process is gone (killed
+    outright too), the run resumes."""
+    from fulltune import run_lock
+    from fulltune.cli import main
+    from fulltune.user_run import run_to_resume
+
+    work = tmp_path / "out" / "runs"
+    cfg = a_run(work, "444", checkpoint_steps=(50,), resources={"accelerator": "cpu"})
+    config = tmp_path / "my.yaml"
+    config.write_text(cfg.with_overrides({"work_dir": str(work)}).to_yaml())
+    holder = hold_run_lock(str(work / "444"))
+    try:
+        assert main(["run", str(config), "--dir", str(tmp_path / "out"), "--resume"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: run 444 ({work}/444) is running now (pid {holder.pid} on this machine, since " in err
+        assert "stop it (Ctrl-C in its terminal, or kill its pid) or let it finish" in err
+        a_run(work, "555", checkpoint_steps=(50,))
+        with pytest.raises(ConfigError, match="run 444 \\(from its checkpoint at step 50, running now\\); "
+                           "run 555 \\(from its checkpoint at step 50\\); name one"):  # fmt: skip
+            run_to_resume(RunConfig.from_dict({"work_dir": str(work)}))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_to_resume(RunConfig.from_dict({"work_dir": str(work)}), "444").run_id == "444"
+    assert not run_lock.lock_path(str(work / "444")).exists()  # the killed holder's file is gone too
+
+
+def test_a_run_lock_is_held_by_one_process_at_a_time(tmp_path):
+    from fulltune import run_lock
+
+    root = str(tmp_path / "runs" / "444")
+    assert run_lock.holder(root) is None
+    with run_lock.holding(root):
+        assert run_lock.holder(root).pid == os.getpid()
+        with pytest.raises(
+            run_lock.RunBusy, match=f"run 444 \\({root}\\) is running now \\(pid {os.getpid()}"
+        ):
+            with run_lock.holding(root):
+                pass  # pragma: no cover
+        assert run_lock.holder(str(tmp_path / "runs" / "555")) is None  # each run its own lock
+    assert run_lock.holder(root) is None
+    assert not run_lock.lock_path(root).exists()
 
 
 def test_unfinished_runs_are_found_in_an_s3_work_dir(s3, tmp_path):
@@ -341,13 +402,12 @@ def test_a_stopped_local_run_stops_the_processes_it_started():
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_fulltune_run_stopped_by_sigterm_says_so_and_leaves_no_step_running(tmp_path, demo_assets):
-    import signal
+def start_fulltune_run(tmp_path: Path, demo_assets):
+    """`fulltune run` on the demo's model and data as a process of its own, read up to its configure
+    step's line: (the process, its lines so far, its run's directory)."""
+    import re
     import subprocess
     import sys
-    import time
-
-    import psutil
 
     config = tmp_path / "my.yaml"
     config.write_text(
@@ -366,10 +426,21 @@ def test_fulltune_run_stopped_by_sigterm_says_so_and_leaves_no_step_running(tmp_
         text=True,
     )
     lines = []
-    for line in run.stdout:  # stop it while validate-data or a later step runs
+    for line in run.stdout:  # stopped while validate-data or a later step runs
         lines.append(line)
         if line.startswith("ok     configure"):
             break
+    (root,) = [m.group(1) for line in lines if (m := re.match(r"the run's directory: (.*)$", line))]
+    return run, lines, root
+
+
+def test_fulltune_run_stopped_by_sigterm_says_so_and_leaves_no_step_running(tmp_path, demo_assets):
+    import signal
+    import time
+
+    import psutil
+
+    run, lines, _ = start_fulltune_run(tmp_path, demo_assets)
     steps = psutil.Process(run.pid).children(recursive=True)
     run.send_signal(signal.SIGTERM)
     lines += run.stdout.readlines()
@@ -377,3 +448,22 @@ def test_fulltune_run_stopped_by_sigterm_says_so_and_leaves_no_step_running(tmp_
     assert "interrupted: the run's steps were stopped\n" in lines
     time.sleep(0.5)
     assert not [p for p in steps if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_fulltune_run_killed_outright_leaves_no_step_running_and_its_run_unlocked(tmp_path, demo_assets):
+    """`kill -9` (or the OOM killer) runs no handler in the run: its steps and training processes
+    notice it is gone and stop themselves; the kernel lets its run's lock go."""
+
+    import psutil
+
+    from fulltune import run_lock
+
+    run, lines, root = start_fulltune_run(tmp_path, demo_assets)
+    assert run_lock.holder(root).pid == run.pid, lines
+    steps = psutil.Process(run.pid).children(recursive=True)
+    assert steps, "the step after configure is not running"
+    run.kill()
+    run.wait()
+    _, alive = psutil.wait_procs(steps, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline()[:3] for p in alive]
+    assert run_lock.holder(root) is None

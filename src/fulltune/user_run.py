@@ -26,6 +26,7 @@ from fulltune.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:
     from fulltune.outcome import RunOutcome
+    from fulltune.run_lock import Holder
 
 CHECKING_STEPS = ("validate_data", "check_tokenizer", "plan")
 
@@ -205,8 +206,13 @@ def unfinished_runs(work_dir: str) -> list[Unfinished]:
 
 def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
     """The unfinished run under `cfg.work_dir` to continue: `run_id`'s, or the only one there."""
+    from fulltune import run_lock
+
     runs = unfinished_runs(cfg.work_dir)
-    listed = "; ".join(f"run {r.run_id} (from {r.where})" for r in runs)
+    running = {r.run_id: run_lock.holder(r.root) for r in runs}
+    listed = "; ".join(
+        f"run {r.run_id} (from {r.where}{', running now' if running[r.run_id] else ''})" for r in runs
+    )
     if run_id:
         chosen = [r for r in runs if r.run_id == run_id]
         if not chosen:
@@ -214,7 +220,7 @@ def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
                 f"--resume {run_id}: no unfinished run of that id under {cfg.work_dir} "
                 f"({'unfinished: ' + listed if runs else 'none is unfinished'})"
             )
-        return chosen[0]
+        return _not_running(chosen[0], running[run_id])
     if not runs:
         save_steps = cfg.training.save_steps
         if save_steps is None:
@@ -234,7 +240,17 @@ def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
         raise ConfigError(
             f"{len(runs)} unfinished runs under {cfg.work_dir}: {listed}; name one: --resume RUN_ID"
         )
-    return runs[0]
+    return _not_running(runs[0], running[runs[0].run_id])
+
+
+def _not_running(run: Unfinished, holder: Holder | None) -> Unfinished:
+    """`run`, unless a process on this machine runs it now (RunBusy, naming the process): two runs in
+    one directory would overwrite each other's checkpoints."""
+    from fulltune import run_lock
+
+    if holder is not None:
+        raise run_lock.RunBusy(run.root, holder)
+    return run
 
 
 def resumed_config(cfg: RunConfig, run: Unfinished) -> RunConfig:

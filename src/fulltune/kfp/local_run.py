@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -44,15 +45,17 @@ def kfp_local_guard() -> Iterator[None]:
         root.setLevel(saved_level)
 
 
-# The run id a resumed local run takes again (`run_locally(run_id=...)`); None: kfp.local's own.
-_resumed_run_id: str | None = None
+# The id of the local run under way (`run_locally`); None: kfp.local's own.
+_pinned_run_id: str | None = None
 
 
 def _fill_run_placeholders() -> None:
     """Give kfp.local the run-time placeholders KFP's backend fills and kfp.local (2.17) fails on:
     the creation time is now (the run is starting) and the scheduled time empty (a manual run), as
-    for a run started by hand on a cluster. A resumed run keeps the id of the run it continues, as a
-    retried run does on a cluster: its steps find their work directory, and train its checkpoints."""
+    for a run started by hand on a cluster. The run id is the one `run_locally` chose: a new run's
+    made before it starts, so that its directory can be locked and named at once, and a resumed run's
+    that of the run it continues, as a retried run keeps its id on a cluster: its steps find their
+    work directory, and train its checkpoints."""
     from kfp import dsl
     from kfp.local import placeholder_utils
 
@@ -64,8 +67,8 @@ def _fill_run_placeholders() -> None:
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         element = element.replace(dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER, now)
         element = element.replace(dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER, "")
-        if _resumed_run_id is not None:
-            element = element.replace(dsl.PIPELINE_JOB_ID_PLACEHOLDER, _resumed_run_id)
+        if _pinned_run_id is not None:
+            element = element.replace(dsl.PIPELINE_JOB_ID_PLACEHOLDER, _pinned_run_id)
         return original(element, *args, **kwargs)
 
     resolve.fills_run_placeholders = True  # type: ignore[attr-defined]
@@ -73,14 +76,37 @@ def _fill_run_placeholders() -> None:
 
 
 @contextlib.contextmanager
-def resuming(run_id: str | None) -> Iterator[None]:
-    """kfp.local runs started inside the block are run `run_id` again (None: each its own new id)."""
-    global _resumed_run_id
-    _resumed_run_id = run_id
+def as_run(run_id: str) -> Iterator[None]:
+    """kfp.local runs started inside the block have the id `run_id` (outside: each a new one of kfp.local's)."""
+    global _pinned_run_id
+    _pinned_run_id = run_id
     try:
         yield
     finally:
-        _resumed_run_id = None
+        _pinned_run_id = None
+
+
+def new_run_id() -> str:
+    """A new local run's id: when it started, so that a work_dir lists its runs in the order they ran,
+    and four random hex digits, so that two started in one second differ."""
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+@contextlib.contextmanager
+def owning_its_processes() -> Iterator[None]:
+    """Everything the run starts inside the block stops itself when this process is gone
+    (`_process.stop_with_run_owner`): a run killed outright leaves nothing training."""
+    from fulltune import _process
+
+    previous = os.environ.get(_process.RUN_OWNER_ENV)
+    os.environ[_process.RUN_OWNER_ENV] = _process.owner_token()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_process.RUN_OWNER_ENV, None)
+        else:
+            os.environ[_process.RUN_OWNER_ENV] = previous
 
 
 def init_local(pipeline_root: Path) -> None:
@@ -164,25 +190,34 @@ def run_locally(
     out: IO[str] | None = None,
     run_id: str | None = None,
 ) -> RunOutcome:
-    """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config;
-    with `run_id`, as that run again (a resumed run: the same work directory and checkpoints).
+    """Compile the pipeline into `compiled_dir`, load it back and run it with `cfg` as its config:
+    as a new run, or with `run_id` as that run again (a resumed run: the same work directory and
+    checkpoints). The run holds its directory's lock throughout (`run_lock`): RunBusy, before any step,
+    when another process runs it now.
 
     `out` (default: this process's stdout) gets one line per step and the training progress; the
     whole kfp.local output goes to a log file under `pipeline_root`, whose path is printed last
     (also when a step fails: then after the step's error message, and RuntimeError is raised)."""
     from kfp import components
 
+    from fulltune import run_lock
     from fulltune.kfp.compile import compile_all
     from fulltune.kfp.console import StepConsole, console_stream
+    from fulltune.layout import RunLayout
 
-    compiled = compile_all(compiled_dir)
-    pipeline = components.load_component_from_file(str(compiled[0]))
-    init_local(pipeline_root)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
-    console.say(f"running the compiled pipeline {compiled[0]} through kfp.local")
-    earlier = set(pipeline_root.iterdir()) if pipeline_root.exists() else set()
-    with kfp_local_guard(), console.active(), resuming(run_id), stopping_steps_when_stopped():
-        pipeline(config=cfg.to_dict())
+    run_id = run_id or new_run_id()
+    root = RunLayout.for_run(cfg.work_dir, run_id).root
+    with run_lock.holding(root):
+        compiled = compile_all(compiled_dir)
+        pipeline = components.load_component_from_file(str(compiled[0]))
+        init_local(pipeline_root)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
+        console.say(f"running the compiled pipeline {compiled[0]} through kfp.local as run {run_id}")
+        console.say(f"the run's directory: {root}")
+        earlier = set(pipeline_root.iterdir()) if pipeline_root.exists() else set()
+        with kfp_local_guard(), console.active(), as_run(run_id), owning_its_processes():
+            with stopping_steps_when_stopped():
+                pipeline(config=cfg.to_dict())
     (run_dir,) = [p for p in pipeline_root.iterdir() if p.is_dir() and p not in earlier]
     return read_outcome(run_dir)
