@@ -243,7 +243,7 @@ def test_resume_takes_the_run_that_stopped_after_a_complete_checkpoint(tmp_path)
     cfg = RunConfig.from_dict({"work_dir": str(work), "training": {"save_steps": 50}})
     with pytest.raises(ConfigError, match=f"nothing to resume under {work} \\(work_dir\\)") as nothing:
         run_to_resume(cfg)
-    assert "Checkpoints are saved every 50 steps (training.save_steps)" in str(nothing.value)
+    assert "This config saves checkpoints every 50 steps (training.save_steps)" in str(nothing.value)
     a_run(
         work, "111", checkpoint_steps=(50, 100), trained=True, evaluated=True
     )  # done, as far as resuming goes
@@ -359,7 +359,7 @@ def test_resume_from_the_command_line_says_what_it_needs(tmp_path, capsys):
     assert main(["run", str(config), "--dir", str(tmp_path / "out"), "--resume"]) == 1
     err = capsys.readouterr().err
     assert f"error: nothing to resume under {tmp_path}/out/runs (work_dir)" in err
-    assert "Checkpoints are saved as plan chooses (training.save_steps unset): about every hour" in err
+    assert "This config saves checkpoints after every 60 min of training (training.save_every_minutes)" in err
     with pytest.raises(SystemExit) as usage:
         main(["run", str(config), "--until", "plan", "--resume"])
     assert usage.value.code == 2

@@ -805,44 +805,43 @@ def test_the_plan_says_which_launcher_trains_what_it_creates_and_how_to_choose()
     assert line(launcher="local").startswith("local: torchrun in the train step's own pod")
 
 
-def test_plan_saves_a_checkpoint_about_every_hour_of_a_long_run_unless_told(llama_dir):
-    """A failure of a long GPU run without checkpoints starts it over on every GPU: unset, save_steps
-    comes from the run's estimated length, on evaluation steps when there are any."""
+def test_plan_saves_a_checkpoint_after_every_hour_of_training_unless_told(llama_dir):
+    """A failure of a long GPU run without checkpoints starts it over on every GPU: unset, checkpoints
+    are saved by the clock, so the hour holds however fast the run turns out to be."""
 
-    def planned(train_tokens: int, **training):
+    def planned(train_tokens: int, accelerator: str = "gpu", **training):
         cfg = RunConfig.from_dict(
             {
                 "model": {"base_model_uri": str(llama_dir)},
                 "data": {"train_uri": "unused.jsonl"},
                 "training": {"num_train_epochs": 1, "learning_rate": 1e-5, **training},
-                "resources": {"accelerator": "gpu", "gpu_type": "H100"},
+                "resources": {"accelerator": accelerator, "gpu_type": "H100"},
             }
         )
         return planmod.make_plan(cfg, train_tokens=train_tokens)
 
     long = planned(10**13)
     tr, hours = long.config.training, long.cost.wall_hours
-    steps = long.cost.tokens / long.config.tokens_per_step
-    assert hours > 3
-    assert tr.save_steps == round(steps / hours)  # one an hour
+    assert hours > 3 and (tr.save_steps, tr.save_every_minutes) == (0, 60)
+    decisions = "\n".join(long.decisions)
     assert (
-        f"save_steps {tr.save_steps} chosen: a checkpoint about every 60 min of the ~{hours:.1f} h"
-        in "\n".join(long.decisions)
+        "save_every_minutes 60 chosen (save_steps unset): a checkpoint after every 60 min of training"
+        in decisions
     )
-    assert f"every {tr.save_steps:,} steps, the newest 2 kept" in planmod.plan_markdown(long)
-    on_evals = planned(10**13, eval_steps=1000).config.training.save_steps
-    assert on_evals % 1000 == 0 and abs(on_evals - tr.save_steps) <= 500
+    assert f"~{hours:.1f} h estimated: about {int(hours)} of them" in decisions
+    assert (
+        "after every 60 min of training (training.save_every_minutes); the newest 2 kept"
+        in planmod.plan_markdown(long)
+    )
+    on_evals = planmod.plan_markdown(planned(10**13, eval_steps=1000))
+    assert "after every 60 min of training, on an evaluation step" in on_evals
+    cpu = planned(10**13, accelerator="cpu").config.training  # not estimated: by the clock all the same
+    assert (cpu.save_steps, cpu.save_every_minutes) == (0, 60)
 
-    short = planned(10**9)
-    assert short.cost.wall_hours < 1 and short.config.training.save_steps == 0
-    assert "the final model only (training.save_steps 0)" in planmod.plan_markdown(short)
-    assert planned(10**13, save_steps=0).config.training.save_steps == 0  # the user's choice stays
-    assert planned(10**13, save_steps=77).config.training.save_steps == 77
-    cpu = RunConfig.from_dict(
-        {
-            "model": {"base_model_uri": str(llama_dir)},
-            "data": {"train_uri": "unused.jsonl"},
-            "resources": {"accelerator": "cpu"},
-        }
-    )
-    assert planmod.make_plan(cpu, train_tokens=10**13).config.training.save_steps == 0
+    steps_only = planned(10**13, save_steps=77)  # the user's choice stays, and is the only one
+    assert (steps_only.config.training.save_steps, steps_only.config.training.save_every_minutes) == (77, 0)
+    assert "every 77 steps (training.save_steps); the newest 2 kept" in planmod.plan_markdown(steps_only)
+    assert not any("save_every_minutes" in d for d in steps_only.decisions)
+    final_only = planned(10**13, save_steps=0)
+    assert "the final model only" in planmod.plan_markdown(final_only)
+    assert planned(10**13, save_every_minutes=20).config.training.save_steps == 0

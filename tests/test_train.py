@@ -513,7 +513,9 @@ def test_forgetting_is_measured_while_training_and_stops_the_run_when_asked(
         per_device_train_batch_size=2,
         max_steps=5,
         eval_steps=1,
-        save_steps=1 if stop else 0,
+        # by the clock (every evaluation step is past a microsecond): every rank saves the step rank 0 chose
+        save_steps=0,
+        save_every_minutes=1e-8 if stop else 0,
         save_total_limit=5,
         stop_on_forgetting=stop,
         report_to=["tensorboard", "mlflow"] if stop else "mlflow",
@@ -615,6 +617,33 @@ def test_cadence_checkpoints_between_steps_only_and_logs_every_evaluated_step():
     assert not Cadence.for_run(tr, 6, checkpoints=False, max_forgetting=0.05).checkpoint_after(
         2
     )  # nowhere to write them
+
+
+def test_cadence_saves_by_the_clock_on_evaluation_steps_when_there_are_any():
+    """A checkpoint once save_every_minutes have passed since the last save: on any step, or on the
+    next evaluation step when eval_steps is set; never after the last step."""
+
+    def saved(total: int, minutes_at: dict[int, float], **training) -> list[int]:
+        tr = RunConfig.from_dict({"training": {"save_every_minutes": 30, **training}}).training
+        cadence = Cadence.for_run(tr, total, checkpoints=True, max_forgetting=0.05)
+        return [
+            done for done in range(1, total + 1) if cadence.checkpoint_after(done, minutes_at.get(done, 0))
+        ]
+
+    assert saved(8, {3: 29.9, 4: 30.0, 6: 45.0, 8: 90.0}) == [4, 6]  # not after step 8, the last
+    assert saved(8, {3: 31.0, 4: 32.0, 6: 45.0}, eval_steps=2) == [4, 6]  # not step 3: no evaluation
+    assert saved(8, {4: 32.0}, save_every_minutes=0) == []
+    assert saved(8, {4: 32.0}, save_steps=3) == [3, 4, 6]  # steps and time both
+    tr = RunConfig.from_dict({"training": {"save_every_minutes": 30, "eval_steps": 2}}).training
+    cadence = Cadence.for_run(tr, 8, checkpoints=True, max_forgetting=0.05)
+    assert [d for d in range(1, 9) if cadence.watches_the_clock(d)] == [
+        2,
+        4,
+        6,
+        8,
+    ]  # the steps that ask rank 0
+    nowhere = Cadence.for_run(tr, 8, checkpoints=False, max_forgetting=0.05)
+    assert not nowhere.watches_the_clock(4) and not nowhere.checkpoint_after(4, 99.0)
 
 
 def test_step_record_and_log_line_carry_only_what_was_measured():

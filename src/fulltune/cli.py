@@ -334,7 +334,8 @@ def _add_run(commands) -> None:
         "and data CONFIG names (local paths or s3://). --until STEP stops after a checking step: --until "
         "plan validates the data, checks the model and tokenizer and plans, without training. --resume "
         "runs a stopped run (a crash, a reboot, Ctrl-C, a failed step) again, from its newest complete "
-        "checkpoint (saved every training.save_steps), or after its training when that had finished.",
+        "checkpoint (saved every training.save_every_minutes or save_steps), or after its training when "
+        "that had finished.",
     )
     check = _command(
         commands,

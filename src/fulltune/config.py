@@ -365,10 +365,17 @@ class TrainingSection(_Section):
     save_steps: int | None = Field(
         None,
         ge=0,
-        description="Save a complete checkpoint every this many optimizer steps; 0: only the final model. "
-        "Unset: plan saves one about every hour of the run's estimated training, on evaluation steps when "
-        "eval_steps is set (a failure then loses at most that, and a restarted or retried run resumes "
-        "there), and none for a run estimated under an hour or not estimated (CPU).",
+        description="Save a complete checkpoint every this many optimizer steps; 0: not by steps. Unset: "
+        "plan sets 0 and, unless save_every_minutes is set, checkpoints by time (save_every_minutes 60). "
+        "With both 0, only the final model is saved.",
+    )
+    save_every_minutes: float | None = Field(
+        None,
+        ge=0,
+        description="Also save a complete checkpoint once this many minutes of training have passed since "
+        "the last one (or the start), on the next evaluation step when eval_steps is set (the forgetting "
+        "rollback resumes from those); 0: not by time. A failure then loses at most that much of every "
+        "GPU's time, however fast the run turns out to be. Unset: 60 when save_steps is unset too, else 0.",
     )
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     delete_checkpoints_after_success: bool = Field(
@@ -421,7 +428,8 @@ class TrainingSection(_Section):
         description="Stop early when an evaluation (eval_steps) finds the general perplexity risen past the "
         "budget the gate applies (evaluation.max_general_ppl_increase) over the base model's, measured at "
         "step 0 on the general_eval split. The model saved is the newest checkpoint still within the "
-        "budget when one exists (checkpoints on evaluation steps: save_steps a multiple of eval_steps), "
+        "budget when one exists (checkpoints on evaluation steps: save_steps a multiple of eval_steps, or "
+        "save_every_minutes), "
         "else the model as of the step that stopped. Needs eval_steps and a general eval set.",
     )
 

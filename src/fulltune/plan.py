@@ -901,9 +901,10 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         check_budget(resolved, cost)
     except CostError as exc:
         raise PlanError(str(exc)) from None
-    if resolved.training.save_steps is None:
-        save_steps, note = default_save_steps(resolved, cost, shape.params)
-        resolved = resolved.with_overrides({"training.save_steps": save_steps})
+    chosen, note = default_checkpoints(resolved, cost, shape.params)
+    if chosen:
+        resolved = resolved.with_overrides(chosen)
+    if note:
         rule_notes.append(note)
     return Plan(
         shape,
@@ -918,31 +919,35 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     )
 
 
-# How much estimated training a failure may cost at most when plan chooses the checkpoints: each
-# holds the whole optimizer state (~16 bytes per parameter: ~130 GB for 8B, minutes to write), so
-# saving much more often costs a noticeable share of the run; much less, and a lost node costs hours
-# of every GPU in the job.
-CHECKPOINT_EVERY_S = 3600.0
+# How much training a failure may cost at most when plan chooses the checkpoints: each holds the
+# whole optimizer state (~16 bytes per parameter: ~130 GB for 8B, minutes to write), so saving much
+# more often costs a noticeable share of the run; much less, and a lost node costs hours of every GPU
+# in the job. By the clock rather than by steps: the run's speed is an estimate until it runs.
+CHECKPOINT_EVERY_MINUTES = 60.0
 
 
-def default_save_steps(cfg: RunConfig, cost: CostEstimate | None, params: int) -> tuple[int, str]:
-    """training.save_steps for a run that leaves it unset, and the plan's note saying why: about one
-    checkpoint every CHECKPOINT_EVERY_S of the estimated training, on an evaluation step when
-    eval_steps is set (the forgetting rollback saves the newest checkpoint within the budget)."""
-    if cost is None:
-        return 0, "save_steps 0 (only the final model): the run's length was not estimated (no GPU)"
-    seconds = cost.wall_hours * 3600.0
-    if seconds < CHECKPOINT_EVERY_S:
-        return 0, f"save_steps 0 (only the final model): the run is estimated at {seconds / 60:.0f} min"
-    steps = cost.tokens / cfg.tokens_per_step
-    every = max(1, round(steps * CHECKPOINT_EVERY_S / seconds))
-    if eval_steps := cfg.training.eval_steps:
-        every = max(1, round(every / eval_steps)) * eval_steps
-    size = _gib(16 * params)
-    return every, (
-        f"save_steps {every} chosen: a checkpoint about every {every * seconds / steps / 60:.0f} min of the "
-        f"~{cost.wall_hours:.1f} h estimated, so a failure loses at most that ({size} each, "
-        f"{cfg.training.save_total_limit} kept)"
+def default_checkpoints(cfg: RunConfig, cost: CostEstimate | None, params: int) -> tuple[dict[str, Any], str]:
+    """The checkpoint fields a config leaves unset (save_steps, save_every_minutes), and the plan's
+    note saying why ('' when the config chose): with neither set, one after every CHECKPOINT_EVERY_MINUTES of training (on an
+    evaluation step when eval_steps is set: the forgetting rollback resumes from those)."""
+    tr = cfg.training
+    chosen: dict[str, Any] = {}
+    if tr.save_steps is None:
+        chosen["training.save_steps"] = 0
+    if tr.save_every_minutes is None:
+        chosen["training.save_every_minutes"] = CHECKPOINT_EVERY_MINUTES if tr.save_steps is None else 0.0
+    minutes = chosen.get("training.save_every_minutes")
+    if not minutes:
+        return chosen, ""  # the user's choice
+    estimated = ""
+    if cost is not None:
+        estimated = (
+            f"; ~{cost.wall_hours:.1f} h estimated: about {int(cost.wall_hours * 60 // minutes)} of them"
+        )
+    return chosen, (
+        f"save_every_minutes {minutes:g} chosen (save_steps unset): a checkpoint after every {minutes:g} min "
+        f"of training, so a failure loses at most that; {_gib(16 * params)} each, the newest "
+        f"{tr.save_total_limit} kept{estimated}"
     )
 
 
@@ -1045,9 +1050,17 @@ def plan_markdown(plan: Plan) -> str:
 
 def checkpoint_summary(cfg: RunConfig) -> str:
     tr = cfg.training
-    if not tr.save_steps:
-        return "the final model only (training.save_steps 0): a failure starts training again"
-    return f"every {tr.save_steps:,} steps, the newest {tr.save_total_limit} kept (training.save_steps)"
+    when = []
+    if tr.save_steps:
+        when.append(f"every {tr.save_steps:,} steps (training.save_steps)")
+    if tr.save_every_minutes:
+        on = ", on an evaluation step" if tr.eval_steps else ""
+        when.append(
+            f"after every {tr.save_every_minutes:g} min of training{on} (training.save_every_minutes)"
+        )
+    if not when:
+        return "the final model only (training.save_steps and save_every_minutes 0): a failure starts again"
+    return f"{' and '.join(when)}; the newest {tr.save_total_limit} kept"
 
 
 def recompute_summary(m: MemoryEstimate, shape: ModelShape) -> str:

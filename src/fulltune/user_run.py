@@ -222,19 +222,13 @@ def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
             )
         return _not_running(chosen[0], running[run_id])
     if not runs:
-        save_steps = cfg.training.save_steps
-        if save_steps is None:
-            saves = (
-                "as plan chooses (training.save_steps unset): about every hour of a run estimated on a GPU, "
-                "none on the CPU; set training.save_steps to save them"
-            )
-        elif save_steps == 0:
-            saves = "only with training.save_steps set, which this config sets to 0"
-        else:
-            saves = f"every {save_steps} steps (training.save_steps)"
+        from fulltune.plan import checkpoint_summary, default_checkpoints
+
+        chosen, _ = default_checkpoints(cfg, None, params=0)  # as plan resolves the checkpoint fields
         raise ConfigError(
             f"nothing to resume under {cfg.work_dir} (work_dir): no run there stopped after a complete "
-            f"checkpoint or its finished training, and before its evaluation. Checkpoints are saved {saves}."
+            "checkpoint or its finished training, and before its evaluation. This config saves checkpoints "
+            f"{checkpoint_summary(cfg.with_overrides(chosen) if chosen else cfg)}."
         )
     if len(runs) > 1:
         raise ConfigError(

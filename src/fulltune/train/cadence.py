@@ -73,7 +73,8 @@ class Cadence:
     total_steps: int
     logging_steps: int
     eval_steps: int  # 0: never evaluate
-    save_steps: int  # 0: no checkpoints (none configured, or nowhere to write them)
+    save_steps: int  # 0: none by steps (none configured, or nowhere to write them)
+    save_every_minutes: float  # 0: none by time
     early_stopping: EarlyStopping
     forgetting: ForgettingWatch
 
@@ -94,6 +95,7 @@ class Cadence:
             tr.logging_steps,
             tr.eval_steps,
             (tr.save_steps or 0) if checkpoints else 0,
+            (tr.save_every_minutes or 0.0) if checkpoints else 0.0,
             EarlyStopping(tr.early_stopping_patience, tr.early_stopping_threshold),
             ForgettingWatch(max_forgetting, tr.stop_on_forgetting),
         )
@@ -132,15 +134,20 @@ class Cadence:
     def evaluate_after(self, done: int) -> bool:
         return bool(self.eval_steps) and done % self.eval_steps == 0
 
-    def checkpoint_after(self, done: int) -> bool:
-        """Save a checkpoint after `done` steps? Never after the last step or when stopping: the final
-        model is saved then."""
-        return (
-            bool(self.save_steps)
-            and done % self.save_steps == 0
-            and done < self.total_steps
-            and not self.should_stop()
-        )
+    def checkpoint_after(self, done: int, minutes_since_save: float = 0.0) -> bool:
+        """Save a checkpoint after `done` steps, `minutes_since_save` after the last save (or the
+        start)? Every `save_steps` steps, and on a step `watches_the_clock` once `save_every_minutes`
+        have passed; never after the last step or when stopping: the final model is saved then."""
+        by_steps = bool(self.save_steps) and done % self.save_steps == 0
+        by_time = self.watches_the_clock(done) and minutes_since_save >= self.save_every_minutes
+        return (by_steps or by_time) and done < self.total_steps and not self.should_stop()
+
+    def watches_the_clock(self, done: int) -> bool:
+        """May the time since the last save make step `done` a checkpoint? Every step, or only the
+        evaluation steps when there are any (the forgetting rollback resumes from those)."""
+        if not self.save_every_minutes:
+            return False
+        return not self.eval_steps or self.evaluate_after(done)
 
     def log_after(self, record: StepRecord) -> bool:
         """Log this step? The first, every `logging_steps`-th (counted as the log counts them, as

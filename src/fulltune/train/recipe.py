@@ -313,7 +313,7 @@ class Recipe:
 
     def train(self) -> None:
         """The loop: one optimizer step per iteration; the cadence decides what else each step does."""
-        start = self._start = time.time()
+        start = self._start = self._last_save = time.time()
         total = self.sched.total_steps
         # from_pretrained returns the model in eval mode, where dropout is off and transformers skips
         # activation recomputation: the memory plan counted on it from the first step
@@ -327,7 +327,7 @@ class Recipe:
                 self._evaluate(record)
             self.records.append(record)
             self.cadence.observe(record)
-            if self.cadence.checkpoint_after(done):
+            if self.cadence.checkpoint_after(done, self._minutes_since_save(done)):
                 self._save_checkpoint(done)
             if self.cadence.log_after(record):
                 eta = (time.time() - start) / (done - self.first_step) * (total - done)
@@ -339,6 +339,21 @@ class Recipe:
                 break
         self.train_seconds = self._seconds_so_far()
         self.saved_step = self._roll_back_past_forgetting()
+
+    def _minutes_since_save(self, done: int) -> float:
+        """Minutes since the last checkpoint (or this attempt's start) by rank 0's clock, on the steps
+        the cadence may save by time: every rank must take the same decision, as each writes its shard
+        of the checkpoint. 0 on the other steps, which then cost no collective."""
+        if not self.cadence.watches_the_clock(done):
+            return 0.0
+        import torch
+        import torch.distributed as dist
+
+        minutes = torch.tensor(
+            [(time.time() - self._last_save) / 60], dtype=torch.float64, device=self.ranks.device
+        )
+        dist.broadcast(minutes, src=0)
+        return float(minutes.item())
 
     def _seconds_so_far(self) -> float:
         """Training time of this attempt and of the earlier ones up to the checkpoint it resumed from
@@ -436,6 +451,7 @@ class Recipe:
             local_rank=self.ranks.local_rank,
             keep=self.cfg.training.save_total_limit,
         )
+        self._last_save = time.time()
 
     # -- save and cleanup -------------------------------------------------------------------------
 
