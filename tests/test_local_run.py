@@ -323,6 +323,80 @@ def test_a_run_lock_is_held_by_one_process_at_a_time(tmp_path):
     assert not run_lock.lock_path(root).exists()
 
 
+def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
+    """Runs of several configs side by side: what each evaluated run came to and which version it
+    registered, which run can be resumed and how, which one runs now, and what their checkpoints take."""
+    from eval_samples import eval_record
+    from fulltune.cli import main
+    from fulltune.evaluate.result import EvalResult
+    from fulltune.layout import RunLayout
+    from fulltune.registry.store import register_model
+    from tiny_models import save_tiny_llama
+
+    work, registry = tmp_path / "out" / "runs", tmp_path / "registry"
+    common = {
+        "model": {"name": "notes"},
+        "registry": {"uri": str(registry)},
+        "resources": {"accelerator": "cpu"},
+    }
+    done = a_run(
+        work, "20261129-100000-aaaa", checkpoint_steps=(50, 100), trained=True, evaluated=True, **common
+    )
+    layout = RunLayout(done.work_dir)
+    general = {"general_eval": loss_set((5.72, 304.32), (5.75, 313.4))}
+    Path(layout.eval_result).write_text(json.dumps(eval_record(sets={**eval_record()["sets"], **general})))
+    Path(layout.model, "model_manifest.json").write_text(json.dumps({"summary": {"steps": 120}}))
+    evaluated = EvalResult.load(layout.eval_result)
+    tuned = save_tiny_llama(tmp_path / "tuned")
+    register_model(done, str(tuned), evaluated, {}, run_id="20261129-100000-aaaa")
+    a_run(work, "20261129-110000-bbbb", checkpoint_steps=(50,), **common)
+    a_run(work, "20261129-120000-cccc", **common)  # stopped before its first checkpoint
+    (work / "20261129-130000-dddd").mkdir()  # running, its configure step not yet done
+    (work / "notes.txt").write_text("not a run")
+    config = tmp_path / "my.yaml"
+    config.write_text(RunConfig.from_dict({**common, "work_dir": str(work)}).to_yaml())
+
+    holder = hold_run_lock(str(work / "20261129-130000-dddd"))
+    try:
+        assert main(["runs", str(config), "--dir", str(tmp_path / "out")]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert main(["runs", str(config), "--output", "json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out[0] == f"runs under {work} (work_dir):"
+    assert out[1].split() == [
+        "RUN",
+        "STATE",
+        "STEPS",
+        "DOMAIN",
+        "LOSS",
+        "FORGETTING",
+        "REGISTERED",
+        "CHECKPOINTS",
+    ]
+    rows = {line.split()[0]: line for line in out[2:-1]}
+    assert list(rows) == [
+        "20261129-100000-aaaa",
+        "20261129-110000-bbbb",
+        "20261129-120000-cccc",
+        "20261129-130000-dddd",
+    ]
+    change, rise = f"{-evaluated.domain_loss_improvement:+.1%}", f"{evaluated.forgetting:+.1%}"
+    assert rows["20261129-100000-aaaa"].split()[1:8] == ["evaluated:", "PASS", "120", change, rise, "v1", "2"]
+    assert "stopped; resumable from its checkpoint at step 50" in rows["20261129-110000-bbbb"]
+    assert "stopped before its first checkpoint" in rows["20261129-120000-cccc"]
+    assert f"running: pid {holder.pid} on this machine, since " in rows["20261129-130000-dddd"]
+    resume = f"fulltune run {config} --dir {tmp_path / 'out'} --resume RUN_ID"
+    assert out[-1] == f"a resumable run goes on with: {resume}"
+    assert [(r["run_id"][-4:], r["state"]) for r in listed] == [
+        ("aaaa", "evaluated"), ("bbbb", "resumable"), ("cccc", "stopped"), ("dddd", "running")
+    ]  # fmt: skip
+    assert listed[0]["registered"] == str(registry / "notes" / "v1") and listed[0]["checkpoints"] == 2
+    assert listed[0]["forgetting"] == pytest.approx(evaluated.forgetting)
+
+
 def test_unfinished_runs_are_found_in_an_s3_work_dir(s3, tmp_path):
     from fulltune import storage
     from fulltune.user_run import unfinished_runs

@@ -113,6 +113,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from fulltune.config import ConfigError, RunConfig
+    from fulltune.run_list import describe_runs, run_statuses
+    from fulltune.user_run import with_local_locations
+
+    as_json = args.output == "json"
+    try:
+        say = (lambda line: print(line, file=sys.stderr)) if as_json else print
+        cfg = with_local_locations(RunConfig.from_yaml(args.config), Path(args.dir), say=say)
+        if as_json:
+            print(json.dumps([s.to_json() for s in run_statuses(cfg.work_dir)], indent=2))
+        else:
+            print(
+                describe_runs(
+                    cfg, shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
+                )
+            )
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from fulltune.config import ConfigError, RunConfig, describe
 
@@ -360,6 +383,19 @@ def _add_run(commands) -> None:
         "is refused",
     )
     check.set_defaults(until="plan", resume=None)
+    runs = _command(
+        commands,
+        "runs",
+        "list the runs under a config's work_dir: running, evaluated (gain, forgetting, version), resumable",
+        "One line a run under CONFIG's work_dir (unset: under --dir, as `fulltune run` puts it): running now "
+        "(and which process), evaluated (the domain loss change, forgetting, verdict and registered "
+        "version), stopped where `fulltune run --resume` goes on, or stopped before any checkpoint; and the "
+        "disk its checkpoints take.",
+    )
+    runs.add_argument("config", help="the RunConfig (YAML or JSON) whose work_dir holds the runs")
+    runs.add_argument("--dir", default=".fulltune-run", help="where `fulltune run` put an unset work_dir")
+    runs.add_argument("--output", choices=("text", "json"), default="text", help="json: one object a run")
+    runs.set_defaults(func=_runs)
 
 
 def _add_config(commands) -> None:

@@ -125,14 +125,14 @@ def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
     return StepLine(", ".join(figures), report_path)
 
 
-def with_local_locations(cfg: RunConfig, out_dir: Path) -> RunConfig:
+def with_local_locations(cfg: RunConfig, out_dir: Path, say: Callable[[str], None] = print) -> RunConfig:
     """`cfg` with an unset work_dir and registry.uri under `out_dir`, as the demo keeps them: a local
     run needs somewhere for its files and its registered model, and this machine has a place for both.
     Each one filled in is said, so the user knows where to look."""
     here = {"work_dir": out_dir / "runs", "registry.uri": out_dir / "registry"}
     filled = {name: str(path.resolve()) for name, path in here.items() if cfg.missing(name)}
     for name, path in filled.items():
-        print(f"{name} not set: {path}")
+        say(f"{name} not set: {path}")
     return cfg.with_overrides(filled) if filled else cfg
 
 
