@@ -397,16 +397,24 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
     assert listed[0]["forgetting"] == pytest.approx(evaluated.forgetting)
 
 
-def test_unfinished_runs_are_found_in_an_s3_work_dir(s3, tmp_path):
+def test_runs_in_an_s3_work_dir_are_found_and_listed_as_maybe_running_elsewhere(s3, tmp_path):
     from fulltune import storage
+    from fulltune.run_list import describe_runs
     from fulltune.user_run import unfinished_runs
 
     local = tmp_path / "runs"
     a_run(local, "444", checkpoint_steps=(50,))
-    a_run(local, "555", checkpoint_steps=(50,), trained=True, evaluated=True)
+    a_run(local, "555", checkpoint_steps=(50,), trained=True)
     storage.upload_dir(local, f"{s3}/runs")
-    [run] = unfinished_runs(f"{s3}/runs")
+    storage.write_text(f"{s3}/runs/notes.txt", "not a run")
+    [run, trained] = unfinished_runs(f"{s3}/runs")
     assert (run.run_id, run.step, run.root) == ("444", 50, f"{s3}/runs/444")
+    # the lock is this machine's: a run there may be running on a cluster
+    listed = describe_runs(RunConfig.from_dict({"work_dir": f"{s3}/runs"}), "fulltune run my.yaml --resume")
+    assert "stopped (or running elsewhere); resumable from its checkpoint at step 50" in listed
+    assert "stopped (or running elsewhere); resumable from its finished training" in listed
+    assert "notes.txt" not in listed
+    assert listed.endswith("or, run on a cluster and failed: fulltune retry RUN_ID --host URL")
 
 
 def test_a_resumed_run_keeps_the_data_window_and_base_model_its_run_started_with(tmp_path):

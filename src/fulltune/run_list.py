@@ -73,16 +73,18 @@ def _status(work_dir: str, run_id: str, unfinished: Unfinished | None) -> RunSta
     }
     if holder := run_lock.holder(layout.root):
         return RunStatus(run_id, layout.root, RUNNING, f"running: {holder}", **disk)
+    # the lock is this machine's: a run in a shared work_dir may be running on a cluster
+    stopped = "stopped (or running elsewhere)" if storage.is_s3(layout.root) else "stopped"
     if unfinished is not None:
         return RunStatus(
-            run_id, layout.root, RESUMABLE, f"stopped; resumable from {unfinished.where}", **disk
+            run_id, layout.root, RESUMABLE, f"{stopped}; resumable from {unfinished.where}", **disk
         )
     if not storage.exists(layout.resolved_config):
-        return RunStatus(run_id, layout.root, STOPPED, "stopped before plan", **disk)
+        return RunStatus(run_id, layout.root, STOPPED, f"{stopped} before plan", **disk)
     cfg = load_config(layout.resolved_config)
     outcome = RunOutcome.from_storage(cfg.with_overrides({"work_dir": work_dir}), run_id)
     if outcome.eval_result is None:
-        return RunStatus(run_id, layout.root, STOPPED, "stopped before its first checkpoint", **disk)
+        return RunStatus(run_id, layout.root, STOPPED, f"{stopped} before its first checkpoint", **disk)
     result = outcome.eval_result
     return RunStatus(
         run_id,
@@ -138,4 +140,6 @@ def describe_runs(cfg: RunConfig, resume_command: str) -> str:
     lines = [f"runs under {cfg.work_dir} (work_dir):", runs_table(statuses)]
     if any(s.state == RESUMABLE for s in statuses):
         lines.append(f"a resumable run goes on with: {resume_command} RUN_ID")
+        if storage.is_s3(cfg.work_dir):
+            lines.append("or, run on a cluster and failed: fulltune retry RUN_ID --host URL")
     return "\n".join(lines)
