@@ -327,6 +327,7 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
     """Runs of several configs side by side: what each evaluated run came to and which version it
     registered, which run can be resumed and how, which one runs now, and what their checkpoints take."""
     from eval_samples import eval_record
+    from fulltune import failure
     from fulltune.cli import main
     from fulltune.evaluate.result import EvalResult
     from fulltune.layout import RunLayout
@@ -351,6 +352,9 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
     register_model(done, str(tuned), evaluated, {}, run_id="20261129-100000-aaaa")
     a_run(work, "20261129-110000-bbbb", checkpoint_steps=(50,), **common)
     a_run(work, "20261129-120000-cccc", **common)  # stopped before its first checkpoint
+    failed = a_run(work, "20261129-123000-eeee", **common)
+    with pytest.raises(ConfigError), failure.recorded(RunLayout(failed.work_dir), "preprocess-shard-1"):
+        raise ConfigError("preprocess.max_seq_len: 8 is shorter than the chat template's prompt")
     (work / "20261129-130000-dddd").mkdir()  # running, its configure step not yet done
     (work / "notes.txt").write_text("not a run")
     config = tmp_path / "my.yaml"
@@ -381,17 +385,23 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
         "20261129-100000-aaaa",
         "20261129-110000-bbbb",
         "20261129-120000-cccc",
+        "20261129-123000-eeee",
         "20261129-130000-dddd",
     ]
     change, rise = f"{-evaluated.domain_loss_improvement:+.1%}", f"{evaluated.forgetting:+.1%}"
     assert rows["20261129-100000-aaaa"].split()[1:8] == ["evaluated:", "PASS", "120", change, rise, "v1", "2"]
     assert "stopped; resumable from its checkpoint at step 50" in rows["20261129-110000-bbbb"]
     assert "stopped before its first checkpoint" in rows["20261129-120000-cccc"]
+    assert (
+        "failed at preprocess-shard-1 on its input before its first checkpoint"
+        in rows["20261129-123000-eeee"]
+    )
     assert f"running: pid {holder.pid} on this machine, since " in rows["20261129-130000-dddd"]
     resume = f"fulltune run {config} --dir {tmp_path / 'out'} --resume RUN_ID"
     assert out[-1] == f"a resumable run goes on with: {resume}"
     assert [(r["run_id"][-4:], r["state"]) for r in listed] == [
-        ("aaaa", "evaluated"), ("bbbb", "resumable"), ("cccc", "stopped"), ("dddd", "running")
+        ("aaaa", "evaluated"), ("bbbb", "resumable"), ("cccc", "stopped"), ("eeee", "stopped"),
+        ("dddd", "running"),
     ]  # fmt: skip
     assert listed[0]["registered"] == str(registry / "notes" / "v1") and listed[0]["checkpoints"] == 2
     assert listed[0]["forgetting"] == pytest.approx(evaluated.forgetting)

@@ -404,6 +404,45 @@ def test_retry_runs_a_failed_run_again_as_the_same_run_and_ends_with_its_verdict
     assert len(kfp.calls("POST", rf"/apis/v2beta1/runs/{run_id}:retry")) == 1
 
 
+def test_a_run_that_failed_on_its_input_is_not_retried_unless_forced(kfp, tmp_path, s3, capsys):
+    """Retrying a run whose train step refused its checkpoints (or data, or config) asks for the GPUs
+    again and fails the same way: submit --wait says so instead of suggesting a retry, and retry
+    refuses, naming the step and the error, unless --force."""
+    from fulltune import failure
+    from fulltune.train.checkpoint import CheckpointError
+
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config.update(work_dir=f"{s3}/work", registry={"uri": f"{s3}/registry"})
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump(config))
+    refusal = "training.learning_rate: 0.0001 when it was written, 0.0003 in this run"
+
+    def refused_its_checkpoint(run: dict) -> None:  # what the train step leaves as it fails
+        layout = RunLayout.for_run(f"{s3}/work", run["run_id"])
+        storage.write_json(f"{layout.checkpoints}/step-00000040/checkpoint.json", {"step": 40, "files": []})
+        with pytest.raises(CheckpointError), failure.recorded(layout, "train"):
+            raise CheckpointError(f"{layout.checkpoints}/step-00000040 was written by another run: {refusal}")
+
+    kfp.on_run = refused_its_checkpoint
+    kfp.script_runs(["RUNNING", "FAILED"], error="train: exit code 1", failed_task="train")
+    assert submit(kfp, params, "--wait") == 1
+    [failed] = kfp.runs.values()
+    run_id = failed["run_id"]
+    said = capsys.readouterr().err
+    assert "train failed on its input (CheckpointError: " in said and refusal in said
+    assert "a retry would fail the same way; fix it and submit a new run" in said
+    assert "fulltune retry" not in said
+
+    retry = ["retry", run_id, "--host", kfp.url]
+    assert main(retry) == 1
+    err = capsys.readouterr().err
+    assert f"run {run_id}: train failed on its input (CheckpointError: " in err and refusal in err
+    assert "retry with --force" in err
+    assert not kfp.calls("POST", rf"/apis/v2beta1/runs/{run_id}:retry")
+    assert main([*retry, "--force"]) == 0
+    assert len(kfp.calls("POST", rf"/apis/v2beta1/runs/{run_id}:retry")) == 1
+
+
 def test_wait_says_when_the_verdict_cannot_be_read_here_and_still_succeeds(kfp, tmp_path, s3, capsys):
     """The work directory in a bucket this machine cannot see (another account, another endpoint)."""
     config = yaml.safe_load(EXAMPLE.read_text())

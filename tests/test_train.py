@@ -188,13 +188,18 @@ def test_too_little_data_exits_1_without_retrying(demo_assets, tmp_path):
 def test_the_train_step_refuses_data_it_cannot_use_before_asking_for_a_single_rank(demo_assets, tmp_path):
     """Too few sequences for one global batch, or eval_steps without an eval split: the step says so
     from the dataset manifest, before the launcher starts (on a cluster: before any GPU pod)."""
+    from fulltune import failure, steps
     from fulltune.train.run import run_training
 
     work = str(tmp_path / "work")
     dataset = tiny_dataset(demo_assets, work, n_seq=2)
     cfg = plan_run(demo_assets, work, nproc=2, per_device_train_batch_size=4, max_steps=1)
     with pytest.raises(TrainInputError, match="has 2 sequences, fewer than one global batch of 8"):
-        run_training(cfg, dataset)
+        steps.train(cfg, dataset)
+    # what `fulltune retry` reads: the step failed on its input, a retry would fail the same way
+    [failed] = failure.failures(cfg.layout)
+    assert (failed.step, failed.permanent, failed.error) == ("train", True, "TrainInputError")
+    assert "fewer than one global batch of 8" in failed.first_line
     evaluating = plan_run(
         demo_assets, work, nproc=1, per_device_train_batch_size=1, max_steps=1, eval_steps=1
     )

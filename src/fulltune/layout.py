@@ -112,3 +112,13 @@ class RunLayout:
     @property
     def eval_report(self) -> str:
         return storage.join(self.eval_dir, EVAL_REPORT_FILE)
+
+    # -- failures ------------------------------------------------------------------------------
+
+    @property
+    def failures(self) -> str:
+        """Where a step that failed says why (`fulltune.failure`), one file a step."""
+        return self._at("failures")
+
+    def failure(self, step: str) -> str:
+        return storage.join(self.failures, f"{step}.json")

@@ -60,7 +60,7 @@ def _run_ids(work_dir: str) -> list[str]:
 
 
 def _status(work_dir: str, run_id: str, unfinished: Unfinished | None) -> RunStatus:
-    from fulltune import run_lock
+    from fulltune import failure, run_lock
     from fulltune.layout import RunLayout
     from fulltune.outcome import RunOutcome
     from fulltune.train import checkpoint
@@ -75,6 +75,8 @@ def _status(work_dir: str, run_id: str, unfinished: Unfinished | None) -> RunSta
         return RunStatus(run_id, layout.root, RUNNING, f"running: {holder}", **disk)
     # the lock is this machine's: a run in a shared work_dir may be running on a cluster
     stopped = "stopped (or running elsewhere)" if storage.is_s3(layout.root) else "stopped"
+    if failed := failure.failures(layout):
+        stopped = "failed at " + ", ".join(f.step + (" on its input" if f.permanent else "") for f in failed)
     if unfinished is not None:
         return RunStatus(
             run_id, layout.root, RESUMABLE, f"{stopped}; resumable from {unfinished.where}", **disk

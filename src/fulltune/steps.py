@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fulltune import mlflow_run, storage
+from fulltune import failure, mlflow_run, storage
 from fulltune.config import RunConfig
 from fulltune.layout import EVAL_FILE, EVAL_REPORT_FILE, RunLayout
 
@@ -196,8 +196,9 @@ def preprocess_shard(cfg: RunConfig, shard: int) -> str:
     from fulltune.preprocess.core import preprocess_shard as run
 
     _setup_process()
-    run(cfg, shard)
-    return cfg.layout.shard_manifest(shard)
+    with failure.recorded(cfg.layout, f"preprocess-shard-{shard}"):
+        run(cfg, shard)
+        return cfg.layout.shard_manifest(shard)
 
 
 def gather_shards(cfg: RunConfig, shard_manifests: list[str], log_metric: MetricSink | None = None) -> str:
@@ -205,22 +206,25 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str], log_metric: Metric
     from fulltune.preprocess.core import gather_shards as run
 
     _setup_process()
-    manifest = run(cfg, sorted(shard_manifests))
-    for name, split in manifest.splits.items():
-        log.info(
-            "%s: %d sequences, %d tokens, %.1f%% padding, %d over-long examples truncated, %d dropped",
-            name,
-            split.sequences,
-            split.tokens,
-            100 * split.padding_fraction,
-            split.truncated,
-            split.dropped,
-        )
-        counts = split.model_dump(include={"sequences", "tokens", "padding_fraction", "truncated", "dropped"})
-        _log_metrics(log_metric, counts, f"{name}_")
-    if manifest.replay:
-        _log_metrics(log_metric, {"replay_fraction_achieved": manifest.replay.achieved_fraction})
-    return cfg.layout.dataset_manifest
+    with failure.recorded(cfg.layout, "gather-shards"):
+        manifest = run(cfg, sorted(shard_manifests))
+        for name, split in manifest.splits.items():
+            log.info(
+                "%s: %d sequences, %d tokens, %.1f%% padding, %d over-long examples truncated, %d dropped",
+                name,
+                split.sequences,
+                split.tokens,
+                100 * split.padding_fraction,
+                split.truncated,
+                split.dropped,
+            )
+            counts = split.model_dump(
+                include={"sequences", "tokens", "padding_fraction", "truncated", "dropped"}
+            )
+            _log_metrics(log_metric, counts, f"{name}_")
+        if manifest.replay:
+            _log_metrics(log_metric, {"replay_fraction_achieved": manifest.replay.achieved_fraction})
+        return cfg.layout.dataset_manifest
 
 
 # -- train --------------------------------------------------------------------------------------------
@@ -250,17 +254,18 @@ def train(
     from fulltune.train.train_page import training_report_html
 
     _setup_process()
-    run = run_training(
-        cfg,
-        dataset,
-        run_id=run_id,
-        task_name=task_name,
-        image=image or None,
-        optional_secrets=tuple(s for s in (s3_secret, mlflow_secret) if s),
-    )
-    _log_metrics(log_metric, training_metrics(run.records, run.summary))
-    _write_out(training_report_html(run.records, run.summary), report_path)
-    return run.model_uri
+    with failure.recorded(cfg.layout, "train"):
+        run = run_training(
+            cfg,
+            dataset,
+            run_id=run_id,
+            task_name=task_name,
+            image=image or None,
+            optional_secrets=tuple(s for s in (s3_secret, mlflow_secret) if s),
+        )
+        _log_metrics(log_metric, training_metrics(run.records, run.summary))
+        _write_out(training_report_html(run.records, run.summary), report_path)
+        return run.model_uri
 
 
 # -- evaluate -----------------------------------------------------------------------------------------
@@ -279,24 +284,25 @@ def evaluate(
     from fulltune.evaluate.core import evaluate_models
 
     _setup_process()
-    champion = resolve_champion(cfg)
-    with tempfile.TemporaryDirectory(prefix="fulltune-eval-") as tmp:
-        # forgetting (and the domain gain) are measured against the original pre-trained model, also
-        # when this run started from a registered version
-        result = evaluate_models(
-            cfg, cfg.model.original_model_uri, model_uri, dataset, Path(tmp), champion=champion
-        )
-        storage.upload_dir(tmp, cfg.layout.eval_dir)
-        _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
-        _copy_out(Path(tmp, EVAL_FILE), eval_path)
-        metrics = result.kfp_metrics()
-        files = {name: str(Path(tmp, name)) for name in (EVAL_FILE, EVAL_REPORT_FILE)}
-        mlflow_run.record_evaluation(cfg, metrics, result.verdict, result.reasons, files)
-    _log_metrics(log_metric, metrics)
-    log.info("verdict: %s", "PASS" if result.verdict else "FAIL (the model will not be registered)")
-    for reason in result.reasons:
-        log.info("  - %s", reason)
-    return result.verdict
+    with failure.recorded(cfg.layout, "evaluate"):
+        champion = resolve_champion(cfg)
+        with tempfile.TemporaryDirectory(prefix="fulltune-eval-") as tmp:
+            # forgetting (and the domain gain) are measured against the original pre-trained model, also
+            # when this run started from a registered version
+            result = evaluate_models(
+                cfg, cfg.model.original_model_uri, model_uri, dataset, Path(tmp), champion=champion
+            )
+            storage.upload_dir(tmp, cfg.layout.eval_dir)
+            _copy_out(Path(tmp, EVAL_REPORT_FILE), report_path)
+            _copy_out(Path(tmp, EVAL_FILE), eval_path)
+            metrics = result.kfp_metrics()
+            files = {name: str(Path(tmp, name)) for name in (EVAL_FILE, EVAL_REPORT_FILE)}
+            mlflow_run.record_evaluation(cfg, metrics, result.verdict, result.reasons, files)
+        _log_metrics(log_metric, metrics)
+        log.info("verdict: %s", "PASS" if result.verdict else "FAIL (the model will not be registered)")
+        for reason in result.reasons:
+            log.info("  - %s", reason)
+        return result.verdict
 
 
 def resolve_champion(cfg: RunConfig):
@@ -339,9 +345,10 @@ def register(cfg: RunConfig, model_uri: str, eval_path: str, run_id: str = "", f
     from fulltune.registry.store import register_model
 
     _setup_process()
-    eval_result = EvalResult.load(eval_path)
-    lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
-    uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)
-    log.info("registered %s", uri)
-    mlflow_run.record_registration(cfg, uri)
-    return uri
+    with failure.recorded(cfg.layout, "register"):
+        eval_result = EvalResult.load(eval_path)
+        lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
+        uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)
+        log.info("registered %s", uri)
+        mlflow_run.record_registration(cfg, uri)
+        return uri

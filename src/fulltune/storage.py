@@ -498,6 +498,17 @@ def local_dir(uri: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def remove(uri: str) -> None:
+    """Delete one file; nothing to do when it is not there."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        with s3_errors(uri):
+            s3_client().delete_object(Bucket=bucket, Key=key)  # a missing key is no error on S3
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(uri)
+
+
 def remove_tree(uri: str) -> None:
     if is_s3(uri):
         bucket, _ = split_s3(uri)

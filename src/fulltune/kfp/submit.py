@@ -61,6 +61,8 @@ from fulltune.kfp.run_parameters import (
 )
 
 if TYPE_CHECKING:
+    from fulltune.failure import StepFailure
+    from fulltune.layout import RunLayout
     from fulltune.outcome import RunOutcome
 
 log = logging.getLogger("fulltune.submit")
@@ -594,13 +596,19 @@ def _follow(client, result: SubmitResult, cfg: RunConfig, timeout: float | None,
 
 
 def _retry_hint(cfg: RunConfig, run_id: str) -> list[str]:
-    """How to go on from the failed run's newest checkpoint, when its training saved one (read with
-    this machine's storage credentials; nothing when they cannot read the work directory)."""
+    """How to go on from the failed run: a retry from its newest checkpoint when its training saved
+    one, unless a step said its failure was the input's (a retry would fail the same way). Read with
+    this machine's storage credentials; nothing when they cannot read the work directory."""
     from fulltune.layout import RunLayout
     from fulltune.train import checkpoint
 
     try:
-        tag = checkpoint.newest_saved(RunLayout.for_run(cfg.work_dir, run_id).checkpoints)
+        layout = RunLayout.for_run(cfg.work_dir, run_id)
+        if permanent := _permanent_failures(layout):
+            return [
+                f"{_failed_for_good(permanent)}: a retry would fail the same way; fix it and submit a new run"
+            ]
+        tag = checkpoint.newest_saved(layout.checkpoints)
     except (OSError, ValueError):  # StorageError, an unset work_dir
         return []
     if tag is None:
@@ -609,6 +617,17 @@ def _retry_hint(cfg: RunConfig, run_id: str) -> list[str]:
         f"training saved a complete checkpoint at step {checkpoint.step_of(tag)}; to go on from it: "
         f"fulltune retry {run_id} --wait"
     ]
+
+
+def _permanent_failures(layout: RunLayout) -> list[StepFailure]:
+    """The steps of the run whose last attempt failed on its input (`fulltune.failure`)."""
+    from fulltune import failure
+
+    return [f for f in failure.failures(layout) if f.permanent]
+
+
+def _failed_for_good(failed: list[StepFailure]) -> str:
+    return "; ".join(f"{f.step} failed on its input ({f.error}: {f.first_line})" for f in failed)
 
 
 RETRYABLE_STATES = ("FAILED", "CANCELED")
@@ -622,12 +641,15 @@ def retry(
     wait: bool = False,
     timeout: float | None = None,
     poll_interval: float = 15.0,
+    force: bool = False,
     out=None,
 ) -> SubmitResult:
     """Run a failed or canceled run again as the same run (KFP's Retry): its failed steps run again
     under the same run id, so over the same work directory, and train resumes from the run's newest
     complete checkpoint. With `wait`, as `submit --wait`: the final state, then the verdict and the
-    registered version. SubmitError when the run is not one KFP can retry."""
+    registered version. SubmitError when the run is not one KFP can retry, or, unless `force`, when a
+    step of it failed on its input: the same parameters over the same data fail the same way, after
+    the GPUs were asked for again and the checkpoint loaded."""
     out = out or sys.stdout
     target = resolve_target(host, namespace, None)
     client = connect(target.host, target.namespace)
@@ -640,14 +662,34 @@ def retry(
     version = PipelineVersion(
         ref.pipeline_id if ref else "", ref.pipeline_version_id if ref else "", "", uploaded=False
     )
-    cfg = _config_of(run) if wait else None  # before the retry: a run it cannot follow is not retried
+    try:
+        cfg = _config_of(run)  # before the retry: a run it cannot follow is not retried
+    except ValueError:
+        if wait:
+            raise
+        cfg = None  # parameters of another version of the pipeline: nothing to read its failures by
+    if cfg is not None and not force:
+        _refuse_failed_on_its_input(cfg, run_id)
     with _quiet(), _api_errors(f"retrying run {run_id}"):
         client._run_api.run_service_retry_run(run_id)  # kfp.Client has no method of its own for it
     result = SubmitResult(run_id, ui_url(target.host, "runs", run_id), version)
     _say(out, f"retrying run {run_id} ({state}): {result.url}")
-    if cfg is not None:
+    if wait:
+        assert cfg is not None
         _follow(client, result, cfg, timeout, poll_interval, out)
     return result
+
+
+def _refuse_failed_on_its_input(cfg: RunConfig, run_id: str) -> None:
+    """SubmitError when a step of the run said its failure was the input's (`fulltune.failure`)."""
+    from fulltune.layout import RunLayout
+
+    if permanent := _permanent_failures(RunLayout.for_run(cfg.work_dir, run_id)):
+        raise SubmitError(
+            f"run {run_id}: {_failed_for_good(permanent)}. A retry runs it again with the same parameters "
+            "and would fail the same way: fix the input and submit a new run, or, when what it read has "
+            "changed since (data replaced at the same URI), retry with --force"
+        )
 
 
 def _config_of(run) -> RunConfig:
@@ -1054,9 +1096,8 @@ def cli_submit(args) -> int:
 def cli_retry(args) -> int:
     """`fulltune retry`; returns the exit code (EXIT_*)."""
     options = {"run_id": args.run_id, "namespace": args.namespace, "wait": args.wait, "timeout": args.timeout}
-    return _run_cli(
-        lambda out: retry(host=args.host, **options, poll_interval=args.poll_interval, out=out), args.output
-    )
+    options |= {"poll_interval": args.poll_interval, "force": args.force}
+    return _run_cli(lambda out: retry(host=args.host, **options, out=out), args.output)
 
 
 def cli_schedule(args) -> int:
@@ -1323,6 +1364,12 @@ def add_retry_arguments(p) -> None:
     )
     p.add_argument("--namespace", default=None, help="multi-user KFP: the profile namespace (as for submit)")
     _add_wait_arguments(p)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="retry although a step failed on its input (bad data or config: it would fail the same way), "
+        "for when what it read has changed since",
+    )
     p.add_argument(
         "--output",
         choices=("text", "json"),
