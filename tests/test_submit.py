@@ -333,14 +333,31 @@ def pipeline_outputs(bucket: str, *, passed: bool):
     return write
 
 
-def test_wait_ends_with_the_verdict_and_the_version_the_run_registered(kfp, tmp_path, s3, capsys):
-    """CI waits on a run: a run whose gate refused the model succeeds too, so the end says which it
-    was, from the run's own outputs (read with this machine's S3 credentials)."""
+def params_in_s3(tmp_path, s3: str) -> Path:
+    """The example's params with the run's work directory and the registry in the `s3` bucket, which
+    the stand-in's runs write into and the CLI reads back."""
     config = yaml.safe_load(EXAMPLE.read_text())
     config.update(work_dir=f"{s3}/work", registry={"uri": f"{s3}/registry"})
     config["model"]["name"] = "clinic"
     params = tmp_path / "run.yaml"
     params.write_text(yaml.safe_dump(config))
+    return params
+
+
+def run_that_fails_in_training(kfp, params: Path, capsys, on_run, *, exit_code: int) -> tuple[str, str]:
+    """`submit --wait` of a run that fails at train after `on_run` wrote its outputs: its id, and what
+    the CLI said on stderr."""
+    kfp.on_run = on_run
+    kfp.script_runs(["RUNNING", "FAILED"], error=f"train: exit code {exit_code}", failed_task="train")
+    assert submit(kfp, params, "--wait") == 1
+    [failed] = kfp.runs.values()
+    return failed["run_id"], capsys.readouterr().err
+
+
+def test_wait_ends_with_the_verdict_and_the_version_the_run_registered(kfp, tmp_path, s3, capsys):
+    """CI waits on a run: a run whose gate refused the model succeeds too, so the end says which it
+    was, from the run's own outputs (read with this machine's S3 credentials)."""
+    params = params_in_s3(tmp_path, s3)
     kfp.on_run = pipeline_outputs(s3, passed=True)
     assert submit(kfp, params, "--wait", "--output", "json") == 0
     captured = capsys.readouterr()
@@ -360,11 +377,7 @@ def test_retry_runs_a_failed_run_again_as_the_same_run_and_ends_with_its_verdict
     """A run that failed in training (its node lost past the job's restarts) is retried from CI:
     the same run id, so the same work directory, where train resumes from the run's checkpoints;
     --wait ends as submit --wait does. A run that did not fail is not retried."""
-    config = yaml.safe_load(EXAMPLE.read_text())
-    config.update(work_dir=f"{s3}/work", registry={"uri": f"{s3}/registry"})
-    config["model"]["name"] = "clinic"
-    params = tmp_path / "run.yaml"
-    params.write_text(yaml.safe_dump(config))
+    params = params_in_s3(tmp_path, s3)
     outputs = pipeline_outputs(s3, passed=True)
 
     def checkpointed(run: dict) -> None:  # training got to step 40 before it failed
@@ -372,12 +385,7 @@ def test_retry_runs_a_failed_run_again_as_the_same_run_and_ends_with_its_verdict
         root = RunLayout.for_run(f"{s3}/work", run["run_id"]).checkpoints
         storage.write_json(f"{root}/step-00000040/checkpoint.json", {"step": 40, "files": []})
 
-    kfp.on_run = checkpointed
-    kfp.script_runs(["RUNNING", "FAILED"], error="train: exit code 138", failed_task="train")
-    assert submit(kfp, params, "--wait") == 1
-    [failed] = kfp.runs.values()
-    run_id = failed["run_id"]
-    said = capsys.readouterr().err
+    run_id, said = run_that_fails_in_training(kfp, params, capsys, checkpointed, exit_code=138)
     assert (
         f"training saved a complete checkpoint at step 40; to go on from it: fulltune retry {run_id} --wait"
         in said
@@ -411,10 +419,7 @@ def test_a_run_that_failed_on_its_input_is_not_retried_unless_forced(kfp, tmp_pa
     from fulltune import failure
     from fulltune.train.checkpoint import CheckpointError
 
-    config = yaml.safe_load(EXAMPLE.read_text())
-    config.update(work_dir=f"{s3}/work", registry={"uri": f"{s3}/registry"})
-    params = tmp_path / "run.yaml"
-    params.write_text(yaml.safe_dump(config))
+    params = params_in_s3(tmp_path, s3)
     refusal = "training.learning_rate: 0.0001 when it was written, 0.0003 in this run"
 
     def refused_its_checkpoint(run: dict) -> None:  # what the train step leaves as it fails
@@ -423,12 +428,7 @@ def test_a_run_that_failed_on_its_input_is_not_retried_unless_forced(kfp, tmp_pa
         with pytest.raises(CheckpointError), failure.recorded(layout, "train"):
             raise CheckpointError(f"{layout.checkpoints}/step-00000040 was written by another run: {refusal}")
 
-    kfp.on_run = refused_its_checkpoint
-    kfp.script_runs(["RUNNING", "FAILED"], error="train: exit code 1", failed_task="train")
-    assert submit(kfp, params, "--wait") == 1
-    [failed] = kfp.runs.values()
-    run_id = failed["run_id"]
-    said = capsys.readouterr().err
+    run_id, said = run_that_fails_in_training(kfp, params, capsys, refused_its_checkpoint, exit_code=1)
     assert "train failed on its input (CheckpointError: " in said and refusal in said
     assert "a retry would fail the same way; fix it and submit a new run" in said
     assert "fulltune retry" not in said
