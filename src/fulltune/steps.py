@@ -8,6 +8,7 @@ artifact. Large data stays in the run's work directory (`cfg.layout`) and travel
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -32,6 +33,12 @@ def _setup_process() -> None:
     _logging.setup("stdout")
     _process.exit_without_final_collection()
     _process.stop_with_run_owner()
+
+
+def _failure_recorded(cfg: RunConfig, step: str) -> contextlib.AbstractContextManager[None]:
+    """The step's failure written into its run's directory (`fulltune.failure`); a step called
+    outside a run (`fulltune registry register`: no work_dir) has none to write it into."""
+    return failure.recorded(cfg.layout, step) if cfg.work_dir else contextlib.nullcontext()
 
 
 def _log_metrics(log_metric: MetricSink | None, metrics: dict[str, Any], prefix: str = "") -> None:
@@ -196,7 +203,7 @@ def preprocess_shard(cfg: RunConfig, shard: int) -> str:
     from fulltune.preprocess.core import preprocess_shard as run
 
     _setup_process()
-    with failure.recorded(cfg.layout, f"preprocess-shard-{shard}"):
+    with _failure_recorded(cfg, f"preprocess-shard-{shard}"):
         run(cfg, shard)
         return cfg.layout.shard_manifest(shard)
 
@@ -206,7 +213,7 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str], log_metric: Metric
     from fulltune.preprocess.core import gather_shards as run
 
     _setup_process()
-    with failure.recorded(cfg.layout, "gather-shards"):
+    with _failure_recorded(cfg, "gather-shards"):
         manifest = run(cfg, sorted(shard_manifests))
         for name, split in manifest.splits.items():
             log.info(
@@ -254,7 +261,7 @@ def train(
     from fulltune.train.train_page import training_report_html
 
     _setup_process()
-    with failure.recorded(cfg.layout, "train"):
+    with _failure_recorded(cfg, "train"):
         run = run_training(
             cfg,
             dataset,
@@ -284,7 +291,7 @@ def evaluate(
     from fulltune.evaluate.core import evaluate_models
 
     _setup_process()
-    with failure.recorded(cfg.layout, "evaluate"):
+    with _failure_recorded(cfg, "evaluate"):
         champion = resolve_champion(cfg)
         with tempfile.TemporaryDirectory(prefix="fulltune-eval-") as tmp:
             # forgetting (and the domain gain) are measured against the original pre-trained model, also
@@ -345,7 +352,7 @@ def register(cfg: RunConfig, model_uri: str, eval_path: str, run_id: str = "", f
     from fulltune.registry.store import register_model
 
     _setup_process()
-    with failure.recorded(cfg.layout, "register"):
+    with _failure_recorded(cfg, "register"):
         eval_result = EvalResult.load(eval_path)
         lineage = build_lineage(cfg, run_id=run_id, model_uri=model_uri)
         uri = register_model(cfg, model_uri, eval_result, lineage, force=force, run_id=run_id)
