@@ -6,6 +6,8 @@ import pytest
 
 from fulltune import failure, storage
 from fulltune.config import ConfigError
+from fulltune.evaluate.lm_eval_backend import LMEvalMissingError
+from fulltune.evaluate.tasks import EvaluateError
 from fulltune.launch.base import LaunchError
 from fulltune.launch.kubernetes import LaunchCancelled
 from fulltune.layout import RunLayout
@@ -21,6 +23,8 @@ from fulltune.train.exit_codes import EXIT_RETRYABLE
         (CheckpointError("training.seed: 1 when it was written, 2 in this run"), True),
         (LaunchError("training failed: node exit codes [1]", exit_code=1), True),
         (StorageConfigError("s3://gone: the bucket does not exist"), True),
+        (EvaluateError("s3://w/run/train/model: no tokenizer beside the model"), True),
+        (LMEvalMissingError("evaluation.lm_eval_tasks needs lm-eval in the image"), True),
         (LaunchError("training failed: node exit codes [138]", exit_code=EXIT_RETRYABLE), False),
         (LaunchError("training failed: node killed", exit_code=-9), False),
         (LaunchCancelled("the run was canceled", exit_code=143), False),

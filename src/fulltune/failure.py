@@ -41,8 +41,11 @@ class StepFailure:
 
 def is_permanent(exc: BaseException) -> bool:
     """Whether `exc` is the input's fault: a refusal (every step's is a ValueError naming the problem),
-    checkpoints this run cannot use, a missing bucket, training whose ranks exited 1-127. A lost node,
-    a storage or network error, a cancel, anything unforeseen: not permanent."""
+    checkpoints this run cannot use, a missing bucket, a model or eval set evaluation cannot use, an
+    image without lm-eval for lm_eval_tasks, training whose ranks exited 1-127. A lost node, a storage
+    or network error, a cancel, anything unforeseen: not permanent."""
+    from fulltune.evaluate.lm_eval_backend import LMEvalMissingError
+    from fulltune.evaluate.tasks import EvaluateError
     from fulltune.launch.base import LaunchError
     from fulltune.launch.kubernetes import LaunchCancelled
     from fulltune.storage import StorageConfigError
@@ -53,7 +56,8 @@ def is_permanent(exc: BaseException) -> bool:
         return False
     if isinstance(exc, LaunchError):
         return exc.exit_code is not None and not is_retryable(exc.exit_code)
-    return isinstance(exc, (ValueError, CheckpointError, StorageConfigError))
+    permanent = (ValueError, CheckpointError, StorageConfigError, EvaluateError, LMEvalMissingError)
+    return isinstance(exc, permanent)
 
 
 @contextlib.contextmanager
