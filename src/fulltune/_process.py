@@ -36,13 +36,12 @@ OWNER_POLL_S = 1.0
 STOP_GRACE_S = 30.0  # for the process's own SIGTERM handling (torchrun stops its ranks) before it exits
 
 
-def owner_token(pid: int | None = None) -> str:
-    """The value of RUN_OWNER_ENV naming process `pid` (this one by default): its id and start time,
-    so that another process given the same id later is not taken for it."""
+def owner_token() -> str:
+    """The value of RUN_OWNER_ENV naming this process: its id and start time, so that another process
+    given the same id later is not taken for it."""
     import psutil
 
-    process = psutil.Process(pid)
-    return f"{process.pid}:{process.create_time()}"
+    return f"{os.getpid()}:{psutil.Process().create_time()}"
 
 
 def _owner_alive(token: str) -> bool:
@@ -50,7 +49,7 @@ def _owner_alive(token: str) -> bool:
 
     pid, created = token.split(":", 1)
     try:
-        return f"{pid}:{psutil.Process(int(pid)).create_time()}" == f"{pid}:{created}"
+        return str(psutil.Process(int(pid)).create_time()) == created
     except psutil.NoSuchProcess:
         return False
 

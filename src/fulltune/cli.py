@@ -106,11 +106,15 @@ def _run(args: argparse.Namespace) -> int:
         if stopped.interrupted:
             print("interrupted: the run's steps were stopped", flush=True)
         if run := stopped.resumable:
-            again = shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
-            print(f"run {run.run_id} can go on from {run.where}: {again}")
+            print(f"run {run.run_id} can go on from {run.where}: {_resume_command(args)}")
         return EXIT_INTERRUPTED if stopped.interrupted else 1
     print(outcome.summary("fulltune run"), flush=True)
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """`fulltune run` of the same config and --dir with --resume: how a stopped local run goes on."""
+    return shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -125,11 +129,7 @@ def _runs(args: argparse.Namespace) -> int:
         if as_json:
             print(json.dumps([s.to_json() for s in run_statuses(cfg.work_dir)], indent=2))
         else:
-            print(
-                describe_runs(
-                    cfg, shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
-                )
-            )
+            print(describe_runs(cfg, _resume_command(args)))
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

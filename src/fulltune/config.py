@@ -429,8 +429,8 @@ class TrainingSection(_Section):
         "budget the gate applies (evaluation.max_general_ppl_increase) over the base model's, measured at "
         "step 0 on the general_eval split. The model saved is the newest checkpoint still within the "
         "budget when one exists (checkpoints on evaluation steps: save_steps a multiple of eval_steps, or "
-        "save_every_minutes), "
-        "else the model as of the step that stopped. Needs eval_steps and a general eval set.",
+        "save_every_minutes), else the model as of the step that stopped. Needs eval_steps and a general "
+        "eval set.",
     )
 
     def global_batch_size(self, world_size: int) -> int:

@@ -66,9 +66,8 @@ def recorded(layout: RunLayout, step: str) -> Iterator[None]:
     delete what an earlier attempt of the step wrote. Nothing here hides the step's own error."""
     try:
         yield
-    except BaseException as exc:
-        if isinstance(exc, Exception):
-            _write(layout, step, exc)
+    except Exception as exc:  # an interrupt is no failure of the step's: nothing to record
+        _write(layout, step, exc)
         raise
     with _not_hiding("clear"):
         storage.remove(layout.failure(step))

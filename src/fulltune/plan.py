@@ -901,11 +901,10 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         check_budget(resolved, cost)
     except CostError as exc:
         raise PlanError(str(exc)) from None
-    chosen, note = default_checkpoints(resolved, cost, shape.params)
-    if chosen:
+    if chosen := default_checkpoints(resolved):
         resolved = resolved.with_overrides(chosen)
-    if note:
-        rule_notes.append(note)
+        if chosen.get("training.save_every_minutes"):  # the user chose nothing: say what plan did
+            rule_notes.append(_checkpoint_note(resolved, cost, shape.params))
     return Plan(
         shape,
         mem,
@@ -926,25 +925,30 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
 CHECKPOINT_EVERY_MINUTES = 60.0
 
 
-def default_checkpoints(cfg: RunConfig, cost: CostEstimate | None, params: int) -> tuple[dict[str, Any], str]:
-    """The checkpoint fields a config leaves unset (save_steps, save_every_minutes), and the plan's
-    note saying why ('' when the config chose): with neither set, one after every CHECKPOINT_EVERY_MINUTES of training (on an
-    evaluation step when eval_steps is set: the forgetting rollback resumes from those)."""
+def default_checkpoints(cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint fields `cfg` leaves unset (save_steps, save_every_minutes), as plan resolves
+    them: with neither set, one checkpoint after every CHECKPOINT_EVERY_MINUTES of training (on an
+    evaluation step when eval_steps is set: the forgetting rollback resumes from those); an unset one
+    beside one the user set is 0."""
     tr = cfg.training
     chosen: dict[str, Any] = {}
     if tr.save_steps is None:
         chosen["training.save_steps"] = 0
     if tr.save_every_minutes is None:
         chosen["training.save_every_minutes"] = CHECKPOINT_EVERY_MINUTES if tr.save_steps is None else 0.0
-    minutes = chosen.get("training.save_every_minutes")
-    if not minutes:
-        return chosen, ""  # the user's choice
+    return chosen
+
+
+def _checkpoint_note(cfg: RunConfig, cost: CostEstimate | None, params: int) -> str:
+    """The plan's note on the checkpoints it chose by the clock (`cfg` resolved)."""
+    tr = cfg.training
+    minutes = tr.save_every_minutes
     estimated = ""
     if cost is not None:
         estimated = (
             f"; ~{cost.wall_hours:.1f} h estimated: about {int(cost.wall_hours * 60 // minutes)} of them"
         )
-    return chosen, (
+    return (
         f"save_every_minutes {minutes:g} chosen (save_steps unset): a checkpoint after every {minutes:g} min "
         f"of training, so a failure loses at most that; {_gib(16 * params)} each, the newest "
         f"{tr.save_total_limit} kept{estimated}"

@@ -83,11 +83,12 @@ def _status(work_dir: str, run_id: str, unfinished: Unfinished | None) -> RunSta
         )
     if not storage.exists(layout.resolved_config):
         return RunStatus(run_id, layout.root, STOPPED, f"{stopped} before plan", **disk)
+    if not storage.exists(layout.eval_result):  # no need to read the registry for it
+        return RunStatus(run_id, layout.root, STOPPED, f"{stopped} before its first checkpoint", **disk)
     cfg = load_config(layout.resolved_config)
     outcome = RunOutcome.from_storage(cfg.with_overrides({"work_dir": work_dir}), run_id)
-    if outcome.eval_result is None:
-        return RunStatus(run_id, layout.root, STOPPED, f"{stopped} before its first checkpoint", **disk)
     result = outcome.eval_result
+    assert result is not None
     return RunStatus(
         run_id,
         layout.root,
@@ -118,7 +119,7 @@ def runs_table(statuses: list[RunStatus]) -> str:
             _or_dash(s.steps, "{:,}"),
             _or_dash(s.domain_loss_change, "{:+.1%}"),
             _or_dash(s.forgetting, "{:+.1%}"),
-            f"v{s.registered.rstrip('/').rsplit('/v', 1)[-1]}" if s.registered else "-",
+            storage.basename(s.registered) if s.registered else "-",  # the version's directory: v3
             f"{s.checkpoints} ({s.checkpoint_bytes / 2**30:.2f} GiB)" if s.checkpoints else "-",
         )
         for s in statuses

@@ -224,11 +224,11 @@ def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
     if not runs:
         from fulltune.plan import checkpoint_summary, default_checkpoints
 
-        chosen, _ = default_checkpoints(cfg, None, params=0)  # as plan resolves the checkpoint fields
+        defaults = default_checkpoints(cfg)  # as plan resolves them
         raise ConfigError(
             f"nothing to resume under {cfg.work_dir} (work_dir): no run there stopped after a complete "
             "checkpoint or its finished training, and before its evaluation. This config saves checkpoints "
-            f"{checkpoint_summary(cfg.with_overrides(chosen) if chosen else cfg)}."
+            f"{checkpoint_summary(cfg.with_overrides(defaults) if defaults else cfg)}."
         )
     if len(runs) > 1:
         raise ConfigError(

@@ -61,8 +61,6 @@ from fulltune.kfp.run_parameters import (
 )
 
 if TYPE_CHECKING:
-    from fulltune.failure import StepFailure
-    from fulltune.layout import RunLayout
     from fulltune.outcome import RunOutcome
 
 log = logging.getLogger("fulltune.submit")
@@ -602,13 +600,10 @@ def _retry_hint(cfg: RunConfig, run_id: str) -> list[str]:
     from fulltune.layout import RunLayout
     from fulltune.train import checkpoint
 
+    if permanent := _failed_on_its_input(cfg, run_id):
+        return [f"{permanent}: a retry would fail the same way; fix it and submit a new run"]
     try:
-        layout = RunLayout.for_run(cfg.work_dir, run_id)
-        if permanent := _permanent_failures(layout):
-            return [
-                f"{_failed_for_good(permanent)}: a retry would fail the same way; fix it and submit a new run"
-            ]
-        tag = checkpoint.newest_saved(layout.checkpoints)
+        tag = checkpoint.newest_saved(RunLayout.for_run(cfg.work_dir, run_id).checkpoints)
     except (OSError, ValueError):  # StorageError, an unset work_dir
         return []
     if tag is None:
@@ -619,15 +614,18 @@ def _retry_hint(cfg: RunConfig, run_id: str) -> list[str]:
     ]
 
 
-def _permanent_failures(layout: RunLayout) -> list[StepFailure]:
-    """The steps of the run whose last attempt failed on its input (`fulltune.failure`)."""
+def _failed_on_its_input(cfg: RunConfig, run_id: str) -> str | None:
+    """Which steps of the run failed on their input, and how, as their records say (`fulltune.failure`);
+    None when none did, or when the work directory cannot be read here."""
     from fulltune import failure
+    from fulltune.layout import RunLayout
 
-    return [f for f in failure.failures(layout) if f.permanent]
-
-
-def _failed_for_good(failed: list[StepFailure]) -> str:
-    return "; ".join(f"{f.step} failed on its input ({f.error}: {f.first_line})" for f in failed)
+    try:
+        recorded = failure.failures(RunLayout.for_run(cfg.work_dir, run_id))
+    except ValueError:  # an unset work_dir
+        return None
+    permanent = [f for f in recorded if f.permanent]
+    return "; ".join(f"{f.step} failed on its input ({f.error}: {f.first_line})" for f in permanent) or None
 
 
 RETRYABLE_STATES = ("FAILED", "CANCELED")
@@ -682,13 +680,11 @@ def retry(
 
 def _refuse_failed_on_its_input(cfg: RunConfig, run_id: str) -> None:
     """SubmitError when a step of the run said its failure was the input's (`fulltune.failure`)."""
-    from fulltune.layout import RunLayout
-
-    if permanent := _permanent_failures(RunLayout.for_run(cfg.work_dir, run_id)):
+    if permanent := _failed_on_its_input(cfg, run_id):
         raise SubmitError(
-            f"run {run_id}: {_failed_for_good(permanent)}. A retry runs it again with the same parameters "
-            "and would fail the same way: fix the input and submit a new run, or, when what it read has "
-            "changed since (data replaced at the same URI), retry with --force"
+            f"run {run_id}: {permanent}. A retry runs it again with the same parameters and would fail "
+            "the same way: fix the input and submit a new run, or, when what it read has changed since "
+            "(data replaced at the same URI), retry with --force"
         )
 
 
