@@ -172,6 +172,18 @@ def test_zero3_two_ranks_step0_loss_equals_plain_loss_and_model_is_saved(demo_as
     assert len(changed) == len(base.state_dict())  # full fine-tuning: every tensor moved
     assert tuned.num_parameters() == base.num_parameters()
 
+    # the ranks started again on the finished run (a PyTorchJob restarting them after the model was
+    # saved) leave at once: nothing is trained, the model and its metrics are left as they were
+    written = {p: p.stat().st_mtime_ns for p in Path(job.args.output).iterdir()}
+    metrics_before = storage.read_text(job.args.metrics)
+    capfd.readouterr()
+    LocalLauncher().run(job)
+    out = capfd.readouterr().out
+    assert "trained by this run before: not training again" in out
+    assert "process group ready" not in out and "step 1/3" not in out
+    assert {p: p.stat().st_mtime_ns for p in Path(job.args.output).iterdir()} == written
+    assert storage.read_text(job.args.metrics) == metrics_before
+
 
 @pytest.mark.slow
 def test_too_little_data_exits_1_without_retrying(demo_assets, tmp_path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 _registered = False
 
@@ -19,7 +21,7 @@ def exit_without_final_collection() -> None:
 
     A process that imported torch and transformers holds a few million objects, and the collections
     that run while the interpreter tears its modules down walk every one of them: about 2 s of each
-    step's, each rank's and each CLI command's exit on a 2-core machine (`benchmarks/process_exit.py`).
+    step's and each CLI command's exit on a 2-core machine (`benchmarks/process_exit.py`).
     Frozen (`gc.freeze`), they are skipped; their memory goes back with the process all the same.
     Nothing fulltune owns depends on a collection at exit: files, process groups and trackers are
     closed, and completeness markers written, before the entry point returns."""
@@ -27,6 +29,24 @@ def exit_without_final_collection() -> None:
     if not _registered:
         atexit.register(gc.freeze)
         _registered = True
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave with `code` once what was written is flushed, skipping the interpreter's teardown.
+
+    For a training rank, whose entry point returns only after its work is recorded: model and
+    completeness marker written, trackers closed, process group destroyed. Tearing the interpreter
+    down after that destroyed gloo's C++ threads in an order that aborted a rank ("terminate called
+    without an active exception", SIGABRT) in about 1 of 20 two-rank CPU runs (docs/reliability.md):
+    torchrun then reports a finished run as failed, and a PyTorchJob restarts it as retryable.
+    Nothing is left for the teardown to do but free memory, which goes back with the process."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach the reader
+            pass
+    os._exit(code)
 
 
 # Set by a local run (`fulltune run`, `fulltune demo`) for everything it starts: "pid:start time" of

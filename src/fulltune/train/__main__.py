@@ -5,11 +5,8 @@ config, data or checkpoints (permanent); 2 unexpected error (permanent); 138 ret
 (distributed, network or storage failure: the restarted job resumes from its newest checkpoint).
 """
 
-import sys
-
-from fulltune._process import exit_without_final_collection, stop_with_run_owner
+from fulltune._process import exit_now, stop_with_run_owner
 from fulltune.train.recipe import main
 
-exit_without_final_collection()
 stop_with_run_owner()
-sys.exit(main())
+exit_now(main())

@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None, step_end: Sequence[StepEnd] = ()) -> int
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     recipe = None
     try:
-        recipe = Recipe(load_config(args.config), args, step_end)
+        cfg = load_config(args.config)
+        if finished_by_this_run(cfg, args):  # ranks restarted after the model was saved: done
+            return 0
+        recipe = Recipe(cfg, args, step_end)
         recipe.setup()
         recipe.train()
         recipe.save()
@@ -541,3 +544,23 @@ def is_complete_model(uri: str) -> bool:
 def training_finished(model_uri: str, metrics_uri: str) -> bool:
     """The model is complete and its step metrics written: `save_model` writes the metrics last."""
     return is_complete_model(model_uri) and storage.exists(metrics_uri)
+
+
+def finished_by_this_run(cfg: RunConfig, args: TrainerArgs) -> bool:
+    """True when `args.output` holds a complete model that a run of `cfg` on `args.dataset` finished
+    before: a step retried after its ranks were done, ranks restarted after the model was saved, a
+    resumed local run whose later step failed. It is used as it is rather than trained again. A model
+    of another length is trained on (from the newest checkpoint); one of other settings is refused,
+    as its checkpoints would be (CheckpointError)."""
+    from fulltune.preprocess.dataset import load_manifest
+
+    if not training_finished(args.output, args.metrics):
+        return False
+    recorded = storage.read_json(storage.join(args.output, MODEL_MANIFEST)).get("run")
+    if recorded is None:  # a model written before models recorded their run: trained again
+        return False
+    identity = checkpoint.run_identity(cfg, load_manifest(args.dataset))
+    if checkpoint.check_recorded(recorded, identity, f"{args.output} (this run's model)"):
+        return False
+    log.info("%s is complete, trained by this run before: not training again", args.output)
+    return True

@@ -13,7 +13,7 @@ from fulltune.config import RunConfig
 from fulltune.launch.base import Launcher, LaunchError, TrainJob
 from fulltune.train.args import TrainerArgs
 from fulltune.train.metrics import StepRecord, TrainingSummary
-from fulltune.train.recipe import MODEL_MANIFEST, is_complete_model, training_finished
+from fulltune.train.recipe import MODEL_MANIFEST, finished_by_this_run, is_complete_model
 
 log = logging.getLogger(__name__)
 CLUSTER_LAUNCHERS = ("kubernetes", "trainjob")  # the launchers that create a job on Kubernetes
@@ -74,7 +74,7 @@ def run_training(
             log.info("no pipeline run id: this training run is %s", run_id)
         name = job_name(run_id, task_name or "train")
     job = train_job(cfg, dataset_uri, name=name)
-    if not trained_before(cfg, job, dataset_uri):
+    if not finished_by_this_run(cfg, job.args):
         check_before_launch(cfg, dataset_uri)
         launcher = make_launcher(
             cfg, stream=stream, run_id=run_id, image=image, optional_secrets=optional_secrets
@@ -92,28 +92,6 @@ def run_training(
         summary=TrainingSummary.from_json(summary),
         records=[StepRecord.from_json(json.loads(line)) for line in lines if line],
     )
-
-
-def trained_before(cfg: RunConfig, job: TrainJob, dataset_uri: str) -> bool:
-    """True when this run's training finished in an earlier attempt of the step (a step retried after
-    the ranks were done, a resumed local run whose later step failed) with this config: its model and
-    metrics are complete, and are used as they are rather than trained again. A model of another
-    length is trained on (from the newest checkpoint); one of other settings is refused, as its
-    checkpoints would be (CheckpointError)."""
-    from fulltune.preprocess.dataset import load_manifest
-    from fulltune.train import checkpoint
-
-    model = job.args.output
-    if not training_finished(model, job.args.metrics):
-        return False
-    recorded = storage.read_json(storage.join(model, MODEL_MANIFEST)).get("run")
-    if recorded is None:  # a model written before models recorded their run: trained again
-        return False
-    identity = checkpoint.run_identity(cfg, load_manifest(dataset_uri))
-    if checkpoint.check_recorded(recorded, identity, f"{model} (this run's model)"):
-        return False
-    log.info("%s is complete, trained by this run before: not training again", model)
-    return True
 
 
 def check_before_launch(cfg: RunConfig, dataset_uri: str) -> None:
