@@ -240,4 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from fulltune._process import exit_now
+
     main()
+    exit_now(0)  # as fulltune's ranks leave: the interpreter's teardown can abort a finished gloo rank

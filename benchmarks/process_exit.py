@@ -1,7 +1,9 @@
 """Process exit: how long fulltune's processes take between the end of their work and their exit,
-with (`frozen`) and without (`plain`) `fulltune._process.exit_without_final_collection`.
+with (`frozen`) and without (`plain`) `fulltune._process.exit_without_final_collection`, and for
+training ranks also leaving at once (`exit_now`, `fulltune._process.exit_now`: what
+`python -m fulltune.train` does).
 
-Three kinds of process, each variant in fresh processes, the two interleaved `--repeats` times:
+Three kinds of process, each variant in fresh processes, the variants interleaved `--repeats` times:
 
 - **plan**: the pipeline's plan step on the demo config (`fulltune.steps.plan`: imports
   transformers, builds the model on the meta device);
@@ -11,12 +13,13 @@ Three kinds of process, each variant in fresh processes, the two interleaved `--
 
 Each process writes the time its work returned; the parent takes the time the process was reaped.
 Printed, per kind: the medians of work done -> exit (for train: the last rank's, up to torchrun's
-exit) and of the whole process, and the ratio frozen / plain of the whole process:
+exit) and of the whole process, and the ratio of each variant to plain of the whole process:
 
     .venv/bin/python benchmarks/process_exit.py --repeats 5
 
-The two variants run the same code and differ only in the collections at exit: the plain one
-unregisters the freeze (where the step registered it) once its work is done. Figures and the command go in docs/benchmarks.md.
+The variants run the same code and differ only in how they exit: the plain one unregisters the
+freeze (where the step registered it) once its work is done. A run that fails (a rank aborting at
+exit) stops the benchmark with its output. Figures and the command go in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -54,17 +57,23 @@ open(os.environ["EXIT_BENCH_MARKER"], "a").write(f"{time.time()}\\n")
 
 RANK_PROCESS = """
 import os, sys, time
-from fulltune._process import exit_without_final_collection
+from fulltune._process import exit_now, exit_without_final_collection
 from fulltune.train.recipe import main
 variant = sys.argv.pop(1)
 if variant == "frozen":
     exit_without_final_collection()
 code = main()
 open(os.environ["EXIT_BENCH_MARKER"], "a").write(f"{time.time()}\\n")
+if variant == "exit_now":
+    exit_now(code)
 sys.exit(code)
 """
 
-VARIANTS = ("plain", "frozen")
+VARIANTS = {
+    "plan": ("plain", "frozen"),
+    "check": ("plain", "frozen"),
+    "train": ("plain", "frozen", "exit_now"),
+}
 
 
 def step_config(root: Path, assets: str) -> Path:
@@ -104,6 +113,8 @@ def commands(a: argparse.Namespace, root: Path, env: dict[str, str]) -> dict[str
 
     def train(variant: str) -> list[str]:
         files = {"output": str(root / f"model-{variant}"), "metrics": str(root / f"metrics-{variant}.jsonl")}
+        # without its metrics the last run's model is unfinished: the ranks train, not leave at once
+        Path(files["metrics"]).unlink(missing_ok=True)
         trainer = TrainerArgs(
             config=inputs["config"], deepspeed=inputs["deepspeed"], dataset=inputs["dataset"], **files
         )
@@ -132,15 +143,17 @@ def main() -> None:
         runs = commands(a, root, env)
         print(f"load before: {os.getloadavg()[0]:.2f}; {len(os.sched_getaffinity(0))} cores")
         for kind in a.kinds.split(","):
-            times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+            variants = VARIANTS[kind]
+            times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
             for _ in range(a.repeats):
-                for variant in VARIANTS:
+                for variant in variants:
                     times[variant].append(timed(runs[kind](variant), env, root / "marker"))
-            med = {v: [statistics.median(t[i] for t in times[v]) for i in (0, 1)] for v in VARIANTS}
-            for v in VARIANTS:
+            med = {v: [statistics.median(t[i] for t in times[v]) for i in (0, 1)] for v in variants}
+            for v in variants:
                 process, exit_s = med[v]
-                print(f"{kind:5s} {v:6s} median process {process:6.2f} s, work done -> exit {exit_s:5.2f} s")
-            print(f"{kind:5s} ratio frozen / plain (process): {med['frozen'][0] / med['plain'][0]:.3f}")
+                print(f"{kind:5s} {v:8s} median process {process:6.2f} s, work done -> exit {exit_s:5.2f} s")
+            for v in variants[1:]:
+                print(f"{kind:5s} ratio {v} / plain (process): {med[v][0] / med['plain'][0]:.3f}")
         print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

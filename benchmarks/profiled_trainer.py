@@ -15,12 +15,12 @@ out of its timings.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
 from gpu_gaps import profile_gaps
 
+from fulltune._process import exit_now
 from fulltune.train.recipe import main
 
 
@@ -76,4 +76,4 @@ if __name__ == "__main__":
         int(os.environ.get("PROFILE_STEPS", "2")),
         with_stack=os.environ.get("PROFILE_STACK") == "1",
     )
-    sys.exit(main(step_end=[profiler]))
+    exit_now(main(step_end=[profiler]))

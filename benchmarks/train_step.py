@@ -23,9 +23,10 @@ fulltune on the same initial weights and batches, to hold the bf16 loss curve ag
     python benchmarks/train_step.py --device cuda --hidden 2048 --layers 16 --head-dim 128 \
         --vocab 32000 --seq 2048 --micro 4 --gas 2 --numerics
 
-Two other modes compare fulltune with itself, interleaved: `--report-to-overhead` (TensorBoard and
-MLflow against no reporting) and `--recompute-cost` (activations kept, half of the layers recomputed,
-all recomputed).
+Three other modes compare fulltune with itself, interleaved: `--report-to-overhead` (TensorBoard and
+MLflow against no reporting), `--recompute-cost` (activations kept, half of the layers recomputed,
+all recomputed) and `--save-clock-cost` (checkpoints by the clock, whose decision is a collective on
+every step, against checkpoints by step count; timed per loop iteration, `benchmarks/timed_trainer.py`).
 
 The training data is a seeded Markov chain over the vocabulary (each token's successor is drawn
 from 4 choices), so the loss falls within a few steps and the two precisions have a curve to agree on.
@@ -371,6 +372,7 @@ def step_timer(cuda: bool):
     return StepTimer()
 
 
+TIMED_TRAINER = Path(__file__).with_name("timed_trainer.py")
 MLFLOW = Path(sys.executable).with_name("mlflow")  # the environment's own `mlflow` command
 
 
@@ -409,6 +411,20 @@ def recompute_cost(a: argparse.Namespace, env: dict[str, str], result: dict) -> 
         print(f"ratio {k} / none: {ratio:.3f}  (about {1 + layers / (3 * a.layers):.3f} expected)")
 
 
+def save_clock_cost(a: argparse.Namespace, env: dict[str, str], result: dict) -> None:
+    """Wall time per loop iteration of fulltune checkpointing by the clock (save_every_minutes set and
+    never reached: rank 0's clock is broadcast after every step and nothing is saved) against
+    checkpointing by step count only (no collective); interleaved. The trainer's step_time_s ends
+    before the broadcast, so each iteration is timed from one step's end to the next."""
+    if a.nproc < 2:
+        sys.exit("--save-clock-cost measures a collective between ranks: run it with --nproc 2 or more")
+    variants = {"none": {"save_steps": 0}, "clock": {"save_steps": 0, "save_every_minutes": 1e6}}
+    with tempfile.TemporaryDirectory(prefix="fulltune-bench-clock-") as tmp:
+        med = time_variants(a, env, Path(tmp), variants, per_iteration=True)
+    for k, ratio in ratios_to_none(a, med, result).items():
+        print(f"ratio {k} / none: {ratio:.3f}  (goal <= 1.01)")
+
+
 def ratios_to_none(a: argparse.Namespace, med: dict[str, float], result: dict) -> dict[str, float]:
     """Each variant's median step over the "none" variant's; with the medians, into `result` and
     --json-out."""
@@ -423,9 +439,12 @@ def write_result(a: argparse.Namespace, result: dict) -> None:
         Path(a.json_out).write_text(json.dumps(result, indent=2))
 
 
-def time_variants(a: argparse.Namespace, env: dict[str, str], root: Path, variants: dict) -> dict[str, float]:
+def time_variants(
+    a: argparse.Namespace, env: dict[str, str], root: Path, variants: dict, per_iteration: bool = False
+) -> dict[str, float]:
     """Median step time of fulltune under each variant's training settings, the runs interleaved
-    (`--repeats` rounds) so that the machine's drift falls on all of them alike."""
+    (`--repeats` rounds) so that the machine's drift falls on all of them alike. `per_iteration`:
+    the whole loop iteration's wall time (`loop_times`) instead of the trainer's step_time_s."""
     inputs = {}
     for name, training in variants.items():
         a.training = training
@@ -433,12 +452,24 @@ def time_variants(a: argparse.Namespace, env: dict[str, str], root: Path, varian
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(a.repeats):
         for name in variants:
+            if per_iteration:
+                times[name] += loop_times(root, inputs[name], a, env, tag=f"-{name}")[a.warmup :]
+                continue
             run = run_fulltune(root, inputs[name], a, env, tag=f"-{name}")
             times[name] += [r["step_time_s"] for r in run[a.warmup :]]
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(f"{k:11s} median step {med[k] * 1000:8.1f} ms  (n={len(v)})")
     return med
+
+
+def loop_times(root: Path, inputs: dict[str, str], a: argparse.Namespace, env: dict[str, str], tag: str):
+    """One fulltune run under `benchmarks/timed_trainer.py`: the wall time of each loop iteration
+    from the second step on (one step's end to the next), in seconds."""
+    out = root / f"loop{tag}.jsonl"
+    out.unlink(missing_ok=True)
+    run_fulltune(root, inputs, a, {**env, "LOOP_TIMES_OUT": str(out)}, tag=tag, entry=[str(TIMED_TRAINER)])
+    return [json.loads(line)["loop_s"] for line in out.read_text().splitlines()]
 
 
 @contextlib.contextmanager
@@ -535,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of the Trainer: fulltune keeping all activations, recomputing half of the layers "
         "(training.gradient_checkpointing_layers) and all of them, interleaved; prints each / none",
+    )
+    p.add_argument(
+        "--save-clock-cost",
+        action="store_true",
+        help="instead of the Trainer: fulltune checkpointing by the clock (training.save_every_minutes, "
+        "never reached) vs by step count, each loop iteration timed, interleaved; needs --nproc >= 2",
     )
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
@@ -682,8 +719,10 @@ def report_numerics(a: argparse.Namespace, runs: TrainerComparison, result: dict
 def main() -> None:
     a = build_parser().parse_args()
     if a.hf_worker:
+        from fulltune._process import exit_now
+
         hf_worker(json.loads(a.hf_worker))
-        return
+        exit_now(0)  # as fulltune's ranks leave: the interpreter's teardown can abort a finished gloo rank
     env = rank_environment(a)
     result: dict = {"args": {k: v for k, v in vars(a).items() if k != "hf_worker"}}
     if a.report_to_overhead:
@@ -691,6 +730,9 @@ def main() -> None:
         return
     if a.recompute_cost:
         recompute_cost(a, env, result)
+        return
+    if a.save_clock_cost:
+        save_clock_cost(a, env, result)
         return
     runs = run_fulltune_and_trainer(a, env)
     med = report_step_times(a, env, runs, result)
