@@ -182,6 +182,7 @@ def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
         "max_seq_len": 8,
         "over_max_seq_len": 2,
         "truncation_rate": 0.5,
+        "truncated": True,
         "p50": 6,
         "p95": 21,
         "max": 21,
@@ -210,6 +211,7 @@ def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
         )
         status, message = checks(report)["truncation"][:2]
         assert status == "info" and how in message and "nothing is dropped" in message
+        assert report["lengths"]["truncated"] is False
 
 
 def test_worst_split_domain_terms_with_pieces(tokenizer_dir, tmp_path):

@@ -41,6 +41,8 @@ def test_the_dry_run_passes_a_good_config_with_one_line_per_step(tmp_path, demo_
         and f"report: {tmp_path / 'out' / 'validate_data.html'}" in out[0]
     )
     assert "model files complete" in out[1] and "GiB per GPU" in out[2]
+    # the demo notes are text, longer than 128 tokens: packed across sequences, nothing cut off
+    assert "over max_seq_len (split, not truncated)" in out[1]
     assert out[3].startswith("verdict: passed plan") and len(out) == 4
     assert (tmp_path / "out" / "plan.md").read_text().startswith("# Training plan")
     assert not (tmp_path / "work").exists()  # nothing trained, nothing written to the work directory

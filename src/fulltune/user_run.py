@@ -100,8 +100,9 @@ def _check_tokenizer(cfg: RunConfig, out_dir: Path) -> StepLine:
     warnings = sum(c["status"] == "warning" for c in report["checks"])
     figures = [f"model files complete, {report['tokenizer']['size']:,} tokens"]
     if lengths:
+        fate = "truncated" if lengths["truncated"] else "split, not truncated"
         figures.append(
-            f"p95 {lengths['p95']:,} tokens a record, {lengths['truncation_rate']:.1%} over max_seq_len"
+            f"p95 {lengths['p95']:,} tokens a record, {lengths['truncation_rate']:.1%} over max_seq_len ({fate})"
         )
     figures.append(f"{warnings} warning{'' if warnings == 1 else 's'}")
     return StepLine(", ".join(figures), report_path)

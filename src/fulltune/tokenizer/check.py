@@ -17,7 +17,8 @@ Checks, each with a status (ok, info, warning, error):
   content, and (for `preprocess.loss_on: assistant`) renders prefixes stably, which is how
   preprocessing finds the assistant turns;
 - lengths: p50/p95/max tokens per training record and the share longer than
-  `preprocess.max_seq_len` (error above `tokenizer.max_truncation_rate`);
+  `preprocess.max_seq_len` (prompt/completion and chat records would be truncated: an error above
+  `tokenizer.max_truncation_rate`; text is split across sequences, never truncated);
 - fertility: tokens per whitespace word on the domain data, and on the general set when set;
 - split terms: the `tokenizer.top_k_split_terms` domain words split into the most pieces, with
   the pieces, plus every word of `tokenizer.domain_terms`;
@@ -442,6 +443,8 @@ class _Checker:
             "max_seq_len": max_len,
             "over_max_seq_len": over,
             "truncation_rate": rate,
+            # text is split across sequences or windows, never truncated: its rate is only "over"
+            "truncated": self.kind != "text",
             "p50": percentile(ordered, 50),
             "p95": percentile(ordered, 95),
             "max": ordered[-1],
