@@ -176,6 +176,12 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
     assert "| Liger kernels | True |" in md and resolved.training.use_liger_kernel is True  # a Llama on GPUs
     assert "| ZeRO-3 buckets |" in md
     assert "| launcher | local: torchrun in the train step's own pod" in md
+    # where training writes, what it needs there and what is free, checked on this machine
+    assert (
+        f"| disk | work_dir {tmp_path}: ~" in md
+        and "3 checkpoints of ~" in md
+        and " free; temp directory " in md
+    )
     assert "num_train_epochs 3 chosen" in md
     # 1,234 tokens (the estimate given) against 32 sequences x 1024 tokens a step: said in the report
     assert (
@@ -845,3 +851,51 @@ def test_plan_saves_a_checkpoint_after_every_hour_of_training_unless_told(llama_
     final_only = planned(10**13, save_steps=0)
     assert "the final model only" in planmod.plan_markdown(final_only)
     assert planned(10**13, save_every_minutes=20).config.training.save_steps == 0
+
+
+def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_data_is_made(tmp_path):
+    """A 70B Llama (config only) keeps 3 checkpoints of ~790 GiB at the peak: far more than this
+    machine's disk. Refused by plan, naming the directory, what is free, what the run writes and what
+    to change; with work_dir on S3 the checkpoints go through the temp directory, which is named."""
+    import shutil
+
+    tiny_llama_config(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path / "llama-70b")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    checkpoint = 12 * 70_553_706_496  # bytes: AdamW's fp32 weights and two moments
+    # as many kept as it takes not to fit, however large this machine's disk
+    keep = max(2, int(shutil.disk_usage(tmp_path).free // checkpoint) + 1)
+
+    def plan(work_dir: str):
+        cfg = RunConfig.from_dict(
+            {
+                "work_dir": work_dir,
+                "model": {"base_model_uri": str(tmp_path / "llama-70b")},
+                "data": {"train_uri": str(data)},
+                "training": {"save_total_limit": keep},
+                "resources": {"nproc_per_node": 8, "gpu_memory_gib": 141},
+            }
+        )
+        return planmod.make_plan(cfg, train_tokens=10**8)
+
+    with pytest.raises(planmod.PlanError) as refused:
+        plan(str(tmp_path / "work"))
+    message = str(refused.value)
+    assert message.startswith(f"not enough disk: the work_dir {tmp_path} has ")
+    assert (
+        f"({keep + 1} checkpoints of ~788.5 GiB at once: training.save_total_limit {keep} and the next"
+        in message
+    )
+    assert "lower training.save_total_limit, or put work_dir on s3://" in message
+    assert not (tmp_path / "work").exists()  # nothing written
+
+    with pytest.raises(planmod.PlanError, match="the temp directory .* this machine's share of a checkpoint"):
+        plan("s3://bucket/work")  # local training stages every checkpoint before its upload

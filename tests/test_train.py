@@ -818,6 +818,11 @@ def test_exit_codes_separate_permanent_from_retryable_failures():
     assert {exit_codes.exit_code_for(e) for e in retryable} == {exit_codes.EXIT_RETRYABLE}
     assert exit_codes.EXIT_RETRYABLE >= 128  # the ExitCode restart policy retries 128-255 only
     assert exit_codes.exit_code_for(KeyError("bug")) == exit_codes.EXIT_UNEXPECTED
+    # a full disk, as the kernel reports it: a restart would write the same checkpoint to it again
+    with pytest.raises(OSError) as full, open("/dev/full", "w") as f:
+        f.write("checkpoint shard")
+        f.flush()
+    assert exit_codes.exit_code_for(full.value) == exit_codes.EXIT_BAD_INPUT
     try:  # a wrapped cause still counts
         try:
             raise TimeoutError("store get timed out")

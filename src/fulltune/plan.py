@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
 from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost, planned_tokens
+from fulltune.disk import DiskEstimate, checkpoint_bytes, estimate_disk
 from fulltune.report_kit import markdown_table
 from fulltune.train import liger
 from fulltune.train.recompute import layers_recomputed
@@ -179,6 +180,7 @@ class Plan:
     config: RunConfig = field(default_factory=RunConfig)  # the resolved config
     deepspeed: dict[str, Any] = field(default_factory=dict)
     cost: CostEstimate | None = None  # None off a GPU
+    disk: DiskEstimate | None = None
 
     def length_summary(self) -> str:
         """How long the run trains, as the config sets it: max_steps wins over num_train_epochs, so
@@ -905,6 +907,9 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         resolved = resolved.with_overrides(chosen)
         if chosen.get("training.save_every_minutes"):  # the user chose nothing: say what plan did
             rule_notes.append(_checkpoint_note(resolved, cost, shape.params))
+    disk = estimate_disk(resolved, shape.params)
+    if problems := disk.problems():
+        raise PlanError("not enough disk: " + "; ".join(problems))
     return Plan(
         shape,
         mem,
@@ -915,13 +920,14 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         resolved,
         deepspeed_config(resolved, shape),
         cost,
+        disk,
     )
 
 
 # How much training a failure may cost at most when plan chooses the checkpoints: each holds the
-# whole optimizer state (~16 bytes per parameter: ~130 GB for 8B, minutes to write), so saving much
-# more often costs a noticeable share of the run; much less, and a lost node costs hours of every GPU
-# in the job. By the clock rather than by steps: the run's speed is an estimate until it runs.
+# whole optimizer state (12 bytes a parameter with AdamW, disk.py: ~90 GiB for 8B, minutes to
+# write), so saving much more often costs a noticeable share of the run; much less, and a lost node
+# costs hours of every GPU in the job. By the clock rather than by steps: the run's speed is an estimate until it runs.
 CHECKPOINT_EVERY_MINUTES = 60.0
 
 
@@ -950,7 +956,7 @@ def _checkpoint_note(cfg: RunConfig, cost: CostEstimate | None, params: int) -> 
         )
     return (
         f"save_every_minutes {minutes:g} chosen (save_steps unset): a checkpoint after every {minutes:g} min "
-        f"of training, so a failure loses at most that; {_gib(16 * params)} each, the newest "
+        f"of training, so a failure loses at most that; {_gib(checkpoint_bytes(cfg, params))} each, the newest "
         f"{tr.save_total_limit} kept{estimated}"
     )
 
@@ -1039,6 +1045,7 @@ def plan_markdown(plan: Plan) -> str:
         ("learning rate", f"{tr.learning_rate:g} ({tr.lr_scheduler_type}, warmup {tr.warmup_ratio:g})"),
         ("length", plan.length_summary()),
         ("checkpoints", checkpoint_summary(plan.config)),
+        ("disk", plan.disk.summary() if plan.disk else "not estimated"),
         ("dataset tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
         (
             "cost (estimate)",

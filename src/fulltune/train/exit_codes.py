@@ -4,8 +4,8 @@ The Training Operator's `restartPolicy: ExitCode` retries 128-255 and treats 1-1
 kernel's SIGKILL/SIGTERM give 137/143. `python -m fulltune.train` exits:
 
     0    trained and saved
-    1    bad config, bad data, or checkpoints exist but none is loadable, or CUDA out of memory
-         (retrying cannot help: fix the input or the plan)
+    1    bad config, bad data, or checkpoints exist but none is loadable, CUDA out of memory, or a
+         full disk or quota (retrying cannot help: fix the input or the plan, or free space)
     2    unexpected error (a bug: retrying would repeat it), or bad command-line arguments
     138  retryable: a torch.distributed / NCCL / gloo failure or timeout, a storage or network
          error (OSError, botocore); the restarted job resumes from the newest complete checkpoint
@@ -16,6 +16,7 @@ module level: the node wrapper imports this module before torchrun starts.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -76,6 +77,8 @@ def exit_code_for(exc: BaseException) -> int:
             return EXIT_RETRYABLE  # DistBackendError, DistNetworkError, DistStoreError
         if module.startswith(("botocore", "urllib3", "requests")):
             return EXIT_RETRYABLE
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return EXIT_BAD_INPUT  # a restart writes the same checkpoint to the same full disk
         if isinstance(e, OSError):  # storage.StorageError, ConnectionError, TimeoutError, ...
             return EXIT_RETRYABLE
         if isinstance(e, RuntimeError) and _RETRYABLE_TEXT.search(str(e)):

@@ -1,0 +1,146 @@
+"""What a run writes to disk while it trains, and whether the filesystems it writes to hold it.
+
+Full fine-tuning's checkpoints hold the whole optimizer state: the fp32 master weights and the
+optimizer's moments, 12 bytes a parameter with AdamW (measured: 12.03 on a ZeRO-3 checkpoint of a
+1.4M-parameter Llama over two ranks, model states included), ~100 GB for an 8B model. A run keeps
+`training.save_total_limit` of them and writes the next before it deletes the oldest. Found out at
+the first save, an hour into the run, a full disk costs that hour on every GPU and, retried, the
+next one too: `plan` refuses it before any data is tokenized, where it can see the filesystem.
+
+Where plan can see it: a local `work_dir` when training runs on this machine (the local launcher:
+`fulltune run`, kfp.local), checked at its nearest existing directory; a local `work_dir` of a
+cluster run (a volume mounted into every step) only when the directory exists in plan's pod, which
+then has the volume mounted. An s3:// `work_dir` has no limit to check. On this machine the temp
+directory is checked too: the final model is written there before it is copied to `work_dir`, and
+s3:// checkpoints and base models are staged there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fulltune import storage
+from fulltune.config import RunConfig
+
+GiB = 1024**3
+# Bytes a parameter in a checkpoint, by optimizer: fp32 master weights and the optimizer's state
+# (AdamW's two moments; Adafactor's factored second moment and its first); ZeRO-3 keeps the 16-bit
+# weights out of it (they are the master weights' copy).
+CHECKPOINT_BYTES_PER_PARAM = {"adamw_torch": 12.0, "adafactor": 8.0}
+
+
+def checkpoint_bytes(cfg: RunConfig, params: int) -> float:
+    """One complete checkpoint of `cfg`'s run: every rank's share together."""
+    return params * CHECKPOINT_BYTES_PER_PARAM[cfg.training.optim]
+
+
+def model_bytes(cfg: RunConfig, params: int) -> float:
+    """The final model's weights as training saves them: 16-bit, or 32-bit where it trains in fp32."""
+    return params * (4.0 if cfg.precision == "fp32" else 2.0)
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """One directory a run writes to: what it needs there at the peak, and what it has."""
+
+    purpose: str  # "work_dir" or "temp directory"
+    path: str  # the directory checked (the nearest existing one)
+    needed_bytes: float
+    contents: str  # what the needed bytes are
+    free_bytes: float
+
+    def problem(self) -> str | None:
+        """Why the run cannot write here, with what to change; None when it fits."""
+        if self.needed_bytes <= self.free_bytes:
+            return None
+        fixes = (
+            "free space there, lower training.save_total_limit, or put work_dir on s3://"
+            if self.purpose == "work_dir"
+            else "free space there, or point TMPDIR at a larger disk"
+        )
+        return (
+            f"the {self.purpose} {self.path} has {_gib(self.free_bytes)} free, and this run writes "
+            f"~{_gib(self.needed_bytes)} there ({self.contents}): {fixes}"
+        )
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    """The filesystems this run's training writes to that plan could check, and why the work_dir's
+    was not when it was not."""
+
+    checked: tuple[Filesystem, ...]
+    not_checked: str = ""
+
+    def summary(self) -> str:
+        """The plan report's row."""
+        parts = [
+            f"{fs.purpose} {fs.path}: ~{_gib(fs.needed_bytes)} needed ({fs.contents}), "
+            f"{_gib(fs.free_bytes)} free"
+            for fs in self.checked
+        ]
+        if self.not_checked:
+            parts.append(f"work_dir not checked: {self.not_checked}")
+        return "; ".join(parts)
+
+    def problems(self) -> list[str]:
+        return [p for fs in self.checked if (p := fs.problem())]
+
+
+def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
+    """The filesystems `cfg`'s run writes to that this process can see, with what it writes to each
+    (`cfg` resolved: save_steps and save_every_minutes decided)."""
+    tr = cfg.training
+    saves = bool(tr.save_steps or tr.save_every_minutes)
+    ckpt, model = checkpoint_bytes(cfg, params), model_bytes(cfg, params)
+    checked: list[Filesystem] = []
+    here = cfg.resources.launcher == "local"
+    work_dir, not_checked = _visible_dir(cfg.work_dir, here)
+    if work_dir is not None:
+        peak = tr.save_total_limit + 1 if saves else 0
+        contents = f"the final model, {_gib(model)}"
+        if peak:
+            contents = (
+                f"{peak} checkpoints of ~{_gib(ckpt)} at once: training.save_total_limit "
+                f"{tr.save_total_limit} and the next being written; then {contents}"
+            )
+        checked.append(_filesystem("work_dir", work_dir, ckpt * peak + model, contents))
+    if here:
+        staged, contents = model, ["the final model before it is copied to work_dir"]
+        if storage.is_s3(cfg.work_dir) and saves:
+            staged += ckpt * cfg.resources.nproc_per_node / cfg.world_size
+            contents.append("this machine's share of a checkpoint before its upload")
+        if storage.is_s3(cfg.model.base_model_uri):
+            staged += model
+            contents.append("the base model, staged to load it")
+        checked.append(
+            _filesystem("temp directory", Path(tempfile.gettempdir()), staged, ", ".join(contents))
+        )
+    return DiskEstimate(tuple(checked), not_checked)
+
+
+def _visible_dir(work_dir: str, here: bool) -> tuple[Path | None, str]:
+    """The directory whose filesystem holds `work_dir` as this process sees it, or why there is none."""
+    if not work_dir:
+        return None, "work_dir is not set yet"
+    if storage.is_s3(work_dir):
+        return None, "work_dir is on S3"
+    path = Path(work_dir).expanduser().absolute()
+    if not here:
+        if path.is_dir():  # a volume mounted into plan's pod as into the training pods
+            return path, ""
+        return None, f"{work_dir} is not mounted in this step (the training pods' volume)"
+    while not path.is_dir():  # on this machine: the directory the run's will be made in
+        path = path.parent
+    return path, ""
+
+
+def _filesystem(purpose: str, path: Path, needed: float, contents: str) -> Filesystem:
+    return Filesystem(purpose, str(path), needed, contents, float(shutil.disk_usage(path).free))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.1f} MiB"
