@@ -110,6 +110,7 @@ ALL_OPTIONS = {
         "cpu": "96",
         "memory": "1000Gi",
         "shm_size": "64Gi",
+        "ephemeral_storage": "120Gi",
         "max_restarts": 5,
         "active_deadline_seconds": 86400,
         "ttl_seconds_after_finished": 3600,
@@ -298,7 +299,9 @@ def test_every_option_reaches_the_pods():
             {"secretRef": {"name": "hf-token"}},
         ]
         limits = {"amd.com/gpu": "8", "cpu": "96", "memory": "1000Gi"}
-        assert container["resources"] == {"requests": limits, "limits": limits}
+        # the disk /tmp needs is requested, never a limit: exceeding an estimate must not evict the pod
+        requests = {**limits, "ephemeral-storage": "120Gi"}
+        assert container["resources"] == {"requests": requests, "limits": limits}
 
 
 def test_training_pods_meet_pod_security_restricted():

@@ -83,6 +83,7 @@ EVERYTHING = {
         "cpu": "96",
         "memory": "1000Gi",
         "shm_size": "64Gi",
+        "ephemeral_storage": "120Gi",
     },
 }
 VARIANTS = {
@@ -188,7 +189,8 @@ def test_the_trainjob_carries_the_runs_topology_command_and_pod_settings():
     assert not any(a.startswith(("--nnodes", "--standalone", "--rdzv")) for a in cmd)
     assert cmd[cmd.index("fulltune.train") + 1 :] == make_job(make_cfg(**EVERYTHING)).args.to_argv()
     want = {"nvidia.com/gpu": "8", "cpu": "96", "memory": "1000Gi"}
-    assert trainer["resourcesPerNode"] == {"requests": want, "limits": want}
+    requests = {**want, "ephemeral-storage": "120Gi"}  # requested only, as on a PyTorchJob
+    assert trainer["resourcesPerNode"] == {"requests": requests, "limits": want}
     assert {"name": "HOME", "value": "/tmp"} in trainer["env"]
     (override,) = m["spec"]["podSpecOverrides"]
     assert override["targetJobs"] == [{"name": TRAINER_JOB}]

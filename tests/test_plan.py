@@ -897,5 +897,46 @@ def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_dat
     assert "lower training.save_total_limit, or put work_dir on s3://" in message
     assert not (tmp_path / "work").exists()  # nothing written
 
-    with pytest.raises(planmod.PlanError, match="the temp directory .* this machine's share of a checkpoint"):
+    with pytest.raises(planmod.PlanError, match=r"the temp directory .*\(a node's share of a checkpoint"):
         plan("s3://bucket/work")  # local training stages every checkpoint before its upload
+
+
+def test_cluster_training_pods_request_the_disk_their_tmp_holds(llama_dir, tmp_path):
+    """On a cluster an s3:// work_dir's checkpoints pass through each pod's /tmp, the node's disk:
+    plan requests what the largest of them needs as ephemeral storage (the doctor's quota check
+    counts it), so the scheduler picks nodes that hold it; a size the user set is kept."""
+    from fulltune.doctor import training_pod_needs
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    tiny_llama_config(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_key_value_heads=8,
+    ).save_pretrained(tmp_path / "llama-8b")
+    cfg = RunConfig.from_dict(
+        {
+            "work_dir": "s3://bucket/runs",
+            "model": {"base_model_uri": str(tmp_path / "llama-8b")},
+            "data": {"train_uri": str(data)},
+            "resources": {"launcher": "kubernetes", "num_nodes": 2, "nproc_per_node": 8},
+        }
+    )
+    plan = planmod.make_plan(cfg, train_tokens=10**8)
+    # a node's half of a checkpoint (12 bytes a parameter) is the largest thing staged, then 8 GiB
+    # of compile caches
+    share = 12 * plan.shape.params / 2
+    gib = math.ceil((share + 8 * 2**30) / 2**30)
+    assert plan.config.resources.kubernetes.ephemeral_storage == f"{gib}Gi"
+    why = next(
+        d for d in plan.decisions if d.startswith(f"resources.kubernetes.ephemeral_storage {gib}Gi chosen")
+    )
+    assert f"a node's share of a checkpoint before its upload (~{share / 2**30:.1f} GiB)" in why
+    assert "work_dir not checked: work_dir is on S3" in planmod.plan_markdown(plan)
+    assert training_pod_needs(plan.config)["requests.ephemeral-storage"] == 2 * gib * 2**30
+    mine = planmod.make_plan(
+        cfg.with_overrides({"resources.kubernetes.ephemeral_storage": "500Gi"}), train_tokens=10**8
+    )
+    assert mine.config.resources.kubernetes.ephemeral_storage == "500Gi"

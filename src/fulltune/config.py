@@ -493,6 +493,13 @@ class KubernetesSection(_Section):
     shm_size: str = Field(
         "16Gi", description="Size of the memory-backed /dev/shm (NCCL needs more than 64Mi)."
     )
+    ephemeral_storage: str | None = Field(
+        None,
+        description="Ephemeral storage each training pod requests for its /tmp (e.g. '120Gi'): the base model "
+        "staged from s3://, a node's share of each checkpoint before its upload to an s3:// work_dir, the final "
+        "model before its upload, compile caches. A request, not a limit: the scheduler places the pods on "
+        "nodes whose disk holds it. None: plan sets it from the model's size.",
+    )
     istio_sidecar: bool = Field(
         False,
         description="Let Istio inject its sidecar into the training pods. Off: the pods carry "

@@ -2,7 +2,7 @@
 
 Full fine-tuning's checkpoints hold the whole optimizer state: the fp32 master weights and the
 optimizer's moments, 12 bytes a parameter with AdamW (measured: 12.03 on a ZeRO-3 checkpoint of a
-1.4M-parameter Llama over two ranks, model states included), ~100 GB for an 8B model. A run keeps
+1.4M-parameter Llama over two ranks, model states included), ~96 GB for an 8B model. A run keeps
 `training.save_total_limit` of them and writes the next before it deletes the oldest. Found out at
 the first save, an hour into the run, a full disk costs that hour on every GPU and, retried, the
 next one too: `plan` refuses it before any data is tokenized, where it can see the filesystem.
@@ -17,6 +17,7 @@ s3:// checkpoints and base models are staged there.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -94,13 +95,12 @@ def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
     """The filesystems `cfg`'s run writes to that this process can see, with what it writes to each
     (`cfg` resolved: save_steps and save_every_minutes decided)."""
     tr = cfg.training
-    saves = bool(tr.save_steps or tr.save_every_minutes)
     ckpt, model = checkpoint_bytes(cfg, params), model_bytes(cfg, params)
     checked: list[Filesystem] = []
     here = cfg.resources.launcher == "local"
     work_dir, not_checked = _visible_dir(cfg.work_dir, here)
     if work_dir is not None:
-        peak = tr.save_total_limit + 1 if saves else 0
+        peak = tr.save_total_limit + 1 if _saves(cfg) else 0
         contents = f"the final model, {_gib(model)}"
         if peak:
             contents = (
@@ -109,17 +109,45 @@ def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
             )
         checked.append(_filesystem("work_dir", work_dir, ckpt * peak + model, contents))
     if here:
-        staged, contents = model, ["the final model before it is copied to work_dir"]
-        if storage.is_s3(cfg.work_dir) and saves:
-            staged += ckpt * cfg.resources.nproc_per_node / cfg.world_size
-            contents.append("this machine's share of a checkpoint before its upload")
-        if storage.is_s3(cfg.model.base_model_uri):
-            staged += model
-            contents.append("the base model, staged to load it")
-        checked.append(
-            _filesystem("temp directory", Path(tempfile.gettempdir()), staged, ", ".join(contents))
-        )
+        needed, contents = max(staged_on_a_node(cfg, params))
+        checked.append(_filesystem("temp directory", Path(tempfile.gettempdir()), needed, contents))
     return DiskEstimate(tuple(checked), not_checked)
+
+
+def staged_on_a_node(cfg: RunConfig, params: int) -> list[tuple[float, str]]:
+    """What a training node writes to its temp directory, one thing at a time (each is deleted
+    before the next is written): (bytes, what)."""
+    model = model_bytes(cfg, params)
+    staged = [(model, "the final model before it is copied to work_dir")]
+    if storage.is_s3(cfg.work_dir) and _saves(cfg):
+        share = checkpoint_bytes(cfg, params) * cfg.resources.nproc_per_node / cfg.world_size
+        staged.append((share, "a node's share of a checkpoint before its upload"))
+    if storage.is_s3(cfg.model.base_model_uri):
+        staged.append((model, "the base model, staged to load it"))
+    return staged
+
+
+# The training pods' /tmp also holds what compiles at run time there (HOME=/tmp: DeepSpeed's ops,
+# Triton's and Inductor's kernels), a few GiB on a GPU node.
+POD_CACHES_BYTES = 8 * GiB
+
+
+def pod_scratch_request(cfg: RunConfig, params: int) -> tuple[str, str]:
+    """The ephemeral storage a cluster training pod requests for its /tmp: the largest thing it
+    stages plus its caches, whole GiB; and why, for the plan's decisions. Requested so that the
+    scheduler puts the pod on a node whose disk holds it, instead of the kubelet evicting it when the
+    first checkpoint fills the node's disk; not a limit, which would evict it at an estimate."""
+    needed, what = max(staged_on_a_node(cfg, params))
+    gib = math.ceil((needed + POD_CACHES_BYTES) / GiB)
+    why = (
+        f"resources.kubernetes.ephemeral_storage {gib}Gi chosen: each training pod's /tmp holds at most "
+        f"{what} (~{_gib(needed)}) and compile caches (~{_gib(POD_CACHES_BYTES)}); requested, not limited"
+    )
+    return f"{gib}Gi", why
+
+
+def _saves(cfg: RunConfig) -> bool:
+    return bool(cfg.training.save_steps or cfg.training.save_every_minutes)
 
 
 def _visible_dir(work_dir: str, here: bool) -> tuple[Path | None, str]:

@@ -359,13 +359,14 @@ def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
     """What the training pods request together, in quota keys (the manifest's own numbers: a
     PyTorchJob's replicas and a TrainJob's resourcesPerNode are the same `pod_resources`)."""
     from fulltune.launch.kubernetes import KINDS
-    from fulltune.launch.pytorchjob import pod_resources
+    from fulltune.launch.pytorchjob import pod_requests, pod_resources
 
     res = cfg.resources
     if res.launcher not in KINDS:
         return {}
     need: dict[str, float] = {"pods": float(res.num_nodes)}
-    for key, value in pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu").items():
+    resources = pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu")
+    for key, value in pod_requests(cfg, resources).items():
         total = res.num_nodes * parse_quantity(value)
         need[f"requests.{key}"] = total
         if key in ("cpu", "memory"):

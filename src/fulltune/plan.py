@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
 from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost, planned_tokens
-from fulltune.disk import DiskEstimate, checkpoint_bytes, estimate_disk
+from fulltune.disk import DiskEstimate, checkpoint_bytes, estimate_disk, pod_scratch_request
 from fulltune.report_kit import markdown_table
 from fulltune.train import liger
 from fulltune.train.recompute import layers_recomputed
@@ -907,6 +907,10 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         resolved = resolved.with_overrides(chosen)
         if chosen.get("training.save_every_minutes"):  # the user chose nothing: say what plan did
             rule_notes.append(_checkpoint_note(resolved, cost, shape.params))
+    if resolved.resources.launcher != "local" and resolved.resources.kubernetes.ephemeral_storage is None:
+        request, why = pod_scratch_request(resolved, shape.params)
+        resolved = resolved.with_overrides({"resources.kubernetes.ephemeral_storage": request})
+        rule_notes.append(why)
     disk = estimate_disk(resolved, shape.params)
     if problems := disk.problems():
         raise PlanError("not enough disk: " + "; ".join(problems))

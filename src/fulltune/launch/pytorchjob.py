@@ -206,7 +206,7 @@ def pod_template(
     if env_from:
         container["envFrom"] = env_from
     if resources:
-        container["resources"] = {"requests": dict(resources), "limits": dict(resources)}
+        container["resources"] = {"requests": pod_requests(cfg, resources), "limits": dict(resources)}
 
     pod: dict[str, Any] = {
         "containers": [container],
@@ -315,6 +315,13 @@ def pod_resources(cfg: RunConfig, nproc_per_node: int, *, gpu: bool) -> dict[str
     out["cpu"] = k8s.cpu or str(CPU_PER_PROCESS * nproc_per_node)
     out["memory"] = k8s.memory or f"{MEMORY_GIB_PER_PROCESS * nproc_per_node}Gi"
     return out
+
+
+def pod_requests(cfg: RunConfig, resources: dict[str, str]) -> dict[str, str]:
+    """What one training pod requests: its `pod_resources`, and the ephemeral storage its /tmp
+    needs, which is requested only (a limit would evict the pod at an estimate)."""
+    scratch = cfg.resources.kubernetes.ephemeral_storage
+    return {**resources, "ephemeral-storage": scratch} if scratch else dict(resources)
 
 
 def _volume_name(index: int) -> str:

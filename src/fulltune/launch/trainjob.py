@@ -37,6 +37,7 @@ from fulltune.launch.kinds import JobKind
 from fulltune.launch.pytorchjob import (
     container_env,
     job_metadata,
+    pod_requests,
     pod_resources,
     pvc_volumes,
     secret_env_from,
@@ -151,7 +152,7 @@ def trainer_spec(cfg: RunConfig, job: TrainJob, image: str) -> dict[str, Any]:
         "command": pod_command(job),
         "numNodes": job.num_nodes,
         "numProcPerNode": job.nproc_per_node,
-        "resourcesPerNode": {"requests": dict(resources), "limits": dict(resources)},
+        "resourcesPerNode": {"requests": pod_requests(cfg, resources), "limits": dict(resources)},
         "env": container_env(job),
     }
 
