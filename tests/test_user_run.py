@@ -41,11 +41,27 @@ def test_the_dry_run_passes_a_good_config_with_one_line_per_step(tmp_path, demo_
         and f"report: {tmp_path / 'out' / 'validate_data.html'}" in out[0]
     )
     assert "model files complete" in out[1] and "GiB per GPU" in out[2]
+    assert ", work_dir needs ~" in out[2] and " free" in out[2]  # the disk its checkpoints take, checked
     # the demo notes are text, longer than 128 tokens: packed across sequences, nothing cut off
     assert "over max_seq_len (split, not truncated)" in out[1]
     assert out[3].startswith("verdict: passed plan") and len(out) == 4
     assert (tmp_path / "out" / "plan.md").read_text().startswith("# Training plan")
     assert not (tmp_path / "work").exists()  # nothing trained, nothing written to the work directory
+
+
+def test_the_dry_run_checks_the_disk_a_run_with_the_same_dir_would_use(tmp_path, demo_assets, capsys):
+    """No work_dir in the config: `fulltune run --dir D` would put it under D/runs, so the dry run
+    with the same --dir checks that disk, and writes nothing there."""
+    config = user_config(tmp_path, demo_assets)
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["work_dir"]
+    config.write_text(yaml.safe_dump(cfg))
+    out_dir = tmp_path / "out"
+    assert main(["check", str(config), "--dir", str(out_dir)]) == 0
+    planned = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ok     plan"))
+    assert ", work_dir needs ~" in planned
+    assert f"| disk | work_dir {out_dir}: ~" in (out_dir / "plan.md").read_text()  # runs/ is made later
+    assert not (out_dir / "runs").exists()
 
 
 def broken_notes(tmp_path: Path, demo_assets) -> tuple[Path, str]:

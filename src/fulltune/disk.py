@@ -90,6 +90,13 @@ class DiskEstimate:
     def problems(self) -> list[str]:
         return [p for fs in self.checked if (p := fs.problem())]
 
+    def headline(self) -> str | None:
+        """The work_dir's figures in a few words (the dry run's line), when it was checked."""
+        fs = next((fs for fs in self.checked if fs.purpose == "work_dir"), None)
+        if fs is None:
+            return None
+        return f"work_dir needs ~{_gib(fs.needed_bytes)} of {_gib(fs.free_bytes)} free"
+
 
 def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
     """The filesystems `cfg`'s run writes to that this process can see, with what it writes to each
