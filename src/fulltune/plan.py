@@ -931,7 +931,8 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
 # How much training a failure may cost at most when plan chooses the checkpoints: each holds the
 # whole optimizer state (12 bytes a parameter with AdamW, disk.py: ~90 GiB for 8B, minutes to
 # write), so saving much more often costs a noticeable share of the run; much less, and a lost node
-# costs hours of every GPU in the job. By the clock rather than by steps: the run's speed is an estimate until it runs.
+# costs hours of every GPU in the job. By the clock rather than by steps: the run's speed is an
+# estimate until it runs.
 CHECKPOINT_EVERY_MINUTES = 60.0
 
 
