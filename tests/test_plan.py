@@ -940,3 +940,53 @@ def test_cluster_training_pods_request_the_disk_their_tmp_holds(llama_dir, tmp_p
         cfg.with_overrides({"resources.kubernetes.ephemeral_storage": "500Gi"}), train_tokens=10**8
     )
     assert mine.config.resources.kubernetes.ephemeral_storage == "500Gi"
+
+
+def test_a_resumed_runs_own_checkpoints_count_towards_its_need_not_against_the_free_space(tmp_path):
+    """A run resumed on a tight disk already holds its checkpoints there; they are rotated, not
+    added to. plan refuses the run before any exist, and passes it once the checkpoints it would
+    write are mostly there (a sparse file of that size stands in for them: the same bytes by size)."""
+    import shutil
+
+    tiny_llama_config(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path / "llama-1b")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    work = tmp_path / "work"
+    work.mkdir()
+    shape = planmod.model_shape(
+        planmod.load_model_config(
+            RunConfig.from_dict({"model": {"base_model_uri": str(tmp_path / "llama-1b")}})
+        )
+    )
+    checkpoint = 12 * shape.params
+    keep = int(shutil.disk_usage(work).free // checkpoint) + 1  # one more than the disk holds
+    cfg = RunConfig.from_dict(
+        {
+            "work_dir": str(work),
+            "model": {"base_model_uri": str(tmp_path / "llama-1b")},
+            "data": {"train_uri": str(data)},
+            "training": {"save_total_limit": keep},
+            "resources": {"nproc_per_node": 1},
+        }
+    )
+    with pytest.raises(planmod.PlanError, match=f"not enough disk: the work_dir {work} has "):
+        planmod.make_plan(cfg, train_tokens=10**8)
+
+    # the run's own checkpoints so far: all but the one it writes next
+    saved = work / "train" / "checkpoints" / "step-00000500" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    saved.parent.mkdir(parents=True)
+    with open(saved, "wb") as f:
+        f.truncate(int(checkpoint * keep))
+    plan = planmod.make_plan(cfg, train_tokens=10**8)
+    assert (
+        f"{keep + 1} checkpoints of ~" in plan.disk.summary()
+        and " of it written already" in plan.disk.summary()
+    )

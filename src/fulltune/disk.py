@@ -114,7 +114,13 @@ def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
                 f"{peak} checkpoints of ~{_gib(ckpt)} at once: training.save_total_limit "
                 f"{tr.save_total_limit} and the next being written; then {contents}"
             )
-        checked.append(_filesystem("work_dir", work_dir, ckpt * peak + model, contents))
+        # a resumed run's checkpoints (and model) are on the disk already: they count towards its
+        # peak, not against the free space left for it
+        total = ckpt * peak + model
+        written = _bytes_under(cfg.layout.checkpoints) + _bytes_under(cfg.layout.model)
+        if written:
+            contents += f": {_gib(total)} in all, {_gib(written)} of it written already"
+        checked.append(_filesystem("work_dir", work_dir, max(0.0, total - written), contents))
     if here:
         needed, contents = max(staged_on_a_node(cfg, params))
         checked.append(_filesystem("temp directory", Path(tempfile.gettempdir()), needed, contents))
@@ -171,6 +177,12 @@ def _visible_dir(work_dir: str, here: bool) -> tuple[Path | None, str]:
     while not path.is_dir():  # on this machine: the directory the run's will be made in
         path = path.parent
     return path, ""
+
+
+def _bytes_under(directory: str) -> int:
+    """The size of the files under a local directory; 0 when it does not exist."""
+    root = Path(directory)
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
 
 
 def _filesystem(purpose: str, path: Path, needed: float, contents: str) -> Filesystem:
