@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,13 @@ def llama_dir(tmp_path_factory):
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, tie_word_embeddings=False
     ).save_pretrained(d)
     return d
+
+
+def small_text_data(tmp_path) -> Path:
+    """50 short text records in a JSONL file: data for plan to estimate tokens from."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    return data
 
 
 def shape_8b() -> ModelShape:
@@ -139,8 +147,7 @@ def test_epochs_rule():
 
 
 def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    data = small_text_data(tmp_path)
     cfg = RunConfig.from_dict(
         {
             "model": {"base_model_uri": str(llama_dir)},
@@ -868,8 +875,7 @@ def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_dat
         num_key_value_heads=8,
         tie_word_embeddings=False,
     ).save_pretrained(tmp_path / "llama-70b")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    data = small_text_data(tmp_path)
     checkpoint = 12 * 70_553_706_496  # bytes: AdamW's fp32 weights and two moments
     # as many kept as it takes not to fit, however large this machine's disk
     keep = max(2, int(shutil.disk_usage(tmp_path).free // checkpoint) + 1)
@@ -907,8 +913,7 @@ def test_cluster_training_pods_request_the_disk_their_tmp_holds(llama_dir, tmp_p
     counts it), so the scheduler picks nodes that hold it; a size the user set is kept."""
     from fulltune.doctor import training_pod_needs
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    data = small_text_data(tmp_path)
     tiny_llama_config(
         vocab_size=128256,
         hidden_size=4096,
@@ -957,8 +962,7 @@ def test_a_resumed_runs_own_checkpoints_count_towards_its_need_not_against_the_f
         num_key_value_heads=8,
         tie_word_embeddings=False,
     ).save_pretrained(tmp_path / "llama-1b")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(50)))
+    data = small_text_data(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     shape = planmod.model_shape(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.report_kit import format_bytes
 
 GiB = 1024**3
 # Bytes a parameter in a checkpoint, by optimizer: fp32 master weights and the optimizer's state
@@ -63,8 +64,8 @@ class Filesystem:
             else "free space there, or point TMPDIR at a larger disk"
         )
         return (
-            f"the {self.purpose} {self.path} has {_gib(self.free_bytes)} free, and this run writes "
-            f"~{_gib(self.needed_bytes)} there ({self.contents}): {fixes}"
+            f"the {self.purpose} {self.path} has {format_bytes(self.free_bytes)} free, and this run writes "
+            f"~{format_bytes(self.needed_bytes)} there ({self.contents}): {fixes}"
         )
 
 
@@ -79,8 +80,8 @@ class DiskEstimate:
     def summary(self) -> str:
         """The plan report's row."""
         parts = [
-            f"{fs.purpose} {fs.path}: ~{_gib(fs.needed_bytes)} needed ({fs.contents}), "
-            f"{_gib(fs.free_bytes)} free"
+            f"{fs.purpose} {fs.path}: ~{format_bytes(fs.needed_bytes)} needed ({fs.contents}), "
+            f"{format_bytes(fs.free_bytes)} free"
             for fs in self.checked
         ]
         if self.not_checked:
@@ -95,7 +96,7 @@ class DiskEstimate:
         fs = next((fs for fs in self.checked if fs.purpose == "work_dir"), None)
         if fs is None:
             return None
-        return f"work_dir needs ~{_gib(fs.needed_bytes)} of {_gib(fs.free_bytes)} free"
+        return f"work_dir needs ~{format_bytes(fs.needed_bytes)} of {format_bytes(fs.free_bytes)} free"
 
 
 def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
@@ -108,10 +109,10 @@ def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
     work_dir, not_checked = _visible_dir(cfg.work_dir, here)
     if work_dir is not None:
         peak = tr.save_total_limit + 1 if _saves(cfg) else 0
-        contents = f"the final model, {_gib(model)}"
+        contents = f"the final model, {format_bytes(model)}"
         if peak:
             contents = (
-                f"{peak} checkpoints of ~{_gib(ckpt)} at once: training.save_total_limit "
+                f"{peak} checkpoints of ~{format_bytes(ckpt)} at once: training.save_total_limit "
                 f"{tr.save_total_limit} and the next being written; then {contents}"
             )
         # a resumed run's checkpoints (and model) are on the disk already: they count towards its
@@ -119,7 +120,7 @@ def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
         total = ckpt * peak + model
         written = _bytes_under(cfg.layout.checkpoints) + _bytes_under(cfg.layout.model)
         if written:
-            contents += f": {_gib(total)} in all, {_gib(written)} of it written already"
+            contents += f": {format_bytes(total)} in all, {format_bytes(written)} of it written already"
         checked.append(_filesystem("work_dir", work_dir, max(0.0, total - written), contents))
     if here:
         needed, contents = max(staged_on_a_node(cfg, params))
@@ -154,7 +155,7 @@ def pod_scratch_request(cfg: RunConfig, params: int) -> tuple[str, str]:
     gib = math.ceil((needed + POD_CACHES_BYTES) / GiB)
     why = (
         f"resources.kubernetes.ephemeral_storage {gib}Gi chosen: each training pod's /tmp holds at most "
-        f"{what} (~{_gib(needed)}) and compile caches (~{_gib(POD_CACHES_BYTES)}); requested, not limited"
+        f"{what} (~{format_bytes(needed)}) and compile caches (~{format_bytes(POD_CACHES_BYTES)}); requested, not limited"
     )
     return f"{gib}Gi", why
 
@@ -187,7 +188,3 @@ def _bytes_under(directory: str) -> int:
 
 def _filesystem(purpose: str, path: Path, needed: float, contents: str) -> Filesystem:
     return Filesystem(purpose, str(path), needed, contents, float(shutil.disk_usage(path).free))
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.1f} MiB"

@@ -198,6 +198,12 @@ def format_number(value: Any) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
+def format_bytes(n: float) -> str:
+    """A size in GiB from 1 GiB up, else in MiB, one decimal, thousands separated: '2,496.9 GiB'."""
+    gib = 1 << 30
+    return f"{n / gib:,.1f} GiB" if abs(n) >= gib else f"{n / (1 << 20):,.1f} MiB"
+
+
 def format_percent(value: Any, digits: int = 1, *, signed: bool = False) -> str:
     """A fraction as a percentage (0.253 -> '25.3%', signed: '+25.3%'); a dash for anything that is
     not a finite number."""

@@ -111,9 +111,10 @@ def _check_tokenizer(cfg: RunConfig, out_dir: Path) -> StepLine:
 def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
     from fulltune.plan import make_plan, plan_markdown
 
-    if cfg.missing("work_dir") and cfg.resources.launcher == "local":
-        # where `fulltune run` with the same --dir puts it: the disk plan checks is the one it will use
-        cfg = cfg.with_overrides({"work_dir": str((out_dir / LOCAL_LOCATIONS["work_dir"]).resolve())})
+    if cfg.resources.launcher == "local":
+        # where `fulltune run` with the same --dir puts what the config leaves unset: the disk plan
+        # checks is the one the run will use (said by the run, not by the dry run)
+        cfg = with_local_locations(cfg, out_dir, say=lambda _: None)
     plan = make_plan(cfg)
     report_path = out_dir / "plan.md"
     report_path.write_text(plan_markdown(plan))
@@ -131,15 +132,11 @@ def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
     return StepLine(", ".join(figures), report_path)
 
 
-# Where a local run keeps what its config leaves unset, under its --dir.
-LOCAL_LOCATIONS = {"work_dir": "runs", "registry.uri": "registry"}
-
-
 def with_local_locations(cfg: RunConfig, out_dir: Path, say: Callable[[str], None] = print) -> RunConfig:
     """`cfg` with an unset work_dir and registry.uri under `out_dir`, as the demo keeps them: a local
     run needs somewhere for its files and its registered model, and this machine has a place for both.
     Each one filled in is said, so the user knows where to look."""
-    here = {name: out_dir / sub for name, sub in LOCAL_LOCATIONS.items()}
+    here = {"work_dir": out_dir / "runs", "registry.uri": out_dir / "registry"}
     filled = {name: str(path.resolve()) for name, path in here.items() if cfg.missing(name)}
     for name, path in filled.items():
         say(f"{name} not set: {path}")

@@ -88,6 +88,7 @@ from fulltune.evaluate.result import (
 from fulltune.evaluate.tasks import EvalTask, EvaluateError, Pair, Tokenizers
 from fulltune.layout import EVAL_FILE, EVAL_REPORT_FILE
 from fulltune.preprocess.dataset import DatasetManifest, load_manifest, load_split
+from fulltune.report_kit import format_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -221,14 +222,10 @@ def _fit_together(
         budget = free - max(2 * _GIB, free // 5)  # logits and activations of one batch
     else:
         budget = free // 2
-    where = f"{_size(weights)} of weights, {_size(budget)} to spare on {device.type}"
+    where = f"{format_bytes(weights)} of weights, {format_bytes(budget)} to spare on {device.type}"
     if weights <= budget:
         return True, where
     return False, where
-
-
-def _size(n: float) -> str:
-    return f"{n / _GIB:.1f} GiB" if abs(n) >= _GIB else f"{n / (1 << 20):.1f} MiB"
 
 
 # -- evaluate_models -----------------------------------------------------------------------------------
