@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
+from fulltune._process import exit_now
 from fulltune.train.metrics import StepRecord
 from fulltune.train.recipe import main
 
@@ -40,4 +40,5 @@ def kill_after(step: int, rank: int, once: str | None):
 if __name__ == "__main__":
     after = int(os.environ["FAULTY_TRAINER_KILL_AFTER_STEP"])
     rank = int(os.environ.get("FAULTY_TRAINER_KILL_RANK", "0"))
-    sys.exit(main(step_end=[kill_after(after, rank, os.environ.get("FAULTY_TRAINER_ONCE"))]))
+    # leaves as `python -m fulltune.train` does: the interpreter's teardown can abort a finished gloo rank
+    exit_now(main(step_end=[kill_after(after, rank, os.environ.get("FAULTY_TRAINER_ONCE"))]))
