@@ -13,13 +13,21 @@ cluster run (a volume mounted into every step) only when the directory exists in
 then has the volume mounted. An s3:// `work_dir` has no limit to check. On this machine the temp
 directory is checked too: the final model is written there before it is copied to `work_dir`, and
 s3:// checkpoints and base models are staged there.
+
+When a checkpoint's write fails anyway (something else filled the disk since), torch.save says only
+"unexpected pos ..."; `failing_for_space` turns that into an error naming the directory, the bytes free
+and the bytes needed, with errno ENOSPC: exit 1, since a restart writes the same bytes to the same
+disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +42,20 @@ GiB = 1024**3
 CHECKPOINT_BYTES_PER_PARAM = {"adamw_torch": 12.0, "adafactor": 8.0}
 
 
+WORK_DIR_FIXES = "free space there, lower training.save_total_limit, or put work_dir on s3://"
+TEMP_DIR_FIXES = "free space there, or point TMPDIR at a larger disk"
+
+
 def checkpoint_bytes(cfg: RunConfig, params: int) -> float:
     """One complete checkpoint of `cfg`'s run: every rank's share together."""
     return params * CHECKPOINT_BYTES_PER_PARAM[cfg.training.optim]
+
+
+def checkpoint_bytes_in(cfg: RunConfig, params: int, root: str) -> float:
+    """What one checkpoint under `root` writes to the filesystem a node saves it to: all of it to a
+    shared directory; the node's share to its temp directory, to upload, when `root` is on S3."""
+    whole = checkpoint_bytes(cfg, params)
+    return whole * cfg.resources.nproc_per_node / cfg.world_size if storage.is_s3(root) else whole
 
 
 def model_bytes(cfg: RunConfig, params: int) -> float:
@@ -58,11 +77,7 @@ class Filesystem:
         """Why the run cannot write here, with what to change; None when it fits."""
         if self.needed_bytes <= self.free_bytes:
             return None
-        fixes = (
-            "free space there, lower training.save_total_limit, or put work_dir on s3://"
-            if self.purpose == "work_dir"
-            else "free space there, or point TMPDIR at a larger disk"
-        )
+        fixes = WORK_DIR_FIXES if self.purpose == "work_dir" else TEMP_DIR_FIXES
         return (
             f"the {self.purpose} {self.path} has {format_bytes(self.free_bytes)} free, and this run writes "
             f"~{format_bytes(self.needed_bytes)} there ({self.contents}): {fixes}"
@@ -134,7 +149,7 @@ def staged_on_a_node(cfg: RunConfig, params: int) -> list[tuple[float, str]]:
     model = model_bytes(cfg, params)
     staged = [(model, "the final model before it is copied to work_dir")]
     if storage.is_s3(cfg.work_dir) and _saves(cfg):
-        share = checkpoint_bytes(cfg, params) * cfg.resources.nproc_per_node / cfg.world_size
+        share = checkpoint_bytes_in(cfg, params, cfg.work_dir)
         staged.append((share, "a node's share of a checkpoint before its upload"))
     if storage.is_s3(cfg.model.base_model_uri):
         staged.append((model, "the base model, staged to load it"))
@@ -175,16 +190,62 @@ def _visible_dir(work_dir: str, here: bool) -> tuple[Path | None, str]:
         if path.is_dir():  # a volume mounted into plan's pod as into the training pods
             return path, ""
         return None, f"{work_dir} is not mounted in this step (the training pods' volume)"
-    while not path.is_dir():  # on this machine: the directory the run's will be made in
-        path = path.parent
-    return path, ""
+    return _nearest_dir(path), ""  # on this machine: the directory the run's will be made in
 
 
 def _bytes_under(directory: str) -> int:
-    """The size of the files under a local directory; 0 when it does not exist."""
+    """The size of the files under a local directory; 0 when it does not exist (or when `directory`
+    is empty). Files removed while it counts (another rank discarding a checkpoint) count 0."""
     root = Path(directory)
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    if not directory or not root.is_dir():
+        return 0
+    total = 0
+    for f in root.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 def _filesystem(purpose: str, path: Path, needed: float, contents: str) -> Filesystem:
     return Filesystem(purpose, str(path), needed, contents, float(shutil.disk_usage(path).free))
+
+
+class DiskFullError(OSError):
+    """A write its filesystem had no room for (errno ENOSPC: permanent, the trainer exits 1)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextlib.contextmanager
+def failing_for_space(
+    directory: str | Path, needed: float, what: str, fixes: str, partial: str | Path = ""
+) -> Iterator[None]:
+    """Re-raise a failed write of `what` into a local `directory` as a DiskFullError naming it when its
+    filesystem has less than the `needed` bytes free, counting the `partial` part written there as
+    free (the caller removes it, or a new attempt overwrites it); other failures, and any on S3,
+    pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if storage.is_s3(str(directory)):
+            raise
+        try:
+            free = shutil.disk_usage(_nearest_dir(Path(directory))).free + _bytes_under(str(partial))
+        except OSError:
+            free = math.inf  # unknown: the failure is reported as it is
+        if free >= needed:
+            raise
+        raise DiskFullError(
+            f"not enough disk for {what}: {directory} has {format_bytes(free)} free and it needs "
+            f"~{format_bytes(needed)}: {fixes}"
+        ) from exc
+
+
+def _nearest_dir(path: Path) -> Path:
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path

@@ -429,11 +429,20 @@ def upload_file(local_path: str | Path, uri: str, options: S3WriteOptions = DEFA
         with s3_errors(uri):
             options.client().upload_file(str(local_path), bucket, key, ExtraArgs=options.extra_args() or None)
         return
-    dest = Path(uri)
+    _copy_whole(local_path, Path(uri))
+
+
+def _copy_whole(src: str | Path, dest: Path) -> None:
+    """Copy to `dest` through a temporary name beside it: `dest` appears whole or not at all, and a
+    copy that fails (a full disk) leaves nothing behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(local_path, tmp)
-    os.replace(tmp, dest)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def copy_object(src: str, dst: str, options: S3WriteOptions = DEFAULT_WRITE) -> None:
@@ -456,7 +465,7 @@ def download_file(uri: str, local_path: str | Path) -> None:
         with s3_errors(uri):
             s3_client().download_file(bucket, key, str(local_path))
     else:
-        shutil.copyfile(uri, local_path)
+        _copy_whole(uri, Path(local_path))
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> list[str]:

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fulltune import storage
+from fulltune import disk, storage
 
 if TYPE_CHECKING:
     from fulltune.config import RunConfig
@@ -206,15 +206,24 @@ def save(
     rank: int,
     local_rank: int,
     keep: int,
+    needed_bytes: float,
 ) -> str:
     """Every rank writes its part; after a barrier rank 0 writes the manifest (last, with the run's
-    `identity`) and rotates."""
+    `identity`) and rotates. `needed_bytes`: what the checkpoint takes where this node writes it
+    (`disk.checkpoint_bytes_in`), to tell a full disk from another failure."""
     import torch.distributed as dist
 
     tag = tag_for(step)
     remote = storage.is_s3(root)
     target = _staging(root) if remote else Path(root)
-    engine.save_checkpoint(str(target), tag=tag, client_state=client_state, save_latest=False)
+    fixes = disk.TEMP_DIR_FIXES if remote else disk.WORK_DIR_FIXES
+    try:
+        with disk.failing_for_space(target, needed_bytes, f"checkpoint {tag}", fixes, partial=target / tag):
+            engine.save_checkpoint(str(target), tag=tag, client_state=client_state, save_latest=False)
+    except disk.DiskFullError:
+        # the part written would keep the disk full until the next save rotated it away
+        shutil.rmtree(target / tag, ignore_errors=True)
+        raise
     dist.barrier()
     if remote and local_rank == 0:
         storage.upload_dir(target / tag, storage.join(root, tag))

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fulltune import storage
+from fulltune import disk, storage
 from fulltune.config import RunConfig
 from fulltune.train import checkpoint, liger, recompute
 from fulltune.train.args import TrainerArgs
@@ -72,7 +72,7 @@ from fulltune.train.metrics import (
     training_summary,
 )
 from fulltune.train.schedule import batch_indices, lr_lambda, make_schedule, rank_micro_batches
-from fulltune.train.throughput import MfuMeter
+from fulltune.train.throughput import MfuMeter, parameter_count
 from fulltune.train.tracking import build_trackers
 
 if TYPE_CHECKING:
@@ -167,6 +167,8 @@ class Recipe:
         self.mfu = MfuMeter.for_run(
             self.engine.module, self.ranks, self.cfg.precision, self.sched.global_batch, seq_len
         )
+        params = parameter_count(self.engine.module)
+        self.checkpoint_bytes = disk.checkpoint_bytes_in(self.cfg, params, self.args.checkpoints or "")
         self._log_plan(seq_len)
         state = self._resume()
         self.first_step = int(state.get("step", 0))
@@ -453,6 +455,7 @@ class Recipe:
             rank=self.ranks.rank,
             local_rank=self.ranks.local_rank,
             keep=self.cfg.training.save_total_limit,
+            needed_bytes=self.checkpoint_bytes,
         )
         self._last_save = time.time()
 
@@ -523,14 +526,17 @@ def save_model(
         return
     from fulltune.hf import load_tokenizer
 
+    size, what = disk.model_bytes(cfg, parameter_count(engine.module)), "the final model"
     with tempfile.TemporaryDirectory(prefix="fulltune-model-") as tmp:
         out = Path(tmp)
-        engine.module.save_pretrained(out, state_dict=state_dict, max_shard_size="5GB")
-        load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code).save_pretrained(out)
-        (out / "fulltune_config.yaml").write_text(cfg.to_yaml())
-        (out / "training_summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+        with disk.failing_for_space(out.parent, size, what, disk.TEMP_DIR_FIXES, partial=out):
+            engine.module.save_pretrained(out, state_dict=state_dict, max_shard_size="5GB")
+            load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code).save_pretrained(out)
+            (out / "fulltune_config.yaml").write_text(cfg.to_yaml())
+            (out / "training_summary.json").write_text(json.dumps(summary.to_json(), indent=2))
         files = storage.file_manifest(out)
-        storage.upload_dir(out, args.output)
+        with disk.failing_for_space(args.output, size, what, disk.WORK_DIR_FIXES, partial=args.output):
+            storage.upload_dir(out, args.output)
         manifest = {"files": files, "summary": summary.to_json(), "run": identity}
         storage.write_json(storage.join(args.output, MODEL_MANIFEST), manifest)
     storage.write_text(args.metrics, "".join(json.dumps(r.to_json()) + "\n" for r in records))

@@ -55,9 +55,14 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, world
     return tokens_per_s * flops_per_tok / (peak_per_device * world)
 
 
+def parameter_count(model) -> int:
+    """The model's parameters, whole even where ZeRO-3 holds each rank's partition only."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls: all of them, less an untied input embedding (a lookup)."""
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    params = parameter_count(model)
     emb, out = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is not None and (out is None or out.weight is not emb.weight):
         params -= getattr(emb.weight, "ds_numel", emb.weight.numel())
