@@ -144,6 +144,7 @@ class FakeKube:
         self.secrets: dict[tuple[str, str], dict] = {}
         self.namespaces: dict[str, dict] = {}
         self.quotas: dict[str, list[dict]] = {}
+        self.nodes: list[dict] = []  # Node objects: metadata (name, labels), spec (taints), status
         self.forbidden: set[str] = set()  # resource kinds whose reads answer 403 ("secrets", "namespaces")
         # SubjectAccessReview: what each user may do (the user's set of (group, resource, verb)); a
         # "subjectaccessreviews" in `forbidden` refuses the review itself (403).
@@ -458,7 +459,8 @@ def _handler(kube: FakeKube):
         # -- endpoints --------------------------------------------------------------------------
 
         def _cluster_inspection(self, parts: list[str], body: Any) -> bool:
-            """Discovery, access reviews, Secrets, namespaces and quotas; False if not one of them."""
+            """Discovery, access reviews, nodes, Secrets, namespaces and quotas; False if not one of
+            them."""
             if parts[0] == "apis" and len(parts) == 3 and self.command == "GET":
                 group_version = f"{parts[1]}/{parts[2]}"
                 if group_version not in kube.api_resources:
@@ -485,6 +487,12 @@ def _handler(kube: FakeKube):
                 return True
             if parts == ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"]:
                 self._subject_access_review(body)
+                return True
+            if parts == ["api", "v1", "nodes"] and self.command == "GET":
+                if "nodes" in kube.forbidden:
+                    self._send(403, _status(403, "Forbidden", "nodes is forbidden at the cluster scope"))
+                else:
+                    self._send(200, {"kind": "NodeList", "apiVersion": "v1", "items": kube.nodes})
                 return True
             if parts[:2] != ["api", "v1"] or len(parts) < 3 or parts[2] != "namespaces":
                 return False

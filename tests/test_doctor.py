@@ -22,6 +22,16 @@ RUNTIME = {
 }
 
 
+def node(
+    name: str, allocatable: dict[str, str], labels: dict | None = None, taints: list | None = None
+) -> dict:
+    return {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {"taints": taints or []},
+        "status": {"allocatable": {"pods": "110", "ephemeral-storage": "400Gi", **allocatable}},
+    }
+
+
 @pytest.fixture
 def cluster(tmp_path, monkeypatch, s3):
     """A namespace with everything a run needs: the operator's API, the launcher's verbs, the S3
@@ -46,6 +56,11 @@ def cluster(tmp_path, monkeypatch, s3):
                     },
                 },
             }
+        ]
+        kube.nodes = [
+            node("gpu-a", {"nvidia.com/gpu": "8", "cpu": "95500m", "memory": "1900Gi"}),
+            node("gpu-b", {"nvidia.com/gpu": "8", "cpu": "95500m", "memory": "1900Gi"}),
+            node("system-1", {"cpu": "7910m", "memory": "29Gi"}),
         ]
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(
@@ -103,10 +118,15 @@ def test_a_cluster_with_everything_in_place_passes(cluster, capsys):
         "work_dir bucket",
         "Istio",
         "quota",
+        "nodes",
     ):
         assert f"] {check}:" in out
     assert "multi-user" in out
     assert "requests.nvidia.com/gpu 8" in out  # 2 nodes x 4 GPUs
+    assert (
+        "[     ok] nodes: 2 of 3 nodes can each hold a training pod (nvidia.com/gpu 4, cpu 32, memory 256Gi), 2 needed"
+        in out
+    )
 
 
 def test_a_missing_training_operator_is_reported_with_its_fix(cluster, capsys):
@@ -306,12 +326,64 @@ def test_a_quota_without_room_for_the_gpus_fails(cluster, capsys):
     assert "kf-resource-quota: requests.nvidia.com/gpu needs 8, 16 hard, 12 used" in out
 
 
+def test_gpu_nodes_the_pods_cannot_go_on_are_named_with_what_to_set(cluster, capsys, tmp_path):
+    """The usual first-install Pending pods: the GPU nodes carry a taint the pods do not tolerate."""
+    kube, kfp, config = cluster
+    for gpu_node in kube.nodes[:2]:
+        gpu_node["spec"]["taints"] = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    kube.nodes[2]["spec"]["taints"] = [{"key": "spot", "effect": "PreferNoSchedule"}]  # a preference only
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0, out  # a cluster autoscaler may add fitting nodes: a warning, not a failure
+    assert (
+        "[   warn] nodes: 0 of 3 nodes can each hold a training pod (nvidia.com/gpu 4, cpu 32, memory "
+    ) in out
+    assert "gpu-a, gpu-b: taint nvidia.com/gpu=present:NoSchedule not tolerated" in out
+    assert "system-1: nvidia.com/gpu 0 allocatable, 4 needed" in out
+    assert "add the taint to resources.kubernetes.tolerations" in out and "no GPU device plugin" in out
+
+    tolerating = yaml.safe_load(open(config))
+    tolerating["resources"]["kubernetes"]["tolerations"] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    (tmp_path / "tolerating.yaml").write_text(yaml.safe_dump(tolerating))
+    code, out = doctor(kfp, str(tmp_path / "tolerating.yaml"), capsys)
+    assert "[     ok] nodes: 2 of 3 nodes can each hold a training pod" in out, out
+
+
+def test_nodes_too_small_cordoned_or_unlabelled_for_the_pods_are_told_apart(cluster, capsys, tmp_path):
+    kube, kfp, config = cluster
+    kube.nodes[0]["spec"]["unschedulable"] = True
+    kube.nodes[1]["metadata"]["labels"] = {"pool": "h100"}
+    kube.nodes.append(
+        node("gpu-c", {"nvidia.com/gpu": "4", "cpu": "95500m", "memory": "1900Gi"}, {"pool": "h100"})
+    )
+    wide = yaml.safe_load(open(config))
+    wide["resources"].update(nproc_per_node=8, num_nodes=1)
+    wide["resources"]["kubernetes"]["node_selector"] = {"pool": "h100"}
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(wide))
+    code, out = doctor(kfp, str(tmp_path / "wide.yaml"), capsys)
+    assert "[   warn] nodes: 1 of 4 nodes can each hold a training pod" not in out
+    assert "nodes: 1 of 4 nodes can each hold a training pod (nvidia.com/gpu 8, " in out, out  # gpu-b
+    assert "[     ok] nodes:" in out
+
+    wide["resources"].update(num_nodes=2)
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(wide))
+    code, out = doctor(kfp, str(tmp_path / "wide.yaml"), capsys)
+    assert "[   warn] nodes: 1 of 4 nodes can each hold a training pod" in out and ", 2 needed" in out
+    assert "gpu-a: cordoned" in out
+    assert "system-1: no label pool=h100 (node_selector)" in out
+    assert "gpu-c: nvidia.com/gpu 4 allocatable, 8 needed" in out
+    assert "lower resources.nproc_per_node to the GPUs one node has" in out
+    assert "set resources.kubernetes.node_selector" in out and "uncordon" in out
+
+
 def test_what_it_may_not_read_is_unknown_not_failed(cluster, capsys):
     """A profile's account often may not read Secrets or its Namespace: said, and not a failure."""
     kube, kfp, config = cluster
-    kube.forbidden = {"secrets", "namespaces"}
+    kube.forbidden = {"secrets", "namespaces", "nodes"}
     code, out = doctor(kfp, config, capsys)
     assert code == 0
+    assert "[unknown] nodes: cannot list nodes (403)" in out
     assert "S3 Secret: cannot read Secrets (403)" in out
     assert "[unknown] Istio: cannot read namespace team-a (403)" in out
 
