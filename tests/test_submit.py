@@ -1054,6 +1054,22 @@ def test_check_cluster_submits_when_the_cluster_serves_the_launcher(kfp, kube, p
     )
 
 
+def test_check_cluster_warns_of_pods_no_node_could_hold_and_still_submits(kfp, kube, params, capsys):
+    """No node fits now, but an autoscaler may add one: the run is told why and goes ahead."""
+    kube.nodes = [
+        {
+            "metadata": {"name": "gpu-a"},
+            "spec": {"taints": [{"key": "dedicated", "value": "research", "effect": "NoSchedule"}]},
+            "status": {"allocatable": {"nvidia.com/gpu": "8", "cpu": "96", "memory": "1Ti"}},
+        }
+    ]
+    assert submit(kfp, params, "--check-cluster") == 0
+    out = capsys.readouterr().out
+    assert "[   warn] nodes: 0 of 1 nodes can each hold a training pod" in out
+    assert "gpu-a: taint dedicated=research:NoSchedule not tolerated" in out
+    assert len(kfp.runs) == 1
+
+
 def test_check_cluster_refuses_a_trainjob_whose_runtime_is_missing(kfp, kube, tmp_path, capsys):
     kube.api_resources = dict(TRAINER_V2)
     path = trainjob_params(tmp_path)

@@ -23,7 +23,8 @@ Checks (in the namespace the runs go to):
 - enough nodes that could each hold a training pod: its GPUs, CPU, memory and ephemeral storage
   within a node's allocatable, the node_selector's labels, every NoSchedule taint tolerated.
 
-The launcher's checks (`LAUNCHER_CHECKS`: its API, its runtime, its RBAC) need no KFP run;
+The launcher's checks (`LAUNCHER_CHECKS`: its API, its runtime, its RBAC, nodes for its pods) need
+no KFP run;
 `fulltune submit --check-cluster` runs the same functions before it creates a run.
 """
 
@@ -69,12 +70,11 @@ Check = Callable[[RunConfig, Cluster], list[Finding]]
 
 
 def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    checks = [check_kfp, *LAUNCHER_CHECKS, check_s3, check_mlflow, check_istio, check_quota, check_nodes]
-    return _run(checks, cfg, cluster)
+    return _run([check_kfp, *LAUNCHER_CHECKS, check_s3, check_mlflow, check_istio, check_quota], cfg, cluster)
 
 
 def launcher_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    """The checks that need no KFP run: the launcher's API, its runtime, its RBAC."""
+    """The checks that need no KFP run: the launcher's API, its runtime, its RBAC, nodes for its pods."""
     return _run(LAUNCHER_CHECKS, cfg, cluster)
 
 
@@ -231,7 +231,95 @@ def check_access(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     ]
 
 
-LAUNCHER_CHECKS: tuple[Check, ...] = (check_training_api, check_runtime, check_access)
+def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    """Whether `resources.num_nodes` nodes could each hold a training pod: schedulable, carrying the
+    node_selector's labels, no NoSchedule/NoExecute taint the pods do not tolerate, and the pod's
+    requests within the node's allocatable. Pods already on a node are not counted. A shortfall
+    warns rather than fails: a cluster autoscaler may add the nodes when the pods ask for them."""
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    from fulltune.launch.kubernetes import KINDS
+
+    res = cfg.resources
+    if res.launcher not in KINDS:
+        return []
+    try:
+        nodes = CoreV1Api(cluster.api).list_node().items
+    except ApiException as exc:
+        fix = "run the doctor as someone who may list nodes, or ask the platform team which nodes fit"
+        return [Finding("nodes", UNKNOWN, f"cannot list nodes ({exc.status})", fix)]
+    requests = _pod_requests(cfg)
+    unfit: dict[tuple[str, str], list[str]] = {}  # (kind, why) -> node names
+    for node in nodes:
+        if why := _why_unfit(node, res.kubernetes, requests):
+            unfit.setdefault(why, []).append(node.metadata.name)
+    fitting = len(nodes) - sum(len(names) for names in unfit.values())
+    pod = ", ".join(f"{key} {value}" for key, value in requests.items())
+    detail = f"{fitting} of {len(nodes)} nodes can each hold a training pod ({pod}), {res.num_nodes} needed"
+    if fitting >= res.num_nodes:
+        return [Finding("nodes", OK, f"{detail} (by allocatable; pods already there not counted)")]
+    for (_, why), names in unfit.items():
+        detail += f"; {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}: {why}"
+    fixes = "; ".join(dict.fromkeys(_NODE_FIXES[kind] for kind, _ in unfit))
+    return [Finding("nodes", WARN, detail, f"{fixes} ({_AUTOSCALER})" if fixes else _AUTOSCALER)]
+
+
+_AUTOSCALER = "without them the pods stay Pending, unless a cluster autoscaler adds fitting nodes on demand"
+_NODE_FIXES = {
+    "cordoned": "uncordon the node",
+    "label": "set resources.kubernetes.node_selector to labels the training nodes carry",
+    "taint": "add the taint to resources.kubernetes.tolerations (key, operator, effect)",
+    "gpu": (
+        "lower resources.nproc_per_node to the GPUs one node has and raise resources.num_nodes (a node "
+        "with no GPUs allocatable runs no GPU device plugin)"
+    ),
+    "cpu": "lower resources.kubernetes.cpu",
+    "memory": "lower resources.kubernetes.memory",
+    "ephemeral-storage": "put work_dir on a volume, or use nodes with larger disks (resources.kubernetes.ephemeral_storage)",
+}
+
+
+def _pod_requests(cfg: RunConfig) -> dict[str, str]:
+    """One training pod's requests, as its manifest has them."""
+    from fulltune.launch.pytorchjob import pod_requests, pod_resources
+
+    res = cfg.resources
+    return pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
+
+
+def _why_unfit(node, k8s, requests: dict[str, str]) -> tuple[str, str] | None:
+    """Why a training pod cannot go on `node`: (its `_NODE_FIXES` key, the reason); None if it can."""
+    spec, labels = node.spec, node.metadata.labels or {}
+    if spec and spec.unschedulable:
+        return "cordoned", "cordoned"
+    for key, value in k8s.node_selector.items():
+        if labels.get(key) != value:
+            return "label", f"no label {key}={value} (node_selector)"
+    for taint in (spec.taints if spec else None) or []:
+        if taint.effect in ("NoSchedule", "NoExecute") and not any(
+            _tolerates(t, taint) for t in k8s.tolerations
+        ):
+            shown = f"{taint.key}={taint.value}" if taint.value else taint.key
+            return "taint", f"taint {shown}:{taint.effect} not tolerated"
+    allocatable = (node.status.allocatable if node.status else None) or {}
+    for key, amount in requests.items():
+        if parse_quantity(allocatable.get(key, "0")) < parse_quantity(amount):
+            kind = key if key in _NODE_FIXES else "gpu"
+            return kind, f"{key} {allocatable.get(key, '0')} allocatable, {amount} needed"
+    return None
+
+
+def _tolerates(toleration, taint) -> bool:
+    """Kubernetes' matching: an empty effect tolerates every effect; Exists with no key every taint."""
+    if toleration.effect and toleration.effect != taint.effect:
+        return False
+    if toleration.operator == "Exists":
+        return toleration.key in (None, "") or toleration.key == taint.key
+    return toleration.key == taint.key and (toleration.value or "") == (taint.value or "")
+
+
+LAUNCHER_CHECKS: tuple[Check, ...] = (check_training_api, check_runtime, check_access, check_nodes)
 
 
 def check_s3(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
@@ -356,94 +444,6 @@ def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     return [
         Finding("quota", OK, f"room for the training pods ({_needs_text(need)}) in {len(quotas)} quota(s)")
     ]
-
-
-def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    """Whether `resources.num_nodes` nodes could each hold a training pod: schedulable, carrying the
-    node_selector's labels, no NoSchedule/NoExecute taint the pods do not tolerate, and the pod's
-    requests within the node's allocatable. Pods already on a node are not counted. A shortfall
-    warns rather than fails: a cluster autoscaler may add the nodes when the pods ask for them."""
-    from kubernetes.client import CoreV1Api
-    from kubernetes.client.exceptions import ApiException
-
-    from fulltune.launch.kubernetes import KINDS
-
-    res = cfg.resources
-    if res.launcher not in KINDS:
-        return []
-    try:
-        nodes = CoreV1Api(cluster.api).list_node().items
-    except ApiException as exc:
-        fix = "run the doctor as someone who may list nodes, or ask the platform team which nodes fit"
-        return [Finding("nodes", UNKNOWN, f"cannot list nodes ({exc.status})", fix)]
-    requests = _pod_requests(cfg)
-    unfit: dict[tuple[str, str], list[str]] = {}  # (kind, why) -> node names
-    for node in nodes:
-        if why := _why_unfit(node, res.kubernetes, requests):
-            unfit.setdefault(why, []).append(node.metadata.name)
-    fitting = len(nodes) - sum(len(names) for names in unfit.values())
-    pod = ", ".join(f"{key} {value}" for key, value in requests.items())
-    detail = f"{fitting} of {len(nodes)} nodes can each hold a training pod ({pod}), {res.num_nodes} needed"
-    if fitting >= res.num_nodes:
-        return [Finding("nodes", OK, f"{detail} (by allocatable; pods already there not counted)")]
-    for (_, why), names in unfit.items():
-        detail += f"; {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}: {why}"
-    fixes = "; ".join(dict.fromkeys(_NODE_FIXES[kind] for kind, _ in unfit))
-    return [Finding("nodes", WARN, detail, f"{fixes} ({_AUTOSCALER})" if fixes else _AUTOSCALER)]
-
-
-_AUTOSCALER = "without them the pods stay Pending, unless a cluster autoscaler adds fitting nodes on demand"
-_NODE_FIXES = {
-    "cordoned": "uncordon the node",
-    "label": "set resources.kubernetes.node_selector to labels the training nodes carry",
-    "taint": "add the taint to resources.kubernetes.tolerations (key, operator, effect)",
-    "gpu": (
-        "lower resources.nproc_per_node to the GPUs one node has and raise resources.num_nodes (a node "
-        "with no GPUs allocatable runs no GPU device plugin)"
-    ),
-    "cpu": "lower resources.kubernetes.cpu",
-    "memory": "lower resources.kubernetes.memory",
-    "ephemeral-storage": "put work_dir on a volume, or use nodes with larger disks (resources.kubernetes.ephemeral_storage)",
-}
-
-
-def _pod_requests(cfg: RunConfig) -> dict[str, str]:
-    """One training pod's requests, as its manifest has them."""
-    from fulltune.launch.pytorchjob import pod_requests, pod_resources
-
-    res = cfg.resources
-    return pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
-
-
-def _why_unfit(node, k8s, requests: dict[str, str]) -> tuple[str, str] | None:
-    """Why a training pod cannot go on `node`: (its `_NODE_FIXES` key, the reason); None if it can."""
-    spec, labels = node.spec, node.metadata.labels or {}
-    if spec and spec.unschedulable:
-        return "cordoned", "cordoned"
-    for key, value in k8s.node_selector.items():
-        if labels.get(key) != value:
-            return "label", f"no label {key}={value} (node_selector)"
-    for taint in (spec.taints if spec else None) or []:
-        if taint.effect in ("NoSchedule", "NoExecute") and not any(
-            _tolerates(t, taint) for t in k8s.tolerations
-        ):
-            shown = f"{taint.key}={taint.value}" if taint.value else taint.key
-            return "taint", f"taint {shown}:{taint.effect} not tolerated"
-    allocatable = (node.status.allocatable if node.status else None) or {}
-    for key, amount in requests.items():
-        if parse_quantity(allocatable.get(key, "0")) < parse_quantity(amount):
-            kind = key if key in _NODE_FIXES else "gpu"
-            return kind, f"{key} {allocatable.get(key, '0')} allocatable, {amount} needed"
-    return None
-
-
-def _tolerates(toleration, taint) -> bool:
-    """Kubernetes' matching: an empty effect tolerates every effect; Exists with no key every taint."""
-    if toleration.effect and toleration.effect != taint.effect:
-        return False
-    if toleration.operator == "Exists":
-        return toleration.key in (None, "") or toleration.key == taint.key
-    return toleration.key == taint.key and (toleration.value or "") == (taint.value or "")
 
 
 def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
