@@ -377,6 +377,72 @@ def test_nodes_too_small_cordoned_or_unlabelled_for_the_pods_are_told_apart(clus
     assert "set resources.kubernetes.node_selector" in out and "uncordon" in out
 
 
+def claim(name: str, modes: list[str], phase: str = "Bound") -> dict:
+    return {
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"accessModes": modes, "resources": {"requests": {"storage": "2Ti"}}},
+        "status": {"phase": phase, "accessModes": modes if phase == "Bound" else None},
+    }
+
+
+def with_volumes(config: str, tmp_path, *volumes: dict, num_nodes: int = 2) -> str:
+    run = yaml.safe_load(open(config))
+    run["work_dir"] = "/work/runs"
+    run["resources"]["num_nodes"] = num_nodes
+    run["resources"]["kubernetes"]["volumes"] = list(volumes)
+    path = tmp_path / f"volumes-{len(volumes)}-{num_nodes}.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+def test_a_read_write_once_work_volume_for_pods_on_several_nodes_fails_before_they_hang(
+    cluster, capsys, tmp_path
+):
+    """An RWO claim attaches to one node: the second training pod would sit in ContainerCreating."""
+    kube, kfp, config = cluster
+    kube.claims[(NS, "work")] = claim("work", ["ReadWriteOnce"])
+    kube.claims[(NS, "models")] = claim("models", ["ReadOnlyMany"])
+    volumes = (
+        {"claim_name": "work", "mount_path": "/work"},
+        {"claim_name": "models", "mount_path": "/models", "read_only": True},
+    )
+    code, out = doctor(kfp, with_volumes(config, tmp_path, *volumes), capsys)
+    assert code == 1, out
+    assert (
+        "[   FAIL] volume work: ReadWriteOnce: it attaches to one node, and the 2 training pods run on 2 nodes"
+        in out
+    )
+    assert "use a ReadWriteMany claim" in out
+    assert "[     ok] volume models: Bound, ReadOnlyMany" in out  # mounted read-only: shared is enough
+
+    kube.claims[(NS, "work")] = claim("work", ["ReadWriteMany"], phase="Pending")
+    code, out = doctor(kfp, with_volumes(config, tmp_path, *volumes), capsys)
+    assert code == 0, out
+    assert "[   warn] volume work: Pending, not bound yet (ReadWriteMany)" in out
+    assert "WaitForFirstConsumer" in out
+
+    # one training node: an RWO claim works while every pod mounting it shares that node
+    kube.claims[(NS, "work")] = claim("work", ["ReadWriteOnce"])
+    code, out = doctor(kfp, with_volumes(config, tmp_path, *volumes, num_nodes=1), capsys)
+    assert code == 0, out
+    assert "[   warn] volume work: ReadWriteOnce: every pod that mounts it must share one node" in out
+
+
+def test_a_missing_volume_claim_is_named_with_the_setting_that_names_it(cluster, capsys, tmp_path):
+    kube, kfp, config = cluster
+    kube.claims[(NS, "work")] = claim("work", ["ReadWriteMany"])
+    volumes = ({"claim_name": "work", "mount_path": "/work"}, {"claim_name": "ckpt", "mount_path": "/ckpt"})
+    code, out = doctor(kfp, with_volumes(config, tmp_path, *volumes), capsys)
+    assert code == 1
+    assert "[     ok] volume work: Bound, ReadWriteMany" in out
+    assert "[   FAIL] volume ckpt: no PersistentVolumeClaim ckpt in team-a" in out
+    assert "resources.kubernetes.volumes[1].claim_name" in out
+    kube.forbidden = {"persistentvolumeclaims"}
+    code, out = doctor(kfp, with_volumes(config, tmp_path, *volumes), capsys)
+    assert code == 0
+    assert "[unknown] volume ckpt: cannot read PersistentVolumeClaim ckpt (403)" in out
+
+
 def test_what_it_may_not_read_is_unknown_not_failed(cluster, capsys):
     """A profile's account often may not read Secrets or its Namespace: said, and not a failure."""
     kube, kfp, config = cluster

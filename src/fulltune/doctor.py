@@ -20,11 +20,13 @@ Checks (in the namespace the runs go to):
 - the MLflow Secret, when one is named (`--mlflow-secret`), exists and holds MLFLOW_TRACKING_URI;
 - Istio injection on the namespace, and what that means for the training pods;
 - room in the namespace's ResourceQuotas for the training pods' GPUs, CPU and memory;
+- each PersistentVolumeClaim the training pods mount exists, is bound, and can be mounted by all of
+  them (ReadWriteMany when they run on several nodes);
 - enough nodes that could each hold a training pod: its GPUs, CPU, memory and ephemeral storage
   within a node's allocatable, the node_selector's labels, every NoSchedule taint tolerated.
 
-The launcher's checks (`LAUNCHER_CHECKS`: its API, its runtime, its RBAC, nodes for its pods) need
-no KFP run;
+The launcher's checks (`LAUNCHER_CHECKS`: its API, its runtime, its RBAC, its pods' volumes and
+nodes) need no KFP run;
 `fulltune submit --check-cluster` runs the same functions before it creates a run.
 """
 
@@ -74,7 +76,7 @@ def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
 
 def launcher_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    """The checks that need no KFP run: the launcher's API, its runtime, its RBAC, nodes for its pods."""
+    """The checks that need no KFP run: the launcher's API, runtime and RBAC, its pods' volumes and nodes."""
     return _run(LAUNCHER_CHECKS, cfg, cluster)
 
 
@@ -319,7 +321,75 @@ def _tolerates(toleration, taint) -> bool:
     return toleration.key == taint.key and (toleration.value or "") == (taint.value or "")
 
 
-LAUNCHER_CHECKS: tuple[Check, ...] = (check_training_api, check_runtime, check_access, check_nodes)
+def check_volumes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    """Each PersistentVolumeClaim of `resources.kubernetes.volumes`: it exists, is bound, and its
+    access modes let every training pod mount it. A ReadWriteOnce volume attaches to one node: with
+    the training pods on several nodes all but the first stay in ContainerCreating ("Multi-Attach
+    error"), which no config check sees."""
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    from fulltune.launch.kubernetes import KINDS
+
+    res = cfg.resources
+    if res.launcher not in KINDS:
+        return []
+    findings = []
+    for i, volume in enumerate(res.kubernetes.volumes):
+        check, name = f"volume {volume.claim_name}", volume.claim_name
+        try:
+            claim = CoreV1Api(cluster.api).read_namespaced_persistent_volume_claim(name, cluster.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                findings.append(
+                    Finding(check, UNKNOWN, f"cannot read PersistentVolumeClaim {name} ({exc.status})")
+                )
+                continue
+            fix = f"create it in {cluster.namespace}, or fix resources.kubernetes.volumes[{i}].claim_name"
+            findings.append(
+                Finding(check, FAIL, f"no PersistentVolumeClaim {name} in {cluster.namespace}", fix)
+            )
+            continue
+        findings.append(_volume_finding(check, claim, volume, res.num_nodes))
+    return findings
+
+
+_SHARED_MODES = {"ReadWriteMany", "ReadOnlyMany"}
+_RWX_FIX = "use a ReadWriteMany claim (NFS, CephFS, EFS, Filestore, Azure Files), or put work_dir on s3://"
+
+
+def _volume_finding(check: str, claim, volume, num_nodes: int) -> Finding:
+    """What a claim that exists means for the training pods: its access modes, then its phase."""
+    modes = set((claim.status.access_modes if claim.status else None) or claim.spec.access_modes or [])
+    phase = (claim.status.phase if claim.status else None) or "Pending"
+    shared = modes & (_SHARED_MODES if volume.read_only else {"ReadWriteMany"})
+    shown = ", ".join(sorted(modes)) or "no access modes"
+    if not shared and num_nodes > 1:
+        why = f"{shown}: it attaches to one node, and the {num_nodes} training pods run on {num_nodes} nodes"
+        return Finding(
+            check, FAIL, f"{why} (the others stay in ContainerCreating: Multi-Attach error)", _RWX_FIX
+        )
+    if phase == "Lost":
+        return Finding(
+            check, FAIL, "Lost: its PersistentVolume is gone", "restore the volume or make a new claim"
+        )
+    if not shared:
+        why = f"{shown}: every pod that mounts it must share one node (the steps given --work-pvc too)"
+        return Finding(check, WARN, why, _RWX_FIX)
+    if phase != "Bound":
+        why = f"{phase}, not bound yet ({shown})"
+        fix = "a WaitForFirstConsumer storage class binds it when the first pod starts; else no volume matches it"
+        return Finding(check, WARN, why, fix)
+    return Finding(check, OK, f"Bound, {shown}")
+
+
+LAUNCHER_CHECKS: tuple[Check, ...] = (
+    check_training_api,
+    check_runtime,
+    check_access,
+    check_volumes,
+    check_nodes,
+)
 
 
 def check_s3(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
