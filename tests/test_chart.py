@@ -1006,6 +1006,39 @@ def test_existing_claim_is_mounted_not_created(chart):
     ]
 
 
+def test_the_work_volume_is_mounted_into_every_step_pod_of_the_uploaded_pipeline(chart, tmp_path):
+    """A work_dir on the chart's volume is written by the steps too (shards, plan, evaluation): the
+    hook uploads the pipeline with the claim mounted where the training pods mount it, the same
+    package `fulltune compile --work-pvc` makes; without the volume nothing is mounted."""
+    from fulltune.cli import build_parser
+    from fulltune.kfp.compile import compile_pipeline
+    from fulltune.kfp.run_parameters import ClusterPackage
+    from fulltune.kfp.submit import package_file
+
+    values = {"pipelineUpload": {"enabled": True, "mode": "upload"}}
+    volume = {"workDir": {"pvc": {"enabled": True, "existingClaim": "shared-nfs", "mountPath": "/work"}}}
+    _, _, container = _job_container(render(chart, {**values, **volume}))
+    upload = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert upload.work_pvc == "shared-nfs:/work"
+    settings = ClusterPackage(s3_secret=upload.s3_secret, work_pvc=upload.work_pvc)
+    with package_file(PIPELINE, settings) as package:
+        uploaded = list(yaml.safe_load_all(package.path.read_text()))
+    assert uploaded == list(
+        yaml.safe_load_all(compile_pipeline(tmp_path / "c.yaml", work_pvc="shared-nfs:/work").read_text())
+    )
+    executors = uploaded[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    steps = uploaded[0]["deploymentSpec"]["executors"]
+    assert {name for name in steps if executors[name]["pvcMount"][0]["mountPath"] == "/work"} == set(steps)
+
+    _, _, container = _job_container(render(chart, values))
+    assert build_parser().parse_args(container["command"][1:] + container["args"]).work_pvc is None
+    mounted = compile_pipeline(tmp_path / "mounted.yaml", work_pvc="shared-nfs:/work")
+    with package_file(mounted, ClusterPackage(work_pvc="")) as package:  # '' takes the mount away
+        assert list(yaml.safe_load_all(package.path.read_text())) == list(
+            yaml.safe_load_all(PIPELINE.read_text())
+        )
+
+
 # -- network policy ---------------------------------------------------------------------------------
 
 

@@ -120,7 +120,7 @@ def build_pipeline(
     """
     cluster = ClusterSettings(
         s3_secret=s3_secret or "",
-        work_pvc=_parse_pvc(work_pvc) if work_pvc else None,
+        work_pvc=parse_pvc(work_pvc) if work_pvc else None,
         resources=dict(step_resources or STEP_RESOURCES),
         registry_secret=registry_secret or "",
         mlflow_secret=mlflow_secret or "",
@@ -219,7 +219,8 @@ POD_RETRY = {
 }
 
 
-def _parse_pvc(spec: str) -> tuple[str, str]:
+def parse_pvc(spec: str) -> tuple[str, str]:
+    """(claim, mount path) of a `--work-pvc` value, CLAIM:/mount/path."""
     claim, sep, path = spec.partition(":")
     if not (claim and sep and path.startswith("/")):
         raise ValueError(f"work_pvc {spec!r}: expected CLAIM:/mount/path, e.g. fulltune-work:/work")

@@ -114,6 +114,8 @@ class ClusterPackage:
     s3_secret: the Secret every step pod reads its S3 credentials from; "" reads none.
     mlflow_secret: the Secret the train, evaluate and register steps and the training pods read the
         MLflow server and credentials from; "" reads none.
+    work_pvc: "CLAIM:/PATH", a ReadWriteMany claim mounted into every step pod, for a work_dir on a
+        volume (the training pods mount it through `resources.kubernetes.volumes`); "" mounts none.
     """
 
     defaults: str | Path | None = None
@@ -121,6 +123,7 @@ class ClusterPackage:
     trainer_image: str | None = None
     s3_secret: str | None = None
     mlflow_secret: str | None = None
+    work_pvc: str | None = None
 
     def __bool__(self) -> bool:
         return any(v is not None for v in vars(self).values())
@@ -177,6 +180,35 @@ def _retarget(docs: list[dict], settings: ClusterPackage, package: Path) -> None
     mlflow = settings.mlflow_secret if settings.mlflow_secret is not None else constants.get("mlflow_secret")
     if mlflow is not None:
         _set_mlflow_secret(docs, train_inputs, mlflow, package)
+    if settings.work_pvc is not None:
+        _set_work_pvc(docs, settings.work_pvc)
+
+
+def _set_work_pvc(docs: list[dict], spec: str) -> None:
+    """Mount the claim of `spec` ("CLAIM:/PATH"; "" none) into every step pod, as compiling with
+    `--work-pvc` does: one pvcMount in each executor's platform settings."""
+    from fulltune.kfp.pipeline import parse_pvc
+
+    mounts = []
+    if spec:
+        try:
+            claim, path = parse_pvc(spec)
+        except ValueError as exc:
+            raise ConfigError(f"--work-pvc: {exc}") from None
+        name = {"runtimeValue": {"constant": claim}}
+        mounts = [{"constant": claim, "mountPath": path, "pvcNameParameter": name}]
+    if len(docs) < 2:  # no platform settings at all
+        docs.append({})
+    platform = docs[1].setdefault("platforms", {}).setdefault("kubernetes", {})
+    executors = platform.setdefault("deploymentSpec", {}).setdefault("executors", {})
+    for step in docs[0].get("deploymentSpec", {}).get("executors", {}):
+        settings = {k: v for k, v in executors.get(step, {}).items() if k != "pvcMount"}
+        if mounts:
+            settings["pvcMount"] = mounts
+        if settings:
+            executors[step] = dict(sorted(settings.items()))  # the compiler's key order
+        else:
+            executors.pop(step, None)
 
 
 def _set_mlflow_secret(docs: list[dict], train_task: dict, name: str, package: Path) -> None:

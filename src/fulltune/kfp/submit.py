@@ -1181,11 +1181,20 @@ def add_cluster_package_arguments(p) -> None:
         help="the Secret the train, evaluate and register steps and the training pods read the MLflow "
         "server and credentials (MLFLOW_TRACKING_*) from (default: the package's); '' for none",
     )
+    p.add_argument(
+        "--work-pvc",
+        default=None,
+        metavar="CLAIM:/PATH",
+        help="mount this ReadWriteMany PersistentVolumeClaim into every step pod, for a work_dir on a "
+        "volume (default: the package's); '' for none",
+    )
 
 
 def cluster_package(args) -> ClusterPackage:
     """The `ClusterPackage` the command line asks for (all None: the package as it is)."""
-    return ClusterPackage(args.defaults, args.image, args.trainer_image, args.s3_secret, args.mlflow_secret)
+    return ClusterPackage(
+        args.defaults, args.image, args.trainer_image, args.s3_secret, args.mlflow_secret, args.work_pvc
+    )
 
 
 def add_upload_arguments(p) -> None:
