@@ -377,6 +377,30 @@ def test_nodes_too_small_cordoned_or_unlabelled_for_the_pods_are_told_apart(clus
     assert "set resources.kubernetes.node_selector" in out and "uncordon" in out
 
 
+def test_nodes_whose_gpus_are_smaller_than_the_memory_plan_assumed_do_not_count(cluster, capsys):
+    """GPU feature discovery's labels give each node's GPU memory: a pod planned for 80 GiB GPUs
+    would run out of memory at its first step on 24 GiB ones; GPUs well above the plan's are said,
+    since plan left their memory (and speed) unused."""
+    kube, kfp, config = cluster
+    gfd = {"nvidia.com/gpu.product": "NVIDIA-A10G", "nvidia.com/gpu.memory": "23028"}
+    kube.nodes[0]["metadata"]["labels"] = gfd
+    h100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.memory": "81559"}
+    kube.nodes[1]["metadata"]["labels"] = h100  # 79.6 GiB: what an "80 GB" GPU shows
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0
+    assert "[   warn] nodes: 1 of 3 nodes can each hold a training pod" in out, out
+    assert (
+        "gpu-a: NVIDIA-A10G has 22.5 GiB a GPU, the memory plan assumed 80 (resources.gpu_memory_gib)" in out
+    )
+    assert "set resources.gpu_memory_gib (and gpu_type) to the training nodes' GPUs and plan again" in out
+
+    h200 = {"nvidia.com/gpu.product": "NVIDIA-H200", "nvidia.com/gpu.memory": "143771"}
+    kube.nodes[0]["metadata"]["labels"] = kube.nodes[1]["metadata"]["labels"] = h200
+    code, out = doctor(kfp, config, capsys)
+    assert "[     ok] nodes: 2 of 3 nodes can each hold a training pod" in out
+    assert "their GPUs have 140 GiB, the memory plan assumed 80: set resources.gpu_memory_gib" in out
+
+
 def claim(name: str, modes: list[str], phase: str = "Bound") -> dict:
     return {
         "metadata": {"name": name, "namespace": NS},

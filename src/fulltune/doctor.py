@@ -253,14 +253,19 @@ def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
         return [Finding("nodes", UNKNOWN, f"cannot list nodes ({exc.status})", fix)]
     requests = _pod_requests(cfg)
     unfit: dict[tuple[str, str], list[str]] = {}  # (kind, why) -> node names
+    fitting = []
     for node in nodes:
-        if why := _why_unfit(node, res.kubernetes, requests):
+        if why := _why_unfit(node, res, requests):
             unfit.setdefault(why, []).append(node.metadata.name)
-    fitting = len(nodes) - sum(len(names) for names in unfit.values())
+        else:
+            fitting.append(node)
     pod = ", ".join(f"{key} {value}" for key, value in requests.items())
-    detail = f"{fitting} of {len(nodes)} nodes can each hold a training pod ({pod}), {res.num_nodes} needed"
-    if fitting >= res.num_nodes:
-        return [Finding("nodes", OK, f"{detail} (by allocatable; pods already there not counted)")]
+    detail = (
+        f"{len(fitting)} of {len(nodes)} nodes can each hold a training pod ({pod}), {res.num_nodes} needed"
+    )
+    if len(fitting) >= res.num_nodes:
+        detail += " (by allocatable; pods already there not counted)"
+        return [Finding("nodes", OK, detail + _unused_gpu_memory(fitting, res.gpu_memory_gib))]
     for (_, why), names in unfit.items():
         detail += f"; {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}: {why}"
     fixes = "; ".join(dict.fromkeys(_NODE_FIXES[kind] for kind, _ in unfit))
@@ -276,6 +281,10 @@ _NODE_FIXES = {
         "lower resources.nproc_per_node to the GPUs one node has and raise resources.num_nodes (a node "
         "with no GPUs allocatable runs no GPU device plugin)"
     ),
+    "gpu memory": (
+        "set resources.gpu_memory_gib (and gpu_type) to the training nodes' GPUs and plan again, or pick "
+        "nodes with larger GPUs (resources.kubernetes.node_selector)"
+    ),
     "cpu": "lower resources.kubernetes.cpu",
     "memory": "lower resources.kubernetes.memory",
     "ephemeral-storage": "put work_dir on a volume, or use nodes with larger disks (resources.kubernetes.ephemeral_storage)",
@@ -290,9 +299,9 @@ def _pod_requests(cfg: RunConfig) -> dict[str, str]:
     return pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
 
 
-def _why_unfit(node, k8s, requests: dict[str, str]) -> tuple[str, str] | None:
+def _why_unfit(node, res, requests: dict[str, str]) -> tuple[str, str] | None:
     """Why a training pod cannot go on `node`: (its `_NODE_FIXES` key, the reason); None if it can."""
-    spec, labels = node.spec, node.metadata.labels or {}
+    spec, labels, k8s = node.spec, node.metadata.labels or {}, res.kubernetes
     if spec and spec.unschedulable:
         return "cordoned", "cordoned"
     for key, value in k8s.node_selector.items():
@@ -309,7 +318,38 @@ def _why_unfit(node, k8s, requests: dict[str, str]) -> tuple[str, str] | None:
         if parse_quantity(allocatable.get(key, "0")) < parse_quantity(amount):
             kind = key if key in _NODE_FIXES else "gpu"
             return kind, f"{key} {allocatable.get(key, '0')} allocatable, {amount} needed"
+    gib = _gpu_memory_gib(node)
+    if res.accelerator == "gpu" and gib is not None and gib < GPU_MEMORY_SLACK * res.gpu_memory_gib:
+        product = labels.get(GPU_PRODUCT_LABEL, "its GPUs")
+        why = f"{product} has {gib:.1f} GiB a GPU, the memory plan assumed {res.gpu_memory_gib:g} (resources.gpu_memory_gib)"
+        return "gpu memory", why
     return None
+
+
+# GPU feature discovery's labels (NVIDIA GPU operator): each GPU's memory in MiB, and its model.
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+# A GPU sold as 80 GB shows 79.6 GiB (81,559 MiB): a little under the config's figure still fits.
+GPU_MEMORY_SLACK = 0.95
+
+
+def _gpu_memory_gib(node) -> float | None:
+    try:
+        return float((node.metadata.labels or {})[GPU_MEMORY_LABEL]) / 1024
+    except (KeyError, ValueError):
+        return None
+
+
+def _unused_gpu_memory(nodes: list, planned_gib: float) -> str:
+    """A note when every fitting node's GPUs are well larger than the memory plan assumed: plan
+    chose micro batch and recomputation for the smaller GPU, leaving speed unused."""
+    sizes = [_gpu_memory_gib(n) for n in nodes]
+    if not sizes or None in sizes or min(sizes) < 1.15 * planned_gib:
+        return ""
+    return (
+        f"; their GPUs have {min(sizes):.0f} GiB, the memory plan assumed {planned_gib:g}: set "
+        "resources.gpu_memory_gib to theirs for a faster plan"
+    )
 
 
 def _tolerates(toleration, taint) -> bool:
