@@ -1006,6 +1006,19 @@ def test_existing_claim_is_mounted_not_created(chart):
     ]
 
 
+def uploaded_as_compiled(settings, tmp_path, **compile_options) -> list[dict]:
+    """The package uploaded with `settings` (a `ClusterPackage`), checked to be the one compiling
+    with `compile_options` makes."""
+    from fulltune.kfp.compile import compile_pipeline
+    from fulltune.kfp.submit import package_file
+
+    with package_file(PIPELINE, settings) as package:
+        uploaded = list(yaml.safe_load_all(package.path.read_text()))
+    compiled = compile_pipeline(tmp_path / "compiled.yaml", **compile_options)
+    assert uploaded == list(yaml.safe_load_all(compiled.read_text()))
+    return uploaded
+
+
 def test_the_work_volume_is_mounted_into_every_step_pod_of_the_uploaded_pipeline(chart, tmp_path):
     """A work_dir on the chart's volume is written by the steps too (shards, plan, evaluation): the
     hook uploads the pipeline with the claim mounted where the training pods mount it, the same
@@ -1021,11 +1034,7 @@ def test_the_work_volume_is_mounted_into_every_step_pod_of_the_uploaded_pipeline
     upload = build_parser().parse_args(container["command"][1:] + container["args"])
     assert upload.work_pvc == "shared-nfs:/work"
     settings = ClusterPackage(s3_secret=upload.s3_secret, work_pvc=upload.work_pvc)
-    with package_file(PIPELINE, settings) as package:
-        uploaded = list(yaml.safe_load_all(package.path.read_text()))
-    assert uploaded == list(
-        yaml.safe_load_all(compile_pipeline(tmp_path / "c.yaml", work_pvc="shared-nfs:/work").read_text())
-    )
+    uploaded = uploaded_as_compiled(settings, tmp_path, work_pvc="shared-nfs:/work")
     executors = uploaded[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     steps = uploaded[0]["deploymentSpec"]["executors"]
     assert {name for name in steps if executors[name]["pvcMount"][0]["mountPath"] == "/work"} == set(steps)
@@ -1307,9 +1316,7 @@ def test_the_mlflow_secret_reaches_the_uploaded_pipeline_and_helm_test_only_when
     compiled it), and `helm test` checks it; unset, neither mentions MLflow."""
     from fulltune.cli import build_parser
     from fulltune.kfp.cluster import MLFLOW_STEPS
-    from fulltune.kfp.compile import compile_pipeline
     from fulltune.kfp.run_parameters import ClusterPackage
-    from fulltune.kfp.submit import package_file
 
     def hook_and_doctor(values: dict):
         objects = render(chart, {"pipelineUpload": {"enabled": True, "mode": "upload"}, **values})
@@ -1326,11 +1333,7 @@ def test_the_mlflow_secret_reaches_the_uploaded_pipeline_and_helm_test_only_when
     assert "--mlflow-secret=team-mlflow" in raw
     assert (upload.mlflow_secret, doctor.mlflow_secret) == ("team-mlflow", "team-mlflow")
     settings = ClusterPackage(s3_secret=upload.s3_secret, mlflow_secret=upload.mlflow_secret)
-    with package_file(PIPELINE, settings) as package:
-        uploaded = list(yaml.safe_load_all(package.path.read_text()))
-    assert uploaded == list(
-        yaml.safe_load_all(compile_pipeline(tmp_path / "c.yaml", mlflow_secret="team-mlflow").read_text())
-    )
+    uploaded = uploaded_as_compiled(settings, tmp_path, mlflow_secret="team-mlflow")
     executors = uploaded[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     reading = {
         name
