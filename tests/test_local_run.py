@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from fulltune import steps
 from fulltune.config import ConfigError, RunConfig
 from fulltune.kfp.console import StepConsole
 from fulltune.kfp.local_run import read_outcome
-from fulltune.user_run import local_gpu_problem, with_local_locations
+from fulltune.user_run import local_gpu_problem, shm_size, with_local_locations
 
 FORGOT = {
     "name": "forgetting",
@@ -69,6 +70,18 @@ def test_a_gpu_run_here_is_refused_when_this_machine_cannot_hold_it(resources, g
     cfg = RunConfig.from_dict({"resources": {"accelerator": "gpu", **resources}})
     found = local_gpu_problem(cfg, gpus)
     assert found == problem if problem is None else found.startswith(problem)
+
+
+def test_a_multi_gpu_run_in_a_container_with_dockers_default_shared_memory_is_refused():
+    """NCCL's start-up fails in Docker's 64 MiB /dev/shm: said before any step, with the flag to fix it."""
+    two = RunConfig.from_dict({"resources": {"accelerator": "gpu", "nproc_per_node": 2}})
+    problem = local_gpu_problem(two, gpus=8, shm_bytes=64 * 1024**2)
+    assert problem.startswith("/dev/shm on this machine holds 64.0 MiB: NCCL between the 2 GPUs' processes")
+    assert "--shm-size=16g or --ipc=host" in problem
+    assert local_gpu_problem(two, gpus=8, shm_bytes=16 * 1024**3) is None
+    one = RunConfig.from_dict({"resources": {"accelerator": "gpu", "nproc_per_node": 1}})
+    assert local_gpu_problem(one, gpus=8, shm_bytes=64 * 1024**2) is None  # one process: no NCCL peers
+    assert shm_size() == shutil.disk_usage("/dev/shm").total  # this machine's, as `fulltune run` reads it
 
 
 def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None, registry: str = "") -> Path:

@@ -15,6 +15,8 @@ line) and exit code 1. Nothing is trained and no GPU is needed.
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import IO, TYPE_CHECKING
 
 from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
+from fulltune.report_kit import format_bytes
 
 if TYPE_CHECKING:
     from fulltune.outcome import RunOutcome
@@ -143,10 +146,16 @@ def with_local_locations(cfg: RunConfig, out_dir: Path, say: Callable[[str], Non
     return cfg.with_overrides(filled) if filled else cfg
 
 
-def local_gpu_problem(cfg: RunConfig, gpus: int) -> str | None:
-    """Why `cfg`'s training cannot run on this machine's `gpus` GPUs, or None. Each training process
-    takes the GPU of its local rank, so the local launcher's nodes (one torchrun each, on this one
-    machine) would put their ranks on the same GPUs: a GPU run here is one node of at most `gpus`."""
+# NCCL keeps its intra-node buffers in /dev/shm; in Docker's default 64 MiB its start-up fails
+# ("ncclShmOpen", "unhandled system error"). PyTorch's own CI gives its multi-GPU containers 2 GB.
+MIN_SHM_BYTES = 1024**3
+
+
+def local_gpu_problem(cfg: RunConfig, gpus: int, shm_bytes: float = math.inf) -> str | None:
+    """Why `cfg`'s training cannot run on this machine's `gpus` GPUs and `shm_bytes` of /dev/shm, or
+    None. Each training process takes the GPU of its local rank, so the local launcher's nodes (one
+    torchrun each, on this one machine) would put their ranks on the same GPUs: a GPU run here is one
+    node of at most `gpus`."""
     res = cfg.resources
     elsewhere = "or `fulltune submit` to a cluster"
     if gpus == 0:
@@ -164,7 +173,21 @@ def local_gpu_problem(cfg: RunConfig, gpus: int) -> str | None:
             f"resources.nproc_per_node is {res.nproc_per_node}, one GPU each, but this machine has {gpus}: "
             f"set resources.nproc_per_node: {gpus} or less to train here, {elsewhere}"
         )
+    if res.nproc_per_node > 1 and shm_bytes < MIN_SHM_BYTES:
+        return (
+            f"/dev/shm on this machine holds {format_bytes(shm_bytes)}: NCCL between the {res.nproc_per_node} "
+            f"GPUs' processes needs more (at least {format_bytes(MIN_SHM_BYTES)}) and fails at start-up; in "
+            "a container, start it with --shm-size=16g or --ipc=host, or set resources.nproc_per_node: 1"
+        )
     return None
+
+
+def shm_size() -> float:
+    """The size of this machine's /dev/shm; unlimited where there is none to measure."""
+    try:
+        return float(shutil.disk_usage("/dev/shm").total)
+    except OSError:
+        return math.inf
 
 
 @dataclass(frozen=True)
@@ -278,7 +301,8 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
     if cfg.resources.accelerator == "gpu":
         import torch
 
-        problem = local_gpu_problem(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        problem = local_gpu_problem(cfg, gpus, shm_size())
         if problem:
             raise ConfigError(problem)
     run_id = None
