@@ -84,6 +84,18 @@ def test_a_multi_gpu_run_in_a_container_with_dockers_default_shared_memory_is_re
     assert shm_size() == shutil.disk_usage("/dev/shm").total  # this machine's, as `fulltune run` reads it
 
 
+def test_a_gpu_run_here_on_gpus_smaller_than_the_memory_plan_assumed_is_refused():
+    """A config planned for 80 GiB GPUs on a 24 GiB workstation GPU would run out of memory at its
+    first step, after the data was tokenized: refused first, naming the value that fits."""
+    cfg = RunConfig.from_dict({"resources": {"accelerator": "gpu", "gpu_memory_gib": 80}})
+    problem = local_gpu_problem(cfg, gpus=1, gpu_bytes=23028 * 1024**2)  # an A10G
+    assert problem == (
+        "this machine's GPUs have 22.5 GiB each, and resources.gpu_memory_gib is 80: plan would size the "
+        "micro batch for that and training would run out of memory; set resources.gpu_memory_gib: 22"
+    )
+    assert local_gpu_problem(cfg, gpus=1, gpu_bytes=81559 * 1024**2) is None  # an "80 GB" H100: 79.6 GiB
+
+
 def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None, registry: str = "") -> Path:
     """A kfp.local run directory as a finished run leaves it: per task its executor_output.json,
     evaluate's eval_result artifact (eval.json itself), register's output only when it ran."""

@@ -543,6 +543,11 @@ class TrainJobSection(_Section):
     )
 
 
+# A GPU sold as 80 GB shows 79.6 GiB (81,559 MiB): a device a little under resources.gpu_memory_gib
+# still holds what plan sized for it; well under, training runs out of memory at its first step.
+GPU_MEMORY_SLACK = 0.95
+
+
 class ResourcesSection(_Section):
     launcher: Literal["local", "kubernetes", "trainjob"] = Field(
         "local",

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fulltune.config import RunConfig
+from fulltune.config import GPU_MEMORY_SLACK, RunConfig
 from fulltune.kfp.cluster import S3_SECRET
 
 OK, WARN, FAIL, UNKNOWN = "ok", "warn", "FAIL", "unknown"
@@ -329,8 +329,6 @@ def _why_unfit(node, res, requests: dict[str, str]) -> tuple[str, str] | None:
 # GPU feature discovery's labels (NVIDIA GPU operator): each GPU's memory in MiB, and its model.
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-# A GPU sold as 80 GB shows 79.6 GiB (81,559 MiB): a little under the config's figure still fits.
-GPU_MEMORY_SLACK = 0.95
 
 
 def _gpu_memory_gib(node) -> float | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from fulltune import storage
-from fulltune.config import ConfigError, RunConfig
+from fulltune.config import GPU_MEMORY_SLACK, ConfigError, RunConfig
 from fulltune.report_kit import format_bytes
 
 if TYPE_CHECKING:
@@ -151,11 +151,13 @@ def with_local_locations(cfg: RunConfig, out_dir: Path, say: Callable[[str], Non
 MIN_SHM_BYTES = 1024**3
 
 
-def local_gpu_problem(cfg: RunConfig, gpus: int, shm_bytes: float = math.inf) -> str | None:
-    """Why `cfg`'s training cannot run on this machine's `gpus` GPUs and `shm_bytes` of /dev/shm, or
-    None. Each training process takes the GPU of its local rank, so the local launcher's nodes (one
-    torchrun each, on this one machine) would put their ranks on the same GPUs: a GPU run here is one
-    node of at most `gpus`."""
+def local_gpu_problem(
+    cfg: RunConfig, gpus: int, shm_bytes: float = math.inf, gpu_bytes: float = math.inf
+) -> str | None:
+    """Why `cfg`'s training cannot run on this machine's `gpus` GPUs of `gpu_bytes` each and its
+    `shm_bytes` of /dev/shm, or None. Each training process takes the GPU of its local rank, so the
+    local launcher's nodes (one torchrun each, on this one machine) would put their ranks on the same
+    GPUs: a GPU run here is one node of at most `gpus`."""
     res = cfg.resources
     elsewhere = "or `fulltune submit` to a cluster"
     if gpus == 0:
@@ -172,6 +174,13 @@ def local_gpu_problem(cfg: RunConfig, gpus: int, shm_bytes: float = math.inf) ->
         return (
             f"resources.nproc_per_node is {res.nproc_per_node}, one GPU each, but this machine has {gpus}: "
             f"set resources.nproc_per_node: {gpus} or less to train here, {elsewhere}"
+        )
+    gib = gpu_bytes / 1024**3
+    if gib < GPU_MEMORY_SLACK * res.gpu_memory_gib:
+        return (
+            f"this machine's GPUs have {gib:.1f} GiB each, and resources.gpu_memory_gib is "
+            f"{res.gpu_memory_gib:g}: plan would size the micro batch for that and training would run out "
+            f"of memory; set resources.gpu_memory_gib: {math.floor(gib)}"
         )
     if res.nproc_per_node > 1 and shm_bytes < MIN_SHM_BYTES:
         return (
@@ -302,7 +311,8 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        problem = local_gpu_problem(cfg, gpus, shm_size())
+        memory = torch.cuda.get_device_properties(0).total_memory if gpus else math.inf
+        problem = local_gpu_problem(cfg, gpus, shm_size(), memory)
         if problem:
             raise ConfigError(problem)
     run_id = None
