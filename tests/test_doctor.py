@@ -377,10 +377,10 @@ def test_nodes_too_small_cordoned_or_unlabelled_for_the_pods_are_told_apart(clus
     assert "set resources.kubernetes.node_selector" in out and "uncordon" in out
 
 
-def test_nodes_whose_gpus_are_smaller_than_the_memory_plan_assumed_do_not_count(cluster, capsys):
-    """GPU feature discovery's labels give each node's GPU memory: a pod planned for 80 GiB GPUs
-    would run out of memory at its first step on 24 GiB ones; GPUs well above the plan's are said,
-    since plan left their memory (and speed) unused."""
+def test_nodes_whose_gpus_lack_the_memory_or_the_bf16_the_plan_assumed_do_not_count(cluster, capsys, tmp_path):
+    """GPU feature discovery's labels give each node's GPU memory and compute capability: a pod planned
+    for 80 GiB GPUs would run out of memory at its first step on 24 GiB ones, and a bf16 one fail on a
+    T4; GPUs well above the plan's are said, since plan left their memory (and speed) unused."""
     kube, kfp, config = cluster
     gfd = {"nvidia.com/gpu.product": "NVIDIA-A10G", "nvidia.com/gpu.memory": "23028"}
     kube.nodes[0]["metadata"]["labels"] = gfd
@@ -393,6 +393,19 @@ def test_nodes_whose_gpus_are_smaller_than_the_memory_plan_assumed_do_not_count(
         "gpu-a: NVIDIA-A10G has 22.5 GiB a GPU, the memory plan assumed 80 (resources.gpu_memory_gib)" in out
     )
     assert "set resources.gpu_memory_gib (and gpu_type) to the training nodes' GPUs and plan again" in out
+
+    t4 = {
+        "nvidia.com/gpu.product": "Tesla-T4",
+        "nvidia.com/gpu.memory": "15360",
+        "nvidia.com/gpu.compute.major": "7",
+    }
+    kube.nodes[0]["metadata"]["labels"] = t4
+    small = yaml.safe_load(open(config))
+    small["resources"]["gpu_memory_gib"] = 15
+    (tmp_path / "t4.yaml").write_text(yaml.safe_dump(small))
+    code, out = doctor(kfp, str(tmp_path / "t4.yaml"), capsys)
+    assert "gpu-a: Tesla-T4 has compute capability 7.x, no bf16 (training.bf16)" in out, out
+    assert "set training.bf16: false and training.fp16: true" in out
 
     h200 = {"nvidia.com/gpu.product": "NVIDIA-H200", "nvidia.com/gpu.memory": "143771"}
     kube.nodes[0]["metadata"]["labels"] = kube.nodes[1]["metadata"]["labels"] = h200

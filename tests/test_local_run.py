@@ -17,7 +17,7 @@ from fulltune import steps
 from fulltune.config import ConfigError, RunConfig
 from fulltune.kfp.console import StepConsole
 from fulltune.kfp.local_run import read_outcome
-from fulltune.user_run import local_gpu_problem, shm_size, with_local_locations
+from fulltune.user_run import LocalGpus, local_gpu_problem, shm_size, with_local_locations
 
 FORGOT = {
     "name": "forgetting",
@@ -68,19 +68,19 @@ def test_a_local_run_keeps_what_the_config_leaves_unset_under_its_dir_and_says_s
 def test_a_gpu_run_here_is_refused_when_this_machine_cannot_hold_it(resources, gpus, problem):
     """A cluster config tried on a workstation: refused before any step, naming the field to change."""
     cfg = RunConfig.from_dict({"resources": {"accelerator": "gpu", **resources}})
-    found = local_gpu_problem(cfg, gpus)
+    found = local_gpu_problem(cfg, LocalGpus(gpus))
     assert found == problem if problem is None else found.startswith(problem)
 
 
 def test_a_multi_gpu_run_in_a_container_with_dockers_default_shared_memory_is_refused():
     """NCCL's start-up fails in Docker's 64 MiB /dev/shm: said before any step, with the flag to fix it."""
     two = RunConfig.from_dict({"resources": {"accelerator": "gpu", "nproc_per_node": 2}})
-    problem = local_gpu_problem(two, gpus=8, shm_bytes=64 * 1024**2)
+    problem = local_gpu_problem(two, LocalGpus(8, shm_bytes=64 * 1024**2))
     assert problem.startswith("/dev/shm on this machine holds 64.0 MiB: NCCL between the 2 GPUs' processes")
     assert "--shm-size=16g or --ipc=host" in problem
-    assert local_gpu_problem(two, gpus=8, shm_bytes=16 * 1024**3) is None
+    assert local_gpu_problem(two, LocalGpus(8, shm_bytes=16 * 1024**3)) is None
     one = RunConfig.from_dict({"resources": {"accelerator": "gpu", "nproc_per_node": 1}})
-    assert local_gpu_problem(one, gpus=8, shm_bytes=64 * 1024**2) is None  # one process: no NCCL peers
+    assert local_gpu_problem(one, LocalGpus(8, shm_bytes=64 * 1024**2)) is None  # one process: no NCCL peers
     assert shm_size() == shutil.disk_usage("/dev/shm").total  # this machine's, as `fulltune run` reads it
 
 
@@ -88,12 +88,25 @@ def test_a_gpu_run_here_on_gpus_smaller_than_the_memory_plan_assumed_is_refused(
     """A config planned for 80 GiB GPUs on a 24 GiB workstation GPU would run out of memory at its
     first step, after the data was tokenized: refused first, naming the value that fits."""
     cfg = RunConfig.from_dict({"resources": {"accelerator": "gpu", "gpu_memory_gib": 80}})
-    problem = local_gpu_problem(cfg, gpus=1, gpu_bytes=23028 * 1024**2)  # an A10G
-    assert problem == (
-        "this machine's GPUs have 22.5 GiB each, and resources.gpu_memory_gib is 80: plan would size the "
-        "micro batch for that and training would run out of memory; set resources.gpu_memory_gib: 22"
+    a10g = LocalGpus(1, memory_bytes=23028 * 1024**2, capability=(8, 6), name="NVIDIA A10G")
+    assert local_gpu_problem(cfg, a10g) == (
+        "this machine's GPUs (NVIDIA A10G) have 22.5 GiB each, and resources.gpu_memory_gib is 80: plan would "
+        "size the micro batch for that and training would run out of memory; set resources.gpu_memory_gib: 22"
     )
-    assert local_gpu_problem(cfg, gpus=1, gpu_bytes=81559 * 1024**2) is None  # an "80 GB" H100: 79.6 GiB
+    h100 = LocalGpus(1, memory_bytes=81559 * 1024**2, capability=(9, 0), name="NVIDIA H100 80GB HBM3")
+    assert local_gpu_problem(cfg, h100) is None  # sold as 80 GB: 79.6 GiB
+
+
+def test_a_bf16_run_here_on_gpus_without_bf16_is_refused_naming_fp16():
+    """A T4 or V100 (Colab, older workstations) has no bf16, the default precision."""
+    cfg = RunConfig.from_dict({"resources": {"accelerator": "gpu", "gpu_memory_gib": 15}})
+    t4 = LocalGpus(1, memory_bytes=15360 * 1024**2, capability=(7, 5), name="Tesla T4")
+    assert local_gpu_problem(cfg, t4) == (
+        "this machine's GPUs (Tesla T4, compute capability 7.5) have no bf16 (it needs 8.0, Ampere or "
+        "newer): set training.bf16: false and training.fp16: true"
+    )
+    fp16 = cfg.with_overrides({"training.bf16": False, "training.fp16": True})
+    assert local_gpu_problem(fp16, t4) is None
 
 
 def kfp_local_run(tmp_path: Path, *, checks: list[dict], registered: str | None, registry: str = "") -> Path:

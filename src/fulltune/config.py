@@ -546,6 +546,7 @@ class TrainJobSection(_Section):
 # A GPU sold as 80 GB shows 79.6 GiB (81,559 MiB): a device a little under resources.gpu_memory_gib
 # still holds what plan sized for it; well under, training runs out of memory at its first step.
 GPU_MEMORY_SLACK = 0.95
+BF16_CAPABILITY = (8, 0)  # the CUDA compute capability from which GPUs have bf16: Ampere (A100, A10) on
 
 
 class ResourcesSection(_Section):

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fulltune.config import GPU_MEMORY_SLACK, RunConfig
+from fulltune.config import BF16_CAPABILITY, GPU_MEMORY_SLACK, RunConfig
 from fulltune.kfp.cluster import S3_SECRET
 
 OK, WARN, FAIL, UNKNOWN = "ok", "warn", "FAIL", "unknown"
@@ -255,7 +255,7 @@ def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     unfit: dict[tuple[str, str], list[str]] = {}  # (kind, why) -> node names
     fitting = []
     for node in nodes:
-        if why := _why_unfit(node, res, requests):
+        if why := _why_unfit(node, cfg, requests):
             unfit.setdefault(why, []).append(node.metadata.name)
         else:
             fitting.append(node)
@@ -285,6 +285,10 @@ _NODE_FIXES = {
         "set resources.gpu_memory_gib (and gpu_type) to the training nodes' GPUs and plan again, or pick "
         "nodes with larger GPUs (resources.kubernetes.node_selector)"
     ),
+    "bf16": (
+        "set training.bf16: false and training.fp16: true, or pick nodes with Ampere or newer GPUs "
+        "(resources.kubernetes.node_selector)"
+    ),
     "cpu": "lower resources.kubernetes.cpu",
     "memory": "lower resources.kubernetes.memory",
     "ephemeral-storage": "put work_dir on a volume, or use nodes with larger disks (resources.kubernetes.ephemeral_storage)",
@@ -299,9 +303,10 @@ def _pod_requests(cfg: RunConfig) -> dict[str, str]:
     return pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
 
 
-def _why_unfit(node, res, requests: dict[str, str]) -> tuple[str, str] | None:
+def _why_unfit(node, cfg: RunConfig, requests: dict[str, str]) -> tuple[str, str] | None:
     """Why a training pod cannot go on `node`: (its `_NODE_FIXES` key, the reason); None if it can."""
-    spec, labels, k8s = node.spec, node.metadata.labels or {}, res.kubernetes
+    res, spec, labels = cfg.resources, node.spec, node.metadata.labels or {}
+    k8s = res.kubernetes
     if spec and spec.unschedulable:
         return "cordoned", "cordoned"
     for key, value in k8s.node_selector.items():
@@ -318,22 +323,32 @@ def _why_unfit(node, res, requests: dict[str, str]) -> tuple[str, str] | None:
         if parse_quantity(allocatable.get(key, "0")) < parse_quantity(amount):
             kind = key if key in _NODE_FIXES else "gpu"
             return kind, f"{key} {allocatable.get(key, '0')} allocatable, {amount} needed"
-    gib = _gpu_memory_gib(node)
-    if res.accelerator == "gpu" and gib is not None and gib < GPU_MEMORY_SLACK * res.gpu_memory_gib:
-        product = labels.get(GPU_PRODUCT_LABEL, "its GPUs")
+    return _why_gpus_unfit(labels, cfg) if res.accelerator == "gpu" else None
+
+
+def _why_gpus_unfit(labels: dict[str, str], cfg: RunConfig) -> tuple[str, str] | None:
+    """What GPU feature discovery's labels say the node's GPUs lack: the memory plan sized for, bf16."""
+    product, res = labels.get(GPU_PRODUCT_LABEL, "its GPUs"), cfg.resources
+    gib = _gpu_memory_gib(labels)
+    if gib is not None and gib < GPU_MEMORY_SLACK * res.gpu_memory_gib:
         why = f"{product} has {gib:.1f} GiB a GPU, the memory plan assumed {res.gpu_memory_gib:g} (resources.gpu_memory_gib)"
         return "gpu memory", why
+    major = labels.get(GPU_COMPUTE_MAJOR_LABEL, "")
+    if cfg.precision == "bf16" and major.isdigit() and int(major) < BF16_CAPABILITY[0]:
+        return "bf16", f"{product} has compute capability {major}.x, no bf16 (training.bf16)"
     return None
 
 
-# GPU feature discovery's labels (NVIDIA GPU operator): each GPU's memory in MiB, and its model.
+# GPU feature discovery's labels (NVIDIA GPU operator): each GPU's memory in MiB, its model, and its
+# CUDA compute capability's major number.
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_COMPUTE_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
 
 
-def _gpu_memory_gib(node) -> float | None:
+def _gpu_memory_gib(labels: dict[str, str]) -> float | None:
     try:
-        return float((node.metadata.labels or {})[GPU_MEMORY_LABEL]) / 1024
+        return float(labels[GPU_MEMORY_LABEL]) / 1024
     except (KeyError, ValueError):
         return None
 
@@ -341,7 +356,7 @@ def _gpu_memory_gib(node) -> float | None:
 def _unused_gpu_memory(nodes: list, planned_gib: float) -> str:
     """A note when every fitting node's GPUs are well larger than the memory plan assumed: plan
     chose micro batch and recomputation for the smaller GPU, leaving speed unused."""
-    sizes = [_gpu_memory_gib(n) for n in nodes]
+    sizes = [_gpu_memory_gib(n.metadata.labels or {}) for n in nodes]
     if not sizes or None in sizes or min(sizes) < 1.15 * planned_gib:
         return ""
     return (

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from fulltune import storage
-from fulltune.config import GPU_MEMORY_SLACK, ConfigError, RunConfig
+from fulltune.config import BF16_CAPABILITY, GPU_MEMORY_SLACK, ConfigError, RunConfig
 from fulltune.report_kit import format_bytes
 
 if TYPE_CHECKING:
@@ -151,15 +151,36 @@ def with_local_locations(cfg: RunConfig, out_dir: Path, say: Callable[[str], Non
 MIN_SHM_BYTES = 1024**3
 
 
-def local_gpu_problem(
-    cfg: RunConfig, gpus: int, shm_bytes: float = math.inf, gpu_bytes: float = math.inf
-) -> str | None:
-    """Why `cfg`'s training cannot run on this machine's `gpus` GPUs of `gpu_bytes` each and its
-    `shm_bytes` of /dev/shm, or None. Each training process takes the GPU of its local rank, so the
-    local launcher's nodes (one torchrun each, on this one machine) would put their ranks on the same
-    GPUs: a GPU run here is one node of at most `gpus`."""
+@dataclass(frozen=True)
+class LocalGpus:
+    """What this machine offers a GPU run: its GPUs, each one's memory and compute capability, and
+    its /dev/shm."""
+
+    count: int
+    memory_bytes: float = math.inf
+    capability: tuple[int, int] = (9, 0)
+    shm_bytes: float = math.inf
+    name: str = "GPU"
+
+    @classmethod
+    def here(cls) -> LocalGpus:
+        import torch
+
+        if not torch.cuda.is_available() or not torch.cuda.device_count():
+            return cls(0)
+        props = torch.cuda.get_device_properties(0)
+        return cls(
+            torch.cuda.device_count(), props.total_memory, (props.major, props.minor), shm_size(), props.name
+        )
+
+
+def local_gpu_problem(cfg: RunConfig, here: LocalGpus) -> str | None:
+    """Why `cfg`'s training cannot run on this machine's GPUs, or None. Each training process takes
+    the GPU of its local rank, so the local launcher's nodes (one torchrun each, on this one machine)
+    would put their ranks on the same GPUs: a GPU run here is one node of at most `here.count`."""
     res = cfg.resources
     elsewhere = "or `fulltune submit` to a cluster"
+    gpus = here.count
     if gpus == 0:
         return (
             "resources.accelerator is gpu but this machine has no GPU: set resources.accelerator: cpu "
@@ -175,16 +196,22 @@ def local_gpu_problem(
             f"resources.nproc_per_node is {res.nproc_per_node}, one GPU each, but this machine has {gpus}: "
             f"set resources.nproc_per_node: {gpus} or less to train here, {elsewhere}"
         )
-    gib = gpu_bytes / 1024**3
+    gib = here.memory_bytes / 1024**3
     if gib < GPU_MEMORY_SLACK * res.gpu_memory_gib:
         return (
-            f"this machine's GPUs have {gib:.1f} GiB each, and resources.gpu_memory_gib is "
+            f"this machine's GPUs ({here.name}) have {gib:.1f} GiB each, and resources.gpu_memory_gib is "
             f"{res.gpu_memory_gib:g}: plan would size the micro batch for that and training would run out "
             f"of memory; set resources.gpu_memory_gib: {math.floor(gib)}"
         )
-    if res.nproc_per_node > 1 and shm_bytes < MIN_SHM_BYTES:
+    if cfg.precision == "bf16" and here.capability < BF16_CAPABILITY:
+        major, minor = here.capability
         return (
-            f"/dev/shm on this machine holds {format_bytes(shm_bytes)}: NCCL between the {res.nproc_per_node} "
+            f"this machine's GPUs ({here.name}, compute capability {major}.{minor}) have no bf16 (it needs "
+            "8.0, Ampere or newer): set training.bf16: false and training.fp16: true"
+        )
+    if res.nproc_per_node > 1 and here.shm_bytes < MIN_SHM_BYTES:
+        return (
+            f"/dev/shm on this machine holds {format_bytes(here.shm_bytes)}: NCCL between the {res.nproc_per_node} "
             f"GPUs' processes needs more (at least {format_bytes(MIN_SHM_BYTES)}) and fails at start-up; in "
             "a container, start it with --shm-size=16g or --ipc=host, or set resources.nproc_per_node: 1"
         )
@@ -307,14 +334,8 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
     if cfg.resources.launcher != "local":
         cfg = cfg.with_overrides({"resources.launcher": "local"})
     cfg = with_local_locations(cfg, out_dir)
-    if cfg.resources.accelerator == "gpu":
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        memory = torch.cuda.get_device_properties(0).total_memory if gpus else math.inf
-        problem = local_gpu_problem(cfg, gpus, shm_size(), memory)
-        if problem:
-            raise ConfigError(problem)
+    if cfg.resources.accelerator == "gpu" and (problem := local_gpu_problem(cfg, LocalGpus.here())):
+        raise ConfigError(problem)
     run_id = None
     if resume is not None:
         run = run_to_resume(cfg, resume or None)
