@@ -38,8 +38,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fulltune.config import BF16_CAPABILITY, GPU_MEMORY_SLACK, RunConfig
+from fulltune.config import RunConfig
 from fulltune.kfp.cluster import S3_SECRET
+from fulltune.launch.scheduling import (
+    AUTOSCALER,
+    NODE_FIXES,
+    parse_quantity,
+    pod_requests_of,
+    unused_gpu_memory,
+    why_unfit,
+)
 
 OK, WARN, FAIL, UNKNOWN = "ok", "warn", "FAIL", "unknown"
 
@@ -251,11 +259,11 @@ def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     except ApiException as exc:
         fix = "run the doctor as someone who may list nodes, or ask the platform team which nodes fit"
         return [Finding("nodes", UNKNOWN, f"cannot list nodes ({exc.status})", fix)]
-    requests = _pod_requests(cfg)
+    requests = pod_requests_of(cfg)
     unfit: dict[tuple[str, str], list[str]] = {}  # (kind, why) -> node names
     fitting = []
     for node in nodes:
-        if why := _why_unfit(node, cfg, requests):
+        if why := why_unfit(node, cfg, requests):
             unfit.setdefault(why, []).append(node.metadata.name)
         else:
             fitting.append(node)
@@ -265,113 +273,11 @@ def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     )
     if len(fitting) >= res.num_nodes:
         detail += " (by allocatable; pods already there not counted)"
-        return [Finding("nodes", OK, detail + _unused_gpu_memory(fitting, res.gpu_memory_gib))]
+        return [Finding("nodes", OK, detail + unused_gpu_memory(fitting, res.gpu_memory_gib))]
     for (_, why), names in unfit.items():
         detail += f"; {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}: {why}"
-    fixes = "; ".join(dict.fromkeys(_NODE_FIXES[kind] for kind, _ in unfit))
-    return [Finding("nodes", WARN, detail, f"{fixes} ({_AUTOSCALER})" if fixes else _AUTOSCALER)]
-
-
-_AUTOSCALER = "without them the pods stay Pending, unless a cluster autoscaler adds fitting nodes on demand"
-_NODE_FIXES = {
-    "cordoned": "uncordon the node",
-    "label": "set resources.kubernetes.node_selector to labels the training nodes carry",
-    "taint": "add the taint to resources.kubernetes.tolerations (key, operator, effect)",
-    "gpu": (
-        "lower resources.nproc_per_node to the GPUs one node has and raise resources.num_nodes (a node "
-        "with no GPUs allocatable runs no GPU device plugin)"
-    ),
-    "gpu memory": (
-        "set resources.gpu_memory_gib (and gpu_type) to the training nodes' GPUs and plan again, or pick "
-        "nodes with larger GPUs (resources.kubernetes.node_selector)"
-    ),
-    "bf16": (
-        "set training.bf16: false and training.fp16: true, or pick nodes with Ampere or newer GPUs "
-        "(resources.kubernetes.node_selector)"
-    ),
-    "cpu": "lower resources.kubernetes.cpu",
-    "memory": "lower resources.kubernetes.memory",
-    "ephemeral-storage": "put work_dir on a volume, or use nodes with larger disks (resources.kubernetes.ephemeral_storage)",
-}
-
-
-def _pod_requests(cfg: RunConfig) -> dict[str, str]:
-    """One training pod's requests, as its manifest has them."""
-    from fulltune.launch.pytorchjob import pod_requests, pod_resources
-
-    res = cfg.resources
-    return pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
-
-
-def _why_unfit(node, cfg: RunConfig, requests: dict[str, str]) -> tuple[str, str] | None:
-    """Why a training pod cannot go on `node`: (its `_NODE_FIXES` key, the reason); None if it can."""
-    res, spec, labels = cfg.resources, node.spec, node.metadata.labels or {}
-    k8s = res.kubernetes
-    if spec and spec.unschedulable:
-        return "cordoned", "cordoned"
-    for key, value in k8s.node_selector.items():
-        if labels.get(key) != value:
-            return "label", f"no label {key}={value} (node_selector)"
-    for taint in (spec.taints if spec else None) or []:
-        if taint.effect in ("NoSchedule", "NoExecute") and not any(
-            _tolerates(t, taint) for t in k8s.tolerations
-        ):
-            shown = f"{taint.key}={taint.value}" if taint.value else taint.key
-            return "taint", f"taint {shown}:{taint.effect} not tolerated"
-    allocatable = (node.status.allocatable if node.status else None) or {}
-    for key, amount in requests.items():
-        if parse_quantity(allocatable.get(key, "0")) < parse_quantity(amount):
-            kind = key if key in _NODE_FIXES else "gpu"
-            return kind, f"{key} {allocatable.get(key, '0')} allocatable, {amount} needed"
-    return _why_gpus_unfit(labels, cfg) if res.accelerator == "gpu" else None
-
-
-def _why_gpus_unfit(labels: dict[str, str], cfg: RunConfig) -> tuple[str, str] | None:
-    """What GPU feature discovery's labels say the node's GPUs lack: the memory plan sized for, bf16."""
-    product, res = labels.get(GPU_PRODUCT_LABEL, "its GPUs"), cfg.resources
-    gib = _gpu_memory_gib(labels)
-    if gib is not None and gib < GPU_MEMORY_SLACK * res.gpu_memory_gib:
-        why = f"{product} has {gib:.1f} GiB a GPU, the memory plan assumed {res.gpu_memory_gib:g} (resources.gpu_memory_gib)"
-        return "gpu memory", why
-    major = labels.get(GPU_COMPUTE_MAJOR_LABEL, "")
-    if cfg.precision == "bf16" and major.isdigit() and int(major) < BF16_CAPABILITY[0]:
-        return "bf16", f"{product} has compute capability {major}.x, no bf16 (training.bf16)"
-    return None
-
-
-# GPU feature discovery's labels (NVIDIA GPU operator): each GPU's memory in MiB, its model, and its
-# CUDA compute capability's major number.
-GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_COMPUTE_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
-
-
-def _gpu_memory_gib(labels: dict[str, str]) -> float | None:
-    try:
-        return float(labels[GPU_MEMORY_LABEL]) / 1024
-    except (KeyError, ValueError):
-        return None
-
-
-def _unused_gpu_memory(nodes: list, planned_gib: float) -> str:
-    """A note when every fitting node's GPUs are well larger than the memory plan assumed: plan
-    chose micro batch and recomputation for the smaller GPU, leaving speed unused."""
-    sizes = [_gpu_memory_gib(n.metadata.labels or {}) for n in nodes]
-    if not sizes or None in sizes or min(sizes) < 1.15 * planned_gib:
-        return ""
-    return (
-        f"; their GPUs have {min(sizes):.0f} GiB, the memory plan assumed {planned_gib:g}: set "
-        "resources.gpu_memory_gib to theirs for a faster plan"
-    )
-
-
-def _tolerates(toleration, taint) -> bool:
-    """Kubernetes' matching: an empty effect tolerates every effect; Exists with no key every taint."""
-    if toleration.effect and toleration.effect != taint.effect:
-        return False
-    if toleration.operator == "Exists":
-        return toleration.key in (None, "") or toleration.key == taint.key
-    return toleration.key == taint.key and (toleration.value or "") == (taint.value or "")
+    fixes = "; ".join(dict.fromkeys(NODE_FIXES[kind] for kind, _ in unfit))
+    return [Finding("nodes", WARN, detail, f"{fixes} ({AUTOSCALER})" if fixes else AUTOSCALER)]
 
 
 def check_volumes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
@@ -578,7 +484,7 @@ def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
     if res.launcher not in KINDS:
         return {}
     need: dict[str, float] = {"pods": float(res.num_nodes)}
-    for key, value in _pod_requests(cfg).items():
+    for key, value in pod_requests_of(cfg).items():
         need[f"requests.{key}"] = total = res.num_nodes * parse_quantity(value)
         if key in ("cpu", "memory"):
             need[f"limits.{key}"] = total
@@ -587,28 +493,6 @@ def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
 
 def _needs_text(need: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in need.items()) or "none"
-
-
-_SUFFIXES = {
-    "m": 1e-3,
-    "k": 1e3,
-    "M": 1e6,
-    "G": 1e9,
-    "T": 1e12,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-}
-
-
-def parse_quantity(text: str) -> float:
-    """A Kubernetes quantity ("500m", "16", "200Gi") as a number."""
-    text = str(text)
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
-    return float(text)
 
 
 # -- the Kubernetes API ----------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""Whether a cluster's nodes could hold a training pod, read from the Node objects: what `fulltune
+doctor` reports before a run is created, instead of pods that stay Pending.
+
+A node can hold one when it is schedulable, carries `resources.kubernetes.node_selector`'s labels,
+has no NoSchedule/NoExecute taint `resources.kubernetes.tolerations` does not tolerate, and has the
+pod's requests within its allocatable; and, where GPU feature discovery labels it (the NVIDIA GPU
+operator does), GPUs with the memory `resources.gpu_memory_gib` planned for and, for bf16 training,
+compute capability 8 or more. Pods already on the node are not counted.
+"""
+
+from __future__ import annotations
+
+from fulltune.config import BF16_CAPABILITY, GPU_MEMORY_SLACK, RunConfig
+
+# GPU feature discovery's labels (NVIDIA GPU operator): each GPU's memory in MiB, its model, and its
+# CUDA compute capability's major number.
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_COMPUTE_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
+
+# What to change for each reason `why_unfit` gives.
+AUTOSCALER = "without them the pods stay Pending, unless a cluster autoscaler adds fitting nodes on demand"
+NODE_FIXES = {
+    "cordoned": "uncordon the node",
+    "label": "set resources.kubernetes.node_selector to labels the training nodes carry",
+    "taint": "add the taint to resources.kubernetes.tolerations (key, operator, effect)",
+    "gpu": (
+        "lower resources.nproc_per_node to the GPUs one node has and raise resources.num_nodes (a node "
+        "with no GPUs allocatable runs no GPU device plugin)"
+    ),
+    "gpu memory": (
+        "set resources.gpu_memory_gib (and gpu_type) to the training nodes' GPUs and plan again, or pick "
+        "nodes with larger GPUs (resources.kubernetes.node_selector)"
+    ),
+    "bf16": (
+        "set training.bf16: false and training.fp16: true, or pick nodes with Ampere or newer GPUs "
+        "(resources.kubernetes.node_selector)"
+    ),
+    "cpu": "lower resources.kubernetes.cpu",
+    "memory": "lower resources.kubernetes.memory",
+    "ephemeral-storage": "put work_dir on a volume, or use nodes with larger disks (resources.kubernetes.ephemeral_storage)",
+}
+
+_SUFFIXES = {
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def parse_quantity(text: str) -> float:
+    """A Kubernetes quantity ("500m", "16", "200Gi") as a number."""
+    text = str(text)
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(text)
+
+
+def pod_requests_of(cfg: RunConfig) -> dict[str, str]:
+    """One training pod's requests, as its manifest has them."""
+    from fulltune.launch.pytorchjob import pod_requests, pod_resources
+
+    res = cfg.resources
+    return pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
+
+
+def why_unfit(node, cfg: RunConfig, requests: dict[str, str]) -> tuple[str, str] | None:
+    """Why a training pod cannot go on `node`: (its `NODE_FIXES` key, the reason); None if it can."""
+    res, spec, labels = cfg.resources, node.spec, node.metadata.labels or {}
+    k8s = res.kubernetes
+    if spec and spec.unschedulable:
+        return "cordoned", "cordoned"
+    for key, value in k8s.node_selector.items():
+        if labels.get(key) != value:
+            return "label", f"no label {key}={value} (node_selector)"
+    for taint in (spec.taints if spec else None) or []:
+        if taint.effect in ("NoSchedule", "NoExecute") and not any(
+            _tolerates(t, taint) for t in k8s.tolerations
+        ):
+            shown = f"{taint.key}={taint.value}" if taint.value else taint.key
+            return "taint", f"taint {shown}:{taint.effect} not tolerated"
+    allocatable = (node.status.allocatable if node.status else None) or {}
+    for key, amount in requests.items():
+        if parse_quantity(allocatable.get(key, "0")) < parse_quantity(amount):
+            kind = key if key in NODE_FIXES else "gpu"
+            return kind, f"{key} {allocatable.get(key, '0')} allocatable, {amount} needed"
+    return _why_gpus_unfit(labels, cfg) if res.accelerator == "gpu" else None
+
+
+def _why_gpus_unfit(labels: dict[str, str], cfg: RunConfig) -> tuple[str, str] | None:
+    """What GPU feature discovery's labels say the node's GPUs lack: the memory plan sized for, bf16."""
+    product, res = labels.get(GPU_PRODUCT_LABEL, "its GPUs"), cfg.resources
+    gib = _gpu_memory_gib(labels)
+    if gib is not None and gib < GPU_MEMORY_SLACK * res.gpu_memory_gib:
+        why = f"{product} has {gib:.1f} GiB a GPU, the memory plan assumed {res.gpu_memory_gib:g} (resources.gpu_memory_gib)"
+        return "gpu memory", why
+    major = labels.get(GPU_COMPUTE_MAJOR_LABEL, "")
+    if cfg.precision == "bf16" and major.isdigit() and int(major) < BF16_CAPABILITY[0]:
+        return "bf16", f"{product} has compute capability {major}.x, no bf16 (training.bf16)"
+    return None
+
+
+def _gpu_memory_gib(labels: dict[str, str]) -> float | None:
+    try:
+        return float(labels[GPU_MEMORY_LABEL]) / 1024
+    except (KeyError, ValueError):
+        return None
+
+
+def unused_gpu_memory(nodes: list, planned_gib: float) -> str:
+    """A note when every fitting node's GPUs are well larger than the memory plan assumed: plan
+    chose micro batch and recomputation for the smaller GPU, leaving speed unused."""
+    sizes = [_gpu_memory_gib(n.metadata.labels or {}) for n in nodes]
+    if not sizes or None in sizes or min(sizes) < 1.15 * planned_gib:
+        return ""
+    return (
+        f"; their GPUs have {min(sizes):.0f} GiB, the memory plan assumed {planned_gib:g}: set "
+        "resources.gpu_memory_gib to theirs for a faster plan"
+    )
+
+
+def _tolerates(toleration, taint) -> bool:
+    """Kubernetes' matching: an empty effect tolerates every effect; Exists with no key every taint."""
+    if toleration.effect and toleration.effect != taint.effect:
+        return False
+    if toleration.operator == "Exists":
+        return toleration.key in (None, "") or toleration.key == taint.key
+    return toleration.key == taint.key and (toleration.value or "") == (taint.value or "")
