@@ -907,6 +907,49 @@ def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_dat
         plan("s3://bucket/work")  # local training stages every checkpoint before its upload
 
 
+def test_plan_refuses_an_evaluation_that_cannot_hold_the_model_before_any_training(tmp_path):
+    """A 70B Llama's bfloat16 weights (131 GiB) cannot go whole onto one 80 GiB GPU, which evaluation's
+    default placement does: refused before the GPUs train for days, naming the placement and the GPU
+    count that holds it; with evaluation.device_map auto the plan says how many the evaluate step needs."""
+    tiny_llama_config(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path / "llama-70b")
+
+    def plan(evaluation: dict, **resources):
+        cfg = RunConfig.from_dict(
+            {
+                "work_dir": "s3://bucket/work",  # a cluster run: no local disk to fill
+                "model": {"base_model_uri": str(tmp_path / "llama-70b")},
+                "data": {"train_uri": str(small_text_data(tmp_path))},
+                "resources": {"launcher": "kubernetes", "num_nodes": 8, "nproc_per_node": 8, **resources},
+                "evaluation": evaluation,
+            }
+        )
+        return planmod.make_plan(cfg, train_tokens=10**8)
+
+    with pytest.raises(planmod.PlanError) as refused:
+        plan({})
+    assert str(refused.value) == (
+        "evaluation cannot hold the model: its 131.4 GiB of bfloat16 weights go whole onto one GPU "
+        "(evaluation.device_map: single), and a GPU has 72.0 GiB usable (resources.gpu_memory_gib 80 x "
+        "memory_headroom 0.9): set evaluation.device_map: auto and give the evaluate step 2 or more GPUs "
+        "(fulltune compile --eval-gpus 2)"
+    )
+    spread = plan({"device_map": "auto"})
+    assert (
+        "evaluation.device_map auto: each model's 131.4 GiB of bfloat16 weights spread over the evaluate "
+        "step's GPUs, at least 2 of 80 GiB (fulltune compile --eval-gpus)"
+    ) in spread.decisions
+    on_b200 = plan({}, gpu_memory_gib=180)  # one GPU holds it whole: nothing to say
+    assert not [d for d in on_b200.decisions if "evaluat" in d]
+
+
 def test_cluster_training_pods_request_the_disk_their_tmp_holds(llama_dir, tmp_path):
     """On a cluster an s3:// work_dir's checkpoints pass through each pod's /tmp, the node's disk:
     plan requests what the largest of them needs as ephemeral storage (the doctor's quota check

@@ -914,6 +914,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     disk = estimate_disk(resolved, shape.params)
     if problems := disk.problems():
         raise PlanError("not enough disk: " + "; ".join(problems))
+    rule_notes += evaluation_notes(resolved, shape)
     return Plan(
         shape,
         mem,
@@ -934,6 +935,35 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
 # costs hours of every GPU in the job. By the clock rather than by steps: the run's speed is an
 # estimate until it runs.
 CHECKPOINT_EVERY_MINUTES = 60.0
+
+
+# The evaluate step loads each model in bfloat16 on a GPU (evaluate.core.placement).
+EVAL_BYTES_PER_PARAM = 2
+
+
+def evaluation_notes(cfg: RunConfig, shape: ModelShape) -> list[str]:
+    """What the evaluate step needs to hold the model, as a note; PlanError when its placement cannot:
+    with `evaluation.device_map: single` each model goes whole onto one GPU, and a model larger than
+    one GPU would fail there after the whole training (what the GPUs of a 70B run cost for days)."""
+    res, ev = cfg.resources, cfg.evaluation
+    if res.accelerator != "gpu":
+        return []
+    weights = shape.params * EVAL_BYTES_PER_PARAM
+    usable = res.gpu_memory_gib * GiB * res.memory_headroom
+    gpus = math.ceil(weights / usable)
+    if ev.device_map == "single" and gpus > 1:
+        raise PlanError(
+            f"evaluation cannot hold the model: its {_gib(weights)} of bfloat16 weights go whole onto one GPU "
+            f"(evaluation.device_map: single), and a GPU has {_gib(usable)} usable (resources.gpu_memory_gib "
+            f"{res.gpu_memory_gib:g} x memory_headroom {res.memory_headroom:g}): set evaluation.device_map: "
+            f"auto and give the evaluate step {gpus} or more GPUs (fulltune compile --eval-gpus {gpus})"
+        )
+    if ev.device_map == "auto":
+        return [
+            f"evaluation.device_map auto: each model's {_gib(weights)} of bfloat16 weights spread over the "
+            f"evaluate step's GPUs, at least {gpus} of {res.gpu_memory_gib:g} GiB (fulltune compile --eval-gpus)"
+        ]
+    return []
 
 
 def default_checkpoints(cfg: RunConfig) -> dict[str, Any]:
