@@ -377,7 +377,9 @@ def test_nodes_too_small_cordoned_or_unlabelled_for_the_pods_are_told_apart(clus
     assert "set resources.kubernetes.node_selector" in out and "uncordon" in out
 
 
-def test_nodes_whose_gpus_lack_the_memory_or_the_bf16_the_plan_assumed_do_not_count(cluster, capsys, tmp_path):
+def test_nodes_whose_gpus_lack_the_memory_or_the_bf16_the_plan_assumed_do_not_count(
+    cluster, capsys, tmp_path
+):
     """GPU feature discovery's labels give each node's GPU memory and compute capability: a pod planned
     for 80 GiB GPUs would run out of memory at its first step on 24 GiB ones, and a bf16 one fail on a
     T4; GPUs well above the plan's are said, since plan left their memory (and speed) unused."""
