@@ -735,6 +735,20 @@ def test_peak_flops_by_device_name(name, peak):
     assert throughput.peak_flops(name) == peak
 
 
+def test_gpus_from_before_ampere_have_no_bf16_by_device_name_or_gpu_type():
+    old = [
+        "Tesla V100-SXM2-32GB",
+        "Tesla T4",
+        "T4",
+        "V100",
+        "NVIDIA GeForce RTX 2080 Ti",
+        "Tesla P100-PCIE-16GB",
+    ]
+    new = ["NVIDIA H100 80GB HBM3", "H100", "NVIDIA A100-SXM4-80GB", "NVIDIA A10G", "L40S", "MI300X"]
+    assert [throughput.has_bf16(n) for n in old] == [False] * len(old)
+    assert [throughput.has_bf16(n) for n in new] == [True] * len(new)
+
+
 def _llama_100x16(tie_word_embeddings: bool = False):
     """A random Llama with a vocabulary of 100, hidden size 16 and 2 layers: the FLOP sums below
     are written in these numbers."""

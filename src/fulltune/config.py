@@ -566,8 +566,8 @@ class ResourcesSection(_Section):
     gpu_type: str = Field(
         "H100",
         min_length=1,
-        description="The GPU model (H100, H200, A100, L40S, B200, MI300X, ...), for plan's cost estimate: its "
-        "dense 16-bit peak.",
+        description="The GPU model (H100, H200, A100, L40S, B200, MI300X, ...), for plan's cost estimate (its "
+        "dense 16-bit peak) and its bf16 check (V100 and T4 have none).",
     )
     max_gpu_hours: float | None = Field(
         None,

@@ -58,6 +58,7 @@ from fulltune.disk import DiskEstimate, checkpoint_bytes, estimate_disk, pod_scr
 from fulltune.report_kit import markdown_table
 from fulltune.train import liger
 from fulltune.train.recompute import layers_recomputed
+from fulltune.train.throughput import has_bf16
 
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
@@ -860,6 +861,11 @@ def check_training(cfg: RunConfig) -> None:
         )
     if tr.hierarchical_partitioning:
         check_hierarchical_partitioning(cfg)
+    if cfg.precision == "bf16" and not has_bf16(cfg.resources.gpu_type):
+        raise ConfigError(
+            f"training.bf16 is set but resources.gpu_type {cfg.resources.gpu_type} has no bf16 (it needs an "
+            "Ampere or newer GPU): set training.bf16: false and training.fp16: true"
+        )
     if tr.stop_on_forgetting and not cfg.data.general_uri:
         raise ConfigError(
             "training.stop_on_forgetting is set but data.general_uri is empty: forgetting is measured on "

@@ -35,6 +35,15 @@ PEAK_FLOPS: list[tuple[str, float]] = [
 ]
 
 
+# GPUs from before Ampere: tensor cores in fp16 only, no bf16.
+NO_BF16 = r"\bV100\b|\bT4\b|\bP100\b|\bRTX ?20\d0\b"
+
+
+def has_bf16(device_name: str) -> bool:
+    """Whether a GPU (by name or resources.gpu_type) computes in bf16; unknown names are assumed to."""
+    return re.search(NO_BF16, device_name, flags=re.IGNORECASE) is None
+
+
 def peak_flops(device_name: str) -> float | None:
     """Peak dense 16-bit FLOP/s of one device, or None when the device is not in PEAK_FLOPS."""
     for pattern, flops in PEAK_FLOPS:
