@@ -4,6 +4,8 @@ everything in place passes."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 
@@ -414,6 +416,36 @@ def test_nodes_whose_gpus_lack_the_memory_or_the_bf16_the_plan_assumed_do_not_co
     code, out = doctor(kfp, config, capsys)
     assert "[     ok] nodes: 2 of 3 nodes can each hold a training pod" in out
     assert "their GPUs have 140 GiB, the memory plan assumed 80: set resources.gpu_memory_gib" in out
+
+
+def test_a_trainjobs_nodes_are_weighed_with_its_runtimes_selector_and_tolerations(cluster, capsys):
+    """A TrainJob's pods start from its runtime's pod template: the runtime's tolerations count unless
+    the run sets its own, which replace them; the run's node_selector adds to the runtime's."""
+    kube, kfp, config = cluster
+    kube.api_resources.update(TRAINER_V2)
+    for gpu_node in kube.nodes[:2]:
+        gpu_node["spec"]["taints"] = [{"key": "dedicated", "value": "training", "effect": "NoSchedule"}]
+        gpu_node["metadata"]["labels"] = {"pool": "h100"}
+    node_pod = {
+        "nodeSelector": {"pool": "h100"},
+        "tolerations": [
+            {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"}
+        ],
+    }
+    runtime = copy.deepcopy(RUNTIME)
+    runtime["spec"]["template"]["spec"]["replicatedJobs"] = [
+        {"name": "node", "template": {"spec": {"template": {"spec": node_pod}}}}
+    ]
+    kube.put_runtime(runtime)
+    with_launcher(config, "trainjob")
+    code, out = doctor(kfp, config, capsys)
+    assert "[     ok] nodes: 2 of 3 nodes can each hold a training pod" in out, out
+
+    with_launcher(config, "trainjob", tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}])
+    code, out = doctor(kfp, config, capsys)
+    assert "[   warn] nodes: 0 of 3 nodes can each hold a training pod" in out, out
+    assert "gpu-a, gpu-b: taint dedicated=training:NoSchedule not tolerated" in out  # replaced
+    assert "system-1: no label pool=h100 (node_selector)" in out  # the runtime's selector still holds
 
 
 def claim(name: str, modes: list[str], phase: str = "Bound") -> dict:

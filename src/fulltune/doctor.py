@@ -43,8 +43,8 @@ from fulltune.kfp.cluster import S3_SECRET
 from fulltune.launch.scheduling import (
     AUTOSCALER,
     NODE_FIXES,
+    TrainingPod,
     parse_quantity,
-    pod_requests_of,
     unused_gpu_memory,
     why_unfit,
 )
@@ -259,18 +259,16 @@ def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     except ApiException as exc:
         fix = "run the doctor as someone who may list nodes, or ask the platform team which nodes fit"
         return [Finding("nodes", UNKNOWN, f"cannot list nodes ({exc.status})", fix)]
-    requests = pod_requests_of(cfg)
+    pod = TrainingPod.of(cfg, _runtime_or_none(cfg, cluster))
     unfit: dict[tuple[str, str], list[str]] = {}  # (kind, why) -> node names
     fitting = []
     for node in nodes:
-        if why := why_unfit(node, cfg, requests):
+        if why := why_unfit(node, cfg, pod):
             unfit.setdefault(why, []).append(node.metadata.name)
         else:
             fitting.append(node)
-    pod = ", ".join(f"{key} {value}" for key, value in requests.items())
-    detail = (
-        f"{len(fitting)} of {len(nodes)} nodes can each hold a training pod ({pod}), {res.num_nodes} needed"
-    )
+    requests = ", ".join(f"{key} {value}" for key, value in pod.requests.items())
+    detail = f"{len(fitting)} of {len(nodes)} nodes can each hold a training pod ({requests}), {res.num_nodes} needed"
     if len(fitting) >= res.num_nodes:
         detail += " (by allocatable; pods already there not counted)"
         return [Finding("nodes", OK, detail + unused_gpu_memory(fitting, res.gpu_memory_gib))]
@@ -475,6 +473,22 @@ def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     ]
 
 
+def _runtime_or_none(cfg: RunConfig, cluster: Cluster) -> dict[str, Any] | None:
+    """A TrainJob's runtime, whose pod template the training pods start from; None for a PyTorchJob
+    or when it cannot be read (the runtime check says why)."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+
+    from fulltune.launch.kubernetes import read_runtime
+
+    if cfg.resources.launcher != "trainjob":
+        return None
+    try:
+        return read_runtime(CustomObjectsApi(cluster.api), cfg, cluster.namespace)
+    except ApiException:
+        return None
+
+
 def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
     """What the training pods request together, in quota keys (the manifest's own numbers: a
     PyTorchJob's replicas and a TrainJob's resourcesPerNode are the same `pod_resources`)."""
@@ -484,7 +498,7 @@ def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
     if res.launcher not in KINDS:
         return {}
     need: dict[str, float] = {"pods": float(res.num_nodes)}
-    for key, value in pod_requests_of(cfg).items():
+    for key, value in TrainingPod.of(cfg).requests.items():
         need[f"requests.{key}"] = total = res.num_nodes * parse_quantity(value)
         if key in ("cpu", "memory"):
             need[f"limits.{key}"] = total

@@ -10,7 +10,10 @@ compute capability 8 or more. Pods already on the node are not counted.
 
 from __future__ import annotations
 
-from fulltune.config import BF16_CAPABILITY, GPU_MEMORY_SLACK, RunConfig
+from dataclasses import dataclass
+from typing import Any
+
+from fulltune.config import BF16_CAPABILITY, GPU_MEMORY_SLACK, RunConfig, Toleration
 
 # GPU feature discovery's labels (NVIDIA GPU operator): each GPU's memory in MiB, its model, and its
 # CUDA compute capability's major number.
@@ -63,35 +66,70 @@ def parse_quantity(text: str) -> float:
     return float(text)
 
 
-def pod_requests_of(cfg: RunConfig) -> dict[str, str]:
-    """One training pod's requests, as its manifest has them."""
-    from fulltune.launch.pytorchjob import pod_requests, pod_resources
+@dataclass(frozen=True)
+class TrainingPod:
+    """What the scheduler weighs of one training pod: its requests, as its manifest has them, its
+    node selector and its tolerations."""
 
-    res = cfg.resources
-    return pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
+    requests: dict[str, str]
+    node_selector: dict[str, str]
+    tolerations: tuple[Toleration, ...]
+
+    @classmethod
+    def of(cls, cfg: RunConfig, runtime: dict[str, Any] | None = None) -> TrainingPod:
+        """The pod `cfg`'s launcher makes; for a TrainJob on `runtime` (None: unread), with the
+        runtime pod template's node selector and tolerations as the TrainJob's podSpecOverrides
+        combine them: the selector key by key, the run's value winning; the run's tolerations, when
+        it has any, in place of the runtime's."""
+        from fulltune.launch.pytorchjob import pod_requests, pod_resources
+
+        res, k8s = cfg.resources, cfg.resources.kubernetes
+        requests = pod_requests(cfg, pod_resources(cfg, res.nproc_per_node, gpu=res.accelerator == "gpu"))
+        template = _trainer_pod_spec(runtime) if res.launcher == "trainjob" else {}
+        selector = {**(template.get("nodeSelector") or {}), **k8s.node_selector}
+        tolerations = tuple(k8s.tolerations) or tuple(
+            Toleration(
+                key=t.get("key"),
+                operator=t.get("operator", "Equal"),
+                value=t.get("value"),
+                effect=t.get("effect"),
+            )
+            for t in template.get("tolerations") or []
+        )
+        return cls(requests, selector, tolerations)
 
 
-def why_unfit(node, cfg: RunConfig, requests: dict[str, str]) -> tuple[str, str] | None:
+def _trainer_pod_spec(runtime: dict[str, Any] | None) -> dict[str, Any]:
+    """The pod spec of a TrainingRuntime's trainer job (`trainjob.TRAINER_JOB`); {} when none."""
+    from fulltune.launch.trainjob import TRAINER_JOB
+
+    spec = ((runtime or {}).get("spec") or {}).get("template", {}).get("spec") or {}
+    for job in spec.get("replicatedJobs") or []:
+        if job.get("name") == TRAINER_JOB:
+            return job.get("template", {}).get("spec", {}).get("template", {}).get("spec") or {}
+    return {}
+
+
+def why_unfit(node, cfg: RunConfig, pod: TrainingPod) -> tuple[str, str] | None:
     """Why a training pod cannot go on `node`: (its `NODE_FIXES` key, the reason); None if it can."""
-    res, spec, labels = cfg.resources, node.spec, node.metadata.labels or {}
-    k8s = res.kubernetes
+    spec, labels = node.spec, node.metadata.labels or {}
     if spec and spec.unschedulable:
         return "cordoned", "cordoned"
-    for key, value in k8s.node_selector.items():
+    for key, value in pod.node_selector.items():
         if labels.get(key) != value:
             return "label", f"no label {key}={value} (node_selector)"
     for taint in (spec.taints if spec else None) or []:
         if taint.effect in ("NoSchedule", "NoExecute") and not any(
-            _tolerates(t, taint) for t in k8s.tolerations
+            _tolerates(t, taint) for t in pod.tolerations
         ):
             shown = f"{taint.key}={taint.value}" if taint.value else taint.key
             return "taint", f"taint {shown}:{taint.effect} not tolerated"
     allocatable = (node.status.allocatable if node.status else None) or {}
-    for key, amount in requests.items():
+    for key, amount in pod.requests.items():
         if parse_quantity(allocatable.get(key, "0")) < parse_quantity(amount):
             kind = key if key in NODE_FIXES else "gpu"
             return kind, f"{key} {allocatable.get(key, '0')} allocatable, {amount} needed"
-    return _why_gpus_unfit(labels, cfg) if res.accelerator == "gpu" else None
+    return _why_gpus_unfit(labels, cfg) if cfg.resources.accelerator == "gpu" else None
 
 
 def _why_gpus_unfit(labels: dict[str, str], cfg: RunConfig) -> tuple[str, str] | None:
