@@ -413,6 +413,10 @@ def test_make_plan_refuses_contradictory_training_settings(llama_dir, tmp_path):
         ConfigError, match=r"use_liger_kernel.*accelerator is cpu: Liger's kernels are Triton"
     ):
         planmod.make_plan(RunConfig.from_dict(liger_on_cpu), train_tokens=1)
+    flash_on_cpu = {**base, "training": {"attn_implementation": "flash_attention_2"}}
+    flash_on_cpu["resources"] = {"accelerator": "cpu"}
+    with pytest.raises(ConfigError, match=r"flash_attention_2 but resources\.accelerator is cpu.*set sdpa"):
+        planmod.make_plan(RunConfig.from_dict(flash_on_cpu), train_tokens=1)
     # bf16, the default, on a GPU from before Ampere: refused naming fp16, which the same GPU has
     on_t4 = {**base, "resources": {"gpu_type": "T4", "gpu_memory_gib": 15}}
     with pytest.raises(ConfigError, match=r"resources\.gpu_type T4 has no bf16 .* training\.fp16: true"):

@@ -870,6 +870,18 @@ def test_trainer_process_exits_1_on_a_bad_config(tmp_path):
     assert "learning_rate" in err and "retrying cannot help" in err
 
 
+def test_trainer_process_exits_1_before_any_rendezvous_when_the_image_lacks_flash_attn(tmp_path):
+    """flash_attention_2 needs the flash-attn package in the trainer image (not installed here): the
+    rank refuses at once, naming the field and the default that needs nothing, instead of failing
+    after the model loaded on every rank."""
+    config = "training:\n  attn_implementation: flash_attention_2\nresources:\n  accelerator: gpu\n"
+    (tmp_path / "flash.yaml").write_text(config)
+    code, err = _run_trainer(tmp_path, "flash.yaml", {})
+    assert code == 1, err
+    assert "training.attn_implementation is flash_attention_2 but this image has no flash-attn package" in err
+    assert "process group" not in err
+
+
 def test_trainer_process_exits_retryable_when_storage_is_unreachable(tmp_path):
     import socket
 

@@ -859,6 +859,11 @@ def check_training(cfg: RunConfig) -> None:
             "training.use_liger_kernel is set but resources.accelerator is cpu: Liger's kernels are Triton "
             "kernels for GPUs"
         )
+    if tr.attn_implementation == "flash_attention_2" and cfg.resources.accelerator == "cpu":
+        raise ConfigError(
+            "training.attn_implementation is flash_attention_2 but resources.accelerator is cpu: "
+            "FlashAttention is a GPU kernel; set sdpa (the default)"
+        )
     if tr.hierarchical_partitioning:
         check_hierarchical_partitioning(cfg)
     if cfg.precision == "bf16" and not has_bf16(cfg.resources.gpu_type):

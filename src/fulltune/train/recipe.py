@@ -140,11 +140,7 @@ class Recipe:
 
         tr = self.cfg.training
         check_training(self.cfg)
-        if tr.use_liger_kernel:  # an image without the package fails here, not after loading the model
-            try:
-                liger.entry_points()
-            except ValueError as exc:
-                raise TrainInputError(str(exc)) from exc
+        check_image(self.cfg)
         if tr.eval_steps:
             check_eval_split(self.args.dataset)  # before any rendezvous
         torch.manual_seed(tr.seed)
@@ -502,6 +498,24 @@ class Recipe:
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
             tracker.close(final, failed=failed)
+
+
+def check_image(cfg: RunConfig) -> None:
+    """The packages the config asks of this image, checked before any rendezvous: an image without
+    them fails here, naming the field, not after every rank loaded the model."""
+    import importlib.util
+
+    tr = cfg.training
+    if tr.use_liger_kernel:
+        try:
+            liger.entry_points()
+        except ValueError as exc:
+            raise TrainInputError(str(exc)) from exc
+    if tr.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise TrainInputError(
+            "training.attn_implementation is flash_attention_2 but this image has no flash-attn package: "
+            "install it, or set sdpa (the default), which runs FlashAttention-2 kernels through PyTorch"
+        )
 
 
 def _float(x: Any) -> float | None:
