@@ -117,3 +117,12 @@ def test_a_failed_write_is_called_a_full_disk_only_when_the_disk_lacks_the_room(
     with pytest.raises(ConnectionError):  # S3 has no disk to fill
         with disk.failing_for_space("s3://bucket/run/model", free * 4, "the final model", ""):
             raise ConnectionError("reset")
+
+
+def test_a_full_temp_directory_in_a_training_pod_names_its_ephemeral_storage(monkeypatch):
+    """A training pod's /tmp is an emptyDir on its node's disk: TMPDIR is not the pod user's lever,
+    the ephemeral-storage request plan sets is."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert disk.temp_dir_fixes() == "free space there, or point TMPDIR at a larger disk"
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # what the kubelet sets in every pod
+    assert disk.temp_dir_fixes().startswith("raise resources.kubernetes.ephemeral_storage")

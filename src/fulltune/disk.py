@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -44,6 +45,16 @@ CHECKPOINT_BYTES_PER_PARAM = {"adamw_torch": 12.0, "adafactor": 8.0}
 
 WORK_DIR_FIXES = "free space there, lower training.save_total_limit, or put work_dir on s3://"
 TEMP_DIR_FIXES = "free space there, or point TMPDIR at a larger disk"
+# A training pod's temp directory is an emptyDir on its node's disk, sized by the request plan sets.
+POD_TEMP_DIR_FIXES = (
+    "raise resources.kubernetes.ephemeral_storage (the training pods' /tmp, on their node's disk), or put "
+    "work_dir on a volume"
+)
+
+
+def temp_dir_fixes() -> str:
+    """What to change when this process's temp directory is full: in a pod, its request."""
+    return POD_TEMP_DIR_FIXES if os.environ.get("KUBERNETES_SERVICE_HOST") else TEMP_DIR_FIXES
 
 
 def checkpoint_bytes(cfg: RunConfig, params: int) -> float:

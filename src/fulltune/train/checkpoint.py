@@ -216,7 +216,7 @@ def save(
     tag = tag_for(step)
     remote = storage.is_s3(root)
     target = _staging(root) if remote else Path(root)
-    fixes = disk.TEMP_DIR_FIXES if remote else disk.WORK_DIR_FIXES
+    fixes = disk.temp_dir_fixes() if remote else disk.WORK_DIR_FIXES
     try:
         with disk.failing_for_space(target, needed_bytes, f"checkpoint {tag}", fixes, partial=target / tag):
             engine.save_checkpoint(str(target), tag=tag, client_state=client_state, save_latest=False)

@@ -543,7 +543,7 @@ def save_model(
     size, what = disk.model_bytes(cfg, parameter_count(engine.module)), "the final model"
     with tempfile.TemporaryDirectory(prefix="fulltune-model-") as tmp:
         out = Path(tmp)
-        with disk.failing_for_space(out.parent, size, what, disk.TEMP_DIR_FIXES, partial=out):
+        with disk.failing_for_space(out.parent, size, what, disk.temp_dir_fixes(), partial=out):
             engine.module.save_pretrained(out, state_dict=state_dict, max_shard_size="5GB")
             load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code).save_pretrained(out)
             (out / "fulltune_config.yaml").write_text(cfg.to_yaml())
