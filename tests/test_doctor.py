@@ -311,6 +311,18 @@ def test_a_missing_s3_secret_is_reported_with_the_command_that_creates_it(cluste
     assert "kubectl -n team-a create secret generic fulltune-s3" in out
 
 
+def test_a_registry_in_a_bucket_that_does_not_answer_fails(cluster, capsys, tmp_path):
+    """The registry is written last, with the same S3 Secret: its bucket is checked beside work_dir's."""
+    kube, kfp, config = cluster
+    run = yaml.safe_load(open(config))
+    run["registry"] = {"uri": "s3://fulltune-no-such-registry/models"}
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(run))
+    code, out = doctor(kfp, str(tmp_path / "registry.yaml"), capsys)
+    assert code == 1
+    assert "[     ok] work_dir bucket: " in out
+    assert "[   FAIL] registry.uri bucket: s3://fulltune-no-such-registry: " in out
+
+
 def test_istio_injection_on_is_reported_with_what_it_means(cluster, capsys):
     kube, kfp, config = cluster
     kube.namespaces[NS] = {"labels": {"istio-injection": "enabled"}}

@@ -239,6 +239,25 @@ def test_plan_reads_a_model_config_on_s3_without_its_weights(llama_dir, s3, monk
     assert fetched and not any(u.endswith(".safetensors") for u in fetched)
 
 
+def test_plan_refuses_a_registry_whose_bucket_does_not_exist(llama_dir, s3, tmp_path):
+    """The register step is the run's last: a registry bucket that is not there would fail it after
+    the training. plan asks S3 first (with the credentials every step reads) and names the field."""
+    base = {
+        "work_dir": str(tmp_path / "work"),
+        "model": {"base_model_uri": str(llama_dir)},
+        "data": {"train_uri": str(small_text_data(tmp_path))},
+        "resources": {"accelerator": "cpu"},
+    }
+    missing = RunConfig.from_dict({**base, "registry": {"uri": "s3://fulltune-no-such-bucket/models"}})
+    with pytest.raises(planmod.PlanError) as refused:
+        planmod.make_plan(missing, train_tokens=10_000)
+    assert str(refused.value).startswith(
+        "registry.uri s3://fulltune-no-such-bucket/models: the bucket 'fulltune-no-such-bucket' does not exist"
+    )
+    there = RunConfig.from_dict({**base, "registry": {"uri": f"{s3}/models"}})
+    assert planmod.make_plan(there, train_tokens=10_000).config.registry.uri == f"{s3}/models"
+
+
 def _gpu_cfg(training: dict, **resources) -> RunConfig:
     return RunConfig.from_dict(
         {

@@ -354,9 +354,14 @@ def check_s3(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
     if not is_s3(cfg.work_dir):
         return [Finding("S3", OK, f"not needed: work_dir is {cfg.work_dir or 'unset'}")]
-    findings = [_secret_finding(cluster)]
-    findings.append(_bucket_finding(cfg.work_dir))
+    findings = [_secret_finding(cluster), _bucket_finding("work_dir", cfg.work_dir)]
+    if is_s3(cfg.registry.uri) and _bucket(cfg.registry.uri) != _bucket(cfg.work_dir):
+        findings.append(_bucket_finding("registry.uri", cfg.registry.uri))
     return findings
+
+
+def _bucket(uri: str) -> str:
+    return uri[len("s3://") :].split("/", 1)[0]
 
 
 def _secret_finding(cluster: Cluster) -> Finding:
@@ -410,16 +415,16 @@ def check_mlflow(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     return [Finding("MLflow Secret", OK, f"{name} exists in {namespace} and names the server ({uri})")]
 
 
-def _bucket_finding(work_dir: str) -> Finding:
+def _bucket_finding(field: str, uri: str) -> Finding:
     from fulltune import storage
 
-    bucket = work_dir[len("s3://") :].split("/", 1)[0]
+    bucket = _bucket(uri)
     try:
         storage.s3_client().head_bucket(Bucket=bucket)
     except Exception as exc:  # noqa: BLE001 — any failure to reach it is the finding
         fix = "check the Secret's keys and endpoint (AWS_ENDPOINT_URL), the bucket's name and its policy"
-        return Finding("work_dir bucket", FAIL, f"s3://{bucket}: {exc}", fix)
-    return Finding("work_dir bucket", OK, f"s3://{bucket} answers")
+        return Finding(f"{field} bucket", FAIL, f"s3://{bucket}: {exc}", fix)
+    return Finding(f"{field} bucket", OK, f"s3://{bucket} answers")
 
 
 def check_istio(cfg: RunConfig, cluster: Cluster) -> list[Finding]:

@@ -878,6 +878,19 @@ def check_training(cfg: RunConfig) -> None:
         )
 
 
+def check_registry(cfg: RunConfig) -> None:
+    """An s3:// registry whose bucket is missing or refuses the run's credentials (the register step
+    reads S3 with the same Secret) would fail at the last step, after the training; refused here."""
+    from fulltune.storage import StorageConfigError
+
+    if not storage.is_s3(cfg.registry.uri):
+        return
+    try:
+        storage.require_bucket(cfg.registry.uri)
+    except StorageConfigError as exc:
+        raise PlanError(f"registry.uri {exc}") from None
+
+
 def check_hierarchical_partitioning(cfg: RunConfig) -> None:
     res = cfg.resources
     if res.num_nodes == 1:
@@ -898,6 +911,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     """Size the run and resolve its config: every field plan decides is set in `Plan.config`."""
     cfg.require("model.base_model_uri", "data.train_uri")
     check_training(cfg)
+    check_registry(cfg)
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)
     tokens = estimate_train_tokens(cfg) if train_tokens is None else train_tokens

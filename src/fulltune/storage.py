@@ -115,14 +115,23 @@ def s3_object(uri: str) -> Iterator[None]:
         code = _code(exc)
         if code not in ("NoSuchKey", "NotFound", "404"):
             raise StorageError(f"{uri}: {exc}") from exc
-        try:
-            with s3_errors(uri):
-                s3_client().head_bucket(Bucket=split_s3(uri)[0])
-        except ClientError as bucket_exc:
-            if _code(bucket_exc) in ("404", "NotFound", "NoSuchBucket"):
-                raise _missing_bucket(uri) from None
-            raise StorageError(f"{uri}: {bucket_exc}") from bucket_exc
+        require_bucket(uri)
         raise FileNotFoundError(f"{uri}: no such object ({code})") from None
+
+
+def require_bucket(uri: str) -> None:
+    """StorageConfigError when the bucket of `uri` does not exist or refuses these credentials;
+    StorageError when it cannot be asked. A HEAD answer carries no error code: its 404 is the
+    bucket's."""
+    from botocore.exceptions import ClientError
+
+    try:
+        with s3_errors(uri):
+            s3_client().head_bucket(Bucket=split_s3(uri)[0])
+    except ClientError as exc:
+        if _code(exc) in ("404", "NotFound", "NoSuchBucket"):
+            raise _missing_bucket(uri) from None
+        raise StorageError(f"{uri}: {exc}") from exc
 
 
 def is_s3(uri: str) -> bool:
