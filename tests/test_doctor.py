@@ -311,6 +311,41 @@ def test_a_missing_s3_secret_is_reported_with_the_command_that_creates_it(cluste
     assert "kubectl -n team-a create secret generic fulltune-s3" in out
 
 
+def test_the_model_registry_is_asked_before_register_would_find_it_wrong(
+    cluster, capsys, tmp_path, monkeypatch
+):
+    """registry.kubeflow names the endpoint register records versions in, after the training: the
+    doctor asks it now, as its own identity, and tells a wrong address from a refusal."""
+    from mr_standin import ModelRegistryStandIn
+    from test_train import closed_port
+
+    kube, kfp, config = cluster
+    monkeypatch.setenv("MODEL_REGISTRY_TOKEN", "doctor-token")
+
+    def with_registry(address: str, port: int) -> str:
+        run = yaml.safe_load(open(config))
+        run["registry"] = {"kubeflow": {"server_address": address, "port": port, "is_secure": False}}
+        path = tmp_path / f"mr-{port}.yaml"
+        path.write_text(yaml.safe_dump(run))
+        return str(path)
+
+    with ModelRegistryStandIn() as mr:
+        code, out = doctor(kfp, with_registry(mr.address, mr.port), capsys)
+        assert code == 0, out
+        assert (
+            f"[     ok] Model Registry: {mr.address}:{mr.port}/api/model_registry/v1/registered_models" in out
+        )
+        assert mr.requests[-1].headers["authorization"] == "Bearer doctor-token"
+        mr.fail(1, status=403)
+        code, out = doctor(kfp, with_registry(mr.address, mr.port), capsys)
+        assert code == 0  # the register step may have another identity: a warning
+        assert "answers HTTP 403 to this identity" in out and "fulltune-model-registry Secret" in out
+    code, out = doctor(kfp, with_registry("http://127.0.0.1", closed_port()), capsys)
+    assert code == 1
+    assert "[   FAIL] Model Registry: cannot reach http://127.0.0.1:" in out
+    assert "check registry.kubeflow.server_address and port" in out
+
+
 def test_a_registry_in_a_bucket_that_does_not_answer_fails(cluster, capsys, tmp_path):
     """The registry is written last, with the same S3 Secret: its bucket is checked beside work_dir's."""
     kube, kfp, config = cluster

@@ -17,6 +17,7 @@ Checks (in the namespace the runs go to):
   (or, with a ServiceAccount named, by SubjectAccessReview for that account);
 - the S3 Secret exists (or the pod already has S3 credentials), and the work directory's bucket
   answers with them;
+- the Kubeflow Model Registry's REST endpoint answers, when `registry.kubeflow` is set;
 - the MLflow Secret, when one is named (`--mlflow-secret`), exists and holds MLFLOW_TRACKING_URI;
 - Istio injection on the namespace, and what that means for the training pods;
 - room in the namespace's ResourceQuotas for the training pods' GPUs, CPU and memory;
@@ -80,7 +81,16 @@ Check = Callable[[RunConfig, Cluster], list[Finding]]
 
 
 def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    return _run([check_kfp, *LAUNCHER_CHECKS, check_s3, check_mlflow, check_istio, check_quota], cfg, cluster)
+    checks = [
+        check_kfp,
+        *LAUNCHER_CHECKS,
+        check_s3,
+        check_model_registry,
+        check_mlflow,
+        check_istio,
+        check_quota,
+    ]
+    return _run(checks, cfg, cluster)
 
 
 def launcher_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
@@ -425,6 +435,33 @@ def _bucket_finding(field: str, uri: str) -> Finding:
         fix = "check the Secret's keys and endpoint (AWS_ENDPOINT_URL), the bucket's name and its policy"
         return Finding(f"{field} bucket", FAIL, f"s3://{bucket}: {exc}", fix)
     return Finding(f"{field} bucket", OK, f"s3://{bucket} answers")
+
+
+def check_model_registry(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    """registry.kubeflow, when set: its REST endpoint answers. register records the version there
+    last, after training; an address or port that is wrong would fail only then."""
+    from fulltune.registry.kubeflow import probe
+
+    section = cfg.registry.kubeflow
+    if section is None:
+        return []
+    status, where = probe(section)
+    check = "Model Registry"
+    if status is None:
+        fix = (
+            "check registry.kubeflow.server_address and port, and that a NetworkPolicy lets the pods reach it"
+        )
+        return [Finding(check, FAIL, f"cannot reach {where}", fix)]
+    if status in (401, 403):
+        fix = (
+            "the register step sends MODEL_REGISTRY_TOKEN from the fulltune-model-registry Secret, else its "
+            "pod's service-account token: check that identity may write there"
+        )
+        return [Finding(check, WARN, f"{where} answers HTTP {status} to this identity", fix)]
+    if not 200 <= status < 300:
+        fix = "registry.kubeflow.server_address and port must name the Model Registry's REST service"
+        return [Finding(check, FAIL, f"{where} answers HTTP {status}: not a Model Registry REST API", fix)]
+    return [Finding(check, OK, f"{where} answers")]
 
 
 def check_istio(cfg: RunConfig, cluster: Cluster) -> list[Finding]:

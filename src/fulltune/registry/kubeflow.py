@@ -79,6 +79,30 @@ def endpoint(section: KubeflowRegistrySection) -> str:
     return address if urlparse(address).port else f"{address}:{section.port}"
 
 
+API_PREFIX = "/api/model_registry/v1"
+
+
+def probe(section: KubeflowRegistrySection, timeout: float = 10.0) -> tuple[int | None, str]:
+    """Ask the Model Registry for one registered model, as this process's identity: (HTTP status,
+    None when it could not be reached; what happened). For `fulltune doctor`: the register step runs
+    last, and an endpoint that does not answer would be found only then."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    url = f"{endpoint(section)}{API_PREFIX}/registered_models?pageSize=1"
+    token = read_token()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    context = None if section.is_secure else ssl._create_unverified_context()  # noqa: S323 - is_secure false
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as answer:  # noqa: S310
+            return answer.status, url
+    except urllib.error.HTTPError as exc:
+        return exc.code, url
+    except (urllib.error.URLError, OSError) as exc:
+        return None, f"{url}: {getattr(exc, 'reason', exc)}"
+
+
 def version_properties(
     manifest: dict[str, Any], manifest_sha256: str, eval_result: EvalResult, run_id: str
 ) -> dict[str, bool | int | float | str]:
