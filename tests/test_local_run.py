@@ -408,6 +408,13 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert out[0] == f"runs under {work} (work_dir):"
+    # without a config: the runs `fulltune run --dir` keeps, or those of a work_dir named on its own
+    for no_config in (["--dir", str(tmp_path / "out")], ["--work-dir", str(work)]):
+        assert main(["runs", *no_config]) == 0
+        listing = capsys.readouterr().out.splitlines()
+        assert listing[0] == out[0] and [row.split()[0] for row in listing[2:-1]] == [
+            row.split()[0] for row in out[2:-1]
+        ]
     assert out[1].split() == [
         "RUN",
         "STATE",

@@ -125,7 +125,11 @@ def _runs(args: argparse.Namespace) -> int:
     as_json = args.output == "json"
     try:
         say = (lambda line: print(line, file=sys.stderr)) if as_json else print
-        cfg = with_local_locations(RunConfig.from_yaml(args.config), Path(args.dir), say=say)
+        if args.config:
+            cfg = with_local_locations(RunConfig.from_yaml(args.config), Path(args.dir), say=say)
+        else:  # the runs `fulltune run --dir` keeps, or those under --work-dir: the header says which
+            own = RunConfig.from_dict({"work_dir": args.work_dir or ""})
+            cfg = with_local_locations(own, Path(args.dir), say=lambda _: None)
         if as_json:
             print(json.dumps([s.to_json() for s in run_statuses(cfg.work_dir)], indent=2))
         else:
@@ -387,13 +391,21 @@ def _add_run(commands) -> None:
         commands,
         "runs",
         "list the runs under a config's work_dir: running, evaluated (gain, forgetting, version), resumable",
-        "One line a run under CONFIG's work_dir (unset: under --dir, as `fulltune run` puts it): running now "
+        "One line a run under CONFIG's work_dir, or --work-dir (neither: under --dir, as `fulltune run` puts it): running now "
         "(and which process), evaluated (the domain loss change, forgetting, verdict and registered "
         "version), stopped where `fulltune run --resume` goes on, or stopped before any checkpoint; and the "
         "disk its checkpoints take.",
     )
-    runs.add_argument("config", help="the RunConfig (YAML or JSON) whose work_dir holds the runs")
+    runs.add_argument(
+        "config", nargs="?", help="the RunConfig (YAML or JSON) whose work_dir holds the runs (default: none)"
+    )
     runs.add_argument("--dir", default=".fulltune-run", help="where `fulltune run` put an unset work_dir")
+    runs.add_argument(
+        "--work-dir",
+        default=None,
+        metavar="URI",
+        help="without a CONFIG: the work_dir to list (local or s3://)",
+    )
     runs.add_argument("--output", choices=("text", "json"), default="text", help="json: one object a run")
     runs.set_defaults(func=_runs)
 
