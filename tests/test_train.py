@@ -735,6 +735,16 @@ def test_peak_flops_by_device_name(name, peak):
     assert throughput.peak_flops(name) == peak
 
 
+def test_a_rank_on_a_gpu_without_bf16_is_told_to_train_in_fp16():
+    """What a rank raises (exit 1) before loading the model on a T4 when the config asks for bf16."""
+    assert throughput.bf16_missing("Tesla T4", (7, 5)) == (
+        "this machine's GPUs (Tesla T4, compute capability 7.5) have no bf16 (it needs 8.0, Ampere or "
+        "newer): set training.bf16: false and training.fp16: true"
+    )
+    assert throughput.bf16_missing("NVIDIA A100-SXM4-80GB", (8, 0)) is None
+    assert throughput.bf16_missing("NVIDIA H200", (9, 0)) is None
+
+
 def test_gpus_from_before_ampere_have_no_bf16_by_device_name_or_gpu_type():
     old = [
         "Tesla V100-SXM2-32GB",

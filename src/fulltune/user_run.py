@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from fulltune import storage
-from fulltune.config import BF16_CAPABILITY, GPU_MEMORY_SLACK, ConfigError, RunConfig
+from fulltune.config import GPU_MEMORY_SLACK, ConfigError, RunConfig
 from fulltune.report_kit import format_bytes
+from fulltune.train.throughput import bf16_missing
 
 if TYPE_CHECKING:
     from fulltune.outcome import RunOutcome
@@ -203,12 +204,8 @@ def local_gpu_problem(cfg: RunConfig, here: LocalGpus) -> str | None:
             f"{res.gpu_memory_gib:g}: plan would size the micro batch for that and training would run out "
             f"of memory; set resources.gpu_memory_gib: {math.floor(gib)}"
         )
-    if cfg.precision == "bf16" and here.capability < BF16_CAPABILITY:
-        major, minor = here.capability
-        return (
-            f"this machine's GPUs ({here.name}, compute capability {major}.{minor}) have no bf16 (it needs "
-            "8.0, Ampere or newer): set training.bf16: false and training.fp16: true"
-        )
+    if cfg.precision == "bf16" and (missing := bf16_missing(here.name, here.capability)):
+        return missing
     if res.nproc_per_node > 1 and here.shm_bytes < MIN_SHM_BYTES:
         return (
             f"/dev/shm on this machine holds {format_bytes(here.shm_bytes)}: NCCL between the {res.nproc_per_node} "

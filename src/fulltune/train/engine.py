@@ -33,6 +33,7 @@ from typing import Any
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.train.exit_codes import TrainInputError
+from fulltune.train.throughput import bf16_missing
 
 log = logging.getLogger("fulltune.train")
 
@@ -89,6 +90,9 @@ def init_distributed(cfg: RunConfig) -> Ranks:
     else:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        capability = torch.cuda.get_device_capability(local_rank)
+        if cfg.precision == "bf16" and (missing := bf16_missing(torch.cuda.get_device_name(), capability)):
+            raise TrainInputError(missing)  # before the model loads: cuBLAS would fail at the first step
     return Ranks(rank, world, local_rank, device, local_world)
 
 

@@ -44,6 +44,20 @@ def has_bf16(device_name: str) -> bool:
     return re.search(NO_BF16, device_name, flags=re.IGNORECASE) is None
 
 
+def bf16_missing(device_name: str, capability: tuple[int, int]) -> str | None:
+    """Why bf16 training cannot run on this GPU (CUDA compute capability `capability`), naming the
+    fix; None when it can. cuBLAS has bf16 matrix products from Ampere (8.0) on."""
+    from fulltune.config import BF16_CAPABILITY
+
+    if tuple(capability) >= BF16_CAPABILITY:
+        return None
+    major, minor = capability
+    return (
+        f"this machine's GPUs ({device_name}, compute capability {major}.{minor}) have no bf16 (it needs "
+        "8.0, Ampere or newer): set training.bf16: false and training.fp16: true"
+    )
+
+
 def peak_flops(device_name: str) -> float | None:
     """Peak dense 16-bit FLOP/s of one device, or None when the device is not in PEAK_FLOPS."""
     for pattern, flops in PEAK_FLOPS:
