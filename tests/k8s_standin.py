@@ -146,6 +146,7 @@ class FakeKube:
         self.quotas: dict[str, list[dict]] = {}
         self.nodes: list[dict] = []  # Node objects: metadata (name, labels), spec (taints), status
         self.claims: dict[tuple[str, str], dict] = {}  # PersistentVolumeClaims by (namespace, name)
+        self.service_accounts: dict[tuple[str, str], dict] = {}  # by (namespace, name)
         self.forbidden: set[str] = set()  # resource kinds whose reads answer 403 ("secrets", "namespaces")
         # SubjectAccessReview: what each user may do (the user's set of (group, resource, verb)); a
         # "subjectaccessreviews" in `forbidden` refuses the review itself (403).
@@ -460,8 +461,8 @@ def _handler(kube: FakeKube):
         # -- endpoints --------------------------------------------------------------------------
 
         def _cluster_inspection(self, parts: list[str], body: Any) -> bool:
-            """Discovery, access reviews, nodes, Secrets, namespaces, claims and quotas; False if not
-            one of them."""
+            """Discovery, access reviews, nodes, Secrets, ServiceAccounts, namespaces, claims and
+            quotas; False if not one of them."""
             if parts[0] == "apis" and len(parts) == 3 and self.command == "GET":
                 group_version = f"{parts[1]}/{parts[2]}"
                 if group_version not in kube.api_resources:
@@ -506,6 +507,8 @@ def _handler(kube: FakeKube):
                 self._send(200, found) if found else self._send(404, _status(404, "NotFound", "no namespace"))
             elif kind == "secrets" and len(parts) == 6:
                 self._get(kube.secrets, parts[3], parts[5], "secrets")
+            elif kind == "serviceaccounts" and len(parts) == 6:
+                self._get(kube.service_accounts, parts[3], parts[5], "serviceaccounts")
             elif kind == "persistentvolumeclaims" and len(parts) == 6:
                 self._get(kube.claims, parts[3], parts[5], "persistentvolumeclaims")
             elif kind == "resourcequotas" and len(parts) == 5:

@@ -125,6 +125,7 @@ def test_a_cluster_with_everything_in_place_passes(cluster, capsys):
         assert f"] {check}:" in out
     assert "multi-user" in out
     assert "requests.nvidia.com/gpu 8" in out  # 2 nodes x 4 GPUs
+    assert "requests.memory 512Gi, limits.memory 512Gi" in out  # as a quota writes it
     assert (
         "[     ok] nodes: 2 of 3 nodes can each hold a training pod (nvidia.com/gpu 4, cpu 32, memory 256Gi), 2 needed"
         in out
@@ -493,6 +494,30 @@ def test_a_trainjobs_nodes_are_weighed_with_its_runtimes_selector_and_toleration
     assert "[   warn] nodes: 0 of 3 nodes can each hold a training pod" in out, out
     assert "gpu-a, gpu-b: taint dedicated=training:NoSchedule not tolerated" in out  # replaced
     assert "system-1: no label pool=h100 (node_selector)" in out  # the runtime's selector still holds
+
+
+def test_the_service_account_and_secrets_the_training_pods_name_must_exist(cluster, capsys):
+    """A missing ServiceAccount leaves the pods uncreated, a missing secret_env Secret in
+    CreateContainerConfigError: both only after the job exists. Named with the field to fix."""
+    kube, kfp, config = cluster
+    with_launcher(
+        config, "kubernetes", service_account_name="trainer", secret_env=["fulltune-s3", "hf-token"]
+    )
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert (
+        "[   FAIL] training pods' ServiceAccount trainer: not in team-a: the training pods could not start"
+        in out
+    )
+    assert "fix resources.kubernetes.service_account_name" in out
+    assert "[     ok] training pods' Secret fulltune-s3: exists in team-a" in out
+    assert "[   FAIL] training pods' Secret hf-token: not in team-a" in out
+    assert "fix resources.kubernetes.secret_env[1]" in out
+    kube.service_accounts[(NS, "trainer")] = {"metadata": {"name": "trainer", "namespace": NS}}
+    kube.secrets[(NS, "hf-token")] = {"metadata": {"name": "hf-token", "namespace": NS}}
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0, out
+    assert "[     ok] training pods' ServiceAccount trainer: exists in team-a" in out
 
 
 def claim(name: str, modes: list[str], phase: str = "Bound") -> dict:

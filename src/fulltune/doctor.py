@@ -21,13 +21,14 @@ Checks (in the namespace the runs go to):
 - the MLflow Secret, when one is named (`--mlflow-secret`), exists and holds MLFLOW_TRACKING_URI;
 - Istio injection on the namespace, and what that means for the training pods;
 - room in the namespace's ResourceQuotas for the training pods' GPUs, CPU and memory;
+- the training pods' ServiceAccount and `secret_env` Secrets exist;
 - each PersistentVolumeClaim the training pods mount exists, is bound, and can be mounted by all of
   them (ReadWriteMany when they run on several nodes);
 - enough nodes that could each hold a training pod: its GPUs, CPU, memory and ephemeral storage
   within a node's allocatable, the node_selector's labels, every NoSchedule taint tolerated.
 
-The launcher's checks (`LAUNCHER_CHECKS`: its API, its runtime, its RBAC, its pods' volumes and
-nodes) need no KFP run;
+The launcher's checks (`LAUNCHER_CHECKS`: its API, its runtime, its RBAC, what its pods name, the
+nodes they could go on) need no KFP run;
 `fulltune submit --check-cluster` runs the same functions before it creates a run.
 """
 
@@ -94,7 +95,8 @@ def run_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
 
 def launcher_checks(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    """The checks that need no KFP run: the launcher's API, runtime and RBAC, its pods' volumes and nodes."""
+    """The checks that need no KFP run: the launcher's API, runtime and RBAC; what its pods name
+    (ServiceAccount, Secrets, volume claims) and the nodes they could go on."""
     return _run(LAUNCHER_CHECKS, cfg, cluster)
 
 
@@ -350,10 +352,50 @@ def _volume_finding(check: str, claim, volume, num_nodes: int) -> Finding:
     return Finding(check, OK, f"Bound, {shown}")
 
 
+def check_pod_references(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
+    """What the training pods name that must exist in the namespace: their ServiceAccount
+    (`resources.kubernetes.service_account_name`) and the Secrets of `secret_env`, which they read
+    whole (not optional). A missing one leaves the pods uncreated or in CreateContainerConfigError,
+    seen only after the job was created."""
+    from kubernetes.client import CoreV1Api
+
+    from fulltune.launch.kubernetes import KINDS
+
+    k8s = cfg.resources.kubernetes
+    if cfg.resources.launcher not in KINDS:
+        return []
+    api = CoreV1Api(cluster.api)
+    findings = []
+    if name := k8s.service_account_name:
+        read = api.read_namespaced_service_account
+        findings.append(
+            _exists(cluster, "ServiceAccount", name, read, "resources.kubernetes.service_account_name")
+        )
+    for i, name in enumerate(k8s.secret_env):
+        read = api.read_namespaced_secret
+        findings.append(_exists(cluster, "Secret", name, read, f"resources.kubernetes.secret_env[{i}]"))
+    return findings
+
+
+def _exists(cluster: Cluster, kind: str, name: str, read: Callable[..., Any], field: str) -> Finding:
+    from kubernetes.client.exceptions import ApiException
+
+    check = f"training pods' {kind} {name}"
+    try:
+        read(name, cluster.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            fix = f"create it in {cluster.namespace}, or fix {field}"
+            return Finding(check, FAIL, f"not in {cluster.namespace}: the training pods could not start", fix)
+        return Finding(check, UNKNOWN, f"cannot read {kind}s ({exc.status})")
+    return Finding(check, OK, f"exists in {cluster.namespace}")
+
+
 LAUNCHER_CHECKS: tuple[Check, ...] = (
     check_training_api,
     check_runtime,
     check_access,
+    check_pod_references,
     check_volumes,
     check_nodes,
 )
@@ -505,7 +547,7 @@ def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
         for key, amount in need.items():
             if key in hard and parse_quantity(hard[key]) - parse_quantity(used.get(key, "0")) < amount:
                 short.append(
-                    f"{quota.metadata.name}: {key} needs {amount:g}, {hard[key]} hard, {used.get(key, '0')} used"
+                    f"{quota.metadata.name}: {key} needs {_quantity(key, amount)}, {hard[key]} hard, {used.get(key, '0')} used"
                 )
     if short:
         fix = "ask the platform team to raise the profile's quota, or ask for fewer nodes/GPUs per node"
@@ -548,7 +590,14 @@ def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
 
 
 def _needs_text(need: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in need.items()) or "none"
+    return ", ".join(f"{k} {_quantity(k, v)}" for k, v in need.items()) or "none"
+
+
+def _quantity(key: str, amount: float) -> str:
+    """A quota amount as Kubernetes writes it: bytes in Gi, the rest as a number."""
+    if key.endswith(("memory", "ephemeral-storage")):
+        return f"{amount / 2**30:g}Gi"
+    return f"{amount:g}"
 
 
 # -- the Kubernetes API ----------------------------------------------------------------------------
