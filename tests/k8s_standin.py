@@ -147,6 +147,7 @@ class FakeKube:
         self.nodes: list[dict] = []  # Node objects: metadata (name, labels), spec (taints), status
         self.claims: dict[tuple[str, str], dict] = {}  # PersistentVolumeClaims by (namespace, name)
         self.service_accounts: dict[tuple[str, str], dict] = {}  # by (namespace, name)
+        self.priority_classes: dict[tuple[str, str], dict] = {}  # cluster-scoped: ("", name)
         self.forbidden: set[str] = set()  # resource kinds whose reads answer 403 ("secrets", "namespaces")
         # SubjectAccessReview: what each user may do (the user's set of (group, resource, verb)); a
         # "subjectaccessreviews" in `forbidden` refuses the review itself (403).
@@ -476,6 +477,9 @@ def _handler(kube: FakeKube):
                         200,
                         {"kind": "APIResourceList", "groupVersion": group_version, "resources": resources},
                     )
+                return True
+            if parts[:4] == ["apis", "scheduling.k8s.io", "v1", "priorityclasses"] and len(parts) == 5:
+                self._get(kube.priority_classes, "", parts[4], "priorityclasses.scheduling.k8s.io")
                 return True
             if parts[:3] == ["apis", "authorization.k8s.io", "v1"] and parts[3:] == [
                 "selfsubjectaccessreviews"

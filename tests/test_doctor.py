@@ -497,8 +497,8 @@ def test_a_trainjobs_nodes_are_weighed_with_its_runtimes_selector_and_toleration
 
 
 def test_the_service_account_and_secrets_the_training_pods_name_must_exist(cluster, capsys):
-    """A missing ServiceAccount leaves the pods uncreated, a missing secret_env Secret in
-    CreateContainerConfigError: both only after the job exists. Named with the field to fix."""
+    """A missing ServiceAccount or PriorityClass leaves the pods uncreated, a missing secret_env
+    Secret in CreateContainerConfigError: each only after the job exists. Named with the field."""
     kube, kfp, config = cluster
     with_launcher(
         config, "kubernetes", service_account_name="trainer", secret_env=["fulltune-s3", "hf-token"]
@@ -513,11 +513,17 @@ def test_the_service_account_and_secrets_the_training_pods_name_must_exist(clust
     assert "[     ok] training pods' Secret fulltune-s3: exists in team-a" in out
     assert "[   FAIL] training pods' Secret hf-token: not in team-a" in out
     assert "fix resources.kubernetes.secret_env[1]" in out
+    with_launcher(config, "kubernetes", priority_class_name="training-high")
+    code, out = doctor(kfp, config, capsys)
+    assert "[   FAIL] training pods' PriorityClass training-high: not in the cluster" in out
+    assert "fix resources.kubernetes.priority_class_name" in out
+    kube.priority_classes[("", "training-high")] = {"metadata": {"name": "training-high"}, "value": 1000}
     kube.service_accounts[(NS, "trainer")] = {"metadata": {"name": "trainer", "namespace": NS}}
     kube.secrets[(NS, "hf-token")] = {"metadata": {"name": "hf-token", "namespace": NS}}
     code, out = doctor(kfp, config, capsys)
     assert code == 0, out
     assert "[     ok] training pods' ServiceAccount trainer: exists in team-a" in out
+    assert "[     ok] training pods' PriorityClass training-high: exists in the cluster" in out
 
 
 def claim(name: str, modes: list[str], phase: str = "Bound") -> dict:

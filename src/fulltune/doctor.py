@@ -353,11 +353,11 @@ def _volume_finding(check: str, claim, volume, num_nodes: int) -> Finding:
 
 
 def check_pod_references(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
-    """What the training pods name that must exist in the namespace: their ServiceAccount
-    (`resources.kubernetes.service_account_name`) and the Secrets of `secret_env`, which they read
-    whole (not optional). A missing one leaves the pods uncreated or in CreateContainerConfigError,
-    seen only after the job was created."""
-    from kubernetes.client import CoreV1Api
+    """What the training pods name that must exist: their ServiceAccount
+    (`resources.kubernetes.service_account_name`), the Secrets of `secret_env`, which they read whole
+    (not optional), and their PriorityClass. A missing one leaves the pods uncreated or in
+    CreateContainerConfigError, seen only after the job was created."""
+    from kubernetes.client import CoreV1Api, SchedulingV1Api
 
     from fulltune.launch.kubernetes import KINDS
 
@@ -374,21 +374,28 @@ def check_pod_references(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     for i, name in enumerate(k8s.secret_env):
         read = api.read_namespaced_secret
         findings.append(_exists(cluster, "Secret", name, read, f"resources.kubernetes.secret_env[{i}]"))
+    if name := k8s.priority_class_name:
+        read = lambda name, _namespace: SchedulingV1Api(cluster.api).read_priority_class(name)  # noqa: E731
+        field = "resources.kubernetes.priority_class_name"
+        findings.append(_exists(cluster, "PriorityClass", name, read, field, where="the cluster"))
     return findings
 
 
-def _exists(cluster: Cluster, kind: str, name: str, read: Callable[..., Any], field: str) -> Finding:
+def _exists(
+    cluster: Cluster, kind: str, name: str, read: Callable[..., Any], field: str, where: str = ""
+) -> Finding:
+    """Whether the `kind` called `name` is there (`where`: the namespace, or "the cluster")."""
     from kubernetes.client.exceptions import ApiException
 
-    check = f"training pods' {kind} {name}"
+    check, where = f"training pods' {kind} {name}", where or cluster.namespace
     try:
         read(name, cluster.namespace)
     except ApiException as exc:
         if exc.status == 404:
-            fix = f"create it in {cluster.namespace}, or fix {field}"
-            return Finding(check, FAIL, f"not in {cluster.namespace}: the training pods could not start", fix)
+            fix = f"create it in {where}, or fix {field}"
+            return Finding(check, FAIL, f"not in {where}: the training pods could not start", fix)
         return Finding(check, UNKNOWN, f"cannot read {kind}s ({exc.status})")
-    return Finding(check, OK, f"exists in {cluster.namespace}")
+    return Finding(check, OK, f"exists in {where}")
 
 
 LAUNCHER_CHECKS: tuple[Check, ...] = (
