@@ -889,12 +889,8 @@ def test_plan_saves_a_checkpoint_after_every_hour_of_training_unless_told(llama_
     assert planned(10**13, save_every_minutes=20).config.training.save_steps == 0
 
 
-def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_data_is_made(tmp_path):
-    """A 70B Llama (config only) keeps 3 checkpoints of ~790 GiB at the peak: far more than this
-    machine's disk. Refused by plan, naming the directory, what is free, what the run writes and what
-    to change; with work_dir on S3 the checkpoints go through the temp directory, which is named."""
-    import shutil
-
+def llama_70b_config(tmp_path) -> Path:
+    """Llama-3.1-70B's shape, config only (70.6B parameters; plan builds it on the meta device)."""
     tiny_llama_config(
         vocab_size=128256,
         hidden_size=8192,
@@ -904,6 +900,16 @@ def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_dat
         num_key_value_heads=8,
         tie_word_embeddings=False,
     ).save_pretrained(tmp_path / "llama-70b")
+    return tmp_path / "llama-70b"
+
+
+def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_data_is_made(tmp_path):
+    """A 70B Llama (config only) keeps 3 checkpoints of ~790 GiB at the peak: far more than this
+    machine's disk. Refused by plan, naming the directory, what is free, what the run writes and what
+    to change; with work_dir on S3 the checkpoints go through the temp directory, which is named."""
+    import shutil
+
+    llama_70b_config(tmp_path)
     data = small_text_data(tmp_path)
     checkpoint = 12 * 70_553_706_496  # bytes: AdamW's fp32 weights and two moments
     # as many kept as it takes not to fit, however large this machine's disk
@@ -940,15 +946,7 @@ def test_plan_refuses_an_evaluation_that_cannot_hold_the_model_before_any_traini
     """A 70B Llama's bfloat16 weights (131 GiB) cannot go whole onto one 80 GiB GPU, which evaluation's
     default placement does: refused before the GPUs train for days, naming the placement and the GPU
     count that holds it; with evaluation.device_map auto the plan says how many the evaluate step needs."""
-    tiny_llama_config(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ).save_pretrained(tmp_path / "llama-70b")
+    llama_70b_config(tmp_path)
 
     def plan(evaluation: dict, **resources):
         cfg = RunConfig.from_dict(
