@@ -364,32 +364,29 @@ def check_pod_references(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     k8s = cfg.resources.kubernetes
     if cfg.resources.launcher not in KINDS:
         return []
-    api = CoreV1Api(cluster.api)
+    api, ns = CoreV1Api(cluster.api), cluster.namespace
     findings = []
     if name := k8s.service_account_name:
-        read = api.read_namespaced_service_account
+        read = lambda n: api.read_namespaced_service_account(n, ns)  # noqa: E731
         findings.append(
-            _exists(cluster, "ServiceAccount", name, read, "resources.kubernetes.service_account_name")
+            _exists("ServiceAccount", name, read, "resources.kubernetes.service_account_name", ns)
         )
     for i, name in enumerate(k8s.secret_env):
-        read = api.read_namespaced_secret
-        findings.append(_exists(cluster, "Secret", name, read, f"resources.kubernetes.secret_env[{i}]"))
+        read = lambda n: api.read_namespaced_secret(n, ns)  # noqa: E731
+        findings.append(_exists("Secret", name, read, f"resources.kubernetes.secret_env[{i}]", ns))
     if name := k8s.priority_class_name:
-        read = lambda name, _namespace: SchedulingV1Api(cluster.api).read_priority_class(name)  # noqa: E731
-        field = "resources.kubernetes.priority_class_name"
-        findings.append(_exists(cluster, "PriorityClass", name, read, field, where="the cluster"))
+        read = SchedulingV1Api(cluster.api).read_priority_class
+        findings.append(_exists("PriorityClass", name, read, "resources.kubernetes.priority_class_name"))
     return findings
 
 
-def _exists(
-    cluster: Cluster, kind: str, name: str, read: Callable[..., Any], field: str, where: str = ""
-) -> Finding:
-    """Whether the `kind` called `name` is there (`where`: the namespace, or "the cluster")."""
+def _exists(kind: str, name: str, read: Callable[[str], Any], field: str, namespace: str = "") -> Finding:
+    """Whether the `kind` called `name` is there: in `namespace`, or cluster-scoped without one."""
     from kubernetes.client.exceptions import ApiException
 
-    check, where = f"training pods' {kind} {name}", where or cluster.namespace
+    check, where = f"training pods' {kind} {name}", namespace or "the cluster"
     try:
-        read(name, cluster.namespace)
+        read(name)
     except ApiException as exc:
         if exc.status == 404:
             fix = f"create it in {where}, or fix {field}"
