@@ -526,6 +526,27 @@ def test_the_service_account_and_secrets_the_training_pods_name_must_exist(clust
     assert "[     ok] training pods' PriorityClass training-high: exists in the cluster" in out
 
 
+def test_the_ephemeral_storage_plan_will_request_counts_against_quotas_and_nodes(cluster, capsys, tmp_path):
+    """Left unset, plan sizes each training pod's ephemeral storage from the model (its /tmp stages a
+    node's share of each s3:// checkpoint, plus compile caches): the doctor reads the model's config
+    as plan will, and counts that request against the quota and each node's allocatable disk."""
+    from fulltune import storage
+    from tiny_models import tiny_llama_config
+
+    kube, kfp, config = cluster
+    run = yaml.safe_load(open(config))
+    code, out = doctor(kfp, config, capsys)  # no model there yet: said, and nothing counted
+    assert "[unknown] ephemeral storage: not counted: the base model's config cannot be read here" in out
+    tiny_llama_config().save_pretrained(tmp_path / "llama")
+    storage.upload_dir(tmp_path / "llama", run["model"]["base_model_uri"])
+    kube.nodes[1]["status"]["allocatable"]["ephemeral-storage"] = "5Gi"  # a small root disk
+    kube.quotas[NS][0]["status"]["hard"]["requests.ephemeral-storage"] = "100Gi"
+    code, out = doctor(kfp, config, capsys)
+    assert "[     ok] ephemeral storage: 9Gi a training pod, as plan will request it" in out, out
+    assert "requests.ephemeral-storage 18Gi" in out  # two nodes' pods, against the quota
+    assert "gpu-b: ephemeral-storage 5Gi allocatable, 9Gi needed" in out
+
+
 def claim(name: str, modes: list[str], phase: str = "Bound") -> dict:
     return {
         "metadata": {"name": name, "namespace": NS},
