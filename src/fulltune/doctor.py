@@ -436,13 +436,15 @@ def check_s3(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     if not is_s3(cfg.work_dir):
         return [Finding("S3", OK, f"not needed: work_dir is {cfg.work_dir or 'unset'}")]
     findings = [_secret_finding(cluster), _bucket_finding("work_dir", cfg.work_dir)]
-    if is_s3(cfg.registry.uri) and _bucket(cfg.registry.uri) != _bucket(cfg.work_dir):
+    if is_s3(cfg.registry.uri) and _bucket_root(cfg.registry.uri) != _bucket_root(cfg.work_dir):
         findings.append(_bucket_finding("registry.uri", cfg.registry.uri))
     return findings
 
 
-def _bucket(uri: str) -> str:
-    return uri[len("s3://") :].split("/", 1)[0]
+def _bucket_root(uri: str) -> str:
+    from fulltune.storage import split_s3
+
+    return f"s3://{split_s3(uri)[0]}"
 
 
 def _secret_finding(cluster: Cluster) -> Finding:
@@ -499,13 +501,15 @@ def check_mlflow(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 def _bucket_finding(field: str, uri: str) -> Finding:
     from fulltune import storage
 
-    bucket = _bucket(uri)
+    root = _bucket_root(uri)
     try:
-        storage.s3_client().head_bucket(Bucket=bucket)
+        storage.require_bucket(root)  # plan's own check of the registry's bucket
     except Exception as exc:  # noqa: BLE001 — any failure to reach it is the finding
         fix = "check the Secret's keys and endpoint (AWS_ENDPOINT_URL), the bucket's name and its policy"
-        return Finding(f"{field} bucket", FAIL, f"s3://{bucket}: {exc}", fix)
-    return Finding(f"{field} bucket", OK, f"s3://{bucket} answers")
+        # storage's errors name the bucket already; anything else gets it in front
+        detail = str(exc) if isinstance(exc, storage.StorageError) else f"{root}: {exc}"
+        return Finding(f"{field} bucket", FAIL, detail, fix)
+    return Finding(f"{field} bucket", OK, f"{root} answers")
 
 
 def check_model_registry(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
