@@ -110,7 +110,7 @@ def _run(checks, cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
 def with_planned_scratch(cfg: RunConfig) -> tuple[RunConfig, list[Finding]]:
     """`cfg` with the ephemeral storage plan will request for each training pod when the config
-    leaves it unset (`disk.pod_scratch_request`, from the model's size), so that the node and quota
+    leaves it unset (`plan.scratch_request`, from the model's size), so that the node and quota
     checks count it; read from the base model's config.json, which must be readable here. The
     doctor's, which runs where the runs' S3 Secret is; not `submit --check-cluster`'s, whose machine
     need not reach the model."""
@@ -119,15 +119,14 @@ def with_planned_scratch(cfg: RunConfig) -> tuple[RunConfig, list[Finding]]:
     k8s, check = cfg.resources.kubernetes, "ephemeral storage"
     if cfg.resources.launcher not in KINDS or k8s.ephemeral_storage or not cfg.model.base_model_uri:
         return cfg, []
-    from fulltune.disk import pod_scratch_request
-    from fulltune.plan import default_checkpoints, load_model_config, model_shape
+    from fulltune.plan import load_model_config, model_shape, scratch_request
 
     try:
         params = model_shape(load_model_config(cfg)).params
     except Exception as exc:  # noqa: BLE001 — plan reports it; here it is only what cannot be counted
         why = f"not counted: the base model's config cannot be read here ({str(exc).splitlines()[0]})"
         return cfg, [Finding(check, UNKNOWN, why)]
-    request, why = pod_scratch_request(cfg.with_overrides(default_checkpoints(cfg)), params)
+    request, why = scratch_request(cfg, params)
     planned = cfg.with_overrides({"resources.kubernetes.ephemeral_storage": request})
     return planned, [Finding(check, OK, f"{request} a training pod, as plan will request it: {why}")]
 

@@ -933,7 +933,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         if chosen.get("training.save_every_minutes"):  # the user chose nothing: say what plan did
             rule_notes.append(_checkpoint_note(resolved, cost, shape.params))
     if resolved.resources.launcher != "local" and resolved.resources.kubernetes.ephemeral_storage is None:
-        request, why = pod_scratch_request(resolved, shape.params)
+        request, why = scratch_request(resolved, shape.params)
         resolved = resolved.with_overrides({"resources.kubernetes.ephemeral_storage": request})
         rule_notes.append(why)
     disk = estimate_disk(resolved, shape.params)
@@ -1003,6 +1003,13 @@ def default_checkpoints(cfg: RunConfig) -> dict[str, Any]:
     if tr.save_every_minutes is None:
         chosen["training.save_every_minutes"] = CHECKPOINT_EVERY_MINUTES if tr.save_steps is None else 0.0
     return chosen
+
+
+def scratch_request(cfg: RunConfig, params: int) -> tuple[str, str]:
+    """The ephemeral storage plan requests for each cluster training pod, and why
+    (`disk.pod_scratch_request` over `cfg` with the checkpoints plan chooses when it leaves them
+    unset): what the doctor counts before any plan has run."""
+    return pod_scratch_request(cfg.with_overrides(default_checkpoints(cfg)), params)
 
 
 def _checkpoint_note(cfg: RunConfig, cost: CostEstimate | None, params: int) -> str:
