@@ -117,6 +117,20 @@ def _selected(labels: dict[str, str], selector: str) -> bool:
     return True
 
 
+def _field_selected(obj: dict, selector: str) -> bool:
+    """The API server's field selectors: comma-separated `path=value` / `path!=value` terms, each
+    path dotted (`status.phase`, `spec.nodeName`); an absent field reads as ""."""
+    for term in filter(None, selector.split(",")):
+        negated = "!=" in term
+        path, _, value = term.partition("!=" if negated else "=")
+        found: Any = obj
+        for part in path.split("."):
+            found = found.get(part, "") if isinstance(found, dict) else ""
+        if (str(found) == value.lstrip("=")) == negated:
+            return False
+    return True
+
+
 class FakeKube:
     def __init__(self, script: Callable[[FakeKube, str, str], None] | None = None):
         self.cond = threading.Condition()
@@ -442,6 +456,8 @@ def _handler(kube: FakeKube):
                     if parts[-2] in kube.forbidden:
                         return self._send(403, _status(403, "Forbidden", f"{parts[-2]} is forbidden"))
                     return self._get(kube.runtimes, ns, parts[-1], f"{parts[-2]}.{TRAINER}")
+                if parts == ["api", "v1", "pods"] and self.command == "GET":
+                    return self._list_all_pods(query)
                 if parts[:2] == ["api", "v1"] and len(parts) >= 5 and parts[4] == "pods":
                     ns = parts[3]
                     if len(parts) == 7 and parts[6] == "log":
@@ -626,6 +642,15 @@ def _handler(kube: FakeKube):
                 200,
                 {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": rv}, "items": items},
             )
+
+        def _list_all_pods(self, query: dict) -> None:
+            """Pods in every namespace (what the scheduler weighs on each node), by field selector."""
+            if "pods" in kube.forbidden:
+                return self._send(403, _status(403, "Forbidden", "pods is forbidden at the cluster scope"))
+            selector = query.get("fieldSelector", "")
+            with kube.cond:
+                items = [copy.deepcopy(p) for p in kube.pods.values() if _field_selected(p, selector)]
+            self._send(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
 
         def _pod_log(self, ns: str, pod: str, query: dict) -> None:
             with kube.cond:

@@ -5,12 +5,15 @@ everything in place passes."""
 from __future__ import annotations
 
 import copy
+import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from fulltune.cli import main
 from fulltune.launch.kubernetes import LAUNCHER_ACCESS, launcher_access
+from fulltune.launch.scheduling import requested_on_nodes
 from k8s_standin import FakeKube
 from kfp_standin import KFPStandIn
 
@@ -398,6 +401,66 @@ def test_gpu_nodes_the_pods_cannot_go_on_are_named_with_what_to_set(cluster, cap
     (tmp_path / "tolerating.yaml").write_text(yaml.safe_dump(tolerating))
     code, out = doctor(kfp, str(tmp_path / "tolerating.yaml"), capsys)
     assert "[     ok] nodes: 2 of 3 nodes can each hold a training pod" in out, out
+
+
+def bound_pod(name: str, node_name: str, phase: str = "Running", ns: str = "team-b", **resources) -> dict:
+    """Another team's pod the scheduler has put on `node_name`, with its container's resources."""
+    return {
+        "metadata": {"name": name, "namespace": ns, "labels": {}},
+        "spec": {"nodeName": node_name, "containers": [{"name": "main", "resources": resources}]},
+        "status": {"phase": phase},
+    }
+
+
+def test_gpus_other_pods_hold_now_are_told_from_gpus_a_node_lacks(cluster, capsys):
+    """Both GPU nodes fit by allocatable, but another team's job holds 6 of gpu-a's 8 GPUs: the
+    training pods would wait for it. Pods that ended hold nothing; a limit alone is the request."""
+    kube, kfp, config = cluster
+    kube.pods[("team-b", "sweep-0")] = bound_pod("sweep-0", "gpu-a", limits={"nvidia.com/gpu": "6"})
+    kube.pods[("team-b", "sweep-1")] = bound_pod("sweep-1", "gpu-b", requests={"nvidia.com/gpu": "2"})
+    kube.pods[("team-b", "done")] = bound_pod("done", "gpu-b", "Succeeded", requests={"nvidia.com/gpu": "8"})
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0, out  # other pods end: a warning
+    assert "[   warn] nodes: 2 of 3 nodes can each hold a training pod" in out, out
+    assert "2 needed; 1 with room now; gpu-a: nvidia.com/gpu 6 of 8 requested by pods there, 4 needed" in out
+    assert "the training pods wait until those pods end" in out
+
+    del kube.pods[("team-b", "sweep-0")]
+    code, out = doctor(kfp, config, capsys)
+    assert "[     ok] nodes: 2 of 3 nodes can each hold a training pod" in out and "2 with room now" in out
+
+    kube.forbidden.add("pods")  # a profile's user may not list every namespace's pods
+    code, out = doctor(kfp, config, capsys)
+    assert (
+        "[     ok] nodes: 2 of 3 nodes" in out
+        and "cannot list pods (403): what runs there not counted" in out
+    )
+
+
+def test_a_pods_request_is_counted_as_the_scheduler_counts_it():
+    """Containers summed, sidecars (restartable init containers) with them, an ordinary init
+    container's peak beside the sidecars started before it when larger, the overhead on top."""
+    from kubernetes.client import ApiClient
+
+    def pod(spec: dict):  # as the client reads it from the API server's JSON
+        response = SimpleNamespace(data=json.dumps({"metadata": {"name": "p"}, "spec": spec}))
+        return ApiClient().deserialize(response, "V1Pod")
+
+    gpu = "nvidia.com/gpu"
+    spec = {
+        "nodeName": "gpu-a",
+        "initContainers": [
+            {"name": "proxy", "restartPolicy": "Always", "resources": {"requests": {"cpu": "500m"}}},
+            {"name": "fetch", "resources": {"requests": {"cpu": "4", "memory": "1Gi"}}},
+        ],
+        "containers": [
+            {"name": "a", "resources": {"requests": {"cpu": "1", gpu: "1"}, "limits": {gpu: "1"}}},
+            {"name": "b", "resources": {"limits": {"cpu": "2", "memory": "2Gi"}}},
+        ],
+        "overhead": {"memory": "64Mi"},
+    }
+    used = requested_on_nodes([pod(spec), pod({**spec, "nodeName": None})])
+    assert used == {"gpu-a": {"cpu": 4.5, "memory": 2 * 2**30 + 64 * 2**20, gpu: 1.0}}
 
 
 def test_nodes_too_small_cordoned_or_unlabelled_for_the_pods_are_told_apart(cluster, capsys, tmp_path):

@@ -47,7 +47,9 @@ from fulltune.launch.scheduling import (
     NODE_FIXES,
     TrainingPod,
     parse_quantity,
+    requested_on_nodes,
     unused_gpu_memory,
+    why_busy,
     why_unfit,
 )
 
@@ -280,8 +282,9 @@ def check_access(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     """Whether `resources.num_nodes` nodes could each hold a training pod: schedulable, carrying the
     node_selector's labels, no NoSchedule/NoExecute taint the pods do not tolerate, and the pod's
-    requests within the node's allocatable. Pods already on a node are not counted. A shortfall
-    warns rather than fails: a cluster autoscaler may add the nodes when the pods ask for them."""
+    requests within the node's allocatable; and whether enough of them have that room now, beside
+    the pods already on them. A shortfall warns rather than fails: a cluster autoscaler may add the
+    nodes when the pods ask for them, and other pods end."""
     from kubernetes.client import CoreV1Api
     from kubernetes.client.exceptions import ApiException
 
@@ -306,12 +309,45 @@ def check_nodes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     requests = ", ".join(f"{key} {value}" for key, value in pod.requests.items())
     detail = f"{len(fitting)} of {len(nodes)} nodes can each hold a training pod ({requests}), {res.num_nodes} needed"
     if len(fitting) >= res.num_nodes:
-        detail += " (by allocatable; pods already there not counted)"
-        return [Finding("nodes", OK, detail + unused_gpu_memory(fitting, res.gpu_memory_gib))]
+        return [_room_now(cluster, fitting, pod, res.num_nodes, detail, res.gpu_memory_gib)]
     for (_, why), names in unfit.items():
-        detail += f"; {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}: {why}"
+        detail += f"; {_names(names)}: {why}"
     fixes = "; ".join(dict.fromkeys(NODE_FIXES[kind] for kind, _ in unfit))
     return [Finding("nodes", WARN, detail, f"{fixes} ({AUTOSCALER})" if fixes else AUTOSCALER)]
+
+
+def _room_now(cluster: Cluster, fitting: list, pod, needed: int, detail: str, planned_gib: float) -> Finding:
+    """The nodes finding when enough nodes fit by allocatable: whether enough of them have the room
+    now, beside the pods already bound to them (pods in every namespace; without leave to list them,
+    said and not counted)."""
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        pods = CoreV1Api(cluster.api).list_pod_for_all_namespaces(field_selector=_UNFINISHED).items
+    except ApiException as exc:
+        return Finding(
+            "nodes", OK, f"{detail} (cannot list pods ({exc.status}): what runs there not counted)"
+        )
+    used = requested_on_nodes(pods)
+    busy = {n.metadata.name: why for n in fitting if (why := why_busy(n, pod, used.get(n.metadata.name, {})))}
+    detail += f"; {len(fitting) - len(busy)} with room now"
+    if len(fitting) - len(busy) >= needed:
+        return Finding("nodes", OK, detail + unused_gpu_memory(fitting, planned_gib))
+    by_reason: dict[str, list[str]] = {}
+    for name, why in busy.items():
+        by_reason.setdefault(why, []).append(name)
+    detail += "".join(f"; {_names(names)}: {why}" for why, names in by_reason.items())
+    fix = "the training pods wait until those pods end (or an autoscaler adds nodes); ask for fewer GPUs, or run later"
+    return Finding("nodes", WARN, detail, fix)
+
+
+# Pods that still hold what they requested: the scheduler frees a pod's share when it ends.
+_UNFINISHED = "status.phase!=Succeeded,status.phase!=Failed"
+
+
+def _names(names: list[str]) -> str:
+    return f"{', '.join(names[:3])}{' and more' if len(names) > 3 else ''}"
 
 
 def check_volumes(cfg: RunConfig, cluster: Cluster) -> list[Finding]:

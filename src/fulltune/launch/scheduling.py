@@ -5,7 +5,8 @@ A node can hold one when it is schedulable, carries `resources.kubernetes.node_s
 has no NoSchedule/NoExecute taint `resources.kubernetes.tolerations` does not tolerate, and has the
 pod's requests within its allocatable; and, where GPU feature discovery labels it (the NVIDIA GPU
 operator does), GPUs with the memory `resources.gpu_memory_gib` planned for and, for bf16 training,
-compute capability 8 or more. Pods already on the node are not counted.
+compute capability 8 or more. Whether it has room now is the same sum less what the pods already
+bound to it request (`requested_on_nodes`), as the scheduler counts it.
 """
 
 from __future__ import annotations
@@ -162,6 +163,73 @@ def unused_gpu_memory(nodes: list, planned_gib: float) -> str:
         f"; their GPUs have {min(sizes):.0f} GiB, the memory plan assumed {planned_gib:g}: set "
         "resources.gpu_memory_gib to theirs for a faster plan"
     )
+
+
+def requested_on_nodes(pods: list) -> dict[str, dict[str, float]]:
+    """What the pods bound to each node request, by node name, as the scheduler counts a pod: its
+    containers' requests summed (a limit alone stands for the request, as the API server defaults
+    it), restartable init containers (sidecars) added, or one ordinary init container's if that is
+    larger, plus the pod's overhead. Pods that ended (Succeeded, Failed) hold nothing."""
+    used: dict[str, dict[str, float]] = {}
+    for pod in pods:
+        if not (pod.spec and pod.spec.node_name) or (
+            pod.status and pod.status.phase in ("Succeeded", "Failed")
+        ):
+            continue
+        _add(used.setdefault(pod.spec.node_name, {}), _pod_request(pod.spec))
+    return used
+
+
+def _pod_request(spec) -> dict[str, float]:
+    """Kubernetes' effective request: the larger of the running containers (sidecars included) and
+    the peak of the init phase, where each ordinary init container runs beside the sidecars started
+    before it."""
+    sidecars: dict[str, float] = {}
+    init_peak: dict[str, float] = {}
+    for container in spec.init_containers or []:
+        asked = _container_request(container)
+        if getattr(container, "restart_policy", None) == "Always":
+            _add(sidecars, asked)
+        else:
+            during = dict(sidecars)
+            _add(during, asked)
+            init_peak = {k: max(init_peak.get(k, 0.0), during.get(k, 0.0)) for k in {*init_peak, *during}}
+    running = dict(sidecars)
+    for container in spec.containers:
+        _add(running, _container_request(container))
+    total = {k: max(running.get(k, 0.0), init_peak.get(k, 0.0)) for k in {*running, *init_peak}}
+    _add(total, {k: parse_quantity(v) for k, v in (spec.overhead or {}).items()})
+    return total
+
+
+def _add(into: dict[str, float], amounts: dict[str, float]) -> None:
+    for key, amount in amounts.items():
+        into[key] = into.get(key, 0.0) + amount
+
+
+def _container_request(container) -> dict[str, float]:
+    resources = container.resources
+    limits = (resources.limits if resources else None) or {}
+    requests = (resources.requests if resources else None) or {}
+    return {key: parse_quantity(value) for key, value in {**limits, **requests}.items()}
+
+
+def why_busy(node, pod: TrainingPod, used: dict[str, float]) -> str | None:
+    """What the pods already on `node` (`used`: their requests) leave too little of for a training
+    pod, the node otherwise fitting it; None when it has room now."""
+    allocatable = node.status.allocatable or {}
+    for key, amount in pod.requests.items():
+        total, taken = parse_quantity(allocatable.get(key, "0")), used.get(key, 0.0)
+        if total - taken < parse_quantity(amount):
+            return f"{key} {_amount(key, taken)} of {allocatable.get(key)} requested by pods there, {amount} needed"
+    return None
+
+
+def _amount(key: str, amount: float) -> str:
+    """An amount as Kubernetes writes it: bytes in Gi, cores with millicores when fractional."""
+    if key in ("memory", "ephemeral-storage"):
+        return f"{amount / 2**30:.3g}Gi"
+    return f"{amount:g}"
 
 
 def _tolerates(toleration, taint) -> bool:
