@@ -452,6 +452,33 @@ def test_mc_loglikelihoods_match_a_hand_computation(models, tmp_path):
     assert got.answer_loglikelihood[1] == pytest.approx(expected[1][1], abs=1e-4)
 
 
+def test_a_diverged_models_multiple_choice_accuracy_fails_the_gate(tmp_path):
+    """argmax over NaN log-likelihoods picks the first choice: a NaN model would "score" the share of
+    answers that are choice 0. It scores NaN instead, and the gate fails the task."""
+    import numpy as np
+
+    from fulltune.evaluate import mc
+    from fulltune.evaluate.gate import MCComparison
+
+    questions = mc.load_task(_write_mc(tmp_path / "task.jsonl"))
+    requests = [
+        mc.Request(q, c, (1, 2), 1)
+        for q, question in enumerate(questions)
+        for c in range(len(question.choices))
+    ]
+    values = np.full(len(requests), np.nan)
+    diverged = mc.score(questions, requests, values)
+    assert math.isnan(diverged.acc) and math.isnan(diverged.acc_norm)
+    values[:] = -1.0
+    values[-1] = np.inf  # one question's choice overflowed: that question alone is NaN
+    assert np.isnan(mc.score(questions, requests, values).correct).sum() == 1
+    verdict = _decide(
+        tuned_loss=3.0, base_ppl=None, tuned_ppl=None, mc=[MCComparison("arc", 0.6, diverged.acc)]
+    )
+    assert not verdict.passed
+    assert verdict.reasons[2].startswith("arc accuracy is not a finite number")
+
+
 def test_mc_task_errors_name_the_line(tmp_path):
     from fulltune.evaluate.mc import MCTaskError, load_task
 

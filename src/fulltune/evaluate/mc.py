@@ -27,6 +27,8 @@ in percentage points.
 
 from __future__ import annotations
 
+import math
+
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -203,15 +205,19 @@ def loglikelihoods(model: Any, requests: list[Request], *, batch_size: int, pad_
 
 
 def score(questions: list[Question], requests: list[Request], values: np.ndarray) -> MCScores:
-    """acc, acc_norm and the answer's log-likelihood per question from per-request log-likelihoods."""
+    """acc, acc_norm and the answer's log-likelihood per question from per-request log-likelihoods.
+    A question with a log-likelihood that is not a finite number (a diverged model, bf16 overflow)
+    scores NaN, not the first NaN choice argmax would pick, so the task's accuracy is NaN and the
+    gate fails it as not a finite number instead of passing a plausible figure."""
     per_question: list[np.ndarray] = [np.full(len(q.choices), np.nan) for q in questions]
     for r, v in zip(requests, values, strict=True):
         per_question[r.question][r.choice] = v
     correct, correct_norm, answer_ll = [], [], []
     for q, ll in zip(questions, per_question, strict=True):
         lengths = np.array([float(len(c)) for c in q.choices])
-        correct.append(float(np.argmax(ll) == q.answer))
-        correct_norm.append(float(np.argmax(ll / lengths) == q.answer))
+        finite = bool(np.isfinite(ll).all())
+        correct.append(float(np.argmax(ll) == q.answer) if finite else math.nan)
+        correct_norm.append(float(np.argmax(ll / lengths) == q.answer) if finite else math.nan)
         answer_ll.append(float(ll[q.answer]))
     return MCScores(per_question, np.array(correct), np.array(correct_norm), np.array(answer_ll))
 
