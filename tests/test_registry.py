@@ -129,6 +129,11 @@ def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
     assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL.reasons
     assert list_versions(registry, NAME)[0]["forced"] is True
     assert "Registered by force" in Path(uri, "model_card.md").read_text()
+    # The first version of a model serves, but not one its gate failed: only a promote moves it there.
+    from fulltune.registry import pointers
+
+    assert pointers.current(registry, NAME, pointers.LATEST).version == 1
+    assert pointers.current(registry, NAME, pointers.PRODUCTION) is None
 
 
 def test_verify_detects_tampering(model_dir, tmp_path):

@@ -980,7 +980,10 @@ def _cycle_summary(cfg) -> str:
     judged = (
         "is judged against the version in production and promoted only when not worse"
         if cfg.evaluation.compare_to == "registered"
-        else "is judged against the base model only and never promoted (evaluation.compare_to: base)"
+        else (
+            "is judged against the base model only and never promoted over the version in production "
+            "(evaluation.compare_to: base)"
+        )
     )
     return f"each run {data}, and {judged}"
 

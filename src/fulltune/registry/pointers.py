@@ -233,13 +233,16 @@ def on_register(
     *,
     run_id: str = "",
     promote: Promotion | None = None,
+    passed: bool = True,
     options: storage.S3WriteOptions = storage.DEFAULT_WRITE,
 ) -> list[PointerRecord]:
     """What a registration does to the pointers once `version` is committed; safe to repeat.
 
     `latest` moves to `version` unless it already names a newer one. `production` moves with
     `promote` (the gate passed against the version production named, which it must still name) or
-    when it was never set (the first version of a model serves until something beats it). A writer
+    when it was never set and the version `passed` its gate (the first version of a model serves
+    until something beats it; one registered with force despite its gate serves only when someone
+    promotes it: `registry promote`). A writer
     that moved a pointer first is not an error here: its move stands, this registration's version
     stays committed, unpromoted, and the log says why.
     """
@@ -256,7 +259,7 @@ def on_register(
             expected, action, reason = now_version, "register", "newest committed version"
         elif promote is not None:
             expected, action, reason = promote.expected, "promote", promote.reason
-        elif now is None:
+        elif now is None and passed:
             expected, action, reason = None, "promote", "first registered version of the model"
         else:
             continue

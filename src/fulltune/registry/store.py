@@ -117,6 +117,7 @@ def register_model(
         version,
         run_id=run_id,
         promote=_promotion(eval_result),
+        passed=eval_result.verdict,
         options=write_options(cfg),
     )
     _record_in_kubeflow(cfg, uri)
