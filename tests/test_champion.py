@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from fulltune import steps
 from fulltune.config import ConfigError, RunConfig
-from fulltune.evaluate.core import ChampionRef, evaluate_models
+from fulltune.evaluate.champion import ChampionRef, resolve
+from fulltune.evaluate.core import evaluate_models
 from fulltune.registry import pointers
 from fulltune.registry.store import register_model
 from test_evaluate import _cfg, _manifest
@@ -91,11 +91,11 @@ def test_without_a_promoted_version_the_report_says_it_compared_with_the_base_on
             "evaluation": {"compare_to": "registered"},
         }
     )
-    ref = steps.resolve_champion(cfg)
+    ref = resolve(cfg)
     assert ref.version is None and "no promoted version of clinical yet" in ref.note
     with pytest.raises(ConfigError, match="needs registry.uri"):
-        steps.resolve_champion(cfg.with_overrides({"registry.uri": ""}))
-    assert steps.resolve_champion(cfg.with_overrides({"evaluation.compare_to": "base"})) is None
+        resolve(cfg.with_overrides({"registry.uri": ""}))
+    assert resolve(cfg.with_overrides({"evaluation.compare_to": "base"})) is None
 
 
 def _registry_cfg(registry: str) -> RunConfig:
@@ -121,3 +121,64 @@ def test_register_promotes_a_candidate_that_beat_the_champion_and_only_from_it(m
     assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
     moves = [(r.action, r.previous, r.version) for r in pointers.history(registry, NAME, pointers.PRODUCTION)]
     assert moves == [("promote", None, 1), ("promote", 1, 2)]
+
+
+def _reindexed_tokenizer():
+    """The word tokenizer's words under other ids (the same specials, the same size): a model family
+    with a vocabulary of its own, whose loss on this run's ids would stand for other text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny_models import WORDS
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(reversed(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def test_a_champion_with_another_tokenizer_is_refused_not_scored_on_this_runs_ids(models, dataset, tmp_path):
+    """The version in production reads ids with another vocabulary: scored on this run's ids it
+    looks far worse than it is and any candidate would beat it. plan refuses before training;
+    evaluate (production may move after plan) fails the champion check without scoring it."""
+    from fulltune import plan as planmod
+    from test_plan import small_text_data
+
+    registry = str(tmp_path / "registry")
+    other = save_tiny_llama(tmp_path / "other-family", tokenizer=_reindexed_tokenizer())
+    register_model(_registry_cfg(registry), str(other), EVAL_PASS, LINEAGE)  # v1 serves
+    cfg = RunConfig.from_dict(
+        {
+            "work_dir": str(tmp_path / "work"),
+            "model": {"name": NAME, "base_model_uri": str(models["base"])},
+            "data": {"train_uri": str(small_text_data(tmp_path))},
+            "registry": {"uri": registry},
+            "evaluation": {"compare_to": "registered", "per_device_eval_batch_size": 3},
+            "resources": {"accelerator": "cpu"},
+        }
+    )
+    ref = resolve(cfg)
+    assert ref.version == 1 and ref.refused.startswith(
+        "v1 in production cannot be compared with this run's model: its tokenizer gives "
+    )
+    assert "other ids than this run's" in ref.refused and "evaluation.compare_to: base" in ref.refused
+    with pytest.raises(
+        planmod.PlanError, match="^evaluation.compare_to: registered: v1 in production cannot"
+    ):
+        planmod.make_plan(cfg, train_tokens=10_000)
+
+    result = evaluate_models(
+        cfg, str(models["base"]), str(models["tuned"]), dataset, tmp_path / "out", champion=ref
+    )
+    [check] = [c for c in result.checks if c.name == "champion"]
+    assert not check.passed and not result.verdict and check.reason == ref.refused
+    assert result.champion.sets == {}  # not scored: its figures would say nothing
+    assert [p.roles for p in result.scoring.passes] == [["base", "tuned"]]
+
+    same = save_tiny_llama(tmp_path / "same-family", seed=2, perturb=0.01)  # another model, same tokenizer
+    register_model(_registry_cfg(registry), str(same), EVAL_PASS, LINEAGE)
+    pointers.move(registry, NAME, pointers.PRODUCTION, 2, expected=1, action="promote", reason="test")
+    assert resolve(cfg).refused == ""
+    assert planmod.make_plan(cfg, train_tokens=10_000).config.evaluation.compare_to == "registered"

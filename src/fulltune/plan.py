@@ -891,6 +891,17 @@ def check_registry(cfg: RunConfig) -> None:
         raise PlanError(f"registry.uri {exc}") from None
 
 
+def check_champion(cfg: RunConfig) -> None:
+    """With `evaluation.compare_to: registered` the candidate is scored beside the version in
+    production on this run's token ids; one with another tokenizer cannot be, and its check would
+    fail after the training: refused here (`evaluate.champion`)."""
+    from fulltune.evaluate.champion import resolve
+
+    champion = resolve(cfg) if cfg.registry.uri else None
+    if champion is not None and champion.refused:
+        raise PlanError(f"evaluation.compare_to: registered: {champion.refused}")
+
+
 def check_hierarchical_partitioning(cfg: RunConfig) -> None:
     res = cfg.resources
     if res.num_nodes == 1:
@@ -912,6 +923,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     cfg.require("model.base_model_uri", "data.train_uri")
     check_training(cfg)
     check_registry(cfg)
+    check_champion(cfg)
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)
     tokens = estimate_train_tokens(cfg) if train_tokens is None else train_tokens

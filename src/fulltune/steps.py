@@ -288,6 +288,7 @@ def evaluate(
 ) -> bool:
     """Base vs tuned on the domain and general sets and the configured multiple-choice, exact-match
     generation and lm-eval tasks; returns the verdict (reasons are logged)."""
+    from fulltune.evaluate.champion import resolve as resolve_champion
     from fulltune.evaluate.core import evaluate_models
 
     _setup_process()
@@ -310,30 +311,6 @@ def evaluate(
         for reason in result.reasons:
             log.info("  - %s", reason)
         return result.verdict
-
-
-def resolve_champion(cfg: RunConfig):
-    """`evaluation.compare_to: registered`: the version the registry's production pointer names now
-    (read once, at the start of evaluate: a promotion meanwhile makes register's compare-and-swap
-    refuse), or a note that nothing is promoted yet; None with compare_to base."""
-    from fulltune.config import ConfigError
-    from fulltune.evaluate.core import ChampionRef
-    from fulltune.registry import pointers
-    from fulltune.registry.layout import version_uri
-
-    ev = cfg.evaluation
-    if ev.compare_to != "registered":
-        return None
-    if not cfg.registry.uri:
-        raise ConfigError("evaluation.compare_to: registered needs registry.uri (where the champion is)")
-    name = cfg.model.name
-    record = pointers.current(cfg.registry.uri, name, pointers.PRODUCTION)
-    if record is None:
-        note = f"no promoted version of {name} yet: compared with the base model only"
-        return ChampionRef("registered", note=note)
-    uri = version_uri(cfg.registry.uri, name, record.version)
-    log.info("champion: %s v%d (production since %s, %s)", name, record.version, record.at, record.reason)
-    return ChampionRef("registered", record.version, uri, f"production since {record.at}")
 
 
 # -- register -----------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from fulltune.config import EvaluationSection, RunConfig
 from fulltune.evaluate import generation as gen_tasks
 from fulltune.evaluate import lm_eval_backend
 from fulltune.evaluate import mc as mc_tasks
+from fulltune.evaluate.champion import ChampionRef
 from fulltune.evaluate.eval_page import render_report
 from fulltune.evaluate.gate import Check, Verdict, champion_check, decide
 from fulltune.evaluate.loss import LossSet
@@ -265,21 +266,11 @@ def evaluate_models(
     lm_eval_backend.require(cfg.evaluation.lm_eval_tasks)  # a configured backend that is missing fails first
     uris = Pair(base_model_uri, tuned_model_uri)
     prepared = prepare(cfg, uris, dataset_manifest)
-    champion_uri = champion.uri if champion else None
+    champion_uri = champion.uri if champion and not champion.refused else None
     scored = score(cfg, uris, prepared, models_together=models_together, champion_uri=champion_uri)
     result = summarise(cfg, uris, dataset_manifest, scored, champion)
     _write_outputs(result, Path(out_dir))
     return result
-
-
-@dataclass(frozen=True)
-class ChampionRef:
-    """What `evaluation.compare_to` resolved to: the promoted version to compare with, or why none."""
-
-    compare_to: str
-    version: int | None = None
-    uri: str | None = None
-    note: str = ""
 
 
 # -- 1. prepare -----------------------------------------------------------------------------------------
@@ -515,6 +506,8 @@ def _against_champion(
     )
     if champion.version is None:
         return AgainstChampion(section, Check("champion", True, champion.note), {})
+    if champion.refused:
+        return AgainstChampion(section, Check("champion", False, champion.refused), {})
     intervals: dict[str, ConfidenceInterval] = {}
     for item in scored.tasks:
         if item.champion is None:
