@@ -178,7 +178,9 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
     assert "| **total / GPU** |" in md and "learning_rate" in md and "| precision | bf16 |" in md
     # the kernels are chosen explicitly and shown: attention, the loss path, compilation
     assert (
-        "| attention | sdpa |" in md and "| loss | plain logits |" in md and "| torch.compile | False |" in md
+        "| attention | sdpa; each packed document attends only to itself (a block-diagonal mask) |" in md
+        and "| loss | plain logits |" in md
+        and "| torch.compile | False |" in md
     )
     assert "| Liger kernels | True |" in md and resolved.training.use_liger_kernel is True  # a Llama on GPUs
     assert "| ZeRO-3 buckets |" in md

@@ -201,6 +201,14 @@ class PreprocessSection(_Section):
     packing: bool = Field(
         True, description="Pack several documents into each sequence (EOS-separated) instead of padding each."
     )
+    attend_across_documents: bool = Field(
+        False,
+        description="Packed sequences: each document attends to the documents before it in its sequence, "
+        "positions running across the sequence (pretraining's habit; sdpa keeps its causal-only kernel). Off: "
+        "each document attends only to itself, at its own positions, as if trained alone (position ids; "
+        "transformers builds the block-diagonal mask, flash_attention_2 attends per document). Training and "
+        "evaluation alike.",
+    )
     chunk_stride: int = Field(
         0,
         ge=0,

@@ -891,6 +891,19 @@ def check_registry(cfg: RunConfig) -> None:
         raise PlanError(f"registry.uri {exc}") from None
 
 
+def attention_summary(cfg: RunConfig) -> str:
+    """The attention kernel, and what a document in a packed sequence attends to."""
+    kernel = cfg.training.attn_implementation
+    if not cfg.preprocess.packing:
+        return kernel
+    if cfg.preprocess.attend_across_documents:
+        return (
+            f"{kernel}; a packed document attends to the ones before it (preprocess.attend_across_documents)"
+        )
+    how = "variable-length" if kernel == "flash_attention_2" else "a block-diagonal mask"
+    return f"{kernel}; each packed document attends only to itself ({how})"
+
+
 def check_champion(cfg: RunConfig) -> None:
     """With `evaluation.compare_to: registered` the candidate is scored beside the version in
     production on this run's token ids; one with another tokenizer cannot be, and its check would
@@ -1111,7 +1124,7 @@ def plan_markdown(plan: Plan) -> str:
             f"{tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}",
         ),
         ("gradient checkpointing", recompute_summary(plan.memory, s)),
-        ("attention", tr.attn_implementation),
+        ("attention", attention_summary(plan.config)),
         (
             "loss",
             f"chunked, {tr.loss_chunk_tokens} tokens at a time" if tr.loss_chunk_tokens else "plain logits",

@@ -288,7 +288,7 @@ def prepare(cfg: RunConfig, uris: Pair[str], dataset_manifest: str | dict[str, A
     """Read, validate, tokenise and batch every set and task once, before any model is loaded."""
     ev = cfg.evaluation
     limit, batch_size = ev.max_eval_sequences, ev.per_device_eval_batch_size
-    splits = _read_splits(load_manifest(dataset_manifest), limit)
+    splits = _read_splits(load_manifest(dataset_manifest), limit, not cfg.preprocess.attend_across_documents)
     _check_task_names(ev)
     questions = [(task.name, mc_tasks.load_task(task.uri, limit=limit)) for task in ev.mc_tasks]
     examples = [(task, gen_tasks.load_task(task.uri, limit=limit)) for task in ev.generation_tasks]
@@ -307,10 +307,13 @@ def prepare(cfg: RunConfig, uris: Pair[str], dataset_manifest: str | dict[str, A
     return Prepared(configs, tasks)
 
 
-def _read_splits(manifest: DatasetManifest, limit: int) -> dict[str, dict[str, torch.Tensor]]:
-    """`domain_eval` and, when the dataset has one, `general_eval`: at most `limit` sequences each."""
+def _read_splits(
+    manifest: DatasetManifest, limit: int, positions: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`domain_eval` and, when the dataset has one, `general_eval`: at most `limit` sequences each,
+    with the position ids when each packed document is scored on its own, as training saw it."""
     names = [DOMAIN] + ([GENERAL] if GENERAL in manifest.splits else [])
-    splits = {name: load_split(manifest, name, limit=limit) for name in names}
+    splits = {name: load_split(manifest, name, limit=limit, positions=positions) for name in names}
     for name, split in splits.items():
         if split["input_ids"].shape[0] == 0:
             raise EvaluateError(f"the {name} split has no sequences")

@@ -28,7 +28,7 @@ from fulltune.evaluate.result import (
 )
 from fulltune.evaluate.stats import Interval, ratio_of_sums
 from fulltune.evaluate.tasks import EvaluateError, OnDevices, Pair, paired_interval
-from fulltune.preprocess.dataset import IGNORE_INDEX
+from fulltune.preprocess.dataset import IGNORE_INDEX, model_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -75,11 +75,11 @@ def perplexity(loss: float) -> float:
 
 @dataclass(frozen=True)
 class LossBatch:
-    """Rows `rows` of a set, cut after their last attended or labelled column (CPU tensors)."""
+    """Rows `rows` of a set, cut after their last attended or labelled column (CPU tensors): the
+    model's inputs (`dataset.model_inputs`: per packed document or across the row) and the labels."""
 
     rows: np.ndarray
-    input_ids: Any
-    attention_mask: Any
+    inputs: dict[str, Any]
     labels: Any
 
 
@@ -95,7 +95,8 @@ class LossBatches:
 def loss_batches(
     data: dict[str, torch.Tensor], *, batch_size: int, sort_by_length: bool = True
 ) -> LossBatches:
-    """Batches of `data` (`input_ids`, `labels`, `attention_mask`, [N, L], labels aligned to inputs).
+    """Batches of `data` (a loaded split: `input_ids`, `labels`, `attention_mask` and, when the
+    documents attend alone, `position_ids`, [N, L], labels aligned to inputs).
 
     Sequences are batched longest first (`sort_by_length`) and each batch is cut after its last
     attended or labelled column; with a causal model that changes no logit that is scored. Batches
@@ -118,7 +119,8 @@ def loss_batches(
         if counts[rows].sum() == 0:
             continue
         cut = int(lengths[idx].max())
-        batches.append(LossBatch(rows, input_ids[idx, :cut], attention[idx, :cut], labels[idx, :cut]))
+        inputs = {k: v[idx, :cut] for k, v in model_inputs(data).items()}
+        batches.append(LossBatch(rows, inputs, labels[idx, :cut]))
     return LossBatches(sequences, counts, batches)
 
 
@@ -135,9 +137,12 @@ def score_loss(models: Mapping[str, Any], prepared: LossBatches) -> dict[str, Lo
     sums = {role: np.zeros(n, dtype=np.float64) for role in models}
     with torch.inference_mode():
         for batch in prepared.batches:
-            moved = OnDevices(batch.input_ids, batch.attention_mask, batch.labels)
+            moved = OnDevices(batch.labels, *batch.inputs.values())
             for role, model in models.items():
-                sums[role][batch.rows] = _sequence_sums(model, *moved.on(model))
+                labels, *inputs = moved.on(model)
+                sums[role][batch.rows] = _sequence_sums(
+                    model, dict(zip(batch.inputs, inputs, strict=True)), labels
+                )
     tokens = int(prepared.sequence_tokens.sum())
     return {
         role: LossResult(
@@ -151,12 +156,12 @@ def score_loss(models: Mapping[str, Any], prepared: LossBatches) -> dict[str, Lo
     }
 
 
-def _sequence_sums(model: Any, ids: Any, attention: Any, labels: Any) -> np.ndarray:
+def _sequence_sums(model: Any, inputs: dict[str, Any], labels: Any) -> np.ndarray:
     """Summed cross-entropy of each row of one batch, over its positions with a label (float64)."""
     import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, attention_mask=attention).logits
+    logits = model(**inputs, use_cache=False).logits
     shift_labels = labels[:, 1:].to(logits.device)
     mask = shift_labels != IGNORE_INDEX
     count = int(mask.sum())
@@ -164,7 +169,7 @@ def _sequence_sums(model: Any, ids: Any, attention: Any, labels: Any) -> np.ndar
     targets = shift_labels[mask]
     row_of = mask.nonzero()[:, 0]
     del logits
-    per_row = torch.zeros(ids.shape[0], dtype=torch.float64, device=selected.device)
+    per_row = torch.zeros(labels.shape[0], dtype=torch.float64, device=selected.device)
     for i in range(0, count, _CE_CHUNK):
         chunk = selected[i : i + _CE_CHUNK].float()
         ce = F.cross_entropy(chunk, targets[i : i + _CE_CHUNK], reduction="none")

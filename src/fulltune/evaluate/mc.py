@@ -27,9 +27,8 @@ in percentage points.
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any

@@ -133,9 +133,15 @@ def read_table(uri: str):
 
 
 def load_split(
-    manifest: str | dict[str, Any] | DatasetManifest, split: str, *, limit: int | None = None
+    manifest: str | dict[str, Any] | DatasetManifest,
+    split: str,
+    *,
+    limit: int | None = None,
+    positions: bool = True,
 ) -> dict[str, Any]:
-    """The split's sequences as int64 tensors: input_ids, labels, attention_mask (and position_ids), each [N, L].
+    """The split's sequences as int64 tensors: input_ids, labels, attention_mask (and position_ids,
+    when stored and `positions`), each [N, L]. A model given the position ids (`model_inputs`) attends
+    within each packed document only; without them, across the whole sequence.
 
     Files are read in manifest order, so the result is the same on every rank and every run.
     """
@@ -149,7 +155,7 @@ def load_split(
         if limit is not None and count >= limit:
             break
         table = read_table(entry.uri)
-        if "position_ids" in table.column_names:
+        if positions and "position_ids" in table.column_names:
             columns.setdefault("position_ids", [])
         for name in columns:
             col = table.column(name).combine_chunks()
@@ -164,3 +170,18 @@ def load_split(
             arr = arr[:limit]
         out[name] = torch.from_numpy(arr.astype(np.int64))
     return out
+
+
+def model_inputs(rows: dict[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of a causal LM for `rows` of a loaded split (or a slice of it).
+
+    With position ids (restarting at each packed document): the ids and the position ids and no
+    attention mask, from which transformers builds the mask in which each document attends only to
+    itself (with flash_attention_2, variable-length attention). Rows are right-padded, so no real
+    token sees padding without a mask. Without them: the attention mask, positions running across
+    the row. Call the model with `use_cache=False` as well: transformers reads packed documents from
+    the position ids only when no key/value cache is made, and a loss never needs one.
+    """
+    if "position_ids" in rows:
+        return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"]}
+    return {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]}

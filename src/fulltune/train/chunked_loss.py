@@ -94,7 +94,7 @@ def unsupported_reason(model) -> str | None:
 
 
 def install(model, chunk_tokens: int) -> None:
-    """Make `model(input_ids=, attention_mask=, labels=)` return the summed next-token loss, computed
+    """Make `model(input_ids=, attention_mask= or position_ids=, labels=)` return the summed next-token loss, computed
     from the final hidden states `chunk_tokens` positions at a time (labels: IGNORE_INDEX = no loss;
     position i predicts labels[i + 1]). Raises ValueError naming why if the model's logits are not a
     plain linear head."""
@@ -110,8 +110,10 @@ def install(model, chunk_tokens: int) -> None:
     model.loss_chunk_tokens = chunk_tokens
 
 
-def _loss_forward(self, input_ids, attention_mask=None, labels=None, **_ignored: Any):
-    hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def _loss_forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **_ignored: Any):
+    hidden = self.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     hidden = hidden.reshape(-1, hidden.size(-1))  # a view: the labels are shifted, not the states
     target = next_token_targets(labels).reshape(-1)
     return linear_cross_entropy_sum(

@@ -40,11 +40,11 @@ def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any
 
     from fulltune.preprocess.dataset import IGNORE_INDEX
 
-    input_ids, attention_mask, labels = rows_on(device, batch, idx)
+    inputs, labels = rows_on(device, batch, idx)
     count = (labels[:, 1:] != IGNORE_INDEX).sum()
     if getattr(engine.module, "loss_chunk_tokens", 0):  # chunked_loss.install: the model returns the sum
-        return engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels), count
-    logits = engine(input_ids=input_ids, attention_mask=attention_mask).logits
+        return engine(**inputs, labels=labels, use_cache=False), count
+    logits = engine(**inputs, use_cache=False).logits
     # The labels are shifted, not the logits: the logits stay one contiguous view (slicing off the last
     # position would copy them, and the backward would copy their gradient back).
     summed = F.cross_entropy(
@@ -56,16 +56,21 @@ def token_loss_sum(engine, batch: dict[str, Any], idx, device) -> tuple[Any, Any
     return summed, count
 
 
-def rows_on(device, batch: dict[str, Any], idx) -> tuple[Any, Any, Any]:
-    """Rows `idx` of the batch's input_ids, attention_mask and labels, on `device`. To a GPU through
-    pinned memory, without waiting: a copy from pageable memory makes the host wait until the GPU
-    has run everything queued before it, once per micro-step, while ZeRO-3's step is bound by how
-    fast the host queues work (docs/benchmarks.md, GPU runs 2-4). PyTorch's pinned-memory allocator
-    keeps each buffer until its copy has run."""
-    rows = tuple(batch[k][idx] for k in ("input_ids", "attention_mask", "labels"))
+def rows_on(device, batch: dict[str, Any], idx) -> tuple[dict[str, Any], Any]:
+    """The model's inputs for rows `idx` of the batch (`dataset.model_inputs`: per packed document
+    or across the row) and their labels, on `device`. To a GPU through pinned memory, without
+    waiting: a copy from pageable memory makes the host wait until the GPU has run everything queued
+    before it, once per micro-step, while ZeRO-3's step is bound by how fast the host queues work
+    (docs/benchmarks.md, GPU runs 2-4). PyTorch's pinned-memory allocator keeps each buffer until its
+    copy has run."""
+    from fulltune.preprocess.dataset import model_inputs
+
+    inputs = {k: v[idx] for k, v in model_inputs(batch).items()}
+    labels = batch["labels"][idx]
     if device.type != "cuda":
-        return rows
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in rows)
+        return inputs, labels
+    moved = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+    return moved, labels.pin_memory().to(device, non_blocking=True)
 
 
 def next_token_targets(labels):

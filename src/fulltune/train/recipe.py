@@ -149,11 +149,12 @@ class Recipe:
         ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks)
         dataset = load_manifest(self.args.dataset)
         self.identity = checkpoint.run_identity(self.cfg, dataset)
-        self.data = load_split(dataset, TRAIN)
+        alone = not self.cfg.preprocess.attend_across_documents  # each packed document on its own
+        self.data = load_split(dataset, TRAIN, positions=alone)
         self.num_sequences, seq_len = self.data["input_ids"].shape
         self.loss_tokens = loss_tokens_per_sequence(self.data["labels"])
         self.sched = make_schedule(self.cfg, self.num_sequences, self.ranks.world)
-        self.eval_data = load_split(dataset, EVAL_SPLIT) if tr.eval_steps else None
+        self.eval_data = load_split(dataset, EVAL_SPLIT, positions=alone) if tr.eval_steps else None
         self.general_data = self._general_split(dataset) if tr.eval_steps else None
         self._log("loaded %d training sequences; loading the model under ZeRO-3", self.num_sequences)
         with storage.local_dir(self.cfg.model.base_model_uri) as model_dir:
@@ -238,7 +239,8 @@ class Recipe:
 
         if not manifest.sequences(GENERAL_EVAL):
             return None
-        return load_split(manifest, GENERAL_EVAL, limit=self.cfg.evaluation.max_eval_sequences)
+        limit, alone = self.cfg.evaluation.max_eval_sequences, not self.cfg.preprocess.attend_across_documents
+        return load_split(manifest, GENERAL_EVAL, limit=limit, positions=alone)
 
     def _resume(self) -> dict[str, Any]:
         """The state saved with the newest complete checkpoint, once loaded into the engine ({} when
