@@ -69,6 +69,7 @@ class Run:
     zero: tuple[str, ...] = ()  # ZeRO-3 variants applied to plan's JSON: HF_RULE, NO_LEAF
     profile: bool = False
     expect_s: float = 50.0  # start-up, steps and save on an H200 (seen: 40-66 s), to keep within the budget
+    documents: int = 1  # documents packed in each row: >1 measures attention per packed document
 
 
 def gpu_runs() -> list[Run]:
@@ -85,6 +86,8 @@ def gpu_runs() -> list[Run]:
         Run("1b/plan", "1b", profile=True, steps=23, expect_s=80),
         Run("1b/fsdp2", "1b", kind="fsdp2", steps=20, expect_s=40),
         Run("1b/hf-trainer", "1b", kind="hf-trainer", steps=20, expect_s=45),
+        # packed real data: each document attends only to itself (sdpa with a block-diagonal mask)
+        Run("1b/4-docs-a-row", "1b", documents=4, steps=14, expect_s=50),
         Run("1b/no-liger", "1b", training={"use_liger_kernel": False}, steps=14, expect_s=50),
         Run("3b/plan", "3b", micro=2, gas=4, steps=20, expect_s=85),
         Run("3b/fsdp2", "3b", kind="fsdp2", micro=2, gas=4, steps=20, expect_s=50),
@@ -115,7 +118,9 @@ def dry_runs() -> list[Run]:
             training = {**training, "loss_chunk_tokens": 48}
         if "gradient_checkpointing_layers" in training:  # the tiny shape has two layers
             training, name = {**training, "gradient_checkpointing_layers": 1}, "tiny/recompute-1-of-2"
-        runs.setdefault(name, Run(name, "tiny", r.kind, 2, 2, 5, training, r.zero, r.profile, 20))
+        runs.setdefault(
+            name, Run(name, "tiny", r.kind, 2, 2, 5, training, r.zero, r.profile, 20, r.documents)
+        )
     return list(runs.values())
 
 
@@ -132,6 +137,7 @@ def namespace(run: Run, device: str, seq: int, assets: str, sequences: int) -> a
         seq=seq,
         assets=assets,
         sequences=sequences,
+        documents=run.documents,
         training=training,
         **shape,
     )

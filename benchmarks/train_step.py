@@ -72,10 +72,14 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
 
     assets = build_demo_assets(Path(a.assets))
     model_dir = root / "model"
-    dataset = str(root / "data" / "dataset.json")
+    documents = getattr(a, "documents", 1)
+    data_dir = root / ("data" if documents == 1 else f"data-{documents}-docs")
+    dataset = str(data_dir / "dataset.json")
     if not (model_dir / "config.json").exists():
-        pad_token_id, vocab = save_random_llama(model_dir, a, assets.base_model_dir)
-        write_markov_dataset(root / "data", a, pad_token_id, vocab)
+        save_random_llama(model_dir, a, assets.base_model_dir)
+    if not Path(dataset).exists():
+        model_config = json.loads((model_dir / "config.json").read_text())
+        write_markov_dataset(data_dir, a, model_config.get("pad_token_id"), model_config["vocab_size"])
     n_seq = json.loads(Path(dataset).read_text())["splits"]["train"]["sequences"]
     plan, layout = write_run_plan(root / f"work{tag}", a, model_dir, assets.train_uri, n_seq, bf16)
     return {
@@ -88,9 +92,9 @@ def build_inputs(root: Path, a: argparse.Namespace, bf16: bool = False, tag: str
     }
 
 
-def save_random_llama(model_dir: Path, a: argparse.Namespace, tokenizer_dir: Path) -> tuple[int, int]:
-    """A seeded random Llama of the run's shape, saved with the demo tokenizer in `model_dir`;
-    (the tokenizer's pad token id, the model's vocabulary size)."""
+def save_random_llama(model_dir: Path, a: argparse.Namespace, tokenizer_dir: Path) -> None:
+    """A seeded random Llama of the run's shape, saved with the demo tokenizer in `model_dir` (its
+    config carries the pad token id and the vocabulary size the dataset is written with)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -120,21 +124,23 @@ def save_random_llama(model_dir: Path, a: argparse.Namespace, tokenizer_dir: Pat
     del model
     if cuda:
         torch.cuda.empty_cache()  # the training runs are other processes: leave them the memory
-    return tok.pad_token_id, vocab
 
 
 def write_markov_dataset(data_dir: Path, a: argparse.Namespace, pad_token_id: int, vocab: int) -> None:
     """The training sequences (`markov_tokens`) as a fulltune dataset: one Parquet file and the
     manifest `dataset.json` in `data_dir`. `--sequences` of them where given, else enough for
-    `--steps` + 1 optimizer steps of every rank."""
+    `--steps` + 1 optimizer steps of every rank; each row `a.documents` documents of equal length
+    (position ids restarting at each), as packing leaves real data."""
     from fulltune import storage
     from fulltune.preprocess.core import Packed, ParquetSink
     from fulltune.preprocess.dataset import MANIFEST_FORMAT
 
     n_seq = getattr(a, "sequences", None) or a.micro * a.gas * a.nproc * (a.steps + 1)
     packed = Packed()
+    length = a.seq // getattr(a, "documents", 1)
+    starts = [i % length == 0 for i in range(a.seq)]
     for row in markov_tokens(n_seq, a.seq, vocab).tolist():
-        packed.add(row, row, a.seq, pad_token_id)
+        packed.add(row, row, a.seq, pad_token_id, starts=starts)
     sink = ParquetSink(str(data_dir / "train-00000.parquet"))
     sink.write(packed)
     storage.write_json(
