@@ -125,10 +125,7 @@ def global_rows(step: int, spec: dict[str, Any], world: int, n_seq: int) -> torc
     if n_seq < global_batch:  # fulltune refuses this too: its epoch would hold no step
         raise ValueError(f"{n_seq} training sequences, fewer than one global batch of {global_batch}")
     sched = Schedule(
-        global_batch=global_batch,
-        steps_per_epoch=n_seq // global_batch,
-        total_steps=spec["steps"],
-        warmup_steps=0,
+        global_batch=global_batch, num_sequences=n_seq, total_steps=spec["steps"], warmup_steps=0
     )
     return batch_indices(step, sched, spec["seed"], n_seq)
 

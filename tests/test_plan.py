@@ -198,7 +198,7 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
         "of 32 sequences x 1024 tokens |" in md
     )
     enough = planmod.make_plan(cfg.with_overrides({"work_dir": str(tmp_path / "w2")}), train_tokens=400_000)
-    assert enough.length_summary() == "3 epochs (~36 steps)"  # 12 steps of 32,768 tokens an epoch
+    assert enough.length_summary() == "3 epochs (~37 steps)"  # 12.2 steps of 32,768 tokens an epoch
 
 
 def test_a_run_with_max_steps_is_shown_in_steps_not_in_the_epochs_it_does_not_use(llama_dir, tmp_path):

@@ -233,12 +233,15 @@ def test_schedule_and_data_order_depend_only_on_seed_and_step():
         }
     )
     sched = make_schedule(cfg, num_sequences=100, world=2)
-    assert sched.global_batch == 12 and sched.steps_per_epoch == 8 and sched.total_steps == 20
+    assert sched.global_batch == 12 and sched.total_steps == 21  # 250 sequences in whole steps
     a = batch_indices(9, sched, 42, 100)
     assert torch.equal(a, batch_indices(9, sched, 42, 100))
     assert not torch.equal(a, batch_indices(9, sched, 43, 100))
-    epoch0 = torch.cat([batch_indices(s, sched, 42, 100) for s in range(8)])
-    assert len(set(epoch0.tolist())) == 96  # no sequence twice within an epoch
+    # every sequence once per epoch, none left out at its end: step 8 ends epoch 0 and starts epoch 1
+    stream = torch.cat([batch_indices(s, sched, 42, 100) for s in range(sched.total_steps)])
+    assert all(len(b := batch_indices(s, sched, 42, 100)) == 12 for s in range(21)), b
+    assert sorted(stream[:100].tolist()) == list(range(100)) == sorted(stream[100:200].tolist())
+    assert not torch.equal(stream[:100], stream[100:200])  # each epoch its own order
     with pytest.raises(TrainInputError, match="fewer than one global batch"):
         make_schedule(cfg, num_sequences=5, world=2)
 

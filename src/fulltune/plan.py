@@ -188,14 +188,14 @@ class Plan:
         a run with max_steps is shown in steps, with the epochs they come to over the data."""
         cfg, tr = self.config, self.config.training
         if tr.max_steps <= 0:
-            steps_per_epoch = self.train_tokens_estimate // cfg.tokens_per_step
-            if steps_per_epoch == 0:  # train refuses this; the estimate says so before any data is made
+            steps_per_epoch = self.train_tokens_estimate / cfg.tokens_per_step
+            if steps_per_epoch < 1:  # train refuses this; the estimate says so before any data is made
                 return (
                     f"{tr.num_train_epochs:g} epochs, but the data (~{self.train_tokens_estimate:,} tokens, "
                     f"an estimate) is less than one global batch of {cfg.global_batch_size} "
                     f"sequences x {cfg.preprocess.max_seq_len} tokens"
                 )
-            return f"{tr.num_train_epochs:g} epochs (~{steps_per_epoch * tr.num_train_epochs:,.0f} steps)"
+            return f"{tr.num_train_epochs:g} epochs (~{math.ceil(steps_per_epoch * tr.num_train_epochs):,} steps)"
         epochs = planned_tokens(cfg, self.train_tokens_estimate) / max(1, self.train_tokens_estimate)
         return f"{tr.max_steps:,} steps (training.max_steps; ~{epochs:.2g} epochs)"
 

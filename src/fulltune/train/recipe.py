@@ -222,7 +222,7 @@ class Recipe:
             else ""
         )
         self._log(
-            "training %d steps (%d per epoch, global batch %d sequences of %d tokens, %d ranks, %s)%s",
+            "training %d steps (%.1f per epoch, global batch %d sequences of %d tokens, %d ranks, %s)%s",
             sched.total_steps,
             sched.steps_per_epoch,
             sched.global_batch,

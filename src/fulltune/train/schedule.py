@@ -1,9 +1,12 @@
 """How many steps, which sequences each step trains on, and the learning rate of each step.
 
-Data order: a seeded permutation per epoch; global step s takes the s-th slice of it, and rank r
-takes micro-batches r, r+world, ... of that slice. The order depends only on (seed, step), so a
-resumed run sees the same data, and a run on another world size with the same global batch sees the
-same global batches.
+Data order: a seeded permutation per epoch, the epochs' permutations back to back; global step s
+takes the s-th global batch of that stream, and rank r takes micro-batches r, r+world, ... of it.
+Every sequence is trained once per epoch: an epoch's last sequences that do not fill a global batch
+share a step with the next epoch's first (a step may span two epochs), rather than being left out,
+which would drop up to a global batch from every epoch (a third of a small dataset). The order
+depends only on (seed, step), so a resumed run sees the same data, and a run on another world size
+with the same global batch sees the same global batches.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ from fulltune.train.exit_codes import TrainInputError
 @dataclass
 class Schedule:
     global_batch: int
-    steps_per_epoch: int
+    num_sequences: int
     total_steps: int
     warmup_steps: int
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.num_sequences / self.global_batch
 
 
 def make_schedule(cfg: RunConfig, num_sequences: int, world: int) -> Schedule:
     """The run's length for `num_sequences` training sequences on `world` ranks (the actual world size)."""
     tr = cfg.training
     global_batch = tr.global_batch_size(world)
-    steps_per_epoch = num_sequences // global_batch
-    if steps_per_epoch == 0:
+    if num_sequences < global_batch:
         raise TrainInputError(
             f"the training split has {num_sequences} sequences, fewer than one global batch of {global_batch} "
             f"(per_device_train_batch_size x gradient_accumulation_steps x world size): lower them or add data"
@@ -37,20 +43,29 @@ def make_schedule(cfg: RunConfig, num_sequences: int, world: int) -> Schedule:
     if tr.max_steps > 0:
         total = tr.max_steps
     elif tr.num_train_epochs:
-        total = max(1, math.ceil(tr.num_train_epochs * steps_per_epoch))
+        # the epochs' sequences in whole steps, the last reaching into the epoch after where they do
+        # not fill it (rounded first: a product the float arithmetic makes 25.000000001 is 25 steps)
+        total = max(1, math.ceil(round(tr.num_train_epochs * num_sequences / global_batch, 9)))
     else:
         raise TrainInputError(
             "neither training.max_steps nor training.num_train_epochs is set (plan resolves epochs)"
         )
-    return Schedule(global_batch, steps_per_epoch, total, int(tr.warmup_ratio * total))
+    return Schedule(global_batch, num_sequences, total, int(tr.warmup_ratio * total))
 
 
 def batch_indices(step: int, sched: Schedule, seed: int, num_sequences: int):
-    """The sequence indices of global step `step`: depends on (seed, step) only."""
-    epoch, within = divmod(step, sched.steps_per_epoch)
-    return epoch_order(seed, epoch, num_sequences)[
-        within * sched.global_batch : (within + 1) * sched.global_batch
-    ]
+    """The sequence indices of global step `step`: depends on (seed, step) only. A view of the
+    epoch's order, or the end of one epoch's and the start of the next's."""
+    import torch
+
+    start, end = step * sched.global_batch, (step + 1) * sched.global_batch
+    parts = []
+    while start < end:
+        epoch, offset = divmod(start, num_sequences)
+        part = epoch_order(seed, epoch, num_sequences)[offset : offset + end - start]
+        parts.append(part)
+        start += len(part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @functools.lru_cache(maxsize=2)
