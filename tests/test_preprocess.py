@@ -467,6 +467,29 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_assets, tmp
     assert train["examples"] - train["dropped"] > 0
 
 
+def test_truncation_cuts_the_prompt_so_the_answer_is_learned(demo_assets, tmp_path, tok):
+    """An over-long example whose answer fits loses the start of its prompt, not its answer; one whose
+    prompt alone fills max_seq_len before an answer too long to fit would keep no loss token: it is
+    dropped and counted as dropped, never trained on."""
+    history = " ".join(f"day {i}: potassium {4 + i % 3}.{i % 10} mmol/L." for i in range(40))
+    long_answer = " ".join(f"step {i}: recheck." for i in range(60))
+    answers = [f" ANSWER{i} recheck in {i} days." for i in range(10)]
+    rows = [{"prompt": f"{history} Q{i}: next step?", "completion": a} for i, a in enumerate(answers)]
+    rows += [{"prompt": f"{history} L{i}:", "completion": " NOLOSS " + long_answer} for i in range(3)]
+    assert len(tok(history)["input_ids"]) > 64 and len(tok(long_answer)["input_ids"]) > 64
+    cfg = make_cfg(demo_assets, tmp_path, rows, num_shards=1, eval_fraction=0.01, packing=False)
+    manifest = preprocess_all(at(cfg, str(tmp_path / "w")))
+    splits = manifest["splits"]
+    assert sum(s["truncated"] for s in splits.values()) == 10
+    assert sum(s["dropped"] for s in splits.values()) == 3
+    text = ""
+    for name in ("train", "domain_eval"):
+        data = load_split(manifest, name)
+        assert ((data["labels"] != IGNORE_INDEX).sum(dim=1) > 0).all(), name  # no sequence without loss
+        text += tok.decode(data["labels"][data["labels"] != IGNORE_INDEX].tolist())
+    assert all(a in text for a in answers) and "NOLOSS" not in text
+
+
 def test_best_fit_packs_sft_lengths_to_at_least_95_percent():
     import random
 

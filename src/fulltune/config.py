@@ -257,8 +257,10 @@ class PreprocessSection(_Section):
     )
     overlong: Literal["truncate", "drop"] = Field(
         "truncate",
-        description="Prompt/completion and chat examples longer than max_seq_len: 'truncate' keeps the first "
-        "max_seq_len tokens, 'drop' leaves the example out; either way the manifest counts them.",
+        description="Prompt/completion and chat examples longer than max_seq_len: 'truncate' keeps the answer, "
+        "cutting the prompt from the left (or, when the answer alone is longer, keeps the first max_seq_len "
+        "tokens), 'drop' leaves the example out; either way the manifest counts them. A truncated example "
+        "left with no answer token is dropped and counted as dropped.",
     )
     seed: int = Field(0, description="Seed for splitting and replay mixing.")
 

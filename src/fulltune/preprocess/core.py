@@ -16,7 +16,8 @@ others (one pipeline task each):
   padded sequence per document with `packing: false`); prompt/completion and chat records are
   rendered (chat through the tokenizer's chat template), labelled only on the completion or
   assistant tokens (`loss_on: assistant`), and packed whole (best-fit decreasing); one longer
-  than `max_seq_len` is truncated or dropped (`overlong`), and counted either way.
+  than `max_seq_len` is truncated (keeping its answer: `fit_overlong`) or dropped (`overlong`), and
+  counted either way.
 
 Text is tokenized through `tokenizer.memo` when the tokenizer allows it (byte-level BPE with a
 known pre-tokenizer): each distinct space-delimited piece is encoded once per shard and its ids
@@ -106,12 +107,18 @@ class Docs:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def take(self, order: np.ndarray, lengths: np.ndarray | None = None) -> Docs:
-        """Documents `order` (repeats allowed), each cut to `lengths` when given."""
+    def take(
+        self, order: np.ndarray, lengths: np.ndarray | None = None, skip: np.ndarray | None = None
+    ) -> Docs:
+        """Documents `order` (repeats allowed), each starting `skip` tokens in and cut to `lengths`
+        tokens when given."""
         order = np.asarray(order, np.int64)
+        starts = self.offsets[:-1][order]
         full = self.lengths[order]
+        if skip is not None:
+            starts, full = starts + skip, full - skip
         lengths = full if lengths is None else np.minimum(full, lengths)
-        index = _segments(self.offsets[:-1][order], lengths)
+        index = _segments(starts, lengths)
         offsets = np.zeros(len(order) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = self.ids[index]
@@ -294,7 +301,7 @@ class PackStats:
     tokens: int = 0  # non-pad tokens
     loss_tokens: int = 0
     truncated: int = 0  # over-long examples cut to max_seq_len
-    dropped: int = 0  # over-long examples left out (overlong: drop)
+    dropped: int = 0  # over-long examples left out (overlong: drop, or truncating left no loss token)
 
     def add(self, other: PackStats) -> None:
         for key in COUNTS:
@@ -441,25 +448,46 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def fit_overlong(docs: Docs, seq_len: int, overlong: str) -> tuple[Docs, PackStats]:
+    """Prompt/completion and chat examples made to fit seq_len; the stats count the examples in and
+    those truncated or dropped.
+
+    `drop` leaves out every over-long example. `truncate` keeps an over-long example's answer: when
+    everything from its first loss token on fits, the prompt is cut from the left (the context nearest
+    the answer stays, as TRL and OpenRLHF truncate prompts); otherwise the first seq_len tokens stay,
+    the prompt and the answer's start. An example that would keep no loss token (a prompt longer than
+    seq_len before an answer that does not fit either) trains nothing: it is dropped, and counted so.
+    """
+    stats = PackStats(examples=len(docs))
+    lengths = docs.lengths
+    over = lengths > seq_len
+    if not over.any():
+        return docs, stats
+    if overlong == "drop":
+        stats.dropped = int(over.sum())
+        return docs.take(np.flatnonzero(~over)), stats
+    starts, ends = docs.offsets[:-1], docs.offsets[1:]
+    loss_at = np.append(np.flatnonzero(docs.labels != IGNORE_INDEX), len(docs.ids))
+    first = loss_at[np.searchsorted(loss_at, starts)] - starts  # first loss token, from the doc's start
+    has_loss = first < ends - starts
+    answer_fits = has_loss & (lengths - first <= seq_len)
+    keep = ~over | answer_fits | (has_loss & (first < seq_len))
+    skip = np.where(over & answer_fits, lengths - seq_len, 0)
+    stats.truncated = int((over & keep).sum())
+    stats.dropped = int((~keep).sum())
+    order = np.flatnonzero(keep)
+    return docs.take(order, np.full(len(order), seq_len), skip[order]), stats
+
+
 def pack_whole(docs: Docs, seq_len: int, pad_id: int, *, packing: bool, overlong: str = "truncate") -> Packed:
     """Examples kept whole: best-fit decreasing into seq_len bins, or one per sequence.
 
-    Over-long examples are truncated to seq_len or dropped (`overlong`), and counted.
+    Over-long examples are truncated or dropped first (`fit_overlong`), and counted.
     """
-    out = Packed()
-    out.stats.examples = len(docs)
-    lengths = docs.lengths
-    over = lengths > seq_len
-    if over.any():
-        if overlong == "drop":
-            out.stats.dropped = int(over.sum())
-            docs = docs.take(np.flatnonzero(~over))
-        else:
-            out.stats.truncated = int(over.sum())
-            docs = docs.take(np.arange(len(docs)), np.full(len(docs), seq_len))
-        lengths = docs.lengths
+    docs, stats = fit_overlong(docs, seq_len, overlong)
+    out = Packed(stats=stats)
     if packing:
-        bins = [np.asarray(b) for b in best_fit_decreasing(lengths.tolist(), seq_len)]
+        bins = [np.asarray(b) for b in best_fit_decreasing(docs.lengths.tolist(), seq_len)]
     else:
         bins = [np.array([i]) for i in range(len(docs))]
     _fill(out, docs, bins, seq_len, pad_id)

@@ -22,7 +22,8 @@ The dataset manifest (written by `gather_shards`) is what `train` and `evaluate`
     }
 
 `examples` counts the documents read; `truncated` and `dropped` count the prompt/completion and
-chat examples longer than `max_seq_len` that were cut or left out (`preprocess.overlong`).
+chat examples longer than `max_seq_len` that were cut or left out (`preprocess.overlong`; a cut that
+would leave no loss token drops the example).
 """
 
 from __future__ import annotations
