@@ -243,6 +243,35 @@ def test_replay_fraction_is_achieved_within_one_percent(demo_assets, tmp_path):
     assert manifest["splits"]["general_eval"]["sequences"] > 0
 
 
+def test_replay_is_a_share_of_the_examples_that_survive_and_is_counted_apart(demo_assets, tmp_path):
+    """Replay is sized from the domain tokens left after over-long examples are cut or dropped; the
+    manifest's replay figures are what the training split holds, and the split's examples, truncated
+    and dropped counts are its own examples only (long replay documents are split, never cut)."""
+    long_note = " ".join(f"day {i}: potassium {4 + i % 3}.{i % 10} mmol/L." for i in range(12))
+    rows = [
+        {"prompt": f"Q{i}: {long_note if i % 2 else 'next step?'}", "completion": f" Recheck in {i} days."}
+        for i in range(60)
+    ]
+    general = [
+        {"text": f"The {w} module: " + " ".join(["functions for objects."] * (3 + 20 * (k % 2)))}
+        for k, w in enumerate("abcdefghij" * 4)
+    ]
+    for policy in ("drop", "truncate"):
+        common = {"num_shards": 2, "eval_fraction": 0.01, "overlong": policy}
+        cfgs = [
+            make_cfg(demo_assets, tmp_path, rows, general, replay_fraction=r, **common) for r in (0.0, 0.3)
+        ]
+        base, mixed = (preprocess_all(at(c, str(tmp_path / f"{policy}{i}"))) for i, c in enumerate(cfgs))
+        domain, train = base["splits"]["train"], mixed["splits"]["train"]
+        replay = mixed["replay"]
+        assert replay["domain_tokens"] == domain["tokens"], policy
+        assert replay["replay_tokens"] == train["tokens"] - domain["tokens"], policy
+        assert replay["achieved_fraction"] == pytest.approx(0.3, abs=0.01), policy
+        for count in ("examples", "truncated", "dropped"):
+            assert train[count] == domain[count], (policy, count)
+        assert domain["dropped" if policy == "drop" else "truncated"] > 0, policy
+
+
 def test_split_assignment_is_stable_and_disjoint(demo_assets, tmp_path, tok):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS, eval_fraction=0.2, num_shards=1)
     manifest = preprocess_all(at(cfg, str(tmp_path / "w")))

@@ -11,7 +11,8 @@ others (one pipeline task each):
 - domain records go to `train`, or to `domain_eval` when their stable hash falls in the held-out
   fraction (only when no eval_uri is configured);
 - general records go to `general_eval` (stable hash, `general_eval_fraction`) or to the replay
-  pool, from which each block draws `replay_fraction` of its training tokens;
+  pool, from which each block draws `replay_fraction` of its training tokens, counted after
+  over-long examples are cut or dropped (replay is not counted in the split's example counts);
 - `text` records are tokenized, EOS-terminated and packed into `max_seq_len` sequences (or one
   padded sequence per document with `packing: false`); prompt/completion and chat records are
   rendered (chat through the tokenizer's chat template), labelled only on the completion or
@@ -506,6 +507,16 @@ def pack(docs: Docs, kind: str, cfg: RunConfig, pad_id: int) -> Packed:
 # -- replay ------------------------------------------------------------------------------------------
 
 
+def split_long(docs: Docs, seq_len: int) -> Docs:
+    """Each document longer than seq_len as consecutive pieces of at most seq_len tokens."""
+    lengths = docs.lengths
+    pieces = np.maximum(-(-lengths // seq_len), 1)
+    doc = np.repeat(np.arange(len(docs)), pieces)
+    k = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    starts = docs.offsets[:-1][doc] + k * seq_len
+    return Docs(docs.ids, docs.labels, np.append(starts, len(docs.ids)))
+
+
 def replay_docs(pool: Docs, target_tokens: int, start: int = 0) -> Docs:
     """Documents from the replay pool from `start` on, cycling if needed, until target_tokens
     (the last one cut to fit)."""
@@ -671,19 +682,40 @@ class _Shard:
         }
 
     def write(self, split: str, kind: str, records: list[Record], key: inputs.BlockKey | None = None) -> None:
+        """One block of `split`; a training block (`key` given) gets its share of replay."""
+        pp = self.cfg.preprocess
         docs = tokenize(records, kind, self.enc, self.loss_all)
+        fitted = PackStats(examples=len(docs))
+        if kind != "text":
+            # Before replay is sized: replay is a share of what is trained, not of what is read.
+            docs, fitted = fit_overlong(docs, pp.max_seq_len, pp.overlong)
+        if key is not None:
+            docs = self.with_replay(docs, key)
+        packed = pack(docs, kind, self.cfg, self.pad_id)
+        # The counts are of the split's own examples; the replay section counts the replayed tokens.
+        packed.stats.examples, packed.stats.truncated, packed.stats.dropped = (
+            fitted.examples,
+            fitted.truncated,
+            fitted.dropped,
+        )
+        self.sink(split, kind).write(packed)
+
+    def with_replay(self, docs: Docs, key: inputs.BlockKey) -> Docs:
+        """`docs` with replay documents spread through them, `replay_fraction` of the tokens. Every
+        token of both is packed (documents fit max_seq_len by now, or are text, packed as a stream),
+        so the counts kept here are of what reaches the Parquet."""
         r = self.cfg.preprocess.replay_fraction
-        if key is not None and len(self.pool) and r > 0:
-            tokens = len(docs.ids)
-            start = int(
-                stable_fraction(f"block {inputs.block_name(key)}", self.salt + "/replay") * len(self.pool)
-            )
-            replay = replay_docs(self.pool, int(round(tokens * r / (1.0 - r))), start)
-            self.domain_tokens += tokens
-            self.replay_tokens += len(replay.ids)
-            # Interleaved, so replay is spread over the epoch rather than appended at the end.
-            docs = interleave(docs, replay)
-        self.sink(split, kind).write(pack(docs, kind, self.cfg, self.pad_id))
+        if not len(self.pool) or r <= 0:
+            return docs
+        tokens = len(docs.ids)
+        start = int(
+            stable_fraction(f"block {inputs.block_name(key)}", self.salt + "/replay") * len(self.pool)
+        )
+        replay = replay_docs(self.pool, int(round(tokens * r / (1.0 - r))), start)
+        self.domain_tokens += tokens
+        self.replay_tokens += len(replay.ids)
+        # Interleaved, so replay is spread over the epoch rather than appended at the end.
+        return interleave(docs, replay)
 
 
 def _hash_split(records: list[Record], fraction: float, salt: str) -> tuple[list[Record], list[Record]]:
@@ -695,7 +727,7 @@ def _hash_split(records: list[Record], fraction: float, salt: str) -> tuple[list
     return kept, held
 
 
-def _replay_pool(shard: _Shard, uri: str, kind: str) -> Docs:
+def _replay_pool(shard: _Shard, uri: str, kind: str, domain_kind: str) -> Docs:
     """The general set's records not held out for general_eval, tokenized (every shard reads it whole:
     the general set is small beside the domain data)."""
     from fulltune.data.records import iter_records
@@ -707,7 +739,12 @@ def _replay_pool(shard: _Shard, uri: str, kind: str) -> Docs:
         for r in iter_records(uri, shard.cfg.data, kind)
         if stable_fraction(r.plain_text(), salt) >= pp.general_eval_fraction
     ]
-    return tokenize(records, kind, shard.enc, shard.loss_all)
+    pool = tokenize(records, kind, shard.enc, shard.loss_all)
+    if domain_kind == "text":
+        return pool
+    # Packed whole with the domain's examples, whose over-long handling must not cut them again:
+    # a long general document replays as consecutive pieces that fit, as a text stream would.
+    return split_long(pool, pp.max_seq_len)
 
 
 def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
@@ -728,7 +765,7 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     eval_kind = resolve_kind(data.eval_uri, data) if data.eval_uri else kind
     gkind = resolve_kind(data.general_uri, data) if data.general_uri else None
     if gkind is not None and pp.replay_fraction > 0:
-        shard.pool = _replay_pool(shard, data.general_uri, gkind)
+        shard.pool = _replay_pool(shard, data.general_uri, gkind, kind)
     shard.sink(TRAIN, kind)
     shard.sink(DOMAIN_EVAL, eval_kind)
     for key, recs in shard.blocks(TRAIN, data.train_uri, kind):
