@@ -225,6 +225,37 @@ def test_complete_shards_are_skipped_and_corrupt_ones_redone(demo_assets, tmp_pa
     assert first["splits"]["train"]["files"]
 
 
+def test_shards_built_with_other_settings_are_redone_not_reused(demo_assets, tmp_path):
+    """The same work dir after num_shards, max_seq_len or the input changed: every shard whose
+    content would differ is redone, so the dataset is the one a fresh run gives (2 -> 3 shards used
+    to keep the old shards 0 and 1, covering the whole input, beside a new shard 2)."""
+    work = str(tmp_path / "w")
+    fresh = preprocess_all(at(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=3), str(tmp_path / "fresh")))
+    preprocess_all(at(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=2), work))
+    cfg = at(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=3), work)
+    assert not any(core.preprocess_shard(cfg, i).get("skipped") for i in range(3))
+    assert (
+        core.gather_shards(cfg).to_json()["splits"]["train"]["examples"]
+        == fresh["splits"]["train"]["examples"]
+    )
+    wider = at(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=3, max_seq_len=128), work)
+    rows = load_split(preprocess_all(wider), "train")["input_ids"]
+    assert rows.shape[1] == 128
+    more = at(make_cfg(demo_assets, tmp_path, TEXTS + TEXTS[:30], num_shards=3, max_seq_len=128), work)
+    assert not core.preprocess_shard(more, 2).get("skipped")  # the input file grew
+    assert core.preprocess_shard(more, 2).get("skipped")  # and is reused once built from it
+
+
+def test_gather_refuses_shards_built_with_other_settings_naming_them(demo_assets, tmp_path):
+    work = str(tmp_path / "w")
+    preprocess_all(at(make_cfg(demo_assets, tmp_path, TEXTS), work))
+    cfg = at(make_cfg(demo_assets, tmp_path, TEXTS, max_seq_len=128, eval_fraction=0.2), work)
+    with pytest.raises(core.PreprocessError, match="shard-00000.json: the shard was built from other") as err:
+        core.gather_shards(cfg)
+    assert "preprocess.max_seq_len: 64 (now 128)" in str(err.value)
+    assert "preprocess.eval_fraction: 0.05 (now 0.2)" in str(err.value)
+
+
 def test_gather_refuses_a_missing_shard(demo_assets, tmp_path):
     cfg = make_cfg(demo_assets, tmp_path, TEXTS)
     work = str(tmp_path / "w")

@@ -135,7 +135,9 @@ def list_shards(config: dict) -> list:
 
 def preprocess_shard(config: dict, shard: int) -> NamedTuple("ShardOutputs", [("shard_manifest", str)]):
     """Tokenize, pack and mask one shard of the data and mix in general replay data; skips a shard that is
-    already complete (manifest present, checksums match), so a retry redoes only what is missing.
+    already complete and built from the same settings, tokenizer and input files (manifest present,
+    checksums and fingerprint match), so a retry redoes only what is missing and a changed setting
+    redoes the shard.
 
     Args:
         config: The resolved run configuration from plan.
@@ -153,7 +155,8 @@ def preprocess_shard(config: dict, shard: int) -> NamedTuple("ShardOutputs", [("
 def gather_shards(config: dict, shard_manifests: list, metrics: Output[Metrics]) -> NamedTuple(
     "GatherOutputs", [("dataset", str)]
 ):
-    """Check every shard's checksums and merge the shard manifests into the dataset manifest.
+    """Check every shard's checksums and that it was built from this run's settings and inputs, and merge
+    the shard manifests into the dataset manifest.
 
     Args:
         config: The resolved run configuration from plan.

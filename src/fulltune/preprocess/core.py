@@ -25,8 +25,9 @@ known pre-tokenizer): each distinct space-delimited piece is encoded once per sh
 reused, which gives exactly the tokenizer's ids several times faster on repetitive domain text.
 Token work is done on flat numpy arrays (one per block, with document offsets), never token by
 token in Python. Outputs go to <work_dir>/data/shards/: one Parquet file per split and the shard
-manifest, written *last*. A shard whose manifest exists and whose files match their checksums is
-skipped, so a retried pipeline redoes only what is missing. `gather_shards` merges the shard
+manifest, written *last*. A shard whose manifest exists, whose files match their checksums and whose
+recorded fingerprint (settings, tokenizer, input files: `content_fingerprint`) is the run's is
+skipped, so a retried pipeline redoes only what is missing, and a changed setting redoes the shard. `gather_shards` merges the shard
 manifests into the dataset manifest (`dataset.py` describes it).
 """
 
@@ -644,13 +645,63 @@ def shard_is_complete(manifest_uri: str) -> bool:
         return False
 
 
+# -- what a shard was built from ----------------------------------------------------------------------
+
+# Settings that change how fast a shard is made, never its content.
+_NOT_CONTENT = {"preprocess": {"memoize_tokens"}, "data": {"validate_workers"}}
+
+
+def content_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """What a shard's content depends on, bar the tokenizer's own definition (`tokenizer_digest`):
+    the preprocess and data settings, the tokenizer named, and every input file with its size.
+    Recorded in the shard manifest: a shard built under another is redone, and gather refuses it."""
+    data = cfg.data
+    roles = (("train", data.train_uri), ("eval", data.eval_uri), ("general", data.general_uri))
+    return {
+        "format": SHARD_FORMAT,
+        "preprocess": cfg.preprocess.model_dump(mode="json", exclude=_NOT_CONTENT["preprocess"]),
+        "data": data.model_dump(mode="json", exclude=_NOT_CONTENT["data"]),
+        "tokenizer_uri": cfg.tokenizer_uri,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "input_files": {
+            role: [[f, storage.size(f)] for f in inputs.data_files(uri)] for role, uri in roles if uri
+        },
+    }
+
+
+def tokenizer_digest(tok) -> str:
+    """The tokenizer's definition, chat template and special tokens, hashed: what decides the ids and
+    labels, whatever URI it was read from. Taken before `Encoder` switches off truncation and padding."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    parts = (definition, str(tok.chat_template), str(tok.eos_token_id), str(tok.pad_token_id))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def fingerprint_differences(built: Any, wanted: Any, where: str = "") -> list[str]:
+    """'where: built (now wanted)' for every setting that differs; [] when none does."""
+    if isinstance(built, dict) and isinstance(wanted, dict):
+        return [
+            d
+            for key in sorted(set(built) | set(wanted))
+            for d in fingerprint_differences(built.get(key), wanted.get(key), f"{where}.{key}".lstrip("."))
+        ]
+    return [] if built == wanted else [f"{where or 'fingerprint'}: {built!r} (now {wanted!r})"]
+
+
+def _stale(built: dict[str, Any] | None, fingerprint: dict[str, Any]) -> list[str]:
+    """How a shard built under `built` (its manifest's fingerprint) differs from `fingerprint`."""
+    if built is None:
+        return ["fingerprint: none recorded (built by an earlier fulltune)"]
+    return fingerprint_differences(built, fingerprint)
+
+
 class _Shard:
     """The state of one shard run: tokenizer, replay pool, one sink per split, what was read."""
 
-    def __init__(self, cfg: RunConfig, index: int):
+    def __init__(self, cfg: RunConfig, index: int, tok):
         self.cfg, self.index = cfg, index
         self.n = cfg.preprocess.num_shards
-        tok = load_tokenizer(cfg)
         self.enc = Encoder(tok, memoize=cfg.preprocess.memoize_tokens)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.loss_all = cfg.preprocess.loss_on == "all"
@@ -754,13 +805,18 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     if not 0 <= index < n:
         raise PreprocessError(f"shard index {index} out of range for num_shards={n}")
     manifest_uri = cfg.layout.shard_manifest(index)
+    tok = load_tokenizer(cfg)
+    fingerprint = {**content_fingerprint(cfg), "tokenizer": tokenizer_digest(tok)}
     if shard_is_complete(manifest_uri):
-        log.info("shard %d already complete at %s: skipped", index, manifest_uri)
-        manifest = storage.read_json(manifest_uri)
-        manifest["skipped"] = True
-        return manifest
+        stale = _stale(storage.read_json(manifest_uri).get("fingerprint"), fingerprint)
+        if not stale:
+            log.info("shard %d already complete at %s: skipped", index, manifest_uri)
+            manifest = storage.read_json(manifest_uri)
+            manifest["skipped"] = True
+            return manifest
+        log.warning("shard %d at %s was built with other settings, redone: %s", index, manifest_uri, stale)
 
-    shard = _Shard(cfg, index)
+    shard = _Shard(cfg, index, tok)
     kind = resolve_kind(data.train_uri, data)
     eval_kind = resolve_kind(data.eval_uri, data) if data.eval_uri else kind
     gkind = resolve_kind(data.general_uri, data) if data.general_uri else None
@@ -809,6 +865,7 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
         "replay": replay_info,
         "inputs": shard.read,
         "tokenization": shard.enc.stats(),
+        "fingerprint": fingerprint,
     }
     storage.write_json(manifest_uri, manifest)  # last: the shard is visible only now
     log.info("shard %d: %s", index, {k: v["sequences"] for k, v in out_splits.items()})
@@ -819,11 +876,12 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> D
     """Merge the shard manifests into the dataset manifest (`cfg.layout.dataset_manifest`)."""
     n = cfg.preprocess.num_shards
     uris = shard_manifests or [cfg.layout.shard_manifest(i) for i in range(n)]
-    shards = []
-    for uri in uris:
-        if not shard_is_complete(uri):
-            raise PreprocessError(f"{uri}: shard missing or its files do not match their checksums")
-        shards.append(storage.read_json(uri))
+    shards = [_checked_shard(uri, content_fingerprint(cfg)) for uri in uris]
+    tokenizers = {m["fingerprint"].get("tokenizer") for m in shards}
+    if len(tokenizers) > 1:
+        raise PreprocessError(
+            f"the shards were tokenized by {len(tokenizers)} different tokenizers; preprocess again"
+        )
     shards.sort(key=lambda m: m["shard"])
     if [m["shard"] for m in shards] != list(range(n)):
         raise PreprocessError(f"expected shards 0..{n - 1}, got {[m['shard'] for m in shards]}")
@@ -839,6 +897,22 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> D
             "no training sequences were produced: is the training data empty after the eval split?"
         )
     storage.write_json(cfg.layout.dataset_manifest, manifest.to_json())
+    return manifest
+
+
+def _checked_shard(uri: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The shard manifest at `uri`, refused when the shard is incomplete or was built from other
+    settings or inputs than `fingerprint` (the run's; the tokenizer's digest is compared across shards)."""
+    if not shard_is_complete(uri):
+        raise PreprocessError(f"{uri}: shard missing or its files do not match their checksums")
+    manifest = storage.read_json(uri)
+    built = manifest.get("fingerprint")
+    stale = _stale(built and {k: v for k, v in built.items() if k != "tokenizer"}, fingerprint)
+    if stale:
+        raise PreprocessError(
+            f"{uri}: the shard was built from other settings or inputs than this run's: {'; '.join(stale)}; "
+            "preprocess again (a shard whose settings differ is redone)"
+        )
     return manifest
 
 
