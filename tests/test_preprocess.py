@@ -118,7 +118,7 @@ def test_chat_labels_are_exactly_the_assistant_turns(demo_assets, tmp_path, tok)
         decoded.append(tok.decode(keep))
     text = "".join(decoded)
     assert "clinical assistant" not in text and "What is the eGFR" not in text and "And the stage" not in text
-    held_out = {i for i, r in enumerate(rows) if core.stable_fraction(_chat_text(r), "0") < 0.01}
+    held_out = {i for i, r in enumerate(rows) if core.stable_fraction(_chat_key(r), "0") < 0.01}
     for i, row in enumerate(rows):
         for m in row["messages"]:
             if m["role"] == "assistant":
@@ -184,8 +184,11 @@ def test_a_template_refusing_a_conversation_is_an_error_at_its_record(tok, tmp_p
     assert "CKD stage 3b" in _loss_text(strict, ids, labels)
 
 
-def _chat_text(row: dict) -> str:
-    return "\n".join(m["content"] for m in row["messages"])
+def _chat_key(row: dict) -> str:
+    """What the chat row's split is decided by."""
+    from fulltune.data.records import Location, Record
+
+    return core.split_key(Record(kind="chat", loc=Location("train.jsonl"), messages=row["messages"]))
 
 
 def test_prompt_completion_masks_the_prompt_unless_loss_on_all(demo_assets, tmp_path, tok):
@@ -309,6 +312,46 @@ def test_split_assignment_is_stable_and_disjoint(demo_assets, tmp_path, tok):
     expected_eval = sum(1 for r in TEXTS if core.stable_fraction(r["text"], "0") < 0.2)
     assert manifest["splits"]["domain_eval"]["examples"] == expected_eval
     assert manifest["splits"]["train"]["examples"] == len(TEXTS) - expected_eval
+
+
+def _prompts_by_split(manifest: dict, tok, pattern: str) -> dict[str, set[str]]:
+    import re
+
+    out = {}
+    for name in ("train", "domain_eval"):
+        ids = load_split(manifest, name)["input_ids"].tolist()
+        out[name] = {m for row in ids for m in re.findall(pattern, tok.decode(row))}
+    return out
+
+
+def test_records_sharing_a_prompt_share_a_split(demo_assets, tmp_path, tok):
+    """Several completions of one prompt, or one conversation with different last answers, are held
+    out together: domain eval never scores a prompt that training saw."""
+    pc = [
+        {"prompt": f"PROMPT{i}: eGFR threshold?", "completion": f" variant {j}: {30 + j} mL/min."}
+        for i in range(40)
+        for j in range(4)
+    ]
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": f"CHAT{i}: my eGFR is {20 + i}."},
+                {"role": "assistant", "content": "Which stage?"},
+                {"role": "user", "content": "Stage it, please."},
+                {"role": "assistant", "content": f"Answer variant {j}."},
+            ]
+        }
+        for i in range(40)
+        for j in range(4)
+    ]
+    for rows, pattern in ((pc, r"PROMPT\d+:"), (chat, r"CHAT\d+:")):
+        cfg = make_cfg(
+            demo_assets, tmp_path, rows, num_shards=1, max_seq_len=128, eval_fraction=0.3, packing=False
+        )
+        split = _prompts_by_split(preprocess_all(at(cfg, str(tmp_path / pattern[:4]))), tok, pattern)
+        assert split["train"] and split["domain_eval"], pattern
+        assert not split["train"] & split["domain_eval"], pattern
+        assert len(split["train"] | split["domain_eval"]) == 40, pattern
 
 
 def test_dataset_manifest_lists_checksummed_files(demo_assets, tmp_path):

@@ -243,7 +243,8 @@ class PreprocessSection(_Section):
         0.05,
         gt=0.0,
         lt=1.0,
-        description="Share of train_uri held out for evaluation when eval_uri is not set.",
+        description="Share of train_uri held out for evaluation when eval_uri is not set, chosen by prompt: "
+        "records sharing a prompt (or a conversation before its last answer) are held out together.",
     )
     general_eval_fraction: float = Field(
         0.5,

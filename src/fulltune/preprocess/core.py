@@ -8,8 +8,9 @@ others (one pipeline task each):
 - the part is processed in *blocks* of about `block_records` records, keyed by their place in
   their file. Blocks, not shards, are the unit every later decision is made in, so the sequences
   produced do not depend on N (N=1 and N=4 give the same multiset);
-- domain records go to `train`, or to `domain_eval` when their stable hash falls in the held-out
-  fraction (only when no eval_uri is configured);
+- domain records go to `train`, or to `domain_eval` when the stable hash of their prompt
+  (`split_key`) falls in the held-out fraction (only when no eval_uri is configured): records sharing
+  a prompt share a split;
 - general records go to `general_eval` (stable hash, `general_eval_fraction`) or to the replay
   pool, from which each block draws `replay_fraction` of its training tokens, counted after
   over-long examples are cut or dropped (replay is not counted in the split's example counts);
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -769,12 +771,27 @@ class _Shard:
         return interleave(docs, replay)
 
 
+def split_key(rec: Record) -> str:
+    """What a record's split is decided by: its prompt, so that records answering the same prompt
+    (several completions of one prompt, one conversation with different last answers) are held out
+    together, and eval never scores a prompt training saw. Text: the text; prompt/completion: the
+    prompt; chat: the conversation before its last assistant turn (all of it when that is empty)."""
+    if rec.kind == "text":
+        return rec.text or ""
+    if rec.kind == "prompt_completion":
+        return rec.prompt or ""
+    turns = rec.messages
+    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=len(turns))
+    return json.dumps([[m["role"], m["content"]] for m in (turns[:last] or turns)], ensure_ascii=False)
+
+
 def _hash_split(records: list[Record], fraction: float, salt: str) -> tuple[list[Record], list[Record]]:
-    """(kept, held_out): a record is held out when its stable hash falls below `fraction`."""
+    """(kept, held_out): a record is held out when the stable hash of its prompt (`split_key`) falls
+    below `fraction`."""
     kept: list[Record] = []
     held: list[Record] = []
     for rec in records:
-        (held if stable_fraction(rec.plain_text(), salt) < fraction else kept).append(rec)
+        (held if stable_fraction(split_key(rec), salt) < fraction else kept).append(rec)
     return kept, held
 
 
@@ -788,7 +805,7 @@ def _replay_pool(shard: _Shard, uri: str, kind: str, domain_kind: str) -> Docs:
     records = [
         r
         for r in iter_records(uri, shard.cfg.data, kind)
-        if stable_fraction(r.plain_text(), salt) >= pp.general_eval_fraction
+        if stable_fraction(split_key(r), salt) >= pp.general_eval_fraction
     ]
     pool = tokenize(records, kind, shard.enc, shard.loss_all)
     if domain_kind == "text":
