@@ -155,6 +155,60 @@ def test_the_eos_after_a_users_last_turn_carries_no_loss(tok):
     assert ids[-1] == tok.eos_token_id and labels[-1] == IGNORE_INDEX
 
 
+def _templated(tok, template: str):
+    custom = copy.deepcopy(tok)
+    custom.chat_template = template
+    return custom
+
+
+HBA1C = [
+    {"role": "user", "content": "What is HbA1c?"},
+    {"role": "assistant", "content": "Glycated haemoglobin."},
+    {"role": "user", "content": "And eGFR?"},
+    {"role": "assistant", "content": "Kidney filtration."},
+]
+
+
+def test_an_answers_first_token_carries_loss_when_it_starts_in_the_generation_prompt(tok):
+    """After a generation prompt ending in a space, byte-level BPE merges the space into the answer's
+    first token (" G"): it starts before the turn, but it is the answer's opening and is learned."""
+    spaced = _templated(
+        tok,
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
+        "{% else %}{{ 'Assistant: ' + m['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}",
+    )
+    ids, labels = core.chat_example(HBA1C, spaced, loss_all=False)
+    taught = _loss_text(spaced, ids, labels)
+    assert "Glycated haemoglobin." in taught and "Kidney filtration." in taught
+    assert "HbA1c" not in taught and "eGFR" not in taught
+
+
+def test_a_generation_prompt_longer_than_the_turn_header_still_masks_the_whole_answer(tok):
+    """DeepSeek-R1 distills and QwQ prompt generation with "<think>\\n" that history does not
+    render: the answer's loss starts at its first character all the same."""
+    think = _templated(
+        tok,
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n<think>\\n' }}{% endif %}",
+    )
+    ids, labels = core.chat_example(HBA1C, think, loss_all=False)
+    taught = _loss_text(think, ids, labels)
+    assert "Glycated haemoglobin." in taught and "Kidney filtration." in taught
+    assert "HbA1c" not in taught and "eGFR" not in taught
+
+
+def test_a_generation_prompt_that_rewrites_the_conversation_is_refused_naming_the_template(tok):
+    rewrites = _templated(
+        tok,
+        "{% if add_generation_prompt %}{{ 'Today is Monday.\\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
+    )
+    with pytest.raises(core.PreprocessError, match=r"the chat template of .*base_model.* prefixes stably"):
+        core.chat_example(HBA1C, rewrites, loss_all=False)
+
+
 def test_a_template_refusing_a_conversation_is_an_error_at_its_record(tok, tmp_path):
     """Templates such as Mistral's refuse roles out of order; check_tokenizer renders a sample, so a
     refusal further in the data surfaces in preprocessing: named with the file and line, no traceback

@@ -291,6 +291,22 @@ def test_chat_template_must_render_prefixes_stably_for_assistant_loss(tmp_path):
     assert checks(report)["chat_template"][0] == "ok"
 
 
+def test_a_generation_prompt_that_rewrites_the_conversation_fails_the_check(tmp_path):
+    """Preprocessing would refuse it at the first record; the check says so before any shard runs."""
+    dated = (
+        "{% if add_generation_prompt %}Today is Monday.{% endif %}"
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    model = build_tokenizer(tmp_path / "tok", chat_template=dated)
+    turns = [("user", "hello"), ("assistant", "world")]
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"messages": [{"role": r, "content": c} for r, c in turns]}]
+    )
+    with pytest.raises(TokenizerCheckError, match="does not render conversation prefixes stably"):
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+
+
 def test_unloadable_tokenizer_fails_with_report(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello"}])
     with pytest.raises(TokenizerCheckError, match="load: cannot load the tokenizer"):

@@ -38,6 +38,7 @@ import bisect
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -262,22 +263,18 @@ def located_chat_example(record: Record, tok, loss_all: bool) -> tuple[list[int]
 def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[list[int], list[int]]:
     """Render a conversation with the chat template; (ids, labels) with loss only on assistant turns.
 
-    The span of each assistant turn in the rendered text is found by rendering the prefix with a
-    generation prompt and the prefix including the turn; tokens whose characters start inside a
-    span carry loss. This works for any template that renders prefixes stably. An assistant turn
-    that opens the conversation (a canned greeting) answers nothing: it is context, without loss
-    (and there is no empty conversation to render a generation prompt from).
+    The span of each assistant turn in the rendered text is found by rendering prefixes of the
+    conversation (`_assistant_span`); every token whose characters overlap a span carries loss (a
+    byte-level token may start before the turn, as " G" after a generation prompt ending in a space).
+    An assistant turn that opens the conversation (a canned greeting) answers nothing: it is context,
+    without loss (and there is no empty conversation to render a generation prompt from).
     """
     full = tok.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i == 0:
-            continue
-        start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tok.apply_chat_template(messages[: i + 1], tokenize=False))
-        if full[:end] != tok.apply_chat_template(messages[: i + 1], tokenize=False):
-            raise PreprocessError("the chat template does not render conversation prefixes stably")
-        spans.append((start, end))
+    spans = [
+        assistant_span(messages, i, full, tok)
+        for i, m in enumerate(messages)
+        if m["role"] == "assistant" and i > 0
+    ]
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     if not ids or ids[-1] != tok.eos_token_id:
@@ -289,10 +286,33 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
     # the EOS preprocessing appends ends the last turn: taught only where that turn is the assistant's
     # (after a user's turn it would teach the model to stop where it should answer)
     eos_loss = bool(spans) and messages[-1]["role"] == "assistant"
-    for tid, (a, _b) in zip(ids, offsets, strict=True):
-        in_span = any(s <= a < e for s, e in spans) or (a == len(full) and eos_loss)
+    for tid, (a, b) in zip(ids, offsets, strict=True):
+        in_span = any(a < e and b > s for s, e in spans) or (a == len(full) and eos_loss)
         labels.append(tid if (loss_all or in_span) else IGNORE_INDEX)
     return ids, labels
+
+
+def assistant_span(messages: list[dict[str, str]], i: int, full: str, tok) -> tuple[int, int]:
+    """Where assistant turn i lies in `full`, the rendered conversation: from the end of the
+    generation prompt after the turns before it to the end of the conversation rendered up to it.
+
+    Some templates' generation prompt is longer than the header history renders (DeepSeek-R1
+    distills and QwQ add "<think>\n", which history strips): the turn then starts where the generation
+    prompt stops matching the conversation, so its loss starts with its first rendered character. A
+    template whose generation prompt changes the turns before it (or whose prefixes render
+    differently) leaves no place to start from: refused, rather than masked wrongly."""
+    render = tok.apply_chat_template
+    history = render(messages[:i], tokenize=False)
+    prompted = render(messages[:i], tokenize=False, add_generation_prompt=True)
+    upto = render(messages[: i + 1], tokenize=False)
+    start = len(os.path.commonprefix([prompted, full]))
+    if not (full.startswith(history) and full.startswith(upto) and len(history) <= start <= len(upto)):
+        raise PreprocessError(
+            f"the chat template of {tok.name_or_path} does not render conversation prefixes stably "
+            f"(turn {i}: the conversation so far, with and without a generation prompt, is not a prefix "
+            "of the whole), so the assistant turns cannot be found for the loss mask"
+        )
+    return start, len(upto)
 
 
 # -- packing -----------------------------------------------------------------------------------

@@ -380,8 +380,11 @@ class _Checker:
         return True
 
     def _prefix_stable(self, records: list[Record]) -> bool:
-        """Preprocessing finds each assistant turn by rendering the conversation up to it; that
-        needs the rendering of a prefix to be a prefix of the whole rendering."""
+        """Preprocessing finds each assistant turn by rendering the conversation up to it, with and
+        without a generation prompt (`preprocess.core.assistant_span`); that needs the rendering of
+        a prefix to be a prefix of the whole rendering."""
+        from fulltune.preprocess.core import PreprocessError, assistant_span
+
         tok = self.tok
         for r in records:
             try:
@@ -390,14 +393,19 @@ class _Checker:
                     if m["role"] != "assistant":
                         continue
                     if not full.startswith(tok.apply_chat_template(r.messages[: i + 1], tokenize=False)):
-                        self.add(
-                            "chat_template",
-                            "error",
-                            f"{r.loc}: the rendering of the conversation up to turn {i} is not a prefix of the "
-                            "whole rendering, so the assistant turns cannot be located for "
-                            "preprocess.loss_on='assistant'. Fix the template or set loss_on='all'.",
+                        raise PreprocessError(
+                            f"the rendering of the conversation up to turn {i} is not a prefix of the "
+                            "whole rendering, so the assistant turns cannot be located"
                         )
-                        return False
+                    if i > 0:
+                        assistant_span(r.messages, i, full, tok)
+            except PreprocessError as exc:
+                self.add(
+                    "chat_template",
+                    "error",
+                    f"{r.loc}: {exc} for preprocess.loss_on='assistant'. Fix the template or set loss_on='all'.",
+                )
+                return False
             except Exception:  # a failing render is reported with the lengths, which render every sample
                 continue
         return True
