@@ -333,7 +333,7 @@ def test_replay_fraction_is_achieved_within_one_percent(demo_assets, tmp_path):
 
 def test_replay_is_a_share_of_the_examples_that_survive_and_is_counted_apart(demo_assets, tmp_path):
     """Replay is sized from the domain tokens left after over-long examples are cut or dropped; the
-    manifest's replay figures are what the training split holds, and the split's examples, truncated
+    manifest's replay figures (shares of tokens and of loss tokens) are what the training split holds, and the split's examples, truncated
     and dropped counts are its own examples only (long replay documents are split, never cut)."""
     long_note = " ".join(f"day {i}: potassium {4 + i % 3}.{i % 10} mmol/L." for i in range(12))
     rows = [
@@ -355,6 +355,11 @@ def test_replay_is_a_share_of_the_examples_that_survive_and_is_counted_apart(dem
         assert replay["domain_tokens"] == domain["tokens"], policy
         assert replay["replay_tokens"] == train["tokens"] - domain["tokens"], policy
         assert replay["achieved_fraction"] == pytest.approx(0.3, abs=0.01), policy
+        # the share of the gradient: prompts carry no loss, so replay's share of loss tokens is larger
+        assert replay["domain_loss_tokens"] == domain["loss_tokens"], policy
+        assert replay["replay_loss_tokens"] == train["loss_tokens"] - domain["loss_tokens"], policy
+        loss_share = replay["replay_loss_tokens"] / train["loss_tokens"]
+        assert replay["achieved_loss_fraction"] == pytest.approx(loss_share) and loss_share > 0.35, policy
         for count in ("examples", "truncated", "dropped"):
             assert train[count] == domain[count], (policy, count)
         assert domain["dropped" if policy == "drop" else "truncated"] > 0, policy

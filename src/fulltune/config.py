@@ -237,7 +237,9 @@ class PreprocessSection(_Section):
         0.1,
         ge=0.0,
         lt=1.0,
-        description="Fraction of training tokens drawn from the general set (defence against forgetting).",
+        description="Fraction of training tokens drawn from the general set (defence against forgetting). On "
+        "prompt/completion and chat data, whose prompts carry no loss, replay's share of the loss tokens (of "
+        "the gradient) is larger; the dataset manifest reports both shares.",
     )
     eval_fraction: float = Field(
         0.05,

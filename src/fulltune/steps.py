@@ -229,8 +229,18 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str], log_metric: Metric
                 include={"sequences", "tokens", "padding_fraction", "truncated", "dropped"}
             )
             _log_metrics(log_metric, counts, f"{name}_")
-        if manifest.replay:
-            _log_metrics(log_metric, {"replay_fraction_achieved": manifest.replay.achieved_fraction})
+        if replay := manifest.replay:
+            log.info(
+                "replay: %.1f%% of the training tokens (configured %.1f%%), %.1f%% of its loss tokens",
+                100 * replay.achieved_fraction,
+                100 * replay.configured_fraction,
+                100 * (replay.achieved_loss_fraction or 0.0),
+            )
+            shares = {
+                "replay_fraction_achieved": replay.achieved_fraction,
+                "replay_loss_fraction_achieved": replay.achieved_loss_fraction,
+            }
+            _log_metrics(log_metric, shares)
         return cfg.layout.dataset_manifest
 
 

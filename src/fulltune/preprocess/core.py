@@ -734,6 +734,7 @@ class _Shard:
         self.read: dict[str, dict[str, Any]] = {}
         self.pool = Docs.empty()
         self.domain_tokens = self.replay_tokens = 0
+        self.domain_loss_tokens = self.replay_loss_tokens = 0
 
     def sink(self, split: str, kind: str) -> ParquetSink:
         if split not in self.sinks:
@@ -787,6 +788,8 @@ class _Shard:
         replay = replay_docs(self.pool, int(round(tokens * r / (1.0 - r))), start)
         self.domain_tokens += tokens
         self.replay_tokens += len(replay.ids)
+        self.domain_loss_tokens += int(np.count_nonzero(docs.labels != IGNORE_INDEX))
+        self.replay_loss_tokens += int(np.count_nonzero(replay.labels != IGNORE_INDEX))
         # Interleaved, so replay is spread over the epoch rather than appended at the end.
         return interleave(docs, replay)
 
@@ -886,11 +889,15 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     replay_info = {}
     if r > 0:
         d, g = shard.domain_tokens, shard.replay_tokens
+        dl, gl = shard.domain_loss_tokens, shard.replay_loss_tokens
         replay_info = {
             "domain_tokens": d,
             "replay_tokens": g,
             "achieved_fraction": g / max(d + g, 1),
             "configured_fraction": r,
+            "domain_loss_tokens": dl,
+            "replay_loss_tokens": gl,
+            "achieved_loss_fraction": gl / max(dl + gl, 1),
         }
     manifest = {
         "format": SHARD_FORMAT,
@@ -973,9 +980,14 @@ def _replay_summary(shards: list[dict[str, Any]], configured: float) -> ReplaySu
         return None
     domain = sum(r["domain_tokens"] for r in replay)
     general = sum(r["replay_tokens"] for r in replay)
+    domain_loss = sum(r.get("domain_loss_tokens", 0) for r in replay)
+    general_loss = sum(r.get("replay_loss_tokens", 0) for r in replay)
     return ReplaySummary(
         domain_tokens=domain,
         replay_tokens=general,
         achieved_fraction=general / max(domain + general, 1),
         configured_fraction=configured,
+        domain_loss_tokens=domain_loss,
+        replay_loss_tokens=general_loss,
+        achieved_loss_fraction=general_loss / max(domain_loss + general_loss, 1),
     )

@@ -17,7 +17,8 @@ The dataset manifest (written by `gather_shards`) is what `train` and `evaluate`
         "domain_eval":  {...},
         "general_eval": {...}     # present when a general set is configured
       },
-      "replay": {"domain_tokens", "replay_tokens", "achieved_fraction", "configured_fraction"},
+      "replay": {"domain_tokens", "replay_tokens", "achieved_fraction", "configured_fraction",
+                 "domain_loss_tokens", "replay_loss_tokens", "achieved_loss_fraction"},
       ...
     }
 
@@ -74,10 +75,17 @@ class SplitSummary(_Record):
 
 
 class ReplaySummary(_Record):
+    """Replay's share of the training split: of its tokens (what `replay_fraction` sets) and of its
+    loss tokens, which is replay's share of the gradient (the loss is a mean over loss tokens): on
+    prompt/completion and chat data, whose prompts carry no loss, the second is the larger."""
+
     domain_tokens: int
     replay_tokens: int
     achieved_fraction: float
     configured_fraction: float
+    domain_loss_tokens: int = 0  # 0 and None: written by an earlier fulltune
+    replay_loss_tokens: int = 0
+    achieved_loss_fraction: float | None = None
 
 
 class DatasetManifest(_Record):
