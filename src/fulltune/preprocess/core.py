@@ -669,8 +669,8 @@ def shard_is_complete(manifest_uri: str) -> bool:
 
 # -- what a shard was built from ----------------------------------------------------------------------
 
-# Settings that change how fast a shard is made, never its content.
-_NOT_CONTENT = {"preprocess": {"memoize_tokens"}, "data": {"validate_workers"}}
+# Settings that change how fast a shard is made, or how training reads it, never its content.
+_NOT_CONTENT = {"preprocess": {"memoize_tokens", "attend_across_documents"}, "data": {"validate_workers"}}
 
 
 def content_fingerprint(cfg: RunConfig) -> dict[str, Any]:
