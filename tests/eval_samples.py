@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fulltune.evaluate.result import EvalResult
+from fulltune.model_identity import manifest_sha256
 
 DOMAIN_GAIN = {
     "name": "domain_gain",
@@ -44,3 +45,11 @@ def eval_record(**fields: Any) -> dict[str, Any]:
 
 def eval_result(**fields: Any) -> EvalResult:
     return EvalResult.model_validate(eval_record(**fields))
+
+
+def scored(result: EvalResult, model_uri: str) -> EvalResult:
+    """`result` as the evaluate step writes it for the model at `model_uri`: naming that model and
+    its manifest's digest, which is what register checks the model it publishes against."""
+    return result.model_copy(
+        update={"tuned_model_uri": model_uri, "tuned_model_manifest_sha256": manifest_sha256(model_uri)}
+    )

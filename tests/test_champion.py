@@ -3,13 +3,22 @@ same pass, and only a candidate not worse than it is promoted (a compare-and-swa
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 
+from eval_samples import scored
+from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
 from fulltune.evaluate.champion import ChampionRef, resolve
 from fulltune.evaluate.core import evaluate_models
+from fulltune.model_identity import MODEL_MANIFEST
 from fulltune.registry import pointers
-from fulltune.registry.store import register_model
+from fulltune.registry.layout import RegistryError
+from fulltune.registry.store import list_versions, register_model
 from test_evaluate import _cfg, _manifest
 from test_registry import EVAL_PASS, LINEAGE
 from tiny_models import save_tiny_llama
@@ -107,17 +116,20 @@ def test_register_promotes_a_candidate_that_beat_the_champion_and_only_from_it(m
 
     registry = str(tmp_path / "registry")
     cfg = _registry_cfg(registry)
-    beat = lambda v: EVAL_PASS.model_copy(update={"champion": Champion(compare_to="registered", version=v)})  # noqa: E731
-    register_model(cfg, str(models["tuned"]), EVAL_PASS, LINEAGE)  # v1: the first version serves
-    register_model(cfg, str(models["tuned"]), beat(1), LINEAGE)  # v2 beat v1: promoted
+    tuned = str(models["tuned"])
+    beat = lambda v: scored(  # noqa: E731
+        EVAL_PASS.model_copy(update={"champion": Champion(compare_to="registered", version=v)}), tuned
+    )
+    register_model(cfg, tuned, scored(EVAL_PASS, tuned), LINEAGE)  # v1: the first version serves
+    register_model(cfg, tuned, beat(1), LINEAGE)  # v2 beat v1: promoted
     assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
     assert pointers.current(registry, NAME, pointers.PRODUCTION).reason == "passed the gate against v1"
     # v3 was evaluated against v1, but v2 was promoted meanwhile: the compare-and-swap refuses it
-    register_model(cfg, str(models["tuned"]), beat(1), LINEAGE)
+    register_model(cfg, tuned, beat(1), LINEAGE)
     assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
     assert pointers.current(registry, NAME, pointers.LATEST).version == 3
     # compared with the base only (compare_to base): committed, never promoted
-    register_model(cfg, str(models["tuned"]), EVAL_PASS, LINEAGE)
+    register_model(cfg, tuned, scored(EVAL_PASS, tuned), LINEAGE)
     assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
     moves = [(r.action, r.previous, r.version) for r in pointers.history(registry, NAME, pointers.PRODUCTION)]
     assert moves == [("promote", None, 1), ("promote", 1, 2)]
@@ -148,7 +160,7 @@ def test_a_champion_with_another_tokenizer_is_refused_not_scored_on_this_runs_id
 
     registry = str(tmp_path / "registry")
     other = save_tiny_llama(tmp_path / "other-family", tokenizer=_reindexed_tokenizer())
-    register_model(_registry_cfg(registry), str(other), EVAL_PASS, LINEAGE)  # v1 serves
+    register_model(_registry_cfg(registry), str(other), scored(EVAL_PASS, str(other)), LINEAGE)  # v1 serves
     cfg = RunConfig.from_dict(
         {
             "work_dir": str(tmp_path / "work"),
@@ -178,7 +190,47 @@ def test_a_champion_with_another_tokenizer_is_refused_not_scored_on_this_runs_id
     assert [p.roles for p in result.scoring.passes] == [["base", "tuned"]]
 
     same = save_tiny_llama(tmp_path / "same-family", seed=2, perturb=0.01)  # another model, same tokenizer
-    register_model(_registry_cfg(registry), str(same), EVAL_PASS, LINEAGE)
+    register_model(_registry_cfg(registry), str(same), scored(EVAL_PASS, str(same)), LINEAGE)
     pointers.move(registry, NAME, pointers.PRODUCTION, 2, expected=1, action="promote", reason="test")
     assert resolve(cfg).refused == ""
     assert planmod.make_plan(cfg, train_tokens=10_000).config.evaluation.compare_to == "registered"
+
+
+def _as_trained(model: Path, dest: Path) -> Path:
+    """A copy of `model` as training leaves it: the files, then model_manifest.json listing them."""
+    shutil.copytree(model, dest)
+    (dest / MODEL_MANIFEST).write_text(json.dumps({"files": storage.file_manifest(dest), "summary": {}}))
+    return dest
+
+
+def test_register_publishes_only_the_model_evaluate_scored(models, dataset, tmp_path):
+    trained = _as_trained(models["same"], tmp_path / "run-1" / "model")
+    result = evaluate_models(_cfg(), str(models["base"]), str(trained), dataset, tmp_path / "eval")
+    digest = hashlib.sha256((trained / MODEL_MANIFEST).read_bytes()).hexdigest()
+    assert result.verdict and result.tuned_model_manifest_sha256 == digest
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["tuned_model_manifest_sha256"] == digest
+    registry = str(tmp_path / "registry")
+    cfg = _registry_cfg(registry)
+
+    # run-1's eval.json given with another run's model, never evaluated: refused, nothing written
+    other = _as_trained(models["tuned"], tmp_path / "run-2" / "model")
+    with pytest.raises(RegistryError, match="is not the model the eval result describes") as err:
+        register_model(cfg, str(other), result, LINEAGE)
+    assert all(part in str(err.value) for part in (str(other), str(trained), digest))
+    assert list_versions(registry, NAME) == []
+
+    # the evaluated files at another location are the evaluated model
+    copy = shutil.copytree(trained, tmp_path / "copy")
+    assert register_model(cfg, str(copy), result, LINEAGE).endswith("v1")
+    # a weight changed after training, its manifest kept: not the evaluated model either
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(RegistryError, match="model.safetensors missing or not as its model_manifest.json"):
+        register_model(cfg, str(copy), result, LINEAGE)
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1]
+
+
+def test_the_model_manifest_is_the_file_training_writes():
+    from fulltune.train.recipe import MODEL_MANIFEST as WRITTEN
+
+    assert MODEL_MANIFEST == WRITTEN

@@ -385,8 +385,8 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
     general = {"general_eval": loss_set((5.72, 304.32), (5.75, 313.4))}
     Path(layout.eval_result).write_text(json.dumps(eval_record(sets={**eval_record()["sets"], **general})))
     Path(layout.model, "model_manifest.json").write_text(json.dumps({"summary": {"steps": 120}}))
-    evaluated = EvalResult.load(layout.eval_result)
     tuned = save_tiny_llama(tmp_path / "tuned")
+    evaluated = EvalResult.load(layout.eval_result).model_copy(update={"tuned_model_uri": str(tuned)})
     register_model(done, str(tuned), evaluated, {}, run_id="20261129-100000-aaaa")
     a_run(work, "20261129-110000-bbbb", checkpoint_steps=(50,), **common)
     a_run(work, "20261129-120000-cccc", **common)  # stopped before its first checkpoint

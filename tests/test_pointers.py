@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from eval_samples import scored
 from fulltune.cli import main
 from fulltune.config import RunConfig
 from fulltune.registry import pointers
@@ -25,7 +26,9 @@ def model_dir(tmp_path_factory) -> Path:
 def registry_with(model_dir: Path, registry: str, versions: int, run_ids=None) -> str:
     cfg = RunConfig.from_dict({"model": {"name": NAME}, "registry": {"uri": registry}})
     for i in range(versions):
-        register_model(cfg, str(model_dir), EVAL_PASS, LINEAGE, run_id=(run_ids or {}).get(i, ""))
+        register_model(
+            cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE, run_id=(run_ids or {}).get(i, "")
+        )
     return registry
 
 
@@ -149,10 +152,13 @@ def test_a_registry_reference_is_fixed_to_one_version_and_carries_the_original_b
     registry = str(tmp_path / "registry")
     cfg = RunConfig.from_dict({"model": {"name": NAME}, "registry": {"uri": registry}})
     lineage = {**LINEAGE, "base_model_uri": "s3://models/llama-3.1-8b"}
-    register_model(cfg, str(model_dir), EVAL_PASS, lineage)
+    register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), lineage)
     # v2 was tuned from v1: its lineage names the original base it descends from
     register_model(
-        cfg, str(model_dir), EVAL_PASS, {**lineage, "original_base_model_uri": "s3://models/llama-3.1-8b"}
+        cfg,
+        str(model_dir),
+        scored(EVAL_PASS, str(model_dir)),
+        {**lineage, "original_base_model_uri": "s3://models/llama-3.1-8b"},
     )
     ref = pointers.resolve_ref(f"registry://{NAME}/production", registry)
     assert (ref.version, ref.uri) == (1, version_uri(registry, NAME, 1))

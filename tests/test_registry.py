@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eval_samples import DOMAIN_GAIN, eval_result
+from eval_samples import DOMAIN_GAIN, eval_result, scored
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.evaluate.result import EvalResult, GateCheck
@@ -66,8 +66,8 @@ LINEAGE = {"run_id": "run-123", "dataset_manifest": "s3://work/run-123/dataset/m
 
 def test_register_locally_twice_gives_v1_then_v2(model_dir, tmp_path):
     registry = str(tmp_path / "registry")
-    v1 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
-    v2 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    v1 = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    v2 = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
     assert v1 == str(tmp_path / "registry" / NAME / "v1")
     assert v2 == str(tmp_path / "registry" / NAME / "v2")
 
@@ -94,7 +94,8 @@ def test_register_locally_twice_gives_v1_then_v2(model_dir, tmp_path):
 
 
 def test_card_lineage_and_eval(model_dir, tmp_path):
-    uri = register_model(_cfg(str(tmp_path / "r")), str(model_dir), EVAL_PASS, LINEAGE)
+    evaluated = scored(EVAL_PASS, str(model_dir))
+    uri = register_model(_cfg(str(tmp_path / "r")), str(model_dir), evaluated, LINEAGE)
     card = Path(uri, "model_card.md").read_text()
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
@@ -110,20 +111,22 @@ def test_card_lineage_and_eval(model_dir, tmp_path):
 
     lineage = json.loads(Path(uri, "lineage.json").read_text())
     assert lineage["run_id"] == "run-123" and lineage["dataset_manifest"] == LINEAGE["dataset_manifest"]
-    assert lineage["eval"] == EVAL_PASS.to_json()
+    assert lineage["eval"] == evaluated.to_json()
     assert lineage["forced"] is False and "forced_reasons" not in lineage
     assert lineage["fulltune_version"] and lineage["config"]["model"]["name"] == NAME
     assert lineage["source_model_uri"] == str(model_dir)
-    assert json.loads(Path(uri, "eval.json").read_text()) == EVAL_PASS.to_json()
-    assert EvalResult.load(str(Path(uri, "eval.json"))) == EVAL_PASS
+    assert json.loads(Path(uri, "eval.json").read_text()) == evaluated.to_json()
+    assert EvalResult.load(str(Path(uri, "eval.json"))) == evaluated
 
 
 def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
     registry = str(tmp_path / "registry")
     with pytest.raises(RegistryError, match="gate did not pass.*12.10 → 12.98"):
-        register_model(_cfg(registry), str(model_dir), EVAL_FAIL, LINEAGE)
+        register_model(_cfg(registry), str(model_dir), scored(EVAL_FAIL, str(model_dir)), LINEAGE)
     assert not (tmp_path / "registry").exists()
-    uri = register_model(_cfg(registry), str(model_dir), EVAL_FAIL, LINEAGE, force=True)
+    uri = register_model(
+        _cfg(registry), str(model_dir), scored(EVAL_FAIL, str(model_dir)), LINEAGE, force=True
+    )
     assert uri.endswith("v1")
     lineage = json.loads(Path(uri, "lineage.json").read_text())
     assert lineage["forced"] is True and lineage["forced_reasons"] == EVAL_FAIL.reasons
@@ -137,7 +140,9 @@ def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
 
 
 def test_verify_detects_tampering(model_dir, tmp_path):
-    uri = Path(register_model(_cfg(str(tmp_path / "r")), str(model_dir), EVAL_PASS, LINEAGE))
+    uri = Path(
+        register_model(_cfg(str(tmp_path / "r")), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    )
     weights = uri / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
@@ -158,14 +163,14 @@ def test_verify_detects_tampering(model_dir, tmp_path):
 
 def test_uncommitted_versions_are_invisible_and_never_reused(model_dir, tmp_path):
     registry = tmp_path / "registry"
-    register_model(_cfg(str(registry)), str(model_dir), EVAL_PASS, LINEAGE)
+    register_model(_cfg(str(registry)), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
     partial = registry / NAME / "v2"  # a crashed writer: claim and some files, no manifest
     partial.mkdir(parents=True)
     (partial / ".claim").write_text("{}")
     (partial / "config.json").write_text("{}")
     (registry / NAME / "notes").mkdir()  # not a version directory
     assert [v["version"] for v in list_versions(str(registry), NAME)] == [1]
-    uri = register_model(_cfg(str(registry)), str(model_dir), EVAL_PASS, LINEAGE)
+    uri = register_model(_cfg(str(registry)), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
     assert uri.endswith("v3")
     assert [v["version"] for v in list_versions(str(registry), NAME)] == [1, 3]
     assert list_versions(str(registry), "other") == []
@@ -179,7 +184,7 @@ def test_failure_before_the_manifest_removes_the_version(model_dir, tmp_path, mo
 
     monkeypatch.setattr(store, "render_model_card", broken_card)
     with pytest.raises(RegistryError, match=r"tiny v1: registration failed.*disk full"):
-        register_model(_cfg(str(registry)), str(model_dir), EVAL_PASS, LINEAGE)
+        register_model(_cfg(str(registry)), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
     assert not (registry / NAME / "v1").exists()
     assert list_versions(str(registry), NAME) == []
 
@@ -188,17 +193,51 @@ def test_incomplete_model_directory_is_refused(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(RegistryError, match="no .safetensors"):
-        register_model(_cfg(str(tmp_path / "r")), str(tmp_path / "model"), EVAL_PASS, LINEAGE)
+        register_model(
+            _cfg(str(tmp_path / "r")),
+            str(tmp_path / "model"),
+            scored(EVAL_PASS, str(tmp_path / "model")),
+            LINEAGE,
+        )
     with pytest.raises(RegistryError, match="no such model directory"):
-        register_model(_cfg(str(tmp_path / "r")), str(tmp_path / "missing"), EVAL_PASS, LINEAGE)
+        register_model(
+            _cfg(str(tmp_path / "r")),
+            str(tmp_path / "missing"),
+            scored(EVAL_PASS, str(tmp_path / "missing")),
+            LINEAGE,
+        )
     assert not (tmp_path / "r").exists()
+
+
+def test_an_eval_result_of_another_model_neither_registers_nor_promotes_it(model_dir, tmp_path):
+    from fulltune.evaluate.result import Champion
+    from fulltune.registry import pointers
+
+    registry = str(tmp_path / "registry")
+    register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    # an eval.json without the evaluated model's digest (written before evaluate recorded one) for
+    # model_dir, which beat v1, given with a model directory that was never evaluated
+    beat_v1 = EVAL_PASS.model_copy(
+        update={"tuned_model_uri": str(model_dir), "champion": Champion(compare_to="registered", version=1)}
+    )
+    assert beat_v1.tuned_model_manifest_sha256 is None
+    never_evaluated = fake_model_dir(tmp_path / "never-evaluated")
+    for force in (False, True):  # force overrides a failed gate, not whose result it is
+        with pytest.raises(RegistryError) as err:
+            register_model(_cfg(registry), str(never_evaluated), beat_v1, LINEAGE, force=force)
+        assert f"{never_evaluated} is not the model the eval result describes ({model_dir})" in str(err.value)
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1]
+    assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 1
+    # the evaluated directory itself, however its URI ends, is registered and promoted
+    assert register_model(_cfg(registry), f"{model_dir}/", beat_v1, LINEAGE).endswith("v2")
+    assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
 
 
 def test_a_lost_claim_moves_on_to_the_next_version(model_dir, tmp_path, monkeypatch):
     registry = str(tmp_path / "registry")
     assert storage.create_exclusive(store.version_uri(registry, NAME, 1) + "/.claim", b"other writer")
     monkeypatch.setattr(store, "_version_numbers", lambda root: [])  # a scan that missed the claim
-    uri = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    uri = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
     assert uri.endswith("v2")
     assert Path(registry, NAME, "v1", ".claim").read_bytes() == b"other writer"
 
@@ -208,8 +247,8 @@ def test_a_lost_claim_moves_on_to_the_next_version(model_dir, tmp_path, monkeypa
 
 def test_register_on_s3_twice(model_dir, s3):
     registry = f"{s3}/registry"
-    v1 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
-    v2 = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    v1 = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    v2 = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
     assert (v1, v2) == (f"{registry}/{NAME}/v1", f"{registry}/{NAME}/v2")
     assert [v["version"] for v in list_versions(registry, NAME)] == [1, 2]
     assert verify_version(v1) == []
@@ -219,7 +258,7 @@ def test_register_on_s3_twice(model_dir, s3):
 
     # an S3 source is copied server-side, and the copy loads
     storage.upload_dir(model_dir, f"{s3}/work/model")
-    v3 = register_model(_cfg(registry), f"{s3}/work/model", EVAL_PASS, LINEAGE)
+    v3 = register_model(_cfg(registry), f"{s3}/work/model", scored(EVAL_PASS, f"{s3}/work/model"), LINEAGE)
     assert v3.endswith("/v3") and verify_version(v3) == []
     from transformers import AutoModelForCausalLM
 
@@ -233,7 +272,9 @@ def test_s3_claim_refusal_is_skipped(model_dir, s3, monkeypatch):
     assert not storage.create_exclusive(f"{registry}/{NAME}/v1/.claim", b"me")
     scan = store._version_numbers
     monkeypatch.setattr(store, "_version_numbers", lambda root: [])
-    assert register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE).endswith("/v2")
+    assert register_model(
+        _cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE
+    ).endswith("/v2")
     monkeypatch.setattr(store, "_version_numbers", scan)  # (undo() would also drop the S3 endpoint)
     assert [v["version"] for v in list_versions(registry, NAME)] == [2]
 
@@ -256,7 +297,9 @@ def test_concurrent_registrations_get_distinct_versions(model_dir, tmp_path, req
 
     def register() -> None:
         try:
-            results.append(register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE))
+            results.append(
+                register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+            )
         except BaseException as exc:
             errors.append(exc)
 
@@ -277,7 +320,7 @@ def test_s3_uploads_carry_a_verified_sha256_checksum(model_dir, s3):
     import base64
 
     registry = f"{s3}/registry"
-    uri = register_model(_cfg(registry), str(model_dir), EVAL_PASS, LINEAGE)
+    uri = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
     manifest = storage.read_json(f"{uri}/manifest.json")
     client = storage.s3_client()
     for f in manifest["files"]:
@@ -354,7 +397,16 @@ def small_model(tmp_path) -> Path:
 
 def _writer(registry: str, model: Path, sync: Path, mode: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", _WRITER, registry, str(model), str(sync), mode, EVAL_PASS.model_dump_json()],
+        [
+            sys.executable,
+            "-c",
+            _WRITER,
+            registry,
+            str(model),
+            str(sync),
+            mode,
+            scored(EVAL_PASS, str(model)).model_dump_json(),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -403,7 +455,7 @@ def test_a_writer_killed_mid_upload_leaves_no_visible_version(small_model, s3, t
     assert "manifest.json: missing, the version was never committed" in capsys.readouterr().err
 
     # the next registration does not reuse the half-written v1
-    uri = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE)
+    uri = register_model(_cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE)
     assert uri == f"{registry}/{NAME}/v2" and verify_version(uri) == []
     assert main(["registry", "list", "--uri", registry, "--name", NAME]) == 0
     assert capsys.readouterr().out.split("\t")[0] == "v2"
@@ -411,9 +463,15 @@ def test_a_writer_killed_mid_upload_leaves_no_visible_version(small_model, s3, t
 
 def test_a_retry_with_the_same_run_id_reuses_its_version(small_model, tmp_path):
     registry = str(tmp_path / "registry")
-    first = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE, run_id="run-9")
-    again = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE, run_id="run-9")
-    other = register_model(_cfg(registry), str(small_model), EVAL_PASS, LINEAGE, run_id="run-10")
+    first = register_model(
+        _cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE, run_id="run-9"
+    )
+    again = register_model(
+        _cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE, run_id="run-9"
+    )
+    other = register_model(
+        _cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE, run_id="run-10"
+    )
     assert (first, again, other) == (str(Path(registry, NAME, "v1")),) * 2 + (
         str(Path(registry, NAME, "v2")),
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from eval_samples import eval_result, loss_set
+from eval_samples import eval_result, loss_set, scored
 from fulltune import steps, storage
 from fulltune.cli import main
 from fulltune.config import ConfigError, RunConfig
@@ -92,7 +92,9 @@ def test_a_committed_version_is_recorded_as_model_version_and_artifact(
     model_dir, tmp_path, request, mr, where
 ):
     registry = f"{request.getfixturevalue('s3')}/registry" if where == "s3" else str(tmp_path / "registry")
-    uri = register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {}, run_id="run-42")
+    uri = register_model(
+        _cfg(registry, mr), str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="run-42"
+    )
     assert uri == f"{registry}/{NAME}/v1" if where == "s3" else str(Path(registry, NAME, "v1"))
 
     writes = mr.writes()
@@ -135,7 +137,9 @@ def test_a_committed_version_is_recorded_as_model_version_and_artifact(
 
 def test_recording_again_is_idempotent_and_a_conflicting_version_is_refused(model_dir, s3, mr):
     registry = f"{s3}/registry"
-    uri = register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {}, run_id="run-1")
+    uri = register_model(
+        _cfg(registry, mr), str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="run-1"
+    )
     first = register_version(_cfg(registry, mr).registry.kubeflow, uri)
     writes = len(mr.writes())
     assert register_version(_cfg(registry, mr).registry.kubeflow, uri) == first
@@ -145,7 +149,10 @@ def test_recording_again_is_idempotent_and_a_conflicting_version_is_refused(mode
     # v1 of the same name registered elsewhere, pointing at other files: a clear error, no change
     other = _cfg(f"{s3}/other-registry", mr)
     other_uri = register_model(
-        other.with_overrides({"registry.kubeflow": None}), str(model_dir), EVAL_PASS, {}
+        other.with_overrides({"registry.kubeflow": None}),
+        str(model_dir),
+        scored(EVAL_PASS, str(model_dir)),
+        {},
     )
     mr.versions[first["model_version_id"]]["customProperties"] = {}  # recorded by hand: no manifest hash
     with pytest.raises(
@@ -158,10 +165,10 @@ def test_recording_again_is_idempotent_and_a_conflicting_version_is_refused(mode
 
 
 def test_a_version_recorded_for_another_manifest_is_refused(model_dir, tmp_path, mr):
-    uri = register_model(_cfg(str(tmp_path / "a"), mr), str(model_dir), EVAL_PASS, {})
+    uri = register_model(_cfg(str(tmp_path / "a"), mr), str(model_dir), scored(EVAL_PASS, str(model_dir)), {})
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "changed": True}))
     with pytest.raises(KubeflowRegistryError, match=r"tiny v1: .*different manifest") as err:
-        register_model(_cfg(str(tmp_path / "b"), mr), str(model_dir), EVAL_PASS, {})
+        register_model(_cfg(str(tmp_path / "b"), mr), str(model_dir), scored(EVAL_PASS, str(model_dir)), {})
     assert str(tmp_path / "b" / NAME / "v1") in str(err.value)
     assert verify_version(str(tmp_path / "b" / NAME / "v1")) == []  # the files stay committed
     assert [a["uri"] for a in mr.artifacts.values()] == [uri]
@@ -170,7 +177,7 @@ def test_a_version_recorded_for_another_manifest_is_refused(model_dir, tmp_path,
 def test_failure_after_the_upload_keeps_the_version_and_a_retry_completes_it(model_dir, s3, tmp_path, mr):
     registry = f"{s3}/registry"
     config = _cfg(registry, mr)
-    eval_path = _eval_file(tmp_path / "eval.json", EVAL_PASS)
+    eval_path = _eval_file(tmp_path / "eval.json", scored(EVAL_PASS, str(model_dir)))
     mr.fail(1, method="POST", path="/model_versions/")  # the version is created, its artifact is not
 
     with pytest.raises(KubeflowRegistryError) as err:
@@ -217,12 +224,12 @@ def test_an_unreachable_model_registry_names_the_endpoint(model_dir, tmp_path, m
     with pytest.raises(
         KubeflowRegistryError, match=rf"tiny v1 is committed .* at http://127.0.0.1:{port} failed"
     ):
-        register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="r")
+        register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="r")
     assert [v["version"] for v in list_versions(str(tmp_path / "r"), NAME)] == [1]
 
 
 def test_without_kubeflow_settings_nothing_is_sent(model_dir, tmp_path, mr):
-    register_model(_cfg(str(tmp_path / "r"), None), str(model_dir), EVAL_PASS, {})
+    register_model(_cfg(str(tmp_path / "r"), None), str(model_dir), scored(EVAL_PASS, str(model_dir)), {})
     assert mr.requests == []
 
 
@@ -236,13 +243,16 @@ def test_the_token_comes_from_the_environment_or_the_service_account_file(
     sa_token.write_text("service-account-token\n")
     monkeypatch.setattr(kubeflow, "SA_TOKEN_PATH", str(sa_token))
     monkeypatch.delenv("MODEL_REGISTRY_TOKEN")
-    register_model(_cfg(str(tmp_path / "a"), mr), str(model_dir), EVAL_PASS, {})
+    register_model(_cfg(str(tmp_path / "a"), mr), str(model_dir), scored(EVAL_PASS, str(model_dir)), {})
     assert {r.headers.get("authorization") for r in mr.requests} == {"Bearer service-account-token"}
 
     mr.requests.clear()
     sa_token.unlink()
     register_model(
-        _cfg(str(tmp_path / "b"), mr).with_overrides({"model.name": "other"}), str(model_dir), EVAL_PASS, {}
+        _cfg(str(tmp_path / "b"), mr).with_overrides({"model.name": "other"}),
+        str(model_dir),
+        scored(EVAL_PASS, str(model_dir)),
+        {},
     )
     assert len(mr.versions) == 2
     assert mr.requests and all("authorization" not in r.headers for r in mr.requests)
@@ -253,7 +263,7 @@ def test_a_token_cannot_travel_as_config_or_argument(model_dir, tmp_path, mr):
         RunConfig.from_dict({"registry": {"kubeflow": {"server_address": "http://mr", "token": "x"}}})
     config = tmp_path / "config.yaml"
     args = _register_args(config, _cfg(str(tmp_path / "r"), mr), model_dir)
-    eval_path = _eval_file(tmp_path / "eval.json", EVAL_PASS)
+    eval_path = _eval_file(tmp_path / "eval.json", scored(EVAL_PASS, str(model_dir)))
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--eval", str(eval_path), "--token", "x"])
     assert exit_.value.code == 2
@@ -266,7 +276,7 @@ def test_a_token_cannot_travel_as_config_or_argument(model_dir, tmp_path, mr):
 def test_cli_register_records_in_kubeflow_and_repeats_idempotently(model_dir, s3, tmp_path, mr, capsys):
     registry = f"{s3}/registry"
     args = _register_args(tmp_path / "config.yaml", _cfg(registry, mr), model_dir)
-    eval_path = _eval_file(tmp_path / "eval.json", EVAL_PASS)
+    eval_path = _eval_file(tmp_path / "eval.json", scored(EVAL_PASS, str(model_dir)))
     storage.upload_file(str(eval_path), f"{s3}/work/eval.json")
     assert main([*args, "--eval", f"{s3}/work/eval.json", "--run-id", "cli-1"]) == 0
     assert capsys.readouterr().out.strip() == f"{registry}/{NAME}/v1"
@@ -279,7 +289,7 @@ def test_cli_register_records_in_kubeflow_and_repeats_idempotently(model_dir, s3
 def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys):
     registry = tmp_path / "registry"
     args = _register_args(tmp_path / "config.yaml", _cfg(str(registry), mr), model_dir)
-    args += ["--eval", str(_eval_file(tmp_path / "eval.json", EVAL_FAIL))]
+    args += ["--eval", str(_eval_file(tmp_path / "eval.json", scored(EVAL_FAIL, str(model_dir))))]
 
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -316,23 +326,23 @@ def test_cli_names_an_eval_file_that_is_not_an_eval_result(model_dir, tmp_path, 
 
 def test_same_run_id_with_another_model_is_an_error(model_dir, tmp_path):
     cfg = _cfg(str(tmp_path / "r"), None)
-    register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="run-1")
+    register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="run-1")
     other = tmp_path / "other"
     other.mkdir()
     for f in model_dir.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
     with pytest.raises(RegistryError, match=f"run run-1 already registered v1 from {model_dir}, not {other}"):
-        register_model(cfg, str(other), EVAL_PASS, {}, run_id="run-1")
+        register_model(cfg, str(other), scored(EVAL_PASS, str(other)), {}, run_id="run-1")
 
 
 def test_a_model_created_concurrently_by_another_writer_is_reused(model_dir, tmp_path, mr):
     """The registered model appeared between this writer's lookup and its create: the 409 is not an error."""
     registry = str(tmp_path / "registry")
-    register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {})
+    register_model(_cfg(registry, mr), str(model_dir), scored(EVAL_PASS, str(model_dir)), {})
     mr.fail(
         1, status=404, method="GET", path="/registered_model"
     )  # looked before the other writer created it
-    uri = register_model(_cfg(registry, mr), str(model_dir), EVAL_PASS, {})
+    uri = register_model(_cfg(registry, mr), str(model_dir), scored(EVAL_PASS, str(model_dir)), {})
     assert uri.endswith("v2")
     lookups = [
         ("GET", "/registered_model"),  # 404
@@ -372,8 +382,8 @@ def test_endpoint(address, port, secure, url):
 def test_pointer_moves_are_mirrored_on_the_registered_model_and_its_versions(model_dir, tmp_path, mr, capsys):
     registry = str(tmp_path / "registry")
     cfg = _cfg(registry, mr)
-    register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="run-1")
-    register_model(cfg, str(model_dir), EVAL_PASS, {}, run_id="run-2")
+    register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="run-1")
+    register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="run-2")
     model = _props(next(iter(mr.models.values()))["customProperties"])
     assert (model["production_version"], model["latest_version"]) == ("v1", "v2")
     assert model["production_changed_by"] == "pipeline run run-1"

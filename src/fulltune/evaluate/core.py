@@ -88,6 +88,7 @@ from fulltune.evaluate.result import (
 )
 from fulltune.evaluate.tasks import EvalTask, EvaluateError, Pair, Tokenizers
 from fulltune.layout import EVAL_FILE, EVAL_REPORT_FILE
+from fulltune.model_identity import manifest_sha256
 from fulltune.preprocess.dataset import DatasetManifest, load_manifest, load_split
 from fulltune.report_kit import format_bytes
 
@@ -468,6 +469,7 @@ def summarise(
     return EvalResult(
         base_model_uri=uris.base,
         tuned_model_uri=uris.tuned,
+        tuned_model_manifest_sha256=manifest_sha256(uris.tuned),
         dataset_manifest=dataset_manifest if isinstance(dataset_manifest, str) else None,
         sets=sets,
         mc=mc,

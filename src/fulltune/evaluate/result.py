@@ -281,6 +281,9 @@ class EvalResult(_Record):
     format: Literal["fulltune.eval/v1"] = EVAL_FORMAT
     base_model_uri: str
     tuned_model_uri: str
+    # sha256 of the tuned model's model_manifest.json when it was scored (`model_identity`): what
+    # register checks the model it publishes against. None: a model without one, or an older file.
+    tuned_model_manifest_sha256: str | None = None
     dataset_manifest: str | None = None
     sets: dict[str, LossSetSection]
     mc: dict[str, MCSection] = {}

@@ -12,6 +12,10 @@ A version is written in this order, and nothing is ever overwritten:
    It is written last; a version without it is invisible to `list_versions`. When anything fails
    before the commit, what was written is removed (best effort) and `RegistryError` names the version.
 
+Only the model the eval result describes is registered (`_require_evaluated`): its verdict and
+champion decide the registration and the production move, so evaluate records the sha256 of the
+model's `model_manifest.json` and register compares it (and the files with that manifest).
+
 A registration names its pipeline run (`run_id`, kept in the manifest): a retried step finds the
 version its run already committed instead of claiming another. With `registry.kubeflow` set, the
 committed version is then recorded in the Kubeflow Model Registry (`registry/kubeflow.py`); when that
@@ -39,6 +43,7 @@ import fulltune
 from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.evaluate.result import EvalResult
+from fulltune.model_identity import MODEL_MANIFEST, manifest_sha256
 from fulltune.registry import pointers
 from fulltune.registry.card import render_model_card
 from fulltune.registry.layout import (
@@ -83,7 +88,8 @@ def register_model(
     Args:
         cfg: The resolved run config; `registry.uri` is the registry root and `model.name` the name.
         model_uri: The tuned model: a local directory or s3:// prefix in Hugging Face format.
-        eval_result: What `evaluate_models` returned; its `verdict` must be true unless `force`.
+        eval_result: What `evaluate_models` returned for this model; its `verdict` must be true
+            unless `force`.
         lineage: Provenance to record (run id, dataset manifest, base model, ...); stored in
             `lineage.json` with the eval result, the config and the fulltune version.
         force: Register although the gate failed; recorded as `forced: true` in the lineage, with
@@ -92,8 +98,10 @@ def register_model(
             this run's version again on a retry. Empty: every call allocates a new version.
 
     Raises:
-        RegistryError: the gate failed (and not `force`), the model directory is incomplete, or an
-            upload failed (the partial version is removed).
+        RegistryError: the gate failed (and not `force`), `eval_result` is not about this model
+            (another manifest digest, files changed since training, or without a digest another
+            URI; also with `force`), the model directory is incomplete, or an upload failed (the
+            partial version is removed).
         KubeflowRegistryError: the version is committed (and stays), but the Kubeflow Model Registry
             refused it or could not be reached.
         ConfigError: `registry.uri` is empty.
@@ -105,6 +113,7 @@ def register_model(
             f"{name}: not registered, the evaluation gate did not pass "
             f"({'; '.join(eval_result.reasons)}); use force to override"
         )
+    _require_evaluated(name, model_uri, eval_result)
     if run_id and (done := version_of_run(cfg.registry.uri, name, run_id)) is not None:
         uri = _retried(name, done, model_uri, run_id)
     else:
@@ -126,6 +135,38 @@ def register_model(
 
         record_pointers(cfg.registry.kubeflow, name, {r.pointer: r for r in moved})
     return uri
+
+
+def _require_evaluated(name: str, model_uri: str, eval_result: EvalResult) -> None:
+    """Refuse a model the eval result does not describe: its verdict and champion decide whether the
+    version registers and becomes production, so they must be about this model (also with force).
+
+    The evaluated model's manifest digest, when eval.json records one, must be this model's; the same
+    files at another location pass. Without one (eval.json from before evaluate recorded it, or a
+    model with no manifest) only the URI can tell, so it must be the URI evaluate scored.
+    """
+    scored, recorded = eval_result.tuned_model_uri, eval_result.tuned_model_manifest_sha256
+    if recorded is None:
+        if _same_location(scored, model_uri):
+            return
+        raise RegistryError(
+            f"{name}: {model_uri} is not the model the eval result describes ({scored}); not registering "
+            "a model that was not evaluated (pass the eval.json of its own evaluate step)"
+        )
+    digest = manifest_sha256(model_uri)
+    if digest != recorded:
+        raise RegistryError(
+            f"{name}: {model_uri} is not the model the eval result describes: its {MODEL_MANIFEST} has "
+            f"sha256 {digest or 'none (no such file)'}, the evaluated {scored} had {recorded}; not "
+            "registering a model that was not evaluated"
+        )
+
+
+def _same_location(a: str, b: str) -> bool:
+    """The same model directory or S3 prefix, however its URI ends or (locally) is spelled."""
+    if storage.is_s3(a) or storage.is_s3(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _promotion(eval_result: EvalResult) -> pointers.Promotion | None:
@@ -169,6 +210,7 @@ def _publish(
     name = cfg.model.name
     rels = _model_files(model_uri)
     files = [_file_entry(storage.join(model_uri, rel), rel) for rel in rels]
+    _require_as_trained(model_uri, files)
     options = write_options(cfg)
     version, uri = _claim_next_version(cfg.registry.uri, name, options)
     log.info("registering %s as %s v%d at %s", model_uri, name, version, uri)
@@ -201,6 +243,22 @@ def _publish(
         raise
     log.info("registered %s v%d (%d files)", name, version, len(files))
     return uri
+
+
+def _require_as_trained(model_uri: str, files: list[dict[str, Any]]) -> None:
+    """Refuse a model whose files are not those its model manifest lists: the digest evaluate
+    recorded names that manifest, so a file changed since would otherwise pass as evaluated."""
+    try:
+        listed = storage.read_json(storage.join(model_uri, MODEL_MANIFEST)).get("files", [])
+    except FileNotFoundError:
+        return  # not trained by fulltune: nothing says what its files should be
+    hashed = {f["path"]: f["sha256"] for f in files}
+    changed = [entry["path"] for entry in listed if hashed.get(entry["path"]) != entry["sha256"]]
+    if changed:
+        raise RegistryError(
+            f"{model_uri}: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} missing or "
+            f"not as its {MODEL_MANIFEST} lists them (changed since training?); not registering"
+        )
 
 
 def _lineage(
