@@ -202,6 +202,8 @@ def test_failure_after_the_upload_keeps_the_version_and_a_retry_completes_it(mod
         ("POST", "model_versions"),
         ("POST", "model_versions"),  # refused with 503
         ("POST", "model_versions"),  # the retry's artifact
+        ("PATCH", "registered_models"),  # and the pointers, which the first attempt moved: v1 serves
+        ("PATCH", "model_versions"),
     ]
     # and a later run gets v2, as always
     assert steps.register(config, str(model_dir), str(eval_path), run_id="run-8") == f"{registry}/{NAME}/v2"
@@ -411,3 +413,40 @@ def test_pointer_moves_are_mirrored_on_the_registered_model_and_its_versions(mod
         v: _props(mr.version_named(NAME, v)["customProperties"]).get("production") for v in ("v1", "v2")
     }
     assert serving == {"v1": False, "v2": True}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/model_versions/"), ("PATCH", "/registered_models/")],
+    ids=["recording-the-version", "mirroring-the-pointers"],
+)
+def test_a_retry_after_the_model_registry_failed_mirrors_where_the_pointers_stand(
+    model_dir, tmp_path, mr, method, path
+):
+    from fulltune.evaluate.result import Champion
+    from fulltune.registry import pointers
+
+    registry = str(tmp_path / "registry")
+    cfg = _cfg(registry, mr)
+    register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="run-1")
+    champion = Champion(compare_to="registered", version=1)
+    beat_v1 = scored(EVAL_PASS.model_copy(update={"champion": champion}), str(model_dir))
+    mr.fail(1, method=method, path=path)  # once, after run-2 moved both pointers in the registry
+    with pytest.raises(KubeflowRegistryError, match="HTTP 503"):
+        register_model(cfg, str(model_dir), beat_v1, {}, run_id="run-2")
+    assert pointers.current(registry, NAME, pointers.PRODUCTION).version == 2
+
+    # the step is retried, as the error says: the Model Registry learns where both pointers stand
+    register_model(cfg, str(model_dir), beat_v1, {}, run_id="run-2")
+    model = _props(next(iter(mr.models.values()))["customProperties"])
+    assert (model["production_version"], model["latest_version"]) == ("v2", "v2")
+    assert model["production_changed_by"] == "pipeline run run-2"
+    assert model["production_reason"] == "passed the gate against v1"
+    serving = {
+        v: _props(mr.version_named(NAME, v)["customProperties"]).get("production") for v in ("v1", "v2")
+    }
+    assert serving == {"v1": False, "v2": True}
+    # mirrored once: another retry writes nothing
+    writes = len(mr.writes())
+    register_model(cfg, str(model_dir), beat_v1, {}, run_id="run-2")
+    assert len(mr.writes()) == writes

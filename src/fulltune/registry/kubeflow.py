@@ -188,7 +188,8 @@ def record_pointers(section: KubeflowRegistrySection, name: str, named: dict[str
     except Exception as exc:
         raise KubeflowRegistryError(
             f"{name}: the pointers moved in the registry, but mirroring them in the Kubeflow Model Registry at "
-            f"{url} failed: {_describe(exc)}; `fulltune registry promote` with the same version repeats it"
+            f"{url} failed: {_describe(exc)}; retrying the register step (same run id) repeats it, as does "
+            "`fulltune registry promote` with the same version"
         ) from exc
 
 
@@ -205,15 +206,16 @@ async def _mirror(api: Any, name: str, named: dict[str, PointerRecord]) -> None:
             production_changed_by=production.by,
             production_reason=production.reason,
         )
-    rm.custom_properties = props
-    await api.upsert_registered_model(rm)
+    if props != (rm.custom_properties or {}):  # mirrored already (a retry): nothing to write
+        rm.custom_properties = props
+        await api.upsert_registered_model(rm)
     if production is None:
         return
     stale = {production.previous} - {None, production.version}
     for number, serving in [(production.version, True), *((n, False) for n in stale)]:
         mv = await api.get_model_version_by_params(rm.id, f"v{number}")
-        if mv is None:
-            continue  # recorded before the Model Registry was configured
+        if mv is None or (mv.custom_properties or {}).get("production") == serving:
+            continue  # recorded before the Model Registry was configured, or marked already
         mv.custom_properties = {**(mv.custom_properties or {}), "production": serving}
         await api.upsert_model_version(mv)
 

@@ -18,9 +18,10 @@ model's `model_manifest.json` and register compares it (and the files with that 
 
 A registration names its pipeline run (`run_id`, kept in the manifest): a retried step finds the
 version its run already committed instead of claiming another. With `registry.kubeflow` set, the
-committed version is then recorded in the Kubeflow Model Registry (`registry/kubeflow.py`); when that
-fails the files stay committed, and the retry records it. Once committed, the model's `latest`
-pointer moves to it, and `production` when it was never set (`registry/pointers.py`).
+committed version is then recorded in the Kubeflow Model Registry (`registry/kubeflow.py`), and
+where both pointers stand is mirrored there; when that fails the files stay committed, and the retry
+records and mirrors it. Once committed, the model's `latest` pointer moves to it, and `production`
+when it was never set (`registry/pointers.py`).
 
 Files are hashed by streaming from the source and copied URI to URI (S3 to S3 server-side), so a
 registration never stages the model on the step's disk. `verify_version` rehashes a committed
@@ -120,7 +121,7 @@ def register_model(
         forced = force and not eval_result.verdict
         uri = _publish(cfg, model_uri, eval_result, lineage, run_id=run_id, forced=forced)
     version = int(_VERSION_DIR.match(storage.basename(uri)).group(1))
-    moved = pointers.on_register(
+    pointers.on_register(
         cfg.registry.uri,
         name,
         version,
@@ -130,10 +131,7 @@ def register_model(
         options=write_options(cfg),
     )
     _record_in_kubeflow(cfg, uri)
-    if cfg.registry.kubeflow is not None and moved:
-        from fulltune.registry.kubeflow import record_pointers
-
-        record_pointers(cfg.registry.kubeflow, name, {r.pointer: r for r in moved})
+    _mirror_pointers(cfg, name)
     return uri
 
 
@@ -327,6 +325,19 @@ def _record_in_kubeflow(cfg: RunConfig, uri: str) -> None:
     from fulltune.registry.kubeflow import register_version
 
     register_version(cfg.registry.kubeflow, uri)
+
+
+def _mirror_pointers(cfg: RunConfig, name: str) -> None:
+    """Mirror where both pointers stand now in the Model Registry, not only what this call moved: a
+    registration retried after the Model Registry failed finds its pointers moved already (nothing
+    to move), and they must still reach it. What is mirrored already is not written again."""
+    if cfg.registry.kubeflow is None:
+        return
+    from fulltune.registry.kubeflow import record_pointers
+
+    now = {p: r for p in pointers.POINTERS if (r := pointers.current(cfg.registry.uri, name, p)) is not None}
+    if now:
+        record_pointers(cfg.registry.kubeflow, name, now)
 
 
 def _model_files(model_uri: str) -> list[str]:
