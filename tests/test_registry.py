@@ -18,6 +18,7 @@ from fulltune.config import RunConfig
 from fulltune.evaluate.result import EvalResult, GateCheck
 from fulltune.registry import store
 from fulltune.registry.store import RegistryError, list_versions, register_model, verify_version
+from test_storage import first_put_answer_lost
 from tiny_models import fake_model_dir, save_tiny_llama
 
 NAME = "tiny"
@@ -264,6 +265,21 @@ def test_register_on_s3_twice(model_dir, s3):
 
     with storage.local_dir(v3) as path:
         AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+
+
+def test_conditional_puts_retried_after_they_succeeded_still_register_and_promote(model_dir, s3):
+    """The claim, the manifest and the pointer records are conditional PUTs. When the client retries
+    one whose answer was lost after it succeeded, the retry's 412 is still this registration's write:
+    not a lost claim, not a manifest that appeared meanwhile, not a pointer another writer moved."""
+    from fulltune.registry import pointers
+
+    registry = f"{s3}/registry"
+    with first_put_answer_lost(storage.s3_client()) as statuses:
+        uri = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    assert statuses == [200, 412] * 4  # claim, manifest, latest, production: each retried, refused
+    assert uri == f"{registry}/{NAME}/v1" and verify_version(uri) == []
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1]
+    assert [pointers.current(registry, NAME, p).version for p in pointers.POINTERS] == [1, 1]
 
 
 def test_s3_claim_refusal_is_skipped(model_dir, s3, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 
@@ -57,6 +58,39 @@ def test_create_exclusive_has_one_winner(base):
     winners = [i for ok, i in results if ok]
     assert len(winners) == 1
     assert storage.read_text(uri) == f"writer {winners[0]}"
+
+
+@contextlib.contextmanager
+def first_put_answer_lost(client):
+    """Every conditional PUT through `client` succeeds, but its answer is lost: the client sends it
+    again, as botocore does after a timeout, and that retry is refused (412). Yields the HTTP status
+    of each conditional attempt."""
+    statuses = []
+
+    def lose_the_answer(attempts: int, response=None, request_dict=None, **_):
+        if "If-None-Match" not in (request_dict or {}).get("headers", {}):
+            return None
+        status = response[0].status_code if response else None
+        statuses.append(status)
+        return 0 if attempts == 1 and status == 200 else None  # 0: retry at once
+
+    client.meta.events.register("needs-retry.s3.PutObject", lose_the_answer)
+    try:
+        yield statuses
+    finally:
+        client.meta.events.unregister("needs-retry.s3.PutObject", lose_the_answer)
+
+
+def test_a_create_whose_retried_put_is_refused_after_it_succeeded_is_still_this_writers(s3):
+    uri = f"{s3}/pointers/production/00000001.json"
+    with first_put_answer_lost(storage.s3_client()) as statuses:
+        assert storage.create_exclusive(uri, b"record of writer A")
+    assert statuses == [200, 412]  # the write succeeded; the client's retry of it was refused
+    assert storage.read_bytes(uri) == b"record of writer A"
+    # another writer is refused, with other bytes and with the same bytes alike: one winner only
+    assert not storage.create_exclusive(uri, b"record of writer B")
+    assert not storage.create_exclusive(uri, b"record of writer A")
+    assert storage.read_bytes(uri) == b"record of writer A"
 
 
 def test_upload_dir_and_local_dir_round_trip(base, tmp_path):

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -401,26 +402,12 @@ def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WR
     On S3 a conditional PUT (If-None-Match: *); locally the data goes to a temporary file that is then
     hard-linked to the name, which fails when the name exists. Either way two writers racing for the
     same key get exactly one winner, and a reader never sees the object before all of its bytes (an
-    O_EXCL create followed by a write would show it empty in between).
+    O_EXCL create followed by a write would show it empty in between). On S3 a PUT of this call's
+    that the client retried after it had succeeded still counts as this call's (see
+    `_create_exclusive_s3`); identical bytes from another writer do not.
     """
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3(uri)
-        try:
-            with s3_errors(uri):
-                options.client().put_object(
-                    Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **options.extra_args()
-                )
-            return True
-        except ClientError as exc:
-            if _code(exc) in (
-                "PreconditionFailed",
-                "ConditionalRequestConflict",
-                "412",
-            ):
-                return False
-            raise StorageError(f"{uri}: {exc}") from exc
+        return _create_exclusive_s3(uri, data, options)
     path = Path(uri)
     try:
         with _written_beside(path, data) as tmp:
@@ -429,6 +416,53 @@ def create_exclusive(uri: str, data: bytes, options: S3WriteOptions = DEFAULT_WR
     except FileExistsError:
         return False
     return True
+
+
+# User metadata naming the `create_exclusive` call that put an object (a random token per call).
+_WRITER = "fulltune-writer"
+_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict", "412")
+
+
+def _create_exclusive_s3(uri: str, data: bytes, options: S3WriteOptions) -> bool:
+    """The conditional PUT, tagged with a token of this call's own.
+
+    The client retries a PUT whose answer was lost (a timeout, a dropped connection). When the lost
+    answer was a success the retry is refused, 412, although the object is this call's: refused,
+    the object is read back, and it is this call's when it holds these bytes and this call's token.
+    Another writer never has the token, so identical bytes put by it are still its win, not ours.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    token = uuid.uuid4().hex
+    try:
+        with s3_errors(uri):
+            options.client().put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
+                Metadata={_WRITER: token},
+                **options.extra_args(),
+            )
+        return True
+    except ClientError as exc:
+        if _code(exc) not in _CONDITION_FAILED:
+            raise StorageError(f"{uri}: {exc}") from exc
+    return _put_by(uri, token, data)
+
+
+def _put_by(uri: str, token: str, data: bytes) -> bool:
+    """Whether the object at `uri` holds `data` and was put with `token`."""
+    bucket, key = split_s3(uri)
+    try:
+        with s3_object(uri):
+            answer = s3_client().get_object(Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return False  # another writer's conflicting PUT, not complete yet
+    with contextlib.closing(answer["Body"]) as body:
+        same = body.read() == data
+    return same and answer.get("Metadata", {}).get(_WRITER) == token
 
 
 def upload_file(local_path: str | Path, uri: str, options: S3WriteOptions = DEFAULT_WRITE) -> None:
