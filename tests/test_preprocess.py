@@ -652,6 +652,45 @@ def test_truncation_cuts_the_prompt_so_the_answer_is_learned(demo_assets, tmp_pa
     assert all(a in text for a in answers) and "NOLOSS" not in text
 
 
+def _tokenizer_adding_bos(tok, path: Path) -> str:
+    """The demo tokenizer as Llama's behaves: its own call puts a BOS before every text."""
+    from tokenizers import processors
+
+    bos = copy.deepcopy(tok)
+    bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.eos_token_id)]
+    )
+    bos.save_pretrained(path)
+    return str(path)
+
+
+def test_documents_start_with_the_bos_the_tokenizer_adds(demo_assets, tmp_path, tok):
+    """What `tok(text)` gives a model at the start of every document in pretraining, each text and
+    prompt/completion document starts with (Llama, Mistral, Gemma): also one whose prompt was cut
+    from the left to fit. The BOS is context, never a target."""
+    bos_tok = _tokenizer_adding_bos(tok, tmp_path / "bos-tokenizer")
+    bos = tok.eos_token_id  # GPT-2's habit: one token for both
+    history = " ".join(f"day {i}: potassium {4 + i % 3}.{i % 10} mmol/L." for i in range(40))
+    kinds = {
+        "text": TEXTS[:40],
+        "prompt_completion": [{"prompt": f"Q{i}: dose?", "completion": " 5 mg daily."} for i in range(20)]
+        + [{"prompt": f"{history} Q{i}:", "completion": " recheck."} for i in range(5)],
+    }
+    for kind, rows in kinds.items():
+        (tmp_path / kind).mkdir()
+        cfg = make_cfg(demo_assets, tmp_path / kind, rows, num_shards=1, eval_fraction=0.01, packing=False)
+        cfg = cfg.with_overrides({"model.tokenizer_uri": bos_tok})
+        data = load_split(preprocess_all(at(cfg, str(tmp_path / kind / "w"))), "train")
+        starts = (data["position_ids"] == 0) & (data["attention_mask"] == 1)
+        assert starts[:, 0].all(), kind  # one document a row: each starts the row
+        assert (data["input_ids"][:, 0] == bos).all(), kind
+        assert (data["labels"][:, 0] == IGNORE_INDEX).all(), kind
+        assert (data["input_ids"][:, 1] != bos).all(), kind  # not twice
+    chat = core.Encoder(core.load_tokenizer(cfg))
+    assert chat.lead == [bos] and core.document_lead("chat", chat) == []  # a chat template renders its own
+    assert core.Encoder(tok).lead == []  # a tokenizer adding none: documents as before
+
+
 def test_best_fit_packs_sft_lengths_to_at_least_95_percent():
     import random
 

@@ -19,7 +19,9 @@ others (one pipeline task each):
   rendered (chat through the tokenizer's chat template), labelled only on the completion or
   assistant tokens (`loss_on: assistant`), and packed whole (best-fit decreasing); one longer
   than `max_seq_len` is truncated (keeping its answer: `fit_overlong`) or dropped (`overlong`), and
-  counted either way.
+  counted either way. Text and prompt/completion documents start with the ids the tokenizer puts
+  before a text of its own accord (`leading_ids`: Llama's BOS), without loss; chat templates
+  render their own.
 
 Text is tokenized through `tokenizer.memo` when the tokenizer allows it (byte-level BPE with a
 known pre-tokenizer): each distinct space-delimited piece is encoded once per shard and its ids
@@ -65,7 +67,7 @@ from fulltune.tokenizer import memo
 
 log = logging.getLogger(__name__)
 
-SHARD_FORMAT = "fulltune.shard/v1"
+SHARD_FORMAT = "fulltune.shard/v2"  # v2: documents start with the tokenizer's BOS
 COUNTS = ("examples", "sequences", "tokens", "loss_tokens", "truncated", "dropped")
 
 
@@ -111,6 +113,21 @@ class Docs:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def prefixed(self, lead: Sequence[int]) -> Docs:
+        """Each document with `lead` (the tokenizer's BOS) before it, carrying no loss."""
+        if not lead or not len(self):
+            return self
+        k = len(lead)
+        offsets = self.offsets + k * np.arange(len(self) + 1, dtype=np.int64)
+        at_lead = (offsets[:-1, None] + np.arange(k)).ravel()
+        body = np.ones(int(offsets[-1]), bool)
+        body[at_lead] = False
+        ids = np.empty(len(body), np.int32)
+        ids[body], ids[at_lead] = self.ids, np.tile(np.asarray(lead, np.int32), len(self))
+        labels = np.empty_like(ids)
+        labels[body], labels[at_lead] = self.labels, IGNORE_INDEX
+        return Docs(ids, labels, offsets)
 
     def take(
         self, order: np.ndarray, lengths: np.ndarray | None = None, skip: np.ndarray | None = None
@@ -172,6 +189,7 @@ class Encoder:
     def __init__(self, tok, memoize: bool = True):
         self.tok = tok
         self.eos = tok.eos_token_id
+        self.lead = leading_ids(tok)
         backend = getattr(tok, "backend_tokenizer", None)
         self._encode = None
         self.memo: memo.MemoEncoder | None = None
@@ -225,6 +243,22 @@ class Encoder:
         np.cumsum(lengths, out=offsets[1:])
         flat = flat.copy()  # writable, like every other Docs array
         return Docs(flat, flat, offsets)
+
+
+def leading_ids(tok) -> list[int]:
+    """The ids the tokenizer puts before any text of its own accord (Llama's, Mistral's and Gemma's
+    BOS; none for GPT-2 or Qwen): what the model saw at the start of every document in pretraining
+    and what `tok(text)` gives, so each text and prompt/completion document starts with them. A
+    chat template renders its own."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a")["input_ids"]
+    added = len(full) - len(plain)
+    return list(full[:added]) if added > 0 and list(full[added:]) == list(plain) else []
+
+
+def document_lead(kind: str, enc: Encoder) -> list[int]:
+    """What starts each document of `kind`: the tokenizer's leading ids, except for chat."""
+    return [] if kind == "chat" else enc.lead
 
 
 def tokenize(records: list[Record], kind: str, enc: Encoder, loss_all: bool) -> Docs:
@@ -760,9 +794,11 @@ class _Shard:
         pp = self.cfg.preprocess
         docs = tokenize(records, kind, self.enc, self.loss_all)
         fitted = PackStats(examples=len(docs))
+        lead = document_lead(kind, self.enc)
         if kind != "text":
             # Before replay is sized: replay is a share of what is trained, not of what is read.
-            docs, fitted = fit_overlong(docs, pp.max_seq_len, pp.overlong)
+            docs, fitted = fit_overlong(docs, pp.max_seq_len - len(lead), pp.overlong)
+        docs = docs.prefixed(lead)  # after fitting: a prompt cut from the left keeps its BOS
         if key is not None:
             docs = self.with_replay(docs, key)
         packed = pack(docs, kind, self.cfg, self.pad_id)
@@ -830,7 +866,7 @@ def _replay_pool(shard: _Shard, uri: str, kind: str, domain_kind: str) -> Docs:
         for r in iter_records(uri, shard.cfg.data, kind)
         if stable_fraction(split_key(r), salt) >= pp.general_eval_fraction
     ]
-    pool = tokenize(records, kind, shard.enc, shard.loss_all)
+    pool = tokenize(records, kind, shard.enc, shard.loss_all).prefixed(document_lead(kind, shard.enc))
     if domain_kind == "text":
         return pool
     # Packed whole with the domain's examples, whose over-long handling must not cut them again:
