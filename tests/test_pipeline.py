@@ -13,6 +13,7 @@ import yaml
 from fulltune import storage
 from fulltune.kfp.compile import PIPELINE_FILE, compile_all
 from fulltune.kfp.components import STEPS
+from fulltune.kfp.local_run import without_retries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def test_compiling_twice_gives_identical_bytes(tmp_path):
     assert "registry.example/fulltune:1.2.3" in a[0].read_text()
 
 
-def test_pipeline_shape():
+def test_pipeline_shape(tmp_path):
     # document 1: the pipeline spec; document 2: its Kubernetes platform settings
     spec = next(yaml.safe_load_all((ROOT / PIPELINE_FILE).read_text()))
     root_tasks = spec["root"]["dag"]["tasks"]
@@ -61,6 +62,14 @@ def test_pipeline_shape():
     assert not retried & {"validate-data", "check-tokenizer", "plan", "train"}
     loop_tasks = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert loop_tasks["preprocess-shard"]["retryPolicy"]["backoffDuration"] == "30s"
+    # a local run has no pod to lose: its definition is the same but for the retries, so a step that
+    # refuses its input fails once, not three times minutes apart
+    local = next(yaml.safe_load_all(without_retries(ROOT / PIPELINE_FILE, tmp_path).read_text()))
+    assert "retryPolicy" not in json.dumps(local)
+    assert local["deploymentSpec"] == spec["deploymentSpec"]
+    for task in root_tasks.values():
+        task.pop("retryPolicy", None)
+    assert local["root"]["dag"]["tasks"] == root_tasks
     images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
     # CPU steps run the runtime image; the GPU evaluate step the trainer image; never a floating tag
     assert images.pop("exec-evaluate").startswith("ghcr.io/fulltune/fulltune-trainer:")

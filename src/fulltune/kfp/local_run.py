@@ -2,7 +2,9 @@
 
 The compiled YAML is loaded back, so the local run executes the same definition the Kubeflow UI
 runs; kfp.local's SubprocessRunner runs every step in its own process from this environment (which
-is what the image holds), with the cluster settings of the compiled pipeline ignored.
+is what the image holds), with the cluster settings of the compiled pipeline ignored. So are its
+retry policies: they are for step pods a cluster loses, and here would only run a refused input
+again twice, minutes of backoff apart (a local run that stops goes on with `fulltune run --resume`).
 """
 
 from __future__ import annotations
@@ -182,6 +184,24 @@ def stop_descendants(grace_s: float = 10.0) -> None:
             process.kill()
 
 
+def without_retries(compiled: Path, into: Path) -> Path:
+    """A copy of the compiled pipeline `compiled` in folder `into`, without its tasks' retry policies."""
+    import yaml
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "retryPolicy"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    documents = [strip(d) for d in yaml.safe_load_all(compiled.read_text(encoding="utf-8"))]
+    into.mkdir(parents=True, exist_ok=True)
+    local = into / compiled.name
+    local.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
+    return local
+
+
 def run_locally(
     cfg: RunConfig,
     *,
@@ -209,7 +229,9 @@ def run_locally(
     root = RunLayout.for_run(cfg.work_dir, run_id).root
     with run_lock.holding(root):
         compiled = compile_all(compiled_dir)
-        pipeline = components.load_component_from_file(str(compiled[0]))
+        pipeline = components.load_component_from_file(
+            str(without_retries(compiled[0], compiled_dir / "local"))
+        )
         init_local(pipeline_root)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
