@@ -301,6 +301,39 @@ def test_resume_takes_the_run_that_stopped_after_a_complete_checkpoint(tmp_path)
         run_to_resume(cfg, "111")
 
 
+def test_a_run_whose_model_passed_and_failed_to_register_is_resumed_to_register_it(tmp_path, capsys):
+    """A registry that could not be written fails the last step after the whole training: the run is
+    not done, `runs` says so, and --resume goes on (training and preprocessing are found done)."""
+    from fulltune import failure
+    from fulltune.cli import main
+    from fulltune.layout import RunLayout
+    from fulltune.user_run import run_to_resume
+
+    work = tmp_path / "runs"
+    cfg = RunConfig.from_dict({"work_dir": str(work)})
+    a_run(work, "passed", checkpoint_steps=(50,), trained=True, evaluated=True)
+    layout = RunLayout.for_run(str(work), "passed")
+    Path(layout.eval_result).write_text(json.dumps({"verdict": True}))
+    with pytest.raises(NotADirectoryError), failure.recorded(layout, "register"):
+        raise NotADirectoryError(20, "Not a directory", "/data/train.csv/registry/notes/v1")
+    run = run_to_resume(cfg)
+    assert run.run_id == "passed" and run.where == (
+        "its evaluated model, whose registration failed "
+        "([Errno 20] Not a directory: '/data/train.csv/registry/notes/v1')"
+    )
+    config = tmp_path / "my.yaml"
+    config.write_text(cfg.to_yaml())
+    assert main(["runs", str(config)]) == 0
+    assert (
+        "failed at register; resumable from its evaluated model, whose registration failed"
+        in capsys.readouterr().out
+    )
+
+    Path(layout.eval_result).write_text(json.dumps({"verdict": False}))  # nothing to register: done
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_to_resume(cfg)
+
+
 def hold_run_lock(run_root: str):
     """A process of its own holding the lock of the run in `run_root`, as a `fulltune run` of it does."""
     import subprocess

@@ -226,16 +226,19 @@ def shm_size() -> float:
 @dataclass(frozen=True)
 class Unfinished:
     """A run that stopped after its training saved a complete checkpoint, or after its training
-    finished, and before it was evaluated."""
+    finished, and before it was evaluated; or whose model passed its gate and failed to register."""
 
     run_id: str
     root: str  # the run's directory under work_dir
     step: int | None  # of its newest complete checkpoint; None: its training finished
     config: RunConfig  # as its plan step resolved it
+    register_failed: str = ""  # why its register step failed, when that is where it stopped
 
     @property
     def where(self) -> str:
         """Where the run goes on from."""
+        if self.register_failed:
+            return f"its evaluated model, whose registration failed ({self.register_failed})"
         return f"its checkpoint at step {self.step}" if self.step is not None else "its finished training"
 
 
@@ -257,14 +260,28 @@ def unfinished_runs(work_dir: str) -> list[Unfinished]:
     runs = []
     for run_id in storage.children(work_dir):
         layout = RunLayout.for_run(work_dir, run_id)
-        if storage.exists(layout.eval_result) or not storage.exists(layout.resolved_config):
-            continue  # evaluated (done, as far as a resume goes), or stopped before its plan
+        if not storage.exists(layout.resolved_config):
+            continue  # stopped before its plan
+        if storage.exists(layout.eval_result):  # done, unless its passed model failed to register
+            if why := _register_failure(layout):
+                runs.append(Unfinished(run_id, layout.root, None, load_config(layout.resolved_config), why))
+            continue
         trained = training_finished(layout.model, layout.train_metrics)
         tag = None if trained else checkpoint.newest_saved(layout.checkpoints)
         if trained or tag is not None:
             step = checkpoint.step_of(tag) if tag else None
             runs.append(Unfinished(run_id, layout.root, step, load_config(layout.resolved_config)))
     return runs
+
+
+def _register_failure(layout) -> str:
+    """Why the register step of an evaluated run failed, when its gate passed and its last register
+    attempt failed (a resume registers it: training and preprocessing are found done); "" if not."""
+    from fulltune import failure
+
+    if not storage.read_json(layout.eval_result).get("verdict"):
+        return ""
+    return next((f.first_line for f in failure.failures(layout) if f.step == "register"), "")
 
 
 def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
@@ -290,7 +307,8 @@ def run_to_resume(cfg: RunConfig, run_id: str | None = None) -> Unfinished:
         defaults = default_checkpoints(cfg)  # as plan resolves them
         raise ConfigError(
             f"nothing to resume under {cfg.work_dir} (work_dir): no run there stopped after a complete "
-            "checkpoint or its finished training, and before its evaluation. This config saves checkpoints "
+            "checkpoint or its finished training, and before its evaluation (or after it, failing to register "
+            "a model that passed). This config saves checkpoints "
             f"{checkpoint_summary(cfg.with_overrides(defaults) if defaults else cfg)}."
         )
     if len(runs) > 1:
