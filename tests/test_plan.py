@@ -905,7 +905,7 @@ def llama_70b_config(tmp_path) -> Path:
     return tmp_path / "llama-70b"
 
 
-def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_data_is_made(tmp_path):
+def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_data_is_made(tmp_path, s3):
     """A 70B Llama (config only) keeps 3 checkpoints of ~790 GiB at the peak: far more than this
     machine's disk. Refused by plan, naming the directory, what is free, what the run writes and what
     to change; with work_dir on S3 the checkpoints go through the temp directory, which is named."""
@@ -941,10 +941,10 @@ def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_dat
     assert not (tmp_path / "work").exists()  # nothing written
 
     with pytest.raises(planmod.PlanError, match=r"the temp directory .*\(a node's share of a checkpoint"):
-        plan("s3://bucket/work")  # local training stages every checkpoint before its upload
+        plan(f"{s3}/work")  # local training stages every checkpoint before its upload
 
 
-def test_plan_refuses_an_evaluation_that_cannot_hold_the_model_before_any_training(tmp_path):
+def test_plan_refuses_an_evaluation_that_cannot_hold_the_model_before_any_training(tmp_path, s3):
     """A 70B Llama's bfloat16 weights (131 GiB) cannot go whole onto one 80 GiB GPU, which evaluation's
     default placement does: refused before the GPUs train for days, naming the placement and the GPU
     count that holds it; with evaluation.device_map auto the plan says how many the evaluate step needs."""
@@ -953,7 +953,7 @@ def test_plan_refuses_an_evaluation_that_cannot_hold_the_model_before_any_traini
     def plan(evaluation: dict, **resources):
         cfg = RunConfig.from_dict(
             {
-                "work_dir": "s3://bucket/work",  # a cluster run: no local disk to fill
+                "work_dir": f"{s3}/work",  # a cluster run: no local disk to fill
                 "model": {"base_model_uri": str(tmp_path / "llama-70b")},
                 "data": {"train_uri": str(small_text_data(tmp_path))},
                 "resources": {"launcher": "kubernetes", "num_nodes": 8, "nproc_per_node": 8, **resources},
@@ -979,7 +979,7 @@ def test_plan_refuses_an_evaluation_that_cannot_hold_the_model_before_any_traini
     assert not [d for d in on_b200.decisions if "evaluat" in d]
 
 
-def test_cluster_training_pods_request_the_disk_their_tmp_holds(llama_dir, tmp_path):
+def test_cluster_training_pods_request_the_disk_their_tmp_holds(llama_dir, tmp_path, s3):
     """On a cluster an s3:// work_dir's checkpoints pass through each pod's /tmp, the node's disk:
     plan requests what the largest of them needs as ephemeral storage (the doctor's quota check
     counts it), so the scheduler picks nodes that hold it; a size the user set is kept."""
@@ -995,7 +995,7 @@ def test_cluster_training_pods_request_the_disk_their_tmp_holds(llama_dir, tmp_p
     ).save_pretrained(tmp_path / "llama-8b")
     cfg = RunConfig.from_dict(
         {
-            "work_dir": "s3://bucket/runs",
+            "work_dir": f"{s3}/runs",
             "model": {"base_model_uri": str(tmp_path / "llama-8b")},
             "data": {"train_uri": str(data)},
             "resources": {"launcher": "kubernetes", "num_nodes": 2, "nproc_per_node": 8},
@@ -1066,3 +1066,34 @@ def test_a_resumed_runs_own_checkpoints_count_towards_its_need_not_against_the_f
         f"{keep + 1} checkpoints of ~" in plan.disk.summary()
         and " of it written already" in plan.disk.summary()
     )
+
+
+def test_a_resume_with_settings_its_checkpoints_were_not_trained_with_is_refused_before_preprocessing(
+    llama_dir, tmp_path
+):
+    """Resuming after changing max_seq_len would preprocess the data again, writing over the run's
+    shards, and train would then refuse, naming only the data's checksum: plan refuses first, naming
+    the field."""
+    from fulltune.train import checkpoint
+
+    cfg = RunConfig.from_dict(
+        {
+            "work_dir": str(tmp_path / "run"),
+            "model": {"base_model_uri": str(llama_dir)},
+            "data": {"train_uri": str(small_text_data(tmp_path))},
+            "preprocess": {"max_seq_len": 128},
+            "resources": {"accelerator": "cpu"},
+        }
+    )
+    saved = tmp_path / "run" / "train" / "checkpoints" / checkpoint.tag_for(50)
+    saved.mkdir(parents=True)
+    recorded = {name: cfg.value(name) for name in (*checkpoint.RESUME_FIELDS, *checkpoint.LENGTH_FIELDS)}
+    recorded[checkpoint.TRAINING_DATA] = "58a4c0ffee"
+    (saved / checkpoint.MANIFEST).write_text(json.dumps({"step": 50, "files": [], "run": recorded}))
+    assert planmod.make_plan(cfg, train_tokens=100_000).config.preprocess.max_seq_len == 128
+    longer = cfg.with_overrides({"training.max_steps": 500})  # training longer is allowed
+    assert planmod.make_plan(longer, train_tokens=100_000)
+    with pytest.raises(planmod.PlanError) as refused:
+        planmod.make_plan(cfg.with_overrides({"preprocess.max_seq_len": 256}), train_tokens=100_000)
+    assert "  - preprocess.max_seq_len: 128 when it was written, 256 in this run" in str(refused.value)
+    assert "training data" not in str(refused.value)

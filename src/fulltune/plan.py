@@ -904,6 +904,19 @@ def attention_summary(cfg: RunConfig) -> str:
     return f"{kernel}; each packed document attends only to itself ({how})"
 
 
+def check_resumed(cfg: RunConfig) -> None:
+    """A run resumed with settings its checkpoints were not trained with is refused by train, naming
+    each field; refused here already, before preprocessing would make (and write over) its data."""
+    from fulltune.train.checkpoint import CheckpointError, check_config_continues
+
+    if not cfg.work_dir:
+        return
+    try:
+        check_config_continues(cfg.layout.checkpoints, cfg)
+    except CheckpointError as exc:
+        raise PlanError(str(exc)) from None
+
+
 def check_champion(cfg: RunConfig) -> None:
     """With `evaluation.compare_to: registered` the candidate is scored beside the version in
     production on this run's token ids; one with another tokenizer cannot be, and its check would
@@ -936,6 +949,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     cfg.require("model.base_model_uri", "data.train_uri")
     check_training(cfg)
     check_registry(cfg)
+    check_resumed(cfg)
     check_champion(cfg)
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)

@@ -61,6 +61,12 @@ RESUME_FIELDS = (
     "training.weight_decay",
     "training.bf16",
     "training.fp16",
+    # what shapes the training data and what each sequence attends to: named here, where the data's
+    # checksum below would only say that it differs
+    "preprocess.max_seq_len",
+    "preprocess.packing",
+    "preprocess.replay_fraction",
+    "preprocess.attend_across_documents",
 )
 # A run may be resumed to train longer (or shorter): the schedule is built from the config, so from
 # the checkpoint on it follows the new length, which the log says.
@@ -80,6 +86,18 @@ def run_identity(cfg: RunConfig, dataset: DatasetManifest) -> dict[str, Any]:
     checksums = "".join(f.sha256 for f in dataset.split(TRAIN).files)
     identity[TRAINING_DATA] = hashlib.sha256(checksums.encode()).hexdigest()[:16]
     return identity
+
+
+def check_config_continues(root: str, cfg: RunConfig) -> None:
+    """`check_recorded` for the newest saved checkpoint under `root`, on the config's fields alone:
+    what plan checks before preprocessing makes the data again (and rewrites the run's shards)."""
+    tag = newest_saved(root)
+    if tag is None:
+        return
+    identity = {name: cfg.value(name) for name in (*RESUME_FIELDS, *LENGTH_FIELDS)}
+    base = storage.join(root, tag)
+    recorded = storage.read_json(storage.join(base, MANIFEST)).get("run") or {}
+    check_recorded({k: v for k, v in recorded.items() if k in identity}, identity, base)
 
 
 def check_continues(root: str, tag: str, identity: dict[str, Any]) -> list[str]:
