@@ -219,6 +219,69 @@ def test_a_run_with_max_steps_is_shown_in_steps_not_in_the_epochs_it_does_not_us
     assert "num_train_epochs" not in md  # resolved for the config's sake, but it sets nothing
 
 
+def _same_records_four_ways(tmp_path: Path) -> tuple[dict[str, Path], int]:
+    """3,000 text records of 5-200 words as JSONL, gzipped JSONL, gzipped CSV and Parquet, and their
+    words (the word tokenizer's tokens)."""
+    import csv
+    import gzip
+    import io
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tiny_models import WORDS
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(5, 200))) for _ in range(3000)]
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    out = io.StringIO()
+    csv.writer(out).writerows([["text"], *([t] for t in texts)])
+    files = {
+        "jsonl": tmp_path / "train.jsonl",
+        "jsonl.gz": tmp_path / "train.jsonl.gz",
+        "csv.gz": tmp_path / "train.csv.gz",
+        "parquet": tmp_path / "train.parquet",
+    }
+    files["jsonl"].write_bytes(jsonl)
+    files["jsonl.gz"].write_bytes(gzip.compress(jsonl))
+    files["csv.gz"].write_bytes(gzip.compress(out.getvalue().encode()))
+    pq.write_table(pa.table({"text": texts}), files["parquet"], compression="snappy")
+    return files, sum(len(t.split()) for t in texts)
+
+
+def test_the_token_estimate_counts_what_compressed_and_columnar_files_decode_to(tmp_path, monkeypatch):
+    """The same records in four formats give the same estimate, near their real token count: a
+    gzipped file holds 3-15x the text its size says, a Parquet file more still. Each text file is
+    sized from a prefix (made small here, so the files are larger than it)."""
+    from fulltune.data import extent
+    from tiny_models import save_tiny_llama
+
+    monkeypatch.setattr(extent, "PREFIX_BYTES", 128 << 10)
+    monkeypatch.setattr(extent, "GZIP_PREFIX_BYTES", 32 << 10)
+    model = save_tiny_llama(tmp_path / "model")
+    files, words = _same_records_four_ways(tmp_path)
+    assert files["jsonl"].stat().st_size > 8 * extent.PREFIX_BYTES
+    assert files["jsonl.gz"].stat().st_size > 4 * extent.GZIP_PREFIX_BYTES
+    estimates = {}
+    for fmt, path in files.items():
+        cfg = RunConfig.from_dict({"model": {"base_model_uri": str(model)}, "data": {"train_uri": str(path)}})
+        estimates[fmt] = planmod.estimate_train_tokens(cfg)
+    for fmt, tokens in estimates.items():
+        assert tokens == pytest.approx(words, rel=0.15), (fmt, estimates, words)
+
+
+def test_a_parquet_file_on_s3_is_counted_from_its_footer_without_downloading_it(tmp_path, s3, monkeypatch):
+    from fulltune import storage
+    from fulltune.data import extent
+
+    files, _ = _same_records_four_ways(tmp_path)
+    uri = s3 + "/data/train.parquet"
+    storage.upload_file(files["parquet"], uri)
+    monkeypatch.setattr(storage, "download_file", lambda *a: pytest.fail("the whole file was fetched"))
+    assert extent.estimate_records(uri) == 3000
+
+
 def test_plan_requires_model_and_data():
     from fulltune.config import ConfigError
 

@@ -41,11 +41,15 @@
     learning rate ~ 1e-5 * sqrt(7e9 / params), clipped to [5e-6, 1e-3]: 1e-5 for 7B full
       fine-tuning, larger for smaller models;
     epochs by training tokens: < 5M tokens -> 3, < 50M -> 2, else 1.
+- Training tokens (what epochs, steps and cost are sized by): the records of the data files, counted
+  from what they decode to (`data.extent`: a gzipped or Parquet file holds 5-15x the text its size
+  says), x the mean tokens of the first records.
 The resolved config and the DeepSpeed JSON are written to the work directory for `train`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -765,24 +769,36 @@ def default_epochs(train_tokens: int) -> float:
 
 
 def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
-    """Training tokens ~ bytes of the data files / bytes per token measured on a sample."""
-    from fulltune.data.records import data_files, iter_records
+    """Training tokens ~ records in the data files x mean tokens of a record measured on a sample."""
     from fulltune.hf import load_tokenizer
 
-    files = data_files(cfg.data.train_uri)
-    total_bytes = sum(storage.size(f) for f in files)
     tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
-    texts = []
-    for i, rec in enumerate(iter_records(cfg.data.train_uri, cfg.data)):
-        if i >= sample_records:
-            break
-        texts.append(rec.plain_text())
-    if not texts:
-        return 0
-    sample_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    sample_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
-    bytes_per_token = max(sample_bytes / max(sample_tokens, 1), 1.0)
-    return int(total_bytes / bytes_per_token)
+    return estimate_data(cfg.data.train_uri, cfg, tok, sample_records).tokens
+
+
+@dataclass(frozen=True)
+class DataEstimate:
+    """A dataset's size as plan estimates it before any of it is read in full."""
+
+    records: int
+    tokens: int  # of the records' text, without chat templates or special tokens
+    kind: str | None = None  # the record kind of the sample; None: no usable record in it
+
+
+def estimate_data(uri: str, cfg: RunConfig, tok, sample_records: int = 256) -> DataEstimate:
+    """Records counted the cheap way for each file's format (`data.extent`: compressed and columnar
+    files by what they decode to, not by their size on disk) x the mean tokens of the first
+    `sample_records` usable records."""
+    from fulltune.data.extent import estimate_records
+    from fulltune.data.records import data_files, iter_records
+
+    records = sum(estimate_records(f) for f in data_files(uri))
+    sample = list(itertools.islice(iter_records(uri, cfg.data), sample_records))
+    if not sample:
+        return DataEstimate(int(records), 0)
+    ids = tok([r.plain_text() for r in sample], add_special_tokens=False)["input_ids"]
+    mean_tokens = sum(len(i) for i in ids) / len(sample)
+    return DataEstimate(int(round(records)), int(round(records * mean_tokens)), sample[0].kind)
 
 
 # -- DeepSpeed --------------------------------------------------------------------------------------
