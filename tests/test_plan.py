@@ -282,6 +282,21 @@ def test_a_parquet_file_on_s3_is_counted_from_its_footer_without_downloading_it(
     assert extent.estimate_records(uri) == 3000
 
 
+def test_the_length_says_one_epoch_and_one_step_in_the_singular(llama_dir, tmp_path):
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(llama_dir)},
+            "data": {"train_uri": str(small_text_data(tmp_path))},
+            "training": {"num_train_epochs": 1, "per_device_train_batch_size": 2},
+            "preprocess": {"max_seq_len": 128},
+        }
+    )
+    one_epoch = planmod.make_plan(cfg, train_tokens=256 * 10)  # 10 steps of 2 sequences x 128 tokens
+    assert one_epoch.length_summary() == "1 epoch (~10 steps)"
+    one_step = planmod.make_plan(cfg.with_overrides({"training.max_steps": 1}), train_tokens=256 * 10)
+    assert one_step.length_summary() == "1 step (training.max_steps; ~0.1 epochs)"
+
+
 def test_plan_requires_model_and_data():
     from fulltune.config import ConfigError
 

@@ -192,22 +192,29 @@ class Plan:
         a run with max_steps is shown in steps, with the epochs they come to over the data."""
         cfg, tr = self.config, self.config.training
         if tr.max_steps <= 0:
+            epochs = _counted(tr.num_train_epochs, "epoch")
             steps_per_epoch = self.train_tokens_estimate / cfg.tokens_per_step
             if steps_per_epoch < 1:  # train refuses this; the estimate says so before any data is made
                 return (
-                    f"{tr.num_train_epochs:g} epochs, but the data (~{self.train_tokens_estimate:,} tokens, "
+                    f"{epochs}, but the data (~{self.train_tokens_estimate:,} tokens, "
                     f"an estimate) is less than one global batch of {cfg.global_batch_size} "
                     f"sequences x {cfg.preprocess.max_seq_len} tokens"
                 )
-            return f"{tr.num_train_epochs:g} epochs (~{math.ceil(steps_per_epoch * tr.num_train_epochs):,} steps)"
+            return f"{epochs} (~{_counted(math.ceil(steps_per_epoch * tr.num_train_epochs), 'step')})"
         epochs = planned_tokens(cfg, self.train_tokens_estimate) / max(1, self.train_tokens_estimate)
-        return f"{tr.max_steps:,} steps (training.max_steps; ~{epochs:.2g} epochs)"
+        return f"{_counted(tr.max_steps, 'step')} (training.max_steps; ~{epochs:.2g} epochs)"
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "config"}  # asdict would not dump pydantic
         out["memory"]["total"] = self.memory.total
         out["memory"]["gradient_checkpointing"] = self.memory.gradient_checkpointing
         return {**out, "config": self.config.to_dict()}
+
+
+def _counted(n: float, noun: str) -> str:
+    """'1 epoch', '2 epochs', '0.5 epochs', '1,200 steps'."""
+    figure = f"{int(n):,}" if float(n).is_integer() else f"{n:g}"
+    return f"{figure} {noun}{'' if n == 1 else 's'}"
 
 
 # -- model shape ----------------------------------------------------------------------------------
