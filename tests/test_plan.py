@@ -160,7 +160,7 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
             "resources": {"nproc_per_node": 4},
         }
     )
-    p = planmod.make_plan(cfg.with_overrides({"work_dir": str(tmp_path / "work")}), train_tokens=1234)
+    p = planmod.make_plan(cfg.with_overrides({"work_dir": str(tmp_path / "work")}), train_tokens=20_000)
     resolved = p.config
     assert resolved.training.learning_rate == planmod.default_learning_rate(p.shape.params)
     assert resolved.training.num_train_epochs == 3.0
@@ -192,11 +192,12 @@ def test_make_plan_resolves_defaults_and_writes_deepspeed_json(llama_dir, tmp_pa
         and " free; temp directory " in md
     )
     assert "num_train_epochs 3 chosen" in md
-    # 1,234 tokens (the estimate given) against 32 sequences x 1024 tokens a step: said in the report
+    # 20,000 tokens (the estimate given) against 32 sequences x 1024 tokens a step: said in the report
     assert (
-        "| length | 3 epochs, but the data (~1,234 tokens, an estimate) is less than one global batch "
+        "| length | 3 epochs, but the data (~20,000 tokens, an estimate) is less than one global batch "
         "of 32 sequences x 1024 tokens |" in md
     )
+    assert "- warning: data.train_uri " in md and "fewer than one global batch of 32 sequences" in md
     enough = planmod.make_plan(cfg.with_overrides({"work_dir": str(tmp_path / "w2")}), train_tokens=400_000)
     assert enough.length_summary() == "3 epochs (~37 steps)"  # 12.2 steps of 32,768 tokens an epoch
 
@@ -295,6 +296,49 @@ def test_the_length_says_one_epoch_and_one_step_in_the_singular(llama_dir, tmp_p
     assert one_epoch.length_summary() == "1 epoch (~10 steps)"
     one_step = planmod.make_plan(cfg.with_overrides({"training.max_steps": 1}), train_tokens=256 * 10)
     assert one_step.length_summary() == "1 step (training.max_steps; ~0.1 epochs)"
+
+
+def test_plan_refuses_data_clearly_smaller_than_one_global_batch(tmp_path):
+    """train refuses a split of fewer sequences than one global batch, after preprocessing; plan
+    refuses it first where its estimate is clearly below (half a batch), naming the batch's fields."""
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    data = tmp_path / "tiny.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": "the patient takes metformin daily " * 5}) + "\n" for _ in range(3))
+    )
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(model)},
+            "data": {"train_uri": str(data)},
+            "preprocess": {"max_seq_len": 64},
+            "training": {"per_device_train_batch_size": 8},
+            "resources": {"nproc_per_node": 2, "accelerator": "cpu"},
+        }
+    )
+    with pytest.raises(PlanError) as refused:
+        planmod.make_plan(cfg)
+    message = str(refused.value)
+    # 3 records of 25 words, each with its BOS and EOS: 81 tokens, 1.3 sequences of 64
+    assert message.startswith(
+        f"data.train_uri {data} makes ~1 training sequences of preprocess.max_seq_len 64"
+    )
+    assert "(an estimate: ~75 tokens in ~3 records)" in message
+    assert (
+        "less than half of one global batch of 16 sequences (training.per_device_train_batch_size 8 x "
+        "gradient_accumulation_steps 1 x 2 GPUs: resources.num_nodes x nproc_per_node)" in message
+    )
+    # a batch the estimate may not fill is planned, with a warning; one it fills, without
+    maybe = planmod.make_plan(cfg.with_overrides({"training.per_device_train_batch_size": 1}))
+    assert any(
+        d.startswith("warning: data.train_uri") and "fewer than one global batch of 2" in d
+        for d in maybe.decisions
+    )
+    fills = planmod.make_plan(
+        cfg.with_overrides({"training.per_device_train_batch_size": 1, "resources.nproc_per_node": 1})
+    )
+    assert not any("global batch" in d for d in fills.decisions)
 
 
 def test_plan_requires_model_and_data():

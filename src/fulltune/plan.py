@@ -194,7 +194,7 @@ class Plan:
         if tr.max_steps <= 0:
             epochs = _counted(tr.num_train_epochs, "epoch")
             steps_per_epoch = self.train_tokens_estimate / cfg.tokens_per_step
-            if steps_per_epoch < 1:  # train refuses this; the estimate says so before any data is made
+            if steps_per_epoch < 1:  # train refuses this; plan only where clearly so (check_one_batch)
                 return (
                     f"{epochs}, but the data (~{self.train_tokens_estimate:,} tokens, "
                     f"an estimate) is less than one global batch of {cfg.global_batch_size} "
@@ -777,10 +777,14 @@ def default_epochs(train_tokens: int) -> float:
 
 def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
     """Training tokens ~ records in the data files x mean tokens of a record measured on a sample."""
+    return estimate_train_data(cfg, sample_records).tokens
+
+
+def estimate_train_data(cfg: RunConfig, sample_records: int = 256) -> DataEstimate:
     from fulltune.hf import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
-    return estimate_data(cfg.data.train_uri, cfg, tok, sample_records).tokens
+    return estimate_data(cfg.data.train_uri, cfg, tok, sample_records)
 
 
 @dataclass(frozen=True)
@@ -901,6 +905,54 @@ def check_training(cfg: RunConfig) -> None:
         )
 
 
+# train refuses a training split of fewer sequences than one global batch (train.schedule), after
+# preprocessing. plan refuses it before, but from an estimate (records counted from a prefix or a
+# footer, tokens from the mean of the first records): it could be low by tens of percent on data
+# whose first records are short, and refusing a run that would train is worse than letting train
+# say it. So plan refuses only below this share of a batch, and warns between it and one batch.
+REFUSE_BELOW_BATCH_SHARE = 0.5
+
+
+def check_one_batch(cfg: RunConfig, data: DataEstimate) -> list[str]:
+    """PlanError when the data clearly makes less than one global batch; a warning when it may."""
+    sequences = estimated_sequences(cfg, data)
+    batch = cfg.global_batch_size
+    if sequences is None or sequences >= batch:
+        return []
+    tr = cfg.training
+    what = (
+        f"data.train_uri {cfg.data.train_uri} makes ~{sequences:,.0f} training sequences of "
+        f"preprocess.max_seq_len {cfg.preprocess.max_seq_len} (an estimate: ~{data.tokens:,} tokens"
+        f"{f' in ~{data.records:,} records' if data.records else ''}), "
+    )
+    batch_fields = (
+        f"one global batch of {batch} sequences (training.per_device_train_batch_size "
+        f"{tr.per_device_train_batch_size} x gradient_accumulation_steps {tr.gradient_accumulation_steps} x "
+        f"{cfg.world_size} GPUs: resources.num_nodes x nproc_per_node)"
+    )
+    if sequences < REFUSE_BELOW_BATCH_SHARE * batch:
+        raise PlanError(
+            f"{what}less than half of {batch_fields}; train would refuse it after preprocessing: lower "
+            "the batch or add data"
+        )
+    return [f"warning: {what}fewer than {batch_fields}: if so, train refuses it after preprocessing"]
+
+
+def estimated_sequences(cfg: RunConfig, data: DataEstimate) -> float | None:
+    """The training sequences the data makes, estimated from above; None where plan cannot bound
+    them. Packed text is a stream of tokens (each document's text, its BOS and EOS, and the replay
+    mixed in); anything else makes at most one sequence per record, plus the windows of a text
+    document longer than max_seq_len, and an unknown number of replayed documents beside them."""
+    pp = cfg.preprocess
+    replay = pp.replay_fraction if cfg.data.general_uri else 0.0
+    if data.kind in (None, "text") and pp.packing:
+        tokens = data.tokens + 2 * data.records
+        return tokens / (1.0 - replay) / pp.max_seq_len
+    if replay:
+        return None
+    return data.records + data.tokens / pp.max_seq_len
+
+
 def check_registry(cfg: RunConfig) -> None:
     """An s3:// registry whose bucket is missing or refuses the run's credentials (the register step
     reads S3 with the same Secret) would fail at the last step, after the training; refused here."""
@@ -976,7 +1028,9 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     check_champion(cfg)
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)
-    tokens = estimate_train_tokens(cfg) if train_tokens is None else train_tokens
+    data = estimate_train_data(cfg) if train_tokens is None else DataEstimate(0, train_tokens)
+    tokens = data.tokens
+    batch_notes = check_one_batch(cfg, data)
     over, rule_notes = resolved_fields(cfg, shape, mem, tokens)
     resolved = cfg.with_overrides(over)
     cost = estimate_cost(
@@ -1008,7 +1062,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         budget,
         cfg.world_size,
         tokens,
-        notes + rule_notes,
+        notes + batch_notes + rule_notes,
         resolved,
         deepspeed_config(resolved, shape),
         cost,
