@@ -382,6 +382,39 @@ def test_plan_refuses_a_registry_whose_bucket_does_not_exist(llama_dir, s3, tmp_
     assert planmod.make_plan(there, train_tokens=10_000).config.registry.uri == f"{s3}/models"
 
 
+def test_plan_refuses_a_local_work_dir_or_registry_that_cannot_be_made(llama_dir, tmp_path):
+    """A registry under a regular file failed register, after the whole training, with a bare
+    NotADirectoryError; a work_dir there failed plan the same way. plan names the field first."""
+    import os
+
+    a_file = small_text_data(tmp_path)
+    base = {
+        "work_dir": str(tmp_path / "work"),
+        "model": {"base_model_uri": str(llama_dir)},
+        "data": {"train_uri": str(a_file)},
+        "registry": {"uri": str(tmp_path / "new" / "registry")},  # made when first written: fine
+        "resources": {"accelerator": "cpu"},
+    }
+    assert planmod.make_plan(RunConfig.from_dict(base), train_tokens=10_000)
+    for name, under in (("registry.uri", f"{a_file}/reg"), ("work_dir", f"{a_file}/work")):
+        section = {"registry": {"uri": under}} if name == "registry.uri" else {"work_dir": under}
+        with pytest.raises(PlanError) as refused:
+            planmod.make_plan(RunConfig.from_dict({**base, **section}), train_tokens=10_000)
+        assert (
+            str(refused.value)
+            == f"{name} {under}: {a_file} is a file, not a directory: nothing can be made under it"
+        )
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(
+            PlanError, match=rf"^registry.uri {locked}/reg: {locked} is a directory this user"
+        ):
+            planmod.make_plan(
+                RunConfig.from_dict({**base, "registry": {"uri": f"{locked}/reg"}}), train_tokens=10_000
+            )
+
+
 def _gpu_cfg(training: dict, **resources) -> RunConfig:
     return RunConfig.from_dict(
         {

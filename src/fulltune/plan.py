@@ -52,7 +52,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
@@ -966,6 +968,39 @@ def check_registry(cfg: RunConfig) -> None:
         raise PlanError(f"registry.uri {exc}") from None
 
 
+def check_local_locations(cfg: RunConfig) -> None:
+    """A local work_dir or registry.uri that cannot be made would fail at the step that first writes
+    there: plan itself for work_dir, register (after the whole training) for the registry, each with
+    an OSError naming neither field. Refused here: the nearest existing directory above each must be
+    one this process may create entries in."""
+    for name, uri in (("work_dir", cfg.work_dir), ("registry.uri", cfg.registry.uri)):
+        if uri and not storage.is_s3(uri) and (problem := unwritable(uri)):
+            raise PlanError(f"{name} {uri}: {problem}")
+
+
+def unwritable(path: str) -> str | None:
+    """Why nothing can be written at the local `path` (made with its parents as needed), or None."""
+    target = Path(path).absolute()
+    for place in (target, *target.parents):
+        if not place.exists():
+            continue
+        if not place.is_dir():
+            return f"{place} is a file, not a directory: nothing can be made under it"
+        if not os.access(place, os.W_OK | os.X_OK):
+            return f"{place} is a directory this user ({_user()}) may not write in"
+        return None
+    return None
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a name (a container's arbitrary user)
+        return f"uid {os.getuid()}"
+
+
 def attention_summary(cfg: RunConfig) -> str:
     """The attention kernel, and what a document in a packed sequence attends to."""
     kernel = cfg.training.attn_implementation
@@ -1024,6 +1059,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     cfg.require("model.base_model_uri", "data.train_uri")
     check_training(cfg)
     check_registry(cfg)
+    check_local_locations(cfg)
     check_resumed(cfg)
     check_champion(cfg)
     shape = model_shape(load_model_config(cfg))
