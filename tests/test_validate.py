@@ -262,7 +262,8 @@ def test_files_skipped_in_each_folder_of_a_brace_alternation_are_named(tmp_path)
 
 def test_eval_and_general_sets(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", GOOD)
-    evalset = write_jsonl(tmp_path / "eval.jsonl", [GOOD[3], {"text": "held out"}])
+    held_out = [{"text": f"held out {i}"} for i in range(10)]
+    evalset = write_jsonl(tmp_path / "eval.jsonl", [GOOD[3], *held_out])  # 1 of 11 in train: a warning
     general = write_jsonl(tmp_path / "general.jsonl", [{"text": "the weather is nice"}, "oops"])
     cfg = make_cfg(train, eval_uri=str(evalset), general_uri=str(general))
     message, report = failing_report(cfg, tmp_path / "out")
@@ -274,6 +275,22 @@ def test_eval_and_general_sets(tmp_path):
     ]
     assert message.startswith("validate_data failed: general: 1 of 2 records bad")
     assert report["metrics"]["general_error_rate"] == 0.5
+
+
+def test_an_eval_set_that_is_mostly_the_train_set_fails_saying_what_the_gain_would_measure(tmp_path):
+    """An eval set that repeats the training data passes the gate on memorisation: above a tenth of
+    it in train, validation fails by default; data.checks.train_overlap can say it is meant."""
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    evalset = write_jsonl(tmp_path / "eval.jsonl", [*GOOD[:2], *({"text": f"new {i}"} for i in range(8))])
+    message, report = failing_report(make_cfg(train, eval_uri=str(evalset)), tmp_path / "out")
+    assert message.splitlines()[0] == (
+        "validate_data failed: eval: train_overlap in 2 of 10 records (20.00% > allowed 10.00%): "
+        "the domain gain would be measured on training data"
+    )
+    assert message.splitlines()[1] == f"  {evalset}:1: train_overlap: same content as train record {train}:1"
+    assert report["datasets"]["train"]["passed"] and not report["datasets"]["eval"]["passed"]
+    meant = make_cfg(train, eval_uri=str(evalset), checks={"train_overlap": {"action": "warn"}})
+    assert validate_data(meant, tmp_path / "meant")["passed"]
 
 
 def test_first_record_of_another_shape_does_not_decide_the_kind(tmp_path):

@@ -125,6 +125,8 @@ class DataSection(_Section):
         description="Per-code policy overriding the defaults, e.g. {pii_email: {action: fail, max_rate: 0}}. "
         "Defaults: record errors (invalid_json, wrong_type, ...) fail above max_error_rate; secrets fail on any; "
         "exact duplicates fail above half the records (an export or join gone wrong, more often than real data); "
+        "eval records also in train (train_overlap) above a tenth of the eval set (the domain gain would be "
+        "measured on training data); "
         "PII, special tokens, lengths and chat-structure findings warn. A code set to fail without max_rate fails "
         "on any occurrence (record errors: above max_error_rate). Fatal codes cannot be changed.",
     )

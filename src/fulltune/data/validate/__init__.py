@@ -17,7 +17,8 @@ secrets (the record is used; fail on any occurrence by default)
     secret_aws_key (AKIA/ASIA access key ids), secret_private_key (PEM private key blocks)
 warnings (the record is used; worth a look)
     duplicate (exact same content as an earlier record of the dataset), train_overlap (an eval
-    record also in train: the eval loss would flatter the model), control_chars (C0/C1 control
+    record also in train: the eval loss would flatter the model; fails above a tenth of the eval
+    set by default), control_chars (C0/C1 control
     characters), mojibake (U+FFFD or UTF-8 read as Latin-1, e.g. 'Ã©'), empty_file, skipped_file (a
     file in the data folder no reader takes, e.g. .txt), kind_mismatch,
     too_short / too_long (`data.min_chars`, `data.max_chars`), special_token_text (a special-token
@@ -35,7 +36,9 @@ Policies (`data.checks`, merged over `default_checks`): each configurable code h
 default to `fail` with no own `max_rate`: together they are held to `data.max_error_rate` (the
 error budget: bad records whose code's action is `fail` / records). Any other code set to `fail`
 without a `max_rate` fails on its first occurrence. Defaults beyond record errors: secrets fail on
-any occurrence, exact duplicates above half the records (`codes.DUPLICATE_MAX_RATE`). A dataset fails on a fatal
+any occurrence, exact duplicates above half the records (`codes.DUPLICATE_MAX_RATE`), eval records
+also in train above a tenth of the eval set (`codes.TRAIN_OVERLAP_MAX_RATE`: the gate's domain gain
+would be measured on training data). A dataset fails on a fatal
 error, an exceeded budget or an exceeded per-code `max_rate`; the DataValidationError message
 lists the locations of the `fail` problems first. `report.json` and `report.html` are written to
 `out_dir` in every case — also when failing, before DataValidationError is raised.

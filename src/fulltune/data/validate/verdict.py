@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fulltune.config import CheckPolicy, DataSection
-from fulltune.data.validate.codes import FATAL, RECORD_ERRORS
+from fulltune.data.validate.codes import CONSEQUENCES, FATAL, RECORD_ERRORS
 from fulltune.data.validate.stats import length_histogram, length_stats
 from fulltune.data.validate.tally import Tally
 
@@ -112,9 +112,10 @@ def failure_reason(d: dict[str, Any]) -> str:
         parts.append(f"{bad} of {d['records']} records bad ({rate:.2%} > allowed {d['max_error_rate']:.2%})")
     for p in d["problems"]:
         if p.get("exceeded"):
+            why = f": {CONSEQUENCES[p['code']]}" if p["code"] in CONSEQUENCES else ""
             parts.append(
                 f"{p['code']} in {p['count']} of {d['records']} records "
-                f"({p['rate']:.2%} > allowed {p['max_rate']:.2%})"
+                f"({p['rate']:.2%} > allowed {p['max_rate']:.2%}){why}"
             )
     return "; ".join(parts)
 
