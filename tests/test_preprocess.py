@@ -629,6 +629,24 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_assets, tmp
     assert train["examples"] - train["dropped"] > 0
 
 
+def test_every_example_dropped_as_overlong_is_said_so_not_blamed_on_the_eval_split(demo_assets, tmp_path):
+    """gather_shards said "is the training data empty after the eval split?" when overlong: drop had
+    left nothing, with eval_uri set (no eval split at all): it names what the shards counted."""
+    long_answer = " ".join(f"step {i}: check the potassium level." for i in range(40))
+    rows = [{"prompt": f"L{i}: full protocol?", "completion": long_answer} for i in range(6)]
+    evalset = write_jsonl(tmp_path / "eval.jsonl", rows[:2])
+    cfg = make_cfg(demo_assets, tmp_path, rows, overlong="drop").with_overrides(
+        {"data.eval_uri": evalset, "work_dir": str(tmp_path / "work")}
+    )
+    with pytest.raises(core.PreprocessError) as empty:
+        preprocess_all(cfg)
+    assert str(empty.value) == (
+        f"no training sequences were produced from data.train_uri {cfg.data.train_uri}: every one of its 6 "
+        "examples is longer than preprocess.max_seq_len 64 and preprocess.overlong is drop; raise max_seq_len "
+        "or set overlong: truncate"
+    )
+
+
 def test_truncation_cuts_the_prompt_so_the_answer_is_learned(demo_assets, tmp_path, tok):
     """An over-long example whose answer fits loses the start of its prompt, not its answer; one whose
     prompt alone fills max_seq_len before an answer too long to fit would keep no loss token: it is

@@ -166,6 +166,33 @@ def test_no_pad_is_a_warning(tmp_path):
     assert checks(report)["pad_token"][0] == "warning"
 
 
+def test_overlong_drop_that_would_leave_nothing_is_refused_and_drops_are_called_drops(
+    tokenizer_dir, tmp_path
+):
+    """With preprocess.overlong: drop, over-long examples are dropped, not truncated; when the sample
+    says none would be left, the check fails here (as gather_shards would after tokenizing it all),
+    whatever max_truncation_rate allows."""
+    rows = [
+        {"prompt": " ".join(["hello"] * n), "completion": " hello"} for n in (1, 4, 9, 19)
+    ]  # 3, 6, 11, 21 tokens
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    drop = {"preprocess": {"max_seq_len": 8, "overlong": "drop"}, "tokenizer": {"max_truncation_rate": 1.0}}
+    report = check_tokenizer(make_cfg(tokenizer_dir, train, **drop), tmp_path / "some")
+    assert checks(report)["truncation"] == (
+        "ok",
+        "2 of 4 sampled records (50.0%) are longer than max_seq_len=8 tokens (allowed 100.0%) and would be "
+        "dropped (preprocess.overlong: drop); p50 6, p95 21, max 21",
+    )
+    all_long = write_jsonl(tmp_path / "long.jsonl", rows[2:])
+    with pytest.raises(TokenizerCheckError) as refused:
+        check_tokenizer(make_cfg(tokenizer_dir, all_long, **drop), tmp_path / "none")
+    assert (
+        "truncation: 2 of 2 sampled records (100.0%) are longer than max_seq_len=8 tokens and preprocess.overlong "
+        "is drop: none would be left to train on; raise preprocess.max_seq_len (p95 21) or set "
+        "preprocess.overlong: truncate" in str(refused.value)
+    )
+
+
 def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 

@@ -973,11 +973,30 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> D
         replay=_replay_summary(shards, cfg.preprocess.replay_fraction),
     )
     if not manifest.sequences(TRAIN):
-        raise PreprocessError(
-            "no training sequences were produced: is the training data empty after the eval split?"
-        )
+        raise PreprocessError(no_training_sequences(cfg, manifest))
     storage.write_json(cfg.layout.dataset_manifest, manifest.to_json())
     return manifest
+
+
+def no_training_sequences(cfg: RunConfig, manifest: DatasetManifest) -> str:
+    """Why the training split is empty, from the shards' counts of what they read and left out."""
+    pp, data = cfg.preprocess, cfg.data
+    split = manifest.splits.get(TRAIN)
+    head = f"no training sequences were produced from data.train_uri {data.train_uri}: "
+    if split and split.examples and split.dropped >= split.examples:
+        return head + (
+            f"every one of its {split.examples:,} examples is longer than preprocess.max_seq_len "
+            f"{pp.max_seq_len} and preprocess.overlong is drop; raise max_seq_len or set overlong: truncate"
+        )
+    if data.eval_uri is None:
+        held = manifest.splits[DOMAIN_EVAL].examples if DOMAIN_EVAL in manifest.splits else 0
+        return head + (
+            f"all {held:,} of its examples were held out for evaluation (preprocess.eval_fraction "
+            f"{pp.eval_fraction:g}); add data or set data.eval_uri"
+            if held
+            else "it holds no usable records"
+        )
+    return head + "it holds no usable records"
 
 
 def _checked_shard(uri: str, fingerprint: dict[str, Any]) -> dict[str, Any]:

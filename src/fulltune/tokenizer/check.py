@@ -17,8 +17,9 @@ Checks, each with a status (ok, info, warning, error):
   content, and (for `preprocess.loss_on: assistant`) renders prefixes stably, which is how
   preprocessing finds the assistant turns;
 - lengths: p50/p95/max tokens per training record and the share longer than
-  `preprocess.max_seq_len` (prompt/completion and chat records would be truncated: an error above
-  `tokenizer.max_truncation_rate`; text is split across sequences, never truncated);
+  `preprocess.max_seq_len` (prompt/completion and chat records would be truncated, or dropped with
+  `preprocess.overlong: drop`: an error above `tokenizer.max_truncation_rate`, and with drop
+  whenever fewer than DROP_MIN_KEPT of them fit; text is split across sequences, never truncated);
 - fertility: tokens per whitespace word on the domain data, and on the general set when set;
 - split terms: the `tokenizer.top_k_split_terms` domain words split into the most pieces, with
   the pieces, plus every word of `tokenizer.domain_terms`;
@@ -52,6 +53,10 @@ from fulltune.report_kit import Html, write_reports
 
 REPORT_FORMAT = "fulltune.check_tokenizer/v1"
 SAMPLE_RECORDS = 2000  # records sampled per dataset for the statistics
+# With preprocess.overlong: drop, the share of sampled examples that must fit max_seq_len whatever
+# tokenizer.max_truncation_rate allows: below it preprocessing leaves (almost) nothing to train on,
+# which gather_shards or train would find only after the whole dataset is tokenized.
+DROP_MIN_KEPT = 0.01
 ROUNDTRIP_SAMPLE = 200  # of those, decoded again for the fidelity check
 PREFIX_CHECK_SAMPLE = 50  # conversations whose prefixes are rendered for the assistant-span check
 MAX_DISTINCT_WORDS = 50_000  # most frequent domain words whose pieces are counted
@@ -474,10 +479,20 @@ class _Checker:
                 f"{how}, nothing is dropped; {stats}",
             )
             return
-        message = (
-            f"{over} of {len(lengths)} sampled records ({rate:.1%}) are longer than max_seq_len={max_len} tokens "
-            f"(allowed {allowed:.1%}) and would be truncated; {stats}"
+        over_what = f"{over} of {len(lengths)} sampled records ({rate:.1%}) are longer than max_seq_len={max_len} tokens"
+        if self.cfg.preprocess.overlong == "drop" and len(lengths) - over < DROP_MIN_KEPT * len(lengths):
+            left = "none" if over == len(lengths) else "almost none"
+            self.add(
+                "truncation",
+                "error",
+                f"{over_what} and preprocess.overlong is drop: {left} would be left to train on; raise "
+                f"preprocess.max_seq_len (p95 {self.lengths['p95']}) or set preprocess.overlong: truncate; {stats}",
+            )
+            return
+        fate = (
+            "dropped (preprocess.overlong: drop)" if self.cfg.preprocess.overlong == "drop" else "truncated"
         )
+        message = f"{over_what} (allowed {allowed:.1%}) and would be {fate}; {stats}"
         self.add("truncation", "error" if rate > allowed else "ok", message)
 
     def _fertility_check(self) -> None:
