@@ -341,6 +341,47 @@ def test_plan_refuses_data_clearly_smaller_than_one_global_batch(tmp_path):
     assert not any("global batch" in d for d in fills.decisions)
 
 
+def test_plan_warns_where_forgetting_cannot_be_measured_or_replay_repeats_a_small_pool(tmp_path, caplog):
+    """No general set: the README's forgetting gate is off and nothing is replayed. A tiny one: its
+    general_eval split is a few sequences (the intervals are noise) and replay repeats its rest many
+    times an epoch. Warned in the plan report and in the log `fulltune check` prints."""
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    line = json.dumps({"text": "the patient takes metformin daily " * 5}) + "\n"
+    train, general = tmp_path / "train.jsonl", tmp_path / "general.jsonl"
+    train.write_text(line * 400)  # 10,000 tokens
+    general.write_text(
+        json.dumps({"text": "the city is rome"}) + "\n" + json.dumps({"text": "paris is a city"}) + "\n"
+    )
+    base = {
+        "model": {"base_model_uri": str(model)},
+        "data": {"train_uri": str(train)},
+        "preprocess": {"max_seq_len": 64},
+        "resources": {"accelerator": "cpu"},
+    }
+    without = planmod.make_plan(RunConfig.from_dict(base))
+    no_general = (
+        "warning: data.general_uri is not set: forgetting will not be measured (the gate judges the domain "
+        "gain alone) and there is no replay (preprocess.replay_fraction 0.1 has nothing to draw from)"
+    )
+    assert no_general in without.decisions and f"- {no_general}" in planmod.plan_markdown(without)
+    assert f"plan: {no_general.removeprefix('warning: ')}" in caplog.text
+
+    tiny = planmod.make_plan(
+        RunConfig.from_dict({**base, "data": {**base["data"], "general_uri": str(general)}})
+    )
+    warned = [d for d in tiny.decisions if d.startswith("warning: ")]
+    assert warned[0].startswith(
+        "warning: the general eval set (preprocess.general_eval_fraction 0.5 of data.general_uri, ~2 records) "
+        "makes ~0 sequences, fewer than 50: the forgetting figures and their confidence interval would be noise"
+    )
+    assert warned[1].startswith(
+        "warning: replay draws ~1,111 tokens an epoch (preprocess.replay_fraction 0.1) from a pool of ~4"
+    )
+    assert "each general document is replayed ~278 times an epoch" in warned[1]
+
+
 def test_plan_requires_model_and_data():
     from fulltune.config import ConfigError
 

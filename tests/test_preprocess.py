@@ -647,6 +647,35 @@ def test_every_example_dropped_as_overlong_is_said_so_not_blamed_on_the_eval_spl
     )
 
 
+def test_the_dataset_manifest_warns_of_a_general_set_too_small_to_measure_or_replay(
+    demo_assets, tmp_path, caplog
+):
+    """A 4-record general set: general_eval is a sequence or two (forgetting's interval is noise) and
+    replay repeats the rest hundreds of times an epoch; without one, forgetting is not measured."""
+    rows = [
+        {"text": f"note {i}: the patient takes metformin twice daily and the kidney is normal."}
+        for i in range(400)
+    ]
+    general = [{"text": f"rome is a city number {i}"} for i in range(4)]
+    cfg = make_cfg(demo_assets, tmp_path, rows, general, replay_fraction=0.2, general_eval_fraction=0.5)
+    manifest = preprocess_all(at(cfg, str(tmp_path / "tiny")))
+    small, repeated = manifest["warnings"]
+    held = manifest["splits"]["general_eval"]["sequences"]
+    assert small == (
+        f"general_eval has {held} sequences, fewer than 50: the forgetting figures and their confidence "
+        "interval are noise; add general data"
+    )
+    replay = manifest["replay"]
+    assert replay["pool_tokens"] and replay["replay_tokens"] / replay["pool_tokens"] > 100
+    assert repeated.startswith(f"replay: the pool of {replay['pool_tokens']:,} tokens is replayed ~")
+    assert small in caplog.text and repeated in caplog.text
+
+    without = preprocess_all(at(make_cfg(demo_assets, tmp_path, rows), str(tmp_path / "none")))
+    assert without["warnings"] == [
+        "no general set (data.general_uri): forgetting will not be measured and nothing is replayed"
+    ]
+
+
 def test_truncation_cuts_the_prompt_so_the_answer_is_learned(demo_assets, tmp_path, tok):
     """An over-long example whose answer fits loses the start of its prompt, not its answer; one whose
     prompt alone fills max_seq_len before an answer too long to fit would keep no loss token: it is

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -61,6 +62,7 @@ from fulltune import storage
 from fulltune.config import ConfigError, RunConfig
 from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost, planned_tokens
 from fulltune.disk import DiskEstimate, checkpoint_bytes, estimate_disk, pod_scratch_request
+from fulltune.preprocess.dataset import MAX_REPLAY_REPEATS, MIN_GENERAL_EVAL_SEQUENCES
 from fulltune.report_kit import markdown_table
 from fulltune.train import liger
 from fulltune.train.recompute import layers_recomputed
@@ -68,6 +70,8 @@ from fulltune.train.throughput import has_bf16
 
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 GiB = 1024**3
 FIXED_OVERHEAD_BYTES = int(1.5 * GiB)
@@ -783,10 +787,17 @@ def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
 
 
 def estimate_train_data(cfg: RunConfig, sample_records: int = 256) -> DataEstimate:
+    return estimate_datasets(cfg, sample_records)[0]
+
+
+def estimate_datasets(cfg: RunConfig, sample_records: int = 256) -> tuple[DataEstimate, DataEstimate | None]:
+    """The training data's estimate, and the general set's when data.general_uri is set."""
     from fulltune.hf import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
-    return estimate_data(cfg.data.train_uri, cfg, tok, sample_records)
+    train = estimate_data(cfg.data.train_uri, cfg, tok, sample_records)
+    general_uri = cfg.data.general_uri
+    return train, estimate_data(general_uri, cfg, tok, sample_records) if general_uri else None
 
 
 @dataclass(frozen=True)
@@ -940,19 +951,62 @@ def check_one_batch(cfg: RunConfig, data: DataEstimate) -> list[str]:
     return [f"warning: {what}fewer than {batch_fields}: if so, train refuses it after preprocessing"]
 
 
-def estimated_sequences(cfg: RunConfig, data: DataEstimate) -> float | None:
+def estimated_sequences(cfg: RunConfig, data: DataEstimate, replay: float | None = None) -> float | None:
     """The training sequences the data makes, estimated from above; None where plan cannot bound
     them. Packed text is a stream of tokens (each document's text, its BOS and EOS, and the replay
     mixed in); anything else makes at most one sequence per record, plus the windows of a text
     document longer than max_seq_len, and an unknown number of replayed documents beside them."""
     pp = cfg.preprocess
-    replay = pp.replay_fraction if cfg.data.general_uri else 0.0
+    if replay is None:  # the training split's: the configured share, where there is a general set
+        replay = pp.replay_fraction if cfg.data.general_uri else 0.0
     if data.kind in (None, "text") and pp.packing:
         tokens = data.tokens + 2 * data.records
         return tokens / (1.0 - replay) / pp.max_seq_len
     if replay:
         return None
     return data.records + data.tokens / pp.max_seq_len
+
+
+def general_notes(cfg: RunConfig, train: DataEstimate, general: DataEstimate | None) -> list[str]:
+    """Warnings on what the general set can measure and replay: none at all without data.general_uri
+    (the README's forgetting gate is then off), too few general_eval sequences for its intervals,
+    a replay pool repeated many times an epoch. `general` None with a general_uri: not estimated."""
+    pp = cfg.preprocess
+    if not cfg.data.general_uri:
+        return [
+            "warning: data.general_uri is not set: forgetting will not be measured (the gate judges the "
+            f"domain gain alone) and there is no replay (preprocess.replay_fraction {pp.replay_fraction:g} "
+            "has nothing to draw from)"
+        ]
+    if general is None:
+        return []
+    share = pp.general_eval_fraction
+    held = DataEstimate(round(general.records * share), round(general.tokens * share), general.kind)
+    notes = []
+    sequences = estimated_sequences(cfg, held, replay=0.0)
+    if sequences is not None and sequences < MIN_GENERAL_EVAL_SEQUENCES:
+        notes.append(
+            f"warning: the general eval set (preprocess.general_eval_fraction {share:g} of data.general_uri, "
+            f"~{general.records:,} records) makes ~{sequences:,.0f} sequences, fewer than "
+            f"{MIN_GENERAL_EVAL_SEQUENCES}: the forgetting figures and their confidence interval would be "
+            "noise; add general data"
+        )
+    return notes + replay_notes(cfg, train, general)
+
+
+def replay_notes(cfg: RunConfig, train: DataEstimate, general: DataEstimate) -> list[str]:
+    pp = cfg.preprocess
+    r = pp.replay_fraction
+    pool = general.tokens * (1.0 - pp.general_eval_fraction)
+    replayed = train.tokens * r / (1.0 - r)
+    if r <= 0 or replayed <= MAX_REPLAY_REPEATS * pool:
+        return []
+    return [
+        f"warning: replay draws ~{replayed:,.0f} tokens an epoch (preprocess.replay_fraction {r:g}) from a pool "
+        f"of ~{pool:,.0f} (data.general_uri less its general_eval share): each general document is replayed "
+        f"~{replayed / max(pool, 1):,.0f} times an epoch, which teaches the pool rather than keeping general "
+        "ability; add general data or lower replay_fraction"
+    ]
 
 
 def check_registry(cfg: RunConfig) -> None:
@@ -1064,9 +1118,9 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     check_champion(cfg)
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)
-    data = estimate_train_data(cfg) if train_tokens is None else DataEstimate(0, train_tokens)
+    data, general = estimate_datasets(cfg) if train_tokens is None else (DataEstimate(0, train_tokens), None)
     tokens = data.tokens
-    batch_notes = check_one_batch(cfg, data)
+    batch_notes = check_one_batch(cfg, data) + general_notes(cfg, data, general)
     over, rule_notes = resolved_fields(cfg, shape, mem, tokens)
     resolved = cfg.with_overrides(over)
     cost = estimate_cost(
@@ -1092,6 +1146,9 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     if problems := disk.problems():
         raise PlanError("not enough disk: " + "; ".join(problems))
     rule_notes += evaluation_notes(resolved, shape)
+    for note in notes + batch_notes + rule_notes:
+        if note.startswith("warning: "):  # `fulltune check` shows the log, not the plan report
+            log.warning("plan: %s", note.removeprefix("warning: "))
     return Plan(
         shape,
         mem,

@@ -58,6 +58,8 @@ from fulltune.preprocess.dataset import (
     DOMAIN_EVAL,
     GENERAL_EVAL,
     IGNORE_INDEX,
+    MAX_REPLAY_REPEATS,
+    MIN_GENERAL_EVAL_SEQUENCES,
     TRAIN,
     DatasetManifest,
     ReplaySummary,
@@ -934,6 +936,7 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
             "domain_loss_tokens": dl,
             "replay_loss_tokens": gl,
             "achieved_loss_fraction": gl / max(dl + gl, 1),
+            "pool_tokens": len(shard.pool.ids),
         }
     manifest = {
         "format": SHARD_FORMAT,
@@ -974,8 +977,33 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> D
     )
     if not manifest.sequences(TRAIN):
         raise PreprocessError(no_training_sequences(cfg, manifest))
+    manifest.warnings = dataset_warnings(cfg, manifest)
+    for warning in manifest.warnings:
+        log.warning("%s", warning)
     storage.write_json(cfg.layout.dataset_manifest, manifest.to_json())
     return manifest
+
+
+def dataset_warnings(cfg: RunConfig, manifest: DatasetManifest) -> list[str]:
+    """What the general set cannot do for this dataset: measure forgetting on enough sequences, or
+    replay without repeating itself many times an epoch (plan warns of both from its estimates)."""
+    if not cfg.data.general_uri:
+        return ["no general set (data.general_uri): forgetting will not be measured and nothing is replayed"]
+    out = []
+    held = manifest.sequences(GENERAL_EVAL)
+    if held < MIN_GENERAL_EVAL_SEQUENCES:
+        out.append(
+            f"general_eval has {held} sequences, fewer than {MIN_GENERAL_EVAL_SEQUENCES}: the forgetting "
+            "figures and their confidence interval are noise; add general data"
+        )
+    replay = manifest.replay
+    if replay and replay.repeats > MAX_REPLAY_REPEATS:
+        out.append(
+            f"replay: the pool of {replay.pool_tokens:,} tokens is replayed ~{replay.repeats:,.0f} times an "
+            f"epoch ({replay.replay_tokens:,} tokens): it teaches the pool rather than keeping general "
+            "ability; add general data or lower preprocess.replay_fraction"
+        )
+    return out
 
 
 def no_training_sequences(cfg: RunConfig, manifest: DatasetManifest) -> str:
@@ -1045,4 +1073,5 @@ def _replay_summary(shards: list[dict[str, Any]], configured: float) -> ReplaySu
         domain_loss_tokens=domain_loss,
         replay_loss_tokens=general_loss,
         achieved_loss_fraction=general_loss / max(domain_loss + general_loss, 1),
+        pool_tokens=max(r.get("pool_tokens", 0) for r in replay),  # every shard holds the whole pool
     )

@@ -18,7 +18,9 @@ The dataset manifest (written by `gather_shards`) is what `train` and `evaluate`
         "general_eval": {...}     # present when a general set is configured
       },
       "replay": {"domain_tokens", "replay_tokens", "achieved_fraction", "configured_fraction",
-                 "domain_loss_tokens", "replay_loss_tokens", "achieved_loss_fraction"},
+                 "domain_loss_tokens", "replay_loss_tokens", "achieved_loss_fraction", "pool_tokens"},
+      "warnings": ["..."],        # a general_eval split too small to measure forgetting, a replay
+                                  # pool repeated many times an epoch, no general set at all
       ...
     }
 
@@ -40,6 +42,16 @@ MANIFEST_FORMAT = "fulltune.dataset/v1"
 # The dataset's splits, by the names the manifest and the shard files use.
 TRAIN, DOMAIN_EVAL, GENERAL_EVAL = "train", "domain_eval", "general_eval"
 IGNORE_INDEX = -100
+
+# The forgetting figures are bootstrap intervals over the general_eval split's sequences
+# (evaluate.loss): below a few dozen the resamples take few distinct values and the percentile
+# interval is far narrower than the real uncertainty, so a gate on it passes or fails on noise.
+MIN_GENERAL_EVAL_SEQUENCES = 50
+# Repeating data up to ~4 times trains about as well as fresh data, and by ~16 repeats a further
+# pass is worth almost nothing (Muennighoff et al. 2023, "Scaling Data-Constrained Language
+# Models"): the model then memorises the replay pool, a poor stand-in for the general ability it
+# should keep. Warned above 16, where it is clearly so (a small demo pool replayed ~5 times is not).
+MAX_REPLAY_REPEATS = 16.0
 
 
 class DatasetError(ValueError):
@@ -86,6 +98,12 @@ class ReplaySummary(_Record):
     domain_loss_tokens: int = 0  # 0 and None: written by an earlier fulltune
     replay_loss_tokens: int = 0
     achieved_loss_fraction: float | None = None
+    pool_tokens: int = 0  # the replay pool's tokens (the general set less general_eval); 0: not recorded
+
+    @property
+    def repeats(self) -> float:
+        """How many times each pool token is replayed over an epoch; 0 when the pool is not recorded."""
+        return self.replay_tokens / self.pool_tokens if self.pool_tokens else 0.0
 
 
 class DatasetManifest(_Record):
@@ -97,6 +115,8 @@ class DatasetManifest(_Record):
     num_shards: int | None = None
     splits: dict[str, SplitSummary]
     replay: ReplaySummary | None = None  # written as {} when nothing was replayed
+    # What the evaluation and replay this dataset allows cannot do (`gather_shards`), in words.
+    warnings: list[str] = []
 
     @field_validator("replay", mode="before")
     @classmethod
