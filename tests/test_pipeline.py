@@ -90,7 +90,7 @@ def test_compiling_imports_no_heavy_library():
 
 
 # Cycle 1 only needs to pass the gate (a 5% lower domain loss: 6.3% at 60 steps) so that cycle 3, the
-# demo, has a promoted version to beat; the demo trains a third of its 310 steps (one epoch) there,
+# demo, has a promoted version to beat; the demo trains a third of its 312 steps (one epoch) there,
 # enough to beat it (domain loss 6.163 at 100 steps against v1's 6.325), to keep the suite's time.
 FIRST_CYCLE_STEPS, DEMO_CYCLE_STEPS = 60, 100
 

@@ -27,9 +27,20 @@ def user_config(tmp_path: Path, demo_assets, **data) -> Path:
 
 
 def test_the_dry_run_passes_a_good_config_with_one_line_per_step(tmp_path, demo_assets, capsys):
-    config = user_config(tmp_path, demo_assets)
+    import json
+
+    train = Path(demo_assets.train_uri).read_text().splitlines()
+    eval_file = tmp_path / "eval.jsonl"  # 3 of its 60 notes also in train: under the 10% that fails
+    eval_file.write_text(
+        "\n".join(train[:3] + [json.dumps({"text": f"note {i}: stable."}) for i in range(57)])
+    )
+    config = user_config(tmp_path, demo_assets, eval_uri=str(eval_file))
     assert main(["check", str(config), "--dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out.splitlines()
+    # a warning is named by its code on the step's line (the report has each record)
+    assert (
+        "train 1,500 records, 0 bad, no warnings; eval 60 records, 0 bad, warnings: 3 train_overlap" in out[0]
+    )
     assert [line.split()[:2] for line in out[:3]] == [
         ["ok", "validate_data"],
         ["ok", "check_tokenizer"],

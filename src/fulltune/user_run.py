@@ -90,8 +90,9 @@ def _validate(cfg: RunConfig, out_dir: Path) -> StepLine:
     report = steps.validate_data(cfg, str(report_path))
     parts = []
     for name, d in report["datasets"].items():
-        warnings = sum(p["count"] for p in d["problems"] if p["severity"] == "warning")
-        parts.append(f"{name} {d['records']:,} records, {d['bad_records']:,} bad, {warnings:,} warnings")
+        warned = [f"{p['count']:,} {p['code']}" for p in d["problems"] if p["severity"] == "warning"]
+        said = f", warnings: {', '.join(warned)}" if warned else ", no warnings"
+        parts.append(f"{name} {d['records']:,} records, {d['bad_records']:,} bad{said}")
     return StepLine("; ".join(parts), report_path)
 
 
@@ -104,7 +105,10 @@ def _check_tokenizer(cfg: RunConfig, out_dir: Path) -> StepLine:
     warnings = sum(c["status"] == "warning" for c in report["checks"])
     figures = [f"model files complete, {report['tokenizer']['size']:,} tokens"]
     if lengths:
-        fate = "truncated" if lengths["truncated"] else "split, not truncated"
+        if not lengths["truncated"]:
+            fate = "split, not truncated"
+        else:
+            fate = "dropped" if cfg.preprocess.overlong == "drop" else "truncated"
         figures.append(
             f"p95 {lengths['p95']:,} tokens a record, {lengths['truncation_rate']:.1%} over max_seq_len ({fate})"
         )
