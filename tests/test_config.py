@@ -195,3 +195,44 @@ def test_any_mapping_validates_or_names_the_field(data):
         for line in lines[1:]:
             path, sep, what = line.strip().partition(": ")
             assert sep and what and path and path.isprintable(), line
+
+
+# What plan or validate_data would refuse on the cluster, after a run was created, that depends on
+# nothing but the config: refused when the config is read.
+CONTRADICTIONS = {
+    "data": {"checks": {"pii_emial": {"action": "fail"}}},
+    "training": {"bf16": True, "fp16": True, "early_stopping_patience": 2},
+}
+
+
+def example_with_contradictions(tmp_path: Path) -> Path:
+    import yaml
+
+    from fulltune.config import deep_merge
+
+    data = yaml.safe_load((ROOT / "pipelines" / "examples" / "llama-8b-clinical.yaml").read_text())
+    path = tmp_path / "ex-bad.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(data, CONTRADICTIONS)))
+    return path
+
+
+def test_config_check_refuses_contradictions_naming_each_field(tmp_path, capsys):
+    from fulltune.cli import main
+
+    path = example_with_contradictions(tmp_path)
+    assert main(["config", "--check", str(path), "--for-cluster"]) == 1
+    out, err = capsys.readouterr()
+    assert "ok" not in out
+    assert f"{path}: 3 invalid field(s)" in err
+    assert "  data.checks.pii_emial: unknown code (did you mean pii_email? known: " in err
+    assert "  training.fp16: training.bf16 and training.fp16 are both true: choose one" in err
+    assert (
+        "  training.early_stopping_patience: set but training.eval_steps is 0: early stopping needs "
+        "periodic evaluation; set training.eval_steps (e.g. 50) or early_stopping_patience: 0 (got 2)"
+    ) in err
+
+
+def test_a_fatal_check_code_is_refused_when_the_config_is_read():
+    with pytest.raises(ConfigError, match=r"  data\.checks\.no_data: 'no_data' is fatal and has no policy"):
+        RunConfig.from_dict({"data": {"checks": {"no_data": {"action": "warn"}}}})
+    assert RunConfig.from_dict({"data": {"checks": {"pii_email": {"action": "fail"}}}})

@@ -557,21 +557,21 @@ def test_the_parameter_copy_gives_way_to_a_faster_setting_and_forcing_it_is_chec
     offloaded = _gpu_cfg({"offload_param": True}, num_nodes=2, launcher="kubernetes")
     assert planmod.choose_memory_settings(offloaded, s)[0].hpz_partition_size == 1
 
+    # refused when the config is read (before a run exists), naming the field
     base = {"model": {"base_model_uri": str(llama_dir)}, "data": {"train_uri": str(tmp_path / "x.jsonl")}}
     for resources, training, why in (
         ({}, {}, "resources.num_nodes is 1"),
         ({"num_nodes": 2, "nproc_per_node": 1}, {}, "resources.nproc_per_node is 1"),
         ({"num_nodes": 2, "nproc_per_node": 2}, {"offload_param": True}, "training.offload_param is set"),
     ):
-        cfg = RunConfig.from_dict(
-            {
-                **base,
-                "training": {"hierarchical_partitioning": True, **training},
-                "resources": {"launcher": "kubernetes", **resources},
-            }
-        )
-        with pytest.raises(ConfigError, match=f"training.hierarchical_partitioning is set but {why}"):
-            planmod.make_plan(cfg, train_tokens=1)
+        with pytest.raises(ConfigError, match=f"  training.hierarchical_partitioning: set but {why}"):
+            RunConfig.from_dict(
+                {
+                    **base,
+                    "training": {"hierarchical_partitioning": True, **training},
+                    "resources": {"launcher": "kubernetes", **resources},
+                }
+            )
 
 
 def test_adafactor_needs_12_bytes_per_parameter_and_no_optimizer_block():
@@ -604,42 +604,64 @@ def test_fp16_gets_dynamic_loss_scaling_on_gpu_only_and_is_exclusive_with_bf16()
     cpu = _gpu_cfg({"bf16": False, "fp16": True}, accelerator="cpu")
     assert planmod.deepspeed_config(cpu, s)["fp16"]["enabled"] is False
     assert planmod.deepspeed_config(_gpu_cfg({}), s)["fp16"]["enabled"] is False
-    with pytest.raises(ConfigError, match=r"training\.bf16 and training\.fp16"):
-        planmod.deepspeed_config(_gpu_cfg({"fp16": True}), s)  # bf16 defaults to true
+    with pytest.raises(ConfigError, match=r"training\.fp16: training\.bf16 and training\.fp16"):
+        _gpu_cfg({"fp16": True})  # bf16 defaults to true: refused when the config is read
 
 
-def test_make_plan_refuses_contradictory_training_settings(llama_dir, tmp_path):
+def test_contradictory_training_settings_are_refused_when_the_config_is_read(llama_dir, tmp_path):
+    """Pure config contradictions are refused by the config's validators, so `config --check`,
+    `submit` and `schedule` refuse them before a run exists; each line names its field."""
     from fulltune.config import ConfigError
 
     base = {"model": {"base_model_uri": str(llama_dir)}, "data": {"train_uri": str(tmp_path / "x.jsonl")}}
-    with pytest.raises(ConfigError, match=r"training\.bf16 and training\.fp16"):
-        planmod.make_plan(RunConfig.from_dict({**base, "training": {"fp16": True}}), train_tokens=1)
-    with pytest.raises(ConfigError, match=r"early_stopping_patience.*eval_steps"):
-        planmod.make_plan(
-            RunConfig.from_dict({**base, "training": {"early_stopping_patience": 2}}), train_tokens=1
-        )
-    with pytest.raises(ConfigError, match=r"stop_on_forgetting.*eval_steps is 0"):
-        planmod.make_plan(
-            RunConfig.from_dict({**base, "training": {"stop_on_forgetting": True}}), train_tokens=1
-        )
-    watching = {"stop_on_forgetting": True, "eval_steps": 10}
-    with pytest.raises(ConfigError, match=r"stop_on_forgetting.*data\.general_uri is empty"):
-        planmod.make_plan(RunConfig.from_dict({**base, "training": watching}), train_tokens=1)
-    liger_on_cpu = {**base, "training": {"use_liger_kernel": True}, "resources": {"accelerator": "cpu"}}
-    with pytest.raises(
-        ConfigError, match=r"use_liger_kernel.*accelerator is cpu: Liger's kernels are Triton"
-    ):
-        planmod.make_plan(RunConfig.from_dict(liger_on_cpu), train_tokens=1)
-    flash_on_cpu = {**base, "training": {"attn_implementation": "flash_attention_2"}}
-    flash_on_cpu["resources"] = {"accelerator": "cpu"}
-    with pytest.raises(ConfigError, match=r"flash_attention_2 but resources\.accelerator is cpu.*set sdpa"):
-        planmod.make_plan(RunConfig.from_dict(flash_on_cpu), train_tokens=1)
-    # bf16, the default, on a GPU from before Ampere: refused naming fp16, which the same GPU has
+    refused = [
+        (
+            {"training": {"fp16": True}},
+            r"  training\.fp16: training\.bf16 and training\.fp16 .* \(got True\)",
+        ),
+        (
+            {"training": {"early_stopping_patience": 2}},
+            r"  training\.early_stopping_patience: set but training\.eval_steps is 0.* \(got 2\)",
+        ),
+        ({"training": {"stop_on_forgetting": True}}, r"  training\.stop_on_forgetting: .*eval_steps is 0"),
+        (
+            {"training": {"stop_on_forgetting": True, "eval_steps": 10}},
+            r"  training\.stop_on_forgetting: set but data\.general_uri is empty",
+        ),
+        (
+            {"training": {"use_liger_kernel": True}, "resources": {"accelerator": "cpu"}},
+            r"  training\.use_liger_kernel: .*accelerator is cpu: Liger's kernels are Triton",
+        ),
+        (
+            {"training": {"attn_implementation": "flash_attention_2"}, "resources": {"accelerator": "cpu"}},
+            r"  training\.attn_implementation: .*flash_attention_2 but resources\.accelerator is cpu.*set sdpa",
+        ),
+        # bf16, the default, on a GPU from before Ampere: refused naming fp16, which the same GPU has
+        (
+            {"resources": {"gpu_type": "T4", "gpu_memory_gib": 15}},
+            r"  training\.bf16: .*resources\.gpu_type T4 has no bf16 .* training\.fp16: true",
+        ),
+    ]
+    for change, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            RunConfig.from_dict({**base, **change})
     on_t4 = {**base, "resources": {"gpu_type": "T4", "gpu_memory_gib": 15}}
-    with pytest.raises(ConfigError, match=r"resources\.gpu_type T4 has no bf16 .* training\.fp16: true"):
-        planmod.make_plan(RunConfig.from_dict(on_t4), train_tokens=1)
     fp16 = {**on_t4, "training": {"bf16": False, "fp16": True}}
     assert planmod.make_plan(RunConfig.from_dict(fp16), train_tokens=10_000).config.precision == "fp16"
+
+
+def test_plan_still_refuses_a_contradiction_that_got_past_the_validators(llama_dir, tmp_path):
+    """A config changed after it was read (validate_assignment checks one section, not the others)
+    is asked again by plan and by train (`check_training`)."""
+    from fulltune.config import ConfigError
+
+    base = {"model": {"base_model_uri": str(llama_dir)}, "data": {"train_uri": str(tmp_path / "x.jsonl")}}
+    cfg = RunConfig.from_dict({**base, "training": {"use_liger_kernel": True}})
+    cfg.resources.accelerator = "cpu"
+    with pytest.raises(
+        ConfigError, match=r"training\.use_liger_kernel: set but resources\.accelerator is cpu"
+    ):
+        planmod.make_plan(cfg, train_tokens=1)
 
 
 def shape_869m() -> ModelShape:

@@ -1128,3 +1128,15 @@ def test_check_cluster_without_a_reachable_kubernetes_api_refuses_in_one_line(kf
     assert "--check-cluster: cannot reach the Kubernetes API" in err and "Traceback" not in err
     assert "nothing was submitted" in err
     assert kfp.requests == []
+
+
+def test_submit_refuses_config_contradictions_before_creating_anything(kfp, tmp_path, capsys):
+    """bf16 with fp16, early stopping without evaluations, a misspelt check code: the pipeline's
+    plan or validate_data step would refuse them after the run was created; submit refuses them."""
+    from test_config import example_with_contradictions
+
+    assert submit(kfp, example_with_contradictions(tmp_path), "--dry-run") == 2
+    err = capsys.readouterr().err
+    for field in ("data.checks.pii_emial", "training.fp16", "training.early_stopping_patience"):
+        assert f"  {field}: " in err
+    assert kfp.requests == []

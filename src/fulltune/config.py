@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
@@ -27,6 +27,27 @@ Precision = Literal["bf16", "fp16", "fp32"]
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the field and the problem."""
+
+
+# One problem a validator finds: the field's path below the validator's own place, the value
+# (None: not shown) and what is wrong, with what to do.
+Problem = tuple[tuple[str, ...], Any, str]
+
+
+class FieldProblems(ValueError):
+    """Problems a validator finds at fields other than the one it validates: a contradiction between
+    two fields, a key of a mapping. Pydantic would report them at the validator's own place (a
+    section, or the root); `format_validation_error` puts each at its own dotted field instead, so
+    they read like every other config error."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("; ".join(f"{'.'.join(path)}: {msg}" for path, _, msg in problems))
+        self.problems = problems
+
+
+def _refuse(problems: list[Problem]) -> None:
+    if problems:
+        raise FieldProblems(problems)
 
 
 class _Section(BaseModel):
@@ -86,6 +107,22 @@ class CheckPolicy(_Section):
         le=1.0,
         description="For action 'fail': fraction of records with this code tolerated; None means data.max_error_rate.",
     )
+
+
+def check_code_problem(code: str) -> str | None:
+    """Why `code` cannot be a key of data.checks, or None (the codes: fulltune.data.validate.codes)."""
+    import difflib
+
+    from fulltune.data.validate.codes import CODES, FATAL
+
+    if code in FATAL:
+        return f"{code!r} is fatal and has no policy: a dataset with it always fails"
+    if code in CODES:
+        return None
+    known = sorted(set(CODES) - FATAL)
+    close = difflib.get_close_matches(code, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown code ({hint}known: {', '.join(known)})"
 
 
 class DataSection(_Section):
@@ -181,6 +218,14 @@ class DataSection(_Section):
         if text is not None and parse_time(text) is None:
             raise ValueError("not an ISO 8601 date or time, e.g. 2026-11-27 or 2026-11-27T03:00:00Z")
         return text
+
+    @field_validator("checks")
+    @classmethod
+    def _known_codes(cls, checks: dict[str, CheckPolicy]) -> dict[str, CheckPolicy]:
+        """A misspelt code would only be found by validate_data, on a cluster after the run was
+        created: refused when the config is read."""
+        _refuse([((code,), None, why) for code in checks if (why := check_code_problem(code))])
+        return checks
 
 
 class TokenizerSection(_Section):
@@ -451,6 +496,37 @@ class TrainingSection(_Section):
     def global_batch_size(self, world_size: int) -> int:
         """Sequences per optimizer step: micro batch x accumulation x ranks (the one place it is computed)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSection:
+        _refuse(self.contradictions())
+        return self
+
+    def contradictions(self) -> list[Problem]:
+        """Combinations of training fields that cannot work. Refused when the config is read, so
+        `config --check`, `submit` and `schedule` refuse them before a run exists, not its plan step."""
+        out: list[Problem] = []
+        if self.bf16 and self.fp16:
+            out.append(
+                (
+                    ("fp16",),
+                    True,
+                    "training.bf16 and training.fp16 are both true: choose one (set training.bf16: false "
+                    "to train in float16 with loss scaling)",
+                )
+            )
+        for name in ("early_stopping_patience", "stop_on_forgetting"):
+            if getattr(self, name) and not self.eval_steps:
+                out.append(((name,), getattr(self, name), _NEEDS_EVAL_STEPS[name]))
+        return out
+
+
+_NEEDS_EVAL_STEPS = {
+    "early_stopping_patience": "set but training.eval_steps is 0: early stopping needs periodic "
+    "evaluation; set training.eval_steps (e.g. 50) or early_stopping_patience: 0",
+    "stop_on_forgetting": "set but training.eval_steps is 0: forgetting is measured at each evaluation; "
+    "set training.eval_steps (e.g. 50) or stop_on_forgetting: false",
+}
 
 
 class Toleration(_Section):
@@ -764,6 +840,60 @@ class RunConfig(_Section):
         default_factory=RegistrySection, description="Where passing models are registered."
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        _refuse(self.section_contradictions())
+        return self
+
+    def section_contradictions(self) -> list[Problem]:
+        """Settings of different sections that cannot work together (a GPU kernel on the CPU, bf16 on
+        a GPU without it): refused when the config is read, before a run or its pods exist."""
+        tr, res = self.training, self.resources
+        out: list[Problem] = []
+        cpu = res.accelerator == "cpu"
+        if tr.use_liger_kernel and cpu:
+            why = "set but resources.accelerator is cpu: Liger's kernels are Triton kernels for GPUs"
+            out.append((("training", "use_liger_kernel"), True, why))
+        if tr.attn_implementation == "flash_attention_2" and cpu:
+            why = (
+                "training.attn_implementation is flash_attention_2 but resources.accelerator is cpu: "
+                "FlashAttention is a GPU kernel; set sdpa (the default)"
+            )
+            out.append((("training", "attn_implementation"), tr.attn_implementation, why))
+        if tr.hierarchical_partitioning and (why := self._hpz_problem()):
+            out.append((("training", "hierarchical_partitioning"), True, f"set but {why}"))
+        if self.precision == "bf16" and not _has_bf16(res.gpu_type):
+            why = (
+                f"set but resources.gpu_type {res.gpu_type} has no bf16 (it needs an Ampere or newer "
+                "GPU): set training.bf16: false and training.fp16: true"
+            )
+            out.append((("training", "bf16"), True, why))
+        if tr.stop_on_forgetting and not self.data.general_uri:
+            why = (
+                "set but data.general_uri is empty: forgetting is measured on the general eval set held "
+                "out from it; set data.general_uri or stop_on_forgetting: false"
+            )
+            out.append((("training", "stop_on_forgetting"), True, why))
+        return out
+
+    def _hpz_problem(self) -> str | None:
+        res = self.resources
+        if res.num_nodes == 1:
+            return "resources.num_nodes is 1: there is no traffic between nodes to save"
+        if res.nproc_per_node == 1:
+            return "resources.nproc_per_node is 1: a node of one GPU has no one to share the copy with"
+        if self.training.offload_param:
+            return (
+                "training.offload_param is set: the copy would bring the offloaded parameters back to the GPU"
+            )
+        return None
+
+    def contradictions(self) -> list[str]:
+        """Every contradiction between fields, as 'FIELD: problem' (the validators refuse them when
+        a config is read; plan and train ask again of the config they were given)."""
+        found = [(("training", *path), value, why) for path, value, why in self.training.contradictions()]
+        return [f"{'.'.join(path)}: {why}" for path, _, why in found + self.section_contradictions()]
+
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
@@ -869,6 +999,12 @@ class RunConfig(_Section):
             raise ConfigError("required but empty: " + ", ".join(missing))
 
 
+def _has_bf16(gpu_type: str) -> bool:
+    from fulltune.train.throughput import has_bf16
+
+    return has_bf16(gpu_type)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a config file as written (YAML, or JSON by its .json suffix), not yet validated.
 
@@ -898,20 +1034,33 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: {exc.error_count()} invalid field(s)"]
-    for err in exc.errors():
-        field = ".".join(_loc_part(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `fulltune config --describe` lists the fields)"
-        got = err.get("input")
-        shown = (
-            ""
-            if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
-            else f" (got {got!r})"
-        )
-        lines.append(f"  {field}: {msg}{shown}")
-    return "\n".join(lines)
+    lines = [line for err in exc.errors() for line in _error_lines(err)]
+    return "\n".join([f"{source}: {len(lines)} invalid field(s)", *lines])
+
+
+def _error_lines(err: Any) -> list[str]:
+    """One error's lines, '  FIELD: what is wrong (got VALUE)'; a FieldProblems error has a line per
+    problem, each at its own field."""
+    problem = err.get("ctx", {}).get("error")
+    if isinstance(problem, FieldProblems):
+        return [
+            f"  {'.'.join(_loc_part(p) for p in (*err['loc'], *path))}: {msg}"
+            + ("" if value is None else f" (got {value!r})")
+            for path, value, msg in problem.problems
+        ]
+    return [_error_line(err)]
+
+
+def _error_line(err: Any) -> str:
+    field = ".".join(_loc_part(p) for p in err["loc"]) or "<root>"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field (check the spelling; `fulltune config --describe` lists the fields)"
+    got = err.get("input")
+    shown = (
+        "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+    )
+    return f"  {field}: {msg}{shown}"
 
 
 def _loc_part(part: Any) -> str:

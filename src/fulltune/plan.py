@@ -66,7 +66,6 @@ from fulltune.preprocess.dataset import MAX_REPLAY_REPEATS, MIN_GENERAL_EVAL_SEQ
 from fulltune.report_kit import markdown_table
 from fulltune.train import liger
 from fulltune.train.recompute import layers_recomputed
-from fulltune.train.throughput import has_bf16
 
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
@@ -881,41 +880,11 @@ def deepspeed_config(cfg: RunConfig, shape: ModelShape) -> dict[str, Any]:
 
 
 def check_training(cfg: RunConfig) -> None:
-    """Combinations of training fields that cannot work, refused before any GPU is spent."""
-    tr = cfg.training
-    cfg.precision  # noqa: B018 — refuses bf16 and fp16 together
-    if tr.early_stopping_patience and not tr.eval_steps:
-        raise ConfigError(
-            "training.early_stopping_patience is set but training.eval_steps is 0: "
-            "early stopping needs periodic evaluation"
-        )
-    if tr.stop_on_forgetting and not tr.eval_steps:
-        raise ConfigError(
-            "training.stop_on_forgetting is set but training.eval_steps is 0: forgetting is measured at "
-            "each evaluation"
-        )
-    if tr.use_liger_kernel and cfg.resources.accelerator == "cpu":
-        raise ConfigError(
-            "training.use_liger_kernel is set but resources.accelerator is cpu: Liger's kernels are Triton "
-            "kernels for GPUs"
-        )
-    if tr.attn_implementation == "flash_attention_2" and cfg.resources.accelerator == "cpu":
-        raise ConfigError(
-            "training.attn_implementation is flash_attention_2 but resources.accelerator is cpu: "
-            "FlashAttention is a GPU kernel; set sdpa (the default)"
-        )
-    if tr.hierarchical_partitioning:
-        check_hierarchical_partitioning(cfg)
-    if cfg.precision == "bf16" and not has_bf16(cfg.resources.gpu_type):
-        raise ConfigError(
-            f"training.bf16 is set but resources.gpu_type {cfg.resources.gpu_type} has no bf16 (it needs an "
-            "Ampere or newer GPU): set training.bf16: false and training.fp16: true"
-        )
-    if tr.stop_on_forgetting and not cfg.data.general_uri:
-        raise ConfigError(
-            "training.stop_on_forgetting is set but data.general_uri is empty: forgetting is measured on "
-            "the general eval set held out from it"
-        )
+    """Combinations of fields that cannot work, refused before any GPU is spent. The config's
+    validators refuse them when it is read (`RunConfig.contradictions`); asked again here of the
+    config plan and train are given."""
+    if problems := cfg.contradictions():
+        raise ConfigError("; ".join(problems))
 
 
 # train refuses a training split of fewer sequences than one global batch (train.schedule), after
@@ -1090,19 +1059,6 @@ def check_champion(cfg: RunConfig) -> None:
     champion = resolve(cfg) if cfg.registry.uri else None
     if champion is not None and champion.refused:
         raise PlanError(f"evaluation.compare_to: registered: {champion.refused}")
-
-
-def check_hierarchical_partitioning(cfg: RunConfig) -> None:
-    res = cfg.resources
-    if res.num_nodes == 1:
-        why = "resources.num_nodes is 1: there is no traffic between nodes to save"
-    elif res.nproc_per_node == 1:
-        why = "resources.nproc_per_node is 1: a node of one GPU has no one to share the copy with"
-    elif cfg.training.offload_param:
-        why = "training.offload_param is set: the copy would bring the offloaded parameters back to the GPU"
-    else:
-        return
-    raise ConfigError(f"training.hierarchical_partitioning is set but {why}")
 
 
 # -- the step ----------------------------------------------------------------------------------------
