@@ -236,3 +236,21 @@ def test_a_fatal_check_code_is_refused_when_the_config_is_read():
     with pytest.raises(ConfigError, match=r"  data\.checks\.no_data: 'no_data' is fatal and has no policy"):
         RunConfig.from_dict({"data": {"checks": {"no_data": {"action": "warn"}}}})
     assert RunConfig.from_dict({"data": {"checks": {"pii_email": {"action": "fail"}}}})
+
+
+def test_a_percentage_where_a_fraction_goes_is_refused_saying_it_is_a_fraction(tmp_path, capsys):
+    """`min_domain_loss_improvement: 5` meant as 5% asks for a 500% drop: a gate no model passes."""
+    from fulltune.cli import main
+
+    path = tmp_path / "pct.yaml"
+    path.write_text("evaluation:\n  min_domain_loss_improvement: 5\npreprocess:\n  replay_fraction: 10\n")
+    assert main(["config", "--check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "  evaluation.min_domain_loss_improvement: Input should be less than 1: a fraction, 0.05 = 5% (got 5)"
+        in err
+    )
+    # the other fields that are fractions say so too
+    assert "  preprocess.replay_fraction: Input should be less than 1: a fraction, 0.05 = 5% (got 10)" in err
+    ok = {"evaluation": {"min_domain_loss_improvement": 0.05, "max_general_ppl_increase": 1.5}}
+    assert RunConfig.from_dict(ok).evaluation.max_general_ppl_increase == 1.5  # perplexity may double

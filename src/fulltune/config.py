@@ -714,8 +714,12 @@ class EvaluationSection(_Section):
         ge=0.0,
         description="Largest allowed relative rise of general-set perplexity (forgetting), e.g. 0.05 = 5%.",
     )
+    # lt=1: 5 meant as 5% would ask the loss to fall by 500%, a gate no model passes, found only after
+    # the training; and a loss cannot fall by all of itself either. Negative: a domain loss that may rise.
     min_domain_loss_improvement: float = Field(
-        0.0, description="Smallest required relative drop of domain eval loss, e.g. 0.02 = 2%."
+        0.0,
+        lt=1.0,
+        description="Smallest required relative drop of domain eval loss, a fraction below 1: e.g. 0.02 = 2%.",
     )
     per_device_eval_batch_size: int = Field(8, ge=1, description="Sequences per evaluation batch.")
     max_eval_sequences: int = Field(
@@ -1056,11 +1060,25 @@ def _error_line(err: Any) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown field (check the spelling; `fulltune config --describe` lists the fields)"
+    if _a_percentage_for_a_fraction(err):
+        msg += ": a fraction, 0.05 = 5%"
     got = err.get("input")
     shown = (
         "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
     )
     return f"  {field}: {msg}{shown}"
+
+
+def _a_percentage_for_a_fraction(err: Any) -> bool:
+    """A value above 1 for a field that is at most 1 (a rate, a ratio, a share): most likely a
+    percentage written where the field takes a fraction."""
+    limit = err.get("ctx", {})
+    bound = limit.get("le", limit.get("lt"))
+    try:
+        got = float(err.get("input"))  # a number, or a string of one (YAML's 5%-as-"5")
+    except (TypeError, ValueError):
+        return False
+    return bound == 1 and got > 1
 
 
 def _loc_part(part: Any) -> str:
