@@ -129,6 +129,36 @@ def test_a_config_that_does_not_validate_is_named_not_a_traceback(tmp_path, caps
     assert "training.learning_rate" in err and "Traceback" not in err
 
 
+def test_a_config_path_that_is_a_directory_or_not_utf8_is_named_not_a_traceback(tmp_path, capsys):
+    assert main(["check", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path}: a directory, not a config file (name a YAML or JSON file)\n"
+    config = tmp_path / "badenc.yaml"
+    config.write_bytes(b"model:\n  name: x\nwork_dir: /tmp/x\xff\n")
+    assert main(["config", "--check", str(config)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {config}:3:17: not valid UTF-8: byte 0xff at byte offset 33 (save the file as UTF-8)\n"
+    )
+
+
+def test_a_dir_that_is_a_file_is_named_before_anything_runs(tmp_path, capsys):
+    config = tmp_path / "my.yaml"
+    config.write_text("work_dir: /tmp/x\n")
+    a_file = tmp_path / "train.csv"
+    a_file.write_text("text\nhello\n")
+    assert main(["check", str(config), "--dir", str(a_file)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --dir {a_file}: is a file, not a directory (name a directory for the run's files)\n"
+    )
+    below = a_file / "run"
+    for command in (["run", str(config)], ["runs"]):
+        assert main([*command, "--dir", str(below)]) == 1
+        assert capsys.readouterr().err == (
+            f"error: --dir {below}: is under {a_file}, a file, not a directory (name a directory for the "
+            "run's files)\n"
+        )
+
+
 def test_output_into_a_closed_pipe_is_not_a_traceback():
     """`fulltune config --describe | head -1`: the reader stops early; fulltune exits quietly."""
     import subprocess

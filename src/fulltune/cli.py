@@ -94,6 +94,9 @@ def _run(args: argparse.Namespace) -> int:
     from fulltune.config import ConfigError, RunConfig
     from fulltune.user_run import RunStopped, dry_run, full_run
 
+    if problem := _dir_problem(Path(args.dir)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         cfg = RunConfig.from_yaml(args.config)
         if args.until:
@@ -112,6 +115,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dir_problem(path: Path) -> str | None:
+    """Why --dir cannot hold a local run's files (it, or a folder above it, is a file), or None:
+    found here rather than as a traceback from the first step that writes there."""
+    for place in (path, *path.parents):
+        if place.is_dir():
+            return None
+        if place.exists():
+            what = "is a file" if place == path else f"is under {place}, a file"
+            return f"--dir {path}: {what}, not a directory (name a directory for the run's files)"
+    return None
+
+
 def _resume_command(args: argparse.Namespace) -> str:
     """`fulltune run` of the same config and --dir with --resume: how a stopped local run goes on."""
     return shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
@@ -123,6 +138,9 @@ def _runs(args: argparse.Namespace) -> int:
     from fulltune.user_run import with_local_locations
 
     as_json = args.output == "json"
+    if problem := _dir_problem(Path(args.dir)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         say = (lambda line: print(line, file=sys.stderr)) if as_json else print
         if args.config:

@@ -1016,10 +1016,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         ConfigError: the file is missing, does not parse (with line and column), or is not a mapping.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+    text = _config_text(path)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -1035,6 +1032,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data or {}
+
+
+def _config_text(path: Path) -> str:
+    """The file's text; a ConfigError naming the file (and for bytes that are not UTF-8, their line
+    and offset) where it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a config file (name a YAML or JSON file)") from None
+    except OSError as exc:  # permissions, a broken mount: no traceback, the reason as the OS gives it
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{path}:{line}:{column}: not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset "
+            f"{exc.start} (save the file as UTF-8)"
+        ) from None
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
