@@ -208,6 +208,45 @@ def test_missing_file_names_the_uri(tmp_path):
     assert problems(report)["no_data"]["examples"][0]["location"] == str(missing)
 
 
+def test_a_path_that_does_not_exist_is_named_with_its_field(tmp_path):
+    """Not "no data files found (expected *.jsonl, ...)" for a path that already ends in .jsonl."""
+    train = write_jsonl(tmp_path / "t.jsonl", GOOD)
+    missing = tmp_path / "nope.jsonl"
+    message, _ = failing_report(make_cfg(train, eval_uri=str(missing)), tmp_path / "out")
+    assert f"  {missing}: no_data: data.eval_uri: does not exist" in message
+    glob = f"{tmp_path}/no-such-folder/*.jsonl"
+    message, _ = failing_report(make_cfg(glob), tmp_path / "out2")
+    assert f"  {glob}: no_data: data.train_uri: {tmp_path}/no-such-folder does not exist" in message
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    message, _ = failing_report(make_cfg(empty), tmp_path / "out3")
+    assert f"  {empty}: no_data: data.train_uri: no data files found (expected *.jsonl" in message
+
+
+def test_a_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "t.jsonl", GOOD)
+    cfg = make_cfg("~/t.jsonl", general_uri="~/t.jsonl")
+    assert (cfg.data.train_uri, cfg.data.general_uri) == (str(tmp_path / "t.jsonl"),) * 2
+    assert validate_data(cfg, tmp_path / "out")["passed"]
+    assert RunConfig.from_dict({"work_dir": "~/w", "registry": {"uri": "~/r"}}).work_dir == str(
+        tmp_path / "w"
+    )
+    assert make_cfg("s3://bucket/~x.jsonl").data.train_uri == "s3://bucket/~x.jsonl"
+
+
+@pytest.mark.parametrize("name", ["t.jsonl", "t.csv"])
+def test_a_gzip_file_without_a_gz_name_is_named_once_with_the_rename(tmp_path, name):
+    """Read as text, every line of it would be an invalid_utf8 error of its own."""
+    path = tmp_path / name
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in GOOD * 50).encode()))
+    message, report = failing_report(make_cfg(path), tmp_path / "out")
+    assert (
+        f"  {path}:1: wrong_encoding: the file is gzip-compressed but not named .gz: rename it {name}.gz"
+    ) in message
+    assert list(problems(report)) == ["wrong_encoding"]
+
+
 def test_unset_train_uri(tmp_path):
     message, _ = failing_report(RunConfig(), tmp_path / "out")
     assert "data.train_uri is required" in message

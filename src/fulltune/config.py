@@ -13,6 +13,7 @@ are filled from well-known rules, and the resolved config is what `preprocess`, 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
     from fulltune.layout import RunLayout
 
 Precision = Literal["bf16", "fp16", "fp32"]
+
+
+def expand_home(value: Any) -> Any:
+    """A local path written from the home directory (`~/data/train.jsonl`) as the path it names. The
+    config is the one place every reader of a location (storage, transformers, torchrun) takes it
+    from, so it is expanded once, when the config is read; s3:// and other values are left as written."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
 class ConfigError(ValueError):
@@ -76,6 +84,10 @@ class ModelSection(_Section):
         description="The pre-trained model a registered base descends from; forgetting is measured against "
         "it. Set by the pipeline's first step when base_model_uri is a registry:// reference (from that "
         "version's lineage); None: base_model_uri is the original.",
+    )
+
+    _home = field_validator("base_model_uri", "tokenizer_uri", "original_base_model_uri", mode="before")(
+        expand_home
     )
 
     @property
@@ -200,6 +212,8 @@ class DataSection(_Section):
         "CPUs the step may use (affinity, cgroup quota), at most 8; 1: one process. S3, gzip and "
         "near_duplicates are read by one process.",
     )
+
+    _home = field_validator("train_uri", "eval_uri", "general_uri", mode="before")(expand_home)
 
     @field_validator("train_uri", "eval_uri", "general_uri")
     @classmethod
@@ -416,6 +430,8 @@ class TrainingSection(_Section):
     mlflow_experiment: str | None = Field(
         None, description="report_to mlflow: the MLflow experiment (created when missing); None: model.name."
     )
+
+    _home = field_validator("logging_dir", mode="before")(expand_home)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -689,6 +705,8 @@ class MultipleChoiceTask(_Section):
         description='JSONL file (local or s3://), one {"question", "choices": [...], "answer": index} a line.',
     )
 
+    _home = field_validator("uri", mode="before")(expand_home)
+
 
 class GenerationTask(_Section):
     name: str = Field(
@@ -702,6 +720,9 @@ class GenerationTask(_Section):
         description='JSONL file (local or s3://), one {"prompt", "answer"} a line ("answer" may be a list of '
         "accepted answers); scored by exact match of the greedy continuation.",
     )
+
+    _home = field_validator("uri", mode="before")(expand_home)
+
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
     stop: list[str] = Field(
         default_factory=lambda: ["\n"], description="The continuation is cut at the first of these strings."
@@ -794,6 +815,9 @@ class RegistrySection(_Section):
     uri: str = Field(
         "", description="Registry root, local directory or s3:// prefix: models land in <uri>/<name>/v<N>/."
     )
+
+    _home = field_validator("uri", mode="before")(expand_home)
+
     checksum_algorithm: Literal["SHA256", "SHA1", "CRC32", "CRC32C", "CRC64NVME"] | None = Field(
         "SHA256",
         description="S3: the checksum S3 computes and verifies on every upload (every part of a multipart "
@@ -829,6 +853,9 @@ class RunConfig(_Section):
         "",
         description="Run-scoped work directory (local path or s3://) for shards, checkpoints and the tuned model.",
     )
+
+    _home = field_validator("work_dir", mode="before")(expand_home)
+
     model: ModelSection = Field(default_factory=ModelSection, description="Base model.")
     data: DataSection = Field(default_factory=DataSection, description="Datasets.")
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer checks.")

@@ -114,6 +114,19 @@ class DataFiles:
     skipped: list[str]
 
 
+def _missing_place(uri: str) -> str | None:
+    """The local path that `uri` names, or a glob's folder, where it does not exist; None when it
+    does, or for S3 (a prefix exists only through its objects) and brace alternations (each missing
+    one is allowed). A missing path is a typo or a wrong folder: said so, not that its files are not
+    of a format read."""
+    if storage.is_s3(uri) or len(storage.alternatives(uri)) > 1:
+        return None
+    place = uri
+    while any(ch in place for ch in "*?["):
+        place = os.path.dirname(place)
+    return None if not place or os.path.exists(place) else place
+
+
 def find_data(uri: str) -> DataFiles:
     """The data files named by a file, directory or glob URI; fails when there are none."""
     try:
@@ -126,6 +139,8 @@ def find_data(uri: str) -> DataFiles:
             f"{uri}: a Hugging Face DatasetDict; name one split's directory, e.g. {uri.rstrip('/')}/train"
         )
     files = [f for f in found.files if storage.basename(f) not in HF_METADATA]
+    if not files and (missing := _missing_place(uri)) is not None:
+        raise DataError(f"{uri}: does not exist" if missing == uri else f"{uri}: {missing} does not exist")
     if not files:
         places = storage.alternatives(uri)
         where = f" in any of {len(places)} locations: {', '.join(places)}" if len(places) > 1 else ""
@@ -229,13 +244,28 @@ def _utf8_lines(data: bytes, mark: bytes) -> bool:
     return data.count(0) * 4 < len(data)
 
 
-def _wrong_encoding(path: str, stream: Any) -> RawRecord | None:
-    """A RawRecord naming a UTF-16/32 text file (read as UTF-8, every line of it would be an error
-    of its own), from the stream's first bytes without consuming them."""
-    name = wide_encoding(stream.peek(WIDE_PEEK)[:WIDE_PEEK])
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def encoding_problem(path: str, head: bytes) -> str | None:
+    """Why a text file (JSONL, CSV) whose first bytes are `head` cannot be read as UTF-8 text at all,
+    naming the fix, or None: UTF-16/32 text, or gzip-compressed data in a file whose name does not
+    end in .gz (the readers decompress by the name; read as text, every line would be an error)."""
+    if head.startswith(GZIP_MAGIC) and not path.endswith(".gz"):
+        name = storage.basename(path)
+        return f"the file is gzip-compressed but not named .gz: rename it {name}.gz"
+    name = wide_encoding(head)
     if name is None:
         return None
-    reason = f"the file is {name}, not UTF-8: re-encode it (e.g. iconv -f {name} -t UTF-8)"
+    return f"the file is {name}, not UTF-8: re-encode it (e.g. iconv -f {name} -t UTF-8)"
+
+
+def _wrong_encoding(path: str, stream: Any) -> RawRecord | None:
+    """A RawRecord naming a text file that is not UTF-8 text (`encoding_problem`), once, instead of
+    an error for every line, from the stream's first bytes without consuming them."""
+    reason = encoding_problem(path, stream.peek(WIDE_PEEK)[:WIDE_PEEK])
+    if reason is None:
+        return None
     return RawRecord(Location(path, line=1), code="wrong_encoding", reason=reason)
 
 

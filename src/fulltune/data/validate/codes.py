@@ -8,7 +8,11 @@ from fulltune.config import CheckPolicy, ConfigError, DataSection
 CODES: dict[str, tuple[str, str]] = {
     "no_data": ("fatal", "nothing to read at the URI"),
     "unreadable_file": ("fatal", "a corrupt or truncated file: an unknown number of records is lost"),
-    "wrong_encoding": ("fatal", "a text file in UTF-16 or UTF-32: read as UTF-8, none of it is usable"),
+    "wrong_encoding": (
+        "fatal",
+        "a text file in UTF-16 or UTF-32, or gzip-compressed without a .gz name: read as UTF-8, none of it "
+        "is usable",
+    ),
     "unknown_kind": ("fatal", "the fields name no record kind (see data.text_field and friends)"),
     "no_records": ("fatal", "the data files hold no usable records"),
     "invalid_json": ("error", "the line is not valid JSON"),

@@ -74,7 +74,10 @@ class DatasetCheck:
             found = find_data(self.uri)
         except (DataError, OSError) as exc:
             _raise_if_transient(exc)
-            self.tally.add("no_data", str(exc).removeprefix(f"{self.uri}: "), self.uri)
+            reason = str(exc).removeprefix(f"{self.uri}: ")
+            if isinstance(exc, DataError):  # what the URI names (storage errors name the store's problem)
+                reason = f"data.{self.name}_uri: {reason}"
+            self.tally.add("no_data", reason, self.uri)
             return None
         self.files = found.files
         for path in found.skipped:

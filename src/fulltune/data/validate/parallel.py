@@ -18,7 +18,7 @@ import numpy as np
 
 from fulltune import storage
 from fulltune.config import CheckPolicy, DataSection
-from fulltune.data.records import WIDE_PEEK, Location, jsonl_spans, wide_encoding
+from fulltune.data.records import WIDE_PEEK, Location, encoding_problem, jsonl_spans
 from fulltune.data.validate.duplicates import DeferredDuplicates
 from fulltune.data.validate.formats import check_jsonl_file
 from fulltune.data.validate.rows import RowCheck
@@ -87,7 +87,9 @@ def check_jsonl_parallel(rows: RowCheck, file_index: int, path: str, fields: lis
     from concurrent.futures.process import BrokenProcessPool
 
     with open(path, "rb") as fh:
-        if wide_encoding(fh.read(WIDE_PEEK)):  # every span would fail line by line: one reader names it
+        if encoding_problem(
+            path, fh.read(WIDE_PEEK)
+        ):  # every span would fail line by line: one reader names it
             return check_jsonl_file(rows, file_index, path, fields).broken
     parts = max(workers, -(-os.path.getsize(path) // PARALLEL_SPAN_BYTES))
     jobs = [
