@@ -341,6 +341,28 @@ def test_unloadable_tokenizer_fails_with_report(tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["passed"] is False
 
 
+def test_a_model_directory_without_tokenizer_files_says_so_and_names_tokenizer_uri(tokenizer_dir, tmp_path):
+    """Not transformers' advice to install sentencepiece or tiktoken, which would not help."""
+    import shutil
+
+    model = tmp_path / "notok"
+    shutil.copytree(tokenizer_dir, model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (model / name).unlink(missing_ok=True)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    message = str(info.value)
+    assert (
+        f"load: cannot load the tokenizer: {model} has no tokenizer files (looked for tokenizer.json, "
+        "tokenizer_config.json, tokenizer.model, spiece.model, sentencepiece.bpe.model, vocab.json, "
+        "merges.txt, vocab.txt, *.tiktoken): set model.tokenizer_uri to a directory that has them"
+    ) in message
+    assert "sentencepiece or tiktoken" not in message
+    told = make_cfg(model, train).with_overrides({"model.tokenizer_uri": str(tokenizer_dir)})
+    assert check_tokenizer(told, tmp_path / "o2")["passed"]
+
+
 def test_reservoir_is_deterministic_and_bounded():
     a = reservoir(range(10_000), 100, seed=3)
     assert a == reservoir(range(10_000), 100, seed=3)

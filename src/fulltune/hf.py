@@ -42,10 +42,41 @@ def metadata_dir(uri: str) -> Iterator[Path]:
 GENERIC_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
 
 
+# The files a Hugging Face tokenizer loads from; any one can be enough (tokenizer.json alone is a fast
+# tokenizer, tokenizer.model a SentencePiece one, vocab.json with merges.txt a BPE one).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "*.tiktoken",
+)
+
+
+class NoTokenizerFiles(FileNotFoundError):
+    """A model directory without any tokenizer file: what transformers would report as a missing
+    sentencepiece or tiktoken package, though installing one would not help."""
+
+
+def require_tokenizer_files(uri: str, path: Path) -> None:
+    """NoTokenizerFiles naming what was looked for when the directory `path` (of `uri`) holds none."""
+    if not path.is_dir() or any(next(path.glob(name), None) for name in TOKENIZER_FILES):
+        return  # a missing directory is reported by whoever reads it
+    raise NoTokenizerFiles(
+        f"{uri} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}): set "
+        "model.tokenizer_uri to a directory that has them (e.g. the original model's)"
+    )
+
+
 def load_tokenizer(uri: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer at `uri` (local directory or s3:// prefix): the generic fast tokenizer when its
     config names it (no torch import), else AutoTokenizer."""
     with metadata_dir(uri) as path:
+        require_tokenizer_files(uri, path)
         if _tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
             from transformers import PreTrainedTokenizerFast
 
