@@ -437,6 +437,8 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
         out = capsys.readouterr().out.splitlines()
         assert main(["runs", str(config), "--output", "json"]) == 0
         listed = json.loads(capsys.readouterr().out)
+        assert main(["runs", str(config)]) == 0  # --dir left out: it changes nothing for this config
+        without_dir = capsys.readouterr().out.splitlines()[-1]
     finally:
         holder.kill()
         holder.wait()
@@ -475,8 +477,12 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
         in rows["20261129-123000-eeee"]
     )
     assert f"running: pid {holder.pid} on this machine, since " in rows["20261129-130000-dddd"]
-    resume = f"fulltune run {config} --dir {tmp_path / 'out'} --resume RUN_ID"
-    assert out[-1] == f"a resumable run goes on with: {resume}"
+    # the resumable run's own id, and the --dir named (work_dir and registry.uri are the config's)
+    resume = f"fulltune run {config} --dir {tmp_path / 'out'} --resume 20261129-110000-bbbb"
+    assert out[-1] == f"run 20261129-110000-bbbb goes on with: {resume}"
+    assert without_dir == (
+        f"run 20261129-110000-bbbb goes on with: fulltune run {config} --resume 20261129-110000-bbbb"
+    )
     assert [(r["run_id"][-4:], r["state"]) for r in listed] == [
         ("aaaa", "evaluated"), ("bbbb", "resumable"), ("cccc", "stopped"), ("eeee", "stopped"),
         ("dddd", "running"),
@@ -502,7 +508,12 @@ def test_runs_in_an_s3_work_dir_are_found_and_listed_as_maybe_running_elsewhere(
     assert "stopped (or running elsewhere); resumable from its checkpoint at step 50" in listed
     assert "stopped (or running elsewhere); resumable from its finished training" in listed
     assert "notes.txt" not in listed
-    assert listed.endswith("or, run on a cluster and failed: fulltune retry RUN_ID --host URL")
+    assert listed.endswith(
+        "run 444 goes on with: fulltune run my.yaml --resume 444\n"
+        "  or, run on a cluster and failed: fulltune retry 444 --host URL\n"
+        "run 555 goes on with: fulltune run my.yaml --resume 555\n"
+        "  or, run on a cluster and failed: fulltune retry 555 --host URL"
+    )
 
 
 def test_a_resumed_run_keeps_the_data_window_and_base_model_its_run_started_with(tmp_path):

@@ -19,11 +19,16 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fulltune import _logging, _process
 from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, REGISTRY_SECRET, S3_SECRET
 
+if TYPE_CHECKING:
+    from fulltune.config import RunConfig
+
 EXIT_USAGE = 2
+RUN_DIR = ".fulltune-run"  # `run`, `check` and `runs` without --dir
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # Every sub-command's --help ends with these (argparse exits 2 on bad arguments by itself).
 EXIT_CODES = """exit codes:
@@ -132,6 +137,17 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
 
 
+def _listed_resume_command(args: argparse.Namespace, own: RunConfig) -> str:
+    """How a run `fulltune runs` lists goes on (its id is added): the config as named (CONFIG when
+    none was), and --dir only where it matters, as given (it filled the config's work_dir or
+    registry.uri, or was named): with both set in the config, a resumed run finds and registers
+    the same whatever its --dir."""
+    command = ["fulltune", "run", args.config or "CONFIG"]
+    if own.missing("work_dir", "registry.uri") or args.dir != RUN_DIR:
+        command += ["--dir", args.dir]
+    return shlex.join([*command, "--resume"])
+
+
 def _runs(args: argparse.Namespace) -> int:
     from fulltune.config import ConfigError, RunConfig
     from fulltune.run_list import describe_runs, run_statuses
@@ -144,14 +160,15 @@ def _runs(args: argparse.Namespace) -> int:
     try:
         say = (lambda line: print(line, file=sys.stderr)) if as_json else print
         if args.config:
-            cfg = with_local_locations(RunConfig.from_yaml(args.config), Path(args.dir), say=say)
+            own = RunConfig.from_yaml(args.config)
+            cfg = with_local_locations(own, Path(args.dir), say=say)
         else:  # the runs `fulltune run --dir` keeps, or those under --work-dir: the header says which
             own = RunConfig.from_dict({"work_dir": args.work_dir or ""})
             cfg = with_local_locations(own, Path(args.dir), say=lambda _: None)
         if as_json:
             print(json.dumps([s.to_json() for s in run_statuses(cfg.work_dir)], indent=2))
         else:
-            print(describe_runs(cfg, _resume_command(args)))
+            print(describe_runs(cfg, _listed_resume_command(args, own)))
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -391,7 +408,7 @@ def _add_run(commands) -> None:
     )
     for parser in (run, check):
         parser.add_argument("config", help="the RunConfig (YAML or JSON)")
-        parser.add_argument("--dir", default=".fulltune-run", help="where the reports and the local run go")
+        parser.add_argument("--dir", default=RUN_DIR, help="where the reports and the local run go")
         parser.set_defaults(func=_run)
     how = run.add_mutually_exclusive_group()
     how.add_argument("--until", choices=CHECKING_STEPS, help="stop after this step (plan: the dry run)")
@@ -417,7 +434,7 @@ def _add_run(commands) -> None:
     runs.add_argument(
         "config", nargs="?", help="the RunConfig (YAML or JSON) whose work_dir holds the runs (default: none)"
     )
-    runs.add_argument("--dir", default=".fulltune-run", help="where `fulltune run` put an unset work_dir")
+    runs.add_argument("--dir", default=RUN_DIR, help="where `fulltune run` put an unset work_dir")
     runs.add_argument(
         "--work-dir",
         default=None,

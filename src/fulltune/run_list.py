@@ -136,13 +136,13 @@ def _or_dash(value: float | int | None, form: str) -> str:
 
 def describe_runs(cfg: RunConfig, resume_command: str) -> str:
     """What `fulltune runs` prints for `cfg`'s work_dir; `resume_command` goes on with a resumable run
-    when RUN_ID is added."""
+    when its id is added: each resumable run's own command follows the table, ready to paste."""
     statuses = run_statuses(cfg.work_dir)
     if not statuses:
         return f"no runs under {cfg.work_dir} (work_dir)"
     lines = [f"runs under {cfg.work_dir} (work_dir):", runs_table(statuses)]
-    if any(s.state == RESUMABLE for s in statuses):
-        lines.append(f"a resumable run goes on with: {resume_command} RUN_ID")
-        if storage.is_s3(cfg.work_dir):
-            lines.append("or, run on a cluster and failed: fulltune retry RUN_ID --host URL")
+    for run_id in (s.run_id for s in statuses if s.state == RESUMABLE):
+        lines.append(f"run {run_id} goes on with: {resume_command} {run_id}")
+        if storage.is_s3(cfg.work_dir):  # a run's directory is named by its KFP run id
+            lines.append(f"  or, run on a cluster and failed: fulltune retry {run_id} --host URL")
     return "\n".join(lines)
