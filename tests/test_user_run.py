@@ -159,6 +159,17 @@ def test_a_dir_that_is_a_file_is_named_before_anything_runs(tmp_path, capsys):
         )
 
 
+def test_runs_of_a_work_dir_that_does_not_exist_says_so(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert main(["runs", "--work-dir", str(missing)]) == 1
+    assert capsys.readouterr().err == f"error: --work-dir {missing}: does not exist\n"
+    (tmp_path / "a-file").write_text("x")
+    assert main(["runs", "--work-dir", str(tmp_path / "a-file")]) == 1
+    assert capsys.readouterr().err == f"error: --work-dir {tmp_path / 'a-file'}: is not a directory\n"
+    assert main(["runs", "--work-dir", str(tmp_path)]) == 0  # there, without runs yet
+    assert capsys.readouterr().out == f"no runs under {tmp_path} (work_dir)\n"
+
+
 def test_output_into_a_closed_pipe_is_not_a_traceback():
     """`fulltune config --describe | head -1`: the reader stops early; fulltune exits quietly."""
     import subprocess

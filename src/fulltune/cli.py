@@ -148,6 +148,14 @@ def _listed_resume_command(args: argparse.Namespace, own: RunConfig) -> str:
     return shlex.join([*command, "--resume"])
 
 
+def _listed_dir_problem(work_dir: str) -> str | None:
+    """Why a local --work-dir named to be listed cannot hold runs: named on its own, a missing one is
+    a typo, not a work_dir whose runs have not started (that a config's may be)."""
+    if not work_dir or work_dir.startswith("s3://") or os.path.isdir(work_dir):
+        return None
+    return "is not a directory" if os.path.exists(work_dir) else "does not exist"
+
+
 def _runs(args: argparse.Namespace) -> int:
     from fulltune.config import ConfigError, RunConfig
     from fulltune.run_list import describe_runs, run_statuses
@@ -164,6 +172,9 @@ def _runs(args: argparse.Namespace) -> int:
             cfg = with_local_locations(own, Path(args.dir), say=say)
         else:  # the runs `fulltune run --dir` keeps, or those under --work-dir: the header says which
             own = RunConfig.from_dict({"work_dir": args.work_dir or ""})
+            if problem := _listed_dir_problem(own.work_dir):
+                print(f"error: --work-dir {own.work_dir}: {problem}", file=sys.stderr)
+                return 1
             cfg = with_local_locations(own, Path(args.dir), say=lambda _: None)
         if as_json:
             print(json.dumps([s.to_json() for s in run_statuses(cfg.work_dir)], indent=2))
