@@ -254,3 +254,39 @@ def test_a_percentage_where_a_fraction_goes_is_refused_saying_it_is_a_fraction(t
     assert "  preprocess.replay_fraction: Input should be less than 1: a fraction, 0.05 = 5% (got 10)" in err
     ok = {"evaluation": {"min_domain_loss_improvement": 0.05, "max_general_ppl_increase": 1.5}}
     assert RunConfig.from_dict(ok).evaluation.max_general_ppl_increase == 1.5  # perplexity may double
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path, capsys):
+    """PyYAML keeps the last of a repeated key silently: the run would use whichever came last."""
+    from fulltune.cli import main
+
+    p = tmp_path / "dup.yaml"
+    p.write_text("work_dir: /tmp/x\ntraining:\n  max_steps: 5\n  seed: 1\n  max_steps: 50\n")
+    assert main(["check", str(p)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {p}:5:3: not valid YAML: key 'max_steps' given twice, at lines 3 and 5 (only the last "
+        "would count): remove one\n"
+    )
+    p.write_text("work_dir: /tmp/x\nwork_dir: /tmp/y\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:2:1: .*key 'work_dir' given twice, at lines 1 and 2"):
+        RunConfig.from_yaml(p)
+    j = tmp_path / "dup.json"
+    j.write_text('{"work_dir": "/tmp/x", "work_dir": "/tmp/y"}')
+    with pytest.raises(ConfigError, match=r"dup\.json: not valid JSON: key 'work_dir' given twice"):
+        RunConfig.from_yaml(j)
+    # the same key in two sections, and a merge key's defaults overridden, are not repeats
+    p.write_text(
+        "model: {name: a}\nregistry: {uri: /r}\ndata: &d {train_uri: /t}\n_x: {<<: *d, train_uri: /u}\n"
+    )
+    from fulltune.config import read_config_file
+
+    assert read_config_file(p)["_x"] == {"train_uri": "/u"}
+
+
+def test_a_parameters_file_with_a_key_given_twice_is_refused_before_submit_sends_anything(tmp_path):
+    from fulltune.kfp.run_parameters import build_request
+
+    p = tmp_path / "params.yaml"
+    p.write_text("learning_rate: 1.0e-5\nlearning_rate: 2.0e-5\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml:2:1: .*key 'learning_rate' given twice"):
+        build_request({}, p, [])

@@ -59,15 +59,12 @@ def _command(commands, name: str, help: str, description: str | None = None) -> 
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from fulltune.config import read_config_file
     from fulltune.kfp.cluster import step_resources
     from fulltune.kfp.compile import compile_all
 
-    overrides = None
-    if args.step_resources:
-        import yaml
-
-        overrides = yaml.safe_load(Path(args.step_resources).read_text()) or {}
-    try:
+    try:  # ConfigError is a ValueError: the file's own problems end the same way
+        overrides = read_config_file(args.step_resources) if args.step_resources else None
         resources = step_resources(overrides, args.step_resources or "")
     except ValueError as exc:
         print(f"fulltune compile: {exc}", file=sys.stderr)

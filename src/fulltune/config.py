@@ -1046,12 +1046,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = _config_text(path)
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
     else:
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -1059,6 +1061,55 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data or {}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (json keeps the last of a repeated one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(
+                f"key {key!r} given twice in one object (only the last would count): remove one"
+            )
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a key given twice in one mapping: PyYAML keeps the last silently, so
+    `work_dir` written twice would run with whichever came last, unnoticed."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys after it override by design
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, list | dict):
+            continue  # unhashable: the safe constructor reports it
+        if key in seen:
+            first = seen[key].line + 1
+            raise yaml.constructor.ConstructorError(
+                problem=f"key {key!r} given twice, at lines {first} and {key_node.start_mark.line + 1} "
+                "(only the last would count): remove one",
+                problem_mark=key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a key given twice in one mapping (a yaml.YAMLError naming the key and
+    both lines). Every config file, parameters file and cluster defaults file is read with it."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
 
 
 def _config_text(path: Path) -> str:
