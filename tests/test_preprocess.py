@@ -423,6 +423,12 @@ def test_dataset_manifest_lists_checksummed_files(demo_assets, tmp_path):
             assert storage.sha256_uri(f["uri"]) == f["sha256"]
     counts = Counter(len(r) for r in load_split(manifest, "train")["input_ids"].tolist())
     assert set(counts) == {64}
+    # a capped read (evaluation.max_eval_sequences) spreads over every shard's file, not the first
+    whole = load_split(manifest, "train")["input_ids"]
+    files = manifest["splits"]["train"]["files"]
+    assert len(files) == 2 and files[0]["sequences"] < len(whole) - 1
+    capped = load_split(manifest, "train", limit=4)["input_ids"]
+    assert capped.tolist() == whole[[0, *[round(i * (len(whole) - 1) / 3) for i in (1, 2)], -1]].tolist()
 
 
 def test_one_shard_and_four_shards_give_the_same_multiset_of_sequences(demo_assets, tmp_path):

@@ -746,7 +746,8 @@ class EvaluationSection(_Section):
     max_eval_sequences: int = Field(
         512,
         ge=1,
-        description="Cap on sequences evaluated per set (and on questions per multiple-choice task).",
+        description="Cap on sequences evaluated per set, spread evenly over the whole set (and on questions "
+        "per multiple-choice task).",
     )
     mc_tasks: list[MultipleChoiceTask] = Field(
         default_factory=list,

@@ -172,17 +172,17 @@ def load_split(
     when stored and `positions`), each [N, L]. A model given the position ids (`model_inputs`) attends
     within each packed document only; without them, across the whole sequence.
 
-    Files are read in manifest order, so the result is the same on every rank and every run.
+    Files are read in manifest order, so the result is the same on every rank and every run. With
+    `limit` below the split's size, that many sequences spread evenly over the whole split: the
+    first ones would all come from the first shard, i.e. the first files (in a data window, its
+    first days), and an evaluation capped so would judge the model on a corner of the set.
     """
     import numpy as np
     import torch
 
     manifest = load_manifest(manifest)
     columns: dict[str, list[Any]] = {"input_ids": [], "labels": [], "attention_mask": []}
-    count = 0
     for entry in manifest.split(split).files:
-        if limit is not None and count >= limit:
-            break
         table = read_table(entry.uri)
         if positions and "position_ids" in table.column_names:
             columns.setdefault("position_ids", [])
@@ -190,15 +190,21 @@ def load_split(
             col = table.column(name).combine_chunks()
             values = col.flatten().to_numpy(zero_copy_only=False)
             columns[name].append(values.reshape(len(col), -1))
-        count += table.num_rows
     seq_len = manifest.max_seq_len
     out = {}
     for name, parts in columns.items():
         arr = np.concatenate(parts, axis=0) if parts else np.zeros((0, seq_len), dtype=np.int64)
-        if limit is not None:
-            arr = arr[:limit]
+        if limit is not None and limit < len(arr):
+            arr = arr[spread(len(arr), limit)]
         out[name] = torch.from_numpy(arr.astype(np.int64))
     return out
+
+
+def spread(total: int, count: int):
+    """`count` row indices of `total`, evenly spaced from the first to the last, in order."""
+    import numpy as np
+
+    return np.linspace(0, total - 1, count).round().astype(np.int64)
 
 
 def model_inputs(rows: dict[str, Any]) -> dict[str, Any]:
