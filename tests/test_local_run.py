@@ -153,6 +153,21 @@ def step_lines(run_dir: Path, *tasks: str) -> list[str]:
     return out.getvalue().splitlines()
 
 
+def test_without_a_terminal_training_progress_is_a_line_every_half_minute_not_every_step(
+    tmp_path, monkeypatch
+):
+    """A CI log or a pod's: a line per logged step is hundreds for a minute of training. Each
+    evaluated step's line (its forgetting) and the last step's are always printed."""
+    out = io.StringIO()
+    console = StepConsole(tmp_path / "run.log", tmp_path, out)
+    clock = iter([0.0, 1.0, 2.0, 31.0, 32.0, 33.0])  # one reading per printed or weighed line
+    monkeypatch.setattr("fulltune.kfp.console.time.monotonic", lambda: next(clock))
+    for step in range(1, 7):
+        forgetting = " forgetting +1.0%" if step == 5 else ""
+        console._line(f"INFO step {step}/6 loss 5.{step} x tok/s 9,000 y eta 3s{forgetting}")
+    assert [line.split()[2] for line in out.getvalue().splitlines()] == ["1/6", "4/6", "5/6", "6/6"]
+
+
 def test_the_dataset_line_says_how_much_training_data_preprocessing_made(tmp_path):
     run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN], registered=None)
     [gathered] = step_lines(run_dir, "gather-shards")

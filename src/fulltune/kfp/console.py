@@ -12,13 +12,16 @@ prints, by following that file:
       <the step's error message>
     full log: <path>
 
-In a pod or a CI job (no terminal) the training progress lines are printed one per logged step.
+In a pod or a CI job (no terminal) the training progress is printed as lines: one every
+`PROGRESS_EVERY_S` seconds, each evaluated step's (its forgetting) and the last step's, rather than
+one per logged step (hundreds for a minute of training at `logging_steps: 1`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -66,6 +69,9 @@ SHOWN_OUTPUT: dict[str, tuple[str, Callable[[Any], str]]] = {
 }
 
 
+PROGRESS_EVERY_S = 30.0  # between two training progress lines without a terminal
+
+
 class StepConsole:
     """While active: the process's output goes to `log_path`; `out` gets one line per step."""
 
@@ -74,6 +80,7 @@ class StepConsole:
         self.started: dict[str, float] = {}
         self.done = threading.Event()
         self.progress_open = False  # a live progress line is on the terminal, without its newline
+        self.progress_said = -math.inf  # when the last progress line was printed (no terminal)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -128,7 +135,15 @@ class StepConsole:
                 self.out.flush()
                 self.progress_open = True
             else:
-                self.say(text)
+                self._progress_line(text, last=step == total, evaluated=bool(forgetting))
+
+    def _progress_line(self, text: str, *, last: bool, evaluated: bool) -> None:
+        """Without a terminal: the line when `PROGRESS_EVERY_S` have passed since the last one, or it
+        is the last step's or an evaluated step's."""
+        now = time.monotonic()
+        if last or evaluated or now - self.progress_said >= PROGRESS_EVERY_S:
+            self.progress_said = now
+            self.say(text)
 
     def _figures(self, task: str) -> str:
         """': <figures>; report: <path>' from the task's newest executor output, as far as there are any."""
