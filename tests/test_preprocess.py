@@ -169,6 +169,24 @@ HBA1C = [
 ]
 
 
+def test_a_template_ending_each_turn_with_the_eos_and_a_newline_gets_no_second_eos(tok):
+    """Qwen's template: `<|im_end|>` (its EOS) and a newline after every turn; the conversation
+    ends there, learned with the answer, and nothing is appended after the newline."""
+    eos = tok.eos_token
+    qwen = _templated(
+        tok,
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '"
+        + eos
+        + "' + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    )
+    ids, labels = core.chat_example(HBA1C, qwen, loss_all=False)
+    assert ids.count(tok.eos_token_id) == len(HBA1C)  # one per turn, none appended
+    assert tok.decode(ids[-2:]) == eos + "\n"
+    taught = _loss_text(qwen, ids, labels)
+    assert taught.count(eos) == 2 and "Kidney filtration." in taught  # each answer's EOS is learned
+
+
 def test_an_answers_first_token_carries_loss_when_it_starts_in_the_generation_prompt(tok):
     """After a generation prompt ending in a space, byte-level BPE merges the space into the answer's
     first token (" G"): it starts before the turn, but it is the answer's opening and is learned."""

@@ -313,7 +313,10 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
     ]
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    if not ids or ids[-1] != tok.eos_token_id:
+    # Qwen's template ends each turn with its EOS (<|im_end|>) and a newline: the conversation is
+    # over; another EOS after the newline would teach the model to say it twice
+    ended = bool(tok.eos_token) and full.rstrip().endswith(tok.eos_token)
+    if not ids or (ids[-1] != tok.eos_token_id and not ended):
         ids.append(tok.eos_token_id)
         offsets = list(enc["offset_mapping"]) + [(len(full), len(full))]
     else:
