@@ -68,6 +68,32 @@ def test_missing_file_and_non_mapping(tmp_path):
         RunConfig.from_yaml(p)
 
 
+def test_a_parameters_file_submit_takes_is_read_as_the_config_it_stands_for(tmp_path, capsys):
+    """`fulltune check` and `run` read the file `submit --params` is given: typed parameters and
+    `config`; a parameter and config setting one field two ways are named, as submit names them."""
+    from fulltune.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "base_model_uri: /models/base\ntrain_uri: /data/train.jsonl\nmodel_name: my-clinical\n"
+        "learning_rate: 1.0e-4\nmax_seq_len: 128\nconfig:\n  work_dir: /runs\n"
+        "  training: {per_device_train_batch_size: 8}\n"
+    )
+    cfg = RunConfig.from_yaml(params)
+    assert (cfg.model.base_model_uri, cfg.data.train_uri, cfg.model.name) == (
+        "/models/base",
+        "/data/train.jsonl",
+        "my-clinical",
+    )
+    assert cfg.training.learning_rate == 1e-4 and cfg.preprocess.max_seq_len == 128
+    assert cfg.training.per_device_train_batch_size == 8 and cfg.work_dir == "/runs"
+    assert main(["config", "--check", str(params)]) == 0
+    params.write_text(params.read_text() + "  preprocess: {max_seq_len: 256}\n")
+    with pytest.raises(ConfigError, match="one field set two different ways") as refused:
+        RunConfig.from_yaml(params)
+    assert f"{params} max_seq_len=128" in str(refused.value)
+
+
 def test_overrides_nested_and_dotted():
     cfg = RunConfig().with_overrides({"training.learning_rate": 3e-5, "preprocess": {"num_shards": 7}})
     assert cfg.training.learning_rate == 3e-5

@@ -942,8 +942,18 @@ class RunConfig(_Section):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        """A config file: YAML, or JSON by its .json suffix (errors name the file, line and field)."""
-        return cls.from_dict(read_config_file(path), source=str(path))
+        """A config file: YAML, or JSON by its .json suffix (errors name the file, line and field).
+        A parameters file as `fulltune submit --params` takes it ({typed parameter: value, config:
+        {...}}) is the config it stands for, so the file a run is submitted with can be checked and
+        run here as it is."""
+        from fulltune import parameters
+
+        config, values = parameters.file_layers(read_config_file(path), str(path))
+        if values:
+            config = parameters.resolve(
+                config, values, config_source=f"{path} config", value_source=str(path)
+            )
+        return cls.from_dict(config, source=str(path))
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> RunConfig:
         """A new config with `overrides` (nested dict, or dotted keys) merged over this one."""

@@ -238,6 +238,19 @@ def split(config: dict[str, Any], names: Iterable[str] = NAMES) -> tuple[dict[st
     return values, rest
 
 
+def file_layers(data: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, typed values) of a parameters or config file's contents: a parameters file
+    `{typed parameter: value, config: {...}}` split into both, a RunConfig as the config alone."""
+    if not is_parameters_file(data):
+        return data, {}
+    config = data.get(CONFIG) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: `{CONFIG}` must be a mapping of RunConfig sections")
+    # is_parameters_file admitted only parameter names besides `config`
+    values = {k: coerce(BY_NAME[k], v, source) for k, v in data.items() if k != CONFIG}
+    return config, values
+
+
 def is_parameters_file(data: dict[str, Any]) -> bool:
     """True for {parameter name: value, config: {...}}; False for a RunConfig (its sections).
 

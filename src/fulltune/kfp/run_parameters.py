@@ -73,14 +73,7 @@ def _user_layers(
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(config, typed values, where the config came from) from --params and --param."""
     data = read_config_file(params_file) if params_file else {}
-    config, values = data, {}
-    if parameters.is_parameters_file(data):
-        config = data.get(parameters.CONFIG) or {}
-        if not isinstance(config, dict):
-            raise ConfigError(f"{params_file}: `{parameters.CONFIG}` must be a mapping of RunConfig sections")
-        # is_parameters_file admitted only parameter names besides `config`
-        values = {k: v for k, v in data.items() if k != parameters.CONFIG}
-        values = {k: parameters.coerce(parameters.BY_NAME[k], v, str(params_file)) for k, v in values.items()}
+    config, values = parameters.file_layers(data, str(params_file))
     for text in assignments:
         name, value = parameters.parse_assignment(text)
         values[name] = value
