@@ -988,11 +988,22 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> D
 
 
 def dataset_warnings(cfg: RunConfig, manifest: DatasetManifest) -> list[str]:
-    """What the general set cannot do for this dataset: measure forgetting on enough sequences, or
-    replay without repeating itself many times an epoch (plan warns of both from its estimates)."""
-    if not cfg.data.general_uri:
-        return ["no general set (data.general_uri): forgetting will not be measured and nothing is replayed"]
+    """What the eval sets cannot do for this dataset: judge the domain gain (and the champion
+    comparison) on enough sequences, measure forgetting on enough, or replay without repeating the
+    general set many times an epoch (plan warns of the general set's from its estimates)."""
     out = []
+    domain = manifest.sequences(DOMAIN_EVAL)
+    if 0 < domain < MIN_GENERAL_EVAL_SEQUENCES:
+        out.append(
+            f"domain_eval has {domain} sequences, fewer than {MIN_GENERAL_EVAL_SEQUENCES}: the domain gain, the "
+            "champion comparison and their confidence intervals rest on a handful of sequences; set "
+            "data.eval_uri or raise preprocess.eval_fraction"
+        )
+    if not cfg.data.general_uri:
+        return [
+            *out,
+            "no general set (data.general_uri): forgetting will not be measured and nothing is replayed",
+        ]
     held = manifest.sequences(GENERAL_EVAL)
     if held < MIN_GENERAL_EVAL_SEQUENCES:
         out.append(
