@@ -3,6 +3,7 @@ and data, as a user runs it from a shell."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def test_a_full_run_that_fails_prints_the_step_its_message_and_the_log(tmp_path,
     failed = next(i for i, line in enumerate(lines) if line.startswith("FAILED validate-data"))
     message = "\n".join(lines[failed + 1 :])
     assert problem in message
+    assert re.match(r"  [A-Z]\w*: ", lines[failed + 1]), lines[
+        failed + 1
+    ]  # the error's name, not its module path
     assert lines[-1].startswith("full log: ") and "Traceback" not in message
     assert Path(lines[-1].removeprefix("full log: ")).read_text()  # kfp.local's own output is kept there
 

@@ -37,6 +37,7 @@ _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _STEP = re.compile(r"step (\d+)/(\d+) loss (\S+) .*?tok/s (\S+).*? eta (\S+)(?:.* forgetting (\S+))?")
 _STOP = re.compile(r"(stopping after step \d+: .*|rolled back to the checkpoint at step \d+).*$")
 _ERROR = re.compile(r"^[\w.]*(Error|Exception)\b.*?: ")
+_MODULE_PATH = re.compile(r"^(?:\w+\.)+(?=\w+: )")
 
 # The figures each step's line shows: (metric the step logs, label, format).
 FIGURES: dict[str, tuple[tuple[str, str, str], ...]] = {
@@ -183,6 +184,9 @@ class StepConsole:
                     (i for i in range(start + 1, len(lines)) if not lines[i] or _START.search(lines[i])),
                     len(lines),
                 )
+                lines[start] = _MODULE_PATH.sub(
+                    "", lines[start]
+                )  # PlanError: ..., not fulltune.plan.PlanError
                 for line in lines[start : min(end, start + 20)]:
                     self.say(f"  {line}")
         self.say(f"full log: {self.log_path}")
