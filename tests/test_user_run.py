@@ -61,6 +61,15 @@ def test_the_dry_run_passes_a_good_config_with_one_line_per_step(tmp_path, demo_
     assert not (tmp_path / "work").exists()  # nothing trained, nothing written to the work directory
 
 
+def test_a_dry_run_until_an_earlier_step_says_how_to_check_the_rest(tmp_path, demo_assets, capsys):
+    config = user_config(tmp_path, demo_assets)
+    assert main(["run", str(config), "--until", "validate_data", "--dir", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "verdict: passed validate_data and every step before it; next: "
+        "`fulltune run CONFIG --until plan` checks check_tokenizer and plan too"
+    )
+
+
 def test_the_dry_run_checks_the_disk_a_run_with_the_same_dir_would_use(tmp_path, demo_assets, capsys):
     """No work_dir in the config: `fulltune run --dir D` would put it under D/runs, so the dry run
     with the same --dir checks that disk, and writes nothing there."""

@@ -74,10 +74,11 @@ def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
             return 1
         report = f"; report: {line.report}" if line.report else ""
         out.write(f"ok     {name} ({time.monotonic() - start:.1f} s): {line.summary}{report}\n")
+    following = CHECKING_STEPS[CHECKING_STEPS.index(until) + 1 :]
     nxt = (
-        "`fulltune run CONFIG` here, or `fulltune submit` to a cluster"
-        if until == "plan"
-        else "the next steps"
+        f"`fulltune run CONFIG --until {following[-1]}` checks {' and '.join(following)} too"
+        if following
+        else "`fulltune run CONFIG` here, or `fulltune submit` to a cluster"
     )
     out.write(f"verdict: passed {until} and every step before it; next: {nxt}\n")
     return 0
