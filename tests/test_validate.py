@@ -316,6 +316,25 @@ def test_eval_and_general_sets(tmp_path):
     assert report["metrics"]["general_error_rate"] == 0.5
 
 
+def test_record_kind_names_the_domain_data_and_a_plain_text_general_set_is_read_as_text(tmp_path):
+    """Chat SFT data with plain-text replay (a web corpus) is the usual pair: record_kind: chat
+    names the train and eval sets' kind; the general set's is read from its own fields."""
+    chat = [
+        {"messages": [{"role": "user", "content": f"dose {i}?"}, {"role": "assistant", "content": "5 mg."}]}
+        for i in range(5)
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", chat)
+    general = write_jsonl(
+        tmp_path / "general.jsonl", [{"text": f"the weather is nice, day {i}"} for i in range(4)]
+    )
+    cfg = make_cfg(train, general_uri=str(general), record_kind="chat")
+    report = validate_data(cfg, tmp_path / "out")
+    assert report["datasets"]["general"]["passed"] and not report["datasets"]["general"]["problems"]
+    assert resolve_kind(str(general), cfg.data, "general") == "text"
+    assert resolve_kind(str(general), cfg.data) == "chat"  # as train or eval data: what the config says
+    assert [r.text for r in iter_records(str(general), cfg.data, "text")][0] == "the weather is nice, day 0"
+
+
 def test_an_eval_set_that_is_mostly_the_train_set_fails_saying_what_the_gain_would_measure(tmp_path):
     """An eval set that repeats the training data passes the gate on memorisation: above a tenth of
     it in train, validation fails by default; data.checks.train_overlap can say it is meant."""

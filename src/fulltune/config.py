@@ -150,7 +150,9 @@ class DataSection(_Section):
         None, description="General-domain text: mixed into training as replay and used to measure forgetting."
     )
     record_kind: Literal["auto", "text", "prompt_completion", "chat"] = Field(
-        "auto", description="Record kind; 'auto' detects it from the first record's fields."
+        "auto",
+        description="Record kind of the train and eval data; 'auto' detects it from the first record's "
+        "fields. The general set's is always detected (replay data is often plain text beside chat data).",
     )
     text_field: str = Field("text", description="Column holding plain text records.")
     prompt_field: str = Field("prompt", description="Column holding the prompt of prompt/completion records.")

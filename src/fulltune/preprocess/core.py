@@ -900,7 +900,7 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     shard = _Shard(cfg, index, tok)
     kind = resolve_kind(data.train_uri, data)
     eval_kind = resolve_kind(data.eval_uri, data) if data.eval_uri else kind
-    gkind = resolve_kind(data.general_uri, data) if data.general_uri else None
+    gkind = resolve_kind(data.general_uri, data, "general") if data.general_uri else None
     if gkind is not None and pp.replay_fraction > 0:
         shard.pool = _replay_pool(shard, data.general_uri, gkind, kind)
     shard.sink(TRAIN, kind)

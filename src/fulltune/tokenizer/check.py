@@ -338,7 +338,7 @@ class _Checker:
     def _sample(self, name: str, uri: str) -> list[Record] | None:
         """A deterministic sample of the dataset's good records, or None (and an error check)."""
         try:
-            kind = resolve_kind(uri, self.cfg.data)
+            kind = resolve_kind(uri, self.cfg.data, name)
             records = reservoir(
                 iter_records(uri, self.cfg.data, kind), SAMPLE_RECORDS, self.cfg.preprocess.seed
             )
