@@ -76,11 +76,18 @@ def test_the_dry_run_checks_the_disk_a_run_with_the_same_dir_would_use(tmp_path,
     config = user_config(tmp_path, demo_assets)
     cfg = yaml.safe_load(config.read_text())
     del cfg["work_dir"]
+    del cfg["data"]["general_uri"]  # and no general set: plan's warning has a line of its own
     config.write_text(yaml.safe_dump(cfg))
     out_dir = tmp_path / "out"
     assert main(["check", str(config), "--dir", str(out_dir)]) == 0
-    planned = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ok     plan"))
-    assert ", work_dir needs ~" in planned
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    planned = next(i for i, line in enumerate(lines) if line.startswith("ok     plan"))
+    assert lines[planned + 1].startswith(
+        "  warning: data.general_uri is not set: forgetting will not be measured"
+    )
+    assert "general_uri is not set" not in err  # said once, where the dry run's lines are
+    assert ", work_dir needs ~" in lines[planned]
     assert f"| disk | work_dir {out_dir}: ~" in (out_dir / "plan.md").read_text()  # runs/ is made later
     assert not (out_dir / "runs").exists()
 

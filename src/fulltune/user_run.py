@@ -15,10 +15,12 @@ line) and exit code 1. Nothing is trained and no GPU is needed.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -39,6 +41,7 @@ CHECKING_STEPS = ("validate_data", "check_tokenizer", "plan")
 class StepLine:
     summary: str  # the figures that matter
     report: Path | None = None
+    warnings: tuple[str, ...] = ()  # each printed on a line of its own under the step's
 
 
 def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
@@ -74,6 +77,7 @@ def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
             return 1
         report = f"; report: {line.report}" if line.report else ""
         out.write(f"ok     {name} ({time.monotonic() - start:.1f} s): {line.summary}{report}\n")
+        out.writelines(f"  warning: {warning}\n" for warning in line.warnings)
     following = CHECKING_STEPS[CHECKING_STEPS.index(until) + 1 :]
     nxt = (
         f"`fulltune run CONFIG --until {following[-1]}` checks {' and '.join(following)} too"
@@ -124,7 +128,8 @@ def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
         # where `fulltune run` with the same --dir puts what the config leaves unset: the disk plan
         # checks is the one the run will use (said by the run, not by the dry run)
         cfg = with_local_locations(cfg, out_dir, say=lambda _: None)
-    plan = make_plan(cfg)
+    with _quiet("fulltune.plan"):  # its warnings go on lines of their own, below
+        plan = make_plan(cfg)
     report_path = out_dir / "plan.md"
     report_path.write_text(plan_markdown(plan))
     tr = plan.config.training
@@ -138,7 +143,20 @@ def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
         figures.append(disk)
     if plan.cost:
         figures.append(plan.cost.summary())
-    return StepLine(", ".join(figures), report_path)
+    warnings = tuple(d.removeprefix("warning: ") for d in plan.decisions if d.startswith("warning: "))
+    return StepLine(", ".join(figures), report_path, warnings)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """`logger`'s warnings held back (the dry run prints them itself)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def with_local_locations(cfg: RunConfig, out_dir: Path, say: Callable[[str], None] = print) -> RunConfig:
