@@ -46,6 +46,7 @@ from fulltune.launch.scheduling import (
     AUTOSCALER,
     NODE_FIXES,
     TrainingPod,
+    format_quantity,
     parse_quantity,
     requested_on_nodes,
     unused_gpu_memory,
@@ -615,7 +616,7 @@ def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
         for key, amount in need.items():
             if key in hard and parse_quantity(hard[key]) - parse_quantity(used.get(key, "0")) < amount:
                 short.append(
-                    f"{quota.metadata.name}: {key} needs {_quantity(key, amount)}, {hard[key]} hard, {used.get(key, '0')} used"
+                    f"{quota.metadata.name}: {key} needs {format_quantity(key, amount)}, {hard[key]} hard, {used.get(key, '0')} used"
                 )
     if short:
         fix = "ask the platform team to raise the profile's quota, or ask for fewer nodes/GPUs per node"
@@ -658,14 +659,7 @@ def training_pod_needs(cfg: RunConfig) -> dict[str, float]:
 
 
 def _needs_text(need: dict[str, float]) -> str:
-    return ", ".join(f"{k} {_quantity(k, v)}" for k, v in need.items()) or "none"
-
-
-def _quantity(key: str, amount: float) -> str:
-    """A quota amount as Kubernetes writes it: bytes in Gi, the rest as a number."""
-    if key.endswith(("memory", "ephemeral-storage")):
-        return f"{amount / 2**30:g}Gi"
-    return f"{amount:g}"
+    return ", ".join(f"{k} {format_quantity(k, v)}" for k, v in need.items()) or "none"
 
 
 # -- the Kubernetes API ----------------------------------------------------------------------------

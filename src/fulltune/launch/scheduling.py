@@ -221,14 +221,15 @@ def why_busy(node, pod: TrainingPod, used: dict[str, float]) -> str | None:
     for key, amount in pod.requests.items():
         total, taken = parse_quantity(allocatable.get(key, "0")), used.get(key, 0.0)
         if total - taken < parse_quantity(amount):
-            return f"{key} {_amount(key, taken)} of {allocatable.get(key)} requested by pods there, {amount} needed"
+            return f"{key} {format_quantity(key, taken)} of {allocatable.get(key)} requested by pods there, {amount} needed"
     return None
 
 
-def _amount(key: str, amount: float) -> str:
-    """An amount as Kubernetes writes it: bytes in Gi, cores with millicores when fractional."""
-    if key in ("memory", "ephemeral-storage"):
-        return f"{amount / 2**30:.3g}Gi"
+def format_quantity(key: str, amount: float) -> str:
+    """An amount of resource `key` (`memory`, `requests.memory`, ...) as Kubernetes writes it: bytes
+    in Gi, the rest as a number."""
+    if key.endswith(("memory", "ephemeral-storage")):
+        return f"{amount / 2**30:g}Gi"
     return f"{amount:g}"
 
 
