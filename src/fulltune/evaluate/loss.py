@@ -112,6 +112,7 @@ def loss_batches(
     if int(counts.sum()) == 0:
         raise EvaluateError("no positions with a label other than -100: the set carries no loss tokens")
     order = torch.argsort(-lengths, stable=True) if sort_by_length else torch.arange(sequences)
+    inputs_of = model_inputs(data)
     batches = []
     for start in range(0, sequences, batch_size):
         idx = order[start : start + batch_size]
@@ -119,7 +120,7 @@ def loss_batches(
         if counts[rows].sum() == 0:
             continue
         cut = int(lengths[idx].max())
-        inputs = {k: v[idx, :cut] for k, v in model_inputs(data).items()}
+        inputs = {k: v[idx, :cut] for k, v in inputs_of.items()}
         batches.append(LossBatch(rows, inputs, labels[idx, :cut]))
     return LossBatches(sequences, counts, batches)
 
