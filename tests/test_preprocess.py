@@ -187,31 +187,26 @@ def test_a_template_ending_each_turn_with_the_eos_and_a_newline_gets_no_second_e
     assert taught.count(eos) == 2 and "Kidney filtration." in taught  # each answer's EOS is learned
 
 
-def test_an_answers_first_token_carries_loss_when_it_starts_in_the_generation_prompt(tok):
-    """After a generation prompt ending in a space, byte-level BPE merges the space into the answer's
-    first token (" G"): it starts before the turn, but it is the answer's opening and is learned."""
-    spaced = _templated(
-        tok,
-        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
-        "{% else %}{{ 'Assistant: ' + m['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}",
-    )
-    ids, labels = core.chat_example(HBA1C, spaced, loss_all=False)
-    taught = _loss_text(spaced, ids, labels)
-    assert "Glycated haemoglobin." in taught and "Kidney filtration." in taught
-    assert "HbA1c" not in taught and "eGFR" not in taught
+# Templates whose answers start other than where the turn's header ends, and each answer is still
+# learned from its first character: after a generation prompt ending in a space, byte-level BPE merges
+# the space into the answer's first token (" G"), which starts before the turn but is the answer's
+# opening; DeepSeek-R1 distills and QwQ prompt generation with "<think>" and a newline, which history does not
+# render.
+ANSWER_OPENINGS = {
+    "space in the generation prompt": "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ 'User: ' + m['content'] + '\\n' }}{% else %}{{ 'Assistant: ' + m['content'] + '<|end|>\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}",
+    "generation prompt longer than the turn header": "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n<think>\\n' }}{% endif %}",
+}
 
 
-def test_a_generation_prompt_longer_than_the_turn_header_still_masks_the_whole_answer(tok):
-    """DeepSeek-R1 distills and QwQ prompt generation with "<think>\\n" that history does not
-    render: the answer's loss starts at its first character all the same."""
-    think = _templated(
-        tok,
-        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>\\n<think>\\n' }}{% endif %}",
-    )
-    ids, labels = core.chat_example(HBA1C, think, loss_all=False)
-    taught = _loss_text(think, ids, labels)
+@pytest.mark.parametrize("template", ANSWER_OPENINGS.values(), ids=ANSWER_OPENINGS.keys())
+def test_an_answer_is_learned_from_its_first_character_whatever_the_template(tok, template):
+    templated = _templated(tok, template)
+    ids, labels = core.chat_example(HBA1C, templated, loss_all=False)
+    taught = _loss_text(templated, ids, labels)
     assert "Glycated haemoglobin." in taught and "Kidney filtration." in taught
     assert "HbA1c" not in taught and "eGFR" not in taught
 
