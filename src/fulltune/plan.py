@@ -782,11 +782,7 @@ def default_epochs(train_tokens: int) -> float:
 
 def estimate_train_tokens(cfg: RunConfig, sample_records: int = 256) -> int:
     """Training tokens ~ records in the data files x mean tokens of a record measured on a sample."""
-    return estimate_train_data(cfg, sample_records).tokens
-
-
-def estimate_train_data(cfg: RunConfig, sample_records: int = 256) -> DataEstimate:
-    return estimate_datasets(cfg, sample_records)[0]
+    return estimate_datasets(cfg, sample_records)[0].tokens
 
 
 def estimate_datasets(cfg: RunConfig, sample_records: int = 256) -> tuple[DataEstimate, DataEstimate | None]:
@@ -1103,7 +1099,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         raise PlanError("not enough disk: " + "; ".join(problems))
     rule_notes += evaluation_notes(resolved, shape)
     for note in notes + batch_notes + rule_notes:
-        if note.startswith("warning: "):  # `fulltune check` shows the log, not the plan report
+        if note.startswith("warning: "):  # the plan step's log (`fulltune check` prints the decisions)
             log.warning("plan: %s", note.removeprefix("warning: "))
     return Plan(
         shape,
