@@ -12,8 +12,8 @@ import hashlib
 
 from fulltune import storage
 
-# The name train/recipe.py writes (a test keeps them equal); not imported from there, as that would
-# pull the training stack (torch, DeepSpeed) into the evaluate and register steps.
+# The file train/recipe.py writes last, listing the model's files: named here, where the evaluate and
+# register steps can read it without the training stack (torch, DeepSpeed) the recipe imports.
 MODEL_MANIFEST = "model_manifest.json"
 
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from fulltune import disk, storage
 from fulltune.config import RunConfig
+from fulltune.model_identity import MODEL_MANIFEST
 from fulltune.train import checkpoint, liger, recompute
 from fulltune.train.args import TrainerArgs
 from fulltune.train.cadence import Cadence
@@ -79,7 +80,6 @@ if TYPE_CHECKING:
     from fulltune.preprocess.dataset import DatasetManifest
 
 log = logging.getLogger("fulltune.train")
-MODEL_MANIFEST = "model_manifest.json"
 
 StepEnd = Callable[[int, int, StepRecord], None]
 """A step-end callback: (optimizer steps done, this process's rank, the step's record)."""
