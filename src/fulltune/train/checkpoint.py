@@ -209,7 +209,8 @@ def newest_complete(root: str, steps: set[int]) -> str | None:
 
 
 def _staging(root: str) -> Path:
-    """A node-local directory for s3:// checkpoints, the same path for every rank of the node."""
+    """A node-local directory for s3:// checkpoints, the same path for every rank of the node. Removed
+    whole once uploaded or loaded: DeepSpeed also writes its zero_to_fp32 scripts beside the tag."""
     digest = hashlib.sha256(root.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir(), f"fulltune-ckpt-{digest}")
 
@@ -245,7 +246,7 @@ def save(
     dist.barrier()
     if remote and local_rank == 0:
         storage.upload_dir(target / tag, storage.join(root, tag))
-        shutil.rmtree(target / tag, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
     dist.barrier()
     if rank == 0:
         base = storage.join(root, tag)
@@ -304,7 +305,7 @@ def load(engine, root: str, tag: str, *, local_rank: int) -> dict[str, Any]:
         if remote:
             dist.barrier()  # every rank of the node has read its files
             if local_rank == 0:
-                shutil.rmtree(path / tag, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
     if loaded is None:
         raise CheckpointError(f"{storage.join(root, tag)}: DeepSpeed could not load this checkpoint")
     return client_state or {}
