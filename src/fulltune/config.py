@@ -330,6 +330,11 @@ class PreprocessSection(_Section):
     )
     seed: int = Field(0, description="Seed for splitting and replay mixing.")
 
+    @property
+    def documents_alone(self) -> bool:
+        """Whether the model is given each packed document's own positions (training and evaluation)."""
+        return not self.attend_across_documents
+
 
 class TrainingSection(_Section):
     learning_rate: float | None = Field(

@@ -289,7 +289,7 @@ def prepare(cfg: RunConfig, uris: Pair[str], dataset_manifest: str | dict[str, A
     """Read, validate, tokenise and batch every set and task once, before any model is loaded."""
     ev = cfg.evaluation
     limit, batch_size = ev.max_eval_sequences, ev.per_device_eval_batch_size
-    splits = _read_splits(load_manifest(dataset_manifest), limit, not cfg.preprocess.attend_across_documents)
+    splits = _read_splits(load_manifest(dataset_manifest), limit, cfg.preprocess.documents_alone)
     _check_task_names(ev)
     questions = [(task.name, mc_tasks.load_task(task.uri, limit=limit)) for task in ev.mc_tasks]
     examples = [(task, gen_tasks.load_task(task.uri, limit=limit)) for task in ev.generation_tasks]

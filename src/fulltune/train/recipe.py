@@ -149,7 +149,7 @@ class Recipe:
         ds_config = read_deepspeed_config(self.args.deepspeed, self.cfg, self.ranks)
         dataset = load_manifest(self.args.dataset)
         self.identity = checkpoint.run_identity(self.cfg, dataset)
-        alone = not self.cfg.preprocess.attend_across_documents  # each packed document on its own
+        alone = self.cfg.preprocess.documents_alone
         self.data = load_split(dataset, TRAIN, positions=alone)
         self.num_sequences, seq_len = self.data["input_ids"].shape
         self.loss_tokens = loss_tokens_per_sequence(self.data["labels"])
@@ -239,7 +239,7 @@ class Recipe:
 
         if not manifest.sequences(GENERAL_EVAL):
             return None
-        limit, alone = self.cfg.evaluation.max_eval_sequences, not self.cfg.preprocess.attend_across_documents
+        limit, alone = self.cfg.evaluation.max_eval_sequences, self.cfg.preprocess.documents_alone
         return load_split(manifest, GENERAL_EVAL, limit=limit, positions=alone)
 
     def _resume(self) -> dict[str, Any]:
