@@ -33,7 +33,8 @@ WORKER = textwrap.dedent(
 def run_node(tmp_path, how: str) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "HOW": how, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "HOW": how, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     cmd = [sys.executable, "-m", "fulltune.launch.node", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
     return subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=120)
 
@@ -47,6 +48,7 @@ def test_node_exit_code_follows_the_rank_that_failed(tmp_path, how, expected):
     assert result.returncode == expected, result.stderr[-2000:]
     if expected:
         assert "rank 1 failed first" in result.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []  # torchrun's log directory goes with the node
 
 
 def test_plain_torchrun_would_have_hidden_the_retryable_code(tmp_path):

@@ -15,6 +15,7 @@ into the pod's exit code:
 from __future__ import annotations
 
 import sys
+import tempfile
 
 from fulltune.train.exit_codes import EXIT_RETRYABLE, is_retryable
 
@@ -27,11 +28,21 @@ def node_exit_code(worker_exit_code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import parse_args
 
     args = parse_args(argv if argv is not None else sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix="fulltune-torchrun-") as logs:
+        # torchrun's own default (a mkdtemp per launch, never removed) leaves a directory per run
+        # in the machine's temp dir; the ranks' error files are read before this one goes
+        args.log_dir = args.log_dir or logs
+        return _run_node(args)
+
+
+def _run_node(args) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import run
+
     try:
         run(args)
     except ChildFailedError as exc:
