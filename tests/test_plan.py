@@ -382,6 +382,29 @@ def test_plan_warns_where_forgetting_cannot_be_measured_or_replay_repeats_a_smal
     assert "each general document is replayed ~278 times an epoch" in warned[1]
 
 
+def test_plan_sizes_a_plain_text_general_set_beside_chat_domain_data(tmp_path):
+    """record_kind: chat names the domain data's kind; the general set is sized from its own text.
+    Read as chat it looked empty, and plan warned that replay repeats a pool of ~0 thousands of times."""
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    turn = [{"role": "user", "content": "dose?"}, {"role": "assistant", "content": "5 mg daily " * 8}]
+    train, general = tmp_path / "train.jsonl", tmp_path / "general.jsonl"
+    train.write_text((json.dumps({"messages": turn}) + "\n") * 400)
+    general.write_text("".join(json.dumps({"text": f"the city {i} is old " * 10}) + "\n" for i in range(400)))
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(model)},
+            "data": {"train_uri": str(train), "general_uri": str(general), "record_kind": "chat"},
+            "preprocess": {"max_seq_len": 64},
+            "resources": {"accelerator": "cpu"},
+        }
+    )
+    _, estimate = planmod.estimate_datasets(cfg)
+    assert estimate.kind == "text" and estimate.records == 400 and estimate.tokens > 400 * 40
+    assert not [d for d in planmod.make_plan(cfg).decisions if "replayed" in d]
+
+
 def test_plan_requires_model_and_data():
     from fulltune.config import ConfigError
 

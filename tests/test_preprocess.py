@@ -344,6 +344,21 @@ def test_replay_fraction_is_achieved_within_one_percent(demo_assets, tmp_path):
     assert manifest["splits"]["general_eval"]["sequences"] > 0
 
 
+def test_a_general_corpus_keeps_its_own_text_column(demo_assets, tmp_path):
+    """Domain text in a column of its own (data.text_field) beside a general corpus in 'text': the
+    general set is replayed and held out from data.general_text_field, as if both used one name."""
+    general = [{"text": f"The {w} module provides functions for {w} objects."} for w in "abcdefghij" * 8]
+    same = make_cfg(demo_assets, tmp_path, TEXTS, general, replay_fraction=0.2)
+    expected = preprocess_all(at(same, str(tmp_path / "same")))
+    notes = [{"note": row["text"]} for row in TEXTS]
+    own = make_cfg(demo_assets, tmp_path, notes, general, replay_fraction=0.2)
+    own = own.with_overrides({"data": {"text_field": "note", "general_text_field": "text"}})
+    manifest = preprocess_all(at(own, str(tmp_path / "own")))
+    assert manifest["replay"] == expected["replay"] and manifest["replay"]["replay_tokens"] > 0
+    for split in ("train", "general_eval"):
+        assert manifest["splits"][split]["tokens"] == expected["splits"][split]["tokens"] > 0, split
+
+
 def test_replay_is_a_share_of_the_examples_that_survive_and_is_counted_apart(demo_assets, tmp_path):
     """Replay is sized from the domain tokens left after over-long examples are cut or dropped; the
     manifest's replay figures (shares of tokens and of loss tokens) are what the training split holds, and the split's examples, truncated

@@ -330,9 +330,21 @@ def test_record_kind_names_the_domain_data_and_a_plain_text_general_set_is_read_
     cfg = make_cfg(train, general_uri=str(general), record_kind="chat")
     report = validate_data(cfg, tmp_path / "out")
     assert report["datasets"]["general"]["passed"] and not report["datasets"]["general"]["problems"]
-    assert resolve_kind(str(general), cfg.data, "general") == "text"
+    assert resolve_kind(str(general), cfg.data.reading("general")) == "text"
     assert resolve_kind(str(general), cfg.data) == "chat"  # as train or eval data: what the config says
     assert [r.text for r in iter_records(str(general), cfg.data, "text")][0] == "the weather is nice, day 0"
+
+
+def test_a_general_corpus_in_another_column_than_the_domain_text_is_named_by_general_text_field(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"note": f"potassium {i} mmol/L"} for i in range(5)])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"the weather, day {i}"} for i in range(4)])
+    cfg = make_cfg(train, general_uri=str(general), text_field="note")
+    message, report = failing_report(cfg, tmp_path / "out")
+    assert message.startswith("validate_data failed: general: unknown_kind")
+    assert "data.general_text_field for general_uri's text" in message
+    cfg = make_cfg(train, general_uri=str(general), text_field="note", general_text_field="text")
+    report = validate_data(cfg, tmp_path / "out2")
+    assert report["passed"] and not report["datasets"]["general"]["problems"]
 
 
 def test_an_eval_set_that_is_mostly_the_train_set_fails_saying_what_the_gain_would_measure(tmp_path):

@@ -155,6 +155,11 @@ class DataSection(_Section):
         "fields. The general set's is always detected (replay data is often plain text beside chat data).",
     )
     text_field: str = Field("text", description="Column holding plain text records.")
+    general_text_field: str | None = Field(
+        None,
+        description="Column holding the text of general_uri's plain-text records, when it is not text_field "
+        "(a general corpus keeps 'text' beside domain data in a column of its own). None: text_field.",
+    )
     prompt_field: str = Field("prompt", description="Column holding the prompt of prompt/completion records.")
     completion_field: str = Field(
         "completion", description="Column holding the completion of prompt/completion records."
@@ -242,6 +247,16 @@ class DataSection(_Section):
         created: refused when the config is read."""
         _refuse([((code,), None, why) for code in checks if (why := check_code_problem(code))])
         return checks
+
+    def reading(self, dataset: str) -> DataSection:
+        """How `dataset` ("train", "eval" or "general") is read. The general set's kind is always
+        detected: replay data is often plain text beside the chat or prompt/completion domain data
+        `record_kind` names; its plain text is in general_text_field when that is set."""
+        if dataset != "general":
+            return self
+        return self.model_copy(
+            update={"record_kind": "auto", "text_field": self.general_text_field or self.text_field}
+        )
 
 
 class TokenizerSection(_Section):

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fulltune import storage
-from fulltune.config import ConfigError, RunConfig
+from fulltune.config import ConfigError, DataSection, RunConfig
 from fulltune.cost import CostError, CostEstimate, check_budget, estimate_cost, planned_tokens
 from fulltune.disk import DiskEstimate, checkpoint_bytes, estimate_disk, pod_scratch_request
 from fulltune.preprocess.dataset import MAX_REPLAY_REPEATS, MIN_GENERAL_EVAL_SEQUENCES
@@ -790,9 +790,12 @@ def estimate_datasets(cfg: RunConfig, sample_records: int = 256) -> tuple[DataEs
     from fulltune.hf import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
-    train = estimate_data(cfg.data.train_uri, cfg, tok, sample_records)
+    train = estimate_data(cfg.data.train_uri, cfg.data, tok, sample_records)
     general_uri = cfg.data.general_uri
-    return train, estimate_data(general_uri, cfg, tok, sample_records) if general_uri else None
+    general = (
+        estimate_data(general_uri, cfg.data.reading("general"), tok, sample_records) if general_uri else None
+    )
+    return train, general
 
 
 @dataclass(frozen=True)
@@ -804,7 +807,7 @@ class DataEstimate:
     kind: str | None = None  # the record kind of the sample; None: no usable record in it
 
 
-def estimate_data(uri: str, cfg: RunConfig, tok, sample_records: int = 256) -> DataEstimate:
+def estimate_data(uri: str, data: DataSection, tok, sample_records: int = 256) -> DataEstimate:
     """Records counted the cheap way for each file's format (`data.extent`: compressed and columnar
     files by what they decode to, not by their size on disk) x the mean tokens of the first
     `sample_records` usable records."""
@@ -812,7 +815,7 @@ def estimate_data(uri: str, cfg: RunConfig, tok, sample_records: int = 256) -> D
     from fulltune.data.records import data_files, iter_records
 
     records = sum(estimate_records(f) for f in data_files(uri))
-    sample = list(itertools.islice(iter_records(uri, cfg.data), sample_records))
+    sample = list(itertools.islice(iter_records(uri, data), sample_records))
     if not sample:
         return DataEstimate(int(records), 0)
     ids = tok([r.plain_text() for r in sample], add_special_tokens=False)["input_ids"]

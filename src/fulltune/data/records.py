@@ -700,17 +700,16 @@ def _refuse_surrogates(text: str, what: str, loc: Location) -> None:
         ) from None
 
 
-def resolve_kind(uri: str, cfg: DataSection, dataset: str = "train") -> str:
-    """The configured kind, or the kind of the first parseable record whose fields name one. The
-    general set's (`dataset` "general") is always detected: replay data is often plain text beside
-    chat or prompt/completion domain data, which `record_kind` names.
+def resolve_kind(uri: str, cfg: DataSection) -> str:
+    """The configured kind, or the kind of the first parseable record whose fields name one (always
+    detected for the general set: `cfg` is then `DataSection.reading("general")`).
 
     A stray first record with other fields does not decide the kind (it is reported by
     `normalize` as `missing_field`, within the error budget); when none of the first
     `KIND_SCAN_LIMIT` parseable records names a kind, RecordError `unknown_kind` points at the
     first of them.
     """
-    if cfg.record_kind != "auto" and dataset != "general":
+    if cfg.record_kind != "auto":
         return cfg.record_kind
     first: RawRecord | None = None
     seen = 0

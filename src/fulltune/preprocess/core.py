@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from fulltune import hf, storage
-from fulltune.config import RunConfig
+from fulltune.config import DataSection, RunConfig
 from fulltune.data.records import Record, resolve_kind
 from fulltune.preprocess import inputs
 from fulltune.preprocess.dataset import (
@@ -781,12 +781,12 @@ class _Shard:
             self.sinks[split] = ParquetSink(self.layout.shard_file(split, self.index))
         return self.sinks[split]
 
-    def blocks(self, role: str, uri: str, kind: str):
-        """This shard's blocks of `uri`; what was read is recorded under `role`."""
+    def blocks(self, role: str, uri: str, kind: str, data: DataSection):
+        """This shard's blocks of `uri`, read as `data` says; what was read is recorded under `role`."""
         stats = inputs.ReadStats()
         size = self.cfg.preprocess.block_records
         units = inputs.plan_shard(uri, size, self.index, self.n, stats)
-        yield from inputs.read_blocks(units, self.cfg.data, kind, size, stats)
+        yield from inputs.read_blocks(units, data, kind, size, stats)
         self.read[role] = {
             "uri": uri,
             "units": len(units),
@@ -868,7 +868,7 @@ def _replay_pool(shard: _Shard, uri: str, kind: str, domain_kind: str) -> Docs:
     salt = shard.salt + "/general"
     records = [
         r
-        for r in iter_records(uri, shard.cfg.data, kind)
+        for r in iter_records(uri, shard.cfg.data.reading("general"), kind)
         if stable_fraction(split_key(r), salt) >= pp.general_eval_fraction
     ]
     pool = tokenize(records, kind, shard.enc, shard.loss_all).prefixed(document_lead(kind, shard.enc))
@@ -900,12 +900,13 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     shard = _Shard(cfg, index, tok)
     kind = resolve_kind(data.train_uri, data)
     eval_kind = resolve_kind(data.eval_uri, data) if data.eval_uri else kind
-    gkind = resolve_kind(data.general_uri, data, "general") if data.general_uri else None
+    general = data.reading("general")
+    gkind = resolve_kind(data.general_uri, general) if data.general_uri else None
     if gkind is not None and pp.replay_fraction > 0:
         shard.pool = _replay_pool(shard, data.general_uri, gkind, kind)
     shard.sink(TRAIN, kind)
     shard.sink(DOMAIN_EVAL, eval_kind)
-    for key, recs in shard.blocks(TRAIN, data.train_uri, kind):
+    for key, recs in shard.blocks(TRAIN, data.train_uri, kind, data):
         if data.eval_uri is None:
             recs, held = _hash_split(recs, pp.eval_fraction, shard.salt)
             if held:
@@ -913,11 +914,11 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
         if recs:
             shard.write(TRAIN, kind, recs, key)
     if data.eval_uri:
-        for _, recs in shard.blocks(DOMAIN_EVAL, data.eval_uri, eval_kind):
+        for _, recs in shard.blocks(DOMAIN_EVAL, data.eval_uri, eval_kind, data):
             shard.write(DOMAIN_EVAL, eval_kind, recs)
     if gkind is not None:
         shard.sink(GENERAL_EVAL, gkind)
-        for _, recs in shard.blocks(GENERAL_EVAL, data.general_uri, gkind):
+        for _, recs in shard.blocks(GENERAL_EVAL, data.general_uri, gkind, general):
             _, held = _hash_split(recs, pp.general_eval_fraction, shard.salt + "/general")
             if held:
                 shard.write(GENERAL_EVAL, gkind, held)

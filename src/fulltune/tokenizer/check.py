@@ -338,10 +338,9 @@ class _Checker:
     def _sample(self, name: str, uri: str) -> list[Record] | None:
         """A deterministic sample of the dataset's good records, or None (and an error check)."""
         try:
-            kind = resolve_kind(uri, self.cfg.data, name)
-            records = reservoir(
-                iter_records(uri, self.cfg.data, kind), SAMPLE_RECORDS, self.cfg.preprocess.seed
-            )
+            data = self.cfg.data.reading(name)
+            kind = resolve_kind(uri, data)
+            records = reservoir(iter_records(uri, data, kind), SAMPLE_RECORDS, self.cfg.preprocess.seed)
         except (DataError, RecordError, OSError) as exc:
             self.add(f"{name}_data", "error", f"cannot read {uri}: {exc}")
             return None

@@ -171,7 +171,7 @@ def validate_data(
         if name != "train" and not uri:
             continue
         check = DatasetCheck(
-            name, uri, data, checks, special, fast=fast, train=train if name == "eval" else None
+            name, uri, data.reading(name), checks, special, fast=fast, train=train if name == "eval" else None
         )
         datasets[name] = check.run()
         if name == "train":

@@ -85,7 +85,7 @@ class DatasetCheck:
                 "skipped_file", f"not read: the folder's data files end in {', '.join(DATA_PATTERNS)}", path
             )
         try:
-            self.kind = resolve_kind(self.uri, self.cfg, self.name)
+            self.kind = resolve_kind(self.uri, self.cfg)
         except (RecordError, DataError, OSError):
             pass  # no record names a kind, none parses, or a file breaks: the pass reports it
         train_kind = self.train.kind if self.train else None

@@ -214,5 +214,6 @@ def _plain_text(cols: list[Any], kind: str) -> Any:
 def _unknown_kind_reason(value: dict[str, Any], cfg: DataSection) -> str:
     return (
         f"fields {sorted(value)[:8]} name no record kind; expected {cfg.text_field!r}, "
-        f"{cfg.prompt_field!r}+{cfg.completion_field!r} or {cfg.messages_field!r} (see data.*_field)"
+        f"{cfg.prompt_field!r}+{cfg.completion_field!r} or {cfg.messages_field!r} (see data.*_field; "
+        "data.general_text_field for general_uri's text)"
     )
