@@ -379,6 +379,22 @@ def test_a_quota_without_room_for_the_gpus_fails(cluster, capsys):
     assert "kf-resource-quota: requests.nvidia.com/gpu needs 8, 16 hard, 12 used" in out
 
 
+def test_a_quota_in_the_kubeflow_profile_form_is_counted(cluster, capsys):
+    """Kubeflow's Profile examples write the quota's requests as bare `cpu` and `memory` (the same
+    amounts as requests.cpu and requests.memory): a quota without room there fails too, rather than
+    the pods being forbidden ("exceeded quota") once the job exists."""
+    kube, kfp, config = cluster
+    kube.quotas[NS][0]["status"] = {
+        "hard": {"cpu": "48", "memory": "1Ti", "requests.nvidia.com/gpu": "16", "count/pods": "20"},
+        "used": {"cpu": "10", "memory": "100Gi", "requests.nvidia.com/gpu": "0", "count/pods": "19"},
+    }
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1, out
+    assert "kf-resource-quota: cpu needs 64, 48 hard, 10 used" in out
+    assert "kf-resource-quota: count/pods needs 2, 20 hard, 19 used" in out
+    assert "memory needs" not in out  # 1Ti - 100Gi has room for 512Gi
+
+
 def test_gpu_nodes_the_pods_cannot_go_on_are_named_with_what_to_set(cluster, capsys, tmp_path):
     """The usual first-install Pending pods: the GPU nodes carry a taint the pods do not tolerate."""
     kube, kfp, config = cluster

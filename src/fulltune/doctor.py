@@ -613,17 +613,28 @@ def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     short = []
     for quota in quotas:
         hard, used = quota.status.hard or {}, quota.status.used or {}
-        for key, amount in need.items():
-            if key in hard and parse_quantity(hard[key]) - parse_quantity(used.get(key, "0")) < amount:
-                short.append(
-                    f"{quota.metadata.name}: {key} needs {format_quantity(key, amount)}, {hard[key]} hard, {used.get(key, '0')} used"
-                )
+        for need_key, amount in need.items():
+            for key in (need_key, *_QUOTA_ALIASES.get(need_key, ())):
+                if key in hard and parse_quantity(hard[key]) - parse_quantity(used.get(key, "0")) < amount:
+                    short.append(
+                        f"{quota.metadata.name}: {key} needs {format_quantity(key, amount)}, {hard[key]} hard, {used.get(key, '0')} used"
+                    )
     if short:
         fix = "ask the platform team to raise the profile's quota, or ask for fewer nodes/GPUs per node"
         return [Finding("quota", FAIL, "; ".join(short), fix)]
     return [
         Finding("quota", OK, f"room for the training pods ({_needs_text(need)}) in {len(quotas)} quota(s)")
     ]
+
+
+# The other names a ResourceQuota may give the same amount: `cpu`, `memory` and `ephemeral-storage`
+# are requests (the form Kubeflow's Profile examples use), `count/pods` is `pods`.
+_QUOTA_ALIASES = {
+    "requests.cpu": ("cpu",),
+    "requests.memory": ("memory",),
+    "requests.ephemeral-storage": ("ephemeral-storage",),
+    "pods": ("count/pods",),
+}
 
 
 def _runtime_or_none(cfg: RunConfig, cluster: Cluster) -> dict[str, Any] | None:
