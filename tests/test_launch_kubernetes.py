@@ -693,6 +693,40 @@ def test_a_stop_event_deletes_the_job(kube):
     assert (NS, job.name) not in kube.jobs
 
 
+def test_pods_the_quota_forbids_are_said_while_the_job_waits(kube, caplog):
+    """A ResourceQuota without room: the operator cannot create the pods and says so only in a
+    Warning event, while the job stays Created. The step's log says why it waits, once, with what
+    to do, instead of waiting in silence."""
+    forbidden = (
+        'Error creating: pods "{name}-master-0" is forbidden: exceeded quota: kf-resource-quota, '
+        "requested: requests.nvidia.com/gpu=2, used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8"
+    )
+
+    def operator(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        k.add_event(ns, "PyTorchJob", name, "Warning", "FailedCreatePod", forbidden.format(name=name))
+        k.add_event(ns, "Pod", "someone-elses-pod", "Warning", "FailedScheduling", "not ours")
+
+    kube.script = operator
+    stop = threading.Event()
+    launch, _ = launcher(kube, stop=stop, waiting_report_seconds=0.05)
+    job = make_job(launch.cfg)
+    with caplog.at_level(logging.INFO, logger="fulltune.launch.kubernetes"):
+        thread, result = run_in_thread(launch, job)
+        try:
+            kube.wait_for(lambda: "exceeded quota" in caplog.text, timeout=5)
+            kube.wait_for(lambda: len(kube.calls("GET", "/events")) >= 3, timeout=5)
+        finally:
+            stop.set()
+            thread.join(10)
+    assert isinstance(result.get("error"), LaunchCancelled)
+    waiting = [r.getMessage() for r in caplog.records if "exceeded quota" in r.getMessage()]
+    assert len(waiting) == 1, waiting  # said once, though read again
+    assert f"PyTorchJob {NS}/{job.name} waits: PyTorchJob/{job.name} FailedCreatePod" in waiting[0]
+    assert "fulltune doctor" in waiting[0]
+    assert "not ours" not in caplog.text
+
+
 def test_an_error_of_the_launcher_after_creation_deletes_the_job(kube):
     kube.watch_error = 403
     launch, _ = launcher(kube)

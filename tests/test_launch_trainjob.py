@@ -439,3 +439,29 @@ def test_watch_timeouts_reconnect_from_the_last_resource_version(kube):
     versions = [int(w.query["resourceVersion"]) for w in trainjob_watches(kube)]
     assert len(versions) >= 3 and versions == sorted(versions)
     assert len([r for r in kube.calls("GET", "/trainjobs") if "watch" not in r.query]) == 1  # no re-list
+
+
+def test_pods_the_quota_forbids_are_said_while_the_trainjob_waits(kube, caplog):
+    """A TrainJob is Created as soon as its JobSet is; when the quota forbids the pods, the Job
+    controller says so only in a Warning event of the node's Job, which the step's log shows."""
+    forbidden = 'Error creating: pods "{job}-abcde" is forbidden: exceeded quota: kf-resource-quota'
+
+    def trainer(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        job = f"{name}-node-0"
+        k.add_event(ns, "Job", job, "Warning", "FailedCreate", forbidden.format(job=job))
+
+    kube.script = trainer
+    stop = threading.Event()
+    launch, _ = launcher(kube, stop=stop, waiting_report_seconds=0.05)
+    with caplog.at_level(logging.INFO, logger="fulltune.launch.kubernetes"):
+        thread = threading.Thread(
+            target=lambda: pytest.raises(LaunchCancelled, launch.run, make_job(launch.cfg))
+        )
+        thread.start()
+        try:
+            kube.wait_for(lambda: "exceeded quota" in caplog.text, timeout=5)
+        finally:
+            stop.set()
+            thread.join(10)
+    assert f"TrainJob {NS}/{NAME} waits: Job/{NAME}-node-0 FailedCreate: " in caplog.text

@@ -124,6 +124,7 @@ class KubernetesLauncher:
         handle_signals: bool = True,
         poll_seconds: float = 2.0,
         drain_seconds: float = 10.0,
+        waiting_report_seconds: float = 30.0,
         tail_lines: int = 40,
         namespace_file: str = SA_NAMESPACE_FILE,
     ):
@@ -143,6 +144,7 @@ class KubernetesLauncher:
         self.handle_signals = handle_signals
         self.poll_seconds = poll_seconds
         self.drain_seconds = drain_seconds
+        self.waiting_report_seconds = waiting_report_seconds
         self.own_namespace = _read_namespace(namespace_file)
         self.namespace = self.k8s.namespace or self.own_namespace or "default"
         self.api = client.ApiClient(configuration or load_configuration())
@@ -426,10 +428,16 @@ class KubernetesLauncher:
 
     def _copy_logs(self, ns: str, name: str, state: _State) -> None:
         cursor = _LogCursor()
+        said: set = set()  # the waiting reasons logged already
+        next_report = 0.0
         while True:
             last_pass = state.finished.is_set()
             if last_pass and not state.running.is_set():
                 return  # never ran while followed (an adopted finished job): nothing to copy
+            # until a rank-0 pod runs (a TrainJob is "Created" before its pods exist)
+            if cursor.uid is None and not last_pass and time.monotonic() >= next_report:
+                self._report_waiting(ns, name, said)
+                next_report = time.monotonic() + self.waiting_report_seconds
             if state.running.is_set() or last_pass:
                 try:
                     pod = self._rank0_pod(ns, name)
@@ -444,6 +452,37 @@ class KubernetesLauncher:
             if last_pass or self.stop.is_set():
                 return
             state.finished.wait(self.poll_seconds)
+
+    def _report_waiting(self, ns: str, name: str, said: set) -> None:
+        """Until the pods run, log once each Warning event of the job and of what its controller
+        makes for it (its pods, a TrainJob's Jobs: all named after it): a quota that forbids the
+        pods, no node that fits them, an image that cannot be pulled. The controllers say so only
+        in events while the job's condition stays Created, so the step would otherwise wait in
+        silence."""
+        try:
+            events = self.core.list_namespaced_event(ns, field_selector="type=Warning").items
+        except Exception as exc:  # noqa: BLE001 — what the log says only; following goes on
+            log.debug("events not readable: %s", exc)
+            return
+        for event in sorted(events, key=_event_time):
+            obj, message = event.involved_object, (event.message or "").strip()
+            ours = obj.name == name or (obj.name or "").startswith(f"{name}-")
+            key = (obj.kind, obj.name, event.reason, message)
+            if event.type != "Warning" or not ours or key in said:
+                continue
+            said.add(key)
+            hint = _QUOTA_HINT if "exceeded quota" in message else ""
+            log.warning(
+                "%s %s/%s waits: %s/%s %s: %s%s",
+                self.kind.kind,
+                ns,
+                name,
+                obj.kind,
+                obj.name,
+                event.reason,
+                message,
+                hint,
+            )
 
     def _rank0_pod(self, ns: str, name: str):
         pods = self.core.list_namespaced_pod(ns, label_selector=self.kind.rank0_selector(name)).items
@@ -570,6 +609,12 @@ class _LogCursor:
             self.count += 1
             return True
         return False
+
+
+_QUOTA_HINT = (
+    " (the namespace's ResourceQuota has no room for the training pods: they are created once it "
+    "has; `fulltune doctor` compares the quota with what they request)"
+)
 
 
 def _parse_timestamp(stamp: str) -> int | None:
