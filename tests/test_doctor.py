@@ -371,6 +371,53 @@ def test_istio_injection_on_is_reported_with_what_it_means(cluster, capsys):
     assert "sidecar.istio.io/inject" in out
 
 
+def chart_runtime(**runtime_values) -> dict:
+    """The ClusterTrainingRuntime the chart installs, rendered by the Helm engine."""
+    from test_chart import CHART, helm, render
+
+    values = {"training": {"launcher": "trainjob"}, "trainJob": {"runtime": runtime_values}}
+    with helm.Chart.load(CHART) as chart:
+        return next(o for o in render(chart, values) if o["kind"] == "ClusterTrainingRuntime")
+
+
+def trainjob_in_an_injected_namespace(cluster, runtime: dict) -> None:
+    kube, kfp, config = cluster
+    with_launcher(config, "trainjob")
+    kube.api_resources = dict(TRAINER_V2)
+    kube.allowed = set(launcher_access("trainjob"))
+    kube.namespaces[NS] = {"labels": {"istio-injection": "enabled"}}
+    kube.put_runtime(runtime)
+
+
+def test_istio_for_a_trainjob_is_what_its_runtime_says(cluster, capsys):
+    """A TrainJob's pods get their Istio setting from the runtime, not from the config (which the
+    TrainJob cannot carry): the chart's runtime opts out; a runtime that does not (Kubeflow's own
+    torch-distributed) gives the training pods sidecars, which the doctor says, with the fix."""
+    kube, kfp, config = cluster
+    trainjob_in_an_injected_namespace(cluster, chart_runtime())
+    code, out = doctor(kfp, config, capsys)
+    assert "[   warn] Istio: injection on in team-a; training pods opt out" in out, out
+
+    bare = copy.deepcopy(chart_runtime())
+    pod_meta = bare["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
+        "metadata"
+    ]
+    pod_meta["labels"].pop("sidecar.istio.io/inject")
+    pod_meta["annotations"].pop("sidecar.istio.io/inject")
+    kube.put_runtime(bare)
+    code, out = doctor(kfp, config, capsys)
+    assert (
+        "[   warn] Istio: injection on in team-a; training pods keep sidecars "
+        "(ClusterTrainingRuntime fulltune-torch-distributed's pod template does not opt out)" in out
+    ), out
+    assert 'sidecar.istio.io/inject: "false"' in out and "trainJob.runtime.create" in out
+    assert "resources.kubernetes.istio_sidecar" not in out  # refused with a TrainJob: no fix
+
+    kube.put_runtime(chart_runtime(istioSidecar=True))
+    code, out = doctor(kfp, config, capsys)
+    assert "training pods keep sidecars" in out and "trainJob.runtime.istioSidecar: false" in out
+
+
 def test_a_quota_without_room_for_the_gpus_fails(cluster, capsys):
     kube, kfp, config = cluster
     kube.quotas[NS][0]["status"]["used"]["requests.nvidia.com/gpu"] = "12"

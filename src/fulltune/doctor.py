@@ -586,19 +586,58 @@ def check_istio(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
     injected = labels.get("istio-injection") == "enabled" or "istio.io/rev" in labels
     if not injected:
         return [Finding("Istio", OK, f"no sidecar injection in {cluster.namespace}")]
-    if cfg.resources.kubernetes.istio_sidecar:
-        fix = (
-            "sidecars in training pods need Istio's native sidecars (ENABLE_NATIVE_SIDECARS) and the chart's "
-            "networkPolicy.mesh.enabled; or set resources.kubernetes.istio_sidecar: false"
-        )
-        return [
-            Finding("Istio", WARN, f"injection on in {cluster.namespace}; training pods keep sidecars", fix)
-        ]
+    on = f"injection on in {cluster.namespace}"
+    sidecar, why = _training_pods_sidecar(cfg, cluster)
+    if sidecar is None:
+        return [Finding("Istio", WARN, f"{on}; {why}", "check that its pod template opts out")]
+    if sidecar:
+        return [Finding("Istio", WARN, f"{on}; training pods keep sidecars{why}", _sidecar_fix(cfg, why))]
     fix = (
         "nothing for the training pods (they opt out); pods you add to the runs (e.g. via PodDefaults) "
         "need sidecar.istio.io/inject: 'false' too"
     )
-    return [Finding("Istio", WARN, f"injection on in {cluster.namespace}; training pods opt out", fix)]
+    return [Finding("Istio", WARN, f"{on}; training pods opt out", fix)]
+
+
+def _training_pods_sidecar(cfg: RunConfig, cluster: Cluster) -> tuple[bool | None, str]:
+    """(whether the training pods get an Istio sidecar, why): a PyTorchJob's pods as the config says
+    (`resources.kubernetes.istio_sidecar`); a TrainJob's as its runtime's pod template says, which
+    the TrainJob cannot change (None when the runtime cannot be read)."""
+    from fulltune.launch.pytorchjob import ISTIO_INJECT
+    from fulltune.launch.scheduling import trainer_pod_template
+
+    if cfg.resources.launcher != "trainjob":
+        return cfg.resources.kubernetes.istio_sidecar, ""
+    runtime = cfg.resources.trainjob
+    what = f"{runtime.runtime_kind} {runtime.runtime}"
+    obj = _runtime_or_none(cfg, cluster)
+    if obj is None:
+        return None, f"the training pods' injection is set by {what}, which cannot be read here"
+    meta = trainer_pod_template(obj).get("metadata") or {}
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    # Istio reads the label first, then the annotation
+    if labels.get(ISTIO_INJECT, annotations.get(ISTIO_INJECT)) == "false":
+        return False, ""
+    if "proxy.istio.io/config" in annotations:  # the chart's runtime with trainJob.runtime.istioSidecar
+        return True, ""
+    return True, f" ({what}'s pod template does not opt out)"
+
+
+def _sidecar_fix(cfg: RunConfig, why: str) -> str:
+    """How to run the training pods with sidecars, or without them, for the config's launcher."""
+    mesh = (
+        "sidecars in training pods need Istio's native sidecars (ENABLE_NATIVE_SIDECARS) and the chart's "
+        "networkPolicy.mesh.enabled; or "
+    )
+    if cfg.resources.launcher != "trainjob":
+        return mesh + "set resources.kubernetes.istio_sidecar: false"
+    if why:  # another runtime than the chart's, which neither opts out nor lets the rendezvous bypass
+        return (
+            "a sidecar keeps a finished pod running and breaks torchrun's rendezvous: use the chart's "
+            "runtime (trainJob.runtime.create: true), or give this runtime's pod template the label "
+            'sidecar.istio.io/inject: "false"'
+        )
+    return mesh + "set trainJob.runtime.istioSidecar: false"
 
 
 def check_quota(cfg: RunConfig, cluster: Cluster) -> list[Finding]:

@@ -100,15 +100,20 @@ class TrainingPod:
         return cls(requests, selector, tolerations)
 
 
-def _trainer_pod_spec(runtime: dict[str, Any] | None) -> dict[str, Any]:
-    """The pod spec of a TrainingRuntime's trainer job (`trainjob.TRAINER_JOB`); {} when none."""
+def trainer_pod_template(runtime: dict[str, Any] | None) -> dict[str, Any]:
+    """The pod template (metadata and spec) of a TrainingRuntime's trainer job
+    (`trainjob.TRAINER_JOB`); {} when none."""
     from fulltune.launch.trainjob import TRAINER_JOB
 
     spec = ((runtime or {}).get("spec") or {}).get("template", {}).get("spec") or {}
     for job in spec.get("replicatedJobs") or []:
         if job.get("name") == TRAINER_JOB:
-            return job.get("template", {}).get("spec", {}).get("template", {}).get("spec") or {}
+            return job.get("template", {}).get("spec", {}).get("template") or {}
     return {}
+
+
+def _trainer_pod_spec(runtime: dict[str, Any] | None) -> dict[str, Any]:
+    return trainer_pod_template(runtime).get("spec") or {}
 
 
 def why_unfit(node, cfg: RunConfig, pod: TrainingPod) -> tuple[str, str] | None:
