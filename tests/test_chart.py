@@ -74,18 +74,25 @@ RUNTIME_CRDS = {
 }
 CLUSTER_RESOURCES = {"clustertrainingruntimes"}  # what the launcher reads outside its namespace
 KFP = "pipelines.kubeflow.org"
-UPLOADER_UPLOAD_RULES = {
+UPLOADER_VERSION_RULES = {
     (KFP, resource, verb)
     for resource in ("pipelines", "pipelines/versions")
     for verb in ("create", "get", "list")
 }
-UPLOADER_COMMON_RULES = UPLOADER_UPLOAD_RULES | {
+# the modes that schedule nothing delete what an earlier mode schedule left: find it, delete it
+UNSCHEDULE_RULES = {(KFP, "experiments", "get"), (KFP, "experiments", "list")} | {
+    (KFP, "jobs", verb) for verb in ("list", "delete")
+}
+UPLOADER_UPLOAD_RULES = UPLOADER_VERSION_RULES | UNSCHEDULE_RULES
+UPLOADER_COMMON_RULES = UPLOADER_VERSION_RULES | {
     (KFP, "experiments", verb) for verb in ("create", "get", "list")
 }
 UPLOADER_SCHEDULE_RULES = UPLOADER_COMMON_RULES | {
     (KFP, "jobs", verb) for verb in ("create", "get", "list", "delete", "enable", "disable")
 }
-UPLOADER_SUBMIT_RULES = UPLOADER_COMMON_RULES | {(KFP, "runs", "create"), (KFP, "runs", "get")}
+UPLOADER_SUBMIT_RULES = (
+    UPLOADER_COMMON_RULES | UNSCHEDULE_RULES | {(KFP, "runs", "create"), (KFP, "runs", "get")}
+)
 
 CLUSTER_SCOPED_KINDS = {
     "ClusterRole",
@@ -421,6 +428,29 @@ def test_lifecycle_hooks_keep_the_kfp_side_consistent(chart):
         chart, {"pipelineUpload": {"enabled": True, "mode": "submit"}, "runConfig": RUNNABLE}
     )
     assert not [o for o in submit_mode if o["metadata"]["name"] == f"{FULLNAME}-unschedule"]
+
+
+@pytest.mark.parametrize("mode", ["submit", "upload"])
+def test_a_mode_that_schedules_nothing_first_deletes_the_releases_recurring_runs(chart, mode):
+    """A release upgraded from mode schedule to submit or upload keeps no schedule firing: before
+    its upload, the hook deletes the recurring runs the release made (its owner mark), as the
+    uninstall hook of mode schedule does, which the new mode no longer has."""
+    values = {"pipelineUpload": {"enabled": True, "mode": mode, "host": "http://kfp:8888"}}
+    objects = render(chart, {**values, "runConfig": RUNNABLE})
+    upload = only(objects, "Job", f"{FULLNAME}-upload")
+    _validate(upload)
+    spec = upload["spec"]["template"]["spec"]
+    (first,) = spec["initContainers"]
+    assert first["command"] == ["fulltune", "unschedule"]
+    owner = f"--owner={NAMESPACE}/{RELEASE}"
+    assert first["args"] == [owner, "--experiment=fulltune", "--host=http://kfp:8888"]
+    assert first["securityContext"] == spec["containers"][0]["securityContext"]
+    assert first["resources"] == spec["containers"][0]["resources"]
+    assert {m["name"] for m in first["volumeMounts"]} == {"tmp", "kfp-token"}
+    assert spec["containers"][0]["command"] == ["fulltune", mode]
+
+    schedule = render(chart, {"pipelineUpload": {"enabled": True}, "runConfig": RUNNABLE})
+    assert "initContainers" not in only(schedule, "Job", f"{FULLNAME}-upload")["spec"]["template"]["spec"]
 
 
 def test_helm_test_runs_fulltune_doctor_as_the_runs_account_with_the_release_config(chart):

@@ -2,7 +2,8 @@
 A Job that runs one `fulltune` command against the KFP API as the uploader ServiceAccount, with a
 KFP-audience token only (the upload hook and the uninstall hook share it). Parameters: root (the
 chart's context), suffix (name and component), hook (Helm hook events), command, args, withFiles
-(mount the run configuration and the compiled pipeline).
+(mount the run configuration and the compiled pipeline), and optionally before (a dict of command
+and args: another `fulltune` command run first, as an init container).
 */}}
 {{- define "fulltune.kfpJob" -}}
 {{- $r := .root }}
@@ -54,50 +55,12 @@ spec:
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- with .before }}
+      initContainers:
+        {{- include "fulltune.kfpContainer" (dict "root" $r "name" .command "command" .command "args" .args "withFiles" false) | nindent 8 }}
+      {{- end }}
       containers:
-        - name: {{ .suffix }}
-          image: {{ include "fulltune.image" (list $r.Values.images.runtime $r) }}
-          imagePullPolicy: {{ $r.Values.images.runtime.pullPolicy }}
-          command: ["fulltune", {{ .command | quote }}]
-          args:
-            {{- range .args }}
-            - {{ . | quote }}
-            {{- end }}
-          env:
-            # Multi-user KFP: the profile namespace the pipeline, experiment and runs belong to.
-            - name: KFP_NAMESPACE
-              valueFrom:
-                fieldRef:
-                  fieldPath: metadata.namespace
-            # The runs' pods use the ServiceAccount the launcher Role is bound to (else KFP's default
-            # account, which may not create PyTorchJobs).
-            - name: FULLTUNE_SERVICE_ACCOUNT
-              value: {{ include "fulltune.serviceAccountName" $r | quote }}
-            - name: KF_PIPELINES_SA_TOKEN_PATH
-              value: /var/run/secrets/kubeflow/pipelines/token
-            # The root filesystem is read-only; kfp keeps its context under $HOME.
-            - name: HOME
-              value: /tmp
-          securityContext:
-            {{- include "fulltune.containerSecurityContext" $r | nindent 12 }}
-          {{- with $up.resources }}
-          resources:
-            {{- toYaml . | nindent 12 }}
-          {{- end }}
-          volumeMounts:
-            - name: tmp
-              mountPath: /tmp
-            - name: kfp-token
-              mountPath: /var/run/secrets/kubeflow/pipelines
-              readOnly: true
-            {{- if .withFiles }}
-            - name: config
-              mountPath: /etc/fulltune/config
-              readOnly: true
-            - name: pipeline
-              mountPath: /etc/fulltune/pipeline
-              readOnly: true
-            {{- end }}
+        {{- include "fulltune.kfpContainer" (dict "root" $r "name" .suffix "command" .command "args" .args "withFiles" .withFiles) | nindent 8 }}
       volumes:
         - name: tmp
           emptyDir:
@@ -119,3 +82,52 @@ spec:
             name: {{ include "fulltune.fullname" $r }}-pipeline
         {{- end }}
 {{- end }}
+
+{{/* The container of a KFP Job (fulltune.kfpJob): one `fulltune` command as the uploader, with the
+KFP-audience token. Parameters: root, name, command, args, withFiles. */}}
+{{- define "fulltune.kfpContainer" -}}
+{{- $r := .root }}
+- name: {{ .name }}
+  image: {{ include "fulltune.image" (list $r.Values.images.runtime $r) }}
+  imagePullPolicy: {{ $r.Values.images.runtime.pullPolicy }}
+  command: ["fulltune", {{ .command | quote }}]
+  args:
+    {{- range .args }}
+    - {{ . | quote }}
+    {{- end }}
+  env:
+    # Multi-user KFP: the profile namespace the pipeline, experiment and runs belong to.
+    - name: KFP_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    # The runs' pods use the ServiceAccount the launcher Role is bound to (else KFP's default
+    # account, which may not create PyTorchJobs).
+    - name: FULLTUNE_SERVICE_ACCOUNT
+      value: {{ include "fulltune.serviceAccountName" $r | quote }}
+    - name: KF_PIPELINES_SA_TOKEN_PATH
+      value: /var/run/secrets/kubeflow/pipelines/token
+    # The root filesystem is read-only; kfp keeps its context under $HOME.
+    - name: HOME
+      value: /tmp
+  securityContext:
+    {{- include "fulltune.containerSecurityContext" $r | nindent 4 }}
+  {{- with $r.Values.pipelineUpload.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    - name: kfp-token
+      mountPath: /var/run/secrets/kubeflow/pipelines
+      readOnly: true
+    {{- if .withFiles }}
+    - name: config
+      mountPath: /etc/fulltune/config
+      readOnly: true
+    - name: pipeline
+      mountPath: /etc/fulltune/pipeline
+      readOnly: true
+    {{- end }}
+{{- end -}}
