@@ -1252,6 +1252,22 @@ def test_network_policy_lets_training_pods_reach_mlflow_only_when_told(chart):
         assert len(egress) == len(default) + 1
 
 
+def test_network_policy_takes_the_clusters_own_egress_rules(chart):
+    """Workload identity without an S3 Secret fetches credentials from a node-local endpoint on port
+    80 (EKS Pod Identity), which the policy's object-store rule does not open: networkPolicy.extraEgress
+    adds it, after the chart's rules and validated with them."""
+    default = only(render(chart), "NetworkPolicy")["spec"]["egress"]
+    identity = {
+        "to": [{"ipBlock": {"cidr": "169.254.170.23/32"}}],
+        "ports": [{"port": 80, "protocol": "TCP"}],
+    }
+    policy = only(render(chart, {"networkPolicy": {"extraEgress": [identity]}}), "NetworkPolicy")
+    _validate(policy)
+    assert policy["spec"]["egress"] == [*default, identity]
+    with pytest.raises(Exception, match="extraEgress"):
+        render(chart, {"networkPolicy": {"extraEgress": [{"too": []}]}})
+
+
 def test_network_policy_can_be_turned_off(chart):
     assert not [
         o for o in render(chart, {"networkPolicy": {"enabled": False}}) if o["kind"] == "NetworkPolicy"
