@@ -192,3 +192,22 @@ def test_a_malformed_registry_reference_is_refused_at_load(ref, message):
 def test_a_reference_to_a_pointer_never_set_names_it(tmp_path):
     with pytest.raises(RegistryError, match=f"{NAME} has no production version under"):
         pointers.resolve_ref(f"registry://{NAME}/production", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("missing.yaml", "config file not found"),
+        ("no-kubeflow.yaml", "no registry.kubeflow to mirror the move in"),
+    ],
+)
+def test_a_config_that_cannot_mirror_the_move_leaves_production_where_it_was(
+    model_dir, tmp_path, capsys, config, message
+):
+    registry = registry_with(model_dir, str(tmp_path / "registry"), 2)
+    (tmp_path / "no-kubeflow.yaml").write_text(f"registry: {{uri: {registry}}}\n")
+    promote = ["registry", "promote", "--uri", registry, "--name", NAME, "--version", "2", "--reason", "x"]
+    assert main([*promote, "--config", str(tmp_path / config)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "production not moved" in err and "Traceback" not in err
+    assert named(registry, PRODUCTION) == 1 and len(pointers.history(registry, NAME, PRODUCTION)) == 1

@@ -262,8 +262,22 @@ def _registry_read(args: argparse.Namespace) -> int:
 
 def _registry_move(args: argparse.Namespace) -> int:
     """registry promote and rollback: move `production`, recorded with who, when and why."""
+    from fulltune.config import ConfigError, RunConfig
     from fulltune.registry import pointers
 
+    section = None
+    if args.config:  # read before moving: a config that cannot mirror the move must not leave it half-done
+        try:
+            section = RunConfig.from_yaml(args.config).registry.kubeflow
+        except ConfigError as exc:
+            print(f"error: {exc}; production not moved", file=sys.stderr)
+            return 1
+        if section is None:
+            print(
+                f"error: {args.config}: no registry.kubeflow to mirror the move in; production not moved",
+                file=sys.stderr,
+            )
+            return 1
     if args.action == "promote":
         record = pointers.promote(args.uri, args.name, args.version, reason=args.reason)
     else:
@@ -272,14 +286,9 @@ def _registry_move(args: argparse.Namespace) -> int:
     print(
         f"{args.name}: production {was} -> v{record.version} ({record.action} by {record.by}: {record.reason})"
     )
-    if args.config:  # mirror the move in the Kubeflow Model Registry its registry.kubeflow names
-        from fulltune.config import RunConfig
+    if section is not None:  # mirror the move in the Kubeflow Model Registry its registry.kubeflow names
         from fulltune.registry.kubeflow import record_pointers
 
-        section = RunConfig.from_yaml(args.config).registry.kubeflow
-        if section is None:
-            print(f"error: {args.config}: no registry.kubeflow to mirror the move in", file=sys.stderr)
-            return 1
         record_pointers(section, args.name, {record.pointer: record})
         print(f"{args.name}: recorded in the Kubeflow Model Registry ({section.server_address})")
     return 0
