@@ -211,3 +211,19 @@ def test_a_config_that_cannot_mirror_the_move_leaves_production_where_it_was(
     err = capsys.readouterr().err
     assert message in err and "production not moved" in err and "Traceback" not in err
     assert named(registry, PRODUCTION) == 1 and len(pointers.history(registry, NAME, PRODUCTION)) == 1
+
+
+def test_promoting_the_version_in_production_moves_nothing_and_rollback_still_goes_back(
+    model_dir, tmp_path, capsys
+):
+    registry = registry_with(model_dir, str(tmp_path / "registry"), 2)
+    promote = ["registry", "promote", "--uri", registry, "--name", NAME, "--version", "2"]
+    assert main([*promote, "--reason", "signed off"]) == 0
+    assert main([*promote, "--reason", "signed off, again"]) == 0
+    assert "production already names v2 (promote by " in capsys.readouterr().out
+    assert [r.version for r in pointers.history(registry, NAME, PRODUCTION)] == [1, 2]
+    assert (
+        main(["registry", "rollback", "--uri", registry, "--name", NAME, "--reason", "v2 misreads eGFR"]) == 0
+    )
+    assert "production v2 -> v1" in capsys.readouterr().out
+    assert named(registry, PRODUCTION) == 1

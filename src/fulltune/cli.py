@@ -263,7 +263,6 @@ def _registry_read(args: argparse.Namespace) -> int:
 def _registry_move(args: argparse.Namespace) -> int:
     """registry promote and rollback: move `production`, recorded with who, when and why."""
     from fulltune.config import ConfigError, RunConfig
-    from fulltune.registry import pointers
 
     section = None
     if args.config:  # read before moving: a config that cannot mirror the move must not leave it half-done
@@ -278,20 +277,37 @@ def _registry_move(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    if args.action == "promote":
-        record = pointers.promote(args.uri, args.name, args.version, reason=args.reason)
-    else:
-        record = pointers.rollback(args.uri, args.name, reason=args.reason, version=args.version)
-    was = f"v{record.previous}" if record.previous is not None else "unset"
-    print(
-        f"{args.name}: production {was} -> v{record.version} ({record.action} by {record.by}: {record.reason})"
-    )
+    record = _move_production(args)
     if section is not None:  # mirror the move in the Kubeflow Model Registry its registry.kubeflow names
         from fulltune.registry.kubeflow import record_pointers
 
         record_pointers(section, args.name, {record.pointer: record})
         print(f"{args.name}: recorded in the Kubeflow Model Registry ({section.server_address})")
     return 0
+
+
+def _move_production(args: argparse.Namespace):
+    """Promote or roll back as asked; returns the record production stands at afterwards. Promoting
+    the version production names already moves nothing: a record `v5 -> v5` would make it its own
+    previous version, and `rollback` would then have nowhere to go back to."""
+    from fulltune.registry import pointers
+
+    if args.action == "rollback":
+        record = pointers.rollback(args.uri, args.name, reason=args.reason, version=args.version)
+    elif (now := pointers.current(args.uri, args.name, pointers.PRODUCTION)) and now.version == args.version:
+        print(
+            f"{args.name}: production already names v{now.version} ({now.action} by {now.by} at "
+            f"{now.at}: {now.reason}); nothing moved"
+        )
+        return now
+    else:
+        expected = now.version if now else None
+        record = pointers.promote(args.uri, args.name, args.version, reason=args.reason, expected=expected)
+    was = f"v{record.previous}" if record.previous is not None else "unset"
+    print(
+        f"{args.name}: production {was} -> v{record.version} ({record.action} by {record.by}: {record.reason})"
+    )
+    return record
 
 
 def _registry_register(args: argparse.Namespace) -> int:
