@@ -131,6 +131,10 @@ class ModelRegistryStandIn:
             if any(m["name"] == body["name"] for m in self.models.values()):
                 return 409, _error(409, f"registered model {body['name']!r} already exists")
             return 201, self._store(self.models, {"state": "LIVE", **body})
+        if method == "GET" and len(parts) == 3 and parts[0] == "registered_models" and parts[2] == "versions":
+            return 200, _page(
+                [_public(v) for v in self.versions.values() if v["registeredModelId"] == parts[1]]
+            )
         if (method, path) == ("GET", "/model_version"):
             found = [
                 v

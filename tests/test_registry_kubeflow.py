@@ -450,3 +450,26 @@ def test_a_retry_after_the_model_registry_failed_mirrors_where_the_pointers_stan
     writes = len(mr.writes())
     register_model(cfg, str(model_dir), beat_v1, {}, run_id="run-2")
     assert len(mr.writes()) == writes
+
+
+def test_a_move_never_mirrored_leaves_no_second_version_marked_production(model_dir, tmp_path, mr):
+    from fulltune.evaluate.result import Champion
+
+    registry = str(tmp_path / "registry")
+    cfg = _cfg(registry, mr)
+
+    def beat(version: int) -> EvalResult:
+        champion = Champion(compare_to="registered", version=version)
+        return scored(EVAL_PASS.model_copy(update={"champion": champion}), str(model_dir))
+
+    register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), {}, run_id="run-1")
+    register_model(cfg, str(model_dir), beat(1), {}, run_id="run-2")  # v2 serves, marked so
+    # rolled back by hand as docs/cycles.md shows it, without --config: the Model Registry still says v2
+    assert (
+        main(["registry", "rollback", "--uri", registry, "--name", NAME, "--reason", "v2 misreads eGFR"]) == 0
+    )
+    register_model(cfg, str(model_dir), beat(1), {}, run_id="run-3")  # the next cycle beats v1: v3 serves
+    serving = {
+        v: _props(mr.version_named(NAME, v)["customProperties"]).get("production") for v in ("v1", "v2", "v3")
+    }
+    assert serving == {"v1": False, "v2": False, "v3": True}

@@ -211,13 +211,30 @@ async def _mirror(api: Any, name: str, named: dict[str, PointerRecord]) -> None:
         await api.upsert_registered_model(rm)
     if production is None:
         return
-    stale = {production.previous} - {None, production.version}
-    for number, serving in [(production.version, True), *((n, False) for n in stale)]:
-        mv = await api.get_model_version_by_params(rm.id, f"v{number}")
-        if mv is None or (mv.custom_properties or {}).get("production") == serving:
-            continue  # recorded before the Model Registry was configured, or marked already
+    # Every version, not only the one production replaced: a move that was never mirrored (`registry
+    # rollback` without --config, a mirror that failed) leaves its version marked, and only a look at
+    # all of them finds it. Versions recorded before the Model Registry was configured are absent.
+    serving_name = f"v{production.version}"
+    for mv in await _model_versions(api, rm.id):
+        serving = mv.name == serving_name
+        if (mv.custom_properties or {}).get("production", False) == serving:
+            continue  # marked already (a version never marked is not serving)
         mv.custom_properties = {**(mv.custom_properties or {}), "production": serving}
         await api.upsert_model_version(mv)
+
+
+async def _model_versions(api: Any, model_id: str) -> list[Any]:
+    """Every version of the registered model, page after page."""
+    from model_registry.types import ListOptions
+
+    options, found, seen = ListOptions(limit=100), [], set()
+    while True:
+        page = await api.get_model_versions(model_id, options)
+        found += page
+        token = options.next_page_token
+        if not page or not token or token in seen:
+            return found
+        seen.add(token)
 
 
 def _client(section: KubeflowRegistrySection, url: str) -> Any:
