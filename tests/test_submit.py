@@ -1140,3 +1140,16 @@ def test_submit_refuses_config_contradictions_before_creating_anything(kfp, tmp_
     for field in ("data.checks.pii_emial", "training.fp16", "training.early_stopping_patience"):
         assert f"  {field}: " in err
     assert kfp.requests == []
+
+
+def test_a_schedule_whose_config_fixes_the_date_is_refused(kfp, tmp_path, capsys):
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config["data"].update(train_uri="s3://ml-data/notes/dt={date}/", window_days=7, as_of="2026-11-27")
+    fixed = tmp_path / "backfill.yaml"
+    fixed.write_text(yaml.safe_dump(config))
+    assert schedule(kfp, fixed, "--name", "weekly", "--cron", "0 3 * * 0") == 2
+    err = capsys.readouterr().err
+    assert "data.as_of: 2026-11-27 would be the date of every run of this schedule" in err
+    assert kfp.requests == [] and kfp.recurring_runs == {}
+    # a one-off backfill with the same file is what as_of is for
+    assert submit(kfp, fixed) == 0

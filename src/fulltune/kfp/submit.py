@@ -944,6 +944,7 @@ def schedule(
     target = resolve_target(host, namespace, service_account)
     with package_file(package, cluster) as pkg:
         request = build_run_request(pkg, params_file, list(param), scheduled=True)
+        _require_own_dates(request.config)
         if check_cluster:
             check_cluster_for(request.config, target, out)
         if dry_run:
@@ -965,6 +966,20 @@ def schedule(
     _say(out, f"recurring run id: {result.recurring_run_id}")
     _say(out, f"recurring run url: {result.url}")
     return result
+
+
+def _require_own_dates(cfg) -> None:
+    """Refuse a schedule whose config fixes the run's date: `data.as_of` wins over the scheduled
+    time, so every run would read the same window again, training on last cycle's data each week."""
+    if cfg.data.as_of is None:
+        return
+    raise SubmitError(
+        f"data.as_of: {cfg.data.as_of} would be the date of every run of this schedule, each reading "
+        f"the {cfg.data.window_days} day(s) ending then again; leave it out, so that each run takes "
+        "the time it was scheduled for (backfill a missed cycle with `fulltune submit` and data.as_of); "
+        "nothing was created",
+        EXIT_USAGE,
+    )
 
 
 def _cycle_summary(cfg) -> str:
