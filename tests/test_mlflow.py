@@ -166,3 +166,34 @@ def test_a_resumed_attempt_sends_the_steps_a_killed_one_left_unsent(mlflow_env, 
         5,
         6,
     ]  # the killed attempt had sent step 1's loss alone
+
+
+def test_steps_logged_while_the_server_was_down_reach_it_once_it_is_back(
+    mlflow_env, tmp_path, monkeypatch, caplog
+):
+    """The server goes away after the run started (restarted, a network outage) and comes back: the
+    figures of the steps in between are sent once it answers again, each once."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    run = MlflowRun.open(run_config(tmp_path), keep_trying=True)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refused
+        up, run.client = run.client, MlflowClient(tracking_uri=down)
+        tracker = MlflowTracker(run, logging_steps=1, total_steps=6, send_interval_s=0.1)
+        records = [StepRecord(step, 3.0 - step / 10, 1e-5, 1.0, 100, 1000.0, 0.1) for step in range(6)]
+        with caplog.at_level(logging.WARNING, "fulltune"):
+            for record in records[:3]:
+                tracker(record.step + 1, 0, record)
+            deadline = time.monotonic() + 20
+            while "logging metrics" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "logging metrics" in caplog.text  # the sender tried while the server was down
+            run.client = up
+            for record in records[3:]:
+                tracker(record.step + 1, 0, record)
+            tracker.close()
+    history = mlflow_env.get_metric_history(run.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(r.step + 1, r.loss) for r in records]

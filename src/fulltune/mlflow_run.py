@@ -95,17 +95,29 @@ class MlflowRun:
                 lambda i=i: self.client.log_batch(self.run_id, params=items[i : i + MAX_BATCH_PARAMS]),
             )
 
-    def log_metrics(self, steps: Iterable[tuple[int, Mapping[str, float]]]) -> None:
-        """Each (step, {name: value}) as MLflow metrics at that step; NaN and infinities as they are."""
+    def log_metrics(
+        self, steps: Iterable[tuple[int, Mapping[str, float]]]
+    ) -> list[tuple[int, Mapping[str, float]]]:
+        """Each (step, {name: value}) as MLflow metrics at that step; NaN and infinities as they are.
+        Returns the steps a failed request left unlogged, for the caller to send again (a request
+        carries whole steps, so none is half sent)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for step, values in steps for k, v in values.items()]
-        for i in range(0, len(items), MAX_BATCH_METRICS):
-            self._call(
-                "metrics",
-                lambda i=i: self.client.log_batch(self.run_id, metrics=items[i : i + MAX_BATCH_METRICS]),
-            )
+        steps, now, start = list(steps), int(time.time() * 1000), 0
+        while start < len(steps):
+            end, count = start + 1, len(steps[start][1])
+            while end < len(steps) and count + len(steps[end][1]) <= MAX_BATCH_METRICS:
+                count += len(steps[end][1])
+                end += 1
+            items = [
+                Metric(k, float(v), now, step) for step, values in steps[start:end] for k, v in values.items()
+            ]
+            if not self._call(
+                "metrics", lambda items=items: self.client.log_batch(self.run_id, metrics=items)
+            ):
+                return steps[start:]
+            start = end
+        return []
 
     def logged_steps(self, metric: str) -> set[int] | None:
         """The steps at which the run has `metric`; None when the server cannot say."""
@@ -131,16 +143,17 @@ class MlflowRun:
         else:
             self._call("status", lambda: self.client.set_terminated(self.run_id, status=status))
 
-    def _call(self, what: str, action: Callable[[], Any]) -> None:
+    def _call(self, what: str, action: Callable[[], Any]) -> bool:
+        """Whether `action` was done; a failure is a warning (once per kind), never an error."""
         if self._broken:
-            return
+            return False
         try:
             action()
         except Exception as exc:  # noqa: BLE001 - tracking never fails a run
             if what not in self._warned:
                 self._warned.add(what)
                 goes_on = (
-                    "retried at the next logging step"
+                    "tried again at the next logging step"
                     if self.keep_trying
                     else "no more is sent from this step"
                 )
@@ -148,6 +161,8 @@ class MlflowRun:
                     "MLflow: logging %s to run %s failed (%s); %s", what, self.run_id, _short(exc), goes_on
                 )
             self._broken = not self.keep_trying
+            return False
+        return True
 
 
 def _find_or_create(client: Any, cfg: RunConfig) -> str:

@@ -26,8 +26,9 @@ MLflow (`fulltune.mlflow_run`): the pipeline run's MLflow run gets the config as
 training_metrics`) as `train_summary/*`; its status is RUNNING while training, then FINISHED or
 FAILED. The loop only queues each logging step's figures: a thread sends what is queued in one
 request at most every SEND_INTERVAL_S, so a slow or unreachable server never stalls training and a
-short step never means a request per step; at the end the tracker waits at most CLOSE_TIMEOUT_S
-for what is left, then leaves it unsent with a warning.
+short step never means a request per step. The figures of a request that failed are sent again with
+the next, so a server that was away mid-run gets every step once it is back. At the end the tracker
+waits at most CLOSE_TIMEOUT_S for what is left, then leaves it unsent with a warning.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class MlflowTracker:
         self.run, self.logging_steps, self.total_steps = run, logging_steps, total_steps
         self.close_timeout_s, self.send_interval_s = close_timeout_s, send_interval_s
         self._steps: list[tuple[int, dict[str, float]]] = []
+        self._unsent: list[tuple[int, dict[str, float]]] = []  # held back by a failed request
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
         self._sender = threading.Thread(target=self._send, name="fulltune-mlflow", daemon=True)
@@ -148,12 +150,23 @@ class MlflowTracker:
             items = [item for item in items if item is not None]
             steps = [step for kind, payload in items if kind == "backfill" for step in self._missing(payload)]
             steps += [step for kind, payload in items if kind == "metrics" for step in payload]
-            if steps:
-                self.run.log_metrics(steps)
+            self._deliver(steps, last=closing)
             for status in [payload for kind, payload in items if kind == "status"]:
                 self.run.set_status(status)
             if not closing:
                 self._closing.wait(self.send_interval_s)
+
+    def _deliver(self, steps: list[tuple[int, dict[str, float]]], last: bool) -> None:
+        """Send `steps` after those a failed request held back: a server that was away for a while
+        gets every step's figures once it answers again, each once."""
+        held, steps = len(self._unsent), self._unsent + steps
+        if not steps:
+            return
+        self._unsent = self.run.log_metrics(steps)
+        if held and not self._unsent:
+            log.info("MLflow: the server answers again; sent the %d step(s) held back", held)
+        if self._unsent and last:
+            log.warning("MLflow: %d step(s) of figures could not be sent; left unsent", len(self._unsent))
 
     def _missing(self, steps: list[tuple[int, dict[str, float]]]) -> list[tuple[int, dict[str, float]]]:
         """The `steps` the run has no train/loss for; all of them if the server cannot say (a step
