@@ -227,3 +227,9 @@ def test_promoting_the_version_in_production_moves_nothing_and_rollback_still_go
     )
     assert "production v2 -> v1" in capsys.readouterr().out
     assert named(registry, PRODUCTION) == 1
+
+
+def test_the_history_of_a_model_never_registered_is_an_error_not_an_empty_list(model_dir, tmp_path, capsys):
+    registry = registry_with(model_dir, str(tmp_path / "registry"), 1)
+    assert main(["registry", "history", "--uri", registry, "--name", "tiny-typo"]) == 1
+    assert f"tiny-typo: production was never set under {registry}" in capsys.readouterr().err

@@ -236,7 +236,11 @@ def _registry_read(args: argparse.Namespace) -> int:
             print(f"v{v['version']}\t{marks}\t{v.get('created_at', '')}\t{v['uri']}")
         return 0
     if args.action == "history":
-        for r in pointers.history(args.uri, args.name, args.pointer):
+        records = pointers.history(args.uri, args.name, args.pointer)
+        if not records:  # as `list` does: a misspelt name or registry is not an empty history
+            print(f"error: {args.name}: {args.pointer} was never set under {args.uri}", file=sys.stderr)
+            return 1
+        for r in records:
             was = f"v{r.previous}" if r.previous is not None else "unset"
             print(f"{r.at}\t{r.action}\t{was} -> v{r.version}\t{r.by}\t{r.reason}")
         return 0
