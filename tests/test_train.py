@@ -197,6 +197,27 @@ def test_too_little_data_exits_1_without_retrying(demo_assets, tmp_path):
     assert "fewer than one global batch" in str(exc.value)
 
 
+def test_a_diverged_run_stops_once_its_updates_are_all_skipped_and_saves_no_model(demo_assets, tmp_path):
+    """A rate far too high blows the weights up at the first update: from then on every gradient is
+    infinite and DeepSpeed skips every update. Every rank stops three such steps in (exit 1: a restart
+    would diverge again), the message quotes the figures that led to it, and no model is written for
+    evaluate to pass on."""
+    work = str(tmp_path / "work")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16)
+    cfg = plan_run(
+        demo_assets, work, per_device_train_batch_size=1, learning_rate=1e30, max_grad_norm=0.0, max_steps=8
+    )
+    with pytest.raises(LaunchError) as exc:
+        LocalLauncher().run(train_job(cfg, dataset))
+    assert exc.value.exit_code == 1
+    message = re.search(
+        r"training diverged at step (\d): its gradient norm has not been a .*", str(exc.value)
+    )
+    assert message, str(exc.value)[-3000:]
+    assert int(message.group(1)) == 4 and "Stopped without saving a model" in message.group(0)
+    assert not storage.exists(storage.join(cfg.layout.model, MODEL_MANIFEST))
+
+
 def test_the_train_step_refuses_data_it_cannot_use_before_asking_for_a_single_rank(demo_assets, tmp_path):
     """Too few sequences for one global batch, or eval_steps without an eval split: the step says so
     from the dataset manifest, before the launcher starts (on a cluster: before any GPU pod)."""
@@ -601,6 +622,27 @@ def closed_port() -> int:
 
 def _record(step: int, eval_loss: float | None = None) -> StepRecord:
     return StepRecord(step, 1.0, 1e-3, 1.0, 100, 1000.0, 0.1, eval_loss=eval_loss)
+
+
+def test_a_loss_that_is_not_a_number_stops_any_run_and_skipped_updates_stop_one_without_loss_scaling():
+    """A NaN loss is divergence whatever the precision. An infinite gradient norm is a skipped
+    update: fp16's loss scaler recovers from a run of them (it lowers the scale), bf16 and fp32 have
+    no scale to lower, so three in a row mean the weights will not change again."""
+    from fulltune.train.exit_codes import TrainingDiverged
+    from fulltune.train.metrics import refuse_divergence
+
+    history = [dataclasses.replace(_record(i), loss=3.0 - 0.1 * i) for i in range(6)]
+    with pytest.raises(
+        TrainingDiverged, match=r"at step 7: its loss is nan; lr 0.001, the losses of steps 3-7: "
+    ):
+        refuse_divergence(dataclasses.replace(_record(6), loss=math.nan), history, loss_scaling=True)
+    with pytest.raises(TrainingDiverged, match="at the first step: the base model's weights or the data"):
+        refuse_divergence(dataclasses.replace(_record(0), loss=math.inf), [], loss_scaling=False)
+    skipped = [dataclasses.replace(r, grad_norm=math.inf) for r in history[3:]]
+    refuse_divergence(skipped[-1], [*history[:3], *skipped[:-1]], loss_scaling=True)  # fp16: goes on
+    refuse_divergence(skipped[-1], [*history[:4], *skipped[1:-1]], loss_scaling=False)  # two: goes on
+    with pytest.raises(TrainingDiverged, match="gradient norm has not been a finite number for 3 steps"):
+        refuse_divergence(skipped[-1], [*history[:3], *skipped[:-1]], loss_scaling=False)
 
 
 def test_early_stopping_replayed_from_the_records_counts_evaluations_without_a_large_enough_drop():

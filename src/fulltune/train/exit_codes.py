@@ -4,8 +4,9 @@ The Training Operator's `restartPolicy: ExitCode` retries 128-255 and treats 1-1
 kernel's SIGKILL/SIGTERM give 137/143. `python -m fulltune.train` exits:
 
     0    trained and saved
-    1    bad config, bad data, or checkpoints exist but none is loadable, CUDA out of memory, or a
-         full disk or quota (retrying cannot help: fix the input or the plan, or free space)
+    1    bad config, bad data, or checkpoints exist but none is loadable, CUDA out of memory, a
+         loss that is no longer a finite number (diverged), or a full disk or quota (retrying
+         cannot help: fix the input or the plan, or free space)
     2    unexpected error (a bug: retrying would repeat it), or bad command-line arguments
     138  retryable: a torch.distributed / NCCL / gloo failure or timeout, a storage or network
          error (OSError, botocore); the restarted job resumes from the newest complete checkpoint
@@ -42,6 +43,11 @@ def is_retryable(code: int) -> bool:
 
 class TrainInputError(ValueError):
     """Config or data the trainer cannot use; exit code 1, no retry."""
+
+
+class TrainingDiverged(TrainInputError):
+    """The training loss stopped being a finite number; exit code 1: a restart would resume from
+    the same checkpoint, data order and rate, and diverge again."""
 
 
 def exit_code_for(exc: BaseException) -> int:

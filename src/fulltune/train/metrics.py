@@ -18,6 +18,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fulltune.train.cadence import EarlyStopping
 
+# the steps a divergence's message quotes, to show how it came
+DIVERGENCE_HISTORY = 5
+# steps in a row with a gradient norm that is not a number before a run without loss scaling is
+# taken to have diverged: one such step is skipped and training goes on, three mean it cannot
+NONFINITE_GRAD_STEPS = 3
+
 # Written only when measured: on a GPU (memory), with a known peak (mfu), on evaluation steps (the
 # general loss and forgetting only when the dataset has a general_eval split).
 _OPTIONAL = (
@@ -215,3 +221,44 @@ def time_mean(records: list[StepRecord], value: Callable[[StepRecord], float | N
 def run_tokens(records: list[StepRecord], summary: TrainingSummary) -> int:
     # A summary written before it counted tokens says 0; the records (one per step) still know.
     return summary.tokens or sum(r.tokens for r in records)
+
+
+def refuse_divergence(record: StepRecord, before: list[StepRecord], *, loss_scaling: bool) -> None:
+    """TrainingDiverged when `record`'s loss is not a finite number or, without fp16's loss scaling,
+    when the gradient norm has not been one for NONFINITE_GRAD_STEPS steps in a row: DeepSpeed skips
+    such a step's update, and with no loss scale to lower the weights then never change again.
+    Every rank has the same global loss and norm, so every rank stops at the same step. Training on
+    would spend the rest of the run's GPU hours on a model that no longer learns, and save it."""
+    from fulltune.train.exit_codes import TrainingDiverged
+
+    recent = [*before[-(DIVERGENCE_HISTORY - 1) :], record]
+    if not math.isfinite(record.loss):
+        what = f"its loss is {record.loss}"
+    elif not loss_scaling and _gradients_lost(recent):
+        what = (
+            f"its gradient norm has not been a finite number for {NONFINITE_GRAD_STEPS} steps in a row "
+            "(DeepSpeed skipped those updates: the weights no longer change)"
+        )
+    else:
+        return
+    losses = ", ".join(f"{r.loss:.4g}" for r in recent)
+    norms = ", ".join("n/a" if r.grad_norm is None else f"{r.grad_norm:.4g}" for r in recent)
+    steps = f"{recent[0].step + 1}-{record.step + 1}"
+    where = (
+        "at the first step: the base model's weights or the data give no finite loss"
+        if not before
+        else "check the learning rate (training.learning_rate, warmup_ratio), the precision (fp16 overflows "
+        "where bf16 does not) and the data of the steps before it"
+    )
+    raise TrainingDiverged(
+        f"training diverged at step {record.step + 1}: {what}; lr {record.lr:.3g}, the losses of steps "
+        f"{steps}: {losses}, their gradient norms: {norms}. Stopped without saving a model. A restart "
+        f"would resume from the last checkpoint and diverge again: {where}, then start a new run."
+    )
+
+
+def _gradients_lost(recent: list[StepRecord]) -> bool:
+    last = recent[-NONFINITE_GRAD_STEPS:]
+    return len(last) == NONFINITE_GRAD_STEPS and all(
+        r.grad_norm is not None and not math.isfinite(r.grad_norm) for r in last
+    )

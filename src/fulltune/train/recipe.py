@@ -69,6 +69,7 @@ from fulltune.train.metrics import (
     StepRecord,
     TrainingSummary,
     gpu_memory_gib,
+    refuse_divergence,
     step_line,
     training_summary,
 )
@@ -325,6 +326,7 @@ class Recipe:
             if self.cadence.should_stop():
                 break
             record = self._optimizer_step(step)
+            refuse_divergence(record, self.records, loss_scaling=self.cfg.precision == "fp16")
             done = step + 1
             if self.cadence.evaluate_after(done):
                 self._evaluate(record)
