@@ -403,6 +403,41 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
 
 @pytest.mark.slow
+def test_a_run_preempted_during_its_first_checkpoint_save_starts_again_when_restarted(demo_assets, tmp_path):
+    """The first save's parts are written, its manifest is not: nothing was saved, so the restart
+    trains from step 0 rather than refusing for good (exit 1, which neither the operator nor
+    `fulltune retry` would try again)."""
+    from fulltune.train import checkpoint
+
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16)
+    cfg = plan_run(demo_assets, work, nproc=1, per_device_train_batch_size=2, max_steps=4, save_steps=2)
+    job = train_job(cfg, dataset)
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(with_fault(job, after_step=2))
+    # as if the rank had died between DeepSpeed's files and the manifest rank 0 writes last
+    (tmp_path / "w" / "train" / "checkpoints" / "step-00000002" / checkpoint.MANIFEST).unlink()
+    out = []
+
+    class Sink:
+        def write(self, text):
+            out.append(text)
+
+        def flush(self):
+            pass
+
+    LocalLauncher(stream=Sink()).run(job)
+    assert (
+        "no checkpoint save finished (step-00000002 cut short before its manifest): starting from step 0"
+        in ("".join(out))
+    )
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert "resumed_from" not in storage.read_json(storage.join(job.args.output, "training_summary.json"))
+    assert checkpoint.verify(job.args.checkpoints, "step-00000002") is None  # saved again, complete
+
+
+@pytest.mark.slow
 def test_training_runs_in_train_mode_from_the_first_step(demo_assets, tmp_path, capfd):
     """from_pretrained hands the model over in eval mode, where dropout and activation recomputation
     are off. A base model that asks for dropout gets it from step 0 on, with no evaluation before to

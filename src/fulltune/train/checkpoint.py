@@ -7,8 +7,8 @@ checkpoint. (DeepSpeed's own `latest` file is not written: it would name a tag b
 complete, and `load_checkpoint` silently returns nothing when it is missing.)
 
 Resume picks the newest complete checkpoint; a corrupt newer one is skipped with a warning. When
-checkpoints exist but none is complete, training refuses to start rather than silently begin again
-from step 0. The last `save_total_limit` complete checkpoints are kept.
+saved checkpoints exist but none is intact, training refuses to start rather than silently begin
+again from step 0; when no save ever finished (the first one cut short), it starts from step 0. The last `save_total_limit` complete checkpoints are kept.
 
 `checkpoint.json` also records what the run that wrote it trained with (`run_identity`: the base
 model, the training data, the batch, the optimizer and schedule, the world size); a run whose config
@@ -181,18 +181,29 @@ def verify(root: str, tag: str) -> str | None:
 
 
 def find_resume(root: str) -> str | None:
-    """The newest complete checkpoint's tag; None when there is none at all; CheckpointError when
-    checkpoints exist but none is usable."""
+    """The newest complete checkpoint's tag; None when no save ever finished; CheckpointError when
+    saves finished but none of their checkpoints is usable.
+
+    Only a finished save (its manifest written) holds progress a restart from step 0 would lose.
+    Directories without one are saves cut short (a rank preempted while the first checkpoint was
+    written): refusing on them would make the restart of such a run fail for good (exit 1), where
+    starting again loses nothing a checkpoint held."""
     tags = list_tags(root)
     for tag in tags:
         problem = verify(root, tag)
         if problem is None:
             return tag
         log.warning("checkpoint %s is not usable (%s); trying an older one", storage.join(root, tag), problem)
-    if tags:
+    if saved := saved_tags(root):
         raise CheckpointError(
-            f"{root}: {len(tags)} checkpoint(s) ({', '.join(tags)}) but none is complete and intact; "
-            "refusing to start again from step 0. Remove the directory to start over deliberately."
+            f"{root}: {len(saved)} saved checkpoint(s) ({', '.join(saved)}) but none is complete and "
+            "intact; refusing to start again from step 0. Remove the directory to start over deliberately."
+        )
+    if tags:
+        log.warning(
+            "%s: no checkpoint save finished (%s cut short before its manifest): starting from step 0",
+            root,
+            ", ".join(tags),
         )
     return None
 

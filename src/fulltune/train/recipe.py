@@ -20,7 +20,7 @@ Where each part's design is written down:
 - ZeRO-3 at load time, precision (`cfg.precision`), the optimizers: engine.py
 - when to evaluate, checkpoint, log and stop early: cadence.py
 - checkpoints that count only when complete; a (re)started run resumes from the newest complete one
-  and refuses to start over when checkpoints exist but none is usable: checkpoint.py
+  and refuses to start over when saved checkpoints exist but none is usable: checkpoint.py
 - model FLOPs utilisation: throughput.py
 - the command line, shared with the launchers: args.py
 - exit codes (0 done; 1 bad input, permanent; 2 a bug, permanent; 138 retryable, the restarted job
