@@ -955,7 +955,7 @@ def test_run_training_dispatches_to_kubernetes_and_checks_the_model(kube, tmp_pa
     assert len(kube.calls("POST")) == 2
     (tag / checkpoint.MANIFEST).write_text(json.dumps({"step": 1, "files": []}))
     checkpoint.check_newest(
-        str(work / "train" / "checkpoints"), checkpoint.run_identity(cfg, load_manifest(dataset))
+        str(work / "train" / "checkpoints"), checkpoint.run_identity(cfg, load_manifest(dataset)), 1
     )
 
 

@@ -438,6 +438,30 @@ def test_a_run_preempted_during_its_first_checkpoint_save_starts_again_when_rest
 
 
 @pytest.mark.slow
+def test_resuming_with_a_length_shorter_than_the_checkpoint_is_refused(demo_assets, tmp_path):
+    """A checkpoint at step 4 and max_steps set to 3: no step could train, and the model saved would
+    be the 4-step one under a summary of 3 planned. Refused by the train step before any rank starts,
+    and by the ranks themselves (exit 1), naming both lengths."""
+    from fulltune.train import checkpoint
+    from fulltune.train.run import run_training
+
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16)
+    cfg = plan_run(demo_assets, work, nproc=1, per_device_train_batch_size=2, max_steps=6, save_steps=2)
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(with_fault(train_job(cfg, dataset), after_step=4))
+    cfg = plan_run(demo_assets, work, nproc=1, per_device_train_batch_size=2, max_steps=3, save_steps=2)
+    job = train_job(cfg, dataset)
+    past = re.escape(f"{job.args.checkpoints}/step-00000004 has trained 4 steps, more than the 3 this run")
+    with pytest.raises(checkpoint.CheckpointError, match=past):
+        run_training(cfg, dataset)
+    with pytest.raises(LaunchError, match=past) as exc:
+        LocalLauncher().run(job)
+    assert exc.value.exit_code == 1
+    assert not storage.exists(job.args.output)
+
+
+@pytest.mark.slow
 def test_training_runs_in_train_mode_from_the_first_step(demo_assets, tmp_path, capfd):
     """from_pretrained hands the model over in eval mode, where dropout and activation recomputation
     are off. A base model that asks for dropout gets it from step 0 on, with no evaluation before to

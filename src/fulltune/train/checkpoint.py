@@ -13,7 +13,8 @@ again from step 0; when no save ever finished (the first one cut short), it star
 `checkpoint.json` also records what the run that wrote it trained with (`run_identity`: the base
 model, the training data, the batch, the optimizer and schedule, the world size); a run whose config
 differs in any of these is refused at its resume (`check_continues`), naming each field, instead of
-loading state that belongs to another run. Only the length may change: a run can train on longer.
+loading state that belongs to another run. Only the length may change: a run can train on longer,
+or end earlier, but not before the checkpoint it resumes (`check_not_past`).
 
 Checkpoints live in the work directory: a shared filesystem path (RWX volume) is written in place;
 for s3:// each node stages its ranks' files locally and uploads them.
@@ -68,8 +69,9 @@ RESUME_FIELDS = (
     "preprocess.replay_fraction",
     "preprocess.attend_across_documents",
 )
-# A run may be resumed to train longer (or shorter): the schedule is built from the config, so from
-# the checkpoint on it follows the new length, which the log says.
+# A run may be resumed to train longer (or shorter, down to the checkpoint's step: `check_not_past`):
+# the schedule is built from the config, so from the checkpoint on it follows the new length, which
+# the log says.
 LENGTH_FIELDS = ("training.max_steps", "training.num_train_epochs")
 TRAINING_DATA = "the training data (its shards' SHA-256)"
 
@@ -137,12 +139,29 @@ def newest_saved(root: str) -> str | None:
     return next(iter(saved_tags(root)), None)
 
 
-def check_newest(root: str, identity: dict[str, Any]) -> None:
-    """`check_continues` for the newest saved checkpoint, if any: what the ranks will resume from,
-    checked before any of them is started (they verify its files)."""
+def check_newest(root: str, identity: dict[str, Any], total_steps: int) -> None:
+    """`check_continues` and `check_not_past` for the newest saved checkpoint, if any: what the ranks
+    will resume from, checked before any of them is started (they verify its files)."""
     tag = newest_saved(root)
-    if tag is not None and (longer := check_continues(root, tag, identity)):
+    if tag is None:
+        return
+    longer = check_continues(root, tag, identity)
+    check_not_past(root, tag, total_steps)
+    if longer:
         log.info("resuming %s with another length (%s)", storage.join(root, tag), "; ".join(longer))
+
+
+def check_not_past(root: str, tag: str, total_steps: int) -> None:
+    """CheckpointError when checkpoint `tag` has taken more steps than a run of `total_steps` takes:
+    no step would train, and the model saved would be the checkpoint's, longer than this run asks."""
+    step = step_of(tag)
+    if step > total_steps:
+        raise CheckpointError(
+            f"{storage.join(root, tag)} has trained {step} steps, more than the {total_steps} this run "
+            f"is set to (training.max_steps, or training.num_train_epochs): a run cannot be resumed to "
+            f"end before its checkpoint. Set a length of at least {step} steps to continue it, or train "
+            "the shorter run in a new run."
+        )
 
 
 def tag_for(step: int) -> str:

@@ -267,7 +267,11 @@ class Recipe:
     def _resumable(self, root: str) -> str | None:
         """The newest complete checkpoint, once it is known to come from a run like this one."""
         tag = checkpoint.find_resume(root)
-        if tag is not None and (length := checkpoint.check_continues(root, tag, self.identity)):
+        if tag is None:
+            return None
+        length = checkpoint.check_continues(root, tag, self.identity)
+        checkpoint.check_not_past(root, tag, self.sched.total_steps)
+        if length:
             self._log(
                 "resuming with another length (%s): the schedule follows it from here", "; ".join(length)
             )

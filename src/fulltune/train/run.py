@@ -98,17 +98,18 @@ def check_before_launch(cfg: RunConfig, dataset_uri: str) -> None:
     """The trainer's refusals that need only the dataset's manifest and the checkpoints' manifests,
     made before any training pod (and GPU) is asked for: fewer training sequences than one global
     batch, no eval split for `training.eval_steps`, a checkpoint to resume written by a run with other
-    settings. TrainInputError or CheckpointError, as the ranks would exit with (they check again)."""
+    settings or past this run's length. TrainInputError or CheckpointError, as the ranks would exit with (they check again)."""
     from fulltune.preprocess.dataset import TRAIN, load_manifest
     from fulltune.train import checkpoint
     from fulltune.train.loss import check_eval_split
     from fulltune.train.schedule import make_schedule
 
     manifest = load_manifest(dataset_uri)
-    make_schedule(cfg, manifest.sequences(TRAIN), cfg.world_size)
+    sched = make_schedule(cfg, manifest.sequences(TRAIN), cfg.world_size)
     if cfg.training.eval_steps:
         check_eval_split(dataset_uri)
-    checkpoint.check_newest(cfg.layout.checkpoints, checkpoint.run_identity(cfg, manifest))
+    identity = checkpoint.run_identity(cfg, manifest)
+    checkpoint.check_newest(cfg.layout.checkpoints, identity, sched.total_steps)
 
 
 def _checkpoints_after_success(cfg: RunConfig, root: str) -> None:
