@@ -462,6 +462,33 @@ def test_resuming_with_a_length_shorter_than_the_checkpoint_is_refused(demo_asse
 
 
 @pytest.mark.slow
+def test_a_run_resumed_to_train_longer_follows_the_new_schedule_from_its_first_step(demo_assets, tmp_path):
+    """Linear decay over 6 steps, resumed at step 4 as a 12-step run: step 5 trains at the 12-step
+    schedule's rate (2/3 of the peak), not at the 6-step one's that the restored scheduler held (1/3)."""
+    from fulltune.train.schedule import lr_lambda
+
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16)
+    linear = {
+        "per_device_train_batch_size": 2,
+        "save_steps": 2,
+        "lr_scheduler_type": "linear",
+        "warmup_ratio": 0,
+    }
+    cfg = plan_run(demo_assets, work, nproc=1, max_steps=6, **linear)
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(with_fault(train_job(cfg, dataset), after_step=4))
+    cfg = plan_run(demo_assets, work, nproc=1, max_steps=12, **linear)
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
+    old, new = lr_lambda("linear", 0, 6), lr_lambda("linear", 0, 12)
+    assert [m["lr"] for m in metrics] == pytest.approx(
+        [1e-3 * old(s) for s in range(4)] + [1e-3 * new(s) for s in range(4, 12)]
+    )
+
+
+@pytest.mark.slow
 def test_training_runs_in_train_mode_from_the_first_step(demo_assets, tmp_path, capfd):
     """from_pretrained hands the model over in eval mode, where dropout and activation recomputation
     are off. A base model that asks for dropout gets it from step 0 on, with no evaluation before to

@@ -73,7 +73,13 @@ from fulltune.train.metrics import (
     step_line,
     training_summary,
 )
-from fulltune.train.schedule import batch_indices, lr_lambda, make_schedule, rank_micro_batches
+from fulltune.train.schedule import (
+    batch_indices,
+    follow_lr_schedule,
+    lr_lambda,
+    make_schedule,
+    rank_micro_batches,
+)
 from fulltune.train.throughput import MfuMeter, parameter_count
 from fulltune.train.tracking import build_trackers
 
@@ -255,6 +261,7 @@ class Recipe:
         if tag is None:
             return {}
         state = checkpoint.load(self.engine, root, tag, local_rank=self.ranks.local_rank)
+        follow_lr_schedule(self.scheduler)  # this run's schedule, which another length changes
         self.resumed_from = storage.join(root, tag)
         self._log(
             "resumed from %s at step %d (%.3f s of training before)",

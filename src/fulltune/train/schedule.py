@@ -102,3 +102,15 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def follow_lr_schedule(scheduler) -> None:
+    """Set the rate of the next step from `scheduler`'s own schedule at the step it is at. A restored
+    LambdaLR keeps the rate that the run which saved it computed for that step: after a resume with
+    another length, the first step would train at the old schedule's rate (half the new one, 4
+    steps into a linear decay over 6 resumed as 12), and only the steps after it at the new one."""
+    step = scheduler.last_epoch
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
