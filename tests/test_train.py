@@ -489,6 +489,28 @@ def test_a_run_resumed_to_train_longer_follows_the_new_schedule_from_its_first_s
 
 
 @pytest.mark.slow
+def test_a_run_resumed_with_evaluation_turned_on_evaluates_without_measuring_forgetting(
+    demo_assets, tmp_path, capfd
+):
+    """The checkpoint was saved without evaluation, so it carries no base model's general loss (None):
+    the resumed run evaluates from there and says forgetting is not measured, rather than failing
+    with a TypeError (exit 2, 'a bug')."""
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16, n_eval=4, n_general=4)
+    run = {"nproc": 1, "per_device_train_batch_size": 2, "max_steps": 6, "save_steps": 2}
+    cfg = plan_run(demo_assets, work, **run)
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(with_fault(train_job(cfg, dataset), after_step=2))
+    cfg = plan_run(demo_assets, work, eval_steps=2, **run)
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    assert "the checkpoint does not carry the base model's general loss" in capfd.readouterr().out
+    metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [3, 5]
+    assert not any("forgetting" in m for m in metrics)
+
+
+@pytest.mark.slow
 def test_training_runs_in_train_mode_from_the_first_step(demo_assets, tmp_path, capfd):
     """from_pretrained hands the model over in eval mode, where dropout and activation recomputation
     are off. A base model that asks for dropout gets it from step 0 on, with no evaluation before to

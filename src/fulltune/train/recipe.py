@@ -316,7 +316,8 @@ class Recipe:
                 n,
             )
             return loss
-        if "base_general_loss" not in state:
+        # None: saved by an attempt that measured nothing (no eval_steps then), as much as absent
+        if state.get("base_general_loss") is None:
             self._log(
                 "the checkpoint does not carry the base model's general loss: forgetting is not "
                 "measured during this attempt"
