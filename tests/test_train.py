@@ -1148,6 +1148,31 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(demo_asset
 
 
 @pytest.mark.slow
+def test_two_nodes_on_one_machine_stage_their_s3_checkpoints_apart(demo_assets, s3, tmp_path):
+    """Each node stages its ranks' checkpoint files on its own disk, uploads them and removes them.
+    Nodes sharing a machine (the local launcher's) once shared that directory: one removed it while
+    the other was uploading, and the run failed at its first checkpoint."""
+    from fulltune.train import checkpoint
+    from fulltune.train.recipe import is_complete_model
+
+    work = f"{s3}/run"
+    dataset = tiny_dataset(demo_assets, work, n_seq=8)
+    cfg = plan_run(
+        demo_assets,
+        work,
+        nproc=1,
+        resources={"num_nodes": 2, "launcher": "kubernetes"},
+        per_device_train_batch_size=2,
+        max_steps=3,
+        save_steps=1,
+    )
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    assert checkpoint.find_resume(job.args.checkpoints) == "step-00000002"
+    assert is_complete_model(cfg.layout.model)
+
+
+@pytest.mark.slow
 def test_resuming_from_s3_leaves_no_staged_checkpoint_on_the_node(demo_assets, s3, capfd, tmp_path):
     """Checkpoints on S3 are staged on the node's disk to be loaded; the staged copy holds the full
     optimizer state (~16 bytes per parameter), so it is removed once the ranks have read it."""

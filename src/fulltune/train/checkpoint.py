@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -239,10 +240,12 @@ def newest_complete(root: str, steps: set[int]) -> str | None:
 
 
 def _staging(root: str) -> Path:
-    """A node-local directory for s3:// checkpoints, the same path for every rank of the node. Removed
-    whole once uploaded or loaded: DeepSpeed also writes its zero_to_fp32 scripts beside the tag."""
+    """A node-local directory for s3:// checkpoints, the same path for every rank of the node and
+    another for each node (torchrun's GROUP_RANK): nodes that share a machine (the local launcher's)
+    must not upload or remove each other's files. Removed whole once uploaded or loaded: DeepSpeed
+    also writes its zero_to_fp32 scripts beside the tag."""
     digest = hashlib.sha256(root.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir(), f"fulltune-ckpt-{digest}")
+    return Path(tempfile.gettempdir(), f"fulltune-ckpt-{digest}-node{os.environ.get('GROUP_RANK', '0')}")
 
 
 def save(
