@@ -68,6 +68,10 @@ def test_promote_and_rollback_move_production_and_say_who_when_and_why(model_dir
     assert named(registry, PRODUCTION) == 2
     with pytest.raises(SystemExit):
         main(rollback)
+    # so does a promotion: a blank one is refused, and production stays where it is
+    assert main([*base, "--version", "3", "--reason", "  "]) == 1
+    assert "a promotion needs a reason" in capsys.readouterr().err
+    assert named(registry, PRODUCTION) == 2
 
 
 def test_a_pointer_only_names_committed_versions(model_dir, tmp_path, capsys):

@@ -147,6 +147,8 @@ def promote(
     expected: Any = _UNSET,
 ) -> PointerRecord:
     """Make `version` what `production` names (from `expected`, when given)."""
+    if not reason.strip():
+        raise RegistryError("a promotion needs a reason: it is recorded with who and when")
     return move(
         registry_uri,
         name,
