@@ -123,7 +123,7 @@ class LocalLauncher:
                 )
             line = (
                 f"fulltune: node exit codes {codes}: retryable; restarting the group "
-                f"({attempt + 1} of {job.max_restarts}), resuming from the newest complete checkpoint\n"
+                f"({attempt + 1} of {job.max_restarts}); it resumes from the newest complete checkpoint, or step 0 without one\n"
                 f"{log_tail.errors_reported()}"
             )
             log.warning("%s", line.strip())

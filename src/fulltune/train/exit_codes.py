@@ -99,7 +99,10 @@ def log_failure(exc: BaseException) -> int:
     if code == EXIT_BAD_INPUT:
         log.error("cannot train (exit %d, retrying cannot help): %s", code, exc)
     elif code == EXIT_RETRYABLE:
-        log.exception("retryable failure (exit %d; a restart resumes from the newest checkpoint)", code)
+        log.exception(
+            "retryable failure (exit %d; a restart resumes from the newest complete checkpoint, or step 0 without one)",
+            code,
+        )
     else:
         log.exception("unexpected error (exit %d)", code)
     return code
