@@ -105,6 +105,9 @@ def test_validate_reads_the_partitions_of_the_window_and_no_others(tmp_path):
     cfg = cfg.with_overrides(fix_window(cfg))
     report = steps.validate_data(cfg)
     assert report["datasets"]["train"]["records"] == 6  # 11-25 and 11-27; 11-26 has no partition
+    # a day of the window with nothing in it (an upstream export that did not run) is said
+    [missing] = [p for p in report["datasets"]["train"]["problems"] if p["code"] == "empty_location"]
+    assert missing["count"] == 1 and missing["examples"][0]["location"] == f"{tmp_path}/notes/dt=2026-11-26"
 
 
 def test_an_empty_window_is_refused_naming_every_resolved_uri(tmp_path):

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -313,11 +313,13 @@ def alternatives(uri: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Expansion:
-    """What a URI names: `files` matching the patterns, and `others`, the rest of a named folder's
-    listing (empty for a file or a glob, which name their files themselves)."""
+    """What a URI names: `files` matching the patterns, `others`, the rest of a named folder's
+    listing (empty for a file or a glob, which name their files themselves), and `empty`, the
+    alternatives of a brace alternation that named no matching file."""
 
     files: list[str]
     others: list[str]
+    empty: list[str] = field(default_factory=list)
 
 
 def expand(uri: str, patterns: tuple[str, ...] = ("*",)) -> list[str]:
@@ -332,14 +334,17 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
     if _ALTERNATION.search(uri):
         files: dict[str, None] = {}  # ordered, without repeats
         others: dict[str, None] = {}
+        empty: list[str] = []
         for alt in alternatives(uri):
             try:
                 found = expand_all(alt, patterns)
             except FileNotFoundError:
-                continue
+                found = Expansion([], [])
+            if not found.files:
+                empty.append(alt)
             files.update(dict.fromkeys(found.files))
             others.update(dict.fromkeys(found.others))
-        return Expansion(list(files), [f for f in others if f not in files])
+        return Expansion(list(files), [f for f in others if f not in files], empty)
     has_glob = any(ch in uri for ch in "*?[")
     if has_glob:
         base = uri

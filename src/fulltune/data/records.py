@@ -112,6 +112,7 @@ class DataFiles:
 
     files: list[str]
     skipped: list[str]
+    empty: list[str] = field(default_factory=list)  # locations of an alternation with no data files
 
 
 def _missing_place(uri: str) -> str | None:
@@ -150,7 +151,7 @@ def find_data(uri: str) -> DataFiles:
         for f in found.others
         if storage.basename(f) not in HF_METADATA and not storage.basename(f).startswith((".", "_"))
     ]
-    return DataFiles(files, skipped)
+    return DataFiles(files, skipped, found.empty)
 
 
 def data_files(uri: str) -> list[str]:

@@ -12,7 +12,8 @@ one URI with a brace alternation that every reader expands (`storage.expand`):
     s3://data/notes/dt={2026-11-21,2026-11-22,...,2026-11-27}/
 
 so every later step, and the lineage, see the same partitions. A missing partition contributes no
-files; a window in which none holds data is refused by validate_data, naming these URIs.
+files (validate_data warns of it: empty_location); a window in which none holds data is refused by
+validate_data, naming these URIs.
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ CODES: dict[str, tuple[str, str]] = {
     "mojibake": ("warning", "garbled characters from a wrong decode upstream"),
     "empty_file": ("warning", "a data file without records"),
     "skipped_file": ("warning", "a file in the data folder of no format fulltune reads: not read"),
+    "empty_location": (
+        "warning",
+        "one of the locations a URI names ({a,b}, a data window's days) holds no data files: a day "
+        "missing upstream?",
+    ),
     "kind_mismatch": ("warning", "this dataset's record kind differs from train's"),
     "too_short": ("warning", "fewer characters than data.min_chars"),
     "too_long": ("warning", "more characters than data.max_chars"),

@@ -84,6 +84,8 @@ class DatasetCheck:
             self.tally.add(
                 "skipped_file", f"not read: the folder's data files end in {', '.join(DATA_PATTERNS)}", path
             )
+        for place in found.empty:
+            self.tally.add("empty_location", "no data files here; the dataset is read from the others", place)
         try:
             self.kind = resolve_kind(self.uri, self.cfg)
         except (RecordError, DataError, OSError):
