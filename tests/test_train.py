@@ -80,12 +80,13 @@ def plan_run(
     nproc: int = 2,
     evaluation: dict | None = None,
     resources: dict | None = None,
+    model: dict | None = None,
     **training,
 ) -> RunConfig:
     cfg = RunConfig.from_dict(
         {
             "work_dir": work,
-            "model": {"base_model_uri": str(demo_assets.base_model_dir)},
+            "model": {"base_model_uri": str(demo_assets.base_model_dir), **(model or {})},
             "data": {"train_uri": demo_assets.train_uri, "general_uri": demo_assets.general_uri},
             "preprocess": {"max_seq_len": SEQ},
             "training": {"learning_rate": 1e-3, "num_train_epochs": 1, "bf16": False, **training},
@@ -717,6 +718,49 @@ def test_forgetting_is_measured_while_training_and_stops_the_run_when_asked(
     )
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "mlflow"))
     assert "stop_on_forgetting: true" in open(config).read()
+
+
+def test_forgetting_while_training_from_a_registered_version_is_against_the_original_base(
+    demo_assets, tmp_path, capfd
+):
+    """A cycle that continues from a registered version (model.original_base_model_uri set) is gated
+    on forgetting against the original pre-trained model, so training measures against it too: the
+    original's general loss before the first step, and the version's own starting point beside it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    version = tmp_path / "v3"
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets.base_model_dir))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)  # a version that already forgets some general English
+    model.save_pretrained(str(version))
+    for f in demo_assets.base_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, version / f.name)
+    work = str(tmp_path / "work")
+    dataset = tiny_dataset(demo_assets, work, n_seq=8, n_eval=2, n_general=4)
+    original_uri = str(demo_assets.base_model_dir)
+    cfg = plan_run(
+        demo_assets,
+        work,
+        model={"base_model_uri": str(version), "original_base_model_uri": original_uri},
+        per_device_train_batch_size=2,
+        max_steps=2,
+        eval_steps=1,
+    )
+    job = train_job(cfg, dataset)
+    LocalLauncher().run(job)
+    log = capfd.readouterr().out
+    original = plain_loss(demo_assets.base_model_dir, dataset, "general_eval")
+    start = plain_loss(version, dataset, "general_eval")
+    assert start > original + 0.01  # the version itself is already off the original
+    summary = storage.read_json(storage.join(job.args.output, MODEL_MANIFEST))["summary"]
+    assert abs(summary["base_general_loss"] - original) < 1e-4
+    said = re.search(r"the original base model's loss is ([\d.]+) .* starts at ([\d.]+) \(forgetting ", log)
+    assert said and abs(float(said.group(1)) - original) < 1e-3 and abs(float(said.group(2)) - start) < 1e-3
+    first = json.loads(storage.read_text(job.args.metrics).splitlines()[0])
+    assert abs(first["forgetting"] - (math.exp(first["general_eval_loss"] - original) - 1)) < 1e-3
 
 
 def closed_port() -> int:

@@ -222,6 +222,15 @@ def build_engine(model, cfg: RunConfig, ds_config: dict[str, Any], lr_factor):
     return engine, scheduler
 
 
+def build_scoring_engine(model, ds_config: dict[str, Any]):
+    """A DeepSpeed engine that only runs forwards (no optimizer, no schedule): ZeRO-3 gathers the
+    partitioned parameters for them, as the training engine does. `destroy()` it when done."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    return engine
+
+
 def leaf_modules(module) -> dict[str, int]:
     """The modules ZeRO-3 gathers as one unit (`stage3_module_granularity_threshold`), by class: the
     setup log shows them, since a threshold that missed the transformer blocks costs speed silently."""

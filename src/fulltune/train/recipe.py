@@ -33,6 +33,7 @@ checkpoint (if any) is complete and its line logged: where `training.report_to`'
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from fulltune.train.args import TrainerArgs
 from fulltune.train.cadence import Cadence
 from fulltune.train.engine import (
     build_engine,
+    build_scoring_engine,
     hpz_groups,
     init_distributed,
     leaf_modules,
@@ -163,6 +165,7 @@ class Recipe:
         self.sched = make_schedule(self.cfg, self.num_sequences, self.ranks.world)
         self.eval_data = load_split(dataset, EVAL_SPLIT, positions=alone) if tr.eval_steps else None
         self.general_data = self._general_split(dataset) if tr.eval_steps else None
+        self.original_general_loss = self._original_general_loss(ds_config)
         self._log("loaded %d training sequences; loading the model under ZeRO-3", self.num_sequences)
         with storage.local_dir(self.cfg.model.base_model_uri) as model_dir:
             model, self._ds_marker = load_model(self.cfg, ds_config, model_dir)
@@ -301,21 +304,67 @@ class Recipe:
             raise checkpoint.CheckpointError(error)
         return tag
 
+    def _original_general_loss(self, ds_config: dict[str, Any]) -> float | None:
+        """The original pre-trained model's loss on the general split, when training starts from a
+        registered version of it (model.original_base_model_uri): the gate measures forgetting
+        against the original, so the figure watched while training must too. Measured before the
+        training model is loaded, while its memory is free, and only on a fresh start: a resumed
+        run's checkpoint carries the figure."""
+        model = self.cfg.model
+        if self.general_data is None or model.original_model_uri == model.base_model_uri:
+            return None
+        if self.args.checkpoints and checkpoint.newest_saved(self.args.checkpoints):
+            return None
+        with storage.local_dir(model.original_model_uri) as model_dir:
+            original, marker = load_model(self.cfg, ds_config, model_dir)
+        engine = build_scoring_engine(original, ds_config)
+        try:
+            r = self.ranks
+            micro_batch = self.cfg.training.per_device_train_batch_size
+            return eval_loss(
+                engine,
+                self.general_data,
+                rank=r.rank,
+                world=r.world,
+                micro_batch=micro_batch,
+                device=r.device,
+            )
+        finally:
+            engine.destroy()
+            del engine, original, marker
+            gc.collect()  # its partitions go before the model to train is loaded
+
     def _base_general_loss(self, state: dict[str, Any]) -> float | None:
         """The base model's loss on the general split, that forgetting during training is measured
-        against: computed before the first step, carried by every checkpoint after it."""
+        against (the original pre-trained model's, when training starts from a registered version):
+        computed before the first step, carried by every checkpoint after it."""
+        from fulltune.evaluate.gate import forgetting
+        from fulltune.evaluate.loss import perplexity
+
         if self.general_data is None:
             return None
         if not self.first_step:
             loss = self._loss_on(self.general_data)
             n = self.general_data["input_ids"].shape[0]
+            if self.original_general_loss is None:
+                self._log(
+                    "general_eval: the base model's loss is %.4f over %d sequences (forgetting is "
+                    "measured against it)",
+                    loss,
+                    n,
+                )
+                return loss
+            original = self.original_general_loss
             self._log(
-                "general_eval: the base model's loss is %.4f over %d sequences (forgetting is "
-                "measured against it)",
-                loss,
+                "general_eval: the original base model's loss is %.4f over %d sequences (forgetting is "
+                "measured against it, as the gate does); %s starts at %.4f (forgetting %+.1f%%)",
+                original,
                 n,
+                self.cfg.model.base_model_uri,
+                loss,
+                100 * forgetting(perplexity(original), perplexity(loss)),
             )
-            return loss
+            return original
         # None: saved by an attempt that measured nothing (no eval_steps then), as much as absent
         if state.get("base_general_loss") is None:
             self._log(
