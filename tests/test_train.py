@@ -404,6 +404,29 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_usable_refuses(demo_as
 
 
 @pytest.mark.slow
+def test_a_checkpoint_resumed_past_as_corrupt_never_pushes_out_the_intact_ones(demo_assets, tmp_path):
+    """A run resumed from step 2 past a corrupt step-4 checkpoint saves at other steps (by the clock,
+    or another save_steps). Counted among the newest, the corrupt one made rotation delete the intact
+    ones, the new save included (save_total_limit 1): the next failure found nothing to resume."""
+    from fulltune.train import checkpoint
+
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=16)
+    common = {"nproc": 1, "per_device_train_batch_size": 2, "max_steps": 5}
+    job = train_job(plan_run(demo_assets, work, save_steps=2, save_total_limit=3, **common), dataset)
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(with_fault(job, after_step=4))
+    root = job.args.checkpoints
+    newest = sorted((tmp_path / "w" / "train" / "checkpoints" / "step-00000004").rglob("*.pt"))[0]
+    newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
+    resumed = train_job(plan_run(demo_assets, work, save_steps=3, save_total_limit=1, **common), dataset)
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(with_fault(resumed, after_step=3))  # dies after its step-3 save
+    assert checkpoint.list_tags(root) == ["step-00000003"]
+    assert checkpoint.find_resume(root) == "step-00000003"
+
+
+@pytest.mark.slow
 def test_a_run_preempted_during_its_first_checkpoint_save_starts_again_when_restarted(demo_assets, tmp_path):
     """The first save's parts are written, its manifest is not: nothing was saved, so the restart
     trains from step 0 rather than refusing for good (exit 1, which neither the operator nor

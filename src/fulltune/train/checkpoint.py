@@ -294,14 +294,21 @@ def save(
             for f in files
         ]
         storage.write_json(storage.join(base, MANIFEST), {"step": step, "run": identity, "files": entries})
-        rotate(root, keep)
+        rotate(root, keep, step)
         log.info("checkpoint %s complete (%d files)", base, len(entries))
     dist.barrier()
     return tag
 
 
-def rotate(root: str, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and stale incomplete ones."""
+def rotate(root: str, keep: int, saved_step: int) -> None:
+    """After the save of step `saved_step`: keep the newest `keep` complete checkpoints up to it;
+    remove older ones, stale incomplete ones, and any of a later step. Those are checkpoints the run
+    resumed past because they were unusable (corrupt, or cut short): counted among the newest, they
+    would have pushed out the intact ones, even the one just written."""
+    for tag in list_tags(root):
+        if step_of(tag) > saved_step:
+            log.warning("removing %s: resuming passed over it as unusable", storage.join(root, tag))
+            storage.remove_tree(storage.join(root, tag))
     complete = saved_tags(root)
     if not complete:
         return
