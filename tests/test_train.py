@@ -427,6 +427,31 @@ def test_a_checkpoint_resumed_past_as_corrupt_never_pushes_out_the_intact_ones(d
 
 
 @pytest.mark.slow
+def test_a_model_replaced_by_a_longer_run_is_not_complete_while_its_files_are_copied(demo_assets, tmp_path):
+    """A finished run continued to train longer writes its model where the first one is. Its rank
+    dies once the new files are copied, before their manifest: the old manifest must not stay to
+    vouch for a mix of both models."""
+    from fulltune.train.recipe import is_complete_model, training_finished
+
+    work = str(tmp_path / "w")
+    dataset = tiny_dataset(demo_assets, work, n_seq=8)
+    common = {"nproc": 1, "per_device_train_batch_size": 2, "save_steps": 1}
+    first = train_job(plan_run(demo_assets, work, max_steps=2, **common), dataset)
+    LocalLauncher().run(first)
+    assert training_finished(first.args.output, first.args.metrics)
+    longer = train_job(plan_run(demo_assets, work, max_steps=3, **common), dataset)
+    dying = with_fault(longer, after_step=0)
+    dying = dataclasses.replace(dying, env={**dying.env, "FAULTY_TRAINER_KILL_IN_UPLOAD": "1"})
+    with pytest.raises(LaunchError):
+        LocalLauncher().run(dying)
+    assert not is_complete_model(longer.args.output)
+    assert not training_finished(longer.args.output, longer.args.metrics)
+    LocalLauncher().run(longer)  # the retry trains on from the checkpoint and completes the model
+    summary = storage.read_json(storage.join(longer.args.output, MODEL_MANIFEST))["summary"]
+    assert summary["steps"] == 3
+
+
+@pytest.mark.slow
 def test_a_run_preempted_during_its_first_checkpoint_save_starts_again_when_restarted(demo_assets, tmp_path):
     """The first save's parts are written, its manifest is not: nothing was saved, so the restart
     trains from step 0 rather than refusing for good (exit 1, which neither the operator nor

@@ -10,6 +10,8 @@ says where to strike through the job's environment:
     FAULTY_TRAINER_KILL_RANK        which rank dies (default 0)
     FAULTY_TRAINER_ONCE             a file: the rank dies only while it does not exist (it is created
                                     just before the kill), so a restarted group runs through
+    FAULTY_TRAINER_KILL_IN_UPLOAD   set: the rank that writes the final model dies once its files are
+                                    copied, before its manifest (the step number is then unused)
 """
 
 from __future__ import annotations
@@ -37,7 +39,21 @@ def kill_after(step: int, rank: int, once: str | None):
     return callback
 
 
+def kill_after_upload(upload_dir):
+    """`storage.upload_dir` that SIGKILLs its process once the files are copied."""
+
+    def upload_then_die(local_dir, uri):
+        upload_dir(local_dir, uri)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return upload_then_die
+
+
 if __name__ == "__main__":
+    if os.environ.get("FAULTY_TRAINER_KILL_IN_UPLOAD"):
+        from fulltune import storage
+
+        storage.upload_dir = kill_after_upload(storage.upload_dir)
     after = int(os.environ["FAULTY_TRAINER_KILL_AFTER_STEP"])
     rank = int(os.environ.get("FAULTY_TRAINER_KILL_RANK", "0"))
     # leaves as `python -m fulltune.train` does: the interpreter's teardown can abort a finished gloo rank

@@ -614,6 +614,11 @@ def save_model(
             (out / "fulltune_config.yaml").write_text(cfg.to_yaml())
             (out / "training_summary.json").write_text(json.dumps(summary.to_json(), indent=2))
         files = storage.file_manifest(out)
+        # A model saved there before (a finished run continued to train longer) stops counting as
+        # complete before any of its files is replaced: a failure mid-copy leaves no manifest over
+        # a mix of both models.
+        storage.remove(storage.join(args.output, MODEL_MANIFEST))
+        storage.remove(args.metrics)
         with disk.failing_for_space(args.output, size, what, disk.WORK_DIR_FIXES, partial=args.output):
             storage.upload_dir(out, args.output)
         manifest = {"files": files, "summary": summary.to_json(), "run": identity}
