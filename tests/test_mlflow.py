@@ -168,6 +168,30 @@ def test_a_resumed_attempt_sends_the_steps_a_killed_one_left_unsent(mlflow_env, 
     ]  # the killed attempt had sent step 1's loss alone
 
 
+def test_a_server_away_when_training_ends_still_gets_the_runs_status_once_it_is_back(
+    mlflow_env, tmp_path, monkeypatch
+):
+    """The status is the last thing sent: a server that refuses it for a moment (restarting) must
+    not leave the finished run RUNNING in the MLflow UI."""
+    from mlflow import MlflowClient
+
+    from fulltune.train import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(tracking, "CLOSE_RETRY_S", 0.2)
+    run = MlflowRun.open(run_config(tmp_path), keep_trying=True)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        up, run.client = run.client, MlflowClient(tracking_uri=f"http://127.0.0.1:{closed.getsockname()[1]}")
+        tracker = MlflowTracker(run, logging_steps=1, total_steps=1, send_interval_s=0.1, close_timeout_s=20)
+        back = threading.Timer(1.0, lambda: setattr(run, "client", up))
+        back.start()
+        tracker.close()
+        back.join()
+    assert mlflow_env.get_run(run.run_id).info.status == "FINISHED"
+
+
 def test_steps_logged_while_the_server_was_down_reach_it_once_it_is_back(
     mlflow_env, tmp_path, monkeypatch, caplog
 ):

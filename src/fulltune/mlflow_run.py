@@ -136,12 +136,11 @@ class MlflowRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("artifacts", lambda: self.client.log_text(self.run_id, text, artifact_file))
 
-    def set_status(self, status: str) -> None:
-        """RUNNING, FINISHED or FAILED (`set_terminated` for the last two)."""
+    def set_status(self, status: str) -> bool:
+        """RUNNING, FINISHED or FAILED (`set_terminated` for the last two); whether it was set."""
         if status == "RUNNING":
-            self._call("status", lambda: self.client.update_run(self.run_id, status="RUNNING"))
-        else:
-            self._call("status", lambda: self.client.set_terminated(self.run_id, status=status))
+            return self._call("status", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+        return self._call("status", lambda: self.client.set_terminated(self.run_id, status=status))
 
     def _call(self, what: str, action: Callable[[], Any]) -> bool:
         """Whether `action` was done; a failure is a warning (once per kind), never an error."""

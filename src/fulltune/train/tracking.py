@@ -28,7 +28,8 @@ FAILED. The loop only queues each logging step's figures: a thread sends what is
 request at most every SEND_INTERVAL_S, so a slow or unreachable server never stalls training and a
 short step never means a request per step. The figures of a request that failed are sent again with
 the next, so a server that was away mid-run gets every step once it is back. At the end the tracker
-waits at most CLOSE_TIMEOUT_S for what is left, then leaves it unsent with a warning.
+waits at most CLOSE_TIMEOUT_S for what is left and the run's status, trying again every
+CLOSE_RETRY_S while the server refuses them, then leaves them unsent with a warning.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import logging
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 
 CLOSE_TIMEOUT_S = 60.0
 SEND_INTERVAL_S = 5.0  # MLflow: at most one request per interval, whatever the step time
+CLOSE_RETRY_S = 2.0  # while closing: how often what the server refused is tried again
 
 log = logging.getLogger("fulltune.train")
 
@@ -102,6 +105,7 @@ class MlflowTracker:
         self.close_timeout_s, self.send_interval_s = close_timeout_s, send_interval_s
         self._steps: list[tuple[int, dict[str, float]]] = []
         self._unsent: list[tuple[int, dict[str, float]]] = []  # held back by a failed request
+        self._status: str | None = None  # the newest status queued and not set yet
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
         self._sender = threading.Thread(target=self._send, name="fulltune-mlflow", daemon=True)
@@ -150,13 +154,35 @@ class MlflowTracker:
             items = [item for item in items if item is not None]
             steps = [step for kind, payload in items if kind == "backfill" for step in self._missing(payload)]
             steps += [step for kind, payload in items if kind == "metrics" for step in payload]
-            self._deliver(steps, last=closing)
-            for status in [payload for kind, payload in items if kind == "status"]:
-                self.run.set_status(status)
+            self._deliver(steps)
+            self._status = next((p for kind, p in reversed(items) if kind == "status"), self._status)
+            self._set_status()
             if not closing:
                 self._closing.wait(self.send_interval_s)
+        self._finish()
 
-    def _deliver(self, steps: list[tuple[int, dict[str, float]]], last: bool) -> None:
+    def _set_status(self) -> None:
+        if self._status is not None and self.run.set_status(self._status):
+            self._status = None
+
+    def _finish(self) -> None:
+        """The last figures and the run's status, tried again until the server takes them or the
+        close timeout passes: a server away at the end would otherwise leave the run RUNNING."""
+        deadline = time.monotonic() + self.close_timeout_s
+        while (self._unsent or self._status) and time.monotonic() + CLOSE_RETRY_S < deadline:
+            time.sleep(CLOSE_RETRY_S)
+            self._deliver([])
+            self._set_status()
+        if self._unsent:
+            log.warning("MLflow: %d step(s) of figures could not be sent; left unsent", len(self._unsent))
+        if self._status:
+            log.warning(
+                "MLflow: run %s could not be marked %s; it shows the last status the server took",
+                self.run.run_id,
+                self._status,
+            )
+
+    def _deliver(self, steps: list[tuple[int, dict[str, float]]]) -> None:
         """Send `steps` after those a failed request held back: a server that was away for a while
         gets every step's figures once it answers again, each once."""
         held, steps = len(self._unsent), self._unsent + steps
@@ -165,8 +191,6 @@ class MlflowTracker:
         self._unsent = self.run.log_metrics(steps)
         if held and not self._unsent:
             log.info("MLflow: the server answers again; sent the %d step(s) held back", held)
-        if self._unsent and last:
-            log.warning("MLflow: %d step(s) of figures could not be sent; left unsent", len(self._unsent))
 
     def _missing(self, steps: list[tuple[int, dict[str, float]]]) -> list[tuple[int, dict[str, float]]]:
         """The `steps` the run has no train/loss for; all of them if the server cannot say (a step
