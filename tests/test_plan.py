@@ -915,6 +915,29 @@ def test_plan_trades_accumulation_for_a_larger_micro_batch_where_it_fits():
     assert planmod.choose_memory_settings(cpu, s)[0].micro_batch == 4
 
 
+@pytest.mark.parametrize(("micro", "accumulation"), [(5, 1), (7, 1), (5, 2), (6, 1)])
+def test_a_smaller_micro_batch_keeps_the_configured_global_batch(micro, accumulation):
+    """Where the configured micro batch does not fit, plan tries smaller ones with more accumulation:
+    only ones that divide the rank's sequences per step, so 5 x 1 becomes 1 x 5, not 2 x 2 (a global
+    batch of 32 where 40 was configured), and the note says the accumulation it resolves."""
+    cfg = RunConfig.from_dict(
+        {
+            "preprocess": {"max_seq_len": 8192},
+            "training": {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation},
+            "resources": {"gpu_memory_gib": 40, "nproc_per_node": 8},
+        }
+    )
+    mem, _, notes = planmod.choose_memory_settings(cfg, shape_8b())
+    assert mem.micro_batch < micro  # the configured one does not fit
+    resolved = cfg.with_overrides(planmod.resolved_fields(cfg, shape_8b(), mem, 10**9)[0])
+    assert resolved.global_batch_size == cfg.global_batch_size == micro * accumulation * 8
+    new_accumulation = resolved.training.gradient_accumulation_steps
+    assert (
+        f"micro batch {micro} -> {mem.micro_batch}, gradient accumulation {accumulation} -> {new_accumulation} keeps the global batch"
+        in notes
+    )
+
+
 def test_liger_kernels_keep_fewer_activations_as_measured_on_a_1b_llama():
     """With Liger's kernels a layer keeps 8 bytes per h and 2 per I fewer per token: on the 1B Llama
     at micro batch 8 x 2048 tokens, 8.0 GiB less, where an H200 measured 8.1 (peak allocated 68.9 ->

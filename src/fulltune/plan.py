@@ -551,9 +551,10 @@ def candidate_settings(
     """Settings fastest first, the global batch kept: larger micro batches in place of accumulation
     (fewer micro-steps: ZeRO-3 gathers every layer once per micro-step, and a larger matrix product
     runs nearer the device's peak), the configured micro batch, then the memory savers in order of
-    what they cost: the chunked loss, recomputation, halving the micro batch, optimizer offload,
+    what they cost: the chunked loss, recomputation, about halving the micro batch (`smaller_micro_batch`), optimizer offload,
     parameter offload. A forced training.loss_chunk_tokens is used throughout."""
     losses = [forced_chunk] if forced_chunk is not None else [0, chunk]
+    per_rank = b0 * accumulation  # sequences a rank takes per optimizer step: every setting keeps it
     larger, b = [], b0
     while accumulation % 2 == 0:
         b, accumulation = b * 2, accumulation // 2
@@ -565,9 +566,16 @@ def candidate_settings(
         out += [Setting(b, True, c) for c in losses]
         if b == 1:
             break
-        b //= 2
+        b = smaller_micro_batch(b, per_rank)
     last = losses[-1]
     return out + [Setting(1, True, last, True, False), Setting(1, True, last, True, True)]
+
+
+def smaller_micro_batch(b: int, per_rank: int) -> int:
+    """The micro batch to try after `b`: the largest divisor of `per_rank` up to half of `b`, so that a
+    whole number of micro-steps makes the rank's share of the global batch (halving 5 to 2 would make
+    4 or 6 of 5)."""
+    return next(d for d in range(b // 2, 0, -1) if per_rank % d == 0)
 
 
 def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEstimate, float, list[str]]:
@@ -629,7 +637,9 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
         estimate = fewest_layers(candidate)
         if estimate.total <= budget:
             notes = [f"as configured it needs {_gib(first.total)} per GPU"]
-            notes += _setting_notes(estimate, configured, shape, forced_opt, forced_par)
+            notes += _setting_notes(
+                estimate, configured, tr.gradient_accumulation_steps, shape, forced_opt, forced_par
+            )
             notes += _hpz_notes(estimate, hpz_sizes, shape)
             notes += [*forced, f"fits: {_gib(estimate.total)} of {_gib(budget)} per GPU"]
             return estimate, budget, notes
@@ -678,10 +688,12 @@ def configured_recompute_layers(cfg: RunConfig, shape: ModelShape) -> int | None
 def _setting_notes(
     e: MemoryEstimate,
     configured: Setting,
+    accumulation: int,
     shape: ModelShape,
     forced_opt: bool | None,
     forced_par: bool | None,
 ) -> list[str]:
+    """`accumulation`: the configured gradient_accumulation_steps."""
     b0 = configured.micro_batch
     notes = []
     if e.micro_batch > b0:
@@ -701,8 +713,10 @@ def _setting_notes(
             )
         )
     if e.micro_batch < b0:
+        per_rank = b0 * accumulation
         notes.append(
-            f"micro batch {b0} -> {e.micro_batch}, gradient accumulation x{b0 // e.micro_batch} keeps the global batch"
+            f"micro batch {b0} -> {e.micro_batch}, gradient accumulation {accumulation} -> "
+            f"{per_rank // e.micro_batch} keeps the global batch"
         )
     if e.offload_optimizer and forced_opt is None:
         notes.append("offloads optimizer states to CPU (slower steps)")
