@@ -298,6 +298,32 @@ def test_the_length_says_one_epoch_and_one_step_in_the_singular(llama_dir, tmp_p
     assert one_step.length_summary() == "1 step (training.max_steps; ~0.1 epochs)"
 
 
+def test_with_packing_off_the_length_and_cost_count_a_padded_sequence_per_record(tmp_path):
+    """50 short records (~40 tokens) at max_seq_len 512: packed they make ~4 sequences; with packing
+    off train makes one padded 512-token sequence of each, so an epoch is ~50 steps of one sequence
+    and the GPU-hours are for ~50 x 512 token positions, not for the data's ~2,000 tokens."""
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(model)},
+            "data": {"train_uri": str(small_text_data(tmp_path))},
+            "training": {"num_train_epochs": 1, "save_steps": 0, "save_every_minutes": 0},
+            "preprocess": {"max_seq_len": 512, "packing": False},
+            "resources": {"accelerator": "gpu", "gpu_type": "H100"},
+        }
+    )
+    unpacked = planmod.make_plan(cfg)
+    steps = int(unpacked.length_summary().removeprefix("1 epoch (~").removesuffix(" steps)"))
+    assert 50 <= steps <= 55
+    assert unpacked.cost.tokens == pytest.approx(steps * 512, rel=0.02)
+    assert "; an epoch ~5" in planmod.plan_markdown(unpacked)  # ~50-55 sequences of 512 tokens
+    packed = planmod.make_plan(cfg.with_overrides({"preprocess.packing": True}))
+    assert packed.length_summary() in ("1 epoch (~5 steps)", "1 epoch (~6 steps)")
+    assert packed.cost.tokens == pytest.approx(packed.train_tokens_estimate + 2 * 50, rel=0.01)
+
+
 def test_plan_refuses_data_clearly_smaller_than_one_global_batch(tmp_path):
     """train refuses a split of fewer sequences than one global batch, after preprocessing; plan
     refuses it first where its estimate is clearly below (half a batch), naming the batch's fields."""

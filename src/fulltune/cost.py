@@ -1,7 +1,9 @@
 """What a run will cost before it is booked: wall time and GPU-hours, estimated by `plan`.
 
-    tokens     trained: epochs x the dataset's tokens (packed sequences are nearly full), or
-               training.max_steps x global batch x max_seq_len when max_steps is set
+    tokens     trained: epochs x the token positions of an epoch's sequences (`plan.epoch_tokens`:
+               about the dataset's tokens when packed, a padded max_seq_len sequence per record
+               with packing off), or training.max_steps x global batch x max_seq_len when
+               max_steps is set
     FLOPs      tokens x (6 N + 12 L h s): the model FLOPs of `train.throughput.flops_per_token`,
                N the parameters that do matrix work; recomputing activations (gradient
                checkpointing) adds one forward, a third more
@@ -61,7 +63,7 @@ class CostEstimate:
 
 def planned_tokens(cfg: RunConfig, dataset_tokens: int) -> int:
     """The tokens the resolved config trains: max_steps full steps when set, else its epochs over
-    the data's `dataset_tokens`."""
+    `dataset_tokens`, the token positions of an epoch's sequences."""
     tr = cfg.training
     if tr.max_steps > 0:
         return tr.max_steps * cfg.tokens_per_step

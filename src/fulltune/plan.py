@@ -41,9 +41,10 @@
     learning rate ~ 1e-5 * sqrt(7e9 / params), clipped to [5e-6, 1e-3]: 1e-5 for 7B full
       fine-tuning, larger for smaller models;
     epochs by training tokens: < 5M tokens -> 3, < 50M -> 2, else 1.
-- Training tokens (what epochs, steps and cost are sized by): the records of the data files, counted
-  from what they decode to (`data.extent`: a gzipped or Parquet file holds 5-15x the text its size
-  says), x the mean tokens of the first records.
+- Training tokens (what the epochs rule goes by): the records of the data files, counted from what
+  they decode to (`data.extent`: a gzipped or Parquet file holds 5-15x the text its size says), x the
+  mean tokens of the first records. Steps and cost go by the sequences an epoch makes of them
+  (`epoch_sequences`: with packing off, a padded sequence per record however short).
 The resolved config and the DeepSpeed JSON are written to the work directory for `train`.
 """
 
@@ -191,14 +192,18 @@ class Plan:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     cost: CostEstimate | None = None  # None off a GPU
     disk: DiskEstimate | None = None
+    # What an epoch of training sequences holds (`epoch_tokens`): padding and replay included; 0: the
+    # dataset's tokens
+    epoch_tokens: int = 0
 
     def length_summary(self) -> str:
         """How long the run trains, as the config sets it: max_steps wins over num_train_epochs, so
         a run with max_steps is shown in steps, with the epochs they come to over the data."""
         cfg, tr = self.config, self.config.training
+        per_epoch = self.epoch_tokens or self.train_tokens_estimate
         if tr.max_steps <= 0:
             epochs = _counted(tr.num_train_epochs, "epoch")
-            steps_per_epoch = self.train_tokens_estimate / cfg.tokens_per_step
+            steps_per_epoch = per_epoch / cfg.tokens_per_step
             if steps_per_epoch < 1:  # train refuses this; plan only where clearly so (check_one_batch)
                 return (
                     f"{epochs}, but the data (~{self.train_tokens_estimate:,} tokens, "
@@ -206,7 +211,7 @@ class Plan:
                     f"sequences x {cfg.preprocess.max_seq_len} tokens"
                 )
             return f"{epochs} (~{_counted(math.ceil(steps_per_epoch * tr.num_train_epochs), 'step')})"
-        epochs = planned_tokens(cfg, self.train_tokens_estimate) / max(1, self.train_tokens_estimate)
+        epochs = planned_tokens(cfg, per_epoch) / max(1, per_epoch)
         return f"{_counted(tr.max_steps, 'step')} (training.max_steps; ~{epochs:.2g} epochs)"
 
     def to_json(self) -> dict[str, Any]:
@@ -942,11 +947,34 @@ def estimated_sequences(cfg: RunConfig, data: DataEstimate, replay: float | None
     if replay is None:  # the training split's: the configured share, where there is a general set
         replay = pp.replay_fraction if cfg.data.general_uri else 0.0
     if data.kind in (None, "text") and pp.packing:
-        tokens = data.tokens + 2 * data.records
-        return tokens / (1.0 - replay) / pp.max_seq_len
+        return epoch_sequences(cfg, data, replay)
     if replay:
         return None
     return data.records + data.tokens / pp.max_seq_len
+
+
+def epoch_sequences(cfg: RunConfig, data: DataEstimate, replay: float | None = None) -> float:
+    """The training sequences one epoch holds, as train counts its steps by them; each is max_seq_len
+    long, padded where its documents do not fill it. Packed, the data's tokens over max_seq_len (each
+    text document with its BOS and EOS; whole examples best-fit into nearly full sequences); with
+    packing off, one for each record (and a window for each max_seq_len of a longer text document)
+    however short the record: 500-token chat examples at max_seq_len 4096 take 8x their tokens.
+    Replay (`replay`: its share; None: the training split's) adds its share of the sequences."""
+    pp = cfg.preprocess
+    if replay is None:  # the configured share, where there is a general set to draw from
+        replay = pp.replay_fraction if cfg.data.general_uri else 0.0
+    text = data.kind in (None, "text")
+    if pp.packing:
+        sequences = (data.tokens + (2 * data.records if text else 0)) / pp.max_seq_len
+    else:
+        sequences = data.records + (data.tokens / pp.max_seq_len if text else 0.0)
+    return sequences / (1.0 - replay)
+
+
+def epoch_tokens(cfg: RunConfig, data: DataEstimate) -> int:
+    """The token positions one epoch of training computes (`epoch_sequences` x max_seq_len): what its
+    steps and GPU-hours are sized by."""
+    return round(epoch_sequences(cfg, data) * cfg.preprocess.max_seq_len)
 
 
 def general_notes(cfg: RunConfig, train: DataEstimate, general: DataEstimate | None) -> list[str]:
@@ -1088,7 +1116,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     shape = model_shape(load_model_config(cfg))
     mem, budget, notes = choose_memory_settings(cfg, shape)
     data, general = estimate_datasets(cfg) if train_tokens is None else (DataEstimate(0, train_tokens), None)
-    tokens = data.tokens
+    tokens, per_epoch = data.tokens, epoch_tokens(cfg, data)
     batch_notes = check_one_batch(cfg, data) + general_notes(cfg, data, general)
     over, rule_notes = resolved_fields(cfg, shape, mem, tokens)
     resolved = cfg.with_overrides(over)
@@ -1097,7 +1125,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         matmul_params=shape.matmul_params or shape.params,
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
-        dataset_tokens=tokens,
+        dataset_tokens=per_epoch,
     )
     try:
         check_budget(resolved, cost)
@@ -1129,6 +1157,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         deepspeed_config(resolved, shape),
         cost,
         disk,
+        per_epoch,
     )
 
 
@@ -1291,7 +1320,7 @@ def plan_markdown(plan: Plan) -> str:
         ("length", plan.length_summary()),
         ("checkpoints", checkpoint_summary(plan.config)),
         ("disk", plan.disk.summary() if plan.disk else "not estimated"),
-        ("dataset tokens (estimate)", f"{plan.train_tokens_estimate:,}"),
+        ("dataset tokens (estimate)", dataset_summary(plan)),
         (
             "cost (estimate)",
             plan.cost.summary()
@@ -1302,6 +1331,13 @@ def plan_markdown(plan: Plan) -> str:
     lines = ["# Training plan", "", markdown_table(["item", "value"], rows)]
     lines += ["", "## Decisions", ""] + [f"- {d}" for d in plan.decisions]
     return "\n".join(lines) + "\n"
+
+
+def dataset_summary(plan: Plan) -> str:
+    """The data's tokens, and the sequences an epoch makes of them (what the length and cost count)."""
+    seq = plan.config.preprocess.max_seq_len
+    sequences = (plan.epoch_tokens or plan.train_tokens_estimate) / seq
+    return f"{plan.train_tokens_estimate:,}; an epoch ~{sequences:,.0f} sequences of {seq:,} tokens"
 
 
 def checkpoint_summary(cfg: RunConfig) -> str:
