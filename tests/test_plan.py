@@ -1121,6 +1121,29 @@ def test_a_run_over_its_gpu_hour_budget_is_refused_saying_what_fits(llama_dir):
     assert "more GPUs shorten the wall time, not the GPU-hours" in message
 
 
+def test_a_run_of_max_steps_over_its_budget_is_told_the_steps_that_fit_not_less_data(llama_dir):
+    """With max_steps the length does not depend on the data, and max_steps 0 would mean the epochs:
+    the refusal names the steps that fit, or says that not even one does."""
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"base_model_uri": str(llama_dir)},
+            "data": {"train_uri": "unused.jsonl"},
+            "training": {"max_steps": 10, "per_device_train_batch_size": 64, "learning_rate": 1e-5},
+            "preprocess": {"max_seq_len": 4096},
+            "resources": {"accelerator": "gpu", "gpu_type": "A100", "nproc_per_node": 8},
+        }
+    )
+    hours = planmod.make_plan(cfg, train_tokens=10**9).cost.gpu_hours
+    with pytest.raises(PlanError) as half:
+        planmod.make_plan(cfg.with_overrides({"resources.max_gpu_hours": hours * 0.55}), train_tokens=10**9)
+    assert "55% of it would fit (training.max_steps 5);" in str(half.value)
+    assert "less data" not in str(half.value)
+    with pytest.raises(PlanError) as none:
+        planmod.make_plan(cfg.with_overrides({"resources.max_gpu_hours": hours / 20}), train_tokens=10**9)
+    assert "not even one optimizer step fits" in str(none.value)
+    assert "max_steps 0" not in str(none.value)
+
+
 def test_the_plan_says_which_launcher_trains_what_it_creates_and_how_to_choose():
     def line(**resources) -> str:
         return planmod.launcher_summary(RunConfig.from_dict({"resources": resources}))

@@ -96,12 +96,22 @@ def check_budget(cfg: RunConfig, estimate: CostEstimate | None) -> None:
     if budget is None or estimate is None or estimate.gpu_hours <= budget:
         return
     fits = budget / estimate.gpu_hours  # the share of the planned tokens the budget pays for
-    tr = cfg.training
-    if tr.max_steps > 0:
-        smaller = f"training.max_steps {int(tr.max_steps * fits)}"
-    else:
-        smaller = f"training.num_train_epochs {(tr.num_train_epochs or 1.0) * fits:.2g}"
     raise CostError(
         f"the run is estimated at {estimate.summary()}, above resources.max_gpu_hours {budget:g}: "
-        f"{fits:.0%} of it would fit ({smaller}, or less data); more GPUs shorten the wall time, not the GPU-hours"
+        f"{_what_fits(cfg, estimate, fits)}; more GPUs shorten the wall time, not the GPU-hours"
+    )
+
+
+def _what_fits(cfg: RunConfig, estimate: CostEstimate, fits: float) -> str:
+    """The shorter run the budget pays for. With max_steps the length is the steps alone (less data
+    changes nothing), and max_steps 0 would mean the epochs instead: below one step, say so."""
+    tr = cfg.training
+    if tr.max_steps <= 0:
+        epochs = (tr.num_train_epochs or 1.0) * fits
+        return f"{fits:.0%} of it would fit (training.num_train_epochs {epochs:.2g}, or less data)"
+    if (steps := int(tr.max_steps * fits)) >= 1:
+        return f"{fits:.0%} of it would fit (training.max_steps {steps})"
+    return (
+        f"not even one optimizer step fits (~{estimate.gpu_hours / tr.max_steps:.2g} GPU-hours each): a "
+        "smaller global batch or preprocess.max_seq_len makes the steps cheaper"
     )
