@@ -1257,6 +1257,31 @@ def test_plan_refuses_a_run_whose_checkpoints_would_fill_the_disk_before_any_dat
         plan(f"{s3}/work")  # local training stages every checkpoint before its upload
 
 
+def test_a_full_disk_is_not_told_to_keep_fewer_checkpoints_where_none_would_be_freed(tmp_path):
+    """Lowering training.save_total_limit frees nothing for a run that saves no checkpoint, or keeps
+    one already: the refusal names it only where it would help."""
+    import shutil
+
+    from fulltune import disk
+
+    params = int(shutil.disk_usage(tmp_path).free)  # its 16-bit model alone is twice the free space
+
+    def problem(**training) -> str:
+        cfg = RunConfig.from_dict({"work_dir": str(tmp_path / "work"), "training": training})
+        return disk.estimate_disk(cfg, params).problems()[0]
+
+    final_only = problem(save_steps=0, save_every_minutes=0)
+    assert "(the final model, " in final_only
+    assert final_only.endswith(": free space there, or put work_dir on s3://")
+    assert (
+        "save_total_limit"
+        not in problem(save_steps=100, save_every_minutes=0, save_total_limit=1).split(": ")[-1]
+    )
+    assert "lower training.save_total_limit" in problem(
+        save_steps=100, save_every_minutes=0, save_total_limit=2
+    )
+
+
 def test_plan_refuses_an_evaluation_that_cannot_hold_the_model_before_any_training(tmp_path, s3):
     """A 70B Llama's bfloat16 weights (131 GiB) cannot go whole onto one 80 GiB GPU, which evaluation's
     default placement does: refused before the GPUs train for days, naming the placement and the GPU

@@ -44,6 +44,9 @@ CHECKPOINT_BYTES_PER_PARAM = {"adamw_torch": 12.0, "adafactor": 8.0}
 
 
 WORK_DIR_FIXES = "free space there, lower training.save_total_limit, or put work_dir on s3://"
+# Where no checkpoint is kept beside another (none saved, or save_total_limit 1 already), a lower
+# save_total_limit frees nothing.
+WORK_DIR_FIXES_NO_LIMIT = "free space there, or put work_dir on s3://"
 TEMP_DIR_FIXES = "free space there, or point TMPDIR at a larger disk"
 # A training pod's temp directory is an emptyDir on its node's disk, sized by the request plan sets.
 POD_TEMP_DIR_FIXES = (
@@ -83,12 +86,13 @@ class Filesystem:
     needed_bytes: float
     contents: str  # what the needed bytes are
     free_bytes: float
+    fixes: str = ""  # what to change when it does not fit; "": the purpose's usual fixes
 
     def problem(self) -> str | None:
         """Why the run cannot write here, with what to change; None when it fits."""
         if self.needed_bytes <= self.free_bytes:
             return None
-        fixes = WORK_DIR_FIXES if self.purpose == "work_dir" else TEMP_DIR_FIXES
+        fixes = self.fixes or (WORK_DIR_FIXES if self.purpose == "work_dir" else TEMP_DIR_FIXES)
         return (
             f"the {self.purpose} {self.path} has {format_bytes(self.free_bytes)} free, and this run writes "
             f"~{format_bytes(self.needed_bytes)} there ({self.contents}): {fixes}"
@@ -147,7 +151,8 @@ def estimate_disk(cfg: RunConfig, params: int) -> DiskEstimate:
         written = _bytes_under(cfg.layout.checkpoints) + _bytes_under(cfg.layout.model)
         if written:
             contents += f": {format_bytes(total)} in all, {format_bytes(written)} of it written already"
-        checked.append(_filesystem("work_dir", work_dir, max(0.0, total - written), contents))
+        fixes = WORK_DIR_FIXES if peak and tr.save_total_limit > 1 else WORK_DIR_FIXES_NO_LIMIT
+        checked.append(_filesystem("work_dir", work_dir, max(0.0, total - written), contents, fixes))
     if here:
         needed, contents = max(staged_on_a_node(cfg, params))
         checked.append(_filesystem("temp directory", Path(tempfile.gettempdir()), needed, contents))
@@ -217,8 +222,8 @@ def _bytes_under(directory: str) -> int:
     return total
 
 
-def _filesystem(purpose: str, path: Path, needed: float, contents: str) -> Filesystem:
-    return Filesystem(purpose, str(path), needed, contents, float(shutil.disk_usage(path).free))
+def _filesystem(purpose: str, path: Path, needed: float, contents: str, fixes: str = "") -> Filesystem:
+    return Filesystem(purpose, str(path), needed, contents, float(shutil.disk_usage(path).free), fixes)
 
 
 class DiskFullError(OSError):
