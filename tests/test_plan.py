@@ -744,6 +744,24 @@ def test_zero3_buckets_are_sized_from_the_model_not_from_h_squared():
     assert any("reduce-scatters per backward" in n for n in notes)
 
 
+def test_the_prefetch_note_says_how_much_of_a_block_the_bucket_holds():
+    """ "The next two blocks" only where the bucket holds them: a 70B block (8.6e8 parameters) is
+    larger than the 5e8 bucket, and a tied 1B Llama's blocks (61M, as the model counts them) are
+    larger than the estimate the bucket was sized from."""
+
+    def note(shape: ModelShape, block: int) -> str:
+        with_block = dataclasses.replace(shape, block_class="LlamaDecoderLayer", block_params=block)
+        return next(r for r in planmod.zero3_settings(with_block, gpu=True).reasons if "prefetch" in r)
+
+    llama_70b = ModelShape(70_553_706_496, 128256 * 8192, 8192, 80, 128256, "llama", 28672, True)
+    assert note(llama_70b, 855_654_400) == (
+        "ZeRO-3 prefetch bucket 500,000,000 elements (the most plan sets): ~58% of the next block "
+        "(855,654,400 parameters) gathered while this one computes"
+    )
+    assert "the next ~1.5 blocks (60,821,504 parameters each)" in note(shape_llama3_1b(), 60_821_504)
+    assert "the next two blocks (218,112,000 parameters each)" in note(shape_8b(), 218_112_000)
+
+
 def test_each_transformer_block_becomes_one_zero3_leaf_and_the_plan_says_so(llama_dir):
     """The threshold plan writes is the block's DeepSpeed granularity (its parameters over its 12
     modules with parameters: itself, attention, MLP, 7 linears, 2 norms), the gathered-layer memory

@@ -396,8 +396,7 @@ def zero3_settings(shape: ModelShape, *, gpu: bool) -> Zero3Settings:
         f"ZeRO-3 reduce bucket {reduce_bucket:,} elements: the gradients in ~"
         f"{math.ceil(shape.params / reduce_bucket)} reduce-scatters per backward, not "
         f"~{math.ceil(shape.params / shape.hidden_size**2)} with h^2 buckets",
-        f"ZeRO-3 prefetch bucket {prefetch:,} elements: the next two blocks ({block:,} parameters each) "
-        "gathered while this one computes",
+        prefetch_reason(shape, prefetch),
         f"ZeRO-3 persistence threshold {persistence:,} elements: norms and biases stay gathered",
         "overlap_comm on: collectives run on their own stream beside the compute"
         if gpu
@@ -405,6 +404,22 @@ def zero3_settings(shape: ModelShape, *, gpu: bool) -> Zero3Settings:
         leaf_reason(shape),
     )
     return Zero3Settings(reduce_bucket, prefetch, persistence, live, gpu, reasons, shape.block_leaf_threshold)
+
+
+def prefetch_reason(shape: ModelShape, prefetch: int) -> str:
+    """What the prefetch bucket holds, in blocks of their exact size where the model names them: under
+    DeepSpeed's 5e8 cap (a 70B block is 8.6e8) it is less than one, and `layer_params` undercounts a
+    tied model's blocks (1B Llama: 44M for 61M)."""
+    block = shape.block_params or layer_params(shape)
+    blocks = prefetch / block
+    if blocks >= 1.95:
+        ahead = f"the next two blocks ({block:,} parameters each)"
+    elif blocks >= 1.0:
+        ahead = f"the next ~{blocks:.1f} blocks ({block:,} parameters each)"
+    else:
+        ahead = f"~{blocks:.0%} of the next block ({block:,} parameters)"
+    capped = " (the most plan sets)" if prefetch == DS_REDUCE_BUCKET else ""
+    return f"ZeRO-3 prefetch bucket {prefetch:,} elements{capped}: {ahead} gathered while this one computes"
 
 
 def leaf_reason(shape: ModelShape) -> str:
