@@ -623,6 +623,27 @@ def test_the_parameter_copy_gives_way_to_a_faster_setting_and_forcing_it_is_chec
             )
 
 
+def test_a_refusal_under_a_forced_parameter_copy_does_not_claim_full_offload_was_tried():
+    """A 70B Llama on 2 nodes of 8 x 40 GiB fits only with the parameters offloaded too; with
+    training.hierarchical_partitioning forced on plan cannot offload them (the copy would bring them
+    back), and the refusal says so, and what lets plan offload them, rather than 'full CPU offload'."""
+    llama_70b = ModelShape(70_553_706_496, 128256 * 8192, 8192, 80, 128256, "llama", 28672, True)
+    free = _gpu_cfg({}, num_nodes=2, launcher="kubernetes", gpu_memory_gib=40)
+    assert planmod.choose_memory_settings(free, llama_70b)[0].offload_params
+    forced = _gpu_cfg(
+        {"hierarchical_partitioning": True}, num_nodes=2, launcher="kubernetes", gpu_memory_gib=40
+    )
+    with pytest.raises(PlanError) as refused:
+        planmod.choose_memory_settings(forced, llama_70b)
+    message = str(refused.value)
+    assert "full CPU offload" not in message
+    assert (
+        "the optimizer offloaded to CPU; the parameters were not, as training.hierarchical_partitioning"
+        in message
+    )
+    assert "unset it to let plan offload them too" in message
+
+
 def test_adafactor_needs_12_bytes_per_parameter_and_no_optimizer_block():
     s = shape_8b()
     kw = dict(world_size=8, seq_len=4096, micro_batch=1, gradient_checkpointing=True)

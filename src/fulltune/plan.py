@@ -785,12 +785,25 @@ def _does_not_fit(
         if need_world
         else f"even one layer's activations and buffers exceed {_gib(budget)}: use GPUs with more memory or a shorter max_seq_len"
     )
-    forced = tr.offload_optimizer is not None or tr.offload_param is not None
     return PlanError(
         f"model with {shape.params / 1e9:.2f}B parameters does not fit on {cfg.world_size} GPU(s) of "
         f"{res.gpu_memory_gib:g} GiB at max_seq_len {cfg.preprocess.max_seq_len}: needs {_gib(first.total)} "
         f"per GPU as configured and {_gib(offloaded.total)} with micro batch 1, recomputation and "
-        f"{'the forced offload settings' if forced else 'full CPU offload'}. {hint}."
+        f"{_offload_tried(cfg, offloaded)}. {hint}."
+    )
+
+
+def _offload_tried(cfg: RunConfig, offloaded: MemoryEstimate) -> str:
+    """The offload of the last setting plan tried, in words: not 'full' where the parameters stayed on
+    the GPU because training.hierarchical_partitioning keeps a copy of them there."""
+    tr = cfg.training
+    if tr.offload_optimizer is not None or tr.offload_param is not None:
+        return "the forced offload settings"
+    if offloaded.offload_params:
+        return "full CPU offload"
+    return (
+        "the optimizer offloaded to CPU; the parameters were not, as training.hierarchical_partitioning "
+        "keeps a copy of them on the GPUs: unset it to let plan offload them too"
     )
 
 
