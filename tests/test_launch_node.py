@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from fulltune._process import RUN_OWNER_ENV
 from fulltune.launch.node import node_exit_code
 from fulltune.train.exit_codes import EXIT_RETRYABLE
 
@@ -197,3 +198,31 @@ def test_a_node_stops_its_ranks_when_the_local_run_that_started_it_is_killed_out
     run.wait()
     _, alive = psutil.wait_procs(started, timeout=20)
     assert not [p.cmdline() for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_run_owner_watch_has_ended_before_the_interpreter_finalizes(tmp_path):
+    """A step or node exits through the interpreter's finalization. The thread watching the run's
+    owner is a daemon: still asleep then, it woke into a runtime being freed, and about 1 step exit
+    in 900 segfaulted after its work was done. It is ended at exit, before finalization begins."""
+    child = textwrap.dedent(
+        """
+        import atexit, threading
+        from fulltune import _process
+        # runs after the module's own exit handlers (atexit is last in, first out)
+        atexit.register(lambda: print("alive at exit:", sorted(t.name for t in threading.enumerate())))
+        _process.stop_with_run_owner()
+        """
+    )
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import psutil
+
+        token = f"{owner.pid}:{psutil.Process(owner.pid).create_time()}"
+        env = {**os.environ, RUN_OWNER_ENV: token}
+        done = subprocess.run(
+            [sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        owner.kill()
+    assert done.returncode == 0, done.stderr
+    assert "alive at exit: ['MainThread']" in done.stdout

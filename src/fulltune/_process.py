@@ -91,12 +91,26 @@ def stop_with_run_owner(poll_s: float = OWNER_POLL_S) -> None:
     if _watching or not token or token.split(":", 1)[0] == str(os.getpid()):
         return
     _watching = True
-    threading.Thread(target=_watch_owner, args=(token, poll_s), name="run-owner-watch", daemon=True).start()
+    watcher = threading.Thread(target=_watch_owner, args=(token, poll_s), name="run-owner-watch", daemon=True)
+    watcher.start()
+    # Ended before the interpreter finalizes: a daemon thread still asleep then wakes into a runtime
+    # being freed, and about 1 exit in 900 of a pipeline step segfaulted after its work was done,
+    # its outputs written (kfp.local reported the step FAILED).
+    atexit.register(_end_watch, watcher)
+
+
+_stop_watch = threading.Event()
+
+
+def _end_watch(watcher: threading.Thread) -> None:
+    _stop_watch.set()
+    watcher.join(timeout=5.0)
 
 
 def _watch_owner(token: str, poll_s: float) -> None:
     while _owner_alive(token):
-        time.sleep(poll_s)
+        if _stop_watch.wait(poll_s):
+            return
     print(
         f"fulltune: the local run that started this process (pid {token.split(':')[0]}) is gone: stopping",
         file=sys.stderr,
