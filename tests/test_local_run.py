@@ -561,6 +561,36 @@ def test_resume_from_the_command_line_says_what_it_needs(tmp_path, capsys):
     assert usage.value.code == 2
 
 
+def test_a_stopped_run_names_itself_in_the_command_that_resumes_it(tmp_path, capsys, monkeypatch):
+    """An earlier stopped run in the same work_dir makes a bare --resume ambiguous (refused): the
+    command printed when a run stops goes on with that run, pasted as it is."""
+    import shlex
+
+    from fulltune.cli import main
+
+    work = tmp_path / "out" / "runs"
+    a_run(work, "20261129-100000-aaaa", checkpoint_steps=(50,))  # stopped yesterday, not resumed
+    config = tmp_path / "my.yaml"
+    config.write_text(RunConfig.from_dict({"resources": {"accelerator": "cpu"}}).to_yaml())
+    started = []
+
+    def interrupted_after_a_checkpoint(cfg, *, run_id=None, **_):  # Ctrl-C at step 60 of a new run
+        started.append(run_id)
+        if run_id is None:
+            a_run(work, "20261130-100000-bbbb", checkpoint_steps=(60,))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fulltune.kfp.local_run.run_locally", interrupted_after_a_checkpoint)
+    assert main(["run", str(config), "--dir", str(tmp_path / "out")]) == 130
+    said = capsys.readouterr().out.splitlines()[-1]
+    prefix = "run 20261130-100000-bbbb can go on from its checkpoint at step 60: "
+    assert said.startswith(prefix)
+    command = shlex.split(said.removeprefix(prefix))
+    assert command[:2] == ["fulltune", "run"]
+    assert main(command[1:]) == 130  # resumed, not refused as one of two unfinished runs
+    assert started == [None, "20261130-100000-bbbb"]
+
+
 def test_a_stopped_local_run_stops_the_processes_it_started():
     """SIGTERM (a `kill`, a CI job's cancel) is taken as Ctrl-C, and the step and the training
     processes under it are stopped with the run, not left training on the GPUs. The run is a process

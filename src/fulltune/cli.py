@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         if stopped.interrupted:
             print("interrupted: the run's steps were stopped", flush=True)
         if run := stopped.resumable:
-            print(f"run {run.run_id} can go on from {run.where}: {_resume_command(args)}")
+            print(f"run {run.run_id} can go on from {run.where}: {_resume_command(args, run.run_id)}")
         return EXIT_INTERRUPTED if stopped.interrupted else 1
     print(outcome.summary("fulltune run"), flush=True)
     return 0
@@ -129,9 +129,11 @@ def _dir_problem(path: Path) -> str | None:
     return None
 
 
-def _resume_command(args: argparse.Namespace) -> str:
-    """`fulltune run` of the same config and --dir with --resume: how a stopped local run goes on."""
-    return shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume"])
+def _resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """`fulltune run` of the same config and --dir with --resume of `run_id`: how a stopped local run
+    goes on. The id is named although it is often the only unfinished run: with another one beside
+    it (an earlier stopped run in the same work_dir), a bare --resume is refused as ambiguous."""
+    return shlex.join(["fulltune", "run", args.config, "--dir", args.dir, "--resume", run_id])
 
 
 def _listed_resume_command(args: argparse.Namespace, own: RunConfig) -> str:
