@@ -260,6 +260,70 @@ def test_a_resumed_local_run_has_the_id_of_the_run_it_continues(tmp_path):
         assert one_step().output != "6958269"  # a new run gets an id of its own again
 
 
+# A process running `run_locally` as `fulltune run` does, on a pipeline of one step, `plan`, that
+# takes $STEP_SECONDS, having created $STEP_STARTED: two of them share one --dir's kfp folder.
+SHARING_A_DIR = """
+import os, sys
+from pathlib import Path
+from typing import NamedTuple
+from kfp import compiler, dsl
+from fulltune.config import RunConfig
+from fulltune.kfp import local_run
+
+def plan(config: dict) -> NamedTuple("Outputs", [("config", dict)]):
+    import os, pathlib, time
+    pathlib.Path(os.environ["STEP_STARTED"]).touch()
+    time.sleep(float(os.environ["STEP_SECONDS"]))
+    return (config,)
+
+step = dsl.component(plan, base_image="python:3.11")
+
+@dsl.pipeline(name="full-finetune")
+def pipeline(config: dict):
+    step(config=config)
+
+def compile_all(root):
+    path = Path(root) / "pipelines" / "full_finetune.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline, str(path))
+    return [path]
+
+import fulltune.kfp.compile
+fulltune.kfp.compile.compile_all = compile_all
+cfg = RunConfig.from_dict({"work_dir": sys.argv[2]})
+outcome = local_run.run_locally(cfg, compiled_dir=Path(sys.argv[1]) / "compiled", pipeline_root=Path(sys.argv[1]) / "kfp")
+print("outcome:", outcome.work_dir)
+"""
+
+
+def test_two_runs_with_one_dir_at_once_each_end_with_their_own_outcome(tmp_path):
+    """Two configs run at the same time with the same --dir (the default one): the one that ends
+    last still ends with its own outcome, not a traceback over the other's files."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run_locally.py"  # a file: KFP reads the step's source from it
+    script.write_text(SHARING_A_DIR)
+
+    def start(work: str, seconds: float) -> subprocess.Popen:
+        env = {**os.environ, "STEP_SECONDS": str(seconds), "STEP_STARTED": str(tmp_path / f"{work}.started")}
+        command = [sys.executable, str(script), str(tmp_path / "dir"), str(tmp_path / work)]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+
+    longer = start("runs-a", seconds=5)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "runs-a.started").exists():  # the other starts while this one runs
+        assert time.monotonic() < deadline and longer.poll() is None
+        time.sleep(0.1)
+    shorter = start("runs-b", seconds=0)
+    assert shorter.wait(timeout=120) == 0
+    out, _ = longer.communicate(timeout=120)
+    assert longer.returncode == 0, out
+    (outcome,) = [line for line in out.splitlines() if line.startswith("outcome: ")]
+    assert outcome == f"outcome: {tmp_path / 'runs-a'}"  # its own plan's config, not the other's
+
+
 def a_run(
     work: Path, run_id: str, *, checkpoint_steps=(), saved=True, trained=False, evaluated=False, **config
 ) -> RunConfig:

@@ -216,8 +216,11 @@ def run_locally(
     when another process runs it now.
 
     `out` (default: this process's stdout) gets one line per step and the training progress; the
-    whole kfp.local output goes to a log file under `pipeline_root`, whose path is printed last
-    (also when a step fails: then after the step's error message, and RuntimeError is raised)."""
+    whole kfp.local output goes to a log file under `pipeline_root`/<run id>, whose path is printed
+    last (also when a step fails: then after the step's error message, and RuntimeError is raised).
+    Each run keeps kfp.local's files in a folder of its own there: runs sharing `pipeline_root` (two
+    configs run at once with one --dir) neither take each other's outputs for their own nor show
+    each other's figures."""
     from kfp import components
 
     from fulltune import run_lock
@@ -227,11 +230,10 @@ def run_locally(
 
     run_id = run_id or new_run_id()
     root = RunLayout.for_run(cfg.work_dir, run_id).root
+    pipeline_root = pipeline_root / run_id  # a resumed run's attempts side by side, no other run's
     with run_lock.holding(root):
         compiled = compile_all(compiled_dir)
-        pipeline = components.load_component_from_file(
-            str(without_retries(compiled[0], compiled_dir / "local"))
-        )
+        pipeline = components.load_component_from_file(str(without_retries(compiled[0], pipeline_root)))
         init_local(pipeline_root)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         console = StepConsole(pipeline_root / f"run-{stamp}.log", pipeline_root, out or console_stream())
