@@ -125,6 +125,30 @@ def test_a_full_run_that_fails_prints_the_step_its_message_and_the_log(tmp_path,
     assert Path(lines[-1].removeprefix("full log: ")).read_text()  # kfp.local's own output is kept there
 
 
+def test_a_demo_that_fails_at_a_step_ends_as_a_failed_run_does_not_with_a_traceback(
+    tmp_path, demo_assets, capsys
+):
+    """The step, its message and the log, exit 1; and a --nproc that cannot run is a usage error."""
+    import pytest
+
+    from fulltune.demo.assets import CACHE_KEY
+
+    demo = tmp_path / "demo"
+    (demo / "assets").mkdir(parents=True)
+    (demo / "assets" / CACHE_KEY).symlink_to(Path(demo_assets.base_model_dir).parent)  # built already
+    (demo / "runs").write_text("")  # where the demo's runs go: plan cannot make the run's directory
+    assert main(["demo", "--dir", str(demo)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[-2].startswith("  PlanError: work_dir ") and lines[-1].startswith("full log: ")
+    assert "Traceback" not in captured.err and "RuntimeError" not in captured.err
+
+    with pytest.raises(SystemExit) as usage:
+        main(["demo", "--dir", str(demo), "--nproc", "0"])
+    assert usage.value.code == 2
+    assert "argument --nproc: '0': a whole number, 1 or more" in capsys.readouterr().err
+
+
 def test_until_check_tokenizer_refuses_a_broken_model(tmp_path, demo_assets, capsys):
     model = tmp_path / "model"
     shutil.copytree(demo_assets.base_model_dir, model)

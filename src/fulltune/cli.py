@@ -85,11 +85,33 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from fulltune.config import ConfigError
     from fulltune.demo.run import run_demo
+    from fulltune.kfp.local_run import StepFailed
 
-    outcome = run_demo(Path(args.dir), forget=args.forget, nproc=args.nproc)
+    if problem := _dir_problem(Path(args.dir)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    try:
+        outcome = run_demo(Path(args.dir), forget=args.forget, nproc=args.nproc)
+    except ConfigError as exc:  # a run of the demo's directory running now
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except StepFailed:  # the step, its error message and the log were printed
+        return 1
     print(outcome.summary("fulltune demo"), flush=True)
     return 0
+
+
+def _positive(text: str) -> int:
+    """An argument that counts processes: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, 1 or more")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -420,7 +442,7 @@ def _add_demo(commands) -> None:
     demo.add_argument(
         "--forget", action="store_true", help="high learning rate, no replay: watch the gate refuse the model"
     )
-    demo.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 ranks)")
+    demo.add_argument("--nproc", type=_positive, default=2, help="training processes (ZeRO-3 ranks)")
     demo.set_defaults(func=_demo)
 
 

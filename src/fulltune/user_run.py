@@ -367,7 +367,7 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
     unfinished run, or a run id) runs an unfinished run again under its id, so that training starts
     from its newest complete checkpoint. RunStopped when a step fails, after the step, its error
     message and the log's path are printed, or when the run is interrupted (its steps stopped)."""
-    from fulltune.kfp.local_run import run_locally
+    from fulltune.kfp.local_run import StepFailed, run_locally
 
     if cfg.resources.launcher != "local":
         cfg = cfg.with_overrides({"resources.launcher": "local"})
@@ -384,7 +384,7 @@ def full_run(cfg: RunConfig, out_dir: Path, resume: str | None = None) -> RunOut
         return run_locally(
             cfg, compiled_dir=out_dir / "compiled", pipeline_root=out_dir / "kfp", run_id=run_id
         )
-    except (RuntimeError, KeyboardInterrupt) as stopped:
+    except (StepFailed, KeyboardInterrupt) as stopped:
         # this attempt's checkpoint: of a new run, or a newer one of the run it resumed
         saved = [r for r in unfinished_runs(cfg.work_dir) if (r.run_id, r.step) not in before]
         interrupted = isinstance(stopped, KeyboardInterrupt)

@@ -202,6 +202,10 @@ def without_retries(compiled: Path, into: Path) -> Path:
     return local
 
 
+class StepFailed(RuntimeError):
+    """A step of a local run failed; the step, its error message and the log's path are printed."""
+
+
 def run_locally(
     cfg: RunConfig,
     *,
@@ -217,7 +221,7 @@ def run_locally(
 
     `out` (default: this process's stdout) gets one line per step and the training progress; the
     whole kfp.local output goes to a log file under `pipeline_root`/<run id>, whose path is printed
-    last (also when a step fails: then after the step's error message, and RuntimeError is raised).
+    last (also when a step fails: then after the step's error message, and StepFailed is raised).
     Each run keeps kfp.local's files in a folder of its own there: runs sharing `pipeline_root` (two
     configs run at once with one --dir) neither take each other's outputs for their own nor show
     each other's figures."""
@@ -242,6 +246,9 @@ def run_locally(
         earlier = set(pipeline_root.iterdir()) if pipeline_root.exists() else set()
         with kfp_local_guard(), console.active(), as_run(run_id), owning_its_processes():
             with stopping_steps_when_stopped():
-                pipeline(config=cfg.to_dict())
+                try:
+                    pipeline(config=cfg.to_dict())
+                except RuntimeError as exc:  # kfp.local's: the console said which step and why
+                    raise StepFailed(str(exc)) from None
     (run_dir,) = [p for p in pipeline_root.iterdir() if p.is_dir() and p not in earlier]
     return read_outcome(run_dir)
