@@ -496,6 +496,13 @@ def test_wait_gives_up_after_the_timeout(kfp, params, capsys):
     assert submit(kfp, params, "--wait", "--timeout", "0.2") == 3
     assert "still RUNNING after 0.2s" in capsys.readouterr().err
 
+    # the run goes on without the wait: CI still gets its id, to look at or cancel it later
+    assert submit(kfp, params, "--wait", "--timeout", "0.2", "--output", "json") == 3
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
+    assert got["run_id"] in kfp.runs and got["state"] == "RUNNING" and got["verdict"] is None
+    assert f"run {got['run_id']}: still RUNNING after 0.2s" in captured.err
+
 
 # -- schedule ---------------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -461,8 +461,15 @@ def _state(run) -> str:
     return str(run.state or "RUNTIME_STATE_UNSPECIFIED").upper()
 
 
-def wait_for_run(client, run_id: str, timeout: float | None, poll_interval: float = 15.0):
-    """Poll until the run reaches a terminal state (SUCCEEDED, FAILED, SKIPPED, CANCELED).
+def wait_for_run(
+    client,
+    run_id: str,
+    timeout: float | None,
+    poll_interval: float = 15.0,
+    seen: Callable[[str], None] = lambda state: None,
+):
+    """Poll until the run reaches a terminal state (SUCCEEDED, FAILED, SKIPPED, CANCELED); `seen`
+    gets each state it is found in.
 
     kfp's own wait_for_run_completion does not count CANCELED as finished and would wait out its
     timeout on a canceled run, hence this loop.
@@ -478,6 +485,7 @@ def wait_for_run(client, run_id: str, timeout: float | None, poll_interval: floa
         state = _state(run)
         if state != last:
             log.info("run %s: %s", run_id, state)
+            seen(state)
             last = state
         if state in TERMINAL_STATES:
             return run
@@ -579,8 +587,16 @@ def submit(
 
 
 def _follow(client, result: SubmitResult, cfg: RunConfig, timeout: float | None, poll_interval: float, out):
-    """Wait for the run, then report what it came to: SubmitError (with `result`) unless it succeeded."""
-    finished = wait_for_run(client, result.run_id, timeout, poll_interval)
+    """Wait for the run, then report what it came to: SubmitError (with `result`) unless it succeeded.
+    Also when the wait itself ends first (--timeout, the API gone): the run exists, and --output json
+    still names it, in the state it was last seen in."""
+    try:
+        finished = wait_for_run(
+            client, result.run_id, timeout, poll_interval, seen=lambda state: setattr(result, "state", state)
+        )
+    except SubmitError as exc:
+        exc.result = result
+        raise
     result.state = _state(finished)
     _say(out, f"run {result.run_id}: {result.state}")
     if result.state != "SUCCEEDED":
