@@ -740,6 +740,23 @@ def test_fulltune_run_stopped_by_sigterm_says_so_and_leaves_no_step_running(tmp_
     assert not [p for p in steps if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_runs_lists_a_run_from_its_first_step(tmp_path, demo_assets, capsys):
+    """Before plan writes the first file into the run's directory, as after."""
+    import signal
+
+    from fulltune.cli import main
+
+    run, lines, root = start_fulltune_run(tmp_path, demo_assets)
+    try:
+        assert main(["runs", str(tmp_path / "my.yaml"), "--dir", str(tmp_path / "out")]) == 0
+        listed = capsys.readouterr().out.splitlines()
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=60)
+    (row,) = [line for line in listed if line.startswith(Path(root).name)]
+    assert row.startswith(f"{Path(root).name}  running: pid {run.pid} on this machine"), lines
+
+
 def test_fulltune_run_killed_outright_leaves_no_step_running_and_its_run_unlocked(tmp_path, demo_assets):
     """`kill -9` (or the OOM killer) runs no handler in the run: its steps and training processes
     notice it is gone and stop themselves; the kernel lets its run's lock go."""

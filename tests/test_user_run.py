@@ -123,6 +123,11 @@ def test_a_full_run_that_fails_prints_the_step_its_message_and_the_log(tmp_path,
     ]  # the error's name, not its module path
     assert lines[-1].startswith("full log: ") and "Traceback" not in message
     assert Path(lines[-1].removeprefix("full log: ")).read_text()  # kfp.local's own output is kept there
+    # the refused run is listed with the others under work_dir, in the directory the run named
+    (root,) = [line.removeprefix("the run's directory: ") for line in lines if line.startswith("the run's")]
+    assert main(["runs", str(config), "--dir", str(tmp_path / "out")]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(Path(root).name)]
+    assert row.startswith(f"{Path(root).name}  stopped before plan")
 
 
 def test_a_demo_that_fails_at_a_step_ends_as_a_failed_run_does_not_with_a_traceback(

@@ -202,6 +202,17 @@ def without_retries(compiled: Path, into: Path) -> Path:
     return local
 
 
+def _make_run_directory(root: str) -> None:
+    """The run's directory in a local work_dir, made as the run starts: `fulltune runs` lists the
+    directories there, and would miss a run in its first steps (plan writes the first file), or
+    one refused before plan. One that cannot be made is left to plan, which says why."""
+    from fulltune import storage
+
+    if not storage.is_s3(root):
+        with contextlib.suppress(OSError):
+            os.makedirs(root, exist_ok=True)
+
+
 class StepFailed(RuntimeError):
     """A step of a local run failed; the step, its error message and the log's path are printed."""
 
@@ -236,6 +247,7 @@ def run_locally(
     root = RunLayout.for_run(cfg.work_dir, run_id).root
     pipeline_root = pipeline_root / run_id  # a resumed run's attempts side by side, no other run's
     with run_lock.holding(root):
+        _make_run_directory(root)
         compiled = compile_all(compiled_dir)
         pipeline = components.load_component_from_file(str(without_retries(compiled[0], pipeline_root)))
         init_local(pipeline_root)
