@@ -387,13 +387,14 @@ def test_retry_runs_a_failed_run_again_as_the_same_run_and_ends_with_its_verdict
 
     run_id, said = run_that_fails_in_training(kfp, params, capsys, checkpointed, exit_code=138)
     assert (
-        f"training saved a complete checkpoint at step 40; to go on from it: fulltune retry {run_id} --wait"
-        in said
+        "training saved a complete checkpoint at step 40; to go on from it: "
+        f"fulltune retry {run_id} --host {kfp.url} --wait" in said
     )
 
     kfp.script_runs(["RUNNING", "SUCCEEDED"])
     retry = ["retry", run_id, "--host", kfp.url, "--poll-interval", "0.01"]
-    assert main([*retry, "--wait", "--output", "json"]) == 0
+    printed = said.split("to go on from it: ")[1].splitlines()[0].split()  # pasted, KFP_HOST unset
+    assert main([*printed[1:], "--poll-interval", "0.01", "--output", "json"]) == 0
     captured = capsys.readouterr()
     got = json.loads(captured.out)
     assert (got["run_id"], got["state"], got["verdict"], got["production"]) == (

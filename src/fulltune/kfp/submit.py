@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -533,6 +534,12 @@ class Target:
         ns = f"{self.namespace} (from {self.namespace_source})" if self.namespace else "none (standalone KFP)"
         return [f"KFP API: {self.host}", f"namespace: {ns}", f"runs' service account: {sa}"]
 
+    def flags(self) -> list[str]:
+        """The options that reach this API and namespace again from this machine (a printed command
+        must work as pasted: without --host it does only where KFP_HOST is set)."""
+        named = ["--namespace", self.namespace] if self.namespace_source == "--namespace" else []
+        return ["--host", self.host, *named]
+
 
 def resolve_target(host: str | None, namespace: str | None, service_account: str | None) -> Target:
     ns, source = resolve_namespace(namespace)
@@ -582,11 +589,19 @@ def submit(
     _say(out, f"run id: {result.run_id}")
     _say(out, f"run url: {result.url}")
     if wait:
-        _follow(client, result, request.config, timeout, poll_interval, out)
+        _follow(client, target, result, request.config, timeout, poll_interval, out)
     return result
 
 
-def _follow(client, result: SubmitResult, cfg: RunConfig, timeout: float | None, poll_interval: float, out):
+def _follow(
+    client,
+    target: Target,
+    result: SubmitResult,
+    cfg: RunConfig,
+    timeout: float | None,
+    poll_interval: float,
+    out,
+):
     """Wait for the run, then report what it came to: SubmitError (with `result`) unless it succeeded.
     Also when the wait itself ends first (--timeout, the API gone): the run exists, and --output json
     still names it, in the state it was last seen in."""
@@ -603,13 +618,13 @@ def _follow(client, result: SubmitResult, cfg: RunConfig, timeout: float | None,
         lines = [
             f"run {result.run_id} {result.state}",
             *run_failure(finished),
-            *_retry_hint(cfg, result.run_id),
+            *_retry_hint(cfg, result.run_id, target),
         ]
         raise SubmitError("\n".join(lines), result=result)
     result.outcome = report_outcome(cfg, result.run_id, out)
 
 
-def _retry_hint(cfg: RunConfig, run_id: str) -> list[str]:
+def _retry_hint(cfg: RunConfig, run_id: str, target: Target) -> list[str]:
     """How to go on from the failed run: a retry from its newest checkpoint when its training saved
     one, unless a step said its failure was the input's (a retry would fail the same way). Read with
     this machine's storage credentials; nothing when they cannot read the work directory."""
@@ -626,7 +641,7 @@ def _retry_hint(cfg: RunConfig, run_id: str) -> list[str]:
         return []
     return [
         f"training saved a complete checkpoint at step {checkpoint.step_of(tag)}; to go on from it: "
-        f"fulltune retry {run_id} --wait"
+        + shlex.join(["fulltune", "retry", run_id, *target.flags(), "--wait"])
     ]
 
 
@@ -690,7 +705,7 @@ def retry(
     _say(out, f"retrying run {run_id} ({state}): {result.url}")
     if wait:
         assert cfg is not None
-        _follow(client, result, cfg, timeout, poll_interval, out)
+        _follow(client, target, result, cfg, timeout, poll_interval, out)
     return result
 
 
