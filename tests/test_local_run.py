@@ -153,6 +153,31 @@ def step_lines(run_dir: Path, *tasks: str) -> list[str]:
     return out.getvalue().splitlines()
 
 
+def test_a_step_killed_without_an_error_message_says_how_it_ended(tmp_path):
+    """The OOM killer (or a crash in native code) leaves no traceback: the line says what the shell
+    that ran the step wrote, not nothing, and not a traceback an earlier step logged."""
+    log = tmp_path / "run.log"
+    log.write_text(
+        "04:29:40.100 - INFO - Executing task \x1b[96m'train'\x1b[0m\n"
+        "    Traceback (most recent call last):\n"
+        "    OSError: a rank's first try at the checkpoint, retried\n"
+        "04:30:45.000 - INFO - Task \x1b[96m'train'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n"
+        "04:30:45.100 - INFO - Executing task \x1b[96m'evaluate'\x1b[0m\n"
+        "    Loading weights: 100%|##########| 20/20\n"
+        "    Killed\n"
+        "    \n"
+        "\n"
+        "04:30:51.612 - ERROR - Task \x1b[96m'evaluate'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m\n"
+    )
+    out = io.StringIO()
+    StepConsole(log, tmp_path, out)._failure()
+    assert out.getvalue().splitlines() == [
+        "  the step's process ended without an error message; its last output: Killed (SIGKILL: most "
+        "often the kernel's out-of-memory killer; `dmesg` says)",
+        f"full log: {log}",
+    ]
+
+
 def test_without_a_terminal_training_progress_is_a_line_every_half_minute_not_every_step(
     tmp_path, monkeypatch
 ):

@@ -172,23 +172,30 @@ class StepConsole:
         return ": " + ", ".join(parts) if parts else ""
 
     def _failure(self) -> None:
-        """The failed step's own error message, from the last traceback in the log."""
+        """The failed step's own error message, from the last traceback in its part of the log; a
+        step that ended without one (killed by the kernel's OOM killer, a crash in native code)
+        gets its last line of output, which the shell that ran it wrote: `Killed`, `Segmentation
+        fault`."""
         lines = [
             _ANSI.sub("", line).strip() for line in self.log_path.read_text(errors="replace").splitlines()
         ]
-        last = max((i for i, line in enumerate(lines) if line.startswith("Traceback")), default=None)
+        start, end = _failed_task(lines)
+        last = max((i for i in range(start, end) if lines[i].startswith("Traceback")), default=None)
         if last is not None:
-            start = next((i for i in range(last, len(lines)) if _ERROR.match(lines[i])), None)
+            start = next((i for i in range(last, end) if _ERROR.match(lines[i])), None)
             if start is not None:
                 end = next(
-                    (i for i in range(start + 1, len(lines)) if not lines[i] or _START.search(lines[i])),
-                    len(lines),
+                    (i for i in range(start + 1, end) if not lines[i] or _START.search(lines[i])),
+                    end,
                 )
                 lines[start] = _MODULE_PATH.sub(
                     "", lines[start]
                 )  # PlanError: ..., not fulltune.plan.PlanError
                 for line in lines[start : min(end, start + 20)]:
                     self.say(f"  {line}")
+        elif said := next((lines[i] for i in range(end - 1, start, -1) if lines[i]), None):
+            why = f" ({KILLED})" if said == "Killed" else ""
+            self.say(f"  the step's process ended without an error message; its last output: {said}{why}")
         self.say(f"full log: {self.log_path}")
 
     def say(self, text: str) -> None:
@@ -197,6 +204,21 @@ class StepConsole:
             self.progress_open = False
         self.out.write(text + "\n")
         self.out.flush()
+
+
+KILLED = "SIGKILL: most often the kernel's out-of-memory killer; `dmesg` says"
+
+
+def _failed_task(lines: list[str]) -> tuple[int, int]:
+    """Where the last failed task's output is in `lines`: from its start line to its end line; the
+    whole log when no task is said to have failed."""
+    failed = [i for i, line in enumerate(lines) if (m := _END.search(line)) and m.group(2) != "SUCCESS"]
+    if not failed:
+        return 0, len(lines)
+    end = failed[-1]
+    name = _END.search(lines[end]).group(1)
+    starts = [i for i in range(end) if (m := _START.search(lines[i])) and m.group(1) == name]
+    return (starts[-1] if starts else 0), end
 
 
 def _metadata(artifacts: dict, name: str) -> dict:
