@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -317,20 +318,12 @@ def test_killed_rank_resumes_from_the_last_complete_checkpoint_and_matches_an_un
     LocalLauncher().run(job)
 
     cfg, work, dataset, job = runs["killed"]
-    out = []
-
-    class Sink:
-        def write(self, text):
-            out.append(text)
-
-        def flush(self):
-            pass
-
+    out = io.StringIO()
     # rank 1 dies after step 5 on the first attempt (the step-4 checkpoint is newest); the launcher
     # sees a retryable exit and restarts the group, which resumes
     faulty = with_fault(job, after_step=5, rank=1, once=tmp_path / "killed-once", max_restarts=1)
-    LocalLauncher(stream=Sink()).run(faulty)
-    log = "".join(out)
+    LocalLauncher(stream=out).run(faulty)
+    log = out.getvalue()
     assert f"node exit codes [{exit_codes.EXIT_RETRYABLE}]: retryable; restarting the group (1 of 1)" in log
     resumed = re.search(r"resumed from \S+ at step 4 \(([\d.]+) s of training before\)", log)
     assert resumed and float(resumed.group(1)) > 0
@@ -466,19 +459,11 @@ def test_a_run_preempted_during_its_first_checkpoint_save_starts_again_when_rest
         LocalLauncher().run(with_fault(job, after_step=2))
     # as if the rank had died between DeepSpeed's files and the manifest rank 0 writes last
     (tmp_path / "w" / "train" / "checkpoints" / "step-00000002" / checkpoint.MANIFEST).unlink()
-    out = []
-
-    class Sink:
-        def write(self, text):
-            out.append(text)
-
-        def flush(self):
-            pass
-
-    LocalLauncher(stream=Sink()).run(job)
+    out = io.StringIO()
+    LocalLauncher(stream=out).run(job)
     assert (
         "no checkpoint save finished (step-00000002 cut short before its manifest): starting from step 0"
-        in ("".join(out))
+        in out.getvalue()
     )
     metrics = [json.loads(line) for line in storage.read_text(job.args.metrics).splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
