@@ -1048,7 +1048,7 @@ def test_plan_turns_liger_on_for_the_models_it_knows_them_for_on_gpus():
     off, notes = resolve(gpt2)
     assert not off and len(notes) == 1
     assert "left off: plan turns them on for gemma, " in notes[0] and "not gpt2" in notes[0]
-    assert "training.use_liger_kernel true tries them on it" in notes[0]
+    assert "training.use_liger_kernel true tries them on it if liger-kernel has kernels for it" in notes[0]
     assert resolve(gpt2, use_liger_kernel=True) == (True, [])
     cpu = _sized_gpu(141, 2048).with_overrides({"resources.accelerator": "cpu"})
     assert planmod.use_liger(cpu, s) is False and planmod.liger_notes(cpu, s, False) == []

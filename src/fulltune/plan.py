@@ -688,7 +688,8 @@ def liger_notes(cfg: RunConfig, shape: ModelShape, on: bool) -> list[str]:
         ]
     return [
         f"Liger's fused kernels left off: plan turns them on for {', '.join(sorted(liger.PLAN_MODEL_TYPES))}, "
-        f"not {shape.model_type}; training.use_liger_kernel true tries them on it"
+        f"not {shape.model_type}; training.use_liger_kernel true tries them on it if liger-kernel has "
+        "kernels for it (train refuses the setting otherwise, naming the types it has them for)"
     ]
 
 
