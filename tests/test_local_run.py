@@ -178,6 +178,15 @@ def test_a_step_killed_without_an_error_message_says_how_it_ended(tmp_path):
     ]
 
 
+def test_a_stopped_run_still_says_where_its_full_log_is(tmp_path):
+    """Ctrl-C (or SIGTERM) stops a run mid-step: the log holds what each step printed as it stopped."""
+    out = io.StringIO()
+    console = StepConsole(tmp_path / "run.log", tmp_path, out)
+    with pytest.raises(KeyboardInterrupt), console.active():
+        raise KeyboardInterrupt
+    assert out.getvalue().splitlines()[-1] == f"full log: {tmp_path / 'run.log'}"
+
+
 def test_without_a_terminal_training_progress_is_a_line_every_half_minute_not_every_step(
     tmp_path, monkeypatch
 ):

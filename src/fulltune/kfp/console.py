@@ -96,6 +96,11 @@ class StepConsole:
                 follower.join(timeout=10)
                 self._failure()
                 raise
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what the steps printed as they stopped
+                self.done.set()
+                follower.join(timeout=10)
+                self.say(f"full log: {self.log_path}")
+                raise
             self.done.set()
             follower.join(timeout=10)
         self.say(f"full log: {self.log_path}")
