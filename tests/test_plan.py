@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,17 @@ def test_refuses_with_what_would_fit():
         planmod.choose_memory_settings(_cfg(nproc_per_node=1, gpu_memory_gib=24), shape_8b())
     msg = str(exc.value)
     assert "does not fit on 1 GPU(s) of 24 GiB" in msg
-    assert "would fit on about" in msg
+    # the fewest GPUs that hold it without offload, by the same memory model: it fits there, not on one fewer
+    need = int(re.search(r"would fit on about (\d+) GPUs of 24 GiB", msg).group(1))
+    no_offload = {"offload_optimizer": False, "offload_param": False}
+    for world, fits in ((need - 1, False), (need, True)):
+        cfg = _cfg(nproc_per_node=world, gpu_memory_gib=24).with_overrides({"training": no_offload})
+        try:
+            planmod.choose_memory_settings(cfg, shape_8b())
+        except PlanError:
+            assert not fits, world
+        else:
+            assert fits, world
 
 
 def test_offload_is_the_last_resort_before_refusing():

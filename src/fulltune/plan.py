@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -608,11 +609,11 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
     hpz_sizes = hpz_partition_sizes(cfg)
     fused = use_liger(cfg, shape)
 
-    def est(s: Setting, layers: int | None = None) -> MemoryEstimate:
+    def est(s: Setting, layers: int | None = None, world_size: int | None = None) -> MemoryEstimate:
         # A forced offload setting (true or false) wins over whatever plan would try.
         return estimate_memory(
             shape,
-            world_size=cfg.world_size,
+            world_size=world_size or cfg.world_size,
             seq_len=cfg.preprocess.max_seq_len,
             micro_batch=s.micro_batch,
             gradient_checkpointing=s.recompute,
@@ -663,9 +664,23 @@ def choose_memory_settings(cfg: RunConfig, shape: ModelShape) -> tuple[MemoryEst
             notes += _hpz_notes(estimate, hpz_sizes, shape)
             notes += [*forced, f"fits: {_gib(estimate.total)} of {_gib(budget)} per GPU"]
             return estimate, budget, notes
-    smallest = est(Setting(1, True, candidates[-1].loss_chunk_tokens))
-    offloaded = est(candidates[-1])
-    raise _does_not_fit(cfg, shape, budget, first, smallest=smallest, offloaded=offloaded)
+    smallest = Setting(1, True, candidates[-1].loss_chunk_tokens)
+    need_world = fewest_gpus(lambda world: est(smallest, world_size=world).total <= budget, cfg.world_size)
+    raise _does_not_fit(cfg, shape, budget, first, need_world=need_world, offloaded=est(candidates[-1]))
+
+
+def fewest_gpus(fits: Callable[[int], bool], world: int, most: int = 1 << 16) -> int | None:
+    """The fewest GPUs, more than `world`, on which `fits` holds (the model states shrink as GPUs are
+    added, the rest does not); None when not even `most` would do."""
+    low, high = world, world * 2
+    while not fits(high):
+        if high >= most:
+            return None
+        low, high = high, high * 2
+    while high - low > 1:  # fits(high), not fits(low)
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 def use_liger(cfg: RunConfig, shape: ModelShape) -> bool:
@@ -767,20 +782,12 @@ def _does_not_fit(
     budget: float,
     first: MemoryEstimate,
     *,
-    smallest: MemoryEstimate,
+    need_world: int | None,
     offloaded: MemoryEstimate,
 ) -> PlanError:
-    """The refusal, saying how many GPUs would fit the model without offload."""
-    res, tr = cfg.resources, cfg.training
-    # per GPU: what does not shrink with more GPUs, and the model states (+ fragmentation) that do
-    per_gpu_fixed = smallest.total - (1 + FRAGMENTATION) * smallest.model_states
-    need_world = (
-        math.ceil(
-            shape.params * STATE_BYTES[tr.optim][0] * (1 + FRAGMENTATION) / max(budget - per_gpu_fixed, 1.0)
-        )
-        if budget > per_gpu_fixed
-        else None
-    )
+    """The refusal, saying how many GPUs (`need_world`, from `fewest_gpus`) would fit the model
+    without offload."""
+    res = cfg.resources
     hint = (
         f"ZeRO-3 without offload would fit on about {need_world} GPUs of {res.gpu_memory_gib:g} GiB"
         if need_world
