@@ -65,6 +65,23 @@ def test_evaluate_and_register_write_to_the_run_training_started(mlflow_env, tmp
     assert json.loads(open(saved).read()) == {"verdict": False}
 
 
+def test_a_run_resumed_with_another_length_keeps_its_params_and_tags_what_changed(
+    mlflow_env, tmp_path, caplog
+):
+    """MLflow never changes a param and refuses a whole batch holding a changed one: the resumed
+    attempt sends only the params the run lacks, and says in tags what it changed."""
+    cfg = run_config(tmp_path, max_steps=2)
+    MlflowRun.open(cfg).log_params(mlflow_run.config_params(cfg))
+    longer = cfg.with_overrides({"training": {"max_steps": 3}})
+    params = {**mlflow_run.config_params(longer), "training.new_field": "x"}  # one the run lacks
+    with caplog.at_level(logging.WARNING, "fulltune"):
+        MlflowRun.open(longer, keep_trying=True).log_params(params)
+    assert "failed" not in caplog.text
+    [run] = runs_of(mlflow_env, cfg)
+    assert run.data.params["training.max_steps"] == "2" and run.data.params["training.new_field"] == "x"
+    assert run.data.tags["fulltune.changed.training.max_steps"] == "2 -> 3"
+
+
 def test_each_pipeline_run_gets_its_own_run_in_the_configured_experiment(mlflow_env, tmp_path):
     first = run_config(tmp_path, mlflow_experiment="nightly-clinical", run_name="cycle 1")
     second = first.with_overrides({"work_dir": str(tmp_path / "work" / "run-77b1")})

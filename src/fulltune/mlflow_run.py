@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fulltune.mlflow")
 
 RUN_TAG = "fulltune.work_dir"
+CHANGED_TAG = "fulltune.changed."  # a param this run resumed with another value of
 # MLflow's limits on one param value and one tag value, and on the entries of one log_batch call.
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 8000
 MAX_BATCH_PARAMS, MAX_BATCH_METRICS = 100, 1000
@@ -86,14 +87,40 @@ class MlflowRun:
         return cls(client, run_id, keep_trying=keep_trying)
 
     def log_params(self, params: Mapping[str, str]) -> None:
-        from mlflow.entities import Param
+        """`params`, less those the run holds already. MLflow never changes a param's value and
+        refuses a whole batch holding one it has another value for: a run resumed with another
+        length keeps the first value as its param, and the new one goes into a tag,
+        `fulltune.changed.<name>`: "<first> -> <now>"."""
+        from mlflow.entities import Param, RunTag
 
-        items = [Param(k, v) for k, v in params.items()]
+        logged = self._logged_params()
+        items = [Param(k, v) for k, v in params.items() if k not in logged]
+        changed = [
+            RunTag(f"{CHANGED_TAG}{k}", f"{logged[k]} -> {v}")
+            for k, v in params.items()
+            if logged.get(k, v) != v
+        ]
         for i in range(0, len(items), MAX_BATCH_PARAMS):
             self._call(
                 "params",
                 lambda i=i: self.client.log_batch(self.run_id, params=items[i : i + MAX_BATCH_PARAMS]),
             )
+        if changed:
+            self._call("params", lambda: self.client.log_batch(self.run_id, tags=changed))
+            log.info(
+                "MLflow: run %s continues with other values of %s: its params keep the first, "
+                "the %s* tags hold both",
+                self.run_id,
+                ", ".join(t.key.removeprefix(CHANGED_TAG) for t in changed),
+                CHANGED_TAG,
+            )
+
+    def _logged_params(self) -> dict[str, str]:
+        """The params the run holds; {} when the server cannot say (then all are sent, as before)."""
+        try:
+            return dict(self.client.get_run(self.run_id).data.params)
+        except Exception:  # noqa: BLE001 - tracking never fails a run
+            return {}
 
     def log_metrics(
         self, steps: Iterable[tuple[int, Mapping[str, float]]]
