@@ -423,3 +423,19 @@ def test_unk_rate_and_roundtrip_on_a_lossy_tokenizer(tmp_path):
         ],
     }
     assert "<unk>" in report["roundtrip"]["examples"][0]["decoded"]
+
+
+def test_a_generation_config_that_is_not_an_object_is_refused_naming_the_file(tokenizer_dir, tmp_path):
+    """from_pretrained fails on it in train; the check used to crash with an AttributeError."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model)
+    (model / "generation_config.json").write_text("[1]")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    assert (
+        f"generation_config: {model / 'generation_config.json'} is not a JSON object (it holds a list)"
+        in str(info.value)
+    )

@@ -277,12 +277,7 @@ class _Checker:
             self.add("embedding", "error", f"cannot read {storage.join(uri, 'config.json')}: {exc}")
             return
         rows = embedding_rows(model_config)
-        model_eos = _eos_ids(model_config.get("eos_token_id"))
-        try:
-            generation = storage.read_json(storage.join(uri, "generation_config.json"))
-            model_eos |= _eos_ids(generation.get("eos_token_id"))
-        except (OSError, ValueError):
-            pass
+        model_eos = _eos_ids(model_config.get("eos_token_id")) | self._generation_eos(uri)
         context = context_length(model_config)
         self.model = {
             "model_type": model_config.get("model_type"),
@@ -311,6 +306,25 @@ class _Checker:
                 f"training ends documents with eos id {eos}, but the model config stops generation at "
                 f"{sorted(model_eos)}: the tuned model may not stop. Align config.json/generation_config.json.",
             )
+
+    def _generation_eos(self, uri: str) -> set[int]:
+        """The eos ids of generation_config.json. transformers skips one that is not JSON (generation
+        falls back to config.json), but from_pretrained fails on JSON that is not an object: in
+        train, once the GPUs are granted, so that is refused here."""
+        where = storage.join(uri, "generation_config.json")
+        try:
+            generation = storage.read_json(where)
+        except (OSError, ValueError):
+            return set()
+        if not isinstance(generation, dict):
+            self.add(
+                "generation_config",
+                "error",
+                f"{where} is not a JSON object (it holds a {type(generation).__name__}): loading the model "
+                "in train would fail on it. Save the model's generation config again, or delete the file.",
+            )
+            return set()
+        return _eos_ids(generation.get("eos_token_id"))
 
     def _context(self, uri: str, context: tuple[str, int] | None) -> None:
         """Sequences longer than the model was trained on: a learned position table has no rows for
