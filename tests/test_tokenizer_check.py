@@ -439,3 +439,32 @@ def test_a_generation_config_that_is_not_an_object_is_refused_naming_the_file(to
         f"generation_config: {model / 'generation_config.json'} is not a JSON object (it holds a list)"
         in str(info.value)
     )
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_tokenizer_file_that_is_not_json_is_named(tokenizer_dir, tmp_path, name):
+    """transformers' own message ("Expecting property name ...") says neither which file nor what to do."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model)
+    (model / name).write_text("{")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    assert f"load: cannot load the tokenizer: {model / name} is not valid JSON (" in str(info.value)
+
+
+def test_tokenizer_config_without_a_vocabulary_says_so_not_install_sentencepiece(tokenizer_dir, tmp_path):
+    """An upload that left out tokenizer.json: transformers blames a missing sentencepiece or tiktoken."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model)
+    (model / "tokenizer.json").unlink()
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    assert f"{model} has tokenizer_config.json but no vocabulary file (looked for tokenizer.json, " in str(
+        info.value
+    )

@@ -57,9 +57,28 @@ TOKENIZER_FILES = (
 )
 
 
-class NoTokenizerFiles(FileNotFoundError):
+class TokenizerFilesError(Exception):
+    """The tokenizer files themselves are wrong; the message names the file and the fix."""
+
+
+class NoTokenizerFiles(TokenizerFilesError, FileNotFoundError):
     """A model directory without any tokenizer file: what transformers would report as a missing
     sentencepiece or tiktoken package, though installing one would not help."""
+
+
+class BrokenTokenizerFiles(TokenizerFilesError, ValueError):
+    """A tokenizer file that does not parse, or settings without the vocabulary they belong to."""
+
+
+# The files that hold a vocabulary, as opposed to tokenizer_config.json's settings for one.
+VOCABULARY_FILES = tuple(n for n in TOKENIZER_FILES if n != "tokenizer_config.json")
+# The tokenizer's JSON files: transformers reports one that does not parse without naming it.
+TOKENIZER_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def require_tokenizer_files(uri: str, path: Path) -> None:
@@ -77,13 +96,44 @@ def load_tokenizer(uri: str, trust_remote_code: bool = False) -> Any:
     config names it (no torch import), else AutoTokenizer."""
     with metadata_dir(uri) as path:
         require_tokenizer_files(uri, path)
-        if _tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
-            from transformers import PreTrainedTokenizerFast
+        try:
+            return _load_tokenizer(path, trust_remote_code)
+        except Exception as exc:
+            why = _broken_tokenizer_files(uri, path)
+            if why:
+                raise BrokenTokenizerFiles(why) from exc
+            raise
 
-            return PreTrainedTokenizerFast.from_pretrained(str(path))
-        from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
+    if _tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def _broken_tokenizer_files(uri: str, path: Path) -> str | None:
+    """Why the tokenizer in `path` (of `uri`) failed to load, naming the file, where the files show
+    it; looked at only after a failure, so a tokenizer that loads is never second-guessed."""
+    for name in TOKENIZER_JSON_FILES:
+        try:
+            json.loads((path / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (ValueError, UnicodeDecodeError) as exc:
+            return (
+                f"{storage.join(uri, name)} is not valid JSON ({exc}): download or save the tokenizer again"
+            )
+    if not any(next(path.glob(name), None) for name in VOCABULARY_FILES):
+        return (
+            f"{uri} has tokenizer_config.json but no vocabulary file (looked for {', '.join(VOCABULARY_FILES)}), "
+            "whatever transformers says about sentencepiece or tiktoken: copy the tokenizer's other files "
+            "beside it, or set model.tokenizer_uri to a directory that has them"
+        )
+    return None
 
 
 def _tokenizer_class(path: Path) -> str | None:

@@ -48,7 +48,7 @@ from fulltune import storage
 from fulltune.config import RunConfig
 from fulltune.data.records import DataError, Record, RecordError, iter_records, resolve_kind
 from fulltune.data.validate.stats import percentile
-from fulltune.hf import NoTokenizerFiles, load_tokenizer, metadata_dir
+from fulltune.hf import TokenizerFilesError, load_tokenizer, metadata_dir
 from fulltune.report_kit import Html, write_reports
 
 REPORT_FORMAT = "fulltune.check_tokenizer/v1"
@@ -185,7 +185,7 @@ class _Checker:
             return
         try:
             self.tok = load_tokenizer(cfg.tokenizer_uri, cfg.model.trust_remote_code)
-        except NoTokenizerFiles as exc:  # names the directory and the fix itself
+        except TokenizerFilesError as exc:  # names the file and the fix itself
             self.add("load", "error", f"cannot load the tokenizer: {exc}")
             return
         except Exception as exc:  # transformers raises many kinds; all mean the same to the user
