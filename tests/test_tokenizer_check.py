@@ -468,3 +468,16 @@ def test_tokenizer_config_without_a_vocabulary_says_so_not_install_sentencepiece
     assert f"{model} has tokenizer_config.json but no vocabulary file (looked for tokenizer.json, " in str(
         info.value
     )
+
+
+def test_a_chat_template_that_drops_the_assistant_turns_is_refused(tmp_path):
+    """Preprocessing would find every answer empty and train on the EOS alone: a model that stops at once."""
+    no_answers = "{% for m in messages %}{% if m.role != 'assistant' %}<|{{ m.role }}|>{{ m.content }}{% endif %}{% endfor %}"
+    model = build_tokenizer(tmp_path / "tok", chat_template=no_answers)
+    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [chat])
+    for loss_on in ("assistant", "all"):
+        with pytest.raises(TokenizerCheckError) as info:
+            check_tokenizer(make_cfg(model, train, preprocess={"loss_on": loss_on}), tmp_path / loss_on)
+        assert "chat_template: rendering" in str(info.value)
+        assert "drops the content of turns ['assistant'], the assistant's among them" in str(info.value)

@@ -388,6 +388,16 @@ class _Checker:
             "rendered": rendered[:4000],
             "marks_assistant_turns": bool(_GENERATION_TAG.search(str(template))),
         }
+        if "assistant" in dropped:
+            # The answers are what training teaches: preprocessing would find every assistant turn
+            # empty and train the model on the EOS after the prompt alone, to stop at once.
+            self.add(
+                "chat_template",
+                "error",
+                f"rendering {sample.loc} drops the content of turns {dropped}, the assistant's among them: "
+                "nothing of the answers would be trained. Use a template that renders assistant messages",
+            )
+            return False
         if dropped:
             self.add(
                 "chat_template",
