@@ -889,12 +889,11 @@ def preprocess_shard(cfg: RunConfig, index: int) -> dict[str, Any]:
     tok = load_tokenizer(cfg)
     fingerprint = {**content_fingerprint(cfg), "tokenizer": tokenizer_digest(tok)}
     if shard_is_complete(manifest_uri):
-        stale = _stale(storage.read_json(manifest_uri).get("fingerprint"), fingerprint)
+        built = storage.read_json(manifest_uri)
+        stale = _stale(built.get("fingerprint"), fingerprint)
         if not stale:
             log.info("shard %d already complete at %s: skipped", index, manifest_uri)
-            manifest = storage.read_json(manifest_uri)
-            manifest["skipped"] = True
-            return manifest
+            return {**built, "skipped": True}
         log.warning("shard %d at %s was built with other settings, redone: %s", index, manifest_uri, stale)
 
     shard = _Shard(cfg, index, tok)
@@ -963,7 +962,8 @@ def gather_shards(cfg: RunConfig, shard_manifests: list[str] | None = None) -> D
     """Merge the shard manifests into the dataset manifest (`cfg.layout.dataset_manifest`)."""
     n = cfg.preprocess.num_shards
     uris = shard_manifests or [cfg.layout.shard_manifest(i) for i in range(n)]
-    shards = [_checked_shard(uri, content_fingerprint(cfg)) for uri in uris]
+    fingerprint = content_fingerprint(cfg)  # lists every input file: once, not once per shard
+    shards = [_checked_shard(uri, fingerprint) for uri in uris]
     tokenizers = {m["fingerprint"].get("tokenizer") for m in shards}
     if len(tokenizers) > 1:
         raise PreprocessError(

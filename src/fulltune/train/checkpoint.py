@@ -132,7 +132,12 @@ def check_recorded(recorded: dict[str, Any], identity: dict[str, Any], where: st
 
 def saved_tags(root: str) -> list[str]:
     """The checkpoints whose save finished (their manifest written; files not verified), newest first."""
-    return [t for t in list_tags(root) if storage.exists(storage.join(root, t, MANIFEST))] if root else []
+    return _finished(root, list_tags(root)) if root else []
+
+
+def _finished(root: str, tags: list[str]) -> list[str]:
+    """The `tags` whose save finished: their manifest is written."""
+    return [t for t in tags if storage.exists(storage.join(root, t, MANIFEST))]
 
 
 def newest_saved(root: str) -> str | None:
@@ -305,15 +310,17 @@ def rotate(root: str, keep: int, saved_step: int) -> None:
     remove older ones, stale incomplete ones, and any of a later step. Those are checkpoints the run
     resumed past because they were unusable (corrupt, or cut short): counted among the newest, they
     would have pushed out the intact ones, even the one just written."""
-    for tag in list_tags(root):
+    tags = list_tags(root)
+    for tag in tags:
         if step_of(tag) > saved_step:
             log.warning("removing %s: resuming passed over it as unusable", storage.join(root, tag))
             storage.remove_tree(storage.join(root, tag))
-    complete = saved_tags(root)
+    kept = [t for t in tags if step_of(t) <= saved_step]
+    complete = _finished(root, kept)
     if not complete:
         return
     newest = step_of(complete[0])
-    for tag in list_tags(root):
+    for tag in kept:
         stale_incomplete = tag not in complete and step_of(tag) < newest
         if (tag in complete and complete.index(tag) >= keep) or stale_incomplete:
             storage.remove_tree(storage.join(root, tag))
