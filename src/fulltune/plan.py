@@ -980,8 +980,7 @@ def estimated_sequences(cfg: RunConfig, data: DataEstimate, replay: float | None
     mixed in); anything else makes at most one sequence per record, plus the windows of a text
     document longer than max_seq_len, and an unknown number of replayed documents beside them."""
     pp = cfg.preprocess
-    if replay is None:  # the training split's: the configured share, where there is a general set
-        replay = pp.replay_fraction if cfg.data.general_uri else 0.0
+    replay = training_replay(cfg) if replay is None else replay
     if data.kind in (None, "text") and pp.packing:
         return epoch_sequences(cfg, data, replay)
     if replay:
@@ -997,14 +996,18 @@ def epoch_sequences(cfg: RunConfig, data: DataEstimate, replay: float | None = N
     however short the record: 500-token chat examples at max_seq_len 4096 take 8x their tokens.
     Replay (`replay`: its share; None: the training split's) adds its share of the sequences."""
     pp = cfg.preprocess
-    if replay is None:  # the configured share, where there is a general set to draw from
-        replay = pp.replay_fraction if cfg.data.general_uri else 0.0
+    replay = training_replay(cfg) if replay is None else replay
     text = data.kind in (None, "text")
     if pp.packing:
         sequences = (data.tokens + (2 * data.records if text else 0)) / pp.max_seq_len
     else:
         sequences = data.records + (data.tokens / pp.max_seq_len if text else 0.0)
     return sequences / (1.0 - replay)
+
+
+def training_replay(cfg: RunConfig) -> float:
+    """Replay's share of the training split: the configured one, where there is a general set."""
+    return cfg.preprocess.replay_fraction if cfg.data.general_uri else 0.0
 
 
 def epoch_tokens(cfg: RunConfig, data: DataEstimate) -> int:

@@ -319,16 +319,7 @@ class Recipe:
             original, marker = load_model(self.cfg, ds_config, model_dir)
         engine = build_scoring_engine(original, ds_config)
         try:
-            r = self.ranks
-            micro_batch = self.cfg.training.per_device_train_batch_size
-            return eval_loss(
-                engine,
-                self.general_data,
-                rank=r.rank,
-                world=r.world,
-                micro_batch=micro_batch,
-                device=r.device,
-            )
+            return self._loss_on(self.general_data, engine)
         finally:
             engine.destroy()
             del engine, original, marker
@@ -468,11 +459,12 @@ class Recipe:
                 perplexity(self.base_general_loss), perplexity(record.general_eval_loss)
             )
 
-    def _loss_on(self, data: dict[str, Any]) -> float:
+    def _loss_on(self, data: dict[str, Any], engine=None) -> float:
+        """The token-mean loss of `engine` (the training engine's by default) on `data`."""
         r = self.ranks
         micro_batch = self.cfg.training.per_device_train_batch_size
         return eval_loss(
-            self.engine, data, rank=r.rank, world=r.world, micro_batch=micro_batch, device=r.device
+            engine or self.engine, data, rank=r.rank, world=r.world, micro_batch=micro_batch, device=r.device
         )
 
     def _roll_back_past_forgetting(self) -> int | None:
