@@ -572,8 +572,8 @@ def candidate_settings(
     """Settings fastest first, the global batch kept: larger micro batches in place of accumulation
     (fewer micro-steps: ZeRO-3 gathers every layer once per micro-step, and a larger matrix product
     runs nearer the device's peak), the configured micro batch, then the memory savers in order of
-    what they cost: the chunked loss, recomputation, about halving the micro batch (`smaller_micro_batch`), optimizer offload,
-    parameter offload. A forced training.loss_chunk_tokens is used throughout."""
+    what they cost: the chunked loss, recomputation, about halving the micro batch
+    (`smaller_micro_batch`), optimizer offload, parameter offload. A forced training.loss_chunk_tokens is used throughout."""
     losses = [forced_chunk] if forced_chunk is not None else [0, chunk]
     per_rank = b0 * accumulation  # sequences a rank takes per optimizer step: every setting keeps it
     larger, b = [], b0

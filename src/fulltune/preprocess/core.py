@@ -30,8 +30,8 @@ Token work is done on flat numpy arrays (one per block, with document offsets), 
 token in Python. Outputs go to <work_dir>/data/shards/: one Parquet file per split and the shard
 manifest, written *last*. A shard whose manifest exists, whose files match their checksums and whose
 recorded fingerprint (settings, tokenizer, input files: `content_fingerprint`) is the run's is
-skipped, so a retried pipeline redoes only what is missing, and a changed setting redoes the shard. `gather_shards` merges the shard
-manifests into the dataset manifest (`dataset.py` describes it).
+skipped, so a retried pipeline redoes only what is missing, and a changed setting redoes the shard.
+`gather_shards` merges the shard manifests into the dataset manifest (`dataset.py` describes it).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ complete, and `load_checkpoint` silently returns nothing when it is missing.)
 
 Resume picks the newest complete checkpoint; a corrupt newer one is skipped with a warning. When
 saved checkpoints exist but none is intact, training refuses to start rather than silently begin
-again from step 0; when no save ever finished (the first one cut short), it starts from step 0. The last `save_total_limit` complete checkpoints are kept.
+again from step 0; when no save ever finished (the first one cut short), it starts from step 0.
+The last `save_total_limit` complete checkpoints are kept.
 
 `checkpoint.json` also records what the run that wrote it trained with (`run_identity`: the base
 model, the training data, the batch, the optimizer and schedule, the world size); a run whose config

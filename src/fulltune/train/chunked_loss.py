@@ -94,9 +94,9 @@ def unsupported_reason(model) -> str | None:
 
 
 def install(model, chunk_tokens: int) -> None:
-    """Make `model(input_ids=, attention_mask= or position_ids=, labels=)` return the summed next-token loss, computed
-    from the final hidden states `chunk_tokens` positions at a time (labels: IGNORE_INDEX = no loss;
-    position i predicts labels[i + 1]). Raises ValueError naming why if the model's logits are not a
+    """Make `model(input_ids=, attention_mask= or position_ids=, labels=)` return the summed
+    next-token loss, computed from the final hidden states `chunk_tokens` positions at a time
+    (labels: IGNORE_INDEX = no loss; position i predicts labels[i + 1]). Raises ValueError naming why if the model's logits are not a
     plain linear head."""
     reason = unsupported_reason(model)
     if reason:

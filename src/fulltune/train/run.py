@@ -98,7 +98,8 @@ def check_before_launch(cfg: RunConfig, dataset_uri: str) -> None:
     """The trainer's refusals that need only the dataset's manifest and the checkpoints' manifests,
     made before any training pod (and GPU) is asked for: fewer training sequences than one global
     batch, no eval split for `training.eval_steps`, a checkpoint to resume written by a run with other
-    settings or past this run's length. TrainInputError or CheckpointError, as the ranks would exit with (they check again)."""
+    settings or past this run's length. TrainInputError or CheckpointError, as the ranks would exit
+    with (they check again)."""
     from fulltune.preprocess.dataset import TRAIN, load_manifest
     from fulltune.train import checkpoint
     from fulltune.train.loss import check_eval_split

@@ -87,9 +87,8 @@ def check_jsonl_parallel(rows: RowCheck, file_index: int, path: str, fields: lis
     from concurrent.futures.process import BrokenProcessPool
 
     with open(path, "rb") as fh:
-        if encoding_problem(
-            path, fh.read(WIDE_PEEK)
-        ):  # every span would fail line by line: one reader names it
+        # every span would fail line by line: one reader names it
+        if encoding_problem(path, fh.read(WIDE_PEEK)):
             return check_jsonl_file(rows, file_index, path, fields).broken
     parts = max(workers, -(-os.path.getsize(path) // PARALLEL_SPAN_BYTES))
     jobs = [
