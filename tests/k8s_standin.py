@@ -6,7 +6,9 @@ It serves exactly what the Kubernetes launcher uses, the way the API server does
   AlreadyExists), get, delete, list, and watch with a field selector: JSON lines in a chunked
   response, from a resourceVersion, ended after `timeoutSeconds`; a resourceVersion older than the
   compacted history answers an ERROR event with code 410 (Expired), as the API server does.
-* Trainer v2 runtimes: get a ClusterTrainingRuntime (cluster-scoped) or a TrainingRuntime.
+* Trainer v2 runtimes: get a ClusterTrainingRuntime (cluster-scoped) or a TrainingRuntime; with a
+  TrainJob schema installed (`trainjob_schema`), its OpenAPI v3 document, and a TrainJob created with
+  fieldValidation=Strict refused (400) for each field that schema does not declare.
 * Pods: list by label selector; a pod's log with `follow`, `timestamps` (RFC 3339 nano, trailing
   zeros trimmed like Go's), `sinceSeconds`, `tailLines`.
 * Events: list by `involvedObject.name`. Argo Workflows: get.
@@ -34,7 +36,10 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import jsonschema
+
 from standin_http import LoopbackServer, send_bytes, send_json
+from support.crd_schema import strict
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 # The job kinds served: (group, version, plural) -> the label that names a pod's job.
@@ -62,6 +67,24 @@ def rfc3339nano(ts_ns: int) -> str:
     base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     frac = f"{nanos:09d}".rstrip("0")
     return f"{base}.{frac}Z" if frac else f"{base}Z"
+
+
+def _strict_decoding_error(kube: FakeKube, body: dict, what: str, query: dict) -> str:
+    """The API server's answer to a TrainJob created with fieldValidation=Strict whose fields its
+    schema does not declare ("" when none, or when no schema is installed)."""
+    if not (
+        what.startswith("trainjobs.") and kube.trainjob_schema and query.get("fieldValidation") == "Strict"
+    ):
+        return ""
+    unknown = []
+    for error in jsonschema.Draft7Validator(strict(kube.trainjob_schema)).iter_errors(body):
+        if error.validator == "additionalProperties":
+            where = ".".join(map(str, error.absolute_path))
+            extra = set(error.instance) - set(error.schema.get("properties", {}))
+            unknown += [f'unknown field "{where}.{field}"' for field in sorted(extra)]
+    if not unknown:
+        return ""
+    return f'TrainJob in version "v1alpha1" cannot be handled as a TrainJob: strict decoding error: {", ".join(unknown)}'
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -162,6 +185,10 @@ class FakeKube:
         self.claims: dict[tuple[str, str], dict] = {}  # PersistentVolumeClaims by (namespace, name)
         self.service_accounts: dict[tuple[str, str], dict] = {}  # by (namespace, name)
         self.priority_classes: dict[tuple[str, str], dict] = {}  # cluster-scoped: ("", name)
+        # The installed Trainer's TrainJob schema (support.crd_schema.crd_schema of its CRD): published
+        # at /openapi/v3/apis/trainer.kubeflow.org/v1alpha1, and a TrainJob created with
+        # fieldValidation=Strict is checked against it. None: no schema published, none checked.
+        self.trainjob_schema: dict | None = None
         self.forbidden: set[str] = set()  # resource kinds whose reads answer 403 ("secrets", "namespaces")
         # SubjectAccessReview: what each user may do (the user's set of (group, resource, verb)); a
         # "subjectaccessreviews" in `forbidden` refuses the review itself (403).
@@ -440,7 +467,7 @@ def _handler(kube: FakeKube):
                     ns, what = parts[4], f"{parts[5]}.{parts[1]}"  # one kind of job per stand-in
                     if len(parts) == 6:
                         if self.command == "POST":
-                            return self._create_job(ns, body, what)
+                            return self._create_job(ns, body, what, query)
                         if query.get("watch") in ("true", "1", "True"):
                             return self._watch_jobs(ns, query)
                         return self._list_jobs(ns, query, f"{parts[1]}/{parts[2]}")
@@ -456,6 +483,8 @@ def _handler(kube: FakeKube):
                     if parts[-2] in kube.forbidden:
                         return self._send(403, _status(403, "Forbidden", f"{parts[-2]} is forbidden"))
                     return self._get(kube.runtimes, ns, parts[-1], f"{parts[-2]}.{TRAINER}")
+                if parts == ["openapi", "v3", "apis", TRAINER, "v1alpha1"] and self.command == "GET":
+                    return self._trainer_openapi()
                 if parts == ["api", "v1", "pods"] and self.command == "GET":
                     return self._list_all_pods(query)
                 if parts[:2] == ["api", "v1"] and len(parts) >= 5 and parts[4] == "pods":
@@ -553,12 +582,29 @@ def _handler(kube: FakeKube):
                 return self._send(404, _status(404, "NotFound", f'{what} "{name}" not found'))
             self._send(200, obj)
 
-        def _create_job(self, ns: str, body: dict, what: str) -> None:
+        def _trainer_openapi(self) -> None:
+            """The OpenAPI v3 document of trainer.kubeflow.org/v1alpha1, as the API server publishes a
+            CRD's schema: whole, under a name of its own, marked with its group, version and kind."""
+            if kube.trainjob_schema is None:
+                return self._send(
+                    404, _status(404, "NotFound", "the server could not find the requested resource")
+                )
+            gvk = [{"group": TRAINER, "version": "v1alpha1", "kind": "TrainJob"}]
+            schema = {**kube.trainjob_schema, "x-kubernetes-group-version-kind": gvk}
+            doc = {
+                "openapi": "3.0.0",
+                "components": {"schemas": {"org.kubeflow.trainer.v1alpha1.TrainJob": schema}},
+            }
+            self._send(200, doc)
+
+        def _create_job(self, ns: str, body: dict, what: str, query: dict) -> None:
             name = body["metadata"]["name"]
             if kube.create_error:
                 return self._send(
                     kube.create_error, _status(kube.create_error, "Forbidden", "create refused")
                 )
+            if problem := _strict_decoding_error(kube, body, what, query):
+                return self._send(400, _status(400, "BadRequest", problem))
             with kube.cond:
                 if (ns, name) in kube.jobs:
                     return self._send(

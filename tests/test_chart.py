@@ -40,7 +40,7 @@ from fulltune.launch.trainjob import (
     TRAINER_JOB,
 )
 from fulltune.train.exit_codes import is_retryable
-from support.crd_schema import CRDS, crd_validator
+from support.crd_schema import CRDS, TRAINER_RELEASES, crd_validator
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -67,10 +67,14 @@ OLDEST_KUBE_VERSION = "1.27.0"
 # onPodConditions required, which the API server never asked for.
 TRAINER_OLDEST_KUBE_VERSION = "1.29.0"
 
-# Trainer v2's runtime kinds and their vendored CRDs (tests/data/crds/README.md).
+# Trainer v2's runtime kinds and their vendored CRDs (tests/data/crds/README.md): the chart's
+# runtime must be one that the oldest (v2.0) and the newest (v2.3) release we test take.
 RUNTIME_CRDS = {
     "ClusterTrainingRuntime": CRDS / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
     "TrainingRuntime": CRDS / "trainer.kubeflow.org_trainingruntimes.yaml",
+}
+NEWEST_RUNTIME_CRDS = {
+    kind: TRAINER_RELEASES / f"v2.3.0-{path.name}.gz" for kind, path in RUNTIME_CRDS.items()
 }
 CLUSTER_RESOURCES = {"clustertrainingruntimes"}  # what the launcher reads outside its namespace
 KFP = "pipelines.kubeflow.org"
@@ -248,15 +252,18 @@ def _validate(obj: dict, version: str = KUBE_VERSION) -> None:
 
 
 @functools.cache
-def _runtime_validator(kind: str):
-    return crd_validator(RUNTIME_CRDS[kind], "v1alpha1")
+def _runtime_validators(kind: str):
+    return [crd_validator(crds[kind], "v1alpha1") for crds in (RUNTIME_CRDS, NEWEST_RUNTIME_CRDS)]
 
 
 def _validate_runtime(obj: dict, version: str) -> None:
     """A Trainer v2 runtime: against its CRD made strict (what kubernetes-validate cannot know), then
     its trainer's Job and pod template against Kubernetes' own schemas, which the CRD leaves open."""
     version = max(version, TRAINER_OLDEST_KUBE_VERSION, key=lambda v: tuple(map(int, v.split("."))))
-    errors = sorted(_runtime_validator(obj["kind"]).iter_errors(obj), key=lambda e: list(e.path))
+    errors = sorted(
+        (e for validator in _runtime_validators(obj["kind"]) for e in validator.iter_errors(obj)),
+        key=lambda e: list(e.path),
+    )
     assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
     job = trainer_job(obj)["template"]
     name = {"name": f"{obj['metadata']['name']}-{TRAINER_JOB}"}
@@ -588,7 +595,8 @@ def test_the_runtime_is_torch_distributed_with_one_trainer_job_of_trainer_v2s_na
         return
     (obj,) = found
     assert (obj["kind"], obj["metadata"]["name"]) == (runtime["kind"], runtime["name"])
-    assert obj["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {"numProcPerNode": "auto"}}
+    # torch, its processes per node from each TrainJob (Trainer v2.3 has no runtime-level setting)
+    assert obj["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
     assert set(obj["spec"]) == {"mlPolicy", "template"}  # no podGroupPolicy: no gang scheduler assumed
     replicated = trainer_job(obj)
     assert replicated["name"] == TRAINER_JOB

@@ -16,6 +16,7 @@ from fulltune.launch.kubernetes import LAUNCHER_ACCESS, launcher_access
 from fulltune.launch.scheduling import requested_on_nodes
 from k8s_standin import FakeKube
 from kfp_standin import KFPStandIn
+from support.crd_schema import TRAINJOB_CRDS, crd_schema
 
 NS = "team-a"
 TRAINER_V2 = {"trainer.kubeflow.org/v1alpha1": ["trainjobs", "trainjobs/status"]}
@@ -42,6 +43,7 @@ def cluster(tmp_path, monkeypatch, s3):
     """A namespace with everything a run needs: the operator's API, the launcher's verbs, the S3
     Secret, a bucket, no injection, a roomy quota. Tests break one thing each."""
     with FakeKube() as kube, KFPStandIn(multi_user=True) as kfp:
+        kube.trainjob_schema = crd_schema(TRAINJOB_CRDS["v2.3.0"], "v1alpha1")  # read for launcher trainjob
         kube.allowed = set(LAUNCHER_ACCESS)
         kube.secrets[(NS, "fulltune-s3")] = {"metadata": {"name": "fulltune-s3", "namespace": NS}}
         kube.namespaces[NS] = {"labels": {}}
@@ -200,6 +202,10 @@ def test_a_trainjob_cluster_with_everything_in_place_passes(cluster, capsys):
         "PyTorchJob is served (pytorchjobs.kubeflow.org/v1)" in out
     )
     assert "[     ok] TrainJob runtime: ClusterTrainingRuntime fulltune-torch-distributed exists" in out
+    assert (
+        "[     ok] TrainJob pod settings: the TrainJob carries them in runtimePatches "
+        "(Kubeflow Trainer v2.2 and later)" in out
+    )
     n = len(launcher_access("trainjob")) - 1  # one runtime kind is read, not both
     assert (
         f"[     ok] launcher RBAC: all {n} verbs the launcher needs are allowed (checked as the caller)"
@@ -260,6 +266,37 @@ def test_settings_a_trainjob_cannot_carry_are_named_with_where_they_go(cluster, 
     assert code == 1
     assert "[   FAIL] TrainJob settings: resources.kubernetes.priority_class_name: a TrainJob" in out
     assert "fix: set it in the runtime (the chart: trainJob.runtime.priorityClassName)" in out
+
+
+def test_the_trainjob_field_the_clusters_trainer_serves_is_checked_against_the_config(cluster, capsys):
+    kube, kfp, config = cluster
+    kube.api_resources = dict(TRAINER_V2)
+    kube.allowed = set(launcher_access("trainjob"))
+    kube.put_runtime(RUNTIME)
+    kube.trainjob_schema = crd_schema(TRAINJOB_CRDS["v2.1.0"], "v1alpha1")
+    with_launcher(config, "trainjob")
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0, out
+    assert (
+        "[     ok] TrainJob pod settings: the TrainJob carries them in podTemplateOverrides (Kubeflow Trainer v2.1)"
+        in out
+    )
+
+    data = yaml.safe_load(open(config))
+    data["resources"]["trainjob"] = {"overrides_field": "runtimePatches"}
+    with open(config, "w") as f:
+        yaml.safe_dump(data, f)
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert (
+        "[   FAIL] TrainJob pod settings: resources.trainjob.overrides_field is runtimePatches; this cluster's "
+        "TrainJob takes podTemplateOverrides (Kubeflow Trainer v2.1)" in out
+    )
+    assert "fix: set resources.trainjob.overrides_field: auto (or podTemplateOverrides)" in out
+
+    kube.trainjob_schema = None  # not published: the config's field is taken as it is
+    code, out = doctor(kfp, config, capsys)
+    assert code == 0 and "[unknown] TrainJob pod settings: cannot read the TrainJob schema (404)" in out
 
 
 def test_a_trainjob_launcher_missing_its_verbs_names_them(cluster, capsys):

@@ -6,6 +6,7 @@ so an OOM-killed rank would never be restarted. These run real torchrun with two
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from fulltune._process import RUN_OWNER_ENV
 from fulltune.launch.node import node_exit_code
+from fulltune.launch.secret_env import SECRET_ENV_DIRS, export_secret_env
 from fulltune.train.exit_codes import EXIT_RETRYABLE
 
 WORKER = textwrap.dedent(
@@ -226,3 +228,47 @@ def test_the_run_owner_watch_has_ended_before_the_interpreter_finalizes(tmp_path
         owner.kill()
     assert done.returncode == 0, done.stderr
     assert "alive at exit: ['MainThread']" in done.stdout
+
+
+def _secret_volume(root, name: str, keys: dict[str, bytes]):
+    """A Secret as the kubelet mounts it: each key a link into a timestamped `..data` directory."""
+    volume = root / name
+    data = volume / "..2026_11_30_06_00_00.000000001"
+    data.mkdir(parents=True)
+    for key, value in keys.items():
+        (data / key).write_bytes(value)
+    (volume / "..data").symlink_to(data.name)
+    for key in keys:
+        (volume / key).symlink_to(f"..data/{key}")
+    return volume
+
+
+def test_the_ranks_see_the_mounted_secrets_keys_as_variables(tmp_path):
+    """A TrainJob's pod cannot take envFrom: its Secrets are mounted, and the node exports their keys
+    before torchrun starts the ranks, as envFrom would have set them."""
+    s3 = _secret_volume(tmp_path, "s3", {"AWS_ACCESS_KEY_ID": b"AKIA1", "AWS_SECRET_ACCESS_KEY": b"s3cr3t\n"})
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, os\n"
+        "keys = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY')\n"
+        "print('ENV', json.dumps({k: os.environ.get(k) for k in keys}))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", SECRET_ENV_DIRS: f"{s3}:{tmp_path / 'absent'}"}
+    env.pop("AWS_ACCESS_KEY_ID", None), env.pop("AWS_SECRET_ACCESS_KEY", None)
+    cmd = [sys.executable, "-m", "fulltune.launch.node", "--standalone", "--nnodes=1", "--nproc-per-node=1"]
+    result = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("ENV "))
+    assert json.loads(line[4:]) == {"AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s3cr3t\n"}
+
+
+def test_secret_keys_are_exported_with_envfroms_precedence(tmp_path):
+    first = _secret_volume(tmp_path, "hf-token", {"HF_TOKEN": b"one", "SHARED": b"first", "not a name": b"x"})
+    second = _secret_volume(tmp_path, "s3", {"SHARED": b"second", "OWN": b"secret's"})
+    environ = {"OWN": "container's", SECRET_ENV_DIRS: f"{first}:{tmp_path / 'optional-absent'}:{second}"}
+    assert export_secret_env(environ) == ["HF_TOKEN", "SHARED"]
+    assert environ["HF_TOKEN"] == "one"
+    assert environ["SHARED"] == "second"  # a later Secret wins, as in envFrom
+    assert environ["OWN"] == "container's"  # the container's own variable wins over every Secret
+    assert "not a name" not in environ and not any(k.startswith("..") for k in environ)
+    assert export_secret_env({}) == []

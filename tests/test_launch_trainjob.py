@@ -11,16 +11,16 @@ import logging
 import threading
 from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import pytest
-import yaml
 
 from fulltune.config import ConfigError, RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled, launcher_access
 from fulltune.launch.pytorchjob import RESTRICTED_CONTAINER, workflow_owner
+from fulltune.launch.secret_env import SECRET_ENV_DIRS
 from fulltune.launch.trainjob import (
+    PATCH_MANAGER,
     SHM_VOLUME,
     TRAINER_CONTAINER,
     TRAINER_JOB,
@@ -28,7 +28,8 @@ from fulltune.launch.trainjob import (
 )
 from fulltune.train.args import TrainerArgs
 from k8s_standin import FakeKube
-from test_launch_kubernetes import _strict
+from support.crd_schema import TRAINJOB_CRDS, crd_schema
+from support.crd_schema import crd_validator as support_crd_validator
 from test_launch_kubernetes import launcher as pytorchjob_tests_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,9 +107,38 @@ def runtime() -> dict:
     return next(o for o in objects if o["kind"] == "ClusterTrainingRuntime")
 
 
+# The TrainJob CRD of each Kubeflow Trainer release and the field through which its TrainJob patches
+# the runtime's pods; "shared" is the project's copy (tests/data/crds).
+RELEASES = {
+    "shared": (CRD, "podSpecOverrides"),
+    **{
+        release: (path, field)
+        for (release, path), field in zip(
+            TRAINJOB_CRDS.items(), ("podSpecOverrides", "podTemplateOverrides", "runtimePatches"), strict=True
+        )
+    },
+}
+
+
+def pod_patch_of(trainjob: dict) -> tuple[list[dict], dict]:
+    """(the replicated jobs it targets, the patch of their pods) of a TrainJob, whichever field
+    carries it."""
+    spec = trainjob["spec"]
+    if "podSpecOverrides" in spec:
+        ((override,),) = (spec["podSpecOverrides"],)
+        return override["targetJobs"], {k: v for k, v in override.items() if k != "targetJobs"}
+    if "podTemplateOverrides" in spec:
+        (override,) = spec["podTemplateOverrides"]
+        return override["targetJobs"], override["spec"]
+    (patch,) = spec["runtimePatches"]
+    assert patch["manager"] == PATCH_MANAGER
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return [{"name": job["name"]}], job["template"]["spec"]["template"]["spec"]
+
+
 def effective_pod(runtime: dict, trainjob: dict, node_rank: int = 0) -> dict:
     """The pod the Trainer and JobSet make for one node: the runtime's template, the TrainJob's
-    `trainer` on the trainer container, its podSpecOverrides, and the PET_* variables of torch."""
+    `trainer` on the trainer container, its patch of the pod, and the PET_* variables of torch."""
     (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     pod = copy.deepcopy(replicated["template"]["spec"]["template"])
     spec, trainer = pod["spec"], trainjob["spec"]["trainer"]
@@ -124,25 +154,21 @@ def effective_pod(runtime: dict, trainjob: dict, node_rank: int = 0) -> dict:
         "PET_MASTER_PORT": "29500",
     }
     container["env"] = trainer["env"] + [{"name": k, "value": v} for k, v in pet.items()]
-    for override in trainjob["spec"]["podSpecOverrides"]:
-        if {"name": replicated["name"]} not in override["targetJobs"]:
-            continue
-        for key in ("serviceAccountName", "nodeSelector", "tolerations"):
-            if key in override:
-                spec[key] = override[key]
-        spec["volumes"] = spec.get("volumes", []) + override.get("volumes", [])
-        for patch in override.get("containers", []):
-            target = next(c for c in spec["containers"] if c["name"] == patch["name"])
-            target["volumeMounts"] = target.get("volumeMounts", []) + patch.get("volumeMounts", [])
-            target["envFrom"] = target.get("envFrom", []) + patch.get("envFrom", [])
+    targets, patch = pod_patch_of(trainjob)
+    assert targets == [{"name": replicated["name"]}]
+    for key in ("serviceAccountName", "nodeSelector", "tolerations"):
+        if key in patch:
+            spec[key] = patch[key]
+    spec["volumes"] = spec.get("volumes", []) + patch.get("volumes", [])
+    for change in patch.get("containers", []):
+        target = next(c for c in spec["containers"] if c["name"] == change["name"])
+        target["volumeMounts"] = target.get("volumeMounts", []) + change.get("volumeMounts", [])
     return pod
 
 
 @pytest.fixture(scope="module")
 def crd_validator():
-    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
-    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return support_crd_validator(CRD, "v1alpha1")
 
 
 def validate(validator, runtime: dict, manifest: dict) -> None:
@@ -160,11 +186,28 @@ def validate(validator, runtime: dict, manifest: dict) -> None:
 # -- manifests ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("release", sorted(RELEASES))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_trainjob_validates_against_the_crd_and_makes_a_valid_pod(crd_validator, runtime, variant):
+def test_every_trainjob_validates_against_each_releases_crd_and_makes_a_valid_pod(runtime, variant, release):
+    crd, field = RELEASES[release]
     owner = workflow_owner("full-finetune-abc12", "6f0c1f5e-0000-4000-8000-000000000001")
-    manifest = manifest_for(VARIANTS[variant], owner=owner, optional_secrets=("fulltune-s3",))
-    validate(crd_validator, runtime, manifest)
+    manifest = manifest_for(
+        VARIANTS[variant], owner=owner, optional_secrets=("fulltune-s3",), overrides_field=field
+    )
+    validate(support_crd_validator(crd, "v1alpha1"), runtime, manifest)
+
+
+@pytest.mark.parametrize("release", ["v2.1.0", "v2.3.0"])
+def test_the_field_of_one_release_is_unknown_to_the_next(release):
+    """Why the field is chosen per cluster: v2.0's podSpecOverrides is not a field of v2.1 or later,
+    whose API server would drop it, and the pods would start without the run's settings."""
+    crd, _ = RELEASES[release]
+    errors = list(
+        support_crd_validator(crd, "v1alpha1").iter_errors(
+            manifest_for(EVERYTHING, overrides_field="podSpecOverrides")
+        )
+    )
+    assert any("podSpecOverrides" in e.message for e in errors)
 
 
 def test_a_trainjob_with_a_wrong_field_fails_validation(crd_validator, runtime):
@@ -192,29 +235,34 @@ def test_the_trainjob_carries_the_runs_topology_command_and_pod_settings():
     requests = {**want, "ephemeral-storage": "120Gi"}  # requested only, as on a PyTorchJob
     assert trainer["resourcesPerNode"] == {"requests": requests, "limits": want}
     assert {"name": "HOME", "value": "/tmp"} in trainer["env"]
-    (override,) = m["spec"]["podSpecOverrides"]
-    assert override["targetJobs"] == [{"name": TRAINER_JOB}]
-    assert override["serviceAccountName"] == "trainer"
-    assert override["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
-    assert override["tolerations"] == [
-        {"operator": "Exists", "key": "nvidia.com/gpu", "effect": "NoSchedule"}
-    ]
-    volumes = {v["name"]: v for v in override["volumes"]}
+    targets, patch = pod_patch_of(m)
+    assert targets == [{"name": TRAINER_JOB}]
+    assert patch["serviceAccountName"] == "trainer"
+    assert patch["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+    assert patch["tolerations"] == [{"operator": "Exists", "key": "nvidia.com/gpu", "effect": "NoSchedule"}]
+    volumes = {v["name"]: v for v in patch["volumes"]}
     assert volumes[SHM_VOLUME] == {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}
-    (container,) = override["containers"]
-    assert container["name"] == TRAINER_CONTAINER
+    (container,) = patch["containers"]
+    assert container["name"] == TRAINER_CONTAINER and "env" not in container and "envFrom" not in container
     mounts = {v["mountPath"]: v for v in container["volumeMounts"]}
     assert mounts["/dev/shm"]["name"] == SHM_VOLUME and mounts["/models"]["readOnly"]
-    # credentials only as Secret references: the configured one required, the pipeline's optional
-    assert container["envFrom"] == [
-        {"secretRef": {"name": "hf-token"}},
-        {"secretRef": {"name": "fulltune-s3", "optional": True}},
-        {"secretRef": {"name": "fulltune-mlflow", "optional": True}},
+    # credentials only as Secret references, mounted for the node to export: the configured one
+    # required, the pipeline's optional, in envFrom's order (a later Secret's key wins)
+    secrets = [
+        volumes[mount["name"]]["secret"]
+        for mount in container["volumeMounts"]
+        if mount["name"] in volumes and "secret" in volumes[mount["name"]]
     ]
-    assert (
-        m["metadata"]["labels"]["pipeline/runid"] == "run-1"
-        and m["spec"]["labels"] == m["metadata"]["labels"]
-    )
+    assert secrets == [
+        {"secretName": "hf-token", "optional": False},
+        {"secretName": "fulltune-s3", "optional": True},
+        {"secretName": "fulltune-mlflow", "optional": True},
+    ]
+    secret_dirs = [m["mountPath"] for m in container["volumeMounts"] if "secret" in volumes[m["name"]]]
+    assert {"name": SECRET_ENV_DIRS, "value": ":".join(secret_dirs)} in trainer["env"]
+    assert all(m["readOnly"] for m in container["volumeMounts"] if "secret" in volumes[m["name"]])
+    labels = m["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["metadata"]["labels"]
+    assert m["metadata"]["labels"]["pipeline/runid"] == "run-1" and labels == m["metadata"]["labels"]
 
 
 def test_the_effective_pod_meets_pod_security_restricted(runtime):
@@ -256,8 +304,10 @@ def test_the_launcher_asks_for_trainjobs_and_reads_only_its_runtime_beyond_them(
 
 @pytest.fixture
 def kube(runtime):
+    """The stand-in with the chart's runtime and the newest Trainer release's TrainJob schema."""
     with FakeKube() as k:
         k.put_runtime(runtime)
+        k.trainjob_schema = crd_schema(RELEASES["v2.3.0"][0], "v1alpha1")
         yield k
         assert not k.script_errors, k.script_errors
 
@@ -302,6 +352,50 @@ def test_success_reads_the_runtime_creates_once_and_streams_node_0(kube, caplog)
     assert "restarts at most 2 time(s)" in caplog.text and "TrainJob team-a/" in caplog.text
     assert "complete" in caplog.text
     assert not kube.calls("DELETE")
+
+
+def succeed(k: FakeKube, ns, name):
+    k.set_condition(ns, name, "Created")
+    k.start_node(ns, name)
+    assert k.node_exits(ns, name, 0) == "succeeded"
+
+
+@pytest.mark.parametrize("release", ["v2.0.0", "v2.1.0", "v2.3.0"])
+def test_the_launcher_carries_the_pod_settings_in_the_field_the_clusters_trainer_serves(
+    kube, release, caplog
+):
+    crd, field = RELEASES[release]
+    kube.trainjob_schema, kube.script = crd_schema(crd, "v1alpha1"), succeed
+    launch, _ = launcher(kube)
+    with caplog.at_level(logging.INFO, logger="fulltune.launch.kubernetes"):
+        launch.run(make_job(launch.cfg))
+    (post,) = kube.calls("POST", f"/namespaces/{NS}/trainjobs")
+    assert post.query["fieldValidation"] == "Strict"  # the stand-in refuses what the release does not know
+    assert field in post.body["spec"] and f"pod settings in {field}" in caplog.text
+    (read,) = kube.calls("GET", "/openapi/v3/apis/trainer.kubeflow.org/v1alpha1")
+    assert kube.requests.index(read) < kube.requests.index(post)
+
+
+def test_a_field_the_clusters_trainer_does_not_serve_is_refused_naming_it(kube):
+    """Named wrongly in the config, the field is refused at create instead of being dropped."""
+    cfg = make_cfg(kubernetes={"namespace": NS}, trainjob={"overrides_field": "podSpecOverrides"})
+    launch, _ = launcher(kube, cfg)
+    with pytest.raises(LaunchError, match='unknown field "spec.podSpecOverrides"'):
+        launch.run(make_job(launch.cfg))
+    assert not kube.calls(
+        "GET", "/openapi/v3/apis/trainer.kubeflow.org/v1alpha1"
+    )  # the config's field is taken as it is
+
+
+def test_a_trainjob_schema_that_cannot_be_read_is_refused_saying_what_to_set(kube):
+    kube.trainjob_schema = None  # the API server publishes none (404)
+    launch, _ = launcher(kube)
+    with pytest.raises(LaunchError) as info:
+        launch.run(make_job(launch.cfg))
+    assert info.value.exit_code == 1 and not kube.calls("POST")
+    message = str(info.value)
+    assert "cannot read the TrainJob schema" in message and "resources.trainjob.overrides_field" in message
+    assert "runtimePatches (Kubeflow Trainer v2.2 and later)" in message
 
 
 @pytest.mark.parametrize("code", [1, 2])

@@ -24,6 +24,7 @@ from fulltune.launch.kubernetes import launcher_access
 from fulltune.layout import RunLayout
 from k8s_standin import FakeKube
 from kfp_standin import KFPStandIn
+from support.crd_schema import TRAINJOB_CRDS, crd_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / PIPELINE_FILE
@@ -1007,6 +1008,7 @@ def kube(tmp_path, monkeypatch):
     """A Kubernetes API stand-in that the kube context (namespace team-a) points at; it serves the
     Training Operator's PyTorchJob and allows every verb."""
     with FakeKube() as server:
+        server.trainjob_schema = crd_schema(TRAINJOB_CRDS["v2.3.0"], "v1alpha1")  # read for launcher trainjob
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(
             yaml.safe_dump(

@@ -670,6 +670,15 @@ class TrainJobSection(_Section):
         "ClusterTrainingRuntime",
         description="Kind of `runtime`: cluster-wide, or a TrainingRuntime in the TrainJob's namespace.",
     )
+    overrides_field: Literal["auto", "podSpecOverrides", "podTemplateOverrides", "runtimePatches"] = Field(
+        "auto",
+        description="The TrainJob field that carries this run's pod settings (volumes, Secrets, node "
+        "selector, tolerations, service account) to the runtime's pods, which differs by Kubeflow Trainer "
+        "release: podSpecOverrides (v2.0), podTemplateOverrides (v2.1), runtimePatches (v2.2 and later). "
+        "'auto' reads it from the TrainJob schema the API server publishes; name it where that cannot be "
+        "read. An API server drops a field its Trainer does not know, and the pods would start without "
+        "those settings.",
+    )
 
 
 # A GPU sold as 80 GB shows 79.6 GiB (81,559 MiB): a device a little under resources.gpu_memory_gib

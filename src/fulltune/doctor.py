@@ -11,8 +11,9 @@ Checks (in the namespace the runs go to):
 - the training API of `resources.launcher` is served: discovery of both PyTorchJob
   (`kubeflow.org/v1`, launcher kubernetes) and TrainJob (`trainer.kubeflow.org/v1alpha1`, launcher
   trainjob), so that a cluster serving the other one is told which launcher to set;
-- for launcher trainjob, the runtime it names exists, and no config setting is one a TrainJob
-  cannot carry (`launch.trainjob.unsupported`);
+- for launcher trainjob, the runtime it names exists, the TrainJob field that carries the run's pod
+  settings is one the cluster's Trainer serves (`launch.trainjob.served_overrides_field`), and no
+  config setting is one a TrainJob cannot carry (`launch.trainjob.unsupported`);
 - every verb the launcher needs (`launch.kubernetes.launcher_access`), by SelfSubjectAccessReview
   (or, with a ServiceAccount named, by SubjectAccessReview for that account);
 - the S3 Secret exists (or the pod already has S3 credentials), and the work directory's bucket
@@ -219,7 +220,7 @@ def check_runtime(cfg: RunConfig, cluster: Cluster) -> list[Finding]:
 
     if cfg.resources.launcher != "trainjob":
         return []
-    findings = [_runtime_finding(cfg, cluster)]
+    findings = [_runtime_finding(cfg, cluster), _overrides_finding(cfg, cluster)]
     for problem in unsupported(cfg):
         detail, _, fix = problem.partition("; ")
         findings.append(Finding("TrainJob settings", FAIL, detail, fix))
@@ -244,6 +245,39 @@ def _runtime_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
             return Finding("TrainJob runtime", FAIL, missing, fix)
         return Finding("TrainJob runtime", UNKNOWN, f"cannot read {what}{where} ({exc.status})")
     return Finding("TrainJob runtime", OK, f"{what} exists{where}")
+
+
+def _overrides_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
+    """The TrainJob field the cluster's Trainer takes the run's pod settings in, against the config's."""
+    from kubernetes.client.exceptions import ApiException
+
+    from fulltune.launch.trainjob import OVERRIDES_FIELDS, configured_overrides_field, served_overrides_field
+
+    name, configured = "TrainJob pod settings", configured_overrides_field(cfg)
+    fix = "set resources.trainjob.overrides_field to the installed Trainer's: " + ", ".join(
+        f"{field} ({f.releases})" for field, f in OVERRIDES_FIELDS.items()
+    )
+    try:
+        served = served_overrides_field(cluster.api)
+    except ApiException as exc:
+        if configured:
+            return Finding(
+                name,
+                UNKNOWN,
+                f"cannot read the TrainJob schema ({exc.status}); the config names {configured}",
+            )
+        return Finding(
+            name, FAIL, f"cannot read the TrainJob schema the API server publishes ({exc.status})", fix
+        )
+    if served is None:
+        return Finding(name, FAIL, f"the cluster's TrainJob has none of {', '.join(OVERRIDES_FIELDS)}", fix)
+    served_text = f"{served} ({OVERRIDES_FIELDS[served].releases})"
+    if configured and configured != served:
+        detail = (
+            f"resources.trainjob.overrides_field is {configured}; this cluster's TrainJob takes {served_text}"
+        )
+        return Finding(name, FAIL, detail, f"set resources.trainjob.overrides_field: auto (or {served})")
+    return Finding(name, OK, f"the TrainJob carries them in {served_text}")
 
 
 def check_access(cfg: RunConfig, cluster: Cluster) -> list[Finding]:

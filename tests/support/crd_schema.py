@@ -3,6 +3,8 @@ validate manifests fulltune builds or the chart renders against a vendored CRD (
 
 from __future__ import annotations
 
+import functools
+import gzip
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,13 @@ import jsonschema
 import yaml
 
 CRDS = Path(__file__).resolve().parents[1] / "data" / "crds"
+# Kubeflow Trainer releases whose TrainJob changes the runtime's pods through another field
+# (fulltune.launch.trainjob.OVERRIDES_FIELDS): their CRDs, gzipped.
+TRAINER_RELEASES = CRDS / "trainer-releases"
+TRAINJOB_CRDS = {
+    release: TRAINER_RELEASES / f"{release}-trainer.kubeflow.org_trainjobs.yaml.gz"
+    for release in ("v2.0.0", "v2.1.0", "v2.3.0")
+}
 
 
 def strict(schema: Any) -> Any:
@@ -29,8 +38,16 @@ def strict(schema: Any) -> Any:
     return out
 
 
+@functools.cache
+def crd_schema(path: Path, version: str) -> dict[str, Any]:
+    """The openAPIV3Schema `version` of the CRD at `path` (YAML, or YAML gzipped)."""
+    raw = path.read_bytes()
+    text = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+    return served["schema"]["openAPIV3Schema"]
+
+
 def crd_validator(path: Path, version: str) -> jsonschema.Draft7Validator:
     """A validator of `version`'s schema of the CRD at `path`, made strict."""
-    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
-    return jsonschema.Draft7Validator(strict(served["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft7Validator(strict(crd_schema(path, version)))

@@ -42,7 +42,15 @@ from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kinds import JobKind
 from fulltune.launch.pytorchjob import PYTORCHJOB, build_pytorchjob, workflow_owner
-from fulltune.launch.trainjob import RUNTIME_PLURALS, TRAINJOB, build_trainjob, runtime_missing
+from fulltune.launch.trainjob import (
+    OVERRIDES_FIELDS,
+    RUNTIME_PLURALS,
+    TRAINJOB,
+    build_trainjob,
+    configured_overrides_field,
+    runtime_missing,
+    served_overrides_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +165,10 @@ class KubernetesLauncher:
 
     def run(self, job: TrainJob) -> None:
         ns, name = self.namespace, job.name
+        served = {}
+        if self.kind is TRAINJOB:
+            self._check_runtime()
+            served = {"overrides_field": self._overrides_field()}
         manifest = self._build(
             self.cfg,
             job,
@@ -166,9 +178,8 @@ class KubernetesLauncher:
             run_id=self.run_id,
             owner=self._workflow_owner(),
             optional_secrets=self.optional_secrets,
+            **served,
         )
-        if self.kind is TRAINJOB:
-            self._check_runtime()
         previous = self._install_signal_handlers()
         try:
             self._create_or_adopt(manifest)
@@ -200,7 +211,7 @@ class KubernetesLauncher:
 
         ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
-            created = self.custom.create_namespaced_custom_object(*self._api(ns), manifest)
+            created = self._create(ns, manifest)
             log.info(
                 "created %s %s/%s: %d node(s) x %d process(es), image %s",
                 self.kind.kind,
@@ -227,7 +238,7 @@ class KubernetesLauncher:
             )
             self._delete(ns, name)
             self._wait_deleted(ns, name)
-            return self.custom.create_namespaced_custom_object(*self._api(ns), manifest)
+            return self._create(ns, manifest)
         log.info(
             "%s %s/%s already exists (created by an earlier attempt of this task, state %s): "
             "following it instead of starting a second one",
@@ -237,6 +248,13 @@ class KubernetesLauncher:
             self.kind.terminal(existing) or self.kind.latest_condition(existing) or "new",
         )
         return existing
+
+    def _create(self, ns: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        # Strict: a field the cluster's CRD does not know is refused, naming it, where the API
+        # server's default would drop it and the pods would start without what it carried.
+        return self.custom.create_namespaced_custom_object(
+            *self._api(ns), manifest, field_validation="Strict"
+        )
 
     def _check_runtime(self) -> None:
         """A TrainJob's runtime must exist before the TrainJob is created (the Trainer would only mark
@@ -261,6 +279,36 @@ class KubernetesLauncher:
             what,
             policy.get("maxRestarts", 0),
         )
+
+    def _overrides_field(self) -> str:
+        """The TrainJob field through which this cluster's Trainer takes the run's pod settings: the
+        config's, or the one the cluster's TrainJob schema has. Refused when unknown: a guess the
+        API server does not serve would be dropped, and the pods would start without the run's
+        volumes, Secrets and scheduling settings."""
+        from kubernetes.client.rest import ApiException
+
+        if field := configured_overrides_field(self.cfg):
+            return field
+        fix = "set resources.trainjob.overrides_field to the installed Kubeflow Trainer's: " + ", ".join(
+            f"{field} ({f.releases})" for field, f in OVERRIDES_FIELDS.items()
+        )
+        try:
+            served = served_overrides_field(self.api)
+        except ApiException as exc:
+            raise LaunchError(
+                _api_error(f"cannot read the TrainJob schema the API server publishes; {fix}", exc),
+                exit_code=1,
+            ) from None
+        if served is None:
+            raise LaunchError(
+                f"this cluster's TrainJob ({TRAINJOB.group}/{TRAINJOB.version}) has none of {', '.join(OVERRIDES_FIELDS)}: a "
+                f"Kubeflow Trainer release fulltune does not know; {fix}",
+                exit_code=1,
+            )
+        log.info(
+            "the TrainJob carries its pod settings in %s (%s)", served, OVERRIDES_FIELDS[served].releases
+        )
+        return served
 
     def _delete(self, ns: str, name: str) -> None:
         from kubernetes import client

@@ -30,6 +30,9 @@ def node_exit_code(worker_exit_code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args
 
+    from fulltune.launch.secret_env import export_secret_env
+
+    export_secret_env()  # before torchrun starts the ranks, which inherit the variables
     args = parse_args(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="fulltune-torchrun-") as logs:
         # torchrun's own default (a mkdtemp per launch, never removed) leaves a directory per run

@@ -249,17 +249,22 @@ def container_env(job: TrainJob) -> list[dict[str, str]]:
     return [{"name": key, "value": value} for key, value in env.items()]
 
 
-def secret_env_from(cfg: RunConfig, optional_secrets: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Credentials stay in their Secrets: the pod reads them, the manifest only names them. The
-    configured ones must exist; the optional ones (the pipeline's S3 and MLflow Secrets) may not."""
+def env_secrets(cfg: RunConfig, optional_secrets: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """(Secret, optional) of the Secrets whose keys become the training container's environment, in
+    order (a later one's key wins). Credentials stay in their Secrets: the pod reads them, the
+    manifest only names them. The configured ones must exist; the optional ones (the pipeline's S3
+    and MLflow Secrets) may not."""
     configured = cfg.resources.kubernetes.secret_env
-    env_from: list[dict[str, Any]] = [{"secretRef": {"name": secret}} for secret in configured]
-    env_from += [
-        {"secretRef": {"name": secret, "optional": True}}
-        for secret in dict.fromkeys(optional_secrets)
-        if secret and secret not in configured
+    optional = [s for s in dict.fromkeys(optional_secrets) if s and s not in configured]
+    return [(secret, False) for secret in configured] + [(secret, True) for secret in optional]
+
+
+def secret_env_from(cfg: RunConfig, optional_secrets: tuple[str, ...]) -> list[dict[str, Any]]:
+    """`env_secrets` as the container's envFrom."""
+    return [
+        {"secretRef": {"name": secret, "optional": True} if optional else {"name": secret}}
+        for secret, optional in env_secrets(cfg, optional_secrets)
     ]
-    return env_from
 
 
 def shm_volume(name: str, size: str) -> dict[str, Any]:

@@ -79,8 +79,8 @@ class TrainingPod:
     @classmethod
     def of(cls, cfg: RunConfig, runtime: dict[str, Any] | None = None) -> TrainingPod:
         """The pod `cfg`'s launcher makes; for a TrainJob on `runtime` (None: unread), with the
-        runtime pod template's node selector and tolerations as the TrainJob's podSpecOverrides
-        combine them: the selector key by key, the run's value winning; the run's tolerations, when
+        runtime pod template's node selector and tolerations as the TrainJob's pod patch
+        combines them: the selector key by key, the run's value winning; the run's tolerations, when
         it has any, in place of the runtime's."""
         from fulltune.launch.pytorchjob import pod_requests, pod_resources
 

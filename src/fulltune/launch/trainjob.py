@@ -6,9 +6,17 @@ Pure functions from (RunConfig, TrainJob, name, namespace, image, owner) to a pl
 A TrainJob names a runtime (`resources.trainjob.runtime`, by default the ClusterTrainingRuntime the
 Helm chart installs) whose JobSet template holds what is the same for every run: the security
 contexts, the writable emptyDir for /tmp, and the failure policy. The TrainJob adds what is this
-run's: the image and command, nodes, processes and resources per node (`trainer`), and through
-`podSpecOverrides` on the trainer's replicated job the /dev/shm volume, PVC mounts, Secrets as
-environment, node selector, tolerations and service account.
+run's: the image and command, nodes, processes and resources per node (`trainer`), and, patched onto
+the trainer's replicated job, the /dev/shm volume, PVC mounts, the Secrets whose keys become the
+environment, node selector, tolerations and service account (`pod_patch`).
+
+Each Trainer release takes that patch through another TrainJob field (`OVERRIDES_FIELDS`): v2.0
+`podSpecOverrides`, v2.1 `podTemplateOverrides`, v2.2 and later `runtimePatches`; an API server drops
+a field its CRD does not know, so the patch must go where the installed release reads it. The
+launcher reads which one the cluster serves (`served_overrides_field`) unless the config names it
+(`resources.trainjob.overrides_field`). No release lets the patch add `envFrom` or (from v2.2) `env`
+to the trainer's container, so Secrets are mounted as files and `fulltune.launch.node` exports their
+keys (`SECRET_ENV_DIRS`) before torchrun starts the ranks: what `envFrom` gives a PyTorchJob's pod.
 
 What the pods run is what the other launchers run: `fulltune.launch.node` (torchrun keeping the
 ranks' exit codes) starting `TrainJob.entry_command()`. The Trainer's torch plugin sets the
@@ -22,13 +30,17 @@ the whole JobSet at once on that reason; any other failure (a lost node, an NCCL
 138) fails the Job by its backoffLimit of 0 and the JobSet restarts the group, at most its
 maxRestarts times; each restart resumes from the newest complete checkpoint.
 
-This version of the TrainJob API has no place for affinity, a priority class, pod annotations, an
-active deadline or a TTL: those are the runtime's (`unsupported` refuses them in the config, naming
-where to set them instead).
+Trainer v2.0's TrainJob has no place for affinity, a priority class, pod annotations, an active
+deadline or a TTL, and later releases only some of them: they are the runtime's for every release
+(`unsupported` refuses them in the config, naming where to set them instead), so that a run's config
+means the same whichever release the cluster has.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fulltune.config import ConfigError, RunConfig
@@ -36,15 +48,16 @@ from fulltune.launch.base import NODE_MODULE, TrainJob
 from fulltune.launch.kinds import JobKind
 from fulltune.launch.pytorchjob import (
     container_env,
+    env_secrets,
     job_metadata,
     pod_requests,
     pod_resources,
     pvc_volumes,
-    secret_env_from,
     shm_volume,
     toleration,
     volume_mounts,
 )
+from fulltune.launch.secret_env import SECRET_ENV_DIRS
 from fulltune.train.exit_codes import is_retryable
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
@@ -60,6 +73,7 @@ JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # the node's rank
 SHM_VOLUME = "fulltune-dshm"  # prefixed: the runtime may bring volumes of its own
+SECRET_ENV_ROOT = "/var/run/fulltune/secret-env"
 # The exit codes that must fail the TrainJob at once (the runtime's podFailurePolicy): 1-127, as
 # `exit_codes.is_retryable` reads them.
 PERMANENT_EXIT_CODES = tuple(code for code in range(1, 256) if not is_retryable(code))
@@ -130,22 +144,27 @@ def build_trainjob(
     run_id: str = "",
     owner: dict[str, Any] | None = None,
     optional_secrets: tuple[str, ...] = (),
+    overrides_field: str = "",
 ) -> dict[str, Any]:
-    """The TrainJob manifest; ConfigError when the config asks for what it cannot carry."""
+    """The TrainJob manifest, its pod settings in `overrides_field` (by default the config's, and when
+    that is `auto`, the newest release's); ConfigError when the config asks for what it cannot carry."""
     if problems := unsupported(cfg):
         raise ConfigError("; ".join(problems))
+    field = overrides_field or configured_overrides_field(cfg) or NEWEST_OVERRIDES_FIELD
     metadata = job_metadata(name, namespace, run_id, owner)
     runtime = cfg.resources.trainjob
     spec = {
         "runtimeRef": {"apiGroup": GROUP, "kind": runtime.runtime_kind, "name": runtime.runtime},
-        "trainer": trainer_spec(cfg, job, image),
-        "podSpecOverrides": [pod_overrides(cfg, optional_secrets)],
-        "labels": metadata["labels"],  # on the JobSet and its Jobs
+        "trainer": trainer_spec(cfg, job, image, optional_secrets),
+        # the patch of the trainer's pods, and the labels of the JobSet and its Jobs
+        **OVERRIDES_FIELDS[field].wrap(pod_patch(cfg, optional_secrets), metadata["labels"]),
     }
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
-def trainer_spec(cfg: RunConfig, job: TrainJob, image: str) -> dict[str, Any]:
+def trainer_spec(
+    cfg: RunConfig, job: TrainJob, image: str, optional_secrets: tuple[str, ...] = ()
+) -> dict[str, Any]:
     resources = pod_resources(cfg, job.nproc_per_node, gpu=job.accelerator == "gpu")
     return {
         "image": image,
@@ -153,7 +172,7 @@ def trainer_spec(cfg: RunConfig, job: TrainJob, image: str) -> dict[str, Any]:
         "numNodes": job.num_nodes,
         "numProcPerNode": job.nproc_per_node,
         "resourcesPerNode": {"requests": pod_requests(cfg, resources), "limits": dict(resources)},
-        "env": container_env(job),
+        "env": container_env(job) + secret_dirs_env(cfg, optional_secrets),
     }
 
 
@@ -163,24 +182,112 @@ def pod_command(job: TrainJob) -> list[str]:
     return ["python", "-m", NODE_MODULE, f"--nproc-per-node={job.nproc_per_node}", *job.entry_command()]
 
 
-def pod_overrides(cfg: RunConfig, optional_secrets: tuple[str, ...]) -> dict[str, Any]:
-    """This run's pod settings, applied to the trainer's replicated job."""
+def pod_patch(cfg: RunConfig, optional_secrets: tuple[str, ...]) -> dict[str, Any]:
+    """This run's settings of the trainer's pods, the fields every release's patch of a pod spec has."""
     k8s = cfg.resources.kubernetes
+    secrets = env_secrets(cfg, optional_secrets)
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
-        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}] + volume_mounts(cfg),
+        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+        + volume_mounts(cfg)
+        + [
+            {"name": _secret_volume(i), "mountPath": secret_env_dir(secret), "readOnly": True}
+            for i, (secret, _) in enumerate(secrets)
+        ],
     }
-    if env_from := secret_env_from(cfg, optional_secrets):
-        container["envFrom"] = env_from
-    overrides: dict[str, Any] = {
-        "targetJobs": [{"name": TRAINER_JOB}],
+    patch: dict[str, Any] = {
         "containers": [container],
-        "volumes": [shm_volume(SHM_VOLUME, k8s.shm_size)] + pvc_volumes(cfg),
+        "volumes": [shm_volume(SHM_VOLUME, k8s.shm_size)]
+        + pvc_volumes(cfg)
+        + [
+            {"name": _secret_volume(i), "secret": {"secretName": secret, "optional": optional}}
+            for i, (secret, optional) in enumerate(secrets)
+        ],
     }
     if k8s.service_account_name:
-        overrides["serviceAccountName"] = k8s.service_account_name
+        patch["serviceAccountName"] = k8s.service_account_name
     if k8s.node_selector:
-        overrides["nodeSelector"] = dict(k8s.node_selector)
+        patch["nodeSelector"] = dict(k8s.node_selector)
     if k8s.tolerations:
-        overrides["tolerations"] = [toleration(t) for t in k8s.tolerations]
-    return overrides
+        patch["tolerations"] = [toleration(t) for t in k8s.tolerations]
+    return patch
+
+
+def secret_env_dir(secret: str) -> str:
+    """Where the trainer's container finds Secret `secret`'s keys, one file each."""
+    return f"{SECRET_ENV_ROOT}/{secret}"
+
+
+def _secret_volume(index: int) -> str:
+    return f"fulltune-secret-env-{index}"  # prefixed as SHM_VOLUME; Secret names may be too long
+
+
+def secret_dirs_env(cfg: RunConfig, optional_secrets: tuple[str, ...]) -> list[dict[str, str]]:
+    """The variable telling `fulltune.launch.node` which mounted Secrets to export, in order."""
+    dirs = [secret_env_dir(secret) for secret, _ in env_secrets(cfg, optional_secrets)]
+    return [{"name": SECRET_ENV_DIRS, "value": ":".join(dirs)}] if dirs else []
+
+
+@dataclass(frozen=True)
+class OverridesField:
+    """How one Trainer release takes a TrainJob's patch of the trainer's pods and its JobSet labels."""
+
+    releases: str
+    wrap: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]]
+
+
+def _pod_spec_overrides(patch: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    return {"podSpecOverrides": [{"targetJobs": [{"name": TRAINER_JOB}], **patch}], "labels": labels}
+
+
+def _pod_template_overrides(patch: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    overrides = [{"targetJobs": [{"name": TRAINER_JOB}], "spec": patch}]
+    return {"podTemplateOverrides": overrides, "labels": labels}
+
+
+def _runtime_patches(patch: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    job = {"name": TRAINER_JOB, "template": {"spec": {"template": {"spec": patch}}}}
+    template = {"metadata": {"labels": labels}, "spec": {"replicatedJobs": [job]}}
+    return {"runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": template}}]}
+
+
+OVERRIDES_FIELDS = {
+    "podSpecOverrides": OverridesField("Kubeflow Trainer v2.0", _pod_spec_overrides),
+    "podTemplateOverrides": OverridesField("Kubeflow Trainer v2.1", _pod_template_overrides),
+    "runtimePatches": OverridesField("Kubeflow Trainer v2.2 and later", _runtime_patches),
+}
+NEWEST_OVERRIDES_FIELD = "runtimePatches"
+# The owner of a runtimePatches entry: Trainer requires a domain-prefixed path.
+PATCH_MANAGER = "fulltune.dev/launcher"
+
+
+def configured_overrides_field(cfg: RunConfig) -> str | None:
+    """The field the config names; None for `auto` (read it from the cluster)."""
+    field = cfg.resources.trainjob.overrides_field
+    return None if field == "auto" else field
+
+
+def served_overrides_field(api_client: Any) -> str | None:
+    """Which of `OVERRIDES_FIELDS` the cluster's TrainJob takes, from the OpenAPI v3 schema the API
+    server publishes for trainer.kubeflow.org/v1alpha1 (readable by every authenticated identity,
+    so the launcher needs no access to CustomResourceDefinitions); None when it names none of them.
+    Raises the client's ApiException when the schema cannot be read."""
+    data, _, _ = api_client.call_api(
+        f"/openapi/v3/apis/{GROUP}/{VERSION}",
+        "GET",
+        auth_settings=["BearerToken"],
+        _preload_content=False,
+        _request_timeout=60,
+    )
+    schemas = json.loads(data.data).get("components", {}).get("schemas", {})
+    for schema in schemas.values():
+        kinds = schema.get("x-kubernetes-group-version-kind") or []
+        if any(k.get("group") == GROUP and k.get("kind") == KIND for k in kinds):
+            spec = (schema.get("properties") or {}).get("spec") or {}
+            if ref := spec.get("$ref") or next(
+                (a["$ref"] for a in spec.get("allOf", []) if "$ref" in a), None
+            ):
+                spec = schemas.get(ref.rsplit("/", 1)[-1], {})
+            served = [field for field in OVERRIDES_FIELDS if field in (spec.get("properties") or {})]
+            return served[0] if served else None
+    return None
