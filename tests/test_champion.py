@@ -234,3 +234,68 @@ def test_the_model_manifest_is_the_file_training_writes():
     from fulltune.train.recipe import MODEL_MANIFEST as WRITTEN
 
     assert MODEL_MANIFEST == WRITTEN
+
+
+def _scored_sets(domain: tuple[float, float, float], general: tuple[float, float, float]):
+    """Scored loss sets from per-token losses (base, candidate, champion), 40 sequences of 20 tokens."""
+    import numpy as np
+    import torch
+
+    from fulltune.evaluate.core import Placement, Scored, ScoredTask
+    from fulltune.evaluate.loss import LossResult, LossSet
+    from fulltune.evaluate.tasks import Pair
+
+    rng = np.random.default_rng(0)
+
+    def result(loss: float) -> LossResult:
+        tokens = np.full(40, 20, dtype=np.int64)
+        noise = rng.normal(0, 0.01, 40)  # zero mean: the set's loss is `loss`, its interval not a point
+        sums = (loss + noise - noise.mean()) * tokens
+        return LossResult(float(sums.sum() / tokens.sum()), 800, 40, sums, tokens)
+
+    tasks = [
+        ScoredTask(LossSet(name, None), Pair(result(base), result(tuned)), result(champ))
+        for name, (base, tuned, champ) in (("domain_eval", domain), ("general_eval", general))
+    ]
+    return Scored(Placement(torch.device("cpu"), torch.float32, None, True, "test"), tasks, {}, [])
+
+
+def test_a_candidate_that_forgot_far_more_than_the_champion_is_not_promoted_for_a_small_domain_gain():
+    """Slightly better than v4 on the domain set and within the forgetting budget against the base,
+    but general perplexity 10% above v4's: the cycle would replace the serving model by a worse one."""
+    from fulltune.evaluate.core import summarise
+    from fulltune.evaluate.eval_page import render_report
+    from fulltune.evaluate.tasks import Pair
+
+    scores = _scored_sets(domain=(3.0, 2.49, 2.50), general=(2.0, 2.045, 1.95))
+    cfg = _cfg(compare_to="registered")
+    result = summarise(cfg, Pair("base", "tuned"), {}, scores, champion(4, "s3://registry/v4"))
+    checks = {c.name: c for c in result.checks}
+    assert checks["forgetting"].passed and checks["champion"].passed  # what the gate checked before
+    general = checks["champion_general"]
+    assert not general.passed and not result.verdict
+    assert general.reason.startswith("general perplexity 10.0% above the promoted v4 (7.03 → 7.73, 95% CI")
+    assert general.reason.endswith("> 5.0% allowed")
+    assert result.kfp_metrics()["champion_forgetting"] == pytest.approx(0.1, abs=0.002)
+    assert result.thresholds.max_general_ppl_regression == 0.05
+    page = render_report(result)
+    assert "general_eval perplexity" in page and "max general perplexity rise over the champion" in page
+
+    # a looser tolerance, or a candidate that forgot no more than the champion, passes
+    loose = summarise(
+        _cfg(compare_to="registered", max_general_ppl_regression=0.12),
+        Pair("base", "tuned"),
+        {},
+        scores,
+        champion(4, "s3://registry/v4"),
+    )
+    assert loose.verdict
+    fine = summarise(
+        cfg,
+        Pair("base", "tuned"),
+        {},
+        _scored_sets(domain=(3.0, 2.49, 2.50), general=(2.0, 2.0, 2.01)),
+        champion(4, "s3://registry/v4"),
+    )
+    assert fine.verdict
+    assert "general perplexity 1.0% below the promoted v4" in fine.reasons[-1]

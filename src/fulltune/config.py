@@ -805,7 +805,8 @@ class EvaluationSection(_Section):
         "base",
         description="'registered': also score the version the registry's production pointer names (the "
         "champion) in the same pass; the candidate must not be worse on the domain set (within "
-        "max_domain_loss_regression), forgetting is still measured against the base, and a pass promotes it. "
+        "max_domain_loss_regression) nor on the general set (within max_general_ppl_regression), forgetting "
+        "is still measured against the base too, and a pass promotes it. "
         "'base': the base model only; a model's first version is promoted, later ones by hand. Scheduled "
         "runs (`fulltune schedule`) default to 'registered'.",
     )
@@ -814,6 +815,16 @@ class EvaluationSection(_Section):
         ge=0.0,
         description="compare_to registered: largest allowed relative rise of domain eval loss against the "
         "champion, e.g. 0.01 = 1% worse still passes.",
+    )
+    # Not 0 like the domain tolerance: the candidate is not trained to lower the general perplexity,
+    # so against a champion that forgot as little, a zero tolerance would refuse about every other
+    # cycle on noise; 5% (as the forgetting budget) still stops one that forgot far more than it.
+    max_general_ppl_regression: float = Field(
+        0.05,
+        ge=0.0,
+        description="compare_to registered: largest allowed relative rise of general-set perplexity against "
+        "the champion's, e.g. 0.05 = 5%; keeps a candidate that forgot much more than the serving version "
+        "from replacing it for a small domain gain.",
     )
     lm_eval_tasks: list[str] = Field(
         default_factory=list,

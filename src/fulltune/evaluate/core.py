@@ -62,10 +62,11 @@ from fulltune.evaluate import lm_eval_backend
 from fulltune.evaluate import mc as mc_tasks
 from fulltune.evaluate.champion import ChampionRef
 from fulltune.evaluate.eval_page import render_report
-from fulltune.evaluate.gate import Check, Verdict, champion_check, decide
+from fulltune.evaluate.gate import Check, Verdict, champion_check, champion_general_check, decide
 from fulltune.evaluate.loss import LossSet
 from fulltune.evaluate.result import (
     CHAMPION,
+    CHAMPION_FORGETTING,
     CHAMPION_IMPROVEMENT,
     DOMAIN,
     DOMAIN_LOSS_IMPROVEMENT,
@@ -462,10 +463,11 @@ def summarise(
     mc = {name: s for name, s in sections if isinstance(s, MCSection)}
     generation = {name: s for name, s in sections if isinstance(s, GenerationSection)}
     verdict = _verdict(sets, mc, generation, intervals, ev)
-    against = _against_champion(champion, scored, boot, ev.max_domain_loss_regression)
+    against = _against_champion(champion, scored, boot, ev)
     if against is not None:
         intervals.update(against.intervals)
-        verdict = Verdict(verdict.passed and against.check.passed, (*verdict.checks, against.check))
+        checks = (*verdict.checks, *against.checks)
+        verdict = Verdict(all(check.passed for check in checks), checks)
     return EvalResult(
         base_model_uri=uris.base,
         tuned_model_uri=uris.tuned,
@@ -483,6 +485,8 @@ def summarise(
             max_general_ppl_increase=ev.max_general_ppl_increase,
             max_mc_accuracy_drop=ev.max_mc_accuracy_drop,
             max_exact_match_drop=ev.max_exact_match_drop,
+            max_domain_loss_regression=ev.max_domain_loss_regression if against else None,
+            max_general_ppl_regression=ev.max_general_ppl_regression if against else None,
         ),
         device=scored.placement.device_label,
         scoring=scored.placement.scoring(scored.passes),
@@ -495,39 +499,68 @@ def summarise(
 @dataclass(frozen=True)
 class AgainstChampion:
     section: Champion
-    check: Check
+    checks: tuple[Check, ...]
     intervals: dict[str, ConfidenceInterval]
 
 
+# The interval (of champion vs candidate, as `LossSet.intervals` names it for base vs tuned) each
+# champion check quotes, under the name eval.json and KFP Metrics give it.
+_CHAMPION_INTERVALS = {
+    DOMAIN: (DOMAIN_LOSS_IMPROVEMENT, CHAMPION_IMPROVEMENT),
+    GENERAL: (FORGETTING, CHAMPION_FORGETTING),
+}
+
+
 def _against_champion(
-    champion: ChampionRef | None, scored: Scored, boot: BootstrapSettings, allowed_regression: float
+    champion: ChampionRef | None, scored: Scored, boot: BootstrapSettings, ev: EvaluationSection
 ) -> AgainstChampion | None:
-    """The champion's figures, the interval of the candidate's domain improvement over it, and the
-    gate's check; with compare_to registered and nothing promoted yet, a passing check saying so."""
+    """The champion's figures, the intervals of the candidate's change over it, and the gate's checks:
+    on the domain loss and, with a general set, on the general perplexity. With compare_to registered
+    and nothing promoted yet, a passing check saying so."""
     if champion is None:
         return None
     section = Champion(
         compare_to=champion.compare_to, version=champion.version, model_uri=champion.uri, note=champion.note
     )
     if champion.version is None:
-        return AgainstChampion(section, Check("champion", True, champion.note), {})
+        return AgainstChampion(section, (Check("champion", True, champion.note),), {})
     if champion.refused:
-        return AgainstChampion(section, Check("champion", False, champion.refused), {})
+        return AgainstChampion(section, (Check("champion", False, champion.refused),), {})
     intervals: dict[str, ConfidenceInterval] = {}
+    tuned: dict[str, LossFigures] = {}
     for item in scored.tasks:
         if item.champion is None:
             continue
-        section.sets[item.task.name] = LossFigures(
-            loss=item.champion.loss, perplexity=item.champion.perplexity
+        name, candidate = item.task.name, item.scores.tuned
+        section.sets[name] = LossFigures(loss=item.champion.loss, perplexity=item.champion.perplexity)
+        tuned[name] = LossFigures(loss=candidate.loss, perplexity=candidate.perplexity)
+        if name in _CHAMPION_INTERVALS:
+            relative, key = _CHAMPION_INTERVALS[name]
+            got = item.task.intervals(Pair(item.champion, candidate), boot)
+            intervals[key] = ConfidenceInterval(**got[relative]._asdict())
+    version, level = champion.version, boot.level
+    checks = [
+        champion_check(
+            section.sets[DOMAIN].loss,
+            tuned[DOMAIN].loss,
+            ev.max_domain_loss_regression,
+            version,
+            intervals[CHAMPION_IMPROVEMENT].bounds,
+            level,
         )
-        if item.task.name == DOMAIN:
-            got = item.task.intervals(Pair(item.champion, item.scores.tuned), boot)
-            intervals[CHAMPION_IMPROVEMENT] = ConfidenceInterval(**got[DOMAIN_LOSS_IMPROVEMENT]._asdict())
-    domain = section.sets[DOMAIN]
-    tuned = next(i.scores.tuned.loss for i in scored.tasks if i.task.name == DOMAIN)
-    ci = intervals[CHAMPION_IMPROVEMENT].bounds
-    check = champion_check(domain.loss, tuned, allowed_regression, champion.version, ci, boot.level)
-    return AgainstChampion(section, check, intervals)
+    ]
+    if GENERAL in section.sets:
+        checks.append(
+            champion_general_check(
+                section.sets[GENERAL].perplexity,
+                tuned[GENERAL].perplexity,
+                ev.max_general_ppl_regression,
+                version,
+                intervals[CHAMPION_FORGETTING].bounds,
+                level,
+            )
+        )
+    return AgainstChampion(section, tuple(checks), intervals)
 
 
 def _verdict(

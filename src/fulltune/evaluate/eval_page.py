@@ -14,6 +14,9 @@ import math
 
 from fulltune import report_kit as kit
 from fulltune.evaluate.result import (
+    CHAMPION_FORGETTING,
+    CHAMPION_IMPROVEMENT,
+    GENERAL,
     BootstrapSettings,
     EvalResult,
     GateCheck,
@@ -25,6 +28,7 @@ from fulltune.evaluate.result import (
     QuestionRegression,
     Scoring,
     SequenceRegression,
+    Thresholds,
 )
 from fulltune.report_kit import Html
 
@@ -77,22 +81,17 @@ def _champion(result: EvalResult) -> str:
     rows = []
     for name, figures in champion.sets.items():
         own = result.sets[name]
-        rows.append(
-            (
-                f"{name} loss",
-                _num(own.base.loss),
-                _num(figures.loss),
-                _num(own.tuned.loss),
-                _change(figures.loss, own.tuned.loss),
-            )
-        )
+        # the general set is judged on its perplexity, as the forgetting checks are
+        what = "perplexity" if name == GENERAL else "loss"
+        base, theirs, tuned = (getattr(x, what) for x in (own.base, figures, own.tuned))
+        rows.append((f"{name} {what}", _num(base), _num(theirs), _num(tuned), _change(theirs, tuned)))
     columns = ["metric", "base", f"champion v{champion.version}", "candidate", "candidate vs champion"]
     where = kit.note(f"champion: {champion.model_uri} ({champion.note})")
     return (
         head
         + where
         + kit.table(columns, rows, numeric=(1, 2, 3, 4))
-        + _ci_line(result, ("champion_domain_loss_improvement",))
+        + _ci_line(result, (CHAMPION_IMPROVEMENT, CHAMPION_FORGETTING))
     )
 
 
@@ -204,6 +203,7 @@ def _run(result: EvalResult) -> str:
         ("max general perplexity increase", _pct(thresholds.max_general_ppl_increase)),
         ("max multiple-choice accuracy drop", _points(thresholds.max_mc_accuracy_drop)),
         ("max exact-match drop", _points(thresholds.max_exact_match_drop)),
+        *_champion_thresholds(thresholds),
         ("bootstrap", _bootstrap(result.bootstrap)),
         ("device", result.device),
         ("scoring", _scoring(result.scoring)),
@@ -211,6 +211,15 @@ def _run(result: EvalResult) -> str:
         ("fulltune", result.fulltune_version),
     ]
     return kit.heading("Run") + kit.key_value_table(rows, as_code=True)
+
+
+def _champion_thresholds(thresholds: Thresholds) -> list[tuple[str, str]]:
+    """The tolerances against the champion, when the candidate was compared with one."""
+    rows = [
+        ("max domain loss rise over the champion", thresholds.max_domain_loss_regression),
+        ("max general perplexity rise over the champion", thresholds.max_general_ppl_regression),
+    ]
+    return [(label, _pct(value)) for label, value in rows if value is not None]
 
 
 def _loss_table(figures: list[Figure]) -> str:

@@ -11,7 +11,11 @@ Two checks, both relative so they read the same for any model size:
 - **multiple choice** (one check per configured task): the accuracy (`acc`) may fall by at most
   `evaluation.max_mc_accuracy_drop` percentage points (2.0 = from 61.0% to 59.0% still passes);
 - **exact match** (one check per generation task): the exact-match rate may fall by at most
-  `evaluation.max_exact_match_drop` percentage points.
+  `evaluation.max_exact_match_drop` percentage points;
+- **champion** (`evaluation.compare_to: registered`, against the version in production): the domain
+  loss may rise at most `evaluation.max_domain_loss_regression` above the champion's and, with a
+  general set, the general perplexity at most `evaluation.max_general_ppl_regression` above the
+  champion's (`champion_check`, `champion_general_check`).
 
 The gate decides on the **point estimates**. Bootstrap confidence intervals, when given, are quoted
 in the reasons so a reader can tell a real regression from noise on a small eval set, but they do
@@ -177,6 +181,31 @@ def champion_check(
         op = "≤" if passed else ">"
         reason = f"domain loss {got} above the promoted v{version} {change} {op} {limit} allowed"
     return Check("champion", passed, reason)
+
+
+def champion_general_check(
+    champion: float, tuned: float, allowed: float, version: int, ci: CI | None = None, level: float = 0.95
+) -> Check:
+    """The candidate against the promoted version on the general set: its perplexity may rise at most
+    `allowed` (relative) above the champion's. The forgetting check bounds the rise over the base; this
+    one keeps a candidate that forgot much more than the serving version from replacing it for a
+    small domain gain."""
+    change = f"({champion:.2f} → {tuned:.2f}{_ci_pct(ci, 'rise', level)})"
+    rise = forgetting(champion, tuned)
+    if not math.isfinite(rise):
+        return Check(
+            "champion_general",
+            False,
+            f"general perplexity against v{version} is not a finite number {change}",
+        )
+    passed = rise <= allowed
+    got, limit = _percentages(abs(rise), allowed)
+    if rise <= 0:
+        reason = f"general perplexity {got} below the promoted v{version} {change}: the candidate forgot less"
+    else:
+        op = "≤" if passed else ">"
+        reason = f"general perplexity {got} above the promoted v{version} {change} {op} {limit} allowed"
+    return Check("champion_general", passed, reason)
 
 
 def _forgetting_check(

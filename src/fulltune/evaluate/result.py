@@ -46,6 +46,8 @@ CHAMPION = "champion"  # the promoted version, scored beside them with evaluatio
 DOMAIN_LOSS_IMPROVEMENT, FORGETTING = "domain_loss_improvement", "forgetting"
 # tuned vs the promoted version (evaluation.compare_to: registered): 1 - tuned / champion domain loss
 CHAMPION_IMPROVEMENT = "champion_domain_loss_improvement"
+# ... and on the general set: tuned / champion general perplexity - 1
+CHAMPION_FORGETTING = "champion_forgetting"
 
 
 class EvalResultError(ValueError):
@@ -92,6 +94,19 @@ class Thresholds(_Record):
     max_general_ppl_increase: float
     max_mc_accuracy_drop: float | None = None
     max_exact_match_drop: float | None = None
+    # against the champion; None: not compared with one (compare_to base, or an older file)
+    max_domain_loss_regression: float | None = None
+    max_general_ppl_regression: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_champion_when_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The champion tolerances only when there was a champion: a run with compare_to base writes
+        the keys it always wrote."""
+        data = handler(self)
+        for key in ("max_domain_loss_regression", "max_general_ppl_regression"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class ScoringPass(_Record):
