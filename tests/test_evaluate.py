@@ -287,6 +287,21 @@ def test_without_general_set_and_with_a_sequence_cap(models, tmp_path):
     assert result.verdict is True
 
 
+def test_one_sequence_gives_no_interval_rather_than_a_certain_looking_one(models, dataset, tmp_path):
+    """Every bootstrap resample of a single sequence is that sequence: the interval of a change had
+    zero width, and the gate quoted '95% CI of the improvement -0.7% to -0.7%' for one example."""
+    out = tmp_path / "out"
+    result = evaluate_models(
+        _cfg(max_eval_sequences=1), str(models["base"]), str(models["tuned"]), dataset, out
+    )
+    assert result.sets["domain_eval"].sequences == 1
+    assert not any(ci.bounds for ci in result.confidence_intervals.values())
+    assert not any("CI" in reason for reason in result.reasons)
+    assert not [key for key in result.kfp_metrics() if "_ci_" in key]
+    assert "<code>domain_loss_improvement</code>" in (out / "report.html").read_text()
+    assert "(no interval)" in (out / "report.html").read_text()
+
+
 def test_models_and_dataset_on_s3(models, tmp_path, s3):
     manifest = _manifest(tmp_path / "data", general=False)
     for entry in manifest["splits"]["domain_eval"]["files"]:

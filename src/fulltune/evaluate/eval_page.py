@@ -264,10 +264,12 @@ def _bootstrap(boot: BootstrapSettings | None) -> str:
 
 
 def _ci_line(result: EvalResult, keys: tuple[str, ...]) -> str:
-    """'domain_loss_improvement: 0.2140 (95% CI 0.19 to 0.23)' for the intervals in the result."""
+    """'domain_loss_improvement: 0.2140 (95% CI 0.19 to 0.23)' for the intervals in the result;
+    '(no interval)' where none was computed (bootstrap off, a single example)."""
     level = result.bootstrap.level if result.bootstrap else _DEFAULT_LEVEL
     items = [
-        f"{kit.code(key)} {_num(ci.estimate)} ({level:.0%} CI {_num(ci.low)} to {_num(ci.high)})"
+        f"{kit.code(key)} {_num(ci.estimate)} "
+        + (f"({level:.0%} CI {_num(ci.low)} to {_num(ci.high)})" if ci.bounds else "(no interval)")
         for key in keys
         if (ci := result.confidence_intervals.get(key))
     ]

@@ -46,10 +46,12 @@ def bootstrap(
     """Percentile interval of `statistic`, which maps an index array ([n] or [R, n]) to its value(s).
 
     `statistic(np.arange(n))` is the point estimate; `statistic(indices)` with [R, n] indices must
-    return R values (vectorised over the first axis). NaN resamples are ignored.
+    return R values (vectorised over the first axis). NaN resamples are ignored. Fewer than two
+    examples give no interval: every resample of one example is that example, and the zero-width
+    interval would claim a certainty one sequence or question cannot give.
     """
     estimate = float(statistic(np.arange(n)))
-    if resamples <= 0 or n == 0:
+    if resamples <= 0 or n < 2:
         return Interval(estimate, float("nan"), float("nan"))
     values = np.asarray(statistic(resample_indices(n, resamples, seed)), dtype=np.float64)
     values = values[np.isfinite(values)]
