@@ -221,6 +221,21 @@ def test_gate_wording_edge_cases():
         _decide(base_ppl=None)
 
 
+def test_a_diverged_base_or_champion_does_not_pass_the_gate():
+    """An infinite base (or champion) figure read as a 100% fall, or as no forgetting, for any tuned
+    figure: 'domain loss fell 100.0% (inf → 3.07) ≥ 0.0% required' passed."""
+    from fulltune.evaluate.gate import champion_check, champion_general_check
+
+    inf = _decide(base_loss=math.inf, base_ppl=math.inf)
+    assert not inf.passed and [c.passed for c in inf.checks] == [False, False]
+    assert inf.reasons == [
+        "domain loss is not a finite number (inf → 3.07): cannot judge the gain",
+        "general perplexity is not a finite number (inf → 12.30): cannot judge forgetting",
+    ]
+    assert not champion_check(math.inf, 3.07, 0.0, 4).passed
+    assert not champion_general_check(math.inf, 12.3, 0.05, 4).passed
+
+
 # -- evaluate_models ----------------------------------------------------------------------------
 
 

@@ -56,15 +56,17 @@ class Verdict(NamedTuple):
 
 
 def domain_loss_improvement(base_loss: float, tuned_loss: float) -> float:
-    """Relative drop of the domain loss: 1 - tuned / base (NaN when the base loss is not positive)."""
-    if not base_loss > 0:
+    """Relative drop of the domain loss: 1 - tuned / base (NaN when the base loss is not a positive
+    finite number: an infinite one would read as a 100% fall for any tuned loss)."""
+    if not 0 < base_loss < math.inf:
         return math.nan
     return 1.0 - tuned_loss / base_loss
 
 
 def forgetting(base_ppl: float, tuned_ppl: float) -> float:
-    """Relative rise of general-set perplexity: tuned / base - 1 (NaN when the base is not positive)."""
-    if not base_ppl > 0:
+    """Relative rise of general-set perplexity: tuned / base - 1 (NaN when the base is not a positive
+    finite number: an infinite one would read as no forgetting for any tuned perplexity)."""
+    if not 0 < base_ppl < math.inf:
         return math.nan
     return tuned_ppl / base_ppl - 1.0
 
