@@ -419,6 +419,27 @@ def test_plan_warns_where_forgetting_cannot_be_measured_or_replay_repeats_a_smal
     assert "each general document is replayed ~278 times an epoch" in warned[1]
 
 
+def test_plan_warns_when_the_eval_cap_leaves_the_gate_a_handful_of_sequences(tmp_path):
+    """preprocess warns of an eval split under 50 sequences, but evaluate reads at most
+    evaluation.max_eval_sequences of any split: a cap of 5 judged the gain, forgetting and the
+    champion on 5 sequences (each set, however large) with no warning anywhere."""
+    from tiny_models import save_tiny_llama
+
+    base = {
+        "model": {"base_model_uri": str(save_tiny_llama(tmp_path / "model"))},
+        "data": {"train_uri": str(small_text_data(tmp_path))},
+        "resources": {"accelerator": "cpu"},
+    }
+    capped = planmod.make_plan(RunConfig.from_dict({**base, "evaluation": {"max_eval_sequences": 5}}))
+    warning = (
+        "warning: evaluation.max_eval_sequences 5 is fewer than 50: the domain gain, forgetting, the "
+        "champion comparison and their confidence intervals would rest on at most 5 sequence(s) per set"
+    )
+    assert any(d.startswith(warning) for d in capped.decisions)
+    default = planmod.make_plan(RunConfig.from_dict(base))
+    assert not any("max_eval_sequences" in d for d in default.decisions)
+
+
 def test_plan_sizes_a_plain_text_general_set_beside_chat_domain_data(tmp_path):
     """record_kind: chat names the domain data's kind; the general set is sized from its own text.
     Read as chat it looked empty, and plan warned that replay repeats a pool of ~0 thousands of times."""

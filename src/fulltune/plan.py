@@ -1043,6 +1043,20 @@ def general_notes(cfg: RunConfig, train: DataEstimate, general: DataEstimate | N
     return notes + replay_notes(cfg, train, general)
 
 
+def eval_cap_notes(cfg: RunConfig) -> list[str]:
+    """A cap on the eval sequences below what the gate's figures need: preprocess warns of a small
+    eval split, but evaluate reads at most `max_eval_sequences` of any split, however large."""
+    cap = cfg.evaluation.max_eval_sequences
+    if cap >= MIN_GENERAL_EVAL_SEQUENCES:
+        return []
+    return [
+        f"warning: evaluation.max_eval_sequences {cap} is fewer than {MIN_GENERAL_EVAL_SEQUENCES}: the "
+        f"domain gain, forgetting, the champion comparison and their confidence intervals would rest on at "
+        f"most {cap} sequence(s) per set (and question(s) per multiple-choice task), whatever the data holds; "
+        "raise it"
+    ]
+
+
 def replay_notes(cfg: RunConfig, train: DataEstimate, general: DataEstimate) -> list[str]:
     pp = cfg.preprocess
     r = pp.replay_fraction
@@ -1156,7 +1170,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
     mem, budget, notes = choose_memory_settings(cfg, shape)
     data, general = estimate_datasets(cfg) if train_tokens is None else (DataEstimate(0, train_tokens), None)
     tokens, per_epoch = data.tokens, epoch_tokens(cfg, data)
-    batch_notes = check_one_batch(cfg, data) + general_notes(cfg, data, general)
+    batch_notes = check_one_batch(cfg, data) + general_notes(cfg, data, general) + eval_cap_notes(cfg)
     over, rule_notes = resolved_fields(cfg, shape, mem, tokens)
     resolved = cfg.with_overrides(over)
     cost = estimate_cost(
