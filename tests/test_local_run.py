@@ -212,7 +212,7 @@ def test_a_refused_model_is_said_on_the_evaluate_line_and_at_the_end(tmp_path):
     run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN, FORGOT], registered=None)
     [evaluate] = step_lines(run_dir, "evaluate")
     assert evaluate.startswith("ok     evaluate (")
-    assert evaluate.endswith("gate FAIL: not registered, 15.5% lower domain loss, +20.6% forgetting")
+    assert evaluate.endswith("gate FAIL: not registered, +15.5% domain loss improvement, +20.6% forgetting")
     summary = read_outcome(run_dir).summary("fulltune run").splitlines()
     assert summary[1:] == [
         "== fulltune run ==",
@@ -231,7 +231,7 @@ def test_a_registered_model_is_named_on_the_register_line_and_at_the_end(tmp_pat
     version = str(tmp_path / "registry" / "notes" / "v3")
     run_dir = kfp_local_run(tmp_path, checks=[DOMAIN_GAIN], registered=version)
     evaluate, register = step_lines(run_dir, "evaluate", "register")
-    assert ": gate PASS, 15.5% lower domain loss" in evaluate
+    assert ": gate PASS, +15.5% domain loss improvement" in evaluate
     assert register.startswith("ok     register (") and register.endswith(f"s): {version}")
     outcome = read_outcome(run_dir)
     assert outcome.eval_result.verdict and outcome.registered == version
