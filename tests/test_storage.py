@@ -106,6 +106,24 @@ def test_upload_dir_and_local_dir_round_trip(base, tmp_path):
         assert [f["path"] for f in storage.file_manifest(local)] == ["sub/t.txt", "w.bin"]
 
 
+def test_folders_made_in_the_s3_console_are_not_files(s3, tmp_path):
+    """The S3 console's "Create folder" (and s3fs, Hadoop's S3A) store a folder as an empty object
+    whose key ends in "/": it is no file of the model, and downloading it as one collides with the
+    directory of the same name."""
+    src = tmp_path / "src"
+    (src / "original").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "original" / "params.json").write_text("{}")
+    dest = f"{s3}/models/llama"
+    bucket, key = storage.split_s3(dest)
+    for marker in (f"{key}/", f"{key}/original/"):
+        storage.s3_client().put_object(Bucket=bucket, Key=marker, Body=b"")
+    storage.upload_dir(src, dest)
+    assert storage.list_files(dest) == [f"{dest}/config.json", f"{dest}/original/params.json"]
+    with storage.local_dir(dest) as local:
+        assert [f["path"] for f in storage.file_manifest(local)] == ["config.json", "original/params.json"]
+
+
 def test_local_write_is_atomic_and_leaves_no_temp_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "out.json"
     storage.write_text(str(target), "old")

@@ -271,14 +271,20 @@ def read_json(uri: str) -> Any:
 
 
 def list_files(prefix: str) -> list[str]:
-    """Every file below `prefix` (recursive), sorted, as URIs of the same kind."""
+    """Every file below `prefix` (recursive), sorted, as URIs of the same kind.
+
+    On S3 a key ending in "/" is a folder, not a file: the S3 console's "Create folder" (and s3fs,
+    Hadoop's S3A) store one as an empty object. Listed as a file, a model uploaded that way would be
+    downloaded onto its own directory's name, and registered with a file named "".
+    """
     if is_s3(prefix):
         bucket, key = split_s3(prefix)
         key = key.rstrip("/") + "/" if key else ""
         out = []
         with s3_errors(prefix):
             for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-                out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+                keys = (obj["Key"] for obj in page.get("Contents", []))
+                out.extend(f"s3://{bucket}/{k}" for k in keys if not k.endswith("/"))
         return sorted(out)
     root = Path(prefix)
     if root.is_file():
