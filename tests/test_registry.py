@@ -514,3 +514,23 @@ def test_the_registry_cli_on_misconfigured_storage_names_the_cause(s3, capsys, m
     assert main(["registry", "list", "--uri", f"{s3}/models", "--name", NAME]) == 1
     assert "cannot reach the S3 endpoint" in capsys.readouterr().err
     storage.s3_client.cache_clear()
+
+
+def test_registry_register_on_a_missing_bucket_names_it(small_model, s3, tmp_path, capsys):
+    """`registry register` into a misspelt bucket, or from one, is an error line naming the bucket,
+    as for the other registry commands, not a traceback."""
+    from fulltune.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_cfg("s3://no-such-registry-bucket/models").to_dict()))
+    for model, bucket in (
+        (str(small_model), "no-such-registry-bucket"),
+        ("s3://no-such-model-bucket/tuned", "no-such-model-bucket"),
+    ):
+        eval_json = tmp_path / "eval.json"
+        eval_json.write_text(EVAL_PASS.model_copy(update={"tuned_model_uri": model}).model_dump_json())
+        argv = ["registry", "register", "--config", str(config), "--model", model, "--eval", str(eval_json)]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"error: s3://{bucket}/" in err and f"the bucket '{bucket}' does not exist" in err, err
+        assert "Traceback" not in err

@@ -340,7 +340,7 @@ def _move_production(args: argparse.Namespace):
 
 def _registry_register(args: argparse.Namespace) -> int:
     """Register a model the way the pipeline's `register` step does (Kubeflow Model Registry too)."""
-    from fulltune import steps
+    from fulltune import steps, storage
     from fulltune.config import ConfigError, RunConfig
     from fulltune.evaluate.result import EvalResultError
     from fulltune.registry.layout import RegistryError
@@ -351,7 +351,8 @@ def _registry_register(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc.filename or exc}: not found", file=sys.stderr)
         return 1
-    except (ConfigError, EvalResultError, RegistryError) as exc:
+    # StorageError: a missing bucket, refused keys, no endpoint, as for the other registry commands
+    except (ConfigError, EvalResultError, RegistryError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(uri)
