@@ -534,3 +534,49 @@ def test_registry_register_on_a_missing_bucket_names_it(small_model, s3, tmp_pat
         err = capsys.readouterr().err
         assert f"error: s3://{bucket}/" in err and f"the bucket '{bucket}' does not exist" in err, err
         assert "Traceback" not in err
+
+
+def test_a_base_still_naming_a_registry_pointer_is_refused(small_model, tmp_path, capsys):
+    """A config written by hand with `registry://NAME/production` (a pipeline run fixes it to one
+    version first) would put the pointer into the lineage as the base and the original base: the
+    next run from this version would measure forgetting against "registry://...". Refused, nothing
+    written; the config the run resolved registers."""
+    from fulltune.cli import main
+
+    registry = str(tmp_path / "registry")
+    register_model(_cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE)
+    by_hand = _cfg(registry).with_overrides({"model": {"base_model_uri": f"registry://{NAME}/production"}})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(by_hand.to_dict()))
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(scored(EVAL_PASS, str(small_model)).model_dump_json())
+    argv = [
+        "registry",
+        "register",
+        "--config",
+        str(config),
+        "--model",
+        str(small_model),
+        "--eval",
+        str(eval_json),
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"model.base_model_uri is registry://{NAME}/production, a pointer" in err, err
+    assert [v["version"] for v in list_versions(registry, NAME)] == [1]
+    # finishing a registration that committed already (what a Model Registry failure asks for)
+    # writes no lineage, and is not refused
+    assert main([*argv, "--run-id", "run-1"]) == 1
+    capsys.readouterr()
+    register_model(
+        _cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE, run_id="run-2"
+    )
+    assert main([*argv, "--run-id", "run-2"]) == 0
+    assert capsys.readouterr().out.strip() == str(Path(registry, NAME, "v2"))
+
+    resolved = by_hand.with_overrides({"model": {"base_model_uri": f"{registry}/{NAME}/v1"}})
+    config.write_text(yaml.safe_dump(resolved.to_dict()))
+    assert main(argv) == 0
+    lineage = json.loads(Path(registry, NAME, "v3", "lineage.json").read_text())
+    assert lineage["base_model_uri"] == f"{registry}/{NAME}/v1"
+    assert not lineage["original_base_model_uri"].startswith("registry://")

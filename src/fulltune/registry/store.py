@@ -135,6 +135,22 @@ def register_model(
     return uri
 
 
+def _require_fixed_base(cfg: RunConfig, model_uri: str) -> None:
+    """Refuse a base that is still a `registry://` reference: the lineage and the card would name a
+    pointer, not the version the model was trained from, and a later run from this version would
+    measure forgetting against the pointer (`original_base_model_uri`). A pipeline run fixed it
+    when it started (`steps.run_inputs`); only a config written by hand still holds one. A version
+    committed already (a retry recording it in the Model Registry) writes no lineage: not asked."""
+    ref = cfg.model.base_model_uri
+    if pointers.is_ref(ref):
+        raise RegistryError(
+            f"{cfg.model.name}: model.base_model_uri is {ref}, a pointer that may have moved since "
+            f"{model_uri} was trained; not registering a lineage that names it. Register with the "
+            "config the run resolved (fulltune_config.yaml in the model directory), or set "
+            "model.base_model_uri to the registered version the run started from"
+        )
+
+
 def _require_evaluated(name: str, model_uri: str, eval_result: EvalResult) -> None:
     """Refuse a model the eval result does not describe: its verdict and champion decide whether the
     version registers and becomes production, so they must be about this model (also with force).
@@ -205,6 +221,7 @@ def _publish(
     forced: bool,
 ) -> str:
     """Claim the next version, write its files, commit its manifest; a failure removes what was written."""
+    _require_fixed_base(cfg, model_uri)
     name = cfg.model.name
     rels = _model_files(model_uri)
     files = [_file_entry(storage.join(model_uri, rel), rel) for rel in rels]
