@@ -580,3 +580,35 @@ def test_a_base_still_naming_a_registry_pointer_is_refused(small_model, tmp_path
     lineage = json.loads(Path(registry, NAME, "v3", "lineage.json").read_text())
     assert lineage["base_model_uri"] == f"{registry}/{NAME}/v1"
     assert not lineage["original_base_model_uri"].startswith("registry://")
+
+
+def test_registry_register_with_the_config_as_written_leaves_the_work_dir_alone(
+    small_model, tmp_path, capsys
+):
+    """The config as written names the work_dir runs are made under, not a run's own directory: a
+    failed registration writes no failure record there (`fulltune runs` would list a run named
+    "failures"), and the lineage names no dataset manifest of a run that is not this model's."""
+    from fulltune.cli import main
+    from fulltune.run_list import run_statuses
+
+    work, registry = tmp_path / "work", str(tmp_path / "registry")
+    work.mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_cfg(registry).with_overrides({"work_dir": str(work)}).to_dict()))
+    for evaluated, code in ((EVAL_FAIL, 1), (EVAL_PASS, 0)):
+        eval_json = tmp_path / "eval.json"
+        eval_json.write_text(scored(evaluated, str(small_model)).model_dump_json())
+        argv = [
+            "registry",
+            "register",
+            "--config",
+            str(config),
+            "--model",
+            str(small_model),
+            "--eval",
+            str(eval_json),
+        ]
+        assert main(argv) == code, capsys.readouterr().err
+        assert list(work.iterdir()) == [] and run_statuses(str(work)) == []
+    data = json.loads(Path(registry, NAME, "v1", "lineage.json").read_text())["data"]
+    assert data["dataset_manifest_uri"] is None and data["dataset_manifest_sha256"] is None

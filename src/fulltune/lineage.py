@@ -43,11 +43,14 @@ def git_commit() -> str | None:
 
 
 def build_lineage(cfg: RunConfig, *, run_id: str, model_uri: str) -> dict[str, Any]:
-    # no work directory (a registration from the command line): no dataset manifest to point at
+    # Only a run's own directory holds its dataset manifest. A registration from the command line
+    # may have no work_dir, or the one runs are made under (the config as written): nothing to name.
     data_uri = cfg.layout.dataset_manifest if cfg.work_dir else None
     data_digest = None
     if data_uri and storage.exists(data_uri):
         data_digest = hashlib.sha256(storage.read_bytes(data_uri)).hexdigest()
+    else:
+        data_uri = None
     return {
         "pipeline_run_id": run_id,
         "work_dir": cfg.work_dir,

@@ -37,8 +37,11 @@ def _setup_process() -> None:
 
 def _failure_recorded(cfg: RunConfig, step: str) -> contextlib.AbstractContextManager[None]:
     """The step's failure written into its run's directory (`fulltune.failure`); a step called
-    outside a run (`fulltune registry register`: no work_dir) has none to write it into."""
-    return failure.recorded(cfg.layout, step) if cfg.work_dir else contextlib.nullcontext()
+    outside a run has none to write it into: `fulltune registry register` with no work_dir, or with
+    the config as written, whose work_dir is where runs are made. A record there would be listed by
+    `fulltune runs` as a run named "failures"."""
+    in_run = bool(cfg.work_dir) and storage.exists(cfg.layout.resolved_config)  # plan wrote it
+    return failure.recorded(cfg.layout, step) if in_run else contextlib.nullcontext()
 
 
 def _log_metrics(log_metric: MetricSink | None, metrics: dict[str, Any], prefix: str = "") -> None:
