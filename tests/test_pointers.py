@@ -131,6 +131,34 @@ def test_racing_promotions_from_the_same_value_have_exactly_one_winner(
     assert [r.version for r in pointers.history(registry, NAME, PRODUCTION)] == [1, won[0].version]
 
 
+def test_latest_names_the_newest_version_when_an_older_registration_moved_it_first(
+    model_dir, tmp_path, monkeypatch
+):
+    """Two registrations committed v1 and v2 at once and both read `latest` unset: v1's writer
+    creating the pointer's record first must not leave `latest` at v1, behind the newest version
+    (what registry://NAME/latest resolves to)."""
+    from fulltune import storage
+    from fulltune.registry import store
+
+    registry = str(tmp_path / "registry")
+    with monkeypatch.context() as m:  # both committed, neither has moved a pointer yet
+        m.setattr(store.pointers, "on_register", lambda *a, **k: [])
+        registry_with(model_dir, registry, 2)
+    create, raced = storage.create_exclusive, []
+
+    def v1_moves_first(uri, data, options=storage.DEFAULT_WRITE):
+        if f"/{LATEST}/" in uri and not raced:
+            raced.append(uri)
+            pointers.on_register(registry, NAME, 1, run_id="run-1")  # after v2's read, before its write
+        return create(uri, data, options)
+
+    monkeypatch.setattr(storage, "create_exclusive", v1_moves_first)
+    pointers.on_register(registry, NAME, 2, run_id="run-2")
+    assert [r.version for r in pointers.history(registry, NAME, LATEST)] == [1, 2]
+    assert pointers.resolve_ref(f"registry://{NAME}/latest", registry).version == 2
+    assert named(registry, PRODUCTION) == 1  # production's compare-and-swap is v1's: it moved first
+
+
 def test_a_retried_registration_moves_no_pointer_twice(model_dir, tmp_path):
     registry = str(tmp_path / "registry")
     registry_with(model_dir, registry, 1, {0: "run-1"})

@@ -240,49 +240,81 @@ def on_register(
 ) -> list[PointerRecord]:
     """What a registration does to the pointers once `version` is committed; safe to repeat.
 
-    `latest` moves to `version` unless it already names a newer one. `production` moves with
+    `latest` moves to `version` unless it already names a newer one, also when another registration
+    moved it meanwhile (`_advance_latest`). `production` moves with
     `promote` (the gate passed against the version production named, which it must still name) or
     when it was never set and the version `passed` its gate (the first version of a model serves
     until something beats it; one registered with force despite its gate serves only when someone
     promotes it: `registry promote`). A writer
-    that moved a pointer first is not an error here: its move stands, this registration's version
+    that moved production first is not an error here: its move stands, this registration's version
     stays committed, unpromoted, and the log says why.
     """
     by = f"pipeline run {run_id}" if run_id else default_actor()
     moved = []
-    for pointer in (LATEST, PRODUCTION):
-        now = current(registry_uri, name, pointer)
+    if (record := _advance_latest(registry_uri, name, version, by, run_id, options)) is not None:
+        moved.append(record)
+    now = current(registry_uri, name, PRODUCTION)
+    now_version = now.version if now else None
+    if now_version == version:
+        return moved  # a retried registration already moved it
+    if promote is not None:
+        expected, reason = promote.expected, promote.reason
+    elif now is None and passed:
+        expected, reason = None, "first registered version of the model"
+    else:
+        return moved
+    try:
+        moved.append(
+            move(
+                registry_uri,
+                name,
+                PRODUCTION,
+                version,
+                expected=expected,
+                action="promote",
+                reason=reason,
+                by=by,
+                run_id=run_id,
+                options=options,
+            )
+        )
+    except PointerConflict as exc:
+        log.warning("%s: not moved to v%d: %s", PRODUCTION, version, exc)
+    return moved
+
+
+_LATEST_ATTEMPTS = 100
+
+
+def _advance_latest(
+    registry_uri: str, name: str, version: int, by: str, run_id: str, options: storage.S3WriteOptions
+) -> PointerRecord | None:
+    """Move `latest` to `version` unless it names it or a newer one already. Unlike production, no
+    one's decision is overridden here: when another registration moved it meanwhile (to an older
+    version, whose writer read the pointer at the same time), it is read again and moved on, or
+    `latest` would stay behind the newest committed version."""
+    for _ in range(_LATEST_ATTEMPTS):
+        now = current(registry_uri, name, LATEST)
         now_version = now.version if now else None
-        if now_version == version or (
-            pointer == LATEST and now_version is not None and now_version > version
-        ):
-            continue  # a retried registration already moved it, or a newer version is latest
-        if pointer == LATEST:
-            expected, action, reason = now_version, "register", "newest committed version"
-        elif promote is not None:
-            expected, action, reason = promote.expected, "promote", promote.reason
-        elif now is None and passed:
-            expected, action, reason = None, "promote", "first registered version of the model"
-        else:
-            continue
+        if now_version is not None and now_version >= version:
+            return None  # a retried registration moved it already, or a newer version is latest
         try:
-            moved.append(
-                move(
-                    registry_uri,
-                    name,
-                    pointer,
-                    version,
-                    expected=expected,
-                    action=action,
-                    reason=reason,
-                    by=by,
-                    run_id=run_id,
-                    options=options,
-                )
+            return move(
+                registry_uri,
+                name,
+                LATEST,
+                version,
+                expected=now_version,
+                action="register",
+                reason="newest committed version",
+                by=by,
+                run_id=run_id,
+                options=options,
             )
         except PointerConflict as exc:
-            log.warning("%s: not moved to v%d: %s", pointer, version, exc)
-    return moved
+            log.info("%s: moved meanwhile, reading it again: %s", LATEST, exc)
+    log.warning("%s: not moved to v%d: it kept moving (%d attempts)", LATEST, version, _LATEST_ATTEMPTS)
+    return None
 
 
 # -- registry:// references --------------------------------------------------------------------------
