@@ -808,3 +808,36 @@ def test_memoised_tokenization_gives_the_tokenizers_documents(tok):
     assert docs.ids.flags.writeable
     stats = fast.stats()
     assert stats["memoized"] and stats["pieces_encoded"] < stats["pieces"]
+
+
+def test_the_gather_step_refuses_a_dataset_with_an_empty_eval_split_before_training(demo_assets, tmp_path):
+    """evaluate refuses a dataset whose domain_eval (or, with a general set, general_eval) split has no
+    sequences, which it learned only after training: the gather step refuses it, saying why."""
+    from fulltune import steps
+
+    rows = [{"text": f"note {i}: potassium stable."} for i in range(10)]
+    general = [{"text": f"rome is a city number {i}"} for i in range(3)]
+    cfg = make_cfg(demo_assets, tmp_path, rows, general, eval_fraction=0.01, general_eval_fraction=0.01)
+    assert all(core.stable_fraction(r["text"], "0") >= 0.01 for r in rows)
+    assert all(core.stable_fraction(g["text"], "0/general") >= 0.01 for g in general)
+    cfg = at(cfg, str(tmp_path / "w"))
+    manifests = [steps.preprocess_shard(cfg, i) for i in range(cfg.preprocess.num_shards)]
+    with pytest.raises(core.PreprocessError) as empty:
+        steps.gather_shards(cfg, manifests)
+    assert str(empty.value) == (
+        "domain_eval has no sequences: preprocess.eval_fraction 0.01 held out 0 of the 10 examples of "
+        "data.train_uri (each by the hash of its prompt); evaluate measures the domain gain on it: set "
+        "data.eval_uri or raise preprocess.eval_fraction; general_eval has no sequences: "
+        f"preprocess.general_eval_fraction 0.01 held out 0 records of data.general_uri {cfg.data.general_uri}; "
+        "evaluate measures forgetting on it: add general data or raise preprocess.general_eval_fraction"
+    )
+    from fulltune.evaluate.core import EvaluateError, _read_splits
+    from fulltune.preprocess.dataset import load_manifest
+
+    with pytest.raises(EvaluateError, match="the domain_eval split has no sequences"):
+        _read_splits(load_manifest(cfg.layout.dataset_manifest), 100, True)  # what training would reach
+
+    evalset = write_jsonl(tmp_path / "eval.jsonl", [{"text": "note: potassium 4.1."}])
+    held = cfg.with_overrides({"data.eval_uri": evalset, "preprocess.general_eval_fraction": 0.9})
+    manifests = [steps.preprocess_shard(held, i) for i in range(held.preprocess.num_shards)]
+    assert steps.gather_shards(held, manifests) == held.layout.dataset_manifest

@@ -213,11 +213,14 @@ def preprocess_shard(cfg: RunConfig, shard: int) -> str:
 
 def gather_shards(cfg: RunConfig, shard_manifests: list[str], log_metric: MetricSink | None = None) -> str:
     """Merge shard manifests into the dataset manifest; returns its URI."""
+    from fulltune.preprocess.core import PreprocessError, empty_eval_splits
     from fulltune.preprocess.core import gather_shards as run
 
     _setup_process()
     with _failure_recorded(cfg, "gather-shards"):
         manifest = run(cfg, sorted(shard_manifests))
+        if empty := empty_eval_splits(cfg, manifest):
+            raise PreprocessError("; ".join(empty))
         for name, split in manifest.splits.items():
             log.info(
                 "%s: %d sequences, %d tokens, %.1f%% padding, %d over-long examples truncated, %d dropped",

@@ -1042,6 +1042,44 @@ def no_training_sequences(cfg: RunConfig, manifest: DatasetManifest) -> str:
     return head + "it holds no usable records"
 
 
+def empty_eval_splits(cfg: RunConfig, manifest: DatasetManifest) -> list[str]:
+    """Why an eval split evaluate needs has no sequences: domain_eval always (the domain gain), and
+    general_eval when a general set is configured (forgetting). The gather step refuses such a dataset,
+    before training: evaluate would refuse it only after every GPU-hour of training was spent. (Not
+    `gather_shards` itself: a dataset is still inspectable without them.)"""
+    pp, data = cfg.preprocess, cfg.data
+    out = []
+    if not manifest.sequences(DOMAIN_EVAL):
+        held = manifest.splits.get(DOMAIN_EVAL) or SplitSummary()
+        if data.eval_uri:
+            source = f"data.eval_uri {data.eval_uri} gave {held.examples:,} usable examples"
+        else:
+            total = held.examples + manifest.splits[TRAIN].examples
+            source = (
+                f"preprocess.eval_fraction {pp.eval_fraction:g} held out {held.examples:,} of the {total:,} "
+                "examples of data.train_uri (each by the hash of its prompt)"
+            )
+        out.append(
+            f"domain_eval has no sequences: {source}{_all_dropped(held)}; evaluate measures the domain gain "
+            "on it: set data.eval_uri or raise preprocess.eval_fraction"
+        )
+    if data.general_uri and not manifest.sequences(GENERAL_EVAL):
+        held = manifest.splits.get(GENERAL_EVAL) or SplitSummary()
+        out.append(
+            f"general_eval has no sequences: preprocess.general_eval_fraction {pp.general_eval_fraction:g} "
+            f"held out {held.examples:,} records of data.general_uri {data.general_uri}{_all_dropped(held)}; "
+            "evaluate measures forgetting on it: add general data or raise preprocess.general_eval_fraction"
+        )
+    return out
+
+
+def _all_dropped(split: SplitSummary) -> str:
+    """What emptied a split whose every example was too long to keep (`fit_overlong`)."""
+    if split.examples and split.dropped >= split.examples:
+        return ", all of them dropped as longer than preprocess.max_seq_len"
+    return ""
+
+
 def _checked_shard(uri: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The shard manifest at `uri`, refused when the shard is incomplete or was built from other
     settings or inputs than `fingerprint` (the run's; the tokenizer's digest is compared across shards)."""
