@@ -681,6 +681,28 @@ def test_every_example_dropped_as_overlong_is_said_so_not_blamed_on_the_eval_spl
     )
 
 
+def test_every_example_dropped_under_truncate_is_not_told_to_set_truncate(demo_assets, tmp_path):
+    """With overlong: truncate an example is dropped only when its prompt fills max_seq_len before an
+    answer too long to fit; when that empties the training split, the message said "overlong is drop;
+    ... set overlong: truncate", the setting already in force."""
+    history = " ".join(f"day {i}: potassium {4 + i % 3}.{i % 10} mmol/L." for i in range(40))
+    long_answer = " ".join(f"step {i}: recheck." for i in range(60))
+    rows = [{"prompt": f"{history} L{i}:", "completion": long_answer} for i in range(6)]
+    evalset = write_jsonl(tmp_path / "eval.jsonl", rows[:2])
+    cfg = make_cfg(demo_assets, tmp_path, rows).with_overrides(
+        {"data.eval_uri": evalset, "work_dir": str(tmp_path / "work")}
+    )
+    assert cfg.preprocess.overlong == "truncate"
+    with pytest.raises(core.PreprocessError) as empty:
+        preprocess_all(cfg)
+    assert str(empty.value) == (
+        f"no training sequences were produced from data.train_uri {cfg.data.train_uri}: every one of its 6 "
+        "examples is longer than preprocess.max_seq_len 64 with a prompt that fills it before an answer too "
+        "long to fit, so truncating leaves no answer token to learn from; raise max_seq_len or shorten the "
+        "prompts"
+    )
+
+
 def test_the_dataset_manifest_warns_of_a_general_set_too_small_to_measure_or_replay(
     demo_assets, tmp_path, caplog
 ):

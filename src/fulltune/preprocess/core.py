@@ -1027,10 +1027,15 @@ def no_training_sequences(cfg: RunConfig, manifest: DatasetManifest) -> str:
     split = manifest.splits.get(TRAIN)
     head = f"no training sequences were produced from data.train_uri {data.train_uri}: "
     if split and split.examples and split.dropped >= split.examples:
-        return head + (
-            f"every one of its {split.examples:,} examples is longer than preprocess.max_seq_len "
-            f"{pp.max_seq_len} and preprocess.overlong is drop; raise max_seq_len or set overlong: truncate"
-        )
+        longer = f"every one of its {split.examples:,} examples is longer than preprocess.max_seq_len {pp.max_seq_len}"
+        if pp.overlong == "drop":
+            why = "and preprocess.overlong is drop; raise max_seq_len or set overlong: truncate"
+        else:  # truncate drops only an example whose prompt fills max_seq_len before a too long answer
+            why = (
+                "with a prompt that fills it before an answer too long to fit, so truncating leaves no "
+                "answer token to learn from; raise max_seq_len or shorten the prompts"
+            )
+        return f"{head}{longer} {why}"
     if data.eval_uri is None:
         held = manifest.splits[DOMAIN_EVAL].examples if DOMAIN_EVAL in manifest.splits else 0
         return head + (
