@@ -11,6 +11,7 @@ import pytest
 
 from fulltune import storage
 from fulltune.config import RunConfig
+from fulltune.data.records import Location, Record
 from fulltune.layout import RunLayout
 from fulltune.preprocess import core
 from fulltune.preprocess.dataset import IGNORE_INDEX, load_split
@@ -799,6 +800,28 @@ def test_documents_start_with_the_bos_the_tokenizer_adds(demo_assets, tmp_path, 
     chat = core.Encoder(core.load_tokenizer(cfg))
     assert chat.lead == [bos] and core.document_lead("chat", chat) == []  # a chat template renders its own
     assert core.Encoder(tok).lead == []  # a tokenizer adding none: documents as before
+
+
+def test_a_tokenizer_adding_bos_and_eos_still_starts_documents_with_its_bos(tok, tmp_path):
+    """Llama 2's tokenizer with add_eos_token puts a BOS before a text and an EOS after it: its
+    documents start with the BOS as well (they were left without one, unlike pretraining's)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    both = copy.deepcopy(tok)
+    bos = tok.pad_token_id  # an id of its own, to tell the BOS from the EOS
+    both.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A <|endoftext|>",
+        special_tokens=[("<|pad|>", bos), ("<|endoftext|>", tok.eos_token_id)],
+    )
+    both.save_pretrained(tmp_path / "both")
+    both = AutoTokenizer.from_pretrained(tmp_path / "both")
+    assert both("a")["input_ids"][0] == bos and both("a")["input_ids"][-1] == tok.eos_token_id
+    enc = core.Encoder(both)
+    assert enc.lead == [bos]
+    docs = core.tokenize([Record("text", Location("x"), text="HbA1c 7.2%")], "text", enc, False)
+    ids = docs.prefixed(core.document_lead("text", enc)).ids.tolist()
+    assert ids == both("HbA1c 7.2%")["input_ids"]  # BOS, the text, one EOS: what pretraining saw
 
 
 def test_best_fit_packs_sft_lengths_to_at_least_95_percent():

@@ -252,10 +252,14 @@ def leading_ids(tok) -> list[int]:
     BOS; none for GPT-2 or Qwen): what the model saw at the start of every document in pretraining
     and what `tok(text)` gives, so each text and prompt/completion document starts with them. A
     chat template renders its own."""
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    full = tok("a")["input_ids"]
-    added = len(full) - len(plain)
-    return list(full[:added]) if added > 0 and list(full[added:]) == list(plain) else []
+    plain = list(tok("a", add_special_tokens=False)["input_ids"])
+    full = list(tok("a")["input_ids"])
+    # where the text's own ids start: after the BOS, also when an EOS follows them (Llama 2's
+    # add_eos_token), which the documents get from preprocessing anyway
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k]
+    return []
 
 
 def document_lead(kind: str, enc: Encoder) -> list[int]:
