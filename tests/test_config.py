@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fulltune.config import ConfigError, RunConfig, describe
+from fulltune.config import ConfigError, RunConfig, deep_merge, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,3 +316,19 @@ def test_a_parameters_file_with_a_key_given_twice_is_refused_before_submit_sends
     p.write_text("learning_rate: 1.0e-5\nlearning_rate: 2.0e-5\n")
     with pytest.raises(ConfigError, match=r"params\.yaml:2:1: .*key 'learning_rate' given twice"):
         build_request({}, p, [])
+
+
+def test_a_chunk_stride_leaving_no_room_is_refused_when_the_config_is_read():
+    """Unpacked text is cut into max_seq_len windows max_seq_len - chunk_stride apart: a stride of
+    max_seq_len or more was accepted, and failed only in preprocess_shard, after validate_data,
+    check_tokenizer and plan had run."""
+    unpacked = {"data": {"train_uri": "/d"}, "preprocess": {"packing": False, "max_seq_len": 512}}
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_dict(deep_merge(unpacked, {"preprocess": {"chunk_stride": 512}}))
+    assert str(exc.value).splitlines()[1:] == [
+        "  preprocess.chunk_stride: must be below preprocess.max_seq_len 512: each window of unpacked text "
+        "starts max_seq_len - chunk_stride tokens after the one before it (got 512)"
+    ]
+    assert RunConfig.from_dict(deep_merge(unpacked, {"preprocess": {"chunk_stride": 511}}))
+    # packed text has no windows: the stride is not used
+    assert RunConfig.from_dict({"preprocess": {"packing": True, "chunk_stride": 4096}})

@@ -345,6 +345,17 @@ class PreprocessSection(_Section):
     )
     seed: int = Field(0, description="Seed for splitting and replay mixing.")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessSection:
+        # Found otherwise only by preprocess_shard, after validate_data, check_tokenizer and plan ran.
+        if not self.packing and self.chunk_stride >= self.max_seq_len:
+            why = (
+                f"must be below preprocess.max_seq_len {self.max_seq_len}: each window of unpacked text "
+                "starts max_seq_len - chunk_stride tokens after the one before it"
+            )
+            _refuse([(("chunk_stride",), self.chunk_stride, why)])
+        return self
+
     @property
     def documents_alone(self) -> bool:
         """Whether the model is given each packed document's own positions (training and evaluation)."""
