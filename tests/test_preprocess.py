@@ -824,6 +824,40 @@ def test_a_tokenizer_adding_bos_and_eos_still_starts_documents_with_its_bos(tok,
     assert ids == both("HbA1c 7.2%")["input_ids"]  # BOS, the text, one EOS: what pretraining saw
 
 
+def _sentencepiece_style_tokenizer():
+    """A BPE tokenizer whose pre-tokenizer puts SentencePiece's space marker before every text it is
+    given, as Llama 2's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Q: what is the dose?\nA: 12 mg daily. Summarize: the dose is 5 mg of metformin."] * 20
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion"),
+    [("Q: what is the dose?\n", "12 mg daily."), ("A:", "12"), ("Summarize:", "\nthe dose is 5 mg.")],
+)
+def test_a_completion_is_tokenized_as_it_follows_its_prompt(prompt, completion):
+    """Encoded alone, a completion got the space marker a SentencePiece-style tokenizer puts before
+    every text: the model learned "dose?\n 12 mg" and to start each answer with a space the data
+    does not have. The document is now the prompt and its completion as one text gives them."""
+    sp = _sentencepiece_style_tokenizer()
+    record = Record("prompt_completion", Location("x"), prompt=prompt, completion=completion)
+    docs = core.tokenize([record], "prompt_completion", core.Encoder(sp), False)
+    ids, labels = docs.ids.tolist(), docs.labels.tolist()
+    assert sp.decode(ids) == prompt + completion + "</s>"
+    assert ids[:-1] == sp(prompt + completion, add_special_tokens=False)["input_ids"]
+    assert (
+        sp.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+        == completion + "</s>"
+    )
+
+
 def test_best_fit_packs_sft_lengths_to_at_least_95_percent():
     import random
 

@@ -69,7 +69,7 @@ from fulltune.tokenizer import memo
 
 log = logging.getLogger(__name__)
 
-SHARD_FORMAT = "fulltune.shard/v2"  # v2: documents start with the tokenizer's BOS
+SHARD_FORMAT = "fulltune.shard/v3"  # v2: documents start with the tokenizer's BOS; v3: completions in context
 COUNTS = ("examples", "sequences", "tokens", "loss_tokens", "truncated", "dropped")
 
 
@@ -275,8 +275,7 @@ def tokenize(records: list[Record], kind: str, enc: Encoder, loss_all: bool) -> 
     if kind == "text":
         return enc.documents([r.text for r in records])
     if kind == "prompt_completion":
-        p_ids = enc([r.prompt for r in records])
-        c_ids = enc([r.completion for r in records])
+        p_ids, c_ids = prompt_completion_ids(records, enc)
         ids, labels = [], []
         for p, c in zip(p_ids, c_ids, strict=True):
             c.append(enc.eos)
@@ -285,6 +284,28 @@ def tokenize(records: list[Record], kind: str, enc: Encoder, loss_all: bool) -> 
         return Docs.from_lists(ids, labels)
     pairs = [located_chat_example(r, enc.tok, loss_all) for r in records]
     return Docs.from_lists([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def prompt_completion_ids(records: list[Record], enc: Encoder) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, completion ids) of each record, the completion's as they follow its prompt: the
+    ids of prompt + completion after the prompt's own, where those begin them.
+
+    Encoded alone, a completion gets what the tokenizer puts before every text it is given:
+    SentencePiece's space marker (Metaspace, or a Prepend("▁") normalizer: Llama 2, Mistral), so
+    "12 mg" after a prompt ending in a newline was learned as " 12 mg": the model was taught to
+    answer with a space the data does not have. Where the joint ids do not begin with the prompt's
+    (a merge across the boundary: "hel" + "lo"), the completion is encoded alone: the prompt's own ids
+    are what the model is given at inference, and what it continues from."""
+    prompts = enc([r.prompt for r in records])
+    joint = enc([r.prompt + r.completion for r in records])
+    completions = [j[len(p) :] for p, j in zip(prompts, joint, strict=True)]
+    alone = [
+        i for i, (p, j) in enumerate(zip(prompts, joint, strict=True)) if j[: len(p)] != p or len(j) == len(p)
+    ]
+    if alone:
+        for i, ids in zip(alone, enc([records[i].completion for i in alone]), strict=True):
+            completions[i] = ids
+    return prompts, completions
 
 
 def located_chat_example(record: Record, tok, loss_all: bool) -> tuple[list[int], list[int]]:
