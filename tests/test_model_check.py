@@ -128,6 +128,37 @@ def custom_code_not_trusted(good, tmp):
 
 
 @case
+def text_config_not_an_object(good, tmp):
+    # a multimodal model keeps vocab_size in its text_config: the embedding check reads it there too
+    d = copy(good["whole"], tmp)
+    config = json.loads((d / "config.json").read_text())
+    del config["vocab_size"]
+    (d / "config.json").write_text(json.dumps({**config, "text_config": "llama"}))
+    return "bad_config", str(d / "config.json")
+
+
+@case
+def a_number_written_as_text(good, tmp):
+    d = copy(good["whole"], tmp)
+    rewrite_config(d, hidden_size="64")
+    return "bad_config", str(d / "config.json")
+
+
+@case
+def zero_attention_heads(good, tmp):
+    d = copy(good["whole"], tmp)
+    rewrite_config(d, num_attention_heads=0)
+    return "bad_config", str(d / "config.json")
+
+
+@case
+def rope_parameters_without_their_keys(good, tmp):
+    d = copy(good["whole"], tmp)
+    rewrite_config(d, rope_parameters={"rope_type": "linear"})  # linear needs a factor
+    return "bad_config", str(d / "config.json")
+
+
+@case
 def pickle_only(good, tmp):
     d = copy(good["whole"], tmp)
     torch.save(state_of(d), d / "pytorch_model.bin")
@@ -272,6 +303,8 @@ def test_broken_model_is_refused_naming_the_file(tmp_path, demo_assets, good_mod
     assert f"{location}: {code}:" in str(refused.value)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model_files"][0] == {"code": code, "location": location, "message": problems[0].message}
+    if code == "bad_config":  # the value transformers refused, not advice about its release
+        assert "no model can be built from its values" in problems[0].message, problems
     assert not work.exists() or not any(work.iterdir())
 
 

@@ -143,9 +143,25 @@ def _tokenizer_class(path: Path) -> str | None:
         return None
 
 
+class BadModelConfig(ValueError):
+    """A config.json that parses but has values transformers refuses (text for a number, null for
+    vocab_size, zero attention heads); the message names the file and the field."""
+
+
 def load_config(uri: str, trust_remote_code: bool = False) -> Any:
-    """The model's configuration object (AutoConfig), weights never read."""
+    """The model's configuration object (AutoConfig), weights never read.
+
+    Raises:
+        BadModelConfig: transformers refuses a value of config.json. It says so with a TypeError,
+            a ZeroDivisionError or huggingface_hub's StrictDataclassError, none a ValueError, so
+            callers that catch transformers' "cannot read this" (ValueError, OSError) would not.
+    """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     with metadata_dir(uri) as path:
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except (StrictDataclassError, TypeError, ArithmeticError) as exc:
+            said = " ".join(str(exc).split())  # one line: the validator's message spans several
+            raise BadModelConfig(f"{storage.join(uri, 'config.json')}: {type(exc).__name__}: {said}") from exc

@@ -9,6 +9,8 @@ nothing allocated). Each problem has a code, the file (and tensor) it is about, 
     no_config              config.json missing or not a JSON object
     unknown_architecture   model_type not known to the installed transformers, or custom code that
                            model.trust_remote_code does not allow
+    bad_config             config.json with a value no model can be built from: text for a number,
+                           a text_config that is not an object, zero attention heads
     no_weights             no weight files at all
     pickle_weights         weights only as pickle (.bin, .pt, .pth, .ckpt): never loaded, since
                            unpickling runs code; convert them to safetensors
@@ -71,13 +73,14 @@ def check_model_files(uri: str, trust_remote_code: bool = False) -> list[ModelPr
         config = _read_config(uri, files)
         model_config = _model_config(uri, config, trust_remote_code)
         headers, problems = _weight_headers(uri, files)
+        if problems:
+            return problems
+        expected = _expected_tensors(uri, model_config, trust_remote_code)
     except _Refused as refused:
         return [refused.problem]
     except storage.StorageConfigError as exc:  # a missing bucket, refused credentials: permanent
         return [ModelProblem("storage", uri, str(exc).removeprefix(f"{uri}: "))]
-    if problems:
-        return problems
-    return _compare(uri, headers, _expected_tensors(model_config, trust_remote_code))
+    return _compare(uri, headers, expected)
 
 
 def _top_level_files(uri: str) -> dict[str, str]:
@@ -110,7 +113,7 @@ def _read_config(uri: str, files: dict[str, str]) -> dict[str, Any]:
 
 def _model_config(uri: str, config: dict[str, Any], trust_remote_code: bool) -> Any:
     """The transformers config object, or the refusal that says why there is none."""
-    from fulltune.hf import load_config
+    from fulltune.hf import BadModelConfig, load_config
 
     where = storage.join(uri, "config.json")
     custom = bool(config.get("auto_map"))
@@ -125,8 +128,14 @@ def _model_config(uri: str, config: dict[str, Any], trust_remote_code: bool) -> 
         )
     try:
         return load_config(uri, trust_remote_code)
+    except BadModelConfig as exc:
+        raise _Refused(_bad_config(where, str(exc).removeprefix(f"{where}: "))) from None
     except (ValueError, KeyError, OSError) as exc:
         model_type = config.get("model_type")
+        # a model type transformers has, refused by its own validation (rope_parameters without the
+        # keys its rope_type needs): the values are wrong, not the transformers release
+        if not custom and not isinstance(exc, OSError) and _known_model_type(model_type):
+            raise _Refused(_bad_config(where, f"{type(exc).__name__}: {exc}")) from None
         hint = (
             f"model_type {model_type!r} is not known to the installed transformers: use an image with a "
             "transformers release that has it, or set model.trust_remote_code for a model with its own code"
@@ -136,6 +145,21 @@ def _model_config(uri: str, config: dict[str, Any], trust_remote_code: bool) -> 
         raise _Refused(
             ModelProblem("unknown_architecture", where, f"{hint} ({type(exc).__name__}: {exc})")
         ) from None
+
+
+def _known_model_type(model_type: Any) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def _bad_config(where: str, why: str) -> ModelProblem:
+    return ModelProblem(
+        "bad_config",
+        where,
+        f"no model can be built from its values ({why}): correct the value, or download the model's "
+        "config.json again",
+    )
 
 
 # -- weights ----------------------------------------------------------------------------------------
@@ -267,12 +291,19 @@ class _Expected:
     renames: bool  # the class renames checkpoint keys when loading: names are not checked
 
 
-def _expected_tensors(model_config: Any, trust_remote_code: bool) -> _Expected:
+def _expected_tensors(uri: str, model_config: Any, trust_remote_code: bool) -> _Expected:
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 — on the meta device nothing is read or allocated, so
+        # whatever the model's code raises (AttributeError for a text_config that is a string,
+        # ZeroDivisionError for zero heads) is a value of config.json it cannot build from
+        said = " ".join(str(exc).split())
+        where = storage.join(uri, "config.json")
+        raise _Refused(_bad_config(where, f"{type(exc).__name__}: {said}")) from None
     tensors: dict[int, tuple[list[str], tuple[int, ...], bool]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         entry = tensors.setdefault(id(tensor), ([], tuple(tensor.shape), tensor.is_floating_point()))

@@ -122,9 +122,16 @@ def load_model_config(uri: str) -> dict[str, Any]:
     return storage.read_json(storage.join(uri, "config.json"))
 
 
+def _config_sections(model_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model config, then its text model's (multimodal configs) where that is an object: one
+    that is not is the model file check's bad_config, not a crash of the checks that read it."""
+    text = model_config.get("text_config")
+    return [model_config, text] if isinstance(text, dict) else [model_config]
+
+
 def embedding_rows(model_config: dict[str, Any]) -> int | None:
     """`vocab_size` of the model config, or of its text model for multimodal configs."""
-    for section in (model_config, model_config.get("text_config") or {}):
+    for section in _config_sections(model_config):
         if isinstance(section.get("vocab_size"), int):
             return section["vocab_size"]
     return None
@@ -137,7 +144,7 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 
 def context_length(model_config: dict[str, Any]) -> tuple[str, int] | None:
     """(key, value) of the model's context length in its config (or its text model's), or None."""
-    for section in (model_config, model_config.get("text_config") or {}):
+    for section in _config_sections(model_config):
         for key in CONTEXT_KEYS:
             if isinstance(section.get(key), int) and section[key] > 0:
                 return key, section[key]
