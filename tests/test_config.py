@@ -332,3 +332,19 @@ def test_a_chunk_stride_leaving_no_room_is_refused_when_the_config_is_read():
     assert RunConfig.from_dict(deep_merge(unpacked, {"preprocess": {"chunk_stride": 511}}))
     # packed text has no windows: the stride is not used
     assert RunConfig.from_dict({"preprocess": {"packing": True, "chunk_stride": 4096}})
+
+
+def test_an_infinite_number_is_refused_naming_the_field(tmp_path, capsys):
+    """YAML's .inf is a float that passed every lower bound: plan then crashed converting the epochs
+    to steps, and submit sent KFP `Infinity`, which is not JSON."""
+    from fulltune.cli import main
+
+    p = tmp_path / "inf.yaml"
+    p.write_text("training:\n  num_train_epochs: .inf\nresources:\n  gpu_memory_gib: .inf\n")
+    assert main(["config", "--check", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert f"{p}: 2 invalid field(s)" in err
+    assert "  training.num_train_epochs: Input should be a finite number (got inf)" in err
+    assert "  resources.gpu_memory_gib: Input should be a finite number (got inf)" in err
+    with pytest.raises(ConfigError, match=r"training\.learning_rate: Input should be a finite number"):
+        RunConfig.from_dict({"training": {"learning_rate": float("nan")}})

@@ -59,7 +59,10 @@ def _refuse(problems: list[Problem]) -> None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: YAML's .inf is a float, and no field means anything by it: an infinite epoch
+    # count or learning rate would pass here to fail in plan, or go to KFP as JSON it cannot parse
+    # (Infinity); the typed pipeline parameters refuse it too (parameters.coerce)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
