@@ -348,3 +348,16 @@ def test_an_infinite_number_is_refused_naming_the_field(tmp_path, capsys):
     assert "  resources.gpu_memory_gib: Input should be a finite number (got inf)" in err
     with pytest.raises(ConfigError, match=r"training\.learning_rate: Input should be a finite number"):
         RunConfig.from_dict({"training": {"learning_rate": float("nan")}})
+
+
+def test_an_unquoted_date_is_read_as_the_text_written(tmp_path, capsys):
+    """YAML reads `as_of: 2026-11-27`, the field's own example, as a date object, which the field
+    refused as "not a valid string" (and a date does not serialize to the pipeline's JSON)."""
+    from fulltune.cli import main
+
+    p = tmp_path / "backfill.yaml"
+    p.write_text("data:\n  as_of: 2026-11-27\n")
+    assert main(["config", "--check", str(p)]) == 0, capsys.readouterr().err
+    assert RunConfig.from_yaml(p).data.as_of == "2026-11-27"
+    p.write_text("data:\n  as_of: 2026-11-27T03:00:00Z\n")
+    assert RunConfig.from_yaml(p).data.as_of == "2026-11-27T03:00:00Z"

@@ -1171,6 +1171,13 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# Plain scalars that look like dates stay text: no field holds a date object, and YAML would read
+# `as_of: 2026-11-27` (the field's own example, unquoted) as one, refused as "not a valid string",
+# and a date in the `config` parameter would not serialize to the JSON a pipeline run is sent with.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def load_yaml(text: str) -> Any:
