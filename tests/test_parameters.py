@@ -97,6 +97,20 @@ def test_the_same_value_set_both_ways_is_not_a_conflict():
     assert resolve(config, {"learning_rate": 2e-5, "max_seq_len": 2048.0}) == config
 
 
+def test_a_number_yaml_reads_as_text_in_the_config_is_the_same_value_as_the_parameter(tmp_path):
+    """PyYAML reads `learning_rate: 2e-5` in a config file as the string "2e-5"; the config takes it
+    as 2e-5, so `--param learning_rate=2e-5` beside it sets the field once, not two different ways."""
+    from fulltune.kfp.run_parameters import build_request
+
+    p = tmp_path / "run.yaml"
+    p.write_text("training:\n  learning_rate: 2e-5\n  num_train_epochs: 3\n")
+    request = build_request({}, p, ["learning_rate=2e-5", "num_train_epochs=3"])
+    assert request.config.training.learning_rate == 2e-5
+    assert request.config.training.num_train_epochs == 3.0
+    with pytest.raises(ConfigError, match=r"--param learning_rate=3e-05 and .*training\.learning_rate=2e-05"):
+        build_request({}, p, ["learning_rate=3e-5"])
+
+
 def test_a_field_set_two_different_ways_is_an_error_naming_both_and_every_such_field():
     config = {"training": {"learning_rate": 1e-5}, "data": {"train_uri": "s3://a/train.jsonl"}}
     with pytest.raises(ConfigError) as err:

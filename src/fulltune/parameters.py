@@ -156,7 +156,7 @@ def resolve(
         value = coerce(param, value, value_source)
         if not param.is_set(value):
             continue
-        written = _get(config, param.field)
+        written = _written(param, config)
         if param.is_set(written) and not _same(written, value):
             conflicts.append(
                 f"  {value_source} {name}={value!r} and {config_source} {param.field}={written!r}"
@@ -297,6 +297,17 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return not isinstance(b, bool) and float(a) == float(b)
     return a == b
+
+
+def _written(param: Parameter, config: dict[str, Any]) -> Any:
+    """The parameter's field in `config` as the parameter's type where it is a number written as
+    text (PyYAML reads `learning_rate: 2e-5` as "2e-5", and the config takes it as 2e-5), so the same
+    value in the config file and on the form is no conflict; as written otherwise."""
+    value = _get(config, param.field)
+    try:
+        return coerce(param, value)
+    except ConfigError:  # not a value of the parameter's type: the config's validation names it
+        return value
 
 
 def _get(data: dict[str, Any], dotted: str) -> Any:
