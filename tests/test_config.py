@@ -361,3 +361,15 @@ def test_an_unquoted_date_is_read_as_the_text_written(tmp_path, capsys):
     assert RunConfig.from_yaml(p).data.as_of == "2026-11-27"
     p.write_text("data:\n  as_of: 2026-11-27T03:00:00Z\n")
     assert RunConfig.from_yaml(p).data.as_of == "2026-11-27T03:00:00Z"
+
+
+def test_bf16s_description_says_what_turning_it_off_trains_in():
+    """It said "Set it false to use fp16", but bf16: false alone trains in float32."""
+    from fulltune.config import TrainingSection
+
+    gpu = {"resources": {"accelerator": "gpu", "gpu_type": "H100"}}
+    assert RunConfig.from_dict({**gpu, "training": {"bf16": False}}).precision == "fp32"
+    assert RunConfig.from_dict({**gpu, "training": {"bf16": False, "fp16": True}}).precision == "fp16"
+    said = TrainingSection.model_fields["bf16"].description
+    assert "set it false and training.fp16 true" in said and "both false trains in float32" in said
+    assert "bf16: True  # " + said in describe()

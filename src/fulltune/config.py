@@ -393,7 +393,9 @@ class TrainingSection(_Section):
     adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     bf16: bool = Field(
-        True, description="Train in bfloat16 (GPU only; ignored on CPU). Set it false to use fp16."
+        True,
+        description="Train in bfloat16 (GPU only; ignored on CPU). To train in float16 instead, set it false "
+        "and training.fp16 true; both false trains in float32.",
     )
     gradient_checkpointing: bool = Field(
         False,
