@@ -340,3 +340,50 @@ def test_a_missing_bucket_is_named_in_the_report_not_a_traceback(s3, tmp_path, d
     with pytest.raises(TokenizerCheckError) as refused:
         check_tokenizer(cfg, tmp_path / "out")
     assert f"{model}: storage: the bucket 'no-such-model-bucket' does not exist" in str(refused.value)
+
+
+OWN_CODE = {"AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyModel"}
+CONFIGURATION_PY = (
+    "from transformers import LlamaConfig\n\n\nclass MyConfig(LlamaConfig):\n    model_type = 'mine'\n"
+)
+MODELING_PY = (
+    "from transformers import LlamaForCausalLM\n\nfrom .configuration_mine import MyConfig\n\n\n"
+    "class MyModel(LlamaForCausalLM):\n    config_class = MyConfig\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("files", "said"),
+    [
+        ({}, "OSError: "),  # neither file copied beside config.json
+        (
+            {"configuration_mine.py": "import not_a_real_package\n" + CONFIGURATION_PY},
+            "ImportError: This modeling file requires the following packages that were not found in "
+            "your environment: not_a_real_package",
+        ),
+        ({"configuration_mine.py": CONFIGURATION_PY}, "a file named modeling_mine.py"),
+    ],
+    ids=["no_code_files", "a_package_not_installed", "no_modeling_file"],
+)
+def test_a_trusted_models_own_code_that_does_not_load_is_named_not_blamed_on_transformers(
+    tmp_path, good_models, files, said
+):
+    """With model.trust_remote_code set, a missing .py file was reported as a model_type unknown to
+    transformers (advising to set trust_remote_code), and an import the code needs was a traceback."""
+    d = tmp_path / tmp_path.name  # transformers imports the code as a module named after the directory
+    shutil.copytree(good_models["whole"], d)
+    rewrite_config(d, auto_map=OWN_CODE)
+    for name, text in files.items():
+        (d / name).write_text(text)
+    problems = check_model_files(str(d), trust_remote_code=True)
+    assert [(p.code, p.location) for p in problems] == [("unknown_architecture", str(d / "config.json"))]
+    message = problems[0].message
+    assert message.startswith(
+        "the model's own code (auto_map: ['AutoConfig', 'AutoModelForCausalLM']) does not load ("
+    )
+    assert said in message and message.endswith(
+        "copy its .py files beside config.json, and run an image with the packages they import"
+    )
+    (d / "configuration_mine.py").write_text(CONFIGURATION_PY)
+    (d / "modeling_mine.py").write_text(MODELING_PY)
+    assert check_model_files(str(d), trust_remote_code=True) == []

@@ -8,7 +8,8 @@ nothing allocated). Each problem has a code, the file (and tensor) it is about, 
 
     no_config              config.json missing or not a JSON object
     unknown_architecture   model_type not known to the installed transformers, or custom code that
-                           model.trust_remote_code does not allow
+                           model.trust_remote_code does not allow, or that does not load (its .py
+                           files missing, a package it imports not installed)
     bad_config             config.json with a value no model can be built from: text for a number,
                            a text_config that is not an object, zero attention heads
     no_weights             no weight files at all
@@ -113,7 +114,7 @@ def _read_config(uri: str, files: dict[str, str]) -> dict[str, Any]:
 
 def _model_config(uri: str, config: dict[str, Any], trust_remote_code: bool) -> Any:
     """The transformers config object, or the refusal that says why there is none."""
-    from fulltune.hf import BadModelConfig, load_config
+    from fulltune.hf import load_config
 
     where = storage.join(uri, "config.json")
     custom = bool(config.get("auto_map"))
@@ -128,23 +129,45 @@ def _model_config(uri: str, config: dict[str, Any], trust_remote_code: bool) -> 
         )
     try:
         return load_config(uri, trust_remote_code)
-    except BadModelConfig as exc:
-        raise _Refused(_bad_config(where, str(exc).removeprefix(f"{where}: "))) from None
-    except (ValueError, KeyError, OSError) as exc:
-        model_type = config.get("model_type")
-        # a model type transformers has, refused by its own validation (rope_parameters without the
-        # keys its rope_type needs): the values are wrong, not the transformers release
-        if not custom and not isinstance(exc, OSError) and _known_model_type(model_type):
-            raise _Refused(_bad_config(where, f"{type(exc).__name__}: {exc}")) from None
-        hint = (
-            f"model_type {model_type!r} is not known to the installed transformers: use an image with a "
-            "transformers release that has it, or set model.trust_remote_code for a model with its own code"
-            if model_type
-            else "it has no model_type"
-        )
-        raise _Refused(
-            ModelProblem("unknown_architecture", where, f"{hint} ({type(exc).__name__}: {exc})")
-        ) from None
+    except storage.StorageError:
+        raise  # the bucket or the endpoint, not the model: check_model_files and its caller say so
+    except Exception as exc:  # noqa: BLE001 — a model's own code may raise anything on import
+        if not custom and not isinstance(exc, (ValueError, KeyError, OSError)):
+            raise
+        raise _Refused(_unloadable_config(where, config, exc)) from None
+
+
+def _unloadable_config(where: str, config: dict[str, Any], exc: Exception) -> ModelProblem:
+    """Why transformers made no config of config.json: the model's own code, its values, or a
+    model_type it does not know."""
+    from fulltune.hf import BadModelConfig
+
+    if config.get("auto_map"):  # trusted (else refused before loading): its own code failed
+        return _custom_code_problem(where, config["auto_map"], exc)
+    if isinstance(exc, BadModelConfig):
+        return _bad_config(where, str(exc).removeprefix(f"{where}: "))
+    model_type = config.get("model_type")
+    # a model type transformers has, refused by its own validation (rope_parameters without the
+    # keys its rope_type needs): the values are wrong, not the transformers release
+    if not isinstance(exc, OSError) and _known_model_type(model_type):
+        return _bad_config(where, f"{type(exc).__name__}: {exc}")
+    hint = (
+        f"model_type {model_type!r} is not known to the installed transformers: use an image with a "
+        "transformers release that has it, or set model.trust_remote_code for a model with its own code"
+        if model_type
+        else "it has no model_type"
+    )
+    return ModelProblem("unknown_architecture", where, f"{hint} ({type(exc).__name__}: {exc})")
+
+
+def _custom_code_problem(where: str, auto_map: dict[str, Any], exc: Exception) -> ModelProblem:
+    said = " ".join(str(exc).split())
+    return ModelProblem(
+        "unknown_architecture",
+        where,
+        f"the model's own code (auto_map: {sorted(auto_map)}) does not load ({type(exc).__name__}: "
+        f"{said}): copy its .py files beside config.json, and run an image with the packages they import",
+    )
 
 
 def _known_model_type(model_type: Any) -> bool:
@@ -300,10 +323,11 @@ def _expected_tensors(uri: str, model_config: Any, trust_remote_code: bool) -> _
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 — on the meta device nothing is read or allocated, so
         # whatever the model's code raises (AttributeError for a text_config that is a string,
-        # ZeroDivisionError for zero heads) is a value of config.json it cannot build from
-        said = " ".join(str(exc).split())
+        # ZeroDivisionError for zero heads; a model's own code: a missing modeling file) is the model's
         where = storage.join(uri, "config.json")
-        raise _Refused(_bad_config(where, f"{type(exc).__name__}: {said}")) from None
+        if auto_map := getattr(model_config, "auto_map", None):
+            raise _Refused(_custom_code_problem(where, auto_map, exc)) from None
+        raise _Refused(_bad_config(where, f"{type(exc).__name__}: {' '.join(str(exc).split())}")) from None
     tensors: dict[int, tuple[list[str], tuple[int, ...], bool]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         entry = tensors.setdefault(id(tensor), ([], tuple(tensor.shape), tensor.is_floating_point()))
