@@ -402,7 +402,8 @@ elif mode == "hang":
     storage.upload_file = upload_then_hang
 cfg = RunConfig.from_dict({"model": {"name": "tiny"}, "registry": {"uri": registry}})
 eval_result = EvalResult.model_validate_json(eval_json)
-print(store.register_model(cfg, model, eval_result, {"run_id": f"pid-{os.getpid()}"}))
+run_id = f"pid-{os.getpid()}"
+print(store.register_model(cfg, model, eval_result, {"run_id": run_id}, run_id=run_id))
 """
 
 
@@ -470,11 +471,24 @@ def test_a_writer_killed_mid_upload_leaves_no_visible_version(small_model, s3, t
     assert main(["registry", "verify", "--uri", registry, "--name", NAME, "--version", "1"]) == 1
     assert "manifest.json: missing, the version was never committed" in capsys.readouterr().err
 
-    # the next registration does not reuse the half-written v1
+    # the next registration by another run does not touch the half-written v1
     uri = register_model(_cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE)
     assert uri == f"{registry}/{NAME}/v2" and verify_version(uri) == []
     assert main(["registry", "list", "--uri", registry, "--name", NAME]) == 0
     assert capsys.readouterr().out.split("\t")[0] == "v2"
+    assert storage.list_files(partial)
+
+    # the retry of the killed writer's run removes what it left, instead of stranding a partial copy
+    retried = register_model(
+        _cfg(registry),
+        str(small_model),
+        scored(EVAL_PASS, str(small_model)),
+        LINEAGE,
+        run_id=f"pid-{writer.pid}",
+    )
+    assert retried == f"{registry}/{NAME}/v3" and verify_version(retried) == []
+    assert storage.list_files(partial) == []
+    assert [v["version"] for v in list_versions(registry, NAME)] == [2, 3]
 
 
 def test_a_retry_with_the_same_run_id_reuses_its_version(small_model, tmp_path):

@@ -16,8 +16,9 @@ Only the model the eval result describes is registered (`_require_evaluated`): i
 champion decide the registration and the production move, so evaluate records the sha256 of the
 model's `model_manifest.json` and register compares it (and the files with that manifest).
 
-A registration names its pipeline run (`run_id`, kept in the manifest): a retried step finds the
-version its run already committed instead of claiming another. With `registry.kubeflow` set, the
+A registration names its pipeline run (`run_id`, kept in the claim and the manifest): a retried step
+finds the version its run already committed instead of claiming another, and removes a version an
+earlier attempt of its run claimed but never committed (killed mid-copy) before claiming. With `registry.kubeflow` set, the
 committed version is then recorded in the Kubeflow Model Registry (`registry/kubeflow.py`), and
 where both pointers stand is mirrored there; when that fails the files stay committed, and the retry
 records and mirrors it. Once committed, the model's `latest` pointer moves to it, and `production`
@@ -227,7 +228,9 @@ def _publish(
     files = [_file_entry(storage.join(model_uri, rel), rel) for rel in rels]
     _require_as_trained(model_uri, files)
     options = write_options(cfg)
-    version, uri = _claim_next_version(cfg.registry.uri, name, options)
+    if run_id:
+        _remove_abandoned(cfg.registry.uri, name, run_id)
+    version, uri = _claim_next_version(cfg.registry.uri, name, options, run_id)
     log.info("registering %s as %s v%d at %s", model_uri, name, version, uri)
     try:
         for rel in rels:
@@ -401,11 +404,14 @@ def _copy(src: str, dst: str, options: storage.S3WriteOptions) -> None:
         storage.upload_file(src, dst, options)
 
 
-def _claim_next_version(registry_uri: str, name: str, options: storage.S3WriteOptions) -> tuple[int, str]:
+def _claim_next_version(
+    registry_uri: str, name: str, options: storage.S3WriteOptions, run_id: str = ""
+) -> tuple[int, str]:
     """Claim the lowest free version above every existing one; returns (version, its URI)."""
     start = max(_version_numbers(model_root(registry_uri, name)), default=0) + 1
     claim = _json_bytes(
         {
+            "run_id": run_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "claimed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -417,6 +423,29 @@ def _claim_next_version(registry_uri: str, name: str, options: storage.S3WriteOp
             return version, uri
         log.info("%s v%d was claimed by another writer, trying the next", name, version)
     raise RegistryError(f"{name}: no free version in v{start}..v{start + _MAX_CLAIM_ATTEMPTS - 1}")
+
+
+def _remove_abandoned(registry_uri: str, name: str, run_id: str) -> None:
+    """Remove the versions an earlier attempt of run `run_id` claimed and never committed. A register
+    step killed mid-copy (evicted, OOM-killed, or SIGKILLed after its grace period) cannot remove its
+    partial version itself, and KFP starts the retry only once that attempt's pod has ended, so
+    nothing is still writing there; left alone, each retry would strand a partial copy of the model."""
+    for version in _version_numbers(model_root(registry_uri, name)):
+        uri = version_uri(registry_uri, name, version)
+        if storage.exists(storage.join(uri, MANIFEST)):
+            continue
+        try:
+            claim = storage.read_json(storage.join(uri, CLAIM))
+        except (OSError, ValueError):
+            continue  # no claim (being removed) or unreadable: not known to be this run's
+        if isinstance(claim, dict) and claim.get("run_id") == run_id:
+            log.warning(
+                "%s v%d was claimed by an earlier attempt of run %s and never committed: removing it",
+                name,
+                version,
+                run_id,
+            )
+            _remove_partial(uri)
 
 
 def _remove_partial(uri: str) -> None:
