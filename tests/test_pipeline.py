@@ -369,7 +369,7 @@ def test_every_step_pod_has_cpu_and_memory_requests_and_limits():
 
 def test_step_resources_are_overridden_from_a_file_and_a_wrong_step_is_named(tmp_path):
     overrides = tmp_path / "resources.yaml"
-    overrides.write_text("evaluate: {cpu: '16', memory: 200Gi, memory_limit: 300Gi}\n")
+    overrides.write_text("evaluate: {cpu: '6', memory: 200Gi, memory_limit: 300Gi}\n")
     root = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -385,7 +385,7 @@ def test_step_resources_are_overridden_from_a_file_and_a_wrong_step_is_named(tmp
     spec = next(yaml.safe_load_all((root / PIPELINE_FILE).read_text()))
     got = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
     assert (got["resourceCpuRequest"], got["resourceMemoryRequest"], got["resourceMemoryLimit"]) == (
-        "16",
+        "6",
         "200Gi",
         "300Gi",
     )
@@ -395,6 +395,43 @@ def test_step_resources_are_overridden_from_a_file_and_a_wrong_step_is_named(tmp
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "unknown step 'evaluation'" in bad.stderr and str(overrides) in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--work-pvc", "fulltune-work"], "--work-pvc fulltune-work: expected CLAIM:/mount/path"),
+        (["--eval-gpus", "-1"], "--eval-gpus: '-1': a whole number, 0 or more"),
+        (["--step-resources", "{file}"], "{file}: evaluate: cpu '16' is more than cpu_limit '8'"),
+    ],
+)
+def test_compile_refuses_a_bad_option_as_a_usage_error_writing_nothing(tmp_path, capsys, args, says):
+    """A mistyped --work-pvc or --eval-gpus, or a step's request above its limit (Kubernetes would
+    refuse that step's pod in every run), ends `fulltune compile` with exit 2 and the option named,
+    not a traceback, and leaves no pipeline behind."""
+    from fulltune.cli import main
+
+    overrides = tmp_path / "resources.yaml"
+    overrides.write_text("evaluate: {cpu: '16'}\n")  # evaluate's default cpu_limit is 8
+    args = [a.format(file=overrides) for a in args]
+    try:
+        code = main(["compile", "--root", str(tmp_path / "out"), *args])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    assert says.format(file=overrides) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.yaml"))
+
+
+def test_step_resources_name_a_value_that_is_no_quantity():
+    from fulltune.kfp.cluster import step_resources
+
+    with pytest.raises(ValueError, match=r"r.yaml: train: memory '4GB' is not a quantity"):
+        step_resources({"train": {"memory": "4GB"}}, "r.yaml")
+    with pytest.raises(ValueError, match=r"evaluate: expected a mapping"):
+        step_resources({"evaluate": None}, "r.yaml")
+    ok = step_resources({"train": {"cpu": "1500m", "memory": "2Gi", "memory_limit": "4G"}})
+    assert (ok["train"].cpu, ok["train"].memory_limit) == ("1500m", "4G")
 
 
 def test_optional_secrets_reach_the_steps_that_need_them(tmp_path):

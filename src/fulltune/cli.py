@@ -62,10 +62,13 @@ def _compile(args: argparse.Namespace) -> int:
     from fulltune.config import read_config_file
     from fulltune.kfp.cluster import step_resources
     from fulltune.kfp.compile import compile_all
+    from fulltune.kfp.pipeline import parse_pvc
 
     try:  # ConfigError is a ValueError: the file's own problems end the same way
         overrides = read_config_file(args.step_resources) if args.step_resources else None
         resources = step_resources(overrides, args.step_resources or "")
+        if args.work_pvc:  # checked before anything is written, as submit and upload do
+            parse_pvc(args.work_pvc)
     except ValueError as exc:
         print(f"fulltune compile: {exc}", file=sys.stderr)
         return 2
@@ -103,15 +106,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    """An argument that counts processes: a whole number, 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, 1 or more")
-    return value
+def _at_least(low: int):
+    """An argument type for a count: a whole number, `low` or more (argparse's usage error, exit 2,
+    rather than a traceback from the code the count reaches)."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: a whole number, {low} or more")
+        return value
+
+    return count
+
+
+_positive = _at_least(1)  # processes
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -414,7 +425,7 @@ def _add_compile(commands) -> None:
     )
     compile_cmd.add_argument(
         "--eval-gpus",
-        type=int,
+        type=_at_least(0),
         default=1,
         metavar="N",
         help="GPUs for the evaluate step (default: 1; 0: CPU)",

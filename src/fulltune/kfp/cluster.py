@@ -3,6 +3,7 @@ command line can offer them as defaults without paying for the kfp import."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -69,12 +70,18 @@ def step_resources(
     overrides: Mapping[str, Mapping[str, str]] | None, source: str = ""
 ) -> dict[str, StepResources]:
     """STEP_RESOURCES with `overrides` ({step: {cpu, memory, cpu_limit, memory_limit}}) applied; a
-    ValueError names an unknown step or field and `source`."""
+    ValueError names an unknown step or field, a value that is no quantity or a request above its
+    limit, and `source`."""
     out = dict(STEP_RESOURCES)
     where = f" in {source}" if source else ""
     for step, fields in (overrides or {}).items():
         if step not in out:
             raise ValueError(f"step resources{where}: unknown step {step!r}; steps: {', '.join(out)}")
+        if not isinstance(fields, Mapping):
+            raise ValueError(
+                f"step resources{where}: {step}: expected a mapping of cpu, memory, cpu_limit, "
+                f"memory_limit (got {fields!r})"
+            )
         unknown = set(fields) - set(StepResources.__dataclass_fields__)
         if unknown:
             raise ValueError(
@@ -82,4 +89,43 @@ def step_resources(
                 "fields: cpu, memory, cpu_limit, memory_limit"
             )
         out[step] = replace(out[step], **{k: str(v) for k, v in fields.items()})
+        _check_step_resources(out[step], f"step resources{where}: {step}")
     return out
+
+
+# Kubernetes quantities as KFP's compiler accepts them (kfp.dsl.PipelineTask): CPU in cores or
+# millicores, memory in bytes with an optional decimal or binary suffix.
+_CPU = re.compile(r"(?P<n>([0-9]*[.])?[0-9]+)(?P<unit>m?)")
+_MEMORY = re.compile(r"(?P<n>[0-9]+)(?P<unit>E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki|)")
+_MEMORY_UNITS = {"": 1} | {
+    unit + binary: (1024 if binary else 1000) ** (i + 1)
+    for i, unit in enumerate("KMGTPE")
+    for binary in ("", "i")
+}
+
+
+def _quantity(value: str, memory: bool) -> float | None:
+    """`value` in cores or bytes, or None where KFP's compiler would refuse it."""
+    m = (_MEMORY if memory else _CPU).fullmatch(value)
+    if m is None:
+        return None
+    if memory:
+        return float(m["n"]) * _MEMORY_UNITS[m["unit"]]
+    return float(m["n"]) / (1000 if m["unit"] else 1)
+
+
+def _check_step_resources(res: StepResources, where: str) -> None:
+    """Refuse, naming the field, a value KFP cannot compile (found here rather than as kfp's
+    traceback) or a request above its limit (Kubernetes would refuse the step's pod at run time)."""
+    for request, limit, memory in (("cpu", "cpu_limit", False), ("memory", "memory_limit", True)):
+        amounts = {}
+        for field in (request, limit):
+            amounts[field] = _quantity(getattr(res, field), memory)
+            if amounts[field] is None:
+                form = "e.g. 8Gi or 512Mi" if memory else "cores or millicores, e.g. 4 or 500m"
+                raise ValueError(f"{where}: {field} {getattr(res, field)!r} is not a quantity ({form})")
+        if amounts[request] > amounts[limit]:
+            raise ValueError(
+                f"{where}: {request} {getattr(res, request)!r} is more than {limit} "
+                f"{getattr(res, limit)!r}; Kubernetes refuses a pod whose request exceeds its limit"
+            )

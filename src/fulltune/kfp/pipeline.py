@@ -223,7 +223,7 @@ def parse_pvc(spec: str) -> tuple[str, str]:
     """(claim, mount path) of a `--work-pvc` value, CLAIM:/mount/path."""
     claim, sep, path = spec.partition(":")
     if not (claim and sep and path.startswith("/")):
-        raise ValueError(f"work_pvc {spec!r}: expected CLAIM:/mount/path, e.g. fulltune-work:/work")
+        raise ValueError(f"--work-pvc {spec}: expected CLAIM:/mount/path, e.g. fulltune-work:/work")
     return claim, path
 
 

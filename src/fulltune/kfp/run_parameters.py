@@ -187,7 +187,7 @@ def _set_work_pvc(docs: list[dict], spec: str) -> None:
         try:
             claim, path = parse_pvc(spec)
         except ValueError as exc:
-            raise ConfigError(f"--work-pvc: {exc}") from None
+            raise ConfigError(str(exc)) from None
         name = {"runtimeValue": {"constant": claim}}
         mounts = [{"constant": claim, "mountPath": path, "pvcNameParameter": name}]
     if len(docs) < 2:  # no platform settings at all
