@@ -506,6 +506,18 @@ def test_wait_gives_up_after_the_timeout(kfp, params, capsys):
     assert f"run {got['run_id']}: still RUNNING after 0.2s" in captured.err
 
 
+@pytest.mark.parametrize("option", ["--poll-interval", "--timeout"])
+def test_a_wait_duration_below_zero_is_a_usage_error_before_any_run_exists(kfp, params, capsys, option):
+    """The wait reads these only after the run is created: a negative --poll-interval used to end
+    in time.sleep's traceback there, leaving a started run that nobody followed."""
+    args = ["submit", "--host", kfp.url, "--params", str(params), "--package", str(PACKAGE), "--wait"]
+    with pytest.raises(SystemExit) as exited:
+        main([*args, option, "-1"])
+    assert exited.value.code == 2
+    assert f"{option}: '-1': a number of seconds above 0" in capsys.readouterr().err
+    assert not kfp.runs
+
+
 # -- schedule ---------------------------------------------------------------------------------------
 
 

@@ -1395,19 +1395,36 @@ def _add_submit_arguments(submit_parser) -> None:
     _add_wait_arguments(submit_parser)
 
 
+def _seconds(text: str) -> float:
+    """A duration argument: a number of seconds above 0. Checked by argparse (exit 2, nothing
+    created) because the wait only reads it after the run exists: a negative interval made
+    time.sleep raise there, leaving a started run unfollowed behind a traceback."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds above 0")
+    return value
+
+
 def _add_wait_arguments(p) -> None:
     p.add_argument(
         "--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded"
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="S",
         help="with --wait: give up after S seconds (exit 3)",
     )
     p.add_argument(
-        "--poll-interval", type=float, default=15.0, metavar="S", help="with --wait: seconds between checks"
+        "--poll-interval",
+        type=_seconds,
+        default=15.0,
+        metavar="S",
+        help="with --wait: seconds between checks",
     )
 
 
