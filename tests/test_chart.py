@@ -479,6 +479,12 @@ def test_helm_test_runs_fulltune_doctor_as_the_runs_account_with_the_release_con
     assert args.config == "/etc/fulltune/config/config.yaml"
     assert container["envFrom"] == [{"secretRef": {"name": "fulltune-s3", "optional": True}}]
 
+    # workload identity: no Secret, and the doctor is told so rather than checking its default name
+    objects = render(chart, {"runConfig": RUNNABLE, "s3": {"existingSecret": ""}})
+    container = only(objects, "Pod", f"{FULLNAME}-doctor")["spec"]["containers"][0]
+    assert build_parser().parse_args(container["command"][1:] + container["args"]).s3_secret == ""
+    assert "envFrom" not in container
+
 
 def test_cluster_role_reads_only_the_named_cluster_training_runtime(rendered):
     """With a ClusterTrainingRuntime, the launcher's one cluster-wide need (get it, by name) and

@@ -352,6 +352,17 @@ def test_a_missing_s3_secret_is_reported_with_the_command_that_creates_it(cluste
     assert "kubectl -n team-a create secret generic fulltune-s3" in out
 
 
+def test_no_s3_secret_under_workload_identity_is_not_a_failure(cluster, capsys):
+    """s3.existingSecret "" (IRSA, GKE workload identity), which the chart passes as --s3-secret='':
+    there is no Secret to find, so `helm test` must not fail on one named ''."""
+    kube, kfp, config = cluster
+    kube.secrets.clear()
+    code = main(["doctor", "--config", config, "--host", kfp.url, "--s3-secret", ""])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[     ok] S3 Secret: none named" in out
+
+
 def test_the_model_registry_is_asked_before_register_would_find_it_wrong(
     cluster, capsys, tmp_path, monkeypatch
 ):

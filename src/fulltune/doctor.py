@@ -522,6 +522,10 @@ def _secret_finding(cluster: Cluster) -> Finding:
     from kubernetes.client.exceptions import ApiException
 
     name = cluster.s3_secret
+    if not name:  # workload identity (IRSA, GKE): the chart's s3.existingSecret "", compile --s3-secret ''
+        return Finding(
+            "S3 Secret", OK, "none named: S3 credentials come from the pods' ServiceAccount identity"
+        )
     try:
         CoreV1Api(cluster.api).read_namespaced_secret(name, cluster.namespace)
         return Finding("S3 Secret", OK, f"{name} exists in {cluster.namespace}")
@@ -846,7 +850,10 @@ def add_arguments(p) -> None:
     p.add_argument("--namespace", default=None, help="default: KFP_NAMESPACE, this pod's, the kube context's")
     p.add_argument("--host", default=None, help="KFP API address (default: KFP_HOST; in a pod: in-cluster)")
     p.add_argument(
-        "--s3-secret", default=S3_SECRET, metavar="NAME", help=f"the S3 Secret (default: {S3_SECRET})"
+        "--s3-secret",
+        default=S3_SECRET,
+        metavar="NAME",
+        help=f"the S3 Secret (default: {S3_SECRET}; '' for none: workload identity, not checked)",
     )
     p.add_argument(
         "--mlflow-secret",
