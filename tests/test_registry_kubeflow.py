@@ -296,6 +296,7 @@ def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "not registered, the evaluation gate did not pass" in err and EVAL_FAIL.reasons[0] in err
+    assert "`fulltune registry register --force` registers it anyway" in err  # the option, by its name
     assert not registry.exists() and mr.requests == []
 
     assert main([*args, "--force"]) == 0

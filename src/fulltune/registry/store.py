@@ -113,7 +113,8 @@ def register_model(
     if not eval_result.verdict and not force:
         raise RegistryError(
             f"{name}: not registered, the evaluation gate did not pass "
-            f"({'; '.join(eval_result.reasons)}); use force to override"
+            f"({'; '.join(eval_result.reasons)}); `fulltune registry register --force` registers it anyway "
+            "(recorded as forced in its lineage)"
         )
     _require_evaluated(name, model_uri, eval_result)
     if run_id and (done := version_of_run(cfg.registry.uri, name, run_id)) is not None:
