@@ -288,6 +288,21 @@ def test_cli_register_records_in_kubeflow_and_repeats_idempotently(model_dir, s3
     assert {r.headers.get("authorization") for r in mr.requests} == {f"Bearer {TOKEN}"}
 
 
+def test_cli_register_leaves_nothing_in_the_configs_work_dir(model_dir, tmp_path, capsys):
+    """`fulltune registry register --config my-run.yaml` (README) names the config whose work_dir
+    holds every run: a refusal recorded there made `fulltune runs` list a run called 'failures'."""
+    work = tmp_path / "work"
+    cfg = _cfg(str(tmp_path / "registry"), None).model_copy(update={"work_dir": str(work)})
+    args = _register_args(tmp_path / "config.yaml", cfg, model_dir)
+    args += ["--eval", str(_eval_file(tmp_path / "eval.json", scored(EVAL_FAIL, str(model_dir))))]
+    assert main(args) == 1
+    assert main([*args, "--force"]) == 0
+    capsys.readouterr()
+    assert not work.exists() or not any(work.iterdir())
+    assert main(["runs", str(tmp_path / "config.yaml")]) == 0
+    assert "failures" not in capsys.readouterr().out
+
+
 def test_cli_refuses_a_failed_gate_unless_forced(model_dir, tmp_path, mr, capsys):
     registry = tmp_path / "registry"
     args = _register_args(tmp_path / "config.yaml", _cfg(str(registry), mr), model_dir)
