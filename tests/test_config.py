@@ -258,6 +258,17 @@ def test_config_check_refuses_contradictions_naming_each_field(tmp_path, capsys)
     ) in err
 
 
+@pytest.mark.parametrize("option", ["--for-cluster", "--resolved"])
+def test_a_check_option_without_check_is_a_usage_error(option, capsys):
+    """`fulltune config --for-cluster` alone printed every field and exited 0, which reads as a
+    config that passed."""
+    from fulltune.cli import main
+
+    assert main(["config", option]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"{option} goes with --check FILE" in err
+
+
 def test_a_fatal_check_code_is_refused_when_the_config_is_read():
     with pytest.raises(ConfigError, match=r"  data\.checks\.no_data: 'no_data' is fatal and has no policy"):
         RunConfig.from_dict({"data": {"checks": {"no_data": {"action": "warn"}}}})

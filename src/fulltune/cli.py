@@ -221,6 +221,11 @@ def _runs(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     from fulltune.config import ConfigError, RunConfig, describe
 
+    if (args.resolved or args.for_cluster) and not args.check:
+        # Without a file they would print the field list and exit 0, read as a check that passed.
+        given = "--resolved" if args.resolved else "--for-cluster"
+        print(f"error: {given} goes with --check FILE (the config to check)", file=sys.stderr)
+        return EXIT_USAGE
     if args.check:
         try:
             cfg = RunConfig.from_yaml(args.check)
