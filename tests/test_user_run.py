@@ -219,6 +219,15 @@ def test_runs_of_a_work_dir_that_does_not_exist_says_so(tmp_path, capsys):
     assert capsys.readouterr().out == f"no runs under {tmp_path} (work_dir)\n"
 
 
+def test_runs_with_a_config_and_a_work_dir_refuses_rather_than_ignore_one(tmp_path, capsys):
+    """The config's work_dir was listed and --work-dir dropped without a word."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"work_dir: {tmp_path / 'a'}\n")
+    assert main(["runs", str(config), "--work-dir", str(tmp_path / "b")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"--work-dir {tmp_path / 'b'}: give CONFIG or --work-dir, not both" in err
+
+
 def test_output_into_a_closed_pipe_is_not_a_traceback():
     """`fulltune config --describe | head -1`: the reader stops early; fulltune exits quietly."""
     import subprocess

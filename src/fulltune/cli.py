@@ -194,6 +194,9 @@ def _runs(args: argparse.Namespace) -> int:
     from fulltune.user_run import with_local_locations
 
     as_json = args.output == "json"
+    if args.config and args.work_dir:  # one would be ignored: the listing would not be of what was asked
+        print(f"error: --work-dir {args.work_dir}: give CONFIG or --work-dir, not both", file=sys.stderr)
+        return EXIT_USAGE
     if problem := _dir_problem(Path(args.dir)):
         print(f"error: {problem}", file=sys.stderr)
         return 1
