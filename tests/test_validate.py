@@ -285,6 +285,42 @@ def test_files_the_readers_skip_in_a_data_folder_are_named(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("suffix", ["", "/*.jsonl"])
+def test_data_below_hidden_or_bookkeeping_folders_is_not_read_and_is_named(tmp_path, suffix):
+    """Jupyter's stale copy and a failed Spark task's partial output look like data but are not:
+    reading them would train on both (a folder's listing and a glob's `*` go below folders). They
+    are skipped as Hadoop and Spark skip them, each named; `_SUCCESS` stays unreported."""
+    data = tmp_path / "dir"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", GOOD)
+    stale = data / ".ipynb_checkpoints" / "a-checkpoint.jsonl"
+    partial = data / "_temporary" / "0" / "part-00000.jsonl"
+    for path in (stale, partial):
+        path.parent.mkdir(parents=True)
+        write_jsonl(path, [{"text": "an older version of a document"}])
+    (data / "_SUCCESS").write_text("")
+    report = validate_data(make_cfg(f"{data}{suffix}"), tmp_path / "out")
+
+    assert report["passed"] and report["datasets"]["train"]["records"] == len(GOOD)
+    assert [e["location"] for e in problems(report)["skipped_file"]["examples"]] == [str(stale), str(partial)]
+    assert (
+        "below a name starting with '.' or '_'" in problems(report)["skipped_file"]["examples"][0]["reason"]
+    )
+    assert [r.text for r in iter_records(f"{data}{suffix}", make_cfg(data).data)] == [g["text"] for g in GOOD]
+
+
+def test_s3_data_below_bookkeeping_prefixes_is_not_read(tmp_path, s3):
+    from fulltune import storage
+
+    storage.write_bytes(f"{s3}/_staging/data/a.jsonl", b'{"text": "the one document"}\n')
+    storage.write_bytes(f"{s3}/_staging/data/_temporary/0/part-0.jsonl", b'{"text": "partial"}\n')
+    report = validate_data(make_cfg(f"{s3}/_staging/data/"), tmp_path / "out")
+    assert report["datasets"]["train"]["records"] == 1  # a named folder may itself be under '_'
+    assert [e["location"] for e in problems(report)["skipped_file"]["examples"]] == [
+        f"{s3}/_staging/data/_temporary/0/part-0.jsonl"
+    ]
+
+
 def test_files_skipped_in_each_folder_of_a_brace_alternation_are_named(tmp_path):
     """`{day1,day2}` names two folders: a stray file in either is reported, the data in both read."""
     for day, stray in (("day1", "README.md"), ("day2", "rows.JSONL")):

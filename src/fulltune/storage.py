@@ -320,12 +320,14 @@ def alternatives(uri: str) -> list[str]:
 @dataclass(frozen=True)
 class Expansion:
     """What a URI names: `files` matching the patterns, `others`, the rest of a named folder's
-    listing (empty for a file or a glob, which name their files themselves), and `empty`, the
-    alternatives of a brace alternation that named no matching file."""
+    listing (empty for a file or a glob, which name their files themselves), `empty`, the
+    alternatives of a brace alternation that named no matching file, and `hidden`, the files a
+    folder or glob would have matched that lie below a name starting with '.' or '_' (not read)."""
 
     files: list[str]
     others: list[str]
     empty: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
 
 
 def expand(uri: str, patterns: tuple[str, ...] = ("*",)) -> list[str]:
@@ -340,6 +342,7 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
     if _ALTERNATION.search(uri):
         files: dict[str, None] = {}  # ordered, without repeats
         others: dict[str, None] = {}
+        hidden: dict[str, None] = {}
         empty: list[str] = []
         for alt in alternatives(uri):
             try:
@@ -350,7 +353,8 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
                 empty.append(alt)
             files.update(dict.fromkeys(found.files))
             others.update(dict.fromkeys(found.others))
-        return Expansion(list(files), [f for f in others if f not in files], empty)
+            hidden.update(dict.fromkeys(found.hidden))
+        return Expansion(list(files), [f for f in others if f not in files], empty, list(hidden))
     has_glob = any(ch in uri for ch in "*?[")
     if has_glob:
         base = uri
@@ -358,13 +362,34 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
             base = base.rsplit("/", 1)[0]
             if "/" not in base:
                 break
-        return Expansion(sorted(f for f in list_files(base) if fnmatch.fnmatch(f, uri)), [])
+        matched = sorted(f for f in list_files(base) if fnmatch.fnmatch(f, uri))
+        return _without_hidden(base, matched, [])
     if (not is_s3(uri) and os.path.isfile(uri)) or (is_s3(uri) and exists(uri)):
         return Expansion([uri], [])
     listing = list_files(uri)
     matched = [f for f in listing if any(fnmatch.fnmatch(basename(f), p) for p in patterns)]
     taken = set(matched)
-    return Expansion(matched, [f for f in listing if f not in taken])
+    return _without_hidden(uri, matched, [f for f in listing if f not in taken])
+
+
+def _without_hidden(base: str, matched: list[str], others: list[str]) -> Expansion:
+    """What a listing of the folder `base` names, less the files below a name (a folder's or the
+    file's own) starting with '.' or '_': hidden, or bookkeeping — Jupyter's .ipynb_checkpoints
+    copies, Spark's _temporary attempts and _SUCCESS, checksum files — as Hadoop and Spark skip
+    them. Read as data they would train on stale copies or a failed job's partial output."""
+    hidden = [f for f in matched if _hidden_below(base, f)]
+    skip = set(hidden)
+    return Expansion(
+        [f for f in matched if f not in skip], [f for f in others if not _hidden_below(base, f)], [], hidden
+    )
+
+
+def _hidden_below(base: str, path: str) -> bool:
+    if is_s3(base):
+        rel = path[len(base.rstrip("/")) + 1 :]
+    else:
+        rel = os.path.relpath(path, base) if base else path
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part not in ("", ".", ".."))
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -107,12 +107,15 @@ class RecordError(ValueError):
 @dataclass(frozen=True)
 class DataFiles:
     """The files a data URI names that the readers take, and `skipped`: the other files of a named
-    folder (a .txt, an upper-case .PARQUET), found by the same listing. Names starting with '.' or '_'
-    (Spark's _SUCCESS, checksum files) and Hugging Face's metadata are bookkeeping, not data."""
+    folder (a .txt, an upper-case .PARQUET), found by the same listing. Files below a name starting
+    with '.' or '_' are not read (`storage.expand_all`): `hidden` holds those that look like data
+    (.ipynb_checkpoints copies, a Spark job's _temporary output); the rest (_SUCCESS, checksum
+    files) and Hugging Face's metadata are bookkeeping, not data."""
 
     files: list[str]
     skipped: list[str]
     empty: list[str] = field(default_factory=list)  # locations of an alternation with no data files
+    hidden: list[str] = field(default_factory=list)
 
 
 def _missing_place(uri: str) -> str | None:
@@ -146,12 +149,8 @@ def find_data(uri: str) -> DataFiles:
         places = storage.alternatives(uri)
         where = f" in any of {len(places)} locations: {', '.join(places)}" if len(places) > 1 else ""
         raise DataError(f"{uri}: no data files found{where} (expected {', '.join(DATA_PATTERNS)})")
-    skipped = [
-        f
-        for f in found.others
-        if storage.basename(f) not in HF_METADATA and not storage.basename(f).startswith((".", "_"))
-    ]
-    return DataFiles(files, skipped, found.empty)
+    skipped = [f for f in found.others if storage.basename(f) not in HF_METADATA]
+    return DataFiles(files, skipped, found.empty, found.hidden)
 
 
 def data_files(uri: str) -> list[str]:

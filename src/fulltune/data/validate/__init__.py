@@ -20,7 +20,8 @@ warnings (the record is used; worth a look)
     record also in train: the eval loss would flatter the model; fails above a tenth of the eval
     set by default), control_chars (C0/C1 control
     characters), mojibake (U+FFFD or UTF-8 read as Latin-1, e.g. 'Ã©'), empty_file, skipped_file (a
-    file in the data folder no reader takes, e.g. .txt), empty_location (a location of a {a,b}
+    file in the data folder no reader takes, e.g. .txt, or a data file below a name starting with '.'
+    or '_', e.g. .ipynb_checkpoints/ or Spark's _temporary/), empty_location (a location of a {a,b}
     alternation, a data window's day, with no data files), kind_mismatch,
     too_short / too_long (`data.min_chars`, `data.max_chars`), special_token_text (a special-token
     string such as '<|im_end|>' or '[INST]': the fixed SPECIAL_TOKEN_STRINGS plus the configured

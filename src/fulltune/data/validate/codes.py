@@ -32,7 +32,11 @@ CODES: dict[str, tuple[str, str]] = {
     "control_chars": ("warning", "control characters, usually extraction debris"),
     "mojibake": ("warning", "garbled characters from a wrong decode upstream"),
     "empty_file": ("warning", "a data file without records"),
-    "skipped_file": ("warning", "a file in the data folder of no format fulltune reads: not read"),
+    "skipped_file": (
+        "warning",
+        "a file in the data folder of no format fulltune reads, or below a name starting with '.' or '_': "
+        "not read",
+    ),
     "empty_location": (
         "warning",
         "one of the locations a URI names ({a,b}, a data window's days) holds no data files: a day "

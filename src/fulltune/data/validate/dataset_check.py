@@ -25,6 +25,12 @@ from fulltune.data.validate.rows import RowCheck
 from fulltune.data.validate.tally import Tally
 from fulltune.data.validate.verdict import dataset_report
 
+# Why a data file below a hidden or bookkeeping name is not read (`storage.expand_all`).
+HIDDEN_REASON = (
+    "below a name starting with '.' or '_' (hidden, or bookkeeping such as .ipynb_checkpoints or "
+    "Spark's _temporary): move it out to train on it"
+)
+
 
 class DatasetCheck:
     """Problems, lengths and content digests of one dataset. With `train` (the eval dataset's
@@ -84,6 +90,8 @@ class DatasetCheck:
             self.tally.add(
                 "skipped_file", f"not read: the folder's data files end in {', '.join(DATA_PATTERNS)}", path
             )
+        for path in found.hidden:
+            self.tally.add("skipped_file", f"not read: {HIDDEN_REASON}", path)
         for place in found.empty:
             self.tally.add("empty_location", "no data files here; the dataset is read from the others", place)
         try:
