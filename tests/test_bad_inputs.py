@@ -102,6 +102,15 @@ def parquet_column_named_twice(tmp: Path) -> Case:
 
 
 @case
+def csv_column_named_twice(tmp: Path) -> Case:
+    """`text,text`: the csv reader's dict kept the second column silently, the first never read;
+    refused as the Parquet case is."""
+    p = tmp / "t.csv"
+    p.write_text("text,text\nthe title,the document body\n")
+    return Case(str(p), "unreadable_file", f"{p}:1")
+
+
+@case
 def parquet_garbage_bytes(tmp: Path) -> Case:
     p = tmp / "t.parquet"
     p.write_bytes(b"PAR1 this is not really parquet")

@@ -214,6 +214,21 @@ def test_csv_and_hf_save_to_disk_inputs(tmp_path):
     ]
 
 
+def test_a_csv_header_naming_a_column_twice_is_refused_naming_it(tmp_path):
+    """Which of two `text` columns holds the documents is ambiguous (the reader kept the last one,
+    the other column never read); blank header cells, a spreadsheet's unnamed columns, are no name."""
+    path = tmp_path / "t.csv"
+    path.write_text("text,source,text\nthe title,web,the document body\n")
+    with pytest.raises(DataValidationError) as info:
+        validate_data(cfg(str(path)), tmp_path / "out")
+    assert (
+        f"{path}:1: unreadable_file: column 'text' appears more than once: which one holds the records "
+        "is ambiguous" in str(info.value)
+    )
+    path.write_text(",text,\n1,the document body,\n")
+    assert validate_data(cfg(str(path)), tmp_path / "out")["datasets"]["train"]["records"] == 1
+
+
 def test_a_csv_document_longer_than_the_csv_modules_field_limit_stays_one_record(tmp_path):
     """Python's csv refuses fields over 128 KiB and reads on from inside them; a 211k-character
     document with newlines must stay one record (its length is data.max_chars' to judge), also

@@ -465,6 +465,11 @@ def _iter_csv(path: str) -> Iterator[RawRecord]:
                 lineno = reader.line_num
                 loc = Location(path, line=start)
                 if header is None:
+                    # dict(zip()) would keep the last silently; unnamed columns (a spreadsheet's
+                    # blank header cells) hold no field a record kind reads
+                    if (twice := _repeated_name([name for name in row if name.strip()])) is not None:
+                        yield RawRecord(loc, code="unreadable_file", reason=_column_twice(twice))
+                        return
                     header = row
                     continue
                 if not row or not any(cell.strip() for cell in row):
@@ -512,10 +517,13 @@ def iter_arrow_batches(path: str) -> Iterator[ArrowBatch | RawRecord]:
         for i, item in enumerate(batches):
             if i == 0 and isinstance(item, ArrowBatch) and (twice := _repeated_name(item.batch.schema.names)):
                 # readers differ on which of the two they take: validated is not what would be trained
-                reason = f"column {twice!r} appears more than once: which one holds the records is ambiguous"
-                yield RawRecord(Location(path), code="unreadable_file", reason=reason)
+                yield RawRecord(Location(path), code="unreadable_file", reason=_column_twice(twice))
                 return
             yield item
+
+
+def _column_twice(name: str) -> str:
+    return f"column {name!r} appears more than once: which one holds the records is ambiguous"
 
 
 def _repeated_name(names: list[str]) -> str | None:
