@@ -247,6 +247,38 @@ def test_a_gzip_file_without_a_gz_name_is_named_once_with_the_rename(tmp_path, n
     assert list(problems(report)) == ["wrong_encoding"]
 
 
+def _compressed(compression: str, body: bytes) -> bytes:
+    import bz2
+    import io
+    import lzma
+    import zipfile
+
+    if compression == "zip":
+        sink = io.BytesIO()
+        with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("train.jsonl", body)
+        return sink.getvalue()
+    if compression == "zstd":  # the frame's magic number, then what a compressor would write
+        return b"\x28\xb5\x2f\xfd" + bz2.compress(body)
+    return bz2.compress(body) if compression == "bzip2" else lzma.compress(body)
+
+
+@pytest.mark.parametrize("compression", ["bzip2", "xz", "zstd", "zip"])
+@pytest.mark.parametrize("name", ["t.jsonl", "t.csv"])
+def test_a_file_compressed_otherwise_than_gzip_is_named_once_with_the_fix(tmp_path, compression, name):
+    """A corpus shipped as .jsonl.zst (or bz2, xz, a .zip export) named by a glob or path: read as
+    text it was an invalid_utf8 error per 'line' of compressed bytes and 'none of the N records is
+    usable', records that do not exist; it is one error naming the compression."""
+    path = tmp_path / name
+    path.write_bytes(_compressed(compression, "".join(json.dumps(r) + "\n" for r in GOOD * 50).encode()))
+    message, report = failing_report(make_cfg(path), tmp_path / "out")
+    assert (
+        f"  {path}:1: wrong_encoding: the file is {compression}-compressed; only gzip is read (.jsonl.gz, "
+        ".csv.gz): decompress it, or recompress it with gzip"
+    ) in message
+    assert list(problems(report)) == ["wrong_encoding"]
+
+
 def test_unset_train_uri(tmp_path):
     message, _ = failing_report(RunConfig(), tmp_path / "out")
     assert "data.train_uri is required" in message

@@ -26,6 +26,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -245,15 +246,31 @@ def _utf8_lines(data: bytes, mark: bytes) -> bool:
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+# The other compressions data arrives in (a corpus as .jsonl.zst, an export as .zip), by the bytes
+# each file starts with; the readers decompress gzip only.
+OTHER_COMPRESSIONS = (
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
+    (re.compile(rb"PK\x03\x04"), "zip"),
+    (re.compile(rb"7z\xbc\xaf\x27\x1c"), "7z"),
+)
 
 
 def encoding_problem(path: str, head: bytes) -> str | None:
     """Why a text file (JSONL, CSV) whose first bytes are `head` cannot be read as UTF-8 text at all,
-    naming the fix, or None: UTF-16/32 text, or gzip-compressed data in a file whose name does not
-    end in .gz (the readers decompress by the name; read as text, every line would be an error)."""
+    naming the fix, or None: UTF-16/32 text, gzip-compressed data in a file whose name does not end
+    in .gz (the readers decompress by the name), or another compression (they decompress gzip only).
+    Read as text, every line would be an error of its own, and the count of records meaningless."""
     if head.startswith(GZIP_MAGIC) and not path.endswith(".gz"):
         name = storage.basename(path)
         return f"the file is gzip-compressed but not named .gz: rename it {name}.gz"
+    for magic, compression in OTHER_COMPRESSIONS:
+        if magic.match(head):
+            return (
+                f"the file is {compression}-compressed; only gzip is read (.jsonl.gz, .csv.gz): "
+                "decompress it, or recompress it with gzip"
+            )
     name = wide_encoding(head)
     if name is None:
         return None

@@ -11,7 +11,7 @@ record errors (the record is unusable, counts as bad, and preprocessing skips it
 fatal errors (fail the dataset whatever the policies)
     no_data (nothing at the URI, or a DatasetDict rather than one split), unreadable_file (corrupt
     gzip, Parquet or Arrow: an unknown number of records is lost), wrong_encoding (a JSONL or CSV
-    file in UTF-16 or UTF-32, or gzip-compressed without a .gz name), unknown_kind (no record names
+    file in UTF-16 or UTF-32, gzip-compressed without a .gz name, or bzip2, xz, zstd, zip or 7z), unknown_kind (no record names
     a known kind), no_records (no row, or none usable: every record has a record error)
 secrets (the record is used; fail on any occurrence by default)
     secret_aws_key (AKIA/ASIA access key ids), secret_private_key (PEM private key blocks)

@@ -10,8 +10,8 @@ CODES: dict[str, tuple[str, str]] = {
     "unreadable_file": ("fatal", "a corrupt or truncated file: an unknown number of records is lost"),
     "wrong_encoding": (
         "fatal",
-        "a text file in UTF-16 or UTF-32, or gzip-compressed without a .gz name: read as UTF-8, none of it "
-        "is usable",
+        "a text file in UTF-16 or UTF-32, gzip-compressed without a .gz name, or compressed otherwise "
+        "(bzip2, xz, zstd, zip, 7z): read as UTF-8, none of it is usable",
     ),
     "unknown_kind": ("fatal", "the fields name no record kind (see data.text_field and friends)"),
     "no_records": ("fatal", "the data files hold no usable records"),
