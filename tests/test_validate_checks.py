@@ -325,6 +325,19 @@ def test_csv_chat_column_holds_the_conversation_as_json(tmp_path):
     assert f"{path}:3: bad_chat: field 'conversation' is not valid JSON" in str(info.value)
 
 
+def test_chat_records_without_the_messages_field_say_it_is_missing_and_what_they_have(tmp_path):
+    """ShareGPT-style data keeps its turns under 'conversations': with record_kind chat every record
+    was 'must be a non-empty list of {role, content}', as if the turns were malformed; it is the
+    field that is missing, as for the other kinds, with the fields the record has."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"conversations": turns, "id": 1}])
+    with pytest.raises(DataValidationError) as info:
+        validate_data(cfg(path, record_kind="chat"), tmp_path / "out")
+    assert f"{path}:1: missing_field: field 'messages' is missing (have: ['conversations', 'id'])" in str(
+        info.value
+    )
+
+
 # -- each content check defined once (fulltune.data.validate.content) --------------------------------
 
 TRIGGERS = {

@@ -637,12 +637,15 @@ def normalize(raw: RawRecord, kind: str, cfg: DataSection) -> Record:
         raise RecordError(raw.code, raw.reason or "", raw.loc)
     value = raw.value or {}
 
-    def string_field(name: str) -> str:
+    def present(name: str) -> Any:
         if name not in value:
             raise RecordError(
                 "missing_field", f"field {name!r} is missing (have: {sorted(value)[:8]})", raw.loc
             )
-        got = value[name]
+        return value[name]
+
+    def string_field(name: str) -> str:
+        got = present(name)
         if not isinstance(got, str):
             raise RecordError(
                 "wrong_type", f"field {name!r} must be a string, got {type(got).__name__}", raw.loc
@@ -662,7 +665,8 @@ def normalize(raw: RawRecord, kind: str, cfg: DataSection) -> Record:
             completion=string_field(cfg.completion_field),
         )
     if kind == "chat":
-        msgs = value.get(cfg.messages_field)
+        # absent (another field name, e.g. ShareGPT's 'conversations') is not a malformed conversation
+        msgs = present(cfg.messages_field)
         if isinstance(msgs, str):
             # a CSV cell (or a string column) holding the conversation as JSON text
             try:
