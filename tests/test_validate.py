@@ -226,8 +226,12 @@ def test_a_path_that_does_not_exist_is_named_with_its_field(tmp_path):
 def test_a_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write_jsonl(tmp_path / "t.jsonl", GOOD)
-    cfg = make_cfg("~/t.jsonl", general_uri="~/t.jsonl")
-    assert (cfg.data.train_uri, cfg.data.general_uri) == (str(tmp_path / "t.jsonl"),) * 2
+    write_jsonl(tmp_path / "g.jsonl", [{"text": "the weather is nice"}])
+    cfg = make_cfg("~/t.jsonl", general_uri="~/g.jsonl")
+    assert (cfg.data.train_uri, cfg.data.general_uri) == (
+        str(tmp_path / "t.jsonl"),
+        str(tmp_path / "g.jsonl"),
+    )
     assert validate_data(cfg, tmp_path / "out")["passed"]
     assert RunConfig.from_dict({"work_dir": "~/w", "registry": {"uri": "~/r"}}).work_dir == str(
         tmp_path / "w"
@@ -428,6 +432,28 @@ def test_an_eval_set_that_is_mostly_the_train_set_fails_saying_what_the_gain_wou
     assert message.splitlines()[1] == f"  {evalset}:1: train_overlap: same content as train record {train}:1"
     assert report["datasets"]["train"]["passed"] and not report["datasets"]["eval"]["passed"]
     meant = make_cfg(train, eval_uri=str(evalset), checks={"train_overlap": {"action": "warn"}})
+    assert validate_data(meant, tmp_path / "meant")["passed"]
+
+
+def test_a_general_set_that_is_the_train_set_fails_saying_what_forgetting_would_measure(tmp_path):
+    """general_uri naming the domain data (a copy-pasted URI): the general loss falls as training
+    goes, so the gate's forgetting check passes whatever the model forgot, and replay repeats domain
+    records. Above a tenth of the general set in train, validation fails; a chat train set beside a
+    plain-text general set is no kind_mismatch (the general set's kind is its own)."""
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    message, report = failing_report(make_cfg(train, general_uri=str(train)), tmp_path / "out")
+    assert message.splitlines()[0] == (
+        "validate_data failed: general: general_overlap in 5 of 5 records (100.00% > allowed 10.00%): "
+        "forgetting would be measured on training data"
+    )
+    assert message.splitlines()[1] == f"  {train}:1: general_overlap: same content as train record {train}:1"
+    assert report["datasets"]["train"]["passed"] and not report["datasets"]["general"]["passed"]
+    general = write_jsonl(
+        tmp_path / "general.jsonl", [GOOD[0], *({"text": f"weather {i}"} for i in range(9))]
+    )
+    report = validate_data(make_cfg(train, general_uri=str(general)), tmp_path / "tenth")
+    assert report["passed"] and problems(report, "general")["general_overlap"]["count"] == 1
+    meant = make_cfg(train, general_uri=str(train), checks={"general_overlap": {"action": "warn"}})
     assert validate_data(meant, tmp_path / "meant")["passed"]
 
 

@@ -185,7 +185,8 @@ class DataSection(_Section):
         "Defaults: record errors (invalid_json, wrong_type, ...) fail above max_error_rate; secrets fail on any; "
         "exact duplicates fail above half the records (an export or join gone wrong, more often than real data); "
         "eval records also in train (train_overlap) above a tenth of the eval set (the domain gain would be "
-        "measured on training data); "
+        "measured on training data), general records also in train (general_overlap) above a tenth of the general "
+        "set (forgetting would be); "
         "PII, special tokens, lengths and chat-structure findings warn. A code set to fail without max_rate fails "
         "on any occurrence (record errors: above max_error_rate). Fatal codes cannot be changed.",
     )

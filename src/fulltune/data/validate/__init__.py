@@ -18,7 +18,8 @@ secrets (the record is used; fail on any occurrence by default)
 warnings (the record is used; worth a look)
     duplicate (exact same content as an earlier record of the dataset), train_overlap (an eval
     record also in train: the eval loss would flatter the model; fails above a tenth of the eval
-    set by default), control_chars (C0/C1 control
+    set by default), general_overlap (a general record also in train: forgetting would be measured
+    on training data; fails above a tenth of the general set by default), control_chars (C0/C1 control
     characters), mojibake (U+FFFD or UTF-8 read as Latin-1, e.g. 'Ã©'), empty_file, skipped_file (a
     file in the data folder no reader takes, e.g. .txt, or a data file below a name starting with '.'
     or '_', e.g. .ipynb_checkpoints/ or Spark's _temporary/), empty_location (a location of a {a,b}
@@ -40,7 +41,8 @@ error budget: bad records whose code's action is `fail` / records). Any other co
 without a `max_rate` fails on its first occurrence. Defaults beyond record errors: secrets fail on
 any occurrence, exact duplicates above half the records (`codes.DUPLICATE_MAX_RATE`), eval records
 also in train above a tenth of the eval set (`codes.TRAIN_OVERLAP_MAX_RATE`: the gate's domain gain
-would be measured on training data). A dataset fails on a fatal
+would be measured on training data), general records also in train above a tenth of the general set
+(`codes.GENERAL_OVERLAP_MAX_RATE`: forgetting would be). A dataset fails on a fatal
 error, an exceeded budget or an exceeded per-code `max_rate`; the DataValidationError message
 lists the locations of the `fail` problems first. `report.json` and `report.html` are written to
 `out_dir` in every case — also when failing, before DataValidationError is raised.
@@ -173,7 +175,13 @@ def validate_data(
         if name != "train" and not uri:
             continue
         check = DatasetCheck(
-            name, uri, data.reading(name), checks, special, fast=fast, train=train if name == "eval" else None
+            name,
+            uri,
+            data.reading(name),
+            checks,
+            special,
+            fast=fast,
+            train=train if name != "train" else None,
         )
         datasets[name] = check.run()
         if name == "train":

@@ -29,6 +29,10 @@ CODES: dict[str, tuple[str, str]] = {
     "secret_private_key": ("error", "a PEM private key block: never train on credentials"),
     "duplicate": ("warning", "same content as an earlier record: it is trained on twice"),
     "train_overlap": ("warning", "an eval record also in train: eval loss would flatter the model"),
+    "general_overlap": (
+        "warning",
+        "a general-set record also in train: forgetting would be measured on (and replay repeat) training data",
+    ),
     "control_chars": ("warning", "control characters, usually extraction debris"),
     "mojibake": ("warning", "garbled characters from a wrong decode upstream"),
     "empty_file": ("warning", "a data file without records"),
@@ -91,17 +95,22 @@ DUPLICATE_MAX_RATE = 0.5
 # little; beyond a tenth of the eval set the figure the gate passes a model on is largely training
 # data. A deliberate overlap sets data.checks.train_overlap (e.g. {action: warn}).
 TRAIN_OVERLAP_MAX_RATE = 0.1
+# Forgetting is the general set's loss rising: on records training saw (general_uri naming the
+# domain data, or a copy of it) it falls instead, and the gate passes whatever was forgotten. The
+# same tenth as for eval; a deliberate overlap sets data.checks.general_overlap.
+GENERAL_OVERLAP_MAX_RATE = 0.1
 # What a code failing by default would do to the run: said in the DataValidationError.
 CONSEQUENCES = {
     "train_overlap": "the domain gain would be measured on training data",
+    "general_overlap": "forgetting would be measured on training data",
 }
 
 
 def default_checks(max_error_rate: float) -> dict[str, CheckPolicy]:
     """The policy of every configurable code: record errors fail above data.max_error_rate (their
     sum is also held to it); secrets fail on any occurrence; exact duplicates fail above
-    DUPLICATE_MAX_RATE, eval records also in train above TRAIN_OVERLAP_MAX_RATE; everything else
-    warns."""
+    DUPLICATE_MAX_RATE, eval records also in train above TRAIN_OVERLAP_MAX_RATE, general records
+    also in train above GENERAL_OVERLAP_MAX_RATE; everything else warns."""
     out: dict[str, CheckPolicy] = {}
     for code in CODES:
         if code in FATAL:
@@ -112,6 +121,8 @@ def default_checks(max_error_rate: float) -> dict[str, CheckPolicy]:
             out[code] = CheckPolicy(action="fail", max_rate=DUPLICATE_MAX_RATE)
         elif code == "train_overlap":
             out[code] = CheckPolicy(action="fail", max_rate=TRAIN_OVERLAP_MAX_RATE)
+        elif code == "general_overlap":
+            out[code] = CheckPolicy(action="fail", max_rate=GENERAL_OVERLAP_MAX_RATE)
         elif code in RECORD_ERRORS:
             out[code] = CheckPolicy(action="fail", max_rate=None)
         else:

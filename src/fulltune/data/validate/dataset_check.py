@@ -33,9 +33,9 @@ HIDDEN_REASON = (
 
 
 class DatasetCheck:
-    """Problems, lengths and content digests of one dataset. With `train` (the eval dataset's
-    check), records also in train are reported as train_overlap, another record kind as
-    kind_mismatch."""
+    """Problems, lengths and content digests of one dataset. With `train` (the eval or general
+    dataset's check), records also in train are reported as train_overlap (eval) or general_overlap;
+    for eval, another record kind as kind_mismatch (a general set's kind is its own)."""
 
     def __init__(
         self,
@@ -98,12 +98,14 @@ class DatasetCheck:
             self.kind = resolve_kind(self.uri, self.cfg)
         except (RecordError, DataError, OSError):
             pass  # no record names a kind, none parses, or a file breaks: the pass reports it
-        train_kind = self.train.kind if self.train else None
+        train_kind = self.train.kind if self.train and self.name == "eval" else None
         if train_kind and self.kind and self.kind != train_kind:
             self.tally.add(
                 "kind_mismatch", f"records are {self.kind!r}, train records are {train_kind!r}", self.uri
             )
-        self.duplicates = Duplicates(self.tally, self.files, self.train.duplicates if self.train else None)
+        overlap = "general_overlap" if self.name == "general" else "train_overlap"
+        train = self.train.duplicates if self.train else None
+        self.duplicates = Duplicates(self.tally, self.files, train, overlap)
         return RowCheck(self.cfg, self.kind, self.tally, self.special, self.duplicates)
 
     def _check_file(self, rows: RowCheck, file_index: int, path: str) -> None:

@@ -1,4 +1,5 @@
-"""duplicate and train_overlap: 64-bit digests of each record's content, judged in file order."""
+"""duplicate, train_overlap and general_overlap: 64-bit digests of each record's content, judged in
+file order."""
 
 from __future__ import annotations
 
@@ -46,16 +47,23 @@ def unpack(packed: int, files: list[str]) -> str:
 
 class Duplicates:
     """The content digests of one dataset so far, each with its first location; with `train`,
-    also the digests of the train dataset, which this one (eval) must not repeat."""
+    also the digests of the train dataset, which this one (eval or general) must not repeat: a
+    record that does is reported as `overlap`."""
 
-    def __init__(self, tally: Tally, files: list[str], train: Duplicates | None = None):
-        self.tally, self.files, self.train = tally, files, train
+    def __init__(
+        self,
+        tally: Tally,
+        files: list[str],
+        train: Duplicates | None = None,
+        overlap: str = "train_overlap",
+    ):
+        self.tally, self.files, self.train, self.overlap = tally, files, train, overlap
         self.index = ContentIndex()  # content digest -> packed first location
 
     def judge(
         self, file_index: int, keys: np.ndarray, positions: np.ndarray, where: Callable[[int], Location]
     ) -> np.ndarray:
-        """Report `duplicate` and `train_overlap` for the records of one file with content digests
+        """Report `duplicate` and the overlap with train for the records of one file with content digests
         `keys`, at `positions` (lines or rows, in file order), record i at `where(i)`; index the
         new ones. Returns the mask of the records seen for the first time."""
         m = len(keys)
@@ -72,7 +80,7 @@ class Duplicates:
             in_train, first = self.train.index.lookup(keys)
             for i in np.flatnonzero(in_train).tolist():
                 reason = f"same content as train record {unpack(int(first[i]), self.train.files)}"
-                self.tally.add("train_overlap", reason, where(i))
+                self.tally.add(self.overlap, reason, where(i))
         return new
 
 
