@@ -223,6 +223,22 @@ def test_a_path_that_does_not_exist_is_named_with_its_field(tmp_path):
     assert f"  {empty}: no_data: data.train_uri: no data files found (expected *.jsonl" in message
 
 
+def test_a_folder_without_data_files_names_the_files_it_does_hold(tmp_path):
+    """A folder of .json.gz or .JSONL files is not empty: "no data files found" alone sent the user
+    looking for a wrong path. The no-data error names what is there and why it is not read."""
+    data = tmp_path / "exports"
+    (data / ".ipynb_checkpoints").mkdir(parents=True)
+    for name in ("a.json.gz", "b.JSONL", "c.jsonl.zst", "d.txt", ".ipynb_checkpoints/a-checkpoint.jsonl"):
+        (data / name).write_text("x")
+    message, _ = failing_report(make_cfg(data), tmp_path / "out")
+    assert (
+        f"  {data}: no_data: data.train_uri: no data files found (expected *.jsonl, *.jsonl.gz, *.json, "
+        f"*.parquet, *.csv, *.csv.gz, *.arrow); not read: 4 files whose names no reader takes: "
+        f"{data}/a.json.gz, {data}/b.JSONL, {data}/c.jsonl.zst and 1 more; 1 file below a name starting "
+        f"with '.' or '_': {data}/.ipynb_checkpoints/a-checkpoint.jsonl"
+    ) in message
+
+
 def test_a_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write_jsonl(tmp_path / "t.jsonl", GOOD)

@@ -146,12 +146,31 @@ def find_data(uri: str) -> DataFiles:
     files = [f for f in found.files if storage.basename(f) not in HF_METADATA]
     if not files and (missing := _missing_place(uri)) is not None:
         raise DataError(f"{uri}: does not exist" if missing == uri else f"{uri}: {missing} does not exist")
+    skipped = [f for f in found.others if storage.basename(f) not in HF_METADATA]
     if not files:
         places = storage.alternatives(uri)
         where = f" in any of {len(places)} locations: {', '.join(places)}" if len(places) > 1 else ""
-        raise DataError(f"{uri}: no data files found{where} (expected {', '.join(DATA_PATTERNS)})")
-    skipped = [f for f in found.others if storage.basename(f) not in HF_METADATA]
+        raise DataError(
+            f"{uri}: no data files found{where} (expected {', '.join(DATA_PATTERNS)})"
+            f"{_unread_note(skipped, found.hidden)}"
+        )
     return DataFiles(files, skipped, found.empty, found.hidden)
+
+
+def _unread_note(skipped: list[str], hidden: list[str]) -> str:
+    """What a folder without data files does hold, for its no-data error: a folder of .json.gz,
+    .jsonl.zst or upper-case .JSONL files is there, only not read (the warning that names each
+    skipped file is not written when the dataset has no data at all)."""
+    parts = []
+    for files, why in (
+        (skipped, "whose names no reader takes"),
+        (hidden, "below a name starting with '.' or '_'"),
+    ):
+        if files:
+            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+            plural = "s" if len(files) > 1 else ""
+            parts.append(f"{len(files)} file{plural} {why}: {', '.join(files[:3])}{more}")
+    return f"; not read: {'; '.join(parts)}" if parts else ""
 
 
 def data_files(uri: str) -> list[str]:
