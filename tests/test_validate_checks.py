@@ -72,6 +72,21 @@ def test_per_code_fail_policy_fails_only_above_its_rate(tmp_path):
     assert report["passed"] and problems(report)["pii_email"]["exceeded"] is False
 
 
+def test_a_max_rate_alone_is_a_limit_and_a_max_rate_beside_warn_is_refused(tmp_path):
+    """`{duplicate: {max_rate: 0.2}}` asks for a tighter limit than the default half; it took the
+    default action 'warn' with it and passed 2 repeats in 3. A rate alone now means fail above it;
+    a rate beside warn or ignore, which nothing would read, is refused naming the field."""
+    train = write_jsonl(tmp_path / "t.jsonl", GOOD * 3)
+    with pytest.raises(DataValidationError) as info:
+        validate_data(cfg(train, checks={"duplicate": {"max_rate": 0.2}}), tmp_path / "out")
+    assert str(info.value).splitlines()[0] == (
+        "validate_data failed: train: duplicate in 16 of 24 records (66.67% > allowed 20.00%)"
+    )
+    for action in ("warn", "ignore"):
+        with pytest.raises(ConfigError, match=r"  data\.checks\.duplicate\.max_rate: only action 'fail' has"):
+            cfg(train, checks={"duplicate": {"action": action, "max_rate": 0.2}})
+
+
 def test_warn_and_ignore_take_record_errors_out_of_the_budget(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [*GOOD, "{broken"])
     with pytest.raises(DataValidationError):

@@ -120,8 +120,25 @@ class CheckPolicy(_Section):
         None,
         ge=0.0,
         le=1.0,
-        description="For action 'fail': fraction of records with this code tolerated; None means data.max_error_rate.",
+        description="For action 'fail' (the action when only max_rate is given): fraction of records with this "
+        "code tolerated; None: data.max_error_rate for record errors, none at all for other codes.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_rate_asks_to_fail(cls, data: Any) -> Any:
+        """`{max_rate: 0.2}` alone sets the code's limit: taking the default action 'warn' with it
+        would take the code off the failing list, the opposite of what a limit asks for."""
+        if isinstance(data, dict) and data.get("max_rate") is not None and "action" not in data:
+            return {**data, "action": "fail"}
+        return data
+
+    @model_validator(mode="after")
+    def _a_rate_only_to_fail(self) -> CheckPolicy:
+        if self.max_rate is not None and self.action != "fail":
+            why = f"only action 'fail' has a limit; with action {self.action!r} it would be ignored"
+            _refuse([(("max_rate",), self.max_rate, why)])
+        return self
 
 
 def check_code_problem(code: str) -> str | None:
