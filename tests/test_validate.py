@@ -373,6 +373,25 @@ def test_s3_data_below_bookkeeping_prefixes_is_not_read(tmp_path, s3):
     ]
 
 
+def test_s3_folder_markers_are_folders_not_empty_data_files(tmp_path, s3):
+    """The S3 console's "Create folder" (and Hadoop's s3a) write an empty object 'data/': the URI
+    s3://b/data/ was taken for that one file and failed as no_records; without the slash each
+    marker was a skipped_file warning. They are the folders, and the data below them is read."""
+    import boto3
+
+    from fulltune import storage
+
+    bucket = s3.removeprefix("s3://")
+    for marker in ("data/", "data/sub/"):
+        boto3.client("s3").put_object(Bucket=bucket, Key=marker, Body=b"")
+    storage.write_bytes(f"{s3}/data/a.jsonl", b'{"text": "one document"}\n{"text": "another"}\n')
+    storage.write_bytes(f"{s3}/data/sub/b.jsonl", b'{"text": "a third"}\n')
+    for uri in (f"{s3}/data/", f"{s3}/data"):
+        report = validate_data(make_cfg(uri), tmp_path / "out")
+        assert report["datasets"]["train"]["records"] == 3, uri
+        assert report["datasets"]["train"]["problems"] == [], uri
+
+
 def test_files_skipped_in_each_folder_of_a_brace_alternation_are_named(tmp_path):
     """`{day1,day2}` names two folders: a stray file in either is reported, the data in both read."""
     for day, stray in (("day1", "README.md"), ("day2", "rows.JSONL")):

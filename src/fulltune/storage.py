@@ -283,13 +283,22 @@ def list_files(prefix: str) -> list[str]:
         out = []
         with s3_errors(prefix):
             for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-                keys = (obj["Key"] for obj in page.get("Contents", []))
-                out.extend(f"s3://{bucket}/{k}" for k in keys if not k.endswith("/"))
+                out.extend(
+                    f"s3://{bucket}/{obj['Key']}"
+                    for obj in page.get("Contents", [])
+                    if not _folder_marker(obj["Key"])
+                )
         return sorted(out)
     root = Path(prefix)
     if root.is_file():
         return [str(root)]
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+def _folder_marker(key: str) -> bool:
+    """An empty object whose key ends in '/': what the S3 console's "Create folder", Hadoop's s3a
+    and other tools write to show a folder. It is the folder, not a file in it."""
+    return key.endswith("/")
 
 
 def children(prefix: str) -> list[str]:
@@ -364,7 +373,7 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
                 break
         matched = sorted(f for f in list_files(base) if fnmatch.fnmatch(f, uri))
         return _without_hidden(base, matched, [])
-    if (not is_s3(uri) and os.path.isfile(uri)) or (is_s3(uri) and exists(uri)):
+    if (not is_s3(uri) and os.path.isfile(uri)) or (is_s3(uri) and not _folder_marker(uri) and exists(uri)):
         return Expansion([uri], [])
     listing = list_files(uri)
     matched = [f for f in listing if any(fnmatch.fnmatch(basename(f), p) for p in patterns)]
