@@ -942,12 +942,13 @@ def test_a_file_checked_in_parallel_spans_gives_the_one_process_report(tmp_path,
     st.integers(min_value=1, max_value=12),
 )
 def test_spans_cover_the_file_in_whole_lines(tmp_path, lines_, trailing_newline, parts):
-    from fulltune.data.records import WIDE_PEEK, RawRecord, iter_jsonl_blocks, jsonl_spans, wide_encoding
+    from fulltune.data.records import WIDE_PEEK, RawRecord, encoding_problem, iter_jsonl_blocks, jsonl_spans
 
     body = b"\n".join(lines_) + (b"\n" if trailing_newline else b"")
     path = tmp_path / "f.jsonl"
     path.write_bytes(body)
-    if wide_encoding(body[:WIDE_PEEK]):  # UTF-16/32 (bytes UTF-8 never starts with): refused whole, at once
+    # UTF-16/32, gzip or another compression (bytes UTF-8 text never starts with): refused whole, at once
+    if encoding_problem(str(path), body[:WIDE_PEEK]):
         [refused] = list(iter_jsonl_blocks(str(path), 64))
         assert isinstance(refused, RawRecord) and refused.code == "wrong_encoding"
         return
