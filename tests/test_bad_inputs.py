@@ -111,6 +111,13 @@ def csv_column_named_twice(tmp: Path) -> Case:
 
 
 @case
+def pretty_printed_json(tmp: Path) -> Case:
+    p = tmp / "t.json"
+    p.write_text(json.dumps({"records": [OK, OK]}, indent=2))
+    return Case(str(p), "unreadable_file", f"{p}:1")
+
+
+@case
 def parquet_garbage_bytes(tmp: Path) -> Case:
     p = tmp / "t.parquet"
     p.write_bytes(b"PAR1 this is not really parquet")

@@ -299,6 +299,32 @@ def test_a_file_compressed_otherwise_than_gzip_is_named_once_with_the_fix(tmp_pa
     assert list(problems(report)) == ["wrong_encoding"]
 
 
+@pytest.mark.parametrize(
+    ("name", "document", "reason"),
+    [
+        ("t.json", {"data": GOOD}, "one JSON document over several lines (pretty-printed), not JSON Lines"),
+        ("t.jsonl", GOOD, "one JSON document over several lines (pretty-printed), not JSON Lines"),
+        ("t.json", GOOD, "a JSON array, not JSON Lines"),
+    ],
+)
+def test_a_pretty_printed_json_document_is_named_once_not_an_error_per_line(tmp_path, name, document, reason):
+    """json.dump(..., indent=2) of 5 records: read as JSON Lines it was 'none of the 19 records is
+    usable' and an invalid_json error for each of its lines."""
+    path = tmp_path / name
+    path.write_text(json.dumps(document, indent=2))
+    message, report = failing_report(make_cfg(path), tmp_path / "out")
+    assert f"  {path}:1: unreadable_file: {reason}: write one object per line" in message
+    assert list(problems(report)) == ["unreadable_file"]
+
+
+def test_a_stray_opening_brace_before_records_is_one_broken_line(tmp_path):
+    """Not one pretty-printed document: the records after it are read, the line held to the budget."""
+    train = write_jsonl(tmp_path / "t.jsonl", ["{", *GOOD])
+    report = validate_data(make_cfg(train, max_error_rate=0.2), tmp_path / "out")
+    assert problems(report)["invalid_json"]["examples"][0]["location"] == f"{train}:1"
+    assert (report["datasets"]["train"]["records"], report["datasets"]["train"]["bad_records"]) == (6, 1)
+
+
 def test_unset_train_uri(tmp_path):
     message, _ = failing_report(RunConfig(), tmp_path / "out")
     assert "data.train_uri is required" in message

@@ -357,10 +357,49 @@ def iter_jsonl_blocks(
 ) -> Iterator[JsonlBlock | RawRecord]:
     """A JSONL file (or .jsonl.gz) as blocks of whole lines of about `block_bytes`; a line longer than
     that is one block. A corrupt or truncated gzip ends the blocks with an `unreadable_file`
-    RawRecord naming the first line not read. Memory: one block (plus the longest line).
+    RawRecord naming the first line not read; a file that is one JSON document, not JSON Lines
+    (`not_json_lines`), is that RawRecord alone. Memory: one block (plus the longest line).
 
     `span` (a local uncompressed file only, see `jsonl_spans`): only the lines in that byte range,
     numbered from 1 at its start."""
+    for block in _jsonl_blocks(path, block_bytes, span):
+        if isinstance(block, JsonlBlock) and block.first and (refused := not_json_lines(block)) is not None:
+            yield refused
+            return
+        yield block
+
+
+def not_json_lines(block: JsonlBlock) -> RawRecord | None:
+    """An `unreadable_file` RawRecord when the first block of a file shows one JSON document rather
+    than JSON Lines: a .json file opening an array, or a first line that only opens an object or
+    array, the whole block one JSON document (json.dump(..., indent=2)). Read line by line, each of
+    its lines would be an error of its own and the count of records the count of lines; a stray '{'
+    line before records is one broken line, as any other."""
+    data = block.data.removeprefix(_BOM)
+    head = data.split(b"\n", 1)[0].strip()
+    if block.path.endswith(".json") and head.startswith(b"["):
+        reason = "a JSON array, not JSON Lines: write one object per line"
+    elif head in (b"{", b"[") and _one_document(data):
+        reason = (
+            "one JSON document over several lines (pretty-printed), not JSON Lines: write one object per line"
+        )
+    else:
+        return None
+    return RawRecord(Location(block.path, line=block.first_line), code="unreadable_file", reason=reason)
+
+
+def _one_document(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+
+
+def _jsonl_blocks(
+    path: str, block_bytes: int | None, span: tuple[int, int] | None
+) -> Iterator[JsonlBlock | RawRecord]:
+    """`iter_jsonl_blocks` as read, before its first block is judged."""
     block_bytes = block_bytes or JSONL_BLOCK_BYTES
     with storage.open_read(path) as fh:
         if span is not None:
@@ -428,16 +467,8 @@ def parse_jsonl_block(block: JsonlBlock) -> Iterator[RawRecord]:
     for i, line in enumerate(lines):
         lineno = block.first_line + i
         loc = Location(path, line=lineno)
-        if block.first and i == 0:
-            if line.startswith(_BOM):
-                line = line[len(_BOM) :]
-            if path.endswith(".json") and line.lstrip().startswith(b"["):
-                yield RawRecord(
-                    loc,
-                    code="unreadable_file",
-                    reason="a JSON array, not JSON Lines: write one object per line",
-                )
-                return
+        if block.first and i == 0 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
         if not line.strip():
             continue
         try:
