@@ -92,6 +92,30 @@ def test_the_dry_run_checks_the_disk_a_run_with_the_same_dir_would_use(tmp_path,
     assert not (out_dir / "runs").exists()
 
 
+def test_the_dry_run_finds_a_registry_base_where_a_run_with_the_same_dir_would(tmp_path, demo_assets, capsys):
+    """No registry.uri in the config: `fulltune run --dir D` keeps the registry under D/registry and
+    starts a retraining cycle from registry://NAME/production there, so `fulltune check` with the
+    same --dir looks the version up there too, rather than refusing the config `run` accepts."""
+    from eval_samples import scored
+    from fulltune.config import RunConfig
+    from fulltune.registry.layout import version_uri
+    from fulltune.registry.store import register_model
+    from test_registry import EVAL_PASS, LINEAGE
+
+    out_dir = tmp_path / "out"
+    registry = str((out_dir / "registry").resolve())
+    model = str(demo_assets.base_model_dir)
+    own = RunConfig.from_dict({"model": {"name": "my-notes-model"}, "registry": {"uri": registry}})
+    register_model(own, model, scored(EVAL_PASS, model), {**LINEAGE, "base_model_uri": model})
+    config = user_config(tmp_path, demo_assets)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["base_model_uri"] = "registry://my-notes-model/production"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(config), "--until", "validate_data", "--dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"base model: {version_uri(registry, 'my-notes-model', 1)} (original: {model})" in out
+
+
 def broken_notes(tmp_path: Path, demo_assets) -> tuple[Path, str]:
     """(a user config whose notes end in a truncated record, where validate_data must point)."""
     notes = tmp_path / "notes.jsonl"

@@ -49,6 +49,11 @@ def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
     from fulltune.steps import run_inputs
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resources.launcher == "local":
+        # where `fulltune run` with the same --dir puts what the config leaves unset, before the
+        # inputs are fixed: a registry:// base is looked up in the registry the run would use, and
+        # plan checks the disk the run would write to (said by the run, not by the dry run)
+        cfg = with_local_locations(cfg, out_dir, say=lambda _: None)
     try:
         fixed = run_inputs(cfg)  # as the pipeline's configure step would: today's window, the base's version
     except (ValueError, OSError) as exc:
@@ -124,10 +129,6 @@ def _check_tokenizer(cfg: RunConfig, out_dir: Path) -> StepLine:
 def _plan(cfg: RunConfig, out_dir: Path) -> StepLine:
     from fulltune.plan import make_plan, plan_markdown
 
-    if cfg.resources.launcher == "local":
-        # where `fulltune run` with the same --dir puts what the config leaves unset: the disk plan
-        # checks is the one the run will use (said by the run, not by the dry run)
-        cfg = with_local_locations(cfg, out_dir, say=lambda _: None)
     with _quiet("fulltune.plan"):  # its warnings go on lines of their own, below
         plan = make_plan(cfg)
     report_path = out_dir / "plan.md"
