@@ -120,6 +120,22 @@ def test_card_lineage_and_eval(model_dir, tmp_path):
     assert EvalResult.load(str(Path(uri, "eval.json"))) == evaluated
 
 
+@pytest.mark.parametrize(
+    ("training", "accelerator", "precision"),
+    [({"bf16": False, "fp16": True}, "gpu", "fp16"), ({}, "cpu", "fp32"), ({}, "gpu", "bf16")],
+)
+def test_the_card_names_the_precision_training_computed_in(
+    model_dir, tmp_path, training, accelerator, precision
+):
+    """fp16 on a GPU without bf16, and float32 on the CPU (where both flags are ignored): the card
+    says what the weights were trained in, as the train step and eval.json do."""
+    cfg = _cfg(str(tmp_path / "r")).with_overrides(
+        {"training": training, "resources": {"accelerator": accelerator}}
+    )
+    uri = register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    assert f"| precision | {precision} |" in Path(uri, "model_card.md").read_text()
+
+
 def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
     registry = str(tmp_path / "registry")
     with pytest.raises(RegistryError, match="gate did not pass.*12.10 → 12.98"):

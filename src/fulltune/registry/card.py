@@ -86,7 +86,7 @@ def _training(cfg: RunConfig) -> list[str]:
         ),
         ("schedule", f"{t.lr_scheduler_type}, warm-up {t.warmup_ratio:g}"),
         ("weight decay", f"{t.weight_decay:g}"),
-        ("precision", "bf16" if t.bf16 else "fp32"),
+        ("precision", cfg.precision),  # what training computed in: fp16 as set, fp32 on the CPU
         ("sequence length", f"{p.max_seq_len} ({'packed' if p.packing else 'padded'})"),
         ("general replay", f"{p.replay_fraction:.0%} of training tokens"),
         ("seed", t.seed),
