@@ -136,6 +136,18 @@ def test_the_card_names_the_precision_training_computed_in(
     assert f"| precision | {precision} |" in Path(uri, "model_card.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("general_uri", "replay"),
+    [(None, "none (no data.general_uri)"), ("s3://data/general.jsonl", "10% of training tokens")],
+)
+def test_the_card_claims_replay_only_where_there_was_general_data(model_dir, tmp_path, general_uri, replay):
+    """Without data.general_uri nothing is replayed (the dataset manifest says so): the card must not
+    promise the default replay_fraction's 10% defence against forgetting."""
+    cfg = _cfg(str(tmp_path / "r")).with_overrides({"data": {"general_uri": general_uri}})
+    uri = register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    assert f"| general replay | {replay} |" in Path(uri, "model_card.md").read_text()
+
+
 def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
     registry = str(tmp_path / "registry")
     with pytest.raises(RegistryError, match="gate did not pass.*12.10 → 12.98"):

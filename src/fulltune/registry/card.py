@@ -88,11 +88,22 @@ def _training(cfg: RunConfig) -> list[str]:
         ("weight decay", f"{t.weight_decay:g}"),
         ("precision", cfg.precision),  # what training computed in: fp16 as set, fp32 on the CPU
         ("sequence length", f"{p.max_seq_len} ({'packed' if p.packing else 'padded'})"),
-        ("general replay", f"{p.replay_fraction:.0%} of training tokens"),
+        ("general replay", _replay(cfg)),
         ("seed", t.seed),
         ("compute", f"{r.num_nodes} node(s) × {r.nproc_per_node} {r.accelerator} process(es)"),
     ]
     return ["## Training", "", markdown_table(["setting", "value"], rows)]
+
+
+def _replay(cfg: RunConfig) -> str:
+    """Replay's share of the training tokens: none without a general set to draw from, whatever
+    preprocess.replay_fraction says."""
+    from fulltune.plan import training_replay
+
+    if not cfg.data.general_uri:
+        return "none (no data.general_uri)"
+    replay = training_replay(cfg)
+    return f"{replay:.0%} of training tokens" if replay else "none"
 
 
 def _evaluation(eval_result: EvalResult) -> list[str]:
