@@ -148,6 +148,22 @@ def test_the_card_claims_replay_only_where_there_was_general_data(model_dir, tmp
     assert f"| general replay | {replay} |" in Path(uri, "model_card.md").read_text()
 
 
+def test_the_card_gives_no_epochs_to_a_run_max_steps_ended(model_dir, tmp_path):
+    """With max_steps the run trains that many steps whatever num_train_epochs (filled in by plan)
+    says: 8 steps of a 400-record set are a fifth of an epoch, not the 3 epochs the card claimed."""
+    cfg = _cfg(str(tmp_path / "r")).with_overrides({"training": {"max_steps": 8, "num_train_epochs": 3}})
+    card = Path(
+        register_model(cfg, str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE), "model_card.md"
+    )
+    assert "| epochs | not used: max steps set the length |" in card.read_text()
+    assert "| max steps | 8 |" in card.read_text()
+    by_epochs = cfg.with_overrides({"training": {"max_steps": -1}})
+    card = Path(
+        register_model(by_epochs, str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE), "model_card.md"
+    )
+    assert "| epochs | 3 |" in card.read_text()
+
+
 def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
     registry = str(tmp_path / "registry")
     with pytest.raises(RegistryError, match="gate did not pass.*12.10 → 12.98"):

@@ -78,7 +78,11 @@ def _training(cfg: RunConfig) -> list[str]:
     t, p, r = cfg.training, cfg.preprocess, cfg.resources
     rows = [
         ("learning rate", _or_auto(t.learning_rate)),
-        ("epochs", _or_auto(t.num_train_epochs)),
+        # max_steps wins over num_train_epochs (which plan fills in regardless): not what was trained
+        (
+            "epochs",
+            _or_auto(t.num_train_epochs) if t.max_steps <= 0 else "not used: max steps set the length",
+        ),
         ("max steps", t.max_steps if t.max_steps > 0 else MISSING),
         (
             "batch size per device × accumulation × devices",
