@@ -164,6 +164,24 @@ def test_the_card_gives_no_epochs_to_a_run_max_steps_ended(model_dir, tmp_path):
     assert "| epochs | 3 |" in card.read_text()
 
 
+def test_the_card_of_a_retrained_version_says_whose_figures_the_base_columns_are(model_dir, tmp_path):
+    """v2 tuned from v1 (a retraining cycle): evaluate scores the original pre-trained model as the
+    base, so the card's base columns are its figures, not v1's, and the card says so."""
+    registry = str(tmp_path / "r")
+    v1 = register_model(_cfg(registry), str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    assert "Base is the original" not in Path(v1, "model_card.md").read_text()  # tuned from the original
+    from_v1 = _cfg(registry).with_overrides(
+        {"model": {"base_model_uri": v1, "original_base_model_uri": "s3://models/base-llama"}}
+    )
+    v2 = register_model(from_v1, str(model_dir), scored(EVAL_PASS, str(model_dir)), LINEAGE)
+    body = Path(v2, "model_card.md").read_text().split("## Evaluation", 1)[1]
+    assert body.lstrip().startswith(
+        "Base is the original pre-trained model `s3://models/base-llama`, which the domain gain and "
+        f"forgetting are measured against, not `{v1}` that this version was tuned from."
+    )
+    assert "| domain_eval | 3.9100 | 3.0700 |" in body
+
+
 def test_failed_gate_is_refused_unless_forced(model_dir, tmp_path):
     registry = str(tmp_path / "registry")
     with pytest.raises(RegistryError, match="gate did not pass.*12.10 → 12.98"):

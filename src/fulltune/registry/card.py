@@ -37,7 +37,7 @@ def render_model_card(
         "",
         *_training(cfg),
         "",
-        *_evaluation(eval_result),
+        *_evaluation(cfg, eval_result),
         "",
         *_verdict(eval_result, forced),
         *_provenance(lineage),
@@ -110,8 +110,11 @@ def _replay(cfg: RunConfig) -> str:
     return f"{replay:.0%} of training tokens" if replay else "none"
 
 
-def _evaluation(eval_result: EvalResult) -> list[str]:
-    """Base against tuned on every loss set (an eval result always has the domain set)."""
+def _evaluation(cfg: RunConfig, eval_result: EvalResult) -> list[str]:
+    """Base against tuned on every loss set (an eval result always has the domain set). The base
+    evaluate scored is the original pre-trained model; a version tuned from a registered one (a
+    retraining cycle) says so, or its base columns would read as the figures of the version it
+    was tuned from."""
     header = ["set", "base loss", "tuned loss", "base perplexity", "tuned perplexity"]
     rows = [
         (
@@ -123,7 +126,15 @@ def _evaluation(eval_result: EvalResult) -> list[str]:
         )
         for name, section in eval_result.sets.items()
     ]
-    return ["## Evaluation", "", markdown_table(header, rows)]
+    lines = ["## Evaluation", ""]
+    if eval_result.base_model_uri != cfg.model.base_model_uri:
+        lines += [
+            f"Base is the original pre-trained model `{eval_result.base_model_uri}`, which the domain "
+            f"gain and forgetting are measured against, not `{cfg.model.base_model_uri}` that this "
+            "version was tuned from.",
+            "",
+        ]
+    return [*lines, markdown_table(header, rows)]
 
 
 def _verdict(eval_result: EvalResult, forced: bool) -> list[str]:
