@@ -116,6 +116,22 @@ def test_the_dry_run_finds_a_registry_base_where_a_run_with_the_same_dir_would(t
     assert f"base model: {version_uri(registry, 'my-notes-model', 1)} (original: {model})" in out
 
 
+def test_a_dry_run_from_a_registry_version_that_is_not_there_is_refused_not_a_traceback(
+    tmp_path, demo_assets, capsys
+):
+    """A retraining config naming a version the registry lacks (a typo, a pruned version): the
+    configure step's refusal, as `fulltune run` prints it, not a RegistryError traceback."""
+    config = user_config(tmp_path, demo_assets)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["base_model_uri"] = "registry://my-notes-model/v9"
+    cfg["registry"] = {"uri": str(tmp_path / "registry")}
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["check", str(config), "--dir", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED configure\nmy-notes-model: v9 is not a committed version (")
+    assert out.endswith("verdict: refused before any step; nothing was trained\n")
+
+
 def broken_notes(tmp_path: Path, demo_assets) -> tuple[Path, str]:
     """(a user config whose notes end in a truncated record, where validate_data must point)."""
     notes = tmp_path / "notes.jsonl"

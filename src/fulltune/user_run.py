@@ -46,6 +46,7 @@ class StepLine:
 
 def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
     """The checking steps up to and including `until`, one line each; 0 when every one passed."""
+    from fulltune.registry.layout import RegistryError
     from fulltune.steps import run_inputs
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def dry_run(cfg: RunConfig, out_dir: Path, until: str, out: IO[str]) -> int:
         cfg = with_local_locations(cfg, out_dir, say=lambda _: None)
     try:
         fixed = run_inputs(cfg)  # as the pipeline's configure step would: today's window, the base's version
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RegistryError) as exc:  # RegistryError: a registry:// base not there
         out.write(f"FAILED configure\n{exc}\nverdict: refused before any step; nothing was trained\n")
         return 1
     if fixed:
