@@ -186,6 +186,25 @@ def test_parquet_column_mapping_and_wrong_type(tmp_path):
     assert report["datasets"]["train"]["length_chars"]["max"] == 5
 
 
+@pytest.mark.parametrize("second", [pa.large_string(), pa.string()])
+def test_prompt_completion_parquet_with_large_string_columns(tmp_path, second):
+    """pandas writes its strings to Parquet as large_string: such a prompt/completion file (one
+    column of each type too) is validated, its duplicate found, not a pyarrow traceback."""
+    path = tmp_path / "train.parquet"
+    prompts, answers = (
+        ["What is HbA1c?", "Define eGFR.", "What is HbA1c?"],
+        ["A marker.", "A rate.", "A marker."],
+    )
+    table = pa.table(
+        {"prompt": pa.array(prompts, pa.large_string()), "completion": pa.array(answers, second)}
+    )
+    pq.write_table(table, path)
+    report = validate_data(make_cfg(path), tmp_path / "out")
+    d = report["datasets"]["train"]
+    assert (report["passed"], d["kind"], d["records"], d["bad_records"]) == (True, "prompt_completion", 3, 0)
+    assert problems(report)["duplicate"]["count"] == 1
+
+
 def test_gzip_file_and_truncated_gzip(tmp_path):
     good = tmp_path / "good" / "train.jsonl.gz"
     good.parent.mkdir()

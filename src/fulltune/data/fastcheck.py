@@ -167,6 +167,18 @@ def content_hashes(col: Any) -> np.ndarray:
     return np.frombuffer(digests, dtype="<u8").reshape(-1, 4)[:, 0].astype(np.uint64)
 
 
+def join_columns(first: Any, second: Any, separator: str) -> Any:
+    """`first` and `second` joined row by row with `separator`. Arrow's join needs its inputs and
+    separator of one string type, and Parquet written by pandas holds large_string columns (a
+    plain str separator is a string): both are taken as large_string where either is one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    large = pa.types.is_large_string(first.type) or pa.types.is_large_string(second.type)
+    kind = pa.large_string() if large else pa.string()
+    return pc.binary_join_element_wise(first.cast(kind), second.cast(kind), pa.scalar(separator, kind))
+
+
 def _rows_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.searchsorted(offsets, positions, side="right") - 1
 

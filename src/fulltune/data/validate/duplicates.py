@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fulltune.data.fastcheck import ContentIndex, content_hash, content_hashes
+from fulltune.data.fastcheck import ContentIndex, content_hash, content_hashes, join_columns
 from fulltune.data.records import Location, Record
 from fulltune.data.validate.tally import Tally
 
@@ -31,11 +31,9 @@ def record_key(record: Record) -> int:
 def column_keys(cols: list[Any], kind: str) -> np.ndarray:
     """`record_key` of each row of a block's null-free string columns (text, or prompt and
     completion)."""
-    import pyarrow.compute as pc
-
     if kind == "text":
         return content_hashes(cols[0])
-    return content_hashes(pc.binary_join_element_wise(cols[0], cols[1], CONTENT_SEPARATOR))
+    return content_hashes(join_columns(cols[0], cols[1], CONTENT_SEPARATOR))
 
 
 def unpack(packed: int, files: list[str]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fulltune.config import DataSection
-from fulltune.data.fastcheck import Utf8Column, maybe_blank
+from fulltune.data.fastcheck import Utf8Column, join_columns, maybe_blank
 from fulltune.data.records import FILE_ERRORS, Location, RawRecord, Record, RecordError, normalize
 from fulltune.data.validate.content import candidate_rows, chat_structure, find_all, text_checks
 from fulltune.data.validate.duplicates import DeferredDuplicates, Duplicates, column_keys, record_key
@@ -204,11 +204,9 @@ class RowCheck:
 def _plain_text(cols: list[Any], kind: str) -> Any:
     """Each row's plain text as `Record.plain_text` makes it: the text, or prompt and completion
     joined by a newline."""
-    import pyarrow.compute as pc
-
     if kind == "text":
         return cols[0]
-    return pc.binary_join_element_wise(cols[0], cols[1], "\n")
+    return join_columns(cols[0], cols[1], "\n")
 
 
 def _unknown_kind_reason(value: dict[str, Any], cfg: DataSection) -> str:
