@@ -643,6 +643,14 @@ def test_a_resumed_run_keeps_the_data_window_and_base_model_its_run_started_with
     assert (resumed.data.as_of, resumed.data.train_uri) == ("2026-11-20", started["train_uri"])
     assert resumed_config(cfg.with_overrides({"data.train_uri": "notes.jsonl"}), run).data.as_of is None
 
+    # the version its registry:// base named when it started, even once that pointer is gone
+    model = {"base_model_uri": "registry://notes/production"}
+    cfg = cfg.with_overrides({"model": model, "registry.uri": str(tmp_path / "registry-now-empty")})
+    version = {"base_model_uri": "s3://r/notes/v3", "original_base_model_uri": "s3://m/base"}
+    run = Unfinished("445", str(tmp_path / "runs" / "445"), 50, cfg.with_overrides({"model": version}))
+    resumed = resumed_config(cfg, run)
+    assert (resumed.model.base_model_uri, resumed.model.original_base_model_uri) == tuple(version.values())
+
 
 def test_resume_from_the_command_line_says_what_it_needs(tmp_path, capsys):
     from fulltune.cli import main

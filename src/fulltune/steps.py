@@ -112,6 +112,18 @@ def run_inputs(cfg: RunConfig, scheduled_time: str = "", created_time: str = "")
     return changes
 
 
+def run_input_fields(cfg: RunConfig) -> list[str]:
+    """The fields `run_inputs` fixes for `cfg`, named without reading the registry: what a resumed
+    run takes from the config it started with (whose registry pointer may have moved or gone)."""
+    from fulltune.data.window import fix_window
+    from fulltune.registry import pointers
+
+    fields = [f"data.{name}" for name in fix_window(cfg).get("data", {})]
+    if pointers.is_ref(cfg.model.base_model_uri):
+        fields += ["model.base_model_uri", "model.original_base_model_uri"]
+    return fields
+
+
 # -- validate_data / check_tokenizer --------------------------------------------------------------
 
 

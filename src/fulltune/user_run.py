@@ -358,9 +358,9 @@ def resumed_config(cfg: RunConfig, run: Unfinished) -> RunConfig:
     and partitions, the version a registry:// base model named), so the run continues on the same data
     and model on another day, or after production has moved. Whatever else differs in a way training
     depends on is refused at the train step, which names each field."""
-    from fulltune.steps import run_inputs
+    from fulltune.steps import run_input_fields
 
-    fixed = [f"{section}.{name}" for section, fields in run_inputs(cfg).items() for name in fields]
+    fixed = run_input_fields(cfg)
     return cfg.with_overrides({name: run.config.value(name) for name in fixed}) if fixed else cfg
 
 
