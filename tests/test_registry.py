@@ -252,6 +252,31 @@ def test_failure_before_the_manifest_removes_the_version(model_dir, tmp_path, mo
     assert list_versions(str(registry), NAME) == []
 
 
+def test_a_writer_that_takes_the_number_as_a_failed_one_gives_it_up_keeps_its_files(
+    small_model, s3, monkeypatch
+):
+    """The failed registration removes its claim last: had it gone first, a writer claiming the
+    free number at once would have had its files removed with the failed one's."""
+    registry = f"{s3}/registry"
+    v1 = f"{registry}/{NAME}/v1"
+    remove = storage.remove
+
+    def other_writer_claims_at_once(uri: str) -> None:
+        remove(uri)
+        if uri == f"{v1}/.claim":  # the number is free: another registration takes it
+            assert storage.create_exclusive(uri, b'{"run_id": "other"}')
+            storage.write_bytes(f"{v1}/config.json", b"{}")
+
+    monkeypatch.setattr(
+        store, "render_model_card", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    )
+    monkeypatch.setattr(storage, "remove", other_writer_claims_at_once)
+    with pytest.raises(RegistryError, match="registration failed"):
+        register_model(_cfg(registry), str(small_model), scored(EVAL_PASS, str(small_model)), LINEAGE)
+    assert sorted(f.rsplit("/", 1)[1] for f in storage.list_files(v1)) == [".claim", "config.json"]
+    assert storage.read_json(f"{v1}/.claim") == {"run_id": "other"}
+
+
 def test_incomplete_model_directory_is_refused(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")

@@ -31,6 +31,7 @@ version against its manifest. The version's layout and file names are in `regist
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -450,10 +451,28 @@ def _remove_abandoned(registry_uri: str, name: str, run_id: str) -> None:
 
 
 def _remove_partial(uri: str) -> None:
+    """Remove a version that was never committed, its claim last: while the claim stands no other
+    writer can take the number, so none can have files of its own removed with these."""
+    claim = storage.join(uri, CLAIM)
     try:
-        storage.remove_tree(uri)
+        for f in storage.list_files(uri):
+            if f != claim:
+                storage.remove(f)
+        storage.remove(claim)
+        if not storage.is_s3(uri):
+            _remove_empty_dirs(Path(uri))
     except Exception as exc:  # best effort: the version stays invisible without a manifest
         log.warning("could not remove the partial version %s: %s", uri, exc)
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """`root` and the directories below it that are empty; one another writer has written into since
+    stays."""
+    for directory in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def _json_bytes(obj: Any) -> bytes:
