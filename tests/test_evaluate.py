@@ -520,6 +520,21 @@ def test_mc_task_errors_name_the_line(tmp_path):
     assert len(load_task(_write_mc(tmp_path / "ok.jsonl"), limit=2)) == 2
 
 
+def test_task_lines_end_at_newline_only(tmp_path):
+    """JSON may hold U+2028, NEL (U+0085) and form feed unescaped (json.dumps(ensure_ascii=False)
+    does): such a line is one question, not two halves refused as "not JSON"."""
+    from fulltune.evaluate import generation, mc
+
+    odd = {"question": "first\u2028second\x85third\x0cfourth", "choices": ["a", "b"], "answer": 1}
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(odd, ensure_ascii=False) + "\r\n\n" + json.dumps(MC_QUESTIONS[0]) + "\n")
+    questions = mc.load_task(str(path))
+    assert [q.question for q in questions] == [odd["question"], MC_QUESTIONS[0]["question"]]
+    prompt = tmp_path / "prompt.jsonl"
+    prompt.write_text(json.dumps({"prompt": "x\u2028y", "answer": "z"}, ensure_ascii=False) + "\n")
+    assert generation.load_task(str(prompt))[0].prompt == "x\u2028y"
+
+
 def test_evaluate_models_with_mc_tasks_and_intervals(models, dataset, tmp_path):
     task = _write_mc(tmp_path / "task.jsonl", MC_QUESTIONS * 3)
     cfg = _cfg(mc_tasks=[{"name": "toy", "uri": task}], bootstrap_resamples=200)

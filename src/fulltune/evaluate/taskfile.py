@@ -15,7 +15,9 @@ def task_records(
     """(`"<uri> line N"`, record) for each non-blank line, in file order, at most `limit`; a line that
     is not a JSON object raises `error` naming the line and saying it expected `expected`."""
     count = 0
-    for number, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines() would also split at characters a JSON string may
+    # hold unescaped (U+2028, U+0085 NEL, form feed), refusing a valid line as "not JSON".
+    for number, line in enumerate(storage.read_text(uri).split("\n"), start=1):
         if not line.strip():
             continue
         if limit is not None and count >= limit:
