@@ -208,6 +208,8 @@ def test_generation_task_errors_name_the_file_and_line(tmp_path):
         "'prompt' must be a string": json.dumps({"prompt": 3, "answer": "a"}),
         "'answer' must be a string or a non-empty list": json.dumps({"prompt": "q", "answer": []}),
         "empty after normalisation": json.dumps({"prompt": "q", "answer": "  \n"}),
+        # one blank accepted answer would mark an empty continuation right
+        "is empty after normalisation": json.dumps({"prompt": "q", "answer": ["Paris", " "]}),
     }
     for message, line in cases.items():
         path = tmp_path / "bad.jsonl"

@@ -89,8 +89,11 @@ def load_task(uri: str, *, limit: int | None = None) -> list[Example]:
             raise GenerationTaskError(
                 f"{where}: 'answer' must be a string or a non-empty list of strings (accepted answers)"
             )
-        if not any(normalize(a) for a in answers):
-            raise GenerationTaskError(f"{where}: 'answer' is empty after normalisation")
+        # One empty accepted answer is enough to count a model that says nothing as right.
+        if not all(normalize(a) for a in answers):
+            raise GenerationTaskError(
+                f"{where}: 'answer' is empty after normalisation (an empty continuation would count as right)"
+            )
         examples.append(Example(prompt, tuple(answers)))
     if not examples:
         raise GenerationTaskError(f"{uri}: no examples")
