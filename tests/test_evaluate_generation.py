@@ -354,6 +354,21 @@ def test_a_bad_task_file_fails_before_any_model_is_loaded(tmp_path):
         evaluate_models(_cfg(str(bad)), "/nonexistent/base", "/nonexistent/tuned", manifest, tmp_path / "out")
 
 
+def test_an_answer_holding_a_stop_string_is_refused_before_any_model_is_loaded(tmp_path):
+    """The continuation is cut before the first stop string: with stop [",", "."] an accepted
+    "3.14" could never be matched, and every model would score 0 on it without a word."""
+    task = tmp_path / "qa.jsonl"
+    task.write_text('{"prompt": "e?", "answer": "2"}\n{"prompt": "pi?", "answer": ["3", "3.14"]}\n')
+    manifest = _manifest(tmp_path / "data")
+    message = re.escape(f"{task} line 2: accepted answer '3.14' contains the stop string '.'")
+    with pytest.raises(gen.GenerationTaskError, match=message):
+        evaluate_models(
+            _cfg(str(task)), "/nonexistent/base", "/nonexistent/tuned", manifest, tmp_path / "out"
+        )
+    # whitespace stop strings never survive normalisation: a default "\n" stop refuses nothing
+    assert gen.load_task(str(task), stop=["\n"])[1].answers == ("3", "3.14")
+
+
 # -- report -------------------------------------------------------------------------------------
 
 

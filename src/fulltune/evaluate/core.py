@@ -293,7 +293,9 @@ def prepare(cfg: RunConfig, uris: Pair[str], dataset_manifest: str | dict[str, A
     splits = _read_splits(load_manifest(dataset_manifest), limit, cfg.preprocess.documents_alone)
     _check_task_names(ev)
     questions = [(task.name, mc_tasks.load_task(task.uri, limit=limit)) for task in ev.mc_tasks]
-    examples = [(task, gen_tasks.load_task(task.uri, limit=limit)) for task in ev.generation_tasks]
+    examples = [
+        (task, gen_tasks.load_task(task.uri, limit=limit, stop=task.stop)) for task in ev.generation_tasks
+    ]
 
     tasks: list[EvalTask[Any]] = [
         LossSet.prepare(name, data, batch_size=batch_size) for name, data in splits.items()

@@ -17,7 +17,9 @@ task's `stop` strings (default: a newline), and **normalised**: leading and trai
 stripped and every run of whitespace inside collapsed to one space (`" ".join(text.split())`). The
 accepted answers are normalised the same way. Matching is otherwise exact — case, punctuation and
 articles count — so an example is correct when its normalised continuation equals any normalised
-accepted answer. `em` is the fraction of examples answered correctly.
+accepted answer. `em` is the fraction of examples answered correctly. An accepted answer that is empty after
+normalisation, or that holds one of the task's stop strings (the continuation is cut before it, so it
+could never match), is refused with the file and line.
 
 Batching: prompts are sorted by length, longest first, so a batch pads little, and **left**-padded
 (the attention mask hides the padding, position ids follow the mask), so every row's continuation
@@ -75,29 +77,42 @@ class GenScores:
         return float(self.correct.mean())
 
 
-def load_task(uri: str, *, limit: int | None = None) -> list[Example]:
-    """The examples of a task file, in file order (at most `limit`)."""
+def load_task(uri: str, *, limit: int | None = None, stop: Sequence[str] = ()) -> list[Example]:
+    """The examples of a task file, in file order (at most `limit`); `stop` is the task's stop strings."""
     examples: list[Example] = []
     for where, record in task_records(
         uri, limit=limit, error=GenerationTaskError, expected="prompt and answer"
     ):
-        prompt, answer = record.get("prompt"), record.get("answer")
+        prompt = record.get("prompt")
         if not isinstance(prompt, str):
             raise GenerationTaskError(f"{where}: 'prompt' must be a string")
-        answers = [answer] if isinstance(answer, str) else answer
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            raise GenerationTaskError(
-                f"{where}: 'answer' must be a string or a non-empty list of strings (accepted answers)"
-            )
-        # One empty accepted answer is enough to count a model that says nothing as right.
-        if not all(normalize(a) for a in answers):
-            raise GenerationTaskError(
-                f"{where}: 'answer' is empty after normalisation (an empty continuation would count as right)"
-            )
-        examples.append(Example(prompt, tuple(answers)))
+        examples.append(Example(prompt, _accepted(where, record.get("answer"), stop)))
     if not examples:
         raise GenerationTaskError(f"{uri}: no examples")
     return examples
+
+
+def _accepted(where: str, answer: Any, stop: Sequence[str]) -> tuple[str, ...]:
+    """The accepted answers of one example, refused when one of them could never be matched right."""
+    answers = [answer] if isinstance(answer, str) else answer
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise GenerationTaskError(
+            f"{where}: 'answer' must be a string or a non-empty list of strings (accepted answers)"
+        )
+    # One empty accepted answer is enough to count a model that says nothing as right.
+    if not all(normalize(a) for a in answers):
+        raise GenerationTaskError(
+            f"{where}: 'answer' is empty after normalisation (an empty continuation would count as right)"
+        )
+    # The continuation is cut before the first stop string, so an answer holding one is never matched.
+    for a in answers:
+        held = [s for s in stop if s and s in normalize(a)]
+        if held:
+            raise GenerationTaskError(
+                f"{where}: accepted answer {a!r} contains the stop string {held[0]!r}; the continuation "
+                "is cut before it, so it could never match (change the answer or the task's stop)"
+            )
+    return tuple(answers)
 
 
 def normalize(text: str) -> str:
