@@ -535,6 +535,31 @@ def test_task_lines_end_at_newline_only(tmp_path):
     assert generation.load_task(str(prompt))[0].prompt == "x\u2028y"
 
 
+def test_task_errors_found_while_encoding_name_the_file_and_line(tmp_path):
+    """What only the tokenizer and context can tell (an empty question or prompt without a BOS token,
+    a choice longer than the model's context) is named by file and line like every other bad line."""
+    from fulltune.evaluate import generation
+    from fulltune.evaluate.mc import MCTaskError
+    from tiny_models import word_tokenizer
+
+    no_bos = word_tokenizer()
+    no_bos.bos_token = None
+    model = str(save_tiny_llama(tmp_path / "no-bos", tokenizer=no_bos))
+    manifest = _manifest(tmp_path / "data", general=False)
+    empty = {"question": "", "choices": ["yes", "no"], "answer": 0}
+    long = {"question": "which dose", "choices": ["no", " ".join(["daily"] * 80)], "answer": 0}
+    for row, message in ((empty, "an empty question needs"), (long, "choice 1: the choice is longer")):
+        task = _write_mc(tmp_path / "mc.jsonl", [MC_QUESTIONS[0], row])
+        cfg = _cfg(mc_tasks=[{"name": "toy", "uri": task}])
+        with pytest.raises(MCTaskError, match=re.escape(f"{task} line 2") + ".*" + message):
+            evaluate_models(cfg, model, model, manifest, tmp_path / "out")
+    prompts = tmp_path / "qa.jsonl"
+    prompts.write_text('{"prompt": "the", "answer": "a"}\n\n{"prompt": "", "answer": "a"}\n')
+    cfg = _cfg(generation_tasks=[{"name": "qa", "uri": str(prompts)}])
+    with pytest.raises(generation.GenerationTaskError, match=re.escape(f"{prompts} line 3: an empty prompt")):
+        evaluate_models(cfg, model, model, manifest, tmp_path / "out")
+
+
 def test_evaluate_models_with_mc_tasks_and_intervals(models, dataset, tmp_path):
     task = _write_mc(tmp_path / "task.jsonl", MC_QUESTIONS * 3)
     cfg = _cfg(mc_tasks=[{"name": "toy", "uri": task}], bootstrap_resamples=200)

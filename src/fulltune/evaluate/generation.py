@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,6 +63,7 @@ class GenerationTaskError(ValueError):
 class Example:
     prompt: str
     answers: tuple[str, ...]  # accepted answers, as written in the file
+    where: str = field(default="", compare=False)  # "<uri> line N", for errors found while encoding
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def load_task(uri: str, *, limit: int | None = None, stop: Sequence[str] = ()) -
         prompt = record.get("prompt")
         if not isinstance(prompt, str):
             raise GenerationTaskError(f"{where}: 'prompt' must be a string")
-        examples.append(Example(prompt, _accepted(where, record.get("answer"), stop)))
+        examples.append(Example(prompt, _accepted(where, record.get("answer"), stop), where))
     if not examples:
         raise GenerationTaskError(f"{uri}: no examples")
     return examples
@@ -165,7 +166,9 @@ def encode_prompts(tokenizer: Any, examples: Sequence[Example]) -> list[list[int
     for i, ex in enumerate(examples):
         ids = prefix + list(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
         if not ids:
-            raise GenerationTaskError(f"example {i}: an empty prompt needs a tokenizer with a BOS token")
+            raise GenerationTaskError(
+                f"{ex.where or f'example {i}'}: an empty prompt needs a tokenizer with a BOS token"
+            )
         encoded.append(ids)
     return encoded
 
@@ -339,18 +342,19 @@ class ExactMatchTask:
     ) -> ExactMatchTask:
         def build(tok: Any, model_config: Any) -> PromptWork:
             pad = pad_id(tok)
-            batches = prompt_batches(
-                encode_prompts(tok, examples),
-                batch_size=batch_size,
-                pad_id=pad,
-                max_prompt_len=max_prompt_len(model_config, config.max_new_tokens),
-            )
+            encoded = encode_prompts(tok, examples)  # its errors name the file and line
+            try:
+                batches = prompt_batches(
+                    encoded,
+                    batch_size=batch_size,
+                    pad_id=pad,
+                    max_prompt_len=max_prompt_len(model_config, config.max_new_tokens),
+                )
+            except GenerationTaskError as exc:
+                raise GenerationTaskError(f"{config.uri}: {exc}") from None
             return PromptWork(tok, batches, pad)
 
-        try:
-            return cls(config.name, config, examples, tokenizers.prepare(build))
-        except GenerationTaskError as exc:
-            raise GenerationTaskError(f"{config.uri}: {exc}") from None
+        return cls(config.name, config, examples, tokenizers.prepare(build))
 
     def score(self, models: Mapping[str, Any]) -> dict[str, GenScores]:
         out = {}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,7 @@ class Question:
     question: str
     choices: tuple[str, ...]
     answer: int
+    where: str = field(default="", compare=False)  # "<uri> line N", for errors found while encoding
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def load_task(uri: str, *, limit: int | None = None) -> list[Question]:
             raise MCTaskError(f"{where}: 'choices' must be a list of at least two non-empty strings")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise MCTaskError(f"{where}: 'answer' must be an index into choices (0..{len(choices) - 1})")
-        questions.append(Question(question, tuple(choices), answer))
+        questions.append(Question(question, tuple(choices), answer, where))
     if not questions:
         raise MCTaskError(f"{uri}: no questions")
     return questions
@@ -113,6 +114,7 @@ class Request:
     choice: int
     tokens: tuple[int, ...]  # prefix + context + continuation
     continuation: int  # number of trailing tokens scored
+    where: str = ""  # the question's file and line
 
 
 def encode(tokenizer: Any, questions: list[Question]) -> list[Request]:
@@ -121,15 +123,16 @@ def encode(tokenizer: Any, questions: list[Question]) -> list[Request]:
     prefix = [bos] if bos is not None else []
     requests = []
     for qi, q in enumerate(questions):
+        where = q.where or f"question {qi}"
         context = tokenizer(q.question, add_special_tokens=False)["input_ids"]
         for ci, choice in enumerate(q.choices):
             whole = tokenizer(q.question + " " + choice, add_special_tokens=False)["input_ids"]
             continuation = whole[len(context) :]
             if not continuation:
-                raise MCTaskError(f"question {qi}, choice {ci}: the choice encodes to no tokens")
+                raise MCTaskError(f"{where}, choice {ci}: the choice encodes to no tokens")
             if not prefix and len(whole) == len(continuation):
-                raise MCTaskError(f"question {qi}: an empty question needs a tokenizer with a BOS token")
-            requests.append(Request(qi, ci, tuple(prefix + whole), len(continuation)))
+                raise MCTaskError(f"{where}: an empty question needs a tokenizer with a BOS token")
+            requests.append(Request(qi, ci, tuple(prefix + whole), len(continuation), where))
     return requests
 
 
@@ -159,7 +162,8 @@ def prepare_batches(
             for r in batch:
                 if r.continuation > max_len:
                     raise MCTaskError(
-                        f"question {r.question}, choice {r.choice}: the choice is longer than the model's context"
+                        f"{r.where or f'question {r.question}'}, choice {r.choice}: the choice is longer than "
+                        f"the model's context ({max_len} tokens)"
                     )
             inputs = [seq[-max_len:] for seq in inputs]
         width = max(len(seq) for seq in inputs)
