@@ -461,6 +461,26 @@ def test_report_draws_an_svg_bar_chart_per_section():
     assert "&lt;q&gt;" in html and "reported, not gated" in html
 
 
+def test_the_page_counts_every_regressed_prompt_not_only_those_it_lists():
+    """eval.json lists the first 10 prompts the tuned model got wrong; the page said "10 prompts
+    answered right by the base model and wrong by the tuned one" when 25 were."""
+    from fulltune.config import GenerationTask
+    from fulltune.evaluate.result import BootstrapSettings, EvalResult
+    from fulltune.evaluate.tasks import Pair, Shared
+
+    examples = [gen.Example(f"q{i}", ("right",)) for i in range(30)]
+    task = gen.ExactMatchTask("qa", GenerationTask(name="qa", uri="qa.jsonl"), examples, Shared({}))
+    scores = Pair(gen.score(examples, ["right"] * 30), gen.score(examples, ["wrong"] * 25 + ["right"] * 5))
+    section = task.section(scores, task.intervals(scores, BootstrapSettings(resamples=0, seed=0, level=0.95)))
+    assert section.regressions == 25 and len(section.worst_regressions) == gen.WORST
+    sample = EvalResult.load(str(Path(__file__).parent / "data" / "eval_v1.json"))
+    html = render_report(sample.model_copy(update={"generation": {"qa": section}}))
+    assert "25 prompts answered right by the base model and wrong by the tuned one; the first 10:" in html
+    older = section.model_copy(update={"regressions": None})  # an eval.json written before the count
+    html = render_report(sample.model_copy(update={"generation": {"qa": older}}))
+    assert "wrong by the tuned one (the first 10):" in html
+
+
 # -- lm-eval ------------------------------------------------------------------------------------
 
 

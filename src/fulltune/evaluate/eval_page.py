@@ -166,7 +166,7 @@ def _generation_tasks(result: EvalResult) -> str:
             _rate_table(figures, [section.em_change_points]),
             _ci_line(result, (GenerationSection.change_key(name),)),
             _chart(name, figures, percent=True),
-            _generation_table(section.worst_regressions),
+            _generation_table(section.worst_regressions, section.regressions),
         ]
     return "\n".join(p for p in parts if p)
 
@@ -295,12 +295,20 @@ def _chart(title: str, figures: list[Figure], *, percent: bool = False) -> str:
     )
 
 
-def _generation_table(rows: list[GenerationRegression]) -> str:
+def _generation_table(rows: list[GenerationRegression], total: int | None) -> str:
+    """The prompts that regressed; `rows` are only the first of the `total` (None: not recorded)."""
     if not rows:
         return kit.note("No prompt answered right by the base model was answered wrong by the tuned one.")
-    return kit.note(
-        f"{len(rows)} prompts answered right by the base model and wrong by the tuned one:"
-    ) + kit.table(
+    if total is None:
+        lead = f"Prompts answered right by the base model and wrong by the tuned one (the first {len(rows)}):"
+    elif total > len(rows):
+        lead = (
+            f"{total} prompts answered right by the base model and wrong by the tuned one; "
+            f"the first {len(rows)}:"
+        )
+    else:
+        lead = f"{total} prompts answered right by the base model and wrong by the tuned one:"
+    return kit.note(lead) + kit.table(
         ["prompt #", "prompt", "accepted", "base said", "tuned said"],
         [(row.index, row.prompt, " | ".join(row.answers), row.base_output, row.tuned_output) for row in rows],
     )

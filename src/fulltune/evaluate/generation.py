@@ -388,13 +388,14 @@ class ExactMatchTask:
             tuned=EMFigures(em=scores.tuned.em),
             em_change_points=intervals[GenerationSection.change_key(self.name)].estimate,
             worst_regressions=self._worst(scores),
+            regressions=len(_regressed(scores)),
         )
 
     def _worst(self, scores: Pair[GenScores]) -> list[GenerationRegression]:
         """Prompts the base model answered right and the tuned model wrong (first `WORST`, file order)."""
         base, tuned = scores.base, scores.tuned
         out = []
-        for i in np.flatnonzero((base.correct > 0) & (tuned.correct == 0))[:WORST]:
+        for i in _regressed(scores)[:WORST]:
             example = self.examples[i]
             out.append(
                 GenerationRegression(
@@ -406,6 +407,11 @@ class ExactMatchTask:
                 )
             )
         return out
+
+
+def _regressed(scores: Pair[GenScores]) -> np.ndarray:
+    """The indices of the prompts the base model answered right and the tuned model wrong."""
+    return np.flatnonzero((scores.base.correct > 0) & (scores.tuned.correct == 0))
 
 
 def _clip(text: str, n: int = 120) -> str:

@@ -14,7 +14,8 @@ the demo) loads it back with `EvalResult.load`. The file holds:
   (dashboards and the Model Registry read these names), written for readers and ignored on load.
 
 Sections that joined format v1 after its first release (`mc`, `generation`, `lm_eval`,
-`confidence_intervals`, `bootstrap`, `scoring`, two thresholds, the sets' `worst_regressions`) are
+`confidence_intervals`, `bootstrap`, `scoring`, two thresholds, the sets' `worst_regressions`, a
+generation task's `regressions`) are
 optional here, so a version an earlier fulltune registered still loads.
 """
 
@@ -261,6 +262,9 @@ class GenerationSection(_Record):
     tuned: EMFigures
     em_change_points: float
     worst_regressions: list[GenerationRegression] = []
+    # How many prompts the base model answered right and the tuned one wrong; `worst_regressions`
+    # lists only the first few. None in files written before it was recorded.
+    regressions: int | None = None
 
     @staticmethod
     def change_key(name: str) -> str:
