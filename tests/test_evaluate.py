@@ -520,6 +520,26 @@ def test_mc_task_errors_name_the_line(tmp_path):
     assert len(load_task(_write_mc(tmp_path / "ok.jsonl"), limit=2)) == 2
 
 
+def test_a_capped_task_is_spread_over_the_whole_file(tmp_path):
+    """max_eval_sequences caps a task file as it caps the loss sets, evenly over the whole file: a
+    file sorted by subject capped to its first lines would be scored on its first subject only."""
+    from fulltune.evaluate import generation, mc
+
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "answer": 0} for i in range(20)]
+    assert [q.question for q in mc.load_task(_write_mc(tmp_path / "mc.jsonl", rows), limit=4)] == [
+        "q0",
+        "q6",
+        "q13",
+        "q19",
+    ]
+    prompts = tmp_path / "qa.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "a"}) + "\n" for i in range(9)))
+    assert [e.prompt for e in generation.load_task(str(prompts), limit=3)] == ["p0", "p4", "p8"]
+    rows[-1]["answer"] = 5  # past the cap, still checked
+    with pytest.raises(mc.MCTaskError, match="line 20: 'answer'"):
+        mc.load_task(_write_mc(tmp_path / "bad.jsonl", rows), limit=4)
+
+
 def test_task_lines_end_at_newline_only(tmp_path):
     """JSON may hold U+2028, NEL (U+0085) and form feed unescaped (json.dumps(ensure_ascii=False)
     does): such a line is one question, not two halves refused as "not JSON"."""

@@ -811,8 +811,8 @@ class EvaluationSection(_Section):
     max_eval_sequences: int = Field(
         512,
         ge=1,
-        description="Cap on sequences evaluated per set, spread evenly over the whole set (and on questions "
-        "per multiple-choice task).",
+        description="Cap on sequences evaluated per set, and on questions or prompts per multiple-choice or "
+        "generation task, spread evenly over the whole set or task file.",
     )
     mc_tasks: list[MultipleChoiceTask] = Field(
         default_factory=list,

@@ -43,7 +43,7 @@ import numpy as np
 
 from fulltune.evaluate.result import BootstrapSettings, EMFigures, GenerationRegression, GenerationSection
 from fulltune.evaluate.stats import Interval
-from fulltune.evaluate.taskfile import task_records
+from fulltune.evaluate.taskfile import capped, task_records
 from fulltune.evaluate.tasks import OnDevices, Pair, Shared, Tokenizers, paired_interval
 
 if TYPE_CHECKING:
@@ -79,18 +79,17 @@ class GenScores:
 
 
 def load_task(uri: str, *, limit: int | None = None, stop: Sequence[str] = ()) -> list[Example]:
-    """The examples of a task file, in file order (at most `limit`); `stop` is the task's stop strings."""
+    """The examples of a task file, in file order; every line is checked (answers against the task's
+    `stop` strings), and at most `limit` are kept, spread evenly over the file (`taskfile.capped`)."""
     examples: list[Example] = []
-    for where, record in task_records(
-        uri, limit=limit, error=GenerationTaskError, expected="prompt and answer"
-    ):
+    for where, record in task_records(uri, error=GenerationTaskError, expected="prompt and answer"):
         prompt = record.get("prompt")
         if not isinstance(prompt, str):
             raise GenerationTaskError(f"{where}: 'prompt' must be a string")
         examples.append(Example(prompt, _accepted(where, record.get("answer"), stop), where))
     if not examples:
         raise GenerationTaskError(f"{uri}: no examples")
-    return examples
+    return capped(examples, limit)
 
 
 def _accepted(where: str, answer: Any, stop: Sequence[str]) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from fulltune.evaluate.result import BootstrapSettings, MCFigures, MCSection, QuestionRegression
 from fulltune.evaluate.stats import Interval
-from fulltune.evaluate.taskfile import task_records
+from fulltune.evaluate.taskfile import capped, task_records
 from fulltune.evaluate.tasks import (
     OnDevices,
     Pair,
@@ -84,11 +84,10 @@ class MCScores:
 
 
 def load_task(uri: str, *, limit: int | None = None) -> list[Question]:
-    """The questions of a task file, in file order (at most `limit`)."""
+    """The questions of a task file, in file order; every line is checked, and at most `limit` are
+    kept, spread evenly over the file (`taskfile.capped`)."""
     questions: list[Question] = []
-    for where, record in task_records(
-        uri, limit=limit, error=MCTaskError, expected="question, choices and answer"
-    ):
+    for where, record in task_records(uri, error=MCTaskError, expected="question, choices and answer"):
         question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
         if not isinstance(question, str):
             raise MCTaskError(f"{where}: 'question' must be a string")
@@ -103,7 +102,7 @@ def load_task(uri: str, *, limit: int | None = None) -> list[Question]:
         questions.append(Question(question, tuple(choices), answer, where))
     if not questions:
         raise MCTaskError(f"{uri}: no questions")
-    return questions
+    return capped(questions, limit)
 
 
 @dataclass(frozen=True)
