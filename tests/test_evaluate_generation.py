@@ -193,6 +193,34 @@ def test_batched_greedy_generation_matches_one_prompt_at_a_time(demo_models, ref
         assert got.em == pytest.approx(len(right) / len(PROMPTS))
 
 
+def test_the_models_own_generation_settings_do_not_change_greedy_decoding(demo_models, references, tmp_path):
+    """generate() takes every setting not passed to it from the model's generation_config.json, where
+    models ship a repetition penalty (Qwen2.5-Instruct) and the like: the "greedy" continuation then
+    was not greedy, and base and tuned saved with different files were decoded differently."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tweaked = tmp_path / "tweaked"
+    shutil.copytree(demo_models["base"], tweaked)
+    settings = json.loads((tweaked / "generation_config.json").read_text())
+    settings.update(repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=4)
+    (tweaked / "generation_config.json").write_text(json.dumps(settings))
+    model = AutoModelForCausalLM.from_pretrained(tweaked, dtype=torch.float32).eval()
+    examples = [gen.Example(prompt, ("x",)) for prompt in PROMPTS]
+    got = gen.evaluate_task(
+        model,
+        AutoTokenizer.from_pretrained(tweaked),
+        examples,
+        batch_size=5,
+        max_new_tokens=MAX_NEW,
+        stop=STOP,
+    )
+    assert got.outputs == references["base"]
+    assert model.generation_config.repetition_penalty == 3.0  # the model's own settings are given back
+
+
 def test_normalisation_and_stop_strings():
     assert gen.normalize("  Paris\t is \n nice ") == "Paris is nice"
     assert gen.cut_at_stop("Paris. Rome,\nx", [",", "\n", "."]) == "Paris"

@@ -7,7 +7,8 @@ A task is a JSONL file (local or s3://), one example a line:
 
 `answer` is a string or a non-empty list of accepted strings. Each model continues every prompt by
 **greedy decoding** (`model.generate`, `do_sample=False`, one beam) for at most the task's
-`max_new_tokens`; a row also ends at the model's EOS token. Prompts are encoded like the
+`max_new_tokens`; a row also ends at the model's EOS token. Nothing else of the model's
+`generation_config.json` applies (its repetition penalty, say): plain greedy for both models. Prompts are encoded like the
 multiple-choice questions of `mc.py`: the tokenizer's BOS token when it has one, then the prompt's
 tokens without other special tokens. A prompt longer than the model's context minus
 `max_new_tokens` is truncated from the left.
@@ -35,7 +36,8 @@ The bootstrap interval `gen_<task>_em_change` resamples prompts, in percentage p
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -236,19 +238,39 @@ def generate(
             moved = OnDevices(batch.input_ids, batch.attention_mask)
             for role, model in models.items():
                 ids, mask = moved.on(model)
-                generated = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=pad_token_id,
-                    eos_token_id=eos[role] or None,
-                    stopping_criteria=_stop_criteria(tokenizer, batch.width, stop, eos[role]),
-                )
+                with _plain_generation_config(model):
+                    generated = model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        num_beams=1,
+                        pad_token_id=pad_token_id,
+                        eos_token_id=eos[role] or None,
+                        stopping_criteria=_stop_criteria(tokenizer, batch.width, stop, eos[role]),
+                    )
                 for r, i in enumerate(batch.rows):
                     out[role][i] = decode(tokenizer, generated[r, batch.width :].tolist(), eos[role], stop)
     return out
+
+
+@contextmanager
+def _plain_generation_config(model: Any) -> Iterator[None]:
+    """The model without its own generation defaults while it generates here.
+
+    `generate` fills every setting not passed to it from the model's `generation_config.json`, and
+    models ship sampling and decoding tweaks there (Qwen2.5-Instruct: repetition_penalty 1.05; others
+    no_repeat_ngram_size, min_new_tokens, suppress_tokens): they would change the greedy
+    continuation, and a base and a tuned model saved with different files would be decoded
+    differently. Its EOS ids are still used (`eos_ids`, read before this)."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def decode(tokenizer: Any, new_tokens: list[int], eos: Sequence[int], stop: Sequence[str]) -> str:
