@@ -578,3 +578,30 @@ def test_s3_jsonl_and_parquet(tmp_path, s3):
     d = report["datasets"]["train"]
     assert (d["files"], d["records"], d["bad_records"]) == (3, 304, 1)
     assert f"{s3}/data/b.parquet row 2: empty_text: field 'text' is empty or whitespace" in message
+
+
+def test_task_files_evaluate_would_refuse_are_refused_before_training(tmp_path):
+    """A typo in a task file's path, or a bad line in it, used to surface at the evaluate step,
+    after every hour of training; validate_data reads them as evaluate will, first."""
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "2+2?", "choices": ["3", "4"], "answer": 1}])
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "Capital of France?", "answer": "Paris"}])
+    evaluation = {
+        "mc_tasks": [{"name": "arith", "uri": str(mc)}],
+        "generation_tasks": [{"name": "capitals", "uri": str(gen)}],
+    }
+    cfg = make_cfg(train).with_overrides({"evaluation": evaluation})
+    assert validate_data(cfg, tmp_path / "ok")["passed"]
+
+    write_jsonl(gen, [{"prompt": "Capital of France?", "answer": "Paris"}, {"prompt": "Capital of Peru?"}])
+    missing = {"name": "typo", "uri": str(tmp_path / "mcq.jsonl")}
+    broken = cfg.with_overrides({"evaluation.mc_tasks": [*evaluation["mc_tasks"], missing]})
+    with pytest.raises(DataValidationError) as exc:
+        validate_data(broken, tmp_path / "out")
+    lines = str(exc.value).splitlines()
+    assert lines[0].startswith("2 evaluation task file problem(s)")
+    assert f"  evaluation.mc_tasks[1].uri: {tmp_path / 'mcq.jsonl'}: no such file" in lines
+    assert any(
+        line.startswith(f"  evaluation.generation_tasks[0] (capitals): {gen} line 2:") for line in lines
+    ), lines
+    assert not (tmp_path / "out").exists()  # refused before any dataset was read

@@ -291,11 +291,7 @@ def prepare(cfg: RunConfig, uris: Pair[str], dataset_manifest: str | dict[str, A
     ev = cfg.evaluation
     limit, batch_size = ev.max_eval_sequences, ev.per_device_eval_batch_size
     splits = _read_splits(load_manifest(dataset_manifest), limit, cfg.preprocess.documents_alone)
-    _check_task_names(ev)
-    questions = [(task.name, mc_tasks.load_task(task.uri, limit=limit)) for task in ev.mc_tasks]
-    examples = [
-        (task, gen_tasks.load_task(task.uri, limit=limit, stop=task.stop)) for task in ev.generation_tasks
-    ]
+    questions, examples = load_tasks(ev)
 
     tasks: list[EvalTask[Any]] = [
         LossSet.prepare(name, data, batch_size=batch_size) for name, data in splits.items()
@@ -322,6 +318,38 @@ def _read_splits(
         if split["input_ids"].shape[0] == 0:
             raise EvaluateError(f"the {name} split has no sequences")
     return splits
+
+
+def load_tasks(ev: EvaluationSection) -> tuple[list[tuple[str, list[Any]]], list[tuple[Any, list[Any]]]]:
+    """(name, questions) of every multiple-choice task and (task, examples) of every generation task:
+    every line checked, at most `max_eval_sequences` of each kept."""
+    _check_task_names(ev)
+    limit = ev.max_eval_sequences
+    questions = [(task.name, mc_tasks.load_task(task.uri, limit=limit)) for task in ev.mc_tasks]
+    examples = [
+        (task, gen_tasks.load_task(task.uri, limit=limit, stop=task.stop)) for task in ev.generation_tasks
+    ]
+    return questions, examples
+
+
+def task_file_problems(ev: EvaluationSection) -> list[str]:
+    """What evaluate would refuse in the task files, found before training rather than after it:
+    each problem names the task's field and the file (and line)."""
+    problems = []
+    for kind, tasks in (("mc_tasks", ev.mc_tasks), ("generation_tasks", ev.generation_tasks)):
+        for i, task in enumerate(tasks):
+            one = ev.model_copy(update={"mc_tasks": [], "generation_tasks": [], kind: [task]})
+            try:
+                load_tasks(one)
+            except FileNotFoundError:
+                problems.append(f"evaluation.{kind}[{i}].uri: {task.uri}: no such file")
+            except ValueError as exc:  # MCTaskError, GenerationTaskError: file and line named
+                problems.append(f"evaluation.{kind}[{i}] ({task.name}): {exc}")
+    try:
+        _check_task_names(ev)
+    except EvaluateError as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def _check_task_names(ev: EvaluationSection) -> None:

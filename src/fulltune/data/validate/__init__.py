@@ -161,9 +161,18 @@ def validate_data(
             default `out_dir/report.html`.
 
     Raises:
-        DataValidationError: a dataset is missing, unreadable, or over its error budget. The
-            reports are written first.
+        DataValidationError: a dataset is missing, unreadable, or over its error budget (the
+            reports are written first); or, before any dataset is read, an evaluation task file
+            (`evaluation.mc_tasks`, `generation_tasks`) is missing or has a line evaluate would
+            refuse, which would otherwise surface only after training.
     """
+    from fulltune.evaluate.core import task_file_problems
+
+    if problems := task_file_problems(cfg.evaluation):
+        raise DataValidationError(
+            f"{len(problems)} evaluation task file problem(s), which evaluate would refuse after "
+            "training:\n" + "\n".join(f"  {p}" for p in problems)
+        )
     out_dir = Path(out_dir)
     data = cfg.data
     checks = resolve_checks(data)
