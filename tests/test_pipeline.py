@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fulltune import storage
-from fulltune.kfp.compile import PIPELINE_FILE, compile_all
+from fulltune.kfp.compile import PIPELINE_FILE, compile_all, component_readme
 from fulltune.kfp.components import STEPS
 from fulltune.kfp.local_run import without_retries
 
@@ -27,6 +27,17 @@ def test_checked_in_yaml_is_what_fulltune_compile_writes(tmp_path):
         assert committed.read_text() == path.read_text(), f"{rel} is stale: run `fulltune compile` and commit"
     steps = {p.name for p in (ROOT / "components").iterdir() if p.is_dir()}
     assert steps == {f.__name__ for f in STEPS}, "components/ has a directory no step generates"
+
+
+def test_a_components_readme_lists_only_the_outputs_it_has():
+    # evaluate's verdict is one unnamed output, described in prose that wraps onto a line starting
+    # "outputs: kfp.local ...": not an output called `outputs`
+    from fulltune.kfp.components import evaluate
+
+    readme = component_readme(evaluate)
+    outputs = readme.split("## Outputs")[1].split("## Use it")[0]
+    names = [line.split("`")[1] for line in outputs.splitlines() if line.startswith("- `")]
+    assert names == ["report", "eval_result", "metrics", "Output"]
 
 
 def test_compiling_twice_gives_identical_bytes(tmp_path):

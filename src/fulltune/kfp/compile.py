@@ -102,7 +102,10 @@ def component_readme(func) -> str:
     doc = inspect.getdoc(func) or ""
     summary, _, rest = doc.partition("\n\n")
     args = _section(rest, "Args")
-    returns = _section(rest, "Returns")
+    ret_text = _returns_plain(rest)
+    # A prose Returns (one unnamed output) has no items: a wrapped line of it that starts with a word
+    # and a colon ("outputs: kfp.local ...") would otherwise read as an output of that name.
+    returns = {} if ret_text else _section(rest, "Returns")
     sig = inspect.signature(func)
     inputs, outputs = [], []
     for name, param in sig.parameters.items():
@@ -116,7 +119,6 @@ def component_readme(func) -> str:
             inputs.append(f"- `{name}` ({getattr(ann, '__name__', ann)}): {text}")
     for name, text in returns.items():
         outputs.append(f"- `{name}` (parameter): {text}")
-    ret_text = _returns_plain(rest)
     if ret_text:
         outputs.append(f"- `Output` (parameter): {ret_text}")
     title = func.__name__
