@@ -133,6 +133,20 @@ def test_a_config_value_equal_to_the_default_sets_nothing_so_the_parameter_wins(
     assert cfg.preprocess.max_seq_len == 2048 and cfg.preprocess.replay_fraction == 0.0
 
 
+def test_a_pipeline_parameter_written_into_config_is_refused_naming_where_it_belongs():
+    # the Kubeflow UI's `config` box filled with parameter names, as a parameters file has them
+    with pytest.raises(ConfigError) as err:
+        resolve({"work_dir": "/w", "learning_rate": 1e-5, "model_name": "x"}, {})
+    text = str(err.value)
+    assert "pipeline parameter 'config': holds pipeline parameters" in text
+    assert "learning_rate: a pipeline parameter, not a RunConfig field" in text
+    assert 'training.learning_rate in config ({"training": {"learning_rate": 1e-05}})' in text
+    assert "model.name in config" in text
+    assert "unknown field" not in text
+    with pytest.raises(ConfigError, match="config: the run configuration's own name"):
+        resolve({"config": {"work_dir": "/w"}}, {})
+
+
 def test_an_invalid_typed_value_names_the_parameter_and_its_field():
     with pytest.raises(ConfigError) as err:
         resolve({}, {"model_name": "has spaces", "num_nodes": -1})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import typing
 from collections.abc import Iterable
@@ -146,6 +147,7 @@ def resolve(
             invalid (fields set by a typed parameter are named by it).
     """
     config = dict(config or {})
+    _refuse_parameters_in_config(config, config_source)
     unknown = sorted(set(values) - set(BY_NAME))
     if unknown:
         raise ConfigError(f"unknown {value_source}(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
@@ -175,6 +177,27 @@ def resolve(
     except ConfigError as exc:
         raise ConfigError(_name_parameters(str(exc), by_field)) from None
     return merged
+
+
+def _refuse_parameters_in_config(config: dict[str, Any], config_source: str) -> None:
+    """A pipeline parameter's name at the top of `config` (the Kubeflow UI's `config` box filled with
+    {"learning_rate": ...}, or a whole parameters file pasted there) is refused naming where its value
+    belongs; the RunConfig's own check would call the correctly spelled name an unknown field."""
+    lines = [
+        f"  {name}: a pipeline parameter, not a RunConfig field: set the parameter {name}, "
+        f"or {BY_NAME[name].field} in {CONFIG} ({_nested(BY_NAME[name].field, config[name])})"
+        for name in config
+        if name in BY_NAME
+    ]
+    if CONFIG in config:
+        lines.append(f"  {CONFIG}: the run configuration's own name: put its sections at the top level")
+    if lines:
+        raise ConfigError(f"{config_source}: holds pipeline parameters:\n" + "\n".join(lines))
+
+
+def _nested(field: str, value: Any) -> str:
+    """`field` = `value` as the config's JSON writes it: {"training": {"learning_rate": 2e-05}}."""
+    return json.dumps(expand_dotted({field: value}))
 
 
 def coerce(param: Parameter, value: Any, source: str = "parameter") -> Any:
