@@ -147,6 +147,30 @@ def test_a_pipeline_parameter_written_into_config_is_refused_naming_where_it_bel
         resolve({"config": {"work_dir": "/w"}}, {})
 
 
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"train_uri": "s3://data/notes.jsonl "}, "data.train_uri"),
+        ({"base_model_uri": " s3://models/llama"}, "model.base_model_uri"),
+        ({"eval_uri": " "}, "data.eval_uri"),
+        ({"registry_uri": "s3://registry\n"}, "registry.uri"),
+    ],
+)
+def test_a_location_pasted_with_whitespace_around_it_is_refused_at_configure(values, field):
+    # else validate_data says "s3://data/notes.jsonl : does not exist", the space unseen
+    with pytest.raises(ConfigError) as err:
+        resolve({"work_dir": "/w"}, values)
+    text = str(err.value)
+    name = next(iter(values))
+    assert f"{field}: " in text and "leading or trailing whitespace" in text
+    assert f"[pipeline parameter {name}]" in text
+
+
+def test_a_work_dir_with_whitespace_around_it_is_refused_too():
+    with pytest.raises(ConfigError, match="work_dir: .*leading or trailing whitespace"):
+        RunConfig.from_dict({"work_dir": "s3://bucket/runs "})
+
+
 def test_an_invalid_typed_value_names_the_parameter_and_its_field():
     with pytest.raises(ConfigError) as err:
         resolve({}, {"model_name": "has spaces", "num_nodes": -1})

@@ -26,10 +26,16 @@ if TYPE_CHECKING:
 Precision = Literal["bf16", "fp16", "fp32"]
 
 
-def expand_home(value: Any) -> Any:
-    """A local path written from the home directory (`~/data/train.jsonl`) as the path it names. The
-    config is the one place every reader of a location (storage, transformers, torchrun) takes it
-    from, so it is expanded once, when the config is read; s3:// and other values are left as written."""
+def location(value: Any) -> Any:
+    """A location as written, checked and expanded once, when the config is read: the config is the
+    one place every reader of a location (storage, transformers, torchrun) takes it from.
+
+    Leading or trailing whitespace is refused: pasted into the Kubeflow UI's form with the value, it
+    names a path or key that does not exist, and the later "does not exist" shows the name with its
+    space invisible. A local path written from the home directory (`~/data/train.jsonl`) becomes the
+    path it names; s3:// and other values are left as written."""
+    if isinstance(value, str) and value != value.strip():
+        raise ValueError("has leading or trailing whitespace (copied with the value?): remove it")
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
@@ -89,8 +95,8 @@ class ModelSection(_Section):
         "version's lineage); None: base_model_uri is the original.",
     )
 
-    _home = field_validator("base_model_uri", "tokenizer_uri", "original_base_model_uri", mode="before")(
-        expand_home
+    _location = field_validator("base_model_uri", "tokenizer_uri", "original_base_model_uri", mode="before")(
+        location
     )
 
     @property
@@ -241,7 +247,7 @@ class DataSection(_Section):
         "near_duplicates are read by one process.",
     )
 
-    _home = field_validator("train_uri", "eval_uri", "general_uri", mode="before")(expand_home)
+    _location = field_validator("train_uri", "eval_uri", "general_uri", mode="before")(location)
 
     @field_validator("train_uri", "eval_uri", "general_uri")
     @classmethod
@@ -487,7 +493,7 @@ class TrainingSection(_Section):
         None, description="report_to mlflow: the MLflow experiment (created when missing); None: model.name."
     )
 
-    _home = field_validator("logging_dir", mode="before")(expand_home)
+    _location = field_validator("logging_dir", mode="before")(location)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -770,7 +776,7 @@ class MultipleChoiceTask(_Section):
         description='JSONL file (local or s3://), one {"question", "choices": [...], "answer": index} a line.',
     )
 
-    _home = field_validator("uri", mode="before")(expand_home)
+    _location = field_validator("uri", mode="before")(location)
 
 
 class GenerationTask(_Section):
@@ -786,7 +792,7 @@ class GenerationTask(_Section):
         "accepted answers); scored by exact match of the greedy continuation.",
     )
 
-    _home = field_validator("uri", mode="before")(expand_home)
+    _location = field_validator("uri", mode="before")(location)
 
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
     stop: list[str] = Field(
@@ -893,7 +899,7 @@ class RegistrySection(_Section):
         "", description="Registry root, local directory or s3:// prefix: models land in <uri>/<name>/v<N>/."
     )
 
-    _home = field_validator("uri", mode="before")(expand_home)
+    _location = field_validator("uri", mode="before")(location)
 
     checksum_algorithm: Literal["SHA256", "SHA1", "CRC32", "CRC32C", "CRC64NVME"] | None = Field(
         "SHA256",
@@ -931,7 +937,7 @@ class RunConfig(_Section):
         description="Run-scoped work directory (local path or s3://) for shards, checkpoints and the tuned model.",
     )
 
-    _home = field_validator("work_dir", mode="before")(expand_home)
+    _location = field_validator("work_dir", mode="before")(location)
 
     model: ModelSection = Field(default_factory=ModelSection, description="Base model.")
     data: DataSection = Field(default_factory=DataSection, description="Datasets.")
