@@ -263,6 +263,24 @@ def test_upload_puts_the_pipeline_with_its_defaults_on_kfp_and_starts_nothing(kf
     assert main(command) == 0 and "already there" in capsys.readouterr().out
 
 
+def test_upload_takes_a_parameters_file_as_defaults_as_submit_params_does(kfp, tmp_path, capsys):
+    # the file a run is submitted with, {typed parameter: value, config: {...}}, as the form's defaults
+    path = tmp_path / "team.yaml"
+    path.write_text(
+        "registry_uri: s3://team/registry\nlearning_rate: 2.0e-5\n"
+        "config:\n  work_dir: s3://team/work\n  resources:\n    launcher: kubernetes\n"
+    )
+    command = ["upload", "--host", kfp.url, "--package", str(PACKAGE), "--defaults", str(path)]
+    assert main([*command, "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    shown = json.loads(
+        next(line for line in out.splitlines() if line.startswith("parameter defaults: "))[20:]
+    )
+    assert shown["registry_uri"] == "s3://team/registry" and shown["learning_rate"] == 2e-5
+    assert shown["config"] == {"work_dir": "s3://team/work", "resources": {"launcher": "kubernetes"}}
+    assert kfp.requests == []
+
+
 def test_upload_refuses_defaults_that_are_not_a_valid_config(kfp, tmp_path, capsys):
     bad = tmp_path / "cluster.yaml"
     bad.write_text("resources:\n  launcher: slurm\n")

@@ -1030,12 +1030,7 @@ class RunConfig(_Section):
         run here as it is."""
         from fulltune import parameters
 
-        config, values = parameters.file_layers(read_config_file(path), str(path))
-        if values:
-            config = parameters.resolve(
-                config, values, config_source=f"{path} config", value_source=str(path)
-            )
-        return cls.from_dict(config, source=str(path))
+        return cls.from_dict(parameters.file_config(read_config_file(path), str(path)), source=str(path))
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> RunConfig:
         """A new config with `overrides` (nested dict, or dotted keys) merged over this one."""

@@ -274,6 +274,17 @@ def file_layers(data: dict[str, Any], source: str) -> tuple[dict[str, Any], dict
     return config, values
 
 
+def file_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The RunConfig mapping a file's contents stand for, whichever of the two kinds it is: a
+    RunConfig as written, or a parameters file's typed values merged into its `config` (`resolve`).
+    Every command that takes a config file reads it so: the file a run is submitted with can be
+    checked, run and uploaded as the defaults as it is."""
+    config, values = file_layers(data, source)
+    if values:
+        config = resolve(config, values, config_source=f"{source} config", value_source=source)
+    return config
+
+
 def is_parameters_file(data: dict[str, Any]) -> bool:
     """True for {parameter name: value, config: {...}}; False for a RunConfig (its sections).
 

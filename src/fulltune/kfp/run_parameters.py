@@ -99,9 +99,9 @@ class ClusterPackage:
     """What a cluster changes in the compiled pipeline before uploading it (the Helm chart: its
     images, its S3 and MLflow Secrets, its run configuration); None keeps the package's own.
 
-    defaults: a RunConfig file whose values become the parameters' defaults, so the Kubeflow UI's
-        form starts from the cluster's settings and a run started there needs only the model, the
-        data and a name.
+    defaults: a RunConfig (or parameters) file whose values become the parameters' defaults, so
+        the Kubeflow UI's form starts from the cluster's settings and a run started there needs only
+        the model, the data and a name.
     image: the CPU steps' image (a mirror, a digest).
     trainer_image: the image of the GPU evaluate step and of the training pods.
     s3_secret: the Secret every step pod reads its S3 credentials from; "" reads none.
@@ -134,7 +134,8 @@ def write_cluster_package(package: Path, settings: ClusterPackage, dest: Path) -
         raise ConfigError(f"{package}: has no `{parameters.CONFIG}` parameter")
     _retarget(docs, settings, package)
     if settings.defaults is not None:
-        config = read_config_file(settings.defaults)
+        # a parameters file too, as `submit --params` takes it (typed values merged into its config)
+        config = parameters.file_config(read_config_file(settings.defaults), str(settings.defaults))
         RunConfig.from_dict(config, source=str(settings.defaults))
         for name, value in parameters.package_defaults(config, declared).items():
             declared[name]["defaultValue"] = value

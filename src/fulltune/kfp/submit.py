@@ -1204,7 +1204,8 @@ def add_cluster_package_arguments(p) -> None:
         "--defaults",
         default=None,
         metavar="FILE",
-        help="a RunConfig whose values become the uploaded version's parameter defaults (the cluster's "
+        help="a RunConfig (or a parameters file, as --params takes) whose values become the uploaded "
+        "version's parameter defaults (the cluster's "
         "work directory, registry, launcher, trainer image, S3 Secret): the Kubeflow UI's form starts "
         "from them, so a run started there needs only the model, the data and a name",
     )
