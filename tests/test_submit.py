@@ -287,6 +287,7 @@ def test_upload_refuses_defaults_that_are_not_a_valid_config(kfp, tmp_path, caps
     assert main(["upload", "--host", kfp.url, "--package", str(PACKAGE), "--defaults", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: 1 invalid field(s)" in err and "resources.launcher" in err
+    assert "nothing was uploaded" in err and "submitted" not in err  # upload starts no run
     assert kfp.requests == []
 
 
@@ -767,7 +768,8 @@ def test_a_config_that_only_runs_on_a_laptop_is_refused_before_any_request(kfp, 
     assert f"{laptop}: cannot run on a cluster" in err
     assert "set resources.launcher: kubernetes" in err
     assert "data.train_uri: '/home/me/notes.jsonl' is a path on this machine" in err
-    assert "nothing was submitted" in err
+    undone = "nothing was submitted" if command == "submit" else "no recurring run was created or changed"
+    assert undone in err
     assert kfp.requests == []
 
 
@@ -785,6 +787,7 @@ def test_a_bad_schedule_params_file_creates_nothing(kfp, tmp_path, capsys):
     assert schedule(kfp, bad, "--name", "weekly", "--cron", "0 3 * * 0") == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "model.name" in err
+    assert "no recurring run was created or changed" in err
     assert kfp.requests == [] and kfp.recurring_runs == {}
 
 
@@ -930,7 +933,7 @@ def test_multi_user_kfp_without_a_namespace_is_refused_before_anything_is_create
 ):
     assert submit(multi_user_kfp, params) == 2
     err = capsys.readouterr().err
-    assert "multi-user" in err and "--namespace" in err and "nothing was submitted" in err
+    assert "multi-user" in err and "--namespace" in err and "nothing was created" in err
     assert {r.method for r in multi_user_kfp.requests} == {"GET"}
     assert not multi_user_kfp.pipelines and not multi_user_kfp.runs
 

@@ -327,7 +327,7 @@ def pipeline_namespace(client, namespace: str | None) -> str | None:
     if not namespace:
         raise SubmitError(
             "this KFP is multi-user: runs belong to a profile namespace; pass --namespace, set "
-            f"{ENV_NAMESPACE}, or run in a pod or kube context of that namespace; nothing was submitted",
+            f"{ENV_NAMESPACE}, or run in a pod or kube context of that namespace; nothing was created",
             EXIT_USAGE,
         )
     return namespace
@@ -1142,7 +1142,9 @@ def cli_retry(args) -> int:
     """`fulltune retry`; returns the exit code (EXIT_*)."""
     options = {"run_id": args.run_id, "namespace": args.namespace, "wait": args.wait, "timeout": args.timeout}
     options |= {"poll_interval": args.poll_interval, "force": args.force}
-    return _run_cli(lambda out: retry(host=args.host, **options, out=out), args.output)
+    return _run_cli(
+        lambda out: retry(host=args.host, **options, out=out), args.output, refused="the run was not retried"
+    )
 
 
 def cli_schedule(args) -> int:
@@ -1153,7 +1155,7 @@ def cli_schedule(args) -> int:
         when = recurrence(args.max_concurrency, args.catchup, args.start_time, args.end_time)
         return schedule(**_shared_options(args), **options, when=when, out=out)
 
-    return _run_cli(action, args.output)
+    return _run_cli(action, args.output, refused="no recurring run was created or changed")
 
 
 def result_json(result: SubmitResult | ScheduleResult | UploadResult) -> dict[str, Any]:
@@ -1184,7 +1186,11 @@ def result_json(result: SubmitResult | ScheduleResult | UploadResult) -> dict[st
 def cli_upload(args) -> int:
     """`fulltune upload`; returns the exit code (EXIT_*)."""
     options = {"package": args.package, "cluster": cluster_package(args), "namespace": args.namespace}
-    return _run_cli(lambda out: upload(host=args.host, **options, dry_run=args.dry_run, out=out), args.output)
+    return _run_cli(
+        lambda out: upload(host=args.host, **options, dry_run=args.dry_run, out=out),
+        args.output,
+        refused="nothing was uploaded",
+    )
 
 
 def cli_unschedule(args) -> int:
@@ -1296,16 +1302,17 @@ def _shared_options(args) -> dict[str, Any]:
     }
 
 
-def _run_cli(action, output: str = "text") -> int:
+def _run_cli(action, output: str = "text", refused: str = "nothing was submitted") -> int:
     """Run `action(out)`; with output json the progress lines go to stderr and stdout gets one JSON
-    object (also for a run that failed under --wait), for a CI job to read."""
+    object (also for a run that failed under --wait), for a CI job to read. `refused`: what a
+    refused config left undone, in the command's own words."""
     as_json = output == "json"
     result = None
     try:
         result = action(sys.stderr if as_json else sys.stdout)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        print("nothing was submitted", file=sys.stderr)
+        print(refused, file=sys.stderr)
         return EXIT_USAGE
     except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
