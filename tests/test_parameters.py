@@ -171,6 +171,18 @@ def test_a_work_dir_with_whitespace_around_it_is_refused_too():
         RunConfig.from_dict({"work_dir": "s3://bucket/runs "})
 
 
+def test_a_dotted_field_name_in_config_says_to_nest_it_not_to_check_its_spelling():
+    # fields are named dotted everywhere (messages, docs); the UI's config box takes them nested
+    with pytest.raises(ConfigError) as err:
+        resolve({"work_dir": "/w", "resources.kubernetes.image": "x", "trainig.learning_rate": 1}, {})
+    text = str(err.value)
+    assert (
+        "'resources.kubernetes.image': a dotted name: a config nests its sections, "
+        '{"resources": {"kubernetes": {"image": ...}}}'
+    ) in text
+    assert "'trainig.learning_rate': unknown field (check the spelling" in text  # no such field
+
+
 def test_an_invalid_typed_value_names_the_parameter_and_its_field():
     with pytest.raises(ConfigError) as err:
         resolve({}, {"model_name": "has spaces", "num_nodes": -1})

@@ -1251,7 +1251,7 @@ def _error_line(err: Any) -> str:
     field = ".".join(_loc_part(p) for p in err["loc"]) or "<root>"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown field (check the spelling; `fulltune config --describe` lists the fields)"
+        msg = _unknown_field(err["loc"])
     if _a_percentage_for_a_fraction(err):
         msg += ": a fraction, 0.05 = 5%"
     got = err.get("input")
@@ -1259,6 +1259,29 @@ def _error_line(err: Any) -> str:
         "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
     )
     return f"  {field}: {msg}{shown}"
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    """Why a key is not a field. A dotted name ("training.learning_rate", as messages and docs name
+    fields) is no key of a config, which nests its sections: say how to write it, rather than to
+    check a spelling that may well be right."""
+    parts = [str(p) for p in loc[:-1]] + (str(loc[-1]).split(".") if loc else [])
+    if len(parts) == len(loc) or not _is_field(parts):
+        return "unknown field (check the spelling; `fulltune config --describe` lists the fields)"
+    nested = "".join(f'{{"{part}": ' for part in parts) + "..." + "}" * len(parts)
+    return f"a dotted name: a config nests its sections, {nested}"
+
+
+def _is_field(parts: list[str]) -> bool:
+    """Whether `parts` name a field of RunConfig, section by section (an optional section too)."""
+    model: type[BaseModel] | None = RunConfig
+    for part in parts:
+        info = model.model_fields.get(part) if model is not None else None
+        if info is None:
+            return False
+        model, kind = _section_of(info.annotation)
+        model = model if kind in ("section", "optional") else None
+    return True
 
 
 def _a_percentage_for_a_fraction(err: Any) -> bool:
