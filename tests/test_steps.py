@@ -25,7 +25,33 @@ def test_failed_validation_still_delivers_its_html_report(tmp_path):
     assert "invalid_json" in report.read_text()
     # the message sends the reader to the report where it stays, not to the deleted temporary copy
     assert f"report: {report} (this step's `report` artifact)" in str(exc.value)
-    assert "/fulltune-validate-" not in str(exc.value)
+    assert "/fulltune-validate_data-" not in str(exc.value)
+
+
+def test_in_a_pipeline_run_the_checking_reports_are_kept_in_the_runs_work_directory(tmp_path, s3):
+    """KFP uploads no artifact of a failed step: on a cluster the failure's message must point to a
+    copy that outlives the pod, the run's work directory (here on S3)."""
+    from fulltune import failure, storage
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "ok"}\n{"text": broken\n')
+    cfg = RunConfig.from_dict({"work_dir": f"{s3}/runs", "data": {"train_uri": str(train)}})
+    kept = f"{s3}/runs/run-7/checks/validate_data.html"
+    with pytest.raises(DataValidationError) as exc:
+        steps.validate_data(cfg, str(tmp_path / "artifact.html"), lambda k, v: None, "run-7")
+    assert f"report: {kept}" in str(exc.value)
+    assert "invalid_json" in storage.read_text(kept)
+    (failed,) = failure.failures(RunLayout.for_run(cfg.work_dir, "run-7"))  # what retry and --wait read
+    assert (failed.step, failed.permanent) == ("validate_data", True)
+
+    train.write_text('{"text": "ok"}\n')
+    steps.validate_data(cfg, str(tmp_path / "artifact.html"), lambda k, v: None, "run-8")
+    assert "passed" in storage.read_text(f"{s3}/runs/run-8/checks/validate_data.html")
+    assert (
+        RunLayout.for_run(cfg.work_dir, "run-8")
+        .check_report("validate_data")
+        .endswith("checks/validate_data.html")
+    )
 
 
 def test_a_failed_tokenizer_check_points_to_its_report_artifact(tmp_path):

@@ -167,7 +167,8 @@ def test_a_full_run_that_fails_prints_the_step_its_message_and_the_log(tmp_path,
     (root,) = [line.removeprefix("the run's directory: ") for line in lines if line.startswith("the run's")]
     assert main(["runs", str(config), "--dir", str(tmp_path / "out")]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(Path(root).name)]
-    assert row.startswith(f"{Path(root).name}  stopped before plan")
+    # its failure recorded where the run would have been: said as what it was
+    assert row.startswith(f"{Path(root).name}  failed at validate_data on its input before plan"), row
 
 
 def test_a_demo_that_fails_at_a_step_ends_as_a_failed_run_does_not_with_a_traceback(

@@ -6,8 +6,9 @@ the failed steps again with the same parameters over the same work directory. Th
 failure was the infrastructure's (a lost node, a storage outage: train resumes from its newest
 checkpoint), and never when it was the input's (data or config refused, checkpoints of another run,
 ranks exiting 1): the retry asks for the GPUs again, loads the checkpoint, and fails the same way.
-Only the step knows which it was, so each step after plan writes `failures/<step>.json` as it fails
-and deletes it when an attempt of it succeeds; `fulltune retry` and `submit --wait` read them.
+Only the step knows which it was, so each step of a pipeline run (from validate_data, which is
+given the run's id) writes `failures/<step>.json` as it fails and deletes it when an attempt of it
+succeeds; `fulltune retry` and `submit --wait` read them.
 """
 
 from __future__ import annotations

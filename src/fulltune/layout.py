@@ -1,6 +1,7 @@
 """The layout of a run's work directory: every URI a step reads or writes there, named once.
 
     <work_dir>/<run id>/
+        checks/     validate_data.html, check_tokenizer.html (the checking steps' reports)
         plan/       plan.json, plan.md, config.yaml (the resolved RunConfig), ds_config.json
         data/       shards/shard-NNNNN.json and shards/<split>-NNNNN.parquet, dataset.json
         train/      model/ (the tuned model), checkpoints/, metrics.jsonl
@@ -42,6 +43,12 @@ class RunLayout:
 
     def _at(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def check_report(self, step: str) -> str:
+        """A checking step's HTML report (`validate_data`, `check_tokenizer`), kept whether it passed."""
+        return self._at("checks", f"{step}.html")
 
     # -- plan ----------------------------------------------------------------------------------
 

@@ -128,43 +128,61 @@ def run_input_fields(cfg: RunConfig) -> list[str]:
 
 
 def _report_step(
-    run: Callable[[RunConfig, Path], dict],
-    prefix: str,
+    run: Callable[..., dict],
+    step: str,
     cfg: RunConfig,
     report_path: str | None,
     log_metric: MetricSink | None,
+    run_id: str = "",
 ) -> dict:
-    """Run a checking step that writes report.json/html; the HTML reaches KFP even when the step fails,
-    and a failure's message points to it there (the temporary directory is gone by the time anyone
-    reads the message)."""
+    """Run a checking step that writes report.json/html. The HTML goes to the step's artifact and,
+    in a pipeline run, into the run's work directory (`RunLayout.check_report`), whether the step
+    passes or fails: KFP uploads a failed step's artifacts nowhere, so a failure's message points to
+    the work directory's copy (the temporary directory is gone by the time anyone reads it), and the
+    failure is recorded there as every later step's is (`fulltune.failure`)."""
     _setup_process()
-    where = f"{report_path} (this step's `report` artifact)" if report_path else "not kept (no report_path)"
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+    run_layout = RunLayout.for_run(cfg.work_dir, run_id) if run_id and cfg.work_dir else None
+    kept = run_layout.check_report(step) if run_layout else None
+    where = kept or (
+        f"{report_path} (this step's `report` artifact)" if report_path else "not kept (no report_path)"
+    )
+    recorded = failure.recorded(run_layout, step) if run_layout else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix=f"fulltune-{step}-") as tmp, recorded:
         try:
             report = run(cfg, Path(tmp), report_location=where)
         finally:
             if Path(tmp, "report.html").exists():
                 _copy_out(Path(tmp, "report.html"), report_path)
+                if kept:
+                    _keep_report(Path(tmp, "report.html"), kept)
     _log_metrics(log_metric, report["metrics"])
     return report
 
 
+def _keep_report(src: Path, dest: str) -> None:
+    """Best effort: a work directory that cannot take the report must not hide the step's own outcome."""
+    try:
+        storage.write_bytes(dest, src.read_bytes())
+    except Exception as exc:  # noqa: BLE001 — logged; the step's result (or its error) stands
+        log.warning("could not keep the report at %s: %s", dest, exc)
+
+
 def validate_data(
-    cfg: RunConfig, report_path: str | None = None, log_metric: MetricSink | None = None
+    cfg: RunConfig, report_path: str | None = None, log_metric: MetricSink | None = None, run_id: str = ""
 ) -> dict:
     """Parse every record; fail the run when the error budget is exceeded (report written first)."""
     from fulltune.data.validate import validate_data as run
 
-    return _report_step(run, "fulltune-validate-", cfg, report_path, log_metric)
+    return _report_step(run, "validate_data", cfg, report_path, log_metric, run_id)
 
 
 def check_tokenizer(
-    cfg: RunConfig, report_path: str | None = None, log_metric: MetricSink | None = None
+    cfg: RunConfig, report_path: str | None = None, log_metric: MetricSink | None = None, run_id: str = ""
 ) -> dict:
     """Special tokens, vocabulary vs embedding, truncation, how domain words split."""
     from fulltune.tokenizer.check import check_tokenizer as run
 
-    return _report_step(run, "fulltune-tokenizer-", cfg, report_path, log_metric)
+    return _report_step(run, "check_tokenizer", cfg, report_path, log_metric, run_id)
 
 
 # -- plan ---------------------------------------------------------------------------------------------

@@ -59,36 +59,40 @@ configure.__doc__ = parameters.docstring(
 )
 
 
-def validate_data(config: dict, report: Output[HTML], metrics: Output[Metrics]):
+def validate_data(config: dict, run_id: str, report: Output[HTML], metrics: Output[Metrics]):
     """Parse every record of the train, eval and general data (JSONL or Parquet; text, prompt/completion or
     chat records) and fail the run, naming file and line of each problem, when bad records exceed the
     error budget (`data.max_error_rate`).
 
     Args:
         config: The run configuration (RunConfig) as a mapping; `fulltune config --describe` lists every field.
+        run_id: The pipeline run's id: the report is also kept in the run's work directory
+            (`<work_dir>/<run id>/checks/`), which a failed step's message names.
         report: HTML report: records per dataset, problems with their locations, length statistics.
         metrics: Record counts and error rates per dataset.
     """
     from fulltune import steps
     from fulltune.config import RunConfig
 
-    steps.validate_data(RunConfig.from_pipeline(config), report.path, metrics.log_metric)
+    steps.validate_data(RunConfig.from_pipeline(config), report.path, metrics.log_metric, run_id)
 
 
-def check_tokenizer(config: dict, report: Output[HTML], metrics: Output[Metrics]):
+def check_tokenizer(config: dict, run_id: str, report: Output[HTML], metrics: Output[Metrics]):
     """Check the tokenizer against the model and the data: eos/bos/pad tokens, vocabulary size vs the
     model's embedding rows, truncation rate at `preprocess.max_seq_len`, and the domain words it splits
     into the most pieces.
 
     Args:
         config: The run configuration (RunConfig) as a mapping.
+        run_id: The pipeline run's id: the report is also kept in the run's work directory
+            (`<work_dir>/<run id>/checks/`), which a failed step's message names.
         report: HTML report with the checks, length percentiles and the worst-split domain terms.
         metrics: Truncation rate, fertility and related figures.
     """
     from fulltune import steps
     from fulltune.config import RunConfig
 
-    steps.check_tokenizer(RunConfig.from_pipeline(config), report.path, metrics.log_metric)
+    steps.check_tokenizer(RunConfig.from_pipeline(config), report.path, metrics.log_metric, run_id)
 
 
 def plan(config: dict, run_id: str, report: Output[Markdown], metrics: Output[Metrics]) -> NamedTuple(

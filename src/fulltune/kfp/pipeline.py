@@ -156,8 +156,8 @@ def _dag(steps, cluster: ClusterSettings, trainer_image: str, eval_gpus: int):
         }
         configured = cluster.apply(steps.configure(**params, **times))
         config = configured.outputs["config"]
-        validated = cluster.apply(steps.validate_data(config=config))
-        checked = cluster.apply(steps.check_tokenizer(config=config).after(validated))
+        validated = cluster.apply(steps.validate_data(config=config, run_id=run_id))
+        checked = cluster.apply(steps.check_tokenizer(config=config, run_id=run_id).after(validated))
         planned = cluster.apply(steps.plan(config=config, run_id=run_id).after(checked))
         resolved = planned.outputs["config"]
         shards = cluster.apply(steps.list_shards(config=resolved))
