@@ -205,15 +205,31 @@ def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: float | 
         f"--master-port={port}",
         *args,
     ]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        sys.exit(
-            f"{' '.join(cmd)} ran past {timeout:.0f} s:\n{str(exc.stdout)[-2000:]}\n{str(exc.stderr)[-4000:]}"
-        )
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = stop_torchrun(proc)
+            sys.exit(f"{' '.join(cmd)} ran past {timeout:.0f} s:\n{stdout[-2000:]}\n{stderr[-4000:]}")
     if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout + proc.stderr
+        sys.exit(f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return stdout + stderr
+
+
+def stop_torchrun(proc: subprocess.Popen, grace_s: float = 45.0) -> tuple[str, str]:
+    """Stop a torchrun that ran out of time, its ranks with it; (its stdout, its stderr). The ranks run
+    in sessions of their own, so killing torchrun alone would leave them running, holding the GPU
+    under the next run's measurement. On SIGTERM torchrun stops them (SIGTERM, then SIGKILL after
+    30 s); SIGKILL for torchrun itself only if it has not exited after `grace_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    try:  # a rank that outlived torchrun still holds the pipes: do not wait for it
+        return proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        return "", ""
 
 
 def run_fulltune(

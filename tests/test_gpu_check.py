@@ -56,15 +56,51 @@ def test_dry_run_measures_each_trainer_on_the_same_batches_and_writes_its_report
     assert "| tiny/fsdp2 |" in md and "| step | tiny/plan | tiny/fsdp2 |" in md
 
 
-def _gpu_gaps():
-    """benchmarks/gpu_gaps.py (a script beside the GPU check, not a package)."""
+def _script(name: str):
+    """benchmarks/<name>.py (the GPU check's scripts are not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_gaps", ROOT / "benchmarks" / "gpu_gaps.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    sys.modules[spec.name] = module  # a dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_gaps():
+    return _script("gpu_gaps")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_run_past_its_time_stops_its_ranks_too(tmp_path):
+    """A run that times out (a hung collective, a slow compile) is stopped with its ranks: torchrun
+    starts them in sessions of their own, and a rank left running would hold the GPU under the next
+    run's measurement, and after the check ends."""
+    import time
+
+    sleeper, pid_file = tmp_path / "sleeper.py", tmp_path / "rank.pid"
+    sleeper.write_text(
+        "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with pytest.raises(SystemExit, match="ran past 20 s"):
+        _script("train_step").torchrun(1, [str(sleeper), str(pid_file)], env, timeout=20)
+    pid = int(pid_file.read_text())
+    try:
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the rank outlived its torchrun"
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
 
 
 def test_gap_report_adds_up_the_device_idle_time_per_host_frame():
