@@ -472,6 +472,14 @@ def main() -> None:
     )
     p.add_argument("--assets", default=os.environ.get("FULLTUNE_TEST_ASSETS", "/tmp/fulltune-bench-assets"))
     a = p.parse_args()
+    runs = dry_runs() if a.dry_run else gpu_runs()
+    # before the device is touched: a mistyped name would otherwise spend a GPU slot on nothing
+    unknown = sorted(set(a.only or ()) - {r.name for r in runs})
+    if unknown:
+        p.error(
+            f"--only: no run named {', '.join(unknown)}{' in a dry run' if a.dry_run else ''}; "
+            f"the runs are {', '.join(r.name for r in runs)}"
+        )
     if a.dry_run:
         a.warmup = min(a.warmup, 1)
     check = Check(a)
@@ -479,7 +487,7 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fulltune-gpu-check-", dir=a.work) as tmp:
-        check.run_all(dry_runs() if a.dry_run else gpu_runs(), Path(tmp))
+        check.run_all(runs, Path(tmp))
     failed = [r["name"] for r in check.results if r["status"] == "failed"]
     print((check.out / "gpu_check.md").read_text())
     sys.exit(1 if failed else 0)

@@ -185,3 +185,29 @@ def test_gap_report_reads_the_profilers_events_and_names_the_caller_outside_torc
         "gaps",
         "deepspeed/runtime/zero/parameter_offload.py(358):",
     ]
+
+
+def test_only_naming_a_run_that_does_not_exist_is_refused_before_the_device_is_used(tmp_path):
+    """A mistyped (or renamed) run in --only used to run nothing, or only the other names, and end in a
+    traceback: on a GPU machine, a slot spent on nothing. It is refused at once, naming the unknown
+    run and the ones there are."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--only",
+            "tiny/plan,tiny/pln",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--only: no run named tiny/pln in a dry run; the runs are tiny/plan, tiny/fsdp2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "gpu_check.json").exists()  # nothing ran
