@@ -665,6 +665,9 @@ def report_step_times(
         f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
     )
     for k, v in times.items():
+        if not v:  # its runs failed (printed above, `_attempt`): the other's figures still stand
+            print(f"{k:11s} no timed steps (its runs failed)")
+            continue
         print(
             f"{k:11s} median step {med[k] * 1000:8.1f} ms  (n={len(v)}, min {min(v) * 1000:.1f}, max {max(v) * 1000:.1f})"
         )

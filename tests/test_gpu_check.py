@@ -211,3 +211,21 @@ def test_only_naming_a_run_that_does_not_exist_is_refused_before_the_device_is_u
     assert "--only: no run named tiny/pln in a dry run; the runs are tiny/plan, tiny/fsdp2" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "gpu_check.json").exists()  # nothing ran
+
+
+def test_train_step_reports_fulltune_when_the_trainer_run_failed(capsys):
+    """`benchmarks/train_step.py` keeps fulltune's figures when the Trainer run fails (`_attempt`), but
+    printing the Trainer's empty step times raised ValueError (min of nothing) before any figure, the
+    GPU ones included, was printed or written."""
+    import argparse
+
+    ts = _script("train_step")
+    a = argparse.Namespace(warmup=0, device="cuda", hidden=64, layers=2, seq=64, nproc=1, micro=2, gas=2)
+    steps = [{"step": i, "loss": 3.0, "step_time_s": t} for i, t in enumerate((0.5, 0.4, 0.6))]
+    runs = ts.TrainerComparison({"params": "1000000"}, steps, hf=[], first=steps, fp32=None)
+    result: dict = {}
+    med = ts.report_step_times(a, {"OMP_NUM_THREADS": "4"}, runs, result)
+    printed = capsys.readouterr().out
+    assert "fulltune    median step    500.0 ms  (n=3, min 400.0, max 600.0)" in printed
+    assert "hf_trainer  no timed steps (its runs failed)" in printed
+    assert med["fulltune"] == result["median_step_s"]["fulltune"] == 0.5
