@@ -953,6 +953,13 @@ def test_mfu_formula_on_known_numbers():
         ("NVIDIA H100 80GB HBM3", 989e12),
         ("NVIDIA H100 PCIe", 756e12),
         ("NVIDIA H200", 989e12),
+        # the NVL and PCIe parts of the same chips: their own, lower peaks (MFU and plan's cost)
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H800 PCIe", 756e12),
+        ("NVIDIA H800", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("H200 NVL", 835e12),  # as resources.gpu_type names it
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("NVIDIA L40S", 362e12),
         ("NVIDIA L4", 121e12),

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 # first match wins, so more specific names come first. Unknown devices: no MFU.
 PEAK_FLOPS: list[tuple[str, float]] = [
     (r"\bGB200\b|\bB200\b", 2250e12),
+    # the PCIe and NVL parts before the SXM names they contain: lower clocks and power, lower peaks
+    (r"\bH(100|800)\b.*\bPCIe\b", 756e12),
+    (r"\bH(100|200)\b.*\bNVL\b", 835e12),
     (r"\bH200\b|\bGH200\b", 989e12),
-    (r"\bH100\b.*\bPCIe\b", 756e12),
-    (r"\bH100\b.*\bNVL\b", 835e12),
     (r"\bH100\b|\bH800\b", 989e12),
     (r"\bA100\b|\bA800\b", 312e12),
     (r"\bL40S\b", 362e12),
