@@ -447,17 +447,25 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def loss_table(runs: list[dict]) -> list[str]:
-    """The losses of the first 20 steps of the runs that train the same model on the same batches."""
+def loss_table(runs: list[dict], steps: int = 20) -> list[str]:
+    """The losses of the first `steps` steps of the runs that train the same model on the same batches:
+    one table per shape (a 1B and a 3B loss side by side compare nothing), each as long as its longest
+    run, so that a variant run for fewer steps does not cut the three stacks' 20 the issue compares."""
     kinds = ("plan", "no-liger", "compile", "hf-trainer", "fsdp2")
-    same = [r for r in runs if r.get("losses") and r["name"].split("/")[1] in kinds]
-    if not same:
-        return []
-    n = min(20, *(len(r["losses"]) for r in same))
-    lines = ["| step | " + " | ".join(r["name"] for r in same) + " |", "|---:|" + "---:|" * len(same)]
-    for i in range(n):
-        lines.append(f"| {i} | " + " | ".join(f"{r['losses'][i]:.4f}" for r in same) + " |")
-    return lines
+    by_shape: dict[str, list[dict]] = {}
+    for r in runs:
+        shape, variant = r["name"].split("/", 1)
+        if r.get("losses") and variant in kinds:
+            by_shape.setdefault(shape, []).append(r)
+    lines: list[str] = []
+    for same in by_shape.values():
+        n = min(steps, max(len(r["losses"]) for r in same))
+        lines += ["| step | " + " | ".join(r["name"] for r in same) + " |", "|---:|" + "---:|" * len(same)]
+        for i in range(n):
+            cells = (f"{r['losses'][i]:.4f}" if i < len(r["losses"]) else "" for r in same)
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines[:-1]
 
 
 def main() -> None:

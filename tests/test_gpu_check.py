@@ -229,3 +229,30 @@ def test_train_step_reports_fulltune_when_the_trainer_run_failed(capsys):
     assert "fulltune    median step    500.0 ms  (n=3, min 400.0, max 600.0)" in printed
     assert "hf_trainer  no timed steps (its runs failed)" in printed
     assert med["fulltune"] == result["median_step_s"]["fulltune"] == 0.5
+
+
+def test_loss_tables_compare_each_model_separately_over_the_first_20_steps():
+    """gpu_check.md set every shape's losses in one table and cut it to the shortest run: a 14-step
+    variant (1b/no-liger) left 14 of the 20 losses the three stacks run for the issue's comparison,
+    beside another model's columns."""
+    gc = _script("gpu_check")
+
+    def run(name, n, base):
+        return {"name": name, "losses": [base + i / 100 for i in range(n)]}
+
+    runs = [
+        run("1b/plan", 23, 11.0),
+        run("1b/fsdp2", 20, 11.0),
+        run("1b/no-liger", 14, 11.0),
+        run("3b/plan", 20, 12.0),
+        run("1b/recompute-4-of-16", 12, 11.0),  # not a stack on the same kernels: not in the table
+        {"name": "3b/fsdp2", "status": "skipped"},
+    ]
+    lines = gc.loss_table(runs)
+    tables = "\n".join(lines).split("\n\n")
+    assert len(tables) == 2
+    one_b, three_b = (t.splitlines() for t in tables)
+    assert one_b[0] == "| step | 1b/plan | 1b/fsdp2 | 1b/no-liger |"
+    assert len(one_b) == 2 + 20
+    assert one_b[-1] == "| 19 | 11.1900 | 11.1900 |  |"
+    assert three_b[0] == "| step | 3b/plan |" and len(three_b) == 2 + 20
