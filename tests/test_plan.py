@@ -1136,7 +1136,7 @@ def test_cost_estimate_against_a_hand_computed_run():
         }
     )
     cost = estimate_cost(
-        cfg, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=500_000_000
+        cfg, matmul_params=10**9, num_layers=16, attention_width=2048, dataset_tokens=500_000_000
     )
     flops = 1e9 * (6e9 + 12 * 16 * 2048 * 2048)  # 6.805e18
     wall_h = flops / (8 * 989e12 * 0.35) / 3600  # 0.683 h
@@ -1147,31 +1147,32 @@ def test_cost_estimate_against_a_hand_computed_run():
     # recomputing activations costs a third more; max_steps counts steps x global batch x seq
     recompute = cfg.with_overrides({"training.gradient_checkpointing": True})
     cost_gc = estimate_cost(
-        recompute, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
+        recompute, matmul_params=10**9, num_layers=16, attention_width=2048, dataset_tokens=5 * 10**8
     )
     assert cost_gc.gpu_hours == pytest.approx(cost.gpu_hours * 4 / 3)
     # selective: 4 of 16 layers recomputed pay a quarter of that third
     quarter = recompute.with_overrides({"training.gradient_checkpointing_layers": 4})
     cost_quarter = estimate_cost(
-        quarter, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
+        quarter, matmul_params=10**9, num_layers=16, attention_width=2048, dataset_tokens=5 * 10**8
     )
     assert cost_quarter.gpu_hours == pytest.approx(cost.gpu_hours * (1 + 1 / 12))
     # Liger's kernels (as plan resolves them on GPUs): the step-time gain measured at 1B
     liger = cfg.with_overrides({"training.use_liger_kernel": True})
     cost_liger = estimate_cost(
-        liger, matmul_params=10**9, num_layers=16, hidden_size=2048, dataset_tokens=5 * 10**8
+        liger, matmul_params=10**9, num_layers=16, attention_width=2048, dataset_tokens=5 * 10**8
     )
     assert cost_liger.gpu_hours == pytest.approx(cost.gpu_hours / 1.13)
     assert "at an assumed 40% MFU" in cost_liger.summary()
     steps = cfg.with_overrides({"training.max_steps": 100})
-    assert estimate_cost(steps, matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=0).tokens == (
-        100 * 8 * 2048
-    )
+    assert estimate_cost(
+        steps, matmul_params=1, num_layers=1, attention_width=1, dataset_tokens=0
+    ).tokens == (100 * 8 * 2048)
     assert (
-        estimate_cost(RunConfig(), matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=1) is not None
+        estimate_cost(RunConfig(), matmul_params=1, num_layers=1, attention_width=1, dataset_tokens=1)
+        is not None
     )
     cpu = cfg.with_overrides({"resources.accelerator": "cpu"})
-    assert estimate_cost(cpu, matmul_params=1, num_layers=1, hidden_size=1, dataset_tokens=1) is None
+    assert estimate_cost(cpu, matmul_params=1, num_layers=1, attention_width=1, dataset_tokens=1) is None
 
 
 def test_a_run_over_its_gpu_hour_budget_is_refused_saying_what_fits(llama_dir):

@@ -1023,6 +1023,33 @@ def test_matmul_params_leave_out_an_untied_input_embedding():
     )
 
 
+def test_attention_flops_count_the_query_heads_not_the_hidden_size():
+    """Qwen3 and Gemma give their heads more room than the hidden size (Qwen3-0.6B: 16 x 128 on 1024):
+    the attention term is 12 L H Q s, H Q the query heads times their size. With the hidden size it
+    left out half of Qwen3-0.6B's attention FLOPs: its MFU read low, plan's GPU-hours came out short."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fulltune.plan import model_shape
+
+    config = tiny_llama_config(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    config.head_dim = 16  # 2 heads of 16 on a hidden size of 16: attention 32 wide
+    config.num_key_value_heads = 1
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert throughput.attention_width(config) == 32
+    expected = 6 * throughput.matmul_params(model) + 12 * 2 * 32 * 8
+    assert throughput.model_flops_per_token(model, 8) == expected
+    assert model_shape(config).attention_width == 32
+    qwen3 = AutoConfig.for_model(
+        "qwen3", hidden_size=1024, num_attention_heads=16, head_dim=128, num_key_value_heads=8
+    )
+    assert throughput.attention_width(qwen3) == 2048
+    gpt2 = AutoConfig.for_model("gpt2", n_embd=64, n_head=4)  # no head_dim: heads x hidden / heads
+    assert throughput.attention_width(gpt2) == 64
+
+
 def test_mfu_only_on_a_known_gpu_training_in_16_bit(monkeypatch):
     from fulltune.train.engine import Ranks
 

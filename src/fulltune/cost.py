@@ -4,8 +4,8 @@
                about the dataset's tokens when packed, a padded max_seq_len sequence per record
                with packing off), or training.max_steps x global batch x max_seq_len when
                max_steps is set
-    FLOPs      tokens x (6 N + 12 L h s): the model FLOPs of `train.throughput.flops_per_token`,
-               N the parameters that do matrix work; recomputing activations (gradient
+    FLOPs      tokens x (6 N + 12 L H Q s): the model FLOPs of `train.throughput.flops_per_token`,
+               N the parameters that do matrix work, H Q the query heads times their size; recomputing activations (gradient
                checkpointing) adds one forward, a third more
     wall time  FLOPs / (GPUs x the GPU's dense 16-bit peak x the assumed MFU)
     GPU-hours  wall time x GPUs
@@ -71,7 +71,7 @@ def planned_tokens(cfg: RunConfig, dataset_tokens: int) -> int:
 
 
 def estimate_cost(
-    cfg: RunConfig, *, matmul_params: int, num_layers: int, hidden_size: int, dataset_tokens: int
+    cfg: RunConfig, *, matmul_params: int, num_layers: int, attention_width: int, dataset_tokens: int
 ) -> CostEstimate | None:
     """The estimate for the resolved config; None off a GPU or for a GPU type without a known peak."""
     res, tr = cfg.resources, cfg.training
@@ -80,7 +80,7 @@ def estimate_cost(
         return None
     seq = cfg.preprocess.max_seq_len
     tokens = planned_tokens(cfg, dataset_tokens)
-    flops = tokens * flops_per_token(matmul_params, num_layers, hidden_size, seq)
+    flops = tokens * flops_per_token(matmul_params, num_layers, attention_width, seq)
     hardware = flops * recompute_factor(
         tr.gradient_checkpointing, tr.gradient_checkpointing_layers, num_layers
     )

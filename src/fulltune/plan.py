@@ -125,6 +125,8 @@ class ModelShape:
     block_leaf_threshold: int = 0
     # Parameters that do matrix work (`throughput.matmul_params`); 0: all of them.
     matmul_params: int = 0
+    # Query heads x head size (`throughput.attention_width`), for the FLOPs; 0: the hidden size.
+    attention_width: int = 0
 
 
 # The components of MemoryEstimate.total, in the order reports list them (bytes per GPU), with the
@@ -259,7 +261,7 @@ def model_shape(model_config) -> ModelShape:
     layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
     inter = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
     gated = any(n.endswith(("gate_proj", "gate_up_proj", "w1", "w3")) for n, _ in model.named_modules())
-    from fulltune.train.throughput import matmul_params
+    from fulltune.train.throughput import attention_width, matmul_params
 
     return ModelShape(
         params,
@@ -272,6 +274,7 @@ def model_shape(model_config) -> ModelShape:
         gated,
         *block_leaf(model),
         matmul_params(model),
+        attention_width(text_cfg),
     )
 
 
@@ -1177,7 +1180,7 @@ def make_plan(cfg: RunConfig, *, train_tokens: int | None = None) -> Plan:
         resolved,
         matmul_params=shape.matmul_params or shape.params,
         num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
+        attention_width=shape.attention_width or shape.hidden_size,
         dataset_tokens=per_epoch,
     )
     try:

@@ -67,11 +67,24 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus 12*L*h*s for
-    the attention scores and the weighted sum (PaLM, Chowdhery et al. 2022, appendix B; torchtitan
-    counts the same way). Recomputation is not counted: this is model FLOPs, not hardware FLOPs."""
-    return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
+def flops_per_token(n_params: int, num_layers: int, attention_width: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus 12*L*H*Q*s for
+    the attention scores and the weighted sum, H*Q the query heads times their size
+    (`attention_width`: the hidden size for most models; PaLM, Chowdhery et al. 2022, appendix B;
+    torchtitan counts the same way). Recomputation is not counted: this is model FLOPs, not hardware
+    FLOPs."""
+    return 6.0 * n_params + 12.0 * num_layers * attention_width * seq_len
+
+
+def attention_width(cfg) -> int:
+    """Query heads x head size of a (text) model config: the width of the attention scores' matmuls.
+    Not always the hidden size: Qwen3-0.6B has 16 heads of 128 on a hidden size of 1024, Gemma-7B 16
+    of 256 on 3072; counting the hidden size would leave out half and a quarter of their attention."""
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    if not heads:
+        return int(hidden)
+    return int(heads * (getattr(cfg, "head_dim", None) or hidden // heads))
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, world: int) -> float:
@@ -97,8 +110,7 @@ def model_flops_per_token(model, seq_len: int) -> float:
     """`flops_per_token` for a Hugging Face causal LM (its text config, under ZeRO-3 or not)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    return flops_per_token(matmul_params(model), int(layers), int(hidden), seq_len)
+    return flops_per_token(matmul_params(model), int(layers), attention_width(cfg), seq_len)
 
 
 @dataclass(frozen=True)
