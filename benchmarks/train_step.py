@@ -338,7 +338,9 @@ def trainer_arguments(spec: dict[str, str], tr: dict):
         adam_beta2=tr["adam_beta2"],
         adam_epsilon=tr["adam_epsilon"],
         max_grad_norm=tr["max_grad_norm"],
-        optim="adamw_torch",
+        # torch's AdamW as fulltune's build_optimizer takes it: the fused kernel on GPU (also the
+        # Trainer's own default since torch 2.8), the single-tensor one on CPU
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
         # the kernels plan chose, with the switches fulltune sets (the loss stays the model's own)
         use_liger_kernel=bool(tr.get("use_liger_kernel")),
         liger_kernel_config=dict(liger.KERNELS),

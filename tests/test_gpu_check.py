@@ -256,3 +256,31 @@ def test_loss_tables_compare_each_model_separately_over_the_first_20_steps():
     assert len(one_b) == 2 + 20
     assert one_b[-1] == "| 19 | 11.1900 | 11.1900 |  |"
     assert three_b[0] == "| step | 3b/plan |" and len(three_b) == 2 + 20
+
+
+def test_the_trainer_steps_the_same_adamw_kernel_as_fulltune_on_a_gpu(monkeypatch):
+    """The HF Trainer baseline ran torch's multi-tensor AdamW ("adamw_torch") on the GPU, where
+    fulltune steps the fused kernel (engine.build_optimizer) and the Trainer's own default since torch
+    2.8 is fused too: several passes over the fp32 partition against one, a handicap the step-time
+    comparison charged to the Trainer."""
+    import transformers.training_args
+
+    ts = _script("train_step")
+    tr = {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 3,
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.01,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "seed": 42,
+    }
+    # this machine has no GPU: let TrainingArguments accept bf16 as on the device
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    spec = {"device": "cuda", "root": "/nonexistent", "deepspeed": None}
+    assert ts.trainer_arguments(spec, tr).optim == "adamw_torch_fused"
