@@ -42,6 +42,10 @@ from standin_http import LoopbackServer, send_bytes, send_json
 from support.crd_schema import strict
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+# The only condition types Kubeflow Trainer v2.0 and later give a TrainJob (trainjob_types.go); its
+# pre-release "Created" was removed before v2.0.0 (kubeflow/trainer#2621): no condition says the
+# pods have started.
+TRAINJOB_CONDITIONS = ("Suspended", "Complete", "Failed")
 # The job kinds served: (group, version, plural) -> the label that names a pod's job.
 JOB_KINDS = {
     ("kubeflow.org", "v1", "pytorchjobs"): "training.kubeflow.org/job-name",
@@ -242,6 +246,8 @@ class FakeKube:
     def set_condition(self, ns: str, name: str, kind: str, reason: str = "", message: str = "") -> None:
         with self.cond:
             job = self.jobs[(ns, name)]
+            if job.get("kind") == "TrainJob" and kind not in TRAINJOB_CONDITIONS:
+                raise ValueError(f"Kubeflow Trainer v2.0+ never sets a TrainJob condition {kind!r}")
             conds = job.setdefault("status", {}).setdefault("conditions", [])
             stamp = _now()
             if kind in ("Succeeded", "Failed", "Restarting"):

@@ -332,7 +332,6 @@ def trainjob_watches(kube: FakeKube) -> list:
 
 def test_success_reads_the_runtime_creates_once_and_streams_node_0(kube, caplog):
     def trainer(k: FakeKube, ns, name):
-        k.set_condition(ns, name, "Created", "JobsCreationSucceeded", "Succeeded to create Jobs")
         pod = k.start_node(ns, name)
         k.start_node(ns, name, index=1)
         k.log(ns, pod, "step 1 loss 2.30", "step 2 loss 2.10")
@@ -355,7 +354,6 @@ def test_success_reads_the_runtime_creates_once_and_streams_node_0(kube, caplog)
 
 
 def succeed(k: FakeKube, ns, name):
-    k.set_condition(ns, name, "Created")
     k.start_node(ns, name)
     assert k.node_exits(ns, name, 0) == "succeeded"
 
@@ -401,7 +399,6 @@ def test_a_trainjob_schema_that_cannot_be_read_is_refused_saying_what_to_set(kub
 @pytest.mark.parametrize("code", [1, 2])
 def test_a_permanent_exit_fails_the_trainjob_at_once_with_reason_events_and_log_tail(kube, code):
     def trainer(k: FakeKube, ns, name):
-        k.set_condition(ns, name, "Created")
         pod = k.start_node(ns, name)
         k.log(ns, pod, "loading config", "fulltune.train: data.train_uri: no data files found")
         k.wait_for(lambda: "no data files" in out.getvalue())
@@ -422,7 +419,6 @@ def test_a_permanent_exit_fails_the_trainjob_at_once_with_reason_events_and_log_
 @pytest.mark.parametrize("code", [137, 138])
 def test_a_retryable_exit_restarts_the_group_which_then_succeeds(kube, caplog, code):
     def trainer(k: FakeKube, ns, name):
-        k.set_condition(ns, name, "Created")
         pod = k.start_node(ns, name)
         k.log(ns, pod, "step 10 loss 1.5")
         k.wait_for(lambda: "step 10" in out.getvalue())
@@ -445,7 +441,6 @@ def test_a_retryable_exit_restarts_the_group_which_then_succeeds(kube, caplog, c
 
 def test_restarts_are_bounded_by_the_runtimes_max_restarts(kube):
     def trainer(k: FakeKube, ns, name):
-        k.set_condition(ns, name, "Created")
         k.start_node(ns, name)
         assert [k.node_exits(ns, name, 138) for _ in range(3)] == ["restarted", "restarted", "failed"]
 
@@ -468,7 +463,6 @@ def test_an_existing_trainjob_is_adopted_and_a_410_relists(kube, caplog):
     launch, out = launcher(kube)
     job = make_job(launch.cfg)
     existing = kube.put_job(build_trainjob(launch.cfg, job, name=job.name, namespace=NS, image="img:0"))
-    kube.set_condition(NS, job.name, "Created")
     pod = kube.start_node(NS, job.name)
     kube.log(NS, pod, "step 41 loss 0.9")
     result: dict = {}
@@ -493,7 +487,6 @@ def test_an_existing_trainjob_is_adopted_and_a_410_relists(kube, caplog):
 
 def test_cancel_deletes_the_trainjob(kube):
     def trainer(k: FakeKube, ns, name):
-        k.set_condition(ns, name, "Created")
         k.log(ns, k.start_node(ns, name), "step 1")
 
     kube.script = trainer
@@ -522,7 +515,6 @@ def test_watch_timeouts_reconnect_from_the_last_resource_version(kube):
     cfg = make_cfg(kubernetes={"namespace": NS, "watch_timeout_seconds": 1})
 
     def trainer(k: FakeKube, ns, name):
-        k.set_condition(ns, name, "Created")
         k.start_node(ns, name)
         k.wait_for(lambda: len(trainjob_watches(k)) >= 3)  # two watches have timed out meanwhile
         k.node_exits(ns, name, 0)
@@ -536,12 +528,11 @@ def test_watch_timeouts_reconnect_from_the_last_resource_version(kube):
 
 
 def test_pods_the_quota_forbids_are_said_while_the_trainjob_waits(kube, caplog):
-    """A TrainJob is Created as soon as its JobSet is; when the quota forbids the pods, the Job
+    """A TrainJob has no condition until it ends; when the quota forbids its pods, the Job
     controller says so only in a Warning event of the node's Job, which the step's log shows."""
     forbidden = 'Error creating: pods "{job}-abcde" is forbidden: exceeded quota: kf-resource-quota'
 
     def trainer(k: FakeKube, ns, name):
-        k.set_condition(ns, name, "Created")
         job = f"{name}-node-0"
         k.add_event(ns, "Job", job, "Warning", "FailedCreate", forbidden.format(job=job))
 

@@ -69,6 +69,12 @@ class JobKind:
     def started(self, cond: dict[str, Any]) -> bool:
         return self.conditions.get(cond.get("type", ""), ("", False))[1]
 
+    @property
+    def announces_start(self) -> bool:
+        """Whether a condition of this kind says its pods have started (a PyTorchJob's Running); a
+        TrainJob has none, so its rank-0 pod is looked for from the start."""
+        return any(started for _, started in self.conditions.values())
+
     def describe(self, cond: dict[str, Any], ns: str, name: str) -> str:
         kind, reason, message = cond.get("type"), cond.get("reason") or "", cond.get("message") or ""
         what = self.conditions.get(str(kind), (str(kind), False))[0]

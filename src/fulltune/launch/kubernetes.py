@@ -480,13 +480,15 @@ class KubernetesLauncher:
         next_report = 0.0
         while True:
             last_pass = state.finished.is_set()
-            if last_pass and not state.running.is_set():
+            # a PyTorchJob's condition says when its pods run; no TrainJob condition does
+            looking = state.running.is_set() or not self.kind.announces_start
+            if last_pass and not looking:
                 return  # never ran while followed (an adopted finished job): nothing to copy
-            # until a rank-0 pod runs (a TrainJob is "Created" before its pods exist)
+            # until a rank-0 pod runs
             if cursor.uid is None and not last_pass and time.monotonic() >= next_report:
                 self._report_waiting(ns, name, said)
                 next_report = time.monotonic() + self.waiting_report_seconds
-            if state.running.is_set() or last_pass:
+            if looking:
                 try:
                     pod = self._rank0_pod(ns, name)
                     if (
@@ -505,8 +507,8 @@ class KubernetesLauncher:
         """Until the pods run, log once each Warning event of the job and of what its controller
         makes for it (its pods, a TrainJob's Jobs: all named after it): a quota that forbids the
         pods, no node that fits them, an image that cannot be pulled. The controllers say so only
-        in events while the job's condition stays Created, so the step would otherwise wait in
-        silence."""
+        in events while the job's conditions stay as they were (a PyTorchJob Created, a TrainJob none),
+        so the step would otherwise wait in silence."""
         try:
             events = self.core.list_namespaced_event(ns, field_selector="type=Warning").items
         except Exception as exc:  # noqa: BLE001 — what the log says only; following goes on

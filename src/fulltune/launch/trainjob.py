@@ -90,8 +90,9 @@ TRAINJOB = JobKind(
         f"{JOBSET_LABEL}={name},{REPLICATED_JOB_LABEL}={TRAINER_JOB},{COMPLETION_INDEX_LABEL}=0"
     ),
     pods_selector=lambda name: f"{JOBSET_LABEL}={name}",
+    # the only conditions Trainer v2.0 and later set (its pre-release "Created" was removed before
+    # v2.0.0): none says the pods have started, so the log copy looks for node 0's pod from the start
     conditions={
-        "Created": ("created its JobSet; the pods start", True),
         "Suspended": ("suspended", False),
         "Complete": ("complete", False),
         "Failed": ("failed", False),
