@@ -136,6 +136,21 @@ def pod_patch_of(trainjob: dict) -> tuple[list[dict], dict]:
     return [{"name": job["name"]}], job["template"]["spec"]["template"]["spec"]
 
 
+def pod_labels_of(trainjob: dict) -> dict:
+    """The labels a TrainJob's patch adds to its pods ({} where the release's field has no pod
+    metadata: v2.0's podSpecOverrides). The TrainJob's own and its JobSet's labels stay on the JobSet:
+    JobSet copies none of its labels to its Jobs or pods."""
+    spec = trainjob["spec"]
+    if "podTemplateOverrides" in spec:
+        (override,) = spec["podTemplateOverrides"]
+        return (override.get("metadata") or {}).get("labels") or {}
+    if "runtimePatches" in spec:
+        (patch,) = spec["runtimePatches"]
+        (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+        return (job["template"]["spec"]["template"].get("metadata") or {}).get("labels") or {}
+    return {}
+
+
 def effective_pod(runtime: dict, trainjob: dict, node_rank: int = 0) -> dict:
     """The pod the Trainer and JobSet make for one node: the runtime's template, the TrainJob's
     `trainer` on the trainer container, its patch of the pod, and the PET_* variables of torch."""
@@ -156,6 +171,7 @@ def effective_pod(runtime: dict, trainjob: dict, node_rank: int = 0) -> dict:
     container["env"] = trainer["env"] + [{"name": k, "value": v} for k, v in pet.items()]
     targets, patch = pod_patch_of(trainjob)
     assert targets == [{"name": replicated["name"]}]
+    pod["metadata"]["labels"] = {**pod["metadata"].get("labels", {}), **pod_labels_of(trainjob)}
     for key in ("serviceAccountName", "nodeSelector", "tolerations"):
         if key in patch:
             spec[key] = patch[key]
@@ -263,6 +279,17 @@ def test_the_trainjob_carries_the_runs_topology_command_and_pod_settings():
     assert all(m["readOnly"] for m in container["volumeMounts"] if "secret" in volumes[m["name"]])
     labels = m["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["metadata"]["labels"]
     assert m["metadata"]["labels"]["pipeline/runid"] == "run-1" and labels == m["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("release", ["v2.1.0", "v2.3.0"])
+def test_the_pods_carry_the_run_id_where_the_release_lets_the_trainjob_label_them(runtime, release):
+    """`kubectl get pods -l pipeline/runid=<id>` finds a run's training pods, as with a PyTorchJob:
+    the TrainJob's labels reach only its JobSet, so they are given to the pod template as well."""
+    _, field = RELEASES[release]
+    pod = effective_pod(runtime, manifest_for(EVERYTHING, overrides_field=field))
+    labels = pod["metadata"]["labels"]
+    assert labels["pipeline/runid"] == "run-1" and labels["app.kubernetes.io/component"] == "train"
+    assert labels["sidecar.istio.io/inject"] == "false"  # the runtime's own labels stay
 
 
 def test_the_effective_pod_meets_pod_security_restricted(runtime):

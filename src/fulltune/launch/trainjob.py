@@ -241,13 +241,20 @@ def _pod_spec_overrides(patch: dict[str, Any], labels: dict[str, str]) -> dict[s
     return {"podSpecOverrides": [{"targetJobs": [{"name": TRAINER_JOB}], **patch}], "labels": labels}
 
 
+# The TrainJob's labels reach its JobSet only (JobSet does not copy its own labels to its Jobs or
+# pods), so from v2.1, whose patch has the pod template's metadata, they are put on the pods too: one
+# selector (pipeline/runid) finds a run's step pods and training pods, as with a PyTorchJob. v2.0's
+# podSpecOverrides has no metadata.
+
+
 def _pod_template_overrides(patch: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
-    overrides = [{"targetJobs": [{"name": TRAINER_JOB}], "spec": patch}]
+    overrides = [{"targetJobs": [{"name": TRAINER_JOB}], "metadata": {"labels": labels}, "spec": patch}]
     return {"podTemplateOverrides": overrides, "labels": labels}
 
 
 def _runtime_patches(patch: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
-    job = {"name": TRAINER_JOB, "template": {"spec": {"template": {"spec": patch}}}}
+    pod = {"metadata": {"labels": labels}, "spec": patch}
+    job = {"name": TRAINER_JOB, "template": {"spec": {"template": pod}}}
     template = {"metadata": {"labels": labels}, "spec": {"replicatedJobs": [job]}}
     return {"runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": template}}]}
 
