@@ -14,9 +14,10 @@ Each Trainer release takes that patch through another TrainJob field (`OVERRIDES
 `podSpecOverrides`, v2.1 `podTemplateOverrides`, v2.2 and later `runtimePatches`; an API server drops
 a field its CRD does not know, so the patch must go where the installed release reads it. The
 launcher reads which one the cluster serves (`served_overrides_field`) unless the config names it
-(`resources.trainjob.overrides_field`). No release lets the patch add `envFrom` or (from v2.2) `env`
-to the trainer's container, so Secrets are mounted as files and `fulltune.launch.node` exports their
-keys (`SECRET_ENV_DIRS`) before torchrun starts the ranks: what `envFrom` gives a PyTorchJob's pod.
+(`resources.trainjob.overrides_field`). The trainer's container takes plain variables only
+(`trainer.env`: every release's webhook refuses `env` for it in the patch, and none has `envFrom`), so
+Secrets are mounted as files and `fulltune.launch.node` exports their keys (`SECRET_ENV_DIRS`) before
+torchrun starts the ranks: what `envFrom` gives a PyTorchJob's pod.
 
 What the pods run is what the other launchers run: `fulltune.launch.node` (torchrun keeping the
 ranks' exit codes) starting `TrainJob.entry_command()`. The Trainer's torch plugin sets the
