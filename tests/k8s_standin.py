@@ -6,6 +6,8 @@ It serves exactly what the Kubernetes launcher uses, the way the API server does
   AlreadyExists), get, delete, list, and watch with a field selector: JSON lines in a chunked
   response, from a resourceVersion, ended after `timeoutSeconds`; a resourceVersion older than the
   compacted history answers an ERROR event with code 410 (Expired), as the API server does.
+* A job kind or Trainer resource whose group/version is not in `api_resources` (its operator not
+  installed) answers 404 with no object named, as the API server does for a type it does not serve.
 * Trainer v2 runtimes: get a ClusterTrainingRuntime (cluster-scoped) or a TrainingRuntime; with a
   TrainJob schema installed (`trainjob_schema`), its OpenAPI v3 document, and a TrainJob created with
   fieldValidation=Strict refused (400) for each field that schema does not declare.
@@ -91,7 +93,7 @@ def _strict_decoding_error(kube: FakeKube, body: dict, what: str, query: dict) -
     return f'TrainJob in version "v1alpha1" cannot be handled as a TrainJob: strict decoding error: {", ".join(unknown)}'
 
 
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+def _status(code: int, reason: str, message: str, details: dict | None = None) -> dict[str, Any]:
     return {
         "kind": "Status",
         "apiVersion": "v1",
@@ -99,8 +101,14 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
         "status": "Failure",
         "message": message,
         "reason": reason,
+        "details": details or {},
         "code": code,
     }
+
+
+# The API server's 404 for a resource type it does not serve (its group not installed): unlike a
+# missing object's, its details name nothing.
+UNSERVED = "the server could not find the requested resource"
 
 
 def _grants(allowed: set, attrs: dict, resource: str) -> bool:
@@ -469,6 +477,14 @@ def _handler(kube: FakeKube):
         def _route(self) -> None:
             parts, query, body = self._parse()
             try:
+                if (
+                    parts[:1] == ["apis"]
+                    and len(parts) >= 3
+                    and f"{parts[1]}/{parts[2]}" not in kube.api_resources
+                ):
+                    if (parts[1], parts[2]) in {(g, v) for g, v, _ in JOB_KINDS} or parts[1] == TRAINER:
+                        # a job kind or Trainer resource whose operator is not installed
+                        return self._send(404, _status(404, "NotFound", UNSERVED))
                 if len(parts) >= 6 and parts[0] == "apis" and (parts[1], parts[2], parts[5]) in JOB_KINDS:
                     ns, what = parts[4], f"{parts[5]}.{parts[1]}"  # one kind of job per stand-in
                     if len(parts) == 6:
@@ -585,13 +601,15 @@ def _handler(kube: FakeKube):
             with kube.cond:
                 obj = copy.deepcopy(store.get((ns, name)))
             if obj is None:
-                return self._send(404, _status(404, "NotFound", f'{what} "{name}" not found'))
+                plural, _, group = what.partition(".")
+                details = {"name": name, "group": group, "kind": plural}
+                return self._send(404, _status(404, "NotFound", f'{what} "{name}" not found', details))
             self._send(200, obj)
 
         def _trainer_openapi(self) -> None:
             """The OpenAPI v3 document of trainer.kubeflow.org/v1alpha1, as the API server publishes a
             CRD's schema: whole, under a name of its own, marked with its group, version and kind."""
-            if kube.trainjob_schema is None:
+            if kube.trainjob_schema is None or f"{TRAINER}/v1alpha1" not in kube.api_resources:
                 return self._send(
                     404, _status(404, "NotFound", "the server could not find the requested resource")
                 )

@@ -333,6 +333,7 @@ def test_the_launcher_asks_for_trainjobs_and_reads_only_its_runtime_beyond_them(
 def kube(runtime):
     """The stand-in with the chart's runtime and the newest Trainer release's TrainJob schema."""
     with FakeKube() as k:
+        k.api_resources = {"trainer.kubeflow.org/v1alpha1": ["trainjobs", "trainjobs/status"]}
         k.put_runtime(runtime)
         k.trainjob_schema = crd_schema(RELEASES["v2.3.0"][0], "v1alpha1")
         yield k
@@ -484,6 +485,20 @@ def test_a_missing_runtime_is_refused_before_anything_is_created(kube):
     with pytest.raises(LaunchError, match="ClusterTrainingRuntime nope does not exist: install the chart"):
         launch.run(make_job(cfg))
     assert not kube.calls("POST")
+
+
+def test_a_cluster_without_kubeflow_trainer_is_named_as_such_not_as_a_missing_runtime(kube):
+    """Where Trainer v2 is not installed, reading the runtime answers 404 for the resource type, not
+    for an object: the launcher says the Trainer is missing instead of telling to install a runtime
+    whose kind the cluster does not have."""
+    kube.api_resources = {"kubeflow.org/v1": ["pytorchjobs"]}  # the Training Operator only
+    launch, _ = launcher(kube)
+    with pytest.raises(LaunchError) as info:
+        launch.run(make_job(launch.cfg))
+    message = str(info.value)
+    assert "is Kubeflow Trainer v2 installed?" in message and "resources.launcher: kubernetes" in message
+    assert "does not exist" not in message and "install the chart's runtime" not in message
+    assert info.value.exit_code == 1 and not kube.calls("POST")
 
 
 def test_an_existing_trainjob_is_adopted_and_a_410_relists(kube, caplog):

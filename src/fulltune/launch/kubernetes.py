@@ -266,6 +266,12 @@ class KubernetesLauncher:
         try:
             obj = read_runtime(self.custom, self.cfg, self.namespace)
         except ApiException as exc:
+            if exc.status == 404 and not _names_object(exc):  # the kind is not served: no Trainer
+                raise LaunchError(
+                    _api_error(f"cannot read {what}", exc, self.kind.missing_hint)
+                    + "; with the Kubeflow Training Operator instead, set resources.launcher: kubernetes",
+                    exit_code=1,
+                ) from None
             if exc.status == 404:
                 missing, fix = runtime_missing(self.cfg, self.namespace)
                 raise LaunchError(f"{missing}: {fix}", exit_code=1) from None
@@ -706,6 +712,17 @@ def _api_error(what: str, exc, missing_hint: str = "") -> str:
     elif exc.status == 404 and missing_hint:
         hint = f" ({missing_hint})"
     return f"{what}: {exc.status} {message}{hint}"
+
+
+def _names_object(exc) -> bool:
+    """Whether a 404 is about a missing object (its Status names it) rather than a resource type the
+    API server does not serve, whose 404 names nothing."""
+    import json
+
+    try:
+        return bool((json.loads(exc.body).get("details") or {}).get("name"))
+    except (TypeError, ValueError, AttributeError):
+        return True  # no Status to tell by: taken as the object's
 
 
 def _read_namespace(path: str) -> str | None:
