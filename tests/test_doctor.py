@@ -186,6 +186,24 @@ def test_a_cluster_with_the_training_operator_only_says_to_set_the_kubernetes_la
     )
 
 
+def test_a_cluster_without_trainer_is_not_sent_to_install_a_runtime_or_set_a_field(cluster, capsys):
+    """Without Kubeflow Trainer the runtime and the TrainJob schema are missing because their API is:
+    the API check names the fix; the runtime and field checks do not add fixes that cannot help."""
+    kube, kfp, config = cluster
+    with_launcher(config, "trainjob")
+    kube.allowed = set(launcher_access("trainjob"))
+    code, out = doctor(kfp, config, capsys)
+    assert code == 1
+    assert "[   FAIL] TrainJob API: trainjobs.trainer.kubeflow.org/v1alpha1 is not served" in out
+    assert (
+        "[unknown] TrainJob runtime: cannot read ClusterTrainingRuntime fulltune-torch-distributed: " in out
+    )
+    assert (
+        "[unknown] TrainJob pod settings: cannot read the TrainJob schema: this cluster does not serve" in out
+    )
+    assert "install the chart's runtime" not in out and "overrides_field" not in out
+
+
 def test_a_trainjob_cluster_with_everything_in_place_passes(cluster, capsys):
     kube, kfp, config = cluster
     with_launcher(config, "trainjob")

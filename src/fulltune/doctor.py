@@ -240,11 +240,27 @@ def _runtime_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
     try:
         read_runtime(CustomObjectsApi(cluster.api), cfg, cluster.namespace)
     except ApiException as exc:
+        if exc.status == 404 and not _trainer_served(cluster):  # the API check says so, with the fix
+            return Finding("TrainJob runtime", UNKNOWN, f"cannot read {what}: {_NO_TRAINER}")
         if exc.status == 404:
             missing, fix = runtime_missing(cfg, cluster.namespace)
             return Finding("TrainJob runtime", FAIL, missing, fix)
         return Finding("TrainJob runtime", UNKNOWN, f"cannot read {what}{where} ({exc.status})")
     return Finding("TrainJob runtime", OK, f"{what} exists{where}")
+
+
+_NO_TRAINER = "this cluster does not serve Kubeflow Trainer v2's API (the TrainJob API check says what to do)"
+
+
+def _trainer_served(cluster: Cluster) -> bool:
+    """Whether discovery lists the TrainJob (True when it cannot be told): a 404 of its runtime or
+    schema on a cluster without Kubeflow Trainer is that, not a runtime or field to set."""
+    from fulltune.launch.trainjob import TRAINJOB
+
+    try:
+        return _serves(cluster.api, TRAINJOB)
+    except _ApiError:
+        return True
 
 
 def _overrides_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
@@ -260,6 +276,8 @@ def _overrides_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
     try:
         served = served_overrides_field(cluster.api)
     except ApiException as exc:
+        if exc.status == 404 and not _trainer_served(cluster):  # nothing to set: Trainer is missing
+            return Finding(name, UNKNOWN, f"cannot read the TrainJob schema: {_NO_TRAINER}")
         if configured:
             return Finding(
                 name,
