@@ -21,7 +21,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze bench images gpu-check
+.PHONY: venv dev demo test test-fast lint format compile check-compiled clean freeze bench images gpu-check gpu-carry
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench: $(VENV)/.dev
 OUT ?= gpu-check-out
 gpu-check:
 	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) bash benchmarks/gpu_check.sh $(OUT) $(ARGS)
+
+# Before a GPU call: the wheels and demo assets the device's image lacks (.whl/, .gpu-assets/).
+gpu-carry: $(VENV)/.dev
+	PYTHON=$(BIN)/python PYTHONPATH=src bash benchmarks/gpu_carry.sh
 
 compile: $(VENV)/.runtime
 	$(BIN)/fulltune compile
