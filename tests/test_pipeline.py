@@ -273,7 +273,12 @@ def test_a_broken_record_stops_the_run_at_validate_data(demo_assets, tmp_path, c
     assert f"{bad}:7: invalid_json" in text
     for later in ("check-tokenizer", "plan", "train", "register"):
         assert f"Executing task \x1b[96m'{later}'" not in text
-    assert not (tmp_path / "work").exists()  # nothing was written for the run
+    # what the refused run leaves: its report and why it failed (KFP uploads no artifact of a
+    # failed step), nothing else
+    (run,) = (tmp_path / "work").iterdir()
+    kept = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert kept == ["checks/validate_data.html", "failures/validate_data.json"]
+    assert "invalid_json" in (run / "checks" / "validate_data.html").read_text()
     assert not (tmp_path / "registry").exists()
 
 
