@@ -238,3 +238,24 @@ def test_steps_logged_while_the_server_was_down_reach_it_once_it_is_back(
             tracker.close()
     history = mlflow_env.get_metric_history(run.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(r.step + 1, r.loss) for r in records]
+
+
+def test_credentials_in_the_tracking_uri_never_reach_the_log(mlflow_server, tmp_path, monkeypatch, caplog):
+    """MLFLOW_TRACKING_URI may carry Basic-auth credentials (https://user:token@host, from the MLflow
+    Secret): the step's log names the server without them, whether it answers or not, and so do the
+    errors MLflow raises, which quote the request's URL."""
+    secret = "FAKE-mlflow-t0ken"  # noqa: S105 - a made-up credential the log must not show
+    with_secret = mlflow_server.replace("http://", f"http://ci-bot:{secret}@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", with_secret)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with caplog.at_level(logging.INFO, "fulltune"):
+        assert MlflowRun.open(run_config(tmp_path)) is not None  # the server ignores the userinfo
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+            monkeypatch.setenv(
+                "MLFLOW_TRACKING_URI", f"http://ci-bot:{secret}@127.0.0.1:{closed.getsockname()[1]}"
+            )
+            assert MlflowRun.open(run_config(tmp_path)) is None
+    assert "MLflow: run " in caplog.text and "cannot reach the run at http://***@127.0.0.1:" in caplog.text
+    assert "API request to http://***@127.0.0.1:" in caplog.text  # MLflow's own message, hidden too
+    assert secret not in caplog.text

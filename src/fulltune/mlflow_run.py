@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from fulltune import storage
+from fulltune import redact, storage
 
 if TYPE_CHECKING:
     from fulltune.config import RunConfig
@@ -81,9 +81,10 @@ class MlflowRun:
             client = MlflowClient(tracking_uri=uri)
             run_id = _find_or_create(client, cfg)
         except Exception as exc:  # noqa: BLE001 - tracking never fails a run
-            log.warning("MLflow: cannot reach the run at %s, not reported: %s", uri, _short(exc))
+            where = redact.text(uri)  # a URI may carry its credentials as user:token@
+            log.warning("MLflow: cannot reach the run at %s, not reported: %s", where, _short(exc))
             return None
-        log.info("MLflow: run %s at %s", run_id, uri)
+        log.info("MLflow: run %s at %s", run_id, redact.text(uri))
         return cls(client, run_id, keep_trying=keep_trying)
 
     def log_params(self, params: Mapping[str, str]) -> None:
@@ -268,6 +269,8 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _short(exc: Exception) -> str:
-    """The first line of an exception, clipped: MLflow's carry whole HTTP responses."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The first line of an exception, clipped: MLflow's carry whole HTTP responses, and the request's
+    URL with any credentials it holds (hidden here)."""
+    message = redact.text(exc).strip()
+    text = message.splitlines()[0] if message else type(exc).__name__
     return _clip(f"{type(exc).__name__}: {text}", 300)
