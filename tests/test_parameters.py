@@ -171,6 +171,48 @@ def test_a_work_dir_with_whitespace_around_it_is_refused_too():
         RunConfig.from_dict({"work_dir": "s3://bucket/runs "})
 
 
+SECRET = "FAKE-s3cr3t-t0ken"  # noqa: S105 - a made-up credential no message may show
+
+
+@pytest.mark.parametrize(
+    ("config", "values", "field", "where"),
+    [
+        ({}, {"train_uri": f"s3://AKIAFAKE:{SECRET}@data/notes.jsonl"}, "data.train_uri", "S3 Secret"),
+        (
+            {"registry": {"kubeflow": {"server_address": f"https://ci-bot:{SECRET}@mr.example.com"}}},
+            {},
+            "registry.kubeflow.server_address",
+            "MODEL_REGISTRY_TOKEN",
+        ),
+        (  # no scheme: the endpoint gets https:// in front, the credentials with it
+            {"registry": {"kubeflow": {"server_address": f"ci-bot:{SECRET}@mr.example.com"}}},
+            {},
+            "registry.kubeflow.server_address",
+            "MODEL_REGISTRY_TOKEN",
+        ),
+    ],
+)
+def test_credentials_in_a_config_address_are_refused_without_showing_them(config, values, field, where):
+    """The config is a pipeline parameter, MLflow params and lineage.json: a user:secret@ in it
+    would be shown in all of them, so it is refused where it is written, and the refusal does not
+    quote it either."""
+    with pytest.raises(ConfigError) as err:
+        resolve({"work_dir": "/w", **config}, values)
+    text = str(err.value)
+    assert f"{field}: " in text and "holds credentials (user:secret@)" in text and where in text
+    assert SECRET not in text
+
+
+def test_an_address_with_an_at_sign_but_no_credentials_is_taken():
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"train_uri": "s3://data/team@example.com/notes.jsonl"},
+            "registry": {"kubeflow": {"server_address": "https://mr.example.com/a@b"}},
+        }
+    )
+    assert cfg.data.train_uri == "s3://data/team@example.com/notes.jsonl"
+
+
 def test_a_dotted_field_name_in_config_says_to_nest_it_not_to_check_its_spelling():
     # fields are named dotted everywhere (messages, docs); the UI's config box takes them nested
     with pytest.raises(ConfigError) as err:

@@ -20,10 +20,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fulltune import redact
+
 if TYPE_CHECKING:
     from fulltune.layout import RunLayout
 
 Precision = Literal["bf16", "fp16", "fp32"]
+
+
+# Why a config refuses a credential: whatever it holds is shown wherever the config is.
+CREDENTIALS_IN_CONFIG = (
+    "holds credentials (user:secret@), which would travel with the config as a pipeline parameter and "
+    "into logs, MLflow and the registered model's lineage.json: remove them"
+)
 
 
 def location(value: Any) -> Any:
@@ -33,9 +42,14 @@ def location(value: Any) -> Any:
     Leading or trailing whitespace is refused: pasted into the Kubeflow UI's form with the value, it
     names a path or key that does not exist, and the later "does not exist" shows the name with its
     space invisible. A local path written from the home directory (`~/data/train.jsonl`) becomes the
-    path it names; s3:// and other values are left as written."""
+    path it names; s3:// and other values are left as written.
+
+    Credentials written into a location (`s3://key:secret@bucket/...`) are refused: s3:// takes none
+    there, and the config travels as a pipeline parameter and into logs, MLflow and lineage.json."""
     if isinstance(value, str) and value != value.strip():
         raise ValueError("has leading or trailing whitespace (copied with the value?): remove it")
+    if isinstance(value, str) and redact.has_userinfo(value):
+        raise ValueError(f"{CREDENTIALS_IN_CONFIG}; S3 credentials come from the S3 Secret (AWS_* variables)")
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
@@ -893,6 +907,14 @@ class KubeflowRegistrySection(_Section):
         description="Verify TLS; the bearer token comes from MODEL_REGISTRY_TOKEN or the pod's SA token.",
     )
 
+    @field_validator("server_address")
+    @classmethod
+    def _no_credentials(cls, address: str) -> str:
+        # an address without a scheme gets one (registry.kubeflow.endpoint): user:secret@host too
+        if redact.has_userinfo(address if "://" in address else f"https://{address}"):
+            raise ValueError(f"{CREDENTIALS_IN_CONFIG}; the token comes from MODEL_REGISTRY_TOKEN")
+        return address
+
 
 class RegistrySection(_Section):
     uri: str = Field(
@@ -1256,7 +1278,12 @@ def _error_line(err: Any) -> str:
         msg += ": a fraction, 0.05 = 5%"
     got = err.get("input")
     shown = (
-        "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        ""
+        # a refused credential is not shown either
+        if err["type"] in ("extra_forbidden", "missing")
+        or isinstance(got, dict)
+        or CREDENTIALS_IN_CONFIG in msg
+        else f" (got {got!r})"
     )
     return f"  {field}: {msg}{shown}"
 
