@@ -181,6 +181,20 @@ def test_an_unreachable_endpoint_and_missing_credentials_are_named(s3, monkeypat
     storage.s3_client.cache_clear()
 
 
+def test_an_unreachable_endpoint_is_named_without_the_credentials_in_its_url(s3, monkeypatch):
+    """An endpoint behind an authenticating proxy may carry user:token@ in AWS_ENDPOINT_URL; the
+    error (a step's log, its failures/<step>.json, doctor's finding) names the endpoint without it."""
+    secret = "FAKE-proxy-t0ken"  # noqa: S105 - a made-up credential the message must not show
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://minio:{secret}@127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.s3_client.cache_clear()
+    with pytest.raises(storage.StorageError) as exc:
+        storage.read_bytes(f"{s3}/x")
+    assert "cannot reach the S3 endpoint" in str(exc.value) and "http://***@127.0.0.1:9/" in str(exc.value)
+    assert secret not in str(exc.value)
+    storage.s3_client.cache_clear()
+
+
 def test_an_unreachable_endpoint_fails_validate_data_as_storage_not_as_bad_data(s3, tmp_path, monkeypatch):
     """The data may be fine: the step fails naming the endpoint, with no verdict on the dataset."""
     from fulltune import steps

@@ -26,6 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
+from fulltune import redact
+
 CHUNK = 8 * 1024 * 1024
 
 
@@ -86,7 +88,8 @@ def s3_errors(uri: str) -> Iterator[None]:
             "give the pod a cloud identity"
         ) from None
     except EndpointConnectionError as exc:
-        raise StorageError(f"{uri}: cannot reach the S3 endpoint ({exc})") from None
+        # botocore quotes the request's URL: AWS_ENDPOINT_URL's user:token@ with it
+        raise StorageError(f"{uri}: cannot reach the S3 endpoint ({redact.text(exc)})") from None
 
 
 def _missing_bucket(uri: str) -> StorageConfigError:
