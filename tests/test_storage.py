@@ -195,6 +195,24 @@ def test_an_unreachable_endpoint_is_named_without_the_credentials_in_its_url(s3,
     storage.s3_client.cache_clear()
 
 
+def test_an_endpoint_whose_tls_is_refused_is_a_config_error_without_the_credentials(
+    s3, s3_server, monkeypatch
+):
+    """https:// to an endpoint whose certificate is not trusted (here: one that speaks plain HTTP)
+    fails every attempt alike: a StorageConfigError saying what to set, not botocore's raw SSLError
+    quoting AWS_ENDPOINT_URL with its user:token@."""
+    from fulltune.failure import is_permanent
+
+    secret = "FAKE-proxy-t0ken"  # noqa: S105 - a made-up credential the message must not show
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.replace("http://", f"https://minio:{secret}@"))
+    storage.s3_client.cache_clear()
+    with pytest.raises(storage.StorageConfigError, match="the S3 endpoint's TLS was refused") as exc:
+        storage.read_bytes(f"{s3}/x")
+    assert "AWS_CA_BUNDLE" in str(exc.value) and "https://***@127.0.0.1:" in str(exc.value)
+    assert secret not in str(exc.value) and is_permanent(exc.value)
+    storage.s3_client.cache_clear()
+
+
 def test_an_unreachable_endpoint_fails_validate_data_as_storage_not_as_bad_data(s3, tmp_path, monkeypatch):
     """The data may be fine: the step fails naming the endpoint, with no verdict on the dataset."""
     from fulltune import steps

@@ -61,9 +61,17 @@ _WRONG_REGION = (
 @contextlib.contextmanager
 def s3_errors(uri: str) -> Iterator[None]:
     """botocore's failures as one clear error naming `uri`, one kind per cause: a missing bucket,
-    refused or missing credentials, the wrong region (StorageConfigError), an unreachable endpoint
-    (StorageError). A missing object is left to the caller (botocore's ClientError)."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    refused or missing credentials, the wrong region, an endpoint whose TLS certificate is refused
+    (StorageConfigError), an endpoint that cannot be reached or drops the connection (StorageError).
+    A missing object is left to the caller (botocore's ClientError). botocore's messages quote the
+    request's URL: AWS_ENDPOINT_URL's user:token@ is hidden from them."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+        SSLError,
+    )
 
     bucket = uri[len("s3://") :].split("/", 1)[0]
     try:
@@ -87,8 +95,12 @@ def s3_errors(uri: str) -> Iterator[None]:
             f"{uri}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the S3 Secret) or "
             "give the pod a cloud identity"
         ) from None
-    except EndpointConnectionError as exc:
-        # botocore quotes the request's URL: AWS_ENDPOINT_URL's user:token@ with it
+    except SSLError as exc:  # a self-signed or private CA's certificate: every retry is refused too
+        raise StorageConfigError(
+            f"{uri}: the S3 endpoint's TLS was refused ({redact.text(exc)}): for a private CA set "
+            "AWS_CA_BUNDLE to its certificate; check that AWS_ENDPOINT_URL's scheme is the endpoint's"
+        ) from None
+    except (ConnectionError, HTTPClientError) as exc:  # refused, timed out, dropped: may pass
         raise StorageError(f"{uri}: cannot reach the S3 endpoint ({redact.text(exc)})") from None
 
 
