@@ -203,6 +203,20 @@ def test_credentials_in_a_config_address_are_refused_without_showing_them(config
     assert SECRET not in text
 
 
+def test_a_credential_in_place_of_a_secret_name_is_refused_without_showing_it():
+    """resources.kubernetes.secret_env names Secrets; a key pasted there instead would travel in
+    the config (a pipeline parameter, MLflow, lineage.json) and reach Kubernetes only at the pods."""
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(
+            {"resources": {"kubernetes": {"secret_env": ["fulltune-s3", f"AKIAFAKEFAKEFAKEFAKE:{SECRET}"]}}}
+        )
+    text = str(err.value)
+    assert "resources.kubernetes.secret_env.1: is not a Kubernetes Secret name" in text
+    assert SECRET not in text and "AKIAFAKE" not in text and "secret_env.0" not in text
+    ok = RunConfig.from_dict({"resources": {"kubernetes": {"secret_env": ["fulltune-s3", "team.mlflow"]}}})
+    assert ok.resources.kubernetes.secret_env == ["fulltune-s3", "team.mlflow"]
+
+
 def test_an_address_with_an_at_sign_but_no_credentials_is_taken():
     cfg = RunConfig.from_dict(
         {

@@ -439,6 +439,41 @@ def test_compile_refuses_a_bad_option_as_a_usage_error_writing_nothing(tmp_path,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.yaml"))
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["compile", "--mlflow-secret", "{secret}"],
+        ["compile", "--s3-secret", "{secret}"],
+        ["compile", "--registry-secret", "{secret}"],
+        ["upload", "--mlflow-secret", "{secret}"],
+        ["doctor", "--config", "c.yaml", "--s3-secret", "{secret}"],
+    ],
+)
+def test_a_credential_given_where_a_secret_name_belongs_is_refused_unshown(tmp_path, capsys, command):
+    """The value of --*-secret is written into the compiled pipeline (and doctor prints it): a
+    credential pasted in place of the Secret's name would be published with the package. It is
+    refused as a usage error, without being echoed, before anything is written."""
+    from fulltune.cli import main
+
+    secret = "https://ci-bot:FAKE-t0ken@mlflow.example.com"  # noqa: S105 - a made-up credential
+    argv = [a.format(secret=secret) for a in command]
+    if argv[0] == "compile":
+        argv += ["--root", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {command[-2]}: is not a Kubernetes Secret name" in err and "FAKE-t0ken" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_takes_a_secret_name_or_none():
+    from fulltune.kfp.cluster import secret_name_argument
+
+    assert secret_name_argument("team-a.fulltune-s3") == "team-a.fulltune-s3"
+    assert secret_name_argument("") == ""  # none: workload identity
+
+
 def test_step_resources_name_a_value_that_is_no_quantity():
     from fulltune.kfp.cluster import step_resources
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fulltune import _logging, _process
-from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, REGISTRY_SECRET, S3_SECRET
+from fulltune.kfp.cluster import MLFLOW_SECRET_KEYS, REGISTRY_SECRET, S3_SECRET, secret_name_argument
 
 if TYPE_CHECKING:
     from fulltune.config import RunConfig
@@ -410,6 +410,7 @@ def _add_compile(commands) -> None:
     )
     compile_cmd.add_argument(
         "--s3-secret",
+        type=secret_name_argument,
         default=S3_SECRET,
         metavar="NAME",
         help="Kubernetes Secret whose AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
@@ -418,6 +419,7 @@ def _add_compile(commands) -> None:
     )
     compile_cmd.add_argument(
         "--registry-secret",
+        type=secret_name_argument,
         default=REGISTRY_SECRET,
         metavar="NAME",
         help=f"Kubernetes Secret whose MODEL_REGISTRY_TOKEN key reaches the register step, optionally "
@@ -425,6 +427,7 @@ def _add_compile(commands) -> None:
     )
     compile_cmd.add_argument(
         "--mlflow-secret",
+        type=secret_name_argument,
         default="",
         metavar="NAME",
         help=f"Kubernetes Secret whose {', '.join(MLFLOW_SECRET_KEYS)} keys (each optional) reach the "

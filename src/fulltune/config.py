@@ -661,6 +661,18 @@ class KubernetesSection(_Section):
         description="Names of Secrets whose keys become environment variables in the pods (S3 credentials); "
         "credentials never travel as parameters.",
     )
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_names(cls, names: list[str]) -> list[str]:
+        from fulltune.kfp.cluster import NOT_A_SECRET_NAME, is_secret_name
+
+        # the value is not shown (None): it may be the credential, pasted in place of the name
+        _refuse(
+            [((str(i),), None, NOT_A_SECRET_NAME) for i, name in enumerate(names) if not is_secret_name(name)]
+        )
+        return names
+
     gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of one GPU.")
     cpu: str | None = Field(
         None,

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fulltune.config import RunConfig
-from fulltune.kfp.cluster import S3_SECRET
+from fulltune.kfp.cluster import S3_SECRET, secret_name_argument
 from fulltune.launch.scheduling import (
     AUTOSCALER,
     NODE_FIXES,
@@ -869,12 +869,14 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default=None, help="KFP API address (default: KFP_HOST; in a pod: in-cluster)")
     p.add_argument(
         "--s3-secret",
+        type=secret_name_argument,
         default=S3_SECRET,
         metavar="NAME",
         help=f"the S3 Secret (default: {S3_SECRET}; '' for none: workload identity, not checked)",
     )
     p.add_argument(
         "--mlflow-secret",
+        type=secret_name_argument,
         default="",
         metavar="NAME",
         help="the MLflow Secret, checked for MLFLOW_TRACKING_URI (default: none, not checked)",

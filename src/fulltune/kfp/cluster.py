@@ -35,6 +35,31 @@ MLFLOW_SECRET_KEYS = (
     "MLFLOW_TRACKING_SERVER_CERT_PATH",
 )
 MLFLOW_STEPS = ("train", "evaluate", "register")  # the steps whose pods get it
+
+# A Secret's name is a DNS-1123 subdomain. Anything else where a name belongs is most likely the
+# credential itself, pasted in its place: it would be written into the compiled pipeline, a run's
+# config, the pods' manifests and messages, and Kubernetes would refuse it only at the pods. It is
+# refused first, and never shown.
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+NOT_A_SECRET_NAME = (
+    "is not a Kubernetes Secret name (lowercase letters, digits, '-' and '.'; not shown, in case it is "
+    "a credential): give the name of the Secret that holds the credentials, never a credential"
+)
+
+
+def is_secret_name(name: str) -> bool:
+    return len(name) <= 253 and bool(_SECRET_NAME.fullmatch(name))
+
+
+def secret_name_argument(value: str) -> str:
+    """argparse type of a --*-secret option: a Secret's name, or '' for none."""
+    import argparse
+
+    if value and not is_secret_name(value):
+        raise argparse.ArgumentTypeError(NOT_A_SECRET_NAME)
+    return value
+
+
 GPU_RESOURCE = "nvidia.com/gpu"
 
 

@@ -53,6 +53,7 @@ import yaml
 
 from fulltune import __version__, parameters
 from fulltune.config import ConfigError, RunConfig
+from fulltune.kfp.cluster import secret_name_argument
 from fulltune.kfp.run_parameters import (
     AS_COMPILED,
     ClusterPackage,
@@ -1226,12 +1227,14 @@ def add_cluster_package_arguments(p) -> None:
     )
     p.add_argument(
         "--s3-secret",
+        type=secret_name_argument,
         default=None,
         metavar="NAME",
         help="the Secret every step pod reads S3 credentials from (default: the package's); '' for none",
     )
     p.add_argument(
         "--mlflow-secret",
+        type=secret_name_argument,
         default=None,
         metavar="NAME",
         help="the Secret the train, evaluate and register steps and the training pods read the MLflow "
