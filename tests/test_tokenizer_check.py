@@ -28,9 +28,11 @@ def build_tokenizer(
     pad: str | None = "<pad>",
     embedding_rows: int | None = None,
     chat_template: str | None = None,
+    bos_lead: bool = False,
 ) -> Path:
-    """A byte-level BPE tokenizer trained on CORPUS, with a tiny Llama (config and weights) beside it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer trained on CORPUS, with a tiny Llama (config and weights) beside it;
+    with `bos_lead` it puts <s> before every text it is asked to add special tokens to, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -42,6 +44,10 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer)
+    if bos_lead:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=pad)
     if chat_template:
         fast.chat_template = chat_template
@@ -239,6 +245,23 @@ def test_truncation_rate_on_known_lengths(tokenizer_dir, tmp_path):
         status, message = checks(report)["truncation"][:2]
         assert status == "info" and how in message and "nothing is dropped" in message
         assert report["lengths"]["truncated"] is False
+
+
+def test_lengths_count_the_bos_preprocessing_puts_before_each_document(tmp_path):
+    """A Llama-like tokenizer leads every text with its BOS; preprocessing gives each prompt/completion
+    document that BOS and fits it into max_seq_len with it. The check counted without it: a record
+    of exactly max_seq_len tokens passed as fitting, then preprocessing dropped (or truncated) it."""
+    model = build_tokenizer(tmp_path / "tok", bos_lead=True)
+    rows = [{"prompt": " ".join(["hello"] * 6), "completion": " hello"}]  # 6 + 1 + EOS, + BOS = 9
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    drop = {"overlong": "drop"}
+    fits = check_tokenizer(make_cfg(model, train, preprocess={"max_seq_len": 9, **drop}), tmp_path / "fits")
+    assert fits["lengths"]["max"] == 9 and fits["lengths"]["over_max_seq_len"] == 0
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train, preprocess={"max_seq_len": 8, **drop}), tmp_path / "over")
+    assert "1 of 1 sampled records (100.0%) are longer than max_seq_len=8 tokens" in str(info.value)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello world"}])  # 2 + EOS, + BOS
+    assert check_tokenizer(make_cfg(model, text), tmp_path / "text")["lengths"]["max"] == 4
 
 
 def test_worst_split_domain_terms_with_pieces(tokenizer_dir, tmp_path):

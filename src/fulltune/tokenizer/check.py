@@ -451,8 +451,12 @@ class _Checker:
     def _record_lengths(self, records: list[Record], text_ids: list[list[int]]) -> list[int]:
         """Tokens each record takes in training, counted as preprocessing builds it: the text (or
         prompt + completion, or the rendered conversation) without added special tokens, plus the
-        EOS that ends it (unless a rendered conversation already ends with it). `text_ids` are
-        the records' plain texts encoded, which is all text records need."""
+        EOS that ends it (unless a rendered conversation already ends with it), plus, except for
+        chat, the ids the tokenizer leads every text with (Llama's BOS), which preprocessing puts
+        before each document and counts against max_seq_len. `text_ids` are the records' plain
+        texts encoded, which is all text records need."""
+        from fulltune.preprocess.core import Encoder, prompt_completion_ids
+
         tok, eos = self.tok, self.tok.eos_token_id
         if self.kind == "chat":
             rendered: list[str] = []
@@ -470,11 +474,13 @@ class _Checker:
                     f"first {failures[0]}",
                 )
             return [len(x) + (0 if x and x[-1] == eos else 1) for x in _encode(tok, rendered, special=False)]
+        enc = Encoder(tok, memoize=False)
+        lead = len(enc.lead)
         if self.kind == "prompt_completion":
-            prompts = _encode(tok, [r.prompt or "" for r in records], special=False)
-            completions = _encode(tok, [r.completion or "" for r in records], special=False)
-            return [len(p) + len(c) + 1 for p, c in zip(prompts, completions, strict=True)]
-        return [len(x) + 1 for x in text_ids]
+            # preprocessing's own split: a completion encoded after its prompt, not alone
+            prompts, completions = prompt_completion_ids(records, enc)
+            return [lead + len(p) + len(c) + 1 for p, c in zip(prompts, completions, strict=True)]
+        return [lead + len(x) + 1 for x in text_ids]
 
     def _lengths(self, records: list[Record], text_ids: list[list[int]]) -> None:
         max_len = self.cfg.preprocess.max_seq_len
