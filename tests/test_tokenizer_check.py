@@ -320,6 +320,28 @@ def test_chat_data_needs_a_template(tokenizer_dir, tmp_path):
     assert report["record_kind"] == "chat" and report["lengths"]["records_sampled"] == 1
 
 
+def test_a_conversation_the_template_ends_with_eos_and_a_newline_gets_no_second_eos(tmp_path):
+    """Qwen's template ends every turn with its EOS (<|im_end|>) and a newline; preprocessing appends
+    no EOS after it. The check counted one anyway and refused a config whose every record fits."""
+    qwen = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    model = build_tokenizer(tmp_path / "tok", chat_template=qwen)
+    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [chat])
+    cfg = make_cfg(model, train, preprocess={"overlong": "drop"})
+    n = check_tokenizer(cfg, tmp_path / "out")["lengths"]["max"]
+
+    from fulltune.data.records import iter_records
+    from fulltune.preprocess.core import Encoder, load_tokenizer, tokenize
+
+    [record] = iter_records(str(train), cfg.data.reading("train"), "chat")
+    assert tokenize([record], "chat", Encoder(load_tokenizer(cfg)), False).lengths.tolist() == [n]
+    fits = check_tokenizer(cfg.with_overrides({"preprocess.max_seq_len": n}), tmp_path / "fits")
+    assert fits["lengths"]["over_max_seq_len"] == 0
+
+
 def test_broken_chat_template_fails(tmp_path):
     model = build_tokenizer(tmp_path / "tok", chat_template="{{ raise_exception('no system role') }}")
     chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}

@@ -338,10 +338,7 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
     ]
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    # Qwen's template ends each turn with its EOS (<|im_end|>) and a newline: the conversation is
-    # over; another EOS after the newline would teach the model to say it twice
-    ended = bool(tok.eos_token) and full.rstrip().endswith(tok.eos_token)
-    if not ids or (ids[-1] != tok.eos_token_id and not ended):
+    if needs_eos(full, ids, tok):
         ids.append(tok.eos_token_id)
         offsets = list(enc["offset_mapping"]) + [(len(full), len(full))]
     else:
@@ -354,6 +351,14 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
         in_span = any(a < e and b > s for s, e in spans) or (a == len(full) and eos_loss)
         labels.append(tid if (loss_all or in_span) else IGNORE_INDEX)
     return ids, labels
+
+
+def needs_eos(full: str, ids: list[int], tok) -> bool:
+    """Whether the rendered conversation `full` (encoded: `ids`) gets an EOS appended: not when it
+    ends with one. Qwen's template ends each turn with its EOS (<|im_end|>) and a newline: the
+    conversation is over; another EOS after the newline would teach the model to say it twice."""
+    ended = bool(tok.eos_token) and full.rstrip().endswith(tok.eos_token)
+    return not ids or (ids[-1] != tok.eos_token_id and not ended)
 
 
 def assistant_span(messages: list[dict[str, str]], i: int, full: str, tok) -> tuple[int, int]:

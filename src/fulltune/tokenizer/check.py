@@ -451,13 +451,13 @@ class _Checker:
     def _record_lengths(self, records: list[Record], text_ids: list[list[int]]) -> list[int]:
         """Tokens each record takes in training, counted as preprocessing builds it: the text (or
         prompt + completion, or the rendered conversation) without added special tokens, plus the
-        EOS that ends it (unless a rendered conversation already ends with it), plus, except for
+        EOS that ends it (unless a rendered conversation already ends with one: `needs_eos`), plus, except for
         chat, the ids the tokenizer leads every text with (Llama's BOS), which preprocessing puts
         before each document and counts against max_seq_len. `text_ids` are the records' plain
         texts encoded, which is all text records need."""
-        from fulltune.preprocess.core import Encoder, prompt_completion_ids
+        from fulltune.preprocess.core import Encoder, needs_eos, prompt_completion_ids
 
-        tok, eos = self.tok, self.tok.eos_token_id
+        tok = self.tok
         if self.kind == "chat":
             rendered: list[str] = []
             failures: list[str] = []
@@ -473,7 +473,8 @@ class _Checker:
                     f"the template fails on {len(failures)} of {len(records)} sampled conversations, "
                     f"first {failures[0]}",
                 )
-            return [len(x) + (0 if x and x[-1] == eos else 1) for x in _encode(tok, rendered, special=False)]
+            encoded = _encode(tok, rendered, special=False)
+            return [len(x) + needs_eos(text, x, tok) for text, x in zip(rendered, encoded, strict=True)]
         enc = Encoder(tok, memoize=False)
         lead = len(enc.lead)
         if self.kind == "prompt_completion":
