@@ -359,8 +359,18 @@ def test_chat_template_must_render_prefixes_stably_for_assistant_loss(tmp_path):
     )
     with pytest.raises(TokenizerCheckError, match="up to turn 1 is not a prefix"):
         check_tokenizer(make_cfg(model, train), tmp_path / "out")
-    report = check_tokenizer(make_cfg(model, train, preprocess={"loss_on": "all"}), tmp_path / "out2")
+    cfg = make_cfg(model, train, preprocess={"loss_on": "all"})
+    report = check_tokenizer(cfg, tmp_path / "out2")
     assert checks(report)["chat_template"][0] == "ok"
+    # and preprocessing, told the way out the check names, builds the example (it used to look for
+    # the assistant turns anyway, and refuse every conversation)
+    from fulltune.data.records import iter_records
+    from fulltune.preprocess.core import Encoder, load_tokenizer, tokenize
+
+    records = list(iter_records(str(train), cfg.data.reading("train"), "chat"))
+    docs = tokenize(records, "chat", Encoder(load_tokenizer(cfg)), loss_all=True)
+    assert docs.lengths.tolist() == [report["lengths"]["max"]]
+    assert (docs.labels == docs.ids).all()
 
 
 def test_a_generation_prompt_that_rewrites_the_conversation_fails_the_check(tmp_path):

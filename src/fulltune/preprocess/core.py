@@ -329,8 +329,15 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
     byte-level token may start before the turn, as " G" after a generation prompt ending in a space).
     An assistant turn that opens the conversation (a canned greeting) answers nothing: it is context,
     without loss (and there is no empty conversation to render a generation prompt from).
+    With `loss_all` every token carries loss: no turn is looked for, so a template whose prefixes
+    do not render stably is fine (`loss_on: all` is the way out check_tokenizer names for one).
     """
     full = tok.apply_chat_template(messages, tokenize=False)
+    if loss_all:
+        ids = list(tok(full, add_special_tokens=False)["input_ids"])
+        if needs_eos(full, ids, tok):
+            ids.append(tok.eos_token_id)
+        return ids, list(ids)
     spans = [
         assistant_span(messages, i, full, tok)
         for i, m in enumerate(messages)
@@ -349,7 +356,7 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
     eos_loss = bool(spans) and messages[-1]["role"] == "assistant"
     for tid, (a, b) in zip(ids, offsets, strict=True):
         in_span = any(a < e and b > s for s, e in spans) or (a == len(full) and eos_loss)
-        labels.append(tid if (loss_all or in_span) else IGNORE_INDEX)
+        labels.append(tid if in_span else IGNORE_INDEX)
     return ids, labels
 
 
