@@ -389,6 +389,85 @@ def test_a_generation_prompt_that_rewrites_the_conversation_fails_the_check(tmp_
         check_tokenizer(make_cfg(model, train), tmp_path / "out")
 
 
+PYTHON_TOKENIZER_PY = """
+from transformers import PreTrainedTokenizer
+
+
+class CharTokenizer(PreTrainedTokenizer):
+    vocab_files_names = {}
+
+    def __init__(self, **kwargs):
+        tokens = ["<s>", "</s>", "<pad>", "\\n", *map(chr, range(32, 127))]
+        self._ids = {t: i for i, t in enumerate(tokens)}
+        self._tokens = tokens
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self._tokens)
+
+    def get_vocab(self):
+        return dict(self._ids)
+
+    def _tokenize(self, text):
+        return list(text)
+
+    def _convert_token_to_id(self, token):
+        return self._ids.get(token, 2)
+
+    def _convert_id_to_token(self, index):
+        return self._tokens[index]
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens)
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        return ()
+"""
+
+
+def test_a_python_tokenizer_is_refused_for_assistant_loss_naming_the_way_out(tokenizer_dir, tmp_path):
+    """A Python tokenizer (custom code, as tiktoken-based ones are) gives no token offsets, which
+    loss_on: assistant needs; the check passed it and preprocessing failed on the first conversation,
+    blaming the chat template for a KeyError."""
+    tok = tmp_path / tmp_path.name  # transformers imports the code as a module named after the directory
+    tok.mkdir()
+    (tok / "tokenization_char.py").write_text(PYTHON_TOKENIZER_PY)
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CharTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_char.CharTokenizer", None]},
+                "eos_token": "</s>",
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
+    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [chat])
+    cfg = make_cfg(tokenizer_dir, train).with_overrides(
+        {"model.tokenizer_uri": str(tok), "model.trust_remote_code": True}
+    )
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(cfg, tmp_path / "out")
+    said = (
+        "CharTokenizer is a Python tokenizer, which gives no token offsets: preprocess.loss_on: assistant needs "
+        "them to find the assistant turns' tokens. Set model.tokenizer_uri to the model's fast tokenizer "
+        "(tokenizer.json), or preprocess.loss_on: all"
+    )
+    assert f"token_offsets: {tok}: {said}" in str(info.value)
+
+    from fulltune.data.records import iter_records
+    from fulltune.preprocess.core import Encoder, PreprocessError, load_tokenizer, tokenize
+
+    records = list(iter_records(str(train), cfg.data.reading("train"), "chat"))
+    with pytest.raises(PreprocessError) as refused:
+        tokenize(records, "chat", Encoder(load_tokenizer(cfg)), loss_all=False)
+    assert str(refused.value) == f"{train}:1: {said}"
+    all_loss = cfg.with_overrides({"preprocess.loss_on": "all"})
+    assert check_tokenizer(all_loss, tmp_path / "all")["passed"]
+
+
 def test_unloadable_tokenizer_fails_with_report(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello"}])
     with pytest.raises(TokenizerCheckError, match="load: cannot load the tokenizer"):

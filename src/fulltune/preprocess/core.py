@@ -338,6 +338,9 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
         if needs_eos(full, ids, tok):
             ids.append(tok.eos_token_id)
         return ids, list(ids)
+    why = no_token_offsets(tok)
+    if why:
+        raise PreprocessError(why)
     spans = [
         assistant_span(messages, i, full, tok)
         for i, m in enumerate(messages)
@@ -358,6 +361,19 @@ def chat_example(messages: list[dict[str, str]], tok, loss_all: bool) -> tuple[l
         in_span = any(a < e and b > s for s, e in spans) or (a == len(full) and eos_loss)
         labels.append(tid if in_span else IGNORE_INDEX)
     return ids, labels
+
+
+def no_token_offsets(tok) -> str | None:
+    """Why `tok` cannot give the assistant turns' tokens, found by their character offsets in the
+    rendered conversation; None when it can. transformers ignores return_offsets_mapping for a
+    Python tokenizer (custom code such as tiktoken-based ones) and returns no offsets at all."""
+    if getattr(tok, "is_fast", False):
+        return None
+    return (
+        f"{type(tok).__name__} is a Python tokenizer, which gives no token offsets: preprocess.loss_on: "
+        "assistant needs them to find the assistant turns' tokens. Set model.tokenizer_uri to the model's "
+        "fast tokenizer (tokenizer.json), or preprocess.loss_on: all"
+    )
 
 
 def needs_eos(full: str, ids: list[int], tok) -> bool:

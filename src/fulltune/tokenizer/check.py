@@ -15,7 +15,8 @@ Checks, each with a status (ok, info, warning, error):
   (`max_position_embeddings` or its family's name for it in config.json);
 - chat template (chat data only): it exists, renders the sampled conversations with all their
   content, and (for `preprocess.loss_on: assistant`) renders prefixes stably, which is how
-  preprocessing finds the assistant turns;
+  preprocessing finds the assistant turns, whose tokens it finds by their offsets: a Python
+  tokenizer, which gives none, is refused then;
 - lengths: p50/p95/max tokens per training record and the share longer than
   `preprocess.max_seq_len` (prompt/completion and chat records would be truncated, or dropped with
   `preprocess.overlong: drop`: an error above `tokenizer.max_truncation_rate`, and with drop
@@ -414,6 +415,11 @@ class _Checker:
         else:
             self.add("chat_template", "ok", f"renders {sample.loc} with all {len(sample.messages)} turns")
         if self.cfg.preprocess.loss_on == "assistant":
+            from fulltune.preprocess.core import no_token_offsets
+
+            why = no_token_offsets(self.tok)
+            if why:
+                self.add("token_offsets", "error", f"{self.cfg.tokenizer_uri}: {why}")
             return self._prefix_stable(records[:PREFIX_CHECK_SAMPLE])
         return True
 
