@@ -613,5 +613,40 @@ def test_a_chat_template_that_drops_the_assistant_turns_is_refused(tmp_path):
     for loss_on in ("assistant", "all"):
         with pytest.raises(TokenizerCheckError) as info:
             check_tokenizer(make_cfg(model, train, preprocess={"loss_on": loss_on}), tmp_path / loss_on)
-        assert "chat_template: rendering" in str(info.value)
-        assert "drops the content of turns ['assistant'], the assistant's among them" in str(info.value)
+        assert (
+            "chat_template: rendering drops or changes the content of assistant turns in 1 of 1 sampled "
+            f"conversations, first {train}:1 (turns ['assistant']): training would not teach the data's answers"
+        ) in str(info.value)
+
+
+def test_every_sampled_conversation_is_rendered_and_the_one_that_loses_an_answer_is_named(tmp_path):
+    """Only the first sampled conversation was checked for dropped turns: a template that keeps only
+    the last answer's content passed on single-turn conversations and the multi-turn one was trained
+    without its first answer (loss_on: all, where no prefix is rendered to notice)."""
+    last_answer_only = (
+        "{% for m in messages %}<|{{ m.role }}|>"
+        "{% if m.role != 'assistant' or loop.last %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    model = build_tokenizer(tmp_path / "tok", chat_template=last_answer_only)
+    turns = [("user", "hello"), ("assistant", "world"), ("user", "again"), ("assistant", "hello")]
+    convs = [turns[:2], turns[:2], turns]
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"messages": [{"role": r, "content": c} for r, c in t]} for t in convs]
+    )
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train, preprocess={"loss_on": "all"}), tmp_path / "out")
+    assert (
+        "rendering drops or changes the content of assistant turns in 1 of 3 sampled conversations, first "
+        f"{train}:3 (turns ['assistant'])"
+    ) in str(info.value)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["chat"]["sample_location"] == f"{train}:3"  # the rendering that shows it
+    assert report["chat"]["rendered"] == "<|user|>hello<|assistant|><|user|>again<|assistant|>hello"
+
+    fine = write_jsonl(
+        tmp_path / "fine.jsonl", [{"messages": [{"role": r, "content": c} for r, c in turns[:2]]}] * 3
+    )
+    assert checks(check_tokenizer(make_cfg(model, fine), tmp_path / "fine"))["chat_template"] == (
+        "ok",
+        "renders all 3 sampled conversations with all their turns",
+    )

@@ -178,6 +178,7 @@ class _Checker:
         self.unk: dict[str, Any] | None = None
         self.roundtrip: dict[str, Any] | None = None
         self.chat: dict[str, Any] | None = None
+        self.rendered: list[str] = []  # the sampled conversations the chat template renders
         self.kind: str | None = None
         self.model_files: list[dict[str, str]] = []
 
@@ -374,7 +375,8 @@ class _Checker:
         return records
 
     def _chat_template(self, records: list[Record]) -> bool:
-        """Check the template renders the first sampled conversation; False when it cannot."""
+        """Render every sampled conversation (`self.rendered`, which the lengths count) and check
+        each keeps its turns' content; False when no lengths can be counted."""
         template = getattr(self.tok, "chat_template", None)
         if not template:
             self.add(
@@ -384,36 +386,24 @@ class _Checker:
                 "(chat_template in tokenizer_config.json or chat_template.jinja)",
             )
             return False
-        sample = records[0]
-        try:
-            rendered = self.tok.apply_chat_template(sample.messages, tokenize=False)
-        except Exception as exc:  # jinja raises TemplateError and whatever the template raises
-            self.add("chat_template", "error", f"the template fails on {sample.loc}: {exc}")
-            return False
-        dropped = [m["role"] for m in sample.messages if m["content"].strip() not in rendered]
-        self.chat = {
-            "sample_location": str(sample.loc),
-            "rendered": rendered[:4000],
-            "marks_assistant_turns": bool(_GENERATION_TAG.search(str(template))),
-        }
-        if "assistant" in dropped:
-            # The answers are what training teaches: preprocessing would find every assistant turn
-            # empty and train the model on the EOS after the prompt alone, to stop at once.
+        rendered: list[tuple[Record, str]] = []
+        failed: list[tuple[Record, Exception]] = []
+        for r in records:
+            try:
+                rendered.append((r, self.tok.apply_chat_template(r.messages, tokenize=False)))
+            except Exception as exc:  # jinja raises TemplateError and whatever the template raises
+                failed.append((r, exc))
+        self.rendered = [text for _, text in rendered]
+        if failed:
+            r, exc = failed[0]
             self.add(
                 "chat_template",
                 "error",
-                f"rendering {sample.loc} drops the content of turns {dropped}, the assistant's among them: "
-                "nothing of the answers would be trained. Use a template that renders assistant messages",
+                f"the template fails on {len(failed)} of {len(records)} sampled conversations, first "
+                f"{r.loc}: {type(exc).__name__}: {exc}",
             )
+        if not rendered or not self._turns_kept(rendered, len(records), ok=not failed):
             return False
-        if dropped:
-            self.add(
-                "chat_template",
-                "warning",
-                f"rendering {sample.loc} drops the content of turns: {dropped}",
-            )
-        else:
-            self.add("chat_template", "ok", f"renders {sample.loc} with all {len(sample.messages)} turns")
         if self.cfg.preprocess.loss_on == "assistant":
             from fulltune.preprocess.core import no_token_offsets
 
@@ -421,6 +411,46 @@ class _Checker:
             if why:
                 self.add("token_offsets", "error", f"{self.cfg.tokenizer_uri}: {why}")
             return self._prefix_stable(records[:PREFIX_CHECK_SAMPLE])
+        return True
+
+    def _turns_kept(self, rendered: list[tuple[Record, str]], sampled: int, *, ok: bool) -> bool:
+        """Whether the renderings keep every assistant turn's content; a warning for other turns'
+        content dropped, and an "ok" when `ok` and nothing is. The first rendering that loses
+        content (else the first) goes into the report."""
+        lost = [
+            (r, text, roles)
+            for r, text in rendered
+            if (roles := [m["role"] for m in r.messages if m["content"].strip() not in text])
+        ]
+        answers = [x for x in lost if "assistant" in x[2]]
+        shown, text, roles = (answers or lost or [(*rendered[0], [])])[0]
+        self.chat = {
+            "sample_location": str(shown.loc),
+            "rendered": text[:4000],
+            "marks_assistant_turns": bool(_GENERATION_TAG.search(str(self.tok.chat_template))),
+        }
+        if answers:
+            # The answers are what training teaches: preprocessing would train on what the template
+            # makes of them (nothing, or the EOS after the prompt alone: a model that stops at once).
+            self.add(
+                "chat_template",
+                "error",
+                f"rendering drops or changes the content of assistant turns in {len(answers)} of {sampled} "
+                f"sampled conversations, first {shown.loc} (turns {roles}): training would not teach the "
+                "data's answers. Use a template that renders assistant messages as they are",
+            )
+            return False
+        if lost:
+            self.add(
+                "chat_template",
+                "warning",
+                f"rendering drops or changes the content of turns in {len(lost)} of {sampled} sampled "
+                f"conversations, first {shown.loc} (turns {roles})",
+            )
+        elif ok:
+            self.add(
+                "chat_template", "ok", f"renders all {sampled} sampled conversations with all their turns"
+            )
         return True
 
     def _prefix_stable(self, records: list[Record]) -> bool:
@@ -450,7 +480,7 @@ class _Checker:
                     f"{r.loc}: {exc} for preprocess.loss_on='assistant'. Fix the template or set loss_on='all'.",
                 )
                 return False
-            except Exception:  # a failing render is reported with the lengths, which render every sample
+            except Exception:  # a conversation the template refuses is reported by _chat_template
                 continue
         return True
 
@@ -464,23 +494,9 @@ class _Checker:
         from fulltune.preprocess.core import Encoder, needs_eos, prompt_completion_ids
 
         tok = self.tok
-        if self.kind == "chat":
-            rendered: list[str] = []
-            failures: list[str] = []
-            for r in records:
-                try:
-                    rendered.append(tok.apply_chat_template(r.messages, tokenize=False))
-                except Exception as exc:  # a template may reject some conversations
-                    failures.append(f"{r.loc}: {exc}")
-            if failures:
-                self.add(
-                    "chat_template",
-                    "error",
-                    f"the template fails on {len(failures)} of {len(records)} sampled conversations, "
-                    f"first {failures[0]}",
-                )
-            encoded = _encode(tok, rendered, special=False)
-            return [len(x) + needs_eos(text, x, tok) for text, x in zip(rendered, encoded, strict=True)]
+        if self.kind == "chat":  # the conversations the template renders (`_chat_template`)
+            encoded = _encode(tok, self.rendered, special=False)
+            return [len(x) + needs_eos(text, x, tok) for text, x in zip(self.rendered, encoded, strict=True)]
         enc = Encoder(tok, memoize=False)
         lead = len(enc.lead)
         if self.kind == "prompt_completion":
