@@ -357,7 +357,7 @@ def test_chat_template_must_render_prefixes_stably_for_assistant_loss(tmp_path):
     train = write_jsonl(
         tmp_path / "train.jsonl", [{"messages": [{"role": r, "content": c} for r, c in turns]}]
     )
-    with pytest.raises(TokenizerCheckError, match="up to turn 1 is not a prefix"):
+    with pytest.raises(TokenizerCheckError, match="does not render conversation prefixes stably .turn 1:"):
         check_tokenizer(make_cfg(model, train), tmp_path / "out")
     cfg = make_cfg(model, train, preprocess={"loss_on": "all"})
     report = check_tokenizer(cfg, tmp_path / "out2")
@@ -371,6 +371,30 @@ def test_chat_template_must_render_prefixes_stably_for_assistant_loss(tmp_path):
     docs = tokenize(records, "chat", Encoder(load_tokenizer(cfg)), loss_all=True)
     assert docs.lengths.tolist() == [report["lengths"]["max"]]
     assert (docs.labels == docs.ids).all()
+
+
+def test_a_template_that_refuses_a_conversation_prefix_fails_the_check_naming_the_record(tmp_path):
+    """For loss_on: assistant preprocessing renders each conversation up to its assistant turns; a
+    template that refuses such a prefix (here: one not ending with the assistant) passed the check,
+    which rendered only whole conversations and skipped a prefix that failed, and preprocess_shard
+    refused the first record."""
+    strict = (
+        "{% if messages[-1].role != 'assistant' and not add_generation_prompt %}"
+        "{{ raise_exception('a conversation ends with the assistant') }}{% endif %}"
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    model = build_tokenizer(tmp_path / "tok", chat_template=strict)
+    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [chat])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    assert (
+        f"chat_template: {train}:1: the chat template refuses this conversation: TemplateError: a conversation "
+        "ends with the assistant: preprocessing would refuse it for preprocess.loss_on: assistant. Fix the "
+        "template or set preprocess.loss_on: all"
+    ) in str(info.value)
+    assert check_tokenizer(make_cfg(model, train, preprocess={"loss_on": "all"}), tmp_path / "all")["passed"]
 
 
 def test_a_generation_prompt_that_rewrites_the_conversation_fails_the_check(tmp_path):

@@ -408,9 +408,10 @@ class _Checker:
             from fulltune.preprocess.core import no_token_offsets
 
             why = no_token_offsets(self.tok)
-            if why:
+            if why:  # preprocessing would refuse every conversation for it, and say so
                 self.add("token_offsets", "error", f"{self.cfg.tokenizer_uri}: {why}")
-            return self._prefix_stable(records[:PREFIX_CHECK_SAMPLE])
+                return True
+            return self._prefix_stable([r for r, _ in rendered[:PREFIX_CHECK_SAMPLE]])
         return True
 
     def _turns_kept(self, rendered: list[tuple[Record, str]], sampled: int, *, ok: bool) -> bool:
@@ -454,34 +455,23 @@ class _Checker:
         return True
 
     def _prefix_stable(self, records: list[Record]) -> bool:
-        """Preprocessing finds each assistant turn by rendering the conversation up to it, with and
-        without a generation prompt (`preprocess.core.assistant_span`); that needs the rendering of
-        a prefix to be a prefix of the whole rendering."""
-        from fulltune.preprocess.core import PreprocessError, assistant_span
+        """Build each of `records` (conversations the template renders whole) as preprocessing
+        does for loss_on: assistant (`preprocess.core.chat_example`): it finds each assistant turn by
+        rendering the conversation up to it, with and without a generation prompt, which needs each
+        of those renderings to work and to be a prefix of the whole."""
+        from fulltune.preprocess.core import PreprocessError, located_chat_example
 
-        tok = self.tok
         for r in records:
             try:
-                full = tok.apply_chat_template(r.messages, tokenize=False)
-                for i, m in enumerate(r.messages):
-                    if m["role"] != "assistant":
-                        continue
-                    if not full.startswith(tok.apply_chat_template(r.messages[: i + 1], tokenize=False)):
-                        raise PreprocessError(
-                            f"the rendering of the conversation up to turn {i} is not a prefix of the "
-                            "whole rendering, so the assistant turns cannot be located"
-                        )
-                    if i > 0:
-                        assistant_span(r.messages, i, full, tok)
-            except PreprocessError as exc:
+                located_chat_example(r, self.tok, loss_all=False)
+            except PreprocessError as exc:  # names the record
                 self.add(
                     "chat_template",
                     "error",
-                    f"{r.loc}: {exc} for preprocess.loss_on='assistant'. Fix the template or set loss_on='all'.",
+                    f"{exc}: preprocessing would refuse it for preprocess.loss_on: assistant. Fix the "
+                    "template or set preprocess.loss_on: all",
                 )
                 return False
-            except Exception:  # a conversation the template refuses is reported by _chat_template
-                continue
         return True
 
     def _record_lengths(self, records: list[Record], text_ids: list[list[int]]) -> list[int]:
