@@ -126,6 +126,32 @@ def test_vocab_larger_than_embedding_fails(tmp_path):
     assert '<p class="banner fail" role="status">FAILED — 1 check(s): embedding</p>' in page
 
 
+def test_an_id_past_the_embedding_is_refused_though_the_tokenizer_has_fewer_tokens_than_rows(tmp_path):
+    """A vocabulary with a hole (a special token placed at a high id): len(tokenizer) fits the
+    embedding, the token's id does not; the check compared the count and passed it."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "hello", "world"])}
+    tok = Tokenizer(models.WordLevel({**vocab, "<|tool|>": 100}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken("</s>", special=True), AddedToken("<|tool|>", special=True)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    model = tmp_path / "model"
+    fast.save_pretrained(model)
+    rows = len(fast)  # 5 tokens, ids up to 100
+    save_model(
+        model, LlamaConfig(vocab_size=rows, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    assert (
+        f"embedding: the tokenizer has {rows} tokens but the model's embedding has {rows} rows: 1 id(s) would "
+        "index past it, up to 100: '<|tool|>' (100). Use the model's own tokenizer, or resize the embeddings first."
+    ) in str(info.value)
+
+
 def test_sequences_longer_than_the_models_context_are_refused_naming_both_lengths(tokenizer_dir, tmp_path):
     """The tiny Llama was trained to 2048 positions (LlamaConfig's default max_position_embeddings)."""
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])

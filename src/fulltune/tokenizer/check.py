@@ -8,8 +8,9 @@ Checks, each with a status (ok, info, warning, error):
   shape); each problem is in the report's `model_files` with its code and file;
 - special tokens: eos must exist (error); bos and pad are reported; pad == eos is a warning,
   because code that masks padding by token id also masks every EOS out of the loss;
-- embedding: `len(tokenizer)` must not exceed the model's embedding rows (`vocab_size` in the
-  model's config.json, read without loading weights); the model's eos ids should include the
+- embedding: every id of the tokenizer's vocabulary (not only `len(tokenizer)`: a vocabulary may
+  have holes) must be below the model's embedding rows (`vocab_size` in the model's config.json,
+  read without loading weights); the model's eos ids should include the
   tokenizer's eos, or the tuned model learns to end documents with a token generation ignores;
 - context length: `preprocess.max_seq_len` must not exceed the model's context
   (`max_position_embeddings` or its family's name for it in config.json);
@@ -295,18 +296,7 @@ class _Checker:
             "context_length": context[1] if context else None,
         }
         self._context(uri, context)
-        size = len(self.tok)
-        if rows is None:
-            self.add("embedding", "warning", "the model config has no vocab_size: embedding size not checked")
-        elif size > rows:
-            self.add(
-                "embedding",
-                "error",
-                f"the tokenizer has {size} tokens but the model's embedding has {rows} rows: ids {rows}..{size - 1} "
-                "would index past it. Use the model's own tokenizer, or resize the embeddings first.",
-            )
-        else:
-            self.add("embedding", "ok", f"{size} tokenizer ids fit the model's {rows} embedding rows")
+        self._embedding_fits(rows)
         eos = self.tok.eos_token_id
         if eos is not None and model_eos and eos not in model_eos:
             self.add(
@@ -315,6 +305,26 @@ class _Checker:
                 f"training ends documents with eos id {eos}, but the model config stops generation at "
                 f"{sorted(model_eos)}: the tuned model may not stop. Align config.json/generation_config.json.",
             )
+
+    def _embedding_fits(self, rows: int | None) -> None:
+        """Every id the tokenizer can give must have an embedding row. The ids, not their number:
+        a vocabulary with holes (special tokens placed at high ids) gives ids past len(tokenizer)."""
+        size = len(self.tok)
+        if rows is None:
+            self.add("embedding", "warning", "the model config has no vocab_size: embedding size not checked")
+            return
+        past = sorted((i, t) for t, i in self.tok.get_vocab().items() if i >= rows)
+        if not past:
+            self.add("embedding", "ok", f"{size} tokenizer ids fit the model's {rows} embedding rows")
+            return
+        shown = ", ".join(f"{t!r} ({i})" for i, t in past[:5]) + (", ..." if len(past) > 5 else "")
+        self.add(
+            "embedding",
+            "error",
+            f"the tokenizer has {size} tokens but the model's embedding has {rows} rows: {len(past)} id(s) "
+            f"would index past it, up to {past[-1][0]}: {shown}. Use the model's own tokenizer, or resize "
+            "the embeddings first.",
+        )
 
     def _generation_eos(self, uri: str) -> set[int]:
         """The eos ids of generation_config.json. transformers skips one that is not JSON (generation
