@@ -654,6 +654,50 @@ def test_tokenizer_config_without_a_vocabulary_says_so_not_install_sentencepiece
     )
 
 
+def write_sentencepiece_model(path: Path) -> None:
+    """A SentencePiece model file, written with transformers' copy of its protobuf schema (no
+    sentencepiece package needed)."""
+    from transformers.utils import sentencepiece_model_pb2_new as pb
+
+    model = pb.ModelProto()
+    for piece, kind in [("<unk>", 2), ("<s>", 3), ("</s>", 3), *((c, 1) for c in "▁dehlorw")]:
+        model.pieces.add(piece=piece, score=0.0, type=kind)
+    model.trainer_spec.model_type = 2  # BPE
+    path.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("sentencepiece") is not None, reason="sentencepiece reads it"
+)
+def test_a_sentencepiece_only_tokenizer_without_sentencepiece_says_so_not_install_tiktoken(
+    tokenizer_dir, tmp_path
+):
+    """A tokenizer saved as tokenizer.model alone (no tokenizer.json): without the sentencepiece
+    package transformers tries it as a tiktoken file and said to install tiktoken, which cannot help."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model)
+    for name in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+        (model / name).unlink(missing_ok=True)
+    write_sentencepiece_model(model / "tokenizer.model")
+    (model / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world"}])
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out")
+    assert (
+        f"load: cannot load the tokenizer: {model / 'tokenizer.model'} is a SentencePiece model with no "
+        "tokenizer.json beside it, and this installation has no sentencepiece package to read it"
+    ) in str(info.value)
+    # a tiktoken file under the same name (Llama 3's original/tokenizer.model) is what transformers says
+    (model / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")
+    with pytest.raises(TokenizerCheckError) as info:
+        check_tokenizer(make_cfg(model, train), tmp_path / "out2")
+    assert "SentencePiece" not in str(info.value)
+
+
 def test_a_chat_template_that_drops_the_assistant_turns_is_refused(tmp_path):
     """Preprocessing would find every answer empty and train on the EOS alone: a model that stops at once."""
     no_answers = "{% for m in messages %}{% if m.role != 'assistant' %}<|{{ m.role }}|>{{ m.content }}{% endif %}{% endfor %}"

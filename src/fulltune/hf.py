@@ -6,7 +6,9 @@ that are not weights are fetched; local directories are used in place.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,9 +69,13 @@ class NoTokenizerFiles(TokenizerFilesError, FileNotFoundError):
 
 
 class BrokenTokenizerFiles(TokenizerFilesError, ValueError):
-    """A tokenizer file that does not parse, or settings without the vocabulary they belong to."""
+    """A tokenizer file that does not parse, settings without the vocabulary they belong to, or a
+    vocabulary this installation cannot read."""
 
 
+# Where a SentencePiece model is saved (tokenizer.model may also be a tiktoken file: Llama 3's).
+SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/=]+ [0-9]+")  # a tiktoken file's lines: base64 token, rank
 # The files that hold a vocabulary, as opposed to tokenizer_config.json's settings for one.
 VOCABULARY_FILES = tuple(n for n in TOKENIZER_FILES if n != "tokenizer_config.json")
 # The tokenizer's JSON files: transformers reports one that does not parse without naming it.
@@ -133,7 +139,29 @@ def _broken_tokenizer_files(uri: str, path: Path) -> str | None:
             "whatever transformers says about sentencepiece or tiktoken: copy the tokenizer's other files "
             "beside it, or set model.tokenizer_uri to a directory that has them"
         )
+    return _unreadable_sentencepiece(uri, path)
+
+
+def _unreadable_sentencepiece(uri: str, path: Path) -> str | None:
+    """A vocabulary only as a SentencePiece model, without the sentencepiece package to read it:
+    transformers then tries the file as tiktoken's and advises installing tiktoken, which would
+    not help."""
+    if (path / "tokenizer.json").is_file() or importlib.util.find_spec("sentencepiece") is not None:
+        return None
+    for name in SENTENCEPIECE_FILES:
+        if (path / name).is_file() and not _is_tiktoken(path / name):
+            return (
+                f"{storage.join(uri, name)} is a SentencePiece model with no tokenizer.json beside it, and "
+                "this installation has no sentencepiece package to read it (installing tiktoken would not "
+                "help): save the tokenizer where sentencepiece is installed (AutoTokenizer.from_pretrained "
+                "then save_pretrained writes tokenizer.json) and copy tokenizer.json beside it"
+            )
     return None
+
+
+def _is_tiktoken(file: Path) -> bool:
+    with file.open("rb") as f:
+        return bool(_TIKTOKEN_LINE.fullmatch(f.readline(4096).rstrip(b"\r\n")))
 
 
 def _tokenizer_class(path: Path) -> str | None:
