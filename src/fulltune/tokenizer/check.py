@@ -6,8 +6,8 @@ Checks, each with a status (ok, info, warning, error):
 - model files: the base model loads as it is (`fulltune.model_check`, headers only: config and
   architecture, safetensors only, every shard complete, every tensor the config implies with its
   shape); each problem is in the report's `model_files` with its code and file;
-- special tokens: eos must exist (error); bos and pad are reported; pad == eos is a warning,
-  because code that masks padding by token id also masks every EOS out of the loss;
+- special tokens: eos must exist (error); bos and pad are reported (no pad, or pad == eos, is
+  fine: padding is masked through the labels, never by token id, so EOS keeps its loss);
 - embedding: every id of the tokenizer's vocabulary (not only `len(tokenizer)`: a vocabulary may
   have holes) must be below the model's embedding rows (`vocab_size` in the model's config.json,
   read without loading weights); the model's eos ids should include the
@@ -256,20 +256,22 @@ class _Checker:
             self.add("bos_token", "info", "no bos token (normal for some model families, e.g. Qwen)")
         else:
             self.add("bos_token", "ok", f"bos {tok.bos_token!r} (id {tok.bos_token_id})")
+        # fulltune masks padding through the labels (preprocess sets them to IGNORE_INDEX), never by
+        # token id, so padding with EOS costs no EOS its loss: no reason to warn, and adding a pad
+        # token would need an embedding row the model may not have (Llama 3 uses all of its rows)
         if pad is None:
             self.add(
                 "pad_token",
-                "warning",
-                "no pad token: padding must borrow another id, usually eos; then code that masks padding by "
-                "token id also masks every EOS out of the loss. Mask by attention_mask, or add a pad token.",
+                "info",
+                f"no pad token: sequences are padded with eos (id {eos}) and the padding is masked through "
+                "the labels, so every EOS keeps its loss (code that masks padding by token id would not)",
             )
         elif pad == eos:
             self.add(
                 "pad_token",
-                "warning",
-                f"pad is the eos token (id {pad}): code that masks padding by token id "
-                "(labels[input_ids == pad_token_id] = -100) also masks every EOS out of the loss, so the model "
-                "never learns to stop. Mask padding by attention_mask, or give the tokenizer a distinct pad token.",
+                "info",
+                f"pad is the eos token (id {pad}): the padding is masked through the labels, so every EOS "
+                "keeps its loss (code that masks padding by token id would not)",
             )
         else:
             self.add("pad_token", "ok", f"pad {tok.pad_token!r} (id {pad}), distinct from eos")
