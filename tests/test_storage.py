@@ -35,6 +35,20 @@ def test_write_read_exists_list(base):
     )
 
 
+def test_a_path_with_brackets_that_exists_is_the_file_it_names_and_a_class_otherwise(base):
+    """`runs[2]/notes.jsonl` (brackets in a folder's name) used to be read as a character class
+    matching `runs2/...` only: 'no data files found' for a file that is there."""
+    literal = storage.join(base, "runs[2]", "notes.jsonl")
+    storage.write_text(literal, "{}\n")
+    assert storage.expand(literal) == [literal]
+    assert storage.expand(storage.join(base, "runs[2]")) == [literal]  # the folder, listed
+    # where nothing is named so, the brackets still match a character, as in a shell
+    for n in (1, 3):
+        storage.write_text(storage.join(base, f"part-{n}.jsonl"), "{}\n")
+    pattern = storage.join(base, "part-[0-9].jsonl")
+    assert storage.expand(pattern) == [storage.join(base, f"part-{n}.jsonl") for n in (1, 3)]
+
+
 def test_missing_object_error_names_uri(base):
     uri = storage.join(base, "missing.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):

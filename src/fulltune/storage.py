@@ -379,7 +379,7 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
             others.update(dict.fromkeys(found.others))
             hidden.update(dict.fromkeys(found.hidden))
         return Expansion(list(files), [f for f in others if f not in files], empty, list(hidden))
-    has_glob = any(ch in uri for ch in "*?[")
+    has_glob = any(ch in uri for ch in "*?[") and not _named_literally(uri)
     if has_glob:
         base = uri
         while any(ch in basename(base) for ch in "*?[") or any(ch in base for ch in "*?["):
@@ -394,6 +394,17 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
     matched = [f for f in listing if any(fnmatch.fnmatch(basename(f), p) for p in patterns)]
     taken = set(matched)
     return _without_hidden(uri, matched, [f for f in listing if f not in taken])
+
+
+def _named_literally(uri: str) -> bool:
+    """A path whose only pattern character is '[' and that exists as written ('runs[2]/t.jsonl',
+    a folder named by a tool with brackets): taken as the file or folder it names, as a shell
+    does, rather than as a character class that matches nothing."""
+    if any(ch in uri for ch in "*?"):
+        return False
+    if not is_s3(uri):
+        return os.path.exists(uri)
+    return (not _folder_marker(uri) and exists(uri)) or bool(list_files(uri))
 
 
 def _without_hidden(base: str, matched: list[str], others: list[str]) -> Expansion:
