@@ -620,6 +620,34 @@ def test_shards_read_byte_ranges_and_row_groups_from_s3(tmp_path, s3):
     assert all(s["bytes_read"] < 0.5 * total for s in shards)
 
 
+def test_shards_and_gather_size_s3_inputs_from_the_listing_not_a_head_per_file(demo_assets, tmp_path, s3):
+    # A data folder of thousands of objects: every shard (fingerprint, then planning) and gather
+    # sized each with a HEAD of its own, minutes of requests per step; the listing holds the sizes.
+    rows = _notes(120, seed=3)
+    for i in range(40):
+        storage.write_bytes(
+            f"{s3}/many/part-{i:03d}.jsonl",
+            "".join(json.dumps(r) + "\n" for r in rows[i * 3 : i * 3 + 3]).encode(),
+        )
+    cfg = RunConfig.from_dict(
+        {
+            "work_dir": str(tmp_path / "work"),
+            "model": {"base_model_uri": str(demo_assets.base_model_dir)},
+            "data": {"train_uri": f"{s3}/many/"},
+            "preprocess": {"max_seq_len": 64, "num_shards": 2, "replay_fraction": 0.0, "block_records": 16},
+        }
+    )
+    heads: list[str] = []
+    storage.s3_client().meta.events.register("before-call.s3.HeadObject", lambda **_: heads.append("HEAD"))
+    manifest = preprocess_all(cfg)
+    assert heads == []
+    files = storage.read_json(RunLayout(cfg.work_dir).shard_manifest(0))["fingerprint"]["input_files"][
+        "train"
+    ]
+    assert files[0] == [f"{s3}/many/part-000.jsonl", storage.size(f"{s3}/many/part-000.jsonl")]
+    assert len(files) == 40 and sum(m["examples"] for m in manifest["splits"].values()) == 120
+
+
 def test_shard_manifest_reports_what_the_shard_read(demo_assets, tmp_path):
     one = core.preprocess_shard(
         at(make_cfg(demo_assets, tmp_path, TEXTS, num_shards=1), str(tmp_path / "n1")), 0

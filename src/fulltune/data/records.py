@@ -117,6 +117,7 @@ class DataFiles:
     skipped: list[str]
     empty: list[str] = field(default_factory=list)  # locations of an alternation with no data files
     hidden: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)  # of `files`, where the listing held them
 
 
 def _missing_place(uri: str) -> str | None:
@@ -154,7 +155,7 @@ def find_data(uri: str) -> DataFiles:
             f"{uri}: no data files found{where} (expected {', '.join(DATA_PATTERNS)})"
             f"{_unread_note(skipped, found.hidden)}"
         )
-    return DataFiles(files, skipped, found.empty, found.hidden)
+    return DataFiles(files, skipped, found.empty, found.hidden, found.sizes)
 
 
 def _unread_note(skipped: list[str], hidden: list[str]) -> str:
@@ -176,6 +177,14 @@ def _unread_note(skipped: list[str], hidden: list[str]) -> str:
 def data_files(uri: str) -> list[str]:
     """The data files named by a file, directory or glob URI; fails when there are none."""
     return find_data(uri).files
+
+
+def data_file_sizes(uri: str) -> list[tuple[str, int]]:
+    """`data_files` with each file's size in bytes: from the listing that found them (on S3 it carries
+    the sizes, where a HEAD per file would cost a request each, in every shard), else asked of storage
+    (a single named file)."""
+    found = find_data(uri)
+    return [(f, found.sizes[f] if f in found.sizes else storage.size(f)) for f in found.files]
 
 
 def iter_raw(uri: str) -> Iterator[RawRecord]:

@@ -778,7 +778,7 @@ def content_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         "tokenizer_uri": cfg.tokenizer_uri,
         "trust_remote_code": cfg.model.trust_remote_code,
         "input_files": {
-            role: [[f, storage.size(f)] for f in inputs.data_files(uri)] for role, uri in roles if uri
+            role: [[f, size] for f, size in inputs.data_file_sizes(uri)] for role, uri in roles if uri
         },
     }
 

@@ -19,8 +19,9 @@ rows, mapped onto its bytes), or a whole unsplittable file. Each unit belongs to
 so a shard reads about 1/N of the input: by file when there are many files, by row group or byte
 range inside a large one; a file is shared only where a shard boundary falls inside it. Reads are
 ranged (`seek`, or an HTTP Range request on S3), so neither a shard's download nor its parsing
-covers other shards' bytes. Only the file sizes and, per file a shard reads, its first
-`SAMPLE_BYTES` (JSONL) or footer (Parquet) are looked at to plan.
+covers other shards' bytes. Only the file sizes (from the folder's listing: no request per file on
+S3) and, per file a shard reads, its first `SAMPLE_BYTES` (JSONL) or footer (Parquet) are looked at
+to plan.
 
 `ReadStats` counts the bytes actually read from storage; the shard manifest reports it.
 """
@@ -41,7 +42,7 @@ from fulltune.data.records import (
     RawRecord,
     Record,
     RecordError,
-    data_files,
+    data_file_sizes,
     iter_raw_file,
     normalize,
 )
@@ -188,8 +189,8 @@ def _parquet_meta(path: str, size: int, stats: ReadStats):
 
 def plan_shard(uri: str, block_records: int, index: int, num_shards: int, stats: ReadStats) -> list[Unit]:
     """The units shard `index` of `num_shards` reads from `uri`, in input order."""
-    files = data_files(uri)
-    sizes = [storage.size(f) for f in files]
+    listed = data_file_sizes(uri)
+    files, sizes = [f for f, _ in listed], [n for _, n in listed]
     total = sum(sizes)
     lo, hi = index * total // num_shards, (index + 1) * total // num_shards
     units: list[Unit] = []
