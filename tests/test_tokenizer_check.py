@@ -739,3 +739,43 @@ def test_every_sampled_conversation_is_rendered_and_the_one_that_loses_an_answer
         "ok",
         "renders all 3 sampled conversations with all their turns",
     )
+
+
+class _CountingTokenizer:
+    """The real tokenizer, noting how many characters each encoding call was handed."""
+
+    def __init__(self, tok: Any, calls: list[int]):
+        self._tok, self._calls = tok, calls
+
+    def __call__(self, texts, *args, **kwargs):
+        self._calls.append(sum(map(len, texts)) if isinstance(texts, list) else len(texts))
+        return self._tok(texts, *args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+
+def test_records_of_megabytes_are_measured_on_a_bounded_prefix(tokenizer_dir, tmp_path, monkeypatch):
+    # The tokenizer's encodings take ~150 bytes a character: a sample holding a few records of
+    # megabytes, all handed to one call and all their ids kept, took gigabytes (a 4 GiB pod).
+    from fulltune.hf import load_tokenizer
+    from fulltune.tokenizer import check
+
+    long_text = " ".join(CORPUS) * 100  # ~600,000 characters
+    rows = [{"text": long_text + f" record {i}"} for i in range(4)] + [{"text": t} for t in CORPUS[:20]]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    calls: list[int] = []
+    monkeypatch.setattr(
+        check, "load_tokenizer", lambda uri, trust: _CountingTokenizer(load_tokenizer(uri, trust), calls)
+    )
+    report = check_tokenizer(
+        make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 128}), tmp_path / "out"
+    )
+
+    assert calls and max(calls) <= check.ENCODE_CHARS
+    exact = len(load_tokenizer(str(tokenizer_dir), False)(rows[0]["text"])["input_ids"]) + 1
+    assert abs(report["lengths"]["max"] - exact) < 0.01 * exact  # extrapolated from its first part
+    assert report["lengths"]["over_max_seq_len"] == 4 and report["roundtrip"]["rate"] == 1.0

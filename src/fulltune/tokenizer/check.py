@@ -28,8 +28,11 @@ Checks, each with a status (ok, info, warning, error):
 - unk rate (when the tokenizer has an unk token) and decode(encode(x)) fidelity.
 
 Statistics come from a deterministic sample of at most `SAMPLE_RECORDS` records (reservoir
-sampling seeded with `preprocess.seed`). `report.json` and `report.html` are written to `out_dir`
-in every case — also when failing, before TokenizerCheckError is raised.
+sampling seeded with `preprocess.seed`); a sampled text is encoded on its first `stat_chars`
+characters (at least STAT_MIN_CHARS, and 16 per token of max_seq_len), a longer one's tokens
+extrapolated from them, so that records of megabytes take megabytes, not gigabytes. `report.json`
+and `report.html` are written to `out_dir` in every case — also when failing, before
+TokenizerCheckError is raised.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import random
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,6 +68,13 @@ MAX_DISTINCT_WORDS = 50_000  # most frequent domain words whose pieces are count
 MAX_WORD_CHARS = 40  # longer "words" are URLs, hashes, base64: not vocabulary
 FERTILITY_WARN_RATIO = 1.5  # domain tokens/word over general tokens/word worth a warning
 ENCODE_BATCH = 256
+# The tokenizer's encodings take ~150 bytes per character (ids, offsets, token strings): one call is
+# handed at most ENCODE_CHARS characters, and a sampled text longer than `stat_chars` is measured on
+# its first `stat_chars` characters, its length extrapolated. Without these, a sample holding a few
+# records of megabytes took gigabytes: more than the step's pod has.
+ENCODE_CHARS = 1 << 20
+STAT_MIN_CHARS = 100_000  # characters of each text measured at least
+STAT_CHARS_PER_TOKEN = 16  # and at least this many per token of max_seq_len: whether it fits is exact
 _PUNCT = string.punctuation + "«»“”‘’„…–—·"
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 T = TypeVar("T")
@@ -206,20 +216,21 @@ class _Checker:
         domain = self._sample("train", cfg.data.train_uri)
         if domain is None:
             return
-        domain_texts = [r.plain_text() for r in domain]
-        domain_ids = _encode(self.tok, domain_texts, special=False)
+        limit = stat_chars(cfg.preprocess.max_seq_len)
+        domain_texts = [r.plain_text()[:limit] for r in domain]
+        encoded = encode_stats(self.tok, [r.plain_text() for r in domain], limit, keep=ROUNDTRIP_SAMPLE)
         if self.kind != "chat" or self._chat_template(domain):  # no lengths without a working template
-            self._lengths(domain, domain_ids)
-        self.fertility["domain"] = _fertility(domain_texts, domain_ids)
+            self._lengths(domain, encoded)
+        self.fertility["domain"] = encoded.fertility()
         if cfg.data.general_uri:
             general = self._sample("general", cfg.data.general_uri)
             if general is not None:
                 texts = [r.plain_text() for r in general]
-                self.fertility["general"] = _fertility(texts, _encode(self.tok, texts, special=False))
+                self.fertility["general"] = encode_stats(self.tok, texts, limit).fertility()
         self._fertility_check()
         self._words(domain_texts)
-        self._unk(domain_ids)
-        self._roundtrip(domain_texts[:ROUNDTRIP_SAMPLE], domain_ids[:ROUNDTRIP_SAMPLE])
+        self._unk(encoded)
+        self._roundtrip(domain_texts[:ROUNDTRIP_SAMPLE], encoded.head)
 
     # the model's files, special tokens and the embedding ---------------------------------------
 
@@ -486,30 +497,30 @@ class _Checker:
                 return False
         return True
 
-    def _record_lengths(self, records: list[Record], text_ids: list[list[int]]) -> list[int]:
+    def _record_lengths(self, records: list[Record], text: Encoded) -> list[int]:
         """Tokens each record takes in training, counted as preprocessing builds it: the text (or
         prompt + completion, or the rendered conversation) without added special tokens, plus the
         EOS that ends it (unless a rendered conversation already ends with one: `needs_eos`), plus, except for
         chat, the ids the tokenizer leads every text with (Llama's BOS), which preprocessing puts
-        before each document and counts against max_seq_len. `text_ids` are the records' plain
-        texts encoded, which is all text records need."""
+        before each document and counts against max_seq_len. `text` is the records' plain texts
+        measured (`encode_stats`: a long one on a bounded prefix), which is all text records need."""
         from fulltune.preprocess.core import Encoder, needs_eos, prompt_completion_ids
 
         tok = self.tok
         if self.kind == "chat":  # the conversations the template renders (`_chat_template`)
             encoded = _encode(tok, self.rendered, special=False)
-            return [len(x) + needs_eos(text, x, tok) for text, x in zip(self.rendered, encoded, strict=True)]
+            return [len(x) + needs_eos(r, x, tok) for r, x in zip(self.rendered, encoded, strict=True)]
         enc = Encoder(tok, memoize=False)
         lead = len(enc.lead)
         if self.kind == "prompt_completion":
             # preprocessing's own split: a completion encoded after its prompt, not alone
             prompts, completions = prompt_completion_ids(records, enc)
             return [lead + len(p) + len(c) + 1 for p, c in zip(prompts, completions, strict=True)]
-        return [lead + len(x) + 1 for x in text_ids]
+        return [lead + n + 1 for n in text.counts]
 
-    def _lengths(self, records: list[Record], text_ids: list[list[int]]) -> None:
+    def _lengths(self, records: list[Record], text: Encoded) -> None:
         max_len = self.cfg.preprocess.max_seq_len
-        lengths = self._record_lengths(records, text_ids)
+        lengths = self._record_lengths(records, text)
         if not lengths:
             return
         over = sum(n > max_len for n in lengths)
@@ -616,12 +627,10 @@ class _Checker:
                 :10
             ]
 
-    def _unk(self, ids: list[list[int]]) -> None:
-        unk = self.tok.unk_token_id
-        if unk is None:
+    def _unk(self, encoded: Encoded) -> None:
+        if self.tok.unk_token_id is None:
             return
-        total = sum(len(x) for x in ids)
-        count = sum(x.count(unk) for x in ids)
+        total, count = encoded.tokens, encoded.unk
         rate = count / total if total else 0.0
         self.unk = {"token": self.tok.unk_token, "count": count, "tokens": total, "rate": rate}
         if count:
@@ -725,17 +734,63 @@ def reservoir(items: Iterable[T], k: int, seed: int) -> list[T]:
 
 
 def _encode(tok: Any, texts: list[str], *, special: bool) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(texts), ENCODE_BATCH):
-        batch = texts[start : start + ENCODE_BATCH]
-        enc = tok(batch, add_special_tokens=special, return_attention_mask=False, verbose=False)
-        out.extend(list(ids) for ids in enc["input_ids"])
+    return list(_iter_encoded(tok, texts, special=special))
+
+
+def _iter_encoded(tok: Any, texts: list[str], *, special: bool) -> Iterator[list[int]]:
+    """The ids of each text, encoded ENCODE_BATCH texts or ENCODE_CHARS characters at a time."""
+    start = 0
+    while start < len(texts):
+        end, chars = start + 1, len(texts[start])
+        while end < min(len(texts), start + ENCODE_BATCH) and chars + len(texts[end]) <= ENCODE_CHARS:
+            chars += len(texts[end])
+            end += 1
+        enc = tok(texts[start:end], add_special_tokens=special, return_attention_mask=False, verbose=False)
+        yield from (list(ids) for ids in enc["input_ids"])
+        start = end
+
+
+def stat_chars(max_seq_len: int) -> int:
+    """The characters of a sampled text that are encoded; a longer text's tokens are extrapolated.
+    At 16 characters a token (more than any tokenizer averages) the part measured alone is longer
+    than max_seq_len, so whether a record fits is never an extrapolation."""
+    return max(STAT_MIN_CHARS, STAT_CHARS_PER_TOKEN * max_seq_len)
+
+
+@dataclass
+class Encoded:
+    """Texts encoded for the statistics, without keeping every id: each text's tokens (from its first
+    `limit` characters, scaled by its length when longer), each text's last id (None when cut),
+    the tokens and words of what was encoded, the unk tokens among them, and the ids of the first
+    texts (for the round trip)."""
+
+    counts: list[int] = field(default_factory=list)
+    last: list[int | None] = field(default_factory=list)
+    tokens: int = 0
+    words: int = 0
+    unk: int = 0
+    head: list[list[int]] = field(default_factory=list)
+
+    def fertility(self) -> float | None:
+        """Tokens per whitespace word."""
+        return self.tokens / self.words if self.words else None
+
+
+def encode_stats(tok: Any, texts: list[str], limit: int, keep: int = 0) -> Encoded:
+    """`Encoded` for `texts`, each measured on its first `limit` characters, keeping the ids of the
+    first `keep`."""
+    out, unk = Encoded(), tok.unk_token_id
+    cut = [t[:limit] for t in texts]
+    for i, (text, ids) in enumerate(zip(texts, _iter_encoded(tok, cut, special=False), strict=True)):
+        whole = len(text) <= limit
+        out.counts.append(len(ids) if whole else round(len(ids) * len(text) / limit))
+        out.last.append(ids[-1] if ids and whole else None)
+        out.tokens += len(ids)
+        out.words += len(cut[i].split())
+        out.unk += ids.count(unk) if unk is not None else 0
+        if i < keep:
+            out.head.append(ids)
     return out
-
-
-def _fertility(texts: list[str], ids: list[list[int]]) -> float | None:
-    words = sum(len(t.split()) for t in texts)
-    return sum(len(x) for x in ids) / words if words else None
 
 
 def word_pieces(tok: Any, words: list[str]) -> list[list[int]]:
