@@ -194,6 +194,31 @@ def test_near_duplicates_are_optional_and_deterministic(tmp_path):
     ]
 
 
+def test_near_duplicate_index_keeps_under_a_kilobyte_per_record():
+    # Documented as ~512 bytes a record (the signature), the index took ~3 KB: a tuple key and a
+    # bytes object per band in a dict, ~600 MB at NEAR_DUP_MAX_INDEXED rather than ~100.
+    import random
+    import tracemalloc
+
+    from fulltune.data.validate.near_duplicates import NearDuplicates
+
+    rng = random.Random(4)
+    vocabulary = [f"w{i}" for i in range(5000)]
+    texts = [" ".join(rng.choices(vocabulary, k=40)) for _ in range(8192)]  # whole signature arrays
+    tracemalloc.start()
+    try:
+        index = NearDuplicates()
+        found = [index.check(t, f"/data/train-00001.jsonl:{i + 1}") for i, t in enumerate(texts)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert found == [None] * len(texts) and len(index.locations) == len(texts)
+    assert held / len(texts) < 1024
+    copy = texts[7].split()
+    copy[3] = "changed"
+    assert index.check(" ".join(copy), "/data/eval.jsonl:1") == "/data/train-00001.jsonl:8"
+
+
 def test_csv_and_hf_save_to_disk_inputs(tmp_path):
     (tmp_path / "t.csv").write_text('prompt,completion\n"What is 2+2?","4"\n"Say ""hi""",hi\n')
     data = cfg(str(tmp_path / "t.csv")).data

@@ -63,8 +63,9 @@ report.json (format `fulltune.validate_data/v1`):
 Everything streams: JSONL in blocks of whole lines (JSONL_BLOCK_BYTES), Parquet and Arrow in record
 batches, CSV row by row (`formats`). Memory grows only by a few bytes per record: the record's
 length (8 bytes) and, per distinct record, a 64-bit content digest plus its first location (16
-bytes, in `fastcheck.ContentIndex`: ~24 MB per million records in all), plus 512 bytes per indexed
-record with near_duplicates. The regex checks look at whole records only behind cheap substring
+bytes, in `fastcheck.ContentIndex`: ~24 MB per million records in all), plus about 1 KB per indexed
+record with near_duplicates (its signature, band digests and location; ~200 MB at the
+NEAR_DUP_MAX_INDEXED cap). The regex checks look at whole records only behind cheap substring
 tests, so a 50 MB line takes seconds, not minutes.
 
 A large local JSONL file (plain, not gzip; without near_duplicates) is checked by several worker
