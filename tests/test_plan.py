@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fulltune import plan as planmod
-from fulltune.config import RunConfig
+from fulltune.config import DataSection, RunConfig
 from fulltune.plan import ModelShape, PlanError
 from tiny_models import tiny_llama_config
 
@@ -292,6 +292,36 @@ def test_a_parquet_file_on_s3_is_counted_from_its_footer_without_downloading_it(
     storage.upload_file(files["parquet"], uri)
     monkeypatch.setattr(storage, "download_file", lambda *a: pytest.fail("the whole file was fetched"))
     assert extent.estimate_records(uri) == 3000
+
+
+def test_a_folder_of_many_files_is_estimated_from_a_sample_of_them(tmp_path, s3):
+    # plan read up to PREFIX_BYTES (4 MB) of every data file to count records: a folder of 10,000
+    # files cost 10,000 requests (40 GB when they are large), for an estimate a sample gives.
+    import random
+
+    from fulltune import storage
+    from fulltune.data.records import data_file_sizes
+    from fulltune.hf import load_tokenizer
+    from tiny_models import WORDS, save_tiny_llama
+
+    rng = random.Random(1)
+    files, records = 200, 0
+    for i in range(files):
+        n = rng.randint(5, 15)
+        records += n
+        rows = [json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(5, 60)))}) for _ in range(n)]
+        storage.write_bytes(f"{s3}/notes/part-{i:04d}.jsonl", ("\n".join(rows) + "\n").encode())
+    tok = load_tokenizer(str(save_tiny_llama(tmp_path / "model")), False)
+    read: set[str] = set()
+    storage.s3_client().meta.events.register(
+        "before-parameter-build.s3.GetObject", lambda params, **_: read.add(params["Key"])
+    )
+    uri = f"{s3}/notes/"
+    estimate = planmod.estimate_data(uri, DataSection(train_uri=uri), tok)
+
+    assert estimate.records == pytest.approx(records, rel=0.1)
+    assert len(read) < files / 2  # a sample, and the first files' records for the tokens
+    assert len(data_file_sizes(uri)) == files
 
 
 def test_the_length_says_one_epoch_and_one_step_in_the_singular(llama_dir, tmp_path):

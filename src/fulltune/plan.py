@@ -42,8 +42,8 @@
       fine-tuning, larger for smaller models;
     epochs by training tokens: < 5M tokens -> 3, < 50M -> 2, else 1.
 - Training tokens (what the epochs rule goes by): the records of the data files, counted from what
-  they decode to (`data.extent`: a gzipped or Parquet file holds 5-15x the text its size says), x the
-  mean tokens of the first records. Steps and cost go by the sequences an epoch makes of them
+  they decode to (`data.extent`: a gzipped or Parquet file holds 5-15x the text its size says; of more
+  than 64 files of a format, a sample, scaled by size), x the mean tokens of the first records. Steps and cost go by the sequences an epoch makes of them
   (`epoch_sequences`: with packing off, a padded sequence per record however short).
 The resolved config and the DeepSpeed JSON are written to the work directory for `train`.
 """
@@ -869,10 +869,10 @@ def estimate_data(uri: str, data: DataSection, tok, sample_records: int = 256) -
     """Records counted the cheap way for each file's format (`data.extent`: compressed and columnar
     files by what they decode to, not by their size on disk) x the mean tokens of the first
     `sample_records` usable records."""
-    from fulltune.data.extent import estimate_records
-    from fulltune.data.records import data_files, iter_records
+    from fulltune.data.extent import estimate_dataset
+    from fulltune.data.records import data_file_sizes, iter_records
 
-    records = sum(estimate_records(f) for f in data_files(uri))
+    records = estimate_dataset(data_file_sizes(uri))
     sample = list(itertools.islice(iter_records(uri, data), sample_records))
     if not sample:
         return DataEstimate(int(records), 0)
