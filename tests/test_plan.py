@@ -294,6 +294,28 @@ def test_a_parquet_file_on_s3_is_counted_from_its_footer_without_downloading_it(
     assert extent.estimate_records(uri) == 3000
 
 
+def test_an_arrow_file_on_s3_is_counted_from_a_prefix_without_downloading_it(tmp_path, s3, monkeypatch):
+    # A Hugging Face save_to_disk shard is an Arrow stream of hundreds of MB: counting its rows
+    # downloaded all of it (and again for every file of the dataset).
+    import pyarrow as pa
+
+    from fulltune import storage
+    from fulltune.data import extent
+
+    monkeypatch.setattr(extent, "PREFIX_BYTES", 64 << 10)
+    texts = [f"note {i}: " + "glucose and potassium reviewed " * (1 + i % 7) for i in range(6000)]
+    table = pa.table({"text": texts})
+    local = tmp_path / "data-00000-of-00001.arrow"
+    with pa.OSFile(str(local), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=100):
+            writer.write_batch(batch)
+    assert local.stat().st_size > 8 * extent.PREFIX_BYTES
+    uri = s3 + "/hf/train/data-00000-of-00001.arrow"
+    storage.upload_file(local, uri)
+    monkeypatch.setattr(storage, "download_file", lambda *a: pytest.fail("the whole file was fetched"))
+    assert extent.estimate_records(uri) == pytest.approx(6000, rel=0.05)
+
+
 def test_a_folder_of_many_files_is_estimated_from_a_sample_of_them(tmp_path, s3):
     # plan read up to PREFIX_BYTES (4 MB) of every data file to count records: a folder of 10,000
     # files cost 10,000 requests (40 GB when they are large), for an estimate a sample gives.

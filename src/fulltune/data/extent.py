@@ -1,7 +1,9 @@
 """How many records a data file holds, estimated without reading it whole (what plan sizes a run by).
 
 - Parquet: the row count in the footer (on S3 a ranged read of the footer, not the file).
-- Arrow: the record batches' row counts (memory-mapped: their headers, not their data).
+- Arrow: the record batches' row counts (memory-mapped: their headers, not their data); on S3 the
+  rows of the batches in a prefix of PREFIX_BYTES (one ranged read), scaled by the file's size, as
+  downloading the file to count would fetch all of it.
 - JSONL and CSV, plain or gzipped: the records in a decoded prefix of at most PREFIX_BYTES, scaled
   by the file's decoded size. A gzipped file's decoded size is its size times the decompression
   ratio measured on that prefix: its size on disk is 5-15x smaller than the text it holds.
@@ -55,7 +57,7 @@ def estimate_records(path: str, size: int | None = None) -> float:
     if path.endswith(".parquet"):
         return float(_parquet_rows(path))
     if path.endswith(".arrow"):
-        return float(_arrow_rows(path))
+        return _arrow_rows(path, size)
     data, consumed, whole = decoded_prefix(path)
     is_csv = path.endswith(CSV_SUFFIXES)
     if whole:
@@ -128,10 +130,32 @@ def _parquet_rows(path: str) -> int:
         return 0
 
 
-def _arrow_rows(path: str) -> int:
+def _arrow_rows(path: str, size: int | None = None) -> float:
     from fulltune.data.records import ArrowBatch, iter_arrow_batches
 
-    return sum(b.batch.num_rows for b in iter_arrow_batches(path) if isinstance(b, ArrowBatch))
+    if storage.is_s3(path) and (prefix := _arrow_prefix_rows(path, size)) is not None:
+        return prefix
+    return float(sum(b.batch.num_rows for b in iter_arrow_batches(path) if isinstance(b, ArrowBatch)))
+
+
+def _arrow_prefix_rows(path: str, size: int | None) -> float | None:
+    """The rows of an Arrow stream scaled from the batches whole in its first PREFIX_BYTES; None
+    when none is (a batch longer than the prefix, or the file format, whose batches need a footer)."""
+    import pyarrow as pa
+
+    data = storage.read_range(path, 0, PREFIX_BYTES)
+    source = pa.BufferReader(data)
+    rows = used = 0
+    try:
+        for batch in pa.ipc.open_stream(source):
+            rows, used = rows + batch.num_rows, source.tell()
+    except Exception:  # the prefix ends inside a batch, or this is no stream: what was read stands
+        pass
+    if not used:
+        return None
+    if len(data) < PREFIX_BYTES:  # the whole file
+        return float(rows)
+    return rows * (storage.size(path) if size is None else size) / used
 
 
 class _RangedFile(io.RawIOBase):
