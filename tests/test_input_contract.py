@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fulltune.config import RunConfig
@@ -193,6 +193,8 @@ def test_jsonl_validated_is_jsonl_preprocessed(tmp_path_factory, demo_assets, da
 
 @SETTINGS
 @given(data=jsonl_file(), members=st.integers(1, 3), cut=st.none() | st.integers(1, 40))
+# a UTF-16 byte-order mark, then the cut inside the second member: what the reader has read by then
+@example(data=b"\xff\xfe\r\n", members=3, cut=31)
 def test_gzip_members_and_truncation(tmp_path_factory, demo_assets, data, members, cut):
     """Concatenated gzip members read as one stream; a truncated one is refused as unreadable, or as
     UTF-16 where what it holds before the cut starts like UTF-16 (a whole-file refusal at its first
@@ -209,6 +211,9 @@ def test_gzip_members_and_truncation(tmp_path_factory, demo_assets, data, member
         strict = None
     head = readable_prefix(blob)[:WIDE_PEEK]
     refused = ("wrong_encoding",) if wide_encoding(head) else ("unreadable_file",)
+    if wide_encoding(head) and len(head) < WIDE_PEEK:
+        # the stream breaks off inside the bytes the reader peeks at: either diagnosis is the file's
+        refused = ("wrong_encoding", "unreadable_file")
     check_contract(tmp, str(tmp / "d.jsonl.gz"), strict, str(demo_assets.base_model_dir), refused)
 
 
