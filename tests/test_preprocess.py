@@ -620,6 +620,62 @@ def test_shards_read_byte_ranges_and_row_groups_from_s3(tmp_path, s3):
     assert all(s["bytes_read"] < 0.5 * total for s in shards)
 
 
+def _long_notes(n: int, chars: int) -> list[dict]:
+    words = ["HbA1c", "eGFR", "potassium", "creatinine", "review", "stable", "dose", "mg", "daily"]
+    return [
+        {"text": f"note {i}: " + " ".join(words[(i + j) % 9] for j in range(chars // 7))} for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("name", ["long.jsonl", "long.parquet", "long.jsonl.gz"])
+def test_a_block_of_long_records_holds_at_most_the_text_cap(tmp_path, name):
+    # block_records 2048 of ~600 KB records was one 24 MB block, tokenized and packed at once: a
+    # shard's memory grew with the records' length (5 GB for 2,500 records of 50 KB).
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fulltune.preprocess import inputs
+
+    rows = _long_notes(40, 600_000)
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        path.write_bytes(gzip.compress(body, compresslevel=1) if name.endswith(".gz") else body)
+    blocks = _shard_blocks(str(path), 1, block_records=2048)[0]["blocks"]
+    assert sorted(t for v in blocks.values() for t in v) == sorted(r["text"] for r in rows)
+    assert len(blocks) >= 3
+    for texts in blocks.values():
+        assert sum(map(len, texts)) <= inputs.BLOCK_TEXT_CAP + 600_000
+
+
+def test_long_records_give_the_same_sequences_for_any_number_of_shards(demo_assets, tmp_path, monkeypatch):
+    from fulltune.preprocess import inputs
+
+    monkeypatch.setattr(inputs, "BLOCK_TEXT_CAP", 20_000)  # blocks of 2-3 records, not 64
+    general = [{"text": f"The {w} module provides functions for {w} objects."} for w in "abcdefgh" * 8]
+    rows = _long_notes(30, 8_000)
+    common = {"block_records": 64, "replay_fraction": 0.2, "max_seq_len": 128, "eval_fraction": 0.2}
+    out = {
+        n: preprocess_all(
+            at(
+                make_cfg(demo_assets, tmp_path, rows, general, num_shards=n, **common),
+                str(tmp_path / f"n{n}"),
+            )
+        )
+        for n in (1, 3)
+    }
+    reads = [storage.read_json(RunLayout(str(tmp_path / "n1")).shard_manifest(0))["inputs"]["train"]]
+    assert reads[0]["blocks"] >= 10
+    for split in ("train", "domain_eval", "general_eval"):
+        seqs = [Counter(map(tuple, load_split(m, split)["input_ids"].tolist())) for m in out.values()]
+        assert seqs[0] == seqs[1], split
+        assert sum(seqs[0].values()) > 0
+
+
 def test_shards_and_gather_size_s3_inputs_from_the_listing_not_a_head_per_file(demo_assets, tmp_path, s3):
     # A data folder of thousands of objects: every shard (fingerprint, then planning) and gather
     # sized each with a HEAD of its own, minutes of requests per step; the listing holds the sizes.

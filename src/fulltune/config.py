@@ -341,9 +341,10 @@ class PreprocessSection(_Section):
         2048,
         ge=1,
         description="About this many records per block (JSONL: a byte range sized from the file's mean line "
-        "length; Parquet: rows of a row group). Splits, replay and packing are decided per block and blocks "
-        "are keyed by their place in their file, so the output does not depend on num_shards; each block "
-        "leaves at most one partly filled sequence.",
+        "length; Parquet: rows of a row group), and at most 8 MiB of text: long records make smaller "
+        "blocks, so a shard's memory stays bounded whatever their length. Splits, replay and packing are "
+        "decided per block and blocks are keyed by their place in their file, so the output does not depend "
+        "on num_shards; each block leaves at most one partly filled sequence.",
     )
     memoize_tokens: bool = Field(
         True,

@@ -5,7 +5,8 @@ others (one pipeline task each):
 
 - the input is split into N parts by file, Parquet row group or JSONL byte range, and shard i
   reads only its part (`inputs.py` says how; stable for the same inputs and N);
-- the part is processed in *blocks* of about `block_records` records, keyed by their place in
+- the part is processed in *blocks* of about `block_records` records and at most
+  `inputs.BLOCK_TEXT_CAP` of text (the shard's memory is bounded by it), keyed by their place in
   their file. Blocks, not shards, are the unit every later decision is made in, so the sequences
   produced do not depend on N (N=1 and N=4 give the same multiset);
 - domain records go to `train`, or to `domain_eval` when the stable hash of their prompt
@@ -69,7 +70,9 @@ from fulltune.tokenizer import memo
 
 log = logging.getLogger(__name__)
 
-SHARD_FORMAT = "fulltune.shard/v3"  # v2: documents start with the tokenizer's BOS; v3: completions in context
+# v2: documents start with the tokenizer's BOS; v3: completions in context; v4: blocks end at
+# `inputs.BLOCK_TEXT_CAP` of text as well as at block_records (blocks of long records moved)
+SHARD_FORMAT = "fulltune.shard/v4"
 COUNTS = ("examples", "sequences", "tokens", "loss_tokens", "truncated", "dropped")
 
 

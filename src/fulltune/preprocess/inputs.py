@@ -7,10 +7,17 @@ count (which no shard could know without reading everything before its part):
 
 - uncompressed JSON Lines (`.jsonl`, `.json`): block k of a file is the lines whose first byte lies in
   [k*B, (k+1)*B). B is `block_records` times the file's mean line length, measured on its first
-  `SAMPLE_BYTES` (the same bytes every time, so B is stable for the same file);
-- Parquet: the rows of one row group, `block_records` at a time;
-- everything else (`.jsonl.gz`, `.csv`, `.arrow`: not splittable): the file's rows, `block_records`
-  at a time.
+  `SAMPLE_BYTES` (the same bytes every time, so B is stable for the same file), and at most
+  `BLOCK_TEXT_CAP` bytes;
+- Parquet: the rows of one row group, `block_records` at a time, a block ending early once its
+  records hold `BLOCK_TEXT_CAP` characters;
+- everything else (`.jsonl.gz`, `.csv`, `.arrow`: not splittable): the file's rows, in blocks ended
+  the same way.
+
+The cap bounds a shard's memory by the text it holds, not by a count of records: tokenizing and
+packing a block costs tens of bytes per character, so 2,048 records of 50 KB (one 100 MB block)
+took 5 GB, and longer records would exceed the step pod's memory. It is a constant, as
+`block_records` is a setting: the blocks, and so the output, depend on the data and the config alone.
 
 *Splitting*: the input's files, in sorted order, are laid end to end (total size T, from their
 sizes alone). Shard i of N owns the bytes [i*T/N, (i+1)*T/N) and reads every unit that *starts* there:
@@ -52,6 +59,10 @@ log = logging.getLogger(__name__)
 SAMPLE_BYTES = 1 << 16  # head of a JSONL file measured for its mean line length
 READ_BUFFER = 1 << 18
 PARQUET_BATCH_ROWS = 1024
+# The most text a block holds: bytes of a JSONL file (at least its characters), characters of the
+# records elsewhere. Ordinary blocks (2,048 records of a few KB) are below it. (The description
+# of preprocess.block_records states it.)
+BLOCK_TEXT_CAP = 8 << 20
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -170,9 +181,9 @@ def _jsonl_block_bytes(path: str, size: int, block_records: int, stats: ReadStat
     with open_counted(path, stats, size, buffer=SAMPLE_BYTES) as fh:
         head = fh.read(SAMPLE_BYTES)
     lines = head.count(b"\n")
-    if not lines:  # one line longer than the sample (or no newline at all): the file is one block
-        return max(size, 1)
-    return max(1, round(block_records * len(head) / lines))
+    if not lines:  # one line longer than the sample (or no newline at all): blocks of the cap
+        return BLOCK_TEXT_CAP
+    return max(1, min(BLOCK_TEXT_CAP, round(block_records * len(head) / lines)))
 
 
 def _parquet_meta(path: str, size: int, stats: ReadStats):
@@ -308,44 +319,64 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
 
 
 def _parquet_blocks(unit: Unit, pf: Any, cfg: DataSection, kind: str, block_records: int):
-    """One row group's rows, `block_records` at a time."""
+    """One row group's rows, in blocks (`_grouped`)."""
     loc = Location(unit.path, row_group=unit.first)
-    row, recs = 0, []
-    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[unit.first])
-    while True:
-        try:
-            batch = next(batches, None)
-        except Exception as exc:  # a corrupt page: the rest of the row group cannot be trusted
-            log.warning(
-                "%s row group %d: unreadable after row %d, rest skipped: %s", unit.path, unit.first, row, exc
-            )
-            batch = None
-        if batch is None:
-            break
-        for value in batch.to_pylist():
-            rec = _good(RawRecord(loc, value=value), kind, cfg)
-            if rec is not None:
-                recs.append(rec)
-            row += 1
-            if row % block_records == 0:
-                yield (unit.file_index, unit.first, row // block_records - 1), recs
-                recs = []
-    if row % block_records:
-        yield (unit.file_index, unit.first, row // block_records), recs
+
+    def rows() -> Iterator[Record | None]:
+        row = 0
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[unit.first])
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # a corrupt page: the rest of the row group cannot be trusted
+                log.warning(
+                    "%s row group %d: unreadable after row %d, rest skipped: %s",
+                    unit.path,
+                    unit.first,
+                    row,
+                    exc,
+                )
+                return
+            if batch is None:
+                return
+            for value in batch.to_pylist():
+                row += 1
+                yield _good(RawRecord(loc, value=value), kind, cfg)
+
+    for k, recs in enumerate(_grouped(rows(), block_records)):
+        yield (unit.file_index, unit.first, k), recs
 
 
 def _file_blocks(unit: Unit, cfg: DataSection, kind: str, block_records: int, stats: ReadStats):
-    """An unsplittable file (gzip, CSV, Arrow), read whole through the validator's reader."""
-    recs: list[Record] = []
-    n = 0
+    """An unsplittable file (gzip, CSV, Arrow), read whole through the validator's reader, in blocks
+    (`_grouped`)."""
     stats.bytes_read += unit.size
-    for raw in iter_raw_file(unit.path):
-        rec = _good(raw, kind, cfg)
+    rows = (_good(raw, kind, cfg) for raw in iter_raw_file(unit.path))
+    for k, recs in enumerate(_grouped(rows, block_records)):
+        yield (unit.file_index, 0, k), recs
+
+
+def _grouped(rows: Iterator[Record | None], block_records: int) -> Iterator[list[Record]]:
+    """Consecutive rows in blocks of `block_records` rows (a bad one, None, counts too) or of
+    `BLOCK_TEXT_CAP` characters of records, whichever is reached first."""
+    recs: list[Record] = []
+    n = chars = 0
+    for rec in rows:
+        n += 1
         if rec is not None:
             recs.append(rec)
-        n += 1
-        if n % block_records == 0:
-            yield (unit.file_index, 0, n // block_records - 1), recs
-            recs = []
-    if n % block_records:
-        yield (unit.file_index, 0, n // block_records), recs
+            chars += record_chars(rec)
+        if n == block_records or chars >= BLOCK_TEXT_CAP:
+            yield recs
+            recs, n, chars = [], 0, 0
+    if n:
+        yield recs
+
+
+def record_chars(rec: Record) -> int:
+    """The characters of a record's text (what tokenizing and packing it costs memory for)."""
+    if rec.kind == "text":
+        return len(rec.text or "")
+    if rec.kind == "prompt_completion":
+        return len(rec.prompt or "") + len(rec.completion or "")
+    return sum(len(m["content"]) for m in rec.messages)
