@@ -1004,3 +1004,43 @@ def test_the_gather_step_refuses_a_dataset_with_an_empty_eval_split_before_train
     held = cfg.with_overrides({"data.eval_uri": evalset, "preprocess.general_eval_fraction": 0.9})
     manifests = [steps.preprocess_shard(held, i) for i in range(held.preprocess.num_shards)]
     assert steps.gather_shards(held, manifests) == held.layout.dataset_manifest
+
+
+def _random_words(chars: int, seed: int) -> str:
+    """Words that hardly repeat: the memo hands such texts to the tokenizer whole."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join("".join(rng.choices(letters, k=rng.randint(3, 9))) for _ in range(chars // 7))
+
+
+@pytest.mark.parametrize("memoize", [True, False])
+def test_a_block_of_long_texts_is_tokenized_a_bounded_number_of_characters_at_a_time(tok, memoize):
+    # A block went to the tokenizer in one call, whose encodings take ~150 bytes a character: 8 MB
+    # of text took 1.2 GB at once. Calls now get at most memo.ENCODE_CHARS characters; with the memo,
+    # a longer text too, cut where the memo cuts, which keeps the tokenizer's ids.
+    from fulltune.tokenizer import memo
+
+    texts = [_random_words(400_000, i) for i in range(4)]
+    if memoize:
+        texts.append(_random_words(1_500_000, 99))
+    enc = core.Encoder(tok, memoize=memoize)
+    calls: list[int] = []
+
+    def counted(call):
+        def run(batch, **kw):
+            calls.append(sum(map(len, batch)))
+            return call(batch, **kw)
+
+        return run
+
+    if memoize:
+        enc.memo._batch = counted(enc.memo._batch)
+    else:
+        enc._encode = counted(enc._encode)
+    docs = enc.documents(texts)
+    assert sum(calls) >= sum(map(len, texts)) and max(calls) <= memo.ENCODE_CHARS
+    for i, text in enumerate(texts):
+        want = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert docs.ids[docs.offsets[i] : docs.offsets[i + 1]].tolist() == want, i

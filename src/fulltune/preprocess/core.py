@@ -161,9 +161,10 @@ class Docs:
             return parts[0]
         starts = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
         offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)])
-        return Docs(
-            np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]), offsets
-        )
+        ids = np.concatenate([p.ids for p in parts])
+        # text's labels are its ids (one array): kept so, not copied
+        same = all(p.labels is p.ids for p in parts)
+        return Docs(ids, ids if same else np.concatenate([p.labels for p in parts]), offsets)
 
 
 def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -213,6 +214,11 @@ class Encoder:
                 log.info("tokenizing every text whole (memoised encoding: %s)", self.why_not)
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, tokenized `memo.ENCODE_CHARS` characters at a time: a block's
+        encodings at once took ~150 bytes per character of it."""
+        return [ids for batch in memo.batches(texts) for ids in self._call(list(batch))]
+
+    def _call(self, texts: list[str]) -> list[list[int]]:
         if self.memo is not None:
             flat, lengths = self.memo.encode(texts)
             bounds = np.cumsum(lengths).tolist()
@@ -237,7 +243,11 @@ class Encoder:
         }
 
     def documents(self, texts: list[str]) -> Docs:
-        """`texts` as EOS-terminated documents, every token carrying loss."""
+        """`texts` as EOS-terminated documents, every token carrying loss; tokenized
+        `memo.ENCODE_CHARS` characters at a time, as `__call__` is."""
+        return Docs.concat([self._documents(list(batch)) for batch in memo.batches(texts)])
+
+    def _documents(self, texts: list[str]) -> Docs:
         if self.memo is None:
             ids = self(texts)
             for seq in ids:

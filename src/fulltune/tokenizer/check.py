@@ -55,6 +55,7 @@ from fulltune.data.records import DataError, Record, RecordError, iter_records, 
 from fulltune.data.validate.stats import percentile
 from fulltune.hf import TokenizerFilesError, load_tokenizer, metadata_dir
 from fulltune.report_kit import Html, write_reports
+from fulltune.tokenizer.memo import ENCODE_CHARS
 
 REPORT_FORMAT = "fulltune.check_tokenizer/v1"
 SAMPLE_RECORDS = 2000  # records sampled per dataset for the statistics
@@ -68,11 +69,10 @@ MAX_DISTINCT_WORDS = 50_000  # most frequent domain words whose pieces are count
 MAX_WORD_CHARS = 40  # longer "words" are URLs, hashes, base64: not vocabulary
 FERTILITY_WARN_RATIO = 1.5  # domain tokens/word over general tokens/word worth a warning
 ENCODE_BATCH = 256
-# The tokenizer's encodings take ~150 bytes per character (ids, offsets, token strings): one call is
-# handed at most ENCODE_CHARS characters, and a sampled text longer than `stat_chars` is measured on
-# its first `stat_chars` characters, its length extrapolated. Without these, a sample holding a few
+# The tokenizer's encodings take ~150 bytes per character: one call is handed at most ENCODE_CHARS
+# characters (memo.ENCODE_CHARS), and a sampled text longer than `stat_chars` is measured on its
+# first `stat_chars` characters, its length extrapolated. Without these, a sample holding a few
 # records of megabytes took gigabytes: more than the step's pod has.
-ENCODE_CHARS = 1 << 20
 STAT_MIN_CHARS = 100_000  # characters of each text measured at least
 STAT_CHARS_PER_TOKEN = 16  # and at least this many per token of max_seq_len: whether it fits is exact
 _PUNCT = string.punctuation + "«»“”‘’„…–—·"

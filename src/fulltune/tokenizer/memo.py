@@ -33,7 +33,7 @@ import logging
 import re
 import unicodedata
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import chain, islice
 from typing import Any
 
@@ -66,6 +66,10 @@ MAX_BACKOFF = 16  # batches
 BACKOFF_CHARS = 1 << 16  # smaller batches (a few held-out records) do not start a backoff
 JOIN_CHARS = 1 << 16  # new pieces are encoded together in texts of about this many characters
 VERIFY_DOCS = 64
+# A tokenizer's encodings take ~150 bytes per character (ids, offsets, token strings): a call is
+# handed at most ENCODE_CHARS characters (`batches`; a longer text in parts cut where the memo cuts,
+# `spans`), so tokenizing takes ~150 MB whatever the length of the texts.
+ENCODE_CHARS = 1 << 20
 
 
 class NotExact(ValueError):
@@ -148,6 +152,37 @@ def pieces(text: str) -> list[str]:
     return _CUT.split(text)
 
 
+def batches(texts: Sequence[str]) -> Iterator[Sequence[str]]:
+    """`texts` in consecutive runs of at most ENCODE_CHARS characters (a longer text alone)."""
+    start = 0
+    while start < len(texts):
+        end, chars = start + 1, len(texts[start])
+        while end < len(texts) and chars + len(texts[end]) <= ENCODE_CHARS:
+            chars += len(texts[end])
+            end += 1
+        yield texts[start:end]
+        start = end
+
+
+def spans(text: str) -> list[str]:
+    """`text` in consecutive parts of about ENCODE_CHARS characters, each cut where `pieces` cuts (a
+    part after the first starts with the space): encoded apart, for a tokenizer `unsupported` accepts
+    and a text without added tokens, they give the text's ids, as the memo's pieces do."""
+    out: list[str] = []
+    run: list[str] = []
+    size = 0
+    for i, piece in enumerate(pieces(text)):
+        if i:
+            piece = " " + piece
+        if run and size + len(piece) > ENCODE_CHARS:
+            out.append("".join(run))
+            run, size = [], 0
+        run.append(piece)
+        size += len(piece)
+    out.append("".join(run))
+    return out
+
+
 class MemoEncoder:
     """Token ids of many texts, each distinct piece encoded once by `backend` (a `tokenizers`
     Tokenizer that `unsupported` accepts, truncation and padding off); no special tokens added.
@@ -195,7 +230,18 @@ class MemoEncoder:
         return self._added.search(text) is not None
 
     def _ids(self, texts: list[str]) -> list[bytes]:
-        return [array("i", e.ids).tobytes() for e in self._batch(texts, add_special_tokens=False)]
+        """The tokenizer's ids of each text, in calls of at most ENCODE_CHARS characters."""
+        out: list[bytes] = []
+        for batch in batches(texts):
+            if len(batch) == 1 and len(batch[0]) > ENCODE_CHARS and not self._has_added(batch[0]):
+                parts = batches(spans(batch[0]))
+                encoded = (e for part in parts for e in self._batch(list(part), add_special_tokens=False))
+                out.append(b"".join(array("i", e.ids).tobytes() for e in encoded))
+                continue
+            out.extend(
+                array("i", e.ids).tobytes() for e in self._batch(list(batch), add_special_tokens=False)
+            )
+        return out
 
     def _many(self, texts: list[str], prefix: str) -> list[bytes]:
         """The ids of `prefix + t` for every t. With a sentinel, many texts go into one tokenizer
