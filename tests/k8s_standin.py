@@ -18,6 +18,11 @@ It serves exactly what the Kubernetes launcher uses, the way the API server does
 Every request is recorded (method, path, query, JSON body). The operator is played by a script: a
 function `script(kube, namespace, name)` run in a thread after each create, calling the helpers
 below (`set_condition`, `start_master`, `log`, `end_log`, `add_event`, `drop_streams`, `compact`).
+For a PyTorchJob it plays the Training Operator (v1.8, v1.9) as its source reads: only the
+operator's condition types, each with its one reason (`PYTORCHJOB_CONDITIONS`), Running and
+Restarting replacing each other, nothing changed once Failed; the operator's pod labels;
+`replica_exits` applies `restartPolicy: ExitCode` and the job's cleanPodPolicy, and
+`limit_reached` fails the job for its deadline or backoff limit, deleting every pod.
 For a TrainJob the Trainer and JobSet controllers are played the same way (`start_node`), and
 `node_exits` applies the failure policy of the runtime the TrainJob names, as Kubernetes and JobSet
 do: the Job's podFailurePolicy on the container's exit code, then the JobSet's failurePolicy rules
@@ -48,6 +53,10 @@ JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 # pre-release "Created" was removed before v2.0.0 (kubeflow/trainer#2621): no condition says the
 # pods have started.
 TRAINJOB_CONDITIONS = ("Suspended", "Complete", "Failed")
+# The only condition types the Training Operator (v1.8, v1.9) gives a PyTorchJob (JobConditionType),
+# each always with the reason "PyTorchJob<type>" (util.NewReason): a deadline, a backoff limit and a
+# permanent exit code all read PyTorchJobFailed, told apart only by the message.
+PYTORCHJOB_CONDITIONS = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 # The job kinds served: (group, version, plural) -> the label that names a pod's job.
 JOB_KINDS = {
     ("kubeflow.org", "v1", "pytorchjobs"): "training.kubeflow.org/job-name",
@@ -166,6 +175,44 @@ def _field_selected(obj: dict, selector: str) -> bool:
     return True
 
 
+JOB_NAME = "training.kubeflow.org/job-name"
+
+
+def _replica_labels(job: str, replica_type: str, index: int) -> dict[str, str]:
+    """The labels the operator (v1.8, v1.9) puts on a replica's pod: the replica type in lower case
+    ("master", "worker"), and job-role=master on the master only."""
+    labels = {
+        "training.kubeflow.org/operator-name": "pytorchjob-controller",
+        JOB_NAME: job,
+        "training.kubeflow.org/replica-type": replica_type,
+        "training.kubeflow.org/replica-index": str(index),
+    }
+    if replica_type == "master":
+        labels["training.kubeflow.org/job-role"] = "master"
+    return labels
+
+
+def _check_pytorchjob_condition(kind: str, reason: str) -> None:
+    """ValueError for a PyTorchJob condition the Training Operator never sets."""
+    if kind not in PYTORCHJOB_CONDITIONS:
+        raise ValueError(f"the Training Operator never sets a PyTorchJob condition {kind!r}")
+    if reason and reason != f"PyTorchJob{kind}":
+        raise ValueError(
+            f"the Training Operator's reason for a PyTorchJob {kind} condition is PyTorchJob{kind}, never {reason!r}"
+        )
+
+
+# The operator's filterOutCondition: Running and Restarting replace each other (the one set removes
+# the other), and a finished job's Running condition stays, False.
+_REPLACED = {"Running": ("Running", "Restarting"), "Restarting": ("Restarting", "Running")}
+
+
+def _without_running(cond: dict, kind: str) -> dict:
+    if kind in ("Succeeded", "Failed", "Complete") and cond["type"] == "Running":
+        return {**cond, "status": "False"}
+    return cond
+
+
 class FakeKube:
     def __init__(self, script: Callable[[FakeKube, str, str], None] | None = None):
         self.cond = threading.Condition()
@@ -254,21 +301,26 @@ class FakeKube:
     def set_condition(self, ns: str, name: str, kind: str, reason: str = "", message: str = "") -> None:
         with self.cond:
             job = self.jobs[(ns, name)]
-            if job.get("kind") == "TrainJob" and kind not in TRAINJOB_CONDITIONS:
+            job_kind = job.get("kind", "PyTorchJob")
+            if job_kind == "TrainJob" and kind not in TRAINJOB_CONDITIONS:
                 raise ValueError(f"Kubeflow Trainer v2.0+ never sets a TrainJob condition {kind!r}")
+            if job_kind == "PyTorchJob":
+                _check_pytorchjob_condition(kind, reason)
             conds = job.setdefault("status", {}).setdefault("conditions", [])
+            if job_kind == "PyTorchJob" and any(
+                c["type"] == "Failed" and c["status"] == "True" for c in conds
+            ):
+                return  # the operator's setCondition changes nothing once a job has failed
             stamp = _now()
-            if kind in ("Succeeded", "Failed", "Restarting"):
-                for c in conds:
-                    if c["type"] == "Running":
-                        c["status"] = "False"
-            conds[:] = [c for c in conds if c["type"] != kind]
+            conds[:] = [
+                _without_running(c, kind) for c in conds if c["type"] not in _REPLACED.get(kind, (kind,))
+            ]
             conds.append(
                 {
                     "type": kind,
                     "status": "True",
-                    "reason": reason or f"{job.get('kind', 'PyTorchJob')}{kind}",
-                    "message": message or f"{job.get('kind', 'PyTorchJob')} {name} is {kind.lower()}.",
+                    "reason": reason or f"{job_kind}{kind}",
+                    "message": message or f"{job_kind} {name} is {kind.lower()}.",
                     "lastUpdateTime": stamp,
                     "lastTransitionTime": f"{stamp}#{self.rv}",  # distinct per transition
                 }
@@ -276,13 +328,70 @@ class FakeKube:
             self._record("MODIFIED", job)
 
     def start_master(self, ns: str, name: str, phase: str = "Running") -> str:
-        """(Re)create the master pod with a new uid; returns its name."""
-        labels = {
-            "training.kubeflow.org/job-name": name,
-            "training.kubeflow.org/replica-type": "master",
-            "training.kubeflow.org/replica-index": "0",
-        }
-        return self._start_pod(ns, f"{name}-master-0", labels, phase)
+        """(Re)create the master pod with a new uid, labelled as the operator labels it; returns its name."""
+        return self._start_pod(ns, f"{name}-master-0", _replica_labels(name, "master", 0), phase)
+
+    def replica_exits(self, ns: str, name: str, code: int, replica: str = "master", index: int = 0) -> str:
+        """Replica pod `<name>-<replica>-<index>`'s container exits `code`; the outcome the operator's
+        `restartPolicy: ExitCode` gives (common/pod.go ReconcilePods, v1.8+): "succeeded" (exit 0),
+        "restarted" (128-255: the pod deleted and created again, the job Restarting, then Running
+        again) or "failed" (1-127 at once; 128-255 too under `backoffLimit: 0`)."""
+        pod = f"{name}-{replica}-{index}"
+        self.set_pod_phase(ns, pod, "Succeeded" if code == 0 else "Failed", exit_code=code)
+        self.end_log(ns, pod)
+        self.add_event(
+            ns, "PyTorchJob", name, "Normal", "ExitedWithCode", f"Pod: {ns}.{pod} exited with code {code}"
+        )
+        rtype = replica.capitalize()
+        if code == 0:
+            if replica == "master":
+                self.set_condition(
+                    ns, name, "Succeeded", message=f"PyTorchJob {name} is successfully completed."
+                )
+                self._clean_up(ns, name)
+            return "succeeded"
+        if code < 128:
+            message = f'job "{name}" is failing because "{rtype}" replica(s) failed.'
+            self.add_event(ns, "PyTorchJob", name, "Warning", "PyTorchJobFailed", message)
+            self.set_condition(ns, name, "Failed", message=message)
+            self._clean_up(ns, name)
+            return "failed"
+        if (self.jobs[(ns, name)]["spec"].get("runPolicy") or {}).get("backoffLimit") == 0:
+            self.limit_reached(ns, name, "it has reached the specified backoff limit")
+            return "failed"
+        message = f"job {name} is restarting because {rtype} replica(s) failed."
+        self.add_event(ns, "PyTorchJob", name, "Warning", "PyTorchJobRestarting", message)
+        self.set_condition(ns, name, "Restarting", message=message)
+        self._start_pod(ns, pod, _replica_labels(name, replica, index), "Running")
+        self.set_condition(ns, name, "Running", message=f"PyTorchJob {name} is running.")
+        return "restarted"
+
+    def limit_reached(
+        self, ns: str, name: str, why: str = "it was active longer than specified deadline"
+    ) -> None:
+        """The operator fails the job for its runPolicy (activeDeadlineSeconds by default; `why` "it has
+        reached the specified backoff limit" for backoffLimit): it deletes every pod first, whatever
+        cleanPodPolicy says, then sets Failed (common/job.go ReconcileJobs)."""
+        with self.cond:
+            for key in [k for k, p in self.pods.items() if p["metadata"]["labels"].get(JOB_NAME) == name]:
+                self._remove_pod(key)
+        message = f"Job {name} has failed because {why}"
+        self.add_event(ns, "PyTorchJob", name, "Normal", "PyTorchJobFailed", message)
+        self.set_condition(ns, name, "Failed", message=message)
+
+    def _clean_up(self, ns: str, name: str) -> None:
+        """What the operator deletes of a finished job's pods: runPolicy.cleanPodPolicy (default None)."""
+        policy = (self.jobs[(ns, name)]["spec"].get("runPolicy") or {}).get("cleanPodPolicy") or "None"
+        with self.cond:
+            for key, pod in list(self.pods.items()):
+                ours = key[0] == ns and pod["metadata"]["labels"].get(JOB_NAME) == name
+                live = pod["status"]["phase"] in ("Running", "Pending")
+                if ours and (policy == "All" or (policy == "Running" and live)):
+                    self._remove_pod(key)
+
+    def _remove_pod(self, key: tuple[str, str]) -> None:
+        self.logs[self.pods.pop(key)["metadata"]["uid"]]["closed"] = True
+        self.cond.notify_all()
 
     def _start_pod(self, ns: str, pod: str, labels: dict[str, str], phase: str) -> str:
         """(Re)create pod `pod` with a new uid and an empty log; the old one's log ends."""
@@ -328,7 +437,7 @@ class FakeKube:
         """Node `index`'s container exits with `code`: the outcome its runtime's failure policy gives,
         "restarted" (the group's pods recreated), "failed" (the TrainJob Failed) or "succeeded"."""
         pod = f"{name}-node-0-{index}"
-        self.set_pod_phase(ns, pod, "Succeeded" if code == 0 else "Failed")
+        self.set_pod_phase(ns, pod, "Succeeded" if code == 0 else "Failed", exit_code=code)
         self.end_log(ns, pod)
         if code == 0:
             self.set_condition(ns, name, "Complete", "JobSetCompleted", "jobset completed successfully")
@@ -370,9 +479,28 @@ class FakeKube:
         )
         return self.runtimes[key]
 
-    def set_pod_phase(self, ns: str, pod: str, phase: str) -> None:
+    def set_pod_phase(self, ns: str, pod: str, phase: str, exit_code: int | None = None) -> None:
+        """The pod's phase; with `exit_code`, its training container terminated with that code."""
         with self.cond:
-            self.pods[(ns, pod)]["status"]["phase"] = phase
+            status = self.pods[(ns, pod)]["status"]
+            status["phase"] = phase
+            if exit_code is not None:
+                container = (
+                    "node"
+                    if "jobset.sigs.k8s.io/jobset-name" in self.pods[(ns, pod)]["metadata"]["labels"]
+                    else "pytorch"
+                )
+                terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}
+                status["containerStatuses"] = [
+                    {
+                        "name": container,
+                        "state": {"terminated": terminated},
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": "img:0",
+                        "imageID": "img@sha256:" + "0" * 64,
+                    }
+                ]
 
     def log(self, ns: str, pod: str, *lines: str) -> None:
         with self.cond:
