@@ -22,7 +22,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from fulltune import storage
+from fulltune import failure, storage
 from fulltune.config import RunConfig
 from fulltune.launch.base import LaunchError, TrainJob
 from fulltune.launch.kubernetes import KubernetesLauncher, LaunchCancelled
@@ -547,6 +547,43 @@ def test_failure_reports_reason_events_and_last_log_lines_and_keeps_the_job(kube
     assert "ValueError: max_seq_len too large" in message
     assert not isinstance(info.value, LaunchCancelled)
     assert not kube.calls("DELETE")  # a finished job holds no GPU; it stays for inspection until its TTL
+
+
+@pytest.mark.parametrize(
+    ("exits", "max_restarts", "says", "permanent"),
+    [
+        (1, 3, '"Master" replica(s) failed', True),  # the ranks refused the input
+        (None, 3, "active longer than specified deadline", False),  # activeDeadlineSeconds
+        (138, 0, "reached the specified backoff limit", False),  # a lost node, no restarts allowed
+    ],
+)
+def test_only_a_permanent_exit_code_marks_a_failed_job_as_the_inputs_fault(
+    kube, exits, max_restarts, says, permanent
+):
+    """The operator fails a PyTorchJob with the same reason for a permanent exit code, its deadline
+    and its backoff limit; only the first is the input's fault, which `fulltune retry` refuses to
+    retry. The others resume from the newest checkpoint on a retry."""
+    cfg = make_cfg(
+        kubernetes={"namespace": NS, "max_restarts": max_restarts, "active_deadline_seconds": 3600}
+    )
+
+    def operator(k: FakeKube, ns, name):
+        pod = k.start_master(ns, name)
+        k.set_condition(ns, name, "Running")
+        k.log(ns, pod, "step 10 loss 1.5")
+        k.wait_for(lambda: log_requests(k))
+        if exits is None:
+            k.limit_reached(ns, name)
+        else:
+            assert k.replica_exits(ns, name, exits) == "failed"
+
+    kube.script = operator
+    launch, _ = launcher(kube, cfg)
+    with pytest.raises(LaunchError) as info:
+        launch.run(make_job(cfg))
+    assert says in str(info.value) and "PyTorchJobFailed" in str(info.value)
+    assert failure.is_permanent(info.value) is permanent
+    assert info.value.exit_code == (exits if permanent else None)
 
 
 def test_failure_before_the_log_was_followed_still_shows_the_log_tail(kube):

@@ -51,6 +51,7 @@ from fulltune.launch.trainjob import (
     runtime_missing,
     served_overrides_field,
 )
+from fulltune.train.exit_codes import is_retryable
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ class KubernetesLauncher:
                 self._delete(ns, name)
                 raise
             if state.outcome == "Failed":
-                raise LaunchError(self._failure_report(ns, name, state.final), exit_code=1)
+                code = self._failure_exit_code(ns, name)
+                raise LaunchError(self._failure_report(ns, name, state.final), exit_code=code)
             log.info("%s %s/%s succeeded", self.kind.kind, ns, name)
         finally:
             for sig, handler in previous.items():
@@ -592,6 +594,28 @@ class KubernetesLauncher:
         if tail:
             parts.append(f"Last log lines of the {self.kind.rank0} pod:\n" + "".join(tail).rstrip())
         return "\n".join(parts)
+
+    def _failure_exit_code(self, ns: str, name: str) -> int | None:
+        """The exit code that failed the job, from its pods' training containers: a permanent one
+        (1-127) if any pod has one, else a retryable one, else None (not known).
+
+        The Failed condition cannot tell: the Training Operator also fails a job past its
+        activeDeadlineSeconds or backoffLimit, with the same reason and after deleting every pod,
+        and a retry of such a run resumes from its newest checkpoint. Only a permanent code marks
+        the failure as the input's (`fulltune.failure`), which `fulltune retry` then refuses."""
+        try:
+            pods = self.core.list_namespaced_pod(ns, label_selector=self.kind.pods_selector(name)).items
+        except Exception as exc:  # noqa: BLE001 — not known: not taken as the input's fault
+            log.debug("exit codes not readable: %s", exc)
+            return None
+        codes = [
+            status.state.terminated.exit_code
+            for pod in pods
+            for status in (pod.status and pod.status.container_statuses) or []
+            if status.name == self.kind.container and status.state and status.state.terminated
+        ]
+        failed = [code for code in codes if code]
+        return next((code for code in failed if not is_retryable(code)), failed[0] if failed else None)
 
     def _recent_events(self, ns: str, name: str, limit: int = 10) -> list[str]:
         try:
