@@ -307,6 +307,8 @@ class FakeKube:
             if job_kind == "PyTorchJob":
                 _check_pytorchjob_condition(kind, reason)
             conds = job.setdefault("status", {}).setdefault("conditions", [])
+            if job_kind == "PyTorchJob":  # set by the operator's first status update, with Created
+                job["status"].setdefault("startTime", _now())
             if job_kind == "PyTorchJob" and any(
                 c["type"] == "Failed" and c["status"] == "True" for c in conds
             ):

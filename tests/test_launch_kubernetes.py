@@ -586,6 +586,31 @@ def test_only_a_permanent_exit_code_marks_a_failed_job_as_the_inputs_fault(
     assert info.value.exit_code == (exits if permanent else None)
 
 
+def test_a_job_past_its_deadline_that_the_operator_has_not_ended_is_deleted(kube):
+    """The operator checks activeDeadlineSeconds only when it next reconciles the job (a change of
+    its pods): a job whose ranks hang, pods unchanged, would hold its GPUs for hours past it."""
+    cfg = make_cfg(kubernetes={"namespace": NS, "active_deadline_seconds": 1})
+
+    def operator(k: FakeKube, ns, name):
+        k.set_condition(ns, name, "Created")
+        pod = k.start_master(ns, name)
+        k.set_condition(ns, name, "Running")
+        k.log(ns, pod, "step 1 loss 2.30")  # and then nothing: a hung collective
+
+    kube.script = operator
+    launch, out = launcher(kube, cfg, deadline_grace_seconds=0.5)
+    job = make_job(cfg)
+    thread, result = run_in_thread(launch, job)
+    thread.join(15)
+    error = result.get("error")
+    assert isinstance(error, LaunchError) and not isinstance(error, LaunchCancelled)
+    assert "past resources.kubernetes.active_deadline_seconds (1)" in str(error)
+    assert not failure.is_permanent(error)  # a retry resumes from the newest checkpoint
+    (delete,) = kube.calls("DELETE", f"/pytorchjobs/{job.name}")
+    assert delete.body["propagationPolicy"] == "Foreground"
+    assert "step 1 loss 2.30" in out.getvalue()
+
+
 def test_failure_before_the_log_was_followed_still_shows_the_log_tail(kube):
     def operator(k: FakeKube, ns, name):
         pod = k.start_master(ns, name, phase="Failed")

@@ -112,6 +112,7 @@ class _State:
     running: threading.Event = field(default_factory=threading.Event)  # pods have started
     outcome: str = ""
     final: dict[str, Any] = field(default_factory=dict)
+    started_ns: int | None = None  # the job's status.startTime, while it is not suspended
     error: BaseException | None = None
     seen: set = field(default_factory=set)
 
@@ -134,6 +135,7 @@ class KubernetesLauncher:
         poll_seconds: float = 2.0,
         drain_seconds: float = 10.0,
         waiting_report_seconds: float = 30.0,
+        deadline_grace_seconds: float = 120.0,
         tail_lines: int = 40,
         namespace_file: str = SA_NAMESPACE_FILE,
     ):
@@ -154,6 +156,7 @@ class KubernetesLauncher:
         self.poll_seconds = poll_seconds
         self.drain_seconds = drain_seconds
         self.waiting_report_seconds = waiting_report_seconds
+        self.deadline_grace_seconds = deadline_grace_seconds  # the operator's turn first, if it comes
         self.own_namespace = _read_namespace(namespace_file)
         self.namespace = self.k8s.namespace or self.own_namespace or "default"
         self.api = client.ApiClient(configuration or load_configuration())
@@ -392,6 +395,7 @@ class KubernetesLauncher:
             while not state.done.is_set():
                 if self.stop.is_set():
                     raise LaunchCancelled(f"cancelled: {self.kind.kind} {ns}/{name} deleted")
+                self._check_deadline(ns, name, state)
                 state.done.wait(self.poll_seconds)
             if state.error is not None:
                 raise state.error
@@ -399,6 +403,23 @@ class KubernetesLauncher:
             state.finished.set()  # also tells the log thread to finish when this ends by an error
         logs.join(self.drain_seconds)
         return state
+
+    def _check_deadline(self, ns: str, name: str, state: _State) -> None:
+        """LaunchError (the caller deletes the job) once the job has run `deadline_grace_seconds`
+        past `active_deadline_seconds` without ending. The Training Operator checks the deadline
+        only when it next reconciles the job, on a change of its pods: one whose ranks hang would
+        hold its GPUs until the operator's periodic resync, hours later."""
+        deadline = self.k8s.active_deadline_seconds
+        if deadline is None or state.started_ns is None or state.finished.is_set():
+            return
+        ran = time.time() - state.started_ns / 1e9
+        if ran > deadline + self.deadline_grace_seconds:
+            raise LaunchError(
+                f"{self.kind.kind} {ns}/{name} has run {ran:.0f}s, past resources.kubernetes."
+                f"active_deadline_seconds ({deadline}), and the operator has not ended it (it checks "
+                "the deadline only when the job's pods change): deleting it; a retry resumes from "
+                "the newest complete checkpoint"
+            )
 
     def _watch(self, ns: str, name: str, state: _State) -> None:
         from kubernetes import watch
@@ -479,6 +500,9 @@ class KubernetesLauncher:
         if outcome:
             state.outcome, state.final = outcome, obj
             state.finished.set()
+        suspended = self.kind.latest_condition(obj) == "Suspended"
+        start = (obj.get("status") or {}).get("startTime")
+        state.started_ns = None if suspended or not start else _parse_timestamp(start)
 
     # -- the rank-0 pod's log --------------------------------------------------------------------
 

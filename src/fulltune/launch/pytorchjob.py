@@ -21,8 +21,10 @@ Restarts, as the operator (v1.8+) actually implements them:
   pod rejoins the rendezvous and torchrun restarts the whole worker group (at most maxRestarts times);
   the new ranks resume from the newest complete checkpoint. A single node needs no rendezvous: the
   recreated pod simply starts again and resumes the same way.
-* `runPolicy.backoffLimit = max_restarts`. Operators up to at least v1.8 do not count ExitCode
-  recreations against it (kubeflow/trainer#2045), so `active_deadline_seconds` is the hard bound.
+* `runPolicy.backoffLimit = max_restarts`. Operators v1.8 and v1.9 do not count ExitCode
+  recreations against it (kubeflow/trainer#2045; only 0 fails the job at its first retryable exit),
+  so `active_deadline_seconds` is the hard bound. They check that deadline only when they next
+  reconcile the job (a change of its pods), so the launcher enforces it too (`_check_deadline`).
 """
 
 from __future__ import annotations
