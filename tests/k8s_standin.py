@@ -232,6 +232,9 @@ class FakeKube:
         self.script_errors: list[BaseException] = []
         self.watch_error: int | None = None  # answer watches with this HTTP status (e.g. 403)
         self.create_error: int | None = None  # answer creates with this HTTP status
+        # How long a deleted pod takes to terminate: a job deleted with propagationPolicy Foreground
+        # stays that long, with a deletionTimestamp, as the garbage collector deletes its pods first.
+        self.pod_grace_seconds = 0.0
         # What `fulltune doctor` inspects: served API groups/versions and their resources (discovery),
         # what the caller may do (SelfSubjectAccessReview: (group, resource, verb); None allows all),
         # Secrets, namespaces (their labels) and ResourceQuotas.
@@ -544,6 +547,22 @@ class FakeKube:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _pods_of(self, ns: str, name: str) -> list[tuple[str, str]]:
+        return [
+            key
+            for key, pod in self.pods.items()
+            if key[0] == ns and name in (pod["metadata"]["labels"].get(label) for label in JOB_KINDS.values())
+        ]
+
+    def _gone(self, ns: str, name: str) -> None:
+        """The job's pods, then the job itself, deleted."""
+        with self.cond:
+            for key in self._pods_of(ns, name):
+                self._remove_pod(key)
+            job = self.jobs.pop((ns, name), None)
+            if job is not None:
+                self._record("DELETED", job)
+
     def _record(self, kind: str, job: dict) -> None:
         self.rv += 1
         job["metadata"]["resourceVersion"] = str(self.rv)
@@ -625,7 +644,7 @@ def _handler(kube: FakeKube):
                         return self._list_jobs(ns, query, f"{parts[1]}/{parts[2]}")
                     name = parts[6]
                     if self.command == "DELETE":
-                        return self._delete_job(ns, name, what)
+                        return self._delete_job(ns, name, what, body)
                     return self._get(kube.jobs, ns, name, what)
                 if parts[:2] == ["apis", TRAINER] and parts[-2:-1] in (
                     ["clustertrainingruntimes"],
@@ -770,18 +789,19 @@ def _handler(kube: FakeKube):
                 threading.Thread(target=kube._run_script, args=(ns, name), daemon=True).start()
             self._send(201, job)
 
-        def _delete_job(self, ns: str, name: str, what: str) -> None:
+        def _delete_job(self, ns: str, name: str, what: str, body: Any) -> None:
             with kube.cond:
-                job = kube.jobs.pop((ns, name), None)
+                job = kube.jobs.get((ns, name))
                 if job is None:
                     return self._send(404, _status(404, "NotFound", f'{what} "{name}" not found'))
-                kube._record("DELETED", job)
-                for key in [
-                    k
-                    for k, p in kube.pods.items()
-                    if name in (p["metadata"]["labels"].get(label) for label in JOB_KINDS.values())
-                ]:
-                    kube.logs[kube.pods.pop(key)["metadata"]["uid"]]["closed"] = True
+                foreground = (body or {}).get("propagationPolicy") == "Foreground"
+                if foreground and kube.pod_grace_seconds and kube._pods_of(ns, name):
+                    if not job["metadata"].get("deletionTimestamp"):
+                        job["metadata"].update(deletionTimestamp=_now(), finalizers=["foregroundDeletion"])
+                        kube._record("MODIFIED", job)
+                        threading.Timer(kube.pod_grace_seconds, kube._gone, (ns, name)).start()
+                    return self._send(200, copy.deepcopy(job))
+                kube._gone(ns, name)
             self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})
 
         def _matches(self, job: dict, query: dict) -> bool:

@@ -692,6 +692,42 @@ def test_a_failed_job_from_an_earlier_attempt_is_replaced(kube):
     assert kube.jobs[(NS, job.name)]["metadata"]["uid"] != old["metadata"]["uid"]
 
 
+def test_a_job_still_being_deleted_by_an_earlier_attempt_is_waited_for_then_created_again(kube, caplog):
+    """An earlier attempt was cancelled and deleted its job with propagationPolicy Foreground: the
+    API server keeps the job, with a deletionTimestamp, until its pods have terminated. Adopting it
+    would follow a job about to vanish."""
+    launch, out = launcher(kube)
+    job = make_job(launch.cfg)
+    old = kube.put_job(build_pytorchjob(launch.cfg, job, name=job.name, namespace=NS, image="img:0"))
+    kube.set_condition(NS, job.name, "Running")
+    kube.start_master(NS, job.name)
+    kube.pod_grace_seconds = 1.0
+    client.CustomObjectsApi(launch.api).delete_namespaced_custom_object(
+        "kubeflow.org",
+        "v1",
+        NS,
+        "pytorchjobs",
+        job.name,
+        body=client.V1DeleteOptions(propagation_policy="Foreground"),
+    )
+    assert kube.jobs[(NS, job.name)]["metadata"]["deletionTimestamp"]
+
+    def operator(k: FakeKube, ns, name):
+        pod = k.start_master(ns, name)
+        k.set_condition(ns, name, "Running")
+        k.log(ns, pod, "step 1 loss 2.30")
+        k.wait_for(lambda: "step 1" in out.getvalue())
+        assert k.replica_exits(ns, name, 0) == "succeeded"
+
+    kube.script = operator
+    with caplog.at_level(logging.INFO, logger="fulltune.launch.kubernetes"):
+        launch.run(job)
+    assert "is being deleted: waiting until it is gone" in caplog.text
+    assert len(kube.calls("POST")) == 2  # the create that answered 409, and the new one
+    assert kube.jobs[(NS, job.name)]["metadata"]["uid"] != old["metadata"]["uid"]
+    assert copied(out) == ["step 1 loss 2.30"]
+
+
 def test_watch_timeouts_reconnect_from_the_last_resource_version(kube):
     cfg = make_cfg(num_nodes=1, nproc_per_node=1, kubernetes={"namespace": NS, "watch_timeout_seconds": 1})
 

@@ -9,7 +9,8 @@ What it does, in order (docs/kubernetes.md has the operator's view and the RBAC 
    runtime is read first: a missing one is refused before anything is created.
 2. Create it. If a job of the same name exists (409), an earlier attempt of this same task made it:
    follow that one instead of starting a second, unless it already failed, in which case it is
-   deleted and created again (a retry that resumes from the newest complete checkpoint).
+   deleted and created again (a retry that resumes from the newest complete checkpoint), or is
+   still being deleted (a Foreground deletion waits for its pods), which is waited out the same way.
 3. Watch it (one object, by field selector) with a server-side timeout, reconnecting from the last
    resourceVersion; on 410 Gone list it again and watch from the list's resourceVersion. Each new
    condition becomes a log line.
@@ -233,15 +234,22 @@ class KubernetesLauncher:
                     _api_error(f"cannot create {self.kind.kind} {ns}/{name}", exc, self.kind.missing_hint)
                 ) from None
         existing = self.custom.get_namespaced_custom_object(*self._api(ns), name)
-        if self.kind.terminal(existing) == "Failed":
+        # Being deleted (an earlier attempt was cancelled): a Foreground deletion keeps the job,
+        # with a deletionTimestamp, until its pods have terminated; following it would end at its
+        # DELETED event.
+        deleting = bool((existing.get("metadata") or {}).get("deletionTimestamp"))
+        if deleting or self.kind.terminal(existing) == "Failed":
             log.warning(
-                "%s %s/%s exists from an earlier attempt of this task and has failed: deleting it "
-                "and creating it again (training resumes from the newest complete checkpoint)",
+                "%s %s/%s exists from an earlier attempt of this task and %s: %s, then creating it "
+                "again (training resumes from the newest complete checkpoint)",
                 self.kind.kind,
                 ns,
                 name,
+                "is being deleted" if deleting else "has failed",
+                "waiting until it is gone" if deleting else "deleting it",
             )
-            self._delete(ns, name)
+            if not deleting:
+                self._delete(ns, name)
             self._wait_deleted(ns, name)
             return self._create(ns, manifest)
         log.info(
