@@ -336,6 +336,10 @@ class FakeKube:
         """(Re)create the master pod with a new uid, labelled as the operator labels it; returns its name."""
         return self._start_pod(ns, f"{name}-master-0", _replica_labels(name, "master", 0), phase)
 
+    def start_worker(self, ns: str, name: str, index: int = 0, phase: str = "Running") -> str:
+        """(Re)create Worker pod `index` with a new uid, labelled as the operator labels it."""
+        return self._start_pod(ns, f"{name}-worker-{index}", _replica_labels(name, "worker", index), phase)
+
     def replica_exits(self, ns: str, name: str, code: int, replica: str = "master", index: int = 0) -> str:
         """Replica pod `<name>-<replica>-<index>`'s container exits `code`; the outcome the operator's
         `restartPolicy: ExitCode` gives (common/pod.go ReconcilePods, v1.8+): "succeeded" (exit 0),

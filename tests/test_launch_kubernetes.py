@@ -611,6 +611,29 @@ def test_a_job_past_its_deadline_that_the_operator_has_not_ended_is_deleted(kube
     assert "step 1 loss 2.30" in out.getvalue()
 
 
+def test_a_worker_that_failed_the_job_shows_its_own_log_lines(kube):
+    """A rank on another node fails (here out of GPU memory): the master's log shows only its lost
+    peers, so the report adds the failed pod's own last lines."""
+    cfg = make_cfg(num_nodes=2, nproc_per_node=1, kubernetes={"namespace": NS})
+
+    def operator(k: FakeKube, ns, name):
+        master, worker = k.start_master(ns, name), k.start_worker(ns, name)
+        k.set_condition(ns, name, "Running")
+        k.log(ns, worker, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        k.log(ns, master, "step 3 loss 2.1", "NCCL watchdog: collective operation timed out")
+        k.wait_for(lambda: "timed out" in out.getvalue())
+        assert k.replica_exits(ns, name, 1, replica="worker") == "failed"
+
+    kube.script = operator
+    launch, out = launcher(kube, cfg)
+    job = make_job(cfg)
+    with pytest.raises(LaunchError) as info:
+        launch.run(job)
+    message = str(info.value)
+    assert f"Last log lines of pod {job.name}-worker-0, which exited 1:" in message
+    assert "CUDA out of memory" in message and info.value.exit_code == 1
+
+
 def test_failure_before_the_log_was_followed_still_shows_the_log_tail(kube):
     def operator(k: FakeKube, ns, name):
         pod = k.start_master(ns, name, phase="Failed")

@@ -199,8 +199,9 @@ class KubernetesLauncher:
                 self._delete(ns, name)
                 raise
             if state.outcome == "Failed":
-                code = self._failure_exit_code(ns, name)
-                raise LaunchError(self._failure_report(ns, name, state.final), exit_code=code)
+                culprit = self._failed_pod(ns, name)
+                report = self._failure_report(ns, name, state.final, culprit)
+                raise LaunchError(report, exit_code=culprit.code if culprit else None)
             log.info("%s %s/%s succeeded", self.kind.kind, ns, name)
         finally:
             for sig, handler in previous.items():
@@ -614,7 +615,7 @@ class KubernetesLauncher:
 
     # -- failure report -------------------------------------------------------------------------
 
-    def _failure_report(self, ns: str, name: str, obj: dict[str, Any]) -> str:
+    def _failure_report(self, ns: str, name: str, obj: dict[str, Any], culprit: _FailedPod | None) -> str:
         failed = self.kind.failed_condition(obj)
         parts = [
             f"{self.kind.kind} {ns}/{name} failed: {failed.get('reason') or 'Failed'}: {failed.get('message') or ''}"
@@ -625,11 +626,16 @@ class KubernetesLauncher:
         tail = list(self._tail) or self._fetch_tail(ns, name)
         if tail:
             parts.append(f"Last log lines of the {self.kind.rank0} pod:\n" + "".join(tail).rstrip())
+        if culprit and not culprit.rank0:
+            # the failure's own words: the rank-0 pod's log shows at most its peers' lost connections
+            lines = self._pod_tail(ns, culprit.name)
+            if lines:
+                parts.append(f"Last log lines of pod {culprit.name}, which exited {culprit.code}:\n{lines}")
         return "\n".join(parts)
 
-    def _failure_exit_code(self, ns: str, name: str) -> int | None:
-        """The exit code that failed the job, from its pods' training containers: a permanent one
-        (1-127) if any pod has one, else a retryable one, else None (not known).
+    def _failed_pod(self, ns: str, name: str) -> _FailedPod | None:
+        """The pod whose training container failed the job: one that exited 1-127 if any did, else
+        one that exited 128+, else None (not known).
 
         The Failed condition cannot tell: the Training Operator also fails a job past its
         activeDeadlineSeconds or backoffLimit, with the same reason and after deleting every pod,
@@ -640,14 +646,23 @@ class KubernetesLauncher:
         except Exception as exc:  # noqa: BLE001 — not known: not taken as the input's fault
             log.debug("exit codes not readable: %s", exc)
             return None
-        codes = [
-            status.state.terminated.exit_code
+        rank0 = dict(term.split("=", 1) for term in self.kind.rank0_selector(name).split(","))
+        failed = [
+            _FailedPod(pod.metadata.name, code, rank0.items() <= (pod.metadata.labels or {}).items())
             for pod in pods
-            for status in (pod.status and pod.status.container_statuses) or []
-            if status.name == self.kind.container and status.state and status.state.terminated
+            for code in _failed_exit_codes(pod, self.kind.container)
         ]
-        failed = [code for code in codes if code]
-        return next((code for code in failed if not is_retryable(code)), failed[0] if failed else None)
+        return next((f for f in failed if not is_retryable(f.code)), failed[0] if failed else None)
+
+    def _pod_tail(self, ns: str, pod: str) -> str:
+        try:
+            text = self.core.read_namespaced_pod_log(
+                pod, ns, container=self.kind.container, tail_lines=self._tail.maxlen
+            )
+        except Exception as exc:  # noqa: BLE001 — the report is best effort
+            log.debug("no log tail of %s: %s", pod, exc)
+            return ""
+        return text.rstrip()
 
     def _recent_events(self, ns: str, name: str, limit: int = 10) -> list[str]:
         try:
@@ -690,6 +705,13 @@ class KubernetesLauncher:
             self.stop.set()
 
         return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+@dataclass(frozen=True)
+class _FailedPod:
+    name: str
+    code: int  # its training container's exit code
+    rank0: bool  # the pod whose log the step copies
 
 
 class _LogCursor:
@@ -740,6 +762,13 @@ def _parse_timestamp(stamp: str) -> int | None:
     except ValueError:
         return None
     return seconds * 1_000_000_000 + nanos
+
+
+def _failed_exit_codes(pod, container: str) -> list[int]:
+    """The non-zero exit code of `container` in `pod`, if it has ended with one."""
+    statuses = (pod.status and pod.status.container_statuses) or []
+    ended = [s.state.terminated for s in statuses if s.name == container and s.state and s.state.terminated]
+    return [t.exit_code for t in ended if t.exit_code]
 
 
 def _created_at(obj) -> float:
