@@ -246,6 +246,13 @@ def test_upload_puts_the_pipeline_with_its_defaults_on_kfp_and_starts_nothing(kf
     )
     assert shown["registry_uri"] == "s3://team/registry" and "dry run: nothing was sent" in out
     assert kfp.requests == []
+    # a CI job gets the same as one JSON object on stdout, the progress lines on stderr
+    assert main([*command, "--dry-run", "--output", "json"]) == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
+    assert got["dry_run"] is True and got["parameters"] == shown and got["kfp_host"] == kfp.url
+    assert got["would_create"] == "pipeline version" and "dry run: nothing was sent" in captured.err
+    assert kfp.requests == []
 
     assert main([*command, "--output", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -992,6 +999,13 @@ def test_dry_run_prints_where_and_as_whom_and_sends_nothing(kfp, params, capsys,
     assert sent_config(sent)["evaluation"]["compare_to"] == (
         "registered" if command == "schedule" else "base"
     )
+    assert kfp.requests == []
+    # with --output json: the same request, as one object a CI job parses
+    run = schedule if command == "schedule" else submit
+    assert run(kfp, params, *extra, "--output", "json") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["dry_run"], got["namespace"], got["parameters"]) == (True, "team-a", sent)
+    assert got["would_create"].startswith("recurring run 'weekly'" if command == "schedule" else "run ")
     assert kfp.requests == []
 
 

@@ -566,11 +566,11 @@ def submit(
     dry_run: bool = False,
     check_cluster: bool = False,
     out=None,
-) -> SubmitResult | None:
+) -> SubmitResult | DryRun:
     """Validate the parameters, upload the pipeline version if new, create the run; optionally wait.
 
     Prints what it did to `out` (stdout): where and as whom, pipeline version, run id and UI address,
-    final state. With `dry_run` it prints what it would send and sends nothing (returns None). With
+    final state. With `dry_run` it prints what it would send and sends nothing (returns a `DryRun`). With
     `check_cluster` it first runs the launcher's cluster checks (`check_cluster_for`).
     Raises SubmitError or ConfigError before creating anything when an input is wrong.
     """
@@ -582,8 +582,7 @@ def submit(
         if check_cluster:
             check_cluster_for(request.config, target, out)
         if dry_run:
-            _dry_run(target, pkg, experiment, f"run {name!r}", request, out)
-            return None
+            return _dry_run(target, pkg, experiment, f"run {name!r}", request, out)
         with _on_cluster(target, pkg, experiment, out) as (client, version, experiment_id):
             run = create_run(client, version, experiment_id, request.parameters, name, target.service_account)
     result = SubmitResult(run.run_id, ui_url(target.host, "runs", run.run_id), version)
@@ -798,13 +797,27 @@ def check_cluster_for(cfg: RunConfig, target: Target, out) -> None:
         )
 
 
-def _dry_run(target: Target, pkg: Package, experiment: str, what: str, request: RunRequest, out) -> None:
+@dataclass(frozen=True)
+class DryRun:
+    """What a dry run would have sent, and sent nothing: printed as lines, and with `--output json`
+    as one object, so that a CI job reads the parameters it would have run with."""
+
+    target: Target
+    pipeline: str
+    version: str
+    what: str  # "run 'name'", "recurring run 'name', cron ...", "pipeline version"
+    parameters: dict[str, Any]  # a run's parameters; an upload's defaults
+    experiment: str | None = None
+
+
+def _dry_run(target: Target, pkg: Package, experiment: str, what: str, request: RunRequest, out) -> DryRun:
     """What submit or schedule would send, and nothing sent."""
     for line in target.describe():
         _say(out, line)
     _say(out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}, experiment {experiment!r}, {what}")
     _say(out, "parameters: " + json.dumps(request.parameters, sort_keys=True))
     _say(out, "dry run: nothing was sent")
+    return DryRun(target, pkg.pipeline_name, pkg.version_name, what, dict(request.parameters), experiment)
 
 
 # -- upload -----------------------------------------------------------------------------------------
@@ -818,9 +831,9 @@ def upload(
     namespace: str | None = None,
     dry_run: bool = False,
     out=None,
-) -> UploadResult | None:
+) -> UploadResult | DryRun:
     """Put the pipeline on KFP as a version (with the `cluster`'s images, S3 Secret and defaults) and start
-    nothing: for teams that start runs from the Kubeflow UI. Returns None on a dry run."""
+    nothing: for teams that start runs from the Kubeflow UI. Returns a `DryRun` on a dry run."""
     out = out or sys.stdout
     target = resolve_target(host, namespace, None)
     with package_file(package, cluster) as pkg:
@@ -830,7 +843,7 @@ def upload(
             _say(out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}")
             _say(out, "parameter defaults: " + json.dumps(_defaults_of(pkg), sort_keys=True))
             _say(out, "dry run: nothing was sent")
-            return None
+            return DryRun(target, pkg.pipeline_name, pkg.version_name, "pipeline version", _defaults_of(pkg))
         _, version = _put_version(target, pkg, out)
     result = UploadResult(
         ui_url(target.host, "pipelines", f"{version.pipeline_id}/version/{version.version_id}"), version
@@ -960,7 +973,7 @@ def schedule(
     dry_run: bool = False,
     check_cluster: bool = False,
     out=None,
-) -> ScheduleResult | None:
+) -> ScheduleResult | DryRun:
     """Create or update the recurring run called `name` in `experiment`; one per name afterwards.
 
     By default runs start at most one at a time (max_concurrency 1) and missed slots are not
@@ -980,8 +993,9 @@ def schedule(
         if check_cluster:
             check_cluster_for(request.config, target, out)
         if dry_run:
-            _dry_run(target, pkg, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", request, out)
-            return None
+            return _dry_run(
+                target, pkg, experiment, f"recurring run {name!r}, cron {kfp_cron!r}", request, out
+            )
         spec = ScheduleSpec(name, kfp_cron, request.parameters, paused, target.service_account, owner, when)
         with _on_cluster(target, pkg, experiment, out) as (client, version, experiment_id):
             rr, action = _put_schedule(client, experiment_id, version, spec, out)
@@ -1159,9 +1173,20 @@ def cli_schedule(args) -> int:
     return _run_cli(action, args.output, refused="no recurring run was created or changed")
 
 
-def result_json(result: SubmitResult | ScheduleResult | UploadResult) -> dict[str, Any]:
+def result_json(result: SubmitResult | ScheduleResult | UploadResult | DryRun) -> dict[str, Any]:
     """What `--output json` prints: the run's (or recurring run's) id, UI address, state, and the
-    pipeline version it runs."""
+    pipeline version it runs; for a dry run, where and what it would have sent."""
+    if isinstance(result, DryRun):
+        return {
+            "dry_run": True,
+            "kfp_host": result.target.host,
+            "namespace": result.target.namespace,
+            "pipeline": result.pipeline,
+            "pipeline_version_name": result.version,
+            "experiment": result.experiment,
+            "would_create": result.what,
+            "parameters": result.parameters,
+        }
     version = {"pipeline_id": result.version.pipeline_id, "version_id": result.version.version_id}
     if isinstance(result, UploadResult):
         return {"url": result.url, "uploaded": result.version.uploaded, "pipeline_version": version}
@@ -1322,7 +1347,7 @@ def _run_cli(action, output: str = "text", refused: str = "nothing was submitted
         if as_json and exc.result is not None:
             print(json.dumps(result_json(exc.result)), flush=True)
         return exc.exit_code
-    if as_json and isinstance(result, SubmitResult | ScheduleResult | UploadResult):
+    if as_json and isinstance(result, SubmitResult | ScheduleResult | UploadResult | DryRun):
         print(json.dumps(result_json(result)), flush=True)
     return EXIT_OK
 
