@@ -601,6 +601,7 @@ def test_runs_says_where_each_run_under_work_dir_stands(tmp_path, capsys):
         ("dddd", "running"),
     ]  # fmt: skip
     assert listed[0]["registered"] == str(registry / "notes" / "v1") and listed[0]["checkpoints"] == 2
+    assert listed[1]["steps"] == 50  # a resumable run: the steps its newest checkpoint trained
     assert listed[0]["forgetting"] == pytest.approx(evaluated.forgetting)
 
 

@@ -30,7 +30,7 @@ class RunStatus:
     root: str
     state: str  # RUNNING, EVALUATED, RESUMABLE or STOPPED
     detail: str  # the state in words: who runs it, the verdict, where it goes on from
-    steps: int | None = None  # optimizer steps of its finished training
+    steps: int | None = None  # optimizer steps trained: its model's, or (resumable) its newest checkpoint's
     domain_loss_change: float | None = None  # tuned vs base on the domain set (negative: lower)
     forgetting: float | None = None  # general perplexity's rise over the base model's
     registered: str | None = None  # the version's URI, when the gate passed it
@@ -78,9 +78,10 @@ def _status(work_dir: str, run_id: str, unfinished: Unfinished | None) -> RunSta
     if failed := failure.failures(layout):
         stopped = "failed at " + ", ".join(f.step + (" on its input" if f.permanent else "") for f in failed)
     if unfinished is not None:
-        return RunStatus(
-            run_id, layout.root, RESUMABLE, f"{stopped}; resumable from {unfinished.where}", **disk
-        )
+        # the steps trained so far: its newest checkpoint's, or its finished training's
+        steps = unfinished.step if unfinished.step is not None else _trained_steps(layout)
+        where = f"{stopped}; resumable from {unfinished.where}"
+        return RunStatus(run_id, layout.root, RESUMABLE, where, steps=steps, **disk)
     if not storage.exists(layout.resolved_config):
         return RunStatus(run_id, layout.root, STOPPED, f"{stopped} before plan", **disk)
     if not storage.exists(layout.eval_result):  # no need to read the registry for it
@@ -106,7 +107,9 @@ def _trained_steps(layout: RunLayout) -> int | None:
     from fulltune.train.recipe import MODEL_MANIFEST
 
     manifest = storage.join(layout.model, MODEL_MANIFEST)
-    return storage.read_json(manifest)["summary"]["steps"] if storage.exists(manifest) else None
+    if not storage.exists(manifest):
+        return None
+    return (storage.read_json(manifest).get("summary") or {}).get("steps")
 
 
 def runs_table(statuses: list[RunStatus]) -> str:
