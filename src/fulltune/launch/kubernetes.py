@@ -628,7 +628,7 @@ class KubernetesLauncher:
             parts.append(f"Last log lines of the {self.kind.rank0} pod:\n" + "".join(tail).rstrip())
         if culprit and not culprit.rank0:
             # the failure's own words: the rank-0 pod's log shows at most its peers' lost connections
-            lines = self._pod_tail(ns, culprit.name)
+            lines = self._pod_tail(ns, culprit.name).rstrip()
             if lines:
                 parts.append(f"Last log lines of pod {culprit.name}, which exited {culprit.code}:\n{lines}")
         return "\n".join(parts)
@@ -655,14 +655,15 @@ class KubernetesLauncher:
         return next((f for f in failed if not is_retryable(f.code)), failed[0] if failed else None)
 
     def _pod_tail(self, ns: str, pod: str) -> str:
+        """The last lines of `pod`'s training container log, as many as the step keeps; "" when they
+        cannot be read (the report is best effort)."""
         try:
-            text = self.core.read_namespaced_pod_log(
+            return self.core.read_namespaced_pod_log(
                 pod, ns, container=self.kind.container, tail_lines=self._tail.maxlen
             )
         except Exception as exc:  # noqa: BLE001 — the report is best effort
             log.debug("no log tail of %s: %s", pod, exc)
             return ""
-        return text.rstrip()
 
     def _recent_events(self, ns: str, name: str, limit: int = 10) -> list[str]:
         try:
@@ -684,14 +685,10 @@ class KubernetesLauncher:
     def _fetch_tail(self, ns: str, name: str) -> list[str]:
         try:
             pod = self._rank0_pod(ns, name)
-            if pod is None:
-                return []
-            text = self.core.read_namespaced_pod_log(
-                pod.metadata.name, ns, container=self.kind.container, tail_lines=self._tail.maxlen
-            )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 — the report is best effort
             log.debug("no log tail: %s", exc)
             return []
+        text = self._pod_tail(ns, pod.metadata.name) if pod is not None else ""
         return [f"[{self.kind.rank0}] {line}\n" for line in text.splitlines()]
 
     # -- signals --------------------------------------------------------------------------------
