@@ -213,6 +213,18 @@ def test_every_trainjob_validates_against_each_releases_crd_and_makes_a_valid_po
     validate(support_crd_validator(crd, "v1alpha1"), runtime, manifest)
 
 
+def test_the_config_offers_exactly_the_fields_the_launcher_can_build():
+    """`resources.trainjob.overrides_field` lists the fields by name; one the launcher cannot build
+    would fail at launch, one it can build but the config refuses could not be named."""
+    from typing import get_args
+
+    from fulltune.config import TrainJobSection
+    from fulltune.launch.trainjob import NEWEST_OVERRIDES_FIELD, OVERRIDES_FIELDS
+
+    offered = get_args(TrainJobSection.model_fields["overrides_field"].annotation)
+    assert set(offered) == {"auto", *OVERRIDES_FIELDS} and NEWEST_OVERRIDES_FIELD == "runtimePatches"
+
+
 @pytest.mark.parametrize("release", ["v2.1.0", "v2.3.0"])
 def test_the_field_of_one_release_is_unknown_to_the_next(release):
     """Why the field is chosen per cluster: v2.0's podSpecOverrides is not a field of v2.1 or later,

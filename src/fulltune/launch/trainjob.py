@@ -265,7 +265,7 @@ OVERRIDES_FIELDS = {
     "podTemplateOverrides": OverridesField("Kubeflow Trainer v2.1", _pod_template_overrides),
     "runtimePatches": OverridesField("Kubeflow Trainer v2.2 and later", _runtime_patches),
 }
-NEWEST_OVERRIDES_FIELD = "runtimePatches"
+NEWEST_OVERRIDES_FIELD = list(OVERRIDES_FIELDS)[-1]  # the mapping runs from the oldest release
 # The owner of a runtimePatches entry: Trainer requires a domain-prefixed path.
 PATCH_MANAGER = "fulltune.dev/launcher"
 
