@@ -162,7 +162,7 @@ def _report_step(
 def _keep_report(src: Path, dest: str) -> None:
     """Best effort: a work directory that cannot take the report must not hide the step's own outcome."""
     try:
-        storage.write_bytes(dest, src.read_bytes())
+        storage.upload_file(src, dest)
     except Exception as exc:  # noqa: BLE001 — logged; the step's result (or its error) stands
         log.warning("could not keep the report at %s: %s", dest, exc)
 
