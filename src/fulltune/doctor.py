@@ -267,12 +267,15 @@ def _overrides_finding(cfg: RunConfig, cluster: Cluster) -> Finding:
     """The TrainJob field the cluster's Trainer takes the run's pod settings in, against the config's."""
     from kubernetes.client.exceptions import ApiException
 
-    from fulltune.launch.trainjob import OVERRIDES_FIELDS, configured_overrides_field, served_overrides_field
+    from fulltune.launch.trainjob import (
+        OVERRIDES_FIELDS,
+        configured_overrides_field,
+        overrides_field_fix,
+        served_overrides_field,
+    )
 
     name, configured = "TrainJob pod settings", configured_overrides_field(cfg)
-    fix = "set resources.trainjob.overrides_field to the installed Trainer's: " + ", ".join(
-        f"{field} ({f.releases})" for field, f in OVERRIDES_FIELDS.items()
-    )
+    fix = overrides_field_fix()
     try:
         served = served_overrides_field(cluster.api)
     except ApiException as exc:

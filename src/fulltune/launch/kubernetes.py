@@ -49,6 +49,7 @@ from fulltune.launch.trainjob import (
     TRAINJOB,
     build_trainjob,
     configured_overrides_field,
+    overrides_field_fix,
     runtime_missing,
     served_overrides_field,
 )
@@ -309,9 +310,7 @@ class KubernetesLauncher:
 
         if field := configured_overrides_field(self.cfg):
             return field
-        fix = "set resources.trainjob.overrides_field to the installed Kubeflow Trainer's: " + ", ".join(
-            f"{field} ({f.releases})" for field, f in OVERRIDES_FIELDS.items()
-        )
+        fix = overrides_field_fix()
         try:
             served = served_overrides_field(self.api)
         except ApiException as exc:

@@ -270,6 +270,13 @@ NEWEST_OVERRIDES_FIELD = list(OVERRIDES_FIELDS)[-1]  # the mapping runs from the
 PATCH_MANAGER = "fulltune.dev/launcher"
 
 
+def overrides_field_fix() -> str:
+    """What to do where the field cannot be read from the cluster: name it, by release."""
+    return "set resources.trainjob.overrides_field to the installed Kubeflow Trainer's: " + ", ".join(
+        f"{field} ({f.releases})" for field, f in OVERRIDES_FIELDS.items()
+    )
+
+
 def configured_overrides_field(cfg: RunConfig) -> str | None:
     """The field the config names; None for `auto` (read it from the cluster)."""
     field = cfg.resources.trainjob.overrides_field
