@@ -324,12 +324,17 @@ def load_tasks(ev: EvaluationSection) -> tuple[list[tuple[str, list[Any]]], list
     """(name, questions) of every multiple-choice task and (task, examples) of every generation task:
     every line checked, at most `max_eval_sequences` of each kept."""
     _check_task_names(ev)
-    limit = ev.max_eval_sequences
-    questions = [(task.name, mc_tasks.load_task(task.uri, limit=limit)) for task in ev.mc_tasks]
-    examples = [
-        (task, gen_tasks.load_task(task.uri, limit=limit, stop=task.stop)) for task in ev.generation_tasks
-    ]
+    questions = [(task.name, _load_task("mc_tasks", task, ev)) for task in ev.mc_tasks]
+    examples = [(task, _load_task("generation_tasks", task, ev)) for task in ev.generation_tasks]
     return questions, examples
+
+
+def _load_task(kind: str, task: Any, ev: EvaluationSection) -> list[Any]:
+    """One task file of `evaluation.<kind>`, read as its kind's loader reads it."""
+    limit = ev.max_eval_sequences
+    if kind == "mc_tasks":
+        return mc_tasks.load_task(task.uri, limit=limit)
+    return gen_tasks.load_task(task.uri, limit=limit, stop=task.stop)
 
 
 def task_file_problems(ev: EvaluationSection) -> list[str]:
@@ -338,9 +343,8 @@ def task_file_problems(ev: EvaluationSection) -> list[str]:
     problems = []
     for kind, tasks in (("mc_tasks", ev.mc_tasks), ("generation_tasks", ev.generation_tasks)):
         for i, task in enumerate(tasks):
-            one = ev.model_copy(update={"mc_tasks": [], "generation_tasks": [], kind: [task]})
             try:
-                load_tasks(one)
+                _load_task(kind, task, ev)
             except FileNotFoundError:
                 problems.append(f"evaluation.{kind}[{i}].uri: {task.uri}: no such file")
             except ValueError as exc:  # MCTaskError, GenerationTaskError: file and line named
