@@ -399,7 +399,7 @@ def expand_all(uri: str, patterns: tuple[str, ...] = ("*",)) -> Expansion:
         listed = list_sizes(base)
         matched = sorted(f for f in listed if fnmatch.fnmatch(f, uri))
         return _without_hidden(base, matched, [], listed)
-    if (not is_s3(uri) and os.path.isfile(uri)) or (is_s3(uri) and not _folder_marker(uri) and exists(uri)):
+    if _names_a_file(uri):
         return Expansion([uri], [])
     listing = list_sizes(uri)
     matched = [f for f in listing if any(fnmatch.fnmatch(basename(f), p) for p in patterns)]
@@ -415,7 +415,14 @@ def _named_literally(uri: str) -> bool:
         return False
     if not is_s3(uri):
         return os.path.exists(uri)
-    return (not _folder_marker(uri) and exists(uri)) or bool(list_files(uri))
+    return _names_a_file(uri) or bool(list_files(uri))
+
+
+def _names_a_file(uri: str) -> bool:
+    """Whether `uri` is one file (on S3 an object, not a folder marker) rather than a folder."""
+    if is_s3(uri):
+        return not _folder_marker(uri) and exists(uri)
+    return os.path.isfile(uri)
 
 
 def _without_hidden(base: str, matched: list[str], others: list[str], sizes: dict[str, int]) -> Expansion:
