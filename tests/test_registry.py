@@ -617,6 +617,11 @@ def test_the_registry_cli_on_misconfigured_storage_names_the_cause(s3, capsys, m
     storage.s3_client.cache_clear()
 
 
+def register_argv(config: Path, model: Path | str, eval_json: Path) -> list[str]:
+    """`fulltune registry register` as README shows it: a config, the model, its eval.json."""
+    return ["registry", "register", "--config", str(config), "--model", str(model), "--eval", str(eval_json)]
+
+
 def test_registry_register_on_a_missing_bucket_names_it(small_model, s3, tmp_path, capsys):
     """`registry register` into a misspelt bucket, or from one, is an error line naming the bucket,
     as for the other registry commands, not a traceback."""
@@ -630,7 +635,7 @@ def test_registry_register_on_a_missing_bucket_names_it(small_model, s3, tmp_pat
     ):
         eval_json = tmp_path / "eval.json"
         eval_json.write_text(EVAL_PASS.model_copy(update={"tuned_model_uri": model}).model_dump_json())
-        argv = ["registry", "register", "--config", str(config), "--model", model, "--eval", str(eval_json)]
+        argv = register_argv(config, model, eval_json)
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert f"error: s3://{bucket}/" in err and f"the bucket '{bucket}' does not exist" in err, err
@@ -651,16 +656,7 @@ def test_a_base_still_naming_a_registry_pointer_is_refused(small_model, tmp_path
     config.write_text(yaml.safe_dump(by_hand.to_dict()))
     eval_json = tmp_path / "eval.json"
     eval_json.write_text(scored(EVAL_PASS, str(small_model)).model_dump_json())
-    argv = [
-        "registry",
-        "register",
-        "--config",
-        str(config),
-        "--model",
-        str(small_model),
-        "--eval",
-        str(eval_json),
-    ]
+    argv = register_argv(config, small_model, eval_json)
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert f"model.base_model_uri is registry://{NAME}/production, a pointer" in err, err
@@ -699,16 +695,7 @@ def test_registry_register_with_the_config_as_written_leaves_the_work_dir_alone(
     for evaluated, code in ((EVAL_FAIL, 1), (EVAL_PASS, 0)):
         eval_json = tmp_path / "eval.json"
         eval_json.write_text(scored(evaluated, str(small_model)).model_dump_json())
-        argv = [
-            "registry",
-            "register",
-            "--config",
-            str(config),
-            "--model",
-            str(small_model),
-            "--eval",
-            str(eval_json),
-        ]
+        argv = register_argv(config, small_model, eval_json)
         assert main(argv) == code, capsys.readouterr().err
         assert list(work.iterdir()) == [] and run_statuses(str(work)) == []
     data = json.loads(Path(registry, NAME, "v1", "lineage.json").read_text())["data"]
