@@ -807,17 +807,24 @@ class DryRun:
     version: str
     what: str  # "run 'name'", "recurring run 'name', cron ...", "pipeline version"
     parameters: dict[str, Any]  # a run's parameters; an upload's defaults
-    experiment: str | None = None
+    experiment: str | None = None  # None: an upload, which starts nothing in any experiment
+
+    def said(self, out) -> DryRun:
+        """Print where and what, and that nothing was sent; returns itself."""
+        for line in self.target.describe():
+            _say(out, line)
+        run = f", experiment {self.experiment!r}, {self.what}" if self.experiment is not None else ""
+        _say(out, f"pipeline {self.pipeline} version {self.version}{run}")
+        label = "parameters" if self.experiment is not None else "parameter defaults"
+        _say(out, f"{label}: " + json.dumps(self.parameters, sort_keys=True))
+        _say(out, "dry run: nothing was sent")
+        return self
 
 
 def _dry_run(target: Target, pkg: Package, experiment: str, what: str, request: RunRequest, out) -> DryRun:
     """What submit or schedule would send, and nothing sent."""
-    for line in target.describe():
-        _say(out, line)
-    _say(out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}, experiment {experiment!r}, {what}")
-    _say(out, "parameters: " + json.dumps(request.parameters, sort_keys=True))
-    _say(out, "dry run: nothing was sent")
-    return DryRun(target, pkg.pipeline_name, pkg.version_name, what, dict(request.parameters), experiment)
+    dry = DryRun(target, pkg.pipeline_name, pkg.version_name, what, dict(request.parameters), experiment)
+    return dry.said(out)
 
 
 # -- upload -----------------------------------------------------------------------------------------
@@ -838,12 +845,8 @@ def upload(
     target = resolve_target(host, namespace, None)
     with package_file(package, cluster) as pkg:
         if dry_run:
-            for line in target.describe():
-                _say(out, line)
-            _say(out, f"pipeline {pkg.pipeline_name} version {pkg.version_name}")
-            _say(out, "parameter defaults: " + json.dumps(_defaults_of(pkg), sort_keys=True))
-            _say(out, "dry run: nothing was sent")
-            return DryRun(target, pkg.pipeline_name, pkg.version_name, "pipeline version", _defaults_of(pkg))
+            defaults = _defaults_of(pkg)
+            return DryRun(target, pkg.pipeline_name, pkg.version_name, "pipeline version", defaults).said(out)
         _, version = _put_version(target, pkg, out)
     result = UploadResult(
         ui_url(target.host, "pipelines", f"{version.pipeline_id}/version/{version.version_id}"), version
