@@ -763,6 +763,7 @@ def test_records_of_megabytes_are_measured_on_a_bounded_prefix(tokenizer_dir, tm
     # megabytes, all handed to one call and all their ids kept, took gigabytes (a 4 GiB pod).
     from fulltune.hf import load_tokenizer
     from fulltune.tokenizer import check
+    from fulltune.tokenizer.memo import ENCODE_CHARS
 
     long_text = " ".join(CORPUS) * 100  # ~600,000 characters
     rows = [{"text": long_text + f" record {i}"} for i in range(4)] + [{"text": t} for t in CORPUS[:20]]
@@ -775,7 +776,7 @@ def test_records_of_megabytes_are_measured_on_a_bounded_prefix(tokenizer_dir, tm
         make_cfg(tokenizer_dir, train, preprocess={"max_seq_len": 128}), tmp_path / "out"
     )
 
-    assert calls and max(calls) <= check.ENCODE_CHARS
+    assert calls and max(calls) <= ENCODE_CHARS
     exact = len(load_tokenizer(str(tokenizer_dir), False)(rows[0]["text"])["input_ids"]) + 1
     assert abs(report["lengths"]["max"] - exact) < 0.01 * exact  # extrapolated from its first part
     assert report["lengths"]["over_max_seq_len"] == 4 and report["roundtrip"]["rate"] == 1.0

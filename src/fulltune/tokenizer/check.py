@@ -55,7 +55,7 @@ from fulltune.data.records import DataError, Record, RecordError, iter_records, 
 from fulltune.data.validate.stats import percentile
 from fulltune.hf import TokenizerFilesError, load_tokenizer, metadata_dir
 from fulltune.report_kit import Html, write_reports
-from fulltune.tokenizer.memo import ENCODE_CHARS
+from fulltune.tokenizer.memo import batches
 
 REPORT_FORMAT = "fulltune.check_tokenizer/v1"
 SAMPLE_RECORDS = 2000  # records sampled per dataset for the statistics
@@ -739,15 +739,9 @@ def _encode(tok: Any, texts: list[str], *, special: bool) -> list[list[int]]:
 
 def _iter_encoded(tok: Any, texts: list[str], *, special: bool) -> Iterator[list[int]]:
     """The ids of each text, encoded ENCODE_BATCH texts or ENCODE_CHARS characters at a time."""
-    start = 0
-    while start < len(texts):
-        end, chars = start + 1, len(texts[start])
-        while end < min(len(texts), start + ENCODE_BATCH) and chars + len(texts[end]) <= ENCODE_CHARS:
-            chars += len(texts[end])
-            end += 1
-        enc = tok(texts[start:end], add_special_tokens=special, return_attention_mask=False, verbose=False)
+    for batch in batches(texts, max_texts=ENCODE_BATCH):
+        enc = tok(list(batch), add_special_tokens=special, return_attention_mask=False, verbose=False)
         yield from (list(ids) for ids in enc["input_ids"])
-        start = end
 
 
 def stat_chars(max_seq_len: int) -> int:

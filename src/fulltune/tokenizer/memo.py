@@ -152,12 +152,14 @@ def pieces(text: str) -> list[str]:
     return _CUT.split(text)
 
 
-def batches(texts: Sequence[str]) -> Iterator[Sequence[str]]:
-    """`texts` in consecutive runs of at most ENCODE_CHARS characters (a longer text alone)."""
+def batches(texts: Sequence[str], max_texts: int | None = None) -> Iterator[Sequence[str]]:
+    """`texts` in consecutive runs of at most ENCODE_CHARS characters (a longer text alone), and of
+    at most `max_texts` texts when given."""
     start = 0
     while start < len(texts):
+        stop = len(texts) if max_texts is None else min(len(texts), start + max_texts)
         end, chars = start + 1, len(texts[start])
-        while end < len(texts) and chars + len(texts[end]) <= ENCODE_CHARS:
+        while end < stop and chars + len(texts[end]) <= ENCODE_CHARS:
             chars += len(texts[end])
             end += 1
         yield texts[start:end]
